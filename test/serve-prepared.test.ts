@@ -108,7 +108,7 @@ function appPids(aid: string): number[] {
  * not where a failed suspend may have left none), the service removed. */
 async function endServeAndService({ rmChecked }: { rmChecked: boolean }): Promise<void> {
   serve!.child.kill('SIGTERM');
-  expect((await serve!.exited).code).toBe(0);
+  expect((await serve!.exited).code, `serve's log ends:\n${serve!.stderr.slice(-3000)}`).toBe(0);
   sb.run(['stop', 'db', '--signal', 'KILL']);
   await waitFor(() => !sb.aids().includes('db'), 10_000, 'the instance to end');
   const rm = sb.run(['rm', 'db']);
@@ -305,7 +305,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(held4.length).toBeGreaterThan(0);
     expect(ourTables()).toHaveLength(1);
     serve.child.kill('SIGTERM');
-    expect((await serve.exited).code).toBe(0);
+    expect((await serve!.exited).code, `serve's log ends:\n${serve!.stderr.slice(-3000)}`).toBe(0);
     expect(held4.filter(alive)).toEqual([]);
     expect(sb.allAids()).not.toContain('db');
     expect(ourTables()).toEqual([]);
@@ -391,7 +391,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await waitFor(() => events().some((e) => e.event === 'unprepared' && e.service === held), 5000, 'the held one given up to be logged');
     expect(prepared(held)).toBe(false);
     serve.child.kill('SIGTERM');
-    expect((await serve.exited).code).toBe(0);
+    expect((await serve!.exited).code, `serve's log ends:\n${serve!.stderr.slice(-3000)}`).toBe(0);
     // The one resumed keeps running across serves: ended here.
     sb.run(['stop', other, '--signal', 'KILL']);
     await waitFor(() => !sb.aids().includes(other), 10_000, 'the instance to end');
@@ -516,7 +516,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(redis(PUBLIC, ['DBSIZE'])).toEqual([String(KEYS)]);
     expect(events().filter((e) => e.event === 'prepared')).toEqual([]);
     serve.child.kill('SIGTERM');
-    expect((await serve.exited).code).toBe(0);
+    expect((await serve!.exited).code, `serve's log ends:\n${serve!.stderr.slice(-3000)}`).toBe(0);
     expect(sb.run(['service', 'rm', 'db']).code).toBe(0);
   });
 });

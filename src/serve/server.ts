@@ -102,6 +102,15 @@ interface Held {
   tries: number;
 }
 
+/** Of one restore: the virtual PID its image says held the listener on
+ * the service's first port (shareWith), whose end is the instance's crash
+ * (restoredHolder). One per restore, not the service's: a prepared
+ * restore given up may still be reading its image while the next one
+ * runs. */
+interface ImageHolder {
+  vpid?: number;
+}
+
 /**
  * A suspended service's next instance restored ahead of time up to the
  * point of resuming (RestoreOptions.hold): its processes made from the
@@ -132,15 +141,6 @@ interface Held {
  *   removed, as after a failed restore), and should serve die, its
  *   processes die with their tracer and init sees its lifeline end.
  */
-/** Of one restore: the virtual PID its image says held the listener on
- * the service's first port (shareWith), whose end is the instance's crash
- * (restoredHolder). One per restore, not the service's: a prepared
- * restore given up may still be reading its image while the next one
- * runs. */
-interface ImageHolder {
-  vpid?: number;
-}
-
 interface Prepared {
   image: string;
   /** The preloaded chain it was restored from (its page files open). */
