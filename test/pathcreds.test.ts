@@ -312,7 +312,7 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     await run(['stop', 'pccwd', '-s', 'KILL']);
   });
 
-  it("a file a process opened as root before it became nobody (lighttpd's PID file) comes back as that very file from this node's own snapshot; another file put at its name is refused", async () => {
+  it("a file a process opened as root before it became nobody (lighttpd's PID file) comes back as that very file from this node's own snapshot; another file renamed over it or a symlink to it is refused, nothing left", async () => {
     // A directory only root may enter: nobody can never open d/pid itself.
     const d = mkdtempSync(join(out, 'held-'));
     const f = join(d, 'pid');
@@ -336,13 +336,19 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     await run(['snapshot', 'pcheld', '-o', image + '2']);
     await waitFor(() => !sb.aids().includes('pcheld'), 10_000, 'pcheld to end');
 
-    // Another file at the name (a new inode): not the one the process held.
-    writeFileSync(f + '.new', 'another file\n', { mode: 0o644 });
-    renameSync(f + '.new', f);
-    const r = await attempt(['restore', image + '2']);
-    expect(r.code, r.stderr).toBe(5);
-    expect(refusal(r.stderr)).toMatch(new RegExp(String.raw`process \d+ fd 3: \S+/held-\w+/pid cannot be opened ` + REFUSED_AS_NOBODY));
-    leftNothing('pcheld');
+    // Another file at the name (a new inode): not the one the process
+    // held. A symlink to the very file: a name root would follow that
+    // its d_path never had (the link-free walk; it was followed before).
+    const refused = new RegExp(String.raw`process \d+ fd 3: \S+/held-\w+/pid cannot be opened ` + REFUSED_AS_NOBODY);
+    for (const [what, how] of planted) {
+      const putBack = plant(f, how, (at) => writeFileSync(at, 'another file\n', { mode: 0o644 }));
+      await refusedRestore(what, 'pcheld', image + '2', refused);
+      putBack();
+    }
+    // Put back, the very file: it comes back.
+    await run(['restore', image + '2']);
+    expect(statSync(`/proc/${sb.systemPid('pcheld')}/fd/3`).ino).toBe(statSync(f).ino);
+    await ended('pcheld');
   });
 
   it("a named FIFO a process opened as root in a root-only directory before it became nobody comes back as that very FIFO, each descriptor with its access and the bytes in flight, from this node's own snapshot; another FIFO renamed over it, a symlink to it, or the image under another node's key is refused (EACCES), nothing left", async () => {

@@ -21,7 +21,7 @@ import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { readLimits } from './limits.js';
-import { fsIdentity, identitiesFor, refusedAsProcess, reopenHeldFile } from './fsident.js';
+import { fsIdentity, identitiesFor, refusedAsProcess, reopenHeld } from './fsident.js';
 import { isOwnSnapshot } from '../image/format.js';
 import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
@@ -453,7 +453,7 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
  * the application: fsident.ts); what none of their credentials allow is
  * refused naming the descriptor and the process's fsuid, unless it is the
  * very file an image of our own snapshot says the process held, or a
- * clone's copy made now of that very file (reopenHeldFile: opened before
+ * clone's copy made now of that very file (reopenHeld: opened before
  * it dropped its privileges). */
 function openAsProcess(h: RestoreContext, p: Process, fd: Fd, path: string, flags: number): number {
   try {
@@ -461,7 +461,7 @@ function openAsProcess(h: RestoreContext, p: Process, fd: Fd, path: string, flag
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     const held = code === 'EACCES' || code === 'EPERM' ? h.image.files[fd.file] : undefined;
-    const got = held && reopenHeldFile(held, isOwnSnapshot(h.image), path, flags, h.copiesMade.get(path));
+    const got = held && reopenHeld(held, isOwnSnapshot(h.image), path, flags, h.copiesMade.get(path));
     if (got !== undefined) return got;
     refusedAsProcess(e, `process ${p.vpid} fd ${fd.fd}: ${path}`, fsIdentity(p));
   }

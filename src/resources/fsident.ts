@@ -193,13 +193,13 @@ const O_DIRECTORY = 0o200000;
  * be searchable, as a working directory inherited from a parent of other
  * credentials need not be): refused in one line naming `what`, unless it
  * is the very directory (Image.files[`held`]) an image of our own
- * snapshot says the process is in (reopenHeldName: entered before it
+ * snapshot says the process is in (reopenHeld: entered before it
  * dropped its privileges). */
 export function openDirectoryAs(image: Image, p: Process, path: string, what: string, held?: number): number {
   try {
     return addon().openAs(path, O_PATH | O_DIRECTORY, 0, identitiesFor(image, p));
   } catch (e) {
-    const got = refusal(e) && held !== undefined ? reopenHeldName(image.files[held], isOwnSnapshot(image), path, O_PATH | O_DIRECTORY) : undefined;
+    const got = refusal(e) && held !== undefined ? reopenHeld(image.files[held], isOwnSnapshot(image), path, O_PATH | O_DIRECTORY) : undefined;
     if (got !== undefined) return got;
     refusedAsProcess(e, `process ${p.vpid}: ${what} ${path}`, fsIdentity(p), 'reached');
   }
@@ -220,55 +220,61 @@ export type HeldIdentity = Pick<FileIdentity, 'dev' | 'ino' | 'mode' | 'deleted'
 const isHeld = (st: { dev: bigint; ino: bigint; birthtimeNs: bigint }, held: HeldIdentity) => st.dev === held.dev && st.ino === held.ino && st.birthtimeNs === held.btimeNs;
 
 /**
- * A descriptor that its process held on a file its credentials no longer
- * open, given back as the very file: one opened before the process gave
- * up its privileges. lighttpd, as Debian starts it, opens its PID file in
+ * What a process held past a drop of its privileges, given back as the
+ * very one where the process's credentials no longer reach it: a file or
+ * a named FIFO it opened, or a working or root directory it entered, as
+ * root (in or under a directory only root may enter) before it gave up
+ * its privileges. lighttpd, as Debian starts it, opens its PID file in
  * /run as root, becomes www-data and keeps the descriptor; no identity of
  * the application may open that file again, yet the application held it.
  *
  * Only on the word of an image a snapshot of this node wrote
  * (`ownSnapshot`: format.ts isOwnSnapshot: its image.pb says
  * from_snapshot, under a manifest signed by this node's own key), whose
- * descriptors are what the kernel showed that snapshot: an image that someone wrote and had signed (hostile.test's
- * root-only file, also made a template) names files as it likes, and gets
- * only what its credentials open. And only the very file: the name is
- * walked O_PATH as the restorer (which opens nothing and runs no driver;
- * links followed, unless the process opened it O_NOFOLLOW), and only the
- * identity of what is found makes it safe: it must be the file the image
- * recorded, by device, inode and birth time (a later file given its inode
- * number has another; where statx gives no birth time, Node reports the
- * ctime in its place, which a file's every change moves), a regular file
- * or a directory of the same type. A symlink or another file planted
- * at the name since is not that file, and the restore is refused as
- * before. The descriptor is then opened again from the O_PATH one, with
- * the access it had (no name walked again), as the restorer: a restorer
- * that may not open it either is refused by the kernel.
+ * names are what the kernel showed that snapshot: an image that someone
+ * wrote and had signed (hostile.test's root-only file, also made a
+ * template) names files as it likes, and gets only what its credentials
+ * open. And only the very one, by device, inode and birth time (a later
+ * file given its inode number has another; where statx gives no birth
+ * time, Node reports the ctime in its place, which a file's every change
+ * moves), a regular file, FIFO or directory as `held` was.
+ *
+ * And with no symbolic link anywhere on the way: the image's name is the
+ * kernel's (d_path) at snapshot, which has none, so a link met now was
+ * put there since, and whoever could put it there has no say over what
+ * root reaches (even where it leads to the very file: opening a name is
+ * root's act, and a link may be changed between the walk and the open).
+ * The name is walked one component at a time, each opened O_PATH |
+ * O_NOFOLLOW beneath the one before (walkWithoutLinks), as the restorer,
+ * which opens nothing and runs no driver. The very one found is then
+ * opened from its O_PATH descriptor with `flags` (the access the
+ * descriptor had; a FIFO's O_RDWR never blocks; a directory's O_PATH
+ * again), no name walked again, as the restorer: a restorer that may not
+ * open it either is refused by the kernel.
  *
  * A clone whose rules give it its own copy of such a file (`copy`: made by
  * this restore, paths.ts privateCopy) gets the copy only if what was
  * copied was that very file, and the copy at the name is still the one
- * made (its directories may be the application user's). A template keeps
- * the word of the snapshot it was made of, and only of one of ours
- * (template.ts).
+ * made, by device and inode: its path is appshot's (under the state
+ * directory, which may itself be reached through a link), so only its
+ * last component is not followed. A template keeps the word of the
+ * snapshot it was made of, and only of one of ours (template.ts).
  *
- * Returns the descriptor, or undefined where this cannot be shown.
+ * Returns the descriptor, or undefined where this cannot be shown; the
+ * caller then refuses as before.
  */
-export function reopenHeldFile(held: FileIdentity, ownSnapshot: boolean, path: string, flags: number, copy?: CopiedFile): number | undefined {
-  if (!ownSnapshot || held.deleted || !held.btimeNs) return undefined;
+export function reopenHeld(held: HeldIdentity | undefined, ownSnapshot: boolean, path: string, flags: number, copy?: CopiedFile): number | undefined {
+  if (!held || !ownSnapshot || held.deleted || !held.btimeNs) return undefined;
   const type = held.mode & S_IFMT;
-  if (type !== S_IFREG && type !== S_IFDIR) return undefined;
-  // A clone's own copy (`path`) of what its template held: made by this
-  // restore from that very file, and still the copy it made.
+  if (type !== S_IFREG && type !== S_IFDIR && type !== S_IFIFO) return undefined;
   if (copy && (type !== S_IFREG || !isHeld(copy.source, held))) return undefined;
-  let at: number;
+  let at: number | undefined;
   try {
-    // A name the process opened O_NOFOLLOW is not followed now either
-    // (the link itself is then not the file). A copy is appshot's own
-    // file, never reached through a link.
-    at = addon().openAs(path, O_PATH | (copy ? O_NOFOLLOW : flags & O_NOFOLLOW), 0);
+    at = copy ? addon().openAs(path, O_PATH | O_NOFOLLOW, 0) : walkWithoutLinks(path);
   } catch {
     return undefined;
   }
+  if (at === undefined) return undefined;
   try {
     const st = fstatSync(at, { bigint: true });
     const very = copy ? st.dev === copy.copy.dev && st.ino === copy.copy.ino : isHeld(st, held);
@@ -277,45 +283,6 @@ export function reopenHeldFile(held: FileIdentity, ownSnapshot: boolean, path: s
     // status flags (F_GETFL, the next snapshot) lack it, which changes
     // nothing for a descriptor already open.
     return openSync(`/proc/self/fd/${at}`, flags & ~O_NOFOLLOW);
-  } catch {
-    return undefined;
-  } finally {
-    closeSync(at);
-  }
-}
-
-/**
- * A named FIFO its process held open, or a working or root directory it
- * was in, past a drop of its privileges (opened or entered as root, in or
- * under a directory only root may enter, before setuid), given back as the
- * very one where the process's credentials no longer reach it, on the
- * same two conditions as a held file (reopenHeldFile): the word of an
- * image of this node's own snapshot (`ownSnapshot`), and the identity of
- * what is found at `path` now, by device, inode and birth time, a FIFO or
- * a directory as `held` was.
- *
- * And with no symbolic link anywhere on the way: the image's name is the
- * kernel's (d_path) at snapshot, which has none, so a link met now was
- * put there since, and whoever could put it there has no say over what
- * root reaches. The name is walked one component at a time, each opened
- * O_PATH|O_NOFOLLOW beneath the one before (through /proc/self/fd: Node
- * has no openat), as the restorer; a link is refused, not followed. The
- * very one found is then opened from its O_PATH descriptor with `flags`
- * (a FIFO's O_RDWR: never blocking; a directory's O_PATH again).
- *
- * Returns the descriptor, or undefined where this cannot be shown; the
- * caller then refuses as before.
- */
-export function reopenHeldName(held: HeldIdentity | undefined, ownSnapshot: boolean, path: string, flags: number): number | undefined {
-  if (!held || !ownSnapshot || held.deleted || !held.btimeNs) return undefined;
-  const type = held.mode & S_IFMT;
-  if (type !== S_IFIFO && type !== S_IFDIR) return undefined;
-  const at = walkWithoutLinks(path);
-  if (at === undefined) return undefined;
-  try {
-    const st = fstatSync(at, { bigint: true });
-    if (!isHeld(st, held) || Number(st.mode & BigInt(S_IFMT)) !== type) return undefined;
-    return openSync(`/proc/self/fd/${at}`, flags);
   } catch {
     return undefined;
   } finally {

@@ -13,7 +13,7 @@ import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type Pipe, type Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { type DumpContext, type RestoreContext } from './context.js';
-import { fsIdentity, identitiesFor, refusal, refusedAsProcess, reopenHeldName } from './fsident.js';
+import { fsIdentity, identitiesFor, refusal, refusedAsProcess, reopenHeld } from './fsident.js';
 import { isOwnSnapshot } from '../image/format.js';
 
 const O_ACCMODE = 3;
@@ -32,7 +32,7 @@ export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint,
   const writeEnd = (flags & O_ACCMODE) === fs.O_WRONLY;
   // A named FIFO's identity, with `ino` (fifo: the descriptor's stat): the
   // very FIFO, for a restore that opens it though its process's
-  // credentials no longer do (fsident.ts reopenHeldName). Not a removed
+  // credentials no longer do (fsident.ts reopenHeld). Not a removed
   // one's: it is made anew.
   const held = fifo && fifoPath && !fifoPath.endsWith(DELETED) ? { fifoDev: fifo.dev, ...(fifo.birthtimeNs > 0n ? { fifoBtimeNs: fifo.birthtimeNs } : {}) } : {};
   return ctx.pipe(fifo ? `${fifo.dev}:${ino}` : `pipefs:${ino}`, () => {
@@ -134,7 +134,7 @@ function removedFifo(path: string): number {
  * FIFO it opened as root before it dropped its privileges (in a directory
  * only root may enter), from an image of our own snapshot, is opened
  * again though none of them may: the very FIFO, by device, inode and
- * birth time, reached with no symlink on the way (reopenHeldName).
+ * birth time, reached with no symlink on the way (reopenHeld).
  * Anything else refused is refused in one line naming the holder.
  */
 function openFifo(h: RestoreContext, pipe: Pipe, index: number): number {
@@ -144,7 +144,7 @@ function openFifo(h: RestoreContext, pipe: Pipe, index: number): number {
     return addon().openAs(pipe.fifoPath, flags, 0, identitiesFor(h.image, holder));
   } catch (e) {
     const held = pipe.fifoDev === undefined ? undefined : { dev: pipe.fifoDev, ino: pipe.ino, mode: fs.S_IFIFO, deleted: false, btimeNs: pipe.fifoBtimeNs };
-    const got = refusal(e) ? reopenHeldName(held, isOwnSnapshot(h.image), pipe.fifoPath, flags) : undefined;
+    const got = refusal(e) ? reopenHeld(held, isOwnSnapshot(h.image), pipe.fifoPath, flags) : undefined;
     if (got !== undefined) return got;
     refusedAsProcess(e, `${holder ? `process ${holder.vpid}: ` : ''}the named FIFO ${pipe.fifoPath}`, holder && fsIdentity(holder));
   }

@@ -143,7 +143,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
 /** The identities of a process's working and root directories (Image.files):
  * with them a restore from our own snapshot enters the very directories
  * though the process no longer reaches them by name (fsident.ts
- * reopenHeldName). Not for one removed (it has no name to walk), nor for
+ * reopenHeld). Not for one removed (it has no name to walk), nor for
  * a root of "/" (never entered). One not read is only not recorded: the
  * restore then takes the process's word alone, as for an older image. */
 function heldDirectories(ctx: DumpContext, pid: number, cwd: string | undefined, root: string): Pick<Process, 'cwdFile' | 'rootFile'> {
@@ -305,7 +305,7 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
  * the restore fails naming it. A process that chrooted as root and then
  * dropped its privileges may not reach its root by name any more: from
  * our own snapshot, the very directory is entered (fsident.ts
- * reopenHeldName), as its working directory is.
+ * reopenHeld), as its working directory is.
  */
 export function restoreRoot(r: RemoteProcess, p: Process, h: { image: Image }): void {
   if (!p.root || p.root === '/') return;
@@ -390,7 +390,7 @@ export function moveEnvironCall(r: RemoteProcess, p: Process, env: EnvRange): Na
  * daemon that chdirs into its root-only state directory, then becomes
  * nobody) is no longer reached by its credentials: from an image of our
  * own snapshot, the very directory it was in is entered all the same
- * (fsident.ts reopenHeldName: same device, inode and birth time, no
+ * (fsident.ts reopenHeld: same device, inode and birth time, no
  * symlink on the way), and nothing else.
  */
 export function restoreProcessState(r: RemoteProcess, p: Process, h: { image: Image }, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
