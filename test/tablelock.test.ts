@@ -83,7 +83,9 @@ describe('a holder killed holding the lock', () => {
 // themselves (appshot_table.c lock_word): the reap of the dead holder,
 // which takes the lock, must get through and repair it, not wait for ever.
 describe('a holder whose death the kernel does not mark', () => {
-  for (const how of ['nolist', 'badlist'])
+  // zombie: not reaped before the next locker comes (killed while its
+  // parent is busy, or its parent the next locker itself).
+  for (const how of ['nolist', 'badlist', 'zombie'])
     it(`(${how}) is found gone by the next locker, which repairs the lock`, async () => {
       const aid = `tl-unmarked-${how}`;
       const app = sb.start(['run', '--aid', aid, '--', fixture('tablelock'), 'unmarked', how]);

@@ -522,8 +522,10 @@ static void settle_reservations(struct appshot_header *h);
  * every locker sees the TIDs of the others (one PID namespace: a process
  * of the application in one of its own is refused, resources/process.ts);
  * a dead holder's TID taken by a new thread only means waiting until that
- * one is gone too; a thread-group leader that exited while its other
- * threads run is a zombie, still there, and so counts as alive. The same
+ * one is gone too. A holder killed and not reaped yet (its parent busy,
+ * or waiting for this very lock), or a thread-group leader that exited
+ * while its other threads run, is a zombie: kill() still finds it, so
+ * its /proc/TID/stat is read too (is_zombie). The same
  * bounded sleep covers a lost wake: an unlock wakes one sleeper, and one
  * woken and killed before it took the word passes the wake to nobody
  * (the kernel wakes another only if the word is 0 at its death, and a
@@ -607,11 +609,40 @@ static void retag(struct appshot_header *h, uint32_t tid) {
   }
 }
 
+/* Whether thread `tid` has exited but is still there to be reaped: a
+ * process whose parent has not waited for it yet, or a thread-group
+ * leader that ended before its other threads. Its /proc/TID/stat says Z
+ * (or X) after the command name; read with raw calls, on the stack (this
+ * runs inside the application, once a HOLDER_CHECK_MS sleep at most). No
+ * /proc, or no such file: not known to be one (0). */
+static int is_zombie(long tid) {
+  char path[32] = "/proc/";
+  char digits[12];
+  int n = 0;
+  do digits[n++] = (char)('0' + tid % 10);
+  while ((tid /= 10) && n < (int)sizeof digits);
+  size_t at = 6;
+  while (n) path[at++] = digits[--n];
+  memcpy(path + at, "/stat", 6);
+  const long fd = appshot_raw_syscall(SYS_openat, AT_FDCWD, (long)path, O_RDONLY | O_CLOEXEC, 0, 0, 0);
+  if (fd < 0) return 0;
+  /* "TID (COMM) S ...": COMM is at most 15 bytes, so the state is within
+   * the first 64, and nothing after it holds a ')'. */
+  char buf[64];
+  const long got = appshot_raw_syscall(SYS_read, fd, (long)buf, sizeof buf, 0, 0, 0);
+  appshot_raw_syscall(SYS_close, fd, 0, 0, 0, 0, 0);
+  for (long i = got - 3; i >= 0; i--)
+    if (buf[i] == ')' && buf[i + 1] == ' ') return buf[i + 2] == 'Z' || buf[i + 2] == 'X';
+  return 0;
+}
+
 /* Whether the thread the word `seen` names is gone (see above): a raw
- * kill(TID, 0) says ESRCH. Anything else (0, EPERM) says it is there. */
+ * kill(TID, 0) says ESRCH, or it is a zombie (is_zombie: a dead holder
+ * nobody has reaped yet answers kill as if alive). Anything else says it
+ * is there. */
 static int holder_gone(uint32_t seen) {
   const long tid = (long)(seen & FUTEX_TID_MASK);
-  return tid && raw_kill(tid, 0) == -ESRCH;
+  return tid && (raw_kill(tid, 0) == -ESRCH || is_zombie(tid));
 }
 
 /* The word still `seen`, naming a holder that is gone: marks it as the
