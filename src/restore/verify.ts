@@ -13,7 +13,7 @@
  * measure at a time. A FIFO or a device put at the name would have held
  * the restorer (the resident engine, serve) in open() or read() for ever.
  */
-import { closeSync, constants as fsc, existsSync, fstatSync, type BigIntStats } from 'node:fs';
+import { closeSync, constants as fsc, fstatSync, type BigIntStats } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
@@ -48,31 +48,46 @@ function checksumOf(path: string, fd: number, st: BigIntStats): number {
   return crc;
 }
 
-/** `path`, which process `p` of `image` maps, opened with `flags` as the
+/** Errors of an open that say the name leads nowhere. */
+const NOT_THERE = new Set(['ENOENT', 'ENOTDIR', 'ELOOP', 'ENAMETOOLONG']);
+
+const restorerIsRoot = () => process.geteuid?.() === 0;
+
+/** `path`, a name process `p` of `image` used, opened with `flags` as the
  * application's processes would open it (identitiesFor: `p`'s identity
  * first) where we are root, else as ourselves (whose credentials cover
- * the image's: creds.ts). Non-blocking, so that a FIFO opens at once.
- * Undefined where it is not there; a refusal is one line, exit 5. */
-function openMapped(image: Image, p: Process | undefined, path: string, flags: number): number | undefined {
+ * the image's: creds.ts). Non-blocking, so that a FIFO or a line opens at
+ * once. Undefined where the name leads nowhere; `refused` where their
+ * credentials do not reach it (EACCES, EPERM) and the caller lets that
+ * be decided later; else that refusal is one line naming `what` (exit 5),
+ * and any other error one line naming it. */
+function openNamed(image: Image, p: Process | undefined, path: string, flags: number, what: string, refused?: 'later'): number | 'refused' | undefined {
   try {
-    return addon().openAs(path, flags | fsc.O_NONBLOCK, 0, process.geteuid?.() === 0 ? identitiesFor(image, p) : undefined);
+    return addon().openAs(path, flags | fsc.O_NONBLOCK, 0, restorerIsRoot() ? identitiesFor(image, p) : undefined);
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT' || (e as NodeJS.ErrnoException).code === 'ENOTDIR') return undefined;
-    if (refusal(e)) refusedAsProcess(e, `${path}, which the image maps,`, p && fsIdentity(p));
-    throw e;
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code && NOT_THERE.has(code)) return undefined;
+    if (refusal(e) && refused === 'later') return 'refused';
+    if (refusal(e)) refusedAsProcess(e, what, p && restorerIsRoot() ? fsIdentity(p) : undefined);
+    throw new AppshotError(`${what} cannot be opened on this node: ${code ?? (e as Error).message}`);
   }
 }
 
-/** One mapped file checked: there, and for `contents` (not the
- * application's shared data), a regular file of the very size and bytes
- * the image saw. */
+/** One mapped file checked: there, of the type the image recorded, and
+ * for `contents` (not the application's shared data) a regular file of
+ * the very size and bytes the image saw. Anything but a regular file
+ * read is reached O_PATH, which opens nothing: a private mapping of
+ * /dev/zero (anonymous memory, the old way) is a device, not opened here. */
 function checkMapped(image: Image, p: Process | undefined, f: Image['files'][number], contents: boolean): void {
-  const fd = openMapped(image, p, f.path, contents ? fsc.O_RDONLY : O_PATH);
-  if (fd === undefined) throw new AppshotError(`${f.path}, which the image maps${contents ? '' : ' shared'}, is missing on this node`);
+  // (An image that recorded no type: a regular file, as it was taken for.)
+  const type = Number(f.mode) & fsc.S_IFMT || fsc.S_IFREG;
+  const read = contents && type === fsc.S_IFREG;
+  const fd = openNamed(image, p, f.path, read ? fsc.O_RDONLY : O_PATH, `${f.path}, which the image maps,`);
+  if (fd === undefined || fd === 'refused') throw new AppshotError(`${f.path}, which the image maps${contents ? '' : ' shared'}, is missing on this node`);
   try {
-    if (!contents) return;
     const st = fstatSync(fd, { bigint: true });
-    if ((Number(st.mode) & fsc.S_IFMT) !== fsc.S_IFREG) throw new AppshotError(`${f.path}, which the image maps, is not a regular file on this node`);
+    if ((Number(st.mode) & fsc.S_IFMT) !== type) throw new AppshotError(`${f.path}, which the image maps, is another kind of file on this node`);
+    if (!read) return;
     if (st.size !== f.size) throw new AppshotError(`${f.path} differs from the one the image mapped (${st.size} bytes, not ${f.size})`);
     if (f.crc32c && checksumOf(f.path, fd, st) !== f.crc32c) throw new AppshotError(`${f.path} differs from the one the image mapped (its contents changed)`);
   } finally {
@@ -130,6 +145,14 @@ export function verifyImage(image: Image, provided: (path: string) => boolean = 
       // A /proc file of the application's own process: its restored one.
       if (fd.kind !== FdKind.FILE || fd.path === image.logPath || fd.path === image.tablesPath || fd.procVpid) continue;
       const f = image.files[fd.file];
-      if (f && !f.deleted && !provided(f.path) && !existsSync(f.path)) throw new AppshotError(`${f.path}, which process ${p.vpid} holds open as fd ${fd.fd}, is missing on this node`);
+      if (!f || f.deleted || provided(f.path)) continue;
+      // Reached as the process (O_PATH: nothing opened): a name its
+      // credentials do not reach is the descriptor's restore to decide
+      // (a file it held past a drop of privileges, or a refusal there),
+      // not told here as there or not by root's look.
+      const what = `${f.path}, which process ${p.vpid} holds open as fd ${fd.fd},`;
+      const at = openNamed(image, p, f.path, O_PATH, what, 'later');
+      if (at === undefined) throw new AppshotError(`${what} is missing on this node`);
+      if (at !== 'refused') closeSync(at);
     }
 }
