@@ -19,6 +19,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
 import { fileURLToPath } from 'node:url';
 import { fixture, Sandbox, stoppedAt, waitFor } from './helpers.js';
+import { loadImage } from '../src/image/format.js';
 import { ownedTests } from './parallel.js';
 
 const sb = new Sandbox();
@@ -160,6 +161,39 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore maps the file it opene
     await run(['stop', 'mc2', '-s', 'KILL']);
     await waitFor(() => !sb.aids().includes('mc2'), 10_000, 'mc2 to stop');
     expect(privmapsOf(app)).toEqual([]);
+  });
+});
+
+// /proc/PID/maps names a mapped file by its dentry's path, which a rename
+// follows: the name leads elsewhere only where something else was put on
+// it since (a mount over a directory on it; a rename between the snapshot
+// reading maps and looking at the name). A tmpfs mounted over the
+// directory stands for those here.
+describe.skipIf(process.getuid?.() !== 0)('a root snapshot records the file a process maps, not whatever its name leads to by then', () => {
+  it("its directory hidden under a mount holding another file of that name: the image records the mapped file's size and inode, and no checksum of the other; unmounted, it comes back", async () => {
+    const { data } = makeFiles('overmount');
+    await start('mc3', [...asNobody, fixture('privmap'), data]);
+    await sb.checksPass('mc3', 2);
+    const d = join(out, 'overmount', 'd');
+    const ino = BigInt(statSync(data).ino);
+    const m = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m,mode=0755', 'tmpfs', d]);
+    expect(m.status, String(m.stderr)).toBe(0);
+    try {
+      writeFileSync(data, 'a shorter file', { mode: 0o600 });
+      const image = join(out, 'mc3.img');
+      await run(['snapshot', 'mc3', '-o', image]);
+      await waitFor(() => !sb.aids().includes('mc3'), 10_000, 'mc3 to end');
+      const { image: got } = await loadImage(image, { trust: 'report' });
+      const recorded = got.files.find((f) => f.path === data);
+      expect(recorded, got.files.map((f) => f.path).join('\n')).toBeDefined();
+      expect([recorded!.size, recorded!.ino, recorded!.crc32c]).toEqual([4096n, ino, 0]);
+    } finally {
+      spawnSync('umount', ['-l', d]);
+    }
+    await run(['restore', join(out, 'mc3.img')]);
+    await sb.checksPass('mc3', 3);
+    await run(['stop', 'mc3', '-s', 'KILL']);
+    await waitFor(() => !sb.aids().includes('mc3'), 10_000, 'mc3 to stop');
   });
 });
 

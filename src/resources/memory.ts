@@ -6,7 +6,7 @@
  * mapped shared) is one object however many processes map it: stored once.
  * SysV segments are global state (sysv.ts); the VMA only names the segment.
  */
-import { closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
+import { type BigIntStats, closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
 import { procSmaps } from '../procfs.js';
 import { addon, PAGES_MODE, type PagesCheck, type ScannedPages } from '../native.js';
 import { pagesCheckFailure } from '../image/format.js';
@@ -40,6 +40,28 @@ export interface MapsLine {
   /** From smaps only: registered for userfaultfd write-protection (`uw`),
    * as dirty tracking registers what it tracks (snapshot/tracking.ts). */
   uffdWp?: boolean;
+}
+
+/**
+ * The status of the file that mapping `l` of process `pid` maps. Its
+ * name's, when the name still leads to it (the inode /proc/PID/maps
+ * shows); else the mapping's own, through /proc/PID/map_files (root's, or
+ * a snapshotter's with CAP_CHECKPOINT_RESTORE). The name is the
+ * application's: its user may have put a symlink on the way since the
+ * file was mapped, to a file only root may read, whose size (and then
+ * checksum: snapshot/driver.ts checksumFiles) a root snapshot would
+ * otherwise record as the mapped file's, and a restore's refusal print.
+ * Without map_files, the name's as before: such a snapshotter stats it
+ * with its own rights only.
+ */
+function mappedFileStat(pid: number, l: MapsLine): BigIntStats {
+  const named = statSync(l.path, { bigint: true });
+  if (named.ino === l.ino) return named;
+  try {
+    return statSync(`/proc/${pid}/map_files/${l.start.toString(16)}-${l.end.toString(16)}`, { bigint: true });
+  } catch {
+    return named;
+  }
 }
 
 const HEADER = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$/;
@@ -457,7 +479,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
       } else if (l.ino !== 0n && l.path.startsWith('/')) {
         vma.kind = shared ? VmaKind.FILE_SHARED : VmaKind.FILE_PRIVATE;
         let file = fileIds.get(l.path);
-        if (file === undefined) fileIds.set(l.path, (file = ctx.file(l.path, l.path, false)));
+        if (file === undefined) fileIds.set(l.path, (file = ctx.file(l.path, l.path, false, mappedFileStat(pid, l))));
         vma.file = file;
       }
       if (vma.kind === VmaKind.FILE_PRIVATE && l.anonKb === 0 && l.swapKb === 0 && l.pfnmap === false) {
