@@ -997,6 +997,9 @@ class Service {
       this.host.warmStandbys();
     }
     else {
+      // Not running any more for whoever still holds it (a clone being
+      // judged after its clone: cloneInstance): judged once.
+      inst.state = 'crashed';
       this.instances.delete(inst.aid);
       void api.rm(inst.aid, { home: this.host.home, force: true }).catch(() => undefined);
     }
@@ -1663,13 +1666,13 @@ class Service {
       // a forked helper's copy of the listener taken for it).
       this.pump();
       killPoint('serve: cloned');
+      this.host.metrics?.cloneSeconds.observe({ service: this.name }, ms / 1000);
+      this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held, backlog: this.backlog });
       const holder = await this.templateListenerHolder();
       if ((inst.state as InstanceStateName) === 'running') {
         if (holder !== undefined) inst.pid = this.restoredHolder(inst, holder);
         else this.watchListener(inst, this.listenerPid(inst));
       }
-      this.host.metrics?.cloneSeconds.observe({ service: this.name }, ms / 1000);
-      this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held, backlog: this.backlog });
     } catch (e) {
       this.instances.delete(aid);
       this.changed();
