@@ -19,11 +19,10 @@
  * loaded machine opens by chance.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { alive, fixture, processState, type Running, Sandbox, waitFor } from './helpers.js';
+import { alive, fixture, processState, type Running, Sandbox, tcpExchange, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-clonecrash-'));
@@ -44,17 +43,8 @@ afterAll(async () => {
   rmSync(out, { recursive: true, force: true });
 });
 
-/** What one client gets for a ping: all it was told before the close. */
-const asked = (port: number) =>
-  new Promise<string>((resolve, reject) => {
-    const c = connect(port, '127.0.0.1');
-    let got = '';
-    c.setTimeout(30_000, () => c.destroy(new Error('no answer in 30 s')));
-    c.on('connect', () => c.write('ping\n'));
-    c.on('data', (d) => (got += d));
-    c.on('error', reject);
-    c.on('close', () => resolve(got));
-  });
+/** What one client gets for a ping: all it was told before the end. */
+const asked = (port: number) => tcpExchange(port, 'ping\n', 30_000);
 
 /** The processes (not init) of application `aid`, lowest virtual PID first. */
 const processesOf = (aid: string) =>

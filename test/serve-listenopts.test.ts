@@ -39,7 +39,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
 import { FdKind } from '../src/image/types.js';
-import { alive, command, fixture, processState, Running, Sandbox, waitFor } from './helpers.js';
+import { alive, command, fixture, processState, Running, Sandbox, tcpExchange, waitFor } from './helpers.js';
 
 const IPPROTO_IP = 0;
 const IP_FREEBIND = 15;
@@ -77,17 +77,8 @@ afterAll(async () => {
   if (out) rmSync(out, { recursive: true, force: true });
 });
 
-/** Says a line to 127.0.0.1:`port`; all it was told before it closed. */
-const ask = (port: number) =>
-  new Promise<string>((resolve, reject) => {
-    const c = connect(port, '127.0.0.1');
-    let got = '';
-    c.setTimeout(30_000, () => c.destroy(new Error('no answer in 30 s')));
-    c.on('connect', () => c.write('hello\n'));
-    c.on('data', (d) => (got += d));
-    c.on('error', reject);
-    c.on('close', () => resolve(got));
-  });
+/** Says a line to 127.0.0.1:`port`; all it was told before the end. */
+const ask = (port: number) => tcpExchange(port, 'hello\n', 30_000);
 
 /** The backlog of the socket listening on 127.0.0.1:`port` (ss's Send-Q
  * of a listener: sock_diag's idiag_wqueue), or -1 if none listens. */
@@ -107,18 +98,10 @@ interface ServiceJson {
 }
 const show = (name: string) => sb.json<ServiceJson>(['service', 'show', name]);
 
-/** The JSON log lines of `name` so far. */
 /** What one client of the crashing server gets for a ping. */
-const asked = (port: number) =>
-  new Promise<string>((resolve, reject) => {
-    const c = connect(port, '127.0.0.1');
-    let got = '';
-    c.setTimeout(30_000, () => c.destroy(new Error('no answer in 30 s')));
-    c.on('connect', () => c.write('ping\n'));
-    c.on('data', (d) => (got += d));
-    c.on('error', reject);
-    c.on('close', () => resolve(got));
-  });
+const asked = (port: number) => tcpExchange(port, 'ping\n', 30_000);
+
+/** The JSON log lines of `name` so far. */
 const events = (s: Running, name: string) => s.logged<{ event: string; service?: string; shared?: boolean; adopted?: boolean }>().filter((e) => e.service === name);
 
 describe("appshot serve: the shared listener is the application's own", () => {
