@@ -117,6 +117,11 @@ export function socketHolderIdentities(image: Image, ino: bigint): FsIdentity[] 
   return identitiesFor(image, byIno.get(ino));
 }
 
+/** Under what openToMapAs keeps the open of `path` with `flags` for
+ * process `p`: one per identity, flags and path (restore/verify.ts puts
+ * there the opens it checked). */
+export const openToMapKey = (p: Process | undefined, path: string, flags: number) => `${p ? key(fsIdentity(p)) : ''}|${flags}|${path}`;
+
 /** `path` opened here with `flags` as process `vpid` of `image` would
  * open it, kept by `keep` until the restore lets it go: the descriptor a root
  * restore hands its process to map (memory.ts MemorySources.openToMap).
@@ -129,7 +134,7 @@ export function socketHolderIdentities(image: Image, ino: bigint): FsIdentity[] 
  * and each open as another costs a thread, ~0.15 ms). */
 export function openToMapAs(image: Image, vpid: number, path: string, flags: number, opened: Map<string, number>, keep: (fd: number) => number): number {
   const p = image.processes.find((q) => q.vpid === vpid);
-  const k = `${p ? key(fsIdentity(p)) : ''}|${flags}|${path}`;
+  const k = openToMapKey(p, path, flags);
   let fd = opened.get(k);
   if (fd === undefined) {
     // Close-on-exec: the seeds this restorer starts later inherit none.

@@ -555,6 +555,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   let heldMs = 0;
   // Set by the commit: what the restore made, as it would return it.
   let committedResult: (() => RestoreResult) | undefined;
+  // Ours until the restore's context keeps them (mapOpened, below).
+  const verifiedOpens = new Map<string, number>();
   try {
     // Ctrl-C is heard only between the steps that run synchronously (a
     // page file checked, 32 MiB of a process's memory copied): at each of
@@ -565,7 +567,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       if (opts.signal.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
     };
     await heardInterrupt();
-    if (!opts.loaded) verifyImage(image);
+    // A root restore's processes map what the check opened as them:
+    // the very files checked, not opened again by name (openToMapAs).
+    if (!opts.loaded) verifyImage(image, undefined, process.geteuid?.() === 0 ? verifiedOpens : undefined);
     // The privilege rule, before anything is made: nothing the image
     // recorded beyond what this user may grant (a batch of clones applies
     // it once: privilegesChecked).
@@ -746,6 +750,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // The files this restore opened for its processes to map, as them
     // (fsident.ts openToMapAs), held until every process has mapped them.
     const mapOpened = new Map<string, number>();
+    for (const [k, fd] of verifiedOpens) mapOpened.set(k, handed.keep(fd));
+    verifiedOpens.clear();
     const memory = {
       pageFds,
       pageChecks,
@@ -1203,6 +1209,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (e instanceof AppshotError) throw new AppshotError(`${what}: ${e.message}`, e.exitCode);
     throw new AppshotError(`${what}: ${(e as Error).message}; nothing was left behind`);
   } finally {
+    for (const fd of verifiedOpens.values()) closeSync(fd);
     for (const [i, fd] of pageFds.entries()) if (ownPageFd(i)) closeSync(fd);
     if (!opts.loaded && !preloaded) for (const l of chain) l.dispose();
     if (standbyCount !== undefined) refillAfterRestore(standbyCount);

@@ -17,7 +17,7 @@ import { closeSync, constants as fsc, fstatSync, type BigIntStats } from 'node:f
 import { AppshotError } from '../errors.js';
 import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
-import { fsIdentity, identitiesFor, refusal, refusedAsProcess } from '../resources/fsident.js';
+import { fsIdentity, identitiesFor, openToMapKey, refusal, refusedAsProcess } from '../resources/fsident.js';
 import { readMaps } from '../resources/memory.js';
 
 /** Checksums of mapped files (libraries, the program) already read, kept
@@ -78,7 +78,7 @@ function openNamed(image: Image, p: Process | undefined, path: string, flags: nu
  * the very size and bytes the image saw. Anything but a regular file
  * read is reached O_PATH, which opens nothing: a private mapping of
  * /dev/zero (anonymous memory, the old way) is a device, not opened here. */
-function checkMapped(image: Image, p: Process | undefined, f: Image['files'][number], contents: boolean): void {
+function checkMapped(image: Image, p: Process | undefined, f: Image['files'][number], contents: boolean, opened?: Map<string, number>): void {
   // (An image that recorded no type: a regular file, as it was taken for.)
   const type = Number(f.mode) & fsc.S_IFMT || fsc.S_IFREG;
   const read = contents && type === fsc.S_IFREG;
@@ -87,11 +87,23 @@ function checkMapped(image: Image, p: Process | undefined, f: Image['files'][num
   try {
     const st = fstatSync(fd, { bigint: true });
     if ((Number(st.mode) & fsc.S_IFMT) !== type) throw new AppshotError(`${f.path}, which the image maps, is another kind of file on this node`);
-    if (!read) return;
+    if (!read) {
+      closeSync(fd);
+      return;
+    }
     if (st.size !== f.size) throw new AppshotError(`${f.path} differs from the one the image mapped (${st.size} bytes, not ${f.size})`);
     if (f.crc32c && checksumOf(f.path, fd, st) !== f.crc32c) throw new AppshotError(`${f.path} differs from the one the image mapped (its contents changed)`);
-  } finally {
+    // The very file checked, kept for the mapping (openToMapAs: the same
+    // open, as the same process, with the same flags).
+    const k = openToMapKey(p, f.path, fsc.O_RDONLY);
+    if (opened && !opened.has(k)) {
+      opened.set(k, fd);
+      return;
+    }
     closeSync(fd);
+  } catch (e) {
+    closeSync(fd);
+    throw e;
   }
 }
 
@@ -112,8 +124,11 @@ function vdsoLayout(): { vdso: bigint; vvar: bigint } {
 }
 
 /** `provided`: files the caller brings itself (a template made of a clone
- * carries that clone's private copies), not looked for on this node. */
-export function verifyImage(image: Image, provided: (path: string) => boolean = () => false): void {
+ * carries that clone's private copies), not looked for on this node.
+ * `opened`, for a root restore: where the files checked are left open
+ * for its mappings (driver.ts), under openToMapKey; the caller's to
+ * close. */
+export function verifyImage(image: Image, provided: (path: string) => boolean = () => false, opened?: Map<string, number>): void {
   const arch = process.arch === 'x64' ? 'x86_64' : process.arch;
   if (image.node.arch !== arch) throw new AppshotError(`the image is for ${image.node.arch}; this node is ${arch}`);
   const { vdso, vvar } = (ownVdso ??= vdsoLayout());
@@ -137,7 +152,7 @@ export function verifyImage(image: Image, provided: (path: string) => boolean = 
   for (const [i, p] of mapped) {
     const f = image.files[i];
     if (f.path === image.tablesPath || provided(f.path)) continue; // replaced by the new tables, or brought along
-    checkMapped(image, p, f, !writable.has(i));
+    checkMapped(image, p, f, !writable.has(i), opened);
   }
   for (const p of image.processes)
     for (const fd of p.fds) {
