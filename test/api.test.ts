@@ -248,7 +248,11 @@ describe('the package installed from its tarball', () => {
     const { pid } = JSON.parse(run.stdout) as { aid: string; vpid: number; pid: number };
     // The application was started with the installed package's preload
     // library, found from where the package is, not from this checkout.
-    expect(readFileSync(`/proc/${pid}/maps`, 'utf8')).toContain(join(installed, 'build', 'Release', 'appshot_preload.so'));
+    // (Once the dynamic loader has mapped its libraries: `run -d` may
+    // answer while it still runs, and a loaded machine shows it so.)
+    const maps = () => readFileSync(`/proc/${pid}/maps`, 'utf8');
+    await waitFor(() => /\/libc\.so/.test(maps()), 10_000, 'the loader to map the libraries');
+    expect(maps()).toContain(join(installed, 'build', 'Release', 'appshot_preload.so'));
     const ps = JSON.parse(appshot(['ps', 'cli-tick', '--json']).stdout) as { processes: { vpid: number }[] }[];
     expect(ps[0].processes.map((p) => p.vpid)).toEqual([1, 2]);
 
