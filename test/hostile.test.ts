@@ -791,6 +791,14 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     }, 'fd 913 is device /dev/sda, not one a snapshot takes'],
     ['a descriptor number twice', (i) => i.processes[0].fds.push(structuredClone(i.processes[0].fds[0])), 'descriptor \\d+ twice'],
     ['registers cut short', (i) => (i.processes[0].threads[0].regs = Buffer.alloc(8)), 'registers are 8 bytes'],
+    // A thread's own credentials are read as its process's are (a root
+    // restore's path operations take each thread's identity): a short
+    // list was a TypeError in the addon, an internal error (exit 70).
+    ['a thread whose credentials hold one uid', (i) => {
+      const t = i.processes[0].threads[0];
+      t.creds = { ...structuredClone(i.processes[0].creds), uid: [0] };
+    }, `thread \\d+'s credentials hold 1 uids and 4 gids, not 4 each`],
+    ['a process in more groups than the kernel allows', (i) => (i.processes[0].creds.groups = Array.from({ length: 65537 }, (_, n) => n)), 'is in 65537 groups'],
     ['no processes', (i) => (i.processes = []), 'holds no process'],
     ['a SysV segment larger than this machine allows', (i) => i.shmSegments.push({ vid: 77, vkey: 0, mode: 0o600, uid: 0, gid: 0, size: 1n << 62n, cvpid: 2, lvpid: 2 }), 'SysV segment 77 is'],
     ['no node section', (i) => (i.node = undefined as unknown as Image['node']), 'does not say which node'],

@@ -241,13 +241,27 @@ function checkSeccompFlags(creds: Creds, who: string): void {
 }
 
 /** What makes a process run: its ids, credentials, signals and threads. */
+/** Credentials whole: the four uids and gids (real, effective, saved,
+ * filesystem) that every use reads, a group list the kernel would take
+ * (NGROUPS_MAX), and seccomp as checkSeccompFlags says. A thread's too:
+ * a root restore takes each thread's identity for its path operations
+ * (resources/fsident.ts), and the addon reads uid[3] and gid[3]. */
+function checkCreds(creds: Creds, who: string): void {
+  if (creds.uid.length !== 4 || creds.gid.length !== 4) corrupt(`${who}'s credentials hold ${creds.uid.length} uids and ${creds.gid.length} gids, not 4 each`);
+  if (creds.groups.length > NGROUPS_MAX) corrupt(`${who} is in ${creds.groups.length} groups (at most ${NGROUPS_MAX})`);
+  checkSeccompFlags(creds, who);
+}
+
+/** The kernel's bound on supplementary groups (setgroups: EINVAL beyond). */
+const NGROUPS_MAX = 65536;
+
 function checkProcessState(p: Process, vtids: Set<number>): void {
   const who = `process ${p.vpid}`;
   // 0: outside the application (the terminal's session, for one run in
   // the foreground).
   if (!(p.vpgid >= 0) || !(p.vsid >= 0)) corrupt(`${who} has process group ${p.vpgid} and session ${p.vsid}; both must be 0 or above`);
   if (!p.creds || !p.mm) corrupt(`${who} has no ${p.creds ? 'memory layout' : 'credentials'}`);
-  if (p.creds.uid.length < 4 || p.creds.gid.length < 4) corrupt(`${who}'s credentials lack uids or gids`);
+  checkCreds(p.creds, who);
   if (p.sharedPending.length % 128 || p.sharedPending.length / 128 > LIMITS.pendingSignals) corrupt(`${who}'s pending signals are not whole siginfos, or too many`);
   for (const s of p.sigactions) if (!(s.signal >= 1 && s.signal <= 64)) corrupt(`${who} has a handler for signal ${s.signal}`);
   for (const t of p.itimers) if (!(t.which >= 0 && t.which <= 2)) corrupt(`${who} has interval timer ${t.which}`);
@@ -269,9 +283,9 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
     if (t.regs.length !== LIMITS.regsBytes) corrupt(`thread ${t.vtid}'s registers are ${t.regs.length} bytes, not ${LIMITS.regsBytes}`);
     if (t.xstate.length > LIMITS.xstateBytes) corrupt(`thread ${t.vtid}'s extended state is ${t.xstate.length} bytes`);
     if (t.pending.length % 128 || t.pending.length / 128 > LIMITS.pendingSignals) corrupt(`thread ${t.vtid}'s pending signals are not whole siginfos, or too many`);
-    if (t.creds) checkSeccompFlags(t.creds, `thread ${t.vtid}`);
+    // A thread's own (its process's main thread's are the process's).
+    if (t.creds) checkCreds(t.creds, `thread ${t.vtid}`);
   }
-  checkSeccompFlags(p.creds, who);
 
 }
 
