@@ -32,22 +32,6 @@
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
 
-long appshot_raw_syscall(long nr, long a, long b, long c, long d, long e, long f) {
-#if defined(__x86_64__)
-  register long r10 __asm__("r10") = d;
-  register long r8 __asm__("r8") = e;
-  register long r9 __asm__("r9") = f;
-  long ret;
-  __asm__ volatile("syscall"
-                   : "=a"(ret)
-                   : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-                   : "rcx", "r11", "memory");
-  return ret;
-#else
-#error "appshot_raw_syscall: only x86-64 is supported"
-#endif
-}
-
 static long raw_kill(long pid, long sig) { return appshot_raw_syscall(SYS_kill, pid, sig, 0, 0, 0, 0); }
 
 static const char *const kind_names[APPSHOT_KINDS] = {

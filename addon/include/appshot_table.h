@@ -440,8 +440,24 @@ void appshot_forget_lost(struct appshot_header *h);
  * wraps: the kernel's result, -errno on failure. Inside the preload
  * library kill(), semget(), pread() and syscall() are its own wrappers,
  * which take virtual ids and keys; and no libc call here may be a
- * cancellation point. x86-64 only. */
-long appshot_raw_syscall(long nr, long a, long b, long c, long d, long e, long f);
+ * cancellation point. Inline: the preload library's hot paths (the id
+ * calls) make it in place. Async-signal-safe, needs no symbol resolved.
+ * x86-64 only. */
+static inline long appshot_raw_syscall(long nr, long a, long b, long c, long d, long e, long f) {
+#if defined(__x86_64__)
+  register long r10 __asm__("r10") = d;
+  register long r8 __asm__("r8") = e;
+  register long r9 __asm__("r9") = f;
+  long ret;
+  __asm__ volatile("syscall"
+                   : "=a"(ret)
+                   : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+                   : "rcx", "r11", "memory");
+  return ret;
+#else
+#error "appshot_raw_syscall: only x86-64 is supported"
+#endif
+}
 
 /* --- Creating and mapping ----------------------------------------------- */
 

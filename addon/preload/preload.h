@@ -281,7 +281,7 @@ static inline void ensure_init(void) {
  * where a bare system call would not do: fork must run the atfork handlers,
  * exec and spawn must be glibc's, stdio and dirent build objects, and the
  * blocking calls are pthread cancellation points. Simple id calls go
- * straight to the kernel (sys6). */
+ * straight to the kernel (appshot_raw_syscall). */
 #define REAL_FUNCS(X)                                                       \
   X(fork) X(clone) X(execve) X(execvpe) X(fexecve) X(posix_spawn)          \
   X(posix_spawnp) X(wait4) X(waitid)          \
@@ -365,36 +365,19 @@ int __xmknodat(int, int, const char *, mode_t, dev_t *);
 
 /* --- System calls without libc (preload_core.c) -------------------------- */
 
-/* A raw system call: the kernel's result, -errno on failure. Used instead of
- * libc for the simple id calls: it is async-signal-safe, needs no
- * resolution before init, and never lands in one of our own wrappers. */
-static inline long sys6(long nr, long a, long b, long c, long d, long e,
-                        long f) {
-#if defined(__x86_64__)
-  register long r10 __asm__("r10") = d;
-  register long r8 __asm__("r8") = e;
-  register long r9 __asm__("r9") = f;
-  long ret;
-  __asm__ volatile("syscall"
-                   : "=a"(ret)
-                   : "a"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8),
-                     "r"(r9)
-                   : "rcx", "r11", "memory");
-  return ret;
-#else
-#error "sys6: only x86-64 is supported"
-#endif
-}
-#define SYS0(n) sys6(SYS_##n, 0, 0, 0, 0, 0, 0)
-#define SYS1(n, a) sys6(SYS_##n, (long)(a), 0, 0, 0, 0, 0)
-#define SYS2(n, a, b) sys6(SYS_##n, (long)(a), (long)(b), 0, 0, 0, 0)
-#define SYS3(n, a, b, c) sys6(SYS_##n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
+/* A raw system call (appshot_table.h appshot_raw_syscall, inline): used
+ * instead of libc for the simple id calls: it is async-signal-safe, needs
+ * no resolution before init, and never lands in one of our own wrappers. */
+#define SYS0(n) appshot_raw_syscall(SYS_##n, 0, 0, 0, 0, 0, 0)
+#define SYS1(n, a) appshot_raw_syscall(SYS_##n, (long)(a), 0, 0, 0, 0, 0)
+#define SYS2(n, a, b) appshot_raw_syscall(SYS_##n, (long)(a), (long)(b), 0, 0, 0, 0)
+#define SYS3(n, a, b, c) appshot_raw_syscall(SYS_##n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
 #define SYS4(n, a, b, c, d) \
-  sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
+  appshot_raw_syscall(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
 #define SYS5(n, a, b, c, d, e) \
-  sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
+  appshot_raw_syscall(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
 #define SYS6(n, a, b, c, d, e, f)                                         \
-  sys6(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), \
+  appshot_raw_syscall(SYS_##n, (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), \
        (long)(f))
 
 /* Writes v in decimal at d (no NUL); returns the end. No stdio here. */

@@ -147,12 +147,12 @@ API int clock_gettime(clockid_t clk, struct timespec *ts) {
 /* The others are not hot: translated, then the bare call (glibc's adds
  * only 32-bit time conversions, which x86-64 does not need). */
 static long clock_call(long nr, clockid_t clk, long b, long c, long d) {
-  if (!clock_hooked(clk)) return libc_ret(sys6(nr, clk, b, c, d, 0, 0));
+  if (!clock_hooked(clk)) return libc_ret(appshot_raw_syscall(nr, clk, b, c, d, 0, 0));
   ID_WINDOW();
   clockid_t sys_clk;
   int e = clock_v2s(clk, &sys_clk);
   if (e) return fail(e);
-  return libc_ret(sys6(nr, sys_clk, b, c, d, 0, 0));
+  return libc_ret(appshot_raw_syscall(nr, sys_clk, b, c, d, 0, 0));
 }
 
 API int clock_getres(clockid_t clk, struct timespec *res) {

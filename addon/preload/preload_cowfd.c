@@ -113,7 +113,7 @@ static long call_on_fd(const struct fd_call *c, int fd) {
     int r = linkat_path(fd, (const char *)c->a[0], (int)c->a[1], (const char *)c->a[2], (int)c->a[3]);
     return r < 0 ? -errno : r;
   }
-  return sys6(c->nr, fd, c->a[0], c->a[1], c->a[2], c->a[3], 0);
+  return appshot_raw_syscall(c->nr, fd, c->a[0], c->a[1], c->a[2], c->a[3], 0);
 }
 
 /* The call, made by name on the private side p (the object itself, not
@@ -123,7 +123,7 @@ static long call_on_path(const struct fd_call *c, const char *p, mode_t type) {
     case SYS_fchmod:
     case SYS_fchmodat2: {
       long mode = c->nr == SYS_fchmod ? c->a[0] : c->a[1];
-      long r = sys6(SYS_fchmodat2, AT_FDCWD, (long)p, mode, AT_SYMLINK_NOFOLLOW, 0, 0);
+      long r = appshot_raw_syscall(SYS_fchmodat2, AT_FDCWD, (long)p, mode, AT_SYMLINK_NOFOLLOW, 0, 0);
       if (r != -ENOSYS) return r; /* Linux before 6.6: */
       return S_ISLNK(type) ? -EOPNOTSUPP : SYS3(fchmodat, AT_FDCWD, p, mode);
     }
@@ -150,12 +150,12 @@ static long refused_early(const struct fd_call *c, int fl) {
       if (c->libc_fchmodat) {
         r = REAL(fchmodat)(-1, (const char *)c->a[0], (mode_t)c->a[1], (int)c->a[2]) < 0 ? -errno : 0;
       } else {
-        r = sys6(SYS_fchmodat2, -1, c->a[0], c->a[1], c->a[2], 0, 0);
+        r = appshot_raw_syscall(SYS_fchmodat2, -1, c->a[0], c->a[1], c->a[2], 0, 0);
       }
       return r == -EBADF ? 0 : (r ? r : -EBADF);
     case SYS_fchownat:
     case SYS_linkat:
-      r = sys6(c->nr, -1, c->a[0], c->a[1], c->a[2], c->a[3], 0);
+      r = appshot_raw_syscall(c->nr, -1, c->a[0], c->a[1], c->a[2], c->a[3], 0);
       return r == -EBADF ? 0 : (r ? r : -EBADF);
     case SYS_utimensat:
       /* The descriptor itself by a NULL path: no flags. */
@@ -190,7 +190,7 @@ static NOINLINE long on_original(const struct fd_call *c) {
   buf[n] = '\0';
   if (!cow_fd_named(buf)) return NOT_ORIGINAL;
   struct stat st;
-  if (sys6(SYS_newfstatat, c->fd, (long)"", (long)&st, AT_EMPTY_PATH, 0, 0) < 0) return NOT_ORIGINAL;
+  if (appshot_raw_syscall(SYS_newfstatat, c->fd, (long)"", (long)&st, AT_EMPTY_PATH, 0, 0) < 0) return NOT_ORIGINAL;
   int fl = c->fd >= 0 ? (int)SYS2(fcntl, c->fd, F_GETFL) : -1;
   long r = refused_early(c, fl);
   if (r < 0) return r;
@@ -202,7 +202,7 @@ static NOINLINE long on_original(const struct fd_call *c) {
   int moves = fl >= 0 && !S_ISDIR(st.st_mode) && (S_ISREG(st.st_mode) || (fl & O_PATH));
   long nfd = -1;
   struct stat pst, nst;
-  if (sys6(SYS_newfstatat, AT_FDCWD, (long)priv, (long)&pst, AT_SYMLINK_NOFOLLOW, 0, 0) < 0) pst = st;
+  if (appshot_raw_syscall(SYS_newfstatat, AT_FDCWD, (long)priv, (long)&pst, AT_SYMLINK_NOFOLLOW, 0, 0) < 0) pst = st;
   if (moves && (pst.st_mode & S_IFMT) == (st.st_mode & S_IFMT)) {
     /* The descriptor's own flags (O_NOFOLLOW only if it had it: F_GETFL
      * shows it); the file opened must be the one looked at, not what a
@@ -387,12 +387,12 @@ long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e) {
       return libc_ret(futimens_call((int)a, NULL, timeval_times(tv, ts), 0));
     }
     default: /* linkat */
-      if (!names_fd((const char *)b, (int)e)) return libc_ret(sys6(nr, a, b, c, d, e, 0));
+      if (!names_fd((const char *)b, (int)e)) return libc_ret(appshot_raw_syscall(nr, a, b, c, d, e, 0));
       call.needs_open = 0;
       call.op = PATH_LATTR | PATH_NODIR;
   }
   long r = fd_call(&call);
   if (r != NOT_ORIGINAL) return libc_ret(r);
   if (nr == SYS_linkat) return linkat_path((int)a, (const char *)b, (int)c, (const char *)d, (int)e);
-  return libc_ret(sys6(nr, a, b, c, d, e, 0));
+  return libc_ret(appshot_raw_syscall(nr, a, b, c, d, e, 0));
 }

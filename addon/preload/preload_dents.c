@@ -329,7 +329,7 @@ static long do_getdents(long nr, int fd, void *buf, size_t count) {
     /* A buffer too small for a renamed record: where to go back to (one
      * more system call, only for such buffers). */
     int64_t before = count < RENAMED_MAX ? SYS3(lseek, fd, 0, SEEK_CUR) : -1;
-    long n = sys6(nr, fd, (long)buf, (long)count, 0, 0, 0);
+    long n = appshot_raw_syscall(nr, fd, (long)buf, (long)count, 0, 0, 0);
     if (n <= 0 || !has_number(buf, n, old)) return n;
     struct dir_of d = classify(fd);
     if (d.kind == DIR_OTHER) return n;

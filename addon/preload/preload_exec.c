@@ -238,7 +238,7 @@ static char *const *app_env_build(char *const *envp, void *mem, size_t need) {
 }
 
 static void *app_env_mmap(size_t need) {
-  long p = sys6(SYS_mmap, 0, (long)need, PROT_READ | PROT_WRITE,
+  long p = appshot_raw_syscall(SYS_mmap, 0, (long)need, PROT_READ | PROT_WRITE,
                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   return p < 0 && p > -4096 ? NULL : (void *)p;
 }

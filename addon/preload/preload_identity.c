@@ -86,9 +86,9 @@ static inline uint64_t current_identity(void) {
 /* Fresh seed bytes from the kernel; should getrandom fail, the identity
  * itself (random, new in each clone) and the time still make them differ. */
 static void seed_bytes(void *buf, size_t n, uint64_t identity) {
-  if (sys6(SYS_getrandom, (long)buf, (long)n, GRND_NONBLOCK, 0, 0, 0) == (long)n) return;
+  if (appshot_raw_syscall(SYS_getrandom, (long)buf, (long)n, GRND_NONBLOCK, 0, 0, 0) == (long)n) return;
   struct timespec t;
-  sys6(SYS_clock_gettime, CLOCK_MONOTONIC, (long)&t, 0, 0, 0, 0);
+  appshot_raw_syscall(SYS_clock_gettime, CLOCK_MONOTONIC, (long)&t, 0, 0, 0, 0);
   uint64_t mix = identity ^ ((uint64_t)t.tv_nsec << 20) ^ (uint64_t)t.tv_sec ^ (uint64_t)SYS0(gettid);
   memcpy(buf, &mix, n < sizeof mix ? n : sizeof mix);
 }

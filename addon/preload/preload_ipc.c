@@ -27,7 +27,7 @@ static const struct ipc_kind MSG = {SYS_msgget, APPSHOT_MSGID, APPSHOT_MSGKEY};
  * msgget(key, flags). */
 static long raw_get(const struct ipc_kind *k, key_t key, long size, int flags) {
   return k->get_nr == SYS_msgget ? SYS2(msgget, key, flags)
-                                 : sys6(k->get_nr, key, size, flags, 0, 0, 0);
+                                 : appshot_raw_syscall(k->get_nr, key, size, flags, 0, 0, 0);
 }
 
 static void raw_rmid(const struct ipc_kind *k, int sid) {

@@ -101,8 +101,8 @@ static inline __attribute__((always_inline)) int32_t own_tid(void) {
  * one (another process sharing it may have been given it). Apart: the
  * scan below stays a leaf. */
 static __attribute__((noinline)) int no_holder_has(int32_t tid, int pshared) {
-  long r = pshared ? sys6(SYS_tkill, tid, 0, 0, 0, 0, 0)
-                   : sys6(SYS_tgkill, SYS0(getpid), tid, 0, 0, 0, 0);
+  long r = pshared ? appshot_raw_syscall(SYS_tkill, tid, 0, 0, 0, 0, 0)
+                   : appshot_raw_syscall(SYS_tgkill, SYS0(getpid), tid, 0, 0, 0, 0);
   return r == -ESRCH;
 }
 

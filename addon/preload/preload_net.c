@@ -272,7 +272,7 @@ long do_creds_syscall(long nr, long a, long b, long c, long d, long e) {
       return libc_ret(r);
     }
   }
-  return libc_ret(sys6(nr, a, b, c, d, e, 0));
+  return libc_ret(appshot_raw_syscall(nr, a, b, c, d, e, 0));
 }
 
 /* --- Socket options the kernel never shows -----------------------------------

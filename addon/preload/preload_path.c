@@ -312,7 +312,7 @@ static const struct appshot_redir *match(const struct appshot_instance *in,
 /* --- Raw file helpers (no wrapper, no libc state) ------------------------ */
 
 static int lexists(const char *p, struct stat *st) {
-  return sys6(SYS_newfstatat, AT_FDCWD, (long)p, (long)st, AT_SYMLINK_NOFOLLOW,
+  return appshot_raw_syscall(SYS_newfstatat, AT_FDCWD, (long)p, (long)st, AT_SYMLINK_NOFOLLOW,
               0, 0) == 0;
 }
 
@@ -343,7 +343,7 @@ static mode_t copy_owner(int dirfd, const char *name, const struct stat *st) {
   /* Given away only where the caller may still chmod it afterwards: with
    * CAP_CHOWN but not CAP_FOWNER, the copy stays the caller's. */
   if (has_cap(0 /* CAP_CHOWN */) && (st->st_uid == fs_uid() || has_cap(3 /* CAP_FOWNER */))) {
-    if (sys6(SYS_fchownat, dirfd, (long)name, st->st_uid, st->st_gid,
+    if (appshot_raw_syscall(SYS_fchownat, dirfd, (long)name, st->st_uid, st->st_gid,
              AT_SYMLINK_NOFOLLOW | (*name ? 0 : AT_EMPTY_PATH), 0) == 0)
       return perm;
   }
@@ -392,7 +392,7 @@ static void make_parents(const struct cow *c) {
     struct stat st;
     *s = '\0';
     if (!lexists(priv_side(c), &st)) {
-      int dir = sys6(SYS_newfstatat, AT_FDCWD, (long)orig_side(c), (long)&st,
+      int dir = appshot_raw_syscall(SYS_newfstatat, AT_FDCWD, (long)orig_side(c), (long)&st,
                      0, 0, 0) == 0 && S_ISDIR(st.st_mode);
       if (!dir) {
         *s = '/';
@@ -420,7 +420,7 @@ static int write_all(int fd, const char *p, long n) {
 /* Copies the rest of src into dst, from their current offsets. */
 static int copy_contents(int src, int dst) {
   for (;;) {
-    long n = sys6(SYS_copy_file_range, src, 0, dst, 0, 1L << 30, 0);
+    long n = appshot_raw_syscall(SYS_copy_file_range, src, 0, dst, 0, 1L << 30, 0);
     if (n > 0) continue;
     if (n == 0) return 0;
     if (n == -EINTR) continue;
@@ -429,7 +429,7 @@ static int copy_contents(int src, int dst) {
     break;
   }
   enum { BUF = 64 * 1024 };
-  long m = sys6(SYS_mmap, 0, BUF, PROT_READ | PROT_WRITE,
+  long m = appshot_raw_syscall(SYS_mmap, 0, BUF, PROT_READ | PROT_WRITE,
                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m < 0 && m > -4096) return (int)m;
   char *buf = (char *)m;
@@ -457,7 +457,7 @@ static void copy_xattrs(int src, int dst) {
   if (n <= 0) return;
   enum { VAL = 64 * 1024 }; /* XATTR_SIZE_MAX */
   size_t size = (size_t)n + VAL;
-  long m = sys6(SYS_mmap, 0, (long)size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  long m = appshot_raw_syscall(SYS_mmap, 0, (long)size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m < 0 && m > -4096) return;
   char *list = (char *)m, *val = list + n;
   long got = SYS3(flistxattr, src, list, n); /* ERANGE if it grew meanwhile */
@@ -511,14 +511,14 @@ static void remove_dead(long dir, const char *tmp) {
  * the copy, and 0). */
 static int put_in_place(long dir, const char *tmp, const char *base, int is_dir) {
   int left = 1; /* tmp still there */
-  int err = (int)sys6(SYS_renameat2, dir, (long)tmp, dir, (long)base, RENAME_NOREPLACE, 0);
+  int err = (int)appshot_raw_syscall(SYS_renameat2, dir, (long)tmp, dir, (long)base, RENAME_NOREPLACE, 0);
   if (err == 0) {
     left = 0;
   } else if (err == -EINVAL) { /* a file system without RENAME_NOREPLACE */
     err = is_dir ? -EPERM : (int)SYS5(linkat, dir, tmp, dir, base, 0);
     if (err == -EPERM) { /* no links: renamed, if nothing is there */
       struct stat st;
-      err = sys6(SYS_newfstatat, dir, (long)base, (long)&st, AT_SYMLINK_NOFOLLOW, 0, 0) == 0
+      err = appshot_raw_syscall(SYS_newfstatat, dir, (long)base, (long)&st, AT_SYMLINK_NOFOLLOW, 0, 0) == 0
                 ? -EEXIST
                 : (int)SYS4(renameat, dir, tmp, dir, base);
       if (err == 0) left = 0;
@@ -611,7 +611,7 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
  * side as it would have on the original. Returns 0 or -errno. */
 static NOINLINE int copy_attr_up(const struct cow *c, int op) {
   struct stat st;
-  long r = sys6(SYS_newfstatat, AT_FDCWD, (long)orig_side(c), (long)&st,
+  long r = appshot_raw_syscall(SYS_newfstatat, AT_FDCWD, (long)orig_side(c), (long)&st,
                 (op & PATH_OP_MASK) == PATH_ATTR ? 0 : AT_SYMLINK_NOFOLLOW, 0, 0);
   if (r == -ENOENT) return 0; /* the call fails (or creates) privately */
   if (r < 0) return (int)r;
@@ -635,7 +635,7 @@ static NOINLINE int copy_attr_up(const struct cow *c, int op) {
    * is at hand. */
   char *target = NULL;
   if (S_ISLNK(st.st_mode)) {
-    long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE,
+    long m = appshot_raw_syscall(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE,
                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m < 0 && m > -4096) return (int)m;
     target = (char *)m;
@@ -767,7 +767,7 @@ enum { LINK_PAGE = 2 * PATH_MAX };
 
 static int map_link_page(char **page) {
   if (*page) return 0;
-  long m = sys6(SYS_mmap, 0, LINK_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  long m = appshot_raw_syscall(SYS_mmap, 0, LINK_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m < 0 && m > -4096) return (int)m;
   *page = (char *)m;
   return 0;
@@ -1556,7 +1556,7 @@ static NOINLINE long path_syscall_slow(long nr, long a, long b, long c, long d, 
   if (nr == SYS_utimensat) op = utimens_op((const struct timespec *)c, (int)d);
   SLOW_PATH(p, dirfd, path, op, -1);
   v[at] = (long)p; /* by position: another argument may be the same string */
-  return libc_ret(sys6(nr, v[0], v[1], v[2], v[3], v[4], 0));
+  return libc_ret(appshot_raw_syscall(nr, v[0], v[1], v[2], v[3], v[4], 0));
 }
 
 long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
@@ -1578,7 +1578,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
       if (path_hooked((const char *)a))
         return xattr_slow(set, nofollow, (const char *)a, (const char *)b, (const void *)c, (size_t)d,
                           (int)e);
-      return libc_ret(sys6(nr, a, b, c, d, e, 0));
+      return libc_ret(appshot_raw_syscall(nr, a, b, c, d, e, 0));
     }
     case SYS_lchown: op = chown_op(AT_SYMLINK_NOFOLLOW, (uid_t)b, (gid_t)c); break;
     case SYS_getxattr:
@@ -1598,7 +1598,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
     case SYS_utimensat: dirfd = (int)a; at = 1; break; /* op: reads times, slow path only */
     case SYS_fchownat: op = chown_op((int)e, (uid_t)c, (gid_t)d); dirfd = (int)a; at = 1; break;
     case SYS_fchdir: {
-      long r = sys6(nr, a, 0, 0, 0, 0, 0);
+      long r = appshot_raw_syscall(nr, a, 0, 0, 0, 0, 0);
       cwd_moved();
       return libc_ret(r);
     }
@@ -1629,7 +1629,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
   int link = nr == SYS_readlink || nr == SYS_readlinkat;
   ID_WINDOW_IF(link && answer_may_hold_ids(path));
   long r = path && at_path_hooked(dirfd, path) ? path_syscall_slow(nr, a, b, c, d, e, dirfd, at, op)
-                                               : libc_ret(sys6(nr, a, b, c, d, e, 0));
+                                               : libc_ret(appshot_raw_syscall(nr, a, b, c, d, e, 0));
   if (link) return nr == SYS_readlink ? link_answer(dirfd, path, (char *)b, r, (size_t)c)
                                       : link_answer(dirfd, path, (char *)c, r, (size_t)d);
   if (nr == SYS_chdir) cwd_moved();
@@ -1856,7 +1856,7 @@ static NOINLINE int linkat_slow(int fd1, const char *from, int fd2, const char *
     /* The source as a read sees it: missing or a directory, nothing made. */
     struct stat st;
     if (!(a = path_slow(from, PATH_READ | (follow ? 0 : PATH_NOFOLLOW), a_buf))) goto out;
-    long e = sys6(SYS_newfstatat, fd1, (long)a, (long)&st, follow ? 0 : AT_SYMLINK_NOFOLLOW, 0, 0);
+    long e = appshot_raw_syscall(SYS_newfstatat, fd1, (long)a, (long)&st, follow ? 0 : AT_SYMLINK_NOFOLLOW, 0, 0);
     if (e == 0 && S_ISDIR(st.st_mode)) e = -EPERM;
     if (e < 0) {
       r = (int)libc_ret(e);
@@ -1870,7 +1870,7 @@ static NOINLINE int linkat_slow(int fd1, const char *from, int fd2, const char *
   if (path_hooked(to)) {
     char *b_buf = a_buf;
     if (cow || a != from) {
-      long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      long m = appshot_raw_syscall(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (m < 0 && m > -4096) {
         errno = (int)-m;
         return -1;
@@ -1915,7 +1915,7 @@ static NOINLINE int renameat_slow(int fd1, const char *from, int fd2,
   if (path_hooked(to)) {
     char *b_buf = a_buf; /* free when the source was not rewritten */
     if (a != from) {
-      long m = sys6(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      long m = appshot_raw_syscall(SYS_mmap, 0, PATH_MAX, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (m < 0 && m > -4096) {
         errno = (int)-m;
         return -1;

@@ -243,7 +243,7 @@ static pid_t do_raw_fork(long nr, long a, long b, uint64_t ptid) {
   sigset_t all, saved;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &saved);
-  long pid = sys6(nr, a, b, 0, 0, 0, 0);
+  long pid = appshot_raw_syscall(nr, a, b, 0, 0, 0, 0);
   if (pid == 0) {
     tid_moves_forget();
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
@@ -287,7 +287,7 @@ static pid_t do_raw_fork(long nr, long a, long b, uint64_t ptid) {
 long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls) {
   if (ns_refused((unsigned long)flags)) return -1;
   if (stack == 0 && !(flags & NOT_A_FORK)) return do_raw_fork(SYS_clone, flags, 0, 0);
-  return libc_ret(sys6(SYS_clone, flags, stack, ptid, ctid, tls, 0));
+  return libc_ret(appshot_raw_syscall(SYS_clone, flags, stack, ptid, ctid, tls, 0));
 }
 
 /* clone3 as a system call (syscall(SYS_clone3, &args, size): runtimes and
@@ -322,15 +322,15 @@ long do_clone3_syscall(long args, long size) {
   struct clone_args ca;
   memset(&ca, 0, sizeof ca);
   /* CLONE_ARGS_SIZE_VER0: anything shorter is the kernel's EINVAL. */
-  if (!args || size < 64) return libc_ret(sys6(SYS_clone3, args, size, 0, 0, 0, 0));
+  if (!args || size < 64) return libc_ret(appshot_raw_syscall(SYS_clone3, args, size, 0, 0, 0, 0));
   size_t n = (unsigned long)size < sizeof ca ? (size_t)size : sizeof ca;
   struct iovec here = {&ca, n}, there = {(void *)args, n};
   if (SYS6(process_vm_readv, SYS0(getpid), &here, 1, &there, 1, 0) != (long)n)
-    return libc_ret(sys6(SYS_clone3, args, size, 0, 0, 0, 0));
+    return libc_ret(appshot_raw_syscall(SYS_clone3, args, size, 0, 0, 0, 0));
   if (ns_refused(ca.flags)) return -1;
   if ((unsigned long)size > sizeof ca || ca.stack || (ca.flags & CLONE3_NOT_A_FORK) ||
       (ca.flags & (CLONE_VM | CLONE_VFORK)) == CLONE_VM)
-    return libc_ret(sys6(SYS_clone3, args, size, 0, 0, 0, 0));
+    return libc_ret(appshot_raw_syscall(SYS_clone3, args, size, 0, 0, 0, 0));
   ca.flags &= ~(uint64_t)CLONE_VM;
   return do_raw_fork(SYS_clone3, (long)&ca, (long)n,
                      (ca.flags & CLONE_PARENT_SETTID) ? ca.parent_tid : 0);
@@ -958,7 +958,7 @@ long do_pid_first(long nr, long pid, long b, long c, long d, long e, long f) {
   ID_WINDOW();
   pid_t sid = (pid_t)pid;
   if (g_h && proc_arg((pid_t)pid, &sid, ESRCH)) return fail(ESRCH);
-  return libc_ret(sys6(nr, sid, b, c, d, e, f));
+  return libc_ret(appshot_raw_syscall(nr, sid, b, c, d, e, f));
 }
 
 #define PID_FIRST(ret, name, params, ...)                     \
@@ -1043,7 +1043,7 @@ long do_prio(long nr, long which, long who, long prio) {
   if (g_h && (which == PRIO_PROCESS || which == PRIO_PGRP) &&
       proc_arg((pid_t)who, &sid, ESRCH))
     return fail(ESRCH);
-  return libc_ret(sys6(nr, which, sid, prio, 0, 0, 0));
+  return libc_ret(appshot_raw_syscall(nr, which, sid, prio, 0, 0, 0));
 }
 
 API int getpriority(__priority_which_t which, id_t who) {
@@ -1069,10 +1069,10 @@ int capset(cap_user_header_t header, const cap_user_data_t data);
  * its virtual PID; the kernel may write its preferred version into it. */
 long do_capget_set(long nr, cap_user_header_t header, void *data) {
   ID_WINDOW();
-  if (!header) return libc_ret(sys6(nr, 0, (long)data, 0, 0, 0, 0)); /* EFAULT */
+  if (!header) return libc_ret(appshot_raw_syscall(nr, 0, (long)data, 0, 0, 0, 0)); /* EFAULT */
   struct __user_cap_header_struct sys_header = *header;
   if (proc_arg(header->pid, &sys_header.pid, ESRCH)) return fail(ESRCH);
-  long r = libc_ret(sys6(nr, (long)&sys_header, (long)data, 0, 0, 0, 0));
+  long r = libc_ret(appshot_raw_syscall(nr, (long)&sys_header, (long)data, 0, 0, 0, 0));
   header->version = sys_header.version;
   return r;
 }
@@ -1146,7 +1146,7 @@ long do_ioprio(long nr, long which, long who, long ioprio) {
   if ((which == IOPRIO_WHO_PROCESS || which == IOPRIO_WHO_PGRP) &&
       proc_arg((pid_t)who, &sid, ESRCH))
     return fail(ESRCH);
-  return libc_ret(sys6(nr, which, sid, ioprio, 0, 0, 0));
+  return libc_ret(appshot_raw_syscall(nr, which, sid, ioprio, 0, 0, 0));
 }
 
 /* perf_event_open(attr, pid, cpu, group_fd, flags): pid -1 is every

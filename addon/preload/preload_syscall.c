@@ -27,7 +27,7 @@ API long syscall(long nr, ...) {
     case SYS_dup2:
     case SYS_dup3: return do_dup3(nr, (int)a, (int)b, (int)c);
   }
-  if (!g_h) return libc_ret(sys6(nr, a, b, c, d, e, f));
+  if (!g_h) return libc_ret(appshot_raw_syscall(nr, a, b, c, d, e, f));
   switch (nr) {
     case SYS_getpid: return self_vpid();
     case SYS_gettid: return self_vtid();
@@ -91,7 +91,7 @@ API long syscall(long nr, ...) {
       return do_rt_sigtimedwait((const sigset_t *)a, (siginfo_t *)b,
                                 (const struct timespec *)c, (size_t)d);
     case SYS_set_tid_address: /* returns the caller's TID */
-      sys6(nr, a, 0, 0, 0, 0, 0);
+      appshot_raw_syscall(nr, a, 0, 0, 0, 0, 0);
       return self_vtid();
     case SYS_semget: return do_ipc_get(APPSHOT_SEMID, (key_t)a, b, c);
     case SYS_shmget: return do_ipc_get(APPSHOT_SHMID, (key_t)a, b, c);
@@ -169,5 +169,5 @@ API long syscall(long nr, ...) {
     case SYS_recvmsg:
     case SYS_recvmmsg: return do_creds_syscall(nr, a, b, c, d, e);
   }
-  return libc_ret(sys6(nr, a, b, c, d, e, f));
+  return libc_ret(appshot_raw_syscall(nr, a, b, c, d, e, f));
 }

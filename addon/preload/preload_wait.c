@@ -60,7 +60,7 @@ static int poll_as_ppoll(struct pollfd *fds, nfds_t nfds, int timeout) {
   struct timespec left = {timeout / 1000, (long)(timeout % 1000) * 1000000L};
   int r = ppoll(fds, nfds, timeout < 0 ? NULL : &left, NULL);
 #ifdef SYS_poll
-  if (r < 0 && (errno == ENOSYS || errno == EPERM)) return (int)libc_ret(sys6(SYS_poll, (long)fds, (long)nfds, timeout, 0, 0, 0));
+  if (r < 0 && (errno == ENOSYS || errno == EPERM)) return (int)libc_ret(appshot_raw_syscall(SYS_poll, (long)fds, (long)nfds, timeout, 0, 0, 0));
 #endif
   return r;
 }
@@ -100,7 +100,7 @@ static int epoll_timed(int epfd, struct epoll_event *events, int max, int timeou
   int (*wait)(int, struct epoll_event *, int, int) = REAL(epoll_wait);
   int (*pwait_fn)(int, struct epoll_event *, int, int, const sigset_t *) = REAL(epoll_pwait);
   if (UNLIKELY(!wait || !pwait_fn)) /* only inside our own init */
-    return (int)libc_ret(sys6(SYS_epoll_pwait, epfd, (long)events, max, timeout, (long)mask, 8));
+    return (int)libc_ret(appshot_raw_syscall(SYS_epoll_pwait, epfd, (long)events, max, timeout, (long)mask, 8));
   if (timeout <= 0) return pwait ? pwait_fn(epfd, events, max, timeout, mask) : wait(epfd, events, max, timeout);
   struct timespec now;
   clock_gettime(CLOCK_MONOTONIC, &now); /* ours: the vDSO for this clock */
