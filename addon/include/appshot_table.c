@@ -598,7 +598,13 @@ static void retag(struct appshot_header *h, uint32_t tid) {
  * leader that ended before its other threads. Its /proc/TID/stat says Z
  * (or X) after the command name; read with raw calls, on the stack (this
  * runs inside the application, once a HOLDER_CHECK_MS sleep at most). No
- * /proc, or no such file: not known to be one (0). */
+ * /proc, or no such file: not known to be one (0). A limit: for the
+ * moment between its open and its close the waiter holds a descriptor of
+ * /proc/TID/stat, which a snapshot that stops it just then (outside a
+ * window: its thread's exit) finds among the process's descriptors and
+ * refuses as another thread's /proc file; process_vm_readv, which says
+ * ESRCH of a zombie without a descriptor, says the same of a live
+ * process of another user, and so cannot stand in. */
 static int is_zombie(long tid) {
   char path[32] = "/proc/";
   char digits[12];

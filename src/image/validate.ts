@@ -240,7 +240,6 @@ function checkSeccompFlags(creds: Creds, who: string): void {
   if (!(Number.isInteger(creds.seccompContext ?? 0) && (creds.seccompContext ?? 0) >= 0 && (creds.seccompContext ?? 0) <= 8192)) corrupt(`${who} counts ${creds.seccompContext} seccomp filters of appshot's context`);
 }
 
-/** What makes a process run: its ids, credentials, signals and threads. */
 /** Credentials whole: the four uids and gids (real, effective, saved,
  * filesystem) that every use reads, a group list the kernel would take
  * (NGROUPS_MAX), and seccomp as checkSeccompFlags says. A thread's too:
@@ -255,6 +254,7 @@ function checkCreds(creds: Creds, who: string): void {
 /** The kernel's bound on supplementary groups (setgroups: EINVAL beyond). */
 const NGROUPS_MAX = 65536;
 
+/** What makes a process run: its ids, credentials, signals and threads. */
 function checkProcessState(p: Process, vtids: Set<number>): void {
   const who = `process ${p.vpid}`;
   // 0: outside the application (the terminal's session, for one run in

@@ -44,8 +44,8 @@ export interface MapsLine {
 
 /**
  * The status of the file that mapping `l` of process `pid` maps. Its
- * name's, when the name still leads to it (the inode /proc/PID/maps
- * shows); else the mapping's own, through /proc/PID/map_files (root's, or
+ * name's, when the name still leads to it (the device and inode
+ * /proc/PID/maps shows); else the mapping's own, through /proc/PID/map_files (root's, or
  * a snapshotter's with CAP_CHECKPOINT_RESTORE). The name is the
  * application's: its user may have put a symlink on the way since the
  * file was mapped, to a file only root may read, whose size (and then
@@ -55,14 +55,29 @@ export interface MapsLine {
  * with its own rights only.
  */
 function mappedFileStat(pid: number, l: MapsLine): BigIntStats {
-  const named = statSync(l.path, { bigint: true });
-  if (named.ino === l.ino) return named;
+  let named: BigIntStats | undefined;
+  let failed: unknown;
+  try {
+    named = statSync(l.path, { bigint: true });
+    // By device and inode: an inode number alone is another file's on
+    // another file system (a tmpfs numbers its files in turn).
+    if (named.ino === l.ino && majorOf(named.dev) === l.major && minorOf(named.dev) === l.minor) return named;
+  } catch (e) {
+    // (A name hidden under a mount since, say: the mapping still says.)
+    failed = e;
+  }
   try {
     return statSync(`/proc/${pid}/map_files/${l.start.toString(16)}-${l.end.toString(16)}`, { bigint: true });
   } catch {
-    return named;
+    // Without map_files: the name's, as before (or its error).
+    if (named) return named;
+    throw failed;
   }
 }
+
+/** A dev_t's major and minor numbers, as glibc's major() and minor(). */
+const majorOf = (dev: bigint) => Number(((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn));
+const minorOf = (dev: bigint) => Number((dev & 0xffn) | ((dev >> 12n) & ~0xffn));
 
 const HEADER = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$/;
 
