@@ -7,7 +7,7 @@
  */
 import { createRequire } from 'node:module';
 import { spawnSync } from 'node:child_process';
-import { appendFileSync, copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { appendFileSync, copyFileSync, cpSync, existsSync, linkSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -352,6 +352,30 @@ describe('restores that fail leave nothing behind', () => {
     expect(r.code).toBe(1);
     expect(r.stderr).toContain(`${exe} differs from the one the image mapped`);
     await nothingLeft('changed', ipc);
+  });
+
+  it('refuses an image whose mapped file changed under the name it is mapped by, though its first name (a hard link held open) is unchanged', async () => {
+    // The file is recorded once, under the name first met (the held
+    // descriptor's); the mapping is made by its own name, which is the
+    // one to check.
+    const dir = join(out, 'hardlinked-files');
+    mkdirSync(dir, { recursive: true });
+    const held = join(dir, 'held');
+    const mappedName = join(dir, 'mapped');
+    writeFileSync(held, Buffer.alloc(4096, 'p'));
+    linkSync(held, mappedName);
+    start('hardlinked', ['/bin/sh', '-c', `exec 3<${held}; exec ${fixture('privmap')} ${mappedName}`]);
+    await checksPass('hardlinked', 2);
+    const img = snapshot('hardlinked', 'hardlinked');
+    await waitFor(() => !sb.aids().includes('hardlinked'), 10_000, 'hardlinked to end');
+    // Another file of the same size under the mapped name only.
+    rmSync(mappedName);
+    writeFileSync(mappedName, Buffer.alloc(4096, 'q'));
+    const ipc = systemIpcIds();
+    const r = sb.run(['restore', img]);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toContain(`${mappedName} differs from the one the image mapped (its contents changed)`);
+    await nothingLeft('hardlinked', ipc);
   });
 
   it('brings back /dev/zero mapped private (anonymous memory the old way): a device the image maps is taken for a device, not refused as a changed file', async () => {

@@ -137,8 +137,10 @@ export function verifyImage(image: Image, provided: (path: string) => boolean = 
       `this kernel's vDSO layout (vdso ${vdso} bytes, vvar ${vvar}) differs from the image's (${image.node.vdsoSize}, ${image.node.vvarSize}): kernel ${image.node.kernel} is needed`,
     );
 
-  // Each mapped file, with the first process that maps it.
-  const mapped = new Map<number, Process>();
+  // Each name a mapped file is mapped by (the mapping opens that name,
+  // which may not be the name the file was first recorded under: a hard
+  // link, a bind mount), with the first process that maps it so.
+  const mapped = new Map<string, { i: number; p: Process; path: string }>();
   // A file mapped shared and writable is the application's data (a
   // database's, say): it changes as the application runs, and must only be
   // there. Code and read-only data must be the very bytes the image saw.
@@ -146,13 +148,16 @@ export function verifyImage(image: Image, provided: (path: string) => boolean = 
   for (const p of image.processes)
     for (const v of p.vmas) {
       if (v.file < 0 || (v.kind !== VmaKind.FILE_PRIVATE && v.kind !== VmaKind.FILE_SHARED)) continue;
-      if (!mapped.has(v.file)) mapped.set(v.file, p);
+      const path = v.path || image.files[v.file]?.path;
+      const k = `${v.file}\0${path}`;
+      if (!mapped.has(k)) mapped.set(k, { i: v.file, p, path });
       if (v.kind === VmaKind.FILE_SHARED && v.prot & 2) writable.add(v.file);
     }
-  for (const [i, p] of mapped) {
+  for (const { i, p, path } of mapped.values()) {
     const f = image.files[i];
-    if (f.path === image.tablesPath || provided(f.path)) continue; // replaced by the new tables, or brought along
-    checkMapped(image, p, f, !writable.has(i), opened);
+    // (A file the image does not have is validate.ts's to refuse.)
+    if (!f || path === image.tablesPath || f.path === image.tablesPath || provided(path)) continue; // replaced by the new tables, or brought along
+    checkMapped(image, p, { ...f, path }, !writable.has(i), opened);
   }
   for (const p of image.processes)
     for (const fd of p.fds) {
