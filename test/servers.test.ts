@@ -962,6 +962,10 @@ def app(env, start):
     } finally {
       sb.run(['stop', 'sq', '-s', 'KILL']);
       origin.close();
+      // squid's shared memory (shm_open), which only its clean shutdown
+      // removes: not left on the machine.
+      await waitFor(() => !sb.aids().includes('sq'), 10_000, 'squid to end').catch(() => undefined);
+      for (const f of readdirSync('/dev/shm')) if (f.startsWith('squid-cf__')) rmSync(join('/dev/shm', f), { force: true });
     }
   });
 
