@@ -184,6 +184,17 @@ export interface ProcStat {
   exitSignal: number;
 }
 
+/** /proc/PID/map_files/START-END: the very file the mapping at START-END
+ * maps, whatever its name leads to now (opening or stating it needs
+ * CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE). */
+export const mapFilesPath = (pid: number, start: bigint, end: bigint) => `/proc/${pid}/map_files/${start.toString(16)}-${end.toString(16)}`;
+
+/** "major:minor" in hex, as /proc/PID/maps names a device, of its numbers. */
+export const mapsDeviceName = (major: bigint | number, minor: bigint | number) => `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}`;
+
+/** The same of a stat's dev_t (glibc's major() and minor()). */
+export const deviceName = (dev: bigint) => mapsDeviceName(((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn), (dev & 0xffn) | ((dev >> 12n) & ~0xffn));
+
 export function readStat(pid: number): ProcStat | undefined {
   let text: string;
   try {

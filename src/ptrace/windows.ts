@@ -26,6 +26,7 @@ import { elfSymbol, firstLoadVaddr } from '../elf.js';
 import { AppshotError } from '../errors.js';
 import { addon, paths } from '../native.js';
 import type { MapsLine } from '../resources/memory.js';
+import { deviceName, mapFilesPath, mapsDeviceName } from '../procfs.js';
 
 /** Offsets in x86-64 struct user_regs_struct. */
 const REG = { rax: 10 * 8, rdi: 14 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
@@ -123,8 +124,7 @@ function preloadMappingIn(maps: MapsLine[]): PreloadMapping | undefined {
     if (l.pgoff !== 0n) continue;
     const path = l.path.replace(/ \(deleted\)$/, '');
     if (path !== ours && basename(path) !== name) continue;
-    const dev = `${l.major.toString(16).padStart(2, '0')}:${l.minor.toString(16).padStart(2, '0')}`;
-    if (!found || l.start < found.start) found = { start: l.start, end: l.end, path, dev, inode: l.ino };
+    if (!found || l.start < found.start) found = { start: l.start, end: l.end, path, dev: mapsDeviceName(l.major, l.minor), inode: l.ino };
   }
   return found;
 }
@@ -221,13 +221,6 @@ export function restoreGenerationAddrOf(pid: number, maps: MapsLine[]): bigint |
   return lib && offsets ? lib.start + offsets.appshot_restore_generation : undefined;
 }
 
-/** "major:minor" in hex, as /proc/PID/maps names a device. */
-function deviceName(dev: bigint): string {
-  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
-  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
-  return `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}`;
-}
-
 /** A file holding the very library the process mapped: its path while
  * that still names the same file, else the mapping itself
  * (/proc/PID/map_files, which needs CAP_SYS_ADMIN or
@@ -240,7 +233,7 @@ function mappedFile(pid: number, lib: PreloadMapping): string {
   } catch {
     /* gone: the mapping then */
   }
-  const mapping = `/proc/${pid}/map_files/${lib.start.toString(16)}-${lib.end.toString(16)}`;
+  const mapping = mapFilesPath(pid, lib.start, lib.end);
   try {
     closeSync(openSync(mapping, 'r'));
     return mapping;

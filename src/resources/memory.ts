@@ -7,7 +7,7 @@
  * SysV segments are global state (sysv.ts); the VMA only names the segment.
  */
 import { type BigIntStats, closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
-import { procSmaps } from '../procfs.js';
+import { deviceName, mapFilesPath, mapsDeviceName, procSmaps } from '../procfs.js';
 import { addon, PAGES_MODE, type PagesCheck, type ScannedPages } from '../native.js';
 import { pagesCheckFailure } from '../image/format.js';
 import { type Vma, VmaKind } from '../image/types.js';
@@ -61,23 +61,19 @@ function mappedFileStat(pid: number, l: MapsLine): BigIntStats {
     named = statSync(l.path, { bigint: true });
     // By device and inode: an inode number alone is another file's on
     // another file system (a tmpfs numbers its files in turn).
-    if (named.ino === l.ino && majorOf(named.dev) === l.major && minorOf(named.dev) === l.minor) return named;
+    if (named.ino === l.ino && deviceName(named.dev) === mapsDeviceName(l.major, l.minor)) return named;
   } catch (e) {
     // (A name hidden under a mount since, say: the mapping still says.)
     failed = e;
   }
   try {
-    return statSync(`/proc/${pid}/map_files/${l.start.toString(16)}-${l.end.toString(16)}`, { bigint: true });
+    return statSync(mapFilesPath(pid, l.start, l.end), { bigint: true });
   } catch {
     // Without map_files: the name's, as before (or its error).
     if (named) return named;
     throw failed;
   }
 }
-
-/** A dev_t's major and minor numbers, as glibc's major() and minor(). */
-const majorOf = (dev: bigint) => Number(((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn));
-const minorOf = (dev: bigint) => Number((dev & 0xffn) | ((dev >> 12n) & ~0xffn));
 
 const HEADER = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$/;
 
@@ -249,10 +245,9 @@ function pairs(a: Uint32Array): number[] {
 function dumpSharedObject(ctx: DumpContext, pid: number, pagemapFd: number, l: MapsLine): number {
   const key = `${l.major}:${l.minor}:${l.ino}`;
   return ctx.shared(key, () => {
-    const range = `${l.start.toString(16)}-${l.end.toString(16)}`;
     let fd = -1;
     try {
-      fd = openSync(`/proc/${pid}/map_files/${range}`, 'r');
+      fd = openSync(mapFilesPath(pid, l.start, l.end), 'r');
     } catch {
       /* unprivileged: fall back below */
     }
@@ -277,7 +272,7 @@ function dumpSharedObject(ctx: DumpContext, pid: number, pagemapFd: number, l: M
  * (CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE). */
 function mapFilesReadable(pid: number, l: MapsLine): boolean {
   try {
-    closeSync(openSync(`/proc/${pid}/map_files/${l.start.toString(16)}-${l.end.toString(16)}`, 'r'));
+    closeSync(openSync(mapFilesPath(pid, l.start, l.end), 'r'));
     return true;
   } catch {
     return false;
