@@ -84,13 +84,11 @@ function checkMapped(image: Image, p: Process | undefined, f: Image['files'][num
   const read = contents && type === fsc.S_IFREG;
   const fd = openNamed(image, p, f.path, read ? fsc.O_RDONLY : O_PATH, `${f.path}, which the image maps,`);
   if (fd === undefined || fd === 'refused') throw new AppshotError(`${f.path}, which the image maps${contents ? '' : ' shared'}, is missing on this node`);
+  let kept = false;
   try {
     const st = fstatSync(fd, { bigint: true });
     if ((Number(st.mode) & fsc.S_IFMT) !== type) throw new AppshotError(`${f.path}, which the image maps, is another kind of file on this node`);
-    if (!read) {
-      closeSync(fd);
-      return;
-    }
+    if (!read) return;
     if (st.size !== f.size) throw new AppshotError(`${f.path} differs from the one the image mapped (${st.size} bytes, not ${f.size})`);
     if (f.crc32c && checksumOf(f.path, fd, st) !== f.crc32c) throw new AppshotError(`${f.path} differs from the one the image mapped (its contents changed)`);
     // The very file checked, kept for the mapping (openToMapAs: the same
@@ -98,12 +96,10 @@ function checkMapped(image: Image, p: Process | undefined, f: Image['files'][num
     const k = openToMapKey(p, f.path, fsc.O_RDONLY);
     if (opened && !opened.has(k)) {
       opened.set(k, fd);
-      return;
+      kept = true;
     }
-    closeSync(fd);
-  } catch (e) {
-    closeSync(fd);
-    throw e;
+  } finally {
+    if (!kept) closeSync(fd);
   }
 }
 

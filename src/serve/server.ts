@@ -949,6 +949,16 @@ class Service {
     return undefined;
   }
 
+  /** After a restore or a clone, the process the instance is watched by:
+   * the one its image says held the listener (`vpid`: restoredHolder), or
+   * where the image says none, the one found holding it now
+   * (listenerPid). Not for an instance suspended or crashed meanwhile. */
+  private watchHolder(inst: Instance, vpid: number | undefined): void {
+    if (inst.state !== 'running') return;
+    if (vpid !== undefined) inst.pid = this.restoredHolder(inst, vpid);
+    else this.watchListener(inst, this.listenerPid(inst));
+  }
+
   /** The process found holding the instance's listener (listenerPid) is
    * the one watched, with its start time: a PID reused after it ended is
    * not taken for it. */
@@ -1408,11 +1418,7 @@ class Service {
       this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby, prepared: !!prepared });
       // What the restore went on without (the CLI's warnings): never silent.
       if (restored.notKept.length) this.log('not-kept', { instance: this.name, image: this.lastImage, notKept: restored.notKept });
-      // Suspended or crashed meanwhile: neither is its own any more.
-      if ((inst.state as InstanceStateName) === 'running') {
-        if (holder.vpid !== undefined) inst.pid = this.restoredHolder(inst, holder.vpid);
-        else this.watchListener(inst, this.listenerPid(inst));
-      }
+      this.watchHolder(inst, holder.vpid);
       // (restoredHolder may have found it crashed.)
       const still = (inst.state as InstanceStateName) === 'running';
       this.pump();
@@ -1668,11 +1674,7 @@ class Service {
       killPoint('serve: cloned');
       this.host.metrics?.cloneSeconds.observe({ service: this.name }, ms / 1000);
       this.log('clone', { instance: aid, reason, ms: Math.round(ms * 100) / 100, ports: [...inst.ports.values()], held, backlog: this.backlog });
-      const holder = await this.templateListenerHolder();
-      if ((inst.state as InstanceStateName) === 'running') {
-        if (holder !== undefined) inst.pid = this.restoredHolder(inst, holder);
-        else this.watchListener(inst, this.listenerPid(inst));
-      }
+      this.watchHolder(inst, await this.templateListenerHolder());
     } catch (e) {
       this.instances.delete(aid);
       this.changed();
