@@ -593,6 +593,21 @@ static void retag(struct appshot_header *h, uint32_t tid) {
   }
 }
 
+/* "/proc/<pid>/<leaf>" into buf (64 bytes), without stdio. */
+static void proc_path(char *buf, pid_t pid, const char *leaf) {
+  char digits[16];
+  int n = 0;
+  unsigned int v = (unsigned int)pid;
+  do digits[n++] = (char)('0' + v % 10);
+  while ((v /= 10) && n < (int)sizeof digits);
+  memcpy(buf, "/proc/", 6);
+  char *p = buf + 6;
+  while (n) *p++ = digits[--n];
+  *p++ = '/';
+  size_t l = strlen(leaf);
+  memcpy(p, leaf, l + 1);
+}
+
 /* Whether thread `tid` has exited but is still there to be reaped: a
  * process whose parent has not waited for it yet, or a thread-group
  * leader that ended before its other threads. Its /proc/TID/stat says Z
@@ -606,14 +621,8 @@ static void retag(struct appshot_header *h, uint32_t tid) {
  * ESRCH of a zombie without a descriptor, says the same of a live
  * process of another user, and so cannot stand in. */
 static int is_zombie(long tid) {
-  char path[32] = "/proc/";
-  char digits[12];
-  int n = 0;
-  do digits[n++] = (char)('0' + tid % 10);
-  while ((tid /= 10) && n < (int)sizeof digits);
-  size_t at = 6;
-  while (n) path[at++] = digits[--n];
-  memcpy(path + at, "/stat", 6);
+  char path[64];
+  proc_path(path, (pid_t)tid, "stat");
   const long fd = appshot_raw_syscall(SYS_openat, AT_FDCWD, (long)path, O_RDONLY | O_CLOEXEC, 0, 0, 0);
   if (fd < 0) return 0;
   /* "TID (COMM) S ...": COMM is at most 15 bytes, so the state is within
@@ -1232,21 +1241,6 @@ int32_t appshot_system_key(const struct appshot_header *h, int32_t vkey,
 #ifndef SYS_pidfd_send_signal
 #define SYS_pidfd_send_signal 424
 #endif
-
-/* "/proc/<pid>/<leaf>" into buf (64 bytes), without stdio. */
-static void proc_path(char *buf, pid_t pid, const char *leaf) {
-  char digits[16];
-  int n = 0;
-  unsigned int v = (unsigned int)pid;
-  do digits[n++] = (char)('0' + v % 10);
-  while ((v /= 10) && n < (int)sizeof digits);
-  memcpy(buf, "/proc/", 6);
-  char *p = buf + 6;
-  while (n) *p++ = digits[--n];
-  *p++ = '/';
-  size_t l = strlen(leaf);
-  memcpy(p, leaf, l + 1);
-}
 
 /* The parent of `pid` from /proc/PID/stat, or -1. */
 static pid_t parent_of(pid_t pid) {
