@@ -47,6 +47,12 @@ function parseJsonResult<T>(args: string[], r: Result): T {
 }
 
 /** The range clones in tests are allocated ports from. */
+/** The nobody user, and a command prefix that runs the rest as nobody
+ * (no groups, no inheritable capabilities): an unprivileged application
+ * for a root restorer. */
+export const NOBODY = 65534;
+export const asNobody = ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', '--'];
+
 export const TEST_PORTS = '30000-32000';
 
 export class Sandbox {

@@ -18,7 +18,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
 import { fileURLToPath } from 'node:url';
-import { fixture, Sandbox, stoppedAt, waitFor } from './helpers.js';
+import { asNobody, fixture, NOBODY, Sandbox, stoppedAt, waitFor } from './helpers.js';
 import { loadImage } from '../src/image/format.js';
 import { ownedTests } from './parallel.js';
 
@@ -32,8 +32,6 @@ afterAll(async () => {
 });
 const { test: it, ok: run, start, attempt, systemPid } = ownedTests(sb);
 
-const NOBODY = 65534;
-const asNobody = ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', '--'];
 
 /** The one line a refused restore printed (no stack, no second line). */
 function refusal(stderr: string): string {

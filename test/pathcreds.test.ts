@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
 import { digestFd, encodeSignedManifest } from '../src/image/format.js';
 import { addon } from '../src/native.js';
-import { cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
+import { asNobody, cli, fixture, NOBODY, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 
 const sb = new Sandbox();
@@ -31,8 +31,6 @@ afterAll(async () => {
 const { test: it, ok: run, start, attempt } = ownedTests(sb);
 const checksPass = (aid: string) => sb.checksPass(aid, 3);
 
-const NOBODY = 65534;
-const asNobody = ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', '--'];
 // Root, without the capabilities that let root past a directory's mode.
 const FILE_CAPS = '-dac_override,-dac_read_search,-fowner';
 const asBoundRoot = ['setpriv', `--bounding-set=${FILE_CAPS}`, `--inh-caps=${FILE_CAPS}`, '--'];

@@ -15,7 +15,7 @@ import { loadImageChain } from '../src/restore/driver.js';
 import { prepareChain, preparedRuns } from '../src/restore/prepared.js';
 import { inheritedCopyRuns } from '../src/resources/memory.js';
 import { resolveProcess } from '../src/snapshot/parent.js';
-import { alive, command, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor, tcpExchange } from './helpers.js';
+import { alive, asNobody, command, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor, tcpExchange } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-restore-'));
@@ -381,8 +381,7 @@ describe('restores that fail leave nothing behind', () => {
   it('brings back /dev/zero mapped private (anonymous memory the old way): a device the image maps is taken for a device, not refused as a changed file', async () => {
     // As nobody where we are root: the check then reaches the name as the
     // process would (restore/verify.ts).
-    const asNobody = process.getuid?.() === 0 ? ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', '--'] : [];
-    start('devzero', [...asNobody, fixture('devzero')]);
+    start('devzero', [...(process.getuid?.() === 0 ? asNobody : []), fixture('devzero')]);
     await checksPass('devzero', 2);
     const img = snapshot('devzero', 'devzero');
     await waitFor(() => !sb.aids().includes('devzero'), 10_000, 'devzero to end');
