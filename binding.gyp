@@ -20,7 +20,7 @@
       "sources": ["addon/src/addon.cc", "addon/src/addon_trace.cc", "addon/src/addon_restore.cc",
                   "addon/src/trace.c", "addon/src/sockdiag.c",
                   "addon/src/addon_tcp.cc", "addon/src/tcp_repair.c", "addon/src/keeper.c",
-                  "addon/src/addon_dgram.cc", "addon/src/dgram.c", "addon/src/sockfile.c",
+                  "addon/src/addon_dgram.cc", "addon/src/dgram.c", "addon/src/sockfile.c", "addon/src/peercred.c",
                   "addon/src/addon_fsident.cc", "addon/src/fsident.c",
                   "addon/src/addon_probe.cc", "addon/src/probe.c",
                   "addon/src/addon_forward.cc", "addon/src/forward.c",

@@ -7,7 +7,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AppshotError } from './errors.js';
-import type { Identity, TcpConnection, WaitSlot } from './image/types.js';
+import type { Identity, PeerCred, TcpConnection, WaitSlot } from './image/types.js';
 import type { ParsedSmaps } from './procfs.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -374,6 +374,11 @@ interface Addon {
   PagesCheck: new (fd: number, size: number, chunkSize: number, table: Buffer) => PagesCheck;
   pipe(): [number, number];
   socketPair(type: number): [number, number];
+  /** A connected unix pair whose ends see these peers (SO_PEERCRED,
+   * SO_PEERGROUPS); null: appshot's own credentials (peercred.c). */
+  socketPairAs(type: number, see0: PeerCred | null, see1: PeerCred | null): [number, number];
+  /** Who a connected unix socket's peer is, as the kernel recorded it. */
+  peerCred(fd: number): PeerCred;
   unixSockets(): UnixSocketInfo[];
   /** A TCP socket asked of itself: state, own address, peer ("address:port"), backlog when listening. */
   tcpEndpoint(fd: number): { state: number; address: string; port: number; remote: string; backlog: number };
@@ -411,8 +416,9 @@ interface Addon {
   /** F_ADD_SEALS. */
   addSeals(fd: number, seals: number): void;
   /** `early`: options set between socket() and bind(). */
-  /** `dir`: where a relative unix name is resolved. */
-  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[]; listen?: boolean; dir?: string; as?: FsIdentities }): number;
+  /** `dir`: where a relative unix name is resolved. `peerCred`: a unix
+   * listener listens with those credentials (peercred.c). */
+  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[]; listen?: boolean; dir?: string; as?: FsIdentities; peerCred?: PeerCred }): number;
   /** A socket listenSocket bound with `listen: false` listens now. */
   listenNow(fd: number, backlog: number, reuseaddr: boolean): void;
   /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */
@@ -471,7 +477,8 @@ interface Addon {
   socketFileRemove(dir: string, name: string, id: FileId, who?: FsIdentities): boolean;
   /** The file `id` at `from` in `dir` moved to `to` there (nothing replaced). */
   socketFileMove(dir: string, from: string, to: string, id: FileId, who?: FsIdentities): void;
-  /** `dir`: where a relative unix name is resolved. */
+  /** `dir`: where a relative unix name is resolved. `peerCred`: a unix
+   * listener listens with those credentials (peercred.c). */
   sockConnect(fd: number, addr: Buffer, dir?: string, who?: FsIdentities): void;
   /** open(2) (O_CLOEXEC added) as `who` (fsident.c): what that process could open. */
   openAs(path: string, flags: number, mode: number, who?: FsIdentities): number;

@@ -15,7 +15,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
 import type { Creds } from '../src/image/types.js';
 import { validateImage } from '../src/image/validate.js';
-import { CAP, credentialRefusal, filtersToInstall, type OwnCreds } from '../src/resources/creds.js';
+import { CAP, credentialRefusal, filtersToInstall, type OwnCreds, peerCredRefusal } from '../src/resources/creds.js';
 import { limitRefusal, parseLimits, RLIM_INFINITY, RLIMIT_NOFILE } from '../src/resources/limits.js';
 import { alive, cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
 
@@ -414,6 +414,15 @@ describe('the privilege rule, case by case', () => {
     expect(credentialRefusal(image(me, { capPrm: bit(10), capEff: bit(10) }), me)).toMatch(/CAP_NET_BIND_SERVICE \(permitted\)/);
     expect(credentialRefusal(image(me, { capInh: bit(10) }), me)).toMatch(/CAP_NET_BIND_SERVICE \(inheritable\)/);
     expect(credentialRefusal(image(me, { securebits: 0x10 }), me)).toMatch(/securebits 0x10 .*CAP_SETPCAP/);
+  });
+
+  it("gives a unix connection's peer only ids this user can take (resources/sockets.ts)", () => {
+    const me = nobody();
+    expect(peerCredRefusal({ uid: 65534, gid: 65534, groups: me.groups }, me)).toBeUndefined();
+    expect(peerCredRefusal({ uid: 0, gid: 0, groups: [0, 27] }, rootCreds())).toBeUndefined();
+    expect(peerCredRefusal({ uid: 0, gid: 65534, groups: me.groups }, me)).toMatch(/^uid 0 cannot be taken without CAP_SETUID/);
+    expect(peerCredRefusal({ uid: 65534, gid: 0, groups: me.groups }, me)).toMatch(/^gid 0 cannot be taken without CAP_SETGID/);
+    expect(peerCredRefusal({ uid: 65534, gid: 65534, groups: [...me.groups, 27] }, me)).toMatch(/^supplementary groups \[.*27\] cannot be set without CAP_SETGID/);
   });
 
   it('refuses malformed credentials rather than pass them to the kernel', () => {

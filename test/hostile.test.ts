@@ -750,6 +750,13 @@ function netlinkCases(): [string, (image: Image) => void, string][] {
     ['a raw IPPROTO_RAW socket', crafted((s) => Object.assign(s, { family: 2, options: [], netlink: undefined, protocol: 255 }), FdKind.RAW), 'fd 910 is a raw socket of protocol 255'],
     ['a raw ICMP socket with a 7-byte filter', crafted((s) => Object.assign(s, { family: 2, options: [], netlink: undefined, protocol: 1, rawFilter: Buffer.alloc(7) }), FdKind.RAW), 'fd 910 is a raw socket carrying a 7-byte filter'],
     ['a raw socket of the unix family', crafted((s) => Object.assign(s, { family: 1, options: [], netlink: undefined, protocol: 1 }), FdKind.RAW), 'fd 910 is a raw socket record of another family or type'],
+    // A unix connection's peer credentials (resources/sockets.ts).
+    ['peer credentials on a netlink socket', crafted((s) => (s.peerCred = { uid: 0, gid: 0, groups: [] })), "fd 910 carries a unix connection's peer credentials but is not a unix socket"],
+    [
+      'a unix connection whose peer has uid -1',
+      crafted((s) => Object.assign(s, { family: 1, type: 1, options: [], netlink: undefined, peerCred: { uid: 0xffffffff, gid: 0, groups: [] } }), FdKind.UNIX_SOCKET),
+      "fd 910's peer credentials hold 0 groups \\(at most 65536\\) or an id of -1",
+    ],
     ['a raw protocol on a UDP descriptor', crafted((s) => Object.assign(s, { family: 2, type: 2, options: [], netlink: undefined, protocol: 1 }), FdKind.UDP), "fd 910 carries a raw socket's protocol or filter but is not a raw socket"],
   ];
 }
@@ -1460,6 +1467,17 @@ describe('time namespace offsets the kernel would not take are refused before an
   });
 });
 
+/** The image as a run of it as nobody would have recorded it: every
+ * process's and thread's credentials, and whom its unix connections say
+ * is at their other end. */
+function asNobodyRan(i: Image): void {
+  for (const p of i.processes) {
+    for (const c of [p.creds, ...p.threads.map((t) => t.creds)])
+      if (c) Object.assign(c, { uid: [65534, 65534, 65534, 65534], gid: [65534, 65534, 65534, 65534], groups: [], capEff: 0n, capPrm: 0n, capInh: 0n, capAmb: 0n });
+    for (const f of p.fds) if (f.socket?.peerCred) f.socket.peerCred = { uid: 65534, gid: 65534, groups: [] };
+  }
+}
+
 describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process names a path only root may use (review28 R3)', () => {
   // The image says a process of nobody, without a capability, listens at
   // a unix name in /etc: a root restore binds as that process would
@@ -1469,15 +1487,29 @@ describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process n
   afterAll(() => rmSync(name, { force: true }));
   it('binding a socket file in /etc is refused (EACCES) in one line, no file made', () => {
     const dir = crafted('rootonly-sock', (i) => {
-      for (const p of i.processes)
-        for (const c of [p.creds, ...p.threads.map((t) => t.creds)])
-          if (c) Object.assign(c, { uid: [65534, 65534, 65534, 65534], gid: [65534, 65534, 65534, 65534], groups: [], capEff: 0n, capPrm: 0n, capInh: 0n, capAmb: 0n });
+      asNobodyRan(i);
       const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
       Object.assign(fd, { fd: 906, kind: FdKind.UNIX_SOCKET, path: '', file: -1, description: 0, socket: { ino: 4346n, family: 1, type: 1, address: name, port: 0, listening: true, backlog: 4, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false } });
       i.processes[0].fds.push(fd);
     });
     refuses(['restore', dir], { code: 4, stderr: new RegExp(`: process \\d+ fd 906: listening on ${name.replace(/\./g, '\\.')}: Permission denied$`) });
     expect(existsSync(name)).toBe(false);
+  });
+
+  it("a unix connection whose peer is none of the image's processes, in an image another node wrote, is refused in one line", () => {
+    // Its processes are nobody's; the kernel would vouch for root at the
+    // other end of fd 911 to whoever is handed it.
+    const image = structuredClone(goodImage);
+    asNobodyRan(image);
+    const base = image.processes[0].fds.find((f) => f.kind === 0)!;
+    const end = (fd: number, ino: bigint, peerIno: bigint, peerCred: { uid: number; gid: number; groups: number[] }) =>
+      Object.assign(structuredClone(base), {
+        fd, kind: FdKind.UNIX_SOCKET, path: '', file: -1, description: 0,
+        socket: { ino, family: 1, type: 1, address: '', port: 0, listening: false, backlog: 0, peerIno, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false, peerCred },
+      });
+    image.processes[0].fds.push(end(911, 4347n, 4348n, { uid: 0, gid: 0, groups: [] }), end(912, 4348n, 4347n, { uid: 65534, gid: 65534, groups: [] }));
+    const dir = writeImage('peercred-root', encodeImage(image), other.home);
+    refuses(['restore', dir, '--trust-image'], { code: 5, stderr: /: process \d+ \(\S+\) fd 911: a unix connection whose peer is uid 0 gid 0: uid 0 is none of the image's processes' \(an image this node did not snapshot\)$/ });
   });
 
   it('naming a file only root may read is refused (EACCES) in one line', () => {
@@ -1488,9 +1520,7 @@ describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process n
     const st = statSync(secret, { bigint: true });
     const image = structuredClone(goodImage);
     const craft = (i: Image) => {
-      for (const p of i.processes)
-        for (const c of [p.creds, ...p.threads.map((t) => t.creds)])
-          if (c) Object.assign(c, { uid: [65534, 65534, 65534, 65534], gid: [65534, 65534, 65534, 65534], groups: [], capEff: 0n, capPrm: 0n, capInh: 0n, capAmb: 0n });
+      asNobodyRan(i);
       // The very file, birth time and all: what a file held past a drop
       // of privileges is given back by, from an image of our own snapshot.
       i.files.push({ path: secret, dev: st.dev, ino: st.ino, size: st.size, mtimeNs: st.mtimeNs, mode: Number(st.mode), deleted: false, crc32c: 0, btimeNs: st.birthtimeNs });

@@ -493,3 +493,43 @@ describe('a thread on a stack of its own in shared memory (pthread_attr_setstack
     sb.run(['stop', aid, '-s', 'KILL']);
   });
 });
+
+// The kernel records who is at the other end of a unix connection when it
+// is made (SO_PEERCRED, SO_PEERGROUPS); a server decides by it what its
+// peer may do. Made by the restorer, every connection inside the
+// application named root after a root restore: a child that had made
+// itself nobody was then taken for root by its parent (peercred.c says
+// what a pair is made of; the fixture checks both processes' ends).
+describe.skipIf(process.getuid?.() !== 0)("unix connections' peer credentials", () => {
+  it('a root restore, eager and --lazy, and a clone give each end the peer it had: a child that became nobody is not taken for root', async () => {
+    const aid = 'peercred';
+    start(aid, [fixture('peercred')]);
+    await checksPass(aid, 2);
+    restore(snapshot(aid, 'peercred-1'));
+    await checksPass(aid, 3);
+    restore(snapshot(aid, 'peercred-2'), ['--lazy']);
+    await checksPass(aid, 3);
+    // A template refuses the child's listener (an abstract name clones
+    // could not share): one without it.
+    start('peercred-t', [fixture('peercred'), 'no-listener']);
+    await checksPass('peercred-t', 2);
+    const tpl = join(out, 'peercred.template');
+    const made = sb.run(['template', 'create', snapshot('peercred-t', 'peercred-t', ['--leave-running']), '-o', tpl]);
+    expect(made.code, made.stderr).toBe(0);
+    const cloned = sb.run(['clone', tpl, '--aid', 'peercred-clone']);
+    expect(cloned.code, cloned.stderr).toBe(0);
+    await checksPass('peercred-clone', 3);
+    for (const a of [aid, 'peercred-t', 'peercred-clone']) sb.run(['stop', a, '-s', 'KILL']);
+    await waitFor(() => !sb.aids().some((a) => a.startsWith('peercred')), 10_000, 'peercred to stop');
+  });
+
+  it('an application run as nobody, restored by root: its connections still see nobody', async () => {
+    const aid = 'peercred-nobody';
+    start(aid, [...asNobody, fixture('peercred')]);
+    await checksPass(aid, 2);
+    restore(snapshot(aid, 'peercred-nobody'));
+    await checksPass(aid, 3);
+    sb.run(['stop', aid, '-s', 'KILL']);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+  });
+});

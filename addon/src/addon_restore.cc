@@ -36,6 +36,7 @@ extern "C" {
 #include "appshot_table.h"
 #include "pages.h"
 #include "dgram.h"
+#include "peercred.h"
 }
 
 namespace {
@@ -110,6 +111,75 @@ Napi::Value SocketPair(const Napi::CallbackInfo& info) {
     return info.Env().Undefined();
   }
   Napi::Array a = Napi::Array::New(info.Env(), 2);
+  a.Set(0u, p[0]);
+  a.Set(1u, p[1]);
+  return a;
+}
+
+// peerCred(fd) -> {uid, gid, groups}: who a connected unix socket's peer
+// is, as the kernel recorded it (SO_PEERCRED's effective ids and
+// SO_PEERGROUPS), for the image (peercred.c).
+Napi::Value PeerCred(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<uint32_t> groups(PEERCRED_MAX_GROUPS);
+  struct peercred c;
+  int rc = peercred_of(Int(info[0]), &c, groups.data());
+  if (rc) {
+    ThrowErrno(env, "reading a unix socket's peer credentials", -rc);
+    return env.Undefined();
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("uid", Napi::Number::New(env, c.uid));
+  o.Set("gid", Napi::Number::New(env, c.gid));
+  Napi::Array g = Napi::Array::New(env, c.ngroups);
+  for (uint32_t i = 0; i < c.ngroups; i++) g.Set(i, Napi::Number::New(env, groups[i]));
+  o.Set("groups", g);
+  return o;
+}
+
+// A {uid, gid, groups} object into `out` (its groups in `store`); false
+// with a TypeError thrown if it is not one. null/undefined: none.
+static bool PeerCredArg(const Napi::Value& v, struct peercred* out, std::vector<uint32_t>& store, bool* given) {
+  *given = !(v.IsNull() || v.IsUndefined());
+  if (!*given) return true;
+  Napi::Env env = v.Env();
+  if (!v.IsObject()) {
+    Napi::TypeError::New(env, "peer credentials must be {uid, gid, groups}").ThrowAsJavaScriptException();
+    return false;
+  }
+  Napi::Object o = v.As<Napi::Object>();
+  Napi::Value uid = o.Get("uid"), gid = o.Get("gid"), groups = o.Get("groups");
+  if (!uid.IsNumber() || !gid.IsNumber() || !groups.IsArray() || groups.As<Napi::Array>().Length() > PEERCRED_MAX_GROUPS) {
+    Napi::TypeError::New(env, "peer credentials must be {uid, gid, groups}").ThrowAsJavaScriptException();
+    return false;
+  }
+  Napi::Array g = groups.As<Napi::Array>();
+  store.resize(g.Length());
+  for (uint32_t i = 0; i < g.Length(); i++) store[i] = g.Get(i).As<Napi::Number>().Uint32Value();
+  out->uid = uid.As<Napi::Number>().Uint32Value();
+  out->gid = gid.As<Napi::Number>().Uint32Value();
+  out->ngroups = static_cast<uint32_t>(store.size());
+  out->groups = store.data();
+  return true;
+}
+
+// socketPairAs(type, see0?, see1?) -> [fd, fd]: a connected unix pair
+// whose first end sees see0 ({uid, gid, groups}) as its peer and the
+// second see1, as the kernel records them (peercred.c); null: appshot's
+// own credentials. Throws EPERM where appshot cannot take them.
+Napi::Value SocketPairAs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  struct peercred c0, c1;
+  std::vector<uint32_t> g0, g1;
+  bool has0, has1;
+  if (!PeerCredArg(info[1], &c0, g0, &has0) || !PeerCredArg(info[2], &c1, g1, &has1)) return env.Undefined();
+  int p[2];
+  int rc = peercred_pair(Int(info[0]), has0 ? &c0 : nullptr, has1 ? &c1 : nullptr, p);
+  if (rc) {
+    ThrowErrno(env, "making a unix connection with its peers' credentials", -rc);
+    return env.Undefined();
+  }
+  Napi::Array a = Napi::Array::New(env, 2);
   a.Set(0u, p[0]);
   a.Set(1u, p[1]);
   return a;
@@ -208,7 +278,10 @@ Napi::Value AddSeals(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// listenSocket({family, type, address, port, backlog, reuseaddr, reuseport, v6only, early?}) -> fd
+static bool PeerCredArg(const Napi::Value& v, struct peercred* out, std::vector<uint32_t>& store, bool* given);
+
+// listenSocket({family, type, address, port, backlog, reuseaddr, reuseport, v6only, early?, peerCred?}) -> fd
+// peerCred: a unix listener listens with those credentials (peercred.c).
 Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto o = info[0].As<Napi::Object>();
@@ -306,7 +379,19 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
   // port: listening, it would take its share of the port's connections
   // while it cannot answer them); listenNow listens once it is let go.
   bool now = !o.Has("listen") || o.Get("listen").ToBoolean();
-  if (rc || (now && listen(fd, backlog > 0 ? backlog : SOMAXCONN))) {
+  struct peercred as;
+  std::vector<uint32_t> asGroups;
+  bool hasAs = false;
+  if (family == AF_UNIX && o.Has("peerCred") && !PeerCredArg(o.Get("peerCred"), &as, asGroups, &hasAs)) {
+    close(fd);
+    return env.Undefined();
+  }
+  if (!rc && now && hasAs) {
+    int l = peercred_listen(fd, backlog > 0 ? backlog : SOMAXCONN, &as);
+    if (l) errno = -l;
+    rc = l ? -1 : 0;
+  }
+  if (rc || (now && !hasAs && listen(fd, backlog > 0 ? backlog : SOMAXCONN))) {
     int e = errno;
     close(fd);
     ThrowErrno(env, (now ? "listening on " : "binding ") + what, e);
@@ -1278,6 +1363,8 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("pidfdOpen", PidfdOpen);
   fn("pidfdSendSignal", PidfdSendSignal);
   fn("socketPair", SocketPair);
+  fn("socketPairAs", SocketPairAs);
+  fn("peerCred", PeerCred);
   fn("pipeCapacity", PipeCapacity);
   fn("spawnDetached", SpawnDetached);
   fn("spawnQuiet", SpawnQuiet);

@@ -784,6 +784,18 @@ export interface Socket {
   protocol?: number;
   /** A raw ICMP or ICMPv6 socket's type filter, as getsockopt gave it. */
   rawFilter?: Buffer;
+  /** A connected unix stream or seqpacket socket: who the kernel says its
+   * peer is; a unix listener: whom it listened as, which its clients see;
+   * an end of a datagram socketpair: its maker (absent in older images). */
+  peerCred?: PeerCred;
+}
+
+/** SO_PEERCRED's uid and gid and SO_PEERGROUPS of a unix connection (proto
+ * PeerCred): the peer's effective ids and groups when it was made. */
+export interface PeerCred {
+  uid: number;
+  gid: number;
+  groups: number[];
 }
 
 /** A netlink socket (proto NetlinkSocket, resources/netlink.ts). */

@@ -345,6 +345,11 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (fd.kind !== FdKind.RAW && (fd.socket?.protocol || fd.socket?.rawFilter?.length)) corrupt(`${where} carries a raw socket's protocol or filter but is not a raw socket`);
     const raw = fd.kind === FdKind.RAW && fd.socket ? rawProblem(fd.socket) : undefined;
     if (raw) corrupt(`${where} ${raw}`);
+    const peerCred = fd.socket?.peerCred;
+    if (peerCred && fd.kind !== FdKind.UNIX_SOCKET && fd.kind !== FdKind.UNIX_DGRAM) corrupt(`${where} carries a unix connection's peer credentials but is not a unix socket`);
+    // (uid_t)-1 is no one's: setresuid and setresgid take it as "unchanged".
+    if (peerCred && (peerCred.groups.length > NGROUPS_MAX || [peerCred.uid, peerCred.gid, ...peerCred.groups].some((id) => id === 0xffffffff)))
+      corrupt(`${where}'s peer credentials hold ${peerCred.groups.length} groups (at most ${NGROUPS_MAX}) or an id of -1`);
     if ((fd.kind === FdKind.NETLINK) !== !!fd.socket?.netlink) corrupt(`${where} has netlink state but is not a netlink socket, or is one without it`);
     const netlink = fd.kind === FdKind.NETLINK && fd.socket ? netlinkProblem(fd.socket) : undefined;
     if (netlink) corrupt(`${where} is a netlink socket ${netlink}`);

@@ -27,7 +27,7 @@
  */
 import { procText } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
-import { type Creds, type Image, type Process, type SeccompFilter, type Vma, VmaKind } from '../image/types.js';
+import { type Creds, type Image, type PeerCred, type Process, type SeccompFilter, type Vma, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { nameProcess, Unsupported } from './context.js';
@@ -276,6 +276,22 @@ export function credentialRefusal(want: Creds, own: OwnCreds): string | undefine
     // seccomp() asks for either, in the credentials the thread has then.
     if (want.seccompFilters.length > 0 && !want.noNewPrivs && !hasCap(want.capEff, CAP.SYS_ADMIN))
       return 'its seccomp filter cannot be installed again: it has neither no_new_privs nor CAP_SYS_ADMIN';
+  }
+  return undefined;
+}
+
+/**
+ * Why this user cannot make a unix connection whose peer the kernel takes
+ * for `peer` (sockets.ts checkPeerCredentials), or undefined if it can: the
+ * restore makes it on a thread holding those effective ids and groups
+ * (peercred.c), which the kernel grants as it grants setresuid,
+ * setresgid and setgroups.
+ */
+export function peerCredRefusal(peer: PeerCred, own: OwnCreds): string | undefined {
+  if (!hasCap(own.capEff, CAP.SETUID) && !own.uid.slice(0, 3).includes(peer.uid)) return `uid ${peer.uid} cannot be taken without CAP_SETUID (this user is uid ${own.uid[0]})`;
+  if (!hasCap(own.capEff, CAP.SETGID)) {
+    if (!own.gid.slice(0, 3).includes(peer.gid)) return `gid ${peer.gid} cannot be taken without CAP_SETGID (this user is gid ${own.gid[0]})`;
+    if (!sameSet(peer.groups, own.groups)) return `supplementary groups [${peer.groups.join(',')}] cannot be set without CAP_SETGID (this user has [${own.groups.join(',')}])`;
   }
   return undefined;
 }

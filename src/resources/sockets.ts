@@ -14,7 +14,11 @@
  *
  * Restore: each made in appshot's process and handed over, once however
  * many descriptors share it; a clone's TCP listener on its own port or on
- * the shared one (listenAddress).
+ * the shared one (listenAddress). A unix connection's ends are made by
+ * threads holding the credentials the kernel had recorded for each end's
+ * peer (SO_PEERCRED, SO_PEERGROUPS; addon peercred.c), never the
+ * restorer's: a server that decides by them what its peer may do sees
+ * the peer it had.
  *
  * Inherited listeners: `appshot serve` installs its own public listener in
  * a restore-mode instance in place of the application's (serve/server.ts).
@@ -39,6 +43,8 @@ import { dumpUdp, type SeenUdp } from './udp.js';
 import { AF_NETLINK, dumpNetlink, netlinkTable } from './netlink.js';
 import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile.js';
 import { socketHolderIdentities } from './fsident.js';
+import { type OwnCreds, peerCredRefusal } from './creds.js';
+import { isOwnSnapshot } from '../image/format.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
@@ -232,7 +238,8 @@ export class SocketTable {
       if (u && u.flags & SO_ACCEPTCON) {
         const where = `${what} fd ${fd}: the unix socket listening at ${u.path || '(unnamed)'}`;
         const file = dumpSocketFile(pid, u.path, d, `${what} fd ${fd}`);
-        return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', where), ...(file ? { file } : {}) };
+        // Whom its clients see as the server: it listens as that again.
+        return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', where), ...(file ? { file } : {}), peerCred: addon().peerCred(dup) };
       }
       if (opts.type === SOCK_DGRAM) return dumpUnixDgram(pid, fd, ino, d, what);
       const typeName = opts.type === SOCK_STREAM ? 'stream' : opts.type === SOCK_SEQPACKET ? 'seqpacket' : `type ${opts.type}`;
@@ -246,16 +253,21 @@ export class SocketTable {
       if (d && !d.peer && !opts.listening && u?.state === SS_CONNECTED) {
         const where = `${what} fd ${fd}: a unix ${typeName} socket whose peer is gone`;
         const options = extras('unix-stream', where);
-        if (opts.type === SOCK_SEQPACKET) return { ...base, address: u.path, peerGone: true, datagrams: queuedMessages(dup, where, true), shutdown: d.shutdown, options };
+        // Who its peer was, still (the kernel keeps it past the close).
+        const peerCred = addon().peerCred(dup);
+        if (opts.type === SOCK_SEQPACKET) return { ...base, address: u.path, peerGone: true, datagrams: queuedMessages(dup, where, true), shutdown: d.shutdown, options, peerCred };
         if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
-        return { ...base, address: u.path, peerGone: true, queued: d.rqueue ? addon().peekSocket(dup, d.rqueue) : Buffer.alloc(0), shutdown: d.shutdown, options };
+        return { ...base, address: u.path, peerGone: true, queued: d.rqueue ? addon().peekSocket(dup, d.rqueue) : Buffer.alloc(0), shutdown: d.shutdown, options, peerCred };
       }
       if (!d?.peer) throw new Unsupported(`${what} fd ${fd}: a unix ${typeName} socket not connected to anything cannot be captured yet`);
       const options = extras('unix-stream', `${what} fd ${fd}: a connected unix ${typeName} socket`);
+      // Who the kernel says its peer is (a server may decide by it what
+      // the peer may do): its connection is made again with it (pairEnd).
+      const peerCred = addon().peerCred(dup);
       if (opts.type === SOCK_SEQPACKET) {
         // RCV_SHUTDOWN (1): its peer shut its side down.
         const datagrams = queuedMessages(dup, `${what} fd ${fd}: a unix seqpacket socket`, (d.shutdown & 1) !== 0);
-        return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), datagrams, shutdown: d.shutdown, options };
+        return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), datagrams, shutdown: d.shutdown, options, peerCred };
       }
       if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
       let queued: Buffer = Buffer.alloc(0);
@@ -264,7 +276,7 @@ export class SocketTable {
       // process has been seen: the driver checks (checkUnixPeers).
       // Its shutdown state too (sk_shutdown, which shutdown() on either end
       // sets on both, mirrored): pairEnd shuts the new pair down alike.
-      return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued, shutdown: d.shutdown, options };
+      return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued, shutdown: d.shutdown, options, peerCred };
     }
     if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_DGRAM) {
       this.loadUdp();
@@ -582,6 +594,38 @@ function keptEnd(h: RestoreContext, s: Socket, fd: Fd): number {
   return sock;
 }
 
+/**
+ * The peers of the image's unix connections, before a restore makes
+ * anything: one line naming the first descriptor whose peer credentials
+ * this user cannot give (creds.ts peerCredRefusal). And from an image this
+ * node did not snapshot, a peer only with ids some thread of the image
+ * has: its connections are its own processes', and anything else would
+ * let an image have the kernel vouch for an identity it never ran as
+ * (to a process outside, handed that end).
+ */
+export function checkPeerCredentials(image: Image, own: OwnCreds): void {
+  const vouched = isOwnSnapshot(image);
+  let uids: Set<number> | undefined;
+  let gids: Set<number> | undefined;
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      const c = fd.socket?.peerCred;
+      if (!c) continue;
+      const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: ${fd.socket!.listening ? 'a unix listener that listened as' : 'a unix connection whose peer is'} uid ${c.uid} gid ${c.gid}`;
+      if (!vouched) {
+        if (!uids || !gids) {
+          const creds = image.processes.flatMap((q) => [q.creds, ...q.threads.map((t) => t.creds ?? q.creds)]);
+          uids = new Set(creds.flatMap((k) => k.uid));
+          gids = new Set(creds.flatMap((k) => [...k.gid, ...k.groups]));
+        }
+        const stranger = !uids.has(c.uid) ? `uid ${c.uid}` : [c.gid, ...c.groups].filter((g) => !gids!.has(g)).map((g) => `gid ${g}`)[0];
+        if (stranger) throw new AppshotError(`${where}: ${stranger} is none of the image's processes' (an image this node did not snapshot)`, ExitCode.denied);
+      }
+      const why = peerCredRefusal(c, own);
+      if (why) throw new AppshotError(`${where}: ${why}`, ExitCode.denied);
+    }
+}
+
 /** One end of a unix socket pair (or of a connection between two of the
  * application's processes), made with its peer the first time either is
  * asked for. What was queued for an end is written into the other. */
@@ -589,7 +633,8 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
   const end = h.once(`socket ${s.ino}`, () => {
     const peer = h.image.processes.flatMap((p) => p.fds).find((f) => f.socket?.ino === s.peerIno)?.socket;
     if (!peer) throw new AppshotError(`fd ${fd.fd}: the image lacks the other end of a unix socket`);
-    const [a, b] = addon().socketPair(s.type);
+    // Each end sees the peer it saw (older images: the restorer).
+    const [a, b] = addon().socketPairAs(s.type, s.peerCred ?? null, peer.peerCred ?? null);
     h.keep(a);
     h.keep(b);
     if (s.queued.length) writeSync(b, s.queued);
@@ -619,7 +664,7 @@ function loneEnd(h: RestoreContext, s: Socket, fd: Fd): number {
   const end = h.once(`socket ${s.ino}`, () => {
     const where = `fd ${fd.fd}: a unix socket whose peer is gone`;
     check(s, 'unix-stream', where);
-    const [a, b] = addon().socketPair(s.type);
+    const [a, b] = addon().socketPairAs(s.type, s.peerCred ?? null, null);
     h.keep(a);
     try {
       if (s.queued.length) writeSync(b, s.queued);

@@ -32,7 +32,7 @@
  */
 import { closeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
-import type { Datagram, Fd, Process, Socket, SocketOption } from '../image/types.js';
+import type { Datagram, Fd, PeerCred, Process, Socket, SocketOption } from '../image/types.js';
 import { addon, type FileId, type UnixSocketInfo } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
@@ -105,6 +105,18 @@ export function refuseOwnFilter(dup: number, where: string): void {
     throw new Unsupported(`${where} has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`);
 }
 
+/** A socketpair's end: who made the pair, as the kernel says to either end
+ * (SO_PEERCRED), which madePair makes it as again. Other datagram sockets
+ * have no such record (ENODATA). */
+function pairMaker(dup: number): { peerCred?: PeerCred } {
+  try {
+    return { peerCred: addon().peerCred(dup) };
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENODATA') return {};
+    throw e;
+  }
+}
+
 /** The unix datagram socket behind `fd` of `pid`; `diag` is what
  * sock_diag says of it. Whether its peer is in the application is known
  * only once every process is seen (sockets.ts, checkUnixPeers). */
@@ -146,6 +158,7 @@ export function dumpUnixDgram(pid: number, fd: number, ino: bigint, diag: UnixSo
       shutdown: diag?.shutdown ?? 0,
       options: [...readOptions(dup, UNIX_OPTIONS), ...readExtras(dup, 'unix-dgram', AF_UNIX, SOCK_DGRAM, UNIX_OPTIONS, where)],
       ...(file ? { file } : {}),
+      ...pairMaker(dup),
     };
   } finally {
     closeSync(dup);
@@ -192,7 +205,9 @@ function made(h: RestoreContext, s: Socket, what: string): number {
 
 /** socketpair(): both ends, each with what was queued for it sent by the other. */
 function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
-  const [a, b] = addon().socketPair(SOCK_DGRAM);
+  // Made by whom it was (older images: the restorer), so that either end
+  // still says who made it (SO_PEERCRED).
+  const [a, b] = addon().socketPairAs(SOCK_DGRAM, s.peerCred ?? null, peer.peerCred ?? null);
   h.keep(a);
   h.keep(b);
   h.remember(`socket ${peer.ino}`, b);

@@ -1,0 +1,42 @@
+/* A unix connection made again with the peer credentials it had
+ * (peercred.c; src/resources/sockets.ts). Plain C; functions return 0 or
+ * -errno. */
+#ifndef APPSHOT_PEERCRED_H
+#define APPSHOT_PEERCRED_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PEERCRED_MAX_GROUPS 65536
+
+/* What SO_PEERCRED (uid, gid: effective ids) and SO_PEERGROUPS say. */
+struct peercred {
+  uint32_t uid;
+  uint32_t gid;
+  uint32_t ngroups;
+  const uint32_t* groups;
+};
+
+/* SO_PEERCRED and SO_PEERGROUPS of `fd`: `groups` has room for
+ * PEERCRED_MAX_GROUPS. */
+int peercred_of(int fd, struct peercred* out, uint32_t* groups);
+
+/* A connected unix pair of `type` (SOCK_STREAM or SOCK_SEQPACKET,
+ * close-on-exec) whose end 0 sees `see0` as its peer and end 1 `see1`
+ * (NULL: the caller's own credentials), as the kernel records them: made
+ * by threads holding those credentials. */
+int peercred_pair(int type, const struct peercred* see0, const struct peercred* see1, int fds[2]);
+
+/* listen(2) on unix socket `fd` by a thread holding `as`'s credentials
+ * (NULL: the caller's), which the kernel records for every client that
+ * connects to see (SO_PEERCRED on its end). */
+int peercred_listen(int fd, int backlog, const struct peercred* as);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
