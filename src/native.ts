@@ -341,7 +341,8 @@ interface Addon {
    * `unusedSeconds` or more (all of them with 0); how many. */
   releaseKeptBuffers(unusedSeconds: number): number;
   /** Every descriptor of `pid`: its /proc/PID/fd link and fdinfo text, ascending. */
-  fdEntries(pid: number): { fd: number; target: string; info: string }[];
+  /** uid, gid: a pipe's or socket's inode owner. */
+  fdEntries(pid: number): { fd: number; target: string; info: string; uid?: number; gid?: number }[];
   /** Many /proc files in one call (procfs.ts's gather): kinds[i] 0 text,
    * 1 bytes, 2 a link's target, 3 a directory's names (sorted as
    * readdirSync sorts them); undefined where one cannot be read. */
@@ -418,7 +419,7 @@ interface Addon {
   /** `early`: options set between socket() and bind(). */
   /** `dir`: where a relative unix name is resolved. `peerCred`: a unix
    * listener listens with those credentials (peercred.c). */
-  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[]; listen?: boolean; dir?: string; as?: FsIdentities; peerCred?: PeerCred }): number;
+  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[]; listen?: boolean; dir?: string; as?: FsIdentities; peerCred?: PeerCred | null }): number;
   /** A socket listenSocket bound with `listen: false` listens now. */
   listenNow(fd: number, backlog: number, reuseaddr: boolean): void;
   /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */

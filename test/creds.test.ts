@@ -15,7 +15,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
 import type { Creds } from '../src/image/types.js';
 import { validateImage } from '../src/image/validate.js';
-import { CAP, credentialRefusal, filtersToInstall, type OwnCreds, peerCredRefusal } from '../src/resources/creds.js';
+import { CAP, credentialRefusal, filtersToInstall, inodeOwnerRefusal, type OwnCreds, peerCredRefusal } from '../src/resources/creds.js';
 import { limitRefusal, parseLimits, RLIM_INFINITY, RLIMIT_NOFILE } from '../src/resources/limits.js';
 import { alive, cli, fixture, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
 
@@ -423,6 +423,14 @@ describe('the privilege rule, case by case', () => {
     expect(peerCredRefusal({ uid: 0, gid: 65534, groups: me.groups }, me)).toMatch(/^uid 0 cannot be taken without CAP_SETUID/);
     expect(peerCredRefusal({ uid: 65534, gid: 0, groups: me.groups }, me)).toMatch(/^gid 0 cannot be taken without CAP_SETGID/);
     expect(peerCredRefusal({ uid: 65534, gid: 65534, groups: [...me.groups, 27] }, me)).toMatch(/^supplementary groups \[.*27\] cannot be set without CAP_SETGID/);
+  });
+
+  it('gives a pipe or a socket only an owner this user can give (fchown; resources/files.ts)', () => {
+    const me = nobody();
+    expect(inodeOwnerRefusal({ uid: 65534, gid: 65534 }, me)).toBeUndefined();
+    expect(inodeOwnerRefusal({ uid: 33, gid: 33 }, rootCreds())).toBeUndefined();
+    expect(inodeOwnerRefusal({ uid: 0, gid: 65534 }, me)).toMatch(/^owner uid 0 cannot be given without CAP_CHOWN/);
+    expect(inodeOwnerRefusal({ uid: 65534, gid: 0 }, me)).toMatch(/^group 0 cannot be given without CAP_CHOWN/);
   });
 
   it('refuses malformed credentials rather than pass them to the kernel', () => {

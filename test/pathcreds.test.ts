@@ -349,6 +349,29 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     await ended('pcheld');
   });
 
+  it("a pipe and a unix socketpair a process made as root before it became nobody keep root as owner and peer from this node's own snapshot; under another node's key they are the process's own, and the restore says so", async () => {
+    await start('pcowner', [fixture('inodeowner'), 'drop']);
+    await checksPass('pcowner');
+    const image = join(out, 'pcowner.img');
+    await run(['snapshot', 'pcowner', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcowner'), 10_000, 'pcowner to end');
+    // This node's snapshot: exactly as they were (the fixture checks).
+    await run(['restore', image]);
+    await checksPass('pcowner');
+    await run(['snapshot', 'pcowner', '-o', image + '2']);
+    await waitFor(() => !sb.aids().includes('pcowner'), 10_000, 'pcowner to end');
+    // Another node's: uid 0 is none of its processes' (all nobody now),
+    // so neither is vouched for as root here; nor is the restore refused.
+    const r = await attempt(['restore', underAnotherKey(image + '2', 'pcowner-other.img'), '--trust-image', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const notKept = (JSON.parse(r.stdout) as { notKept: string[] }).notKept.join('\n');
+    expect(notKept).toMatch(/^process \d+ fd \d+: a pipe owned by uid 0 gid 0 is now uid 65534 gid 65534, its process's \(uid 0 is none of the image's processes'\)$/m);
+    expect(notKept).toMatch(/^fd \d+: a connected unix socket: had its peer as uid 0 gid 0, now uid 65534 gid 65534, its process's \(uid 0 is none of the image's processes'\)$/m);
+    // As the fixture sees it: its pipe is nobody's now.
+    await waitFor(() => /FAIL: the pipe is owned by uid 65534 gid 65534, not uid 0 gid 0/.test(sb.log('pcowner')), 10_000, 'the fixture to see its pipe given to nobody');
+    await run(['rm', '-f', 'pcowner']);
+  });
+
   it("a named FIFO a process opened as root in a root-only directory before it became nobody comes back as that very FIFO, each descriptor with its access and the bytes in flight, from this node's own snapshot; another FIFO renamed over it, a symlink to it, or the image under another node's key is refused (EACCES), nothing left", async () => {
     const d = mkdtempSync(join(out, 'fifo-')); // 0700, root's
     const fifo = join(d, 'fifo');

@@ -500,7 +500,7 @@ describe('a thread on a stack of its own in shared memory (pthread_attr_setstack
 // application named root after a root restore: a child that had made
 // itself nobody was then taken for root by its parent (peercred.c says
 // what a pair is made of; the fixture checks both processes' ends).
-describe.skipIf(process.getuid?.() !== 0)("unix connections' peer credentials", () => {
+describe.skipIf(process.getuid?.() !== 0)("who made a pipe or a socket, and who is at a unix socket's other end", () => {
   it('a root restore, eager and --lazy, and a clone give each end the peer it had: a child that became nobody is not taken for root', async () => {
     const aid = 'peercred';
     start(aid, [fixture('peercred')]);
@@ -521,6 +521,18 @@ describe.skipIf(process.getuid?.() !== 0)("unix connections' peer credentials", 
     await checksPass('peercred-clone', 3);
     for (const a of [aid, 'peercred-t', 'peercred-clone']) sb.run(['stop', a, '-s', 'KILL']);
     await waitFor(() => !sb.aids().some((a) => a.startsWith('peercred')), 10_000, 'peercred to stop');
+  });
+
+  it("an application run as nobody, restored by root: its pipes and sockets are still nobody's (a second SO_REUSEPORT bind, /proc/self/fd of a pipe)", async () => {
+    const aid = 'inodeowner';
+    start(aid, [...asNobody, fixture('inodeowner')]);
+    await checksPass(aid, 2);
+    restore(snapshot(aid, 'inodeowner-1'));
+    await checksPass(aid, 3);
+    restore(snapshot(aid, 'inodeowner-2'), ['--lazy']);
+    await checksPass(aid, 3);
+    sb.run(['stop', aid, '-s', 'KILL']);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
   });
 
   it('an application run as nobody, restored by root: its connections still see nobody', async () => {

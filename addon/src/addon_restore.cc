@@ -121,9 +121,14 @@ Napi::Value SocketPair(const Napi::CallbackInfo& info) {
 // SO_PEERGROUPS), for the image (peercred.c).
 Napi::Value PeerCred(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  std::vector<uint32_t> groups(PEERCRED_MAX_GROUPS);
+  // Room for most processes' groups at once; more only when asked.
+  std::vector<uint32_t> groups(64);
   struct peercred c;
-  int rc = peercred_of(Int(info[0]), &c, groups.data());
+  int rc = peercred_of(Int(info[0]), &c, groups.data(), static_cast<uint32_t>(groups.size()));
+  if (rc == -ERANGE && c.ngroups <= PEERCRED_MAX_GROUPS) {
+    groups.resize(c.ngroups);
+    rc = peercred_of(Int(info[0]), &c, groups.data(), static_cast<uint32_t>(groups.size()));
+  }
   if (rc) {
     ThrowErrno(env, "reading a unix socket's peer credentials", -rc);
     return env.Undefined();
@@ -325,6 +330,8 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     }
   }
   int rc;
+  // A unix bind's error, kept from the calls made before it is thrown.
+  int bindErr = 0;
   std::string what = address + ":" + std::to_string(port);
   if (family == AF_INET) {
     sockaddr_in a{};
@@ -372,7 +379,7 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     }
     int b = bind_in(fd, reinterpret_cast<sockaddr*>(&a),
                     static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size()), dir.c_str(), who.get());
-    if (b) errno = -b;
+    bindErr = -b;
     rc = b ? -1 : 0;
   }
   // listen: false binds only (a clone held by the engine on a multiplexed
@@ -386,13 +393,11 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     close(fd);
     return env.Undefined();
   }
-  if (!rc && now && hasAs) {
-    int l = peercred_listen(fd, backlog > 0 ? backlog : SOMAXCONN, &as);
-    if (l) errno = -l;
-    rc = l ? -1 : 0;
-  }
-  if (rc || (now && !hasAs && listen(fd, backlog > 0 ? backlog : SOMAXCONN))) {
-    int e = errno;
+  int listenErr = 0;
+  if (!rc && now && hasAs) listenErr = -peercred_listen(fd, backlog > 0 ? backlog : SOMAXCONN, &as);
+  else if (!rc && now && listen(fd, backlog > 0 ? backlog : SOMAXCONN)) listenErr = errno;
+  if (rc || listenErr) {
+    int e = rc ? (bindErr ? bindErr : errno) : listenErr;
     close(fd);
     ThrowErrno(env, (now ? "listening on " : "binding ") + what, e);
     return env.Undefined();

@@ -1137,7 +1137,7 @@ Napi::Value CompareFileTables(const Napi::CallbackInfo& info) {
 }
 
 // getFd(pid, fd) -> a duplicate of the process's descriptor, in this process.
-// fdEntries(pid) -> [{ fd, target, info }]: every descriptor of a process
+// fdEntries(pid) -> [{ fd, target, info, uid?, gid? }]: every descriptor of a process
 // with its /proc/PID/fd link and its /proc/PID/fdinfo text, in ascending
 // order, read in one call: a server with thousands of connections had a
 // readlink and a file read through Node for each, inside the frozen
@@ -1192,6 +1192,13 @@ Napi::Value FdEntries(const Napi::CallbackInfo& info) {
     o.Set("fd", fd);
     o.Set("target", Napi::String::New(env, target, static_cast<size_t>(tl)));
     o.Set("info", Napi::String::New(env, text.data(), len));
+    // A pipe's or socket's inode owner (the image's InodeOwner): the
+    // link followed to the inode, in the same pass.
+    struct stat st;
+    if ((strncmp(target, "pipe:", 5) == 0 || strncmp(target, "socket:", 7) == 0) && fstatat(fdDir, name, &st, 0) == 0) {
+      o.Set("uid", Napi::Number::New(env, st.st_uid));
+      o.Set("gid", Napi::Number::New(env, st.st_gid));
+    }
     out.Set(n++, o);
   }
   close(fdDir);

@@ -21,6 +21,7 @@
 #include "peercred.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -30,17 +31,18 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-int peercred_of(int fd, struct peercred* out, uint32_t* groups) {
+int peercred_of(int fd, struct peercred* out, uint32_t* groups, uint32_t room) {
   struct ucred u;
   socklen_t len = sizeof u;
   if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &u, &len) != 0) return -errno;
-  socklen_t glen = PEERCRED_MAX_GROUPS * sizeof *groups;
-  if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &glen) != 0) return -errno;
+  socklen_t glen = room * sizeof *groups;
+  int rc = getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &glen) != 0 ? -errno : 0;
   out->uid = u.uid;
   out->gid = u.gid;
+  /* ERANGE: glen says how much room it takes. */
   out->ngroups = glen / sizeof *groups;
   out->groups = groups;
-  return 0;
+  return rc;
 }
 
 static int cmp_u32(const void* a, const void* b) {
@@ -118,6 +120,11 @@ static int make_pair(void* arg) {
   return socketpair(AF_UNIX, c->type | SOCK_CLOEXEC, 0, c->fds) == 0 ? 0 : -errno;
 }
 
+/* The listener's queue: room for ours behind a few strangers'. */
+#define PAIR_BACKLOG 64
+/* Listeners tried before giving up on a queue strangers keep full. */
+#define PAIR_TRIES 8
+
 struct listen_call {
   int type;
   int fd;
@@ -126,14 +133,15 @@ struct listen_call {
 };
 
 /* A listener under an abstract name the kernel picks (autobind: a bind
- * with the family alone), which no one else can have taken. */
+ * with the family alone), which no one else can have taken; non-blocking,
+ * for accept to say when its queue is empty. */
 static int make_listener(void* arg) {
   struct listen_call* c = arg;
-  c->fd = socket(AF_UNIX, c->type | SOCK_CLOEXEC, 0);
+  c->fd = socket(AF_UNIX, c->type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (c->fd < 0) return -errno;
   struct sockaddr_un any = {.sun_family = AF_UNIX};
   c->len = sizeof c->addr;
-  if (bind(c->fd, (struct sockaddr*)&any, sizeof any.sun_family) != 0 || listen(c->fd, 1) != 0 ||
+  if (bind(c->fd, (struct sockaddr*)&any, sizeof any.sun_family) != 0 || listen(c->fd, PAIR_BACKLOG) != 0 ||
       getsockname(c->fd, (struct sockaddr*)&c->addr, &c->len) != 0) {
     int e = errno;
     close(c->fd);
@@ -149,9 +157,11 @@ struct connect_call {
   int fd;
 };
 
+/* Non-blocking: a queue that strangers filled answers EAGAIN rather than
+ * hold the restore (a unix connect completes at once or not at all). */
 static int make_client(void* arg) {
   struct connect_call* c = arg;
-  c->fd = socket(AF_UNIX, c->type | SOCK_CLOEXEC, 0);
+  c->fd = socket(AF_UNIX, c->type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (c->fd < 0) return -errno;
   if (connect(c->fd, (const struct sockaddr*)&c->to->addr, c->to->len) != 0) {
     int e = errno;
@@ -168,30 +178,60 @@ static int same(const struct peercred* a, const struct peercred* b) {
   return memcmp(a->groups, b->groups, (size_t)a->ngroups * sizeof *a->groups) == 0;
 }
 
+/* The connection our client made, from the listener's queue: anyone on
+ * the host may find the name (sock_diag lists it) and connect too, before
+ * or after ours, and must neither be handed to the application nor hold
+ * the restore up. Ours is the one whose peer is this process (the client
+ * thread's); the others are closed. -EAGAIN if it is not there. */
+static int accept_ours(int listener) {
+  pid_t self = getpid();
+  for (;;) {
+    int s = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    if (s < 0) return errno == EINTR ? accept_ours(listener) : -errno;
+    struct ucred u;
+    socklen_t len = sizeof u;
+    if (getsockopt(s, SOL_SOCKET, SO_PEERCRED, &u, &len) == 0 && u.pid == self) return s;
+    close(s);
+  }
+}
+
+/* Back to blocking, as a socketpair's ends are. */
+static int blocking(int fd) {
+  int fl = fcntl(fd, F_GETFL);
+  return fl >= 0 && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0 ? 0 : -errno;
+}
+
 int peercred_pair(int type, const struct peercred* see0, const struct peercred* see1, int fds[2]) {
   /* Both ends see one maker: a socketpair of its. */
   if (same(see0, see1)) {
     struct pair_call c = {type, fds};
     return run_as(see0, make_pair, &c);
   }
+  /* Only a socketpair makes a datagram pair (nothing listens): two makers
+   * cannot be, whatever an image says. */
+  if (type != SOCK_STREAM && type != SOCK_SEQPACKET) return -EINVAL;
   /* Otherwise a connection: end 0 connects (and so sees whoever listened:
    * see0), end 1 is accepted (and sees whoever connected: see1). */
-  struct listen_call l = {.type = type, .fd = -1};
-  int rc = run_as(see0, make_listener, &l);
-  if (rc) return rc;
-  struct connect_call c = {type, &l, -1};
-  rc = run_as(see1, make_client, &c);
-  if (rc == 0) {
-    int s = accept4(l.fd, NULL, NULL, SOCK_CLOEXEC);
-    if (s < 0) {
-      rc = -errno;
-      close(c.fd);
-    } else {
-      fds[0] = c.fd;
-      fds[1] = s;
+  int rc = -EAGAIN;
+  for (int tries = 0; tries < PAIR_TRIES && rc == -EAGAIN; tries++) {
+    struct listen_call l = {.type = type, .fd = -1};
+    rc = run_as(see0, make_listener, &l);
+    if (rc) return rc;
+    struct connect_call c = {type, &l, -1};
+    rc = run_as(see1, make_client, &c);
+    if (rc == 0) {
+      int s = accept_ours(l.fd);
+      if (s >= 0 && (rc = blocking(c.fd)) == 0 && (rc = blocking(s)) == 0) {
+        fds[0] = c.fd;
+        fds[1] = s;
+      } else {
+        if (s >= 0) close(s);
+        else rc = s;
+        close(c.fd);
+      }
     }
+    close(l.fd);
   }
-  close(l.fd);
   return rc;
 }
 

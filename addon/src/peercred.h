@@ -20,14 +20,17 @@ struct peercred {
   const uint32_t* groups;
 };
 
-/* SO_PEERCRED and SO_PEERGROUPS of `fd`: `groups` has room for
- * PEERCRED_MAX_GROUPS. */
-int peercred_of(int fd, struct peercred* out, uint32_t* groups);
+/* SO_PEERCRED and SO_PEERGROUPS of `fd` into `out`, its groups into
+ * `groups` (room for `room`); -ERANGE with out->ngroups the count if
+ * they do not fit. */
+int peercred_of(int fd, struct peercred* out, uint32_t* groups, uint32_t room);
 
 /* A connected unix pair of `type` (SOCK_STREAM or SOCK_SEQPACKET,
  * close-on-exec) whose end 0 sees `see0` as its peer and end 1 `see1`
  * (NULL: the caller's own credentials), as the kernel records them: made
- * by threads holding those credentials. */
+ * by threads holding those credentials. Ends that see two makers are a
+ * stream or seqpacket connection (-EINVAL for datagrams); -EAGAIN if
+ * strangers kept the listener's queue full. */
 int peercred_pair(int type, const struct peercred* see0, const struct peercred* see1, int fds[2]);
 
 /* listen(2) on unix socket `fd` by a thread holding `as`'s credentials

@@ -531,6 +531,15 @@ export interface Fd {
   fanotify?: Fanotify;
   /** IO_URING: the ring; absent otherwise. */
   ioUring?: IoUring;
+  /** A pipe's or socket's inode owner (its maker's fsuid and fsgid);
+   * absent in older images and for other kinds. */
+  inodeOwner?: InodeOwner;
+}
+
+/** proto InodeOwner. */
+export interface InodeOwner {
+  uid: number;
+  gid: number;
 }
 
 /** An idle io_uring instance (resources/iouring.ts). */

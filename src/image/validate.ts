@@ -345,6 +345,9 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (fd.kind !== FdKind.RAW && (fd.socket?.protocol || fd.socket?.rawFilter?.length)) corrupt(`${where} carries a raw socket's protocol or filter but is not a raw socket`);
     const raw = fd.kind === FdKind.RAW && fd.socket ? rawProblem(fd.socket) : undefined;
     if (raw) corrupt(`${where} ${raw}`);
+    const owner = fd.inodeOwner;
+    if (owner && !(fd.kind === FdKind.PIPE || fd.kind === FdKind.TCP_ESTABLISHED || socketKinds.includes(fd.kind))) corrupt(`${where} carries an inode owner but is neither a pipe nor a socket`);
+    if (owner && (owner.uid === 0xffffffff || owner.gid === 0xffffffff)) corrupt(`${where} is owned by uid ${owner.uid} gid ${owner.gid}: -1 is no one`);
     const peerCred = fd.socket?.peerCred;
     if (peerCred && fd.kind !== FdKind.UNIX_SOCKET && fd.kind !== FdKind.UNIX_DGRAM) corrupt(`${where} carries a unix connection's peer credentials but is not a unix socket`);
     // (uid_t)-1 is no one's: setresuid and setresgid take it as "unchanged".

@@ -27,7 +27,7 @@
  */
 import { procText } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
-import { type Creds, type Image, type PeerCred, type Process, type SeccompFilter, type Vma, VmaKind } from '../image/types.js';
+import { type Creds, type Image, type InodeOwner, type PeerCred, type Process, type SeccompFilter, type Vma, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { nameProcess, Unsupported } from './context.js';
@@ -36,7 +36,7 @@ import { type CallQueue } from '../ptrace/queries.js';
 import { REG } from './threads.js';
 
 /** Capability numbers (linux/capability.h) this module reasons about. */
-export const CAP = { SETGID: 6, SETUID: 7, SETPCAP: 8, SYS_ADMIN: 21, SYS_RESOURCE: 24, SYS_TIME: 25 } as const;
+export const CAP = { CHOWN: 0, SETGID: 6, SETUID: 7, SETPCAP: 8, SYS_ADMIN: 21, SYS_RESOURCE: 24, SYS_TIME: 25 } as const;
 const CAP_NAMES = [
   'chown', 'dac_override', 'dac_read_search', 'fowner', 'fsetid', 'kill', 'setgid', 'setuid', 'setpcap', 'linux_immutable',
   'net_bind_service', 'net_broadcast', 'net_admin', 'net_raw', 'ipc_lock', 'ipc_owner', 'sys_module', 'sys_rawio', 'sys_chroot',
@@ -294,6 +294,45 @@ export function peerCredRefusal(peer: PeerCred, own: OwnCreds): string | undefin
     if (!sameSet(peer.groups, own.groups)) return `supplementary groups [${peer.groups.join(',')}] cannot be set without CAP_SETGID (this user has [${own.groups.join(',')}])`;
   }
   return undefined;
+}
+
+/**
+ * Why this user cannot make an object it makes for the application (a
+ * pipe, a socket) owned by `owner`, or undefined if it can: fchown, as
+ * the kernel grants it to the object's maker (files.ts checkInodeOwners).
+ */
+export function inodeOwnerRefusal(owner: InodeOwner, own: OwnCreds): string | undefined {
+  if (hasCap(own.capEff, CAP.CHOWN)) return undefined;
+  if (owner.uid !== own.uid[3]) return `owner uid ${owner.uid} cannot be given without CAP_CHOWN (this user is uid ${own.uid[3]})`;
+  if (owner.gid !== own.gid[3] && !own.groups.includes(owner.gid)) return `group ${owner.gid} cannot be given without CAP_CHOWN (this user is not in it)`;
+  return undefined;
+}
+
+const imageIds = new WeakMap<Image, { uids: Set<number>; gids: Set<number> }>();
+
+/**
+ * Every uid, and every gid and supplementary group, some thread of the
+ * image has. An image this node did not snapshot may have the restore
+ * vouch for no other identity than those: its unix connections' peers
+ * (sockets.ts), its pipes' and sockets' owners (files.ts).
+ */
+export function idsOfImage(image: Image): { uids: Set<number>; gids: Set<number> } {
+  let ids = imageIds.get(image);
+  if (!ids) {
+    const creds = image.processes.flatMap((p) => [p.creds, ...p.threads.map((t) => t.creds ?? p.creds)]);
+    ids = { uids: new Set(creds.flatMap((c) => c.uid)), gids: new Set(creds.flatMap((c) => [...c.gid, ...c.groups])) };
+    imageIds.set(image, ids);
+  }
+  return ids;
+}
+
+/** The first of `uid` and `gids` that no thread of the image has, named
+ * ("uid 0", "gid 27"), or undefined. */
+export function strangerId(image: Image, uid: number, gids: number[]): string | undefined {
+  const { uids, gids: known } = idsOfImage(image);
+  if (!uids.has(uid)) return `uid ${uid}`;
+  const g = gids.find((x) => !known.has(x));
+  return g === undefined ? undefined : `gid ${g}`;
 }
 
 /** Threads of a process with their creds (an older image: the process's). */

@@ -13,13 +13,14 @@
  * by name.
  */
 import { openRaw } from './raw.js';
-import { constants as fs, openSync, readFileSync, statSync } from 'node:fs';
+import { fchownSync, fstatSync, constants as fs, openSync, readFileSync, statSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
 import { timed } from '../snapshot/profile.js';
-import { type Fd, FdKind, type Process, verdictRef } from '../image/types.js';
+import { type Fd, FdKind, type InodeOwner, type Process, verdictRef } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
+import { inodeOwnerRefusal, ownCreds, strangerId } from './creds.js';
 import { readLimits } from './limits.js';
 import { fsIdentity, identitiesFor, refusedAsProcess, reopenHeld } from './fsident.js';
 import { isOwnSnapshot } from '../image/format.js';
@@ -204,6 +205,9 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         throw new Unsupported(`${what} fd ${n}: ${target} (a ${st.isSocket() ? 'socket' : st.isBlockDevice() ? 'block device' : 'special file'}) cannot be captured yet`);
       }
     }
+    // A pipe's or socket's owner, which the restore, making it again,
+    // gives it (restoreInodeOwner).
+    if (entry.uid !== undefined && entry.gid !== undefined && fd.kind !== FdKind.FILE) fd.inodeOwner = { uid: entry.uid, gid: entry.gid };
     fds.push(fd);
   }
   return fds;
@@ -390,9 +394,48 @@ function openHere(h: RestoreContext, p: Process, fd: Fd): number {
   const make = MADE_HERE[fd.kind];
   const open = () => {
     if (!make) throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: cannot restore a descriptor of kind ${fd.kind}`);
-    return make(h, p, fd);
+    return restoreInodeOwner(h, p, fd, make(h, p, fd));
   };
   return fd.description ? h.once(`description ${fd.description}`, open) : open();
+}
+
+/**
+ * A pipe or socket made here is owned by the restorer (its fsuid and
+ * fsgid when made); it is given the owner it had, as its maker in the
+ * application made it. The kernel goes by that owner: a socket's decides
+ * who may join its SO_REUSEPORT group (a nobody server restored by root
+ * could bind no second socket to its port: EADDRINUSE) and what
+ * netfilter's owner match and uid routing see (root's rules would have
+ * applied to it), a pipe's who may open it again through /proc/PID/fd
+ * (`cat /dev/stdin` of a nobody pipeline: EACCES). One the restore did
+ * not make (a socket held by a keeper, serve's listener) has its own
+ * owner already, and is left alone.
+ *
+ * An owner this user cannot give (an ordinary user's restore of a pipe
+ * root made, inherited from a root shell), or from an image this node
+ * did not snapshot one that no thread of the image has (a socket of
+ * root's in nobody's process: root's firewall rules), is not given: the
+ * holding process's own fsuid and fsgid are, as it would make it now
+ * (else the restorer's stay), and the restore says so (notKept).
+ */
+function restoreInodeOwner(h: RestoreContext, p: Process, fd: Fd, ours: number): number {
+  const want = fd.inodeOwner;
+  if (!want) return ours;
+  const own = ownCreds();
+  const stranger = isOwnSnapshot(h.image) ? undefined : strangerId(h.image, want.uid, [want.gid]);
+  const why = stranger ? `${stranger} is none of the image's processes'` : inodeOwnerRefusal(want, own);
+  let give: InodeOwner | undefined = want;
+  if (why) {
+    const c = p.threads[0]?.creds ?? p.creds;
+    const holder = { uid: c.uid[3], gid: c.gid[3] };
+    give = inodeOwnerRefusal(holder, own) ? undefined : holder;
+    const kind = fd.kind === FdKind.PIPE ? 'a pipe' : 'a socket';
+    h.notKept.push(`process ${p.vpid} fd ${fd.fd}: ${kind} owned by uid ${want.uid} gid ${want.gid} is now ${give ? `uid ${give.uid} gid ${give.gid}, its process's` : "appshot's"} (${why})`);
+  }
+  if (!give) return ours;
+  const st = fstatSync(ours);
+  if (st.uid !== give.uid || st.gid !== give.gid) fchownSync(ours, give.uid, give.gid);
+  return ours;
 }
 
 /** A regular file or directory: the new application's table file for the

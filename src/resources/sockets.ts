@@ -35,7 +35,7 @@ import { dumpRaw, SOCK_RAW } from './raw.js';
 import { closeSync, readFileSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
-import { type Fd, FdKind, type Image, type Process, type Socket, type SocketOption, verdictRef, virtualPort } from '../image/types.js';
+import { type Fd, FdKind, type Image, type PeerCred, type Process, type Socket, type SocketOption, verdictRef, virtualPort } from '../image/types.js';
 import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
@@ -43,7 +43,7 @@ import { dumpUdp, type SeenUdp } from './udp.js';
 import { AF_NETLINK, dumpNetlink, netlinkTable } from './netlink.js';
 import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile.js';
 import { socketHolderIdentities } from './fsident.js';
-import { type OwnCreds, peerCredRefusal } from './creds.js';
+import { ownCreds, peerCredRefusal, strangerId } from './creds.js';
 import { isOwnSnapshot } from '../image/format.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
@@ -557,7 +557,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     const later = h.listenAtRelease && fd.kind === FdKind.TCP_LISTEN && address !== s && address.reuseport;
     let sock: number;
     try {
-      sock = h.keep(addon().listenSocket({ ...address, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}), ...(s.file?.base ? { dir: s.file.base } : {}), ...(fd.kind === FdKind.UNIX_SOCKET ? { as } : {}) }));
+      sock = h.keep(addon().listenSocket({ ...address, peerCred: fd.kind === FdKind.UNIX_SOCKET ? peerFor(h, s, where) : null, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}), ...(s.file?.base ? { dir: s.file.base } : {}), ...(fd.kind === FdKind.UNIX_SOCKET ? { as } : {}) }));
       if (later) h.listenLater(sock, address.backlog, address.reuseaddr);
     } catch (e) {
       if (e instanceof AppshotError) throw e;
@@ -595,35 +595,28 @@ function keptEnd(h: RestoreContext, s: Socket, fd: Fd): number {
 }
 
 /**
- * The peers of the image's unix connections, before a restore makes
- * anything: one line naming the first descriptor whose peer credentials
- * this user cannot give (creds.ts peerCredRefusal). And from an image this
- * node did not snapshot, a peer only with ids some thread of the image
- * has: its connections are its own processes', and anything else would
- * let an image have the kernel vouch for an identity it never ran as
- * (to a process outside, handed that end).
+ * The credentials a socket's end is made with (peercred.c): those the
+ * kernel had recorded for its peer, if this user may take them and, from
+ * an image this node did not snapshot, some thread of the image has them
+ * (the kernel would vouch for that identity to whoever is handed the
+ * end). Else the holding process's effective ids and groups, if this user
+ * may take those, else appshot's own (null), and the restore says so
+ * (notKept). Older images recorded none: null, as before.
  */
-export function checkPeerCredentials(image: Image, own: OwnCreds): void {
-  const vouched = isOwnSnapshot(image);
-  let uids: Set<number> | undefined;
-  let gids: Set<number> | undefined;
-  for (const p of image.processes)
-    for (const fd of p.fds) {
-      const c = fd.socket?.peerCred;
-      if (!c) continue;
-      const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: ${fd.socket!.listening ? 'a unix listener that listened as' : 'a unix connection whose peer is'} uid ${c.uid} gid ${c.gid}`;
-      if (!vouched) {
-        if (!uids || !gids) {
-          const creds = image.processes.flatMap((q) => [q.creds, ...q.threads.map((t) => t.creds ?? q.creds)]);
-          uids = new Set(creds.flatMap((k) => k.uid));
-          gids = new Set(creds.flatMap((k) => [...k.gid, ...k.groups]));
-        }
-        const stranger = !uids.has(c.uid) ? `uid ${c.uid}` : [c.gid, ...c.groups].filter((g) => !gids!.has(g)).map((g) => `gid ${g}`)[0];
-        if (stranger) throw new AppshotError(`${where}: ${stranger} is none of the image's processes' (an image this node did not snapshot)`, ExitCode.denied);
-      }
-      const why = peerCredRefusal(c, own);
-      if (why) throw new AppshotError(`${where}: ${why}`, ExitCode.denied);
-    }
+export function peerFor(h: RestoreContext, s: Socket, where: string): PeerCred | null {
+  const c = s.peerCred;
+  if (!c) return null;
+  const own = ownCreds();
+  const stranger = isOwnSnapshot(h.image) ? undefined : strangerId(h.image, c.uid, [c.gid, ...c.groups]);
+  const why = stranger ? `${stranger} is none of the image's processes'` : peerCredRefusal(c, own);
+  if (!why) return c;
+  const p = h.image.processes.find((q) => q.fds.some((f) => f.socket?.ino === s.ino));
+  const k = p ? (p.threads[0]?.creds ?? p.creds) : undefined;
+  const holder = k ? { uid: k.uid[1], gid: k.gid[1], groups: k.groups } : undefined;
+  const instead = holder && !peerCredRefusal(holder, own) ? holder : null;
+  const said = s.listening ? 'listened as' : 'had its peer as';
+  h.notKept.push(`${where}: ${said} uid ${c.uid} gid ${c.gid}, now ${instead ? `uid ${instead.uid} gid ${instead.gid}, its process's` : "appshot's"} (${why})`);
+  return instead;
 }
 
 /** One end of a unix socket pair (or of a connection between two of the
@@ -633,8 +626,8 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
   const end = h.once(`socket ${s.ino}`, () => {
     const peer = h.image.processes.flatMap((p) => p.fds).find((f) => f.socket?.ino === s.peerIno)?.socket;
     if (!peer) throw new AppshotError(`fd ${fd.fd}: the image lacks the other end of a unix socket`);
-    // Each end sees the peer it saw (older images: the restorer).
-    const [a, b] = addon().socketPairAs(s.type, s.peerCred ?? null, peer.peerCred ?? null);
+    // Each end sees the peer it saw (peerFor).
+    const [a, b] = addon().socketPairAs(s.type, peerFor(h, s, `fd ${fd.fd}: a connected unix socket`), peerFor(h, peer, `fd ${fd.fd}: a connected unix socket's peer`));
     h.keep(a);
     h.keep(b);
     if (s.queued.length) writeSync(b, s.queued);
@@ -664,7 +657,7 @@ function loneEnd(h: RestoreContext, s: Socket, fd: Fd): number {
   const end = h.once(`socket ${s.ino}`, () => {
     const where = `fd ${fd.fd}: a unix socket whose peer is gone`;
     check(s, 'unix-stream', where);
-    const [a, b] = addon().socketPairAs(s.type, s.peerCred ?? null, null);
+    const [a, b] = addon().socketPairAs(s.type, peerFor(h, s, where), null);
     h.keep(a);
     try {
       if (s.queued.length) writeSync(b, s.queued);

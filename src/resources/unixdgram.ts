@@ -39,6 +39,7 @@ import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } f
 import { clearSocketFile, dumpSocketFile, movedSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
 import { socketHolderIdentities } from './fsident.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
+import { peerFor } from './sockets.js';
 
 const SOCK_DGRAM = 2;
 const SOL_SOCKET = 1;
@@ -207,7 +208,7 @@ function made(h: RestoreContext, s: Socket, what: string): number {
 function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
   // Made by whom it was (older images: the restorer), so that either end
   // still says who made it (SO_PEERCRED).
-  const [a, b] = addon().socketPairAs(SOCK_DGRAM, s.peerCred ?? null, peer.peerCred ?? null);
+  const [a, b] = addon().socketPairAs(SOCK_DGRAM, peerFor(h, s, 'a unix datagram socket pair'), peerFor(h, peer, "a unix datagram socket pair's other end"));
   h.keep(a);
   h.keep(b);
   h.remember(`socket ${peer.ino}`, b);

@@ -40,7 +40,7 @@ import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
-import { checkPeerCredentials, requireInherited, requireKept } from '../resources/sockets.js';
+import { requireInherited, requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { residentBatchOf } from '../ptrace/windows.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
@@ -160,7 +160,6 @@ export function checkPrivileges(image: LoadedImage['image']): void {
   checkLimits(image, readLimits('self'), own);
   checkSchedulingPrivileges(image, own.capEff);
   checkFanotifyPrivileges(image, own.capEff);
-  checkPeerCredentials(image, own);
   timeNamespaceFor(image, own);
 }
 
