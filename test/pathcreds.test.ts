@@ -365,8 +365,8 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     const r = await attempt(['restore', underAnotherKey(image + '2', 'pcowner-other.img'), '--trust-image', '--json']);
     expect(r.code, r.stderr).toBe(0);
     const notKept = (JSON.parse(r.stdout) as { notKept: string[] }).notKept.join('\n');
-    expect(notKept).toMatch(/^process \d+ fd \d+: a pipe owned by uid 0 gid 0 is now uid 65534 gid 65534, its process's \(uid 0 is none of the image's processes'\)$/m);
-    expect(notKept).toMatch(/^fd \d+: a connected unix socket: had its peer as uid 0 gid 0, now uid 65534 gid 65534, its process's \(uid 0 is none of the image's processes'\)$/m);
+    expect(notKept).toMatch(/^process \d+ fd \d+: a pipe owned by uid 0 gid 0 is now uid 65534 gid 65534's, its process's \(uid 0 is none of the image's processes'\)$/m);
+    expect(notKept).toMatch(/^process \d+ fd \d+: a unix socket whose peer was uid 0 gid 0 is now uid 65534 gid 65534's, its process's \(uid 0 is none of the image's processes'\)$/m);
     // As the fixture sees it: its pipe is nobody's now.
     await waitFor(() => /FAIL: the pipe is owned by uid 65534 gid 65534, not uid 0 gid 0/.test(sb.log('pcowner')), 10_000, 'the fixture to see its pipe given to nobody');
     await run(['rm', '-f', 'pcowner']);

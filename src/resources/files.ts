@@ -430,7 +430,7 @@ function restoreInodeOwner(h: RestoreContext, p: Process, fd: Fd, ours: number):
     const holder = { uid: c.uid[3], gid: c.gid[3] };
     give = inodeOwnerRefusal(holder, own) ? undefined : holder;
     const kind = fd.kind === FdKind.PIPE ? 'a pipe' : 'a socket';
-    h.notKept.push(`process ${p.vpid} fd ${fd.fd}: ${kind} owned by uid ${want.uid} gid ${want.gid} is now ${give ? `uid ${give.uid} gid ${give.gid}, its process's` : "appshot's"} (${why})`);
+    h.notKept.push(`process ${p.vpid} fd ${fd.fd}: ${kind} owned by uid ${want.uid} gid ${want.gid} is now ${give ? `uid ${give.uid} gid ${give.gid}'s, its process's` : "appshot's"} (${why})`);
   }
   if (!give) return ours;
   const st = fstatSync(ours);

@@ -557,7 +557,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     const later = h.listenAtRelease && fd.kind === FdKind.TCP_LISTEN && address !== s && address.reuseport;
     let sock: number;
     try {
-      sock = h.keep(addon().listenSocket({ ...address, peerCred: fd.kind === FdKind.UNIX_SOCKET ? peerFor(h, s, where) : null, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}), ...(s.file?.base ? { dir: s.file.base } : {}), ...(fd.kind === FdKind.UNIX_SOCKET ? { as } : {}) }));
+      sock = h.keep(addon().listenSocket({ ...address, peerCred: fd.kind === FdKind.UNIX_SOCKET ? peerFor(h, s) : null, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}), ...(s.file?.base ? { dir: s.file.base } : {}), ...(fd.kind === FdKind.UNIX_SOCKET ? { as } : {}) }));
       if (later) h.listenLater(sock, address.backlog, address.reuseaddr);
     } catch (e) {
       if (e instanceof AppshotError) throw e;
@@ -603,19 +603,21 @@ function keptEnd(h: RestoreContext, s: Socket, fd: Fd): number {
  * may take those, else appshot's own (null), and the restore says so
  * (notKept). Older images recorded none: null, as before.
  */
-export function peerFor(h: RestoreContext, s: Socket, where: string): PeerCred | null {
+export function peerFor(h: RestoreContext, s: Socket): PeerCred | null {
   const c = s.peerCred;
   if (!c) return null;
   const own = ownCreds();
   const stranger = isOwnSnapshot(h.image) ? undefined : strangerId(h.image, c.uid, [c.gid, ...c.groups]);
   const why = stranger ? `${stranger} is none of the image's processes'` : peerCredRefusal(c, own);
   if (!why) return c;
+  // The first process that holds it, and its descriptor, for the message.
   const p = h.image.processes.find((q) => q.fds.some((f) => f.socket?.ino === s.ino));
+  const fd = p?.fds.find((f) => f.socket?.ino === s.ino);
   const k = p ? (p.threads[0]?.creds ?? p.creds) : undefined;
   const holder = k ? { uid: k.uid[1], gid: k.gid[1], groups: k.groups } : undefined;
   const instead = holder && !peerCredRefusal(holder, own) ? holder : null;
-  const said = s.listening ? 'listened as' : 'had its peer as';
-  h.notKept.push(`${where}: ${said} uid ${c.uid} gid ${c.gid}, now ${instead ? `uid ${instead.uid} gid ${instead.gid}, its process's` : "appshot's"} (${why})`);
+  const what = s.listening ? 'a unix listener that listened as' : 'a unix socket whose peer was';
+  h.notKept.push(`process ${p?.vpid ?? '?'} fd ${fd?.fd ?? '?'}: ${what} uid ${c.uid} gid ${c.gid} is now ${instead ? `uid ${instead.uid} gid ${instead.gid}'s, its process's` : "appshot's"} (${why})`);
   return instead;
 }
 
@@ -627,7 +629,7 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     const peer = h.image.processes.flatMap((p) => p.fds).find((f) => f.socket?.ino === s.peerIno)?.socket;
     if (!peer) throw new AppshotError(`fd ${fd.fd}: the image lacks the other end of a unix socket`);
     // Each end sees the peer it saw (peerFor).
-    const [a, b] = addon().socketPairAs(s.type, peerFor(h, s, `fd ${fd.fd}: a connected unix socket`), peerFor(h, peer, `fd ${fd.fd}: a connected unix socket's peer`));
+    const [a, b] = addon().socketPairAs(s.type, peerFor(h, s), peerFor(h, peer));
     h.keep(a);
     h.keep(b);
     if (s.queued.length) writeSync(b, s.queued);
@@ -657,7 +659,7 @@ function loneEnd(h: RestoreContext, s: Socket, fd: Fd): number {
   const end = h.once(`socket ${s.ino}`, () => {
     const where = `fd ${fd.fd}: a unix socket whose peer is gone`;
     check(s, 'unix-stream', where);
-    const [a, b] = addon().socketPairAs(s.type, peerFor(h, s, where), null);
+    const [a, b] = addon().socketPairAs(s.type, peerFor(h, s), null);
     h.keep(a);
     try {
       if (s.queued.length) writeSync(b, s.queued);

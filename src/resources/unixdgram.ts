@@ -208,7 +208,7 @@ function made(h: RestoreContext, s: Socket, what: string): number {
 function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
   // Made by whom it was (older images: the restorer), so that either end
   // still says who made it (SO_PEERCRED).
-  const [a, b] = addon().socketPairAs(SOCK_DGRAM, peerFor(h, s, 'a unix datagram socket pair'), peerFor(h, peer, "a unix datagram socket pair's other end"));
+  const [a, b] = addon().socketPairAs(SOCK_DGRAM, peerFor(h, s), peerFor(h, peer));
   h.keep(a);
   h.keep(b);
   h.remember(`socket ${peer.ino}`, b);
