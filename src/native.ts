@@ -7,7 +7,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AppshotError } from './errors.js';
-import type { Identity, PeerCred, TcpConnection, WaitSlot } from './image/types.js';
+import type { Identity, InodeOwner, PeerCred, TcpConnection, WaitSlot } from './image/types.js';
 import type { ParsedSmaps } from './procfs.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -418,8 +418,10 @@ interface Addon {
   addSeals(fd: number, seals: number): void;
   /** `early`: options set between socket() and bind(). */
   /** `dir`: where a relative unix name is resolved. `peerCred`: a unix
-   * listener listens with those credentials (peercred.c). */
-  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[]; listen?: boolean; dir?: string; as?: FsIdentities; peerCred?: PeerCred | null }): number;
+   * listener listens with those credentials (peercred.c). `owner`: the
+   * socket is made with that fsuid and fsgid (its inode owner, sk_uid,
+   * and its file's credentials, from the start). */
+  listenSocket(s: { family: number; type: number; address: string; port: number; backlog: number; reuseaddr: boolean; reuseport: boolean; v6only: boolean; early?: { level: number; name: number; bytes: Buffer }[]; listen?: boolean; dir?: string; as?: FsIdentities; peerCred?: PeerCred | null; owner?: InodeOwner | null }): number;
   /** A socket listenSocket bound with `listen: false` listens now. */
   listenNow(fd: number, backlog: number, reuseaddr: boolean): void;
   /** TCP_REPAIR: 1 on, 0 off, -1 off without the window probe to the peer. */

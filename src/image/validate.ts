@@ -347,6 +347,7 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (raw) corrupt(`${where} ${raw}`);
     const owner = fd.inodeOwner;
     if (owner && !(fd.kind === FdKind.PIPE || fd.kind === FdKind.TCP_ESTABLISHED || socketKinds.includes(fd.kind))) corrupt(`${where} carries an inode owner but is neither a pipe nor a socket`);
+    if (owner && fd.kind === FdKind.PIPE && image.pipes[fd.pipe]?.fifoPath) corrupt(`${where} carries an inode owner but is a named FIFO's, a file of the host`);
     if (owner && (owner.uid === 0xffffffff || owner.gid === 0xffffffff)) corrupt(`${where} is owned by uid ${owner.uid} gid ${owner.gid}: -1 is no one`);
     const peerCred = fd.socket?.peerCred;
     if (peerCred && fd.kind !== FdKind.UNIX_SOCKET && fd.kind !== FdKind.UNIX_DGRAM) corrupt(`${where} carries a unix connection's peer credentials but is not a unix socket`);

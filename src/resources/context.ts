@@ -215,6 +215,11 @@ export class RestoreContext {
   /** What a resource's restore could not carry and went on without, one
    * line each: the restore's result lists them (RestoreResult.notKept). */
   readonly notKept: string[] = [];
+  /** Pipes and sockets made here that take their inode owner afterwards
+   * (files.ts restoreInodeOwner): only those, never one that was
+   * already someone's (the log, a keeper's socket, serve's listener, a
+   * named FIFO). */
+  readonly ownerAfter = new Set<number>();
   /** The page file's check, if it is still going on (format 3): what is
    * read of it here waits for its chunks. */
   pagesCheck?: { check: PagesCheck; chunkSize: number };

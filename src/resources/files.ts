@@ -400,41 +400,50 @@ function openHere(h: RestoreContext, p: Process, fd: Fd): number {
 }
 
 /**
- * A pipe or socket made here is owned by the restorer (its fsuid and
- * fsgid when made); it is given the owner it had, as its maker in the
- * application made it. The kernel goes by that owner: a socket's decides
- * who may join its SO_REUSEPORT group (a nobody server restored by root
- * could bind no second socket to its port: EADDRINUSE) and what
- * netfilter's owner match and uid routing see (root's rules would have
- * applied to it), a pipe's who may open it again through /proc/PID/fd
- * (`cat /dev/stdin` of a nobody pipeline: EACCES). One the restore did
- * not make (a socket held by a keeper, serve's listener) has its own
- * owner already, and is left alone.
+ * The inode owner a pipe or socket made here is given: the one it had, as
+ * its maker in the application made it. The kernel goes by that owner: a
+ * socket's (sk_uid) decides who may bind another SO_REUSEPORT socket
+ * beside it (a nobody server restored by root could bind no second socket
+ * to its port: EADDRINUSE), a pipe's who may open it again through
+ * /proc/PID/fd (`cat /dev/stdin` of a nobody pipeline: EACCES).
  *
- * An owner this user cannot give (an ordinary user's restore of a pipe
- * root made, inherited from a root shell), or from an image this node
- * did not snapshot one that no thread of the image has (a socket of
- * root's in nobody's process: root's firewall rules), is not given: the
- * holding process's own fsuid and fsgid are, as it would make it now
- * (else the restorer's stay), and the restore says so (notKept).
+ * One this user cannot give (an ordinary user's restore of a pipe a root
+ * shell made), or, from an image this node did not snapshot, one that no
+ * thread of the image has, is not given: the holding process's own fsuid
+ * and fsgid are, as it would make it now (else the restorer's stay), and
+ * the restore says so (notKept). Undefined: leave it as made.
  */
-function restoreInodeOwner(h: RestoreContext, p: Process, fd: Fd, ours: number): number {
+export function ownerFor(h: RestoreContext, p: Process, fd: Fd): InodeOwner | undefined {
   const want = fd.inodeOwner;
-  if (!want) return ours;
+  if (!want) return undefined;
   const own = ownCreds();
   const stranger = isOwnSnapshot(h.image) ? undefined : strangerId(h.image, want.uid, [want.gid]);
   const why = stranger ? `${stranger} is none of the image's processes'` : inodeOwnerRefusal(want, own);
-  let give: InodeOwner | undefined = want;
-  if (why) {
-    const c = p.threads[0]?.creds ?? p.creds;
-    const holder = { uid: c.uid[3], gid: c.gid[3] };
-    give = inodeOwnerRefusal(holder, own) ? undefined : holder;
-    const kind = fd.kind === FdKind.PIPE ? 'a pipe' : 'a socket';
-    h.notKept.push(`process ${p.vpid} fd ${fd.fd}: ${kind} owned by uid ${want.uid} gid ${want.gid} is now ${give ? `uid ${give.uid} gid ${give.gid}'s, its process's` : "appshot's"} (${why})`);
-  }
+  if (!why) return want;
+  const c = p.threads[0]?.creds ?? p.creds;
+  const holder = { uid: c.uid[3], gid: c.gid[3] };
+  const give = inodeOwnerRefusal(holder, own) ? undefined : holder;
+  h.notKept.push(`process ${p.vpid} fd ${fd.fd}: ${ownedThing(fd)} owned by uid ${want.uid} gid ${want.gid} is now ${give ? `uid ${give.uid} gid ${give.gid}'s, its process's` : "appshot's"} (${why})`);
+  return give;
+}
+
+const ownedThing = (fd: Fd) => (fd.kind === FdKind.PIPE ? 'a pipe' : 'a socket');
+
+/** A pipe or socket a maker made here and marked (RestoreContext.ownerAfter)
+ * is given its owner (ownerFor) with fchown, which sets a socket's sk_uid
+ * too. (A listener is made with its owner from the start: listenSocket.) */
+function restoreInodeOwner(h: RestoreContext, p: Process, fd: Fd, ours: number): number {
+  if (!h.ownerAfter.has(ours)) return ours;
+  const give = ownerFor(h, p, fd);
   if (!give) return ours;
   const st = fstatSync(ours);
-  if (st.uid !== give.uid || st.gid !== give.gid) fchownSync(ours, give.uid, give.gid);
+  if (st.uid === give.uid && st.gid === give.gid) return ours;
+  try {
+    fchownSync(ours, give.uid, give.gid);
+  } catch (e) {
+    // Root in a user namespace that does not map the id: EINVAL.
+    h.notKept.push(`process ${p.vpid} fd ${fd.fd}: ${ownedThing(fd)} owned by uid ${give.uid} gid ${give.gid} is now appshot's (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+  }
   return ours;
 }
 

@@ -159,6 +159,8 @@ function makePipe(h: RestoreContext, pipe: Pipe, index: number): MadePipe {
     made = { read: rw, write: rw, fifo: true, readTaken: false, writeTaken: false };
   } else {
     const [r, w] = addon().pipe();
+    // Made here: given the owner it had (files.ts restoreInodeOwner).
+    h.ownerAfter.add(r).add(w);
     made = { read: h.keep(r), write: h.keep(w), fifo: false, readTaken: false, writeTaken: false };
   }
   // The capacity first: more than the default 64 KiB may be in flight.

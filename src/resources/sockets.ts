@@ -43,6 +43,7 @@ import { dumpUdp, type SeenUdp } from './udp.js';
 import { AF_NETLINK, dumpNetlink, netlinkTable } from './netlink.js';
 import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile.js';
 import { socketHolderIdentities } from './fsident.js';
+import { ownerFor } from './files.js';
 import { ownCreds, peerCredRefusal, strangerId } from './creds.js';
 import { isOwnSnapshot } from '../image/format.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
@@ -557,7 +558,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     const later = h.listenAtRelease && fd.kind === FdKind.TCP_LISTEN && address !== s && address.reuseport;
     let sock: number;
     try {
-      sock = h.keep(addon().listenSocket({ ...address, peerCred: fd.kind === FdKind.UNIX_SOCKET ? peerFor(h, s) : null, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}), ...(s.file?.base ? { dir: s.file.base } : {}), ...(fd.kind === FdKind.UNIX_SOCKET ? { as } : {}) }));
+      sock = h.keep(addon().listenSocket({ ...address, peerCred: fd.kind === FdKind.UNIX_SOCKET ? peerFor(h, s) : null, owner: ownerFor(h, p, fd) ?? null, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}), ...(s.file?.base ? { dir: s.file.base } : {}), ...(fd.kind === FdKind.UNIX_SOCKET ? { as } : {}) }));
       if (later) h.listenLater(sock, address.backlog, address.reuseaddr);
     } catch (e) {
       if (e instanceof AppshotError) throw e;
@@ -632,6 +633,7 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     const [a, b] = addon().socketPairAs(s.type, peerFor(h, s), peerFor(h, peer));
     h.keep(a);
     h.keep(b);
+    h.ownerAfter.add(a).add(b);
     if (s.queued.length) writeSync(b, s.queued);
     if (peer.queued.length) writeSync(a, peer.queued);
     // Seqpacket records, each whole.
@@ -661,6 +663,7 @@ function loneEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     check(s, 'unix-stream', where);
     const [a, b] = addon().socketPairAs(s.type, peerFor(h, s), null);
     h.keep(a);
+    h.ownerAfter.add(a);
     try {
       if (s.queued.length) writeSync(b, s.queued);
       for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);

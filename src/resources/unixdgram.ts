@@ -195,6 +195,7 @@ function made(h: RestoreContext, s: Socket, what: string): number {
       return madePair(h, s, peer);
     }
     const sock = h.keep(addon().sockOpen(AF_UNIX, SOCK_DGRAM));
+    h.ownerAfter.add(sock);
     setOptions(sock, ownOptions(s), false);
     if (s.address) bindName(h, sock, s, what);
     for (const d of s.datagrams ?? []) requeue(h, sock, s, d, what);
@@ -208,9 +209,13 @@ function made(h: RestoreContext, s: Socket, what: string): number {
 function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
   // Made by whom it was (older images: the restorer), so that either end
   // still says who made it (SO_PEERCRED).
-  const [a, b] = addon().socketPairAs(SOCK_DGRAM, peerFor(h, s), peerFor(h, peer));
+  // One maker for both ends, as socketpair(2) made them: if the recorded
+  // one is not given (peerFor), its stand-in is both ends' peer.
+  const maker = peerFor(h, s);
+  const [a, b] = addon().socketPairAs(SOCK_DGRAM, maker, maker);
   h.keep(a);
   h.keep(b);
+  h.ownerAfter.add(a).add(b);
   h.remember(`socket ${peer.ino}`, b);
   for (const [end, other, sock] of [
     [s, b, a],
