@@ -96,15 +96,14 @@ static int cmp_u32(const void* a, const void* b) {
   return x < y ? -1 : x > y;
 }
 
-/* Whether this thread's supplementary groups are `want` (as a set). */
-static int groups_are(const struct fsident* who) {
+int thread_groups_are(const uint32_t* groups, uint32_t ngroups) {
   long n = syscall(SYS_getgroups, 0, NULL);
-  if (n < 0 || (uint32_t)n != who->ngroups) return 0;
+  if (n < 0 || (uint32_t)n != ngroups) return 0;
   uint32_t* have = malloc(((size_t)n + 1) * sizeof *have);
   uint32_t* want = malloc(((size_t)n + 1) * sizeof *want);
   int same = 0;
   if (have && want && syscall(SYS_getgroups, n, have) == n) {
-    memcpy(want, who->groups, (size_t)n * sizeof *want);
+    memcpy(want, groups, (size_t)n * sizeof *want);
     qsort(have, (size_t)n, sizeof *have, cmp_u32);
     qsort(want, (size_t)n, sizeof *want, cmp_u32);
     same = memcmp(have, want, (size_t)n * sizeof *have) == 0;
@@ -113,6 +112,8 @@ static int groups_are(const struct fsident* who) {
   free(want);
   return same;
 }
+
+static int groups_are(const struct fsident* who) { return thread_groups_are(who->groups, who->ngroups); }
 
 /* This thread takes `who`'s filesystem identity, exactly, or -errno. */
 static int take(const struct fsident* who) {

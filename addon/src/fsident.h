@@ -53,6 +53,10 @@ int fsident_plain_path(const char* path, int final_too);
 /* Whether the operation running on this thread is such a retry. */
 int fsident_strict(void);
 
+/* Whether the calling thread's supplementary groups are `groups` (as a
+ * set; the raw getgroups, this thread's own). Also peercred.c's. */
+int thread_groups_are(const uint32_t* groups, uint32_t ngroups);
+
 #ifdef __cplusplus
 }
 #endif

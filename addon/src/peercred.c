@@ -19,6 +19,7 @@
  * call (as fsident.c does for path operations). */
 #define _GNU_SOURCE
 #include "peercred.h"
+#include "fsident.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -45,28 +46,7 @@ int peercred_of(int fd, struct peercred* out, uint32_t* groups, uint32_t room) {
   return rc;
 }
 
-static int cmp_u32(const void* a, const void* b) {
-  uint32_t x = *(const uint32_t*)a, y = *(const uint32_t*)b;
-  return x < y ? -1 : x > y;
-}
-
-/* Whether the calling thread's supplementary groups are `who`'s, as a set. */
-static int groups_are(const struct peercred* who) {
-  long n = syscall(SYS_getgroups, 0, NULL);
-  if (n < 0 || (uint32_t)n != who->ngroups) return 0;
-  uint32_t* have = malloc(((size_t)n + 1) * sizeof *have);
-  uint32_t* want = malloc(((size_t)n + 1) * sizeof *want);
-  int same = 0;
-  if (have && want && syscall(SYS_getgroups, n, have) == n) {
-    memcpy(want, who->groups, (size_t)n * sizeof *want);
-    qsort(have, (size_t)n, sizeof *have, cmp_u32);
-    qsort(want, (size_t)n, sizeof *want, cmp_u32);
-    same = memcmp(have, want, (size_t)n * sizeof *have) == 0;
-  }
-  free(have);
-  free(want);
-  return same;
-}
+static int groups_are(const struct peercred* who) { return thread_groups_are(who->groups, who->ngroups); }
 
 static int is_current(const struct peercred* who) {
   return (uint32_t)syscall(SYS_geteuid) == who->uid && (uint32_t)syscall(SYS_getegid) == who->gid && groups_are(who);
