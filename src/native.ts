@@ -467,7 +467,8 @@ interface Addon {
    * process it names has ended. */
   pidfdSendSignal(pidfd: number, signal: number): void;
   /** socket(family, type | SOCK_CLOEXEC, 0) */
-  sockOpen(family: number, type: number, protocol?: number): number;
+  /** `owner`: made with that fsuid and fsgid (its inode owner, sk_uid and file credentials). */
+  sockOpen(family: number, type: number, protocol?: number, owner?: InodeOwner): number;
   /** `dir`: where a relative unix name is resolved (the process's working directory if absent). */
   sockBind(fd: number, addr: Buffer, dir?: string, who?: FsIdentities): void;
   /** The file a unix socket's bind made (st_ino, st_dev); undefined for an abstract or unnamed one. */

@@ -16,6 +16,7 @@
 
 #include <vector>
 
+#include "peercred.h"
 #include "addon.h"
 #include "addon_fsident.h"
 
@@ -57,10 +58,14 @@ Napi::Value PeerName(const Napi::CallbackInfo& info) {
   return Addr(info.Env(), &a, len);
 }
 
-// sockOpen(family, type, protocol = 0) -> fd, close-on-exec.
+// sockOpen(family, type, protocol = 0, owner?) -> fd, close-on-exec;
+// owner {uid, gid}: made with that fsuid and fsgid (peercred.c).
 Napi::Value SockOpen(const Napi::CallbackInfo& info) {
   int protocol = info.Length() > 2 && info[2].IsNumber() ? Int(info[2]) : 0;
-  int fd = socket(Int(info[0]), Int(info[1]) | SOCK_CLOEXEC, protocol);
+  Napi::Value owner = info.Length() > 3 ? info[3] : info.Env().Undefined();
+  int fd = owner.IsObject() ? peercred_owned_socket(Int(info[0]), Int(info[1]) | SOCK_CLOEXEC, protocol, owner.As<Napi::Object>().Get("uid").As<Napi::Number>().Uint32Value(),
+                                                    owner.As<Napi::Object>().Get("gid").As<Napi::Number>().Uint32Value())
+                            : socket(Int(info[0]), Int(info[1]) | SOCK_CLOEXEC, protocol);
   if (fd < 0) {
     ThrowErrno(info.Env(), "socket", errno);
     return info.Env().Undefined();

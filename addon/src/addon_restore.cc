@@ -4,7 +4,6 @@
 // files at an offset. And the application's SysV objects, created under
 // new system ids and keys and bound to the image's virtual ones.
 #include <napi.h>
-#include <linux/capability.h>
 
 #include <cerrno>
 #include <cstring>
@@ -286,29 +285,6 @@ Napi::Value AddSeals(const Napi::CallbackInfo& info) {
 
 static bool PeerCredArg(const Napi::Value& v, struct peercred* out, std::vector<uint32_t>& store, bool* given);
 
-// socket(2) with `uid` and `gid` as this thread's fsuid and fsgid for the
-// one call: the socket's inode owner (and so its sk_uid, which decides who
-// may join its SO_REUSEPORT group) and its file's credentials are then
-// theirs from the start, as when the application's process made it. Raw
-// calls (per thread, not glibc's), and the thread's capabilities put back
-// exactly (a change of fsuid from 0 clears the file ones).
-static int SocketOwnedBy(int family, int type, uint32_t uid, uint32_t gid) {
-  struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
-  struct __user_cap_data_struct caps[2];
-  if (syscall(SYS_capget, &h, caps) != 0) return -1;
-  long oldUid = syscall(SYS_setfsuid, -1), oldGid = syscall(SYS_setfsgid, -1);
-  syscall(SYS_setfsgid, gid);
-  syscall(SYS_setfsuid, uid);
-  bool taken = static_cast<uint32_t>(syscall(SYS_setfsuid, -1)) == uid && static_cast<uint32_t>(syscall(SYS_setfsgid, -1)) == gid;
-  int fd = taken ? socket(family, type, 0) : -1;
-  int err = taken ? errno : EPERM;
-  syscall(SYS_setfsuid, oldUid);
-  syscall(SYS_setfsgid, oldGid);
-  syscall(SYS_capset, &h, caps);
-  errno = err;
-  return fd;
-}
-
 // listenSocket({family, type, address, port, backlog, reuseaddr, reuseport, v6only, early?, peerCred?}) -> fd
 // peerCred: a unix listener listens with those credentials (peercred.c).
 Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
@@ -318,8 +294,8 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
   std::string address = o.Get("address").As<Napi::String>().Utf8Value();
   int port = Int(o.Get("port")), backlog = Int(o.Get("backlog"));
   Napi::Value owner = o.Has("owner") ? o.Get("owner") : env.Undefined();
-  int fd = owner.IsObject() ? SocketOwnedBy(family, type | SOCK_CLOEXEC, owner.As<Napi::Object>().Get("uid").As<Napi::Number>().Uint32Value(),
-                                            owner.As<Napi::Object>().Get("gid").As<Napi::Number>().Uint32Value())
+  int fd = owner.IsObject() ? peercred_owned_socket(family, type | SOCK_CLOEXEC, 0, owner.As<Napi::Object>().Get("uid").As<Napi::Number>().Uint32Value(),
+                                                    owner.As<Napi::Object>().Get("gid").As<Napi::Number>().Uint32Value())
                             : socket(family, type | SOCK_CLOEXEC, 0);
   if (fd < 0) {
     ThrowErrno(env, "socket", errno);

@@ -22,6 +22,7 @@
 #include "fsident.h"
 
 #include <errno.h>
+#include <linux/capability.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stddef.h>
@@ -231,4 +232,25 @@ static int do_listen(void* arg) {
 int peercred_listen(int fd, int backlog, const struct peercred* as) {
   struct listen_now c = {fd, backlog};
   return run_as(as, do_listen, &c);
+}
+
+int peercred_owned_socket(int family, int type, int protocol, uint32_t uid, uint32_t gid) {
+  /* Raw calls: this thread's own ids, not glibc's broadcast to every
+   * thread. A change of fsuid from 0 clears the file capabilities from the
+   * effective set (and a change back sets those permitted): the set is
+   * put back exactly as it was. */
+  struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+  struct __user_cap_data_struct caps[2];
+  if (syscall(SYS_capget, &h, caps) != 0) return -1;
+  long old_uid = syscall(SYS_setfsuid, -1), old_gid = syscall(SYS_setfsgid, -1);
+  syscall(SYS_setfsgid, gid);
+  syscall(SYS_setfsuid, uid);
+  int taken = (uint32_t)syscall(SYS_setfsuid, -1) == uid && (uint32_t)syscall(SYS_setfsgid, -1) == gid;
+  int fd = taken ? socket(family, type, protocol) : -1;
+  int err = taken ? errno : EPERM;
+  syscall(SYS_setfsuid, old_uid);
+  syscall(SYS_setfsgid, old_gid);
+  syscall(SYS_capset, &h, caps);
+  errno = err;
+  return fd;
 }

@@ -38,6 +38,13 @@ int peercred_pair(int type, const struct peercred* see0, const struct peercred* 
  * connects to see (SO_PEERCRED on its end). */
 int peercred_listen(int fd, int backlog, const struct peercred* as);
 
+/* socket(2) with `uid` and `gid` as the calling thread's fsuid and fsgid
+ * for the one call: the socket's inode owner, its sk_uid (who may join
+ * its SO_REUSEPORT group) and its file's credentials (netfilter's owner
+ * match) are then theirs from the start, as when the application's
+ * process made it. -1 with errno (EPERM: not taken). */
+int peercred_owned_socket(int family, int type, int protocol, uint32_t uid, uint32_t gid);
+
 #ifdef __cplusplus
 }
 #endif

@@ -71,11 +71,12 @@
 import { closeSync } from 'node:fs';
 import { endianness } from 'node:os';
 import { AppshotError, ExitCode } from '../errors.js';
-import type { Fd, NetlinkSocket, Process, Socket, SocketOption } from '../image/types.js';
+import type { Fd, InodeOwner, NetlinkSocket, Process, Socket, SocketOption } from '../image/types.js';
 import { addon, type NetlinkSeen } from '../native.js';
 import { type RestoreContext, Transient, Unsupported } from './context.js';
 import { refuseOwnFilter } from './unixdgram.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
+import { ownerFor } from './files.js';
 
 export const AF_NETLINK = 16;
 const SOCK_DGRAM = 2;
@@ -258,7 +259,7 @@ export function openNetlink(h: RestoreContext, p: Process, fd: Fd): number {
   const s = fd.socket;
   const problem = s ? netlinkProblem(s) : 'has no socket state';
   if (problem) throw new AppshotError(`corrupt image: ${what}: a netlink socket ${problem}`);
-  const sock = h.once(`socket ${s!.ino}`, () => make(h, s!, what));
+  const sock = h.once(`socket ${s!.ino}`, () => make(h, s!, what, ownerFor(h, p, fd)));
   addon().setStatusFlags(sock, fd.flags);
   return sock;
 }
@@ -271,10 +272,11 @@ function nlAddress(portId: number, groups: number): Buffer {
   return a;
 }
 
-function make(h: RestoreContext, s: Socket, what: string): number {
+/** `owner`: made with it (files.ts ownerFor). */
+function make(h: RestoreContext, s: Socket, what: string, owner: InodeOwner | undefined): number {
   const n = s.netlink!;
   const where = `${what}: the ${protocolName(n.protocol)} socket${n.portId ? ` of port id ${n.portId}` : ' (unbound)'}`;
-  const sock = h.keep(addon().sockOpen(AF_NETLINK, s.type, n.protocol));
+  const sock = h.keep(addon().sockOpen(AF_NETLINK, s.type, n.protocol, owner));
   // Buffer sizes first: notifications may come as soon as it has joined.
   applyExtras(sock, s.options ?? [], OWN, false, where);
   for (const o of s.options ?? []) {

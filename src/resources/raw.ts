@@ -20,11 +20,12 @@
  * fresh socket of the kind, which only CAP_NET_RAW can make.
  */
 import { AppshotError } from '../errors.js';
-import type { Fd, Process, Socket } from '../image/types.js';
+import type { Fd, InodeOwner, Process, Socket } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RestoreContext } from './context.js';
 import { Unsupported } from './context.js';
 import { AF_INET, AF_INET6, makeSockaddr, parseSockaddr } from './sockaddr.js';
+import { ownerFor } from './files.js';
 
 export const SOCK_RAW = 3;
 const SOL_SOCKET = 1;
@@ -105,15 +106,16 @@ export function openRaw(h: RestoreContext, p: Process, fd: Fd): number {
   const what = `process ${p.vpid} fd ${fd.fd}`;
   const s = fd.socket;
   if (!s) throw new AppshotError(`corrupt image: ${what}: a raw socket without its state`);
-  const sock = h.once(`socket ${s.ino}`, () => make(h, s, `${what}: the ${rawName(s)}`));
+  const sock = h.once(`socket ${s.ino}`, () => make(h, s, `${what}: the ${rawName(s)}`, ownerFor(h, p, fd)));
   addon().setStatusFlags(sock, fd.flags);
   return sock;
 }
 
-function make(h: RestoreContext, s: Socket, what: string): number {
+/** `owner`: made with it (files.ts ownerFor). */
+function make(h: RestoreContext, s: Socket, what: string, owner: InodeOwner | undefined): number {
   let sock: number;
   try {
-    sock = h.keep(addon().sockOpen(s.family, SOCK_RAW, s.protocol ?? 0));
+    sock = h.keep(addon().sockOpen(s.family, SOCK_RAW, s.protocol ?? 0, owner));
   } catch (e) {
     const hint = (e as NodeJS.ErrnoException).code === 'EPERM' ? ' (a raw socket is made with CAP_NET_RAW)' : '';
     throw new AppshotError(`${what} cannot be made again: ${(e as Error).message}${hint}`);

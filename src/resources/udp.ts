@@ -23,13 +23,14 @@
  */
 import { closeSync, fstatSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
-import type { Fd, Process, Socket } from '../image/types.js';
+import type { Fd, InodeOwner, Process, Socket } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_INET, AF_INET6, isAddressOf, makeSockaddr, parseSockaddr } from './sockaddr.js';
 import { joinMemberships, membershipsProblem, readMemberships } from './multicast.js';
 import { queuedMessages, readOptions, refuseOwnFilter, setOptions, shut } from './unixdgram.js';
 import { applyExtras, applyMulticastIndex, extrasOf, IP_MULTICAST_IF_INDEX, isCarriedExtra, isMulticastIndex, noted, NOTHING_NOTED, type Notes, notesAgain, readExtras } from './sockopts.js';
+import { ownerFor } from './files.js';
 
 const SOCK_DGRAM = 2;
 const SOL_SOCKET = 1;
@@ -129,14 +130,15 @@ export function openUdp(h: RestoreContext, p: Process, fd: Fd): number {
   const what = `process ${p.vpid} fd ${fd.fd}`;
   const s = fd.socket;
   if (!s) throw new AppshotError(`corrupt image: ${what}: a UDP socket without its state`);
-  const sock = h.once(`socket ${s.ino}`, () => make(h, s, what));
+  const sock = h.once(`socket ${s.ino}`, () => make(h, s, what, ownerFor(h, p, fd)));
   addon().setStatusFlags(sock, fd.flags);
   return sock;
 }
 
-function make(h: RestoreContext, s: Socket, what: string): number {
+/** `owner`: made with it (files.ts ownerFor), before any bind. */
+function make(h: RestoreContext, s: Socket, what: string, owner: InodeOwner | undefined): number {
   check(s, what);
-  const sock = h.keep(addon().sockOpen(s.family, SOCK_DGRAM));
+  const sock = h.keep(addon().sockOpen(s.family, SOCK_DGRAM, 0, owner));
   const all = s.options ?? [];
   const extras = extrasOf(all, carried(s.family));
   const options = all.filter((o) => !extras.includes(o));

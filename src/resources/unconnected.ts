@@ -22,13 +22,14 @@
  */
 import { closeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
-import { type Fd, FdKind, type Process, type Socket } from '../image/types.js';
+import { type Fd, FdKind, type InodeOwner, type Process, type Socket } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RestoreContext } from './context.js';
 import { AF_INET, AF_INET6, AF_UNIX, makeSockaddr } from './sockaddr.js';
 import { applyExtras, isCarriedExtra, type SockKind } from './sockopts.js';
 import { clearSocketFile, restoreSocketFile } from './socketfile.js';
 import { socketHolderIdentities } from './fsident.js';
+import { ownerFor } from './files.js';
 
 const SOL_SOCKET = 1;
 const SO_REUSEADDR = 2;
@@ -100,19 +101,20 @@ export function openUnconnected(h: RestoreContext, p: Process, fd: Fd): number {
   const what = `process ${p.vpid} fd ${fd.fd}`;
   if (!s || fd.kind !== FdKind.UNCONNECTED_STREAM) throw new AppshotError(`corrupt image: ${what}: an unconnected socket without its state`);
   return h.once(`socket ${s.ino}`, () => {
-    const sock = h.keep(make(h, s, `${what}: the ${unconnectedName(s)}`));
+    const sock = h.keep(make(h, s, `${what}: the ${unconnectedName(s)}`, ownerFor(h, p, fd)));
     addon().setStatusFlags(sock, fd.flags);
     return sock;
   });
 }
 
-function make(h: RestoreContext, s: Socket, where: string): number {
+/** `owner`: made with it (files.ts ownerFor), before any bind. */
+function make(h: RestoreContext, s: Socket, where: string, owner: InodeOwner | undefined): number {
   const kind = optionKind(s.family);
   const options = s.options ?? [];
   for (const o of options)
     if (!isCarriedExtra(kind, s.family, OWN_FIELDS, o)) throw new AppshotError(`corrupt image: ${where} carries socket option ${o.level}/${o.name}, which appshot does not set`);
   if (s.family !== AF_UNIX && s.family !== AF_INET && s.family !== AF_INET6) throw new AppshotError(`corrupt image: ${where} is of address family ${s.family}`);
-  const sock = addon().sockOpen(s.family, s.type);
+  const sock = addon().sockOpen(s.family, s.type, 0, owner);
   try {
     if (s.reuseaddr) addon().setSockOpt(sock, SOL_SOCKET, SO_REUSEADDR, 1);
     if (s.reuseport) addon().setSockOpt(sock, SOL_SOCKET, SO_REUSEPORT, 1);
