@@ -638,5 +638,7 @@ export function addon(): Addon {
 }
 
 /** What tcpRead returns and tcpMake takes: a connection as the image
- * records it, less what only the image knows. */
-export type RepairedConnection = Omit<TcpConnection, 'ino' | 'closed' | 'socketOptions'>;
+ * records it, less what only the image knows; `owner` (tcpMake): its
+ * socket made with that fsuid and fsgid; `reuseport`: SO_REUSEPORT set
+ * before its bind. */
+export type RepairedConnection = Omit<TcpConnection, 'ino' | 'closed' | 'socketOptions'> & { owner?: InodeOwner; reuseport?: boolean };

@@ -531,6 +531,14 @@ describe.skipIf(process.getuid?.() !== 0)("who made a pipe or a socket, and who 
     await checksPass(aid, 3);
     restore(snapshot(aid, 'inodeowner-2'), ['--lazy']);
     await checksPass(aid, 3);
+    // A --leave-running image: its TCP connection (to itself) is made
+    // again in repair mode, not handed back by the keeper.
+    const left = snapshot(aid, 'inodeowner-3', ['--leave-running']);
+    sb.run(['stop', aid, '-s', 'KILL']);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+    expect(sb.run(['rm', aid]).code).toBe(0);
+    restore(left);
+    await checksPass(aid, 3);
     sb.run(['stop', aid, '-s', 'KILL']);
     await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
   });

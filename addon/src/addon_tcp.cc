@@ -169,6 +169,13 @@ bool ConnectionOf(const Napi::Env& env, const Napi::Value& v, tcp_conn& c) {
     c.rcv_wnd = U32(w.Get("rcvWnd"));
     c.rcv_wup = U32(w.Get("rcvWup"));
   }
+  c.reuseport = o.Get("reuseport").ToBoolean() ? 1 : 0;
+  Napi::Value owner = o.Get("owner");
+  if (owner.IsObject()) {
+    c.has_owner = 1;
+    c.owner_uid = U32(owner.As<Napi::Object>().Get("uid"));
+    c.owner_gid = U32(owner.As<Napi::Object>().Get("gid"));
+  }
   return true;
 }
 

@@ -5,6 +5,7 @@
  * its sequence numbers can be read and set, connect() makes it connected
  * without a handshake, and close() sends the peer nothing. */
 #define _GNU_SOURCE
+#include "peercred.h"
 #include "tcp_repair.h"
 
 #include <arpa/inet.h>
@@ -235,7 +236,8 @@ int tcp_conn_make(const tcp_conn* c, int* out, const char** step) {
     *step = "parsing the connection's addresses";
     return -EINVAL;
   }
-  int fd = socket(c->family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int fd = c->has_owner ? peercred_owned_socket(c->family, SOCK_STREAM | SOCK_CLOEXEC, 0, c->owner_uid, c->owner_gid)
+                        : socket(c->family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) FAIL("socket");
   int rc;
   uint32_t seq;
@@ -249,6 +251,11 @@ int tcp_conn_make(const tcp_conn* c, int* out, const char** step) {
    * packet once the socket is out of repair mode (tcp_conn_refin). */
   uint32_t recv_end = c->state == TCP_CLOSE_WAIT ? c->recv_seq - 1 : c->recv_seq;
   if ((rc = tcp_repair_set(fd, 1, step))) goto fail;
+  int one = 1;
+  if (c->reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one)) {
+    *step = "setting SO_REUSEPORT";
+    goto fail_errno;
+  }
   /* Repair mode lets the bind share the port with a listener (or with a
    * socket of the same port still closing). */
   if (bind(fd, (struct sockaddr*)&local, local_len)) {

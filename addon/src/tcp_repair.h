@@ -37,6 +37,15 @@ typedef struct {
   uint32_t timestamp;       /* TCP_TIMESTAMP: this socket's clock */
   int has_window;
   uint32_t snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup;
+  /* The socket's owner, as the application's process made it (its fsuid
+   * and fsgid: inode owner, sk_uid, file credentials); 0: appshot's. */
+  int has_owner;
+  uint32_t owner_uid, owner_gid;
+  /* SO_REUSEPORT, set before the bind: the kernel decides at bind whether
+   * the port's bucket still takes reuseport sockets (an accepted
+   * connection of a reuseport listener has it), and set later it would
+   * keep every new reuseport listener off the port (EADDRINUSE). */
+  int reuseport;
 } tcp_conn;
 
 /* TCP_REPAIR on (1) or off (0). */

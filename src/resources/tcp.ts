@@ -56,12 +56,13 @@ import { closeSync, fstatSync, readFileSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import { timed } from '../snapshot/profile.js';
-import type { Fd, Process, SocketOption, TcpConnection } from '../image/types.js';
+import type { Fd, InodeOwner, Process, SocketOption, TcpConnection } from '../image/types.js';
 import { addon, paths, type RepairedConnection } from '../native.js';
 import { descriptorLinks } from '../procfs.js';
 import { type RestoreContext, Transient, Unsupported } from './context.js';
 import type { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { applyExtras, extrasOf, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, refuseUlp } from './sockopts.js';
+import { ownerFor } from './files.js';
 
 const AF_INET = 2;
 const AF_INET6 = 10;
@@ -86,10 +87,16 @@ const TCP_REPAIR = 19;
  * chose for it (Nagle, keep-alive and its timing, a user timeout). Buffer
  * sizes are left to the kernel's tuning (the restore raises them only to
  * hold the queued bytes). */
+const SO_REUSEPORT = 15;
+
 const CARRIED_OPTIONS: [level: number, name: number][] = [
   [SOL_SOCKET, SO_REUSEADDR],
   [SOL_SOCKET, 9], // SO_KEEPALIVE
   [SOL_SOCKET, 10], // SO_OOBINLINE
+  // An accepted connection of a reuseport listener has it: set before the
+  // bind at restore (tcp_repair.c), or new reuseport listeners on the
+  // port are refused.
+  [SOL_SOCKET, SO_REUSEPORT],
   [IPPROTO_TCP, 1], // TCP_NODELAY
   [IPPROTO_TCP, 3], // TCP_CORK
   [IPPROTO_TCP, 4], // TCP_KEEPIDLE
@@ -477,7 +484,9 @@ export class ConnectionMaker {
   constructor(private readonly kept: KeptSockets) {}
 
   /** Our descriptor for connection `c`; `what` names its process and fd. */
-  open(c: TcpConnection | undefined, what: string): number {
+  /** `owner`: asked only for a socket made here, which is made with it
+   * (files.ts ownerFor). */
+  open(c: TcpConnection | undefined, what: string, owner?: () => InodeOwner | undefined): number {
     if (!c) throw new AppshotError(`corrupt image: ${what}: a TCP connection without its state`);
     const known = this.made.get(c.ino);
     if (known) return known.fd;
@@ -497,7 +506,10 @@ export class ConnectionMaker {
     }
     let fd: number;
     try {
-      fd = c.closed ? addon().tcpResetSocket(c.family) : addon().tcpMake(c);
+      const given = c.closed ? undefined : owner?.();
+      // SO_REUSEPORT before the bind (tcp_repair.c), the rest after.
+      const reuseport = c.socketOptions.some((o) => o.level === SOL_SOCKET && o.name === SO_REUSEPORT && o.value !== 0);
+      fd = c.closed ? addon().tcpResetSocket(c.family) : addon().tcpMake({ ...c, reuseport, ...(given ? { owner: given } : {}) });
     } catch (e) {
       const err = e as NodeJS.ErrnoException;
       const hint = err.code === 'EPERM' ? ' (TCP repair needs CAP_NET_ADMIN; a snapshot taken with --tcp-close restores without it)' : '';
@@ -556,7 +568,7 @@ export class ConnectionMaker {
 /** Our descriptor for the connection `fd` holds: made (in repair mode)
  * the first time one of its descriptors is asked for. */
 export function openConnection(h: RestoreContext, p: Process, fd: Fd): number {
-  const sock = h.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`);
+  const sock = h.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`, () => ownerFor(h, p, fd));
   addon().setStatusFlags(sock, fd.flags);
   return sock;
 }
