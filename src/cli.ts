@@ -6,7 +6,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { AppshotError, ExitCode } from './errors.js';
+import { AppshotError, ExitCode, printable } from './errors.js';
 import { type ApplicationInfo, describeApplications, ENTRY_FLAG_NAMES, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApps, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded } from './registry.js';
@@ -900,7 +900,7 @@ export function buildProgram(): Command {
  * got past validation, say): one line, never a stack trace, unless asked. */
 function reportInternalError(e: unknown): void {
   if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error)?.stack ?? String(e)}\n`);
-  const message = String((e as Error)?.message ?? e).split('\n')[0];
+  const message = printable(String((e as Error)?.message ?? e).split('\n')[0]);
   process.stderr.write(`appshot: internal error: ${message}${process.env.APPSHOT_DEBUG ? '' : ' (APPSHOT_DEBUG=1 shows the stack)'}\n`);
   setExitCode(ExitCode.internal);
 }
@@ -913,13 +913,13 @@ export function reportError(e: unknown): void {
     return;
   }
   if (e instanceof AppshotError) {
-    process.stderr.write(`appshot: ${e.message}\n`);
+    process.stderr.write(`appshot: ${printable(e.message)}\n`);
     setExitCode(e.exitCode);
     return;
   }
   const err = e as NodeJS.ErrnoException;
   if (err && typeof err.code === 'string' && err.syscall) {
-    process.stderr.write(`appshot: ${err.message}\n`);
+    process.stderr.write(`appshot: ${printable(err.message)}\n`);
     setExitCode(ExitCode.failure);
     return;
   }

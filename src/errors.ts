@@ -34,3 +34,14 @@ export class AppshotError extends Error {
     this.name = 'AppshotError';
   }
 }
+
+/**
+ * `text` as one line a terminal shows as it is: control characters
+ * (newlines, escapes, C1) written as \xNN. An error message may carry a
+ * name from an image or a stream, which anyone may have written: a
+ * newline in one would forge a second `appshot:` line, an escape sequence
+ * would drive the terminal (found by fuzzing).
+ */
+export function printable(text: string): string {
+  return text.replace(/[\x00-\x1f\x7f-\x9f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+}

@@ -203,6 +203,18 @@ export interface Registry {
 
 const AID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 
+/**
+ * Whether `path` is a directory of a clone's private copies in state
+ * directory `home`: `instances/AID.XXXXXXXX` (template/clone.ts), the only
+ * kind of directory a record's privateRoot may name, and `rm` removes. A
+ * record's privateRoot can come from an image, which anyone may have
+ * written (the fuzzing found `rm` removing what an image named).
+ */
+export function isPrivateRoot(home: string, path: string): boolean {
+  const name = basename(path);
+  return dirname(path) === join(home, 'instances') && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.[0-9a-f]{8}$/.test(name) && !name.includes('..');
+}
+
 export function checkAid(aid: string): void {
   if (!AID_PATTERN.test(aid))
     throw new AppshotError(
@@ -863,7 +875,9 @@ export class LocalRegistry implements Registry {
     for (const record of records) {
       try {
         this.release(record, { portsReleased: true });
-        if (record.privateRoot) rmSync(record.privateRoot, { recursive: true, force: true });
+        // Only a clone's own directory of private copies: a record's path
+        // came from an image (a hostile one could name any directory).
+        if (record.privateRoot && isPrivateRoot(this.home, record.privateRoot)) rmSync(record.privateRoot, { recursive: true, force: true });
         removeRedirTargets([...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? [])]);
         removed.add(record.aid);
         const commitPath = record.restore?.commitPath;

@@ -764,6 +764,46 @@ function netlinkCases(): [string, (image: Image) => void, string][] {
   ];
 }
 
+// Found by fuzzing restore with crafted images (session 32).
+describe('what a crafted image names is not acted on with the restorer\'s rights', () => {
+  it("a clone's private copies named outside this node's instances directory are not recorded: rm leaves that directory alone", async () => {
+    const victim = join(out, 'not-private-copies');
+    mkdirSync(victim, { recursive: true });
+    writeFileSync(join(victim, 'kept'), 'still here\n');
+    const dir = crafted('privroot', (i) => {
+      i.instance = { redirs: [], env: [], ...i.instance, privateRoot: `${victim}/../not-private-copies` };
+    });
+    const r = sb.run(['restore', dir, '--aid', 'privroot']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(sb.run(['rm', '-f', 'privroot']).code).toBe(0);
+    await waitFor(() => !sb.allAids().includes('privroot'), 10_000, 'privroot to be removed');
+    expect(readFileSync(join(victim, 'kept'), 'utf8')).toBe('still here\n');
+  });
+
+  it.each([
+    // Before, opened as root and handed to the process (its /etc/shadow).
+    ['a path outside /proc', '/etc/shadow', /corrupt image: it names "\/etc\/shadow" as a process's \/proc file$/],
+    ['a /proc path that climbs out', '/proc/2/../../etc/shadow', /corrupt image: process 2 fd 950 names "\/proc\/2\/\.\.\/\.\.\/etc\/shadow", which is not a plain absolute path$/],
+  ])("a descriptor of a process's /proc file naming %s is refused in one line", (_what, path, line) => {
+    const dir = crafted(`procvpid-${path.length}`, (i) => {
+      const base = i.processes[0].fds.find((f) => f.kind === 0)!;
+      i.processes[0].fds.push({ ...structuredClone(base), fd: 950, path, file: base.file, procVpid: i.processes[0].vpid, description: 0 });
+    });
+    refuses(['restore', dir], { code: 1, stderr: line });
+  });
+
+  it('a name with a newline or an escape sequence is printed escaped: no second line, nothing for the terminal', () => {
+    const dir = crafted('newline-aid', (i) => {
+      i.processes[0].fds.push({ ...structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!), fd: 951, path: '/nonexistent\nappshot: forged \x1b[31mred', file: -1, description: 0 });
+    });
+    const r = sb.run(['restore', dir]);
+    expect(r.code).not.toBe(0);
+    const lines = r.stderr.split('\n').filter((l) => l !== '');
+    expect(lines, r.stderr).toHaveLength(1);
+    expect(lines[0]).not.toContain('\x1b');
+  });
+});
+
 describe('crafted metadata (checksums and signature recomputed)', () => {
   const cases: [string, (image: Image) => void, string][] = [
     ['virtual PID 0', (i) => (i.processes[0].vpid = 0), 'a process has virtual PID 0'],

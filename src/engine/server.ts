@@ -32,7 +32,7 @@ import { join, resolve } from 'node:path';
 import { enginePaths } from '../home.js';
 import { ms as roundMs } from '../commands/json.js';
 import { addon } from '../native.js';
-import { AppshotError, ExitCode } from '../errors.js';
+import { AppshotError, ExitCode, printable } from '../errors.js';
 import { buildId, Frame, frame, type Control, type Request } from './protocol.js';
 import { currentRequest, requestStorage, type RequestContext } from './request.js';
 import { enableTemplateCache, templateCacheStats } from '../template/cache.js';
@@ -678,7 +678,7 @@ export async function serveEngine(opts: EngineOptions): Promise<number> {
     const r = currentRequest();
     engine.log(`uncaught: ${(e as Error)?.stack ?? e}`);
     if (r && !r.disconnected) {
-      const msg = e instanceof AppshotError ? e.message : `internal error: ${String((e as Error)?.message ?? e).split('\n')[0]}`;
+      const msg = printable(e instanceof AppshotError ? e.message : `internal error: ${String((e as Error)?.message ?? e).split('\n')[0]}`);
       r.write(2, Buffer.from(`appshot: ${msg}\n`));
       r.exitCode = e instanceof AppshotError ? e.exitCode : ExitCode.internal;
     }

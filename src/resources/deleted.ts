@@ -12,7 +12,9 @@ import { uniqueTag } from '../holder.js';
 import { closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, openSync, unlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
-import type { Fd, FileIdentity } from '../image/types.js';
+import { type Fd, FdKind, type FileIdentity } from '../image/types.js';
+import { isOwnSnapshot } from '../image/format.js';
+import { strangerId } from './creds.js';
 import { addon } from '../native.js';
 import type { DumpContext, RestoreContext } from './context.js';
 import { firstHolderIdentities } from './fsident.js';
@@ -74,8 +76,12 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
     const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
     h.copyPages(f, id.contents);
     ftruncateSync(f, Number(id.size));
-    giveOwner(f, id, index);
-    fchmodSync(f, id.mode & 0o7777);
+    const exact = giveOwner(h, f, id, index);
+    // Set-id bits only on the owner the image recorded, given exactly:
+    // on a stand-in they would make the file run as someone it never ran
+    // as (the fuzzing had a nobody image's file come back root's and
+    // set-user-ID).
+    fchmodSync(f, id.mode & (exact ? 0o7777 : 0o1777));
     if (id.seals) addon().addSeals(f, id.seals);
     return f;
   });
@@ -84,16 +90,30 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
 /** The file's owner as the image says (before its mode: a chown clears
  * set-id bits). Made by us, it is ours; one of another user (a server that
  * handed the file to a worker of its own user) is given away, which needs
- * the privilege such an application needs to be restored at all. */
-function giveOwner(f: number, id: FileIdentity, index: number): void {
-  if (id.uid === undefined || id.gid === undefined) return;
-  const st = fstatSync(f);
-  if (st.uid === id.uid && st.gid === id.gid) return;
-  try {
-    fchownSync(f, id.uid, id.gid);
-  } catch (e) {
-    throw new AppshotError(`deleted file ${index} (${id.path}) was owned by ${id.uid}:${id.gid}, which this restore cannot give it: ${(e as Error).message}`);
+ * the privilege such an application needs to be restored at all. From an
+ * image this node did not snapshot, an owner that none of its processes
+ * is is not given: its first holder's fsuid and fsgid are, and the
+ * restore says so. Whether the recorded owner was given exactly. */
+function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number): boolean {
+  if (id.uid === undefined || id.gid === undefined) return true;
+  let uid = id.uid;
+  let gid = id.gid;
+  const stranger = isOwnSnapshot(h.image) ? undefined : strangerId(h.image, uid, [gid]);
+  if (stranger) {
+    const holder = h.image.processes.find((p) => p.fds.some((x) => x.file === index && x.kind === FdKind.FILE)) ?? h.image.processes[0];
+    const c = holder.threads[0]?.creds ?? holder.creds;
+    [uid, gid] = [c.uid[3], c.gid[3]];
+    h.notKept.push(`deleted file ${index} (${id.path}): owned by uid ${id.uid} gid ${id.gid}, now uid ${uid} gid ${gid}'s, its holder's, without set-id bits (${stranger} is none of the image's processes')`);
   }
+  const st = fstatSync(f);
+  if (st.uid !== uid || st.gid !== gid) {
+    try {
+      fchownSync(f, uid, gid);
+    } catch (e) {
+      throw new AppshotError(`deleted file ${index} (${id.path}) was owned by ${uid}:${gid}, which this restore cannot give it: ${(e as Error).message}`);
+    }
+  }
+  return !stranger;
 }
 
 /** A memfd of the name, size and seals `name`, `size`, `seals` say (one

@@ -464,7 +464,12 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
   if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
   else if (fd.procVpid) {
     path = restoredProcPath(h, fd.path, fd.procVpid);
-    got = h.keep(openSync(path, plain));
+    // As its process would, as every other name: what /proc lets a
+    // process open of another's (mem, environ: ptrace access by its
+    // credentials) is the kernel's to say, not root's (the fuzzing had a
+    // crafted image's nobody process hold /etc/shadow, or appshot-init's
+    // memory read-write, through a descriptor that named it).
+    got = h.keep(openAsProcess(h, p, fd, path, plain));
     // A listing of mappings read part way: its place there is found once
     // the process's memory is as it will run (our descriptor shares the
     // offset with the application's).

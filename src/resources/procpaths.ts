@@ -54,6 +54,10 @@ function refuseOtherThreads(ctx: DumpContext, target: string, what: string): voi
  * the main thread's task directory follows it too. Another thread's is
  * refused at snapshot; an image that has one anyway is refused here. */
 export function restoredProcPath(h: RestoreContext, path: string, vpid: number): string {
+  // An image may come from anyone: a name under /proc/N, each component a
+  // plain one.
+  if (!PROC_PID.test(path) || path.split('/').some((c) => c === '..' || c === '.'))
+    throw new AppshotError(`corrupt image: it names ${JSON.stringify(path)} as a process's /proc file`);
   const pid = restoredPid(h, vpid);
   const task = PROC_TASK.exec(path);
   if (!task) return path.replace(PROC_PID, `/proc/${pid}`);

@@ -634,8 +634,8 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     h.keep(a);
     h.keep(b);
     h.ownerAfter.add(a).add(b);
-    if (s.queued.length) writeSync(b, s.queued);
-    if (peer.queued.length) writeSync(a, peer.queued);
+    if (s.queued.length) fillQueue(b, s.queued, `fd ${fd.fd}: a connected unix socket`);
+    if (peer.queued.length) fillQueue(a, peer.queued, `fd ${fd.fd}: a connected unix socket's peer`);
     // Seqpacket records, each whole.
     for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);
     for (const d of peer.datagrams ?? []) addon().sockSend(a, d.data, null);
@@ -654,6 +654,50 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
   return end;
 }
 
+const SOL_SOCKET = 1;
+const SO_SNDBUF = 7;
+const SO_SNDBUFFORCE = 32;
+const O_RDWR = 0o2;
+const O_NONBLOCK = 0o4000;
+
+/**
+ * Writes what was queued for an end into it through `sock`, the other end
+ * of ours, without ever blocking: an image may say any size, and a write
+ * the socket does not take would hang the restorer (the resident engine,
+ * and every command of its user with it: found by fuzzing). The sender's
+ * buffer is made room for first (what the application had in flight fit
+ * its own), then put back; what still does not fit is refused in one line.
+ */
+function fillQueue(sock: number, bytes: Buffer, where: string): void {
+  const before = addon().getSockOpt(sock, SOL_SOCKET, SO_SNDBUF);
+  // The kernel doubles what it is asked, and counts its own overhead.
+  const room = Math.min(bytes.length * 2 + 65536, 0x3fffffff);
+  try {
+    addon().setSockOpt(sock, SOL_SOCKET, SO_SNDBUFFORCE, room);
+  } catch {
+    addon().setSockOpt(sock, SOL_SOCKET, SO_SNDBUF, room); // capped by wmem_max without CAP_NET_ADMIN
+  }
+  addon().setStatusFlags(sock, O_RDWR | O_NONBLOCK);
+  let done = 0;
+  while (done < bytes.length) {
+    let n = 0;
+    try {
+      n = writeSync(sock, bytes, done, bytes.length - done);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e;
+    }
+    if (n <= 0) throw new AppshotError(`${where}: ${bytes.length} bytes were queued in it, more than it takes here (${done} did)`);
+    done += n;
+  }
+  addon().setStatusFlags(sock, O_RDWR);
+  // Put back: the kernel reports twice what was set.
+  try {
+    addon().setSockOpt(sock, SOL_SOCKET, SO_SNDBUFFORCE, Math.floor(before / 2));
+  } catch {
+    addon().setSockOpt(sock, SOL_SOCKET, SO_SNDBUF, Math.floor(before / 2));
+  }
+}
+
 /** A unix socket whose peer is gone: one end of a new pair, given what
  * it had not read through the other end, which is then closed, as its
  * peer was (the close shuts it down both ways, as before). */
@@ -665,7 +709,7 @@ function loneEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     h.keep(a);
     h.ownerAfter.add(a);
     try {
-      if (s.queued.length) writeSync(b, s.queued);
+      if (s.queued.length) fillQueue(b, s.queued, where);
       for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);
     } finally {
       closeSync(b);

@@ -24,7 +24,7 @@ import { awaitPagesCheck, type LoadedImage, loadImage, openPagesAsLoaded, parent
 import { portTable, type Process, type TimeOffsets, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
-import { type AppRecord, checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
+import { type AppRecord, checkAid, isPrivateRoot, type LocalRegistry, type PortBinding } from '../registry.js';
 import { applicationIds, environBlock } from '../resources/environ.js';
 import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js';
 import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
@@ -651,7 +651,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       logPath: join(stateDir, 'log'),
       ...(image.rules ? { rules: image.rules } : {}),
       ...(ownPorts.length ? { ports: ownPorts } : {}),
-      ...(image.instance?.privateRoot ? { privateRoot: image.instance.privateRoot } : {}),
+      // A clone's private copies, only if the image names this node's own
+      // directory of them (rm removes it): no other path an image gives
+      // is recorded.
+      ...(image.instance?.privateRoot && isPrivateRoot(reg.home, image.instance.privateRoot) ? { privateRoot: image.instance.privateRoot } : {}),
       ...(opts.recordImage !== undefined ? { image: opts.recordImage } : {}),
       ...opts.instance?.record,
       // What it takes over of the snapshot that ended its AID, said in
