@@ -794,13 +794,14 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
 
   it('a name with a newline or an escape sequence is printed escaped: no second line, nothing for the terminal', () => {
     const dir = crafted('newline-aid', (i) => {
-      i.processes[0].fds.push({ ...structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!), fd: 951, path: '/nonexistent\nappshot: forged \x1b[31mred', file: -1, description: 0 });
+      i.aid = 'x\nappshot: forged \x1b[31mred';
     });
     const r = sb.run(['restore', dir]);
     expect(r.code).not.toBe(0);
     const lines = r.stderr.split('\n').filter((l) => l !== '');
     expect(lines, r.stderr).toHaveLength(1);
     expect(lines[0]).not.toContain('\x1b');
+    expect(lines[0]).toContain('x\\x0aappshot: forged \\x1b[31mred');
   });
 });
 
