@@ -653,7 +653,7 @@ export function buildProgram(): Command {
         display.end();
       }
       print(result);
-      for (const n of result.notKept) process.stderr.write(`appshot: warning: not kept: ${n}\n`);
+      for (const n of result.notKept) process.stderr.write(`appshot: warning: not kept: ${printable(n)}\n`);
     });
 
   const template = program
@@ -709,7 +709,7 @@ export function buildProgram(): Command {
         const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
         process.stderr.write(`appshot: template '${summary.name}': ${plural(summary.verdicts.length, 'resource')} (${counts})\n`);
         // What the rules leave shared is worth a warning; the rest `show` lists.
-        for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${s.what}; ${s.fix}\n`);
+        for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${printable(`${s.what}; ${s.fix}`)}\n`);
         for (const u of summary.unmatched ?? []) process.stderr.write(`appshot: warning: rule ${u.rule} matches nothing in this snapshot: ${u.text}\n`);
       }
     });

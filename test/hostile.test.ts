@@ -780,8 +780,21 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     expect(readFileSync(join(victim, 'kept'), 'utf8')).toBe('still here\n');
   });
 
+  it('a REDIR PATH target that climbs out is refused before anything is made, and nothing is removed', () => {
+    const victim = join(out, 'redir-victim');
+    mkdirSync(victim, { recursive: true });
+    writeFileSync(join(victim, 'kept'), 'still here\n');
+    const dir = crafted('redir-climb', (i) => {
+      i.instance = { env: [], privateRoot: '', ...i.instance, redirs: [{ kind: 'path', from: '/nonexistent/appshot-redir', to: `${out}/made/../redir-victim/x` }] };
+    });
+    refuses(['restore', dir], { code: 1, stderr: /REDIR PATH target ".*\/made\/\.\.\/redir-victim\/x" is not a plain absolute path$/ });
+    expect(readFileSync(join(victim, 'kept'), 'utf8')).toBe('still here\n');
+    expect(existsSync(join(out, 'made'))).toBe(false);
+  });
+
   it.each([
     // Before, opened as root and handed to the process (its /etc/shadow).
+    ['a path through a magic link', '/proc/2/root/etc/shadow', /corrupt image: it names "\/proc\/2\/root\/etc\/shadow" as a process's \/proc file$/],
     ['a path outside /proc', '/etc/shadow', /corrupt image: it names "\/etc\/shadow" as a process's \/proc file$/],
     ['a /proc path that climbs out', '/proc/2/../../etc/shadow', /corrupt image: process 2 fd 950 names "\/proc\/2\/\.\.\/\.\.\/etc\/shadow", which is not a plain absolute path$/],
   ])("a descriptor of a process's /proc file naming %s is refused in one line", (_what, path, line) => {

@@ -81,7 +81,10 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
     // on a stand-in they would make the file run as someone it never ran
     // as (the fuzzing had a nobody image's file come back root's and
     // set-user-ID).
-    fchmodSync(f, id.mode & (exact ? 0o7777 : 0o1777));
+    // (An image without the owner, an older one's, has them only from
+    // this node's own snapshot.)
+    const setId = exact && (id.uid !== undefined || isOwnSnapshot(h.image));
+    fchmodSync(f, id.mode & (setId ? 0o7777 : 0o1777));
     if (id.seals) addon().addSeals(f, id.seals);
     return f;
   });

@@ -5,7 +5,7 @@
  * and make the directories the rewritten paths lead into.
  */
 import { uniqueTag } from '../holder.js';
-import { chmodSync, closeSync, constants as fsConstants, cpSync, existsSync, fchmodSync, fchownSync, fstatSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, readSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { chmodSync, closeSync, constants as fsConstants, cpSync, realpathSync, existsSync, fchmodSync, fchownSync, fstatSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, readSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { dirname, join } from 'node:path';
 import type { InstanceConfig } from '../native.js';
@@ -143,6 +143,10 @@ export function prepareRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[]
   const made: MadeDir[] = [];
   for (const r of redirs) {
     if (r.kind !== 'path') continue;
+    // An image's (or rules') name: what is made here is removed later, so
+    // it must be the directory it says (a `..` had a restore's removal take
+    // any directory: found by review).
+    if (!plainAbsolute(r.to)) throw new AppshotError(`REDIR PATH target ${JSON.stringify(r.to)} is not a plain absolute path`);
     let isDir = false;
     try {
       isDir = statSync(r.from).isDirectory();
@@ -156,10 +160,24 @@ export function prepareRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[]
   return made;
 }
 
+/** An absolute path with no empty, `.` or `..` component. */
+function plainAbsolute(path: string): boolean {
+  return path.startsWith('/') && path.length > 1 && !path.endsWith('/') && path.slice(1).split('/').every((c) => c !== '' && c !== '.' && c !== '..');
+}
+
 /** Undoes prepareRedirTargets: each leaf, then its parents up to the top
  * while they are empty (another instance may have made its own beside). */
 export function removeRedirTargets(made: MadeDir[]): void {
   for (const { top, leaf } of made) {
+    // What a record says was made: only a leaf at or under its top, both
+    // plain, and reached through no symlink now (a directory on the way
+    // swapped for a symlink to /root would have the removal follow it).
+    if (!plainAbsolute(top) || !plainAbsolute(leaf) || (leaf !== top && !leaf.startsWith(`${top}/`))) continue;
+    try {
+      if (realpathSync(leaf) !== leaf) continue;
+    } catch {
+      continue; // gone already
+    }
     rmSync(leaf, { recursive: true, force: true });
     for (let dir = dirname(leaf); dir.length >= top.length && dir.startsWith(top); dir = dirname(dir))
       try {

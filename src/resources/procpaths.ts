@@ -56,7 +56,11 @@ function refuseOtherThreads(ctx: DumpContext, target: string, what: string): voi
 export function restoredProcPath(h: RestoreContext, path: string, vpid: number): string {
   // An image may come from anyone: a name under /proc/N, each component a
   // plain one.
-  if (!PROC_PID.test(path) || path.split('/').some((c) => c === '..' || c === '.'))
+  // Nor one through a magic link (root, cwd, fd, exe, map_files, ns): the
+  // kernel names what those lead to, never them, so a snapshot never
+  // records one, and followed by root they reach past the process's own
+  // rights.
+  if (!PROC_PID.test(path) || path.split('/').some((c) => c === '..' || c === '.') || /^\/proc\/\d+(\/task\/\d+)?\/(root|cwd|fd|exe|map_files|ns)(\/|$)/.test(path))
     throw new AppshotError(`corrupt image: it names ${JSON.stringify(path)} as a process's /proc file`);
   const pid = restoredPid(h, vpid);
   const task = PROC_TASK.exec(path);

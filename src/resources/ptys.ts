@@ -21,7 +21,7 @@
  * right after its setsid, before its children are forked, so that they
  * inherit it; its foreground group is set once every group is made.
  */
-import { closeSync, constants as fs, openSync, readSync, writeSync } from 'node:fs';
+import { closeSync, constants as fs, openSync, readFileSync, readSync, writeSync } from 'node:fs';
 import { procText } from '../procfs.js';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
@@ -98,6 +98,34 @@ function queuedAtLeast(fd: number, n: number): void {
 const PTY_SETTLE_MS = 500;
 const settleClock = new Int32Array(new SharedArrayBuffer(4));
 
+/** Writes `bytes` into one end of a pty of ours without ever blocking: a
+ * terminal takes some tens of KiB unread, and an image may say more; a
+ * write that waited would hang the restorer (the resident engine, and
+ * every command of its user: found by review). What does not fit is
+ * refused in one line. */
+function writeAll(fd: number, bytes: Buffer, what: string): void {
+  // As the description had them after (at a snapshot it is the
+  // application's own: fdinfo of our descriptor of it tells).
+  const flags = parseInt(/^flags:\s*([0-7]+)$/m.exec(readFileSync(`/proc/self/fdinfo/${fd}`, 'latin1'))?.[1] ?? '2', 8) & ~0o2000000;
+  addon().setStatusFlags(fd, flags | O_NONBLOCK);
+  try {
+    let done = 0;
+    while (done < bytes.length) {
+      let n = 0;
+      try {
+        n = writeSync(fd, bytes, done, bytes.length - done);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e;
+      }
+      if (n <= 0) throw new AppshotError(`a terminal's ${bytes.length} bytes of ${what} do not fit in a terminal here (${done} did)`);
+      done += n;
+    }
+  } finally {
+    addon().setStatusFlags(fd, flags);
+  }
+}
+const O_NONBLOCK = 0o4000;
+
 /** Writes `input` (for the slave's reader) and `output` (for the master's)
  * into a pair whose slave has `termios`, processed as they were already. */
 function refill(master: number, slave: number, termios: Buffer, input: Buffer, output: Buffer): void {
@@ -108,8 +136,8 @@ function refill(master: number, slave: number, termios: Buffer, input: Buffer, o
   quiet.writeUInt32LE(quiet.readUInt32LE(12) & ~LFLAG_QUIET, 12);
   addon().ioctl(slave, TCSETS, quiet);
   try {
-    if (output.length) writeSync(slave, output);
-    if (input.length) writeSync(master, input);
+    if (output.length) writeAll(slave, output, 'output');
+    if (input.length) writeAll(master, input, 'input');
     // What one end writes reaches the other's line discipline later, from
     // a kernel worker (the tty's flip buffer): until it has, the reader
     // finds nothing queued (a restored reader that looked at once saw 0 of
