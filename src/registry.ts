@@ -211,8 +211,21 @@ const AID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
  * written (the fuzzing found `rm` removing what an image named).
  */
 export function isPrivateRoot(home: string, path: string): boolean {
+  return dirname(path) === join(home, 'instances') && isPrivateRootName(path);
+}
+
+/** Whether `path` has the shape of a clone's private copies directory in
+ * some state directory (`…/instances/AID.XXXXXXXX`, every component plain):
+ * what a template's image may name (templates travel between nodes). */
+export function isPrivateRootName(path: string): boolean {
   const name = basename(path);
-  return dirname(path) === join(home, 'instances') && /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.[0-9a-f]{8}$/.test(name) && !name.includes('..');
+  return (
+    path.startsWith('/') &&
+    path.slice(1).split('/').every((c) => c !== '' && c !== '.' && c !== '..') &&
+    basename(dirname(path)) === 'instances' &&
+    /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.[0-9a-f]{8}$/.test(name) &&
+    !name.includes('..')
+  );
 }
 
 export function checkAid(aid: string): void {

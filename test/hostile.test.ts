@@ -780,6 +780,18 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     expect(readFileSync(join(victim, 'kept'), 'utf8')).toBe('still here\n');
   });
 
+  it("template create of an image naming another directory as a clone's private copies is refused, nothing copied", () => {
+    const secret = join(out, 'not-copies');
+    mkdirSync(secret, { recursive: true });
+    writeFileSync(join(secret, 'key'), 'private\n');
+    const dir = crafted('privroot-template', (i) => {
+      i.instance = { redirs: [], env: [], ...i.instance, privateRoot: secret };
+    });
+    const tpl = join(out, 'privroot.template');
+    refuses(['template', 'create', dir, '-o', tpl], { code: 1, stderr: /corrupt image: .* names ".*\/not-copies" as a clone's private copies, which is not a directory of them$/ });
+    expect(existsSync(tpl)).toBe(false);
+  });
+
   it('a REDIR PATH target that climbs out is refused before anything is made, and nothing is removed', () => {
     const victim = join(out, 'redir-victim');
     mkdirSync(victim, { recursive: true });

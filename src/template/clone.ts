@@ -27,7 +27,7 @@ import { PARTS } from '../image/format.js';
 import type { Action } from '../image/types.js';
 import { addon, type InstanceConfig } from '../native.js';
 import { signalProcesses } from '../inspect.js';
-import { checkAid, type LocalRegistry, type PortBinding } from '../registry.js';
+import { checkAid, isPrivateRootName, type LocalRegistry, type PortBinding } from '../registry.js';
 import { applicationEnv } from '../harness.js';
 import { cloneIdentity, runIdentityHooks, withIdentityEnv } from '../resources/identity.js';
 import { checkPrivileges, type InstancePlan, restore } from '../restore/driver.js';
@@ -316,7 +316,9 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
     // Checked once for the whole batch: the node, and the files it maps
     // (but for a clone's private copies, which the template carries).
     const layer = t.loaded.image.instance?.privateRoot;
-    const carried = layer && existsSync(join(t.path, PRIVATE_DIR)) ? (path: string) => path.startsWith(layer + '/') : undefined;
+    // (Only under a directory shaped as a clone's own: a crafted image's
+    // "/" would have every mapped file go unchecked.)
+    const carried = layer && isPrivateRootName(layer) && existsSync(join(t.path, PRIVATE_DIR)) ? (path: string) => path.startsWith(layer + '/') : undefined;
     const verifying = now();
     verifyImage(t.loaded.image, carried);
     debug('node and mapped files checked in', verifying);

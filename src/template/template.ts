@@ -21,6 +21,7 @@ import { classify, refusals, type UnmatchedRule, unmatchedRules } from './classi
 import { loadRules, parseRules, type RulesFile } from './rules.js';
 import { cachedTemplate } from './cache.js';
 import type { ByteProgress } from '../progress.js';
+import { isPrivateRootName } from '../registry.js';
 
 export const TEMPLATE_PART = 'template.pb';
 /** A template made of a clone: that clone's private copies, as they were
@@ -168,6 +169,10 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
       // A clone's private copies, if its rules give it any (one without
       // copy-on-write or duplicate rules never has the directory).
       const privateRoot = image.instance?.privateRoot;
+      // An image may name any directory: only one shaped as a clone's own
+      // is copied into the template (and so into every clone).
+      if (privateRoot && !isPrivateRootName(privateRoot))
+        throw new AppshotError(`corrupt image: ${imagePath} names ${JSON.stringify(privateRoot)} as a clone's private copies, which is not a directory of them`);
       const hasCopies = !!privateRoot && (image.instance?.redirs ?? []).some((r) => r.to.startsWith(`${privateRoot}/`));
       if (privateRoot && (hasCopies || existsSync(privateRoot))) {
         if (!existsSync(privateRoot))
