@@ -8,6 +8,10 @@ namespace appshot {
 // Throws a JS Error carrying the errno name as `code`, like Node's own fs
 // errors, so the CLI can turn it into one clear message.
 void ThrowErrno(const Napi::Env& env, const std::string& what, int err);
+// socket(2), made with `owner`'s fsuid and fsgid when it is a {uid, gid}
+// object (peercred.c peercred_owned_socket), else as appshot: -1 with
+// errno on failure (addon_restore.cc).
+int OwnedSocket(const Napi::Value& owner, int family, int type, int protocol);
 // The ptrace, page-data and kernel-state readers (addon_trace.cc).
 void RegisterTrace(Napi::Env env, Napi::Object exports);
 // Objects the restore driver creates and hands over (addon_restore.cc).

@@ -16,7 +16,6 @@
 
 #include <vector>
 
-#include "peercred.h"
 #include "addon.h"
 #include "addon_fsident.h"
 
@@ -62,10 +61,7 @@ Napi::Value PeerName(const Napi::CallbackInfo& info) {
 // owner {uid, gid}: made with that fsuid and fsgid (peercred.c).
 Napi::Value SockOpen(const Napi::CallbackInfo& info) {
   int protocol = info.Length() > 2 && info[2].IsNumber() ? Int(info[2]) : 0;
-  Napi::Value owner = info.Length() > 3 ? info[3] : info.Env().Undefined();
-  int fd = owner.IsObject() ? peercred_owned_socket(Int(info[0]), Int(info[1]) | SOCK_CLOEXEC, protocol, owner.As<Napi::Object>().Get("uid").As<Napi::Number>().Uint32Value(),
-                                                    owner.As<Napi::Object>().Get("gid").As<Napi::Number>().Uint32Value())
-                            : socket(Int(info[0]), Int(info[1]) | SOCK_CLOEXEC, protocol);
+  int fd = OwnedSocket(info.Length() > 3 ? info[3] : info.Env().Undefined(), Int(info[0]), Int(info[1]) | SOCK_CLOEXEC, protocol);
   if (fd < 0) {
     ThrowErrno(info.Env(), "socket", errno);
     return info.Env().Undefined();

@@ -283,7 +283,19 @@ Napi::Value AddSeals(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-static bool PeerCredArg(const Napi::Value& v, struct peercred* out, std::vector<uint32_t>& store, bool* given);
+}  // namespace
+
+namespace appshot {
+int OwnedSocket(const Napi::Value& owner, int family, int type, int protocol) {
+  if (!owner.IsObject()) return socket(family, type, protocol);
+  Napi::Object o = owner.As<Napi::Object>();
+  return peercred_owned_socket(family, type, protocol, o.Get("uid").As<Napi::Number>().Uint32Value(), o.Get("gid").As<Napi::Number>().Uint32Value());
+}
+}  // namespace appshot
+
+namespace {
+
+using appshot::OwnedSocket;
 
 // listenSocket({family, type, address, port, backlog, reuseaddr, reuseport, v6only, early?, peerCred?}) -> fd
 // peerCred: a unix listener listens with those credentials (peercred.c).
@@ -293,10 +305,7 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
   int family = Int(o.Get("family")), type = Int(o.Get("type"));
   std::string address = o.Get("address").As<Napi::String>().Utf8Value();
   int port = Int(o.Get("port")), backlog = Int(o.Get("backlog"));
-  Napi::Value owner = o.Has("owner") ? o.Get("owner") : env.Undefined();
-  int fd = owner.IsObject() ? peercred_owned_socket(family, type | SOCK_CLOEXEC, 0, owner.As<Napi::Object>().Get("uid").As<Napi::Number>().Uint32Value(),
-                                                    owner.As<Napi::Object>().Get("gid").As<Napi::Number>().Uint32Value())
-                            : socket(family, type | SOCK_CLOEXEC, 0);
+  int fd = OwnedSocket(o.Has("owner") ? o.Get("owner") : env.Undefined(), family, type | SOCK_CLOEXEC, 0);
   if (fd < 0) {
     ThrowErrno(env, "socket", errno);
     return env.Undefined();

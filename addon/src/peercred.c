@@ -171,7 +171,8 @@ static int accept_ours(int listener) {
   pid_t self = getpid();
   for (;;) {
     int s = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
-    if (s < 0) return errno == EINTR ? accept_ours(listener) : -errno;
+    if (s < 0 && errno == EINTR) continue;
+    if (s < 0) return -errno;
     struct ucred u;
     socklen_t len = sizeof u;
     if (getsockopt(s, SOL_SOCKET, SO_PEERCRED, &u, &len) == 0 && u.pid == self) return s;

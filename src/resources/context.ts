@@ -167,6 +167,28 @@ export class DumpContext {
 }
 
 /** "process 3 (server)": how messages name a process, by its virtual PID. */
+/**
+ * Writes `bytes` into non-blocking descriptor `fd` until they are all in or
+ * it would block: how many went in. A restore fills a socket's or a
+ * terminal's queue with what an image says it held, and a write that
+ * waited would hang the restorer (the resident engine, and every command
+ * of its user with it); the caller refuses what does not fit.
+ */
+export function writeWhatFits(fd: number, bytes: Buffer): number {
+  let done = 0;
+  while (done < bytes.length) {
+    let n = 0;
+    try {
+      n = writeSync(fd, bytes, done, bytes.length - done);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e;
+    }
+    if (n <= 0) break;
+    done += n;
+  }
+  return done;
+}
+
 export function nameProcess(vpid: number, comm: string): string {
   return `process ${vpid} (${comm})`;
 }

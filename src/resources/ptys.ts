@@ -21,13 +21,13 @@
  * right after its setsid, before its children are forked, so that they
  * inherit it; its foreground group is set once every group is made.
  */
-import { closeSync, constants as fs, openSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { closeSync, constants as fs, openSync, readFileSync, readSync } from 'node:fs';
 import { procText } from '../procfs.js';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Process, type PtyPair } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
-import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
+import { type DumpContext, nameProcess, type RestoreContext, Unsupported, writeWhatFits } from './context.js';
 
 const TCGETS = 0x5401;
 const TCSETS = 0x5402;
@@ -109,17 +109,8 @@ function writeAll(fd: number, bytes: Buffer, what: string): void {
   const flags = parseInt(/^flags:\s*([0-7]+)$/m.exec(readFileSync(`/proc/self/fdinfo/${fd}`, 'latin1'))?.[1] ?? '2', 8) & ~0o2000000;
   addon().setStatusFlags(fd, flags | O_NONBLOCK);
   try {
-    let done = 0;
-    while (done < bytes.length) {
-      let n = 0;
-      try {
-        n = writeSync(fd, bytes, done, bytes.length - done);
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e;
-      }
-      if (n <= 0) throw new AppshotError(`a terminal's ${bytes.length} bytes of ${what} do not fit in a terminal here (${done} did)`);
-      done += n;
-    }
+    const done = writeWhatFits(fd, bytes);
+    if (done < bytes.length) throw new AppshotError(`a terminal's ${bytes.length} bytes of ${what} do not fit in a terminal here (${done} did)`);
   } finally {
     addon().setStatusFlags(fd, flags);
   }

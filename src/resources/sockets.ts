@@ -32,11 +32,11 @@
  * record. The connections waiting in its accept queue stay there meanwhile.
  */
 import { dumpRaw, SOCK_RAW } from './raw.js';
-import { closeSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Image, type PeerCred, type Process, type Socket, type SocketOption, verdictRef, virtualPort } from '../image/types.js';
-import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
+import { type DumpContext, nameProcess, type RestoreContext, Unsupported, writeWhatFits } from './context.js';
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
@@ -678,17 +678,8 @@ function fillQueue(sock: number, bytes: Buffer, where: string): void {
     addon().setSockOpt(sock, SOL_SOCKET, SO_SNDBUF, room); // capped by wmem_max without CAP_NET_ADMIN
   }
   addon().setStatusFlags(sock, O_RDWR | O_NONBLOCK);
-  let done = 0;
-  while (done < bytes.length) {
-    let n = 0;
-    try {
-      n = writeSync(sock, bytes, done, bytes.length - done);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e;
-    }
-    if (n <= 0) throw new AppshotError(`${where}: ${bytes.length} bytes were queued in it, more than it takes here (${done} did)`);
-    done += n;
-  }
+  const done = writeWhatFits(sock, bytes);
+  if (done < bytes.length) throw new AppshotError(`${where}: ${bytes.length} bytes were queued in it, more than it takes here (${done} did)`);
   addon().setStatusFlags(sock, O_RDWR);
   // Put back: the kernel reports twice what was set.
   try {
