@@ -817,6 +817,63 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     refuses(['restore', dir], { code: 1, stderr: line });
   });
 
+  // A SysV key or a named POSIX queue made under another user's name
+  // squats the name a service of theirs uses (fuzz32: root restored a
+  // crafted image's objects with whatever owner it said).
+  const unlinkQueue = (name: string) => {
+    try {
+      addon().mqUnlink(name);
+    } catch {
+      // not made
+    }
+  };
+  it.skipIf(process.getuid?.() !== 0)("SysV objects and a POSIX queue owned by a uid none of the image's processes has: given exactly from this node's snapshot, the first process's own ids from another node's, and the restore says so", () => {
+    const queue = `/appshot-hostile-owner-${process.pid}`;
+    const withObjects = (i: Image) => {
+      const owner = { uid: 4242, gid: 4243 };
+      i.semaphores.push({ vid: 7001, vkey: 0, mode: 0o604, ...owner, values: [7, 8, 9], vpids: [0, 0, 0] });
+      i.msgQueues.push({ vid: 7002, vkey: 0, mode: 0o604, ...owner, qbytes: 16384n, messages: [], lsvpid: 0, lrvpid: 0 });
+      (i.posixQueues ??= []).push({ name: queue, deleted: false, maxmsg: 4n, msgsize: 64n, mode: 0o604, ...owner, messages: [], notifyVpid: 0 });
+      const base = i.processes[0].fds.find((f) => f.kind === 0)!;
+      i.processes[0].fds.push({ ...structuredClone(base), fd: 960, kind: FdKind.MQUEUE, path: queue, file: -1, description: 0, flags: 0o2, mqueue: i.posixQueues.length - 1 });
+    };
+    const owners = (aid: string) => {
+      const tables = readdirSync('/dev/shm').filter((n) => n.startsWith('appshot-')).map((f) => addon().readTables(join('/dev/shm', f))).find((t) => t.aid === aid)!;
+      const sysv = (kind: 'sem' | 'msg', id: number) => readFileSync(`/proc/sysvipc/${kind}`, 'utf8').split('\n').map((l) => l.trim().split(/\s+/)).find((c) => Number(c[1]) === id)!;
+      const sem = sysv('sem', tables.tables.semid.find((e) => e.virtual === 7001)!.system);
+      const msg = sysv('msg', tables.tables.msgid.find((e) => e.virtual === 7002)!.system);
+      const mq = statSync(`/proc/${sb.systemPid(aid)}/fd/960`);
+      // sem: key semid perms nsems uid gid; msg: key msqid perms cbytes qnum lspid lrpid uid gid.
+      return { sem: `${sem[4]}:${sem[5]}`, msg: `${msg[7]}:${msg[8]}`, mq: `${mq.uid}:${mq.gid}` };
+    };
+    try {
+      const own = crafted('owners-own', withObjects);
+      const r = sb.run(['restore', own, '--aid', 'owners-own', '--json']);
+      expect(r.code, r.stderr).toBe(0);
+      expect(owners('owners-own')).toEqual({ sem: '4242:4243', msg: '4242:4243', mq: '4242:4243' });
+      expect(sb.run(['rm', '-f', 'owners-own']).code).toBe(0);
+      unlinkQueue(queue);
+
+      const image = structuredClone(goodImage);
+      withObjects(image);
+      const foreign = writeImage('owners-foreign', encodeImage(image), other.home);
+      const f = sb.run(['restore', foreign, '--aid', 'owners-foreign', '--trust-image', '--json']);
+      expect(f.code, f.stderr).toBe(0);
+      const c = goodImage.processes[0].creds;
+      const first = `${c.uid[1]}:${c.gid[1]}`;
+      expect(owners('owners-foreign')).toEqual({ sem: first, msg: first, mq: `${c.uid[3]}:${c.gid[3]}` });
+      const notKept = (JSON.parse(f.stdout) as { notKept: string[] }).notKept.join('\n');
+      expect(notKept).toMatch(/^semaphore set 7001: owned by uid 4242 gid 4243, now uid \d+ gid \d+'s, the application's first process's \(uid 4242 is none of the image's processes'\)$/m);
+      expect(notKept).toMatch(/^message queue 7002: owned by uid 4242 gid 4243, now/m);
+      expect(notKept).toMatch(new RegExp(`^the POSIX message queue ${queue}: owned by uid 4242 gid 4243, now uid \\d+ gid \\d+'s, process \\d+'s \\(uid 4242 is none of the image's processes'\\)$`, 'm'));
+      expect(sb.run(['rm', '-f', 'owners-foreign']).code).toBe(0);
+    } finally {
+      sb.run(['rm', '-f', 'owners-own']);
+      sb.run(['rm', '-f', 'owners-foreign']);
+      unlinkQueue(queue);
+    }
+  });
+
   it('a name with a newline or an escape sequence is printed escaped: no second line, nothing for the terminal', () => {
     const dir = crafted('newline-aid', (i) => {
       i.aid = 'x\nappshot: forged \x1b[31mred';

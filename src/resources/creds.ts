@@ -27,6 +27,7 @@
  */
 import { procText } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
+import { isOwnSnapshot } from '../image/format.js';
 import { type Creds, type Image, type InodeOwner, type PeerCred, type Process, type SeccompFilter, type Vma, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -333,6 +334,21 @@ export function strangerId(image: Image, uid: number, gids: number[]): string | 
   if (!uids.has(uid)) return `uid ${uid}`;
   const g = gids.find((x) => !known.has(x));
   return g === undefined ? undefined : `gid ${g}`;
+}
+
+/**
+ * Why the restore of `image` must not vouch for uid `uid` and groups
+ * `gids` in an object it makes for the application (its owner, or the
+ * identity a unix peer sees), or undefined if it may. An image this node
+ * snapshotted says what the kernel showed; any other may name no identity
+ * that none of its own threads has: a root restore of a crafted image
+ * would otherwise hand out root's (or anyone's) objects. Callers give
+ * the holding process's own ids instead and say so (notKept).
+ */
+export function strangeOwner(image: Image, uid: number, gids: number[]): string | undefined {
+  if (isOwnSnapshot(image)) return undefined;
+  const stranger = strangerId(image, uid, gids);
+  return stranger && `${stranger} is none of the image's processes'`;
 }
 
 /** Threads of a process with their creds (an older image: the process's). */

@@ -14,7 +14,7 @@ import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type FileIdentity } from '../image/types.js';
 import { isOwnSnapshot } from '../image/format.js';
-import { strangerId } from './creds.js';
+import { strangeOwner } from './creds.js';
 import { addon } from '../native.js';
 import type { DumpContext, RestoreContext } from './context.js';
 import { firstHolderIdentities } from './fsident.js';
@@ -101,12 +101,12 @@ function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number
   if (id.uid === undefined || id.gid === undefined) return true;
   let uid = id.uid;
   let gid = id.gid;
-  const stranger = isOwnSnapshot(h.image) ? undefined : strangerId(h.image, uid, [gid]);
+  const stranger = strangeOwner(h.image, uid, [gid]);
   if (stranger) {
     const holder = h.image.processes.find((p) => p.fds.some((x) => x.file === index && x.kind === FdKind.FILE)) ?? h.image.processes[0];
     const c = holder.threads[0]?.creds ?? holder.creds;
     [uid, gid] = [c.uid[3], c.gid[3]];
-    h.notKept.push(`deleted file ${index} (${id.path}): owned by uid ${id.uid} gid ${id.gid}, now uid ${uid} gid ${gid}'s, its holder's, without set-id bits (${stranger} is none of the image's processes')`);
+    h.notKept.push(`deleted file ${index} (${id.path}): owned by uid ${id.uid} gid ${id.gid}, now uid ${uid} gid ${gid}'s, its holder's, without set-id bits (${stranger})`);
   }
   const st = fstatSync(f);
   if (st.uid !== uid || st.gid !== gid) {

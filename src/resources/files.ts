@@ -20,7 +20,7 @@ import { timed } from '../snapshot/profile.js';
 import { type Fd, FdKind, type InodeOwner, type Process, verdictRef } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
-import { inodeOwnerRefusal, ownCreds, strangerId } from './creds.js';
+import { inodeOwnerRefusal, ownCreds, strangeOwner } from './creds.js';
 import { readLimits } from './limits.js';
 import { fsIdentity, identitiesFor, refusedAsProcess, reopenHeld } from './fsident.js';
 import { isOwnSnapshot } from '../image/format.js';
@@ -417,8 +417,7 @@ export function ownerFor(h: RestoreContext, p: Process, fd: Fd): InodeOwner | un
   const want = fd.inodeOwner;
   if (!want) return undefined;
   const own = ownCreds();
-  const stranger = isOwnSnapshot(h.image) ? undefined : strangerId(h.image, want.uid, [want.gid]);
-  const why = stranger ? `${stranger} is none of the image's processes'` : inodeOwnerRefusal(want, own);
+  const why = strangeOwner(h.image, want.uid, [want.gid]) ?? inodeOwnerRefusal(want, own);
   if (!why) return want;
   const c = p.threads[0]?.creds ?? p.creds;
   const holder = { uid: c.uid[3], gid: c.gid[3] };

@@ -81,6 +81,7 @@ import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { NOTE_MQ_NOTIFY, type Notes } from './sockopts.js';
 import { fsIdentity, identitiesFor, refusedAsProcess } from './fsident.js';
+import { strangeOwner } from './creds.js';
 
 /** statfs's f_type of the mqueue file system (linux/magic.h). */
 const MQUEUE_MAGIC = 0x19800202;
@@ -242,7 +243,7 @@ function bound(code: string | undefined): string {
  * description of it (readable and writable) if it was made now, or
  * undefined if a queue of that name exists on this node (then each
  * description is opened by name). */
-function makeQueue(h: RestoreContext, q: PosixQueue): number | undefined {
+function makeQueue(h: RestoreContext, p: Process, q: PosixQueue): number | undefined {
   const what = `the POSIX message queue ${q.name}${q.deleted ? ' (unlinked)' : ''}`;
   const create = (name: string) => h.keep(addon().mqOpen(name, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600, Number(q.maxmsg), Number(q.msgsize)));
   // An unlinked queue is made under its own name if that is free (its
@@ -267,12 +268,23 @@ function makeQueue(h: RestoreContext, q: PosixQueue): number | undefined {
     h.undoOnFailure(() => addon().mqUnlink(name));
     h.recordQueueMade?.(name);
   }
+  // From an image this node did not snapshot, an owner none of its
+  // processes is is not given (a root restore would make a queue under
+  // any user's name): the first holder's fsuid and fsgid are, as its
+  // mq_open would have made it (creds.ts strangeOwner).
+  let { uid, gid } = q;
+  const stranger = strangeOwner(h.image, uid, [gid]);
+  if (stranger) {
+    const c = p.threads[0]?.creds ?? p.creds;
+    [uid, gid] = [c.uid[3], c.gid[3]];
+    h.notKept.push(`${what}: owned by uid ${q.uid} gid ${q.gid}, now uid ${uid} gid ${gid}'s, process ${p.vpid}'s (${stranger})`);
+  }
   try {
-    if (q.uid !== process.geteuid!() || q.gid !== process.getegid!()) fchownSync(fd, q.uid, q.gid);
+    if (uid !== process.geteuid!() || gid !== process.getegid!()) fchownSync(fd, uid, gid);
     fchmodSync(fd, q.mode);
     addon().mqSend(fd, q.messages);
   } catch (e) {
-    throw new AppshotError(`cannot fill ${what} with its ${q.messages.length} messages (owner ${q.uid}:${q.gid}, mode ${q.mode.toString(8)}): ${(e as Error).message}`);
+    throw new AppshotError(`cannot fill ${what} with its ${q.messages.length} messages (owner ${uid}:${gid}, mode ${q.mode.toString(8)}): ${(e as Error).message}`);
   }
   return fd;
 }
@@ -283,7 +295,7 @@ export function openMessageQueue(h: RestoreContext, p: Process, fd: Fd): number 
   const i = fd.mqueue ?? -1;
   const q = h.image.posixQueues?.[i];
   if (!q) throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: a message queue the image does not hold`);
-  const made = h.once(`mqueue ${i}`, () => makeQueue(h, q));
+  const made = h.once(`mqueue ${i}`, () => makeQueue(h, p, q));
   const flags = fd.flags & (O_ACCMODE | fs.O_NONBLOCK);
   let got: number;
   if (made !== undefined) {

@@ -44,8 +44,7 @@ import { AF_NETLINK, dumpNetlink, netlinkTable } from './netlink.js';
 import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile.js';
 import { socketHolderIdentities } from './fsident.js';
 import { ownerFor } from './files.js';
-import { ownCreds, peerCredRefusal, strangerId } from './creds.js';
-import { isOwnSnapshot } from '../image/format.js';
+import { ownCreds, peerCredRefusal, strangeOwner } from './creds.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
@@ -608,8 +607,7 @@ export function peerFor(h: RestoreContext, s: Socket): PeerCred | null {
   const c = s.peerCred;
   if (!c) return null;
   const own = ownCreds();
-  const stranger = isOwnSnapshot(h.image) ? undefined : strangerId(h.image, c.uid, [c.gid, ...c.groups]);
-  const why = stranger ? `${stranger} is none of the image's processes'` : peerCredRefusal(c, own);
+  const why = strangeOwner(h.image, c.uid, [c.gid, ...c.groups]) ?? peerCredRefusal(c, own);
   if (!why) return c;
   // The first process that holds it, and its descriptor, for the message.
   const p = h.image.processes.find((q) => q.fds.some((f) => f.socket?.ino === s.ino));

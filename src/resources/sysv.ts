@@ -7,6 +7,7 @@
  */
 import { readSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
+import { strangeOwner } from './creds.js';
 import { addon, type PagesCheck } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
 import type { Image, MsgQueue, SemSet, ShmSegment } from '../image/types.js';
@@ -140,8 +141,9 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
  * (`tables`), at the virtual ids and keys they had; a segment's contents
  * read from the image's pages (`pagesFd`). Returns each segment's new
  * system id by its virtual one, for the processes that map it. */
-export function restoreSysv(image: Image, tables: string, pagesFd: number, pagesCheck?: { check: PagesCheck; chunkSize: number }): Map<number, number> {
+export function restoreSysv(image: Image, tables: string, pagesFd: number, notKept: string[], pagesCheck?: { check: PagesCheck; chunkSize: number }): Map<number, number> {
   const shmIds = new Map<number, number>();
+  const owned = (kind: 'semid' | 'shmid' | 'msgid', sid: number, o: IpcOwner, what: string) => giveOwner(image, kind, sid, o, what, notKept);
   for (const s of image.semaphores) owned('semid', addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values), s, 'semaphore set');
   for (const s of image.shmSegments) {
     const data = Buffer.alloc(Number(s.size));
@@ -158,16 +160,35 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, pages
   return shmIds;
 }
 
+interface IpcOwner {
+  vid: number;
+  uid: number;
+  gid: number;
+  mode: number;
+}
+
 /** A restored object belongs to the user it belonged to (a PostgreSQL run
  * by root through runuser removes its segment as postgres at shutdown),
  * which only a restorer who may act for that user can give it: the same
  * user, or root (the kernel's rule for IPC_SET). The tables name it
- * already, so a failure here is undone with the rest of the restore. */
-function owned(kind: 'semid' | 'shmid' | 'msgid', sid: number, o: { vid: number; uid: number; gid: number; mode: number }, what: string): void {
-  if (o.uid === process.geteuid!() && o.gid === process.getegid!()) return;
+ * already, so a failure here is undone with the rest of the restore.
+ * From an image this node did not snapshot, an owner none of its
+ * processes is is not given (a root restore would otherwise make a key
+ * under the name of any user, squatting the key a service of theirs
+ * uses): the application's first process's effective ids are, and the
+ * restore says so (notKept). */
+function giveOwner(image: Image, kind: 'semid' | 'shmid' | 'msgid', sid: number, o: IpcOwner, what: string, notKept: string[]): void {
+  let { uid, gid } = o;
+  const stranger = strangeOwner(image, uid, [gid]);
+  if (stranger) {
+    const c = image.processes[0].threads[0]?.creds ?? image.processes[0].creds;
+    [uid, gid] = [c.uid[1], c.gid[1]];
+    notKept.push(`${what} ${o.vid}: owned by uid ${o.uid} gid ${o.gid}, now uid ${uid} gid ${gid}'s, the application's first process's (${stranger})`);
+  }
+  if (uid === process.geteuid!() && gid === process.getegid!()) return;
   try {
-    addon().setIpcOwner(kind, sid, o.uid, o.gid, o.mode);
+    addon().setIpcOwner(kind, sid, uid, gid, o.mode);
   } catch (e) {
-    throw new AppshotError(`cannot give ${what} ${o.vid} to uid ${o.uid} gid ${o.gid}, its owner in the image: ${(e as Error).message}`, ExitCode.denied);
+    throw new AppshotError(`cannot give ${what} ${o.vid} to uid ${uid} gid ${gid}, ${stranger ? "the application's first process's ids" : 'its owner in the image'}: ${(e as Error).message}`, ExitCode.denied);
   }
 }

@@ -718,7 +718,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const [asked, own] of opts.instance?.ports ?? []) addon().bind(tables, 'port', asked, own);
 
     // Global state first (step 308).
-    const shmIds = restoreSysv(image, tables, pageFds[0], pageChecks[0]);
+    const shmIds = restoreSysv(image, tables, pageFds[0], handed.notKept, pageChecks[0]);
 
     phase('global state');
     const reserved = standby;
