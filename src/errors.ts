@@ -35,13 +35,20 @@ export class AppshotError extends Error {
   }
 }
 
+const C_ESCAPES: Record<string, string> = { '\n': '\\n', '\t': '\\t', '\r': '\\r', '\x1b': '\\e' };
+
 /**
- * `text` as one line a terminal shows as it is: control characters
- * (newlines, escapes, C1) written as \xNN. An error message may carry a
- * name from an image or a stream, which anyone may have written: a
- * newline in one would forge a second `appshot:` line, an escape sequence
- * would drive the terminal (found by fuzzing).
+ * `text` as one line a terminal shows as it is: control characters (C0,
+ * DEL, C1) written as escapes (`\n`, `\e`, `\x07`), and the characters
+ * that reorder text on screen (bidi embeddings, overrides and isolates)
+ * as `\u{202e}`. An argv, a path or an error message may carry a name from
+ * an application, an image or a stream, which anyone may have written: a
+ * newline in one would forge a second `appshot:` line or a row of a
+ * table, an escape sequence would drive the terminal, a right-to-left
+ * override would show a name other than the one it is (found by fuzzing).
  */
 export function printable(text: string): string {
-  return text.replace(/[\x00-\x1f\x7f-\x9f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+  return text
+    .replace(/[\x00-\x1f\x7f-\x9f]/g, (c) => C_ESCAPES[c] ?? `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`)
+    .replace(/[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, (c) => `\\u{${c.charCodeAt(0).toString(16)}}`);
 }

@@ -4,6 +4,7 @@
  * Node API (api.ts) both call these. */
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
+import { printable } from './errors.js';
 import { addon, kinds, type Kind, type TablesSnapshot } from './native.js';
 import { descendantsOf, isSameProcess, readCmdline, readStat } from './procfs.js';
 import { type AppRecord, type LocalRegistry, type PortBinding, type SnapshottedRecord, isEnded, isRestoring } from './registry.js';
@@ -386,20 +387,10 @@ export function processCommand(p: ProcessRow): string {
   return p.argv.length ? shellCommand(p.argv) : p.command;
 }
 
-const C_ESCAPES: Record<string, string> = { '\n': '\\n', '\t': '\\t', '\r': '\\r', '\x1b': '\\e' };
-
-/** `text` with its control characters (C0, DEL, C1) written as escapes
- * (`\n`, `\t`, `\x07`): an argv or a path is the application's to choose,
- * and a newline or a terminal escape in it must not make a row of its own
- * or move the cursor. */
-export function visible(text: string): string {
-  return text.replace(/[\x00-\x1f\x7f-\x9f]/g, (c) => C_ESCAPES[c] ?? `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
-}
-
 /** Prints rows as aligned columns under a header, control characters
  * escaped. */
 export function printColumns(header: string[], table: string[][], out: (s: string) => void = (s) => process.stdout.write(s)): void {
-  const rows = table.map((r) => r.map(visible));
+  const rows = table.map((r) => r.map(printable));
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells: string[]) =>
     cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ').trimEnd();

@@ -883,7 +883,24 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     const lines = r.stderr.split('\n').filter((l) => l !== '');
     expect(lines, r.stderr).toHaveLength(1);
     expect(lines[0]).not.toContain('\x1b');
-    expect(lines[0]).toContain('x\\x0aappshot: forged \\x1b[31mred');
+    expect(lines[0]).toContain('x\\nappshot: forged \\e[31mred');
+  });
+
+  it('inspect prints what an image says with its control and bidi characters escaped: no forged line, nothing for the terminal, no reordered name', () => {
+    const dir = crafted('inspect-names', (i) => {
+      i.node.hostname = 'host\nsigned by key 0000 (this node\'s)';
+      i.command = ['sh', '-c', 'x\x1b]0;title\x07'];
+      i.processes[0].argv = ['evil\u202etxt.exe'];
+      i.processes[0].cwd = '/tmp/\u2066cwd\u2069';
+    });
+    const r = sb.run(['inspect', dir]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).not.toMatch(/[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e\u2066\u2069]/);
+    expect(r.stdout).not.toMatch(/^signed by key 0000/m);
+    expect(r.stdout).toContain("host\\nsigned by key 0000 (this node's)");
+    expect(r.stdout).toContain('command: sh -c x\\e]0;title\\x07');
+    expect(r.stdout).toContain('evil\\u{202e}txt.exe');
+    expect(r.stdout).toContain('cwd /tmp/\\u{2066}cwd\\u{2069}');
   });
 });
 

@@ -16,6 +16,7 @@ import { protocolName } from '../resources/netlink.js';
 import { describePosixTimer } from '../resources/timers.js';
 import { connectionName } from '../resources/tcp.js';
 import { flagNames } from '../commands/json.js';
+import { printable } from '../errors.js';
 import { ENTRY_FLAG_NAMES, printColumns } from '../inspect.js';
 import { plural } from '../words.js';
 import { fdKindName, type Fd, type Image, type Manifest, type Process, vmaKindName } from './types.js';
@@ -178,7 +179,15 @@ export function imageJson(manifest: Manifest, image: Image, signer: Signer): unk
   });
 }
 
-export function printImage(manifest: Manifest, image: Image, signer: Signer, out: (s: string) => void = (s) => process.stdout.write(s)): void {
+export function printImage(manifest: Manifest, image: Image, signer: Signer, write: (s: string) => void = (s) => process.stdout.write(s)): void {
+  // Every string here is the image's (an argv, a path, a hostname), which
+  // anyone may have written: each line's text is printed with its control
+  // and bidi characters escaped, a newline inside it too; only the line
+  // breaks around it are ours. (printColumns escapes its cells itself.)
+  const out = (text: string) => {
+    const [, before, line, after] = /^(\n*)([\s\S]*?)(\n*)$/.exec(text)!;
+    write(before + printable(line) + after);
+  };
   const s = image.stats;
   out(`image ${manifest.imageId} (format ${manifest.formatVersion}) of '${image.aid}', taken ${image.created} on ${image.node.hostname} (${image.node.arch}, Linux ${image.node.kernel})\n`);
   out(`${describeSigner(signer)}\n`);
@@ -192,7 +201,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
   printColumns(
     ['VPID', 'VPPID', 'VPGID', 'VSID', 'THREADS', 'FDS', 'MEMORY', 'COMMAND'],
     image.processes.map((p) => [String(p.vpid), String(p.vppid), String(p.vpgid), String(p.vsid), String(p.threads.length), String(p.fds.length), size(p.vmas.reduce((n, v) => n + countPages(v.pages?.runs ?? []) * 4096, 0)), p.argv.join(' ') || p.comm]),
-    out,
+    write,
   );
   for (const p of image.processes) {
     out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}${p.root && p.root !== '/' ? `, root ${p.root}` : ''}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}${p.parentVtid ? `, forked by thread ${p.parentVtid} of ${p.vppid}` : ''}${timeNamespaceText(p)}\n`);
@@ -204,14 +213,14 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
         const seccomp = c.seccomp === 2 ? `${n} filter${n === 1 ? '' : 's'}${c.seccompContext ? ` (${c.seccompContext} appshot's)` : ''}` : c.seccomp === 1 ? 'strict' : '-';
         return [String(t.vtid), t.state, syscallName(t.inSyscall) || '-', '0x' + t.regs.readBigUInt64LE(16 * 8).toString(16), '0x' + t.sigmask.toString(16), c.uid.join('/'), c.gid.join('/'), '0x' + c.capEff.toString(16), seccomp];
       }),
-      out,
+      write,
     );
     printColumns(
       ['START', 'END', 'PROT', 'KIND', 'SIZE', 'STORED', 'PATH'],
       p.vmas.map((v) => [v.start.toString(16), v.end.toString(16), (v.prot & 1 ? 'r' : '-') + (v.prot & 2 ? 'w' : '-') + (v.prot & 4 ? 'x' : '-') + (v.shared ? 's' : 'p'), vmaKindName[v.kind], size(v.end - v.start), size(countPages(v.pages?.runs ?? []) * 4096), v.path]),
-      out,
+      write,
     );
-    printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f) + describeOwner(f)]), out);
+    printColumns(['FD', 'KIND', 'WHAT'], p.fds.map((f) => [String(f.fd), fdKindName[f.kind], describeFd(image, f) + describeOwner(f)]), write);
     if (describeAttributes(p)) out(`attributes: ${describeAttributes(p)}\n`);
     if (describeLocks(p)) out(`file locks: ${describeLocks(p)}\n`);
     if (describeAioRings(p)) out(`AIO contexts: ${describeAioRings(p)}\n`);
@@ -227,11 +236,11 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, out
         ...image.shmSegments.map((x) => ['shm', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), plural(x.size, 'byte')]),
         ...image.msgQueues.map((x) => ['msg', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), plural(x.messages.length, 'message')]),
       ],
-      out,
+      write,
     );
   }
   out('\ntables:\n');
-  printColumns(['KIND', 'VIRTUAL', 'SYSTEM'], image.tables.flatMap((t) => t.entries.map((e) => [t.kind, String(e.virtual), String(e.system)])), out);
+  printColumns(['KIND', 'VIRTUAL', 'SYSTEM'], image.tables.flatMap((t) => t.entries.map((e) => [t.kind, String(e.virtual), String(e.system)])), write);
 }
 
 /** ", clocks offset monotonic +S s boottime +S s" for a process whose time
