@@ -885,12 +885,15 @@ export class LocalRegistry implements Registry {
     const commitPaths = new Set<string>();
     const commits = join(this.home, 'commits');
     const removed = new Set<string>();
+    const keptCopies = this.privateRootsNamedBesides(records);
     for (const record of records) {
       try {
         this.release(record, { portsReleased: true });
         // Only a clone's own directory of private copies: a record's path
         // came from an image (a hostile one could name any directory).
-        if (record.privateRoot && isPrivateRoot(this.home, record.privateRoot)) rmSync(record.privateRoot, { recursive: true, force: true });
+        // Nor one another application still runs on: a clone's snapshot
+        // restored twice (under two AIDs) names one directory in both.
+        if (record.privateRoot && isPrivateRoot(this.home, record.privateRoot) && !keptCopies.has(record.privateRoot)) rmSync(record.privateRoot, { recursive: true, force: true });
         removeRedirTargets([...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? [])]);
         removed.add(record.aid);
         const commitPath = record.restore?.commitPath;
@@ -918,6 +921,23 @@ export class LocalRegistry implements Registry {
       rmSync(commitPath + PENDING, { force: true });
     }
     return failures;
+  }
+
+  /** The private-copies directories of `records` that a registration not
+   * among them names too, or a snapshot's record (its image needs them:
+   * removeSnapshotted keeps them). Read only when one of `records` has
+   * such a directory. */
+  private privateRootsNamedBesides(records: AppRecord[]): Set<string> {
+    const roots = new Set(records.flatMap((r) => (r.privateRoot ? [r.privateRoot] : [])));
+    const named = new Set<string>();
+    if (!roots.size) return named;
+    const removing = new Set(records.map((r) => r.aid));
+    const others = [
+      ...readdirSync(this.appsDir).filter((aid) => !aid.startsWith('.') && !removing.has(aid)).map((aid) => this.readRecordFile(aid)?.privateRoot),
+      ...this.listSnapshotted().map((r) => r.privateRoot),
+    ];
+    for (const root of others) if (root && roots.has(root)) named.add(root);
+    return named;
   }
 
   /** Where the log of an application a snapshot ended waits for the

@@ -780,6 +780,27 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     expect(readFileSync(join(victim, 'kept'), 'utf8')).toBe('still here\n');
   });
 
+  it("a clone's snapshot restored under two AIDs names one directory of private copies: rm of one leaves it to the other, rm of the last removes it", async () => {
+    const copies = join(sb.home, 'instances', 'twice.0123abcd');
+    mkdirSync(copies, { recursive: true });
+    writeFileSync(join(copies, 'data'), 'shared\n');
+    const dir = crafted('privroot-twice', (i) => {
+      i.instance = { redirs: [], env: [], ...i.instance, privateRoot: copies };
+    });
+    // (One at a time: the fixture listens on its port.)
+    const first = sb.run(['restore', dir, '--aid', 'twice-a']);
+    expect(first.code, first.stderr).toBe(0);
+    expect(sb.run(['stop', '-t', '10', 'twice-a']).code).toBe(0);
+    const second = sb.run(['restore', dir, '--aid', 'twice-b']);
+    expect(second.code, second.stderr).toBe(0);
+    expect(sb.run(['rm', 'twice-a']).code).toBe(0);
+    await waitFor(() => !sb.allAids().includes('twice-a'), 10_000, 'twice-a to be removed');
+    expect(readFileSync(join(copies, 'data'), 'utf8')).toBe('shared\n');
+    expect(sb.run(['rm', '-f', 'twice-b']).code).toBe(0);
+    await waitFor(() => !sb.allAids().includes('twice-b'), 10_000, 'twice-b to be removed');
+    expect(existsSync(copies)).toBe(false);
+  });
+
   it("template create of an image naming another directory as a clone's private copies is refused, nothing copied", () => {
     const secret = join(out, 'not-copies');
     mkdirSync(secret, { recursive: true });
