@@ -980,6 +980,18 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['a file path that climbs out with ..', (i) => (i.files[0].path = '/../../etc/cron.d/appshot-hostile'), 'file 0 names .* not a plain absolute path'],
     ['a root directory that climbs out with ..', (i) => (i.processes[0].root = '/tmp/../etc'), "process \\d+'s root directory names .* not a plain absolute path"],
     ['a relative root directory', (i) => (i.processes[0].root = 'jail'), "process \\d+'s root directory \"jail\" is not an absolute path"],
+    // Relative names would be taken from the restorer's working directory.
+    ['a relative working directory', (i) => (i.processes[0].cwd = 'tmp'), "process \\d+'s working directory names \"tmp\", which is not an absolute path"],
+    ['a relative named FIFO', (i) => {
+      const pipe = i.pipes.find(() => true);
+      if (pipe) pipe.fifoPath = 'x/fifo';
+      else i.pipes.push({ fifoPath: 'x/fifo' } as Image['pipes'][number]);
+    }, 'pipe \\d+ names "x/fifo", which is not an absolute path'],
+    ['a relative inotify watch', (i) => {
+      const fd = structuredClone(i.processes[0].fds[0]);
+      Object.assign(fd, { fd: 901, kind: 10, inotifyWatches: [{ wd: 1, path: 'tmp', mask: 1 }] });
+      i.processes[0].fds.push(fd);
+    }, 'fd 901\'s inotify watch names "tmp", which is not an absolute path'],
     ['a queued datagram\'s sender path with ..', (i) => {
       const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
       Object.assign(fd, { fd: 902, kind: 13, socket: { ino: 4343n, family: 1, type: 2, address: '/tmp/appshot-hostile-dgram', port: 0, listening: false, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false, datagrams: [{ data: Buffer.from('x'), from: '/tmp/../etc/passwd', fromPort: 0 }] } });

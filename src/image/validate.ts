@@ -458,11 +458,18 @@ function checkPaths(image: Image): void {
   const check = (path: string | undefined, where: string) => {
     if (path?.startsWith('/') && path.split('/').some((part) => part === '.' || part === '..')) corrupt(`${where} names ${JSON.stringify(path)}, which is not a plain absolute path`);
   };
+  // Names that are only ever absolute: a relative one would be resolved
+  // against the restorer's working directory (the engine's), not the
+  // application's (found by fuzzing).
+  const absolute = (path: string | undefined, where: string) => {
+    if (path && !path.startsWith('/')) corrupt(`${where} names ${JSON.stringify(path)}, which is not an absolute path`);
+    check(path, where);
+  };
   for (const [i, f] of image.files.entries()) check(f.path, `file ${i}`);
-  for (const [i, pipe] of image.pipes.entries()) check(pipe.fifoPath, `pipe ${i}`);
+  for (const [i, pipe] of image.pipes.entries()) absolute(pipe.fifoPath, `pipe ${i}`);
   for (const p of image.processes) {
     const who = `process ${p.vpid}`;
-    check(p.cwd, `${who}'s working directory`);
+    absolute(p.cwd, `${who}'s working directory`);
     if (p.root !== undefined && p.root !== '' && !p.root.startsWith('/')) corrupt(`${who}'s root directory ${JSON.stringify(p.root)} is not an absolute path`);
     check(p.root, `${who}'s root directory`);
     check(p.exe, `${who}'s executable`);
@@ -474,7 +481,7 @@ function checkPaths(image: Image): void {
       check(fd.socket?.file?.base, `${where}'s socket directory`);
       check(fd.socket?.peerAddress, where);
       for (const d of fd.socket?.datagrams ?? []) check(d.from, `${where}'s queued datagram`);
-      for (const w of fd.inotifyWatches ?? []) check(w.path, `${where}'s inotify watch`);
+      for (const w of fd.inotifyWatches ?? []) absolute(w.path, `${where}'s inotify watch`);
       for (const m of fd.fanotify?.marks ?? []) check(m.path, `${where}'s fanotify mark`);
     }
   }
