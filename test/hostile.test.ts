@@ -980,6 +980,35 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['a file path that climbs out with ..', (i) => (i.files[0].path = '/../../etc/cron.d/appshot-hostile'), 'file 0 names .* not a plain absolute path'],
     ['a root directory that climbs out with ..', (i) => (i.processes[0].root = '/tmp/../etc'), "process \\d+'s root directory names .* not a plain absolute path"],
     ['a relative root directory', (i) => (i.processes[0].root = 'jail'), "process \\d+'s root directory \"jail\" is not an absolute path"],
+    // Each of these failed at restore with the kernel's errno as its only
+    // word (fuzz32); now corrupt image, before anything is made.
+    ['seccomp mode -1', (i) => (i.processes[0].creds.seccomp = -1), 'process \\d+ has seccomp mode 4294967295'],
+    ['securebits with a bit no kernel defines', (i) => (i.processes[0].creds.securebits = 0x80000000), 'process \\d+ has securebits 2147483648'],
+    ['a handler for SIGKILL', (i) => i.processes[0].sigactions.push({ ...i.processes[0].sigactions[0], signal: 9 }), 'process \\d+ has a handler for signal 9'],
+    ['two handlers for one signal', (i) => i.processes[0].sigactions.push({ ...i.processes[0].sigactions[0] }), 'process \\d+ has two handlers for one signal'],
+    ['the main thread not first', (i) => i.processes[0].threads.reverse(), "process \\d+'s first thread is \\d+, not its main thread \\d+"],
+    ['a file position of -1', (i) => (i.processes[0].fds.find((f) => f.kind === 0)!.pos = 0xffffffffffffffffn), 'fd \\d+ is at position 18446744073709551615'],
+    ['an eventfd counting 2^64-1', (i) => {
+      const fd = structuredClone(i.processes[0].fds[0]);
+      Object.assign(fd, { fd: 904, kind: FdKind.EVENTFD, path: 'anon_inode:[eventfd]', file: -1, description: 0, eventfdCount: 0xffffffffffffffffn });
+      i.processes[0].fds.push(fd);
+    }, 'fd 904 is an eventfd counting 18446744073709551615'],
+    ['an epoll set watching itself', (i) => {
+      const fd = structuredClone(i.processes[0].fds[0]);
+      Object.assign(fd, { fd: 906, kind: FdKind.EPOLL, path: 'anon_inode:[eventpoll]', file: -1, description: 0, epoll: [{ fd: 906, events: 1, data: 0n }] });
+      i.processes[0].fds.push(fd);
+    }, 'fd 906 is an epoll set watching itself'],
+    ['an epoll set watching one fd twice', (i) => {
+      const fd = structuredClone(i.processes[0].fds[0]);
+      const t = { fd: i.processes[0].fds[0].fd, events: 1, data: 0n };
+      Object.assign(fd, { fd: 907, kind: FdKind.EPOLL, path: 'anon_inode:[eventpoll]', file: -1, description: 0, epoll: [t, { ...t }] });
+      i.processes[0].fds.push(fd);
+    }, 'fd 907 watches one registered fd twice'],
+    ['a POSIX write lock on a read-only descriptor', (i) => {
+      const fd = i.processes[0].fds.find((f) => f.kind === 0)!;
+      fd.flags &= ~3;
+      fd.locks = [{ kind: 1, write: true, start: 0n, end: 9n, toEof: false }];
+    }, 'holds a write lock but is open read-only'],
     // Relative names would be taken from the restorer's working directory.
     ['a relative working directory', (i) => (i.processes[0].cwd = 'tmp'), "process \\d+'s working directory names \"tmp\", which is not an absolute path"],
     ['a relative named FIFO', (i) => {

@@ -248,6 +248,10 @@ function checkSeccompFlags(creds: Creds, who: string): void {
 function checkCreds(creds: Creds, who: string): void {
   if (creds.uid.length !== 4 || creds.gid.length !== 4) corrupt(`${who}'s credentials hold ${creds.uid.length} uids and ${creds.gid.length} gids, not 4 each`);
   if (creds.groups.length > NGROUPS_MAX) corrupt(`${who} is in ${creds.groups.length} groups (at most ${NGROUPS_MAX})`);
+  // Modes 0 none, 1 strict, 2 filter; the securebits the kernel defines
+  // (their locks included) fit in 12 bits.
+  if (![0, 1, 2].includes(creds.seccomp)) corrupt(`${who} has seccomp mode ${creds.seccomp}`);
+  if (!(Number.isInteger(creds.securebits) && creds.securebits >= 0 && creds.securebits <= 0xfff)) corrupt(`${who} has securebits ${creds.securebits}`);
   checkSeccompFlags(creds, who);
 }
 
@@ -263,7 +267,9 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
   if (!p.creds || !p.mm) corrupt(`${who} has no ${p.creds ? 'memory layout' : 'credentials'}`);
   checkCreds(p.creds, who);
   if (p.sharedPending.length % 128 || p.sharedPending.length / 128 > LIMITS.pendingSignals) corrupt(`${who}'s pending signals are not whole siginfos, or too many`);
-  for (const s of p.sigactions) if (!(s.signal >= 1 && s.signal <= 64)) corrupt(`${who} has a handler for signal ${s.signal}`);
+  // Never SIGKILL or SIGSTOP (sigaction refuses them), each signal once.
+  for (const s of p.sigactions) if (!(s.signal >= 1 && s.signal <= 64) || s.signal === 9 || s.signal === 19) corrupt(`${who} has a handler for signal ${s.signal}`);
+  if (new Set(p.sigactions.map((s) => s.signal)).size !== p.sigactions.length) corrupt(`${who} has two handlers for one signal`);
   for (const t of p.itimers) if (!(t.which >= 0 && t.which <= 2)) corrupt(`${who} has interval timer ${t.which}`);
   for (const r of p.rlimits) if (!(r.resource >= 0 && r.resource < 16)) corrupt(`${who} has resource limit ${r.resource}`);
   if (p.stopSignal && !(p.stopSignal >= 1 && p.stopSignal <= 64)) corrupt(`${who} was stopped by signal ${p.stopSignal}`);
@@ -286,6 +292,9 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
     // A thread's own (its process's main thread's are the process's).
     if (t.creds) checkCreds(t.creds, `thread ${t.vtid}`);
   }
+  // The restore runs the first as the main thread (a snapshot lists it
+  // first, and refuses a process whose main thread has exited).
+  if (p.threads[0].vtid !== p.vpid) corrupt(`${who}'s first thread is ${p.threads[0].vtid}, not its main thread ${p.vpid}`);
 
 }
 
@@ -374,7 +383,17 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     for (const t of fd.epoll) {
       const held = t.heldAt ? t.heldAt - 1 : t.fd;
       if (!fdNumbers.has(held) || !(t.fd >= 0 && t.fd < 1 << 20)) corrupt(`${where} watches fd ${held} (registered as ${t.fd}), which ${who} does not have`);
+      // epoll_ctl refuses an epoll set watching itself (EINVAL).
+      if (held === fd.fd) corrupt(`${where} is an epoll set watching itself`);
     }
+    // A target is a file and the number it was registered under: both
+    // twice is EEXIST. (One number may name two files: registered, closed,
+    // reused and registered again; each is held elsewhere then.)
+    if (new Set(fd.epoll.map((t) => `${t.fd}:${t.heldAt ? t.heldAt - 1 : t.fd}`)).size !== fd.epoll.length) corrupt(`${where} watches one registered fd twice`);
+    // A file's position is an off_t; an eventfd's count stops one short
+    // of 2^64 (a write of more is EINVAL).
+    if (fd.pos > OFF_MAX) corrupt(`${where} is at position ${fd.pos}`);
+    if (fd.kind === FdKind.EVENTFD && fd.eventfdCount > 0xfffffffffffffffen) corrupt(`${where} is an eventfd counting ${fd.eventfdCount}`);
     const watches = fd.inotifyWatches ?? [];
     // Watch numbers are made again in order, gaps filled: a huge one would
     // have the restore add and remove that many watches.
@@ -430,6 +449,10 @@ function checkLocks(fd: Fd, where: string): void {
   for (const l of locks) {
     if (!Object.values(LockKind).includes(l.kind as never)) corrupt(`${where} holds a file lock of unknown kind ${l.kind}`);
     const ranged = l.kind === LockKind.POSIX || l.kind === LockKind.OFD;
+    // fcntl takes a write lock on a descriptor open for writing only, a
+    // read lock on one open for reading (EBADF).
+    const access = fd.flags & 3;
+    if (ranged && (l.write ? access === 0 : access === 1)) corrupt(`${where} holds a ${l.write ? 'write' : 'read'} lock but is open ${access === 0 ? 'read-only' : 'write-only'}`);
     const ok = ranged ? l.start >= 0n && l.start <= OFF_MAX && (l.toEof ? l.end === 0n : l.end >= l.start && l.end <= OFF_MAX) : l.start === 0n && l.end === 0n && !l.toEof;
     if (!ok) corrupt(`${where} holds a file lock on bytes ${l.start}-${l.toEof ? 'EOF' : l.end}`);
   }
