@@ -707,10 +707,10 @@ export function buildProgram(): Command {
       else {
         process.stdout.write(summary.template + '\n');
         const counts = Object.entries(summary.actions).map(([a, n]) => `${n} ${a}`).join(', ');
-        process.stderr.write(`appshot: template '${summary.name}': ${plural(summary.verdicts.length, 'resource')} (${counts})\n`);
+        process.stderr.write(`appshot: template '${printable(summary.name)}': ${plural(summary.verdicts.length, 'resource')} (${counts})\n`);
         // What the rules leave shared is worth a warning; the rest `show` lists.
         for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${printable(`${s.what}; ${s.fix}`)}\n`);
-        for (const u of summary.unmatched ?? []) process.stderr.write(`appshot: warning: rule ${u.rule} matches nothing in this snapshot: ${u.text}\n`);
+        for (const u of summary.unmatched ?? []) process.stderr.write(`appshot: warning: rule ${printable(u.rule)} matches nothing in this snapshot: ${printable(u.text)}\n`);
       }
     });
 
@@ -729,11 +729,12 @@ export function buildProgram(): Command {
           json('template show', templateJson(summary));
           return;
         }
-        process.stdout.write(`template ${summary.name} (image ${summary.imageId})${summary.rules ? `, rules ${summary.rules}` : ''}\n`);
+        // The template's own name, rules and findings: anyone may have written them.
+        process.stdout.write(`template ${printable(summary.name)} (image ${summary.imageId})${summary.rules ? `, rules ${printable(summary.rules)}` : ''}\n`);
         printColumns(['ACTION', 'KIND', 'RESOURCE', 'WHY'], summary.verdicts.map((v) => [v.action, v.kind, v.name, v.reason]));
         if (summary.shared.length) {
           process.stdout.write('\nwhat every clone would share with the others and the template:\n');
-          for (const s of summary.shared) process.stdout.write(`  ${(s.handled ? 'handled' : 'SHARED').padEnd(8)} ${s.what}\n           -> ${s.fix}\n`);
+          for (const s of summary.shared) process.stdout.write(`  ${(s.handled ? 'handled' : 'SHARED').padEnd(8)} ${printable(s.what)}\n           -> ${printable(s.fix)}\n`);
         }
       } finally {
         t.loaded.dispose();

@@ -13,7 +13,7 @@
 import type { Command } from 'commander';
 import { closeSync, constants, existsSync, lstatSync, openSync, readdirSync, statSync, type Stats } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
-import { AppshotError, ExitCode } from '../errors.js';
+import { AppshotError, ExitCode, printable } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import { printJson } from './json.js';
 import { duration } from '../words.js';
@@ -255,7 +255,8 @@ export function registerImages(program: Command): void {
         return;
       }
       if (opts.quiet) {
-        for (const i of result.images) process.stdout.write(`${i.path}\n`);
+        // A file name or an image's fields may hold anything: escaped.
+        for (const i of result.images) process.stdout.write(`${printable(i.path)}\n`);
         return;
       }
       const rows = [['PATH', 'TYPE', 'APP', 'CREATED', 'SIZE', 'PROCS', 'PARENT']];
@@ -269,6 +270,7 @@ export function registerImages(program: Command): void {
           i.processes === null ? '-' : String(i.processes),
           i.error ?? i.parent ?? '-',
         ]);
+      for (const r of rows) r.forEach((cell, c) => (r[c] = printable(cell)));
       const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
       for (const r of rows) process.stdout.write(r.map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]))).join('  ') + '\n');
     });
