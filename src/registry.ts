@@ -885,15 +885,13 @@ export class LocalRegistry implements Registry {
     const commitPaths = new Set<string>();
     const commits = join(this.home, 'commits');
     const removed = new Set<string>();
-    const keptCopies = this.privateRootsNamedBesides(records);
+    const copies: string[] = [];
     for (const record of records) {
       try {
         this.release(record, { portsReleased: true });
         // Only a clone's own directory of private copies: a record's path
         // came from an image (a hostile one could name any directory).
-        // Nor one another application still runs on: a clone's snapshot
-        // restored twice (under two AIDs) names one directory in both.
-        if (record.privateRoot && isPrivateRoot(this.home, record.privateRoot) && !keptCopies.has(record.privateRoot)) rmSync(record.privateRoot, { recursive: true, force: true });
+        if (record.privateRoot && isPrivateRoot(this.home, record.privateRoot)) copies.push(record.privateRoot);
         removeRedirTargets([...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? [])]);
         removed.add(record.aid);
         const commitPath = record.restore?.commitPath;
@@ -901,6 +899,16 @@ export class LocalRegistry implements Registry {
       } catch (error) {
         failures.push({ record, error });
       }
+    }
+    // Nor one another application still runs on (a clone's snapshot
+    // restored under two AIDs names one directory in both): looked for
+    // once these records are gone, so that of two rm's at once the later
+    // sees neither.
+    const stillNamed = this.privateRootsStillNamed(copies);
+    for (const root of copies) {
+      if (stillNamed.has(root)) continue;
+      rmSync(root, { recursive: true, force: true });
+      rmSync(this.sharedCopiesMark(root), { force: true });
     }
     if (!commitPaths.size) return failures;
     // The commit file of the restore or clone batch each came from goes
@@ -923,20 +931,35 @@ export class LocalRegistry implements Registry {
     return failures;
   }
 
-  /** The private-copies directories of `records` that a registration not
-   * among them names too, or a snapshot's record (its image needs them:
-   * removeSnapshotted keeps them). Read only when one of `records` has
-   * such a directory. */
-  private privateRootsNamedBesides(records: AppRecord[]): Set<string> {
-    const roots = new Set(records.flatMap((r) => (r.privateRoot ? [r.privateRoot] : [])));
+  /** A clone's private copies, `instances/AID.XXXXXXXX`, are named by
+   * that clone's record alone unless a snapshot of it is restored under
+   * another AID: the restore leaves this mark (markSharedCopies), and only
+   * then does rm look through the other records for the directory. */
+  private sharedCopiesMark(root: string): string {
+    return join(this.home, 'instances', '.shared', basename(root));
+  }
+
+  /** Called by a restore that records private copies `root` under `aid`
+   * before its registration is written: a mark left by a restore killed
+   * after it costs rm a look through the records, nothing more. */
+  markSharedCopies(aid: string, root: string): void {
+    if (basename(root).startsWith(`${aid}.`)) return;
+    mkdirSync(dirname(this.sharedCopiesMark(root)), { recursive: true, mode: 0o700 });
+    writeFileSync(this.sharedCopiesMark(root), '');
+  }
+
+  /** Of the private-copies directories `roots`, those a registration or a
+   * snapshot's record still names (its image needs them: removeSnapshotted
+   * keeps them). Only marked ones are looked for. */
+  private privateRootsStillNamed(roots: string[]): Set<string> {
     const named = new Set<string>();
-    if (!roots.size) return named;
-    const removing = new Set(records.map((r) => r.aid));
+    const marked = new Set(roots.filter((r) => existsSync(this.sharedCopiesMark(r))));
+    if (!marked.size) return named;
     const others = [
-      ...readdirSync(this.appsDir).filter((aid) => !aid.startsWith('.') && !removing.has(aid)).map((aid) => this.readRecordFile(aid)?.privateRoot),
+      ...readdirSync(this.appsDir).filter((aid) => !aid.startsWith('.')).map((aid) => this.readRecordFile(aid)?.privateRoot),
       ...this.listSnapshotted().map((r) => r.privateRoot),
     ];
-    for (const root of others) if (root && roots.has(root)) named.add(root);
+    for (const root of others) if (root && marked.has(root)) named.add(root);
     return named;
   }
 

@@ -796,9 +796,14 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     expect(sb.run(['rm', 'twice-a']).code).toBe(0);
     await waitFor(() => !sb.allAids().includes('twice-a'), 10_000, 'twice-a to be removed');
     expect(readFileSync(join(copies, 'data'), 'utf8')).toBe('shared\n');
+    // (What tells rm to look for other names of it; an ordinary clone's
+    // rm reads no other record.)
+    const mark = join(sb.home, 'instances', '.shared', 'twice.0123abcd');
+    expect(existsSync(mark)).toBe(true);
     expect(sb.run(['rm', '-f', 'twice-b']).code).toBe(0);
     await waitFor(() => !sb.allAids().includes('twice-b'), 10_000, 'twice-b to be removed');
     expect(existsSync(copies)).toBe(false);
+    expect(existsSync(mark)).toBe(false);
   });
 
   it("template create of an image naming another directory as a clone's private copies is refused, nothing copied", () => {

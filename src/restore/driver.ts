@@ -642,6 +642,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     }
     if (taken) phase(standby ? 'standby taken' : 'standby gone');
     const standbyStart = standby && readStat(standby.init.pid)?.startTime;
+    const copies = image.instance?.privateRoot && isPrivateRoot(reg.home, image.instance.privateRoot) ? image.instance.privateRoot : undefined;
+    if (copies && !opts.instance) reg.markSharedCopies(aid, copies);
     record = reg.register(aid, (stateDir) => ({
       command: image.command,
       cwd: image.processes[0]?.cwd ?? '/',
@@ -654,7 +656,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // A clone's private copies, only if the image names this node's own
       // directory of them (rm removes it): no other path an image gives
       // is recorded.
-      ...(image.instance?.privateRoot && isPrivateRoot(reg.home, image.instance.privateRoot) ? { privateRoot: image.instance.privateRoot } : {}),
+      ...(copies ? { privateRoot: copies } : {}),
       ...(opts.recordImage !== undefined ? { image: opts.recordImage } : {}),
       ...opts.instance?.record,
       // What it takes over of the snapshot that ended its AID, said in
