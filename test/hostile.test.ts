@@ -1038,6 +1038,8 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     }, 'holds a write lock but is open read-only'],
     // Relative names would be taken from the restorer's working directory.
     ['a relative working directory', (i) => (i.processes[0].cwd = 'tmp'), "process \\d+'s working directory names \"tmp\", which is not an absolute path"],
+    ['a relative executable', (i) => (i.processes[0].exe = 'bin/snapfix'), "process \\d+'s executable names \"bin/snapfix\", which is not an absolute path"],
+    ['a relative file', (i) => (i.files[0].path = 'etc/passwd'), 'file 0 names "etc/passwd", which is not an absolute path'],
     ['a relative named FIFO', (i) => {
       const pipe = i.pipes.find(() => true);
       if (pipe) pipe.fifoPath = 'x/fifo';

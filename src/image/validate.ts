@@ -488,18 +488,19 @@ function checkPaths(image: Image): void {
     if (path && !path.startsWith('/')) corrupt(`${where} names ${JSON.stringify(path)}, which is not an absolute path`);
     check(path, where);
   };
-  for (const [i, f] of image.files.entries()) check(f.path, `file ${i}`);
+  // Files and executables are named as /proc's links give them: from /.
+  for (const [i, f] of image.files.entries()) absolute(f.path, `file ${i}`);
   for (const [i, pipe] of image.pipes.entries()) absolute(pipe.fifoPath, `pipe ${i}`);
   for (const p of image.processes) {
     const who = `process ${p.vpid}`;
     absolute(p.cwd, `${who}'s working directory`);
     if (p.root !== undefined && p.root !== '' && !p.root.startsWith('/')) corrupt(`${who}'s root directory ${JSON.stringify(p.root)} is not an absolute path`);
     check(p.root, `${who}'s root directory`);
-    check(p.exe, `${who}'s executable`);
-    for (const v of p.vmas) check(v.path, `${who}'s mapping at 0x${v.start.toString(16)}`);
+    absolute(p.exe, `${who}'s executable`);
+    for (const v of p.vmas) (v.kind === VmaKind.FILE_PRIVATE || v.kind === VmaKind.FILE_SHARED ? absolute : check)(v.path, `${who}'s mapping at 0x${v.start.toString(16)}`);
     for (const fd of p.fds) {
       const where = `${who} fd ${fd.fd}`;
-      check(fd.path, where);
+      (fd.kind === FdKind.FILE ? absolute : check)(fd.path, where);
       check(fd.socket?.address, where);
       check(fd.socket?.file?.base, `${where}'s socket directory`);
       check(fd.socket?.peerAddress, where);
