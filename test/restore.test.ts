@@ -494,6 +494,33 @@ describe('a thread on a stack of its own in shared memory (pthread_attr_setstack
   });
 });
 
+// A thread's entry in the PID table goes when the thread ends (the preload
+// library's thread-exit hook). For a thread a restore brought back, that
+// hook once dropped the entry of the TID it had on the node before the
+// snapshot: its own entry stayed for good (review33 M4).
+describe('threads that end after a restore', () => {
+  it('leave no entry in the PID table, eager and --lazy', async () => {
+    const aid = 'threadgone';
+    const pidEntries = () => sb.json<Json>(['table', aid]).tables.pid.map((e: Json) => e.virtual).sort((a: number, b: number) => a - b);
+    for (const lazy of [false, true]) {
+      start(aid, [fixture('threadgone'), '6']);
+      await waitFor(() => /^(READY tids=[\d,]+|FAIL.*)$/m.test(logOf(aid)), 10_000, 'the threads to run');
+      const tids = /^READY tids=([\d,]+)$/m.exec(logOf(aid))![1].split(',').map(Number);
+      expect(pidEntries()).toEqual([1, 2, ...tids].sort((a, b) => a - b));
+      const image = snapshot(aid, `threadgone${lazy ? '-lazy' : ''}`);
+      await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+      restore(image, lazy ? ['--lazy'] : []);
+      process.kill(pidOf(aid, 2), 'SIGHUP');
+      await waitFor(() => /^(ENDED|FAIL.*)$/m.test(logOf(aid)), 10_000, 'the threads to end');
+      expect(logOf(aid)).not.toMatch(/FAIL/);
+      await waitFor(() => pidEntries().length === 2, 10_000, "the ended threads' entries to go");
+      expect(pidEntries()).toEqual([1, 2]);
+      sb.run(['rm', '-f', aid]);
+      await waitFor(() => !sb.allAids().includes(aid), 10_000, `${aid} to be removed`);
+    }
+  });
+});
+
 // The kernel records who is at the other end of a unix connection when it
 // is made (SO_PEERCRED, SO_PEERGROUPS); a server decides by it what its
 // peer may do. Made by the restorer, every connection inside the

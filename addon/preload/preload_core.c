@@ -34,10 +34,16 @@ static pthread_key_t g_thread_key;
 static int g_thread_key_ok;
 
 /* A thread's entry must go when the thread does: its TID is free in the
- * system from then on, and the next thread to get it is someone else. */
+ * system from then on, and the next thread to get it is someone else.
+ * The entry as it is now, (its virtual TID, its TID): the value kept is
+ * only the sign that it was mapped. A restore gives the thread a new TID
+ * but brings its memory, this value with it, back as it was: the TID
+ * saved is the old node's, which here may be another process's (review33
+ * M4: the thread's own entry stayed for good, and another's could go).
+ * Runs on the exiting thread, its TLS still there. */
 static void thread_gone(void *value) {
-  int32_t stid = (int32_t)(intptr_t)value;
-  if (g_h && stid > 0) appshot_unmap_system(g_h, APPSHOT_PID, stid);
+  int32_t vtid = t_vtid;
+  if (g_h && value && vtid > 0) appshot_unmap_pair(g_h, APPSHOT_PID, vtid, (int32_t)SYS0(gettid));
 }
 
 static void resolve_real(void) {
