@@ -971,3 +971,17 @@ describe('children forked by a raw clone3 (syscall(SYS_clone3), which glibc\'s f
     await sb.checksPass(aid, STATE_CHECKS);
   });
 });
+
+describe('forks glibc makes without its fork() (forkpty) or that never reach glibc (_Fork, __fork, syscall(SYS_fork), syscall(SYS_vfork))', () => {
+  // Each returned the child's system PID to the parent (forkpty: tmux,
+  // script, expect), or left the child with its parent's ids: kill missed
+  // the child and waitpid waited for ever (review33 H1, M1). The fixture
+  // checks each way as the parent and the child see it.
+  it('give the parent the PID the child sees as its own, which kill and waitpid reach', async () => {
+    const aid = 'forkways';
+    await start(aid, [fixture('forkways')]);
+    await waitFor(() => /^(FORKWAYS OK|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the verdict of forkways');
+    expect(/^(FORKWAYS OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('FORKWAYS OK');
+    await ok(['rm', '-f', aid]);
+  });
+});

@@ -514,6 +514,10 @@ HIDDEN long do_setsid(void);
 HIDDEN long ns_refused(unsigned long flags);
 HIDDEN long do_setns(int fd, int nstype);
 HIDDEN long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls);
+HIDDEN long do_fork_syscall(void);
+/* glibc's _Fork (2.34 on), or NULL: resolved at init, not when called
+ * (dlsym is no call for a signal handler, where _Fork may be). */
+extern void *real__Fork HIDDEN;
 HIDDEN long do_clone3_syscall(long args, long size);
 HIDDEN long do_pid_first(long nr, long pid, long b, long c, long d, long e,
                          long f);

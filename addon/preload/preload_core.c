@@ -26,6 +26,7 @@ static char *thread_pointer(void) {
 }
 int g_init_state;
 void *real_fn[R_COUNT];
+void *real__Fork;
 
 /* The thread running init, by its thread pointer: a TID would change if
  * a snapshot caught init and a restore brought it back. */
@@ -74,6 +75,7 @@ static void resolve_real(void) {
       {R_pthread_cond_timedwait, "pthread_cond_timedwait", "GLIBC_2.3.2"},
       {R_pthread_cond_clockwait, "pthread_cond_clockwait", "GLIBC_2.34"},
   };
+  real__Fork = dlsym(RTLD_NEXT, "_Fork");
   for (unsigned i = 0; i < sizeof versioned / sizeof *versioned; i++) {
     void *f = dlvsym(RTLD_NEXT, versioned[i].name, versioned[i].version);
     if (f) real_fn[versioned[i].index] = f;

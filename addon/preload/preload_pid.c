@@ -24,7 +24,9 @@
 #include <sys/resource.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
+#include <pty.h>
 #include <termios.h>
+#include <utmp.h>
 
 #define VINIT 1 /* the application's init */
 
@@ -140,6 +142,37 @@ static pid_t do_fork(void) {
 
 API pid_t fork(void) { return do_fork(); }
 
+/* glibc's own name of it, which a program may call (as some runtimes'
+ * fork paths do): the same fork, mapped by the parent. */
+API pid_t __fork(void);
+API pid_t __fork(void) { return do_fork(); }
+
+/* forkpty() forks inside glibc (its internal __fork, not ours): the child
+ * maps itself (pid_atfork_child), but the parent got the child's system
+ * PID back, which kill and waitpid then took for a virtual one (review33
+ * H1: tmux, script, expect). Made here of the parts glibc makes it of
+ * (openpty, fork, login_tty), the fork being ours. */
+API int forkpty(int *amaster, char *name, const struct termios *termp, const struct winsize *winp) {
+  int master, slave;
+  if (openpty(&master, &slave, name, termp, winp) == -1) return -1;
+  pid_t pid = do_fork();
+  if (pid < 0) {
+    int err = errno;
+    close(master);
+    close(slave);
+    errno = err;
+    return -1;
+  }
+  if (pid == 0) {
+    close(master);
+    if (login_tty(slave)) _exit(1);
+    return 0;
+  }
+  *amaster = master;
+  close(slave);
+  return pid;
+}
+
 /* vfork is fork here. A vfork child borrows the parent's memory until it
  * execs, and our code runs in it (the child's ids are learned, the table
  * lock may be taken): it would overwrite the parent's getpid cache and TLS.
@@ -237,13 +270,49 @@ API int setns(int fd, int nstype) {
  * virtual PID (vsftpd then saw getpid() != getpgrp() after setsid and died
  * "not session leader"). `ptid`: where the kernel stored the child's
  * system PID in the parent (clone3's CLONE_PARENT_SETTID), 0 for none. */
-static pid_t do_raw_fork(long nr, long a, long b, uint64_t ptid) {
+/* How a fork of do_raw_fork's is made: -errno on failure. */
+typedef long (*forker)(long nr, long a, long b);
+
+static long fork_by_syscall(long nr, long a, long b) { return appshot_raw_syscall(nr, a, b, 0, 0, 0, 0); }
+
+static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid);
+
+static pid_t do_raw_fork(long nr, long a, long b, uint64_t ptid) { return fork_made_by(fork_by_syscall, nr, a, b, ptid); }
+
+/* syscall(SYS_fork) and syscall(SYS_vfork), which no glibc code sees: a
+ * fork (vfork as fork, as vfork() is here). */
+long do_fork_syscall(void) { return do_raw_fork(SYS_fork, 0, 0, 0); }
+
+/* _Fork (glibc 2.34): a fork that runs no atfork handler, so neither
+ * side knew of it (the parent got the system PID, the child kept its
+ * parent's cached ids). glibc's own, which keeps its thread state right
+ * in the child (its TID, the robust list), inside the same mapping as a
+ * raw fork's. Async-signal-safe as glibc's is: the table lock blocks
+ * every signal while it is held. */
+static long fork_by_libc(long nr, long a, long b) {
+  (void)nr, (void)a, (void)b;
+  pid_t pid = ((pid_t(*)(void))real__Fork)();
+  return pid < 0 ? -errno : pid;
+}
+
+API pid_t _Fork(void);
+API pid_t _Fork(void) {
+  ensure_init();
+  if (!real__Fork) {
+    errno = ENOSYS;
+    return -1;
+  }
+  if (!g_h) return ((pid_t(*)(void))real__Fork)();
+  return fork_made_by(fork_by_libc, 0, 0, 0, 0);
+}
+
+static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
   ID_WINDOW();
   self_vpid();
   sigset_t all, saved;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &saved);
-  long pid = appshot_raw_syscall(nr, a, b, 0, 0, 0, 0);
+  long pid = make(nr, a, b);
   if (pid == 0) {
     tid_moves_forget();
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);

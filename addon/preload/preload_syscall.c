@@ -50,6 +50,8 @@ API long syscall(long nr, ...) {
     case SYS_setpgid: return do_setpgid((pid_t)a, (pid_t)b);
     case SYS_setsid: return do_setsid();
     case SYS_clone: return do_clone_syscall(a, b, c, d, e);
+    case SYS_fork:
+    case SYS_vfork: return do_fork_syscall();
     case SYS_clone3: return do_clone3_syscall(a, b);
     case SYS_unshare:
       if (ns_refused((unsigned long)a)) return -1;
