@@ -116,9 +116,15 @@ API int getsockname(int fd, __SOCKADDR_ARG addr_arg,
  * room (1 KiB, room for a credentials message and some 240 descriptors)
  * fails with ENOBUFS rather than send an untranslated PID. */
 
-static struct ucred *creds_of(struct cmsghdr *c) {
+/* The credentials message `c` of `m` carries, if its first `need` bytes
+ * (the PID's, received; all of it, sent) lie in both the message and the
+ * control data: one cut short by MSG_CTRUNC still shows its PID, and a
+ * malformed one to send is the kernel's to refuse (EINVAL), never ours to
+ * read past the caller's buffer (review33 L7, L11). */
+static struct ucred *creds_of(const struct msghdr *m, struct cmsghdr *c, size_t need) {
   return c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS &&
-                 c->cmsg_len >= CMSG_LEN(sizeof(struct ucred))
+                 c->cmsg_len >= CMSG_LEN(need) &&
+                 (const char *)c + CMSG_LEN(need) <= (const char *)m->msg_control + m->msg_controllen
              ? (struct ucred *)CMSG_DATA(c)
              : NULL;
 }
@@ -126,7 +132,7 @@ static struct ucred *creds_of(struct cmsghdr *c) {
 static void creds_received(struct msghdr *m) {
   if (!g_h || !m || !m->msg_control || m->msg_controllen < sizeof(struct cmsghdr)) return;
   for (struct cmsghdr *c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR(m, c)) {
-    struct ucred *u = creds_of(c);
+    struct ucred *u = creds_of(m, c, sizeof(pid_t));
     if (!u) continue;
     pid_t pid;
     memcpy(&pid, &u->pid, sizeof pid); /* CMSG_DATA is only int-aligned */
@@ -141,7 +147,7 @@ static void creds_received(struct msghdr *m) {
 static int creds_to_send(const struct msghdr *m) {
   if (!g_h || !m || !m->msg_control || m->msg_controllen < sizeof(struct cmsghdr)) return 0;
   for (struct cmsghdr *c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR((struct msghdr *)m, c)) {
-    struct ucred *u = creds_of(c);
+    struct ucred *u = creds_of(m, c, sizeof(struct ucred));
     pid_t pid;
     if (u && (memcpy(&pid, &u->pid, sizeof pid), pid > 0)) return 1;
   }
@@ -159,7 +165,7 @@ static int creds_translated(const struct msghdr *m, struct msghdr *out,
   memcpy(room, m->msg_control, m->msg_controllen);
   out->msg_control = room;
   for (struct cmsghdr *c = CMSG_FIRSTHDR(out); c; c = CMSG_NXTHDR(out, c)) {
-    struct ucred *u = creds_of(c);
+    struct ucred *u = creds_of(out, c, sizeof(struct ucred));
     pid_t pid, sys;
     if (!u) continue;
     memcpy(&pid, &u->pid, sizeof pid);
@@ -233,10 +239,15 @@ API int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags) {
 static long getsockopt_raw(int fd, int level, int name, void *val, socklen_t *lenp) {
   ID_WINDOW();
   long r = SYS5(getsockopt, fd, level, name, val, lenp);
+  /* The PID comes first: a buffer cut short still holds it. */
   if (r == 0 && g_h && level == SOL_SOCKET && name == SO_PEERCRED && val &&
-      lenp && *lenp >= sizeof(struct ucred)) {
-    struct ucred *u = val;
-    if (u->pid > 0) u->pid = s2v_or0(APPSHOT_PID, u->pid);
+      lenp && *lenp >= sizeof(pid_t)) {
+    pid_t pid;
+    memcpy(&pid, val, sizeof pid);
+    if (pid > 0) {
+      pid = s2v_or0(APPSHOT_PID, pid);
+      memcpy(val, &pid, sizeof pid);
+    }
   }
   return r;
 }
