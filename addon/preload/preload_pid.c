@@ -931,6 +931,20 @@ long do_sigqueueinfo(long nr, pid_t tgid, pid_t tid, int sig,
     return fail(ESRCH);
   if (init_refuses(nr == SYS_rt_tgsigqueueinfo ? tid : tgid, sig))
     return fail(EPERM);
+  /* The sender's PID in the siginfo is the caller's to fill (sigqueue
+   * fills it with getpid(), which the application sees virtual); the
+   * receiver is told it as the system's, and its own side makes it
+   * virtual again (review33 L8: it read a virtual one as a system one).
+   * The caller's siginfo stays as it gave it, and is read as the kernel
+   * would read it: a bad address is the kernel's EFAULT, not our fault. */
+  siginfo_t sent;
+  pid_t spid;
+  struct iovec here = {&sent, sizeof sent}, there = {info, sizeof sent};
+  if (info && SYS6(process_vm_readv, SYS0(getpid), &here, 1, &there, 1, 0) == (long)sizeof sent &&
+      sent.si_code < 0 && sent.si_pid > 0 && v2s_pid(sent.si_pid, &spid)) {
+    sent.si_pid = spid;
+    info = &sent;
+  }
   return nr == SYS_rt_tgsigqueueinfo
              ? libc_ret(SYS4(rt_tgsigqueueinfo, stgid, stid, sig, info))
              : libc_ret(SYS3(rt_sigqueueinfo, stgid, sig, info));
