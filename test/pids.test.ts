@@ -985,3 +985,15 @@ describe('forks glibc makes without its fork() (forkpty) or that never reach gli
     await ok(['rm', '-f', aid]);
   });
 });
+
+describe('/proc paths with repeated slashes or "." components ("%s/%d/stat" with "/proc/")', () => {
+  // The kernel reads them as the plain path; the translation once did not,
+  // and "/proc//2/stat" opened the system's process 2 (review33 M2).
+  it("reach the application's own process and thread by their virtual ids, as the plain path does", async () => {
+    const aid = 'procplain';
+    await start(aid, [fixture('procplain')]);
+    await waitFor(() => /^(PROCPLAIN OK|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the verdict of procplain');
+    expect(/^(PROCPLAIN OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PROCPLAIN OK');
+    await ok(['rm', '-f', aid]);
+  });
+});

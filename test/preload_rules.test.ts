@@ -51,7 +51,8 @@ async function tablesOf(aid: string): Promise<string> {
       }
       return found !== '';
     },
-    10_000,
+    // A foreground run starts a Node of its own: seconds on a loaded machine.
+    30_000,
     `the tables of ${aid}`,
   );
   return found;
@@ -69,7 +70,7 @@ async function withRules(
   // `run` writes its own instance section (that of its --rules, here none)
   // after the table file appears and before it starts init: wait for init
   // to be in the table, so that ours is not overwritten.
-  await waitFor(() => (addon.readTables(tables).tables.pid ?? []).length > 0, 10_000, `init of ${aid}`);
+  await waitFor(() => (addon.readTables(tables).tables.pid ?? []).length > 0, 30_000, `init of ${aid}`);
   addon.setInstance(tables, { redirs: rules.redirs ?? [], env: rules.env ?? [] });
   for (const [v, s] of rules.ports ?? []) addon.bind(tables, 'port', v, s);
   writeFileSync(marker, '');

@@ -688,8 +688,24 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;
   if (LIKELY(!h) || !path || path[0] != '/') return 0;
-  return h->instance.redirs || strncmp(path, "/proc/", 6) == 0;
+  /* "//proc/<vpid>" and "/./proc/<vpid>" name /proc too (proc_path). */
+  return h->instance.redirs || strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.');
 }
+
+/* Whether absolute `path` has a repeated slash or a "." component
+ * ("/proc//2/stat", "//proc/2", "/proc/./2"): the kernel reads it as the
+ * path without them, which the /proc translations must see too (review33
+ * M2: "%s/%d/stat" with "/proc/" opened the system's process 2). ".." is
+ * left alone: after a symbolic link (/proc/self, a magic link) it is not
+ * what it looks like. */
+static inline int path_unplain(const char *path) {
+  for (const char *s = path; *s; s++)
+    if (s[0] == '/' && (s[1] == '/' || (s[1] == '.' && (s[2] == '/' || s[2] == '\0')))) return 1;
+  return 0;
+}
+/* `path` without its repeated slashes and "." components, into out: 1, or
+ * 0 if it does not fit. */
+HIDDEN int plain_path(const char *path, char out[PATH_MAX]);
 
 /* The same for `path` relative to `dirfd` (AT_FDCWD for the calls without
  * one): path_hooked, or a virtual id under a directory of /proc. */

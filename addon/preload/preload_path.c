@@ -1073,7 +1073,7 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
     return NULL;
   }
   const char *p = path;
-  if (strncmp(path, "/proc/", 6) == 0) {
+  if (strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.')) {
     p = proc_path(path, buf);
     if (!p) return NULL;
   }

@@ -71,12 +71,43 @@ static const char *pid_rest(const char *p, char buf[PATH_MAX], int absolute) {
   return put_ids_path(buf, absolute, spid, stid, rest);
 }
 
+int plain_path(const char *path, char out[PATH_MAX]) {
+  size_t n = 0;
+  for (const char *s = path; *s;) {
+    if (s[0] == '/' && n && out[n - 1] == '/') {
+      s++; /* a repeated slash */
+      continue;
+    }
+    if (s[0] == '.' && n && out[n - 1] == '/' && (s[1] == '/' || s[1] == '\0')) {
+      s += s[1] ? 2 : 1; /* a "." component */
+      continue;
+    }
+    if (n == PATH_MAX - 1) return 0;
+    out[n++] = *s++;
+  }
+  /* "/proc/2/." is the directory: "/proc/2/" says the same. */
+  out[n] = '\0';
+  return 1;
+}
+
+/* proc_path of a path with repeated slashes or "." components: of the
+ * plain path, the answer the rewritten one, or `path` itself if nothing
+ * was rewritten. Its own frame: the plain copy costs the stack only here
+ * (a signal handler on a small alternate stack may open a /proc path). */
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX]) {
+  char plain[PATH_MAX];
+  if (!plain_path(path, plain) || strncmp(plain, "/proc/", 6) != 0) return path;
+  const char *r = proc_path(plain, buf);
+  return r == plain ? path : r;
+}
+
 /* Returns the path to hand to the kernel: `path` itself, or `buf` holding
  * the rewritten one; NULL with errno set when the path must fail. The
  * wrappers that use it are in preload_path.c (path_slow). */
 const char *proc_path(const char *path, char buf[PATH_MAX]) {
-  if (!path || path[0] != '/' || strncmp(path, "/proc/", 6) != 0 || !g_h)
-    return path;
+  if (!path || path[0] != '/' || !g_h) return path;
+  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf);
+  if (strncmp(path, "/proc/", 6) != 0) return path;
   const char *p = path + 6;
   pid_t vpid, vtid = 0, stid = 0;
   /* "/proc/self/task/<vtid>": the caller's own process, one of its

@@ -86,9 +86,13 @@ static const char *task_file(const char *p) {
   return p;
 }
 
+static enum view view_of_plain_name(const char *path);
+
 /* Which view `path` needs, by name only (a cgroup file is confirmed on the
- * descriptor). */
+ * descriptor); of a path with repeated slashes or "." components, the
+ * view of the plain one (proc_path opened that). */
 static enum view view_of_name(const char *path) {
+  if (UNLIKELY(path[0] == '/' && path_unplain(path))) return view_of_plain_name(path);
   if (!strncmp(path, "/proc/", 6)) {
     const char *p = path + 6;
     if (!strcmp(p, "locks")) return VIEW_LOCKS;
@@ -115,6 +119,11 @@ static enum view view_of_name(const char *path) {
       ends_with_file(path, n, "tasks"))
     return VIEW_PIDLIST;
   return VIEW_NONE;
+}
+
+static NOINLINE enum view view_of_plain_name(const char *path) {
+  char plain[PATH_MAX];
+  return plain_path(path, plain) ? view_of_name(plain) : VIEW_NONE;
 }
 
 /* --- Translating one line ------------------------------------------------ */
