@@ -261,16 +261,7 @@ API int setns(int fd, int nstype) {
   return (int)do_setns(fd, nstype);
 }
 
-/* A fork made by the clone system call itself (syscall(SYS_clone, flags,
- * 0): no stack, no shared memory, as vsftpd makes each session's
- * unprivileged half with CLONE_NEWNET | SIGCHLD), or by clone3 (`nr`, its
- * arguments a and b): glibc's fork handling, and so our atfork handler,
- * does not run, so the child's ids are reset here; the parent maps the
- * child as do_fork does. Before, the child kept its parent's cached
- * virtual PID (vsftpd then saw getpid() != getpgrp() after setsid and died
- * "not session leader"). `ptid`: where the kernel stored the child's
- * system PID in the parent (clone3's CLONE_PARENT_SETTID), 0 for none. */
-/* How a fork of do_raw_fork's is made: -errno on failure. */
+/* How a fork of fork_made_by's (below) is made: -errno on failure. */
 typedef long (*forker)(long nr, long a, long b);
 
 static long fork_by_syscall(long nr, long a, long b) { return appshot_raw_syscall(nr, a, b, 0, 0, 0, 0); }
@@ -306,6 +297,17 @@ API pid_t _Fork(void) {
   return fork_made_by(fork_by_libc, 0, 0, 0, 0);
 }
 
+/* A fork made by the clone system call itself (syscall(SYS_clone, flags,
+ * 0): no stack, no shared memory, as vsftpd makes each session's
+ * unprivileged half with CLONE_NEWNET | SIGCHLD), or by clone3 (`nr`, its
+ * arguments a and b): glibc's fork handling, and so our atfork handler,
+ * does not run, so the child's ids are reset here; the parent maps the
+ * child as do_fork does. Before, the child kept its parent's cached
+ * virtual PID (vsftpd then saw getpid() != getpgrp() after setsid and died
+ * "not session leader"). `ptid`: where the kernel stored the child's
+ * system PID in the parent (clone3's CLONE_PARENT_SETTID), 0 for none.
+ * `make` makes the fork: the system call `nr` with a and b (do_raw_fork),
+ * or glibc's _Fork. */
 static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
   ID_WINDOW();
   self_vpid();
