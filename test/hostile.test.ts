@@ -954,6 +954,84 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
   });
 });
 
+// Found by fuzzing templates and clones (session 33). A template's
+// private copies are not signed; its rules, and an image's instance
+// section, are input like any other.
+describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is copied as its files are, never as root makes them', () => {
+  let tpl = '';
+  const NOBODY = 65534;
+  beforeAll(() => {
+    tpl = join(out, 'copies.template');
+    const made = sb.run(['template', 'create', good, '-o', tpl]);
+    if (made.code !== 0) throw new Error(made.stderr);
+  });
+  const cloneOf = (template: string, aid: string) => {
+    const r = sb.run(['clone', template, '--aid', aid, '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    return (JSON.parse(r.stdout) as { privateRoot: string }[])[0].privateRoot;
+  };
+
+  it("a set-user-ID file in a template's private copies comes to a clone without the bit, its owner's, not root's", () => {
+    const planted = join(tpl, 'private', 'srv', 'bin');
+    mkdirSync(planted, { recursive: true });
+    copyFileSync('/usr/bin/id', join(planted, 'suid'));
+    chownSync(join(planted, 'suid'), NOBODY, NOBODY);
+    chmodSync(join(planted, 'suid'), 0o4755);
+    try {
+      const root = cloneOf(tpl, 'suidcopy');
+      const st = statSync(join(root, 'srv', 'bin', 'suid'));
+      expect((st.mode & 0o7777).toString(8)).toBe('755');
+      expect([st.uid, st.gid]).toEqual([NOBODY, NOBODY]);
+      expect(sb.run(['rm', '-f', 'suidcopy']).code).toBe(0);
+    } finally {
+      rmSync(join(tpl, 'private'), { recursive: true, force: true });
+    }
+  });
+
+  it("a symbolic link in a template's private copies is never written through by a FILE ... DUPLICATE copy", () => {
+    const victim = join(out, 'dup-victim');
+    mkdirSync(victim, { recursive: true });
+    const src = join(out, 'dupsrc');
+    mkdirSync(src, { recursive: true });
+    writeFileSync(join(src, 'data'), 'the original\n');
+    const rules = join(out, 'dup.rules');
+    writeFileSync(rules, `FILE "${src}/data" DUPLICATE\n`);
+    const dupTpl = join(out, 'dup.template');
+    const made = sb.run(['template', 'create', good, '-o', dupTpl, '--rules', rules]);
+    expect(made.code, made.stderr).toBe(0);
+    // The first component of the copy's path, a link to the victim.
+    const top = src.split('/')[1];
+    mkdirSync(join(dupTpl, 'private'), { recursive: true });
+    symlinkSync(victim, join(dupTpl, 'private', top));
+    refuses(['clone', dupTpl, '--aid', 'dupthrough'], { code: 1, stderr: /cannot make a private copy under \S+: it is a symbolic link$/ });
+    expect(readdirSync(victim)).toEqual([]);
+  });
+
+  it('rules that are a FIFO or a device are refused at once, read from no one', () => {
+    const fifo = join(out, 'rules.fifo');
+    spawnSync('mkfifo', [fifo]);
+    refuses(['template', 'create', good, '-o', join(out, 'fifo.template'), '--rules', fifo], { code: 2, stderr: /cannot read rules file \S+: it is not a regular file$/ });
+    refuses(['template', 'create', good, '-o', join(out, 'zero.template'), '--rules', '/dev/zero'], { code: 2, stderr: /cannot read rules file \/dev\/zero: it is not a regular file$/ });
+  });
+
+  it("SET ENV of what loads the preload library or names the tables is refused, in rules and in an image", () => {
+    const rules = join(out, 'preload.rules');
+    writeFileSync(rules, 'SET ENV "LD_PRELOAD" = "/tmp/evil.so"\n');
+    refuses(['template', 'create', good, '-o', join(out, 'preload.template'), '--rules', rules], { code: 2, stderr: /LD_PRELOAD is appshot's own/ });
+    const dir = crafted('instance-env', (i) => {
+      i.instance = { redirs: [], privateRoot: '', ...i.instance, env: ['LD_PRELOAD=/tmp/evil.so'] };
+    });
+    refuses(['restore', dir], corrupt(`a clone's environment sets "LD_PRELOAD", which is appshot's own`));
+  });
+
+  it("a clone's redirection that climbs out with .. is corrupt image", () => {
+    const dir = crafted('instance-redir', (i) => {
+      i.instance = { env: [], privateRoot: '', ...i.instance, redirs: [{ kind: 'cow', from: '/tmp/../etc', to: '/tmp/x' }] };
+    });
+    refuses(['restore', dir], corrupt(`a clone's REDIR COW from "/tmp/../etc" is not a plain absolute path`));
+  });
+});
+
 describe('crafted metadata (checksums and signature recomputed)', () => {
   const cases: [string, (image: Image) => void, string][] = [
     ['virtual PID 0', (i) => (i.processes[0].vpid = 0), 'a process has virtual PID 0'],

@@ -29,6 +29,7 @@ import { netlinkProblem } from '../resources/netlink.js';
 import { socketFileRecordFault } from '../resources/socketfile.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
+import { unsettable } from '../template/rules.js';
 
 /** linux/seccomp.h */
 const SECCOMP_FILTER_FLAG_LOG = 2n;
@@ -509,7 +510,18 @@ function checkPaths(image: Image): void {
       for (const m of fd.fanotify?.marks ?? []) check(m.path, `${where}'s fanotify mark`);
     }
   }
+  // A clone's redirections: a path is taken back through them and joined
+  // under the new clone's private copies, which a ".." would leave
+  // (fuzz33 H3: root made a copy anywhere). Both sides are plain absolute
+  // paths as the rules made them.
+  for (const r of image.instance?.redirs ?? []) {
+    for (const [side, path] of [['from', r.from], ['to', r.to]] as const)
+      if (!path.startsWith('/') || path.length < 2 || path.endsWith('/') || path.slice(1).split('/').some((c) => c === '' || c === '.' || c === '..'))
+        corrupt(`a clone's REDIR ${r.kind === 'cow' ? 'COW' : 'PATH'} ${side} ${JSON.stringify(path)} is not a plain absolute path`);
+  }
+  for (const e of image.instance?.env ?? []) if (unsettable(e.slice(0, e.indexOf('=')))) corrupt(`a clone's environment sets ${JSON.stringify(e.slice(0, e.indexOf('=')))}, which is appshot's own`);
 }
+
 
 /** Checks everything restore, clone and inspect take for granted.
  * `pagesFileSize`: the size of pages.img, which every page run must lie in.

@@ -17,9 +17,10 @@
  *    own, its IDENTITY hooks run once it resumed (resources/identity.ts),
  *    and memory is handled as a fork child's (resources/memory.ts).
  */
-import { closeSync, cpSync, existsSync, rmSync, symlinkSync } from 'node:fs';
+import { closeSync, existsSync, lstatSync, mkdirSync, rmSync, symlinkSync } from 'node:fs';
+import { copyPrivately, copyUnder } from './copies.js';
 import { hostname } from 'node:os';
-import { basename, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { randomBytes } from 'node:crypto';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -150,6 +151,16 @@ function planPorts(reg: LocalRegistry, aid: string, t: OpenedTemplate): { own: M
   return { own, bindings };
 }
 
+/** Whether there is anything at `path`, a dangling link included. */
+function lexists(path: string): boolean {
+  try {
+    lstatSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** FILE ... DUPLICATE (step 406): the instance's own copy of the file or
  * directory, made now, and the path redirected to it. */
 function duplicateFiles(t: OpenedTemplate, privateRoot: string): InstanceConfig['redirs'] {
@@ -157,8 +168,9 @@ function duplicateFiles(t: OpenedTemplate, privateRoot: string): InstanceConfig[
   for (const rule of t.rules?.resources ?? []) {
     if (rule.kind !== 'file' || rule.action !== 'duplicate' || typeof rule.match !== 'string' || rule.match === '*') continue;
     const copy = privateCopyPath(t.rules!, rule, privateRoot);
-    // Inherited from a template made of a clone, or copied now.
-    if (!existsSync(copy) && existsSync(rule.match)) cpSync(rule.match, copy, { recursive: true, preserveTimestamps: true });
+    // Inherited from a template made of a clone, or copied now, as the
+    // application's user has it (copies.ts).
+    if (!lexists(copy) && lexists(rule.match)) copyUnder(privateRoot, rule.match, copy, 'the file of a FILE ... DUPLICATE rule');
     out.push({ kind: 'path', from: rule.match, to: copy });
   }
   return out;
@@ -170,7 +182,13 @@ function duplicateFiles(t: OpenedTemplate, privateRoot: string): InstanceConfig[
  * reads the rest from the originals. */
 function inheritPrivateCopies(t: OpenedTemplate, privateRoot: string): void {
   const layer = join(t.path, PRIVATE_DIR);
-  if (existsSync(layer)) cpSync(layer, privateRoot, { recursive: true, preserveTimestamps: true });
+  // Not signed, and written by whoever could write the template's
+  // directory: copied as copies.ts allows, never followed through a link.
+  if (lexists(layer)) {
+    if (!lstatSync(layer).isDirectory()) throw new AppshotError(`template ${t.path}: its private copies (${PRIVATE_DIR}) are not a directory`);
+    mkdirSync(dirname(privateRoot), { recursive: true });
+    copyPrivately(layer, privateRoot, "the template's private copy");
+  }
 }
 
 /** Ends an instance this batch made: its processes are killed, init

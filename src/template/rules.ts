@@ -9,8 +9,8 @@
  * a template must hold its references "in their pre-customized form,
  * rather than their evaluated form" (specification, section B).
  */
-import { readFileSync } from 'node:fs';
-import { constants } from 'node:os';
+import { closeSync, constants, fstatSync, openSync, readSync } from 'node:fs';
+import { constants as osConstants } from 'node:os';
 import { basename, join, posix } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Action } from '../image/types.js';
@@ -348,12 +348,22 @@ export function isPathRule(r: ResourceRule): boolean {
   return r.kind === 'file' && (r.action === 'copy-on-write' || r.action === 'duplicate') && typeof r.match === 'string' && r.match !== '*';
 }
 
+/** Environment variables SET ENV may not set: what loads the preload
+ * library and names the application's tables (fuzz33 M5: a clone set
+ * LD_PRELOAD and escaped its virtual view). Also refused in an image's
+ * instance section (image/validate.ts). */
+export function unsettable(name: string): boolean {
+  return /^(LD_PRELOAD|LD_LIBRARY_PATH|LD_AUDIT|APPSHOT_.*)$/.test(name) && !IDENTITY_VARIABLES.includes(name);
+}
+
 /** SET ENV "NAME" = "value" */
 function parseSetEnv(line: Line, rules: RulesFile, column: number): void {
   line.keyword('ENV');
   const name = line.string('the variable\'s "NAME"');
   if (!ENV_NAME.test(name.text))
     line.fail(name.column, `invalid environment variable name ${name.raw}`, 'letters, digits and _, not starting with a digit');
+  if (unsettable(name.text))
+    line.fail(name.column, `${name.text} is appshot's own (it loads the preload library or names the application's tables)`, 'a variable of the application');
   if (IDENTITY_VARIABLES.includes(name.text))
     line.fail(name.column, `${name.text} is a clone's identity, which appshot sets`, 'a variable of your own (IDENTITY statements change what makes a clone unique)');
   const twice = rules.envs.find((e) => e.name === name.text);
@@ -403,14 +413,14 @@ function parseHook(line: Line, rules: RulesFile): IdentityHook {
     const s = line.next();
     const expected = 'a signal the application can handle, by name (SIGUSR2, USR2) or number';
     if (s.type === 'number') {
-      const name = Object.entries(constants.signals).find(([, n]) => n === s.value)?.[0] ?? (s.value >= 32 && s.value <= 64 ? `signal ${s.value}` : undefined);
+      const name = Object.entries(osConstants.signals).find(([, n]) => n === s.value)?.[0] ?? (s.value >= 32 && s.value <= 64 ? `signal ${s.value}` : undefined);
       if (!name) line.fail(s.column, `${s.raw} is no signal`, expected);
       if (UNCATCHABLE.has(name)) line.fail(s.column, `${name} cannot be handled: it would end or stop every clone`, expected);
       return { kind: 'signal', signal: s.value, name, line: line.number };
     }
     if (s.type !== 'word') return line.unexpected(expected, s);
     const name = s.text.toUpperCase().startsWith('SIG') ? s.text.toUpperCase() : `SIG${s.text.toUpperCase()}`;
-    const signal = (constants.signals as Record<string, number>)[name];
+    const signal = (osConstants.signals as Record<string, number>)[name];
     if (signal === undefined) line.fail(s.column, `unknown signal '${s.text}'`, expected);
     if (UNCATCHABLE.has(name)) line.fail(s.column, `${name} cannot be handled: it would end or stop every clone`, expected);
     return { kind: 'signal', signal, name, line: line.number };
@@ -555,15 +565,32 @@ function actionList(kind: ResourceKind): string {
  * messages and images call it. */
 export function loadRules(path: string): RulesFile {
   let text: string;
+  let fd: number | undefined;
   try {
-    text = readFileSync(path, 'utf8');
+    // A regular file of a bounded size, opened without waiting: a FIFO
+    // hung the resident engine (and every command of its user) for good,
+    // /dev/zero filled its memory (fuzz33 M7).
+    fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOCTTY);
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new AppshotError(`cannot read rules file ${path}: ${st.isDirectory() ? 'it is a directory' : 'it is not a regular file'}`, ExitCode.usage);
+    if (st.size > RULES_MAX_BYTES) throw new AppshotError(`cannot read rules file ${path}: it is ${st.size} bytes (at most ${RULES_MAX_BYTES})`, ExitCode.usage);
+    const buf = Buffer.alloc(Number(st.size));
+    let got = 0;
+    for (let n; got < buf.length && (n = readSync(fd, buf, got, buf.length - got, got)) > 0; ) got += n;
+    text = buf.subarray(0, got).toString('utf8');
   } catch (e) {
+    if (e instanceof AppshotError) throw e;
     const code = (e as NodeJS.ErrnoException).code;
     const why = code === 'ENOENT' ? 'no such file' : code === 'EISDIR' ? 'it is a directory' : (e as Error).message;
     throw new AppshotError(`cannot read rules file ${path}: ${why}`, ExitCode.usage);
+  } finally {
+    if (fd !== undefined) closeSync(fd);
   }
   return parseRules(text, basename(path));
 }
+
+/** The largest rules file read: rules are a page or two of text. */
+const RULES_MAX_BYTES = 1 << 20;
 
 // ---------------------------------------------------------------------------
 // Evaluation: one instance's view of the rules.

@@ -9,7 +9,7 @@
  * template's own application.
  */
 import { uniqueTag } from '../holder.js';
-import { copyFileSync, cpSync, existsSync, fstatSync, linkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, fstatSync, linkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { decodeTemplate, digestBuffer, encodeImage, encodeSignedManifest, encodeTemplate, isOwnSnapshot, type LoadedImage, loadImage, notOwnSnapshot, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
@@ -21,7 +21,8 @@ import { classify, refusals, type UnmatchedRule, unmatchedRules } from './classi
 import { loadRules, parseRules, type RulesFile } from './rules.js';
 import { cachedTemplate } from './cache.js';
 import type { ByteProgress } from '../progress.js';
-import { isPrivateRootName } from '../registry.js';
+import { defaultHome, isPrivateRoot } from '../registry.js';
+import { copyPrivately } from './copies.js';
 
 export const TEMPLATE_PART = 'template.pb';
 /** A template made of a clone: that clone's private copies, as they were
@@ -169,15 +170,19 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
       // A clone's private copies, if its rules give it any (one without
       // copy-on-write or duplicate rules never has the directory).
       const privateRoot = image.instance?.privateRoot;
-      // An image may name any directory: only one shaped as a clone's own
-      // is copied into the template (and so into every clone).
-      if (privateRoot && !isPrivateRootName(privateRoot))
+      // An image may name any directory: only a clone's own of this state
+      // directory is copied into the template (and so into every clone);
+      // not one of another user's (fuzz33 M2), whatever its shape.
+      if (privateRoot && !isPrivateRoot(defaultHome(), privateRoot))
         throw new AppshotError(`corrupt image: ${imagePath} names ${JSON.stringify(privateRoot)} as a clone's private copies, which is not a directory of them`);
       const hasCopies = !!privateRoot && (image.instance?.redirs ?? []).some((r) => r.to.startsWith(`${privateRoot}/`));
       if (privateRoot && (hasCopies || existsSync(privateRoot))) {
         if (!existsSync(privateRoot))
           throw new AppshotError(`${imagePath} is of a clone whose private copies are gone (${privateRoot}): what it wrote to its files cannot be templated`);
-        cpSync(privateRoot, join(partial, PRIVATE_DIR), { recursive: true, preserveTimestamps: true });
+        // As they are, owners kept, no set-id bit (copies.ts): root's copy
+        // of a nobody application's 4755 file would be root's set-user-ID
+        // program in every clone.
+        copyPrivately(privateRoot, join(partial, PRIVATE_DIR), "the clone's private copy");
       }
       writeFileSync(join(partial, TEMPLATE_PART), encodeTemplate(template));
       renameSync(partial, dest);

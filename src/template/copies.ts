@@ -1,0 +1,136 @@
+/**
+ * A clone's private copies (its FILE ... DUPLICATE and COPY-ON-WRITE
+ * files), and a template's of them, copied as root copies another user's
+ * files: as they were, and no more.
+ *
+ * Three copies are made: a clone's private copies into the template that
+ * is made of it (template create), a template's into each new clone, and
+ * a FILE ... DUPLICATE rule's file or directory of the host into a clone.
+ * The template's copy is not signed and may have been written by anyone
+ * who could write the template's directory; the host's is the
+ * application's user's. Node's cpSync, used for all three, did what root
+ * may (fuzz33 H1, H4, M1):
+ *  - a file kept its set-user-ID bit and became root's: a nobody
+ *    application's 4755 file in a copy-on-write directory came back in
+ *    every clone as a root set-user-ID program;
+ *  - a symbolic link copied first was written through by the next copy,
+ *    so root made files wherever it pointed;
+ *  - an application's own 0600 file became root's, which it could then no
+ *    longer read.
+ * Here: only directories, regular files and symbolic links (made, never
+ * followed; a device, FIFO or socket is refused), each entry made anew
+ * (O_EXCL: a name that is there already is never written through) in a
+ * directory this copy made or found as a directory (lstat: never through a
+ * link), owned by the owner of what it copies (root only: an ordinary user
+ * owns what it makes, as before), with its permissions but never a
+ * set-user-ID or set-group-ID bit on a file.
+ */
+import { chownSync, closeSync, constants, copyFileSync, fchmodSync, fchownSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, type Stats, symlinkSync, utimesSync } from 'node:fs';
+import { dirname, join, relative, sep } from 'node:path';
+import { AppshotError } from '../errors.js';
+
+const asRoot = () => process.geteuid?.() === 0;
+
+/** The permissions a copy gets: a file's without set-id bits, a
+ * directory's with its sticky bit (a shared /tmp-like directory) but
+ * without set-group-ID. */
+const copyMode = (st: Stats) => st.mode & (st.isDirectory() ? 0o1777 : 0o777);
+
+/** `dir` exists as a directory reached through no symbolic link from
+ * `top` (which it is, or lies under): made if missing, each missing
+ * component with the mode and owner of the component `like` names for it
+ * (the source's own ancestors), or 0755 and ours where there is none. */
+export function plainDirectory(top: string, dir: string, like?: (made: string) => string | undefined): void {
+  const rel = relative(top, dir);
+  if (rel.startsWith('..') || rel.startsWith(sep)) throw new AppshotError(`a private copy at ${dir} would lie outside ${top}`);
+  let at = top;
+  for (const part of ['', ...(rel ? rel.split(sep) : [])]) {
+    at = part ? join(at, part) : at;
+    let st: Stats | undefined;
+    try {
+      st = lstatSync(at);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    }
+    if (st) {
+      if (!st.isDirectory()) throw new AppshotError(`cannot make a private copy under ${at}: it is ${st.isSymbolicLink() ? 'a symbolic link' : 'not a directory'}`);
+      continue;
+    }
+    const model = like?.(at);
+    let mst: Stats | undefined;
+    try {
+      mst = model === undefined ? undefined : lstatSync(model);
+    } catch {
+      /* no model: a plain directory */
+    }
+    mkdirSync(at, { mode: mst?.isDirectory() ? copyMode(mst) : 0o755 });
+    if (mst?.isDirectory()) {
+      // mkdir's mode is cut by the umask: the source's, exactly.
+      fixMode(at, copyMode(mst));
+      if (asRoot()) chownSync(at, mst.uid, mst.gid);
+    }
+  }
+}
+
+function fixMode(path: string, mode: number): void {
+  const fd = openSync(path, constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW);
+  try {
+    fchmodSync(fd, mode);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * Copies `from` (a file, a directory and all under it, or a symbolic
+ * link) to `to`, whose parent must exist as a plain directory
+ * (plainDirectory). Refuses in one line, naming `what`, anything else or
+ * a name already there; what it made before stays for the caller's
+ * clean-up (the clone's or template's directory is removed whole).
+ */
+export function copyPrivately(from: string, to: string, what: string): void {
+  const st = lstatSync(from);
+  if (st.isSymbolicLink()) {
+    symlinkSync(readlinkSync(from), to);
+    if (asRoot()) lchownSync(to, st.uid, st.gid);
+    return;
+  }
+  if (st.isDirectory()) {
+    try {
+      mkdirSync(to, { mode: 0o700 });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      // Made already (a parent of a copy made before): a directory, not
+      // a link to one.
+      if (!lstatSync(to).isDirectory()) throw new AppshotError(`cannot copy ${what} ${from}: ${to} is there already and not a directory`);
+    }
+    for (const name of readdirSync(from)) copyPrivately(join(from, name), join(to, name), what);
+    fixMode(to, copyMode(st));
+    if (asRoot()) chownSync(to, st.uid, st.gid);
+    utimesSync(to, st.atime, st.mtime);
+    return;
+  }
+  if (!st.isFile()) throw new AppshotError(`cannot copy ${what} ${from}: it is not a file, a directory or a symbolic link`);
+  // COPYFILE_EXCL: never through a name already there (a link planted).
+  copyFileSync(from, to, constants.COPYFILE_EXCL);
+  const fd = openSync(to, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    if (asRoot()) fchownSync(fd, st.uid, st.gid);
+    // After the owner: a chown clears set-id bits, and none is given.
+    fchmodSync(fd, copyMode(st));
+  } finally {
+    closeSync(fd);
+  }
+  utimesSync(to, st.atime, st.mtime);
+}
+
+/** A copy of `from` at `to` under `top` (a clone's private copies), its
+ * missing parents made like the source's own (`from`'s ancestors: the
+ * copy of /srv/data/x at TOP/srv/data/x gets TOP/srv/data made as
+ * /srv/data is). */
+export function copyUnder(top: string, from: string, to: string, what: string): void {
+  // The state directory's instances/ (ours), then the copies' own chain.
+  mkdirSync(dirname(top), { recursive: true });
+  plainDirectory(top, dirname(to), (made) => join('/', relative(top, made)));
+  copyPrivately(from, to, what);
+}
