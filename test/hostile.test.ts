@@ -1024,6 +1024,24 @@ describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is 
     refuses(['restore', dir], corrupt(`a clone's environment sets "LD_PRELOAD", which is appshot's own`));
   });
 
+  it("an IDENTITY HOOK EXEC runs as the application's first process, not as root", () => {
+    chmodSync(out, 0o755);
+    const said = join(out, 'hook-said');
+    mkdirSync(said, { mode: 0o777 });
+    chmodSync(said, 0o777);
+    const rules = join(out, 'hook.rules');
+    writeFileSync(rules, `IDENTITY HOOK EXEC "/bin/sh" "-c" "id -u > ${said}/uid; id -g > ${said}/gid"\n`);
+    const dir = crafted('hook-nobody', asNobodyRan);
+    const hookTpl = join(out, 'hook.template');
+    const made = sb.run(['template', 'create', dir, '-o', hookTpl, '--rules', rules]);
+    expect(made.code, made.stderr).toBe(0);
+    const c = sb.run(['clone', hookTpl, '--aid', 'hooked']);
+    expect(c.code, c.stderr).toBe(0);
+    expect(readFileSync(join(said, 'uid'), 'utf8').trim()).toBe(String(NOBODY));
+    expect(readFileSync(join(said, 'gid'), 'utf8').trim()).toBe(String(NOBODY));
+    expect(sb.run(['rm', '-f', 'hooked']).code).toBe(0);
+  });
+
   it("a clone's redirection that climbs out with .. is corrupt image", () => {
     const dir = crafted('instance-redir', (i) => {
       i.instance = { env: [], privateRoot: '', ...i.instance, redirs: [{ kind: 'cow', from: '/tmp/../etc', to: '/tmp/x' }] };

@@ -75,15 +75,27 @@ export async function runIdentityHooks(hooks: IdentityHook[], image: Image, reco
       if (!addon().signalMember(pid, hook.signal, record.initPid ?? 0, record.tables))
         throw new AppshotError(`${where}: cannot send ${hook.name} to process ${first}: it is not the application's`);
     } else {
-      await execHook(hook.argv, record, env, where);
+      await execHook(hook.argv, record, env, where, hookIdentity(image));
     }
   }
 }
 
-function execHook(argv: string[], record: AppRecord, env: NodeJS.ProcessEnv, where: string): Promise<void> {
+/** Who an EXEC hook runs as: the application's first process's effective
+ * uid and gid (no supplementary groups), when appshot runs as root. A
+ * hook is the application's own step, written in its rules, which an
+ * image or a template can carry: run as root, it had root's rights over
+ * a nobody application's clone (fuzz33 H2). An ordinary user's hooks run
+ * as that user, as its application does. */
+function hookIdentity(image: Image): { uid: number; gid: number } | undefined {
+  if (process.geteuid?.() !== 0) return undefined;
+  const c = image.processes[0]?.threads[0]?.creds ?? image.processes[0]?.creds;
+  return c ? { uid: c.uid[1], gid: c.gid[1] } : undefined;
+}
+
+function execHook(argv: string[], record: AppRecord, env: NodeJS.ProcessEnv, where: string, as: { uid: number; gid: number } | undefined): Promise<void> {
   const log = openSync(record.logPath!, 'a');
   return new Promise<void>((resolve, reject) => {
-    const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', log, log], env, cwd: record.cwd });
+    const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', log, log], env, cwd: record.cwd, ...(as ?? {}) });
     const timer = setTimeout(() => child.kill('SIGKILL'), HOOK_TIMEOUT_MS);
     child.on('error', (e) => {
       clearTimeout(timer);
