@@ -23,7 +23,7 @@ import { pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from
 import { checkAid, LocalRegistry } from './registry.js';
 import { restore as restoreImage, RestoredWithError as RestoreFailedAfterCommit, type RestoreResult } from './restore/driver.js';
 import { snapshot as snapshotApplication, SnapshottedWithError, type SnapshotResult } from './snapshot/driver.js';
-import { clone as cloneTemplate, ClonedWithError as CloneFailedAfterCommit, type CloneResult } from './template/clone.js';
+import { clone as cloneTemplate, ClonedWithError as CloneFailedAfterCommit, type CloneResult, MAX_CLONES } from './template/clone.js';
 import { createTemplate, type TemplateSummary } from './template/template.js';
 import type { InheritedListener } from './resources/context.js';
 
@@ -349,8 +349,8 @@ export function templateCreate(snapshotImage: string, output: string, opts: Temp
 export function clone(template: string, opts: CloneOptions = {}): Promise<Clone[]> {
   return call(opts, async () => {
     const count = opts.count ?? 1;
-    if (!(Number.isInteger(count) && count >= 1))
-      throw new AppshotError(`count ${count}: expected a whole number of at least 1`, ExitCode.usage);
+    if (!(Number.isInteger(count) && count >= 1 && count <= MAX_CLONES))
+      throw new AppshotError(`count ${count}: expected a whole number from 1 to ${MAX_CLONES}`, ExitCode.usage);
     const shown = (made: CloneResult[]): Clone[] => made.map(({ createdDirs: _dirs, ...instance }) => instance);
     try {
       return shown(await cloneTemplate(registry(opts), template, { aid: opts.aid, count, verify: opts.verify, signal: opts.signal }));

@@ -7,6 +7,7 @@ import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } fr
 import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, ExitCode, printable } from './errors.js';
+
 import { type ApplicationInfo, describeApplications, ENTRY_FLAG_NAMES, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApps, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded } from './registry.js';
@@ -765,14 +766,14 @@ export function buildProgram(): Command {
     )
     .action(async (path: string, opts: { aid?: string; count: string; verify: boolean; json: boolean; jsonObject: boolean; trustImage: boolean; progress: string; prepared: boolean }) => {
       await compileEagerly();
-      const [{ trustImagesExplicitly }, { clone, ClonedWithError }, { ProgressDisplay, progressMode }] = await Promise.all([
+      const [{ trustImagesExplicitly }, { clone, ClonedWithError, MAX_CLONES }, { ProgressDisplay, progressMode }] = await Promise.all([
         import('./image/trust.js'),
         import('./template/clone.js'),
         import('./progress.js'),
       ]);
       if (opts.trustImage) trustImagesExplicitly();
       const count = Number(opts.count);
-      if (!(Number.isInteger(count) && count >= 1)) throw new AppshotError(`--count '${opts.count}': expected a whole number of at least 1`, ExitCode.usage);
+      if (!(Number.isInteger(count) && count >= 1 && count <= MAX_CLONES)) throw new AppshotError(`--count '${opts.count}': expected a whole number from 1 to ${MAX_CLONES}`, ExitCode.usage);
       if (opts.aid !== undefined) checkAid(opts.aid);
       const display = new ProgressDisplay(`clone ${path}`, progressMode(opts.progress));
       // Ctrl-C or SIGTERM: the batch stops after the instance being made, and

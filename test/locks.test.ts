@@ -134,6 +134,9 @@ describe('file locks: flock, POSIX, OFD and leases, held by the same holders aft
     expect(t.code, t.stderr).not.toBe(0);
     expect(t.stderr).toContain(`process 2 (locks) fd 3: holds an exclusive flock on ${dir}/excl, a file every clone shares (share)`);
     expect(t.stderr).toContain(`process 2 (locks) fd 8: holds a read lease on ${dir}/lease, a file every clone shares (share)`);
+    // Each named, on one line.
+    expect(t.stderr.trim().split('\n')).toHaveLength(1);
+    expect(t.stderr).toMatch(/cannot make a template of \S+: 2 resources: process 2 \(locks\) fd 3: .*; process 2 \(locks\) fd 8: /);
     expect(existsSync(join(out, `${aid}.template`))).toBe(false);
   });
 

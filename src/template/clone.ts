@@ -151,6 +151,10 @@ function planPorts(reg: LocalRegistry, aid: string, t: OpenedTemplate): { own: M
   return { own, bindings };
 }
 
+/** The most instances one clone call makes (`clone --count`, the API's
+ * count): beyond, an internal error rather than a refusal (fuzz33 L1). */
+export const MAX_CLONES = 100_000;
+
 /** Whether there is anything at `path`, a dangling link included. */
 function lexists(path: string): boolean {
   try {

@@ -144,7 +144,8 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
     const verdicts = opts.rules || !image.verdicts.length ? classify(image, parsed) : image.verdicts;
     const refused = refusals(image, verdicts, parsed);
     if (refused.length)
-      throw new AppshotError(`cannot make a template of ${imagePath}: ${refused.length === 1 ? refused[0] : '\n  ' + refused.join('\n  ')}`);
+      // One line, as every refusal (printable would show a newline as \n).
+      throw new AppshotError(`cannot make a template of ${imagePath}: ${refused.length === 1 ? refused[0] : `${refused.length} resources: ${refused.join('; ')}`}`);
     const name = opts.name ?? basename(dest).replace(/\.[^.]*$/, '');
     // Signed with this node's key, as is a new manifest for the parts: the
     // image was verified (and trusted) just now, and the template vouches
