@@ -1042,6 +1042,14 @@ describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is 
     expect(sb.run(['rm', '-f', 'hooked']).code).toBe(0);
   });
 
+  it('a template written under a name with a newline is made, not an internal error', () => {
+    const odd = join(out, 'odd\nname.template');
+    const r = sb.run(['template', 'create', good, '-o', odd]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(existsSync(join(odd, 'template.pb'))).toBe(true);
+    rmSync(odd, { recursive: true, force: true });
+  });
+
   it("a clone's redirection that climbs out with .. is corrupt image", () => {
     const dir = crafted('instance-redir', (i) => {
       i.instance = { env: [], privateRoot: '', ...i.instance, redirs: [{ kind: 'cow', from: '/tmp/../etc', to: '/tmp/x' }] };

@@ -34,8 +34,10 @@ export function ownedName(kind: 'image' | 'partial' | 'ending', home = defaultHo
   const h = currentHolder();
   return join(temporariesDir(home), `${kind}-${h.pid}-${h.startTime}-${h.request ? `r${h.request}-` : ''}${randomBytes(4).toString('hex')}`);
 }
-/** Only a name a writer makes is ever removed from a journal entry. */
-const PARTIAL_NAME = /^\..+\.partial-\d+(-[0-9a-f]+)?$|^\..+-base\.partial-\d+(-[0-9a-f]+)?$/;
+/** Only a name a writer makes is ever removed from a journal entry. The
+ * output's own name may hold any character but '/' (a newline made it an
+ * internal error: fuzz33 L1): `s`, so that '.' takes it too. */
+const PARTIAL_NAME = /^\..+\.partial-\d+(-[0-9a-f]+)?$|^\..+-base\.partial-\d+(-[0-9a-f]+)?$/s;
 
 export interface PartialDir {
   path: string;
