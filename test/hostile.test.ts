@@ -825,7 +825,8 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     const dir = crafted('redir-climb', (i) => {
       i.instance = { env: [], privateRoot: '', ...i.instance, redirs: [{ kind: 'path', from: '/nonexistent/appshot-redir', to: `${out}/made/../redir-victim/x` }] };
     });
-    refuses(['restore', dir], { code: 1, stderr: /REDIR PATH target ".*\/made\/\.\.\/redir-victim\/x" is not a plain absolute path$/ });
+    // (At validation now, before the restore looks at its redirections.)
+    refuses(['restore', dir], { code: 1, stderr: /corrupt image: a clone's REDIR PATH to ".*\/made\/\.\.\/redir-victim\/x" is not a plain absolute path$/ });
     expect(readFileSync(join(victim, 'kept'), 'utf8')).toBe('still here\n');
     expect(existsSync(join(out, 'made'))).toBe(false);
   });

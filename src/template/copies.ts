@@ -25,7 +25,7 @@
  * owns what it makes, as before), with its permissions but never a
  * set-user-ID or set-group-ID bit on a file.
  */
-import { chownSync, closeSync, constants, copyFileSync, fchmodSync, fchownSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, type Stats, symlinkSync, utimesSync } from 'node:fs';
+import { closeSync, constants, copyFileSync, fchmodSync, fchownSync, futimesSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, type Stats, symlinkSync } from 'node:fs';
 import { dirname, join, relative, sep } from 'node:path';
 import { AppshotError } from '../errors.js';
 
@@ -63,19 +63,22 @@ export function plainDirectory(top: string, dir: string, like?: (made: string) =
     } catch {
       /* no model: a plain directory */
     }
-    mkdirSync(at, { mode: mst?.isDirectory() ? copyMode(mst) : 0o755 });
-    if (mst?.isDirectory()) {
-      // mkdir's mode is cut by the umask: the source's, exactly.
-      fixMode(at, copyMode(mst));
-      if (asRoot()) chownSync(at, mst.uid, mst.gid);
-    }
+    mkdirSync(at, { mode: 0o700 });
+    // mkdir's mode is cut by the umask: the source's, exactly (or 0755).
+    settle(at, mst?.isDirectory() ? mst : undefined, 0o755);
   }
 }
 
-function fixMode(path: string, mode: number): void {
+/** Gives directory `path`, made just now, the mode, owner and times of
+ * `like` (else `mode`), through a descriptor that did not follow a link:
+ * a directory swapped for one meanwhile is refused (ELOOP), never
+ * changed through it. */
+function settle(path: string, like: Stats | undefined, mode = 0o755): void {
   const fd = openSync(path, constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW);
   try {
-    fchmodSync(fd, mode);
+    if (like && asRoot()) fchownSync(fd, like.uid, like.gid);
+    fchmodSync(fd, like ? copyMode(like) : mode);
+    if (like) futimesSync(fd, like.atime, like.mtime);
   } finally {
     closeSync(fd);
   }
@@ -104,10 +107,10 @@ export function copyPrivately(from: string, to: string, what: string): void {
       // a link to one.
       if (!lstatSync(to).isDirectory()) throw new AppshotError(`cannot copy ${what} ${from}: ${to} is there already and not a directory`);
     }
+    // Its mode last: until then 0700, so that no one else can put a name
+    // in it while it is filled.
     for (const name of readdirSync(from)) copyPrivately(join(from, name), join(to, name), what);
-    fixMode(to, copyMode(st));
-    if (asRoot()) chownSync(to, st.uid, st.gid);
-    utimesSync(to, st.atime, st.mtime);
+    settle(to, st);
     return;
   }
   if (!st.isFile()) throw new AppshotError(`cannot copy ${what} ${from}: it is not a file, a directory or a symbolic link`);
@@ -118,10 +121,10 @@ export function copyPrivately(from: string, to: string, what: string): void {
     if (asRoot()) fchownSync(fd, st.uid, st.gid);
     // After the owner: a chown clears set-id bits, and none is given.
     fchmodSync(fd, copyMode(st));
+    futimesSync(fd, st.atime, st.mtime);
   } finally {
     closeSync(fd);
   }
-  utimesSync(to, st.atime, st.mtime);
 }
 
 /** A copy of `from` at `to` under `top` (a clone's private copies), its
