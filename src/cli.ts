@@ -712,6 +712,7 @@ export function buildProgram(): Command {
         // What the rules leave shared is worth a warning; the rest `show` lists.
         for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${printable(`${s.what}; ${s.fix}`)}\n`);
         for (const u of summary.unmatched ?? []) process.stderr.write(`appshot: warning: rule ${printable(u.rule)} matches nothing in this snapshot: ${printable(u.text)}\n`);
+        for (const h of summary.hooks) process.stderr.write(`appshot: every clone runs this IDENTITY hook: ${printable(h)}\n`);
       }
     });
 
@@ -733,6 +734,10 @@ export function buildProgram(): Command {
         // The template's own name, rules and findings: anyone may have written them.
         process.stdout.write(`template ${printable(summary.name)} (image ${summary.imageId})${summary.rules ? `, rules ${printable(summary.rules)}` : ''}\n`);
         printColumns(['ACTION', 'KIND', 'RESOURCE', 'WHY'], summary.verdicts.map((v) => [v.action, v.kind, v.name, v.reason]));
+        if (summary.hooks.length) {
+          process.stdout.write('\nIDENTITY hooks every clone runs once it resumed (an EXEC as its first process\'s user):\n');
+          for (const h of summary.hooks) process.stdout.write(`  ${printable(h)}\n`);
+        }
         if (summary.shared.length) {
           process.stdout.write('\nwhat every clone would share with the others and the template:\n');
           for (const s of summary.shared) process.stdout.write(`  ${(s.handled ? 'handled' : 'SHARED').padEnd(8)} ${printable(s.what)}\n           -> ${printable(s.fix)}\n`);

@@ -1036,6 +1036,11 @@ describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is 
     const hookTpl = join(out, 'hook.template');
     const made = sb.run(['template', 'create', dir, '-o', hookTpl, '--rules', rules]);
     expect(made.code, made.stderr).toBe(0);
+    // Said before any clone runs it.
+    const hook = `EXEC /bin/sh -c id -u > ${said}/uid; id -g > ${said}/gid`;
+    expect(made.stderr).toContain(`appshot: every clone runs this IDENTITY hook: ${hook}\n`);
+    expect(sb.run(['template', 'show', hookTpl]).stdout).toContain(`IDENTITY hooks every clone runs once it resumed (an EXEC as its first process's user):\n  ${hook}\n`);
+    expect(sb.json<{ hooks: string[] }>(['template', 'show', hookTpl, '--json']).hooks).toEqual([hook]);
     const c = sb.run(['clone', hookTpl, '--aid', 'hooked']);
     expect(c.code, c.stderr).toBe(0);
     expect(readFileSync(join(said, 'uid'), 'utf8').trim()).toBe(String(NOBODY));

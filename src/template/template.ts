@@ -61,12 +61,18 @@ export interface TemplateSummary {
   /** template create: the resource rules that decided nothing for this
    * snapshot (classify.ts, unmatchedRules). */
   unmatched?: UnmatchedRule[];
+  /** The IDENTITY hooks every clone runs, as written ("SIGNAL SIGUSR2",
+   * "EXEC /bin/sh -c ..."): what a template made of an image's own rules
+   * (template create --trust-image) would run is shown before any clone
+   * runs it (fuzz33 H2). */
+  hooks: string[];
 }
 
 export function summarize(path: string, t: Template, shared: SharedState[]): TemplateSummary {
   const actions: Partial<Record<Action, number>> = {};
   for (const v of t.verdicts) actions[v.action] = (actions[v.action] ?? 0) + 1;
-  return { template: path, name: t.name, imageId: t.imageId, rules: t.rules?.source, actions, verdicts: t.verdicts, shared };
+  const hooks = t.rules?.text ? parseRules(t.rules.text, t.rules.source).identity.hooks.map((h) => (h.kind === 'signal' ? `SIGNAL ${h.name}` : `EXEC ${h.argv.join(' ')}`)) : [];
+  return { template: path, name: t.name, imageId: t.imageId, rules: t.rules?.source, actions, verdicts: t.verdicts, shared, hooks };
 }
 
 /** The rules a template is made with: a file given now, else those the
