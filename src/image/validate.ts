@@ -30,6 +30,7 @@ import { socketFileRecordFault } from '../resources/socketfile.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 import { unsettable } from '../template/rules.js';
+import { plainAbsolute } from '../resources/paths.js';
 
 /** linux/seccomp.h */
 const SECCOMP_FILTER_FLAG_LOG = 2n;
@@ -516,7 +517,7 @@ function checkPaths(image: Image): void {
   // paths as the rules made them.
   for (const r of image.instance?.redirs ?? []) {
     for (const [side, path] of [['from', r.from], ['to', r.to]] as const)
-      if (!path.startsWith('/') || path.length < 2 || path.endsWith('/') || path.slice(1).split('/').some((c) => c === '' || c === '.' || c === '..'))
+      if (!plainAbsolute(path))
         corrupt(`a clone's REDIR ${r.kind === 'cow' ? 'COW' : 'PATH'} ${side} ${JSON.stringify(path)} is not a plain absolute path`);
   }
   for (const e of image.instance?.env ?? []) if (unsettable(e.slice(0, e.indexOf('=')))) corrupt(`a clone's environment sets ${JSON.stringify(e.slice(0, e.indexOf('=')))}, which is appshot's own`);

@@ -161,7 +161,7 @@ export function prepareRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[]
 }
 
 /** An absolute path with no empty, `.` or `..` component. */
-function plainAbsolute(path: string): boolean {
+export function plainAbsolute(path: string): boolean {
   return path.startsWith('/') && path.length > 1 && !path.endsWith('/') && path.slice(1).split('/').every((c) => c !== '' && c !== '.' && c !== '..');
 }
 
