@@ -146,9 +146,13 @@ function renamedIn(dir: string, ino: number, dev: number): string | undefined {
 export function dumpSocketFile(pid: number, name: string, vfs: { vfsIno?: number; vfsDev?: number } | undefined, where: string): SocketFile | undefined {
   if (!name || name.startsWith('@')) return undefined;
   const relative = !name.startsWith('/');
+  // sock_diag shows the file of every socket bound to a path of this
+  // network namespace (the table was read again while it did not,
+  // sockets.ts): without it, the file's name, mode and owner are unknown,
+  // and a restore that bound the name again would not be the same.
   if (!vfs?.vfsIno || vfs.vfsDev === undefined) {
     if (relative) throw new Unsupported(`${where}: it is bound to the relative path ${name}, whose file the kernel does not show: where it was bound cannot be found`);
-    return undefined;
+    throw new Unsupported(`${where}: it is bound to ${name}, whose file the kernel's list of sockets does not show (a socket of another network namespace?): where its file is cannot be told`);
   }
   const { vfsIno: ino, vfsDev: dev } = vfs;
   let root = '/';

@@ -50,7 +50,7 @@ import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconne
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
 import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, resetExtras, type SockKind } from './sockopts.js';
-import type { TablesSnapshot, UnixSocketInfo } from '../native.js';
+import type { NetlinkSeen, TablesSnapshot, UnixSocketInfo } from '../native.js';
 
 /** A TCP socket as it told of itself (SocketTable.tcpSocket). */
 type InetEntry = SeenConnection;
@@ -97,11 +97,25 @@ export function socketKind(s: Socket): number {
  * window), this costs a few calls per socket of the application. Unix and
  * UDP sockets are still looked up in tables of the namespace, read when
  * the first socket of their kind is. */
+/**
+ * The kernel's tables of sockets are read in pieces (a sock_diag dump, a
+ * /proc/net file page by page), each piece resumed at a position in a
+ * hash table: a socket of another program made or closed between two
+ * pieces shifts the walk, and one of the application's, frozen and
+ * unchanged, can be skipped (seen under load: a listener's socket file
+ * went unrecorded, and its restore bound the name the application had
+ * moved away from, without a word). One missing is read again this many
+ * times before its absence is believed (a socket of another network
+ * namespace, passed in, is in neither table).
+ */
+const REREADS = 3;
+
 export class SocketTable {
   private tcp = new Map<bigint, InetEntry & { backlog: number; neverConnected: boolean }>();
   private unix = new Map<bigint, UnixEntry>();
   private diag = new Map<bigint, UnixSocketInfo>();
   private udp = new Map<bigint, SeenUdp>();
+  private udpShutdown = new Map<bigint, number>();
   private unixLoaded = false;
   private udpLoaded = false;
   /** netlink_diag's table, read when the first netlink socket is. */
@@ -112,9 +126,16 @@ export class SocketTable {
   private loadUnix(): void {
     if (this.unixLoaded) return;
     this.unixLoaded = true;
+    this.readUnix(true, true);
+  }
+
+  /** Reads sock_diag's table (`diag`) and the process's /proc/net/unix
+   * (`names`) into the maps; entries read before are kept. */
+  private readUnix(diag: boolean, names: boolean): void {
     // sock_diag answers for the caller's network namespace, which is the
     // application's (appshot does not move it into another).
-    for (const u of addon().unixSockets()) this.diag.set(BigInt(u.ino), u);
+    if (diag) for (const u of addon().unixSockets()) this.diag.set(BigInt(u.ino), u);
+    if (!names) return;
     try {
       for (const line of readFileSync(`/proc/${this.pid}/net/unix`, 'utf8').split('\n').slice(1)) {
         const f = line.trim().split(/\s+/);
@@ -131,12 +152,26 @@ export class SocketTable {
     }
   }
 
+  /** What both tables say of unix socket `ino`: one missing from either
+   * is read again (see REREADS) before its absence is believed. */
+  private unixOf(ino: bigint): { u: UnixEntry | undefined; d: UnixSocketInfo | undefined } {
+    this.loadUnix();
+    for (let i = 0; i < REREADS && !(this.unix.has(ino) && this.diag.has(ino)); i++) this.readUnix(!this.diag.has(ino), !this.unix.has(ino));
+    return { u: this.unix.get(ino), d: this.diag.get(ino) };
+  }
+
   private loadUdp(): void {
     if (this.udpLoaded) return;
     this.udpLoaded = true;
+    this.readUdp();
+  }
+
+  /** Reads /proc/net/udp{,6} of the process and sock_diag's shutdown
+   * states into the maps; entries read before are kept. */
+  private readUdp(): void {
     for (const family of [AF_INET, AF_INET6]) {
       const file = family === AF_INET ? 'udp' : 'udp6';
-      const shutdowns = new Map(addon().udpSockets(family).map((u) => [BigInt(u.ino), u.shutdown]));
+      for (const u of addon().udpSockets(family)) this.udpShutdown.set(BigInt(u.ino), u.shutdown);
       let text = '';
       try {
         text = readFileSync(`/proc/${this.pid}/net/${file}`, 'utf8');
@@ -146,10 +181,28 @@ export class SocketTable {
       for (const line of text.split('\n').slice(1)) {
         const f = line.trim().split(/\s+/);
         if (f.length < 10) continue;
-        const ino = BigInt(f[9]);
-        this.udp.set(ino, { txQueue: parseInt(f[4].split(':')[0], 16), shutdown: shutdowns.get(ino) ?? 0 });
+        this.udp.set(BigInt(f[9]), { txQueue: parseInt(f[4].split(':')[0], 16), shutdown: 0 });
       }
     }
+  }
+
+  /** What the tables say of UDP socket `ino`, read again while missing
+   * from either (see REREADS). */
+  private udpOf(ino: bigint): SeenUdp | undefined {
+    this.loadUdp();
+    for (let i = 0; i < REREADS && !(this.udp.has(ino) && this.udpShutdown.has(ino)); i++) this.readUdp();
+    const seen = this.udp.get(ino);
+    return seen && { ...seen, shutdown: this.udpShutdown.get(ino) ?? 0 };
+  }
+
+  /** What netlink_diag says of netlink socket `ino` (`dup`), read again
+   * while missing (see REREADS) if it is bound: one never bound is not
+   * in the table. */
+  private netlinkOf(dup: number, ino: bigint): NetlinkSeen | undefined {
+    this.netlink ??= netlinkTable();
+    const bound = () => new DataView(addon().sockName(dup).buffer).getUint32(4, true) !== 0;
+    for (let i = 0; i < REREADS && !this.netlink.has(ino) && bound(); i++) for (const [k, v] of netlinkTable()) if (!this.netlink.has(k)) this.netlink.set(k, v);
+    return this.netlink.get(ino);
   }
 
   /** The duplicate of each socket asked about (by inode), until the dump
@@ -232,9 +285,7 @@ export class SocketTable {
       return readExtras(dup, kind, opts.family, opts.type, BASE_OPTIONS, where);
     };
     if (opts.family === AF_UNIX) {
-      this.loadUnix();
-      const u = this.unix.get(ino);
-      const d = this.diag.get(ino);
+      const { u, d } = this.unixOf(ino);
       if (u && u.flags & SO_ACCEPTCON) {
         const where = `${what} fd ${fd}: the unix socket listening at ${u.path || '(unnamed)'}`;
         const file = dumpSocketFile(pid, u.path, d, `${what} fd ${fd}`);
@@ -279,8 +330,7 @@ export class SocketTable {
       return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued, shutdown: d.shutdown, options, peerCred };
     }
     if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_DGRAM) {
-      this.loadUdp();
-      return dumpUdp(pid, fd, ino, opts.family, this.udp.get(ino), what, seen);
+      return dumpUdp(pid, fd, ino, opts.family, this.udpOf(ino), what, seen);
     }
     if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_RAW) return dumpRaw(dup, base, `${what} fd ${fd}`);
     if (opts.family === AF_INET || opts.family === AF_INET6) {
@@ -298,8 +348,7 @@ export class SocketTable {
       throw new Unsupported(`${what} fd ${fd}: a ${opts.type === SOCK_STREAM ? 'non-listening TCP' : `type ${opts.type} IP`} socket cannot be captured yet`);
     }
     if (opts.family === AF_NETLINK) {
-      this.netlink ??= netlinkTable();
-      return dumpNetlink(fd, dup, ino, opts.type, this.netlink.get(ino), what);
+      return dumpNetlink(fd, dup, ino, opts.type, this.netlinkOf(dup, ino), what);
     }
     throw new Unsupported(`${what} fd ${fd}: a socket of address family ${opts.family} cannot be captured yet`);
   }
