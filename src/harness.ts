@@ -22,7 +22,7 @@ import { basename, join } from 'node:path';
 import { hostname } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type InstanceConfig, paths } from './native.js';
-import { type MadeDir, prepareRedirTargets, removeRedirTargets } from './resources/paths.js';
+import { type MadeDir, prepareRedirTargets, redirLeaves, removeRedirTargets } from './resources/paths.js';
 import { instanceConfig, loadRules, type RulesFile } from './template/rules.js';
 import { readStat } from './procfs.js';
 import { CAP, hasCap, ownCreds } from './resources/creds.js';
@@ -137,6 +137,13 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   const madeDirs: MadeDir[] = [];
   try {
     const config = runConfig(rules, record.aid);
+    // Before any is made: another instance's rm leaves what it made
+    // while this one leads into it (registry.ts removeMadeRedirTargets).
+    const leaves = redirLeaves(config.redirs);
+    if (leaves.length) {
+      record.redirLeaves = leaves;
+      registry.update(record);
+    }
     madeDirs.push(...prepareRedirTargets(config.redirs));
     if (madeDirs.length) {
       // For `appshot rm` to remove with the record.

@@ -31,7 +31,7 @@ import { addon, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
 import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
 import { currentRequest } from './engine/request.js';
-import { type MadeDir, removeRedirTargets } from './resources/paths.js';
+import { type MadeDir, overlaps, removeRedirTargets } from './resources/paths.js';
 import { logTimesPath } from './logtimes.js';
 
 export interface AppRecord {
@@ -64,6 +64,10 @@ export interface AppRecord {
   /** REDIR PATH target directories made for it by `run --rules`
    * (a clone's are in restore.madeDirs); `appshot rm` removes them. */
   madeDirs?: MadeDir[];
+  /** The directories its REDIR PATH targets lead into, made for it or
+   * not (paths.ts redirLeaves): while it is registered, no other's rm
+   * removes one of them (removeMadeRedirTargets). */
+  redirLeaves?: string[];
   /** The `appshot run` (or restore, or clone) that registered it, until
    * the supervisor is known; in the engine, also the request
    * (holder.ts), which ends long before the engine does. */
@@ -156,6 +160,8 @@ export interface SnapshottedRecord {
   /** A clone's private copies: its image needs them, so `rm` of this
    * record leaves them (the restored application's `rm` takes them). */
   privateRoot?: string;
+  /** Its REDIR PATH directories (AppRecord's): its image needs them. */
+  redirLeaves?: string[];
 }
 
 export interface PortBinding {
@@ -886,13 +892,16 @@ export class LocalRegistry implements Registry {
     const commits = join(this.home, 'commits');
     const removed = new Set<string>();
     const copies: string[] = [];
+    const madeDirs: MadeDir[] = [];
+    const leaves: string[] = [];
     for (const record of records) {
       try {
         this.release(record, { portsReleased: true });
         // Only a clone's own directory of private copies: a record's path
         // came from an image (a hostile one could name any directory).
         if (record.privateRoot && isPrivateRoot(this.home, record.privateRoot)) copies.push(record.privateRoot);
-        removeRedirTargets([...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? [])]);
+        madeDirs.push(...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? []));
+        leaves.push(...(record.redirLeaves ?? []));
         removed.add(record.aid);
         const commitPath = record.restore?.commitPath;
         if (commitPath && dirname(commitPath) === commits) commitPaths.add(commitPath);
@@ -910,6 +919,7 @@ export class LocalRegistry implements Registry {
       rmSync(root, { recursive: true, force: true });
       rmSync(this.sharedCopiesMark(root), { force: true });
     }
+    this.removeMadeRedirTargets(madeDirs, leaves, removed);
     if (!commitPaths.size) return failures;
     // The commit file of the restore or clone batch each came from goes
     // once no registration left names it: only an init whose lifeline is
@@ -929,6 +939,48 @@ export class LocalRegistry implements Registry {
       rmSync(commitPath + PENDING, { force: true });
     }
     return failures;
+  }
+
+  /**
+   * The REDIR PATH directories `made` for the applications `removed`
+   * (`leaves`: every directory their targets led into), and those kept
+   * for others before, on one of those leaves: each goes unless an
+   * application still registered, or snapshotted, leads into it (or into
+   * a directory in it, or one holding it). Rules whose target names no
+   * per-instance property give every clone of a batch one directory, made
+   * by the first: its rm took the others' data (fuzz33 M6). One kept is
+   * marked in redirs/ for the rm of the last of them to remove.
+   */
+  private removeMadeRedirTargets(made: MadeDir[], leaves: string[], removed: Set<string>): void {
+    const marks = join(this.home, 'redirs');
+    const markOf = (leaf: string) => join(marks, createHash('sha256').update(leaf).digest('hex').slice(0, 40));
+    const candidates = new Map<string, MadeDir>();
+    if (leaves.length && existsSync(marks))
+      for (const name of readdirSync(marks)) {
+        try {
+          const m = JSON.parse(readFileSync(join(marks, name), 'utf8')) as MadeDir;
+          if (typeof m?.leaf === 'string' && typeof m.top === 'string' && leaves.some((l) => overlaps(l, m.leaf))) candidates.set(markOf(m.leaf), m);
+        } catch {
+          /* one being written (.tmp) or gone meanwhile */
+        }
+      }
+    for (const m of made) candidates.set(markOf(m.leaf), m);
+    if (!candidates.size) return;
+    const inUse = [
+      ...readdirSync(this.appsDir).filter((aid) => !aid.startsWith('.') && !removed.has(aid)).flatMap((aid) => this.readRecordFile(aid)?.redirLeaves ?? []),
+      ...this.listSnapshotted().flatMap((r) => r.redirLeaves ?? []),
+    ];
+    for (const [mark, m] of candidates) {
+      if (inUse.some((l) => overlaps(l, m.leaf))) {
+        if (existsSync(mark)) continue;
+        mkdirSync(marks, { recursive: true, mode: 0o700 });
+        writeFileSync(`${mark}.tmp`, JSON.stringify(m));
+        renameSync(`${mark}.tmp`, mark);
+      } else {
+        removeRedirTargets([m]);
+        rmSync(mark, { force: true });
+      }
+    }
   }
 
   /** A clone's private copies, `instances/AID.XXXXXXXX`, are named by
@@ -989,6 +1041,7 @@ export class LocalRegistry implements Registry {
       createdAt: record.createdAt,
       ...(record.template ? { template: record.template } : {}),
       ...(record.privateRoot ? { privateRoot: record.privateRoot } : {}),
+      ...(record.redirLeaves?.length ? { redirLeaves: record.redirLeaves } : {}),
     };
     mkdirSync(join(this.home, 'snapshotted'), { recursive: true, mode: 0o700 });
     const file = this.snapshottedPath(record.aid);

@@ -8,7 +8,7 @@
  * `run` whose application is snapshotted says where it went.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { appendFileSync, existsSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { alive, cli, fixture, Sandbox, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
@@ -539,6 +539,32 @@ describe('rm of a clone', () => {
       expect(tableFilesOf(x.aid)).toEqual([]);
     }
     expect(claims()).toEqual([]);
+  });
+
+  it('leaves a REDIR PATH directory the clones of its batch share until the last of them is removed', async () => {
+    // A target naming no per-instance property: one directory for the
+    // batch, made by the first clone. Its rm took the others' data
+    // (fuzz33 M6).
+    const from = join(dir, 'shared-from');
+    const to = join(dir, 'shared-to', 'data');
+    mkdirSync(from);
+    writeFileSync(join(dir, 'shared.rules'), `REDIR PATH "${from}" TO "${to}"\n`);
+    sb.ok(['run', '-d', '--aid', 'shsrc', '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
+    sb.ok(['snapshot', 'shsrc', '-o', join(dir, 'shsnap')]);
+    sb.ok(['template', 'create', join(dir, 'shsnap'), '-o', join(dir, 'shtpl'), '--rules', join(dir, 'shared.rules')]);
+    expect(existsSync(to)).toBe(false);
+    const clones = sb.json<{ aid: string }[]>(['clone', join(dir, 'shtpl'), '--aid', 'sh', '--count', '2']);
+    expect(clones.map((c) => c.aid)).toEqual(['sh-1', 'sh-2']);
+    writeFileSync(join(to, 'data-of-sh-2'), 'kept\n');
+    const marks = () => (existsSync(join(sb.home, 'redirs')) ? readdirSync(join(sb.home, 'redirs')) : []);
+    expect(sb.run(['rm', '-f', 'sh-1']).code).toBe(0);
+    expect(readFileSync(join(to, 'data-of-sh-2'), 'utf8')).toBe('kept\n');
+    expect(marks()).toHaveLength(1);
+    // Its rm, the last of the batch's, removes it, and the mark.
+    expect(sb.run(['rm', '-f', 'sh-2']).code).toBe(0);
+    expect(existsSync(join(dir, 'shared-to'))).toBe(false);
+    expect(marks()).toEqual([]);
+    sb.run(['rm', 'shsrc']);
   });
 
   it('whose init was killed with it (SIGKILL): kept as lost, without exit code, until rm removes its private copies and REDIR PATH directories', async () => {

@@ -147,17 +147,38 @@ export function prepareRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[]
     // it must be the directory it says (a `..` had a restore's removal take
     // any directory: found by review).
     if (!plainAbsolute(r.to)) throw new AppshotError(`REDIR PATH target ${JSON.stringify(r.to)} is not a plain absolute path`);
-    let isDir = false;
-    try {
-      isDir = statSync(r.from).isDirectory();
-    } catch {
-      /* not there: the target's parent is all we can make */
-    }
-    const leaf = isDir ? r.to : dirname(r.to);
+    const leaf = redirLeaf(r);
     const top = mkdirSync(leaf, { recursive: true });
     if (top) made.push({ top, leaf });
   }
   return made;
+}
+
+/** The directory a REDIR PATH target leads into: the target, where the
+ * path it redirects is a directory, else the target's parent. */
+function redirLeaf(r: InstanceConfig['redirs'][number]): string {
+  let isDir = false;
+  try {
+    isDir = statSync(r.from).isDirectory();
+  } catch {
+    /* not there: the target's parent is all we can make */
+  }
+  return isDir ? r.to : dirname(r.to);
+}
+
+/** The directories an instance's REDIR PATH targets lead into (those
+ * prepareRedirTargets makes, or finds made): recorded with its
+ * registration, so that the removal of another instance leaves a
+ * directory it made while this one still uses it (sharedRedirTargets). A
+ * target that is not plain is left out (prepareRedirTargets refuses it). */
+export function redirLeaves(redirs: InstanceConfig['redirs']): string[] {
+  return [...new Set(redirs.filter((r) => r.kind === 'path' && plainAbsolute(r.to)).map(redirLeaf))];
+}
+
+/** Whether two directories are one, or one holds the other: removing
+ * either takes some of the other's files. */
+export function overlaps(a: string, b: string): boolean {
+  return a === b || a.startsWith(`${b}/`) || b.startsWith(`${a}/`);
 }
 
 /** An absolute path with no empty, `.` or `..` component. */

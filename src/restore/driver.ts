@@ -27,7 +27,7 @@ import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, isPrivateRoot, type LocalRegistry, type PortBinding } from '../registry.js';
 import { applicationIds, environBlock } from '../resources/environ.js';
 import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js';
-import { type MadeDir, prepareRedirTargets, removeRedirTargets } from '../resources/paths.js';
+import { type MadeDir, prepareRedirTargets, redirLeaves, removeRedirTargets } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { openToMapAs } from '../resources/fsident.js';
@@ -644,6 +644,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const standbyStart = standby && readStat(standby.init.pid)?.startTime;
     const copies = image.instance?.privateRoot && isPrivateRoot(reg.home, image.instance.privateRoot) ? image.instance.privateRoot : undefined;
     if (copies && !opts.instance) reg.markSharedCopies(aid, copies);
+    const leaves = redirLeaves(opts.instance?.config.redirs ?? image.instance?.redirs ?? []);
     record = reg.register(aid, (stateDir) => ({
       command: image.command,
       cwd: image.processes[0]?.cwd ?? '/',
@@ -657,6 +658,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // directory of them (rm removes it): no other path an image gives
       // is recorded.
       ...(copies ? { privateRoot: copies } : {}),
+      // Known to another instance's rm from the first write on: one made
+      // for that instance is left while this one leads into it.
+      ...(leaves.length ? { redirLeaves: leaves } : {}),
       ...(opts.recordImage !== undefined ? { image: opts.recordImage } : {}),
       ...opts.instance?.record,
       // What it takes over of the snapshot that ended its AID, said in
