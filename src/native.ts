@@ -508,6 +508,10 @@ interface Addon {
   /** Every netlink socket of this network namespace (netlink_diag):
    * flags are NDIAG_FLAG_*, groups the group numbers joined. */
   netlinkSockets(): NetlinkSeen[];
+  /** The PID of the process the kernel has as its audit daemon (0: none),
+   * by AUDIT_GET, which needs CAP_AUDIT_CONTROL; throws (code EPERM,
+   * ECONNREFUSED: no audit here) otherwise. */
+  auditDaemonPid(): number;
   /** Inodes of the TCP sockets of `family` (AF_INET 2, AF_INET6 10)
    * listening on `port` in this network namespace (sock_diag). */
   tcpListeningInodes(family: number, port: number): number[];

@@ -727,7 +727,9 @@ function netlinkCases(): [string, (image: Image) => void, string][] {
     i.processes[0].fds.push(fd);
   };
   return [
-    ['a netlink socket of NETLINK_AUDIT', crafted((s) => (s.netlink!.protocol = 9)), 'fd 910 is a netlink socket of NETLINK_AUDIT, which appshot does not restore'],
+    // A client's is restored; one in the audit log's group is not (the
+    // restore's CAP_AUDIT_READ would join it for a process without it).
+    ['a NETLINK_AUDIT socket in the audit log\'s group', crafted((s) => (s.netlink!.protocol = 9)), 'fd 910 is a netlink socket of NETLINK_AUDIT in the audit log\'s multicast group, which appshot does not restore'],
     ['a netlink socket of an unknown protocol', crafted((s) => (s.netlink!.protocol = 200)), 'fd 910 is a netlink socket of netlink protocol 200, which appshot does not restore'],
     ['a netlink socket of SOCK_STREAM', crafted((s) => (s.type = 1)), 'fd 910 is a netlink socket of type 1'],
     // (A port id is a uint32 on the wire: any is one the kernel takes.)

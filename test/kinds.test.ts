@@ -691,6 +691,38 @@ describe('netlink sockets: an autobound one in groups beyond 32, one at a port i
   });
 });
 
+describe('NETLINK_AUDIT sockets: a client\'s carried; the audit daemon\'s and a reader of the audit log refused by name', () => {
+  // 'apart': the copy binds the original's autobound port id. The
+  // fixture's SIGHUP asks AUDIT_GET and sends an AUDIT_USER message, each
+  // answered as before the snapshot (with the same permission).
+  roundTrips('audit', [fixture('auditsock')], /NETLINK\s+netlink NETLINK_AUDIT socket, port id \d+\n/, 'apart');
+
+  const refused = async (aid: string, message: RegExp) => {
+    const r = await attempt(['snapshot', aid, '-o', join(out, aid)]);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(message);
+    expect(r.stderr).toContain('the application was left running');
+    expect(existsSync(join(out, aid))).toBe(false);
+    await checksPass(aid);
+  };
+
+  it('in the audit log\'s multicast group (journald\'s reader)', async () => {
+    await start('auditgrp', [fixture('auditsock'), 'group']);
+    await checksPass('auditgrp');
+    await refused('auditgrp', /process 2 \(auditsock\) fd 3: the NETLINK_AUDIT socket of port id \d+ is in the audit log's multicast group \(1\), which cannot be captured yet/);
+  });
+
+  it.skipIf(process.getuid?.() !== 0)('the audit daemon\'s (registered with AUDIT_SET), which lets its registration go when stopped', async (ctx) => {
+    await start('auditd', [fixture('auditsock'), 'daemon']);
+    await waitFor(() => /^(CHECK|NO DAEMON SLOT)/m.test(logOf('auditd')), 10_000, 'auditd to register');
+    if (logOf('auditd').includes('NO DAEMON SLOT')) ctx.skip('an audit daemon runs on this machine');
+    await checksPass('auditd');
+    await refused('auditd', /process 2 \(auditsock\) fd 3: the NETLINK_AUDIT socket of port id \d+ is held by the audit daemon \(the kernel registers the daemon by its PID and port id/);
+    await run(['stop', 'auditd']);
+    await waitFor(() => !sb.aids().includes('auditd'), 10_000, 'auditd to stop');
+  });
+});
+
 describe('what cannot be captured yet is refused by name, and the application goes on', () => {
   // chroot-unix's jail (mkdtemp under /tmp; empty once the holder is gone).
   const jailsBefore = new Set(readdirSync('/tmp').filter((f) => f.startsWith('holder-jail-')));

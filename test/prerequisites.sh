@@ -47,6 +47,9 @@ declare -A needs=(
   [/usr/sbin/vsftpd]=vsftpd
   [/usr/sbin/squid]=squid
   [/usr/sbin/lighttpd]=lighttpd
+  [/usr/bin/dbus-daemon]=dbus-daemon
+  [/usr/bin/dbus-send]=dbus-bin
+  [/usr/bin/dbus-monitor]=dbus-bin
 )
 
 missing=()

@@ -14,7 +14,7 @@
  * server, gunicorn, squid and vsftpd, each with a client session kept open across
  * the round trip (they skip where the package is not installed).
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer, request } from 'node:http';
@@ -807,6 +807,9 @@ const GUNICORN = '/usr/bin/gunicorn';
 const VSFTPD = '/usr/sbin/vsftpd';
 const SQUID = '/usr/sbin/squid';
 const LIGHTTPD = '/usr/sbin/lighttpd';
+const DBUS_DAEMON = '/usr/bin/dbus-daemon';
+const DBUS_SEND = '/usr/bin/dbus-send';
+const DBUS_MONITOR = '/usr/bin/dbus-monitor';
 
 /** A client in Python outside the application, on stdin and stdout: it
  * prints what it did, waits for a line on stdin, goes on on the same
@@ -828,6 +831,35 @@ class PyClient {
 }
 
 describe('more servers as Debian ships them', () => {
+  it.runIf(isRoot && existsSync(DBUS_DAEMON))('dbus-daemon run by root (so holding a NETLINK_AUDIT socket, as the system bus does): a monitor connected across a round trip sees a signal sent after it, and the bus keeps its ID', async () => {
+    const address = `unix:path=${join(dir, 'bus')}`;
+    run(['run', '-d', '--aid', 'dbus', '--', DBUS_DAEMON, '--session', '--nofork', `--address=${address}`]);
+    let monitor: ChildProcess | undefined;
+    try {
+      const busId = () => {
+        const r = spawnSync(DBUS_SEND, [`--bus=${address}`, '--print-reply', '--dest=org.freedesktop.DBus', '/org/freedesktop/DBus', 'org.freedesktop.DBus.GetId'], { encoding: 'utf8', timeout: 10_000 });
+        return r.status === 0 ? /string "(\w+)"/.exec(r.stdout)?.[1] : undefined;
+      };
+      await waitFor(() => busId() !== undefined, 10_000, 'the bus to answer');
+      const id = busId();
+      let seen = '';
+      monitor = spawn(DBUS_MONITOR, ['--address', address, "type='signal',interface='test.appshot'"], { stdio: ['ignore', 'pipe', 'pipe'] });
+      monitor.stdout!.on('data', (b: Buffer) => (seen += b.toString()));
+      // It becomes a monitor: the bus takes its name back.
+      await waitFor(() => seen.includes('member=NameLost'), 10_000, 'dbus-monitor to become a monitor');
+      run(['snapshot', 'dbus', '-o', join(dir, 'dbus.snap')]);
+      expect(sb.run(['inspect', join(dir, 'dbus.snap')]).stdout).toMatch(/NETLINK\s+netlink NETLINK_AUDIT socket/);
+      run(['restore', join(dir, 'dbus.snap')]);
+      expect(busId()).toBe(id);
+      const sent = spawnSync(DBUS_SEND, [`--bus=${address}`, '--type=signal', '/test', 'test.appshot.Ping', 'string:after'], { encoding: 'utf8', timeout: 10_000 });
+      expect(sent.status, sent.stderr).toBe(0);
+      await waitFor(() => seen.includes('string "after"'), 10_000, 'the monitor to see the signal sent after the restore');
+    } finally {
+      monitor?.kill();
+      sb.run(['stop', 'dbus', '-s', 'KILL']);
+    }
+  });
+
   it.runIf(isRoot && existsSync(JAVAC))('a Java HTTP server (com.sun.net.httpserver, 4 worker threads, run as nobody): a keep-alive client and the heap carry on', async () => {
     // The JVM: some twenty threads (GC, JIT compilers, ...), its heap and
     // code cache, a perf-data file mapped shared in /tmp.

@@ -16,11 +16,11 @@
  *
  * Protocols: only those whose whole state is the socket itself.
  * NETLINK_ROUTE (its only per-socket state is GET_STRICT_CHK, an option),
- * NETLINK_SOCK_DIAG (queries, and destroy notifications by group), and
- * NETLINK_KOBJECT_UEVENT (uevents by group). The others keep state in the
+ * NETLINK_SOCK_DIAG (queries, and destroy notifications by group),
+ * NETLINK_KOBJECT_UEVENT (uevents by group), and a client's NETLINK_AUDIT
+ * socket (see refuseAuditState). The others keep state in the
  * kernel keyed by the socket or its port id that nothing reads back, and
- * are refused by name: NETLINK_AUDIT (auditd's registration as the audit
- * daemon, by port id), NETLINK_NETFILTER (nfqueue/nflog bindings,
+ * are refused by name: NETLINK_NETFILTER (nfqueue/nflog bindings,
  * conntrack event subscriptions), NETLINK_GENERIC (families and their
  * group numbers are given out at run time; some families own objects by
  * socket: nl80211's interfaces, ...), NETLINK_CONNECTOR (the proc
@@ -89,11 +89,13 @@ const NETLINK_LIST_MEMBERSHIPS = 9;
 /** NETLINK_CONNECTED, the state connect() leaves it in. */
 const CONNECTED = 1;
 const NDIAG_FLAG_CB_RUNNING = 0x1;
+const NETLINK_AUDIT = 9;
 
 /** The protocols whose whole state is the socket. */
 const ACCEPTED: ReadonlyMap<number, string> = new Map([
   [0, 'NETLINK_ROUTE'],
   [4, 'NETLINK_SOCK_DIAG'],
+  [NETLINK_AUDIT, 'NETLINK_AUDIT'],
   [15, 'NETLINK_KOBJECT_UEVENT'],
 ]);
 
@@ -105,7 +107,6 @@ const REFUSED: ReadonlyMap<number, [string, string]> = new Map([
   [6, ['NETLINK_XFRM', 'its security associations and policies are the node\'s, and its per-socket state is not shown']],
   [7, ['NETLINK_SELINUX', 'not carried yet']],
   [8, ['NETLINK_ISCSI', 'the iSCSI transport keeps state by port id']],
-  [9, ['NETLINK_AUDIT', 'the kernel registers the audit daemon by its port id and keeps its audit state apart']],
   [10, ['NETLINK_FIB_LOOKUP', 'not carried yet']],
   [11, ['NETLINK_CONNECTOR', 'a connector\'s listeners keep state in its kernel module (the proc connector\'s PROC_CN_MCAST_LISTEN)']],
   [12, ['NETLINK_NETFILTER', 'queue and log bindings and conntrack subscriptions are kept by port id in the kernel and not shown']],
@@ -157,7 +158,7 @@ export function netlinkTable(): Map<bigint, NetlinkSeen> {
  * `what`); `seen`: what netlink_diag said of it. A socket never bound
  * and in no group is not in netlink_diag's tables: all its state is its
  * protocol, type and options. */
-export function dumpNetlink(fd: number, dup: number, ino: bigint, type: number, seen: NetlinkSeen | undefined, what: string): Socket {
+export function dumpNetlink(pid: number, fd: number, dup: number, ino: bigint, type: number, seen: NetlinkSeen | undefined, what: string): Socket {
   const protocol = seen?.protocol ?? addon().getSockOpt(dup, SOL_SOCKET, SO_PROTOCOL);
   const name = protocolName(protocol);
   const refused = REFUSED.get(protocol);
@@ -166,6 +167,7 @@ export function dumpNetlink(fd: number, dup: number, ino: bigint, type: number, 
   const portId = seen?.portid ?? new DataView(addon().sockName(dup).buffer).getUint32(4, true);
   const where = `${what} fd ${fd}: the ${name} socket${portId ? ` of port id ${portId}` : ' (unbound)'}`;
   const groups = memberships(dup);
+  if (protocol === NETLINK_AUDIT) refuseAuditState(pid, groups, where);
   // Made again in appshot's network namespace, and asked of in it
   // (netlink_diag lists that namespace's sockets): one of another namespace
   // would talk to the wrong kernel tables. Told by its namespace's cookie
@@ -211,6 +213,33 @@ export function dumpNetlink(fd: number, dup: number, ino: bigint, type: number, 
     options,
     netlink,
   };
+}
+
+/**
+ * A NETLINK_AUDIT socket is carried when it is a client's, as PAM's,
+ * sshd's, cron's and dbus-daemon's are: messages sent to the kernel
+ * (AUDIT_USER_*, which the kernel lets through only if both the sender and
+ * the socket's opener hold CAP_AUDIT_WRITE, so the restored socket gives
+ * nothing more) and the kernel's answers to its port id: the socket is all
+ * of it. Refused by name:
+ * - the audit daemon's: the kernel keeps the daemon's registration (its
+ *   PID and port id) apart and sends it every record; a restored socket
+ *   would not be registered, and auditing would stop without a word. Told
+ *   by AUDIT_GET (CAP_AUDIT_CONTROL): without it, nothing tells.
+ * - one in the audit log's multicast group (journald's reader), which
+ *   needs CAP_AUDIT_READ: not carried yet.
+ */
+function refuseAuditState(pid: number, groups: number[], where: string): void {
+  if (groups.length) throw new Unsupported(`${where} is in the audit log's multicast group (${groups.join(', ')}), which cannot be captured yet`);
+  let daemon: number;
+  try {
+    daemon = addon().auditDaemonPid();
+  } catch (e) {
+    // No audit in this network or user namespace: nobody is its daemon.
+    if ((e as NodeJS.ErrnoException).code === 'ECONNREFUSED') return;
+    throw new Unsupported(`${where}: whether its process is the audit daemon cannot be told (${(e as Error).message}: AUDIT_GET needs CAP_AUDIT_CONTROL)`);
+  }
+  if (daemon !== 0 && daemon === pid) throw new Unsupported(`${where} is held by the audit daemon (the kernel registers the daemon by its PID and port id and sends it every record, which cannot be captured)`);
 }
 
 const SO_NETNS_COOKIE = 71;
@@ -329,6 +358,9 @@ export function netlinkProblem(s: Socket): string | undefined {
   if (s.family !== AF_NETLINK || !n) return `of family ${s.family}, or without its netlink state`;
   if (s.type !== SOCK_RAW && s.type !== SOCK_DGRAM) return `of type ${s.type} (netlink sockets are SOCK_RAW or SOCK_DGRAM)`;
   if (!ACCEPTED.has(n.protocol)) return `of ${protocolName(n.protocol)}, which appshot does not restore`;
+  // Joined by the restore, which may hold CAP_AUDIT_READ where the
+  // process does not (refuseAuditState).
+  if (n.protocol === NETLINK_AUDIT && n.groups.length) return 'of NETLINK_AUDIT in the audit log\'s multicast group, which appshot does not restore';
   if (!Number.isInteger(n.portId) || n.portId < 0 || n.portId > 0xffffffff) return `with port id ${n.portId}`;
   if (n.connected && !n.portId) return 'connected but not bound (connect binds it)';
   if (!n.connected && (n.dstPortId || n.dstGroup)) return 'with a destination but not connected';

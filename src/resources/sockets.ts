@@ -348,7 +348,7 @@ export class SocketTable {
       throw new Unsupported(`${what} fd ${fd}: a ${opts.type === SOCK_STREAM ? 'non-listening TCP' : `type ${opts.type} IP`} socket cannot be captured yet`);
     }
     if (opts.family === AF_NETLINK) {
-      return dumpNetlink(fd, dup, ino, opts.type, this.netlinkOf(dup, ino), what);
+      return dumpNetlink(pid, fd, dup, ino, opts.type, this.netlinkOf(dup, ino), what);
     }
     throw new Unsupported(`${what} fd ${fd}: a socket of address family ${opts.family} cannot be captured yet`);
   }
