@@ -104,9 +104,10 @@ export function socketKind(s: Socket): number {
  * pieces shifts the walk, and one of the application's, frozen and
  * unchanged, can be skipped (seen under load: a listener's socket file
  * went unrecorded, and its restore bound the name the application had
- * moved away from, without a word). One missing is read again this many
- * times before its absence is believed (a socket of another network
- * namespace, passed in, is in neither table).
+ * moved away from, without a word). A table missing one of them is read
+ * again, at most this many times in a snapshot, before its absence is
+ * believed (a socket of another network namespace, passed in, is in
+ * neither table).
  */
 const REREADS = 3;
 
@@ -116,6 +117,11 @@ export class SocketTable {
   private diag = new Map<bigint, UnixSocketInfo>();
   private udp = new Map<bigint, SeenUdp>();
   private udpShutdown = new Map<bigint, number>();
+  /** Times each kind's tables were read again (REREADS at most, for the
+   * whole snapshot: every entry of every read is kept, so one socket's
+   * rereads serve the others missing from the first read, and sockets
+   * rightly absent, many or not, cost no more than that). */
+  private rereads = { unix: 0, udp: 0, netlink: 0 };
   private unixLoaded = false;
   private udpLoaded = false;
   /** netlink_diag's table, read when the first netlink socket is. */
@@ -156,7 +162,10 @@ export class SocketTable {
    * is read again (see REREADS) before its absence is believed. */
   private unixOf(ino: bigint): { u: UnixEntry | undefined; d: UnixSocketInfo | undefined } {
     this.loadUnix();
-    for (let i = 0; i < REREADS && !(this.unix.has(ino) && this.diag.has(ino)); i++) this.readUnix(!this.diag.has(ino), !this.unix.has(ino));
+    while (!(this.unix.has(ino) && this.diag.has(ino)) && this.rereads.unix < REREADS) {
+      this.rereads.unix++;
+      this.readUnix(!this.diag.has(ino), !this.unix.has(ino));
+    }
     return { u: this.unix.get(ino), d: this.diag.get(ino) };
   }
 
@@ -190,7 +199,10 @@ export class SocketTable {
    * from either (see REREADS). */
   private udpOf(ino: bigint): SeenUdp | undefined {
     this.loadUdp();
-    for (let i = 0; i < REREADS && !(this.udp.has(ino) && this.udpShutdown.has(ino)); i++) this.readUdp();
+    while (!(this.udp.has(ino) && this.udpShutdown.has(ino)) && this.rereads.udp < REREADS) {
+      this.rereads.udp++;
+      this.readUdp();
+    }
     const seen = this.udp.get(ino);
     return seen && { ...seen, shutdown: this.udpShutdown.get(ino) ?? 0 };
   }
@@ -201,7 +213,10 @@ export class SocketTable {
   private netlinkOf(dup: number, ino: bigint): NetlinkSeen | undefined {
     this.netlink ??= netlinkTable();
     const bound = () => new DataView(addon().sockName(dup).buffer).getUint32(4, true) !== 0;
-    for (let i = 0; i < REREADS && !this.netlink.has(ino) && bound(); i++) for (const [k, v] of netlinkTable()) if (!this.netlink.has(k)) this.netlink.set(k, v);
+    while (!this.netlink.has(ino) && this.rereads.netlink < REREADS && bound()) {
+      this.rereads.netlink++;
+      for (const [k, v] of netlinkTable()) if (!this.netlink.has(k)) this.netlink.set(k, v);
+    }
     return this.netlink.get(ino);
   }
 
