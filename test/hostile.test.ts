@@ -1875,4 +1875,29 @@ describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process n
     expect(sb.run(['template', 'create', dir, '-o', template, '--trust-image']).code).toBe(0);
     refuses(['clone', template, '--aid', 'rootonly-clone'], { code: 5, stderr: refused });
   });
+
+  it('a clone refused a file only root may read copies it to no REDIR PATH target first (fuzz33 M3)', () => {
+    const secret = join(out, 'root-only-redir');
+    writeFileSync(secret, 'not for nobody either\n', { mode: 0o600 });
+    chmodSync(out, 0o755);
+    // Into a directory that is there (a directory made for the target was
+    // removed before; a copy beside what was there was not).
+    const into = join(out, 'redir-into');
+    mkdirSync(into, { recursive: true });
+    const dir = crafted('rootonly-redir', (i) => {
+      asNobodyRan(i);
+      const st = statSync(secret, { bigint: true });
+      i.files.push({ path: secret, dev: st.dev, ino: st.ino, size: st.size, mtimeNs: st.mtimeNs, mode: Number(st.mode), deleted: false, crc32c: 0, btimeNs: st.birthtimeNs });
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 908, kind: 0, path: secret, file: i.files.length - 1, flags: 0, pos: 0n, description: 0 });
+      i.processes[0].fds.push(fd);
+    });
+    const rules = join(out, 'redir-secret.rules');
+    writeFileSync(rules, `REDIR PATH "${secret}" TO "${into}/copy"\n`);
+    const template = join(out, 'rootonly-redir.template');
+    const made = sb.run(['template', 'create', dir, '-o', template, '--rules', rules]);
+    expect(made.code, made.stderr).toBe(0);
+    refuses(['clone', template, '--aid', 'redir-refused'], { code: 5, stderr: /: process \d+ fd 908: \S+ cannot be opened with the credentials of the process .*: EACCES$/ });
+    expect(readdirSync(into)).toEqual([]);
+  });
 });
