@@ -17,7 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tar from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { decodeTemplate, digestFd, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
+import { decodeTemplate, digestFd, signTemplate, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
 import { type Fd, FdKind, type Image, type Manifest, VmaKind } from '../src/image/types.js';
 import { REG } from '../src/resources/threads.js';
 import { addon } from '../src/native.js';
@@ -1734,6 +1734,30 @@ describe('signed images', () => {
     refuses(['clone', tpl, '--aid', 'tampered'], { code: 1, stderr: /is not a template this node trusts: its template\.pb signature by key [0-9a-f]{16} does not match.*--trust-image/ });
     // Showing it is reading it, as inspect does.
     expect(sb.run(['template', 'show', tpl]).code).toBe(0);
+  });
+
+  it('refuses a signed template whose verdicts do not apply to their resources, or decide one twice (fuzz33 L4)', () => {
+    const tpl = join(out, 'verdicts.template');
+    rmSync(tpl, { recursive: true, force: true });
+    const made = sb.run(['template', 'create', good, '-o', tpl]);
+    expect(made.code, made.stderr).toBe(0);
+    const original = readFileSync(join(tpl, 'template.pb'));
+    const resigned = (change: (t: ReturnType<typeof decodeTemplate>) => void) => {
+      const t = decodeTemplate(original);
+      change(t);
+      writeFileSync(join(tpl, 'template.pb'), encodeTemplate(signTemplate(t)));
+    };
+    resigned((t) => t.verdicts.push({ ...t.verdicts.find((v) => v.ref.startsWith('pid:'))!, action: 'allocate' }));
+    refuses(['clone', tpl, '--aid', 'twice'], { code: 1, stderr: /corrupt template: resource pid:\d+ has action 'allocate', which does not apply to it$/ });
+    resigned((t) => {
+      const v = t.verdicts.find((x) => x.ref.startsWith('vma:'))!;
+      v.action = 'multiplex';
+    });
+    refuses(['clone', tpl, '--aid', 'muxmem'], { code: 1, stderr: /corrupt template: resource vma:\S+ has action 'multiplex', which does not apply to it$/ });
+    resigned((t) => t.verdicts.push({ ...t.verdicts.find((v) => v.ref.startsWith('port:'))! }));
+    refuses(['clone', tpl, '--aid', 'twoports'], { code: 1, stderr: /corrupt template: resource port:\d+ has more than one verdict$/ });
+    resigned((t) => t.verdicts.push({ ...t.verdicts[0], ref: 'thing:1' }));
+    refuses(['clone', tpl, '--aid', 'nokind'], { code: 1, stderr: /corrupt template: "thing:1" names no kind of resource$/ });
   });
 });
 

@@ -484,10 +484,23 @@ function parseResource(line: Line, rules: RulesFile, kind: ResourceKind, column:
   if (line.isKeyword('ON')) {
     const on = line.next();
     if (!KINDS_WITH_ACCESS.has(kind)) line.fail(on.column, `ON does not apply to ${kind.toUpperCase()}`, actionList(kind));
+    const accessToken = line.peek();
     access = parseAccess(line);
+    // A snapshot's mappings were all made before it: none is "created".
+    if (kind === 'memory' && access === 'create') line.fail(accessToken.column, 'ON create does not apply to MEMORY (a mapping is never created by a clone)', 'ON read, ON write or ON any');
   }
+  const actionToken = line.peek();
   const action = parseAction(line, kind);
+  if (kind === 'memory' && access === 'write' && action === 'share')
+    line.fail(actionToken.column, 'MEMORY ... ON write SHARE would share a writable mapping among clones', `COPY-ON-WRITE or DUPLICATE (SHARE is for read-only mappings)`);
   const rule: ResourceRule = { kind, match, access, action, line: line.number, column };
+  // The first rule that matches a resource decides it (ruleFor): one
+  // whose every resource an earlier rule matches would never apply, and
+  // says what the file's author did not get (fuzz33 L4: `PORT 41000
+  // ALLOCATE` twice and `MULTIPLEX` once were taken, the first deciding).
+  const earlier = rules.resources.find((r) => r.kind === kind && (r.access === 'any' || r.access === access) && decidesAll(r, rule));
+  if (earlier)
+    line.fail(column, `this ${kind.toUpperCase()} rule never applies: line ${earlier.line} decides every resource it matches (the first rule that matches decides)`, 'one rule per resource, a narrower one before a broader one');
   if (isPathRule(rule)) {
     // It becomes an entry of the instance's path table (see instanceConfig).
     const t = matchToken!;
@@ -498,6 +511,21 @@ function parseResource(line: Line, rules: RulesFile, kind: ResourceKind, column:
     checkPathRuleCount(line, rules, column);
   }
   rules.resources.push(rule);
+}
+
+/** Whether `earlier` matches every resource `later` does (their accesses
+ * aside). A FILE rule that copies (COPY-ON-WRITE, DUPLICATE) below a
+ * directory an earlier rule decides is not dead: it is also the path's
+ * entry in the instance's table, which the preload library acts on. */
+function decidesAll(earlier: ResourceRule, later: ResourceRule): boolean {
+  if (earlier.match === later.match) return true;
+  if (earlier.kind === 'file') return !isPathRule(later) && pathCovers(earlier.match as string, later.match as string);
+  if (earlier.kind === 'memory') {
+    const path = (m: ResourceRule['match']) => typeof m === 'string' && m.startsWith('/');
+    if (earlier.match === '*') return !path(later.match);
+    return path(earlier.match) && path(later.match) && pathCovers(earlier.match as string, later.match as string);
+  }
+  return earlier.match === '*';
 }
 
 function parseMatch(line: Line, kind: ResourceKind): ResourceRule['match'] {

@@ -214,10 +214,33 @@ export interface OpenedTemplate {
 
 const ACTIONS = new Set<string>(['share', 'copy-on-write', 'duplicate', 'virtualize', 'multiplex', 'allocate', 'recreate']);
 
-/** The verdicts a clone acts on: known actions, ports that are ports. */
+/** The actions each kind of resource (by its reference's prefix) can be
+ * given, as classify.ts gives them (fuzz33 L4: `allocate` on a process,
+ * `multiplex` on memory were taken; a SysV segment's mapping is virtualized with it). */
+const ACTIONS_FOR_REF: Record<string, ReadonlySet<string>> = {
+  pid: new Set(['virtualize']),
+  vma: new Set(['share', 'copy-on-write', 'duplicate', 'recreate', 'virtualize']),
+  fd: new Set(['share', 'copy-on-write', 'duplicate', 'recreate', 'multiplex', 'allocate']),
+  port: new Set(['multiplex', 'allocate']),
+  pipe: new Set(['duplicate', 'recreate']),
+  sem: new Set(['virtualize']),
+  shm: new Set(['virtualize']),
+  msg: new Set(['virtualize']),
+  env: new Set(['duplicate']),
+};
+
+/** The verdicts a clone acts on: known actions, each for a kind of
+ * resource it applies to, one per resource, ports that are ports. */
 function checkVerdicts(verdicts: Verdict[]): void {
+  const seen = new Set<string>();
   for (const v of verdicts) {
     if (!ACTIONS.has(v.action)) throw new AppshotError(`corrupt template: resource ${v.ref} has action '${v.action}'`);
+    const kind = v.ref.slice(0, v.ref.indexOf(':'));
+    const allowed = Object.hasOwn(ACTIONS_FOR_REF, kind) ? ACTIONS_FOR_REF[kind] : undefined;
+    if (!allowed) throw new AppshotError(`corrupt template: ${JSON.stringify(v.ref)} names no kind of resource`);
+    if (!allowed.has(v.action)) throw new AppshotError(`corrupt template: resource ${v.ref} has action '${v.action}', which does not apply to it`);
+    if (seen.has(v.ref)) throw new AppshotError(`corrupt template: resource ${v.ref} has more than one verdict`);
+    seen.add(v.ref);
     const port = /^port:(.*)$/.exec(v.ref)?.[1];
     if (port !== undefined && !(/^\d+$/.test(port) && Number(port) >= 1 && Number(port) <= 65535)) throw new AppshotError(`corrupt template: '${v.ref}' is not a port`);
   }
