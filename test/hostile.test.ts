@@ -1015,6 +1015,16 @@ describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is 
     refuses(['template', 'create', good, '-o', join(out, 'zero.template'), '--rules', '/dev/zero'], { code: 2, stderr: /cannot read rules file \/dev\/zero: it is not a regular file$/ });
   });
 
+  it('a REDIR PATH to the root directory, or a path with a NUL, is refused at template create by line, nothing made (fuzz33 L5)', () => {
+    const rules = join(out, 'toroot.rules');
+    writeFileSync(rules, '# every clone would be refused\nREDIR PATH "/tmp/appshot-q" TO "/tmp/../"\n');
+    const made = join(out, 'toroot.template');
+    refuses(['template', 'create', good, '-o', made, '--rules', rules], { code: 2, stderr: /toroot\.rules:2:32: "\/tmp\/\.\.\/" is the root directory: nothing can be redirected to it; expected a path below \/$/ });
+    writeFileSync(rules, 'REDIR PATH "/tmp/appshot-q\0x" TO "/tmp/x"\n');
+    refuses(['template', 'create', good, '-o', made, '--rules', rules], { code: 2, stderr: /toroot\.rules:1:27: a NUL character in a string; expected text without NUL characters$/ });
+    expect(existsSync(made)).toBe(false);
+  });
+
   it("SET ENV of what loads the preload library or names the tables is refused, in rules and in an image", () => {
     const rules = join(out, 'preload.rules');
     writeFileSync(rules, 'SET ENV "LD_PRELOAD" = "/tmp/evil.so"\n');

@@ -112,6 +112,10 @@ describe('the rules language', () => {
       ['a missing =', 'SET ENV "A" "b"', 'fixture.rules:1:13: unexpected "b"; expected ='],
       ['a redirected root', 'REDIR PATH "/" TO "/x"', 'fixture.rules:1:12: "/" is the root directory: redirecting it would redirect every path; expected a path below /'],
       ['a redirected root, written otherwise', 'REDIR PATH "/srv/.." TO "/x"', 'fixture.rules:1:12: "/srv/.." is the root directory: redirecting it would redirect every path; expected a path below /'],
+      ['a redirection to the root', 'REDIR PATH "/q" TO "/tmp/../"', 'fixture.rules:1:20: "/tmp/../" is the root directory: nothing can be redirected to it; expected a path below /'],
+      ['a NUL in a path', 'REDIR PATH "/q\0x" TO "/x"', 'fixture.rules:1:15: a NUL character in a string; expected text without NUL characters'],
+      ['a NUL in a FILE path', 'FILE "/data\0/x" DUPLICATE', 'fixture.rules:1:12: a NUL character in a string; expected text without NUL characters'],
+      ['a NUL in a value', 'SET ENV "A" = "a\0b"', 'fixture.rules:1:17: a NUL character in a string; expected text without NUL characters'],
       ['a root copied on write', 'FILE "//" ON write COPY-ON-WRITE', 'fixture.rules:1:6: "//" is the root directory: copying it on write would copy the whole filesystem; expected a path below /'],
       ['a root duplicated', 'FILE "/./" DUPLICATE', 'fixture.rules:1:6: "/./" is the root directory: duplicating it would copy the whole filesystem; expected a path below /'],
       ['a path redirected twice, written otherwise', 'REDIR PATH "/data" TO "/x"\nREDIR PATH "//data/" TO "/y"', 'fixture.rules:2:12: "//data/" is already redirected at line 1; expected each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)'],
@@ -201,6 +205,9 @@ describe('the rules language', () => {
     // ... nor a root redirected for one instance.
     const root = parseRules('DEFINE <T> AS PROPERTY template\nREDIR PATH "/<T>" TO "/x"', 'r.rules');
     expect(() => instanceConfig(root, { ...props, template: '' }, '/p')).toThrow('r.rules:2: REDIR PATH /<T> is the root directory for this instance, which cannot be redirected');
+    // ... nor to a root (fuzz33 L5: every clone was refused at its start).
+    const toRoot = parseRules('DEFINE <T> AS PROPERTY template\nREDIR PATH "/srv" TO "/<T>"', 't.rules');
+    expect(() => instanceConfig(toRoot, { ...props, template: '' }, '/p')).toThrow("t.rules:2: REDIR PATH's TO /<T> is the root directory for this instance, which nothing can be redirected to");
   });
 
   describe('refuses what an instance cannot hold when parsing', () => {

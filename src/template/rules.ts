@@ -192,6 +192,9 @@ function lexString(line: string, start: number, fail: Fail): { token: Token; nex
     if (i >= line.length) fail(start + 1, 'unterminated string', 'a closing "');
     const c = line[i];
     if (c === '"') break;
+    // The instance's table holds C strings: a NUL would end the path or
+    // value there, naming another than the one written (fuzz33 L5).
+    if (c === '\0') fail(i + 1, 'a NUL character in a string', 'text without NUL characters');
     if (c === '\\') {
       const e = line[i + 1];
       if (e !== '"' && e !== '\\') fail(i + 1, `unknown escape '\\${e ?? ''}'`, '\\" or \\\\');
@@ -321,7 +324,11 @@ function parseRedir(line: Line, rules: RulesFile, column: number): void {
   if (from === '/') line.fail(fromToken.column, `${fromToken.raw} is the root directory: redirecting it would redirect every path`, 'a path below /');
   checkOnceRedirected(line, rules, fromToken, from);
   line.keyword('TO');
-  const to = templatePath(line, rules, line.string('the "path" to redirect to'));
+  const toToken = line.string('the "path" to redirect to');
+  const to = templatePath(line, rules, toToken);
+  // Every clone would be refused ("not a plain absolute path": the target
+  // is made and later removed): said once, here (fuzz33 L5).
+  if (to === '/') line.fail(toToken.column, `${toToken.raw} is the root directory: nothing can be redirected to it`, 'a path below /');
   checkPathRuleCount(line, rules, column);
   rules.redirs.push({ from, to, line: line.number });
 }
@@ -694,6 +701,7 @@ export function instanceConfig(
     const from = evaluatePath(r.from, rules, props, { bytes: PATH_BYTES, what: "REDIR PATH's path", line: r.line });
     if (from === '/') throw new AppshotError(`${rules.source}:${r.line}: REDIR PATH ${r.from} is the root directory for this instance, which cannot be redirected`, ExitCode.usage);
     const to = evaluatePath(r.to, rules, props, { bytes: PATH_BYTES, what: "REDIR PATH's TO path", line: r.line });
+    if (to === '/') throw new AppshotError(`${rules.source}:${r.line}: REDIR PATH's TO ${r.to} is the root directory for this instance, which nothing can be redirected to`, ExitCode.usage);
     return { kind: 'path' as const, from, to };
   });
   const cows = rules.resources
