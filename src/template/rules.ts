@@ -505,7 +505,7 @@ function parseResource(line: Line, rules: RulesFile, kind: ResourceKind, column:
   // whose every resource an earlier rule matches would never apply, and
   // says what the file's author did not get (fuzz33 L4: `PORT 41000
   // ALLOCATE` twice and `MULTIPLEX` once were taken, the first deciding).
-  const earlier = rules.resources.find((r) => r.kind === kind && (r.access === 'any' || r.access === access) && decidesAll(r, rule));
+  const earlier = earlierDeciding(rules, rule);
   if (earlier)
     line.fail(column, `this ${kind.toUpperCase()} rule never applies: line ${earlier.line} decides every resource it matches (the first rule that matches decides)`, 'one rule per resource, a narrower one before a broader one');
   if (isPathRule(rule)) {
@@ -520,19 +520,40 @@ function parseResource(line: Line, rules: RulesFile, kind: ResourceKind, column:
   rules.resources.push(rule);
 }
 
-/** Whether `earlier` matches every resource `later` does (their accesses
- * aside). A FILE rule that copies (COPY-ON-WRITE, DUPLICATE) below a
- * directory an earlier rule decides is not dead: it is also the path's
- * entry in the instance's table, which the preload library acts on. */
-function decidesAll(earlier: ResourceRule, later: ResourceRule): boolean {
-  if (earlier.match === later.match) return true;
-  if (earlier.kind === 'file') return !isPathRule(later) && pathCovers(earlier.match as string, later.match as string);
-  if (earlier.kind === 'memory') {
-    const path = (m: ResourceRule['match']) => typeof m === 'string' && m.startsWith('/');
-    if (earlier.match === '*') return !path(later.match);
-    return path(earlier.match) && path(later.match) && pathCovers(earlier.match as string, later.match as string);
+/** Per rules file being parsed: its resource rules by kind, match and
+ * access (the first of each), so that finding an earlier rule that
+ * decides all a new one matches is a few lookups, not a scan (a rules
+ * file of 50,000 PORT lines). */
+const firstRules = new WeakMap<RulesFile, Map<string, ResourceRule>>();
+const ruleKey = (kind: ResourceKind, match: ResourceRule['match'], access: Access) => `${kind}\0${access}\0${match}`;
+
+/** An earlier rule that matches every resource `later` does, for each
+ * access it applies to: `later` would never decide anything. A FILE rule
+ * that copies (COPY-ON-WRITE, DUPLICATE) below a directory an earlier
+ * rule decides is not dead: it is also the path's entry in the
+ * instance's table, which the preload library acts on. Records `later`. */
+function earlierDeciding(rules: RulesFile, later: ResourceRule): ResourceRule | undefined {
+  let first = firstRules.get(rules);
+  if (!first) firstRules.set(rules, (first = new Map()));
+  const { kind, match, access } = later;
+  const isPath = typeof match === 'string' && match.startsWith('/');
+  // What can decide all of `later`: the same match; '*' (for MEMORY, only
+  // of what is not a path); a directory above a path.
+  const covering: ResourceRule['match'][] = [match];
+  if (match !== '*' && (kind !== 'memory' || !isPath) && kind !== 'file') covering.push('*');
+  if (isPath && !(kind === 'file' && isPathRule(later))) for (let d = posix.dirname(match); ; d = posix.dirname(d)) {
+    covering.push(d);
+    if (d === '/') break;
   }
-  return earlier.match === '*';
+  let found: ResourceRule | undefined;
+  for (const m of covering)
+    for (const a of access === 'any' ? (['any'] as Access[]) : (['any', access] as Access[])) {
+      const r = first.get(ruleKey(kind, m, a));
+      if (r && (!found || r.line < found.line)) found = r;
+    }
+  const key = ruleKey(kind, match, access);
+  if (!found && !first.has(key)) first.set(key, later);
+  return found;
 }
 
 function parseMatch(line: Line, kind: ResourceKind): ResourceRule['match'] {
