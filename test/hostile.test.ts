@@ -1746,6 +1746,19 @@ describe('signed images', () => {
     expect(sb.run(['template', 'show', tpl]).code).toBe(0);
   });
 
+  it("writes template.pb 0600 as the manifest beside it, and a clone refuses one others may write (fuzz33 L8)", () => {
+    const tpl = join(out, 'mode.template');
+    rmSync(tpl, { recursive: true, force: true });
+    const made = sb.run(['template', 'create', good, '-o', tpl]);
+    expect(made.code, made.stderr).toBe(0);
+    expect(statMode(join(tpl, 'template.pb')).toString(8)).toBe('600');
+    expect(statMode(join(tpl, 'manifest.pb')).toString(8)).toBe('600');
+    chmodSync(join(tpl, 'template.pb'), 0o666);
+    refuses(['clone', tpl, '--aid', 'writable'], { code: 1, stderr: /template\.pb is writable by others, who could change its rules: chmod go-w \S+template\.pb$/ });
+    // Read, not run: showing it is still possible.
+    expect(sb.run(['template', 'show', tpl]).code).toBe(0);
+  });
+
   it('refuses a signed template whose verdicts do not apply to their resources, or decide one twice (fuzz33 L4)', () => {
     const tpl = join(out, 'verdicts.template');
     rmSync(tpl, { recursive: true, force: true });

@@ -9,7 +9,7 @@
  * template's own application.
  */
 import { uniqueTag } from '../holder.js';
-import { copyFileSync, existsSync, fstatSync, linkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, fstatSync, linkSync, lstatSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { decodeTemplate, digestBuffer, encodeImage, encodeSignedManifest, encodeTemplate, isOwnSnapshot, type LoadedImage, loadImage, notOwnSnapshot, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
@@ -191,7 +191,9 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
         // program in every clone.
         copyPrivately(privateRoot, join(partial, PRIVATE_DIR), "the clone's private copy");
       }
-      writeFileSync(join(partial, TEMPLATE_PART), encodeTemplate(template));
+      // Explicitly as the manifest beside it, whatever the umask: the
+      // rules (hooks included) are in it (fuzz33 L8: 0666 under umask 0).
+      writeFileSync(join(partial, TEMPLATE_PART), encodeTemplate(template), { mode: 0o600 });
       renameSync(partial, dest);
     } catch (e) {
       rmSync(partial, { recursive: true, force: true });
@@ -246,6 +248,23 @@ function checkVerdicts(verdicts: Verdict[]): void {
   }
 }
 
+/** A clone takes template.pb as the image's parts are taken (format.ts
+ * checkOnlyOwnerCanChange): its owner's or root's, writable by no one
+ * else, who could change its rules between template create and a clone
+ * vouched for with --trust-image (fuzz33 L8). A missing one is reported
+ * where it is read. */
+function checkTemplateOwner(path: string): void {
+  let st;
+  try {
+    st = lstatSync(path);
+  } catch {
+    return;
+  }
+  const uid = process.geteuid?.() ?? 0;
+  if (st.uid !== uid && st.uid !== 0) throw new AppshotError(`${path} belongs to uid ${st.uid}, who could change its rules: copy the template to a directory of your own`);
+  if (st.mode & 0o022 && !st.isSymbolicLink()) throw new AppshotError(`${path} is writable by others, who could change its rules: chmod go-w ${path}`);
+}
+
 /** template.pb holds rules and verdicts: a few KiB, a few MiB at most. */
 const TEMPLATE_CEILING = 16 * 1024 * 1024;
 
@@ -267,6 +286,7 @@ export async function openTemplate(path: string, verify = true, trust: 'require'
 async function openTemplateNow(path: string, verify: boolean, trust: 'require' | 'report'): Promise<OpenedTemplate> {
   const loaded = await loadImage(path, { sizeOnly: !verify, trust });
   try {
+    if (trust === 'require') checkTemplateOwner(join(path, TEMPLATE_PART));
     const template = decodeTemplate(readSmallPart(path, TEMPLATE_PART, TEMPLATE_CEILING));
     if (template.magic !== TEMPLATE_MAGIC) throw new AppshotError(`not a template: ${path}`);
     const signer = templateSigner(template);
