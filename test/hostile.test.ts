@@ -1781,6 +1781,33 @@ describe('signed images', () => {
     refuses(['clone', tpl, '--aid', 'twoports'], { code: 1, stderr: /corrupt template: resource port:\d+ has more than one verdict$/ });
     resigned((t) => t.verdicts.push({ ...t.verdicts[0], ref: 'thing:1' }));
     refuses(['clone', tpl, '--aid', 'nokind'], { code: 1, stderr: /corrupt template: "thing:1" names no kind of resource$/ });
+    // More ports than an instance's port table holds.
+    resigned((t) => {
+      const port = t.verdicts.find((v) => v.ref.startsWith('port:'))!;
+      for (let p = 40000; p < 42100; p++) t.verdicts.push({ ...port, ref: `port:${p}`, action: 'multiplex' });
+    });
+    refuses(['clone', tpl, '--aid', 'manyports'], { code: 1, stderr: /corrupt template: more than 2048 ports, which an instance's port table cannot hold$/ });
+  });
+
+  it('clones a template with 300 allocated ports, each bound to a system port of its own (fuzz33 L11: "File exists")', async () => {
+    const tpl = join(out, 'ports.template');
+    rmSync(tpl, { recursive: true, force: true });
+    const made = sb.run(['template', 'create', good, '-o', tpl]);
+    expect(made.code, made.stderr).toBe(0);
+    const t = decodeTemplate(readFileSync(join(tpl, 'template.pb')));
+    // Ports the fixture never listens on: only the table binds them. 300
+    // drawn from the test range's 2001 would repeat one (the failure)
+    // but for a chance of e^-22.
+    const port = t.verdicts.find((v) => v.ref.startsWith('port:'))!;
+    for (let p = 40000; p < 40300; p++) t.verdicts.push({ ...port, ref: `port:${p}`, action: 'allocate' });
+    writeFileSync(join(tpl, 'template.pb'), encodeTemplate(signTemplate(t)));
+    const r = sb.run(['clone', tpl, '--aid', 'manyalloc', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const ports = (JSON.parse(r.stdout) as { ports: { virtual: number; system: number; mode: string }[] }[])[0].ports.filter((p) => p.mode === 'allocate');
+    expect(ports).toHaveLength(300);
+    expect(new Set(ports.map((p) => p.system)).size).toBe(300);
+    expect(sb.run(['rm', '-f', 'manyalloc']).code).toBe(0);
+    await waitFor(() => !sb.allAids().includes('manyalloc'), 10_000, 'manyalloc to be removed');
   });
 });
 
