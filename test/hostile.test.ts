@@ -1781,12 +1781,12 @@ describe('signed images', () => {
     refuses(['clone', tpl, '--aid', 'twoports'], { code: 1, stderr: /corrupt template: resource port:\d+ has more than one verdict$/ });
     resigned((t) => t.verdicts.push({ ...t.verdicts[0], ref: 'thing:1' }));
     refuses(['clone', tpl, '--aid', 'nokind'], { code: 1, stderr: /corrupt template: "thing:1" names no kind of resource$/ });
-    // More ports than an instance's port table holds.
+    // More allocated ports than an instance's port table holds.
     resigned((t) => {
       const port = t.verdicts.find((v) => v.ref.startsWith('port:'))!;
-      for (let p = 40000; p < 42100; p++) t.verdicts.push({ ...port, ref: `port:${p}`, action: 'multiplex' });
+      for (let p = 40000; p < 42100; p++) t.verdicts.push({ ...port, ref: `port:${p}`, action: 'allocate' });
     });
-    refuses(['clone', tpl, '--aid', 'manyports'], { code: 1, stderr: /corrupt template: more than 2048 ports, which an instance's port table cannot hold$/ });
+    refuses(['clone', tpl, '--aid', 'manyports'], { code: 1, stderr: /corrupt template: more than 2048 allocated ports, which an instance's port table cannot hold$/ });
   });
 
   it('clones a template with 300 allocated ports, each bound to a system port of its own (fuzz33 L11: "File exists")', async () => {

@@ -231,7 +231,7 @@ const ACTIONS_FOR_REF: Record<string, ReadonlySet<string>> = {
   env: new Set(['duplicate']),
 };
 
-/** What an instance's port table holds (APPSHOT_IPC_CAPACITY in
+/** How many allocated ports an instance's port table holds (APPSHOT_IPC_CAPACITY in
  * addon/include/appshot_table.h, which every table but the PID one has). */
 const PORT_VERDICTS = 2048;
 
@@ -248,7 +248,8 @@ function checkVerdicts(verdicts: Verdict[]): void {
     if (!allowed.has(v.action)) throw new AppshotError(`corrupt template: resource ${v.ref} has action '${v.action}', which does not apply to it`);
     if (seen.has(v.ref)) throw new AppshotError(`corrupt template: resource ${v.ref} has more than one verdict`);
     seen.add(v.ref);
-    if (kind === 'port' && ++ports > PORT_VERDICTS) throw new AppshotError(`corrupt template: more than ${PORT_VERDICTS} ports, which an instance's port table cannot hold`);
+    // (A multiplexed port is the same number inside and out: no entry.)
+    if (kind === 'port' && v.action === 'allocate' && ++ports > PORT_VERDICTS) throw new AppshotError(`corrupt template: more than ${PORT_VERDICTS} allocated ports, which an instance's port table cannot hold`);
     const port = /^port:(.*)$/.exec(v.ref)?.[1];
     if (port !== undefined && !(/^\d+$/.test(port) && Number(port) >= 1 && Number(port) <= 65535)) throw new AppshotError(`corrupt template: '${v.ref}' is not a port`);
   }
