@@ -23,7 +23,7 @@ import { REG } from '../src/resources/threads.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
 import { restore } from '../src/restore/driver.js';
-import { cli, command as appshot, fixture, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
+import { cli, command as appshot, fixture, root, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
 
 /** Where a thread's registers hold its thread pointer (fs_base). */
 const FS_BASE = REG.fsBase;
@@ -1006,6 +1006,23 @@ describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is 
     symlinkSync(victim, join(dupTpl, 'private', top));
     refuses(['clone', dupTpl, '--aid', 'dupthrough'], { code: 1, stderr: /cannot make a private copy under \S+: it is a symbolic link$/ });
     expect(readdirSync(victim)).toEqual([]);
+  });
+
+  it("a copy the kernel refuses its maker is one line of appshot's, not Node's text (fuzz33 L7)", () => {
+    // As a FILE ... DUPLICATE rule's directory is copied by a user who
+    // may not read all of it (nobody, in its own home).
+    chmodSync(out, 0o755);
+    const src = join(out, 'copy-src');
+    mkdirSync(join(src, 'sub'), { recursive: true });
+    writeFileSync(join(src, 'sub', 'f'), 'not for nobody\n');
+    chmodSync(join(src, 'sub'), 0o700);
+    const dst = join(out, 'copy-dst');
+    mkdirSync(dst, { recursive: true });
+    chownSync(dst, NOBODY, NOBODY);
+    const copies = join(root, 'dist', 'template', 'copies.js');
+    const script = `import(${JSON.stringify(copies)}).then((m) => m.copyPrivately(${JSON.stringify(src)}, ${JSON.stringify(join(dst, 'c'))}, 'the test copy')).then(() => console.log('copied'), (e) => console.log(e.constructor.name, e.exitCode, e.message))`;
+    const r = spawnSync('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--', process.execPath, '-e', script], { encoding: 'utf8' });
+    expect(r.stdout.trim(), r.stderr).toBe(`AppshotError 5 cannot copy the test copy ${src}/sub: permission denied (EACCES)`);
   });
 
   it('rules that are a FIFO or a device are refused at once, read from no one', () => {
