@@ -23,7 +23,7 @@ import { REG } from '../src/resources/threads.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
 import { restore } from '../src/restore/driver.js';
-import { cli, command as appshot, fixture, root, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
+import { cli, command as appshot, fixture, root as repoRoot, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
 
 /** Where a thread's registers hold its thread pointer (fs_base). */
 const FS_BASE = REG.fsBase;
@@ -1019,10 +1019,26 @@ describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is 
     const dst = join(out, 'copy-dst');
     mkdirSync(dst, { recursive: true });
     chownSync(dst, NOBODY, NOBODY);
-    const copies = join(root, 'dist', 'template', 'copies.js');
+    const copies = join(repoRoot, 'dist', 'template', 'copies.js');
     const script = `import(${JSON.stringify(copies)}).then((m) => m.copyPrivately(${JSON.stringify(src)}, ${JSON.stringify(join(dst, 'c'))}, 'the test copy')).then(() => console.log('copied'), (e) => console.log(e.constructor.name, e.exitCode, e.message))`;
     const r = spawnSync('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--', process.execPath, '-e', script], { encoding: 'utf8' });
     expect(r.stdout.trim(), r.stderr).toBe(`AppshotError 5 cannot copy the test copy ${src}/sub: permission denied (EACCES)`);
+  });
+
+  it("a REDIR PATH target that cannot be made is one line naming it, before any target's directory is made (fuzz33 L7)", () => {
+    const file = join(out, 'not-a-dir');
+    writeFileSync(file, 'a file\n');
+    const first = join(out, 'redir-first');
+    rmSync(first, { recursive: true, force: true });
+    const rules = join(out, 'unmakeable.rules');
+    // The first target's directories could be made; the second's not.
+    writeFileSync(rules, `REDIR PATH "/nonexistent/appshot-a/f" TO "${first}/made/f"\nREDIR PATH "/nonexistent/appshot-b/f" TO "${file}/x/f"\n`);
+    const tpl = join(out, 'unmakeable.template');
+    rmSync(tpl, { recursive: true, force: true });
+    const made = sb.run(['template', 'create', good, '-o', tpl, '--rules', rules]);
+    expect(made.code, made.stderr).toBe(0);
+    refuses(['clone', tpl, '--aid', 'unmakeable'], { code: 5, stderr: /: cannot make REDIR PATH target \S+\/not-a-dir\/x\/f's directory \S+\/not-a-dir\/x: \S+\/not-a-dir is not a directory$/ });
+    expect(existsSync(first)).toBe(false);
   });
 
   it('rules that are a FIFO or a device are refused at once, read from no one', () => {

@@ -17,7 +17,7 @@
  *    own, its IDENTITY hooks run once it resumed (resources/identity.ts),
  *    and memory is handled as a fork child's (resources/memory.ts).
  */
-import { closeSync, constants as fsConstants, existsSync, lstatSync, mkdirSync, rmSync, symlinkSync } from 'node:fs';
+import { accessSync, closeSync, constants as fsConstants, existsSync, lstatSync, mkdirSync, rmSync, statSync, symlinkSync } from 'node:fs';
 import { copyPrivately, copyUnder } from './copies.js';
 import { hostname } from 'node:os';
 import { basename, dirname, join } from 'node:path';
@@ -266,6 +266,41 @@ function checkRedirCopies(image: Image, copies: RedirCopy[]): void {
   }
 }
 
+/** The directories a REDIR PATH target leads into can be made by this
+ * cloner (resources/paths.ts prepareRedirTargets makes them next): the
+ * first that is there must be a directory it may write. Checked before
+ * any is made, so that a target it cannot make is one line naming it, not
+ * Node's "EACCES: permission denied, mkdir '...'" (fuzz33 L7), and no
+ * other target's directory was made first. */
+function checkRedirTargetsMakeable(redirs: InstanceConfig['redirs']): void {
+  for (const r of redirs) {
+    if (r.kind !== 'path') continue;
+    let isDir = false;
+    try {
+      isDir = statSync(r.from).isDirectory();
+    } catch {
+      /* not there: only the target's parent is made */
+    }
+    const leaf = isDir ? r.to : dirname(r.to);
+    let at = leaf;
+    while (!lexists(at) && at !== dirname(at)) at = dirname(at);
+    if (at === leaf) continue;
+    const refused = (why: string) => new AppshotError(`cannot make REDIR PATH target ${leaf === r.to ? r.to : `${r.to}'s directory ${leaf}`}: ${why}`, ExitCode.denied);
+    let st;
+    try {
+      st = statSync(at);
+    } catch (e) {
+      throw refused(`${at}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
+    if (!st.isDirectory()) throw refused(`${at} is not a directory`);
+    try {
+      accessSync(at, fsConstants.W_OK | fsConstants.X_OK);
+    } catch (e) {
+      throw refused(`${at} is not a directory this user may write (${(e as NodeJS.ErrnoException).code ?? 'refused'})`);
+    }
+  }
+}
+
 /** The REDIR PATH copies each instance made (by its CloneResult): a batch
  * that fails after it was made removes them with it (discard). */
 const redirCopiesOf = new WeakMap<CloneResult, RedirCopy[]>();
@@ -350,6 +385,7 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
       prepare: () => {
         inheritPrivateCopies(t, privateRoot);
         config.redirs.push(...duplicateFiles(t, privateRoot));
+        checkRedirTargetsMakeable(config.redirs);
         const planned = redirCopies(t.loaded.image, config.redirs);
         checkRedirCopies(t.loaded.image, planned);
         copies = planned;
