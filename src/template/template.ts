@@ -237,11 +237,16 @@ const PORT_VERDICTS = 2048;
 
 /** The verdicts a clone acts on: known actions, each for a kind of
  * resource it applies to, one per resource, ports that are ports. */
-function checkVerdicts(verdicts: Verdict[]): void {
+function checkVerdicts(verdicts: Verdict[], toAct: boolean): void {
   const seen = new Set<string>();
   let ports = 0;
   for (const v of verdicts) {
     if (!ACTIONS.has(v.action)) throw new AppshotError(`corrupt template: resource ${v.ref} has action '${v.action}'`);
+    const port = /^port:(.*)$/.exec(v.ref)?.[1];
+    if (port !== undefined && !(/^\d+$/.test(port) && Number(port) >= 1 && Number(port) <= 65535)) throw new AppshotError(`corrupt template: '${v.ref}' is not a port`);
+    // What follows matters to a clone, which acts on them; `template
+    // show` shows them as they are (a changed template included).
+    if (!toAct) continue;
     const kind = v.ref.slice(0, v.ref.indexOf(':'));
     const allowed = Object.hasOwn(ACTIONS_FOR_REF, kind) ? ACTIONS_FOR_REF[kind] : undefined;
     if (!allowed) throw new AppshotError(`corrupt template: ${JSON.stringify(v.ref)} names no kind of resource`);
@@ -250,8 +255,6 @@ function checkVerdicts(verdicts: Verdict[]): void {
     seen.add(v.ref);
     // (A multiplexed port is the same number inside and out: no entry.)
     if (kind === 'port' && v.action === 'allocate' && ++ports > PORT_VERDICTS) throw new AppshotError(`corrupt template: more than ${PORT_VERDICTS} allocated ports, which an instance's port table cannot hold`);
-    const port = /^port:(.*)$/.exec(v.ref)?.[1];
-    if (port !== undefined && !(/^\d+$/.test(port) && Number(port) >= 1 && Number(port) <= 65535)) throw new AppshotError(`corrupt template: '${v.ref}' is not a port`);
   }
 }
 
@@ -301,7 +304,7 @@ async function openTemplateNow(path: string, verify: boolean, trust: 'require' |
       throw new AppshotError(`${path} is not a template this node trusts: its ${TEMPLATE_PART} ${signer.problem?.replace(/^it(s)? /, '')}; ${untrustedHint}`);
     if (template.imageId !== loaded.manifest.imageId)
       throw new AppshotError(`corrupt template: ${TEMPLATE_PART} was made for another image than the one beside it`);
-    checkVerdicts(template.verdicts);
+    checkVerdicts(template.verdicts, trust === 'require');
     // An older template create linked any image.pb as it was, whatever it
     // said: its image's word that a snapshot of ours wrote it is taken
     // only from a template.pb of this node's that says it was checked.
