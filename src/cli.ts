@@ -34,6 +34,9 @@ function templateJson<T extends { template: string }>(summary: T): { template: s
   return { template, path: template, ...rest };
 }
 
+/** How many rules that match nothing `template create` names on stderr
+ * before it counts the rest. */
+const UNMATCHED_SHOWN = 20;
 const PROGRESS_HELP = 'progress in bytes on stderr: auto (a bar on a terminal; lines if CI is set; else none), bar, plain or none';
 // Everything else a command needs (the drivers, the image format, the
 // addon's users) is imported inside its action: `appshot --version`, --help
@@ -711,7 +714,11 @@ export function buildProgram(): Command {
         process.stderr.write(`appshot: template '${printable(summary.name)}': ${plural(summary.verdicts.length, 'resource')} (${counts})\n`);
         // What the rules leave shared is worth a warning; the rest `show` lists.
         for (const s of summary.shared.filter((s) => !s.handled)) process.stderr.write(`appshot: warning: every clone will share this: ${printable(`${s.what}; ${s.fix}`)}\n`);
-        for (const u of summary.unmatched ?? []) process.stderr.write(`appshot: warning: rule ${printable(u.rule)} matches nothing in this snapshot: ${printable(u.text)}\n`);
+        // The first few, then how many more: a rules file of thousands of
+        // idle rules printed a warning each (fuzz33 L6). --json has them all.
+        const unmatched = summary.unmatched ?? [];
+        for (const u of unmatched.slice(0, UNMATCHED_SHOWN)) process.stderr.write(`appshot: warning: rule ${printable(u.rule)} matches nothing in this snapshot: ${printable(u.text)}\n`);
+        if (unmatched.length > UNMATCHED_SHOWN) process.stderr.write(`appshot: warning: ... and ${plural(unmatched.length - UNMATCHED_SHOWN, 'more rule')} that match nothing in this snapshot (all of them: template create --json)\n`);
         for (const h of summary.hooks) process.stderr.write(`appshot: every clone runs this IDENTITY hook: ${printable(h)}\n`);
       }
     });

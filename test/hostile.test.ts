@@ -17,13 +17,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tar from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { decodeTemplate, digestFd, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
+import { decodeTemplate, digestFd, signTemplate, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
 import { type Fd, FdKind, type Image, type Manifest, VmaKind } from '../src/image/types.js';
 import { REG } from '../src/resources/threads.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
 import { restore } from '../src/restore/driver.js';
-import { cli, command as appshot, fixture, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
+import { cli, command as appshot, fixture, root as repoRoot, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
 
 /** Where a thread's registers hold its thread pointer (fs_base). */
 const FS_BASE = REG.fsBase;
@@ -1010,11 +1010,54 @@ describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is 
     expect(readdirSync(victim)).toEqual([]);
   });
 
+  it("a copy the kernel refuses its maker is one line of appshot's, not Node's text (fuzz33 L7)", () => {
+    // As a FILE ... DUPLICATE rule's directory is copied by a user who
+    // may not read all of it (nobody, in its own home).
+    chmodSync(out, 0o755);
+    const src = join(out, 'copy-src');
+    mkdirSync(join(src, 'sub'), { recursive: true });
+    writeFileSync(join(src, 'sub', 'f'), 'not for nobody\n');
+    chmodSync(join(src, 'sub'), 0o700);
+    const dst = join(out, 'copy-dst');
+    mkdirSync(dst, { recursive: true });
+    chownSync(dst, NOBODY, NOBODY);
+    const copies = join(repoRoot, 'dist', 'template', 'copies.js');
+    const script = `import(${JSON.stringify(copies)}).then((m) => m.copyPrivately(${JSON.stringify(src)}, ${JSON.stringify(join(dst, 'c'))}, 'the test copy')).then(() => console.log('copied'), (e) => console.log(e.constructor.name, e.exitCode, e.message))`;
+    const r = spawnSync('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--', process.execPath, '-e', script], { encoding: 'utf8' });
+    expect(r.stdout.trim(), r.stderr).toBe(`AppshotError 5 cannot copy the test copy ${src}/sub: permission denied (EACCES)`);
+  });
+
+  it("a REDIR PATH target that cannot be made is one line naming it, before any target's directory is made (fuzz33 L7)", () => {
+    const file = join(out, 'not-a-dir');
+    writeFileSync(file, 'a file\n');
+    const first = join(out, 'redir-first');
+    rmSync(first, { recursive: true, force: true });
+    const rules = join(out, 'unmakeable.rules');
+    // The first target's directories could be made; the second's not.
+    writeFileSync(rules, `REDIR PATH "/nonexistent/appshot-a/f" TO "${first}/made/f"\nREDIR PATH "/nonexistent/appshot-b/f" TO "${file}/x/f"\n`);
+    const tpl = join(out, 'unmakeable.template');
+    rmSync(tpl, { recursive: true, force: true });
+    const made = sb.run(['template', 'create', good, '-o', tpl, '--rules', rules]);
+    expect(made.code, made.stderr).toBe(0);
+    refuses(['clone', tpl, '--aid', 'unmakeable'], { code: 5, stderr: /: cannot make REDIR PATH target \S+\/not-a-dir\/x\/f's directory \S+\/not-a-dir\/x: \S+\/not-a-dir is not a directory$/ });
+    expect(existsSync(first)).toBe(false);
+  });
+
   it('rules that are a FIFO or a device are refused at once, read from no one', () => {
     const fifo = join(out, 'rules.fifo');
     spawnSync('mkfifo', [fifo]);
     refuses(['template', 'create', good, '-o', join(out, 'fifo.template'), '--rules', fifo], { code: 2, stderr: /cannot read rules file \S+: it is not a regular file$/ });
     refuses(['template', 'create', good, '-o', join(out, 'zero.template'), '--rules', '/dev/zero'], { code: 2, stderr: /cannot read rules file \/dev\/zero: it is not a regular file$/ });
+  });
+
+  it('a REDIR PATH to the root directory, or a path with a NUL, is refused at template create by line, nothing made (fuzz33 L5)', () => {
+    const rules = join(out, 'toroot.rules');
+    writeFileSync(rules, '# every clone would be refused\nREDIR PATH "/tmp/appshot-q" TO "/tmp/../"\n');
+    const made = join(out, 'toroot.template');
+    refuses(['template', 'create', good, '-o', made, '--rules', rules], { code: 2, stderr: /toroot\.rules:2:32: "\/tmp\/\.\.\/" is the root directory: nothing can be redirected to it; expected a path below \/$/ });
+    writeFileSync(rules, 'REDIR PATH "/tmp/appshot-q\0x" TO "/tmp/x"\n');
+    refuses(['template', 'create', good, '-o', made, '--rules', rules], { code: 2, stderr: /toroot\.rules:1:27: a NUL character in a string; expected text without NUL characters$/ });
+    expect(existsSync(made)).toBe(false);
   });
 
   it("SET ENV of what loads the preload library or names the tables is refused, in rules and in an image", () => {
@@ -1737,6 +1780,72 @@ describe('signed images', () => {
     // Showing it is reading it, as inspect does.
     expect(sb.run(['template', 'show', tpl]).code).toBe(0);
   });
+
+  it("writes template.pb 0600 as the manifest beside it, and a clone refuses one others may write (fuzz33 L8)", () => {
+    const tpl = join(out, 'mode.template');
+    rmSync(tpl, { recursive: true, force: true });
+    const made = sb.run(['template', 'create', good, '-o', tpl]);
+    expect(made.code, made.stderr).toBe(0);
+    expect(statMode(join(tpl, 'template.pb')).toString(8)).toBe('600');
+    expect(statMode(join(tpl, 'manifest.pb')).toString(8)).toBe('600');
+    chmodSync(join(tpl, 'template.pb'), 0o666);
+    refuses(['clone', tpl, '--aid', 'writable'], { code: 1, stderr: /template\.pb is writable by others, who could change its rules: chmod go-w \S+template\.pb$/ });
+    // Read, not run: showing it is still possible.
+    expect(sb.run(['template', 'show', tpl]).code).toBe(0);
+  });
+
+  it('refuses a signed template whose verdicts do not apply to their resources, or decide one twice (fuzz33 L4)', () => {
+    const tpl = join(out, 'verdicts.template');
+    rmSync(tpl, { recursive: true, force: true });
+    const made = sb.run(['template', 'create', good, '-o', tpl]);
+    expect(made.code, made.stderr).toBe(0);
+    const original = readFileSync(join(tpl, 'template.pb'));
+    const resigned = (change: (t: ReturnType<typeof decodeTemplate>) => void) => {
+      const t = decodeTemplate(original);
+      change(t);
+      writeFileSync(join(tpl, 'template.pb'), encodeTemplate(signTemplate(t)));
+    };
+    resigned((t) => t.verdicts.push({ ...t.verdicts.find((v) => v.ref.startsWith('pid:'))!, action: 'allocate' }));
+    refuses(['clone', tpl, '--aid', 'twice'], { code: 1, stderr: /corrupt template: resource pid:\d+ has action 'allocate', which does not apply to it$/ });
+    resigned((t) => {
+      const v = t.verdicts.find((x) => x.ref.startsWith('vma:'))!;
+      v.action = 'multiplex';
+    });
+    refuses(['clone', tpl, '--aid', 'muxmem'], { code: 1, stderr: /corrupt template: resource vma:\S+ has action 'multiplex', which does not apply to it$/ });
+    resigned((t) => t.verdicts.push({ ...t.verdicts.find((v) => v.ref.startsWith('port:'))! }));
+    refuses(['clone', tpl, '--aid', 'twoports'], { code: 1, stderr: /corrupt template: resource port:\d+ has more than one verdict$/ });
+    resigned((t) => t.verdicts.push({ ...t.verdicts[0], ref: 'thing:1' }));
+    refuses(['clone', tpl, '--aid', 'nokind'], { code: 1, stderr: /corrupt template: "thing:1" names no kind of resource$/ });
+    // More allocated ports than an instance's port table holds.
+    resigned((t) => {
+      const port = t.verdicts.find((v) => v.ref.startsWith('port:'))!;
+      for (let p = 40000; p < 42100; p++) if (`port:${p}` !== port.ref) t.verdicts.push({ ...port, ref: `port:${p}`, action: 'allocate' });
+    });
+    refuses(['clone', tpl, '--aid', 'manyports'], { code: 1, stderr: /corrupt template: more than 2048 allocated ports, which an instance's port table cannot hold$/ });
+  });
+
+  it('clones a template with 300 allocated ports, each bound to a system port of its own (fuzz33 L11: "File exists")', async () => {
+    const tpl = join(out, 'ports.template');
+    rmSync(tpl, { recursive: true, force: true });
+    const made = sb.run(['template', 'create', good, '-o', tpl]);
+    expect(made.code, made.stderr).toBe(0);
+    const t = decodeTemplate(readFileSync(join(tpl, 'template.pb')));
+    // Ports the fixture never listens on: only the table binds them. 300
+    // drawn from the test range's 2001 would repeat one (the failure)
+    // but for a chance of e^-22.
+    const port = t.verdicts.find((v) => v.ref.startsWith('port:'))!;
+    // (Not the fixture's own, which has its verdict.)
+    const ours = Array.from({ length: 301 }, (_, i) => 40000 + i).filter((p) => `port:${p}` !== port.ref).slice(0, 300);
+    for (const p of ours) t.verdicts.push({ ...port, ref: `port:${p}`, action: 'allocate' });
+    writeFileSync(join(tpl, 'template.pb'), encodeTemplate(signTemplate(t)));
+    const r = sb.run(['clone', tpl, '--aid', 'manyalloc', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const ports = (JSON.parse(r.stdout) as { ports: { virtual: number; system: number; mode: string }[] }[])[0].ports.filter((p) => p.mode === 'allocate');
+    expect(ports).toHaveLength(300);
+    expect(new Set(ports.map((p) => p.system)).size).toBe(300);
+    expect(sb.run(['rm', '-f', 'manyalloc']).code).toBe(0);
+    await waitFor(() => !sb.allAids().includes('manyalloc'), 10_000, 'manyalloc to be removed');
+  });
 });
 
 function statMode(path: string): number {
@@ -1876,5 +1985,30 @@ describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process n
     const template = join(out, 'rootonly-template');
     expect(sb.run(['template', 'create', dir, '-o', template, '--trust-image']).code).toBe(0);
     refuses(['clone', template, '--aid', 'rootonly-clone'], { code: 5, stderr: refused });
+  });
+
+  it('a clone refused a file only root may read copies it to no REDIR PATH target first (fuzz33 M3)', () => {
+    const secret = join(out, 'root-only-redir');
+    writeFileSync(secret, 'not for nobody either\n', { mode: 0o600 });
+    chmodSync(out, 0o755);
+    // Into a directory that is there (a directory made for the target was
+    // removed before; a copy beside what was there was not).
+    const into = join(out, 'redir-into');
+    mkdirSync(into, { recursive: true });
+    const dir = crafted('rootonly-redir', (i) => {
+      asNobodyRan(i);
+      const st = statSync(secret, { bigint: true });
+      i.files.push({ path: secret, dev: st.dev, ino: st.ino, size: st.size, mtimeNs: st.mtimeNs, mode: Number(st.mode), deleted: false, crc32c: 0, btimeNs: st.birthtimeNs });
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+      Object.assign(fd, { fd: 908, kind: 0, path: secret, file: i.files.length - 1, flags: 0, pos: 0n, description: 0 });
+      i.processes[0].fds.push(fd);
+    });
+    const rules = join(out, 'redir-secret.rules');
+    writeFileSync(rules, `REDIR PATH "${secret}" TO "${into}/copy"\n`);
+    const template = join(out, 'rootonly-redir.template');
+    const made = sb.run(['template', 'create', dir, '-o', template, '--rules', rules]);
+    expect(made.code, made.stderr).toBe(0);
+    refuses(['clone', template, '--aid', 'redir-refused'], { code: 5, stderr: /: process \d+ fd 908: \S+ cannot be opened with the credentials of the process .*: EACCES$/ });
+    expect(readdirSync(into)).toEqual([]);
   });
 });

@@ -112,6 +112,10 @@ describe('the rules language', () => {
       ['a missing =', 'SET ENV "A" "b"', 'fixture.rules:1:13: unexpected "b"; expected ='],
       ['a redirected root', 'REDIR PATH "/" TO "/x"', 'fixture.rules:1:12: "/" is the root directory: redirecting it would redirect every path; expected a path below /'],
       ['a redirected root, written otherwise', 'REDIR PATH "/srv/.." TO "/x"', 'fixture.rules:1:12: "/srv/.." is the root directory: redirecting it would redirect every path; expected a path below /'],
+      ['a redirection to the root', 'REDIR PATH "/q" TO "/tmp/../"', 'fixture.rules:1:20: "/tmp/../" is the root directory: nothing can be redirected to it; expected a path below /'],
+      ['a NUL in a path', 'REDIR PATH "/q\0x" TO "/x"', 'fixture.rules:1:15: a NUL character in a string; expected text without NUL characters'],
+      ['a NUL in a FILE path', 'FILE "/data\0/x" DUPLICATE', 'fixture.rules:1:12: a NUL character in a string; expected text without NUL characters'],
+      ['a NUL in a value', 'SET ENV "A" = "a\0b"', 'fixture.rules:1:17: a NUL character in a string; expected text without NUL characters'],
       ['a root copied on write', 'FILE "//" ON write COPY-ON-WRITE', 'fixture.rules:1:6: "//" is the root directory: copying it on write would copy the whole filesystem; expected a path below /'],
       ['a root duplicated', 'FILE "/./" DUPLICATE', 'fixture.rules:1:6: "/./" is the root directory: duplicating it would copy the whole filesystem; expected a path below /'],
       ['a path redirected twice, written otherwise', 'REDIR PATH "/data" TO "/x"\nREDIR PATH "//data/" TO "/y"', 'fixture.rules:2:12: "//data/" is already redirected at line 1; expected each path redirected once (by one REDIR PATH, FILE ... COPY-ON-WRITE or FILE ... DUPLICATE)'],
@@ -130,6 +134,16 @@ describe('the rules language', () => {
       ['a hook command missing', 'IDENTITY HOOK EXEC', 'fixture.rules:1:19: unexpected end of line; expected the command\'s "/absolute/path"'],
       ['a hook argument not a string', 'IDENTITY HOOK EXEC "/bin/kill" -USR2', "fixture.rules:1:32: unexpected character '-'; expected a keyword, a \"string\", a number, <NAME>, = or *"],
       ['a hook argument with an undefined variable', `${define}IDENTITY HOOK EXEC "/bin/echo" "<AID>"`, 'fixture.rules:2:33: undefined variable <AID>; expected one defined above: <APPL-ID>'],
+      // A rule an earlier one shadows never applies (the first that matches decides): fuzz33 L4.
+      ['a port decided twice', 'PORT 41000 ALLOCATE\nPORT 41000 MULTIPLEX', 'fixture.rules:2:1: this PORT rule never applies: line 1 decides every resource it matches (the first rule that matches decides); expected one rule per resource, a narrower one before a broader one'],
+      ['a port after PORT *', 'PORT * MULTIPLEX\nPORT 80 ALLOCATE', 'fixture.rules:2:1: this PORT rule never applies: line 1 decides every resource it matches (the first rule that matches decides); expected one rule per resource, a narrower one before a broader one'],
+      ['a key decided twice', 'SHM KEY 0x10 VIRTUALIZE\nSHM KEY 16 DUPLICATE', 'fixture.rules:2:1: this SHM rule never applies: line 1 decides every resource it matches (the first rule that matches decides); expected one rule per resource, a narrower one before a broader one'],
+      ['a file decided twice', 'FILE "/srv/a" COPY-ON-WRITE\nFILE "/srv/a/" SHARE', 'fixture.rules:2:1: this FILE rule never applies: line 1 decides every resource it matches (the first rule that matches decides); expected one rule per resource, a narrower one before a broader one'],
+      ['a file below one shared for any access', 'FILE "/srv" SHARE\nFILE "/srv/a" ON read SHARE', 'fixture.rules:2:1: this FILE rule never applies: line 1 decides every resource it matches (the first rule that matches decides); expected one rule per resource, a narrower one before a broader one'],
+      ['a mapping name after MEMORY *', 'MEMORY "*" COPY-ON-WRITE\nMEMORY "[stack]" DUPLICATE', 'fixture.rules:2:1: this MEMORY rule never applies: line 1 decides every resource it matches (the first rule that matches decides); expected one rule per resource, a narrower one before a broader one'],
+      ['a memory rule for writing after one for any access', 'MEMORY "[heap]" DUPLICATE\nMEMORY "[heap]" ON write COPY-ON-WRITE', 'fixture.rules:2:1: this MEMORY rule never applies: line 1 decides every resource it matches (the first rule that matches decides); expected one rule per resource, a narrower one before a broader one'],
+      ['a memory rule ON create', 'MEMORY "[heap]" ON create DUPLICATE', 'fixture.rules:1:20: ON create does not apply to MEMORY (a mapping is never created by a clone); expected ON read, ON write or ON any'],
+      ['writable memory shared', 'MEMORY "[heap]" ON write SHARE', 'fixture.rules:1:26: MEMORY ... ON write SHARE would share a writable mapping among clones; expected COPY-ON-WRITE or DUPLICATE (SHARE is for read-only mappings)'],
       ['too many hooks', 'IDENTITY HOOK SIGNAL USR2\n'.repeat(8) + 'IDENTITY HOOK SIGNAL USR1', 'fixture.rules:9:1: IDENTITY HOOK 9 of this file; expected at most 8 hooks'],
     ];
     it.each(cases)('%s', (_, text, message) => {
@@ -191,6 +205,9 @@ describe('the rules language', () => {
     // ... nor a root redirected for one instance.
     const root = parseRules('DEFINE <T> AS PROPERTY template\nREDIR PATH "/<T>" TO "/x"', 'r.rules');
     expect(() => instanceConfig(root, { ...props, template: '' }, '/p')).toThrow('r.rules:2: REDIR PATH /<T> is the root directory for this instance, which cannot be redirected');
+    // ... nor to a root (fuzz33 L5: every clone was refused at its start).
+    const toRoot = parseRules('DEFINE <T> AS PROPERTY template\nREDIR PATH "/srv" TO "/<T>"', 't.rules');
+    expect(() => instanceConfig(toRoot, { ...props, template: '' }, '/p')).toThrow("t.rules:2: REDIR PATH's TO /<T> is the root directory for this instance, which nothing can be redirected to");
   });
 
   describe('refuses what an instance cannot hold when parsing', () => {
@@ -327,6 +344,14 @@ describe('the rules language', () => {
     // Keys are int32 in an image: compared unsigned.
     expect(ruleFor(rules, 'shm', 0xdeadbeef | 0)?.line).toBe(6);
     expect(ruleFor(undefined, 'port', 80)).toBeUndefined();
+  });
+
+  it('takes rules that each decide something: other accesses, narrower first, a copy below a shared directory', () => {
+    const rules = parseRules(
+      ['FILE "/srv/a" ON read SHARE', 'FILE "/srv/a" ON write COPY-ON-WRITE', 'FILE "/srv" SHARE', 'FILE "/srv/b" DUPLICATE', 'MEMORY "[heap]" ON read SHARE', 'MEMORY "[heap]" COPY-ON-WRITE', 'PORT 80 ALLOCATE', 'PORT * MULTIPLEX', 'MSGQUEUE KEY 1 VIRTUALIZE', 'MSGQUEUE KEY * VIRTUALIZE'].join('\n'),
+      'ok.rules',
+    );
+    expect(rules.resources).toHaveLength(10);
   });
 });
 

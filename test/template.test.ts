@@ -125,6 +125,24 @@ describe('templates and clones', () => {
     rmSync(out, { recursive: true, force: true });
   });
 
+  it('names the first 20 rules that match nothing, then counts the rest; --json lists them all (fuzz33 L6)', () => {
+    const rules = join(dir, 'idle.rules');
+    const idle = Array.from({ length: 1000 }, (_, i) => `PORT ${60000 + i} ALLOCATE`);
+    writeFileSync(rules, `${readFileSync(world.rules, 'utf8')}\n${idle.join('\n')}\n`);
+    const out = join(dir, 'idle.template');
+    const plain = sb.run(['template', 'create', join(dir, 'snap'), '-o', out, '--rules', rules]);
+    expect(plain.code, plain.stderr).toBe(0);
+    const warnings = plain.stderr.split('\n').filter((l) => l.includes('match'));
+    expect(warnings).toHaveLength(21);
+    expect(warnings[19]).toMatch(/^appshot: warning: rule idle\.rules:\d+ matches nothing in this snapshot: PORT 60019 ALLOCATE$/);
+    expect(warnings[20]).toBe('appshot: warning: ... and 980 more rules that match nothing in this snapshot (all of them: template create --json)');
+    rmSync(out, { recursive: true, force: true });
+    const json = sb.run(['template', 'create', join(dir, 'snap'), '-o', out, '--rules', rules, '--json']);
+    expect(json.code, json.stderr).toBe(0);
+    expect((JSON.parse(json.stdout) as { unmatched: unknown[] }).unmatched).toHaveLength(1000);
+    rmSync(out, { recursive: true, force: true });
+  });
+
   it(`clones ${CLONES} instances at once, each with its own state, ports, paths and environment`, async () => {
     const r = sb.run(['clone', join(dir, 'tpl.template'), '--aid', 'c', '--count', String(CLONES), '--json']);
     expect(r.code, r.stderr).toBe(0);

@@ -17,7 +17,7 @@
  *    own, its IDENTITY hooks run once it resumed (resources/identity.ts),
  *    and memory is handled as a fork child's (resources/memory.ts).
  */
-import { closeSync, existsSync, lstatSync, mkdirSync, rmSync, symlinkSync } from 'node:fs';
+import { accessSync, closeSync, constants as fsConstants, existsSync, lstatSync, mkdirSync, rmSync, statSync, symlinkSync } from 'node:fs';
 import { copyPrivately, copyUnder } from './copies.js';
 import { hostname } from 'node:os';
 import { basename, dirname, join } from 'node:path';
@@ -25,7 +25,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { randomBytes } from 'node:crypto';
 import { AppshotError, ExitCode } from '../errors.js';
 import { PARTS } from '../image/format.js';
-import type { Action } from '../image/types.js';
+import { type Action, FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon, type InstanceConfig } from '../native.js';
 import { signalProcesses } from '../inspect.js';
 import { checkAid, isPrivateRootName, type LocalRegistry, type PortBinding } from '../registry.js';
@@ -33,7 +33,8 @@ import { applicationEnv } from '../harness.js';
 import { cloneIdentity, runIdentityHooks, withIdentityEnv } from '../resources/identity.js';
 import { checkPrivileges, type InstancePlan, restore } from '../restore/driver.js';
 import { verifyImage } from '../restore/verify.js';
-import { type MadeDir, removeRedirTargets } from '../resources/paths.js';
+import { type MadeDir, redirected, removeRedirTargets, unredirected } from '../resources/paths.js';
+import { fsIdentity, identitiesFor, refusal, refusedAsProcess } from '../resources/fsident.js';
 import { identityHooks, instanceConfig, privateCopyPath, type Property } from './rules.js';
 import { openTemplate, type OpenedTemplate, PRIVATE_DIR } from './template.js';
 import { killPoint } from '../killpoint.js';
@@ -133,6 +134,10 @@ function portIsFree(port: number): boolean {
   }
 }
 
+/** How many times a port already this instance's is drawn again before
+ * the range is taken as full. */
+const PORT_DRAWS = 1000;
+
 /** The ports an instance listens on, per the template's verdicts. */
 function planPorts(reg: LocalRegistry, aid: string, t: OpenedTemplate): { own: Map<number, number>; bindings: PortBinding[] } {
   const own = new Map<number, number>();
@@ -141,7 +146,17 @@ function planPorts(reg: LocalRegistry, aid: string, t: OpenedTemplate): { own: M
     if (!v.ref.startsWith('port:')) continue;
     const port = Number(v.ref.slice(5));
     if (v.action === 'allocate') {
-      const system = reg.allocatePort(aid, portIsFree);
+      // A port this instance was allocated a moment ago is one allocatePort
+      // gives it again (a claim in its own name is its own: registry.ts
+      // claimPort), and two of its ports bound to one system port failed
+      // the clone ("binding 40102 to 26113: File exists", fuzz33 L11):
+      // drawn again (the claim is the one made before, nothing to let go).
+      const taken = new Set(own.values());
+      let system = reg.allocatePort(aid, portIsFree);
+      for (let tries = 0; taken.has(system); tries++) {
+        if (tries >= PORT_DRAWS) throw new AppshotError(`no free port left for port ${port} of the template: this instance holds ${taken.size} already (set APPSHOT_PORTS)`, ExitCode.conflict);
+        system = reg.allocatePort(aid, portIsFree);
+      }
       own.set(port, system);
       bindings.push({ virtual: port, system, mode: 'allocate' });
     } else if (v.action === 'multiplex') {
@@ -195,6 +210,107 @@ function inheritPrivateCopies(t: OpenedTemplate, privateRoot: string): void {
   }
 }
 
+const { O_RDWR, O_NONBLOCK, O_DIRECTORY } = fsConstants;
+const O_ACCMODE = 3;
+const O_PATH = 0o10000000;
+const O_CLOEXEC = 0o2000000;
+
+/** A file of the template that the restore will copy to a REDIR PATH
+ * target of this instance (resources/context.ts clonePath), and how its
+ * process will open the copy. */
+interface RedirCopy {
+  original: string;
+  target: string;
+  p: Process;
+  flags: number;
+  what: string;
+}
+
+/** The copies of the template's files that this instance's REDIR PATH
+ * targets get from its restore: a descriptor's file, a shared writable
+ * mapping's, a working directory, each redirected to a target that is not
+ * there yet (one that is there is used as it is). */
+function redirCopies(image: Image, redirs: InstanceConfig['redirs']): RedirCopy[] {
+  const found = new Map<string, RedirCopy>();
+  const add = (original: string, p: Process, flags: number, what: string) => {
+    const target = redirected(redirs, unredirected(image.instance?.redirs ?? [], original));
+    if (target !== undefined && !found.has(target) && !lexists(target)) found.set(target, { original, target, p, flags, what });
+  };
+  for (const p of image.processes) {
+    for (const fd of p.fds)
+      if (fd.kind === FdKind.FILE && fd.path && fd.path !== image.tablesPath && fd.path !== image.logPath && !image.files[fd.file]?.deleted && !fd.procVpid)
+        add(fd.path, p, fd.flags & O_ACCMODE, `process ${p.vpid} fd ${fd.fd}: ${fd.path}`);
+    for (const v of p.vmas) if (v.kind === VmaKind.FILE_SHARED && v.prot & 2) add(v.path, p, O_RDWR, `process ${p.vpid} mapping of ${v.path}`);
+    if (!p.cwdProcVpid && !p.cwd.endsWith(' (deleted)')) add(p.cwd, p, O_PATH | O_DIRECTORY, `process ${p.vpid}: working directory ${p.cwd}`);
+  }
+  return [...found.values()];
+}
+
+/** Root makes an instance's copies of the template's files at its REDIR
+ * PATH targets (it reads what it copies as root): each original is first
+ * opened as its process will open the copy, so that what the process may
+ * not open is refused before root copied it anywhere (fuzz33 M3: a
+ * root-only file was copied to the target, then the process refused, and
+ * the copy left). */
+function checkRedirCopies(image: Image, copies: RedirCopy[]): void {
+  for (const c of copies) {
+    let fd: number;
+    try {
+      fd = addon().openAs(c.original, c.flags | O_NONBLOCK | O_CLOEXEC, 0, identitiesFor(image, c.p));
+    } catch (e) {
+      // Missing or otherwise not opened: the restore says what it is.
+      if (!refusal(e)) continue;
+      refusedAsProcess(e, c.what, fsIdentity(c.p));
+    }
+    closeSync(fd);
+  }
+}
+
+/** The directories a REDIR PATH target leads into can be made by this
+ * cloner (resources/paths.ts prepareRedirTargets makes them next): the
+ * first that is there must be a directory it may write. Checked before
+ * any is made, so that a target it cannot make is one line naming it, not
+ * Node's "EACCES: permission denied, mkdir '...'" (fuzz33 L7), and no
+ * other target's directory was made first. */
+function checkRedirTargetsMakeable(redirs: InstanceConfig['redirs']): void {
+  for (const r of redirs) {
+    if (r.kind !== 'path') continue;
+    let isDir = false;
+    try {
+      isDir = statSync(r.from).isDirectory();
+    } catch {
+      /* not there: only the target's parent is made */
+    }
+    const leaf = isDir ? r.to : dirname(r.to);
+    let at = leaf;
+    while (!lexists(at) && at !== dirname(at)) at = dirname(at);
+    if (at === leaf) continue;
+    const refused = (why: string) => new AppshotError(`cannot make REDIR PATH target ${leaf === r.to ? r.to : `${r.to}'s directory ${leaf}`}: ${why}`, ExitCode.denied);
+    let st;
+    try {
+      st = statSync(at);
+    } catch (e) {
+      throw refused(`${at}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
+    if (!st.isDirectory()) throw refused(`${at} is not a directory`);
+    try {
+      accessSync(at, fsConstants.W_OK | fsConstants.X_OK);
+    } catch (e) {
+      throw refused(`${at} is not a directory this user may write (${(e as NodeJS.ErrnoException).code ?? 'refused'})`);
+    }
+  }
+}
+
+/** The REDIR PATH copies each instance made (by its CloneResult): a batch
+ * that fails after it was made removes them with it (discard). */
+const redirCopiesOf = new WeakMap<CloneResult, RedirCopy[]>();
+
+/** Removes the REDIR PATH copies a failed instance made (none was there
+ * before it: redirCopies), so that a refused clone leaves none behind. */
+function removeRedirCopies(copies: RedirCopy[]): void {
+  for (const c of copies) rmSync(c.target, { recursive: true, force: true });
+}
+
 /** Ends an instance this batch made: its processes are killed, init
  * removes its tables, SysV objects and registration, and its ports go back
  * to the registry. */
@@ -209,6 +325,7 @@ async function discard(reg: LocalRegistry, made: CloneResult): Promise<void> {
   }
   for (const p of made.ports) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
   rmSync(made.privateRoot, { recursive: true, force: true });
+  removeRedirCopies(redirCopiesOf.get(made) ?? []);
   removeRedirTargets(made.createdDirs);
 }
 
@@ -250,6 +367,9 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
   // its AID: a snapshot of that one still needs its copies.
   const privateRoot = join(reg.home, 'instances', `${aid}.${randomBytes(4).toString('hex')}`);
   let ports: ReturnType<typeof planPorts> | undefined;
+  // Copies made at REDIR PATH targets outside the private root: removed
+  // if this instance fails.
+  let copies: RedirCopy[] = [];
   const props: Record<Property, string> = { 'application-id': aid, instance: String(s.instance), hostname: hostname(), template: t.template.name };
   try {
     ports = planPorts(reg, aid, t);
@@ -265,6 +385,10 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
       prepare: () => {
         inheritPrivateCopies(t, privateRoot);
         config.redirs.push(...duplicateFiles(t, privateRoot));
+        checkRedirTargetsMakeable(config.redirs);
+        const planned = redirCopies(t.loaded.image, config.redirs);
+        checkRedirCopies(t.loaded.image, planned);
+        copies = planned;
       },
     };
     // A held instance's time is from its release on: what a clone waited
@@ -305,10 +429,12 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
       createdDirs: r.createdDirs,
       ...(hold ? { prepared: true } : {}),
     };
+    redirCopiesOf.set(made, copies);
     return { made, lifeline: r.lifeline!, env: config.env, props };
   } catch (e) {
     for (const p of ports?.bindings ?? []) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
     rmSync(privateRoot, { recursive: true, force: true });
+    removeRedirCopies(copies);
     throw e;
   }
 }

@@ -27,7 +27,20 @@
  */
 import { closeSync, constants, copyFileSync, fchmodSync, fchownSync, futimesSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, type Stats, symlinkSync } from 'node:fs';
 import { dirname, join, relative, sep } from 'node:path';
-import { AppshotError } from '../errors.js';
+import { getSystemErrorMap } from 'node:util';
+import { AppshotError, ExitCode } from '../errors.js';
+
+/** A system call's failure while copying `what` (`path`), as one line of
+ * appshot's: Node's own text ("EACCES: permission denied, scandir '...'")
+ * was printed as it was (fuzz33 L7). A refusal of the kernel's is exit 5,
+ * as a process's credentials refusing a file is. */
+function copyFailed(e: unknown, what: string, path: string): never {
+  const err = e as NodeJS.ErrnoException;
+  if (e instanceof AppshotError || typeof err?.code !== 'string' || typeof err.errno !== 'number') throw e;
+  const text = getSystemErrorMap().get(err.errno)?.[1] ?? err.code;
+  const denied = err.code === 'EACCES' || err.code === 'EPERM';
+  throw new AppshotError(`cannot copy ${what} ${err.path ?? path}: ${text} (${err.code})`, denied ? ExitCode.denied : ExitCode.failure);
+}
 
 const asRoot = () => process.geteuid?.() === 0;
 
@@ -92,6 +105,14 @@ function settle(path: string, like: Stats | undefined, mode = 0o755): void {
  * clean-up (the clone's or template's directory is removed whole).
  */
 export function copyPrivately(from: string, to: string, what: string): void {
+  try {
+    copyTree(from, to, what);
+  } catch (e) {
+    copyFailed(e, what, from);
+  }
+}
+
+function copyTree(from: string, to: string, what: string): void {
   const st = lstatSync(from);
   if (st.isSymbolicLink()) {
     symlinkSync(readlinkSync(from), to);
@@ -109,7 +130,7 @@ export function copyPrivately(from: string, to: string, what: string): void {
     }
     // Its mode last: until then 0700, so that no one else can put a name
     // in it while it is filled.
-    for (const name of readdirSync(from)) copyPrivately(join(from, name), join(to, name), what);
+    for (const name of readdirSync(from)) copyTree(join(from, name), join(to, name), what);
     settle(to, st);
     return;
   }
@@ -133,7 +154,11 @@ export function copyPrivately(from: string, to: string, what: string): void {
  * /srv/data is). */
 export function copyUnder(top: string, from: string, to: string, what: string): void {
   // The state directory's instances/ (ours), then the copies' own chain.
-  mkdirSync(dirname(top), { recursive: true });
-  plainDirectory(top, dirname(to), (made) => join('/', relative(top, made)));
+  try {
+    mkdirSync(dirname(top), { recursive: true });
+    plainDirectory(top, dirname(to), (made) => join('/', relative(top, made)));
+  } catch (e) {
+    copyFailed(e, what, from);
+  }
   copyPrivately(from, to, what);
 }

@@ -192,6 +192,9 @@ function lexString(line: string, start: number, fail: Fail): { token: Token; nex
     if (i >= line.length) fail(start + 1, 'unterminated string', 'a closing "');
     const c = line[i];
     if (c === '"') break;
+    // The instance's table holds C strings: a NUL would end the path or
+    // value there, naming another than the one written (fuzz33 L5).
+    if (c === '\0') fail(i + 1, 'a NUL character in a string', 'text without NUL characters');
     if (c === '\\') {
       const e = line[i + 1];
       if (e !== '"' && e !== '\\') fail(i + 1, `unknown escape '\\${e ?? ''}'`, '\\" or \\\\');
@@ -321,7 +324,11 @@ function parseRedir(line: Line, rules: RulesFile, column: number): void {
   if (from === '/') line.fail(fromToken.column, `${fromToken.raw} is the root directory: redirecting it would redirect every path`, 'a path below /');
   checkOnceRedirected(line, rules, fromToken, from);
   line.keyword('TO');
-  const to = templatePath(line, rules, line.string('the "path" to redirect to'));
+  const toToken = line.string('the "path" to redirect to');
+  const to = templatePath(line, rules, toToken);
+  // Every clone would be refused ("not a plain absolute path": the target
+  // is made and later removed): said once, here (fuzz33 L5).
+  if (to === '/') line.fail(toToken.column, `${toToken.raw} is the root directory: nothing can be redirected to it`, 'a path below /');
   checkPathRuleCount(line, rules, column);
   rules.redirs.push({ from, to, line: line.number });
 }
@@ -484,10 +491,23 @@ function parseResource(line: Line, rules: RulesFile, kind: ResourceKind, column:
   if (line.isKeyword('ON')) {
     const on = line.next();
     if (!KINDS_WITH_ACCESS.has(kind)) line.fail(on.column, `ON does not apply to ${kind.toUpperCase()}`, actionList(kind));
+    const accessToken = line.peek();
     access = parseAccess(line);
+    // A snapshot's mappings were all made before it: none is "created".
+    if (kind === 'memory' && access === 'create') line.fail(accessToken.column, 'ON create does not apply to MEMORY (a mapping is never created by a clone)', 'ON read, ON write or ON any');
   }
+  const actionToken = line.peek();
   const action = parseAction(line, kind);
+  if (kind === 'memory' && access === 'write' && action === 'share')
+    line.fail(actionToken.column, 'MEMORY ... ON write SHARE would share a writable mapping among clones', `COPY-ON-WRITE or DUPLICATE (SHARE is for read-only mappings)`);
   const rule: ResourceRule = { kind, match, access, action, line: line.number, column };
+  // The first rule that matches a resource decides it (ruleFor): one
+  // whose every resource an earlier rule matches would never apply, and
+  // says what the file's author did not get (fuzz33 L4: `PORT 41000
+  // ALLOCATE` twice and `MULTIPLEX` once were taken, the first deciding).
+  const earlier = earlierDeciding(rules, rule);
+  if (earlier)
+    line.fail(column, `this ${kind.toUpperCase()} rule never applies: line ${earlier.line} decides every resource it matches (the first rule that matches decides)`, 'one rule per resource, a narrower one before a broader one');
   if (isPathRule(rule)) {
     // It becomes an entry of the instance's path table (see instanceConfig).
     const t = matchToken!;
@@ -498,6 +518,42 @@ function parseResource(line: Line, rules: RulesFile, kind: ResourceKind, column:
     checkPathRuleCount(line, rules, column);
   }
   rules.resources.push(rule);
+}
+
+/** Per rules file being parsed: its resource rules by kind, match and
+ * access (the first of each), so that finding an earlier rule that
+ * decides all a new one matches is a few lookups, not a scan (a rules
+ * file of 50,000 PORT lines). */
+const firstRules = new WeakMap<RulesFile, Map<string, ResourceRule>>();
+const ruleKey = (kind: ResourceKind, match: ResourceRule['match'], access: Access) => `${kind}\0${access}\0${match}`;
+
+/** An earlier rule that matches every resource `later` does, for each
+ * access it applies to: `later` would never decide anything. A FILE rule
+ * that copies (COPY-ON-WRITE, DUPLICATE) below a directory an earlier
+ * rule decides is not dead: it is also the path's entry in the
+ * instance's table, which the preload library acts on. Records `later`. */
+function earlierDeciding(rules: RulesFile, later: ResourceRule): ResourceRule | undefined {
+  let first = firstRules.get(rules);
+  if (!first) firstRules.set(rules, (first = new Map()));
+  const { kind, match, access } = later;
+  const isPath = typeof match === 'string' && match.startsWith('/');
+  // What can decide all of `later`: the same match; '*' (for MEMORY, only
+  // of what is not a path); a directory above a path.
+  const covering: ResourceRule['match'][] = [match];
+  if (match !== '*' && (kind !== 'memory' || !isPath) && kind !== 'file') covering.push('*');
+  if (isPath && !(kind === 'file' && isPathRule(later))) for (let d = posix.dirname(match); ; d = posix.dirname(d)) {
+    covering.push(d);
+    if (d === '/') break;
+  }
+  let found: ResourceRule | undefined;
+  for (const m of covering)
+    for (const a of access === 'any' ? (['any'] as Access[]) : (['any', access] as Access[])) {
+      const r = first.get(ruleKey(kind, m, a));
+      if (r && (!found || r.line < found.line)) found = r;
+    }
+  const key = ruleKey(kind, match, access);
+  if (!found && !first.has(key)) first.set(key, later);
+  return found;
 }
 
 function parseMatch(line: Line, kind: ResourceKind): ResourceRule['match'] {
@@ -666,6 +722,7 @@ export function instanceConfig(
     const from = evaluatePath(r.from, rules, props, { bytes: PATH_BYTES, what: "REDIR PATH's path", line: r.line });
     if (from === '/') throw new AppshotError(`${rules.source}:${r.line}: REDIR PATH ${r.from} is the root directory for this instance, which cannot be redirected`, ExitCode.usage);
     const to = evaluatePath(r.to, rules, props, { bytes: PATH_BYTES, what: "REDIR PATH's TO path", line: r.line });
+    if (to === '/') throw new AppshotError(`${rules.source}:${r.line}: REDIR PATH's TO ${r.to} is the root directory for this instance, which nothing can be redirected to`, ExitCode.usage);
     return { kind: 'path' as const, from, to };
   });
   const cows = rules.resources

@@ -9,7 +9,7 @@
  * template's own application.
  */
 import { uniqueTag } from '../holder.js';
-import { copyFileSync, existsSync, fstatSync, linkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, fstatSync, linkSync, lstatSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { decodeTemplate, digestBuffer, encodeImage, encodeSignedManifest, encodeTemplate, isOwnSnapshot, type LoadedImage, loadImage, notOwnSnapshot, PARTS, readSmallPart, signTemplate, templateSigner } from '../image/format.js';
@@ -191,7 +191,9 @@ export async function createTemplate(imagePath: string, output: string, opts: Cr
         // program in every clone.
         copyPrivately(privateRoot, join(partial, PRIVATE_DIR), "the clone's private copy");
       }
-      writeFileSync(join(partial, TEMPLATE_PART), encodeTemplate(template));
+      // Explicitly as the manifest beside it, whatever the umask: the
+      // rules (hooks included) are in it (fuzz33 L8: 0666 under umask 0).
+      writeFileSync(join(partial, TEMPLATE_PART), encodeTemplate(template), { mode: 0o600 });
       renameSync(partial, dest);
     } catch (e) {
       rmSync(partial, { recursive: true, force: true });
@@ -214,13 +216,63 @@ export interface OpenedTemplate {
 
 const ACTIONS = new Set<string>(['share', 'copy-on-write', 'duplicate', 'virtualize', 'multiplex', 'allocate', 'recreate']);
 
-/** The verdicts a clone acts on: known actions, ports that are ports. */
-function checkVerdicts(verdicts: Verdict[]): void {
+/** The actions each kind of resource (by its reference's prefix) can be
+ * given, as classify.ts gives them (fuzz33 L4: `allocate` on a process,
+ * `multiplex` on memory were taken; a SysV segment's mapping is virtualized with it). */
+const ACTIONS_FOR_REF: Record<string, ReadonlySet<string>> = {
+  pid: new Set(['virtualize']),
+  vma: new Set(['share', 'copy-on-write', 'duplicate', 'recreate', 'virtualize']),
+  fd: new Set(['share', 'copy-on-write', 'duplicate', 'recreate', 'multiplex', 'allocate']),
+  port: new Set(['multiplex', 'allocate']),
+  pipe: new Set(['duplicate', 'recreate']),
+  sem: new Set(['virtualize']),
+  shm: new Set(['virtualize']),
+  msg: new Set(['virtualize']),
+  env: new Set(['duplicate']),
+};
+
+/** How many allocated ports an instance's port table holds (APPSHOT_IPC_CAPACITY in
+ * addon/include/appshot_table.h, which every table but the PID one has). */
+const PORT_VERDICTS = 2048;
+
+/** The verdicts a clone acts on: known actions, each for a kind of
+ * resource it applies to, one per resource, ports that are ports. */
+function checkVerdicts(verdicts: Verdict[], toAct: boolean): void {
+  const seen = new Set<string>();
+  let ports = 0;
   for (const v of verdicts) {
     if (!ACTIONS.has(v.action)) throw new AppshotError(`corrupt template: resource ${v.ref} has action '${v.action}'`);
     const port = /^port:(.*)$/.exec(v.ref)?.[1];
     if (port !== undefined && !(/^\d+$/.test(port) && Number(port) >= 1 && Number(port) <= 65535)) throw new AppshotError(`corrupt template: '${v.ref}' is not a port`);
+    // What follows matters to a clone, which acts on them; `template
+    // show` shows them as they are (a changed template included).
+    if (!toAct) continue;
+    const kind = v.ref.slice(0, v.ref.indexOf(':'));
+    const allowed = Object.hasOwn(ACTIONS_FOR_REF, kind) ? ACTIONS_FOR_REF[kind] : undefined;
+    if (!allowed) throw new AppshotError(`corrupt template: ${JSON.stringify(v.ref)} names no kind of resource`);
+    if (!allowed.has(v.action)) throw new AppshotError(`corrupt template: resource ${v.ref} has action '${v.action}', which does not apply to it`);
+    if (seen.has(v.ref)) throw new AppshotError(`corrupt template: resource ${v.ref} has more than one verdict`);
+    seen.add(v.ref);
+    // (A multiplexed port is the same number inside and out: no entry.)
+    if (kind === 'port' && v.action === 'allocate' && ++ports > PORT_VERDICTS) throw new AppshotError(`corrupt template: more than ${PORT_VERDICTS} allocated ports, which an instance's port table cannot hold`);
   }
+}
+
+/** A clone takes template.pb as the image's parts are taken (format.ts
+ * checkOnlyOwnerCanChange): its owner's or root's, writable by no one
+ * else, who could change its rules between template create and a clone
+ * vouched for with --trust-image (fuzz33 L8). A missing one is reported
+ * where it is read. */
+function checkTemplateOwner(path: string): void {
+  let st;
+  try {
+    st = lstatSync(path);
+  } catch {
+    return;
+  }
+  const uid = process.geteuid?.() ?? 0;
+  if (st.uid !== uid && st.uid !== 0) throw new AppshotError(`${path} belongs to uid ${st.uid}, who could change its rules: copy the template to a directory of your own`);
+  if (st.mode & 0o022 && !st.isSymbolicLink()) throw new AppshotError(`${path} is writable by others, who could change its rules: chmod go-w ${path}`);
 }
 
 /** template.pb holds rules and verdicts: a few KiB, a few MiB at most. */
@@ -244,6 +296,7 @@ export async function openTemplate(path: string, verify = true, trust: 'require'
 async function openTemplateNow(path: string, verify: boolean, trust: 'require' | 'report'): Promise<OpenedTemplate> {
   const loaded = await loadImage(path, { sizeOnly: !verify, trust });
   try {
+    if (trust === 'require') checkTemplateOwner(join(path, TEMPLATE_PART));
     const template = decodeTemplate(readSmallPart(path, TEMPLATE_PART, TEMPLATE_CEILING));
     if (template.magic !== TEMPLATE_MAGIC) throw new AppshotError(`not a template: ${path}`);
     const signer = templateSigner(template);
@@ -251,7 +304,7 @@ async function openTemplateNow(path: string, verify: boolean, trust: 'require' |
       throw new AppshotError(`${path} is not a template this node trusts: its ${TEMPLATE_PART} ${signer.problem?.replace(/^it(s)? /, '')}; ${untrustedHint}`);
     if (template.imageId !== loaded.manifest.imageId)
       throw new AppshotError(`corrupt template: ${TEMPLATE_PART} was made for another image than the one beside it`);
-    checkVerdicts(template.verdicts);
+    checkVerdicts(template.verdicts, trust === 'require');
     // An older template create linked any image.pb as it was, whatever it
     // said: its image's word that a snapshot of ours wrote it is taken
     // only from a template.pb of this node's that says it was checked.
