@@ -1201,7 +1201,7 @@ export class LocalRegistry implements Registry {
     const start = Math.floor(Math.random() * span);
     for (let i = 0; i < span; i++) {
       const port = lo + ((start + i) % span);
-      if (!this.claimPort(aid, port)) continue;
+      if (!this.claimPort(aid, port, { fresh: true })) continue;
       if (usable(port)) return port;
       // Held by something outside appshot: let the claim go, try the next.
       this.releasePort(port, aid);
@@ -1227,11 +1227,14 @@ export class LocalRegistry implements Registry {
 
   /** Claims one given port for `aid` (a restored instance takes back the
    * port it had; the caller holds the AID's registration, so a claim in
-   * its name is its own); false when another live application holds it. */
-  claimPort(aid: string, port: number): boolean {
+   * its name is its own); false when another live application holds it.
+   * `fresh`: false also when `aid` holds it already (allocatePort: an
+   * instance given a port it had claimed a moment before for another of
+   * its ports bound both to one, and failed: fuzz33 L11). */
+  claimPort(aid: string, port: number, { fresh = false } = {}): boolean {
     return this.withPortsLocked(() => {
       const file = join(this.portsDir, String(port));
-      if (existsSync(file) && this.portOwner(port) !== aid && !this.portClaimIsStale(port)) return false;
+      if (existsSync(file) && (fresh || this.portOwner(port) !== aid) && !this.portClaimIsStale(port)) return false;
       writeFileSync(`${file}.tmp`, `${aid} ${formatHolder(currentHolder())}`);
       renameSync(`${file}.tmp`, file);
       noteHeld('port', port);

@@ -134,10 +134,6 @@ function portIsFree(port: number): boolean {
   }
 }
 
-/** How many times a port already this instance's is drawn again before
- * the range is taken as full. */
-const PORT_DRAWS = 1000;
-
 /** The ports an instance listens on, per the template's verdicts. */
 function planPorts(reg: LocalRegistry, aid: string, t: OpenedTemplate): { own: Map<number, number>; bindings: PortBinding[] } {
   const own = new Map<number, number>();
@@ -146,17 +142,7 @@ function planPorts(reg: LocalRegistry, aid: string, t: OpenedTemplate): { own: M
     if (!v.ref.startsWith('port:')) continue;
     const port = Number(v.ref.slice(5));
     if (v.action === 'allocate') {
-      // A port this instance was allocated a moment ago is one allocatePort
-      // gives it again (a claim in its own name is its own: registry.ts
-      // claimPort), and two of its ports bound to one system port failed
-      // the clone ("binding 40102 to 26113: File exists", fuzz33 L11):
-      // drawn again (the claim is the one made before, nothing to let go).
-      const taken = new Set(own.values());
-      let system = reg.allocatePort(aid, portIsFree);
-      for (let tries = 0; taken.has(system); tries++) {
-        if (tries >= PORT_DRAWS) throw new AppshotError(`no free port left for port ${port} of the template: this instance holds ${taken.size} already (set APPSHOT_PORTS)`, ExitCode.conflict);
-        system = reg.allocatePort(aid, portIsFree);
-      }
+      const system = reg.allocatePort(aid, portIsFree);
       own.set(port, system);
       bindings.push({ virtual: port, system, mode: 'allocate' });
     } else if (v.action === 'multiplex') {
