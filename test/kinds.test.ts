@@ -740,6 +740,8 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['io_uring-single', (fd) => `process 2 (holder) fd ${fd}: its io_uring takes calls only from the thread that made it (IORING_SETUP_SINGLE_ISSUER), which cannot be captured yet`],
     ['pidfd-outside', (fd) => `process 2 (holder) fd ${fd}: a pidfd of system process 1, outside the application, cannot be captured`],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
+    // Taken for UDP, it failed on a UDP option with getsockopt's raw error.
+    ['udplite', (fd) => `process 2 (holder) fd ${fd}: a UDP-Lite socket cannot be captured yet`],
     ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],
     ['udp-bpf', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],
     ['unix-bpf', (fd) => `process 2 (holder) fd ${fd}: a unix datagram socket has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`],

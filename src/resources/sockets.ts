@@ -111,6 +111,15 @@ export function socketKind(s: Socket): number {
  */
 const REREADS = 3;
 
+const SO_PROTOCOL = 38;
+const IPPROTO_UDP = 17;
+/** IP datagram sockets of other protocols than UDP, by name. */
+const DGRAM_PROTOCOLS: ReadonlyMap<number, string> = new Map([
+  [1, 'a ping socket (ICMP datagrams)'],
+  [58, 'a ping socket (ICMPv6 datagrams)'],
+  [136, 'a UDP-Lite socket'],
+]);
+
 export class SocketTable {
   private tcp = new Map<bigint, InetEntry & { backlog: number; neverConnected: boolean }>();
   private unix = new Map<bigint, UnixEntry>();
@@ -195,11 +204,17 @@ export class SocketTable {
     }
   }
 
-  /** What the tables say of UDP socket `ino`, read again while missing
-   * from either (see REREADS). */
-  private udpOf(ino: bigint): SeenUdp | undefined {
+  /** What the tables say of UDP socket `ino` (`dup`), read again while
+   * missing from either (see REREADS) if it is bound: one never bound is
+   * in neither. */
+  private udpOf(dup: number, ino: bigint): SeenUdp | undefined {
     this.loadUdp();
-    while (!(this.udp.has(ino) && this.udpShutdown.has(ino)) && this.rereads.udp < REREADS) {
+    // sin_port and sin6_port, both at byte 2, in network order.
+    const bound = () => {
+      const a = addon().sockName(dup);
+      return a.length >= 4 && a.readUInt16BE(2) !== 0;
+    };
+    while (!(this.udp.has(ino) && this.udpShutdown.has(ino)) && this.rereads.udp < REREADS && bound()) {
       this.rereads.udp++;
       this.readUdp();
     }
@@ -345,7 +360,12 @@ export class SocketTable {
       return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued, shutdown: d.shutdown, options, peerCred };
     }
     if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_DGRAM) {
-      return dumpUdp(pid, fd, ino, opts.family, this.udpOf(ino), what, seen);
+      // A datagram socket of another protocol than UDP: a ping socket
+      // (IPPROTO_ICMP, ICMPV6), UDP-Lite.
+      const protocol = addon().getSockOpt(dup, SOL_SOCKET, SO_PROTOCOL);
+      if (protocol !== IPPROTO_UDP)
+        throw new Unsupported(`${what} fd ${fd}: ${DGRAM_PROTOCOLS.get(protocol) ?? `a datagram socket of IP protocol ${protocol}`} cannot be captured yet`);
+      return dumpUdp(pid, fd, ino, opts.family, this.udpOf(dup, ino), what, seen);
     }
     if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_RAW) return dumpRaw(dup, base, `${what} fd ${fd}`);
     if (opts.family === AF_INET || opts.family === AF_INET6) {
