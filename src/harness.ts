@@ -22,7 +22,7 @@ import { basename, join } from 'node:path';
 import { hostname } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type InstanceConfig, paths } from './native.js';
-import { type MadeDir, prepareRedirTargets, redirLeaves, removeRedirTargets } from './resources/paths.js';
+import { type MadeDir, redirLeaves } from './resources/paths.js';
 import { instanceConfig, loadRules, type RulesFile } from './template/rules.js';
 import { readStat } from './procfs.js';
 import { CAP, hasCap, ownCreds } from './resources/creds.js';
@@ -144,7 +144,7 @@ export async function run(registry: Registry, command: string[], opts: RunOption
       record.redirLeaves = leaves;
       registry.update(record);
     }
-    madeDirs.push(...prepareRedirTargets(config.redirs));
+    madeDirs.push(...registry.makeRedirTargets(config.redirs));
     if (madeDirs.length) {
       // For `appshot rm` to remove with the record.
       record.madeDirs = madeDirs;
@@ -171,7 +171,7 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   } catch (e) {
     stopForwarding();
     registry.release(record);
-    removeRedirTargets(madeDirs);
+    registry.releaseRedirTargets(madeDirs, [record.aid]);
     throw e;
   } finally {
     if (logFd !== undefined) closeSync(logFd);

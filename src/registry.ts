@@ -27,11 +27,11 @@ import { utimes } from 'node:fs';
 import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode } from './errors.js';
-import { addon, type TablesSnapshot } from './native.js';
+import { addon, type InstanceConfig, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
 import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
 import { currentRequest } from './engine/request.js';
-import { type MadeDir, overlaps, removeRedirTargets } from './resources/paths.js';
+import { type MadeDir, overlaps, prepareRedirTargets, removeRedirTargets } from './resources/paths.js';
 import { logTimesPath } from './logtimes.js';
 
 export interface AppRecord {
@@ -205,6 +205,10 @@ export interface Registry {
   /** `appshot rm`: removes an ended application's record and log, and what
    * was made for it alone (private copies, REDIR PATH directories). */
   remove(record: AppRecord): void;
+  /** REDIR PATH target directories made for an instance (makeRedirTargets),
+   * and let go (releaseRedirTargets) unless another still leads into them. */
+  makeRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[];
+  releaseRedirTargets(made: MadeDir[], going: Iterable<string>): void;
 }
 
 const AID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
@@ -842,7 +846,7 @@ export class LocalRegistry implements Registry {
     const r = record.restore;
     if (r && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath)) {
       for (const path of r.madePaths) rmSync(path, { recursive: true, force: true });
-      removeRedirTargets(r.madeDirs);
+      this.releaseRedirTargets(r.madeDirs, [record.aid]);
       for (const name of r.madeQueues ?? [])
         try {
           addon().mqUnlink(name);
@@ -893,7 +897,6 @@ export class LocalRegistry implements Registry {
     const removed = new Set<string>();
     const copies: string[] = [];
     const madeDirs: MadeDir[] = [];
-    const leaves: string[] = [];
     for (const record of records) {
       try {
         this.release(record, { portsReleased: true });
@@ -901,7 +904,6 @@ export class LocalRegistry implements Registry {
         // came from an image (a hostile one could name any directory).
         if (record.privateRoot && isPrivateRoot(this.home, record.privateRoot)) copies.push(record.privateRoot);
         madeDirs.push(...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? []));
-        leaves.push(...(record.redirLeaves ?? []));
         removed.add(record.aid);
         const commitPath = record.restore?.commitPath;
         if (commitPath && dirname(commitPath) === commits) commitPaths.add(commitPath);
@@ -919,7 +921,7 @@ export class LocalRegistry implements Registry {
       rmSync(root, { recursive: true, force: true });
       rmSync(this.sharedCopiesMark(root), { force: true });
     }
-    this.removeMadeRedirTargets(madeDirs, leaves, removed);
+    this.releaseRedirTargets(madeDirs, removed);
     if (!commitPaths.size) return failures;
     // The commit file of the restore or clone batch each came from goes
     // once no registration left names it: only an init whose lifeline is
@@ -942,44 +944,72 @@ export class LocalRegistry implements Registry {
   }
 
   /**
-   * The REDIR PATH directories `made` for the applications `removed`
-   * (`leaves`: every directory their targets led into), and those kept
-   * for others before, on one of those leaves: each goes unless an
-   * application still registered, or snapshotted, leads into it (or into
-   * a directory in it, or one holding it). Rules whose target names no
-   * per-instance property give every clone of a batch one directory, made
-   * by the first: its rm took the others' data (fuzz33 M6). One kept is
-   * marked in redirs/ for the rm of the last of them to remove.
+   * The REDIR PATH directories `made` for applications now going (`going`:
+   * their AIDs, whose registrations no longer count), and every one kept
+   * for others before: each goes unless an application still registered,
+   * or snapshotted, leads into it (or into a directory in it, or one
+   * holding it). Rules whose target names no per-instance property give
+   * every clone of a batch one directory, made by the first: its rm, or
+   * its failed restore, took the others' data (fuzz33 M6). One kept is
+   * marked in redirs/ for whichever removal finds it unused to remove:
+   * every removal looks at every mark (there are few), whatever it
+   * removes, so a last user that goes another way than rm (a held
+   * instance given up) leaves it only until the next. Under the lock that
+   * a directory's making takes too (makeRedirTargets): a registration
+   * read too late to be seen finds the directory gone and makes its own.
    */
-  private removeMadeRedirTargets(made: MadeDir[], leaves: string[], removed: Set<string>): void {
+  releaseRedirTargets(made: MadeDir[], going: Iterable<string>): void {
     const marks = join(this.home, 'redirs');
-    const markOf = (leaf: string) => join(marks, createHash('sha256').update(leaf).digest('hex').slice(0, 40));
-    const candidates = new Map<string, MadeDir>();
-    if (leaves.length && existsSync(marks))
+    if (!made.length && !existsSync(marks)) return;
+    this.withRedirsLocked(() => {
+      const markOf = (leaf: string) => join(marks, createHash('sha256').update(leaf).digest('hex').slice(0, 40));
+      const candidates = new Map<string, MadeDir>();
       for (const name of readdirSync(marks)) {
+        if (name.startsWith('.')) continue;
         try {
           const m = JSON.parse(readFileSync(join(marks, name), 'utf8')) as MadeDir;
-          if (typeof m?.leaf === 'string' && typeof m.top === 'string' && leaves.some((l) => overlaps(l, m.leaf))) candidates.set(markOf(m.leaf), m);
+          if (typeof m?.leaf === 'string' && typeof m.top === 'string') candidates.set(markOf(m.leaf), m);
         } catch {
-          /* one being written (.tmp) or gone meanwhile */
+          /* one half written (.tmp), or gone meanwhile */
         }
       }
-    for (const m of made) candidates.set(markOf(m.leaf), m);
-    if (!candidates.size) return;
-    const inUse = [
-      ...readdirSync(this.appsDir).filter((aid) => !aid.startsWith('.') && !removed.has(aid)).flatMap((aid) => this.readRecordFile(aid)?.redirLeaves ?? []),
-      ...this.listSnapshotted().flatMap((r) => r.redirLeaves ?? []),
-    ];
-    for (const [mark, m] of candidates) {
-      if (inUse.some((l) => overlaps(l, m.leaf))) {
-        if (existsSync(mark)) continue;
-        mkdirSync(marks, { recursive: true, mode: 0o700 });
-        writeFileSync(`${mark}.tmp`, JSON.stringify(m));
-        renameSync(`${mark}.tmp`, mark);
-      } else {
-        removeRedirTargets([m]);
-        rmSync(mark, { force: true });
+      for (const m of made) candidates.set(markOf(m.leaf), m);
+      if (!candidates.size) return;
+      const gone = new Set(going);
+      const inUse = [
+        ...readdirSync(this.appsDir).filter((aid) => !aid.startsWith('.') && !gone.has(aid)).flatMap((aid) => this.readRecordFile(aid)?.redirLeaves ?? []),
+        ...this.listSnapshotted().flatMap((r) => r.redirLeaves ?? []),
+      ];
+      for (const [mark, m] of candidates) {
+        if (inUse.some((l) => overlaps(l, m.leaf))) {
+          if (existsSync(mark)) continue;
+          writeFileSync(`${mark}.tmp`, JSON.stringify(m));
+          renameSync(`${mark}.tmp`, mark);
+        } else {
+          removeRedirTargets([m]);
+          rmSync(mark, { force: true });
+        }
       }
+    });
+  }
+
+  /** prepareRedirTargets (resources/paths.ts) under the lock of
+   * releaseRedirTargets: a directory is not made, or found made, while a
+   * removal decides whether anyone uses it. The registration that leads
+   * into them is written before. */
+  makeRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[] {
+    if (!redirs.some((r) => r.kind === 'path')) return [];
+    return this.withRedirsLocked(() => prepareRedirTargets(redirs));
+  }
+
+  private withRedirsLocked<T>(fn: () => T): T {
+    const marks = join(this.home, 'redirs');
+    mkdirSync(marks, { recursive: true, mode: 0o700 });
+    const lock = addon().lockFile(join(marks, '.lock'));
+    try {
+      return fn();
+    } finally {
+      closeSync(lock);
     }
   }
 

@@ -27,7 +27,7 @@ import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, isPrivateRoot, type LocalRegistry, type PortBinding } from '../registry.js';
 import { applicationIds, environBlock } from '../resources/environ.js';
 import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js';
-import { type MadeDir, prepareRedirTargets, redirLeaves, removeRedirTargets } from '../resources/paths.js';
+import { type MadeDir, redirLeaves } from '../resources/paths.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { openToMapAs } from '../resources/fsident.js';
@@ -684,7 +684,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // is filled before any process runs. A plain restore brings back the
     // same instance, with its paths as they were; a clone brings its own.
     const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [], identity: image.instance?.identity };
-    madeDirs.push(...prepareRedirTargets(config.redirs));
+    madeDirs.push(...reg.makeRedirTargets(config.redirs));
     // Written before anything else is made, so that a restore killed from
     // here on has them removed; none made, the record registered holds it.
     if (madeDirs.length) {
@@ -1212,7 +1212,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       }
     for (const port of claimed) reg.releasePort(port, opts.aid ?? image.aid);
     if (!opts.batchCommit) await reg.forgetCommit(commitPath);
-    removeRedirTargets(madeDirs);
+    reg.releaseRedirTargets(madeDirs, [opts.aid ?? image.aid]);
     if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;
     const what = opts.instance ? `cannot clone ${imagePath} as '${opts.aid}'` : `cannot restore ${imagePath}`;
     if (e instanceof AppshotError) throw new AppshotError(`${what}: ${e.message}`, e.exitCode);
