@@ -5,7 +5,8 @@
  * preload library keeps open across exec, while the table file stays
  * closed to other users. And every call that carries a PID is translated:
  * capget/capset (libcap-ng passes getpid()), ptrace, kcmp, ioprio,
- * get_robust_list, fcntl's owners and lock holders (fixture pidcalls.c),
+ * get_robust_list, fcntl's owners and lock holders, prctl's PR_SET_PTRACER
+ * and PR_SCHED_CORE (fixture pidcalls.c),
  * peer credentials (peercreds.c).
  */
 import { spawnSync } from 'node:child_process';
@@ -132,7 +133,7 @@ describe('an application that changes user', () => {
 });
 
 describe('calls that carry a PID', () => {
-  it('capget/capset, ptrace, kcmp, ioprio_get, get_robust_list, fcntl owners and locks by virtual PID; another application is out of reach', async () => {
+  it('capget/capset, ptrace, kcmp, ioprio_get, get_robust_list, fcntl owners and locks, prctl PR_SET_PTRACER and PR_SCHED_CORE by virtual PID; another application is out of reach', async () => {
     // Another application with more processes than pidcalls will have: its
     // highest virtual PID names nothing in pidcalls's tables.
     await startTree('other', [], 5);

@@ -535,6 +535,7 @@ HIDDEN long do_rt_sigtimedwait(const sigset_t *set, siginfo_t *info,
                                const struct timespec *timeout, size_t size);
 HIDDEN long do_perf_event_open(long attr, pid_t pid, long cpu, long group_fd,
                                unsigned long flags);
+HIDDEN long do_prctl(long option, long a, long b, long c, long d);
 
 /* preload_ipc.c */
 HIDDEN long do_ipc_get(enum appshot_kind kind, key_t key, long a, long b);

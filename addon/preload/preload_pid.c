@@ -20,6 +20,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/pidfd.h>
+#include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/uio.h>
@@ -1082,6 +1083,42 @@ API int prlimit64(pid_t pid, enum __rlimit_resource res,
                   const struct rlimit64 *nl, struct rlimit64 *ol) {
   ensure_init();
   return (int)do_pid_first(SYS_prlimit64, pid, res, L(nl), L(ol), 0, 0);
+}
+
+/* prctl's options that name a process (the rest pass as they are):
+ *  - PR_SET_PTRACER (Yama): the process allowed to ptrace the caller.
+ *    0 (none) and -1 (PR_SET_PTRACER_ANY, also as an int) stay; Yama
+ *    reads the rest as a pid_t and refuses one it cannot find with
+ *    EINVAL, which a virtual PID the tables do not know gets here too:
+ *    handed on, it would name whatever system process has that number.
+ *  - PR_SCHED_CORE: arg3, a PID, TID or process group by the scope in
+ *    arg4 (all in the PID table); 0 is the caller, a negative one the
+ *    kernel's to refuse, one it cannot find ESRCH. */
+long do_prctl(long option, long a, long b, long c, long d) {
+  ID_WINDOW_IF(g_h && (option == PR_SET_PTRACER || option == PR_SCHED_CORE));
+  if (g_h && option == PR_SET_PTRACER && (int)a > 0) {
+    pid_t sid;
+    if (!v2s_pid((pid_t)a, &sid)) return fail(EINVAL);
+    a = sid;
+  } else if (g_h && option == PR_SCHED_CORE && (int)b > 0) {
+    pid_t sid;
+    if (!v2s_pid((pid_t)b, &sid)) return fail(ESRCH);
+    b = sid;
+  }
+  return libc_ret(SYS5(prctl, option, a, b, c, d));
+}
+
+/* glibc's prctl is the bare system call, which takes four more arguments
+ * whatever the option (unused ones are read from registers, as glibc
+ * does). */
+API int prctl(int option, ...) {
+  va_list ap;
+  va_start(ap, option);
+  long a = va_arg(ap, long), b = va_arg(ap, long);
+  long c = va_arg(ap, long), d = va_arg(ap, long);
+  va_end(ap);
+  ensure_init();
+  return (int)do_prctl(option, a, b, c, d);
 }
 
 API SYMVER("sched_getaffinity@@GLIBC_2.3.4")
