@@ -301,7 +301,7 @@ static inline void ensure_init(void) {
   X(clock_gettime) X(clock_nanosleep) X(timer_create)                      \
   X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock) \
   X(pthread_cond_wait) X(pthread_cond_timedwait) X(pthread_cond_clockwait) \
-  X(epoll_wait) X(epoll_pwait) X(mq_notify) X(pthread_kill) X(pthread_sigqueue) X(raise)
+  X(epoll_wait) X(epoll_pwait) X(mq_notify) X(pthread_kill) X(pthread_sigqueue) X(raise) X(ioctl)
 
 /* glibc's compatibility versions that the library's own compatibility
  * versions (COMPAT_VERSION) hand on to, where theirs differ from the
@@ -536,6 +536,7 @@ HIDDEN long do_rt_sigtimedwait(const sigset_t *set, siginfo_t *info,
 HIDDEN long do_perf_event_open(long attr, pid_t pid, long cpu, long group_fd,
                                unsigned long flags);
 HIDDEN long do_prctl(long option, long a, long b, long c, long d);
+HIDDEN long do_ioctl(int raw, int fd, unsigned long req, void *arg);
 
 /* preload_ipc.c */
 HIDDEN long do_ipc_get(enum appshot_kind kind, key_t key, long a, long b);

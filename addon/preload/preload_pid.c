@@ -17,6 +17,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <string.h>
+#include <linux/sockios.h> /* FIOSETOWN, SIOCSPGRP... */
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/pidfd.h>
@@ -1298,6 +1299,14 @@ static int owner_arg(pid_t vid, pid_t *sid) {
   return 0;
 }
 
+/* The kernel's owner (a system PID, -pgid for a group; 0 none) made
+ * virtual: 0 for one outside the application. */
+static pid_t owner_answer(pid_t sid) {
+  if (sid > 0) return s2v_or0(APPSHOT_PID, sid);
+  if (sid < 0 && sid != INT32_MIN) return -s2v_or0(APPSHOT_PID, -sid);
+  return sid;
+}
+
 /* glibc's fcntl64 (a cancellation point for F_SETLKW, and its F_GETOWN
  * tells a group from an error), or the bare call for syscall(). */
 static long fcntl_call(int raw, int fd, int cmd, void *arg) {
@@ -1488,9 +1497,7 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
     case F_GETOWN: {
       ID_WINDOW();
       long r = fcntl_call(raw, fd, cmd, arg);
-      if (r > 0) return s2v_or0(APPSHOT_PID, (int32_t)r);
-      if (r < -1) return -(long)s2v_or0(APPSHOT_PID, (int32_t)-r);
-      return r;
+      return r == -1 ? r : owner_answer((pid_t)r);
     }
     case F_SETOWN_EX: {
       ID_WINDOW();
@@ -1575,4 +1582,66 @@ API int fcntl64(int fd, int cmd, ...) {
   int r = fcntl_va(fd, cmd, ap);
   va_end(ap);
   return r;
+}
+
+/* --- ioctl: a terminal's process group and session, a socket's owner ------
+ *
+ * TIOCGPGRP, TIOCSPGRP and TIOCGSID are what tcgetpgrp, tcsetpgrp and
+ * tcgetsid make (wrapped above), which programs also make by hand (shells,
+ * job control in terminal libraries); FIOSETOWN and SIOCSPGRP set a
+ * socket's owner as F_SETOWN does (a PID, or a group as -pgid), FIOGETOWN
+ * and SIOCGPGRP read it. Each passes its id through memory: a virtual one
+ * given is read and a system copy handed on (the caller's stays as it
+ * was), the kernel's answer made virtual where it wrote it. A NULL
+ * argument is handed on for the kernel to refuse (EFAULT). Every other
+ * request goes on at once: one compare. */
+static int pid_ioctl(unsigned long req) {
+  switch (req) {
+    case TIOCGPGRP:
+    case TIOCSPGRP:
+    case TIOCGSID:
+    case FIOSETOWN:
+    case SIOCSPGRP:
+    case FIOGETOWN:
+    case SIOCGPGRP: return 1;
+  }
+  return 0;
+}
+
+/* glibc's ioctl, or the bare call for syscall() (and before init). */
+static long ioctl_call(int raw, int fd, unsigned long req, void *arg) {
+  int (*real)(int, unsigned long, ...) = (int (*)(int, unsigned long, ...))real_fn[R_ioctl];
+  if (raw || !real) return libc_ret(SYS3(ioctl, fd, req, arg));
+  return real(fd, req, arg);
+}
+
+long do_ioctl(int raw, int fd, unsigned long req, void *arg) {
+  if (!g_h || !pid_ioctl(req) || !arg) return ioctl_call(raw, fd, req, arg);
+  ID_WINDOW();
+  pid_t *id = arg, sid;
+  switch (req) {
+    case TIOCSPGRP: /* as tcsetpgrp: a group the tables do not know is EPERM */
+      if (proc_arg(*id, &sid, EPERM)) return fail(EPERM);
+      return ioctl_call(raw, fd, req, &sid);
+    case FIOSETOWN:
+    case SIOCSPGRP: /* as F_SETOWN */
+      if (owner_arg(*id, &sid)) return fail(ESRCH);
+      return ioctl_call(raw, fd, req, &sid);
+  }
+  /* An answer: in place, once the kernel wrote it (a bad address is its
+   * EFAULT, not our fault). */
+  long r = ioctl_call(raw, fd, req, arg);
+  if (r != 0) return r;
+  *id = req == TIOCGPGRP || req == TIOCGSID ? s2v_or0(APPSHOT_PID, *id) : owner_answer(*id);
+  return r;
+}
+
+API int ioctl(int fd, unsigned long req, ...) {
+  va_list ap;
+  va_start(ap, req);
+  void *arg = va_arg(ap, void *);
+  va_end(ap);
+  ensure_init();
+  if (LIKELY(!pid_ioctl(req))) return (int)ioctl_call(0, fd, req, arg);
+  return (int)do_ioctl(0, fd, req, arg);
 }
