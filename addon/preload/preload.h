@@ -694,19 +694,27 @@ static inline int path_hooked(const char *path) {
   return h->instance.redirs || strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.');
 }
 
-/* Whether absolute `path` has a repeated slash or a "." component
- * ("/proc//2/stat", "//proc/2", "/proc/./2"): the kernel reads it as the
- * path without them, which the /proc translations must see too (review33
- * M2: "%s/%d/stat" with "/proc/" opened the system's process 2). ".." is
- * left alone: after a symbolic link (/proc/self, a magic link) it is not
- * what it looks like. */
+/* Whether absolute `path` has a repeated slash, a "." or a ".."
+ * component ("/proc//2/stat", "//proc/2", "/proc/./2", "/proc/self/../2"):
+ * the kernel reads it as the plain path, which the /proc translations
+ * must see too (review33 M2: "%s/%d/stat" with "/proc/" opened the
+ * system's process 2; review34: "/proc/self/../2/stat" did). */
 static inline int path_unplain(const char *path) {
   for (const char *s = path; *s; s++)
-    if (s[0] == '/' && (s[1] == '/' || (s[1] == '.' && (s[2] == '/' || s[2] == '\0')))) return 1;
+    if (s[0] == '/' && (s[1] == '/' || (s[1] == '.' && (s[2] == '/' || s[2] == '\0' ||
+                                                         (s[2] == '.' && (s[3] == '/' || s[3] == '\0'))))))
+      return 1;
   return 0;
 }
-/* `path` without its repeated slashes and "." components, into out: 1, or
- * 0 if it does not fit. */
+/* `path` without its repeated slashes and "." components, into out, and
+ * without the ".." components that are sound to take lexically: those
+ * after a directory of /proc whose parent is known by its name
+ * (/proc/<pid>, self, thread-self, task, task/<tid> and the plain
+ * directories of a process or thread: fd, fdinfo, ns, net, attr,
+ * map_files). Any other ".." (after a symbolic link such as
+ * /proc/self/cwd or fd/<n>, outside /proc) is kept with the rest of the
+ * path, for the kernel to resolve. 1, or 0 if it does not fit. No system
+ * call. */
 HIDDEN int plain_path(const char *path, char out[PATH_MAX]);
 
 /* The same for `path` relative to `dirfd` (AT_FDCWD for the calls without
