@@ -148,7 +148,7 @@ describe('calls that carry a PID', () => {
     sb.run(['stop', 'other', '--signal', 'KILL']);
   });
 
-  it('ioctls: TIOCGSID, TIOCGPGRP and TIOCSPGRP of a terminal, FIOSETOWN, SIOCSPGRP, FIOGETOWN and SIOCGPGRP of a socket by virtual ids; another application is out of reach', async () => {
+  it('ioctls: TIOCGSID, TIOCGPGRP and TIOCSPGRP of a terminal, FIOSETOWN, SIOCSPGRP, FIOGETOWN and SIOCGPGRP of a socket, PIDFD_GET_INFO of a pidfd by virtual ids; another application is out of reach', async () => {
     // Before, each handed the kernel the virtual number or gave back the
     // system one (ioctl was not wrapped, only tcgetpgrp & co.).
     await startTree('other2', [], 5);

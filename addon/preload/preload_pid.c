@@ -1590,11 +1590,32 @@ API int fcntl64(int fd, int cmd, ...) {
  * tcgetsid make (wrapped above), which programs also make by hand (shells,
  * job control in terminal libraries); FIOSETOWN and SIOCSPGRP set a
  * socket's owner as F_SETOWN does (a PID, or a group as -pgid), FIOGETOWN
- * and SIOCGPGRP read it. Each passes its id through memory: a virtual one
- * given is read and a system copy handed on (the caller's stays as it
- * was), the kernel's answer made virtual where it wrote it. A NULL
- * argument is handed on for the kernel to refuse (EFAULT). Every other
- * request goes on at once: one compare. */
+ * and SIOCGPGRP read it; PIDFD_GET_INFO answers a pidfd's process, its
+ * thread group and its parent. Each passes its ids through memory: a
+ * virtual one given is read and a system copy handed on (the caller's
+ * stays as it was), the kernel's answer made virtual where it wrote it.
+ * A NULL argument is handed on for the kernel to refuse (EFAULT). Every
+ * other request goes on after a few compares, no system call.
+ *
+ * PIDFD_GET_INFO (Linux 6.13; our headers may lack it): a pidfd's
+ * process, its thread group and parent, at these offsets of the kernel's
+ * struct pidfd_info, which has grown since (its size is in the request:
+ * any of at least the first version's is this request). */
+#define PIDFS_IOCTL_TYPE 0xFF
+#define PIDFD_GET_INFO_NR 11
+#define PIDFD_INFO_VER0_SIZE 64
+#define PIDFD_INFO_PID_BIT 1ull
+#define PIDFS_MAGIC 0x50494446 /* statfs's f_type of a pidfd (pidfs) */
+struct pidfd_info_ids {
+  uint64_t mask;
+  uint64_t cgroupid;
+  uint32_t pid, tgid, ppid;
+};
+static int pidfd_get_info_req(unsigned long req) {
+  return _IOC_TYPE(req) == PIDFS_IOCTL_TYPE && _IOC_NR(req) == PIDFD_GET_INFO_NR &&
+         _IOC_DIR(req) == (_IOC_READ | _IOC_WRITE) && _IOC_SIZE(req) >= PIDFD_INFO_VER0_SIZE;
+}
+
 static int pid_ioctl(unsigned long req) {
   switch (req) {
     case TIOCGPGRP:
@@ -1605,7 +1626,7 @@ static int pid_ioctl(unsigned long req) {
     case FIOGETOWN:
     case SIOCGPGRP: return 1;
   }
-  return 0;
+  return UNLIKELY(pidfd_get_info_req(req));
 }
 
 /* glibc's ioctl, or the bare call for syscall() (and before init). */
@@ -1632,6 +1653,18 @@ long do_ioctl(int raw, int fd, unsigned long req, void *arg) {
    * EFAULT, not our fault). */
   long r = ioctl_call(raw, fd, req, arg);
   if (r != 0) return r;
+  if (pidfd_get_info_req(req)) {
+    /* Only a pidfd's: another driver may number a request of its own so
+     * (one system call, on this rare request only). */
+    struct statfs sf;
+    struct pidfd_info_ids *info = arg;
+    if (SYS2(fstatfs, fd, &sf) == 0 && sf.f_type == PIDFS_MAGIC && (info->mask & PIDFD_INFO_PID_BIT)) {
+      info->pid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->pid);
+      info->tgid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->tgid);
+      info->ppid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->ppid);
+    }
+    return r;
+  }
   *id = req == TIOCGPGRP || req == TIOCGSID ? s2v_or0(APPSHOT_PID, *id) : owner_answer(*id);
   return r;
 }
