@@ -5,7 +5,9 @@
  * preload library keeps open across exec, while the table file stays
  * closed to other users. And every call that carries a PID is translated:
  * capget/capset (libcap-ng passes getpid()), ptrace, kcmp, ioprio,
- * get_robust_list, fcntl's owners and lock holders (fixture pidcalls.c),
+ * get_robust_list, fcntl's owners and lock holders, prctl's PR_SET_PTRACER
+ * and PR_SCHED_CORE (fixture pidcalls.c), the ioctls of a terminal's
+ * group and session and a socket's owner (pidioctls.c),
  * peer credentials (peercreds.c).
  */
 import { spawnSync } from 'node:child_process';
@@ -132,7 +134,7 @@ describe('an application that changes user', () => {
 });
 
 describe('calls that carry a PID', () => {
-  it('capget/capset, ptrace, kcmp, ioprio_get, get_robust_list, fcntl owners and locks by virtual PID; another application is out of reach', async () => {
+  it('capget/capset, ptrace, kcmp, ioprio_get, get_robust_list, fcntl owners and locks, prctl PR_SET_PTRACER and PR_SCHED_CORE by virtual PID; another application is out of reach', async () => {
     // Another application with more processes than pidcalls will have: its
     // highest virtual PID names nothing in pidcalls's tables.
     await startTree('other', [], 5);
@@ -144,6 +146,19 @@ describe('calls that carry a PID', () => {
       expect(r.code).toBe(0);
     }
     sb.run(['stop', 'other', '--signal', 'KILL']);
+  });
+
+  it('ioctls: TIOCGSID, TIOCGPGRP and TIOCSPGRP of a terminal, FIOSETOWN, SIOCSPGRP, FIOGETOWN and SIOCGPGRP of a socket, PIDFD_GET_INFO of a pidfd by virtual ids; another application is out of reach', async () => {
+    // Before, each handed the kernel the virtual number or gave back the
+    // system one (ioctl was not wrapped, only tcgetpgrp & co.).
+    await startTree('other2', [], 5);
+    const other = processesOf('other2').sort((a, b) => b.vpid - a.vpid)[0];
+    for (const prefix of [[], asNobody]) {
+      const r = sb.run(['run', '--', ...prefix, fixture('pidioctls'), String(other.pid), String(other.vpid)]);
+      expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
+      expect(r.code).toBe(0);
+    }
+    sb.run(['stop', 'other2', '--signal', 'KILL']);
   });
 
   it('SO_PEERCRED and SCM_CREDENTIALS (received, and sent with sendmsg or sendmmsg) carry virtual PIDs', () => {

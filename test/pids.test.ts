@@ -986,9 +986,11 @@ describe('forks glibc makes without its fork() (forkpty) or that never reach gli
   });
 });
 
-describe('/proc paths with repeated slashes or "." components ("%s/%d/stat" with "/proc/")', () => {
+describe('/proc paths with repeated slashes, "." components ("%s/%d/stat" with "/proc/") or ".." after a directory of /proc', () => {
   // The kernel reads them as the plain path; the translation once did not,
-  // and "/proc//2/stat" opened the system's process 2 (review33 M2).
+  // and "/proc//2/stat" (review33 M2) or "/proc/self/../2/stat" opened the
+  // system's process 2. A ".." after a link (/proc/self/cwd, root, fd/N)
+  // stays the kernel's: the fixture checks that too.
   it("reach the application's own process and thread by their virtual ids, as the plain path does", async () => {
     const aid = 'procplain';
     await start(aid, [fixture('procplain')]);

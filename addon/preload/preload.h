@@ -301,7 +301,7 @@ static inline void ensure_init(void) {
   X(clock_gettime) X(clock_nanosleep) X(timer_create)                      \
   X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock) \
   X(pthread_cond_wait) X(pthread_cond_timedwait) X(pthread_cond_clockwait) \
-  X(epoll_wait) X(epoll_pwait) X(mq_notify) X(pthread_kill) X(pthread_sigqueue) X(raise)
+  X(epoll_wait) X(epoll_pwait) X(mq_notify) X(pthread_kill) X(pthread_sigqueue) X(raise) X(ioctl)
 
 /* glibc's compatibility versions that the library's own compatibility
  * versions (COMPAT_VERSION) hand on to, where theirs differ from the
@@ -535,6 +535,8 @@ HIDDEN long do_rt_sigtimedwait(const sigset_t *set, siginfo_t *info,
                                const struct timespec *timeout, size_t size);
 HIDDEN long do_perf_event_open(long attr, pid_t pid, long cpu, long group_fd,
                                unsigned long flags);
+HIDDEN long do_prctl(long option, long a, long b, long c, long d);
+HIDDEN long do_ioctl(int raw, int fd, unsigned long req, void *arg);
 
 /* preload_ipc.c */
 HIDDEN long do_ipc_get(enum appshot_kind kind, key_t key, long a, long b);
@@ -692,19 +694,27 @@ static inline int path_hooked(const char *path) {
   return h->instance.redirs || strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.');
 }
 
-/* Whether absolute `path` has a repeated slash or a "." component
- * ("/proc//2/stat", "//proc/2", "/proc/./2"): the kernel reads it as the
- * path without them, which the /proc translations must see too (review33
- * M2: "%s/%d/stat" with "/proc/" opened the system's process 2). ".." is
- * left alone: after a symbolic link (/proc/self, a magic link) it is not
- * what it looks like. */
+/* Whether absolute `path` has a repeated slash, a "." or a ".."
+ * component ("/proc//2/stat", "//proc/2", "/proc/./2", "/proc/self/../2"):
+ * the kernel reads it as the plain path, which the /proc translations
+ * must see too (review33 M2: "%s/%d/stat" with "/proc/" opened the
+ * system's process 2; review34: "/proc/self/../2/stat" did). */
 static inline int path_unplain(const char *path) {
   for (const char *s = path; *s; s++)
-    if (s[0] == '/' && (s[1] == '/' || (s[1] == '.' && (s[2] == '/' || s[2] == '\0')))) return 1;
+    if (s[0] == '/' && (s[1] == '/' || (s[1] == '.' && (s[2] == '/' || s[2] == '\0' ||
+                                                         (s[2] == '.' && (s[3] == '/' || s[3] == '\0'))))))
+      return 1;
   return 0;
 }
-/* `path` without its repeated slashes and "." components, into out: 1, or
- * 0 if it does not fit. */
+/* `path` without its repeated slashes and "." components, into out, and
+ * without the ".." components that are sound to take lexically: those
+ * after a directory of /proc whose parent is known by its name
+ * (/proc/<pid>, self, thread-self, task, task/<tid> and the plain
+ * directories of a process or thread: fd, fdinfo, ns, net, attr,
+ * map_files). Any other ".." (after a symbolic link such as
+ * /proc/self/cwd or fd/<n>, outside /proc) is kept with the rest of the
+ * path, for the kernel to resolve. 1, or 0 if it does not fit. No system
+ * call. */
 HIDDEN int plain_path(const char *path, char out[PATH_MAX]);
 
 /* The same for `path` relative to `dirfd` (AT_FDCWD for the calls without

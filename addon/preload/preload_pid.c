@@ -17,9 +17,11 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <string.h>
+#include <linux/sockios.h> /* FIOSETOWN, SIOCSPGRP... */
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/pidfd.h>
+#include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/uio.h>
@@ -1084,6 +1086,42 @@ API int prlimit64(pid_t pid, enum __rlimit_resource res,
   return (int)do_pid_first(SYS_prlimit64, pid, res, L(nl), L(ol), 0, 0);
 }
 
+/* prctl's options that name a process (the rest pass as they are):
+ *  - PR_SET_PTRACER (Yama): the process allowed to ptrace the caller.
+ *    0 (none) and -1 (PR_SET_PTRACER_ANY, also as an int) stay; Yama
+ *    reads the rest as a pid_t and refuses one it cannot find with
+ *    EINVAL, which a virtual PID the tables do not know gets here too:
+ *    handed on, it would name whatever system process has that number.
+ *  - PR_SCHED_CORE: arg3, a PID, TID or process group by the scope in
+ *    arg4 (all in the PID table); 0 is the caller, a negative one the
+ *    kernel's to refuse, one it cannot find ESRCH. */
+long do_prctl(long option, long a, long b, long c, long d) {
+  ID_WINDOW_IF(g_h && (option == PR_SET_PTRACER || option == PR_SCHED_CORE));
+  if (g_h && option == PR_SET_PTRACER && (int)a > 0) {
+    pid_t sid;
+    if (!v2s_pid((pid_t)a, &sid)) return fail(EINVAL);
+    a = sid;
+  } else if (g_h && option == PR_SCHED_CORE && (int)b > 0) {
+    pid_t sid;
+    if (!v2s_pid((pid_t)b, &sid)) return fail(ESRCH);
+    b = sid;
+  }
+  return libc_ret(SYS5(prctl, option, a, b, c, d));
+}
+
+/* glibc's prctl is the bare system call, which takes four more arguments
+ * whatever the option (unused ones are read from registers, as glibc
+ * does). */
+API int prctl(int option, ...) {
+  va_list ap;
+  va_start(ap, option);
+  long a = va_arg(ap, long), b = va_arg(ap, long);
+  long c = va_arg(ap, long), d = va_arg(ap, long);
+  va_end(ap);
+  ensure_init();
+  return (int)do_prctl(option, a, b, c, d);
+}
+
 API SYMVER("sched_getaffinity@@GLIBC_2.3.4")
 int appshot_current_sched_getaffinity(pid_t pid, size_t size, cpu_set_t *set) {
   ensure_init();
@@ -1259,6 +1297,14 @@ static int owner_arg(pid_t vid, pid_t *sid) {
   if (!v2s_pid(vid < 0 ? -vid : vid, &s)) return ESRCH;
   *sid = vid < 0 ? -s : s;
   return 0;
+}
+
+/* The kernel's owner (a system PID, -pgid for a group; 0 none) made
+ * virtual: 0 for one outside the application. */
+static pid_t owner_answer(pid_t sid) {
+  if (sid > 0) return s2v_or0(APPSHOT_PID, sid);
+  if (sid < 0 && sid != INT32_MIN) return -s2v_or0(APPSHOT_PID, -sid);
+  return sid;
 }
 
 /* glibc's fcntl64 (a cancellation point for F_SETLKW, and its F_GETOWN
@@ -1451,9 +1497,7 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
     case F_GETOWN: {
       ID_WINDOW();
       long r = fcntl_call(raw, fd, cmd, arg);
-      if (r > 0) return s2v_or0(APPSHOT_PID, (int32_t)r);
-      if (r < -1) return -(long)s2v_or0(APPSHOT_PID, (int32_t)-r);
-      return r;
+      return r == -1 ? r : owner_answer((pid_t)r);
     }
     case F_SETOWN_EX: {
       ID_WINDOW();
@@ -1538,4 +1582,99 @@ API int fcntl64(int fd, int cmd, ...) {
   int r = fcntl_va(fd, cmd, ap);
   va_end(ap);
   return r;
+}
+
+/* --- ioctl: a terminal's process group and session, a socket's owner ------
+ *
+ * TIOCGPGRP, TIOCSPGRP and TIOCGSID are what tcgetpgrp, tcsetpgrp and
+ * tcgetsid make (wrapped above), which programs also make by hand (shells,
+ * job control in terminal libraries); FIOSETOWN and SIOCSPGRP set a
+ * socket's owner as F_SETOWN does (a PID, or a group as -pgid), FIOGETOWN
+ * and SIOCGPGRP read it; PIDFD_GET_INFO answers a pidfd's process, its
+ * thread group and its parent. Each passes its ids through memory: a
+ * virtual one given is read and a system copy handed on (the caller's
+ * stays as it was), the kernel's answer made virtual where it wrote it.
+ * A NULL argument is handed on for the kernel to refuse (EFAULT). Every
+ * other request goes on after a few compares, no system call.
+ *
+ * PIDFD_GET_INFO (Linux 6.13; our headers may lack it): a pidfd's
+ * process, its thread group and parent, at these offsets of the kernel's
+ * struct pidfd_info, which has grown since (its size is in the request:
+ * any of at least the first version's is this request). */
+#define PIDFS_IOCTL_TYPE 0xFF
+#define PIDFD_GET_INFO_NR 11
+#define PIDFD_INFO_VER0_SIZE 64
+#define PIDFD_INFO_PID_BIT 1ull
+#define PIDFS_MAGIC 0x50494446 /* statfs's f_type of a pidfd (pidfs) */
+struct pidfd_info_ids {
+  uint64_t mask;
+  uint64_t cgroupid;
+  uint32_t pid, tgid, ppid;
+};
+static int pidfd_get_info_req(unsigned long req) {
+  return _IOC_TYPE(req) == PIDFS_IOCTL_TYPE && _IOC_NR(req) == PIDFD_GET_INFO_NR &&
+         _IOC_DIR(req) == (_IOC_READ | _IOC_WRITE) && _IOC_SIZE(req) >= PIDFD_INFO_VER0_SIZE;
+}
+
+static int pid_ioctl(unsigned long req) {
+  switch (req) {
+    case TIOCGPGRP:
+    case TIOCSPGRP:
+    case TIOCGSID:
+    case FIOSETOWN:
+    case SIOCSPGRP:
+    case FIOGETOWN:
+    case SIOCGPGRP: return 1;
+  }
+  return UNLIKELY(pidfd_get_info_req(req));
+}
+
+/* glibc's ioctl, or the bare call for syscall() (and before init). */
+static long ioctl_call(int raw, int fd, unsigned long req, void *arg) {
+  int (*real)(int, unsigned long, ...) = (int (*)(int, unsigned long, ...))real_fn[R_ioctl];
+  if (raw || !real) return libc_ret(SYS3(ioctl, fd, req, arg));
+  return real(fd, req, arg);
+}
+
+long do_ioctl(int raw, int fd, unsigned long req, void *arg) {
+  if (!g_h || !pid_ioctl(req) || !arg) return ioctl_call(raw, fd, req, arg);
+  ID_WINDOW();
+  pid_t *id = arg, sid;
+  switch (req) {
+    case TIOCSPGRP: /* as tcsetpgrp: a group the tables do not know is EPERM */
+      if (proc_arg(*id, &sid, EPERM)) return fail(EPERM);
+      return ioctl_call(raw, fd, req, &sid);
+    case FIOSETOWN:
+    case SIOCSPGRP: /* as F_SETOWN */
+      if (owner_arg(*id, &sid)) return fail(ESRCH);
+      return ioctl_call(raw, fd, req, &sid);
+  }
+  /* An answer: in place, once the kernel wrote it (a bad address is its
+   * EFAULT, not our fault). */
+  long r = ioctl_call(raw, fd, req, arg);
+  if (r != 0) return r;
+  if (pidfd_get_info_req(req)) {
+    /* Only a pidfd's: another driver may number a request of its own so
+     * (one system call, on this rare request only). */
+    struct statfs sf;
+    struct pidfd_info_ids *info = arg;
+    if (SYS2(fstatfs, fd, &sf) == 0 && sf.f_type == PIDFS_MAGIC && (info->mask & PIDFD_INFO_PID_BIT)) {
+      info->pid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->pid);
+      info->tgid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->tgid);
+      info->ppid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->ppid);
+    }
+    return r;
+  }
+  *id = req == TIOCGPGRP || req == TIOCGSID ? s2v_or0(APPSHOT_PID, *id) : owner_answer(*id);
+  return r;
+}
+
+API int ioctl(int fd, unsigned long req, ...) {
+  va_list ap;
+  va_start(ap, req);
+  void *arg = va_arg(ap, void *);
+  va_end(ap);
+  ensure_init();
+  if (LIKELY(!pid_ioctl(req))) return (int)ioctl_call(0, fd, req, arg);
+  return (int)do_ioctl(0, fd, req, arg);
 }

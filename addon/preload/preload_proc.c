@@ -71,8 +71,73 @@ static const char *pid_rest(const char *p, char buf[PATH_MAX], int absolute) {
   return put_ids_path(buf, absolute, spid, stid, rest);
 }
 
+/* Whether name[0..len) is one of `names` (NULL-ended). */
+static int name_in(const char *name, size_t len, const char *const *names) {
+  for (; *names; names++)
+    if (strlen(*names) == len && !memcmp(name, *names, len)) return 1;
+  return 0;
+}
+
+/* Whether name[0..len) is a number the PID table knows: a process or
+ * thread directory of the application's (one it does not know is left
+ * for the kernel, or proc_path, to refuse). */
+static int known_id(const char *name, size_t len) {
+  pid_t v, s;
+  char num[12];
+  if (len == 0 || len >= sizeof num) return 0;
+  memcpy(num, name, len);
+  num[len] = '\0';
+  const char *p = num;
+  return parse_pid(&p, &v) && !*p && v > 0 && g_h && v2s_pid(v, &s);
+}
+
+/* The parent of the directory out[0..n) names (n > 0, out[n - 1] == '/'),
+ * as the kernel would find it, in place: the new length (ending with
+ * '/'), or 0 when it is not sound to say by the name. The directories of
+ * a process (/proc/<pid>, self) and of a thread (/proc/<pid>/task/<tid>,
+ * thread-self) hold these plain directories, whose parent they are. */
+static size_t dotdot(char *out, size_t n) {
+  static const char *const process_dirs[] = {"fd", "fdinfo", "ns", "net", "attr", "map_files", "task", NULL};
+  static const char *const thread_dirs[] = {"fd", "fdinfo", "ns", "net", "attr", NULL};
+  if (n == 1) return 1;                        /* "/..": the root */
+  if (n == 6 && !memcmp(out, "/proc/", 6)) return 1; /* /proc/..: "/" */
+  if (n < 7 || memcmp(out, "/proc/", 6)) return 0; /* not under /proc */
+  /* The components after "/proc/": at most four matter. */
+  const char *c[5];
+  size_t len[5], k = 0;
+  for (size_t i = 6; i < n && k < 5; k++) {
+    c[k] = out + i;
+    while (out[i] != '/') i++;
+    len[k] = (size_t)(out + i - c[k]);
+    i++;
+  }
+  if (k > 4) return 0;
+  /* c[0]: a process (its parent /proc) or thread-self (its parent the
+   * caller's task directory: it links to "<pid>/task/<tid>"). */
+  int thread_self = len[0] == 11 && !memcmp(c[0], "thread-self", 11);
+  int process = (len[0] == 4 && !memcmp(c[0], "self", 4)) || known_id(c[0], len[0]);
+  if (!thread_self && !process) return 0;
+  if (k == 1) {
+    if (process) return 6;
+    memcpy(out + 6, "self/task/", 10);
+    return 16;
+  }
+  /* c[1]: a plain directory of the process or thread; in a process's
+   * task directory, a thread's (c[2]), and in that one its plain
+   * directories (c[3]). */
+  const char *const *dirs = process ? process_dirs : thread_dirs;
+  int in_task = process && len[1] == 4 && !memcmp(c[1], "task", 4);
+  if (k == 2) return name_in(c[1], len[1], dirs) ? (size_t)(c[1] - out) : 0;
+  if (!in_task || !known_id(c[2], len[2])) return 0;
+  if (k == 3) return (size_t)(c[2] - out);
+  return name_in(c[3], len[3], thread_dirs) ? (size_t)(c[3] - out) : 0;
+}
+
 int plain_path(const char *path, char out[PATH_MAX]) {
   size_t n = 0;
+  /* Set once a ".." was kept: what follows it is the kernel's to resolve,
+   * and a later ".." is no longer the parent of what out shows. */
+  int kept = 0;
   for (const char *s = path; *s;) {
     if (s[0] == '/' && n && out[n - 1] == '/') {
       s++; /* a repeated slash */
@@ -82,6 +147,15 @@ int plain_path(const char *path, char out[PATH_MAX]) {
       s += s[1] ? 2 : 1; /* a "." component */
       continue;
     }
+    if (!kept && s[0] == '.' && s[1] == '.' && n && out[n - 1] == '/' && (s[2] == '/' || s[2] == '\0')) {
+      size_t up = dotdot(out, n);
+      if (up) {
+        n = up;
+        s += s[2] ? 3 : 2;
+        continue;
+      }
+      kept = 1;
+    }
     if (n == PATH_MAX - 1) return 0;
     out[n++] = *s++;
   }
@@ -90,23 +164,8 @@ int plain_path(const char *path, char out[PATH_MAX]) {
   return 1;
 }
 
-/* proc_path of a path with repeated slashes or "." components: of the
- * plain path, the answer the rewritten one, or `path` itself if nothing
- * was rewritten. Its own frame: the plain copy costs the stack only here
- * (a signal handler on a small alternate stack may open a /proc path). */
-static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX]) {
-  char plain[PATH_MAX];
-  if (!plain_path(path, plain) || strncmp(plain, "/proc/", 6) != 0) return path;
-  const char *r = proc_path(plain, buf);
-  return r == plain ? path : r;
-}
-
-/* Returns the path to hand to the kernel: `path` itself, or `buf` holding
- * the rewritten one; NULL with errno set when the path must fail. The
- * wrappers that use it are in preload_path.c (path_slow). */
-const char *proc_path(const char *path, char buf[PATH_MAX]) {
-  if (!path || path[0] != '/' || !g_h) return path;
-  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf);
+/* proc_path of a path plain_path gave (or one with nothing to take out). */
+static const char *proc_path_plain(const char *path, char buf[PATH_MAX]) {
   if (strncmp(path, "/proc/", 6) != 0) return path;
   const char *p = path + 6;
   pid_t vpid, vtid = 0, stid = 0;
@@ -122,6 +181,28 @@ const char *proc_path(const char *path, char buf[PATH_MAX]) {
   const char *q = p;
   if (!parse_pid(&q, &vpid)) return path;
   return pid_rest(p, buf, 1);
+}
+
+/* proc_path of a path with repeated slashes, "." or ".." components: of
+ * the plain path, the answer the rewritten one, or `path` itself if
+ * nothing was rewritten. Its own frame: the plain copy costs the stack
+ * only here (a signal handler on a small alternate stack may open a /proc
+ * path). The plain path may still hold a ".." (one kept for the kernel):
+ * not made plain again. */
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX]) {
+  char plain[PATH_MAX];
+  if (!plain_path(path, plain) || strncmp(plain, "/proc/", 6) != 0) return path;
+  const char *r = proc_path_plain(plain, buf);
+  return r == plain ? path : r;
+}
+
+/* Returns the path to hand to the kernel: `path` itself, or `buf` holding
+ * the rewritten one; NULL with errno set when the path must fail. The
+ * wrappers that use it are in preload_path.c (path_slow). */
+const char *proc_path(const char *path, char buf[PATH_MAX]) {
+  if (!path || path[0] != '/' || !g_h) return path;
+  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf);
+  return proc_path_plain(path, buf);
 }
 
 /* --- Relative to a descriptor of /proc -------------------------------------

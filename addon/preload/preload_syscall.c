@@ -87,6 +87,8 @@ API long syscall(long nr, ...) {
     case SYS_perf_event_open:
       return do_perf_event_open(a, (pid_t)b, c, d, (unsigned long)e);
     case SYS_fcntl: return do_fcntl(1, (int)a, (int)b, (void *)c);
+    case SYS_prctl: return do_prctl(a, b, c, d, e);
+    case SYS_ioctl: return do_ioctl(1, (int)a, (unsigned long)b, (void *)c);
     case SYS_rt_sigaction:
       return do_rt_sigaction((int)a, (const void *)b, (void *)c, (size_t)d);
     case SYS_rt_sigtimedwait:

@@ -88,11 +88,8 @@ static const char *task_file(const char *p) {
 
 static enum view view_of_plain_name(const char *path);
 
-/* Which view `path` needs, by name only (a cgroup file is confirmed on the
- * descriptor); of a path with repeated slashes or "." components, the
- * view of the plain one (proc_path opened that). */
-static enum view view_of_name(const char *path) {
-  if (UNLIKELY(path[0] == '/' && path_unplain(path))) return view_of_plain_name(path);
+/* The view of a path plain_path gave (or one with nothing to take out). */
+static enum view view_of_plain(const char *path) {
   if (!strncmp(path, "/proc/", 6)) {
     const char *p = path + 6;
     if (!strcmp(p, "locks")) return VIEW_LOCKS;
@@ -121,9 +118,18 @@ static enum view view_of_name(const char *path) {
   return VIEW_NONE;
 }
 
+/* Which view `path` needs, by name only (a cgroup file is confirmed on the
+ * descriptor); of a path with repeated slashes, "." or ".." components,
+ * the view of the plain one (proc_path opened that). */
+static enum view view_of_name(const char *path) {
+  if (UNLIKELY(path[0] == '/' && path_unplain(path))) return view_of_plain_name(path);
+  return view_of_plain(path);
+}
+
+/* Not made plain again: a ".." kept for the kernel stays. */
 static NOINLINE enum view view_of_plain_name(const char *path) {
   char plain[PATH_MAX];
-  return plain_path(path, plain) ? view_of_name(plain) : VIEW_NONE;
+  return plain_path(path, plain) ? view_of_plain(plain) : VIEW_NONE;
 }
 
 /* --- Translating one line ------------------------------------------------ */
