@@ -13,7 +13,7 @@
  * background, like `appshot run -d`, and they end with `stop` (or when
  * their last process exits).
  */
-import { AppshotError, ExitCode } from './errors.js';
+import { AppshotError, errorText, ExitCode } from './errors.js';
 import { resolve } from 'node:path';
 import { homeScope } from './home.js';
 import { settleKilledCommands } from './image/partial.js';
@@ -195,7 +195,7 @@ async function call<T>(opts: CommonOptions, body: () => Promise<T> | T, lookOnly
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     if (!(e instanceof AppshotError) && err && typeof err.code === 'string' && err.syscall) {
-      throw Object.assign(new AppshotError(err.message, ExitCode.failure), { cause: e });
+      throw Object.assign(new AppshotError(errorText(err), ExitCode.failure), { cause: e });
     }
     throw e;
   }

@@ -1,3 +1,5 @@
+import { getSystemErrorMap } from 'node:util';
+
 /**
  * Errors the CLI reports as one line and a meaningful exit code, never as a
  * stack trace. Anything else that escapes is a bug and is shown as such.
@@ -51,4 +53,17 @@ export function printable(text: string): string {
   return text
     .replace(/[\x00-\x1f\x7f-\x9f]/g, (c) => C_ESCAPES[c] ?? `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`)
     .replace(/[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, (c) => `\\u{${c.charCodeAt(0).toString(16)}}`);
+}
+
+/**
+ * A system call's error (Node's, with `code` and `syscall`) as appshot
+ * words it: `open /x: permission denied (EACCES)`, the call and its path
+ * first, rather than Node's `EACCES: permission denied, open '/x'`; any
+ * other error's message as it is.
+ */
+export function errorText(e: unknown): string {
+  const err = e as NodeJS.ErrnoException & { dest?: string };
+  if (!err || typeof err.code !== 'string' || !err.syscall) return (e as Error)?.message ?? String(e);
+  const what = (typeof err.errno === 'number' && getSystemErrorMap().get(err.errno)?.[1]) || err.message;
+  return `${err.syscall}${err.path ? ` ${err.path}` : ''}${err.dest ? ` → ${err.dest}` : ''}: ${what} (${err.code})`;
 }

@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { constants } from 'node:os';
-import { AppshotError } from '../src/errors.js';
+import { AppshotError, errorText } from '../src/errors.js';
 import { SyscallError } from '../src/ptrace/remote.js';
 import { isShortOfRoom } from '../src/template/room.js';
 import { alive, cli, Sandbox, tcpExchange, templfixTemplate, type TemplfixWorld, waitFor } from './helpers.js';
@@ -489,6 +489,10 @@ describe('the engine keeps clones ready', () => {
     expect(isShortOfRoom(wrapped(new Error('starting /x/appshot-init: Resource temporarily unavailable')))).toBe(true);
     // The engine's own descriptors, and the system's.
     expect(isShortOfRoom(wrapped(new Error("EMFILE: too many open files, open '/x'")))).toBe(true);
+    // As the restore words a Node error of its own (errors.ts errorText).
+    const emfile = Object.assign(new Error("EMFILE: too many open files, open '/x'"), { code: 'EMFILE', errno: -constants.errno.EMFILE, syscall: 'open', path: '/x' });
+    expect(errorText(emfile)).toBe('open /x: too many open files (EMFILE)');
+    expect(isShortOfRoom(new AppshotError(`cannot clone t as 'a': ${errorText(emfile)}; nothing was left behind`))).toBe(true);
     expect(isShortOfRoom(wrapped(new SyscallError('socket', constants.errno.ENFILE)))).toBe(true);
   });
 

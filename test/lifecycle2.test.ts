@@ -621,3 +621,18 @@ describe('rm of a clone', () => {
     expect(sb.allAids()).not.toContain(x.aid);
   });
 });
+
+describe('run --rules with a REDIR PATH target that cannot be made', () => {
+  it('says which in one line and leaves none of the directories made for the targets before it', () => {
+    const from = join(dir, 'unmakeable-from');
+    mkdirSync(from);
+    writeFileSync(join(dir, 'a-file'), '');
+    const first = join(dir, 'made-first');
+    writeFileSync(join(dir, 'unmakeable.rules'), `REDIR PATH "${from}/a" TO "${first}/a/x"\nREDIR PATH "${from}/b" TO "${dir}/a-file/y/z"\n`);
+    const r = sb.run(['run', '--aid', 'unmakeable', '--rules', join(dir, 'unmakeable.rules'), '--', 'true']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe(`appshot: cannot make the directory of REDIR PATH target ${dir}/a-file/y/z: mkdir ${dir}/a-file/y: not a directory (ENOTDIR)\n`);
+    expect(existsSync(first)).toBe(false);
+    expect(sb.allAids()).not.toContain('unmakeable');
+  });
+});

@@ -6,7 +6,7 @@
  */
 import { uniqueTag } from '../holder.js';
 import { chmodSync, closeSync, constants as fsConstants, cpSync, realpathSync, existsSync, fchmodSync, fchownSync, fstatSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, readSync, renameSync, rmdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
-import { AppshotError } from '../errors.js';
+import { AppshotError, errorText } from '../errors.js';
 import { dirname, join } from 'node:path';
 import type { InstanceConfig } from '../native.js';
 
@@ -141,15 +141,26 @@ export interface MadeDir {
  * Returns what it made, for a failed start to remove. */
 export function prepareRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[] {
   const made: MadeDir[] = [];
-  for (const r of redirs) {
-    if (r.kind !== 'path') continue;
-    // An image's (or rules') name: what is made here is removed later, so
-    // it must be the directory it says (a `..` had a restore's removal take
-    // any directory: found by review).
-    if (!plainAbsolute(r.to)) throw new AppshotError(`REDIR PATH target ${JSON.stringify(r.to)} is not a plain absolute path`);
-    const leaf = redirLeaf(r);
-    const top = mkdirSync(leaf, { recursive: true });
-    if (top) made.push({ top, leaf });
+  try {
+    for (const r of redirs) {
+      if (r.kind !== 'path') continue;
+      // An image's (or rules') name: what is made here is removed later, so
+      // it must be the directory it says (a `..` had a restore's removal take
+      // any directory: found by review).
+      if (!plainAbsolute(r.to)) throw new AppshotError(`REDIR PATH target ${JSON.stringify(r.to)} is not a plain absolute path`);
+      const leaf = redirLeaf(r);
+      let top: string | undefined;
+      try {
+        top = mkdirSync(leaf, { recursive: true });
+      } catch (e) {
+        throw new AppshotError(`cannot make the directory of REDIR PATH target ${r.to}: ${errorText(e)}`);
+      }
+      if (top) made.push({ top, leaf });
+    }
+  } catch (e) {
+    // Those made for the targets before: the caller never learns of them.
+    removeRedirTargets(made);
+    throw e;
   }
   return made;
 }

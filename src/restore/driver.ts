@@ -19,7 +19,7 @@ import { currentHolder, harnessOf } from '../holder.js';
 import { closeSync, constants as fs, fstatSync, openSync, readSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { AppshotError, ExitCode } from '../errors.js';
+import { AppshotError, errorText, ExitCode } from '../errors.js';
 import { awaitPagesCheck, type LoadedImage, loadImage, openPagesAsLoaded, parentPath, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { portTable, type Process, type TimeOffsets, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
@@ -1216,7 +1216,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) throw e;
     const what = opts.instance ? `cannot clone ${imagePath} as '${opts.aid}'` : `cannot restore ${imagePath}`;
     if (e instanceof AppshotError) throw new AppshotError(`${what}: ${e.message}`, e.exitCode);
-    throw new AppshotError(`${what}: ${(e as Error).message}; nothing was left behind`);
+    throw new AppshotError(`${what}: ${errorText(e)}; nothing was left behind`);
   } finally {
     for (const fd of verifiedOpens.values()) closeSync(fd);
     for (const [i, fd] of pageFds.entries()) if (ownPageFd(i)) closeSync(fd);

@@ -245,10 +245,11 @@ export function isShortOfRoom(e: unknown): boolean {
   if (err.code === 'EMFILE' || err.code === 'ENFILE') return true;
   if (err.code === 'EAGAIN' && /^(spawn|fork|clone|vfork)/.test(err.syscall ?? '')) return true;
   const text = String(err.message ?? '');
-  // Node's ("EMFILE: too many open files, open '...'") and the addon's
-  // ("opening tables ...: Too many open files"); an injected call's
-  // failure reads "<call> failed: EMFILE" instead.
-  if (/\bEMFILE: too many open files\b|: Too many open files(?! in system)\b/.test(text)) return true;
+  // Node's ("EMFILE: too many open files, open '...'", or as errors.ts
+  // errorText words it, "open ...: too many open files (EMFILE)") and the
+  // addon's ("opening tables ...: Too many open files"); an injected
+  // call's failure reads "<call> failed: EMFILE" instead.
+  if (/\bEMFILE: too many open files\b|: too many open files \(EMFILE\)|: Too many open files(?! in system)\b/.test(text)) return true;
   if (/\bENFILE\b|Too many open files in system/.test(text)) return true;
   return /\b(fork|creating a thread) failed: (EAGAIN|EWOULDBLOCK)\b|\b(starting \/\S+|fork \([^)]*\)): Resource temporarily unavailable\b/.test(text);
 }
