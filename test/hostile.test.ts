@@ -499,8 +499,14 @@ describe('hostile tar streams', () => {
     ['a hard link, then the real part', () => [{ header: { name: 'pages.img', type: 'link', linkname: 'image.pb' } }, ...goodParts()], /corrupt image: .*pages\.img as a link/],
     ['a device', () => [{ header: { name: 'pages.img', type: 'character-device', devmajor: 1, devminor: 5 } }], /corrupt image: .*pages\.img as a character-device/],
     ['a directory', () => [{ header: { name: 'image.pb', type: 'directory' } }], /corrupt image: .*image\.pb as a directory/],
-    ['a duplicated entry', () => [...goodParts(), part('image.pb')], /corrupt image: .*image\.pb twice/],
-    ['an unknown entry', () => [...goodParts(), { header: { name: 'evil.sh' }, data: Buffer.from('#!/bin/sh') }], /not an appshot image: .*'evil\.sh'/],
+    // Among the parts: what comes after the last is not read (below).
+    ['a duplicated entry', () => [part('manifest.pb'), part('image.pb'), part('image.pb'), part('pages.img')], /corrupt image: .*image\.pb twice/],
+    ['an unknown entry', () => [part('manifest.pb'), { header: { name: 'evil.sh' }, data: Buffer.from('#!/bin/sh') }, part('image.pb'), part('pages.img')], /not an appshot image: .*'evil\.sh'/],
+    // The manifest first, checked before anything else is written (fuzz34
+    // F1: a part of terabytes from a few compressed bytes filled the disk
+    // before the manifest was looked at).
+    ['a part before the manifest', () => [part('image.pb'), part('manifest.pb'), part('pages.img')], /corrupt image: standard input does not begin with its manifest \(manifest\.pb\)/],
+    ['a part of another size than the manifest lists', () => [part('manifest.pb'), part('image.pb'), { header: { name: 'pages.img', mode: 0o600 }, data: Buffer.concat([readFileSync(join(good, 'pages.img')), Buffer.alloc(4096)]) }], /corrupt image: pages\.img in standard input is \d+ bytes; its manifest says \d+$/],
   ];
   for (const [what, entries, message] of cases)
     it(`refuses ${what}`, async () => {
@@ -508,16 +514,51 @@ describe('hostile tar streams', () => {
     });
 
   it('refuses an entry larger than a part may be, before reading it', async () => {
-    // A header that announces 1 GiB of image.pb, and nothing after it.
+    // The manifest, then a header that announces 1 GiB of image.pb, and
+    // nothing after it.
     const pack = tar.pack();
     const chunks: Buffer[] = [];
     pack.on('data', (c: unknown) => chunks.push(c as Buffer));
+    pack.entry({ name: 'manifest.pb', mode: 0o600 }, readFileSync(join(good, 'manifest.pb')));
     pack.entry({ name: 'image.pb', size: 2 ** 30 });
     await new Promise((resolve) => setImmediate(resolve));
-    const announced = Buffer.concat(chunks).subarray(0, 512);
+    const announced = Buffer.concat(chunks);
     pack.destroy();
-    expect(announced.length).toBe(512);
     refuses(['restore', '-'], corrupt('image.pb in standard input is 1073741824 bytes, more than appshot accepts'), { input: announced });
+  });
+
+  it('refuses a manifest no key signed before reading the part announced after it, and writes nothing of it', async () => {
+    // A garbage manifest, then a header announcing 1 GiB of pages.img and
+    // none of its bytes: refused at the manifest.
+    const pack = tar.pack();
+    const chunks: Buffer[] = [];
+    pack.on('data', (c: unknown) => chunks.push(c as Buffer));
+    pack.entry({ name: 'manifest.pb' }, Buffer.from('\x08\x01garbage'));
+    pack.entry({ name: 'pages.img', size: 2 ** 30 });
+    await new Promise((resolve) => setImmediate(resolve));
+    const stream = Buffer.concat(chunks);
+    pack.destroy();
+    refuses(['restore', '-'], corrupt('manifest.pb cannot be decoded'), { input: stream });
+    expect(tmpEntries()).toEqual([]);
+  });
+
+  it('refuses a stream of zeros (which a tar reader skips for ever: fuzz34 F2)', () => {
+    refuses(['restore', '-'], corrupt('standard input holds more than 1048576 bytes between its parts'), { input: Buffer.alloc(4 << 20) });
+  });
+
+  it('reads nothing after the last part: what follows it is not waited for', async () => {
+    const r = sb.run(['inspect', '-'], Buffer.concat([await tarOf(goodParts()), Buffer.alloc(4 << 20, 0x41)]));
+    expect(r.stderr).toBe('');
+    expect(r.stdout).toMatch(/signed by key [0-9a-f]{16} \(this node's\)/);
+    // A writer that keeps the stream open after the image.
+    const child = spawn(process.execPath, [cli, 'inspect', '-'], { env: sb.env });
+    let stdout = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stdin.write(await tarOf(goodParts()));
+    const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+    expect(code).toBe(0);
+    expect(stdout).toMatch(/signed by key/);
+    child.stdin.destroy();
   });
 
   for (const [signal, code] of [['SIGTERM', 143], ['SIGINT', 130]] as const)

@@ -728,39 +728,75 @@ async function withExtractionDir(body: (dir: string) => Promise<void>): Promise<
 }
 
 /** Unpacks an image's tar stream: regular files named as known parts, each
- * once, within its ceiling and the free space; anything else ends it. */
-async function extractTar(input: NodeJS.ReadableStream, what: string): Promise<string> {
+ * once, within its ceiling and the free space; anything else ends it. The
+ * manifest comes first (appshot writes it so) and is checked, its signer
+ * included, before another byte is written: each part after it must be
+ * the size it lists, so a stream no trusted key signed, or one whose
+ * small compressed bytes expand to terabytes, fills no disk (fuzz34 F1).
+ * Reading ends once every part is in: zero blocks or anything else after
+ * them, or a writer that keeps the stream open, is not waited for; and no
+ * more than HEADER_SLACK bytes may pass between two parts (a stream of
+ * zeros, which the parser would skip for ever: fuzz34 F2). */
+async function extractTar(input: NodeJS.ReadableStream, what: string, trust: LoadOptions['trust']): Promise<string> {
   return withExtractionDir(async (dir) => {
     const extract = (await loadTar()).extract();
+    // Bytes read, and where the last part ended (or the stream began).
+    let read = 0;
+    let between = 0;
+    let inPart = false;
+    const counted = new Transform({
+      transform(chunk: Buffer, _encoding, done) {
+        read += chunk.length;
+        if (!inPart && read - between > HEADER_SLACK)
+          done(new AppshotError(`corrupt image: ${what} holds more than ${HEADER_SLACK} bytes between its parts, which no image has (a stream of zeros?)`));
+        else done(null, chunk);
+      },
+    });
     // Errors of the input and of the parser end the loop below.
-    const feeding = pipeline(input, extract).catch((e: Error) => e);
+    const feeding = pipeline(input, counted, extract).catch((e: Error) => e);
     const seen = new Set<string>();
+    let listed: Map<string, number> | undefined;
     let failure: Error | undefined;
     try {
       for await (const entry of extract) {
+        inPart = true;
         const { name, type, size = 0 } = entry.header;
         if (!KNOWN_PARTS.has(name)) throw new AppshotError(`not an appshot image: ${what} holds '${name}', which is not a part of an image`);
         if (type !== 'file') throw new AppshotError(`corrupt image: ${what} holds ${name} as a ${type}, not a regular file`);
         if (seen.has(name)) throw new AppshotError(`corrupt image: ${what} holds ${name} twice`);
+        if (!listed && name !== PARTS.manifest) throw new AppshotError(`corrupt image: ${what} does not begin with its manifest (${PARTS.manifest}), as appshot writes it`);
         seen.add(name);
         if (size > PART_CEILING[name]) throw new AppshotError(`corrupt image: ${name} in ${what} is ${size} bytes, more than appshot accepts (${PART_CEILING[name]})`);
+        if (listed && listed.get(name) !== size) throw new AppshotError(`corrupt image: ${name} in ${what} is ${size} bytes; its manifest says ${listed.get(name)}`);
         const fs = statfsSync(dir);
         if (size > fs.bavail * fs.bsize) throw new AppshotError(`${name} in ${what} is ${size} bytes; ${dir} has room for ${fs.bavail * fs.bsize}`);
         const fd = openSync(join(dir, name), fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
+        const kept: Buffer[] = [];
         try {
-          for await (const chunk of entry) writeSync(fd, chunk as Buffer);
+          for await (const chunk of entry) {
+            writeSync(fd, chunk as Buffer);
+            if (!listed) kept.push(chunk as Buffer);
+          }
         } finally {
           closeSync(fd);
         }
+        if (!listed) listed = new Map(checkManifest(Buffer.concat(kept), what, trust).manifest.parts.map((p) => [p.name, Number(p.size)]));
+        inPart = false;
+        between = read;
+        if (LISTED_PARTS.every((p) => seen.has(p))) break;
       }
     } catch (e) {
       failure = e as Error;
-      extract.destroy();
     }
+    // Every part is in, or it failed: nothing after is read.
+    extract.destroy();
+    counted.destroy();
     const fed = await feeding;
     if (failure instanceof AppshotError) throw failure;
-    const problem = failure ?? fed;
-    if (problem) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream (${problem.message})`);
+    // The count's refusal, which the parser saw as its input's end.
+    if (fed instanceof AppshotError) throw fed;
+    if (failure) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream (${failure.message})`);
+    if (!LISTED_PARTS.every((p) => seen.has(p))) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream${fed ? ` (${fed.message})` : ''}`);
   });
 }
 
@@ -1004,7 +1040,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   let dir = path;
   let temporary = false;
   if (path === '-') {
-    dir = await extractTar(process.stdin, 'standard input');
+    dir = await extractTar(process.stdin, 'standard input', opts.trust);
     temporary = true;
   } else {
     let st;
@@ -1016,7 +1052,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     if (opts.directoryOnly && !st.isDirectory()) {
       throw new AppshotError(`not an appshot image: ${path} is not a directory`);
     } else if (st.isFile()) {
-      dir = await extractTar(openImageFile(path), path);
+      dir = await extractTar(openImageFile(path), path, opts.trust);
       temporary = true;
     } else if (!st.isDirectory()) {
       throw new AppshotError(`not an appshot image: ${path} is neither a directory nor a tar file`);
