@@ -30,10 +30,11 @@ import { scratchDir } from './scratch.js';
 const templates = join(root, 'templates');
 const props: Record<Property, string> = { 'application-id': 'web-3', instance: '3', hostname: 'node7', template: 'web' };
 
-/** The message parsing `text` fails with. */
+/** The message parsing `text` fails with, as its author writes it into an
+ * application or template (loadRules). */
 function mistake(text: string, source = 'fixture.rules'): string {
   try {
-    parseRules(text, source);
+    parseRules(text, source, { author: true });
   } catch (e) {
     expect((e as { exitCode: number }).exitCode).toBe(2);
     return (e as Error).message;
@@ -148,6 +149,17 @@ describe('the rules language', () => {
     ];
     it.each(cases)('%s', (_, text, message) => {
       expect(mistake(text)).toBe(message);
+    });
+
+    it('reads rules stored in a template or a registration without its author\'s checks: what was taken when they were written stays usable', () => {
+      const authorOnly = cases.filter(([, , message]) => /never applies|ON create does not apply|ON write SHARE/.test(message));
+      expect(authorOnly).toHaveLength(9);
+      for (const [, text] of authorOnly) expect(() => parseRules(text, 'stored.rules')).not.toThrow();
+    });
+
+    it('takes a copy rule on a path an earlier rule decides (it is the path\'s entry in the instance\'s table), and a file\'s mapping shared writable', () => {
+      expect(() => parseRules('FILE "/srv/a" ON read SHARE\nFILE "/srv/a" ON read COPY-ON-WRITE', 'fixture.rules', { author: true })).not.toThrow();
+      expect(() => parseRules('MEMORY "/srv/shared.db" ON write SHARE', 'fixture.rules', { author: true })).not.toThrow();
     });
   });
 

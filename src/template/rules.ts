@@ -273,8 +273,18 @@ class Line {
   }
 }
 
-export function parseRules(text: string, source: string): RulesFile {
+/**
+ * `author`: the file is being written into an application or template now
+ * (loadRules: `run --rules`, `template create --rules`), and the checks of
+ * what its author surely did not mean apply too (a rule that never
+ * applies, MEMORY ON create or ON write SHARE). Rules stored in a
+ * template or a registration are read again without them: what was taken
+ * when they were written stays usable (a template made before a check
+ * came is still cloned, an application run under them still snapshotted).
+ */
+export function parseRules(text: string, source: string, { author = false } = {}): RulesFile {
   const rules: RulesFile = { source, text, defines: new Map(), redirs: [], envs: [], resources: [], identity: { hooks: [] } };
+  if (author) authored.add(rules);
   text.split('\n').forEach((content, index) => {
     const number = index + 1;
     const fail: Fail = (column, wrong, expected) => {
@@ -285,6 +295,9 @@ export function parseRules(text: string, source: string): RulesFile {
   });
   return rules;
 }
+
+/** Rules files being parsed with their author's checks (parseRules). */
+const authored = new WeakSet<RulesFile>();
 
 function parseStatement(line: Line, rules: RulesFile): void {
   const first = line.next();
@@ -494,18 +507,24 @@ function parseResource(line: Line, rules: RulesFile, kind: ResourceKind, column:
     const accessToken = line.peek();
     access = parseAccess(line);
     // A snapshot's mappings were all made before it: none is "created".
-    if (kind === 'memory' && access === 'create') line.fail(accessToken.column, 'ON create does not apply to MEMORY (a mapping is never created by a clone)', 'ON read, ON write or ON any');
+    if (authored.has(rules) && kind === 'memory' && access === 'create') line.fail(accessToken.column, 'ON create does not apply to MEMORY (a mapping is never created by a clone)', 'ON read, ON write or ON any');
   }
   const actionToken = line.peek();
   const action = parseAction(line, kind);
-  if (kind === 'memory' && access === 'write' && action === 'share')
+  // By name ("[heap]", "*"): anonymous memory, which every clone would
+  // write into. A file's shared mapping may be shared writable (classify
+  // lets a FILE_SHARED one be), as `MEMORY "/path" SHARE` says it.
+  if (authored.has(rules) && kind === 'memory' && access === 'write' && action === 'share' && !(typeof match === 'string' && match.startsWith('/')))
     line.fail(actionToken.column, 'MEMORY ... ON write SHARE would share a writable mapping among clones', `COPY-ON-WRITE or DUPLICATE (SHARE is for read-only mappings)`);
   const rule: ResourceRule = { kind, match, access, action, line: line.number, column };
   // The first rule that matches a resource decides it (ruleFor): one
   // whose every resource an earlier rule matches would never apply, and
   // says what the file's author did not get (fuzz33 L4: `PORT 41000
   // ALLOCATE` twice and `MULTIPLEX` once were taken, the first deciding).
-  const earlier = earlierDeciding(rules, rule);
+  // A path rule is also the path's entry in the instance's table, which
+  // the preload library acts on whatever rule decides the resource.
+  const shadowing = authored.has(rules) ? earlierDeciding(rules, rule) : undefined;
+  const earlier = isPathRule(rule) ? undefined : shadowing;
   if (earlier)
     line.fail(column, `this ${kind.toUpperCase()} rule never applies: line ${earlier.line} decides every resource it matches (the first rule that matches decides)`, 'one rule per resource, a narrower one before a broader one');
   if (isPathRule(rule)) {
@@ -642,7 +661,7 @@ export function loadRules(path: string): RulesFile {
   } finally {
     if (fd !== undefined) closeSync(fd);
   }
-  return parseRules(text, basename(path));
+  return parseRules(text, basename(path), { author: true });
 }
 
 /** The largest rules file read: rules are a page or two of text. */
