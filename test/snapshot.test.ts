@@ -5,7 +5,7 @@
  * image behind.
  */
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -302,6 +302,35 @@ describe('snapshot of a program with one of each resource', () => {
     });
     expect(r.code).toBe(1);
     expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^appshot: cannot snapshot '${aid}': writing the image to standard output: ENOSPC\\b.*; the application was left running`))]);
+    await checksContinue(aid);
+  });
+
+  it('refuses -o - that would end the application into /dev/null (or a closed standard output, which Node reopens so), before stopping anything', async () => {
+    for (const redirect of ['> /dev/null', '>&-']) {
+      const r = await new Promise<{ code: number; stderr: string }>((resolve) => {
+        const child = spawn(`${JSON.stringify(process.execPath)} ${JSON.stringify(cli)} snapshot ${aid} -o - ${redirect}`, { shell: true, env: sb.env, stdio: ['ignore', 'inherit', 'pipe'] });
+        let stderr = '';
+        child.stderr.on('data', (d: Buffer) => (stderr += d));
+        child.on('close', (code) => resolve({ code: code ?? -1, stderr }));
+      });
+      expect(r.code, redirect).toBe(2);
+      expect(r.stderr).toBe('appshot: standard output is /dev/null or closed: the image would be lost, and the application ended with it; write it to a file or a pipe (or add --leave-running)\n');
+      expect(sb.aids()).toContain(aid);
+    }
+    await checksContinue(aid);
+  });
+
+  it('refuses to write an image into a directory another user can change (a name swapped for a link there would redirect its writes)', async () => {
+    const shared = join(out, 'shared');
+    mkdirSync(shared);
+    chmodSync(shared, 0o777);
+    const r = sb.run(['snapshot', aid, '-o', join(shared, 'img'), '--leave-running']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(new RegExp(`^appshot: cannot write into ${shared}: it can be changed by another user \\(owner uid \\d+, group \\d+, mode 0777\\), who could swap a name there for a link while appshot writes; choose a directory only you (and root )?can change`));
+    expect(readdirSync(shared)).toEqual([]);
+    // Sticky (as /tmp): an entry's owner alone may rename it.
+    chmodSync(shared, 0o1777);
+    expect(sb.run(['snapshot', aid, '-o', join(shared, 'img'), '--leave-running']).code).toBe(0);
     await checksContinue(aid);
   });
 

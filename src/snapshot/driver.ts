@@ -839,6 +839,28 @@ async function waitReleased(reg: LocalRegistry, aid: string): Promise<void> {
   }
 }
 
+/** /dev/null's device number (1, 3). */
+const DEV_NULL_RDEV = (1 << 8) | 3;
+
+/**
+ * A snapshot to standard output that ends the application: the image is
+ * the application from then on, so one written to /dev/null is the
+ * application lost. Node reopens a closed standard output as /dev/null,
+ * so `appshot snapshot app -o - >&-` ended the application and exited 0
+ * (fuzz34 F5). Refused before anything is stopped; with --leave-running
+ * the application stays, and /dev/null is the user's choice.
+ */
+function refuseLostOutput(): void {
+  let st;
+  try {
+    st = fstatSync(1);
+  } catch {
+    st = undefined;
+  }
+  if (!st || (st.isCharacterDevice() && st.rdev === DEV_NULL_RDEV))
+    throw new AppshotError('standard output is /dev/null or closed: the image would be lost, and the application ended with it; write it to a file or a pipe (or add --leave-running)', ExitCode.usage);
+}
+
 async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptions): Promise<SnapshotResult> {
   const started = now();
   const injectedBefore = injected.calls;
@@ -846,6 +868,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   const tables: TablesSnapshot | undefined = reg.readTables(record);
   if (!tables || !record.initPid) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
   const toStream = opts.output === '-';
+  if (toStream && !opts.leaveRunning) refuseLostOutput();
   const output = toStream ? '-' : resolve(opts.output);
   // -o x.tar / x.tar.gz / x.tar.zst: a file holding the stream, not a directory.
   const fileKind = toStream ? 'dir' : imageFileKind(output);
