@@ -706,7 +706,8 @@ static inline int path_unplain(const char *path) {
       return 1;
   return 0;
 }
-/* `path` without its repeated slashes and "." components, into out, and
+/* `path` without its repeated slashes and "." components (but a last
+ * one: what the kernel hands the call), into out, and
  * without the ".." components that are sound to take lexically: those
  * after a directory of /proc whose parent is known by its name
  * (/proc/<pid>, self, thread-self, task, task/<tid> and the plain

@@ -144,8 +144,15 @@ int plain_path(const char *path, char out[PATH_MAX]) {
       continue;
     }
     if (s[0] == '.' && n && out[n - 1] == '/' && (s[1] == '/' || s[1] == '\0')) {
-      s += s[1] ? 2 : 1; /* a "." component */
-      continue;
+      /* A "." component, taken out unless it is the last one: the kernel
+       * hands that one to the call (rmdir "x/." is EINVAL, mkdir EEXIST),
+       * and the plain path is what the kernel gets (proc_path). */
+      const char *t = s + 1;
+      while (*t == '/') t++;
+      if (*t) {
+        s = t;
+        continue;
+      }
     }
     if (!kept && s[0] == '.' && s[1] == '.' && n && out[n - 1] == '/' && (s[2] == '/' || s[2] == '\0')) {
       size_t up = dotdot(out, n);
@@ -159,7 +166,6 @@ int plain_path(const char *path, char out[PATH_MAX]) {
     if (n == PATH_MAX - 1) return 0;
     out[n++] = *s++;
   }
-  /* "/proc/2/." is the directory: "/proc/2/" says the same. */
   out[n] = '\0';
   return 1;
 }
@@ -184,16 +190,21 @@ static const char *proc_path_plain(const char *path, char buf[PATH_MAX]) {
 }
 
 /* proc_path of a path with repeated slashes, "." or ".." components: of
- * the plain path, the answer the rewritten one, or `path` itself if
- * nothing was rewritten. Its own frame: the plain copy costs the stack
- * only here (a signal handler on a small alternate stack may open a /proc
- * path). The plain path may still hold a ".." (one kept for the kernel):
- * not made plain again. */
+ * the plain path, the answer the rewritten one, or else the plain path
+ * itself (in buf). Never `path`: a ".." taken out lexically after a
+ * virtual id ("/proc/<vpid>/../self/stat", "/proc/self/task/<vtid>/..")
+ * leaves a plain path with no id to rewrite, while the original still
+ * names the virtual id, which the kernel would look up as a system one
+ * (no such process, or an unrelated one). Its own frame: the plain copy
+ * costs the stack only here (a signal handler on a small alternate stack
+ * may open a /proc path). The plain path may still hold a ".." (one kept
+ * for the kernel): not made plain again. */
 static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX]) {
   char plain[PATH_MAX];
-  if (!plain_path(path, plain) || strncmp(plain, "/proc/", 6) != 0) return path;
-  const char *r = proc_path_plain(plain, buf);
-  return r == plain ? path : r;
+  if (!plain_path(path, plain)) return path; /* too long: the kernel says so */
+  const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
+  if (!r || r == buf) return r;
+  return strcpy(buf, plain);
 }
 
 /* Returns the path to hand to the kernel: `path` itself, or `buf` holding
