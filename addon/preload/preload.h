@@ -687,11 +687,19 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
  * proc_at_hooked). No tables, or no rules and no "/proc/" prefix: a few
  * loads and branches, and the wrapper calls the real function with
  * nothing of ours on its stack. */
+/* Whether absolute `path` may name a file under /proc/<vpid>, which
+ * proc_path rewrites: "/proc/...", and "//proc/<vpid>", "/./proc/<vpid>",
+ * "/../proc/<vpid>" (any path starting "//" or "/."). The one test for
+ * both the rewrite (path_slow) and the translation window it needs
+ * (SLOW_PATH): a path rewritten outside the window would carry a system
+ * PID across a snapshot. */
+static inline int proc_path_may_name(const char *path) {
+  return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.');
+}
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;
   if (LIKELY(!h) || !path || path[0] != '/') return 0;
-  /* "//proc/<vpid>" and "/./proc/<vpid>" name /proc too (proc_path). */
-  return h->instance.redirs || strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.');
+  return h->instance.redirs || proc_path_may_name(path);
 }
 
 /* Whether absolute `path` has a repeated slash, a "." or a ".."
@@ -777,7 +785,7 @@ HIDDEN long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e);
  * may block for good; neither holds an id). */
 #define SLOW_PATH(p, dirfd, path, op, err)                                   \
   int p##_kind = (path)[0] == '/' ? PROC_DIR_NONE : proc_dir_kind(dirfd);   \
-  ID_WINDOW_IF(p##_kind != PROC_DIR_NONE || strncmp((path), "/proc/", 6) == 0); \
+  ID_WINDOW_IF(p##_kind != PROC_DIR_NONE || ((path)[0] == '/' && proc_path_may_name(path))); \
   char p##_buf[PATH_MAX];                                                    \
   const char *p = at_path_slow(p##_kind, (path), (op), p##_buf);             \
   if (!p) return err

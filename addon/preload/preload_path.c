@@ -1056,15 +1056,16 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
  * those only. buf is scribbled on. */
 static int cow_rule(const char *path, char buf[PATH_MAX]) {
   const char *p = path;
-  if (strncmp(path, "/proc/", 6) == 0 && !(p = proc_path(path, buf))) return 0;
+  if (proc_path_may_name(path) && !(p = proc_path(path, buf))) return 0;
   if (!g_h->instance.redirs || normalize(p, buf) < 0) return 0;
   const struct appshot_redir *r = match(&g_h->instance, buf);
   return r && r->kind == APPSHOT_REDIR_COW;
 }
 
-/* A "/proc/" path, NULL allowed (the kernel answers EFAULT for it). */
+/* A path that may name /proc/<vpid> (proc_path_may_name), NULL allowed
+ * (the kernel answers EFAULT for it). */
 static inline int proc_prefixed(const char *path) {
-  return path && strncmp(path, "/proc/", 6) == 0;
+  return path && path[0] == '/' && proc_path_may_name(path);
 }
 
 const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
@@ -1073,7 +1074,7 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
     return NULL;
   }
   const char *p = path;
-  if (strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.')) {
+  if (proc_path_may_name(path)) {
     p = proc_path(path, buf);
     if (!p) return NULL;
   }
@@ -1491,7 +1492,7 @@ API SYMVER("realpath@@GLIBC_2.3")
 char *appshot_current_realpath(const char *restrict path, char *restrict resolved) {
   ensure_init();
   ID_WINDOW();
-  int proc = g_h && path && (!strncmp(path, "/proc/", 6) || proc_at_hooked(AT_FDCWD, path));
+  int proc = g_h && path && ((path[0] == '/' && proc_path_may_name(path)) || proc_at_hooked(AT_FDCWD, path));
   char *r = proc ? realpath_proc(path, resolved) : REAL(realpath)(path, resolved);
   return virtual_answer(r, resolved, PATH_MAX, ENAMETOOLONG);
 }
