@@ -1704,6 +1704,14 @@ long do_ioctl(int raw, int fd, unsigned long req, void *arg) {
       info->pid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->pid);
       info->tgid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->tgid);
       info->ppid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->ppid);
+      /* A process outside the application (no virtual id): ESRCH, as a
+       * PID namespace answers for one outside it, not a success naming
+       * process 0. Its system ids are not left in the answer. (A parent
+       * outside is 0, as in a namespace.) */
+      if (!info->pid || !info->tgid) {
+        info->pid = info->tgid = info->ppid = 0;
+        return fail(ESRCH);
+      }
     }
     return r;
   }
