@@ -452,9 +452,21 @@ static inline int starts_with_number(const char *path) {
  * "task/" (under /proc/<pid>) may name a process or thread by virtual id.
  * Only then is the directory looked at (proc_at_path): a name of digits
  * under a directory descriptor costs a statfs call (proc_dir_link). */
+/* Whether relative `path` starts with "." (".", "..", "./", "../", or a
+ * hidden name: a false alarm costs a look at the directory) or has a "."
+ * or ".." component: under a directory of /proc it may lead to a process
+ * by its number ("self/../2/stat" under /proc, "../2/stat" under
+ * /proc/self), which the kernel reads as a system PID (proc_at_join). */
+static inline int rel_dotted(const char *path) {
+  if (path[0] == '.') return 1;
+  for (const char *s = path; *s; s++)
+    if (s[0] == '/' && s[1] == '.' && (s[2] == '/' || !s[2] || (s[2] == '.' && (s[3] == '/' || !s[3]))))
+      return 1;
+  return 0;
+}
 static inline int proc_at_hooked(int dirfd, const char *path) {
-  return g_h && path &&
-         (starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5))) &&
+  return g_h && path && path[0] != '/' &&
+         (starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5)) || UNLIKELY(rel_dotted(path))) &&
          (dirfd >= 0 || (dirfd == AT_FDCWD && cwd_in_proc()));
 }
 #define PROC_SUPER_MAGIC 0x9fa0 /* statfs's f_type of /proc */
@@ -468,6 +480,13 @@ HIDDEN int proc_dir_kind(int dirfd);
  * `path`, or buf holding it with the system ids; NULL with errno set
  * (ENOENT: no such virtual id). */
 HIDDEN const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]);
+/* For a relative path with "." or ".." components (rel_dotted) under a
+ * directory of /proc (`dirfd`, AT_FDCWD the working directory): the
+ * directory's name (virtual ids) joined with it, made plain and rewritten
+ * as an absolute path is (proc_path), in buf; `path` itself when the
+ * directory is not in /proc, or is a process outside the application;
+ * NULL with errno. */
+HIDDEN const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 
@@ -741,7 +760,7 @@ static inline int at_path_hooked(int dirfd, const char *path) {
 HIDDEN const char *path_slow(const char *path, int op, char buf[PATH_MAX]);
 /* The same for a path relative to a directory of kind `kind`
  * (proc_dir_kind; PROC_DIR_NONE for an absolute one). */
-HIDDEN const char *at_path_slow(int kind, const char *path, int op, char buf[PATH_MAX]);
+HIDDEN const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf[PATH_MAX]);
 
 /* preload_path.c, for preload_cowfd.c (metadata calls on a descriptor):
  *  - cow_fd_named: whether `name`, absolute (a descriptor's, as the
@@ -785,9 +804,9 @@ HIDDEN long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e);
  * may block for good; neither holds an id). */
 #define SLOW_PATH(p, dirfd, path, op, err)                                   \
   int p##_kind = (path)[0] == '/' ? PROC_DIR_NONE : proc_dir_kind(dirfd);   \
-  ID_WINDOW_IF(p##_kind != PROC_DIR_NONE || ((path)[0] == '/' && proc_path_may_name(path))); \
+  ID_WINDOW_IF((path)[0] == '/' ? proc_path_may_name(path) : p##_kind != PROC_DIR_NONE || rel_dotted(path)); \
   char p##_buf[PATH_MAX];                                                    \
-  const char *p = at_path_slow(p##_kind, (path), (op), p##_buf);             \
+  const char *p = at_path_slow((dirfd), p##_kind, (path), (op), p##_buf);    \
   if (!p) return err
 
 #endif

@@ -1085,8 +1085,12 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
   return r;
 }
 
-const char *at_path_slow(int kind, const char *path, int op, char buf[PATH_MAX]) {
+const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf[PATH_MAX]) {
   if (path[0] == '/') return path_slow(path, op, buf);
+  if (UNLIKELY(rel_dotted(path))) {
+    const char *r = proc_at_join(dirfd, path, buf);
+    if (r != path) return r;
+  }
   return kind != PROC_DIR_NONE ? proc_at_path(kind, path, buf) : path;
 }
 
@@ -1485,7 +1489,7 @@ API char *__getcwd_chk(char *buf, size_t size, size_t buflen) {
  * a redirection's private side). */
 static NOINLINE char *realpath_proc(const char *path, char *resolved) {
   char buf[PATH_MAX];
-  const char *p = path[0] == '/' ? proc_path(path, buf) : proc_at_path(proc_dir_kind(AT_FDCWD), path, buf);
+  const char *p = path[0] == '/' ? proc_path(path, buf) : at_path_slow(AT_FDCWD, proc_dir_kind(AT_FDCWD), path, PATH_READ, buf);
   return p ? REAL(realpath)(p, resolved) : NULL;
 }
 API SYMVER("realpath@@GLIBC_2.3")
@@ -1751,7 +1755,7 @@ static NOINLINE long xattr_slow(int set, int nofollow, const char *path, const c
     if (r == -ENODATA || r == -ENOENT || r == -ENOTDIR || r == -EOPNOTSUPP || r == -ERANGE)
       return libc_ret(r);
   }
-  if (!(p = at_path_slow(p_kind, path, nofollow ? PATH_LATTR : PATH_ATTR, p_buf))) return -1;
+  if (!(p = at_path_slow(AT_FDCWD, p_kind, path, nofollow ? PATH_LATTR : PATH_ATTR, p_buf))) return -1;
   if (set)
     return libc_ret(nofollow ? SYS5(lsetxattr, p, name, value, size, flags)
                              : SYS5(setxattr, p, name, value, size, flags));

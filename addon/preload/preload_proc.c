@@ -17,6 +17,8 @@
 #include <string.h>
 #include <sys/vfs.h>
 
+static size_t decimal_at(const char *s, size_t len, pid_t *out);
+
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
 static int parse_pid(const char **p, pid_t *out) {
@@ -102,6 +104,11 @@ static size_t dotdot(char *out, size_t n) {
   if (n == 1) return 1;                        /* "/..": the root */
   if (n == 6 && !memcmp(out, "/proc/", 6)) return 1; /* /proc/..: "/" */
   if (n < 7 || memcmp(out, "/proc/", 6)) return 0; /* not under /proc */
+  /* /proc/net links to self/net: its parent is /proc/self. */
+  if (n == 10 && !memcmp(out + 6, "net/", 4)) {
+    memcpy(out + 6, "self/", 5);
+    return 11;
+  }
   /* The components after "/proc/": at most four matter. */
   const char *c[5];
   size_t len[5], k = 0;
@@ -305,6 +312,28 @@ const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]) {
   if (path[0] == 't') o = (char *)memcpy(o, "task/", 5) + 5;
   strcpy(put_decimal(o, (unsigned long)stid), q);
   return buf;
+}
+
+const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
+  char dir[64];
+  long n = proc_dir_link(dirfd, dir, sizeof dir);
+  if (n < 0) return path;
+  /* "/proc/<spid>...": the absolute logic takes the virtual ids. A
+   * process outside the application has none: its path as it is. */
+  pid_t spid, vpid;
+  if (n > 6 && decimal_at(dir + 6, (size_t)n - 6, &spid) && !appshot_s2v(g_h, APPSHOT_PID, spid, &vpid)) return path;
+  n = (long)proc_answer_to_virtual(dir, (size_t)n, sizeof dir - 1);
+  size_t len = strlen(path);
+  if ((size_t)n + 1 + len >= PATH_MAX) {
+    errno = ENAMETOOLONG;
+    return NULL;
+  }
+  memcpy(buf, dir, (size_t)n);
+  buf[n] = '/';
+  memcpy(buf + n + 1, path, len + 1);
+  /* No "." or ".." after all (a hidden name): the relative logic. */
+  if (!path_unplain(buf)) return path;
+  return proc_path_unplain(buf, buf);
 }
 
 /* --- Answers that name a process by its system id --------------------------
