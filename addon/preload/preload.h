@@ -474,7 +474,8 @@ static inline int proc_at_hooked(int dirfd, const char *path) {
  * dir[size]: its length, or -1 when it is not /proc or inside it. */
 HIDDEN long proc_dir_link(int dirfd, char *dir, size_t size);
 /* Which directory of /proc `dirfd` is, by its link: one system call. */
-enum { PROC_DIR_NONE, PROC_DIR_ROOT, PROC_DIR_PROCESS, PROC_DIR_TASKS };
+enum { PROC_DIR_NONE, PROC_DIR_ROOT, PROC_DIR_PROCESS, PROC_DIR_TASKS,
+       PROC_DIR_INSIDE /* any other directory inside /proc (fd, net, task/<tid>) */ };
 HIDDEN int proc_dir_kind(int dirfd);
 /* The relative path to hand the kernel under a directory of that kind:
  * `path`, or buf holding it with the system ids; NULL with errno set
@@ -759,7 +760,8 @@ static inline int at_path_hooked(int dirfd, const char *path) {
  * under a copy-on-write rule) maps two pages for its target meanwhile. */
 HIDDEN const char *path_slow(const char *path, int op, char buf[PATH_MAX]);
 /* The same for a path relative to a directory of kind `kind`
- * (proc_dir_kind; PROC_DIR_NONE for an absolute one). */
+ * (proc_dir_kind; PROC_DIR_NONE for an absolute one, or a directory
+ * outside /proc: no system call then). */
 HIDDEN const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf[PATH_MAX]);
 
 /* preload_path.c, for preload_cowfd.c (metadata calls on a descriptor):
@@ -804,7 +806,8 @@ HIDDEN long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e);
  * may block for good; neither holds an id). */
 #define SLOW_PATH(p, dirfd, path, op, err)                                   \
   int p##_kind = (path)[0] == '/' ? PROC_DIR_NONE : proc_dir_kind(dirfd);   \
-  ID_WINDOW_IF((path)[0] == '/' ? proc_path_may_name(path) : p##_kind != PROC_DIR_NONE || rel_dotted(path)); \
+  ID_WINDOW_IF((path)[0] == '/' ? proc_path_may_name(path)                  \
+                                 : p##_kind != PROC_DIR_NONE && (p##_kind != PROC_DIR_INSIDE || rel_dotted(path))); \
   char p##_buf[PATH_MAX];                                                    \
   const char *p = at_path_slow((dirfd), p##_kind, (path), (op), p##_buf);    \
   if (!p) return err

@@ -1087,7 +1087,9 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
 
 const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf[PATH_MAX]) {
   if (path[0] == '/') return path_slow(path, op, buf);
-  if (UNLIKELY(rel_dotted(path))) {
+  /* A directory outside /proc (kind NONE): nothing to join, and no
+   * window was opened for it (SLOW_PATH: an open of a FIFO may block). */
+  if (kind != PROC_DIR_NONE && UNLIKELY(rel_dotted(path))) {
     const char *r = proc_at_join(dirfd, path, buf);
     if (r != path) return r;
   }

@@ -281,9 +281,9 @@ int proc_dir_kind(int dirfd) {
   /* "/proc/<digits>" or "/proc/<digits>/task" */
   const char *d = dir + 5;
   pid_t ignored;
-  if (*d++ != '/' || !parse_pid(&d, &ignored)) return PROC_DIR_NONE;
+  if (*d++ != '/' || !parse_pid(&d, &ignored)) return PROC_DIR_INSIDE;
   if (!*d) return PROC_DIR_PROCESS;
-  return strcmp(d, "/task") ? PROC_DIR_NONE : PROC_DIR_TASKS;
+  return strcmp(d, "/task") ? PROC_DIR_INSIDE : PROC_DIR_TASKS;
 }
 
 const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]) {
