@@ -452,9 +452,21 @@ static inline int starts_with_number(const char *path) {
  * "task/" (under /proc/<pid>) may name a process or thread by virtual id.
  * Only then is the directory looked at (proc_at_path): a name of digits
  * under a directory descriptor costs a statfs call (proc_dir_link). */
+/* Whether relative `path` starts with "." (".", "..", "./", "../", or a
+ * hidden name: a false alarm costs a look at the directory) or has a "."
+ * or ".." component: under a directory of /proc it may lead to a process
+ * by its number ("self/../2/stat" under /proc, "../2/stat" under
+ * /proc/self), which the kernel reads as a system PID (proc_at_join). */
+static inline int rel_dotted(const char *path) {
+  if (path[0] == '.') return 1;
+  for (const char *s = path; *s; s++)
+    if (s[0] == '/' && s[1] == '.' && (s[2] == '/' || !s[2] || (s[2] == '.' && (s[3] == '/' || !s[3]))))
+      return 1;
+  return 0;
+}
 static inline int proc_at_hooked(int dirfd, const char *path) {
-  return g_h && path &&
-         (starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5))) &&
+  return g_h && path && path[0] != '/' &&
+         (starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5)) || UNLIKELY(rel_dotted(path))) &&
          (dirfd >= 0 || (dirfd == AT_FDCWD && cwd_in_proc()));
 }
 #define PROC_SUPER_MAGIC 0x9fa0 /* statfs's f_type of /proc */
@@ -462,12 +474,20 @@ static inline int proc_at_hooked(int dirfd, const char *path) {
  * dir[size]: its length, or -1 when it is not /proc or inside it. */
 HIDDEN long proc_dir_link(int dirfd, char *dir, size_t size);
 /* Which directory of /proc `dirfd` is, by its link: one system call. */
-enum { PROC_DIR_NONE, PROC_DIR_ROOT, PROC_DIR_PROCESS, PROC_DIR_TASKS };
+enum { PROC_DIR_NONE, PROC_DIR_ROOT, PROC_DIR_PROCESS, PROC_DIR_TASKS,
+       PROC_DIR_INSIDE /* any other directory inside /proc (fd, net, task/<tid>) */ };
 HIDDEN int proc_dir_kind(int dirfd);
 /* The relative path to hand the kernel under a directory of that kind:
  * `path`, or buf holding it with the system ids; NULL with errno set
  * (ENOENT: no such virtual id). */
 HIDDEN const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]);
+/* For a relative path with "." or ".." components (rel_dotted) under a
+ * directory of /proc (`dirfd`, AT_FDCWD the working directory): the
+ * directory's name (virtual ids) joined with it, made plain and rewritten
+ * as an absolute path is (proc_path), in buf; `path` itself when the
+ * directory is not in /proc, or is a process outside the application;
+ * NULL with errno. */
+HIDDEN const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 
@@ -687,11 +707,19 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
  * proc_at_hooked). No tables, or no rules and no "/proc/" prefix: a few
  * loads and branches, and the wrapper calls the real function with
  * nothing of ours on its stack. */
+/* Whether absolute `path` may name a file under /proc/<vpid>, which
+ * proc_path rewrites: "/proc/...", and "//proc/<vpid>", "/./proc/<vpid>",
+ * "/../proc/<vpid>" (any path starting "//" or "/."). The one test for
+ * both the rewrite (path_slow) and the translation window it needs
+ * (SLOW_PATH): a path rewritten outside the window would carry a system
+ * PID across a snapshot. */
+static inline int proc_path_may_name(const char *path) {
+  return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.');
+}
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;
   if (LIKELY(!h) || !path || path[0] != '/') return 0;
-  /* "//proc/<vpid>" and "/./proc/<vpid>" name /proc too (proc_path). */
-  return h->instance.redirs || strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.');
+  return h->instance.redirs || proc_path_may_name(path);
 }
 
 /* Whether absolute `path` has a repeated slash, a "." or a ".."
@@ -706,7 +734,8 @@ static inline int path_unplain(const char *path) {
       return 1;
   return 0;
 }
-/* `path` without its repeated slashes and "." components, into out, and
+/* `path` without its repeated slashes and "." components (but a last
+ * one: what the kernel hands the call), into out, and
  * without the ".." components that are sound to take lexically: those
  * after a directory of /proc whose parent is known by its name
  * (/proc/<pid>, self, thread-self, task, task/<tid> and the plain
@@ -731,8 +760,9 @@ static inline int at_path_hooked(int dirfd, const char *path) {
  * under a copy-on-write rule) maps two pages for its target meanwhile. */
 HIDDEN const char *path_slow(const char *path, int op, char buf[PATH_MAX]);
 /* The same for a path relative to a directory of kind `kind`
- * (proc_dir_kind; PROC_DIR_NONE for an absolute one). */
-HIDDEN const char *at_path_slow(int kind, const char *path, int op, char buf[PATH_MAX]);
+ * (proc_dir_kind; PROC_DIR_NONE for an absolute one, or a directory
+ * outside /proc: no system call then). */
+HIDDEN const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf[PATH_MAX]);
 
 /* preload_path.c, for preload_cowfd.c (metadata calls on a descriptor):
  *  - cow_fd_named: whether `name`, absolute (a descriptor's, as the
@@ -776,9 +806,10 @@ HIDDEN long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e);
  * may block for good; neither holds an id). */
 #define SLOW_PATH(p, dirfd, path, op, err)                                   \
   int p##_kind = (path)[0] == '/' ? PROC_DIR_NONE : proc_dir_kind(dirfd);   \
-  ID_WINDOW_IF(p##_kind != PROC_DIR_NONE || strncmp((path), "/proc/", 6) == 0); \
+  ID_WINDOW_IF((path)[0] == '/' ? proc_path_may_name(path)                  \
+                                 : p##_kind != PROC_DIR_NONE && (p##_kind != PROC_DIR_INSIDE || rel_dotted(path))); \
   char p##_buf[PATH_MAX];                                                    \
-  const char *p = at_path_slow(p##_kind, (path), (op), p##_buf);             \
+  const char *p = at_path_slow((dirfd), p##_kind, (path), (op), p##_buf);    \
   if (!p) return err
 
 #endif

@@ -1056,15 +1056,16 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
  * those only. buf is scribbled on. */
 static int cow_rule(const char *path, char buf[PATH_MAX]) {
   const char *p = path;
-  if (strncmp(path, "/proc/", 6) == 0 && !(p = proc_path(path, buf))) return 0;
+  if (proc_path_may_name(path) && !(p = proc_path(path, buf))) return 0;
   if (!g_h->instance.redirs || normalize(p, buf) < 0) return 0;
   const struct appshot_redir *r = match(&g_h->instance, buf);
   return r && r->kind == APPSHOT_REDIR_COW;
 }
 
-/* A "/proc/" path, NULL allowed (the kernel answers EFAULT for it). */
+/* A path that may name /proc/<vpid> (proc_path_may_name), NULL allowed
+ * (the kernel answers EFAULT for it). */
 static inline int proc_prefixed(const char *path) {
-  return path && strncmp(path, "/proc/", 6) == 0;
+  return path && path[0] == '/' && proc_path_may_name(path);
 }
 
 const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
@@ -1073,7 +1074,7 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
     return NULL;
   }
   const char *p = path;
-  if (strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.')) {
+  if (proc_path_may_name(path)) {
     p = proc_path(path, buf);
     if (!p) return NULL;
   }
@@ -1084,8 +1085,14 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
   return r;
 }
 
-const char *at_path_slow(int kind, const char *path, int op, char buf[PATH_MAX]) {
+const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf[PATH_MAX]) {
   if (path[0] == '/') return path_slow(path, op, buf);
+  /* A directory outside /proc (kind NONE): nothing to join, and no
+   * window was opened for it (SLOW_PATH: an open of a FIFO may block). */
+  if (kind != PROC_DIR_NONE && UNLIKELY(rel_dotted(path))) {
+    const char *r = proc_at_join(dirfd, path, buf);
+    if (r != path) return r;
+  }
   return kind != PROC_DIR_NONE ? proc_at_path(kind, path, buf) : path;
 }
 
@@ -1484,14 +1491,14 @@ API char *__getcwd_chk(char *buf, size_t size, size_t buflen) {
  * a redirection's private side). */
 static NOINLINE char *realpath_proc(const char *path, char *resolved) {
   char buf[PATH_MAX];
-  const char *p = path[0] == '/' ? proc_path(path, buf) : proc_at_path(proc_dir_kind(AT_FDCWD), path, buf);
+  const char *p = path[0] == '/' ? proc_path(path, buf) : at_path_slow(AT_FDCWD, proc_dir_kind(AT_FDCWD), path, PATH_READ, buf);
   return p ? REAL(realpath)(p, resolved) : NULL;
 }
 API SYMVER("realpath@@GLIBC_2.3")
 char *appshot_current_realpath(const char *restrict path, char *restrict resolved) {
   ensure_init();
   ID_WINDOW();
-  int proc = g_h && path && (!strncmp(path, "/proc/", 6) || proc_at_hooked(AT_FDCWD, path));
+  int proc = g_h && path && ((path[0] == '/' && proc_path_may_name(path)) || proc_at_hooked(AT_FDCWD, path));
   char *r = proc ? realpath_proc(path, resolved) : REAL(realpath)(path, resolved);
   return virtual_answer(r, resolved, PATH_MAX, ENAMETOOLONG);
 }
@@ -1750,7 +1757,7 @@ static NOINLINE long xattr_slow(int set, int nofollow, const char *path, const c
     if (r == -ENODATA || r == -ENOENT || r == -ENOTDIR || r == -EOPNOTSUPP || r == -ERANGE)
       return libc_ret(r);
   }
-  if (!(p = at_path_slow(p_kind, path, nofollow ? PATH_LATTR : PATH_ATTR, p_buf))) return -1;
+  if (!(p = at_path_slow(AT_FDCWD, p_kind, path, nofollow ? PATH_LATTR : PATH_ATTR, p_buf))) return -1;
   if (set)
     return libc_ret(nofollow ? SYS5(lsetxattr, p, name, value, size, flags)
                              : SYS5(setxattr, p, name, value, size, flags));

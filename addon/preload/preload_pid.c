@@ -42,6 +42,18 @@ static pid_t adopt(pid_t sid) {
   return v >= 0 ? v : sid;
 }
 
+/* Copies n bytes at the caller's address src into dst as the kernel reads
+ * its arguments: 0; -EFAULT when the address does not hold them all (a
+ * plain read would kill the program with SIGSEGV where the kernel answers
+ * EFAULT); another -errno when the system refuses the copy itself (a
+ * seccomp filter may forbid process_vm_readv), for the caller to decide. */
+static long copy_in(void *dst, const void *src, size_t n) {
+  struct iovec here = {dst, n}, there = {(void *)src, n};
+  long r = SYS6(process_vm_readv, SYS0(getpid), &here, 1, &there, 1, 0);
+  if (r == (long)n) return 0;
+  return r >= 0 || r == -EFAULT ? -EFAULT : r;
+}
+
 /* The id of a process to act on (getpgid, sched_*, prlimit...): 0 is the
  * caller, a negative id is the kernel's to refuse. */
 static int proc_arg(pid_t vid, pid_t *sid, int err) {
@@ -397,8 +409,7 @@ long do_clone3_syscall(long args, long size) {
   /* CLONE_ARGS_SIZE_VER0: anything shorter is the kernel's EINVAL. */
   if (!args || size < 64) return libc_ret(appshot_raw_syscall(SYS_clone3, args, size, 0, 0, 0, 0));
   size_t n = (unsigned long)size < sizeof ca ? (size_t)size : sizeof ca;
-  struct iovec here = {&ca, n}, there = {(void *)args, n};
-  if (SYS6(process_vm_readv, SYS0(getpid), &here, 1, &there, 1, 0) != (long)n)
+  if (copy_in(&ca, (const void *)args, n) != 0)
     return libc_ret(appshot_raw_syscall(SYS_clone3, args, size, 0, 0, 0, 0));
   if (ns_refused(ca.flags)) return -1;
   if ((unsigned long)size > sizeof ca || ca.stack || (ca.flags & CLONE3_NOT_A_FORK) ||
@@ -943,8 +954,7 @@ long do_sigqueueinfo(long nr, pid_t tgid, pid_t tid, int sig,
    * would read it: a bad address is the kernel's EFAULT, not our fault. */
   siginfo_t sent;
   pid_t spid;
-  struct iovec here = {&sent, sizeof sent}, there = {info, sizeof sent};
-  if (info && SYS6(process_vm_readv, SYS0(getpid), &here, 1, &there, 1, 0) == (long)sizeof sent &&
+  if (info && copy_in(&sent, info, sizeof sent) == 0 &&
       sent.si_code < 0 && sent.si_pid > 0 && v2s_pid(sent.si_pid, &spid)) {
     sent.si_pid = spid;
     info = &sent;
@@ -1019,6 +1029,8 @@ API pid_t setsid(void) {
   return (pid_t)do_setsid();
 }
 
+static long refuse_set(int fd, unsigned int cmd, int err);
+
 static pid_t tty_id(int fd, unsigned long req) {
   ID_WINDOW();
   ensure_init();
@@ -1034,7 +1046,7 @@ API int tcsetpgrp(int fd, pid_t pgrp) {
   ID_WINDOW();
   ensure_init();
   pid_t sid = pgrp;
-  if (g_h && proc_arg(pgrp, &sid, EPERM)) return (int)fail(EPERM);
+  if (g_h && proc_arg(pgrp, &sid, EPERM)) return (int)refuse_set(fd, TIOCSPGRP, EPERM);
   return (int)libc_ret(SYS3(ioctl, fd, TIOCSPGRP, &sid));
 }
 
@@ -1611,13 +1623,17 @@ struct pidfd_info_ids {
   uint64_t cgroupid;
   uint32_t pid, tgid, ppid;
 };
-static int pidfd_get_info_req(unsigned long req) {
-  return _IOC_TYPE(req) == PIDFS_IOCTL_TYPE && _IOC_NR(req) == PIDFD_GET_INFO_NR &&
-         _IOC_DIR(req) == (_IOC_READ | _IOC_WRITE) && _IOC_SIZE(req) >= PIDFD_INFO_VER0_SIZE;
+static int pidfd_get_info_req(unsigned int cmd) {
+  return _IOC_TYPE(cmd) == PIDFS_IOCTL_TYPE && _IOC_NR(cmd) == PIDFD_GET_INFO_NR &&
+         _IOC_DIR(cmd) == (_IOC_READ | _IOC_WRITE) && _IOC_SIZE(cmd) >= PIDFD_INFO_VER0_SIZE;
 }
 
+/* The kernel takes the request as an unsigned int (the upper half of a
+ * long one is dropped: syscall(SYS_ioctl, s, FIOGETOWN | 1L << 32, &v)
+ * is FIOGETOWN), and so is it compared here. */
 static int pid_ioctl(unsigned long req) {
-  switch (req) {
+  unsigned int cmd = (unsigned int)req;
+  switch (cmd) {
     case TIOCGPGRP:
     case TIOCSPGRP:
     case TIOCGSID:
@@ -1626,7 +1642,31 @@ static int pid_ioctl(unsigned long req) {
     case FIOGETOWN:
     case SIOCGPGRP: return 1;
   }
-  return UNLIKELY(pidfd_get_info_req(req));
+  return UNLIKELY(pidfd_get_info_req(cmd));
+}
+
+/* A setter refused here (its id not the application's, or not readable)
+ * fails as the kernel would have failed it first: on a descriptor that is
+ * not one the request is for (not a terminal, not the caller's
+ * controlling one, not a socket: ENOTTY; a closed one: EBADF), which
+ * the kernel checks before it reads the id. The matching getter on the
+ * same descriptor gives those errors, and only those: one system call,
+ * on the refusal only. Otherwise `err`. */
+static long refuse_set(int fd, unsigned int cmd, int err) {
+  unsigned int get = cmd == TIOCSPGRP ? TIOCGPGRP : cmd == FIOSETOWN ? FIOGETOWN : SIOCGPGRP;
+  pid_t ignored;
+  long r = SYS3(ioctl, fd, get, &ignored);
+  return fail(r < 0 ? (int)-r : err);
+}
+
+/* The id a setter is given at arg, read as the kernel reads it: 0, or the
+ * errno to fail with (EFAULT). Where the copy is refused (seccomp), a
+ * plain read, as before there was a copy. */
+static int read_id_arg(const pid_t *arg, pid_t *id) {
+  long r = copy_in(id, arg, sizeof *id);
+  if (r == -EFAULT) return EFAULT;
+  if (r < 0) *id = *arg;
+  return 0;
 }
 
 /* glibc's ioctl, or the bare call for syscall() (and before init). */
@@ -1639,21 +1679,23 @@ static long ioctl_call(int raw, int fd, unsigned long req, void *arg) {
 long do_ioctl(int raw, int fd, unsigned long req, void *arg) {
   if (!g_h || !pid_ioctl(req) || !arg) return ioctl_call(raw, fd, req, arg);
   ID_WINDOW();
-  pid_t *id = arg, sid;
-  switch (req) {
+  unsigned int cmd = (unsigned int)req;
+  pid_t *id = arg, given, sid;
+  int err;
+  switch (cmd) {
     case TIOCSPGRP: /* as tcsetpgrp: a group the tables do not know is EPERM */
-      if (proc_arg(*id, &sid, EPERM)) return fail(EPERM);
+      if ((err = read_id_arg(id, &given)) || (err = proc_arg(given, &sid, EPERM))) return refuse_set(fd, cmd, err);
       return ioctl_call(raw, fd, req, &sid);
     case FIOSETOWN:
     case SIOCSPGRP: /* as F_SETOWN */
-      if (owner_arg(*id, &sid)) return fail(ESRCH);
+      if ((err = read_id_arg(id, &given)) || (err = owner_arg(given, &sid))) return refuse_set(fd, cmd, err);
       return ioctl_call(raw, fd, req, &sid);
   }
   /* An answer: in place, once the kernel wrote it (a bad address is its
    * EFAULT, not our fault). */
   long r = ioctl_call(raw, fd, req, arg);
   if (r != 0) return r;
-  if (pidfd_get_info_req(req)) {
+  if (pidfd_get_info_req(cmd)) {
     /* Only a pidfd's: another driver may number a request of its own so
      * (one system call, on this rare request only). */
     struct statfs sf;
@@ -1662,10 +1704,18 @@ long do_ioctl(int raw, int fd, unsigned long req, void *arg) {
       info->pid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->pid);
       info->tgid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->tgid);
       info->ppid = (uint32_t)s2v_or0(APPSHOT_PID, (int32_t)info->ppid);
+      /* A process outside the application (no virtual id): ESRCH, as a
+       * PID namespace answers for one outside it, not a success naming
+       * process 0. Its system ids are not left in the answer. (A parent
+       * outside is 0, as in a namespace.) */
+      if (!info->pid || !info->tgid) {
+        info->pid = info->tgid = info->ppid = 0;
+        return fail(ESRCH);
+      }
     }
     return r;
   }
-  *id = req == TIOCGPGRP || req == TIOCGSID ? s2v_or0(APPSHOT_PID, *id) : owner_answer(*id);
+  *id = cmd == TIOCGPGRP || cmd == TIOCGSID ? s2v_or0(APPSHOT_PID, *id) : owner_answer(*id);
   return r;
 }
 

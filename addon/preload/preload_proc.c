@@ -17,6 +17,8 @@
 #include <string.h>
 #include <sys/vfs.h>
 
+static size_t decimal_at(const char *s, size_t len, pid_t *out);
+
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
 static int parse_pid(const char **p, pid_t *out) {
@@ -102,6 +104,11 @@ static size_t dotdot(char *out, size_t n) {
   if (n == 1) return 1;                        /* "/..": the root */
   if (n == 6 && !memcmp(out, "/proc/", 6)) return 1; /* /proc/..: "/" */
   if (n < 7 || memcmp(out, "/proc/", 6)) return 0; /* not under /proc */
+  /* /proc/net links to self/net: its parent is /proc/self. */
+  if (n == 10 && !memcmp(out + 6, "net/", 4)) {
+    memcpy(out + 6, "self/", 5);
+    return 11;
+  }
   /* The components after "/proc/": at most four matter. */
   const char *c[5];
   size_t len[5], k = 0;
@@ -144,8 +151,15 @@ int plain_path(const char *path, char out[PATH_MAX]) {
       continue;
     }
     if (s[0] == '.' && n && out[n - 1] == '/' && (s[1] == '/' || s[1] == '\0')) {
-      s += s[1] ? 2 : 1; /* a "." component */
-      continue;
+      /* A "." component, taken out unless it is the last one: the kernel
+       * hands that one to the call (rmdir "x/." is EINVAL, mkdir EEXIST),
+       * and the plain path is what the kernel gets (proc_path). */
+      const char *t = s + 1;
+      while (*t == '/') t++;
+      if (*t) {
+        s = t;
+        continue;
+      }
     }
     if (!kept && s[0] == '.' && s[1] == '.' && n && out[n - 1] == '/' && (s[2] == '/' || s[2] == '\0')) {
       size_t up = dotdot(out, n);
@@ -159,7 +173,6 @@ int plain_path(const char *path, char out[PATH_MAX]) {
     if (n == PATH_MAX - 1) return 0;
     out[n++] = *s++;
   }
-  /* "/proc/2/." is the directory: "/proc/2/" says the same. */
   out[n] = '\0';
   return 1;
 }
@@ -184,16 +197,21 @@ static const char *proc_path_plain(const char *path, char buf[PATH_MAX]) {
 }
 
 /* proc_path of a path with repeated slashes, "." or ".." components: of
- * the plain path, the answer the rewritten one, or `path` itself if
- * nothing was rewritten. Its own frame: the plain copy costs the stack
- * only here (a signal handler on a small alternate stack may open a /proc
- * path). The plain path may still hold a ".." (one kept for the kernel):
- * not made plain again. */
+ * the plain path, the answer the rewritten one, or else the plain path
+ * itself (in buf). Never `path`: a ".." taken out lexically after a
+ * virtual id ("/proc/<vpid>/../self/stat", "/proc/self/task/<vtid>/..")
+ * leaves a plain path with no id to rewrite, while the original still
+ * names the virtual id, which the kernel would look up as a system one
+ * (no such process, or an unrelated one). Its own frame: the plain copy
+ * costs the stack only here (a signal handler on a small alternate stack
+ * may open a /proc path). The plain path may still hold a ".." (one kept
+ * for the kernel): not made plain again. */
 static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX]) {
   char plain[PATH_MAX];
-  if (!plain_path(path, plain) || strncmp(plain, "/proc/", 6) != 0) return path;
-  const char *r = proc_path_plain(plain, buf);
-  return r == plain ? path : r;
+  if (!plain_path(path, plain)) return path; /* too long: the kernel says so */
+  const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
+  if (!r || r == buf) return r;
+  return strcpy(buf, plain);
 }
 
 /* Returns the path to hand to the kernel: `path` itself, or `buf` holding
@@ -263,9 +281,9 @@ int proc_dir_kind(int dirfd) {
   /* "/proc/<digits>" or "/proc/<digits>/task" */
   const char *d = dir + 5;
   pid_t ignored;
-  if (*d++ != '/' || !parse_pid(&d, &ignored)) return PROC_DIR_NONE;
+  if (*d++ != '/' || !parse_pid(&d, &ignored)) return PROC_DIR_INSIDE;
   if (!*d) return PROC_DIR_PROCESS;
-  return strcmp(d, "/task") ? PROC_DIR_NONE : PROC_DIR_TASKS;
+  return strcmp(d, "/task") ? PROC_DIR_INSIDE : PROC_DIR_TASKS;
 }
 
 const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]) {
@@ -294,6 +312,28 @@ const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]) {
   if (path[0] == 't') o = (char *)memcpy(o, "task/", 5) + 5;
   strcpy(put_decimal(o, (unsigned long)stid), q);
   return buf;
+}
+
+const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
+  char dir[64];
+  long n = proc_dir_link(dirfd, dir, sizeof dir);
+  if (n < 0) return path;
+  /* "/proc/<spid>...": the absolute logic takes the virtual ids. A
+   * process outside the application has none: its path as it is. */
+  pid_t spid, vpid;
+  if (n > 6 && decimal_at(dir + 6, (size_t)n - 6, &spid) && !appshot_s2v(g_h, APPSHOT_PID, spid, &vpid)) return path;
+  n = (long)proc_answer_to_virtual(dir, (size_t)n, sizeof dir - 1);
+  size_t len = strlen(path);
+  if ((size_t)n + 1 + len >= PATH_MAX) {
+    errno = ENAMETOOLONG;
+    return NULL;
+  }
+  memcpy(buf, dir, (size_t)n);
+  buf[n] = '/';
+  memcpy(buf + n + 1, path, len + 1);
+  /* No "." or ".." after all (a hidden name): the relative logic. */
+  if (!path_unplain(buf)) return path;
+  return proc_path_unplain(buf, buf);
 }
 
 /* --- Answers that name a process by its system id --------------------------

@@ -492,7 +492,11 @@ static NOINLINE enum view view_of_at(int dirfd, const char *path) {
   char full[512];
   long n = proc_dir_link(dirfd, full, 256);
   size_t len = strlen(path);
-  if (n < 0 || (size_t)n + 1 + len >= sizeof full) return VIEW_NONE;
+  if (n < 0) return VIEW_NONE;
+  /* The link names the system ids, the absolute logic ("..", known by
+   * virtual id) wants the virtual ones: "../2/stat" under /proc/self. */
+  n = (long)proc_answer_to_virtual(full, (size_t)n, 255);
+  if ((size_t)n + 1 + len >= sizeof full) return VIEW_NONE;
   full[n] = '/';
   memcpy(full + n + 1, path, len + 1);
   return view_of_name(full);
