@@ -689,10 +689,10 @@ describe('PostgreSQL 15', { timeout: 180_000 }, () => {
     await waitFor(pgReady(port), 20_000, 'PostgreSQL to answer');
     psql(port, 'create table t as select g as id, md5(g::text) as v from generate_series(1, 10000) g');
     psql(port, 'checkpoint');
-    run(['snapshot', 'pgt', '-o', join(data, 'snap')]);
-    run(['template', 'create', join(data, 'snap'), '-o', join(data, 'tpl')]);
+    run(['snapshot', 'pgt', '-o', `${data}.snap`]);
+    run(['template', 'create', `${data}.snap`, '-o', `${data}.tpl`]);
     const before = treeDigest(join(data, 'db'));
-    run(['clone', join(data, 'tpl'), '--aid', 'pgc', '-n', '3']);
+    run(['clone', `${data}.tpl`, '--aid', 'pgc', '-n', '3']);
     const ports = ['pgc-1', 'pgc-2', 'pgc-3'].map((aid) => Number(sb.run(['port', aid, String(port)]).stdout.trim()));
     expect(new Set(ports).size).toBe(3);
     for (const p of ports) await waitFor(pgReady(p), 20_000, `clone on port ${p} to answer`);
@@ -714,7 +714,7 @@ describe('PostgreSQL 15', { timeout: 180_000 }, () => {
     for (const aid of ['pgc-1', 'pgc-2', 'pgc-3']) run(['rm', '-f', aid]);
     // Ended, they took nothing of the template with them: it clones again.
     expect(treeDigest(join(data, 'db'))).toEqual(before);
-    run(['clone', join(data, 'tpl'), '--aid', 'pgd']);
+    run(['clone', `${data}.tpl`, '--aid', 'pgd']);
     const again = Number(sb.run(['port', 'pgd', String(port)]).stdout.trim());
     await waitFor(pgReady(again), 20_000, 'a new clone to answer');
     expect(psql(again, 'select count(*) from t')).toBe('10000');
@@ -757,11 +757,11 @@ describe('PostgreSQL 15', { timeout: 180_000 }, () => {
     try {
       session.stdin.write("begin;\ninsert into t values (1);\n\\echo step 1\n");
       await waitFor(() => said.includes('step 1'), 10_000, 'the session to begin its transaction');
-      run(['snapshot', 'pgs', '-o', join(data, 'snap')]);
-      expect(sb.run(['inspect', join(data, 'snap')]).stdout).toMatch(/unix stream connection to a process outside, held by appshot-keeper/);
+      run(['snapshot', 'pgs', '-o', `${data}.snap`]);
+      expect(sb.run(['inspect', `${data}.snap`]).stdout).toMatch(/unix stream connection to a process outside, held by appshot-keeper/);
       // Asked while PostgreSQL is gone: the question waits in the socket.
       session.stdin.write("insert into t values (2);\nselect count(*) from t;\n\\echo step 2\n");
-      run(['restore', join(data, 'snap')]);
+      run(['restore', `${data}.snap`]);
       await waitFor(() => said.includes('step 2'), 20_000, 'the session to be answered after the restore');
       session.stdin.write("commit;\n\\echo step 3\n");
       await waitFor(() => said.includes('step 3'), 10_000, 'the commit');
@@ -1173,14 +1173,14 @@ describe('MariaDB 10.11 (InnoDB on io_uring)', { timeout: 180_000 }, () => {
     client.stdin.write("select 'c1', v from k where id = 1;\n");
     await waitFor(() => /c1\tbefore/.test(answers), 20_000, 'the client\'s first answer');
     const before = ring();
-    run(['snapshot', 'mdb', '-o', join(data, 'snap')]);
+    run(['snapshot', 'mdb', '-o', `${data}.snap`]);
     // The ring as the image holds it: InnoDB may have written meanwhile.
-    const held = /(\d+)\s+IO_URING\s+io_uring (\d+)\/(\d+) entries, (\d+) SQEs consumed, 0 queued, 0 CQEs not reaped/.exec(sb.run(['inspect', join(data, 'snap')]).stdout);
+    const held = /(\d+)\s+IO_URING\s+io_uring (\d+)\/(\d+) entries, (\d+) SQEs consumed, 0 queued, 0 CQEs not reaped/.exec(sb.run(['inspect', `${data}.snap`]).stdout);
     expect(held, 'the ring in the image').not.toBeNull();
     expect(held![1]).toBe(before.fd);
     const consumed = Number(held![4]);
     expect(consumed).toBeGreaterThanOrEqual(before.sqHead);
-    run(['restore', join(data, 'snap')]);
+    run(['restore', `${data}.snap`]);
     // Its counters where they were (or moved on by InnoDB since), the
     // kernel's and the mapping's one.
     const after = ring();
