@@ -138,7 +138,7 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   try {
     const config = runConfig(rules, record.aid);
     // Before any is made: another instance's rm leaves what it made
-    // while this one leads into it (registry.ts removeMadeRedirTargets).
+    // while this one leads into it (registry.ts releaseRedirTargets).
     const leaves = redirLeaves(config.redirs);
     if (leaves.length) {
       record.redirLeaves = leaves;

@@ -66,7 +66,7 @@ export interface AppRecord {
   madeDirs?: MadeDir[];
   /** The directories its REDIR PATH targets lead into, made for it or
    * not (paths.ts redirLeaves): while it is registered, no other's rm
-   * removes one of them (removeMadeRedirTargets). */
+   * removes one of them (releaseRedirTargets). */
   redirLeaves?: string[];
   /** The `appshot run` (or restore, or clone) that registered it, until
    * the supervisor is known; in the engine, also the request
@@ -959,7 +959,7 @@ export class LocalRegistry implements Registry {
    * read too late to be seen finds the directory gone and makes its own.
    */
   releaseRedirTargets(made: MadeDir[], going: Iterable<string>): void {
-    const marks = join(this.home, 'redirs');
+    const marks = this.redirsDir;
     if (!made.length && !existsSync(marks)) return;
     this.withRedirsLocked(() => {
       const markOf = (leaf: string) => join(marks, createHash('sha256').update(leaf).digest('hex').slice(0, 40));
@@ -1002,10 +1002,14 @@ export class LocalRegistry implements Registry {
     return this.withRedirsLocked(() => prepareRedirTargets(redirs));
   }
 
+  /** The marks of REDIR PATH directories kept for others, and their lock. */
+  private get redirsDir(): string {
+    return join(this.home, 'redirs');
+  }
+
   private withRedirsLocked<T>(fn: () => T): T {
-    const marks = join(this.home, 'redirs');
-    mkdirSync(marks, { recursive: true, mode: 0o700 });
-    const lock = addon().lockFile(join(marks, '.lock'));
+    mkdirSync(this.redirsDir, { recursive: true, mode: 0o700 });
+    const lock = addon().lockFile(join(this.redirsDir, '.lock'));
     try {
       return fn();
     } finally {

@@ -164,7 +164,7 @@ export function dumpNetlink(pid: number, fd: number, dup: number, ino: bigint, t
   const refused = REFUSED.get(protocol);
   if (!ACCEPTED.has(protocol))
     throw new Unsupported(`${what} fd ${fd}: a ${name} socket cannot be captured${refused ? `: ${refused[1]}` : ' (only NETLINK_ROUTE, NETLINK_SOCK_DIAG and NETLINK_KOBJECT_UEVENT are)'}`);
-  const portId = seen?.portid ?? new DataView(addon().sockName(dup).buffer).getUint32(4, true);
+  const portId = seen?.portid ?? boundPortId(dup);
   const where = `${what} fd ${fd}: the ${name} socket${portId ? ` of port id ${portId}` : ' (unbound)'}`;
   const groups = memberships(dup);
   if (protocol === NETLINK_AUDIT) refuseAuditState(pid, groups, where);
@@ -240,6 +240,12 @@ function refuseAuditState(pid: number, groups: number[], where: string): void {
     throw new Unsupported(`${where}: whether its process is the audit daemon cannot be told (${(e as Error).message}: AUDIT_GET needs CAP_AUDIT_CONTROL)`);
   }
   if (daemon !== 0 && daemon === pid) throw new Unsupported(`${where} is held by the audit daemon (the kernel registers the daemon by its PID and port id and sends it every record, which cannot be captured)`);
+}
+
+/** The port id netlink socket `fd` is bound to (its sockaddr_nl's
+ * nl_pid), 0 if never bound. */
+export function boundPortId(fd: number): number {
+  return new DataView(addon().sockName(fd).buffer).getUint32(4, true);
 }
 
 const SO_NETNS_COOKIE = 71;
@@ -329,7 +335,7 @@ function make(h: RestoreContext, s: Socket, what: string, owner: InodeOwner | un
         taken ? ExitCode.conflict : undefined,
       );
     }
-    const bound = new DataView(addon().sockName(sock).buffer).getUint32(4, true);
+    const bound = boundPortId(sock);
     if (bound !== n.portId) throw new AppshotError(`${where}: bound to port id ${bound} instead`);
   }
   for (const g of n.groups) {

@@ -180,7 +180,8 @@ function redirLeaf(r: InstanceConfig['redirs'][number]): string {
 /** The directories an instance's REDIR PATH targets lead into (those
  * prepareRedirTargets makes, or finds made): recorded with its
  * registration, so that the removal of another instance leaves a
- * directory it made while this one still uses it (sharedRedirTargets). A
+ * directory it made while this one still uses it (registry.ts
+ * releaseRedirTargets). A
  * target that is not plain is left out (prepareRedirTargets refuses it). */
 export function redirLeaves(redirs: InstanceConfig['redirs']): string[] {
   return [...new Set(redirs.filter((r) => r.kind === 'path' && plainAbsolute(r.to)).map(redirLeaf))];

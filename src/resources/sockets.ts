@@ -40,7 +40,7 @@ import { type DumpContext, nameProcess, type RestoreContext, Unsupported, writeW
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
-import { AF_NETLINK, dumpNetlink, netlinkTable } from './netlink.js';
+import { AF_NETLINK, boundPortId, dumpNetlink, netlinkTable } from './netlink.js';
 import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile.js';
 import { socketHolderIdentities } from './fsident.js';
 import { ownerFor } from './files.js';
@@ -124,13 +124,15 @@ export class SocketTable {
   private tcp = new Map<bigint, InetEntry & { backlog: number; neverConnected: boolean }>();
   private unix = new Map<bigint, UnixEntry>();
   private diag = new Map<bigint, UnixSocketInfo>();
-  private udp = new Map<bigint, SeenUdp>();
+  /** Per UDP socket: its unsent bytes (/proc/net/udp's tx_queue) and its
+   * shutdown state (sock_diag), from two tables read apart. */
+  private udpTxQueue = new Map<bigint, number>();
   private udpShutdown = new Map<bigint, number>();
   /** Times each kind's tables were read again (REREADS at most, for the
    * whole snapshot: every entry of every read is kept, so one socket's
    * rereads serve the others missing from the first read, and sockets
    * rightly absent, many or not, cost no more than that). */
-  private rereads = { unix: 0, udp: 0, netlink: 0 };
+  private readonly rereads = { unix: 0, udp: 0, netlink: 0 };
   private unixLoaded = false;
   private udpLoaded = false;
   /** netlink_diag's table, read when the first netlink socket is. */
@@ -171,10 +173,7 @@ export class SocketTable {
    * is read again (see REREADS) before its absence is believed. */
   private unixOf(ino: bigint): { u: UnixEntry | undefined; d: UnixSocketInfo | undefined } {
     this.loadUnix();
-    while (!(this.unix.has(ino) && this.diag.has(ino)) && this.rereads.unix < REREADS) {
-      this.rereads.unix++;
-      this.readUnix(!this.diag.has(ino), !this.unix.has(ino));
-    }
+    this.readAgainWhile('unix', () => !(this.unix.has(ino) && this.diag.has(ino)), () => this.readUnix(!this.diag.has(ino), !this.unix.has(ino)));
     return { u: this.unix.get(ino), d: this.diag.get(ino) };
   }
 
@@ -199,7 +198,7 @@ export class SocketTable {
       for (const line of text.split('\n').slice(1)) {
         const f = line.trim().split(/\s+/);
         if (f.length < 10) continue;
-        this.udp.set(BigInt(f[9]), { txQueue: parseInt(f[4].split(':')[0], 16), shutdown: 0 });
+        this.udpTxQueue.set(BigInt(f[9]), parseInt(f[4].split(':')[0], 16));
       }
     }
   }
@@ -214,12 +213,9 @@ export class SocketTable {
       const a = addon().sockName(dup);
       return a.length >= 4 && a.readUInt16BE(2) !== 0;
     };
-    while (!(this.udp.has(ino) && this.udpShutdown.has(ino)) && this.rereads.udp < REREADS && bound()) {
-      this.rereads.udp++;
-      this.readUdp();
-    }
-    const seen = this.udp.get(ino);
-    return seen && { ...seen, shutdown: this.udpShutdown.get(ino) ?? 0 };
+    this.readAgainWhile('udp', () => !(this.udpTxQueue.has(ino) && this.udpShutdown.has(ino)) && bound(), () => this.readUdp());
+    const txQueue = this.udpTxQueue.get(ino);
+    return txQueue === undefined ? undefined : { txQueue, shutdown: this.udpShutdown.get(ino) ?? 0 };
   }
 
   /** What netlink_diag says of netlink socket `ino` (`dup`), read again
@@ -227,12 +223,20 @@ export class SocketTable {
    * in the table. */
   private netlinkOf(dup: number, ino: bigint): NetlinkSeen | undefined {
     this.netlink ??= netlinkTable();
-    const bound = () => new DataView(addon().sockName(dup).buffer).getUint32(4, true) !== 0;
-    while (!this.netlink.has(ino) && this.rereads.netlink < REREADS && bound()) {
-      this.rereads.netlink++;
-      for (const [k, v] of netlinkTable()) if (!this.netlink.has(k)) this.netlink.set(k, v);
+    const table = this.netlink;
+    this.readAgainWhile('netlink', () => !table.has(ino) && boundPortId(dup) !== 0, () => {
+      for (const [k, v] of netlinkTable()) if (!table.has(k)) table.set(k, v);
+    });
+    return table.get(ino);
+  }
+
+  /** `read` again while `missing`, as long as this snapshot's rereads of
+   * that kind's tables are below REREADS. */
+  private readAgainWhile(kind: keyof SocketTable['rereads'], missing: () => boolean, read: () => void): void {
+    while (this.rereads[kind] < REREADS && missing()) {
+      this.rereads[kind]++;
+      read();
     }
-    return this.netlink.get(ino);
   }
 
   /** The duplicate of each socket asked about (by inode), until the dump
