@@ -217,11 +217,18 @@ export class Freezer {
       }
       if (code === 'EPERM' && tracer)
         throw new AppshotError(`process ${this.vpidOf(pid) || `(system PID ${pid})`} is being traced by process ${tracer} (a debugger, or another snapshot); the application was left running`, ExitCode.conflict);
-      if (code === 'EPERM' && !existsSync(`/proc/${tid}`)) return undefined;
-      // A zombie (exited, not yet waited for) cannot be traced, and has no
-      // state but its exit status: it is left out, and its parent's wait
-      // after a restore finds no such child.
-      if (code === 'EPERM' && readStat(tid)?.state === 'Z') return undefined;
+      // The kernel refuses a task that has begun to exit (its exit state
+      // set) with EPERM, not ESRCH: a zombie (exited, not yet waited for),
+      // or one dead and being reaped ('X': a thread, or a child whose
+      // parent takes no SIGCHLD), which a moment later is gone, so that
+      // its /proc entry may vanish between two reads here (seen once in
+      // a fork storm: there, then no stat). Neither has state but an exit
+      // status: it is left out, and its parent's wait after a restore
+      // finds no such child.
+      if (code === 'EPERM') {
+        const state = readStat(tid)?.state;
+        if (state === undefined || state === 'Z' || state === 'X') return undefined;
+      }
       throw e;
     }
     this.threads.set(tid, t);
