@@ -349,6 +349,34 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore walks a process\'s own
     await ended('pcheld');
   });
 
+  it("a log a root master opened in a directory only root may enter, held by its worker run as nobody (apache2's error log): restored, the worker writing through it", async () => {
+    // The worker's name is looked at as the worker (refused: it cannot
+    // enter the directory), then as the application's other identity, the
+    // root master, with O_PATH. That second look failed with EINVAL
+    // (openat2 takes nothing beside O_PATH that open(2) drops), and every
+    // apache2 in Debian's configuration with it.
+    const d = mkdtempSync(join(out, 'master-log-'));
+    const f = join(d, 'error.log');
+    writeFileSync(f, '', { mode: 0o640 });
+    await start('pcmaster', ['sh', '-c', `exec 3>>${f}; ${asNobody.join(' ')} sh -c 'echo READY; while sleep 0.05; do echo tick >&3; done' & exec sleep 100000`]);
+    await waitFor(() => /READY/.test(sb.log('pcmaster')) && statSync(f).size > 0, 10_000, 'the worker to write through its descriptor');
+    const image = join(out, 'pcmaster.img');
+    await run(['snapshot', 'pcmaster', '-o', image]);
+    await waitFor(() => !sb.aids().includes('pcmaster'), 10_000, 'pcmaster to end');
+
+    await run(['restore', image]);
+    // The master is process 2 (the root sh, exec'd as sleep), the worker 3.
+    const worker = sb.systemPid('pcmaster', 3);
+    expect(readFileSync(`/proc/${worker}/status`, 'utf8')).toMatch(new RegExp(`^Uid:\\t${NOBODY}\\t${NOBODY}\\t${NOBODY}\\t${NOBODY}$`, 'm'));
+    expect(readFileSync(`/proc/${sb.systemPid('pcmaster')}/status`, 'utf8')).toMatch(/^Uid:\t0\t0\t0\t0$/m);
+    const held = statSync(`/proc/${worker}/fd/3`, { bigint: true });
+    const file = statSync(f, { bigint: true });
+    expect([held.dev, held.ino]).toEqual([file.dev, file.ino]);
+    const size = statSync(f).size;
+    await waitFor(() => statSync(f).size > size, 10_000, 'the restored worker to write through it again');
+    await stopped('pcmaster');
+  });
+
   it("a pipe and a unix socketpair a process made as root before it became nobody keep root as owner and peer from this node's own snapshot; under another node's key they are the process's own, and the restore says so", async () => {
     await start('pcowner', [fixture('inodeowner'), 'drop']);
     await checksPass('pcowner');

@@ -60,6 +60,12 @@ int fsident_open(const char* path, int flags, unsigned mode) {
     int fd = open(path, flags, mode);
     return fd < 0 ? -errno : fd;
   }
+  /* open(2) drops whatever O_PATH does not take (O_NONBLOCK, O_NOCTTY,
+   * O_APPEND...); openat2 refuses them with EINVAL. As open(2) does, then:
+   * else a second identity's look at a name (an O_PATH probe) fails where
+   * the first's was refused (apache2's workers, which hold the error log
+   * root opened in a directory they cannot search). */
+  if (flags & O_PATH) flags &= O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
   struct open_how how = {.flags = (uint64_t)flags, .mode = (flags & (O_CREAT | O_TMPFILE)) ? mode : 0, .resolve = RESOLVE_NO_SYMLINKS};
   int fd = (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
   /* A symlink on the way: refused as this identity, as the holder's was. */
