@@ -47,6 +47,7 @@ declare -A needs=(
   [/usr/sbin/vsftpd]=vsftpd
   [/usr/sbin/squid]=squid
   [/usr/sbin/lighttpd]=lighttpd
+  [/usr/sbin/apache2]=apache2
   [/usr/bin/dbus-daemon]=dbus-daemon
   [/usr/bin/dbus-send]=dbus-bin
   [/usr/bin/dbus-monitor]=dbus-bin

@@ -807,6 +807,7 @@ const GUNICORN = '/usr/bin/gunicorn';
 const VSFTPD = '/usr/sbin/vsftpd';
 const SQUID = '/usr/sbin/squid';
 const LIGHTTPD = '/usr/sbin/lighttpd';
+const APACHE2 = '/usr/sbin/apache2';
 const DBUS_DAEMON = '/usr/bin/dbus-daemon';
 const DBUS_SEND = '/usr/bin/dbus-send';
 const DBUS_MONITOR = '/usr/bin/dbus-monitor';
@@ -1135,6 +1136,61 @@ print(f.quit().split()[0], flush=True)
       }
     } finally {
       sb.run(['stop', 'lt', '-s', 'KILL']);
+    }
+  });
+
+  it.runIf(isRoot && existsSync(APACHE2))("apache2 with Debian's modules (mpm_event; workers as www-data holding the error log root opened in a directory only root and adm may enter): a keep-alive client carries on", async () => {
+    // The workers' error log was opened by the root master in a 0750
+    // root:adm directory, as /var/log/apache2 is: the restore's look at
+    // it as the application's root failed (EINVAL) and every apache2 was
+    // refused.
+    const port = more + 1;
+    const d = join(dir, 'apache2');
+    mkdirSync(join(d, 'www'), { recursive: true });
+    mkdirSync(join(d, 'run'));
+    mkdirSync(join(d, 'log'), { mode: 0o750 });
+    chownSync(join(d, 'log'), 0, Number(spawnSync('getent', ['group', 'adm'], { encoding: 'utf8' }).stdout.split(':')[2]));
+    writeFileSync(join(d, 'www', 'index.html'), 'apache2 page\n');
+    writeFileSync(
+      join(d, 'apache2.conf'),
+      [
+        'ServerRoot "/etc/apache2"',
+        `DefaultRuntimeDir ${join(d, 'run')}`,
+        `PidFile ${join(d, 'run', 'apache2.pid')}`,
+        'KeepAlive On',
+        'KeepAliveTimeout 300',
+        'User www-data',
+        'Group www-data',
+        `ErrorLog ${join(d, 'log', 'error.log')}`,
+        'LogLevel warn',
+        'IncludeOptional mods-enabled/*.load',
+        'IncludeOptional mods-enabled/*.conf',
+        `Listen 127.0.0.1:${port}`,
+        'ServerName localhost',
+        `DocumentRoot ${join(d, 'www')}`,
+        `<Directory ${join(d, 'www')}>`,
+        '  Require all granted',
+        '</Directory>',
+        '',
+      ].join('\n'),
+    );
+    run(['run', '-d', '--aid', 'ap2', '--', APACHE2, '-f', join(d, 'apache2.conf'), '-D', 'FOREGROUND']);
+    try {
+      await waitForHttp(port);
+      await waitFor(() => processes('ap2').length >= 3, 10_000, 'the master and its workers');
+      const before = identities('ap2');
+      expect([...before.values()].filter((i) => i.Uid.split('\t')[0] !== '0').length, 'workers not root').toBeGreaterThanOrEqual(2);
+      const client = await KeepAlive.open(port);
+      expect(await client.get('/')).toBe('apache2 page\n');
+      run(['snapshot', 'ap2', '-o', join(dir, 'ap2.snap')]);
+      run(['restore', join(dir, 'ap2.snap')]);
+      expect(await client.get('/')).toBe('apache2 page\n');
+      expect(client.connects).toBe(1);
+      client.socket.destroy();
+      expect((await httpGet(port)).body).toBe('apache2 page\n');
+      expect(identities('ap2')).toEqual(before);
+    } finally {
+      sb.run(['stop', 'ap2', '-s', 'KILL']);
     }
   });
 });
