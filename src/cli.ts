@@ -550,8 +550,12 @@ export function buildProgram(): Command {
         );
         if (result.keptConnections) {
           const k = result.keptConnections;
+          const what = [
+            ...(k.held ? [`${k.held} connection${k.held > 1 ? 's' : ''}`] : []),
+            ...(k.waiting ? [`${k.waiting} connection${k.waiting > 1 ? 's' : ''} not yet accepted (in ${k.waiting > 1 ? 'their' : 'its'} listener's queue)`] : []),
+          ].join(' and ');
           process.stderr.write(
-            `appshot: ${k.held} connection${k.held > 1 ? 's' : ''} held by appshot-keeper for a restore on this host within ${formatDuration(k.holdSeconds * 1000)}` +
+            `appshot: ${what} held by appshot-keeper for a restore on this host within ${formatDuration(k.holdSeconds * 1000)}` +
               (k.needed ? ` (${k.needed} restorable only through it: the image holds no state for ${k.needed > 1 ? 'them' : 'it'})\n` : '\n'),
           );
         }

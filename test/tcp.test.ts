@@ -266,6 +266,60 @@ describe('established TCP connections', () => {
     run(['stop', 'tcp8', '-s', 'KILL']);
   });
 
+  it("connections the kernel completed that the application had not accepted yet are not reset: the keeper holds their listener, queue and all, and the restore takes it back; with none waiting, the port is left free", async () => {
+    const port = 26641;
+    const go = join(out, 'late.go');
+    run(['run', '-d', '--aid', 'late', '--', fixture('lateaccept'), String(port), go]);
+    await waitFor(() => /READY/.test(logOf('late')), 10_000, 'lateaccept to listen');
+    /** A client that says `line` and reads the answer to its end. */
+    const ask = (line: string) => {
+      const s = connect(port, '127.0.0.1');
+      let got = '';
+      s.on('data', (d) => (got += d));
+      const connected = new Promise<void>((resolve, reject) => {
+        s.once('connect', resolve);
+        s.once('error', reject);
+      });
+      const answer = new Promise<string>((resolve, reject) => {
+        s.on('end', () => resolve(got));
+        s.on('error', reject);
+      });
+      s.write(line + '\n');
+      return { connected, answer };
+    };
+    // Completed by the kernel, in the listener's queue: never accepted.
+    const waiting = [ask('one'), ask('two')];
+    await Promise.all(waiting.map((c) => c.connected));
+    const snap = sb.run(['snapshot', 'late', '-o', join(out, 'late')]);
+    expect(snap.code, snap.stderr).toBe(0);
+    expect(snap.stderr).toMatch(/^appshot: 2 connections not yet accepted \(in their listener's queue\) held by appshot-keeper for a restore on this host within 15m$/m);
+    expect(keepers(sb.home)).toHaveLength(1);
+    // The application is gone; its listener is not: one more waits there.
+    const meanwhile = ask('three');
+    await meanwhile.connected;
+
+    run(['restore', join(out, 'late')]);
+    expect(keepers(sb.home)).toHaveLength(0);
+    writeFileSync(go, '');
+    expect(await Promise.all([...waiting, meanwhile].map((c) => c.answer))).toEqual(['ECHO one\n', 'ECHO two\n', 'ECHO three\n']);
+    await waitFor(() => /ANSWERED 3/.test(logOf('late')), 10_000, 'the three answers');
+
+    // Nothing waiting: no keeper, and the port is free once it ended.
+    const again = sb.run(['snapshot', 'late', '-o', join(out, 'late2')]);
+    expect(again.code, again.stderr).toBe(0);
+    expect(again.stderr).not.toMatch(/keeper/);
+    expect(keepers(sb.home)).toHaveLength(0);
+    const other = createServer();
+    await new Promise<void>((resolve, reject) => {
+      other.once('error', reject);
+      other.listen(port, '127.0.0.1', resolve);
+    });
+    await new Promise((resolve) => other.close(resolve));
+    run(['restore', join(out, 'late2')]);
+    expect(await ask('four').answer).toBe('ECHO four\n');
+    run(['stop', 'late', '-s', 'KILL']);
+  });
+
   it("the keeper drops what it holds when another image of the application is restored, or the hold ends", async () => {
     const port = 26609;
     const { client } = await startFixture('tcp9', port);

@@ -27,7 +27,7 @@
  */
 import { closeSync, fstatSync, lstatSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import type { Image } from '../image/types.js';
+import { FdKind, type Image } from '../image/types.js';
 import { addon, paths } from '../native.js';
 
 /** How long a keeper holds connections by default: about as long as a TCP
@@ -72,10 +72,11 @@ function keepDir(home: string): string {
   return dir;
 }
 
-/** Whether a keeper may hold connections of `image`: a live TCP
- * connection, or a socket recorded as kept. */
+/** Whether a keeper may hold sockets of `image`: a live TCP connection,
+ * a socket recorded as kept, or a TCP listener (held when connections
+ * waited in its queue: SocketsForKeeper.addListener). */
 export function mayHaveKept(image: Image): boolean {
-  return image.processes.some((p) => p.fds.some((f) => (f.tcp && !f.tcp.closed) || f.socket?.kept));
+  return image.processes.some((p) => p.fds.some((f) => (f.tcp && !f.tcp.closed) || f.socket?.kept || (f.kind === FdKind.TCP_LISTEN && !f.socket?.inherited)));
 }
 
 /** Snapshot side: the sockets handed to a keeper when the application ends. */
@@ -96,10 +97,52 @@ export class SocketsForKeeper {
     } else this.fds.set(ino, { fd, owned, needed });
   }
 
-  /** How many are held, and how many of them the image needs the keeper for. */
-  counts(): { held: number; needed: number } {
+  /** The application's TCP listeners (our descriptors, ours to close), by
+   * inode. A connection the kernel completed and the application had not
+   * yet accepted waits in its listener's queue; the listener closed, the
+   * client is reset. So a listener with any waiting is handed over too
+   * (handOver looks, the application stopped, as late as it can), and
+   * the restore of the image on this host takes the very socket back,
+   * queue and all (sockets.ts openSocket); elsewhere, or once the keeper
+   * gave up, a new listener is made, as for any. One with none waiting
+   * is not held: its port stays free for whatever the user runs next. */
+  private readonly listeners = new Map<bigint, number>();
+  /** Connections waiting in the listeners handed over. */
+  private waiting = 0;
+
+  /** `open`: our descriptor of it, asked for once per listener however
+   * many processes share it (nginx's workers). */
+  addListener(ino: bigint, open: () => number): void {
+    if (!this.listeners.has(ino) && !this.fds.has(ino)) this.listeners.set(ino, open());
+  }
+
+  /** How many connections are held, how many of them the image needs the
+   * keeper for, and how many wait in the listeners held. */
+  counts(): { held: number; needed: number; waiting: number } {
     const all = [...this.fds.values()];
-    return { held: all.length, needed: all.filter((e) => e.needed).length };
+    return { held: all.length - this.listenersHeld, needed: all.filter((e) => e.needed).length, waiting: this.waiting };
+  }
+
+  /** How many of the sockets handed over are listeners. */
+  private listenersHeld = 0;
+
+  /** The listeners with connections waiting join the sockets handed over;
+   * the others are closed. */
+  private takeWaitingListeners(): void {
+    for (const [ino, fd] of this.listeners) {
+      let waiting = 0;
+      try {
+        waiting = addon().listenQueue(fd);
+      } catch {
+        /* not a TCP listener any more: nothing to keep */
+      }
+      if (waiting > 0 && !this.fds.has(ino)) {
+        this.fds.set(ino, { fd, owned: true, needed: false });
+        this.listenersHeld++;
+        this.waiting += waiting;
+      } else closeSync(fd);
+    }
+    this.listeners.clear();
   }
 
   /**
@@ -110,6 +153,7 @@ export class SocketsForKeeper {
    * the image, only the wait until the restore is less safe.
    */
   handOver(keep: Keeping): void {
+    this.takeWaitingListeners();
     if (!this.fds.size) return;
     try {
       keepDir(keep.home);
@@ -126,6 +170,8 @@ export class SocketsForKeeper {
   close(): void {
     for (const e of this.fds.values()) if (e.owned) closeSync(e.fd);
     this.fds.clear();
+    for (const fd of this.listeners.values()) closeSync(fd);
+    this.listeners.clear();
   }
 }
 

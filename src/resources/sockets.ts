@@ -393,6 +393,17 @@ export class SocketTable {
   }
 }
 
+/** A snapshot that ends the application offers the keeper its TCP
+ * listeners (not those serve installed: serve keeps its own), which keeps
+ * those with connections waiting to be accepted (SocketsForKeeper
+ * addListener). `systemPid`: a virtual PID's process. */
+export function offerListeners(ctx: DumpContext, systemPid: (vpid: number) => number): void {
+  if (!ctx.keeper.keeping) return;
+  for (const p of ctx.image.processes)
+    for (const f of p.fds)
+      if (f.kind === FdKind.TCP_LISTEN && f.socket && !f.socket.inherited) ctx.keeper.addListener(f.socket.ino, () => addon().getFd(systemPid(p.vpid), f.fd));
+}
+
 /** Every connected unix stream or seqpacket socket of the image has its
  * peer in the image too, or, connected to a process outside (a local
  * client of a server), is held by a keeper until the restore (keeper.ts):
@@ -632,6 +643,15 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
   const inherited = inheritedEnd(h, s, fd);
   if (inherited !== undefined) return inherited;
   return h.once(`socket ${s.ino}`, () => {
+    // The very listener, with the connections that waited in its queue
+    // when the application ended, if a keeper held it (keeper.ts
+    // addListener): options, backlog and queue all as they were. Ours
+    // is KeptSockets' to close.
+    const held = fd.kind === FdKind.TCP_LISTEN && !h.plan ? h.kept.get(s.ino) : undefined;
+    if (held !== undefined) {
+      addon().setStatusFlags(held, fd.flags);
+      return held;
+    }
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
     // A unix listener's file is made as its process would (fsident.ts).
     const as = socketHolderIdentities(h.image, s.ino);

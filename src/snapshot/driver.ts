@@ -42,7 +42,7 @@ import { refuseSharedFdTables } from '../resources/fdtable.js';
 import { checkOneTimeNamespace } from '../resources/timens.js';
 import { askProcess, dumpForkingThreads, dumpProcess, noteForkingThreads, refuseChrootedSocketPaths } from '../resources/process.js';
 import { askSigactions, dumpSharedPending, dumpSigactions } from '../resources/signals.js';
-import { checkUnixPeers, forgetClosedSockets, SocketTable } from '../resources/sockets.js';
+import { checkUnixPeers, forgetClosedSockets, offerListeners, SocketTable } from '../resources/sockets.js';
 import { dumpPtys } from '../resources/ptys.js';
 import { dumpJobControl } from '../resources/jobcontrol.js';
 import { dumpLocks } from '../resources/locks.js';
@@ -156,8 +156,9 @@ export interface SnapshotResult {
    * trip while it is frozen). */
   injectedCalls: number;
   /** Connections appshot-keeper holds for a restore on this host, for
-   * holdSeconds; `needed`: those the image cannot restore without it. */
-  keptConnections?: { held: number; needed: number; holdSeconds: number };
+   * holdSeconds; `needed`: those the image cannot restore without it;
+   * `waiting`: those not yet accepted, in the listeners it holds. */
+  keptConnections?: { held: number; needed: number; waiting: number; holdSeconds: number };
   /** Attempts refused for a moment's state before this one (Transient). */
   retries?: number;
 }
@@ -516,6 +517,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   checkOneTimeNamespace(ctx.image.processes);
   timed('locks', () => dumpLocks(ctx.image, ctx.fdLockLines));
   timed('unix peers', () => checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!));
+  timed('listeners', () => offerListeners(ctx, (vpid) => systemPids.get(vpid)!));
   timed('socket notes', () => forgetClosedSockets(ctx));
   timed('ptys', () => dumpPtys(ctx));
   timed('sysv', () => Object.assign(ctx.image, dumpSysv(ctx)));
@@ -972,7 +974,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   let armed: string[] | undefined;
   let connections: HeldConnections | undefined;
   let keeper: SocketsForKeeper | undefined;
-  let held: { held: number; needed: number } | undefined;
+  let held: { held: number; needed: number; waiting: number } | undefined;
   /** Scratch areas mapped for batches of injected calls, by process. */
   const batchAreas = new Map<number, RemoteProcess>();
   /** Left running, it goes on once copies of its memory are made. */
@@ -1205,7 +1207,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       leftRunning: opts.leaveRunning,
       ...(cow ? { cowCapture: cow.report } : {}),
       injectedCalls: injected.calls - injectedBefore,
-      ...(held?.held ? { keptConnections: { ...held, holdSeconds } } : {}),
+      ...(held?.held || held?.waiting ? { keptConnections: { ...held, holdSeconds } } : {}),
     };
   } catch (e) {
     if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
