@@ -998,4 +998,15 @@ describe('/proc paths with repeated slashes, "." components ("%s/%d/stat" with "
     expect(/^(PROCPLAIN OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PROCPLAIN OK');
     await ok(['rm', '-f', aid]);
   });
+
+  // readlink's answer was made virtual only for the plain spelling of the
+  // link: "//proc/self" gave the system PID, "/proc//self/cwd" and
+  // "//proc/self/fd/N" "/proc/<system PID>".
+  it('readlink of such a link of /proc (or /dev/fd) answers with the virtual ids, as the plain name does', async () => {
+    const aid = 'linkplain';
+    await start(aid, [fixture('linkplain')]);
+    await waitFor(() => /^(LINKPLAIN OK|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the verdict of linkplain');
+    expect(/^(LINKPLAIN OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('LINKPLAIN OK');
+    await ok(['rm', '-f', aid]);
+  });
 });
