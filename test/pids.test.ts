@@ -972,6 +972,27 @@ describe('children forked by a raw clone3 (syscall(SYS_clone3), which glibc\'s f
   });
 });
 
+describe('a raw thread made by glibc\'s clone() with CLONE_THREAD | CLONE_PARENT_SETTID', () => {
+  // The kernel writes the thread's system TID at parent_tid; the wrapper
+  // returned the virtual one but left the kernel's there (L9). The fixture
+  // compares parent_tid, clone()'s answer and the thread's gettid(), and
+  // a fork-like clone's parent_tid beside it, at the start and, asked by
+  // SIGHUP, after a restore under new system ids.
+  const images = scratchDir('appshot-clonetid-');
+
+  it('finds the virtual TID at parent_tid, the one clone() returns and the thread sees, before and after a restore', async () => {
+    const aid = 'clonetid';
+    await start(aid, [fixture('clonetid')]);
+    await waitFor(() => /^(CHECK ok|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the first check of clonetid');
+    expect(/^(CHECK ok|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('CHECK ok');
+    const image = join(images, aid);
+    await ok(['snapshot', aid, '-o', image]);
+    await ok(['restore', image]);
+    await exercised(aid, 'to clone again, restored');
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+  });
+});
+
 describe('forks glibc makes without its fork() (forkpty) or that never reach glibc (_Fork, __fork, syscall(SYS_fork), syscall(SYS_vfork))', () => {
   // Each returned the child's system PID to the parent (forkpty: tmux,
   // script, expect), or left the child with its parent's ids: kill missed

@@ -282,6 +282,13 @@ static long fork_by_syscall(long nr, long a, long b) { return appshot_raw_syscal
 
 static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid);
 
+/* `id` written at `where` as the kernel writes a clone's parent_tid: a
+ * bad address, which the kernel let pass, is no fault here either. */
+static void put_id_as_kernel(pid_t *where, pid_t id) {
+  struct iovec here = {&id, sizeof id}, there = {where, sizeof id};
+  SYS6(process_vm_writev, SYS0(getpid), &here, 1, &there, 1, 0);
+}
+
 static pid_t do_raw_fork(long nr, long a, long b, uint64_t ptid) { return fork_made_by(fork_by_syscall, nr, a, b, ptid); }
 
 /* syscall(SYS_fork) and syscall(SYS_vfork), which no glibc code sees: a
@@ -348,10 +355,8 @@ static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
       ret = -1;
     } else if (ptid) {
       /* The virtual PID where the kernel put the system one (as clone()
-       * does below), written as the kernel did: a bad address, which the
-       * kernel let pass, is no fault here either. */
-      struct iovec here = {&ret, sizeof ret}, there = {(void *)(uintptr_t)ptid, sizeof ret};
-      SYS6(process_vm_writev, SYS0(getpid), &here, 1, &there, 1, 0);
+       * does below). */
+      put_id_as_kernel((pid_t *)(uintptr_t)ptid, ret);
     }
   }
   pthread_sigmask(SIG_SETMASK, &saved, NULL);
@@ -473,6 +478,16 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
                                    parent);
     if (v < 0) return tid;
     appshot_set_flags(g_h, APPSHOT_PID, parent, APPSHOT_F_THREADS);
+    /* The kernel wrote the system TID at parent_tid before it returned:
+     * the caller gets the virtual one there, as clone() returns it (inside
+     * the window: a snapshot never sees the system TID left there). The
+     * thread may read that word before this store, and see the system
+     * TID: a runtime that reads it in the thread waits for the parent's
+     * answer, which holds the virtual one. CLONE_CHILD_SETTID's word is
+     * written by the kernel as the thread first runs, which may be after
+     * any store of ours: left as the kernel wrote it. */
+    if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid)
+      put_id_as_kernel(ptid, v);
     return v;
   }
 
@@ -491,7 +506,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   if (pid > 0) {
     ret = adopt(pid);
     if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid)
-      *ptid = ret;
+      put_id_as_kernel(ptid, ret);
   }
   pthread_sigmask(SIG_SETMASK, &saved, NULL);
   errno = err;
