@@ -85,6 +85,18 @@ describe('virtual PIDs', () => {
     expect(r.code).toBe(0);
   });
 
+  // L10: the wrapper mapped the child after glibc let signals in again; a
+  // SIGCHLD handler that reaped it in between got one virtual PID, and
+  // posix_spawn gave another (the dead system PID mapped anew). The
+  // fixture waits for its handler at the library's pause point between
+  // the two when SIGCHLD is let in there.
+  it('a posix_spawn child reaped by a SIGCHLD handler at once is reaped under the PID posix_spawn gave, and has its parent\'s signal mask', async () => {
+    const aid = 'spawnreap';
+    await start(aid, [fixture('spawnreap')]);
+    await waitFor(() => /^(SPAWNREAP OK|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the verdict of spawnreap');
+    expect(/^(SPAWNREAP OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('SPAWNREAP OK');
+  });
+
   it('shows virtual PIDs in /proc/locks, /proc/PID/fdinfo and the cgroup lists read by the application (0 for a lock held outside it)', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'appshot-pidview-'));
     const outside = join(dir, 'outside');
