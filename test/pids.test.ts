@@ -1005,6 +1005,26 @@ describe('a raw thread made by glibc\'s clone() with CLONE_THREAD | CLONE_PARENT
   });
 });
 
+describe('a SIGCHLD taken after waitpid reaped its child', () => {
+  // The reap took the child's entry from the tables, and si_pid was
+  // translated to 0 (M5). The fixture blocks SIGCHLD, reaps a child, then
+  // takes its SIGCHLD by an SA_SIGINFO handler, a signalfd and
+  // sigwaitinfo, at the start and, asked by SIGHUP, after a restore.
+  const images = scratchDir('appshot-chldlate-');
+
+  it('names the child by the virtual PID fork gave, before and after a restore', async () => {
+    const aid = 'chldlate';
+    await start(aid, [fixture('chldlate')]);
+    await waitFor(() => /^(CHECK ok|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the first check of chldlate');
+    expect(/^(CHECK ok|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('CHECK ok');
+    const image = join(images, aid);
+    await ok(['snapshot', aid, '-o', image]);
+    await ok(['restore', image]);
+    await exercised(aid, 'to reap and take SIGCHLD again, restored');
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+  });
+});
+
 describe('forks glibc makes without its fork() (forkpty) or that never reach glibc (_Fork, __fork, syscall(SYS_fork), syscall(SYS_vfork))', () => {
   // Each returned the child's system PID to the parent (forkpty: tmux,
   // script, expect), or left the child with its parent's ids: kill missed

@@ -547,13 +547,59 @@ API pid_t getppid(void) {
   return (pid_t)do_getppid();
 }
 
+/* --- Recently reaped children ---------------------------------------------
+ *
+ * A child's SIGCHLD may be taken after a wait reaped it (the signal
+ * blocked meanwhile, a signalfd read after waitpid, a handler that runs
+ * once the wait returned): its entry is gone from the tables by then, and
+ * si_pid would be 0 (M5). The last REAPED_RING children this process
+ * reaped are kept here as (virtual, system) pairs, consulted for a
+ * SIGCHLD's si_pid when the tables miss. Process memory, not the tables:
+ * a child's SIGCHLD goes to its parent, which reaps it. Each pair one
+ * 64-bit word, written and read whole (lock-free, async-signal-safe, no
+ * allocation). The ring is of the process whose system PID `owner` is: a
+ * fork child (or a restore under other system ids) finds another, so
+ * never takes its parent's (or the old node's) pairs, and empties it
+ * before its first pair. */
+#define REAPED_RING 32u /* a power of two: the index wraps with the counter */
+static uint64_t g_reaped[REAPED_RING];
+static uint32_t g_reaped_next;
+static int32_t g_reaped_owner;
+
+static void reaped_note(pid_t vid, pid_t sid) {
+  int32_t me = (int32_t)self_spid();
+  if (__atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != me) {
+    /* Emptied before it is claimed: a reader that sees it ours sees
+     * none of the pairs it had before. */
+    for (uint32_t i = 0; i < REAPED_RING; i++) __atomic_store_n(&g_reaped[i], 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&g_reaped_owner, me, __ATOMIC_RELEASE);
+  }
+  uint32_t i = __atomic_fetch_add(&g_reaped_next, 1, __ATOMIC_RELAXED) % REAPED_RING;
+  __atomic_store_n(&g_reaped[i], ((uint64_t)(uint32_t)vid << 32) | (uint32_t)sid, __ATOMIC_RELEASE);
+}
+
+/* The virtual PID of the child of system PID `sid` this process reaped
+ * last, or 0. */
+static pid_t reaped_s2v(int32_t sid) {
+  if (sid <= 0 || __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != (int32_t)self_spid()) return 0;
+  uint32_t next = __atomic_load_n(&g_reaped_next, __ATOMIC_ACQUIRE);
+  for (uint32_t k = 1; k <= REAPED_RING; k++) { /* the newest first */
+    uint64_t e = __atomic_load_n(&g_reaped[(next - k) % REAPED_RING], __ATOMIC_ACQUIRE);
+    if (e && (int32_t)(uint32_t)e == sid) return (pid_t)(int32_t)(e >> 32);
+  }
+  return 0;
+}
+
 /* --- Waiting -------------------------------------------------------------- */
 
 /* The virtual id of a child that a wait call returned; the entry goes if
  * the call reaped it (the system PID is free from now on). */
 static pid_t waited(pid_t sid, int reaped) {
   pid_t v = adopt(sid);
-  if (reaped) appshot_forget_process(g_h, sid);
+  if (reaped) {
+    appshot_forget_process(g_h, sid);
+    if (v != sid) reaped_note(v, sid);
+  }
   return v;
 }
 
@@ -603,8 +649,12 @@ static pid_t wait_answer(int slot, pid_t sid, long sid_at, int reaped,
     const void *now_answer;
     enum appshot_wait_origin now = appshot_wait_origin(g_h, slot, &now_answer);
     if (now == where) {
-      if (reaped && from_prior) appshot_prior_forget(g_h, v, sid);
-      else if (reaped) appshot_forget_pair(g_h, v, sid);
+      if (reaped && from_prior) {
+        appshot_prior_forget(g_h, v, sid);
+      } else if (reaped) {
+        appshot_forget_pair(g_h, v, sid);
+        reaped_note(v, sid);
+      }
       return v;
     }
     /* Moved: what this node's tables were given for an old node's PID
@@ -804,8 +854,11 @@ API int waitid(idtype_t idtype, id_t id, siginfo_t *info, int options) {
 void translate_si_pid(siginfo_t *info) {
   int c = info->si_code;
   if (c == SI_USER || c == SI_QUEUE || c == SI_TKILL || c == SI_MESGQ ||
-      (info->si_signo == SIGCHLD && c > 0))
-    info->si_pid = s2v_or0(APPSHOT_PID, info->si_pid);
+      (info->si_signo == SIGCHLD && c > 0)) {
+    int32_t v;
+    if (appshot_s2v(g_h, APPSHOT_PID, info->si_pid, &v)) info->si_pid = v;
+    else info->si_pid = info->si_signo == SIGCHLD && c > 0 ? reaped_s2v(info->si_pid) : 0;
+  }
 }
 
 API int sigtimedwait(const sigset_t *set, siginfo_t *info,
