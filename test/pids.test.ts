@@ -1025,6 +1025,19 @@ describe('a SIGCHLD taken after waitpid reaped its child', () => {
   });
 });
 
+describe('TIOCSPGRP of a group the application does not have, from the background of the controlling terminal', () => {
+  // The library refused the group itself (EPERM) before the kernel's own
+  // checks: a background caller was not stopped by SIGTTOU, an orphaned
+  // one got EPERM, not ENOTTY. The fixture checks tcsetpgrp, ioctl and
+  // syscall(SYS_ioctl) each way (and passes natively).
+  it('stops the caller with SIGTTOU, or fails with ENOTTY in an orphaned group, as the kernel does', async () => {
+    const aid = 'ttybg';
+    await start(aid, [fixture('ttybg')]);
+    await waitFor(() => /^(TTYBG OK|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the verdict of ttybg');
+    expect(/^(TTYBG OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('TTYBG OK');
+  });
+});
+
 describe('forks glibc makes without its fork() (forkpty) or that never reach glibc (_Fork, __fork, syscall(SYS_fork), syscall(SYS_vfork))', () => {
   // Each returned the child's system PID to the parent (forkpty: tmux,
   // script, expect), or left the child with its parent's ids: kill missed

@@ -1110,11 +1110,29 @@ static pid_t tty_id(int fd, unsigned long req) {
 API pid_t tcgetpgrp(int fd) { return tty_id(fd, TIOCGPGRP); }
 API pid_t tcgetsid(int fd) { return tty_id(fd, TIOCGSID); }
 
+static long ioctl_call(int raw, int fd, unsigned long req, void *arg);
+
+/* TIOCSPGRP of a group the tables do not know: EPERM, as for a group of
+ * another session, but only where the kernel would get that far. Before
+ * it looks at the group, it stops a caller in the background of its
+ * controlling terminal (SIGTTOU to its group, not ignored or blocked:
+ * the call is made again once the caller is continued) and fails one in
+ * an orphaned group with ENOTTY; then it reads the id (EFAULT) and
+ * refuses a negative one (EINVAL). So the kernel is handed -1 first: its
+ * EINVAL says every earlier check passed, and nothing changed; any other
+ * answer is the kernel's own. */
+static long unknown_group_set(int raw, int fd, unsigned long req) {
+  pid_t invalid = -1;
+  long r = ioctl_call(raw, fd, req, &invalid);
+  if (r < 0 && errno != EINVAL) return r;
+  return refuse_set(fd, TIOCSPGRP, EPERM);
+}
+
 API int tcsetpgrp(int fd, pid_t pgrp) {
   ID_WINDOW();
   ensure_init();
   pid_t sid = pgrp;
-  if (g_h && proc_arg(pgrp, &sid, EPERM)) return (int)refuse_set(fd, TIOCSPGRP, EPERM);
+  if (g_h && proc_arg(pgrp, &sid, EPERM)) return (int)unknown_group_set(1, fd, TIOCSPGRP);
   return (int)libc_ret(SYS3(ioctl, fd, TIOCSPGRP, &sid));
 }
 
@@ -1752,7 +1770,10 @@ long do_ioctl(int raw, int fd, unsigned long req, void *arg) {
   int err;
   switch (cmd) {
     case TIOCSPGRP: /* as tcsetpgrp: a group the tables do not know is EPERM */
-      if ((err = read_id_arg(id, &given)) || (err = proc_arg(given, &sid, EPERM))) return refuse_set(fd, cmd, err);
+      /* An id the kernel cannot read: its EFAULT, after the checks it
+       * makes first (a background caller's SIGTTOU). */
+      if (read_id_arg(id, &given)) return ioctl_call(raw, fd, req, arg);
+      if (proc_arg(given, &sid, EPERM)) return unknown_group_set(raw, fd, req);
       return ioctl_call(raw, fd, req, &sid);
     case FIOSETOWN:
     case SIOCSPGRP: /* as F_SETOWN */
