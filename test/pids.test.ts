@@ -548,6 +548,32 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     });
 });
 
+describe('a thread caught by a snapshot inside a /proc path written as the kernel reads it plain, or readlink of one', () => {
+  // The rewrite of "//proc/<vpid>" and "/./proc/<vpid>" (path_slow) and
+  // the window it needs are decided by one test (proc_path_may_name,
+  // 6476528), whose window had no test; readlink's answer for "//proc/self"
+  // or "/dev//fd/N" holds the system PID until it is made virtual, in a
+  // window only once its name was recognized plain too.
+  const images = scratchDir('appshot-pathwindow-');
+  const titles = {
+    slashes: 'access(//proc//<vpid>/stat)',
+    dot: 'access(/./proc/<vpid>/./stat)',
+    readlink: 'readlink(//proc/self), caught after the kernel answered',
+    readlinkfd: 'readlink(/dev//fd/N) of a descriptor of /proc/<vpid>, caught after the kernel answered',
+  } as const;
+  for (const call of ['slashes', 'dot', 'readlink', 'readlinkfd'] as const)
+    it(`${titles[call]}: the restored child's answer is the virtual one`, async () => {
+      const aid = `pathwindow-${call}`;
+      await start(aid, [fixture('pathwindow'), call]);
+      await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid}'s child to enter the window`);
+      const image = join(images, aid);
+      await ok(['snapshot', aid, '-o', image]);
+      await ok(['restore', image]);
+      await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
+      expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+    });
+});
+
 describe('signals pending across a snapshot', () => {
   const images = scratchDir('appshot-sigpend-');
   it('are taken after the restore with the virtual PID of their sender (sigtimedwait, SA_SIGINFO handler)', async () => {
