@@ -434,8 +434,15 @@ struct clone_tramp {
   void *arg;
   sigset_t mask;
   int flags;
+  pid_t *ctid; /* CLONE_CHILD_SETTID's word, or NULL */
+  /* A thread's (CLONE_THREAD): its virtual TID, published by the parent
+   * once mapped; 0 until then, -1 for none (a full table). */
+  int32_t vtid;
 };
 
+/* CLONE_CHILD_SETTID: the kernel writes the new task's system id at ctid
+ * in the child, as it first runs, before any of the child's code: the
+ * child's first code (ours) writes the virtual one over it. */
 static int clone_child(void *p) {
   struct clone_tramp *t = p;
   int32_t v = map_self_now();
@@ -444,8 +451,62 @@ static int clone_child(void *p) {
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
     child_reset_ids(v);
   }
+  if (t->ctid && v > 0) put_id_as_kernel(t->ctid, v);
   pthread_sigmask(SIG_SETMASK, &t->mask, NULL);
   return t->fn(t->arg);
+}
+
+/* A raw thread with CLONE_CHILD_SETTID starts here: it may run on a
+ * thread pointer of its own (CLONE_SETTLS), where none of our thread
+ * state is, so it touches none (raw calls only) and maps nothing itself:
+ * it waits for the virtual TID its parent maps (the parent, every signal
+ * blocked, publishes it before it returns; a snapshot lets it run out of
+ * its window first), writes it at ctid, and lets its signals in. */
+static int thread_child(void *p) {
+  struct clone_tramp *t = p;
+  int32_t v;
+  while (!(v = __atomic_load_n(&t->vtid, __ATOMIC_ACQUIRE))) SYS0(sched_yield);
+  if (v > 0) put_id_as_kernel(t->ctid, v);
+  int (*fn)(void *) = t->fn;
+  void *arg = t->arg;
+  SYS4(rt_sigprocmask, SIG_SETMASK, &t->mask, NULL, _NSIG / 8);
+  return fn(arg);
+}
+
+/* clone of a raw thread with CLONE_CHILD_SETTID (the caller's window
+ * open): the thread starts in thread_child, on the top of its stack, and
+ * is given its virtual TID there, once mapped here, every signal blocked
+ * meanwhile (a handler that left by siglongjmp would leave the thread
+ * waiting for good). */
+static NOINLINE int clone_thread_child_settid(int (*fn)(void *), void *stack, int flags, void *arg,
+                                              pid_t *ptid, void *tls, pid_t *ctid, pid_t parent) {
+  struct clone_tramp *t =
+      (struct clone_tramp *)(((uintptr_t)stack - sizeof *t) & ~(uintptr_t)15);
+  t->fn = fn;
+  t->arg = arg;
+  t->flags = flags;
+  t->ctid = ctid;
+  t->vtid = 0;
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &t->mask);
+  sigset_t saved = t->mask;
+  pid_t tid = REAL(clone)(thread_child, t, flags, t, ptid, tls, ctid);
+  int err = errno;
+  pid_t ret = tid;
+  if (tid > 0) {
+    int32_t v = appshot_map_system(g_h, APPSHOT_PID, tid, APPSHOT_F_THREAD, parent);
+    if (v >= 0) {
+      appshot_set_flags(g_h, APPSHOT_PID, parent, APPSHOT_F_THREADS);
+      if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid) put_id_as_kernel(ptid, v);
+      ret = v;
+    }
+    /* The thread may run on and reuse its stack from here on. */
+    __atomic_store_n(&t->vtid, v > 0 ? v : -1, __ATOMIC_RELEASE);
+  }
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  errno = err;
+  return ret;
 }
 
 API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
@@ -469,6 +530,8 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
    * from its first instruction on (preload.h, g_tls_shared). */
   if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS))
     __atomic_store_n(&g_tls_shared, 1, __ATOMIC_SEQ_CST);
+  if ((flags & CLONE_THREAD) && (flags & CLONE_CHILD_SETTID) && ctid)
+    return clone_thread_child_settid(fn, stack, flags, arg, ptid, tls, ctid, parent);
   if (flags & CLONE_THREAD) {
     /* A raw thread: its TLS is not ours to cache in, and both sides may map
      * its TID, hence nocache (set above: CLONE_THREAD implies CLONE_VM). */
@@ -496,6 +559,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   t->fn = fn;
   t->arg = arg;
   t->flags = flags;
+  t->ctid = (flags & CLONE_CHILD_SETTID) ? ctid : NULL;
   sigset_t all;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &t->mask);
