@@ -662,7 +662,7 @@ static pid_t waited(pid_t sid, int reaped) {
   pid_t v = adopt(sid);
   if (reaped) {
     appshot_forget_process(g_h, sid);
-    if (v != sid) reaped_note(v, sid);
+    reaped_note(v, sid);
   }
   return v;
 }
