@@ -424,11 +424,9 @@ static int spawn_through(spawn_fn *real, pid_t *restrict pid,
   const posix_spawnattr_t *use;
   int masked;
   int e = spawn_attr(attr, &attr_copy, &use, &saved, &masked);
-  if (!masked) pthread_sigmask(SIG_SETMASK, &saved, NULL); /* the child's mask is the caller's */
-  if (e) {
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    return e;
-  }
+  /* Unmasked at once where the child would get the blocked mask. */
+  if (e || !masked) pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  if (e) return e;
   if (g_h) self_vpid(); /* mapped before the child looks for us */
   tables_fd_keep_across_exec();
   pid_t spid = 0;

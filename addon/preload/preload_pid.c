@@ -546,9 +546,9 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
      * the window: a snapshot never sees the system TID left there). The
      * thread may read that word before this store, and see the system
      * TID: a runtime that reads it in the thread waits for the parent's
-     * answer, which holds the virtual one. CLONE_CHILD_SETTID's word is
-     * written by the kernel as the thread first runs, which may be after
-     * any store of ours: left as the kernel wrote it. */
+     * answer, which holds the virtual one. (CLONE_CHILD_SETTID's word,
+     * which the kernel writes as the thread first runs, after any store
+     * of ours here: clone_thread_child_settid.) */
     if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid)
       put_id_as_kernel(ptid, v);
     return v;
