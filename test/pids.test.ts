@@ -85,6 +85,18 @@ describe('virtual PIDs', () => {
     expect(r.code).toBe(0);
   });
 
+  // L10: the wrapper mapped the child after glibc let signals in again; a
+  // SIGCHLD handler that reaped it in between got one virtual PID, and
+  // posix_spawn gave another (the dead system PID mapped anew). The
+  // fixture waits for its handler at the library's pause point between
+  // the two when SIGCHLD is let in there.
+  it('a posix_spawn child reaped by a SIGCHLD handler at once is reaped under the PID posix_spawn gave, and has its parent\'s signal mask', async () => {
+    const aid = 'spawnreap';
+    await start(aid, [fixture('spawnreap')]);
+    await waitFor(() => /^(SPAWNREAP OK|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the verdict of spawnreap');
+    expect(/^(SPAWNREAP OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('SPAWNREAP OK');
+  });
+
   it('shows virtual PIDs in /proc/locks, /proc/PID/fdinfo and the cgroup lists read by the application (0 for a lock held outside it)', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'appshot-pidview-'));
     const outside = join(dir, 'outside');
@@ -536,6 +548,32 @@ describe('a thread caught by a snapshot inside a translation of process ids', ()
     });
 });
 
+describe('a thread caught by a snapshot inside a /proc path written as the kernel reads it plain, or readlink of one', () => {
+  // The rewrite of "//proc/<vpid>" and "/./proc/<vpid>" (path_slow) and
+  // the window it needs are decided by one test (proc_path_may_name,
+  // 6476528), whose window had no test; readlink's answer for "//proc/self"
+  // or "/dev//fd/N" holds the system PID until it is made virtual, in a
+  // window only once its name was recognized plain too.
+  const images = scratchDir('appshot-pathwindow-');
+  const titles = {
+    slashes: 'access(//proc//<vpid>/stat)',
+    dot: 'access(/./proc/<vpid>/./stat)',
+    readlink: 'readlink(//proc/self), caught after the kernel answered',
+    readlinkfd: 'readlink(/dev//fd/N) of a descriptor of /proc/<vpid>, caught after the kernel answered',
+  } as const;
+  for (const call of ['slashes', 'dot', 'readlink', 'readlinkfd'] as const)
+    it(`${titles[call]}: the restored child's answer is the virtual one`, async () => {
+      const aid = `pathwindow-${call}`;
+      await start(aid, [fixture('pathwindow'), call]);
+      await waitFor(() => /^SPINNING$/m.test(sb.log(aid)), 10_000, `${aid}'s child to enter the window`);
+      const image = join(images, aid);
+      await ok(['snapshot', aid, '-o', image]);
+      await ok(['restore', image]);
+      await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
+      expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+    });
+});
+
 describe('signals pending across a snapshot', () => {
   const images = scratchDir('appshot-sigpend-');
   it('are taken after the restore with the virtual PID of their sender (sigtimedwait, SA_SIGINFO handler)', async () => {
@@ -972,6 +1010,60 @@ describe('children forked by a raw clone3 (syscall(SYS_clone3), which glibc\'s f
   });
 });
 
+describe('a raw thread made by glibc\'s clone() with CLONE_THREAD | CLONE_PARENT_SETTID', () => {
+  // The kernel writes the thread's system TID at parent_tid; the wrapper
+  // returned the virtual one but left the kernel's there (L9). The fixture
+  // compares parent_tid, clone()'s answer and the thread's gettid(), and
+  // a fork-like clone's parent_tid beside it, at the start and, asked by
+  // SIGHUP, after a restore under new system ids.
+  const images = scratchDir('appshot-clonetid-');
+
+  it('finds the virtual TID at parent_tid, the one clone() returns and the thread sees, before and after a restore', async () => {
+    const aid = 'clonetid';
+    await start(aid, [fixture('clonetid')]);
+    await waitFor(() => /^(CHECK ok|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the first check of clonetid');
+    expect(/^(CHECK ok|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('CHECK ok');
+    const image = join(images, aid);
+    await ok(['snapshot', aid, '-o', image]);
+    await ok(['restore', image]);
+    await exercised(aid, 'to clone again, restored');
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+  });
+});
+
+describe('a SIGCHLD taken after waitpid reaped its child', () => {
+  // The reap took the child's entry from the tables, and si_pid was
+  // translated to 0 (M5). The fixture blocks SIGCHLD, reaps a child, then
+  // takes its SIGCHLD by an SA_SIGINFO handler, a signalfd and
+  // sigwaitinfo, at the start and, asked by SIGHUP, after a restore.
+  const images = scratchDir('appshot-chldlate-');
+
+  it('names the child by the virtual PID fork gave, before and after a restore', async () => {
+    const aid = 'chldlate';
+    await start(aid, [fixture('chldlate')]);
+    await waitFor(() => /^(CHECK ok|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the first check of chldlate');
+    expect(/^(CHECK ok|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('CHECK ok');
+    const image = join(images, aid);
+    await ok(['snapshot', aid, '-o', image]);
+    await ok(['restore', image]);
+    await exercised(aid, 'to reap and take SIGCHLD again, restored');
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+  });
+});
+
+describe('TIOCSPGRP of a group the application does not have, from the background of the controlling terminal', () => {
+  // The library refused the group itself (EPERM) before the kernel's own
+  // checks: a background caller was not stopped by SIGTTOU, an orphaned
+  // one got EPERM, not ENOTTY. The fixture checks tcsetpgrp, ioctl and
+  // syscall(SYS_ioctl) each way (and passes natively).
+  it('stops the caller with SIGTTOU, or fails with ENOTTY in an orphaned group, as the kernel does', async () => {
+    const aid = 'ttybg';
+    await start(aid, [fixture('ttybg')]);
+    await waitFor(() => /^(TTYBG OK|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the verdict of ttybg');
+    expect(/^(TTYBG OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('TTYBG OK');
+  });
+});
+
 describe('forks glibc makes without its fork() (forkpty) or that never reach glibc (_Fork, __fork, syscall(SYS_fork), syscall(SYS_vfork))', () => {
   // Each returned the child's system PID to the parent (forkpty: tmux,
   // script, expect), or left the child with its parent's ids: kill missed
@@ -996,6 +1088,17 @@ describe('/proc paths with repeated slashes, "." components ("%s/%d/stat" with "
     await start(aid, [fixture('procplain')]);
     await waitFor(() => /^(PROCPLAIN OK|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the verdict of procplain');
     expect(/^(PROCPLAIN OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PROCPLAIN OK');
+    await ok(['rm', '-f', aid]);
+  });
+
+  // readlink's answer was made virtual only for the plain spelling of the
+  // link: "//proc/self" gave the system PID, "/proc//self/cwd" and
+  // "//proc/self/fd/N" "/proc/<system PID>".
+  it('readlink of such a link of /proc (or /dev/fd) answers with the virtual ids, as the plain name does', async () => {
+    const aid = 'linkplain';
+    await start(aid, [fixture('linkplain')]);
+    await waitFor(() => /^(LINKPLAIN OK|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the verdict of linkplain');
+    expect(/^(LINKPLAIN OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('LINKPLAIN OK');
     await ok(['rm', '-f', aid]);
   });
 });

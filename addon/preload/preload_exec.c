@@ -360,22 +360,37 @@ static int spawned(int rc, pid_t spid, pid_t *pid) {
   return rc;
 }
 
-/* `attr`, or `copy` holding it with its process group made the system's.
- * 0, or EPERM for a group the application does not hold (what the child's
- * setpgid would say of a group that does not exist). Inside the caller's
- * translation window. */
+/* `attr` as the spawn hands it to glibc, in `copy`: its process group
+ * made the system's, and the child's signal mask `mask` (the caller's)
+ * unless the attribute sets one. 0, or EPERM for a group the application
+ * does not hold (what the child's setpgid would say of a group that does
+ * not exist). Inside the caller's translation window. *masked: whether
+ * the copy gives the child its mask, so that the caller may block every
+ * signal across the spawn (an attribute whose flags glibc's setter
+ * refuses, set by hand: not). */
 static int spawn_attr(const posix_spawnattr_t *attr, posix_spawnattr_t *copy,
-                      const posix_spawnattr_t **use) {
+                      const posix_spawnattr_t **use, const sigset_t *mask, int *masked) {
   *use = attr;
-  short flags;
+  *masked = 0;
+  if (!g_h) return 0;
+  short flags = 0;
+  if (attr) {
+    memcpy(copy, attr, sizeof *copy);
+    posix_spawnattr_getflags(copy, &flags);
+  } else {
+    posix_spawnattr_init(copy); /* glibc's fills the struct, allocates nothing */
+  }
   pid_t vgroup, sgroup;
-  if (!g_h || !attr || posix_spawnattr_getflags(attr, &flags) != 0 ||
-      !(flags & POSIX_SPAWN_SETPGROUP) ||
-      posix_spawnattr_getpgroup(attr, &vgroup) != 0 || vgroup <= 0)
-    return 0;
-  if (!v2s_pid(vgroup, &sgroup)) return EPERM;
-  memcpy(copy, attr, sizeof *copy);
-  posix_spawnattr_setpgroup(copy, sgroup);
+  if ((flags & POSIX_SPAWN_SETPGROUP) && posix_spawnattr_getpgroup(copy, &vgroup) == 0 && vgroup > 0) {
+    if (!v2s_pid(vgroup, &sgroup)) return EPERM;
+    posix_spawnattr_setpgroup(copy, sgroup);
+  }
+  if (flags & POSIX_SPAWN_SETSIGMASK) {
+    *masked = 1;
+  } else if (posix_spawnattr_setflags(copy, (short)(flags | POSIX_SPAWN_SETSIGMASK)) == 0) {
+    posix_spawnattr_setsigmask(copy, mask);
+    *masked = 1;
+  }
   *use = copy;
   return 0;
 }
@@ -394,16 +409,33 @@ static int spawn_through(spawn_fn *real, pid_t *restrict pid,
   ensure_init();
   if (!real) return ENOSYS;
   ID_WINDOW(); /* the group's system PID, then the child's, until mapped */
+  /* Every signal blocked from before the child exists until it is mapped,
+   * as fork blocks them (L10): glibc lets the caller's mask back in as its
+   * posix_spawn returns, and a SIGCHLD handler that reaped the child there
+   * (it may have exec'd and exited already) took the entry the child had
+   * mapped itself with, and the table forgot it; the child was then
+   * mapped anew, dead, under another virtual PID, which the spawn gave
+   * and whose entry stayed. The child gets the caller's mask from the
+   * attribute instead of the blocked one it is spawned under. */
+  sigset_t all, saved;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &saved);
   posix_spawnattr_t attr_copy;
   const posix_spawnattr_t *use;
-  int e = spawn_attr(attr, &attr_copy, &use);
+  int masked;
+  int e = spawn_attr(attr, &attr_copy, &use, &saved, &masked);
+  /* Unmasked at once where the child would get the blocked mask. */
+  if (e || !masked) pthread_sigmask(SIG_SETMASK, &saved, NULL);
   if (e) return e;
   if (g_h) self_vpid(); /* mapped before the child looks for us */
   tables_fd_keep_across_exec();
   pid_t spid = 0;
   APP_ENV(env, envp ? envp : empty_env);
   int rc = real(&spid, path, fa, use, argv, env);
-  return spawned(rc, spid, pid);
+  test_pause("spawn-returned");
+  rc = spawned(rc, spid, pid);
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  return rc;
 }
 
 API SYMVER("posix_spawn@@GLIBC_2.15")

@@ -1385,7 +1385,7 @@ PATH_FN(static inline, ssize_t, readlinkat_m,
  * or /dev/fd, or a relative one (the only links whose answer may be
  * rewritten). */
 static inline int answer_may_hold_ids(const char *path) {
-  return g_h && path && (path[0] != '/' || !strncmp(path, "/proc/", 6) || !strncmp(path, "/dev/fd/", 8));
+  return g_h && path && (path[0] != '/' || !strncmp(path, "/proc/", 6) || !strncmp(path, "/dev/fd/", 8) || UNLIKELY(path_unplain(path)));
 }
 #define ANSWER_WINDOW(path) ID_WINDOW_IF(answer_may_hold_ids(path))
 
@@ -1405,16 +1405,43 @@ static NOINLINE long link_answer_whole(int dirfd, const char *path, char *out, s
   return n;
 }
 /* readlink's answer n (of the link `path` under dirfd) into out[size],
- * with virtual ids. */
-static long link_answer(int dirfd, const char *path, char *out, long n, size_t size) {
+ * with virtual ids: of a plain name (no repeated slash, no "." component
+ * but a last one). */
+static long link_answer_plain(int dirfd, const char *path, char *out, long n, size_t size) {
   if (n > 0 && (size_t)n == size && answer_may_hold_ids(path)) return link_answer_whole(dirfd, path, out, size);
   return proc_link_answer(dirfd, path, out, n, size);
+}
+/* Whether `path` has a repeated slash or a "." component, leading ones
+ * of a relative path included ("./self" under /proc). */
+static inline int name_unplain(const char *path) {
+  return (path[0] == '.' && path[1] == '/') || path_unplain(path);
+}
+/* The answer of a name the kernel reads as a plainer one ("//proc/self",
+ * "/proc//self/cwd", "/dev//fd/3", "self//cwd" or "./self" under /proc):
+ * the plain name's (plain_path, as open and stat rewrite it, and as the
+ * views are chosen), else the ids in it go back as the system's. A ".."
+ * plain_path keeps stays: the answer is then of a link the kernel
+ * resolved past it, no link of /proc's known by name. Its own frame:
+ * the plain copy costs the stack only here. */
+static NOINLINE long link_answer_unplain(int dirfd, const char *path, char *out, long n, size_t size) {
+  char plain[PATH_MAX];
+  if (path[0] != '/')
+    while (path[0] == '.' && path[1] == '/') /* "./": the directory itself */
+      for (path += 2; *path == '/'; path++) {}
+  if (!plain_path(path, plain)) return n; /* too long: not a link of /proc's */
+  return link_answer_plain(dirfd, plain, out, n, size);
+}
+static long link_answer(int dirfd, const char *path, char *out, long n, size_t size) {
+  if (n > 0 && path && g_h && UNLIKELY(name_unplain(path))) return link_answer_unplain(dirfd, path, out, n, size);
+  return link_answer_plain(dirfd, path, out, n, size);
 }
 
 API ssize_t readlink(const char *restrict path, char *restrict out, size_t size) {
   ensure_init();
   ANSWER_WINDOW(path);
-  return link_answer(AT_FDCWD, path, out, readlink_m(path, out, size), size);
+  ssize_t n = readlink_m(path, out, size);
+  test_pause("link-answered"); /* the kernel's answer, still in system ids */
+  return link_answer(AT_FDCWD, path, out, n, size);
 }
 API ssize_t readlinkat(int fd, const char *restrict path, char *restrict out, size_t size) {
   ensure_init();

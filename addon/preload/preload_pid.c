@@ -282,6 +282,13 @@ static long fork_by_syscall(long nr, long a, long b) { return appshot_raw_syscal
 
 static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid);
 
+/* `id` written at `where` as the kernel writes a clone's parent_tid: a
+ * bad address, which the kernel let pass, is no fault here either. */
+static void put_id_as_kernel(pid_t *where, pid_t id) {
+  struct iovec here = {&id, sizeof id}, there = {where, sizeof id};
+  SYS6(process_vm_writev, SYS0(getpid), &here, 1, &there, 1, 0);
+}
+
 static pid_t do_raw_fork(long nr, long a, long b, uint64_t ptid) { return fork_made_by(fork_by_syscall, nr, a, b, ptid); }
 
 /* syscall(SYS_fork) and syscall(SYS_vfork), which no glibc code sees: a
@@ -348,10 +355,8 @@ static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
       ret = -1;
     } else if (ptid) {
       /* The virtual PID where the kernel put the system one (as clone()
-       * does below), written as the kernel did: a bad address, which the
-       * kernel let pass, is no fault here either. */
-      struct iovec here = {&ret, sizeof ret}, there = {(void *)(uintptr_t)ptid, sizeof ret};
-      SYS6(process_vm_writev, SYS0(getpid), &here, 1, &there, 1, 0);
+       * does below). */
+      put_id_as_kernel((pid_t *)(uintptr_t)ptid, ret);
     }
   }
   pthread_sigmask(SIG_SETMASK, &saved, NULL);
@@ -429,8 +434,15 @@ struct clone_tramp {
   void *arg;
   sigset_t mask;
   int flags;
+  pid_t *ctid; /* CLONE_CHILD_SETTID's word, or NULL */
+  /* A thread's (CLONE_THREAD): its virtual TID, published by the parent
+   * once mapped; 0 until then, -1 for none (a full table). */
+  int32_t vtid;
 };
 
+/* CLONE_CHILD_SETTID: the kernel writes the new task's system id at ctid
+ * in the child, as it first runs, before any of the child's code: the
+ * child's first code (ours) writes the virtual one over it. */
 static int clone_child(void *p) {
   struct clone_tramp *t = p;
   int32_t v = map_self_now();
@@ -439,8 +451,62 @@ static int clone_child(void *p) {
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
     child_reset_ids(v);
   }
+  if (t->ctid && v > 0) put_id_as_kernel(t->ctid, v);
   pthread_sigmask(SIG_SETMASK, &t->mask, NULL);
   return t->fn(t->arg);
+}
+
+/* A raw thread with CLONE_CHILD_SETTID starts here: it may run on a
+ * thread pointer of its own (CLONE_SETTLS), where none of our thread
+ * state is, so it touches none (raw calls only) and maps nothing itself:
+ * it waits for the virtual TID its parent maps (the parent, every signal
+ * blocked, publishes it before it returns; a snapshot lets it run out of
+ * its window first), writes it at ctid, and lets its signals in. */
+static int thread_child(void *p) {
+  struct clone_tramp *t = p;
+  int32_t v;
+  while (!(v = __atomic_load_n(&t->vtid, __ATOMIC_ACQUIRE))) SYS0(sched_yield);
+  if (v > 0) put_id_as_kernel(t->ctid, v);
+  int (*fn)(void *) = t->fn;
+  void *arg = t->arg;
+  SYS4(rt_sigprocmask, SIG_SETMASK, &t->mask, NULL, _NSIG / 8);
+  return fn(arg);
+}
+
+/* clone of a raw thread with CLONE_CHILD_SETTID (the caller's window
+ * open): the thread starts in thread_child, on the top of its stack, and
+ * is given its virtual TID there, once mapped here, every signal blocked
+ * meanwhile (a handler that left by siglongjmp would leave the thread
+ * waiting for good). */
+static NOINLINE int clone_thread_child_settid(int (*fn)(void *), void *stack, int flags, void *arg,
+                                              pid_t *ptid, void *tls, pid_t *ctid, pid_t parent) {
+  struct clone_tramp *t =
+      (struct clone_tramp *)(((uintptr_t)stack - sizeof *t) & ~(uintptr_t)15);
+  t->fn = fn;
+  t->arg = arg;
+  t->flags = flags;
+  t->ctid = ctid;
+  t->vtid = 0;
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &t->mask);
+  sigset_t saved = t->mask;
+  pid_t tid = REAL(clone)(thread_child, t, flags, t, ptid, tls, ctid);
+  int err = errno;
+  pid_t ret = tid;
+  if (tid > 0) {
+    int32_t v = appshot_map_system(g_h, APPSHOT_PID, tid, APPSHOT_F_THREAD, parent);
+    if (v >= 0) {
+      appshot_set_flags(g_h, APPSHOT_PID, parent, APPSHOT_F_THREADS);
+      if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid) put_id_as_kernel(ptid, v);
+      ret = v;
+    }
+    /* The thread may run on and reuse its stack from here on. */
+    __atomic_store_n(&t->vtid, v > 0 ? v : -1, __ATOMIC_RELEASE);
+  }
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  errno = err;
+  return ret;
 }
 
 API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
@@ -464,6 +530,8 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
    * from its first instruction on (preload.h, g_tls_shared). */
   if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS))
     __atomic_store_n(&g_tls_shared, 1, __ATOMIC_SEQ_CST);
+  if ((flags & CLONE_THREAD) && (flags & CLONE_CHILD_SETTID) && ctid)
+    return clone_thread_child_settid(fn, stack, flags, arg, ptid, tls, ctid, parent);
   if (flags & CLONE_THREAD) {
     /* A raw thread: its TLS is not ours to cache in, and both sides may map
      * its TID, hence nocache (set above: CLONE_THREAD implies CLONE_VM). */
@@ -473,6 +541,16 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
                                    parent);
     if (v < 0) return tid;
     appshot_set_flags(g_h, APPSHOT_PID, parent, APPSHOT_F_THREADS);
+    /* The kernel wrote the system TID at parent_tid before it returned:
+     * the caller gets the virtual one there, as clone() returns it (inside
+     * the window: a snapshot never sees the system TID left there). The
+     * thread may read that word before this store, and see the system
+     * TID: a runtime that reads it in the thread waits for the parent's
+     * answer, which holds the virtual one. (CLONE_CHILD_SETTID's word,
+     * which the kernel writes as the thread first runs, after any store
+     * of ours here: clone_thread_child_settid.) */
+    if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid)
+      put_id_as_kernel(ptid, v);
     return v;
   }
 
@@ -481,6 +559,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   t->fn = fn;
   t->arg = arg;
   t->flags = flags;
+  t->ctid = (flags & CLONE_CHILD_SETTID) ? ctid : NULL;
   sigset_t all;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &t->mask);
@@ -491,7 +570,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   if (pid > 0) {
     ret = adopt(pid);
     if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid)
-      *ptid = ret;
+      put_id_as_kernel(ptid, ret);
   }
   pthread_sigmask(SIG_SETMASK, &saved, NULL);
   errno = err;
@@ -532,13 +611,59 @@ API pid_t getppid(void) {
   return (pid_t)do_getppid();
 }
 
+/* --- Recently reaped children ---------------------------------------------
+ *
+ * A child's SIGCHLD may be taken after a wait reaped it (the signal
+ * blocked meanwhile, a signalfd read after waitpid, a handler that runs
+ * once the wait returned): its entry is gone from the tables by then, and
+ * si_pid would be 0 (M5). The last REAPED_RING children this process
+ * reaped are kept here as (virtual, system) pairs, consulted for a
+ * SIGCHLD's si_pid when the tables miss. Process memory, not the tables:
+ * a child's SIGCHLD goes to its parent, which reaps it. Each pair one
+ * 64-bit word, written and read whole (lock-free, async-signal-safe, no
+ * allocation). The ring is of the process whose system PID `owner` is: a
+ * fork child (or a restore under other system ids) finds another, so
+ * never takes its parent's (or the old node's) pairs, and empties it
+ * before its first pair. */
+#define REAPED_RING 32u /* a power of two: the index wraps with the counter */
+static uint64_t g_reaped[REAPED_RING];
+static uint32_t g_reaped_next;
+static int32_t g_reaped_owner;
+
+static void reaped_note(pid_t vid, pid_t sid) {
+  int32_t me = (int32_t)self_spid();
+  if (__atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != me) {
+    /* Emptied before it is claimed: a reader that sees it ours sees
+     * none of the pairs it had before. */
+    for (uint32_t i = 0; i < REAPED_RING; i++) __atomic_store_n(&g_reaped[i], 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&g_reaped_owner, me, __ATOMIC_RELEASE);
+  }
+  uint32_t i = __atomic_fetch_add(&g_reaped_next, 1, __ATOMIC_RELAXED) % REAPED_RING;
+  __atomic_store_n(&g_reaped[i], ((uint64_t)(uint32_t)vid << 32) | (uint32_t)sid, __ATOMIC_RELEASE);
+}
+
+/* The virtual PID of the child of system PID `sid` this process reaped
+ * last, or 0. */
+static pid_t reaped_s2v(int32_t sid) {
+  if (sid <= 0 || __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != (int32_t)self_spid()) return 0;
+  uint32_t next = __atomic_load_n(&g_reaped_next, __ATOMIC_ACQUIRE);
+  for (uint32_t k = 1; k <= REAPED_RING; k++) { /* the newest first */
+    uint64_t e = __atomic_load_n(&g_reaped[(next - k) % REAPED_RING], __ATOMIC_ACQUIRE);
+    if (e && (int32_t)(uint32_t)e == sid) return (pid_t)(int32_t)(e >> 32);
+  }
+  return 0;
+}
+
 /* --- Waiting -------------------------------------------------------------- */
 
 /* The virtual id of a child that a wait call returned; the entry goes if
  * the call reaped it (the system PID is free from now on). */
 static pid_t waited(pid_t sid, int reaped) {
   pid_t v = adopt(sid);
-  if (reaped) appshot_forget_process(g_h, sid);
+  if (reaped) {
+    appshot_forget_process(g_h, sid);
+    reaped_note(v, sid);
+  }
   return v;
 }
 
@@ -588,8 +713,12 @@ static pid_t wait_answer(int slot, pid_t sid, long sid_at, int reaped,
     const void *now_answer;
     enum appshot_wait_origin now = appshot_wait_origin(g_h, slot, &now_answer);
     if (now == where) {
-      if (reaped && from_prior) appshot_prior_forget(g_h, v, sid);
-      else if (reaped) appshot_forget_pair(g_h, v, sid);
+      if (reaped && from_prior) {
+        appshot_prior_forget(g_h, v, sid);
+      } else if (reaped) {
+        appshot_forget_pair(g_h, v, sid);
+        reaped_note(v, sid);
+      }
       return v;
     }
     /* Moved: what this node's tables were given for an old node's PID
@@ -789,8 +918,11 @@ API int waitid(idtype_t idtype, id_t id, siginfo_t *info, int options) {
 void translate_si_pid(siginfo_t *info) {
   int c = info->si_code;
   if (c == SI_USER || c == SI_QUEUE || c == SI_TKILL || c == SI_MESGQ ||
-      (info->si_signo == SIGCHLD && c > 0))
-    info->si_pid = s2v_or0(APPSHOT_PID, info->si_pid);
+      (info->si_signo == SIGCHLD && c > 0)) {
+    int32_t v;
+    if (appshot_s2v(g_h, APPSHOT_PID, info->si_pid, &v)) info->si_pid = v;
+    else info->si_pid = info->si_signo == SIGCHLD && c > 0 ? reaped_s2v(info->si_pid) : 0;
+  }
 }
 
 API int sigtimedwait(const sigset_t *set, siginfo_t *info,
@@ -1042,11 +1174,29 @@ static pid_t tty_id(int fd, unsigned long req) {
 API pid_t tcgetpgrp(int fd) { return tty_id(fd, TIOCGPGRP); }
 API pid_t tcgetsid(int fd) { return tty_id(fd, TIOCGSID); }
 
+static long ioctl_call(int raw, int fd, unsigned long req, void *arg);
+
+/* TIOCSPGRP of a group the tables do not know: EPERM, as for a group of
+ * another session, but only where the kernel would get that far. Before
+ * it looks at the group, it stops a caller in the background of its
+ * controlling terminal (SIGTTOU to its group, not ignored or blocked:
+ * the call is made again once the caller is continued) and fails one in
+ * an orphaned group with ENOTTY; then it reads the id (EFAULT) and
+ * refuses a negative one (EINVAL). So the kernel is handed -1 first: its
+ * EINVAL says every earlier check passed, and nothing changed; any other
+ * answer is the kernel's own. */
+static long unknown_group_set(int raw, int fd, unsigned long req) {
+  pid_t invalid = -1;
+  long r = ioctl_call(raw, fd, req, &invalid);
+  if (r < 0 && errno != EINVAL) return r;
+  return refuse_set(fd, TIOCSPGRP, EPERM);
+}
+
 API int tcsetpgrp(int fd, pid_t pgrp) {
   ID_WINDOW();
   ensure_init();
   pid_t sid = pgrp;
-  if (g_h && proc_arg(pgrp, &sid, EPERM)) return (int)refuse_set(fd, TIOCSPGRP, EPERM);
+  if (g_h && proc_arg(pgrp, &sid, EPERM)) return (int)unknown_group_set(1, fd, TIOCSPGRP);
   return (int)libc_ret(SYS3(ioctl, fd, TIOCSPGRP, &sid));
 }
 
@@ -1684,7 +1834,10 @@ long do_ioctl(int raw, int fd, unsigned long req, void *arg) {
   int err;
   switch (cmd) {
     case TIOCSPGRP: /* as tcsetpgrp: a group the tables do not know is EPERM */
-      if ((err = read_id_arg(id, &given)) || (err = proc_arg(given, &sid, EPERM))) return refuse_set(fd, cmd, err);
+      /* An id the kernel cannot read: its EFAULT, after the checks it
+       * makes first (a background caller's SIGTTOU). */
+      if (read_id_arg(id, &given)) return ioctl_call(raw, fd, req, arg);
+      if (proc_arg(given, &sid, EPERM)) return unknown_group_set(raw, fd, req);
       return ioctl_call(raw, fd, req, &sid);
     case FIOSETOWN:
     case SIOCSPGRP: /* as F_SETOWN */
