@@ -113,6 +113,27 @@ describe.skipIf(process.getuid?.() !== 0)('a root clone copies to REDIR PATH tar
     await run(['rm', '-f', 'rcswap-clone']);
   });
 
+  it("a copy-on-write file the process opened as root before it became nobody (lighttpd's PID file) is copied for its clone, the very file, and handed back as that copy", async () => {
+    // A directory only root may enter: nobody can never open d/pid itself.
+    const d = mkdtempSync(join(out, 'held-'));
+    const f = join(d, 'pid');
+    writeFileSync(f, 'held\n', { mode: 0o644 });
+    await start('rcheld', ['sh', '-c', `exec 3>>${f}; exec ${asNobody.join(' ')} sh -c 'echo READY; while sleep 0.05; do :; done'`]);
+    await waitFor(() => /READY/.test(sb.log('rcheld')), 10_000, 'rcheld to start');
+    const image = join(out, 'rcheld.img');
+    await run(['snapshot', 'rcheld', '-o', image]);
+    await waitFor(() => !sb.aids().includes('rcheld'), 10_000, 'rcheld to end');
+    const tpl = join(out, 'rcheld.template');
+    await run(['template', 'create', image, '-o', tpl]);
+    await run(['clone', tpl, '--aid', 'rcheld-clone']);
+    const held = readlinkSync(`/proc/${shellOf('rcheld-clone')}/fd/3`);
+    expect(held.startsWith(join(sb.home, 'instances') + '/'), held).toBe(true);
+    expect(held.endsWith(f)).toBe(true);
+    expect(readFileSync(held, 'utf8')).toBe('held\n');
+    expect(lstatSync(held).uid).toBe(0);
+    await run(['rm', '-f', 'rcheld-clone']);
+  });
+
   it('a copy one clone made and another then took is left by the first when it fails; the second keeps reading it', async () => {
     const app = makeApp('race');
     const into = join(out, 'race-into');
