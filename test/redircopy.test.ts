@@ -72,7 +72,7 @@ async function template(aid: string, app: string, rules: string): Promise<string
 const shellOf = (aid: string) => sb.systemPid(aid);
 
 describe.skipIf(process.getuid?.() !== 0)('a root clone copies to REDIR PATH targets only what its process run as nobody could read', () => {
-  it('a working directory holding a file only root may read is refused (exit 5) in one line, no copy and no directory left; without it, the copy is the tree as nobody reads it, a symlink copied as a link', async () => {
+  it('a working directory holding a file only root may read is refused (exit 5) in one line, a FIFO there (exit 1), no copy and no directory left; without them, the copy is the tree as nobody reads it, a symlink copied as a link', async () => {
     const app = makeApp('tree');
     const into = join(out, 'tree-into');
     const tpl = await template('rctree', app, `REDIR PATH "${app}" TO "${into}/app"\n`);
@@ -85,6 +85,17 @@ describe.skipIf(process.getuid?.() !== 0)('a root clone copies to REDIR PATH tar
     expect(readdirSync(out)).not.toContain('tree-into');
 
     rmSync(join(app, 'work', 'root-only'));
+
+    // A FIFO there (nobody's): no copy of one is made, nor is it opened
+    // for reading (which would wait for a writer).
+    const fifo = spawnSync(asNobody[0], [...asNobody.slice(1), 'mkfifo', join(app, 'work', 'fifo')], { encoding: 'utf8' });
+    expect(fifo.status, fifo.stderr).toBe(0);
+    const f = await attempt(['clone', tpl, '--aid', 'rctree-fifo']);
+    expect(f.code, f.stderr).toBe(1);
+    expect(refusal(f.stderr)).toMatch(new RegExp(`: ${app}/work/fifo is not a regular file, directory or symbolic link: no private copy of ${app}/work is made$`));
+    expect(readdirSync(out)).not.toContain('tree-into');
+    rmSync(join(app, 'work', 'fifo'));
+
     await run(['clone', tpl, '--aid', 'rctree-ok']);
     const pid = shellOf('rctree-ok');
     expect(readlinkSync(`/proc/${pid}/cwd`)).toBe(`${into}/app/work`);

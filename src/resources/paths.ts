@@ -91,7 +91,9 @@ export function privateCopy(original: string, copy: string, from: CopySource, ma
   let copied: CopiedFile | undefined;
   try {
     makeParents(original, copy);
-    if (fd === undefined) writeFileSync(tmp, '', { flag: 'wx', mode: 0o600 });
+    // Nothing there (the process found nothing either): an empty file,
+    // as before, root's with the default mode.
+    if (fd === undefined) writeFileSync(tmp, '', { flag: 'wx' });
     else {
       const st = fstatSync(fd, { bigint: true });
       if (st.isDirectory()) copyDirectory(fd, original, tmp, from);
