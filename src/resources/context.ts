@@ -205,7 +205,8 @@ export interface ClonePlan {
   privateRoot: string;
   /** REDIR PATH copies' originals, opened for reading as their process
    * before the restore (template/clone.ts checkRedirCopies), by target:
-   * what the copy is read from. */
+   * what the copy is read from. Each is closed and taken out once used;
+   * the owner closes those left. */
   redirSources?: Map<string, number>;
   /** Told each REDIR PATH copy this restore made itself (of clones racing
    * for one target, the one that made it): only those are removed if
@@ -294,7 +295,18 @@ export class RestoreContext {
     const named = unredirected(this.image.instance?.redirs ?? [], path);
     const target = redirected(this.redirs, named);
     if (target !== undefined) {
-      if (privateCopy(path, target, this.copySource(p, undefined, this.plan.redirSources?.get(target)))) this.plan.redirCopyMade?.(target);
+      const sources = this.plan.redirSources;
+      const fd = sources?.get(target);
+      try {
+        if (privateCopy(path, target, this.copySource(p, undefined, fd))) this.plan.redirCopyMade?.(target);
+      } finally {
+        // Needed no more (the copy is there, or this restore fails): not
+        // held while the instance waits in the engine's pool.
+        if (fd !== undefined) {
+          sources!.delete(target);
+          closeSync(fd);
+        }
+      }
       return target;
     }
     if (!copy) return path;

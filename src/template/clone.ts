@@ -400,7 +400,7 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
         checkRedirTargetsMakeable(config.redirs);
         checkRedirCopies(t.loaded.image, redirCopies(t.loaded.image, config.redirs), sources);
         // Where a test swaps an original for a symlink to a file only
-        // root may read (test/hostile.test.ts): what is copied is what
+        // root may read (test/redircopy.test.ts): what is copied is what
         // was opened here.
         killPoint('clone: redir copies checked');
       },
