@@ -175,7 +175,7 @@ it('a clone of an application run as nobody is refused a root-only file put, thr
   const clone = sb.run(['clone', join(own, 'tpl'), '--aid', 'leakc']);
   expect(clone.code, clone.stderr).toBe(5);
   // Refused where the copy is read, as the process (paths.ts privateCopy).
-  expect(clone.stderr).toMatch(/process 2: \S+\/data\/f, copied for the instance, cannot be read with the credentials of the process or the application's others \(fsuid 65534, fsgid 65534\): EACCES/);
+  expect(clone.stderr).toMatch(/process 2 fd 3: \S+\/data\/f cannot be opened with the credentials of the process or the application's others \(fsuid 65534, fsgid 65534\): EACCES/);
   expect(sb.allAids()).not.toContain('leakc');
   expect(existsSync(join(sb.home, 'instances')) ? readdirSync(join(sb.home, 'instances')).filter((n) => n.startsWith('leakc')) : []).toEqual([]);
 });

@@ -80,7 +80,7 @@ describe.skipIf(process.getuid?.() !== 0)('a root clone copies to REDIR PATH tar
     writeFileSync(join(app, 'work', 'root-only'), 'ROOT ONLY\n', { mode: 0o600 });
     const r = await attempt(['clone', tpl, '--aid', 'rctree-refused']);
     expect(r.code, r.stderr).toBe(5);
-    expect(refusal(r.stderr)).toMatch(new RegExp(`: process \\d+: ${app}/work/root-only, copied for the instance, cannot be read with the credentials of the process .*\\(fsuid ${NOBODY}, fsgid ${NOBODY}\\): EACCES$`));
+    expect(refusal(r.stderr)).toMatch(new RegExp(`: process \\d+: working directory: ${app}/work/root-only, copied for the instance, cannot be read with the credentials of the process .*\\(fsuid ${NOBODY}, fsgid ${NOBODY}\\): EACCES$`));
     expect(sb.aids()).not.toContain('rctree-refused');
     expect(readdirSync(out)).not.toContain('tree-into');
 

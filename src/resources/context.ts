@@ -290,7 +290,7 @@ export class RestoreContext {
    * path the application named, then: this instance's REDIR PATH target;
    * its own copy if `copy` (copy-on-write or duplicate), made now; else
    * the template's file. */
-  clonePath(path: string, copy: boolean, p: Process, held?: FileIdentity): string {
+  clonePath(path: string, copy: boolean, p: Process, what: string, held?: FileIdentity): string {
     if (!this.plan) return path;
     const named = unredirected(this.image.instance?.redirs ?? [], path);
     const target = redirected(this.redirs, named);
@@ -298,7 +298,7 @@ export class RestoreContext {
       const sources = this.plan.redirSources;
       const fd = sources?.get(target);
       try {
-        if (privateCopy(path, target, this.copySource(p, undefined, fd))) this.plan.redirCopyMade?.(target);
+        if (privateCopy(path, target, this.copySource(p, what, undefined, fd))) this.plan.redirCopyMade?.(target);
       } finally {
         // Needed no more (the copy is there, or this restore fails): not
         // held while the instance waits in the engine's pool.
@@ -311,7 +311,7 @@ export class RestoreContext {
     }
     if (!copy) return path;
     const own = join(this.plan.privateRoot, named);
-    privateCopy(path, own, this.copySource(p, held), (c) => this.copiesMade.set(own, c));
+    privateCopy(path, own, this.copySource(p, what, held), (c) => this.copiesMade.set(own, c));
     return own;
   }
 
@@ -322,8 +322,10 @@ export class RestoreContext {
    * (opened before a drop of privileges: fsident.ts reopenHeld): the
    * very one is copied, with its owner and mode, and only the copy of
    * that very file is given back to the process (files.ts). `fd`: the
-   * original opened so already. */
-  private copySource(p: Process, held?: FileIdentity, fd?: number): CopySource {
+   * original opened so already. `what`: what of the process the copy is
+   * for (its descriptor, working directory, mapping), for a refusal's
+   * line. */
+  private copySource(p: Process, what: string, held?: FileIdentity, fd?: number): CopySource {
     return {
       ...(fd === undefined ? {} : { fd }),
       open: (shown, path, flags) => {
@@ -332,9 +334,12 @@ export class RestoreContext {
         } catch (e) {
           // The original itself only, never an entry of a directory.
           const regular = held !== undefined && (held.mode & fs.S_IFMT) === fs.S_IFREG;
-          const got = refusal(e) && regular && path === shown ? reopenHeld(held, isOwnSnapshot(this.image), path, flags) : undefined;
+          const original = path === shown;
+          const got = refusal(e) && regular && original ? reopenHeld(held, isOwnSnapshot(this.image), path, flags) : undefined;
           if (got !== undefined) return got;
-          refusedAsProcess(e, `process ${p.vpid}: ${shown}, copied for the instance,`, fsIdentity(p), 'read');
+          // The original, as the process's own open of it would be refused.
+          if (original) refusedAsProcess(e, `${what}: ${shown}`, fsIdentity(p));
+          refusedAsProcess(e, `${what}: ${shown}, copied for the instance,`, fsIdentity(p), 'read');
         }
       },
     };
@@ -354,7 +359,7 @@ export class RestoreContext {
     if (p.cwdProcVpid) return restoredProcPath(this, p.cwd, p.cwdProcVpid);
     if (!this.plan) return p.cwd;
     const named = unredirected(this.image.instance?.redirs ?? [], p.cwd);
-    return this.clonePath(p.cwd, redirected(this.redirs, named, 'cow') !== undefined, p);
+    return this.clonePath(p.cwd, redirected(this.redirs, named, 'cow') !== undefined, p, `process ${p.vpid}: working directory`);
   }
 
   /** A working directory that was removed (empty, as a removed directory
@@ -375,7 +380,7 @@ export class RestoreContext {
     if (!this.plan || v.kind !== VmaKind.FILE_SHARED || !(v.prot & 2)) return v.path;
     const action = this.plan.action(verdictRef.vma(vpid, v));
     const p = this.image.processes.find((q) => q.vpid === vpid)!;
-    return this.clonePath(v.path, action === 'copy-on-write' || action === 'duplicate', p, this.image.files[v.file]);
+    return this.clonePath(v.path, action === 'copy-on-write' || action === 'duplicate', p, `process ${vpid} mapping`, this.image.files[v.file]);
   }
 
   /** A descriptor of ours, closed at the end (the processes hold theirs). */
