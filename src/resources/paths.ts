@@ -55,7 +55,7 @@ export interface CopySource {
   fd?: number;
 }
 
-const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NONBLOCK, O_NOFOLLOW, O_DIRECTORY } = fsConstants;
+const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NONBLOCK, O_NOCTTY, O_NOFOLLOW, O_DIRECTORY } = fsConstants;
 const O_PATH = 0o10000000;
 const O_CLOEXEC = 0o2000000;
 
@@ -187,18 +187,17 @@ function copyFile(fd: number, to: string, times = false): { dev: bigint; ino: bi
 /**
  * Directory `dir` (a descriptor opened as the process, for reading) and
  * all beneath it, copied to `to` (made here), as the process reaches
- * each: every entry is opened O_PATH | O_NOFOLLOW as the process beneath
- * the descriptor of its directory (/proc/self/fd/N/name: one component,
- * its directory's search permission the process's), never walked by name
- * from the root; a regular file is then read, and a directory listed,
- * through a descriptor reopened from that one as the process again (the
- * kernel checks its read permission then). A symbolic link is copied as
- * a link, never followed. Anything the process may not read is refused,
- * not skipped: a copy without some of the application's files would run
- * it on a tree it never had, where a refusal says what is missing (and
- * the copy, made under a temporary name, is removed whole). A FIFO,
- * socket or device is refused, as privateCopy refuses one named itself:
- * opened, it could block or act, and a copy of one is no copy.
+ * each: every entry is opened as the process beneath the descriptor of
+ * its directory (/proc/self/fd/N/name: one component, its directory's
+ * search permission and its own read permission the process's), never
+ * walked by name from the root, and never followed if it is a symbolic
+ * link (O_NOFOLLOW), which is copied as a link. Anything the process may
+ * not read is refused, not skipped: a copy without some of the
+ * application's files would run it on a tree it never had, where a
+ * refusal says what is missing (and the copy, made under a temporary
+ * name, is removed whole). A FIFO, socket or device is refused, as
+ * privateCopy refuses one named itself, and never opened: a copy of one
+ * is no copy.
  * Owners, modes and times as the originals' (copyFile); a directory's
  * mode and owner last, so that until then it is root's 0700 and no one
  * else puts a name in it.
@@ -208,36 +207,60 @@ function copyDirectory(dir: number, shown: string, to: string, from: CopySource)
   mkdirSync(to, { mode: 0o700 });
   for (const name of readdirSync(`/proc/self/fd/${dir}`)) {
     const entry = `${shown}/${name}`;
-    let at: number;
+    const beneath = `/proc/self/fd/${dir}/${name}`;
+    const dest = join(to, name);
+    const notCopied = () => new AppshotError(`${entry} is not a regular file, directory or symbolic link: no private copy of ${shown} is made`);
+    // What it is, first (root's lstat: its type, not its bytes): a FIFO
+    // or device is never opened (a writer waiting on a FIFO would be let
+    // go, a device may act on its open).
+    let lst;
     try {
-      at = from.open(entry, `/proc/self/fd/${dir}/${name}`, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+      lst = lstatSync(beneath);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue; // removed since it was listed
       throw e;
     }
-    try {
-      const est = fstatSync(at);
-      const dest = join(to, name);
-      if (est.isSymbolicLink()) {
-        // Its text, read beneath the directory the process opened (its
-        // search permission let the O_PATH open reach the link).
-        symlinkSync(readlinkSync(`/proc/self/fd/${dir}/${name}`), dest);
+    if (!lst.isSymbolicLink() && !lst.isFile() && !lst.isDirectory()) throw notCopied();
+    let r: number | undefined;
+    if (!lst.isSymbolicLink())
+      try {
+        // One open as the process: its search permission on the
+        // directory, its read permission on the entry; a link put there
+        // since is not followed (ELOOP: copied as the link it is now).
+        r = from.open(entry, beneath, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        if (code === 'ENOENT') continue;
+        if (code !== 'ELOOP') throw e;
+      }
+    if (r === undefined) {
+      // A symbolic link, copied as one: reached as the process (O_PATH,
+      // not followed), its text read beneath the same directory.
+      let at: number;
+      try {
+        at = from.open(entry, beneath, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        throw e;
+      }
+      try {
+        const est = fstatSync(at);
+        if (!est.isSymbolicLink()) throw new AppshotError(`${entry} changed while it was copied: no private copy of ${shown} is made`);
+        symlinkSync(readlinkSync(beneath), dest);
         if (process.geteuid?.() === 0) lchownSync(dest, est.uid, est.gid);
-      } else if (est.isFile() || est.isDirectory()) {
-        const flags = est.isFile() ? O_RDONLY | O_NONBLOCK | O_CLOEXEC : O_RDONLY | O_DIRECTORY | O_CLOEXEC;
-        const r = from.open(entry, `/proc/self/fd/${at}`, flags);
-        try {
-          const rst = fstatSync(r);
-          // The very inode the O_PATH open found.
-          if (rst.dev !== est.dev || rst.ino !== est.ino) throw new AppshotError(`${entry} changed while it was copied: no private copy of ${shown} is made`);
-          if (est.isFile()) copyFile(r, dest, true);
-          else copyDirectory(r, entry, dest, from);
-        } finally {
-          closeSync(r);
-        }
-      } else throw new AppshotError(`${entry} is not a regular file, directory or symbolic link: no private copy of ${shown} is made`);
+      } finally {
+        closeSync(at);
+      }
+      continue;
+    }
+    try {
+      // What was opened (a FIFO swapped in since is refused all the same).
+      const est = fstatSync(r);
+      if (est.isFile()) copyFile(r, dest, true);
+      else if (est.isDirectory()) copyDirectory(r, entry, dest, from);
+      else throw notCopied();
     } finally {
-      closeSync(at);
+      closeSync(r);
     }
   }
   const out = openSync(to, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
