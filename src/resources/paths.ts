@@ -83,7 +83,7 @@ export function privateCopy(original: string, copy: string, from: CopySource, ma
     try {
       // Not blocking on a FIFO put there: refused below, as any file
       // that is neither a regular file nor a directory.
-      fd = from.open(original, original, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+      fd = from.open(original, original, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
     }

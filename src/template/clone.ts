@@ -196,7 +196,7 @@ function inheritPrivateCopies(t: OpenedTemplate, privateRoot: string): void {
   }
 }
 
-const { O_RDONLY, O_RDWR, O_NONBLOCK, O_DIRECTORY } = fsConstants;
+const { O_RDONLY, O_RDWR, O_NONBLOCK, O_NOCTTY, O_DIRECTORY } = fsConstants;
 const O_ACCMODE = 3;
 const O_PATH = 0o10000000;
 const O_CLOEXEC = 0o2000000;
@@ -257,7 +257,7 @@ function checkRedirCopies(image: Image, copies: RedirCopy[], sources: Map<string
     try {
       // A directory (a working directory) too: its entries are read
       // beneath it, as the process (paths.ts copyDirectory).
-      sources.set(c.target, addon().openAs(c.original, O_RDONLY | O_NONBLOCK | O_CLOEXEC, 0, who));
+      sources.set(c.target, addon().openAs(c.original, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0, who));
     } catch (e) {
       if (!refusal(e)) continue;
       refusedAsProcess(e, `${c.what}, copied for the instance,`, fsIdentity(c.p), 'read');
