@@ -31,7 +31,7 @@ import { addon, type InstanceConfig, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
 import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
 import { currentRequest } from './engine/request.js';
-import { type MadeDir, overlaps, prepareRedirTargets, removeRedirTargets } from './resources/paths.js';
+import { type MadeDir, overlaps, plainAbsolute, prepareRedirTargets, removeRedirTargets } from './resources/paths.js';
 import { logTimesPath } from './logtimes.js';
 
 export interface AppRecord {
@@ -209,6 +209,9 @@ export interface Registry {
    * and let go (releaseRedirTargets) unless another still leads into them. */
   makeRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[];
   releaseRedirTargets(made: MadeDir[], going: Iterable<string>): void;
+  /** REDIR PATH copies a failed instance made itself, removed unless
+   * another application leads into them (releaseRedirCopies). */
+  releaseRedirCopies(copies: string[], going: Iterable<string>): void;
 }
 
 const AID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
@@ -975,11 +978,7 @@ export class LocalRegistry implements Registry {
       }
       for (const m of made) candidates.set(markOf(m.leaf), m);
       if (!candidates.size) return;
-      const gone = new Set(going);
-      const inUse = [
-        ...readdirSync(this.appsDir).filter((aid) => !aid.startsWith('.') && !gone.has(aid)).flatMap((aid) => this.readRecordFile(aid)?.redirLeaves ?? []),
-        ...this.listSnapshotted().flatMap((r) => r.redirLeaves ?? []),
-      ];
+      const inUse = this.redirLeavesInUse(going);
       for (const [mark, m] of candidates) {
         if (inUse.some((l) => overlaps(l, m.leaf))) {
           if (existsSync(mark)) continue;
@@ -989,6 +988,45 @@ export class LocalRegistry implements Registry {
           removeRedirTargets([m]);
           rmSync(mark, { force: true });
         }
+      }
+    });
+  }
+
+  /** The REDIR PATH directories applications registered or snapshotted
+   * lead into, but for those `going`. Read under withRedirsLocked. */
+  private redirLeavesInUse(going: Iterable<string>): string[] {
+    const gone = new Set(going);
+    return [
+      ...readdirSync(this.appsDir).filter((aid) => !aid.startsWith('.') && !gone.has(aid)).flatMap((aid) => this.readRecordFile(aid)?.redirLeaves ?? []),
+      ...this.listSnapshotted().flatMap((r) => r.redirLeaves ?? []),
+    ];
+  }
+
+  /**
+   * The REDIR PATH copies of the template's files a failed clone made
+   * (`copies`: targets it made itself, no other's: paths.ts privateCopy
+   * claims a target only where nothing is), each removed unless an
+   * application still registered or snapshotted, but for those `going`,
+   * leads into it (its registration's redirLeaves: written before its
+   * restore looks at a target, so a clone racing for the same shared
+   * target that found this copy and uses it is seen here). A copy kept is
+   * that application's now, as any file at its target. Under the lock of
+   * releaseRedirTargets, so that none of those directories goes meanwhile.
+   */
+  releaseRedirCopies(copies: string[], going: Iterable<string>): void {
+    if (!copies.length) return;
+    this.withRedirsLocked(() => {
+      const inUse = this.redirLeavesInUse(going);
+      for (const copy of copies) {
+        // Only a plain path reached through no symlink now (a directory
+        // on the way swapped for one would have the removal follow it).
+        if (!plainAbsolute(copy) || inUse.some((l) => overlaps(l, copy))) continue;
+        try {
+          if (realpathSync(dirname(copy)) !== dirname(copy)) continue;
+        } catch {
+          continue; // gone already
+        }
+        rmSync(copy, { recursive: true, force: true });
       }
     });
   }

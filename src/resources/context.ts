@@ -11,11 +11,12 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { addon, type FsIdentities, type InstanceConfig, type Kind, type PagesCheck, type PageWriter, type TablesSnapshot } from '../native.js';
-import { waitPagesChecked } from '../image/format.js';
+import { isOwnSnapshot, waitPagesChecked } from '../image/format.js';
 import { type Action, type FileIdentity, type Image, type Pipe, type Process, type SharedMemory, type SocketOption, verdictRef, type Vma, VmaKind } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import type { ParentResolver } from '../snapshot/parent.js';
-import { type CopiedFile, privateCopy, redirected, unredirected } from './paths.js';
+import { type CopiedFile, type CopySource, privateCopy, redirected, unredirected } from './paths.js';
+import { fsIdentity, identitiesFor, refusal, refusedAsProcess, reopenHeld } from './fsident.js';
 import { restoredProcPath } from './procpaths.js';
 import { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { ConnectionMaker, HeldConnections } from './tcp.js';
@@ -202,6 +203,15 @@ export interface ClonePlan {
   /** A file copied for the instance (copy-on-write, duplicate) goes to
    * join(privateRoot, its path). */
   privateRoot: string;
+  /** REDIR PATH copies' originals, opened for reading as their process
+   * before the restore (template/clone.ts checkRedirCopies), by target:
+   * what the copy is read from. Each is closed and taken out once used;
+   * the owner closes those left. */
+  redirSources?: Map<string, number>;
+  /** Told each REDIR PATH copy this restore made itself (of clones racing
+   * for one target, the one that made it): only those are removed if
+   * the instance fails. */
+  redirCopyMade?(target: string): void;
 }
 
 /** Descriptors made here and handed to the restored processes. */
@@ -280,14 +290,59 @@ export class RestoreContext {
    * path the application named, then: this instance's REDIR PATH target;
    * its own copy if `copy` (copy-on-write or duplicate), made now; else
    * the template's file. */
-  clonePath(path: string, copy: boolean): string {
+  clonePath(path: string, copy: boolean, p: Process, what: string, held?: FileIdentity): string {
     if (!this.plan) return path;
     const named = unredirected(this.image.instance?.redirs ?? [], path);
     const target = redirected(this.redirs, named);
-    if (target !== undefined) return privateCopy(path, target);
+    if (target !== undefined) {
+      const sources = this.plan.redirSources;
+      const fd = sources?.get(target);
+      try {
+        if (privateCopy(path, target, this.copySource(p, what, undefined, fd))) this.plan.redirCopyMade?.(target);
+      } finally {
+        // Needed no more (the copy is there, or this restore fails): not
+        // held while the instance waits in the engine's pool.
+        if (fd !== undefined) {
+          sources!.delete(target);
+          closeSync(fd);
+        }
+      }
+      return target;
+    }
     if (!copy) return path;
     const own = join(this.plan.privateRoot, named);
-    return privateCopy(path, own, (c) => this.copiesMade.set(own, c));
+    privateCopy(path, own, this.copySource(p, what, held), (c) => this.copiesMade.set(own, c));
+    return own;
+  }
+
+  /** What a copy for process `p` is read as: that process (the
+   * application's others after it, as any of its opens), so that root
+   * copies for it only what it could read. `held`: the image's word on
+   * the regular file the process held, which it may no longer open
+   * (opened before a drop of privileges: fsident.ts reopenHeld): the
+   * very one is copied, with its owner and mode, and only the copy of
+   * that very file is given back to the process (files.ts). `fd`: the
+   * original opened so already. `what`: what of the process the copy is
+   * for (its descriptor, working directory, mapping), for a refusal's
+   * line. */
+  private copySource(p: Process, what: string, held?: FileIdentity, fd?: number): CopySource {
+    return {
+      ...(fd === undefined ? {} : { fd }),
+      open: (shown, path, flags) => {
+        try {
+          return addon().openAs(path, flags, 0, identitiesFor(this.image, p));
+        } catch (e) {
+          // The original itself only, never an entry of a directory.
+          const regular = held !== undefined && (held.mode & fs.S_IFMT) === fs.S_IFREG;
+          const original = path === shown;
+          const got = refusal(e) && regular && original ? reopenHeld(held, isOwnSnapshot(this.image), path, flags) : undefined;
+          if (got !== undefined) return got;
+          // The original, as the process's own open of it would be refused.
+          if (original) refusedAsProcess(e, `${what}: ${shown}`, fsIdentity(p));
+          refusedAsProcess(e, `${what}: ${shown}, copied for the instance,`, fsIdentity(p), 'read');
+        }
+      },
+    };
   }
 
   /** The private copies clonePath made in this restore (not REDIR PATH
@@ -304,7 +359,7 @@ export class RestoreContext {
     if (p.cwdProcVpid) return restoredProcPath(this, p.cwd, p.cwdProcVpid);
     if (!this.plan) return p.cwd;
     const named = unredirected(this.image.instance?.redirs ?? [], p.cwd);
-    return this.clonePath(p.cwd, redirected(this.redirs, named, 'cow') !== undefined);
+    return this.clonePath(p.cwd, redirected(this.redirs, named, 'cow') !== undefined, p, `process ${p.vpid}: working directory`);
   }
 
   /** A working directory that was removed (empty, as a removed directory
@@ -324,7 +379,8 @@ export class RestoreContext {
   mappedPath(vpid: number, v: Vma): string {
     if (!this.plan || v.kind !== VmaKind.FILE_SHARED || !(v.prot & 2)) return v.path;
     const action = this.plan.action(verdictRef.vma(vpid, v));
-    return this.clonePath(v.path, action === 'copy-on-write' || action === 'duplicate');
+    const p = this.image.processes.find((q) => q.vpid === vpid)!;
+    return this.clonePath(v.path, action === 'copy-on-write' || action === 'duplicate', p, `process ${vpid} mapping`, this.image.files[v.file]);
   }
 
   /** A descriptor of ours, closed at the end (the processes hold theirs). */

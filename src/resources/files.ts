@@ -526,7 +526,7 @@ function openAsProcess(h: RestoreContext, p: Process, fd: Fd, path: string, flag
 function filePath(h: RestoreContext, p: Process, fd: Fd): string {
   const action = h.plan?.action(verdictRef.fd(p.vpid, fd));
   const writable = (fd.flags & O_ACCMODE) !== fs.O_RDONLY;
-  return h.clonePath(fd.path, action === 'duplicate' || (action === 'copy-on-write' && writable));
+  return h.clonePath(fd.path, action === 'duplicate' || (action === 'copy-on-write' && writable), p, `process ${p.vpid} fd ${fd.fd}`, h.image.files[fd.file]);
 }
 
 const RLIMIT_NOFILE = 7;

@@ -196,7 +196,7 @@ function inheritPrivateCopies(t: OpenedTemplate, privateRoot: string): void {
   }
 }
 
-const { O_RDWR, O_NONBLOCK, O_DIRECTORY } = fsConstants;
+const { O_RDONLY, O_RDWR, O_NONBLOCK, O_NOCTTY, O_DIRECTORY } = fsConstants;
 const O_ACCMODE = 3;
 const O_PATH = 0o10000000;
 const O_CLOEXEC = 0o2000000;
@@ -233,22 +233,35 @@ function redirCopies(image: Image, redirs: InstanceConfig['redirs']): RedirCopy[
 }
 
 /** Root makes an instance's copies of the template's files at its REDIR
- * PATH targets (it reads what it copies as root): each original is first
- * opened as its process will open the copy, so that what the process may
- * not open is refused before root copied it anywhere (fuzz33 M3: a
- * root-only file was copied to the target, then the process refused, and
- * the copy left). */
-function checkRedirCopies(image: Image, copies: RedirCopy[]): void {
+ * PATH targets: each original is first opened as its process will open
+ * the copy, so that what the process may not open is refused before
+ * anything was copied anywhere (fuzz33 M3: a root-only file was copied to
+ * the target, then the process refused, and the copy left); then opened
+ * for reading as the process, and that descriptor kept in `sources` (by
+ * target) for the restore to copy from (resources/paths.ts privateCopy):
+ * the name is never opened again, by root or anyone (review: a symlink to
+ * a root-only file swapped in between the check and root's open had root
+ * copy it where the process reads). The caller closes them. */
+function checkRedirCopies(image: Image, copies: RedirCopy[], sources: Map<string, number>): void {
   for (const c of copies) {
+    const who = identitiesFor(image, c.p);
     let fd: number;
     try {
-      fd = addon().openAs(c.original, c.flags | O_NONBLOCK | O_CLOEXEC, 0, identitiesFor(image, c.p));
+      fd = addon().openAs(c.original, c.flags | O_NONBLOCK | O_CLOEXEC, 0, who);
     } catch (e) {
       // Missing or otherwise not opened: the restore says what it is.
       if (!refusal(e)) continue;
       refusedAsProcess(e, c.what, fsIdentity(c.p));
     }
     closeSync(fd);
+    try {
+      // A directory (a working directory) too: its entries are read
+      // beneath it, as the process (paths.ts copyDirectory).
+      sources.set(c.target, addon().openAs(c.original, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0, who));
+    } catch (e) {
+      if (!refusal(e)) continue;
+      refusedAsProcess(e, `${c.what}, copied for the instance,`, fsIdentity(c.p), 'read');
+    }
   }
 }
 
@@ -289,12 +302,16 @@ function checkRedirTargetsMakeable(redirs: InstanceConfig['redirs']): void {
 
 /** The REDIR PATH copies each instance made (by its CloneResult): a batch
  * that fails after it was made removes them with it (discard). */
-const redirCopiesOf = new WeakMap<CloneResult, RedirCopy[]>();
+const redirCopiesOf = new WeakMap<CloneResult, string[]>();
 
-/** Removes the REDIR PATH copies a failed instance made (none was there
- * before it: redirCopies), so that a refused clone leaves none behind. */
-function removeRedirCopies(copies: RedirCopy[]): void {
-  for (const c of copies) rmSync(c.target, { recursive: true, force: true });
+/** Removes the REDIR PATH copies a failed instance `aid` made itself (its
+ * restore made them, none was there: paths.ts privateCopy claims a
+ * target only where nothing is), so that a refused clone leaves none
+ * behind; but not one another instance leads into (a clone racing for
+ * the same target that found this one's copy and uses it: registry.ts
+ * releaseRedirCopies). */
+function removeRedirCopies(reg: LocalRegistry, made: string[], aid: string): void {
+  reg.releaseRedirCopies(made, [aid]);
 }
 
 /** Ends an instance this batch made: its processes are killed, init
@@ -311,7 +328,7 @@ async function discard(reg: LocalRegistry, made: CloneResult): Promise<void> {
   }
   for (const p of made.ports) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
   rmSync(made.privateRoot, { recursive: true, force: true });
-  removeRedirCopies(redirCopiesOf.get(made) ?? []);
+  removeRedirCopies(reg, redirCopiesOf.get(made) ?? [], aid);
   reg.releaseRedirTargets(made.createdDirs, [aid]);
 }
 
@@ -353,9 +370,11 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
   // its AID: a snapshot of that one still needs its copies.
   const privateRoot = join(reg.home, 'instances', `${aid}.${randomBytes(4).toString('hex')}`);
   let ports: ReturnType<typeof planPorts> | undefined;
-  // Copies made at REDIR PATH targets outside the private root: removed
-  // if this instance fails.
-  let copies: RedirCopy[] = [];
+  // Copies made at REDIR PATH targets outside the private root (by this
+  // instance, not found made): removed if this instance fails.
+  const copies: string[] = [];
+  // The originals of those copies, opened as their processes.
+  const sources = new Map<string, number>();
   const props: Record<Property, string> = { 'application-id': aid, instance: String(s.instance), hostname: hostname(), template: t.template.name };
   try {
     ports = planPorts(reg, aid, t);
@@ -367,14 +386,23 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
       config,
       ports: ports.own,
       privateRoot,
+      redirSources: sources,
+      redirCopyMade: (target) => {
+        copies.push(target);
+        // Where a test has another clone take a copy this one made, then
+        // this one's restore fail (test/redircopy.test.ts).
+        killPoint('clone: redir copy made');
+      },
       record: { rules: t.template.rules, template: { path: t.path, instance: s.instance }, privateRoot, ports: ports.bindings, ...(s.hold ? { heldReady: true } : {}) },
       prepare: () => {
         inheritPrivateCopies(t, privateRoot);
         config.redirs.push(...duplicateFiles(t, privateRoot));
         checkRedirTargetsMakeable(config.redirs);
-        const planned = redirCopies(t.loaded.image, config.redirs);
-        checkRedirCopies(t.loaded.image, planned);
-        copies = planned;
+        checkRedirCopies(t.loaded.image, redirCopies(t.loaded.image, config.redirs), sources);
+        // Where a test swaps an original for a symlink to a file only
+        // root may read (test/redircopy.test.ts): what is copied is what
+        // was opened here.
+        killPoint('clone: redir copies checked');
       },
     };
     // A held instance's time is from its release on: what a clone waited
@@ -420,8 +448,10 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
   } catch (e) {
     for (const p of ports?.bindings ?? []) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
     rmSync(privateRoot, { recursive: true, force: true });
-    removeRedirCopies(copies);
+    removeRedirCopies(reg, copies, aid);
     throw e;
+  } finally {
+    for (const fd of sources.values()) closeSync(fd);
   }
 }
 

@@ -1,0 +1,177 @@
+/**
+ * A clone's copies of its template's files at REDIR PATH targets, made by
+ * a root clone for an application run as nobody (template/clone.ts,
+ * resources/paths.ts privateCopy): what is copied is only what the
+ * process itself could read, read from descriptors opened as the process
+ * (review: root reopened the name it had checked, and copied a working
+ * directory whole, files only root may read included). And a copy two
+ * clones race for is removed by the one that fails only if it made it and
+ * no other instance uses it.
+ *
+ * The application: a shell run as nobody, its working directory APP/work,
+ * holding APP/pub open on descriptor 3.
+ */
+import { spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect } from 'vitest';
+import { asNobody, NOBODY, Sandbox, stoppedAt, waitFor } from './helpers.js';
+import { ownedTests } from './parallel.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-redircopy-'));
+// nobody walks to its own directory under here.
+chmodSync(out, 0o755);
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+const { test: it, ok: run, start, attempt } = ownedTests(sb);
+
+/** The one line a refused command printed (no stack, no second line). */
+function refusal(stderr: string): string {
+  const lines = stderr.trim().split('\n').filter((l) => l.trim() !== '');
+  expect(lines, stderr).toHaveLength(1);
+  return lines[0];
+}
+
+/** A file only root may read, beside the application's directory. */
+const secret = join(out, 'root-only');
+writeFileSync(secret, 'ROOT ONLY\n', { mode: 0o600 });
+
+/** `name`'s application directory (nobody's): pub, work/note, and
+ * work/link, a symlink to the root-only file (copied as a link, never
+ * followed). */
+function makeApp(name: string): string {
+  const app = join(out, name);
+  mkdirSync(join(app, 'work'), { recursive: true, mode: 0o755 });
+  writeFileSync(join(app, 'pub'), 'public\n', { mode: 0o644 });
+  writeFileSync(join(app, 'work', 'note'), 'note\n', { mode: 0o640 });
+  symlinkSync(secret, join(app, 'work', 'link'));
+  for (const p of [app, join(app, 'work'), join(app, 'pub'), join(app, 'work', 'note')]) chownSync(p, NOBODY, NOBODY);
+  return app;
+}
+
+/** The application run as nobody, snapshotted, and made a template whose
+ * rules are `rules`: the template's path. */
+async function template(aid: string, app: string, rules: string): Promise<string> {
+  await start(aid, [...asNobody, 'sh', '-c', `cd ${app}/work && exec 3<${app}/pub; echo READY; while sleep 0.05; do :; done`]);
+  await waitFor(() => /READY/.test(sb.log(aid)), 10_000, `${aid} to start`);
+  const image = join(out, `${aid}.img`);
+  await run(['snapshot', aid, '-o', image]);
+  await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+  const rulesFile = join(out, `${aid}.rules`);
+  writeFileSync(rulesFile, rules);
+  const tpl = join(out, `${aid}.template`);
+  await run(['template', 'create', image, '-o', tpl, '--rules', rulesFile]);
+  return tpl;
+}
+
+/** The shell of clone `aid` (its sleeps come and go). */
+const shellOf = (aid: string) => sb.systemPid(aid);
+
+describe.skipIf(process.getuid?.() !== 0)('a root clone copies to REDIR PATH targets only what its process run as nobody could read', () => {
+  it('a working directory holding a file only root may read is refused (exit 5) in one line, a FIFO there (exit 1), no copy and no directory left; without them, the copy is the tree as nobody reads it, a symlink copied as a link', async () => {
+    const app = makeApp('tree');
+    const into = join(out, 'tree-into');
+    const tpl = await template('rctree', app, `REDIR PATH "${app}" TO "${into}/app"\n`);
+    // Put in the working directory after the snapshot, by root.
+    writeFileSync(join(app, 'work', 'root-only'), 'ROOT ONLY\n', { mode: 0o600 });
+    const r = await attempt(['clone', tpl, '--aid', 'rctree-refused']);
+    expect(r.code, r.stderr).toBe(5);
+    expect(refusal(r.stderr)).toMatch(new RegExp(`: process \\d+: working directory: ${app}/work/root-only, copied for the instance, cannot be read with the credentials of the process .*\\(fsuid ${NOBODY}, fsgid ${NOBODY}\\): EACCES$`));
+    expect(sb.aids()).not.toContain('rctree-refused');
+    expect(readdirSync(out)).not.toContain('tree-into');
+
+    rmSync(join(app, 'work', 'root-only'));
+
+    // A FIFO there (nobody's): no copy of one is made, nor is it opened
+    // for reading (which would wait for a writer).
+    const fifo = spawnSync(asNobody[0], [...asNobody.slice(1), 'mkfifo', join(app, 'work', 'fifo')], { encoding: 'utf8' });
+    expect(fifo.status, fifo.stderr).toBe(0);
+    const f = await attempt(['clone', tpl, '--aid', 'rctree-fifo']);
+    expect(f.code, f.stderr).toBe(1);
+    expect(refusal(f.stderr)).toMatch(new RegExp(`: ${app}/work/fifo is not a regular file, directory or symbolic link: no private copy of ${app}/work is made$`));
+    expect(readdirSync(out)).not.toContain('tree-into');
+    rmSync(join(app, 'work', 'fifo'));
+
+    await run(['clone', tpl, '--aid', 'rctree-ok']);
+    const pid = shellOf('rctree-ok');
+    expect(readlinkSync(`/proc/${pid}/cwd`)).toBe(`${into}/app/work`);
+    expect(readlinkSync(`/proc/${pid}/fd/3`)).toBe(`${into}/app/pub`);
+    expect(readFileSync(`${into}/app/pub`, 'utf8')).toBe('public\n');
+    expect(readFileSync(`${into}/app/work/note`, 'utf8')).toBe('note\n');
+    for (const p of ['pub', 'work', 'work/note']) expect(lstatSync(join(into, 'app', p)).uid, p).toBe(NOBODY);
+    expect(lstatSync(`${into}/app/work/note`).mode & 0o7777).toBe(0o640);
+    expect(lstatSync(`${into}/app/work/link`).isSymbolicLink()).toBe(true);
+    expect(readlinkSync(`${into}/app/work/link`)).toBe(secret);
+    await run(['rm', '-f', 'rctree-ok']);
+  });
+
+  it('the file it holds, swapped by nobody for a symlink to a root-only file after the clone checked it: the copy is of the file checked, never the root-only one', async () => {
+    const app = makeApp('swap');
+    const into = join(out, 'swap-into');
+    const tpl = await template('rcswap', app, `REDIR PATH "${app}/pub" TO "${into}/pub"\n`);
+    const stopped = await stoppedAt(sb, ['clone', tpl, '--aid', 'rcswap-clone'], 'clone: redir copies checked', 'the clone to check its REDIR PATH copies');
+    const swap = spawnSync(asNobody[0], [...asNobody.slice(1), 'sh', '-c', 'mv pub pub.real && ln -s "$1" pub', 'sh', secret], { cwd: app, encoding: 'utf8' });
+    expect(swap.status, swap.stderr).toBe(0);
+    const { code, stderr } = await stopped.go();
+    expect(code, stderr).toBe(0);
+    expect(readFileSync(`${into}/pub`, 'utf8')).toBe('public\n');
+    expect(lstatSync(`${into}/pub`).uid).toBe(NOBODY);
+    expect(readlinkSync(`/proc/${shellOf('rcswap-clone')}/fd/3`)).toBe(`${into}/pub`);
+    await run(['rm', '-f', 'rcswap-clone']);
+  });
+
+  it("a copy-on-write file the process opened as root before it became nobody (lighttpd's PID file) is copied for its clone, the very file, and handed back as that copy", async () => {
+    // A directory only root may enter: nobody can never open d/pid itself.
+    const d = mkdtempSync(join(out, 'held-'));
+    const f = join(d, 'pid');
+    writeFileSync(f, 'held\n', { mode: 0o644 });
+    await start('rcheld', ['sh', '-c', `exec 3>>${f}; exec ${asNobody.join(' ')} sh -c 'echo READY; while sleep 0.05; do :; done'`]);
+    await waitFor(() => /READY/.test(sb.log('rcheld')), 10_000, 'rcheld to start');
+    const image = join(out, 'rcheld.img');
+    await run(['snapshot', 'rcheld', '-o', image]);
+    await waitFor(() => !sb.aids().includes('rcheld'), 10_000, 'rcheld to end');
+    const tpl = join(out, 'rcheld.template');
+    await run(['template', 'create', image, '-o', tpl]);
+    await run(['clone', tpl, '--aid', 'rcheld-clone']);
+    const held = readlinkSync(`/proc/${shellOf('rcheld-clone')}/fd/3`);
+    expect(held.startsWith(join(sb.home, 'instances') + '/'), held).toBe(true);
+    expect(held.endsWith(f)).toBe(true);
+    expect(readFileSync(held, 'utf8')).toBe('held\n');
+    expect(lstatSync(held).uid).toBe(0);
+    await run(['rm', '-f', 'rcheld-clone']);
+  });
+
+  it('a copy one clone made and another then took is left by the first when it fails; the second keeps reading it', async () => {
+    const app = makeApp('race');
+    const into = join(out, 'race-into');
+    // No per-instance variable: every clone's target is the same file.
+    const tpl = await template('rcrace', app, `REDIR PATH "${app}/pub" TO "${into}/pub"\n`);
+    // The first made the copy and stops in its restore; the restore fails
+    // once let go (APPSHOT_TEST_FAIL_AT at the same point).
+    const first = await stoppedAt(sb, ['clone', tpl, '--aid', 'rcrace-1'], 'clone: redir copy made', 'the first clone to make its copy', { APPSHOT_TEST_FAIL_AT: 'clone: redir copy made' });
+    expect(readFileSync(`${into}/pub`, 'utf8')).toBe('public\n');
+    await run(['clone', tpl, '--aid', 'rcrace-2']);
+    const second = shellOf('rcrace-2');
+    expect(readlinkSync(`/proc/${second}/fd/3`)).toBe(`${into}/pub`);
+    const failed = await first.go();
+    expect(failed.code, failed.stderr).not.toBe(0);
+    expect(failed.stderr).toMatch(/failure injected at 'clone: redir copy made'/);
+    // Left: the second's descriptor is of the file at the target still.
+    expect(readFileSync(`${into}/pub`, 'utf8')).toBe('public\n');
+    expect(readlinkSync(`/proc/${second}/fd/3`)).toBe(`${into}/pub`);
+    await run(['rm', '-f', 'rcrace-2']);
+
+    // Alone, a failed clone removes the copy it made, and the directory
+    // made for it.
+    rmSync(into, { recursive: true, force: true });
+    const alone = await stoppedAt(sb, ['clone', tpl, '--aid', 'rcrace-3'], 'clone: redir copy made', 'the clone to make its copy', { APPSHOT_TEST_FAIL_AT: 'clone: redir copy made' });
+    expect(readFileSync(`${into}/pub`, 'utf8')).toBe('public\n');
+    const gone = await alone.go();
+    expect(gone.code, gone.stderr).not.toBe(0);
+    expect(readdirSync(out)).not.toContain('race-into');
+  });
+});
