@@ -129,6 +129,11 @@ export interface AppRecord {
      * file is there, with the identities it was made as: a restore killed
      * before its commit would leave a stale socket file there. */
     madeSocketFiles?: MadeSocketFile[];
+    /** REDIR PATH copies it was about to make (RestoreContext
+     * recordRedirCopyPlanned), each written before it is made: removed
+     * if the restore never commits, unless another application uses
+     * them (releaseRedirCopies). */
+    redirCopies?: string[];
     /** It took over the log its image's application left (see
      * adoptCarriedLog): given back if the restore never commits. */
     adoptedLog?: boolean;
@@ -849,6 +854,7 @@ export class LocalRegistry implements Registry {
     const r = record.restore;
     if (r && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath)) {
       for (const path of r.madePaths) rmSync(path, { recursive: true, force: true });
+      this.releaseRedirCopies(r.redirCopies ?? [], [record.aid]);
       this.releaseRedirTargets(r.madeDirs, [record.aid]);
       for (const name of r.madeQueues ?? [])
         try {

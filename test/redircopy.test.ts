@@ -16,7 +16,7 @@ import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, r
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
-import { asNobody, NOBODY, Sandbox, stoppedAt, waitFor } from './helpers.js';
+import { asNobody, cli, NOBODY, Sandbox, stoppedAt, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 
 const sb = new Sandbox();
@@ -173,5 +173,19 @@ describe.skipIf(process.getuid?.() !== 0)('a root clone copies to REDIR PATH tar
     const gone = await alone.go();
     expect(gone.code, gone.stderr).not.toBe(0);
     expect(readdirSync(out)).not.toContain('race-into');
+  });
+
+  it('a clone killed (kill -9) just after it made a copy in a directory that was there: the next command removes the copy, and only it', async () => {
+    const app = makeApp('killed');
+    const into = join(out, 'killed-into');
+    mkdirSync(into, { mode: 0o755 });
+    writeFileSync(join(into, 'mine'), 'the user\'s\n');
+    const tpl = await template('rckill', app, `REDIR PATH "${app}/pub" TO "${into}/pub"\n`);
+    const r = spawnSync(process.execPath, [cli, 'clone', tpl, '--aid', 'rckill-1'], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: 'clone: redir copy made' }, encoding: 'utf8', timeout: 60_000 });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    expect(readFileSync(join(into, 'pub'), 'utf8')).toBe('public\n');
+    // The next command (any) lets go what the killed clone left.
+    await waitFor(() => (sb.run(['ps']), !sb.allAids().includes('rckill-1')), 20_000, 'the killed clone to be let go');
+    expect(readdirSync(into)).toEqual(['mine']);
   });
 });

@@ -6,7 +6,7 @@
  * however many processes hold it, and where a clone's files are). The
  * drivers make one and pass it to every kind.
  */
-import { type BigIntStats, closeSync, constants as fs, existsSync, mkdtempSync, openSync, readSync, rmdirSync, statSync, writeSync } from 'node:fs';
+import { type BigIntStats, closeSync, constants as fs, existsSync, lstatSync, mkdtempSync, openSync, readSync, rmdirSync, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
@@ -298,6 +298,7 @@ export class RestoreContext {
       const sources = this.plan.redirSources;
       const fd = sources?.get(target);
       try {
+        if (!lstatSync(target, { throwIfNoEntry: false })) this.recordRedirCopyPlanned?.(target);
         if (privateCopy(path, target, this.copySource(p, what, undefined, fd))) this.plan.redirCopyMade?.(target);
       } finally {
         // Needed no more (the copy is there, or this restore fails): not
@@ -477,6 +478,15 @@ export class RestoreContext {
    * killed (kill -9) before its commit has it removed by the next command,
    * as its SysV objects are. */
   recordQueueMade?: (name: string) => void;
+
+  /** Told, before it is made, each REDIR PATH copy of a clone's that is
+   * not there yet (clonePath): written into the registration, so that a
+   * clone killed while it makes the copy, or before its commit, has it
+   * removed by the next command, unless another instance uses it
+   * (registry.ts releaseRedirCopies). A copy in a directory made for the
+   * instance goes with the directory already; one in a directory that
+   * was there would stay. */
+  recordRedirCopyPlanned?: (target: string) => void;
 
   /** Told, before it is made, each name a socket file of this restore
    * takes that the application does not have (resources/socketfile.ts:

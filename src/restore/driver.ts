@@ -708,6 +708,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       (registered.restore!.madeQueues ??= []).push(name);
       reg.update(registered);
     };
+    handed.recordRedirCopyPlanned = (target) => {
+      (registered.restore!.redirCopies ??= []).push(target);
+      reg.update(registered);
+    };
     // A socket file's name likewise (JSON has no bigint: capEff as text).
     handed.recordSocketFileMade = (dir, name, who) => {
       const as = who === undefined ? undefined : (Array.isArray(who) ? who : [who]).map((i) => ({ fsuid: i.fsuid, fsgid: i.fsgid, groups: i.groups, capEff: i.capEff.toString() }));
