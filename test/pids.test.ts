@@ -1029,6 +1029,22 @@ describe('a raw thread made by glibc\'s clone() with CLONE_THREAD | CLONE_PARENT
     await exercised(aid, 'to clone again, restored');
     expect(sb.log(aid)).not.toMatch(/FAIL/);
   });
+
+  it('leaves the kernel\'s exit-time 0 the last word at parent_tid when CLONE_CHILD_CLEARTID shares it (glibc before 2.34): every join ends (review35a)', async () => {
+    // The virtual TID written after the thread exited would have made
+    // the join wait for good.
+    const aid = 'clonejoin';
+    await start(aid, [fixture('clonejoin'), '50']);
+    await waitFor(() => /^(JOINED \d+|FAIL.*)$/m.test(sb.log(aid)), 30_000, 'clonejoin to end');
+    expect(/^(JOINED \d+|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('JOINED 50');
+  });
+
+  it('CLONE_THREAD | CLONE_VFORK | CLONE_CHILD_SETTID returns once the thread exits (review35a: the thread waited for a TID the caller publishes only on its return)', async () => {
+    const aid = 'vforkthread';
+    await start(aid, [fixture('vforkthread')]);
+    await waitFor(() => /^(RETURNED \d+|FAIL.*)$/m.test(sb.log(aid)), 15_000, 'vforkthread to return from clone');
+    expect(sb.log(aid)).toMatch(/^RETURNED \d+$/m);
+  });
 });
 
 describe('a SIGCHLD taken after waitpid reaped its child', () => {

@@ -289,6 +289,21 @@ static void put_id_as_kernel(pid_t *where, pid_t id) {
   SYS6(process_vm_writev, SYS0(getpid), &here, 1, &there, 1, 0);
 }
 
+/* `id` over the system id `system` the kernel wrote at a clone's
+ * parent_tid, in memory the child shares (CLONE_VM), only while that word
+ * still holds it: the child may have run, exited and had the kernel
+ * clear that very word before we get here (CLONE_CHILD_CLEARTID at the
+ * same word, as glibc before 2.34 made its threads), and a join waits for
+ * that 0, which must stay the last word written (review35a). Read first
+ * without a fault (a bad address, which the kernel let pass, holds no
+ * id), then swapped atomically against the child's exit. */
+static void replace_id_as_kernel(pid_t *where, pid_t system, pid_t id) {
+  pid_t now = 0;
+  struct iovec here = {&now, sizeof now}, there = {where, sizeof now};
+  if (SYS6(process_vm_readv, SYS0(getpid), &here, 1, &there, 1, 0) != (long)sizeof now || now != system) return;
+  __atomic_compare_exchange_n(where, &system, id, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
 static pid_t do_raw_fork(long nr, long a, long b, uint64_t ptid) { return fork_made_by(fork_by_syscall, nr, a, b, ptid); }
 
 /* syscall(SYS_fork) and syscall(SYS_vfork), which no glibc code sees: a
@@ -498,7 +513,7 @@ static NOINLINE int clone_thread_child_settid(int (*fn)(void *), void *stack, in
     int32_t v = appshot_map_system(g_h, APPSHOT_PID, tid, APPSHOT_F_THREAD, parent);
     if (v >= 0) {
       appshot_set_flags(g_h, APPSHOT_PID, parent, APPSHOT_F_THREADS);
-      if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid) put_id_as_kernel(ptid, v);
+      if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid) replace_id_as_kernel(ptid, tid, v);
       ret = v;
     }
     /* The thread may run on and reuse its stack from here on. */
@@ -530,7 +545,10 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
    * from its first instruction on (preload.h, g_tls_shared). */
   if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS))
     __atomic_store_n(&g_tls_shared, 1, __ATOMIC_SEQ_CST);
-  if ((flags & CLONE_THREAD) && (flags & CLONE_CHILD_SETTID) && ctid)
+  /* Not with CLONE_VFORK: the caller stays in clone until the thread
+   * exits, so the thread would wait for good for the TID it would publish
+   * on its return (review35a); such a thread keeps the kernel's word. */
+  if ((flags & CLONE_THREAD) && (flags & CLONE_CHILD_SETTID) && ctid && !(flags & CLONE_VFORK))
     return clone_thread_child_settid(fn, stack, flags, arg, ptid, tls, ctid, parent);
   if (flags & CLONE_THREAD) {
     /* A raw thread: its TLS is not ours to cache in, and both sides may map
@@ -550,7 +568,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
      * which the kernel writes as the thread first runs, after any store
      * of ours here: clone_thread_child_settid.) */
     if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid)
-      put_id_as_kernel(ptid, v);
+      replace_id_as_kernel(ptid, tid, v);
     return v;
   }
 
@@ -570,7 +588,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   if (pid > 0) {
     ret = adopt(pid);
     if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid)
-      put_id_as_kernel(ptid, ret);
+      replace_id_as_kernel(ptid, pid, ret);
   }
   pthread_sigmask(SIG_SETMASK, &saved, NULL);
   errno = err;
@@ -661,8 +679,10 @@ static pid_t reaped_s2v(int32_t sid) {
 static pid_t waited(pid_t sid, int reaped) {
   pid_t v = adopt(sid);
   if (reaped) {
-    appshot_forget_process(g_h, sid);
+    /* Noted before the entry goes: a SIGCHLD read on another thread in
+     * between finds the pair in one or the other (review35a). */
     reaped_note(v, sid);
+    appshot_forget_process(g_h, sid);
   }
   return v;
 }
@@ -716,8 +736,8 @@ static pid_t wait_answer(int slot, pid_t sid, long sid_at, int reaped,
       if (reaped && from_prior) {
         appshot_prior_forget(g_h, v, sid);
       } else if (reaped) {
-        appshot_forget_pair(g_h, v, sid);
         reaped_note(v, sid);
+        appshot_forget_pair(g_h, v, sid);
       }
       return v;
     }
