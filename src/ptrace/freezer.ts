@@ -44,6 +44,18 @@ export interface FrozenThread {
 }
 
 /** The PID tracing `tid`, or 0. */
+/** Whether task `tid` (a thread's id too: kill(2) finds any task by it)
+ * exists, a zombie included: kill with no signal answers ESRCH only for
+ * none, EPERM for one this user may not signal. */
+function taskExists(tid: number): boolean {
+  try {
+    process.kill(tid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code !== 'ESRCH';
+  }
+}
+
 function tracerOf(tid: number): number {
   try {
     return Number(/^TracerPid:\s+(\d+)/m.exec(readFileSync(`/proc/${tid}/status`, 'utf8'))?.[1] ?? 0);
@@ -224,10 +236,14 @@ export class Freezer {
       // its /proc entry may vanish between two reads here (seen once in
       // a fork storm: there, then no stat). Neither has state but an exit
       // status: it is left out, and its parent's wait after a restore
-      // finds no such child.
+      // finds no such child. A stat that cannot be read is "gone" only if
+      // the kernel says there is no such task (ESRCH): /proc mounted with
+      // hidepid=1, or a security module, hides a live process that this
+      // user may not trace, which must fail the snapshot, not be left
+      // out of it and left running (review35a).
       if (code === 'EPERM') {
         const state = readStat(tid)?.state;
-        if (state === undefined || state === 'Z' || state === 'X') return undefined;
+        if (state === 'Z' || state === 'X' || (state === undefined && !taskExists(tid))) return undefined;
       }
       throw e;
     }
