@@ -119,6 +119,7 @@ export class SocketsForKeeper {
   /** How many connections are held, how many of them the image needs the
    * keeper for, and how many wait in the listeners held. */
   counts(): { held: number; needed: number; waiting: number } {
+    if (!this.handedOver) return { held: 0, needed: 0, waiting: 0 };
     const all = [...this.fds.values()];
     return { held: all.length - this.listenersHeld, needed: all.filter((e) => e.needed).length, waiting: this.waiting };
   }
@@ -160,11 +161,18 @@ export class SocketsForKeeper {
       dropKept(keep.home, keep.aid);
       addon().keepConnections(paths.keeper, keeperPath(keep.home, keep.aid), keep.imageId, keep.holdSeconds, [...this.fds.values()].map((e) => e.fd));
     } catch (e) {
-      const { needed } = this.counts();
+      const needed = [...this.fds.values()].filter((c) => c.needed).length;
       if (needed) throw new Error(`${needed} connection${needed > 1 ? 's' : ''} only appshot-keeper can carry (taken without TCP repair, or to a process outside) could not be handed to it: ${(e as Error).message}`);
-      process.stderr.write(`appshot: the TCP connections of '${keep.aid}' could not be held until its restore (${(e as Error).message}): a peer that sends meanwhile is reset\n`);
+      process.stderr.write(`appshot: the TCP connections of '${keep.aid}' could not be held until its restore (${(e as Error).message}): a peer that sends meanwhile, or waits to be accepted, is reset\n`);
+      // Nothing is held: the snapshot's summary must not say otherwise.
+      this.handedOver = false;
+      return;
     }
+    this.handedOver = true;
   }
+
+  /** Whether a keeper said it holds them (handOver). */
+  private handedOver = false;
 
   /** Ours are closed (the keeper's copies, if any, stay). */
   close(): void {

@@ -398,7 +398,9 @@ export class SocketTable {
  * those with connections waiting to be accepted (SocketsForKeeper
  * addListener). `systemPid`: a virtual PID's process. */
 export function offerListeners(ctx: DumpContext, systemPid: (vpid: number) => number): void {
-  if (!ctx.keeper.keeping) return;
+  // --tcp-close: the connections are the application's to close, those
+  // waiting to be accepted too.
+  if (!ctx.keeper.keeping || ctx.tcp.closeConnections) return;
   for (const p of ctx.image.processes)
     for (const f of p.fds)
       if (f.kind === FdKind.TCP_LISTEN && f.socket && !f.socket.inherited) ctx.keeper.addListener(f.socket.ino, () => addon().getFd(systemPid(p.vpid), f.fd));
@@ -648,7 +650,9 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     // addListener): options, backlog and queue all as they were. Ours
     // is KeptSockets' to close.
     const held = fd.kind === FdKind.TCP_LISTEN && !h.plan ? h.kept.get(s.ino) : undefined;
-    if (held !== undefined) {
+    // Only if it is that listener: the inode and the image's id are an
+    // image's word (review35a), the socket's own state and port are not.
+    if (held !== undefined && isListenerAt(held, s)) {
       addon().setStatusFlags(held, fd.flags);
       return held;
     }
@@ -680,6 +684,19 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     return sock;
   });
 }
+
+/** Whether `sock` is a TCP socket listening on `s`'s family and port. */
+function isListenerAt(sock: number, s: Socket): boolean {
+  try {
+    const e = addon().tcpEndpoint(sock);
+    return e.state === TCP_LISTEN_STATE && e.port === s.port && addon().sockInfo(sock).family === s.family;
+  } catch {
+    return false;
+  }
+}
+
+/** TCP_LISTEN in TCP_INFO's tcpi_state. */
+const TCP_LISTEN_STATE = 10;
 
 /** A TCP listener of a clone: on its own allocated port, or on the
  * well-known one shared with the other instances (SO_REUSEPORT lets the
