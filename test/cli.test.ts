@@ -4,12 +4,12 @@
  * hostile ones, all through the real CLI.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lchownSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { afterAll, describe, expect, it, vi } from 'vitest';
-import { cli, fixture, Sandbox, spawnAsync, stoppedAt, waitFor } from './helpers.js';
+import { cli, command, fixture, Sandbox, spawnAsync, stoppedAt, waitFor } from './helpers.js';
 
 // Tests of dozens of commands in a row: on a loaded machine each command
 // takes seconds (its Node start alone), and the suite's minute is not
@@ -395,6 +395,52 @@ describe('the state directory of the tests', () => {
     const r = spawnSync(process.execPath, [cli, 'snapshot', 'nobody-here'], { encoding: 'utf8' });
     expect(r.stderr).toBe("appshot: no application with AID 'nobody-here'\n");
     expect(existsSync(join(home!, 'apps'))).toBe(true);
+  });
+
+  it('is refused, before anything is written in it, when another user can change it; a new one under sticky /tmp is made', () => {
+    // fuzz34 F8: root writing its registrations, keys and temporaries by
+    // name into a directory nobody owns, where nobody can swap a name
+    // for a link between two steps.
+    const foreign = mkdtempSync(join(tmpdir(), 'appshot-foreign-home-'));
+    const link = `${foreign}-link`;
+    try {
+      chownSync(foreign, 65534, 65534);
+      chmodSync(foreign, 0o755);
+      symlinkSync('/tmp', link);
+      lchownSync(link, 65534, 65534);
+      const cases: [string, string][] = [
+        [foreign, 'it'],
+        [join(foreign, 'state'), `${foreign}, a directory above it,`],
+        [join(link, 'state'), `${link}, a link on the way to it,`],
+      ];
+      for (const [home, who] of cases)
+        for (const args of [['ps'], ['key', 'export'], ['images', out], ['snapshot', 'nobody-here', '-o', join(out, 'never')]]) {
+          const r = spawnSync(command, args, { env: { ...sb.env, APPSHOT_HOME: home }, encoding: 'utf8' });
+          expect(r.stderr, `${home} ${args}`).toMatch(
+            new RegExp(`^appshot: refusing the state directory ${home}: ${who.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} can be changed by another user \\(owner uid 65534, group \\d+, mode 0\\d+\\), who could swap its files for links while appshot writes them; set APPSHOT_HOME to a directory only you can change\n$`),
+          );
+          expect(r.status).toBe(1);
+        }
+      // Nothing made in it, nor anything written anywhere else.
+      expect(readdirSync(foreign)).toEqual([]);
+      expect(existsSync(join(out, 'never'))).toBe(false);
+      // A group- or world-writable one of root's is refused too, sticky or not.
+      chownSync(foreign, 0, 0);
+      chmodSync(foreign, 0o1777);
+      const sticky = spawnSync(command, ['ps'], { env: { ...sb.env, APPSHOT_HOME: foreign }, encoding: 'utf8' });
+      expect(sticky.stderr).toMatch(/^appshot: refusing the state directory .*: it can be changed by another user \(owner uid 0, group 0, mode 1777\)/);
+      expect(readdirSync(foreign)).toEqual([]);
+      // A new one in sticky /tmp (root's), and one of root's under it, are taken.
+      chmodSync(foreign, 0o700);
+      const fresh = join(foreign, 'new', 'state');
+      const ok = spawnSync(command, ['ps'], { env: { ...sb.env, APPSHOT_HOME: fresh }, encoding: 'utf8' });
+      expect(ok.stderr).toBe('');
+      expect(ok.status).toBe(0);
+      expect(existsSync(join(fresh, 'apps'))).toBe(true);
+    } finally {
+      rmSync(foreign, { recursive: true, force: true });
+      rmSync(link, { force: true });
+    }
   });
 });
 
