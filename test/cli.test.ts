@@ -674,6 +674,59 @@ describe('appshot images', () => {
     }
   });
 
+  it('lists the good entries beside an unreadable directory, one nested thousands deep, and a tar that claims more than it holds (fuzz34 F3, F4)', async () => {
+    const aid = 'amid-hostile';
+    // Reachable by nobody, who lists it below.
+    const dir = mkdtempSync(join(tmpdir(), 'appshot-hostile-listing-'));
+    const home = mkdtempSync(join(tmpdir(), 'appshot-hostile-listing-home-'));
+    try {
+      chmodSync(dir, 0o755);
+      chownSync(home, 65534, 65534);
+      expect(sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '4']).code).toBe(0);
+      await waitFor(() => lastCheck(aid) >= 3, 30_000, 'snapfix to start');
+      const snap = sb.run(['snapshot', aid, '-o', join(dir, 'good')]);
+      expect(snap.code, snap.stderr).toBe(0);
+      const manifest = readFileSync(join(dir, 'good', 'manifest.pb'));
+      // Another user's directory (nobody lists it), an image directory
+      // whose sizing walks past PATH_MAX, and a tar whose image.pb header
+      // claims 200 MiB it does not hold, after a manifest that lists it
+      // as the few KiB it is.
+      mkdirSync(join(dir, 'foreign'), { mode: 0o700 });
+      writeFileSync(join(dir, 'foreign', 'manifest.pb'), manifest);
+      mkdirSync(join(dir, 'deep'));
+      writeFileSync(join(dir, 'deep', 'manifest.pb'), manifest);
+      // By a process of its own that goes down as it makes them (a
+      // shell's mkdir, a process each, takes minutes at that depth).
+      const nest = spawnSync('python3', ['-c', "import os\nfor _ in range(2100):\n    os.mkdir('x'); os.chdir('x')"], { cwd: join(dir, 'deep') });
+      expect(nest.status, String(nest.stderr)).toBe(0);
+      const claimed = 200 * 1024 * 1024;
+      writeFileSync(join(dir, 'claims.tar'), tarOf(tarHeader('manifest.pb', manifest.length), pad(manifest), tarHeader('image.pb', claimed)));
+      const listedImageSize = statSync(join(dir, 'good', 'image.pb')).size;
+      // The claim is never allocated: under a data limit far below two
+      // of it (an allocation of it fails), the listing says what is wrong.
+      const r = spawnSync('prlimit', [`--data=${claimed}`, process.execPath, cli, 'images', dir, '--json'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+      const byName = new Map<string, Json>(JSON.parse(r.stdout).images.map((i: Json) => [i.path.slice(dir.length + 1), i]));
+      expect([...byName.keys()]).toEqual(['claims.tar', 'deep', 'foreign', 'good']);
+      expect(byName.get('good')).toMatchObject({ type: 'image', app: aid });
+      expect(byName.get('good').error).toBeUndefined();
+      expect(byName.get('claims.tar')).toMatchObject({ type: 'file', error: `corrupt image: image.pb in ${join(dir, 'claims.tar')} is ${claimed} bytes; its manifest says ${listedImageSize}`.replace(/^corrupt image: /, '') });
+      expect(byName.get('deep')).toMatchObject({ type: 'image', error: 'cannot read it: name too long (ENAMETOOLONG)' });
+      // As nobody: the directory of root's is the one line that says so.
+      const asNobody = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, cli, 'images', dir], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_HOME: home }, encoding: 'utf8' });
+      expect(asNobody.status, asNobody.stderr).toBe(0);
+      expect(asNobody.stderr).toBe('');
+      const rows = asNobody.stdout.split('\n');
+      expect(rows.find((l) => l.startsWith(join(dir, 'foreign ')))).toMatch(/\binvalid\b.*cannot read it: permission denied \(EACCES\)$/);
+      // The others listed after it (an image's parts are root's 0600).
+      expect(rows.filter((l) => l.startsWith(dir)).map((l) => l.split(' ')[0].slice(dir.length + 1))).toEqual(['claims.tar', 'deep', 'foreign', 'good']);
+    } finally {
+      sb.run(['rm', '-f', aid]);
+      // Past PATH_MAX: rm walks it by descriptors, where rmSync would not.
+      spawnSync('rm', ['-rf', dir, home]);
+    }
+  });
+
   it('lists a small file of a gigabyte of zeros as what it is, from its start alone', () => {
     // 33 KiB of zstd; the tar parser passes over zero blocks without end,
     // so only a limit on what it is fed stops it before the gigabyte.

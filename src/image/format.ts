@@ -945,6 +945,11 @@ const TAR_BLOCK = 512;
  * parser's own buffer hold ahead of the parser (tens of KiB). */
 const HEADER_SLACK = 1 << 20;
 
+/** The largest image.pb `appshot images` reads from a stream file:
+ * metadata of thousands of processes is a few MiB; a larger one is
+ * listed as too large rather than read into memory. */
+const LISTED_METADATA_LIMIT = 32 * 1024 * 1024;
+
 /** What an image file's header says: its manifest, who signed it, and
  * its metadata. */
 export interface ImageFileHeader {
@@ -966,6 +971,7 @@ export async function readImageFileHeader(path: string): Promise<ImageFileHeader
   const input = openImageFile(path, { follow: false });
   const wanted = [PARTS.manifest, PARTS.image];
   const parts: Buffer[] = [];
+  let checked: { manifest: Manifest; signer: Signer } | undefined;
   // The parser passes over zero blocks and pax headers without end, and
   // a few KiB of zstd make gigabytes of them: what is fed to it is
   // counted, and the stream ends once it is more than the entries seen so
@@ -993,18 +999,29 @@ export async function readImageFileHeader(path: string): Promise<ImageFileHeader
       }
       if (type !== 'file') throw new AppshotError(`corrupt image: ${path} holds ${name} as a ${type}, not a regular file`);
       if (size > PART_CEILING[name]) throw new AppshotError(`corrupt image: ${name} in ${path} is ${size} bytes, more than appshot accepts (${PART_CEILING[name]})`);
+      // The size a tar header claims is only a claim (fuzz34 F4: up to
+      // image.pb's 256 MiB ceiling was allocated for a file of a few
+      // KiB): image.pb must be the size its manifest, decoded already,
+      // lists, and no more than a listing reads; the bytes are gathered
+      // as they come, so memory follows what the stream really holds.
+      if (checked) {
+        const listedSize = checked.manifest.parts.find((p) => p.name === name)!.size;
+        if (BigInt(size) !== listedSize) throw new AppshotError(`corrupt image: ${name} in ${path} is ${size} bytes; its manifest says ${listedSize}`);
+        if (size > LISTED_METADATA_LIMIT) throw new AppshotError(`${path}: its ${name} is ${size} bytes, more than a listing reads (${LISTED_METADATA_LIMIT}); appshot inspect reads it`);
+      }
       allowed += TAR_BLOCK + Math.ceil(size / TAR_BLOCK) * TAR_BLOCK;
-      // Into one buffer of the size the header gives (at most the part's
-      // ceiling), not gathered and then copied: half the memory at the top.
-      const bytes = Buffer.alloc(size);
+      const pieces: Buffer[] = [];
       let at = 0;
       for await (const chunk of entry) {
         const c = chunk as Buffer;
         if (at + c.length > size) throw new AppshotError(`corrupt image: ${name} in ${path} is longer than its tar header says`);
-        at += c.copy(bytes, at);
+        pieces.push(c);
+        at += c.length;
       }
       if (at !== size) throw new AppshotError(`corrupt image: ${path} ends inside its ${name}`);
-      parts.push(bytes);
+      parts.push(Buffer.concat(pieces, at));
+      // Who signed it and what it lists, before another part is read.
+      if (!checked) checked = checkManifest(parts[0], path, 'report');
       if (parts.length === wanted.length) break;
     }
   } catch (e) {
@@ -1016,8 +1033,8 @@ export async function readImageFileHeader(path: string): Promise<ImageFileHeader
   }
   if (outOfOrder) return undefined;
   if (parts.length < wanted.length) throw new AppshotError(`corrupt image: ${path} ends before its ${wanted[parts.length]}`);
-  const [manifestBytes, imageBytes] = parts;
-  const { manifest, signer } = checkManifest(manifestBytes, path, 'report');
+  const imageBytes = parts[1];
+  const { manifest, signer } = checked!;
   const listed = (name: string) => manifest.parts.find((p) => p.name === name)!;
   const imagePart = listed(PARTS.image);
   const d = digestBuffer(imageBytes);
