@@ -16,6 +16,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tar from 'tar-stream';
+import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeTemplate, digestFd, signTemplate, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
 import { type Fd, FdKind, type Image, type Manifest, VmaKind } from '../src/image/types.js';
@@ -485,6 +486,22 @@ describe('hostile tar streams', () => {
     const r = sb.run(['inspect', '-'], await tarOf(goodParts()));
     expect(r.stderr).toBe('');
     expect(r.stdout).toMatch(/signed by key [0-9a-f]{16} \(this node's\)/);
+  });
+
+  it('reads a gzip or zstd stream on standard input as it reads such a file (fuzz34 F6)', async () => {
+    const stream = await tarOf(goodParts());
+    const zstd = spawnSync('zstd', ['-q', '-c'], { input: stream });
+    expect(zstd.status).toBe(0);
+    for (const [kind, input] of [['gzip', gzipSync(stream)], ['zstd', zstd.stdout]] as const) {
+      const r = sb.run(['inspect', '-'], input);
+      expect(r.stderr, kind).toBe('');
+      expect(r.stdout, kind).toMatch(/signed by key [0-9a-f]{16} \(this node's\)/);
+      // Cut short: refused in one line, as a cut-short file is.
+      const cut = sb.run(['restore', '-'], input.subarray(0, input.length - 4000));
+      expect(cut.stderr, kind).toMatch(/^appshot: corrupt image: standard input is not a complete tar stream \(.+\)\n$/);
+      expect(cut.code, kind).toBe(1);
+    }
+    expect(tmpEntries()).toEqual([]);
   });
 
   it('refuses a truncated stream', async () => {
