@@ -504,6 +504,37 @@ describe('hostile tar streams', () => {
     expect(tmpEntries()).toEqual([]);
   });
 
+  it('says a file system out of room is that, not a corrupt image (fuzz34 F6)', async () => {
+    // A state directory on a tmpfs of 100 inodes, all taken but the one
+    // the extraction directory takes: its first part cannot be made.
+    const fs = mkdtempSync(join(tmpdir(), 'appshot-noroom-'));
+    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=16m,nr_inodes=100,mode=0755', 'tmpfs', fs], { encoding: 'utf8' });
+    expect(mounted.status, `mounting a small tmpfs (the tests run as root): ${mounted.stderr}`).toBe(0);
+    try {
+      const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_HOME: join(fs, 'home') };
+      // The state directory made whole first (its keys, its registry).
+      mkdirSync(join(fs, 'home', 'tmp'), { recursive: true });
+      for (const args of [['key', 'export'], ['ps']]) expect(spawnSync(process.execPath, [cli, ...args], { env }).status).toBe(0);
+      mkdirSync(join(fs, 'fill'));
+      for (let i = 0; ; i++)
+        try {
+          writeFileSync(join(fs, 'fill', String(i)), '');
+        } catch {
+          // One, for the extraction directory.
+          rmSync(join(fs, 'fill', '0'));
+          break;
+        }
+      const stream = await tarOf(goodParts());
+      const r = spawnSync(process.execPath, [cli, 'restore', '-'], { env, input: gzipSync(stream), encoding: 'utf8' });
+      expect(r.stderr).toMatch(new RegExp(`^appshot: no room to unpack standard input in ${join(fs, 'home', 'tmp')}: open \\S+/manifest\\.pb: no space left on device \\(ENOSPC\\)\n$`));
+      expect(r.status).toBe(1);
+      expect(readdirSync(join(fs, 'home', 'tmp'))).toEqual([]);
+    } finally {
+      spawnSync('umount', [fs]);
+      rmSync(fs, { recursive: true, force: true });
+    }
+  });
+
   it('refuses a truncated stream', async () => {
     const stream = await tarOf(goodParts());
     refuses(['restore', '-'], corrupt('not a complete tar stream'), { input: stream.subarray(0, stream.length - 5000) });

@@ -38,7 +38,7 @@ import { pipeline } from 'node:stream/promises';
 import { constants as zlibConstants, createGunzip, createGzip } from 'node:zlib';
 import { killPoint } from '../killpoint.js';
 import { requireZstd, zstdCompressTo, zstdDecompressFrom } from './zstd.js';
-import { makePartialDir, ownedName, removeStaleTemporaries } from './partial.js';
+import { makePartialDir, ownedName, removeStaleTemporaries, temporariesDir } from './partial.js';
 import { AppshotError, errorText, ExitCode } from '../errors.js';
 import { addon, type PageFileDigest, type PagesCheck, type PageWriter } from '../native.js';
 import { type FieldSchema, type MessageSchema, messageType } from './schema.js';
@@ -738,6 +738,27 @@ async function withExtractionDir(body: (dir: string) => Promise<void>): Promise<
  * more than HEADER_SLACK bytes may pass between two parts (a stream of
  * zeros, which the parser would skip for ever: fuzz34 F2). */
 async function extractTar(input: NodeJS.ReadableStream, what: string, trust: LoadOptions['trust']): Promise<string> {
+  try {
+    return await extractTarInto(input, what, trust);
+  } catch (e) {
+    // Not read to its end: a decompressor behind it is stopped, not left
+    // blocked on a full pipe that keeps this process alive (its extraction
+    // directory could not be made, say).
+    (input as NodeJS.ReadableStream & { destroy?(): void }).destroy?.();
+    // A system call's failure (a file system full, out of inodes, over
+    // quota, as the directory is made or a part written; a read error)
+    // says nothing of the image: said as what it is, not as a corrupt
+    // stream (fuzz34 F6).
+    const sys = e as NodeJS.ErrnoException;
+    if (!(e instanceof AppshotError) && sys && typeof sys.code === 'string' && sys.syscall) {
+      if (sys.code === 'ENOSPC' || sys.code === 'EDQUOT') throw new AppshotError(`no room to unpack ${what} in ${temporariesDir()}: ${errorText(sys)}`);
+      throw new AppshotError(`cannot unpack ${what}: ${errorText(sys)}`);
+    }
+    throw e;
+  }
+}
+
+async function extractTarInto(input: NodeJS.ReadableStream, what: string, trust: LoadOptions['trust']): Promise<string> {
   return withExtractionDir(async (dir) => {
     const extract = (await loadTar()).extract();
     // Bytes read, and where the last part ended (or the stream began).
@@ -795,6 +816,9 @@ async function extractTar(input: NodeJS.ReadableStream, what: string, trust: Loa
     if (failure instanceof AppshotError) throw failure;
     // The count's refusal, which the parser saw as its input's end.
     if (fed instanceof AppshotError) throw fed;
+    // A system call's: extractTar says what it is.
+    const sys = failure as NodeJS.ErrnoException | undefined;
+    if (sys && typeof sys.code === 'string' && sys.syscall) throw failure;
     if (failure) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream (${failure.message})`);
     if (!LISTED_PARTS.every((p) => seen.has(p))) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream${fed ? ` (${fed.message})` : ''}`);
   });
