@@ -15,7 +15,7 @@
  */
 import { AppshotError, errorText, ExitCode } from './errors.js';
 import { resolve } from 'node:path';
-import { homeScope } from './home.js';
+import { defaultHome, homeScope, refuseUnsafeHome } from './home.js';
 import { settleKilledCommands } from './image/partial.js';
 import { execIn, run as runHarness } from './harness.js';
 import { describeApplications, selectApplications, type ApplicationInfo } from './inspect.js';
@@ -187,6 +187,7 @@ export class ClonedWithError extends AppshotError {
  * it. */
 async function call<T>(opts: CommonOptions, body: () => Promise<T> | T, lookOnly = false): Promise<T> {
   const settled = async () => {
+    refuseUnsafeHome(defaultHome());
     await settleKilledCommands(undefined, { lookOnly });
     return body();
   };

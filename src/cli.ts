@@ -1018,6 +1018,10 @@ export async function runCommand(argv: string[]): Promise<void> {
     // A command that only looks leaves an ending tried lately and left
     // undecided for later (ending.ts): each try stops the application.
     program.hook('preAction', async (_program, action) => {
+      // Before anything is read, removed or written there: a state
+      // directory another user can change is refused (home.ts).
+      const { defaultHome, refuseUnsafeHome } = await import('./home.js');
+      refuseUnsafeHome(defaultHome());
       await (await import('./image/partial.js')).settleKilledCommands(undefined, { lookOnly: LOOK_ONLY.has(action.name()) });
     });
     await program.parseAsync(argv);

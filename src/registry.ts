@@ -318,7 +318,7 @@ function readExitFile(stateDir: string): { exitCode: number; endedAt: string } |
 }
 
 export { defaultHome } from './home.js';
-import { defaultHome } from './home.js';
+import { defaultHome, makeHome } from './home.js';
 
 /** A commit file outlives its driver by this long at least: every init of
  * its batch has seen it by then. */
@@ -433,6 +433,8 @@ export class LocalRegistry implements Registry {
   constructor(home = defaultHome()) {
     this.appsDir = join(home, 'apps');
     this.portsDir = join(home, 'ports');
+    // Refused if another user could change it (home.ts).
+    makeHome(home);
     mkdirSync(this.appsDir, { recursive: true, mode: 0o755 });
     this.home = realpathSync(home);
     this.tag = createHash('sha256').update(this.home).digest('hex').slice(0, 8);

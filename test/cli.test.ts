@@ -4,12 +4,12 @@
  * hostile ones, all through the real CLI.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lchownSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, closeSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { afterAll, describe, expect, it, vi } from 'vitest';
-import { cli, fixture, Sandbox, spawnAsync, stoppedAt, waitFor } from './helpers.js';
+import { cli, command, fixture, Sandbox, spawnAsync, stoppedAt, waitFor } from './helpers.js';
 
 // Tests of dozens of commands in a row: on a loaded machine each command
 // takes seconds (its Node start alone), and the suite's minute is not
@@ -396,6 +396,52 @@ describe('the state directory of the tests', () => {
     expect(r.stderr).toBe("appshot: no application with AID 'nobody-here'\n");
     expect(existsSync(join(home!, 'apps'))).toBe(true);
   });
+
+  it('is refused, before anything is written in it, when another user can change it; a new one under sticky /tmp is made', () => {
+    // fuzz34 F8: root writing its registrations, keys and temporaries by
+    // name into a directory nobody owns, where nobody can swap a name
+    // for a link between two steps.
+    const foreign = mkdtempSync(join(tmpdir(), 'appshot-foreign-home-'));
+    const link = `${foreign}-link`;
+    try {
+      chownSync(foreign, 65534, 65534);
+      chmodSync(foreign, 0o755);
+      symlinkSync('/tmp', link);
+      lchownSync(link, 65534, 65534);
+      const cases: [string, string][] = [
+        [foreign, 'it'],
+        [join(foreign, 'state'), `${foreign}, a directory above it,`],
+        [join(link, 'state'), `${link}, a link on the way to it,`],
+      ];
+      for (const [home, who] of cases)
+        for (const args of [['ps'], ['key', 'export'], ['images', out], ['snapshot', 'nobody-here', '-o', join(out, 'never')]]) {
+          const r = spawnSync(command, args, { env: { ...sb.env, APPSHOT_HOME: home }, encoding: 'utf8' });
+          expect(r.stderr, `${home} ${args}`).toMatch(
+            new RegExp(`^appshot: refusing the state directory ${home}: ${who.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} can be changed by another user \\(owner uid 65534, group \\d+, mode 0\\d+\\), who could swap its files for links while appshot writes them; set APPSHOT_HOME to a directory only you can change\n$`),
+          );
+          expect(r.status).toBe(1);
+        }
+      // Nothing made in it, nor anything written anywhere else.
+      expect(readdirSync(foreign)).toEqual([]);
+      expect(existsSync(join(out, 'never'))).toBe(false);
+      // A group- or world-writable one of root's is refused too, sticky or not.
+      chownSync(foreign, 0, 0);
+      chmodSync(foreign, 0o1777);
+      const sticky = spawnSync(command, ['ps'], { env: { ...sb.env, APPSHOT_HOME: foreign }, encoding: 'utf8' });
+      expect(sticky.stderr).toMatch(/^appshot: refusing the state directory .*: it can be changed by another user \(owner uid 0, group 0, mode 1777\)/);
+      expect(readdirSync(foreign)).toEqual([]);
+      // A new one in sticky /tmp (root's), and one of root's under it, are taken.
+      chmodSync(foreign, 0o700);
+      const fresh = join(foreign, 'new', 'state');
+      const ok = spawnSync(command, ['ps'], { env: { ...sb.env, APPSHOT_HOME: fresh }, encoding: 'utf8' });
+      expect(ok.stderr).toBe('');
+      expect(ok.status).toBe(0);
+      expect(existsSync(join(fresh, 'apps'))).toBe(true);
+    } finally {
+      rmSync(foreign, { recursive: true, force: true });
+      rmSync(link, { force: true });
+    }
+  });
 });
 
 describe('stop, kill, rm and prune', () => {
@@ -625,6 +671,59 @@ describe('appshot images', () => {
       await churnEnded;
       // The group's last members (a cp) gone too.
       await waitFor(() => !readdirSync('/proc').some((p) => /^\d+$/.test(p) && pgidOf(p) === churn.pid), 10_000, 'the churn group to end');
+    }
+  });
+
+  it('lists the good entries beside an unreadable directory, one nested thousands deep, and a tar that claims more than it holds (fuzz34 F3, F4)', async () => {
+    const aid = 'amid-hostile';
+    // Reachable by nobody, who lists it below.
+    const dir = mkdtempSync(join(tmpdir(), 'appshot-hostile-listing-'));
+    const home = mkdtempSync(join(tmpdir(), 'appshot-hostile-listing-home-'));
+    try {
+      chmodSync(dir, 0o755);
+      chownSync(home, 65534, 65534);
+      expect(sb.run(['run', '-d', '--aid', aid, '--', fixture('snapfix'), '-1', '4']).code).toBe(0);
+      await waitFor(() => lastCheck(aid) >= 3, 30_000, 'snapfix to start');
+      const snap = sb.run(['snapshot', aid, '-o', join(dir, 'good')]);
+      expect(snap.code, snap.stderr).toBe(0);
+      const manifest = readFileSync(join(dir, 'good', 'manifest.pb'));
+      // Another user's directory (nobody lists it), an image directory
+      // whose sizing walks past PATH_MAX, and a tar whose image.pb header
+      // claims 200 MiB it does not hold, after a manifest that lists it
+      // as the few KiB it is.
+      mkdirSync(join(dir, 'foreign'), { mode: 0o700 });
+      writeFileSync(join(dir, 'foreign', 'manifest.pb'), manifest);
+      mkdirSync(join(dir, 'deep'));
+      writeFileSync(join(dir, 'deep', 'manifest.pb'), manifest);
+      // By a process of its own that goes down as it makes them (a
+      // shell's mkdir, a process each, takes minutes at that depth).
+      const nest = spawnSync('python3', ['-c', "import os\nfor _ in range(2100):\n    os.mkdir('x'); os.chdir('x')"], { cwd: join(dir, 'deep') });
+      expect(nest.status, String(nest.stderr)).toBe(0);
+      const claimed = 200 * 1024 * 1024;
+      writeFileSync(join(dir, 'claims.tar'), tarOf(tarHeader('manifest.pb', manifest.length), pad(manifest), tarHeader('image.pb', claimed)));
+      const listedImageSize = statSync(join(dir, 'good', 'image.pb')).size;
+      // The claim is never allocated: under a data limit far below two
+      // of it (an allocation of it fails), the listing says what is wrong.
+      const r = spawnSync('prlimit', [`--data=${claimed}`, process.execPath, cli, 'images', dir, '--json'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+      const byName = new Map<string, Json>(JSON.parse(r.stdout).images.map((i: Json) => [i.path.slice(dir.length + 1), i]));
+      expect([...byName.keys()]).toEqual(['claims.tar', 'deep', 'foreign', 'good']);
+      expect(byName.get('good')).toMatchObject({ type: 'image', app: aid });
+      expect(byName.get('good').error).toBeUndefined();
+      expect(byName.get('claims.tar')).toMatchObject({ type: 'file', error: `corrupt image: image.pb in ${join(dir, 'claims.tar')} is ${claimed} bytes; its manifest says ${listedImageSize}`.replace(/^corrupt image: /, '') });
+      expect(byName.get('deep')).toMatchObject({ type: 'image', error: 'cannot read it: name too long (ENAMETOOLONG)' });
+      // As nobody: the directory of root's is the one line that says so.
+      const asNobody = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, cli, 'images', dir], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_HOME: home }, encoding: 'utf8' });
+      expect(asNobody.status, asNobody.stderr).toBe(0);
+      expect(asNobody.stderr).toBe('');
+      const rows = asNobody.stdout.split('\n');
+      expect(rows.find((l) => l.startsWith(join(dir, 'foreign ')))).toMatch(/\binvalid\b.*cannot read it: permission denied \(EACCES\)$/);
+      // The others listed after it (an image's parts are root's 0600).
+      expect(rows.filter((l) => l.startsWith(dir)).map((l) => l.split(' ')[0].slice(dir.length + 1))).toEqual(['claims.tar', 'deep', 'foreign', 'good']);
+    } finally {
+      sb.run(['rm', '-f', aid]);
+      // Past PATH_MAX: rm walks it by descriptors, where rmSync would not.
+      spawnSync('rm', ['-rf', dir, home]);
     }
   });
 

@@ -16,6 +16,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tar from 'tar-stream';
+import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeTemplate, digestFd, signTemplate, encodeImage, encodeManifest, encodeSignedManifest, encodeSignedManifestOf, encodeTemplate, FORMAT_VERSION, loadImage, MAGIC, type PartDigest } from '../src/image/format.js';
 import { type Fd, FdKind, type Image, type Manifest, VmaKind } from '../src/image/types.js';
@@ -485,6 +486,53 @@ describe('hostile tar streams', () => {
     const r = sb.run(['inspect', '-'], await tarOf(goodParts()));
     expect(r.stderr).toBe('');
     expect(r.stdout).toMatch(/signed by key [0-9a-f]{16} \(this node's\)/);
+  });
+
+  it('reads a gzip or zstd stream on standard input as it reads such a file (fuzz34 F6)', async () => {
+    const stream = await tarOf(goodParts());
+    const zstd = spawnSync('zstd', ['-q', '-c'], { input: stream });
+    expect(zstd.status).toBe(0);
+    for (const [kind, input] of [['gzip', gzipSync(stream)], ['zstd', zstd.stdout]] as const) {
+      const r = sb.run(['inspect', '-'], input);
+      expect(r.stderr, kind).toBe('');
+      expect(r.stdout, kind).toMatch(/signed by key [0-9a-f]{16} \(this node's\)/);
+      // Cut short: refused in one line, as a cut-short file is.
+      const cut = sb.run(['restore', '-'], input.subarray(0, input.length - 4000));
+      expect(cut.stderr, kind).toMatch(/^appshot: corrupt image: standard input is not a complete tar stream \(.+\)\n$/);
+      expect(cut.code, kind).toBe(1);
+    }
+    expect(tmpEntries()).toEqual([]);
+  });
+
+  it('says a file system out of room is that, not a corrupt image (fuzz34 F6)', async () => {
+    // A state directory on a tmpfs of 100 inodes, all taken but the one
+    // the extraction directory takes: its first part cannot be made.
+    const fs = mkdtempSync(join(tmpdir(), 'appshot-noroom-'));
+    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=16m,nr_inodes=100,mode=0755', 'tmpfs', fs], { encoding: 'utf8' });
+    expect(mounted.status, `mounting a small tmpfs (the tests run as root): ${mounted.stderr}`).toBe(0);
+    try {
+      const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_HOME: join(fs, 'home') };
+      // The state directory made whole first (its keys, its registry).
+      mkdirSync(join(fs, 'home', 'tmp'), { recursive: true });
+      for (const args of [['key', 'export'], ['ps']]) expect(spawnSync(process.execPath, [cli, ...args], { env }).status).toBe(0);
+      mkdirSync(join(fs, 'fill'));
+      for (let i = 0; ; i++)
+        try {
+          writeFileSync(join(fs, 'fill', String(i)), '');
+        } catch {
+          // One, for the extraction directory.
+          rmSync(join(fs, 'fill', '0'));
+          break;
+        }
+      const stream = await tarOf(goodParts());
+      const r = spawnSync(process.execPath, [cli, 'restore', '-'], { env, input: gzipSync(stream), encoding: 'utf8' });
+      expect(r.stderr).toMatch(new RegExp(`^appshot: no room to unpack standard input in ${join(fs, 'home', 'tmp')}: open \\S+/manifest\\.pb: no space left on device \\(ENOSPC\\)\n$`));
+      expect(r.status).toBe(1);
+      expect(readdirSync(join(fs, 'home', 'tmp'))).toEqual([]);
+    } finally {
+      spawnSync('umount', [fs]);
+      rmSync(fs, { recursive: true, force: true });
+    }
   });
 
   it('refuses a truncated stream', async () => {

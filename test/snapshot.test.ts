@@ -5,7 +5,7 @@
  * image behind.
  */
 import { spawn } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -559,5 +559,28 @@ describe('snapshot failures leave the application running and no image', () => {
     expect(none.stderr).toContain("no application with AID 'nosuch'");
     const usage = sb.run(['snapshot']);
     expect(usage.code).toBe(2);
+  });
+
+  it('refuses a dangling -o link and a -o under a file before the application is stopped (fuzz34 F6)', async () => {
+    // Once found only when the image was placed: after the application
+    // had been frozen and dumped (and, without --leave-running, ended).
+    const nowhere = join(out, 'nowhere', 'img');
+    for (const name of ['dangling', 'dangling.tar.zst']) {
+      const link = join(out, name);
+      symlinkSync(nowhere, link);
+      const r = sb.run(['snapshot', 'big', '-o', link]);
+      expect(r.stderr).toBe(`appshot: ${link} already exists: a symbolic link to nothing (${nowhere}); an image never replaces one\n`);
+      expect(r.code).toBe(4);
+      rmSync(link);
+    }
+    const file = join(out, 'a-file');
+    writeFileSync(file, '');
+    const under = sb.run(['snapshot', 'big', '-o', join(file, 'img')]);
+    expect(under.stderr).toBe(`appshot: not a directory: ${file}\n`);
+    expect(under.code).toBe(2);
+    rmSync(file);
+    expect(readdirSync(out).filter((n) => n.includes('partial'))).toEqual([]);
+    expect(sb.aids()).toContain('big');
+    await checksContinue('big');
   });
 });

@@ -20,7 +20,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { ciVariableSet } from './request.js';
 import { connect, type Socket } from 'node:net';
-import { enginePaths, defaultHome } from '../home.js';
+import { enginePaths, defaultHome, refuseUnsafeHome } from '../home.js';
 import { buildId, Frame, FrameReader, type Control, type Request } from './protocol.js';
 
 const IN_PROCESS = new Set(['run', 'exec', 'wait', 'check', 'engine']);
@@ -116,6 +116,13 @@ async function engineForServe(home: string): Promise<Socket | undefined> {
 export async function viaEngine(argv: string[]): Promise<number | undefined> {
   if (!servedByEngine(argv)) return undefined;
   const home = defaultHome();
+  // One another user can change is neither talked to (its socket may be
+  // theirs) nor given an engine: the CLI refuses it in one line.
+  try {
+    refuseUnsafeHome(home);
+  } catch {
+    return undefined;
+  }
   const paths = enginePaths(home);
   let socket = await openSocket(paths.socket);
   const command = argv.find((a) => !a.startsWith('-'));

@@ -33,13 +33,13 @@ import {
 } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
-import { pipeline as pipelineCallback, Transform } from 'node:stream';
+import { pipeline as pipelineCallback, type Readable, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { constants as zlibConstants, createGunzip, createGzip } from 'node:zlib';
 import { killPoint } from '../killpoint.js';
 import { requireZstd, zstdCompressTo, zstdDecompressFrom } from './zstd.js';
-import { makePartialDir, ownedName, removeStaleTemporaries } from './partial.js';
-import { AppshotError, ExitCode } from '../errors.js';
+import { makePartialDir, ownedName, removeStaleTemporaries, temporariesDir } from './partial.js';
+import { AppshotError, errorText, ExitCode } from '../errors.js';
 import { addon, type PageFileDigest, type PagesCheck, type PageWriter } from '../native.js';
 import { type FieldSchema, type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, isOwnKey, type Signer, signWithSelf, untrustedHint } from './trust.js';
@@ -738,6 +738,27 @@ async function withExtractionDir(body: (dir: string) => Promise<void>): Promise<
  * more than HEADER_SLACK bytes may pass between two parts (a stream of
  * zeros, which the parser would skip for ever: fuzz34 F2). */
 async function extractTar(input: NodeJS.ReadableStream, what: string, trust: LoadOptions['trust']): Promise<string> {
+  try {
+    return await extractTarInto(input, what, trust);
+  } catch (e) {
+    // Not read to its end: a decompressor behind it is stopped, not left
+    // blocked on a full pipe that keeps this process alive (its extraction
+    // directory could not be made, say).
+    (input as NodeJS.ReadableStream & { destroy?(): void }).destroy?.();
+    // A system call's failure (a file system full, out of inodes, over
+    // quota, as the directory is made or a part written; a read error)
+    // says nothing of the image: said as what it is, not as a corrupt
+    // stream (fuzz34 F6).
+    const sys = e as NodeJS.ErrnoException;
+    if (!(e instanceof AppshotError) && sys && typeof sys.code === 'string' && sys.syscall) {
+      if (sys.code === 'ENOSPC' || sys.code === 'EDQUOT') throw new AppshotError(`no room to unpack ${what} in ${temporariesDir()}: ${errorText(sys)}`);
+      throw new AppshotError(`cannot unpack ${what}: ${errorText(sys)}`);
+    }
+    throw e;
+  }
+}
+
+async function extractTarInto(input: NodeJS.ReadableStream, what: string, trust: LoadOptions['trust']): Promise<string> {
   return withExtractionDir(async (dir) => {
     const extract = (await loadTar()).extract();
     // Bytes read, and where the last part ended (or the stream began).
@@ -795,6 +816,9 @@ async function extractTar(input: NodeJS.ReadableStream, what: string, trust: Loa
     if (failure instanceof AppshotError) throw failure;
     // The count's refusal, which the parser saw as its input's end.
     if (fed instanceof AppshotError) throw fed;
+    // A system call's: extractTar says what it is.
+    const sys = failure as NodeJS.ErrnoException | undefined;
+    if (sys && typeof sys.code === 'string' && sys.syscall) throw failure;
     if (failure) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream (${failure.message})`);
     if (!LISTED_PARTS.every((p) => seen.has(p))) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream${fed ? ` (${fed.message})` : ''}`);
   });
@@ -843,6 +867,47 @@ function openImageFile(path: string, { follow = true } = {}): NodeJS.ReadableStr
   } finally {
     if (ours) closeSync(fd);
   }
+}
+
+/** A stream uncompressed if it is gzip or zstd, told by its magic number
+ * as openImageFile tells a file's (fuzz34 F6: `appshot restore - <
+ * x.tar.gz` was read as a tar and refused as corrupt): its first bytes
+ * are read, then given back in front of the rest. */
+async function decompressedStream(input: NodeJS.ReadableStream, what: string): Promise<NodeJS.ReadableStream> {
+  const readable = input as Readable;
+  const head: Buffer[] = [];
+  let have = 0;
+  try {
+    while (have < 4) {
+      const chunk = readable.read() as Buffer | null;
+      if (chunk) {
+        head.push(chunk);
+        have += chunk.length;
+        continue;
+      }
+      if (readable.readableEnded) break;
+      const more = await new Promise<boolean>((resolve, reject) => {
+        const settle = (how: () => void) => {
+          readable.off('readable', onReadable).off('end', onEnd).off('error', onError);
+          how();
+        };
+        const onReadable = () => settle(() => resolve(true));
+        const onEnd = () => settle(() => resolve(false));
+        const onError = (e: Error) => settle(() => reject(e));
+        readable.on('readable', onReadable).on('end', onEnd).on('error', onError);
+      });
+      if (!more) break;
+    }
+  } catch (e) {
+    throw new AppshotError(`cannot read ${what}: ${errorText(e)}`);
+  }
+  const start = Buffer.concat(head);
+  // Given back: the reader (the tar parser, or a decompressor) reads the
+  // stream from its first byte, and destroys it once it has what it needs.
+  if (start.length) readable.unshift(start);
+  if (start.length >= 4 && start.readUInt32LE(0) === 0xfd2fb528) return zstdDecompressFrom(readable, what);
+  if (start.length >= 2 && start[0] === 0x1f && start[1] === 0x8b) return pipelineCallback(readable, createGunzip(), () => {});
+  return readable;
 }
 
 /** Where an image's parent is: a relative path is inside the image (a
@@ -945,6 +1010,11 @@ const TAR_BLOCK = 512;
  * parser's own buffer hold ahead of the parser (tens of KiB). */
 const HEADER_SLACK = 1 << 20;
 
+/** The largest image.pb `appshot images` reads from a stream file:
+ * metadata of thousands of processes is a few MiB; a larger one is
+ * listed as too large rather than read into memory. */
+const LISTED_METADATA_LIMIT = 32 * 1024 * 1024;
+
 /** What an image file's header says: its manifest, who signed it, and
  * its metadata. */
 export interface ImageFileHeader {
@@ -966,6 +1036,7 @@ export async function readImageFileHeader(path: string): Promise<ImageFileHeader
   const input = openImageFile(path, { follow: false });
   const wanted = [PARTS.manifest, PARTS.image];
   const parts: Buffer[] = [];
+  let checked: { manifest: Manifest; signer: Signer } | undefined;
   // The parser passes over zero blocks and pax headers without end, and
   // a few KiB of zstd make gigabytes of them: what is fed to it is
   // counted, and the stream ends once it is more than the entries seen so
@@ -993,18 +1064,29 @@ export async function readImageFileHeader(path: string): Promise<ImageFileHeader
       }
       if (type !== 'file') throw new AppshotError(`corrupt image: ${path} holds ${name} as a ${type}, not a regular file`);
       if (size > PART_CEILING[name]) throw new AppshotError(`corrupt image: ${name} in ${path} is ${size} bytes, more than appshot accepts (${PART_CEILING[name]})`);
+      // The size a tar header claims is only a claim (fuzz34 F4: up to
+      // image.pb's 256 MiB ceiling was allocated for a file of a few
+      // KiB): image.pb must be the size its manifest, decoded already,
+      // lists, and no more than a listing reads; the bytes are gathered
+      // as they come, so memory follows what the stream really holds.
+      if (checked) {
+        const listedSize = checked.manifest.parts.find((p) => p.name === name)!.size;
+        if (BigInt(size) !== listedSize) throw new AppshotError(`corrupt image: ${name} in ${path} is ${size} bytes; its manifest says ${listedSize}`);
+        if (size > LISTED_METADATA_LIMIT) throw new AppshotError(`${path}: its ${name} is ${size} bytes, more than a listing reads (${LISTED_METADATA_LIMIT}); appshot inspect reads it`);
+      }
       allowed += TAR_BLOCK + Math.ceil(size / TAR_BLOCK) * TAR_BLOCK;
-      // Into one buffer of the size the header gives (at most the part's
-      // ceiling), not gathered and then copied: half the memory at the top.
-      const bytes = Buffer.alloc(size);
+      const pieces: Buffer[] = [];
       let at = 0;
       for await (const chunk of entry) {
         const c = chunk as Buffer;
         if (at + c.length > size) throw new AppshotError(`corrupt image: ${name} in ${path} is longer than its tar header says`);
-        at += c.copy(bytes, at);
+        pieces.push(c);
+        at += c.length;
       }
       if (at !== size) throw new AppshotError(`corrupt image: ${path} ends inside its ${name}`);
-      parts.push(bytes);
+      parts.push(Buffer.concat(pieces, at));
+      // Who signed it and what it lists, before another part is read.
+      if (!checked) checked = checkManifest(parts[0], path, 'report');
       if (parts.length === wanted.length) break;
     }
   } catch (e) {
@@ -1016,8 +1098,8 @@ export async function readImageFileHeader(path: string): Promise<ImageFileHeader
   }
   if (outOfOrder) return undefined;
   if (parts.length < wanted.length) throw new AppshotError(`corrupt image: ${path} ends before its ${wanted[parts.length]}`);
-  const [manifestBytes, imageBytes] = parts;
-  const { manifest, signer } = checkManifest(manifestBytes, path, 'report');
+  const imageBytes = parts[1];
+  const { manifest, signer } = checked!;
   const listed = (name: string) => manifest.parts.find((p) => p.name === name)!;
   const imagePart = listed(PARTS.image);
   const d = digestBuffer(imageBytes);
@@ -1040,7 +1122,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   let dir = path;
   let temporary = false;
   if (path === '-') {
-    dir = await extractTar(process.stdin, 'standard input', opts.trust);
+    dir = await extractTar(await decompressedStream(process.stdin, 'standard input'), 'standard input', opts.trust);
     temporary = true;
   } else {
     let st;

@@ -18,6 +18,7 @@ import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { currentHolder, holderAlive } from '../holder.js';
 import { defaultHome } from '../registry.js';
+import { makeHome } from '../home.js';
 
 /** KIND-PID-START-RANDOM, or KIND-PID-START-rLEASE-RANDOM for a request
  * of the engine (holder.ts): owned by the request, not the process. */
@@ -26,6 +27,7 @@ export const OWNED = /^(image|partial|ending)-(\d+)-(\d+)-(?:r([0-9a-f]{16})-)?[
 /** $APPSHOT_HOME/tmp, made if need be. */
 export function temporariesDir(home = defaultHome()): string {
   const dir = join(home, 'tmp');
+  makeHome(home);
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   return dir;
 }

@@ -25,6 +25,7 @@ import { closeSync, constants as fsc, existsSync, fstatSync, linkSync, mkdirSync
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { defaultHome } from '../registry.js';
+import { makeHome } from '../home.js';
 import { currentRequest } from '../engine/request.js';
 
 export interface TrustedKey {
@@ -67,6 +68,7 @@ function checkPrivate(path: string, what: string): void {
 }
 
 function ensureKeysDir(home: string): void {
+  makeHome(home);
   mkdirSync(trustedDir(home), { recursive: true, mode: 0o700 });
   checkPrivate(keysDir(home), 'the keys directory');
   checkPrivate(trustedDir(home), 'the trusted keys directory');

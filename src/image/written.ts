@@ -37,7 +37,7 @@
 import { createHash } from 'node:crypto';
 import { type BigIntStats, closeSync, constants as fsc, fstatSync, lstatSync, mkdirSync, openSync, readdirSync, readSync, renameSync, rmSync, statfsSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { defaultHome } from '../home.js';
+import { defaultHome, makeHome } from '../home.js';
 import { uniqueTag } from '../holder.js';
 
 /** File systems whose inode numbers and timestamps this kernel keeps
@@ -91,6 +91,7 @@ export function recordWritten(st: BigIntStats | undefined, imageId: string, chun
   if (!st || !IMAGE_ID.test(imageId)) return;
   try {
     const dir = writtenDir(home);
+    makeHome(home);
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     if (!privateDir(dir)) return;
     const tmp = join(dir, `.${imageId}.${uniqueTag()}`);

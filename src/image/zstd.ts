@@ -51,10 +51,18 @@ export function zstdCompressTo(fd: number, dest: string): { input: Writable; don
  * fails with zstd's reason instead of ending, so that a reader never takes
  * a cut-short stream for a whole one.
  */
-export function zstdDecompressFrom(fd: number, path: string): NodeJS.ReadableStream {
+export function zstdDecompressFrom(source: number | NodeJS.ReadableStream, path: string): NodeJS.ReadableStream {
   const program = zstdProgram();
   if (!program) throw new AppshotError(`${path} is compressed with zstd, which needs the zstd program to read: install the zstd package (apt-get install zstd)`, ExitCode.usage);
-  const child = spawn(program, ['-dq', '-c'], { stdio: [fd, 'pipe', 'pipe'] });
+  const child = spawn(program, ['-dq', '-c'], { stdio: [typeof source === 'number' ? source : 'pipe', 'pipe', 'pipe'] });
+  if (typeof source !== 'number') {
+    // A stream (standard input, its magic number read already): fed to
+    // zstd, whose exit says what went wrong; a write after it left (EPIPE)
+    // adds nothing to that.
+    child.stdin!.on('error', () => {});
+    source.on('error', (e: Error) => out.destroy(e));
+    source.pipe(child.stdin!);
+  }
   const out = new PassThrough();
   let stderr = '';
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
@@ -70,6 +78,7 @@ export function zstdDecompressFrom(fd: number, path: string): NodeJS.ReadableStr
   out.on('error', () => {});
   // The reader gave up (a bad entry): zstd is not left writing to no one.
   out.on('close', () => {
+    if (typeof source !== 'number') (source as NodeJS.ReadableStream & { destroy(): void }).destroy();
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   });
   return out;

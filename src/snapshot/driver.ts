@@ -12,16 +12,16 @@
  * the next command (ending.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { closeSync, constants as fsConstants, existsSync, fstatSync, openSync, readFileSync, renameSync, rmSync, statfsSync } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, fstatSync, lstatSync, openSync, readFileSync, readlinkSync, renameSync, rmSync, statfsSync, statSync, type Stats } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { AppshotError, ExitCode } from '../errors.js';
+import { AppshotError, errorText, ExitCode, printable } from '../errors.js';
 import { classify } from '../template/classify.js';
 import { parseRules } from '../template/rules.js';
 import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar } from '../image/format.js';
 import { recordWritten, writtenIdentity } from '../image/written.js';
-import { makePartialDir, type PartialDir } from '../image/partial.js';
+import { makePartialDir, type PartialDir, refuseDirectoryOthersChange } from '../image/partial.js';
 import { EndingJournal } from './ending.js';
 import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
@@ -844,6 +844,34 @@ async function waitReleased(reg: LocalRegistry, aid: string): Promise<void> {
 /** /dev/null's device number (1, 3). */
 const DEV_NULL_RDEV = (1 << 8) | 3;
 
+/** Everything that would make the image's placing fail, found before
+ * the application is stopped rather than after it was frozen and dumped
+ * (fuzz34 F6): a name already taken, by a link too (a dangling one, which
+ * existsSync follows to nothing: the final rename or link then failed); a
+ * directory to put it in that is not one; one another user could change
+ * (makePartialDir refuses it too, but only once the image is written). */
+function checkOutputPlace(output: string, given: string): void {
+  let taken: Stats | undefined;
+  try {
+    taken = lstatSync(output);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    // ENOTDIR: its directory is a file, said below.
+    if (code !== 'ENOENT' && code !== 'ENOTDIR') throw new AppshotError(`cannot write the image to ${given}: ${errorText(e)}`);
+  }
+  if (taken?.isSymbolicLink())
+    throw new AppshotError(`${given} already exists: a symbolic link${existsSync(output) ? '' : ' to nothing'} (${printable(readlinkSync(output))}); an image never replaces one`, ExitCode.conflict);
+  if (taken) throw new AppshotError(`${given} already exists`, ExitCode.conflict);
+  let parent: Stats;
+  try {
+    parent = statSync(dirname(output));
+  } catch {
+    throw new AppshotError(`no such directory: ${dirname(given)}`, ExitCode.notFound);
+  }
+  if (!parent.isDirectory()) throw new AppshotError(`not a directory: ${dirname(given)}`, ExitCode.usage);
+  refuseDirectoryOthersChange(dirname(output));
+}
+
 /**
  * A snapshot to standard output that ends the application: the image is
  * the application from then on, so one written to /dev/null is the
@@ -911,10 +939,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   /** The same, once it journaled the image's placing (a snapshot that
    * ends its application, to a directory or file). */
   let ending: EndingJournal | undefined;
-  if (!toStream) {
-    if (existsSync(output)) throw new AppshotError(`${opts.output} already exists`, ExitCode.conflict);
-    if (!existsSync(dirname(output))) throw new AppshotError(`no such directory: ${dirname(opts.output)}`, ExitCode.notFound);
-  }
+  if (!toStream) checkOutputPlace(output, opts.output);
   // Only processes that really are the application's: anyone holding the
   // table file may have written another user's PID there, which would be
   // frozen, dumped into the image and killed with the application.
