@@ -397,7 +397,7 @@ describe('the state directory of the tests', () => {
     expect(existsSync(join(home!, 'apps'))).toBe(true);
   });
 
-  it('is refused, before anything is written in it, when another user can change it; a new one under sticky /tmp is made', () => {
+  it('is refused, before anything is written in it, when another user can change it; a new one under sticky /tmp is made', async () => {
     // fuzz34 F8: root writing its registrations, keys and temporaries by
     // name into a directory nobody owns, where nobody can swap a name
     // for a link between two steps.
@@ -424,6 +424,35 @@ describe('the state directory of the tests', () => {
       // Nothing made in it, nor anything written anywhere else.
       expect(readdirSync(foreign)).toEqual([]);
       expect(existsSync(join(out, 'never'))).toBe(false);
+      // A socket at its engine's name, served by nobody: the C client
+      // (bin/appshot) tells it nothing (its peer is not this user), and
+      // Node refuses the directory.
+      mkdirSync(join(foreign, 'engine'));
+      chownSync(join(foreign, 'engine'), 65534, 65534);
+      const fake = spawn('runuser', ['-u', 'nobody', '--', 'python3', '-c', [
+        'import socket',
+        `s = socket.socket(socket.AF_UNIX); s.bind(${JSON.stringify(join(foreign, 'engine', 'engine.sock'))}); s.listen(1)`,
+        'print("READY", flush=True)',
+        'a, _ = s.accept(); got = b""',
+        'while True:',
+        '    d = a.recv(65536)',
+        '    if not d: break',
+        '    got += d',
+        'print("GOT", len(got), flush=True)',
+      ].join('\n')], { stdio: ['ignore', 'pipe', 'inherit'] });
+      let said = '';
+      fake.stdout.on('data', (d: Buffer) => (said += d));
+      try {
+        await waitFor(() => said.includes('READY'), 10_000, 'the fake engine to listen');
+        const told = spawnSync(command, ['ps'], { env: { ...sb.env, APPSHOT_HOME: foreign }, encoding: 'utf8' });
+        expect(told.stderr).toMatch(/^appshot: refusing the state directory /);
+        expect(told.status).toBe(1);
+        await waitFor(() => said.includes('GOT'), 10_000, 'the client to leave the fake engine');
+        expect(said).toBe('READY\nGOT 0\n');
+      } finally {
+        fake.kill();
+      }
+      rmSync(join(foreign, 'engine'), { recursive: true, force: true });
       // A group- or world-writable one of root's is refused too, sticky or not.
       chownSync(foreign, 0, 0);
       chmodSync(foreign, 0o1777);

@@ -374,6 +374,16 @@ int main(int argc, char **argv) {
     if (s >= 0) close(s);
     run_in_node();
   }
+  /* Only an engine of this user's own: a socket at that name in a state
+   * directory another user can change may be theirs, and would be told
+   * this command's arguments, directory and environment, and answer for
+   * it (fuzz35). Node then says what is wrong with the directory. */
+  struct ucred peer;
+  socklen_t peer_len = sizeof peer;
+  if (getsockopt(s, SOL_SOCKET, SO_PEERCRED, &peer, &peer_len) != 0 || peer.uid != geteuid()) {
+    close(s);
+    run_in_node();
+  }
   struct text req = {0};
   build_request(&req, argc, argv);
   /* An engine that closed on us (leaving, or a request too large for it)
