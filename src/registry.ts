@@ -31,7 +31,7 @@ import { addon, type InstanceConfig, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
 import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
 import { currentRequest } from './engine/request.js';
-import { type MadeDir, overlaps, plainAbsolute, prepareRedirTargets, removeRedirTargets } from './resources/paths.js';
+import { type MadeDir, overlaps, plainAbsolute, prepareRedirTargets, removeRedirTargets, removeWalked } from './resources/paths.js';
 import { logTimesPath } from './logtimes.js';
 
 export interface AppRecord {
@@ -134,6 +134,10 @@ export interface AppRecord {
      * if the restore never commits, unless another application uses
      * them (releaseRedirCopies). */
     redirCopies?: string[];
+    /** The names those copies were being made under (privateCopy's
+     * `NAME.appshot-PID-XXXXXXXX`), written before each is made: this
+     * restore's alone, removed if it never commits. */
+    redirTemporaries?: string[];
     /** It took over the log its image's application left (see
      * adoptCarriedLog): given back if the restore never commits. */
     adoptedLog?: boolean;
@@ -855,8 +859,10 @@ export class LocalRegistry implements Registry {
     // for the instance goes with it, and the log it took over goes back.
     const r = record.restore;
     if (r && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath)) {
-      for (const path of r.madePaths) rmSync(path, { recursive: true, force: true });
+      for (const path of r.madePaths) removeWalked(path);
       this.releaseRedirCopies(r.redirCopies ?? [], [record.aid]);
+      // Only names of that shape, as a record may be anyone's word.
+      for (const t of r.redirTemporaries ?? []) if (/\.appshot-\d+-[0-9a-f]{8}$/.test(t)) removeWalked(t);
       this.releaseRedirTargets(r.madeDirs, [record.aid]);
       for (const name of r.madeQueues ?? [])
         try {
@@ -929,7 +935,8 @@ export class LocalRegistry implements Registry {
     const stillNamed = this.privateRootsStillNamed(copies);
     for (const root of copies) {
       if (stillNamed.has(root)) continue;
-      rmSync(root, { recursive: true, force: true });
+      // Its copies are the application's users' (removeWalked).
+      removeWalked(root);
       rmSync(this.sharedCopiesMark(root), { force: true });
     }
     this.releaseRedirTargets(madeDirs, removed);
@@ -1026,15 +1033,10 @@ export class LocalRegistry implements Registry {
     this.withRedirsLocked(() => {
       const inUse = this.redirLeavesInUse(going);
       for (const copy of copies) {
-        // Only a plain path reached through no symlink now (a directory
-        // on the way swapped for one would have the removal follow it).
+        // Only a plain path, removed by descriptors (removeWalked): the
+        // copy may be another user's tree, changed while it goes.
         if (!plainAbsolute(copy) || inUse.some((l) => overlaps(l, copy))) continue;
-        try {
-          if (realpathSync(dirname(copy)) !== dirname(copy)) continue;
-        } catch {
-          continue; // gone already
-        }
-        rmSync(copy, { recursive: true, force: true });
+        removeWalked(copy);
       }
     });
   }

@@ -11,12 +11,12 @@
  * The application: a shell run as nobody, its working directory APP/work,
  * holding APP/pub open on descriptor 3.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
-import { asNobody, cli, NOBODY, Sandbox, stoppedAt, waitFor } from './helpers.js';
+import { asNobody, cli, root, NOBODY, Sandbox, stoppedAt, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 
 const sb = new Sandbox();
@@ -188,4 +188,157 @@ describe.skipIf(process.getuid?.() !== 0)('a root clone copies to REDIR PATH tar
     await waitFor(() => (sb.run(['ps']), !sb.allAids().includes('rckill-1')), 20_000, 'the killed clone to be let go');
     expect(readdirSync(into)).toEqual(['mine']);
   });
+});
+
+// Review35b: a working directory copied into a directory the template's
+// user owns (makeParents gives a made parent the original's owner): that
+// user swaps the half-made copy (root's 0700 temporary name) for a symlink
+// while root walks, and root's copies of the following entries land in a
+// directory only root may write, nobody's bytes and nobody's owner.
+describe.skipIf(process.getuid?.() !== 0)('review35b: the REDIR copy of a working directory, made in a directory nobody writes', () => {
+  it('a symlink swapped in at the temporary name of the copy does not make root write elsewhere', async () => {
+    const app = makeApp('deep');
+    const deep = join(app, 'work', 'deep');
+    mkdirSync(deep, { mode: 0o755 });
+    chownSync(deep, NOBODY, NOBODY);
+    const into = join(out, 'deep-into');
+    // Only root may write here.
+    const victim = join(out, 'victim');
+    mkdirSync(victim, { mode: 0o755 });
+    await start('rcdeep', [...asNobody, 'sh', '-c', `cd ${deep} && exec 3<${app}/pub; echo READY; while sleep 0.05; do :; done`]);
+    await waitFor(() => /READY/.test(sb.log('rcdeep')), 10_000, 'rcdeep to start');
+    const image = join(out, 'rcdeep.img');
+    await run(['snapshot', 'rcdeep', '-o', image]);
+    await waitFor(() => !sb.aids().includes('rcdeep'), 10_000, 'rcdeep to end');
+    const rulesFile = join(out, 'rcdeep.rules');
+    writeFileSync(rulesFile, `REDIR PATH "${app}" TO "${into}/app"\n`);
+    const tpl = join(out, 'rcdeep.template');
+    await run(['template', 'create', image, '-o', tpl, '--rules', rulesFile]);
+    // Many entries (each opened as nobody: a thread switch), so that the
+    // walk takes long enough for nobody's swap.
+    const fill = spawnSync(asNobody[0], [...asNobody.slice(1), 'sh', '-c', 'for i in $(seq 1 3000); do echo x > f$i; done; echo evil > PWNED'], { cwd: deep, encoding: 'utf8' });
+    expect(fill.status, fill.stderr).toBe(0);
+    // nobody waits for root's temporary copy in INTO/app/work (nobody's:
+    // made with APP/work's owner) and swaps it for a link to the victim.
+    const swapper = spawn(asNobody[0], [...asNobody.slice(1), '/usr/bin/python3', join(root, 'test', 'fixtures', 'review35b-exchange.py'), `${into}/app/work`, victim], { stdio: 'ignore' });
+    try {
+      await attempt(['clone', tpl, '--aid', 'rcdeep-clone']);
+    } finally {
+      swapper.kill('SIGKILL');
+    }
+    // Found (review35b): every entry, nobody's bytes and owner, in a
+    // directory only root may write (PWNED could as well be
+    // /etc/ld.so.preload).
+    expect(readdirSync(victim)).toEqual([]);
+    await run(['rm', '-f', 'rcdeep-clone']).catch(() => undefined);
+  }, 120_000);
+});
+
+describe.skipIf(process.getuid?.() !== 0)('review35b: a clone killed (kill -9) while it writes a REDIR PATH copy', () => {
+  it('leaves no half-made copy under its temporary name once the next command ran', async () => {
+    const app = makeApp('partial');
+    const into = join(out, 'partial-into');
+    mkdirSync(into, { mode: 0o755 });
+    const tpl = await template('rcpartial', app, `REDIR PATH "${app}/pub" TO "${into}/pub"\n`);
+    // Large enough that the copy is seen under way.
+    const grow = spawnSync(asNobody[0], [...asNobody.slice(1), 'sh', '-c', 'head -c 800000000 /dev/zero >> pub'], { cwd: app, encoding: 'utf8' });
+    expect(grow.status, grow.stderr).toBe(0);
+    // In this process, not the engine's: the kill is of the clone itself.
+    const c = spawn(process.execPath, [cli, 'clone', tpl, '--aid', 'rcpartial-1'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, stdio: 'ignore' });
+    await waitFor(() => readdirSync(into).some((n) => n.startsWith('pub.appshot-')), 60_000, 'the copy to be under way');
+    c.kill('SIGKILL');
+    await new Promise((r) => c.once('exit', r));
+    await waitFor(() => (sb.run(['ps']), !sb.allAids().includes('rcpartial-1')), 20_000, 'the killed clone to be let go');
+    // Found (review35b): pub.appshot-<tag>, root's, 0600, with part of
+    // nobody's bytes, left for good (only `pub` was recorded).
+    expect(readdirSync(into)).toEqual([]);
+  }, 120_000);
+});
+
+describe.skipIf(process.getuid?.() !== 0)('review35b: a failed clone removes the copy of a working directory it made', () => {
+  it('by name, in a tree nobody owns: nobody cannot turn the removal on a directory only root may write', async () => {
+    const app = makeApp('rmrace');
+    const work = join(app, 'work');
+    const n = 2000;
+    const fill = spawnSync(asNobody[0], [...asNobody.slice(1), 'sh', '-c', `for i in $(seq 0 ${n - 1}); do mkdir s$i && echo a > s$i/x; done`], { cwd: work, encoding: 'utf8' });
+    expect(fill.status, fill.stderr).toBe(0);
+    const into = join(out, 'rmrace-into');
+    // Only root may write here; its x is root's.
+    const victim = join(out, 'rmrace-victim');
+    mkdirSync(victim, { mode: 0o755 });
+    writeFileSync(join(victim, 'x'), 'root\n', { mode: 0o644 });
+    // No descriptor: the working directory is the one copy.
+    await start('rcrm', [...asNobody, 'sh', '-c', `cd ${work}; echo READY; while sleep 0.05; do :; done`]);
+    await waitFor(() => /READY/.test(sb.log('rcrm')), 10_000, 'rcrm to start');
+    const image = join(out, 'rcrm.img');
+    await run(['snapshot', 'rcrm', '-o', image]);
+    await waitFor(() => !sb.aids().includes('rcrm'), 10_000, 'rcrm to end');
+    const rulesFile = join(out, 'rcrm.rules');
+    writeFileSync(rulesFile, `REDIR PATH "${app}" TO "${into}/app"\n`);
+    const tpl = join(out, 'rcrm.template');
+    await run(['template', 'create', image, '-o', tpl, '--rules', rulesFile]);
+    const stopped = await stoppedAt(sb, ['clone', tpl, '--aid', 'rcrm-1'], 'clone: redir copy made', 'the clone to copy the working directory', { APPSHOT_TEST_FAIL_AT: 'clone: redir copy made' });
+    // The copy: nobody's, as its original.
+    expect(lstatSync(`${into}/app/work`).uid).toBe(NOBODY);
+    const toggler = spawn(asNobody[0], [...asNobody.slice(1), '/usr/bin/python3', join(root, 'test', 'fixtures', 'review35b-toggle.py'), `${into}/app/work`, victim, String(n)], { stdio: ['ignore', 'pipe', 'ignore'] });
+    let said = '';
+    toggler.stdout!.on('data', (d: Buffer) => (said += d.toString()));
+    await waitFor(() => said.includes('READY'), 30_000, 'the toggler');
+    try {
+      const failed = await stopped.go();
+      expect(failed.code, failed.stderr).not.toBe(0);
+    } finally {
+      toggler.kill('SIGKILL');
+    }
+    // Found (review35b): root's rm of the copy followed nobody's symlink
+    // into the victim and removed root's x.
+    expect(readdirSync(victim)).toEqual(['x']);
+  }, 180_000);
+});
+
+describe.skipIf(process.getuid?.() !== 0)('review35b: a later copy into a directory an earlier copy gave nobody', () => {
+  it('is not made through a symlink nobody put there meanwhile', async () => {
+    const app = makeApp('later');
+    const work = join(app, 'work');
+    const fill = spawnSync(asNobody[0], [...asNobody.slice(1), 'sh', '-c', 'echo a > a && mkdir sub && echo nobody-bytes > sub/b'], { cwd: work, encoding: 'utf8' });
+    expect(fill.status, fill.stderr).toBe(0);
+    const into = join(out, 'later-into');
+    // Only root may write here.
+    const victim = join(out, 'later-victim');
+    mkdirSync(victim, { mode: 0o755 });
+    await start('rclater', [...asNobody, 'sh', '-c', `cd /; exec 3<${work}/a 4<${work}/sub/b; echo READY; while sleep 0.05; do :; done`]);
+    await waitFor(() => /READY/.test(sb.log('rclater')), 10_000, 'rclater to start');
+    const image = join(out, 'rclater.img');
+    await run(['snapshot', 'rclater', '-o', image]);
+    await waitFor(() => !sb.aids().includes('rclater'), 10_000, 'rclater to end');
+    const rulesFile = join(out, 'rclater.rules');
+    writeFileSync(rulesFile, `REDIR PATH "${app}" TO "${into}/app"\n`);
+    const tpl = join(out, 'rclater.template');
+    await run(['template', 'create', image, '-o', tpl, '--rules', rulesFile]);
+    const stopped = await stoppedAt(sb, ['clone', tpl, '--aid', 'rclater-1'], 'clone: redir copy made', 'the first copy');
+    // INTO/app/work: made for the first copy, nobody's (as APP/work).
+    expect(lstatSync(`${into}/app/work`).uid).toBe(NOBODY);
+    const link = spawnSync(asNobody[0], [...asNobody.slice(1), 'ln', '-s', victim, `${into}/app/work/sub`], { encoding: 'utf8' });
+    expect(link.status, link.stderr).toBe(0);
+    // The second copy stops at the same point: let it go on too.
+    const done = stopped.go();
+    const conts = setInterval(() => {
+      const pids = spawnSync('pgrep', ['-f', 'clone .*--aid rclater-1'], { encoding: 'utf8' }).stdout.split('\n').filter(Boolean);
+      for (const pid of pids)
+        try {
+          process.kill(Number(pid), 'SIGCONT');
+        } catch {
+          /* gone */
+        }
+    }, 200);
+    const refused = await done;
+    clearInterval(conts);
+    // Found (review35b): root made victim/b, nobody's bytes and owner.
+    // The walk to the copy's directory meets nobody's link: refused,
+    // nothing made through it, nothing left of the clone.
+    expect(readdirSync(victim)).toEqual([]);
+    expect(refused.code, refused.stderr).not.toBe(0);
+    expect(refused.stderr).toMatch(/sub is a symbolic link of another user's \(uid 65534\): nothing is made or removed through it/);
+    await waitFor(() => (sb.run(['ps']), !sb.allAids().includes('rclater-1')), 20_000, 'the refused clone to leave nothing');
+  }, 120_000);
 });

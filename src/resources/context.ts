@@ -299,7 +299,7 @@ export class RestoreContext {
       const fd = sources?.get(target);
       try {
         if (!lstatSync(target, { throwIfNoEntry: false })) this.recordRedirCopyPlanned?.(target);
-        if (privateCopy(path, target, this.copySource(p, what, undefined, fd))) this.plan.redirCopyMade?.(target);
+        if (privateCopy(path, target, this.copySource(p, what, undefined, fd), undefined, (tmp) => this.recordRedirCopyPlanned?.(tmp, true))) this.plan.redirCopyMade?.(target);
       } finally {
         // Needed no more (the copy is there, or this restore fails): not
         // held while the instance waits in the engine's pool.
@@ -485,8 +485,10 @@ export class RestoreContext {
    * removed by the next command, unless another instance uses it
    * (registry.ts releaseRedirCopies). A copy in a directory made for the
    * instance goes with the directory already; one in a directory that
-   * was there would stay. */
-  recordRedirCopyPlanned?: (target: string) => void;
+   * was there would stay. `temporary`: the name it is made under first
+   * (privateCopy), this restore's alone, removed whatever else uses the
+   * target's directory. */
+  recordRedirCopyPlanned?: (target: string, temporary?: boolean) => void;
 
   /** Told, before it is made, each name a socket file of this restore
    * takes that the application does not have (resources/socketfile.ts:

@@ -5,9 +5,9 @@
  * and make the directories the rewritten paths lead into.
  */
 import { uniqueTag } from '../holder.js';
-import { chmodSync, closeSync, constants as fsConstants, existsSync, fchmodSync, fchownSync, fstatSync, futimesSync, lchownSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, readSync, realpathSync, renameSync, rmdirSync, rmSync, statSync, symlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, constants as fsConstants, fchmodSync, fchownSync, fstatSync, futimesSync, lchownSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, readSync, renameSync, rmdirSync, statSync, symlinkSync, unlinkSync, writeSync } from 'node:fs';
 import { AppshotError, errorText } from '../errors.js';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join, resolve as resolvePath } from 'node:path';
 import { addon, type InstanceConfig } from '../native.js';
 
 const under = (path: string, dir: string) => path === dir || path.startsWith(dir + '/');
@@ -75,7 +75,7 @@ const O_CLOEXEC = 0o2000000;
  * by a name walked by root (review: a symlink swapped in at the
  * template's path, or a file only root may read inside a working
  * directory, was copied by root into a place the process reads). */
-export function privateCopy(original: string, copy: string, from: CopySource, made?: (c: CopiedFile) => void): boolean {
+export function privateCopy(original: string, copy: string, from: CopySource, made?: (c: CopiedFile) => void, temporary?: (tmp: string) => void): boolean {
   if (lexists(copy)) return false;
   let fd = from.fd;
   const opened = fd === undefined;
@@ -87,31 +87,188 @@ export function privateCopy(original: string, copy: string, from: CopySource, ma
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
     }
-  const tmp = `${copy}.appshot-${uniqueTag()}`;
+  const name = basename(copy);
+  const tmp = `${name}.appshot-${uniqueTag()}`;
   let copied: CopiedFile | undefined;
+  // Everything on the copy's side is done beneath descriptors of its
+  // directories (openDirectoryWalked, /proc/self/fd/N/name), never by a
+  // name walked from the root again: those directories may be another
+  // user's (made for the process, given its owner; an earlier copy's),
+  // who could swap a name on the way for a symlink between two steps and
+  // have root write, chown or remove elsewhere (review35b).
+  let at: number | undefined;
   try {
-    makeParents(original, copy);
+    at = openDirectoryWalked(dirname(copy), (made, k) => giveOriginalsOwner(made, nthParent(original, k)));
+    temporary?.(join(dirname(copy), tmp));
     // Nothing there (the process found nothing either): an empty file,
     // as before, root's with the default mode.
-    if (fd === undefined) writeFileSync(tmp, '', { flag: 'wx' });
+    if (fd === undefined) closeSync(openSync(beneath(at, tmp), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o666));
     else {
       const st = fstatSync(fd, { bigint: true });
-      if (st.isDirectory()) copyDirectory(fd, original, tmp, from);
-      else if (st.isFile()) copied = { source: { dev: st.dev, ino: st.ino, birthtimeNs: st.birthtimeNs }, copy: copyFile(fd, tmp) };
+      if (st.isDirectory()) copyDirectory(fd, original, at, tmp, from);
+      else if (st.isFile()) copied = { source: { dev: st.dev, ino: st.ino, birthtimeNs: st.birthtimeNs }, copy: copyFile(fd, at, tmp) };
       else throw new AppshotError(`${original} is not a regular file: no private copy of it is made`);
     }
-    if (!claim(tmp, copy)) {
-      rmSync(tmp, { recursive: true, force: true });
+    if (!claim(at, tmp, name)) {
+      removeBeneath(at, tmp);
       return false;
     }
   } catch (e) {
-    rmSync(tmp, { recursive: true, force: true });
+    if (at !== undefined) removeBeneath(at, tmp);
     throw e;
   } finally {
     if (opened && fd !== undefined) closeSync(fd);
+    if (at !== undefined) closeSync(at);
   }
   if (copied) made?.(copied);
   return true;
+}
+
+/** `name` in the directory descriptor `dir` holds, whatever path leads
+ * there now (the kernel resolves /proc/self/fd/N to that very
+ * directory): an openat(2) for Node's path-only calls. */
+const beneath = (dir: number, name: string) => `/proc/self/fd/${dir}/${name}`;
+
+/** `path` with its last `k` components taken off. */
+function nthParent(path: string, k: number): string {
+  let p = path;
+  for (let i = 0; i < k; i++) p = dirname(p);
+  return p;
+}
+
+/**
+ * A descriptor (O_RDONLY | O_DIRECTORY) of directory `path`, absolute,
+ * reached one component at a time beneath the descriptor of the one
+ * before, each opened O_NOFOLLOW: a directory on the way that another
+ * user may change cannot send root elsewhere by a symlink swapped in.
+ * A symbolic link on the way is followed only if it is root's or this
+ * user's (Debian's /var/run), which no other user can make; another's is
+ * refused. With `make`, a missing directory is made (mode 0700, root's)
+ * and handed to `make` with how many components below it the path goes
+ * (1: the last one), to be given its owner and mode; without, ENOENT.
+ */
+export function openDirectoryWalked(path: string, make?: (made: number, k: number) => void): number {
+  let parts = path.split('/').filter(Boolean);
+  let fd = openSync('/', O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  let shown = '';
+  let hops = 0;
+  const me = process.geteuid?.() ?? 0;
+  try {
+    for (let i = 0; i < parts.length; i++) {
+      const here = beneath(fd, parts[i]);
+      let st = lstatSync(here, { throwIfNoEntry: false });
+      let madeNow = false;
+      if (!st && make) {
+        try {
+          mkdirSync(here, { mode: 0o700 });
+          madeNow = true;
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+        }
+        st = lstatSync(here);
+      }
+      if (!st) throw Object.assign(new Error(`ENOENT: no such file or directory, ${shown}/${parts[i]}`), { code: 'ENOENT' });
+      if (st.isSymbolicLink()) {
+        if ((st.uid !== 0 && st.uid !== me) || ++hops > 40)
+          throw new AppshotError(`${shown}/${parts[i]} is a symbolic link ${hops > 40 ? 'in a loop' : `of another user's (uid ${st.uid})`}: nothing is made or removed through it`);
+        const text = readlinkSync(here);
+        parts = [...resolvePath(text.startsWith('/') ? text : `${shown || '/'}/${text}`).split('/').filter(Boolean), ...parts.slice(i + 1)];
+        closeSync(fd);
+        fd = openSync('/', O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        shown = '';
+        i = -1;
+        continue;
+      }
+      const next = openSync(here, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+      closeSync(fd);
+      fd = next;
+      shown = `${shown}/${parts[i]}`;
+      if (madeNow) make!(fd, parts.length - i);
+    }
+    return fd;
+  } catch (e) {
+    closeSync(fd);
+    throw e;
+  }
+}
+
+/** A directory made for a copy (`made`, its descriptor) given the owner
+ * and mode of the original's directory at the same depth from the end,
+ * where there is one: the application's own processes make later copies
+ * beside this one (the preload library copies a file on its first
+ * write), as whatever user they run as. */
+function giveOriginalsOwner(made: number, original: string): void {
+  const st = lstatSync(original, { throwIfNoEntry: false });
+  if (!st?.isDirectory()) return; // deeper than the original's path, or not one: root's default
+  if (process.geteuid?.() === 0) fchownSync(made, st.uid, st.gid);
+  fchmodSync(made, st.mode & 0o7777);
+}
+
+/** `name` in directory descriptor `dir` removed, and all beneath it,
+ * walked by descriptors as openDirectoryWalked walks (a directory is
+ * opened O_NOFOLLOW beneath its parent's descriptor; whatever is not a
+ * directory, a symlink swapped in included, is unlinked, never followed):
+ * the tree may be another user's, who could swap a directory for a
+ * symlink while it is removed, and have root remove elsewhere (Node's
+ * rmSync walks by path: review35b). */
+export function removeBeneath(dir: number, name: string): void {
+  for (let tries = 0; tries < 3; tries++) {
+    const here = beneath(dir, name);
+    const st = lstatSync(here, { throwIfNoEntry: false });
+    if (!st) return;
+    if (st.isDirectory()) {
+      let fd: number | undefined;
+      try {
+        fd = openSync(here, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        if (code === 'ENOENT') return;
+        if (code !== 'ELOOP' && code !== 'ENOTDIR') throw e;
+      }
+      if (fd !== undefined) {
+        try {
+          for (const n of readdirSync(`/proc/self/fd/${fd}`)) removeBeneath(fd, n);
+        } finally {
+          closeSync(fd);
+        }
+        try {
+          rmdirSync(here);
+          return;
+        } catch (e) {
+          const code = (e as NodeJS.ErrnoException).code;
+          if (code === 'ENOENT') return;
+          if (code !== 'ENOTDIR' && code !== 'ENOTEMPTY') throw e;
+          continue;
+        }
+      }
+    }
+    try {
+      unlinkSync(here);
+      return;
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') return;
+      if (code !== 'EISDIR' && code !== 'EPERM') throw e;
+    }
+  }
+}
+
+/** Absolute `path` and all beneath it removed as removeBeneath does, its
+ * directory reached as openDirectoryWalked reaches it; left as it is if
+ * that cannot be (a link of another user's on the way, gone already). */
+export function removeWalked(path: string): void {
+  if (!plainAbsolute(path)) return;
+  let at: number;
+  try {
+    at = openDirectoryWalked(dirname(path));
+  } catch {
+    return;
+  }
+  try {
+    removeBeneath(at, basename(path));
+  } finally {
+    closeSync(at);
+  }
 }
 
 /** Whether there is anything at `path`, a dangling link included. */
@@ -124,10 +281,13 @@ function lexists(path: string): boolean {
   }
 }
 
-/** `tmp` moved to `copy` if nothing is there; false if something is. */
-function claim(tmp: string, copy: string): boolean {
+/** `tmp` moved to `name`, both in directory descriptor `dir`, if nothing
+ * is there; false if something is. */
+function claim(dir: number, tmp: string, name: string): boolean {
+  const from = beneath(dir, tmp);
+  const to = beneath(dir, name);
   try {
-    addon().renameNoReplace(tmp, copy);
+    addon().renameNoReplace(from, to);
     return true;
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
@@ -138,23 +298,23 @@ function claim(tmp: string, copy: string): boolean {
   // by a mkdir of ours (EEXIST: another's), which rename(2) then replaces
   // (an empty directory, ours); a file's by a hard link, which never
   // replaces a name.
-  if (lstatSync(tmp).isDirectory()) {
+  if (lstatSync(from).isDirectory()) {
     try {
-      mkdirSync(copy);
+      mkdirSync(to);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
       throw e;
     }
-    renameSync(tmp, copy);
+    renameSync(from, to);
     return true;
   }
   try {
-    linkSync(tmp, copy);
+    linkSync(from, to);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
     throw e;
   }
-  rmSync(tmp, { force: true });
+  unlinkSync(from);
   return true;
 }
 
@@ -167,9 +327,9 @@ function claim(tmp: string, copy: string): boolean {
  * owner, then its mode: never for a moment a root-owned set-user-ID file
  * of another's bytes (chown after chmod would also clear the set-ID bits
  * the original has). */
-function copyFile(fd: number, to: string, times = false): { dev: bigint; ino: bigint } {
+function copyFile(fd: number, dir: number, to: string, times = false): { dev: bigint; ino: bigint } {
   const st = fstatSync(fd);
-  const out = openSync(to, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600);
+  const out = openSync(beneath(dir, to), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600);
   try {
     const buf = Buffer.allocUnsafe(1 << 20);
     // From its start, whoever read this descriptor before.
@@ -202,20 +362,33 @@ function copyFile(fd: number, to: string, times = false): { dev: bigint; ino: bi
  * mode and owner last, so that until then it is root's 0700 and no one
  * else puts a name in it.
  */
-function copyDirectory(dir: number, shown: string, to: string, from: CopySource): void {
+function copyDirectory(dir: number, shown: string, toDir: number, to: string, from: CopySource): void {
   const st = fstatSync(dir);
-  mkdirSync(to, { mode: 0o700 });
+  mkdirSync(beneath(toDir, to), { mode: 0o700 });
+  const out = openSync(beneath(toDir, to), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  try {
+    copyEntries(dir, shown, out, from);
+    if (process.geteuid?.() === 0) fchownSync(out, st.uid, st.gid);
+    fchmodSync(out, st.mode & 0o7777);
+    futimesSync(out, st.atime, st.mtime);
+  } finally {
+    closeSync(out);
+  }
+}
+
+/** The entries of `dir` copied into directory descriptor `out` (copyDirectory). */
+function copyEntries(dir: number, shown: string, out: number, from: CopySource): void {
   for (const name of readdirSync(`/proc/self/fd/${dir}`)) {
     const entry = `${shown}/${name}`;
-    const beneath = `/proc/self/fd/${dir}/${name}`;
-    const dest = join(to, name);
+    const source = beneath(dir, name);
+    const dest = beneath(out, name);
     const notCopied = () => new AppshotError(`${entry} is not a regular file, directory or symbolic link: no private copy of ${shown} is made`);
     // What it is, first (root's lstat: its type, not its bytes): a FIFO
     // or device is never opened (a writer waiting on a FIFO would be let
     // go, a device may act on its open).
     let lst;
     try {
-      lst = lstatSync(beneath);
+      lst = lstatSync(source);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue; // removed since it was listed
       throw e;
@@ -227,7 +400,7 @@ function copyDirectory(dir: number, shown: string, to: string, from: CopySource)
         // One open as the process: its search permission on the
         // directory, its read permission on the entry; a link put there
         // since is not followed (ELOOP: copied as the link it is now).
-        r = from.open(entry, beneath, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+        r = from.open(entry, source, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
       } catch (e) {
         const code = (e as NodeJS.ErrnoException).code;
         if (code === 'ENOENT') continue;
@@ -238,7 +411,7 @@ function copyDirectory(dir: number, shown: string, to: string, from: CopySource)
       // not followed), its text read beneath the same directory.
       let at: number;
       try {
-        at = from.open(entry, beneath, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        at = from.open(entry, source, O_PATH | O_NOFOLLOW | O_CLOEXEC);
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue;
         throw e;
@@ -246,7 +419,7 @@ function copyDirectory(dir: number, shown: string, to: string, from: CopySource)
       try {
         const est = fstatSync(at);
         if (!est.isSymbolicLink()) throw new AppshotError(`${entry} changed while it was copied: no private copy of ${shown} is made`);
-        symlinkSync(readlinkSync(beneath), dest);
+        symlinkSync(readlinkSync(source), dest);
         if (process.geteuid?.() === 0) lchownSync(dest, est.uid, est.gid);
       } finally {
         closeSync(at);
@@ -256,42 +429,12 @@ function copyDirectory(dir: number, shown: string, to: string, from: CopySource)
     try {
       // What was opened (a FIFO swapped in since is refused all the same).
       const est = fstatSync(r);
-      if (est.isFile()) copyFile(r, dest, true);
-      else if (est.isDirectory()) copyDirectory(r, entry, dest, from);
+      if (est.isFile()) copyFile(r, out, name, true);
+      else if (est.isDirectory()) copyDirectory(r, entry, out, name, from);
       else throw notCopied();
     } finally {
       closeSync(r);
     }
-  }
-  const out = openSync(to, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-  try {
-    if (process.geteuid?.() === 0) fchownSync(out, st.uid, st.gid);
-    fchmodSync(out, st.mode & 0o7777);
-    futimesSync(out, st.atime, st.mtime);
-  } finally {
-    closeSync(out);
-  }
-}
-
-/** The directories leading to `copy` that do not exist yet, each made with
- * the owner and mode of the directory of `original` at the same depth
- * from the end (where there is one): the application's own processes make
- * later copies beside this one (the preload library copies a file on its
- * first write), as whatever user they run as. */
-function makeParents(original: string, copy: string): void {
-  const missing: [string, string][] = [];
-  for (let c = dirname(copy), o = dirname(original); !existsSync(c); c = dirname(c), o = dirname(o)) missing.unshift([c, o]);
-  for (const [c, o] of missing) {
-    mkdirSync(c);
-    let st;
-    try {
-      st = statSync(o);
-    } catch {
-      continue; // deeper than the original's path: root's default
-    }
-    if (!st.isDirectory()) continue;
-    chmodSync(c, st.mode & 0o7777);
-    if (process.geteuid?.() === 0) lchownSync(c, st.uid, st.gid);
   }
 }
 
@@ -372,12 +515,7 @@ export function removeRedirTargets(made: MadeDir[]): void {
     // plain, and reached through no symlink now (a directory on the way
     // swapped for a symlink to /root would have the removal follow it).
     if (!plainAbsolute(top) || !plainAbsolute(leaf) || (leaf !== top && !leaf.startsWith(`${top}/`))) continue;
-    try {
-      if (realpathSync(leaf) !== leaf) continue;
-    } catch {
-      continue; // gone already
-    }
-    rmSync(leaf, { recursive: true, force: true });
+    removeWalked(leaf);
     for (let dir = dirname(leaf); dir.length >= top.length && dir.startsWith(top); dir = dirname(dir))
       try {
         rmdirSync(dir);

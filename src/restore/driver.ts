@@ -708,8 +708,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       (registered.restore!.madeQueues ??= []).push(name);
       reg.update(registered);
     };
-    handed.recordRedirCopyPlanned = (target) => {
-      (registered.restore!.redirCopies ??= []).push(target);
+    handed.recordRedirCopyPlanned = (target, temporary) => {
+      (temporary ? (registered.restore!.redirTemporaries ??= []) : (registered.restore!.redirCopies ??= [])).push(target);
       reg.update(registered);
     };
     // A socket file's name likewise (JSON has no bigint: capEff as text).

@@ -33,7 +33,7 @@ import { applicationEnv } from '../harness.js';
 import { cloneIdentity, runIdentityHooks, withIdentityEnv } from '../resources/identity.js';
 import { checkPrivileges, type InstancePlan, restore } from '../restore/driver.js';
 import { verifyImage } from '../restore/verify.js';
-import { type MadeDir, redirected, unredirected } from '../resources/paths.js';
+import { type MadeDir, redirected, removeWalked, unredirected } from '../resources/paths.js';
 import { fsIdentity, identitiesFor, refusal, refusedAsProcess } from '../resources/fsident.js';
 import { identityHooks, instanceConfig, privateCopyPath, type Property } from './rules.js';
 import { openTemplate, type OpenedTemplate, PRIVATE_DIR } from './template.js';
@@ -327,7 +327,7 @@ async function discard(reg: LocalRegistry, made: CloneResult): Promise<void> {
     await sleep(25);
   }
   for (const p of made.ports) if (p.mode === 'allocate') reg.releasePort(p.system, aid);
-  rmSync(made.privateRoot, { recursive: true, force: true });
+  removeWalked(made.privateRoot);
   removeRedirCopies(reg, redirCopiesOf.get(made) ?? [], aid);
   reg.releaseRedirTargets(made.createdDirs, [aid]);
 }
