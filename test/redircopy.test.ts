@@ -241,7 +241,7 @@ describe.skipIf(process.getuid?.() !== 0)('review35b: a clone killed (kill -9) w
     mkdirSync(into, { mode: 0o755 });
     const tpl = await template('rcpartial', app, `REDIR PATH "${app}/pub" TO "${into}/pub"\n`);
     // Large enough that the copy is seen under way.
-    const grow = spawnSync(asNobody[0], [...asNobody.slice(1), 'sh', '-c', 'head -c 800000000 /dev/zero >> pub'], { cwd: app, encoding: 'utf8' });
+    const grow = spawnSync(asNobody[0], [...asNobody.slice(1), 'sh', '-c', 'head -c 300000000 /dev/zero >> pub'], { cwd: app, encoding: 'utf8' });
     expect(grow.status, grow.stderr).toBe(0);
     // In this process, not the engine's: the kill is of the clone itself.
     const c = spawn(process.execPath, [cli, 'clone', tpl, '--aid', 'rcpartial-1'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, stdio: 'ignore' });
@@ -259,8 +259,8 @@ describe.skipIf(process.getuid?.() !== 0)('review35b: a failed clone removes the
   it('by name, in a tree nobody owns: nobody cannot turn the removal on a directory only root may write', async () => {
     const app = makeApp('rmrace');
     const work = join(app, 'work');
-    const n = 2000;
-    const fill = spawnSync(asNobody[0], [...asNobody.slice(1), 'sh', '-c', `for i in $(seq 0 ${n - 1}); do mkdir s$i && echo a > s$i/x; done`], { cwd: work, encoding: 'utf8' });
+    const n = 1000;
+    const fill = spawnSync(asNobody[0], [...asNobody.slice(1), '/usr/bin/python3', '-c', `import os\nfor i in range(${n}):\n    os.mkdir(f's{i}'); open(f's{i}/x', 'w').write('a')`], { cwd: work, encoding: 'utf8' });
     expect(fill.status, fill.stderr).toBe(0);
     const into = join(out, 'rmrace-into');
     // Only root may write here; its x is root's.

@@ -272,7 +272,7 @@ export function removeWalked(path: string): void {
 }
 
 /** Whether there is anything at `path`, a dangling link included. */
-function lexists(path: string): boolean {
+export function lexists(path: string): boolean {
   try {
     lstatSync(path);
     return true;

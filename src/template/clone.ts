@@ -33,7 +33,7 @@ import { applicationEnv } from '../harness.js';
 import { cloneIdentity, runIdentityHooks, withIdentityEnv } from '../resources/identity.js';
 import { checkPrivileges, type InstancePlan, restore } from '../restore/driver.js';
 import { verifyImage } from '../restore/verify.js';
-import { type MadeDir, redirected, removeWalked, unredirected } from '../resources/paths.js';
+import { lexists, type MadeDir, redirected, removeWalked, unredirected } from '../resources/paths.js';
 import { fsIdentity, identitiesFor, refusal, refusedAsProcess } from '../resources/fsident.js';
 import { identityHooks, instanceConfig, privateCopyPath, type Property } from './rules.js';
 import { openTemplate, type OpenedTemplate, PRIVATE_DIR } from './template.js';
@@ -155,16 +155,6 @@ function planPorts(reg: LocalRegistry, aid: string, t: OpenedTemplate): { own: M
 /** The most instances one clone call makes (`clone --count`, the API's
  * count): beyond, an internal error rather than a refusal (fuzz33 L1). */
 export const MAX_CLONES = 100_000;
-
-/** Whether there is anything at `path`, a dangling link included. */
-function lexists(path: string): boolean {
-  try {
-    lstatSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** FILE ... DUPLICATE (step 406): the instance's own copy of the file or
  * directory, made now, and the path redirected to it. */
