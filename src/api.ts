@@ -13,7 +13,7 @@
  * background, like `appshot run -d`, and they end with `stop` (or when
  * their last process exits).
  */
-import { AppshotError, errorText, ExitCode } from './errors.js';
+import { AppshotError, errorText, ExitCode, isSystemCallError } from './errors.js';
 import { resolve } from 'node:path';
 import { defaultHome, homeScope, refuseUnsafeHome } from './home.js';
 import { settleKilledCommands } from './image/partial.js';
@@ -194,9 +194,8 @@ async function call<T>(opts: CommonOptions, body: () => Promise<T> | T, lookOnly
   try {
     return await (opts.home ? homeScope.run(opts.home, settled) : settled());
   } catch (e) {
-    const err = e as NodeJS.ErrnoException;
-    if (!(e instanceof AppshotError) && err && typeof err.code === 'string' && err.syscall) {
-      throw Object.assign(new AppshotError(errorText(err), ExitCode.failure), { cause: e });
+    if (!(e instanceof AppshotError) && isSystemCallError(e)) {
+      throw Object.assign(new AppshotError(errorText(e), ExitCode.failure), { cause: e });
     }
     throw e;
   }

@@ -6,7 +6,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { closeSync, existsSync, openSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { AppshotError, errorText, ExitCode, printable } from './errors.js';
+import { AppshotError, errorText, ExitCode, isSystemCallError, printable } from './errors.js';
 import { type ApplicationInfo, describeApplications, ENTRY_FLAG_NAMES, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
 import { age, pruneEnded, removeApps, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded } from './registry.js';
@@ -934,9 +934,8 @@ export function reportError(e: unknown): void {
     setExitCode(e.exitCode);
     return;
   }
-  const err = e as NodeJS.ErrnoException;
-  if (err && typeof err.code === 'string' && err.syscall) {
-    process.stderr.write(`appshot: ${printable(errorText(err))}\n`);
+  if (isSystemCallError(e)) {
+    process.stderr.write(`appshot: ${printable(errorText(e))}\n`);
     setExitCode(ExitCode.failure);
     return;
   }

@@ -62,8 +62,21 @@ export function printable(text: string): string {
  * other error's message as it is.
  */
 export function errorText(e: unknown): string {
+  if (!isSystemCallError(e)) return (e as Error)?.message ?? String(e);
   const err = e as NodeJS.ErrnoException & { dest?: string };
-  if (!err || typeof err.code !== 'string' || !err.syscall) return (e as Error)?.message ?? String(e);
+  return `${err.syscall}${err.path ? ` ${err.path}` : ''}${err.dest ? ` → ${err.dest}` : ''}: ${errorWords(err)}`;
+}
+
+/** Whether `e` is a system call's error as Node throws it (a `code` and
+ * the `syscall` that failed), not appshot's nor a parser's. */
+export function isSystemCallError(e: unknown): e is NodeJS.ErrnoException {
+  const err = e as NodeJS.ErrnoException | undefined;
+  return !!err && typeof err.code === 'string' && !!err.syscall;
+}
+
+/** A system call's error without the call and its path: `permission
+ * denied (EACCES)` (errorText's end). */
+export function errorWords(err: NodeJS.ErrnoException): string {
   const what = (typeof err.errno === 'number' && getSystemErrorMap().get(err.errno)?.[1]) || err.message;
-  return `${err.syscall}${err.path ? ` ${err.path}` : ''}${err.dest ? ` → ${err.dest}` : ''}: ${what} (${err.code})`;
+  return `${what} (${err.code})`;
 }

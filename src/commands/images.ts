@@ -13,8 +13,7 @@
 import type { Command } from 'commander';
 import { closeSync, constants, existsSync, lstatSync, openSync, readdirSync, statSync, type Stats } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
-import { getSystemErrorMap } from 'node:util';
-import { AppshotError, ExitCode, printable } from '../errors.js';
+import { AppshotError, errorWords, ExitCode, isSystemCallError, printable } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import { printJson } from './json.js';
 import { duration } from '../words.js';
@@ -165,11 +164,11 @@ async function describeEntry(path: string): Promise<ImageEntry | undefined> {
     // another user's directory; ENAMETOOLONG: one nested thousands deep;
     // EIO...) is that entry's line, as an image that does not parse is:
     // one hostile entry does not end the listing of the others (fuzz34 F3).
-    const code = (err as NodeJS.ErrnoException | undefined)?.code;
-    if (typeof code !== 'string' || !(err as NodeJS.ErrnoException).syscall) throw err;
+    if (!isSystemCallError(err)) throw err;
     const st = listableNow(path);
     if (!st) return undefined;
-    const why = !vanishedError(err) ? `cannot read it: ${systemErrorWords(err as NodeJS.ErrnoException)}` : code === 'ENOENT' ? 'a part of it was removed while it was read' : 'it changed while it was read';
+    // Without its path, which, read through /proc/self/fd, is not the entry's.
+    const why = !vanishedError(err) ? `cannot read it: ${errorWords(err)}` : err.code === 'ENOENT' ? 'a part of it was removed while it was read' : 'it changed while it was read';
     return { path, type: st.isDirectory() ? 'image' : 'file', app: null, createdAt: null, bytes: st.isFile() ? st.size : 0, processes: null, parent: null, trusted: null, error: why };
   }
   if (found?.error === undefined) return found;
@@ -180,13 +179,6 @@ async function describeEntry(path: string): Promise<ImageEntry | undefined> {
   if (!st) return undefined;
   if (st.isDirectory() !== (found.type !== 'file')) return { ...found, type: st.isDirectory() ? 'image' : 'file', bytes: st.isFile() ? st.size : 0, error: 'it changed while it was read' };
   return found;
-}
-
-/** A system call's error without its path (which, read through
- * /proc/self/fd, is not the entry's): `permission denied (EACCES)`. */
-function systemErrorWords(err: NodeJS.ErrnoException): string {
-  const words = typeof err.errno === 'number' ? getSystemErrorMap().get(err.errno)?.[1] : undefined;
-  return `${words ?? err.code} (${err.code})`;
 }
 
 /** What is at `path` now, if a fresh listing would list it: a directory,
@@ -226,7 +218,7 @@ export async function listImages(dirs: string[]): Promise<ImagesResult> {
       // Removed since it was looked at: as if it had not been there.
       if ((err as NodeJS.ErrnoException).code === 'ENOTDIR') throw new AppshotError(`not a directory: ${d}`, ExitCode.usage);
       if (vanishedError(err)) throw new AppshotError(`no such directory: ${d}`, ExitCode.notFound);
-      throw new AppshotError(`cannot list ${d}: ${systemErrorWords(err as NodeJS.ErrnoException)}`);
+      throw new AppshotError(`cannot list ${d}: ${errorWords(err as NodeJS.ErrnoException)}`);
     }
     for (const name of names) {
       if (name.startsWith('.')) continue; // half-written images (.NAME.partial-PID-RANDOM) and the like

@@ -39,7 +39,7 @@ import { constants as zlibConstants, createGunzip, createGzip } from 'node:zlib'
 import { killPoint } from '../killpoint.js';
 import { requireZstd, zstdCompressTo, zstdDecompressFrom } from './zstd.js';
 import { makePartialDir, ownedName, removeStaleTemporaries, temporariesDir } from './partial.js';
-import { AppshotError, errorText, ExitCode } from '../errors.js';
+import { AppshotError, errorText, ExitCode, isSystemCallError } from '../errors.js';
 import { addon, type PageFileDigest, type PagesCheck, type PageWriter } from '../native.js';
 import { type FieldSchema, type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, isOwnKey, type Signer, signWithSelf, untrustedHint } from './trust.js';
@@ -749,10 +749,9 @@ async function extractTar(input: NodeJS.ReadableStream, what: string, trust: Loa
     // quota, as the directory is made or a part written; a read error)
     // says nothing of the image: said as what it is, not as a corrupt
     // stream (fuzz34 F6).
-    const sys = e as NodeJS.ErrnoException;
-    if (!(e instanceof AppshotError) && sys && typeof sys.code === 'string' && sys.syscall) {
-      if (sys.code === 'ENOSPC' || sys.code === 'EDQUOT') throw new AppshotError(`no room to unpack ${what} in ${temporariesDir()}: ${errorText(sys)}`);
-      throw new AppshotError(`cannot unpack ${what}: ${errorText(sys)}`);
+    if (!(e instanceof AppshotError) && isSystemCallError(e)) {
+      if (e.code === 'ENOSPC' || e.code === 'EDQUOT') throw new AppshotError(`no room to unpack ${what} in ${temporariesDir()}: ${errorText(e)}`);
+      throw new AppshotError(`cannot unpack ${what}: ${errorText(e)}`);
     }
     throw e;
   }
@@ -817,8 +816,7 @@ async function extractTarInto(input: NodeJS.ReadableStream, what: string, trust:
     // The count's refusal, which the parser saw as its input's end.
     if (fed instanceof AppshotError) throw fed;
     // A system call's: extractTar says what it is.
-    const sys = failure as NodeJS.ErrnoException | undefined;
-    if (sys && typeof sys.code === 'string' && sys.syscall) throw failure;
+    if (isSystemCallError(failure)) throw failure;
     if (failure) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream (${failure.message})`);
     if (!LISTED_PARTS.every((p) => seen.has(p))) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream${fed ? ` (${fed.message})` : ''}`);
   });
