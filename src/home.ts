@@ -39,13 +39,19 @@ export const enginePaths = (home = defaultHome()) => ({
  * those who may write into it (group-writable is taken when the group is
  * this user's own, a user private group). A sticky directory's writers
  * may rename only their own entries: excused when `stickyExcuses`. */
-function othersMayChange(st: Stats, stickyExcuses: boolean): boolean {
+export function othersMayChange(st: Stats, stickyExcuses: boolean): boolean {
   const uid = process.geteuid?.() ?? 0;
   const gid = process.getegid?.() ?? 0;
   if (st.uid !== uid && st.uid !== 0) return true;
   if (st.isSymbolicLink()) return false; // a link's mode means nothing
   const othersWrite = (st.mode & 0o002) !== 0 || ((st.mode & 0o020) !== 0 && st.gid !== gid);
   return othersWrite && !(stickyExcuses && (st.mode & 0o1000) !== 0);
+}
+
+/** `st`'s owner, group and mode, as a refusal by othersMayChange names
+ * them. */
+export function ownership(st: Stats): string {
+  return `owner uid ${st.uid}, group ${st.gid}, mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}`;
 }
 
 /**
@@ -68,7 +74,7 @@ export function refuseUnsafeHome(home: string): void {
   const full = resolve(home);
   const refuse = (d: string, st: Stats, what: string): never => {
     throw new AppshotError(
-      `refusing the state directory ${home}: ${d === full ? 'it' : `${d}, ${what},`} can be changed by another user (owner uid ${st.uid}, group ${st.gid}, mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}), who could swap its files for links while appshot writes them; set APPSHOT_HOME to a directory only you${(process.geteuid?.() ?? 0) === 0 ? '' : ' and root'} can change`,
+      `refusing the state directory ${home}: ${d === full ? 'it' : `${d}, ${what},`} can be changed by another user (${ownership(st)}), who could swap its files for links while appshot writes them; set APPSHOT_HOME to a directory only you${(process.geteuid?.() ?? 0) === 0 ? '' : ' and root'} can change`,
     );
   };
   // The directories from a real path `real` up to /, sticky ones taken

@@ -18,7 +18,7 @@ import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { currentHolder, holderAlive } from '../holder.js';
 import { defaultHome } from '../registry.js';
-import { makeHome } from '../home.js';
+import { makeHome, othersMayChange, ownership } from '../home.js';
 
 /** KIND-PID-START-RANDOM, or KIND-PID-START-rLEASE-RANDOM for a request
  * of the engine (holder.ts): owned by the request, not the process. */
@@ -127,16 +127,11 @@ export function refuseDirectoryOthersChange(dir: string): void {
   } catch {
     return; // not there: the making of the partial directory says so
   }
-  const uid = process.geteuid?.() ?? 0;
-  const gid = process.getegid?.() ?? 0;
   for (let d = real; ; d = dirname(d)) {
     const st = statSync(d);
-    const sticky = (st.mode & 0o1000) !== 0;
-    const foreignOwner = st.uid !== uid && st.uid !== 0;
-    const othersWrite = (st.mode & 0o002) !== 0 || ((st.mode & 0o020) !== 0 && st.gid !== gid);
-    if (foreignOwner || (othersWrite && !sticky))
+    if (othersMayChange(st, true))
       throw new AppshotError(
-        `cannot write into ${dir}: ${d === real ? 'it' : `${d}, a directory above it,`} can be changed by another user (owner uid ${st.uid}, group ${st.gid}, mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}), who could swap a name there for a link while appshot writes; choose a directory only you${uid === 0 ? '' : ' and root'} can change`,
+        `cannot write into ${dir}: ${d === real ? 'it' : `${d}, a directory above it,`} can be changed by another user (${ownership(st)}), who could swap a name there for a link while appshot writes; choose a directory only you${(process.geteuid?.() ?? 0) === 0 ? '' : ' and root'} can change`,
       );
     if (d === '/') break;
   }
