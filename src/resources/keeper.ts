@@ -88,8 +88,9 @@ export class SocketsForKeeper {
   /** Our descriptors by socket inode; `owned`: ours to close (the repair
    * mode ones are HeldConnections', which also lets them go if the
    * snapshot fails); `needed`: the image does not hold the connection's
-   * state, only the keeper can give it back. */
-  private readonly fds = new Map<bigint, { fd: number; owned: boolean; needed: boolean }>();
+   * state, only the keeper can give it back; `waiting`: a listener's,
+   * the connections in its queue (takeWaitingListeners). */
+  private readonly fds = new Map<bigint, { fd: number; owned: boolean; needed: boolean; waiting?: number }>();
 
   add(ino: bigint, fd: number, owned: boolean, needed: boolean): void {
     if (this.fds.has(ino)) {
@@ -107,8 +108,6 @@ export class SocketsForKeeper {
    * gave up, a new listener is made, as for any. One with none waiting
    * is not held: its port stays free for whatever the user runs next. */
   private readonly listeners = new Map<bigint, number>();
-  /** Connections waiting in the listeners handed over. */
-  private waiting = 0;
 
   /** `open`: our descriptor of it, asked for once per listener however
    * many processes share it (nginx's workers). */
@@ -121,11 +120,12 @@ export class SocketsForKeeper {
   counts(): { held: number; needed: number; waiting: number } {
     if (!this.handedOver) return { held: 0, needed: 0, waiting: 0 };
     const all = [...this.fds.values()];
-    return { held: all.length - this.listenersHeld, needed: all.filter((e) => e.needed).length, waiting: this.waiting };
+    return {
+      held: all.filter((e) => e.waiting === undefined).length,
+      needed: all.filter((e) => e.needed).length,
+      waiting: all.reduce((sum, e) => sum + (e.waiting ?? 0), 0),
+    };
   }
-
-  /** How many of the sockets handed over are listeners. */
-  private listenersHeld = 0;
 
   /** The listeners with connections waiting join the sockets handed over;
    * the others are closed. */
@@ -137,11 +137,8 @@ export class SocketsForKeeper {
       } catch {
         /* not a TCP listener any more: nothing to keep */
       }
-      if (waiting > 0 && !this.fds.has(ino)) {
-        this.fds.set(ino, { fd, owned: true, needed: false });
-        this.listenersHeld++;
-        this.waiting += waiting;
-      } else closeSync(fd);
+      if (waiting > 0 && !this.fds.has(ino)) this.fds.set(ino, { fd, owned: true, needed: false, waiting });
+      else closeSync(fd);
     }
     this.listeners.clear();
   }
