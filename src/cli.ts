@@ -437,8 +437,9 @@ export function buildProgram(): Command {
       '\nPrints the AID of each application removed. A running application is refused without\n' +
         '--force. Removing a clone removes its private copies of files: an image taken of it with\n' +
         '--leave-running cannot be restored after. Removing a snapshotted application (ps -a)\n' +
-        'removes its record and the log kept for its restore; its image, and what the image needs,\n' +
-        'stay.\n\n' +
+        'removes its record and the log kept for its restore, and has appshot-keeper close the\n' +
+        'connections it held for that restore (and free the port of a listener it held); its image,\n' +
+        'and what the image needs, stay.\n\n' +
         'Examples:\n  appshot rm web\n  appshot rm -f db-1 db-2',
     )
     .action(async (aids: string[], opts: { force: boolean; json: boolean; jsonObject: boolean }) => {

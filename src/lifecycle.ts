@@ -15,6 +15,7 @@ import { constants as osConstants } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
 import { signalProcesses } from './inspect.js';
 import { isSameProcess, readStat } from './procfs.js';
+import { dropKept } from './resources/keeper.js';
 import { type AppRecord, type LocalRegistry, checkAid, isEnded } from './registry.js';
 import { duration } from './words.js';
 
@@ -162,6 +163,7 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
     try {
       checkAid(aid);
       if (!reg.get(aid) && reg.removeSnapshotted(aid)) {
+        dropKeptFor(reg, aid);
         removed.add(aid);
         continue;
       }
@@ -244,9 +246,29 @@ export function pruneEnded(reg: LocalRegistry): string[] {
   const ended = reg.list().filter(isEnded);
   const failures = reg.removeMany(ended);
   const snapshotted = reg.listSnapshotted().filter((r) => reg.removeSnapshotted(r.aid));
+  for (const r of snapshotted) dropKeptFor(reg, r.aid);
   // The others went; the first that could not is the command's error.
   if (failures.length) throw removalError(failures[0].record.aid, failures[0].error);
   return [...ended, ...snapshotted].map((r) => r.aid).sort();
+}
+
+/**
+ * The application a snapshot ended is removed: what appshot-keeper holds
+ * for its restore on this host (connections, a listener with connections
+ * waiting) goes now rather than at the end of `--tcp-hold`, so that its
+ * port is free and its peers are not kept waiting for a restore the user
+ * said will not come. The image stays restorable; restored later, it has
+ * those connections closed (as after the hold). Only reached with no
+ * registration under the AID: a restore in progress, which may have
+ * taken them, has one. A keeper that cannot be reached is left to its
+ * hold, which ends it anyway; the record is already gone.
+ */
+function dropKeptFor(reg: LocalRegistry, aid: string): void {
+  try {
+    dropKept(reg.home, aid);
+  } catch {
+    // See above: the hold ends it.
+  }
 }
 
 /** "4s", "12m", "3h", "2d": how long ago `iso` was. */

@@ -347,6 +347,19 @@ describe('established TCP connections', () => {
     second.client.socket.destroy();
     const bad = sb.run(['snapshot', 'tcp10', '--tcp-hold', 'soon']);
     expect(bad.code).not.toBe(0);
+
+    // Removed (`rm` of the snapshotted application), it is not waited
+    // for: the keeper drops the connection at once, not after its hold.
+    const port3 = 26615;
+    const third = await startFixture('tcp15', port3);
+    run(['snapshot', 'tcp15', '-o', join(out, 'tcp15')]);
+    expect(keepers(sb.home)).toHaveLength(1);
+    expect(run(['rm', 'tcp15'])).toBe('tcp15\n');
+    await waitFor(() => keepers(sb.home).length === 0, 10_000, 'the keeper to leave on rm');
+    const local3 = third.client.socket.localPort!;
+    third.client.socket.write('ECHO anyone\n');
+    await waitFor(() => tcpState(local3, port3) === undefined, 10_000, 'the reset');
+    third.client.socket.destroy();
   });
 
   it('a restore killed (SIGKILL) after taking the connections from the keeper leaves them held for the next restore', async () => {
