@@ -54,6 +54,80 @@ export function ownership(st: Stats): string {
   return `owner uid ${st.uid}, group ${st.gid}, mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}`;
 }
 
+/** Why `path`, or a step on the way to it, can be changed by another user
+ * (see refuseUnsafeHome, refuseUnsafeDirectory): the step and how it is
+ * placed, or undefined if none can. Walked from / down, component by
+ * component: each directory must be this user's or root's and writable by
+ * no one else, a sticky one (/tmp) taken since only an entry's owner may
+ * rename it there (`path` itself only if `stickyLast`); each link on the
+ * way must be this user's or root's, and where it points is checked from /
+ * up as well. A link that points nowhere is refused (what would be made
+ * through it is not known). `missing`: a component not there yet is
+ * 'judged' by those that are (it is made later beneath them, and checked
+ * again then), or 'refused' (checked after making: something took its
+ * place and went). A step this user cannot look at (EACCES, ENOTDIR,
+ * ELOOP) is left to the command's own calls, which fail on it. */
+function changeableStep(path: string, stickyLast: boolean, missing: 'judged' | 'refused'): { at: string; st?: Stats; what: string } | undefined {
+  const full = resolve(path);
+  // The directories from a real path `real` up to /, sticky ones taken
+  // (`path` itself, where a link points, is checked apart).
+  const upFrom = (real: string, what: string) => {
+    for (let d = real; ; d = dirname(d)) {
+      const st = statSync(d);
+      if (othersMayChange(st, true)) return { at: d, st, what };
+      if (d === '/') return undefined;
+    }
+  };
+  try {
+    const above = upFrom('/', 'a directory above it');
+    if (above) return above;
+    let at = '/';
+    for (const name of full.split('/').filter(Boolean)) {
+      const next = join(at, name);
+      const last = next === full;
+      let st: Stats;
+      try {
+        st = lstatSync(next);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+        return missing === 'judged' ? undefined : { at: next, what: 'made just now, is gone: another user may have put it there and taken it away' };
+      }
+      if (st.isSymbolicLink()) {
+        if (othersMayChange(st, false)) return { at: next, st, what: 'a link on the way to it' };
+        try {
+          at = realpathSync(next);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { at: next, what: 'a link on the way to it, points nowhere: what would be made through it is not known' };
+          throw e;
+        }
+        const up = upFrom(at, last ? 'where it links to' : 'a directory on the way to it');
+        if (up) return up;
+        if (last) {
+          const target = statSync(at);
+          if (othersMayChange(target, stickyLast)) return { at: next, st: target, what: 'where it links to' };
+        }
+      } else {
+        if (othersMayChange(st, !last || stickyLast)) return { at: next, st, what: last ? 'itself' : 'a directory above it' };
+        at = next;
+      }
+    }
+    return undefined;
+  } catch {
+    return undefined; // EACCES, ENOTDIR, ELOOP...: left to the command's own calls
+  }
+}
+
+/** Why changeableStep's step is refused: "it", or "STEP, WHAT,", can be
+ * changed by another user (OWNERSHIP), then `tail` (who that user could
+ * fool); or, for a step that is not there to look at, WHAT says it all. */
+function stepWords(step: { at: string; st?: Stats; what: string }, tail: string): string {
+  if (!step.st) return `${step.at}, ${step.what}`;
+  const which = step.what === 'itself' ? 'it' : `${step.at}, ${step.what},`;
+  return `${which} can be changed by another user (${ownership(step.st)}), ${tail}`;
+}
+
+const onlyYou = () => `only you${(process.geteuid?.() ?? 0) === 0 ? '' : ' and root'} can change`;
+
 /**
  * Refuses a state directory that a user other than this one and root can
  * change (fuzz34 F8): root given APPSHOT_HOME=/home/eve/h would write its
@@ -62,72 +136,56 @@ export function ownership(st: Stats): string {
  * steps and have root write, chmod or remove a file elsewhere, or read a
  * key. So the directory, each directory above it, and each link on the
  * way (and the directories above where a link points) must be this
- * user's or root's and writable by no one else: above the state directory
- * a sticky one (/tmp) is taken, since there only an entry's owner may
- * rename it; the state directory itself must not be sticky-writable
- * (another user could make `keys` or `tmp` in it first). A directory not
- * there yet is judged by the directories that are: makeHome checks again
- * once it made it. A path this user cannot look at is left to the
- * command's own calls, which fail on it.
+ * user's or root's and writable by no one else (changeableStep); the
+ * state directory itself must not be sticky-writable (another user could
+ * make `keys` or `tmp` in it first). A directory not there yet is judged
+ * by the directories that are, unless `made` (makeHome: checked again
+ * once made, when it must be there).
  */
-export function refuseUnsafeHome(home: string): void {
-  const full = resolve(home);
-  const refuse = (d: string, st: Stats, what: string): never => {
+export function refuseUnsafeHome(home: string, made = false): void {
+  const step = changeableStep(home, false, made ? 'refused' : 'judged');
+  if (step)
     throw new AppshotError(
-      `refusing the state directory ${home}: ${d === full ? 'it' : `${d}, ${what},`} can be changed by another user (${ownership(st)}), who could swap its files for links while appshot writes them; set APPSHOT_HOME to a directory only you${(process.geteuid?.() ?? 0) === 0 ? '' : ' and root'} can change`,
+      `refusing the state directory ${home}: ${stepWords(step, 'who could swap its files for links while appshot writes them')}; set APPSHOT_HOME to a directory ${onlyYou()}`,
     );
-  };
-  // The directories from a real path `real` up to /, sticky ones taken
-  // (the state directory itself, where a link points, is checked apart).
-  const checkUpFrom = (real: string, what: string) => {
-    for (let d = real; ; d = dirname(d)) {
-      const st = statSync(d);
-      if (othersMayChange(st, true)) refuse(d, st, what);
-      if (d === '/') break;
-    }
-  };
-  try {
-    checkUpFrom('/', 'a directory above it');
-    let at = '/';
-    for (const name of full.split('/').filter(Boolean)) {
-      const next = join(at, name);
-      let st: Stats;
-      try {
-        st = lstatSync(next);
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code === 'ENOENT') return; // made later, under what was checked
-        throw e;
-      }
-      if (st.isSymbolicLink()) {
-        if (othersMayChange(st, false)) refuse(next, st, 'a link on the way to it');
-        at = realpathSync(next);
-        checkUpFrom(at, next === full ? 'where it links to' : 'a directory on the way to it');
-        if (next === full) {
-          const target = statSync(at);
-          if (othersMayChange(target, false)) refuse(next, target, 'where it links to');
-        }
-      } else {
-        if (othersMayChange(st, next !== full)) refuse(next, st, 'a directory above it');
-        at = next;
-      }
-    }
-  } catch (e) {
-    if (e instanceof AppshotError) throw e;
-    // EACCES, ENOTDIR, ELOOP...: left to the command's own calls.
-  }
+}
+
+/**
+ * An image, a template or a base is written into `dir` by name, step by
+ * step (its partial directory made, given its mode, filled, renamed): a
+ * user who may rename or remove entries of `dir`, of a directory above
+ * it, or of a directory holding a link on the way to it, could swap a
+ * name for a link between two steps and have appshot (root, say) change,
+ * make or remove a file elsewhere (fuzz34 F0: root chmod'ed a root-only
+ * file 0755 through a nobody-owned output directory; review 242: through
+ * a link in a nobody-owned directory on the way to a root one, which a
+ * check of the real path alone did not see). So the same walk as the
+ * state directory's (changeableStep), `dir` itself taken when sticky
+ * (/tmp: only an entry's owner may rename it). A `dir` not there is left
+ * to the making of the partial directory, which fails on it.
+ */
+export function refuseUnsafeDirectory(dir: string): void {
+  const step = changeableStep(dir, true, 'judged');
+  if (step)
+    throw new AppshotError(
+      `cannot write into ${dir}: ${stepWords(step, 'who could swap a name there for a link while appshot writes')}; choose a directory ${onlyYou()}`,
+    );
 }
 
 /** The state directory `home`, made if need be (its parents too), once
- * refuseUnsafeHome takes it: checked again after it is made, since
- * another user may have made it first in a sticky directory. */
+ * refuseUnsafeHome takes it; checked again once there, whoever made it
+ * (another user may have put a directory of theirs at its name in a
+ * sticky directory, before or while it was made: review 242 saw one
+ * returned unchecked because it was there at a second look). */
 export function makeHome(home: string): void {
   refuseUnsafeHome(home);
+  const notDirectory = () => new AppshotError(`refusing the state directory ${home}: not a directory`);
   try {
-    lstatSync(home);
-    return;
-  } catch {
-    /* not there yet */
+    mkdirSync(home, { recursive: true, mode: 0o755 });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') throw notDirectory();
+    throw e;
   }
-  mkdirSync(home, { recursive: true, mode: 0o755 });
-  refuseUnsafeHome(home);
+  refuseUnsafeHome(home, true);
+  if (!statSync(home).isDirectory()) throw notDirectory();
 }

@@ -452,7 +452,31 @@ describe('the state directory of the tests', () => {
       } finally {
         fake.kill();
       }
+      // Its engine's name a link to this user's own engine (review 242):
+      // that engine serves only its own state directory, named by a path
+      // the client's own check takes, and refuses this one; the client
+      // then runs the command itself, which refuses the directory.
+      rmSync(join(foreign, 'engine', 'engine.sock'), { force: true });
+      expect(spawnSync(command, ['engine', 'start'], { env: sb.env, encoding: 'utf8' }).status).toBe(0);
+      try {
+        symlinkSync(join(sb.home, 'engine', 'engine.sock'), join(foreign, 'engine', 'engine.sock'));
+        lchownSync(join(foreign, 'engine', 'engine.sock'), 65534, 65534);
+        const steered = spawnSync(command, ['ps'], { env: { ...sb.env, APPSHOT_HOME: foreign, APPSHOT_DEBUG: '1' }, encoding: 'utf8' });
+        expect(steered.stderr).toMatch(/appshot: the engine refused \(refusing the state directory [^\n]*\): running here\n/);
+        expect(steered.stderr).toMatch(/^appshot: refusing the state directory /m);
+        expect(steered.status).toBe(1);
+      } finally {
+        spawnSync(command, ['engine', 'stop'], { env: sb.env });
+      }
       rmSync(join(foreign, 'engine'), { recursive: true, force: true });
+      // A link that points nowhere on the way is refused too: what would
+      // be made through it is not known.
+      symlinkSync(join(foreign, 'nowhere'), join(foreign, 'dangling'));
+      chownSync(foreign, 0, 0);
+      const dangling = spawnSync(command, ['ps'], { env: { ...sb.env, APPSHOT_HOME: join(foreign, 'dangling', 'state') }, encoding: 'utf8' });
+      expect(dangling.stderr).toBe(`appshot: refusing the state directory ${join(foreign, 'dangling', 'state')}: ${join(foreign, 'dangling')}, a link on the way to it, points nowhere: what would be made through it is not known; set APPSHOT_HOME to a directory only you can change\n`);
+      expect(dangling.status).toBe(1);
+      rmSync(join(foreign, 'dangling'));
       // A group- or world-writable one of root's is refused too, sticky or not.
       chownSync(foreign, 0, 0);
       chmodSync(foreign, 0o1777);

@@ -5,7 +5,7 @@
  * image behind.
  */
 import { spawn } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lchownSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -331,6 +331,20 @@ describe('snapshot of a program with one of each resource', () => {
     // Sticky (as /tmp): an entry's owner alone may rename it.
     chmodSync(shared, 0o1777);
     expect(sb.run(['snapshot', aid, '-o', join(shared, 'img'), '--leave-running']).code).toBe(0);
+    // A link on the way, in a directory another user owns, to one of this
+    // user's (review 242): that user could point the link elsewhere
+    // between two steps; the real path alone looked safe.
+    const theirs = join(out, 'theirs');
+    const mine = join(out, 'mine');
+    mkdirSync(theirs);
+    mkdirSync(mine);
+    symlinkSync(mine, join(theirs, 'out'));
+    lchownSync(join(theirs, 'out'), 65534, 65534);
+    chownSync(theirs, 65534, 65534);
+    const linked = sb.run(['snapshot', aid, '-o', join(theirs, 'out', 'img'), '--leave-running']);
+    expect(linked.code).toBe(1);
+    expect(linked.stderr).toMatch(new RegExp(`^appshot: cannot write into ${join(theirs, 'out')}: ${theirs}, a directory above it, can be changed by another user \\(owner uid 65534, `));
+    expect(readdirSync(mine)).toEqual([]);
     await checksContinue(aid);
   });
 

@@ -262,7 +262,10 @@ export function registerServe(program: Command): void {
       // Run by the resident engine (the client sent it there): hosted.
       const request = currentRequest();
       if (request) return hostInEngine(request, { home, specs, prepared, metricsOn, detach: opts.detach, logPath: resolve(opts.log ?? join(store.dir, 'serve.log')), banner });
-      if (opts.detach) return detach(store.dir, opts.log);
+      if (opts.detach) {
+        (await import('../home.js')).makeHome(home);
+        return detach(store.dir, opts.log);
+      }
       const { takeServeLock, releaseServeLock } = await import('../serve/lock.js');
       const lock = takeServeLock(home, false);
       // Listening from the moment the lock names this process: `serve stop`

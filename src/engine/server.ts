@@ -25,11 +25,11 @@
  *  - spares/: state directories made ahead for registrations (registry.ts
  *    enableSpareStateDirs).
  */
-import { appendFileSync, chmodSync, closeSync, existsSync, ftruncateSync, lstatSync, mkdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { appendFileSync, chmodSync, closeSync, existsSync, ftruncateSync, lstatSync, mkdirSync, realpathSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join, resolve } from 'node:path';
-import { enginePaths } from '../home.js';
+import { enginePaths, makeHome, refuseUnsafeHome } from '../home.js';
 import { ms as roundMs } from '../commands/json.js';
 import { addon } from '../native.js';
 import { AppshotError, ExitCode, printable } from '../errors.js';
@@ -165,6 +165,10 @@ export class Engine {
   async start(): Promise<void> {
     const dir = this.paths.dir;
     if (this.opts.onDemand && !existsSync(this.opts.home)) throw new AppshotError(`${this.opts.home} is gone: no engine for it`, ExitCode.notFound);
+    // The state directory checked (and made) before anything is made in
+    // it: the CLI's own check took one not there yet, which another user
+    // may make first in a sticky directory (review 242).
+    makeHome(this.opts.home);
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     const st = lstatSync(dir);
     if (!st.isDirectory() || st.uid !== this.uid)
@@ -392,6 +396,18 @@ export class Engine {
     const difference = contextDifference(ownContext(), peerPid);
     if (difference) {
       socket.end(frame(Frame.REFUSED, Buffer.from(`the client runs in another context than the engine: ${difference}`)));
+      return;
+    }
+    // The state directory the client named is this engine's, and one the
+    // client's own check would take: a socket reached through a link (in
+    // a directory another user can change) would otherwise have root's
+    // command act on whichever of root's state directories that user
+    // chose (review 242). Refused, the client runs the command itself,
+    // which says why.
+    const named = typeof msg.env?.APPSHOT_HOME === 'string' && msg.env.APPSHOT_HOME ? msg.env.APPSHOT_HOME : undefined;
+    const otherHome = named !== undefined ? notThisHome(resolve(typeof msg.cwd === 'string' ? msg.cwd : '/', named), this.opts.home) : undefined;
+    if (otherHome) {
+      socket.end(frame(Frame.REFUSED, Buffer.from(otherHome)));
       return;
     }
     // A hosted serve reads its APPSHOT_* settings (test knobs, debug
@@ -691,4 +707,17 @@ export async function serveEngine(opts: EngineOptions): Promise<number> {
 export function idleSecondsFromEnv(): number {
   const v = Number(process.env.APPSHOT_ENGINE_IDLE ?? 60);
   return Number.isFinite(v) && v > 0 ? v : 60;
+}
+
+/** Why the state directory a client named, `named`, is not to be served
+ * by the engine of `home`: another user can change it or a step on the
+ * way (home.ts refuseUnsafeHome), or it is another directory. */
+function notThisHome(named: string, home: string): string | undefined {
+  try {
+    refuseUnsafeHome(named);
+    if (realpathSync(named) !== realpathSync(home)) return `the client's state directory ${named} is not the engine's (${home})`;
+    return undefined;
+  } catch (e) {
+    return (e as Error).message;
+  }
 }

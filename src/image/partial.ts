@@ -12,13 +12,12 @@
  *    application, which the next command finishes (snapshot/ending.ts),
  *    not removes.
  */
-import { chmodSync, mkdirSync, readdirSync, readFileSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
-import { AppshotError } from '../errors.js';
 import { currentHolder, holderAlive } from '../holder.js';
 import { defaultHome } from '../registry.js';
-import { makeHome, othersMayChange, ownership } from '../home.js';
+import { makeHome, refuseUnsafeDirectory } from '../home.js';
 
 /** KIND-PID-START-RANDOM, or KIND-PID-START-rLEASE-RANDOM for a request
  * of the engine (holder.ts): owned by the request, not the process. */
@@ -53,7 +52,7 @@ export interface PartialDir {
 export function makePartialDir(path: string, home = defaultHome()): PartialDir {
   const full = resolve(path);
   if (!PARTIAL_NAME.test(basename(full))) throw new Error(`not a partial directory's name: ${full}`);
-  refuseDirectoryOthersChange(dirname(full));
+  refuseUnsafeDirectory(dirname(full));
   const entry = ownedName('partial', home);
   writeFileSync(entry, full, { mode: 0o600 });
   try {
@@ -106,33 +105,4 @@ export function removeStaleTemporaries(home = defaultHome()): boolean {
  * tried again each time (ending.ts). */
 export async function settleKilledCommands(home = defaultHome(), opts: { lookOnly?: boolean } = {}): Promise<void> {
   if (removeStaleTemporaries(home)) await (await import('../snapshot/ending.js')).recoverEndings(home, opts);
-}
-
-/**
- * An image, a template or a base is written into `dir` by name, step by
- * step (its partial directory made, given its mode, filled, renamed): a
- * user who may rename or remove entries of `dir`, or of a directory above
- * it, could swap a name for a link between two steps and have appshot
- * (root, say) change, make or remove a file elsewhere (fuzz34 F0: root
- * chmod'ed a root-only file 0755 and deleted a file of another directory
- * through a nobody-owned output directory). So every directory from `dir`
- * up to / must be this user's or root's, and writable by no one else
- * unless sticky (/tmp: only an entry's owner may rename it); group-writable
- * is taken when the group is this user's own (a user private group).
- */
-export function refuseDirectoryOthersChange(dir: string): void {
-  let real: string;
-  try {
-    real = realpathSync(dir);
-  } catch {
-    return; // not there: the making of the partial directory says so
-  }
-  for (let d = real; ; d = dirname(d)) {
-    const st = statSync(d);
-    if (othersMayChange(st, true))
-      throw new AppshotError(
-        `cannot write into ${dir}: ${d === real ? 'it' : `${d}, a directory above it,`} can be changed by another user (${ownership(st)}), who could swap a name there for a link while appshot writes; choose a directory only you${(process.geteuid?.() ?? 0) === 0 ? '' : ' and root'} can change`,
-      );
-    if (d === '/') break;
-  }
 }

@@ -13,6 +13,7 @@ import { descriptorLinks } from '../procfs.js';
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
+import { makeHome } from '../home.js';
 
 export const serveLockPath = (home: string) => join(home, 'services', 'serve.lock');
 
@@ -49,6 +50,7 @@ export function serveLockTaken(home: string): { pid: number; engine: boolean } |
 /** Takes the lock (its descriptor: close it to let go), or throws the one
  * line a second serve is refused with. */
 export function takeServeLock(home: string, engine: boolean): number {
+  makeHome(home);
   mkdirSync(join(home, 'services'), { recursive: true, mode: 0o700 });
   const fd = addon().tryLockFile(serveLockPath(home));
   if (fd < 0) {

@@ -15,6 +15,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, renameS
 import { join, relative, resolve } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { checkAid, defaultHome, LocalRegistry } from '../registry.js';
+import { makeHome } from '../home.js';
 
 export type ServiceMode = 'restore' | 'clone';
 
@@ -231,6 +232,13 @@ export class ServiceStore {
     this.dir = join(home, 'services');
   }
 
+  /** The services' directory, made if need be, its state directory
+   * checked (and made) first (home.ts makeHome). */
+  private makeDir(dir = this.dir): void {
+    makeHome(this.home);
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+  }
+
   private file(name: string): string {
     return join(this.dir, `${name}.json`);
   }
@@ -241,7 +249,7 @@ export class ServiceStore {
   }
 
   add(spec: ServiceSpec): void {
-    mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    this.makeDir();
     const file = this.file(spec.name);
     for (const other of this.list())
       for (const p of spec.ports)
@@ -328,7 +336,7 @@ export class ServiceStore {
 
   writeState(state: ServiceState): void {
     const dir = this.workDir(state.service);
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    this.makeDir(dir);
     const file = join(dir, 'state.json');
     writeFileSync(`${file}.tmp`, JSON.stringify(state, null, 2) + '\n');
     renameSync(`${file}.tmp`, file);

@@ -21,7 +21,8 @@ import { classify } from '../template/classify.js';
 import { parseRules } from '../template/rules.js';
 import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar } from '../image/format.js';
 import { recordWritten, writtenIdentity } from '../image/written.js';
-import { makePartialDir, type PartialDir, refuseDirectoryOthersChange } from '../image/partial.js';
+import { makePartialDir, type PartialDir } from '../image/partial.js';
+import { refuseUnsafeDirectory } from '../home.js';
 import { EndingJournal } from './ending.js';
 import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
@@ -869,7 +870,7 @@ function checkOutputPlace(output: string, given: string): void {
     throw new AppshotError(`no such directory: ${dirname(given)}`, ExitCode.notFound);
   }
   if (!parent.isDirectory()) throw new AppshotError(`not a directory: ${dirname(given)}`, ExitCode.usage);
-  refuseDirectoryOthersChange(dirname(output));
+  refuseUnsafeDirectory(dirname(output));
 }
 
 /**
