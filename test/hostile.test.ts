@@ -11,7 +11,7 @@
  * itself can be what is refused.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statfsSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -527,6 +527,44 @@ describe('hostile tar streams', () => {
       const stream = await tarOf(goodParts());
       const r = spawnSync(process.execPath, [cli, 'restore', '-'], { env, input: gzipSync(stream), encoding: 'utf8' });
       expect(r.stderr).toMatch(new RegExp(`^appshot: no room to unpack standard input in ${join(fs, 'home', 'tmp')}: open \\S+/manifest\\.pb: no space left on device \\(ENOSPC\\)\n$`));
+      expect(r.status).toBe(1);
+      expect(readdirSync(join(fs, 'home', 'tmp'))).toEqual([]);
+    } finally {
+      spawnSync('umount', [fs]);
+      rmSync(fs, { recursive: true, force: true });
+    }
+  });
+
+  it('inspect checks a stream\'s page file as it goes by and writes none of it (review 242: a few KiB of compressed zeros claiming gigabytes filled the disk); restore still needs the room', async () => {
+    const fs = mkdtempSync(join(tmpdir(), 'appshot-streamed-'));
+    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m,mode=0755', 'tmpfs', fs], { encoding: 'utf8' });
+    expect(mounted.status, `mounting a small tmpfs (the tests run as root): ${mounted.stderr}`).toBe(0);
+    try {
+      const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_HOME: join(fs, 'home') };
+      mkdirSync(join(fs, 'home', 'tmp'), { recursive: true });
+      for (const args of [['key', 'export'], ['ps']]) expect(spawnSync(process.execPath, [cli, ...args], { env }).status).toBe(0);
+      // Room left for the manifest and image.pb, not for half the page file.
+      const pagesSize = statSync(join(good, 'pages.img')).size;
+      const st = statfsSync(fs);
+      const keep = Math.floor(pagesSize / 2);
+      writeFileSync(join(fs, 'fill'), Buffer.alloc(Math.max(0, st.bavail * st.bsize - keep)));
+      expect(statfsSync(fs).bavail * st.bsize).toBeLessThan(pagesSize);
+      const stream = gzipSync(await tarOf(goodParts()));
+      const shown = spawnSync(process.execPath, [cli, 'inspect', '-'], { env, input: stream, encoding: 'utf8' });
+      expect(shown.stderr).toBe('');
+      // (Another node's key: the tmpfs's state directory has its own.)
+      expect(shown.stdout).toMatch(/signed by key [0-9a-f]{16}/);
+      expect(shown.status).toBe(0);
+      // Checked all the same: a byte changed in the page file is refused.
+      const pages = readFileSync(join(good, 'pages.img'));
+      pages[pages.length - 100] ^= 0x01;
+      const changed = gzipSync(await tarOf([part('manifest.pb'), part('image.pb'), { header: { name: 'pages.img', mode: 0o600 }, data: pages }]));
+      const refused = spawnSync(process.execPath, [cli, 'inspect', '-'], { env, input: changed, encoding: 'utf8' });
+      expect(refused.stderr).toMatch(/^appshot: corrupt image: checksum of pages\.img does not match its manifest \(chunk \d+, bytes \d+-\d+\)\n$/);
+      expect(refused.status).toBe(1);
+      // A restore needs the page data itself: short of room, said so.
+      const r = spawnSync(process.execPath, [cli, 'restore', '-', '--trust-image'], { env, input: stream, encoding: 'utf8' });
+      expect(r.stderr).toMatch(/^appshot: pages\.img in standard input is \d+ bytes; \S+ has room for \d+\n$/);
       expect(r.status).toBe(1);
       expect(readdirSync(join(fs, 'home', 'tmp'))).toEqual([]);
     } finally {

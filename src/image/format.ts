@@ -17,6 +17,7 @@ import {
   createReadStream,
   createWriteStream,
   existsSync,
+  ftruncateSync,
   linkSync,
   fstatSync,
   lstatSync,
@@ -220,7 +221,7 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     syncDir(tmp);
     killPoint('image: committing');
     beforePlacing?.(tmp);
-    renameSync(tmp, dest);
+    placeNoReplace(tmp, dest);
     partial.done();
     syncDir(parent);
     recordWritten(written, imageId, pagesPart.chunks);
@@ -228,6 +229,22 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     rmSync(tmp, { recursive: true, force: true });
     partial.done();
     throw e;
+  }
+}
+
+/** Renames the staged directory `tmp` to `dest`, which must not exist:
+ * checked before the snapshot began, an empty directory made there since
+ * would be replaced by rename(2) without a word (review 242), so the
+ * kernel is asked not to (RENAME_NOREPLACE), but on a file system that
+ * cannot (EINVAL). */
+function placeNoReplace(tmp: string, dest: string): void {
+  try {
+    addon().renameNoReplace(tmp, dest);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') throw new AppshotError(`${dest} already exists: it appeared while the image was written; an image never replaces one`, ExitCode.conflict);
+    if (code !== 'EINVAL') throw e;
+    renameSync(tmp, dest);
   }
 }
 
@@ -737,7 +754,7 @@ async function withExtractionDir(body: (dir: string) => Promise<void>): Promise<
  * them, or a writer that keeps the stream open, is not waited for; and no
  * more than HEADER_SLACK bytes may pass between two parts (a stream of
  * zeros, which the parser would skip for ever: fuzz34 F2). */
-async function extractTar(input: NodeJS.ReadableStream, what: string, trust: LoadOptions['trust']): Promise<string> {
+async function extractTar(input: NodeJS.ReadableStream, what: string, trust: LoadOptions['trust']): Promise<Extracted> {
   try {
     return await extractTarInto(input, what, trust);
   } catch (e) {
@@ -757,8 +774,17 @@ async function extractTar(input: NodeJS.ReadableStream, what: string, trust: Loa
   }
 }
 
-async function extractTarInto(input: NodeJS.ReadableStream, what: string, trust: LoadOptions['trust']): Promise<string> {
-  return withExtractionDir(async (dir) => {
+/** Where a tar stream was unpacked; `pagesStreamed`: its page file was
+ * checked as it went by and is there only as a hole of its size
+ * (StreamedPagesCheck). */
+interface Extracted {
+  dir: string;
+  pagesStreamed: boolean;
+}
+
+async function extractTarInto(input: NodeJS.ReadableStream, what: string, trust: LoadOptions['trust']): Promise<Extracted> {
+  let pagesStreamed = false;
+  const dir = await withExtractionDir(async (dir) => {
     const extract = (await loadTar()).extract();
     // Bytes read, and where the last part ended (or the stream began).
     let read = 0;
@@ -776,6 +802,7 @@ async function extractTarInto(input: NodeJS.ReadableStream, what: string, trust:
     const feeding = pipeline(input, counted, extract).catch((e: Error) => e);
     const seen = new Set<string>();
     let listed: Map<string, number> | undefined;
+    let checked: ReturnType<typeof checkManifest> | undefined;
     let failure: Error | undefined;
     try {
       for await (const entry of extract) {
@@ -788,19 +815,33 @@ async function extractTarInto(input: NodeJS.ReadableStream, what: string, trust:
         seen.add(name);
         if (size > PART_CEILING[name]) throw new AppshotError(`corrupt image: ${name} in ${what} is ${size} bytes, more than appshot accepts (${PART_CEILING[name]})`);
         if (listed && listed.get(name) !== size) throw new AppshotError(`corrupt image: ${name} in ${what} is ${size} bytes; its manifest says ${listed.get(name)}`);
+        // Only looked at (inspect): the page file is checked as it goes
+        // by, not written, so that a few KiB of compressed zeros claiming
+        // gigabytes cost no disk (review 242), nor a large image's inspect
+        // its size in temporary space. A hole of its size stands for it.
+        const streamed = trust === 'report' && name === PARTS.pages && checked ? new StreamedPagesCheck(checked, what) : undefined;
         const fs = statfsSync(dir);
-        if (size > fs.bavail * fs.bsize) throw new AppshotError(`${name} in ${what} is ${size} bytes; ${dir} has room for ${fs.bavail * fs.bsize}`);
+        if (!streamed && size > fs.bavail * fs.bsize) throw new AppshotError(`${name} in ${what} is ${size} bytes; ${dir} has room for ${fs.bavail * fs.bsize}`);
         const fd = openSync(join(dir, name), fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
         const kept: Buffer[] = [];
         try {
           for await (const chunk of entry) {
-            writeSync(fd, chunk as Buffer);
+            if (streamed) streamed.update(chunk as Buffer);
+            else writeSync(fd, chunk as Buffer);
             if (!listed) kept.push(chunk as Buffer);
+          }
+          if (streamed) {
+            streamed.finish();
+            ftruncateSync(fd, size);
+            pagesStreamed = true;
           }
         } finally {
           closeSync(fd);
         }
-        if (!listed) listed = new Map(checkManifest(Buffer.concat(kept), what, trust).manifest.parts.map((p) => [p.name, Number(p.size)]));
+        if (!listed) {
+          checked = checkManifest(Buffer.concat(kept), what, trust);
+          listed = new Map(checked.manifest.parts.map((p) => [p.name, Number(p.size)]));
+        }
         inPart = false;
         between = read;
         if (LISTED_PARTS.every((p) => seen.has(p))) break;
@@ -820,6 +861,62 @@ async function extractTarInto(input: NodeJS.ReadableStream, what: string, trust:
     if (failure) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream (${failure.message})`);
     if (!LISTED_PARTS.every((p) => seen.has(p))) throw new AppshotError(`corrupt image: ${what} is not a complete tar stream${fed ? ` (${fed.message})` : ''}`);
   });
+  return { dir, pagesStreamed };
+}
+
+/**
+ * A page file checked as its tar stream goes by, against its manifest, as
+ * loadImage checks one on disk: by its chunk table (format 3), else by its
+ * CRC-32C and, if a trusted key signed the manifest, its SHA-256.
+ */
+class StreamedPagesCheck {
+  private readonly part: Manifest['parts'][number];
+  private readonly chunked: boolean;
+  private readonly chunkSize: number;
+  private readonly whole = createHash('sha256');
+  private chunk = createHash('sha256');
+  private inChunk = 0;
+  private chunks = 0;
+  private crc = 0;
+  constructor(
+    private readonly checked: ReturnType<typeof checkManifest>,
+    private readonly what: string,
+  ) {
+    this.part = checked.manifest.parts.find((p) => p.name === PARTS.pages)!;
+    this.chunked = checked.manifest.formatVersion >= CHUNKED_FORMAT;
+    this.chunkSize = this.part.chunkSize ?? 0;
+  }
+  update(data: Buffer): void {
+    if (!this.chunked) {
+      this.crc = addon().crc32c(data, this.crc);
+      this.whole.update(data);
+      return;
+    }
+    for (let at = 0; at < data.length; ) {
+      const n = Math.min(data.length - at, this.chunkSize - this.inChunk);
+      this.chunk.update(data.subarray(at, at + n));
+      this.inChunk += n;
+      at += n;
+      if (this.inChunk === this.chunkSize) this.endChunk();
+    }
+  }
+  private endChunk(): void {
+    const digest = this.chunk.digest();
+    const listed = this.part.chunkSha256.subarray(this.chunks * SHA256_BYTES, (this.chunks + 1) * SHA256_BYTES);
+    if (!digest.equals(listed)) throw pagesCheckFailure(this.chunks, this.chunkSize, 0);
+    this.chunks++;
+    this.chunk = createHash('sha256');
+    this.inChunk = 0;
+  }
+  finish(): void {
+    if (this.chunked) {
+      if (this.inChunk) this.endChunk();
+      return;
+    }
+    if (this.crc !== this.part.crc32c) throw new AppshotError(`corrupt image: checksum of ${PARTS.pages} in ${this.what} does not match`);
+    if (this.checked.signer.trusted && (this.part.sha256.length !== 32 || !this.whole.digest().equals(this.part.sha256)))
+      throw new AppshotError(`corrupt image: SHA-256 of ${PARTS.pages} in ${this.what} does not match its signed manifest`);
+  }
 }
 
 /** Why an image file could not be opened, in words. */
@@ -1119,8 +1216,11 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   removeStaleTemporaries();
   let dir = path;
   let temporary = false;
+  // Checked as it was unpacked (inspect of a tar stream): only its size
+  // is looked at here.
+  let pagesStreamed = false;
   if (path === '-') {
-    dir = await extractTar(await decompressedStream(process.stdin, 'standard input'), 'standard input', opts.trust);
+    ({ dir, pagesStreamed } = await extractTar(await decompressedStream(process.stdin, 'standard input'), 'standard input', opts.trust));
     temporary = true;
   } else {
     let st;
@@ -1132,7 +1232,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     if (opts.directoryOnly && !st.isDirectory()) {
       throw new AppshotError(`not an appshot image: ${path} is not a directory`);
     } else if (st.isFile()) {
-      dir = await extractTar(openImageFile(path), path, opts.trust);
+      ({ dir, pagesStreamed } = await extractTar(openImageFile(path), path, opts.trust));
       temporary = true;
     } else if (!st.isDirectory()) {
       throw new AppshotError(`not an appshot image: ${path} is neither a directory nor a tar file`);
@@ -1171,7 +1271,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
         if (mustBeOwned) checkOwner(fstatSync(fd), join(dir, part.name));
         identity.push(fileIdentity(fstatSync(fd, { bigint: true })));
         if (BigInt(size) !== part.size) throw new AppshotError(`corrupt image: ${part.name} is ${size} bytes, expected ${part.size} (truncated?)`);
-        const quick = opts.sizeOnly && part.name === PARTS.pages;
+        const quick = (opts.sizeOnly || pagesStreamed) && part.name === PARTS.pages;
         const byChunks = chunked && part.name === PARTS.pages;
         let d: PartDigest;
         if (byChunks) {
