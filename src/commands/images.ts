@@ -48,22 +48,40 @@ export interface ImagesResult {
 const STREAM_FILE = /\.(tar|tar\.gz|tgz|tar\.zst|tzst)$/;
 
 /** Bytes of every regular file under `dir` (an image's parts, a template's
- * private copies), without following links. */
+ * private copies; `dir` is a directory's descriptor's /proc/self/fd/N),
+ * without following links: each directory beneath it is opened with
+ * O_NOFOLLOW through its parent's descriptor and read through its own,
+ * so that one swapped for a link to / meanwhile is not walked (review
+ * 242: a root listing walked the whole file system by path). Walked with
+ * a stack, not by recursion, holding a descriptor per level: a directory
+ * nested thousands deep (fuzz34 F3) ends in EMFILE, listed as the
+ * entry's error, not in a stack overflow. */
 function diskBytes(dir: string, stopAs?: string): number {
   let total = 0;
-  // Walked with a list, not by recursion: a directory nested thousands
-  // deep (fuzz34 F3) ends in ENAMETOOLONG, listed as the entry's error,
-  // not in a stack overflow.
-  const pending = [dir];
-  for (let d = pending.pop(); d !== undefined; d = pending.pop()) {
-    const names = readdirSync(d);
+  const stack: { fd: number; names: string[]; next: number }[] = [];
+  const enter = (path: string, follow: boolean) => {
+    const level = { fd: openSync(path, constants.O_RDONLY | constants.O_DIRECTORY | (follow ? 0 : constants.O_NOFOLLOW)), names: [] as string[], next: 0 };
+    stack.push(level);
+    level.names = readdirSync(`/proc/self/fd/${level.fd}`);
+  };
+  try {
+    enter(dir, true);
     // Where a test removes a part listed but not yet looked at (ENOENT).
-    if (stopAs !== undefined && d === dir) killPoint(`images: sizing ${stopAs}`);
-    for (const name of names) {
-      const st = lstatSync(join(d, name));
-      if (st.isDirectory()) pending.push(join(d, name));
+    if (stopAs !== undefined) killPoint(`images: sizing ${stopAs}`);
+    while (stack.length) {
+      const top = stack[stack.length - 1];
+      if (top.next === top.names.length) {
+        closeSync(top.fd);
+        stack.pop();
+        continue;
+      }
+      const at = `/proc/self/fd/${top.fd}/${top.names[top.next++]}`;
+      const st = lstatSync(at);
+      if (st.isDirectory()) enter(at, false);
       else if (st.isFile()) total += st.size;
     }
+  } finally {
+    for (const level of stack) closeSync(level.fd);
   }
   return total;
 }
