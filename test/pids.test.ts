@@ -1047,6 +1047,29 @@ describe('a raw thread made by glibc\'s clone() with CLONE_THREAD | CLONE_PARENT
   });
 });
 
+describe('a thread and a CLONE_VM process made by syscall(SYS_clone) with a stack, not glibc\'s clone()', () => {
+  // The call went to the kernel as given: the caller got the system TID
+  // (and found it at parent_tid and child_tid), and the child returned
+  // through the library's compiled frame on its new stack, not by the
+  // bare `ret` glibc's syscall() makes there (the fixture's child ran on
+  // as its parent). The fixture compares each id the call hands back with
+  // the one the child sees as its own, at the start and, asked by SIGHUP,
+  // after a restore under new system ids.
+  const images = scratchDir('appshot-rawclone-');
+
+  it('returns the virtual id, finds it at parent_tid and child_tid, and starts the child where glibc\'s syscall() would', async () => {
+    const aid = 'rawclone';
+    await start(aid, [fixture('rawclone')]);
+    await waitFor(() => /^(CHECK ok|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the first check of rawclone');
+    expect(/^(CHECK ok|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('CHECK ok');
+    const image = join(images, aid);
+    await ok(['snapshot', aid, '-o', image]);
+    await ok(['restore', image]);
+    await exercised(aid, 'to clone by syscall() again, restored');
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+  });
+});
+
 describe('a SIGCHLD taken after waitpid reaped its child', () => {
   // The reap took the child's entry from the tables, and si_pid was
   // translated to 0 (M5). The fixture blocks SIGCHLD, reaps a child, then

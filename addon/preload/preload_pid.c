@@ -386,12 +386,148 @@ static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
    CLONE_VFORK | CLONE_SETTLS | CLONE_PARENT_SETTID | CLONE_CHILD_SETTID | \
    CLONE_CHILD_CLEARTID | CLONE_PIDFD | CLONE_PARENT | CLONE_PTRACE)
 
+/* A raw clone with CLONE_CHILD_SETTID in memory the child shares: the
+ * child, before it leaves our code, waits for the virtual id its parent
+ * maps and writes it over the system id the kernel left at child_tid
+ * (as thread_child does for the clone() wrapper). It lies just below the
+ * child's stack, which nothing else uses before the child runs, and holds
+ * everything the child's few instructions need ready made: the child
+ * runs no C (it may be on a thread pointer of its own, or none), uses no
+ * stack, and writes child_tid by process_vm_writev (a bad address, which
+ * the kernel let pass, is no fault here either). The offsets are the
+ * assembly's below. */
+struct raw_clone_slot {
+  struct iovec here;  /* 0: vtid, 4 bytes */
+  struct iovec there; /* 16: the caller's child_tid word */
+  uint64_t mask;      /* 32: the child's signal mask, the caller's */
+  int32_t vtid;       /* 40: 0 until published, -1 for none */
+  int32_t pad;
+};
+_Static_assert(offsetof(struct raw_clone_slot, here) == 0 && offsetof(struct raw_clone_slot, there) == 16 &&
+                   offsetof(struct raw_clone_slot, mask) == 32 && offsetof(struct raw_clone_slot, vtid) == 40 &&
+                   sizeof(struct raw_clone_slot) == 48,
+               "raw_clone_on_stack reads the slot at these offsets");
+
+/* The clone system call (flags, stack, parent_tid, child_tid, tls),
+ * returning in the child exactly as glibc's syscall() does: a bare `ret`
+ * on the stack the child was given, which pops the address the caller
+ * put at its top (a program that clones by syscall() with a stack can
+ * only work so). Compiled C after the system call would instead pop its
+ * saved registers and return address off that stack. With `slot`, the
+ * child first waits there for its virtual id, writes it at child_tid
+ * and lets its signals in. -errno on failure, in the parent. */
+#define ASM_NUMBER_(x) #x
+#define ASM_NUMBER(x) ASM_NUMBER_(x) /* a macro's number, in assembly text */
+HIDDEN long raw_clone_on_stack(long flags, long stack, long ptid, long ctid, long tls, struct raw_clone_slot *slot);
+__asm__(".text\n"
+        ".globl raw_clone_on_stack\n"
+        ".hidden raw_clone_on_stack\n"
+        ".type raw_clone_on_stack, @function\n"
+        "raw_clone_on_stack:\n"
+        ".cfi_startproc\n"
+        "  mov %rcx, %r10\n"
+        "  mov $" ASM_NUMBER(SYS_clone) ", %eax\n"
+        "  syscall\n"
+        "  test %rax, %rax\n"
+        "  jz 1f\n"
+        "  ret\n"                 /* the parent, or an error */
+        "1:test %r9, %r9\n"       /* the child: registers as the parent's */
+        "  jz 4f\n"
+        "  mov %r9, %rbx\n"       /* syscall keeps rbx; the child's entry saves none */
+        "2:mov 40(%rbx), %eax\n"
+        "  test %eax, %eax\n"
+        "  jnz 3f\n"
+        "  mov $" ASM_NUMBER(SYS_sched_yield) ", %eax\n"
+        "  syscall\n"
+        "  jmp 2b\n"
+        "3:jl 5f\n"               /* -1: no virtual id, the kernel's stays */
+        "  mov $" ASM_NUMBER(SYS_getpid) ", %eax\n"
+        "  syscall\n"
+        "  mov %rax, %rdi\n"
+        "  mov %rbx, %rsi\n"
+        "  mov $1, %edx\n"
+        "  lea 16(%rbx), %r10\n"
+        "  mov $1, %r8d\n"
+        "  xor %r9d, %r9d\n"
+        "  mov $" ASM_NUMBER(SYS_process_vm_writev) ", %eax\n"
+        "  syscall\n"
+        "5:mov $" ASM_NUMBER(SYS_rt_sigprocmask) ", %eax\n"
+        "  mov $" ASM_NUMBER(SIG_SETMASK) ", %edi\n"
+        "  lea 32(%rbx), %rsi\n"
+        "  xor %edx, %edx\n"
+        "  mov $8, %r10d\n"
+        "  syscall\n"
+        "4:ret\n"                 /* into the caller's entry, on its stack */
+        ".cfi_endproc\n"
+        ".size raw_clone_on_stack, .-raw_clone_on_stack\n");
+
+/* syscall(SYS_clone) with a stack: a thread, or a process sharing our
+ * memory or not, that returns in the child on that stack. Before, it went
+ * to the kernel as given and the caller got the system TID (and found it
+ * at parent_tid and child_tid), where glibc's clone() wrapper gives the
+ * virtual one; and the child, returning through our compiled frame on
+ * its new stack, did not return where glibc's syscall() would. Mapped
+ * here as the clone() wrapper maps its children (a thread as the
+ * caller's, anything else as a child process), the caches and window
+ * marks shared as there. A child with CLONE_VFORK is not waited for at
+ * child_tid: the caller stays in the call until it execs or exits.
+ * Not covered: a child without CLONE_VM runs on with its parent's cached
+ * ids (nothing of ours runs in it), as before. */
+static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tls) {
+  ID_WINDOW();
+  pid_t parent = self_spid();
+  self_vpid(); /* mapped before our children look for us (see do_fork) */
+  if (flags & CLONE_VM) __atomic_store_n(&g_nocache, 1, __ATOMIC_RELAXED);
+  if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS)) __atomic_store_n(&g_tls_shared, 1, __ATOMIC_SEQ_CST);
+  struct raw_clone_slot *slot = NULL;
+  sigset_t all, saved;
+  if ((flags & CLONE_VM) && (flags & CLONE_CHILD_SETTID) && ctid && !(flags & CLONE_VFORK)) {
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    struct raw_clone_slot s;
+    memset(&s, 0, sizeof s);
+    slot = (struct raw_clone_slot *)(((uintptr_t)stack - sizeof s) & ~(uintptr_t)15);
+    s.here = (struct iovec){&slot->vtid, sizeof slot->vtid};
+    s.there = (struct iovec){(void *)ctid, sizeof(pid_t)};
+    memcpy(&s.mask, &saved, sizeof s.mask);
+    /* Written as the kernel would: a stack the kernel is left to fault
+     * on is no fault of ours; the child then keeps the kernel's id. */
+    struct iovec here = {&s, sizeof s}, there = {slot, sizeof s};
+    if (SYS6(process_vm_writev, SYS0(getpid), &here, 1, &there, 1, 0) != (long)sizeof s) {
+      slot = NULL;
+      pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    }
+  }
+  long id = raw_clone_on_stack(flags, stack, ptid, ctid, tls, slot);
+  long ret = id;
+  if (id > 0) {
+    int32_t v;
+    if (flags & CLONE_THREAD) {
+      v = appshot_map_system(g_h, APPSHOT_PID, (pid_t)id, APPSHOT_F_THREAD, parent);
+      if (v >= 0) appshot_set_flags(g_h, APPSHOT_PID, parent, APPSHOT_F_THREADS);
+    } else {
+      v = appshot_map_system(g_h, APPSHOT_PID, (pid_t)id, 0, 0);
+    }
+    if (v >= 0) {
+      if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid) replace_id_as_kernel((pid_t *)ptid, (pid_t)id, v);
+      ret = v;
+    }
+    /* The child may run on and reuse its stack from here on. */
+    if (slot) __atomic_store_n(&slot->vtid, v > 0 ? v : -1, __ATOMIC_RELEASE);
+  }
+  if (slot) pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  return libc_ret(ret);
+}
+
 /* clone as a system call (syscall(SYS_clone, ...)): no stack and none of
  * NOT_A_FORK is a fork (into new namespaces, maybe), which the child's and
- * parent's tables must agree on; other uses go to the kernel as given. */
+ * parent's tables must agree on; with a stack, clone_on_stack; other uses
+ * (CLONE_VM without a stack: the child on the caller's) go to the kernel
+ * as given. */
 long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls) {
   if (ns_refused((unsigned long)flags)) return -1;
   if (stack == 0 && !(flags & NOT_A_FORK)) return do_raw_fork(SYS_clone, flags, 0, 0);
+  if (stack != 0) return clone_on_stack(flags, stack, ptid, ctid, tls);
   return libc_ret(appshot_raw_syscall(SYS_clone, flags, stack, ptid, ctid, tls, 0));
 }
 
