@@ -1070,6 +1070,18 @@ describe('a thread and a CLONE_VM process made by syscall(SYS_clone) with a stac
   });
 });
 
+describe('readlink of /proc\'s own links by names with ".." or through a directory symlinked to /proc', () => {
+  // "../proc/self" under a descriptor of /proc, "/tmp/../proc/thread-self"
+  // or "<dir linked to /proc>/self" reach the same links the plain names
+  // do, but only the plain names' answers were made virtual.
+  it('answers with the virtual ids, and leaves a user\'s link whose text is a number as written', async () => {
+    const aid = 'procdots';
+    await start(aid, [fixture('procdots')]);
+    await waitFor(() => /^(PROCDOTS OK|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the verdict of procdots');
+    expect(/^(PROCDOTS OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PROCDOTS OK');
+  });
+});
+
 describe('a SIGCHLD taken after waitpid reaped its child', () => {
   // The reap took the child's entry from the tables, and si_pid was
   // translated to 0 (M5). The fixture blocks SIGCHLD, reaps a child, then
