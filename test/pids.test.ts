@@ -1102,6 +1102,27 @@ describe('a SIGCHLD taken after waitpid reaped its child', () => {
   });
 });
 
+describe('a late SIGCHLD in a process that shares its memory with another (clone(CLONE_VM | SIGCHLD), not a thread)', () => {
+  // The pairs of reaped children live in process memory, which such a
+  // process shares: the sharer's own reap emptied the ring and took it
+  // over, and the parent's late SIGCHLD named no child (0). The fixture
+  // reaps a child, lets a sharer reap one of its own, then takes its
+  // child's SIGCHLD, at the start and, asked by SIGHUP, after a restore.
+  const images = scratchDir('appshot-chldshared-');
+
+  it('still names the parent\'s child by its virtual PID, before and after a restore', async () => {
+    const aid = 'chldshared';
+    await start(aid, [fixture('chldshared')]);
+    await waitFor(() => /^(CHECK ok|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the first check of chldshared');
+    expect(/^(CHECK ok|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('CHECK ok');
+    const image = join(images, aid);
+    await ok(['snapshot', aid, '-o', image]);
+    await ok(['restore', image]);
+    await exercised(aid, 'to reap beside its sharer again, restored');
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+  });
+});
+
 describe('TIOCSPGRP of a group the application does not have, from the background of the controlling terminal', () => {
   // The library refused the group itself (EPERM) before the kernel's own
   // checks: a background caller was not stopped by SIGTTOU, an orphaned

@@ -513,6 +513,9 @@ HIDDEN pid_t self_vtid(void);
 /* After fork or clone, in the child: our ids are those of the new process
  * (vid 0: not known yet, learned when first asked). */
 HIDDEN void child_reset_ids(int32_t vid);
+/* Whether this memory is shared with another process, which shares the
+ * reaped ring too (preload_pid.c); child_reset_ids clears it. */
+extern int g_reaped_shared HIDDEN;
 
 /* --- Cross-file entry points (libc convention: -1 and errno) ------------- */
 

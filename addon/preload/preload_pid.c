@@ -275,6 +275,10 @@ API int setns(int fd, int nstype) {
   return (int)do_setns(fd, nstype);
 }
 
+/* A clone about to share our memory with a process (the reaped ring's,
+ * below). */
+static void reaped_shared_by(unsigned long flags);
+
 /* How a fork of fork_made_by's (below) is made: -errno on failure. */
 typedef long (*forker)(long nr, long a, long b);
 
@@ -479,6 +483,7 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
   self_vpid(); /* mapped before our children look for us (see do_fork) */
   if (flags & CLONE_VM) __atomic_store_n(&g_nocache, 1, __ATOMIC_RELAXED);
   if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS)) __atomic_store_n(&g_tls_shared, 1, __ATOMIC_SEQ_CST);
+  reaped_shared_by((unsigned long)flags);
   struct raw_clone_slot *slot = NULL;
   sigset_t all, saved;
   if ((flags & CLONE_VM) && (flags & CLONE_CHILD_SETTID) && ctid && !(flags & CLONE_VFORK)) {
@@ -528,6 +533,7 @@ long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls) {
   if (ns_refused((unsigned long)flags)) return -1;
   if (stack == 0 && !(flags & NOT_A_FORK)) return do_raw_fork(SYS_clone, flags, 0, 0);
   if (stack != 0) return clone_on_stack(flags, stack, ptid, ctid, tls);
+  reaped_shared_by((unsigned long)flags);
   return libc_ret(appshot_raw_syscall(SYS_clone, flags, stack, ptid, ctid, tls, 0));
 }
 
@@ -569,8 +575,10 @@ long do_clone3_syscall(long args, long size) {
     return libc_ret(appshot_raw_syscall(SYS_clone3, args, size, 0, 0, 0, 0));
   if (ns_refused(ca.flags)) return -1;
   if ((unsigned long)size > sizeof ca || ca.stack || (ca.flags & CLONE3_NOT_A_FORK) ||
-      (ca.flags & (CLONE_VM | CLONE_VFORK)) == CLONE_VM)
+      (ca.flags & (CLONE_VM | CLONE_VFORK)) == CLONE_VM) {
+    reaped_shared_by((unsigned long)ca.flags);
     return libc_ret(appshot_raw_syscall(SYS_clone3, args, size, 0, 0, 0, 0));
+  }
   ca.flags &= ~(uint64_t)CLONE_VM;
   return do_raw_fork(SYS_clone3, (long)&ca, (long)n,
                      (ca.flags & CLONE_PARENT_SETTID) ? ca.parent_tid : 0);
@@ -677,6 +685,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   self_vpid(); /* mapped before our children look for us (see do_fork) */
   if (flags & CLONE_VM)
     __atomic_store_n(&g_nocache, 1, __ATOMIC_RELAXED);
+  reaped_shared_by((unsigned long)flags);
   /* The child will share our thread pointer, and so our window marks,
    * from its first instruction on (preload.h, g_tls_shared). */
   if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS))
@@ -775,31 +784,80 @@ API pid_t getppid(void) {
  * SIGCHLD's si_pid when the tables miss. Process memory, not the tables:
  * a child's SIGCHLD goes to its parent, which reaps it. Each pair one
  * 64-bit word, written and read whole (lock-free, async-signal-safe, no
- * allocation). The ring is of the process whose system PID `owner` is: a
- * fork child (or a restore under other system ids) finds another, so
- * never takes its parent's (or the old node's) pairs, and empties it
- * before its first pair. */
+ * allocation).
+ *
+ * The ring is of one process: `owner` names it by its system PID and the
+ * restore generation it claimed the ring in (appshot_restore_generation),
+ * so a fork child (its own copy of the memory) or a restore (other system
+ * ids, the pairs' old) finds another and claims it afresh, never taking
+ * the pairs of its parent or of the old node. A claim is a compare-and-
+ * swap to a claiming mark, then the pairs emptied, then the owner
+ * published: of two claimers one wins, and a reader sees its own name
+ * only once the old pairs are gone. The loser (another thread of the
+ * same process in the same instant) notes nothing this once: never a
+ * wait, as a claimer may be the thread a handler interrupted.
+ *
+ * A process that shares its memory with another (a CLONE_VM child that
+ * is not a thread, g_reaped_shared) shares the ring with it too: neither
+ * takes it from the other while the owner is of this generation (a claim
+ * would empty the owner's pairs, and one in flight would land among the
+ * other's pairs: another process's children, which a reused system PID
+ * would name). The one that does not own it notes nothing, and its late
+ * SIGCHLD names no child (0, as before the ring), rather than another's.
+ * A writer that finds the owner changed under its store takes its pair
+ * back. */
 #define REAPED_RING 32u /* a power of two: the index wraps with the counter */
+#define REAPED_CLAIMING (1ull << 63)
 static uint64_t g_reaped[REAPED_RING];
 static uint32_t g_reaped_next;
-static int32_t g_reaped_owner;
+static uint64_t g_reaped_owner;
+/* Set for good, in the memory itself, once a process shares it with a
+ * child that is not a thread (CLONE_VM without CLONE_THREAD); a fork
+ * child's own copy starts without it (child_reset_ids). A CLONE_VFORK
+ * child is none: its parent waits until it execs or exits. */
+int g_reaped_shared;
+
+static void reaped_shared_by(unsigned long flags) {
+  if ((flags & (CLONE_VM | CLONE_THREAD | CLONE_VFORK)) == CLONE_VM && !__atomic_load_n(&g_reaped_shared, __ATOMIC_RELAXED))
+    __atomic_store_n(&g_reaped_shared, 1, __ATOMIC_SEQ_CST);
+}
+
+/* This process's name in `owner`. */
+static uint64_t reaped_me(void) {
+  uint64_t gen = (uint64_t)__atomic_load_n(&appshot_restore_generation, __ATOMIC_RELAXED) & 0x7fffffffu;
+  return gen << 32 | (uint32_t)self_spid();
+}
+
+/* Whether the ring is ours, claimed now if it may be. */
+static int reaped_claim(uint64_t me) {
+  uint64_t was = __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE);
+  if (was == me) return 1;
+  if (was == (me | REAPED_CLAIMING)) return 0; /* another of our threads */
+  /* 0: never claimed. */
+  if (was && __atomic_load_n(&g_reaped_shared, __ATOMIC_SEQ_CST) && (was & ~REAPED_CLAIMING) >> 32 == me >> 32) return 0;
+  if (!__atomic_compare_exchange_n(&g_reaped_owner, &was, me | REAPED_CLAIMING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    return 0;
+  for (uint32_t i = 0; i < REAPED_RING; i++) __atomic_store_n(&g_reaped[i], 0, __ATOMIC_RELAXED);
+  __atomic_store_n(&g_reaped_owner, me, __ATOMIC_RELEASE);
+  return 1;
+}
 
 static void reaped_note(pid_t vid, pid_t sid) {
-  int32_t me = (int32_t)self_spid();
-  if (__atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != me) {
-    /* Emptied before it is claimed: a reader that sees it ours sees
-     * none of the pairs it had before. */
-    for (uint32_t i = 0; i < REAPED_RING; i++) __atomic_store_n(&g_reaped[i], 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&g_reaped_owner, me, __ATOMIC_RELEASE);
-  }
+  uint64_t me = reaped_me();
+  if (!reaped_claim(me)) return;
+  uint64_t pair = ((uint64_t)(uint32_t)vid << 32) | (uint32_t)sid;
   uint32_t i = __atomic_fetch_add(&g_reaped_next, 1, __ATOMIC_RELAXED) % REAPED_RING;
-  __atomic_store_n(&g_reaped[i], ((uint64_t)(uint32_t)vid << 32) | (uint32_t)sid, __ATOMIC_RELEASE);
+  __atomic_store_n(&g_reaped[i], pair, __ATOMIC_SEQ_CST);
+  /* Claimed by another since the check: it may have emptied the ring
+   * before our store, so the pair is taken back (unless overwritten). */
+  if (__atomic_load_n(&g_reaped_owner, __ATOMIC_SEQ_CST) != me)
+    __atomic_compare_exchange_n(&g_reaped[i], &pair, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
 }
 
 /* The virtual PID of the child of system PID `sid` this process reaped
  * last, or 0. */
 static pid_t reaped_s2v(int32_t sid) {
-  if (sid <= 0 || __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != (int32_t)self_spid()) return 0;
+  if (sid <= 0 || __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != reaped_me()) return 0;
   uint32_t next = __atomic_load_n(&g_reaped_next, __ATOMIC_ACQUIRE);
   for (uint32_t k = 1; k <= REAPED_RING; k++) { /* the newest first */
     uint64_t e = __atomic_load_n(&g_reaped[(next - k) % REAPED_RING], __ATOMIC_ACQUIRE);
