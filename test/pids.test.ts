@@ -1065,7 +1065,7 @@ describe('a raw thread made by glibc\'s clone() with CLONE_THREAD | CLONE_PARENT
   });
 });
 
-describe('a thread and a CLONE_VM process made by syscall(SYS_clone) with a stack, not glibc\'s clone()', () => {
+describe('a thread and a CLONE_VM process made by syscall(SYS_clone) or syscall(SYS_clone3) with a stack, not glibc\'s clone()', () => {
   // The call went to the kernel as given: the caller got the system TID
   // (and found it at parent_tid and child_tid), and the child returned
   // through the library's compiled frame on its new stack, not by the

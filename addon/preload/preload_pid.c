@@ -423,7 +423,19 @@ _Static_assert(offsetof(struct raw_clone_slot, here) == 0 && offsetof(struct raw
 #define ASM_NUMBER_(x) #x
 #define ASM_NUMBER(x) ASM_NUMBER_(x) /* a macro's number, in assembly text */
 HIDDEN long raw_clone_on_stack(long flags, long stack, long ptid, long ctid, long tls, struct raw_clone_slot *slot);
+/* The same for clone3 (its arguments and their size). */
+HIDDEN long raw_clone3_on_stack(long args, long size, struct raw_clone_slot *slot);
 __asm__(".text\n"
+        ".globl raw_clone3_on_stack\n"
+        ".hidden raw_clone3_on_stack\n"
+        ".type raw_clone3_on_stack, @function\n"
+        "raw_clone3_on_stack:\n"
+        ".cfi_startproc\n"
+        "  mov %rdx, %r9\n"
+        "  mov $" ASM_NUMBER(SYS_clone3) ", %eax\n"
+        "  jmp 0f\n"
+        ".cfi_endproc\n"
+        ".size raw_clone3_on_stack, .-raw_clone3_on_stack\n"
         ".globl raw_clone_on_stack\n"
         ".hidden raw_clone_on_stack\n"
         ".type raw_clone_on_stack, @function\n"
@@ -431,7 +443,7 @@ __asm__(".text\n"
         ".cfi_startproc\n"
         "  mov %rcx, %r10\n"
         "  mov $" ASM_NUMBER(SYS_clone) ", %eax\n"
-        "  syscall\n"
+        "0:syscall\n"
         "  test %rax, %rax\n"
         "  jz 1f\n"
         "  ret\n"                 /* the parent, or an error */
@@ -465,19 +477,31 @@ __asm__(".text\n"
         ".cfi_endproc\n"
         ".size raw_clone_on_stack, .-raw_clone_on_stack\n");
 
-/* syscall(SYS_clone) with a stack: a thread, or a process sharing our
- * memory or not, that returns in the child on that stack. Before, it went
- * to the kernel as given and the caller got the system TID (and found it
- * at parent_tid and child_tid), where glibc's clone() wrapper gives the
- * virtual one; and the child, returning through our compiled frame on
- * its new stack, did not return where glibc's syscall() would. Mapped
- * here as the clone() wrapper maps its children (a thread as the
- * caller's, anything else as a child process), the caches and window
- * marks shared as there. A child with CLONE_VFORK is not waited for at
- * child_tid: the caller stays in the call until it execs or exits.
- * Not covered: a child without CLONE_VM runs on with its parent's cached
- * ids (nothing of ours runs in it), as before. */
-static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tls) {
+/* syscall(SYS_clone) or syscall(SYS_clone3) with a stack: a thread, or a
+ * process sharing our memory or not, that returns in the child on that
+ * stack. Before, it went to the kernel as given and the caller got the
+ * system TID (and found it at parent_tid and child_tid), where glibc's
+ * clone() wrapper gives the virtual one; and the child, returning through
+ * our compiled frame on its new stack, did not return where glibc's
+ * syscall() would. Mapped here as the clone() wrapper maps its children
+ * (a thread as the caller's, anything else as a child process), the
+ * caches and window marks shared as there. A child with CLONE_VFORK is
+ * not waited for at child_tid: the caller stays in the call until it
+ * execs or exits. Not covered: a child without CLONE_VM runs on with its
+ * parent's cached ids (nothing of ours runs in it), as before.
+ *
+ * `ca`: clone3's arguments (our copy, `size` bytes), else clone's are
+ * flags to tls. clone3 has a field of its own for the pidfd, clone hands
+ * it back at parent_tid; the child's stack pointer starts at the top of
+ * clone3's stack, at clone's `stack`. */
+static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tls, const struct clone_args *ca, long size) {
+  if (ca) {
+    flags = (long)ca->flags;
+    stack = (long)(ca->stack + ca->stack_size);
+    ptid = (long)ca->parent_tid;
+    ctid = (long)ca->child_tid;
+  }
+  int ptid_is_tid = (flags & CLONE_PARENT_SETTID) && (ca || !(flags & CLONE_PIDFD)) && ptid;
   ID_WINDOW();
   pid_t parent = self_spid();
   self_vpid(); /* mapped before our children look for us (see do_fork) */
@@ -503,7 +527,7 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
       pthread_sigmask(SIG_SETMASK, &saved, NULL);
     }
   }
-  long id = raw_clone_on_stack(flags, stack, ptid, ctid, tls, slot);
+  long id = ca ? raw_clone3_on_stack((long)ca, size, slot) : raw_clone_on_stack(flags, stack, ptid, ctid, tls, slot);
   long ret = id;
   if (id > 0) {
     int32_t v;
@@ -514,7 +538,7 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
       v = appshot_map_system(g_h, APPSHOT_PID, (pid_t)id, 0, 0);
     }
     if (v >= 0) {
-      if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid) replace_id_as_kernel((pid_t *)ptid, (pid_t)id, v);
+      if (ptid_is_tid) replace_id_as_kernel((pid_t *)ptid, (pid_t)id, v);
       ret = v;
     }
     /* The child may run on and reuse its stack from here on. */
@@ -532,7 +556,7 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
 long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls) {
   if (ns_refused((unsigned long)flags)) return -1;
   if (stack == 0 && !(flags & NOT_A_FORK)) return do_raw_fork(SYS_clone, flags, 0, 0);
-  if (stack != 0) return clone_on_stack(flags, stack, ptid, ctid, tls);
+  if (stack != 0) return clone_on_stack(flags, stack, ptid, ctid, tls, NULL, 0);
   reaped_shared_by((unsigned long)flags);
   return libc_ret(appshot_raw_syscall(SYS_clone, flags, stack, ptid, ctid, tls, 0));
 }
@@ -547,10 +571,12 @@ long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls) {
  * thread pointer (no CLONE_SETTLS) is a fork, made known to the tables as
  * the SYS_clone one is. Unlike clone's, its other flags may stay:
  * clone3 has a field of its own for each thing they hand back (pidfd,
- * parent_tid, child_tid), so none is read as another. Left to the kernel
- * as given: threads (CLONE_THREAD; CLONE_SIGHAND goes with CLONE_VM),
- * another thread pointer, a stack, and shared memory without CLONE_VFORK
- * (two processes on one stack from here on).
+ * parent_tid, child_tid), so none is read as another. With a stack (a
+ * thread, or a process sharing our memory or not): clone_on_stack, as
+ * SYS_clone's. Left to the kernel as given, the child returning as from
+ * glibc's syscall(): threads (CLONE_THREAD; CLONE_SIGHAND goes with
+ * CLONE_VM) and another thread pointer without a stack, and shared
+ * memory without CLONE_VFORK (two processes on one stack from here on).
  *
  * CLONE_VM | CLONE_VFORK without a stack is a vfork (the parent waits
  * until the child execs or exits), which our vfork() makes a fork (our
@@ -574,10 +600,12 @@ long do_clone3_syscall(long args, long size) {
   if (copy_in(&ca, (const void *)args, n) != 0)
     return libc_ret(appshot_raw_syscall(SYS_clone3, args, size, 0, 0, 0, 0));
   if (ns_refused(ca.flags)) return -1;
+  if ((unsigned long)size <= sizeof ca && ca.stack) return clone_on_stack(0, 0, 0, 0, 0, &ca, (long)n);
   if ((unsigned long)size > sizeof ca || ca.stack || (ca.flags & CLONE3_NOT_A_FORK) ||
       (ca.flags & (CLONE_VM | CLONE_VFORK)) == CLONE_VM) {
+    /* The child returns as from glibc's syscall(), on whatever stack. */
     reaped_shared_by((unsigned long)ca.flags);
-    return libc_ret(appshot_raw_syscall(SYS_clone3, args, size, 0, 0, 0, 0));
+    return libc_ret(raw_clone3_on_stack(args, size, NULL));
   }
   ca.flags &= ~(uint64_t)CLONE_VM;
   return do_raw_fork(SYS_clone3, (long)&ca, (long)n,
