@@ -1086,6 +1086,21 @@ describe('a thread and a CLONE_VM process made by syscall(SYS_clone) or syscall(
     await exercised(aid, 'to clone by syscall() again, restored');
     expect(sb.log(aid)).not.toMatch(/FAIL/);
   });
+
+  it('returns the child where glibc\'s syscall() would with the library loaded and no tables (it crashed)', async () => {
+    const env = { ...process.env, LD_PRELOAD: paths.preload };
+    delete env.APPSHOT_TABLES;
+    delete env.APPSHOT_TABLES_FD;
+    const child = spawn(fixture('rawclone'), [], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    try {
+      await waitFor(() => /^(CHECK ok|FAIL.*)$/m.test(out) || child.exitCode !== null || child.signalCode !== null, 20_000, 'rawclone without tables to check');
+      expect({ out, signal: child.signalCode }).toEqual({ out: 'CHECK ok\n', signal: null });
+    } finally {
+      child.kill('SIGKILL');
+    }
+  });
 });
 
 describe('readlink of /proc\'s own links by names with ".." or through a directory symlinked to /proc', () => {
