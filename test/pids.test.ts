@@ -589,6 +589,24 @@ describe('signals pending across a snapshot', () => {
   });
 });
 
+describe('a SIGCHLD pending at a snapshot whose child was reaped before it', () => {
+  // The image's tables no longer held the child (its entry goes with the
+  // reap), and the restore made si_pid 0.
+  const images = scratchDir('appshot-chldkept-');
+  it('names the child by the virtual PID fork gave when taken after the restore', async () => {
+    const aid = 'chldkept';
+    await start(aid, [fixture('chldkept')]);
+    await waitFor(() => /^(REAPED \d+|FAIL.*)$/m.test(sb.log(aid)), 10_000, `${aid}'s child to be reaped`);
+    expect(sb.log(aid)).toMatch(/^REAPED \d+$/m);
+    const image = join(images, aid);
+    await ok(['snapshot', aid, '-o', image]);
+    await ok(['restore', image]);
+    process.kill(await systemPid(aid), 'SIGHUP');
+    await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
+    expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
+  });
+});
+
 describe("CPU-time clocks of another process or thread (clock_getcpuclockid, pthread_getcpuclockid)", () => {
   // The fixture keeps the clock ids it made in memory, as a program would,
   // and checks each against /proc: the ids encode virtual PIDs and TIDs,
@@ -1047,6 +1065,56 @@ describe('a raw thread made by glibc\'s clone() with CLONE_THREAD | CLONE_PARENT
   });
 });
 
+describe('a thread and a CLONE_VM process made by syscall(SYS_clone) or syscall(SYS_clone3) with a stack, not glibc\'s clone()', () => {
+  // The call went to the kernel as given: the caller got the system TID
+  // (and found it at parent_tid and child_tid), and the child returned
+  // through the library's compiled frame on its new stack, not by the
+  // bare `ret` glibc's syscall() makes there (the fixture's child ran on
+  // as its parent). The fixture compares each id the call hands back with
+  // the one the child sees as its own, at the start and, asked by SIGHUP,
+  // after a restore under new system ids.
+  const images = scratchDir('appshot-rawclone-');
+
+  it('returns the virtual id, finds it at parent_tid and child_tid, and starts the child where glibc\'s syscall() would', async () => {
+    const aid = 'rawclone';
+    await start(aid, [fixture('rawclone')]);
+    await waitFor(() => /^(CHECK ok|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the first check of rawclone');
+    expect(/^(CHECK ok|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('CHECK ok');
+    const image = join(images, aid);
+    await ok(['snapshot', aid, '-o', image]);
+    await ok(['restore', image]);
+    await exercised(aid, 'to clone by syscall() again, restored');
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+  });
+
+  it('returns the child where glibc\'s syscall() would with the library loaded and no tables (it crashed)', async () => {
+    const env = { ...process.env, LD_PRELOAD: paths.preload };
+    delete env.APPSHOT_TABLES;
+    delete env.APPSHOT_TABLES_FD;
+    const child = spawn(fixture('rawclone'), [], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    try {
+      await waitFor(() => /^(CHECK ok|FAIL.*)$/m.test(out) || child.exitCode !== null || child.signalCode !== null, 20_000, 'rawclone without tables to check');
+      expect({ out, signal: child.signalCode }).toEqual({ out: 'CHECK ok\n', signal: null });
+    } finally {
+      child.kill('SIGKILL');
+    }
+  });
+});
+
+describe('readlink of /proc\'s own links by names with ".." or through a directory symlinked to /proc', () => {
+  // "../proc/self" under a descriptor of /proc, "/tmp/../proc/thread-self"
+  // or "<dir linked to /proc>/self" reach the same links the plain names
+  // do, but only the plain names' answers were made virtual.
+  it('answers with the virtual ids, and leaves a user\'s link whose text is a number as written', async () => {
+    const aid = 'procdots';
+    await start(aid, [fixture('procdots')]);
+    await waitFor(() => /^(PROCDOTS OK|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the verdict of procdots');
+    expect(/^(PROCDOTS OK|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PROCDOTS OK');
+  });
+});
+
 describe('a SIGCHLD taken after waitpid reaped its child', () => {
   // The reap took the child's entry from the tables, and si_pid was
   // translated to 0 (M5). The fixture blocks SIGCHLD, reaps a child, then
@@ -1063,6 +1131,27 @@ describe('a SIGCHLD taken after waitpid reaped its child', () => {
     await ok(['snapshot', aid, '-o', image]);
     await ok(['restore', image]);
     await exercised(aid, 'to reap and take SIGCHLD again, restored');
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+  });
+});
+
+describe('a late SIGCHLD in a process that shares its memory with another (clone(CLONE_VM | SIGCHLD), not a thread)', () => {
+  // The pairs of reaped children live in process memory, which such a
+  // process shares: the sharer's own reap emptied the ring and took it
+  // over, and the parent's late SIGCHLD named no child (0). The fixture
+  // reaps a child, lets a sharer reap one of its own, then takes its
+  // child's SIGCHLD, at the start and, asked by SIGHUP, after a restore.
+  const images = scratchDir('appshot-chldshared-');
+
+  it('still names the parent\'s child by its virtual PID, before and after a restore', async () => {
+    const aid = 'chldshared';
+    await start(aid, [fixture('chldshared')]);
+    await waitFor(() => /^(CHECK ok|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'the first check of chldshared');
+    expect(/^(CHECK ok|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('CHECK ok');
+    const image = join(images, aid);
+    await ok(['snapshot', aid, '-o', image]);
+    await ok(['restore', image]);
+    await exercised(aid, 'to reap beside its sharer again, restored');
     expect(sb.log(aid)).not.toMatch(/FAIL/);
   });
 });

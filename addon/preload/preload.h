@@ -513,6 +513,9 @@ HIDDEN pid_t self_vtid(void);
 /* After fork or clone, in the child: our ids are those of the new process
  * (vid 0: not known yet, learned when first asked). */
 HIDDEN void child_reset_ids(int32_t vid);
+/* Whether this memory is shared with another process, which shares the
+ * reaped ring too (preload_pid.c); child_reset_ids clears it. */
+extern int g_reaped_shared HIDDEN;
 
 /* --- Cross-file entry points (libc convention: -1 and errno) ------------- */
 
@@ -539,6 +542,11 @@ HIDDEN long do_fork_syscall(void);
  * (dlsym is no call for a signal handler, where _Fork may be). */
 extern void *real__Fork HIDDEN;
 HIDDEN long do_clone3_syscall(long args, long size);
+/* The clone and clone3 system calls, the child returning as from glibc's
+ * syscall(): a bare `ret` on the stack it starts on (preload_pid.c). */
+struct raw_clone_slot;
+HIDDEN long raw_clone_on_stack(long flags, long stack, long ptid, long ctid, long tls, struct raw_clone_slot *slot);
+HIDDEN long raw_clone3_on_stack(long args, long size, struct raw_clone_slot *slot);
 HIDDEN long do_pid_first(long nr, long pid, long b, long c, long d, long e,
                          long f);
 HIDDEN long do_prio(long nr, long which, long who, long prio);

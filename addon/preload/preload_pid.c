@@ -275,6 +275,10 @@ API int setns(int fd, int nstype) {
   return (int)do_setns(fd, nstype);
 }
 
+/* A clone about to share our memory with a process (the reaped ring's,
+ * below). */
+static void reaped_shared_by(unsigned long flags);
+
 /* How a fork of fork_made_by's (below) is made: -errno on failure. */
 typedef long (*forker)(long nr, long a, long b);
 
@@ -386,12 +390,174 @@ static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
    CLONE_VFORK | CLONE_SETTLS | CLONE_PARENT_SETTID | CLONE_CHILD_SETTID | \
    CLONE_CHILD_CLEARTID | CLONE_PIDFD | CLONE_PARENT | CLONE_PTRACE)
 
+/* A raw clone with CLONE_CHILD_SETTID in memory the child shares: the
+ * child, before it leaves our code, waits for the virtual id its parent
+ * maps and writes it over the system id the kernel left at child_tid
+ * (as thread_child does for the clone() wrapper). It lies just below the
+ * child's stack, which nothing else uses before the child runs, and holds
+ * everything the child's few instructions need ready made: the child
+ * runs no C (it may be on a thread pointer of its own, or none), uses no
+ * stack, and writes child_tid by process_vm_writev (a bad address, which
+ * the kernel let pass, is no fault here either). The offsets are the
+ * assembly's below. */
+struct raw_clone_slot {
+  struct iovec here;  /* 0: vtid, 4 bytes */
+  struct iovec there; /* 16: the caller's child_tid word */
+  uint64_t mask;      /* 32: the child's signal mask, the caller's */
+  int32_t vtid;       /* 40: 0 until published, -1 for none */
+  int32_t pad;
+};
+_Static_assert(offsetof(struct raw_clone_slot, here) == 0 && offsetof(struct raw_clone_slot, there) == 16 &&
+                   offsetof(struct raw_clone_slot, mask) == 32 && offsetof(struct raw_clone_slot, vtid) == 40 &&
+                   sizeof(struct raw_clone_slot) == 48,
+               "raw_clone_on_stack reads the slot at these offsets");
+
+/* The clone system call (flags, stack, parent_tid, child_tid, tls),
+ * returning in the child exactly as glibc's syscall() does: a bare `ret`
+ * on the stack the child was given, which pops the address the caller
+ * put at its top (a program that clones by syscall() with a stack can
+ * only work so). Compiled C after the system call would instead pop its
+ * saved registers and return address off that stack. With `slot`, the
+ * child first waits there for its virtual id, writes it at child_tid
+ * and lets its signals in. -errno on failure, in the parent. */
+#define ASM_NUMBER_(x) #x
+#define ASM_NUMBER(x) ASM_NUMBER_(x) /* a macro's number, in assembly text */
+HIDDEN long raw_clone_on_stack(long flags, long stack, long ptid, long ctid, long tls, struct raw_clone_slot *slot);
+/* The same for clone3 (its arguments and their size). */
+HIDDEN long raw_clone3_on_stack(long args, long size, struct raw_clone_slot *slot);
+__asm__(".text\n"
+        ".globl raw_clone3_on_stack\n"
+        ".hidden raw_clone3_on_stack\n"
+        ".type raw_clone3_on_stack, @function\n"
+        "raw_clone3_on_stack:\n"
+        ".cfi_startproc\n"
+        "  mov %rdx, %r9\n"
+        "  mov $" ASM_NUMBER(SYS_clone3) ", %eax\n"
+        "  jmp 0f\n"
+        ".cfi_endproc\n"
+        ".size raw_clone3_on_stack, .-raw_clone3_on_stack\n"
+        ".globl raw_clone_on_stack\n"
+        ".hidden raw_clone_on_stack\n"
+        ".type raw_clone_on_stack, @function\n"
+        "raw_clone_on_stack:\n"
+        ".cfi_startproc\n"
+        "  mov %rcx, %r10\n"
+        "  mov $" ASM_NUMBER(SYS_clone) ", %eax\n"
+        "0:syscall\n"
+        "  test %rax, %rax\n"
+        "  jz 1f\n"
+        "  ret\n"                 /* the parent, or an error */
+        "1:test %r9, %r9\n"       /* the child: registers as the parent's */
+        "  jz 4f\n"
+        "  mov %r9, %rbx\n"       /* syscall keeps rbx; the child's entry saves none */
+        "2:mov 40(%rbx), %eax\n"
+        "  test %eax, %eax\n"
+        "  jnz 3f\n"
+        "  mov $" ASM_NUMBER(SYS_sched_yield) ", %eax\n"
+        "  syscall\n"
+        "  jmp 2b\n"
+        "3:jl 5f\n"               /* -1: no virtual id, the kernel's stays */
+        "  mov $" ASM_NUMBER(SYS_getpid) ", %eax\n"
+        "  syscall\n"
+        "  mov %rax, %rdi\n"
+        "  mov %rbx, %rsi\n"
+        "  mov $1, %edx\n"
+        "  lea 16(%rbx), %r10\n"
+        "  mov $1, %r8d\n"
+        "  xor %r9d, %r9d\n"
+        "  mov $" ASM_NUMBER(SYS_process_vm_writev) ", %eax\n"
+        "  syscall\n"
+        "5:mov $" ASM_NUMBER(SYS_rt_sigprocmask) ", %eax\n"
+        "  mov $" ASM_NUMBER(SIG_SETMASK) ", %edi\n"
+        "  lea 32(%rbx), %rsi\n"
+        "  xor %edx, %edx\n"
+        "  mov $8, %r10d\n"
+        "  syscall\n"
+        "4:ret\n"                 /* into the caller's entry, on its stack */
+        ".cfi_endproc\n"
+        ".size raw_clone_on_stack, .-raw_clone_on_stack\n");
+
+/* syscall(SYS_clone) or syscall(SYS_clone3) with a stack: a thread, or a
+ * process sharing our memory or not, that returns in the child on that
+ * stack. Before, it went to the kernel as given and the caller got the
+ * system TID (and found it at parent_tid and child_tid), where glibc's
+ * clone() wrapper gives the virtual one; and the child, returning through
+ * our compiled frame on its new stack, did not return where glibc's
+ * syscall() would. Mapped here as the clone() wrapper maps its children
+ * (a thread as the caller's, anything else as a child process), the
+ * caches and window marks shared as there. A child with CLONE_VFORK is
+ * not waited for at child_tid: the caller stays in the call until it
+ * execs or exits. Not covered: a child without CLONE_VM runs on with its
+ * parent's cached ids (nothing of ours runs in it), as before.
+ *
+ * `ca`: clone3's arguments (our copy, `size` bytes), else clone's are
+ * flags to tls. clone3 has a field of its own for the pidfd, clone hands
+ * it back at parent_tid; the child's stack pointer starts at the top of
+ * clone3's stack, at clone's `stack`. */
+static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tls, const struct clone_args *ca, long size) {
+  if (ca) {
+    flags = (long)ca->flags;
+    stack = (long)(ca->stack + ca->stack_size);
+    ptid = (long)ca->parent_tid;
+    ctid = (long)ca->child_tid;
+  }
+  int ptid_is_tid = (flags & CLONE_PARENT_SETTID) && (ca || !(flags & CLONE_PIDFD)) && ptid;
+  ID_WINDOW();
+  pid_t parent = self_spid();
+  self_vpid(); /* mapped before our children look for us (see do_fork) */
+  if (flags & CLONE_VM) __atomic_store_n(&g_nocache, 1, __ATOMIC_RELAXED);
+  if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS)) __atomic_store_n(&g_tls_shared, 1, __ATOMIC_SEQ_CST);
+  reaped_shared_by((unsigned long)flags);
+  struct raw_clone_slot *slot = NULL;
+  sigset_t all, saved;
+  if ((flags & CLONE_VM) && (flags & CLONE_CHILD_SETTID) && ctid && !(flags & CLONE_VFORK)) {
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    struct raw_clone_slot s;
+    memset(&s, 0, sizeof s);
+    slot = (struct raw_clone_slot *)(((uintptr_t)stack - sizeof s) & ~(uintptr_t)15);
+    s.here = (struct iovec){&slot->vtid, sizeof slot->vtid};
+    s.there = (struct iovec){(void *)ctid, sizeof(pid_t)};
+    memcpy(&s.mask, &saved, sizeof s.mask);
+    /* Written as the kernel would: a stack the kernel is left to fault
+     * on is no fault of ours; the child then keeps the kernel's id. */
+    struct iovec here = {&s, sizeof s}, there = {slot, sizeof s};
+    if (SYS6(process_vm_writev, SYS0(getpid), &here, 1, &there, 1, 0) != (long)sizeof s) {
+      slot = NULL;
+      pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    }
+  }
+  long id = ca ? raw_clone3_on_stack((long)ca, size, slot) : raw_clone_on_stack(flags, stack, ptid, ctid, tls, slot);
+  long ret = id;
+  if (id > 0) {
+    int32_t v;
+    if (flags & CLONE_THREAD) {
+      v = appshot_map_system(g_h, APPSHOT_PID, (pid_t)id, APPSHOT_F_THREAD, parent);
+      if (v >= 0) appshot_set_flags(g_h, APPSHOT_PID, parent, APPSHOT_F_THREADS);
+    } else {
+      v = appshot_map_system(g_h, APPSHOT_PID, (pid_t)id, 0, 0);
+    }
+    if (v >= 0) {
+      if (ptid_is_tid) replace_id_as_kernel((pid_t *)ptid, (pid_t)id, v);
+      ret = v;
+    }
+    /* The child may run on and reuse its stack from here on. */
+    if (slot) __atomic_store_n(&slot->vtid, v > 0 ? v : -1, __ATOMIC_RELEASE);
+  }
+  if (slot) pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  return libc_ret(ret);
+}
+
 /* clone as a system call (syscall(SYS_clone, ...)): no stack and none of
  * NOT_A_FORK is a fork (into new namespaces, maybe), which the child's and
- * parent's tables must agree on; other uses go to the kernel as given. */
+ * parent's tables must agree on; with a stack, clone_on_stack; other uses
+ * (CLONE_VM without a stack: the child on the caller's) go to the kernel
+ * as given. */
 long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls) {
   if (ns_refused((unsigned long)flags)) return -1;
   if (stack == 0 && !(flags & NOT_A_FORK)) return do_raw_fork(SYS_clone, flags, 0, 0);
+  if (stack != 0) return clone_on_stack(flags, stack, ptid, ctid, tls, NULL, 0);
+  reaped_shared_by((unsigned long)flags);
   return libc_ret(appshot_raw_syscall(SYS_clone, flags, stack, ptid, ctid, tls, 0));
 }
 
@@ -405,10 +571,12 @@ long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls) {
  * thread pointer (no CLONE_SETTLS) is a fork, made known to the tables as
  * the SYS_clone one is. Unlike clone's, its other flags may stay:
  * clone3 has a field of its own for each thing they hand back (pidfd,
- * parent_tid, child_tid), so none is read as another. Left to the kernel
- * as given: threads (CLONE_THREAD; CLONE_SIGHAND goes with CLONE_VM),
- * another thread pointer, a stack, and shared memory without CLONE_VFORK
- * (two processes on one stack from here on).
+ * parent_tid, child_tid), so none is read as another. With a stack (a
+ * thread, or a process sharing our memory or not): clone_on_stack, as
+ * SYS_clone's. Left to the kernel as given, the child returning as from
+ * glibc's syscall(): threads (CLONE_THREAD; CLONE_SIGHAND goes with
+ * CLONE_VM) and another thread pointer without a stack, and shared
+ * memory without CLONE_VFORK (two processes on one stack from here on).
  *
  * CLONE_VM | CLONE_VFORK without a stack is a vfork (the parent waits
  * until the child execs or exits), which our vfork() makes a fork (our
@@ -432,9 +600,13 @@ long do_clone3_syscall(long args, long size) {
   if (copy_in(&ca, (const void *)args, n) != 0)
     return libc_ret(appshot_raw_syscall(SYS_clone3, args, size, 0, 0, 0, 0));
   if (ns_refused(ca.flags)) return -1;
+  if ((unsigned long)size <= sizeof ca && ca.stack) return clone_on_stack(0, 0, 0, 0, 0, &ca, (long)n);
   if ((unsigned long)size > sizeof ca || ca.stack || (ca.flags & CLONE3_NOT_A_FORK) ||
-      (ca.flags & (CLONE_VM | CLONE_VFORK)) == CLONE_VM)
-    return libc_ret(appshot_raw_syscall(SYS_clone3, args, size, 0, 0, 0, 0));
+      (ca.flags & (CLONE_VM | CLONE_VFORK)) == CLONE_VM) {
+    /* The child returns as from glibc's syscall(), on whatever stack. */
+    reaped_shared_by((unsigned long)ca.flags);
+    return libc_ret(raw_clone3_on_stack(args, size, NULL));
+  }
   ca.flags &= ~(uint64_t)CLONE_VM;
   return do_raw_fork(SYS_clone3, (long)&ca, (long)n,
                      (ca.flags & CLONE_PARENT_SETTID) ? ca.parent_tid : 0);
@@ -541,6 +713,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   self_vpid(); /* mapped before our children look for us (see do_fork) */
   if (flags & CLONE_VM)
     __atomic_store_n(&g_nocache, 1, __ATOMIC_RELAXED);
+  reaped_shared_by((unsigned long)flags);
   /* The child will share our thread pointer, and so our window marks,
    * from its first instruction on (preload.h, g_tls_shared). */
   if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS))
@@ -639,31 +812,97 @@ API pid_t getppid(void) {
  * SIGCHLD's si_pid when the tables miss. Process memory, not the tables:
  * a child's SIGCHLD goes to its parent, which reaps it. Each pair one
  * 64-bit word, written and read whole (lock-free, async-signal-safe, no
- * allocation). The ring is of the process whose system PID `owner` is: a
- * fork child (or a restore under other system ids) finds another, so
- * never takes its parent's (or the old node's) pairs, and empties it
- * before its first pair. */
+ * allocation).
+ *
+ * The ring is of one process: `owner` names it by its virtual PID, its
+ * system PID and the restore generation it claimed the ring in
+ * (appshot_restore_generation), so a fork child (its own copy of the memory) or a restore (other system
+ * ids, the pairs' old) finds another and claims it afresh, never taking
+ * the pairs of its parent or of the old node for this node's. The pairs
+ * of the generation before stay readable as such until the first claim
+ * after the restore: a SIGCHLD pending at the snapshot whose child was
+ * reaped comes back naming it by its old system PID, negated (the restore,
+ * src/resources/signals.ts retargetSiginfos), and is looked up there. A
+ * claim is a compare-and-
+ * swap to a claiming mark, then the pairs emptied, then the owner
+ * published: of two claimers one wins, and a reader sees its own name
+ * only once the old pairs are gone. The loser (another thread of the
+ * same process in the same instant) notes nothing this once: never a
+ * wait, as a claimer may be the thread a handler interrupted.
+ *
+ * A process that shares its memory with another (a CLONE_VM child that
+ * is not a thread, g_reaped_shared) shares the ring with it too: neither
+ * takes it from the other while the owner is of this generation (a claim
+ * would empty the owner's pairs, and one in flight would land among the
+ * other's pairs: another process's children, which a reused system PID
+ * would name). The one that does not own it notes nothing, and its late
+ * SIGCHLD names no child (0, as before the ring), rather than another's.
+ * A writer that finds the owner changed under its store takes its pair
+ * back. */
 #define REAPED_RING 32u /* a power of two: the index wraps with the counter */
+#define REAPED_CLAIMING (1ull << 63)
 static uint64_t g_reaped[REAPED_RING];
 static uint32_t g_reaped_next;
-static int32_t g_reaped_owner;
+static uint64_t g_reaped_owner;
+/* Set for good, in the memory itself, once a process shares it with a
+ * child that is not a thread (CLONE_VM without CLONE_THREAD); a fork
+ * child's own copy starts without it (child_reset_ids). A CLONE_VFORK
+ * child is none: its parent waits until it execs or exits. */
+int g_reaped_shared;
+
+static void reaped_shared_by(unsigned long flags) {
+  if ((flags & (CLONE_VM | CLONE_THREAD | CLONE_VFORK)) == CLONE_VM && !__atomic_load_n(&g_reaped_shared, __ATOMIC_RELAXED))
+    __atomic_store_n(&g_reaped_shared, 1, __ATOMIC_SEQ_CST);
+}
+
+/* This process's name in `owner`, as of restore generation `gen`: the
+ * generation's low 19 bits, the virtual PID, the system PID (22 bits
+ * each: PIDs stay below PID_MAX_LIMIT, 2^22), and the claiming mark. The
+ * system PID as well, in case a restore could not count the generation
+ * up: its pairs are of the node before all the same. The generation
+ * before (a SIGCHLD's child of the node before) is matched without it. */
+#define REAPED_GEN_SHIFT 44
+#define REAPED_SPID_BITS 0x3fffffull
+static uint64_t reaped_me_in(int64_t gen) {
+  return ((uint64_t)gen & 0x7ffffull) << REAPED_GEN_SHIFT | ((uint64_t)self_vpid() & REAPED_SPID_BITS) << 22 |
+         ((uint64_t)self_spid() & REAPED_SPID_BITS);
+}
+static uint64_t reaped_me(void) { return reaped_me_in(__atomic_load_n(&appshot_restore_generation, __ATOMIC_RELAXED)); }
+
+/* Whether the ring is ours, claimed now if it may be. */
+static int reaped_claim(uint64_t me) {
+  uint64_t was = __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE);
+  if (was == me) return 1;
+  if (was == (me | REAPED_CLAIMING)) return 0; /* another of our threads */
+  /* 0: never claimed. */
+  if (was && __atomic_load_n(&g_reaped_shared, __ATOMIC_SEQ_CST) && (was & ~REAPED_CLAIMING) >> REAPED_GEN_SHIFT == me >> REAPED_GEN_SHIFT)
+    return 0;
+  if (!__atomic_compare_exchange_n(&g_reaped_owner, &was, me | REAPED_CLAIMING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    return 0;
+  for (uint32_t i = 0; i < REAPED_RING; i++) __atomic_store_n(&g_reaped[i], 0, __ATOMIC_RELAXED);
+  __atomic_store_n(&g_reaped_owner, me, __ATOMIC_RELEASE);
+  return 1;
+}
 
 static void reaped_note(pid_t vid, pid_t sid) {
-  int32_t me = (int32_t)self_spid();
-  if (__atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != me) {
-    /* Emptied before it is claimed: a reader that sees it ours sees
-     * none of the pairs it had before. */
-    for (uint32_t i = 0; i < REAPED_RING; i++) __atomic_store_n(&g_reaped[i], 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&g_reaped_owner, me, __ATOMIC_RELEASE);
-  }
+  uint64_t me = reaped_me();
+  if (!reaped_claim(me)) return;
+  uint64_t pair = ((uint64_t)(uint32_t)vid << 32) | (uint32_t)sid;
   uint32_t i = __atomic_fetch_add(&g_reaped_next, 1, __ATOMIC_RELAXED) % REAPED_RING;
-  __atomic_store_n(&g_reaped[i], ((uint64_t)(uint32_t)vid << 32) | (uint32_t)sid, __ATOMIC_RELEASE);
+  __atomic_store_n(&g_reaped[i], pair, __ATOMIC_SEQ_CST);
+  /* Claimed by another since the check: it may have emptied the ring
+   * before our store, so the pair is taken back (unless overwritten). */
+  if (__atomic_load_n(&g_reaped_owner, __ATOMIC_SEQ_CST) != me)
+    __atomic_compare_exchange_n(&g_reaped[i], &pair, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
 }
 
 /* The virtual PID of the child of system PID `sid` this process reaped
- * last, or 0. */
-static pid_t reaped_s2v(int32_t sid) {
-  if (sid <= 0 || __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != (int32_t)self_spid()) return 0;
+ * last, or 0. `before`: a system PID of the node before the last
+ * restore, looked up among the pairs noted there. */
+static pid_t reaped_s2v(int32_t sid, int before) {
+  int64_t gen = __atomic_load_n(&appshot_restore_generation, __ATOMIC_RELAXED) - (before ? 1 : 0);
+  uint64_t mask = before ? ~REAPED_SPID_BITS : ~0ull; /* the old node's system PID */
+  if (sid <= 0 || (__atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) & mask) != (reaped_me_in(gen) & mask)) return 0;
   uint32_t next = __atomic_load_n(&g_reaped_next, __ATOMIC_ACQUIRE);
   for (uint32_t k = 1; k <= REAPED_RING; k++) { /* the newest first */
     uint64_t e = __atomic_load_n(&g_reaped[(next - k) % REAPED_RING], __ATOMIC_ACQUIRE);
@@ -941,7 +1180,11 @@ void translate_si_pid(siginfo_t *info) {
       (info->si_signo == SIGCHLD && c > 0)) {
     int32_t v;
     if (appshot_s2v(g_h, APPSHOT_PID, info->si_pid, &v)) info->si_pid = v;
-    else info->si_pid = info->si_signo == SIGCHLD && c > 0 ? reaped_s2v(info->si_pid) : 0;
+    else if (info->si_signo == SIGCHLD && c > 0)
+      /* A negative one: a child reaped before the last snapshot (the
+       * restore's mark, reaped_s2v). */
+      info->si_pid = info->si_pid < 0 ? reaped_s2v((int32_t)(0u - (uint32_t)info->si_pid), 1) : reaped_s2v(info->si_pid, 0);
+    else info->si_pid = 0;
   }
 }
 

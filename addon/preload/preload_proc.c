@@ -444,6 +444,31 @@ static int kernel_link_at(int dirfd, const char *path) {
   return kernel_link_name(path, fd_dir);
 }
 
+/* Whether the link `path` (under dirfd, itself, not followed) lives on a
+ * proc file system: its answer is then the kernel's own text, whatever
+ * name reached it. The checks by name below know the plain names only,
+ * and a ".." can reach the same links by others the kernel resolves
+ * ("../proc/self" under a descriptor of /proc, "/proc/1/../self",
+ * "/tmp/x/../../proc/thread-self"), as can a directory symlinked to /proc
+ * or a second mount of it; normalising the name lexically would be wrong
+ * after a symlink (/proc/self/cwd/..), and resolving it as the kernel does
+ * means walking every component. Asking the link's file system is exact
+ * and one descriptor for an instant (O_PATH | O_NOFOLLOW: nothing opened
+ * through it, and fstatfs answers one since Linux 3.12). Asked only of an
+ * answer that looks like ids from a name the checks did not know, so
+ * never on the common paths. Looked up as the caller spelled it: a
+ * virtual PID inside the name reaches the system's process of that
+ * number, on the same file system if it exists (its type is all that is
+ * asked); if none does, the answer stays the kernel's. */
+static int link_on_procfs(int dirfd, const char *path) {
+  long fd = SYS4(openat, dirfd, path, O_PATH | O_NOFOLLOW | O_CLOEXEC, 0);
+  if (fd < 0) return 0;
+  struct statfs sf;
+  int on = SYS2(fstatfs, fd, &sf) == 0 && sf.f_type == PROC_SUPER_MAGIC;
+  SYS1(close, fd);
+  return on;
+}
+
 long proc_link_answer(int dirfd, const char *path, char *out, long n, size_t size) {
   if (!g_h || n <= 0 || !path) return n;
   int absolute = path[0] == '/';
@@ -455,12 +480,16 @@ long proc_link_answer(int dirfd, const char *path, char *out, long n, size_t siz
     int kernels = absolute ? (!strncmp(path, "/proc/", 6) && kernel_link_under_proc(path + 6)) ||
                                  (!strncmp(path, "/dev/fd/", 8) && all_digits(path + 8))
                            : kernel_link_at(dirfd, path);
-    return kernels ? (long)proc_answer_to_virtual(out, (size_t)n, size) : n;
+    return kernels || link_on_procfs(dirfd, path) ? (long)proc_answer_to_virtual(out, (size_t)n, size) : n;
   }
   /* "/proc/self" and "/proc/thread-self", or "self" and "thread-self"
    * under /proc. */
   const char *name = absolute && !strncmp(path, "/proc/", 6) ? path + 6 : absolute ? NULL : path;
-  if (!name || (strcmp(name, "self") && strcmp(name, "thread-self"))) return n;
-  if (!absolute && proc_dir_kind(dirfd) != PROC_DIR_ROOT) return n;
-  return (long)ids_to_virtual(out, (size_t)n, size);
+  if (name && (!strcmp(name, "self") || !strcmp(name, "thread-self")) && (absolute || proc_dir_kind(dirfd) == PROC_DIR_ROOT))
+    return (long)ids_to_virtual(out, (size_t)n, size);
+  /* Their answer ("<spid>[/task/<stid>]", the only links of /proc's whose
+   * answer begins with a digit) by another name; a user's link whose
+   * text is a number stays as written. */
+  if (out[0] >= '0' && out[0] <= '9' && link_on_procfs(dirfd, path)) return (long)ids_to_virtual(out, (size_t)n, size);
+  return n;
 }

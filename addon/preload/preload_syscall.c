@@ -27,7 +27,13 @@ API long syscall(long nr, ...) {
     case SYS_dup2:
     case SYS_dup3: return do_dup3(nr, (int)a, (int)b, (int)c);
   }
-  if (!g_h) return libc_ret(appshot_raw_syscall(nr, a, b, c, d, e, f));
+  if (!g_h) {
+    /* A child on a stack of its own returns on it as from glibc's
+     * syscall(), not through our frame, which it does not have there. */
+    if (nr == SYS_clone && b) return libc_ret(raw_clone_on_stack(a, b, c, d, e, NULL));
+    if (nr == SYS_clone3) return libc_ret(raw_clone3_on_stack(a, b, NULL));
+    return libc_ret(appshot_raw_syscall(nr, a, b, c, d, e, f));
+  }
   switch (nr) {
     case SYS_getpid: return self_vpid();
     case SYS_gettid: return self_vtid();
