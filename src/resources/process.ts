@@ -5,7 +5,7 @@
  * (limits.ts) are resource kinds of their own.
  */
 import { closeSync, openSync, readdirSync } from 'node:fs';
-import { childrenOfThread, procBytes, procLink, procText, readCmdline, readStat } from '../procfs.js';
+import { childrenOfThread, gatherProc, procBytes, procLink, type ProcKind, procText, readCmdline, readStat } from '../procfs.js';
 import type { ITimer, Image, MmFields, Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { fsIdentity, identitiesFor, openDirectoryAs, refusedAsProcess, restoringProcess } from './fsident.js';
@@ -184,6 +184,9 @@ function refuseOwnNamespaces(ctx: DumpContext, pid: number, what: string): void 
   let init = initNamespaces.get(ctx);
   if (!init) {
     const initPid = ctx.tables.initPid;
+    // The init's links in one native call (read now, in the window, as
+    // they were one by one): nsLink below answers from it.
+    if (initPid > 0) gatherProc(OWN_NAMESPACES.map(([ns]): [ProcKind, string] => ['link', `/proc/${initPid}/ns/${ns}`]));
     init = new Map(OWN_NAMESPACES.map(([ns]) => [ns, initPid > 0 ? nsLink(initPid, ns) : undefined]));
     initNamespaces.set(ctx, init);
   }
