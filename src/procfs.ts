@@ -50,8 +50,18 @@ export function gatherProc(wanted: [ProcKind, string][]): void {
     const v = got[i];
     if (v === undefined) gathered.delete(`${kind}:${path}`);
     else gathered.set(`${kind}:${path}`, v);
+    // A process's status is its main thread's, word for word (the kernel
+    // prints both with one function of the same task): kept under both
+    // names, so that the main thread's is not read again.
+    const main = kind === 'text' && MAIN_STATUS.exec(path);
+    if (main) {
+      const alias = `text:/proc/${main[1]}/task/${main[1]}/status`;
+      if (v === undefined) gathered.delete(alias);
+      else gathered.set(alias, v);
+    }
   });
 }
+const MAIN_STATUS = /^\/proc\/(\d+)\/status$/;
 
 export function forgetGathered(): void {
   gathered.clear();
@@ -130,7 +140,8 @@ export function gatheredBeforeCalls(pid: number, tids: number[]): [ProcKind, str
   return [
     ['smaps', `${p}/smaps`],
     ['text', `${p}/status`],
-    ...tids.map((tid): [ProcKind, string] => ['text', `${p}/task/${tid}/status`]),
+    // The main thread's is the process's (gatherProc keeps it as both).
+    ...tids.filter((tid) => tid !== pid).map((tid): [ProcKind, string] => ['text', `${p}/task/${tid}/status`]),
     ['text', `${p}/timers`],
     ['dir', `${p}/fd`],
   ];
