@@ -99,6 +99,10 @@ try {
       frozenMinMax: [Math.min(...all.map((r) => r.frozenMs)), Math.max(...all.map((r) => r.frozenMs))],
       // Round by round (--json): for paired differences between builds.
       frozenEach: all.map((r) => r.frozenMs),
+      // The window's time on a CPU (profile.ts, schedstat), round by
+      // round: the work, apart from the waits for a CPU that a loaded
+      // machine adds.
+      onCpuEach: all.map((r) => r.steps['(window: on a CPU)']),
       heldMs: +median(all.map((r) => r.heldMs)).toFixed(2),
       totalMs: +median(all.map((r) => r.totalMs)).toFixed(2),
       injectedCalls: median(all.map((r) => r.injectedCalls)),
@@ -107,13 +111,22 @@ try {
     };
   }
   const load = { median: median(loads), min: Math.min(...loads), max: Math.max(...loads) };
-  if (process.argv.includes('--json')) console.log(JSON.stringify({ mib: MIB, mode: leaveRunning ? 'leave-running' : 'default', rounds, load, builds: report }, null, 2));
+  // Paired: per round, each build's frozen time and time on a CPU less
+  // the first build's, medians.
+  const paired = {};
+  for (const b of builds.slice(1)) {
+    const first = report[builds[0].name];
+    const diff = (k) => median(report[b.name][k].map((v, i) => v - first[k][i]).filter((v) => Number.isFinite(v)));
+    paired[`${b.name} - ${builds[0].name}`] = { frozenMs: +diff('frozenEach').toFixed(3), onCpuMs: +diff('onCpuEach').toFixed(3) };
+  }
+  if (process.argv.includes('--json')) console.log(JSON.stringify({ mib: MIB, mode: leaveRunning ? 'leave-running' : 'default', rounds, load, paired, builds: report }, null, 2));
   else {
     console.log(`${leaveRunning ? '--leave-running' : 'default'} snapshots of a ${MIB} MiB memapp, ${rounds} rounds, builds alternating; medians (ms); load (1 min) median ${load.median}, ${load.min}–${load.max}`);
     const names = builds.map((b) => b.name);
     console.log(`| | ${names.join(' | ')} |\n|---|${names.map(() => '---').join('|')}|`);
     for (const k of ['frozenMs', 'heldMs', 'totalMs', 'injectedCalls']) console.log(`| ${k} | ${names.map((x) => report[x][k]).join(' | ')} |`);
     console.log(`| frozen min–max | ${names.map((x) => report[x].frozenMinMax.join('–')).join(' | ')} |`);
+    for (const [pair, d] of Object.entries(paired)) console.log(`| paired median ${pair}: frozen, on a CPU | ${d.frozenMs} ms, ${d.onCpuMs} ms |`);
     for (const p of Object.keys(report[names[0]].phases)) console.log(`| phase ${p} | ${names.map((x) => report[x].phases[p]).join(' | ')} |`);
     const labels = [...new Set(names.flatMap((x) => Object.keys(report[x].steps)))];
     for (const l of labels) console.log(`| step: ${l} | ${names.map((x) => report[x].steps[l] ?? '–').join(' | ')} |`);

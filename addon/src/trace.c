@@ -4,6 +4,7 @@
 
 #include <elf.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -548,20 +549,48 @@ static uint64_t status_mask(const char* line, const char* field) {
   return strtoull(line + n + 1, NULL, 16);
 }
 
+/* Reads /proc/PID/status whole into `buf` (NUL-terminated): one open,
+ * reads until its end, one close, where stdio's fopen and fgets took a
+ * stat and a read per kilobyte besides (the file is some 1.5 kB). Its
+ * length, or -1. Once per batch, in the frozen window. */
+static ssize_t read_status(pid_t tid, char* buf, size_t size) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/status", tid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  size_t len = 0;
+  for (;;) {
+    ssize_t n = read(fd, buf + len, size - 1 - len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    len += (size_t)n;
+    if (len == size - 1) break;
+  }
+  close(fd);
+  buf[len] = 0;
+  return (ssize_t)len;
+}
+
 static batch_end choose_batch_end(pid_t tid) {
   batch_end end = {SIGTRAP, 1};
-  char path[64], line[512];
-  snprintf(path, sizeof path, "/proc/%d/status", tid);
-  FILE* f = fopen(path, "r");
-  if (!f) return end;
+  char small[8192];
+  char* status = small;
+  ssize_t len = read_status(tid, small, sizeof small);
+  if (len < 0) return end;
+  /* Longer (a Groups line of thousands): read again, whole. */
+  char* large = NULL;
+  if ((size_t)len == sizeof small - 1 && (large = malloc(1 << 20)) != NULL && read_status(tid, large, 1 << 20) >= 0) status = large;
   uint64_t caught = ~0ull, pending = ~0ull, shared = ~0ull;
-  while (fgets(line, sizeof line, f)) {
+  for (char* line = status; line && *line;) {
+    char* next = strchr(line, '\n');
+    if (next) *next++ = 0;
     if (!strncmp(line, "SigCgt:", 7)) caught = status_mask(line, "SigCgt");
     else if (!strncmp(line, "SigPnd:", 7)) pending = status_mask(line, "SigPnd");
     else if (!strncmp(line, "ShdPnd:", 7)) shared = status_mask(line, "ShdPnd");
     else if (!strncmp(line, "x86_Thread_features:", 20) && strstr(line, "shstk")) end.frame_ok = 0;
+    line = next;
   }
-  fclose(f);
+  free(large);
   static const int harmless[] = {SIGURG, SIGWINCH, SIGCHLD};
   for (size_t i = 0; i < sizeof harmless / sizeof *harmless; i++) {
     uint64_t bit = 1ull << (harmless[i] - 1);

@@ -20,18 +20,30 @@ const SYSCALL = Buffer.from([0x0f, 0x05]);
 const syscallAt = new Map<bigint, bigint>();
 
 export class Injector {
-  private readonly scratch: bigint;
-  private readonly saved: Buffer;
+  /** The scratch bytes below the stack and what they held, once a call
+   * needed them: most snapshots ask their questions in batches from the
+   * preload library's area and never use them, and saving and putting
+   * back 512 bytes of the stack (with a read of the registers) was three
+   * system calls of the frozen window for nothing, the put-back a write
+   * to the stack's page. Taken at the first use: the thread's stack
+   * pointer is the same then (every injection puts its registers back). */
+  private scratchAt?: bigint;
+  private saved?: Buffer;
 
   private constructor(
     readonly pid: number,
     readonly tid: number,
     private readonly insn: bigint,
-  ) {
-    const regs = addon().getRegs(tid);
-    const rsp = regs.readBigUInt64LE(REGS.rsp);
-    this.scratch = (rsp - RED_ZONE - BigInt(SCRATCH)) & ~63n;
-    this.saved = addon().readMemory(pid, this.scratch, SCRATCH);
+  ) {}
+
+  private get scratch(): bigint {
+    if (this.scratchAt === undefined) {
+      const rsp = addon().getRegs(this.tid).readBigUInt64LE(REGS.rsp);
+      const at = (rsp - RED_ZONE - BigInt(SCRATCH)) & ~63n;
+      this.saved = addon().readMemory(this.pid, at, SCRATCH);
+      this.scratchAt = at;
+    }
+    return this.scratchAt;
   }
 
   /** An injector working through thread `tid` of `pid`, or an error naming
@@ -91,8 +103,9 @@ export class Injector {
   /** Bytes an out-parameter may take. */
   readonly scratchSize = SCRATCH;
 
+  /** Puts the scratch bytes back, if a call used them. */
   close(): void {
-    addon().writeMemory(this.pid, this.scratch, this.saved);
+    if (this.scratchAt !== undefined && this.saved) addon().writeMemory(this.pid, this.scratchAt, this.saved);
   }
 }
 

@@ -115,8 +115,24 @@ function preloadMapping(maps: string): PreloadMapping | undefined {
   return found;
 }
 
+/** What preloadMappingIn found in each list of mappings, with the list's
+ * length then: a snapshot asks it of one process's list three or four
+ * times in its frozen window (its batch area, its TID moves, its timed
+ * waits), each a walk of every mapping with a string replace and a
+ * basename, interpreted code mostly. A list is read from /proc once and
+ * not changed after; one that grew or shrank is looked at again. */
+const preloadMappingOf = new WeakMap<MapsLine[], { length: number; found: PreloadMapping | undefined }>();
+
 /** preloadMapping, from maps already read and parsed. */
 function preloadMappingIn(maps: MapsLine[]): PreloadMapping | undefined {
+  const known = preloadMappingOf.get(maps);
+  if (known && known.length === maps.length) return known.found;
+  const found = findPreloadMappingIn(maps);
+  preloadMappingOf.set(maps, { length: maps.length, found });
+  return found;
+}
+
+function findPreloadMappingIn(maps: MapsLine[]): PreloadMapping | undefined {
   const ours = preload();
   const name = basename(ours);
   let found: PreloadMapping | undefined;

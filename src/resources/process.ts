@@ -4,8 +4,8 @@
  * prctl(PR_SET_MM_MAP) restores. Credentials (creds.ts) and limits
  * (limits.ts) are resource kinds of their own.
  */
-import { closeSync, openSync, readdirSync } from 'node:fs';
-import { childrenOfThread, procBytes, procLink, procText, readCmdline, readStat } from '../procfs.js';
+import { closeSync, openSync } from 'node:fs';
+import { childrenOfThread, gatherProc, procBytes, procDir, procLink, type ProcKind, procText, readCmdline, readStat } from '../procfs.js';
 import type { ITimer, Image, MmFields, Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { fsIdentity, identitiesFor, openDirectoryAs, refusedAsProcess, restoringProcess } from './fsident.js';
@@ -184,6 +184,9 @@ function refuseOwnNamespaces(ctx: DumpContext, pid: number, what: string): void 
   let init = initNamespaces.get(ctx);
   if (!init) {
     const initPid = ctx.tables.initPid;
+    // The init's links in one native call (read now, in the window, as
+    // they were one by one): nsLink below answers from it.
+    if (initPid > 0) gatherProc(OWN_NAMESPACES.map(([ns]): [ProcKind, string] => ['link', `/proc/${initPid}/ns/${ns}`]));
     init = new Map(OWN_NAMESPACES.map(([ns]) => [ns, initPid > 0 ? nsLink(initPid, ns) : undefined]));
     initNamespaces.set(ctx, init);
   }
@@ -197,7 +200,8 @@ function refuseOwnNamespaces(ctx: DumpContext, pid: number, what: string): void 
   // its sockets then of that namespace (/proc/PID/ns/ shows the leader's).
   let tids: string[] = [];
   try {
-    tids = readdirSync(`/proc/${pid}/task`).filter((t) => t !== String(pid));
+    // Gathered after its questions (procfs.ts), else read now.
+    tids = procDir(`/proc/${pid}/task`).filter((t) => t !== String(pid));
   } catch {
     /* gone: the snapshot finds it so elsewhere */
   }

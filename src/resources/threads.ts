@@ -195,8 +195,15 @@ export function findGlibcTidOffset(pid: number, threads: { tid: number; regs: Bu
       }
     if (!mem) return 0;
     const found: number[] = [];
+    // Through a view of 32-bit words (a copy where the bytes are not
+    // aligned), not a readInt32LE per word: once per thread per snapshot,
+    // in the frozen window, mostly interpreted, the thousand calls took
+    // 0.2 ms of the tiny app's window (CPU profile; 640 -> 55 us apart).
+    // (Little-endian, as the words are on x86-64.)
+    const bytes = mem.byteOffset % 4 === 0 ? mem : new Uint8Array(mem);
+    const words = new Int32Array(bytes.buffer, bytes.byteOffset, bytes.length >> 2);
     // The descriptor's first words (tcbhead_t) are pointers, never a TID.
-    for (let o = 0x40; o + 4 <= mem.length; o += 4) if (mem.readInt32LE(o) === t.tid) found.push(o);
+    for (let k = 0x40 / 4; k < words.length; k++) if (words[k] === t.tid) found.push(k * 4);
     common = common ? common.filter((o) => found.includes(o)) : found;
   }
   return common?.[0] ?? 0;

@@ -19,11 +19,12 @@
  * refused by name before anything is made. Where they are the same (the
  * usual case: both in the node's namespace) nothing is done.
  */
-import { readFileSync, readlinkSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Image, TimeOffsets } from '../image/types.js';
 import { nameProcess, Unsupported } from './context.js';
 import { CAP, capName, hasCap, type OwnCreds } from './creds.js';
+import { procLink, procText } from '../procfs.js';
 
 const NS_PER_S = 1_000_000_000n;
 /** The kernel's limit on a clock (KTIME_MAX in seconds): an offset's
@@ -39,7 +40,9 @@ const KTIME_SEC_MAX = 9_223_372_036n;
 export function readTimeOffsets(pid: number | 'self'): TimeOffsets | undefined {
   let text: string;
   try {
-    text = readFileSync(`/proc/${pid}/timens_offsets`, 'utf8');
+    // Gathered with the rest of a frozen process's /proc (procfs.ts), else
+    // read now.
+    text = procText(`/proc/${pid}/timens_offsets`);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw e;
@@ -57,7 +60,7 @@ export function readTimeOffsets(pid: number | 'self'): TimeOffsets | undefined {
 
 const nsLink = (pid: number, which: string): string | undefined => {
   try {
-    return readlinkSync(`/proc/${pid}/ns/${which}`);
+    return procLink(`/proc/${pid}/ns/${which}`);
   } catch {
     return undefined;
   }
