@@ -622,6 +622,7 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("written", &PageWriter::Written),
                         InstanceMethod("drain", &PageWriter::Drain),
                         InstanceMethod("startHashing", &PageWriter::StartHashing),
+                        InstanceMethod("startFlushing", &PageWriter::StartFlushing),
                         InstanceMethod("reserve", &PageWriter::Reserve),
                         InstanceMethod("abort", &PageWriter::Abort),
                         InstanceMethod("close", &PageWriter::Abort)});
@@ -904,6 +905,12 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
   // startHashing(all): see pw_hash_start.
   Napi::Value StartHashing(const Napi::CallbackInfo& info) {
     if (open_ && w_.buf) pw_hash_start(&w_, info[0].ToBoolean());
+    return info.Env().Undefined();
+  }
+
+  // startFlushing(): see pw_flush_start.
+  Napi::Value StartFlushing(const Napi::CallbackInfo& info) {
+    if (open_ && w_.buf) pw_flush_start(&w_);
     return info.Env().Undefined();
   }
 

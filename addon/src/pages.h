@@ -226,6 +226,15 @@ int pw_drain(page_writer* w, int timeout_ms);
  * is read, so that the reading shares its cores with no hashing; one that
  * ends it, at once. pw_finish hashes what is left on every core. */
 void pw_hash_start(page_writer* w, int all);
+/* Starts sending what the writer thread writes to the disk as it goes
+ * (written back by steps, the device's cache flushed every few tens of
+ * MiB: see flusher_main in pages.c), so that pw_finish's fsync finds
+ * little left. Called once the application's memory is read at the pace
+ * the application can spare (it ended or frozen: with the freeze; left
+ * running: once it runs again). Nothing with APPSHOT_PAGES_FLUSH_AHEAD=0
+ * (for measuring), or where the file is mapped; written with O_DIRECT,
+ * the device's cache flushes alone. */
+void pw_flush_start(page_writer* w);
 /* Flushes and syncs, and waits for the chunk digests; the file stays open
  * until pw_link or pw_abort. */
 int pw_finish(page_writer* w);

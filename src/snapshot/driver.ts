@@ -633,6 +633,20 @@ function reserveMax(): number {
   return process.env.APPSHOT_PAGES_MAP === '1' ? 32 << 20 : writeQueueLimit();
 }
 
+/** Left running with copy-on-write capture, the memory of a process
+ * that is copied (a child of the application's init: see CowCapture) is
+ * read once the application runs again: page cache made for it ahead
+ * shortens no frozen window, and costs writing the file twice (256 MiB:
+ * zeros 0.1-1.3 s before the freeze, on this VM). Prepared only for the
+ * processes that will be read frozen (about: a copy can still be refused
+ * for a seccomp filter or a failed fork, which then reads cold), unless
+ * APPSHOT_RESERVE_MAX is set (for measuring: the old behaviour). */
+function reservedForFrozenReads(roots: number[], initPid: number, estimate: number): number {
+  if (process.env.APPSHOT_RESERVE_MAX) return estimate;
+  const frozen = roots.filter((pid) => readStat(pid)?.ppid !== initPid);
+  return frozen.length ? timed('size estimated (read frozen)', () => estimateImageBytes(frozen)) : 0;
+}
+
 /** Zeros written ahead take the file system's space before the pages
  * do: never more than half of what is free in `dir`'s, so that a snapshot
  * on a nearly full disk does not fill it for the application and every
@@ -1029,7 +1043,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     // command's wall unchanged (1.52 -> 1.59 s; paired, load ~6).
     const whole = !parent && !base;
     const estimate = progress === noProgress && !whole ? 0 : timed('size estimated', () => estimateImageBytes(roots));
-    if (whole) timed('page file prepared', () => pages.reserve(Math.min(estimate, reserveMax(), reserveRoom(toStream ? tmpdir() : dirname(output)))));
+    if (whole) timed('page file prepared', () => pages.reserve(Math.min(cow ? reservedForFrozenReads(roots, record.initPid ?? 0, estimate) : estimate, reserveMax(), reserveRoom(toStream ? tmpdir() : dirname(output)))));
     // This image becomes the next one's parent: writes are tracked from
     // the freeze on (ArmingInDump). Not a tar: its page file is not on disk for
     // the next one to compare.
@@ -1052,6 +1066,11 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     // 9-10 on 2 cores: the fsync of 256 MiB 240 -> 40 ms). Left running, it
     // waits only for the reading, which the hashing would slow (measured
     // likewise: 256 MiB frozen 0.47 -> 1.36 s): hashed once it runs again.
+    // Not sent to the disk ahead here (pages.startFlushing: the flushes
+    // slow the reading, both cores busy: 256 MiB, the window 107 -> 189
+    // ms for an fsync 191 -> 89 ms; bench/snapwall-ab, paired, 7 rounds,
+    // load ~4.4): the hashing's writing back of each chunk is as far as it
+    // goes in the window.
     if (!opts.leaveRunning) pages.startHashing(false);
     const reporting = new ReportingPageWriter(pages, progress, estimate);
     reporting.report();
@@ -1098,6 +1117,12 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       timed('resume', () => freezer.resume());
       clock.released();
       clock.end('resumeMs');
+      // What is written from now on (the copies read, what is queued) is
+      // hashed (one thread) and goes to the disk as it is written, beside
+      // the reading of the copies rather than after it: the final fsync
+      // and hashing wait for less.
+      if (!process.env.APPSHOT_PAGES_FLUSH_AHEAD?.startsWith('0')) pages.startHashing(false);
+      pages.startFlushing();
       reportProfile('the frozen window');
     }
     // The frozen window ends here: nothing below reads the application,
