@@ -374,7 +374,8 @@ interface Addon {
     lrpid: number;
     messages: { type: number; data: Buffer }[];
   };
-  PageWriter: new (dir: string, parentFds: number[], queueLimit?: number) => PageWriter;
+  /** `direct`: written with O_DIRECT, no page cache made (see pw_open). */
+  PageWriter: new (dir: string, parentFds: number[], queueLimit?: number, direct?: boolean) => PageWriter;
   PagesCheck: new (fd: number, size: number, chunkSize: number, table: Buffer) => PagesCheck;
   pipe(): [number, number];
   socketPair(type: number): [number, number];

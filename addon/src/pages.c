@@ -581,12 +581,14 @@ static int direct_write(struct pw_queue* q, const uint8_t* p, size_t len) {
   return 0;
 }
 
-/* The page file's descriptor again, with O_DIRECT, when
- * APPSHOT_PAGES_DIRECT=1 and the file system takes it (tmpfs does not):
+/* The page file's descriptor again, with O_DIRECT, when `wanted` (or
+ * APPSHOT_PAGES_DIRECT=1; =0: never) and the file system takes it (tmpfs
+ * before Linux 6.6 does not):
  * -1 otherwise. */
-static int direct_open(int file_fd) {
-  const char* on = getenv("APPSHOT_PAGES_DIRECT");
-  if (!on || *on != '1') return -1;
+static int direct_open(int file_fd, int wanted) {
+  const char* set = getenv("APPSHOT_PAGES_DIRECT");
+  if (set && (*set == '0' || *set == '1')) wanted = *set == '1';
+  if (!wanted) return -1;
   char self[64];
   snprintf(self, sizeof self, "/proc/self/fd/%d", file_fd);
   return open(self, O_WRONLY | O_DIRECT | O_CLOEXEC);
@@ -772,7 +774,7 @@ static int map_window(page_writer* w) {
   return 0;
 }
 
-int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
+int pw_open(page_writer* w, const char* dir, uint64_t queue_limit, int direct) {
   memset(w, 0, sizeof *w);
   w->file_fd = -1;
   w->mem_fd = -1;
@@ -803,7 +805,7 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit) {
     if (q) {
       q->fd = w->file_fd;
       q->sums = w->sums;
-      q->direct_fd = direct_open(w->file_fd);
+      q->direct_fd = direct_open(w->file_fd, direct);
       if (q->direct_fd >= 0) {
         q->chunk = EVP_MD_CTX_new();
         if (!q->chunk || EVP_DigestInit_ex(q->chunk, EVP_sha256(), NULL) != 1) {

@@ -157,13 +157,14 @@ int pages_release_kept(int unused_seconds);
  * allocate ahead: fallocate), the file is instead mapped shared and pages
  * read straight into it: one copy less, but a fault per page, which costs
  * more than the copy on a VM (see map_open in pages.c).
- * With APPSHOT_PAGES_DIRECT=1 (and a queue limit), the writer thread
+ * With `direct` (and a queue limit; APPSHOT_PAGES_DIRECT=1 or 0 in the
+ * environment decides instead, for measuring), the writer thread
  * writes the file with O_DIRECT and the chunks are hashed from its
  * buffers: no page cache is made for the page file (on a VM whose host
  * takes freed memory back, most of what a large snapshot costs in CPU),
  * nothing is written ahead (pw_reserve does nothing), and the reading
  * waits for the disk (see direct_open in pages.c). */
-int pw_open(page_writer* w, const char* dir, uint64_t queue_limit);
+int pw_open(page_writer* w, const char* dir, uint64_t queue_limit, int direct);
 /* Makes the page cache of the file's first `bytes` now (written with
  * zeros, or allocated and faulted in where it is mapped): called before
  * the application is frozen with what its image will about hold, so that

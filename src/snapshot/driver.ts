@@ -63,7 +63,7 @@ import { residentBatchOf } from '../ptrace/windows.js';
 import { forgetGathered, gatherProc, gatheredAfterCalls, gatheredBeforeCalls, readStat } from '../procfs.js';
 import { PhaseClock, type SnapshotPhases } from './phases.js';
 import { armingAnswered, type ArmingAsked, armTracking, askArming, plannedTrackingFd, processKey, protectTracked } from './tracking.js';
-import { estimateImageBytes, ReportingPageWriter } from './progress.js';
+import { estimateFrozenBytes, estimateImageBytes, ReportingPageWriter } from './progress.js';
 import { reportProfile, timed, windowOpens } from './profile.js';
 import { CowCapture, type CowCaptureReport, cowCaptureWanted } from './cowcapture.js';
 
@@ -633,19 +633,11 @@ function reserveMax(): number {
   return process.env.APPSHOT_PAGES_MAP === '1' ? 32 << 20 : writeQueueLimit();
 }
 
-/** Left running with copy-on-write capture, the memory of a process
- * that is copied (a child of the application's init: see CowCapture) is
- * read once the application runs again: page cache made for it ahead
- * shortens no frozen window, and costs writing the file twice (256 MiB:
- * zeros 0.1-1.3 s before the freeze, on this VM). Prepared only for the
- * processes that will be read frozen (about: a copy can still be refused
- * for a seccomp filter or a failed fork, which then reads cold), unless
- * APPSHOT_RESERVE_MAX is set (for measuring: the old behaviour). */
-function reservedForFrozenReads(roots: number[], initPid: number, estimate: number): number {
-  if (process.env.APPSHOT_RESERVE_MAX) return estimate;
-  const frozen = roots.filter((pid) => readStat(pid)?.ppid !== initPid);
-  return frozen.length ? timed('size estimated (read frozen)', () => estimateImageBytes(frozen)) : 0;
-}
+/** The most read frozen, about, for a --leave-running snapshot with
+ * copy-on-write capture to write its page file with O_DIRECT: what the
+ * page writer's queue holds (4 buffers of 2 MiB, pages.c), so that the
+ * frozen reading never waits for the disk. */
+const DIRECT_FROZEN_MAX = 8 << 20;
 
 /** Zeros written ahead take the file system's space before the pages
  * do: never more than half of what is free in `dir`'s, so that a snapshot
@@ -990,9 +982,22 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   // Pages are written by a thread of the page writer's while memory is
   // read, so the application waits for the disk only when a quarter of
   // the machine's available memory is queued for it.
+  /** Left running, it goes on once copies of its memory are made: what
+   * is still read frozen, about (the rest is read once it runs again). */
+  const copying = opts.leaveRunning && cowCaptureWanted(opts.cowCapture);
+  const frozenBytes = copying ? timed('size estimated (read frozen)', () => estimateFrozenBytes(roots, (pid) => readStat(pid)?.ppid === record.initPid)) : undefined;
+  // Read from copies, the memory can be written at the disk's pace: with
+  // O_DIRECT (no page cache made for the page file, whose first touches
+  // were most of what the command cost on this VM, and the digests taken
+  // from the writer's buffers: 256 MiB, wall 1164 -> 660 ms and CPU 790
+  // -> 388 ms, frozen 53 -> 60 ms within its spread; bench/snapwall-ab,
+  // paired, 5 rounds, load 8-10). Not when more is read frozen than the
+  // writer's queue holds (the reading would wait for the disk), nor for
+  // an image streamed or put in a file (the page file read back).
+  const direct = frozenBytes !== undefined && frozenBytes <= DIRECT_FROZEN_MAX && !toStream && !toFile;
   let pages: PageWriter;
   try {
-    pages = timed('page writer opened', () => new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.fds ?? [], writeQueueLimit()));
+    pages = timed('page writer opened', () => new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.fds ?? [], writeQueueLimit(), direct));
   } catch (e) {
     discardBase(base);
     for (const l of parent?.chain ?? []) l.dispose();
@@ -1016,8 +1021,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   let held: { held: number; needed: number; waiting: number } | undefined;
   /** Scratch areas mapped for batches of injected calls, by process. */
   const batchAreas = new Map<number, RemoteProcess>();
-  /** Left running, it goes on once copies of its memory are made. */
-  const cow = opts.leaveRunning && cowCaptureWanted(opts.cowCapture) ? new CowCapture(record.initPid) : undefined;
+  const cow = copying ? new CowCapture(record.initPid) : undefined;
   const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_HOLD_SECONDS;
   // The image in place (renamed there, or sent whole); the connections
   // handed to a keeper; the application released to its image (the point
@@ -1043,7 +1047,13 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     // command's wall unchanged (1.52 -> 1.59 s; paired, load ~6).
     const whole = !parent && !base;
     const estimate = progress === noProgress && !whole ? 0 : timed('size estimated', () => estimateImageBytes(roots));
-    if (whole) timed('page file prepared', () => pages.reserve(Math.min(cow ? reservedForFrozenReads(roots, record.initPid ?? 0, estimate) : estimate, reserveMax(), reserveRoom(toStream ? tmpdir() : dirname(output)))));
+    // Left running with copy-on-write capture, only for what is read
+    // frozen: page cache made ahead for memory read after the resume
+    // shortens no frozen window and costs writing the file twice (256
+    // MiB: zeros 0.1-1.3 s before the freeze, on this VM). All of it
+    // with APPSHOT_RESERVE_MAX set (for measuring: as before).
+    const reserved = frozenBytes === undefined || process.env.APPSHOT_RESERVE_MAX ? estimate : frozenBytes;
+    if (whole) timed('page file prepared', () => pages.reserve(Math.min(reserved, reserveMax(), reserveRoom(toStream ? tmpdir() : dirname(output)))));
     // This image becomes the next one's parent: writes are tracked from
     // the freeze on (ArmingInDump). Not a tar: its page file is not on disk for
     // the next one to compare.

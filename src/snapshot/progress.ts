@@ -31,6 +31,25 @@ export function estimateImageBytes(pids: number[]): number {
   return kb * 1024;
 }
 
+/** About how many bytes of memory a --leave-running snapshot with
+ * copy-on-write capture reads while the application is frozen: all of a
+ * process that is not `initPid`'s child (its memory is read frozen, see
+ * CowCapture), the shared memory of one that is. */
+export function estimateFrozenBytes(pids: number[], isCopied: (pid: number) => boolean): number {
+  let kb = 0;
+  for (const pid of pids) {
+    let text: string;
+    try {
+      text = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+    } catch {
+      continue;
+    }
+    const fields = isCopied(pid) ? /^(Pss_Shmem):\s+(\d+) kB$/gm : /^(Anonymous|Swap|Pss_Shmem):\s+(\d+) kB$/gm;
+    for (const m of text.matchAll(fields)) kb += Number(m[2]);
+  }
+  return kb * 1024;
+}
+
 /** Merges `runs` (pairs of page index and count, relative to `shift`
  * pages further on) into `into`, joining a run that continues the last. */
 function appendRuns(into: number[], runs: ArrayLike<number>, shift: number): void {
