@@ -94,7 +94,7 @@ export class ReportingPageWriter {
       written: () => pages.written(),
       drain: (ms: number) => pages.drain(ms),
       startHashing: (all: boolean) => pages.startHashing(all),
-      startFlushing: () => pages.startFlushing(),
+      startFlushing: (behindHashing?: boolean) => pages.startFlushing(behindHashing),
       reserve: (bytes: number) => pages.reserve(bytes),
       close: () => pages.close(),
       abort: () => pages.abort(),
