@@ -32,11 +32,12 @@ export function estimateImageBytes(pids: number[]): number {
 }
 
 /** About how many bytes of memory a --leave-running snapshot with
- * copy-on-write capture reads while the application is frozen: all of a
- * process that is not `initPid`'s child (its memory is read frozen, see
- * CowCapture), the shared memory of one that is. */
-export function estimateFrozenBytes(pids: number[], isCopied: (pid: number) => boolean): number {
-  let kb = 0;
+ * copy-on-write capture reads while the application is frozen (all of a
+ * process that is not copied, see CowCapture; the shared memory of one
+ * that is), and how many from the copies once it runs again. */
+export function estimateFrozenBytes(pids: number[], isCopied: (pid: number) => boolean): { frozen: number; copied: number } {
+  let frozen = 0;
+  let copied = 0;
   for (const pid of pids) {
     let text: string;
     try {
@@ -44,10 +45,13 @@ export function estimateFrozenBytes(pids: number[], isCopied: (pid: number) => b
     } catch {
       continue;
     }
-    const fields = isCopied(pid) ? /^(Pss_Shmem):\s+(\d+) kB$/gm : /^(Anonymous|Swap|Pss_Shmem):\s+(\d+) kB$/gm;
-    for (const m of text.matchAll(fields)) kb += Number(m[2]);
+    const fromCopy = isCopied(pid);
+    for (const m of text.matchAll(/^(Anonymous|Swap|Pss_Shmem):\s+(\d+) kB$/gm)) {
+      if (fromCopy && m[1] !== 'Pss_Shmem') copied += Number(m[2]) * 1024;
+      else frozen += Number(m[2]) * 1024;
+    }
   }
-  return kb * 1024;
+  return { frozen, copied };
 }
 
 /** Merges `runs` (pairs of page index and count, relative to `shift`
