@@ -197,9 +197,8 @@ export interface PageWriter {
    * by finish. */
   startHashing(all: boolean): void;
   /** Starts sending what is written to the disk as it goes, so that
-   * finish's fsync finds little left (`behindHashing`: only the device's
-   * cache flushed, behind the hashing): see pw_flush_start. */
-  startFlushing(behindHashing?: boolean): void;
+   * finish's fsync finds little left: see pw_flush_start. */
+  startFlushing(): void;
   /** Prepares the file's first `bytes` (page cache allocated and faulted
    * in) before the application is frozen: 0, or -errno (not prepared,
    * which is no failure). See pw_reserve. */

@@ -910,9 +910,9 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     return info.Env().Undefined();
   }
 
-  // startFlushing(behindHashing?): see pw_flush_start.
+  // startFlushing(): see pw_flush_start.
   Napi::Value StartFlushing(const Napi::CallbackInfo& info) {
-    if (open_ && w_.buf) pw_flush_start(&w_, info.Length() > 0 && info[0].ToBoolean());
+    if (open_ && w_.buf) pw_flush_start(&w_);
     return info.Env().Undefined();
   }
 

@@ -112,7 +112,6 @@ struct pw_sums {
    * the file's other dirty pages), and how far it got. */
   pthread_t flusher;
   int flushing;
-  int behind_hashing; /* flushes only what the hashing wrote back */
   int dir_fd;
   uint64_t started, flushed;
   uint64_t landed; /* bytes the writer put in the file, by either path */
@@ -388,8 +387,7 @@ static void* flusher_main(void* arg) {
   pthread_mutex_lock(&s->mu);
   while (!s->stop && !s->final) {
     uint64_t upto = s->landed;
-    if (s->behind_hashing && (uint64_t)s->done * PAGES_CHUNK < upto) upto = (uint64_t)s->done * PAGES_CHUNK;
-    if (upto > s->flushed && upto - s->flushed >= FLUSH_STEP) {
+    if (upto - s->flushed >= FLUSH_STEP) {
       uint64_t from = s->flushed;
       pthread_mutex_unlock(&s->mu);
       sync_file_range(s->fd, (off64_t)from, (off64_t)(upto - from),
@@ -397,7 +395,7 @@ static void* flusher_main(void* arg) {
       if (s->dir_fd >= 0) fdatasync(s->dir_fd);
       pthread_mutex_lock(&s->mu);
       s->flushed = s->started = upto;
-    } else if (!s->behind_hashing && upto > s->started && upto - s->started >= FLUSH_KICK) {
+    } else if (upto - s->started >= FLUSH_KICK) {
       uint64_t from = s->started;
       pthread_mutex_unlock(&s->mu);
       sync_file_range(s->fd, (off64_t)from, (off64_t)(upto - from), SYNC_FILE_RANGE_WRITE);
@@ -1564,7 +1562,7 @@ int pw_finish(page_writer* w) {
   return rc;
 }
 
-void pw_flush_start(page_writer* w, int behind_hashing) {
+void pw_flush_start(page_writer* w) {
   struct pw_sums* s = w->sums;
   /* Written by the writer thread only: mapped, the mapping's write-back
    * has its own costs (sums_main). With O_DIRECT, only the device's
@@ -1573,7 +1571,6 @@ void pw_flush_start(page_writer* w, int behind_hashing) {
   const char* off = getenv("APPSHOT_PAGES_FLUSH_AHEAD");
   if (off && *off == '0') return;
   pthread_mutex_lock(&s->mu);
-  if (!s->flushing) s->behind_hashing = behind_hashing;
   if (!s->flushing && !s->final && !s->stop && s->dir_fd >= 0 &&
       pthread_create(&s->flusher, NULL, flusher_main, s) == 0)
     s->flushing = 1;

@@ -235,10 +235,7 @@ void pw_hash_start(page_writer* w, int all);
  * running: once it runs again). Nothing with APPSHOT_PAGES_FLUSH_AHEAD=0
  * (for measuring), or where the file is mapped; written with O_DIRECT,
  * the device's cache flushes alone. */
-/* `behind_hashing`: nothing written back ahead of the hashing threads
- * (which write back each chunk they hash), only the device's cache
- * flushed behind them: for a reading that has no core to spare. */
-void pw_flush_start(page_writer* w, int behind_hashing);
+void pw_flush_start(page_writer* w);
 /* Flushes and syncs, and waits for the chunk digests; the file stays open
  * until pw_link or pw_abort. */
 int pw_finish(page_writer* w);

@@ -1081,19 +1081,15 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     // 9-10 on 2 cores: the fsync of 256 MiB 240 -> 40 ms). Left running, it
     // waits only for the reading, which the hashing would slow (measured
     // likewise: 256 MiB frozen 0.47 -> 1.36 s): hashed once it runs again.
-    // Meanwhile the device's cache is flushed behind the hashing (which
-    // writes each chunk back as it hashes it), every 32 MiB: the fsync
-    // then finds less for the host to write (256 MiB: fsync 159 -> 117
-    // ms, held 377 -> 334 ms, frozen within its spread, paired +1 ms;
-    // bench/snapwall-ab, 5 rounds, load 5.6-6.8). Not written back ahead
-    // of the hashing as after a resume: in the window both cores are
-    // busy, and that slowed the reading (frozen 107 -> 189 ms, 7 rounds,
-    // load ~4.4). Written with O_DIRECT (APPSHOT_PAGES_DIRECT=1), nothing
-    // is written back: flushed as written.
-    if (!opts.leaveRunning) {
-      pages.startHashing(false);
-      pages.startFlushing(!(direct || process.env.APPSHOT_PAGES_DIRECT === '1'));
-    }
+    // Not sent to the disk ahead here (pages.startFlushing): in the
+    // window both cores are busy, and the flushes slowed the reading.
+    // 256 MiB, bench/snapwall-ab, paired: written back and flushed as
+    // written, the window 107 -> 189 ms for an fsync 191 -> 89 ms (7
+    // rounds, load ~4.4); only the device's cache flushed behind the
+    // hashing, frozen +58 ms paired (lower in 3 of 9, load 3.4-5.8) for an
+    // fsync 159 -> 127 ms, the held time no shorter. The hashing's
+    // writing back of each chunk is as far as it goes in the window.
+    if (!opts.leaveRunning) pages.startHashing(false);
     const reporting = new ReportingPageWriter(pages, progress, estimate);
     reporting.report();
     // Processes created while we were stopping the others mapped themselves.

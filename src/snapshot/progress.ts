@@ -98,7 +98,7 @@ export class ReportingPageWriter {
       written: () => pages.written(),
       drain: (ms: number) => pages.drain(ms),
       startHashing: (all: boolean) => pages.startHashing(all),
-      startFlushing: (behindHashing?: boolean) => pages.startFlushing(behindHashing),
+      startFlushing: () => pages.startFlushing(),
       reserve: (bytes: number) => pages.reserve(bytes),
       close: () => pages.close(),
       abort: () => pages.abort(),
