@@ -1135,12 +1135,16 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       timed('resume', () => freezer.resume());
       clock.released();
       clock.end('resumeMs');
-      // What is written from now on (the copies read, what is queued) is
-      // hashed (one thread) and goes to the disk as it is written, beside
-      // the reading of the copies rather than after it: the final fsync
-      // and hashing wait for less.
-      if (!process.env.APPSHOT_PAGES_FLUSH_AHEAD?.startsWith('0')) pages.startHashing(false);
-      pages.startFlushing();
+      // What the copies give from now on is hashed (one thread) and goes
+      // to the disk as it is written, beside their reading rather than
+      // after it: the final fsync and hashing wait for less. With nothing
+      // left to read (no copy), the flusher would only do the fsync's work
+      // beside it and slow the rest of the queue (256 MiB --no-cow-capture:
+      // drain 2 -> 54 ms, 5 rounds, load 4.4-6.3).
+      if (cow?.pending) {
+        if (!process.env.APPSHOT_PAGES_FLUSH_AHEAD?.startsWith('0')) pages.startHashing(false);
+        pages.startFlushing();
+      }
       reportProfile('the frozen window');
     }
     // The frozen window ends here: nothing below reads the application,
