@@ -5,6 +5,7 @@
 //
 //   node bench/snapwall-ab.js OLD_CHECKOUT NEW_CHECKOUT
 //   BENCH_SIZES=16,256 (MiB) BENCH_RUNS=5 BENCH_LR=1 (also --leave-running)
+//   BENCH_RESTORE=1 (the default snapshot's image restored at once, timed)
 //   BENCH_OLD_ENV, BENCH_NEW_ENV: settings of one build's (below)
 //   BENCH_WARM=1: unmeasured rounds first, per size and build (an
 //   engine's first few snapshots run its code cold: 20-35 ms frozen)
@@ -94,8 +95,14 @@ function round(size, r, b) {
     }
     const def = appshot(b, ['snapshot', aid, '-o', join(dir, 'img'), '--full']);
     record(size, b, 'def', { wall: def.wall, cpu: def.cpu, frozen: def.json.frozenMs, injected: def.json.injectedCalls, ...def.json.phases });
+    // BENCH_RESTORE=1: the image restored at once (eager), as a migration
+    // does: what the way its page file was written costs the next command.
+    if (process.env.BENCH_RESTORE === '1') {
+      const rs = appshot(b, ['restore', join(dir, 'img'), '--aid', `${aid}r`]);
+      record(size, b, 'restore', { wall: rs.wall, cpu: rs.cpu, frozen: 0 });
+    }
   } finally {
-    cli(b, ['rm', '-f', aid]);
+    cli(b, ['rm', '-f', aid, `${aid}r`]);
     rmSync(dir, { recursive: true, force: true });
   }
 }
@@ -121,7 +128,7 @@ try {
   const loads = rows.map((x) => x.load);
   process.stdout.write(`\nload average (1 min) during: ${Math.min(...loads)}-${Math.max(...loads)}, median ${median(loads)}\n`);
   for (const size of sizes)
-    for (const what of withLr ? ['lr', 'def'] : ['def']) {
+    for (const what of [...(withLr ? ['lr'] : []), 'def', ...(process.env.BENCH_RESTORE === '1' ? ['restore'] : [])]) {
       const keys = Object.keys(rows.find((x) => x.size === size && x.what === what)).filter((k) => !['size', 'build', 'what', 'load'].includes(k));
       process.stdout.write(`\n${size} MiB, ${what}: old / new\n`);
       for (const k of keys) {

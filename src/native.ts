@@ -196,6 +196,9 @@ export interface PageWriter {
    * what is queued) or on every core. Not called, they are all computed
    * by finish. */
   startHashing(all: boolean): void;
+  /** Starts sending what is written to the disk as it goes, so that
+   * finish's fsync finds little left: see pw_flush_start. */
+  startFlushing(): void;
   /** Prepares the file's first `bytes` (page cache allocated and faulted
    * in) before the application is frozen: 0, or -errno (not prepared,
    * which is no failure). See pw_reserve. */
@@ -371,7 +374,8 @@ interface Addon {
     lrpid: number;
     messages: { type: number; data: Buffer }[];
   };
-  PageWriter: new (dir: string, parentFds: number[], queueLimit?: number) => PageWriter;
+  /** `direct`: written with O_DIRECT, no page cache made (see pw_open). */
+  PageWriter: new (dir: string, parentFds: number[], queueLimit?: number, direct?: boolean) => PageWriter;
   PagesCheck: new (fd: number, size: number, chunkSize: number, table: Buffer) => PagesCheck;
   pipe(): [number, number];
   socketPair(type: number): [number, number];

@@ -622,13 +622,15 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("written", &PageWriter::Written),
                         InstanceMethod("drain", &PageWriter::Drain),
                         InstanceMethod("startHashing", &PageWriter::StartHashing),
+                        InstanceMethod("startFlushing", &PageWriter::StartFlushing),
                         InstanceMethod("reserve", &PageWriter::Reserve),
                         InstanceMethod("abort", &PageWriter::Abort),
                         InstanceMethod("close", &PageWriter::Abort)});
   }
 
-  // new PageWriter(dir, parentFds: number[], queueLimit?): an unnamed
-  // file in dir; with a queue limit, written by a thread (see pw_open).
+  // new PageWriter(dir, parentFds: number[], queueLimit?, direct?): an
+  // unnamed file in dir; with a queue limit, written by a thread, with
+  // O_DIRECT if `direct` (see pw_open).
   // The parents' page files are given as the descriptors their loader
   // checked (and still holds), never by path: a path may name another file
   // by now, whose bytes would decide which pages count as unchanged.
@@ -661,7 +663,8 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     uint64_t queue_limit = info.Length() > 2 && info[2].IsNumber()
                                ? static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value())
                                : 0;
-    int rc = pw_open(&w_, path.c_str(), queue_limit);
+    bool direct = info.Length() > 3 && info[3].ToBoolean();
+    int rc = pw_open(&w_, path.c_str(), queue_limit, direct ? 1 : 0);
     if (rc) {
       ThrowErrno(env, "creating " + path, -rc);
       return;
@@ -904,6 +907,12 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
   // startHashing(all): see pw_hash_start.
   Napi::Value StartHashing(const Napi::CallbackInfo& info) {
     if (open_ && w_.buf) pw_hash_start(&w_, info[0].ToBoolean());
+    return info.Env().Undefined();
+  }
+
+  // startFlushing(): see pw_flush_start.
+  Napi::Value StartFlushing(const Napi::CallbackInfo& info) {
+    if (open_ && w_.buf) pw_flush_start(&w_);
     return info.Env().Undefined();
   }
 

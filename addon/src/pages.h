@@ -157,13 +157,14 @@ int pages_release_kept(int unused_seconds);
  * allocate ahead: fallocate), the file is instead mapped shared and pages
  * read straight into it: one copy less, but a fault per page, which costs
  * more than the copy on a VM (see map_open in pages.c).
- * With APPSHOT_PAGES_DIRECT=1 (and a queue limit), the writer thread
+ * With `direct` (and a queue limit; APPSHOT_PAGES_DIRECT=1 or 0 in the
+ * environment decides instead, for measuring), the writer thread
  * writes the file with O_DIRECT and the chunks are hashed from its
  * buffers: no page cache is made for the page file (on a VM whose host
  * takes freed memory back, most of what a large snapshot costs in CPU),
  * nothing is written ahead (pw_reserve does nothing), and the reading
  * waits for the disk (see direct_open in pages.c). */
-int pw_open(page_writer* w, const char* dir, uint64_t queue_limit);
+int pw_open(page_writer* w, const char* dir, uint64_t queue_limit, int direct);
 /* Makes the page cache of the file's first `bytes` now (written with
  * zeros, or allocated and faulted in where it is mapped): called before
  * the application is frozen with what its image will about hold, so that
@@ -226,6 +227,15 @@ int pw_drain(page_writer* w, int timeout_ms);
  * is read, so that the reading shares its cores with no hashing; one that
  * ends it, at once. pw_finish hashes what is left on every core. */
 void pw_hash_start(page_writer* w, int all);
+/* Starts sending what the writer thread writes to the disk as it goes
+ * (written back by steps, the device's cache flushed every few tens of
+ * MiB: see flusher_main in pages.c), so that pw_finish's fsync finds
+ * little left. Called once the application's memory is read at the pace
+ * the application can spare (it ended or frozen: with the freeze; left
+ * running: once it runs again). Nothing with APPSHOT_PAGES_FLUSH_AHEAD=0
+ * (for measuring), or where the file is mapped; written with O_DIRECT,
+ * the device's cache flushes alone. */
+void pw_flush_start(page_writer* w);
 /* Flushes and syncs, and waits for the chunk digests; the file stays open
  * until pw_link or pw_abort. */
 int pw_finish(page_writer* w);

@@ -64,7 +64,7 @@ import { residentBatchOf } from '../ptrace/windows.js';
 import { forgetGathered, gatherProc, gatheredAfterCalls, gatheredBeforeCalls, readStat } from '../procfs.js';
 import { PhaseClock, type SnapshotPhases } from './phases.js';
 import { armingAnswered, type ArmingAsked, armTracking, askArming, plannedTrackingFd, processKey, protectTracked } from './tracking.js';
-import { estimateImageBytes, ReportingPageWriter } from './progress.js';
+import { estimateFrozenBytes, estimateImageBytes, ReportingPageWriter } from './progress.js';
 import { reportProfile, timed, windowOpens } from './profile.js';
 import { CowCapture, type CowCaptureReport, cowCaptureWanted } from './cowcapture.js';
 
@@ -634,6 +634,13 @@ function reserveMax(): number {
   return process.env.APPSHOT_PAGES_MAP === '1' ? 32 << 20 : writeQueueLimit();
 }
 
+/** The most read frozen, about, for a --leave-running snapshot with
+ * copy-on-write capture to write its page file with O_DIRECT: what the
+ * page writer's queue holds (4 buffers of 2 MiB, pages.c), so that the
+ * frozen reading never waits for the disk; and the least read from
+ * copies for it to be worth it. */
+const DIRECT_FROZEN_MAX = 8 << 20;
+
 /** Zeros written ahead take the file system's space before the pages
  * do: never more than half of what is free in `dir`'s, so that a snapshot
  * on a nearly full disk does not fill it for the application and every
@@ -977,9 +984,26 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   // Pages are written by a thread of the page writer's while memory is
   // read, so the application waits for the disk only when a quarter of
   // the machine's available memory is queued for it.
+  /** Left running, it goes on once copies of its memory are made: what
+   * is still read frozen, about (the rest is read once it runs again). */
+  const copying = opts.leaveRunning && cowCaptureWanted(opts.cowCapture);
+  const split = copying ? timed('size estimated (read frozen)', () => estimateFrozenBytes(roots, (pid) => readStat(pid)?.ppid === record.initPid)) : undefined;
+  const frozenBytes = split?.frozen;
+  // Read from copies, the memory can be written at the disk's pace: with
+  // O_DIRECT (no page cache made for the page file, whose first touches
+  // were most of what the command cost on this VM, and the digests taken
+  // from the writer's buffers: 256 MiB, wall 1164 -> 660 ms and CPU 790
+  // -> 388 ms, frozen 53 -> 60 ms within its spread; bench/snapwall-ab,
+  // paired, 5 rounds, load 8-10). Not when more is read frozen than the
+  // writer's queue holds (the reading would wait for the disk), nor for
+  // an image streamed or put in a file (the page file read back), nor
+  // when less than that is read from copies (a tiny application, read
+  // frozen whole: wall 79 -> 106 ms and CPU 39 -> 57 ms with O_DIRECT,
+  // the page cache's cost there nothing to save).
+  const direct = split !== undefined && split.frozen <= DIRECT_FROZEN_MAX && split.copied >= DIRECT_FROZEN_MAX && !toStream && !toFile;
   let pages: PageWriter;
   try {
-    pages = timed('page writer opened', () => new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.fds ?? [], writeQueueLimit()));
+    pages = timed('page writer opened', () => new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.fds ?? [], writeQueueLimit(), direct));
   } catch (e) {
     discardBase(base);
     for (const l of parent?.chain ?? []) l.dispose();
@@ -1003,8 +1027,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   let held: { held: number; needed: number; waiting: number } | undefined;
   /** Scratch areas mapped for batches of injected calls, by process. */
   const batchAreas = new Map<number, RemoteProcess>();
-  /** Left running, it goes on once copies of its memory are made. */
-  const cow = opts.leaveRunning && cowCaptureWanted(opts.cowCapture) ? new CowCapture(record.initPid) : undefined;
+  const cow = copying ? new CowCapture(record.initPid) : undefined;
   const holdSeconds = opts.tcpHoldSeconds ?? DEFAULT_HOLD_SECONDS;
   // The image in place (renamed there, or sent whole); the connections
   // handed to a keeper; the application released to its image (the point
@@ -1030,7 +1053,13 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     // command's wall unchanged (1.52 -> 1.59 s; paired, load ~6).
     const whole = !parent && !base;
     const estimate = progress === noProgress && !whole ? 0 : timed('size estimated', () => estimateImageBytes(roots));
-    if (whole) timed('page file prepared', () => pages.reserve(Math.min(estimate, reserveMax(), reserveRoom(toStream ? tmpdir() : dirname(output)))));
+    // Left running with copy-on-write capture, only for what is read
+    // frozen: page cache made ahead for memory read after the resume
+    // shortens no frozen window and costs writing the file twice (256
+    // MiB: zeros 0.1-1.3 s before the freeze, on this VM). All of it
+    // with APPSHOT_RESERVE_MAX set (for measuring: as before).
+    const reserved = frozenBytes === undefined || process.env.APPSHOT_RESERVE_MAX ? estimate : frozenBytes;
+    if (whole) timed('page file prepared', () => pages.reserve(Math.min(reserved, reserveMax(), reserveRoom(toStream ? tmpdir() : dirname(output)))));
     // This image becomes the next one's parent: writes are tracked from
     // the freeze on (ArmingInDump). Not a tar: its page file is not on disk for
     // the next one to compare.
@@ -1053,6 +1082,14 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     // 9-10 on 2 cores: the fsync of 256 MiB 240 -> 40 ms). Left running, it
     // waits only for the reading, which the hashing would slow (measured
     // likewise: 256 MiB frozen 0.47 -> 1.36 s): hashed once it runs again.
+    // Not sent to the disk ahead here (pages.startFlushing): in the
+    // window both cores are busy, and the flushes slowed the reading.
+    // 256 MiB, bench/snapwall-ab, paired: written back and flushed as
+    // written, the window 107 -> 189 ms for an fsync 191 -> 89 ms (7
+    // rounds, load ~4.4); only the device's cache flushed behind the
+    // hashing, frozen +58 ms paired (lower in 3 of 9, load 3.4-5.8) for an
+    // fsync 159 -> 127 ms, the held time no shorter. The hashing's
+    // writing back of each chunk is as far as it goes in the window.
     if (!opts.leaveRunning) pages.startHashing(false);
     const reporting = new ReportingPageWriter(pages, progress, estimate);
     reporting.report();
@@ -1099,6 +1136,16 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       timed('resume', () => freezer.resume());
       clock.released();
       clock.end('resumeMs');
+      // What the copies give from now on is hashed (one thread) and goes
+      // to the disk as it is written, beside their reading rather than
+      // after it: the final fsync and hashing wait for less. With nothing
+      // left to read (no copy), the flusher would only do the fsync's work
+      // beside it and slow the rest of the queue (256 MiB --no-cow-capture:
+      // drain 2 -> 54 ms, 5 rounds, load 4.4-6.3).
+      if (cow?.pending) {
+        if (!process.env.APPSHOT_PAGES_FLUSH_AHEAD?.startsWith('0')) pages.startHashing(false);
+        pages.startFlushing();
+      }
       reportProfile('the frozen window');
     }
     // The frozen window ends here: nothing below reads the application,

@@ -31,6 +31,29 @@ export function estimateImageBytes(pids: number[]): number {
   return kb * 1024;
 }
 
+/** About how many bytes of memory a --leave-running snapshot with
+ * copy-on-write capture reads while the application is frozen (all of a
+ * process that is not copied, see CowCapture; the shared memory of one
+ * that is), and how many from the copies once it runs again. */
+export function estimateFrozenBytes(pids: number[], isCopied: (pid: number) => boolean): { frozen: number; copied: number } {
+  let frozen = 0;
+  let copied = 0;
+  for (const pid of pids) {
+    let text: string;
+    try {
+      text = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+    } catch {
+      continue;
+    }
+    const fromCopy = isCopied(pid);
+    for (const m of text.matchAll(/^(Anonymous|Swap|Pss_Shmem):\s+(\d+) kB$/gm)) {
+      if (fromCopy && m[1] !== 'Pss_Shmem') copied += Number(m[2]) * 1024;
+      else frozen += Number(m[2]) * 1024;
+    }
+  }
+  return { frozen, copied };
+}
+
 /** Merges `runs` (pairs of page index and count, relative to `shift`
  * pages further on) into `into`, joining a run that continues the last. */
 function appendRuns(into: number[], runs: ArrayLike<number>, shift: number): void {
@@ -75,6 +98,7 @@ export class ReportingPageWriter {
       written: () => pages.written(),
       drain: (ms: number) => pages.drain(ms),
       startHashing: (all: boolean) => pages.startHashing(all),
+      startFlushing: () => pages.startFlushing(),
       reserve: (bytes: number) => pages.reserve(bytes),
       close: () => pages.close(),
       abort: () => pages.abort(),

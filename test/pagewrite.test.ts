@@ -1,0 +1,69 @@
+/**
+ * The page file of a --leave-running snapshot with copy-on-write capture
+ * (driver.ts): written with O_DIRECT when little is read frozen, sent to
+ * the disk while the copies are read (pw_flush_start), no zeros written
+ * ahead for memory read after the resume. Both ways of writing it
+ * (O_DIRECT, and through the page cache: APPSHOT_PAGES_DIRECT=0) end in
+ * an image that restores whole, and a file system full halfway fails the
+ * snapshot with one line, nothing left on it, the application running on.
+ */
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { cli, fixture, Sandbox } from './helpers.js';
+import { scratchDir } from './scratch.js';
+
+const sb = new Sandbox();
+afterAll(() => sb.dispose());
+
+/* eslint-disable @typescript-eslint/no-explicit-any */
+type Json = any;
+
+describe('the page file of a --leave-running snapshot read from copies', () => {
+  const dir = scratchDir('appshot-pagewrite-');
+  const ways = { direct: {}, 'page cache': { APPSHOT_PAGES_DIRECT: '0' } } as Record<string, Record<string, string>>;
+  const snapshot = (aid: string, out: string, env: Record<string, string>) =>
+    spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', out, '--leave-running', '--json'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', ...env }, encoding: 'utf8', timeout: 50_000 });
+
+  for (const [way, env] of Object.entries(ways)) {
+    it(`(${way}) fails on a full file system with one line and nothing left, the application untouched; with room, restores whole`, async () => {
+      const aid = `pw-${way.replace(' ', '')}`;
+      // One process, 8 MiB of its own: read from a copy (above
+      // CowCapture's 1 MiB), and more than the 4 MiB file system takes.
+      sb.ok(['run', '-d', '--aid', aid, '--', fixture('cowcapture'), '8']);
+      await sb.checksPass(aid, 2);
+      const small = join(dir, `${aid}-fs`);
+      mkdirSync(small);
+      const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m,mode=0700', 'tmpfs', small], { encoding: 'utf8' });
+      expect(mounted.status, `mounting a small tmpfs (the tests run as root): ${mounted.stderr}`).toBe(0);
+      try {
+        const r = snapshot(aid, join(small, 'img'), env);
+        expect(r.status, r.stderr).toBe(1);
+        expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^appshot: cannot snapshot '${aid}': .*No space left on device.*; the application was left running$`))]);
+        expect(readdirSync(small)).toEqual([]);
+        // Not even an unnamed file holds its blocks.
+        const df = spawnSync('df', ['--output=used', '-B1', small], { encoding: 'utf8' });
+        expect(Number(df.stdout.trim().split('\n')[1])).toBe(0);
+      } finally {
+        spawnSync('umount', [small]);
+      }
+      await sb.checksPass(aid, 3);
+      expect(readFileSync(`/proc/${sb.systemPid(aid)}/status`, 'utf8')).toMatch(/^TracerPid:\s+0$/m);
+      // Where there is room: read from its copy, and whole; written with
+      // O_DIRECT, the page file left no page cache behind.
+      const image = join(dir, `${aid}.img`);
+      const ok = snapshot(aid, image, env);
+      expect(ok.status, ok.stderr).toBe(0);
+      expect((JSON.parse(ok.stdout) as Json).cowCapture).toEqual({ copied: 1, frozen: [] });
+      const cached = spawnSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', join(image, 'pages.img')], { encoding: 'utf8' });
+      expect(cached.status, cached.stderr).toBe(0);
+      if (way === 'direct') expect(Number(cached.stdout.trim())).toBeLessThan(1 << 20);
+      else expect(Number(cached.stdout.trim())).toBeGreaterThanOrEqual(8 << 20);
+      sb.ok(['restore', image, '--aid', `${aid}-r`]);
+      await sb.checksPass(`${aid}-r`, 3);
+      await sb.checksPass(aid, 2);
+      expect(sb.run(['rm', '-f', aid, `${aid}-r`]).code).toBe(0);
+    });
+  }
+});
