@@ -13,22 +13,32 @@ const PAGE = 4096;
  * display moves while a large one is copied. */
 const SLICE_PAGES = 8192;
 
-/** What the processes hold that a snapshot stores: private anonymous memory
- * (written file pages count there), what of it is in swap, and shared
- * memory by its proportional share. An estimate (pages of zeros are not
- * stored); the exact total is known once everything is read. */
-export function estimateImageBytes(pids: number[]): number {
-  let kb = 0;
-  for (const pid of pids) {
-    let text: string;
-    try {
-      text = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
-    } catch {
-      continue;
-    }
-    for (const m of text.matchAll(/^(Anonymous|Swap|Pss_Shmem):\s+(\d+) kB$/gm)) kb += Number(m[2]);
+/** What `pid` holds that a snapshot stores, from its smaps_rollup, in
+ * bytes: private anonymous memory (written file pages count there) and
+ * what of it is in swap (`own`), and its proportional share of shared
+ * memory (`shared`); undefined if it is gone. */
+function storedBytes(pid: number): { own: number; shared: number } | undefined {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+  } catch {
+    return undefined;
   }
-  return kb * 1024;
+  const bytes = { own: 0, shared: 0 };
+  for (const m of text.matchAll(/^(Anonymous|Swap|Pss_Shmem):\s+(\d+) kB$/gm)) bytes[m[1] === 'Pss_Shmem' ? 'shared' : 'own'] += Number(m[2]) * 1024;
+  return bytes;
+}
+
+/** What the processes hold that a snapshot stores (storedBytes). An
+ * estimate (pages of zeros are not stored); the exact total is known
+ * once everything is read. */
+export function estimateImageBytes(pids: number[]): number {
+  let total = 0;
+  for (const pid of pids) {
+    const b = storedBytes(pid);
+    if (b) total += b.own + b.shared;
+  }
+  return total;
 }
 
 /** About how many bytes of memory a --leave-running snapshot with
@@ -39,17 +49,11 @@ export function estimateFrozenBytes(pids: number[], isCopied: (pid: number) => b
   let frozen = 0;
   let copied = 0;
   for (const pid of pids) {
-    let text: string;
-    try {
-      text = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
-    } catch {
-      continue;
-    }
-    const fromCopy = isCopied(pid);
-    for (const m of text.matchAll(/^(Anonymous|Swap|Pss_Shmem):\s+(\d+) kB$/gm)) {
-      if (fromCopy && m[1] !== 'Pss_Shmem') copied += Number(m[2]) * 1024;
-      else frozen += Number(m[2]) * 1024;
-    }
+    const b = storedBytes(pid);
+    if (!b) continue;
+    if (isCopied(pid)) copied += b.own;
+    else frozen += b.own;
+    frozen += b.shared;
   }
   return { frozen, copied };
 }
