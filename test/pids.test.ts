@@ -589,24 +589,6 @@ describe('signals pending across a snapshot', () => {
   });
 });
 
-describe('a SIGCHLD pending at a snapshot whose child was reaped before it', () => {
-  // The image's tables no longer held the child (its entry goes with the
-  // reap), and the restore made si_pid 0.
-  const images = scratchDir('appshot-chldkept-');
-  it('names the child by the virtual PID fork gave when taken after the restore', async () => {
-    const aid = 'chldkept';
-    await start(aid, [fixture('chldkept')]);
-    await waitFor(() => /^(REAPED \d+|FAIL.*)$/m.test(sb.log(aid)), 10_000, `${aid}'s child to be reaped`);
-    expect(sb.log(aid)).toMatch(/^REAPED \d+$/m);
-    const image = join(images, aid);
-    await ok(['snapshot', aid, '-o', image]);
-    await ok(['restore', image]);
-    process.kill(await systemPid(aid), 'SIGHUP');
-    await waitFor(() => /^(PASS|FAIL.*)$/m.test(sb.log(aid)), 10_000, `the verdict of ${aid}`);
-    expect(/^(PASS|FAIL.*)$/m.exec(sb.log(aid))![0]).toBe('PASS');
-  });
-});
-
 describe("CPU-time clocks of another process or thread (clock_getcpuclockid, pthread_getcpuclockid)", () => {
   // The fixture keeps the clock ids it made in memory, as a program would,
   // and checks each against /proc: the ids encode virtual PIDs and TIDs,

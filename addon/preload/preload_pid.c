@@ -814,16 +814,11 @@ API pid_t getppid(void) {
  * 64-bit word, written and read whole (lock-free, async-signal-safe, no
  * allocation).
  *
- * The ring is of one process: `owner` names it by its virtual PID, its
- * system PID and the restore generation it claimed the ring in
- * (appshot_restore_generation), so a fork child (its own copy of the memory) or a restore (other system
+ * The ring is of one process: `owner` names it by its system PID and the
+ * restore generation it claimed the ring in (appshot_restore_generation),
+ * so a fork child (its own copy of the memory) or a restore (other system
  * ids, the pairs' old) finds another and claims it afresh, never taking
- * the pairs of its parent or of the old node for this node's. The pairs
- * of the generation before stay readable as such until the first claim
- * after the restore: a SIGCHLD pending at the snapshot whose child was
- * reaped comes back naming it by its old system PID, negated (the restore,
- * src/resources/signals.ts retargetSiginfos), and is looked up there. A
- * claim is a compare-and-
+ * the pairs of its parent or of the old node. A claim is a compare-and-
  * swap to a claiming mark, then the pairs emptied, then the owner
  * published: of two claimers one wins, and a reader sees its own name
  * only once the old pairs are gone. The loser (another thread of the
@@ -855,19 +850,11 @@ static void reaped_shared_by(unsigned long flags) {
     __atomic_store_n(&g_reaped_shared, 1, __ATOMIC_SEQ_CST);
 }
 
-/* This process's name in `owner`, as of restore generation `gen`: the
- * generation's low 19 bits, the virtual PID, the system PID (22 bits
- * each: PIDs stay below PID_MAX_LIMIT, 2^22), and the claiming mark. The
- * system PID as well, in case a restore could not count the generation
- * up: its pairs are of the node before all the same. The generation
- * before (a SIGCHLD's child of the node before) is matched without it. */
-#define REAPED_GEN_SHIFT 44
-#define REAPED_SPID_BITS 0x3fffffull
-static uint64_t reaped_me_in(int64_t gen) {
-  return ((uint64_t)gen & 0x7ffffull) << REAPED_GEN_SHIFT | ((uint64_t)self_vpid() & REAPED_SPID_BITS) << 22 |
-         ((uint64_t)self_spid() & REAPED_SPID_BITS);
+/* This process's name in `owner`. */
+static uint64_t reaped_me(void) {
+  uint64_t gen = (uint64_t)__atomic_load_n(&appshot_restore_generation, __ATOMIC_RELAXED) & 0x7fffffffu;
+  return gen << 32 | (uint32_t)self_spid();
 }
-static uint64_t reaped_me(void) { return reaped_me_in(__atomic_load_n(&appshot_restore_generation, __ATOMIC_RELAXED)); }
 
 /* Whether the ring is ours, claimed now if it may be. */
 static int reaped_claim(uint64_t me) {
@@ -875,8 +862,7 @@ static int reaped_claim(uint64_t me) {
   if (was == me) return 1;
   if (was == (me | REAPED_CLAIMING)) return 0; /* another of our threads */
   /* 0: never claimed. */
-  if (was && __atomic_load_n(&g_reaped_shared, __ATOMIC_SEQ_CST) && (was & ~REAPED_CLAIMING) >> REAPED_GEN_SHIFT == me >> REAPED_GEN_SHIFT)
-    return 0;
+  if (was && __atomic_load_n(&g_reaped_shared, __ATOMIC_SEQ_CST) && (was & ~REAPED_CLAIMING) >> 32 == me >> 32) return 0;
   if (!__atomic_compare_exchange_n(&g_reaped_owner, &was, me | REAPED_CLAIMING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
     return 0;
   for (uint32_t i = 0; i < REAPED_RING; i++) __atomic_store_n(&g_reaped[i], 0, __ATOMIC_RELAXED);
@@ -897,12 +883,9 @@ static void reaped_note(pid_t vid, pid_t sid) {
 }
 
 /* The virtual PID of the child of system PID `sid` this process reaped
- * last, or 0. `before`: a system PID of the node before the last
- * restore, looked up among the pairs noted there. */
-static pid_t reaped_s2v(int32_t sid, int before) {
-  int64_t gen = __atomic_load_n(&appshot_restore_generation, __ATOMIC_RELAXED) - (before ? 1 : 0);
-  uint64_t mask = before ? ~REAPED_SPID_BITS : ~0ull; /* the old node's system PID */
-  if (sid <= 0 || (__atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) & mask) != (reaped_me_in(gen) & mask)) return 0;
+ * last, or 0. */
+static pid_t reaped_s2v(int32_t sid) {
+  if (sid <= 0 || __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != reaped_me()) return 0;
   uint32_t next = __atomic_load_n(&g_reaped_next, __ATOMIC_ACQUIRE);
   for (uint32_t k = 1; k <= REAPED_RING; k++) { /* the newest first */
     uint64_t e = __atomic_load_n(&g_reaped[(next - k) % REAPED_RING], __ATOMIC_ACQUIRE);
@@ -1180,11 +1163,7 @@ void translate_si_pid(siginfo_t *info) {
       (info->si_signo == SIGCHLD && c > 0)) {
     int32_t v;
     if (appshot_s2v(g_h, APPSHOT_PID, info->si_pid, &v)) info->si_pid = v;
-    else if (info->si_signo == SIGCHLD && c > 0)
-      /* A negative one: a child reaped before the last snapshot (the
-       * restore's mark, reaped_s2v). */
-      info->si_pid = info->si_pid < 0 ? reaped_s2v((int32_t)(0u - (uint32_t)info->si_pid), 1) : reaped_s2v(info->si_pid, 0);
-    else info->si_pid = 0;
+    else info->si_pid = info->si_signo == SIGCHLD && c > 0 ? reaped_s2v(info->si_pid) : 0;
   }
 }
 

@@ -84,13 +84,8 @@ const SENDER_CODES = new Set([0, -1, -3, -6]);
  * the image's tables do not map it): the program reads them here, through
  * this node's tables. A sender outside the application, which the program
  * saw as 0, is 0, not a number that may be one of the application's
- * processes here. A SIGCHLD whose child the tables no longer map was
- * reaped before the snapshot (its entry goes with the reap): its old
- * system PID goes negated (`preloaded`: in a process the preload library
- * is in, and 0 in any other), which no process has, and which the library
- * alone reads, in the pairs of reaped children it kept from the
- * node before (preload_pid.c, reaped_s2v); 0 there too if it has none. */
-export function retargetSiginfos(pending: Buffer, now: (oldPid: number) => number | undefined, preloaded: boolean): Buffer {
+ * processes here. */
+export function retargetSiginfos(pending: Buffer, now: (oldPid: number) => number | undefined): Buffer {
   let out = pending;
   for (let at = 0; at + 128 <= pending.length; at += 128) {
     const signo = pending.readInt32LE(at);
@@ -98,9 +93,7 @@ export function retargetSiginfos(pending: Buffer, now: (oldPid: number) => numbe
     if (!SENDER_CODES.has(code) && !(signo === SIGCHLD && code > 0)) continue;
     const old = pending.readInt32LE(at + 16);
     if (old <= 0) continue;
-    // Negated only for a process the library is in: read raw, a negative
-    // si_pid is a process group to kill(2).
-    const pid = now(old) ?? (preloaded && signo === SIGCHLD && code > 0 ? -old : 0);
+    const pid = now(old) ?? 0;
     if (pid === old) continue;
     if (out === pending) out = Buffer.from(pending);
     out.writeInt32LE(pid, at + 16);

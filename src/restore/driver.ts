@@ -987,9 +987,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const others = p.threads.slice(1).map((t, i) => ({ t, tid: m.tids[i + 1] }));
       for (const note of restoreThreadStates(r, others, p.glibcTidOffset, threadMemory)) notKept.push(`process ${p.vpid}: ${note}`);
       phase("threads' own state");
-      const preloaded = !!p.tidMovesAddress;
-      p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old), preloaded), m.tids[i]));
-      requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old), preloaded), 0);
+      p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
+      requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       r.reset();
       const mainCalls = r.batch();
       // From here on, batches run from the preload library's copy of the
