@@ -487,8 +487,7 @@ __asm__(".text\n"
  * (a thread as the caller's, anything else as a child process), the
  * caches and window marks shared as there. A child with CLONE_VFORK is
  * not waited for at child_tid: the caller stays in the call until it
- * execs or exits. Not covered: a child without CLONE_VM runs on with its
- * parent's cached ids (nothing of ours runs in it), as before.
+ * execs or exits. A child without CLONE_VM finds the id caches empty.
  *
  * `ca`: clone3's arguments (our copy, `size` bytes), else clone's are
  * flags to tls. clone3 has a field of its own for the pidfd, clone hands
@@ -509,26 +508,59 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
   if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS)) __atomic_store_n(&g_tls_shared, 1, __ATOMIC_SEQ_CST);
   reaped_shared_by((unsigned long)flags);
   struct raw_clone_slot *slot = NULL;
+  struct raw_clone_slot before; /* what the slot's bytes were */
   sigset_t all, saved;
-  if ((flags & CLONE_VM) && (flags & CLONE_CHILD_SETTID) && ctid && !(flags & CLONE_VFORK)) {
+  uintptr_t at = ((uintptr_t)stack - sizeof before) & ~(uintptr_t)15;
+  /* The slot is the caller's memory below the child's stack pointer: only
+   * inside clone3's stack when it says where that is (review 243 L1), and
+   * never where the kernel writes the child's id (L2). */
+  int room = !ca || (ca->stack_size >= sizeof before + 16);
+  int overlaps = (ctid && (uintptr_t)ctid + sizeof(pid_t) > at && (uintptr_t)ctid < at + sizeof before) ||
+                 (ptid && (flags & CLONE_PARENT_SETTID) && (uintptr_t)ptid + sizeof(pid_t) > at && (uintptr_t)ptid < at + sizeof before);
+  if ((flags & CLONE_VM) && (flags & CLONE_CHILD_SETTID) && ctid && !(flags & CLONE_VFORK) && room && !overlaps) {
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &saved);
     struct raw_clone_slot s;
     memset(&s, 0, sizeof s);
-    slot = (struct raw_clone_slot *)(((uintptr_t)stack - sizeof s) & ~(uintptr_t)15);
+    slot = (struct raw_clone_slot *)at;
     s.here = (struct iovec){&slot->vtid, sizeof slot->vtid};
     s.there = (struct iovec){(void *)ctid, sizeof(pid_t)};
     memcpy(&s.mask, &saved, sizeof s.mask);
-    /* Written as the kernel would: a stack the kernel is left to fault
-     * on is no fault of ours; the child then keeps the kernel's id. */
-    struct iovec here = {&s, sizeof s}, there = {slot, sizeof s};
-    if (SYS6(process_vm_writev, SYS0(getpid), &here, 1, &there, 1, 0) != (long)sizeof s) {
+    /* Read, then written, as the kernel would: a stack the kernel is left
+     * to fault on is no fault of ours; the child then keeps the kernel's
+     * id. What was there is put back if the kernel refuses the clone
+     * (review 243 M1: the caller's data below the stack). */
+    struct iovec old = {&before, sizeof before}, here = {&s, sizeof s}, there = {slot, sizeof s};
+    pid_t me = (pid_t)SYS0(getpid);
+    if (SYS6(process_vm_readv, me, &old, 1, &there, 1, 0) != (long)sizeof s ||
+        SYS6(process_vm_writev, me, &here, 1, &there, 1, 0) != (long)sizeof s) {
       slot = NULL;
       pthread_sigmask(SIG_SETMASK, &saved, NULL);
     }
   }
+  /* A child of its own memory runs none of our code (the stub returns in
+   * it on its stack): it finds the caches empty and learns its ids when
+   * first asked, not its parent's (review 243 M3). Put back in the
+   * parent; another thread that asks meanwhile maps the same ids (a
+   * handler of this thread that asks in between caches them again, and
+   * the child's copy keeps them: signals are not blocked here, since the
+   * child would inherit the mask, with none of our code to lift it). */
+  int32_t cached_vpid = 0, cached_vtid = 0;
+  if (!(flags & CLONE_VM)) {
+    cached_vpid = __atomic_exchange_n(&g_vpid, 0, __ATOMIC_SEQ_CST);
+    cached_vtid = t_vtid;
+    t_vtid = 0;
+  }
   long id = ca ? raw_clone3_on_stack((long)ca, size, slot) : raw_clone_on_stack(flags, stack, ptid, ctid, tls, slot);
   long ret = id;
+  if (!(flags & CLONE_VM)) {
+    if (cached_vpid) __atomic_store_n(&g_vpid, cached_vpid, __ATOMIC_SEQ_CST);
+    if (cached_vtid) t_vtid = cached_vtid;
+  }
+  if (id < 0 && slot) {
+    struct iovec back = {&before, sizeof before}, there = {slot, sizeof before};
+    SYS6(process_vm_writev, SYS0(getpid), &back, 1, &there, 1, 0);
+  }
   if (id > 0) {
     int32_t v;
     if (flags & CLONE_THREAD) {

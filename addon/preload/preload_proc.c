@@ -469,6 +469,16 @@ static int link_on_procfs(int dirfd, const char *path) {
   return on;
 }
 
+/* Whether `s` (len bytes) begins with a PID the tables know, followed by
+ * '/' or its end: what the rewrites below would change. Checked in
+ * memory before link_on_procfs asks the file system (a link whose text
+ * merely starts with a digit, as lock files' do, cost an openat, fstatfs
+ * and close each: review 243 L4). */
+static int known_pid_at(const char *s, size_t len) {
+  pid_t spid, vpid;
+  return decimal_at(s, len, &spid) && appshot_s2v(g_h, APPSHOT_PID, spid, &vpid);
+}
+
 long proc_link_answer(int dirfd, const char *path, char *out, long n, size_t size) {
   if (!g_h || n <= 0 || !path) return n;
   int absolute = path[0] == '/';
@@ -480,7 +490,7 @@ long proc_link_answer(int dirfd, const char *path, char *out, long n, size_t siz
     int kernels = absolute ? (!strncmp(path, "/proc/", 6) && kernel_link_under_proc(path + 6)) ||
                                  (!strncmp(path, "/dev/fd/", 8) && all_digits(path + 8))
                            : kernel_link_at(dirfd, path);
-    return kernels || link_on_procfs(dirfd, path) ? (long)proc_answer_to_virtual(out, (size_t)n, size) : n;
+    return kernels || (known_pid_at(out + 6, (size_t)n - 6) && link_on_procfs(dirfd, path)) ? (long)proc_answer_to_virtual(out, (size_t)n, size) : n;
   }
   /* "/proc/self" and "/proc/thread-self", or "self" and "thread-self"
    * under /proc. */
@@ -490,6 +500,6 @@ long proc_link_answer(int dirfd, const char *path, char *out, long n, size_t siz
   /* Their answer ("<spid>[/task/<stid>]", the only links of /proc's whose
    * answer begins with a digit) by another name; a user's link whose
    * text is a number stays as written. */
-  if (out[0] >= '0' && out[0] <= '9' && link_on_procfs(dirfd, path)) return (long)ids_to_virtual(out, (size_t)n, size);
+  if (known_pid_at(out, (size_t)n) && link_on_procfs(dirfd, path)) return (long)ids_to_virtual(out, (size_t)n, size);
   return n;
 }
