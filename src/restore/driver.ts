@@ -38,6 +38,7 @@ import { ioUringRanges } from '../resources/iouring.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
+import { fillSessionKeyring, joinNewSessionKeyring, joinsSessionKeyring } from '../resources/keyrings.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
 import { requireInherited, requireKept } from '../resources/sockets.js';
@@ -837,6 +838,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // member, and is killed once the tree is made (init, the subreaper,
     // adopts the member, as it had). vsid/vpgid -> placeholder's PID.
     const placeholders = new Map<number, number>();
+    const byVpid = new Map(image.processes.map((p) => [p.vpid, p]));
+    const restorer = { uid: process.geteuid!(), gid: process.getegid!() };
     const forkFrom = (parent: number, tid = parent): number => {
       const pid = Number(new RemoteProcess(parent).call('fork', SYS.fork, [], tid));
       forked.push(pid); // killed on failure, whatever happens next
@@ -913,6 +916,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         }
         makeThreads(m, remote);
       }
+      // Its own session keyring before its children are forked: those
+      // that shared it inherit the new one.
+      if (joinsSessionKeyring(m.proc, byVpid.get(m.proc.vppid))) joinNewSessionKeyring(r);
       const madeTids = m.tids.length ? m.tids : [m.pid];
       for (const child of children) {
         if (m.remote) forkedWithMemory.set(child.vpid, { vpid: m.proc.vpid, vmas: m.proc.vmas });
@@ -1026,6 +1032,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // does not stop the restore's own descriptors, threads and signals,
       // but before the credentials, which may give up the capability that
       // raising one needs.
+      // Its session keyring's keys, owners and permissions while appshot
+      // may still give them away (KEYCTL_CHOWN).
+      if (p.sessionKeyring && joinsSessionKeyring(p, byVpid.get(p.vppid))) fillSessionKeyring(r, p.sessionKeyring, restorer);
       credentialCalls += restoreLimits(r, p.rlimits);
       // Seccomp programs written while the process is surely ours to write.
       const seccomp = prepareSeccomp(p, m.tids, inheritedFilters);
