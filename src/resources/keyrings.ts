@@ -14,7 +14,8 @@
  * place, then owners and permissions set as they were.
  *
  * Carried: an anonymous session keyring (named `_ses`, as the kernel names
- * them) holding keys of type "user" of up to PAYLOAD_MAX bytes. A named
+ * them) holding keys of type "user" of up to PAYLOAD_MAX bytes, and links
+ * to users' keyrings (`_uid.UID`, which pam_keyinit links in), made again. A named
  * one is refused at snapshot: joining it by name at restore would join
  * whichever keyring of that name the restorer may search. So are other
  * key types (a "logon" key cannot be read back, a keyring in it would
@@ -33,7 +34,10 @@ const KEYCTL_JOIN_SESSION_KEYRING = 1;
 const KEYCTL_CHOWN = 4;
 const KEYCTL_SETPERM = 5;
 const KEYCTL_DESCRIBE = 6;
+const KEYCTL_LINK = 8;
 const KEYCTL_READ = 11;
+const KEY_SPEC_USER_KEYRING = -4;
+const NR_SETREUID = 113;
 const KEY_SPEC_SESSION_KEYRING = -3;
 /** The name the kernel gives an anonymous session keyring. */
 const ANONYMOUS = '_ses';
@@ -103,6 +107,9 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKey
   const keys: Key[] = questions.map((q, i) => {
     const key = parseDescription(q.describe, `key ${serials[i]} in ${what}`);
     const named = `key '${key.description}' (${key.type}) in ${what}`;
+    // A user's own keyring, linked in by pam_keyinit: linked again, never
+    // copied (it is that user's, the host's).
+    if (isUserKeyringLink(key)) return { ...key, payload: Buffer.alloc(0) };
     if (key.type !== 'user') throw new Unsupported(`${named}: only keys of type "user" can be captured yet`);
     if (q.read.ret < 0n) throw new Unsupported(`${named} cannot be read (${errnoName(q.read.ret)})`);
     if (q.read.ret > BigInt(PAYLOAD_MAX)) throw new Unsupported(`${named} holds ${q.read.ret} bytes, more than appshot carries (${PAYLOAD_MAX})`);
@@ -110,6 +117,10 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKey
   });
   return { serial: Number(asked.id.ret), description: ring.description, uid: ring.uid, gid: ring.gid, perm: ring.perm, keys };
 }
+
+/** A link to a user's keyring (`_uid.UID`), as pam_keyinit makes in
+ * every session keyring. */
+const isUserKeyringLink = (k: Pick<Key, 'type' | 'description'>) => k.type === 'keyring' && /^_uid\.\d+$/.test(k.description);
 
 /**
  * Whether the process gets a new session keyring where its tree is made,
@@ -147,6 +158,17 @@ export function fillSessionKeyring(r: RemoteProcess, ring: SessionKeyring, resto
     calls.add(`setting ${what}'s permissions to ${perm.toString(16).padStart(8, '0')}`, NR_KEYCTL, [KEYCTL_SETPERM, serialCall, perm], from === undefined ? undefined : { call: from, arg: 1 });
   };
   for (const k of ring.keys) {
+    if (isUserKeyringLink(k)) {
+      // KEY_SPEC_USER_KEYRING is the keyring of the caller's real uid: the
+      // seed's (the restorer's) taken for a while as that user's where it
+      // differs (its credentials are set whole later). Its owner and
+      // permissions are that user's keyring's own, left as they are.
+      const uid = Number(k.description.slice('_uid.'.length));
+      if (uid !== restorer.uid) calls.add(`taking uid ${uid} as real uid to link its keyring`, NR_SETREUID, [uid, -1]);
+      calls.add(`linking the keyring of uid ${uid} into the session keyring`, NR_KEYCTL, [KEYCTL_LINK, KEY_SPEC_USER_KEYRING, KEY_SPEC_SESSION_KEYRING]);
+      if (uid !== restorer.uid) calls.add('taking back the real uid', NR_SETREUID, [restorer.uid, -1]);
+      continue;
+    }
     const what = `key '${k.description}'`;
     const added = calls.add(`adding ${what} to the session keyring`, NR_ADD_KEY, [r.str(k.type), r.str(k.description), r.put(k.payload.length ? k.payload : Buffer.alloc(1)), k.payload.length, KEY_SPEC_SESSION_KEYRING]);
     owned(0, k.uid, k.gid, k.perm, what, added);
@@ -161,6 +183,10 @@ export function keyringFault(ring: SessionKeyring): string | undefined {
   if (ring.description !== ANONYMOUS) return `a session keyring named ${JSON.stringify(ring.description.slice(0, 40))}`;
   if (ring.keys.length > KEYS_MAX) return `${ring.keys.length} keys in its session keyring (at most ${KEYS_MAX})`;
   for (const k of ring.keys) {
+    if (isUserKeyringLink(k)) {
+      if (k.payload.length || !(Number(k.description.slice(5)) <= 0xfffffffe)) return 'a link to a user keyring with a payload or no such uid';
+      continue;
+    }
     if (k.type !== 'user') return `a key of type ${JSON.stringify(k.type.slice(0, 40))}`;
     // add_key takes a description as a C string of at most 4095 bytes.
     if (!k.description || k.description.includes('\0') || Buffer.byteLength(k.description) > 4095) return 'a key description that is empty, holds a NUL or is too long';
