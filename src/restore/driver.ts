@@ -894,6 +894,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       }
       else if (m.proc.vpgid === m.proc.vpid) r.call('setpgid', SYS.setpgid, [0, 0]);
       else if (groupOf(m.proc.vpgid) !== undefined) r.call('setpgid', SYS.setpgid, [0, groupOf(m.proc.vpgid)!]);
+      // Its own session keyring before its threads are made and its
+      // children forked (the keyring is the calling thread's credentials):
+      // those that shared it inherit the new one.
+      if (joinsSessionKeyring(m.proc, byVpid.get(m.proc.vppid))) joinNewSessionKeyring(r);
       // Children that share pages copy-on-write with it are forked once its
       // memory is filled: they inherit its pages, shared as they were.
       const children = image.processes.filter((p) => p.vppid === m.proc.vpid);
@@ -916,9 +920,6 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         }
         makeThreads(m, remote);
       }
-      // Its own session keyring before its children are forked: those
-      // that shared it inherit the new one.
-      if (joinsSessionKeyring(m.proc, byVpid.get(m.proc.vppid))) joinNewSessionKeyring(r);
       const madeTids = m.tids.length ? m.tids : [m.pid];
       for (const child of children) {
         if (m.remote) forkedWithMemory.set(child.vpid, { vpid: m.proc.vpid, vmas: m.proc.vmas });
@@ -1028,13 +1029,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)], (vpid) => sysPid.get(vpid));
       restoreRoot(r, p, handed);
       sealMemory(r, p.vmas);
+      // Its session keyring's keys, owners and permissions while appshot
+      // may still give them away (KEYCTL_CHOWN).
+      if (p.sessionKeyring && joinsSessionKeyring(p, byVpid.get(p.vppid))) fillSessionKeyring(r, p.sessionKeyring, restorer);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
       // does not stop the restore's own descriptors, threads and signals,
       // but before the credentials, which may give up the capability that
       // raising one needs.
-      // Its session keyring's keys, owners and permissions while appshot
-      // may still give them away (KEYCTL_CHOWN).
-      if (p.sessionKeyring && joinsSessionKeyring(p, byVpid.get(p.vppid))) fillSessionKeyring(r, p.sessionKeyring, restorer);
       credentialCalls += restoreLimits(r, p.rlimits);
       // Seccomp programs written while the process is surely ours to write.
       const seccomp = prepareSeccomp(p, m.tids, inheritedFilters);
