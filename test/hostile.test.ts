@@ -973,6 +973,19 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     refuses(['restore', dir], { code: 1, stderr: line });
   });
 
+  it.each([
+    // Joined by name at restore, it would be whichever keyring of that name
+    // the restorer may search: another session's.
+    ['a named session keyring', { serial: 5, description: 'victim-session', uid: 0, gid: 0, perm: 0x3f030000, keys: [] }, /corrupt image: process 2 has a session keyring named "victim-session"$/],
+    ['a key of a type the restore cannot add', { serial: 5, description: '_ses', uid: 0, gid: 0, perm: 0x3f030000, keys: [{ type: 'logon', description: 'x', uid: 0, gid: 0, perm: 0x3f010000, payload: Buffer.from('p') }] }, /corrupt image: process 2 has a key of type "logon"$/],
+    ['a key payload above the bound', { serial: 5, description: '_ses', uid: 0, gid: 0, perm: 0x3f030000, keys: [{ type: 'user', description: 'x', uid: 0, gid: 0, perm: 0x3f010000, payload: Buffer.alloc(4096) }] }, /corrupt image: process 2 has a key of 4096 bytes \(1 to 480\)$/],
+  ])('%s is refused in one line', (_what, ring, line) => {
+    const dir = crafted(`keyring-${ring.description}-${ring.keys[0]?.type ?? ''}-${ring.keys[0]?.payload.length ?? 0}`, (i) => {
+      i.processes[0].sessionKeyring = ring;
+    });
+    refuses(['restore', dir], { code: 1, stderr: line });
+  });
+
   // A SysV key or a named POSIX queue made under another user's name
   // squats the name a service of theirs uses (fuzz32: root restored a
   // crafted image's objects with whatever owner it said).

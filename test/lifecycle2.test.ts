@@ -249,6 +249,29 @@ describe('wait, stop, kill', () => {
   });
 });
 
+describe('a signal passed on by init after a restore', () => {
+  it('reaches the first process alone, as before the snapshot, not its children too (an sshd session dies of the listener\'s reload signal)', async () => {
+    // The child counts the SIGHUPs it gets; the first process answers its
+    // own by asking the child, with a SIGUSR1 sent after any SIGHUP init
+    // sent it.
+    const script = [
+      '(hups=0; trap "hups=\\$((hups+1))" HUP; trap "echo child saw \\$hups SIGHUP" USR1; echo CHILD; while :; do sleep 0.1; done) & child=$!',
+      'trap "echo first got SIGHUP; kill -USR1 $child" HUP',
+      'echo READY; while :; do sleep 0.1; done',
+    ].join('\n');
+    await runDetached('sigfw', ['bash', '-c', script], /READY[\s\S]*CHILD|CHILD[\s\S]*READY/);
+    expect(sb.run(['snapshot', 'sigfw', '-o', join(dir, 'sigfw')]).code).toBe(0);
+    const r = sb.run(['restore', join(dir, 'sigfw')]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(sb.run(['kill', '-s', 'HUP', 'sigfw']).code).toBe(0);
+    await waitFor(() => /child saw \d+ SIGHUP/.test(sb.run(['logs', 'sigfw']).stdout), 30_000, "the child's answer");
+    const log = sb.run(['logs', 'sigfw']).stdout;
+    expect(log).toMatch(/first got SIGHUP\n/);
+    expect(log).toMatch(/child saw 0 SIGHUP\n/);
+    expect(sb.run(['rm', '-f', 'sigfw']).code).toBe(0);
+  });
+});
+
 describe('rm and prune', () => {
   it('rm refuses a running application; rm -f kills it and leaves nothing', async () => {
     // Its init and its shell (the shell's sleeps come and go).

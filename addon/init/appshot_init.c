@@ -449,6 +449,30 @@ static void signal_application(int sig) {
       appshot_signal_member(sid, sig, getpid(), tables_path);
 }
 
+/* A restored application's first process: the command it was started
+ * with, virtual PID 2, while it is still our child, as `first` is for an
+ * application we started, so that a signal passed on reaches it alone as
+ * it did before the snapshot. 0: none (it had exited before, a daemon's
+ * first process, or has since), and the signal goes to every process.
+ * The table, which the application may write, only names it: a process
+ * (not a thread) whose parent we are, which no one else can reap and so
+ * whose PID cannot be another's before we wait for it. */
+static pid_t restored_first(void) {
+  int32_t sid;
+  if (!appshot_v2s(tables, APPSHOT_PID, 2, &sid) || sid <= 1 || sid == getpid()) return 0;
+  char path[64], buf[4096];
+  snprintf(path, sizeof path, "/proc/%d/status", (int)sid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return 0;
+  buf[n] = 0;
+  const char *tgid = strstr(buf, "\nTgid:"), *ppid = strstr(buf, "\nPPid:");
+  if (!tgid || !ppid || atoi(tgid + 6) != sid || atoi(ppid + 6) != getpid()) return 0;
+  return sid;
+}
+
 /* A seed was reaped: its PID is no longer ours to kill. */
 static void seed_reaped(pid_t pid) {
   for (int k = 0; k < seed_count; k++)
@@ -1120,7 +1144,9 @@ int main(int argc, char **argv) {
        * deliver it twice. */
       if ((sig == SIGINT || sig == SIGQUIT) && si.si_code == SI_KERNEL)
         continue;
+      pid_t restored = first < 0 ? restored_first() : 0;
       if (first_alive) kill(first, sig);
+      else if (restored > 0) kill(restored, sig);
       else signal_application(sig);
       continue;
     }

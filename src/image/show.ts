@@ -204,7 +204,7 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, wri
     write,
   );
   for (const p of image.processes) {
-    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}${p.root && p.root !== '/' ? `, root ${p.root}` : ''}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}${p.parentVtid ? `, forked by thread ${p.parentVtid} of ${p.vppid}` : ''}${timeNamespaceText(p)}\n`);
+    out(`\nprocess ${p.vpid} (${p.comm}): exe ${p.exe}, cwd ${p.cwd}${p.root && p.root !== '/' ? `, root ${p.root}` : ''}, uid ${p.creds.uid[0]}, umask ${p.umask.toString(8).padStart(4, '0')}, ${p.sigactions.length} signal handlers${p.groupStopped ? `, stopped by signal ${p.stopSignal || 19}` : ''}${p.parentVtid ? `, forked by thread ${p.parentVtid} of ${p.vppid}` : ''}${timeNamespaceText(p)}${keyringText(p)}\n`);
     printColumns(
       ['VTID', 'STATE', 'IN', 'RIP', 'SIGMASK', 'UIDS', 'GIDS', 'CAPEFF', 'SECCOMP'],
       p.threads.map((t) => {
@@ -250,4 +250,12 @@ function timeNamespaceText(p: Process): string {
   if (!t || (t.monotonicNs === 0n && t.boottimeNs === 0n)) return '';
   const s = (ns: bigint) => `${ns >= 0n ? '+' : ''}${Number(ns) / 1e9} s`;
   return `, time namespace: monotonic ${s(t.monotonicNs)}, boottime ${s(t.boottimeNs)}`;
+}
+
+/** ", session keyring _ses (keyctl serial S at snapshot): 2 keys "a", "b"". */
+function keyringText(p: Process): string {
+  const ring = p.sessionKeyring;
+  if (!ring) return '';
+  const keys = ring.keys.map((k) => JSON.stringify(k.description)).join(', ');
+  return `, session keyring ${ring.description} (serial ${ring.serial} at snapshot, perm ${ring.perm.toString(16).padStart(8, '0')}): ${ring.keys.length} ${ring.keys.length === 1 ? 'key' : 'keys'}${keys ? ` ${keys}` : ''}`;
 }

@@ -214,6 +214,29 @@ export interface Process {
    * under /proc, and a root of "/"). */
   cwdFile?: number;
   rootFile?: number;
+  /** A session keyring of its own (resources/keyrings.ts); absent: its
+   * user's default one. */
+  sessionKeyring?: SessionKeyring;
+}
+
+/** A session keyring and its keys (resources/keyrings.ts). */
+export interface SessionKeyring {
+  /** Its serial at snapshot: processes with the same one shared it. */
+  serial: number;
+  description: string;
+  uid: number;
+  gid: number;
+  perm: number;
+  keys: Key[];
+}
+
+export interface Key {
+  type: string;
+  description: string;
+  uid: number;
+  gid: number;
+  perm: number;
+  payload: Buffer;
 }
 
 export interface ProcessAttributes {

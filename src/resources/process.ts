@@ -11,6 +11,7 @@ import { addon } from '../native.js';
 import { fsIdentity, identitiesFor, openDirectoryAs, refusedAsProcess, restoringProcess } from './fsident.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
+import { askSessionKeyring, dumpSessionKeyring, type KeyringAsked } from './keyrings.js';
 import { bindsByName } from './socketfile.js';
 import { dumpTimeOffsets } from './timens.js';
 import { type DumpContext, nameProcess, Unsupported } from './context.js';
@@ -88,10 +89,15 @@ export function restoreItimers(r: RemoteProcess, timers: ITimer[], calls: CallBa
 export interface ProcessAsked {
   brk: Answer;
   itimers: Answer[];
+  sessionKeyring: KeyringAsked;
 }
 
 export function askProcess(calls: CallQueue): ProcessAsked {
-  return { brk: calls.ask(NR.brk, [0]), itimers: [0, 1, 2].map((which) => calls.ask(NR.getitimer, [which, 'buf'], { outLength: 32 })) };
+  return {
+    brk: calls.ask(NR.brk, [0]),
+    itimers: [0, 1, 2].map((which) => calls.ask(NR.getitimer, [which, 'buf'], { outLength: 32 })),
+    sessionKeyring: askSessionKeyring(calls),
+  };
 }
 
 /** `creds`: read first (dumpCreds), before any call was injected;
@@ -107,6 +113,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   const root = procLink(`/proc/${pid}/root`);
   const vpid = ctx.virtual('pid', pid);
   const cwdProcVpid = dumpProcVpid(ctx, cwd, `${nameProcess(vpid, st.comm)} working directory`);
+  const sessionKeyring = dumpSessionKeyring(asked.sessionKeyring, nameProcess(vpid, st.comm));
   return {
     vpid,
     vppid: ctx.virtual('pid', st.ppid),
@@ -137,6 +144,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     dumpable: creds.dumpable,
     glibcTidOffset: 0,
     itimers: dumpItimers(asked.itimers),
+    ...(sessionKeyring ? { sessionKeyring } : {}),
   };
 }
 

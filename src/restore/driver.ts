@@ -38,6 +38,7 @@ import { ioUringRanges } from '../resources/iouring.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
+import { fillSessionKeyring, joinNewSessionKeyring, joinsSessionKeyring } from '../resources/keyrings.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
 import { requireInherited, requireKept } from '../resources/sockets.js';
@@ -837,6 +838,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // member, and is killed once the tree is made (init, the subreaper,
     // adopts the member, as it had). vsid/vpgid -> placeholder's PID.
     const placeholders = new Map<number, number>();
+    const byVpid = new Map(image.processes.map((p) => [p.vpid, p]));
+    const restorer = { uid: process.geteuid!(), gid: process.getegid!() };
     const forkFrom = (parent: number, tid = parent): number => {
       const pid = Number(new RemoteProcess(parent).call('fork', SYS.fork, [], tid));
       forked.push(pid); // killed on failure, whatever happens next
@@ -891,6 +894,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       }
       else if (m.proc.vpgid === m.proc.vpid) r.call('setpgid', SYS.setpgid, [0, 0]);
       else if (groupOf(m.proc.vpgid) !== undefined) r.call('setpgid', SYS.setpgid, [0, groupOf(m.proc.vpgid)!]);
+      // Its own session keyring before its threads are made and its
+      // children forked (the keyring is the calling thread's credentials):
+      // those that shared it inherit the new one.
+      if (joinsSessionKeyring(m.proc, byVpid.get(m.proc.vppid))) joinNewSessionKeyring(r);
       // Children that share pages copy-on-write with it are forked once its
       // memory is filled: they inherit its pages, shared as they were.
       const children = image.processes.filter((p) => p.vppid === m.proc.vpid);
@@ -1022,6 +1029,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)], (vpid) => sysPid.get(vpid));
       restoreRoot(r, p, handed);
       sealMemory(r, p.vmas);
+      // Its session keyring's keys, owners and permissions while appshot
+      // may still give them away (KEYCTL_CHOWN).
+      if (p.sessionKeyring && joinsSessionKeyring(p, byVpid.get(p.vppid))) fillSessionKeyring(r, p.sessionKeyring, restorer);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
       // does not stop the restore's own descriptors, threads and signals,
       // but before the credentials, which may give up the capability that

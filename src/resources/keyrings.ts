@@ -1,0 +1,196 @@
+/**
+ * A process's session keyring (keyrings(7)): the one pam_keyinit gives
+ * every sshd or login session, or `keyctl session` makes, and the keys
+ * linked in it. A restored process would otherwise find its user's
+ * default session keyring instead (`_uid_ses.UID`, shared by every
+ * process of that user with none of its own), its keys gone and whatever
+ * it adds seen by all of them.
+ *
+ * Only the process can name its session keyring (KEY_SPEC_SESSION_KEYRING)
+ * and it alone possesses it: it is described and read by calls injected
+ * into it. At restore the process that had one joins a new anonymous one
+ * before its children are forked, so that those that shared it share the
+ * new one; its keys are added again from inside it once its memory is in
+ * place, then owners and permissions set as they were.
+ *
+ * Carried: an anonymous session keyring (named `_ses`, as the kernel names
+ * them) holding keys of type "user" of up to PAYLOAD_MAX bytes, and links
+ * to users' keyrings (`_uid.UID`, which pam_keyinit links in), made again. A named
+ * one is refused at snapshot: joining it by name at restore would join
+ * whichever keyring of that name the restorer may search. So are other
+ * key types (a "logon" key cannot be read back, a keyring in it would
+ * need a walk), and a process without a session keyring of its own whose
+ * parent has one (a forked child would inherit the parent's at restore).
+ */
+import type { Key, Process, SessionKeyring } from '../image/types.js';
+import type { Answer, CallQueue } from '../ptrace/queries.js';
+import type { RemoteProcess } from '../ptrace/remote.js';
+import { Unsupported } from './context.js';
+
+const NR_ADD_KEY = 248;
+const NR_KEYCTL = 250;
+const KEYCTL_GET_KEYRING_ID = 0;
+const KEYCTL_JOIN_SESSION_KEYRING = 1;
+const KEYCTL_CHOWN = 4;
+const KEYCTL_SETPERM = 5;
+const KEYCTL_DESCRIBE = 6;
+const KEYCTL_LINK = 8;
+const KEYCTL_READ = 11;
+const KEY_SPEC_USER_KEYRING = -4;
+const NR_SETREUID = 113;
+const KEY_SPEC_SESSION_KEYRING = -3;
+/** The name the kernel gives an anonymous session keyring. */
+const ANONYMOUS = '_ses';
+/** A key's payload carried at most (the injector's buffer, without batches). */
+export const PAYLOAD_MAX = 480;
+/** Keys in one keyring carried at most (their serials in one read). */
+export const KEYS_MAX = 60;
+const DESCRIBE_MAX = 256;
+const ENOSYS = 38n;
+const EKEYEXPIRED = 127n;
+const EKEYREVOKED = 128n;
+
+export interface KeyringAsked {
+  id: Answer;
+  describe: Answer;
+  list: Answer;
+  /** For the keys' questions, asked once these are answered. */
+  calls: CallQueue;
+}
+
+export function askSessionKeyring(calls: CallQueue): KeyringAsked {
+  return {
+    // Without creating one: a process with none is answered with its
+    // user's default session keyring.
+    id: calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0]),
+    describe: calls.ask(NR_KEYCTL, [KEYCTL_DESCRIBE, KEY_SPEC_SESSION_KEYRING, 'buf', DESCRIBE_MAX], { outLength: DESCRIBE_MAX }),
+    list: calls.ask(NR_KEYCTL, [KEYCTL_READ, KEY_SPEC_SESSION_KEYRING, 'buf', KEYS_MAX * 4], { outLength: KEYS_MAX * 4 }),
+    calls,
+  };
+}
+
+/** "type;uid;gid;perm;description", as KEYCTL_DESCRIBE writes it. */
+function parseDescription(a: Answer, what: string): { type: string; uid: number; gid: number; perm: number; description: string } {
+  if (a.ret < 0n) throw new Unsupported(`${what} cannot be described (${errnoName(a.ret)})`);
+  if (a.ret > BigInt(a.out.length)) throw new Unsupported(`${what}'s description is ${a.ret} bytes, more than appshot reads (${a.out.length})`);
+  const text = a.out.subarray(0, Number(a.ret)).toString('utf8').replace(/\0.*$/s, '');
+  const m = /^([^;]*);(\d+);(\d+);([0-9a-f]{8});(.*)$/s.exec(text);
+  if (!m) throw new Unsupported(`${what}'s description cannot be read: ${JSON.stringify(text)}`);
+  return { type: m[1], uid: Number(m[2]), gid: Number(m[3]), perm: parseInt(m[4], 16), description: m[5] };
+}
+
+const errnoName = (ret: bigint) => `error ${-ret}`;
+
+/** The process's session keyring, if it has one of its own; undefined if
+ * its user's default. `who`: the process, as messages name it. */
+export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKeyring | undefined {
+  const what = `${who}'s session keyring`;
+  // A kernel without keyrings; or a session keyring revoked or expired
+  // (pam_keyinit's "revoke" when the session that started a daemon
+  // closed): nothing to carry, and a restored process finds its user's
+  // default one.
+  if (asked.id.ret === -ENOSYS || asked.id.ret === -EKEYEXPIRED || asked.id.ret === -EKEYREVOKED) return undefined;
+  if (asked.id.ret < 0n) throw new Unsupported(`${what} cannot be found (${errnoName(asked.id.ret)})`);
+  const ring = parseDescription(asked.describe, what);
+  // Its user's default: what a restored process of that user finds.
+  if (/^_uid_ses\.\d+$/.test(ring.description)) return undefined;
+  if (ring.description !== ANONYMOUS) throw new Unsupported(`${what} is the named keyring '${ring.description}', which cannot be captured yet (only an anonymous one, as pam_keyinit makes)`);
+  const list = asked.list;
+  if (list.ret < 0n) throw new Unsupported(`${what} cannot be read (${errnoName(list.ret)})`);
+  if (list.ret > BigInt(list.out.length)) throw new Unsupported(`${what} holds ${list.ret / 4n} keys, more than appshot carries (${KEYS_MAX})`);
+  const serials = Array.from({ length: Number(list.ret) / 4 }, (_, i) => list.out.readInt32LE(i * 4));
+  const questions = serials.map((serial) => ({
+    describe: asked.calls.ask(NR_KEYCTL, [KEYCTL_DESCRIBE, serial, 'buf', DESCRIBE_MAX], { outLength: DESCRIBE_MAX }),
+    read: asked.calls.ask(NR_KEYCTL, [KEYCTL_READ, serial, 'buf', PAYLOAD_MAX], { outLength: PAYLOAD_MAX }),
+  }));
+  if (questions.length) asked.calls.run();
+  const keys: Key[] = questions.map((q, i) => {
+    const key = parseDescription(q.describe, `key ${serials[i]} in ${what}`);
+    const named = `key '${key.description}' (${key.type}) in ${what}`;
+    // A user's own keyring, linked in by pam_keyinit: linked again, never
+    // copied (it is that user's, the host's).
+    if (isUserKeyringLink(key)) return { ...key, payload: Buffer.alloc(0) };
+    if (key.type !== 'user') throw new Unsupported(`${named}: only keys of type "user" can be captured yet`);
+    if (q.read.ret < 0n) throw new Unsupported(`${named} cannot be read (${errnoName(q.read.ret)})`);
+    if (q.read.ret > BigInt(PAYLOAD_MAX)) throw new Unsupported(`${named} holds ${q.read.ret} bytes, more than appshot carries (${PAYLOAD_MAX})`);
+    return { ...key, payload: Buffer.from(q.read.out.subarray(0, Number(q.read.ret))) };
+  });
+  return { serial: Number(asked.id.ret), description: ring.description, uid: ring.uid, gid: ring.gid, perm: ring.perm, keys };
+}
+
+/** A link to a user's keyring (`_uid.UID`), as pam_keyinit makes in
+ * every session keyring. */
+const isUserKeyringLink = (k: Pick<Key, 'type' | 'description'>) => k.type === 'keyring' && /^_uid\.\d+$/.test(k.description);
+
+/**
+ * Whether the process gets a new session keyring where its tree is made,
+ * before its children are forked: it had one and its parent (if in the
+ * image) had not the same. Throws for the one case a fork cannot give:
+ * none of its own under a parent with one.
+ */
+export function joinsSessionKeyring(p: Process, parent: Process | undefined): boolean {
+  const own = p.sessionKeyring;
+  const parents = parent?.sessionKeyring;
+  if (!own) {
+    if (parents) throw new Error(`process ${p.vpid} has no session keyring of its own while its parent ${parent!.vpid} has one, which a restore cannot make yet`);
+    return false;
+  }
+  return !parents || parents.serial !== own.serial;
+}
+
+/** A new anonymous session keyring for the process (no memory needed:
+ * its children forked after share it). */
+export function joinNewSessionKeyring(r: RemoteProcess): void {
+  r.call('joining a new session keyring', NR_KEYCTL, [KEYCTL_JOIN_SESSION_KEYRING, 0]);
+}
+
+/**
+ * Fills the session keyring the process joined (joinNewSessionKeyring)
+ * from inside it: its keys, then each key's and the keyring's owner and
+ * permissions (last: a permission without the possessor's "setattr" would
+ * stop the next change). Needs the process's scratch memory.
+ */
+export function fillSessionKeyring(r: RemoteProcess, ring: SessionKeyring, restorer: { uid: number; gid: number }): void {
+  r.reset();
+  const calls = r.batch();
+  const owned = (serialCall: number | bigint, uid: number, gid: number, perm: number, what: string, from?: number) => {
+    if (uid !== restorer.uid || gid !== restorer.gid) calls.add(`giving ${what} to ${uid}:${gid}`, NR_KEYCTL, [KEYCTL_CHOWN, serialCall, uid, gid], from === undefined ? undefined : { call: from, arg: 1 });
+    calls.add(`setting ${what}'s permissions to ${perm.toString(16).padStart(8, '0')}`, NR_KEYCTL, [KEYCTL_SETPERM, serialCall, perm], from === undefined ? undefined : { call: from, arg: 1 });
+  };
+  for (const k of ring.keys) {
+    if (isUserKeyringLink(k)) {
+      // KEY_SPEC_USER_KEYRING is the keyring of the caller's real uid: the
+      // seed's (the restorer's) taken for a while as that user's where it
+      // differs (its credentials are set whole later). Its owner and
+      // permissions are that user's keyring's own, left as they are.
+      const uid = Number(k.description.slice('_uid.'.length));
+      if (uid !== restorer.uid) calls.add(`taking uid ${uid} as real uid to link its keyring`, NR_SETREUID, [uid, -1]);
+      calls.add(`linking the keyring of uid ${uid} into the session keyring`, NR_KEYCTL, [KEYCTL_LINK, KEY_SPEC_USER_KEYRING, KEY_SPEC_SESSION_KEYRING]);
+      if (uid !== restorer.uid) calls.add('taking back the real uid', NR_SETREUID, [restorer.uid, -1]);
+      continue;
+    }
+    const what = `key '${k.description}'`;
+    const added = calls.add(`adding ${what} to the session keyring`, NR_ADD_KEY, [r.str(k.type), r.str(k.description), r.put(k.payload.length ? k.payload : Buffer.alloc(1)), k.payload.length, KEY_SPEC_SESSION_KEYRING]);
+    owned(0, k.uid, k.gid, k.perm, what, added);
+  }
+  owned(KEY_SPEC_SESSION_KEYRING, ring.uid, ring.gid, ring.perm, 'the session keyring');
+  calls.run();
+}
+
+/** An image's session keyring as a restore can make it, else why not
+ * (validate.ts: an image is untrusted input). */
+export function keyringFault(ring: SessionKeyring): string | undefined {
+  if (ring.description !== ANONYMOUS) return `a session keyring named ${JSON.stringify(ring.description.slice(0, 40))}`;
+  if (ring.keys.length > KEYS_MAX) return `${ring.keys.length} keys in its session keyring (at most ${KEYS_MAX})`;
+  for (const k of ring.keys) {
+    if (isUserKeyringLink(k)) {
+      if (k.payload.length || !(Number(k.description.slice(5)) <= 0xfffffffe)) return 'a link to a user keyring with a payload or no such uid';
+      continue;
+    }
+    if (k.type !== 'user') return `a key of type ${JSON.stringify(k.type.slice(0, 40))}`;
+    // add_key takes a description as a C string of at most 4095 bytes.
+    if (!k.description || k.description.includes('\0') || Buffer.byteLength(k.description) > 4095) return 'a key description that is empty, holds a NUL or is too long';
+    if (!k.payload.length || k.payload.length > PAYLOAD_MAX) return `a key of ${k.payload.length} bytes (1 to ${PAYLOAD_MAX})`;
+  }
+  return undefined;
+}
