@@ -986,6 +986,23 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     refuses(['restore', dir], { code: 1, stderr: line });
   });
 
+  it("a link to the keyring of a user the process does not run as, or a key owned by another user, is refused (root would hand nobody root's user keyring)", () => {
+    const link = { type: 'keyring', description: '_uid.0', uid: 0, gid: 0, perm: 0x3f010000, payload: Buffer.alloc(0) };
+    const theirs = { type: 'user', description: 'x', uid: 1234, gid: 0, perm: 0x3f010000, payload: Buffer.from('p') };
+    for (const [key, line] of [
+      [link, /corrupt image: process 2 has a link to the keyring of uid 0, which the process does not run as$/],
+      [theirs, /corrupt image: process 2 has key 'x' owned by 1234:0, ids the process does not have$/],
+    ] as const) {
+      const dir = crafted(`keyring-foreign-${key.description}`, (i) => {
+        const p = i.processes[0];
+        p.creds = { ...p.creds, uid: [65534, 65534, 65534, 65534], gid: [65534, 65534, 65534, 65534], groups: [] };
+        for (const t of p.threads) if (t.creds) t.creds = { ...t.creds, uid: [65534, 65534, 65534, 65534], gid: [65534, 65534, 65534, 65534], groups: [] };
+        p.sessionKeyring = { serial: 5, description: '_ses', uid: 0, gid: 0, perm: 0x3f030000, keys: [key] };
+      });
+      refuses(['restore', dir], { code: 1, stderr: line });
+    }
+  });
+
   // A SysV key or a named POSIX queue made under another user's name
   // squats the name a service of theirs uses (fuzz32: root restored a
   // crafted image's objects with whatever owner it said).

@@ -177,16 +177,42 @@ export function fillSessionKeyring(r: RemoteProcess, ring: SessionKeyring, resto
   calls.run();
 }
 
+/** The user and group ids a process of an image runs with, any thread's
+ * (real, effective, saved, filesystem; groups): those its keys and links
+ * may name. */
+export function processIds(p: Process): { uids: Set<number>; gids: Set<number> } {
+  const all = [p.creds, ...p.threads.map((t) => t.creds).filter((c) => c !== undefined)];
+  return { uids: new Set(all.flatMap((c) => c.uid)), gids: new Set(all.flatMap((c) => [...c.gid, ...c.groups])) };
+}
+
 /** An image's session keyring as a restore can make it, else why not
- * (validate.ts: an image is untrusted input). */
-export function keyringFault(ring: SessionKeyring): string | undefined {
+ * (validate.ts: an image is untrusted input). A link to a user's keyring
+ * must be to one of the process's own users' (review of servers36: root
+ * restoring an image whose nobody process linked `_uid.0` would have
+ * handed it root's user keyring, and its keys); an owner, one of the
+ * process's ids or root (pam_keyinit makes the keyring as root, before
+ * the session becomes the user's); anything for a process that runs as
+ * root. */
+export function keyringFault(ring: SessionKeyring, ids: { uids: Set<number>; gids: Set<number> }): string | undefined {
   if (ring.description !== ANONYMOUS) return `a session keyring named ${JSON.stringify(ring.description.slice(0, 40))}`;
   if (ring.keys.length > KEYS_MAX) return `${ring.keys.length} keys in its session keyring (at most ${KEYS_MAX})`;
+  // A process that runs as root could have linked any user's keyring and
+  // given any key away itself (setreuid, KEYCTL_CHOWN); the restorer that
+  // gives it root may give it these.
+  const root = ids.uids.has(0);
+  const ownerFault = (what: string, uid: number, gid: number) =>
+    !root && ((uid !== 0 && !ids.uids.has(uid)) || (gid !== 0 && !ids.gids.has(gid))) ? `${what} owned by ${uid}:${gid}, ids the process does not have` : undefined;
+  const ringOwner = ownerFault('a session keyring', ring.uid, ring.gid);
+  if (ringOwner) return ringOwner;
   for (const k of ring.keys) {
     if (isUserKeyringLink(k)) {
-      if (k.payload.length || !(Number(k.description.slice(5)) <= 0xfffffffe)) return 'a link to a user keyring with a payload or no such uid';
+      const uid = Number(k.description.slice(5));
+      if (k.payload.length || !(uid <= 0xfffffffe)) return 'a link to a user keyring with a payload or no such uid';
+      if (!root && !ids.uids.has(uid)) return `a link to the keyring of uid ${uid}, which the process does not run as`;
       continue;
     }
+    const owner = ownerFault(`key '${k.description.slice(0, 40)}'`, k.uid, k.gid);
+    if (owner) return owner;
     if (k.type !== 'user') return `a key of type ${JSON.stringify(k.type.slice(0, 40))}`;
     // add_key takes a description as a C string of at most 4095 bytes.
     if (!k.description || k.description.includes('\0') || Buffer.byteLength(k.description) > 4095) return 'a key description that is empty, holds a NUL or is too long';
