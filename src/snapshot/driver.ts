@@ -1000,7 +1000,13 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   // when less than that is read from copies (a tiny application, read
   // frozen whole: wall 79 -> 106 ms and CPU 39 -> 57 ms with O_DIRECT,
   // the page cache's cost there nothing to save).
-  const direct = split !== undefined && split.frozen <= DIRECT_FROZEN_MAX && split.copied >= DIRECT_FROZEN_MAX && !toStream && !toFile;
+  // Only asked for (APPSHOT_PAGES_DIRECT=auto; =1 for every page file):
+  // a reviewer's paired runs at a lower load (review 244, 256 MiB, load
+  // 2.5-4.1) found the wall longer (373 -> 475 ms: the writes one at a
+  // time at the disk's pace), and an image restored at once is then read
+  // from the disk; its CPU was lower (408 -> 338 ms).
+  const direct =
+    process.env.APPSHOT_PAGES_DIRECT === 'auto' && split !== undefined && split.frozen <= DIRECT_FROZEN_MAX && split.copied >= DIRECT_FROZEN_MAX && !toStream && !toFile;
   let pages: PageWriter;
   try {
     pages = timed('page writer opened', () => new (addon().PageWriter)(toStream ? tmpdir() : dirname(output), parent?.fds ?? [], writeQueueLimit(), direct));
@@ -1143,8 +1149,8 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       // beside it and slow the rest of the queue (256 MiB --no-cow-capture:
       // drain 2 -> 54 ms, 5 rounds, load 4.4-6.3).
       if (cow?.pending) {
-        if (!process.env.APPSHOT_PAGES_FLUSH_AHEAD?.startsWith('0')) pages.startHashing(false);
-        pages.startFlushing();
+        pages.startHashing(false);
+        pages.startFlushing(); // only with APPSHOT_PAGES_FLUSH_AHEAD=1 (pages.c)
       }
       reportProfile('the frozen window');
     }
