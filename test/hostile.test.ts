@@ -986,18 +986,24 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     refuses(['restore', dir], { code: 1, stderr: line });
   });
 
-  it("a link to the keyring of a user the process does not run as, or a key owned by another user, is refused (root would hand nobody root's user keyring)", () => {
-    const link = { type: 'keyring', description: '_uid.0', uid: 0, gid: 0, perm: 0x3f010000, payload: Buffer.alloc(0) };
-    const theirs = { type: 'user', description: 'x', uid: 1234, gid: 0, perm: 0x3f010000, payload: Buffer.from('p') };
-    for (const [key, line] of [
-      [link, /corrupt image: process 2 has a link to the keyring of uid 0, which the process does not run as$/],
-      [theirs, /corrupt image: process 2 has key 'x' owned by 1234:0, ids the process does not have$/],
+  it("a link to the keyring of a user the process does not run as, a key owned by another user, bad permissions or a long description are refused (root would hand nobody root's user keyring)", () => {
+    const link = (uid: number) => ({ type: 'keyring', description: `_uid.${uid}`, uid: 0, gid: 0, perm: 0x3f010000, payload: Buffer.alloc(0) });
+    const key = (over: object) => ({ type: 'user', description: 'x', uid: 0, gid: 0, perm: 0x3f010000, payload: Buffer.from('p'), ...over });
+    const noCaps = { capEff: 0n, capPrm: 0n, capInh: 0n, capAmb: 0n };
+    const ids = (id: number) => ({ uid: [id, id, id, id], gid: [id, id, id, id], groups: [], ...noCaps });
+    for (const [as, k, line] of [
+      [65534, link(0), /corrupt image: process 2 has a link to the keyring of uid 0, which the process does not run as$/],
+      // uid 0 without CAP_SETUID could not take another uid (review 245).
+      [0, link(65534), /corrupt image: process 2 has a link to the keyring of uid 65534, which the process does not run as$/],
+      [65534, key({ uid: 1234 }), /corrupt image: process 2 has key 'x' owned by 1234:0, ids the process does not have$/],
+      [65534, key({ perm: 0xffffffff }), /corrupt image: process 2 has key 'x' with permissions ffffffff, which no key has$/],
+      [65534, key({ description: 'd'.repeat(300) }), /corrupt image: process 2 has a key description that is empty, holds a NUL or is too long$/],
     ] as const) {
-      const dir = crafted(`keyring-foreign-${key.description}`, (i) => {
+      const dir = crafted(`keyring-foreign-${as}-${k.description.slice(0, 12)}-${k.perm}-${k.uid}`, (i) => {
         const p = i.processes[0];
-        p.creds = { ...p.creds, uid: [65534, 65534, 65534, 65534], gid: [65534, 65534, 65534, 65534], groups: [] };
-        for (const t of p.threads) if (t.creds) t.creds = { ...t.creds, uid: [65534, 65534, 65534, 65534], gid: [65534, 65534, 65534, 65534], groups: [] };
-        p.sessionKeyring = { serial: 5, description: '_ses', uid: 0, gid: 0, perm: 0x3f030000, keys: [key] };
+        p.creds = { ...p.creds, ...ids(as) };
+        for (const t of p.threads) if (t.creds) t.creds = { ...t.creds, ...ids(as) };
+        p.sessionKeyring = { serial: 5, description: '_ses', uid: 0, gid: 0, perm: 0x3f030000, keys: [k] };
       });
       refuses(['restore', dir], { code: 1, stderr: line });
     }

@@ -1007,6 +1007,19 @@ describe.runIf(process.getuid?.() === 0)("a session keyring of its own, shared w
     });
   });
 
+  it("a process without one of its own does not come back holding the restorer's (review 245: root's keys reached it)", async () => {
+    await start('ringleak', [fixture('ringleak')]);
+    await checksPass('ringleak');
+    await run(['snapshot', 'ringleak', '-o', join(out, 'ringleak')]);
+    // Restored in the wrapper's process (no engine: the engine has its
+    // own keyring), whose session keyring holds "restorer-secret".
+    const r = await spawnAsync(fixture('ringleak'), ['wrap', command, 'restore', join(out, 'ringleak')], { env: { ...sb.env, APPSHOT_ENGINE: 'off' } });
+    expect(r.status, r.stderr).toBe(0);
+    await checksPass('ringleak');
+    await exercised('ringleak');
+    await checksPass('ringleak');
+  });
+
   it('a named one is refused by name at snapshot (joined by name at restore, it could be another\'s), and the application goes on', async () => {
     await start('keyrn', [fixture('keyrings'), 'appshot-kinds-named']);
     await checksPass('keyrn');

@@ -27,7 +27,7 @@ import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
 import { netlinkProblem } from '../resources/netlink.js';
 import { socketFileRecordFault } from '../resources/socketfile.js';
-import { keyringFault, processIds } from '../resources/keyrings.js';
+import { keyringFault, keyringRights, keyringTreeFault } from '../resources/keyrings.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 import { unsettable } from '../template/rules.js';
@@ -282,7 +282,7 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
     corrupt(`${who} has ${timers.length} POSIX timers or a timer id above ${LIMITS.posixTimers}`);
   if (new Set(timers.map((t) => t.id)).size !== timers.length) corrupt(`${who} has a POSIX timer id twice`);
   for (const t of timers) if (!(t.signal >= 0 && t.signal <= 64)) corrupt(`${who}'s timer ${t.id} sends signal ${t.signal}`);
-  const ringFault = p.sessionKeyring && keyringFault(p.sessionKeyring, processIds(p));
+  const ringFault = p.sessionKeyring && keyringFault(p.sessionKeyring, keyringRights(p));
   if (ringFault) corrupt(`${who} has ${ringFault}`);
   if ((p.zombies?.length ?? 0) > LIMITS.processes) corrupt(`${who} has ${p.zombies!.length} zombies (at most ${LIMITS.processes})`);
 
@@ -648,6 +648,8 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
 
   const vtids = new Set<number>();
   for (const p of image.processes) checkProcess(image, p, pagesFileSize, limits, vtids, shmVids, memoryOnly);
+  const ringTree = memoryOnly ? undefined : keyringTreeFault(image.processes);
+  if (ringTree) corrupt(ringTree);
   if (!memoryOnly) checkPtys(image);
   if (!memoryOnly) checkWaits(image, corrupt);
   if (!memoryOnly) checkPosixQueues(image, corrupt);

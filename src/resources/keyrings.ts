@@ -47,6 +47,7 @@ export const PAYLOAD_MAX = 480;
 export const KEYS_MAX = 60;
 const DESCRIBE_MAX = 256;
 const ENOSYS = 38n;
+const EPERM = 1n;
 const EKEYEXPIRED = 127n;
 const EKEYREVOKED = 128n;
 
@@ -89,7 +90,10 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKey
   // (pam_keyinit's "revoke" when the session that started a daemon
   // closed): nothing to carry, and a restored process finds its user's
   // default one.
-  if (asked.id.ret === -ENOSYS || asked.id.ret === -EKEYEXPIRED || asked.id.ret === -EKEYREVOKED) return undefined;
+  // EPERM: a seccomp filter answers keyctl so (Docker's default profile
+  // does), and the process, and its children under the same filter, can
+  // never use a keyring (review 245: every such snapshot failed).
+  if (asked.id.ret === -ENOSYS || asked.id.ret === -EKEYEXPIRED || asked.id.ret === -EKEYREVOKED || asked.id.ret === -EPERM) return undefined;
   if (asked.id.ret < 0n) throw new Unsupported(`${what} cannot be found (${errnoName(asked.id.ret)})`);
   const ring = parseDescription(asked.describe, what);
   // Its user's default: what a restored process of that user finds.
@@ -125,23 +129,27 @@ const isUserKeyringLink = (k: Pick<Key, 'type' | 'description'>) => k.type === '
 /**
  * Whether the process gets a new session keyring where its tree is made,
  * before its children are forked: it had one and its parent (if in the
- * image) had not the same. Throws for the one case a fork cannot give:
- * none of its own under a parent with one.
+ * image) had not the same.
  */
 export function joinsSessionKeyring(p: Process, parent: Process | undefined): boolean {
   const own = p.sessionKeyring;
   const parents = parent?.sessionKeyring;
-  if (!own) {
-    if (parents) throw new Error(`process ${p.vpid} has no session keyring of its own while its parent ${parent!.vpid} has one, which a restore cannot make yet`);
-    return false;
-  }
+  // (None of its own under a parent with one: refused by keyringTreeFault.)
+  if (!own) return false;
   return !parents || parents.serial !== own.serial;
 }
 
 /** A new anonymous session keyring for the process (no memory needed:
- * its children forked after share it). */
-export function joinNewSessionKeyring(r: RemoteProcess): void {
-  r.call('joining a new session keyring', NR_KEYCTL, [KEYCTL_JOIN_SESSION_KEYRING, 0]);
+ * its children forked after share it). `needed`: the image records one;
+ * otherwise a kernel without keyrings (ENOSYS) or a filter that refuses
+ * keyctl (EPERM) leaves the process none to leak, and is no failure. */
+export function joinNewSessionKeyring(r: RemoteProcess, needed: boolean): void {
+  if (needed) {
+    r.call('joining a new session keyring', NR_KEYCTL, [KEYCTL_JOIN_SESSION_KEYRING, 0]);
+    return;
+  }
+  const ret = r.raw(NR_KEYCTL, [KEYCTL_JOIN_SESSION_KEYRING, 0]);
+  if (ret < 0n && ret > -4096n && ret !== -ENOSYS && ret !== -EPERM) throw new Error(`joining a new session keyring: ${errnoName(ret)}`);
 }
 
 /**
@@ -177,13 +185,37 @@ export function fillSessionKeyring(r: RemoteProcess, ring: SessionKeyring, resto
   calls.run();
 }
 
-/** The user and group ids a process of an image runs with, any thread's
- * (real, effective, saved, filesystem; groups): those its keys and links
- * may name. */
-export function processIds(p: Process): { uids: Set<number>; gids: Set<number> } {
-  const all = [p.creds, ...p.threads.map((t) => t.creds).filter((c) => c !== undefined)];
-  return { uids: new Set(all.flatMap((c) => c.uid)), gids: new Set(all.flatMap((c) => [...c.gid, ...c.groups])) };
+const CAP_SETUID = 7n;
+const CAP_SYS_ADMIN = 21n;
+
+/** What a process of an image could do with keyrings itself, any thread's
+ * credentials counted: the user and group ids it runs with (real,
+ * effective, saved, filesystem; groups), and whether it holds CAP_SETUID
+ * (it could take any uid and link that user's keyring) or CAP_SYS_ADMIN
+ * (it could give a key to any owner, KEYCTL_CHOWN) in its permitted set.
+ * Not uid 0 alone: without those capabilities root can do neither
+ * (review 245). */
+export interface KeyringRights {
+  uids: Set<number>;
+  gids: Set<number>;
+  anyUser: boolean;
+  anyOwner: boolean;
 }
+
+export function keyringRights(p: Process): KeyringRights {
+  const all = [p.creds, ...p.threads.map((t) => t.creds).filter((c) => c !== undefined)];
+  const holds = (cap: bigint) => all.some((c) => (c.capPrm >> cap) & 1n);
+  return {
+    uids: new Set(all.flatMap((c) => c.uid)),
+    gids: new Set(all.flatMap((c) => [...c.gid, ...c.groups])),
+    anyUser: holds(CAP_SETUID),
+    anyOwner: holds(CAP_SYS_ADMIN),
+  };
+}
+
+/** Permission bits a key can have (possessor, user, group, other: six
+ * each). */
+const PERM_BITS = 0x3f3f3f3f;
 
 /** An image's session keyring as a restore can make it, else why not
  * (validate.ts: an image is untrusted input). A link to a user's keyring
@@ -191,32 +223,48 @@ export function processIds(p: Process): { uids: Set<number>; gids: Set<number> }
  * restoring an image whose nobody process linked `_uid.0` would have
  * handed it root's user keyring, and its keys); an owner, one of the
  * process's ids or root (pam_keyinit makes the keyring as root, before
- * the session becomes the user's); anything for a process that runs as
- * root. */
-export function keyringFault(ring: SessionKeyring, ids: { uids: Set<number>; gids: Set<number> }): string | undefined {
+ * the session becomes the user's); anything a process holding
+ * CAP_SETUID (links) or CAP_SYS_ADMIN (owners) could have made itself. */
+export function keyringFault(ring: SessionKeyring, rights: KeyringRights): string | undefined {
   if (ring.description !== ANONYMOUS) return `a session keyring named ${JSON.stringify(ring.description.slice(0, 40))}`;
   if (ring.keys.length > KEYS_MAX) return `${ring.keys.length} keys in its session keyring (at most ${KEYS_MAX})`;
-  // A process that runs as root could have linked any user's keyring and
-  // given any key away itself (setreuid, KEYCTL_CHOWN); the restorer that
-  // gives it root may give it these.
-  const root = ids.uids.has(0);
-  const ownerFault = (what: string, uid: number, gid: number) =>
-    !root && ((uid !== 0 && !ids.uids.has(uid)) || (gid !== 0 && !ids.gids.has(gid))) ? `${what} owned by ${uid}:${gid}, ids the process does not have` : undefined;
-  const ringOwner = ownerFault('a session keyring', ring.uid, ring.gid);
+  const ownerFault = (what: string, uid: number, gid: number, perm: number) => {
+    if ((perm & ~PERM_BITS) !== 0) return `${what} with permissions ${(perm >>> 0).toString(16)}, which no key has`;
+    if (!rights.anyOwner && ((uid !== 0 && !rights.uids.has(uid)) || (gid !== 0 && !rights.gids.has(gid)))) return `${what} owned by ${uid}:${gid}, ids the process does not have`;
+    return undefined;
+  };
+  const ringOwner = ownerFault('a session keyring', ring.uid, ring.gid, ring.perm);
   if (ringOwner) return ringOwner;
   for (const k of ring.keys) {
     if (isUserKeyringLink(k)) {
       const uid = Number(k.description.slice(5));
       if (k.payload.length || !(uid <= 0xfffffffe)) return 'a link to a user keyring with a payload or no such uid';
-      if (!root && !ids.uids.has(uid)) return `a link to the keyring of uid ${uid}, which the process does not run as`;
+      if (!rights.anyUser && !rights.uids.has(uid)) return `a link to the keyring of uid ${uid}, which the process does not run as`;
       continue;
     }
-    const owner = ownerFault(`key '${k.description.slice(0, 40)}'`, k.uid, k.gid);
+    const owner = ownerFault(`key '${k.description.slice(0, 40)}'`, k.uid, k.gid, k.perm);
     if (owner) return owner;
     if (k.type !== 'user') return `a key of type ${JSON.stringify(k.type.slice(0, 40))}`;
-    // add_key takes a description as a C string of at most 4095 bytes.
-    if (!k.description || k.description.includes('\0') || Buffer.byteLength(k.description) > 4095) return 'a key description that is empty, holds a NUL or is too long';
+    // The snapshot reads descriptions of DESCRIBE_MAX bytes at most (with
+    // the type and ids before them): a longer one is no image of ours, and
+    // 60 of 4095 bytes would not fit the restore's scratch memory.
+    if (!k.description || k.description.includes('\0') || Buffer.byteLength(k.description) > DESCRIBE_MAX) return 'a key description that is empty, holds a NUL or is too long';
     if (!k.payload.length || k.payload.length > PAYLOAD_MAX) return `a key of ${k.payload.length} bytes (1 to ${PAYLOAD_MAX})`;
+  }
+  return undefined;
+}
+
+/** Why the processes' session keyrings cannot be made again by forks, or
+ * undefined: a process without one of its own whose parent (in the image)
+ * has one would inherit its parent's at restore. Checked at snapshot, so
+ * that such an application is left running rather than ended into an
+ * image no restore takes (review 245: a child whose keyring was revoked
+ * under a parent with its own), and by validate.ts. */
+export function keyringTreeFault(processes: readonly Process[]): string | undefined {
+  const byVpid = new Map(processes.map((p) => [p.vpid, p]));
+  for (const p of processes) {
+    const parent = byVpid.get(p.vppid);
+    if (!p.sessionKeyring && parent?.sessionKeyring) return `process ${p.vpid} has no session keyring of its own while its parent ${parent.vpid} has one, which a restore cannot make yet`;
   }
   return undefined;
 }

@@ -897,7 +897,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // Its own session keyring before its threads are made and its
       // children forked (the keyring is the calling thread's credentials):
       // those that shared it inherit the new one.
-      if (joinsSessionKeyring(m.proc, byVpid.get(m.proc.vppid))) joinNewSessionKeyring(r);
+      // A root of the tree with none of its own gets a new, empty one too:
+      // a seed inherits appshot-init's, the restorer's (review 245: root
+      // restoring from a login session handed its keys, and its user
+      // keyring, to the restored process). Its children inherit it.
+      const ownRing = joinsSessionKeyring(m.proc, byVpid.get(m.proc.vppid));
+      if (ownRing || root) joinNewSessionKeyring(r, ownRing);
       // Children that share pages copy-on-write with it are forked once its
       // memory is filled: they inherit its pages, shared as they were.
       const children = image.processes.filter((p) => p.vppid === m.proc.vpid);

@@ -23,6 +23,7 @@ import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadI
 import { recordWritten, writtenIdentity } from '../image/written.js';
 import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { refuseUnsafeDirectory } from '../home.js';
+import { keyringTreeFault } from '../resources/keyrings.js';
 import { EndingJournal } from './ending.js';
 import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
@@ -516,6 +517,9 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   checkDnotify(ctx.image);
   timed('forking threads', () => dumpForkingThreads(ctx, ctx.image.processes));
   checkOneTimeNamespace(ctx.image.processes);
+  // Before anything ends the application: an image no restore takes.
+  const ringTree = keyringTreeFault(ctx.image.processes);
+  if (ringTree) throw new Unsupported(ringTree);
   timed('locks', () => dumpLocks(ctx.image, ctx.fdLockLines));
   timed('unix peers', () => checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!));
   timed('listeners', () => offerListeners(ctx, (vpid) => systemPids.get(vpid)!));
