@@ -1027,5 +1027,13 @@ describe.runIf(process.getuid?.() === 0)("a session keyring of its own, shared w
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/process 2 \(keyrings\)'s session keyring is the named keyring 'appshot-kinds-named', which cannot be captured yet[^\n]*; the application was left running/);
     await checksPass('keyrn');
+    // A key description that is not UTF-8 text would come back as another
+    // name (review 245): refused too.
+    await start('keyrl', [fixture('keyrings'), '--latin1']);
+    await checksPass('keyrl');
+    const latin1 = await attempt(['snapshot', 'keyrl', '-o', join(out, 'keyrl')]);
+    expect(latin1.code).not.toBe(0);
+    expect(latin1.stderr).toMatch(/session keyring's description is not UTF-8 text, which cannot be captured yet[^\n]*; the application was left running/);
+    await checksPass('keyrl');
   });
 });

@@ -74,7 +74,12 @@ export function askSessionKeyring(calls: CallQueue): KeyringAsked {
 function parseDescription(a: Answer, what: string): { type: string; uid: number; gid: number; perm: number; description: string } {
   if (a.ret < 0n) throw new Unsupported(`${what} cannot be described (${errnoName(a.ret)})`);
   if (a.ret > BigInt(a.out.length)) throw new Unsupported(`${what}'s description is ${a.ret} bytes, more than appshot reads (${a.out.length})`);
-  const text = a.out.subarray(0, Number(a.ret)).toString('utf8').replace(/\0.*$/s, '');
+  const bytes = a.out.subarray(0, Number(a.ret));
+  const text = bytes.toString('utf8').replace(/\0.*$/s, '');
+  // Kept as text in the image: bytes that are not UTF-8 would come back
+  // changed (U+FFFD), a key of another name (review 245).
+  if (!Buffer.from(text, 'utf8').equals(bytes.subarray(0, bytes.indexOf(0) < 0 ? bytes.length : bytes.indexOf(0))))
+    throw new Unsupported(`${what}'s description is not UTF-8 text, which cannot be captured yet`);
   const m = /^([^;]*);(\d+);(\d+);([0-9a-f]{8});(.*)$/s.exec(text);
   if (!m) throw new Unsupported(`${what}'s description cannot be read: ${JSON.stringify(text)}`);
   return { type: m[1], uid: Number(m[2]), gid: Number(m[3]), perm: parseInt(m[4], 16), description: m[5] };
@@ -158,7 +163,7 @@ export function joinNewSessionKeyring(r: RemoteProcess, needed: boolean): void {
  * permissions (last: a permission without the possessor's "setattr" would
  * stop the next change). Needs the process's scratch memory.
  */
-export function fillSessionKeyring(r: RemoteProcess, ring: SessionKeyring, restorer: { uid: number; gid: number }): void {
+export function fillSessionKeyring(r: RemoteProcess, ring: SessionKeyring, restorer: { uid: number; gid: number; realUid: number }): void {
   r.reset();
   const calls = r.batch();
   const owned = (serialCall: number | bigint, uid: number, gid: number, perm: number, what: string, from?: number) => {
@@ -172,9 +177,11 @@ export function fillSessionKeyring(r: RemoteProcess, ring: SessionKeyring, resto
       // differs (its credentials are set whole later). Its owner and
       // permissions are that user's keyring's own, left as they are.
       const uid = Number(k.description.slice('_uid.'.length));
-      if (uid !== restorer.uid) calls.add(`taking uid ${uid} as real uid to link its keyring`, NR_SETREUID, [uid, -1]);
+      // (The real uid, which KEY_SPEC_USER_KEYRING follows, not the
+      // effective one that owns what the seed makes.)
+      if (uid !== restorer.realUid) calls.add(`taking uid ${uid} as real uid to link its keyring`, NR_SETREUID, [uid, -1]);
       calls.add(`linking the keyring of uid ${uid} into the session keyring`, NR_KEYCTL, [KEYCTL_LINK, KEY_SPEC_USER_KEYRING, KEY_SPEC_SESSION_KEYRING]);
-      if (uid !== restorer.uid) calls.add('taking back the real uid', NR_SETREUID, [restorer.uid, -1]);
+      if (uid !== restorer.realUid) calls.add('taking back the real uid', NR_SETREUID, [restorer.realUid, -1]);
       continue;
     }
     const what = `key '${k.description}'`;

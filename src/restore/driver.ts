@@ -839,7 +839,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // adopts the member, as it had). vsid/vpgid -> placeholder's PID.
     const placeholders = new Map<number, number>();
     const byVpid = new Map(image.processes.map((p) => [p.vpid, p]));
-    const restorer = { uid: process.geteuid!(), gid: process.getegid!() };
+    const restorer = { uid: process.geteuid!(), gid: process.getegid!(), realUid: process.getuid!() };
     const forkFrom = (parent: number, tid = parent): number => {
       const pid = Number(new RemoteProcess(parent).call('fork', SYS.fork, [], tid));
       forked.push(pid); // killed on failure, whatever happens next
