@@ -513,27 +513,67 @@ function openPart(dir: string, name: string, ceiling = PART_CEILING[name]): { fd
 
 const CHUNK = PAGES_CHUNK;
 
-/** CRC-32C and SHA-256 of an open file's first `limit` bytes (a file that
- * grows while it is read is read no further), a MiB at a time; with
- * `chunked`, the SHA-256 of each PAGES_CHUNK bytes too (format 3's chunk
- * table). */
-class PartHasher {
+/** CRC-32C and SHA-256 of a part given in pieces of any size; with a
+ * `chunkSize`, the SHA-256 of each chunkSize bytes too (format 3's chunk
+ * table), each told to `onChunk` as it ends. */
+class PartDigester {
   private readonly hash = createHash('sha256');
-  private readonly buf = Buffer.allocUnsafe(CHUNK);
   private readonly chunks: Buffer[] = [];
+  private chunk = createHash('sha256');
+  private inChunk = 0;
   private crc = 0;
+  private size = 0;
+  constructor(
+    private readonly chunkSize = 0,
+    private readonly onChunk?: (index: number, digest: Buffer) => void,
+  ) {}
+  add(piece: Buffer): void {
+    this.crc = addon().crc32c(piece, this.crc);
+    this.hash.update(piece);
+    this.size += piece.length;
+    if (!this.chunkSize) return;
+    for (let at = 0; at < piece.length; ) {
+      const n = Math.min(piece.length - at, this.chunkSize - this.inChunk);
+      this.chunk.update(piece.subarray(at, at + n));
+      this.inChunk += n;
+      at += n;
+      if (this.inChunk === this.chunkSize) this.endChunk();
+    }
+  }
+  private endChunk(): void {
+    const digest = this.chunk.digest();
+    this.onChunk?.(this.chunks.length, digest);
+    this.chunks.push(digest);
+    this.chunk = createHash('sha256');
+    this.inChunk = 0;
+  }
+  result(): PartDigest {
+    if (this.inChunk) this.endChunk();
+    const d: PartDigest = { size: this.size, crc: this.crc, sha256: this.hash.digest() };
+    if (this.chunkSize) Object.assign(d, { chunkSize: this.chunkSize, chunks: Buffer.concat(this.chunks) });
+    return d;
+  }
+}
+
+/** A PartDigester fed from an open file's first `limit` bytes (a file that
+ * grows while it is read is read no further), a chunk at a time; with
+ * `chunked`, its chunk table of PAGES_CHUNK bytes too. */
+class PartHasher {
+  private readonly buf = Buffer.allocUnsafe(CHUNK);
+  private readonly digester: PartDigester;
   private size = 0;
   constructor(
     private readonly fd: number,
     private readonly limit: number,
     private readonly onBytes?: (n: number) => void,
-    private readonly chunked = false,
-  ) {}
+    chunked = false,
+  ) {
+    this.digester = new PartDigester(chunked ? PAGES_CHUNK : 0);
+  }
   /** Reads and hashes the next piece; false once there is none. */
   step(): boolean {
     if (this.size >= this.limit) return false;
-    // A whole chunk per piece: a short read is read on, so that pieces
-    // and chunks stay aligned.
+    // A whole chunk per piece: a short read is read on.
     let n = 0;
     const want = Math.min(CHUNK, this.limit - this.size);
     while (n < want) {
@@ -542,19 +582,24 @@ class PartHasher {
       n += got;
     }
     if (n === 0) return false;
-    const piece = this.buf.subarray(0, n);
-    this.crc = addon().crc32c(piece, this.crc);
-    this.hash.update(piece);
-    if (this.chunked) this.chunks.push(createHash('sha256').update(piece).digest());
+    this.digester.add(this.buf.subarray(0, n));
     this.size += n;
     this.onBytes?.(n);
     return n === want;
   }
   result(): PartDigest {
-    const d: PartDigest = { size: this.size, crc: this.crc, sha256: this.hash.digest() };
-    if (this.chunked) Object.assign(d, { chunkSize: PAGES_CHUNK, chunks: Buffer.concat(this.chunks) });
-    return d;
+    return this.digester.result();
   }
+}
+
+/** Why a part's whole-file digests `d` (formats 1 and 2) are not those
+ * its manifest lists, in words after "corrupt image: ", or undefined: its
+ * CRC-32C, and its SHA-256 where a trusted key signed the manifest.
+ * `where`: " in STREAM" for a part checked as it was unpacked. */
+function wholeDigestFault(part: Manifest['parts'][number], d: PartDigest, trusted: boolean, where = ''): string | undefined {
+  if (d.crc !== part.crc32c) return `checksum of ${part.name}${where} does not match`;
+  if (trusted && (part.sha256.length !== 32 || !d.sha256.equals(part.sha256))) return `SHA-256 of ${part.name}${where} does not match its signed manifest`;
+  return undefined;
 }
 
 /** A part's digests as a manifest gives them, its chunk table included
@@ -866,56 +911,31 @@ async function extractTarInto(input: NodeJS.ReadableStream, what: string, trust:
 
 /**
  * A page file checked as its tar stream goes by, against its manifest, as
- * loadImage checks one on disk: by its chunk table (format 3), else by its
- * CRC-32C and, if a trusted key signed the manifest, its SHA-256.
+ * loadImage checks one on disk: by its chunk table (format 3: each chunk
+ * as it ends), else by its whole-file digests (wholeDigestFault).
  */
 class StreamedPagesCheck {
   private readonly part: Manifest['parts'][number];
-  private readonly chunked: boolean;
-  private readonly chunkSize: number;
-  private readonly whole = createHash('sha256');
-  private chunk = createHash('sha256');
-  private inChunk = 0;
-  private chunks = 0;
-  private crc = 0;
+  private readonly digester: PartDigester;
   constructor(
     private readonly checked: ReturnType<typeof checkManifest>,
     private readonly what: string,
   ) {
-    this.part = checked.manifest.parts.find((p) => p.name === PARTS.pages)!;
-    this.chunked = checked.manifest.formatVersion >= CHUNKED_FORMAT;
-    this.chunkSize = this.part.chunkSize ?? 0;
+    const part = checked.manifest.parts.find((p) => p.name === PARTS.pages)!;
+    this.part = part;
+    const chunkSize = checked.manifest.formatVersion >= CHUNKED_FORMAT ? (part.chunkSize ?? 0) : 0;
+    this.digester = new PartDigester(chunkSize, (i, digest) => {
+      if (!digest.equals(part.chunkSha256.subarray(i * SHA256_BYTES, (i + 1) * SHA256_BYTES))) throw pagesCheckFailure(i, chunkSize, 0);
+    });
   }
   update(data: Buffer): void {
-    if (!this.chunked) {
-      this.crc = addon().crc32c(data, this.crc);
-      this.whole.update(data);
-      return;
-    }
-    for (let at = 0; at < data.length; ) {
-      const n = Math.min(data.length - at, this.chunkSize - this.inChunk);
-      this.chunk.update(data.subarray(at, at + n));
-      this.inChunk += n;
-      at += n;
-      if (this.inChunk === this.chunkSize) this.endChunk();
-    }
-  }
-  private endChunk(): void {
-    const digest = this.chunk.digest();
-    const listed = this.part.chunkSha256.subarray(this.chunks * SHA256_BYTES, (this.chunks + 1) * SHA256_BYTES);
-    if (!digest.equals(listed)) throw pagesCheckFailure(this.chunks, this.chunkSize, 0);
-    this.chunks++;
-    this.chunk = createHash('sha256');
-    this.inChunk = 0;
+    this.digester.add(data);
   }
   finish(): void {
-    if (this.chunked) {
-      if (this.inChunk) this.endChunk();
-      return;
-    }
-    if (this.crc !== this.part.crc32c) throw new AppshotError(`corrupt image: checksum of ${PARTS.pages} in ${this.what} does not match`);
-    if (this.checked.signer.trusted && (this.part.sha256.length !== 32 || !this.whole.digest().equals(this.part.sha256)))
-      throw new AppshotError(`corrupt image: SHA-256 of ${PARTS.pages} in ${this.what} does not match its signed manifest`);
+    const d = this.digester.result();
+    if (d.chunkSize) return; // each chunk checked as it ended
+    const fault = wholeDigestFault(this.part, d, !!this.checked.signer.trusted, ` in ${this.what}`);
+    if (fault) throw new AppshotError(`corrupt image: ${fault}`);
   }
 }
 
@@ -1302,10 +1322,9 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
           if (pages) killPoint('image: pages checked');
         }
         if (d.size !== size) throw new AppshotError(`corrupt image: ${part.name} changed while it was read`);
-        if (d.crc !== part.crc32c) throw new AppshotError(`corrupt image: checksum of ${part.name} does not match`);
         // A signed manifest vouches for the parts through their SHA-256.
-        if (signer.trusted && !quick && !byChunks && (part.sha256.length !== 32 || !d.sha256.equals(part.sha256)))
-          throw new AppshotError(`corrupt image: SHA-256 of ${part.name} does not match its signed manifest`);
+        const fault = wholeDigestFault(part, d, !!signer.trusted && !quick && !byChunks);
+        if (fault) throw new AppshotError(`corrupt image: ${fault}`);
         digests.set(part.name, d);
         if (opts.holdPages && part.name === PARTS.pages) pagesFd = fd;
       } finally {
