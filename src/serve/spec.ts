@@ -232,12 +232,6 @@ export class ServiceStore {
     this.dir = join(home, 'services');
   }
 
-  /** The services' directory, made if need be, its state directory
-   * checked (and made) first (home.ts makeHome). */
-  private makeDir(dir = this.dir): void {
-    makeHome(this.home);
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
-  }
 
   private file(name: string): string {
     return join(this.dir, `${name}.json`);
@@ -249,7 +243,10 @@ export class ServiceStore {
   }
 
   add(spec: ServiceSpec): void {
-    this.makeDir();
+    // The state directory checked (and made) before anything is made in
+    // it (home.ts makeHome).
+    makeHome(this.home);
+    mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     const file = this.file(spec.name);
     for (const other of this.list())
       for (const p of spec.ports)
@@ -335,8 +332,10 @@ export class ServiceStore {
   }
 
   writeState(state: ServiceState): void {
+    // Only a serve writes it, which made and checked the state directory
+    // when it took its lock (serve/lock.ts takeServeLock).
     const dir = this.workDir(state.service);
-    this.makeDir(dir);
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
     const file = join(dir, 'state.json');
     writeFileSync(`${file}.tmp`, JSON.stringify(state, null, 2) + '\n');
     renameSync(`${file}.tmp`, file);
