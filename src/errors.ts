@@ -1,3 +1,4 @@
+import { constants as osConstants } from 'node:os';
 import { getSystemErrorMap } from 'node:util';
 
 /**
@@ -73,6 +74,21 @@ export function isSystemCallError(e: unknown): e is NodeJS.ErrnoException {
   const err = e as NodeJS.ErrnoException | undefined;
   return !!err && typeof err.code === 'string' && !!err.syscall;
 }
+
+/** A positive errno's name ("EPERM"), or "errno N" for one this system
+ * does not name: how messages give the result of a call made in another
+ * process or in the addon. */
+export function errnoName(errno: number): string {
+  if (!errnoNames) {
+    errnoNames = new Map();
+    // Of two names for one number, the kernel's own (EAGAIN, not
+    // EWOULDBLOCK; EOPNOTSUPP, not ENOTSUP), whatever Node's order.
+    for (const [name, n] of Object.entries(osConstants.errno)) if (!errnoNames.has(n) || KERNEL_NAMES.has(name)) errnoNames.set(n, name);
+  }
+  return errnoNames.get(errno) ?? `errno ${errno}`;
+}
+let errnoNames: Map<number, string> | undefined;
+const KERNEL_NAMES = new Set(['EAGAIN', 'EOPNOTSUPP']);
 
 /** A system call's error without the call and its path: `permission
  * denied (EACCES)` (errorText's end). */

@@ -12,7 +12,7 @@
 import type { Command } from 'commander';
 import { spawnSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
-import { constants as osConstants } from 'node:os';
+import { errnoName } from '../errors.js';
 import { setExitCode } from '../engine/request.js';
 import { printJson } from './json.js';
 
@@ -38,7 +38,6 @@ export interface CheckResult {
   features: Feature[];
 }
 
-const errnoName = (e: number) => Object.entries(osConstants.errno).find(([, v]) => v === e)?.[0] ?? `errno ${e}`;
 const codeOf = (e: unknown) => String((e as NodeJS.ErrnoException)?.code ?? (e as Error)?.message ?? e);
 
 function readSysctl(path: string): string | undefined {

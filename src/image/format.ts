@@ -40,7 +40,7 @@ import { constants as zlibConstants, createGunzip, createGzip } from 'node:zlib'
 import { killPoint } from '../killpoint.js';
 import { requireZstd, zstdCompressTo, zstdDecompressFrom } from './zstd.js';
 import { makePartialDir, ownedName, removeStaleTemporaries, temporariesDir } from './partial.js';
-import { AppshotError, errorText, ExitCode, isSystemCallError } from '../errors.js';
+import { AppshotError, errnoName, errorText, ExitCode, isSystemCallError } from '../errors.js';
 import { addon, type PageFileDigest, type PagesCheck, type PageWriter } from '../native.js';
 import { type FieldSchema, type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, isOwnKey, type Signer, signWithSelf, untrustedHint } from './trust.js';
@@ -643,7 +643,7 @@ export function pagesCheckFailure(chunk: number, chunkSize: number, errno: numbe
   const from = chunk * chunkSize;
   const where = `chunk ${chunk}, bytes ${from}-${from + chunkSize - 1}`;
   if (!errno) return new AppshotError(`corrupt image: checksum of ${PARTS.pages} does not match its manifest (${where})`);
-  const name = Object.entries(osConstants.errno).find(([, n]) => n === errno)?.[0] ?? `errno ${errno}`;
+  const name = errnoName(errno);
   return new AppshotError(`corrupt image: ${PARTS.pages} cannot be read (${where}: ${name})`);
 }
 

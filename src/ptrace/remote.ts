@@ -6,6 +6,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { constants } from 'node:os';
+import { errnoName } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import { addon } from '../native.js';
 
@@ -85,14 +86,13 @@ export const SYS = {
  * trip, two stops or one): what an operation reports as its cost. */
 export const injected = { calls: 0 };
 
-const errnoName = new Map(Object.entries(constants.errno).map(([k, v]) => [v, k]));
 
 export class SyscallError extends Error {
   constructor(
     readonly call: string,
     readonly errno: number,
   ) {
-    super(`${call} failed: ${errnoName.get(errno) ?? `errno ${errno}`}`);
+    super(`${call} failed: ${errnoName(errno)}`);
   }
 }
 
@@ -628,7 +628,7 @@ export class RemoteProcess {
         // process may be gone, and its memory with it.
         round.forEach(({ job }, k) => {
           if (!errors[k]) return;
-          const name = errnoName.get(-errors[k]) ?? `errno ${-errors[k]}`;
+          const name = errnoName(-errors[k]);
           throw Object.assign(new Error(`running a batch of system calls in thread ${job.tid}: ${-errors[k] === constants.errno.ESRCH ? 'the thread is gone' : name}`), { errno: -errors[k], code: name });
         });
         const back = addon().readMemory(this.pid, addr, bytes);

@@ -19,10 +19,9 @@
  */
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { procText } from '../procfs.js';
-import { constants } from 'node:os';
 import type { Image, Process, ProcessAttributes, SchedDeadline, Thread, ThreadAttributes } from '../image/types.js';
 import { type CallBatch, type NamedCall, type RemoteProcess, SYS } from '../ptrace/remote.js';
-import { AppshotError, ExitCode } from '../errors.js';
+import { AppshotError, errnoName, ExitCode } from '../errors.js';
 import { nameProcess, Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
@@ -105,7 +104,8 @@ const SPECULATION_MODES: Record<number, string> = { 2: 'enabled', 4: 'disabled',
 /** The control for L1D flushing asks for a protection (ENABLE: flush);
  * the others take one away (ENABLE: speculate). */
 const L1D_FLUSH = 2;
-const errnoName = (errno: bigint) => Object.entries(constants.errno).find(([, n]) => BigInt(n) === -errno)?.[0] ?? `errno ${-errno}`;
+/** A call's negative result in words. */
+const failed = (ret: bigint) => errnoName(Number(-ret));
 /** What /proc/PID/loginuid says of a process no login set it for. */
 const LOGINUID_UNSET = 4294967295;
 
@@ -222,7 +222,7 @@ export function dumpLockFuture(p: Process, asked: AttributesAsked, what: string)
   const { mapped, dontneed, unmapped } = asked.lockProbe;
   // Refused (no memory, the locked-memory limit): not known, nothing to unmap.
   if (mapped.ret < 0n && mapped.ret > -4096n) return;
-  if (unmapped.ret < 0n) throw new Error(`unmapping a page the snapshot mapped in ${what}: ${errnoName(unmapped.ret)}`);
+  if (unmapped.ret < 0n) throw new Error(`unmapping a page the snapshot mapped in ${what}: ${failed(unmapped.ret)}`);
   if (p.attributes && dontneed.ret === -EINVAL) p.attributes.lockFuture = true;
 }
 
@@ -492,7 +492,7 @@ function restoreSpeculation(r: RemoteProcess, t: Thread, tid: number): void {
     const nowMode = now < 0n ? 0 : Number(now) & ~PR_SPEC_PRCTL;
     if (now >= 0n && protectsAsMuch(which, mode, nowMode, (Number(now) & PR_SPEC_PRCTL) !== 0)) return;
     throw new AppshotError(
-      `the ${name} was ${SPECULATION_MODES[mode] ?? `mode 0x${mode.toString(16)}`} (PR_SET_SPECULATION_CTRL), which this node refuses (${errnoName(set)}); here the thread would be ${now < 0n ? `without it (${errnoName(now)})` : (SPECULATION_MODES[nowMode] ?? `mode 0x${nowMode.toString(16)}`)}`,
+      `the ${name} was ${SPECULATION_MODES[mode] ?? `mode 0x${mode.toString(16)}`} (PR_SET_SPECULATION_CTRL), which this node refuses (${failed(set)}); here the thread would be ${now < 0n ? `without it (${failed(now)})` : (SPECULATION_MODES[nowMode] ?? `mode 0x${nowMode.toString(16)}`)}`,
       ExitCode.conflict,
     );
   });

@@ -25,6 +25,7 @@
 import type { Key, Process, SessionKeyring } from '../image/types.js';
 import type { Answer, CallQueue } from '../ptrace/queries.js';
 import type { RemoteProcess } from '../ptrace/remote.js';
+import { errnoName } from '../errors.js';
 import { Unsupported } from './context.js';
 
 const NR_ADD_KEY = 248;
@@ -72,20 +73,22 @@ export function askSessionKeyring(calls: CallQueue): KeyringAsked {
 
 /** "type;uid;gid;perm;description", as KEYCTL_DESCRIBE writes it. */
 function parseDescription(a: Answer, what: string): { type: string; uid: number; gid: number; perm: number; description: string } {
-  if (a.ret < 0n) throw new Unsupported(`${what} cannot be described (${errnoName(a.ret)})`);
+  if (a.ret < 0n) throw new Unsupported(`${what} cannot be described (${failed(a.ret)})`);
   if (a.ret > BigInt(a.out.length)) throw new Unsupported(`${what}'s description is ${a.ret} bytes, more than appshot reads (${a.out.length})`);
-  const bytes = a.out.subarray(0, Number(a.ret));
-  const text = bytes.toString('utf8').replace(/\0.*$/s, '');
+  const written = a.out.subarray(0, Number(a.ret));
+  const nul = written.indexOf(0);
+  const bytes = nul < 0 ? written : written.subarray(0, nul);
+  const text = bytes.toString('utf8');
   // Kept as text in the image: bytes that are not UTF-8 would come back
   // changed (U+FFFD), a key of another name (review 245).
-  if (!Buffer.from(text, 'utf8').equals(bytes.subarray(0, bytes.indexOf(0) < 0 ? bytes.length : bytes.indexOf(0))))
-    throw new Unsupported(`${what}'s description is not UTF-8 text, which cannot be captured yet`);
+  if (!Buffer.from(text, 'utf8').equals(bytes)) throw new Unsupported(`${what}'s description is not UTF-8 text, which cannot be captured yet`);
   const m = /^([^;]*);(\d+);(\d+);([0-9a-f]{8});(.*)$/s.exec(text);
   if (!m) throw new Unsupported(`${what}'s description cannot be read: ${JSON.stringify(text)}`);
   return { type: m[1], uid: Number(m[2]), gid: Number(m[3]), perm: parseInt(m[4], 16), description: m[5] };
 }
 
-const errnoName = (ret: bigint) => `error ${-ret}`;
+/** A call's negative result in words. */
+const failed = (ret: bigint) => errnoName(Number(-ret));
 
 /** The process's session keyring, if it has one of its own; undefined if
  * its user's default. `who`: the process, as messages name it. */
@@ -99,13 +102,13 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKey
   // does), and the process, and its children under the same filter, can
   // never use a keyring (review 245: every such snapshot failed).
   if (asked.id.ret === -ENOSYS || asked.id.ret === -EKEYEXPIRED || asked.id.ret === -EKEYREVOKED || asked.id.ret === -EPERM) return undefined;
-  if (asked.id.ret < 0n) throw new Unsupported(`${what} cannot be found (${errnoName(asked.id.ret)})`);
+  if (asked.id.ret < 0n) throw new Unsupported(`${what} cannot be found (${failed(asked.id.ret)})`);
   const ring = parseDescription(asked.describe, what);
   // Its user's default: what a restored process of that user finds.
   if (/^_uid_ses\.\d+$/.test(ring.description)) return undefined;
   if (ring.description !== ANONYMOUS) throw new Unsupported(`${what} is the named keyring '${ring.description}', which cannot be captured yet (only an anonymous one, as pam_keyinit makes)`);
   const list = asked.list;
-  if (list.ret < 0n) throw new Unsupported(`${what} cannot be read (${errnoName(list.ret)})`);
+  if (list.ret < 0n) throw new Unsupported(`${what} cannot be read (${failed(list.ret)})`);
   if (list.ret > BigInt(list.out.length)) throw new Unsupported(`${what} holds ${list.ret / 4n} keys, more than appshot carries (${KEYS_MAX})`);
   const serials = Array.from({ length: Number(list.ret) / 4 }, (_, i) => list.out.readInt32LE(i * 4));
   const questions = serials.map((serial) => ({
@@ -120,7 +123,7 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKey
     // copied (it is that user's, the host's).
     if (isUserKeyringLink(key)) return { ...key, payload: Buffer.alloc(0) };
     if (key.type !== 'user') throw new Unsupported(`${named}: only keys of type "user" can be captured yet`);
-    if (q.read.ret < 0n) throw new Unsupported(`${named} cannot be read (${errnoName(q.read.ret)})`);
+    if (q.read.ret < 0n) throw new Unsupported(`${named} cannot be read (${failed(q.read.ret)})`);
     if (q.read.ret > BigInt(PAYLOAD_MAX)) throw new Unsupported(`${named} holds ${q.read.ret} bytes, more than appshot carries (${PAYLOAD_MAX})`);
     return { ...key, payload: Buffer.from(q.read.out.subarray(0, Number(q.read.ret))) };
   });
@@ -154,7 +157,7 @@ export function joinNewSessionKeyring(r: RemoteProcess, needed: boolean): void {
     return;
   }
   const ret = r.raw(NR_KEYCTL, [KEYCTL_JOIN_SESSION_KEYRING, 0]);
-  if (ret < 0n && ret > -4096n && ret !== -ENOSYS && ret !== -EPERM) throw new Error(`joining a new session keyring: ${errnoName(ret)}`);
+  if (ret < 0n && ret > -4096n && ret !== -ENOSYS && ret !== -EPERM) throw new Error(`joining a new session keyring: ${failed(ret)}`);
 }
 
 /**

@@ -30,7 +30,7 @@
  */
 import { closeSync } from 'node:fs';
 import { connect, type Server, Socket } from 'node:net';
-import { constants } from 'node:os';
+import { errnoName } from '../errors.js';
 import { addon } from '../native.js';
 
 /** What becomes of one forwarded connection. Exactly one of refused or
@@ -67,8 +67,6 @@ const FWD_DIED = 6;
 /** Numbers per event in a batch (addon_forward.cc). */
 const FIELDS = 12;
 
-const errnoNames = new Map(Object.entries(constants.errno).map(([name, n]) => [n, name]));
-const errnoName = (n: number) => errnoNames.get(n) ?? `errno ${n}`;
 
 interface NativeForward {
   forwardInit(onEvents: (events: Float64Array) => void): void;

@@ -38,7 +38,7 @@
  * the next snapshot (tracking.ts).
  */
 import { closeSync, openSync, readdirSync, readFileSync } from 'node:fs';
-import { constants } from 'node:os';
+import { errnoName } from '../errors.js';
 import { addon } from '../native.js';
 import { bytesFromCopy, type MapsLine, type PrivateCopy } from '../resources/memory.js';
 import { timed } from './profile.js';
@@ -92,7 +92,6 @@ interface Copy {
   reads: ((pagemapFd: number) => void)[];
 }
 
-const errnoName = (n: number) => Object.entries(constants.errno).find(([, v]) => v === n)?.[0] ?? `errno ${n}`;
 
 export class CowCapture {
   private readonly copies: Copy[] = [];
