@@ -1062,7 +1062,9 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     // the frozen window (--leave-running) from 0.95 to 0.21 s, the
     // command's wall unchanged (1.52 -> 1.59 s; paired, load ~6).
     const whole = !parent && !base;
-    const estimate = progress === noProgress && !whole ? 0 : timed('size estimated', () => estimateImageBytes(roots));
+    // (Left running with copy-on-write capture, the frozen and copied
+    // parts read above add up to it: the same smaps_rollup of each.)
+    const estimate = progress === noProgress && !whole ? 0 : split ? split.frozen + split.copied : timed('size estimated', () => estimateImageBytes(roots));
     // Left running with copy-on-write capture, only for what is read
     // frozen: page cache made ahead for memory read after the resume
     // shortens no frozen window and costs writing the file twice (256
