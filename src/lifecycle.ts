@@ -162,10 +162,13 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
     asked.add(aid);
     try {
       checkAid(aid);
-      if (!reg.get(aid) && reg.removeSnapshotted(aid)) {
-        dropKeptFor(reg, aid);
-        removed.add(aid);
-        continue;
+      if (!reg.get(aid)) {
+        const snapshotted = removeSnapshotted(reg, aid);
+        if (snapshotted === 'busy') throw new AppshotError(`'${aid}' is being registered right now (by a restore of its image?): try again once it is`, ExitCode.conflict);
+        if (snapshotted === 'removed') {
+          removed.add(aid);
+          continue;
+        }
       }
       const record = reg.requireAny(aid);
       if (isEnded(record)) {
@@ -245,11 +248,28 @@ function removalError(aid: string, e: unknown): AppshotError {
 export function pruneEnded(reg: LocalRegistry): string[] {
   const ended = reg.list().filter(isEnded);
   const failures = reg.removeMany(ended);
-  const snapshotted = reg.listSnapshotted().filter((r) => reg.removeSnapshotted(r.aid));
-  for (const r of snapshotted) dropKeptFor(reg, r.aid);
+  const snapshotted = reg.listSnapshotted().filter((r) => removeSnapshotted(reg, r.aid) === 'removed');
   // The others went; the first that could not is the command's error.
   if (failures.length) throw removalError(failures[0].record.aid, failures[0].error);
   return [...ended, ...snapshotted].map((r) => r.aid).sort();
+}
+
+/** The record of an application a snapshot ended is removed, and what a
+ * keeper holds for it dropped, with its AID held (Registry.withAidHeld):
+ * a restore of its image that registers meanwhile is either refused the
+ * AID or found here as a registration, which is then left alone (never
+ * its connections dropped under it). 'none' if there was no such record,
+ * 'busy' if a registration has the AID (its record may not be written
+ * yet). */
+function removeSnapshotted(reg: LocalRegistry, aid: string): 'removed' | 'none' | 'busy' {
+  if (!reg.getSnapshotted(aid)) return 'none';
+  return (
+    reg.withAidHeld(aid, () => {
+      if (!reg.removeSnapshotted(aid)) return 'none' as const;
+      dropKeptFor(reg, aid);
+      return 'removed' as const;
+    }) ?? 'busy'
+  );
 }
 
 /**
@@ -258,9 +278,9 @@ export function pruneEnded(reg: LocalRegistry): string[] {
  * waiting) goes now rather than at the end of `--tcp-hold`, so that its
  * port is free and its peers are not kept waiting for a restore the user
  * said will not come. The image stays restorable; restored later, it has
- * those connections closed (as after the hold). Only reached with no
- * registration under the AID: a restore in progress, which may have
- * taken them, has one. A keeper that cannot be reached is left to its
+ * those connections closed (as after the hold). Only reached with the
+ * AID held (removeSnapshotted): a restore in progress, which may have
+ * taken them, has it. A keeper that cannot be reached is left to its
  * hold, which ends it anyway; the record is already gone.
  */
 function dropKeptFor(reg: LocalRegistry, aid: string): void {

@@ -445,8 +445,8 @@ interface Addon {
   tcpGuardDisarm(fd: number, pid: number): void;
   /** An appshot-keeper holds `fds` at `path` for image `imageId`, at most `holdSeconds` (tcp.ts). */
   keepConnections(binary: string, path: string, imageId: string, holdSeconds: number, fds: number[]): void;
-  /** The kept sockets of image `imageId` ([] if dropped for another image) and the connection to say keeperDone on, null if no keeper is at `path`. */
-  takeConnections(path: string, imageId: string): { fds: number[]; control: number } | null;
+  /** The kept sockets of image `imageId` ([] if dropped for another image) and the connection to say keeperDone on, null if no keeper is at `path`; throws (EAGAIN) if the keeper has not answered within `waitMs` (10 s). */
+  takeConnections(path: string, imageId: string, waitMs?: number): { fds: number[]; control: number } | null;
   /** The restore committed: the keeper lets its copies go (closes `control`). */
   keeperDone(control: number): void;
   /** The connection of a socket in repair mode (addon/src/tcp_repair.c). */

@@ -19,6 +19,7 @@ import {
   readFileSync,
   realpathSync,
   renameSync,
+  rmdirSync,
   rmSync,
   statSync,
   writeFileSync,
@@ -1177,6 +1178,30 @@ export class LocalRegistry implements Registry {
       if (r && !this.get(r.aid)) out.push(r);
     }
     return out;
+  }
+
+  /**
+   * Runs `fn` with `aid` held as a registration holds it (its state
+   * directory made, still empty), so that no restore registers under the
+   * AID and takes what a keeper holds for it meanwhile; the directory goes
+   * again after. Undefined, `fn` not run, when a registration has the AID
+   * (one being made has its directory before its record). Killed while
+   * held, the empty directory is an orphan list() sweeps after a minute.
+   */
+  withAidHeld<T>(aid: string, fn: () => T): T | undefined {
+    checkAid(aid);
+    const stateDir = join(this.appsDir, aid);
+    try {
+      mkdirSync(stateDir, { mode: 0o700 });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EEXIST') return undefined;
+      throw e;
+    }
+    try {
+      return fn();
+    } finally {
+      rmdirSync(stateDir);
+    }
   }
 
   /** `appshot rm` of a snapshotted application: its record and the log

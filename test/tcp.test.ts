@@ -13,7 +13,7 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { connect, createServer, type Socket } from 'node:net';
-import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -353,8 +353,29 @@ describe('established TCP connections', () => {
     const port3 = 26615;
     const third = await startFixture('tcp15', port3);
     run(['snapshot', 'tcp15', '-o', join(out, 'tcp15')]);
-    expect(keepers(sb.home)).toHaveLength(1);
-    expect(run(['rm', 'tcp15'])).toBe('tcp15\n');
+    const held = keepers(sb.home);
+    expect(held).toHaveLength(1);
+    // While a registration of the AID is being made (its state directory,
+    // no record yet: a restore of the image), rm and prune leave the
+    // record and what the keeper holds to it.
+    const registering = join(sb.home, 'apps', 'tcp15');
+    mkdirSync(registering);
+    const busy = sb.run(['rm', 'tcp15']);
+    expect(busy.code, busy.stderr).toBe(4);
+    expect(busy.stderr).toMatch(/being registered right now/);
+    expect(sb.run(['prune']).stdout).not.toMatch(/tcp15/);
+    expect(keepers(sb.home)).toEqual(held);
+    rmdirSync(registering);
+    // A keeper that does not answer (stopped) is not waited for: its
+    // socket file goes, and it leaves, dropping the connection, once it
+    // runs again.
+    process.kill(held[0], 'SIGSTOP');
+    try {
+      expect(run(['rm', 'tcp15'])).toBe('tcp15\n');
+      expect(existsSync(join(sb.home, 'keep', 'tcp15.sock'))).toBe(false);
+    } finally {
+      process.kill(held[0], 'SIGCONT');
+    }
     await waitFor(() => keepers(sb.home).length === 0, 10_000, 'the keeper to leave on rm');
     const local3 = third.client.socket.localPort!;
     third.client.socket.write('ECHO anyone\n');

@@ -260,18 +260,20 @@ Napi::Value KeepConnections(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// takeConnections(path, imageId) -> { fds: the kept sockets of image
-// `imageId` ([] if the keeper dropped them for another image), control:
-// the connection for keeperDone (-1 with none) }, or null if no keeper
-// listens at `path`.
+// takeConnections(path, imageId, waitMs = 10000) -> { fds: the kept
+// sockets of image `imageId` ([] if the keeper dropped them for another
+// image), control: the connection for keeperDone (-1 with none) }, or
+// null if no keeper listens at `path`. Throws (EAGAIN) when the keeper
+// has not answered within waitMs.
 Napi::Value TakeConnections(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
   std::string id = info[1].As<Napi::String>().Utf8Value();
+  int wait_ms = info.Length() > 2 && info[2].IsNumber() ? Int(info[2]) : 10000;
   int* fds = nullptr;
   int none = 0, control = -1;
   const char* step = nullptr;
-  long n = keeper_take(path.c_str(), id.c_str(), &fds, &control, &none, &step);
+  long n = keeper_take(path.c_str(), id.c_str(), wait_ms, &fds, &control, &none, &step);
   if (n < 0) {
     ThrowErrno(env, step, static_cast<int>(-n));
     return env.Undefined();

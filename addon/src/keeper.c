@@ -162,7 +162,7 @@ out_early:
   return rc;
 }
 
-long keeper_take(const char *path, const char *image_id, int **out, int *control, int *none, const char **step) {
+long keeper_take(const char *path, const char *image_id, int wait_ms, int **out, int *control, int *none, const char **step) {
   *out = NULL;
   *none = 0;
   *control = -1;
@@ -194,7 +194,7 @@ long keeper_take(const char *path, const char *image_id, int **out, int *control
     errno = EPERM;
     return fail(step, "the keeper's socket is another user's");
   }
-  struct timeval tv = {10, 0};
+  struct timeval tv = {wait_ms / 1000, (wait_ms % 1000) * 1000};
   setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   char request[256];
   int len = snprintf(request, sizeof request, "TAKE %s\n", image_id);

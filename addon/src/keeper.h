@@ -16,7 +16,7 @@ int keeper_start(const char *binary, const char *path, const char *image_id, lon
  * caller frees it), with `*control` the connection to tell the keeper
  * keeper_done() on; 0 if the keeper dropped them (another image) or
  * there is no keeper at `path` (`*none` set then); -errno on failure. */
-long keeper_take(const char *path, const char *image_id, int **fds, int *control, int *none, const char **step);
+long keeper_take(const char *path, const char *image_id, int wait_ms, int **fds, int *control, int *none, const char **step);
 
 /* The restore that took them committed: the keeper lets its copies go.
  * Closes `control`. */

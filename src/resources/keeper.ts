@@ -25,7 +25,7 @@
  * dropped, a TCP connection in repair mode closes without a word to its
  * peer, and a unix one closes.
  */
-import { closeSync, fstatSync, lstatSync, mkdirSync } from 'node:fs';
+import { closeSync, fstatSync, lstatSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { FdKind, type Image } from '../image/types.js';
 import { addon, paths } from '../native.js';
@@ -54,9 +54,26 @@ export function keeperPathFits(home: string, aid: string): boolean {
 /** An image id no image has: asked with it, a keeper drops what it holds. */
 const NO_IMAGE = '-';
 
-/** Whatever a keeper holds for `aid` is dropped. */
+/** How long dropKept waits for a keeper's answer. A keeper answers at
+ * once unless it is stopped (SIGSTOP) or starved; the callers (`rm`,
+ * `prune`, a snapshot replacing what an older one left) must not wait
+ * for it the 10 s a restore does, least of all inside the engine. */
+const DROP_WAIT_MS = 1000;
+
+/** Whatever a keeper holds for `aid` is dropped. One that does not answer
+ * in time has its socket file removed: it leaves, dropping them, when it
+ * next looks (about once a second while it runs), and no one can ask it
+ * for them meanwhile. */
 export function dropKept(home: string, aid: string): void {
-  const taken = addon().takeConnections(keeperPath(home, aid), NO_IMAGE);
+  const path = keeperPath(home, aid);
+  let taken: ReturnType<ReturnType<typeof addon>['takeConnections']>;
+  try {
+    taken = addon().takeConnections(path, NO_IMAGE, DROP_WAIT_MS);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e;
+    rmSync(path, { force: true });
+    return;
+  }
   for (const fd of taken?.fds ?? []) closeSync(fd);
   if (taken && taken.control >= 0) closeSync(taken.control);
 }

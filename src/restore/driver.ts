@@ -722,7 +722,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // The connections an appshot-keeper held since the snapshot that
     // ended the application (keeper.ts); a clone has none of its own.
     if (!opts.instance && mayHaveKept(image)) {
-      handed.kept.adopt({ home: reg.home, aid: image.aid, imageId: chain[0].manifest.imageId, holdSeconds: DEFAULT_HOLD_SECONDS });
+      const keep = { home: reg.home, aid: image.aid, imageId: chain[0].manifest.imageId, holdSeconds: DEFAULT_HOLD_SECONDS };
+      // Under another AID, the image's own is held while they are taken,
+      // as `rm` and `prune` hold it to drop them (lifecycle.ts
+      // removeSnapshotted); one registered meanwhile took them already.
+      if (aid === image.aid) handed.kept.adopt(keep);
+      else reg.withAidHeld(image.aid, () => handed.kept.adopt(keep));
       requireKept(image, handed.kept);
     }
     for (const p of ownPorts) addon().bind(tables, 'port', p.virtual, p.system);
