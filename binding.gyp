@@ -25,7 +25,7 @@
                   "addon/src/addon_probe.cc", "addon/src/probe.c",
                   "addon/src/addon_forward.cc", "addon/src/forward.c",
                   "addon/src/addon_iouring.cc", "addon/src/iouring.c",
-                  "addon/src/pages.c", "addon/include/appshot_table.c"],
+                  "addon/src/pages.c", "addon/src/filecopy.c", "addon/include/appshot_table.c"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],
       "cflags_cc": ["-std=c++17"]

@@ -592,6 +592,8 @@ interface Addon {
   /** rename(from, to) unless something is at `to` (renameat2
    * RENAME_NOREPLACE): throws with code EEXIST then, as mkdir would. */
   renameNoReplace(from: string, to: string): void;
+  /** The regular file open at `inFd` copied into `outFd` (empty, open for writing), its holes left holes (addon/src/filecopy.c). */
+  copyFileData(inFd: number, outFd: number): void;
   peerCredentials(fd: number): { pid: number; uid: number; gid: number };
   /** At most `n` malloc arenas in this process from now on (M_ARENA_MAX):
    * for a resident process, whose threads would each keep what a burst

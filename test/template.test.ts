@@ -253,6 +253,14 @@ describe('templates and clones', () => {
 
   it('makes a template of a clone: its clones start from what that clone had written', async () => {
     const c = clones[0];
+    // A sparse file among its private copies (1 GiB, 4 bytes of data in
+    // the middle): copied as root into the template and into every clone,
+    // it stays sparse, never written out in full.
+    const sparse = join(c.privateRoot, ROOT, 'data', 'sparse.bin');
+    const fd = openSync(sparse, 'wx', 0o644);
+    writeSync(fd, 'mark', 512 << 20);
+    closeSync(fd);
+    truncateSync(sparse, 1 << 30);
     expect(sb.run(['snapshot', c.aid, '-o', join(dir, 'clone2.snap')]).code).toBe(0);
     const t = sb.run(['template', 'create', join(dir, 'clone2.snap'), '-o', join(dir, 'second.template')]);
     expect(t.code, t.stderr).toBe(0);
@@ -272,6 +280,16 @@ describe('templates and clones', () => {
     expect(await info(ownPort(second[0]))).toMatchObject({ state: 'third', mapped: 'third' });
     expect(await info(ownPort(second[1]))).toMatchObject({ state: 'again', mapped: 'again' });
     expect(readFileSync(join(second[0].privateRoot, ROOT, 'data', 'journal.log'), 'utf8')).toBe('start\nset w1\nset again\nset third\n');
+    for (const copy of [join(dir, 'second.template', 'private', ROOT, 'data', 'sparse.bin'), join(second[1].privateRoot, ROOT, 'data', 'sparse.bin')]) {
+      const st = statSync(copy);
+      expect(st.size).toBe(1 << 30);
+      expect(st.blocks * 512, `${copy} takes ${st.blocks * 512} bytes`).toBeLessThan(1 << 20);
+      const mark = Buffer.alloc(8);
+      const f = openSync(copy, 'r');
+      readSync(f, mark, 0, 8, (512 << 20) - 2);
+      closeSync(f);
+      expect(mark).toEqual(Buffer.from('\0\0mark\0\0'));
+    }
     expect(readFileSync(join(ROOT, 'data', 'state.txt'), 'utf8')).toBe('template\n');
     for (const x of second) expect(await ask(ownPort(x), 'CHECK')).toBe('OK');
   });

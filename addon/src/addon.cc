@@ -33,6 +33,7 @@
 
 extern "C" {
 #include "appshot_table.h"
+#include "filecopy.h"
 #include "pages.h"
 }
 
@@ -821,6 +822,16 @@ Napi::Value RenameNoReplace(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// copyFileData(in, out): the regular file open at `in` copied into `out`
+// (empty, open for writing), its holes left holes (filecopy.c).
+Napi::Value CopyFileData(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* step = nullptr;
+  long rc = file_copy_data(info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Int32Value(), &step);
+  if (rc) ThrowErrno(env, step, static_cast<int>(-rc));
+  return env.Undefined();
+}
+
 // peerCredentials(fd) -> {pid, uid, gid}: who is at the other end of a
 // connected unix socket, as the kernel recorded it at connect()
 // (SO_PEERCRED): the engine serves only its own user.
@@ -884,6 +895,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("lockFile", Napi::Function::New(env, LockFile));
   exports.Set("tryLockFile", Napi::Function::New(env, TryLockFile));
   exports.Set("renameNoReplace", Napi::Function::New(env, RenameNoReplace));
+  exports.Set("copyFileData", Napi::Function::New(env, CopyFileData));
   exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));
   exports.Set("mallocArenas", Napi::Function::New(env, MallocArenas));
   exports.Set("trimMemory", Napi::Function::New(env, TrimMemory));

@@ -25,10 +25,11 @@
  * owns what it makes, as before), with its permissions but never a
  * set-user-ID or set-group-ID bit on a file.
  */
-import { closeSync, constants, copyFileSync, fchmodSync, fchownSync, futimesSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, type Stats, symlinkSync } from 'node:fs';
+import { closeSync, constants, fchmodSync, fchownSync, fstatSync, futimesSync, lchownSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, type Stats, symlinkSync } from 'node:fs';
 import { dirname, join, relative, sep } from 'node:path';
 import { getSystemErrorMap } from 'node:util';
 import { AppshotError, ExitCode } from '../errors.js';
+import { addon } from '../native.js';
 
 /** A system call's failure while copying `what` (`path`), as one line of
  * appshot's: Node's own text ("EACCES: permission denied, scandir '...'")
@@ -135,16 +136,27 @@ function copyTree(from: string, to: string, what: string): void {
     return;
   }
   if (!st.isFile()) throw new AppshotError(`cannot copy ${what} ${from}: it is not a file, a directory or a symbolic link`);
-  // COPYFILE_EXCL: never through a name already there (a link planted).
-  copyFileSync(from, to, constants.COPYFILE_EXCL);
-  const fd = openSync(to, constants.O_RDONLY | constants.O_NOFOLLOW);
+  // The source as lstat saw it (O_NOFOLLOW: not a link put in its place
+  // since; fstat: still a regular file, not a FIFO to block on).
+  const source = openSync(from, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   try {
-    if (asRoot()) fchownSync(fd, st.uid, st.gid);
-    // After the owner: a chown clears set-id bits, and none is given.
-    fchmodSync(fd, copyMode(st));
-    futimesSync(fd, st.atime, st.mtime);
+    if (!fstatSync(source).isFile()) throw new AppshotError(`cannot copy ${what} ${from}: it is not a file, a directory or a symbolic link`);
+    // O_EXCL: never through a name already there (a link planted).
+    const fd = openSync(to, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+    try {
+      // Holes stay holes: written out, a sparse file of the application's
+      // (or of a template's writer) would fill the disk, as root, once
+      // per clone.
+      addon().copyFileData(source, fd);
+      if (asRoot()) fchownSync(fd, st.uid, st.gid);
+      // After the owner: a chown clears set-id bits, and none is given.
+      fchmodSync(fd, copyMode(st));
+      futimesSync(fd, st.atime, st.mtime);
+    } finally {
+      closeSync(fd);
+    }
   } finally {
-    closeSync(fd);
+    closeSync(source);
   }
 }
 
