@@ -12,7 +12,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cli, command, describeIpc, fixture, Sandbox, seizedByAnotherTracer, spawnAsync, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { cli, command, describeIpc, fixture, Sandbox, seizedByAnotherTracer, spawnAsync, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, usedBytes, waitFor, withTmpfs } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
@@ -429,19 +429,14 @@ describe('a snapshot that fails or is killed at a step', () => {
       await sb.checksPass(aid, 2);
       const small = join(dir, `${aid}-fs`);
       mkdirSync(small);
-      const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m,mode=0700', 'tmpfs', small], { encoding: 'utf8' });
-      expect(mounted.status, `mounting a small tmpfs (the tests run as root): ${mounted.stderr}`).toBe(0);
-      try {
+      await withTmpfs(small, 'size=4m,mode=0700', () => {
         const r = snapshotWith(aid, join(small, 'img'), pathEnv[path]);
         expect(r.status, r.stderr).toBe(1);
         expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^appshot: cannot snapshot '${aid}': .*No space left on device.*; the application was left running$`))]);
         expect(readdirSync(small)).toEqual([]);
         // Not even an unnamed file holds its blocks: the file system is empty.
-        const df = spawnSync('df', ['--output=used', '-B1', small], { encoding: 'utf8' });
-        expect(Number(df.stdout.trim().split('\n')[1])).toBe(0);
-      } finally {
-        spawnSync('umount', [small]);
-      }
+        expect(usedBytes(small)).toBe(0);
+      });
       await runsUntraced(aid);
       // And its next snapshot, where there is room, is whole.
       const image = join(dir, `${aid}.appshot`);

@@ -699,3 +699,21 @@ export async function snapshotKilledAt(sb: Sandbox, aid: string, pid: number, im
     throw new Error(`${aid} is not back in its stop once appshot died: state '${processState(pid) || 'gone'}': ${sb.log(aid).trim().split('\n').pop()}`);
   }
 }
+
+/** Runs `fn` with a tmpfs mounted at `dir` (an empty directory; the tests
+ * run as root) with mount options `options` ("size=4m,mode=0700": a file
+ * system to fill), unmounted after whatever happens. */
+export async function withTmpfs<T>(dir: string, options: string, fn: () => T | Promise<T>): Promise<T> {
+  const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', options, 'tmpfs', dir], { encoding: 'utf8' });
+  if (mounted.status !== 0) throw new Error(`mounting a small tmpfs at ${dir} (the tests run as root): ${mounted.stderr}`);
+  try {
+    return await fn();
+  } finally {
+    spawnSync('umount', [dir]);
+  }
+}
+
+/** Bytes the file system of `dir` has in use (df). */
+export function usedBytes(dir: string): number {
+  return Number(spawnSync('df', ['--output=used', '-B1', dir], { encoding: 'utf8' }).stdout.trim().split('\n')[1]);
+}

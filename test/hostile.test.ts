@@ -24,7 +24,7 @@ import { REG } from '../src/resources/threads.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
 import { restore } from '../src/restore/driver.js';
-import { cli, command as appshot, fixture, root as repoRoot, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor } from './helpers.js';
+import { cli, command as appshot, fixture, root as repoRoot, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor, withTmpfs } from './helpers.js';
 
 /** Where a thread's registers hold its thread pointer (fs_base). */
 const FS_BASE = REG.fsBase;
@@ -508,67 +508,65 @@ describe('hostile tar streams', () => {
     // A state directory on a tmpfs of 100 inodes, all taken but the one
     // the extraction directory takes: its first part cannot be made.
     const fs = mkdtempSync(join(tmpdir(), 'appshot-noroom-'));
-    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=16m,nr_inodes=100,mode=0755', 'tmpfs', fs], { encoding: 'utf8' });
-    expect(mounted.status, `mounting a small tmpfs (the tests run as root): ${mounted.stderr}`).toBe(0);
     try {
-      const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_HOME: join(fs, 'home') };
-      // The state directory made whole first (its keys, its registry).
-      mkdirSync(join(fs, 'home', 'tmp'), { recursive: true });
-      for (const args of [['key', 'export'], ['ps']]) expect(spawnSync(process.execPath, [cli, ...args], { env }).status).toBe(0);
-      mkdirSync(join(fs, 'fill'));
-      for (let i = 0; ; i++)
-        try {
-          writeFileSync(join(fs, 'fill', String(i)), '');
-        } catch {
-          // One, for the extraction directory.
-          rmSync(join(fs, 'fill', '0'));
-          break;
-        }
-      const stream = await tarOf(goodParts());
-      const r = spawnSync(process.execPath, [cli, 'restore', '-'], { env, input: gzipSync(stream), encoding: 'utf8' });
-      expect(r.stderr).toMatch(new RegExp(`^appshot: no room to unpack standard input in ${join(fs, 'home', 'tmp')}: open \\S+/manifest\\.pb: no space left on device \\(ENOSPC\\)\n$`));
-      expect(r.status).toBe(1);
-      expect(readdirSync(join(fs, 'home', 'tmp'))).toEqual([]);
+      await withTmpfs(fs, 'size=16m,nr_inodes=100,mode=0755', async () => {
+        const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_HOME: join(fs, 'home') };
+        // The state directory made whole first (its keys, its registry).
+        mkdirSync(join(fs, 'home', 'tmp'), { recursive: true });
+        for (const args of [['key', 'export'], ['ps']]) expect(spawnSync(process.execPath, [cli, ...args], { env }).status).toBe(0);
+        mkdirSync(join(fs, 'fill'));
+        for (let i = 0; ; i++)
+          try {
+            writeFileSync(join(fs, 'fill', String(i)), '');
+          } catch {
+            // One, for the extraction directory.
+            rmSync(join(fs, 'fill', '0'));
+            break;
+          }
+        const stream = await tarOf(goodParts());
+        const r = spawnSync(process.execPath, [cli, 'restore', '-'], { env, input: gzipSync(stream), encoding: 'utf8' });
+        expect(r.stderr).toMatch(new RegExp(`^appshot: no room to unpack standard input in ${join(fs, 'home', 'tmp')}: open \\S+/manifest\\.pb: no space left on device \\(ENOSPC\\)\n$`));
+        expect(r.status).toBe(1);
+        expect(readdirSync(join(fs, 'home', 'tmp'))).toEqual([]);
+      });
     } finally {
-      spawnSync('umount', [fs]);
       rmSync(fs, { recursive: true, force: true });
     }
   });
 
   it('inspect checks a stream\'s page file as it goes by and writes none of it (review 242: a few KiB of compressed zeros claiming gigabytes filled the disk); restore still needs the room', async () => {
     const fs = mkdtempSync(join(tmpdir(), 'appshot-streamed-'));
-    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m,mode=0755', 'tmpfs', fs], { encoding: 'utf8' });
-    expect(mounted.status, `mounting a small tmpfs (the tests run as root): ${mounted.stderr}`).toBe(0);
     try {
-      const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_HOME: join(fs, 'home') };
-      mkdirSync(join(fs, 'home', 'tmp'), { recursive: true });
-      for (const args of [['key', 'export'], ['ps']]) expect(spawnSync(process.execPath, [cli, ...args], { env }).status).toBe(0);
-      // Room left for the manifest and image.pb, not for half the page file.
-      const pagesSize = statSync(join(good, 'pages.img')).size;
-      const st = statfsSync(fs);
-      const keep = Math.floor(pagesSize / 2);
-      writeFileSync(join(fs, 'fill'), Buffer.alloc(Math.max(0, st.bavail * st.bsize - keep)));
-      expect(statfsSync(fs).bavail * st.bsize).toBeLessThan(pagesSize);
-      const stream = gzipSync(await tarOf(goodParts()));
-      const shown = spawnSync(process.execPath, [cli, 'inspect', '-'], { env, input: stream, encoding: 'utf8' });
-      expect(shown.stderr).toBe('');
-      // (Another node's key: the tmpfs's state directory has its own.)
-      expect(shown.stdout).toMatch(/signed by key [0-9a-f]{16}/);
-      expect(shown.status).toBe(0);
-      // Checked all the same: a byte changed in the page file is refused.
-      const pages = readFileSync(join(good, 'pages.img'));
-      pages[pages.length - 100] ^= 0x01;
-      const changed = gzipSync(await tarOf([part('manifest.pb'), part('image.pb'), { header: { name: 'pages.img', mode: 0o600 }, data: pages }]));
-      const refused = spawnSync(process.execPath, [cli, 'inspect', '-'], { env, input: changed, encoding: 'utf8' });
-      expect(refused.stderr).toMatch(/^appshot: corrupt image: checksum of pages\.img does not match its manifest \(chunk \d+, bytes \d+-\d+\)\n$/);
-      expect(refused.status).toBe(1);
-      // A restore needs the page data itself: short of room, said so.
-      const r = spawnSync(process.execPath, [cli, 'restore', '-', '--trust-image'], { env, input: stream, encoding: 'utf8' });
-      expect(r.stderr).toMatch(/^appshot: pages\.img in standard input is \d+ bytes; \S+ has room for \d+\n$/);
-      expect(r.status).toBe(1);
-      expect(readdirSync(join(fs, 'home', 'tmp'))).toEqual([]);
+      await withTmpfs(fs, 'size=4m,mode=0755', async () => {
+        const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_HOME: join(fs, 'home') };
+        mkdirSync(join(fs, 'home', 'tmp'), { recursive: true });
+        for (const args of [['key', 'export'], ['ps']]) expect(spawnSync(process.execPath, [cli, ...args], { env }).status).toBe(0);
+        // Room left for the manifest and image.pb, not for half the page file.
+        const pagesSize = statSync(join(good, 'pages.img')).size;
+        const st = statfsSync(fs);
+        const keep = Math.floor(pagesSize / 2);
+        writeFileSync(join(fs, 'fill'), Buffer.alloc(Math.max(0, st.bavail * st.bsize - keep)));
+        expect(statfsSync(fs).bavail * st.bsize).toBeLessThan(pagesSize);
+        const stream = gzipSync(await tarOf(goodParts()));
+        const shown = spawnSync(process.execPath, [cli, 'inspect', '-'], { env, input: stream, encoding: 'utf8' });
+        expect(shown.stderr).toBe('');
+        // (Another node's key: the tmpfs's state directory has its own.)
+        expect(shown.stdout).toMatch(/signed by key [0-9a-f]{16}/);
+        expect(shown.status).toBe(0);
+        // Checked all the same: a byte changed in the page file is refused.
+        const pages = readFileSync(join(good, 'pages.img'));
+        pages[pages.length - 100] ^= 0x01;
+        const changed = gzipSync(await tarOf([part('manifest.pb'), part('image.pb'), { header: { name: 'pages.img', mode: 0o600 }, data: pages }]));
+        const refused = spawnSync(process.execPath, [cli, 'inspect', '-'], { env, input: changed, encoding: 'utf8' });
+        expect(refused.stderr).toMatch(/^appshot: corrupt image: checksum of pages\.img does not match its manifest \(chunk \d+, bytes \d+-\d+\)\n$/);
+        expect(refused.status).toBe(1);
+        // A restore needs the page data itself: short of room, said so.
+        const r = spawnSync(process.execPath, [cli, 'restore', '-', '--trust-image'], { env, input: stream, encoding: 'utf8' });
+        expect(r.stderr).toMatch(/^appshot: pages\.img in standard input is \d+ bytes; \S+ has room for \d+\n$/);
+        expect(r.status).toBe(1);
+        expect(readdirSync(join(fs, 'home', 'tmp'))).toEqual([]);
+      });
     } finally {
-      spawnSync('umount', [fs]);
       rmSync(fs, { recursive: true, force: true });
     }
   });

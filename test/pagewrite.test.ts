@@ -11,7 +11,7 @@ import { spawnSync } from 'node:child_process';
 import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { cli, fixture, Sandbox } from './helpers.js';
+import { cli, fixture, Sandbox, usedBytes, withTmpfs } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
@@ -37,19 +37,14 @@ describe('the page file of a --leave-running snapshot read from copies', () => {
       await sb.checksPass(aid, 2);
       const small = join(dir, `${aid}-fs`);
       mkdirSync(small);
-      const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m,mode=0700', 'tmpfs', small], { encoding: 'utf8' });
-      expect(mounted.status, `mounting a small tmpfs (the tests run as root): ${mounted.stderr}`).toBe(0);
-      try {
+      await withTmpfs(small, 'size=4m,mode=0700', () => {
         const r = snapshot(aid, join(small, 'img'), env);
         expect(r.status, r.stderr).toBe(1);
         expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^appshot: cannot snapshot '${aid}': .*No space left on device.*; the application was left running$`))]);
         expect(readdirSync(small)).toEqual([]);
         // Not even an unnamed file holds its blocks.
-        const df = spawnSync('df', ['--output=used', '-B1', small], { encoding: 'utf8' });
-        expect(Number(df.stdout.trim().split('\n')[1])).toBe(0);
-      } finally {
-        spawnSync('umount', [small]);
-      }
+        expect(usedBytes(small)).toBe(0);
+      });
       await sb.checksPass(aid, 3);
       expect(readFileSync(`/proc/${sb.systemPid(aid)}/status`, 'utf8')).toMatch(/^TracerPid:\s+0$/m);
       // Where there is room: read from its copy, and whole; written with
