@@ -49,6 +49,8 @@ export interface RunOptions extends CommonOptions {
   /** A rules file (templates/README.md): its REDIR PATH and SET ENV apply
    * from the start, and snapshots classify resources by it. */
   rules?: string;
+  /** A /tmp of its own (`appshot run --private-tmp`). */
+  privateTmp?: boolean;
 }
 
 export interface RunResult {
@@ -213,6 +215,7 @@ export function run(command: string[], opts: RunOptions = {}): Promise<RunResult
       aid: opts.aid,
       detach: true,
       rules: opts.rules,
+      privateTmp: opts.privateTmp,
       onStarted: (record, vpid, pid) => (started = { aid: record.aid, vpid, pid, log: record.logPath! }),
     });
     // A detached run returns once init has reported the command started

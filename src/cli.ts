@@ -65,10 +65,16 @@ export function buildProgram(): Command {
     .option('-d, --detach', 'run in the background; output goes to the log (appshot logs AID)', false)
     .option('--json', 'with --detach: print {aid, vpid, pid} as JSON', false)
     .option('--rules <file>', 'templating rules (templates/README.md): REDIR PATH and SET ENV apply now; snapshots classify resources by them')
+    .option('--private-tmp', 'a /tmp of its own: /tmp redirected to a directory made for it (removed by appshot rm); its restores keep it, its clones get a copy each', false)
     .argument('<command...>', 'the command and its arguments (put them after --)')
     .addHelpText(
       'after',
-      '\nExamples:\n  appshot run --aid dbserver -- redis-server --port 7000\n  appshot run -d -- ./server\n\n' +
+      '\nExamples:\n  appshot run --aid dbserver -- redis-server --port 7000\n  appshot run -d -- ./server\n' +
+        '  appshot run -d --aid jvm1 --private-tmp -- java -jar app.jar\n\n' +
+        'With --private-tmp, programs that name files in /tmp after their PID (a JVM\'s\n' +
+        '/tmp/hsperfdata_USER/PID and /tmp/.java_pidPID) meet no other application\'s: every\n' +
+        "application's first process is PID 2. /proc/PID/root/tmp/... of its own processes leads\n" +
+        "there too (so `appshot exec jvm1 -- jcmd 2 VM.version` reaches jvm1's JVM).\n\n" +
         'The exit status is the command\'s own (128 + N if it was killed by signal N); 127 if it\n' +
         'was not found, 126 if it could not be executed. A command that daemonizes keeps running\n' +
         'inside the application after `appshot run` returns. If `appshot snapshot` ends the\n' +
@@ -77,7 +83,7 @@ export function buildProgram(): Command {
         'An application that ends is kept, with its exit code and log (appshot ps -a, logs, wait),\n' +
         "until 'appshot rm A' or 'appshot prune'; until then its AID cannot be run again.",
     )
-    .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean; rules?: string }) => {
+    .action(async (command: string[], opts: { aid?: string; detach: boolean; json: boolean; rules?: string; privateTmp: boolean }) => {
       // In the foreground stdout is the application's: no room for JSON.
       if (opts.json && !opts.detach) throw new AppshotError('--json goes with --detach (-d): in the foreground, stdout is the application\'s', ExitCode.usage);
       const { run } = await import('./harness.js');
@@ -86,6 +92,7 @@ export function buildProgram(): Command {
         aid: opts.aid,
         detach: opts.detach,
         rules: opts.rules,
+        privateTmp: opts.privateTmp,
         onStarted: (record, vpid, pid) => {
           if (opts.detach) {
             if (opts.json) json('run', { aid: record.aid, vpid, pid });

@@ -22,7 +22,8 @@ import { basename, join } from 'node:path';
 import { hostname } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type InstanceConfig, paths } from './native.js';
-import { type MadeDir, redirLeaves } from './resources/paths.js';
+import { type MadeDir, redirLeaves, removeWalked } from './resources/paths.js';
+import { checkPrivateTmpRules, makePrivateTmp, newPrivateRoot, PRIVATE_TMP } from './template/privatetmp.js';
 import { instanceConfig, loadRules, type RulesFile } from './template/rules.js';
 import { readStat } from './procfs.js';
 import { CAP, hasCap, ownCreds } from './resources/creds.js';
@@ -34,6 +35,9 @@ export interface RunOptions {
   /** A rules file (templates/README.md): its REDIR PATH and SET ENV apply
    * from the start, and snapshots classify resources by it. */
   rules?: string;
+  /** A /tmp of its own (template/privatetmp.ts): /tmp redirected to a
+   * directory made for it, removed with its record. */
+  privateTmp?: boolean;
   /** Called once the command runs, with its record. */
   onStarted?: (record: AppRecord, vpid: number, pid: number) => void;
   /** Called when a snapshot to `image` ended the application (init reports
@@ -110,10 +114,16 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   if (command.length === 0) throw new AppshotError('no command given: appshot run [--aid A] -- cmd args...', ExitCode.usage);
   // A rules file with a mistake is refused before anything is registered.
   const rules: RulesFile | undefined = opts.rules ? loadRules(opts.rules) : undefined;
+  // A working directory under /tmp would be the real one, where every
+  // absolute path the application names under /tmp is its private one
+  // (and a clone would copy the whole directory into its private /tmp).
+  const cwd = process.cwd();
+  if (opts.privateTmp && (cwd === PRIVATE_TMP || cwd.startsWith(`${PRIVATE_TMP}/`)))
+    throw new AppshotError(`--private-tmp: the working directory ${cwd} is under /tmp, which the application would not see as its own: start it from another directory`, ExitCode.usage);
   const fill = (stateDir: string) => ({
     ...(rules ? { rules: { source: basename(opts.rules!), text: rules.text } } : {}),
     command,
-    cwd: process.cwd(),
+    cwd,
     createdAt: new Date().toISOString(),
     detached: opts.detach,
     ...harnessOf(currentHolder()),
@@ -135,8 +145,22 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   });
   // Directories made for REDIR PATH targets: removed if the start fails.
   const madeDirs: MadeDir[] = [];
+  // Its private /tmp's directory, made here: removed if the start fails.
+  let privateRoot: string | undefined;
+  const removePrivateRoot = () => {
+    if (privateRoot) removeWalked(privateRoot);
+  };
   try {
     const config = runConfig(rules, record.aid);
+    if (opts.privateTmp) {
+      checkPrivateTmpRules(config.redirs);
+      privateRoot = newPrivateRoot(registry.home, record.aid);
+      // Recorded before it is made: `appshot rm` of a run killed from
+      // here on removes it (registry.ts removeMany).
+      record.privateRoot = privateRoot;
+      registry.update(record);
+      config.redirs.push(makePrivateTmp(privateRoot));
+    }
     // Before any is made: another instance's rm leaves what it made
     // while this one leads into it (registry.ts releaseRedirTargets).
     const leaves = redirLeaves(config.redirs);
@@ -172,6 +196,7 @@ export async function run(registry: Registry, command: string[], opts: RunOption
     stopForwarding();
     registry.release(record);
     registry.releaseRedirTargets(madeDirs, [record.aid]);
+    removePrivateRoot();
     throw e;
   } finally {
     if (logFd !== undefined) closeSync(logFd);
@@ -189,6 +214,8 @@ export async function run(registry: Registry, command: string[], opts: RunOption
     if (tag === 'R') snapshottedTo = line.slice(2);
     if (tag === 'E') {
       await exited;
+      // init removed the registration: nothing names the directory now.
+      removePrivateRoot();
       throw execFailure(command[0], Number(a));
     }
     if (tag === 'S') {

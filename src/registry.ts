@@ -196,6 +196,8 @@ export function portRange(): [number, number] {
 export type RecordFill = (stateDir: string, tables: string) => Omit<AppRecord, 'aid' | 'stateDir' | 'tables'>;
 
 export interface Registry {
+  /** The state directory ($APPSHOT_HOME). */
+  readonly home: string;
   /** Claims an AID; throws (ExitCode.conflict) if it is taken, or held by
    * the record of a snapshot, unless `restoring` (a restore takes that
    * record over: adoptSnapshot). */

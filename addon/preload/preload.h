@@ -35,6 +35,7 @@
 #include <sys/msg.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -301,7 +302,8 @@ static inline void ensure_init(void) {
   X(clock_gettime) X(clock_nanosleep) X(timer_create)                      \
   X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock) \
   X(pthread_cond_wait) X(pthread_cond_timedwait) X(pthread_cond_clockwait) \
-  X(epoll_wait) X(epoll_pwait) X(mq_notify) X(pthread_kill) X(pthread_sigqueue) X(raise) X(ioctl)
+  X(epoll_wait) X(epoll_pwait) X(mq_notify) X(pthread_kill) X(pthread_sigqueue) X(raise) X(ioctl) \
+  X(connect)
 
 /* glibc's compatibility versions that the library's own compatibility
  * versions (COMPAT_VERSION) hand on to, where theirs differ from the
@@ -699,6 +701,12 @@ enum path_op {
  * itself for every other path, NULL with errno (ENOENT) for a virtual PID
  * the application does not hold. */
 HIDDEN const char *proc_path(const char *path, char buf[PATH_MAX]);
+/* preload_proc.c: of "/proc/<vpid>/root/REST" (a process the tables know),
+ * "/proc/self/root/REST" or "/proc/thread-self/root/REST", a pointer to
+ * "/REST" inside path, with that process's root link (by system PID) in
+ * `link`; NULL for any other path. Nothing looked up. */
+#define PROC_ROOT_LINK 40
+HIDDEN const char *proc_root_rest(const char *path, char link[PROC_ROOT_LINK]);
 /* The kernel's answers in system ids made virtual, in place (preload_proc.c):
  * proc_answer_to_virtual rewrites "/proc/<spid>[/task/<stid>]..." at s
  * (len bytes, room for cap) and returns its new length, cut at cap;
@@ -799,6 +807,11 @@ HIDDEN int linkat_path(int fd1, const char *from, int fd2, const char *to, int f
  * fsetxattr, fremovexattr; fchownat, fchmodat2, utimensat, futimesat and
  * linkat when they name the descriptor itself), or do_path_syscall. */
 HIDDEN long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e);
+/* preload_path.c, for bind (preload_net.c): an AF_UNIX address whose name
+ * is an absolute path the path rules may rewrite (unix_path_hooked), bound
+ * with the rewritten name (unix_bind_slow: bind's return). */
+HIDDEN int unix_path_hooked(const struct sockaddr *addr, socklen_t len);
+HIDDEN int unix_bind_slow(int fd, const struct sockaddr *addr, socklen_t len);
 
 /* The slow half of a path wrapper lives in a function of its own, so that
  * the PATH_MAX buffer is only on the stack when a path is rewritten: some

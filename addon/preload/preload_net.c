@@ -8,6 +8,9 @@
  * getsockname: an AF_INET/AF_INET6 stream socket's port that has a
  * system -> virtual mapping is shown as the virtual one.
  *
+ * An AF_UNIX socket's name (bind, connect) is a path, rewritten as paths
+ * are: preload_path.c.
+ *
  * Not translated: connect() and sendto() to a mapped port (a client inside
  * the instance that connects to its own server's fixed port reaches that
  * port on the node, not the instance's), getpeername(), accept()'s
@@ -65,6 +68,8 @@ static void set_port(void *a, uint16_t port) {
 API int bind(int fd, __CONST_SOCKADDR_ARG addr_arg, socklen_t len) {
   const struct sockaddr *addr = addr_arg.__sockaddr__;
   ensure_init();
+  /* An AF_UNIX name is a path: preload_path.c. */
+  if (UNLIKELY(unix_path_hooked(addr, len))) return unix_bind_slow(fd, addr, len);
   const struct appshot_header *h = ports();
   if (h && addr && inet_family(addr, len)) {
     int32_t sys;

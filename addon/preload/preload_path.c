@@ -17,6 +17,14 @@
  * a directory of /proc, a descriptor's or the working directory
  * (preload_proc.c, proc_at_path), for every wrapper here.
  *
+ * /proc/<vpid>/root/REST (and /proc/self/root/REST,
+ * /proc/thread-self/root/REST) of a process of the application whose root
+ * is "/" is matched as /REST when a rule applies to /REST (the kernel
+ * would follow the root link past the rules: jcmd finds a JVM's socket so;
+ * proc_root_redirected); otherwise it is rewritten as any /proc/<vpid>
+ * path. An AF_UNIX socket's absolute name is a path here too (bind,
+ * connect: "Socket names", at the end).
+ *
  * REDIR PATH: from/rest is to/rest, for every call.
  *
  * Copy-on-write (a composite view): the private path is to/rest.
@@ -219,8 +227,10 @@
 #include "preload.h"
 
 #include <stdlib.h>
+#include <stddef.h>
 #include <sys/mman.h>
 #include <sys/time.h>
+#include <sys/un.h>
 #include <sys/xattr.h>
 #include <utime.h>
 
@@ -1068,6 +1078,20 @@ static inline int proc_prefixed(const char *path) {
   return path && path[0] == '/' && proc_path_may_name(path);
 }
 
+/* "/proc/<vpid>/root/REST" (self, thread-self) of a process of the
+ * application whose root is "/", when a rule applies to "/REST": "/REST"
+ * (inside path), for the rules to take as the caller's own (see
+ * preload_proc.c, proc_root_rest). Else NULL: the path as it always was.
+ * The root link is read only then, one system call. buf is scribbled on. */
+static NOINLINE const char *proc_root_redirected(const char *path, char buf[PATH_MAX]) {
+  char link[PROC_ROOT_LINK], root[2];
+  const char *rest = proc_root_rest(path, link);
+  if (!rest || normalize(rest, buf) < 0 || !match(&g_h->instance, buf)) return NULL;
+  /* A root elsewhere (chroot) answers longer: 2 bytes, or more, cut. */
+  if (SYS4(readlinkat, AT_FDCWD, link, root, sizeof root) != 1 || root[0] != '/') return NULL;
+  return rest;
+}
+
 const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
   if (op & PATH_EINVAL) {
     errno = EINVAL;
@@ -1075,8 +1099,9 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
   }
   const char *p = path;
   if (proc_path_may_name(path)) {
-    p = proc_path(path, buf);
-    if (!p) return NULL;
+    const char *rest = g_h->instance.redirs ? proc_root_redirected(path, buf) : NULL;
+    if (rest) p = path = rest;
+    else if (!(p = proc_path(path, buf))) return NULL;
   }
   if (!g_h->instance.redirs) return p;
   char *page = NULL; /* mapped at the first symlink followed */
@@ -2055,3 +2080,73 @@ int cow_fd_private(char buf[PATH_MAX], int op, const struct stat *fd_st, const c
 int path_chmod_op(int flags) { return chmod_op(flags); }
 int path_chown_op(int flags, uid_t uid, gid_t gid) { return chown_op(flags, uid, gid); }
 int path_utimens_op(const struct timespec *t, int flags) { return utimens_op(t, flags); }
+
+/* --- Socket names ---------------------------------------------------------
+ *
+ * An AF_UNIX socket's name is a path: a program that names its socket
+ * after its PID in a shared directory (the JVM's /tmp/.java_pid<pid>,
+ * which jcmd reaches as /proc/<pid>/root/tmp/.java_pid<pid>) needs it
+ * where its files go. bind and connect take an absolute name as the path
+ * calls take a path (path_slow: /proc/<vpid> rewritten, REDIR PATH and
+ * copy-on-write rules; bind's name is made on the private side). An
+ * abstract name (a leading NUL), a relative one and an unnamed address go
+ * through as they are. A rewritten name that sun_path cannot hold fails
+ * with ENAMETOOLONG. Not rewritten: sendto's and sendmsg's destinations,
+ * and the names getsockname, getpeername and accept answer (the kernel's:
+ * the rewritten ones). */
+
+/* The name of an AF_UNIX address, terminated, into name (sun_path's size
+ * + 1): 1 when it is an absolute path. */
+static int unix_name(const struct sockaddr *addr, socklen_t len, char name[sizeof(((struct sockaddr_un *)0)->sun_path) + 1]) {
+  const size_t off = offsetof(struct sockaddr_un, sun_path), cap = sizeof(((struct sockaddr_un *)0)->sun_path);
+  if (!addr || len <= off || addr->sa_family != AF_UNIX) return 0;
+  size_t n = len - off < cap ? len - off : cap;
+  memcpy(name, (const char *)addr + off, n);
+  name[n] = '\0';
+  return name[0] == '/';
+}
+
+int unix_path_hooked(const struct sockaddr *addr, socklen_t len) {
+  char name[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
+  return g_h && unix_name(addr, len, name) && path_hooked(name);
+}
+
+/* The address with the name path_slow gives, into a; its length, or 0
+ * (errno set). `name`: unix_name's. */
+static socklen_t unix_rewritten(const char *p, struct sockaddr_un *a) {
+  size_t n = strlen(p);
+  if (n >= sizeof a->sun_path) {
+    errno = ENAMETOOLONG;
+    return 0;
+  }
+  memset(a, 0, offsetof(struct sockaddr_un, sun_path));
+  a->sun_family = AF_UNIX;
+  memcpy(a->sun_path, p, n + 1);
+  return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1);
+}
+
+int unix_bind_slow(int fd, const struct sockaddr *addr, socklen_t len) {
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
+  unix_name(addr, len, path);
+  SLOW_PATH(p, AT_FDCWD, path, PATH_TARGET, -1);
+  struct sockaddr_un a;
+  socklen_t n = unix_rewritten(p, &a);
+  return n ? (int)libc_ret(SYS3(bind, fd, &a, n)) : -1;
+}
+
+static NOINLINE int unix_connect_slow(int fd, const struct sockaddr *addr, socklen_t len) {
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
+  unix_name(addr, len, path);
+  SLOW_PATH(p, AT_FDCWD, path, PATH_READ, -1);
+  struct sockaddr_un a;
+  socklen_t n = unix_rewritten(p, &a);
+  return n ? REAL(connect)(fd, (struct sockaddr *)&a, n) : -1;
+}
+
+/* glibc's: a cancellation point. */
+API int connect(int fd, __CONST_SOCKADDR_ARG addr_arg, socklen_t len) {
+  const struct sockaddr *addr = addr_arg.__sockaddr__;
+  ensure_init();
+  if (UNLIKELY(unix_path_hooked(addr, len))) return unix_connect_slow(fd, addr, len);
+  return REAL(connect)(fd, addr_arg, len);
+}

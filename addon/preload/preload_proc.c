@@ -9,7 +9,9 @@
  * /proc/thread-self included (they already name the caller), goes through
  * untouched, after a check of its first bytes. The same numbers in a path
  * relative to a descriptor of /proc or a working directory inside it:
- * proc_at_path, below.
+ * proc_at_path, below. A process's root, /proc/<vpid>/root/..., is taken
+ * through the REDIR PATH rules when one applies (proc_root_rest, at the
+ * end).
  */
 #include "preload.h"
 
@@ -502,4 +504,33 @@ long proc_link_answer(int dirfd, const char *path, char *out, long n, size_t siz
    * text is a number stays as written. */
   if (known_pid_at(out, (size_t)n) && link_on_procfs(dirfd, path)) return (long)ids_to_virtual(out, (size_t)n, size);
   return n;
+}
+
+/* --- A process's root: /proc/<vpid>/root/... -------------------------------
+ *
+ * A program reaches a file of another process "as that process sees it"
+ * through /proc/<pid>/root (the JDK's attach finds a JVM's socket as
+ * /proc/<pid>/root/tmp/.java_pid<pid>, so that it works across mount
+ * namespaces). The kernel follows the root link, past every REDIR PATH
+ * rule: a process of the application whose root is "/" sees /REST as the
+ * rules make it, so /proc/<it>/root/REST is looked up as /REST is
+ * (path_slow, only when a rule applies to /REST). */
+
+const char *proc_root_rest(const char *path, char link[PROC_ROOT_LINK]) {
+  if (strncmp(path, "/proc/", 6)) return NULL;
+  const char *p = path + 6;
+  pid_t vpid, spid;
+  if (!strncmp(p, "self/", 5)) {
+    p += 5;
+    strcpy(link, "/proc/self/root");
+  } else if (!strncmp(p, "thread-self/", 12)) {
+    p += 12;
+    strcpy(link, "/proc/thread-self/root");
+  } else {
+    /* Only a process the tables know: the application's own. */
+    if (!parse_pid(&p, &vpid) || *p++ != '/' || !vpid || !v2s_pid(vpid, &spid)) return NULL;
+    strcpy(put_decimal((char *)memcpy(link, "/proc/", 6) + 6, (unsigned long)spid), "/root");
+  }
+  if (strncmp(p, "root/", 5)) return NULL;
+  return p + 4;
 }

@@ -28,6 +28,7 @@ import { type AppRecord, checkAid, isPrivateRoot, type LocalRegistry, type PortB
 import { applicationIds, environBlock } from '../resources/environ.js';
 import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js';
 import { type MadeDir, redirLeaves } from '../resources/paths.js';
+import { privateTmpRemade } from '../template/privatetmp.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { openToMapAs } from '../resources/fsident.js';
@@ -686,6 +687,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // same instance, with its paths as they were; a clone brings its own.
     const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [], identity: image.instance?.identity };
     madeDirs.push(...reg.makeRedirTargets(config.redirs));
+    privateTmpRemade(config.redirs, madeDirs);
     // Written before anything else is made, so that a restore killed from
     // here on has them removed; none made, the record registered holds it.
     if (madeDirs.length) {

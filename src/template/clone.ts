@@ -33,6 +33,7 @@ import { applicationEnv } from '../harness.js';
 import { cloneIdentity, runIdentityHooks, withIdentityEnv } from '../resources/identity.js';
 import { checkPrivileges, type InstancePlan, restore } from '../restore/driver.js';
 import { verifyImage } from '../restore/verify.js';
+import { rebasedRedirs } from './privatetmp.js';
 import { lexists, type MadeDir, redirected, removeWalked, unredirected } from '../resources/paths.js';
 import { fsIdentity, identitiesFor, refusal, refusedAsProcess } from '../resources/fsident.js';
 import { identityHooks, instanceConfig, privateCopyPath, type Property } from './rules.js';
@@ -369,6 +370,9 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
   try {
     ports = planPorts(reg, aid, t);
     const evaluated = t.rules ? instanceConfig(t.rules, props, privateRoot) : { redirs: [], env: [] };
+    // The template's application ran with a private /tmp: so does each
+    // clone, on its own copy of it (inheritPrivateCopies).
+    evaluated.redirs.push(...rebasedRedirs(t.loaded.image.instance, privateRoot, evaluated.redirs));
     const identity = cloneIdentity(t.loaded.image, t.rules);
     const config = { ...evaluated, env: withIdentityEnv(evaluated.env, identity), identity };
     const plan: InstancePlan = {

@@ -1,0 +1,127 @@
+/**
+ * `appshot run --private-tmp` (src/template/privatetmp.ts): a /tmp of the
+ * application's own. Every application's first process is virtual PID 2,
+ * so programs that name their files in /tmp after their PID (a JVM's
+ * hsperfdata and attach socket; the fixture pidtmp here) meet each
+ * other's there without it. The preload also takes
+ * /proc/<vpid>/root/tmp/... (how jcmd finds a JVM's socket) and AF_UNIX
+ * socket names through the rules.
+ */
+import { spawnSync } from 'node:child_process';
+import { existsSync, lstatSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, expect, it } from 'vitest';
+import { command, fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+// Outside /tmp: the images and rules (a run's working directory under
+// /tmp is refused with --private-tmp).
+const dir = mkdtempSync('/var/tmp/appshot-privatetmp-');
+// Unique on the node: the runs without the flag use the real /tmp.
+const NAME = `appshot-pidtmp-${process.pid}`;
+const shared = (suffix = '') => `/tmp/${NAME}.2${suffix}`;
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(dir, { recursive: true, force: true });
+  for (const f of [shared(), shared('.sock')]) rmSync(f, { force: true });
+});
+
+/** `appshot args...` from `cwd` (by default /, not under /tmp). */
+function appshot(args: string[], cwd = '/') {
+  const r = spawnSync(command, args, { env: sb.env, cwd, encoding: 'utf8', timeout: 50_000 });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+function ok(args: string[]): string {
+  const r = appshot(args);
+  if (r.code !== 0) throw new Error(`appshot ${args.join(' ')}: ${r.stderr}`);
+  return r.stdout;
+}
+
+const privateRoot = (aid: string) => sb.json<{ privateRoot?: string }[]>(['ps', aid])[0].privateRoot;
+/** What pidtmp `read` prints inside `aid` of PID 2's files. */
+const readIn = (aid: string) => ok(['exec', aid, '--', fixture('pidtmp'), 'read', NAME, '2']).trim();
+
+async function holding(aid: string, tag: string, flags: string[], extra: string[] = []): Promise<void> {
+  ok(['run', '-d', '--aid', aid, ...flags, '--', fixture('pidtmp'), 'hold', NAME, tag, ...extra]);
+  await waitFor(() => /^(HOLDING|TAKEN|FAIL)/m.test(sb.log(aid)), 15_000, `${aid} to make its file`);
+}
+
+it('two applications with --private-tmp each have their own /tmp, also as /proc/2/root/tmp and for unix socket names; without it they collide', async () => {
+  await holding('pta', 'A', ['--private-tmp']);
+  await holding('ptb', 'B', ['--private-tmp']);
+  // Read back through /proc/2/root/tmp/... by the process itself.
+  expect(sb.log('pta')).toMatch(/^HOLDING 2 A$/m);
+  expect(sb.log('ptb')).toMatch(/^HOLDING 2 B$/m);
+  // Another process of each: the file, the same through /proc/2/root, and
+  // the socket connected as jcmd connects.
+  expect(readIn('pta')).toBe('READ file=A root=A sock=A');
+  expect(readIn('ptb')).toBe('READ file=B root=B sock=B');
+  expect(existsSync(shared())).toBe(false);
+  const roots = ['pta', 'ptb'].map(privateRoot);
+  expect(roots[0]).not.toBe(roots[1]);
+  for (const [i, root] of roots.entries()) {
+    expect(root).toMatch(new RegExp(`^${sb.home}/instances/pt[ab]\\.[0-9a-f]{8}$`));
+    expect(lstatSync(root!).mode & 0o7777).toBe(0o711);
+    expect(lstatSync(join(root!, 'tmp')).mode & 0o7777).toBe(0o1777);
+    expect(readFileSync(join(root!, 'tmp', `${NAME}.2`), 'utf8')).toBe('AB'[i]);
+    expect(lstatSync(join(root!, 'tmp', `${NAME}.2.sock`)).isSocket()).toBe(true);
+  }
+
+  // The same two without it: one /tmp, and the second finds the first's.
+  await holding('ptc', 'C', []);
+  await holding('ptd', 'D', []);
+  expect(sb.log('ptc')).toMatch(/^HOLDING 2 C$/m);
+  expect(sb.log('ptd')).toMatch(new RegExp(`^TAKEN ${shared()}$`, 'm'));
+  expect(readFileSync(shared(), 'utf8')).toBe('C');
+  ok(['stop', 'ptc']);
+});
+
+it('a snapshot and its restore keep the private /tmp; rm removes it', async () => {
+  const root = privateRoot('pta')!;
+  const image = join(dir, 'pta.img');
+  ok(['snapshot', 'pta', '-o', image]);
+  expect(existsSync(join(root, 'tmp', `${NAME}.2`))).toBe(true);
+  ok(['restore', image]);
+  expect(privateRoot('pta')).toBe(root);
+  expect(readIn('pta')).toBe('READ file=A root=A sock=A');
+  const other = privateRoot('ptb')!;
+  ok(['stop', 'pta', 'ptb']);
+  await waitFor(() => !sb.aids().includes('pta') && !sb.aids().includes('ptb'), 15_000, 'pta and ptb to end');
+  ok(['rm', 'pta', 'ptb']);
+  expect(existsSync(root)).toBe(false);
+  expect(existsSync(other)).toBe(false);
+});
+
+it('each clone of a template made with a private /tmp has its own copy of it', async () => {
+  await holding('pte', 'E', ['--private-tmp'], ['nosock']);
+  const image = join(dir, 'pte.img');
+  const template = join(dir, 'pte.template');
+  ok(['snapshot', 'pte', '-o', image]);
+  ok(['template', 'create', image, '-o', template]);
+  ok(['clone', template, '--aid', 'ptc', '-n', '2']);
+  const roots = ['ptc-1', 'ptc-2'].map(privateRoot);
+  expect(roots[0]).not.toBe(roots[1]);
+  for (const aid of ['ptc-1', 'ptc-2']) expect(readIn(aid)).toBe('READ file=E root=E sock=-');
+  ok(['exec', 'ptc-1', '--', 'sh', '-c', 'echo one > /tmp/only']);
+  expect(appshot(['exec', 'ptc-2', '--', 'cat', '/tmp/only']).code).not.toBe(0);
+  expect(readFileSync(join(roots[0]!, 'tmp', 'only'), 'utf8')).toBe('one\n');
+  expect(existsSync('/tmp/only') && readFileSync('/tmp/only', 'utf8') === 'one\n').toBe(false);
+});
+
+it('refuses --private-tmp with rules that redirect /tmp, or from a working directory under /tmp', () => {
+  const rules = join(dir, 'tmp.rules');
+  writeFileSync(rules, `REDIR PATH "/tmp" TO "${dir}/elsewhere"\n`);
+  const r = appshot(['run', '--private-tmp', '--rules', rules, '--', 'true']);
+  expect(r.code).toBe(2);
+  expect(r.stderr).toMatch(/--private-tmp and the rules' REDIR PATH "\/tmp" both redirect \/tmp/);
+  const inTmp = mkdtempSync('/tmp/appshot-privatetmp-cwd-');
+  try {
+    const c = appshot(['run', '--private-tmp', '--', 'true'], inTmp);
+    expect(c.code).toBe(2);
+    expect(c.stderr).toMatch(/--private-tmp: the working directory \S+ is under \/tmp/);
+  } finally {
+    rmSync(inTmp, { recursive: true, force: true });
+  }
+  // Nothing was left registered or made.
+  expect(sb.allAids().filter((a) => !/^pt/.test(a))).toEqual([]);
+});
