@@ -907,6 +907,22 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     expect(readFileSync(join(victim, 'kept'), 'utf8')).toBe('still here\n');
   });
 
+  it("a private /tmp's rule leading elsewhere is not made writable by everyone (only this node's own private /tmp is)", async () => {
+    // /root/.ssh, say: made by a root restore as /tmp's mode, anyone could
+    // have put keys in it.
+    const victim = join(out, 'tmp-victim', 'dir');
+    const dir = crafted('privtmp-elsewhere', (i) => {
+      i.instance = { env: [], privateRoot: '', ...i.instance, redirs: [{ kind: 'path', from: '/tmp', to: victim }] };
+    });
+    const r = sb.run(['restore', dir, '--aid', 'privtmp']);
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      expect(statSync(victim).mode & 0o7777).toBe(0o755);
+    } finally {
+      expect(sb.run(['rm', '-f', 'privtmp']).code).toBe(0);
+    }
+  });
+
   it("a clone's snapshot restored under two AIDs names one directory of private copies: rm of one leaves it to the other, rm of the last removes it", async () => {
     const copies = join(sb.home, 'instances', 'twice.0123abcd');
     mkdirSync(copies, { recursive: true });

@@ -687,7 +687,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // same instance, with its paths as they were; a clone brings its own.
     const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [], identity: image.instance?.identity };
     madeDirs.push(...reg.makeRedirTargets(config.redirs));
-    privateTmpRemade(config.redirs, madeDirs);
+    privateTmpRemade(config.redirs, madeDirs, copies);
     // Written before anything else is made, so that a restore killed from
     // here on has them removed; none made, the record registered holds it.
     if (madeDirs.length) {

@@ -87,9 +87,16 @@ export function makePrivateTmp(privateRoot: string): InstanceConfig['redirs'][nu
 /** A private /tmp that a restore made anew (its image's directory is not
  * on this node: makeRedirTargets made it with the umask's mode) gets
  * /tmp's mode, as makePrivateTmp gives it. `made`: the directories the
- * restore made. */
-export function privateTmpRemade(redirs: InstanceConfig['redirs'], made: { leaf: string }[]): void {
-  for (const r of redirs) if (r.kind === 'path' && r.from === PRIVATE_TMP && made.some((m) => m.leaf === r.to)) chmodDirectory(r.to, 0o1777);
+ * restore made; `privateRoot`: the image's directory of private copies,
+ * only if it is one of this state directory's (registry.ts
+ * isPrivateRoot). Only the tmp right under it is made /tmp-like: an image
+ * is anyone's, and a rule of its leading /tmp to /root/.ssh or a
+ * site-packages directory would otherwise have root make that directory
+ * writable by everyone. */
+export function privateTmpRemade(redirs: InstanceConfig['redirs'], made: { leaf: string }[], privateRoot: string | undefined): void {
+  if (!privateRoot) return;
+  const tmp = privateTmpOf(privateRoot);
+  for (const r of redirs) if (r.kind === 'path' && r.from === PRIVATE_TMP && r.to === tmp && made.some((m) => m.leaf === tmp)) chmodDirectory(tmp, 0o1777);
 }
 
 function chmodDirectory(path: string, mode: number): void {
