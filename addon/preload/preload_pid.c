@@ -855,7 +855,8 @@ API pid_t getppid(void) {
  * published: of two claimers one wins, and a reader sees its own name
  * only once the old pairs are gone. The loser (another thread of the
  * same process in the same instant) notes nothing this once: never a
- * wait, as a claimer may be the thread a handler interrupted.
+ * wait. A claim holds every signal off (reaped_claim), so no handler of
+ * its own thread comes between, nor leaves it half done.
  *
  * A process that shares its memory with another (a CLONE_VM child that
  * is not a thread, g_reaped_shared) shares the ring with it too: neither
@@ -895,11 +896,27 @@ static int reaped_claim(uint64_t me) {
   if (was == (me | REAPED_CLAIMING)) return 0; /* another of our threads */
   /* 0: never claimed. */
   if (was && __atomic_load_n(&g_reaped_shared, __ATOMIC_SEQ_CST) && (was & ~REAPED_CLAIMING) >> 32 == me >> 32) return 0;
-  if (!__atomic_compare_exchange_n(&g_reaped_owner, &was, me | REAPED_CLAIMING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-    return 0;
-  for (uint32_t i = 0; i < REAPED_RING; i++) __atomic_store_n(&g_reaped[i], 0, __ATOMIC_RELAXED);
-  __atomic_store_n(&g_reaped_owner, me, __ATOMIC_RELEASE);
-  return 1;
+  /* Every signal blocked while the claiming mark is up: a handler that
+   * left by siglongjmp would leave the mark for good (until the next
+   * restore), and no later claim of this process would take the ring
+   * (review 243). Nothing else abandons a claim: the claimer's thread
+   * dies only with its process, and a fork child, whose copy may hold
+   * the mark, is another process and claims afresh. Two system calls,
+   * once per process and restore: smaller than a claimer's TID in the
+   * mark, which would need a look for a thread gone (tgkill, a reused
+   * TID) and a take-over of our own thread's abandoned claim. */
+  sigset_t all, saved;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &saved);
+  int won = __atomic_compare_exchange_n(&g_reaped_owner, &was, me | REAPED_CLAIMING, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE);
+  if (won) {
+    test_pause("reaped-claiming");
+    for (uint32_t i = 0; i < REAPED_RING; i++) __atomic_store_n(&g_reaped[i], 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&g_reaped_owner, me, __ATOMIC_RELEASE);
+  }
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  return won;
 }
 
 static void reaped_note(pid_t vid, pid_t sid) {
