@@ -977,6 +977,19 @@ static uint64_t reaped_me(void) {
   return gen << 32 | (uint32_t)self_spid();
 }
 
+/* The virtual PID of the newest pair of system PID `sid` in the ring,
+ * whoever owns it, or 0. */
+static pid_t reaped_find(int32_t sid) {
+  uint32_t next = __atomic_load_n(&g_reaped_next, __ATOMIC_ACQUIRE);
+  for (uint32_t k = 1; k <= REAPED_RING; k++) { /* the newest first */
+    uint64_t e = __atomic_load_n(&g_reaped[(next - k) % REAPED_RING], __ATOMIC_ACQUIRE);
+    if (e && (int32_t)(uint32_t)e == sid) return (pid_t)(int32_t)(e >> 32);
+  }
+  return 0;
+}
+
+static void late_sigchld_find(void);
+
 /* Whether the ring is ours, claimed now if it may be. */
 static int reaped_claim(uint64_t me) {
   uint64_t was = __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE);
@@ -996,6 +1009,7 @@ static int reaped_claim(uint64_t me) {
   sigset_t all, saved;
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &saved);
+  late_sigchld_find(); /* before the old node's pairs go */
   int won = __atomic_compare_exchange_n(&g_reaped_owner, &was, me | REAPED_CLAIMING, 0, __ATOMIC_ACQ_REL,
                                         __ATOMIC_ACQUIRE);
   if (won) {
@@ -1023,12 +1037,55 @@ static void reaped_note(pid_t vid, pid_t sid) {
  * last, or 0. */
 static pid_t reaped_s2v(int32_t sid) {
   if (sid <= 0 || __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != reaped_me()) return 0;
-  uint32_t next = __atomic_load_n(&g_reaped_next, __ATOMIC_ACQUIRE);
-  for (uint32_t k = 1; k <= REAPED_RING; k++) { /* the newest first */
-    uint64_t e = __atomic_load_n(&g_reaped[(next - k) % REAPED_RING], __ATOMIC_ACQUIRE);
-    if (e && (int32_t)(uint32_t)e == sid) return (pid_t)(int32_t)(e >> 32);
-  }
-  return 0;
+  return reaped_find(sid);
+}
+
+/* --- A late SIGCHLD across a restore ---------------------------------------
+ *
+ * A SIGCHLD pending at a snapshot for a child reaped before it names the
+ * child by its system PID on the old node, which no table maps: the
+ * restore queues it again with si_pid 0, which harms no reader (pending
+ * signals survive exec: a program exec'd after the restore reads it too,
+ * and a negative or made-up PID there would be one it may kill()), and
+ * writes here, by this symbol (src/resources/signals.ts), the old system
+ * PIDs of the child and of this process. The pair the ring kept for the
+ * child is in the memory the image gave back: while the ring is still
+ * the old node's and ours (its owner's PID this process's old one, not
+ * a sharer's), the child's virtual PID is found there, before the first
+ * claim of this node empties it (reaped_claim looks first). A SIGCHLD of
+ * a child (si_code > 0) with si_pid 0 is named so once; the next one
+ * names nobody, as before. A fork child, which inherits no pending
+ * signal, forgets it (child_reset_ids). */
+struct appshot_late_sigchld {
+  int32_t child; /* the restore's: the child's old system PID, 0 for none */
+  int32_t self;  /* the restore's: this process's old system PID */
+  int32_t vpid;  /* ours: the child's virtual PID, once found */
+  int32_t reserved;
+};
+static struct appshot_late_sigchld g_late_sigchld;
+extern struct appshot_late_sigchld appshot_late_sigchld
+    __attribute__((alias("g_late_sigchld"), visibility("default")));
+
+/* The late SIGCHLD's child looked up in the ring the image gave back. */
+static void late_sigchld_find(void) {
+  int32_t child = __atomic_load_n(&g_late_sigchld.child, __ATOMIC_ACQUIRE);
+  if (child <= 0 || __atomic_load_n(&g_late_sigchld.vpid, __ATOMIC_ACQUIRE)) return;
+  uint64_t owner = __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE);
+  if ((owner & REAPED_CLAIMING) || (int32_t)(uint32_t)owner != __atomic_load_n(&g_late_sigchld.self, __ATOMIC_RELAXED)) return;
+  int32_t v = reaped_find(child);
+  if (v > 0) __atomic_store_n(&g_late_sigchld.vpid, v, __ATOMIC_RELEASE);
+}
+
+/* The virtual PID of a SIGCHLD's child that came back with si_pid 0, once. */
+static pid_t late_sigchld_take(void) {
+  late_sigchld_find();
+  int32_t v = __atomic_exchange_n(&g_late_sigchld.vpid, 0, __ATOMIC_ACQ_REL);
+  if (v) __atomic_store_n(&g_late_sigchld.child, 0, __ATOMIC_RELEASE);
+  return v;
+}
+
+void late_sigchld_forget(void) {
+  if (g_late_sigchld.child || g_late_sigchld.vpid) memset(&g_late_sigchld, 0, sizeof g_late_sigchld);
 }
 
 /* --- Waiting -------------------------------------------------------------- */
@@ -1300,7 +1357,8 @@ void translate_si_pid(siginfo_t *info) {
       (info->si_signo == SIGCHLD && c > 0)) {
     int32_t v;
     if (appshot_s2v(g_h, APPSHOT_PID, info->si_pid, &v)) info->si_pid = v;
-    else info->si_pid = info->si_signo == SIGCHLD && c > 0 ? reaped_s2v(info->si_pid) : 0;
+    else if (info->si_signo == SIGCHLD && c > 0) info->si_pid = info->si_pid ? reaped_s2v(info->si_pid) : late_sigchld_take();
+    else info->si_pid = 0;
   }
 }
 
