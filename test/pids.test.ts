@@ -1138,6 +1138,34 @@ describe('a late SIGCHLD in a process that shares its memory with another (clone
   });
 });
 
+describe('a SIGCHLD pending at a snapshot, of a child reaped before it', () => {
+  // The child's system PID was the old node's, which no table maps: the
+  // restore queued the signal again with si_pid 0 (a number there would
+  // reach a program exec'd later, as pending signals survive exec). The
+  // fixture reaps a child with SIGCHLD blocked, is snapshotted and
+  // restored, then takes the SIGCHLD (the first time after it reaped
+  // another child, the second straight away).
+  const images = scratchDir('appshot-chldpending-');
+
+  it('names the child by the virtual PID fork gave, after the restore', async () => {
+    const aid = 'chldpending';
+    await start(aid, [fixture('chldpending')]);
+    await waitFor(() => /^(REAPED \d+|FAIL.*)$/m.test(sb.log(aid)), 20_000, 'chldpending to reap its child');
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+    const image = join(images, aid);
+    await ok(['snapshot', aid, '-o', image]);
+    await ok(['restore', image]);
+    // First after reaping another child (the old node's pairs then go),
+    // then straight away.
+    await exercised(aid, 'to take the SIGCHLD pending at the snapshot, restored');
+    await waitFor(() => (sb.log(aid).match(/^REAPED \d+$/gm) ?? []).length >= 2, 20_000, 'chldpending to reap its next child');
+    await ok(['snapshot', aid, '-o', image + '2']);
+    await ok(['restore', image + '2']);
+    await exercised(aid, 'to take the SIGCHLD pending at the snapshot, restored again');
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+  });
+});
+
 describe('TIOCSPGRP of a group the application does not have, from the background of the controlling terminal', () => {
   // The library refused the group itself (EPERM) before the kernel's own
   // checks: a background caller was not stopped by SIGTTOU, an orphaned

@@ -515,6 +515,9 @@ HIDDEN pid_t self_vtid(void);
 /* After fork or clone, in the child: our ids are those of the new process
  * (vid 0: not known yet, learned when first asked). */
 HIDDEN void child_reset_ids(int32_t vid);
+/* A fork child's: the restored late SIGCHLD (preload_pid.c) is its
+ * parent's, whose pending signals it does not inherit. */
+HIDDEN void late_sigchld_forget(void);
 /* Whether this memory is shared with another process, which shares the
  * reaped ring too (preload_pid.c); child_reset_ids clears it. */
 extern int g_reaped_shared HIDDEN;

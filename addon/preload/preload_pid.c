@@ -399,17 +399,47 @@ static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
  * runs no C (it may be on a thread pointer of its own, or none), uses no
  * stack, and writes child_tid by process_vm_writev (a bad address, which
  * the kernel let pass, is no fault here either). The offsets are the
- * assembly's below. */
+ * assembly's below.
+ *
+ * The child sleeps on vtid (a futex the parent wakes once it published),
+ * not spinning: a parent merely descheduled costs it no core. It wakes
+ * every RAW_CLONE_WAIT_NS to ask whether the parent still lives, as a
+ * process that is not a thread outlives a parent killed in that instant
+ * (SIGKILL, which the parent's blocked signals do not hold back), which
+ * then never publishes: the parent is gone once the child's getppid()
+ * no longer answers `ppid` (the parent's exit reparents the child at
+ * once, before anyone reaps the parent; 0 when the child's parent is
+ * not the caller: CLONE_PARENT or a thread) or tgkill(`pid`, `tid`, 0)
+ * finds no caller thread (ESRCH; a zombie leader is found until reaped).
+ * The child then keeps the kernel's id at child_tid and learns its
+ * virtual one when it asks (getpid maps it if the parent did not). A
+ * snapshot lets the parent out of its window first, so vtid is published
+ * in any image: a child restored between its look at vtid and at its
+ * parent, which then finds the old node's ids gone, looks at vtid again
+ * before it gives up. (A parent whose other thread execs in that instant
+ * lives on as the new program, and its child waits for good, as before.)
+ *
+ * Without CLONE_VM the same slot, with vtid -1, is a local of the
+ * caller's, which the child finds at the same address in its copy of the
+ * memory: it only gives the child back the caller's signal mask (all
+ * signals are blocked across the call, see clone_on_stack). */
+#define RAW_CLONE_WAIT_NS 20000000L
 struct raw_clone_slot {
-  struct iovec here;  /* 0: vtid, 4 bytes */
-  struct iovec there; /* 16: the caller's child_tid word */
-  uint64_t mask;      /* 32: the child's signal mask, the caller's */
-  int32_t vtid;       /* 40: 0 until published, -1 for none */
-  int32_t pad;
+  struct iovec here;     /* 0: vtid, 4 bytes */
+  struct iovec there;    /* 16: the caller's child_tid word */
+  uint64_t mask;         /* 32: the child's signal mask, the caller's */
+  int32_t vtid;          /* 40: 0 until published, -1 for none */
+  int32_t tid;           /* 44: the calling thread's system TID */
+  struct timespec wait;  /* 48: how long the child sleeps between looks */
+  int32_t ppid;          /* 64: the child's getppid() while the parent lives, or 0 */
+  int32_t pid;           /* 68: the caller's system PID */
+  uint64_t pad;
 };
 _Static_assert(offsetof(struct raw_clone_slot, here) == 0 && offsetof(struct raw_clone_slot, there) == 16 &&
                    offsetof(struct raw_clone_slot, mask) == 32 && offsetof(struct raw_clone_slot, vtid) == 40 &&
-                   sizeof(struct raw_clone_slot) == 48,
+                   offsetof(struct raw_clone_slot, tid) == 44 && offsetof(struct raw_clone_slot, wait) == 48 &&
+                   offsetof(struct raw_clone_slot, ppid) == 64 && offsetof(struct raw_clone_slot, pid) == 68 &&
+                   sizeof(struct raw_clone_slot) == 80,
                "raw_clone_on_stack reads the slot at these offsets");
 
 /* The clone system call (flags, stack, parent_tid, child_tid, tls),
@@ -418,8 +448,9 @@ _Static_assert(offsetof(struct raw_clone_slot, here) == 0 && offsetof(struct raw
  * put at its top (a program that clones by syscall() with a stack can
  * only work so). Compiled C after the system call would instead pop its
  * saved registers and return address off that stack. With `slot`, the
- * child first waits there for its virtual id, writes it at child_tid
- * and lets its signals in. -errno on failure, in the parent. */
+ * child first waits there for its virtual id (vtid 0), writes it at
+ * child_tid (vtid > 0) and lets its signals in. -errno on failure, in
+ * the parent. */
 #define ASM_NUMBER_(x) #x
 #define ASM_NUMBER(x) ASM_NUMBER_(x) /* a macro's number, in assembly text */
 HIDDEN long raw_clone_on_stack(long flags, long stack, long ptid, long ctid, long tls, struct raw_clone_slot *slot);
@@ -453,9 +484,32 @@ __asm__(".text\n"
         "2:mov 40(%rbx), %eax\n"
         "  test %eax, %eax\n"
         "  jnz 3f\n"
-        "  mov $" ASM_NUMBER(SYS_sched_yield) ", %eax\n"
+        "  mov 64(%rbx), %eax\n"  /* is the parent still there? */
+        "  test %eax, %eax\n"
+        "  jz 6f\n"
+        "  mov $" ASM_NUMBER(SYS_getppid) ", %eax\n"
+        "  syscall\n"
+        "  cmp 64(%rbx), %eax\n"
+        "  jne 7f\n"              /* reparented: the parent exited */
+        "6:movslq 68(%rbx), %rdi\n"
+        "  movslq 44(%rbx), %rsi\n"
+        "  xor %edx, %edx\n"
+        "  mov $" ASM_NUMBER(SYS_tgkill) ", %eax\n"
+        "  syscall\n"
+        "  cmp $-" ASM_NUMBER(ESRCH) ", %rax\n"
+        "  je 7f\n"               /* the calling thread is gone */
+        "  lea 40(%rbx), %rdi\n"  /* sleep while vtid is 0, for a while */
+        "  mov $" ASM_NUMBER(FUTEX_WAIT_PRIVATE) ", %esi\n"
+        "  xor %edx, %edx\n"
+        "  lea 48(%rbx), %r10\n"
+        "  xor %r8d, %r8d\n"
+        "  xor %r9d, %r9d\n"
+        "  mov $" ASM_NUMBER(SYS_futex) ", %eax\n"
         "  syscall\n"
         "  jmp 2b\n"
+        "7:mov 40(%rbx), %eax\n"  /* gone, unless published meanwhile */
+        "  test %eax, %eax\n"
+        "  jz 5f\n"
         "3:jl 5f\n"               /* -1: no virtual id, the kernel's stays */
         "  mov $" ASM_NUMBER(SYS_getpid) ", %eax\n"
         "  syscall\n"
@@ -507,9 +561,13 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
   if (flags & CLONE_VM) __atomic_store_n(&g_nocache, 1, __ATOMIC_RELAXED);
   if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS)) __atomic_store_n(&g_tls_shared, 1, __ATOMIC_SEQ_CST);
   reaped_shared_by((unsigned long)flags);
-  struct raw_clone_slot *slot = NULL;
-  struct raw_clone_slot before; /* what the slot's bytes were */
+  struct raw_clone_slot *slot = NULL; /* what the stub's child reads, or NULL */
+  int below_stack = 0;                 /* slot is the one below the child's stack */
+  struct raw_clone_slot before;        /* what that slot's bytes were */
+  struct raw_clone_slot own;           /* the slot of a child of its own memory */
   sigset_t all, saved;
+  int blocked = 0;
+  sigfillset(&all);
   uintptr_t at = ((uintptr_t)stack - sizeof before) & ~(uintptr_t)15;
   /* The slot is the caller's memory below the child's stack pointer: only
    * inside clone3's stack when it says where that is (review 243 L1), and
@@ -518,38 +576,57 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
   int overlaps = (ctid && (uintptr_t)ctid + sizeof(pid_t) > at && (uintptr_t)ctid < at + sizeof before) ||
                  (ptid && (flags & CLONE_PARENT_SETTID) && (uintptr_t)ptid + sizeof(pid_t) > at && (uintptr_t)ptid < at + sizeof before);
   if ((flags & CLONE_VM) && (flags & CLONE_CHILD_SETTID) && ctid && !(flags & CLONE_VFORK) && room && !overlaps) {
-    sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &saved);
+    blocked = 1;
     struct raw_clone_slot s;
     memset(&s, 0, sizeof s);
     slot = (struct raw_clone_slot *)at;
     s.here = (struct iovec){&slot->vtid, sizeof slot->vtid};
     s.there = (struct iovec){(void *)ctid, sizeof(pid_t)};
     memcpy(&s.mask, &saved, sizeof s.mask);
+    s.tid = (pid_t)SYS0(gettid);
+    s.pid = parent;
+    /* A thread's getppid() is its process's parent's, as is a child's of
+     * CLONE_PARENT: not ours, so it tells nothing of us. */
+    s.ppid = (flags & (CLONE_THREAD | CLONE_PARENT)) ? 0 : parent;
+    s.wait.tv_nsec = RAW_CLONE_WAIT_NS;
     /* Read, then written, as the kernel would: a stack the kernel is left
      * to fault on is no fault of ours; the child then keeps the kernel's
      * id. What was there is put back if the kernel refuses the clone
      * (review 243 M1: the caller's data below the stack). */
     struct iovec old = {&before, sizeof before}, here = {&s, sizeof s}, there = {slot, sizeof s};
-    pid_t me = (pid_t)SYS0(getpid);
-    if (SYS6(process_vm_readv, me, &old, 1, &there, 1, 0) != (long)sizeof s ||
-        SYS6(process_vm_writev, me, &here, 1, &there, 1, 0) != (long)sizeof s) {
+    if (SYS6(process_vm_readv, parent, &old, 1, &there, 1, 0) != (long)sizeof s ||
+        SYS6(process_vm_writev, parent, &here, 1, &there, 1, 0) != (long)sizeof s) {
       slot = NULL;
       pthread_sigmask(SIG_SETMASK, &saved, NULL);
+      blocked = 0;
+    } else {
+      below_stack = 1;
     }
   }
   /* A child of its own memory runs none of our code (the stub returns in
    * it on its stack): it finds the caches empty and learns its ids when
    * first asked, not its parent's (review 243 M3). Put back in the
-   * parent; another thread that asks meanwhile maps the same ids (a
-   * handler of this thread that asks in between caches them again, and
-   * the child's copy keeps them: signals are not blocked here, since the
-   * child would inherit the mask, with none of our code to lift it). */
+   * parent. Every signal is blocked from before they are emptied until
+   * they are back: a handler of this thread that asked for our ids in
+   * between would cache them again, and the child's copy would keep
+   * them. The child inherits that mask, and the stub gives it the
+   * caller's back from `own`, which it finds in its copy of our memory
+   * (vtid -1: nothing to wait for); the signals that came meanwhile are
+   * the parent's, as a fork child starts with none pending. Another
+   * thread that asks meanwhile maps the same ids. */
   int32_t cached_vpid = 0, cached_vtid = 0;
   if (!(flags & CLONE_VM)) {
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    blocked = 1;
+    memset(&own, 0, sizeof own);
+    memcpy(&own.mask, &saved, sizeof own.mask);
+    own.vtid = -1;
+    slot = &own;
     cached_vpid = __atomic_exchange_n(&g_vpid, 0, __ATOMIC_SEQ_CST);
     cached_vtid = t_vtid;
     t_vtid = 0;
+    test_pause("clone-caches-emptied");
   }
   long id = ca ? raw_clone3_on_stack((long)ca, size, slot) : raw_clone_on_stack(flags, stack, ptid, ctid, tls, slot);
   long ret = id;
@@ -557,9 +634,9 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
     if (cached_vpid) __atomic_store_n(&g_vpid, cached_vpid, __ATOMIC_SEQ_CST);
     if (cached_vtid) t_vtid = cached_vtid;
   }
-  if (id < 0 && slot) {
+  if (id < 0 && below_stack) {
     struct iovec back = {&before, sizeof before}, there = {slot, sizeof before};
-    SYS6(process_vm_writev, SYS0(getpid), &back, 1, &there, 1, 0);
+    SYS6(process_vm_writev, parent, &back, 1, &there, 1, 0);
   }
   if (id > 0) {
     int32_t v;
@@ -573,10 +650,16 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
       if (ptid_is_tid) replace_id_as_kernel((pid_t *)ptid, (pid_t)id, v);
       ret = v;
     }
-    /* The child may run on and reuse its stack from here on. */
-    if (slot) __atomic_store_n(&slot->vtid, v > 0 ? v : -1, __ATOMIC_RELEASE);
+    if (below_stack) {
+      test_pause("clone-publishing");
+      /* The child may run on and reuse its stack from here on: the wake
+       * may then land on a word of its own, which any futex user takes
+       * as the spurious wake-up futexes allow. */
+      __atomic_store_n(&slot->vtid, v > 0 ? v : -1, __ATOMIC_RELEASE);
+      SYS3(futex, &slot->vtid, FUTEX_WAKE_PRIVATE, 1);
+    }
   }
-  if (slot) pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  if (blocked) pthread_sigmask(SIG_SETMASK, &saved, NULL);
   return libc_ret(ret);
 }
 
@@ -684,7 +767,10 @@ static int clone_child(void *p) {
 static int thread_child(void *p) {
   struct clone_tramp *t = p;
   int32_t v;
-  while (!(v = __atomic_load_n(&t->vtid, __ATOMIC_ACQUIRE))) SYS0(sched_yield);
+  /* Asleep, not spinning: a parent merely descheduled costs us no core.
+   * It wakes us once it published. No look for a parent killed meanwhile
+   * (raw_clone_slot's): we are its thread, and die with it. */
+  while (!(v = __atomic_load_n(&t->vtid, __ATOMIC_ACQUIRE))) SYS4(futex, &t->vtid, FUTEX_WAIT_PRIVATE, 0, NULL);
   if (v > 0) put_id_as_kernel(t->ctid, v);
   int (*fn)(void *) = t->fn;
   void *arg = t->arg;
@@ -720,8 +806,10 @@ static NOINLINE int clone_thread_child_settid(int (*fn)(void *), void *stack, in
       if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid) replace_id_as_kernel(ptid, tid, v);
       ret = v;
     }
-    /* The thread may run on and reuse its stack from here on. */
+    /* The thread may run on and reuse its stack from here on (the wake
+     * then a spurious one, which any futex user allows). */
     __atomic_store_n(&t->vtid, v > 0 ? v : -1, __ATOMIC_RELEASE);
+    SYS3(futex, &t->vtid, FUTEX_WAKE_PRIVATE, 1);
   }
   pthread_sigmask(SIG_SETMASK, &saved, NULL);
   errno = err;
@@ -855,7 +943,8 @@ API pid_t getppid(void) {
  * published: of two claimers one wins, and a reader sees its own name
  * only once the old pairs are gone. The loser (another thread of the
  * same process in the same instant) notes nothing this once: never a
- * wait, as a claimer may be the thread a handler interrupted.
+ * wait. A claim holds every signal off (reaped_claim), so no handler of
+ * its own thread comes between, nor leaves it half done.
  *
  * A process that shares its memory with another (a CLONE_VM child that
  * is not a thread, g_reaped_shared) shares the ring with it too: neither
@@ -888,6 +977,19 @@ static uint64_t reaped_me(void) {
   return gen << 32 | (uint32_t)self_spid();
 }
 
+/* The virtual PID of the newest pair of system PID `sid` in the ring,
+ * whoever owns it, or 0. */
+static pid_t reaped_find(int32_t sid) {
+  uint32_t next = __atomic_load_n(&g_reaped_next, __ATOMIC_ACQUIRE);
+  for (uint32_t k = 1; k <= REAPED_RING; k++) { /* the newest first */
+    uint64_t e = __atomic_load_n(&g_reaped[(next - k) % REAPED_RING], __ATOMIC_ACQUIRE);
+    if (e && (int32_t)(uint32_t)e == sid) return (pid_t)(int32_t)(e >> 32);
+  }
+  return 0;
+}
+
+static void late_sigchld_find(void);
+
 /* Whether the ring is ours, claimed now if it may be. */
 static int reaped_claim(uint64_t me) {
   uint64_t was = __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE);
@@ -895,11 +997,28 @@ static int reaped_claim(uint64_t me) {
   if (was == (me | REAPED_CLAIMING)) return 0; /* another of our threads */
   /* 0: never claimed. */
   if (was && __atomic_load_n(&g_reaped_shared, __ATOMIC_SEQ_CST) && (was & ~REAPED_CLAIMING) >> 32 == me >> 32) return 0;
-  if (!__atomic_compare_exchange_n(&g_reaped_owner, &was, me | REAPED_CLAIMING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-    return 0;
-  for (uint32_t i = 0; i < REAPED_RING; i++) __atomic_store_n(&g_reaped[i], 0, __ATOMIC_RELAXED);
-  __atomic_store_n(&g_reaped_owner, me, __ATOMIC_RELEASE);
-  return 1;
+  /* Every signal blocked while the claiming mark is up: a handler that
+   * left by siglongjmp would leave the mark for good (until the next
+   * restore), and no later claim of this process would take the ring
+   * (review 243). Nothing else abandons a claim: the claimer's thread
+   * dies only with its process, and a fork child, whose copy may hold
+   * the mark, is another process and claims afresh. Two system calls,
+   * once per process and restore: smaller than a claimer's TID in the
+   * mark, which would need a look for a thread gone (tgkill, a reused
+   * TID) and a take-over of our own thread's abandoned claim. */
+  sigset_t all, saved;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &saved);
+  late_sigchld_find(); /* before the old node's pairs go */
+  int won = __atomic_compare_exchange_n(&g_reaped_owner, &was, me | REAPED_CLAIMING, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE);
+  if (won) {
+    test_pause("reaped-claiming");
+    for (uint32_t i = 0; i < REAPED_RING; i++) __atomic_store_n(&g_reaped[i], 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&g_reaped_owner, me, __ATOMIC_RELEASE);
+  }
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
+  return won;
 }
 
 static void reaped_note(pid_t vid, pid_t sid) {
@@ -918,12 +1037,55 @@ static void reaped_note(pid_t vid, pid_t sid) {
  * last, or 0. */
 static pid_t reaped_s2v(int32_t sid) {
   if (sid <= 0 || __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE) != reaped_me()) return 0;
-  uint32_t next = __atomic_load_n(&g_reaped_next, __ATOMIC_ACQUIRE);
-  for (uint32_t k = 1; k <= REAPED_RING; k++) { /* the newest first */
-    uint64_t e = __atomic_load_n(&g_reaped[(next - k) % REAPED_RING], __ATOMIC_ACQUIRE);
-    if (e && (int32_t)(uint32_t)e == sid) return (pid_t)(int32_t)(e >> 32);
-  }
-  return 0;
+  return reaped_find(sid);
+}
+
+/* --- A late SIGCHLD across a restore ---------------------------------------
+ *
+ * A SIGCHLD pending at a snapshot for a child reaped before it names the
+ * child by its system PID on the old node, which no table maps: the
+ * restore queues it again with si_pid 0, which harms no reader (pending
+ * signals survive exec: a program exec'd after the restore reads it too,
+ * and a negative or made-up PID there would be one it may kill()), and
+ * writes here, by this symbol (src/resources/signals.ts), the old system
+ * PIDs of the child and of this process. The pair the ring kept for the
+ * child is in the memory the image gave back: while the ring is still
+ * the old node's and ours (its owner's PID this process's old one, not
+ * a sharer's), the child's virtual PID is found there, before the first
+ * claim of this node empties it (reaped_claim looks first). A SIGCHLD of
+ * a child (si_code > 0) with si_pid 0 is named so once; the next one
+ * names nobody, as before. A fork child, which inherits no pending
+ * signal, forgets it (child_reset_ids). */
+struct appshot_late_sigchld {
+  int32_t child; /* the restore's: the child's old system PID, 0 for none */
+  int32_t self;  /* the restore's: this process's old system PID */
+  int32_t vpid;  /* ours: the child's virtual PID, once found */
+  int32_t reserved;
+};
+static struct appshot_late_sigchld g_late_sigchld;
+extern struct appshot_late_sigchld appshot_late_sigchld
+    __attribute__((alias("g_late_sigchld"), visibility("default")));
+
+/* The late SIGCHLD's child looked up in the ring the image gave back. */
+static void late_sigchld_find(void) {
+  int32_t child = __atomic_load_n(&g_late_sigchld.child, __ATOMIC_ACQUIRE);
+  if (child <= 0 || __atomic_load_n(&g_late_sigchld.vpid, __ATOMIC_ACQUIRE)) return;
+  uint64_t owner = __atomic_load_n(&g_reaped_owner, __ATOMIC_ACQUIRE);
+  if ((owner & REAPED_CLAIMING) || (int32_t)(uint32_t)owner != __atomic_load_n(&g_late_sigchld.self, __ATOMIC_RELAXED)) return;
+  int32_t v = reaped_find(child);
+  if (v > 0) __atomic_store_n(&g_late_sigchld.vpid, v, __ATOMIC_RELEASE);
+}
+
+/* The virtual PID of a SIGCHLD's child that came back with si_pid 0, once. */
+static pid_t late_sigchld_take(void) {
+  late_sigchld_find();
+  int32_t v = __atomic_exchange_n(&g_late_sigchld.vpid, 0, __ATOMIC_ACQ_REL);
+  if (v) __atomic_store_n(&g_late_sigchld.child, 0, __ATOMIC_RELEASE);
+  return v;
+}
+
+void late_sigchld_forget(void) {
+  if (g_late_sigchld.child || g_late_sigchld.vpid) memset(&g_late_sigchld, 0, sizeof g_late_sigchld);
 }
 
 /* --- Waiting -------------------------------------------------------------- */
@@ -1195,7 +1357,8 @@ void translate_si_pid(siginfo_t *info) {
       (info->si_signo == SIGCHLD && c > 0)) {
     int32_t v;
     if (appshot_s2v(g_h, APPSHOT_PID, info->si_pid, &v)) info->si_pid = v;
-    else info->si_pid = info->si_signo == SIGCHLD && c > 0 ? reaped_s2v(info->si_pid) : 0;
+    else if (info->si_signo == SIGCHLD && c > 0) info->si_pid = info->si_pid ? reaped_s2v(info->si_pid) : late_sigchld_take();
+    else info->si_pid = 0;
   }
 }
 

@@ -212,6 +212,16 @@ export function tidMovesOf(pid: number, maps: MapsLine[]): bigint | undefined {
   return lib && offsets ? lib.start + offsets.appshot_tid_moves : undefined;
 }
 
+/** Where the preload library keeps a late SIGCHLD's ids for the restore
+ * to write (appshot_late_sigchld, addon/preload/preload_pid.c) in a
+ * process whose mappings are `maps`, or undefined: no library, an older
+ * one without it, or one whose file cannot be read. */
+export function lateSigchldOf(pid: number, maps: MapsLine[]): bigint | undefined {
+  const lib = preloadMappingIn(maps);
+  const offsets = lib && librarySymbols(pid, lib, ['appshot_late_sigchld'] as const);
+  return lib && offsets ? lib.start + offsets.appshot_late_sigchld : undefined;
+}
+
 /** Where, from a thread's pointer, the preload library keeps the epoll
  * wait with a timeout the thread is in (appshot_timed_wait_tpoff,
  * addon/preload/preload_wait.c), in a process whose mappings are `maps`;

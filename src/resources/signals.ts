@@ -9,6 +9,8 @@ import type { SigAction } from '../image/types.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type NamedCall, type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { lateSigchldOf } from '../ptrace/windows.js';
+import type { MapsLine } from './memory.js';
 
 const SIGKILL = 9;
 const SYS_tgkill = 234;
@@ -99,6 +101,42 @@ export function retargetSiginfos(pending: Buffer, now: (oldPid: number) => numbe
     out.writeInt32LE(pid, at + 16);
   }
   return out;
+}
+
+/** The old system PID of the child named by the first pending SIGCHLD
+ * (128-byte siginfos, `pending`) whose child the image's tables do not
+ * map (`now` answers undefined): one reaped before the snapshot, whose
+ * SIGCHLD retargetSiginfos queues again with si_pid 0. At most one such
+ * is pending process-wide, SIGCHLD being a standard signal. */
+export function lateSigchldChild(pending: Buffer[], now: (oldPid: number) => number | undefined): number | undefined {
+  for (const queue of pending) {
+    for (let at = 0; at + 128 <= queue.length; at += 128) {
+      if (queue.readInt32LE(at) !== SIGCHLD || queue.readInt32LE(at + 8) <= 0) continue;
+      const old = queue.readInt32LE(at + 16);
+      if (old > 0 && now(old) === undefined) return old;
+    }
+  }
+  return undefined;
+}
+
+/**
+ * A late SIGCHLD's child named to the restored process's preload library
+ * (stopped process `pid`, mappings `maps`, its image's system PID
+ * `oldSelf`): the child's and the process's old system PIDs, from which
+ * it finds the child's virtual PID in the pairs of reaped children its
+ * memory kept (addon/preload/preload_pid.c, appshot_late_sigchld). A
+ * number in the siginfo instead would be read by any program the process
+ * execs, which pending signals survive.
+ */
+export function restoreLateSigchld(pid: number, maps: MapsLine[], child: number, oldSelf: number): void {
+  const address = lateSigchldOf(pid, maps);
+  // A program without our library (or an older one) never named the
+  // child by these pairs: its SIGCHLD names none, as before.
+  if (address === undefined) return;
+  const ids = Buffer.alloc(16);
+  ids.writeInt32LE(child, 0);
+  ids.writeInt32LE(oldSelf, 4);
+  addon().writeMemory(pid, address, ids);
 }
 
 /** Queues signals again: 128-byte siginfos, for a thread or (tid 0) for the

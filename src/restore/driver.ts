@@ -48,7 +48,7 @@ import { residentBatchOf } from '../ptrace/windows.js';
 import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { forkedByOtherThread, forkingTid, moveEnvironCall, restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
-import { requeueSignals, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
+import { lateSigchldChild, requeueSignals, restoreLateSigchld, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
 import { checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
 import { restoreSysv } from '../resources/sysv.js';
@@ -1030,6 +1030,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // The maps read above serve them: nothing since has mapped or
       // unmapped anything (the main thread's batch has not run).
       for (const note of restoreTidMoves(m.pid, p, m.tids, mapsNow)) notKept.push(`process ${p.vpid}: ${note}`);
+      // A SIGCHLD of a child reaped before the snapshot, queued again
+      // with si_pid 0: named by the library from the pairs it kept.
+      const lateChild = lateSigchldChild([p.sharedPending, ...p.threads.map((t) => t.pending)], (old) => ids.now('pid', old));
+      if (lateChild !== undefined) restoreLateSigchld(m.pid, mapsNow, lateChild, p.pid);
       forgetTimedWaits(m.pid, p, () => mapsNow);
       for (const note of restoreRobustMutexOwners(m.pid, p, m.tids, robustWords)) notKept.push(`process ${p.vpid}: ${note}`);
       restorePiWaitWords(m.pid, p, m.tids);
