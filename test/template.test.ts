@@ -9,7 +9,7 @@
 import { spawnSync } from 'node:child_process';
 import { closeSync, copyFileSync, cpSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, readdirSync, renameSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { elfSymbol, firstLoadVaddr } from '../src/elf.js';
@@ -261,6 +261,10 @@ describe('templates and clones', () => {
     writeSync(fd, 'mark', 512 << 20);
     closeSync(fd);
     truncateSync(sparse, 1 << 30);
+    // And one preallocated (fallocate: unwritten blocks, which SEEK_DATA
+    // takes for a hole): its copies have their blocks too.
+    const allocated = join(c.privateRoot, ROOT, 'data', 'allocated.bin');
+    expect(spawnSync('fallocate', ['-l', '8M', allocated]).status).toBe(0);
     expect(sb.run(['snapshot', c.aid, '-o', join(dir, 'clone2.snap')]).code).toBe(0);
     const t = sb.run(['template', 'create', join(dir, 'clone2.snap'), '-o', join(dir, 'second.template')]);
     expect(t.code, t.stderr).toBe(0);
@@ -289,6 +293,9 @@ describe('templates and clones', () => {
       readSync(f, mark, 0, 8, (512 << 20) - 2);
       closeSync(f);
       expect(mark).toEqual(Buffer.from('\0\0mark\0\0'));
+      const pre = statSync(join(dirname(copy), 'allocated.bin'));
+      expect(pre.size).toBe(8 << 20);
+      expect(pre.blocks * 512).toBeGreaterThanOrEqual(8 << 20);
     }
     expect(readFileSync(join(ROOT, 'data', 'state.txt'), 'utf8')).toBe('template\n');
     for (const x of second) expect(await ask(ownPort(x), 'CHECK')).toBe('OK');

@@ -7,12 +7,14 @@
  * template may have made, written out in full would fill the disk,
  * beyond any quota of the application's user. The data ranges are found
  * with SEEK_DATA/SEEK_HOLE; a file system without them (EINVAL) is
- * copied whole, as one range.
+ * copied whole, as one range. A file without holes (as many blocks as
+ * its size) is allocated whole first, preallocated ranges included.
  */
 #define _GNU_SOURCE
 #include "filecopy.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -63,6 +65,14 @@ static long copy_range(int in, int out, off_t from, off_t to, const char **step)
 long file_copy_data(int in, int out, const char **step) {
   struct stat st;
   if (fstat(in, &st)) return fail(step, "reading a file's size to copy it");
+  // A file whose blocks cover its size has them all (written out, or
+  // preallocated with fallocate: SEEK_DATA takes an unwritten extent for a
+  // hole): its copy gets them too, as a database that preallocated its
+  // file counts on the room being there. Only a file with fewer blocks
+  // than its size has holes to keep.
+  if (st.st_size > 0 && (unsigned long long)st.st_blocks * 512 >= (unsigned long long)st.st_size &&
+      fallocate(out, 0, 0, st.st_size) && errno != EOPNOTSUPP)
+    return fail(step, "allocating a file's copy");
   off_t pos = 0;
   while (pos < st.st_size) {
     off_t data = lseek(in, pos, SEEK_DATA);
