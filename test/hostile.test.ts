@@ -995,18 +995,31 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
       [65534, link(0), /corrupt image: process 2 has a link to the keyring of uid 0, which the process does not run as$/],
       // uid 0 without CAP_SETUID could not take another uid (review 245).
       [0, link(65534), /corrupt image: process 2 has a link to the keyring of uid 65534, which the process does not run as$/],
-      [65534, key({ uid: 1234 }), /corrupt image: process 2 has key 'x' owned by 1234:0, ids the process does not have$/],
-      [65534, key({ perm: 0xffffffff }), /corrupt image: process 2 has key 'x' with permissions ffffffff, which no key has$/],
-      [65534, key({ description: 'd'.repeat(300) }), /corrupt image: process 2 has a key description that is empty, holds a NUL or is too long$/],
+      [65534, key({ uid: 1234, gid: 65534 }), /corrupt image: process 2 has key 'x' owned by 1234:65534, ids the process does not have$/],
+      // Root is no exception (review 245: a nobody process got back a key
+      // of root's): a process without CAP_SYS_ADMIN gives keys only to its
+      // own ids.
+      [65534, key({ uid: 0, gid: 65534 }), /corrupt image: process 2 has key 'x' owned by 0:65534, ids the process does not have$/],
+      [65534, key({ uid: 65534, gid: 0 }), /corrupt image: process 2 has key 'x' owned by 65534:0, ids the process does not have$/],
+      [65534, key({ uid: 65534, gid: 65534, perm: 0xffffffff }), /corrupt image: process 2 has key 'x' with permissions ffffffff, which no key has$/],
+      [65534, key({ uid: 65534, gid: 65534, description: 'd'.repeat(300) }), /corrupt image: process 2 has a key description that is empty, holds a NUL or is too long$/],
     ] as const) {
-      const dir = crafted(`keyring-foreign-${as}-${k.description.slice(0, 12)}-${k.perm}-${k.uid}`, (i) => {
+      const dir = crafted(`keyring-foreign-${as}-${k.description.slice(0, 12)}-${k.perm}-${k.uid}-${k.gid}`, (i) => {
         const p = i.processes[0];
         p.creds = { ...p.creds, ...ids(as) };
         for (const t of p.threads) if (t.creds) t.creds = { ...t.creds, ...ids(as) };
-        p.sessionKeyring = { serial: 5, description: '_ses', uid: 0, gid: 0, perm: 0x3f030000, keys: [k] };
+        p.sessionKeyring = { serial: 5, description: '_ses', uid: as, gid: as, perm: 0x3f030000, keys: [k] };
       });
       refuses(['restore', dir], { code: 1, stderr: line });
     }
+    // The keyring itself, root's in a nobody process.
+    const dir = crafted('keyring-root-owned-ring', (i) => {
+      const p = i.processes[0];
+      p.creds = { ...p.creds, ...ids(65534) };
+      for (const t of p.threads) if (t.creds) t.creds = { ...t.creds, ...ids(65534) };
+      p.sessionKeyring = { serial: 5, description: '_ses', uid: 0, gid: 0, perm: 0x3f030000, keys: [] };
+    });
+    refuses(['restore', dir], { code: 1, stderr: /corrupt image: process 2 has a session keyring owned by 0:0, ids the process does not have$/ });
   });
 
   // A SysV key or a named POSIX queue made under another user's name

@@ -232,15 +232,17 @@ const PERM_BITS = 0x3f3f3f3f;
  * must be to one of the process's own users' (review of servers36: root
  * restoring an image whose nobody process linked `_uid.0` would have
  * handed it root's user keyring, and its keys); an owner, one of the
- * process's ids or root (pam_keyinit makes the keyring as root, before
- * the session becomes the user's); anything a process holding
- * CAP_SETUID (links) or CAP_SYS_ADMIN (owners) could have made itself. */
+ * process's ids, root among the others (review 245: a nobody process got
+ * back a key of root's; pam_keyinit makes the session keyring with the
+ * user's uid as its real one, so the user owns it); anything a process
+ * holding CAP_SETUID (links) or CAP_SYS_ADMIN (owners) could have made
+ * itself. */
 export function keyringFault(ring: SessionKeyring, rights: KeyringRights): string | undefined {
   if (ring.description !== ANONYMOUS) return `a session keyring named ${JSON.stringify(ring.description.slice(0, 40))}`;
   if (ring.keys.length > KEYS_MAX) return `${ring.keys.length} keys in its session keyring (at most ${KEYS_MAX})`;
   const ownerFault = (what: string, uid: number, gid: number, perm: number) => {
     if ((perm & ~PERM_BITS) !== 0) return `${what} with permissions ${(perm >>> 0).toString(16)}, which no key has`;
-    if (!rights.anyOwner && ((uid !== 0 && !rights.uids.has(uid)) || (gid !== 0 && !rights.gids.has(gid)))) return `${what} owned by ${uid}:${gid}, ids the process does not have`;
+    if (!rights.anyOwner && (!rights.uids.has(uid) || !rights.gids.has(gid))) return `${what} owned by ${uid}:${gid}, ids the process does not have`;
     return undefined;
   };
   const ringOwner = ownerFault('a session keyring', ring.uid, ring.gid, ring.perm);
