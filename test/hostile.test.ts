@@ -1022,6 +1022,24 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     refuses(['restore', dir], { code: 1, stderr: /corrupt image: process 2 has a session keyring owned by 0:0, ids the process does not have$/ });
   });
 
+  it('processes that share a session keyring not through their parents are refused (each would get one of its own, review 245)', () => {
+    const dir = crafted('keyring-shared-apart', (i) => {
+      // A second child, a copy of the first: siblings sharing one keyring
+      // (serial 7) that their parent (serial 5) does not have.
+      const [a, b] = i.processes;
+      const c = structuredClone(b);
+      const free = Math.max(...i.processes.flatMap((p) => [p.vpid, ...p.threads.map((t) => t.vtid)])) + 1;
+      c.vpid = free;
+      c.threads.forEach((t, k) => (t.vtid = free + k));
+      i.processes.push(c);
+      const ring = (p: typeof a, serial: number) => (p.sessionKeyring = { serial, description: '_ses', uid: p.creds.uid[0], gid: p.creds.gid[0], perm: 0x3f030000, keys: [] });
+      ring(a, 5);
+      ring(b, 7);
+      ring(c, 7);
+    });
+    refuses(['restore', dir], { code: 1, stderr: /corrupt image: processes 3 and \d+ share a session keyring \(serial 7\) not inherited from a parent they share it with, which a restore cannot make yet$/ });
+  });
+
   // A SysV key or a named POSIX queue made under another user's name
   // squats the name a service of theirs uses (fuzz32: root restored a
   // crafted image's objects with whatever owner it said).

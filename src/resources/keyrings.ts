@@ -266,17 +266,42 @@ export function keyringFault(ring: SessionKeyring, rights: KeyringRights): strin
   return undefined;
 }
 
-/** Why the processes' session keyrings cannot be made again by forks, or
- * undefined: a process without one of its own whose parent (in the image)
- * has one would inherit its parent's at restore. Checked at snapshot, so
- * that such an application is left running rather than ended into an
- * image no restore takes (review 245: a child whose keyring was revoked
- * under a parent with its own), and by validate.ts. */
+/** Why the processes' session keyrings cannot be made again as they were,
+ * or undefined. Checked at snapshot, so that such an application is left
+ * running rather than ended into an image no restore takes (review 245),
+ * and by validate.ts:
+ * - a process's keyring a restore would refuse (keyringFault: an owner
+ *   the process could not have given, say, as a daemon started from
+ *   root's session keyring and then become nobody has);
+ * - a process without one of its own whose parent (in the image) has one
+ *   would inherit its parent's at restore;
+ * - processes sharing one (one serial) not through their parents: each
+ *   would get one of its own (a process that had one joins a new one
+ *   before it forks, and only its descendants inherit it). */
 export function keyringTreeFault(processes: readonly Process[]): string | undefined {
   const byVpid = new Map(processes.map((p) => [p.vpid, p]));
+  /** The process whose new keyring p has at restore (joinsSessionKeyring). */
+  const joiner = (p: Process): Process => {
+    let at = p;
+    // (Bounded: a loop of parents in a crafted image.)
+    for (let steps = 0; steps < processes.length; steps++) {
+      const parent = byVpid.get(at.vppid);
+      if (!parent || joinsSessionKeyring(at, parent)) return at;
+      at = parent;
+    }
+    return at;
+  };
+  const made = new Map<number, Process>();
   for (const p of processes) {
     const parent = byVpid.get(p.vppid);
     if (!p.sessionKeyring && parent?.sessionKeyring) return `process ${p.vpid} has no session keyring of its own while its parent ${parent.vpid} has one, which a restore cannot make yet`;
+    if (!p.sessionKeyring) continue;
+    const fault = keyringFault(p.sessionKeyring, keyringRights(p));
+    if (fault) return `process ${p.vpid} has ${fault}, which a restore would refuse`;
+    const by = joiner(p);
+    const other = made.get(p.sessionKeyring.serial);
+    if (other && other !== by) return `processes ${other.vpid} and ${by.vpid} share a session keyring (serial ${p.sessionKeyring.serial}) not inherited from a parent they share it with, which a restore cannot make yet`;
+    made.set(p.sessionKeyring.serial, by);
   }
   return undefined;
 }
