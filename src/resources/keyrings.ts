@@ -19,8 +19,11 @@
  * one is refused at snapshot: joining it by name at restore would join
  * whichever keyring of that name the restorer may search. So are other
  * key types (a "logon" key cannot be read back, a keyring in it would
- * need a walk), and a process without a session keyring of its own whose
- * parent has one (a forked child would inherit the parent's at restore).
+ * need a walk), a process without a session keyring of its own whose parent
+ * has one (a forked child would inherit the parent's at restore), a
+ * thread whose session keyring is not its main thread's (threads made at
+ * restore inherit the main thread's), and processes that share one but
+ * not through their parents (forks cannot make that sharing again).
  */
 import type { Key, Process, SessionKeyring } from '../image/types.js';
 import type { Answer, CallQueue } from '../ptrace/queries.js';
@@ -56,17 +59,24 @@ export interface KeyringAsked {
   id: Answer;
   describe: Answer;
   list: Answer;
+  /** Each thread's session keyring (its serial), as `id` is the main
+   * thread's. */
+  threadIds: Answer[];
   /** For the keys' questions, asked once these are answered. */
   calls: CallQueue;
 }
 
-export function askSessionKeyring(calls: CallQueue): KeyringAsked {
+/** `tids`: the process's threads (the main thread's answer is `id`). */
+export function askSessionKeyring(calls: CallQueue, tids: readonly number[]): KeyringAsked {
   return {
     // Without creating one: a process with none is answered with its
     // user's default session keyring.
     id: calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0]),
     describe: calls.ask(NR_KEYCTL, [KEYCTL_DESCRIBE, KEY_SPEC_SESSION_KEYRING, 'buf', DESCRIBE_MAX], { outLength: DESCRIBE_MAX }),
     list: calls.ask(NR_KEYCTL, [KEYCTL_READ, KEY_SPEC_SESSION_KEYRING, 'buf', KEYS_MAX * 4], { outLength: KEYS_MAX * 4 }),
+    // A thread's session keyring is its own credentials': one thread can
+    // join another (review 245: only the main thread's was looked at).
+    threadIds: tids.map((tid) => calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0], { tid })),
     calls,
   };
 }
@@ -94,6 +104,12 @@ const failed = (ret: bigint) => errnoName(Number(-ret));
  * its user's default. `who`: the process, as messages name it. */
 export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKeyring | undefined {
   const what = `${who}'s session keyring`;
+  // Threads made at restore inherit the main thread's session keyring
+  // (or its lack of one): a thread that joined another would come back
+  // in the main thread's.
+  const other = asked.threadIds.find((a) => a.ret !== asked.id.ret);
+  const serialText = (ret: bigint) => (ret < 0n ? failed(ret) : `serial ${ret}`);
+  if (other) throw new Unsupported(`a thread of ${who} has a session keyring (${serialText(other.ret)}) other than its main thread's (${serialText(asked.id.ret)}), which cannot be captured yet`);
   // A kernel without keyrings; or a session keyring revoked or expired
   // (pam_keyinit's "revoke" when the session that started a daemon
   // closed): nothing to carry, and a restored process finds its user's
