@@ -19,7 +19,8 @@
  * one is refused at snapshot: joining it by name at restore would join
  * whichever keyring of that name the restorer may search. So are other
  * key types (a "logon" key cannot be read back, a keyring in it would
- * need a walk), a process without a session keyring of its own whose parent
+ * need a walk; a keyring named `_uid.UID` that is not that user's keyring
+ * is one), a process without a session keyring of its own whose parent
  * has one (a forked child would inherit the parent's at restore), a
  * thread whose session keyring is not its main thread's (threads made at
  * restore inherit the main thread's), and processes that share one but
@@ -43,6 +44,10 @@ const KEYCTL_READ = 11;
 const KEY_SPEC_USER_KEYRING = -4;
 const NR_SETREUID = 113;
 const KEY_SPEC_SESSION_KEYRING = -3;
+const NR_GETRESUID = 118;
+const NR_SETRESUID = 117;
+const NR_CAPGET = 125;
+const LINUX_CAPABILITY_VERSION_3 = 0x20080522;
 /** The name the kernel gives an anonymous session keyring. */
 const ANONYMOUS = '_ses';
 /** A key's payload carried at most (the injector's buffer, without batches). */
@@ -62,12 +67,18 @@ export interface KeyringAsked {
   /** Each thread's session keyring (its serial), as `id` is the main
    * thread's. */
   threadIds: Answer[];
+  /** The main thread's real, effective and saved uids (three u32). */
+  resuid: Answer;
+  /** Its capabilities (a v3 header, then two u32 triples). */
+  caps: Answer;
   /** For the keys' questions, asked once these are answered. */
   calls: CallQueue;
 }
 
 /** `tids`: the process's threads (the main thread's answer is `id`). */
 export function askSessionKeyring(calls: CallQueue, tids: readonly number[]): KeyringAsked {
+  const capHeader = Buffer.alloc(8 + 24);
+  capHeader.writeUInt32LE(LINUX_CAPABILITY_VERSION_3, 0);
   return {
     // Without creating one: a process with none is answered with its
     // user's default session keyring.
@@ -77,6 +88,8 @@ export function askSessionKeyring(calls: CallQueue, tids: readonly number[]): Ke
     // A thread's session keyring is its own credentials': one thread can
     // join another (review 245: only the main thread's was looked at).
     threadIds: tids.map((tid) => calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0], { tid })),
+    resuid: calls.ask(NR_GETRESUID, ['buf', { bufAt: 4 }, { bufAt: 8 }], { outLength: 12 }),
+    caps: calls.ask(NR_CAPGET, ['buf', { bufAt: 8 }], { input: capHeader }),
     calls,
   };
 }
@@ -143,7 +156,43 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKey
     if (q.read.ret > BigInt(PAYLOAD_MAX)) throw new Unsupported(`${named} holds ${q.read.ret} bytes, more than appshot carries (${PAYLOAD_MAX})`);
     return { ...key, payload: Buffer.from(q.read.out.subarray(0, Number(q.read.ret))) };
   });
+  checkUserKeyringLinks(asked, serials, keys, what);
   return { serial: Number(asked.id.ret), description: ring.description, uid: ring.uid, gid: ring.gid, perm: ring.perm, keys };
+}
+
+/**
+ * Whether each keyring named `_uid.UID` in the session keyring is that
+ * user's keyring, which the restore links again, or a keyring of that
+ * name the process made itself (`keyctl newring _uid.0 @s`), which would
+ * come back as the user's keyring, its own keys lost (review 245):
+ * refused, as a keyring in it is. Told apart by serial, from inside the
+ * process: KEY_SPEC_USER_KEYRING is the keyring of the calling thread's
+ * real uid. For another uid (sshd's monitor, root, links the keyring of
+ * the user logging in) the main thread takes it as its real uid for the
+ * question and back, only where that cannot fail nor cost it anything:
+ * its effective uid root (kept, so no capability is dropped) with
+ * CAP_SETUID in effect. Else refused by name: it cannot be told.
+ */
+function checkUserKeyringLinks(asked: KeyringAsked, serials: number[], keys: Key[], what: string): void {
+  const links = keys.flatMap((k, i) => (isUserKeyringLink(k) ? [{ uid: Number(k.description.slice('_uid.'.length)), serial: serials[i], name: k.description }] : []));
+  if (!links.length) return;
+  if (asked.resuid.ret < 0n) throw new Unsupported(`${what}: the user keyrings linked in cannot be told from keyrings of their name (getresuid: ${failed(asked.resuid.ret)})`);
+  const [ruid, euid] = [asked.resuid.out.readUInt32LE(0), asked.resuid.out.readUInt32LE(4)];
+  const setuidInEffect = asked.caps.ret === 0n && ((asked.caps.out.readUInt32LE(8) >>> 7) & 1) === 1;
+  const calls = asked.calls;
+  const questions = links.map((l): { uid: number; serial: number; name: string; ring?: Answer; took?: Answer; back?: Answer } => {
+    if (l.uid === ruid) return { ...l, ring: calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING, 0]) };
+    if (euid !== 0 || !setuidInEffect) return { ...l };
+    const took = calls.ask(NR_SETRESUID, [l.uid, -1, -1]);
+    const ring = calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING, 0]);
+    return { ...l, took, ring, back: calls.ask(NR_SETRESUID, [ruid, -1, -1]) };
+  });
+  calls.run();
+  for (const q of questions) {
+    if (q.back && q.back.ret !== 0n) throw new Error(`${what}: taking back real uid ${ruid} after looking up the keyring of uid ${q.uid} failed (${failed(q.back.ret)})`);
+    if (!q.ring || (q.took && q.took.ret !== 0n)) throw new Unsupported(`${what} holds a keyring '${q.name}' that cannot be told from the keyring of uid ${q.uid} (the process neither runs as that uid nor as root with CAP_SETUID), which cannot be captured yet`);
+    if (q.ring.ret !== BigInt(q.serial)) throw new Unsupported(`${what} holds a keyring named '${q.name}' that is not the keyring of uid ${q.uid} (serial ${q.serial}, not ${q.ring.ret}): only keys of type "user" can be captured yet`);
+  }
 }
 
 /** A link to a user's keyring (`_uid.UID`), as pam_keyinit makes in
