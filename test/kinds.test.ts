@@ -1048,7 +1048,7 @@ describe.runIf(process.getuid?.() === 0)("a session keyring of its own, shared w
     ['two children sharing a keyring their parent left', 'siblings', /processes 3 and 4 share a session keyring \(serial \d+\) not inherited from a parent they share it with, which a restore cannot make yet[^\n]*; the application was left running/],
     // Its key came back root's in a nobody process: the image any restore
     // would refuse (an owner the process could not have given).
-    ['a process become nobody holding a key of root\'s', 'dropped', /process 2 has key 'rootkey' owned by 0:0, ids the process does not have, which a restore would refuse[^\n]*; the application was left running/],
+    ['a process become nobody holding a key of root\'s', 'dropped', /process 2 has key 'rootkey' owned by 0:0, ids the process does not have; the application was left running/],
     // It came back as nobody's user keyring, its own gone.
     ['a keyring of its own named as a user\'s keyring', 'fakeuid', /process 2 \(keyringodd\)'s session keyring holds a keyring named '_uid\.65534' that is not the keyring of uid 65534 \(serial \d+, not \d+\)[^\n]*; the application was left running/],
   ] as const) {
@@ -1062,4 +1062,8 @@ describe.runIf(process.getuid?.() === 0)("a session keyring of its own, shared w
       await checksPass(aid);
     });
   }
+
+  it("a worker become nobody in its root parent's keyring comes back in it, root's key and all: the owners are checked against the process that makes the keyring", async () => {
+    await comesBackFromEndingSnapshot('keyow', [fixture('keyringodd'), 'worker'], { exercise: false });
+  });
 });

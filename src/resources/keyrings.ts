@@ -293,7 +293,11 @@ export function keyringRights(p: Process): KeyringRights {
 const PERM_BITS = 0x3f3f3f3f;
 
 /** An image's session keyring as a restore can make it, else why not
- * (validate.ts: an image is untrusted input). A link to a user's keyring
+ * (validate.ts: an image is untrusted input). `rights`: those of the
+ * process that makes it at restore (joinsSessionKeyring); undefined for
+ * one it inherits, whose owners and links are its ancestor's, checked
+ * with that one's rights (a nobody worker of a root master in root's
+ * session keyring). A link to a user's keyring
  * must be to one of the process's own users' (review of servers36: root
  * restoring an image whose nobody process linked `_uid.0` would have
  * handed it root's user keyring, and its keys); an owner, one of the
@@ -302,12 +306,12 @@ const PERM_BITS = 0x3f3f3f3f;
  * user's uid as its real one, so the user owns it); anything a process
  * holding CAP_SETUID (links) or CAP_SYS_ADMIN (owners) could have made
  * itself. */
-export function keyringFault(ring: SessionKeyring, rights: KeyringRights): string | undefined {
+export function keyringFault(ring: SessionKeyring, rights?: KeyringRights): string | undefined {
   if (ring.description !== ANONYMOUS) return `a session keyring named ${JSON.stringify(ring.description.slice(0, 40))}`;
   if (ring.keys.length > KEYS_MAX) return `${ring.keys.length} keys in its session keyring (at most ${KEYS_MAX})`;
   const ownerFault = (what: string, uid: number, gid: number, perm: number) => {
     if ((perm & ~PERM_BITS) !== 0) return `${what} with permissions ${(perm >>> 0).toString(16)}, which no key has`;
-    if (!rights.anyOwner && (!rights.uids.has(uid) || !rights.gids.has(gid))) return `${what} owned by ${uid}:${gid}, ids the process does not have`;
+    if (rights && !rights.anyOwner && (!rights.uids.has(uid) || !rights.gids.has(gid))) return `${what} owned by ${uid}:${gid}, ids the process does not have`;
     return undefined;
   };
   const ringOwner = ownerFault('a session keyring', ring.uid, ring.gid, ring.perm);
@@ -316,7 +320,7 @@ export function keyringFault(ring: SessionKeyring, rights: KeyringRights): strin
     if (isUserKeyringLink(k)) {
       const uid = Number(k.description.slice(5));
       if (k.payload.length || !(uid <= 0xfffffffe)) return 'a link to a user keyring with a payload or no such uid';
-      if (!rights.anyUser && !rights.uids.has(uid)) return `a link to the keyring of uid ${uid}, which the process does not run as`;
+      if (rights && !rights.anyUser && !rights.uids.has(uid)) return `a link to the keyring of uid ${uid}, which the process does not run as`;
       continue;
     }
     const owner = ownerFault(`key '${k.description.slice(0, 40)}'`, k.uid, k.gid, k.perm);
@@ -335,9 +339,10 @@ export function keyringFault(ring: SessionKeyring, rights: KeyringRights): strin
  * or undefined. Checked at snapshot, so that such an application is left
  * running rather than ended into an image no restore takes (review 245),
  * and by validate.ts:
- * - a process's keyring a restore would refuse (keyringFault: an owner
- *   the process could not have given, say, as a daemon started from
- *   root's session keyring and then become nobody has);
+ * - a keyring a restore would refuse to make for the process that makes
+ *   it (keyringFault: an owner that process could not have given, say, as
+ *   a daemon started in root's session keyring and then become nobody
+ *   has);
  * - a process without one of its own whose parent (in the image) has one
  *   would inherit its parent's at restore;
  * - processes sharing one (one serial) not through their parents: each
@@ -361,9 +366,11 @@ export function keyringTreeFault(processes: readonly Process[]): string | undefi
     const parent = byVpid.get(p.vppid);
     if (!p.sessionKeyring && parent?.sessionKeyring) return `process ${p.vpid} has no session keyring of its own while its parent ${parent.vpid} has one, which a restore cannot make yet`;
     if (!p.sessionKeyring) continue;
-    const fault = keyringFault(p.sessionKeyring, keyringRights(p));
-    if (fault) return `process ${p.vpid} has ${fault}, which a restore would refuse`;
     const by = joiner(p);
+    // (validate.ts checked the rest of each one already, as the snapshot
+    // did while reading it.)
+    const fault = by === p ? keyringFault(p.sessionKeyring, keyringRights(p)) : undefined;
+    if (fault) return `process ${p.vpid} has ${fault}`;
     const other = made.get(p.sessionKeyring.serial);
     if (other && other !== by) return `processes ${other.vpid} and ${by.vpid} share a session keyring (serial ${p.sessionKeyring.serial}) not inherited from a parent they share it with, which a restore cannot make yet`;
     made.set(p.sessionKeyring.serial, by);
