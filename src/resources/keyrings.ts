@@ -42,6 +42,7 @@ const KEYCTL_DESCRIBE = 6;
 const KEYCTL_LINK = 8;
 const KEYCTL_READ = 11;
 const KEY_SPEC_USER_KEYRING = -4;
+const KEY_SPEC_USER_SESSION_KEYRING = -5;
 const NR_SETREUID = 113;
 const KEY_SPEC_SESSION_KEYRING = -3;
 const NR_GETRESUID = 118;
@@ -64,9 +65,9 @@ export interface KeyringAsked {
   id: Answer;
   describe: Answer;
   list: Answer;
-  /** Each thread's session keyring (its serial), as `id` is the main
-   * thread's. */
-  threadIds: Answer[];
+  /** Each thread's session keyring and its user's default one (their
+   * serials), the main thread first. */
+  threadRings: { session: Answer; userDefault: Answer }[];
   /** The main thread's real, effective and saved uids (three u32). */
   resuid: Answer;
   /** Its capabilities (a v3 header, then two u32 triples). */
@@ -75,7 +76,7 @@ export interface KeyringAsked {
   calls: CallQueue;
 }
 
-/** `tids`: the process's threads (the main thread's answer is `id`). */
+/** `tids`: the process's threads, the main one first. */
 export function askSessionKeyring(calls: CallQueue, tids: readonly number[]): KeyringAsked {
   const capHeader = Buffer.alloc(8 + 24);
   capHeader.writeUInt32LE(LINUX_CAPABILITY_VERSION_3, 0);
@@ -87,7 +88,12 @@ export function askSessionKeyring(calls: CallQueue, tids: readonly number[]): Ke
     list: calls.ask(NR_KEYCTL, [KEYCTL_READ, KEY_SPEC_SESSION_KEYRING, 'buf', KEYS_MAX * 4], { outLength: KEYS_MAX * 4 }),
     // A thread's session keyring is its own credentials': one thread can
     // join another (review 245: only the main thread's was looked at).
-    threadIds: tids.map((tid) => calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0], { tid })),
+    // One with none of its own is answered with its user's default (of
+    // its real uid: threads of other users have other defaults).
+    threadRings: tids.map((tid) => ({
+      session: calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0], { tid }),
+      userDefault: calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_SESSION_KEYRING, 0], { tid }),
+    })),
     resuid: calls.ask(NR_GETRESUID, ['buf', { bufAt: 4 }, { bufAt: 8 }], { outLength: 12 }),
     caps: calls.ask(NR_CAPGET, ['buf', { bufAt: 8 }], { input: capHeader }),
     calls,
@@ -120,9 +126,11 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKey
   // Threads made at restore inherit the main thread's session keyring
   // (or its lack of one): a thread that joined another would come back
   // in the main thread's.
-  const other = asked.threadIds.find((a) => a.ret !== asked.id.ret);
-  const serialText = (ret: bigint) => (ret < 0n ? failed(ret) : `serial ${ret}`);
-  if (other) throw new Unsupported(`a thread of ${who} has a session keyring (${serialText(other.ret)}) other than its main thread's (${serialText(asked.id.ret)}), which cannot be captured yet`);
+  const own = (t: { session: Answer; userDefault: Answer }) => (t.session.ret >= 0n && t.session.ret === t.userDefault.ret ? undefined : t.session.ret);
+  const ownText = (ret: bigint | undefined) => (ret === undefined ? 'none of its own' : ret < 0n ? failed(ret) : `serial ${ret}`);
+  const rings = asked.threadRings.map(own);
+  const apart = rings.findIndex((r) => r !== rings[0]);
+  if (apart > 0) throw new Unsupported(`a thread of ${who} has a session keyring (${ownText(rings[apart])}) other than its main thread's (${ownText(rings[0])}), which cannot be captured yet`);
   // A kernel without keyrings; or a session keyring revoked or expired
   // (pam_keyinit's "revoke" when the session that started a daemon
   // closed): nothing to carry, and a restored process finds its user's
