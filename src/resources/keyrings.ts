@@ -58,6 +58,7 @@ export const KEYS_MAX = 60;
 const DESCRIBE_MAX = 256;
 const ENOSYS = 38n;
 const EPERM = 1n;
+const EDQUOT = 122n;
 const EKEYEXPIRED = 127n;
 const EKEYREVOKED = 128n;
 
@@ -221,16 +222,25 @@ export function joinsSessionKeyring(p: Process, parent: Process | undefined): bo
 }
 
 /** A new anonymous session keyring for the process (no memory needed:
- * its children forked after share it). `needed`: the image records one;
- * otherwise a kernel without keyrings (ENOSYS) or a filter that refuses
- * keyctl (EPERM) leaves the process none to leak, and is no failure. */
-export function joinNewSessionKeyring(r: RemoteProcess, needed: boolean): void {
+ * its children forked after share it). `needed`: the image records one
+ * (its owner set by fillSessionKeyring); otherwise a kernel without
+ * keyrings (ENOSYS) or a filter that refuses keyctl (EPERM) leaves the
+ * process none to leak, and is no failure, and the new one is given to
+ * the process's real ids (`creds`), as the kernel gives one the process
+ * joins itself: made by the seed, it was the restorer's, root's in a
+ * nobody process, which its next snapshot refuses (an owner it could not
+ * have given). A restorer that may not give it away, or a user whose key
+ * quota is full, leaves it the restorer's, as before. */
+export function joinNewSessionKeyring(r: RemoteProcess, needed: boolean, creds: { uid: number[]; gid: number[] }): void {
   if (needed) {
     r.call('joining a new session keyring', NR_KEYCTL, [KEYCTL_JOIN_SESSION_KEYRING, 0]);
     return;
   }
   const ret = r.raw(NR_KEYCTL, [KEYCTL_JOIN_SESSION_KEYRING, 0]);
   if (ret < 0n && ret > -4096n && ret !== -ENOSYS && ret !== -EPERM) throw new Error(`joining a new session keyring: ${failed(ret)}`);
+  if (ret < 0n) return;
+  const given = r.raw(NR_KEYCTL, [KEYCTL_CHOWN, KEY_SPEC_SESSION_KEYRING, creds.uid[0], creds.gid[0]]);
+  if (given < 0n && given !== -EPERM && given !== -EDQUOT) throw new Error(`giving the new session keyring to ${creds.uid[0]}:${creds.gid[0]}: ${failed(given)}`);
 }
 
 /**
