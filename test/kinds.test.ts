@@ -1063,7 +1063,7 @@ describe.runIf(process.getuid?.() === 0)("a session keyring of its own, shared w
     });
   }
 
-  it("a worker become nobody in its root parent's keyring comes back in it, root's key and all: the owners are checked against the process that makes the keyring", async () => {
+  it("a worker become nobody in its root parent's keyring comes back in it, root's key and user keyring link and all: owners and links are checked against the process that makes the keyring", async () => {
     await comesBackFromEndingSnapshot('keyow', [fixture('keyringodd'), 'worker'], { exercise: false });
   });
 });

@@ -165,9 +165,18 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKey
     if (q.read.ret > BigInt(PAYLOAD_MAX)) throw new Unsupported(`${named} holds ${q.read.ret} bytes, more than appshot carries (${PAYLOAD_MAX})`);
     return { ...key, payload: Buffer.from(q.read.out.subarray(0, Number(q.read.ret))) };
   });
-  checkUserKeyringLinks(asked, serials, keys, what);
-  return { serial: Number(asked.id.ret), description: ring.description, uid: ring.uid, gid: ring.gid, perm: ring.perm, keys };
+  const untold = checkUserKeyringLinks(asked, serials, keys, what);
+  const recorded = { serial: Number(asked.id.ret), description: ring.description, uid: ring.uid, gid: ring.gid, perm: ring.perm, keys };
+  if (untold) untoldLinks.set(recorded, untold);
+  return recorded;
 }
+
+/** Keyrings of this snapshot holding a `_uid.UID` keyring the process that
+ * read them could not tell from that user's keyring, and why: refused by
+ * keyringTreeFault only where the process makes it at restore. One that
+ * inherits it (a nobody worker in its root master's keyring, which links
+ * root's user keyring) has it made by its ancestor, which tells. */
+const untoldLinks = new WeakMap<SessionKeyring, string>();
 
 /**
  * Whether each keyring named `_uid.UID` in the session keyring is that
@@ -180,12 +189,13 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKey
  * the user logging in) the main thread takes it as its real uid for the
  * question and back, only where that cannot fail nor cost it anything:
  * its effective uid root (kept, so no capability is dropped) with
- * CAP_SETUID in effect. Else refused by name: it cannot be told.
+ * CAP_SETUID in effect. Else it cannot be told: why, returned (refused
+ * by name where this process makes the keyring at restore).
  */
-function checkUserKeyringLinks(asked: KeyringAsked, serials: number[], keys: Key[], what: string): void {
+function checkUserKeyringLinks(asked: KeyringAsked, serials: number[], keys: Key[], what: string): string | undefined {
   const links = keys.flatMap((k, i) => (isUserKeyringLink(k) ? [{ uid: Number(k.description.slice('_uid.'.length)), serial: serials[i], name: k.description }] : []));
-  if (!links.length) return;
-  if (asked.resuid.ret < 0n) throw new Unsupported(`${what}: the user keyrings linked in cannot be told from keyrings of their name (getresuid: ${failed(asked.resuid.ret)})`);
+  if (!links.length) return undefined;
+  if (asked.resuid.ret < 0n) return `${what}: the user keyrings linked in cannot be told from keyrings of their name (getresuid: ${failed(asked.resuid.ret)})`;
   const [ruid, euid] = [asked.resuid.out.readUInt32LE(0), asked.resuid.out.readUInt32LE(4)];
   const setuidInEffect = asked.caps.ret === 0n && ((asked.caps.out.readUInt32LE(8) >>> 7) & 1) === 1;
   const calls = asked.calls;
@@ -197,11 +207,16 @@ function checkUserKeyringLinks(asked: KeyringAsked, serials: number[], keys: Key
     return { ...l, took, ring, back: calls.ask(NR_SETRESUID, [ruid, -1, -1]) };
   });
   calls.run();
+  let untold: string | undefined;
   for (const q of questions) {
     if (q.back && q.back.ret !== 0n) throw new Error(`${what}: taking back real uid ${ruid} after looking up the keyring of uid ${q.uid} failed (${failed(q.back.ret)})`);
-    if (!q.ring || (q.took && q.took.ret !== 0n)) throw new Unsupported(`${what} holds a keyring '${q.name}' that cannot be told from the keyring of uid ${q.uid} (the process neither runs as that uid nor as root with CAP_SETUID), which cannot be captured yet`);
+    if (!q.ring || (q.took && q.took.ret !== 0n)) {
+      untold ??= `${what} holds a keyring '${q.name}' that cannot be told from the keyring of uid ${q.uid} (the process neither runs as that uid nor as root with CAP_SETUID), which cannot be captured yet`;
+      continue;
+    }
     if (q.ring.ret !== BigInt(q.serial)) throw new Unsupported(`${what} holds a keyring named '${q.name}' that is not the keyring of uid ${q.uid} (serial ${q.serial}, not ${q.ring.ret}): only keys of type "user" can be captured yet`);
   }
+  return untold;
 }
 
 /** A link to a user's keyring (`_uid.UID`), as pam_keyinit makes in
@@ -360,7 +375,8 @@ export function keyringFault(ring: SessionKeyring, rights?: KeyringRights): stri
  * - a keyring a restore would refuse to make for the process that makes
  *   it (keyringFault: an owner that process could not have given, say, as
  *   a daemon started in root's session keyring and then become nobody
- *   has);
+ *   has), or one holding a `_uid.UID` keyring that process could not tell
+ *   from the user's (at snapshot only: what the snapshot learnt);
  * - a process without one of its own whose parent (in the image) has one
  *   would inherit its parent's at restore;
  * - processes sharing one (one serial) not through their parents: each
@@ -389,6 +405,8 @@ export function keyringTreeFault(processes: readonly Process[]): string | undefi
     // did while reading it.)
     const fault = by === p ? keyringFault(p.sessionKeyring, keyringRights(p)) : undefined;
     if (fault) return `process ${p.vpid} has ${fault}`;
+    const untold = by === p ? untoldLinks.get(p.sessionKeyring) : undefined;
+    if (untold) return untold;
     const other = made.get(p.sessionKeyring.serial);
     if (other && other !== by) return `processes ${other.vpid} and ${by.vpid} share a session keyring (serial ${p.sessionKeyring.serial}) not inherited from a parent they share it with, which a restore cannot make yet`;
     made.set(p.sessionKeyring.serial, by);
