@@ -995,7 +995,11 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     ['a key payload above the bound', { serial: 5, description: '_ses', uid: 0, gid: 0, perm: 0x3f030000, keys: [{ type: 'user', description: 'x', uid: 0, gid: 0, perm: 0x3f010000, payload: Buffer.alloc(4096) }] }, /corrupt image: process 2 has a key of 4096 bytes \(1 to 480\)$/],
   ])('%s is refused in one line', (_what, ring, line) => {
     const dir = crafted(`keyring-${ring.description}-${ring.keys[0]?.type ?? ''}-${ring.keys[0]?.payload.length ?? 0}`, (i) => {
-      i.processes[0].sessionKeyring = ring;
+      // Owned by the process itself (whoever runs the tests), so that only
+      // the fault named is one.
+      const p = i.processes[0];
+      const own = { uid: p.creds.uid[0], gid: p.creds.gid[0] };
+      p.sessionKeyring = { ...ring, ...own, keys: ring.keys.map((k) => ({ ...k, ...own })) };
     });
     refuses(['restore', dir], { code: 1, stderr: line });
   });
@@ -1009,18 +1013,49 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
       [65534, link(0), /corrupt image: process 2 has a link to the keyring of uid 0, which the process does not run as$/],
       // uid 0 without CAP_SETUID could not take another uid (review 245).
       [0, link(65534), /corrupt image: process 2 has a link to the keyring of uid 65534, which the process does not run as$/],
-      [65534, key({ uid: 1234 }), /corrupt image: process 2 has key 'x' owned by 1234:0, ids the process does not have$/],
-      [65534, key({ perm: 0xffffffff }), /corrupt image: process 2 has key 'x' with permissions ffffffff, which no key has$/],
-      [65534, key({ description: 'd'.repeat(300) }), /corrupt image: process 2 has a key description that is empty, holds a NUL or is too long$/],
+      [65534, key({ uid: 1234, gid: 65534 }), /corrupt image: process 2 has key 'x' owned by 1234:65534, ids the process does not have$/],
+      // Root is no exception (review 245: a nobody process got back a key
+      // of root's): a process without CAP_SYS_ADMIN gives keys only to its
+      // own ids.
+      [65534, key({ uid: 0, gid: 65534 }), /corrupt image: process 2 has key 'x' owned by 0:65534, ids the process does not have$/],
+      [65534, key({ uid: 65534, gid: 0 }), /corrupt image: process 2 has key 'x' owned by 65534:0, ids the process does not have$/],
+      [65534, key({ uid: 65534, gid: 65534, perm: 0xffffffff }), /corrupt image: process 2 has key 'x' with permissions ffffffff, which no key has$/],
+      [65534, key({ uid: 65534, gid: 65534, description: 'd'.repeat(300) }), /corrupt image: process 2 has a key description that is empty, holds a NUL or is too long$/],
     ] as const) {
-      const dir = crafted(`keyring-foreign-${as}-${k.description.slice(0, 12)}-${k.perm}-${k.uid}`, (i) => {
+      const dir = crafted(`keyring-foreign-${as}-${k.description.slice(0, 12)}-${k.perm}-${k.uid}-${k.gid}`, (i) => {
         const p = i.processes[0];
         p.creds = { ...p.creds, ...ids(as) };
         for (const t of p.threads) if (t.creds) t.creds = { ...t.creds, ...ids(as) };
-        p.sessionKeyring = { serial: 5, description: '_ses', uid: 0, gid: 0, perm: 0x3f030000, keys: [k] };
+        p.sessionKeyring = { serial: 5, description: '_ses', uid: as, gid: as, perm: 0x3f030000, keys: [k] };
       });
       refuses(['restore', dir], { code: 1, stderr: line });
     }
+    // The keyring itself, root's in a nobody process.
+    const dir = crafted('keyring-root-owned-ring', (i) => {
+      const p = i.processes[0];
+      p.creds = { ...p.creds, ...ids(65534) };
+      for (const t of p.threads) if (t.creds) t.creds = { ...t.creds, ...ids(65534) };
+      p.sessionKeyring = { serial: 5, description: '_ses', uid: 0, gid: 0, perm: 0x3f030000, keys: [] };
+    });
+    refuses(['restore', dir], { code: 1, stderr: /corrupt image: process 2 has a session keyring owned by 0:0, ids the process does not have$/ });
+  });
+
+  it('processes that share a session keyring not through their parents are refused (each would get one of its own, review 245)', () => {
+    const dir = crafted('keyring-shared-apart', (i) => {
+      // A second child, a copy of the first: siblings sharing one keyring
+      // (serial 7) that their parent (serial 5) does not have.
+      const [a, b] = i.processes;
+      const c = structuredClone(b);
+      const free = Math.max(...i.processes.flatMap((p) => [p.vpid, ...p.threads.map((t) => t.vtid)])) + 1;
+      c.vpid = free;
+      c.threads.forEach((t, k) => (t.vtid = free + k));
+      i.processes.push(c);
+      const ring = (p: typeof a, serial: number) => (p.sessionKeyring = { serial, description: '_ses', uid: p.creds.uid[0], gid: p.creds.gid[0], perm: 0x3f030000, keys: [] });
+      ring(a, 5);
+      ring(b, 7);
+      ring(c, 7);
+    });
+    refuses(['restore', dir], { code: 1, stderr: /corrupt image: processes 3 and \d+ share a session keyring \(serial 7\) not inherited from a parent they share it with, which a restore cannot make yet$/ });
   });
 
   // A SysV key or a named POSIX queue made under another user's name

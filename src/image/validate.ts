@@ -27,7 +27,7 @@ import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
 import { netlinkProblem } from '../resources/netlink.js';
 import { socketFileRecordFault } from '../resources/socketfile.js';
-import { keyringFault, keyringRights, keyringTreeFault } from '../resources/keyrings.js';
+import { keyringFault, keyringTreeFault } from '../resources/keyrings.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 import { unsettable } from '../template/rules.js';
@@ -282,7 +282,9 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
     corrupt(`${who} has ${timers.length} POSIX timers or a timer id above ${LIMITS.posixTimers}`);
   if (new Set(timers.map((t) => t.id)).size !== timers.length) corrupt(`${who} has a POSIX timer id twice`);
   for (const t of timers) if (!(t.signal >= 0 && t.signal <= 64)) corrupt(`${who}'s timer ${t.id} sends signal ${t.signal}`);
-  const ringFault = p.sessionKeyring && keyringFault(p.sessionKeyring, keyringRights(p));
+  // Its owners and links against the rights of the process that makes it
+  // at restore: keyringTreeFault, below.
+  const ringFault = p.sessionKeyring && keyringFault(p.sessionKeyring);
   if (ringFault) corrupt(`${who} has ${ringFault}`);
   if ((p.zombies?.length ?? 0) > LIMITS.processes) corrupt(`${who} has ${p.zombies!.length} zombies (at most ${LIMITS.processes})`);
 

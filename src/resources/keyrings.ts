@@ -19,8 +19,12 @@
  * one is refused at snapshot: joining it by name at restore would join
  * whichever keyring of that name the restorer may search. So are other
  * key types (a "logon" key cannot be read back, a keyring in it would
- * need a walk), and a process without a session keyring of its own whose
- * parent has one (a forked child would inherit the parent's at restore).
+ * need a walk; a keyring named `_uid.UID` that is not that user's keyring
+ * is one), a process without a session keyring of its own whose parent
+ * has one (a forked child would inherit the parent's at restore), a
+ * thread whose session keyring is not its main thread's (threads made at
+ * restore inherit the main thread's), and processes that share one but
+ * not through their parents (forks cannot make that sharing again).
  */
 import type { Key, Process, SessionKeyring } from '../image/types.js';
 import type { Answer, CallQueue } from '../ptrace/queries.js';
@@ -38,8 +42,13 @@ const KEYCTL_DESCRIBE = 6;
 const KEYCTL_LINK = 8;
 const KEYCTL_READ = 11;
 const KEY_SPEC_USER_KEYRING = -4;
+const KEY_SPEC_USER_SESSION_KEYRING = -5;
 const NR_SETREUID = 113;
 const KEY_SPEC_SESSION_KEYRING = -3;
+const NR_GETRESUID = 118;
+const NR_SETRESUID = 117;
+const NR_CAPGET = 125;
+const LINUX_CAPABILITY_VERSION_3 = 0x20080522;
 /** The name the kernel gives an anonymous session keyring. */
 const ANONYMOUS = '_ses';
 /** A key's payload carried at most (the injector's buffer, without batches). */
@@ -49,6 +58,7 @@ export const KEYS_MAX = 60;
 const DESCRIBE_MAX = 256;
 const ENOSYS = 38n;
 const EPERM = 1n;
+const EDQUOT = 122n;
 const EKEYEXPIRED = 127n;
 const EKEYREVOKED = 128n;
 
@@ -56,17 +66,37 @@ export interface KeyringAsked {
   id: Answer;
   describe: Answer;
   list: Answer;
+  /** Each thread's session keyring and its user's default one (their
+   * serials), the main thread first. */
+  threadRings: { session: Answer; userDefault: Answer }[];
+  /** The main thread's real, effective and saved uids (three u32). */
+  resuid: Answer;
+  /** Its capabilities (a v3 header, then two u32 triples). */
+  caps: Answer;
   /** For the keys' questions, asked once these are answered. */
   calls: CallQueue;
 }
 
-export function askSessionKeyring(calls: CallQueue): KeyringAsked {
+/** `tids`: the process's threads, the main one first. */
+export function askSessionKeyring(calls: CallQueue, tids: readonly number[]): KeyringAsked {
+  const capHeader = Buffer.alloc(8 + 24);
+  capHeader.writeUInt32LE(LINUX_CAPABILITY_VERSION_3, 0);
   return {
     // Without creating one: a process with none is answered with its
     // user's default session keyring.
     id: calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0]),
     describe: calls.ask(NR_KEYCTL, [KEYCTL_DESCRIBE, KEY_SPEC_SESSION_KEYRING, 'buf', DESCRIBE_MAX], { outLength: DESCRIBE_MAX }),
     list: calls.ask(NR_KEYCTL, [KEYCTL_READ, KEY_SPEC_SESSION_KEYRING, 'buf', KEYS_MAX * 4], { outLength: KEYS_MAX * 4 }),
+    // A thread's session keyring is its own credentials': one thread can
+    // join another (review 245: only the main thread's was looked at).
+    // One with none of its own is answered with its user's default (of
+    // its real uid: threads of other users have other defaults).
+    threadRings: tids.map((tid) => ({
+      session: calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0], { tid }),
+      userDefault: calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_SESSION_KEYRING, 0], { tid }),
+    })),
+    resuid: calls.ask(NR_GETRESUID, ['buf', { bufAt: 4 }, { bufAt: 8 }], { outLength: 12 }),
+    caps: calls.ask(NR_CAPGET, ['buf', { bufAt: 8 }], { input: capHeader }),
     calls,
   };
 }
@@ -94,6 +124,14 @@ const failed = (ret: bigint) => errnoName(Number(-ret));
  * its user's default. `who`: the process, as messages name it. */
 export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKeyring | undefined {
   const what = `${who}'s session keyring`;
+  // Threads made at restore inherit the main thread's session keyring
+  // (or its lack of one): a thread that joined another would come back
+  // in the main thread's.
+  const own = (t: { session: Answer; userDefault: Answer }) => (t.session.ret >= 0n && t.session.ret === t.userDefault.ret ? undefined : t.session.ret);
+  const ownText = (ret: bigint | undefined) => (ret === undefined ? 'none of its own' : ret < 0n ? failed(ret) : `serial ${ret}`);
+  const rings = asked.threadRings.map(own);
+  const apart = rings.findIndex((r) => r !== rings[0]);
+  if (apart > 0) throw new Unsupported(`a thread of ${who} has a session keyring (${ownText(rings[apart])}) other than its main thread's (${ownText(rings[0])}), which cannot be captured yet`);
   // A kernel without keyrings; or a session keyring revoked or expired
   // (pam_keyinit's "revoke" when the session that started a daemon
   // closed): nothing to carry, and a restored process finds its user's
@@ -127,7 +165,58 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKey
     if (q.read.ret > BigInt(PAYLOAD_MAX)) throw new Unsupported(`${named} holds ${q.read.ret} bytes, more than appshot carries (${PAYLOAD_MAX})`);
     return { ...key, payload: Buffer.from(q.read.out.subarray(0, Number(q.read.ret))) };
   });
-  return { serial: Number(asked.id.ret), description: ring.description, uid: ring.uid, gid: ring.gid, perm: ring.perm, keys };
+  const untold = checkUserKeyringLinks(asked, serials, keys, what);
+  const recorded = { serial: Number(asked.id.ret), description: ring.description, uid: ring.uid, gid: ring.gid, perm: ring.perm, keys };
+  if (untold) untoldLinks.set(recorded, untold);
+  return recorded;
+}
+
+/** Keyrings of this snapshot holding a `_uid.UID` keyring the process that
+ * read them could not tell from that user's keyring, and why: refused by
+ * keyringTreeFault only where the process makes it at restore. One that
+ * inherits it (a nobody worker in its root master's keyring, which links
+ * root's user keyring) has it made by its ancestor, which tells. */
+const untoldLinks = new WeakMap<SessionKeyring, string>();
+
+/**
+ * Whether each keyring named `_uid.UID` in the session keyring is that
+ * user's keyring, which the restore links again, or a keyring of that
+ * name the process made itself (`keyctl newring _uid.0 @s`), which would
+ * come back as the user's keyring, its own keys lost (review 245):
+ * refused, as a keyring in it is. Told apart by serial, from inside the
+ * process: KEY_SPEC_USER_KEYRING is the keyring of the calling thread's
+ * real uid. For another uid (sshd's monitor, root, links the keyring of
+ * the user logging in) the main thread takes it as its real uid for the
+ * question and back, only where that cannot fail nor cost it anything:
+ * its effective uid root (kept, so no capability is dropped) with
+ * CAP_SETUID in effect. Else it cannot be told: why, returned (refused
+ * by name where this process makes the keyring at restore).
+ */
+function checkUserKeyringLinks(asked: KeyringAsked, serials: number[], keys: Key[], what: string): string | undefined {
+  const links = keys.flatMap((k, i) => (isUserKeyringLink(k) ? [{ uid: Number(k.description.slice('_uid.'.length)), serial: serials[i], name: k.description }] : []));
+  if (!links.length) return undefined;
+  if (asked.resuid.ret < 0n) return `${what}: the user keyrings linked in cannot be told from keyrings of their name (getresuid: ${failed(asked.resuid.ret)})`;
+  const [ruid, euid] = [asked.resuid.out.readUInt32LE(0), asked.resuid.out.readUInt32LE(4)];
+  const setuidInEffect = asked.caps.ret === 0n && ((asked.caps.out.readUInt32LE(8) >>> 7) & 1) === 1;
+  const calls = asked.calls;
+  const questions = links.map((l): { uid: number; serial: number; name: string; ring?: Answer; took?: Answer; back?: Answer } => {
+    if (l.uid === ruid) return { ...l, ring: calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING, 0]) };
+    if (euid !== 0 || !setuidInEffect) return { ...l };
+    const took = calls.ask(NR_SETRESUID, [l.uid, -1, -1]);
+    const ring = calls.ask(NR_KEYCTL, [KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING, 0]);
+    return { ...l, took, ring, back: calls.ask(NR_SETRESUID, [ruid, -1, -1]) };
+  });
+  calls.run();
+  let untold: string | undefined;
+  for (const q of questions) {
+    if (q.back && q.back.ret !== 0n) throw new Error(`${what}: taking back real uid ${ruid} after looking up the keyring of uid ${q.uid} failed (${failed(q.back.ret)})`);
+    if (!q.ring || (q.took && q.took.ret !== 0n)) {
+      untold ??= `${what} holds a keyring '${q.name}' that cannot be told from the keyring of uid ${q.uid} (the process neither runs as that uid nor as root with CAP_SETUID), which cannot be captured yet`;
+      continue;
+    }
+    if (q.ring.ret !== BigInt(q.serial)) throw new Unsupported(`${what} holds a keyring named '${q.name}' that is not the keyring of uid ${q.uid} (serial ${q.serial}, not ${q.ring.ret}): only keys of type "user" can be captured yet`);
+  }
+  return untold;
 }
 
 /** A link to a user's keyring (`_uid.UID`), as pam_keyinit makes in
@@ -148,16 +237,25 @@ export function joinsSessionKeyring(p: Process, parent: Process | undefined): bo
 }
 
 /** A new anonymous session keyring for the process (no memory needed:
- * its children forked after share it). `needed`: the image records one;
- * otherwise a kernel without keyrings (ENOSYS) or a filter that refuses
- * keyctl (EPERM) leaves the process none to leak, and is no failure. */
-export function joinNewSessionKeyring(r: RemoteProcess, needed: boolean): void {
+ * its children forked after share it). `needed`: the image records one
+ * (its owner set by fillSessionKeyring); otherwise a kernel without
+ * keyrings (ENOSYS) or a filter that refuses keyctl (EPERM) leaves the
+ * process none to leak, and is no failure, and the new one is given to
+ * the process's real ids (`creds`), as the kernel gives one the process
+ * joins itself: made by the seed, it was the restorer's, root's in a
+ * nobody process, which its next snapshot refuses (an owner it could not
+ * have given). A restorer that may not give it away, or a user whose key
+ * quota is full, leaves it the restorer's, as before. */
+export function joinNewSessionKeyring(r: RemoteProcess, needed: boolean, creds: { uid: number[]; gid: number[] }): void {
   if (needed) {
     r.call('joining a new session keyring', NR_KEYCTL, [KEYCTL_JOIN_SESSION_KEYRING, 0]);
     return;
   }
   const ret = r.raw(NR_KEYCTL, [KEYCTL_JOIN_SESSION_KEYRING, 0]);
   if (ret < 0n && ret > -4096n && ret !== -ENOSYS && ret !== -EPERM) throw new Error(`joining a new session keyring: ${failed(ret)}`);
+  if (ret < 0n) return;
+  const given = r.raw(NR_KEYCTL, [KEYCTL_CHOWN, KEY_SPEC_SESSION_KEYRING, creds.uid[0], creds.gid[0]]);
+  if (given < 0n && given !== -EPERM && given !== -EDQUOT) throw new Error(`giving the new session keyring to ${creds.uid[0]}:${creds.gid[0]}: ${failed(given)}`);
 }
 
 /**
@@ -228,19 +326,25 @@ export function keyringRights(p: Process): KeyringRights {
 const PERM_BITS = 0x3f3f3f3f;
 
 /** An image's session keyring as a restore can make it, else why not
- * (validate.ts: an image is untrusted input). A link to a user's keyring
+ * (validate.ts: an image is untrusted input). `rights`: those of the
+ * process that makes it at restore (joinsSessionKeyring); undefined for
+ * one it inherits, whose owners and links are its ancestor's, checked
+ * with that one's rights (a nobody worker of a root master in root's
+ * session keyring). A link to a user's keyring
  * must be to one of the process's own users' (review of servers36: root
  * restoring an image whose nobody process linked `_uid.0` would have
  * handed it root's user keyring, and its keys); an owner, one of the
- * process's ids or root (pam_keyinit makes the keyring as root, before
- * the session becomes the user's); anything a process holding
- * CAP_SETUID (links) or CAP_SYS_ADMIN (owners) could have made itself. */
-export function keyringFault(ring: SessionKeyring, rights: KeyringRights): string | undefined {
+ * process's ids, root among the others (review 245: a nobody process got
+ * back a key of root's; pam_keyinit makes the session keyring with the
+ * user's uid as its real one, so the user owns it); anything a process
+ * holding CAP_SETUID (links) or CAP_SYS_ADMIN (owners) could have made
+ * itself. */
+export function keyringFault(ring: SessionKeyring, rights?: KeyringRights): string | undefined {
   if (ring.description !== ANONYMOUS) return `a session keyring named ${JSON.stringify(ring.description.slice(0, 40))}`;
   if (ring.keys.length > KEYS_MAX) return `${ring.keys.length} keys in its session keyring (at most ${KEYS_MAX})`;
   const ownerFault = (what: string, uid: number, gid: number, perm: number) => {
     if ((perm & ~PERM_BITS) !== 0) return `${what} with permissions ${(perm >>> 0).toString(16)}, which no key has`;
-    if (!rights.anyOwner && ((uid !== 0 && !rights.uids.has(uid)) || (gid !== 0 && !rights.gids.has(gid)))) return `${what} owned by ${uid}:${gid}, ids the process does not have`;
+    if (rights && !rights.anyOwner && (!rights.uids.has(uid) || !rights.gids.has(gid))) return `${what} owned by ${uid}:${gid}, ids the process does not have`;
     return undefined;
   };
   const ringOwner = ownerFault('a session keyring', ring.uid, ring.gid, ring.perm);
@@ -249,7 +353,7 @@ export function keyringFault(ring: SessionKeyring, rights: KeyringRights): strin
     if (isUserKeyringLink(k)) {
       const uid = Number(k.description.slice(5));
       if (k.payload.length || !(uid <= 0xfffffffe)) return 'a link to a user keyring with a payload or no such uid';
-      if (!rights.anyUser && !rights.uids.has(uid)) return `a link to the keyring of uid ${uid}, which the process does not run as`;
+      if (rights && !rights.anyUser && !rights.uids.has(uid)) return `a link to the keyring of uid ${uid}, which the process does not run as`;
       continue;
     }
     const owner = ownerFault(`key '${k.description.slice(0, 40)}'`, k.uid, k.gid, k.perm);
@@ -264,17 +368,48 @@ export function keyringFault(ring: SessionKeyring, rights: KeyringRights): strin
   return undefined;
 }
 
-/** Why the processes' session keyrings cannot be made again by forks, or
- * undefined: a process without one of its own whose parent (in the image)
- * has one would inherit its parent's at restore. Checked at snapshot, so
- * that such an application is left running rather than ended into an
- * image no restore takes (review 245: a child whose keyring was revoked
- * under a parent with its own), and by validate.ts. */
+/** Why the processes' session keyrings cannot be made again as they were,
+ * or undefined. Checked at snapshot, so that such an application is left
+ * running rather than ended into an image no restore takes (review 245),
+ * and by validate.ts:
+ * - a keyring a restore would refuse to make for the process that makes
+ *   it (keyringFault: an owner that process could not have given, say, as
+ *   a daemon started in root's session keyring and then become nobody
+ *   has), or one holding a `_uid.UID` keyring that process could not tell
+ *   from the user's (at snapshot only: what the snapshot learnt);
+ * - a process without one of its own whose parent (in the image) has one
+ *   would inherit its parent's at restore;
+ * - processes sharing one (one serial) not through their parents: each
+ *   would get one of its own (a process that had one joins a new one
+ *   before it forks, and only its descendants inherit it). */
 export function keyringTreeFault(processes: readonly Process[]): string | undefined {
   const byVpid = new Map(processes.map((p) => [p.vpid, p]));
+  /** The process whose new keyring p has at restore (joinsSessionKeyring). */
+  const joiner = (p: Process): Process => {
+    let at = p;
+    // (Bounded: a loop of parents in a crafted image.)
+    for (let steps = 0; steps < processes.length; steps++) {
+      const parent = byVpid.get(at.vppid);
+      if (!parent || joinsSessionKeyring(at, parent)) return at;
+      at = parent;
+    }
+    return at;
+  };
+  const made = new Map<number, Process>();
   for (const p of processes) {
     const parent = byVpid.get(p.vppid);
     if (!p.sessionKeyring && parent?.sessionKeyring) return `process ${p.vpid} has no session keyring of its own while its parent ${parent.vpid} has one, which a restore cannot make yet`;
+    if (!p.sessionKeyring) continue;
+    const by = joiner(p);
+    // (validate.ts checked the rest of each one already, as the snapshot
+    // did while reading it.)
+    const fault = by === p ? keyringFault(p.sessionKeyring, keyringRights(p)) : undefined;
+    if (fault) return `process ${p.vpid} has ${fault}`;
+    const untold = by === p ? untoldLinks.get(p.sessionKeyring) : undefined;
+    if (untold) return untold;
+    const other = made.get(p.sessionKeyring.serial);
+    if (other && other !== by) return `processes ${other.vpid} and ${by.vpid} share a session keyring (serial ${p.sessionKeyring.serial}) not inherited from a parent they share it with, which a restore cannot make yet`;
+    made.set(p.sessionKeyring.serial, by);
   }
   return undefined;
 }

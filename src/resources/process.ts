@@ -92,11 +92,12 @@ export interface ProcessAsked {
   sessionKeyring: KeyringAsked;
 }
 
-export function askProcess(calls: CallQueue): ProcessAsked {
+/** `tids`: the process's threads, the main one first. */
+export function askProcess(calls: CallQueue, tids: readonly number[]): ProcessAsked {
   return {
     brk: calls.ask(NR.brk, [0]),
     itimers: [0, 1, 2].map((which) => calls.ask(NR.getitimer, [which, 'buf'], { outLength: 32 })),
-    sessionKeyring: askSessionKeyring(calls),
+    sessionKeyring: askSessionKeyring(calls, tids),
   };
 }
 

@@ -909,7 +909,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // restoring from a login session handed its keys, and its user
       // keyring, to the restored process). Its children inherit it.
       const ownRing = joinsSessionKeyring(m.proc, byVpid.get(m.proc.vppid));
-      if (ownRing || root) joinNewSessionKeyring(r, ownRing);
+      if (ownRing || root) joinNewSessionKeyring(r, ownRing, m.proc.creds);
       // Children that share pages copy-on-write with it are forked once its
       // memory is filled: they inherit its pages, shared as they were.
       const children = image.processes.filter((p) => p.vppid === m.proc.vpid);

@@ -339,7 +339,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     // exempted from its filters first.
     const credsAsked = timed('creds', () => dumpCreds(pid, tids, calls, what));
     const asked = timed('questions asked', () => ({
-      process: askProcess(calls),
+      process: askProcess(calls, tids),
       threads: threads.map((t) => askThread(calls, t)),
       timers: askPosixTimers(pid, calls, what),
       attributes: askAttributes(calls, tids),
