@@ -125,6 +125,8 @@ export async function run(registry: Registry, command: string[], opts: RunOption
     command,
     cwd,
     createdAt: new Date().toISOString(),
+    // Inherited by init from here, and by the application from init.
+    launchKeyring: addon().sessionKeyringSerial(),
     detached: opts.detach,
     ...harnessOf(currentHolder()),
     ...(opts.detach ? { logPath: join(stateDir, 'log') } : {}),

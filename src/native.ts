@@ -594,6 +594,8 @@ interface Addon {
   renameNoReplace(from: string, to: string): void;
   /** The regular file open at `inFd` copied into `outFd` (empty, open for writing), its holes left holes (addon/src/filecopy.c). */
   copyFileData(inFd: number, outFd: number): void;
+  /** This process's session keyring's serial (its user's default if none of its own), 0 without keyrings. */
+  sessionKeyringSerial(): number;
   peerCredentials(fd: number): { pid: number; uid: number; gid: number };
   /** At most `n` malloc arenas in this process from now on (M_ARENA_MAX):
    * for a resident process, whose threads would each keep what a burst

@@ -98,6 +98,10 @@ export interface AppRecord {
   tracking?: Record<string, number>;
   /** The rules it runs under (`run --rules`, or its template's). */
   rules?: { source: string; text: string };
+  /** `run`: the serial of the session keyring its processes inherited
+   * from whoever ran it (a login session's, pam_keyinit's): the
+   * session's, not the application's (keyrings.ts dumpSessionKeyring). */
+  launchKeyring?: number;
   /** A clone: the template it was stamped from and its number in the batch. */
   template?: { path: string; instance: number };
   /** A clone's private copies of files (copy-on-write, duplicate): kept

@@ -1020,6 +1020,22 @@ describe.runIf(process.getuid?.() === 0)("a session keyring of its own, shared w
     await checksPass('ringleak');
   });
 
+  it("the keyring of the login session it was run from is the session's: a daemon that made itself nobody there is snapshotted and restored with a new one", async () => {
+    // As `memcached -u nobody` run from a root ssh login (pam_keyinit's
+    // keyring, root's, with root's keyring linked in): refused before
+    // (a keyring owned by 0:0, ids the process does not have).
+    const r = await spawnAsync(fixture('ringleak'), ['pam', command, 'run', '-d', '--aid', 'ringpam', '--', 'setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', fixture('ringleak')], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off' },
+    });
+    expect(r.status, r.stderr).toBe(0);
+    adopt('ringpam');
+    await checksPass('ringpam');
+    await run(['snapshot', 'ringpam', '-o', join(out, 'ringpam')]);
+    await run(['restore', join(out, 'ringpam')]);
+    await checksPass('ringpam');
+    await exercised('ringpam');
+  });
+
   it('a named one is refused by name at snapshot (joined by name at restore, it could be another\'s), and the application goes on', async () => {
     await start('keyrn', [fixture('keyrings'), 'appshot-kinds-named']);
     await checksPass('keyrn');

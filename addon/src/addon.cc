@@ -27,6 +27,7 @@
 #include <sys/sem.h>
 #include <sys/shm.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "addon.h"
@@ -822,6 +823,14 @@ Napi::Value RenameNoReplace(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// sessionKeyringSerial() -> the serial of this process's session keyring
+// (its user's default one if it has none of its own), 0 without keyrings.
+// An application inherits it from whoever runs it (harness.ts).
+Napi::Value SessionKeyringSerial(const Napi::CallbackInfo& info) {
+  long serial = syscall(SYS_keyctl, 0 /* KEYCTL_GET_KEYRING_ID */, -3 /* KEY_SPEC_SESSION_KEYRING */, 0);
+  return Napi::Number::New(info.Env(), serial > 0 ? static_cast<double>(serial) : 0);
+}
+
 // copyFileData(in, out): the regular file open at `in` copied into `out`
 // (empty, open for writing), its holes left holes (filecopy.c).
 Napi::Value CopyFileData(const Napi::CallbackInfo& info) {
@@ -896,6 +905,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("tryLockFile", Napi::Function::New(env, TryLockFile));
   exports.Set("renameNoReplace", Napi::Function::New(env, RenameNoReplace));
   exports.Set("copyFileData", Napi::Function::New(env, CopyFileData));
+  exports.Set("sessionKeyringSerial", Napi::Function::New(env, SessionKeyringSerial));
   exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));
   exports.Set("mallocArenas", Napi::Function::New(env, MallocArenas));
   exports.Set("trimMemory", Napi::Function::New(env, TrimMemory));

@@ -90,6 +90,9 @@ export class DumpContext {
    * ipcOwnership): an object its tables name is dumped only if the kernel
    * says it is the application's. */
   ipcOwnership?: { salt: bigint; created: number; initPid: number };
+  /** The session keyring the application inherited from whoever ran it
+   * (AppRecord.launchKeyring): the session's, not the application's. */
+  launchKeyring?: number;
   /** --leave-running: each process's private memory read from a
    * copy-on-write copy of it once the application goes on, where it can
    * be (snapshot/cowcapture.ts). */

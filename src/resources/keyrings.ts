@@ -121,8 +121,10 @@ function parseDescription(a: Answer, what: string): { type: string; uid: number;
 const failed = (ret: bigint) => errnoName(Number(-ret));
 
 /** The process's session keyring, if it has one of its own; undefined if
- * its user's default. `who`: the process, as messages name it. */
-export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKeyring | undefined {
+ * its user's default, or the keyring of the session that ran the
+ * application (`launched`: AppRecord.launchKeyring) holding nothing but
+ * links to users' keyrings. `who`: the process, as messages name it. */
+export function dumpSessionKeyring(asked: KeyringAsked, who: string, launched?: number): SessionKeyring | undefined {
   const what = `${who}'s session keyring`;
   // Threads made at restore inherit the main thread's session keyring
   // (or its lack of one): a thread that joined another would come back
@@ -165,6 +167,15 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string): SessionKey
     if (q.read.ret > BigInt(PAYLOAD_MAX)) throw new Unsupported(`${named} holds ${q.read.ret} bytes, more than appshot carries (${PAYLOAD_MAX})`);
     return { ...key, payload: Buffer.from(q.read.out.subarray(0, Number(q.read.ret))) };
   });
+  // The keyring of the login session the application was run from (as
+  // pam_keyinit makes one for every ssh login, with its user's keyring
+  // linked in) is that session's, as its terminal is: a daemon that made
+  // itself nobody there holds root's keyring, which no restore should
+  // give it, and which its snapshot was refused for. It is not carried: a
+  // restored application's first processes join a new, empty keyring. A
+  // launch keyring holding keys is carried (or refused) as any other, so
+  // that none of its keys is dropped unsaid.
+  if (launched !== undefined && Number(asked.id.ret) === launched && keys.every(isUserKeyringLink)) return undefined;
   const untold = checkUserKeyringLinks(asked, serials, keys, what);
   const recorded = { serial: Number(asked.id.ret), description: ring.description, uid: ring.uid, gid: ring.gid, perm: ring.perm, keys };
   if (untold) untoldLinks.set(recorded, untold);

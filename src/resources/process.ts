@@ -114,7 +114,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   const root = procLink(`/proc/${pid}/root`);
   const vpid = ctx.virtual('pid', pid);
   const cwdProcVpid = dumpProcVpid(ctx, cwd, `${nameProcess(vpid, st.comm)} working directory`);
-  const sessionKeyring = dumpSessionKeyring(asked.sessionKeyring, nameProcess(vpid, st.comm));
+  const sessionKeyring = dumpSessionKeyring(asked.sessionKeyring, nameProcess(vpid, st.comm), ctx.launchKeyring);
   return {
     vpid,
     vppid: ctx.virtual('pid', st.ppid),
