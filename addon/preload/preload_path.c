@@ -37,7 +37,9 @@
  *    private parent directories are made (those the original has, with
  *    their modes: a parent that exists on neither side stays missing, and
  *    the call fails with ENOENT as it would), the contents copied
- *    (copy_file_range, or read/write) into a temporary name beside it with
+ *    (copy_file_range, or read/write; its data ranges only, holes kept,
+ *    and a preallocated file allocated whole: copy_contents) into a
+ *    temporary name beside it with
  *    the original's mode, then renamed into place without replacing: of two
  *    processes copying at once, one copy wins and both use it. O_TRUNC (or
  *    truncate to 0) skips the contents. An original that does not exist is
@@ -416,45 +418,86 @@ static void make_parents(const struct cow *c) {
   }
 }
 
-static int write_all(int fd, const char *p, long n) {
-  while (n > 0) {
-    long w = SYS3(write, fd, p, n);
-    if (w == -EINTR) continue;
-    if (w < 0) return (int)w;
-    p += w;
-    n -= w;
+enum { COPY_BUF = 64 * 1024 };
+
+/* [pos, end) of src written at the same offsets of dst: copy_file_range
+ * where the kernel can (it may share or clone blocks), else pread/pwrite
+ * through *buf, an anonymous mapping made on the first range that needs it
+ * (the caller unmaps it). Stops early, without error, at src's end (an
+ * original that shrank meanwhile). */
+static int copy_range(int src, int dst, long pos, long end, char **buf) {
+  while (pos < end) {
+    long want = end - pos;
+    if (!*buf) {
+      loff_t in = pos, out = pos;
+      long n = appshot_raw_syscall(SYS_copy_file_range, src, (long)&in, dst, (long)&out,
+                                   want < (1L << 30) ? want : 1L << 30, 0);
+      if (n > 0) {
+        pos += n;
+        continue;
+      }
+      if (n == 0) return 0;
+      if (n == -EINTR) continue;
+      if (n != -EXDEV && n != -EINVAL && n != -ENOSYS && n != -EOPNOTSUPP) return (int)n;
+      long m = appshot_raw_syscall(SYS_mmap, 0, COPY_BUF, PROT_READ | PROT_WRITE,
+                                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (m < 0 && m > -4096) return (int)m;
+      *buf = (char *)m;
+    }
+    if (want > COPY_BUF) want = COPY_BUF;
+    long got = SYS4(pread64, src, *buf, want, pos);
+    if (got == -EINTR) continue;
+    if (got <= 0) return (int)got;
+    for (long done = 0; done < got;) {
+      long put = SYS4(pwrite64, dst, *buf + done, got - done, pos + done);
+      if (put == -EINTR) continue;
+      if (put < 0) return (int)put;
+      done += put;
+    }
+    pos += got;
   }
   return 0;
 }
 
-/* Copies the rest of src into dst, from their current offsets. */
-static int copy_contents(int src, int dst) {
-  for (;;) {
-    long n = appshot_raw_syscall(SYS_copy_file_range, src, 0, dst, 0, 1L << 30, 0);
-    if (n > 0) continue;
-    if (n == 0) return 0;
-    if (n == -EINTR) continue;
-    if (n != -EXDEV && n != -EINVAL && n != -ENOSYS && n != -EOPNOTSUPP)
-      return (int)n;
-    break;
+/* src's data into the empty dst, as a sparse copy: only the ranges
+ * SEEK_DATA finds are written, and the size set at the end, so a clone's
+ * first write to a mostly empty file (a VM disk, a database's sparse
+ * file) costs the room its data takes, not its size. A file whose blocks
+ * cover its size has no holes to keep, but may have blocks fallocate
+ * reserved (unwritten extents, which SEEK_DATA takes for holes): its copy
+ * is allocated whole first, as the application counted on the room being
+ * there (a file system without fallocate: copied as the rest). A file
+ * system without SEEK_DATA (EINVAL) copies the file as one range. st:
+ * src's. */
+static int copy_contents(int src, int dst, const struct stat *st) {
+  long size = st->st_size, r;
+  if (size > 0 && (unsigned long long)st->st_blocks * 512 >= (unsigned long long)size) {
+    while ((r = SYS4(fallocate, dst, 0, 0, size)) == -EINTR) {}
+    if (r < 0 && r != -EOPNOTSUPP) return (int)r;
   }
-  enum { BUF = 64 * 1024 };
-  long m = appshot_raw_syscall(SYS_mmap, 0, BUF, PROT_READ | PROT_WRITE,
-                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (m < 0 && m > -4096) return (int)m;
-  char *buf = (char *)m;
+  char *buf = NULL;
   int err = 0;
-  for (;;) {
-    long n = SYS3(read, src, buf, BUF);
-    if (n == -EINTR) continue;
-    if (n <= 0) {
-      err = (int)n;
+  for (long pos = 0; pos < size && !err;) {
+    long data = SYS3(lseek, src, pos, SEEK_DATA), hole;
+    if (data == -ENXIO) break; /* only a hole is left */
+    if (data == -EINVAL) {
+      data = pos;
+      hole = size;
+    } else if (data < 0) {
+      err = (int)data;
+      break;
+    } else if ((hole = SYS3(lseek, src, data, SEEK_HOLE)) < 0) {
+      err = (int)hole;
       break;
     }
-    if ((err = write_all(dst, buf, n)) != 0) break;
+    if (hole > size) hole = size;
+    if (hole <= data) break; /* shrank meanwhile */
+    err = copy_range(src, dst, data, hole, &buf);
+    pos = hole;
   }
-  SYS2(munmap, buf, BUF);
-  return err;
+  if (buf) SYS2(munmap, buf, COPY_BUF);
+  /* The size, with any hole at the end. */
+  return err ? err : (int)SYS2(ftruncate, dst, size);
 }
 
 /* Copies src's extended attributes to dst, as cp -a does: each one the
@@ -589,7 +632,7 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
     return (int)dst;
   }
   test_pause("cow-copying"); /* a signal handler's copy may come here */
-  int err = contents ? copy_contents((int)src, (int)dst) : 0;
+  int err = contents ? copy_contents((int)src, (int)dst, &st) : 0;
   if (!err) err = (int)SYS2(fchmod, dst, copy_owner((int)dst, "", &st));
   if (!err) copy_xattrs((int)src, (int)dst);
   /* The original's times, as a chmod or chown of it would have left them
