@@ -15,8 +15,12 @@
  * None of these had a wrapper: a read-only descriptor of an original
  * reached the template's file, so one clone's fchmod changed it for the
  * template and every other clone.
+ *
+ * Also the copy a clone's first write makes of a sparse original keeps its
+ * holes, and one of a preallocated original its blocks (the copy filled a
+ * 64 MiB file with 4 bytes in it with zeros).
  */
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, existsSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -54,8 +58,22 @@ function xattr(path: string, name: string): string {
   return r.stdout.trim();
 }
 
+/** The clones the first test makes, for the second. */
+let made: { aid: string; privateRoot: string }[] = [];
+const SPARSE_SIZE = 64 << 20; // 4 bytes of data at half of it
+const PREALLOC_SIZE = 8 << 20; // fallocate'd: unwritten blocks, no data
+
 it('a descriptor open on an original: its metadata calls change the clone\'s copy, and it moves there', async () => {
   mkdirSync(data);
+  // For the next test: in the template, copied by a clone's write.
+  const fd = openSync(d('sparse'), 'wx', 0o644);
+  writeSync(fd, 'data', 0, 'utf8');
+  closeSync(fd);
+  truncateSync(d('sparse'), SPARSE_SIZE);
+  const sfd = openSync(d('sparse'), 'r+');
+  writeSync(sfd, 'half', SPARSE_SIZE / 2, 'utf8');
+  closeSync(sfd);
+  expect(spawnSync('fallocate', ['-l', String(PREALLOC_SIZE), d('prealloc')]).status).toBe(0);
   for (const n of FILES) {
     writeFileSync(d(n), TEXT);
     chmodSync(d(n), n === 'su' ? 0o644 : 0o600);
@@ -74,6 +92,7 @@ it('a descriptor open on an original: its metadata calls change the clone\'s cop
   sb.ok(['run', '-d', '--aid', 'cft', '--rules', rules, '--', fixture('cowfd'), data]);
   await checksPass('cft');
   const clones = await twoClones(sb, 'cft', dir, 'cfc');
+  made = clones;
 
   const names = [...FILES, 'dir', 'fifo'];
   const before = Object.fromEntries(names.map((n) => [n, meta(d(n))]));
@@ -124,4 +143,29 @@ it('a descriptor open on an original: its metadata calls change the clone\'s cop
   // descriptor too.
   await checksPass('cfc-2');
   expect(existsSync(join(clones[1].privateRoot, data))).toBe(false);
+});
+
+it('a clone\'s first write copies a sparse original with its holes, and a preallocated one with its blocks', () => {
+  const [sparse, prealloc] = [d('sparse'), d('prealloc')];
+  const orig = [statSync(sparse), statSync(prealloc)];
+  expect(orig[0].blocks * 512).toBeLessThan(1 << 20);
+  expect(orig[1].blocks * 512).toBeGreaterThanOrEqual(PREALLOC_SIZE);
+  sb.ok(['exec', made[0].aid, '--', 'sh', '-c', `printf x >> ${sparse} && printf x >> ${prealloc}`]);
+  const priv = (n: string) => join(made[0].privateRoot, n);
+  const s = statSync(priv(sparse));
+  expect(s.size).toBe(SPARSE_SIZE + 1);
+  expect(s.blocks * 512).toBeLessThan(1 << 20); // filled, it would be 64 MiB
+  const at = (off: number) => {
+    const b = Buffer.alloc(4);
+    const f = openSync(priv(sparse), 'r');
+    readSync(f, b, 0, 4, off);
+    closeSync(f);
+    return b.toString('utf8');
+  };
+  expect([at(0), at(SPARSE_SIZE / 2), at(SPARSE_SIZE - 3)]).toEqual(['data', 'half', '\0\0\0x']);
+  const p = statSync(priv(prealloc));
+  expect(p.size).toBe(PREALLOC_SIZE + 1);
+  expect(p.blocks * 512).toBeGreaterThanOrEqual(PREALLOC_SIZE);
+  // The originals are as they were.
+  expect([statSync(sparse).size, statSync(prealloc).size]).toEqual([SPARSE_SIZE, PREALLOC_SIZE]);
 });

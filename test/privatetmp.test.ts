@@ -5,10 +5,12 @@
  * hsperfdata and attach socket; the fixture pidtmp here) meet each
  * other's there without it. The preload also takes
  * /proc/<vpid>/root/tmp/... (how jcmd finds a JVM's socket) and AF_UNIX
- * socket names through the rules.
+ * socket names through the rules: bind, connect and the destinations of
+ * sendto, sendmsg and sendmmsg, and the names the kernel answers
+ * (getsockname, getpeername, a datagram's sender) shown as /tmp ones.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, lstatSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, expect, it } from 'vitest';
 import { command, fixture, Sandbox, waitFor } from './helpers.js';
@@ -23,7 +25,7 @@ const shared = (suffix = '') => `/tmp/${NAME}.2${suffix}`;
 afterAll(async () => {
   await sb.dispose();
   rmSync(dir, { recursive: true, force: true });
-  for (const f of [shared(), shared('.sock')]) rmSync(f, { force: true });
+  for (const f of [shared(), shared('.sock'), shared('.dgram'), shared('.cli')]) rmSync(f, { force: true });
 });
 
 /** `appshot args...` from `cwd` (by default /, not under /tmp). */
@@ -74,6 +76,25 @@ it('two applications with --private-tmp each have their own /tmp, also as /proc/
   expect(sb.log('ptd')).toMatch(new RegExp(`^TAKEN ${shared()}$`, 'm'));
   expect(readFileSync(shared(), 'utf8')).toBe('C');
   ok(['stop', 'ptc']);
+});
+
+it('a unix datagram server and its client in /tmp with --private-tmp: sent to by name, and answered with the /tmp names', async () => {
+  ok(['run', '-d', '--aid', 'ptg', '--private-tmp', '--', fixture('pidtmp'), 'dgram', NAME]);
+  await waitFor(() => /^(DGRAM|FAIL)/m.test(sb.log('ptg')), 15_000, 'ptg to exchange its datagrams');
+  // sendto, sendmsg and sendmmsg reached the server bound at the private
+  // /tmp (they went to the real /tmp: ENOENT); the server answered the
+  // client at the name recvfrom gave. getsockname, getpeername and the
+  // senders' names are the /tmp ones, not the private directory's: a
+  // test's state directory is itself under /tmp, where such a name sent
+  // to again would be redirected a second time. An abstract name and an
+  // address without a name go to the kernel as they are.
+  const cli = shared('.cli'), srv = shared('.dgram');
+  expect(sb.log('ptg')).toMatch(new RegExp(`^DGRAM sendto=one reply=two sendmsg=three mmsg=four from=${cli} msgfrom=${cli} sock=${srv} peer=${srv} abstract=five unnamed=EINVAL$`, 'm'));
+  // It has exited: its private root by name (privatetmp.ts newPrivateRoot).
+  const roots = readdirSync(join(sb.home, 'instances')).filter((n) => n.startsWith('ptg.'));
+  expect(roots).toHaveLength(1);
+  expect(lstatSync(join(sb.home, 'instances', roots[0], 'tmp', `${NAME}.2.dgram`)).isSocket()).toBe(true);
+  expect(existsSync(srv)).toBe(false);
 });
 
 it('a snapshot and its restore keep the private /tmp; rm removes it', async () => {

@@ -29,6 +29,7 @@
 #include <spawn.h>
 #include <stdarg.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h> /* types of fopen & co. only */
 #include <string.h>
@@ -40,6 +41,7 @@
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -303,7 +305,7 @@ static inline void ensure_init(void) {
   X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock) \
   X(pthread_cond_wait) X(pthread_cond_timedwait) X(pthread_cond_clockwait) \
   X(epoll_wait) X(epoll_pwait) X(mq_notify) X(pthread_kill) X(pthread_sigqueue) X(raise) X(ioctl) \
-  X(connect)
+  X(connect) X(sendto) X(recvfrom) X(accept) X(accept4)
 
 /* glibc's compatibility versions that the library's own compatibility
  * versions (COMPAT_VERSION) hand on to, where theirs differ from the
@@ -632,8 +634,9 @@ HIDDEN void fd_marks_copy(int from, int to);
 HIDDEN long do_close_range(unsigned int first, unsigned int last, int flags);
 HIDDEN long do_dup3(long nr, int oldfd, int newfd, int flags);
 
-/* preload_net.c: getsockopt, sendmsg, recvmsg and recvmmsg through
- * syscall(), peer credentials translated. */
+/* preload_net.c: getsockopt, sendmsg, sendmmsg, recvmsg and recvmmsg
+ * through syscall(), peer credentials translated, unix names as the
+ * wrappers take and answer them. */
 HIDDEN long do_creds_syscall(long nr, long a, long b, long c, long d, long e);
 /* setsockopt through syscall(): noted as setsockopt() notes (preload_net.c). */
 HIDDEN long do_setsockopt_syscall(long fd, long level, long name, long val, long len);
@@ -810,11 +813,32 @@ HIDDEN int linkat_path(int fd1, const char *from, int fd2, const char *to, int f
  * fsetxattr, fremovexattr; fchownat, fchmodat2, utimensat, futimesat and
  * linkat when they name the descriptor itself), or do_path_syscall. */
 HIDDEN long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e);
-/* preload_path.c, for bind (preload_net.c): an AF_UNIX address whose name
- * is an absolute path the path rules may rewrite (unix_path_hooked), bound
- * with the rewritten name (unix_bind_slow: bind's return). */
+/* preload_path.c, for bind, sendto, sendmsg and sendmmsg (preload_net.c;
+ * "Socket names"): an AF_UNIX address whose name is an absolute path the
+ * path rules may rewrite (unix_name_hooked: a few loads and branches for
+ * any other address, unix_path_hooked past them), bound with the rewritten
+ * name (unix_bind_slow: bind's return). unix_name_of: the name, terminated,
+ * into name; 1 when it is an absolute path. unix_addr_of: the address of
+ * name p into a; its length, or 0 (errno ENAMETOOLONG). */
+#define UNIX_NAME_MAX ((socklen_t)sizeof(((struct sockaddr_un *)0)->sun_path))
 HIDDEN int unix_path_hooked(const struct sockaddr *addr, socklen_t len);
+static inline int unix_name_hooked(const struct sockaddr *addr, socklen_t len) {
+  return g_h && addr && len > offsetof(struct sockaddr_un, sun_path) && addr->sa_family == AF_UNIX &&
+         unix_path_hooked(addr, len);
+}
 HIDDEN int unix_bind_slow(int fd, const struct sockaddr *addr, socklen_t len);
+HIDDEN int unix_name_of(const struct sockaddr *addr, socklen_t len, char name[UNIX_NAME_MAX + 1]);
+HIDDEN socklen_t unix_addr_of(const char *p, struct sockaddr_un *a);
+/* The name the kernel answered for a socket (getsockname, getpeername,
+ * accept, recvfrom, recvmsg: `cap` the caller's room, *lenp the kernel's
+ * length) as the application named it: a name under a rule's `to` back
+ * to from + the rest. unix_answer_hooked: whether there may be one (an
+ * answer cut short by the caller's buffer is left as it is). */
+HIDDEN void unix_name_answered(struct sockaddr *addr, socklen_t cap, socklen_t *lenp);
+static inline int unix_answer_hooked(const struct sockaddr *addr, socklen_t cap, const socklen_t *lenp) {
+  return g_h && g_h->instance.redirs && addr && lenp && *lenp > offsetof(struct sockaddr_un, sun_path) &&
+         *lenp <= cap && addr->sa_family == AF_UNIX && ((const char *)addr)[offsetof(struct sockaddr_un, sun_path)] == '/';
+}
 
 /* The slow half of a path wrapper lives in a function of its own, so that
  * the PATH_MAX buffer is only on the stack when a path is rewritten: some

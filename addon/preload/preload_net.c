@@ -8,8 +8,11 @@
  * getsockname: an AF_INET/AF_INET6 stream socket's port that has a
  * system -> virtual mapping is shown as the virtual one.
  *
- * An AF_UNIX socket's name (bind, connect) is a path, rewritten as paths
- * are: preload_path.c.
+ * An AF_UNIX socket's name is a path, rewritten as paths are (bind,
+ * connect, the destinations of sendto, sendmsg and sendmmsg), and shown
+ * as the application named it where the kernel answers it (getsockname,
+ * getpeername, accept, accept4, recvfrom, recvmsg, recvmmsg):
+ * preload_path.c, "Socket names".
  *
  * Not translated: connect() and sendto() to a mapped port (a client inside
  * the instance that connects to its own server's fixed port reaches that
@@ -69,7 +72,7 @@ API int bind(int fd, __CONST_SOCKADDR_ARG addr_arg, socklen_t len) {
   const struct sockaddr *addr = addr_arg.__sockaddr__;
   ensure_init();
   /* An AF_UNIX name is a path: preload_path.c. */
-  if (UNLIKELY(unix_path_hooked(addr, len))) return unix_bind_slow(fd, addr, len);
+  if (UNLIKELY(unix_name_hooked(addr, len))) return unix_bind_slow(fd, addr, len);
   const struct appshot_header *h = ports();
   if (h && addr && inet_family(addr, len)) {
     int32_t sys;
@@ -93,6 +96,10 @@ API int getsockname(int fd, __SOCKADDR_ARG addr_arg,
   socklen_t cap = lenp ? *lenp : 0;
   long r = SYS3(getsockname, fd, addr, lenp);
   if (r < 0) return (int)libc_ret(r);
+  if (UNLIKELY(unix_answer_hooked(addr, cap, lenp))) {
+    unix_name_answered(addr, cap, lenp);
+    return 0;
+  }
   const struct appshot_header *h = ports();
   /* The kernel filled min(cap, *lenp) bytes: the port must be among them. */
   if (h && addr && cap >= PORT_OFF + 2 && inet_family(addr, *lenp)) {
@@ -103,6 +110,77 @@ API int getsockname(int fd, __SOCKADDR_ARG addr_arg,
       set_port(addr, (uint16_t)virt);
   }
   return 0;
+}
+
+API int getpeername(int fd, __SOCKADDR_ARG addr_arg, socklen_t *restrict lenp) {
+  struct sockaddr *addr = addr_arg.__sockaddr__;
+  ensure_init();
+  socklen_t cap = lenp ? *lenp : 0;
+  long r = SYS3(getpeername, fd, addr, lenp);
+  if (r == 0 && UNLIKELY(unix_answer_hooked(addr, cap, lenp))) unix_name_answered(addr, cap, lenp);
+  return (int)libc_ret(r);
+}
+
+/* --- Unix socket names sent to and answered --------------------------------
+ *
+ * A destination named by an absolute path goes as the path rules name it;
+ * a sender's or peer's name comes back as the application named it
+ * (preload_path.c, "Socket names"). The blocking calls are glibc's
+ * (cancellation points). */
+
+/* SLOW_PATH's window (a /proc/<vpid>/root/... name carries a system PID)
+ * stays open across the send. */
+static NOINLINE ssize_t sendto_named(int fd, const void *buf, size_t n, int flags,
+                                     const struct sockaddr *addr, socklen_t len) {
+  char name[UNIX_NAME_MAX + 1];
+  unix_name_of(addr, len, name);
+  SLOW_PATH(p, AT_FDCWD, name, PATH_READ, -1);
+  struct sockaddr_un a;
+  socklen_t al = unix_addr_of(p, &a);
+  return al ? REAL(sendto)(fd, buf, n, flags, (struct sockaddr *)&a, al) : -1;
+}
+
+API ssize_t sendto(int fd, const void *buf, size_t n, int flags,
+                   __CONST_SOCKADDR_ARG addr_arg, socklen_t len) {
+  const struct sockaddr *addr = addr_arg.__sockaddr__;
+  ensure_init();
+  if (UNLIKELY(unix_name_hooked(addr, len))) return sendto_named(fd, buf, n, flags, addr, len);
+  return REAL(sendto)(fd, buf, n, flags, addr_arg, len);
+}
+
+API ssize_t recvfrom(int fd, void *restrict buf, size_t n, int flags,
+                     __SOCKADDR_ARG addr_arg, socklen_t *restrict lenp) {
+  struct sockaddr *addr = addr_arg.__sockaddr__;
+  ensure_init();
+  socklen_t cap = addr && lenp ? *lenp : 0;
+  ssize_t r = REAL(recvfrom)(fd, buf, n, flags, addr_arg, lenp);
+  if (r >= 0 && UNLIKELY(unix_answer_hooked(addr, cap, lenp))) unix_name_answered(addr, cap, lenp);
+  return r;
+}
+
+API int accept(int fd, __SOCKADDR_ARG addr_arg, socklen_t *restrict lenp) {
+  struct sockaddr *addr = addr_arg.__sockaddr__;
+  ensure_init();
+  socklen_t cap = addr && lenp ? *lenp : 0;
+  int r = REAL(accept)(fd, addr_arg, lenp);
+  if (r >= 0 && UNLIKELY(unix_answer_hooked(addr, cap, lenp))) unix_name_answered(addr, cap, lenp);
+  return r;
+}
+
+API int accept4(int fd, __SOCKADDR_ARG addr_arg, socklen_t *restrict lenp, int flags) {
+  struct sockaddr *addr = addr_arg.__sockaddr__;
+  ensure_init();
+  socklen_t cap = addr && lenp ? *lenp : 0;
+  int r = REAL(accept4)(fd, addr_arg, lenp, flags);
+  if (r >= 0 && UNLIKELY(unix_answer_hooked(addr, cap, lenp))) unix_name_answered(addr, cap, lenp);
+  return r;
+}
+
+/* A received message's sender, as the application named it. cap: the
+ * room msg_namelen gave before the call. */
+static inline void sender_answered(struct msghdr *m, socklen_t cap) {
+  if (UNLIKELY(unix_answer_hooked(m->msg_name, cap, &m->msg_namelen)))
+    unix_name_answered(m->msg_name, cap, &m->msg_namelen);
 }
 
 /* --- Credentials: SCM_CREDENTIALS and SO_PEERCRED ---------------------------
@@ -190,8 +268,29 @@ static NOINLINE ssize_t sendmsg_creds(int fd, const struct msghdr *m, int flags,
   return REAL(sendmsg)(fd, &t, flags);
 }
 
+/* Whether m's destination is a unix name the path rules may rewrite. */
+static inline int dest_named(const struct msghdr *m) {
+  return m && unix_name_hooked(m->msg_name, m->msg_namelen);
+}
+
+/* m sent to its destination as the path rules name it (dest_named),
+ * from a copy of the header, its credentials translated too. SLOW_PATH's
+ * window stays open across the send, as sendto_named's. */
+static NOINLINE ssize_t sendmsg_named(int fd, const struct msghdr *m, int flags, int raw) {
+  char name[UNIX_NAME_MAX + 1];
+  unix_name_of(m->msg_name, m->msg_namelen, name);
+  SLOW_PATH(p, AT_FDCWD, name, PATH_READ, -1);
+  struct sockaddr_un a;
+  struct msghdr t = *m;
+  if (!(t.msg_namelen = unix_addr_of(p, &a))) return -1;
+  t.msg_name = &a;
+  if (creds_to_send(&t)) return sendmsg_creds(fd, &t, flags, raw);
+  return raw ? libc_ret(SYS3(sendmsg, fd, &t, flags)) : REAL(sendmsg)(fd, &t, flags);
+}
+
 API ssize_t sendmsg(int fd, const struct msghdr *m, int flags) {
   ensure_init();
+  if (UNLIKELY(dest_named(m))) return sendmsg_named(fd, m, flags, 0);
   if (UNLIKELY(creds_to_send(m))) return sendmsg_creds(fd, m, flags, 0);
   return REAL(sendmsg)(fd, m, flags);
 }
@@ -199,36 +298,61 @@ API ssize_t sendmsg(int fd, const struct msghdr *m, int flags) {
 API ssize_t recvmsg(int fd, struct msghdr *m, int flags) {
   ID_WINDOW();
   ensure_init();
+  socklen_t cap = m && m->msg_name ? m->msg_namelen : 0;
   ssize_t r = REAL(recvmsg)(fd, m, flags);
-  if (r >= 0) creds_received(m);
+  if (r >= 0) {
+    creds_received(m);
+    sender_answered(m, cap);
+  }
   return r;
+}
+
+/* The room each of the first n messages gives its sender's name, before
+ * the call (a name the kernel answered beyond it was cut): at most 64
+ * are shown as the application named them, the rest as the kernel
+ * answered (an array of every n's would not be allocation-free). */
+enum { MMSG_NAMES = 64 };
+static void mmsg_name_room(const struct mmsghdr *v, unsigned int n, socklen_t cap[MMSG_NAMES]) {
+  for (unsigned int i = 0; i < n && i < MMSG_NAMES; i++)
+    cap[i] = v[i].msg_hdr.msg_name ? v[i].msg_hdr.msg_namelen : 0;
+}
+static void mmsg_received(struct mmsghdr *v, long r, const socklen_t cap[MMSG_NAMES]) {
+  for (long i = 0; i < r; i++) {
+    creds_received(&v[i].msg_hdr);
+    if (i < MMSG_NAMES) sender_answered(&v[i].msg_hdr, cap[i]);
+  }
 }
 
 API int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags,
                  struct timespec *timeout) {
   ID_WINDOW();
   ensure_init();
+  socklen_t cap[MMSG_NAMES];
+  if (v) mmsg_name_room(v, n, cap);
   int r = REAL(recvmmsg)(fd, v, n, flags, timeout);
-  for (int i = 0; i < r; i++) creds_received(&v[i].msg_hdr);
+  mmsg_received(v, r, cap);
   return r;
 }
 
-static int mmsg_creds_to_send(const struct mmsghdr *v, unsigned int n) {
-  for (unsigned int i = 0; i < n; i++)
-    if (creds_to_send(&v[i].msg_hdr)) return 1;
+/* Whether one of the n messages needs more than the kernel's sendmmsg:
+ * credentials to translate or a destination to rewrite. */
+static int mmsg_to_translate(const struct mmsghdr *v, unsigned int n) {
+  for (unsigned int i = 0; v && i < n; i++)
+    if (creds_to_send(&v[i].msg_hdr) || dest_named(&v[i].msg_hdr)) return 1;
   return 0;
 }
 
-/* One message at a time once credentials need translating, as the kernel
+/* One message at a time once one needs translating, as the kernel
  * itself sends them: the count sent so far, or -1 and errno for the first.
  * raw: through syscall(). */
 static NOINLINE int sendmmsg_each(int fd, struct mmsghdr *v, unsigned int n, int flags, int raw) {
   unsigned int i;
   for (i = 0; i < n; i++) {
     const struct msghdr *m = &v[i].msg_hdr;
-    ssize_t r = creds_to_send(m) ? sendmsg_creds(fd, m, flags, raw)
-                : raw          ? libc_ret(SYS3(sendmsg, fd, m, flags))
-                               : REAL(sendmsg)(fd, m, flags);
+    ssize_t r = dest_named(m)      ? sendmsg_named(fd, m, flags, raw)
+                : creds_to_send(m) ? sendmsg_creds(fd, m, flags, raw)
+                : raw              ? libc_ret(SYS3(sendmsg, fd, m, flags))
+                                   : REAL(sendmsg)(fd, m, flags);
     if (r < 0) return i ? (int)i : -1;
     v[i].msg_len = (unsigned int)r;
   }
@@ -237,7 +361,7 @@ static NOINLINE int sendmmsg_each(int fd, struct mmsghdr *v, unsigned int n, int
 
 API int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags) {
   ensure_init();
-  if (LIKELY(!mmsg_creds_to_send(v, n))) return REAL(sendmmsg)(fd, v, n, flags);
+  if (LIKELY(!mmsg_to_translate(v, n))) return REAL(sendmmsg)(fd, v, n, flags);
   return sendmmsg_each(fd, v, n, flags, 0);
 }
 
@@ -270,21 +394,30 @@ long do_creds_syscall(long nr, long a, long b, long c, long d, long e) {
     case SYS_getsockopt:
       return libc_ret(getsockopt_raw((int)a, (int)b, (int)c, (void *)d, (socklen_t *)e));
     case SYS_sendmsg:
+      if (dest_named((const struct msghdr *)b))
+        return sendmsg_named((int)a, (const struct msghdr *)b, (int)c, 1);
       if (creds_to_send((const struct msghdr *)b))
         return sendmsg_creds((int)a, (const struct msghdr *)b, (int)c, 1);
       break;
     case SYS_sendmmsg:
-      if (mmsg_creds_to_send((struct mmsghdr *)b, (unsigned int)c))
+      if (mmsg_to_translate((struct mmsghdr *)b, (unsigned int)c))
         return sendmmsg_each((int)a, (struct mmsghdr *)b, (unsigned int)c, (int)d, 1);
       break;
     case SYS_recvmsg: {
+      struct msghdr *m = (struct msghdr *)b;
+      socklen_t cap = m && m->msg_name ? m->msg_namelen : 0;
       long r = SYS3(recvmsg, a, b, c);
-      if (r >= 0) creds_received((struct msghdr *)b);
+      if (r >= 0) {
+        creds_received(m);
+        sender_answered(m, cap);
+      }
       return libc_ret(r);
     }
     case SYS_recvmmsg: {
+      socklen_t cap[MMSG_NAMES];
+      if (b) mmsg_name_room((struct mmsghdr *)b, (unsigned int)c, cap);
       long r = SYS5(recvmmsg, a, b, c, d, e);
-      for (long i = 0; i < r; i++) creds_received(&((struct mmsghdr *)b)[i].msg_hdr);
+      mmsg_received((struct mmsghdr *)b, r, cap);
       return libc_ret(r);
     }
   }

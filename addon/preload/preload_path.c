@@ -23,7 +23,8 @@
  * would follow the root link past the rules: jcmd finds a JVM's socket so;
  * proc_root_redirected); otherwise it is rewritten as any /proc/<vpid>
  * path. An AF_UNIX socket's absolute name is a path here too (bind,
- * connect: "Socket names", at the end).
+ * connect, a send's destination; and the names the kernel answers are
+ * shown as the application named them: "Socket names", at the end).
  *
  * REDIR PATH: from/rest is to/rest, for every call.
  *
@@ -37,7 +38,9 @@
  *    private parent directories are made (those the original has, with
  *    their modes: a parent that exists on neither side stays missing, and
  *    the call fails with ENOENT as it would), the contents copied
- *    (copy_file_range, or read/write) into a temporary name beside it with
+ *    (copy_file_range, or read/write; its data ranges only, holes kept,
+ *    and a preallocated file allocated whole: copy_contents) into a
+ *    temporary name beside it with
  *    the original's mode, then renamed into place without replacing: of two
  *    processes copying at once, one copy wins and both use it. O_TRUNC (or
  *    truncate to 0) skips the contents. An original that does not exist is
@@ -416,45 +419,86 @@ static void make_parents(const struct cow *c) {
   }
 }
 
-static int write_all(int fd, const char *p, long n) {
-  while (n > 0) {
-    long w = SYS3(write, fd, p, n);
-    if (w == -EINTR) continue;
-    if (w < 0) return (int)w;
-    p += w;
-    n -= w;
+enum { COPY_BUF = 64 * 1024 };
+
+/* [pos, end) of src written at the same offsets of dst: copy_file_range
+ * where the kernel can (it may share or clone blocks), else pread/pwrite
+ * through *buf, an anonymous mapping made on the first range that needs it
+ * (the caller unmaps it). Stops early, without error, at src's end (an
+ * original that shrank meanwhile). */
+static int copy_range(int src, int dst, long pos, long end, char **buf) {
+  while (pos < end) {
+    long want = end - pos;
+    if (!*buf) {
+      loff_t in = pos, out = pos;
+      long n = appshot_raw_syscall(SYS_copy_file_range, src, (long)&in, dst, (long)&out,
+                                   want < (1L << 30) ? want : 1L << 30, 0);
+      if (n > 0) {
+        pos += n;
+        continue;
+      }
+      if (n == 0) return 0;
+      if (n == -EINTR) continue;
+      if (n != -EXDEV && n != -EINVAL && n != -ENOSYS && n != -EOPNOTSUPP) return (int)n;
+      long m = appshot_raw_syscall(SYS_mmap, 0, COPY_BUF, PROT_READ | PROT_WRITE,
+                                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (m < 0 && m > -4096) return (int)m;
+      *buf = (char *)m;
+    }
+    if (want > COPY_BUF) want = COPY_BUF;
+    long got = SYS4(pread64, src, *buf, want, pos);
+    if (got == -EINTR) continue;
+    if (got <= 0) return (int)got;
+    for (long done = 0; done < got;) {
+      long put = SYS4(pwrite64, dst, *buf + done, got - done, pos + done);
+      if (put == -EINTR) continue;
+      if (put < 0) return (int)put;
+      done += put;
+    }
+    pos += got;
   }
   return 0;
 }
 
-/* Copies the rest of src into dst, from their current offsets. */
-static int copy_contents(int src, int dst) {
-  for (;;) {
-    long n = appshot_raw_syscall(SYS_copy_file_range, src, 0, dst, 0, 1L << 30, 0);
-    if (n > 0) continue;
-    if (n == 0) return 0;
-    if (n == -EINTR) continue;
-    if (n != -EXDEV && n != -EINVAL && n != -ENOSYS && n != -EOPNOTSUPP)
-      return (int)n;
-    break;
+/* src's data into the empty dst, as a sparse copy: only the ranges
+ * SEEK_DATA finds are written, and the size set at the end, so a clone's
+ * first write to a mostly empty file (a VM disk, a database's sparse
+ * file) costs the room its data takes, not its size. A file whose blocks
+ * cover its size has no holes to keep, but may have blocks fallocate
+ * reserved (unwritten extents, which SEEK_DATA takes for holes): its copy
+ * is allocated whole first, as the application counted on the room being
+ * there (a file system without fallocate: copied as the rest). A file
+ * system without SEEK_DATA (EINVAL) copies the file as one range. st:
+ * src's. */
+static int copy_contents(int src, int dst, const struct stat *st) {
+  long size = st->st_size, r;
+  if (size > 0 && (unsigned long long)st->st_blocks * 512 >= (unsigned long long)size) {
+    while ((r = SYS4(fallocate, dst, 0, 0, size)) == -EINTR) {}
+    if (r < 0 && r != -EOPNOTSUPP) return (int)r;
   }
-  enum { BUF = 64 * 1024 };
-  long m = appshot_raw_syscall(SYS_mmap, 0, BUF, PROT_READ | PROT_WRITE,
-                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (m < 0 && m > -4096) return (int)m;
-  char *buf = (char *)m;
+  char *buf = NULL;
   int err = 0;
-  for (;;) {
-    long n = SYS3(read, src, buf, BUF);
-    if (n == -EINTR) continue;
-    if (n <= 0) {
-      err = (int)n;
+  for (long pos = 0; pos < size && !err;) {
+    long data = SYS3(lseek, src, pos, SEEK_DATA), hole;
+    if (data == -ENXIO) break; /* only a hole is left */
+    if (data == -EINVAL) {
+      data = pos;
+      hole = size;
+    } else if (data < 0) {
+      err = (int)data;
+      break;
+    } else if ((hole = SYS3(lseek, src, data, SEEK_HOLE)) < 0) {
+      err = (int)hole;
       break;
     }
-    if ((err = write_all(dst, buf, n)) != 0) break;
+    if (hole > size) hole = size;
+    if (hole <= data) break; /* shrank meanwhile */
+    err = copy_range(src, dst, data, hole, &buf);
+    pos = hole;
   }
-  SYS2(munmap, buf, BUF);
-  return err;
+  if (buf) SYS2(munmap, buf, COPY_BUF);
+  /* The size, with any hole at the end. */
+  return err ? err : (int)SYS2(ftruncate, dst, size);
 }
 
 /* Copies src's extended attributes to dst, as cp -a does: each one the
@@ -589,7 +633,7 @@ static NOINLINE int copy_up(const struct cow *c, int contents) {
     return (int)dst;
   }
   test_pause("cow-copying"); /* a signal handler's copy may come here */
-  int err = contents ? copy_contents((int)src, (int)dst) : 0;
+  int err = contents ? copy_contents((int)src, (int)dst, &st) : 0;
   if (!err) err = (int)SYS2(fchmod, dst, copy_owner((int)dst, "", &st));
   if (!err) copy_xattrs((int)src, (int)dst);
   /* The original's times, as a chmod or chown of it would have left them
@@ -2086,60 +2130,104 @@ int path_utimens_op(const struct timespec *t, int flags) { return utimens_op(t, 
  * An AF_UNIX socket's name is a path: a program that names its socket
  * after its PID in a shared directory (the JVM's /tmp/.java_pid<pid>,
  * which jcmd reaches as /proc/<pid>/root/tmp/.java_pid<pid>) needs it
- * where its files go. bind and connect take an absolute name as the path
+ * where its files go. bind, connect and the destinations of sendto,
+ * sendmsg and sendmmsg (preload_net.c) take an absolute name as the path
  * calls take a path (path_slow: /proc/<vpid> rewritten, REDIR PATH and
- * copy-on-write rules; bind's name is made on the private side). An
- * abstract name (a leading NUL), a relative one and an unnamed address go
- * through as they are. A rewritten name that sun_path cannot hold fails
- * with ENAMETOOLONG. Not rewritten: sendto's and sendmsg's destinations,
- * and the names getsockname, getpeername and accept answer (the kernel's:
- * the rewritten ones). */
+ * copy-on-write rules; bind's name is made on the private side, the
+ * others are looked up as a read would). An abstract name (a leading
+ * NUL), a relative one and an unnamed address go through as they are. A
+ * rewritten name that sun_path cannot hold fails with ENAMETOOLONG.
+ *
+ * The names the kernel answers (getsockname, getpeername, accept's and
+ * accept4's peer, recvfrom's, recvmsg's and recvmmsg's sender:
+ * preload_net.c) are the rewritten ones: a name under a rule's `to` is
+ * shown as the application named it, from + the rest (unix_name_answered),
+ * when that name is the one the rule rewrites back to it. So the program
+ * sees the names it used, a datagram server answers a client at the
+ * client's own name (rewritten again on the way out), and a name kept
+ * across a snapshot and a clone is the clone's, not the template's
+ * private directory. Not for an answer cut short by the caller's buffer
+ * (the kernel's part of the name cannot be read back), nor through
+ * syscall() with SYS_sendto, bind, connect, getsockname, getpeername,
+ * accept or recvfrom. */
 
-/* The name of an AF_UNIX address, terminated, into name (sun_path's size
- * + 1): 1 when it is an absolute path. */
-static int unix_name(const struct sockaddr *addr, socklen_t len, char name[sizeof(((struct sockaddr_un *)0)->sun_path) + 1]) {
-  const size_t off = offsetof(struct sockaddr_un, sun_path), cap = sizeof(((struct sockaddr_un *)0)->sun_path);
+int unix_name_of(const struct sockaddr *addr, socklen_t len, char name[UNIX_NAME_MAX + 1]) {
+  const size_t off = offsetof(struct sockaddr_un, sun_path);
   if (!addr || len <= off || addr->sa_family != AF_UNIX) return 0;
-  size_t n = len - off < cap ? len - off : cap;
+  size_t n = len - off < UNIX_NAME_MAX ? len - off : UNIX_NAME_MAX;
   memcpy(name, (const char *)addr + off, n);
   name[n] = '\0';
   return name[0] == '/';
 }
 
 int unix_path_hooked(const struct sockaddr *addr, socklen_t len) {
-  char name[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
-  return g_h && unix_name(addr, len, name) && path_hooked(name);
+  char name[UNIX_NAME_MAX + 1];
+  return unix_name_of(addr, len, name) && path_hooked(name);
 }
 
-/* The address with the name path_slow gives, into a; its length, or 0
- * (errno set). `name`: unix_name's. */
-static socklen_t unix_rewritten(const char *p, struct sockaddr_un *a) {
+/* The address of name p into a: its length, or 0 (errno set). A name of
+ * sun_path's whole size goes without a terminator, as the kernel takes
+ * it. */
+socklen_t unix_addr_of(const char *p, struct sockaddr_un *a) {
   size_t n = strlen(p);
-  if (n >= sizeof a->sun_path) {
+  if (n > sizeof a->sun_path) {
     errno = ENAMETOOLONG;
     return 0;
   }
   memset(a, 0, offsetof(struct sockaddr_un, sun_path));
   a->sun_family = AF_UNIX;
-  memcpy(a->sun_path, p, n + 1);
-  return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1);
+  memcpy(a->sun_path, p, n < sizeof a->sun_path ? n + 1 : n);
+  return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + (n < sizeof a->sun_path ? n + 1 : n));
 }
 
 int unix_bind_slow(int fd, const struct sockaddr *addr, socklen_t len) {
-  char path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
-  unix_name(addr, len, path);
+  char path[UNIX_NAME_MAX + 1];
+  unix_name_of(addr, len, path);
   SLOW_PATH(p, AT_FDCWD, path, PATH_TARGET, -1);
   struct sockaddr_un a;
-  socklen_t n = unix_rewritten(p, &a);
+  socklen_t n = unix_addr_of(p, &a);
   return n ? (int)libc_ret(SYS3(bind, fd, &a, n)) : -1;
 }
 
+void unix_name_answered(struct sockaddr *addr, socklen_t cap, socklen_t *lenp) {
+  char name[UNIX_NAME_MAX + 1];
+  if (!unix_name_of(addr, *lenp, name)) return;
+  const struct appshot_instance *in = &g_h->instance;
+  const struct appshot_redir *best = NULL;
+  size_t best_tl = 0;
+  uint32_t n = in->redirs < APPSHOT_REDIRS ? in->redirs : APPSHOT_REDIRS;
+  for (uint32_t i = 0; i < n; i++) { /* the longest `to` the name is under */
+    const struct appshot_redir *r = &in->redir[i];
+    size_t tl = strnlen(r->to, APPSHOT_PATH_MAX - 1);
+    if (r->from_len == 0 || r->from_len >= APPSHOT_PATH_MAX || r->from[0] != '/' || r->to[0] != '/' ||
+        tl <= best_tl || strncmp(name, r->to, tl) || (name[tl] != '\0' && name[tl] != '/'))
+      continue;
+    best = r;
+    best_tl = tl;
+  }
+  if (!best) return;
+  size_t fl = best->from_len, rl = strlen(name + best_tl);
+  char back[UNIX_NAME_MAX + 1];
+  if (fl + rl > UNIX_NAME_MAX) return; /* no such name could have been bound */
+  memcpy(back, best->from, fl);
+  memcpy(back + fl, name + best_tl, rl + 1);
+  /* Only the name that rule takes to this one: not one a longer rule
+   * inside `from` takes elsewhere. */
+  if (match(in, back) != best) return;
+  struct sockaddr_un a;
+  socklen_t al = unix_addr_of(back, &a);
+  /* As the kernel answers: what fits the caller's buffer, and the whole
+   * length (from may be longer than to). */
+  memcpy(addr, &a, al < cap ? al : cap);
+  *lenp = al;
+}
+
 static NOINLINE int unix_connect_slow(int fd, const struct sockaddr *addr, socklen_t len) {
-  char path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
-  unix_name(addr, len, path);
+  char path[UNIX_NAME_MAX + 1];
+  unix_name_of(addr, len, path);
   SLOW_PATH(p, AT_FDCWD, path, PATH_READ, -1);
   struct sockaddr_un a;
-  socklen_t n = unix_rewritten(p, &a);
+  socklen_t n = unix_addr_of(p, &a);
   return n ? REAL(connect)(fd, (struct sockaddr *)&a, n) : -1;
 }
 
@@ -2147,6 +2235,6 @@ static NOINLINE int unix_connect_slow(int fd, const struct sockaddr *addr, sockl
 API int connect(int fd, __CONST_SOCKADDR_ARG addr_arg, socklen_t len) {
   const struct sockaddr *addr = addr_arg.__sockaddr__;
   ensure_init();
-  if (UNLIKELY(unix_path_hooked(addr, len))) return unix_connect_slow(fd, addr, len);
+  if (UNLIKELY(unix_name_hooked(addr, len))) return unix_connect_slow(fd, addr, len);
   return REAL(connect)(fd, addr_arg, len);
 }
