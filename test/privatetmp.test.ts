@@ -10,10 +10,10 @@
  * (getsockname, getpeername, a datagram's sender) shown as /tmp ones.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, expect, it } from 'vitest';
-import { command, fixture, Sandbox, waitFor } from './helpers.js';
+import { afterAll, describe, expect, it } from 'vitest';
+import { asNobody, command, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 // Outside /tmp: the images and rules (a run's working directory under
@@ -145,4 +145,56 @@ it('refuses --private-tmp with rules that redirect /tmp, or from a working direc
   }
   // Nothing was left registered or made.
   expect(sb.allAids().filter((a) => !/^pt/.test(a))).toEqual([]);
+});
+
+// Review r250: what the tests above do not reach.
+describe('review r250', () => {
+  /** A run of `args` in a state directory of its own (no engine), from `/`, under `umask`. */
+  function inHome(home: string, args: string[], umask = '022') {
+    const r = spawnSync('sh', ['-c', `umask ${umask}; exec "$0" "$@"`, command, ...args], { env: { ...sb.env, APPSHOT_HOME: home, APPSHOT_ENGINE: 'off' }, cwd: '/', encoding: 'utf8', timeout: 50_000 });
+    return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+  }
+
+  it('a template is made of an application whose private /tmp holds a FIFO (anyone may put one there: it is 01777)', async () => {
+    await holding('ptf', 'F', ['--private-tmp'], ['nosock']);
+    ok(['exec', 'ptf', '--', 'mkfifo', '/tmp/a-fifo']);
+    const image = join(dir, 'ptf.img');
+    ok(['snapshot', 'ptf', '-o', image]);
+    const t = appshot(['template', 'create', image, '-o', join(dir, 'ptf.template')]);
+    expect(t.stderr).toBe('');
+    expect(t.code).toBe(0);
+  });
+
+  it("an application's processes of another user reach their private /tmp when root runs it under umask 077", () => {
+    const home = mkdtempSync('/var/tmp/appshot-ptumask-');
+    chmodSync(home, 0o755);
+    try {
+      const r = inHome(home, ['run', '--private-tmp', '--', ...asNobody, 'sh', '-c', 'echo x > /tmp/probe && cat /tmp/probe'], '077');
+      expect(r.stderr).not.toMatch(/Permission denied/);
+      expect(r.stdout).toBe('x\n');
+    } finally {
+      inHome(home, ['prune']);
+      rmSync(home, { recursive: true, force: true });
+    }
+  });
+
+  it('/proc//self/root/tmp/... (a path the kernel reads as /proc/self/root/tmp/...) is the private /tmp too', () => {
+    const r = appshot(['run', '--aid', 'ptu', '--private-tmp', '--', 'sh', '-c', `echo a > /proc//self/root/tmp/${NAME}.unplain; cat /tmp/${NAME}.unplain`]);
+    const leaked = existsSync(`/tmp/${NAME}.unplain`);
+    rmSync(`/tmp/${NAME}.unplain`, { force: true });
+    expect(leaked).toBe(false);
+    expect(r.stdout).toBe('a\n');
+  });
+
+  it('with a state directory under /tmp, a path built from getcwd() in /tmp is not redirected twice', () => {
+    const home = mkdtempSync('/tmp/appshot-pthome-');
+    try {
+      const r = inHome(home, ['run', '--private-tmp', '--', 'sh', '-c', 'cd /tmp && echo y > f && cat "$(pwd -P)/f"']);
+      expect(r.stderr).not.toMatch(/No such file/);
+      expect(r.stdout).toBe('y\n');
+    } finally {
+      inHome(home, ['prune']);
+      rmSync(home, { recursive: true, force: true });
+    }
+  });
 });

@@ -140,7 +140,12 @@ function copyTree(from: string, to: string, what: string): void {
   // since; fstat: still a regular file, not a FIFO to block on).
   const source = openSync(from, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   try {
-    if (!fstatSync(source).isFile()) throw new AppshotError(`cannot copy ${what} ${from}: it is not a file, a directory or a symbolic link`);
+    // Its owner, mode and times from here on: those of the file whose
+    // data is copied, not of whatever lstat saw at the name before (one
+    // renamed over it meanwhile, in a directory its writer owns, would
+    // otherwise come out with another's owner).
+    const opened = fstatSync(source);
+    if (!opened.isFile()) throw new AppshotError(`cannot copy ${what} ${from}: it is not a file, a directory or a symbolic link`);
     // O_EXCL: never through a name already there (a link planted).
     const fd = openSync(to, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
     try {
@@ -148,10 +153,10 @@ function copyTree(from: string, to: string, what: string): void {
       // (or of a template's writer) would fill the disk, as root, once
       // per clone.
       addon().copyFileData(source, fd);
-      if (asRoot()) fchownSync(fd, st.uid, st.gid);
+      if (asRoot()) fchownSync(fd, opened.uid, opened.gid);
       // After the owner: a chown clears set-id bits, and none is given.
-      fchmodSync(fd, copyMode(st));
-      futimesSync(fd, st.atime, st.mtime);
+      fchmodSync(fd, copyMode(opened));
+      futimesSync(fd, opened.atime, opened.mtime);
     } finally {
       closeSync(fd);
     }
