@@ -17,8 +17,9 @@
  *    so root made files wherever it pointed;
  *  - an application's own 0600 file became root's, which it could then no
  *    longer read.
- * Here: only directories, regular files and symbolic links (made, never
- * followed; a device, FIFO or socket is refused), each entry made anew
+ * Here: only directories, regular files, symbolic links (made, never
+ * followed) and FIFOs (made anew, empty); a socket's name is left out (the
+ * socket is not in the copy), a device refused. Each entry made anew
  * (O_EXCL: a name that is there already is never written through) in a
  * directory this copy made or found as a directory (lstat: never through a
  * link), owned by the owner of what it copies (root only: an ordinary user
@@ -135,6 +136,16 @@ function copyTree(from: string, to: string, what: string): void {
     settle(to, st);
     return;
   }
+  // A socket's file is a name, not the socket: the application that bound
+  // it is not in the copy (a listener is refused at snapshot), and a name
+  // left behind (a JVM's /tmp/.java_pid2 after one jcmd, in a private
+  // /tmp anyone may write in) must not stop the copy. Left out.
+  if (st.isSocket()) return;
+  // A FIFO holds nothing once its users are gone: made anew, empty.
+  if (st.isFIFO()) {
+    makeFifo(to, st);
+    return;
+  }
   if (!st.isFile()) throw new AppshotError(`cannot copy ${what} ${from}: it is not a file, a directory or a symbolic link`);
   // The source as lstat saw it (O_NOFOLLOW: not a link put in its place
   // since; fstat: still a regular file, not a FIFO to block on).
@@ -162,6 +173,24 @@ function copyTree(from: string, to: string, what: string): void {
     }
   } finally {
     closeSync(source);
+  }
+}
+
+/** A FIFO at `to` (nothing there: mkfifo never follows a link) with the
+ * owner and mode of `like`, never a set-id bit. */
+function makeFifo(to: string, like: Stats): void {
+  addon().mkfifo(to, 0o600);
+  // Through a descriptor of the FIFO just made (O_NONBLOCK: an open for
+  // reading does not wait for a writer; O_NOFOLLOW: not a link put in its
+  // place).
+  const fd = openSync(to, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOFOLLOW);
+  try {
+    if (!fstatSync(fd).isFIFO()) throw new AppshotError(`${to}, just made, is not a FIFO`);
+    if (asRoot()) fchownSync(fd, like.uid, like.gid);
+    fchmodSync(fd, copyMode(like));
+    futimesSync(fd, like.atime, like.mtime);
+  } finally {
+    closeSync(fd);
   }
 }
 

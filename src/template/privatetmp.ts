@@ -70,6 +70,9 @@ export function makePrivateTmp(privateRoot: string): InstanceConfig['redirs'][nu
     const st = lstatSync(parent);
     if (!st.isDirectory() || othersMayChange(st, false))
       throw new AppshotError(`${parent} is not a directory only you can change (${ownership(st)}): no private /tmp is made in it`);
+    // Others pass (an application's processes of other users reach their
+    // /tmp, also under a umask of 077) but cannot list the private roots.
+    if (st.uid === (process.geteuid?.() ?? 0)) chmodDirectory(parent, 0o711);
     mkdirSync(privateRoot, { mode: 0o700 });
     const tmp = privateTmpOf(privateRoot);
     mkdirSync(tmp, { mode: 0o700 });
@@ -93,10 +96,16 @@ export function makePrivateTmp(privateRoot: string): InstanceConfig['redirs'][nu
  * is anyone's, and a rule of its leading /tmp to /root/.ssh or a
  * site-packages directory would otherwise have root make that directory
  * writable by everyone. */
-export function privateTmpRemade(redirs: InstanceConfig['redirs'], made: { leaf: string }[], privateRoot: string | undefined): void {
+export function privateTmpRemade(redirs: InstanceConfig['redirs'], made: { top: string; leaf: string }[], privateRoot: string | undefined): void {
   if (!privateRoot) return;
   const tmp = privateTmpOf(privateRoot);
-  for (const r of redirs) if (r.kind === 'path' && r.from === PRIVATE_TMP && r.to === tmp && made.some((m) => m.leaf === tmp)) chmodDirectory(tmp, 0o1777);
+  const m = made.find((d) => d.leaf === tmp);
+  if (!m || !redirs.some((r) => r.kind === 'path' && r.from === PRIVATE_TMP && r.to === tmp)) return;
+  chmodDirectory(tmp, 0o1777);
+  // The directories above it that this restore made too, as
+  // makePrivateTmp makes them (mkdir's modes were cut by the umask).
+  if (m.top !== tmp) chmodDirectory(privateRoot, 0o711);
+  if (!m.top.startsWith(`${privateRoot}/`) && m.top !== privateRoot) chmodDirectory(join(privateRoot, '..'), 0o711);
 }
 
 function chmodDirectory(path: string, mode: number): void {
