@@ -340,6 +340,9 @@ const COMMIT_SWEEP_MS = 30_000;
 const commitsSwept = new Map<string, number>();
 /** What a commit file is made as ahead of its commit (newCommitPath). */
 const PENDING = '.pending';
+/** In an AID's state directory held without a registration
+ * (Registry.withAidHeld): who holds it, "PID START [REQUEST]". */
+const HELD_BY = '.held-by';
 /** Commit files being made ahead: whether made (ready), and whether
  * their restore is over (done: committed or given up), after which one
  * made late is removed. */
@@ -476,7 +479,7 @@ export class LocalRegistry implements Registry {
   register(aid: string, fill: RecordFill, opts: { restoring?: boolean } = {}): AppRecord {
     checkAid(aid);
     const stateDir = join(this.appsDir, aid);
-    if (!this.claim(stateDir)) {
+    if (!this.claim(stateDir) && !(this.dropDeadHold(stateDir) && this.claim(stateDir))) {
       const existing = this.get(aid);
       // A registration whose supervisor and processes are all gone (it was
       // killed with SIGKILL) is reclaimed rather than blocking the name.
@@ -1191,23 +1194,52 @@ export class LocalRegistry implements Registry {
    * directory made, still empty), so that no restore registers under the
    * AID and takes what a keeper holds for it meanwhile; the directory goes
    * again after. Undefined, `fn` not run, when a registration has the AID
-   * (one being made has its directory before its record). Killed while
-   * held, the empty directory is an orphan list() sweeps after a minute.
+   * (one being made has its directory before its record). The directory
+   * names its holder (HELD_BY): killed while holding it, the holder
+   * leaves a hold that the next registration, hold or list() takes away
+   * at once (dropDeadHold), not an orphan that blocks the AID for a
+   * minute (review r250).
    */
   withAidHeld<T>(aid: string, fn: () => T): T | undefined {
     checkAid(aid);
     const stateDir = join(this.appsDir, aid);
+    const hold = () => {
+      try {
+        mkdirSync(stateDir, { mode: 0o700 });
+        return true;
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
+        throw e;
+      }
+    };
+    if (!hold() && !(this.dropDeadHold(stateDir) && hold())) return undefined;
     try {
-      mkdirSync(stateDir, { mode: 0o700 });
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'EEXIST') return undefined;
-      throw e;
-    }
-    try {
+      writeFileSync(join(stateDir, HELD_BY), formatHolder(currentHolder()));
       return fn();
     } finally {
+      rmSync(join(stateDir, HELD_BY), { force: true });
       rmdirSync(stateDir);
     }
+  }
+
+  /** Removes `stateDir` if it is a hold (withAidHeld) whose holder is
+   * gone; true if it did, or it is gone already. */
+  private dropDeadHold(stateDir: string): boolean {
+    let text: string;
+    try {
+      text = readFileSync(join(stateDir, HELD_BY), 'utf8');
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code === 'ENOENT' && !existsSync(stateDir);
+    }
+    if (holderAlive(parseHolder(text.trim().split(' ')), this.home)) return false;
+    try {
+      rmSync(join(stateDir, HELD_BY), { force: true });
+      rmdirSync(stateDir);
+    } catch (e) {
+      // Another took it away first (ENOENT), or it is no hold (ENOTEMPTY).
+      return (e as NodeJS.ErrnoException).code === 'ENOENT';
+    }
+    return true;
   }
 
   /** `appshot rm` of a snapshotted application: its record and the log
@@ -1423,8 +1455,10 @@ export class LocalRegistry implements Registry {
 
   private dropOrphanDir(aid: string): void {
     // A directory without app.json: being registered right now (leave it),
-    // or left by a registration killed before it wrote app.json.
+    // or left by a registration killed before it wrote app.json; or a hold
+    // whose holder was killed.
     const dir = join(this.appsDir, aid);
+    if (this.dropDeadHold(dir)) return;
     try {
       // Its change time: a spare state directory renamed into place
       // (enableSpareStateDirs) keeps the modification time of when it was

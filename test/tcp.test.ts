@@ -366,6 +366,11 @@ describe('established TCP connections', () => {
     expect(sb.run(['prune']).stdout).not.toMatch(/tcp15/);
     expect(keepers(sb.home)).toEqual(held);
     rmdirSync(registering);
+    // The hold of an rm killed while it held the AID (its holder gone,
+    // review r250) is taken away by the next rm at once, not after the
+    // minute an orphan directory is left.
+    mkdirSync(registering);
+    writeFileSync(join(registering, '.held-by'), `${spawnSync('true').pid} 1`);
     // A keeper that does not answer (stopped) is not waited for: its
     // socket file goes, and it leaves, dropping the connection, once it
     // runs again.

@@ -173,6 +173,11 @@ long keeper_take(const char *path, const char *image_id, int wait_ms, int **out,
   }
   int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (s < 0) return fail(step, "making a socket for the keeper");
+  // A keeper that is stopped accepts nothing: once its backlog is full
+  // (each caller that gave up leaves its connection there), a connect
+  // waits as long as the send timeout says (review r250: for good).
+  struct timeval tv = {wait_ms / 1000, (wait_ms % 1000) * 1000};
+  setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
   if (connect(s, (struct sockaddr *)&sa, sizeof sa)) {
     int e = errno;
     close(s);
@@ -194,7 +199,6 @@ long keeper_take(const char *path, const char *image_id, int wait_ms, int **out,
     errno = EPERM;
     return fail(step, "the keeper's socket is another user's");
   }
-  struct timeval tv = {wait_ms / 1000, (wait_ms % 1000) * 1000};
   setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   char request[256];
   int len = snprintf(request, sizeof request, "TAKE %s\n", image_id);
