@@ -23,7 +23,7 @@ import { hostname } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
 import { addon, type InstanceConfig, paths } from './native.js';
 import { type MadeDir, redirLeaves, removeWalked } from './resources/paths.js';
-import { checkPrivateTmpRules, makePrivateTmp, newPrivateRoot, PRIVATE_TMP } from './template/privatetmp.js';
+import { checkPrivateTmpRules, hasPrivateTmp, makePrivateTmp, newPrivateRoot, underTmp } from './template/privatetmp.js';
 import { instanceConfig, loadRules, type RulesFile } from './template/rules.js';
 import { readStat } from './procfs.js';
 import { CAP, hasCap, ownCreds } from './resources/creds.js';
@@ -118,7 +118,7 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   // absolute path the application names under /tmp is its private one
   // (and a clone would copy the whole directory into its private /tmp).
   const cwd = process.cwd();
-  if (opts.privateTmp && (cwd === PRIVATE_TMP || cwd.startsWith(`${PRIVATE_TMP}/`)))
+  if (opts.privateTmp && underTmp(cwd))
     throw new AppshotError(`--private-tmp: the working directory ${cwd} is under /tmp, which the application would not see as its own: start it from another directory`, ExitCode.usage);
   const fill = (stateDir: string) => ({
     ...(rules ? { rules: { source: basename(opts.rules!), text: rules.text } } : {}),
@@ -278,6 +278,11 @@ function timeNamespaceEntry(record: AppRecord): string[] {
 export async function execIn(registry: Registry, aid: string, command: string[]): Promise<number> {
   if (command.length === 0) throw new AppshotError('no command given: appshot exec A -- cmd args...', ExitCode.usage);
   const record = registry.require(aid);
+  // As run refuses it: the command would start in the real /tmp (review
+  // r250), while every absolute path it names there is the private one.
+  const cwd = process.cwd();
+  if (hasPrivateTmp(record) && underTmp(cwd))
+    throw new AppshotError(`'${aid}' has a private /tmp, and the working directory ${cwd} is under the real one: run appshot exec from another directory`, ExitCode.usage);
   const env = applicationEnv(record);
   const entry = timeNamespaceEntry(record);
   // nsenter itself runs without the preload library, which would take the

@@ -129,7 +129,7 @@ it('each clone of a template made with a private /tmp has its own copy of it', a
   expect(existsSync('/tmp/only') && readFileSync('/tmp/only', 'utf8') === 'one\n').toBe(false);
 });
 
-it('refuses --private-tmp with rules that redirect /tmp, or from a working directory under /tmp', () => {
+it('refuses --private-tmp with rules that redirect /tmp, or from a working directory under /tmp (run, and exec in such an application)', async () => {
   const rules = join(dir, 'tmp.rules');
   writeFileSync(rules, `REDIR PATH "/tmp" TO "${dir}/elsewhere"\n`);
   const r = appshot(['run', '--private-tmp', '--rules', rules, '--', 'true']);
@@ -140,6 +140,12 @@ it('refuses --private-tmp with rules that redirect /tmp, or from a working direc
     const c = appshot(['run', '--private-tmp', '--', 'true'], inTmp);
     expect(c.code).toBe(2);
     expect(c.stderr).toMatch(/--private-tmp: the working directory \S+ is under \/tmp/);
+    // exec would start the command in the real /tmp (review r250).
+    await holding('ptx', 'X', ['--private-tmp'], ['nosock']);
+    const e = appshot(['exec', 'ptx', '--', 'true'], inTmp);
+    expect(e.stderr).toMatch(/^appshot: 'ptx' has a private \/tmp, and the working directory \S+ is under the real one/);
+    expect(e.code).toBe(2);
+    ok(['rm', '-f', 'ptx']);
   } finally {
     rmSync(inTmp, { recursive: true, force: true });
   }

@@ -48,6 +48,16 @@ export function newPrivateRoot(home: string, aid: string): string {
 /** The private /tmp under a directory of private copies. */
 export const privateTmpOf = (privateRoot: string) => join(privateRoot, 'tmp');
 
+/** Whether `dir` is /tmp or under it: a working directory there is the
+ * real /tmp's, not the private one the application's paths lead to. */
+export const underTmp = (dir: string) => dir === PRIVATE_TMP || dir.startsWith(`${PRIVATE_TMP}/`);
+
+/** Whether a registered application runs with a private /tmp: its REDIR
+ * PATH of /tmp leads into its directory of private copies. */
+export function hasPrivateTmp(record: { privateRoot?: string; redirLeaves?: string[] }): boolean {
+  return !!record.privateRoot && (record.redirLeaves ?? []).includes(privateTmpOf(record.privateRoot));
+}
+
 /** A rules file's REDIR PATH of /tmp itself cannot be kept with a private
  * /tmp (one of the two would be silently dropped): refused. A rule for a
  * path under /tmp is kept, and wins there (the longest `from` does). */
