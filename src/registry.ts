@@ -1222,6 +1222,20 @@ export class LocalRegistry implements Registry {
     }
   }
 
+  /** The AID of a running application, other than `except`, whose private
+   * copies are `privateRoot`, if any. Reads every registration: for the
+   * restores that need to know (a private /tmp's, restore/driver.ts). */
+  runningWith(privateRoot: string, except: string): string | undefined {
+    for (const aid of readdirSync(this.appsDir)) {
+      if (aid === except || aid.startsWith('.')) continue;
+      const r = this.get(aid);
+      if (r?.privateRoot !== privateRoot) continue;
+      const settled = this.settle(r);
+      if (settled && !isEnded(settled)) return aid;
+    }
+    return undefined;
+  }
+
   /** Removes `stateDir` if it is a hold (withAidHeld) whose holder is
    * gone; true if it did, or it is gone already. */
   private dropDeadHold(stateDir: string): boolean {

@@ -105,6 +105,14 @@ it('a snapshot and its restore keep the private /tmp; rm removes it', async () =
   ok(['restore', image]);
   expect(privateRoot('pta')).toBe(root);
   expect(readIn('pta')).toBe('READ file=A root=A sock=A');
+  // Restored beside it under another AID, both would use one private /tmp
+  // (review r250): refused, nothing registered.
+  const beside = join(dir, 'pta-lr.img');
+  ok(['snapshot', 'pta', '--leave-running', '-o', beside]);
+  const twice = appshot(['restore', beside, '--aid', 'pta2']);
+  expect(twice.stderr).toMatch(/^appshot: cannot restore \S+: the image's private \/tmp is that of 'pta', which is running: restored beside it, both would use it/);
+  expect(twice.code).toBe(4);
+  expect(sb.allAids()).not.toContain('pta2');
   const other = privateRoot('ptb')!;
   ok(['stop', 'pta', 'ptb']);
   await waitFor(() => !sb.aids().includes('pta') && !sb.aids().includes('ptb'), 15_000, 'pta and ptb to end');

@@ -28,7 +28,7 @@ import { type AppRecord, checkAid, isPrivateRoot, type LocalRegistry, type PortB
 import { applicationIds, environBlock } from '../resources/environ.js';
 import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js';
 import { type MadeDir, redirLeaves } from '../resources/paths.js';
-import { privateTmpRemade } from '../template/privatetmp.js';
+import { hasPrivateTmp, privateTmpRemade } from '../template/privatetmp.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { openToMapAs } from '../resources/fsident.js';
@@ -645,8 +645,16 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (taken) phase(standby ? 'standby taken' : 'standby gone');
     const standbyStart = standby && readStat(standby.init.pid)?.startTime;
     const copies = image.instance?.privateRoot && isPrivateRoot(reg.home, image.instance.privateRoot) ? image.instance.privateRoot : undefined;
-    if (copies && !opts.instance) reg.markSharedCopies(aid, copies);
     const leaves = redirLeaves(opts.instance?.config.redirs ?? image.instance?.redirs ?? []);
+    // A private /tmp is one application's (privatetmp.ts): restored under
+    // another AID while that one runs (a --leave-running snapshot, an
+    // image restored twice), both would use it, and meet each other's
+    // PID-named files there again (review r250). A template's clones each
+    // get a copy of their own.
+    const sharing = !opts.instance && copies && hasPrivateTmp({ privateRoot: copies, redirLeaves: leaves }) ? reg.runningWith(copies, aid) : undefined;
+    if (sharing)
+      throw new AppshotError(`the image's private /tmp is that of '${sharing}', which is running: restored beside it, both would use it (stop '${sharing}' first, or make a template of the image, whose clones each get their own)`, ExitCode.conflict);
+    if (copies && !opts.instance) reg.markSharedCopies(aid, copies);
     record = reg.register(aid, (stateDir) => ({
       command: image.command,
       cwd: image.processes[0]?.cwd ?? '/',
