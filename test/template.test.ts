@@ -512,4 +512,28 @@ describe("a restored or cloned application's environment names it", () => {
     expect(counts.slice(1), `mappings after each restore: ${counts.join(' ')}`).toEqual(counts.slice(1).map(() => counts[0]));
     own.run(['stop', 'envagain', '-s', 'KILL']);
   });
+
+  // A program that owns its environment (php-fpm's master: strings and an
+  // array of malloc's, each given back with free() at exit) keeps them:
+  // the restore changes its strings where they are. Pointed at a block of
+  // appshot's, the restored php-fpm aborted when stopped ("free(): invalid
+  // pointer", exit 134).
+  it('a program that made its environment its own (malloc) still frees it after a restore, and it names the application', async () => {
+    const out = mkdtempSync(join(dir, 'ownenv-'));
+    expect(own.run(['run', '-d', '--aid', 'ownenv', '--', fixture('ownenv')]).code).toBe(0);
+    await waitFor(() => own.log('ownenv').includes('READY aid=ownenv'), 10_000, 'ownenv to start');
+    const snap = own.run(['snapshot', 'ownenv', '-o', join(out, 'snap'), '--leave-running']);
+    expect(snap.code, snap.stderr).toBe(0);
+    own.run(['stop', 'ownenv', '-s', 'KILL']);
+    own.run(['rm', '-f', 'ownenv']);
+    // Its own AID (the table path as long as it was), then a shorter one.
+    for (const aid of ['ownenv', 'own2']) {
+      const r = own.run(['restore', join(out, 'snap'), '--aid', aid]);
+      expect(r.code, r.stderr).toBe(0);
+      await waitFor(() => /^(OWNENV OK|FAIL)/m.test(own.log(aid)), 15_000, `${aid} to check and free its environment`);
+      // Its exit status: 0 once it freed all, 134 had free() aborted it.
+      const w = own.run(['wait', aid]);
+      expect(`${w.stdout.trim()} ${own.log(aid)}`).toMatch(new RegExp(`^0 [^]*OWNENV OK aid=${aid}$`, 'm'));
+    }
+  });
 });

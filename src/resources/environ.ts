@@ -10,10 +10,16 @@
  *   source's table file while it still exists, or in none;
  * - SET ENV rules (FIG. 8): a clone's processes were started as the
  *   template's, so their environment names the template.
- * getenv() reads glibc's `__environ`; a new array with the new values is
- * written into the process and `__environ` pointed at it, and its strings
- * become what /proc/PID/environ shows (env_start and env_end, moved by
- * PR_SET_MM_MAP, which needs no privilege without a new executable).
+ * getenv() reads glibc's `__environ`. Where the new values fit in the
+ * places of the old ones (a restore under the same AID: the table path is
+ * as long), they are written there, in the program's own array, which
+ * stays: a program may own its environment (php-fpm frees every string
+ * and the array at exit, and free() aborts on memory malloc did not give).
+ * Otherwise a new array with the new values is written into the process
+ * and `__environ` pointed at it. The startup strings go to a block of
+ * their own and become what /proc/PID/environ shows (env_start and
+ * env_end, moved by PR_SET_MM_MAP, which needs no privilege without a new
+ * executable).
  *
  * Every restore changes APPSHOT_TABLES, so every restore of a glibc
  * process writes such a block; the one an earlier restore wrote is part of
@@ -246,6 +252,43 @@ function keepsItsPlaces(pid: number, earlier: { base: bigint; arrayAt: number },
   }
 }
 
+/**
+ * The writes that change process `pid`'s environment from `had` to `env`
+ * in place: each changed string over the old one, in the array `array`
+ * that `__environ` points at, which stays. Undefined (a new block is
+ * written instead) unless both have the same variables in the same order
+ * (nothing added) and every new string fits where the old one is, in
+ * private writable memory of both the image and the live process (the
+ * image's pointers are untrusted: never memory another process shares).
+ * A program may own its environment: php-fpm's master copies it into
+ * strings and an array of malloc's, and frees each at exit; pointed at
+ * anything else, free() aborts it.
+ */
+function stringsInPlace(pid: number, p: Process, array: bigint, had: string[], env: string[]): (() => void) | undefined {
+  if (!array || env.length !== had.length) return undefined;
+  const changed = env.flatMap((e, i) => (e === had[i] ? [] : [i]));
+  if (!changed.length) return undefined;
+  let pointers: Buffer;
+  try {
+    pointers = addon().readMemory(pid, array, had.length * 8);
+  } catch {
+    return undefined;
+  }
+  const live = new ImageMemory(p.vmas, readMaps(pid));
+  const writes: { at: bigint; bytes: Buffer }[] = [];
+  for (const i of changed) {
+    if (varName(env[i]) !== varName(had[i])) return undefined;
+    const bytes = Buffer.from(env[i] + '\0', 'latin1');
+    const room = Buffer.byteLength(had[i], 'latin1') + 1;
+    const at = pointers.readBigUInt64LE(i * 8);
+    if (bytes.length > room || !live.writablePrivate(at, room)) return undefined;
+    writes.push({ at, bytes });
+  }
+  return () => {
+    for (const w of writes) addon().writeMemory(pid, w.at, w.bytes);
+  };
+}
+
 /** Gives the stopped, restored process `r` its environment with the
  * variables of `renamed` replaced where it has them (the application's
  * identity) and the values of `set` (SET ENV) replaced or added, both as
@@ -284,6 +327,17 @@ export function environBlock(
   if (same(env, had) && !startupChanged) return undefined;
   const environArray = addon().readMemory(r.pid, at, 8).readBigUInt64LE();
   const earlier = earlierBlock(r.pid, p, environArray);
+  const inEarlier = !!earlier && environArray >= earlier.base && environArray < earlier.base + BigInt(earlier.length);
+  // The program's own array (the exec's, or one it made): its strings are
+  // changed where they are, when each new one fits in the old one's place.
+  const inPlace = !inEarlier && stringsInPlace(r.pid, p, environArray, had, env);
+  if (inPlace && !startupChanged)
+    return {
+      fill: () => {
+        inPlace();
+        return undefined;
+      },
+    };
   // The startup strings an earlier block holds (env_start points into it)
   // are written again with it, as they are, not overwritten.
   const startupInEarlier = !!earlier && !!startup && p.mm.envStart >= earlier.base && p.mm.envStart < earlier.base + BigInt(earlier.length);
@@ -309,9 +363,14 @@ export function environBlock(
       off += s.length;
     });
     addon().writeMemory(r.pid, base, block);
-    const pointer = Buffer.alloc(8);
-    pointer.writeBigUInt64LE(base + BigInt(arrayAt));
-    addon().writeMemory(r.pid, at, pointer);
+    // Strings changed in place stay where the program has them: the block
+    // is for /proc/PID/environ's startup strings only.
+    if (inPlace) inPlace();
+    else {
+      const pointer = Buffer.alloc(8);
+      pointer.writeBigUInt64LE(base + BigInt(arrayAt));
+      addon().writeMemory(r.pid, at, pointer);
+    }
     return withStartup ? { start: base + BigInt(HEADER_BYTES), end: base + BigInt(HEADER_BYTES + startupBlock.length) } : undefined;
   };
   // Not over startup strings that env_start keeps pointing at.
