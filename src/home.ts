@@ -164,6 +164,17 @@ export function refuseUnsafeHome(home: string, made = false): void {
  * (/tmp: only an entry's owner may rename it). A `dir` not there is left
  * to the making of the partial directory, which fails on it.
  */
+/** Whether no one but this user (or root) may change `dir`, or a step on
+ * the way to it (a sticky directory above it excepted, as /tmp): nothing
+ * there can have been swapped for a link (fsident.ts socketFileIdentities). */
+export function onlyRestorerMayChange(dir: string): boolean {
+  try {
+    return !changeableStep(dir, false, 'judged');
+  } catch {
+    return false;
+  }
+}
+
 export function refuseUnsafeDirectory(dir: string): void {
   const step = changeableStep(dir, true, 'judged');
   if (step)

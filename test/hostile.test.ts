@@ -2158,13 +2158,17 @@ describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process n
   const name = `/etc/appshot-hostile-${process.pid}.sock`;
   afterAll(() => rmSync(name, { force: true }));
   it('binding a socket file in /etc is refused (EACCES) in one line, no file made', () => {
-    const dir = crafted('rootonly-sock', (i) => {
-      asNobodyRan(i);
-      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
-      Object.assign(fd, { fd: 906, kind: FdKind.UNIX_SOCKET, path: '', file: -1, description: 0, socket: { ino: 4346n, family: 1, type: 1, address: name, port: 0, listening: true, backlog: 4, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false } });
-      i.processes[0].fds.push(fd);
-    });
-    refuses(['restore', dir], { code: 4, stderr: new RegExp(`: process \\d+ fd 906: listening on ${name.replace(/\./g, '\\.')}: Permission denied$`) });
+    const image = structuredClone(goodImage);
+    asNobodyRan(image);
+    const fd = structuredClone(image.processes[0].fds.find((f) => f.kind === 0)!);
+    Object.assign(fd, { fd: 906, kind: FdKind.UNIX_SOCKET, path: '', file: -1, description: 0, socket: { ino: 4346n, family: 1, type: 1, address: name, port: 0, listening: true, backlog: 4, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false } });
+    image.processes[0].fds.push(fd);
+    // Under another node's key, vouched for with --trust-image: only this
+    // node's own snapshot has the restorer make a socket file its
+    // processes no longer could (fsident.ts socketFileIdentities: a
+    // daemon that bound it as root, then dropped to its user).
+    const dir = writeImage('rootonly-sock', encodeImage(image), other.home);
+    refuses(['restore', dir, '--trust-image'], { code: 4, stderr: new RegExp(`: process \\d+ fd 906: listening on ${name.replace(/\./g, '\\.')}: Permission denied$`) });
     expect(existsSync(name)).toBe(false);
   });
 

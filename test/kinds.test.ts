@@ -6,7 +6,7 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -261,6 +261,21 @@ describe('unix sockets whose files were renamed into place, given a mode or unli
     await checksPass('sfil5');
     await run(['stop', 'sfil5']);
     await waitFor(() => !sb.aids().includes('sfil5'), 10_000, 'sfil5 to stop');
+  });
+
+  it("bound as root by a process become nobody since (unbound's control socket) comes back root's, given by the restorer for this node's own snapshot", async () => {
+    // Before, the owner was given as the process, which can no longer
+    // give root's: every restore failed with EPERM (hand-servers-37).
+    // (Where nobody may look: the test's own directories are 0700.)
+    const here = mkdtempSync(join(tmpdir(), 'appshot-sockdrop-'));
+    chmodSync(here, 0o755);
+    try {
+      await comesBackFromEndingSnapshot('sfil8', [fixture('sockdrop'), here]);
+      await run(['stop', 'sfil8']);
+      await waitFor(() => !sb.aids().includes('sfil8'), 10_000, 'sfil8 to stop');
+    } finally {
+      rmSync(here, { recursive: true, force: true });
+    }
   });
 
   it('bound by a relative name in a directory the process has left, are refused by name at snapshot, and the application goes on', async () => {

@@ -33,8 +33,11 @@ import { type Creds, type FileIdentity, type Image, type Process } from '../imag
 import { addon, type FsIdentity } from '../native.js';
 import { type CopiedFile } from './paths.js';
 import { closeSync, constants as fsConstants, fstatSync, openSync } from 'node:fs';
+import { dirname, isAbsolute } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { isOwnSnapshot } from '../image/format.js';
+import { onlyRestorerMayChange } from '../home.js';
+import { ownCreds } from './creds.js';
 
 /** A filesystem identity with the permitted set of the credentials it
  * was taken from: the capabilities its process may raise into its
@@ -115,6 +118,28 @@ export function socketHolderIdentities(image: Image, ino: bigint): FsIdentity[] 
     holders.set(image, byIno);
   }
   return identitiesFor(image, byIno.get(ino));
+}
+
+/**
+ * Those a unix socket's own file is made as (its bind, then its owner and
+ * mode): socketHolderIdentities, then, for this node's own snapshot
+ * (format.ts isOwnSnapshot), the restorer's own, where no one but the
+ * restorer (or root) may change the socket's directory or a step to it.
+ * A daemon binds its socket as root, then runs as its user for good
+ * (unbound's /run/unbound.ctl: root's file in root's /run): no process of
+ * the image may make it again, so every restore failed (hand-servers-37).
+ * This node's snapshot saw the file there, so the restorer makes what
+ * was; an image anyone wrote gets no more than its processes, and in a
+ * directory another user may change, a link put on the way since would
+ * have the restorer bind wherever it leads.
+ */
+export function socketFileIdentities(image: Image, ino: bigint, address: string, base: string | undefined): FsIdentity[] {
+  const own = socketHolderIdentities(image, ino);
+  if (!isOwnSnapshot(image)) return own;
+  const dir = base || (isAbsolute(address) ? dirname(address) : undefined);
+  if (!dir || !onlyRestorerMayChange(dir)) return own;
+  const me = ownCreds();
+  return [...own, { fsuid: me.uid[3], fsgid: me.gid[3], groups: me.groups, capEff: me.capEff }];
 }
 
 /** Under what openToMapAs keeps the open of `path` with `flags` for

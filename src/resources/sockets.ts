@@ -42,7 +42,7 @@ import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { AF_NETLINK, boundPortId, dumpNetlink, netlinkTable } from './netlink.js';
 import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile.js';
-import { socketHolderIdentities } from './fsident.js';
+import { socketFileIdentities } from './fsident.js';
 import { ownerFor } from './files.js';
 import { ownCreds, peerCredRefusal, strangeOwner } from './creds.js';
 import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
@@ -658,7 +658,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     }
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
     // A unix listener's file is made as its process would (fsident.ts).
-    const as = socketHolderIdentities(h.image, s.ino);
+    const as = socketFileIdentities(h.image, s.ino, s.address, s.file?.base);
     // A unix listener's file left behind by the ended original goes; one
     // where a live socket listens (the original, still running) is a
     // conflict, named.

@@ -28,7 +28,7 @@ import { type RestoreContext } from './context.js';
 import { AF_INET, AF_INET6, AF_UNIX, makeSockaddr } from './sockaddr.js';
 import { applyExtras, isCarriedExtra, type SockKind } from './sockopts.js';
 import { clearSocketFile, restoreSocketFile } from './socketfile.js';
-import { socketHolderIdentities } from './fsident.js';
+import { socketFileIdentities } from './fsident.js';
 import { ownerFor } from './files.js';
 
 const SOL_SOCKET = 1;
@@ -131,7 +131,7 @@ function make(h: RestoreContext, s: Socket, where: string, owner: InodeOwner | u
 
 function bind(h: RestoreContext, sock: number, s: Socket, where: string): void {
   // A unix name is bound as its process would (fsident.ts).
-  const who = s.family === AF_UNIX ? socketHolderIdentities(h.image, s.ino) : undefined;
+  const who = s.family === AF_UNIX ? socketFileIdentities(h.image, s.ino, s.address, s.file?.base) : undefined;
   if (s.family === AF_UNIX) clearSocketFile(h, s.address, s.file, where, who);
   try {
     addon().sockBind(sock, makeSockaddr({ family: s.family, address: s.address || (s.family === AF_INET ? '0.0.0.0' : '::'), port: s.port }), s.file?.base || undefined, who);

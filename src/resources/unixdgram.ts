@@ -37,7 +37,7 @@ import { addon, type FileId, type UnixSocketInfo } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
 import { clearSocketFile, dumpSocketFile, movedSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
-import { socketHolderIdentities } from './fsident.js';
+import { socketFileIdentities, socketHolderIdentities } from './fsident.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 import { peerFor } from './sockets.js';
 
@@ -242,7 +242,7 @@ function bindName(h: RestoreContext, sock: number, s: Socket, what: string): voi
   const address = s.address;
   const name = makeSockaddr({ family: AF_UNIX, address, port: 0 });
   // As its process would (fsident.ts).
-  const who = socketHolderIdentities(h.image, s.ino);
+  const who = socketFileIdentities(h.image, s.ino, address, s.file?.base);
   clearSocketFile(h, address, s.file, what, who);
   try {
     addon().sockBind(sock, name, s.file?.base || undefined, who);
