@@ -573,8 +573,19 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
    * inside clone3's stack when it says where that is (review 243 L1), and
    * never where the kernel writes the child's id (L2). */
   int room = !ca || (ca->stack_size >= sizeof before + 16);
-  int overlaps = (ctid && (uintptr_t)ctid + sizeof(pid_t) > at && (uintptr_t)ctid < at + sizeof before) ||
-                 (ptid && (flags & CLONE_PARENT_SETTID) && (uintptr_t)ptid + sizeof(pid_t) > at && (uintptr_t)ptid < at + sizeof before);
+  /* Every word the kernel writes in the parent's memory: the child's id
+   * at child_tid and at parent_tid, and the pidfd, which clone writes at
+   * parent_tid (CLONE_PIDFD) and clone3 at its own field (review r250
+   * L7: written over the slot's saved mask, the child started with the
+   * fd's number as its signal mask). Each an int. */
+  uintptr_t written[3] = {
+      (uintptr_t)ctid,
+      (flags & (CLONE_PARENT_SETTID | (ca ? 0 : CLONE_PIDFD))) ? (uintptr_t)ptid : 0,
+      ca && (flags & CLONE_PIDFD) ? (uintptr_t)ca->pidfd : 0,
+  };
+  int overlaps = 0;
+  for (int i = 0; i < 3; i++)
+    if (written[i] && written[i] + sizeof(int) > at && written[i] < at + sizeof before) overlaps = 1;
   if ((flags & CLONE_VM) && (flags & CLONE_CHILD_SETTID) && ctid && !(flags & CLONE_VFORK) && room && !overlaps) {
     pthread_sigmask(SIG_SETMASK, &all, &saved);
     blocked = 1;
