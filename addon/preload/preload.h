@@ -822,9 +822,28 @@ HIDDEN long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e);
  * name p into a; its length, or 0 (errno ENAMETOOLONG). */
 #define UNIX_NAME_MAX ((socklen_t)sizeof(((struct sockaddr_un *)0)->sun_path))
 HIDDEN int unix_path_hooked(const struct sockaddr *addr, socklen_t len);
+/* Nothing of the caller's is read here: the address may be a bad pointer
+ * (the kernel's EFAULT to answer), and is read by unix_path_hooked
+ * through copy_in (review r250 L3). A length longer than a sockaddr_un is
+ * the kernel's EINVAL for an AF_UNIX address (L4): it goes to the kernel
+ * as it is, unread. */
 static inline int unix_name_hooked(const struct sockaddr *addr, socklen_t len) {
-  return g_h && addr && len > offsetof(struct sockaddr_un, sun_path) && addr->sa_family == AF_UNIX &&
+  return g_h && addr && len > offsetof(struct sockaddr_un, sun_path) && len <= sizeof(struct sockaddr_un) &&
          unix_path_hooked(addr, len);
+}
+/* preload_pid.c: n bytes of the caller's memory at src into dst, read as
+ * the kernel reads its arguments (process_vm_readv, one system call): 0;
+ * -EFAULT when src does not hold them; another -errno when the system
+ * refuses the copy (a seccomp filter). */
+HIDDEN long copy_in(void *dst, const void *src, size_t n);
+/* The room *lenp gives an answered name before the call (accept,
+ * recvfrom, getpeername...): read only when an answered name may be
+ * shown otherwise (rules: unix_answer_hooked), and then through copy_in;
+ * 0 (nothing shown otherwise) for an unreadable one, whose call the
+ * kernel fails with EFAULT. */
+HIDDEN socklen_t unix_answer_room(const socklen_t *lenp);
+static inline socklen_t answer_room(const void *addr, const socklen_t *lenp) {
+  return g_h && g_h->instance.redirs && addr && lenp ? unix_answer_room(lenp) : 0;
 }
 HIDDEN int unix_bind_slow(int fd, const struct sockaddr *addr, socklen_t len);
 HIDDEN int unix_name_of(const struct sockaddr *addr, socklen_t len, char name[UNIX_NAME_MAX + 1]);

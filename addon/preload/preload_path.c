@@ -2213,18 +2213,42 @@ int path_utimens_op(const struct timespec *t, int flags) { return utimens_op(t, 
  * syscall() with SYS_sendto, bind, connect, getsockname, getpeername,
  * accept or recvfrom. */
 
-int unix_name_of(const struct sockaddr *addr, socklen_t len, char name[UNIX_NAME_MAX + 1]) {
+/* The name in the sockaddr_un at a (len bytes, already ours to read). */
+static int unix_name_in(const struct sockaddr_un *a, socklen_t len, char name[UNIX_NAME_MAX + 1]) {
   const size_t off = offsetof(struct sockaddr_un, sun_path);
-  if (!addr || len <= off || addr->sa_family != AF_UNIX) return 0;
+  if (len <= off || a->sun_family != AF_UNIX) return 0;
   size_t n = len - off < UNIX_NAME_MAX ? len - off : UNIX_NAME_MAX;
-  memcpy(name, (const char *)addr + off, n);
+  memcpy(name, a->sun_path, n);
   name[n] = '\0';
   return name[0] == '/';
+}
+
+/* The caller's address, read as the kernel reads it (copy_in): one the
+ * kernel would refuse with EFAULT is no name here (review r250 L3: read
+ * as it was, it killed the program with SIGSEGV), and one longer than a
+ * sockaddr_un (EINVAL) neither (L4): the call goes to the kernel as it
+ * is. A system that refuses the copy itself (a seccomp filter that
+ * forbids process_vm_readv) has it read plainly, as before. */
+int unix_name_of(const struct sockaddr *addr, socklen_t len, char name[UNIX_NAME_MAX + 1]) {
+  struct sockaddr_un a;
+  if (!addr || len <= offsetof(struct sockaddr_un, sun_path) || len > sizeof a) return 0;
+  long rc = copy_in(&a, addr, len);
+  if (rc == -EFAULT) return 0;
+  if (rc < 0) memcpy(&a, addr, len);
+  return unix_name_in(&a, len, name);
 }
 
 int unix_path_hooked(const struct sockaddr *addr, socklen_t len) {
   char name[UNIX_NAME_MAX + 1];
   return unix_name_of(addr, len, name) && path_hooked(name);
+}
+
+socklen_t unix_answer_room(const socklen_t *lenp) {
+  socklen_t cap;
+  long rc = copy_in(&cap, lenp, sizeof cap);
+  if (rc == -EFAULT) return 0;
+  if (rc < 0) cap = *lenp;
+  return cap;
 }
 
 /* The address of name p into a: its length, or 0 (errno set). A name of
@@ -2244,8 +2268,12 @@ socklen_t unix_addr_of(const char *p, struct sockaddr_un *a) {
 
 int unix_bind_slow(int fd, const struct sockaddr *addr, socklen_t len) {
   char path[UNIX_NAME_MAX + 1];
-  unix_name_of(addr, len, path);
+  /* Unreadable now (unmapped by another thread since): the kernel's. */
+  if (!unix_name_of(addr, len, path)) return (int)libc_ret(SYS3(bind, fd, addr, len));
   SLOW_PATH(p, AT_FDCWD, path, PATH_TARGET, -1);
+  /* Not rewritten: the caller's own address, as the kernel takes it (a
+   * 108-byte name without a terminator, say: L4). */
+  if (p == path) return (int)libc_ret(SYS3(bind, fd, addr, len));
   struct sockaddr_un a;
   socklen_t n = unix_addr_of(p, &a);
   return n ? (int)libc_ret(SYS3(bind, fd, &a, n)) : -1;
@@ -2253,7 +2281,8 @@ int unix_bind_slow(int fd, const struct sockaddr *addr, socklen_t len) {
 
 void unix_name_answered(struct sockaddr *addr, socklen_t cap, socklen_t *lenp) {
   char name[UNIX_NAME_MAX + 1];
-  if (!unix_name_of(addr, *lenp, name)) return;
+  /* The kernel just wrote it (the call succeeded): plain reads. */
+  if (*lenp > sizeof(struct sockaddr_un) || !unix_name_in((const struct sockaddr_un *)addr, *lenp, name)) return;
   const struct appshot_instance *in = &g_h->instance;
   const struct appshot_redir *best = NULL;
   size_t best_tl = 0;
@@ -2286,8 +2315,9 @@ void unix_name_answered(struct sockaddr *addr, socklen_t cap, socklen_t *lenp) {
 
 static NOINLINE int unix_connect_slow(int fd, const struct sockaddr *addr, socklen_t len) {
   char path[UNIX_NAME_MAX + 1];
-  unix_name_of(addr, len, path);
+  if (!unix_name_of(addr, len, path)) return REAL(connect)(fd, addr, len);
   SLOW_PATH(p, AT_FDCWD, path, PATH_READ, -1);
+  if (p == path) return REAL(connect)(fd, addr, len); /* as unix_bind_slow */
   struct sockaddr_un a;
   socklen_t n = unix_addr_of(p, &a);
   return n ? REAL(connect)(fd, (struct sockaddr *)&a, n) : -1;
