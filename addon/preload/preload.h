@@ -815,10 +815,13 @@ HIDDEN int linkat_path(int fd1, const char *from, int fd2, const char *to, int f
 HIDDEN long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e);
 /* preload_path.c, for bind, sendto, sendmsg and sendmmsg (preload_net.c;
  * "Socket names"): an AF_UNIX address whose name is an absolute path the
- * path rules may rewrite (unix_name_hooked: a few loads and branches for
- * any other address, unix_path_hooked past them), bound with the rewritten
- * name (unix_bind_slow: bind's return). unix_name_of: the name, terminated,
- * into name; 1 when it is an absolute path. unix_addr_of: the address of
+ * path rules may rewrite (unix_name_hooked: a few compares, then, for a
+ * length an AF_UNIX address may have (an AF_INET one's too),
+ * unix_path_hooked, which reads it through copy_in: two system calls),
+ * bound with the rewritten
+ * name (unix_bind_slow: bind's return). unix_name_of: the name of the
+ * caller's address, read through copy_in, terminated, into name; 1 when
+ * it is an absolute path (0 for an unreadable address). unix_addr_of: the address of
  * name p into a; its length, or 0 (errno ENAMETOOLONG). */
 #define UNIX_NAME_MAX ((socklen_t)sizeof(((struct sockaddr_un *)0)->sun_path))
 HIDDEN int unix_path_hooked(const struct sockaddr *addr, socklen_t len);

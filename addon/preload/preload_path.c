@@ -1182,7 +1182,7 @@ static NOINLINE const char *proc_root_unplain(const char *path, int op, char buf
   if (!plain_path(path, plain) || !(rest = proc_root_redirected(plain, buf))) return NULL;
   *taken = 1;
   const char *r = path_rules_once(rest, rest, op, buf);
-  if (r && r >= plain && r < plain + PATH_MAX) r = strcpy(buf, r);
+  if (r && (uintptr_t)r - (uintptr_t)plain < PATH_MAX) r = strcpy(buf, r);
   return r;
 }
 
