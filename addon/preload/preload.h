@@ -817,7 +817,8 @@ HIDDEN long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e);
  * "Socket names"): an AF_UNIX address whose name is an absolute path the
  * path rules may rewrite (unix_name_hooked: a few compares, then, for a
  * length an AF_UNIX address may have (an AF_INET one's too),
- * unix_path_hooked, which reads it through copy_in: two system calls),
+ * unix_path_hooked, which reads it through read_in: no system call for
+ * an address on the caller's stack next to the call, else two),
  * bound with the rewritten
  * name (unix_bind_slow: bind's return). unix_name_of: the name of the
  * caller's address, read through copy_in, terminated, into name; 1 when
@@ -839,6 +840,9 @@ static inline int unix_name_hooked(const struct sockaddr *addr, socklen_t len) {
  * -EFAULT when src does not hold them; another -errno when the system
  * refuses the copy (a seccomp filter). */
 HIDDEN long copy_in(void *dst, const void *src, size_t n);
+/* The same, with no system call when src lies in the calling thread's
+ * stack pages next to the call (certainly mapped). */
+HIDDEN long read_in(void *dst, const void *src, size_t n);
 /* The room *lenp gives an answered name before the call (accept,
  * recvfrom, getpeername...): read only when an answered name may be
  * shown otherwise (rules: unix_answer_hooked), and then through copy_in;

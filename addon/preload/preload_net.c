@@ -186,7 +186,7 @@ static socklen_t msg_name_room(const struct msghdr *m) {
   if (!g_h || !g_h->instance.redirs || !m) return 0;
   struct msghdr h;
   size_t n = offsetof(struct msghdr, msg_namelen) + sizeof h.msg_namelen;
-  long rc = copy_in(&h, m, n);
+  long rc = read_in(&h, m, n);
   if (rc == -EFAULT) return 0;
   if (rc < 0) memcpy(&h, m, n); /* the copy refused (seccomp): as before */
   return h.msg_name ? h.msg_namelen : 0;
@@ -344,7 +344,7 @@ static void mmsg_name_room(const struct mmsghdr *v, unsigned int n, socklen_t ca
   struct mmsghdr h[8];
   for (unsigned int i = 0; i < k; i += 8) {
     unsigned int c = k - i < 8 ? k - i : 8;
-    long rc = copy_in(h, v + i, c * sizeof *h);
+    long rc = read_in(h, v + i, c * sizeof *h);
     if (rc == -EFAULT) return;
     if (rc < 0) memcpy(h, v + i, c * sizeof *h);
     for (unsigned int j = 0; j < c; j++) cap[i + j] = h[j].msg_hdr.msg_name ? h[j].msg_hdr.msg_namelen : 0;

@@ -2232,7 +2232,7 @@ static int unix_name_in(const struct sockaddr_un *a, socklen_t len, char name[UN
 int unix_name_of(const struct sockaddr *addr, socklen_t len, char name[UNIX_NAME_MAX + 1]) {
   struct sockaddr_un a;
   if (!addr || len <= offsetof(struct sockaddr_un, sun_path) || len > sizeof a) return 0;
-  long rc = copy_in(&a, addr, len);
+  long rc = read_in(&a, addr, len);
   if (rc == -EFAULT) return 0;
   if (rc < 0) memcpy(&a, addr, len);
   return unix_name_in(&a, len, name);
@@ -2245,7 +2245,7 @@ int unix_path_hooked(const struct sockaddr *addr, socklen_t len) {
 
 socklen_t unix_answer_room(const socklen_t *lenp) {
   socklen_t cap;
-  long rc = copy_in(&cap, lenp, sizeof cap);
+  long rc = read_in(&cap, lenp, sizeof cap);
   if (rc == -EFAULT) return 0;
   if (rc < 0) cap = *lenp;
   return cap;
