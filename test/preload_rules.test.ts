@@ -176,6 +176,83 @@ describe('REDIR PATH', () => {
   });
 });
 
+describe('review r250', () => {
+  it("leaves a path at or under a rule's `to` as it is (a `to` under a `from`: the kernel's answers name it so)", async () => {
+    // The private side inside `from` itself, and a copy-on-write rule's
+    // private side under that `from` too (a state directory under /tmp).
+    const from = join(dir, 'tree');
+    const to = join(from, '.inst');
+    const cowFrom = join(dir, 'cowapp');
+    const cowTo = join(from, '.cow', 'cowapp');
+    mkdirSync(to, { recursive: true });
+    mkdirSync(cowFrom);
+    mkdirSync(cowTo, { recursive: true });
+    writeFileSync(join(from, 'x.txt'), 'template-x');
+    writeFileSync(join(to, 'x.txt'), 'instance-x');
+    writeFileSync(join(cowFrom, 'y.txt'), 'original-y');
+    writeFileSync(join(cowTo, 'y.txt'), 'private-y');
+    const lines = await run(
+      'underto',
+      ['cat', `${from}/x.txt`, 'cat', `${to}/x.txt`, 'cat', `${to}/./x.txt`, 'write', `${to}/w.txt`, 'w', 'cat', `${cowFrom}/y.txt`, 'cat', `${cowTo}/y.txt`],
+      { redirs: [{ kind: 'path', from, to }, { kind: 'cow', from: cowFrom, to: cowTo }] },
+    );
+    expect(lines).toEqual([
+      `cat ${from}/x.txt: instance-x`,
+      `cat ${to}/x.txt: instance-x`,
+      `cat ${to}/./x.txt: instance-x`,
+      `write ${to}/w.txt: ok`,
+      `cat ${cowFrom}/y.txt: private-y`,
+      `cat ${cowTo}/y.txt: private-y`,
+      'DONE',
+    ]);
+    expect(read(join(to, 'w.txt'))).toBe('w');
+    expect(existsSync(join(to, '.inst'))).toBe(false);
+  });
+
+  it('takes /proc/self/root/... with repeated slashes, "." or ".." components as its plain path does', async () => {
+    const from = join(dir, 'rootdata');
+    const to = join(dir, 'inst-rootdata');
+    mkdirSync(from);
+    mkdirSync(to);
+    writeFileSync(join(from, 'x.txt'), 'template-x');
+    writeFileSync(join(to, 'x.txt'), 'instance-x');
+    const paths = [`/proc/self/./root${from}/x.txt`, `//proc/self/root${from}/x.txt`, `/proc/self/root/${from}/x.txt`, `/proc/self/fd/../root${from}/x.txt`];
+    const lines = await run('rootunplain', [...paths.flatMap((p) => ['cat', p]), 'write', `/proc//self/root${from}/new.txt`, 'n'], {
+      redirs: [{ kind: 'path', from, to }],
+    });
+    expect(lines).toEqual([...paths.map((p) => `cat ${p}: instance-x`), `write /proc//self/root${from}/new.txt: ok`, 'DONE']);
+    expect(existsSync(join(from, 'new.txt'))).toBe(false);
+    expect(read(join(to, 'new.txt'))).toBe('n');
+  });
+
+  it('hands socket calls with an address the kernel refuses to the kernel as they are: EFAULT, not SIGSEGV; EINVAL for a length past a sockaddr_un', async () => {
+    const from = join(dir, 'socks');
+    const to = join(dir, 'inst-socks');
+    mkdirSync(from);
+    mkdirSync(to);
+    const expected = [
+      'connect bad address: ERR EFAULT',
+      'bind bad address: ERR EFAULT',
+      'sendto bad address: ERR EFAULT',
+      'sendmsg bad address: ERR EFAULT',
+      'bind long length: ERR EINVAL',
+      'connect long length: ERR EINVAL',
+      'sendto long length: ERR EINVAL',
+      'getpeername bad length: ERR EFAULT',
+      'accept bad length: ERR EFAULT',
+      'accept4 bad length: ERR EFAULT',
+      'recvfrom bad length: ERR EFAULT',
+      'recvmsg bad header: ERR EFAULT',
+      'DONE',
+    ];
+    // With a rule for the name, and without any.
+    expect(await run('badaddr', ['sockaddrs', `${from}/s.sock`], { redirs: [{ kind: 'path', from, to }] })).toEqual(expected);
+    expect(existsSync(join(to, 's.sock'))).toBe(false);
+    expect(await run('badaddr0', ['sockaddrs', `${from}/s.sock`], {})).toEqual(expected);
+    expect(existsSync(join(from, 's.sock'))).toBe(false);
+  });
+});
+
 describe('copy-on-write files', () => {
   it('reads the original until the first write, which copies it to the private side', async () => {
     const from = join(dir, 'tmpl');

@@ -815,16 +815,42 @@ HIDDEN int linkat_path(int fd1, const char *from, int fd2, const char *to, int f
 HIDDEN long do_cowfd_syscall(long nr, long a, long b, long c, long d, long e);
 /* preload_path.c, for bind, sendto, sendmsg and sendmmsg (preload_net.c;
  * "Socket names"): an AF_UNIX address whose name is an absolute path the
- * path rules may rewrite (unix_name_hooked: a few loads and branches for
- * any other address, unix_path_hooked past them), bound with the rewritten
- * name (unix_bind_slow: bind's return). unix_name_of: the name, terminated,
- * into name; 1 when it is an absolute path. unix_addr_of: the address of
+ * path rules may rewrite (unix_name_hooked: a few compares, then, for a
+ * length an AF_UNIX address may have (an AF_INET one's too),
+ * unix_path_hooked, which reads it through read_in: no system call for
+ * an address on the caller's stack next to the call, else two),
+ * bound with the rewritten
+ * name (unix_bind_slow: bind's return). unix_name_of: the name of the
+ * caller's address, read through copy_in, terminated, into name; 1 when
+ * it is an absolute path (0 for an unreadable address). unix_addr_of: the address of
  * name p into a; its length, or 0 (errno ENAMETOOLONG). */
 #define UNIX_NAME_MAX ((socklen_t)sizeof(((struct sockaddr_un *)0)->sun_path))
 HIDDEN int unix_path_hooked(const struct sockaddr *addr, socklen_t len);
+/* Nothing of the caller's is read here: the address may be a bad pointer
+ * (the kernel's EFAULT to answer), and is read by unix_path_hooked
+ * through copy_in (review r250 L3). A length longer than a sockaddr_un is
+ * the kernel's EINVAL for an AF_UNIX address (L4): it goes to the kernel
+ * as it is, unread. */
 static inline int unix_name_hooked(const struct sockaddr *addr, socklen_t len) {
-  return g_h && addr && len > offsetof(struct sockaddr_un, sun_path) && addr->sa_family == AF_UNIX &&
+  return g_h && addr && len > offsetof(struct sockaddr_un, sun_path) && len <= sizeof(struct sockaddr_un) &&
          unix_path_hooked(addr, len);
+}
+/* preload_pid.c: n bytes of the caller's memory at src into dst, read as
+ * the kernel reads its arguments (process_vm_readv, one system call): 0;
+ * -EFAULT when src does not hold them; another -errno when the system
+ * refuses the copy (a seccomp filter). */
+HIDDEN long copy_in(void *dst, const void *src, size_t n);
+/* The same, with no system call when src lies in the calling thread's
+ * stack pages next to the call (certainly mapped). */
+HIDDEN long read_in(void *dst, const void *src, size_t n);
+/* The room *lenp gives an answered name before the call (accept,
+ * recvfrom, getpeername...): read only when an answered name may be
+ * shown otherwise (rules: unix_answer_hooked), and then through copy_in;
+ * 0 (nothing shown otherwise) for an unreadable one, whose call the
+ * kernel fails with EFAULT. */
+HIDDEN socklen_t unix_answer_room(const socklen_t *lenp);
+static inline socklen_t answer_room(const void *addr, const socklen_t *lenp) {
+  return g_h && g_h->instance.redirs && addr && lenp ? unix_answer_room(lenp) : 0;
 }
 HIDDEN int unix_bind_slow(int fd, const struct sockaddr *addr, socklen_t len);
 HIDDEN int unix_name_of(const struct sockaddr *addr, socklen_t len, char name[UNIX_NAME_MAX + 1]);

@@ -115,7 +115,7 @@ API int getsockname(int fd, __SOCKADDR_ARG addr_arg,
 API int getpeername(int fd, __SOCKADDR_ARG addr_arg, socklen_t *restrict lenp) {
   struct sockaddr *addr = addr_arg.__sockaddr__;
   ensure_init();
-  socklen_t cap = lenp ? *lenp : 0;
+  socklen_t cap = answer_room(addr, lenp);
   long r = SYS3(getpeername, fd, addr, lenp);
   if (r == 0 && UNLIKELY(unix_answer_hooked(addr, cap, lenp))) unix_name_answered(addr, cap, lenp);
   return (int)libc_ret(r);
@@ -133,8 +133,11 @@ API int getpeername(int fd, __SOCKADDR_ARG addr_arg, socklen_t *restrict lenp) {
 static NOINLINE ssize_t sendto_named(int fd, const void *buf, size_t n, int flags,
                                      const struct sockaddr *addr, socklen_t len) {
   char name[UNIX_NAME_MAX + 1];
-  unix_name_of(addr, len, name);
+  /* Unreadable now, or not rewritten: the caller's own address (as
+   * unix_bind_slow). */
+  if (!unix_name_of(addr, len, name)) return REAL(sendto)(fd, buf, n, flags, addr, len);
   SLOW_PATH(p, AT_FDCWD, name, PATH_READ, -1);
+  if (p == name) return REAL(sendto)(fd, buf, n, flags, addr, len);
   struct sockaddr_un a;
   socklen_t al = unix_addr_of(p, &a);
   return al ? REAL(sendto)(fd, buf, n, flags, (struct sockaddr *)&a, al) : -1;
@@ -152,7 +155,7 @@ API ssize_t recvfrom(int fd, void *restrict buf, size_t n, int flags,
                      __SOCKADDR_ARG addr_arg, socklen_t *restrict lenp) {
   struct sockaddr *addr = addr_arg.__sockaddr__;
   ensure_init();
-  socklen_t cap = addr && lenp ? *lenp : 0;
+  socklen_t cap = answer_room(addr, lenp);
   ssize_t r = REAL(recvfrom)(fd, buf, n, flags, addr_arg, lenp);
   if (r >= 0 && UNLIKELY(unix_answer_hooked(addr, cap, lenp))) unix_name_answered(addr, cap, lenp);
   return r;
@@ -161,7 +164,7 @@ API ssize_t recvfrom(int fd, void *restrict buf, size_t n, int flags,
 API int accept(int fd, __SOCKADDR_ARG addr_arg, socklen_t *restrict lenp) {
   struct sockaddr *addr = addr_arg.__sockaddr__;
   ensure_init();
-  socklen_t cap = addr && lenp ? *lenp : 0;
+  socklen_t cap = answer_room(addr, lenp);
   int r = REAL(accept)(fd, addr_arg, lenp);
   if (r >= 0 && UNLIKELY(unix_answer_hooked(addr, cap, lenp))) unix_name_answered(addr, cap, lenp);
   return r;
@@ -170,10 +173,23 @@ API int accept(int fd, __SOCKADDR_ARG addr_arg, socklen_t *restrict lenp) {
 API int accept4(int fd, __SOCKADDR_ARG addr_arg, socklen_t *restrict lenp, int flags) {
   struct sockaddr *addr = addr_arg.__sockaddr__;
   ensure_init();
-  socklen_t cap = addr && lenp ? *lenp : 0;
+  socklen_t cap = answer_room(addr, lenp);
   int r = REAL(accept4)(fd, addr_arg, lenp, flags);
   if (r >= 0 && UNLIKELY(unix_answer_hooked(addr, cap, lenp))) unix_name_answered(addr, cap, lenp);
   return r;
+}
+
+/* The room m's msg_name gives before the call (answer_room): m itself
+ * is read, through copy_in, only with rules; 0 for an unreadable one (the
+ * kernel fails the call with EFAULT). */
+static socklen_t msg_name_room(const struct msghdr *m) {
+  if (!g_h || !g_h->instance.redirs || !m) return 0;
+  struct msghdr h;
+  size_t n = offsetof(struct msghdr, msg_namelen) + sizeof h.msg_namelen;
+  long rc = read_in(&h, m, n);
+  if (rc == -EFAULT) return 0;
+  if (rc < 0) memcpy(&h, m, n); /* the copy refused (seccomp): as before */
+  return h.msg_name ? h.msg_namelen : 0;
 }
 
 /* A received message's sender, as the application named it. cap: the
@@ -278,12 +294,20 @@ static inline int dest_named(const struct msghdr *m) {
  * window stays open across the send, as sendto_named's. */
 static NOINLINE ssize_t sendmsg_named(int fd, const struct msghdr *m, int flags, int raw) {
   char name[UNIX_NAME_MAX + 1];
-  unix_name_of(m->msg_name, m->msg_namelen, name);
-  SLOW_PATH(p, AT_FDCWD, name, PATH_READ, -1);
-  struct sockaddr_un a;
   struct msghdr t = *m;
-  if (!(t.msg_namelen = unix_addr_of(p, &a))) return -1;
-  t.msg_name = &a;
+  /* Unreadable now, or not rewritten: the caller's own address (as
+   * unix_bind_slow). */
+  if (!unix_name_of(m->msg_name, m->msg_namelen, name)) name[0] = '\0';
+  if (name[0]) {
+    SLOW_PATH(p, AT_FDCWD, name, PATH_READ, -1);
+    struct sockaddr_un a;
+    if (p != name) {
+      if (!(t.msg_namelen = unix_addr_of(p, &a))) return -1;
+      t.msg_name = &a;
+    }
+    if (creds_to_send(&t)) return sendmsg_creds(fd, &t, flags, raw);
+    return raw ? libc_ret(SYS3(sendmsg, fd, &t, flags)) : REAL(sendmsg)(fd, &t, flags);
+  }
   if (creds_to_send(&t)) return sendmsg_creds(fd, &t, flags, raw);
   return raw ? libc_ret(SYS3(sendmsg, fd, &t, flags)) : REAL(sendmsg)(fd, &t, flags);
 }
@@ -298,7 +322,7 @@ API ssize_t sendmsg(int fd, const struct msghdr *m, int flags) {
 API ssize_t recvmsg(int fd, struct msghdr *m, int flags) {
   ID_WINDOW();
   ensure_init();
-  socklen_t cap = m && m->msg_name ? m->msg_namelen : 0;
+  socklen_t cap = msg_name_room(m);
   ssize_t r = REAL(recvmsg)(fd, m, flags);
   if (r >= 0) {
     creds_received(m);
@@ -313,8 +337,18 @@ API ssize_t recvmsg(int fd, struct msghdr *m, int flags) {
  * answered (an array of every n's would not be allocation-free). */
 enum { MMSG_NAMES = 64 };
 static void mmsg_name_room(const struct mmsghdr *v, unsigned int n, socklen_t cap[MMSG_NAMES]) {
-  for (unsigned int i = 0; i < n && i < MMSG_NAMES; i++)
-    cap[i] = v[i].msg_hdr.msg_name ? v[i].msg_hdr.msg_namelen : 0;
+  unsigned int k = n < MMSG_NAMES ? n : MMSG_NAMES;
+  memset(cap, 0, k * sizeof *cap);
+  if (!g_h || !g_h->instance.redirs) return; /* no name shown otherwise */
+  /* The headers read as msg_name_room reads one, 8 at a time. */
+  struct mmsghdr h[8];
+  for (unsigned int i = 0; i < k; i += 8) {
+    unsigned int c = k - i < 8 ? k - i : 8;
+    long rc = read_in(h, v + i, c * sizeof *h);
+    if (rc == -EFAULT) return;
+    if (rc < 0) memcpy(h, v + i, c * sizeof *h);
+    for (unsigned int j = 0; j < c; j++) cap[i + j] = h[j].msg_hdr.msg_name ? h[j].msg_hdr.msg_namelen : 0;
+  }
 }
 static void mmsg_received(struct mmsghdr *v, long r, const socklen_t cap[MMSG_NAMES]) {
   for (long i = 0; i < r; i++) {
@@ -405,7 +439,7 @@ long do_creds_syscall(long nr, long a, long b, long c, long d, long e) {
       break;
     case SYS_recvmsg: {
       struct msghdr *m = (struct msghdr *)b;
-      socklen_t cap = m && m->msg_name ? m->msg_namelen : 0;
+      socklen_t cap = msg_name_room(m);
       long r = SYS3(recvmsg, a, b, c);
       if (r >= 0) {
         creds_received(m);

@@ -5,7 +5,9 @@
  * A rule applies to an absolute path the application passes that, once
  * normalized lexically ("//" and "/./" collapsed, "x/.." dropped), equals
  * `from` or starts with `from` + "/". Of several rules the longest `from`
- * wins. A path whose normalized or rewritten form does not fit PATH_MAX
+ * wins. No rule applies to a path that is a rule's `to` or under it
+ * (rewriting is idempotent: a `to` under a `from`, a state directory
+ * under /tmp, is named so by the kernel's answers, getcwd's). A path whose normalized or rewritten form does not fit PATH_MAX
  * fails with ENAMETOOLONG (it is never let through unmatched). A path no
  * rule applies to reaches the kernel as the caller wrote it: normalization
  * is only for matching (it would change what ".." after a symlink means).
@@ -304,7 +306,32 @@ static long normalize(const char *in, char out[PATH_MAX]) {
   return (long)o;
 }
 
-/* The rule that applies to the normalized path, or NULL. */
+/* Whether the normalized path is a rule's `to` or under it: a path the
+ * rules already led to, as the kernel answers it (getcwd, `pwd -P`,
+ * /proc/self/fd/N, realpath). A `to` may lie under a rule's `from` (a
+ * state directory under /tmp holds the private /tmp, and the clones'
+ * copy-on-write copies, under the rule from=/tmp): rewriting such a path
+ * again would name a file that does not exist (review r250 M3). Any
+ * rule's `to`, not only the matching rule's own: a copy-on-write copy
+ * under that state directory is under the /tmp rule's `from` but not its
+ * `to`. */
+static int under_a_to(const struct appshot_instance *in, const char *norm, uint32_t n) {
+  for (uint32_t i = 0; i < n; i++) {
+    const struct appshot_redir *r = &in->redir[i];
+    size_t tl = strnlen(r->to, APPSHOT_PATH_MAX - 1);
+    if (tl > 1 && r->to[0] == '/' && strncmp(norm, r->to, tl) == 0 &&
+        (norm[tl] == '\0' || norm[tl] == '/'))
+      return 1;
+  }
+  return 0;
+}
+
+/* The rule that applies to the normalized path, or NULL. None applies to
+ * a path at or under a rule's `to` (under_a_to): rewriting is idempotent,
+ * and such a path is what it names, for every kind of rule (a
+ * copy-on-write rule's `to` is the private side, which is its own
+ * already). Looked at only once a rule matched: a path under no `from`
+ * costs nothing more. */
 static const struct appshot_redir *match(const struct appshot_instance *in,
                                          const char *norm) {
   const struct appshot_redir *best = NULL;
@@ -319,7 +346,7 @@ static const struct appshot_redir *match(const struct appshot_instance *in,
         (norm[fl] == '\0' || norm[fl] == '/'))
       best = r;
   }
-  return best;
+  return best && UNLIKELY(under_a_to(in, norm, n)) ? NULL : best;
 }
 
 /* --- Raw file helpers (no wrapper, no libc state) ------------------------ */
@@ -1136,6 +1163,29 @@ static NOINLINE const char *proc_root_redirected(const char *path, char buf[PATH
   return rest;
 }
 
+static const char *path_rules_once(const char *path, const char *p, int op, char buf[PATH_MAX]);
+
+/* proc_root_redirected of a path with repeated slashes, "." or ".."
+ * components ("/proc//self/root/tmp/x", "/proc/self/./root/tmp/x",
+ * "//proc/2/root/tmp/x"): the kernel reads it as the plain path, so the
+ * root is looked for in the plain one (review r250 L2: parsed as
+ * written, such a path reached the real /tmp). The plain copy is in this
+ * frame only (a signal handler on a small stack may open a /proc path):
+ * the rules' answer is made in buf, and one that is the plain path itself
+ * (read from the original side) is copied there. *taken: 0 when it is no
+ * such root path (or the plain one does not fit: the kernel says so),
+ * for path_slow to go on as before. */
+static NOINLINE const char *proc_root_unplain(const char *path, int op, char buf[PATH_MAX], int *taken) {
+  char plain[PATH_MAX];
+  const char *rest;
+  *taken = 0;
+  if (!plain_path(path, plain) || !(rest = proc_root_redirected(plain, buf))) return NULL;
+  *taken = 1;
+  const char *r = path_rules_once(rest, rest, op, buf);
+  if (r && (uintptr_t)r - (uintptr_t)plain < PATH_MAX) r = strcpy(buf, r);
+  return r;
+}
+
 const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
   if (op & PATH_EINVAL) {
     errno = EINVAL;
@@ -1143,11 +1193,23 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
   }
   const char *p = path;
   if (proc_path_may_name(path)) {
-    const char *rest = g_h->instance.redirs ? proc_root_redirected(path, buf) : NULL;
+    const char *rest = NULL;
+    if (g_h->instance.redirs && UNLIKELY(path_unplain(path))) {
+      int taken;
+      const char *r = proc_root_unplain(path, op, buf, &taken);
+      if (taken) return r;
+    } else if (g_h->instance.redirs) {
+      rest = proc_root_redirected(path, buf);
+    }
     if (rest) p = path = rest;
     else if (!(p = proc_path(path, buf))) return NULL;
   }
   if (!g_h->instance.redirs) return p;
+  return path_rules_once(path, p, op, buf);
+}
+
+/* path_rules with the page it may map unmapped again. */
+static const char *path_rules_once(const char *path, const char *p, int op, char buf[PATH_MAX]) {
   char *page = NULL; /* mapped at the first symlink followed */
   const char *r = path_rules(path, p, op, buf, &page);
   if (page) SYS2(munmap, page, LINK_PAGE); /* raw: errno kept */
@@ -2151,18 +2213,42 @@ int path_utimens_op(const struct timespec *t, int flags) { return utimens_op(t, 
  * syscall() with SYS_sendto, bind, connect, getsockname, getpeername,
  * accept or recvfrom. */
 
-int unix_name_of(const struct sockaddr *addr, socklen_t len, char name[UNIX_NAME_MAX + 1]) {
+/* The name in the sockaddr_un at a (len bytes, already ours to read). */
+static int unix_name_in(const struct sockaddr_un *a, socklen_t len, char name[UNIX_NAME_MAX + 1]) {
   const size_t off = offsetof(struct sockaddr_un, sun_path);
-  if (!addr || len <= off || addr->sa_family != AF_UNIX) return 0;
+  if (len <= off || a->sun_family != AF_UNIX) return 0;
   size_t n = len - off < UNIX_NAME_MAX ? len - off : UNIX_NAME_MAX;
-  memcpy(name, (const char *)addr + off, n);
+  memcpy(name, a->sun_path, n);
   name[n] = '\0';
   return name[0] == '/';
+}
+
+/* The caller's address, read as the kernel reads it (copy_in): one the
+ * kernel would refuse with EFAULT is no name here (review r250 L3: read
+ * as it was, it killed the program with SIGSEGV), and one longer than a
+ * sockaddr_un (EINVAL) neither (L4): the call goes to the kernel as it
+ * is. A system that refuses the copy itself (a seccomp filter that
+ * forbids process_vm_readv) has it read plainly, as before. */
+int unix_name_of(const struct sockaddr *addr, socklen_t len, char name[UNIX_NAME_MAX + 1]) {
+  struct sockaddr_un a;
+  if (!addr || len <= offsetof(struct sockaddr_un, sun_path) || len > sizeof a) return 0;
+  long rc = read_in(&a, addr, len);
+  if (rc == -EFAULT) return 0;
+  if (rc < 0) memcpy(&a, addr, len);
+  return unix_name_in(&a, len, name);
 }
 
 int unix_path_hooked(const struct sockaddr *addr, socklen_t len) {
   char name[UNIX_NAME_MAX + 1];
   return unix_name_of(addr, len, name) && path_hooked(name);
+}
+
+socklen_t unix_answer_room(const socklen_t *lenp) {
+  socklen_t cap;
+  long rc = read_in(&cap, lenp, sizeof cap);
+  if (rc == -EFAULT) return 0;
+  if (rc < 0) cap = *lenp;
+  return cap;
 }
 
 /* The address of name p into a: its length, or 0 (errno set). A name of
@@ -2182,8 +2268,12 @@ socklen_t unix_addr_of(const char *p, struct sockaddr_un *a) {
 
 int unix_bind_slow(int fd, const struct sockaddr *addr, socklen_t len) {
   char path[UNIX_NAME_MAX + 1];
-  unix_name_of(addr, len, path);
+  /* Unreadable now (unmapped by another thread since): the kernel's. */
+  if (!unix_name_of(addr, len, path)) return (int)libc_ret(SYS3(bind, fd, addr, len));
   SLOW_PATH(p, AT_FDCWD, path, PATH_TARGET, -1);
+  /* Not rewritten: the caller's own address, as the kernel takes it (a
+   * 108-byte name without a terminator, say: L4). */
+  if (p == path) return (int)libc_ret(SYS3(bind, fd, addr, len));
   struct sockaddr_un a;
   socklen_t n = unix_addr_of(p, &a);
   return n ? (int)libc_ret(SYS3(bind, fd, &a, n)) : -1;
@@ -2191,7 +2281,8 @@ int unix_bind_slow(int fd, const struct sockaddr *addr, socklen_t len) {
 
 void unix_name_answered(struct sockaddr *addr, socklen_t cap, socklen_t *lenp) {
   char name[UNIX_NAME_MAX + 1];
-  if (!unix_name_of(addr, *lenp, name)) return;
+  /* The kernel just wrote it (the call succeeded): plain reads. */
+  if (*lenp > sizeof(struct sockaddr_un) || !unix_name_in((const struct sockaddr_un *)addr, *lenp, name)) return;
   const struct appshot_instance *in = &g_h->instance;
   const struct appshot_redir *best = NULL;
   size_t best_tl = 0;
@@ -2224,8 +2315,9 @@ void unix_name_answered(struct sockaddr *addr, socklen_t cap, socklen_t *lenp) {
 
 static NOINLINE int unix_connect_slow(int fd, const struct sockaddr *addr, socklen_t len) {
   char path[UNIX_NAME_MAX + 1];
-  unix_name_of(addr, len, path);
+  if (!unix_name_of(addr, len, path)) return REAL(connect)(fd, addr, len);
   SLOW_PATH(p, AT_FDCWD, path, PATH_READ, -1);
+  if (p == path) return REAL(connect)(fd, addr, len); /* as unix_bind_slow */
   struct sockaddr_un a;
   socklen_t n = unix_addr_of(p, &a);
   return n ? REAL(connect)(fd, (struct sockaddr *)&a, n) : -1;

@@ -47,11 +47,30 @@ static pid_t adopt(pid_t sid) {
  * plain read would kill the program with SIGSEGV where the kernel answers
  * EFAULT); another -errno when the system refuses the copy itself (a
  * seccomp filter may forbid process_vm_readv), for the caller to decide. */
-static long copy_in(void *dst, const void *src, size_t n) {
+long copy_in(void *dst, const void *src, size_t n) {
   struct iovec here = {dst, n}, there = {(void *)src, n};
   long r = SYS6(process_vm_readv, SYS0(getpid), &here, 1, &there, 1, 0);
   if (r == (long)n) return 0;
   return r >= 0 || r == -EFAULT ? -EFAULT : r;
+}
+
+/* copy_in, with no system call for memory that is certainly there: the
+ * calling thread's stack between this frame and the page of its return
+ * address (contiguous, and in use: a caller's local sockaddr or msghdr
+ * is most often there). Everything else costs copy_in's two system calls
+ * (a socket call's address on the heap: bench). Not inlined: its own
+ * frame is what it measures from. */
+NOINLINE long read_in(void *dst, const void *src, size_t n) {
+  volatile char here = 0;
+  uintptr_t at = (uintptr_t)&here;
+  uintptr_t ret = (uintptr_t)__builtin_frame_address(0) + 2 * sizeof(void *); /* past the return address */
+  uintptr_t lo = at & ~(uintptr_t)4095, hi = ((ret > at ? ret : at) | 4095) + 1;
+  uintptr_t s = (uintptr_t)src;
+  if (s >= lo && s < hi && n <= hi - s) {
+    memcpy(dst, src, n);
+    return 0;
+  }
+  return copy_in(dst, src, n);
 }
 
 /* The id of a process to act on (getpgid, sched_*, prlimit...): 0 is the
@@ -573,8 +592,19 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
    * inside clone3's stack when it says where that is (review 243 L1), and
    * never where the kernel writes the child's id (L2). */
   int room = !ca || (ca->stack_size >= sizeof before + 16);
-  int overlaps = (ctid && (uintptr_t)ctid + sizeof(pid_t) > at && (uintptr_t)ctid < at + sizeof before) ||
-                 (ptid && (flags & CLONE_PARENT_SETTID) && (uintptr_t)ptid + sizeof(pid_t) > at && (uintptr_t)ptid < at + sizeof before);
+  /* Every word the kernel writes in the parent's memory: the child's id
+   * at child_tid and at parent_tid, and the pidfd, which clone writes at
+   * parent_tid (CLONE_PIDFD) and clone3 at its own field (review r250
+   * L7: written over the slot's saved mask, the child started with the
+   * fd's number as its signal mask). Each an int. */
+  uintptr_t written[3] = {
+      (uintptr_t)ctid,
+      (flags & (CLONE_PARENT_SETTID | (ca ? 0 : CLONE_PIDFD))) ? (uintptr_t)ptid : 0,
+      ca && (flags & CLONE_PIDFD) ? (uintptr_t)ca->pidfd : 0,
+  };
+  int overlaps = 0;
+  for (int i = 0; i < 3; i++)
+    if (written[i] && written[i] + sizeof(int) > at && written[i] < at + sizeof before) overlaps = 1;
   if ((flags & CLONE_VM) && (flags & CLONE_CHILD_SETTID) && ctid && !(flags & CLONE_VFORK) && room && !overlaps) {
     pthread_sigmask(SIG_SETMASK, &all, &saved);
     blocked = 1;
