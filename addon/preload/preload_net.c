@@ -147,7 +147,7 @@ API ssize_t sendto(int fd, const void *buf, size_t n, int flags,
                    __CONST_SOCKADDR_ARG addr_arg, socklen_t len) {
   const struct sockaddr *addr = addr_arg.__sockaddr__;
   ensure_init();
-  if (UNLIKELY(unix_name_hooked(addr, len))) return sendto_named(fd, buf, n, flags, addr, len);
+  if (UNLIKELY(unix_dest_hooked(addr, len))) return sendto_named(fd, buf, n, flags, addr, len);
   return REAL(sendto)(fd, buf, n, flags, addr_arg, len);
 }
 
@@ -286,7 +286,7 @@ static NOINLINE ssize_t sendmsg_creds(int fd, const struct msghdr *m, int flags,
 
 /* Whether m's destination is a unix name the path rules may rewrite. */
 static inline int dest_named(const struct msghdr *m) {
-  return m && unix_name_hooked(m->msg_name, m->msg_namelen);
+  return m && unix_dest_hooked(m->msg_name, m->msg_namelen);
 }
 
 /* m sent to its destination as the path rules name it (dest_named),
