@@ -1145,6 +1145,15 @@ Napi::Value CompareFileTables(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), r < 0 ? -1 : static_cast<double>(r));
 }
 
+// compareFsStructs(tid1, tid2) -> kcmp(KCMP_FS): 0 if the two tasks share
+// one working directory, root and umask (CLONE_FS), else 1 or 2, -1 if
+// the kernel cannot say.
+Napi::Value CompareFsStructs(const Napi::CallbackInfo& info) {
+  const int KCMP_FS = 3;
+  long r = syscall(SYS_kcmp, Tid(info, 0), Tid(info, 1), KCMP_FS, 0, 0);
+  return Napi::Number::New(info.Env(), r < 0 ? -1 : static_cast<double>(r));
+}
+
 // getFd(pid, fd) -> a duplicate of the process's descriptor, in this process.
 // fdEntries(pid) -> [{ fd, target, info, uid?, gid? }]: every descriptor of a process
 // with its /proc/PID/fd link and its /proc/PID/fdinfo text, in ascending
@@ -1664,6 +1673,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("descriptionGroups", DescriptionGroups);
   fn("epollTargetIs", EpollTargetIs);
   fn("compareFileTables", CompareFileTables);
+  fn("compareFsStructs", CompareFsStructs);
   fn("peekPipe", PeekPipe);
   fn("semRead", SemRead);
   fn("shmRead", ShmRead);
