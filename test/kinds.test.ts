@@ -988,6 +988,12 @@ describe('more process state: the root directory (chroot), the audit login uid, 
   roundTrips('mattr', [fixture('moreattrs'), '--chroot', root], /process 2 \(moreattrs\): [^\n]*, root \S+\/chroot,[\s\S]*\nattributes: [^\n]*timerslack 123456[^\n]*membarrier registrations 0x14, mlockall MCL_FUTURE, memory-deny-write-execute 0x1, coredump_filter 0x3f/);
 });
 
+describe('a file made with O_TMPFILE, never named: still one that may be given a name (linkat) after a restore', () => {
+  const dir = join(out, 'tmpfiles');
+  mkdirSync(dir, { recursive: true });
+  roundTrips('tmpf', [fixture('tmpfiles'), dir], /process 2 \(tmpfiles\)/);
+});
+
 describe('process attributes: OOM adjustment, subreaper, THP, personality, nice, policy, CPUs, I/O priority, parent-death signal', () => {
   roundTrips('attrs', [fixture('attrs')], /attributes: oom_score_adj 123, child subreaper, THP disabled, personality 0x40000, 2: nice 5 policy 0\/0 pdeathsig 12 cpus [\d,]+ ioprio 0x4002, \d+: nice 7 policy 1073741827\/0 cpus 1 ioprio 0x6000/);
 });
