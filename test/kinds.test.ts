@@ -988,6 +988,10 @@ describe('more process state: the root directory (chroot), the audit login uid, 
   roundTrips('mattr', [fixture('moreattrs'), '--chroot', root], /process 2 \(moreattrs\): [^\n]*, root \S+\/chroot,[\s\S]*\nattributes: [^\n]*timerslack 123456[^\n]*membarrier registrations 0x14, mlockall MCL_FUTURE, memory-deny-write-execute 0x1, coredump_filter 0x3f/);
 });
 
+describe('task flags only the task itself reads back: the machine-check kill policy of each thread, rdtsc faulting, KSM for the whole process', () => {
+  roundTrips('tflg', [fixture('taskflags')], /process 2 \(taskflags\)/);
+});
+
 describe('a file made with O_TMPFILE, never named: still one that may be given a name (linkat) after a restore', () => {
   const dir = join(out, 'tmpfiles');
   mkdirSync(dir, { recursive: true });
