@@ -1154,6 +1154,14 @@ Napi::Value CompareFsStructs(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), r < 0 ? -1 : static_cast<double>(r));
 }
 
+// bytesToRead(fd) -> ioctl(FIONREAD): the bytes a read would find queued
+// (an inotify or fanotify instance's events), -errno if it cannot say.
+Napi::Value BytesToRead(const Napi::CallbackInfo& info) {
+  int n = 0;
+  if (ioctl(info[0].As<Napi::Number>().Int32Value(), FIONREAD, &n) != 0) return Napi::Number::New(info.Env(), -errno);
+  return Napi::Number::New(info.Env(), n);
+}
+
 // getFd(pid, fd) -> a duplicate of the process's descriptor, in this process.
 // fdEntries(pid) -> [{ fd, target, info, uid?, gid? }]: every descriptor of a process
 // with its /proc/PID/fd link and its /proc/PID/fdinfo text, in ascending
@@ -1674,6 +1682,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("epollTargetIs", EpollTargetIs);
   fn("compareFileTables", CompareFileTables);
   fn("compareFsStructs", CompareFsStructs);
+  fn("bytesToRead", BytesToRead);
   fn("peekPipe", PeekPipe);
   fn("semRead", SemRead);
   fn("shmRead", ShmRead);

@@ -20,7 +20,7 @@ import { addon } from '../native.js';
 import { timed } from '../snapshot/profile.js';
 import { type Fd, FdKind, type InodeOwner, type Process, verdictRef } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
-import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
+import { type DumpContext, type RestoreContext, Transient, Unsupported } from './context.js';
 import { inodeOwnerRefusal, ownCreds, strangeOwner } from './creds.js';
 import { readLimits } from './limits.js';
 import { fsIdentity, identitiesFor, refusedAsProcess, reopenHeld } from './fsident.js';
@@ -29,7 +29,7 @@ import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
 import { dumpEpoll, restoreEpolls } from './epoll.js';
 import { dumpEventfd, restoreEventfd } from './eventfd.js';
-import { dumpInotify, restoreInotify } from './inotify.js';
+import { dumpInotify, refuseQueuedEvents, restoreInotify } from './inotify.js';
 import { dumpFanotify, restoreFanotify } from './fanotify.js';
 import { dumpIoUring, restoreIoUring } from './iouring.js';
 import { dumpPipe, openPipeEnd } from './pipes.js';
@@ -162,7 +162,8 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       // scm_fds): its queue is read without them, so the message would
       // come back with its bytes and without its descriptors.
       const inFlight = Number(info.get('scm_fds') ?? '0');
-      if (inFlight > 0) throw new Unsupported(`${what} fd ${n}: a unix socket with ${inFlight} descriptor${inFlight === 1 ? '' : 's'} sent to it (SCM_RIGHTS) and not yet received, which cannot be captured yet`);
+      // A moment's state: the receiver takes them soon (tried again).
+      if (inFlight > 0) throw new Transient(`${what} fd ${n}: a unix socket with ${inFlight} descriptor${inFlight === 1 ? '' : 's'} sent to it (SCM_RIGHTS) and not yet received, which cannot be captured yet`);
       fd.socket = sockets.describe(pid, n, BigInt(bracket[2]), what, ctx.tables.sockets);
       fd.kind = socketKind(fd.socket);
     } else if (target === 'anon_inode:[eventfd]') {
@@ -179,9 +180,11 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       fd.timerfd = dumpTimerfd(info);
     } else if (target === 'anon_inode:inotify') {
       fd.kind = FdKind.INOTIFY;
+      refuseQueuedEvents(pid, n, 'inotify', `${what} fd ${n}`);
       fd.inotifyWatches = dumpInotify(pid, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
     } else if (target === 'anon_inode:[fanotify]') {
       fd.kind = FdKind.FANOTIFY;
+      refuseQueuedEvents(pid, n, 'fanotify', `${what} fd ${n}`);
       fd.fanotify = dumpFanotify(pid, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
     } else if (target === 'anon_inode:[io_uring]') {
       fd.kind = FdKind.IO_URING;
