@@ -17,6 +17,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/ptrace.h>
 #include <sys/msg.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
@@ -242,6 +243,20 @@ Napi::Value GetRseq(const Napi::CallbackInfo& info) {
   o.Set("signature", r.signature);
   o.Set("flags", r.flags);
   return o;
+}
+
+// syscallDispatchMode(tid) -> the mode of the stopped thread's syscall
+// user dispatch (PR_SET_SYSCALL_USER_DISPATCH; 0: off), read by its tracer
+// (PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG, Linux 5.19); -errno if the
+// kernel cannot say.
+Napi::Value SyscallDispatchMode(const Napi::CallbackInfo& info) {
+  const int GET_SUD_CONFIG = 0x4211; // PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG (0x4210 sets it)
+  struct {
+    uint64_t mode, selector, offset, len;
+  } config = {};
+  if (ptrace(static_cast<enum __ptrace_request>(GET_SUD_CONFIG), Tid(info), sizeof config, &config) != 0)
+    return Napi::Number::New(info.Env(), -errno);
+  return Napi::Number::New(info.Env(), static_cast<double>(config.mode));
 }
 
 Napi::Value GetRobustList(const Napi::CallbackInfo& info) {
@@ -1682,6 +1697,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("epollTargetIs", EpollTargetIs);
   fn("compareFileTables", CompareFileTables);
   fn("compareFsStructs", CompareFsStructs);
+  fn("syscallDispatchMode", SyscallDispatchMode);
   fn("bytesToRead", BytesToRead);
   fn("peekPipe", PeekPipe);
   fn("semRead", SemRead);

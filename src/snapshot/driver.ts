@@ -484,7 +484,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   // Before anything is injected into any of them.
   timed('fdtable', () => {
     refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
-    for (const [pid, threads] of byProcess) if (threads.length > 1) refuseOwnThreadTables(pid, threads.map((t) => t.tid), nameProcess(ctx.virtual('pid', pid), readComm(pid)));
+    for (const [pid, threads] of byProcess) refuseOwnThreadTables(pid, threads.map((t) => t.tid), nameProcess(ctx.virtual('pid', pid), readComm(pid)));
   });
   const inImage = new Set(byProcess.map(([pid]) => pid));
   // Before anything is injected into any of them too: calls map pages
