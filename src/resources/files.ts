@@ -205,7 +205,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       // a name in no directory of their file system: not those.)
       if (deleted && st.isFile() && st.nlink > 0n && sameDevice(dirname(target), st.dev))
         throw new Unsupported(`${what} fd ${n}: ${target}: its name was removed but the file is still linked elsewhere (${st.nlink} link${st.nlink === 1n ? '' : 's'}), which cannot be captured yet`);
-      if (target === '/secretmem (deleted)') throw new Unsupported(`${what} fd ${n}: memfd_secret memory, which no other process may read, cannot be captured`);
+      if (target === '/secretmem (deleted)') throw new Unsupported(`${what} fd ${n}: memfd_secret memory (no other process may read it), which cannot be captured`);
       if (st.isFIFO()) {
         fd.kind = FdKind.FIFO;
         fd.pipe = dumpPipe(ctx, pid, n, st.ino, target, fd.flags, `${what} fd ${n}`, st);
