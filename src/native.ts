@@ -354,6 +354,16 @@ interface Addon {
   /** kcmp(KCMP_FILES): 0 if the processes share one descriptor table,
    * 1 or 2 ordering two tables, -1 if the kernel cannot compare them. */
   compareFileTables(pid1: number, pid2: number): number;
+  /** kcmp(KCMP_FS): 0 if the tasks share one working directory, root and
+   * umask, 1 or 2 ordering two, -1 if the kernel cannot compare them. */
+  compareFsStructs(tid1: number, tid2: number): number;
+  /** The mode of a stopped (traced) thread's syscall user dispatch
+   * (PR_SET_SYSCALL_USER_DISPATCH; 0: off), -errno where the kernel
+   * cannot say (before 5.19). */
+  syscallDispatchMode(tid: number): number;
+  /** ioctl(FIONREAD): the bytes a read of `fd` would find queued, -errno
+   * where it cannot say. */
+  bytesToRead(fd: number): number;
   sameDescription(pid1: number, fd1: number, pid2: number, fd2: number): boolean;
   /** For each descriptor i (process pids[i], number fds[i]), the lowest
    * index of those that are one open file description with it (itself

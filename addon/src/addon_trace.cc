@@ -17,6 +17,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/ptrace.h>
 #include <sys/msg.h>
 #include <sys/sem.h>
 #include <sys/shm.h>
@@ -242,6 +243,20 @@ Napi::Value GetRseq(const Napi::CallbackInfo& info) {
   o.Set("signature", r.signature);
   o.Set("flags", r.flags);
   return o;
+}
+
+// syscallDispatchMode(tid) -> the mode of the stopped thread's syscall
+// user dispatch (PR_SET_SYSCALL_USER_DISPATCH; 0: off), read by its tracer
+// (PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG, Linux 5.19); -errno if the
+// kernel cannot say.
+Napi::Value SyscallDispatchMode(const Napi::CallbackInfo& info) {
+  const int GET_SUD_CONFIG = 0x4211; // PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG (0x4210 sets it)
+  struct {
+    uint64_t mode, selector, offset, len;
+  } config = {};
+  if (ptrace(static_cast<enum __ptrace_request>(GET_SUD_CONFIG), Tid(info), sizeof config, &config) != 0)
+    return Napi::Number::New(info.Env(), -errno);
+  return Napi::Number::New(info.Env(), static_cast<double>(config.mode));
 }
 
 Napi::Value GetRobustList(const Napi::CallbackInfo& info) {
@@ -1145,6 +1160,23 @@ Napi::Value CompareFileTables(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), r < 0 ? -1 : static_cast<double>(r));
 }
 
+// compareFsStructs(tid1, tid2) -> kcmp(KCMP_FS): 0 if the two tasks share
+// one working directory, root and umask (CLONE_FS), else 1 or 2, -1 if
+// the kernel cannot say.
+Napi::Value CompareFsStructs(const Napi::CallbackInfo& info) {
+  const int KCMP_FS = 3;
+  long r = syscall(SYS_kcmp, Tid(info, 0), Tid(info, 1), KCMP_FS, 0, 0);
+  return Napi::Number::New(info.Env(), r < 0 ? -1 : static_cast<double>(r));
+}
+
+// bytesToRead(fd) -> ioctl(FIONREAD): the bytes a read would find queued
+// (an inotify or fanotify instance's events), -errno if it cannot say.
+Napi::Value BytesToRead(const Napi::CallbackInfo& info) {
+  int n = 0;
+  if (ioctl(info[0].As<Napi::Number>().Int32Value(), FIONREAD, &n) != 0) return Napi::Number::New(info.Env(), -errno);
+  return Napi::Number::New(info.Env(), n);
+}
+
 // getFd(pid, fd) -> a duplicate of the process's descriptor, in this process.
 // fdEntries(pid) -> [{ fd, target, info, uid?, gid? }]: every descriptor of a process
 // with its /proc/PID/fd link and its /proc/PID/fdinfo text, in ascending
@@ -1664,6 +1696,9 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("descriptionGroups", DescriptionGroups);
   fn("epollTargetIs", EpollTargetIs);
   fn("compareFileTables", CompareFileTables);
+  fn("compareFsStructs", CompareFsStructs);
+  fn("syscallDispatchMode", SyscallDispatchMode);
+  fn("bytesToRead", BytesToRead);
   fn("peekPipe", PeekPipe);
   fn("semRead", SemRead);
   fn("shmRead", ShmRead);

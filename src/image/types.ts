@@ -253,6 +253,8 @@ export interface ProcessAttributes {
   mdwe?: number;
   /** mlockall(MCL_FUTURE) in effect (as far as the snapshot could tell). */
   lockFuture?: boolean;
+  /** PR_GET_MEMORY_MERGE: KSM may merge every mapping of the process. */
+  memoryMerge?: boolean;
 }
 
 export interface ThreadAttributes {
@@ -275,6 +277,10 @@ export interface ThreadAttributes {
   speculationCtrl?: number[];
   /** A SCHED_DEADLINE thread's reservation; absent for other policies. */
   deadline?: SchedDeadline;
+  /** PR_MCE_KILL_GET: 0 late, 1 early; absent: the system's default. */
+  mceKill?: number;
+  /** PR_GET_TSC is PR_TSC_SIGSEGV: rdtsc faults in this thread. */
+  tscSigsegv?: boolean;
 }
 
 /** sched_attr's deadline fields (attributes.ts). */

@@ -53,6 +53,20 @@ const MAP_ANONYMOUS = 0x20;
 const MCL_FUTURE = 2;
 const PR_SET_MDWE = 65;
 const PR_GET_MDWE = 66;
+/** Machine-check memory corruption kill policy, per thread (PR_MCE_KILL
+ * with PR_MCE_KILL_SET; PR_MCE_KILL_GET reads 0 late, 1 early, 2 the
+ * system's default). */
+const PR_MCE_KILL = 33;
+const PR_MCE_KILL_GET = 34;
+const PR_MCE_KILL_SET = 1;
+const PR_MCE_KILL_DEFAULT = 2;
+/** Whether rdtsc faults, per thread (x86 only: EINVAL elsewhere). */
+const PR_GET_TSC = 25;
+const PR_SET_TSC = 26;
+const PR_TSC_SIGSEGV = 2;
+/** KSM for every mapping of the process (Linux 6.4; EINVAL before). */
+const PR_SET_MEMORY_MERGE = 67;
+const PR_GET_MEMORY_MERGE = 68;
 const PR_SET_TIMERSLACK = 29;
 const PR_GET_TIMERSLACK = 30;
 const NR_open = 2;
@@ -122,7 +136,11 @@ export interface AttributesAsked {
   thpDisabled: Answer;
   membarrier: Answer;
   mdwe: Answer;
+  memoryMerge: Answer;
   pdeathsig: Map<number, Answer>;
+  /** Each thread's machine-check kill policy and rdtsc faulting. */
+  mceKill: Map<number, Answer>;
+  tsc: Map<number, Answer>;
   timerSlack: Map<number, Answer>;
   /** Each thread's sched_attr; none where the kernel has no clamps. */
   schedAttr?: Map<number, Answer>;
@@ -154,6 +172,10 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
     // Registrations are the mm's; the timer slack is each thread's own.
     membarrier: calls.ask(SYS.membarrier, [MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0]),
     mdwe: calls.ask(NR.prctl, [PR_GET_MDWE, 0, 0, 0, 0]),
+    memoryMerge: calls.ask(NR.prctl, [PR_GET_MEMORY_MERGE, 0, 0, 0, 0]),
+    // Each thread's own, told only to it (task flags a clone copies).
+    mceKill: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_MCE_KILL_GET, 0, 0, 0, 0], { tid })])),
+    tsc: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_TSC, 'buf'], { tid, outLength: 4 })])),
     timerSlack: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_TIMERSLACK, 0, 0, 0, 0], { tid })])),
     // The clamps, from inside each thread (pid 0: itself): a system call
     // appshot's addon does not make.
@@ -187,6 +209,11 @@ export function dumpAttributes(p: Process, pid: number, asked: AttributesAsked, 
     }
     // -errno where there is no such control (ENODEV, EINVAL): kept as it is.
     t.attributes.speculationCtrl = asked.speculation.get(t.tid)!.map((a) => Number(a.ret));
+    // A kernel without the getter (-errno): nothing recorded, as before.
+    const mce = asked.mceKill.get(t.tid)!.ret;
+    if (mce >= 0n && mce !== BigInt(PR_MCE_KILL_DEFAULT)) t.attributes.mceKill = Number(mce);
+    const tsc = asked.tsc.get(t.tid)!;
+    if (tsc.ret === 0n && tsc.out.readInt32LE() === PR_TSC_SIGSEGV) t.attributes.tscSigsegv = true;
   }
 }
 
@@ -201,6 +228,8 @@ function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string
     coredumpFilter: parseInt(procText(`/proc/${pid}/coredump_filter`), 16),
     // A kernel before 6.3 has no MDWE (EINVAL): none then.
     mdwe: asked.mdwe.ret === -EINVAL ? 0 : Number(check(asked.mdwe.ret, `memory-deny-write-execute of ${what}`)),
+    // Before 6.4 (EINVAL): not known, none recorded.
+    ...(asked.memoryMerge.ret === 1n ? { memoryMerge: true } : {}),
   };
 }
 
@@ -415,6 +444,8 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
   // After every mapping the restore makes for the process, which would be
   // locked too; the locked ones of the image are locked again by memory.ts.
   if (a?.lockFuture) calls.add('locking future mappings (mlockall MCL_FUTURE)', SYS.mlockall, [MCL_FUTURE]);
+  // Which may take CAP_SYS_RESOURCE: a restore without it fails naming it.
+  if (a?.memoryMerge) calls.add('letting KSM merge every mapping (PR_SET_MEMORY_MERGE)', SYS.prctl, [PR_SET_MEMORY_MERGE, 1, 0, 0, 0]);
   if (a?.mdwe) calls.add(`setting memory-deny-write-execute 0x${a.mdwe.toString(16)}`, SYS.prctl, [PR_SET_MDWE, a.mdwe, 0, 0, 0]);
   calls.run();
   // The other threads' timer slack went with their own state
@@ -423,6 +454,7 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
   // the restore, which a round would have to carry, and the node this was
   // measured on refuses every control, so such a round would go untested.
   p.threads.forEach((t: Thread, i) => restoreSpeculation(r, t, tids[i]));
+  p.threads.forEach((t: Thread, i) => restoreTaskFlags(r, t, tids[i]));
   return notKept;
 }
 
@@ -441,6 +473,19 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
 export function ownTimerSlack(t: Thread, seedsSlack: bigint | undefined): NamedCall[] {
   const slack = t.attributes?.timerSlackNs;
   return slack && slack !== seedsSlack ? [{ what: `setting timer slack ${slack} ns of thread ${t.vtid}`, nr: SYS.prctl, args: [PR_SET_TIMERSLACK, slack, 0, 0, 0] }] : [];
+}
+
+/** A thread's machine-check kill policy and rdtsc faulting, each set in
+ * the thread itself (the prctls act on their caller), only where the
+ * image has them other than a fresh thread's (rare: a stop each). */
+function restoreTaskFlags(r: RemoteProcess, t: Thread, tid: number): void {
+  const ta = t.attributes;
+  const set = (what: string, args: number[]) => {
+    const ret = r.raw(SYS.prctl, args, tid);
+    if (ret !== 0n) throw new AppshotError(`setting ${what} of thread ${t.vtid}: ${failed(ret)}`);
+  };
+  if (ta?.mceKill !== undefined) set(`the machine-check kill policy ${ta.mceKill ? 'early' : 'late'} (PR_MCE_KILL)`, [PR_MCE_KILL, PR_MCE_KILL_SET, ta.mceKill, 0, 0]);
+  if (ta?.tscSigsegv) set('rdtsc faulting (PR_SET_TSC PR_TSC_SIGSEGV)', [PR_SET_TSC, PR_TSC_SIGSEGV, 0, 0, 0]);
 }
 
 /** The sched_attr that sets `dl` (its size VER0: no clamps). */

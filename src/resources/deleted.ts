@@ -143,7 +143,23 @@ function makeMemfd(h: RestoreContext, id: Pick<FileIdentity, 'path'>): number {
   }
 }
 
+/** __O_TMPFILE, which the kernel keeps in the flags of a description
+ * opened with O_TMPFILE. */
+const O_TMPFILE_ONLY = 0o20000000;
+
 function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): number {
+  // A file made with O_TMPFILE never had a name, and may still be given
+  // one (linkat of /proc/self/fd/N) unless made with O_EXCL, which its
+  // description does not keep: made so again, in its own directory, it can
+  // (a file made and unlinked could not: ENOENT).
+  if (h.image.processes.some((p) => p.fds.some((d) => d.file === index && d.kind === FdKind.FILE && (d.flags & O_TMPFILE_ONLY) !== 0))) {
+    const who = firstHolderIdentities(h.image, (p) => p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index));
+    try {
+      return h.keep(addon().openAs(dirname(id.path), fs.O_RDWR | O_TMPFILE_BITS, 0o600, who));
+    } catch {
+      /* a directory gone or not writable: an unlinked file, as below */
+    }
+  }
   let path = join(dirname(id.path), `.appshot-restored-${uniqueTag()}-${index}`);
   let f: number;
   try {

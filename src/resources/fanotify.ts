@@ -29,7 +29,8 @@
  * with no name, and any flag, mark flag or event bit this module does not
  * know.
  *
- * Not carried: the events queued at the snapshot (lost, as inotify's);
+ * Events queued at the snapshot cannot be put back: a group with some is
+ * refused by name (inotify.ts, refuseQueuedEvents). Not carried:
  * FAN_ENABLE_AUDIT, which fdinfo does not show (it matters only to the
  * answers of permission events, refused above); a group held by two
  * descriptors (dup, fork) comes back as two groups, as inotify's does.

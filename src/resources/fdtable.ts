@@ -23,3 +23,27 @@ export function refuseSharedFdTables(pids: number[], name: (pid: number) => stri
     if (addon().compareFileTables(sorted[i - 1], sorted[i]) === 0)
       throw new Unsupported(`${name(sorted[i - 1])} and ${name(sorted[i])} share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet`);
 }
+
+/** Throws Unsupported naming a thread of `pid` (system TIDs `tids`, main
+ * thread first) with syscall user dispatch on, or one that has a
+ * descriptor table, or a working directory, root and umask, of its own
+ * (unshare(CLONE_FILES), unshare(CLONE_FS)): a restore makes every thread
+ * share the main thread's, so the thread would silently see the other's
+ * descriptors, directory and umask. (Named by
+ * its system TID, as process.ts names a thread in a namespace of its own:
+ * a thread never seen by name has no virtual one yet.) */
+export function refuseOwnThreadTables(pid: number, tids: number[], what: string): void {
+  for (const tid of tids) {
+    // Syscall user dispatch (Wine's): a restored thread would come back
+    // without it, its system calls no longer sent to its SIGSYS handler;
+    // and with its selector on BLOCK a call injected by the snapshot
+    // would be. Asked of every thread, the main one too, before anything
+    // is injected.
+    if (addon().syscallDispatchMode(tid) > 0) throw new Unsupported(`${what}: thread ${tid} has syscall user dispatch on (PR_SET_SYSCALL_USER_DISPATCH), which cannot be captured yet`);
+    if (tid === pid) continue;
+    const files = addon().compareFileTables(pid, tid);
+    if (files === 1 || files === 2) throw new Unsupported(`${what}: thread ${tid} has a descriptor table of its own (unshare(CLONE_FILES)), which cannot be captured yet`);
+    const fsStruct = addon().compareFsStructs(pid, tid);
+    if (fsStruct === 1 || fsStruct === 2) throw new Unsupported(`${what}: thread ${tid} has a working directory, root and umask of its own (unshare(CLONE_FS)), which cannot be captured yet`);
+  }
+}

@@ -14,12 +14,13 @@
  */
 import { openRaw } from './raw.js';
 import { fchownSync, fstatSync, constants as fs, openSync, readFileSync, statSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
 import { timed } from '../snapshot/profile.js';
 import { type Fd, FdKind, type InodeOwner, type Process, verdictRef } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
-import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
+import { type DumpContext, type RestoreContext, Transient, Unsupported } from './context.js';
 import { inodeOwnerRefusal, ownCreds, strangeOwner } from './creds.js';
 import { readLimits } from './limits.js';
 import { fsIdentity, identitiesFor, refusedAsProcess, reopenHeld } from './fsident.js';
@@ -28,7 +29,7 @@ import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
 import { dumpEpoll, restoreEpolls } from './epoll.js';
 import { dumpEventfd, restoreEventfd } from './eventfd.js';
-import { dumpInotify, restoreInotify } from './inotify.js';
+import { dumpInotify, refuseQueuedEvents, restoreInotify } from './inotify.js';
 import { dumpFanotify, restoreFanotify } from './fanotify.js';
 import { dumpIoUring, restoreIoUring } from './iouring.js';
 import { dumpPipe, openPipeEnd } from './pipes.js';
@@ -98,6 +99,15 @@ export type FdEntry = ReturnType<ReturnType<typeof addon>['fdEntries']>[number];
  * timerfd fixture: "alarm is due in 3597624 ms, not 3597464"). */
 const MOVING_FDINFO = new Set(['anon_inode:[timerfd]', 'anon_inode:[eventfd]']);
 
+/** Whether directory `dir` exists on device `dev`. */
+function sameDevice(dir: string, dev: bigint): boolean {
+  try {
+    return statSync(dir, { bigint: true }).dev === dev;
+  } catch {
+    return false;
+  }
+}
+
 function fdinfoNow(pid: number, fd: number, before: string): string {
   try {
     return readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
@@ -148,6 +158,12 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       fd.kind = FdKind.TCP_ESTABLISHED;
       fd.tcp = timed('tcp: dump', () => ctx.tcp.dump(pid, n, BigInt(bracket![2]), connection, what, ctx.tables.sockets, sockets.takeDup(BigInt(bracket![2]))));
     } else if (bracket && bracket[1] === 'socket') {
+      // Descriptors sent to a unix socket and not yet received (fdinfo's
+      // scm_fds): its queue is read without them, so the message would
+      // come back with its bytes and without its descriptors.
+      const inFlight = Number(info.get('scm_fds') ?? '0');
+      // A moment's state: the receiver takes them soon (tried again).
+      if (inFlight > 0) throw new Transient(`${what} fd ${n}: a unix socket with ${inFlight} descriptor${inFlight === 1 ? '' : 's'} sent to it (SCM_RIGHTS) and not yet received, which cannot be captured yet`);
       fd.socket = sockets.describe(pid, n, BigInt(bracket[2]), what, ctx.tables.sockets);
       fd.kind = socketKind(fd.socket);
     } else if (target === 'anon_inode:[eventfd]') {
@@ -164,9 +180,11 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       fd.timerfd = dumpTimerfd(info);
     } else if (target === 'anon_inode:inotify') {
       fd.kind = FdKind.INOTIFY;
+      refuseQueuedEvents(pid, n, 'inotify', `${what} fd ${n}`);
       fd.inotifyWatches = dumpInotify(pid, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
     } else if (target === 'anon_inode:[fanotify]') {
       fd.kind = FdKind.FANOTIFY;
+      refuseQueuedEvents(pid, n, 'fanotify', `${what} fd ${n}`);
       fd.fanotify = dumpFanotify(pid, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
     } else if (target === 'anon_inode:[io_uring]') {
       fd.kind = FdKind.IO_URING;
@@ -180,6 +198,14 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     } else {
       const st = statSync(`/proc/${pid}/fd/${n}`, { bigint: true });
       const deleted = target.endsWith(' (deleted)');
+      // The name it was opened by is gone, yet the file has other links: a
+      // restore would give the descriptor a copy of it, which writes no
+      // longer share with the file the other names reach.
+      // (Kernel-made files, a memfd's or memfd_secret's, have a link and
+      // a name in no directory of their file system: not those.)
+      if (deleted && st.isFile() && st.nlink > 0n && sameDevice(dirname(target), st.dev))
+        throw new Unsupported(`${what} fd ${n}: ${target}: its name was removed but the file is still linked elsewhere (${st.nlink} link${st.nlink === 1n ? '' : 's'}), which cannot be captured yet`);
+      if (target === '/secretmem (deleted)') throw new Unsupported(`${what} fd ${n}: memfd_secret memory (no other process may read it), which cannot be captured`);
       if (st.isFIFO()) {
         fd.kind = FdKind.FIFO;
         fd.pipe = dumpPipe(ctx, pid, n, st.ino, target, fd.flags, `${what} fd ${n}`, st);

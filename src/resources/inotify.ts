@@ -12,15 +12,16 @@
  * numbers, and a gap (a watch the application removed) is used up by
  * adding and removing a watch on a directory that is not watched.
  *
- * Not carried: the events queued at the snapshot (lost), and where the
- * numbering goes on after the highest wd if the application had removed
- * watches above it.
+ * Not carried: where the numbering goes on after the highest wd if the
+ * application had removed watches above it. Events queued at the snapshot
+ * cannot be put back: an instance with some is refused by name
+ * (refuseQueuedEvents; fanotify's too).
  */
 import { closeSync, lstatSync, readFileSync } from 'node:fs';
 import { addon } from '../native.js';
 import { type Fd, type InotifyWatch } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
-import { Unsupported } from './context.js';
+import { Transient, Unsupported } from './context.js';
 import { fsIdentity, identitiesOfRestored, refusedAsProcess } from './fsident.js';
 
 const IN_NONBLOCK = 0o4000; // = O_NONBLOCK
@@ -88,6 +89,21 @@ export function dumpInotify(pid: number, fdinfo: string, where: string): Inotify
     watches.push({ wd: Number(wd), path, mask: parseInt(mask, 16) });
   }
   return watches.sort((a, b) => a.wd - b.wd);
+}
+
+/** Throws Unsupported if `kind` instance `fd` of `pid` has events queued,
+ * unread (FIONREAD): a restore makes the instance again, empty, so they
+ * would be lost. Asked before anything of the snapshot's opens a watched
+ * inode (markedInodePath), which may queue events of its own. */
+export function refuseQueuedEvents(pid: number, fd: number, kind: 'inotify' | 'fanotify', where: string): void {
+  const dup = addon().getFd(pid, fd);
+  try {
+    const bytes = addon().bytesToRead(dup);
+    // A moment's state: the program reads its events soon (tried again).
+    if (bytes > 0) throw new Transient(`${where}: the ${kind} instance has ${bytes} bytes of events queued, unread, which a restore cannot put back; cannot be captured yet`);
+  } finally {
+    closeSync(dup);
+  }
 }
 
 /** Directories to spend watch descriptors on: any that is not watched. */

@@ -448,6 +448,9 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
       const special = SPECIAL[l.path];
       if (special !== undefined) {
         vma.kind = special;
+      } else if (l.path === '/secretmem (deleted)') {
+        // memfd_secret: pages no other process may read (EIO).
+        throw new Unsupported(`${what}: the memory at 0x${l.start.toString(16)}-0x${l.end.toString(16)} is memfd_secret memory (no other process may read it), which cannot be captured`);
       } else if (l.path.startsWith('/SYSV')) {
         vma.kind = VmaKind.SYSV_SHM;
         // A SysV segment's inode number is its shmid.

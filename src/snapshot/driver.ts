@@ -40,7 +40,7 @@ import { askFdOwners, checkDnotify, dumpFdOwners } from '../resources/fdowner.js
 import { dumpTidMoves } from '../resources/mutexes.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
-import { refuseSharedFdTables } from '../resources/fdtable.js';
+import { refuseOwnThreadTables, refuseSharedFdTables } from '../resources/fdtable.js';
 import { checkOneTimeNamespace } from '../resources/timens.js';
 import { askProcess, dumpForkingThreads, dumpProcess, noteForkingThreads, refuseChrootedSocketPaths } from '../resources/process.js';
 import { askSigactions, dumpSharedPending, dumpSigactions } from '../resources/signals.js';
@@ -482,7 +482,10 @@ function fdEntriesOrUndefined(pid: number): FdEntry[] | undefined {
 async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => boolean, batchAreas: Map<number, RemoteProcess>, dumped: Map<number, MapsLine[]>, arming?: ArmingInDump): Promise<void> {
   const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
   // Before anything is injected into any of them.
-  timed('fdtable', () => refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid))));
+  timed('fdtable', () => {
+    refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
+    for (const [pid, threads] of byProcess) refuseOwnThreadTables(pid, threads.map((t) => t.tid), nameProcess(ctx.virtual('pid', pid), readComm(pid)));
+  });
   const inImage = new Set(byProcess.map(([pid]) => pid));
   // Before anything is injected into any of them too: calls map pages
   // that may merge with the application's in a listing (listings.ts).
