@@ -1094,6 +1094,22 @@ describe.runIf(process.getuid?.() === 0)("a session keyring of its own, shared w
     });
   }
 
+  it("a keyring of its own named as a user's keyring, in the keyring of the login session it was run from, is refused by name at snapshot, not dropped with its keys (review r256)", async () => {
+    // The launch keyring is not carried when it holds nothing but user
+    // keyrings' links: told by their names alone, this `_uid.65534` (with
+    // a key in it) went unsaid, and came back gone.
+    const r = await spawnAsync(fixture('ringleak'), ['pam', command, 'run', '-d', '--aid', 'keyolaunch', '--', fixture('keyringodd'), 'launchfake'], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off' },
+    });
+    expect(r.status, r.stderr).toBe(0);
+    adopt('keyolaunch');
+    await checksPass('keyolaunch');
+    const s = await attempt(['snapshot', 'keyolaunch', '-o', join(out, 'keyolaunch')]);
+    expect(s.code).not.toBe(0);
+    expect(s.stderr).toMatch(/process 2 \(keyringodd\)'s session keyring holds a keyring named '_uid\.65534' that is not the keyring of uid 65534 \(serial \d+, not \d+\)[^\n]*; the application was left running/);
+    await checksPass('keyolaunch');
+  });
+
   it("a worker become nobody in its root parent's keyring comes back in it, root's key and user keyring link and all: owners and links are checked against the process that makes the keyring", async () => {
     await comesBackFromEndingSnapshot('keyow', [fixture('keyringodd'), 'worker'], { exercise: false });
   });
