@@ -6,7 +6,7 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -273,6 +273,33 @@ describe('unix sockets whose files were renamed into place, given a mode or unli
       await comesBackFromEndingSnapshot('sfil8', [fixture('sockdrop'), here]);
       await run(['stop', 'sfil8']);
       await waitFor(() => !sb.aids().includes('sfil8'), 10_000, 'sfil8 to stop');
+    } finally {
+      rmSync(here, { recursive: true, force: true });
+    }
+  });
+
+  it("bound as root by a relative name in a directory of the process's user, since nobody, is made no more than by an absolute name there: not by the restorer (review r256)", async () => {
+    // The restorer binds for this node's own snapshot only where no one
+    // else may change the socket's directory or a step to it; for a
+    // relative name, the directory it was bound from was looked at, not
+    // the socket's own (nobody's here): the restore went on as root.
+    const here = mkdtempSync(join(tmpdir(), 'appshot-sockdrop-'));
+    chmodSync(here, 0o755);
+    try {
+      for (const [aid, sub, argv] of [
+        ['sfil9', 'abs', [fixture('sockdrop'), join(here, 'abs')]],
+        ['sfil10', 'rel', [fixture('sockdrop'), here, 'rel/ctl.sock']],
+      ] as const) {
+        mkdirSync(join(here, sub));
+        chownSync(join(here, sub), 65534, 65534);
+        await start(aid, [...argv]);
+        await checksPass(aid);
+        await run(['snapshot', aid, '-o', join(out, aid)]);
+        const r = await attempt(['restore', join(out, aid)]);
+        expect(r.code, `${aid} (${sub})`).not.toBe(0);
+        expect(r.stderr).toMatch(new RegExp(`giving \\S+/${sub}/ctl\\.sock its owner 0:65534 and mode 660: .*Operation not permitted`));
+        await run(['rm', aid]);
+      }
     } finally {
       rmSync(here, { recursive: true, force: true });
     }
