@@ -166,10 +166,13 @@ export function refuseUnsafeHome(home: string, made = false): void {
  */
 /** Whether no one but this user (or root) may change `dir`, or a step on
  * the way to it (a sticky directory above it excepted, as /tmp): nothing
- * there can have been swapped for a link (fsident.ts socketFileIdentities). */
+ * there can have been swapped for a link (fsident.ts socketFileIdentities).
+ * A step not there is no: under a sticky /tmp, another user may make it,
+ * a link or a directory of theirs, between this look and the bind (review
+ * r256); a socket's directory that is not there fails the bind anyway. */
 export function onlyRestorerMayChange(dir: string): boolean {
   try {
-    return !changeableStep(dir, false, 'judged');
+    return !changeableStep(dir, false, 'refused');
   } catch {
     return false;
   }

@@ -1246,11 +1246,23 @@ export class LocalRegistry implements Registry {
       return (e as NodeJS.ErrnoException).code === 'ENOENT' && !existsSync(stateDir);
     }
     if (holderAlive(parseHolder(text.trim().split(' ')), this.home)) return false;
+    // Taken away by one caller only: its note renamed first, which one
+    // rename does. Two that both read it, each removing the directory by
+    // name, had the second remove the one the first's registration had
+    // made there meanwhile, still empty (review r256).
+    const taken = join(stateDir, `${HELD_BY}.gone-${uniqueTag()}`);
     try {
-      rmSync(join(stateDir, HELD_BY), { force: true });
+      renameSync(join(stateDir, HELD_BY), taken);
+    } catch (e) {
+      // Another is taking it away (ENOENT): the caller's claim finds
+      // the name free or taken.
+      return (e as NodeJS.ErrnoException).code === 'ENOENT';
+    }
+    try {
+      rmSync(taken, { force: true });
       rmdirSync(stateDir);
     } catch (e) {
-      // Another took it away first (ENOENT), or it is no hold (ENOTEMPTY).
+      // It is no hold (ENOTEMPTY).
       return (e as NodeJS.ErrnoException).code === 'ENOENT';
     }
     return true;

@@ -6,7 +6,7 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -273,6 +273,33 @@ describe('unix sockets whose files were renamed into place, given a mode or unli
       await comesBackFromEndingSnapshot('sfil8', [fixture('sockdrop'), here]);
       await run(['stop', 'sfil8']);
       await waitFor(() => !sb.aids().includes('sfil8'), 10_000, 'sfil8 to stop');
+    } finally {
+      rmSync(here, { recursive: true, force: true });
+    }
+  });
+
+  it("bound as root by a relative name in a directory of the process's user, since nobody, is made no more than by an absolute name there: not by the restorer (review r256)", async () => {
+    // The restorer binds for this node's own snapshot only where no one
+    // else may change the socket's directory or a step to it; for a
+    // relative name, the directory it was bound from was looked at, not
+    // the socket's own (nobody's here): the restore went on as root.
+    const here = mkdtempSync(join(tmpdir(), 'appshot-sockdrop-'));
+    chmodSync(here, 0o755);
+    try {
+      for (const [aid, sub, argv] of [
+        ['sfil9', 'abs', [fixture('sockdrop'), join(here, 'abs')]],
+        ['sfil10', 'rel', [fixture('sockdrop'), here, 'rel/ctl.sock']],
+      ] as const) {
+        mkdirSync(join(here, sub));
+        chownSync(join(here, sub), 65534, 65534);
+        await start(aid, [...argv]);
+        await checksPass(aid);
+        await run(['snapshot', aid, '-o', join(out, aid)]);
+        const r = await attempt(['restore', join(out, aid)]);
+        expect(r.code, `${aid} (${sub})`).not.toBe(0);
+        expect(r.stderr).toMatch(new RegExp(`giving \\S+/${sub}/ctl\\.sock its owner 0:65534 and mode 660: .*Operation not permitted`));
+        await run(['rm', aid]);
+      }
     } finally {
       rmSync(here, { recursive: true, force: true });
     }
@@ -1119,6 +1146,22 @@ describe.runIf(process.getuid?.() === 0)("a session keyring of its own, shared w
       await checksPass(aid);
     });
   }
+
+  it("a keyring of its own named as a user's keyring, in the keyring of the login session it was run from, is refused by name at snapshot, not dropped with its keys (review r256)", async () => {
+    // The launch keyring is not carried when it holds nothing but user
+    // keyrings' links: told by their names alone, this `_uid.65534` (with
+    // a key in it) went unsaid, and came back gone.
+    const r = await spawnAsync(fixture('ringleak'), ['pam', command, 'run', '-d', '--aid', 'keyolaunch', '--', fixture('keyringodd'), 'launchfake'], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off' },
+    });
+    expect(r.status, r.stderr).toBe(0);
+    adopt('keyolaunch');
+    await checksPass('keyolaunch');
+    const s = await attempt(['snapshot', 'keyolaunch', '-o', join(out, 'keyolaunch')]);
+    expect(s.code).not.toBe(0);
+    expect(s.stderr).toMatch(/process 2 \(keyringodd\)'s session keyring holds a keyring named '_uid\.65534' that is not the keyring of uid 65534 \(serial \d+, not \d+\)[^\n]*; the application was left running/);
+    await checksPass('keyolaunch');
+  });
 
   it("a worker become nobody in its root parent's keyring comes back in it, root's key and user keyring link and all: owners and links are checked against the process that makes the keyring", async () => {
     await comesBackFromEndingSnapshot('keyow', [fixture('keyringodd'), 'worker'], { exercise: false });

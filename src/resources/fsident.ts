@@ -33,7 +33,7 @@ import { type Creds, type FileIdentity, type Image, type Process } from '../imag
 import { addon, type FsIdentity } from '../native.js';
 import { type CopiedFile } from './paths.js';
 import { closeSync, constants as fsConstants, fstatSync, openSync } from 'node:fs';
-import { dirname, isAbsolute } from 'node:path';
+import { dirname, isAbsolute, join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { isOwnSnapshot } from '../image/format.js';
 import { onlyRestorerMayChange } from '../home.js';
@@ -136,7 +136,9 @@ export function socketHolderIdentities(image: Image, ino: bigint): FsIdentity[] 
 export function socketFileIdentities(image: Image, ino: bigint, address: string, base: string | undefined): FsIdentity[] {
   const own = socketHolderIdentities(image, ino);
   if (!isOwnSnapshot(image)) return own;
-  const dir = base || (isAbsolute(address) ? dirname(address) : undefined);
+  // The socket's own directory: for a relative name, the one it was
+  // bound from and the name's directories in it (review r256).
+  const dir = base ? join(base, dirname(address)) : isAbsolute(address) ? dirname(address) : undefined;
   if (!dir || !onlyRestorerMayChange(dir)) return own;
   const me = ownCreds();
   return [...own, { fsuid: me.uid[3], fsgid: me.gid[3], groups: me.groups, capEff: me.capEff }];

@@ -175,8 +175,11 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string, launched?: 
   // restored application's first processes join a new, empty keyring. A
   // launch keyring holding keys is carried (or refused) as any other, so
   // that none of its keys is dropped unsaid.
-  if (launched !== undefined && Number(asked.id.ret) === launched && keys.every(isUserKeyringLink)) return undefined;
+  // Its links told from keyrings of their names first: one the
+  // application made and named `_uid.N` holds keys of its own, which
+  // leaving the launch keyring out would drop unsaid (review r256).
   const untold = checkUserKeyringLinks(asked, serials, keys, what);
+  if (launched !== undefined && Number(asked.id.ret) === launched && keys.every(isUserKeyringLink)) return undefined;
   const recorded = { serial: Number(asked.id.ret), description: ring.description, uid: ring.uid, gid: ring.gid, perm: ring.perm, keys };
   if (untold) untoldLinks.set(recorded, untold);
   return recorded;
