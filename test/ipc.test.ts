@@ -136,3 +136,50 @@ describe('a snapshot reads only the application\'s own SysV objects', () => {
     }
   });
 });
+
+describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc does not show', () => {
+  // test/fixtures/semundo.c: a child holds a semaphore taken with
+  // SEM_UNDO, as an apache prefork child holds its accept mutex (`Mutex
+  // sysvsem`); killed, the kernel gives the semaphore back. An image
+  // without that adjustment hangs the restored application the first
+  // time a holder dies.
+  const semundo = async (aid: string, mode: string) => {
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('semundo'), mode]);
+    await sb.checksPass(aid, 2);
+    return { set: Number(/^SET (\d+)$/m.exec(sb.log(aid))![1]), child: Number(/^CHILD (\d+)$/m.exec(sb.log(aid))![1]) };
+  };
+  const out = mkdtempSync(join(tmpdir(), 'appshot-semundo-'));
+  afterAll(() => rmSync(out, { recursive: true, force: true }));
+
+  it('refuses, naming the process and the semaphore, a snapshot of a process holding a semaphore with SEM_UNDO, and leaves the application running', async () => {
+    const { set, child } = await semundo('undohold', 'hold');
+    const r = sb.run(['snapshot', 'undohold', '--leave-running', '-o', join(out, 'hold.img')]);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toContain(`process ${child} (semundo): it holds SysV semaphore undo adjustments (SEM_UNDO)`);
+    expect(r.stderr).toContain(`set ${set} semaphore 0 by +1`);
+    expect(r.stderr).toContain('the application was left running');
+    // Still running, and the kernel's adjustment still there: the holder
+    // killed, the semaphore is back.
+    await sb.checksPass('undohold', 2);
+    await sb.exercised('undohold', 'to kill the holder');
+    expect(sb.log('undohold')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undohold']);
+  });
+
+  it('takes a process whose SEM_UNDO operations cancelled out', async () => {
+    await semundo('undoreleased', 'released');
+    sb.ok(['snapshot', 'undoreleased', '--leave-running', '-o', join(out, 'released.img')]);
+    await sb.checksPass('undoreleased', 2);
+    sb.ok(['rm', '-f', 'undoreleased']);
+  });
+
+  it('refuses by name a process whose SEM_UNDO adjustments the library could not follow (more semaphores than its table holds), and leaves the application running', async () => {
+    const { child } = await semundo('undofull', 'overflow');
+    const r = sb.run(['snapshot', 'undofull', '--leave-running', '-o', join(out, 'full.img')]);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known: it made operations on more than 64 semaphores`);
+    expect(r.stderr).toContain('the application was left running');
+    await sb.checksPass('undofull', 2);
+    sb.ok(['rm', '-f', 'undofull']);
+  });
+});

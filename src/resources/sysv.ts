@@ -12,7 +12,9 @@ import { addon, type PagesCheck } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
 import type { Image, MsgQueue, SemSet, ShmSegment } from '../image/types.js';
 import type { Kind, TablesSnapshot } from '../native.js';
-import { type DumpContext, Transient } from './context.js';
+import { type DumpContext, Transient, Unsupported } from './context.js';
+import { semUndoOf } from '../ptrace/windows.js';
+import type { MapsLine } from './memory.js';
 
 /** APPSHOT_F_RESERVED (appshot_table.h): a key reserved by a keyed create
  * in progress, or by a creator killed inside it that no locker has
@@ -191,4 +193,58 @@ function giveOwner(image: Image, kind: 'semid' | 'shmid' | 'msgid', sid: number,
   } catch (e) {
     throw new AppshotError(`cannot give ${what} ${o.vid} to uid ${uid} gid ${gid}, ${stranger ? "the application's first process's ids" : 'its owner in the image'}: ${(e as Error).message}`, ExitCode.denied);
   }
+}
+
+/** struct appshot_sem_undo (addon/preload/preload_ipc.c): owner, unknown,
+ * capacity, reserved, then entries of key and value (8 bytes each). */
+const SEM_UNDO_HEADER = 16;
+const SEM_UNDO_ENTRY = 16;
+const SEM_UNDO_CAPACITY = 64;
+
+/** One process's SEM_UNDO adjustments as its preload library summed them
+ * (the kernel's semadj, which /proc does not show): by virtual set id and
+ * semaphore number, non-zero ones only, each with the tables' generation
+ * of SETVAL, SETALL and IPC_RMID it was written at; `unknown` if the
+ * library could not follow them. */
+export function readSemUndo(pid: number, vpid: number, maps: MapsLine[]): { unknown: boolean; entries: { vid: number; semnum: number; adj: number; generation: number }[] } {
+  const address = semUndoOf(pid, maps);
+  const none = { unknown: false, entries: [] };
+  if (address === undefined) return none;
+  let table: Buffer;
+  try {
+    table = addon().readMemory(pid, address, SEM_UNDO_HEADER + SEM_UNDO_CAPACITY * SEM_UNDO_ENTRY);
+  } catch {
+    return none; // not mapped yet: an exec's library that has not run
+  }
+  // Another process's (the parent's, copied by a fork): this one has none.
+  if (table.readInt32LE(0) !== vpid || table.readInt32LE(8) !== SEM_UNDO_CAPACITY) return none;
+  const entries = [];
+  for (let i = 0; i < SEM_UNDO_CAPACITY; i++) {
+    const at = SEM_UNDO_HEADER + i * SEM_UNDO_ENTRY;
+    const semnum = table.readUInt32LE(at);
+    const vid = table.readInt32LE(at + 4);
+    const adj = table.readInt32LE(at + 8);
+    const generation = table.readUInt32LE(at + 12);
+    if (semnum !== 0 && adj !== 0) entries.push({ vid, semnum: semnum - 1, adj, generation });
+  }
+  return { unknown: table.readInt32LE(4) !== 0, entries };
+}
+
+/**
+ * At snapshot, process `pid` (stopped; `what` names it): refused if it
+ * holds SEM_UNDO adjustments, or if its library could not follow them.
+ * The kernel applies them when the process exits (a holder killed gives
+ * its semaphore back: apache's accept mutex), and a restore does not yet
+ * give them back: restored, the process would exit without them, and a
+ * semaphore taken for ever would hang the application, which reported
+ * success. An adjustment of a set removed since is gone with it.
+ */
+export function checkSemUndo(ctx: DumpContext, pid: number, maps: MapsLine[], what: string): void {
+  const { unknown, entries } = readSemUndo(pid, ctx.virtual('pid', pid), maps);
+  if (unknown)
+    throw new Unsupported(`${what}: its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known: it made operations on more than ${SEM_UNDO_CAPACITY} semaphores, or while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process`);
+  const sets = new Set(ctx.tables.tables.semid.map((e) => e.virtual));
+  const held = entries.filter((e) => sets.has(e.vid));
+  if (held.length)
+    throw new Unsupported(`${what}: it holds SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits and a restore cannot give back yet: ${held.map((e) => `set ${e.vid} semaphore ${e.semnum} by ${e.adj > 0 ? '+' : ''}${e.adj}`).join(', ')}`);
 }
