@@ -333,14 +333,21 @@ static void sem_undo_add(int32_t vid, unsigned num, int32_t delta, uint32_t gen)
                                         __ATOMIC_RELAXED));
 }
 
-/* After a successful semop of the virtual set `vid`: its SEM_UNDO
- * operations' adjustments, the generation read before the call `before`. */
-static void sem_undo_record(int32_t vid, const struct sembuf *ops, size_t n,
-                            uint32_t before) {
+/* The first of `n` operations that changes a semaphore with SEM_UNDO, or
+ * `n`. Read after the kernel took them: the array is valid then, and a
+ * bad pointer still gets its EFAULT. */
+static inline size_t first_undo(const struct sembuf *ops, size_t n) {
   size_t i;
   for (i = 0; i < n; i++)
     if ((ops[i].sem_flg & SEM_UNDO) && ops[i].sem_op != 0) break;
-  if (i == n) return; /* the hot path of a program without SEM_UNDO */
+  return i;
+}
+
+/* After a successful semop of the virtual set `vid`: its SEM_UNDO
+ * operations' adjustments from ops[i] on, the generation read before the
+ * call `before`. */
+static void sem_undo_record(int32_t vid, const struct sembuf *ops, size_t i,
+                            size_t n, uint32_t before) {
   if (!sem_undo_own()) {
     sem_undo_unknown();
     return;
@@ -364,9 +371,10 @@ long do_semtimedop(int id, struct sembuf *ops, size_t n,
    * run on until it has recorded it. */
   uint32_t before = sem_generation();
   long r = REAL(semtimedop)(sid, ops, n, timeout);
-  if (r == 0) {
+  size_t i;
+  if (r == 0 && (i = first_undo(ops, n)) < n) {
     int saved = errno;
-    sem_undo_record(id, ops, n, before);
+    sem_undo_record(id, ops, i, n, before);
     errno = saved;
   }
   return r;
