@@ -158,6 +158,11 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
     sb.ok(['restore', join(out, 'hold.img')]);
     await sb.checksPass('undohold', 2);
+    // Taken again: the restored tables carry the count of SETVAL the
+    // adjustment was written at (a new count would refuse it as stale).
+    sb.ok(['snapshot', 'undohold', '--leave-running', '-o', join(out, 'again.img')]);
+    const again = (await loadImage(join(out, 'again.img'), { trust: 'report' })).image;
+    expect(again.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
     // Restored without it, the semaphore stayed at 0: FAIL.
     await sb.exercised('undohold', 'to kill the holder');
     expect(sb.log('undohold')).toMatch(/^PASS$/m);
