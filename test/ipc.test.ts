@@ -169,6 +169,18 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undohold']);
   });
 
+  it('gives back the adjustment a second thread of the holder made (threads share theirs)', async () => {
+    const { set, child } = await semundo('undothread', 'thread');
+    sb.ok(['snapshot', 'undothread', '-o', join(out, 'thread.img')]);
+    const { image } = await loadImage(join(out, 'thread.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['restore', join(out, 'thread.img')]);
+    await sb.checksPass('undothread', 2);
+    await sb.exercised('undothread', 'to kill the holder');
+    expect(sb.log('undothread')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undothread']);
+  });
+
   it('takes a process whose SEM_UNDO operations cancelled out', async () => {
     await semundo('undoreleased', 'released');
     sb.ok(['snapshot', 'undoreleased', '--leave-running', '-o', join(out, 'released.img')]);
