@@ -258,8 +258,10 @@ static void unbind_removed_key(const struct ipc_kind *k, key_t skey) {
  * change together in one 64-bit word. */
 #define SEM_UNDO_MAX 64
 struct appshot_sem_undo {
-  int32_t owner;    /* virtual PID whose table this is; other: empty */
-  int32_t unknown;  /* non-zero: the kernel's semadj cannot be known */
+  /* Low half: the virtual PID whose table this is (other: empty; -1 being
+   * emptied); high half: non-zero if the kernel's semadj cannot be known.
+   * One word, so that emptying it and marking it unknown cannot cross. */
+  uint64_t state;
   int32_t capacity; /* SEM_UNDO_MAX */
   int32_t reserved;
   struct {
@@ -267,7 +269,7 @@ struct appshot_sem_undo {
     uint64_t value; /* generation << 32 | (uint32)adjustment */
   } entry[SEM_UNDO_MAX];
 };
-static struct appshot_sem_undo g_sem_undo = {0, 0, SEM_UNDO_MAX, 0, {{0, 0}}};
+static struct appshot_sem_undo g_sem_undo = {0, SEM_UNDO_MAX, 0, {{0, 0}}};
 extern struct appshot_sem_undo appshot_sem_undo
     __attribute__((alias("g_sem_undo"), visibility("default")));
 
@@ -282,22 +284,37 @@ static void sem_generation_bump(void) {
   __atomic_add_fetch(&g_h->sem_generation, 1, __ATOMIC_ACQ_REL);
 }
 
+#define SEM_UNDO_OWNER 0xffffffffull
+#define SEM_UNDO_EMPTYING SEM_UNDO_OWNER /* owner -1 */
+#define SEM_UNDO_UNKNOWN (1ull << 32)
+
 static void sem_undo_unknown(void) {
-  __atomic_store_n(&g_sem_undo.unknown, 1, __ATOMIC_RELAXED);
+  __atomic_or_fetch(&g_sem_undo.state, SEM_UNDO_UNKNOWN, __ATOMIC_ACQ_REL);
 }
 
 /* This process's table: emptied first if it is a fork's copy of the
- * parent's. A thread racing here empties it too, before either writes. */
+ * parent's (0: it cannot be told, the caller marks it unknown). One thread
+ * empties it, having set owner -1 and cleared unknown in one step; another
+ * thread (or a handler) writing meanwhile only marks it unknown, which the
+ * emptying keeps: entries it cleared after another's write would
+ * otherwise be lost. A fork while another thread empties it leaves the
+ * child's copy at -1: unknown, never wrong. */
 static int sem_undo_own(void) {
-  int32_t me = self_vpid();
-  if (__atomic_load_n(&g_sem_undo.owner, __ATOMIC_ACQUIRE) == me) return 1;
+  const uint64_t me = (uint32_t)self_vpid();
+  uint64_t s = __atomic_load_n(&g_sem_undo.state, __ATOMIC_ACQUIRE);
+  if ((s & SEM_UNDO_OWNER) == me) return 1;
   if (__atomic_load_n(&g_nocache, __ATOMIC_RELAXED)) return 0;
+  if ((s & SEM_UNDO_OWNER) == SEM_UNDO_EMPTYING ||
+      !__atomic_compare_exchange_n(&g_sem_undo.state, &s, SEM_UNDO_EMPTYING, 0,
+                                   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    return 0;
   for (int i = 0; i < SEM_UNDO_MAX; i++) {
     __atomic_store_n(&g_sem_undo.entry[i].key, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&g_sem_undo.entry[i].value, 0, __ATOMIC_RELAXED);
   }
-  __atomic_store_n(&g_sem_undo.unknown, 0, __ATOMIC_RELAXED);
-  __atomic_store_n(&g_sem_undo.owner, me, __ATOMIC_RELEASE);
+  s = __atomic_load_n(&g_sem_undo.state, __ATOMIC_ACQUIRE);
+  while (!__atomic_compare_exchange_n(&g_sem_undo.state, &s, (s & ~SEM_UNDO_OWNER) | me, 0,
+                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {}
   return 1;
 }
 

@@ -200,8 +200,9 @@ function giveOwner(image: Image, kind: 'semid' | 'shmid' | 'msgid', sid: number,
   }
 }
 
-/** struct appshot_sem_undo (addon/preload/preload_ipc.c): owner, unknown,
- * capacity, reserved, then entries of key and value (8 bytes each). */
+/** struct appshot_sem_undo (addon/preload/preload_ipc.c): owner and
+ * unknown (the halves of one word), capacity, reserved, then entries of
+ * key and value (8 bytes each). */
 const SEM_UNDO_HEADER = 16;
 const SEM_UNDO_ENTRY = 16;
 const SEM_UNDO_CAPACITY = 64;
@@ -221,8 +222,14 @@ export function readSemUndo(pid: number, vpid: number, maps: MapsLine[]): { unkn
   } catch {
     return none; // not mapped yet: an exec's library that has not run
   }
+  if (table.readInt32LE(8) !== SEM_UNDO_CAPACITY) return none;
+  // Owner -1: being emptied, which a thread does inside a translation
+  // window (the freezer lets it finish), so a fork's copy of a table
+  // another thread was emptying: unknown once an operation found it so.
+  const owner = table.readInt32LE(0);
+  if (owner === -1) return { unknown: table.readInt32LE(4) !== 0, entries: [] };
   // Another process's (the parent's, copied by a fork): this one has none.
-  if (table.readInt32LE(0) !== vpid || table.readInt32LE(8) !== SEM_UNDO_CAPACITY) return none;
+  if (owner !== vpid) return none;
   const entries = [];
   for (let i = 0; i < SEM_UNDO_CAPACITY; i++) {
     const at = SEM_UNDO_HEADER + i * SEM_UNDO_ENTRY;
