@@ -1445,6 +1445,10 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       i.semaphores.push({ vid: 79, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [1, 0], vpids: [0, 0] });
       i.processes[0].semUndo = [{ vid: 79, semnum: 0, adj: 0 }];
     }, 'process \\d+ has a SEM_UNDO adjustment of 0 on set 79 semaphore 0'],
+    ['more SEM_UNDO adjustments than a snapshot takes', (i) => {
+      i.semaphores.push({ vid: 79, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: Array(65).fill(1), vpids: Array(65).fill(0) });
+      i.processes[0].semUndo = Array.from({ length: 65 }, (_, semnum) => ({ vid: 79, semnum, adj: 1 }));
+    }, 'process \\d+ has 65 SEM_UNDO adjustments \\(a snapshot takes at most 64\\)'],
     ['two SEM_UNDO adjustments of one semaphore', (i) => {
       i.semaphores.push({ vid: 79, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [1, 0], vpids: [0, 0] });
       i.processes[0].semUndo = [{ vid: 79, semnum: 1, adj: 1 }, { vid: 79, semnum: 1, adj: 2 }];

@@ -615,6 +615,9 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   const semSets = new Map(image.semaphores.map((s) => [s.vid, s.values.length]));
   for (const p of image.processes) {
     const seen = new Set<string>();
+    // No more than the library's table holds (preload_ipc.c SEM_UNDO_MAX):
+    // each is a system call injected at restore.
+    if ((p.semUndo?.length ?? 0) > 64) corrupt(`process ${p.vpid} has ${p.semUndo!.length} SEM_UNDO adjustments (a snapshot takes at most 64)`);
     for (const u of p.semUndo ?? []) {
       const nsems = semSets.get(u.vid);
       if (nsems === undefined || !(Number.isInteger(u.semnum) && u.semnum >= 0 && u.semnum < nsems)) corrupt(`process ${p.vpid} has a SEM_UNDO adjustment of semaphore ${u.semnum} of set ${u.vid}, which the image does not hold`);
