@@ -1431,6 +1431,28 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       i.processes[0].fds.push(fd);
     }, 'has 5000 multicast memberships'],
     ['a semaphore value above SEMVMX', (i) => i.semaphores.push({ vid: 78, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [40000], vpids: [2] }), 'holds a value above 32767'],
+    // SEM_UNDO adjustments the restore would inject (resources/sysv.ts).
+    ['a SEM_UNDO adjustment of a set the image does not hold', (i) => (i.processes[0].semUndo = [{ vid: 4711, semnum: 0, adj: 1 }]), 'process \\d+ has a SEM_UNDO adjustment of semaphore 0 of set 4711, which the image does not hold'],
+    ['a SEM_UNDO adjustment of a semaphore past the set\'s end', (i) => {
+      i.semaphores.push({ vid: 79, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [1, 0], vpids: [0, 0] });
+      i.processes[0].semUndo = [{ vid: 79, semnum: 2, adj: 1 }];
+    }, 'process \\d+ has a SEM_UNDO adjustment of semaphore 2 of set 79, which the image does not hold'],
+    ['a SEM_UNDO adjustment beyond SEMVMX', (i) => {
+      i.semaphores.push({ vid: 79, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [1, 0], vpids: [0, 0] });
+      i.processes[0].semUndo = [{ vid: 79, semnum: 1, adj: -40000 }];
+    }, 'process \\d+ has a SEM_UNDO adjustment of -40000 on set 79 semaphore 1'],
+    ['a SEM_UNDO adjustment of 0', (i) => {
+      i.semaphores.push({ vid: 79, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [1, 0], vpids: [0, 0] });
+      i.processes[0].semUndo = [{ vid: 79, semnum: 0, adj: 0 }];
+    }, 'process \\d+ has a SEM_UNDO adjustment of 0 on set 79 semaphore 0'],
+    ['more SEM_UNDO adjustments than a snapshot takes', (i) => {
+      i.semaphores.push({ vid: 79, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: Array(65).fill(1), vpids: Array(65).fill(0) });
+      i.processes[0].semUndo = Array.from({ length: 65 }, (_, semnum) => ({ vid: 79, semnum, adj: 1 }));
+    }, 'process \\d+ has 65 SEM_UNDO adjustments \\(a snapshot takes at most 64\\)'],
+    ['two SEM_UNDO adjustments of one semaphore', (i) => {
+      i.semaphores.push({ vid: 79, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [1, 0], vpids: [0, 0] });
+      i.processes[0].semUndo = [{ vid: 79, semnum: 1, adj: 1 }, { vid: 79, semnum: 1, adj: 2 }];
+    }, 'process \\d+ has two SEM_UNDO adjustments of set 79 semaphore 1'],
     ['a zombie with a live process\'s PID', (i) => (i.processes[0].zombies = [{ vpid: i.processes[1].vpid, status: 0, comm: 'z' }]), 'zombie child with virtual PID \\d+, which is taken'],
     ['a child forked by a thread its parent does not have', (i) => (i.processes[1].parentVtid = 99999), 'process \\d+ was forked by thread 99999, which is not a thread of its parent \\d+'],
     ['a process forked by a thread of a process that is not its parent', (i) => (i.processes[0].parentVtid = i.processes[0].threads[1].vtid), 'process \\d+ was forked by thread \\d+, which is not a thread of its parent \\d+'],

@@ -136,3 +136,75 @@ describe('a snapshot reads only the application\'s own SysV objects', () => {
     }
   });
 });
+
+describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc does not show', () => {
+  // test/fixtures/semundo.c: a child holds a semaphore taken with
+  // SEM_UNDO, as an apache prefork child holds its accept mutex (`Mutex
+  // sysvsem`); killed, the kernel gives the semaphore back. An image
+  // without that adjustment hangs the restored application the first
+  // time a holder dies.
+  const semundo = async (aid: string, mode: string) => {
+    sb.ok(['run', '-d', '--aid', aid, '--', fixture('semundo'), mode]);
+    await sb.checksPass(aid, 2);
+    return { set: Number(/^SET (\d+)$/m.exec(sb.log(aid))![1]), child: Number(/^CHILD (\d+)$/m.exec(sb.log(aid))![1]) };
+  };
+  const out = mkdtempSync(join(tmpdir(), 'appshot-semundo-'));
+  afterAll(() => rmSync(out, { recursive: true, force: true }));
+
+  it('gives back a held semaphore\'s adjustment at restore: the holder killed afterwards, the kernel gives the semaphore back', async () => {
+    const { set, child } = await semundo('undohold', 'hold');
+    sb.ok(['snapshot', 'undohold', '-o', join(out, 'hold.img')]);
+    const { image } = await loadImage(join(out, 'hold.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['restore', join(out, 'hold.img')]);
+    await sb.checksPass('undohold', 2);
+    // Taken again: the restored tables carry the count of SETVAL the
+    // adjustment was written at (a new count would refuse it as stale).
+    sb.ok(['snapshot', 'undohold', '--leave-running', '-o', join(out, 'again.img')]);
+    const again = (await loadImage(join(out, 'again.img'), { trust: 'report' })).image;
+    expect(again.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    // Restored without it, the semaphore stayed at 0: FAIL.
+    await sb.exercised('undohold', 'to kill the holder');
+    expect(sb.log('undohold')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undohold']);
+  });
+
+  it('gives back the adjustment a second thread of the holder made (threads share theirs)', async () => {
+    const { set, child } = await semundo('undothread', 'thread');
+    sb.ok(['snapshot', 'undothread', '-o', join(out, 'thread.img')]);
+    const { image } = await loadImage(join(out, 'thread.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['restore', join(out, 'thread.img')]);
+    await sb.checksPass('undothread', 2);
+    await sb.exercised('undothread', 'to kill the holder');
+    expect(sb.log('undothread')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undothread']);
+  });
+
+  it('takes a process whose SEM_UNDO operations cancelled out', async () => {
+    await semundo('undoreleased', 'released');
+    sb.ok(['snapshot', 'undoreleased', '--leave-running', '-o', join(out, 'released.img')]);
+    await sb.checksPass('undoreleased', 2);
+    sb.ok(['rm', '-f', 'undoreleased']);
+  });
+
+  it('refuses by name a process whose SEM_UNDO adjustments the library could not follow (more semaphores than its table holds), and leaves the application running', async () => {
+    const { child } = await semundo('undofull', 'overflow');
+    const r = sb.run(['snapshot', 'undofull', '--leave-running', '-o', join(out, 'full.img')]);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known: it made operations on more than 64 semaphores`);
+    expect(r.stderr).toContain('the application was left running');
+    await sb.checksPass('undofull', 2);
+    sb.ok(['rm', '-f', 'undofull']);
+  });
+
+  it('refuses by name a process whose adjustment a SETVAL may have zeroed since (the kernel zeroes it, the library cannot tell which semaphore), and leaves the application running', async () => {
+    const { set, child } = await semundo('undoset', 'setval');
+    const r = sb.run(['snapshot', 'undoset', '--leave-running', '-o', join(out, 'set.img')]);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known: a SETVAL, SETALL or IPC_RMID since its operation on set ${set} semaphore 0 may have zeroed them`);
+    expect(r.stderr).toContain('the application was left running');
+    await sb.checksPass('undoset', 2);
+    sb.ok(['rm', '-f', 'undoset']);
+  });
+});

@@ -284,7 +284,10 @@ struct appshot_header {
    * (FUTEX_TID_MASK), with FUTEX_WAITERS while a locker sleeps on it, or
    * FUTEX_OWNER_DIED (no TID) once the kernel saw its holder die. */
   uint32_t lock;
-  uint32_t lock_pad;      /* zero; the tables are 8-aligned */
+  /* SysV semaphore SETVAL, SETALL and IPC_RMID made through the library
+   * (each zeroes processes' SEM_UNDO adjustments): preload_ipc.c. Where
+   * the lock's padding was (zero in a file made before). */
+  uint32_t sem_generation;
   struct appshot_table tables[APPSHOT_KINDS];
   struct appshot_instance instance;
   struct appshot_socket_notes sockets;

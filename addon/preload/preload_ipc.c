@@ -227,12 +227,174 @@ static void unbind_removed_key(const struct ipc_kind *k, key_t skey) {
   appshot_unlock(g_h, &saved);
 }
 
+/* --- Semaphore undo (SEM_UNDO) adjustments ------------------------------
+ *
+ * The kernel keeps, per process, the adjustment each SEM_UNDO operation
+ * leaves (semadj: minus the sum of its sem_op) and applies it when the
+ * process exits: a holder killed releases its semaphore (apache's accept
+ * mutex relies on that). /proc does not show it, so a snapshot cannot read
+ * it: the library sums it here, by virtual set and semaphore number, for
+ * the snapshot to read (src/resources/sysv.ts holds to this layout).
+ *
+ * What the kernel does to semadj besides, and what the table does then:
+ *  - SETVAL and SETALL zero it for that semaphore in every process, and
+ *    IPC_RMID drops it with the set: the library counts them in the
+ *    tables' sem_generation, which all processes share. An entry written
+ *    at another generation may have been zeroed or not (the count does not
+ *    say which semaphore): one that was 0 is taken on at the new one; one
+ *    that was not makes the process's undo state unknown. A generation
+ *    that moves while the operation itself is made does too.
+ *  - fork: the child starts with none. Its copy of the table names the
+ *    parent as owner (its virtual PID, which a restore keeps): the child's
+ *    first write starts it empty, and the snapshot reads a table whose
+ *    owner is another process as empty. Threads share the table as the
+ *    kernel shares semadj among them (CLONE_SYSVSEM, as pthreads do).
+ *    Memory shared with another process (a clone with CLONE_VM, g_nocache)
+ *    cannot be told apart from a fork's copy: unknown.
+ *  - a full table (distinct semaphores): unknown.
+ *  - exec keeps semadj but not this table: not covered.
+ * Lock-free (threads and signal handlers write it): an entry is claimed
+ * by a compare-and-swap of its key, and its generation and adjustment
+ * change together in one 64-bit word. */
+#define SEM_UNDO_MAX 64
+struct appshot_sem_undo {
+  /* Low half: the virtual PID whose table this is (other: empty; -1 being
+   * emptied); high half: non-zero if the kernel's semadj cannot be known.
+   * One word, so that emptying it and marking it unknown cannot cross. */
+  uint64_t state;
+  int32_t capacity; /* SEM_UNDO_MAX */
+  int32_t reserved;
+  struct {
+    uint64_t key;   /* (uint32)virtual set id << 32 | (semnum + 1); 0 free */
+    uint64_t value; /* generation << 32 | (uint32)adjustment */
+  } entry[SEM_UNDO_MAX];
+};
+static struct appshot_sem_undo g_sem_undo = {0, SEM_UNDO_MAX, 0, {{0, 0}}};
+extern struct appshot_sem_undo appshot_sem_undo
+    __attribute__((alias("g_sem_undo"), visibility("default")));
+
+static uint32_t sem_generation(void) {
+  return __atomic_load_n(&g_h->sem_generation, __ATOMIC_ACQUIRE);
+}
+
+/* SETVAL, SETALL or IPC_RMID made: every process's adjustments of the set
+ * may be gone. Counted after the call (an entry written between the call
+ * and the count is only taken as unknown). */
+static void sem_generation_bump(void) {
+  __atomic_add_fetch(&g_h->sem_generation, 1, __ATOMIC_ACQ_REL);
+}
+
+#define SEM_UNDO_OWNER 0xffffffffull
+#define SEM_UNDO_EMPTYING SEM_UNDO_OWNER /* owner -1 */
+#define SEM_UNDO_UNKNOWN (1ull << 32)
+
+static void sem_undo_unknown(void) {
+  __atomic_or_fetch(&g_sem_undo.state, SEM_UNDO_UNKNOWN, __ATOMIC_ACQ_REL);
+}
+
+/* This process's table: emptied first if it is a fork's copy of the
+ * parent's (0: it cannot be told, the caller marks it unknown). One thread
+ * empties it, having set owner -1 and cleared unknown in one step; another
+ * thread (or a handler) writing meanwhile only marks it unknown, which the
+ * emptying keeps: entries it cleared after another's write would
+ * otherwise be lost. A fork while another thread empties it leaves the
+ * child's copy at -1: unknown, never wrong. */
+static int sem_undo_own(void) {
+  const uint64_t me = (uint32_t)self_vpid();
+  uint64_t s = __atomic_load_n(&g_sem_undo.state, __ATOMIC_ACQUIRE);
+  if ((s & SEM_UNDO_OWNER) == me) return 1;
+  if (__atomic_load_n(&g_nocache, __ATOMIC_RELAXED)) return 0;
+  if ((s & SEM_UNDO_OWNER) == SEM_UNDO_EMPTYING ||
+      !__atomic_compare_exchange_n(&g_sem_undo.state, &s, SEM_UNDO_EMPTYING, 0,
+                                   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    return 0;
+  for (int i = 0; i < SEM_UNDO_MAX; i++) {
+    __atomic_store_n(&g_sem_undo.entry[i].key, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&g_sem_undo.entry[i].value, 0, __ATOMIC_RELAXED);
+  }
+  s = __atomic_load_n(&g_sem_undo.state, __ATOMIC_ACQUIRE);
+  while (!__atomic_compare_exchange_n(&g_sem_undo.state, &s, (s & ~SEM_UNDO_OWNER) | me, 0,
+                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {}
+  return 1;
+}
+
+/* The kernel's semadj of (vid, num) moved by `delta`, at generation `gen`. */
+static void sem_undo_add(int32_t vid, unsigned num, int32_t delta, uint32_t gen) {
+  const uint64_t key = (uint64_t)(uint32_t)vid << 32 | ((uint64_t)num + 1);
+  int i;
+  for (i = 0; i < SEM_UNDO_MAX; i++) {
+    uint64_t k = __atomic_load_n(&g_sem_undo.entry[i].key, __ATOMIC_ACQUIRE);
+    if (k == key) break;
+    if (k == 0) {
+      if (__atomic_compare_exchange_n(&g_sem_undo.entry[i].key, &k, key, 0,
+                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE) || k == key)
+        break;
+    }
+  }
+  if (i == SEM_UNDO_MAX) {
+    sem_undo_unknown();
+    return;
+  }
+  uint64_t *value = &g_sem_undo.entry[i].value;
+  uint64_t old = __atomic_load_n(value, __ATOMIC_RELAXED), now;
+  do {
+    int32_t adj = (int32_t)(uint32_t)old;
+    if ((uint32_t)(old >> 32) != gen) {
+      if (adj != 0) {
+        sem_undo_unknown();
+        return;
+      }
+    }
+    now = (uint64_t)gen << 32 | (uint32_t)(adj + delta);
+  } while (!__atomic_compare_exchange_n(value, &old, now, 0, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED));
+}
+
+/* The first of `n` operations that changes a semaphore with SEM_UNDO, or
+ * `n`. Read after the kernel took them: the array is valid then, and a
+ * bad pointer still gets its EFAULT. */
+static inline size_t first_undo(const struct sembuf *ops, size_t n) {
+  size_t i;
+  for (i = 0; i < n; i++)
+    if ((ops[i].sem_flg & SEM_UNDO) && ops[i].sem_op != 0) break;
+  return i;
+}
+
+/* After a successful semop of the virtual set `vid`: its SEM_UNDO
+ * operations' adjustments from ops[i] on, the generation read before the
+ * call `before`. */
+static void sem_undo_record(int32_t vid, const struct sembuf *ops, size_t i,
+                            size_t n, uint32_t before) {
+  if (!sem_undo_own()) {
+    sem_undo_unknown();
+    return;
+  }
+  if (sem_generation() != before) {
+    sem_undo_unknown(); /* zeroed before or after ours: cannot tell */
+    return;
+  }
+  for (; i < n; i++)
+    if ((ops[i].sem_flg & SEM_UNDO) && ops[i].sem_op != 0)
+      sem_undo_add(vid, ops[i].sem_num, -(int32_t)ops[i].sem_op, before);
+}
+
 long do_semtimedop(int id, struct sembuf *ops, size_t n,
                    const struct timespec *timeout) {
   ID_WINDOW();
   int sid;
   if (!id_arg(APPSHOT_SEMID, id, &sid)) return -1;
-  return REAL(semtimedop)(sid, ops, n, timeout);
+  if (!g_h) return REAL(semtimedop)(sid, ops, n, timeout);
+  /* Inside the window: a snapshot lets a thread that has made the call
+   * run on until it has recorded it. */
+  uint32_t before = sem_generation();
+  long r = REAL(semtimedop)(sid, ops, n, timeout);
+  size_t i;
+  if (r == 0 && (i = first_undo(ops, n)) < n) {
+    int saved = errno;
+    sem_undo_record(id, ops, i, n, before);
+    errno = saved;
+  }
+  return r;
 }
 
 API int semop(int id, struct sembuf *ops, size_t n) {
@@ -266,6 +428,7 @@ long do_semctl(int id, int num, int cmd, union semun arg) {
     key_t skey = REAL(semctl)(sid, 0, IPC_STAT, &ds) == 0 ? ds.sem_perm.__key
                                                           : IPC_PRIVATE;
     r = REAL(semctl)(sid, num, cmd, arg);
+    if (r == 0) sem_generation_bump();
     if (r == 0) test_pause("ipc-removed");
     if (r == 0) {
       appshot_unmap_system(g_h, APPSHOT_SEMID, sid);
@@ -274,6 +437,7 @@ long do_semctl(int id, int num, int cmd, union semun arg) {
     return r;
   }
   r = REAL(semctl)(sid, num, cmd, arg);
+  if (r == 0 && (cmd == SETVAL || cmd == SETALL)) sem_generation_bump();
   if (r >= 0 && cmd == IPC_STAT)
     arg.buf->sem_perm.__key = vkey(APPSHOT_SEMKEY, arg.buf->sem_perm.__key);
   if (r > 0 && cmd == GETPID) r = s2v_or0(APPSHOT_PID, (int32_t)r);

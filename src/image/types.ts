@@ -61,6 +61,9 @@ export interface Image {
   instance?: { redirs: { kind: 'path' | 'cow'; from: string; to: string }[]; env: string[]; privateRoot: string; identity?: Identity };
   /** Written by a snapshot (image.proto): its descriptors are the kernel's. */
   fromSnapshot?: boolean;
+  /** The tables' count of semaphore SETVAL, SETALL and IPC_RMID
+   * (appshot_table.h sem_generation); absent in older images. */
+  semGeneration?: number;
 }
 
 /** A wait slot of the tables (appshot_table.h, struct appshot_wait_slot). */
@@ -217,6 +220,16 @@ export interface Process {
   /** A session keyring of its own (resources/keyrings.ts); absent: its
    * user's default one. */
   sessionKeyring?: SessionKeyring;
+  /** Its SEM_UNDO adjustments (resources/sysv.ts); absent in older images. */
+  semUndo?: SemUndo[];
+}
+
+/** A SEM_UNDO adjustment: what the kernel adds to semaphore `semnum` of
+ * set `vid` when the process exits. */
+export interface SemUndo {
+  vid: number;
+  semnum: number;
+  adj: number;
 }
 
 /** A session keyring and its keys (resources/keyrings.ts). */

@@ -609,6 +609,24 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
     if (s.vpids.length > s.values.length) corrupt(`semaphore set ${s.vid} has more PIDs than semaphores`);
   }
   if (new Set(image.semaphores.map((s) => s.vid)).size !== image.semaphores.length || image.semaphores.length > limits.semmni) corrupt('semaphore sets repeat an id, or exceed semmni');
+  // SEM_UNDO adjustments (resources/sysv.ts restoreSemUndo): each of a
+  // semaphore the image holds, once per process, within what the kernel
+  // keeps (it refuses an operation that would take semadj past SEMVMX).
+  const semSets = new Map(image.semaphores.map((s) => [s.vid, s.values.length]));
+  for (const p of image.processes) {
+    const seen = new Set<string>();
+    // No more than the library's table holds (preload_ipc.c SEM_UNDO_MAX):
+    // each is a system call injected at restore.
+    if ((p.semUndo?.length ?? 0) > 64) corrupt(`process ${p.vpid} has ${p.semUndo!.length} SEM_UNDO adjustments (a snapshot takes at most 64)`);
+    for (const u of p.semUndo ?? []) {
+      const nsems = semSets.get(u.vid);
+      if (nsems === undefined || !(Number.isInteger(u.semnum) && u.semnum >= 0 && u.semnum < nsems)) corrupt(`process ${p.vpid} has a SEM_UNDO adjustment of semaphore ${u.semnum} of set ${u.vid}, which the image does not hold`);
+      if (!(Number.isInteger(u.adj) && u.adj !== 0 && Math.abs(u.adj) <= SEMVMX)) corrupt(`process ${p.vpid} has a SEM_UNDO adjustment of ${u.adj} on set ${u.vid} semaphore ${u.semnum} (the kernel keeps -${SEMVMX}..${SEMVMX}, non-zero)`);
+      const key = `${u.vid}:${u.semnum}`;
+      if (seen.has(key)) corrupt(`process ${p.vpid} has two SEM_UNDO adjustments of set ${u.vid} semaphore ${u.semnum}`);
+      seen.add(key);
+    }
+  }
   for (const q of image.msgQueues) {
     let bytes = 0;
     for (const m of q.messages) {

@@ -222,6 +222,16 @@ export function lateSigchldOf(pid: number, maps: MapsLine[]): bigint | undefined
   return lib && offsets ? lib.start + offsets.appshot_late_sigchld : undefined;
 }
 
+/** Where the preload library keeps its process's SEM_UNDO adjustments
+ * (appshot_sem_undo, addon/preload/preload_ipc.c) in a process whose
+ * mappings are `maps`, or undefined: no library, an older one without
+ * them, or one whose file cannot be read. */
+export function semUndoOf(pid: number, maps: MapsLine[]): bigint | undefined {
+  const lib = preloadMappingIn(maps);
+  const offsets = lib && librarySymbols(pid, lib, ['appshot_sem_undo'] as const);
+  return lib && offsets ? lib.start + offsets.appshot_sem_undo : undefined;
+}
+
 /** Where, from a thread's pointer, the preload library keeps the epoll
  * wait with a timeout the thread is in (appshot_timed_wait_tpoff,
  * addon/preload/preload_wait.c), in a process whose mappings are `maps`;

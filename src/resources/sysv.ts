@@ -5,14 +5,17 @@
  * keeps them). Ids and keys are stored as the application sees them:
  * virtual.
  */
-import { readSync } from 'node:fs';
+import { closeSync, openSync, readSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { strangeOwner } from './creds.js';
 import { addon, type PagesCheck } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
-import type { Image, MsgQueue, SemSet, ShmSegment } from '../image/types.js';
+import type { Image, MsgQueue, Process, SemSet, ShmSegment } from '../image/types.js';
 import type { Kind, TablesSnapshot } from '../native.js';
-import { type DumpContext, Transient } from './context.js';
+import { type DumpContext, Transient, Unsupported } from './context.js';
+import { semUndoOf } from '../ptrace/windows.js';
+import type { RemoteProcess } from '../ptrace/remote.js';
+import type { MapsLine } from './memory.js';
 
 /** APPSHOT_F_RESERVED (appshot_table.h): a key reserved by a keyed create
  * in progress, or by a creator killed inside it that no locker has
@@ -61,7 +64,7 @@ function settledTables(ctx: DumpContext): TablesSnapshot {
   return a.readTables(ctx.tablesPath);
 }
 
-export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments: ShmSegment[]; msgQueues: MsgQueue[] } {
+export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments: ShmSegment[]; msgQueues: MsgQueue[]; semGeneration: number } {
   const a = addon();
   const tables = settledTables(ctx);
   const toVirtual = new Map<Kind, Map<number, number>>(KEY_KINDS.map((kind) => [kind, new Map(tables.tables[kind].map((e) => [e.system, e.virtual]))]));
@@ -134,7 +137,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
       if (!gone(err)) throw err;
     }
   }
-  return { semaphores, shmSegments, msgQueues };
+  return { semaphores, shmSegments, msgQueues, semGeneration: semGeneration(ctx) };
 }
 
 /** The image's SysV objects made again under the new application's tables
@@ -144,6 +147,10 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
 export function restoreSysv(image: Image, tables: string, pagesFd: number, notKept: string[], pagesCheck?: { check: PagesCheck; chunkSize: number }): Map<number, number> {
   const shmIds = new Map<number, number>();
   const owned = (kind: 'semid' | 'shmid' | 'msgid', sid: number, o: IpcOwner, what: string) => giveOwner(image, kind, sid, o, what, notKept);
+  // The count the processes' SEM_UNDO sums were written at, before any
+  // of them runs: a new count would make each sum unknown at its next
+  // operation, and every later snapshot of the process refused.
+  if (image.semGeneration) writeSemGeneration(tables, image.semGeneration);
   for (const s of image.semaphores) owned('semid', addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values), s, 'semaphore set');
   for (const s of image.shmSegments) {
     const data = Buffer.alloc(Number(s.size));
@@ -190,5 +197,151 @@ function giveOwner(image: Image, kind: 'semid' | 'shmid' | 'msgid', sid: number,
     addon().setIpcOwner(kind, sid, uid, gid, o.mode);
   } catch (e) {
     throw new AppshotError(`cannot give ${what} ${o.vid} to uid ${uid} gid ${gid}, ${stranger ? "the application's first process's ids" : 'its owner in the image'}: ${(e as Error).message}`, ExitCode.denied);
+  }
+}
+
+/** struct appshot_sem_undo (addon/preload/preload_ipc.c): owner and
+ * unknown (the halves of one word), capacity, reserved, then entries of
+ * key and value (8 bytes each). */
+const SEM_UNDO_HEADER = 16;
+const SEM_UNDO_ENTRY = 16;
+const SEM_UNDO_CAPACITY = 64;
+
+/** One process's SEM_UNDO adjustments as its preload library summed them
+ * (the kernel's semadj, which /proc does not show): by virtual set id and
+ * semaphore number, non-zero ones only, each with the tables' generation
+ * of SETVAL, SETALL and IPC_RMID it was written at; `unknown` if the
+ * library could not follow them. */
+export function readSemUndo(pid: number, vpid: number, maps: MapsLine[]): { unknown: boolean; entries: { vid: number; semnum: number; adj: number; generation: number }[] } {
+  const address = semUndoOf(pid, maps);
+  const none = { unknown: false, entries: [] };
+  if (address === undefined) return none;
+  let table: Buffer;
+  try {
+    table = addon().readMemory(pid, address, SEM_UNDO_HEADER + SEM_UNDO_CAPACITY * SEM_UNDO_ENTRY);
+  } catch {
+    return none; // not mapped yet: an exec's library that has not run
+  }
+  if (table.readInt32LE(8) !== SEM_UNDO_CAPACITY) return none;
+  // Owner -1: being emptied, which a thread does inside a translation
+  // window (the freezer lets it finish), so a fork's copy of a table
+  // another thread was emptying: unknown once an operation found it so.
+  const owner = table.readInt32LE(0);
+  if (owner === -1) return { unknown: table.readInt32LE(4) !== 0, entries: [] };
+  // Another process's (the parent's, copied by a fork): this one has none.
+  if (owner !== vpid) return none;
+  const entries = [];
+  for (let i = 0; i < SEM_UNDO_CAPACITY; i++) {
+    const at = SEM_UNDO_HEADER + i * SEM_UNDO_ENTRY;
+    const semnum = table.readUInt32LE(at);
+    const vid = table.readInt32LE(at + 4);
+    const adj = table.readInt32LE(at + 8);
+    const generation = table.readUInt32LE(at + 12);
+    if (semnum !== 0 && adj !== 0) entries.push({ vid, semnum: semnum - 1, adj, generation });
+  }
+  return { unknown: table.readInt32LE(4) !== 0, entries };
+}
+
+/** Where sem_generation is in the tables file (appshot_table.h: the
+ * word after the lock). */
+const semGenerationAt = () => addon().tablesLockOffset + 4;
+
+/** The tables' count of semaphore SETVAL, SETALL and IPC_RMID, read once
+ * per snapshot (the application is stopped: nothing of it changes it). */
+const semGenerations = new WeakMap<DumpContext, number>();
+function semGeneration(ctx: DumpContext): number {
+  let g = semGenerations.get(ctx);
+  if (g === undefined) {
+    const b = Buffer.alloc(4);
+    const fd = openSync(ctx.tablesPath, 'r');
+    try {
+      if (readSync(fd, b, 0, 4, semGenerationAt()) !== 4) throw new Error(`${ctx.tablesPath} is too short`);
+    } finally {
+      closeSync(fd);
+    }
+    semGenerations.set(ctx, (g = b.readUInt32LE(0)));
+  }
+  return g;
+}
+
+function writeSemGeneration(tables: string, generation: number): void {
+  const b = Buffer.alloc(4);
+  b.writeUInt32LE(generation >>> 0);
+  const fd = openSync(tables, 'r+');
+  try {
+    writeSync(fd, b, 0, 4, semGenerationAt());
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * At snapshot, process `pid` (stopped; `what` names it): its SEM_UNDO
+ * adjustments, which the kernel applies when it exits (a holder killed
+ * gives its semaphore back: apache's accept mutex), for the restore to
+ * give back. An adjustment of a set removed since went with it. Refused
+ * if the library could not follow them, or if one was written before a
+ * SETVAL, SETALL or IPC_RMID (that may have zeroed it or not): restored
+ * wrong, a semaphore taken for ever would hang the application, which
+ * reported success.
+ */
+export function dumpSemUndo(ctx: DumpContext, pid: number, maps: MapsLine[], proc: Process, what: string): void {
+  const { unknown, entries } = readSemUndo(pid, ctx.virtual('pid', pid), maps);
+  const unknowable = `${what}: its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known`;
+  if (unknown)
+    throw new Unsupported(`${unknowable}: it made operations on more than ${SEM_UNDO_CAPACITY} semaphores, or while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process`);
+  const sets = new Set(ctx.tables.tables.semid.map((e) => e.virtual));
+  const held = entries.filter((e) => sets.has(e.vid));
+  const now = semGeneration(ctx);
+  const stale = held.filter((e) => e.generation !== now);
+  if (stale.length)
+    throw new Unsupported(`${unknowable}: a SETVAL, SETALL or IPC_RMID since its operation on ${stale.map((e) => `set ${e.vid} semaphore ${e.semnum}`).join(', ')} may have zeroed them`);
+  if (held.length) proc.semUndo = held.map(({ vid, semnum, adj }) => ({ vid, semnum, adj }));
+}
+
+/** semop(2) on x86-64. */
+const SYS_SEMOP = 65;
+const SEM_UNDO = 0x1000;
+const IPC_NOWAIT = 0x800;
+const SEMVMX = 32767;
+
+/**
+ * At restore, process `p` (its sets made again, under the new tables
+ * `tables`; `r` its remote, before it runs): its SEM_UNDO adjustments
+ * given back, with operations that leave each semaphore's value as it is:
+ * an operation with SEM_UNDO and its opposite without, in one semop (the
+ * kernel makes both or neither), the raise first where the value leaves
+ * room for it (no wait, never above SEMVMX), else the lowering first. A
+ * value at SEMVMX less than the adjustment is given back in parts. The
+ * values are the image's: the processes have not run since the sets were
+ * made, and each process's operations leave them as they were.
+ */
+export function restoreSemUndo(r: RemoteProcess, p: Process, image: Image, tables: string): void {
+  if (!p.semUndo?.length) return;
+  const system = new Map(addon().readTables(tables).tables.semid.map((e) => [e.virtual, e.system]));
+  const sembuf = (ops: [number, number, number][]) => {
+    const b = Buffer.alloc(6 * ops.length);
+    ops.forEach(([num, op, flags], i) => {
+      b.writeUInt16LE(num, i * 6);
+      b.writeInt16LE(op, i * 6 + 2);
+      b.writeInt16LE(flags, i * 6 + 4);
+    });
+    return b;
+  };
+  for (const u of p.semUndo) {
+    const sid = system.get(u.vid);
+    const value = image.semaphores.find((s) => s.vid === u.vid)?.values[u.semnum];
+    if (sid === undefined || value === undefined) throw new AppshotError(`process ${p.vpid}: its SEM_UNDO adjustment names semaphore ${u.semnum} of set ${u.vid}, which the image does not hold`);
+    // semadj is minus the sum of the SEM_UNDO operations: an adjustment
+    // above 0 is given by lowering with SEM_UNDO.
+    const undoLowers = u.adj > 0;
+    for (let left = Math.abs(u.adj); left > 0; ) {
+      const raiseFirst = value < SEMVMX;
+      const c = Math.min(left, raiseFirst ? SEMVMX - value : value);
+      const raise: [number, number, number] = [u.semnum, c, IPC_NOWAIT | (undoLowers ? 0 : SEM_UNDO)];
+      const lower: [number, number, number] = [u.semnum, -c, IPC_NOWAIT | (undoLowers ? SEM_UNDO : 0)];
+      r.call(`semop giving process ${p.vpid} its SEM_UNDO adjustment ${u.adj} of semaphore ${u.semnum} of set ${u.vid}`, SYS_SEMOP, [sid, r.put(sembuf(raiseFirst ? [raise, lower] : [lower, raise])), 2]);
+      left -= c;
+    }
   }
 }

@@ -51,7 +51,7 @@ import { forkedByOtherThread, forkingTid, moveEnvironCall, restoreItimers, resto
 import { lateSigchldChild, requeueSignals, restoreLateSigchld, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
 import { checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
-import { restoreSysv } from '../resources/sysv.js';
+import { restoreSemUndo, restoreSysv } from '../resources/sysv.js';
 import { restoreWaits } from '../resources/waits.js';
 import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
@@ -1016,6 +1016,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       phase("threads' own state");
       p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
+      // Its SEM_UNDO adjustments, its threads made (they share them).
+      restoreSemUndo(r, p, image, tables);
       r.reset();
       const mainCalls = r.batch();
       // From here on, batches run from the preload library's copy of the

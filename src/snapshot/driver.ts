@@ -48,7 +48,7 @@ import { checkUnixPeers, forgetClosedSockets, offerListeners, SocketTable } from
 import { dumpPtys } from '../resources/ptys.js';
 import { dumpJobControl } from '../resources/jobcontrol.js';
 import { dumpLocks } from '../resources/locks.js';
-import { dumpSysv } from '../resources/sysv.js';
+import { dumpSemUndo, dumpSysv } from '../resources/sysv.js';
 import { askPosixTimers, dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
 import { dumpAioRings } from '../resources/aio.js';
@@ -391,6 +391,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     timed('cgroups', () => dumpCgroup(proc, pid, what));
     proc.glibcTidOffset = timed('glibc tid offset', () => findGlibcTidOffset(pid, threads.map((t) => ({ tid: t.tid, regs: regs.get(t.tid)! }))));
     timed('tid moves', () => dumpTidMoves(pid, maps, proc));
+    timed('sem undo', () => dumpSemUndo(ctx, pid, maps, proc, what));
     proc.sigactions = timed('sigactions', () => dumpSigactions(asked.sigactions));
     proc.sharedPending = timed('shared pending', () => dumpSharedPending(pid));
     proc.zombies = timed('zombies', () => dumpZombies(ctx, pid, proc.threads));
