@@ -6,7 +6,7 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -34,7 +34,7 @@ afterAll(async () => {
 const describe = vitestDescribe.concurrent;
 /** describe, or skipped when `cond` is false. */
 const describeIf = (cond: boolean) => (cond ? describe : describe.skip);
-const { test: it, ok: run, start, attempt, systemPid, exercised: exercisedAs, adopt } = ownedTests(sb);
+const { test: it, ok: run, start, attempt, systemPid, exercised: exercisedAs, adopt, waitForAsync } = ownedTests(sb);
 // The engine started with the file: the first tests' snapshots are not
 // run by a cold Node while one starts in the background. The API (what
 // starts the applications) loaded meanwhile, not inside the first tests'
@@ -877,6 +877,40 @@ describe('what cannot be captured yet is refused by name, and the application go
       // for minutes, a stray to atomic.test.ts's checks running beside.
       expect((await attempt(['rm', '-f', aid])).code).toBe(0);
     });
+});
+
+// The kernel's Landlock ABI version, asked by the fixture outside appshot:
+// a kernel without Landlock skips the test below, saying why.
+const landlockAbi = spawnSync(fixture('landlocked'), ['--abi'], { encoding: 'utf8' });
+if (landlockAbi.status !== 0) console.warn(`kinds.test.ts: Landlock refusal not tested: ${(landlockAbi.stdout || landlockAbi.stderr || String(landlockAbi.error)).trim()}`);
+
+describeIf(landlockAbi.status === 0)('a process inside a Landlock domain, whose rules the kernel does not show: refused by name, its own or inherited across fork and exec, and left running', () => {
+  it('landlocked', async () => {
+    const aid = 'landlocked';
+    // Its secret under `out` (removed with it), named without symbolic
+    // links: the fixture allows every directory on the way but that one.
+    await start(aid, [fixture('landlocked'), realpathSync(out)]);
+    await waitFor(() => /READY grandchild=\d+/.test(logOf(aid)) || /FAIL/.test(logOf(aid)), 10_000, `${aid} to start`);
+    expect(logOf(aid)).not.toMatch(/FAIL/);
+    const grandchild = /READY grandchild=(\d+)/.exec(logOf(aid))![1];
+    const refused = async (vpid: string, snapshot: string) => {
+      const r = await attempt(['snapshot', aid, '-o', join(out, snapshot)]);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toContain(`process ${vpid} (landlocked) is restricted by Landlock (landlock_restrict_self, its own or a parent's), whose rules the kernel does not show: it cannot be captured; the application was left running`);
+      expect(existsSync(join(out, snapshot))).toBe(false);
+      // Still denied the secret, checking itself.
+      await checksPass(aid);
+    };
+    // The process that restricted itself. (Taken before, it came back
+    // without its domain and read the secret.)
+    await refused('2', `${aid}-self`);
+    // Gone, its grandchild (forked by a child that exec'd, after the
+    // restriction) is the application: refused too.
+    process.kill(await systemPid(aid), 'SIGHUP');
+    await waitForAsync(async () => !(await sb.jsonAsync<{ processes: { vpid: number }[] }[]>(['ps', aid]))[0].processes.some((p) => p.vpid === 2), 10_000, 'process 2 to exit');
+    await refused(grandchild, `${aid}-inherited`);
+    expect((await attempt(['rm', '-f', aid])).code).toBe(0);
+  });
 });
 
 describeIf(process.getuid?.() === 0)('a thread in seccomp strict mode, snapshotted without CAP_SYS_ADMIN: refused before any call is injected, left exactly as it was', () => {

@@ -348,6 +348,15 @@ int appshot_s2v(const struct appshot_header *h, enum appshot_kind kind,
   return 1;
 }
 
+int appshot_s2flags(const struct appshot_header *h, enum appshot_kind kind,
+                    int32_t sid, uint32_t *flags) {
+  const struct appshot_table *t = &h->tables[kind];
+  uint32_t slot;
+  if (probe(h, t, 1, sid, &slot) == APPSHOT_PAIR_FREE) return 0;
+  *flags = LOAD(&entries_of(h, t)[slot].flags);
+  return 1;
+}
+
 int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
                      uint32_t slot, int32_t *vid, int32_t *sid,
                      uint32_t *flags, int32_t *owner) {

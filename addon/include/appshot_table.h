@@ -85,6 +85,12 @@ enum appshot_kind {
  * or drops it; one a locker finds is a dead creator's, and is settled as
  * the lock is repaired (settle_reservations in appshot_table.c). */
 #define APPSHOT_F_RESERVED 0x8u
+/* PID: this process may be inside a Landlock domain: it restricted itself
+ * (landlock_restrict_self), or descends from one that had when it was
+ * made, a domain being inherited by every child and kept across exec. Set
+ * by the preload library, never cleared (a domain is for life); the
+ * kernel shows a domain nowhere, so the snapshot refuses such a process. */
+#define APPSHOT_F_LANDLOCK 0x10u
 
 /* An unused entry's pair. Neither ids nor keys we hand out are ever -1. */
 #define APPSHOT_PAIR_FREE UINT64_MAX
@@ -490,6 +496,10 @@ int appshot_v2s(const struct appshot_header *h, enum appshot_kind kind,
                 int32_t vid, int32_t *out);
 int appshot_s2v(const struct appshot_header *h, enum appshot_kind kind,
                 int32_t sid, int32_t *out);
+/* The flags of the entry of system id `sid`: 1 and *flags, or 0 when the
+ * table holds no such id. */
+int appshot_s2flags(const struct appshot_header *h, enum appshot_kind kind,
+                    int32_t sid, uint32_t *flags);
 /* Reads entry `slot` of a table; returns 0 when the slot is free. */
 int appshot_entry_at(const struct appshot_header *h, enum appshot_kind kind,
                      uint32_t slot, int32_t *vid, int32_t *sid,

@@ -545,6 +545,13 @@ HIDDEN long ns_refused(unsigned long flags);
 HIDDEN long do_setns(int fd, int nstype);
 HIDDEN long do_clone_syscall(long flags, long stack, long ptid, long ctid, long tls);
 HIDDEN long do_fork_syscall(void);
+/* preload_syscall.c, Landlock: a child of this process was mapped (its
+ * system PID), in the parent; a new process, in our code, right after its
+ * fork or clone; a process's start (init, after every exec), its entry
+ * mapped. Each marks what inherits a domain this process may be in. */
+HIDDEN void landlock_note_child(int32_t child);
+HIDDEN void landlock_fork_child(void);
+HIDDEN void landlock_at_start(int32_t spid);
 /* glibc's _Fork (2.34 on), or NULL: resolved at init, not when called
  * (dlsym is no call for a signal handler, where _Fork may be). */
 extern void *real__Fork HIDDEN;

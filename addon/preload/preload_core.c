@@ -102,6 +102,7 @@ static void init_tables(void) {
   g_thread_key_ok = pthread_key_create(&g_thread_key, thread_gone) == 0;
   pthread_atfork(NULL, NULL, pid_atfork_child);
   __atomic_store_n(&g_h, h, __ATOMIC_RELEASE);
+  landlock_at_start(spid);
   dnotify_after_exec();
 }
 

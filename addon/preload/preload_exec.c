@@ -354,6 +354,7 @@ static char *const empty_env[] = {NULL};
 static int spawned(int rc, pid_t spid, pid_t *pid) {
   if (rc == 0 && g_h) {
     int32_t v = appshot_map_system(g_h, APPSHOT_PID, spid, 0, 0);
+    if (v >= 0) landlock_note_child(spid);
     spid = v >= 0 ? v : spid;
   }
   if (rc == 0 && pid) *pid = spid;

@@ -136,6 +136,7 @@ void pid_atfork_child(void) {
      * will map us. */
     child_reset_ids(map_self_now());
   }
+  landlock_fork_child();
 }
 
 static pid_t do_fork(void) {
@@ -166,6 +167,8 @@ static pid_t do_fork(void) {
       SYS4(wait4, pid, NULL, __WALL, NULL);
       appshot_unmap_system(g_h, APPSHOT_PID, pid);
       err = EAGAIN;
+    } else {
+      landlock_note_child(pid);
     }
   }
   pthread_sigmask(SIG_SETMASK, &saved, NULL);
@@ -378,6 +381,7 @@ static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
     tid_moves_forget();
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
     child_reset_ids(map_self_now());
+    landlock_fork_child();
     pthread_sigmask(SIG_SETMASK, &saved, NULL);
     return 0;
   }
@@ -391,10 +395,11 @@ static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
       appshot_unmap_system(g_h, APPSHOT_PID, (pid_t)pid);
       err = EAGAIN;
       ret = -1;
-    } else if (ptid) {
+    } else {
+      landlock_note_child((int32_t)pid);
       /* The virtual PID where the kernel put the system one (as clone()
        * does below). */
-      put_id_as_kernel((pid_t *)(uintptr_t)ptid, ret);
+      if (ptid) put_id_as_kernel((pid_t *)(uintptr_t)ptid, ret);
     }
   }
   pthread_sigmask(SIG_SETMASK, &saved, NULL);
@@ -675,6 +680,7 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
       if (v >= 0) appshot_set_flags(g_h, APPSHOT_PID, parent, APPSHOT_F_THREADS);
     } else {
       v = appshot_map_system(g_h, APPSHOT_PID, (pid_t)id, 0, 0);
+      if (v >= 0) landlock_note_child((int32_t)id);
     }
     if (v >= 0) {
       if (ptid_is_tid) replace_id_as_kernel((pid_t *)ptid, (pid_t)id, v);
@@ -778,6 +784,7 @@ struct clone_tramp {
 static int clone_child(void *p) {
   struct clone_tramp *t = p;
   int32_t v = map_self_now();
+  landlock_fork_child();
   /* With CLONE_VM our globals are the parent's (and g_nocache is set). */
   if (!(t->flags & CLONE_VM)) {
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
@@ -910,6 +917,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   pid_t ret = pid;
   if (pid > 0) {
     ret = adopt(pid);
+    landlock_note_child(pid);
     if ((flags & CLONE_PARENT_SETTID) && !(flags & CLONE_PIDFD) && ptid)
       replace_id_as_kernel(ptid, pid, ret);
   }

@@ -4,13 +4,84 @@
  * move_pages, CPU-time clocks...) and path calls (openat2, which glibc has
  * no function for; open, stat, readlink... of /proc/<pid>; fchmod,
  * fsetxattr... of a descriptor open on a copy-on-write original) get the
- * same translation as through the libc functions. The kernel's conventions are
+ * same translation as through the libc functions; landlock_restrict_self
+ * marks the process (below). The kernel's conventions are
  * kept where they differ from libc's (getpriority returns 20 - nice);
  * errors are -1 and errno, as syscall() reports them.
  */
 #include "preload.h"
 
 #include <stdarg.h>
+
+/* --- Landlock -------------------------------------------------------------
+ *
+ * A Landlock domain (landlock_restrict_self) belongs to a process's
+ * credentials, and the kernel shows it nowhere: no snapshot can read it,
+ * and a restored process would come back without it, free to read what it
+ * was denied. So the process's table entry is marked APPSHOT_F_LANDLOCK and
+ * the snapshot refuses it by name (src/resources/creds.ts). Children
+ * inherit the domain and exec keeps it, so the mark follows: the parent
+ * marks each child it maps (posix_spawn's and a raw clone's run none of
+ * our code before they run the program's), a child made inside our code
+ * marks itself (one glibc forked without our wrapper: daemon()), and a new
+ * program learns at init whether its process is marked (exec keeps the
+ * entry). The domain is the calling thread's only, and its later
+ * children's; the mark is the whole process's, and every child made after
+ * it is marked, whichever thread made it: never too few. Only calls made
+ * through syscall() are seen: a raw system call (a static binary, Go)
+ * is not. */
+
+/* Whether this process was marked: its memory's word, which a fork child
+ * copies and a new program sets again at init (landlock_at_start). */
+static int g_landlocked;
+
+static void landlock_mark(int32_t spid) {
+  appshot_set_flags(g_h, APPSHOT_PID, spid, APPSHOT_F_LANDLOCK);
+}
+
+void landlock_note_child(int32_t child) {
+  if (UNLIKELY(__atomic_load_n(&g_landlocked, __ATOMIC_RELAXED)) && child > 0) landlock_mark(child);
+}
+
+void landlock_fork_child(void) {
+  if (LIKELY(!__atomic_load_n(&g_landlocked, __ATOMIC_RELAXED)) || !g_h) return;
+  /* Our parent may not have mapped us yet (or ever: glibc forked): an
+   * entry is made here if there is none, for the mark to land on. */
+  int32_t spid = (int32_t)SYS0(getpid);
+  if (appshot_map_system(g_h, APPSHOT_PID, spid, 0, 0) >= 0) landlock_mark(spid);
+}
+
+void landlock_at_start(int32_t spid) {
+  uint32_t flags;
+  if (appshot_s2flags(g_h, APPSHOT_PID, spid, &flags) && (flags & APPSHOT_F_LANDLOCK)) {
+    __atomic_store_n(&g_landlocked, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  /* posix_spawn's child runs this before its parent, back from the
+   * spawn, has marked it: its parent's mark says. (Also that of a child
+   * made before its parent restricted itself, which then execs: a
+   * refusal too many, never one too few.) */
+  int32_t parent = (int32_t)SYS0(getppid);
+  if (parent > 1 && appshot_s2flags(g_h, APPSHOT_PID, parent, &flags) && (flags & APPSHOT_F_LANDLOCK)) {
+    __atomic_store_n(&g_landlocked, 1, __ATOMIC_RELAXED);
+    landlock_mark(spid);
+  }
+}
+
+/* landlock_restrict_self(ruleset, flags), which glibc has no function for.
+ * A translation window (preload.h): a snapshot that stops the thread
+ * between the restriction and the mark lets it run on until the mark is
+ * there. A ruleset of -1 restricts nothing (it only sets how the current
+ * domain is logged, Linux 6.15): no mark. */
+static long do_landlock_restrict_self(long ruleset, long flags) {
+  ID_WINDOW();
+  long r = appshot_raw_syscall(SYS_landlock_restrict_self, ruleset, flags, 0, 0, 0, 0);
+  if (r == 0 && (int)ruleset != -1) {
+    __atomic_store_n(&g_landlocked, 1, __ATOMIC_RELAXED);
+    landlock_mark((int32_t)SYS0(getpid));
+  }
+  return libc_ret(r);
+}
 
 API long syscall(long nr, ...) {
   va_list ap;
@@ -63,6 +134,7 @@ API long syscall(long nr, ...) {
       if (ns_refused((unsigned long)a)) return -1;
       break;
     case SYS_setns: return do_setns((int)a, (int)b);
+    case SYS_landlock_restrict_self: return do_landlock_restrict_self(a, b);
     case SYS_getpriority:
     case SYS_setpriority: return do_prio(nr, a, b, c);
     case SYS_pidfd_open:

@@ -36,6 +36,20 @@ import { NR } from '../ptrace/inject.js';
 import { type CallQueue } from '../ptrace/queries.js';
 import { REG } from './threads.js';
 
+/** APPSHOT_F_LANDLOCK (appshot_table.h): the preload library saw the
+ * process, or one it descends from, restrict itself with Landlock. */
+const LANDLOCK_FLAG = 0x10;
+
+/** Throws Unsupported if process `what` (its pid-table entry's `flags`)
+ * may be inside a Landlock domain: the kernel shows a domain's rules
+ * nowhere, so a restored process would come back without them, free to
+ * reach what it was denied. Before anything is injected. (A domain made
+ * by a raw system call, which the preload library does not see, is not
+ * seen here either.) */
+export function refuseLandlocked(flags: number | undefined, what: string): void {
+  if ((flags ?? 0) & LANDLOCK_FLAG) throw new Unsupported(`${what} is restricted by Landlock (landlock_restrict_self, its own or a parent's), whose rules the kernel does not show: it cannot be captured`);
+}
+
 /** Capability numbers (linux/capability.h) this module reasons about. */
 export const CAP = { CHOWN: 0, SETGID: 6, SETUID: 7, SETPCAP: 8, SYS_ADMIN: 21, SYS_RESOURCE: 24, SYS_TIME: 25 } as const;
 const CAP_NAMES = [

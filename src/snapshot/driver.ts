@@ -39,7 +39,7 @@ import { listingsBeforeCalls } from '../resources/listings.js';
 import { askFdOwners, checkDnotify, dumpFdOwners } from '../resources/fdowner.js';
 import { dumpTidMoves } from '../resources/mutexes.js';
 import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
-import { dumpCreds, exemptFromSeccomp } from '../resources/creds.js';
+import { dumpCreds, exemptFromSeccomp, refuseLandlocked } from '../resources/creds.js';
 import { refuseOwnThreadTables, refuseSharedFdTables } from '../resources/fdtable.js';
 import { checkOneTimeNamespace } from '../resources/timens.js';
 import { askProcess, dumpForkingThreads, dumpProcess, noteForkingThreads, refuseChrootedSocketPaths } from '../resources/process.js';
@@ -485,7 +485,12 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   // Before anything is injected into any of them.
   timed('fdtable', () => {
     refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
-    for (const [pid, threads] of byProcess) refuseOwnThreadTables(pid, threads.map((t) => t.tid), nameProcess(ctx.virtual('pid', pid), readComm(pid)));
+    const pidFlags = new Map(ctx.tables.tables.pid.map((e) => [e.system, e.flags]));
+    for (const [pid, threads] of byProcess) {
+      const what = nameProcess(ctx.virtual('pid', pid), readComm(pid));
+      refuseLandlocked(pidFlags.get(pid), what);
+      refuseOwnThreadTables(pid, threads.map((t) => t.tid), what);
+    }
   });
   const inImage = new Set(byProcess.map(([pid]) => pid));
   // Before anything is injected into any of them too: calls map pages
