@@ -831,7 +831,6 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['pty-orphan-output', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: \\d+ bytes queued on a pty master whose slave nobody holds cannot be captured yet`)],
     // The restore made the instance again, empty: the events were lost.
     ['inotify-queued', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the inotify instance has \\d+ bytes of events queued, unread, which a restore cannot put back; cannot be captured yet`)],
-    ['fanotify-queued', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the fanotify instance has \\d+ bytes of events queued, unread, which a restore cannot put back; cannot be captured yet`)],
     // It came back without it: its system calls no longer went to its SIGSYS handler.
     ['syscall-dispatch', () => /process 2 \(holder\): thread \d+ has syscall user dispatch on \(PR_SET_SYSCALL_USER_DISPATCH\), which cannot be captured yet/],
     ['thread-own-files', () => /process 2 \(holder\): thread \d+ has a descriptor table of its own \(unshare\(CLONE_FILES\)\), which cannot be captured yet/],

@@ -29,8 +29,12 @@
  * with no name, and any flag, mark flag or event bit this module does not
  * know.
  *
- * Events queued at the snapshot cannot be put back: a group with some is
- * refused by name (inotify.ts, refuseQueuedEvents). Not carried:
+ * Not carried: the events queued at the snapshot (lost). Unlike
+ * inotify's, they are not refused: a group marking a mount or a
+ * filesystem receives every process's events there, so some are always
+ * queued while it is frozen on a busy system (kinds.test's fanotify
+ * fixture was refused while other tests wrote on its filesystem), and
+ * no snapshot of it would ever be taken. Nor:
  * FAN_ENABLE_AUDIT, which fdinfo does not show (it matters only to the
  * answers of permission events, refused above); a group held by two
  * descriptors (dup, fork) comes back as two groups, as inotify's does.
