@@ -181,6 +181,23 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undothread']);
   });
 
+  // Review r257: the kernel keeps a process's semadj across exec, the
+  // library's table (in the old program's memory) does not; the exec'd
+  // program's empty table read as "none", the restore gave nothing back,
+  // and the holder's death left the semaphore taken for ever.
+  it('refuses by name, or carries, the adjustment of a holder that exec\'d since its SEM_UNDO operation', async () => {
+    const { set, child } = await semundo('undoexec', 'exec');
+    const r = sb.run(['snapshot', 'undoexec', '--leave-running', '-o', join(out, 'exec.img')]);
+    if (r.code === 0) {
+      const { image } = await loadImage(join(out, 'exec.img'), { trust: 'report' });
+      expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    } else {
+      expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known`);
+    }
+    await sb.checksPass('undoexec', 2);
+    sb.ok(['rm', '-f', 'undoexec']);
+  });
+
   it('takes a process whose SEM_UNDO operations cancelled out', async () => {
     await semundo('undoreleased', 'released');
     sb.ok(['snapshot', 'undoreleased', '--leave-running', '-o', join(out, 'released.img')]);
