@@ -485,7 +485,11 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   // Before anything is injected into any of them.
   timed('fdtable', () => {
     refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
-    for (const [pid, threads] of byProcess) refuseOwnThreadTables(pid, threads.map((t) => t.tid), nameProcess(ctx.virtual('pid', pid), readComm(pid)));
+    // A process whose main thread has exited is refused as such below:
+    // compared with it (its descriptor table and fs gone), every live
+    // thread read as one with a table of its own (review r257).
+    for (const [pid, threads] of byProcess)
+      if (threads[0].tid === pid) refuseOwnThreadTables(pid, threads.map((t) => t.tid), nameProcess(ctx.virtual('pid', pid), readComm(pid)));
   });
   const inImage = new Set(byProcess.map(([pid]) => pid));
   // Before anything is injected into any of them too: calls map pages
