@@ -198,6 +198,20 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undoexec']);
   });
 
+  // Review r257: such a thread's adjustment, summed into the process's
+  // table, was given back to the whole process at restore, and its exit
+  // no longer released the semaphore.
+  it('refuses by name a process with a thread made without CLONE_SYSVSEM (its adjustments its own in the kernel), and leaves the application running', async () => {
+    const { child } = await semundo('undosplit', 'split');
+    const r = sb.run(['snapshot', 'undosplit', '--leave-running', '-o', join(out, 'split.img')]);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known`);
+    expect(r.stderr).toContain('without CLONE_SYSVSEM');
+    expect(r.stderr).toContain('the application was left running');
+    await sb.checksPass('undosplit', 2);
+    sb.ok(['rm', '-f', 'undosplit']);
+  });
+
   it('takes a process whose SEM_UNDO operations cancelled out', async () => {
     await semundo('undoreleased', 'released');
     sb.ok(['snapshot', 'undoreleased', '--leave-running', '-o', join(out, 'released.img')]);
