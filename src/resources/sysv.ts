@@ -289,7 +289,7 @@ export function dumpSemUndo(ctx: DumpContext, pid: number, maps: MapsLine[], pro
   const { unknown, entries } = readSemUndo(pid, ctx.virtual('pid', pid), maps);
   const unknowable = `${what}: its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known`;
   if (unknown)
-    throw new Unsupported(`${unknowable}: it made operations on more than ${SEM_UNDO_CAPACITY} semaphores, or while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process`);
+    throw new Unsupported(`${unknowable}: it made operations on more than ${SEM_UNDO_CAPACITY} semaphores, or while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process, or has a thread made without CLONE_SYSVSEM (its adjustments its own)`);
   const sets = new Set(ctx.tables.tables.semid.map((e) => e.virtual));
   const held = entries.filter((e) => sets.has(e.vid));
   const now = semGeneration(ctx);
