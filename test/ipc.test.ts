@@ -181,6 +181,37 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undothread']);
   });
 
+  // Review r257: the kernel keeps a process's semadj across exec, the
+  // library's table (in the old program's memory) does not; the exec'd
+  // program's empty table read as "none", the restore gave nothing back,
+  // and the holder's death left the semaphore taken for ever.
+  it('refuses by name, or carries, the adjustment of a holder that exec\'d since its SEM_UNDO operation', async () => {
+    const { set, child } = await semundo('undoexec', 'exec');
+    const r = sb.run(['snapshot', 'undoexec', '--leave-running', '-o', join(out, 'exec.img')]);
+    if (r.code === 0) {
+      const { image } = await loadImage(join(out, 'exec.img'), { trust: 'report' });
+      expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    } else {
+      expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known`);
+    }
+    await sb.checksPass('undoexec', 2);
+    sb.ok(['rm', '-f', 'undoexec']);
+  });
+
+  // Review r257: such a thread's adjustment, summed into the process's
+  // table, was given back to the whole process at restore, and its exit
+  // no longer released the semaphore.
+  it('refuses by name a process with a thread made without CLONE_SYSVSEM (its adjustments its own in the kernel), and leaves the application running', async () => {
+    const { child } = await semundo('undosplit', 'split');
+    const r = sb.run(['snapshot', 'undosplit', '--leave-running', '-o', join(out, 'split.img')]);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known`);
+    expect(r.stderr).toContain('without CLONE_SYSVSEM');
+    expect(r.stderr).toContain('the application was left running');
+    await sb.checksPass('undosplit', 2);
+    sb.ok(['rm', '-f', 'undosplit']);
+  });
+
   it('takes a process whose SEM_UNDO operations cancelled out', async () => {
     await semundo('undoreleased', 'released');
     sb.ok(['snapshot', 'undoreleased', '--leave-running', '-o', join(out, 'released.img')]);

@@ -76,6 +76,15 @@ extern int32_t g_vpid HIDDEN;
  * (clone with CLONE_VM but not CLONE_THREAD): the caches would then be
  * written by both, so getpid/gettid ask the kernel each time. */
 extern int g_nocache HIDDEN;
+/* Set once a task sharing our memory was made without CLONE_SYSVSEM (and
+ * without CLONE_VFORK): it keeps SEM_UNDO adjustments of its own in the
+ * kernel, which it gives back when it exits, yet writes the same table
+ * (preload_ipc.c). The table's sums are unknown from then on. */
+extern int g_sem_undo_split HIDDEN;
+static inline void note_sem_undo_split(unsigned long flags) {
+  if ((flags & CLONE_VM) && !(flags & (CLONE_SYSVSEM | CLONE_VFORK)))
+    __atomic_store_n(&g_sem_undo_split, 1, __ATOMIC_RELAXED);
+}
 /* The calling thread's virtual TID; 0 = not known yet. */
 extern __thread int32_t t_vtid TLS_IE HIDDEN;
 /* --- Translation windows ---------------------------------------------------

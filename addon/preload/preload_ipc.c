@@ -273,6 +273,8 @@ static struct appshot_sem_undo g_sem_undo = {0, SEM_UNDO_MAX, 0, {{0, 0}}};
 extern struct appshot_sem_undo appshot_sem_undo
     __attribute__((alias("g_sem_undo"), visibility("default")));
 
+int g_sem_undo_split;
+
 static uint32_t sem_generation(void) {
   return __atomic_load_n(&g_h->sem_generation, __ATOMIC_ACQUIRE);
 }
@@ -365,7 +367,11 @@ static inline size_t first_undo(const struct sembuf *ops, size_t n) {
  * call `before`. */
 static void sem_undo_record(int32_t vid, const struct sembuf *ops, size_t i,
                             size_t n, uint32_t before) {
-  if (!sem_undo_own()) {
+  /* A thread with its own adjustments in the kernel (clone without
+   * CLONE_SYSVSEM) writes here as well: whose is whose cannot be told,
+   * and summed as the process's, the thread's would be given back to
+   * the whole process at restore (review r257). */
+  if (__atomic_load_n(&g_sem_undo_split, __ATOMIC_RELAXED) || !sem_undo_own()) {
     sem_undo_unknown();
     return;
   }

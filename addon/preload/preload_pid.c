@@ -124,6 +124,9 @@ void pid_atfork_child(void) {
    * in the child. */
   if (__atomic_load_n(&g_nocache, __ATOMIC_RELAXED))
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
+  /* A fork's semadj is its own, empty: no other task shares it. */
+  if (__atomic_load_n(&g_sem_undo_split, __ATOMIC_RELAXED))
+    __atomic_store_n(&g_sem_undo_split, 0, __ATOMIC_RELAXED);
   if (t_in_fork) {
     /* Our wrapper's parent maps us. Asking for the table lock now, at the
      * very moment the parent holds it to do so, would cost a futex sleep
@@ -380,6 +383,7 @@ static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
   if (pid == 0) {
     tid_moves_forget();
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&g_sem_undo_split, 0, __ATOMIC_RELAXED);
     child_reset_ids(map_self_now());
     landlock_fork_child();
     pthread_sigmask(SIG_SETMASK, &saved, NULL);
@@ -583,6 +587,7 @@ static long clone_on_stack(long flags, long stack, long ptid, long ctid, long tl
   pid_t parent = self_spid();
   self_vpid(); /* mapped before our children look for us (see do_fork) */
   if (flags & CLONE_VM) __atomic_store_n(&g_nocache, 1, __ATOMIC_RELAXED);
+  note_sem_undo_split((unsigned long)flags);
   if ((flags & CLONE_VM) && !(flags & CLONE_SETTLS)) __atomic_store_n(&g_tls_shared, 1, __ATOMIC_SEQ_CST);
   reaped_shared_by((unsigned long)flags);
   struct raw_clone_slot *slot = NULL; /* what the stub's child reads, or NULL */
@@ -788,6 +793,7 @@ static int clone_child(void *p) {
   /* With CLONE_VM our globals are the parent's (and g_nocache is set). */
   if (!(t->flags & CLONE_VM)) {
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
+    if (!(t->flags & CLONE_SYSVSEM)) __atomic_store_n(&g_sem_undo_split, 0, __ATOMIC_RELAXED);
     child_reset_ids(v);
   }
   if (t->ctid && v > 0) put_id_as_kernel(t->ctid, v);
@@ -870,6 +876,7 @@ API int clone(int (*fn)(void *), void *stack, int flags, void *arg, ...) {
   self_vpid(); /* mapped before our children look for us (see do_fork) */
   if (flags & CLONE_VM)
     __atomic_store_n(&g_nocache, 1, __ATOMIC_RELAXED);
+  note_sem_undo_split((unsigned long)flags);
   reaped_shared_by((unsigned long)flags);
   /* The child will share our thread pointer, and so our window marks,
    * from its first instruction on (preload.h, g_tls_shared). */

@@ -298,6 +298,11 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
     if (t.pending.length % 128 || t.pending.length / 128 > LIMITS.pendingSignals) corrupt(`thread ${t.vtid}'s pending signals are not whole siginfos, or too many`);
     // A thread's own (its process's main thread's are the process's).
     if (t.creds) checkCreds(t.creds, `thread ${t.vtid}`);
+    // PR_MCE_KILL_SET takes 0 (late) or 1 (early); the default (2) is
+    // recorded as nothing (attributes.ts). Anything else failed the
+    // restore late, at the thread's own prctl.
+    const mce = t.attributes?.mceKill;
+    if (mce !== undefined && mce !== 0 && mce !== 1) corrupt(`thread ${t.vtid} has machine-check kill policy ${mce} (0 late or 1 early)`);
   }
   // The restore runs the first as the main thread (a snapshot lists it
   // first, and refuses a process whose main thread has exited).

@@ -289,7 +289,7 @@ export function dumpSemUndo(ctx: DumpContext, pid: number, maps: MapsLine[], pro
   const { unknown, entries } = readSemUndo(pid, ctx.virtual('pid', pid), maps);
   const unknowable = `${what}: its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known`;
   if (unknown)
-    throw new Unsupported(`${unknowable}: it made operations on more than ${SEM_UNDO_CAPACITY} semaphores, or while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process`);
+    throw new Unsupported(`${unknowable}: it made operations on more than ${SEM_UNDO_CAPACITY} semaphores, or while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process, or has a thread made without CLONE_SYSVSEM (its adjustments its own)`);
   const sets = new Set(ctx.tables.tables.semid.map((e) => e.virtual));
   const held = entries.filter((e) => sets.has(e.vid));
   const now = semGeneration(ctx);
@@ -310,9 +310,10 @@ const SEMVMX = 32767;
  * `tables`; `r` its remote, before it runs): its SEM_UNDO adjustments
  * given back, with operations that leave each semaphore's value as it is:
  * an operation with SEM_UNDO and its opposite without, in one semop (the
- * kernel makes both or neither), the raise first where the value leaves
- * room for it (no wait, never above SEMVMX), else the lowering first. A
- * value at SEMVMX less than the adjustment is given back in parts. The
+ * kernel makes both or neither), on the side with more room (no wait,
+ * never above SEMVMX): the raise first for a value up to half SEMVMX,
+ * else the lowering first. An adjustment larger than that room is given
+ * back in parts (at most three). The
  * values are the image's: the processes have not run since the sets were
  * made, and each process's operations leave them as they were.
  */
@@ -336,7 +337,11 @@ export function restoreSemUndo(r: RemoteProcess, p: Process, image: Image, table
     // above 0 is given by lowering with SEM_UNDO.
     const undoLowers = u.adj > 0;
     for (let left = Math.abs(u.adj); left > 0; ) {
-      const raiseFirst = value < SEMVMX;
+      // The side with more room: a value near SEMVMX raised first left
+      // room for one unit per call, and an image may ask for SEMVMX of
+      // them (each a call injected into the process). Either side has
+      // room for at least half of SEMVMX: at most three calls.
+      const raiseFirst = SEMVMX - value >= value;
       const c = Math.min(left, raiseFirst ? SEMVMX - value : value);
       const raise: [number, number, number] = [u.semnum, c, IPC_NOWAIT | (undoLowers ? 0 : SEM_UNDO)];
       const lower: [number, number, number] = [u.semnum, -c, IPC_NOWAIT | (undoLowers ? SEM_UNDO : 0)];

@@ -489,7 +489,10 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     for (const [pid, threads] of byProcess) {
       const what = nameProcess(ctx.virtual('pid', pid), readComm(pid));
       refuseLandlocked(pidFlags.get(pid), what);
-      refuseOwnThreadTables(pid, threads.map((t) => t.tid), what);
+      // A process whose main thread has exited is refused as such below:
+      // compared with it (its descriptor table and fs gone), every live
+      // thread read as one with a table of its own (review r257).
+      if (threads[0].tid === pid) refuseOwnThreadTables(pid, threads.map((t) => t.tid), what);
     }
   });
   const inImage = new Set(byProcess.map(([pid]) => pid));
