@@ -34,7 +34,7 @@ export const THREAD_FLAG = 0x2;
 const RESERVED_FLAG = 0x8;
 /** A table entry's flags by name (appshot_table.h, APPSHOT_F_*): what
  * `table --json` and `inspect --json` print, never the bits. */
-export const ENTRY_FLAG_NAMES: Record<number, string> = { [INIT_FLAG]: 'init', [THREAD_FLAG]: 'thread', 0x4: 'has-threads', [RESERVED_FLAG]: 'reserved', 0x10: 'landlock' };
+export const ENTRY_FLAG_NAMES: Record<number, string> = { [INIT_FLAG]: 'init', [THREAD_FLAG]: 'thread', 0x4: 'has-threads', [RESERVED_FLAG]: 'reserved', 0x10: 'landlock', 0x20: 'sem-undo-exec' };
 
 export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessRow[] {
   const toVirtual = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));

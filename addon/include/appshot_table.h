@@ -91,6 +91,12 @@ enum appshot_kind {
  * by the preload library, never cleared (a domain is for life); the
  * kernel shows a domain nowhere, so the snapshot refuses such a process. */
 #define APPSHOT_F_LANDLOCK 0x10u
+/* PID: this process executed another program while its library's table of
+ * SEM_UNDO adjustments held some, or could not know them (preload_ipc.c):
+ * the kernel keeps them across exec, the new program's table starts
+ * empty. Never cleared (the kernel drops them only at exit); the snapshot
+ * refuses such a process (src/resources/sysv.ts, review r257). */
+#define APPSHOT_F_SEM_UNDO_EXEC 0x20u
 
 /* An unused entry's pair. Neither ids nor keys we hand out are ever -1. */
 #define APPSHOT_PAIR_FREE UINT64_MAX

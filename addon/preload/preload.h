@@ -522,6 +522,9 @@ static inline pid_t s2v_or0(enum appshot_kind kind, int32_t sid) {
  * errno for the caller to fail with. */
 HIDDEN int pid_arg(pid_t vid, pid_t *sid, int err);
 HIDDEN pid_t self_vpid(void);
+/* preload_ipc.c: before an exec, the process marked if the kernel keeps
+ * SEM_UNDO adjustments the next program's library cannot know. */
+HIDDEN void sem_undo_before_exec(void);
 HIDDEN pid_t self_vtid(void);
 /* After fork or clone, in the child: our ids are those of the new process
  * (vid 0: not known yet, learned when first asked). */

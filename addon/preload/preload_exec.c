@@ -257,6 +257,7 @@ static void *app_env_mmap(size_t need) {
 API int execve(const char *path, char *const argv[], char *const envp[]) {
   ensure_init();
   tables_fd_keep_across_exec();
+  sem_undo_before_exec();
   APP_ENV(env, envp);
   struct dnotify_exec closing;
   dnotify_exec_closing(&closing);
@@ -268,6 +269,7 @@ API int execve(const char *path, char *const argv[], char *const envp[]) {
 API int execvpe(const char *file, char *const argv[], char *const envp[]) {
   ensure_init();
   tables_fd_keep_across_exec();
+  sem_undo_before_exec();
   APP_ENV(env, envp);
   struct dnotify_exec closing;
   dnotify_exec_closing(&closing);
@@ -279,6 +281,7 @@ API int execvpe(const char *file, char *const argv[], char *const envp[]) {
 API int fexecve(int fd, char *const argv[], char *const envp[]) {
   ensure_init();
   tables_fd_keep_across_exec();
+  sem_undo_before_exec();
   APP_ENV(env, envp);
   struct dnotify_exec closing;
   dnotify_exec_closing(&closing);

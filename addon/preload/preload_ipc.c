@@ -252,7 +252,10 @@ static void unbind_removed_key(const struct ipc_kind *k, key_t skey) {
  *    Memory shared with another process (a clone with CLONE_VM, g_nocache)
  *    cannot be told apart from a fork's copy: unknown.
  *  - a full table (distinct semaphores): unknown.
- *  - exec keeps semadj but not this table: not covered.
+ *  - exec keeps semadj but not this table: a process that executes another
+ *    program while its table holds an adjustment, or cannot know them, is
+ *    marked in the tables (APPSHOT_F_SEM_UNDO_EXEC: sem_undo_before_exec),
+ *    and the snapshot refuses it.
  * Lock-free (threads and signal handlers write it): an entry is claimed
  * by a compare-and-swap of its key, and its generation and adjustment
  * change together in one 64-bit word. */
@@ -318,6 +321,24 @@ static int sem_undo_own(void) {
   while (!__atomic_compare_exchange_n(&g_sem_undo.state, &s, (s & ~SEM_UNDO_OWNER) | me, 0,
                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {}
   return 1;
+}
+
+/* Before an exec (preload_exec.c): the kernel keeps this process's
+ * adjustments, the next program's table will not know them; marked for
+ * the snapshot to refuse (review r257: read as none, they were lost, and a
+ * holder killed after the restore left its semaphore taken for ever). A
+ * table that is another process's (a fork's copy) holds none of ours. An
+ * exec that fails leaves the mark: a refusal too many, never one too few. */
+void sem_undo_before_exec(void) {
+  if (!g_h) return;
+  uint64_t s = __atomic_load_n(&g_sem_undo.state, __ATOMIC_ACQUIRE);
+  int held = (s & SEM_UNDO_UNKNOWN) != 0 || (s & SEM_UNDO_OWNER) == SEM_UNDO_EMPTYING ||
+             __atomic_load_n(&g_sem_undo_split, __ATOMIC_RELAXED);
+  if (!held && (s & SEM_UNDO_OWNER) == (uint32_t)self_vpid())
+    for (int i = 0; i < SEM_UNDO_MAX && !held; i++)
+      held = __atomic_load_n(&g_sem_undo.entry[i].key, __ATOMIC_ACQUIRE) != 0 &&
+             (int32_t)__atomic_load_n(&g_sem_undo.entry[i].value, __ATOMIC_ACQUIRE) != 0;
+  if (held) appshot_set_flags(g_h, APPSHOT_PID, (int32_t)SYS0(getpid), APPSHOT_F_SEM_UNDO_EXEC);
 }
 
 /* The kernel's semadj of (vid, num) moved by `delta`, at generation `gen`. */

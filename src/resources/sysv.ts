@@ -242,6 +242,10 @@ export function readSemUndo(pid: number, vpid: number, maps: MapsLine[]): { unkn
   return { unknown: table.readInt32LE(4) !== 0, entries };
 }
 
+/** APPSHOT_F_SEM_UNDO_EXEC (appshot_table.h): set by the preload library
+ * before an exec that leaves SEM_UNDO adjustments behind in the kernel. */
+const SEM_UNDO_EXEC_FLAG = 0x20;
+
 /** Where sem_generation is in the tables file (appshot_table.h: the
  * word after the lock). */
 const semGenerationAt = () => addon().tablesLockOffset + 4;
@@ -288,6 +292,10 @@ function writeSemGeneration(tables: string, generation: number): void {
 export function dumpSemUndo(ctx: DumpContext, pid: number, maps: MapsLine[], proc: Process, what: string): void {
   const { unknown, entries } = readSemUndo(pid, ctx.virtual('pid', pid), maps);
   const unknowable = `${what}: its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known`;
+  // The kernel keeps them across exec; the program's table, in its
+  // memory, does not (review r257: read as none, they were lost).
+  const flags = ctx.tables.tables.pid.find((e) => e.system === pid)?.flags ?? 0;
+  if (flags & SEM_UNDO_EXEC_FLAG) throw new Unsupported(`${unknowable}: it executed another program since an operation with SEM_UNDO, and the new program's library does not know them`);
   if (unknown)
     throw new Unsupported(`${unknowable}: it made operations on more than ${SEM_UNDO_CAPACITY} semaphores, or while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process, or has a thread made without CLONE_SYSVSEM (its adjustments its own)`);
   const sets = new Set(ctx.tables.tables.semid.map((e) => e.virtual));
