@@ -5,7 +5,7 @@
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { printable } from './errors.js';
-import { addon, kinds, type Kind, type TablesSnapshot } from './native.js';
+import { addon, ENTRY_FLAGS, kinds, type Kind, type TablesSnapshot } from './native.js';
 import { descendantsOf, isSameProcess, readCmdline, readStat } from './procfs.js';
 import { type AppRecord, type LocalRegistry, type PortBinding, type SnapshottedRecord, isEnded, isRestoring } from './registry.js';
 
@@ -25,16 +25,17 @@ export interface ProcessRow {
   argv: string[];
 }
 
-const INIT_FLAG = 0x1;
-/** A thread's entry in the pid table (APPSHOT_F_THREAD), not a process's. */
-export const THREAD_FLAG = 0x2;
-/** A key reserved by a create in progress, or by one killed inside it that
- * no writer has settled yet (APPSHOT_F_RESERVED): nothing translates
- * through it. */
-const RESERVED_FLAG = 0x8;
-/** A table entry's flags by name (appshot_table.h, APPSHOT_F_*): what
- * `table --json` and `inspect --json` print, never the bits. */
-export const ENTRY_FLAG_NAMES: Record<number, string> = { [INIT_FLAG]: 'init', [THREAD_FLAG]: 'thread', 0x4: 'has-threads', [RESERVED_FLAG]: 'reserved', 0x10: 'landlock', 0x20: 'sem-undo-exec' };
+const { init: INIT_FLAG, thread: THREAD_FLAG, reserved: RESERVED_FLAG } = ENTRY_FLAGS;
+/** A table entry's flags by name (native.ts ENTRY_FLAGS): what `table
+ * --json` and `inspect --json` print, never the bits. */
+export const ENTRY_FLAG_NAMES: Record<number, string> = {
+  [INIT_FLAG]: 'init',
+  [THREAD_FLAG]: 'thread',
+  [ENTRY_FLAGS.hasThreads]: 'has-threads',
+  [RESERVED_FLAG]: 'reserved',
+  [ENTRY_FLAGS.landlock]: 'landlock',
+  [ENTRY_FLAGS.semUndoExec]: 'sem-undo-exec',
+};
 
 export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessRow[] {
   const toVirtual = new Map(tables.tables.pid.map((e) => [e.system, e.virtual]));

@@ -42,6 +42,26 @@ export interface InstanceConfig {
   identity?: Identity;
 }
 
+/** A table entry's flags (appshot_table.h, APPSHOT_F_*), one name each
+ * for every module that reads them. */
+export const ENTRY_FLAGS = {
+  /** PID: the application's init (virtual PID 1). */
+  init: 0x1,
+  /** PID: a thread's entry, not a process's. */
+  thread: 0x2,
+  /** PID: this process has thread entries. */
+  hasThreads: 0x4,
+  /** A key reserved by a create in progress, or by one killed inside it
+   * that no writer has settled yet: nothing translates through it. */
+  reserved: 0x8,
+  /** PID: the process, or one it descends from, restricted itself with
+   * Landlock (the preload library saw it). */
+  landlock: 0x10,
+  /** PID: the process executed another program while holding SEM_UNDO
+   * adjustments its new program's library cannot know. */
+  semUndoExec: 0x20,
+} as const;
+
 export interface TablesSnapshot {
   aid: string;
   initPid: number;

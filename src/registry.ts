@@ -269,6 +269,18 @@ export function checkAid(aid: string): void {
  * renamed first (atomic) to a hidden name that is no AID, then deleted. A
  * remover killed in between leaves only the hidden name, which the next
  * listing sweeps away. appshot-init removes it the same way. */
+/** An AID's state directory made, as a registration or a hold claims it
+ * (mkdir: nothing there before); false if something is there already. */
+function makeStateDir(stateDir: string): boolean {
+  try {
+    mkdirSync(stateDir, { mode: 0o700 });
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw e;
+  }
+}
+
 function removeDir(dir: string): void {
   const doomed = join(dirname(dir), `.${basename(dir)}.removed-${uniqueTag()}`);
   try {
@@ -530,13 +542,7 @@ export class LocalRegistry implements Registry {
         rmSync(spare, { recursive: true, force: true });
       }
     }
-    try {
-      mkdirSync(stateDir, { mode: 0o700 });
-      return true;
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
-      throw e;
-    }
+    return makeStateDir(stateDir);
   }
 
   private finishRegistration(aid: string, stateDir: string, fill: RecordFill): AppRecord {
@@ -1203,16 +1209,7 @@ export class LocalRegistry implements Registry {
   withAidHeld<T>(aid: string, fn: () => T): T | undefined {
     checkAid(aid);
     const stateDir = join(this.appsDir, aid);
-    const hold = () => {
-      try {
-        mkdirSync(stateDir, { mode: 0o700 });
-        return true;
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
-        throw e;
-      }
-    };
-    if (!hold() && !(this.dropDeadHold(stateDir) && hold())) return undefined;
+    if (!makeStateDir(stateDir) && !(this.dropDeadHold(stateDir) && makeStateDir(stateDir))) return undefined;
     try {
       writeFileSync(join(stateDir, HELD_BY), formatHolder(currentHolder()));
       return fn();

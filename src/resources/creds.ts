@@ -29,16 +29,13 @@ import { procText } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { isOwnSnapshot } from '../image/format.js';
 import { type Creds, type Image, type InodeOwner, type PeerCred, type Process, type SeccompFilter, type Vma, VmaKind } from '../image/types.js';
-import { addon } from '../native.js';
+import { addon, ENTRY_FLAGS } from '../native.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { nameProcess, Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type CallQueue } from '../ptrace/queries.js';
 import { REG } from './threads.js';
 
-/** APPSHOT_F_LANDLOCK (appshot_table.h): the preload library saw the
- * process, or one it descends from, restrict itself with Landlock. */
-const LANDLOCK_FLAG = 0x10;
 
 /** Throws Unsupported if process `what` (its pid-table entry's `flags`)
  * may be inside a Landlock domain: the kernel shows a domain's rules
@@ -47,7 +44,7 @@ const LANDLOCK_FLAG = 0x10;
  * by a raw system call, which the preload library does not see, is not
  * seen here either.) */
 export function refuseLandlocked(flags: number | undefined, what: string): void {
-  if ((flags ?? 0) & LANDLOCK_FLAG) throw new Unsupported(`${what} is restricted by Landlock (landlock_restrict_self, its own or a parent's), whose rules the kernel does not show: it cannot be captured`);
+  if ((flags ?? 0) & ENTRY_FLAGS.landlock) throw new Unsupported(`${what} is restricted by Landlock (landlock_restrict_self, its own or a parent's), whose rules the kernel does not show: it cannot be captured`);
 }
 
 /** Capability numbers (linux/capability.h) this module reasons about. */

@@ -8,7 +8,7 @@
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { strangeOwner } from './creds.js';
-import { addon, type PagesCheck } from '../native.js';
+import { addon, ENTRY_FLAGS, type PagesCheck } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
 import type { Image, MsgQueue, Process, SemSet, ShmSegment } from '../image/types.js';
 import type { Kind, TablesSnapshot } from '../native.js';
@@ -242,10 +242,6 @@ export function readSemUndo(pid: number, vpid: number, maps: MapsLine[]): { unkn
   return { unknown: table.readInt32LE(4) !== 0, entries };
 }
 
-/** APPSHOT_F_SEM_UNDO_EXEC (appshot_table.h): set by the preload library
- * before an exec that leaves SEM_UNDO adjustments behind in the kernel. */
-const SEM_UNDO_EXEC_FLAG = 0x20;
-
 /** Where sem_generation is in the tables file (appshot_table.h: the
  * word after the lock). */
 const semGenerationAt = () => addon().tablesLockOffset + 4;
@@ -295,7 +291,7 @@ export function dumpSemUndo(ctx: DumpContext, pid: number, maps: MapsLine[], pro
   // The kernel keeps them across exec; the program's table, in its
   // memory, does not (review r257: read as none, they were lost).
   const flags = ctx.tables.tables.pid.find((e) => e.system === pid)?.flags ?? 0;
-  if (flags & SEM_UNDO_EXEC_FLAG) throw new Unsupported(`${unknowable}: it executed another program since an operation with SEM_UNDO, and the new program's library does not know them`);
+  if (flags & ENTRY_FLAGS.semUndoExec) throw new Unsupported(`${unknowable}: it executed another program since an operation with SEM_UNDO, and the new program's library does not know them`);
   if (unknown)
     throw new Unsupported(`${unknowable}: it made operations on more than ${SEM_UNDO_CAPACITY} semaphores, or while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process, or has a thread made without CLONE_SYSVSEM (its adjustments its own)`);
   const sets = new Set(ctx.tables.tables.semid.map((e) => e.virtual));

@@ -5,7 +5,7 @@
  * itself (DESIGN.md, "glibc caches each thread's system TID").
  */
 import { readFileSync, readlinkSync } from 'node:fs';
-import { addon } from '../native.js';
+import { addon, ENTRY_FLAGS } from '../native.js';
 import { procText, readStat } from '../procfs.js';
 import { type Image, type Process, type SigAction, type Thread, type Vma, VmaKind } from '../image/types.js';
 import type { DumpContext } from './context.js';
@@ -20,7 +20,7 @@ import { ownTimerSlack, seedSlack } from './attributes.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
 export const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
-const THREAD_FLAG = 0x2;
+const THREAD_FLAG = ENTRY_FLAGS.thread;
 
 /** `regs` were read before any system call was run in the process: those
  * leave an interrupted call rewound, and the image keeps it as it was. */

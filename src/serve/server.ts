@@ -28,14 +28,14 @@ import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk
 import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
 import { type HotPages, prefaultCap, prefaultPages, prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
-import { addon } from '../native.js';
+import { addon, ENTRY_FLAGS } from '../native.js';
 import { killPoint } from '../killpoint.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { openTemplate } from '../template/template.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
-import { listProcesses, THREAD_FLAG } from '../inspect.js';
+import { listProcesses } from '../inspect.js';
 import { descriptorLinks, isSameProcess, readStat } from '../procfs.js';
 import { type ForwardEnds, Forwarder, type ListenerEnds, newListenerGroup } from './forwarder.js';
 import { ownListenerHolder, SharedListener } from './shared.js';
@@ -938,7 +938,7 @@ class Service {
     const tables = rec && this.reg.readTables(rec);
     // The application gone altogether: the tick finds it so (alive).
     if (!tables) return undefined;
-    const e = tables.tables.pid.find((x) => x.virtual === vpid && !(x.flags & THREAD_FLAG));
+    const e = tables.tables.pid.find((x) => x.virtual === vpid && !(x.flags & ENTRY_FLAGS.thread));
     // A zombie's start time is still there: the tick sees it ended.
     const start = e && readStat(e.system)?.startTime;
     if (e && start !== undefined) {

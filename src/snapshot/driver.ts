@@ -27,7 +27,7 @@ import { keyringTreeFault } from '../resources/keyrings.js';
 import { EndingJournal } from './ending.js';
 import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
-import { addon, kinds, type PageFileDigest, type PageWriter, type TablesSnapshot } from '../native.js';
+import { addon, ENTRY_FLAGS, kinds, type PageFileDigest, type PageWriter, type TablesSnapshot } from '../native.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { descriptorWriter, standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
@@ -69,8 +69,7 @@ import { estimateFrozenBytes, estimateImageBytes, ReportingPageWriter } from './
 import { reportProfile, timed, windowOpens } from './profile.js';
 import { CowCapture, type CowCaptureReport, cowCaptureWanted } from './cowcapture.js';
 
-const INIT_FLAG = 0x1;
-const THREAD_FLAG = 0x2;
+const { init: INIT_FLAG, thread: THREAD_FLAG } = ENTRY_FLAGS;
 
 export interface SnapshotOptions {
   /** A directory to create, or '-' for a tar stream on stdout. */
