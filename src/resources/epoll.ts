@@ -5,35 +5,80 @@
  * closed or reused (kcmp's KCMP_EPOLL_TFD finds the descriptor that holds
  * it now), edge-triggered, exclusive, or a one-shot that already fired.
  *
+ * What a set reports next is kept too, for its edge-triggered (EPOLLET)
+ * and armed one-shot targets, which a report takes off its ready list:
+ * fdinfo does not show that list, and adding a target (EPOLL_CTL_ADD)
+ * queues it whenever its file is ready, so an edge the program had taken
+ * without draining its file would be reported again after a restore. At
+ * snapshot, the frozen process's own epoll_wait(set, ..., 0) reads the
+ * ready list (readReadyLists): each such target is marked pending or not,
+ * and each it took is put back at once with EPOLL_CTL_MOD under the same
+ * events and data (which queues a target whose file is ready and re-arms
+ * a one-shot), so that the application, left running or resumed after a
+ * failed snapshot, reports exactly what it would have. Where that cannot
+ * be exact the set is left unread (as before: a ready target is reported
+ * once more after a restore): a target that EPOLL_CTL_MOD refuses
+ * (EPOLLEXCLUSIVE), one whose registered number no longer holds it, two
+ * targets with one data word (a report names its target only by its
+ * data), and a set watched by another set edge-triggered or one-shot (a
+ * put-back would be a new edge of that set).
+ *
  * Restore, inside the restored process once every other descriptor is at
  * its number: every set is made and placed first, so that a set can watch
  * another whatever their numbers; then each set's targets are added in
- * the order the kernel lists them. A target registered under a number that
- * now holds another file (or nothing) is added under that number: its
- * file is put there for the moment, the occupant set aside and put back.
- * A one-shot that fired (its events down to the flags) is added armed for
- * everything and made to fire at once, before any other target is in the
- * set, which disarms it; if its target is not ready to fire, the restore
- * fails naming it. A target that the process no longer holds at all (only
- * another process does) is refused at snapshot.
+ * the order the kernel lists them, a set watched by another before that
+ * other. A target registered under a number that now holds another file
+ * (or nothing) is added under that number: its file is put there for the
+ * moment, the occupant set aside and put back. A one-shot that fired (its
+ * events down to the flags) is added armed for everything and made to
+ * fire at once, before any other target is in the set, which disarms it;
+ * if its target is not ready to fire, the restore fails naming it. A set
+ * with a target not pending is drained once its targets are in (an
+ * epoll_wait with no timeout, which takes every edge the adds queued) and
+ * the targets that were pending, or not known, modified as they are,
+ * which queues them again if ready; an exclusive one among those (which
+ * takes no EPOLL_CTL_MOD) is added after the drain instead. A target that
+ * the process no longer holds at all (only another process does) is
+ * refused at snapshot.
  */
 import { readdirSync } from 'node:fs';
-import { AppshotError } from '../errors.js';
+import { AppshotError, errnoName } from '../errors.js';
 import { addon } from '../native.js';
 import { type EpollTarget, type Fd, FdKind, type Process } from '../image/types.js';
+import { type CallQueue } from '../ptrace/queries.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Unsupported } from './context.js';
 
 const EPOLL_CTL_ADD = 1;
+const EPOLL_CTL_MOD = 3;
 const EPOLL_CLOEXEC = 0o2000000;
 const F_DUPFD_CLOEXEC = 1030;
 /** EPOLLWAKEUP, EPOLLONESHOT, EPOLLET, EPOLLEXCLUSIVE: what a fired
  * one-shot keeps. */
 const PRIVATE_BITS = (1 << 29) | (1 << 30) | (1 << 31) | (1 << 28);
 const ONESHOT = 1 << 30;
+const EDGE = 1 << 31;
+const EXCLUSIVE = 1 << 28;
 /** Every event a target may be ready for (EPOLLIN..EPOLLMSG, EPOLLRDHUP). */
 const ALL_EVENTS = 0x7ff | 0x2000;
 const EVENT_BYTES = 12;
+/** Events one wait of a snapshot takes at most: what the injector's
+ * scratch below the stack holds where there are no batches (512 bytes). */
+const SNAPSHOT_WAIT_EVENTS = 40;
+/** Events one drain of a restore takes at most. */
+const RESTORE_WAIT_EVENTS = 1024;
+
+/** Whether a target fired: a one-shot whose report disarmed it (its
+ * events down to the flags). */
+const fired = (t: EpollTarget) => (t.events & ~PRIVATE_BITS) === 0 && (t.events & ONESHOT) !== 0;
+
+/** Whether a report takes target `t` off its set's ready list (it is
+ * edge-triggered) or disarms it (a one-shot): what the next wait reports
+ * depends on whether it was reported since its last edge. */
+const takenByReport = (t: EpollTarget) => !fired(t) && (t.events & (EDGE | ONESHOT)) !== 0;
+
+/** The number the process holds target `t` under now. */
+const holderOf = (t: EpollTarget) => (t.heldAt ? t.heldAt - 1 : t.fd);
 
 /** The targets, from the fdinfo's "tfd:" lines, each with where the
  * process holds it now if not under its registered number. */
@@ -58,44 +103,144 @@ export function dumpEpoll(pid: number, epfd: number, fdinfo: string, what: strin
   return out;
 }
 
+/**
+ * Marks each edge-triggered or armed one-shot target of the epoll sets
+ * among `fds` (a frozen process's, dumped) pending or not: whether a
+ * report of it waits on its set's ready list. The process's own
+ * epoll_wait(set, ..., 0) (`calls`) reads the list, which takes those
+ * targets off it; each one taken is put back at once (EPOLL_CTL_MOD, the
+ * same events and data), which queues it again, its file being ready, and
+ * re-arms a one-shot. A set whose list cannot be read so exactly is left
+ * unmarked (see the head of this file). Cost: one stop per set with such
+ * targets, one more if any was pending.
+ */
+export function readReadyLists(calls: CallQueue, fds: Fd[], what: string): void {
+  const sets = fds.filter((f) => f.kind === FdKind.EPOLL);
+  const isSet = new Set(sets.map((s) => s.fd));
+  // Sets that another set watches edge-triggered or one-shot, by number.
+  const watchedByEdges = new Set(sets.flatMap((s) => s.epoll.filter((t) => takenByReport(t) && isSet.has(holderOf(t))).map(holderOf)));
+  for (const set of sets) {
+    const taken = set.epoll.filter(takenByReport);
+    if (!taken.length || watchedByEdges.has(set.fd)) continue;
+    const byData = new Map<bigint, EpollTarget[]>();
+    for (const t of set.epoll) byData.set(t.data, [...(byData.get(t.data) ?? []), t]);
+    if (taken.some((t) => t.heldAt || t.events & EXCLUSIVE || byData.get(t.data)!.length > 1)) continue;
+    const where = `${what} fd ${set.fd}`;
+    const reported = new Set<EpollTarget>();
+    try {
+      for (let seen = 0; seen < set.epoll.length; ) {
+        const max = Math.min(set.epoll.length, SNAPSHOT_WAIT_EVENTS);
+        const a = calls.askNow(SYS.epoll_wait, [set.fd, 'buf', max, 0], { outLength: EVENT_BYTES * max });
+        if (a.ret < 0n) throw new AppshotError(`${where}: reading its epoll ready list: epoll_wait: ${errnoName(Number(-a.ret))}`);
+        const n = Number(a.ret);
+        for (let i = 0; i < n; i++) {
+          const t = byData.get(a.out.readBigUInt64LE(i * EVENT_BYTES + 4))?.[0];
+          if (t && takenByReport(t)) reported.add(t);
+        }
+        seen += n;
+        if (n < max) break;
+      }
+    } finally {
+      // Put back whatever was taken, even if a later wait failed.
+      const modified = [...reported].map((t) => {
+        const ev = Buffer.alloc(EVENT_BYTES);
+        ev.writeUInt32LE(t.events >>> 0, 0);
+        ev.writeBigUInt64LE(t.data, 4);
+        return { t, answer: calls.ask(SYS.epoll_ctl, [set.fd, EPOLL_CTL_MOD, t.fd, 'buf'], { input: ev }) };
+      });
+      calls.run();
+      const failed = modified.find((m) => m.answer.ret < 0n);
+      if (failed)
+        throw new AppshotError(`${where}: putting back the event of its epoll target fd ${failed.t.fd} that reading the ready list took: epoll_ctl: ${errnoName(Number(-failed.answer.ret))}; the application may miss that event`);
+    }
+    for (const t of taken) t.pending = reported.has(t);
+  }
+}
+
 /** Every epoll set of `p`, each placed at its number by `place` (given
  * the number it was made at), then their targets added. */
 export function restoreEpolls(r: RemoteProcess, p: Process, place: (got: number, fd: Fd) => void): void {
   const sets = p.fds.filter((f) => f.kind === FdKind.EPOLL);
   for (const fd of sets) place(Number(r.call('epoll_create1', SYS.epoll_create1, [EPOLL_CLOEXEC])), fd);
   const cloexec = new Map(p.fds.map((f) => [f.fd, f.cloexec]));
-  for (const fd of sets) {
-    const fired = fd.epoll.filter((t) => (t.events & ~PRIVATE_BITS) === 0 && t.events & ONESHOT);
+  for (const fd of watchedFirst(sets)) {
+    const firedOnes = fd.epoll.filter(fired);
     // Fired one-shots first, alone in the set, so that firing them
     // consumes no other target's event.
-    for (const t of fired) add(r, fd.fd, t, t.events | ALL_EVENTS, cloexec);
-    if (fired.length) {
+    for (const t of firedOnes) ctl(r, fd.fd, EPOLL_CTL_ADD, t, t.events | ALL_EVENTS, cloexec);
+    if (firedOnes.length) {
       r.reset();
-      const n = Number(r.call(`firing the one-shot targets of epoll fd ${fd.fd}`, SYS.epoll_wait, [fd.fd, r.put(Buffer.alloc(EVENT_BYTES * fired.length)), fired.length, 0]));
-      if (n !== fired.length)
-        throw new AppshotError(`epoll fd ${fd.fd}: ${fired.length - n} of its one-shot targets (fd ${fired.map((t) => t.fd).join(', ')}) had fired and are disarmed, which cannot be made again while their file is not ready`);
+      const n = Number(r.call(`firing the one-shot targets of epoll fd ${fd.fd}`, SYS.epoll_wait, [fd.fd, r.put(Buffer.alloc(EVENT_BYTES * firedOnes.length)), firedOnes.length, 0]));
+      if (n !== firedOnes.length)
+        throw new AppshotError(`epoll fd ${fd.fd}: ${firedOnes.length - n} of its one-shot targets (fd ${firedOnes.map((t) => t.fd).join(', ')}) had fired and are disarmed, which cannot be made again while their file is not ready`);
     }
-    for (const t of fd.epoll) if (!fired.includes(t)) add(r, fd.fd, t, t.events, cloexec);
+    const rest = fd.epoll.filter((t) => !fired(t));
+    // A target that was not pending: its add may queue it (its file is
+    // ready), and only a drain takes that edge again, which takes the
+    // others' too: those that were pending are queued again after it.
+    const drained = rest.some((t) => t.pending === false);
+    const afterDrain = drained ? rest.filter((t) => t.events & EXCLUSIVE && t.pending !== false) : [];
+    for (const t of rest) if (!afterDrain.includes(t)) ctl(r, fd.fd, EPOLL_CTL_ADD, t, t.events, cloexec);
+    if (drained) {
+      drain(r, fd.fd, rest.length);
+      for (const t of rest) if (takenByReport(t) && t.pending !== false && !afterDrain.includes(t)) ctl(r, fd.fd, EPOLL_CTL_MOD, t, t.events, cloexec);
+    }
+    for (const t of afterDrain) ctl(r, fd.fd, EPOLL_CTL_ADD, t, t.events, cloexec);
   }
 }
 
-/** Adds target `t` to set `ep` under its registered number, its file put
- * there for the moment if another descriptor holds it now. */
-function add(r: RemoteProcess, ep: number, t: EpollTarget, events: number, cloexec: Map<number, boolean>): void {
-  const ctl = () => {
+/** `sets` ordered so that a set watched by another comes before it: a
+ * set's ready list is as it will stay before another set adds it (a
+ * drain of its own afterwards would leave the other's edge behind). */
+function watchedFirst(sets: Fd[]): Fd[] {
+  const byNumber = new Map(sets.map((s) => [s.fd, s]));
+  const ordered: Fd[] = [];
+  const seen = new Set<Fd>();
+  const visit = (s: Fd) => {
+    if (seen.has(s)) return;
+    seen.add(s);
+    for (const t of s.epoll) {
+      const inner = byNumber.get(holderOf(t));
+      if (inner) visit(inner);
+    }
+    ordered.push(s);
+  };
+  for (const s of sets) visit(s);
+  return ordered;
+}
+
+/** Takes every event queued on set `ep` (of `targets` targets): waits
+ * with no timeout until one returns less than it could hold, or as many
+ * as there are targets (a level-triggered one is queued again at the
+ * end of the list: each target is seen once by then). */
+function drain(r: RemoteProcess, ep: number, targets: number): void {
+  const max = Math.min(Math.max(targets, 1), RESTORE_WAIT_EVENTS);
+  for (let taken = 0; taken < targets; ) {
+    r.reset();
+    const n = Number(r.call(`draining epoll fd ${ep}`, SYS.epoll_wait, [ep, r.put(Buffer.alloc(EVENT_BYTES * max)), max, 0]));
+    taken += n;
+    if (n < max) return;
+  }
+}
+
+/** EPOLL_CTL_ADD or EPOLL_CTL_MOD of target `t` in set `ep` under its
+ * registered number, its file put there for the moment if another
+ * descriptor holds it now. */
+function ctl(r: RemoteProcess, ep: number, op: number, t: EpollTarget, events: number, cloexec: Map<number, boolean>): void {
+  const call = () => {
     r.reset();
     const ev = Buffer.alloc(EVENT_BYTES);
     ev.writeUInt32LE(events >>> 0, 0);
     ev.writeBigUInt64LE(t.data, 4);
-    r.call(`adding fd ${t.fd} to epoll fd ${ep}`, SYS.epoll_ctl, [ep, EPOLL_CTL_ADD, t.fd, r.put(ev)]);
+    r.call(`${op === EPOLL_CTL_ADD ? 'adding' : 'modifying'} fd ${t.fd} ${op === EPOLL_CTL_ADD ? 'to' : 'in'} epoll fd ${ep}`, SYS.epoll_ctl, [ep, op, t.fd, r.put(ev)]);
   };
-  if (!t.heldAt) return ctl();
+  if (!t.heldAt) return call();
   const holder = t.heldAt - 1;
   const occupied = cloexec.has(t.fd);
   const aside = occupied ? Number(r.call(`setting fd ${t.fd} aside`, SYS.fcntl, [t.fd, F_DUPFD_CLOEXEC, 0])) : -1;
   r.call(`putting fd ${holder} at ${t.fd} for its epoll registration`, SYS.dup3, [holder, t.fd, 0]);
   try {
-    ctl();
+    call();
   } finally {
     if (occupied) {
       r.call(`putting fd ${t.fd} back`, SYS.dup3, [aside, t.fd, cloexec.get(t.fd) ? EPOLL_CLOEXEC : 0]);

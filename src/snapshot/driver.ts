@@ -52,6 +52,7 @@ import { dumpSemUndo, dumpSysv } from '../resources/sysv.js';
 import { askPosixTimers, dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
 import { dumpAioRings } from '../resources/aio.js';
+import { readReadyLists } from '../resources/epoll.js';
 import type { HeldConnections } from '../resources/tcp.js';
 import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
@@ -421,6 +422,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
       }
     });
     timed('fd owners', () => dumpFdOwners(ctx, proc.vpid, proc.fds, asked.fdOwners, what));
+    timed('epoll ready lists', () => readReadyLists(calls, proc.fds, what));
     refuseChrootedSocketPaths(proc, what);
     timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
     proc.aioRings = timed('aio', () => dumpAioRings(pid, inj, maps, what));
