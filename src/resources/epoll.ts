@@ -10,12 +10,14 @@
  * fdinfo does not show that list, and adding a target (EPOLL_CTL_ADD)
  * queues it whenever its file is ready, so an edge the program had taken
  * without draining its file would be reported again after a restore. At
- * snapshot, the frozen process's own epoll_wait(set, ..., 0) reads the
- * ready list (readReadyLists): each such target is marked pending or not,
- * and each it took is put back at once with EPOLL_CTL_MOD under the same
- * events and data (which queues a target whose file is ready and re-arms
- * a one-shot), so that the application, left running or resumed after a
- * failed snapshot, reports exactly what it would have. Where that cannot
+ * snapshot, the frozen process's own epoll_wait(set, ..., 0), among its
+ * other questions (askReadyLists), reads the ready list: each such target
+ * is marked pending or not, and each it took is put back as soon as the
+ * answers are in (putBackReadyLists: EPOLL_CTL_MOD under the same events
+ * and data, which queues a target whose file is ready and re-arms a
+ * one-shot), so that the application, left running or resumed after a
+ * failed snapshot, reports exactly what it would have. Cost: no stop of
+ * its own, one more only when a target was pending. Where that cannot
  * be exact the set is left unread (as before: a ready target is reported
  * once more after a restore): a target that EPOLL_CTL_MOD refuses
  * (EPOLLEXCLUSIVE), one whose registered number no longer holds it, two
@@ -45,7 +47,7 @@ import { readdirSync } from 'node:fs';
 import { AppshotError, errnoName } from '../errors.js';
 import { addon } from '../native.js';
 import { type EpollTarget, type Fd, FdKind, type Process } from '../image/types.js';
-import { type CallQueue } from '../ptrace/queries.js';
+import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Unsupported } from './context.js';
 
@@ -63,7 +65,8 @@ const EXCLUSIVE = 1 << 28;
 const ALL_EVENTS = 0x7ff | 0x2000;
 const EVENT_BYTES = 12;
 /** Events one wait of a snapshot takes at most: what the injector's
- * scratch below the stack holds where there are no batches (512 bytes). */
+ * scratch below the stack holds where there are no batches (512 bytes),
+ * and little of the batch area the process's other questions share. */
 const SNAPSHOT_WAIT_EVENTS = 40;
 /** Events one drain of a restore takes at most. */
 const RESTORE_WAIT_EVENTS = 1024;
@@ -86,8 +89,7 @@ export function dumpEpoll(pid: number, epfd: number, fdinfo: string, what: strin
   const out: EpollTarget[] = [];
   const seen = new Map<number, number>();
   let numbers: number[] | undefined;
-  for (const m of fdinfo.matchAll(/tfd:\s+(\d+)\s+events:\s+([0-9a-f]+)\s+data:\s+([0-9a-f]+)/g)) {
-    const t: EpollTarget = { fd: Number(m[1]), events: parseInt(m[2], 16), data: BigInt('0x' + m[3]) };
+  for (const t of targetsOf(fdinfo)) {
     // The nth target registered under this number (KCMP_EPOLL_TFD's toff).
     const toff = seen.get(t.fd) ?? 0;
     seen.set(t.fd, toff + 1);
@@ -103,57 +105,116 @@ export function dumpEpoll(pid: number, epfd: number, fdinfo: string, what: strin
   return out;
 }
 
+/** A set whose ready list is read (askReadyLists). */
+export interface ReadyListAsked {
+  epfd: number;
+  /** Its targets, by data word (each one's own). */
+  byData: Map<bigint, EpollTarget>;
+  /** How many targets it has. */
+  targets: number;
+  /** Events its first wait could take, and that wait. */
+  max: number;
+  wait: Answer;
+  /** The data words of the targets that were pending, once known. */
+  pending?: Set<bigint>;
+}
+
 /**
- * Marks each edge-triggered or armed one-shot target of the epoll sets
- * among `fds` (a frozen process's, dumped) pending or not: whether a
- * report of it waits on its set's ready list. The process's own
- * epoll_wait(set, ..., 0) (`calls`) reads the list, which takes those
- * targets off it; each one taken is put back at once (EPOLL_CTL_MOD, the
- * same events and data), which queues it again, its file being ready, and
- * re-arms a one-shot. A set whose list cannot be read so exactly is left
- * unmarked (see the head of this file). Cost: one stop per set with such
- * targets, one more if any was pending.
+ * Asks a frozen process `pid` for the ready list of each of its epoll
+ * sets that has edge-triggered targets: its own
+ * epoll_wait(set, ..., 0), among the process's other questions (no stop
+ * of its own), which takes those targets off the list. `entries`: its
+ * descriptors with their fdinfo, read before any call. A set whose list
+ * cannot be read exactly is not asked (see the head of this file).
+ * putBackReadyLists must follow the answers at once.
  */
-export function readReadyLists(calls: CallQueue, fds: Fd[], what: string): void {
-  const sets = fds.filter((f) => f.kind === FdKind.EPOLL);
-  const isSet = new Set(sets.map((s) => s.fd));
-  // Sets that another set watches edge-triggered or one-shot, by number.
-  const watchedByEdges = new Set(sets.flatMap((s) => s.epoll.filter((t) => takenByReport(t) && isSet.has(holderOf(t))).map(holderOf)));
-  for (const set of sets) {
-    const taken = set.epoll.filter(takenByReport);
-    if (!taken.length || watchedByEdges.has(set.fd)) continue;
-    const byData = new Map<bigint, EpollTarget[]>();
-    for (const t of set.epoll) byData.set(t.data, [...(byData.get(t.data) ?? []), t]);
-    if (taken.some((t) => t.heldAt || t.events & EXCLUSIVE || byData.get(t.data)!.length > 1)) continue;
-    const where = `${what} fd ${set.fd}`;
-    const reported = new Set<EpollTarget>();
+export function askReadyLists(calls: CallQueue, pid: number, entries: { fd: number; target: string; info: string }[]): ReadyListAsked[] {
+  const sets = entries.filter((e) => e.target === 'anon_inode:[eventpoll]').map((e) => ({ epfd: e.fd, targets: targetsOf(e.info) }));
+  const setNumbers = new Set(sets.map((s) => s.epfd));
+  // Sets another set watches edge-triggered or one-shot (by the number
+  // it was registered under: one moved since leaves its set unread too).
+  const watchedByEdges = new Set(sets.flatMap((s) => s.targets.filter((t) => takenByReport(t) && setNumbers.has(t.fd)).map((t) => t.fd)));
+  const asked: ReadyListAsked[] = [];
+  for (const { epfd, targets } of sets) {
+    // A set without edge-triggered targets costs nothing: an armed
+    // one-shot whose file is ready waits on the list anyway (adding or
+    // modifying it queued it, and only a report disarms it), as an add
+    // at restore makes it again.
+    if (!targets.some((t) => takenByReport(t) && t.events & EDGE) || watchedByEdges.has(epfd)) continue;
+    const taken = targets.filter(takenByReport);
+    const byData = new Map(targets.map((t) => [t.data, t]));
+    if (byData.size < targets.length || taken.some((t) => t.events & EXCLUSIVE)) continue;
+    // Put back under its registered number: that number must hold it
+    // still (kcmp; the only target registered under it).
+    if (new Set(targets.map((t) => t.fd)).size < targets.length || taken.some((t) => !addon().epollTargetIs(pid, epfd, t.fd, 0, t.fd))) continue;
+    const max = Math.min(targets.length, SNAPSHOT_WAIT_EVENTS);
+    asked.push({ epfd, byData, targets: targets.length, max, wait: calls.ask(SYS.epoll_wait, [epfd, 'buf', max, 0], { outLength: EVENT_BYTES * max }) });
+  }
+  return asked;
+}
+
+/** The targets an epoll set's fdinfo lists. */
+function targetsOf(fdinfo: string): EpollTarget[] {
+  return [...fdinfo.matchAll(/tfd:\s+(\d+)\s+events:\s+([0-9a-f]+)\s+data:\s+([0-9a-f]+)/g)].map((m) => ({ fd: Number(m[1]), events: parseInt(m[2], 16), data: BigInt('0x' + m[3]) }));
+}
+
+/**
+ * Once askReadyLists's waits are answered: takes the rest of a list too
+ * long for one wait, notes which targets were pending, and puts each one
+ * taken back (EPOLL_CTL_MOD, the same events and data, all in one stop),
+ * which queues it again, its file being ready, and re-arms a one-shot. A
+ * set whose wait did not run (the questions failed) is left as it is; a
+ * failure is thrown once every taken event that can be is put back.
+ */
+export function putBackReadyLists(calls: CallQueue, asked: ReadyListAsked[], what: string): void {
+  const puts: { set: ReadyListAsked; fd: number; answer: Answer }[] = [];
+  let failed: string | undefined;
+  for (const set of asked) {
+    // Not run: the questions failed before it, and the snapshot with them.
+    if (!set.wait.answered) continue;
+    const pending = new Set<bigint>();
     try {
-      for (let seen = 0; seen < set.epoll.length; ) {
-        const max = Math.min(set.epoll.length, SNAPSHOT_WAIT_EVENTS);
-        const a = calls.askNow(SYS.epoll_wait, [set.fd, 'buf', max, 0], { outLength: EVENT_BYTES * max });
-        if (a.ret < 0n) throw new AppshotError(`${where}: reading its epoll ready list: epoll_wait: ${errnoName(Number(-a.ret))}`);
-        const n = Number(a.ret);
+      let wait = set.wait;
+      for (let seen = 0; ; ) {
+        if (wait.ret < 0n) throw new Error(`epoll_wait: ${errnoName(Number(-wait.ret))}`);
+        const n = Number(wait.ret);
         for (let i = 0; i < n; i++) {
-          const t = byData.get(a.out.readBigUInt64LE(i * EVENT_BYTES + 4))?.[0];
-          if (t && takenByReport(t)) reported.add(t);
+          const data = wait.out.readBigUInt64LE(i * EVENT_BYTES + 4);
+          const t = set.byData.get(data);
+          if (t && takenByReport(t)) pending.add(data);
         }
         seen += n;
-        if (n < max) break;
+        // A level-triggered target is queued again at the end of the
+        // list: each target is seen once when as many were reported.
+        if (n < set.max || seen >= set.targets) break;
+        wait = calls.askNow(SYS.epoll_wait, [set.epfd, 'buf', set.max, 0], { outLength: EVENT_BYTES * set.max });
       }
-    } finally {
-      // Put back whatever was taken, even if a later wait failed.
-      const modified = [...reported].map((t) => {
-        const ev = Buffer.alloc(EVENT_BYTES);
-        ev.writeUInt32LE(t.events >>> 0, 0);
-        ev.writeBigUInt64LE(t.data, 4);
-        return { t, answer: calls.ask(SYS.epoll_ctl, [set.fd, EPOLL_CTL_MOD, t.fd, 'buf'], { input: ev }) };
-      });
-      calls.run();
-      const failed = modified.find((m) => m.answer.ret < 0n);
-      if (failed)
-        throw new AppshotError(`${where}: putting back the event of its epoll target fd ${failed.t.fd} that reading the ready list took: epoll_ctl: ${errnoName(Number(-failed.answer.ret))}; the application may miss that event`);
+      set.pending = pending;
+    } catch (e) {
+      failed ??= `${what} fd ${set.epfd}: reading its epoll ready list: ${(e as Error).message}`;
     }
-    for (const t of taken) t.pending = reported.has(t);
+    for (const data of pending) {
+      const t = set.byData.get(data)!;
+      const ev = Buffer.alloc(EVENT_BYTES);
+      ev.writeUInt32LE(t.events >>> 0, 0);
+      ev.writeBigUInt64LE(data, 4);
+      puts.push({ set, fd: t.fd, answer: calls.ask(SYS.epoll_ctl, [set.epfd, EPOLL_CTL_MOD, t.fd, 'buf'], { input: ev }) });
+    }
+  }
+  calls.run();
+  const unput = puts.find((p) => p.answer.ret < 0n);
+  if (unput)
+    throw new AppshotError(`${what} fd ${unput.set.epfd}: putting back the event of its epoll target fd ${unput.fd}, which reading the ready list took: epoll_ctl: ${errnoName(Number(-unput.answer.ret))}; the application may miss that event`);
+  if (failed) throw new AppshotError(failed);
+}
+
+/** Marks each edge-triggered or armed one-shot target of the sets among
+ * `fds` whose ready list was read (`asked`) pending or not. */
+export function markPending(fds: Fd[], asked: ReadyListAsked[]): void {
+  for (const set of asked) {
+    const fd = fds.find((f) => f.fd === set.epfd && f.kind === FdKind.EPOLL);
+    if (!fd || !set.pending) continue;
+    for (const t of fd.epoll) if (takenByReport(t)) t.pending = set.pending.has(t.data);
   }
 }
 
