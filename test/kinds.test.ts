@@ -564,6 +564,12 @@ describe('epoll sets whatever their targets: another epoll made later, a target 
   roundTrips('epol', [fixture('epolls')], /EPOLL\s+epoll watching (?=(?:[^\n]*\(now \d+\)){2})(?:\d+(?: \(now \d+\))?,){5}\d+(?: \(now \d+\))?\n/);
 });
 
+describe('epoll: what a set reports next, exactly: an edge (EPOLLET) already reported is not reported again, one not yet reported is, once; a fired one-shot stays disarmed, an armed one pending is reported', () => {
+  // Five targets, two of them pending (the edge not yet taken, the armed
+  // one-shot), in the kernel's order.
+  roundTrips('epedge', [fixture('epolledges')], /EPOLL\s+epoll watching (?=(?:[^\n]*\d \(pending\)){2})(?![^\n]*(?:\(pending\)[^\n]*){3})(?:\d+(?: \(pending\))?,){4}\d+(?: \(pending\))?\n/);
+});
+
 describe('what outlives its name: a deleted working directory, a deleted FIFO, a listening socket whose file a restore finds there, a child holding its parent\'s /proc files', () => {
   const dir = mkdtempSync(join(out, 'leftovers-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));

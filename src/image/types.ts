@@ -900,6 +900,10 @@ export interface EpollTarget {
   /** 1 + the process's descriptor that holds the target now, when `fd`
    * no longer does (closed, or reused); 0 or absent: `fd` itself. */
   heldAt?: number;
+  /** An edge-triggered or armed one-shot target of a set whose ready
+   * list was read at snapshot: whether its event waited there for the
+   * next epoll_wait. Absent: not known (queued at restore if ready). */
+  pending?: boolean;
 }
 
 export interface SemSet {

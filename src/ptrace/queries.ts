@@ -21,6 +21,11 @@ export class Answer {
     this.result = result;
   }
 
+  /** Whether the question was answered (run() may have failed first). */
+  get answered(): boolean {
+    return this.result !== undefined;
+  }
+
   private get done(): { ret: bigint; out: Buffer } {
     if (!this.result) throw new Error('a question was read before it was asked');
     return this.result;

@@ -52,6 +52,7 @@ import { dumpSemUndo, dumpSysv } from '../resources/sysv.js';
 import { askPosixTimers, dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
 import { dumpAioRings } from '../resources/aio.js';
+import { askReadyLists, markPending, putBackReadyLists } from '../resources/epoll.js';
 import type { HeldConnections } from '../resources/tcp.js';
 import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
@@ -344,6 +345,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
       attributes: askAttributes(calls, tids),
       sigactions: askSigactions(pid, calls),
       fdOwners: askFdOwners(calls, pid),
+      readyLists: askReadyLists(calls, pid, seen.entries ?? addon().fdEntries(pid)),
     }));
     // Last of the questions: its userfaultfd, made in this stop, is at a
     // high number no question uses. The batch scratch area, mapped on the
@@ -360,6 +362,8 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
         if (asked.threads.some((a) => a.behind)) killPoint('snapshot: real-time signal queued again');
       } finally {
         threads.forEach((t, i) => settleCaughtSignal(t, asked.threads[i]));
+        // At once: the waits took edges the application has not seen.
+        putBackReadyLists(calls, asked.readyLists, what);
       }
     });
     let trackingFd: number | undefined;
@@ -421,6 +425,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
       }
     });
     timed('fd owners', () => dumpFdOwners(ctx, proc.vpid, proc.fds, asked.fdOwners, what));
+    markPending(proc.fds, asked.readyLists);
     refuseChrootedSocketPaths(proc, what);
     timed('shared object pages', () => mapSharedObjectPages(pid, inj, what, maps));
     proc.aioRings = timed('aio', () => dumpAioRings(pid, inj, maps, what));
