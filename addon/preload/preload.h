@@ -677,6 +677,15 @@ HIDDEN void exec_capture_env(void);
  * clock_nanosleep and timer_create through syscall(), a CPU-time clock's
  * virtual id made the system's. */
 HIDDEN long do_clock_syscall(long nr, long a, long b, long c, long d);
+/* preload_cputime.c: the CPU time the process and its threads had before
+ * a restore (appshot_cpu_times), added to the kernel's answers. The offset
+ * for clock `clk` as the application names it (0 for most); an answer
+ * made the application's; an absolute deadline made the kernel's; the
+ * copy a fork's child must not keep. */
+HIDDEN int64_t cpu_clock_offset(clockid_t clk);
+HIDDEN void cpu_clock_answer(clockid_t clk, struct timespec *ts);
+HIDDEN void cpu_clock_deadline(clockid_t clk, const struct timespec *req, struct timespec *out);
+HIDDEN void cpu_times_forget(void);
 
 /* --- Paths (preload_path.c, preload_proc.c) ------------------------------
  *
