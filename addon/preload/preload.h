@@ -310,7 +310,7 @@ static inline void ensure_init(void) {
   X(recvmmsg) X(sendmmsg)                                                  \
   X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2) \
   X(posix_spawn_file_actions_addopen) X(posix_spawn_file_actions_addchdir_np) \
-  X(clock_gettime) X(clock_nanosleep) X(timer_create)                      \
+  X(clock_gettime) X(clock_nanosleep) X(timer_create) X(timer_settime)    \
   X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock) \
   X(pthread_cond_wait) X(pthread_cond_timedwait) X(pthread_cond_clockwait) \
   X(epoll_wait) X(epoll_pwait) X(mq_notify) X(pthread_kill) X(pthread_sigqueue) X(raise) X(ioctl) \
@@ -690,6 +690,9 @@ HIDDEN void cpu_times_forget(void);
  * or one of its threads' after a restore: 1 with what its utime, stime,
  * cutime and cstime get added, in ns (preload_view.c). */
 HIDDEN int cpu_stat_offsets(int fd, int64_t add[4]);
+/* timer_settime with TIMER_ABSTIME: 1 with `out` the value whose deadline
+ * is the kernel's count, when the timer is on one of these clocks. */
+HIDDEN int cpu_timer_deadline(timer_t timerid, const struct itimerspec *value, struct itimerspec *out);
 
 /* --- Paths (preload_path.c, preload_proc.c) ------------------------------
  *

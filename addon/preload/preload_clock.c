@@ -254,6 +254,22 @@ int appshot_current_timer_create(clockid_t clk, struct sigevent *evp, timer_t *t
   return real(sys_clk, evp, timerid);
 }
 
+/* An absolute time on a CPU-time clock, as the application counts it,
+ * made the kernel's (preload_cputime.c). The same ABI under both
+ * versions; timer_settime@GLIBC_2.2.5 (the index timers of
+ * timer_create@GLIBC_2.2.5) is left to glibc. */
+API SYMVER("timer_settime@@GLIBC_2.34") SYMVER("timer_settime@GLIBC_2.3.3")
+int appshot_current_timer_settime(timer_t timerid, int flags, const struct itimerspec *value,
+                                  struct itimerspec *old) {
+  ensure_init();
+  int (*real)(timer_t, int, const struct itimerspec *, struct itimerspec *) = REAL(timer_settime);
+  if (!real) return (int)fail(ENOSYS);
+  struct itimerspec kernel_value;
+  if (UNLIKELY(flags & TIMER_ABSTIME) && value && cpu_timer_deadline(timerid, value, &kernel_value))
+    value = &kernel_value;
+  return real(timerid, flags, value, old);
+}
+
 /* timer_create@GLIBC_2.2.5: the ABI before glibc 2.3.3, whose timer id is
  * an index into glibc's own table of timers, which that version's
  * timer_settime, timer_gettime... take. Its clock and target thread are
