@@ -24,9 +24,9 @@
  *    tick: a program that reaped children using less than 10 ms in all
  *    may see getrusage(RUSAGE_CHILDREN) go back to 0).
  */
-import { readFileSync } from 'node:fs';
 import type { CpuTimes, Process, Thread } from '../image/types.js';
 import { addon } from '../native.js';
+import { procText } from '../procfs.js';
 import { cpuTimesOf } from '../ptrace/windows.js';
 import type { MapsLine } from './memory.js';
 import { ImageMemory } from './threads.js';
@@ -55,7 +55,7 @@ interface KernelCpu {
 
 /** Fields 14-17 of a stat file (utime, stime, cutime, cstime). */
 function statTicks(path: string): bigint[] {
-  const text = readFileSync(path, 'utf8');
+  const text = procText(path);
   const f = text.slice(text.lastIndexOf(')') + 2).split(' ');
   return [f[11], f[12], f[13], f[14]].map((v) => BigInt(v));
 }
@@ -64,7 +64,7 @@ function statTicks(path: string): bigint[] {
  * where the kernel has no schedstat (CONFIG_SCHED_INFO). */
 function threadRuntime(pid: number, tid: number): bigint | undefined {
   try {
-    return BigInt(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0]);
+    return BigInt(procText(`/proc/${pid}/task/${tid}/schedstat`).split(' ')[0]);
   } catch {
     return undefined;
   }
@@ -72,8 +72,10 @@ function threadRuntime(pid: number, tid: number): bigint | undefined {
 
 /** The kernel's counts of process `pid` and each of `tids`; the stat read
  * before the runtime, so that the split (which the read adjusts to the
- * runtime then) is never above the runtime read after. Undefined for a
- * process gone, or one whose clock cannot be read. */
+ * runtime then) is never above the runtime read after. At snapshot, the
+ * files come from the frozen window's gather (procfs.ts
+ * gatheredBeforeCalls: one native call). Undefined for a process gone, or
+ * one whose clock cannot be read. */
 function kernelCpu(pid: number, tids: number[]): { process: KernelCpu; threads: Map<number, KernelCpu> } | undefined {
   try {
     const [u, s, cu, cs] = statTicks(`/proc/${pid}/stat`);
