@@ -338,6 +338,9 @@ interface Addon {
   guardAffinity(tid: number, mask: Buffer): { fd: number; pid: number };
   releaseGuard(guard: { fd: number; pid: number }): void;
   readMemory(pid: number, addr: bigint, length: number): Buffer;
+  /** The CPU time process `pid` has used (all its threads, and those that
+   * exited), in nanoseconds: its CLOCK_PROCESS_CPUTIME_ID. */
+  processCpuTimeNs(pid: number): bigint;
   writeMemory(pid: number, addr: bigint, data: Buffer): void;
   /** A new io_uring's SQ head and CQ tail brought to `sqHead`, `cqTail`
    * by NOPs (addon/src/iouring.c): the io_uring_enter calls it made. */

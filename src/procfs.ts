@@ -134,7 +134,9 @@ export function procDir(path: string): string[] {
  * any call is injected into it: its memory map (memory.ts), each thread's
  * status (creds.ts: credentials, before seccomp is suspended), the
  * process's status (signals.ts: the handled signals), its POSIX timers
- * (timers.ts) and descriptor numbers (fdowner.ts). */
+ * (timers.ts) and descriptor numbers (fdowner.ts), and the CPU time it and
+ * each thread used (cputime.ts: stat, and each thread's stat and
+ * schedstat), which the calls would add to. */
 export function gatheredBeforeCalls(pid: number, tids: number[]): [ProcKind, string][] {
   const p = `/proc/${pid}`;
   return [
@@ -144,6 +146,8 @@ export function gatheredBeforeCalls(pid: number, tids: number[]): [ProcKind, str
     ...tids.filter((tid) => tid !== pid).map((tid): [ProcKind, string] => ['text', `${p}/task/${tid}/status`]),
     ['text', `${p}/timers`],
     ['dir', `${p}/fd`],
+    ['text', `${p}/stat`],
+    ...tids.flatMap((tid): [ProcKind, string][] => [['text', `${p}/task/${tid}/stat`], ['text', `${p}/task/${tid}/schedstat`]]),
   ];
 }
 

@@ -459,6 +459,34 @@ describe('POSIX timers on CPU-time clocks: the process\'s, and the thread\'s in 
   roundTrips('cput', [fixture('cputimers')], /POSIX timers: 0 clock -6, signal 10, in \S+ every 0\.020s; 1 clock -2, no signal, in \S+/);
 });
 
+describe('the CPU time a process, its threads and its reaped children used: carried, never going backwards', () => {
+  // The fixture compares every interface with its previous check, and with
+  // what it burnt: a count that started again near 0 fails the first
+  // check after a restore.
+  it('goes on from what it was through two snapshots that end it (the second taken of the restored process)', async () => {
+    await start('cpuc1', [fixture('cputime')]);
+    await checksPass('cpuc1');
+    for (let round = 0; round < 2; round++) {
+      await run(['snapshot', 'cpuc1', '-o', join(out, `cpuc1-${round}`)]);
+      await run(['restore', join(out, `cpuc1-${round}`)]);
+      await checksPass('cpuc1');
+    }
+    await exercised('cpuc1');
+    await checksPass('cpuc1');
+  });
+
+  it('goes on from what it was in a copy restored --lazy beside the original left running', async () => {
+    await start('cpuc2', [fixture('cputime')]);
+    await checksPass('cpuc2');
+    await run(['snapshot', 'cpuc2', '-o', join(out, 'cpuc2'), '--leave-running']);
+    await run(['restore', join(out, 'cpuc2'), '--aid', 'cpuc3', '--lazy']);
+    await checksPass('cpuc3');
+    await exercised('cpuc3');
+    await checksPass('cpuc3');
+    await checksPass('cpuc2');
+  });
+});
+
 describe("POSIX timers on another process's or thread's CPU-time clock (clock_getcpuclockid, pthread_getcpuclockid): made again on their new system ids", () => {
   roundTrips('ocput', [fixture('othertimers')], /POSIX timers: 0 the CPU-time clock -30 of process 3, signal 10, in \S+ every 0\.010s; 1 the CPU-time clock -?\d+ of thread \d+, no signal, in \S+; 2 the CPU-time clock -22 of process 2, no signal, in \S+/);
 });

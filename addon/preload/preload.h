@@ -310,7 +310,7 @@ static inline void ensure_init(void) {
   X(recvmmsg) X(sendmmsg)                                                  \
   X(posix_spawn_file_actions_addclose) X(posix_spawn_file_actions_adddup2) \
   X(posix_spawn_file_actions_addopen) X(posix_spawn_file_actions_addchdir_np) \
-  X(clock_gettime) X(clock_nanosleep) X(timer_create)                      \
+  X(clock_gettime) X(clock_nanosleep) X(timer_create) X(timer_settime)    \
   X(pthread_getcpuclockid) X(pthread_mutex_timedlock) X(pthread_mutex_clocklock) \
   X(pthread_cond_wait) X(pthread_cond_timedwait) X(pthread_cond_clockwait) \
   X(epoll_wait) X(epoll_pwait) X(mq_notify) X(pthread_kill) X(pthread_sigqueue) X(raise) X(ioctl) \
@@ -677,6 +677,22 @@ HIDDEN void exec_capture_env(void);
  * clock_nanosleep and timer_create through syscall(), a CPU-time clock's
  * virtual id made the system's. */
 HIDDEN long do_clock_syscall(long nr, long a, long b, long c, long d);
+/* preload_cputime.c: the CPU time the process and its threads had before
+ * a restore (appshot_cpu_times), added to the kernel's answers. The offset
+ * for clock `clk` as the application names it (0 for most); an answer
+ * made the application's; an absolute deadline made the kernel's; the
+ * copy a fork's child must not keep. */
+HIDDEN int64_t cpu_clock_offset(clockid_t clk);
+HIDDEN void cpu_clock_answer(clockid_t clk, struct timespec *ts);
+HIDDEN void cpu_clock_deadline(clockid_t clk, const struct timespec *req, struct timespec *out);
+HIDDEN void cpu_times_forget(void);
+/* Whether descriptor `fd` (a /proc stat file) is the caller's process's
+ * or one of its threads' after a restore: 1 with what its utime, stime,
+ * cutime and cstime get added, in ns (preload_view.c). */
+HIDDEN int cpu_stat_offsets(int fd, int64_t add[4]);
+/* timer_settime with TIMER_ABSTIME: 1 with `out` the value whose deadline
+ * is the kernel's count, when the timer is on one of these clocks. */
+HIDDEN int cpu_timer_deadline(timer_t timerid, const struct itimerspec *value, struct itimerspec *out);
 
 /* --- Paths (preload_path.c, preload_proc.c) ------------------------------
  *

@@ -22,8 +22,11 @@
  * encodes the system TID glibc caches: both are wrapped for that reason.)
  *
  * clock_gettime is the hot one (the vDSO makes it a few nanoseconds): the
- * ordinary clocks are non-negative and go straight to glibc's after one
- * compare; only a negative clock takes the slow path.
+ * ordinary clocks go straight to glibc's after one compare; only a
+ * negative clock, or the process's or thread's CPU-time clock, whose
+ * answer gets the CPU time it had before a restore (preload_cputime.c),
+ * takes the slow path. Those the vDSO does not serve: a system call
+ * anyway.
  *
  * Not covered: clock ids made by arithmetic on a PID and handed to the
  * kernel by a raw syscall instruction (outside any library), as for every
@@ -61,6 +64,14 @@ static int clock_v2s(clockid_t clk, clockid_t *sys_clk) {
   if (!v2s_pid(vid, &sid)) return EINVAL;
   *sys_clk = cpuclock_make(sid, clk & CPUCLOCK_LOW_MASK);
   return 0;
+}
+
+/* Whether `clk` is negative (an id inside), CLOCK_PROCESS_CPUTIME_ID or
+ * CLOCK_THREAD_CPUTIME_ID: in one compare, as `clk ^ 2` maps 2 and 3 to 0
+ * and 1 and the negative ones to the top half, and less 2 puts all of
+ * those at 0x7ffffffe and above. */
+static inline int clock_cpu_or_id(clockid_t clk) {
+  return (uint32_t)(((uint32_t)clk ^ 2u) - 2u) >= 0x7ffffffeu;
 }
 
 /* Whether `clk` may need translating: negative, with the tables there. */
@@ -129,18 +140,23 @@ API int pthread_getcpuclockid(pthread_t thread, clockid_t *clock_id) {
  * window. */
 static NOINLINE int clock_gettime_slow(clockid_t clk, struct timespec *ts) {
   int (*real)(clockid_t, struct timespec *) = REAL(clock_gettime);
-  if (!clock_hooked(clk))
-    return real ? real(clk, ts) : (int)libc_ret(SYS2(clock_gettime, clk, ts));
-  ID_WINDOW();
-  clockid_t sys_clk;
-  int e = clock_v2s(clk, &sys_clk);
-  if (e) return (int)fail(e);
-  return real ? real(sys_clk, ts) : (int)libc_ret(SYS2(clock_gettime, sys_clk, ts));
+  int r;
+  if (!clock_hooked(clk)) {
+    r = real ? real(clk, ts) : (int)libc_ret(SYS2(clock_gettime, clk, ts));
+  } else {
+    ID_WINDOW();
+    clockid_t sys_clk;
+    int e = clock_v2s(clk, &sys_clk);
+    if (e) return (int)fail(e);
+    r = real ? real(sys_clk, ts) : (int)libc_ret(SYS2(clock_gettime, sys_clk, ts));
+  }
+  if (r == 0) cpu_clock_answer(clk, ts);
+  return r;
 }
 
 API int clock_gettime(clockid_t clk, struct timespec *ts) {
   int (*real)(clockid_t, struct timespec *) = REAL(clock_gettime);
-  if (LIKELY(clk >= 0 && real)) return real(clk, ts);
+  if (LIKELY(!clock_cpu_or_id(clk) && real)) return real(clk, ts);
   return clock_gettime_slow(clk, ts);
 }
 
@@ -173,9 +189,15 @@ API int clock_settime(clockid_t clk, const struct timespec *ts) {
  * sleeps for that, not the whole request again. */
 API int clock_nanosleep(clockid_t clk, int flags, const struct timespec *req,
                         struct timespec *rem) {
-  struct timespec left;
+  struct timespec left, deadline;
   if (!rem && !(flags & TIMER_ABSTIME)) rem = &left;
   ensure_init();
+  /* An absolute CPU time, as the application counts it, made the
+   * kernel's (preload_cputime.c). */
+  if (UNLIKELY(flags & TIMER_ABSTIME) && req && clock_cpu_or_id(clk)) {
+    cpu_clock_deadline(clk, req, &deadline);
+    req = &deadline;
+  }
   int (*real)(clockid_t, int, const struct timespec *, struct timespec *) =
       REAL(clock_nanosleep);
   if (LIKELY(clk >= 0 || !g_h)) {
@@ -232,6 +254,22 @@ int appshot_current_timer_create(clockid_t clk, struct sigevent *evp, timer_t *t
   return real(sys_clk, evp, timerid);
 }
 
+/* An absolute time on a CPU-time clock, as the application counts it,
+ * made the kernel's (preload_cputime.c). The same ABI under both
+ * versions; timer_settime@GLIBC_2.2.5 (the index timers of
+ * timer_create@GLIBC_2.2.5) is left to glibc. */
+API SYMVER("timer_settime@@GLIBC_2.34") SYMVER("timer_settime@GLIBC_2.3.3")
+int appshot_current_timer_settime(timer_t timerid, int flags, const struct itimerspec *value,
+                                  struct itimerspec *old) {
+  ensure_init();
+  int (*real)(timer_t, int, const struct itimerspec *, struct itimerspec *) = REAL(timer_settime);
+  if (!real) return (int)fail(ENOSYS);
+  struct itimerspec kernel_value;
+  if (UNLIKELY(flags & TIMER_ABSTIME) && value && cpu_timer_deadline(timerid, value, &kernel_value))
+    value = &kernel_value;
+  return real(timerid, flags, value, old);
+}
+
 /* timer_create@GLIBC_2.2.5: the ABI before glibc 2.3.3, whose timer id is
  * an index into glibc's own table of timers, which that version's
  * timer_settime, timer_gettime... take. Its clock and target thread are
@@ -255,6 +293,16 @@ int appshot_compat_timer_create_2_2_5(clockid_t clk, struct sigevent *evp, int *
 /* syscall(): the kernel's conventions (timer_create writes the kernel's
  * timer id, clock_nanosleep returns -1 and errno here). */
 long do_clock_syscall(long nr, long a, long b, long c, long d) {
+  if (nr == SYS_clock_gettime) {
+    long r = clock_call(nr, (clockid_t)a, b, c, d);
+    if (r == 0) cpu_clock_answer((clockid_t)a, (struct timespec *)b);
+    return r;
+  }
+  struct timespec deadline;
+  if (nr == SYS_clock_nanosleep && (b & TIMER_ABSTIME) && c && clock_cpu_or_id((clockid_t)a)) {
+    cpu_clock_deadline((clockid_t)a, (const struct timespec *)c, &deadline);
+    c = (long)&deadline;
+  }
   if (nr == SYS_timer_create) {
     ID_WINDOW();
     clockid_t sys_clk;

@@ -211,6 +211,8 @@ void child_reset_ids(int32_t vid) {
   /* Our own copy of the memory: the reaped ring is shared with nobody. */
   if (g_reaped_shared) g_reaped_shared = 0;
   late_sigchld_forget();
+  /* Its CPU time is counted afresh by the kernel. */
+  cpu_times_forget();
   /* A fork from a secondary thread: the child's only thread is a main
    * thread, whose entry must not be dropped as a thread's on its exit. */
   if (g_thread_key_ok) pthread_setspecific(g_thread_key, NULL);

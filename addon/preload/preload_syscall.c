@@ -11,6 +11,9 @@
  */
 #include "preload.h"
 
+#include <sys/resource.h>
+#include <sys/times.h>
+
 #include <stdarg.h>
 
 /* --- Landlock -------------------------------------------------------------
@@ -200,6 +203,10 @@ API long syscall(long nr, ...) {
     case SYS_clock_settime:
     case SYS_clock_nanosleep:
     case SYS_timer_create: return do_clock_syscall(nr, a, b, c, d);
+    /* The CPU time a restore carried (preload_cputime.c): through the
+     * wrappers, whose conventions syscall()'s are. */
+    case SYS_getrusage: return getrusage((int)a, (struct rusage *)b);
+    case SYS_times: return (long)times((struct tms *)a);
     case SYS_setsockopt: return do_setsockopt_syscall(a, b, c, d, e);
     case SYS_open:
     case SYS_openat:

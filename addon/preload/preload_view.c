@@ -239,8 +239,11 @@ static int next_field(const char **t, const char *e, const char **ns,
 
 /* A stat file, whole (comm may hold blanks, ')' and '\n': it ends at the
  * last ')'): "pid (comm) state ppid pgrp session tty_nr tpgid ...", the
- * ids in fields 1, 4, 5, 6 and 8. Not in that shape: copied as it is. */
-static char *stat_text(char *o, const char *s, const char *e) {
+ * ids in fields 1, 4, 5, 6 and 8; with `cpu` (the caller's own file, after
+ * a restore: preload_cputime.c), the CPU times in fields 14-17 (utime,
+ * stime, cutime, cstime, in clock ticks) with those nanoseconds added.
+ * Not in that shape: copied as it is. */
+static char *stat_text(char *o, const char *s, const char *e, const int64_t *cpu) {
   const char *close = e;
   while (close > s && close[-1] != ')') close--;
   struct { const char *s, *e; long v; } id[5];
@@ -256,6 +259,18 @@ static char *stat_text(char *o, const char *s, const char *e) {
     if (field == 7) continue; /* tty_nr */
     id[n].s = fs, id[n].e = fe, id[n].v = v, n++;
   }
+  /* The CPU times: left as they are if not in that shape (the ids are
+   * translated all the same). */
+  struct { const char *s, *e; long v; } times[4];
+  int nt = 0, times_ok = ok && cpu;
+  for (int field = 9; times_ok && field <= 17; field++) {
+    long v;
+    times_ok = next_field(&t, e, &fs, &fe) && parse_int(fs, fe, &v) && v >= 0;
+    if (!times_ok || field < 14) continue;
+    int64_t ticks = (int64_t)v + cpu[nt] / 10000000LL; /* USER_HZ */
+    times[nt].s = fs, times[nt].e = fe, times[nt].v = ticks < 0 ? 0 : (long)ticks, nt++;
+  }
+  if (!times_ok) nt = 0;
   if (!ok) {
     memcpy(o, s, (size_t)(e - s));
     return o + (e - s);
@@ -263,6 +278,10 @@ static char *stat_text(char *o, const char *s, const char *e) {
   for (int i = 0; i < n; i++) {
     o = put_up_to_number(o, s, id[i].s, i ? shown(id[i].v) : shown_task(id[i].v));
     s = id[i].e;
+  }
+  for (int i = 0; i < nt; i++) {
+    o = put_up_to_number(o, s, times[i].s, times[i].v);
+    s = times[i].e;
   }
   memcpy(o, s, (size_t)(e - s));
   return o + (e - s);
@@ -335,7 +354,7 @@ static char *timers_line(char *o, const char *s, const char *e) {
  * whole text; a children file: one "<pid> " item), translated into o (room for e - s + LINE_ROOM bytes).
  * Returns the end of the output. */
 static char *translate_line(enum view v, char *o, const char *s,
-                            const char *e) {
+                            const char *e, const int64_t *cpu) {
   switch (v) {
     case VIEW_LOCKS: return lock_line(o, s, e);
     case VIEW_FDINFO:
@@ -356,7 +375,7 @@ static char *translate_line(enum view v, char *o, const char *s,
       }
       break;
     }
-    case VIEW_STAT: return stat_text(o, s, e);
+    case VIEW_STAT: return stat_text(o, s, e, cpu);
     case VIEW_STATUS: return status_line(o, s, e);
     case VIEW_SCHED: return sched_line(o, s, e);
     case VIEW_TIMERS: return timers_line(o, s, e);
@@ -379,11 +398,13 @@ static long write_all(int fd, const char *p, size_t n) {
   return 0;
 }
 
-/* At most five numbers of up to 10 digits (a stat file's) for others. */
-enum { LINE_ROOM = 64 };
+/* At most five numbers of up to 10 digits (a stat file's) for others, and
+ * four CPU times of up to 20 for the ticks they had (a stat file's). */
+enum { LINE_ROOM = 160 };
 
-/* Copies the text of `src` (from its start) into `dst`, translated. */
-static long copy_translated(enum view v, int src, int dst) {
+/* Copies the text of `src` (from its start) into `dst`, translated; `cpu`:
+ * what a stat file's CPU times get added (stat_text), or NULL. */
+static long copy_translated(enum view v, int src, int dst, const int64_t *cpu) {
   enum { RAW = 2048 };
   char raw[RAW], out[RAW + LINE_ROOM];
   size_t have = 0, used = 0;
@@ -416,7 +437,7 @@ static long copy_translated(enum view v, int src, int dst) {
         used = 0;
       }
       /* A line of at most RAW bytes grows by at most LINE_ROOM. */
-      used = (size_t)(translate_line(v, out + used, raw + start, raw + end) - out);
+      used = (size_t)(translate_line(v, out + used, raw + start, raw + end, cpu) - out);
       start = end;
     }
     memmove(raw, raw + start, have - start);
@@ -441,7 +462,8 @@ static NOINLINE long substitute(int fd, enum view v) {
   if (flflags < 0) return flflags;
   long mem = SYS2(memfd_create, "appshot-view", MFD_CLOEXEC);
   if (mem < 0) return mem;
-  long r = copy_translated(v, fd, (int)mem);
+  int64_t cpu[4];
+  long r = copy_translated(v, fd, (int)mem, v == VIEW_STAT && cpu_stat_offsets(fd, cpu) ? cpu : NULL);
   /* Read-only, with the kernel's descriptor's status flags, at its number. */
   long ro = -1;
   if (r == 0) {

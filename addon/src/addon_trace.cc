@@ -535,6 +535,22 @@ Napi::Value ReadMemory(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// processCpuTimeNs(pid) -> bigint: the CPU time process `pid` has used,
+// all its threads and those that exited, in nanoseconds (its
+// CLOCK_PROCESS_CPUTIME_ID as another process reads it: the clock id
+// encodes the PID). /proc gives it in clock ticks only.
+Napi::Value ProcessCpuTimeNs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  pid_t pid = Tid(info);
+  clockid_t clk = static_cast<clockid_t>((static_cast<uint32_t>(~pid) << 3) | 2u); // CPUCLOCK_SCHED
+  struct timespec ts;
+  if (syscall(SYS_clock_gettime, clk, &ts) != 0) {
+    ThrowErrno(env, "reading a process's CPU time", errno);
+    return env.Undefined();
+  }
+  return Napi::BigInt::New(env, static_cast<int64_t>(static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec));
+}
+
 // writeMemory(pid, addr: bigint, data: Buffer)
 Napi::Value WriteMemory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -1678,6 +1694,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("guardAffinity", GuardAffinityNow);
   fn("releaseGuard", ReleaseGuard);
   fn("readMemory", ReadMemory);
+  fn("processCpuTimeNs", ProcessCpuTimeNs);
   fn("writeMemory", WriteMemory);
   fn("sockInfo", SockInfo);
   fn("unixSockets", UnixSockets);

@@ -222,6 +222,21 @@ export interface Process {
   sessionKeyring?: SessionKeyring;
   /** Its SEM_UNDO adjustments (resources/sysv.ts); absent in older images. */
   semUndo?: SemUndo[];
+  /** The CPU time it had used as it saw it (resources/cputime.ts); absent:
+   * not recorded. */
+  cpuTimes?: CpuTimes;
+}
+
+/** CPU time in nanoseconds as the application saw it at the snapshot. */
+export interface CpuTimes {
+  /** Its CPU-time clock. */
+  ns: bigint;
+  /** getrusage's split. */
+  userNs: bigint;
+  systemNs: bigint;
+  /** Its reaped children's (a process's only). */
+  childUserNs: bigint;
+  childSystemNs: bigint;
 }
 
 /** A SEM_UNDO adjustment: what the kernel adds to semaphore `semnum` of
@@ -402,6 +417,8 @@ export interface Thread {
    * a mutex may still name (resources/mutexes.ts); absent in older
    * images: none. */
   earlierTids?: number[];
+  /** Its own CPU time (resources/cputime.ts); absent: not recorded. */
+  cpuTimes?: CpuTimes;
 }
 
 export interface Rseq {

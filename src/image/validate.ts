@@ -25,6 +25,7 @@ import { checkIoUringMappings, ioUringRecordFault } from '../resources/iouring.j
 import { checkAioRings } from '../resources/aio.js';
 import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
+import { checkCpuTimes } from '../resources/cputime.js';
 import { netlinkProblem } from '../resources/netlink.js';
 import { socketFileRecordFault } from '../resources/socketfile.js';
 import { keyringFault, keyringTreeFault } from '../resources/keyrings.js';
@@ -631,6 +632,11 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
       if (seen.has(key)) corrupt(`process ${p.vpid} has two SEM_UNDO adjustments of set ${u.vid} semaphore ${u.semnum}`);
       seen.add(key);
     }
+  }
+  // CPU times (resources/cputime.ts): within what the library adds.
+  for (const p of image.processes) {
+    const bad = checkCpuTimes(`process ${p.vpid}`, p.cpuTimes) ?? p.threads.map((t) => checkCpuTimes(`process ${p.vpid} thread ${t.vtid}`, t.cpuTimes)).find((m) => m);
+    if (bad) corrupt(bad);
   }
   for (const q of image.msgQueues) {
     let bytes = 0;

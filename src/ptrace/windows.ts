@@ -232,6 +232,16 @@ export function semUndoOf(pid: number, maps: MapsLine[]): bigint | undefined {
   return lib && offsets ? lib.start + offsets.appshot_sem_undo : undefined;
 }
 
+/** Where the preload library keeps the CPU time its process had before a
+ * restore (appshot_cpu_times, addon/preload/preload_cputime.c) in a
+ * process whose mappings are `maps`, or undefined: no library, an older
+ * one without it, or one whose file cannot be read. */
+export function cpuTimesOf(pid: number, maps: MapsLine[]): bigint | undefined {
+  const lib = preloadMappingIn(maps);
+  const offsets = lib && librarySymbols(pid, lib, ['appshot_cpu_times'] as const);
+  return lib && offsets ? lib.start + offsets.appshot_cpu_times : undefined;
+}
+
 /** Where, from a thread's pointer, the preload library keeps the epoll
  * wait with a timeout the thread is in (appshot_timed_wait_tpoff,
  * addon/preload/preload_wait.c), in a process whose mappings are `maps`;

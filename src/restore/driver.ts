@@ -57,6 +57,7 @@ import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
 import { restoreZombies } from '../resources/zombies.js';
 import { restoreTidMoves } from '../resources/mutexes.js';
+import { restoreCpuTimes } from '../resources/cputime.js';
 import { createThreads, firstHandledSignal, forgetTimedWaits, ImageMemory, restoreLoaderLockOwners, restorePiWaitWords, restoreRobustMutexOwners, RobustWordsRewritten, restoreThreadState, restoreThreadStates, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { preparedRuns } from './prepared.js';
@@ -1045,6 +1046,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const lateChild = lateSigchldChild([p.sharedPending, ...p.threads.map((t) => t.pending)], (old) => ids.now('pid', old));
       if (lateChild !== undefined) restoreLateSigchld(m.pid, mapsNow, lateChild, p.pid);
       forgetTimedWaits(m.pid, p, () => mapsNow);
+      const cpuNote = restoreCpuTimes(m.pid, p, m.tids, mapsNow);
+      if (cpuNote) notKept.push(`process ${p.vpid}: ${cpuNote}`);
       for (const note of restoreRobustMutexOwners(m.pid, p, m.tids, robustWords)) notKept.push(`process ${p.vpid}: ${note}`);
       restorePiWaitWords(m.pid, p, m.tids);
       restoreFdOwners(r, p, handed, mainCalls);

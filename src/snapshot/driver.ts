@@ -57,6 +57,7 @@ import type { HeldConnections } from '../resources/tcp.js';
 import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
 import { DEFAULT_HOLD_SECONDS, dropKept, keeperPathFits, type SocketsForKeeper } from '../resources/keeper.js';
+import { dumpCpuTimes, readKernelCpu } from '../resources/cputime.js';
 import { askThread, disarmRobustLists, dumpThread, findGlibcTidOffset, firstHandledSignal, resumeRegisters, settleCaughtSignal, timeLeftOfWaits } from '../resources/threads.js';
 import { DumpContext, type InheritedListener, nameProcess, Transient, Unsupported } from '../resources/context.js';
 import { Freezer, type FrozenThread } from '../ptrace/freezer.js';
@@ -321,6 +322,9 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
   // memory dump below (the calls injected meanwhile map nothing).
   const maps = timed('smaps', () => readSmaps(pid));
   timed('time left of waits', () => timeLeftOfWaits(pid, maps, regs, ctx.freezeBegan));
+  // Before any call is injected: those are the snapshot's CPU time, not
+  // the application's.
+  const kernelCpu = timed('cpu times', () => readKernelCpu(pid, tids, maps));
   const vdso = maps.find((l) => l.path === '[vdso]');
   let inj: Injector;
   /** The process's questions: what they mapped is unmapped on failure. */
@@ -386,6 +390,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     const creds = credsAsked();
     const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
     proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
+    dumpCpuTimes(pid, maps, kernelCpu, proc);
     proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, (spid) => (inImage.has(spid) ? ctx.virtual('pid', spid) || undefined : undefined), what));
     timed('attributes', () => {
       dumpAttributes(proc, pid, asked.attributes, calls, what);

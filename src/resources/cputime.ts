@@ -1,0 +1,227 @@
+/**
+ * The CPU time a process and its threads had used. The kernel counts it
+ * from when a task is made and no call sets it, so a restored process
+ * would see its CPU-time clocks, getrusage and times() start again near 0:
+ * a program that reads its CPU time before and after sees it go
+ * backwards. The preload library adds an offset to those answers
+ * (appshot_cpu_times, addon/preload/preload_cputime.c), which the restore
+ * writes into the restored process's memory: what each count had reached
+ * at the snapshot, as the application saw it (the kernel's count and the
+ * offset an earlier restore gave it), less what the kernel counts in the
+ * restored process.
+ *
+ * The kernel's counts, read from outside while the process is stopped:
+ *  - a process's CPU-time clock in nanoseconds (its CLOCK_PROCESS_CPUTIME_ID,
+ *    which another process may read: addon processCpuTimeNs), each
+ *    thread's from /proc/PID/task/TID/schedstat (the scheduler's runtime,
+ *    which CLOCK_THREAD_CPUTIME_ID reads);
+ *  - getrusage's user and system split, and the reaped children's, only in
+ *    clock ticks (/proc/PID/stat, which shows the same adjusted split
+ *    getrusage and times() do): each taken as the most it may have been,
+ *    the end of its tick (bounded by the total: user + system is the
+ *    clock), so that no answer the application had is above it. The
+ *    children's count of 0 ticks is taken as 0 (it may have been up to a
+ *    tick: a program that reaped children using less than 10 ms in all
+ *    may see getrusage(RUSAGE_CHILDREN) go back to 0).
+ */
+import type { CpuTimes, Process, Thread } from '../image/types.js';
+import { addon } from '../native.js';
+import { procText } from '../procfs.js';
+import { cpuTimesOf } from '../ptrace/windows.js';
+import type { MapsLine } from './memory.js';
+import { ImageMemory } from './threads.js';
+
+/** USER_HZ: /proc's clock ticks, 100 on every Linux ABI. */
+const NS_PER_TICK = 10_000_000n;
+/** The most a restore writes: 2^62 ns, 146 years of CPU time (the library
+ * adds in int64). */
+export const CPU_TIMES_MAX = 1n << 62n;
+
+/** struct appshot_cpu_times (preload_cputime.c): owner (the virtual PID)
+ * and the count of thread entries, five int64 of the process, then
+ * CPU_THREADS entries of vtid, pad and three int64. */
+const CPU_TIMES = { owner: 0, threads: 4, process: 8, entries: 48, entry: 32, capacity: 128 } as const;
+const CPU_TIMES_SIZE = CPU_TIMES.entries + CPU_TIMES.capacity * CPU_TIMES.entry;
+
+/** A process's or thread's counts as the kernel shows them: the runtime in
+ * ns, user and system (and children's) ticks of /proc's stat. */
+interface KernelCpu {
+  ns: bigint;
+  userTicks: bigint;
+  systemTicks: bigint;
+  childUserTicks: bigint;
+  childSystemTicks: bigint;
+}
+
+/** Fields 14-17 of a stat file (utime, stime, cutime, cstime). */
+function statTicks(path: string): bigint[] {
+  const text = procText(path);
+  const f = text.slice(text.lastIndexOf(')') + 2).split(' ');
+  return [f[11], f[12], f[13], f[14]].map((v) => BigInt(v));
+}
+
+/** A thread's runtime in ns (schedstat's first number), or undefined
+ * where the kernel has no schedstat (CONFIG_SCHED_INFO). */
+function threadRuntime(pid: number, tid: number): bigint | undefined {
+  try {
+    return BigInt(procText(`/proc/${pid}/task/${tid}/schedstat`).split(' ')[0]);
+  } catch {
+    return undefined;
+  }
+}
+
+/** The kernel's counts of process `pid` and each of `tids`; the stat read
+ * before the runtime, so that the split (which the read adjusts to the
+ * runtime then) is never above the runtime read after. At snapshot, the
+ * files come from the frozen window's gather (procfs.ts
+ * gatheredBeforeCalls: one native call). Undefined for a process gone, or
+ * one whose clock cannot be read. */
+function kernelCpu(pid: number, tids: number[]): { process: KernelCpu; threads: Map<number, KernelCpu> } | undefined {
+  try {
+    const [u, s, cu, cs] = statTicks(`/proc/${pid}/stat`);
+    const process = { ns: addon().processCpuTimeNs(pid), userTicks: u, systemTicks: s, childUserTicks: cu, childSystemTicks: cs };
+    const threads = new Map<number, KernelCpu>();
+    for (const tid of tids) {
+      const [tu, ts] = statTicks(`/proc/${pid}/task/${tid}/stat`);
+      // Without schedstat, the most the ticks allow.
+      const ns = threadRuntime(pid, tid) ?? (tu + ts + 1n) * NS_PER_TICK;
+      threads.set(tid, { ns, userTicks: tu, systemTicks: ts, childUserTicks: 0n, childSystemTicks: 0n });
+    }
+    return { process, threads };
+  } catch {
+    return undefined;
+  }
+}
+
+/** The most the user and system split may have been, given its ticks
+ * (each below the end of its tick, and a microsecond below at most, the
+ * unit getrusage shows) and the runtime they add up to. */
+function splitCeiling(k: KernelCpu): { userNs: bigint; systemNs: bigint } {
+  const min = (a: bigint, b: bigint) => (a < b ? a : b);
+  const max0 = (a: bigint) => (a < 0n ? 0n : a);
+  return {
+    userNs: max0(min((k.userTicks + 1n) * NS_PER_TICK - 1000n, k.ns - k.systemTicks * NS_PER_TICK)),
+    systemNs: max0(min((k.systemTicks + 1n) * NS_PER_TICK - 1000n, k.ns - k.userTicks * NS_PER_TICK)),
+  };
+}
+
+const childCeiling = (ticks: bigint) => (ticks === 0n ? 0n : (ticks + 1n) * NS_PER_TICK - 1000n);
+
+/** The library's offsets in a process (its memory at `address`), if a
+ * restore wrote them for it (`vpid`: a fork's child keeps a copy that is
+ * not its own): the process's, and each thread's by virtual TID. */
+function readOffsets(pid: number, address: bigint, vpid: number): { process: CpuTimes; threads: Map<number, CpuTimes> } | undefined {
+  let b: Buffer;
+  try {
+    b = addon().readMemory(pid, address, CPU_TIMES_SIZE);
+  } catch {
+    return undefined;
+  }
+  if (b.readInt32LE(CPU_TIMES.owner) !== vpid) return undefined;
+  const at = (o: number) => b.readBigInt64LE(o);
+  const p = CPU_TIMES.process;
+  const process = { ns: at(p), userNs: at(p + 8), systemNs: at(p + 16), childUserNs: at(p + 24), childSystemNs: at(p + 32) };
+  const threads = new Map<number, CpuTimes>();
+  const n = Math.min(b.readUInt32LE(CPU_TIMES.threads), CPU_TIMES.capacity);
+  for (let i = 0; i < n; i++) {
+    const e = CPU_TIMES.entries + i * CPU_TIMES.entry;
+    threads.set(b.readInt32LE(e), { ns: at(e + 8), userNs: at(e + 16), systemNs: at(e + 24), childUserNs: 0n, childSystemNs: 0n });
+  }
+  return { process, threads };
+}
+
+/** The kernel's counts, read at snapshot (all threads stopped) before any
+ * call is injected; undefined for a process without the library (mappings
+ * `maps`), which no restore can give offsets. */
+export type KernelCpuAtSnapshot = ReturnType<typeof kernelCpu>;
+export function readKernelCpu(pid: number, tids: number[], maps: MapsLine[]): KernelCpuAtSnapshot {
+  return cpuTimesOf(pid, maps) === undefined ? undefined : kernelCpu(pid, tids);
+}
+
+const nonNegative = (v: bigint) => (v < 0n ? 0n : v);
+const sum = (a: CpuTimes, b: CpuTimes | undefined): CpuTimes =>
+  b
+    ? {
+        ns: nonNegative(a.ns + b.ns),
+        userNs: nonNegative(a.userNs + b.userNs),
+        systemNs: nonNegative(a.systemNs + b.systemNs),
+        childUserNs: nonNegative(a.childUserNs + b.childUserNs),
+        childSystemNs: nonNegative(a.childSystemNs + b.childSystemNs),
+      }
+    : a;
+
+/**
+ * At snapshot: the CPU time process `proc` (system PID `pid`, mappings
+ * `maps`) and its threads had as the application saw them, into
+ * proc.cpuTimes and each thread's cpuTimes: the kernel's counts `kernel`
+ * and the offsets its library had from an earlier restore. Nothing for a
+ * process without the library (no restore can give it offsets).
+ */
+export function dumpCpuTimes(pid: number, maps: MapsLine[], kernel: KernelCpuAtSnapshot, proc: Process): void {
+  const address = cpuTimesOf(pid, maps);
+  if (address === undefined || !kernel) return;
+  const earlier = readOffsets(pid, address, proc.vpid);
+  const k = kernel.process;
+  proc.cpuTimes = sum({ ns: k.ns, ...splitCeiling(k), childUserNs: childCeiling(k.childUserTicks), childSystemNs: childCeiling(k.childSystemTicks) }, earlier?.process);
+  for (const t of proc.threads) {
+    const kt = kernel.threads.get(t.tid);
+    if (!kt) continue;
+    t.cpuTimes = sum({ ns: kt.ns, ...splitCeiling(kt), childUserNs: 0n, childSystemNs: 0n }, earlier?.threads.get(t.vtid));
+  }
+}
+
+/** The image's counts are untrusted: each within what the library adds. */
+export function checkCpuTimes(what: string, c: CpuTimes | undefined): string | undefined {
+  if (!c) return undefined;
+  for (const [name, v] of Object.entries(c))
+    if (typeof v !== 'bigint' || v < 0n || v > CPU_TIMES_MAX) return `${what} has a CPU time ${name} of ${String(v)} ns (at most 2^62)`;
+  return undefined;
+}
+
+/**
+ * At restore, the process (system PID `pid`, threads `tids` in the
+ * image's order) stopped and not yet run: its library's offsets written,
+ * the image's counts less the kernel's now, so that each answer goes on
+ * from what the application saw. A process without the library, or an
+ * image without the counts, is left as it is (its counts start again). A
+ * failure to read or write is no failure of the restore: the counts then
+ * start again, as they did before this was carried. Returns a note for
+ * the restore's list of what was not kept, or undefined.
+ */
+export function restoreCpuTimes(pid: number, p: Process, tids: number[], maps: MapsLine[]): string | undefined {
+  if (!p.cpuTimes) return undefined;
+  const address = cpuTimesOf(pid, maps);
+  if (address === undefined) return undefined;
+  if (!new ImageMemory(p.vmas, maps).writablePrivate(address, CPU_TIMES_SIZE)) return 'its CPU time starts again near 0 (its library\'s offsets are not in private writable memory)';
+  const now = kernelCpu(pid, tids);
+  if (!now) return 'its CPU time starts again near 0 (the kernel\'s count of the restored process could not be read)';
+  const b = Buffer.alloc(CPU_TIMES_SIZE);
+  b.writeInt32LE(p.vpid, CPU_TIMES.owner);
+  const k = now.process;
+  const c = p.cpuTimes;
+  const o = CPU_TIMES.process;
+  // The split's floor now: the kernel's split from here on is at least it.
+  b.writeBigInt64LE(c.ns - k.ns, o);
+  b.writeBigInt64LE(c.userNs - k.userTicks * NS_PER_TICK, o + 8);
+  b.writeBigInt64LE(c.systemNs - k.systemTicks * NS_PER_TICK, o + 16);
+  b.writeBigInt64LE(c.childUserNs - k.childUserTicks * NS_PER_TICK, o + 24);
+  b.writeBigInt64LE(c.childSystemNs - k.childSystemTicks * NS_PER_TICK, o + 32);
+  let n = 0;
+  p.threads.forEach((t: Thread, i: number) => {
+    const kt = now.threads.get(tids[i]);
+    if (!t.cpuTimes || !kt || n >= CPU_TIMES.capacity) return;
+    const e = CPU_TIMES.entries + n++ * CPU_TIMES.entry;
+    b.writeInt32LE(t.vtid, e);
+    b.writeBigInt64LE(t.cpuTimes.ns - kt.ns, e + 8);
+    b.writeBigInt64LE(t.cpuTimes.userNs - kt.userTicks * NS_PER_TICK, e + 16);
+    b.writeBigInt64LE(t.cpuTimes.systemNs - kt.systemTicks * NS_PER_TICK, e + 24);
+  });
+  b.writeUInt32LE(n, CPU_TIMES.threads);
+  try {
+    addon().writeMemory(pid, address, b);
+  } catch (e) {
+    return `its CPU time starts again near 0 (${(e as Error).message})`;
+  }
+  const left = p.threads.filter((t) => t.cpuTimes).length - n;
+  return left > 0 ? `${left} of its threads' CPU time starts again near 0 (the library carries ${CPU_TIMES.capacity} threads' at most)` : undefined;
+}
