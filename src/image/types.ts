@@ -842,11 +842,15 @@ export interface Socket {
 }
 
 /** SO_PEERCRED's uid and gid and SO_PEERGROUPS of a unix connection (proto
- * PeerCred): the peer's effective ids and groups when it was made. */
+ * PeerCred): the peer's effective ids and groups when it was made; and
+ * SO_PEERCRED's pid, the virtual PID of the process that made it, if that
+ * is a process of the application (0 or absent: another, one gone since,
+ * or an older image). */
 export interface PeerCred {
   uid: number;
   gid: number;
   groups: number[];
+  pid?: number;
 }
 
 /** A netlink socket (proto NetlinkSocket, resources/netlink.ts). */

@@ -166,6 +166,8 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       if (inFlight > 0) throw new Transient(`${what} fd ${n}: a unix socket with ${inFlight} descriptor${inFlight === 1 ? '' : 's'} sent to it (SCM_RIGHTS) and not yet received, which cannot be captured yet`);
       fd.socket = sockets.describe(pid, n, BigInt(bracket[2]), what, ctx.tables.sockets);
       fd.kind = socketKind(fd.socket);
+      // The peer's system PID (SO_PEERCRED) as the application sees it.
+      if (fd.socket.peerCred) fd.socket.peerCred.pid = ctx.virtual('pid', fd.socket.peerCred.pid ?? 0);
     } else if (target === 'anon_inode:[eventfd]') {
       fd.kind = FdKind.EVENTFD;
       Object.assign(fd, dumpEventfd(info));
