@@ -489,6 +489,9 @@ export interface FileIdentity {
   /** Its birth time (statx btime), where the file system keeps one: with
    * dev and ino, the very file, not one later given its inode number. */
   btimeNs?: bigint;
+  /** A symbolic link an O_PATH|O_NOFOLLOW descriptor holds: its text, which
+   * the link a restore opens by its name must have (files.ts). */
+  linkTarget?: string;
 }
 
 export interface SharedMemory {
