@@ -86,24 +86,22 @@ export function makeUnixPairsInside(h: RestoreContext, inside: (vpid: number) =>
       const ms = makerOf(s.peerCred);
       if (!peer) {
         // Its peer gone: a pair of its maker's, the other end closed.
-        if (ms) remember(h, s, socketPairIn(ms, s.type, peerFor(h, s)));
+        if (ms) remember(h, s, undefined, socketPairIn(ms, s.type, peerFor(h, s)));
         continue;
       }
       const mp = makerOf(peer.peerCred);
       if (!ms && !mp) continue;
-      const cs = peerFor(h, s);
-      const cp = s.type === SOCK_DGRAM ? cs : peerFor(h, peer);
-      if (s.type === SOCK_DGRAM || (ms === mp && sameCreds(cs, cp))) {
-        // One maker for both ends: its socketpair.
-        if (ms) remember(h, s, socketPairIn(ms, s.type, cs));
-        continue;
-      }
       if (!ms || !mp) {
         const [inApp, out] = ms ? [s.peerCred!, peer.peerCred] : [peer.peerCred!, s.peerCred];
-        h.notKept.push(`${where}: a unix connection one of whose ends saw process ${inApp.pid} as its peer now sees PID 0 (the other end's peer${out?.pid ? `, PID ${out.pid},` : ''} is not a process of the application)`);
+        h.notKept.push(`${where}: a unix ${s.type === SOCK_DGRAM ? 'socket pair' : 'connection'} one of whose ends saw process ${inApp.pid} as its peer now sees PID 0 (the other end's peer${out?.pid ? `, PID ${out.pid},` : ''} is not a process of the application)`);
         continue;
       }
-      remember(h, s, connectionIn(ms, cs, mp, cp, s.type));
+      // A datagram pair has one maker, as unixdgram.ts makes it.
+      const cs = peerFor(h, s);
+      const cp = s.type === SOCK_DGRAM ? cs : peerFor(h, peer);
+      // One maker for both ends: its socketpair; else a connection.
+      if (s.type === SOCK_DGRAM || (ms === mp && sameCreds(cs, cp))) remember(h, s, peer, socketPairIn(ms, s.type, cs));
+      else remember(h, s, peer, connectionIn(ms, cs, mp, cp, s.type));
     }
     // A unix listener: bound here as ever (sockets.ts), listening there.
     for (const { p, fd, s } of listeners(h.image)) {
@@ -115,10 +113,12 @@ export function makeUnixPairsInside(h: RestoreContext, inside: (vpid: number) =>
   }
 }
 
-function remember(h: RestoreContext, s: Socket, ends: [number, number]): void {
+/** `ends` ([s's, its peer's]) for whichever end is restored first. */
+function remember(h: RestoreContext, s: Socket, peer: Socket | undefined, ends: [number, number]): void {
   h.keep(ends[0]);
   h.keep(ends[1]);
   h.remember(`made inside ${s.ino}`, ends);
+  if (peer) h.remember(`made inside ${peer.ino}`, [ends[1], ends[0]]);
 }
 
 /** The image's unix pairs, each once: connected stream and seqpacket
