@@ -54,7 +54,9 @@ const SOL_SOCKET = 1;
 const SO_PEERCRED = 17;
 const O_RDWR = 2;
 const EAGAIN = 11;
-const NR = { close: 3, socket: 41, connect: 42, accept4: 288, bind: 49, listen: 50, getsockname: 51, socketpair: 53, getsockopt: 55, pidfd_open: 434, pidfd_getfd: 438, setgroups: 116, setresuid: 117, setresgid: 119, capget: 125, capset: 126 } as const;
+const NR = { close: 3, socket: 41, connect: 42, accept4: 288, bind: 49, listen: 50, getsockname: 51, socketpair: 53, getsockopt: 55, pidfd_open: 434, pidfd_getfd: 438, setgroups: 116, setresuid: 117, setresgid: 119, capget: 125, capset: 126, prctl: 157 } as const;
+const PR_GET_DUMPABLE = 3;
+const PR_SET_DUMPABLE = 4;
 /** The listener's queue: room for ours behind a few strangers'. */
 const BACKLOG = 64;
 const CAP_V3 = 0x20080522;
@@ -286,7 +288,8 @@ function idsOf(pid: number): Ids {
  * `op()` run with `m`'s main thread holding `as`'s effective ids and
  * groups (null: as it is), then given back its own, its capabilities
  * exactly as they were (an effective uid that leaves 0 and comes back
- * sets the effective set to the permitted one). Raw system calls: they
+ * sets the effective set to the permitted one) and its dumpable flag as
+ * it was. Raw system calls: they
  * change the calling thread only, as peercred.c's do.
  */
 function holding<T>(m: Maker, as: PeerCred | null, op: () => T): T {
@@ -297,6 +300,9 @@ function holding<T>(m: Maker, as: PeerCred | null, op: () => T): T {
   const header = r.put(Buffer.from([...u32(CAP_V3), 0, 0, 0, 0]));
   const caps = r.put(Buffer.alloc(24));
   r.call('reading its capabilities', NR.capget, [header, caps]);
+  // A change of effective ids resets the dumpable flag, which decides who
+  // may trace the process (the restorer, unprivileged): put back too.
+  const dumpable = r.call('reading whether it is dumpable', NR.prctl, [PR_GET_DUMPABLE]);
   const u32s = (ids: number[]) => (ids.length ? r.put(Buffer.from(ids.flatMap(u32))) : 0n);
   try {
     if (groupsDiffer) r.call('taking the groups a unix pair was made with', NR.setgroups, [as.groups.length, u32s(as.groups)]);
@@ -308,6 +314,7 @@ function holding<T>(m: Maker, as: PeerCred | null, op: () => T): T {
     r.call('giving its gid back', NR.setresgid, [-1, own.egid, -1]);
     if (groupsDiffer) r.call('giving its groups back', NR.setgroups, [own.groups.length, u32s(own.groups)]);
     r.call('giving its capabilities back', NR.capset, [header, caps]);
+    r.call('making it dumpable as it was', NR.prctl, [PR_SET_DUMPABLE, dumpable]);
   }
 }
 
