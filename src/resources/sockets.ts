@@ -18,7 +18,10 @@
  * threads holding the credentials the kernel had recorded for each end's
  * peer (SO_PEERCRED, SO_PEERGROUPS; addon peercred.c), never the
  * restorer's: a server that decides by them what its peer may do sees
- * the peer it had.
+ * the peer it had. Where the kernel recorded a process of the application
+ * as a pair's maker (or a listener's), that process made it (or listened)
+ * before any of this ran (peermaker.ts), for SO_PEERCRED's pid: pairEnd,
+ * loneEnd and unixdgram.ts take those ends.
  *
  * Inherited listeners: `appshot serve` installs its own public listener in
  * a restore-mode instance in place of the application's (serve/server.ts).
