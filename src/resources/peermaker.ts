@@ -23,9 +23,10 @@
  * connection the first accepts from the second (by its PID: a stranger
  * who found the name and connected too is closed).
  *
- * Where a maker is outside the application or gone (pid 0, or no process
- * of the image), the restorer makes the pair as before, and the
- * application sees PID 0 as it did. Where only one of a connection's two
+ * Where a maker is outside the application or gone (pid 0), the restorer
+ * makes the pair as before, and the application sees PID 0 as it did; one
+ * the application still saw but the restore does not run (a zombie) is
+ * made so too, and the restore says that PID is not kept. Where only one of a connection's two
  * makers is in the application, so is it made, and the restore says that
  * PID is not kept.
  */
@@ -83,16 +84,26 @@ export function makeUnixPairsInside(h: RestoreContext, inside: (vpid: number) =>
     if (!makers.has(c.pid)) makers.set(c.pid, inside(c.pid));
     return makers.get(c.pid);
   };
+  // A maker the application saw (a virtual PID) that the restore does not
+  // run (one that had exited, a zombie): the end sees 0 now, said so.
+  const notRun = (c: PeerCred | undefined, where: string) => {
+    if (c?.pid && !makerOf(c)) h.notKept.push(`${where}: a unix socket whose peer was process ${c.pid}, which had exited (the restore runs none such), now sees PID 0`);
+  };
   try {
     for (const { s, peer, where } of pairs(h.image)) {
       const ms = makerOf(s.peerCred);
       if (!peer) {
         // Its peer gone: a pair of its maker's, the other end closed.
         if (ms) remember(h, s, undefined, socketPairIn(ms, s.type, peerFor(h, s)));
+        else notRun(s.peerCred, where);
         continue;
       }
       const mp = makerOf(peer.peerCred);
-      if (!ms && !mp) continue;
+      if (!ms && !mp) {
+        notRun(s.peerCred, where);
+        notRun(peer.peerCred, where);
+        continue;
+      }
       if (!ms || !mp) {
         const [inApp, out] = ms ? [s.peerCred!, peer.peerCred] : [peer.peerCred!, s.peerCred];
         h.notKept.push(`${where}: a unix ${s.type === SOCK_DGRAM ? 'socket pair' : 'connection'} one of whose ends saw process ${inApp.pid} as its peer now sees PID 0 (the other end's peer${out?.pid ? `, PID ${out.pid},` : ''} is not a process of the application)`);
@@ -109,6 +120,7 @@ export function makeUnixPairsInside(h: RestoreContext, inside: (vpid: number) =>
     for (const { p, fd, s } of listeners(h.image)) {
       const m = makerOf(s.peerCred);
       if (m) openSocket(h, p, fd, (sock) => listenIn(m, peerFor(h, s), sock, s.backlog));
+      else notRun(s.peerCred, `process ${p.vpid} fd ${fd.fd}`);
     }
   } finally {
     for (const m of makers.values()) m?.done();
