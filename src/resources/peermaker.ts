@@ -30,7 +30,7 @@
  * makers is in the application, so is it made, and the restore says that
  * PID is not kept.
  */
-import { readFileSync } from 'node:fs';
+import { closeSync, readFileSync } from 'node:fs';
 import { type Fd, FdKind, type Image, type PeerCred, type Process, type Socket } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RemoteProcess, SyscallError } from '../ptrace/remote.js';
@@ -207,7 +207,24 @@ function socketPairIn(m: Maker, type: number, as: PeerCred | null): [number, num
   const sv = r.put(Buffer.alloc(8));
   holding(m, as, () => r.call('socketpair for a unix pair it made', NR.socketpair, [AF_UNIX, type | SOCK_CLOEXEC, 0, sv]));
   const fds = r.get(sv, 8);
-  return [taken(m, fds.readInt32LE(0)), taken(m, fds.readInt32LE(4))];
+  let first: number;
+  try {
+    first = taken(m, fds.readInt32LE(0));
+  } catch (e) {
+    r.raw(NR.close, [fds.readInt32LE(4)]);
+    throw e;
+  }
+  return [first, closingOnError(first, () => taken(m, fds.readInt32LE(4)))];
+}
+
+/** `make()`, with `fd` (ours) closed if it throws. */
+function closingOnError(fd: number, make: () => number): number {
+  try {
+    return make();
+  } catch (e) {
+    closeSync(fd);
+    throw e;
+  }
 }
 
 /** A connection whose end 0 sees listener `l` (holding `ls`) and end 1
@@ -247,7 +264,7 @@ function connectionIn(l: Maker, ls: PeerCred | null, c: Maker, cs: PeerCred | nu
       return fd;
     });
     const end0 = taken(c, client);
-    const end1 = taken(l, acceptFrom(l, listener, c.pid));
+    const end1 = closingOnError(end0, () => taken(l, acceptFrom(l, listener, c.pid)));
     for (const end of [end0, end1]) addon().setStatusFlags(end, O_RDWR);
     return [end0, end1];
   } finally {
