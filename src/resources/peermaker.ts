@@ -69,15 +69,18 @@ const SOMAXCONN = 4096;
 export function unixPairMakers(image: Image): Set<number> {
   const vpids = new Set(image.processes.map((p) => p.vpid));
   const makers = new Set<number>();
-  for (const { s, peer } of pairs(image)) for (const c of [s.peerCred, peer?.peerCred]) if (c?.pid && vpids.has(c.pid)) makers.add(c.pid);
-  for (const { s } of listeners(image)) if (s.peerCred?.pid && vpids.has(s.peerCred.pid)) makers.add(s.peerCred.pid);
+  for (const { s, peer } of pairs(image, image.processes)) for (const c of [s.peerCred, peer?.peerCred]) if (c?.pid && vpids.has(c.pid)) makers.add(c.pid);
+  for (const { s } of listeners(image.processes)) if (s.peerCred?.pid && vpids.has(s.peerCred.pid)) makers.add(s.peerCred.pid);
   return makers;
 }
 
 /** Every pair of the image made again (see above): [s's end, its peer's],
  * remembered under `made inside INO` of s for pairEnd, loneEnd and
- * madePair. `inside`: the maker process of a virtual PID, if it is one. */
-export function makeUnixPairsInside(h: RestoreContext, inside: (vpid: number) => Maker | undefined): void {
+ * madePair. `order`: the processes in the order of their restore (each
+ * one's descriptors by number, as restoreFds takes them: a listener's
+ * name found taken is named as it was). `inside`: the maker process of a
+ * virtual PID, if it is one. */
+export function makeUnixPairsInside(h: RestoreContext, order: Process[], inside: (vpid: number) => Maker | undefined): void {
   const makers = new Map<number, Maker | undefined>();
   const makerOf = (c: PeerCred | undefined) => {
     if (!c?.pid) return undefined;
@@ -90,7 +93,7 @@ export function makeUnixPairsInside(h: RestoreContext, inside: (vpid: number) =>
     if (c?.pid && !makerOf(c)) h.notKept.push(`${where}: a unix socket whose peer was process ${c.pid}, which had exited (the restore runs none such), now sees PID 0`);
   };
   try {
-    for (const { s, peer, where } of pairs(h.image)) {
+    for (const { s, peer, where } of pairs(h.image, order)) {
       const ms = makerOf(s.peerCred);
       if (!peer) {
         // Its peer gone: a pair of its maker's, the other end closed.
@@ -117,7 +120,7 @@ export function makeUnixPairsInside(h: RestoreContext, inside: (vpid: number) =>
       else remember(h, s, peer, connectionIn(ms, cs, mp, cp, s.type));
     }
     // A unix listener: bound here as ever (sockets.ts), listening there.
-    for (const { p, fd, s } of listeners(h.image)) {
+    for (const { p, fd, s } of listeners(order)) {
       const m = makerOf(s.peerCred);
       if (m) openSocket(h, p, fd, (sock) => listenIn(m, peerFor(h, s), sock, s.backlog));
       else notRun(s.peerCred, `process ${p.vpid} fd ${fd.fd}`);
@@ -138,12 +141,12 @@ function remember(h: RestoreContext, s: Socket, peer: Socket | undefined, ends: 
 /** The image's unix pairs, each once: connected stream and seqpacket
  * sockets with their peer, those whose peer is gone (peer undefined), and
  * datagram socketpairs. */
-function* pairs(image: Image): Generator<{ s: Socket; peer?: Socket; where: string }> {
+function* pairs(image: Image, order: Process[]): Generator<{ s: Socket; peer?: Socket; where: string }> {
   const byIno = new Map<bigint, Socket>();
   for (const p of image.processes) for (const f of p.fds) if (f.socket) byIno.set(f.socket.ino, f.socket);
   const seen = new Set<bigint>();
-  for (const p of image.processes)
-    for (const f of p.fds) {
+  for (const p of order)
+    for (const f of byNumber(p)) {
       const s = f.socket;
       if (!s || seen.has(s.ino) || !s.peerCred || s.listening || s.kept || s.inherited) continue;
       seen.add(s.ino);
@@ -166,11 +169,16 @@ function* pairs(image: Image): Generator<{ s: Socket; peer?: Socket; where: stri
     }
 }
 
+/** `p`'s descriptors in the order restoreFds takes them. */
+function byNumber(p: Process): Fd[] {
+  return [...p.fds].sort((a, b) => a.fd - b.fd);
+}
+
 /** The image's unix listeners, each once, with a process holding it. */
-function* listeners(image: Image): Generator<{ p: Process; fd: Fd; s: Socket }> {
+function* listeners(order: Process[]): Generator<{ p: Process; fd: Fd; s: Socket }> {
   const seen = new Set<bigint>();
-  for (const p of image.processes)
-    for (const fd of p.fds) {
+  for (const p of order)
+    for (const fd of byNumber(p)) {
       const s = fd.socket;
       if (fd.kind !== FdKind.UNIX_SOCKET || !s?.listening || s.kept || s.inherited || seen.has(s.ino)) continue;
       seen.add(s.ino);

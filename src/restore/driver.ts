@@ -960,7 +960,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // yet its own (peermaker.ts): from a scratch area of its own where it
     // is a seed still, else from the one it fills its memory with.
     if (unixPairMakers(image).size)
-      makeUnixPairsInside(handed, (vpid) => {
+      makeUnixPairsInside(handed, made.map((m) => m.proc), (vpid) => {
         const m = made.find((x) => x.proc.vpid === vpid);
         if (!m) return undefined;
         if (m.remote) return { pid: m.pid, remote: m.remote, done: () => {} };
