@@ -16,7 +16,7 @@ import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, r
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect } from 'vitest';
-import { asNobody, cli, root, NOBODY, Sandbox, stoppedAt, waitFor } from './helpers.js';
+import { asNobody, cli, fixture, root, NOBODY, Sandbox, stoppedAt, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 
 const sb = new Sandbox();
@@ -122,6 +122,30 @@ describe.skipIf(process.getuid?.() !== 0)('a root clone copies to REDIR PATH tar
     expect(lstatSync(`${into}/pub`).uid).toBe(NOBODY);
     expect(readlinkSync(`/proc/${shellOf('rcswap-clone')}/fd/3`)).toBe(`${into}/pub`);
     await run(['rm', '-f', 'rcswap-clone']);
+  });
+
+  it('a symbolic link it holds itself (O_PATH|O_NOFOLLOW) is copied as a link, and its clone holds the copy', async () => {
+    const app = join(out, 'lnk');
+    mkdirSync(app, { mode: 0o755 });
+    chownSync(app, NOBODY, NOBODY);
+    await start('rclnk', [...asNobody, fixture('fdodds'), app, '--link-only']);
+    await sb.checksPass('rclnk', 2);
+    const image = join(out, 'rclnk.img');
+    await run(['snapshot', 'rclnk', '-o', image]);
+    await waitFor(() => !sb.aids().includes('rclnk'), 10_000, 'rclnk to end');
+    const into = join(out, 'lnk-into');
+    const rules = join(out, 'rclnk.rules');
+    writeFileSync(rules, `REDIR PATH "${app}" TO "${into}/app"\n`);
+    const tpl = join(out, 'rclnk.template');
+    await run(['template', 'create', image, '-o', tpl, '--rules', rules]);
+    await run(['clone', tpl, '--aid', 'rclnk-clone']);
+    // The fixture checks its descriptor's flags and the link's text.
+    await sb.checksPass('rclnk-clone', 3);
+    expect(lstatSync(`${into}/app/link`).isSymbolicLink()).toBe(true);
+    expect(readlinkSync(`${into}/app/link`)).toBe('fdodds-target');
+    const pid = shellOf('rclnk-clone');
+    expect(readdirSync(`/proc/${pid}/fd`).map((n) => readlinkSync(`/proc/${pid}/fd/${n}`))).toContain(`${into}/app/link`);
+    await run(['rm', '-f', 'rclnk-clone']);
   });
 
   it("a copy-on-write file the process opened as root before it became nobody (lighttpd's PID file) is copied for its clone, the very file, and handed back as that copy", async () => {

@@ -506,6 +506,9 @@ export interface FileIdentity {
   /** Its birth time (statx btime), where the file system keeps one: with
    * dev and ino, the very file, not one later given its inode number. */
   btimeNs?: bigint;
+  /** A symbolic link an O_PATH|O_NOFOLLOW descriptor holds: its text, which
+   * the link a restore opens by its name must have (files.ts). */
+  linkTarget?: string;
 }
 
 export interface SharedMemory {
@@ -859,11 +862,15 @@ export interface Socket {
 }
 
 /** SO_PEERCRED's uid and gid and SO_PEERGROUPS of a unix connection (proto
- * PeerCred): the peer's effective ids and groups when it was made. */
+ * PeerCred): the peer's effective ids and groups when it was made; and
+ * SO_PEERCRED's pid, the virtual PID of the process that made it, if that
+ * is a process of the application (0 or absent: another, one gone since,
+ * or an older image). */
 export interface PeerCred {
   uid: number;
   gid: number;
   groups: number[];
+  pid?: number;
 }
 
 /** A netlink socket (proto NetlinkSocket, resources/netlink.ts). */

@@ -667,6 +667,9 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   for (const [i, f] of image.files.entries())
     for (const [what, v] of [['uid', f.uid], ['gid', f.gid]] as const)
       if (v !== undefined && (!f.deleted || v >= 0xffffffff)) corrupt(`file ${i} carries ${what} ${v}`);
+  // A link's text is a symbolic link's only (S_IFLNK), at most PATH_MAX.
+  for (const [i, f] of image.files.entries())
+    if (f.linkTarget !== undefined && (f.deleted || (f.mode & 0o170000) !== 0o120000 || Buffer.byteLength(f.linkTarget, 'latin1') >= 4096)) corrupt(`file ${i} carries a symbolic link's text but is not a symbolic link`);
   for (const [i, s] of image.sharedMemory.entries()) if ((s.seals ?? 0) & ~sealsKnown) corrupt(`shared memory ${i} carries seals 0x${(s.seals ?? 0).toString(16)}`);
   for (const [i, f] of image.files.entries()) if (f.contents) checkPageRef(f.contents, (f.size + PAGE - 1n) / PAGE, pagesFileSize, `the saved contents of ${f.path || `file ${i}`}`);
   for (const [i, p] of image.pipes.entries()) {

@@ -302,7 +302,8 @@ export class RestoreContext {
       const fd = sources?.get(target);
       try {
         if (!lstatSync(target, { throwIfNoEntry: false })) this.recordRedirCopyPlanned?.(target);
-        if (privateCopy(path, target, this.copySource(p, what, undefined, fd), undefined, (tmp) => this.recordRedirCopyPlanned?.(tmp, true))) this.plan.redirCopyMade?.(target);
+        const link = held?.linkTarget !== undefined ? { link: true } : {};
+        if (privateCopy(path, target, { ...this.copySource(p, what, undefined, fd), ...link }, undefined, (tmp) => this.recordRedirCopyPlanned?.(tmp, true))) this.plan.redirCopyMade?.(target);
       } finally {
         // Needed no more (the copy is there, or this restore fails): not
         // held while the instance waits in the engine's pool.
@@ -315,7 +316,7 @@ export class RestoreContext {
     }
     if (!copy) return path;
     const own = join(this.plan.privateRoot, named);
-    privateCopy(path, own, this.copySource(p, what, held), (c) => this.copiesMade.set(own, c));
+    privateCopy(path, own, { ...this.copySource(p, what, held), ...(held?.linkTarget !== undefined ? { link: true } : {}) }, (c) => this.copiesMade.set(own, c));
     return own;
   }
 

@@ -13,7 +13,7 @@
  * by name.
  */
 import { openRaw } from './raw.js';
-import { fchownSync, fstatSync, constants as fs, openSync, readFileSync, statSync } from 'node:fs';
+import { type BigIntStats, fchownSync, fstatSync, constants as fs, lstatSync, openSync, readFileSync, readlinkSync, statSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
@@ -166,6 +166,8 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       if (inFlight > 0) throw new Transient(`${what} fd ${n}: a unix socket with ${inFlight} descriptor${inFlight === 1 ? '' : 's'} sent to it (SCM_RIGHTS) and not yet received, which cannot be captured yet`);
       fd.socket = sockets.describe(pid, n, BigInt(bracket[2]), what, ctx.tables.sockets);
       fd.kind = socketKind(fd.socket);
+      // The peer's system PID (SO_PEERCRED) as the application sees it.
+      if (fd.socket.peerCred) fd.socket.peerCred.pid = ctx.virtual('pid', fd.socket.peerCred.pid ?? 0);
     } else if (target === 'anon_inode:[eventfd]') {
       fd.kind = FdKind.EVENTFD;
       Object.assign(fd, dumpEventfd(info));
@@ -215,6 +217,13 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       } else if (st.isFile() && isMessageQueue(ctx, st, `/proc/${pid}/fd/${n}`)) {
         fd.kind = FdKind.MQUEUE;
         fd.mqueue = dumpMessageQueue(ctx, st, `/proc/${pid}/fd/${n}`, target, `${what} fd ${n}`);
+      } else if (st.isSymbolicLink() && deleted) {
+        throw new Unsupported(`${what} fd ${n}: ${target}: a symbolic link held with O_PATH whose name was removed, which cannot be captured yet`);
+      } else if (st.isSymbolicLink()) {
+        // A symbolic link itself (open(link, O_PATH|O_NOFOLLOW)): opened
+        // again by its name the same way, checked to say the same.
+        fd.file = ctx.file(target, `/proc/${pid}/fd/${n}`, false, st);
+        ctx.image.files[fd.file].linkTarget = symlinkText(target, st, `${what} fd ${n}`);
       } else if (st.isFile() || st.isDirectory()) {
         fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted, st);
         // /proc/PID/... of a process of the application: it follows that
@@ -237,6 +246,24 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     fds.push(fd);
   }
   return fds;
+}
+
+/** The text of symbolic link `path`, whose status `st` a descriptor holds:
+ * read by its name, which must name that very link before and after (the
+ * application's user may change the name meanwhile). */
+function symlinkText(path: string, st: BigIntStats, where: string): string {
+  const same = () => {
+    try {
+      const now = lstatSync(path, { bigint: true });
+      return now.isSymbolicLink() && now.dev === st.dev && now.ino === st.ino;
+    } catch {
+      return false;
+    }
+  };
+  if (!same()) throw new Unsupported(`${where}: the symbolic link it holds (O_PATH) is no longer at its name ${path}, which cannot be captured yet`);
+  const text = readlinkSync(path, { encoding: 'buffer' });
+  if (!same()) throw new Unsupported(`${where}: the symbolic link it holds (O_PATH) is no longer at its name ${path}, which cannot be captured yet`);
+  return text.toString('latin1');
 }
 
 /* ---- restore ---------------------------------------------------------- */
@@ -513,6 +540,8 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     // a root-only file reached through a symlink planted where the
     // template's file was is not handed to a process that could not read it.
     got = h.keep(openAsProcess(h, p, fd, path, plain));
+    const link = h.image.files[fd.file]?.linkTarget;
+    if (link !== undefined) sameSymlink(got, path, link, `process ${p.vpid} fd ${fd.fd}`);
   }
   // O_APPEND too: writes go to the end whatever it is, but reads (O_RDWR)
   // start there and lseek(SEEK_CUR) tells it.
@@ -526,6 +555,25 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     h.whenProcessesAreFinal(() => positionInText(text, textPath, plain, at));
   }
   return got;
+}
+
+/** A symbolic link the image held (O_PATH|O_NOFOLLOW), opened again as
+ * `got` by its name `path`: refused unless it is one still, saying what it
+ * said (`text`). Read by its name, which must name `got`'s link. */
+function sameSymlink(got: number, path: string, text: string, where: string): void {
+  const st = fstatSync(got, { bigint: true });
+  if (!st.isSymbolicLink()) throw new AppshotError(`${where}: ${path} was a symbolic link (held with O_PATH) and is no longer one`);
+  let now: string | undefined;
+  try {
+    const before = lstatSync(path, { bigint: true });
+    const read = readlinkSync(path, { encoding: 'buffer' }).toString('latin1');
+    const after = lstatSync(path, { bigint: true });
+    if ([before, after].every((l) => l.dev === st.dev && l.ino === st.ino)) now = read;
+  } catch {
+    // Gone or changed meanwhile: not that link.
+  }
+  if (now === undefined) throw new AppshotError(`${where}: the symbolic link ${path} changed while it was opened`);
+  if (now !== text) throw new AppshotError(`${where}: the symbolic link ${path} points to ${JSON.stringify(now)} now, not ${JSON.stringify(text)} as at the snapshot`);
 }
 
 /** Where a clone's file descriptor points: a REDIR PATH target, the

@@ -53,6 +53,9 @@ export interface CopySource {
    * file only root may read would have root copy that file). Not closed
    * here. */
   fd?: number;
+  /** The original is a symbolic link held itself (O_PATH|O_NOFOLLOW): its
+   * copy is a link with its text, as a directory's links are copied. */
+  link?: boolean;
 }
 
 const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NONBLOCK, O_NOCTTY, O_NOFOLLOW, O_DIRECTORY } = fsConstants;
@@ -83,7 +86,7 @@ export function privateCopy(original: string, copy: string, from: CopySource, ma
     try {
       // Not blocking on a FIFO put there: refused below, as any file
       // that is neither a regular file nor a directory.
-      fd = from.open(original, original, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+      fd = from.open(original, original, from.link ? O_PATH | O_NOFOLLOW | O_CLOEXEC : O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
     }
@@ -105,7 +108,8 @@ export function privateCopy(original: string, copy: string, from: CopySource, ma
     if (fd === undefined) closeSync(openSync(beneath(at, tmp), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o666));
     else {
       const st = fstatSync(fd, { bigint: true });
-      if (st.isDirectory()) copyDirectory(fd, original, at, tmp, from);
+      if (st.isSymbolicLink() && from.link) copyLink(fd, original, at, tmp);
+      else if (st.isDirectory()) copyDirectory(fd, original, at, tmp, from);
       else if (st.isFile()) copied = { source: { dev: st.dev, ino: st.ino, birthtimeNs: st.birthtimeNs }, copy: copyFile(fd, at, tmp) };
       else throw new AppshotError(`${original} is not a regular file: no private copy of it is made`);
     }
@@ -122,6 +126,23 @@ export function privateCopy(original: string, copy: string, from: CopySource, ma
   }
   if (copied) made?.(copied);
   return true;
+}
+
+/** The symbolic link `fd` holds (O_PATH), named `original`, copied as a
+ * link with its text to `name` beneath directory `at`, with its owner
+ * where root copies. The text is read by the name, which must name that
+ * very link before and after. */
+function copyLink(fd: number, original: string, at: number, name: string): void {
+  const st = fstatSync(fd, { bigint: true });
+  const same = () => {
+    const now = lstatSync(original, { bigint: true, throwIfNoEntry: false });
+    return now !== undefined && now.dev === st.dev && now.ino === st.ino;
+  };
+  if (!same()) throw new AppshotError(`${original} changed while it was copied: no private copy of it is made`);
+  const text = readlinkSync(original, { encoding: 'buffer' });
+  if (!same()) throw new AppshotError(`${original} changed while it was copied: no private copy of it is made`);
+  symlinkSync(text, beneath(at, name));
+  if (process.geteuid?.() === 0) lchownSync(beneath(at, name), Number(st.uid), Number(st.gid));
 }
 
 /** `name` in the directory descriptor `dir` holds, whatever path leads

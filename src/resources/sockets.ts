@@ -18,7 +18,10 @@
  * threads holding the credentials the kernel had recorded for each end's
  * peer (SO_PEERCRED, SO_PEERGROUPS; addon peercred.c), never the
  * restorer's: a server that decides by them what its peer may do sees
- * the peer it had.
+ * the peer it had. Where the kernel recorded a process of the application
+ * as a pair's maker (or a listener's), that process made it (or listened)
+ * before any of this ran (peermaker.ts), for SO_PEERCRED's pid: pairEnd,
+ * loneEnd and unixdgram.ts take those ends.
  *
  * Inherited listeners: `appshot serve` installs its own public listener in
  * a restore-mode instance in place of the application's (serve/server.ts).
@@ -80,6 +83,12 @@ const BASE_OPTIONS: [number, number][] = [
   [1, 15], // SO_REUSEPORT
   [41, 26], // IPV6_V6ONLY
 ];
+
+/** Who the kernel recorded as `dup`'s peer (SO_PEERCRED, SO_PEERGROUPS),
+ * its pid the system's: dumpFds makes it the virtual one. */
+export function peerCredOf(dup: number): PeerCred {
+  return { ...addon().peerCred(dup), pid: addon().peerCredentials(dup).pid };
+}
 
 /** The descriptor kind of a socket describe() returned. */
 export function socketKind(s: Socket): number {
@@ -324,7 +333,7 @@ export class SocketTable {
         const where = `${what} fd ${fd}: the unix socket listening at ${u.path || '(unnamed)'}`;
         const file = dumpSocketFile(pid, u.path, d, `${what} fd ${fd}`);
         // Whom its clients see as the server: it listens as that again.
-        return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', where), ...(file ? { file } : {}), peerCred: addon().peerCred(dup) };
+        return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', where), ...(file ? { file } : {}), peerCred: peerCredOf(dup) };
       }
       if (opts.type === SOCK_DGRAM) return dumpUnixDgram(pid, fd, ino, d, what);
       const typeName = opts.type === SOCK_STREAM ? 'stream' : opts.type === SOCK_SEQPACKET ? 'seqpacket' : `type ${opts.type}`;
@@ -339,7 +348,7 @@ export class SocketTable {
         const where = `${what} fd ${fd}: a unix ${typeName} socket whose peer is gone`;
         const options = extras('unix-stream', where);
         // Who its peer was, still (the kernel keeps it past the close).
-        const peerCred = addon().peerCred(dup);
+        const peerCred = peerCredOf(dup);
         if (opts.type === SOCK_SEQPACKET) return { ...base, address: u.path, peerGone: true, datagrams: queuedMessages(dup, where, true), shutdown: d.shutdown, options, peerCred };
         if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
         return { ...base, address: u.path, peerGone: true, queued: d.rqueue ? addon().peekSocket(dup, d.rqueue) : Buffer.alloc(0), shutdown: d.shutdown, options, peerCred };
@@ -348,7 +357,7 @@ export class SocketTable {
       const options = extras('unix-stream', `${what} fd ${fd}: a connected unix ${typeName} socket`);
       // Who the kernel says its peer is (a server may decide by it what
       // the peer may do): its connection is made again with it (pairEnd).
-      const peerCred = addon().peerCred(dup);
+      const peerCred = peerCredOf(dup);
       if (opts.type === SOCK_SEQPACKET) {
         // RCV_SHUTDOWN (1): its peer shut its side down.
         const datagrams = queuedMessages(dup, `${what} fd ${fd}: a unix seqpacket socket`, (d.shutdown & 1) !== 0);
@@ -636,8 +645,10 @@ export function resetListenerOptions(sock: number, where: string, keep: SocketOp
   return resetExtras(sock, 'listen', family, type, keep, BASE_OPTIONS, where);
 }
 
-/** Our descriptor for a listening socket or an end of a unix socket pair. */
-export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
+/** Our descriptor for a listening socket or an end of a unix socket pair.
+ * `listenIn`: a unix listener is bound here and listens there (by the
+ * process that had listened: peermaker.ts), not here with its peerCred. */
+export function openSocket(h: RestoreContext, p: Process, fd: Fd, listenIn?: (sock: number) => void): number {
   const s = fd.socket!;
   if (s.kept) return keptEnd(h, s, fd);
   if (s.peerGone) return loneEnd(h, s, fd);
@@ -669,8 +680,10 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd): number {
     const later = h.listenAtRelease && fd.kind === FdKind.TCP_LISTEN && address !== s && address.reuseport;
     let sock: number;
     try {
-      sock = h.keep(addon().listenSocket({ ...address, peerCred: fd.kind === FdKind.UNIX_SOCKET ? peerFor(h, s) : null, owner: ownerFor(h, p, fd) ?? null, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later ? { listen: false } : {}), ...(s.file?.base ? { dir: s.file.base } : {}), ...(fd.kind === FdKind.UNIX_SOCKET ? { as } : {}) }));
+      const elsewhere = fd.kind === FdKind.UNIX_SOCKET && listenIn !== undefined;
+      sock = h.keep(addon().listenSocket({ ...address, peerCred: fd.kind === FdKind.UNIX_SOCKET && !elsewhere ? peerFor(h, s) : null, owner: ownerFor(h, p, fd) ?? null, early: earlyBytes(s.options ?? [], BASE_OPTIONS, where), ...(later || elsewhere ? { listen: false } : {}), ...(s.file?.base ? { dir: s.file.base } : {}), ...(fd.kind === FdKind.UNIX_SOCKET ? { as } : {}) }));
       if (later) h.listenLater(sock, address.backlog, address.reuseaddr);
+      if (elsewhere) listenIn(sock);
     } catch (e) {
       if (e instanceof AppshotError) throw e;
       // Shared only among sockets that all ask for it: the template's
@@ -752,10 +765,14 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
   const end = h.once(`socket ${s.ino}`, () => {
     const peer = h.image.processes.flatMap((p) => p.fds).find((f) => f.socket?.ino === s.peerIno)?.socket;
     if (!peer) throw new AppshotError(`fd ${fd.fd}: the image lacks the other end of a unix socket`);
-    // Each end sees the peer it saw (peerFor).
-    const [a, b] = addon().socketPairAs(s.type, peerFor(h, s), peerFor(h, peer));
-    h.keep(a);
-    h.keep(b);
+    // Each end sees the peer it saw (peerFor), made by the process it saw
+    // if that is one of the application's (peermaker.ts).
+    const inside = h.peek<[number, number]>(`made inside ${s.ino}`);
+    const [a, b] = inside ?? addon().socketPairAs(s.type, peerFor(h, s), peerFor(h, peer));
+    if (!inside) {
+      h.keep(a);
+      h.keep(b);
+    }
     h.ownerAfter.add(a).add(b);
     if (s.queued.length) fillQueue(b, s.queued, `fd ${fd.fd}: a connected unix socket`);
     if (peer.queued.length) fillQueue(a, peer.queued, `fd ${fd.fd}: a connected unix socket's peer`);
@@ -819,14 +836,16 @@ function loneEnd(h: RestoreContext, s: Socket, fd: Fd): number {
   const end = h.once(`socket ${s.ino}`, () => {
     const where = `fd ${fd.fd}: a unix socket whose peer is gone`;
     check(s, 'unix-stream', where);
-    const [a, b] = addon().socketPairAs(s.type, peerFor(h, s), null);
-    h.keep(a);
+    const inside = h.peek<[number, number]>(`made inside ${s.ino}`);
+    const [a, b] = inside ?? addon().socketPairAs(s.type, peerFor(h, s), null);
+    if (!inside) h.keep(a);
     h.ownerAfter.add(a);
     try {
       if (s.queued.length) fillQueue(b, s.queued, where);
       for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);
     } finally {
-      closeSync(b);
+      if (inside) h.release([b]);
+      else closeSync(b);
     }
     applyExtras(a, s.options ?? [], BASE_OPTIONS, false, where);
     shut(a, s.shutdown ?? 0);

@@ -39,7 +39,7 @@ import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } f
 import { clearSocketFile, dumpSocketFile, movedSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
 import { socketFileIdentities, socketHolderIdentities } from './fsident.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
-import { peerFor } from './sockets.js';
+import { peerCredOf, peerFor } from './sockets.js';
 
 const SOCK_DGRAM = 2;
 const SOL_SOCKET = 1;
@@ -111,7 +111,7 @@ export function refuseOwnFilter(dup: number, where: string): void {
  * have no such record (ENODATA). */
 function pairMaker(dup: number): { peerCred?: PeerCred } {
   try {
-    return { peerCred: addon().peerCred(dup) };
+    return { peerCred: peerCredOf(dup) };
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENODATA') return {};
     throw e;
@@ -211,10 +211,14 @@ function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
   // still says who made it (SO_PEERCRED).
   // One maker for both ends, as socketpair(2) made them: if the recorded
   // one is not given (peerFor), its stand-in is both ends' peer.
-  const maker = peerFor(h, s);
-  const [a, b] = addon().socketPairAs(SOCK_DGRAM, maker, maker);
-  h.keep(a);
-  h.keep(b);
+  // Made by that very process if it is the application's (peermaker.ts).
+  const inside = h.peek<[number, number]>(`made inside ${s.ino}`);
+  const maker = inside ? null : peerFor(h, s);
+  const [a, b] = inside ?? addon().socketPairAs(SOCK_DGRAM, maker, maker);
+  if (!inside) {
+    h.keep(a);
+    h.keep(b);
+  }
   h.ownerAfter.add(a).add(b);
   h.remember(`socket ${peer.ino}`, b);
   for (const [end, other, sock] of [

@@ -31,6 +31,7 @@ import { type MadeDir, redirLeaves } from '../resources/paths.js';
 import { hasPrivateTmp, privateTmpRemade } from '../template/privatetmp.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
+import { makeUnixPairsInside, unixPairMakers } from '../resources/peermaker.js';
 import { openToMapAs } from '../resources/fsident.js';
 import { checkFanotifyPrivileges } from '../resources/fanotify.js';
 import { restoreQueueNotifications } from '../resources/mqueue.js';
@@ -955,6 +956,21 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     for (const pid of placeholders.values()) endTracee(pid);
 
     phase('tree made');
+    // Unix pairs the kernel says a process of the application made (their
+    // SO_PEERCRED pid), made by that process again, its credentials not
+    // yet its own (peermaker.ts): from a scratch area of its own where it
+    // is a seed still, else from the one it fills its memory with.
+    if (unixPairMakers(image).size)
+      makeUnixPairsInside(handed, made.map((m) => m.proc), (vpid) => {
+        const m = made.find((x) => x.proc.vpid === vpid);
+        if (!m) return undefined;
+        if (m.remote) return { pid: m.pid, remote: m.remote, done: () => {} };
+        const seedMaps = readMaps(m.pid);
+        const r = new RemoteProcess(m.pid, seedMaps.find((l) => l.path === '[vdso]'));
+        const rings = [...(m.proc.aioRings ?? []).map((a) => ({ start: a.address, end: a.address + a.length })), ...ioUringRanges(m.proc)];
+        r.mapScratch(freeAddress([...m.proc.vmas, ...seedMaps, ...rings], BigInt(RemoteProcess.scratchSize)));
+        return { pid: m.pid, remote: r, done: () => r.unmapScratch() };
+      });
     // System ids of the image's node, made this node's: in calls blocked
     // on them, restarted here, and in the siginfo of pending signals.
     const ids = new IdsAcrossRestore(image, tables);

@@ -104,6 +104,7 @@ function checkMapped(image: Image, p: Process | undefined, f: Image['files'][num
 }
 
 const O_PATH = 0o10000000;
+const O_NOFOLLOW = 0o400000;
 
 /** The sizes of this process's vDSO and vvar: the kernel's, the same for
  * every process it runs, read once (appshot's own maps are a few hundred
@@ -167,7 +168,8 @@ export function verifyImage(image: Image, provided: (path: string) => boolean = 
       // (a file it held past a drop of privileges, or a refusal there),
       // not told here as there or not by root's look.
       const what = `${f.path}, which process ${p.vpid} holds open as fd ${fd.fd},`;
-      const at = openNamed(image, p, f.path, O_PATH, what, 'later');
+      // A symbolic link held itself (O_PATH|O_NOFOLLOW): the link, not what it names.
+      const at = openNamed(image, p, f.path, f.linkTarget !== undefined ? O_PATH | O_NOFOLLOW : O_PATH, what, 'later');
       if (at === undefined) throw new AppshotError(`${what} is missing on this node`);
       if (at !== 'refused') closeSync(at);
     }

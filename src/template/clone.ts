@@ -191,6 +191,7 @@ const { O_RDONLY, O_RDWR, O_NONBLOCK, O_NOCTTY, O_DIRECTORY } = fsConstants;
 const O_ACCMODE = 3;
 const O_PATH = 0o10000000;
 const O_CLOEXEC = 0o2000000;
+const O_NOFOLLOW = 0o400000;
 
 /** A file of the template that the restore will copy to a REDIR PATH
  * target of this instance (resources/context.ts clonePath), and how its
@@ -216,7 +217,8 @@ function redirCopies(image: Image, redirs: InstanceConfig['redirs']): RedirCopy[
   for (const p of image.processes) {
     for (const fd of p.fds)
       if (fd.kind === FdKind.FILE && fd.path && fd.path !== image.tablesPath && fd.path !== image.logPath && !image.files[fd.file]?.deleted && !fd.procVpid)
-        add(fd.path, p, fd.flags & O_ACCMODE, `process ${p.vpid} fd ${fd.fd}: ${fd.path}`);
+        // A symbolic link held itself: the link, not what it names.
+        add(fd.path, p, image.files[fd.file]?.linkTarget !== undefined ? O_PATH | O_NOFOLLOW : fd.flags & O_ACCMODE, `process ${p.vpid} fd ${fd.fd}: ${fd.path}`);
     for (const v of p.vmas) if (v.kind === VmaKind.FILE_SHARED && v.prot & 2) add(v.path, p, O_RDWR, `process ${p.vpid} mapping of ${v.path}`);
     if (!p.cwdProcVpid && !p.cwd.endsWith(' (deleted)')) add(p.cwd, p, O_PATH | O_DIRECTORY, `process ${p.vpid}: working directory ${p.cwd}`);
   }
@@ -248,7 +250,8 @@ function checkRedirCopies(image: Image, copies: RedirCopy[], sources: Map<string
     try {
       // A directory (a working directory) too: its entries are read
       // beneath it, as the process (paths.ts copyDirectory).
-      sources.set(c.target, addon().openAs(c.original, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0, who));
+      // A symbolic link as the link (its text read by paths.ts copyLink).
+      sources.set(c.target, addon().openAs(c.original, c.flags & O_NOFOLLOW ? c.flags | O_CLOEXEC : O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0, who));
     } catch (e) {
       if (!refusal(e)) continue;
       refusedAsProcess(e, `${c.what}, copied for the instance,`, fsIdentity(c.p), 'read');
