@@ -1,13 +1,14 @@
 // SysV semaphores, shared memory and message queues through virtual ids
 // and virtual keys.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
 import { loadImage } from '../src/image/format.js';
+import { validateImage } from '../src/image/validate.js';
 import { LocalRegistry } from '../src/registry.js';
 import { type Entry, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
 
@@ -179,6 +180,14 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     const held = [{ vid: set, semnum: 0, adj: 1 }, { vid: set, semnum: 70, adj: 1 }, { vid: set, semnum: 90, adj: -2 }];
     const bySemnum = (u: { semnum: number }[]) => [...u].sort((a, b) => a.semnum - b.semnum);
     expect(bySemnum(image.processes.find((p) => p.vpid === child)!.semUndo!)).toEqual(held);
+    // ipc/sem.c keeps semadj in -(SEMAEM + 1)..SEMAEM (SEMAEM is SEMVMX):
+    // -32768 is one a process can hold (an image with it was refused).
+    const size = BigInt(statSync(join(out, 'reuse.img', 'pages.img')).size);
+    const raised = image.processes.find((p) => p.vpid === child)!.semUndo!.find((u) => u.semnum === 90)!;
+    raised.adj = -32768;
+    expect(() => validateImage(image, size)).not.toThrow();
+    raised.adj = -32769;
+    expect(() => validateImage(image, size)).toThrow(/SEM_UNDO adjustment of -32769 on set \d+ semaphore 90 \(the kernel keeps -32768\.\.32767, non-zero\)/);
     sb.ok(['restore', join(out, 'reuse.img')]);
     await sb.checksPass('undoreuse', 2);
     // Killed after the restore, the holder gives all three back.
