@@ -9,6 +9,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
 import { loadImage } from '../src/image/format.js';
 import { validateImage } from '../src/image/validate.js';
+import { semUndoOf } from '../src/ptrace/windows.js';
+import { readMaps } from '../src/resources/memory.js';
 import { LocalRegistry } from '../src/registry.js';
 import { type Entry, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
 
@@ -271,6 +273,24 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     expect(r.stderr).toContain('the application was left running');
     await sb.checksPass('undosplit', 2);
     sb.ok(['rm', '-f', 'undosplit']);
+  });
+
+  // A table of another layout (a program started under another version of
+  // the library) was read as "none": the holder's adjustment was lost,
+  // and killed after the restore it left its semaphore taken for ever.
+  it('refuses by name a holder whose table the snapshot cannot read (another layout), and leaves the application running', async () => {
+    const { child } = await semundo('undolayout', 'hold');
+    const pid = sb.systemPid('undolayout', child);
+    const table = semUndoOf(pid, readMaps(pid))!;
+    const capacity = Buffer.alloc(4);
+    capacity.writeInt32LE(128);
+    addon().writeMemory(pid, table + 8n, capacity); // as another build's
+    const r = sb.run(['snapshot', 'undolayout', '--leave-running', '-o', join(out, 'layout.img')]);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known: the library's table of them cannot be read`);
+    expect(r.stderr).toContain('the application was left running');
+    await sb.checksPass('undolayout', 2);
+    sb.ok(['rm', '-f', 'undolayout']);
   });
 
   it('takes a process whose SEM_UNDO operations cancelled out', async () => {
