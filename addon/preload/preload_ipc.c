@@ -418,13 +418,16 @@ static int entry_add(struct sem_undo_entry *e, uint64_t key, int32_t delta, uint
   }
 }
 
-/* A free entry claimed for `key` with `delta` at `gen`: 1, or 0 none free. */
+/* A free entry claimed for `key` with `delta` at `gen`: 1; 0 none free;
+ * -2 another thread has just claimed one for `key` (look again: two would
+ * have to be merged). */
 static int entry_claim(uint64_t key, int32_t delta, uint32_t gen) {
   const struct sem_undo_entry want = {key, (uint64_t)gen << 32 | (uint32_t)delta};
   for (int i = 0; i < SEM_UNDO_MAX; i++) {
     struct sem_undo_entry seen = entry_read(&g_sem_undo.entry[i]);
     while (seen.key == 0)
       if (entry_swap(&g_sem_undo.entry[i], &seen, want)) return 1;
+    if (seen.key == key) return -2;
   }
   return 0;
 }
@@ -497,6 +500,7 @@ static void sem_undo_add(int32_t vid, unsigned num, int32_t delta, uint32_t gen)
     int r = i >= 0 ? entry_add(&g_sem_undo.entry[i], key, delta, gen)
                    : entry_claim(key, delta, gen);
     if (r > 0) break;
+    if (r == -2) continue;
     if (r < 0 || (i < 0 && (full++ || !entries_of_removed_sets_freed()))) {
       sem_undo_unknown();
       return;
