@@ -255,8 +255,9 @@ static void unbind_removed_key(const struct ipc_kind *k, key_t skey) {
  *    Memory shared with another process (a clone with CLONE_VM, g_nocache)
  *    cannot be told apart from a fork's copy: unknown.
  *  - more than SEM_UNDO_MAX semaphores with an adjustment at once:
- *    unknown. An entry whose adjustment is back to 0 is freed, so a
- *    process may use any number of semaphores over its life.
+ *    unknown. An entry whose adjustment is back to 0 is taken for
+ *    another semaphore when none is free, so a process may use any
+ *    number of semaphores over its life.
  *  - exec keeps semadj but not this table: a process that executes another
  *    program while its table holds an adjustment, or cannot know them, is
  *    marked in the tables (APPSHOT_F_SEM_UNDO_EXEC: sem_undo_before_exec),
@@ -268,10 +269,11 @@ static void unbind_removed_key(const struct ipc_kind *k, key_t skey) {
  * both words (cmpxchg16b): a stopped thread has written all of it or none,
  * and a writer that read an entry before another freed and claimed it
  * again fails its swap unless the entry is exactly as it read it (then the
- * same semaphore at the same adjustment: nothing to tell apart). A live
- * entry holds a non-zero adjustment; one that comes back to 0 is freed in
- * the same swap. Two threads may claim entries for one semaphore at once
- * (each found none): whoever then sees two merges the later one into the
+ * same semaphore at the same adjustment: nothing to tell apart). An entry
+ * whose adjustment is back to 0 stays its semaphore's for the next
+ * operation, and is taken by another semaphore when none is free. Two
+ * threads may claim entries for one semaphore at once (each found none):
+ * the later claimer, which sees both, merges the later entry into the
  * first, having marked it (SEM_UNDO_MOVING in its key, which hides it from
  * writers), adding its adjustment to the first, then freeing it. In
  * between the table shows two entries of the semaphore, or a marked one:
@@ -402,9 +404,10 @@ static int entry_find(uint64_t key) {
   return -1;
 }
 
-/* Adds `delta` to entry *e of `key` at generation `gen`, freeing it at 0:
- * 1 done, 0 it holds another key now (look again), -1 unknown (written at
- * another generation, maybe zeroed since). */
+/* Adds `delta` to entry *e of `key` at generation `gen`: 1 done, 0 it
+ * holds another key now (look again), -1 unknown (written at another
+ * generation, maybe zeroed since). Back at 0, it stays the semaphore's
+ * (its next operation finds it) until another semaphore needs it. */
 static int entry_add(struct sem_undo_entry *e, uint64_t key, int32_t delta, uint32_t gen) {
   struct sem_undo_entry seen = entry_read(e);
   for (;;) {
@@ -412,23 +415,29 @@ static int entry_add(struct sem_undo_entry *e, uint64_t key, int32_t delta, uint
     int32_t adj = (int32_t)(uint32_t)seen.value;
     if ((uint32_t)(seen.value >> 32) != gen && adj != 0) return -1;
     adj += delta;
-    struct sem_undo_entry want = {0, 0};
-    if (adj != 0) want = (struct sem_undo_entry){key, (uint64_t)gen << 32 | (uint32_t)adj};
+    const struct sem_undo_entry want = {key, (uint64_t)gen << 32 | (uint32_t)adj};
     if (entry_swap(e, &seen, want)) return 1;
   }
 }
 
-/* A free entry claimed for `key` with `delta` at `gen`: 1; 0 none free;
- * -2 another thread has just claimed one for `key` (look again: two would
- * have to be merged). */
+/* An entry claimed for `key` with `delta` at `gen`, a free one, else one
+ * of another semaphore whose adjustment is 0 (unmarked): 1; 0 none; -2
+ * another thread claimed the entry aimed at for `key` first (look again,
+ * rather than make a second entry to merge). */
 static int entry_claim(uint64_t key, int32_t delta, uint32_t gen) {
   const struct sem_undo_entry want = {key, (uint64_t)gen << 32 | (uint32_t)delta};
-  for (int i = 0; i < SEM_UNDO_MAX; i++) {
-    struct sem_undo_entry seen = entry_read(&g_sem_undo.entry[i]);
-    while (seen.key == 0)
-      if (entry_swap(&g_sem_undo.entry[i], &seen, want)) return 1;
-    if (seen.key == key) return -2;
-  }
+  for (int pass = 0; pass < 2; pass++)
+    for (int i = 0; i < SEM_UNDO_MAX; i++) {
+      struct sem_undo_entry seen = entry_read(&g_sem_undo.entry[i]);
+      for (;;) {
+        if (pass == 0 ? seen.key != 0
+                      : seen.key == key || (seen.key & SEM_UNDO_MOVING) ||
+                            (int32_t)(uint32_t)seen.value != 0)
+          break;
+        if (entry_swap(&g_sem_undo.entry[i], &seen, want)) return 1;
+        if (seen.key == key) return -2;
+      }
+    }
   return 0;
 }
 
@@ -474,7 +483,7 @@ static void entries_merged(uint64_t key) {
     const uint32_t gen = (uint32_t)(marked.value >> 32);
     int r = 0;
     for (int to; r == 0 && (to = entry_find(key)) >= 0;)
-      r = entry_add(&g_sem_undo.entry[to], key, adj, gen);
+      r = entry_add(&g_sem_undo.entry[to], key, adj, gen); /* 0 stays there */
     if (r > 0) test_pause("sem-undo-merged"); /* counted twice, marked */
     /* Only this merger writes a marked entry. */
     struct sem_undo_entry now = marked;
@@ -494,19 +503,25 @@ static void sem_undo_add(int32_t vid, unsigned num, int32_t delta, uint32_t gen)
     sem_undo_unknown();
     return;
   }
+  int claimed = 0;
   for (int full = 0;;) {
     int i = entry_find(key);
     if (i < 0) test_pause("sem-undo-claim");
     int r = i >= 0 ? entry_add(&g_sem_undo.entry[i], key, delta, gen)
                    : entry_claim(key, delta, gen);
-    if (r > 0) break;
+    if (r > 0) {
+      claimed = i < 0;
+      break;
+    }
     if (r == -2) continue;
     if (r < 0 || (i < 0 && (full++ || !entries_of_removed_sets_freed()))) {
       sem_undo_unknown();
       return;
     }
   }
-  entries_merged(key);
+  /* Only a claim makes a second entry of a semaphore: of two made at
+   * once, the later claimer's look sees both. */
+  if (claimed) entries_merged(key);
 }
 
 /* The first of `n` operations that changes a semaphore with SEM_UNDO, or
