@@ -11,6 +11,8 @@
  * two applications using the same key do not meet. IPC_PRIVATE is never
  * translated.
  */
+#include <cpuid.h>
+
 #include "preload.h"
 
 struct ipc_kind {
@@ -241,9 +243,10 @@ static void unbind_removed_key(const struct ipc_kind *k, key_t skey) {
  *    IPC_RMID drops it with the set: the library counts them in the
  *    tables' sem_generation, which all processes share. An entry written
  *    at another generation may have been zeroed or not (the count does not
- *    say which semaphore): one that was 0 is taken on at the new one; one
- *    that was not makes the process's undo state unknown. A generation
- *    that moves while the operation itself is made does too.
+ *    say which semaphore): it makes the process's undo state unknown at
+ *    its next operation. A generation that moves while the operation
+ *    itself is made does too. An entry of a set the tables no longer name
+ *    went with the set (IPC_RMID): freed when the table is full.
  *  - fork: the child starts with none. Its copy of the table names the
  *    parent as owner (its virtual PID, which a restore keeps): the child's
  *    first write starts it empty, and the snapshot reads a table whose
@@ -251,15 +254,35 @@ static void unbind_removed_key(const struct ipc_kind *k, key_t skey) {
  *    kernel shares semadj among them (CLONE_SYSVSEM, as pthreads do).
  *    Memory shared with another process (a clone with CLONE_VM, g_nocache)
  *    cannot be told apart from a fork's copy: unknown.
- *  - a full table (distinct semaphores): unknown.
+ *  - more than SEM_UNDO_MAX semaphores with an adjustment at once:
+ *    unknown. An entry whose adjustment is back to 0 is taken for
+ *    another semaphore when none is free, so a process may use any
+ *    number of semaphores over its life.
  *  - exec keeps semadj but not this table: a process that executes another
  *    program while its table holds an adjustment, or cannot know them, is
  *    marked in the tables (APPSHOT_F_SEM_UNDO_EXEC: sem_undo_before_exec),
  *    and the snapshot refuses it.
- * Lock-free (threads and signal handlers write it): an entry is claimed
- * by a compare-and-swap of its key, and its generation and adjustment
- * change together in one 64-bit word. */
+ *
+ * Lock-free: threads and signal handlers write it, and a snapshot reads it
+ * from outside with every thread stopped wherever it was. An entry (key
+ * and value, 16 bytes) only ever changes whole, by one compare-and-swap of
+ * both words (cmpxchg16b): a stopped thread has written all of it or none,
+ * and a writer that read an entry before another freed and claimed it
+ * again fails its swap unless the entry is exactly as it read it (then the
+ * same semaphore at the same adjustment: nothing to tell apart). An entry
+ * whose adjustment is back to 0 stays its semaphore's for the next
+ * operation, and is taken by another semaphore when none is free. Two
+ * threads may claim entries for one semaphore at once (each found none):
+ * the later claimer, which sees both, merges the later entry into the
+ * first, having marked it (SEM_UNDO_MOVING in its key, which hides it from
+ * writers), adding its adjustment to the first, then freeing it. In
+ * between the table shows two entries of the semaphore, or a marked one:
+ * the snapshot refuses such a table (a write under way), never sums it. */
 #define SEM_UNDO_MAX 64
+struct sem_undo_entry {
+  uint64_t key;   /* (uint32)virtual set id << 32 | (semnum + 1); 0 free */
+  uint64_t value; /* generation << 32 | (uint32)adjustment */
+} __attribute__((aligned(16)));
 struct appshot_sem_undo {
   /* Low half: the virtual PID whose table this is (other: empty; -1 being
    * emptied); high half: non-zero if the kernel's semadj cannot be known.
@@ -267,14 +290,15 @@ struct appshot_sem_undo {
   uint64_t state;
   int32_t capacity; /* SEM_UNDO_MAX */
   int32_t reserved;
-  struct {
-    uint64_t key;   /* (uint32)virtual set id << 32 | (semnum + 1); 0 free */
-    uint64_t value; /* generation << 32 | (uint32)adjustment */
-  } entry[SEM_UNDO_MAX];
+  struct sem_undo_entry entry[SEM_UNDO_MAX];
 };
 static struct appshot_sem_undo g_sem_undo = {0, SEM_UNDO_MAX, 0, {{0, 0}}};
 extern struct appshot_sem_undo appshot_sem_undo
     __attribute__((alias("g_sem_undo"), visibility("default")));
+
+/* In a key: the entry is being merged into another of its semaphore
+ * (semnum + 1 is at most 65536). */
+#define SEM_UNDO_MOVING (1ull << 31)
 
 int g_sem_undo_split;
 
@@ -341,36 +365,163 @@ void sem_undo_before_exec(void) {
   if (held) appshot_set_flags(g_h, APPSHOT_PID, (int32_t)SYS0(getpid), APPSHOT_F_SEM_UNDO_EXEC);
 }
 
+/* cmpxchg16b, which x86-64 processors have had since 2006 (checked once:
+ * without it every adjustment is unknown, never torn). */
+static int sem_undo_cas_ok(void) {
+  static int ok; /* 0 not asked, 1 yes, -1 no: asked again by a racer, same answer */
+  int v = __atomic_load_n(&ok, __ATOMIC_RELAXED);
+  if (!v) {
+    unsigned a, b, c, d;
+    v = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_CMPXCHG16B) ? 1 : -1;
+    __atomic_store_n(&ok, v, __ATOMIC_RELAXED);
+  }
+  return v > 0;
+}
+
+/* Entry *e becomes `want` if it is `*seen`; else *seen is what it is. */
+static int entry_swap(struct sem_undo_entry *e, struct sem_undo_entry *seen,
+                      struct sem_undo_entry want) {
+  _Bool done;
+  __asm__ __volatile__("lock cmpxchg16b %1"
+                       : "=@ccz"(done), "+m"(*e), "+a"(seen->key), "+d"(seen->value)
+                       : "b"(want.key), "c"(want.value)
+                       : "memory");
+  return done;
+}
+
+/* An entry as a start for entry_swap (its two words may be of different
+ * moments: the swap tells). */
+static struct sem_undo_entry entry_read(const struct sem_undo_entry *e) {
+  struct sem_undo_entry r = {__atomic_load_n(&e->key, __ATOMIC_ACQUIRE),
+                             __atomic_load_n(&e->value, __ATOMIC_ACQUIRE)};
+  return r;
+}
+
+/* The first entry of `key` (unmarked), or -1. */
+static int entry_find(uint64_t key) {
+  for (int i = 0; i < SEM_UNDO_MAX; i++)
+    if (__atomic_load_n(&g_sem_undo.entry[i].key, __ATOMIC_ACQUIRE) == key) return i;
+  return -1;
+}
+
+/* Adds `delta` to entry *e of `key` at generation `gen`: 1 done, 0 it
+ * holds another key now (look again), -1 unknown (written at another
+ * generation, maybe zeroed since). Back at 0, it stays the semaphore's
+ * (its next operation finds it) until another semaphore needs it. */
+static int entry_add(struct sem_undo_entry *e, uint64_t key, int32_t delta, uint32_t gen) {
+  struct sem_undo_entry seen = entry_read(e);
+  for (;;) {
+    if (seen.key != key) return 0;
+    int32_t adj = (int32_t)(uint32_t)seen.value;
+    if ((uint32_t)(seen.value >> 32) != gen && adj != 0) return -1;
+    adj += delta;
+    const struct sem_undo_entry want = {key, (uint64_t)gen << 32 | (uint32_t)adj};
+    if (entry_swap(e, &seen, want)) return 1;
+  }
+}
+
+/* An entry claimed for `key` with `delta` at `gen`, a free one, else one
+ * of another semaphore whose adjustment is 0 (unmarked): 1; 0 none; -2
+ * another thread claimed the entry aimed at for `key` first (look again,
+ * rather than make a second entry to merge). */
+static int entry_claim(uint64_t key, int32_t delta, uint32_t gen) {
+  const struct sem_undo_entry want = {key, (uint64_t)gen << 32 | (uint32_t)delta};
+  for (int pass = 0; pass < 2; pass++)
+    for (int i = 0; i < SEM_UNDO_MAX; i++) {
+      struct sem_undo_entry seen = entry_read(&g_sem_undo.entry[i]);
+      for (;;) {
+        if (pass == 0 ? seen.key != 0
+                      : seen.key == key || (seen.key & SEM_UNDO_MOVING) ||
+                            (int32_t)(uint32_t)seen.value != 0)
+          break;
+        if (entry_swap(&g_sem_undo.entry[i], &seen, want)) return 1;
+        if (seen.key == key) return -2;
+      }
+    }
+  return 0;
+}
+
+/* Frees the entries of sets the tables no longer name: IPC_RMID dropped
+ * their adjustments with them (whoever removed them; the call unmaps the
+ * id after the kernel removed the set). A set made again at the same
+ * virtual id keeps the entry: written at an older generation, it is
+ * unknown at the next operation. Returns how many were freed. */
+static int entries_of_removed_sets_freed(void) {
+  int freed = 0;
+  for (int i = 0; i < SEM_UNDO_MAX; i++) {
+    struct sem_undo_entry seen = entry_read(&g_sem_undo.entry[i]);
+    int32_t sid;
+    if (seen.key == 0 || (seen.key & SEM_UNDO_MOVING) ||
+        appshot_v2s(g_h, APPSHOT_SEMID, (int32_t)(seen.key >> 32), &sid))
+      continue;
+    freed += entry_swap(&g_sem_undo.entry[i], &seen, (struct sem_undo_entry){0, 0});
+  }
+  return freed;
+}
+
+/* Two entries of `key` (two threads claimed one each): each later one is
+ * merged into the first. Marked first, so that no writer changes it and
+ * no other merger moves it too; its adjustment added to the first entry of
+ * the key there is then (the table counts it twice, but shows the mark);
+ * then freed. With no other entry of the key left, the mark is taken off
+ * and the table looked at again. */
+static void entries_merged(uint64_t key) {
+  for (;;) {
+    int first = -1, later = -1;
+    for (int i = 0; i < SEM_UNDO_MAX && later < 0; i++)
+      if (__atomic_load_n(&g_sem_undo.entry[i].key, __ATOMIC_ACQUIRE) == key) {
+        if (first < 0) first = i;
+        else later = i;
+      }
+    if (later < 0) return;
+    struct sem_undo_entry *e = &g_sem_undo.entry[later];
+    struct sem_undo_entry seen = entry_read(e);
+    if (seen.key != key) continue;
+    const struct sem_undo_entry marked = {key | SEM_UNDO_MOVING, seen.value};
+    if (!entry_swap(e, &seen, marked)) continue;
+    const int32_t adj = (int32_t)(uint32_t)marked.value;
+    const uint32_t gen = (uint32_t)(marked.value >> 32);
+    int r = 0;
+    for (int to; r == 0 && (to = entry_find(key)) >= 0;)
+      r = entry_add(&g_sem_undo.entry[to], key, adj, gen); /* 0 stays there */
+    if (r > 0) test_pause("sem-undo-merged"); /* counted twice, marked */
+    /* Only this merger writes a marked entry. */
+    struct sem_undo_entry now = marked;
+    if (r > 0) entry_swap(e, &now, (struct sem_undo_entry){0, 0});
+    else entry_swap(e, &now, (struct sem_undo_entry){key, marked.value});
+    if (r < 0) {
+      sem_undo_unknown(); /* two generations: one may have been zeroed */
+      return;
+    }
+  }
+}
+
 /* The kernel's semadj of (vid, num) moved by `delta`, at generation `gen`. */
 static void sem_undo_add(int32_t vid, unsigned num, int32_t delta, uint32_t gen) {
   const uint64_t key = (uint64_t)(uint32_t)vid << 32 | ((uint64_t)num + 1);
-  int i;
-  for (i = 0; i < SEM_UNDO_MAX; i++) {
-    uint64_t k = __atomic_load_n(&g_sem_undo.entry[i].key, __ATOMIC_ACQUIRE);
-    if (k == key) break;
-    if (k == 0) {
-      if (__atomic_compare_exchange_n(&g_sem_undo.entry[i].key, &k, key, 0,
-                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE) || k == key)
-        break;
-    }
-  }
-  if (i == SEM_UNDO_MAX) {
+  if (!sem_undo_cas_ok()) {
     sem_undo_unknown();
     return;
   }
-  uint64_t *value = &g_sem_undo.entry[i].value;
-  uint64_t old = __atomic_load_n(value, __ATOMIC_RELAXED), now;
-  do {
-    int32_t adj = (int32_t)(uint32_t)old;
-    if ((uint32_t)(old >> 32) != gen) {
-      if (adj != 0) {
-        sem_undo_unknown();
-        return;
-      }
+  int claimed = 0;
+  for (int full = 0;;) {
+    int i = entry_find(key);
+    if (i < 0) test_pause("sem-undo-claim");
+    int r = i >= 0 ? entry_add(&g_sem_undo.entry[i], key, delta, gen)
+                   : entry_claim(key, delta, gen);
+    if (r > 0) {
+      claimed = i < 0;
+      break;
     }
-    now = (uint64_t)gen << 32 | (uint32_t)(adj + delta);
-  } while (!__atomic_compare_exchange_n(value, &old, now, 0, __ATOMIC_RELAXED,
-                                        __ATOMIC_RELAXED));
+    if (r == -2) continue;
+    if (r < 0 || (i < 0 && (full++ || !entries_of_removed_sets_freed()))) {
+      sem_undo_unknown();
+      return;
+    }
+  }
+  /* Only a claim makes a second entry of a semaphore: of two made at
+   * once, the later claimer's look sees both. */
+  if (claimed) entries_merged(key);
 }
 
 /* The first of `n` operations that changes a semaphore with SEM_UNDO, or

@@ -617,7 +617,9 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   if (new Set(image.semaphores.map((s) => s.vid)).size !== image.semaphores.length || image.semaphores.length > limits.semmni) corrupt('semaphore sets repeat an id, or exceed semmni');
   // SEM_UNDO adjustments (resources/sysv.ts restoreSemUndo): each of a
   // semaphore the image holds, once per process, within what the kernel
-  // keeps (it refuses an operation that would take semadj past SEMVMX).
+  // keeps: ipc/sem.c refuses an operation that would take semadj out of
+  // -(SEMAEM + 1)..SEMAEM, SEMAEM being SEMVMX (a process that raised a
+  // semaphore by 32768 in all, others lowering it meanwhile, holds -32768).
   const semSets = new Map(image.semaphores.map((s) => [s.vid, s.values.length]));
   for (const p of image.processes) {
     const seen = new Set<string>();
@@ -627,7 +629,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
     for (const u of p.semUndo ?? []) {
       const nsems = semSets.get(u.vid);
       if (nsems === undefined || !(Number.isInteger(u.semnum) && u.semnum >= 0 && u.semnum < nsems)) corrupt(`process ${p.vpid} has a SEM_UNDO adjustment of semaphore ${u.semnum} of set ${u.vid}, which the image does not hold`);
-      if (!(Number.isInteger(u.adj) && u.adj !== 0 && Math.abs(u.adj) <= SEMVMX)) corrupt(`process ${p.vpid} has a SEM_UNDO adjustment of ${u.adj} on set ${u.vid} semaphore ${u.semnum} (the kernel keeps -${SEMVMX}..${SEMVMX}, non-zero)`);
+      if (!(Number.isInteger(u.adj) && u.adj !== 0 && u.adj >= -(SEMVMX + 1) && u.adj <= SEMVMX)) corrupt(`process ${p.vpid} has a SEM_UNDO adjustment of ${u.adj} on set ${u.vid} semaphore ${u.semnum} (the kernel keeps -${SEMVMX + 1}..${SEMVMX}, non-zero)`);
       const key = `${u.vid}:${u.semnum}`;
       if (seen.has(key)) corrupt(`process ${p.vpid} has two SEM_UNDO adjustments of set ${u.vid} semaphore ${u.semnum}`);
       seen.add(key);

@@ -206,40 +206,65 @@ function giveOwner(image: Image, kind: 'semid' | 'shmid' | 'msgid', sid: number,
 const SEM_UNDO_HEADER = 16;
 const SEM_UNDO_ENTRY = 16;
 const SEM_UNDO_CAPACITY = 64;
+/** In an entry's key: being merged into another entry of its semaphore. */
+const SEM_UNDO_MOVING = 0x8000_0000;
 
 /** One process's SEM_UNDO adjustments as its preload library summed them
  * (the kernel's semadj, which /proc does not show): by virtual set id and
  * semaphore number, non-zero ones only, each with the tables' generation
- * of SETVAL, SETALL and IPC_RMID it was written at; `unknown` if the
- * library could not follow them. */
-export function readSemUndo(pid: number, vpid: number, maps: MapsLine[]): { unknown: boolean; entries: { vid: number; semnum: number; adj: number; generation: number }[] } {
+ * of SETVAL, SETALL and IPC_RMID it was written at. `unknown` says why
+ * they cannot be known: the library could not follow them, its table was
+ * being written when the process was stopped, or appshot cannot read it. */
+export function readSemUndo(pid: number, vpid: number, maps: MapsLine[]): { unknown?: 'notFollowed' | 'busy' | 'unreadable'; entries: { vid: number; semnum: number; adj: number; generation: number }[] } {
   const address = semUndoOf(pid, maps);
-  const none = { unknown: false, entries: [] };
-  if (address === undefined) return none;
+  // No library (a static program: not followed).
+  if (address === undefined) return { entries: [] };
+  let header: Buffer;
+  try {
+    header = addon().readMemory(pid, address, SEM_UNDO_HEADER);
+  } catch {
+    // Not mapped yet: an exec's library that has not run, so has written
+    // nothing; what the process held before the exec is marked in the
+    // tables (dumpSemUndo).
+    return { entries: [] };
+  }
+  // Owner -1: being emptied, which a thread does inside a translation
+  // window (the freezer lets it finish), so a fork's copy of a table
+  // another thread was emptying: unknown once an operation found it so.
+  const owner = header.readInt32LE(0);
+  const notFollowed = header.readInt32LE(4) !== 0;
+  if (owner === -1 && notFollowed) return { unknown: 'notFollowed', entries: [] };
+  // Another process's (the parent's, copied by a fork), or none written:
+  // this one has none.
+  if (owner !== vpid) return { entries: [] };
+  if (notFollowed) return { unknown: 'notFollowed', entries: [] };
+  // Written by this process, by a library of another layout (a program
+  // started before appshot was changed): none is not known.
+  if (header.readInt32LE(8) !== SEM_UNDO_CAPACITY) return { unknown: 'unreadable', entries: [] };
   let table: Buffer;
   try {
     table = addon().readMemory(pid, address, SEM_UNDO_HEADER + SEM_UNDO_CAPACITY * SEM_UNDO_ENTRY);
   } catch {
-    return none; // not mapped yet: an exec's library that has not run
+    return { unknown: 'unreadable', entries: [] };
   }
-  if (table.readInt32LE(8) !== SEM_UNDO_CAPACITY) return none;
-  // Owner -1: being emptied, which a thread does inside a translation
-  // window (the freezer lets it finish), so a fork's copy of a table
-  // another thread was emptying: unknown once an operation found it so.
-  const owner = table.readInt32LE(0);
-  if (owner === -1) return { unknown: table.readInt32LE(4) !== 0, entries: [] };
-  // Another process's (the parent's, copied by a fork): this one has none.
-  if (owner !== vpid) return none;
   const entries = [];
+  const seen = new Set<string>();
   for (let i = 0; i < SEM_UNDO_CAPACITY; i++) {
     const at = SEM_UNDO_HEADER + i * SEM_UNDO_ENTRY;
     const semnum = table.readUInt32LE(at);
     const vid = table.readInt32LE(at + 4);
     const adj = table.readInt32LE(at + 8);
     const generation = table.readUInt32LE(at + 12);
-    if (semnum !== 0 && adj !== 0) entries.push({ vid, semnum: semnum - 1, adj, generation });
+    if (semnum === 0 || adj === 0) continue;
+    // A merge under way (two threads claimed an entry each for one
+    // semaphore): the table counts the moved adjustment twice, or holds
+    // two parts of it. Summed, it would be wrong.
+    const key = `${vid}:${semnum}`;
+    if (semnum & SEM_UNDO_MOVING || seen.has(key)) return { unknown: 'busy', entries: [] };
+    seen.add(key);
+    entries.push({ vid, semnum: semnum - 1, adj, generation });
   }
-  return { unknown: table.readInt32LE(4) !== 0, entries };
+  return { entries };
 }
 
 /** Where sem_generation is in the tables file (appshot_table.h: the
@@ -292,8 +317,10 @@ export function dumpSemUndo(ctx: DumpContext, pid: number, maps: MapsLine[], pro
   // memory, does not (review r257: read as none, they were lost).
   const flags = ctx.tables.tables.pid.find((e) => e.system === pid)?.flags ?? 0;
   if (flags & ENTRY_FLAGS.semUndoExec) throw new Unsupported(`${unknowable}: it executed another program since an operation with SEM_UNDO, and the new program's library does not know them`);
-  if (unknown)
-    throw new Unsupported(`${unknowable}: it made operations on more than ${SEM_UNDO_CAPACITY} semaphores, or while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process, or has a thread made without CLONE_SYSVSEM (its adjustments its own)`);
+  if (unknown === 'notFollowed')
+    throw new Unsupported(`${unknowable}: it held adjustments of more than ${SEM_UNDO_CAPACITY} semaphores at once, or made operations while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process, or has a thread made without CLONE_SYSVSEM (its adjustments its own)`);
+  if (unknown === 'busy') throw new Unsupported(`${unknowable}: it was stopped while two of its threads were writing the library's table of them (try again)`);
+  if (unknown) throw new Unsupported(`${unknowable}: the library's table of them cannot be read (another version of appshot's library?)`);
   const sets = new Set(ctx.tables.tables.semid.map((e) => e.virtual));
   const held = entries.filter((e) => sets.has(e.vid));
   const now = semGeneration(ctx);
