@@ -99,7 +99,11 @@ let tarball = '';
 function copyCleanCheckout(dest: string): void {
   const listed = spawnSync('git', ['ls-files', '-z', '--cached', '--others', '--exclude-standard'], { cwd: root, encoding: 'utf8' });
   expect(listed.status, listed.stderr).toBe(0);
-  for (const f of listed.stdout.split('\0').filter((f) => f && existsSync(join(root, f)))) cpSync(join(root, f), join(dest, f));
+  // node_modules as a symbolic link (a worktree sharing another's) is no
+  // directory, so .gitignore's `node_modules/` does not match it: git lists
+  // it as not yet added. Never part of a clean checkout.
+  const files = listed.stdout.split('\0').filter((f) => f && f.split('/')[0] !== 'node_modules' && existsSync(join(root, f)));
+  for (const f of files) cpSync(join(root, f), join(dest, f));
 }
 
 /** `npm install -g` of a clean checkout (tested below): started by the
