@@ -25,8 +25,9 @@
  * once more after a restore): a target that EPOLL_CTL_MOD refuses
  * (EPOLLEXCLUSIVE), one whose registered number no longer holds it, two
  * targets with one data word (a report names its target only by its
- * data), and a set watched by another set edge-triggered or one-shot (a
- * put-back would be a new edge of that set).
+ * data), and a set watched by another set edge-triggered or one-shot, in
+ * its process or (a set shared by fork) in another (a put-back would be a
+ * new edge of that set: setsWatchedByEdges).
  *
  * Restore, inside the restored process once every other descriptor is at
  * its number: every set is made and placed first, so that a set can watch
@@ -139,12 +140,14 @@ export interface ReadyListAsked {
  * cannot be read exactly is not asked (see the head of this file).
  * putBackReadyLists must follow the answers at once.
  */
-export function askReadyLists(calls: CallQueue, pid: number, entries: { fd: number; target: string; info: string }[]): ReadyListAsked[] {
-  const sets = entries.filter((e) => e.target === 'anon_inode:[eventpoll]').map((e) => ({ epfd: e.fd, targets: targetsOf(e.info) }));
+export function askReadyLists(calls: CallQueue, pid: number, entries: { fd: number; target: string; info: string }[], watchedElsewhere?: Set<number>): ReadyListAsked[] {
+  const sets = entries.filter((e) => e.target === EVENTPOLL).map((e) => ({ epfd: e.fd, targets: targetsOf(e.info) }));
   const setNumbers = new Set(sets.map((s) => s.epfd));
   // Sets another set watches edge-triggered or one-shot (by the number
-  // it was registered under: one moved since leaves its set unread too).
+  // it was registered under: one moved since leaves its set unread too),
+  // in this process or, through a set shared by fork, in another.
   const watchedByEdges = new Set(sets.flatMap((s) => s.targets.filter((t) => takenByReport(t) && setNumbers.has(t.fd)).map((t) => t.fd)));
+  for (const n of watchedElsewhere ?? []) watchedByEdges.add(n);
   const asked: ReadyListAsked[] = [];
   for (const { epfd, targets } of sets) {
     // A set without edge-triggered targets costs nothing: an armed
@@ -175,6 +178,42 @@ export function askReadyLists(calls: CallQueue, pid: number, entries: { fd: numb
     asked.push({ epfd, byData, targets: targets.length, max, poll, wait: calls.ask(SYS.epoll_wait, [epfd, 'buf', max, 0], { outLength: EVENT_BYTES * max }) });
   }
   return asked;
+}
+
+const EVENTPOLL = 'anon_inode:[eventpoll]';
+
+/**
+ * The epoll sets, by process (system PID) and number, that a set of any
+ * of `processes` (their descriptors with fdinfo, read before any call)
+ * watches edge-triggered or one-shot: a set shared by fork is one file
+ * in each process that holds it, and a put-back in one (a new item on
+ * its ready list) is a new edge of a set that watches it in another
+ * (review r265: the child's set reported the shared one again after a
+ * --leave-running snapshot). kcmp finds the holders (descriptionGroups),
+ * only when some set watches another; without kcmp every set of a
+ * process counts as watched.
+ */
+export function setsWatchedByEdges(processes: { pid: number; entries?: { fd: number; target: string; info: string }[] }[]): Map<number, Set<number>> {
+  const out = new Map<number, Set<number>>();
+  const all: { pid: number; fd: number; watched: boolean }[] = [];
+  for (const { pid, entries } of processes) {
+    const sets = (entries ?? []).filter((e) => e.target === EVENTPOLL);
+    const numbers = new Set(sets.map((e) => e.fd));
+    const watched = new Set(sets.flatMap((e) => targetsOf(e.info).filter((t) => takenByReport(t) && numbers.has(t.fd)).map((t) => t.fd)));
+    for (const e of sets) all.push({ pid, fd: e.fd, watched: watched.has(e.fd) });
+  }
+  if (!all.some((m) => m.watched) || new Set(all.map((m) => m.pid)).size < 2) return out;
+  const lowest = addon().descriptionGroups(
+    all.map((m) => m.pid),
+    all.map((m) => m.fd),
+  );
+  const watchedGroups = new Set(all.flatMap((m, i) => (m.watched ? [lowest ? lowest[i] : -1] : [])));
+  all.forEach((m, i) => {
+    if (!watchedGroups.has(lowest ? lowest[i] : -1)) return;
+    if (!out.has(m.pid)) out.set(m.pid, new Set());
+    out.get(m.pid)!.add(m.fd);
+  });
+  return out;
 }
 
 /** The targets an epoll set's fdinfo lists. */
