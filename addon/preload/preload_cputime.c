@@ -122,11 +122,23 @@ int64_t cpu_clock_offset(clockid_t clk) {
   return t->ns;
 }
 
+/* `ts` (a valid time: the kernel's answer, or a deadline checked by
+ * deadline_valid) moved by `ns`, at least 0 and without overflow: one
+ * past 292 years, which the kernel takes as its farthest time, is left
+ * as it is (as far for it either way). */
 static void timespec_add(struct timespec *ts, int64_t ns) {
-  int64_t v = (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec + ns;
+  if (ts->tv_sec > INT64_MAX / 1000000000LL - 1) return;
+  int64_t v = (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec;
+  if (__builtin_add_overflow(v, ns, &v)) v = ns < 0 ? 0 : INT64_MAX;
   if (v < 0) v = 0;
   ts->tv_sec = v / 1000000000LL;
   ts->tv_nsec = v % 1000000000LL;
+}
+
+/* Whether the kernel takes `ts` as a time (else its EINVAL is its own to
+ * give: the application's value goes to it as it was). */
+static inline int deadline_valid(const struct timespec *ts) {
+  return ts->tv_sec >= 0 && ts->tv_nsec >= 0 && ts->tv_nsec < 1000000000L;
 }
 
 void cpu_clock_answer(clockid_t clk, struct timespec *ts) {
@@ -139,7 +151,7 @@ void cpu_clock_answer(clockid_t clk, struct timespec *ts) {
 void cpu_clock_deadline(clockid_t clk, const struct timespec *req, struct timespec *out) {
   *out = *req;
   int64_t off = cpu_clock_offset(clk);
-  if (UNLIKELY(off != 0)) timespec_add(out, -off);
+  if (UNLIKELY(off != 0) && deadline_valid(req)) timespec_add(out, -off);
 }
 
 static void timeval_add(struct timeval *tv, int64_t ns) {
@@ -305,7 +317,7 @@ int cpu_timer_deadline(timer_t timerid, const struct itimerspec *value, struct i
     clk = (clockid_t)(((uint32_t)~vid << 3) | ((uint32_t)k & 7u));
   }
   int64_t off = cpu_clock_offset(clk);
-  if (!off) return 0;
+  if (!off || !deadline_valid(&value->it_value)) return 0;
   *out = *value;
   if (!out->it_value.tv_sec && !out->it_value.tv_nsec) return 1; /* disarm */
   timespec_add(&out->it_value, -off);

@@ -17,6 +17,7 @@ export const SYS = {
   close: 3,
   lseek: 8,
   ioctl: 16,
+  poll: 7,
   mmap: 9,
   mprotect: 10,
   munmap: 11,

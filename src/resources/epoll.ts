@@ -12,7 +12,10 @@
  * without draining its file would be reported again after a restore. At
  * snapshot, the frozen process's own epoll_wait(set, ..., 0), among its
  * other questions (askReadyLists), reads the ready list: each such target
- * is marked pending or not, and each it took is put back as soon as the
+ * is marked pending, or taken where its file is ready (a poll before the
+ * wait), or neither (its file not ready: the restore must not drain an
+ * edge the file makes before the program runs again, a timerfd that
+ * expired while the image waited), and each it took is put back as soon as the
  * answers are in (putBackReadyLists: EPOLL_CTL_MOD under the same events
  * and data, which queues a target whose file is ready and re-arms a
  * one-shot), so that the application, left running or resumed after a
@@ -22,8 +25,9 @@
  * once more after a restore): a target that EPOLL_CTL_MOD refuses
  * (EPOLLEXCLUSIVE), one whose registered number no longer holds it, two
  * targets with one data word (a report names its target only by its
- * data), and a set watched by another set edge-triggered or one-shot (a
- * put-back would be a new edge of that set).
+ * data), and a set watched by another set edge-triggered or one-shot, in
+ * its process or (a set shared by fork) in another (a put-back would be a
+ * new edge of that set: setsWatchedByEdges).
  *
  * Restore, inside the restored process once every other descriptor is at
  * its number: every set is made and placed first, so that a set can watch
@@ -70,6 +74,9 @@ const EVENT_BYTES = 12;
 const SNAPSHOT_WAIT_EVENTS = 40;
 /** Events one drain of a restore takes at most. */
 const RESTORE_WAIT_EVENTS = 1024;
+/** Files one poll of a snapshot asks at most (the same scratch). */
+const SNAPSHOT_POLL_FDS = 60;
+const POLLFD_BYTES = 8;
 
 /** Whether a target fired: a one-shot whose report disarmed it (its
  * events down to the flags). */
@@ -115,8 +122,13 @@ export interface ReadyListAsked {
   /** Events its first wait could take, and that wait. */
   max: number;
   wait: Answer;
+  /** A poll of its edge-triggered and armed one-shot targets' files,
+   * asked before the wait, or undefined (too many to ask). */
+  poll?: { targets: EpollTarget[]; answer: Answer };
   /** The data words of the targets that were pending, once known. */
   pending?: Set<bigint>;
+  /** The data words of those of them whose file was ready (poll). */
+  ready?: Set<bigint>;
 }
 
 /**
@@ -128,12 +140,14 @@ export interface ReadyListAsked {
  * cannot be read exactly is not asked (see the head of this file).
  * putBackReadyLists must follow the answers at once.
  */
-export function askReadyLists(calls: CallQueue, pid: number, entries: { fd: number; target: string; info: string }[]): ReadyListAsked[] {
-  const sets = entries.filter((e) => e.target === 'anon_inode:[eventpoll]').map((e) => ({ epfd: e.fd, targets: targetsOf(e.info) }));
+export function askReadyLists(calls: CallQueue, pid: number, entries: { fd: number; target: string; info: string }[], watchedElsewhere?: Set<number>): ReadyListAsked[] {
+  const sets = entries.filter((e) => e.target === EVENTPOLL).map((e) => ({ epfd: e.fd, targets: targetsOf(e.info) }));
   const setNumbers = new Set(sets.map((s) => s.epfd));
   // Sets another set watches edge-triggered or one-shot (by the number
-  // it was registered under: one moved since leaves its set unread too).
+  // it was registered under: one moved since leaves its set unread too),
+  // in this process or, through a set shared by fork, in another.
   const watchedByEdges = new Set(sets.flatMap((s) => s.targets.filter((t) => takenByReport(t) && setNumbers.has(t.fd)).map((t) => t.fd)));
+  for (const n of watchedElsewhere ?? []) watchedByEdges.add(n);
   const asked: ReadyListAsked[] = [];
   for (const { epfd, targets } of sets) {
     // A set without edge-triggered targets costs nothing: an armed
@@ -148,9 +162,58 @@ export function askReadyLists(calls: CallQueue, pid: number, entries: { fd: numb
     // still (kcmp; the only target registered under it).
     if (new Set(targets.map((t) => t.fd)).size < targets.length || taken.some((t) => !addon().epollTargetIs(pid, epfd, t.fd, 0, t.fd))) continue;
     const max = Math.min(targets.length, SNAPSHOT_WAIT_EVENTS);
-    asked.push({ epfd, byData, targets: targets.length, max, wait: calls.ask(SYS.epoll_wait, [epfd, 'buf', max, 0], { outLength: EVENT_BYTES * max }) });
+    // Whether each file is ready, before the wait: a target not pending
+    // whose file is not ready had no edge to take, and the restore must
+    // not drain one its file makes before the application runs (a
+    // timerfd that expired while the image waited).
+    let poll: ReadyListAsked['poll'];
+    if (taken.length <= SNAPSHOT_POLL_FDS) {
+      const fds = Buffer.alloc(POLLFD_BYTES * taken.length);
+      taken.forEach((t, i) => {
+        fds.writeInt32LE(t.fd, i * POLLFD_BYTES);
+        fds.writeInt16LE(t.events & ALL_EVENTS, i * POLLFD_BYTES + 4);
+      });
+      poll = { targets: taken, answer: calls.ask(SYS.poll, ['buf', taken.length, 0], { input: fds }) };
+    }
+    asked.push({ epfd, byData, targets: targets.length, max, poll, wait: calls.ask(SYS.epoll_wait, [epfd, 'buf', max, 0], { outLength: EVENT_BYTES * max }) });
   }
   return asked;
+}
+
+const EVENTPOLL = 'anon_inode:[eventpoll]';
+
+/**
+ * The epoll sets, by process (system PID) and number, that a set of any
+ * of `processes` (their descriptors with fdinfo, read before any call)
+ * watches edge-triggered or one-shot: a set shared by fork is one file
+ * in each process that holds it, and a put-back in one (a new item on
+ * its ready list) is a new edge of a set that watches it in another
+ * (review r265: the child's set reported the shared one again after a
+ * --leave-running snapshot). kcmp finds the holders (descriptionGroups),
+ * only when some set watches another; without kcmp every set of a
+ * process counts as watched.
+ */
+export function setsWatchedByEdges(processes: { pid: number; entries?: { fd: number; target: string; info: string }[] }[]): Map<number, Set<number>> {
+  const out = new Map<number, Set<number>>();
+  const all: { pid: number; fd: number; watched: boolean }[] = [];
+  for (const { pid, entries } of processes) {
+    const sets = (entries ?? []).filter((e) => e.target === EVENTPOLL);
+    const numbers = new Set(sets.map((e) => e.fd));
+    const watched = new Set(sets.flatMap((e) => targetsOf(e.info).filter((t) => takenByReport(t) && numbers.has(t.fd)).map((t) => t.fd)));
+    for (const e of sets) all.push({ pid, fd: e.fd, watched: watched.has(e.fd) });
+  }
+  if (!all.some((m) => m.watched) || new Set(all.map((m) => m.pid)).size < 2) return out;
+  const lowest = addon().descriptionGroups(
+    all.map((m) => m.pid),
+    all.map((m) => m.fd),
+  );
+  const watchedGroups = new Set(all.flatMap((m, i) => (m.watched ? [lowest ? lowest[i] : -1] : [])));
+  all.forEach((m, i) => {
+    if (!watchedGroups.has(lowest ? lowest[i] : -1)) return;
+    if (!out.has(m.pid)) out.set(m.pid, new Set());
+    out.get(m.pid)!.add(m.fd);
+  });
+  return out;
 }
 
 /** The targets an epoll set's fdinfo lists. */
@@ -190,6 +253,9 @@ export function putBackReadyLists(calls: CallQueue, asked: ReadyListAsked[], wha
         wait = calls.askNow(SYS.epoll_wait, [set.epfd, 'buf', set.max, 0], { outLength: EVENT_BYTES * set.max });
       }
       set.pending = pending;
+      const poll = set.poll;
+      if (poll?.answer.answered && poll.answer.ret >= 0n)
+        set.ready = new Set(poll.targets.filter((_, i) => poll.answer.out.readInt16LE(i * POLLFD_BYTES + 6) !== 0).map((t) => t.data));
     } catch (e) {
       failed ??= `${what} fd ${set.epfd}: reading its epoll ready list: ${(e as Error).message}`;
     }
@@ -209,12 +275,19 @@ export function putBackReadyLists(calls: CallQueue, asked: ReadyListAsked[], wha
 }
 
 /** Marks each edge-triggered or armed one-shot target of the sets among
- * `fds` whose ready list was read (`asked`) pending or not. */
+ * `fds` whose ready list was read (`asked`) pending, or not pending where
+ * its file was ready (its edge taken: the restore drains it). One whose
+ * file was not ready is left unknown: the restore queues it if its file
+ * is ready then, a new edge (none was there to take). */
 export function markPending(fds: Fd[], asked: ReadyListAsked[]): void {
   for (const set of asked) {
     const fd = fds.find((f) => f.fd === set.epfd && f.kind === FdKind.EPOLL);
     if (!fd || !set.pending) continue;
-    for (const t of fd.epoll) if (takenByReport(t)) t.pending = set.pending.has(t.data);
+    for (const t of fd.epoll) {
+      if (!takenByReport(t)) continue;
+      if (set.pending.has(t.data)) t.pending = true;
+      else if (set.ready?.has(t.data)) t.pending = false;
+    }
   }
 }
 

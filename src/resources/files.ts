@@ -80,6 +80,10 @@ export interface SeenBeforeCalls {
    * calls asked meanwhile open, close and move none of the application's
    * descriptors; the userfaultfd tracking makes later is not in it. */
   entries?: FdEntry[];
+  /** The epoll sets of each process (system PID) that a set of the
+   * application watches by edges, in it or in another that shares it by
+   * fork (epoll.ts setsWatchedByEdges). */
+  epollsWatched?: Map<number, Set<number>>;
   /** The start addresses of the mappings a frozen process of the
    * application had before appshot mapped anything in it, if known. */
   frozenMappings?: (pid: number) => Set<bigint> | undefined;

@@ -52,7 +52,7 @@ import { dumpSemUndo, dumpSysv } from '../resources/sysv.js';
 import { askPosixTimers, dumpPosixTimers } from '../resources/timers.js';
 import { dumpZombies } from '../resources/zombies.js';
 import { dumpAioRings } from '../resources/aio.js';
-import { askReadyLists, markPending, putBackReadyLists } from '../resources/epoll.js';
+import { askReadyLists, markPending, putBackReadyLists, setsWatchedByEdges } from '../resources/epoll.js';
 import type { HeldConnections } from '../resources/tcp.js';
 import { injected, RemoteProcess } from '../ptrace/remote.js';
 import { CallQueue } from '../ptrace/queries.js';
@@ -349,7 +349,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
       attributes: askAttributes(calls, tids),
       sigactions: askSigactions(pid, calls),
       fdOwners: askFdOwners(calls, pid),
-      readyLists: askReadyLists(calls, pid, seen.entries ?? addon().fdEntries(pid)),
+      readyLists: askReadyLists(calls, pid, seen.entries ?? addon().fdEntries(pid), seen.epollsWatched?.get(pid)),
     }));
     // Last of the questions: its userfaultfd, made in this stop, is at a
     // high number no question uses. The batch scratch area, mapped on the
@@ -511,6 +511,9 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   // for its dump (a process gone meanwhile: its dump reads and says so).
   const fdsBefore = timed('descriptors', () => new Map(byProcess.map(([pid]) => [pid, fdEntriesOrUndefined(pid)])));
   const listingsBefore = timed('listings', () => listingsBeforeCalls([...fdsBefore.values()].flatMap((entries) => (entries ?? []).map((e) => e.target))));
+  // Sets shared by fork that a set of another process watches by edges:
+  // their ready lists are left unread (resources/epoll.ts).
+  const epollsWatched = setsWatchedByEdges([...fdsBefore].map(([pid, entries]) => ({ pid, entries })));
   /** Each process of the image by its virtual PID. */
   const systemPids = new Map<number, number>();
   for (const [pid, threads] of byProcess) {
@@ -528,7 +531,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     await new Promise((resolve) => setImmediate(resolve));
     if (interrupted()) throw new Interrupted();
     try {
-      dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped, { entries: fdsBefore.get(pid), listings: listingsBefore }, arming);
+      dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped, { entries: fdsBefore.get(pid), listings: listingsBefore, epollsWatched }, arming);
     } finally {
       // What was gathered of this process's /proc is of this moment only.
       forgetGathered();
