@@ -6,8 +6,8 @@
  * offsets and listening socket.
  */
 import { createRequire } from 'node:module';
-import { spawnSync } from 'node:child_process';
-import { appendFileSync, copyFileSync, cpSync, existsSync, linkSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { appendFileSync, copyFileSync, cpSync, existsSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -15,7 +15,7 @@ import { loadImageChain } from '../src/restore/driver.js';
 import { prepareChain, preparedRuns } from '../src/restore/prepared.js';
 import { inheritedCopyRuns } from '../src/resources/memory.js';
 import { resolveProcess } from '../src/snapshot/parent.js';
-import { alive, asNobody, command, fixture, root, Sandbox, strayIpcIds, systemIpcIds, waitFor, tcpExchange } from './helpers.js';
+import { alive, asNobody, command, fixture, processesWithArgument, root, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor, tcpExchange } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-restore-'));
@@ -565,6 +565,69 @@ describe.skipIf(process.getuid?.() !== 0)("who made a pipe or a socket, and who 
     await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
     expect(sb.run(['rm', aid]).code).toBe(0);
     restore(left);
+    await checksPass(aid, 3);
+    sb.run(['stop', aid, '-s', 'KILL']);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);
+  });
+
+  // A connection between two makers is made under a name the kernel
+  // picks (autobind), which anyone on the host sees and may connect to:
+  // a stranger who filled its queue before the restore's own connect made
+  // the restore fail (EAGAIN). Another listener is tried, as peercred.c
+  // tries.
+  it("a connection whose private listener's queue a stranger fills is made under another name", async () => {
+    const aid = 'peercred-flood';
+    start(aid, [fixture('peercred')]);
+    await checksPass(aid, 2);
+    const image = snapshot(aid, 'peercred-flood');
+    const stopped = await stoppedAt(sb, ['restore', image], "restore: a unix connection's first listener listens", 'the restore to stop at its listener');
+    // The listener's name: an autobound one (@ and five hex digits) a
+    // process of this restore holds.
+    const restorers = new Set(processesWithArgument(image));
+    const parentOf = (pid: string) => {
+      try {
+        return readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /, '').split(' ')[1];
+      } catch {
+        return '0';
+      }
+    };
+    const ofRestore = (pid: string) => {
+      for (let at = pid; at !== '0' && at !== '1'; at = parentOf(at)) if (restorers.has(Number(at))) return true;
+      return false;
+    };
+    const held = new Set<string>();
+    for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n) && ofRestore(n)))
+      for (const fd of (() => {
+        try {
+          return readdirSync(`/proc/${pid}/fd`);
+        } catch {
+          return [];
+        }
+      })()) {
+        try {
+          held.add(readlinkSync(`/proc/${pid}/fd/${fd}`));
+        } catch {
+          /* closed meanwhile */
+        }
+      }
+    const names = readFileSync('/proc/net/unix', 'utf8')
+      .split('\n')
+      .map((l) => l.trim().split(/\s+/))
+      .filter((f) => f[3] === '00010000' && /^@[0-9a-f]{5}$/.test(f[7] ?? '') && held.has(`socket:[${f[6]}]`))
+      .map((f) => f[7].slice(1));
+    expect(names).toHaveLength(1);
+    const fill = 'import socket,sys,time\nkept=[]\nwhile True:\n  s=socket.socket(socket.AF_UNIX)\n  s.setblocking(False)\n  try: s.connect(b"\\0"+sys.argv[1].encode())\n  except BlockingIOError: break\n  kept.append(s)\nprint(len(kept),flush=True)\ntime.sleep(60)';
+    const stranger = spawn('python3', ['-c', fill, names[0]], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      let said = '';
+      stranger.stdout!.on('data', (b: Buffer) => (said += b.toString()));
+      await waitFor(() => /\d+\n/.test(said), 10_000, 'the stranger to fill the queue');
+      expect(Number(said.trim())).toBeGreaterThan(0);
+      const r = await stopped.go();
+      expect(r.code, r.stderr).toBe(0);
+    } finally {
+      stranger.kill('SIGKILL');
+    }
     await checksPass(aid, 3);
     sb.run(['stop', aid, '-s', 'KILL']);
     await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to stop`);

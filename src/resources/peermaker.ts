@@ -33,6 +33,7 @@
 import { closeSync, readFileSync } from 'node:fs';
 import { type Fd, FdKind, type Image, type PeerCred, type Process, type Socket } from '../image/types.js';
 import { addon } from '../native.js';
+import { killPoint } from '../killpoint.js';
 import { type RemoteProcess, SyscallError } from '../ptrace/remote.js';
 import type { RestoreContext } from './context.js';
 import { openSocket, peerFor } from './sockets.js';
@@ -235,9 +236,24 @@ function closingOnError(fd: number, make: () => number): number {
   }
 }
 
+/** Listeners tried before giving up on a queue strangers keep full (as
+ * peercred.c tries). */
+const PAIR_TRIES = 8;
+
 /** A connection whose end 0 sees listener `l` (holding `ls`) and end 1
- * connector `c` (holding `cs`): [end 0, end 1], in appshot. */
+ * connector `c` (holding `cs`): [end 0, end 1], in appshot. Anyone on the
+ * host may see the listener's name and fill its queue before `c`
+ * connects (EAGAIN): then another listener, another name. */
 function connectionIn(l: Maker, ls: PeerCred | null, c: Maker, cs: PeerCred | null, type: number): [number, number] {
+  for (let tries = 1; ; tries++) {
+    const made = connectionTry(l, ls, c, cs, type, tries);
+    if (made) return made;
+  }
+}
+
+/** Try number `tries` of connectionIn: undefined if the listener's queue
+ * was full (unless it is the last: then that is the error). */
+function connectionTry(l: Maker, ls: PeerCred | null, c: Maker, cs: PeerCred | null, type: number, tries: number): [number, number] | undefined {
   const lr = l.remote;
   const cr = c.remote;
   // The listener, under an abstract name the kernel picks (a bind with
@@ -251,6 +267,7 @@ function connectionIn(l: Maker, ls: PeerCred | null, c: Maker, cs: PeerCred | nu
       lr.call('binding it', NR.bind, [fd, family, 2]);
       lr.call('listening', NR.listen, [fd, BACKLOG]);
       lr.call('its name', NR.getsockname, [fd, name, nameLength]);
+      if (tries === 1) killPoint("restore: a unix connection's first listener listens");
     } catch (e) {
       lr.raw(NR.close, [fd]);
       throw e;
@@ -263,14 +280,15 @@ function connectionIn(l: Maker, ls: PeerCred | null, c: Maker, cs: PeerCred | nu
     const to = cr.put(address);
     const client = holding(c, cs, () => {
       const fd = Number(cr.call('a socket for a unix connection it made', NR.socket, [AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0]));
-      try {
-        cr.call('connecting it', NR.connect, [fd, to, length]);
-      } catch (e) {
+      const got = cr.raw(NR.connect, [fd, to, length]);
+      if (got < 0n && got > -4096n) {
         cr.raw(NR.close, [fd]);
-        throw e;
+        if (got === -BigInt(EAGAIN) && tries < PAIR_TRIES) return undefined;
+        throw new SyscallError('connecting it', Number(-got));
       }
       return fd;
     });
+    if (client === undefined) return undefined;
     const end0 = taken(c, client);
     const end1 = closingOnError(end0, () => taken(l, acceptFrom(l, listener, c.pid)));
     for (const end of [end0, end1]) addon().setStatusFlags(end, O_RDWR);

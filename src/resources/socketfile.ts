@@ -233,6 +233,17 @@ export function clearSocketFile(h: RestoreContext, name: string, file: SocketFil
     throw new AppshotError(`${where}: ${(e as Error).message}`);
   }
   if (live) throw new AppshotError(`${where}: a live socket holds ${join(place.dir, place.name)}`, ExitCode.conflict);
+  // The name it was renamed to, where restoreSocketFile moves it: one a
+  // live socket holds (the running original's) is refused before the
+  // bind, not after it, which put the bound name in that directory for
+  // as long as the failed restore took to undo (the original saw it).
+  if (!file?.renamed || file.removed) return;
+  try {
+    live = addon().socketFileClear(place.dir, file.renamed, who);
+  } catch (e) {
+    throw new AppshotError(`${where}: ${(e as Error).message}`);
+  }
+  if (live) throw new AppshotError(`${where}: a live socket holds ${join(place.dir, file.renamed)}`, ExitCode.conflict);
 }
 
 /**
