@@ -66,7 +66,7 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore makes an application\'
     symlinkSync(rootOnly, app);
     const r = await attempt(['restore', image]);
     expect(r.code).not.toBe(0);
-    expect(refusal(r.stderr)).toMatch(/: process 2 fd \d+: listening on \S+\/served\.sock\.tmp: Permission denied$/);
+    expect(refusal(r.stderr)).toMatch(/: process 2 fd \d+: binding \S+\/served\.sock\.tmp: Permission denied$/);
     expect(readdirSync(rootOnly)).toEqual([]);
     expect(sb.aids()).not.toContain('pcr1');
 
@@ -96,7 +96,7 @@ describe.skipIf(process.getuid?.() !== 0)('a root restore makes an application\'
     chownSync(app, NOBODY, NOBODY);
     const r = await attempt(['restore', image]);
     expect(r.code).not.toBe(0);
-    expect(refusal(r.stderr)).toMatch(/: process 2 fd \d+: listening on \S+\/served\.sock\.tmp: Permission denied$/);
+    expect(refusal(r.stderr)).toMatch(/: process 2 fd \d+: binding \S+\/served\.sock\.tmp: Permission denied$/);
     expect(readdirSync(app)).toEqual([]);
     expect(sb.aids()).not.toContain('pcr2');
 
