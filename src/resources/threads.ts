@@ -418,25 +418,38 @@ const PROT_WRITE_ = 2;
 export class ImageMemory {
   constructor(private readonly vmas: readonly Vma[], private readonly live?: MapsLine[]) {}
 
-  private vmaOf(addr: bigint, len: number): Vma | undefined {
-    const end = addr + BigInt(len);
-    return this.vmas.find((v) => addr >= v.start && end <= v.end && ORDINARY_VMA_KINDS.includes(v.kind));
+  /** Whether [addr, addr+len) is covered, without a gap, by mappings of
+   * `list` that each pass `ok`: a range may cross from one mapping into
+   * the next where the kernel keeps two of the same permissions apart (a
+   * restored process's anonymous memory is not always merged again, nor
+   * is the image's), as the CPU-time offsets, longer than a page, do. */
+  private static covered<M extends { start: bigint; end: bigint }>(list: readonly M[], addr: bigint, len: number, ok: (m: M) => boolean): boolean {
+    const end = addr + BigInt(Math.max(len, 1));
+    let at = addr;
+    while (at < end) {
+      const m = list.find((x) => at >= x.start && at < x.end && ok(x));
+      if (!m) return false;
+      at = m.end;
+    }
+    return true;
+  }
+
+  private inImage(addr: bigint, len: number, ok: (v: Vma) => boolean): boolean {
+    return ImageMemory.covered(this.vmas, addr, len, (v) => ORDINARY_VMA_KINDS.includes(v.kind) && ok(v));
   }
 
   private inLive(addr: bigint, len: number, ok: (perms: string) => boolean): boolean {
-    return !this.live || this.live.some((m) => addr >= m.start && addr + BigInt(len) <= m.end && ok(m.perms));
+    return !this.live || ImageMemory.covered(this.live, addr, len, (m) => ok(m.perms));
   }
 
   /** [addr, addr+len) may be read. */
   readable(addr: bigint, len: number): boolean {
-    const v = this.vmaOf(addr, len);
-    return !!v && !!(v.prot & PROT_READ_) && this.inLive(addr, len, (p) => p[0] === 'r');
+    return this.inImage(addr, len, (v) => !!(v.prot & PROT_READ_)) && this.inLive(addr, len, (p) => p[0] === 'r');
   }
 
-  /** [addr, addr+len) may be written: in a private writable mapping. */
+  /** [addr, addr+len) may be written: in private writable mappings. */
   writablePrivate(addr: bigint, len: number): boolean {
-    const v = this.vmaOf(addr, len);
-    return !!v && !!(v.prot & PROT_WRITE_) && !v.shared && this.inLive(addr, len, (p) => p[1] === 'w' && p[3] === 'p');
+    return this.inImage(addr, len, (v) => !!(v.prot & PROT_WRITE_) && !v.shared) && this.inLive(addr, len, (p) => p[1] === 'w' && p[3] === 'p');
   }
 
   /** [addr, addr+len) may be written, private or shared: only a robust
@@ -444,8 +457,7 @@ export class ImageMemory {
    * thread's death wherever the robust list points (a mutex shared
    * between processes is the reason robust mutexes exist). */
   writable(addr: bigint, len: number): boolean {
-    const v = this.vmaOf(addr, len);
-    return !!v && !!(v.prot & PROT_WRITE_) && this.inLive(addr, len, (p) => p[1] === 'w');
+    return this.inImage(addr, len, (v) => !!(v.prot & PROT_WRITE_)) && this.inLive(addr, len, (p) => p[1] === 'w');
   }
 }
 
