@@ -133,6 +133,15 @@ function readOffsets(pid: number, address: bigint, vpid: number): { process: Cpu
 /** The kernel's counts, read at snapshot (all threads stopped) before any
  * call is injected; undefined for a process without the library (mappings
  * `maps`), which no restore can give offsets. */
+/** Where process `pid`'s library keeps the offsets a restore writes, or
+ * undefined: the one range of its memory a restore writes that the
+ * application never did (a prepared instance's page of it is copied, not
+ * mapped from the page file; serve-prepared.test leaves it out). */
+export function cpuTimesRange(pid: number, maps: MapsLine[]): { start: bigint; end: bigint } | undefined {
+  const start = cpuTimesOf(pid, maps);
+  return start === undefined ? undefined : { start, end: start + BigInt(CPU_TIMES_SIZE) };
+}
+
 export type KernelCpuAtSnapshot = ReturnType<typeof kernelCpu>;
 export function readKernelCpu(pid: number, tids: number[], maps: MapsLine[]): KernelCpuAtSnapshot {
   return cpuTimesOf(pid, maps) === undefined ? undefined : kernelCpu(pid, tids);
