@@ -292,6 +292,11 @@ struct appshot_sem_undo {
   int32_t reserved;
   struct sem_undo_entry entry[SEM_UNDO_MAX];
 };
+/* The layout src/resources/sysv.ts reads; cmpxchg16b faults on an entry
+ * not 16-byte aligned. */
+_Static_assert(__builtin_offsetof(struct appshot_sem_undo, entry) == 16 &&
+                   sizeof(struct sem_undo_entry) == 16 && _Alignof(struct appshot_sem_undo) == 16,
+               "SEM_UNDO table layout");
 static struct appshot_sem_undo g_sem_undo = {0, SEM_UNDO_MAX, 0, {{0, 0}}};
 extern struct appshot_sem_undo appshot_sem_undo
     __attribute__((alias("g_sem_undo"), visibility("default")));
@@ -413,7 +418,13 @@ static int entry_add(struct sem_undo_entry *e, uint64_t key, int32_t delta, uint
   for (;;) {
     if (seen.key != key) return 0;
     int32_t adj = (int32_t)(uint32_t)seen.value;
-    if ((uint32_t)(seen.value >> 32) != gen && adj != 0) return -1;
+    if ((uint32_t)(seen.value >> 32) != gen && adj != 0) {
+      /* Its two words were read apart (the key of one moment, the value
+       * of a later one: another semaphore's, reused): only the entry as a
+       * whole may make the process unknown, for good. */
+      if (entry_swap(e, &seen, seen)) return -1;
+      continue;
+    }
     adj += delta;
     const struct sem_undo_entry want = {key, (uint64_t)gen << 32 | (uint32_t)adj};
     if (entry_swap(e, &seen, want)) return 1;
