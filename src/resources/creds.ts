@@ -126,7 +126,8 @@ function parseStatus(status: Map<string, string>): StatusCreds {
   };
 }
 
-const threadStatus = (pid: number, tid: number) => parseStatus(statusFields(`/proc/${pid}/task/${tid}/status`));
+/** A thread's credentials as its status file shows them. */
+export const threadStatus = (pid: number, tid: number) => parseStatus(statusFields(`/proc/${pid}/task/${tid}/status`));
 
 /** appshot's own credentials: what a restore can grant, since every seed
  * inherits them. */

@@ -30,12 +30,13 @@
  * makers is in the application, so is it made, and the restore says that
  * PID is not kept.
  */
-import { closeSync, readFileSync } from 'node:fs';
+import { closeSync } from 'node:fs';
 import { type Fd, FdKind, type Image, type PeerCred, type Process, type Socket } from '../image/types.js';
 import { addon } from '../native.js';
 import { killPoint } from '../killpoint.js';
-import { type RemoteProcess, SyscallError } from '../ptrace/remote.js';
+import { type RemoteProcess, SyscallError, SYS } from '../ptrace/remote.js';
 import type { RestoreContext } from './context.js';
+import { threadStatus } from './creds.js';
 import { openSocket, peerFor } from './sockets.js';
 
 /** A process of the application that calls can be run in now, with its
@@ -56,7 +57,6 @@ const SOL_SOCKET = 1;
 const SO_PEERCRED = 17;
 const O_RDWR = 2;
 const EAGAIN = 11;
-const NR = { close: 3, socket: 41, connect: 42, accept4: 288, bind: 49, listen: 50, getsockname: 51, socketpair: 53, getsockopt: 55, pidfd_open: 434, pidfd_getfd: 438, setgroups: 116, setresuid: 117, setresgid: 119, capget: 125, capset: 126, prctl: 157 } as const;
 const PR_GET_DUMPABLE = 3;
 const PR_SET_DUMPABLE = 4;
 /** The listener's queue: room for ours behind a few strangers'. */
@@ -192,16 +192,16 @@ function* listeners(order: Process[]): Generator<{ p: Process; fd: Fd; s: Socket
  * call (pidfd_getfd of appshot) and closed there after. */
 function listenIn(m: Maker, as: PeerCred | null, sock: number, backlog: number): void {
   const r = m.remote;
-  const pidfd = Number(r.call('a pidfd of appshot', NR.pidfd_open, [process.pid, 0]));
+  const pidfd = Number(r.call('a pidfd of appshot', SYS.pidfd_open, [process.pid, 0]));
   try {
-    const fd = Number(r.call('taking a unix listener it listened on', NR.pidfd_getfd, [pidfd, sock, 0]));
+    const fd = Number(r.call('taking a unix listener it listened on', SYS.pidfd_getfd, [pidfd, sock, 0]));
     try {
-      holding(m, as, () => r.call('listening as it had', NR.listen, [fd, backlog > 0 ? backlog : SOMAXCONN]));
+      holding(m, as, () => r.call('listening as it had', SYS.listen, [fd, backlog > 0 ? backlog : SOMAXCONN]));
     } finally {
-      r.raw(NR.close, [fd]);
+      r.raw(SYS.close, [fd]);
     }
   } finally {
-    r.raw(NR.close, [pidfd]);
+    r.raw(SYS.close, [pidfd]);
   }
 }
 
@@ -214,13 +214,13 @@ function sameCreds(a: PeerCred | null, b: PeerCred | null): boolean {
 function socketPairIn(m: Maker, type: number, as: PeerCred | null): [number, number] {
   const r = m.remote;
   const sv = r.put(Buffer.alloc(8));
-  holding(m, as, () => r.call('socketpair for a unix pair it made', NR.socketpair, [AF_UNIX, type | SOCK_CLOEXEC, 0, sv]));
+  holding(m, as, () => r.call('socketpair for a unix pair it made', SYS.socketpair, [AF_UNIX, type | SOCK_CLOEXEC, 0, sv]));
   const fds = r.get(sv, 8);
   let first: number;
   try {
     first = taken(m, fds.readInt32LE(0));
   } catch (e) {
-    r.raw(NR.close, [fds.readInt32LE(4)]);
+    r.raw(SYS.close, [fds.readInt32LE(4)]);
     throw e;
   }
   return [first, closingOnError(first, () => taken(m, fds.readInt32LE(4)))];
@@ -262,14 +262,14 @@ function connectionTry(l: Maker, ls: PeerCred | null, c: Maker, cs: PeerCred | n
   const name = lr.put(Buffer.alloc(110));
   const nameLength = lr.put(Buffer.from([110, 0, 0, 0]));
   const listener = holding(l, ls, () => {
-    const fd = Number(lr.call('a listener for a unix connection it made', NR.socket, [AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0]));
+    const fd = Number(lr.call('a listener for a unix connection it made', SYS.socket, [AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0]));
     try {
-      lr.call('binding it', NR.bind, [fd, family, 2]);
-      lr.call('listening', NR.listen, [fd, BACKLOG]);
-      lr.call('its name', NR.getsockname, [fd, name, nameLength]);
+      lr.call('binding it', SYS.bind, [fd, family, 2]);
+      lr.call('listening', SYS.listen, [fd, BACKLOG]);
+      lr.call('its name', SYS.getsockname, [fd, name, nameLength]);
       if (tries === 1) killPoint("restore: a unix connection's first listener listens");
     } catch (e) {
-      lr.raw(NR.close, [fd]);
+      lr.raw(SYS.close, [fd]);
       throw e;
     }
     return fd;
@@ -279,10 +279,10 @@ function connectionTry(l: Maker, ls: PeerCred | null, c: Maker, cs: PeerCred | n
     const address = lr.get(name, length);
     const to = cr.put(address);
     const client = holding(c, cs, () => {
-      const fd = Number(cr.call('a socket for a unix connection it made', NR.socket, [AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0]));
-      const got = cr.raw(NR.connect, [fd, to, length]);
+      const fd = Number(cr.call('a socket for a unix connection it made', SYS.socket, [AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0]));
+      const got = cr.raw(SYS.connect, [fd, to, length]);
       if (got < 0n && got > -4096n) {
-        cr.raw(NR.close, [fd]);
+        cr.raw(SYS.close, [fd]);
         if (got === -BigInt(EAGAIN) && tries < PAIR_TRIES) return undefined;
         throw new SyscallError('connecting it', Number(-got));
       }
@@ -294,7 +294,7 @@ function connectionTry(l: Maker, ls: PeerCred | null, c: Maker, cs: PeerCred | n
     for (const end of [end0, end1]) addon().setStatusFlags(end, O_RDWR);
     return [end0, end1];
   } finally {
-    lr.raw(NR.close, [listener]);
+    lr.raw(SYS.close, [listener]);
   }
 }
 
@@ -305,14 +305,14 @@ function acceptFrom(l: Maker, listener: number, pid: number): number {
   const cred = r.put(Buffer.alloc(12));
   const length = r.put(Buffer.alloc(4));
   for (let strangers = 0; strangers <= BACKLOG; strangers++) {
-    const got = r.raw(NR.accept4, [listener, 0, 0, SOCK_CLOEXEC]);
+    const got = r.raw(SYS.accept4, [listener, 0, 0, SOCK_CLOEXEC]);
     if (got === -BigInt(EAGAIN)) break;
     if (got < 0n && got > -4096n) throw new SyscallError('accepting the connection it made', Number(-got));
     const fd = Number(got);
     addon().writeMemory(l.pid, length, Buffer.from(u32(12)));
-    r.call('its peer', NR.getsockopt, [fd, SOL_SOCKET, SO_PEERCRED, cred, length]);
+    r.call('its peer', SYS.getsockopt, [fd, SOL_SOCKET, SO_PEERCRED, cred, length]);
     if (r.get(cred, 4).readInt32LE(0) === pid) return fd;
-    r.raw(NR.close, [fd]);
+    r.raw(SYS.close, [fd]);
   }
   throw new Error('the connection it made is not in its listener\'s queue');
 }
@@ -322,7 +322,7 @@ function taken(m: Maker, fd: number): number {
   try {
     return addon().getFd(m.pid, fd);
   } finally {
-    m.remote.raw(NR.close, [fd]);
+    m.remote.raw(SYS.close, [fd]);
   }
 }
 
@@ -334,9 +334,8 @@ interface Ids {
 
 /** The effective ids and groups of process `pid`'s main thread. */
 function idsOf(pid: number): Ids {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-  const field = (name: string) => status.match(new RegExp(`^${name}:\\t(.*)$`, 'm'))?.[1]?.trim().split(/\s+/).filter(Boolean).map(Number) ?? [];
-  return { euid: field('Uid')[1], egid: field('Gid')[1], groups: field('Groups') };
+  const { uid, gid, groups } = threadStatus(pid, pid);
+  return { euid: uid[1], egid: gid[1], groups };
 }
 
 /**
@@ -354,22 +353,22 @@ function holding<T>(m: Maker, as: PeerCred | null, op: () => T): T {
   if (!as || (as.uid === own.euid && as.gid === own.egid && !groupsDiffer)) return op();
   const header = r.put(Buffer.from([...u32(CAP_V3), 0, 0, 0, 0]));
   const caps = r.put(Buffer.alloc(24));
-  r.call('reading its capabilities', NR.capget, [header, caps]);
+  r.call('reading its capabilities', SYS.capget, [header, caps]);
   // A change of effective ids resets the dumpable flag, which decides who
   // may trace the process (the restorer, unprivileged): put back too.
-  const dumpable = r.call('reading whether it is dumpable', NR.prctl, [PR_GET_DUMPABLE]);
+  const dumpable = r.call('reading whether it is dumpable', SYS.prctl, [PR_GET_DUMPABLE]);
   const u32s = (ids: number[]) => (ids.length ? r.put(Buffer.from(ids.flatMap(u32))) : 0n);
   try {
-    if (groupsDiffer) r.call('taking the groups a unix pair was made with', NR.setgroups, [as.groups.length, u32s(as.groups)]);
-    if (as.gid !== own.egid) r.call('taking the gid a unix pair was made with', NR.setresgid, [-1, as.gid, -1]);
-    if (as.uid !== own.euid) r.call('taking the uid a unix pair was made with', NR.setresuid, [-1, as.uid, -1]);
+    if (groupsDiffer) r.call('taking the groups a unix pair was made with', SYS.setgroups, [as.groups.length, u32s(as.groups)]);
+    if (as.gid !== own.egid) r.call('taking the gid a unix pair was made with', SYS.setresgid, [-1, as.gid, -1]);
+    if (as.uid !== own.euid) r.call('taking the uid a unix pair was made with', SYS.setresuid, [-1, as.uid, -1]);
     return op();
   } finally {
-    r.call('giving its uid back', NR.setresuid, [-1, own.euid, -1]);
-    r.call('giving its gid back', NR.setresgid, [-1, own.egid, -1]);
-    if (groupsDiffer) r.call('giving its groups back', NR.setgroups, [own.groups.length, u32s(own.groups)]);
-    r.call('giving its capabilities back', NR.capset, [header, caps]);
-    r.call('making it dumpable as it was', NR.prctl, [PR_SET_DUMPABLE, dumpable]);
+    r.call('giving its uid back', SYS.setresuid, [-1, own.euid, -1]);
+    r.call('giving its gid back', SYS.setresgid, [-1, own.egid, -1]);
+    if (groupsDiffer) r.call('giving its groups back', SYS.setgroups, [own.groups.length, u32s(own.groups)]);
+    r.call('giving its capabilities back', SYS.capset, [header, caps]);
+    r.call('making it dumpable as it was', SYS.prctl, [PR_SET_DUMPABLE, dumpable]);
   }
 }
 
