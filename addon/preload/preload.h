@@ -686,6 +686,9 @@ HIDDEN int64_t cpu_clock_offset(clockid_t clk);
 HIDDEN void cpu_clock_answer(clockid_t clk, struct timespec *ts);
 HIDDEN void cpu_clock_deadline(clockid_t clk, const struct timespec *req, struct timespec *out);
 HIDDEN void cpu_times_forget(void);
+/* The calling thread ends: its entry, if a restore gave it one, is
+ * closed (a thread made later under its numbers is another). */
+HIDDEN void cpu_thread_gone(void);
 /* Whether descriptor `fd` (a /proc stat file) is the caller's process's
  * or one of its threads' after a restore: 1 with what its utime, stime,
  * cutime and cstime get added, in ns (preload_view.c). */

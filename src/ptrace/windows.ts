@@ -242,6 +242,23 @@ export function cpuTimesOf(pid: number, maps: MapsLine[]): bigint | undefined {
   return lib && offsets ? lib.start + offsets.appshot_cpu_times : undefined;
 }
 
+/** Where, from a thread's pointer, the preload library keeps which entry
+ * of its CPU-time offsets is the thread's (appshot_cpu_entry_tpoff,
+ * addon/preload/preload_cputime.c), in a process whose mappings are
+ * `maps`; undefined: no library, or an older one (whose table is of 128
+ * threads, found by virtual TID). */
+export function cpuEntryTpoffOf(pid: number, maps: MapsLine[]): bigint | undefined {
+  const lib = preloadMappingIn(maps);
+  const offsets = lib && librarySymbols(pid, lib, ['appshot_cpu_entry_tpoff'] as const);
+  if (!lib || !offsets) return undefined;
+  try {
+    const tpoff = addon().readMemory(pid, lib.start + offsets.appshot_cpu_entry_tpoff, 8).readBigInt64LE(0);
+    return tpoff === 0n ? undefined : tpoff;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Where, from a thread's pointer, the preload library keeps the epoll
  * wait with a timeout the thread is in (appshot_timed_wait_tpoff,
  * addon/preload/preload_wait.c), in a process whose mappings are `maps`;
