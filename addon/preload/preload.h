@@ -423,6 +423,11 @@ static inline long fail(int err) {
 HIDDEN void cgroup_procs_opened(int fd, const char *path);
 HIDDEN void cgroup_procs_forget(int fd);
 HIDDEN void cgroup_procs_forget_range(unsigned int first, unsigned int last);
+/* preload_inotify.c: the highest watch descriptor given on each inotify
+ * descriptor (appshot_inotify_last_wd), kept with the descriptor. */
+HIDDEN void inotify_wd_forget(int fd);
+HIDDEN void inotify_wd_forget_range(unsigned int first, unsigned int last);
+HIDDEN void inotify_wd_copy(int from, int to);
 HIDDEN int cgroup_procs_marked(int fd);
 HIDDEN void cgroup_procs_mark(int fd, int on);
 
