@@ -44,7 +44,9 @@
  * up by virtual TID (entries sorted by it: a binary search) and taken
  * only if the system TID the restore gave that thread is the one the
  * virtual TID names now; the entry is closed when its thread ends
- * through pthread_exit or a return (cpu_thread_gone).
+ * through pthread_exit or a return, if it had asked its own TID (the
+ * library's thread key, whose destructor calls cpu_thread_gone, is set
+ * then).
  */
 #include "preload.h"
 
