@@ -423,6 +423,11 @@ static inline long fail(int err) {
 HIDDEN void cgroup_procs_opened(int fd, const char *path);
 HIDDEN void cgroup_procs_forget(int fd);
 HIDDEN void cgroup_procs_forget_range(unsigned int first, unsigned int last);
+/* preload_inotify.c: the highest watch descriptor given on each inotify
+ * descriptor (appshot_inotify_last_wd), kept with the descriptor. */
+HIDDEN void inotify_wd_forget(int fd);
+HIDDEN void inotify_wd_forget_range(unsigned int first, unsigned int last);
+HIDDEN void inotify_wd_copy(int from, int to);
 HIDDEN int cgroup_procs_marked(int fd);
 HIDDEN void cgroup_procs_mark(int fd, int on);
 
@@ -686,6 +691,9 @@ HIDDEN int64_t cpu_clock_offset(clockid_t clk);
 HIDDEN void cpu_clock_answer(clockid_t clk, struct timespec *ts);
 HIDDEN void cpu_clock_deadline(clockid_t clk, const struct timespec *req, struct timespec *out);
 HIDDEN void cpu_times_forget(void);
+/* The calling thread ends: its entry, if a restore gave it one, is
+ * closed (a thread made later under its numbers is another). */
+HIDDEN void cpu_thread_gone(void);
 /* Whether descriptor `fd` (a /proc stat file) is the caller's process's
  * or one of its threads' after a restore: 1 with what its utime, stime,
  * cutime and cstime get added, in ns (preload_view.c). */

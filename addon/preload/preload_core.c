@@ -43,6 +43,7 @@ static int g_thread_key_ok;
  * M4: the thread's own entry stayed for good, and another's could go).
  * Runs on the exiting thread, its TLS still there. */
 static void thread_gone(void *value) {
+  cpu_thread_gone();
   int32_t vtid = t_vtid;
   if (g_h && value && vtid > 0) appshot_unmap_pair(g_h, APPSHOT_PID, vtid, (int32_t)SYS0(gettid));
 }

@@ -29,18 +29,41 @@
  * itself used more than the process had before). The layout is read and
  * written by the snapshot and the restore (CPU_TIMES in
  * src/resources/cputime.ts): fields are only ever added at the end.
+ *
+ * A thread's entry is its restored thread's only. A thread made since
+ * may be given the virtual TID of one that ended (the tables hand out
+ * the first free number after a restore), and the kernel may give it the
+ * system TID too (pid_max is often 32768): neither says it is the thread
+ * the entry was written for. So the restore also writes, into each
+ * restored thread's own memory (t_cpu_entry, its thread-local storage,
+ * at its thread pointer plus appshot_cpu_entry_tpoff), which entry is
+ * its own; a thread made since starts with 0 there (glibc sets up every
+ * new thread's thread-local storage afresh, a reused stack's too). A
+ * thread's own counts take its entry by that: no search, and nothing of
+ * another thread's. Another thread's clock, or its task stat, is looked
+ * up by virtual TID (entries sorted by it: a binary search) and taken
+ * only if the system TID the restore gave that thread is the one the
+ * virtual TID names now; the entry is closed when its thread ends
+ * through pthread_exit or a return, if it had asked its own TID (the
+ * library's thread key, whose destructor calls cpu_thread_gone, is set
+ * then).
  */
 #include "preload.h"
 
 #include <sys/resource.h>
 #include <sys/times.h>
 
-#define CPU_THREADS 128
+/* Threads with an entry at most. A fixed table in the library's .bss:
+ * its pages cost nothing until a restore writes them (a header and one
+ * 32-byte entry per thread), and a process's own lookups take their entry
+ * by index. */
+#define CPU_THREADS 4096
 #define NS_PER_TICK 10000000LL /* USER_HZ, 100 on every Linux ABI */
 
 struct appshot_cpu_thread {
-  int32_t vtid; /* 0: a free entry */
-  int32_t pad;
+  int32_t vtid; /* the entries in use are sorted by it */
+  int32_t tid;  /* the system TID the restore gave the thread; 0: the
+                   thread has ended (its entry closed) */
   int64_t ns, user_ns, system_ns;
 };
 
@@ -53,8 +76,22 @@ struct appshot_cpu_times {
   int64_t child_user_ns, child_system_ns; /* its reaped children's */
   struct appshot_cpu_thread thread[CPU_THREADS];
 };
+_Static_assert(sizeof(struct appshot_cpu_thread) == 32, "CPU_TIMES.entry in cputime.ts");
+_Static_assert(offsetof(struct appshot_cpu_times, thread) == 48, "CPU_TIMES.entries in cputime.ts");
 
 struct appshot_cpu_times appshot_cpu_times API;
+
+/* This thread's entry of thread[], plus one; 0: none (a thread made since
+ * the restore, or one the restore gave none). Written by the restore only,
+ * at the thread pointer plus appshot_cpu_entry_tpoff. */
+static __thread uint32_t t_cpu_entry TLS_IE;
+long appshot_cpu_entry_tpoff API;
+
+__attribute__((constructor)) static void cpu_entry_publish(void) {
+  char *tp;
+  __asm__("mov %%fs:0, %0" : "=r"(tp));
+  appshot_cpu_entry_tpoff = (long)((char *)&t_cpu_entry - tp);
+}
 
 /* Whether a restore gave this process its offsets: a fork's child that
  * no wrapper of ours saw keeps its parent's copy, which is not its own. */
@@ -65,23 +102,55 @@ static inline int cpu_times_set(void) {
 
 void cpu_times_forget(void) {
   /* Written only when set: a page written here is a copy-on-write fault
-   * in every fork's child. */
-  if (__atomic_load_n(&appshot_cpu_times.owner, __ATOMIC_RELAXED))
-    memset(&appshot_cpu_times, 0, sizeof appshot_cpu_times);
+   * in every fork's child. The header alone: every reader goes by the
+   * owner and the count (the entries' pages are left untouched). */
+  if (__atomic_load_n(&appshot_cpu_times.owner, __ATOMIC_RELAXED)) {
+    __atomic_store_n(&appshot_cpu_times.threads, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&appshot_cpu_times.owner, 0, __ATOMIC_RELAXED);
+  }
 }
 
-/* The entry of virtual thread `vtid`, or NULL. */
-static const struct appshot_cpu_thread *cpu_thread(int32_t vtid) {
+static inline uint32_t cpu_threads_in_use(void) {
   uint32_t n = __atomic_load_n(&appshot_cpu_times.threads, __ATOMIC_RELAXED);
-  if (n > CPU_THREADS) n = CPU_THREADS;
-  for (uint32_t i = 0; i < n; i++)
-    if (appshot_cpu_times.thread[i].vtid == vtid) return &appshot_cpu_times.thread[i];
+  return n > CPU_THREADS ? CPU_THREADS : n;
+}
+
+void cpu_thread_gone(void) {
+  uint32_t i = t_cpu_entry;
+  if (!i) return;
+  t_cpu_entry = 0;
+  if (i <= cpu_threads_in_use())
+    __atomic_store_n(&appshot_cpu_times.thread[i - 1].tid, 0, __ATOMIC_RELAXED);
+}
+
+/* The entry of virtual thread `vtid`, whose system TID is `tid` now, or
+ * NULL. */
+static const struct appshot_cpu_thread *cpu_thread(int32_t vtid, int32_t tid) {
+  uint32_t lo = 0, hi = cpu_threads_in_use();
+  while (lo < hi) {
+    uint32_t mid = lo + (hi - lo) / 2;
+    int32_t v = appshot_cpu_times.thread[mid].vtid;
+    if (v == vtid) {
+      const struct appshot_cpu_thread *t = &appshot_cpu_times.thread[mid];
+      return tid && __atomic_load_n(&t->tid, __ATOMIC_RELAXED) == tid ? t : NULL;
+    }
+    if (v < vtid) lo = mid + 1;
+    else hi = mid;
+  }
   return NULL;
 }
 
+/* Another thread's entry by its virtual TID. */
+static const struct appshot_cpu_thread *vthread_entry(int32_t vtid) {
+  pid_t sid;
+  return v2s_pid(vtid, &sid) ? cpu_thread(vtid, sid) : NULL;
+}
+
 static const struct appshot_cpu_thread *own_cpu_thread(void) {
-  if (!__atomic_load_n(&appshot_cpu_times.threads, __ATOMIC_RELAXED)) return NULL;
-  return cpu_thread(self_vtid());
+  uint32_t i = t_cpu_entry;
+  if (!i || i > cpu_threads_in_use()) return NULL;
+  const struct appshot_cpu_thread *t = &appshot_cpu_times.thread[i - 1];
+  return __atomic_load_n(&t->tid, __ATOMIC_RELAXED) ? t : NULL;
 }
 
 #define CPUCLOCK_WHICH_MASK 3
@@ -108,7 +177,7 @@ int64_t cpu_clock_offset(clockid_t clk) {
     which = clk & CPUCLOCK_WHICH_MASK;
     int32_t vid = ~(clk >> 3);
     if (clk & CPUCLOCK_PERTHREAD) {
-      t = vid == 0 ? own_cpu_thread() : cpu_thread(vid);
+      t = vid == 0 || vid == self_vtid() ? own_cpu_thread() : vthread_entry(vid);
     } else {
       if (vid != 0 && vid != self_vpid()) return 0;
       if (which == CPUCLOCK_VIRT) return appshot_cpu_times.user_ns;
@@ -252,7 +321,7 @@ int cpu_stat_offsets(int fd, int64_t add[4]) {
   p += 5;
   int32_t stid = link_id(&p), vtid;
   if (!stid || strcmp(p, "stat") || !appshot_s2v(g_h, APPSHOT_PID, stid, &vtid)) return 0;
-  const struct appshot_cpu_thread *t = cpu_thread(vtid);
+  const struct appshot_cpu_thread *t = vtid == self_vtid() ? own_cpu_thread() : cpu_thread(vtid, stid);
   add[0] = t ? t->user_ns : 0;
   add[1] = t ? t->system_ns : 0;
   return 1;

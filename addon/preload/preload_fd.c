@@ -166,6 +166,7 @@ API int close(int fd) {
   dnotify_closing(fd);
   translated_reads_forget(fd);
   cgroup_procs_forget(fd);
+  inotify_wd_forget(fd);
   /* Called by dlsym itself, while init resolves REAL(close)? */
   if (UNLIKELY(!real_fn[R_close])) return (int)libc_ret(SYS1(close, fd));
   return REAL(close)(fd); /* a cancellation point: glibc's */
@@ -177,6 +178,7 @@ long do_close_range(unsigned int first, unsigned int last, int flags) {
     dnotify_closing_range(first, last);
     translated_reads_forget_range(first, last);
     cgroup_procs_forget_range(first, last);
+    inotify_wd_forget_range(first, last);
   }
   int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
   if (LIKELY(t < 0 || (unsigned int)t < first || (unsigned int)t > last))
@@ -199,6 +201,7 @@ API void closefrom(int lowfd) {
   dnotify_closing_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
   translated_reads_forget_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
   cgroup_procs_forget_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
+  inotify_wd_forget_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U);
   int t = __atomic_load_n(&g_tables_fd, __ATOMIC_RELAXED);
   if (LIKELY(t < 0 || t < lowfd)) {
     REAL(closefrom)(lowfd);
@@ -220,6 +223,7 @@ void fd_marks_copy(int from, int to) {
   translated_reads_mark(to, sfd);
   cgroup_procs_mark(to, procs);
   dnotify_copy(from, to);
+  inotify_wd_copy(from, to);
 }
 
 long do_dup3(long nr, int oldfd, int newfd, int flags) {

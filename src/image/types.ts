@@ -570,6 +570,9 @@ export interface Fd {
   tcp?: TcpConnection;
   /** Absent for other kinds and in older images. */
   inotifyWatches?: InotifyWatch[];
+  /** INOTIFY: the highest watch descriptor given on it, where above the
+   * highest watch there; 0: none (and in older images). */
+  inotifyLastWd?: number;
   /** File locks held through it (resources/locks.ts); absent in older images. */
   locks?: FileLock[];
   /** PTY: which pair, which end. */

@@ -413,6 +413,8 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (watches.length > LIMITS.inotifyWatches || watches.some((w) => !(w.wd >= 1 && w.wd <= LIMITS.inotifyWatches)))
       corrupt(`${where} has ${watches.length} inotify watches or a watch number above ${LIMITS.inotifyWatches}`);
     if (new Set(watches.map((w) => w.wd)).size !== watches.length) corrupt(`${where} has an inotify watch number twice`);
+    if (fd.inotifyLastWd !== undefined && !(Number.isInteger(fd.inotifyLastWd) && fd.inotifyLastWd >= 0 && fd.inotifyLastWd <= LIMITS.inotifyWatches))
+      corrupt(`${where} has ${fd.inotifyLastWd} as its last inotify watch number (at most ${LIMITS.inotifyWatches})`);
     if (fd.timerfd && !(fd.timerfd.clockid >= 0 && fd.timerfd.clockid <= 11)) corrupt(`${where} is a timerfd on clock ${fd.timerfd.clockid}`);
     if (fd.kind === FdKind.PTY && !(fd.pty && inRange(fd.pty.pair, image.ptys ?? []))) corrupt(`${where} is an end of pty ${fd.pty?.pair}, which the image does not have`);
     const fanotify = fanotifyRecordFault(fd);
@@ -590,7 +592,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   let counted = 0;
   for (const p of image.processes) {
     counted += Math.max(0, ...(p.posixTimers ?? []).map((t) => t.id + 1));
-    for (const fd of p.fds) counted += Math.max(0, ...(fd.inotifyWatches ?? []).map((w) => w.wd));
+    for (const fd of p.fds) counted += Math.max(fd.inotifyLastWd ?? 0, ...(fd.inotifyWatches ?? []).map((w) => w.wd));
   }
   if (counted > LIMITS.countedIds) corrupt(`its inotify watch numbers and POSIX timer ids add up to ${counted} (at most ${LIMITS.countedIds})`);
   const locks = image.processes.reduce((n, p) => n + p.fds.reduce((m, fd) => m + (fd.locks?.length ?? 0), 0), 0);

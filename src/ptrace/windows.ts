@@ -242,6 +242,46 @@ export function cpuTimesOf(pid: number, maps: MapsLine[]): bigint | undefined {
   return lib && offsets ? lib.start + offsets.appshot_cpu_times : undefined;
 }
 
+/** The highest inotify watch descriptor process `pid`'s preload library
+ * saw the kernel give on its descriptor `fd` (appshot_inotify_last_wd,
+ * addon/preload/preload_inotify.c, of INOTIFY_TRACKED descriptors); 0:
+ * none seen, no library, or an older one. The process's memory: a
+ * number to check, not to trust. */
+export function inotifyLastWdOf(pid: number, fd: number): number {
+  if (!(fd >= 0 && fd < 1024)) return 0;
+  let maps: string;
+  try {
+    maps = readFileSync(`/proc/${pid}/maps`, 'utf8');
+  } catch {
+    return 0;
+  }
+  const lib = preloadMapping(maps);
+  const offsets = lib && librarySymbols(pid, lib, ['appshot_inotify_last_wd'] as const);
+  if (!lib || !offsets) return 0;
+  try {
+    return addon().readMemory(pid, lib.start + offsets.appshot_inotify_last_wd + BigInt(4 * fd), 4).readInt32LE(0);
+  } catch {
+    return 0;
+  }
+}
+
+/** Where, from a thread's pointer, the preload library keeps which entry
+ * of its CPU-time offsets is the thread's (appshot_cpu_entry_tpoff,
+ * addon/preload/preload_cputime.c), in a process whose mappings are
+ * `maps`; undefined: no library, or an older one (whose table is of 128
+ * threads, found by virtual TID). */
+export function cpuEntryTpoffOf(pid: number, maps: MapsLine[]): bigint | undefined {
+  const lib = preloadMappingIn(maps);
+  const offsets = lib && librarySymbols(pid, lib, ['appshot_cpu_entry_tpoff'] as const);
+  if (!lib || !offsets) return undefined;
+  try {
+    const tpoff = addon().readMemory(pid, lib.start + offsets.appshot_cpu_entry_tpoff, 8).readBigInt64LE(0);
+    return tpoff === 0n ? undefined : tpoff;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Where, from a thread's pointer, the preload library keeps the epoll
  * wait with a timeout the thread is in (appshot_timed_wait_tpoff,
  * addon/preload/preload_wait.c), in a process whose mappings are `maps`;

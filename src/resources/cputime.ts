@@ -8,7 +8,10 @@
  * writes into the restored process's memory: what each count had reached
  * at the snapshot, as the application saw it (the kernel's count and the
  * offset an earlier restore gave it), less what the kernel counts in the
- * restored process.
+ * restored process. A thread's offsets are its restored thread's only:
+ * the restore also writes, into each thread's thread-local storage, which
+ * entry is its own (a thread made later starts with none, whatever
+ * numbers it is given), and the next snapshot reads them back by it.
  *
  * The kernel's counts, read from outside while the process is stopped:
  *  - a process's CPU-time clock in nanoseconds (its CLOCK_PROCESS_CPUTIME_ID,
@@ -27,9 +30,9 @@
 import type { CpuTimes, Process, Thread } from '../image/types.js';
 import { addon } from '../native.js';
 import { procText } from '../procfs.js';
-import { cpuTimesOf } from '../ptrace/windows.js';
+import { cpuEntryTpoffOf, cpuTimesOf } from '../ptrace/windows.js';
 import type { MapsLine } from './memory.js';
-import { ImageMemory } from './threads.js';
+import { ImageMemory, REG } from './threads.js';
 
 /** USER_HZ: /proc's clock ticks, 100 on every Linux ABI. */
 const NS_PER_TICK = 10_000_000n;
@@ -39,9 +42,20 @@ export const CPU_TIMES_MAX = 1n << 62n;
 
 /** struct appshot_cpu_times (preload_cputime.c): owner (the virtual PID)
  * and the count of thread entries, five int64 of the process, then
- * CPU_THREADS entries of vtid, pad and three int64. */
-const CPU_TIMES = { owner: 0, threads: 4, process: 8, entries: 48, entry: 32, capacity: 128 } as const;
+ * `capacity` entries of vtid, the system TID the restore gave the thread
+ * (0: it ended) and three int64, sorted by vtid. A thread finds its own
+ * entry by an index in its thread-local storage (appshot_cpu_entry_tpoff),
+ * which the restore writes; a library without that symbol is an older
+ * one, of 128 entries found by vtid. */
+const CPU_TIMES = { owner: 0, threads: 4, process: 8, entries: 48, entry: 32, capacity: 4096, olderCapacity: 128 } as const;
 const CPU_TIMES_SIZE = CPU_TIMES.entries + CPU_TIMES.capacity * CPU_TIMES.entry;
+
+/** Where thread `t`'s entry index lies (its thread pointer plus `tpoff`),
+ * or undefined: a thread without a thread pointer. */
+function entryIndexAt(t: Thread, tpoff: bigint): bigint | undefined {
+  const fsBase = t.regs.length >= REG.fsBase + 8 ? t.regs.readBigUInt64LE(REG.fsBase) : 0n;
+  return fsBase ? BigInt.asUintN(64, fsBase + tpoff) : undefined;
+}
 
 /** A process's or thread's counts as the kernel shows them: the runtime in
  * ns, user and system (and children's) ticks of /proc's stat. */
@@ -109,25 +123,55 @@ const childCeiling = (ticks: bigint) => (ticks === 0n ? 0n : (ticks + 1n) * NS_P
 
 /** The library's offsets in a process (its memory at `address`), if a
  * restore wrote them for it (`vpid`: a fork's child keeps a copy that is
- * not its own): the process's, and each thread's by virtual TID. */
-function readOffsets(pid: number, address: bigint, vpid: number): { process: CpuTimes; threads: Map<number, CpuTimes> } | undefined {
+ * not its own): the process's, and each of `threads`' by virtual TID,
+ * the entry its thread-local index names (`tpoff`; an older library's:
+ * the entry of its virtual TID). A thread made since the restore has
+ * none, whatever its numbers. */
+function readOffsets(pid: number, address: bigint, vpid: number, threads: Thread[], tpoff: bigint | undefined): { process: CpuTimes; threads: Map<number, CpuTimes> } | undefined {
   let b: Buffer;
   try {
-    b = addon().readMemory(pid, address, CPU_TIMES_SIZE);
+    b = addon().readMemory(pid, address, CPU_TIMES.entries);
   } catch {
     return undefined;
   }
   if (b.readInt32LE(CPU_TIMES.owner) !== vpid) return undefined;
-  const at = (o: number) => b.readBigInt64LE(o);
   const p = CPU_TIMES.process;
+  const at = (o: number) => b.readBigInt64LE(o);
   const process = { ns: at(p), userNs: at(p + 8), systemNs: at(p + 16), childUserNs: at(p + 24), childSystemNs: at(p + 32) };
-  const threads = new Map<number, CpuTimes>();
-  const n = Math.min(b.readUInt32LE(CPU_TIMES.threads), CPU_TIMES.capacity);
-  for (let i = 0; i < n; i++) {
-    const e = CPU_TIMES.entries + i * CPU_TIMES.entry;
-    threads.set(b.readInt32LE(e), { ns: at(e + 8), userNs: at(e + 16), systemNs: at(e + 24), childUserNs: 0n, childSystemNs: 0n });
+  const offsets = new Map<number, CpuTimes>();
+  const n = Math.min(b.readUInt32LE(CPU_TIMES.threads), tpoff === undefined ? CPU_TIMES.olderCapacity : CPU_TIMES.capacity);
+  if (!n) return { process, threads: offsets };
+  let e: Buffer;
+  try {
+    e = addon().readMemory(pid, address + BigInt(CPU_TIMES.entries), n * CPU_TIMES.entry);
+  } catch {
+    return { process, threads: offsets };
   }
-  return { process, threads };
+  const entry = (i: number): CpuTimes => {
+    const o = i * CPU_TIMES.entry;
+    return { ns: e.readBigInt64LE(o + 8), userNs: e.readBigInt64LE(o + 16), systemNs: e.readBigInt64LE(o + 24), childUserNs: 0n, childSystemNs: 0n };
+  };
+  if (tpoff === undefined) {
+    for (let i = 0; i < n; i++) offsets.set(e.readInt32LE(i * CPU_TIMES.entry), entry(i));
+    return { process, threads: offsets };
+  }
+  for (const t of threads) {
+    const where = entryIndexAt(t, tpoff);
+    if (where === undefined) continue;
+    let index: number;
+    try {
+      index = addon().readMemory(pid, where, 4).readUInt32LE(0);
+    } catch {
+      continue;
+    }
+    // The thread's memory, as any: an index out of the table, or of an
+    // entry closed or another thread's, gives nothing.
+    if (index < 1 || index > n) continue;
+    const o = (index - 1) * CPU_TIMES.entry;
+    if (e.readInt32LE(o) !== t.vtid || e.readInt32LE(o + 4) === 0) continue;
+    offsets.set(t.vtid, entry(index - 1));
+  }
+  return { process, threads: offsets };
 }
 
 /** The kernel's counts, read at snapshot (all threads stopped) before any
@@ -169,7 +213,7 @@ const sum = (a: CpuTimes, b: CpuTimes | undefined): CpuTimes =>
 export function dumpCpuTimes(pid: number, maps: MapsLine[], kernel: KernelCpuAtSnapshot, proc: Process): void {
   const address = cpuTimesOf(pid, maps);
   if (address === undefined || !kernel) return;
-  const earlier = readOffsets(pid, address, proc.vpid);
+  const earlier = readOffsets(pid, address, proc.vpid, proc.threads, cpuEntryTpoffOf(pid, maps));
   const k = kernel.process;
   proc.cpuTimes = sum({ ns: k.ns, ...splitCeiling(k), childUserNs: childCeiling(k.childUserTicks), childSystemNs: childCeiling(k.childSystemTicks) }, earlier?.process);
   for (const t of proc.threads) {
@@ -201,36 +245,83 @@ export function restoreCpuTimes(pid: number, p: Process, tids: number[], maps: M
   if (!p.cpuTimes) return undefined;
   const address = cpuTimesOf(pid, maps);
   if (address === undefined) return undefined;
-  if (!new ImageMemory(p.vmas, maps).writablePrivate(address, CPU_TIMES_SIZE)) return 'its CPU time starts again near 0 (its library\'s offsets are not in private writable memory)';
+  const tpoff = cpuEntryTpoffOf(pid, maps);
+  const capacity = tpoff === undefined ? CPU_TIMES.olderCapacity : CPU_TIMES.capacity;
+  const memory = new ImageMemory(p.vmas, maps);
+  if (!memory.writablePrivate(address, CPU_TIMES.entries)) return 'its CPU time starts again near 0 (its library\'s offsets are not in private writable memory)';
   const now = kernelCpu(pid, tids);
   if (!now) return 'its CPU time starts again near 0 (the kernel\'s count of the restored process could not be read)';
-  const b = Buffer.alloc(CPU_TIMES_SIZE);
-  b.writeInt32LE(p.vpid, CPU_TIMES.owner);
+  const header = Buffer.alloc(CPU_TIMES.entries);
+  header.writeInt32LE(p.vpid, CPU_TIMES.owner);
   const k = now.process;
   const c = p.cpuTimes;
   const o = CPU_TIMES.process;
   // The split's floor now: the kernel's split from here on is at least it.
-  b.writeBigInt64LE(c.ns - k.ns, o);
-  b.writeBigInt64LE(c.userNs - k.userTicks * NS_PER_TICK, o + 8);
-  b.writeBigInt64LE(c.systemNs - k.systemTicks * NS_PER_TICK, o + 16);
-  b.writeBigInt64LE(c.childUserNs - k.childUserTicks * NS_PER_TICK, o + 24);
-  b.writeBigInt64LE(c.childSystemNs - k.childSystemTicks * NS_PER_TICK, o + 32);
-  let n = 0;
-  p.threads.forEach((t: Thread, i: number) => {
-    const kt = now.threads.get(tids[i]);
-    if (!t.cpuTimes || !kt || n >= CPU_TIMES.capacity) return;
-    const e = CPU_TIMES.entries + n++ * CPU_TIMES.entry;
-    b.writeInt32LE(t.vtid, e);
-    b.writeBigInt64LE(t.cpuTimes.ns - kt.ns, e + 8);
-    b.writeBigInt64LE(t.cpuTimes.userNs - kt.userTicks * NS_PER_TICK, e + 16);
-    b.writeBigInt64LE(t.cpuTimes.systemNs - kt.systemTicks * NS_PER_TICK, e + 24);
+  header.writeBigInt64LE(c.ns - k.ns, o);
+  header.writeBigInt64LE(c.userNs - k.userTicks * NS_PER_TICK, o + 8);
+  header.writeBigInt64LE(c.systemNs - k.systemTicks * NS_PER_TICK, o + 16);
+  header.writeBigInt64LE(c.childUserNs - k.childUserTicks * NS_PER_TICK, o + 24);
+  header.writeBigInt64LE(c.childSystemNs - k.childSystemTicks * NS_PER_TICK, o + 32);
+  // Each thread's index, where it is written: every thread's (0 for one
+  // without an entry), since the image's may name an entry of an earlier
+  // restore's table. Threads sharing a thread pointer share the index:
+  // none of them has an entry. If one cannot be written, no thread has an
+  // entry (its index would be the image's).
+  const indexAt = new Map<Thread, bigint>();
+  let indexed = tpoff !== undefined;
+  if (tpoff !== undefined) {
+    const pointers = new Map<bigint, number>();
+    for (const t of p.threads) {
+      const at = entryIndexAt(t, tpoff);
+      if (at === undefined) continue;
+      if (!memory.writablePrivate(at, 4)) indexed = false;
+      indexAt.set(t, at);
+      pointers.set(at, (pointers.get(at) ?? 0) + 1);
+    }
+    for (const [t, at] of indexAt) if (pointers.get(at)! > 1) indexAt.delete(t);
+  }
+  const own = p.threads
+    .map((t: Thread, i: number) => ({ t, tid: tids[i], kt: now.threads.get(tids[i]) }))
+    .filter(({ t, kt }) => t.cpuTimes && kt && (tpoff === undefined || (indexed && indexAt.has(t))))
+    .sort((a, b) => a.t.vtid - b.t.vtid)
+    .slice(0, capacity);
+  const entries = Buffer.alloc(own.length * CPU_TIMES.entry);
+  own.forEach(({ t, tid, kt }, i) => {
+    const e = i * CPU_TIMES.entry;
+    entries.writeInt32LE(t.vtid, e);
+    entries.writeInt32LE(tid, e + 4);
+    entries.writeBigInt64LE(t.cpuTimes!.ns - kt!.ns, e + 8);
+    entries.writeBigInt64LE(t.cpuTimes!.userNs - kt!.userTicks * NS_PER_TICK, e + 16);
+    entries.writeBigInt64LE(t.cpuTimes!.systemNs - kt!.systemTicks * NS_PER_TICK, e + 24);
   });
-  b.writeUInt32LE(n, CPU_TIMES.threads);
+  header.writeUInt32LE(own.length, CPU_TIMES.threads);
+  if (entries.length && !memory.writablePrivate(address + BigInt(CPU_TIMES.entries), entries.length))
+    return 'its CPU time starts again near 0 (its library\'s offsets are not in private writable memory)';
+  // The count first written as 0: the table the image brought, and
+  // indices of it, must not be taken together with this restore's.
+  const counted = Buffer.from(header);
+  header.writeUInt32LE(0, CPU_TIMES.threads);
   try {
-    addon().writeMemory(pid, address, b);
+    addon().writeMemory(pid, address, header);
+    if (indexed) {
+      const index = new Map(own.map(({ t }, i) => [t, i + 1]));
+      for (const [t, at] of indexAt) {
+        const b = Buffer.alloc(4);
+        b.writeUInt32LE(index.get(t) ?? 0);
+        // Written only if it differs: a page written is a page copied in
+        // a prepared instance, whose pages stay the page file's
+        // otherwise (the same threads get the same entries again).
+        if (!addon().readMemory(pid, at, 4).equals(b)) addon().writeMemory(pid, at, b);
+      }
+    }
+    if (entries.length) addon().writeMemory(pid, address + BigInt(CPU_TIMES.entries), entries);
+    addon().writeMemory(pid, address, counted);
   } catch (e) {
     return `its CPU time starts again near 0 (${(e as Error).message})`;
   }
-  const left = p.threads.filter((t) => t.cpuTimes).length - n;
-  return left > 0 ? `${left} of its threads' CPU time starts again near 0 (the library carries ${CPU_TIMES.capacity} threads' at most)` : undefined;
+  const left = p.threads.filter((t) => t.cpuTimes).length - own.length;
+  if (left <= 0) return undefined;
+  return tpoff !== undefined && !indexed
+    ? `its threads' CPU time starts again near 0 (where a thread keeps which offsets are its own is not in private writable memory)`
+    : `${left} of its threads' CPU time starts again near 0 (${own.length === capacity ? `the library carries ${capacity} threads' at most` : 'a thread without its own thread pointer'})`;
 }

@@ -29,7 +29,8 @@ import { openDeletedFile, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
 import { dumpEpoll, restoreEpolls } from './epoll.js';
 import { dumpEventfd, restoreEventfd } from './eventfd.js';
-import { dumpInotify, refuseQueuedEvents, restoreInotify } from './inotify.js';
+import { dumpInotify, inotifyLastWd, refuseQueuedEvents, restoreInotify } from './inotify.js';
+import { inotifyLastWdOf } from '../ptrace/windows.js';
 import { dumpFanotify, restoreFanotify } from './fanotify.js';
 import { dumpIoUring, restoreIoUring } from './iouring.js';
 import { dumpPipe, openPipeEnd } from './pipes.js';
@@ -188,6 +189,8 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       fd.kind = FdKind.INOTIFY;
       refuseQueuedEvents(pid, n, 'inotify', `${what} fd ${n}`);
       fd.inotifyWatches = dumpInotify(pid, (info as Map<string, string> & { raw: string }).raw, `${what} fd ${n}`);
+      const last = inotifyLastWd(fd.inotifyWatches, inotifyLastWdOf(pid, n));
+      if (last !== undefined) fd.inotifyLastWd = last;
     } else if (target === 'anon_inode:[fanotify]') {
       fd.kind = FdKind.FANOTIFY;
       // Its queued events are not looked at (fanotify.ts): lost.

@@ -12,10 +12,18 @@
  * numbers, and a gap (a watch the application removed) is used up by
  * adding and removing a watch on a directory that is not watched.
  *
- * Not carried: where the numbering goes on after the highest wd if the
- * application had removed watches above it. Events queued at the snapshot
- * cannot be put back: an instance with some is refused by name
- * (refuseQueuedEvents; fanotify's too).
+ * The kernel numbers on from the last wd it gave, not from the highest
+ * one there: a program that removed its highest watches gets numbers above
+ * them next. /proc does not show it; the preload library records, per
+ * descriptor, the highest wd inotify_add_watch got
+ * (addon/preload/preload_inotify.c), and the restore spends numbers up to
+ * it the same way (inotifyLastWd). Where the library did not see it (an
+ * instance another process added watches to, one kept across an exec, a
+ * descriptor from 1024 up), the numbering goes on from the highest watch,
+ * as the kernel's would from the highest the library saw.
+ *
+ * Events queued at the snapshot cannot be put back: an instance with some
+ * is refused by name (refuseQueuedEvents; fanotify's too).
  */
 import { closeSync, lstatSync, readFileSync } from 'node:fs';
 import { addon } from '../native.js';
@@ -76,6 +84,21 @@ export function markedInodePath(pid: number, fields: { ino: string; sdev: string
   return path;
 }
 
+/** The most inotify watch numbers an image may hold (image/validate.ts). */
+const INOTIFY_WD_MAX = 65536;
+
+/** The wd the kernel gave last on an instance with `watches`, as the
+ * library recorded it (`recorded`: the process's memory, a number to
+ * check), where it says more than the watches do: only above the highest
+ * watch there (one below is not this instance's: left at a number closed
+ * past the library) and within what an image may hold; else undefined,
+ * and the numbering goes on from the highest watch. */
+export function inotifyLastWd(watches: InotifyWatch[], recorded: number): number | undefined {
+  const highest = Math.max(0, ...watches.map((w) => w.wd));
+  return recorded > highest && recorded <= INOTIFY_WD_MAX ? recorded : undefined;
+}
+
+
 /** Each watch of inotify descriptor `where` ("process 2 (app) fd 5"), in
  * wd order, from its fdinfo text. */
 export function dumpInotify(pid: number, fdinfo: string, where: string): InotifyWatch[] {
@@ -123,6 +146,7 @@ export function restoreInotify(r: RemoteProcess, fd: Fd): number {
     }
   };
   const watched = new Set(watches.map((w) => inode(w.path)));
+  const last = fd.inotifyLastWd ?? 0;
   const spare = SPARE.find((p) => inode(p) >= 0 && !watched.has(inode(p)));
   // The watches are added by the restorer, on the instance taken from the
   // process (one watch list: the numbers are the same), on a thread with
@@ -135,16 +159,21 @@ export function restoreInotify(r: RemoteProcess, fd: Fd): number {
   const ours = watches.length ? addon().getFd(r.pid, made) : -1;
   let next = 1;
   let spent = false;
+  /** Numbers up to `wd` (not included) spent by adding and removing a
+   * watch on the spare directory. */
+  const skipTo = (wd: number) => {
+    while (next < wd) {
+      if (!spare) throw new Error(`inotify fd ${fd.fd}: no unwatched directory to skip watch descriptor ${next} with`);
+      r.reset();
+      const skip = r.call(`skipping inotify watch descriptor ${next}`, SYS.inotify_add_watch, [made, r.str(spare), IN_ATTRIB | IN_DONT_FOLLOW]);
+      r.call('removing it', SYS.inotify_rm_watch, [made, skip]);
+      next = Number(skip) + 1;
+      spent = true;
+    }
+  };
   try {
     for (const w of watches) {
-      while (next < w.wd) {
-        if (!spare) throw new Error(`inotify fd ${fd.fd}: no unwatched directory to skip watch descriptor ${next} with`);
-        r.reset();
-        const skip = r.call(`skipping inotify watch descriptor ${next}`, SYS.inotify_add_watch, [made, r.str(spare), IN_ATTRIB | IN_DONT_FOLLOW]);
-        r.call('removing it', SYS.inotify_rm_watch, [made, skip]);
-        next = Number(skip) + 1;
-        spent = true;
-      }
+      skipTo(w.wd);
       let got: number;
       try {
         got = addon().inotifyAddWatchAs(ours, w.path, w.mask | IN_DONT_FOLLOW, as.who);
@@ -154,6 +183,8 @@ export function restoreInotify(r: RemoteProcess, fd: Fd): number {
       if (got !== w.wd) throw new Error(`inotify fd ${fd.fd}: ${w.path} came back as watch ${got}, not ${w.wd}`);
       next = got + 1;
     }
+    // The numbers the program had used above its highest watch.
+    skipTo(last + 1);
   } finally {
     if (ours >= 0) closeSync(ours);
   }
