@@ -530,6 +530,10 @@ interface Addon {
   mqOpenAs(name: string, flags: number, who?: FsIdentities): number;
   /** inotify_add_watch(fd, path, mask) as `who`: its wd. */
   inotifyAddWatchAs(fd: number, path: string, mask: number, who?: FsIdentities): number;
+  /** Watch descriptors `next` .. `upTo - 1` of our descriptor of an
+   * inotify instance spent (added and removed on `path`), their events
+   * read out: the number the instance gives next. */
+  inotifySkipWds(fd: number, path: string, next: number, upTo: number): number;
   /** fanotify_mark(fd, flags, mask, AT_FDCWD, path) as `who`. */
   fanotifyMarkAs(fd: number, flags: number, mask: bigint, path: string, who?: FsIdentities): void;
   /** One message, whole, to `addr` or to the connected peer (null). */

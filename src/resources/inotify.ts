@@ -37,9 +37,7 @@ const IN_CLOEXEC = 0o2000000;
 /** The path names the watched inode itself, never what a symlink there
  * points to. */
 const IN_DONT_FOLLOW = 0x02000000;
-const IN_ATTRIB = 0x4;
 const F_SETFL = 4;
-const EAGAIN = 11;
 
 const WATCH = /^inotify wd:(\d+) ino:([0-9a-f]+) sdev:([0-9a-f]+) mask:([0-9a-f]+) ignored_mask:[0-9a-f]+(?: fhandle-bytes:([0-9a-f]+) fhandle-type:([0-9a-f]+) f_handle:([0-9a-f]+))?/;
 
@@ -153,23 +151,19 @@ export function restoreInotify(r: RemoteProcess, fd: Fd): number {
   // the process's filesystem identity (fsident.ts): the kernel walks to the
   // name and checks read permission as the caller, which must be the
   // process, not a root restorer before the process's credentials are
-  // back (issue 12). The spare directories' skips stay in the process:
-  // fixed names, not the image's.
+  // back (issue 12). The numbers skipped are spent there too, on a spare
+  // directory (fixed names, not the image's: nothing of the image is
+  // walked with the restorer's rights), by a native loop: two calls
+  // injected into the process per number cost ~0.5 ms, a program that had
+  // removed thousands of watches would take seconds.
   const as = identitiesOfRestored(r);
-  const ours = watches.length ? addon().getFd(r.pid, made) : -1;
+  const ours = watches.length || last ? addon().getFd(r.pid, made) : -1;
   let next = 1;
-  let spent = false;
-  /** Numbers up to `wd` (not included) spent by adding and removing a
-   * watch on the spare directory. */
+  /** Numbers up to `wd` (not included) spent; their events read out. */
   const skipTo = (wd: number) => {
-    while (next < wd) {
-      if (!spare) throw new Error(`inotify fd ${fd.fd}: no unwatched directory to skip watch descriptor ${next} with`);
-      r.reset();
-      const skip = r.call(`skipping inotify watch descriptor ${next}`, SYS.inotify_add_watch, [made, r.str(spare), IN_ATTRIB | IN_DONT_FOLLOW]);
-      r.call('removing it', SYS.inotify_rm_watch, [made, skip]);
-      next = Number(skip) + 1;
-      spent = true;
-    }
+    if (next >= wd) return;
+    if (!spare) throw new Error(`inotify fd ${fd.fd}: no unwatched directory to skip watch descriptor ${next} with`);
+    next = addon().inotifySkipWds(ours, spare, next, wd);
   };
   try {
     for (const w of watches) {
@@ -187,16 +181,6 @@ export function restoreInotify(r: RemoteProcess, fd: Fd): number {
     skipTo(last + 1);
   } finally {
     if (ours >= 0) closeSync(ours);
-  }
-  // Each skipped descriptor queued an IN_IGNORED event: read them out.
-  if (spent) {
-    r.reset();
-    const buf = r.put(Buffer.alloc(4096));
-    for (;;) {
-      const n = r.raw(SYS.read, [made, buf, 4096]);
-      if (n === BigInt(-EAGAIN)) break;
-      if (n < 0n) throw new Error(`inotify fd ${fd.fd}: reading out the skipped watches' events failed (errno ${-n})`);
-    }
   }
   if (!(fd.flags & IN_NONBLOCK)) r.call(`clearing O_NONBLOCK of inotify fd ${fd.fd}`, SYS.fcntl, [made, F_SETFL, fd.flags & ~IN_NONBLOCK & ~IN_CLOEXEC]);
   return made;
