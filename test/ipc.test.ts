@@ -252,11 +252,16 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
   // (review r267). The library now holds such a handler back until the
   // table holds the adjustment; the fixture's handlers check that.
   it('carries the adjustment of a thread whose signal handler blocks as its semop returns (the handler held until the table holds it)', async () => {
+    // A third thread of it waits in its own semop: taken, never refused.
     const { set, child } = await semundo('undohandler', 'handler');
-    sb.ok(['snapshot', 'undohandler', '--leave-running', '-o', join(out, 'handler.img')]);
+    sb.ok(['snapshot', 'undohandler', '-o', join(out, 'handler.img')]);
     const { image } = await loadImage(join(out, 'handler.img'), { trust: 'report' });
     const held = [{ vid: set, semnum: 0, adj: 1 }, { vid: set, semnum: 1, adj: 1 }];
     expect([...image.processes.find((p) => p.vpid === child)!.semUndo!].sort((a, b) => a.semnum - b.semnum)).toEqual(held);
+    sb.ok(['restore', join(out, 'handler.img')]);
+    await sb.checksPass('undohandler', 2);
+    // Killed after the restore, the holder gives both back (its waiting
+    // semop, made again on the new set, took nothing).
     await sb.exercised('undohandler', 'to kill the holder');
     expect(sb.log('undohandler')).toMatch(/^PASS$/m);
     sb.ok(['rm', '-f', 'undohandler']);
