@@ -267,6 +267,19 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undohandler']);
   });
 
+  // A handler the kernel resets as it takes it (SA_RESETHAND) cannot be
+  // held back (queued again, the signal would meet the default action):
+  // it runs at once, and the process is refused, never carried short.
+  it('refuses by name a process whose one-shot handler ran between the kernel\'s semop and the table\'s write', async () => {
+    const { child } = await semundo('undooneshot', 'oneshot');
+    const r = sb.run(['snapshot', 'undooneshot', '--leave-running', '-o', join(out, 'oneshot.img')]);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known: `);
+    expect(r.stderr).toContain('or took a signal whose handler could not wait while the library wrote one (a fault, a one-shot handler');
+    await sb.checksPass('undooneshot', 2);
+    sb.ok(['rm', '-f', 'undooneshot']);
+  });
+
   it('gives back the adjustment a second thread of the holder made (threads share theirs)', async () => {
     const { set, child } = await semundo('undothread', 'thread');
     sb.ok(['snapshot', 'undothread', '-o', join(out, 'thread.img')]);
