@@ -232,6 +232,54 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undomerge']);
   });
 
+  // A thread stopped between the kernel's semop and the library's write
+  // of its adjustment, blocked in a system call there (as a signal handler
+  // that blocks at that instant leaves it: the freeze takes a thread
+  // blocked inside a window): the table looks whole but lacks it.
+  it('never carries a table that lacks an operation the kernel made (a thread blocked before writing it)', async () => {
+    const { set, child } = await semundo('undounrec', 'unrecorded');
+    const r = sb.run(['snapshot', 'undounrec', '--leave-running', '-o', join(out, 'unrec.img')]);
+    if (r.code === 0) {
+      const { image } = await loadImage(join(out, 'unrec.img'), { trust: 'report' });
+      expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    } else expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known`);
+    sb.ok(['rm', '-f', 'undounrec']);
+  });
+
+  // A signal taken just as the kernel's semop made a SEM_UNDO operation
+  // (at the call's return, or while the library writes it), whose handler
+  // blocks: frozen there, the process was carried without the adjustment
+  // (review r267). The library now holds such a handler back until the
+  // table holds the adjustment; the fixture's handlers check that.
+  it('carries the adjustment of a thread whose signal handler blocks as its semop returns (the handler held until the table holds it)', async () => {
+    // A third thread of it waits in its own semop: taken, never refused.
+    const { set, child } = await semundo('undohandler', 'handler');
+    sb.ok(['snapshot', 'undohandler', '-o', join(out, 'handler.img')]);
+    const { image } = await loadImage(join(out, 'handler.img'), { trust: 'report' });
+    const held = [{ vid: set, semnum: 0, adj: 1 }, { vid: set, semnum: 1, adj: 1 }];
+    expect([...image.processes.find((p) => p.vpid === child)!.semUndo!].sort((a, b) => a.semnum - b.semnum)).toEqual(held);
+    sb.ok(['restore', join(out, 'handler.img')]);
+    await sb.checksPass('undohandler', 2);
+    // Killed after the restore, the holder gives both back (its waiting
+    // semop, made again on the new set, took nothing).
+    await sb.exercised('undohandler', 'to kill the holder');
+    expect(sb.log('undohandler')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undohandler']);
+  });
+
+  // A handler the kernel resets as it takes it (SA_RESETHAND) cannot be
+  // held back (queued again, the signal would meet the default action):
+  // it runs at once, and the process is refused, never carried short.
+  it('refuses by name a process whose one-shot handler ran between the kernel\'s semop and the table\'s write', async () => {
+    const { child } = await semundo('undooneshot', 'oneshot');
+    const r = sb.run(['snapshot', 'undooneshot', '--leave-running', '-o', join(out, 'oneshot.img')]);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known: `);
+    expect(r.stderr).toContain('or took a signal whose handler could not wait while the library wrote one (a fault, a one-shot handler');
+    await sb.checksPass('undooneshot', 2);
+    sb.ok(['rm', '-f', 'undooneshot']);
+  });
+
   it('gives back the adjustment a second thread of the holder made (threads share theirs)', async () => {
     const { set, child } = await semundo('undothread', 'thread');
     sb.ok(['snapshot', 'undothread', '-o', join(out, 'thread.img')]);

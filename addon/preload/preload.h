@@ -85,6 +85,43 @@ static inline void note_sem_undo_split(unsigned long flags) {
   if ((flags & CLONE_VM) && !(flags & (CLONE_SYSVSEM | CLONE_VFORK)))
     __atomic_store_n(&g_sem_undo_split, 1, __ATOMIC_RELAXED);
 }
+/* A semop on its way through this thread (preload_ipc.c, "A semop in
+ * flight"): from just before its system call until its SEM_UNDO
+ * adjustments are in the table. A signal whose handler would run while
+ * the kernel has made the operation and the table does not hold it yet
+ * waits (preload_signal.c): a handler that blocked there was frozen by a
+ * snapshot with the adjustment in neither place (review r267). Read by a
+ * snapshot at the thread pointer plus the table's flight_tpoff
+ * (src/resources/sysv.ts). */
+#define SEMOP_IDLE 0
+#define SEMOP_ISSUED 1    /* the call made or about to be; result 1 until it returns */
+#define SEMOP_RECORDING 2 /* made; its adjustments being written */
+struct appshot_semop_flight {
+  int32_t state;
+  int32_t pad;
+  int64_t result;    /* 1 until the call returns, then its result (0, -errno) */
+  uint64_t ops;      /* its operations and their count */
+  uint64_t nops;
+  uint64_t deferred; /* signals (bit sig - 1) held until the write ends */
+};
+extern __thread struct appshot_semop_flight t_semop TLS_IE HIDDEN;
+/* For the signal stub: whether the thread, interrupted in context `uc`,
+ * has a semop made whose adjustments the table does not hold yet. */
+HIDDEN int semop_unrecorded(const void *uc);
+/* The handler of such a signal cannot wait (a fault, a one-shot handler,
+ * the signal could not be queued again): what the table holds is not
+ * known from then on. */
+HIDDEN void sem_undo_unknown(void);
+/* A handler runs on an operation that is not pending (not made, or
+ * failed): the thread shows none while it runs (a snapshot that finds it
+ * blocked there takes it as it is), and has it back after. */
+struct semop_suspended {
+  int32_t state;
+  int64_t result;
+  uint64_t ops, nops;
+};
+HIDDEN void semop_suspend(struct semop_suspended *s);
+HIDDEN void semop_resume(const struct semop_suspended *s);
 /* The calling thread's virtual TID; 0 = not known yet. */
 extern __thread int32_t t_vtid TLS_IE HIDDEN;
 /* --- Translation windows ---------------------------------------------------

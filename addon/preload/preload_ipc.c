@@ -15,6 +15,8 @@
 
 #include "preload.h"
 
+#include <ucontext.h>
+
 struct ipc_kind {
   long get_nr;           /* SYS_semget... */
   enum appshot_kind id;  /* APPSHOT_SEMID... */
@@ -289,15 +291,25 @@ struct appshot_sem_undo {
    * One word, so that emptying it and marking it unknown cannot cross. */
   uint64_t state;
   int32_t capacity; /* SEM_UNDO_MAX */
-  int32_t reserved;
+  int32_t layout;   /* 1: the two words after the entries are there (0: older) */
   struct sem_undo_entry entry[SEM_UNDO_MAX];
+  /* Where each thread's semop in flight is, from its thread pointer (0
+   * until the process's first semop), and where that semop's system call
+   * returns to (a thread blocked in it has its instruction pointer there):
+   * "A semop in flight" below. */
+  int64_t flight_tpoff;
+  const void *semop_returned;
 };
 /* The layout src/resources/sysv.ts reads; cmpxchg16b faults on an entry
  * not 16-byte aligned. */
 _Static_assert(__builtin_offsetof(struct appshot_sem_undo, entry) == 16 &&
-                   sizeof(struct sem_undo_entry) == 16 && _Alignof(struct appshot_sem_undo) == 16,
+                   sizeof(struct sem_undo_entry) == 16 && _Alignof(struct appshot_sem_undo) == 16 &&
+                   __builtin_offsetof(struct appshot_sem_undo, flight_tpoff) == 16 + 16 * SEM_UNDO_MAX &&
+                   __builtin_offsetof(struct appshot_sem_undo, semop_returned) == 24 + 16 * SEM_UNDO_MAX,
                "SEM_UNDO table layout");
-static struct appshot_sem_undo g_sem_undo = {0, SEM_UNDO_MAX, 0, {{0, 0}}};
+/* The instruction after the semop system call (the stub below). */
+extern const char appshot_semop_returned[] HIDDEN;
+static struct appshot_sem_undo g_sem_undo = {0, SEM_UNDO_MAX, 1, {{0, 0}}, 0, appshot_semop_returned};
 extern struct appshot_sem_undo appshot_sem_undo
     __attribute__((alias("g_sem_undo"), visibility("default")));
 
@@ -322,7 +334,7 @@ static void sem_generation_bump(void) {
 #define SEM_UNDO_EMPTYING SEM_UNDO_OWNER /* owner -1 */
 #define SEM_UNDO_UNKNOWN (1ull << 32)
 
-static void sem_undo_unknown(void) {
+void sem_undo_unknown(void) {
   __atomic_or_fetch(&g_sem_undo.state, SEM_UNDO_UNKNOWN, __ATOMIC_ACQ_REL);
 }
 
@@ -567,23 +579,145 @@ static void sem_undo_record(int32_t vid, const struct sembuf *ops, size_t i,
       sem_undo_add(vid, ops[i].sem_num, -(int32_t)ops[i].sem_op, before);
 }
 
+/* --- A semop in flight ----------------------------------------------------
+ *
+ * The kernel changes semadj inside the system call; the table above is
+ * written after it returns. A snapshot lets a thread inside that gap run
+ * on (a translation window), unless the thread is blocked in a system
+ * call there, which only a signal handler that interrupted it can do (or
+ * a test pause): frozen so, the table showed neither the adjustment nor a
+ * write under way, and the snapshot carried the process without it
+ * (review r267). So each thread notes the semop it is making (t_semop,
+ * preload.h), the system call is made here, at a known address, and:
+ *  - the signal stub (preload_signal.c) asks semop_unrecorded() first: a
+ *    signal taken after the kernel made the operation (at the return
+ *    address with 0 in rax, or later, the result noted) and before the
+ *    table holds it does not run the program's handler then; the stub
+ *    queues the signal again to the thread, blocked, and returns; the
+ *    write ends and unblocks it (semop_deferred_release), and the handler
+ *    runs with the table whole. Any other signal runs its handler at
+ *    once: a thread blocked in its semop (an apache child waiting for the
+ *    accept mutex) is interrupted as before.
+ *  - a snapshot reads each thread's note: a thread stopped with an
+ *    operation made and not written (it can only be blocked in a handler
+ *    the library does not wrap, or at a test pause) is refused by name;
+ *    one blocked in this semop, or before it, is taken.
+ * Nested (a handler's semop inside a thread's): the stub clears the note
+ * while the program's handler runs (semop_suspend) and puts it back
+ * after; a semop that finds one pending under it (a handler the library
+ * does not wrap) makes the table unknown. No allocation, no lock: a few
+ * stores to the thread's own memory per semop. */
+__thread struct appshot_semop_flight t_semop;
+
+/* semtimedop(sid, ops, n, timeout) as a raw system call whose return
+ * address is appshot_semop_returned. The note says "made" (ISSUED, result
+ * 1) from the instruction before the call; the result is noted by the
+ * first instruction after it, so that a signal there finds it in rax. */
+HIDDEN long semop_syscall(long sid, struct sembuf *ops, size_t n, const struct timespec *timeout);
+__asm__(".text\n"
+        ".globl semop_syscall\n"
+        ".hidden semop_syscall\n"
+        ".type semop_syscall, @function\n"
+        "semop_syscall:\n"
+        "  .cfi_startproc\n"
+        "  endbr64\n"
+        "  movq t_semop@gottpoff(%rip), %r8\n"
+        "  movq %rcx, %r10\n"
+        "  movl $220, %eax\n" /* SYS_semtimedop */
+        "  movq $1, %fs:8(%r8)\n"
+        "  movl $1, %fs:(%r8)\n" /* SEMOP_ISSUED */
+        "  syscall\n"
+        ".globl appshot_semop_returned\n"
+        ".hidden appshot_semop_returned\n"
+        "appshot_semop_returned:\n"
+        "  movq %rax, %fs:8(%r8)\n"
+        "  ret\n"
+        "  .cfi_endproc\n"
+        ".size semop_syscall, .-semop_syscall\n");
+_Static_assert(__builtin_offsetof(struct appshot_semop_flight, result) == 8 &&
+                   SEMOP_ISSUED == 1,
+               "the stub's offsets");
+
+static inline int semop_pending(int32_t state, int64_t result) {
+  return state == SEMOP_RECORDING || (state == SEMOP_ISSUED && result == 0);
+}
+
+int semop_unrecorded(const void *uc) {
+  const int32_t state = __atomic_load_n(&t_semop.state, __ATOMIC_RELAXED);
+  int64_t result = __atomic_load_n(&t_semop.result, __ATOMIC_RELAXED);
+  if (state == SEMOP_ISSUED && uc) {
+    const mcontext_t *m = &((const ucontext_t *)uc)->uc_mcontext;
+    if ((uintptr_t)m->gregs[REG_RIP] == (uintptr_t)appshot_semop_returned) result = m->gregs[REG_RAX];
+  }
+  return semop_pending(state, result);
+}
+
+void semop_suspend(struct semop_suspended *s) {
+  s->state = t_semop.state;
+  s->result = t_semop.result;
+  s->ops = t_semop.ops;
+  s->nops = t_semop.nops;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_semop.state = SEMOP_IDLE;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+void semop_resume(const struct semop_suspended *s) {
+  t_semop.state = SEMOP_IDLE;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_semop.result = s->result;
+  t_semop.ops = s->ops;
+  t_semop.nops = s->nops;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  t_semop.state = s->state;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+/* The signals held while the write went on, unblocked: queued again to
+ * this thread, their handlers run now. */
+static void semop_deferred_release(void) {
+  uint64_t held = __atomic_exchange_n(&t_semop.deferred, 0, __ATOMIC_RELAXED);
+  if (held) SYS4(rt_sigprocmask, SIG_UNBLOCK, &held, NULL, sizeof held);
+}
+
 long do_semtimedop(int id, struct sembuf *ops, size_t n,
                    const struct timespec *timeout) {
   ID_WINDOW();
   int sid;
   if (!id_arg(APPSHOT_SEMID, id, &sid)) return -1;
   if (!g_h) return REAL(semtimedop)(sid, ops, n, timeout);
+  if (UNLIKELY(!__atomic_load_n(&g_sem_undo.flight_tpoff, __ATOMIC_RELAXED))) {
+    char *tp; /* the thread pointer (the TCB's first word holds it) */
+    __asm__("mov %%fs:0, %0" : "=r"(tp));
+    __atomic_store_n(&g_sem_undo.flight_tpoff, (int64_t)((char *)&t_semop - tp), __ATOMIC_RELEASE);
+  }
+  /* A semop of a handler the library does not wrap, over one made and
+   * not written: that one stays unwritten while this one runs. */
+  struct semop_suspended outer;
+  semop_suspend(&outer);
+  if (UNLIKELY(semop_pending(outer.state, outer.result))) sem_undo_unknown();
+  t_semop.ops = (uintptr_t)ops;
+  t_semop.nops = n;
   /* Inside the window: a snapshot lets a thread that has made the call
    * run on until it has recorded it. */
   uint32_t before = sem_generation();
-  long r = REAL(semtimedop)(sid, ops, n, timeout);
+  long r = semop_syscall(sid, ops, n, timeout);
   size_t i;
   if (r == 0 && (i = first_undo(ops, n)) < n) {
+    __atomic_store_n(&t_semop.state, SEMOP_RECORDING, __ATOMIC_RELAXED);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
     int saved = errno;
     sem_undo_record(id, ops, i, n, before);
     errno = saved;
   }
-  return r;
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  if (LIKELY(outer.state == SEMOP_IDLE)) __atomic_store_n(&t_semop.state, SEMOP_IDLE, __ATOMIC_RELAXED);
+  else semop_resume(&outer);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  if (UNLIKELY(__atomic_load_n(&t_semop.deferred, __ATOMIC_RELAXED)) &&
+      !semop_pending(outer.state, outer.result))
+    semop_deferred_release();
+  return libc_ret(r);
 }
 
 API int semop(int id, struct sembuf *ops, size_t n) {

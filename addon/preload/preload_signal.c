@@ -10,6 +10,11 @@
  * the program's. sigaction hands the program's handler back as the old
  * action, so the program never sees ours. Memory is snapshotted whole, so
  * the kernel's action (our handler) and g_actions come back together.
+ * Every handler goes through ours, not only SA_SIGINFO ones (given
+ * SA_SIGINFO in the kernel, and called as the kernel calls any handler,
+ * with the three arguments): ours also holds a handler back while the
+ * thread has a semop made and not yet written in the SEM_UNDO table
+ * (preload_ipc.c, "A semop in flight"; semop_signal_held below).
  *
  * signalfd: reads of a descriptor made by signalfd() are translated. Which
  * descriptors those are is a bitmap kept by signalfd, close, dup2/dup3 and
@@ -21,11 +26,15 @@
 #include "preload.h"
 
 #include <sys/signalfd.h>
+#include <ucontext.h>
 
 int __sigaction(int sig, const struct sigaction *act, struct sigaction *old);
 
 typedef void (*action_fn)(int, siginfo_t *, void *);
 static action_fn g_actions[_NSIG];
+/* The program's sa_flags for g_actions[sig]: what the old action shows,
+ * and whether the kernel has reset it already (SA_RESETHAND). */
+static unsigned long g_flags[_NSIG];
 
 /* The handler the kernel is given. The siginfo the kernel builds on the
  * frame holds the sender's system PID from the moment the frame exists:
@@ -78,6 +87,39 @@ __asm__(".text\n"
         "  .cfi_endproc\n"
         ".size appshot_signal_entry, .-appshot_signal_entry\n");
 
+/* A signal taken while the thread's semop is made and not yet written in
+ * the SEM_UNDO table (semop_unrecorded): its handler is held until the
+ * write ends, so that a handler which blocks, or leaves by a longjmp,
+ * never does so with the adjustment in neither place. The signal is
+ * queued again to this thread as it came (its siginfo untranslated),
+ * blocked now and in the mask the interrupted code goes on with; the
+ * semop unblocks it once written (a standard signal already pending
+ * again merges with it, as two sent together do). Returns 1 if held.
+ * A fault cannot wait (it would only fault again), nor a handler the
+ * kernel has already reset (SA_RESETHAND: queued again, it would meet
+ * the default action), nor a signal the kernel will not queue again (a
+ * full real-time queue): the handler runs now and the table is marked
+ * unknown, which a snapshot refuses by name. */
+static int semop_signal_held(int sig, siginfo_t *info, void *uc) {
+  if (!semop_unrecorded(uc)) return 0;
+  const int fault = info && info->si_code > 0 &&
+                    (sig == SIGSEGV || sig == SIGBUS || sig == SIGFPE || sig == SIGILL ||
+                     sig == SIGTRAP || sig == SIGSYS);
+  uint64_t bit = 1ull << (sig - 1);
+  if (!info || !uc || fault || sig > 64 || (g_flags[sig] & SA_RESETHAND) ||
+      SYS4(rt_sigprocmask, SIG_BLOCK, &bit, NULL, sizeof bit) != 0) {
+    sem_undo_unknown();
+    return 0;
+  }
+  if (SYS4(rt_tgsigqueueinfo, SYS0(getpid), SYS0(gettid), sig, info) != 0) {
+    sem_undo_unknown(); /* the mask goes back as it was when the handler returns */
+    return 0;
+  }
+  sigaddset(&((ucontext_t *)uc)->uc_sigmask, sig);
+  __atomic_or_fetch(&t_semop.deferred, bit, __ATOMIC_RELAXED);
+  return 1;
+}
+
 /* Entered from the stub, with the window raised; `below`: where the open
  * windows the stub found began, if below the stub's stack pointer. */
 __attribute__((used)) void translating_action(int sig, siginfo_t *info, void *uc,
@@ -85,6 +127,15 @@ __attribute__((used)) void translating_action(int sig, siginfo_t *info, void *uc
 void translating_action(int sig, siginfo_t *info, void *uc, uintptr_t below) {
   if (UNLIKELY(below)) id_window_raised_above(below);
   action_fn program = __atomic_load_n(&g_actions[sig], __ATOMIC_ACQUIRE);
+  struct semop_suspended flight;
+  flight.state = SEMOP_IDLE;
+  if (UNLIKELY(__atomic_load_n(&t_semop.state, __ATOMIC_RELAXED) != SEMOP_IDLE) && program) {
+    if (semop_signal_held(sig, info, uc)) {
+      id_window_close(NULL);
+      return;
+    }
+    semop_suspend(&flight);
+  }
   if (info && g_h) {
     int e = errno;
     translate_si_pid(info);
@@ -92,28 +143,39 @@ void translating_action(int sig, siginfo_t *info, void *uc, uintptr_t below) {
   }
   id_window_close(NULL);
   if (program) program(sig, info, uc);
+  if (UNLIKELY(flight.state != SEMOP_IDLE)) semop_resume(&flight);
 }
 
-/* Whether installing `handler` with `flags` goes through ours. */
-static int wants_translation(unsigned long flags, void *handler) {
-  return (flags & SA_SIGINFO) && handler != (void *)SIG_DFL &&
-         handler != (void *)SIG_IGN && handler != (void *)appshot_signal_entry;
+/* Whether installing `handler` goes through ours: any handler. */
+static int wants_translation(void *handler) {
+  return handler != (void *)SIG_DFL && handler != (void *)SIG_IGN &&
+         handler != (void *)appshot_signal_entry;
 }
 
 /* The part both sigaction and rt_sigaction through syscall() share: returns
- * the handler to give the kernel, having noted the program's. */
-static void *install(int sig, void *handler, unsigned long flags,
-                     action_fn *prev) {
+ * the handler to give the kernel, its flags in *flags, having noted the
+ * program's. */
+static void *install(int sig, void *handler, unsigned long *flags,
+                     action_fn *prev, unsigned long *prev_flags) {
   *prev = g_actions[sig];
-  if (!wants_translation(flags, handler)) return handler;
+  *prev_flags = g_flags[sig];
+  if (!wants_translation(handler)) return handler;
+  __atomic_store_n(&g_flags[sig], *flags, __ATOMIC_RELAXED);
   __atomic_store_n(&g_actions[sig], (action_fn)handler, __ATOMIC_RELEASE);
+  *flags |= SA_SIGINFO;
   return (void *)appshot_signal_entry;
 }
 
-/* What the program is told its old handler was. */
+/* What the program is told its old handler was, and its flags. */
 static void *shown(void *kernel_handler, action_fn prev) {
   return kernel_handler == (void *)appshot_signal_entry ? (void *)prev
                                                       : kernel_handler;
+}
+static unsigned long shown_flags(void *kernel_handler, unsigned long kernel_flags,
+                                 unsigned long prev_flags) {
+  return kernel_handler == (void *)appshot_signal_entry
+             ? (kernel_flags & ~(unsigned long)SA_SIGINFO) | (prev_flags & SA_SIGINFO)
+             : kernel_flags;
 }
 
 API int sigaction(int sig, const struct sigaction *act,
@@ -124,21 +186,71 @@ API int sigaction(int sig, const struct sigaction *act,
   if (!g_h || sig <= 0 || sig >= _NSIG) return __sigaction(sig, act, old);
   struct sigaction mine;
   action_fn prev = g_actions[sig];
+  unsigned long prev_flags = g_flags[sig];
   if (act) {
     mine = *act;
-    mine.sa_sigaction = (action_fn)install(
-        sig, (void *)act->sa_sigaction, (unsigned long)act->sa_flags, &prev);
+    unsigned long flags = (unsigned long)act->sa_flags;
+    mine.sa_sigaction = (action_fn)install(sig, (void *)act->sa_sigaction, &flags, &prev, &prev_flags);
+    mine.sa_flags = (int)flags;
     act = &mine;
   }
   int r = __sigaction(sig, act, old);
   if (r != 0) {
     int e = errno;
+    __atomic_store_n(&g_flags[sig], prev_flags, __ATOMIC_RELAXED);
     __atomic_store_n(&g_actions[sig], prev, __ATOMIC_RELEASE);
     errno = e;
     return r;
   }
-  if (old) old->sa_sigaction = (action_fn)shown((void *)old->sa_sigaction, prev);
+  if (old) {
+    old->sa_flags = (int)shown_flags((void *)old->sa_sigaction, (unsigned long)old->sa_flags, prev_flags);
+    old->sa_sigaction = (action_fn)shown((void *)old->sa_sigaction, prev);
+  }
   return r;
+}
+
+/* glibc's signal(), bsd_signal(), ssignal(), sysv_signal() and
+ * siginterrupt() call its sigaction from inside libc, past ours: made
+ * here as glibc makes them, through ours, so that their handlers are
+ * wrapped too. Signals siginterrupt() asked to interrupt calls (bit
+ * sig - 1): signal() installs them without SA_RESTART. */
+static uint64_t g_sigintr;
+
+static __sighandler_t installed(int sig, __sighandler_t handler, int flags, int mask_sig) {
+  struct sigaction act, old;
+  if (sig <= 0 || sig >= _NSIG || handler == SIG_ERR) {
+    errno = EINVAL;
+    return SIG_ERR;
+  }
+  memset(&act, 0, sizeof act);
+  act.sa_handler = handler;
+  sigemptyset(&act.sa_mask);
+  if (mask_sig && sigaddset(&act.sa_mask, sig) < 0) return SIG_ERR;
+  act.sa_flags = flags;
+  if (sigaction(sig, &act, &old) < 0) return SIG_ERR;
+  return old.sa_handler;
+}
+
+API __sighandler_t signal(int sig, __sighandler_t handler) {
+  int interrupts = sig > 0 && sig <= 64 && (__atomic_load_n(&g_sigintr, __ATOMIC_RELAXED) >> (sig - 1) & 1);
+  return installed(sig, handler, interrupts ? 0 : SA_RESTART, 1);
+}
+API __sighandler_t bsd_signal(int sig, __sighandler_t handler) { return signal(sig, handler); }
+API __sighandler_t ssignal(int sig, __sighandler_t handler) { return signal(sig, handler); }
+API __sighandler_t sysv_signal(int sig, __sighandler_t handler) {
+  return installed(sig, handler, SA_RESETHAND | SA_NODEFER, 0);
+}
+
+API int siginterrupt(int sig, int interrupt) {
+  struct sigaction act;
+  if (sigaction(sig, NULL, &act) < 0) return -1;
+  if (sig > 0 && sig <= 64) {
+    if (interrupt) __atomic_or_fetch(&g_sigintr, 1ull << (sig - 1), __ATOMIC_RELAXED);
+    else __atomic_and_fetch(&g_sigintr, ~(1ull << (sig - 1)), __ATOMIC_RELAXED);
+  }
+  if (interrupt) act.sa_flags &= ~SA_RESTART;
+  else act.sa_flags |= SA_RESTART;
+  return sigaction(sig, &act, NULL) < 0 ? -1 : 0;
 }
 
 /* The kernel's struct sigaction, for rt_sigaction through syscall(). */
@@ -154,18 +266,21 @@ long do_rt_sigaction(int sig, const void *act, void *old, size_t size) {
     return libc_ret(SYS4(rt_sigaction, sig, act, old, size));
   struct kernel_sigaction mine;
   action_fn prev = g_actions[sig];
+  unsigned long prev_flags = g_flags[sig];
   if (act) {
     memcpy(&mine, act, sizeof mine);
-    mine.handler = install(sig, mine.handler, mine.flags, &prev);
+    mine.handler = install(sig, mine.handler, &mine.flags, &prev, &prev_flags);
     act = &mine;
   }
   long r = SYS4(rt_sigaction, sig, act, old, size);
   if (r < 0) {
+    __atomic_store_n(&g_flags[sig], prev_flags, __ATOMIC_RELAXED);
     __atomic_store_n(&g_actions[sig], prev, __ATOMIC_RELEASE);
     return libc_ret(r);
   }
   if (old) {
     struct kernel_sigaction *o = old;
+    o->flags = shown_flags(o->handler, o->flags, prev_flags);
     o->handler = shown(o->handler, prev);
   }
   return 0;

@@ -5,7 +5,7 @@
  * keeps them). Ids and keys are stored as the application sees them:
  * virtual.
  */
-import { closeSync, openSync, readSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { strangeOwner } from './creds.js';
 import { addon, ENTRY_FLAGS, type PagesCheck } from '../native.js';
@@ -13,7 +13,7 @@ import { waitPagesChecked } from '../image/format.js';
 import type { Image, MsgQueue, Process, SemSet, ShmSegment } from '../image/types.js';
 import type { Kind, TablesSnapshot } from '../native.js';
 import { type DumpContext, Transient, Unsupported } from './context.js';
-import { semUndoOf } from '../ptrace/windows.js';
+import { registersOf, semUndoOf, threadPointer } from '../ptrace/windows.js';
 import type { RemoteProcess } from '../ptrace/remote.js';
 import type { MapsLine } from './memory.js';
 
@@ -267,6 +267,86 @@ export function readSemUndo(pid: number, vpid: number, maps: MapsLine[]): { unkn
   return { entries };
 }
 
+/** After the entries, in a table of layout 1 (the word at offset 12):
+ * where each thread's semop in flight is from its thread pointer (0: no
+ * semop yet), and the address its system call returns to. */
+const SEM_UNDO_FLIGHT_TPOFF = SEM_UNDO_HEADER + SEM_UNDO_CAPACITY * SEM_UNDO_ENTRY;
+/** struct appshot_semop_flight (addon/preload/preload.h). */
+const FLIGHT = { state: 0, result: 8, ops: 16, nops: 24, size: 40 } as const;
+const SEMOP_ISSUED = 1;
+const SEMOP_RECORDING = 2;
+/** Offsets in x86-64 struct user_regs_struct. */
+const REG = { origRax: 15 * 8, rip: 16 * 8 } as const;
+const SYS_SEMTIMEDOP = 220n;
+/** More operations than a semop takes (SEMOPM, 500 by default). */
+const FLIGHT_OPS_READ = 4096;
+
+/**
+ * The system TID of a thread of `pid` (stopped) that has a semop with
+ * SEM_UNDO made by the kernel and not yet written in the library's table
+ * (addon/preload/preload_ipc.c, "A semop in flight"), or undefined. The
+ * library holds back the handlers it wraps until the write ends, so such
+ * a thread was blocked in a handler it does not wrap (installed before
+ * the library, or by a raw system call), or at a test pause.
+ * A thread blocked in its semop (its instruction pointer at the call's
+ * return address, the call semtimedop), or not yet in it, is not one:
+ * the kernel made nothing yet, and the call is made again at restore.
+ */
+export function unwrittenSemop(pid: number, maps: MapsLine[]): number | undefined {
+  const address = semUndoOf(pid, maps);
+  if (address === undefined) return undefined;
+  let tpoff: bigint;
+  let returned: bigint;
+  try {
+    const header = addon().readMemory(pid, address, SEM_UNDO_HEADER);
+    if (header.readInt32LE(12) !== 1) return undefined; // an older library: no notes
+    const flight = addon().readMemory(pid, address + BigInt(SEM_UNDO_FLIGHT_TPOFF), 16);
+    tpoff = flight.readBigInt64LE(0);
+    returned = flight.readBigUInt64LE(8); // semop_returned, the next word
+  } catch {
+    return undefined;
+  }
+  if (tpoff === 0n) return undefined; // no semop made by this program yet
+  let tids: number[];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`).map(Number);
+  } catch {
+    return undefined;
+  }
+  for (const tid of tids) {
+    const regs = registersOf(tid);
+    const tp = regs && threadPointer(regs);
+    if (!regs || !tp) continue;
+    let note: Buffer;
+    try {
+      note = addon().readMemory(pid, BigInt.asUintN(64, tp + tpoff), FLIGHT.size);
+    } catch {
+      continue;
+    }
+    const state = note.readInt32LE(FLIGHT.state);
+    const result = note.readBigInt64LE(FLIGHT.result);
+    if (state === SEMOP_RECORDING) return tid;
+    if (state !== SEMOP_ISSUED || result < 0n) continue;
+    // Not returned: in the call (blocked, or let run on to it), or before it.
+    if (result === 1n && regs.readBigInt64LE(REG.origRax) === SYS_SEMTIMEDOP && regs.readBigUInt64LE(REG.rip) === returned) continue;
+    // Made, or maybe made (stopped in a handler that interrupted the call
+    // at its return, or before it: the instruction pointer there is in
+    // the signal frame): only a SEM_UNDO operation changes the table.
+    if (result !== 0n && result !== 1n) continue;
+    const n = Number(note.readBigUInt64LE(FLIGHT.nops));
+    if (n > FLIGHT_OPS_READ) return tid;
+    try {
+      const ops = addon().readMemory(pid, note.readBigUInt64LE(FLIGHT.ops), 6 * n);
+      let undo = false;
+      for (let i = 0; i < n && !undo; i++) undo = (ops.readInt16LE(6 * i + 4) & SEM_UNDO) !== 0 && ops.readInt16LE(6 * i + 2) !== 0;
+      if (undo) return tid;
+    } catch {
+      return tid;
+    }
+  }
+  return undefined;
+}
+
 /** Where sem_generation is in the tables file (appshot_table.h: the
  * word after the lock). */
 const semGenerationAt = () => addon().tablesLockOffset + 4;
@@ -318,9 +398,12 @@ export function dumpSemUndo(ctx: DumpContext, pid: number, maps: MapsLine[], pro
   const flags = ctx.tables.tables.pid.find((e) => e.system === pid)?.flags ?? 0;
   if (flags & ENTRY_FLAGS.semUndoExec) throw new Unsupported(`${unknowable}: it executed another program since an operation with SEM_UNDO, and the new program's library does not know them`);
   if (unknown === 'notFollowed')
-    throw new Unsupported(`${unknowable}: it held adjustments of more than ${SEM_UNDO_CAPACITY} semaphores at once, or made operations while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process, or has a thread made without CLONE_SYSVSEM (its adjustments its own)`);
+    throw new Unsupported(`${unknowable}: it held adjustments of more than ${SEM_UNDO_CAPACITY} semaphores at once, or made operations while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process, or has a thread made without CLONE_SYSVSEM (its adjustments its own), or took a signal whose handler could not wait while the library wrote one (a fault, a one-shot handler, a full real-time signal queue)`);
   if (unknown === 'busy') throw new Unsupported(`${unknowable}: it was stopped while two of its threads were writing the library's table of them (try again)`);
   if (unknown) throw new Unsupported(`${unknowable}: the library's table of them cannot be read (another version of appshot's library?)`);
+  const unwritten = unwrittenSemop(pid, maps);
+  if (unwritten !== undefined)
+    throw new Unsupported(`${unknowable}: its thread ${ctx.virtual('pid', unwritten) || unwritten} was stopped after the kernel made a semop with SEM_UNDO and before the library wrote its adjustment, blocked in a system call there (a signal handler the library does not wrap: one installed by a raw system call, or before the library started) (try again)`);
   const sets = new Set(ctx.tables.tables.semid.map((e) => e.virtual));
   const held = entries.filter((e) => sets.has(e.vid));
   const now = semGeneration(ctx);
