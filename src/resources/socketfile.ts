@@ -67,6 +67,7 @@ import { uniqueTag } from '../holder.js';
 import { killPoint } from '../killpoint.js';
 import { addon, type FileId, type FsIdentities } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
+import { isOwnSnapshot } from '../image/format.js';
 
 /** A unix socket the restore binds by its path name (a listener, a
  * datagram socket, a stream socket neither listening nor connected): the
@@ -281,7 +282,12 @@ export function restoreSocketFile(h: RestoreContext, sock: number, name: string,
     return;
   }
   try {
-    addon().socketFileFinish(place.dir, place.name, id, { uid: file.uid, gid: file.gid, mode: file.mode, renamed: file.renamed }, who);
+    try {
+      addon().socketFileFinish(place.dir, place.name, id, { uid: file.uid, gid: file.gid, mode: file.mode, renamed: file.renamed }, who);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EPERM' || !isOwnSnapshot(h.image)) throw e;
+      ownerByRestorer(place, id, file, who);
+    }
     if (file.renamed) ours.at = file.renamed;
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
@@ -291,6 +297,25 @@ export function restoreSocketFile(h: RestoreContext, sock: number, name: string,
     if (err.code === 'ESTALE') throw new AppshotError(`${where}: ${join(place.dir, place.name)} is not the file its bind made (its directory changed meanwhile?)`);
     throw new AppshotError(`${where}: giving ${join(place.dir, place.name)} its owner ${file.uid}:${file.gid} and mode ${file.mode.toString(8)}${file.renamed ? ` and its name ${file.renamed}` : ''}: ${err.message}`);
   }
+}
+
+/** Not the file's owner, no identity of the application may give it one
+ * (EPERM): slapd binds its ldapi socket as root in /run/slapd, a
+ * directory of its user's, then runs as openldap for good, so the file
+ * is root's and only root may make it so again (the bind as openldap
+ * succeeds there; its chown does not). For this node's own snapshot,
+ * which saw the file so, the application's identities bind, place and
+ * give the file its mode, keeping their own owner (uid and gid -1: no
+ * change), and the restorer then gives that very inode (opened beneath
+ * the directory without following a link, checked to be the bind's:
+ * sockfile.c) the owner and mode the snapshot saw, and nothing else: no
+ * name is made, moved or removed as the restorer in a directory the
+ * application may change. An image anyone wrote gets no more than its
+ * processes could do. */
+function ownerByRestorer(place: { dir: string; name: string }, id: FileId, file: SocketFile, who: FsIdentities | undefined): void {
+  const KEEP = 0xffffffff;
+  addon().socketFileFinish(place.dir, place.name, id, { uid: KEEP, gid: KEEP, mode: file.mode, renamed: file.renamed }, who);
+  addon().socketFileFinish(place.dir, file.renamed || place.name, id, { uid: file.uid, gid: file.gid, mode: file.mode, renamed: undefined }, undefined);
 }
 
 /* ---- sockets of the application bound to one name (review27 L1) ---- */

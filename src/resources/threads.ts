@@ -264,10 +264,20 @@ const NR_futex = 202n;
  * -ERESTART code, when a stop (and so a snapshot's freeze) interrupts
  * them. */
 const NR_epoll_waits = [232n, 281n, 441n];
+/** The socket calls a stop ends with EINTR where the socket has a
+ * timeout (SO_RCVTIMEO, SO_SNDTIMEO: signal(7); the kernel's
+ * sock_intr_errno): read, write, readv, writev, accept, sendto,
+ * recvfrom, sendmsg, recvmsg, accept4, recvmmsg, sendmmsg. tinyproxy
+ * sets both on every client and takes the EINTR of a snapshot's freeze
+ * for a broken request (400 to a client in the middle of its headers).
+ * Not connect: its connection goes on being set up, and the call made
+ * again would say EALREADY. */
+const NR_socket_timed = [0n, 1n, 19n, 20n, 43n, 44n, 45n, 46n, 47n, 288n, 299n, 307n];
 /** The other calls a stop ends with EINTR (signal(7)): semop,
- * rt_sigtimedwait (sigtimedwait, sigwaitinfo), semtimedop. A semaphore
- * call's id is made this node's by the restore (blocked.ts). */
-const NR_ended_by_stops = [...NR_epoll_waits, 65n, 128n, 220n];
+ * rt_sigtimedwait (sigtimedwait, sigwaitinfo), semtimedop, and the
+ * socket calls above. A semaphore call's id is made this node's by the
+ * restore (blocked.ts). */
+const NR_ended_by_stops = [...NR_epoll_waits, 65n, 128n, 220n, ...NR_socket_timed];
 const FUTEX_WAIT = 0n;
 const FUTEX_WAIT_BITSET = 9n;
 /** FUTEX_PRIVATE_FLAG | FUTEX_CLOCK_REALTIME */
@@ -313,7 +323,8 @@ export function firstHandledSignal(thread: Pick<Thread, 'pending' | 'sigmask'>, 
  *    whose time left nothing shows. ppoll, pselect6 and select stop
  *    with ERESTARTNOHAND, their time left written back to their timeout,
  *    and restart as any other call.
- *  - epoll waits, semop, semtimedop, sigtimedwait and sigwaitinfo are
+ *  - epoll waits, semop, semtimedop, sigtimedwait, sigwaitinfo and
+ *    socket calls on a socket with a timeout (NR_socket_timed) are
  *    never restarted by the kernel: a stop ends them with EINTR at once
  *    (signal(7)), the snapshot's freeze too. One found failed so with no
  *    handled signal to take is the freeze's doing, not the program's: made
