@@ -107,6 +107,11 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   const st = readStat(pid);
   if (!st) throw new Error(`process ${pid} vanished`);
   refuseOwnNamespaces(ctx, pid, nameProcess(ctx.virtual('pid', pid), st.comm));
+  // A child made by clone() with an exit signal other than SIGCHLD (0,
+  // SIGUSR1...): a restore forks it, with SIGCHLD, and its parent's
+  // waits without __WCLONE, and the signal it is told of the exit by,
+  // would see another child.
+  if (st.exitSignal !== SIGCHLD_SIGNAL) throw new Unsupported(`${nameProcess(ctx.virtual('pid', pid), st.comm)} was made with exit signal ${st.exitSignal}, not SIGCHLD (clone), which cannot be captured yet`);
   const status = statusFields(pid);
   const exe = procLink(`/proc/${pid}/exe`);
   ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exe.endsWith(' (deleted)'));
@@ -179,6 +184,8 @@ function heldDirectories(ctx: DumpContext, pid: number, cwd: string | undefined,
  * host's. A UTS namespace's names are not carried either. Time
  * namespaces are carried (timens.ts); mount and cgroup ones change no id
  * (a mount of its own is missed at restore, naming the file). */
+const SIGCHLD_SIGNAL = 17;
+
 const OWN_NAMESPACES: [string, string][] = [
   ['user', 'user'],
   ['pid', 'PID'],
