@@ -883,6 +883,10 @@ describe('what cannot be captured yet is refused by name, and the application go
     // It failed with copying's raw EIO.
     ['memfd-secret-mapped', () => /process 2 \(holder\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ is memfd_secret memory \(no other process may read it\), which cannot be captured/],
     ['owner-outside', (fd) => `process 2 (holder) fd ${fd}: its owner (F_SETOWN) is process 1, outside the application, which cannot be captured`],
+    // It came back in the restore's UTS namespace: the host's names, not its own.
+    ['uts-own', () => /process 2 \(holder\) is in a UTS namespace of its own \(uts:\[\d+\]\), which cannot be captured yet/],
+    // Its parent's plain waitpid saw it after a restore (forked, with SIGCHLD).
+    ['exit-signal', () => /process 3 \(holder\) was made with exit signal 10, not SIGCHLD \(clone\), which cannot be captured yet/],
   ];
   const TCP_STATE_HEX: Record<string, string> = { 'last-ack': '09', closing: '0B' };
   for (const [kind, message] of refusals)

@@ -309,6 +309,16 @@ export interface ThreadAttributes {
   mceKill?: number;
   /** PR_GET_TSC is PR_TSC_SIGSEGV: rdtsc faults in this thread. */
   tscSigsegv?: boolean;
+  /** get_mempolicy: the thread's NUMA policy; absent: MPOL_DEFAULT. */
+  mempolicy?: Mempolicy;
+}
+
+/** A NUMA memory policy (attributes.ts): the mode with its flags
+ * (MPOL_F_*), and the node mask, whole 64-bit words, trailing zero words
+ * left out. */
+export interface Mempolicy {
+  mode: number;
+  nodes: Buffer;
 }
 
 /** sched_attr's deadline fields (attributes.ts). */

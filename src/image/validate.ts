@@ -304,6 +304,10 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
     // restore late, at the thread's own prctl.
     const mce = t.attributes?.mceKill;
     if (mce !== undefined && mce !== 0 && mce !== 1) corrupt(`thread ${t.vtid} has machine-check kill policy ${mce} (0 late or 1 early)`);
+    // Whole words, no more nodes than a snapshot asks of the kernel
+    // (attributes.ts): the restore copies them into its scratch memory.
+    const nodes = t.attributes?.mempolicy?.nodes;
+    if (nodes && (nodes.length % 8 || nodes.length > 128)) corrupt(`thread ${t.vtid}'s NUMA node mask is ${nodes.length} bytes (whole words, at most 128)`);
   }
   // The restore runs the first as the main thread (a snapshot lists it
   // first, and refuses a process whose main thread has exited).

@@ -67,6 +67,14 @@ const PR_TSC_SIGSEGV = 2;
 /** KSM for every mapping of the process (Linux 6.4; EINVAL before). */
 const PR_SET_MEMORY_MERGE = 67;
 const PR_GET_MEMORY_MERGE = 68;
+/** The thread's NUMA memory policy (set_mempolicy: each thread's own; a
+ * mapping's own, mbind, is memory.ts's concern). The mode carries its
+ * flags (MPOL_F_STATIC_NODES...); the nodes are a mask of MEMPOLICY_NODES
+ * bits, as get_mempolicy copies out that many (rounded to a long). */
+const NR_set_mempolicy = 238;
+const NR_get_mempolicy = 239;
+const MEMPOLICY_NODES = 1024;
+const MEMPOLICY_MASK_BYTES = MEMPOLICY_NODES / 8;
 const PR_SET_TIMERSLACK = 29;
 const PR_GET_TIMERSLACK = 30;
 const NR_open = 2;
@@ -141,6 +149,8 @@ export interface AttributesAsked {
   /** Each thread's machine-check kill policy and rdtsc faulting. */
   mceKill: Map<number, Answer>;
   tsc: Map<number, Answer>;
+  /** Each thread's NUMA memory policy. */
+  mempolicy: Map<number, Answer>;
   timerSlack: Map<number, Answer>;
   /** Each thread's sched_attr; none where the kernel has no clamps. */
   schedAttr?: Map<number, Answer>;
@@ -176,6 +186,8 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
     // Each thread's own, told only to it (task flags a clone copies).
     mceKill: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_MCE_KILL_GET, 0, 0, 0, 0], { tid })])),
     tsc: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_TSC, 'buf'], { tid, outLength: 4 })])),
+    // The mode at the buffer's start, the node mask 8 bytes in.
+    mempolicy: new Map(tids.map((tid) => [tid, calls.ask(NR_get_mempolicy, ['buf', { bufAt: 8 }, MEMPOLICY_NODES, 0, 0], { tid, outLength: 8 + MEMPOLICY_MASK_BYTES })])),
     timerSlack: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_TIMERSLACK, 0, 0, 0, 0], { tid })])),
     // The clamps, from inside each thread (pid 0: itself): a system call
     // appshot's addon does not make.
@@ -214,6 +226,15 @@ export function dumpAttributes(p: Process, pid: number, asked: AttributesAsked, 
     if (mce >= 0n && mce !== BigInt(PR_MCE_KILL_DEFAULT)) t.attributes.mceKill = Number(mce);
     const tsc = asked.tsc.get(t.tid)!;
     if (tsc.ret === 0n && tsc.out.readInt32LE() === PR_TSC_SIGSEGV) t.attributes.tscSigsegv = true;
+    // A kernel without NUMA (-ENOSYS): none.
+    const policy = asked.mempolicy.get(t.tid)!;
+    // MPOL_DEFAULT (0): a fresh thread's, recorded as nothing.
+    if (policy.ret === 0n && policy.out.readInt32LE(0) !== 0) {
+      const nodes = policy.out.subarray(8);
+      let used = nodes.length;
+      while (used > 0 && nodes[used - 1] === 0) used--;
+      t.attributes.mempolicy = { mode: policy.out.readInt32LE(0), nodes: Buffer.from(nodes.subarray(0, Math.ceil(used / 8) * 8)) };
+    }
   }
 }
 
@@ -486,6 +507,16 @@ function restoreTaskFlags(r: RemoteProcess, t: Thread, tid: number): void {
   };
   if (ta?.mceKill !== undefined) set(`the machine-check kill policy ${ta.mceKill ? 'early' : 'late'} (PR_MCE_KILL)`, [PR_MCE_KILL, PR_MCE_KILL_SET, ta.mceKill, 0, 0]);
   if (ta?.tscSigsegv) set('rdtsc faulting (PR_SET_TSC PR_TSC_SIGSEGV)', [PR_SET_TSC, PR_TSC_SIGSEGV, 0, 0, 0]);
+  const policy = ta?.mempolicy;
+  if (policy) {
+    // The mask padded to whole words and one more bit than it holds, as
+    // set_mempolicy reads maxnode - 1 bits. A node this machine lacks
+    // fails the restore (EINVAL), naming the policy.
+    const nodes = Buffer.alloc(Math.ceil((policy.nodes.length + 1) / 8) * 8);
+    policy.nodes.copy(nodes);
+    const ret = r.raw(NR_set_mempolicy, [policy.mode, r.put(nodes), policy.nodes.length * 8 + 1], tid);
+    if (ret !== 0n) throw new AppshotError(`setting the NUMA memory policy of thread ${t.vtid} (mode 0x${policy.mode.toString(16)}, nodes ${policy.nodes.toString('hex')}): ${failed(ret)}`);
+  }
 }
 
 /** The sched_attr that sets `dl` (its size VER0: no clamps). */

@@ -107,6 +107,11 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   const st = readStat(pid);
   if (!st) throw new Error(`process ${pid} vanished`);
   refuseOwnNamespaces(ctx, pid, nameProcess(ctx.virtual('pid', pid), st.comm));
+  // A child made by clone() with an exit signal other than SIGCHLD (0,
+  // SIGUSR1...): a restore forks it, with SIGCHLD, and its parent's
+  // waits without __WCLONE, and the signal it is told of the exit by,
+  // would see another child.
+  if (st.exitSignal !== SIGCHLD_SIGNAL) throw new Unsupported(`${nameProcess(ctx.virtual('pid', pid), st.comm)} was made with exit signal ${st.exitSignal}, not SIGCHLD (clone), which cannot be captured yet`);
   const status = statusFields(pid);
   const exe = procLink(`/proc/${pid}/exe`);
   ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exe.endsWith(' (deleted)'));
@@ -176,14 +181,20 @@ function heldDirectories(ctx: DumpContext, pid: number, cwd: string | undefined,
  * own (unshare --user, which the library lets through) is worse: the
  * capabilities the process holds inside it, all of them as its root,
  * would be given to it in the restore's, a root restore's being the
- * host's. Time namespaces are carried (timens.ts); mount, UTS and cgroup
- * ones change no id. */
+ * host's. A UTS namespace's names are not carried either. Time
+ * namespaces are carried (timens.ts); mount and cgroup ones change no id
+ * (a mount of its own is missed at restore, naming the file). */
+const SIGCHLD_SIGNAL = 17;
+
 const OWN_NAMESPACES: [string, string][] = [
   ['user', 'user'],
   ['pid', 'PID'],
   ['pid_for_children', 'PID (for its children)'],
   ['net', 'network'],
   ['ipc', 'IPC'],
+  // Its host and domain names would come back as the restore's (the
+  // host's), with both commands succeeding.
+  ['uts', 'UTS'],
 ];
 const initNamespaces = new WeakMap<DumpContext, Map<string, string | undefined>>();
 
@@ -224,7 +235,7 @@ function refuseOwnNamespaces(ctx: DumpContext, pid: number, what: string): void 
 }
 
 /** Those a thread can be in apart from its process's others. */
-const PER_THREAD_NAMESPACES = new Set(['net', 'ipc', 'pid_for_children']);
+const PER_THREAD_NAMESPACES = new Set(['net', 'ipc', 'pid_for_children', 'uts']);
 
 /** /proc/PID/ns/NS's link (net:[4026531840]); undefined where it cannot
  * be read (a kernel without the namespace). */

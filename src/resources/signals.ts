@@ -25,10 +25,12 @@ function nonDefault(pid: number): bigint {
   return field('SigCgt') | field('SigIgn');
 }
 
-/** The dispositions to read: asked with the other kinds' questions. */
+/** The dispositions to read: asked with the other kinds' questions.
+ * SIGCHLD's always: SIG_DFL with SA_NOCLDWAIT (children reaped by the
+ * kernel, never zombies) shows in neither SigCgt nor SigIgn. */
 export function askSigactions(pid: number, calls: CallQueue): Map<number, Answer> {
   const asked = new Map<number, Answer>();
-  const wanted = nonDefault(pid);
+  const wanted = nonDefault(pid) | (1n << BigInt(SIGCHLD - 1));
   for (let sig = 1; sig <= NSIG; sig++) {
     if (sig === SIGKILL || sig === SIGSTOP || !(wanted & (1n << BigInt(sig - 1)))) continue;
     asked.set(sig, calls.ask(NR.rt_sigaction, [sig, 0, 'buf', 8], { outLength: 32 }));
