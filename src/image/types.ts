@@ -283,6 +283,8 @@ export interface ProcessAttributes {
   lockFuture?: boolean;
   /** PR_GET_MEMORY_MERGE: KSM may merge every mapping of the process. */
   memoryMerge?: boolean;
+  /** /proc/PID/autogroup's nice (its session's); 0 or absent: default. */
+  autogroupNice?: number;
 }
 
 export interface ThreadAttributes {

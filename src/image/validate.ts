@@ -309,6 +309,9 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
     const nodes = t.attributes?.mempolicy?.nodes;
     if (nodes && (nodes.length % 8 || nodes.length > 128)) corrupt(`thread ${t.vtid}'s NUMA node mask is ${nodes.length} bytes (whole words, at most 128)`);
   }
+  // A nice value (setpriority(2)): the kernel would refuse another, late.
+  const autogroup = p.attributes?.autogroupNice;
+  if (autogroup !== undefined && (!Number.isInteger(autogroup) || autogroup < -20 || autogroup > 19)) corrupt(`${who} has autogroup nice ${autogroup} (-20 to 19)`);
   // The restore runs the first as the main thread (a snapshot lists it
   // first, and refuses a process whose main thread has exited).
   if (p.threads[0].vtid !== p.vpid) corrupt(`${who}'s first thread is ${p.threads[0].vtid}, not its main thread ${p.vpid}`);

@@ -251,7 +251,21 @@ function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string
     mdwe: asked.mdwe.ret === -EINVAL ? 0 : Number(check(asked.mdwe.ret, `memory-deny-write-execute of ${what}`)),
     // Before 6.4 (EINVAL): not known, none recorded.
     ...(asked.memoryMerge.ret === 1n ? { memoryMerge: true } : {}),
+    ...autogroupOf(pid),
   };
+}
+
+/** The nice value of the process's autogroup (its session's), where the
+ * kernel has autogroups and it is not the default. */
+function autogroupOf(pid: number): { autogroupNice?: number } {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/autogroup`, 'utf8');
+  } catch {
+    return {}; // no CONFIG_SCHED_AUTOGROUP
+  }
+  const nice = Number(/ nice (-?\d+)/.exec(text)?.[1] ?? 0);
+  return nice ? { autogroupNice: nice } : {};
 }
 
 /**
@@ -416,6 +430,7 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
     const note = restoreLoginuid(r, a.loginuid);
     if (note) notKept.push(note);
   }
+  if (a?.autogroupNice && p.vsid !== 0) restoreAutogroupNice(r.pid, a.autogroupNice);
   const seedsSlack = seedSlack(r.pid);
   // One batch (remote.ts): each call names the thread it acts on.
   for (const cmd of MEMBARRIER_REGISTER_COMMANDS)
@@ -586,6 +601,36 @@ function setProcValue(pid: number, file: string, read: (text: string) => number,
   }
 }
 
+/**
+ * The session's autogroup nice. A restored session is the application's
+ * own (its leader's setsid, or a placeholder leader's for a session whose
+ * leader is gone, or appshot-init's: restore/driver.ts); a process of the
+ * terminal's session (vsid 0) is not restored into it, and what that
+ * session's autogroup had was never the application's to carry. Written
+ * from here, with the restorer's rights: the kernel lets it lower the
+ * value (more weight) only with CAP_SYS_NICE or RLIMIT_NICE, so no more
+ * than this user may grant; a refusal fails the restore naming it. The
+ * kernel takes one such write per 100 ms from a caller without
+ * CAP_SYS_ADMIN (EAGAIN): tried again after that. Members of one session
+ * share the group: once it holds the value, the others find it so.
+ */
+function restoreAutogroupNice(pid: number, nice: number): void {
+  const path = `/proc/${pid}/autogroup`;
+  const now = () => Number(/ nice (-?\d+)/.exec(readFileSync(path, 'utf8'))?.[1]);
+  for (let tries = 0; now() !== nice; tries++) {
+    try {
+      writeFileSync(path, String(nice));
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EAGAIN' && tries < 20) {
+        Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 25);
+        continue;
+      }
+      throw new AppshotError(`setting the session's autogroup nice ${nice}: ${code ?? (e as Error).message}${code === 'EPERM' ? ' (a lower value needs CAP_SYS_NICE)' : ''}`, code === 'EPERM' ? ExitCode.denied : ExitCode.failure);
+    }
+  }
+}
+
 /** The slack every thread of the seed has (its main thread's, which
  * threads made by clone copy); undefined where this user may not read it
  * (another uid without CAP_SYS_NICE): then set anyway. */
@@ -651,7 +696,7 @@ export function restoreParentDeathSignals(r: RemoteProcess, p: Process, tids: nu
 /** For `inspect`. */
 export function describeAttributes(p: Process): string {
   const a = p.attributes;
-  const parts = a ? [`oom_score_adj ${a.oomScoreAdj}`, ...(a.childSubreaper ? ['child subreaper'] : []), ...(a.thpDisabled ? ['THP disabled'] : [])] : [];
+  const parts = a ? [`oom_score_adj ${a.oomScoreAdj}`, ...(a.childSubreaper ? ['child subreaper'] : []), ...(a.thpDisabled ? ['THP disabled'] : []), ...(a.autogroupNice ? [`autogroup nice ${a.autogroupNice}`] : [])] : [];
   if (p.personality) parts.push(`personality 0x${p.personality.toString(16)}`);
   const cpus = (mask: Buffer) => [...mask].flatMap((byte, i) => [0, 1, 2, 3, 4, 5, 6, 7].filter((b) => byte & (1 << b)).map((b) => i * 8 + b));
   const t = p.threads.map((th) => {
