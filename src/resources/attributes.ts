@@ -36,6 +36,9 @@ const PR_GET_THP_DISABLE = 42;
 const NR_sched_getparam = 143;
 const NR_sched_getscheduler = 145;
 const NR_personality = 135;
+const NR_modify_ldt = 154;
+/** struct desc_struct: one LDT entry as modify_ldt(0) reads them. */
+const LDT_ENTRY_SIZE = 8;
 const NR_sched_getaffinity = 204;
 const NR_ioprio_get = 252;
 const IOPRIO_WHO_PROCESS = 1;
@@ -144,6 +147,9 @@ export interface AttributesAsked {
   thpDisabled: Answer;
   membarrier: Answer;
   mdwe: Answer;
+  /** modify_ldt(0) of one entry: above 0, the process has a local
+   * descriptor table. */
+  ldt: Answer;
   memoryMerge: Answer;
   pdeathsig: Map<number, Answer>;
   /** Each thread's machine-check kill policy and rdtsc faulting. */
@@ -182,6 +188,7 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
     // Registrations are the mm's; the timer slack is each thread's own.
     membarrier: calls.ask(SYS.membarrier, [MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0]),
     mdwe: calls.ask(NR.prctl, [PR_GET_MDWE, 0, 0, 0, 0]),
+    ldt: calls.ask(NR_modify_ldt, [0, 'buf', LDT_ENTRY_SIZE], { outLength: LDT_ENTRY_SIZE }),
     memoryMerge: calls.ask(NR.prctl, [PR_GET_MEMORY_MERGE, 0, 0, 0, 0]),
     // Each thread's own, told only to it (task flags a clone copies).
     mceKill: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_MCE_KILL_GET, 0, 0, 0, 0], { tid })])),
@@ -240,6 +247,10 @@ export function dumpAttributes(p: Process, pid: number, asked: AttributesAsked, 
 
 function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string): ProcessAttributes {
   check(asked.subreaper.ret, `whether ${what} is a child subreaper`);
+  // Segments of its own (Wine, 16-bit code, some JITs), which /proc does
+  // not show: the restored process would have none, and its first use of
+  // one would fault. -ENOSYS: a kernel without modify_ldt, none.
+  if (asked.ldt.ret > 0n) throw new Unsupported(`${what} has a local descriptor table (modify_ldt), which cannot be captured yet`);
   return {
     oomScoreAdj: Number(procText(`/proc/${pid}/oom_score_adj`)),
     childSubreaper: asked.subreaper.out.readInt32LE() !== 0,
