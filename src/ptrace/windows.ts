@@ -265,38 +265,31 @@ export function inotifyLastWdOf(pid: number, fd: number): number {
   }
 }
 
-/** Where, from a thread's pointer, the preload library keeps which entry
- * of its CPU-time offsets is the thread's (appshot_cpu_entry_tpoff,
- * addon/preload/preload_cputime.c), in a process whose mappings are
- * `maps`; undefined: no library, or an older one (whose table is of 128
- * threads, found by virtual TID). */
-export function cpuEntryTpoffOf(pid: number, maps: MapsLine[]): bigint | undefined {
+/** A TLS offset the preload library publishes in `symbol` (a thread's
+ * pointer plus it is that thread's variable), in a process whose mappings
+ * are `maps`; undefined: no library, an older one without the symbol, or
+ * one that has not set it yet (0). */
+function libraryTpoff(pid: number, maps: MapsLine[], symbol: 'appshot_cpu_entry_tpoff' | 'appshot_timed_wait_tpoff'): bigint | undefined {
   const lib = preloadMappingIn(maps);
-  const offsets = lib && librarySymbols(pid, lib, ['appshot_cpu_entry_tpoff'] as const);
+  const offsets = lib && librarySymbols(pid, lib, [symbol] as const);
   if (!lib || !offsets) return undefined;
   try {
-    const tpoff = addon().readMemory(pid, lib.start + offsets.appshot_cpu_entry_tpoff, 8).readBigInt64LE(0);
+    const tpoff = addon().readMemory(pid, lib.start + offsets[symbol], 8).readBigInt64LE(0);
     return tpoff === 0n ? undefined : tpoff;
   } catch {
     return undefined;
   }
 }
 
-/** Where, from a thread's pointer, the preload library keeps the epoll
- * wait with a timeout the thread is in (appshot_timed_wait_tpoff,
- * addon/preload/preload_wait.c), in a process whose mappings are `maps`;
- * undefined: no library, an older one, or one that has not set it yet. */
-export function timedWaitTpoffOf(pid: number, maps: MapsLine[]): bigint | undefined {
-  const lib = preloadMappingIn(maps);
-  const offsets = lib && librarySymbols(pid, lib, ['appshot_timed_wait_tpoff'] as const);
-  if (!lib || !offsets) return undefined;
-  try {
-    const tpoff = addon().readMemory(pid, lib.start + offsets.appshot_timed_wait_tpoff, 8).readBigInt64LE(0);
-    return tpoff === 0n ? undefined : tpoff;
-  } catch {
-    return undefined;
-  }
-}
+/** Which entry of the preload library's CPU-time offsets is the thread's
+ * (appshot_cpu_entry_tpoff, addon/preload/preload_cputime.c); undefined
+ * for an older library, whose table is of 128 threads found by virtual
+ * TID. */
+export const cpuEntryTpoffOf = (pid: number, maps: MapsLine[]) => libraryTpoff(pid, maps, 'appshot_cpu_entry_tpoff');
+
+/** The epoll wait with a timeout the thread is in (appshot_timed_wait_tpoff,
+ * addon/preload/preload_wait.c). */
+export const timedWaitTpoffOf = (pid: number, maps: MapsLine[]) => libraryTpoff(pid, maps, 'appshot_timed_wait_tpoff');
 
 /** Where the preload library of a process whose mappings are `maps` keeps
  * its restore generation (appshot_restore_generation, preload_wait.c),
