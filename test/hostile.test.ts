@@ -2141,6 +2141,11 @@ describe('a thread attribute this node cannot give back is refused at restore, b
     refuses(['restore', dir], { code: 1, stderr: /: setting utilization clamps 256\.\.512 of thread 2 failed: EOPNOTSUPP; nothing was left behind$/ });
   });
 
+  it('an autogroup nice no setpriority takes, or a NUMA node mask of a part word: refused before anything is made', () => {
+    refuses(['restore', crafted('autogroup', (i) => (i.processes[0].attributes!.autogroupNice = 99))], corrupt('process 2 has autogroup nice 99 \\(-20 to 19\\)'));
+    refuses(['restore', crafted('mempolicy-part', (i) => (i.processes[0].threads[0].attributes!.mempolicy = { mode: 1, nodes: Buffer.alloc(5, 1) }))], corrupt("thread 2's NUMA node mask is 5 bytes"));
+  });
+
   it.skipIf(/controllable:.* store bypass;/.test(probed('specctrl')))('store bypass speculation force-disabled, on a node where no process may set it', () => {
     // PR_SPEC_PRCTL | PR_SPEC_FORCE_DISABLE: the thread had forced it off.
     const dir = crafted('spec-ssb', (i) => (i.processes[0].threads[0].attributes!.speculationCtrl = [9, 2, 8]));
