@@ -39,7 +39,9 @@ const IN_CLOEXEC = 0o2000000;
 const IN_DONT_FOLLOW = 0x02000000;
 const F_SETFL = 4;
 
-const WATCH = /^inotify wd:(\d+) ino:([0-9a-f]+) sdev:([0-9a-f]+) mask:([0-9a-f]+) ignored_mask:[0-9a-f]+(?: fhandle-bytes:([0-9a-f]+) fhandle-type:([0-9a-f]+) f_handle:([0-9a-f]+))?/;
+/** A watch's fdinfo line. The kernel prints every number in it in hex,
+ * its wd too (wd 26 is "1a", wd 16 is "10"). */
+const WATCH = /^inotify wd:([0-9a-f]+) ino:([0-9a-f]+) sdev:([0-9a-f]+) mask:([0-9a-f]+) ignored_mask:[0-9a-f]+(?: fhandle-bytes:([0-9a-f]+) fhandle-type:([0-9a-f]+) f_handle:([0-9a-f]+))?/;
 
 /** Where the filesystem with kernel device number `sdev` is mounted, as
  * the process sees it (a mount of its root preferred). */
@@ -105,9 +107,10 @@ export function dumpInotify(pid: number, fdinfo: string, where: string): Inotify
     if (!line.startsWith('inotify ')) continue;
     const m = WATCH.exec(line);
     if (!m) throw new Unsupported(`${where}: an inotify watch this kernel shows as '${line}' cannot be captured yet`);
-    const [, wd, ino, sdev, mask, , type, handle] = m;
+    const [, hexWd, ino, sdev, mask, , type, handle] = m;
+    const wd = parseInt(hexWd, 16);
     const path = markedInodePath(pid, { ino, sdev, type, handle }, where, `inotify watch ${wd}`);
-    watches.push({ wd: Number(wd), path, mask: parseInt(mask, 16) });
+    watches.push({ wd, path, mask: parseInt(mask, 16) });
   }
   return watches.sort((a, b) => a.wd - b.wd);
 }
