@@ -27,7 +27,8 @@
  */
 import { closeSync, lstatSync, readFileSync } from 'node:fs';
 import { addon } from '../native.js';
-import { type Fd, type InotifyWatch } from '../image/types.js';
+import { type Fd, type InotifyWatch, type Process } from '../image/types.js';
+import { countedIds, LIMITS } from '../image/validate.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Transient, Unsupported } from './context.js';
 import { fsIdentity, identitiesOfRestored, refusedAsProcess } from './fsident.js';
@@ -98,6 +99,31 @@ export function inotifyLastWd(watches: InotifyWatch[], recorded: number): number
   return recorded > highest && recorded <= INOTIFY_WD_MAX ? recorded : undefined;
 }
 
+
+/** At snapshot, before anything ends the application: the image's watch
+ * numbers and timer ids within what a restore takes (LIMITS.countedIds,
+ * the whole image's: validate.ts). The numbers the library recorded
+ * above a descriptor's watches are each one a restore spends: past that
+ * bound, the largest are given up (that descriptor's numbering goes on
+ * from its highest watch, as one the library does not follow), rather
+ * than an image written that every restore refuses as corrupt (two
+ * instances that had used 40,000 numbers each). The watches and timers
+ * themselves over it: refused by name. */
+export function fitInotifyNumbers(processes: Pick<Process, 'posixTimers' | 'fds'>[]): void {
+  let counted = countedIds(processes);
+  if (counted <= LIMITS.countedIds) return;
+  const above = processes
+    .flatMap((p) => p.fds)
+    .filter((fd) => fd.inotifyLastWd !== undefined)
+    .map((fd) => ({ fd, saves: fd.inotifyLastWd! - Math.max(0, ...(fd.inotifyWatches ?? []).map((w) => w.wd)) }))
+    .sort((a, b) => b.saves - a.saves);
+  for (const { fd, saves } of above) {
+    if (counted <= LIMITS.countedIds) break;
+    delete fd.inotifyLastWd;
+    counted -= saves;
+  }
+  if (counted > LIMITS.countedIds) throw new Unsupported(`its inotify watch numbers and POSIX timer ids add up to ${counted}, more than a restore makes (${LIMITS.countedIds})`);
+}
 
 /** Each watch of inotify descriptor `where` ("process 2 (app) fd 5"), in
  * wd order, from its fdinfo text. */
