@@ -497,6 +497,14 @@ describe('the CPU time a process, its threads and its reaped children used: carr
     await checksPass('cpuc3');
     await checksPass('cpuc2');
   });
+  it('read back from a library table the application wrote past 2^62 ns, is held at 2^62: the image restores', async () => {
+    // The table is the application's memory. Before, the snapshot ended
+    // the application and wrote an image every restore refused: "corrupt
+    // image: process 2 has a CPU time ns of 4611687118... ns (at most 2^62)".
+    await comesBackFromEndingSnapshot('cpus1', [fixture('cpustray')], { exercise: false });
+    await run(['stop', 'cpus1']);
+    await waitFor(() => !sb.aids().includes('cpus1'), 10_000, 'cpus1 to stop');
+  });
 });
 
 describe("POSIX timers on another process's or thread's CPU-time clock (clock_getcpuclockid, pthread_getcpuclockid): made again on their new system ids", () => {
