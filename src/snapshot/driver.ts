@@ -411,7 +411,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     // interrupted call fail with EINTR rather than restart.
     threads.forEach((t, i) => {
       const th = proc.threads[i];
-      t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true);
+      t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true, proc.groupStopped);
     });
     proc.fds = timed('files', () => {
       const sockets = new SocketTable(pid);
