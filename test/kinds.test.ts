@@ -182,7 +182,17 @@ describe('timerfd: clock, flags, interval, time left and unread expirations', ()
 describe('inotify: every watch at its number, with its mask, on its inode', () => {
   const dir = mkdtempSync(join(out, 'inotify-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
-  roundTrips('inot', [fixture('inotifies'), dir], /INOTIFY\s+inotify watching 1:\S+\/a, 3:\S+\/c, 4:\S+\/link, 5:\S+\/d/, true);
+  roundTrips('inot', [fixture('inotifies'), dir], /INOTIFY\s+inotify watching 1:\S+\/a, 3:\S+\/c, 4:\S+\/link, 5:\S+\/d, 16:\S+\/e, 26:\S+\/b/, true);
+
+  it('whose instances had used more numbers than an image holds together come back, the larger count given up at snapshot, the other kept', async () => {
+    // Before, the snapshot wrote (and ended the application for) an image
+    // every restore refused: "corrupt image: its inotify watch numbers
+    // and POSIX timer ids add up to 75026 (at most 65536)".
+    const many = mkdtempSync(join(dir, 'many-'));
+    await comesBackFromEndingSnapshot('inot4', [fixture('inotifies'), many, 'many']);
+    await run(['stop', 'inot4']);
+    await waitFor(() => !sb.aids().includes('inot4'), 10_000, 'inot4 to stop');
+  });
 });
 
 describe('unix sockets whose files were renamed into place, given a mode or unlinked after the bind, or bound by relative names', () => {
@@ -486,6 +496,14 @@ describe('the CPU time a process, its threads and its reaped children used: carr
     await exercised('cpuc3');
     await checksPass('cpuc3');
     await checksPass('cpuc2');
+  });
+  it('read back from a library table the application wrote past 2^62 ns, is held at 2^62: the image restores', async () => {
+    // The table is the application's memory. Before, the snapshot ended
+    // the application and wrote an image every restore refused: "corrupt
+    // image: process 2 has a CPU time ns of 4611687118... ns (at most 2^62)".
+    await comesBackFromEndingSnapshot('cpus1', [fixture('cpustray')], { exercise: false });
+    await run(['stop', 'cpus1']);
+    await waitFor(() => !sb.aids().includes('cpus1'), 10_000, 'cpus1 to stop');
   });
 });
 

@@ -549,6 +549,19 @@ function checkPaths(image: Image): void {
  * `memoryOnly`: the image is read as the parent of another, for its pages
  * only (a --pre-copy base holds nothing else): its processes' memory is
  * checked, not what would make them run. */
+/** Watch numbers and timer ids are reached by counting up to them: the
+ * whole image's count is bounded (LIMITS.countedIds), not just each
+ * descriptor's. A snapshot keeps its images within it (inotify.ts
+ * fitInotifyNumbers). */
+export function countedIds(processes: Pick<Process, 'posixTimers' | 'fds'>[]): number {
+  let counted = 0;
+  for (const p of processes) {
+    counted += Math.max(0, ...(p.posixTimers ?? []).map((t) => t.id + 1));
+    for (const fd of p.fds) counted += Math.max(fd.inotifyLastWd ?? 0, ...(fd.inotifyWatches ?? []).map((w) => w.wd));
+  }
+  return counted;
+}
+
 export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = false): void {
   if (!image.node) corrupt('it does not say which node it is for');
   // An AID names files in the state directory (its keeper's socket, say),
@@ -594,13 +607,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   // and each is a fork at restore.
   const zombies = image.processes.reduce((n, p) => n + (p.zombies?.length ?? 0), 0);
   if (image.processes.length + zombies > LIMITS.processes) corrupt(`it holds ${image.processes.length} processes and ${zombies} zombies (at most ${LIMITS.processes} in all)`);
-  // Watch numbers and timer ids are reached by counting up to them: the
-  // whole image's count is bounded, not just each descriptor's.
-  let counted = 0;
-  for (const p of image.processes) {
-    counted += Math.max(0, ...(p.posixTimers ?? []).map((t) => t.id + 1));
-    for (const fd of p.fds) counted += Math.max(fd.inotifyLastWd ?? 0, ...(fd.inotifyWatches ?? []).map((w) => w.wd));
-  }
+  const counted = countedIds(image.processes);
   if (counted > LIMITS.countedIds) corrupt(`its inotify watch numbers and POSIX timer ids add up to ${counted} (at most ${LIMITS.countedIds})`);
   const locks = image.processes.reduce((n, p) => n + p.fds.reduce((m, fd) => m + (fd.locks?.length ?? 0), 0), 0);
   if (locks > LIMITS.fileLocks) corrupt(`it holds ${locks} file locks (at most ${LIMITS.fileLocks})`);

@@ -191,7 +191,11 @@ export function readKernelCpu(pid: number, tids: number[], maps: MapsLine[]): Ke
   return cpuTimesOf(pid, maps) === undefined ? undefined : kernelCpu(pid, tids);
 }
 
-const nonNegative = (v: bigint) => (v < 0n ? 0n : v);
+/** A count within what an image may hold (checkCpuTimes): the offsets
+ * added are the application's memory, which a stray write may have made
+ * anything; past the bound, the snapshot wrote an image every restore
+ * refused as corrupt. */
+const nonNegative = (v: bigint) => (v < 0n ? 0n : v > CPU_TIMES_MAX ? CPU_TIMES_MAX : v);
 const sum = (a: CpuTimes, b: CpuTimes | undefined): CpuTimes =>
   b
     ? {

@@ -27,7 +27,8 @@
  */
 import { closeSync, lstatSync, readFileSync } from 'node:fs';
 import { addon } from '../native.js';
-import { type Fd, type InotifyWatch } from '../image/types.js';
+import { type Fd, type InotifyWatch, type Process } from '../image/types.js';
+import { countedIds, LIMITS } from '../image/validate.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Transient, Unsupported } from './context.js';
 import { fsIdentity, identitiesOfRestored, refusedAsProcess } from './fsident.js';
@@ -39,7 +40,9 @@ const IN_CLOEXEC = 0o2000000;
 const IN_DONT_FOLLOW = 0x02000000;
 const F_SETFL = 4;
 
-const WATCH = /^inotify wd:(\d+) ino:([0-9a-f]+) sdev:([0-9a-f]+) mask:([0-9a-f]+) ignored_mask:[0-9a-f]+(?: fhandle-bytes:([0-9a-f]+) fhandle-type:([0-9a-f]+) f_handle:([0-9a-f]+))?/;
+/** A watch's fdinfo line. The kernel prints every number in it in hex,
+ * its wd too (wd 26 is "1a", wd 16 is "10"). */
+const WATCH = /^inotify wd:([0-9a-f]+) ino:([0-9a-f]+) sdev:([0-9a-f]+) mask:([0-9a-f]+) ignored_mask:[0-9a-f]+(?: fhandle-bytes:([0-9a-f]+) fhandle-type:([0-9a-f]+) f_handle:([0-9a-f]+))?/;
 
 /** Where the filesystem with kernel device number `sdev` is mounted, as
  * the process sees it (a mount of its root preferred). */
@@ -97,6 +100,31 @@ export function inotifyLastWd(watches: InotifyWatch[], recorded: number): number
 }
 
 
+/** At snapshot, before anything ends the application: the image's watch
+ * numbers and timer ids within what a restore takes (LIMITS.countedIds,
+ * the whole image's: validate.ts). The numbers the library recorded
+ * above a descriptor's watches are each one a restore spends: past that
+ * bound, the largest are given up (that descriptor's numbering goes on
+ * from its highest watch, as one the library does not follow), rather
+ * than an image written that every restore refuses as corrupt (two
+ * instances that had used 40,000 numbers each). The watches and timers
+ * themselves over it: refused by name. */
+export function fitInotifyNumbers(processes: Pick<Process, 'posixTimers' | 'fds'>[]): void {
+  let counted = countedIds(processes);
+  if (counted <= LIMITS.countedIds) return;
+  const above = processes
+    .flatMap((p) => p.fds)
+    .filter((fd) => fd.inotifyLastWd !== undefined)
+    .map((fd) => ({ fd, saves: fd.inotifyLastWd! - Math.max(0, ...(fd.inotifyWatches ?? []).map((w) => w.wd)) }))
+    .sort((a, b) => b.saves - a.saves);
+  for (const { fd, saves } of above) {
+    if (counted <= LIMITS.countedIds) break;
+    delete fd.inotifyLastWd;
+    counted -= saves;
+  }
+  if (counted > LIMITS.countedIds) throw new Unsupported(`its inotify watch numbers and POSIX timer ids add up to ${counted}, more than a restore makes (${LIMITS.countedIds})`);
+}
+
 /** Each watch of inotify descriptor `where` ("process 2 (app) fd 5"), in
  * wd order, from its fdinfo text. */
 export function dumpInotify(pid: number, fdinfo: string, where: string): InotifyWatch[] {
@@ -105,9 +133,10 @@ export function dumpInotify(pid: number, fdinfo: string, where: string): Inotify
     if (!line.startsWith('inotify ')) continue;
     const m = WATCH.exec(line);
     if (!m) throw new Unsupported(`${where}: an inotify watch this kernel shows as '${line}' cannot be captured yet`);
-    const [, wd, ino, sdev, mask, , type, handle] = m;
+    const [, hexWd, ino, sdev, mask, , type, handle] = m;
+    const wd = parseInt(hexWd, 16);
     const path = markedInodePath(pid, { ino, sdev, type, handle }, where, `inotify watch ${wd}`);
-    watches.push({ wd: Number(wd), path, mask: parseInt(mask, 16) });
+    watches.push({ wd, path, mask: parseInt(mask, 16) });
   }
   return watches.sort((a, b) => a.wd - b.wd);
 }

@@ -334,14 +334,18 @@ export function firstHandledSignal(thread: Pick<Thread, 'pending' | 'sigmask'>, 
  *    ended it is still pending, and is taken: it stays EINTR; one already
  *    taken left the thread in its handler, not at the call's end. A
  *    signal sigtimedwait waits for is blocked: it stays pending, and the
- *    call made again takes it.)
+ *    call made again takes it.) In a process stopped by job control
+ *    (`jobStopped`: SIGSTOP, SIGTSTP...) such a call was ended by that
+ *    stop, whatever else did: it stays EINTR, which the program sees once
+ *    continued, as the kernel has it (made again, a program stopped
+ *    and continued around a snapshot went on waiting).
  */
-export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = false): Buffer {
+export function resumeRegisters(regs: Buffer, signal?: SigAction, inPlace = false, jobStopped = false): Buffer {
   const out = Buffer.from(regs);
   const orig = out.readBigInt64LE(REG.origRax);
   const rax = out.readBigInt64LE(REG.rax);
   if (orig >= 0n && rax === -EINTR && NR_ended_by_stops.includes(orig)) {
-    if (!signal) {
+    if (!signal && !jobStopped) {
       out.writeBigInt64LE(orig, REG.rax);
       out.writeBigUInt64LE(out.readBigUInt64LE(REG.rip) - 2n, REG.rip);
     }

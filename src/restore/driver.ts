@@ -1098,7 +1098,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       credentialCalls += restoreSeccomp(r, seccomp);
       p.threads.forEach((t, i) => {
         addon().setSigmask(m.tids[i], t.sigmask);
-        addon().setRegs(m.tids[i], resumeRegisters(retargetBlockedCall(t.regs, ids), firstHandledSignal(t, p.sharedPending, p.sigactions)));
+        addon().setRegs(m.tids[i], resumeRegisters(retargetBlockedCall(t.regs, ids), firstHandledSignal(t, p.sharedPending, p.sigactions), false, p.groupStopped));
       });
     }
     // Every process has mapped the files opened here for it (openToMap):

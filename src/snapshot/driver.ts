@@ -24,6 +24,7 @@ import { recordWritten, writtenIdentity } from '../image/written.js';
 import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { refuseUnsafeDirectory } from '../home.js';
 import { keyringTreeFault } from '../resources/keyrings.js';
+import { fitInotifyNumbers } from '../resources/inotify.js';
 import { EndingJournal } from './ending.js';
 import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
@@ -410,7 +411,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     // interrupted call fail with EINTR rather than restart.
     threads.forEach((t, i) => {
       const th = proc.threads[i];
-      t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true);
+      t.resumeRegs = resumeRegisters(th.regs, firstHandledSignal(th, proc.sharedPending, proc.sigactions), true, proc.groupStopped);
     });
     proc.fds = timed('files', () => {
       const sockets = new SocketTable(pid);
@@ -544,6 +545,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   // Before anything ends the application: an image no restore takes.
   const ringTree = keyringTreeFault(ctx.image.processes);
   if (ringTree) throw new Unsupported(ringTree);
+  fitInotifyNumbers(ctx.image.processes);
   timed('locks', () => dumpLocks(ctx.image, ctx.fdLockLines));
   timed('unix peers', () => checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!));
   timed('listeners', () => offerListeners(ctx, (vpid) => systemPids.get(vpid)!));
