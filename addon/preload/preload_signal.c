@@ -134,12 +134,19 @@ void translating_action(int sig, siginfo_t *info, void *uc, uintptr_t below) {
   action_fn program = __atomic_load_n(&g_actions[sig], __ATOMIC_ACQUIRE);
   struct semop_suspended flight;
   flight.state = SEMOP_IDLE;
-  if (UNLIKELY(__atomic_load_n(&t_semop.state, __ATOMIC_RELAXED) != SEMOP_IDLE) && program) {
-    if (semop_signal_held(sig, info, uc)) {
-      id_window_close(NULL);
-      return;
+  if (UNLIKELY(__atomic_load_n(&t_semop.state, __ATOMIC_RELAXED) != SEMOP_IDLE ||
+               __atomic_load_n(&t_semop.deferred, __ATOMIC_RELAXED)) &&
+      program) {
+    if (__atomic_load_n(&t_semop.state, __ATOMIC_RELAXED) != SEMOP_IDLE) {
+      if (semop_signal_held(sig, info, uc)) {
+        id_window_close(NULL);
+        return;
+      }
+      semop_suspend(&flight);
     }
-    semop_suspend(&flight);
+    /* This handler runs now: signals held before it are let go first
+     * (suspended above, they run at once, nested here). */
+    semop_held_release(uc);
   }
   if (info && g_h) {
     int e = errno;
