@@ -122,6 +122,9 @@ struct semop_suspended {
 };
 HIDDEN void semop_suspend(struct semop_suspended *s);
 HIDDEN void semop_resume(const struct semop_suspended *s);
+/* For the signal stub, before a program's handler runs: the signals held
+ * back (t_semop.deferred) unblocked, here and in the context `uc`. */
+HIDDEN void semop_held_release(void *uc);
 /* The calling thread's virtual TID; 0 = not known yet. */
 extern __thread int32_t t_vtid TLS_IE HIDDEN;
 /* --- Translation windows ---------------------------------------------------

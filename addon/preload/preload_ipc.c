@@ -680,6 +680,26 @@ static void semop_deferred_release(void) {
   if (held) SYS4(rt_sigprocmask, SIG_UNBLOCK, &held, NULL, sizeof held);
 }
 
+/* The same from a handler that runs now (translating_action): the held
+ * signals are blocked in the mask of every context since the one held
+ * (the stub added them to its frame's), this handler's frame among them.
+ * Released only by the semop's end, a semop of this handler would unblock
+ * them here and the handler's return block them again, for good; a
+ * handler that leaves by a longjmp would leave them blocked and never
+ * released (review r272). So they are released here, and taken out of
+ * the mask this handler returns to: the write is over (the thread was
+ * interrupted between it and the release) or cannot be waited for (the
+ * table is unknown: a fault, a one-shot handler). */
+void semop_held_release(void *uc) {
+  uint64_t held = __atomic_exchange_n(&t_semop.deferred, 0, __ATOMIC_RELAXED);
+  if (!held) return;
+  if (uc) {
+    uint64_t *mask = (uint64_t *)(void *)&((ucontext_t *)uc)->uc_sigmask;
+    *mask &= ~held;
+  }
+  SYS4(rt_sigprocmask, SIG_UNBLOCK, &held, NULL, sizeof held);
+}
+
 long do_semtimedop(int id, struct sembuf *ops, size_t n,
                    const struct timespec *timeout) {
   ID_WINDOW();

@@ -35,6 +35,11 @@ static action_fn g_actions[_NSIG];
 /* The program's sa_flags for g_actions[sig]: what the old action shows,
  * and whether the kernel has reset it already (SA_RESETHAND). */
 static unsigned long g_flags[_NSIG];
+/* In g_flags: the kernel's action is ours, and its SA_SIGINFO ours, not
+ * the program's. A one-shot handler the kernel has reset to SIG_DFL keeps
+ * its flags there, SA_SIGINFO with them: not shown (review r272). Cleared
+ * when the program installs SIG_DFL or SIG_IGN. */
+#define SIGINFO_ADDED (1ul << 63)
 
 /* The handler the kernel is given. The siginfo the kernel builds on the
  * frame holds the sender's system PID from the moment the frame exists:
@@ -129,12 +134,19 @@ void translating_action(int sig, siginfo_t *info, void *uc, uintptr_t below) {
   action_fn program = __atomic_load_n(&g_actions[sig], __ATOMIC_ACQUIRE);
   struct semop_suspended flight;
   flight.state = SEMOP_IDLE;
-  if (UNLIKELY(__atomic_load_n(&t_semop.state, __ATOMIC_RELAXED) != SEMOP_IDLE) && program) {
-    if (semop_signal_held(sig, info, uc)) {
-      id_window_close(NULL);
-      return;
+  if (UNLIKELY(__atomic_load_n(&t_semop.state, __ATOMIC_RELAXED) != SEMOP_IDLE ||
+               __atomic_load_n(&t_semop.deferred, __ATOMIC_RELAXED)) &&
+      program) {
+    if (__atomic_load_n(&t_semop.state, __ATOMIC_RELAXED) != SEMOP_IDLE) {
+      if (semop_signal_held(sig, info, uc)) {
+        id_window_close(NULL);
+        return;
+      }
+      semop_suspend(&flight);
     }
-    semop_suspend(&flight);
+    /* This handler runs now: signals held before it are let go first
+     * (suspended above, they run at once, nested here). */
+    semop_held_release(uc);
   }
   if (info && g_h) {
     int e = errno;
@@ -159,8 +171,12 @@ static void *install(int sig, void *handler, unsigned long *flags,
                      action_fn *prev, unsigned long *prev_flags) {
   *prev = g_actions[sig];
   *prev_flags = g_flags[sig];
-  if (!wants_translation(handler)) return handler;
-  __atomic_store_n(&g_flags[sig], *flags, __ATOMIC_RELAXED);
+  if (!wants_translation(handler)) {
+    if (*prev_flags & SIGINFO_ADDED)
+      __atomic_store_n(&g_flags[sig], *prev_flags & ~SIGINFO_ADDED, __ATOMIC_RELAXED);
+    return handler;
+  }
+  __atomic_store_n(&g_flags[sig], *flags | (*flags & SA_SIGINFO ? 0 : SIGINFO_ADDED), __ATOMIC_RELAXED);
   __atomic_store_n(&g_actions[sig], (action_fn)handler, __ATOMIC_RELEASE);
   *flags |= SA_SIGINFO;
   return (void *)appshot_signal_entry;
@@ -173,9 +189,12 @@ static void *shown(void *kernel_handler, action_fn prev) {
 }
 static unsigned long shown_flags(void *kernel_handler, unsigned long kernel_flags,
                                  unsigned long prev_flags) {
-  return kernel_handler == (void *)appshot_signal_entry
-             ? (kernel_flags & ~(unsigned long)SA_SIGINFO) | (prev_flags & SA_SIGINFO)
-             : kernel_flags;
+  if (kernel_handler == (void *)appshot_signal_entry)
+    return (kernel_flags & ~(unsigned long)SA_SIGINFO) | (prev_flags & SA_SIGINFO);
+  /* Ours, reset by the kernel as it took the signal. */
+  if (kernel_handler == (void *)SIG_DFL && (kernel_flags & SA_RESETHAND) && (prev_flags & SIGINFO_ADDED))
+    return kernel_flags & ~(unsigned long)SA_SIGINFO;
+  return kernel_flags;
 }
 
 API int sigaction(int sig, const struct sigaction *act,
@@ -239,6 +258,38 @@ API __sighandler_t bsd_signal(int sig, __sighandler_t handler) { return signal(s
 API __sighandler_t ssignal(int sig, __sighandler_t handler) { return signal(sig, handler); }
 API __sighandler_t sysv_signal(int sig, __sighandler_t handler) {
   return installed(sig, handler, SA_RESETHAND | SA_NODEFER, 0);
+}
+/* What signal() is in a program built for strict ISO C or POSIX (-std=c99
+ * and the like: <signal.h> redirects it). */
+API __sighandler_t __sysv_signal(int sig, __sighandler_t handler) { return sysv_signal(sig, handler); }
+
+/* System V's sigset(): glibc's asks and installs through its own
+ * sigaction, past ours, and handed back our entry as the old handler (and
+ * a program that put it back gave it to the kernel without SA_SIGINFO):
+ * made here the same way through ours (review r272). SIG_HOLD blocks the
+ * signal and shows the handler; a handler (or SIG_DFL, SIG_IGN) is
+ * installed with no flags and the signal unblocked; either way the old
+ * disposition is SIG_HOLD if the signal was blocked. */
+API __sighandler_t sigset(int sig, __sighandler_t disp) {
+  sigset_t one, was;
+  struct sigaction act, old;
+  sigemptyset(&one);
+  if (sig <= 0 || sig >= _NSIG || sigaddset(&one, sig) < 0 || disp == SIG_ERR) {
+    errno = EINVAL;
+    return SIG_ERR;
+  }
+  if (disp == SIG_HOLD) {
+    if (sigprocmask(SIG_BLOCK, &one, &was) < 0) return SIG_ERR;
+    if (sigismember(&was, sig)) return SIG_HOLD;
+    if (sigaction(sig, NULL, &old) < 0) return SIG_ERR;
+    return old.sa_handler;
+  }
+  memset(&act, 0, sizeof act);
+  act.sa_handler = disp;
+  sigemptyset(&act.sa_mask);
+  if (sigaction(sig, &act, &old) < 0) return SIG_ERR;
+  if (sigprocmask(SIG_UNBLOCK, &one, &was) < 0) return SIG_ERR;
+  return sigismember(&was, sig) ? SIG_HOLD : old.sa_handler;
 }
 
 API int siginterrupt(int sig, int interrupt) {
