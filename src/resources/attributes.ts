@@ -266,16 +266,22 @@ function dumpProcessAttributes(pid: number, asked: AttributesAsked, what: string
   };
 }
 
-/** The nice value of the process's autogroup (its session's), where the
- * kernel has autogroups and it is not the default. */
-function autogroupOf(pid: number): { autogroupNice?: number } {
+/** The nice of process `pid`'s autogroup (its session's), from
+ * /proc/PID/autogroup ("/autogroup-ID nice N"); undefined where the
+ * kernel has no autogroups (no CONFIG_SCHED_AUTOGROUP). */
+function autogroupNiceOf(pid: number): number | undefined {
   let text: string;
   try {
     text = readFileSync(`/proc/${pid}/autogroup`, 'utf8');
   } catch {
-    return {}; // no CONFIG_SCHED_AUTOGROUP
+    return undefined;
   }
-  const nice = Number(/ nice (-?\d+)/.exec(text)?.[1] ?? 0);
+  return Number(/ nice (-?\d+)/.exec(text)?.[1] ?? 0);
+}
+
+/** The autogroup's nice where it is not the default. */
+function autogroupOf(pid: number): { autogroupNice?: number } {
+  const nice = autogroupNiceOf(pid);
   return nice ? { autogroupNice: nice } : {};
 }
 
@@ -627,8 +633,7 @@ function setProcValue(pid: number, file: string, read: (text: string) => number,
  */
 function restoreAutogroupNice(pid: number, nice: number): void {
   const path = `/proc/${pid}/autogroup`;
-  const now = () => Number(/ nice (-?\d+)/.exec(readFileSync(path, 'utf8'))?.[1]);
-  for (let tries = 0; now() !== nice; tries++) {
+  for (let tries = 0; autogroupNiceOf(pid) !== nice; tries++) {
     try {
       writeFileSync(path, String(nice));
     } catch (e) {

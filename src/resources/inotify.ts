@@ -85,9 +85,6 @@ export function markedInodePath(pid: number, fields: { ino: string; sdev: string
   return path;
 }
 
-/** The most inotify watch numbers an image may hold (image/validate.ts). */
-const INOTIFY_WD_MAX = 65536;
-
 /** The wd the kernel gave last on an instance with `watches`, as the
  * library recorded it (`recorded`: the process's memory, a number to
  * check), where it says more than the watches do: only above the highest
@@ -96,7 +93,7 @@ const INOTIFY_WD_MAX = 65536;
  * and the numbering goes on from the highest watch. */
 export function inotifyLastWd(watches: InotifyWatch[], recorded: number): number | undefined {
   const highest = Math.max(0, ...watches.map((w) => w.wd));
-  return recorded > highest && recorded <= INOTIFY_WD_MAX ? recorded : undefined;
+  return recorded > highest && recorded <= LIMITS.inotifyWatches ? recorded : undefined;
 }
 
 
