@@ -238,7 +238,16 @@ describe('--json', () => {
     const undocumented = (value: Json) => {
       const first = Array.isArray(value) ? value[0] : value;
       const text = section(first.schema);
-      return Object.keys(first).filter((k) => k !== 'schema' && !new RegExp(`\\b${k}\\b`).test(text));
+      const top = Object.keys(first).filter((k) => k !== 'schema' && !new RegExp(`\\b${k}\\b`).test(text));
+      // An object field documented as {a, b, ...}: each of its keys listed
+      // there ({KIND: ...}: a map, its keys not names).
+      const nested = Object.entries(first).flatMap(([k, v]) => {
+        const listed = new RegExp(`^\\| ${k} \\| \\{([^}|]*)\\}`, 'm').exec(text);
+        if (!listed || /^[A-Z_]+:/.test(listed[1]) || !v || typeof v !== 'object' || Array.isArray(v)) return [];
+        const names = listed[1].split(',').map((n) => n.split(':')[0].trim().replace(/\?$/, ''));
+        return Object.keys(v).filter((n) => !names.includes(n)).map((n) => `${k}.${n}`);
+      });
+      return [...top, ...nested];
     };
     const d = mkdtempSync(join(out, 'docs-'));
     expect((await sb.runAsync(['run', '-d', '--aid', 'doc', '--', fixture('ticker')])).code).toBe(0);

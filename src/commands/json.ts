@@ -43,6 +43,20 @@ const LISTS: Record<string, string> = {
   'service ls': 'services',
 };
 
+/** Fields that version 1 of a list's schema keeps for the scripts that
+ * read it, marked *deprecated* in docs/json.md beside the consistent
+ * field; version 2 (--json-object) leaves them out, as the doc's rule
+ * says. */
+const DEPRECATED_IN_V1: Record<string, string[]> = {
+  ps: ['command'],
+};
+
+/** `value` without the fields named in `fields`. */
+function without(value: object, fields: string[]): object {
+  if (!fields.length) return value;
+  return Object.fromEntries(Object.entries(value).filter(([k]) => !fields.includes(k)));
+}
+
 /** What a list command's options ask for: version 1 (--json, an array)
  * or 2 (--json-object). */
 export interface ListJsonOptions {
@@ -66,7 +80,7 @@ export function printJson(command: string, value: object | object[], opts?: List
   if (!Array.isArray(value)) out = withSchema(command, value);
   else if (opts?.jsonObject) {
     if (!LISTS[command]) throw new Error(`appshot: ${command} has no list form`);
-    out = { schema: schemaOf(command, 2), [LISTS[command]]: value };
+    out = { schema: schemaOf(command, 2), [LISTS[command]]: value.map((v) => without(v, DEPRECATED_IN_V1[command] ?? [])) };
   } else out = value.map((v) => withSchema(command, v));
   process.stdout.write(JSON.stringify(out, null, 2) + '\n');
 }
