@@ -81,6 +81,9 @@ export class ProgressDisplay implements ByteProgress {
   private lastLine = 0;
   private lastTenth = -1;
   private ended = false;
+  /** When the display was made: a job whose bytes all come in one report
+   * has no recent rate, and is given its average since then. */
+  private readonly started = Date.now();
 
   constructor(
     private readonly label: string,
@@ -92,7 +95,8 @@ export class ProgressDisplay implements ByteProgress {
     total = Math.max(total, done);
     const now = Date.now();
     this.rate.add(now, done);
-    const rate = this.rate.perSecond();
+    const recent = this.rate.perSecond();
+    const rate = recent > 0 || now <= this.started ? recent : (done * 1000) / (now - this.started);
     const left = leftText(done, total, rate);
     if (this.mode === 'plain') {
       // A line per tenth of the work, or per second at most, and the last.

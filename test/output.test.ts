@@ -31,8 +31,8 @@ async function bigApp(aid: string, mib: number): Promise<void> {
 }
 
 /** "X/Y MiB" of each progress frame or line, in order. */
-function amounts(text: string): { done: number; total: number }[] {
-  return [...text.matchAll(/(\d+\.\d)\/(\d+\.\d) MiB, \d+ MiB\/s/g)].map((m) => ({ done: Number(m[1]), total: Number(m[2]) }));
+function amounts(text: string): { done: number; total: number; rate: number }[] {
+  return [...text.matchAll(/(\d+\.\d)\/(\d+\.\d) MiB, (\d+) MiB\/s/g)].map((m) => ({ done: Number(m[1]), total: Number(m[2]), rate: Number(m[3]) }));
 }
 
 const hasScript = spawnSync('script', ['--version']).status === 0;
@@ -101,6 +101,9 @@ describe('progress', () => {
     const made = await lastPlain(['template', 'create', join(out, 'ci.appshot'), '-o', template], `template ${template}`);
     expect(made.done).toBe(made.total);
     expect(made.total).toBeGreaterThan(60);
+    // Its bytes may all come in one report: the rate is then the average
+    // since the command began (64 MiB in under the test's 120 s: >= 1).
+    expect(made.rate).toBeGreaterThan(0);
     const cloned = await lastPlain(['clone', template, '--aid', 'ci-copy', '--count', '2'], `clone ${template}`);
     expect(cloned.done).toBe(cloned.total);
     // Both instances' data: one is some 65 MiB.
