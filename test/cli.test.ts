@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { afterAll, describe, expect, it, vi } from 'vitest';
-import { cli, command, fixture, Sandbox, spawnAsync, stoppedAt, waitFor } from './helpers.js';
+import { cli, command, fixture, root, Sandbox, spawnAsync, stoppedAt, waitFor } from './helpers.js';
 
 // Tests of dozens of commands in a row: on a loaded machine each command
 // takes seconds (its Node start alone), and the suite's minute is not
@@ -85,6 +85,24 @@ describe('version and check', () => {
     for (const id of ['cap_setuid_setgid', 'cap_setpcap', 'cap_sys_nice']) expect(c.features.find((f: Json) => f.id === id), id).toMatchObject({ present: false });
     expect(c.features.find((f: Json) => f.id === 'cap_setuid_setgid').detail).toBe('not held: CAP_SETUID, CAP_SETGID');
     expect(c.core).toBe(true);
+  });
+});
+
+describe("the test command's prerequisites (test/prerequisites.sh)", () => {
+  // As an ordinary user it installs nothing: it names what is missing.
+  // zstd is made missing for this one run: /dev/null (not executable) is
+  // bound over it in a mount namespace of the run's own. The script is
+  // given on stdin, opened before the user changes (the checkout may be
+  // unreadable to nobody).
+  const asNobody = (hide: string) =>
+    spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `${hide}exec setpriv --reuid=65534 --regid=65534 --clear-groups bash -s < test/prerequisites.sh`], { cwd: root, encoding: 'utf8' });
+  it.skipIf(process.getuid?.() !== 0)('as an ordinary user: one line naming the missing package and how to install it, exit 1; nothing missing: silent, 0', () => {
+    const missing = asNobody('mount --bind /dev/null /usr/bin/zstd && ');
+    expect(missing.stderr).toBe('test prerequisites missing: zstd (as root: bash test/prerequisites.sh, or apt-get install -y zstd)\n');
+    expect(missing.status).toBe(1);
+    const whole = asNobody('');
+    expect(whole.stderr).toBe('');
+    expect(whole.status).toBe(0);
   });
 });
 
