@@ -10,7 +10,9 @@
 // and a helper two files share belongs in addon.h (Int). The C sources
 // stay units of their own (C, not C++).
 //
-// A developer's edit of any one file recompiles the whole unit (~11 s).
+// A developer's edit of any one file recompiles the whole unit (~11 s of
+// CPU, against 2-4 s for one file alone); `node-gyp rebuild
+// --appshot_cc_units=separate` compiles the files one by one instead.
 #include "addon.cc"
 #include "addon_trace.cc"
 #include "addon_restore.cc"
