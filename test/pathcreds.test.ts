@@ -603,7 +603,9 @@ while sleep 1; do :; done`,
    * fixture reads each event's descriptor of the file and closes it at
    * once, and a snapshot between the two took another test's file, gone
    * by the restore (a run with four workers; kinds.test did the same
-   * before it got its tmpfs). */
+   * before it got its tmpfs). Unmounted lazily, not as withTmpfs does: a
+   * test that failed leaves its application, with its files open there,
+   * to ownedTests' removal after this. */
   async function onOwnTmpfs(prefix: string, fn: (d: string) => Promise<void>): Promise<void> {
     const d = mkdtempSync(join(out, prefix));
     const m = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m,mode=0755', 'appshot-pathcreds-fanotify', d], { encoding: 'utf8' });
