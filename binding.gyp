@@ -17,14 +17,26 @@
   "targets": [
     {
       "target_name": "appshot",
-      "sources": ["addon/src/addon.cc", "addon/src/addon_trace.cc", "addon/src/addon_restore.cc",
-                  "addon/src/trace.c", "addon/src/sockdiag.c",
-                  "addon/src/addon_tcp.cc", "addon/src/tcp_repair.c", "addon/src/keeper.c",
-                  "addon/src/addon_dgram.cc", "addon/src/dgram.c", "addon/src/sockfile.c", "addon/src/peercred.c",
-                  "addon/src/addon_fsident.cc", "addon/src/fsident.c",
-                  "addon/src/addon_probe.cc", "addon/src/probe.c",
-                  "addon/src/addon_forward.cc", "addon/src/forward.c",
-                  "addon/src/addon_iouring.cc", "addon/src/iouring.c",
+      # The C++ files (addon.cc, addon_trace.cc, ...) are compiled as one
+      # unit, addon_all.cc, which includes each: see why there. A new .cc
+      # file goes there and in the list below. A developer editing them
+      # may build them one by one, each edit then recompiling its own file
+      # only: node-gyp rebuild --appshot_cc_units=separate (node-gyp makes
+      # an option it does not know a gyp variable).
+      "variables": {"appshot_cc_units%": "one"},
+      "conditions": [
+        ["appshot_cc_units=='separate'", {
+          "sources": ["addon/src/addon.cc", "addon/src/addon_trace.cc", "addon/src/addon_restore.cc",
+                      "addon/src/addon_tcp.cc", "addon/src/addon_dgram.cc", "addon/src/addon_fsident.cc",
+                      "addon/src/addon_probe.cc", "addon/src/addon_forward.cc", "addon/src/addon_iouring.cc"]
+        }, {
+          "sources": ["addon/src/addon_all.cc"]
+        }]
+      ],
+      "sources": ["addon/src/trace.c", "addon/src/sockdiag.c",
+                  "addon/src/tcp_repair.c", "addon/src/keeper.c",
+                  "addon/src/dgram.c", "addon/src/sockfile.c", "addon/src/peercred.c",
+                  "addon/src/fsident.c", "addon/src/probe.c", "addon/src/forward.c", "addon/src/iouring.c",
                   "addon/src/pages.c", "addon/src/filecopy.c", "addon/include/appshot_table.c"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],

@@ -11,12 +11,21 @@
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, readdirSync, rmdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { cli, fixture, processState, Sandbox, waitFor } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
+// Each test's applications are stopped as it ends: the fixture writes its
+// buffer pass after pass (most of a core each, on a quiet machine), and
+// left running to the file's end, a dozen of them (originals and restored
+// copies) took the CPU of the tests after theirs. Nothing looks at them
+// after their test.
+afterEach(async () => {
+  const aids = sb.aids();
+  if (aids.length) await sb.runAsync(['stop', ...aids, '--signal', 'KILL']);
+});
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
 type Json = any;

@@ -9,7 +9,7 @@
 import { spawn } from 'node:child_process';
 import { mkdtempSync, openSync, closeSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { fixture, Sandbox, waitFor } from './helpers.js';
 import { scratchDir } from './scratch.js';
 import { addon, PAGES_MODE } from '../src/native.js';
@@ -18,6 +18,14 @@ import { readSmaps } from '../src/resources/memory.js';
 const sb = new Sandbox();
 const out = scratchDir('appshot-memory-');
 afterAll(() => sb.dispose());
+// Each test's applications are stopped as it ends: the fixtures keep
+// checking their memory (cowfork's five processes 64 MiB each, over and
+// over), and left running to the file's end they took the CPU of the
+// tests after theirs. Nothing looks at them after their test.
+afterEach(async () => {
+  const aids = sb.aids();
+  if (aids.length) await sb.runAsync(['stop', ...aids, '--signal', 'KILL']);
+});
 
 type Ps = { processes: { vpid: number; pid: number; init: boolean }[] }[];
 const processes = (aid: string) => sb.json<Ps>(['ps', aid])[0].processes.filter((p) => !p.init);

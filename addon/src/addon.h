@@ -8,6 +8,8 @@ namespace appshot {
 // Throws a JS Error carrying the errno name as `code`, like Node's own fs
 // errors, so the CLI can turn it into one clear message.
 void ThrowErrno(const Napi::Env& env, const std::string& what, int err);
+// A JS number argument as a C int (an fd, a flag word).
+inline int Int(const Napi::Value& v) { return v.As<Napi::Number>().Int32Value(); }
 // socket(2), made with `owner`'s fsuid and fsgid when it is a {uid, gid}
 // object (peercred.c peercred_owned_socket), else as appshot: -1 with
 // errno on failure (addon_restore.cc).

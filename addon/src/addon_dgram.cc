@@ -31,7 +31,6 @@ extern "C" {
 namespace appshot {
 namespace {
 
-int Int(const Napi::Value& v) { return v.As<Napi::Number>().Int32Value(); }
 
 Napi::Value Addr(const Napi::Env& env, const void* a, socklen_t len) {
   return Napi::Buffer<uint8_t>::Copy(env, static_cast<const uint8_t*>(a), len);

@@ -41,9 +41,8 @@ extern "C" {
 
 namespace {
 
+using appshot::Int;
 using appshot::ThrowErrno;
-
-int Int(const Napi::Value& v) { return v.As<Napi::Number>().Int32Value(); }
 
 // pidfdOpen(pid, flags) -> fd: a pidfd of a restored process, handed to it
 // as the pidfd it held (resources/pidfd.ts).

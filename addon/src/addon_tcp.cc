@@ -22,7 +22,6 @@ extern "C" {
 namespace appshot {
 namespace {
 
-int Int(const Napi::Value& v) { return v.As<Napi::Number>().Int32Value(); }
 uint32_t U32(const Napi::Value& v) { return v.As<Napi::Number>().Uint32Value(); }
 
 // `step` is read here, once the call in the arguments has set it (the
