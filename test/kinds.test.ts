@@ -361,7 +361,9 @@ describe('fanotify: each group with its flags, and each mark on its inode, mount
   // without the capability and to root alike.
   describeIf(root)('restored by a user without CAP_SYS_ADMIN, or by root', () => {
     it('is refused by name, nothing made', async () => {
-      const d = mkdtempSync(join(out, 'fanotify-drop-'));
+      // Inside the describe's own tmpfs: its mount mark sees no other
+      // test's files (pathcreds.test's twin caught one under load).
+      const d = mkdtempSync(join(dir, 'drop-'));
       await start('fandrop', [fixture('fanotify'), d, 'drop-admin']);
       await checksPass('fandrop');
       await run(['snapshot', 'fandrop', '-o', join(out, 'fandrop')]);
