@@ -345,7 +345,7 @@ void sem_undo_unknown(void) {
  * emptying keeps: entries it cleared after another's write would
  * otherwise be lost. A fork while another thread empties it leaves the
  * child's copy at -1: unknown, never wrong. */
-static int sem_undo_own(void) {
+static inline __attribute__((always_inline)) int sem_undo_own(void) {
   const uint64_t me = (uint32_t)self_vpid();
   uint64_t s = __atomic_load_n(&g_sem_undo.state, __ATOMIC_ACQUIRE);
   if ((s & SEM_UNDO_OWNER) == me) return 1;
@@ -520,7 +520,7 @@ static void entries_merged(uint64_t key) {
 }
 
 /* The kernel's semadj of (vid, num) moved by `delta`, at generation `gen`. */
-static void sem_undo_add(int32_t vid, unsigned num, int32_t delta, uint32_t gen) {
+static inline __attribute__((always_inline)) void sem_undo_add(int32_t vid, unsigned num, int32_t delta, uint32_t gen) {
   const uint64_t key = (uint64_t)(uint32_t)vid << 32 | ((uint64_t)num + 1);
   if (!sem_undo_cas_ok()) {
     sem_undo_unknown();
@@ -560,7 +560,7 @@ static inline size_t first_undo(const struct sembuf *ops, size_t n) {
 /* After a successful semop of the virtual set `vid`: its SEM_UNDO
  * operations' adjustments from ops[i] on, the generation read before the
  * call `before`. */
-static void sem_undo_record(int32_t vid, const struct sembuf *ops, size_t i,
+static inline __attribute__((always_inline)) void sem_undo_record(int32_t vid, const struct sembuf *ops, size_t i,
                             size_t n, uint32_t before) {
   /* A thread with its own adjustments in the kernel (clone without
    * CLONE_SYSVSEM) writes here as well: whose is whose cannot be told,
@@ -795,7 +795,11 @@ static int outer_semop_maybe_made(const struct semop_suspended *outer) {
   return semop_made_in_frame(outer->sp, here, alt, alt_size) != 0;
 }
 
-void semop_left_by_jump(uintptr_t target, uintptr_t here, uintptr_t alt, uintptr_t alt_size) {
+/* Cold, and the write inlined by force: with this second caller GCC kept
+ * the write out of line, ~20 instructions more on every semop with
+ * SEM_UNDO (callgrind). */
+__attribute__((cold)) void semop_left_by_jump(uintptr_t target, uintptr_t here, uintptr_t alt,
+                                              uintptr_t alt_size) {
   const int32_t state = __atomic_load_n(&t_semop.state, __ATOMIC_RELAXED);
   if (state == SEMOP_IDLE) return;
   const uintptr_t sp = t_semop.sp;
