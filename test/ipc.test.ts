@@ -308,6 +308,21 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undorawjump']);
   });
 
+  // The same handler blocking there: the snapshot tells from the signal
+  // frame below the library's stub that the interrupted wait made
+  // nothing, and takes the process (it was refused as "made, not written").
+  it('takes a process whose thread blocks in a handler the library does not wrap that interrupted its waiting semop (nothing made)', async () => {
+    const { set, child } = await semundo('undorawblock', 'rawblock');
+    sb.ok(['snapshot', 'undorawblock', '-o', join(out, 'rawblock.img')]);
+    const { image } = await loadImage(join(out, 'rawblock.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['restore', join(out, 'rawblock.img')]);
+    await sb.checksPass('undorawblock', 2);
+    await sb.exercised('undorawblock', 'to kill the holder');
+    expect(sb.log('undorawblock')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undorawblock']);
+  });
+
   // A signal held during the write is blocked in the mask of every
   // context after it: released only at the semop's end, a handler that
   // ran in between (one that could not be held) and made a semop of its

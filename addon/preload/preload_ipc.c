@@ -291,7 +291,9 @@ struct appshot_sem_undo {
    * One word, so that emptying it and marking it unknown cannot cross. */
   uint64_t state;
   int32_t capacity; /* SEM_UNDO_MAX */
-  int32_t layout;   /* 1: the two words after the entries are there (0: older) */
+  int32_t layout;   /* 1: the two words after the entries are there (0: older);
+                     * 2: and each thread's note holds its stub's stack
+                     * pointer (struct appshot_semop_flight, sp) */
   struct sem_undo_entry entry[SEM_UNDO_MAX];
   /* Where each thread's semop in flight is, from its thread pointer (0
    * until the process's first semop), and where that semop's system call
@@ -309,7 +311,7 @@ _Static_assert(__builtin_offsetof(struct appshot_sem_undo, entry) == 16 &&
                "SEM_UNDO table layout");
 /* The instruction after the semop system call (the stub below). */
 extern const char appshot_semop_returned[] HIDDEN;
-static struct appshot_sem_undo g_sem_undo = {0, SEM_UNDO_MAX, 1, {{0, 0}}, 0, appshot_semop_returned};
+static struct appshot_sem_undo g_sem_undo = {0, SEM_UNDO_MAX, 2, {{0, 0}}, 0, appshot_semop_returned};
 extern struct appshot_sem_undo appshot_sem_undo
     __attribute__((alias("g_sem_undo"), visibility("default")));
 
