@@ -160,10 +160,12 @@ const MPOL_LOCAL = 4;
 const MPOL_MODES = 7; // MPOL_DEFAULT .. MPOL_WEIGHTED_INTERLEAVE
 const MPOL_MODE_FLAGS = 0xe000; // MPOL_F_STATIC_NODES | MPOL_F_RELATIVE_NODES | MPOL_F_NUMA_BALANCING
 
-let nodeIds: { possible: number; online: Set<number> } | null | undefined;
+let nodeIds: { possible: number; online?: Set<number> } | undefined;
 /** This machine's node ids: how many are possible (nr_node_ids) and
- * which are online; null without NUMA (get_mempolicy is ENOSYS). */
-function numaNodes(): { possible: number; online: Set<number> } | null {
+ * which are online, from sysfs; where it does not say (no NUMA, or no
+ * sysfs), as many as a snapshot asks a thread's policy with (1024) and
+ * which are online not known: the kernel answers (ENOSYS without NUMA). */
+function numaNodes(): { possible: number; online?: Set<number> } {
   if (nodeIds !== undefined) return nodeIds;
   const list = (path: string): number[] | undefined => {
     let text: string;
@@ -181,7 +183,7 @@ function numaNodes(): { possible: number; online: Set<number> } | null {
   };
   const possible = list('/sys/devices/system/node/possible');
   const online = list('/sys/devices/system/node/online');
-  nodeIds = possible && online ? { possible: Math.max(0, ...possible) + 1, online: new Set(online) } : null;
+  nodeIds = possible && online ? { possible: Math.max(0, ...possible) + 1, online: new Set(online) } : { possible: 1024 };
   return nodeIds;
 }
 
@@ -205,12 +207,12 @@ export function mempolicyModeValid(mode: number): boolean {
   return Number.isInteger(mode) && mode >= 0 && (mode & ~(0x1fff | MPOL_MODE_FLAGS)) === 0 && (mode & 0x1fff) < MPOL_MODES;
 }
 
-/** Each mapping's policy asked (see above), by start; none without NUMA
- * or mbind. */
+/** Each mapping's policy asked (see above), by start; none without
+ * mbind. */
 export function askMappingPolicies(calls: CallQueue, pid: number, maps: MapsLine[]): Map<bigint, Answer> {
   const numa = numaNodes();
   const out = new Map<bigint, Answer>();
-  if (!numa || mbindUsedOf(pid, maps) === false) return out;
+  if (mbindUsedOf(pid, maps) === false) return out;
   const bits = Math.ceil(numa.possible / 64) * 64;
   for (const l of maps) {
     if (l.path === '[vsyscall]') continue; // not a mapping of the process's
@@ -234,13 +236,15 @@ export function noteMappingPolicies(vmas: Vma[], asked: Map<bigint, Answer>): vo
 }
 
 /** Refuses, before anything of the process is changed, a mapping whose
- * policy names a node this machine does not have online. */
+ * policy names a node this machine does not have online (where sysfs
+ * does not say, mbind itself fails, naming the mapping and the policy). */
 function checkPolicyNodes(vmas: Vma[], vpid: number): void {
-  const numa = numaNodes();
+  const online = numaNodes().online;
+  if (!online) return;
   for (const v of vmas) {
     if (!v.mempolicy) continue;
-    const missing = numa ? maskNodes(v.mempolicy.nodes).filter((n) => !numa.online.has(n)) : [0];
-    if (missing.length) throw new AppshotError(`process ${vpid}: its mapping at 0x${v.start.toString(16)} has the NUMA policy ${policyText(v.mempolicy)} (mbind), but this machine has ${numa ? `no node ${missing.join(',')} online (online: ${[...numa.online].join(',')})` : 'no NUMA support'}`);
+    const missing = maskNodes(v.mempolicy.nodes).filter((n) => !online.has(n));
+    if (missing.length) throw new AppshotError(`process ${vpid}: its mapping at 0x${v.start.toString(16)} has the NUMA policy ${policyText(v.mempolicy)} (mbind), but this machine has no node ${missing.join(',')} online (online: ${[...online].join(',')})`);
   }
 }
 
