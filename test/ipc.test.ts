@@ -311,16 +311,19 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
   // The same handler blocking there: the snapshot tells from the signal
   // frame below the library's stub that the interrupted wait made
   // nothing, and takes the process (it was refused as "made, not written").
-  it('takes a process whose thread blocks in a handler the library does not wrap that interrupted its waiting semop (nothing made)', async () => {
-    const { set, child } = await semundo('undorawblock', 'rawblock');
-    sb.ok(['snapshot', 'undorawblock', '-o', join(out, 'rawblock.img')]);
-    const { image } = await loadImage(join(out, 'rawblock.img'), { trust: 'report' });
-    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
-    sb.ok(['restore', join(out, 'rawblock.img')]);
-    await sb.checksPass('undorawblock', 2);
-    await sb.exercised('undorawblock', 'to kill the holder');
-    expect(sb.log('undorawblock')).toMatch(/^PASS$/m);
-    sb.ok(['rm', '-f', 'undorawblock']);
+  it('takes a process whose thread blocks in a handler the library does not wrap that interrupted its waiting semop (nothing made), on its stack or a sigaltstack', async () => {
+    for (const mode of ['rawblock', 'rawblockalt']) {
+      const aid = `undo${mode}`;
+      const { set, child } = await semundo(aid, mode);
+      sb.ok(['snapshot', aid, '-o', join(out, `${mode}.img`)]);
+      const { image } = await loadImage(join(out, `${mode}.img`), { trust: 'report' });
+      expect(image.processes.find((p) => p.vpid === child)!.semUndo, mode).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+      sb.ok(['restore', join(out, `${mode}.img`)]);
+      await sb.checksPass(aid, 2);
+      await sb.exercised(aid, 'to kill the holder');
+      expect(sb.log(aid)).toMatch(/^PASS$/m);
+      sb.ok(['rm', '-f', aid]);
+    }
   });
 
   // A signal held during the write is blocked in the mask of every

@@ -10,7 +10,7 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { strangeOwner } from './creds.js';
 import { addon, ENTRY_FLAGS, type PagesCheck } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
-import type { Image, MsgQueue, Process, SemSet, ShmSegment } from '../image/types.js';
+import type { Image, MsgQueue, Process, SemSet, ShmSegment, SigAltStack } from '../image/types.js';
 import type { Kind, TablesSnapshot } from '../native.js';
 import { type DumpContext, Transient, Unsupported } from './context.js';
 import { registersOf, semUndoOf, threadPointer } from '../ptrace/windows.js';
@@ -296,7 +296,7 @@ const FLIGHT_OPS_READ = 4096;
  * its result where the signal frame says nothing was made (an
  * interrupted wait: semopFrameSays).
  */
-export function unwrittenSemop(pid: number, maps: MapsLine[]): number | undefined {
+export function unwrittenSemop(pid: number, maps: MapsLine[], altstackOf: (tid: number) => SigAltStack | undefined = () => undefined): number | undefined {
   const address = semUndoOf(pid, maps);
   if (address === undefined) return undefined;
   let tpoff: bigint;
@@ -342,7 +342,7 @@ export function unwrittenSemop(pid: number, maps: MapsLine[]): number | undefine
     // Not seen by the library: the signal frame on the thread's stack
     // tells (an interrupted wait, or a signal before the call: nothing
     // made), if it is there.
-    if (result === 1n && layout >= 2 && semopFrameSays(pid, note.readBigUInt64LE(FLIGHT.sp), regs.readBigUInt64LE(REG.rsp), returned) === false) continue;
+    if (result === 1n && layout >= 2 && semopFrameSays(pid, note.readBigUInt64LE(FLIGHT.sp), regs.readBigUInt64LE(REG.rsp), returned, altstackOf(tid)) === false) continue;
     const n = Number(note.readBigUInt64LE(FLIGHT.nops));
     if (n > FLIGHT_OPS_READ) return tid;
     try {
@@ -371,29 +371,43 @@ const STUB_BEFORE = 64n;
  * stub's red zone holds the interrupted registers (rsp `sp` and rip in
  * the stub, consecutive words, rcx and rax the two before): before the
  * call, nothing made; at its return, made if rax is 0 (the syscall
- * instruction loads rcx with the return address: checked). Undefined where
- * no such frame is found between the thread's stack pointer `rsp` and the
- * stub's (a handler on a sigaltstack: not looked for), as the library's
- * jump wrappers do (preload_ipc.c, "A jump out of a semop").
+ * instruction loads rcx with the return address: checked). Looked for
+ * between the thread's stack pointer `rsp` and the stub's, and on the
+ * thread's sigaltstack `alt` (the stub off it); undefined where no such
+ * frame is found, as the library's jump wrappers do (preload_ipc.c, "A
+ * jump out of a semop").
  */
-function semopFrameSays(pid: number, sp: bigint, rsp: bigint, returned: bigint): boolean | undefined {
-  const hi = sp - 128n;
-  if (rsp >= hi || sp === 0n) return undefined;
-  const lo = hi - rsp > FRAME_REACH ? hi - FRAME_REACH : rsp;
-  let stack: Buffer;
-  try {
-    stack = addon().readMemory(pid, lo, Number(hi - lo));
-  } catch {
+function semopFrameSays(pid: number, sp: bigint, rsp: bigint, returned: bigint, alt?: SigAltStack): boolean | undefined {
+  if (sp === 0n) return undefined;
+  const SS_DISABLE = 2;
+  const altOn = alt && !(alt.flags & SS_DISABLE) && alt.size > 0n ? alt : undefined;
+  const onAlt = (a: bigint) => altOn !== undefined && a >= altOn.sp && a < altOn.sp + altOn.size;
+  const scan = (lo: bigint, hi: bigint): boolean | undefined => {
+    if (hi - lo < 24n) return undefined;
+    let stack: Buffer;
+    try {
+      stack = addon().readMemory(pid, lo, Number(hi - lo));
+    } catch {
+      return undefined;
+    }
+    for (let at = (stack.length - 16) & ~7; at >= 16; at -= 8) {
+      if (stack.readBigUInt64LE(at) !== sp) continue;
+      const rip = stack.readBigUInt64LE(at + 8);
+      if (rip < returned - STUB_BEFORE || rip > returned) continue;
+      if (rip < returned) return false;
+      if (stack.readBigUInt64LE(at - 8) === returned) return stack.readBigUInt64LE(at - 16) === 0n;
+    }
     return undefined;
+  };
+  const hi = sp - 128n;
+  let says: boolean | undefined;
+  if (rsp < hi && onAlt(rsp) === onAlt(sp)) says = scan(hi - rsp > FRAME_REACH ? hi - FRAME_REACH : rsp, hi);
+  if (says === undefined && altOn && !onAlt(sp)) {
+    const top = altOn.sp + altOn.size;
+    const lo = onAlt(rsp) ? rsp : altOn.sp;
+    says = scan(top - lo > FRAME_REACH ? top - FRAME_REACH : lo, top);
   }
-  for (let at = ((stack.length - 16) & ~7); at >= 16; at -= 8) {
-    if (stack.readBigUInt64LE(at) !== sp) continue;
-    const rip = stack.readBigUInt64LE(at + 8);
-    if (rip < returned - STUB_BEFORE || rip > returned) continue;
-    if (rip < returned) return false;
-    if (stack.readBigUInt64LE(at - 8) === returned) return stack.readBigUInt64LE(at - 16) === 0n;
-  }
-  return undefined;
+  return says;
 }
 
 /** Where sem_generation is in the tables file (appshot_table.h: the
@@ -450,7 +464,7 @@ export function dumpSemUndo(ctx: DumpContext, pid: number, maps: MapsLine[], pro
     throw new Unsupported(`${unknowable}: it held adjustments of more than ${SEM_UNDO_CAPACITY} semaphores at once, or made operations while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process, or has a thread made without CLONE_SYSVSEM (its adjustments its own), or took a signal whose handler could not wait while the library wrote one (a fault, a one-shot handler, a full real-time signal queue)`);
   if (unknown === 'busy') throw new Unsupported(`${unknowable}: it was stopped while two of its threads were writing the library's table of them (try again)`);
   if (unknown) throw new Unsupported(`${unknowable}: the library's table of them cannot be read (another version of appshot's library?)`);
-  const unwritten = unwrittenSemop(pid, maps);
+  const unwritten = unwrittenSemop(pid, maps, (tid) => proc.threads.find((t) => t.tid === tid)?.altstack);
   if (unwritten !== undefined)
     throw new Unsupported(`${unknowable}: its thread ${ctx.virtual('pid', unwritten) || unwritten} was stopped after the kernel made a semop with SEM_UNDO and before the library wrote its adjustment, blocked in a system call there (a signal handler the library does not wrap: one installed by a raw system call, or before the library started) (try again)`);
   const sets = new Set(ctx.tables.tables.semid.map((e) => e.virtual));
