@@ -10,7 +10,7 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { strangeOwner } from './creds.js';
 import { addon, ENTRY_FLAGS, type PagesCheck } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
-import type { Image, MsgQueue, Process, SemSet, ShmSegment } from '../image/types.js';
+import type { Image, MsgQueue, Process, SemSet, ShmSegment, SigAltStack } from '../image/types.js';
 import type { Kind, TablesSnapshot } from '../native.js';
 import { type DumpContext, Transient, Unsupported } from './context.js';
 import { registersOf, semUndoOf, threadPointer } from '../ptrace/windows.js';
@@ -271,12 +271,13 @@ export function readSemUndo(pid: number, vpid: number, maps: MapsLine[]): { unkn
  * where each thread's semop in flight is from its thread pointer (0: no
  * semop yet), and the address its system call returns to. */
 const SEM_UNDO_FLIGHT_TPOFF = SEM_UNDO_HEADER + SEM_UNDO_CAPACITY * SEM_UNDO_ENTRY;
-/** struct appshot_semop_flight (addon/preload/preload.h). */
-const FLIGHT = { state: 0, result: 8, ops: 16, nops: 24, size: 40 } as const;
+/** struct appshot_semop_flight (addon/preload/preload.h); `sp` in a
+ * table of layout 2 on. */
+const FLIGHT = { state: 0, result: 8, ops: 16, nops: 24, sp: 40, size: 48 } as const;
 const SEMOP_ISSUED = 1;
 const SEMOP_RECORDING = 2;
 /** Offsets in x86-64 struct user_regs_struct. */
-const REG = { origRax: 15 * 8, rip: 16 * 8 } as const;
+const REG = { origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8 } as const;
 const SYS_SEMTIMEDOP = 220n;
 /** More operations than a semop takes (SEMOPM, 500 by default). */
 const FLIGHT_OPS_READ = 4096;
@@ -291,15 +292,20 @@ const FLIGHT_OPS_READ = 4096;
  * A thread blocked in its semop (its instruction pointer at the call's
  * return address, the call semtimedop), or not yet in it, is not one:
  * the kernel made nothing yet, and the call is made again at restore.
+ * Nor is one whose handler interrupted the call before the library saw
+ * its result where the signal frame says nothing was made (an
+ * interrupted wait: semopFrameSays).
  */
-export function unwrittenSemop(pid: number, maps: MapsLine[]): number | undefined {
+export function unwrittenSemop(pid: number, maps: MapsLine[], altstackOf: (tid: number) => SigAltStack | undefined = () => undefined): number | undefined {
   const address = semUndoOf(pid, maps);
   if (address === undefined) return undefined;
   let tpoff: bigint;
   let returned: bigint;
+  let layout: number;
   try {
     const header = addon().readMemory(pid, address, SEM_UNDO_HEADER);
-    if (header.readInt32LE(12) !== 1) return undefined; // an older library: no notes
+    layout = header.readInt32LE(12);
+    if (layout < 1) return undefined; // an older library: no notes
     const flight = addon().readMemory(pid, address + BigInt(SEM_UNDO_FLIGHT_TPOFF), 16);
     tpoff = flight.readBigInt64LE(0);
     returned = flight.readBigUInt64LE(8); // semop_returned, the next word
@@ -319,7 +325,7 @@ export function unwrittenSemop(pid: number, maps: MapsLine[]): number | undefine
     if (!regs || !tp) continue;
     let note: Buffer;
     try {
-      note = addon().readMemory(pid, BigInt.asUintN(64, tp + tpoff), FLIGHT.size);
+      note = addon().readMemory(pid, BigInt.asUintN(64, tp + tpoff), layout >= 2 ? FLIGHT.size : FLIGHT.sp);
     } catch {
       continue;
     }
@@ -333,6 +339,10 @@ export function unwrittenSemop(pid: number, maps: MapsLine[]): number | undefine
     // at its return, or before it: the instruction pointer there is in
     // the signal frame): only a SEM_UNDO operation changes the table.
     if (result !== 0n && result !== 1n) continue;
+    // Not seen by the library: the signal frame on the thread's stack
+    // tells (an interrupted wait, or a signal before the call: nothing
+    // made), if it is there.
+    if (result === 1n && layout >= 2 && semopFrameSays(pid, note.readBigUInt64LE(FLIGHT.sp), regs.readBigUInt64LE(REG.rsp), returned, altstackOf(tid)) === false) continue;
     const n = Number(note.readBigUInt64LE(FLIGHT.nops));
     if (n > FLIGHT_OPS_READ) return tid;
     try {
@@ -345,6 +355,59 @@ export function unwrittenSemop(pid: number, maps: MapsLine[]): number | undefine
     }
   }
   return undefined;
+}
+
+/** How far below the stub's red zone its signal frame may be: past the
+ * extended state (~11 KiB with AMX) and the frame itself. */
+const FRAME_REACH = 64n << 10n;
+/** The stub's instructions before its system call (preload_ipc.c's
+ * semop_syscall: fewer than 64 bytes). */
+const STUB_BEFORE = 64n;
+
+/**
+ * Whether the kernel made the semop of a thread stopped in a signal
+ * handler that interrupted the library's stub (stack pointer `sp` there)
+ * before the stub saw its result: the frame the kernel built below the
+ * stub's red zone holds the interrupted registers (rsp `sp` and rip in
+ * the stub, consecutive words, rcx and rax the two before): before the
+ * call, nothing made; at its return, made if rax is 0 (the syscall
+ * instruction loads rcx with the return address: checked). Looked for
+ * between the thread's stack pointer `rsp` and the stub's, and on the
+ * thread's sigaltstack `alt` (the stub off it); undefined where no such
+ * frame is found, as the library's jump wrappers do (preload_ipc.c, "A
+ * jump out of a semop").
+ */
+function semopFrameSays(pid: number, sp: bigint, rsp: bigint, returned: bigint, alt?: SigAltStack): boolean | undefined {
+  if (sp === 0n) return undefined;
+  const SS_DISABLE = 2;
+  const altOn = alt && !(alt.flags & SS_DISABLE) && alt.size > 0n ? alt : undefined;
+  const onAlt = (a: bigint) => altOn !== undefined && a >= altOn.sp && a < altOn.sp + altOn.size;
+  const scan = (lo: bigint, hi: bigint): boolean | undefined => {
+    if (hi - lo < 24n) return undefined;
+    let stack: Buffer;
+    try {
+      stack = addon().readMemory(pid, lo, Number(hi - lo));
+    } catch {
+      return undefined;
+    }
+    for (let at = (stack.length - 16) & ~7; at >= 16; at -= 8) {
+      if (stack.readBigUInt64LE(at) !== sp) continue;
+      const rip = stack.readBigUInt64LE(at + 8);
+      if (rip < returned - STUB_BEFORE || rip > returned) continue;
+      if (rip < returned) return false;
+      if (stack.readBigUInt64LE(at - 8) === returned) return stack.readBigUInt64LE(at - 16) === 0n;
+    }
+    return undefined;
+  };
+  const hi = sp - 128n;
+  let says: boolean | undefined;
+  if (rsp < hi && onAlt(rsp) === onAlt(sp)) says = scan(hi - rsp > FRAME_REACH ? hi - FRAME_REACH : rsp, hi);
+  if (says === undefined && altOn && !onAlt(sp)) {
+    const top = altOn.sp + altOn.size;
+    const lo = onAlt(rsp) ? rsp : altOn.sp;
+    says = scan(top - lo > FRAME_REACH ? top - FRAME_REACH : lo, top);
+  }
+  return says;
 }
 
 /** Where sem_generation is in the tables file (appshot_table.h: the
@@ -401,7 +464,7 @@ export function dumpSemUndo(ctx: DumpContext, pid: number, maps: MapsLine[], pro
     throw new Unsupported(`${unknowable}: it held adjustments of more than ${SEM_UNDO_CAPACITY} semaphores at once, or made operations while a SETVAL, SETALL or IPC_RMID changed them, or shares its memory with another process, or has a thread made without CLONE_SYSVSEM (its adjustments its own), or took a signal whose handler could not wait while the library wrote one (a fault, a one-shot handler, a full real-time signal queue)`);
   if (unknown === 'busy') throw new Unsupported(`${unknowable}: it was stopped while two of its threads were writing the library's table of them (try again)`);
   if (unknown) throw new Unsupported(`${unknowable}: the library's table of them cannot be read (another version of appshot's library?)`);
-  const unwritten = unwrittenSemop(pid, maps);
+  const unwritten = unwrittenSemop(pid, maps, (tid) => proc.threads.find((t) => t.tid === tid)?.altstack);
   if (unwritten !== undefined)
     throw new Unsupported(`${unknowable}: its thread ${ctx.virtual('pid', unwritten) || unwritten} was stopped after the kernel made a semop with SEM_UNDO and before the library wrote its adjustment, blocked in a system call there (a signal handler the library does not wrap: one installed by a raw system call, or before the library started) (try again)`);
   const sets = new Set(ctx.tables.tables.semid.map((e) => e.virtual));
