@@ -278,7 +278,7 @@ describe('the package installed from its tarball', () => {
   it("runs, snapshots, restores, clones and stops with its API, import('appshot') from a script", async () => {
     writeFileSync(
       join(project, 'ci.mjs'),
-      `import { run, ps, snapshot, restore, templateCreate, clone, stop, AppshotError } from 'appshot';
+      `import { run, ps, snapshot, restore, templateCreate, clone, stop, wait, rm, prune, AppshotError } from 'appshot';
 const [ticker, out] = process.argv.slice(2);
 const report = {};
 report.run = await run([ticker], { aid: 'api-tick' });
@@ -289,6 +289,11 @@ report.template = await templateCreate(report.snapshot.image, out + '/api-tick.t
 report.clones = await clone(report.template.template, { aid: 'api-clone', count: 2 });
 report.running = (await ps()).map((a) => a.aid).sort();
 for (const aid of ['api-tick-2', 'api-clone-1', 'api-clone-2']) await stop(aid, { signal: 'KILL' });
+await run(['/bin/sh', '-c', 'exit 3'], { aid: 'api-exit' });
+report.waited = await wait('api-exit');
+await rm('api-exit');
+report.pruned = await prune();
+report.left = (await ps(undefined, { all: true })).map((a) => a.aid).filter((aid) => aid.startsWith('api-'));
 try {
   await stop('no-such-app');
 } catch (e) {
@@ -307,6 +312,12 @@ console.log(JSON.stringify(report));
     expect(report.restore.createdDirs).toBeUndefined();
     expect(report.clones.map((c: { aid: string }) => c.aid)).toEqual(['api-clone-1', 'api-clone-2']);
     expect(report.running).toEqual(['api-clone-1', 'api-clone-2', 'api-tick-2']);
+    // The lifecycle's calls from the package too: an ended app's exit
+    // code, its removal, and prune of the snapshotted one and the stopped.
+    expect(report.waited).toBe(3);
+    expect(report.pruned).toEqual(expect.arrayContaining(['api-tick', 'api-tick-2', 'api-clone-1', 'api-clone-2']));
+    expect(report.pruned).not.toContain('api-exit');
+    expect(report.left).toEqual([]);
     expect(report.error).toEqual({ isAppshotError: true, exitCode: 3, message: "no application with AID 'no-such-app'" });
   }, 120_000);
 });
