@@ -199,11 +199,18 @@ Napi::Value SockShutdown(const Napi::CallbackInfo& info) {
 
 // datagramQueue(fd, maxCount, maxTotal, maxOne, shutForReading?) -> [{ data, from }]:
 // every message queued for reading, left queued; `from` is null when unnamed.
+// An error waiting to be read (POLLERR) throws code ERRPENDING, unread.
 Napi::Value DatagramQueue(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   dgram_msg* msgs = nullptr;
   long n = dgram_queue(Int(info[0]), info[1].As<Napi::Number>().Uint32Value(), info[2].As<Napi::Number>().Uint32Value(),
                        info[3].As<Napi::Number>().Uint32Value(), info.Length() > 4 && info[4].ToBoolean(), &msgs);
+  if (n == DGRAM_ERROR_PENDING) {
+    Napi::Error e = Napi::Error::New(env, "a socket error waits to be read");
+    e.Set("code", Napi::String::New(env, "ERRPENDING"));
+    e.ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
   if (n < 0) {
     ThrowErrno(env, "reading the queued datagrams", static_cast<int>(-n));
     return env.Undefined();

@@ -2,6 +2,7 @@
 #include "dgram.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stddef.h>
 #include <sys/un.h>
 #include <netinet/in.h>
@@ -17,6 +18,15 @@ void dgram_free(dgram_msg* msgs, long n) {
 }
 
 long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int shut_for_reading, dgram_msg** out) {
+  /* A pending error (sk_err: a connected UDP socket's ICMP port
+   * unreachable, a seqpacket whose peer closed on unread data) is what a
+   * peek would answer first, and answering consumes it: the application's
+   * next call would no longer see it. The error queue (IP_RECVERR,
+   * MSG_ZEROCOPY completions) shows the same way. poll() shows either
+   * without touching it. */
+  struct pollfd pf = {.fd = fd, .events = 0};
+  if (poll(&pf, 1, 0) < 0) return -errno;
+  if (pf.revents & POLLERR) return DGRAM_ERROR_PENDING;
   int saved = -1;
   socklen_t sl = sizeof saved;
   if (getsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &saved, &sl)) return -errno;

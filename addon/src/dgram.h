@@ -26,7 +26,10 @@ typedef struct {
  * for reading (its peer closed, or shut its side down), where a peek past
  * the last message answers 0, as for an empty message, instead of EAGAIN
  * (a datagram socket still says EAGAIN): an empty answer ends the walk
- * there (an empty record on such a socket is lost). */
+ * there (an empty record on such a socket is lost). DGRAM_ERROR_PENDING
+ * when the socket holds an error for the application to read (poll says
+ * POLLERR), which any peek would consume: nothing is read then. */
+#define DGRAM_ERROR_PENDING (-4096) /* an error waits to be read: nothing was peeked */
 long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int shut_for_reading, dgram_msg** out);
 void dgram_free(dgram_msg* msgs, long n);
 

@@ -76,6 +76,10 @@ export function queuedMessages(dup: number, what: string, shutForReading = false
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'E2BIG') throw new Unsupported(`${what}: more than ${QUEUE_LIMITS.count} datagrams or ${QUEUE_LIMITS.bytes >> 20} MiB queued`);
     if (code === 'EMSGSIZE') throw new Unsupported(`${what}: a queued datagram larger than ${QUEUE_LIMITS.one >> 20} MiB`);
+    // Left unread: a peek would have consumed it, and the application left
+    // running would never see it (a refused snapshot must change nothing).
+    if (code === 'ERRPENDING')
+      throw new Unsupported(`${what} holds an error the application has not read yet (the answer to an earlier send, such as an ICMP port unreachable, a peer gone with data unread, or an error queue: IP_RECVERR, MSG_ZEROCOPY completions), which cannot be captured`);
     throw new Unsupported(`${what}: ${(e as Error).message}`);
   }
   return got.map((m) => {
