@@ -16,6 +16,13 @@ typedef struct {
   size_t len;
   struct sockaddr_storage from;
   socklen_t from_len; /* 0 when the kernel gave no sender */
+  /* What the IP header said, as far as the socket asked to be shown it
+   * (IP_PKTINFO, IP_RECVTOS, IP_RECVTTL or their IPv6 twins; only asked of
+   * an IP socket): the address it was sent to (to_len 0: not shown), its
+   * TOS or traffic class and its TTL or hop limit (-1: not shown). */
+  struct sockaddr_storage to;
+  socklen_t to_len;
+  int tos, ttl;
 } dgram_msg;
 
 /* Every message queued for reading on `fd`, in order and with its

@@ -69,6 +69,13 @@ const AUTOBIND = /^@[0-9a-f]{5}$/;
 /** The messages queued for reading on a duplicate of the socket, whole
  * and in order, left queued. */
 export function queuedMessages(dup: number, what: string, shutForReading = false): Datagram[] {
+  return queuedWithHeaders(dup, what, shutForReading).map((m) => m.datagram);
+}
+
+/** The same, each with what its IP header said that the socket asks to
+ * be shown (udp.ts): the address it was sent to ('' if not shown), its
+ * TOS or traffic class and TTL or hop limit (-1 if not shown). */
+export function queuedWithHeaders(dup: number, what: string, shutForReading = false): { datagram: Datagram; to: string; tos: number; ttl: number }[] {
   let got;
   try {
     got = addon().datagramQueue(dup, QUEUE_LIMITS.count, QUEUE_LIMITS.bytes, QUEUE_LIMITS.one, shutForReading);
@@ -84,7 +91,7 @@ export function queuedMessages(dup: number, what: string, shutForReading = false
   }
   return got.map((m) => {
     const from = m.from ? parseSockaddr(m.from) : { address: '', port: 0 };
-    return { data: m.data, from: from.address, fromPort: from.port };
+    return { datagram: { data: m.data, from: from.address, fromPort: from.port }, to: m.to ? parseSockaddr(m.to).address : '', tos: m.tos, ttl: m.ttl };
   });
 }
 
