@@ -196,6 +196,10 @@ export interface Process {
   posixTimers?: PosixTimer[];
   /** groupStopped: the signal that stopped it; 0 or absent: SIGSTOP. */
   stopSignal?: number;
+  /** Its children stopped by job control whose stop report it had taken
+   * (waitpid WUNTRACED), by virtual PID: a restore takes their new stop's
+   * report in its stead (jobcontrol.ts). Absent in older images: none. */
+  stopReportsTaken?: number[];
   /** Its children that exited and were not waited for (zombies.ts). */
   zombies?: Zombie[];
   /** Its AIO contexts (resources/aio.ts); absent in older images. */

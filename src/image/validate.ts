@@ -603,6 +603,13 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
     }
     for (const v of path) rooted.add(v);
   }
+  // A stop report taken is of a child of its own, stopped by job control:
+  // the restore takes the new one in the parent's stead (jobcontrol.ts).
+  for (const p of image.processes)
+    for (const v of p.stopReportsTaken ?? []) {
+      const child = byVpid.get(v);
+      if (!child || child.vppid !== p.vpid || !child.groupStopped) corrupt(`process ${p.vpid} took the stop report of ${v}, not a stopped child of its own`);
+    }
   // The thread that forked a process (its real_parent) is one of its
   // parent's: the restore forks it from that thread.
   for (const p of image.processes) {

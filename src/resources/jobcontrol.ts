@@ -7,10 +7,20 @@
  * runs a single instruction; those stopped are let go first, and each is
  * back in its stop before the others run (a parent checking on a stopped
  * child must not find it running through the kernel on its way there).
+ *
+ * Whether the parent already took the stop's report (waitpid(WUNTRACED))
+ * is the parent's to tell: asked of it with waitid(WNOWAIT), which leaves
+ * the report where it is. The new stop reports itself afresh, so for a
+ * stop whose report had been taken the restore takes it in the parent's
+ * stead (waitid(WSTOPPED | WNOHANG) run in the parent, still held), before
+ * the parent runs: it is not told the same stop twice.
  */
+import { readFileSync } from 'node:fs';
 import { type Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { readStat } from '../procfs.js';
+import { Injector } from '../ptrace/inject.js';
+import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { Unsupported } from './context.js';
 
 const SIGSTOP = 19;
@@ -53,6 +63,30 @@ function dumpStopSignal(stopSignal: number | undefined, p: Pick<Process, 'sigact
   return stopSignal;
 }
 
+const NR_waitid = 247;
+const P_PID = 1;
+const WNOHANG = 1;
+const WSTOPPED = 2;
+const WNOWAIT = 0x01000000;
+/** siginfo_t's si_pid: 0 when waitid found nothing to report. */
+const SI_PID_AT = 16;
+
+/** Asks the process (through its questions) whether each of its children
+ * stopped by job control (system PIDs) still has its stop to report. */
+export function askStopReports(calls: CallQueue, stoppedChildren: number[]): Map<number, Answer> {
+  return new Map(stoppedChildren.map((child) => [child, calls.ask(NR_waitid, [P_PID, child, 'buf', WSTOPPED | WNOHANG | WNOWAIT, 0], { outLength: 128 })]));
+}
+
+/** The children (as `virtual` names them) whose stop report the process
+ * has taken already: waitid answered 0 with nothing to report. Any other
+ * answer (not a child of it after all, a kernel error) records nothing:
+ * the restored stop is reported, as before. */
+export function stopReportsTaken(asked: Map<number, Answer>, virtual: (systemPid: number) => number): number[] {
+  const taken: number[] = [];
+  for (const [child, a] of asked) if (a.ret === 0n && a.out.readInt32LE(SI_PID_AT) === 0 && virtual(child)) taken.push(virtual(child));
+  return taken.sort((x, y) => x - y);
+}
+
 interface Restored {
   proc: Process;
   pid: number;
@@ -77,6 +111,7 @@ export function releaseRestored(made: Restored[]): Restored[] {
       process.kill(m.pid, SIGSTOP);
       missed.push(m);
     }
+  takeReportsAgain(made, stopped);
   // One native call for all of them; one that fails (killed meanwhile:
   // ESRCH) is handled as detachRestored does, and the rest go on.
   const tids = others.flatMap((m) => m.tids);
@@ -129,6 +164,37 @@ function detachRestored(tid: number): void {
     const r = addon().wait(tid, 1000);
     if (!r || r.kind === 'exited') return;
   }
+}
+
+/** For each stopped child whose report its parent had taken before the
+ * snapshot, the fresh report of its new stop is taken now, by the parent
+ * itself (still held: not among `stopped`), which then never sees it. A
+ * parent let go already (stopped itself) or a call that fails leaves the
+ * report to be seen, as without this. */
+function takeReportsAgain(made: Restored[], stopped: Restored[]): void {
+  const byVpid = new Map(made.map((m) => [m.proc.vpid, m]));
+  for (const parent of made) {
+    const taken = parent.proc.stopReportsTaken ?? [];
+    if (!taken.length || parent.proc.groupStopped) continue;
+    let inj: Injector;
+    try {
+      inj = Injector.open(parent.pid, parent.tids[0], vdsoOf(parent.pid));
+    } catch {
+      continue;
+    }
+    for (const vpid of taken) {
+      const child = byVpid.get(vpid);
+      if (!child || !stopped.includes(child) || child.proc.vppid !== parent.proc.vpid) continue;
+      inj.call(NR_waitid, [P_PID, child.pid, 0, WSTOPPED | WNOHANG, 0]);
+    }
+  }
+}
+
+function vdsoOf(pid: number): { start: bigint; end: bigint } | undefined {
+  const line = readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').find((l) => l.endsWith('[vdso]'));
+  if (!line) return undefined;
+  const [start, end] = line.split(' ')[0].split('-').map((x) => BigInt(`0x${x}`));
+  return { start, end };
 }
 
 /** Waits (up to 200 ms) for a process let go with its stop signal queued
