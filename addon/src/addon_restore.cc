@@ -572,8 +572,17 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
   shmdt(at);
   struct shmid_ds ds;
   if (shmctl(sid, IPC_STAT, &ds) == 0) {
-    ds.shm_perm.mode = mode;
+    ds.shm_perm.mode = mode;  // IPC_SET takes the permission bits only
     shmctl(sid, IPC_SET, &ds);
+  }
+  // Locked in memory (SHM_LOCK) as it was: the caller has checked that
+  // the image's processes could have; the kernel checks this restorer
+  // may (CAP_IPC_LOCK, or its RLIMIT_MEMLOCK).
+  if ((mode & SHM_LOCKED) && shmctl(sid, SHM_LOCK, nullptr) != 0) {
+    int e = errno;
+    shmctl(sid, IPC_RMID, nullptr);
+    ThrowErrno(env, "locking shared memory segment " + std::to_string(vid) + " in memory (SHM_LOCK)", e);
+    return env.Undefined();
   }
   return Napi::Number::New(env, sid);
 }

@@ -1586,7 +1586,7 @@ Napi::Value SemRead(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// shmRead(shmid) -> { perm, size, cpid, lpid, data: Buffer }
+// shmRead(shmid) -> { perm, size, cpid, lpid, locked, data: Buffer }
 Napi::Value ShmRead(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int id = info[0].As<Napi::Number>().Int32Value();
@@ -1605,6 +1605,8 @@ Napi::Value ShmRead(const Napi::CallbackInfo& info) {
   o.Set("size", Napi::Number::New(env, static_cast<double>(ds.shm_segsz)));
   o.Set("cpid", ds.shm_cpid);
   o.Set("lpid", ds.shm_lpid);
+  // perm.mode is its permission bits; locked in memory (SHM_LOCK) apart.
+  o.Set("locked", Napi::Boolean::New(env, (ds.shm_perm.mode & SHM_LOCKED) != 0));
   o.Set("data", Napi::Buffer<uint8_t>::Copy(env, static_cast<uint8_t*>(at), ds.shm_segsz));
   shmdt(at);
   return o;

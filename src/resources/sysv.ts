@@ -105,7 +105,8 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
       shmSegments.push({
         vid: e.virtual,
         vkey: vkey('shmkey', s.perm.key),
-        mode: s.perm.mode,
+        // Its permission bits, and SHM_LOCKED as IPC_STAT gives it.
+        mode: s.perm.mode | (s.locked ? SHM_LOCKED : 0),
         uid: s.perm.uid,
         gid: s.perm.gid,
         size: BigInt(s.size),
@@ -153,18 +154,50 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
   if (image.semGeneration) writeSemGeneration(tables, image.semGeneration);
   for (const s of image.semaphores) owned('semid', addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values), s, 'semaphore set');
   for (const s of image.shmSegments) {
+    if (s.mode & SHM_LOCKED) mayLockShm(image, s);
     const data = Buffer.alloc(Number(s.size));
     if (s.contents?.runs.length) {
       waitPagesChecked(pagesCheck, Number(s.contents.offset), data.length);
       readSync(pagesFd, data, 0, data.length, Number(s.contents.offset));
     }
-    const sid = addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data);
+    let sid: number;
+    try {
+      sid = addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data);
+    } catch (e) {
+      // The kernel refused this restorer the lock (no CAP_IPC_LOCK, its
+      // RLIMIT_MEMLOCK short): a privilege, not a fault of the image.
+      if (s.mode & SHM_LOCKED && /SHM_LOCK/.test((e as Error).message)) throw new AppshotError(`cannot lock shared memory segment ${s.vid} in memory as the image had it: ${(e as Error).message}`, ExitCode.denied);
+      throw e;
+    }
     owned('shmid', sid, s, 'shared memory segment');
     shmIds.set(s.vid, sid);
   }
   for (const q of image.msgQueues)
     owned('msgid', addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data }))), q, 'message queue');
   return shmIds;
+}
+
+/** shm_perm.mode's bit for a segment locked in memory (SHM_LOCK); the
+ * dump records the mode as IPC_STAT gives it, this bit included. */
+const SHM_LOCKED = 0o2000;
+const CAP_IPC_LOCK = 14n;
+const RLIMIT_MEMLOCK = 8;
+
+/** A locked segment is locked again only if a process of the image could
+ * have locked it, by the kernel's rule for SHM_LOCK: CAP_IPC_LOCK, or the
+ * segment's owner with an RLIMIT_MEMLOCK that holds it. A restore gives
+ * no more than the image had; what this restorer may do, the kernel
+ * decides (restoreShm). */
+function mayLockShm(image: Image, s: ShmSegment): void {
+  const could = image.processes.some((p) => {
+    const memlock = p.rlimits.find((r) => r.resource === RLIMIT_MEMLOCK)?.cur ?? 0n;
+    return [p.creds, ...p.threads.map((t) => t.creds)].some((c) => c && (((c.capEff >> CAP_IPC_LOCK) & 1n) === 1n || (c.uid[1] === s.uid && memlock >= s.size)));
+  });
+  if (!could)
+    throw new AppshotError(
+      `shared memory segment ${s.vid} is locked in memory (SHM_LOCK), which none of the image's processes could have done (no CAP_IPC_LOCK, and no RLIMIT_MEMLOCK of ${s.size} bytes with its owner's uid ${s.uid})`,
+      ExitCode.denied,
+    );
 }
 
 interface IpcOwner {
