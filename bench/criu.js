@@ -183,6 +183,11 @@ async function appshotRound(mib, round, r) {
   r.lr_track.push(lr.json.phases.trackMs);
   r.lr_copy.push(lr.json.phases.copyMs ?? 0);
   if (!(round % 2)) lrFrozen();
+  // The same memory for both tools' default snapshot: the page cache of
+  // their --leave-running images given back just before (warm memory;
+  // a page file written into memory the VM's host had taken back costs
+  // twice the CPU: README, "Latest run" of 2026-12-05 23:15).
+  for (const d of ['lr', 'lr-frozen']) rmSync(join(dir, d), { recursive: true, force: true });
   const def = appshot('snapshot', aid, '-o', join(dir, 'img'), '--full');
   r.frozen_default.push(def.json.frozenMs);
   r.held_default.push(def.json.phases.heldMs);
@@ -211,6 +216,7 @@ async function criuRound(criu, mib, round, r) {
   r.fork.push(await forkMs(app.pid, app.log));
   const lr = timed(criu, ['dump', '-t', String(app.pid), '-D', join(dir, 'lr'), '--leave-running', '--display-stats', '-o', 'dump.log']);
   r.frozen_lr.push(stat(lr.out, 'Frozen time'));
+  rmSync(join(dir, 'lr'), { recursive: true, force: true }); // as appshot's (appshotRound)
   const def = timed(criu, ['dump', '-t', String(app.pid), '-D', join(dir, 'img'), '--display-stats', '-o', 'dump.log']);
   r.frozen_default.push(stat(def.out, 'Frozen time'));
   r.snapshot_wall.push(def.wallMs);
