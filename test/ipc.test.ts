@@ -308,6 +308,22 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undorawjump']);
   });
 
+  // A handler the library wraps, run inside one it does not wrap that
+  // interrupted a semop at its return (made, not written), ran with the
+  // note put aside; leaving by siglongjmp, it left the adjustment in
+  // neither place: the image lacked it (review r279).
+  it('carries the adjustment of a semop left by a wrapped handler\'s siglongjmp from inside an unwrapped one', async () => {
+    const { set, child } = await semundo('undorawnested', 'rawnested');
+    sb.ok(['snapshot', 'undorawnested', '-o', join(out, 'rawnested.img')]);
+    const { image } = await loadImage(join(out, 'rawnested.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['restore', join(out, 'rawnested.img')]);
+    await sb.checksPass('undorawnested', 2);
+    await sb.exercised('undorawnested', 'to kill the holder');
+    expect(sb.log('undorawnested')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undorawnested']);
+  });
+
   // A signal held during the write is blocked in the mask of every
   // context after it: released only at the semop's end, a handler that
   // ran in between (one that could not be held) and made a semop of its

@@ -638,7 +638,6 @@ __asm__(".text\n"
         "appshot_semop_end:\n"
         "  .cfi_endproc\n"
         ".size semop_syscall, .-semop_syscall\n");
-extern const char appshot_semop_end[] HIDDEN;
 _Static_assert(__builtin_offsetof(struct appshot_semop_flight, result) == 8 &&
                    __builtin_offsetof(struct appshot_semop_flight, sp) == 40 &&
                    SEMOP_ISSUED == 1,
@@ -648,12 +647,35 @@ static inline int semop_pending(int32_t state, int64_t result) {
   return state == SEMOP_RECORDING || (state == SEMOP_ISSUED && result == 0);
 }
 
+static int semop_made_in_frame(uintptr_t sp, uintptr_t here, uintptr_t alt, uintptr_t alt_size);
+static void sigaltstack_of_thread(uintptr_t *alt, uintptr_t *alt_size);
+extern const char appshot_semop_end[] HIDDEN;
+
+/* Interrupted outside the stub with its result not seen, the thread runs
+ * a handler the library does not wrap that interrupted the stub (or a
+ * jump's settle of that semop, "A jump out of a semop"): whether the call
+ * was made is in that handler's signal frame, above the stack pointer
+ * `here` the thread was interrupted at. Before this was asked, a handler
+ * of ours that ran there (the note put aside) and left by siglongjmp left
+ * the adjustment in neither place (review r279). No frame found: the
+ * table is marked unknown, never guessed. */
+static int semop_made_below_handler(uintptr_t here) {
+  uintptr_t alt, alt_size;
+  sigaltstack_of_thread(&alt, &alt_size);
+  int made = semop_made_in_frame(__atomic_load_n(&t_semop.sp, __ATOMIC_RELAXED), here, alt, alt_size);
+  if (made < 0) sem_undo_unknown();
+  return made > 0;
+}
+
 int semop_unrecorded(const void *uc) {
   const int32_t state = __atomic_load_n(&t_semop.state, __ATOMIC_RELAXED);
   int64_t result = __atomic_load_n(&t_semop.result, __ATOMIC_RELAXED);
   if (state == SEMOP_ISSUED && uc) {
     const mcontext_t *m = &((const ucontext_t *)uc)->uc_mcontext;
-    if ((uintptr_t)m->gregs[REG_RIP] == (uintptr_t)appshot_semop_returned) result = m->gregs[REG_RAX];
+    const uintptr_t rip = (uintptr_t)m->gregs[REG_RIP];
+    if (rip == (uintptr_t)appshot_semop_returned) result = m->gregs[REG_RAX];
+    else if (UNLIKELY(result == 1) && (rip < (uintptr_t)semop_syscall || rip >= (uintptr_t)appshot_semop_end))
+      return semop_made_below_handler((uintptr_t)m->gregs[REG_RSP]);
   }
   return semop_pending(state, result);
 }
