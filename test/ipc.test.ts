@@ -324,6 +324,20 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undorawnested']);
   });
 
+  // A fork made by a handler the library does not wrap, which interrupted
+  // a semop at its return: the kernel's adjustment is the parent's alone
+  // (a fork inherits none), but the child, returning to the semop, wrote
+  // it into its own table too: restored, both would give it back.
+  it('carries a semop\'s adjustment in the process that made it, not in a child forked by a handler that interrupted it', async () => {
+    const { set, child } = await semundo('undorawfork', 'rawfork');
+    sb.ok(['snapshot', 'undorawfork', '-o', join(out, 'rawfork.img')]);
+    const { image } = await loadImage(join(out, 'rawfork.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    expect(image.processes.length).toBe(3);
+    for (const p of image.processes.filter((q) => q.vpid !== child)) expect(p.semUndo ?? []).toEqual([]);
+    sb.ok(['rm', '-f', 'undorawfork']);
+  });
+
   // A signal held during the write is blocked in the mask of every
   // context after it: released only at the semop's end, a handler that
   // ran in between (one that could not be held) and made a semop of its

@@ -138,6 +138,9 @@ HIDDEN void semop_held_release(void *uc);
  * `here`, with the thread's sigaltstack [alt, alt + alt_size) (0, 0:
  * none): if it leaves the thread's semop in flight, its note made true
  * (preload_ipc.c, "A jump out of a semop"). */
+/* In a fork's child: a semop the fork came inside of, made by the parent,
+ * is not written in the child's table (preload_ipc.c). */
+HIDDEN void semop_after_fork_child(void);
 HIDDEN void semop_left_by_jump(uintptr_t target, uintptr_t here, uintptr_t alt, uintptr_t alt_size);
 /* The calling thread's virtual TID; 0 = not known yet. */
 extern __thread int32_t t_vtid TLS_IE HIDDEN;

@@ -643,6 +643,20 @@ _Static_assert(__builtin_offsetof(struct appshot_semop_flight, result) == 8 &&
                    SEMOP_ISSUED == 1,
                "the stub's offsets");
 
+/* After the call made the operation: the note from ISSUED to RECORDING,
+ * in one instruction (a signal comes before it or after it), unless it
+ * is no longer ISSUED: made idle in a fork's child (the parent's
+ * operation, semop_after_fork_child) or settled by a jump's wrapper
+ * (written there). 1 if the write is this semop's to make. */
+static inline __attribute__((always_inline)) int semop_note_recording(void) {
+  int32_t seen = SEMOP_ISSUED;
+  __asm__ volatile("cmpxchgl %[to], %[state]"
+                   : [state] "+m"(t_semop.state), "+a"(seen)
+                   : [to] "r"((int32_t)SEMOP_RECORDING)
+                   : "memory", "cc");
+  return seen == SEMOP_ISSUED;
+}
+
 static inline int semop_pending(int32_t state, int64_t result) {
   return state == SEMOP_RECORDING || (state == SEMOP_ISSUED && result == 0);
 }
@@ -851,6 +865,38 @@ __attribute__((cold)) void semop_left_by_jump(uintptr_t target, uintptr_t here, 
   semop_deferred_release();
 }
 
+/* A fork's child, its one thread: a semop the fork came inside of (a
+ * handler the library does not wrap interrupted it, and forked). The
+ * kernel's adjustment of an operation made before the fork is the
+ * parent's alone (a fork inherits no semadj): the child, returning to
+ * the semop or leaving it by a jump, must not write it in its own table
+ * (review r279: both processes carried it, and restored, both would give
+ * it back). Its note is made idle, which the semop's write checks
+ * (semop_note_recording). Not made yet, the note stays: the child makes
+ * the call itself when the handler returns. Being written, or not to be
+ * told, the child's table is marked unknown. */
+void semop_after_fork_child(void) {
+  const int32_t state = __atomic_load_n(&t_semop.state, __ATOMIC_RELAXED);
+  if (LIKELY(state == SEMOP_IDLE)) return;
+  const int64_t result = t_semop.result;
+  int made = -1;
+  if (state == SEMOP_ISSUED && result != 1) made = result == 0;
+  else if (state == SEMOP_ISSUED) {
+    uintptr_t alt, alt_size, here;
+    __asm__("mov %%rsp, %0" : "=r"(here));
+    sigaltstack_of_thread(&alt, &alt_size);
+    made = semop_made_in_frame(t_semop.sp, here, alt, alt_size);
+  }
+  if (made == 0) return;
+  if (made < 0) {
+    if (g_h) sem_undo_own(); /* the parent's copy emptied first: the mark then stays */
+    sem_undo_unknown();
+  }
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  __atomic_store_n(&t_semop.state, SEMOP_IDLE, __ATOMIC_RELAXED);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
 long do_semtimedop(int id, struct sembuf *ops, size_t n,
                    const struct timespec *timeout) {
   ID_WINDOW();
@@ -876,8 +922,7 @@ long do_semtimedop(int id, struct sembuf *ops, size_t n,
   t_semop.generation = before;
   long r = semop_syscall(sid, ops, n, timeout);
   size_t i;
-  if (r == 0 && (i = first_undo(ops, n)) < n) {
-    __atomic_store_n(&t_semop.state, SEMOP_RECORDING, __ATOMIC_RELAXED);
+  if (r == 0 && (i = first_undo(ops, n)) < n && semop_note_recording()) {
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     int saved = errno;
     sem_undo_record(id, ops, i, n, before);

@@ -127,6 +127,7 @@ void pid_atfork_child(void) {
   /* A fork's semadj is its own, empty: no other task shares it. */
   if (__atomic_load_n(&g_sem_undo_split, __ATOMIC_RELAXED))
     __atomic_store_n(&g_sem_undo_split, 0, __ATOMIC_RELAXED);
+  semop_after_fork_child();
   if (t_in_fork) {
     /* Our wrapper's parent maps us. Asking for the table lock now, at the
      * very moment the parent holds it to do so, would cost a futex sleep
@@ -385,6 +386,7 @@ static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&g_sem_undo_split, 0, __ATOMIC_RELAXED);
     child_reset_ids(map_self_now());
+    semop_after_fork_child();
     landlock_fork_child();
     pthread_sigmask(SIG_SETMASK, &saved, NULL);
     return 0;
