@@ -129,6 +129,10 @@ struct semop_suspended {
   int32_t vid;
   uint32_t generation;
 };
+/* For the signal stub: the thread's semop was interrupted in its stub by
+ * a handler the library does not wrap, which the context `uc` is inside
+ * of; the note is kept for the handler about to run (preload_ipc.c). */
+HIDDEN int semop_under_unwrapped_handler(const void *uc);
 HIDDEN void semop_suspend(struct semop_suspended *s);
 HIDDEN void semop_resume(const struct semop_suspended *s);
 /* For the signal stub, before a program's handler runs: the signals held

@@ -661,37 +661,32 @@ static inline int semop_pending(int32_t state, int64_t result) {
   return state == SEMOP_RECORDING || (state == SEMOP_ISSUED && result == 0);
 }
 
-static int semop_made_in_frame(uintptr_t sp, uintptr_t here, uintptr_t alt, uintptr_t alt_size);
-static void sigaltstack_of_thread(uintptr_t *alt, uintptr_t *alt_size);
 extern const char appshot_semop_end[] HIDDEN;
-
-/* Interrupted outside the stub with its result not seen, the thread runs
- * a handler the library does not wrap that interrupted the stub (or a
- * jump's settle of that semop, "A jump out of a semop"): whether the call
- * was made is in that handler's signal frame, above the stack pointer
- * `here` the thread was interrupted at. Before this was asked, a handler
- * of ours that ran there (the note put aside) and left by siglongjmp left
- * the adjustment in neither place (review r279). No frame found: the
- * table is marked unknown, never guessed. */
-static int semop_made_below_handler(uintptr_t here) {
-  uintptr_t alt, alt_size;
-  sigaltstack_of_thread(&alt, &alt_size);
-  int made = semop_made_in_frame(__atomic_load_n(&t_semop.sp, __ATOMIC_RELAXED), here, alt, alt_size);
-  if (made < 0) sem_undo_unknown();
-  return made > 0;
-}
 
 int semop_unrecorded(const void *uc) {
   const int32_t state = __atomic_load_n(&t_semop.state, __ATOMIC_RELAXED);
   int64_t result = __atomic_load_n(&t_semop.result, __ATOMIC_RELAXED);
   if (state == SEMOP_ISSUED && uc) {
     const mcontext_t *m = &((const ucontext_t *)uc)->uc_mcontext;
-    const uintptr_t rip = (uintptr_t)m->gregs[REG_RIP];
-    if (rip == (uintptr_t)appshot_semop_returned) result = m->gregs[REG_RAX];
-    else if (UNLIKELY(result == 1) && (rip < (uintptr_t)semop_syscall || rip >= (uintptr_t)appshot_semop_end))
-      return semop_made_below_handler((uintptr_t)m->gregs[REG_RSP]);
+    if ((uintptr_t)m->gregs[REG_RIP] == (uintptr_t)appshot_semop_returned) result = m->gregs[REG_RAX];
   }
   return semop_pending(state, result);
+}
+
+/* Interrupted outside the stub with the call's result not seen, the
+ * thread runs a handler the library does not wrap that interrupted the
+ * stub (or a jump's settle of that semop): whether the call was made is
+ * in that handler's frame, which only a jump out of it settles ("A jump
+ * out of a semop"). A handler of ours that runs there keeps the note, so
+ * that its own jump out settles it too: put aside while it ran, a
+ * siglongjmp out of it left the adjustment in neither place (review
+ * r279). Its own semop finds the note under it (do_semtimedop). */
+int semop_under_unwrapped_handler(const void *uc) {
+  if (__atomic_load_n(&t_semop.state, __ATOMIC_RELAXED) != SEMOP_ISSUED ||
+      __atomic_load_n(&t_semop.result, __ATOMIC_RELAXED) != 1 || !uc)
+    return 0;
+  const uintptr_t rip = (uintptr_t)((const ucontext_t *)uc)->uc_mcontext.gregs[REG_RIP];
+  return rip < (uintptr_t)semop_syscall || rip >= (uintptr_t)appshot_semop_end;
 }
 
 void semop_suspend(struct semop_suspended *s) {
