@@ -338,6 +338,23 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undorawfork']);
   });
 
+  // An exec made by a handler the library does not wrap, which interrupted
+  // a semop at its return: the kernel keeps the adjustment across the
+  // exec, the library had not written it, and the exec'd program's empty
+  // table was read as "none" (the exec's mark looked at the table only).
+  it('refuses by name, or carries, the adjustment of a holder exec\'d by a handler that interrupted its semop', async () => {
+    const { set, child } = await semundo('undorawexec', 'rawexec');
+    const r = sb.run(['snapshot', 'undorawexec', '--leave-running', '-o', join(out, 'rawexec.img')]);
+    if (r.code === 0) {
+      const { image } = await loadImage(join(out, 'rawexec.img'), { trust: 'report' });
+      expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    } else {
+      expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known`);
+    }
+    await sb.checksPass('undorawexec', 2);
+    sb.ok(['rm', '-f', 'undorawexec']);
+  });
+
   // A signal held during the write is blocked in the mask of every
   // context after it: released only at the semop's end, a handler that
   // ran in between (one that could not be held) and made a semop of its

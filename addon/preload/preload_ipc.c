@@ -370,11 +370,15 @@ static inline __attribute__((always_inline)) int sem_undo_own(void) {
  * holder killed after the restore left its semaphore taken for ever). A
  * table that is another process's (a fork's copy) holds none of ours. An
  * exec that fails leaves the mark: a refusal too many, never one too few. */
+static int semop_note_maybe_made(void);
 void sem_undo_before_exec(void) {
   if (!g_h) return;
   uint64_t s = __atomic_load_n(&g_sem_undo.state, __ATOMIC_ACQUIRE);
+  /* The exec made inside this thread's semop, by a handler the library
+   * does not wrap: an adjustment the kernel made and the table does not
+   * hold yet is kept by the kernel too (review r279: read as none). */
   int held = (s & SEM_UNDO_UNKNOWN) != 0 || (s & SEM_UNDO_OWNER) == SEM_UNDO_EMPTYING ||
-             __atomic_load_n(&g_sem_undo_split, __ATOMIC_RELAXED);
+             __atomic_load_n(&g_sem_undo_split, __ATOMIC_RELAXED) || semop_note_maybe_made();
   if (!held && (s & SEM_UNDO_OWNER) == (uint32_t)self_vpid())
     for (int i = 0; i < SEM_UNDO_MAX && !held; i++)
       held = __atomic_load_n(&g_sem_undo.entry[i].key, __ATOMIC_ACQUIRE) != 0 &&
@@ -858,6 +862,20 @@ __attribute__((cold)) void semop_left_by_jump(uintptr_t target, uintptr_t here, 
   __atomic_store_n(&t_semop.state, SEMOP_IDLE, __ATOMIC_RELAXED);
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
   semop_deferred_release();
+}
+
+/* For an exec (sem_undo_before_exec): whether this thread's semop in
+ * flight may have been made and not written (the operations are not
+ * looked at: a note left stale may point at memory long gone). */
+static int semop_note_maybe_made(void) {
+  const int32_t state = __atomic_load_n(&t_semop.state, __ATOMIC_RELAXED);
+  if (LIKELY(state == SEMOP_IDLE)) return 0;
+  if (state != SEMOP_ISSUED) return 1;
+  if (t_semop.result != 1) return t_semop.result == 0;
+  uintptr_t alt, alt_size, here;
+  __asm__("mov %%rsp, %0" : "=r"(here));
+  sigaltstack_of_thread(&alt, &alt_size);
+  return semop_made_in_frame(t_semop.sp, here, alt, alt_size) != 0;
 }
 
 /* A fork's child, its one thread: a semop the fork came inside of (a
