@@ -324,6 +324,20 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undorawnested']);
   });
 
+  // The same jump made by the unwrapped handler itself, run on the
+  // thread's sigaltstack: the call's frame is on the other stack.
+  it('carries the adjustment of a semop left by siglongjmp from an unwrapped handler on the sigaltstack', async () => {
+    const { set, child } = await semundo('undorawalt', 'rawalt');
+    sb.ok(['snapshot', 'undorawalt', '-o', join(out, 'rawalt.img')]);
+    const { image } = await loadImage(join(out, 'rawalt.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['restore', join(out, 'rawalt.img')]);
+    await sb.checksPass('undorawalt', 2);
+    await sb.exercised('undorawalt', 'to kill the holder');
+    expect(sb.log('undorawalt')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undorawalt']);
+  });
+
   // A fork made by a handler the library does not wrap, which interrupted
   // a semop at its return: the kernel's adjustment is the parent's alone
   // (a fork inherits none), but the child, returning to the semop, wrote
