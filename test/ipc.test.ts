@@ -338,6 +338,21 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undorawalt']);
   });
 
+  // A note left stale by a jump the library does not see (setcontext out
+  // of an unwrapped handler on the sigaltstack): a fork made from a
+  // coroutine's stack searched 64 KiB below the call's stack pointer, into
+  // the small thread stack's guard page, and the child died of SIGSEGV (as
+  // did a siglongjmp from there back above the semop).
+  it('survives a fork from a coroutine after a setcontext out of a semop (the frame search reads no unmapped page)', async () => {
+    const { set, child } = await semundo('undorawstale', 'rawstale');
+    // Then a siglongjmp back above the semop settled the note from the
+    // frame on the sigaltstack, past the same guard page.
+    sb.ok(['snapshot', 'undorawstale', '--leave-running', '-o', join(out, 'rawstale.img')]);
+    const { image } = await loadImage(join(out, 'rawstale.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['rm', '-f', 'undorawstale']);
+  });
+
   // A fork made by a handler the library does not wrap, which interrupted
   // a semop at its return: the kernel's adjustment is the parent's alone
   // (a fork inherits none), but the child, returning to the semop, wrote

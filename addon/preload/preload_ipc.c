@@ -776,13 +776,31 @@ enum { FRAME_REACH = 64 << 10 }; /* the extended state is ~11 KiB with AMX */
 
 /* Whether the frame of a signal that interrupted the stub at stack pointer
  * `sp` is in [lo, hi): 1 made, 0 not made, -1 no such frame. */
+/* Whether the page at `page` can be read: asked of the kernel (a plain
+ * read of an unmapped one kills the program). A stack taken for one the
+ * thread runs on may not be (a note left stale by a jump the library
+ * did not see, such as setcontext, read from a coroutine's stack; a small
+ * thread stack's guard page within the reach below): review r279. A copy
+ * the system refuses (a seccomp filter) leaves the page taken as there. */
+static int page_readable(uintptr_t page) {
+  uint64_t w;
+  return copy_in(&w, (const void *)page, sizeof w) != -EFAULT;
+}
+
 static int semop_frame_in(uintptr_t lo, uintptr_t hi, uintptr_t sp) {
   const uintptr_t start = (uintptr_t)semop_syscall, returned = (uintptr_t)appshot_semop_returned,
                   end = (uintptr_t)appshot_semop_end;
+  enum { PAGE = 4096 };
   if (hi < lo + 24) return -1;
+  uintptr_t readable = (hi - 1) & ~(uintptr_t)(PAGE - 1); /* pages from here up checked */
+  if (!page_readable(readable)) return -1;
   /* The saved rsp and rip are consecutive words (REG_RSP, REG_RIP), with
    * rcx and rax the two before them. */
   for (uintptr_t p = (hi - 16) & ~(uintptr_t)7; p >= lo + 16; p -= 8) {
+    if (p - 16 < readable) {
+      readable = (p - 16) & ~(uintptr_t)(PAGE - 1);
+      if (!page_readable(readable)) return -1;
+    }
     const volatile uintptr_t *w = (const volatile uintptr_t *)p;
     if (w[0] != sp) continue;
     const uintptr_t rip = w[1];
