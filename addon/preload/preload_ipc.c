@@ -774,8 +774,6 @@ void semop_held_release(void *uc) {
  * allocation, no lock; a system call only to let held signals go. */
 enum { FRAME_REACH = 64 << 10 }; /* the extended state is ~11 KiB with AMX */
 
-/* Whether the frame of a signal that interrupted the stub at stack pointer
- * `sp` is in [lo, hi): 1 made, 0 not made, -1 no such frame. */
 /* Whether the page at `page` can be read: asked of the kernel (a plain
  * read of an unmapped one kills the program). A stack taken for one the
  * thread runs on may not be (a note left stale by a jump the library
@@ -787,6 +785,8 @@ static int page_readable(uintptr_t page) {
   return copy_in(&w, (const void *)page, sizeof w) != -EFAULT;
 }
 
+/* Whether the frame of a signal that interrupted the stub at stack pointer
+ * `sp` is in [lo, hi): 1 made, 0 not made, -1 no such frame. */
 static int semop_frame_in(uintptr_t lo, uintptr_t hi, uintptr_t sp) {
   const uintptr_t start = (uintptr_t)semop_syscall, returned = (uintptr_t)appshot_semop_returned,
                   end = (uintptr_t)appshot_semop_end;

@@ -127,7 +127,6 @@ void pid_atfork_child(void) {
   /* A fork's semadj is its own, empty: no other task shares it. */
   if (__atomic_load_n(&g_sem_undo_split, __ATOMIC_RELAXED))
     __atomic_store_n(&g_sem_undo_split, 0, __ATOMIC_RELAXED);
-  semop_after_fork_child();
   if (t_in_fork) {
     /* Our wrapper's parent maps us. Asking for the table lock now, at the
      * very moment the parent holds it to do so, would cost a futex sleep
@@ -140,6 +139,8 @@ void pid_atfork_child(void) {
      * will map us. */
     child_reset_ids(map_self_now());
   }
+  /* After the ids: a table it marks is claimed as this process's. */
+  semop_after_fork_child();
   landlock_fork_child();
 }
 
