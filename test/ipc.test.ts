@@ -326,6 +326,82 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     }
   });
 
+  // A handler the library wraps, run inside one it does not wrap that
+  // interrupted a semop at its return (made, not written), ran with the
+  // note put aside; leaving by siglongjmp, it left the adjustment in
+  // neither place: the image lacked it (review r279).
+  it('carries the adjustment of a semop left by a wrapped handler\'s siglongjmp from inside an unwrapped one', async () => {
+    const { set, child } = await semundo('undorawnested', 'rawnested');
+    sb.ok(['snapshot', 'undorawnested', '-o', join(out, 'rawnested.img')]);
+    const { image } = await loadImage(join(out, 'rawnested.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['restore', join(out, 'rawnested.img')]);
+    await sb.checksPass('undorawnested', 2);
+    await sb.exercised('undorawnested', 'to kill the holder');
+    expect(sb.log('undorawnested')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undorawnested']);
+  });
+
+  // The same jump made by the unwrapped handler itself, run on the
+  // thread's sigaltstack: the call's frame is on the other stack.
+  it('carries the adjustment of a semop left by siglongjmp from an unwrapped handler on the sigaltstack', async () => {
+    const { set, child } = await semundo('undorawalt', 'rawalt');
+    sb.ok(['snapshot', 'undorawalt', '-o', join(out, 'rawalt.img')]);
+    const { image } = await loadImage(join(out, 'rawalt.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['restore', join(out, 'rawalt.img')]);
+    await sb.checksPass('undorawalt', 2);
+    await sb.exercised('undorawalt', 'to kill the holder');
+    expect(sb.log('undorawalt')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undorawalt']);
+  });
+
+  // A note left stale by a jump the library does not see (setcontext out
+  // of an unwrapped handler on the sigaltstack): a fork made from a
+  // coroutine's stack searched 64 KiB below the call's stack pointer, into
+  // the small thread stack's guard page, and the child died of SIGSEGV (as
+  // did a siglongjmp from there back above the semop).
+  it('survives a fork from a coroutine after a setcontext out of a semop (the frame search reads no unmapped page)', async () => {
+    const { set, child } = await semundo('undorawstale', 'rawstale');
+    // Then a siglongjmp back above the semop settled the note from the
+    // frame on the sigaltstack, past the same guard page.
+    sb.ok(['snapshot', 'undorawstale', '--leave-running', '-o', join(out, 'rawstale.img')]);
+    const { image } = await loadImage(join(out, 'rawstale.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['rm', '-f', 'undorawstale']);
+  });
+
+  // A fork made by a handler the library does not wrap, which interrupted
+  // a semop at its return: the kernel's adjustment is the parent's alone
+  // (a fork inherits none), but the child, returning to the semop, wrote
+  // it into its own table too: restored, both would give it back.
+  it('carries a semop\'s adjustment in the process that made it, not in a child forked by a handler that interrupted it', async () => {
+    const { set, child } = await semundo('undorawfork', 'rawfork');
+    sb.ok(['snapshot', 'undorawfork', '-o', join(out, 'rawfork.img')]);
+    const { image } = await loadImage(join(out, 'rawfork.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    expect(image.processes.length).toBe(3);
+    for (const p of image.processes.filter((q) => q.vpid !== child)) expect(p.semUndo ?? []).toEqual([]);
+    sb.ok(['rm', '-f', 'undorawfork']);
+  });
+
+  // An exec made by a handler the library does not wrap, which interrupted
+  // a semop at its return: the kernel keeps the adjustment across the
+  // exec, the library had not written it, and the exec'd program's empty
+  // table was read as "none" (the exec's mark looked at the table only).
+  it('refuses by name, or carries, the adjustment of a holder exec\'d by a handler that interrupted its semop', async () => {
+    const { set, child } = await semundo('undorawexec', 'rawexec');
+    const r = sb.run(['snapshot', 'undorawexec', '--leave-running', '-o', join(out, 'rawexec.img')]);
+    if (r.code === 0) {
+      const { image } = await loadImage(join(out, 'rawexec.img'), { trust: 'report' });
+      expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    } else {
+      expect(r.stderr).toContain(`process ${child} (semundo): its SysV semaphore undo adjustments (SEM_UNDO), which the kernel applies when it exits, cannot be known`);
+    }
+    await sb.checksPass('undorawexec', 2);
+    sb.ok(['rm', '-f', 'undorawexec']);
+  });
+
   // A signal held during the write is blocked in the mask of every
   // context after it: released only at the semop's end, a handler that
   // ran in between (one that could not be held) and made a semop of its

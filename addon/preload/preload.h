@@ -129,6 +129,10 @@ struct semop_suspended {
   int32_t vid;
   uint32_t generation;
 };
+/* For the signal stub: the thread's semop was interrupted in its stub by
+ * a handler the library does not wrap, which the context `uc` is inside
+ * of; the note is kept for the handler about to run (preload_ipc.c). */
+HIDDEN int semop_under_unwrapped_handler(const void *uc);
 HIDDEN void semop_suspend(struct semop_suspended *s);
 HIDDEN void semop_resume(const struct semop_suspended *s);
 /* For the signal stub, before a program's handler runs: the signals held
@@ -138,6 +142,9 @@ HIDDEN void semop_held_release(void *uc);
  * `here`, with the thread's sigaltstack [alt, alt + alt_size) (0, 0:
  * none): if it leaves the thread's semop in flight, its note made true
  * (preload_ipc.c, "A jump out of a semop"). */
+/* In a fork's child: a semop the fork came inside of, made by the parent,
+ * is not written in the child's table (preload_ipc.c). */
+HIDDEN void semop_after_fork_child(void);
 HIDDEN void semop_left_by_jump(uintptr_t target, uintptr_t here, uintptr_t alt, uintptr_t alt_size);
 /* The calling thread's virtual TID; 0 = not known yet. */
 extern __thread int32_t t_vtid TLS_IE HIDDEN;

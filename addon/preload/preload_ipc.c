@@ -372,11 +372,15 @@ static inline __attribute__((always_inline)) int sem_undo_own(void) {
  * holder killed after the restore left its semaphore taken for ever). A
  * table that is another process's (a fork's copy) holds none of ours. An
  * exec that fails leaves the mark: a refusal too many, never one too few. */
+static int semop_note_maybe_made(void);
 void sem_undo_before_exec(void) {
   if (!g_h) return;
   uint64_t s = __atomic_load_n(&g_sem_undo.state, __ATOMIC_ACQUIRE);
+  /* The exec made inside this thread's semop, by a handler the library
+   * does not wrap: an adjustment the kernel made and the table does not
+   * hold yet is kept by the kernel too (review r279: read as none). */
   int held = (s & SEM_UNDO_UNKNOWN) != 0 || (s & SEM_UNDO_OWNER) == SEM_UNDO_EMPTYING ||
-             __atomic_load_n(&g_sem_undo_split, __ATOMIC_RELAXED);
+             __atomic_load_n(&g_sem_undo_split, __ATOMIC_RELAXED) || semop_note_maybe_made();
   if (!held && (s & SEM_UNDO_OWNER) == (uint32_t)self_vpid())
     for (int i = 0; i < SEM_UNDO_MAX && !held; i++)
       held = __atomic_load_n(&g_sem_undo.entry[i].key, __ATOMIC_ACQUIRE) != 0 &&
@@ -640,15 +644,30 @@ __asm__(".text\n"
         "appshot_semop_end:\n"
         "  .cfi_endproc\n"
         ".size semop_syscall, .-semop_syscall\n");
-extern const char appshot_semop_end[] HIDDEN;
 _Static_assert(__builtin_offsetof(struct appshot_semop_flight, result) == 8 &&
                    __builtin_offsetof(struct appshot_semop_flight, sp) == 40 &&
                    SEMOP_ISSUED == 1,
                "the stub's offsets");
 
+/* After the call made the operation: the note from ISSUED to RECORDING,
+ * in one instruction (a signal comes before it or after it), unless it
+ * is no longer ISSUED: made idle in a fork's child (the parent's
+ * operation, semop_after_fork_child) or settled by a jump's wrapper
+ * (written there). 1 if the write is this semop's to make. */
+static inline __attribute__((always_inline)) int semop_note_recording(void) {
+  int32_t seen = SEMOP_ISSUED;
+  __asm__ volatile("cmpxchgl %[to], %[state]"
+                   : [state] "+m"(t_semop.state), "+a"(seen)
+                   : [to] "r"((int32_t)SEMOP_RECORDING)
+                   : "memory", "cc");
+  return seen == SEMOP_ISSUED;
+}
+
 static inline int semop_pending(int32_t state, int64_t result) {
   return state == SEMOP_RECORDING || (state == SEMOP_ISSUED && result == 0);
 }
+
+extern const char appshot_semop_end[] HIDDEN;
 
 int semop_unrecorded(const void *uc) {
   const int32_t state = __atomic_load_n(&t_semop.state, __ATOMIC_RELAXED);
@@ -658,6 +677,22 @@ int semop_unrecorded(const void *uc) {
     if ((uintptr_t)m->gregs[REG_RIP] == (uintptr_t)appshot_semop_returned) result = m->gregs[REG_RAX];
   }
   return semop_pending(state, result);
+}
+
+/* Interrupted outside the stub with the call's result not seen, the
+ * thread runs a handler the library does not wrap that interrupted the
+ * stub (or a jump's settle of that semop): whether the call was made is
+ * in that handler's frame, which only a jump out of it settles ("A jump
+ * out of a semop"). A handler of ours that runs there keeps the note, so
+ * that its own jump out settles it too: put aside while it ran, a
+ * siglongjmp out of it left the adjustment in neither place (review
+ * r279). Its own semop finds the note under it (do_semtimedop). */
+int semop_under_unwrapped_handler(const void *uc) {
+  if (__atomic_load_n(&t_semop.state, __ATOMIC_RELAXED) != SEMOP_ISSUED ||
+      __atomic_load_n(&t_semop.result, __ATOMIC_RELAXED) != 1 || !uc)
+    return 0;
+  const uintptr_t rip = (uintptr_t)((const ucontext_t *)uc)->uc_mcontext.gregs[REG_RIP];
+  return rip < (uintptr_t)semop_syscall || rip >= (uintptr_t)appshot_semop_end;
 }
 
 void semop_suspend(struct semop_suspended *s) {
@@ -741,15 +776,33 @@ void semop_held_release(void *uc) {
  * allocation, no lock; a system call only to let held signals go. */
 enum { FRAME_REACH = 64 << 10 }; /* the extended state is ~11 KiB with AMX */
 
+/* Whether the page at `page` can be read: asked of the kernel (a plain
+ * read of an unmapped one kills the program). A stack taken for one the
+ * thread runs on may not be (a note left stale by a jump the library
+ * did not see, such as setcontext, read from a coroutine's stack; a small
+ * thread stack's guard page within the reach below): review r279. A copy
+ * the system refuses (a seccomp filter) leaves the page taken as there. */
+static int page_readable(uintptr_t page) {
+  uint64_t w;
+  return copy_in(&w, (const void *)page, sizeof w) != -EFAULT;
+}
+
 /* Whether the frame of a signal that interrupted the stub at stack pointer
  * `sp` is in [lo, hi): 1 made, 0 not made, -1 no such frame. */
 static int semop_frame_in(uintptr_t lo, uintptr_t hi, uintptr_t sp) {
   const uintptr_t start = (uintptr_t)semop_syscall, returned = (uintptr_t)appshot_semop_returned,
                   end = (uintptr_t)appshot_semop_end;
+  enum { PAGE = 4096 };
   if (hi < lo + 24) return -1;
+  uintptr_t readable = (hi - 1) & ~(uintptr_t)(PAGE - 1); /* pages from here up checked */
+  if (!page_readable(readable)) return -1;
   /* The saved rsp and rip are consecutive words (REG_RSP, REG_RIP), with
    * rcx and rax the two before them. */
   for (uintptr_t p = (hi - 16) & ~(uintptr_t)7; p >= lo + 16; p -= 8) {
+    if (p - 16 < readable) {
+      readable = (p - 16) & ~(uintptr_t)(PAGE - 1);
+      if (!page_readable(readable)) return -1;
+    }
     const volatile uintptr_t *w = (const volatile uintptr_t *)p;
     if (w[0] != sp) continue;
     const uintptr_t rip = w[1];
@@ -831,6 +884,52 @@ __attribute__((cold)) void semop_left_by_jump(uintptr_t target, uintptr_t here, 
   semop_deferred_release();
 }
 
+/* For an exec (sem_undo_before_exec): whether this thread's semop in
+ * flight may have been made and not written (the operations are not
+ * looked at: a note left stale may point at memory long gone). */
+static int semop_note_maybe_made(void) {
+  const int32_t state = __atomic_load_n(&t_semop.state, __ATOMIC_RELAXED);
+  if (LIKELY(state == SEMOP_IDLE)) return 0;
+  if (state != SEMOP_ISSUED) return 1;
+  if (t_semop.result != 1) return t_semop.result == 0;
+  uintptr_t alt, alt_size, here;
+  __asm__("mov %%rsp, %0" : "=r"(here));
+  sigaltstack_of_thread(&alt, &alt_size);
+  return semop_made_in_frame(t_semop.sp, here, alt, alt_size) != 0;
+}
+
+/* A fork's child, its one thread: a semop the fork came inside of (a
+ * handler the library does not wrap interrupted it, and forked). The
+ * kernel's adjustment of an operation made before the fork is the
+ * parent's alone (a fork inherits no semadj): the child, returning to
+ * the semop or leaving it by a jump, must not write it in its own table
+ * (review r279: both processes carried it, and restored, both would give
+ * it back). Its note is made idle, which the semop's write checks
+ * (semop_note_recording). Not made yet, the note stays: the child makes
+ * the call itself when the handler returns. Being written, or not to be
+ * told, the child's table is marked unknown. */
+void semop_after_fork_child(void) {
+  const int32_t state = __atomic_load_n(&t_semop.state, __ATOMIC_RELAXED);
+  if (LIKELY(state == SEMOP_IDLE)) return;
+  const int64_t result = t_semop.result;
+  int made = -1;
+  if (state == SEMOP_ISSUED && result != 1) made = result == 0;
+  else if (state == SEMOP_ISSUED) {
+    uintptr_t alt, alt_size, here;
+    __asm__("mov %%rsp, %0" : "=r"(here));
+    sigaltstack_of_thread(&alt, &alt_size);
+    made = semop_made_in_frame(t_semop.sp, here, alt, alt_size);
+  }
+  if (made == 0) return;
+  if (made < 0) {
+    if (g_h) sem_undo_own(); /* the parent's copy emptied first: the mark then stays */
+    sem_undo_unknown();
+  }
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  __atomic_store_n(&t_semop.state, SEMOP_IDLE, __ATOMIC_RELAXED);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
 long do_semtimedop(int id, struct sembuf *ops, size_t n,
                    const struct timespec *timeout) {
   ID_WINDOW();
@@ -856,8 +955,7 @@ long do_semtimedop(int id, struct sembuf *ops, size_t n,
   t_semop.generation = before;
   long r = semop_syscall(sid, ops, n, timeout);
   size_t i;
-  if (r == 0 && (i = first_undo(ops, n)) < n) {
-    __atomic_store_n(&t_semop.state, SEMOP_RECORDING, __ATOMIC_RELAXED);
+  if (r == 0 && (i = first_undo(ops, n)) < n && semop_note_recording()) {
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     int saved = errno;
     sem_undo_record(id, ops, i, n, before);

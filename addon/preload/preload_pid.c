@@ -139,6 +139,8 @@ void pid_atfork_child(void) {
      * will map us. */
     child_reset_ids(map_self_now());
   }
+  /* After the ids: a table it marks is claimed as this process's. */
+  semop_after_fork_child();
   landlock_fork_child();
 }
 
@@ -385,6 +387,7 @@ static pid_t fork_made_by(forker make, long nr, long a, long b, uint64_t ptid) {
     __atomic_store_n(&g_nocache, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&g_sem_undo_split, 0, __ATOMIC_RELAXED);
     child_reset_ids(map_self_now());
+    semop_after_fork_child();
     landlock_fork_child();
     pthread_sigmask(SIG_SETMASK, &saved, NULL);
     return 0;

@@ -161,7 +161,7 @@ void translating_action(int sig, siginfo_t *info, void *uc, uintptr_t below) {
         id_window_close(NULL);
         return;
       }
-      semop_suspend(&flight);
+      if (!semop_under_unwrapped_handler(uc)) semop_suspend(&flight);
     }
     /* This handler runs now: signals held before it are let go first
      * (suspended above, they run at once, nested here). */
