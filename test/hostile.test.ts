@@ -2146,6 +2146,20 @@ describe('a thread attribute this node cannot give back is refused at restore, b
     refuses(['restore', crafted('mempolicy-part', (i) => (i.processes[0].threads[0].attributes!.mempolicy = { mode: 1, nodes: Buffer.alloc(5, 1) }))], corrupt("thread 2's NUMA node mask is 5 bytes"));
   });
 
+  // mbind's per-mapping policy (memory.ts): one naming a node this
+  // machine does not have is refused before the process's memory is
+  // touched; a mode mbind does not take, or a part word, as corrupt.
+  it('a mapping\'s NUMA policy on a node this machine lacks, of a mode mbind does not take, or of a part word: refused by name', () => {
+    const heap = (i: Image) => i.processes[0].vmas.find((v) => v.kind === 0 && v.pages?.runs.length)!;
+    const node63 = Buffer.alloc(8);
+    node63[7] = 0x80;
+    const dir = crafted('vma-node63', (i) => (heap(i).mempolicy = { mode: 2, nodes: node63 }));
+    const start = heap(structuredClone(goodImage)).start.toString(16);
+    refuses(['restore', dir], { code: 1, stderr: new RegExp(`process 2: its mapping at 0x${start} has the NUMA policy bind on node 63 \\(mbind\\), but this machine has no node 63 online \\(online: [0-9,]+\\)$`) });
+    refuses(['restore', crafted('vma-mode', (i) => (heap(i).mempolicy = { mode: 9, nodes: Buffer.alloc(8, 1) }))], corrupt(`mapping 0x${start}-0x[0-9a-f]+ has NUMA policy mode 0x9, which mbind does not take`));
+    refuses(['restore', crafted('vma-part', (i) => (heap(i).mempolicy = { mode: 2, nodes: Buffer.alloc(5, 1) }))], corrupt(`mapping 0x${start}-0x[0-9a-f]+'s NUMA node mask is 5 bytes`));
+  });
+
   it.skipIf(/controllable:.* store bypass;/.test(probed('specctrl')))('store bypass speculation force-disabled, on a node where no process may set it', () => {
     // PR_SPEC_PRCTL | PR_SPEC_FORCE_DISABLE: the thread had forced it off.
     const dir = crafted('spec-ssb', (i) => (i.processes[0].threads[0].attributes!.speculationCtrl = [9, 2, 8]));

@@ -290,6 +290,39 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     sb.ok(['rm', '-f', 'undooneshot']);
   });
 
+  // A handler the library does not wrap (a raw rt_sigaction) that
+  // interrupts a semop and leaves by siglongjmp never let the semop end:
+  // its thread's note stayed "made" and every later snapshot of the
+  // process was refused. The jump now settles it: the waiter interrupted
+  // took nothing; the one signalled as its operation was made holds the
+  // semaphore, and its adjustment is written before the jump.
+  it('carries the adjustments of threads that left their semop by siglongjmp from a handler the library does not wrap', async () => {
+    const { set, child } = await semundo('undorawjump', 'rawjump');
+    sb.ok(['snapshot', 'undorawjump', '-o', join(out, 'rawjump.img')]);
+    const { image } = await loadImage(join(out, 'rawjump.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['restore', join(out, 'rawjump.img')]);
+    await sb.checksPass('undorawjump', 2);
+    await sb.exercised('undorawjump', 'to kill the holder');
+    expect(sb.log('undorawjump')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undorawjump']);
+  });
+
+  // The same handler blocking there: the snapshot tells from the signal
+  // frame below the library's stub that the interrupted wait made
+  // nothing, and takes the process (it was refused as "made, not written").
+  it('takes a process whose thread blocks in a handler the library does not wrap that interrupted its waiting semop (nothing made)', async () => {
+    const { set, child } = await semundo('undorawblock', 'rawblock');
+    sb.ok(['snapshot', 'undorawblock', '-o', join(out, 'rawblock.img')]);
+    const { image } = await loadImage(join(out, 'rawblock.img'), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['restore', join(out, 'rawblock.img')]);
+    await sb.checksPass('undorawblock', 2);
+    await sb.exercised('undorawblock', 'to kill the holder');
+    expect(sb.log('undorawblock')).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', 'undorawblock']);
+  });
+
   // A signal held during the write is blocked in the mask of every
   // context after it: released only at the semop's end, a handler that
   // ran in between (one that could not be held) and made a semop of its

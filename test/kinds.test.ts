@@ -1143,7 +1143,7 @@ describe('more process state: the root directory (chroot), the audit login uid, 
   roundTrips('mattr', [fixture('moreattrs'), '--chroot', root], /process 2 \(moreattrs\): [^\n]*, root \S+\/chroot,[\s\S]*\nattributes: [^\n]*timerslack 123456[^\n]*membarrier registrations 0x14, mlockall MCL_FUTURE, memory-deny-write-execute 0x1, coredump_filter 0x3f/);
 });
 
-describe('task flags only the task itself reads back: the machine-check kill policy of each thread, rdtsc faulting, KSM for the whole process', () => {
+describe('task flags only the task itself reads back: the machine-check kill policy of each thread, rdtsc faulting, KSM for the whole process, NUMA policies of threads and of mappings (mbind)', () => {
   roundTrips('tflg', [fixture('taskflags')], /process 2 \(taskflags\)/);
 });
 

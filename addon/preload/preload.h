@@ -103,6 +103,13 @@ struct appshot_semop_flight {
   uint64_t ops;      /* its operations and their count */
   uint64_t nops;
   uint64_t deferred; /* signals (bit sig - 1) held until the write ends */
+  /* For a jump out of the call (semop_left_by_jump): the stub's stack
+   * pointer at the system call (a signal frame that interrupts the stub
+   * holds it), the virtual set id and the generation read before the
+   * call (to write the adjustment the kernel made). */
+  uint64_t sp;
+  int32_t vid;
+  uint32_t generation;
 };
 extern __thread struct appshot_semop_flight t_semop TLS_IE HIDDEN;
 /* For the signal stub: whether the thread, interrupted in context `uc`,
@@ -118,13 +125,20 @@ HIDDEN void sem_undo_unknown(void);
 struct semop_suspended {
   int32_t state;
   int64_t result;
-  uint64_t ops, nops;
+  uint64_t ops, nops, sp;
+  int32_t vid;
+  uint32_t generation;
 };
 HIDDEN void semop_suspend(struct semop_suspended *s);
 HIDDEN void semop_resume(const struct semop_suspended *s);
 /* For the signal stub, before a program's handler runs: the signals held
  * back (t_semop.deferred) unblocked, here and in the context `uc`. */
 HIDDEN void semop_held_release(void *uc);
+/* A jump (preload_jump.c) to stack pointer `target`, from code running at
+ * `here`, with the thread's sigaltstack [alt, alt + alt_size) (0, 0:
+ * none): if it leaves the thread's semop in flight, its note made true
+ * (preload_ipc.c, "A jump out of a semop"). */
+HIDDEN void semop_left_by_jump(uintptr_t target, uintptr_t here, uintptr_t alt, uintptr_t alt_size);
 /* The calling thread's virtual TID; 0 = not known yet. */
 extern __thread int32_t t_vtid TLS_IE HIDDEN;
 /* --- Translation windows ---------------------------------------------------

@@ -291,7 +291,9 @@ struct appshot_sem_undo {
    * One word, so that emptying it and marking it unknown cannot cross. */
   uint64_t state;
   int32_t capacity; /* SEM_UNDO_MAX */
-  int32_t layout;   /* 1: the two words after the entries are there (0: older) */
+  int32_t layout;   /* 1: the two words after the entries are there (0: older);
+                     * 2: and each thread's note holds its stub's stack
+                     * pointer (struct appshot_semop_flight, sp) */
   struct sem_undo_entry entry[SEM_UNDO_MAX];
   /* Where each thread's semop in flight is, from its thread pointer (0
    * until the process's first semop), and where that semop's system call
@@ -309,7 +311,7 @@ _Static_assert(__builtin_offsetof(struct appshot_sem_undo, entry) == 16 &&
                "SEM_UNDO table layout");
 /* The instruction after the semop system call (the stub below). */
 extern const char appshot_semop_returned[] HIDDEN;
-static struct appshot_sem_undo g_sem_undo = {0, SEM_UNDO_MAX, 1, {{0, 0}}, 0, appshot_semop_returned};
+static struct appshot_sem_undo g_sem_undo = {0, SEM_UNDO_MAX, 2, {{0, 0}}, 0, appshot_semop_returned};
 extern struct appshot_sem_undo appshot_sem_undo
     __attribute__((alias("g_sem_undo"), visibility("default")));
 
@@ -345,7 +347,7 @@ void sem_undo_unknown(void) {
  * emptying keeps: entries it cleared after another's write would
  * otherwise be lost. A fork while another thread empties it leaves the
  * child's copy at -1: unknown, never wrong. */
-static int sem_undo_own(void) {
+static inline __attribute__((always_inline)) int sem_undo_own(void) {
   const uint64_t me = (uint32_t)self_vpid();
   uint64_t s = __atomic_load_n(&g_sem_undo.state, __ATOMIC_ACQUIRE);
   if ((s & SEM_UNDO_OWNER) == me) return 1;
@@ -520,7 +522,7 @@ static void entries_merged(uint64_t key) {
 }
 
 /* The kernel's semadj of (vid, num) moved by `delta`, at generation `gen`. */
-static void sem_undo_add(int32_t vid, unsigned num, int32_t delta, uint32_t gen) {
+static inline __attribute__((always_inline)) void sem_undo_add(int32_t vid, unsigned num, int32_t delta, uint32_t gen) {
   const uint64_t key = (uint64_t)(uint32_t)vid << 32 | ((uint64_t)num + 1);
   if (!sem_undo_cas_ok()) {
     sem_undo_unknown();
@@ -560,7 +562,7 @@ static inline size_t first_undo(const struct sembuf *ops, size_t n) {
 /* After a successful semop of the virtual set `vid`: its SEM_UNDO
  * operations' adjustments from ops[i] on, the generation read before the
  * call `before`. */
-static void sem_undo_record(int32_t vid, const struct sembuf *ops, size_t i,
+static inline __attribute__((always_inline)) void sem_undo_record(int32_t vid, const struct sembuf *ops, size_t i,
                             size_t n, uint32_t before) {
   /* A thread with its own adjustments in the kernel (clone without
    * CLONE_SYSVSEM) writes here as well: whose is whose cannot be told,
@@ -625,6 +627,7 @@ __asm__(".text\n"
         "  movq %rcx, %r10\n"
         "  movl $220, %eax\n" /* SYS_semtimedop */
         "  movq $1, %fs:8(%r8)\n"
+        "  movq %rsp, %fs:40(%r8)\n"
         "  movl $1, %fs:(%r8)\n" /* SEMOP_ISSUED */
         "  syscall\n"
         ".globl appshot_semop_returned\n"
@@ -632,9 +635,14 @@ __asm__(".text\n"
         "appshot_semop_returned:\n"
         "  movq %rax, %fs:8(%r8)\n"
         "  ret\n"
+        ".globl appshot_semop_end\n"
+        ".hidden appshot_semop_end\n"
+        "appshot_semop_end:\n"
         "  .cfi_endproc\n"
         ".size semop_syscall, .-semop_syscall\n");
+extern const char appshot_semop_end[] HIDDEN;
 _Static_assert(__builtin_offsetof(struct appshot_semop_flight, result) == 8 &&
+                   __builtin_offsetof(struct appshot_semop_flight, sp) == 40 &&
                    SEMOP_ISSUED == 1,
                "the stub's offsets");
 
@@ -657,6 +665,9 @@ void semop_suspend(struct semop_suspended *s) {
   s->result = t_semop.result;
   s->ops = t_semop.ops;
   s->nops = t_semop.nops;
+  s->sp = t_semop.sp;
+  s->vid = t_semop.vid;
+  s->generation = t_semop.generation;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
   t_semop.state = SEMOP_IDLE;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
@@ -668,6 +679,9 @@ void semop_resume(const struct semop_suspended *s) {
   t_semop.result = s->result;
   t_semop.ops = s->ops;
   t_semop.nops = s->nops;
+  t_semop.sp = s->sp;
+  t_semop.vid = s->vid;
+  t_semop.generation = s->generation;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
   t_semop.state = s->state;
   __atomic_signal_fence(__ATOMIC_SEQ_CST);
@@ -700,6 +714,123 @@ void semop_held_release(void *uc) {
   SYS4(rt_sigprocmask, SIG_UNBLOCK, &held, NULL, sizeof held);
 }
 
+/* --- A jump out of a semop -----------------------------------------------
+ *
+ * A handler the library does not wrap (installed by a raw rt_sigaction
+ * system call, or before the library) that interrupts the thread's semop
+ * and leaves by a longjmp never lets the semop end: its note stayed "made"
+ * (ISSUED, the result not seen) or "being written" for good, and every
+ * later snapshot of the process was refused. So the jumps (preload_jump.c)
+ * settle the note of a semop they leave, before they jump:
+ *  - the result seen (the stub noted it): made if 0, its adjustments
+ *    written now (the operations are still there: the jump has not been
+ *    made yet), else nothing was made;
+ *  - not seen: the signal came inside the stub. The kernel saved the
+ *    interrupted registers in the signal frame it built below the stub's
+ *    stack pointer (past the 128-byte red zone and the extended state) or
+ *    at the top of the sigaltstack: the frame whose saved stack pointer is
+ *    the stub's (noted in t_semop.sp) and instruction pointer inside the
+ *    stub tells: before the system call, nothing made; at its return, made
+ *    if rax is 0 (rcx, which the syscall instruction loads with the return
+ *    address, checked too). Looked for only where the stack between is
+ *    known to be mapped (from the jump's own stack pointer up, on the same
+ *    stack; or the sigaltstack);
+ *  - being written, or no frame found: the table is marked unknown (a
+ *    snapshot refuses it by name), never guessed.
+ * The note is then idle, and signals held for the write are let go. No
+ * allocation, no lock; a system call only to let held signals go. */
+enum { FRAME_REACH = 64 << 10 }; /* the extended state is ~11 KiB with AMX */
+
+/* Whether the frame of a signal that interrupted the stub at stack pointer
+ * `sp` is in [lo, hi): 1 made, 0 not made, -1 no such frame. */
+static int semop_frame_in(uintptr_t lo, uintptr_t hi, uintptr_t sp) {
+  const uintptr_t start = (uintptr_t)semop_syscall, returned = (uintptr_t)appshot_semop_returned,
+                  end = (uintptr_t)appshot_semop_end;
+  if (hi < lo + 24) return -1;
+  /* The saved rsp and rip are consecutive words (REG_RSP, REG_RIP), with
+   * rcx and rax the two before them. */
+  for (uintptr_t p = (hi - 16) & ~(uintptr_t)7; p >= lo + 16; p -= 8) {
+    const volatile uintptr_t *w = (const volatile uintptr_t *)p;
+    if (w[0] != sp) continue;
+    const uintptr_t rip = w[1];
+    if (rip < start || rip >= end) continue;
+    if (rip < returned) return 0; /* before the system call */
+    if (rip == returned && w[-1] == returned) return w[-2] == 0;
+  }
+  return -1;
+}
+
+/* The same, where such a frame can be: see above. `here` is the caller's
+ * stack pointer, below any frame on its own stack. */
+static int semop_made_in_frame(uintptr_t sp, uintptr_t here, uintptr_t alt, uintptr_t alt_size) {
+  const int sp_alt = sp - alt < alt_size, here_alt = here - alt < alt_size;
+  int r = -1;
+  if (sp_alt == here_alt && here < sp - 128) {
+    uintptr_t lo = sp - 128 - FRAME_REACH > here && sp - 128 > FRAME_REACH ? sp - 128 - FRAME_REACH : here;
+    r = semop_frame_in(lo, sp - 128, sp);
+  }
+  if (r < 0 && alt_size && !sp_alt) {
+    uintptr_t lo = here_alt && here > alt ? here : alt;
+    r = semop_frame_in(lo, alt + alt_size, sp);
+  }
+  return r;
+}
+
+static void sigaltstack_of_thread(uintptr_t *alt, uintptr_t *alt_size) {
+  stack_t ss;
+  *alt = *alt_size = 0;
+  if (SYS2(sigaltstack, NULL, &ss) == 0 && !(ss.ss_flags & SS_DISABLE)) {
+    *alt = (uintptr_t)ss.ss_sp;
+    *alt_size = ss.ss_size;
+  }
+}
+
+/* A semop over one that a handler the library does not wrap interrupted
+ * (suspended in `outer`): whether the outer one may have been made and
+ * not written (its write cannot be made here: it would be made again when
+ * the handler returns to it). */
+static int outer_semop_maybe_made(const struct semop_suspended *outer) {
+  if (outer->state != SEMOP_ISSUED || outer->result != 1) return semop_pending(outer->state, outer->result);
+  uintptr_t alt, alt_size, here;
+  __asm__("mov %%rsp, %0" : "=r"(here));
+  sigaltstack_of_thread(&alt, &alt_size);
+  return semop_made_in_frame(outer->sp, here, alt, alt_size) != 0;
+}
+
+/* Cold, and the write inlined by force: with this second caller GCC kept
+ * the write out of line, ~20 instructions more on every semop with
+ * SEM_UNDO (callgrind). */
+__attribute__((cold)) void semop_left_by_jump(uintptr_t target, uintptr_t here, uintptr_t alt,
+                                              uintptr_t alt_size) {
+  const int32_t state = __atomic_load_n(&t_semop.state, __ATOMIC_RELAXED);
+  if (state == SEMOP_IDLE) return;
+  const uintptr_t sp = t_semop.sp;
+  const int sp_alt = sp - alt < alt_size, target_alt = target - alt < alt_size;
+  if (!(sp_alt == target_alt ? sp < target : sp_alt)) return; /* a jump inside the handler */
+  const int64_t result = t_semop.result;
+  int made = state == SEMOP_RECORDING ? -1
+             : result != 1            ? result == 0
+                                      : semop_made_in_frame(sp, here, alt, alt_size);
+  if (made > 0) {
+    const struct sembuf *ops = (const struct sembuf *)(uintptr_t)t_semop.ops;
+    const size_t n = t_semop.nops;
+    size_t i = first_undo(ops, n);
+    if (i < n) {
+      __atomic_store_n(&t_semop.state, SEMOP_RECORDING, __ATOMIC_RELAXED);
+      __atomic_signal_fence(__ATOMIC_SEQ_CST);
+      int saved = errno;
+      sem_undo_record(t_semop.vid, ops, i, n, t_semop.generation);
+      errno = saved;
+    }
+  } else if (made < 0) {
+    sem_undo_unknown();
+  }
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  __atomic_store_n(&t_semop.state, SEMOP_IDLE, __ATOMIC_RELAXED);
+  __atomic_signal_fence(__ATOMIC_SEQ_CST);
+  semop_deferred_release();
+}
+
 long do_semtimedop(int id, struct sembuf *ops, size_t n,
                    const struct timespec *timeout) {
   ID_WINDOW();
@@ -715,12 +846,14 @@ long do_semtimedop(int id, struct sembuf *ops, size_t n,
    * not written: that one stays unwritten while this one runs. */
   struct semop_suspended outer;
   semop_suspend(&outer);
-  if (UNLIKELY(semop_pending(outer.state, outer.result))) sem_undo_unknown();
+  if (UNLIKELY(outer.state != SEMOP_IDLE) && outer_semop_maybe_made(&outer)) sem_undo_unknown();
   t_semop.ops = (uintptr_t)ops;
   t_semop.nops = n;
+  t_semop.vid = id;
   /* Inside the window: a snapshot lets a thread that has made the call
    * run on until it has recorded it. */
   uint32_t before = sem_generation();
+  t_semop.generation = before;
   long r = semop_syscall(sid, ops, n, timeout);
   size_t i;
   if (r == 0 && (i = first_undo(ops, n)) < n) {

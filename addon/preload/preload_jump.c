@@ -10,6 +10,10 @@
  * close the windows they leave: longjmp, _longjmp, siglongjmp and
  * __longjmp_chk are ours, and tail-call glibc's.
  *
+ * The same jumps settle the note of a semop in flight they leave
+ * (preload_ipc.c, "A jump out of a semop"): a handler the library does
+ * not wrap, left by a jump, left it "made" for good.
+ *
  * They are called by ordinary programs, some often (interpreters, parsers
  * that bail out by longjmp), from signal handlers too: with no window open
  * (nearly always) a wrapper costs a TLS load and a branch; nothing is
@@ -109,6 +113,13 @@ void windows_left_by_jump(const struct __jmp_buf_tag *env) {
   uintptr_t target = jump_target_sp(env);
   struct stacks s;
   stacks_of_thread(&s);
+  /* A semop in flight the jump leaves (a handler the library does not
+   * wrap interrupted it): its note settled (preload_ipc.c). */
+  if (UNLIKELY(__atomic_load_n(&t_semop.state, __ATOMIC_RELAXED) != SEMOP_IDLE)) {
+    uintptr_t here;
+    __asm__("mov %%rsp, %0" : "=r"(here));
+    semop_left_by_jump(target, here, s.alt, s.alt_size);
+  }
   int target_alt = on_altstack(&s, target);
   /* The windows a jump leaves are the innermost ones, from the first it
    * leaves on: each later one began inside it. Deeper than those recorded,
@@ -160,12 +171,15 @@ __attribute__((constructor)) static void resolve_jumps(void) {
   "  movq t_id_window@gottpoff(%rip), %rax\n"                           \
   "  cmpl $0, %fs:(%rax)\n"                                             \
   "  jg 2f\n"                                                           \
+  "  movq t_semop@gottpoff(%rip), %rax\n"                               \
+  "  cmpl $0, %fs:(%rax)\n"                                             \
+  "  jne 2f\n"                                                          \
   "1:\n"                                                                \
   "  movq appshot_real_jumps+8*" #which "(%rip), %rax\n"                \
   "  testq %rax, %rax\n"                                                \
   "  jz 3f\n"                                                           \
   "  jmp *%rax\n"                                                       \
-  "2:\n" /* a window open: close those the jump leaves */               \
+  "2:\n" /* a window open, or a semop: settle what the jump leaves */  \
   "  pushq %rdi\n  .cfi_adjust_cfa_offset 8\n"                          \
   "  pushq %rsi\n  .cfi_adjust_cfa_offset 8\n"                          \
   "  subq $8, %rsp\n  .cfi_adjust_cfa_offset 8\n"                       \

@@ -28,7 +28,26 @@
 #include <sys/signalfd.h>
 #include <ucontext.h>
 
-int __sigaction(int sig, const struct sigaction *act, struct sigaction *old);
+#include <dlfcn.h>
+
+/* glibc's sigaction, which ours hands on to: found by its other name,
+ * __sigaction, which glibc exports too and ours takes as well (a program
+ * that called it by name installed its handler past ours). Resolved by
+ * the constructor below, or at the first call if one comes sooner (a
+ * constructor of a library initialised before ours), before init. */
+typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
+static sigaction_fn g_glibc_sigaction;
+static sigaction_fn glibc_sigaction(void) {
+  sigaction_fn f = __atomic_load_n(&g_glibc_sigaction, __ATOMIC_ACQUIRE);
+  if (UNLIKELY(!f)) {
+    f = (sigaction_fn)dlsym(RTLD_NEXT, "__sigaction");
+    if (!f) f = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    if (!f) SYS1(exit_group, 127); /* no libc: cannot be */
+    __atomic_store_n(&g_glibc_sigaction, f, __ATOMIC_RELEASE);
+  }
+  return f;
+}
+__attribute__((constructor)) static void resolve_glibc_sigaction(void) { glibc_sigaction(); }
 
 typedef void (*action_fn)(int, siginfo_t *, void *);
 static action_fn g_actions[_NSIG];
@@ -200,9 +219,7 @@ static unsigned long shown_flags(void *kernel_handler, unsigned long kernel_flag
 API int sigaction(int sig, const struct sigaction *act,
                   struct sigaction *old) {
   ensure_init();
-  /* glibc's own name for it, which we do not define: usable before init
-   * resolved REAL(sigaction). */
-  if (!g_h || sig <= 0 || sig >= _NSIG) return __sigaction(sig, act, old);
+  if (!g_h || sig <= 0 || sig >= _NSIG) return glibc_sigaction()(sig, act, old);
   struct sigaction mine;
   action_fn prev = g_actions[sig];
   unsigned long prev_flags = g_flags[sig];
@@ -213,7 +230,7 @@ API int sigaction(int sig, const struct sigaction *act,
     mine.sa_flags = (int)flags;
     act = &mine;
   }
-  int r = __sigaction(sig, act, old);
+  int r = glibc_sigaction()(sig, act, old);
   if (r != 0) {
     int e = errno;
     __atomic_store_n(&g_flags[sig], prev_flags, __ATOMIC_RELAXED);
@@ -227,6 +244,10 @@ API int sigaction(int sig, const struct sigaction *act,
   }
   return r;
 }
+
+/* The same function under glibc's other exported name. */
+API int __sigaction(int sig, const struct sigaction *act, struct sigaction *old)
+    __attribute__((alias("sigaction"), copy(sigaction)));
 
 /* glibc's signal(), bsd_signal(), ssignal(), sysv_signal() and
  * siginterrupt() call its sigaction from inside libc, past ours: made

@@ -86,6 +86,15 @@ static long do_landlock_restrict_self(long ruleset, long flags) {
   return libc_ret(r);
 }
 
+/* Set for good once the program called mbind (libnuma's mbind is
+ * syscall(SYS_mbind); glibc has none): a snapshot asks each mapping's own
+ * NUMA policy only then (src/resources/memory.ts), a question per mapping
+ * that costs a program with a thousand of them ~10 ms of its frozen window.
+ * Inherited by a fork (its mappings keep their policies), 0 again after an
+ * exec (they are gone with the old program's memory). */
+static uint32_t g_mbind_used;
+extern uint32_t appshot_mbind_used __attribute__((alias("g_mbind_used"), visibility("default")));
+
 API long syscall(long nr, ...) {
   va_list ap;
   va_start(ap, nr);
@@ -257,6 +266,7 @@ API long syscall(long nr, ...) {
     case SYS_sendmmsg:
     case SYS_recvmsg:
     case SYS_recvmmsg: return do_creds_syscall(nr, a, b, c, d, e);
+    case SYS_mbind: __atomic_store_n(&g_mbind_used, 1, __ATOMIC_RELAXED); break;
   }
   return libc_ret(appshot_raw_syscall(nr, a, b, c, d, e, f));
 }

@@ -486,6 +486,8 @@ export interface Vma {
   shmVid: number;
   vmFlags: string[];
   pages?: PageRef;
+  /** mbind: the mapping's own NUMA policy; absent: none (memory.ts). */
+  mempolicy?: Mempolicy;
 }
 
 export interface PageRef {

@@ -26,6 +26,7 @@ import { checkAioRings } from '../resources/aio.js';
 import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
 import { checkCpuTimes } from '../resources/cputime.js';
+import { mempolicyModeValid } from '../resources/memory.js';
 import { netlinkProblem } from '../resources/netlink.js';
 import { socketFileRecordFault } from '../resources/socketfile.js';
 import { keyringFault, keyringTreeFault } from '../resources/keyrings.js';
@@ -336,6 +337,12 @@ function checkMemory(image: Image, p: Process, pagesFileSize: bigint, shmVids: S
     if (!(v.kind >= VmaKind.ANON && v.kind <= VmaKind.VSYSCALL)) corrupt(`${where} is of unknown kind ${v.kind}`);
     if (v.pgoff % PAGE) corrupt(`${where} has an offset of ${v.pgoff}, not page-aligned`);
     checkPageRef(v.pages, (v.end - v.start) / PAGE, pagesFileSize, where);
+    // mbind's policy (memory.ts): a mode mbind takes, whole words of at
+    // most as many nodes as a snapshot asks (the restore copies the mask
+    // into its scratch memory).
+    const policy = v.mempolicy;
+    if (policy && !mempolicyModeValid(policy.mode)) corrupt(`${where} has NUMA policy mode 0x${policy.mode.toString(16)}, which mbind does not take`);
+    if (policy && (policy.nodes.length % 8 || policy.nodes.length > 128)) corrupt(`${where}'s NUMA node mask is ${policy.nodes.length} bytes (whole words, at most 128)`);
     if (!shmVids) continue;
     if ((v.kind === VmaKind.FILE_PRIVATE || v.kind === VmaKind.FILE_SHARED) && !inRange(v.file, image.files)) corrupt(`${where} maps file ${v.file}, which the image does not have`);
     if (v.file !== -1 && !inRange(v.file, image.files)) corrupt(`${where} names file ${v.file}, which the image does not have`);

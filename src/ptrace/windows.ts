@@ -222,6 +222,21 @@ export function lateSigchldOf(pid: number, maps: MapsLine[]): bigint | undefined
   return lib && offsets ? lib.start + offsets.appshot_late_sigchld : undefined;
 }
 
+/** Whether the process whose mappings are `maps` called mbind through
+ * the preload library (appshot_mbind_used, addon/preload/preload_syscall.c),
+ * or undefined: no library, an older one without the mark, or one whose
+ * file or memory cannot be read. */
+export function mbindUsedOf(pid: number, maps: MapsLine[]): boolean | undefined {
+  const lib = preloadMappingIn(maps);
+  const offsets = lib && librarySymbols(pid, lib, ['appshot_mbind_used'] as const);
+  if (!lib || !offsets) return undefined;
+  try {
+    return addon().readMemory(pid, lib.start + offsets.appshot_mbind_used, 4).readUInt32LE(0) !== 0;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Where the preload library keeps its process's SEM_UNDO adjustments
  * (appshot_sem_undo, addon/preload/preload_ipc.c) in a process whose
  * mappings are `maps`, or undefined: no library, an older one without

@@ -10,9 +10,12 @@ import { type BigIntStats, closeSync, openSync, readFileSync, readSync, statSync
 import { deviceName, mapFilesPath, mapsDeviceName, procSmaps } from '../procfs.js';
 import { addon, PAGES_MODE, type PagesCheck, type ScannedPages } from '../native.js';
 import { pagesCheckFailure } from '../image/format.js';
-import { type Vma, VmaKind } from '../image/types.js';
+import { type Mempolicy, type Vma, VmaKind } from '../image/types.js';
+import { AppshotError } from '../errors.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
+import { type Answer, type CallQueue } from '../ptrace/queries.js';
+import { mbindUsedOf } from '../ptrace/windows.js';
 import { RemoteProcess, SYS, takeDescriptors } from '../ptrace/remote.js';
 import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
 import { killPoint } from '../killpoint.js';
@@ -132,6 +135,118 @@ const KEPT_VM_FLAGS: Record<string, number | undefined> = {
 };
 
 const MLOCK_ONFAULT = 1;
+
+/**
+ * A mapping's own NUMA policy (mbind; the thread's, set_mempolicy, is
+ * attributes.ts's). /proc/PID/numa_maps shows it, but walks every page of
+ * every mapping to count them (~13-20 ms for 1 GiB in 1,000 mappings,
+ * ~40% of smaps's walk, which the snapshot already makes), so each
+ * mapping is asked instead, among the process's batched questions, if
+ * the process called mbind (the preload library marks it: a question per
+ * mapping costs ~10-40 us of the frozen window, ~10-40 ms for a thousand
+ * mappings; every mapping is asked where the mark cannot be read):
+ * get_mempolicy(MPOL_F_ADDR) at its start answers the mapping's own
+ * policy (for shared memory, the object's there), MPOL_DEFAULT where it
+ * has none. The mode carries its flags (MPOL_F_STATIC_NODES...); the mask
+ * is as many bits as this machine's node ids (whole words), which
+ * get_mempolicy wants at least. The restore mbinds the range once it is
+ * mapped (a lazily mapped one's page-file pieces too), before its pages
+ * are written: they are placed by the policy.
+ */
+const NR_mbind = 237;
+const NR_get_mempolicy = 239;
+const MPOL_F_ADDR = 2;
+const MPOL_LOCAL = 4;
+const MPOL_MODES = 7; // MPOL_DEFAULT .. MPOL_WEIGHTED_INTERLEAVE
+const MPOL_MODE_FLAGS = 0xe000; // MPOL_F_STATIC_NODES | MPOL_F_RELATIVE_NODES | MPOL_F_NUMA_BALANCING
+
+let nodeIds: { possible: number; online?: Set<number> } | undefined;
+/** This machine's node ids: how many are possible (nr_node_ids) and
+ * which are online, from sysfs; where it does not say (no NUMA, or no
+ * sysfs), as many as a snapshot asks a thread's policy with (1024) and
+ * which are online not known: the kernel answers (ENOSYS without NUMA). */
+function numaNodes(): { possible: number; online?: Set<number> } {
+  if (nodeIds !== undefined) return nodeIds;
+  const list = (path: string): number[] | undefined => {
+    let text: string;
+    try {
+      text = readFileSync(path, 'utf8').trim();
+    } catch {
+      return undefined;
+    }
+    const out: number[] = [];
+    for (const part of text.split(',').filter(Boolean)) {
+      const [a, b] = part.split('-').map(Number);
+      for (let n = a; n <= (b ?? a); n++) out.push(n);
+    }
+    return out;
+  };
+  const possible = list('/sys/devices/system/node/possible');
+  const online = list('/sys/devices/system/node/online');
+  nodeIds = possible && online ? { possible: Math.max(0, ...possible) + 1, online: new Set(online) } : { possible: 1024 };
+  return nodeIds;
+}
+
+/** The nodes of a mask, as numbers. */
+function maskNodes(nodes: Buffer): number[] {
+  const out: number[] = [];
+  for (let i = 0; i < nodes.length * 8; i++) if (nodes[i >> 3] & (1 << (i & 7))) out.push(i);
+  return out;
+}
+
+/** A policy as a person reads it: "bind 0x2 on nodes 0,1". */
+export function policyText(p: Mempolicy): string {
+  const name = ['default', 'preferred', 'bind', 'interleave', 'local', 'preferred-many', 'weighted-interleave'][p.mode & 0x1fff] ?? `mode ${p.mode & 0x1fff}`;
+  const flags = p.mode & MPOL_MODE_FLAGS ? ` (flags 0x${(p.mode & MPOL_MODE_FLAGS).toString(16)})` : '';
+  const nodes = maskNodes(p.nodes);
+  return `${name}${flags}${nodes.length ? ` on node${nodes.length > 1 ? 's' : ''} ${nodes.join(',')}` : ''}`;
+}
+
+/** Whether `mode` is one the kernel's mbind takes (validate.ts). */
+export function mempolicyModeValid(mode: number): boolean {
+  return Number.isInteger(mode) && mode >= 0 && (mode & ~(0x1fff | MPOL_MODE_FLAGS)) === 0 && (mode & 0x1fff) < MPOL_MODES;
+}
+
+/** Each mapping's policy asked (see above), by start; none without
+ * mbind. */
+export function askMappingPolicies(calls: CallQueue, pid: number, maps: MapsLine[]): Map<bigint, Answer> {
+  const numa = numaNodes();
+  const out = new Map<bigint, Answer>();
+  if (mbindUsedOf(pid, maps) === false) return out;
+  const bits = Math.ceil(numa.possible / 64) * 64;
+  for (const l of maps) {
+    if (l.path === '[vsyscall]') continue; // not a mapping of the process's
+    out.set(l.start, calls.ask(NR_get_mempolicy, ['buf', { bufAt: 8 }, bits, l.start, MPOL_F_ADDR], { outLength: 8 + bits / 8 }));
+  }
+  return out;
+}
+
+/** The policies asked, into the mappings dumped (MPOL_DEFAULT: none). */
+export function noteMappingPolicies(vmas: Vma[], asked: Map<bigint, Answer>): void {
+  for (const v of vmas) {
+    const a = asked.get(v.start);
+    if (!a?.answered || a.ret !== 0n) continue; // the kernel's answer or none: as before
+    const mode = a.out.readInt32LE(0);
+    if (mode === 0) continue;
+    const nodes = a.out.subarray(8);
+    let used = nodes.length;
+    while (used > 0 && nodes[used - 1] === 0) used--;
+    v.mempolicy = { mode, nodes: Buffer.from(nodes.subarray(0, Math.ceil(used / 8) * 8)) };
+  }
+}
+
+/** Refuses, before anything of the process is changed, a mapping whose
+ * policy names a node this machine does not have online (where sysfs
+ * does not say, mbind itself fails, naming the mapping and the policy). */
+function checkPolicyNodes(vmas: Vma[], vpid: number): void {
+  const online = numaNodes().online;
+  if (!online) return;
+  for (const v of vmas) {
+    if (!v.mempolicy) continue;
+    const missing = maskNodes(v.mempolicy.nodes).filter((n) => !online.has(n));
+    if (missing.length) throw new AppshotError(`process ${vpid}: its mapping at 0x${v.start.toString(16)} has the NUMA policy ${policyText(v.mempolicy)} (mbind), but this machine has no node ${missing.join(',')} online (online: ${[...online].join(',')})`);
+  }
+}
 
 /** Each mapping's kept VmFlags, by start address, from /proc/PID/smaps:
  * read once per process at dump time (smaps walks the page tables; maps
@@ -908,6 +1023,7 @@ function storedRuns(vma: Vma): [bigint, bigint, bigint][] {
  */
 export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number, src: MemorySources, seedMaps?: MapsLine[]): Promise<void> {
   const MADV_DONTNEED = 4;
+  checkPolicyNodes(vmas, vpid);
   // The seed's mappings (`seedMaps`: read by the caller since its last
   // change but for the scratch area, which is kept by its address).
   const current = seedMaps ?? readMaps(r.pid);
@@ -1019,9 +1135,12 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
   killPoint('restore: mappings checked');
   /** The mapping calls; `fd`: the descriptor argument (4) is that of open
    * `fd.open`, or the shared memory handed over for plan `fd.shared`. */
-  type MapCall = { what: string; nr: number; args: (bigint | number)[]; fd?: { open: number } | { shared: number } };
+  type MapCall = { what: string; nr: number; args: (bigint | number)[]; fd?: { open: number } | { shared: number }; mask?: Buffer };
   const mapCalls: MapCall[] = [];
   const add = (what: string, nr: number, args: (bigint | number)[], fd?: MapCall['fd']) => mapCalls.push(fd ? { what, nr, args, fd } : { what, nr, args });
+  /** A call with `mask` put in the scratch area as its argument 3 (mbind's
+   * node mask): put when the batch that makes it is built. */
+  const withMask = (c: MapCall): (bigint | number)[] => (c.mask ? c.args.map((a, j) => (j === 3 ? r.put(c.mask!) : a)) : c.args);
   plans.forEach((p, i) => {
     const { v, len, prot, what, parentVma } = p;
     if (parentVma) {
@@ -1057,11 +1176,23 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     }
     // Copy-on-write from the page file: nothing is read until touched.
     if (p.lazy) for (const [addr, off, n] of p.own) add(what, SYS.mmap, [addr, n, v.prot, MAP.PRIVATE | MAP.FIXED, -1, off], { open: p.pageFile! });
+    // Its NUMA policy, over all of it once mapped (an mmap over a part
+    // would drop it there), before any page is written. The mask padded
+    // to whole words and one more bit than it holds, as mbind reads
+    // maxnode - 1 bits.
+    const policy = v.mempolicy;
+    if (policy) {
+      const empty = !policy.nodes.some((b) => b !== 0) || (policy.mode & 0x1fff) === MPOL_LOCAL;
+      const mask = Buffer.alloc(Math.ceil((policy.nodes.length + 1) / 8) * 8);
+      policy.nodes.copy(mask);
+      mapCalls.push({ what: `${what}: its NUMA policy ${policyText(policy)} (mbind)`, nr: NR_mbind, args: [v.start, len, policy.mode, 0, empty ? 0 : policy.nodes.length * 8 + 1, 0], ...(empty ? {} : { mask }) });
+    }
   });
   const shared = plans.flatMap((p, i) => (p.v.kind === VmaKind.SHARED_ANON && !p.parentVma ? [i] : []));
   /** The opens whose descriptor is ours, handed over (openToMap). */
   const handedOpens = opens.flatMap((o, i) => (o.ours === undefined ? [] : [i]));
-  const pathRoom = opens.reduce((n, o) => n + (o.ours === undefined ? (Buffer.byteLength(o.path) + 1 + 15) & ~15 : 0), 0);
+  const pathRoom = opens.reduce((n, o) => n + (o.ours === undefined ? (Buffer.byteLength(o.path) + 1 + 15) & ~15 : 0), 0) +
+    mapCalls.reduce((n, c) => n + (c.mask ? (c.mask.length + 15) & ~15 : 0), 0);
   const entries = unmapping.length + opens.length + 2 * shared.length + 2 + mapCalls.length;
   const fds: number[] = [];
   if (r.batched && pathRoom + 64 * (entries + 1) + 4096 < r.room()) {
@@ -1080,7 +1211,7 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
       shared.forEach((i, n) => taken.set(i, got[handedOpens.length + n]));
     }
     for (const c of mapCalls) {
-      if (!c.fd) making.add(c.what, c.nr, c.args);
+      if (!c.fd) making.add(c.what, c.nr, withMask(c));
       else making.add(c.what, c.nr, c.args, 'open' in c.fd ? { call: opened[c.fd.open], arg: 4 } : { call: taken.get(c.fd.shared)!, arg: c.nr === SYS.close ? 0 : 4 });
     }
     const results = making.run();
@@ -1121,7 +1252,7 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     const mapping = r.batch();
     for (const c of mapCalls) {
       const fd = !c.fd ? undefined : 'open' in c.fd ? fds[c.fd.open] : sharedFds.get(c.fd.shared)!;
-      mapping.add(c.what, c.nr, fd === undefined ? c.args : c.nr === SYS.close ? [fd] : c.args.map((a, j) => (j === 4 ? fd : a)));
+      mapping.add(c.what, c.nr, fd === undefined ? withMask(c) : c.nr === SYS.close ? [fd] : c.args.map((a, j) => (j === 4 ? fd : a)));
     }
     mapping.run();
   }

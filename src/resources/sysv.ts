@@ -271,12 +271,13 @@ export function readSemUndo(pid: number, vpid: number, maps: MapsLine[]): { unkn
  * where each thread's semop in flight is from its thread pointer (0: no
  * semop yet), and the address its system call returns to. */
 const SEM_UNDO_FLIGHT_TPOFF = SEM_UNDO_HEADER + SEM_UNDO_CAPACITY * SEM_UNDO_ENTRY;
-/** struct appshot_semop_flight (addon/preload/preload.h). */
-const FLIGHT = { state: 0, result: 8, ops: 16, nops: 24, size: 40 } as const;
+/** struct appshot_semop_flight (addon/preload/preload.h); `sp` in a
+ * table of layout 2 on. */
+const FLIGHT = { state: 0, result: 8, ops: 16, nops: 24, sp: 40, size: 48 } as const;
 const SEMOP_ISSUED = 1;
 const SEMOP_RECORDING = 2;
 /** Offsets in x86-64 struct user_regs_struct. */
-const REG = { origRax: 15 * 8, rip: 16 * 8 } as const;
+const REG = { origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8 } as const;
 const SYS_SEMTIMEDOP = 220n;
 /** More operations than a semop takes (SEMOPM, 500 by default). */
 const FLIGHT_OPS_READ = 4096;
@@ -291,15 +292,20 @@ const FLIGHT_OPS_READ = 4096;
  * A thread blocked in its semop (its instruction pointer at the call's
  * return address, the call semtimedop), or not yet in it, is not one:
  * the kernel made nothing yet, and the call is made again at restore.
+ * Nor is one whose handler interrupted the call before the library saw
+ * its result where the signal frame says nothing was made (an
+ * interrupted wait: semopFrameSays).
  */
 export function unwrittenSemop(pid: number, maps: MapsLine[]): number | undefined {
   const address = semUndoOf(pid, maps);
   if (address === undefined) return undefined;
   let tpoff: bigint;
   let returned: bigint;
+  let layout: number;
   try {
     const header = addon().readMemory(pid, address, SEM_UNDO_HEADER);
-    if (header.readInt32LE(12) !== 1) return undefined; // an older library: no notes
+    layout = header.readInt32LE(12);
+    if (layout < 1) return undefined; // an older library: no notes
     const flight = addon().readMemory(pid, address + BigInt(SEM_UNDO_FLIGHT_TPOFF), 16);
     tpoff = flight.readBigInt64LE(0);
     returned = flight.readBigUInt64LE(8); // semop_returned, the next word
@@ -319,7 +325,7 @@ export function unwrittenSemop(pid: number, maps: MapsLine[]): number | undefine
     if (!regs || !tp) continue;
     let note: Buffer;
     try {
-      note = addon().readMemory(pid, BigInt.asUintN(64, tp + tpoff), FLIGHT.size);
+      note = addon().readMemory(pid, BigInt.asUintN(64, tp + tpoff), layout >= 2 ? FLIGHT.size : FLIGHT.sp);
     } catch {
       continue;
     }
@@ -333,6 +339,10 @@ export function unwrittenSemop(pid: number, maps: MapsLine[]): number | undefine
     // at its return, or before it: the instruction pointer there is in
     // the signal frame): only a SEM_UNDO operation changes the table.
     if (result !== 0n && result !== 1n) continue;
+    // Not seen by the library: the signal frame on the thread's stack
+    // tells (an interrupted wait, or a signal before the call: nothing
+    // made), if it is there.
+    if (result === 1n && layout >= 2 && semopFrameSays(pid, note.readBigUInt64LE(FLIGHT.sp), regs.readBigUInt64LE(REG.rsp), returned) === false) continue;
     const n = Number(note.readBigUInt64LE(FLIGHT.nops));
     if (n > FLIGHT_OPS_READ) return tid;
     try {
@@ -343,6 +353,45 @@ export function unwrittenSemop(pid: number, maps: MapsLine[]): number | undefine
     } catch {
       return tid;
     }
+  }
+  return undefined;
+}
+
+/** How far below the stub's red zone its signal frame may be: past the
+ * extended state (~11 KiB with AMX) and the frame itself. */
+const FRAME_REACH = 64n << 10n;
+/** The stub's instructions before its system call (preload_ipc.c's
+ * semop_syscall: fewer than 64 bytes). */
+const STUB_BEFORE = 64n;
+
+/**
+ * Whether the kernel made the semop of a thread stopped in a signal
+ * handler that interrupted the library's stub (stack pointer `sp` there)
+ * before the stub saw its result: the frame the kernel built below the
+ * stub's red zone holds the interrupted registers (rsp `sp` and rip in
+ * the stub, consecutive words, rcx and rax the two before): before the
+ * call, nothing made; at its return, made if rax is 0 (the syscall
+ * instruction loads rcx with the return address: checked). Undefined where
+ * no such frame is found between the thread's stack pointer `rsp` and the
+ * stub's (a handler on a sigaltstack: not looked for), as the library's
+ * jump wrappers do (preload_ipc.c, "A jump out of a semop").
+ */
+function semopFrameSays(pid: number, sp: bigint, rsp: bigint, returned: bigint): boolean | undefined {
+  const hi = sp - 128n;
+  if (rsp >= hi || sp === 0n) return undefined;
+  const lo = hi - rsp > FRAME_REACH ? hi - FRAME_REACH : rsp;
+  let stack: Buffer;
+  try {
+    stack = addon().readMemory(pid, lo, Number(hi - lo));
+  } catch {
+    return undefined;
+  }
+  for (let at = ((stack.length - 16) & ~7); at >= 16; at -= 8) {
+    if (stack.readBigUInt64LE(at) !== sp) continue;
+    const rip = stack.readBigUInt64LE(at + 8);
+    if (rip < returned - STUB_BEFORE || rip > returned) continue;
+    if (rip < returned) return false;
+    if (stack.readBigUInt64LE(at - 8) === returned) return stack.readBigUInt64LE(at - 16) === 0n;
   }
   return undefined;
 }

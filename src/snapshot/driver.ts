@@ -39,7 +39,7 @@ import { dumpFds, type FdEntry, markSharedDescriptions, type SeenBeforeCalls } f
 import { listingsBeforeCalls } from '../resources/listings.js';
 import { askFdOwners, checkDnotify, dumpFdOwners } from '../resources/fdowner.js';
 import { dumpTidMoves } from '../resources/mutexes.js';
-import { countPages, dumpMemory, mapSharedObjectPages, type MapsLine, readMaps, readSmaps } from '../resources/memory.js';
+import { askMappingPolicies, countPages, dumpMemory, mapSharedObjectPages, type MapsLine, noteMappingPolicies, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp, refuseLandlocked } from '../resources/creds.js';
 import { refuseOwnThreadTables, refuseSharedFdTables } from '../resources/fdtable.js';
 import { checkOneTimeNamespace } from '../resources/timens.js';
@@ -351,6 +351,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
       sigactions: askSigactions(pid, calls),
       fdOwners: askFdOwners(calls, pid),
       readyLists: askReadyLists(calls, pid, seen.entries ?? addon().fdEntries(pid), seen.epollsWatched?.get(pid)),
+      mappingPolicies: askMappingPolicies(calls, pid, maps),
     }));
     // Last of the questions: its userfaultfd, made in this stop, is at a
     // high number no question uses. The batch scratch area, mapped on the
@@ -449,6 +450,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     // so that its private pages are read from the copy once it goes on.
     const copy = ctx.cow?.copyOf(pid, tids, maps, inj.syscallInstruction, stat, what);
     proc.vmas = timed('memory', () => dumpMemory(ctx, pid, proc.vpid, what, ppid !== undefined && inImage.has(ppid) ? ppid : undefined, maps, copy));
+    noteMappingPolicies(proc.vmas, asked.mappingPolicies);
     // The pages written since the parent read (dumpMemory), they are
     // protected: from here on, writes are tracked.
     if (trackingFd !== undefined) {
