@@ -541,7 +541,9 @@ interface Addon {
   sockShutdown(fd: number, how: number): void;
   /** Every message queued for reading, left queued (SO_PEEK_OFF). */
   /** `shutForReading`: a peek answering 0 ends the queue (dgram.h). */
-  datagramQueue(fd: number, maxCount: number, maxTotal: number, maxOne: number, shutForReading?: boolean): { data: Buffer; from: Buffer | null }[];
+  /** `to`, `tos`, `ttl`: the IP header fields an IP socket asks to be shown
+   * (IP_PKTINFO, IP_RECVTOS, IP_RECVTTL, their IPv6 twins): null, -1 if not. */
+  datagramQueue(fd: number, maxCount: number, maxTotal: number, maxOne: number, shutForReading?: boolean): { data: Buffer; from: Buffer | null; to: Buffer | null; tos: number; ttl: number }[];
   /** A UDP datagram as if `from` had sent it to `to` (raw socket, CAP_NET_RAW). */
   udpInject(from: Buffer, to: Buffer, data: Buffer): void;
   /** Every UDP socket of the family, with its sk_shutdown. */

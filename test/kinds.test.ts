@@ -867,6 +867,8 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['thread-cputime-timer', () => 'process 2 (holder): POSIX timer 0 runs on the CPU-time clock of the thread that made it (clock -2), which /proc does not name in a process of 2 threads, which cannot be captured yet'],
     ['outside-cputime-timer', () => /process 2 \(holder\): POSIX timer 0 runs on the CPU-time clock of system PID \d+ \(clock_getcpuclockid\), a process outside the application, which cannot be captured yet/],
     ['tcp-reset', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a TCP socket whose connection has ended \\(CLOSE, bound to 127\\.0\\.0\\.1:\\d+\\) cannot be captured yet`)],
+    ['udp-pktinfo', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 0\\.0\\.0\\.0:\\d+ holds a datagram from 127\\.0\\.0\\.\\d+:\\d+ sent to 127\\.0\\.0\\.2, which the socket shows the program \\(IP_PKTINFO\\), and a restore would put it back as sent to 127\\.0\\.0\\.1: cannot be captured yet`)],
+    ['udp-error', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 127\\.0\\.0\\.1:\\d+ holds an error the application has not read yet \\(the answer to an earlier send, such as an ICMP port unreachable`)],
     ['udp-corked', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 127\\.0\\.0\\.1:\\d+ is corked \\(UDP_CORK\\) with part of a datagram not yet sent \\(\\d+ bytes of its send buffer\\), which cannot be captured`)],
     ['deleted-truncated-mapping', () => /process 2 \(holder\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ \(\/tmp\/holder-truncated-\d+ \(deleted\)\) cannot be read, past the end of the file \(truncated under the mapping before it was deleted\), which cannot be captured/],
     ['sysv-foreign', () => /process 2 \(holder\): maps SysV segment \d+, which belongs to no application/],
@@ -940,6 +942,13 @@ describe('what cannot be captured yet is refused by name, and the application go
         const ino = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))![1];
         const line = readFileSync(`/proc/${pid}/net/tcp`, 'utf8').split('\n').find((l) => l.trim().split(/\s+/)[9] === ino);
         expect(line?.trim().split(/\s+/)[3], `fd ${fd} (socket ${ino}) in /proc/net/tcp`).toBe(tcpState);
+      }
+      // udp-error: the refusal read nothing, so the error the program has
+      // not read yet is still there for it (a peek would have consumed it).
+      if (kind === 'udp-error') {
+        process.kill(pid, 'SIGUSR2');
+        await waitFor(() => /^(ERROR STILL PENDING|FAIL)/m.test(logOf(aid)), 10_000, `${aid} to look at its error`);
+        expect(logOf(aid)).not.toMatch(/^FAIL/m);
       }
       // Gone at once, not at the file's end: what it holds (sysv-foreign's
       // segment, which no application's tables know) would otherwise stay

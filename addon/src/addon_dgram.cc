@@ -196,13 +196,21 @@ Napi::Value SockShutdown(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// datagramQueue(fd, maxCount, maxTotal, maxOne, shutForReading?) -> [{ data, from }]:
+// datagramQueue(fd, maxCount, maxTotal, maxOne, shutForReading?) -> [{ data, from, to, tos, ttl }]:
+// (to, tos, ttl: the IP header fields the socket asks to be shown; null, -1 if not)
 // every message queued for reading, left queued; `from` is null when unnamed.
+// An error waiting to be read (POLLERR) throws code ERRPENDING, unread.
 Napi::Value DatagramQueue(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   dgram_msg* msgs = nullptr;
   long n = dgram_queue(Int(info[0]), info[1].As<Napi::Number>().Uint32Value(), info[2].As<Napi::Number>().Uint32Value(),
                        info[3].As<Napi::Number>().Uint32Value(), info.Length() > 4 && info[4].ToBoolean(), &msgs);
+  if (n == DGRAM_ERROR_PENDING) {
+    Napi::Error e = Napi::Error::New(env, "a socket error waits to be read");
+    e.Set("code", Napi::String::New(env, "ERRPENDING"));
+    e.ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
   if (n < 0) {
     ThrowErrno(env, "reading the queued datagrams", static_cast<int>(-n));
     return env.Undefined();
@@ -212,6 +220,9 @@ Napi::Value DatagramQueue(const Napi::CallbackInfo& info) {
     Napi::Object o = Napi::Object::New(env);
     o.Set("data", Napi::Buffer<uint8_t>::Copy(env, msgs[i].data, msgs[i].len));
     o.Set("from", msgs[i].from_len > sizeof(sa_family_t) ? Addr(env, &msgs[i].from, msgs[i].from_len) : env.Null());
+    o.Set("to", msgs[i].to_len ? Addr(env, &msgs[i].to, msgs[i].to_len) : env.Null());
+    o.Set("tos", msgs[i].tos);
+    o.Set("ttl", msgs[i].ttl);
     out.Set(static_cast<uint32_t>(i), o);
   }
   dgram_free(msgs, n);

@@ -2,14 +2,60 @@
 #include "dgram.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stddef.h>
 #include <sys/un.h>
 #include <netinet/in.h>
+#include <arpa/inet.h>
 #include <netinet/ip.h>
 #include <netinet/udp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+/* The IP header fields a peeked message's control data shows (dgram_msg). */
+static void header_fields(struct msghdr* mh, sa_family_t family, dgram_msg* m) {
+  memset(&m->to, 0, sizeof m->to);
+  m->to_len = 0;
+  m->tos = m->ttl = -1;
+  if (!mh->msg_control) return;
+  for (struct cmsghdr* c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+    size_t len = c->cmsg_len - CMSG_LEN(0);
+    const unsigned char* d = CMSG_DATA(c);
+    if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO && len >= sizeof(struct in_pktinfo)) {
+      struct in_pktinfo pi;
+      memcpy(&pi, d, sizeof pi);
+      /* On an IPv6 socket, an IPv4 datagram's destination as it names it. */
+      if (family == AF_INET6) {
+        struct sockaddr_in6* t = (void*)&m->to;
+        t->sin6_family = AF_INET6;
+        t->sin6_addr.s6_addr[10] = t->sin6_addr.s6_addr[11] = 0xff;
+        memcpy(&t->sin6_addr.s6_addr[12], &pi.ipi_addr, 4);
+        m->to_len = sizeof *t;
+      } else {
+        struct sockaddr_in* t = (void*)&m->to;
+        t->sin_family = AF_INET;
+        t->sin_addr = pi.ipi_addr;
+        m->to_len = sizeof *t;
+      }
+    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO && len >= sizeof(struct in6_pktinfo)) {
+      struct in6_pktinfo pi;
+      memcpy(&pi, d, sizeof pi);
+      struct sockaddr_in6* t = (void*)&m->to;
+      t->sin6_family = AF_INET6;
+      t->sin6_addr = pi.ipi6_addr;
+      m->to_len = sizeof *t;
+    } else if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_TOS && len >= 1) {
+      m->tos = d[0];
+    } else if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_TTL && len >= sizeof(int)) {
+      memcpy(&m->ttl, d, sizeof(int));
+    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_TCLASS && len >= sizeof(int)) {
+      memcpy(&m->tos, d, sizeof(int));
+    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_HOPLIMIT && len >= sizeof(int)) {
+      memcpy(&m->ttl, d, sizeof(int));
+    }
+  }
+}
 
 void dgram_free(dgram_msg* msgs, long n) {
   for (long i = 0; i < n; i++) free(msgs[i].data);
@@ -17,11 +63,26 @@ void dgram_free(dgram_msg* msgs, long n) {
 }
 
 long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int shut_for_reading, dgram_msg** out) {
+  /* A pending error (sk_err: a connected UDP socket's ICMP port
+   * unreachable, a seqpacket whose peer closed on unread data) is what a
+   * peek would answer first, and answering consumes it: the application's
+   * next call would no longer see it. The error queue (IP_RECVERR,
+   * MSG_ZEROCOPY completions) shows the same way. poll() shows either
+   * without touching it. */
+  struct pollfd pf = {.fd = fd, .events = 0};
+  if (poll(&pf, 1, 0) < 0) return -errno;
+  if (pf.revents & POLLERR) return DGRAM_ERROR_PENDING;
   int saved = -1;
   socklen_t sl = sizeof saved;
   if (getsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &saved, &sl)) return -errno;
   int zero = 0;
   if (setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &zero, sizeof zero)) return -errno;
+  /* An IP socket's messages come with the header fields it asked to see;
+   * a unix socket's are read without room for any (a peek with room would
+   * install descriptors sent with SCM_RIGHTS into this process). */
+  struct sockaddr_storage own;
+  socklen_t own_len = sizeof own;
+  int ip = getsockname(fd, (struct sockaddr*)&own, &own_len) == 0 && (own.ss_family == AF_INET || own.ss_family == AF_INET6);
   size_t cap = 0, n = 0, total = 0;
   dgram_msg* msgs = NULL;
   unsigned char* buf = malloc(max_one + 1);
@@ -29,7 +90,15 @@ long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int
   while (rc == 0) {
     struct sockaddr_storage from;
     struct iovec iov = {buf, max_one + 1};
+    union {
+      struct cmsghdr align;
+      unsigned char bytes[512];
+    } control;
     struct msghdr mh = {.msg_name = &from, .msg_namelen = sizeof from, .msg_iov = &iov, .msg_iovlen = 1};
+    if (ip) {
+      mh.msg_control = control.bytes;
+      mh.msg_controllen = sizeof control.bytes;
+    }
     ssize_t got = recvmsg(fd, &mh, MSG_PEEK | MSG_DONTWAIT);
     if (got < 0) {
       if (errno == EINTR) continue;
@@ -65,6 +134,7 @@ long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int
     m->len = (size_t)got;
     memcpy(&m->from, &from, sizeof from);
     m->from_len = mh.msg_namelen > sizeof from ? sizeof from : mh.msg_namelen;
+    header_fields(&mh, own.ss_family, m);
     n++;
     total += (size_t)got;
   }

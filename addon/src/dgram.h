@@ -16,6 +16,13 @@ typedef struct {
   size_t len;
   struct sockaddr_storage from;
   socklen_t from_len; /* 0 when the kernel gave no sender */
+  /* What the IP header said, as far as the socket asked to be shown it
+   * (IP_PKTINFO, IP_RECVTOS, IP_RECVTTL or their IPv6 twins; only asked of
+   * an IP socket): the address it was sent to (to_len 0: not shown), its
+   * TOS or traffic class and its TTL or hop limit (-1: not shown). */
+  struct sockaddr_storage to;
+  socklen_t to_len;
+  int tos, ttl;
 } dgram_msg;
 
 /* Every message queued for reading on `fd`, in order and with its
@@ -26,7 +33,10 @@ typedef struct {
  * for reading (its peer closed, or shut its side down), where a peek past
  * the last message answers 0, as for an empty message, instead of EAGAIN
  * (a datagram socket still says EAGAIN): an empty answer ends the walk
- * there (an empty record on such a socket is lost). */
+ * there (an empty record on such a socket is lost). DGRAM_ERROR_PENDING
+ * when the socket holds an error for the application to read (poll says
+ * POLLERR), which any peek would consume: nothing is read then. */
+#define DGRAM_ERROR_PENDING (-4096) /* an error waits to be read: nothing was peeked */
 long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int shut_for_reading, dgram_msg** out);
 void dgram_free(dgram_msg* msgs, long n);
 

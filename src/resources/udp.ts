@@ -28,7 +28,7 @@ import { addon } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_INET, AF_INET6, isAddressOf, makeSockaddr, parseSockaddr } from './sockaddr.js';
 import { joinMemberships, membershipsProblem, readMemberships } from './multicast.js';
-import { queuedMessages, readOptions, refuseOwnFilter, setOptions, shut } from './unixdgram.js';
+import { queuedWithHeaders, readOptions, refuseOwnFilter, setOptions, shut } from './unixdgram.js';
 import { applyExtras, applyMulticastIndex, extrasOf, IP_MULTICAST_IF_INDEX, isCarriedExtra, isMulticastIndex, noted, NOTHING_NOTED, type Notes, notesAgain, readExtras } from './sockopts.js';
 import { ownerFor } from './files.js';
 
@@ -98,7 +98,8 @@ export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, se
     noted(notes, ino, 'udp', own.port, reuseport, extras, where);
     if (options.find((o) => o.level === IPPROTO_UDP && o.name === UDP_CORK)?.value && (seen?.txQueue ?? 0) > 0)
       throw new Unsupported(`${where} is corked (UDP_CORK) with part of a datagram not yet sent (${seen!.txQueue} bytes of its send buffer), which cannot be captured`);
-    return {
+    const queued = queuedWithHeaders(dup, where);
+    const socket: Socket = {
       ino,
       family,
       type: SOCK_DGRAM,
@@ -113,11 +114,13 @@ export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, se
       v6only: family === AF_INET6 && !!options.find((o) => o.level === IPPROTO_IPV6 && o.name === 26)?.value,
       peerAddress: peer?.address ?? '',
       peerPort: peer?.port ?? 0,
-      datagrams: queuedMessages(dup, where),
+      datagrams: queued.map((q) => q.datagram),
       shutdown: seen?.shutdown ?? 0,
       options: [...options, ...extras],
       memberships: readMemberships(pid, dup, family, where),
     };
+    refuseHeaderLoss(socket, queued, where);
+    return socket;
   } finally {
     closeSync(dup);
   }
@@ -220,6 +223,28 @@ function injectAddresses(s: Socket, from: string, fromPort: number) {
     { family: s.family, address: from, port: fromPort },
     { family: s.family, address: any ? loopback : s.address, port: s.port },
   ];
+}
+
+/** A restore puts a queued datagram back from its sender to the address
+ * injectAddresses picks, with TOS 0 and TTL 64 (dgram.c udp_inject): a
+ * socket that asks to be shown the address a datagram was sent to
+ * (IP_PKTINFO: a server bound to every address answers from that one),
+ * its TOS or its TTL, and holds one for which these differ (sent to
+ * 127.0.0.2 while bound to 0.0.0.0, say), is refused by name rather than
+ * shown other values after the restore. */
+function refuseHeaderLoss(s: Socket, queued: { datagram: { from: string; fromPort: number }; to: string; tos: number; ttl: number }[], where: string): void {
+  const v6 = s.family === AF_INET6;
+  for (const q of queued) {
+    const from = q.datagram.from.includes(':') ? `[${q.datagram.from}]:${q.datagram.fromPort}` : `${q.datagram.from}:${q.datagram.fromPort}`;
+    const planned = injectAddresses(s, q.datagram.from, q.datagram.fromPort)[1];
+    const plannedAs = v6 && planned.family === AF_INET ? `::ffff:${planned.address}` : planned.address;
+    if (q.to && q.to !== plannedAs)
+      throw new Unsupported(`${where} holds a datagram from ${from} sent to ${q.to}, which the socket shows the program (${v6 ? 'IPV6_RECVPKTINFO' : 'IP_PKTINFO'}), and a restore would put it back as sent to ${plannedAs}: cannot be captured yet`);
+    if (q.tos > 0)
+      throw new Unsupported(`${where} holds a datagram from ${from} with ${v6 ? 'traffic class' : 'TOS'} ${q.tos}, which the socket shows the program (${v6 ? 'IPV6_RECVTCLASS' : 'IP_RECVTOS'}), and a restore would put it back with 0: cannot be captured yet`);
+    if (q.ttl >= 0 && q.ttl !== 64)
+      throw new Unsupported(`${where} holds a datagram from ${from} with ${v6 ? 'hop limit' : 'TTL'} ${q.ttl}, which the socket shows the program (${v6 ? 'IPV6_RECVHOPLIMIT' : 'IP_RECVTTL'}), and a restore would put it back with 64: cannot be captured yet`);
+  }
 }
 
 /** An image may come from anyone. */

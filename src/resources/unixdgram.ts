@@ -69,6 +69,13 @@ const AUTOBIND = /^@[0-9a-f]{5}$/;
 /** The messages queued for reading on a duplicate of the socket, whole
  * and in order, left queued. */
 export function queuedMessages(dup: number, what: string, shutForReading = false): Datagram[] {
+  return queuedWithHeaders(dup, what, shutForReading).map((m) => m.datagram);
+}
+
+/** The same, each with what its IP header said that the socket asks to
+ * be shown (udp.ts): the address it was sent to ('' if not shown), its
+ * TOS or traffic class and TTL or hop limit (-1 if not shown). */
+export function queuedWithHeaders(dup: number, what: string, shutForReading = false): { datagram: Datagram; to: string; tos: number; ttl: number }[] {
   let got;
   try {
     got = addon().datagramQueue(dup, QUEUE_LIMITS.count, QUEUE_LIMITS.bytes, QUEUE_LIMITS.one, shutForReading);
@@ -76,11 +83,15 @@ export function queuedMessages(dup: number, what: string, shutForReading = false
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'E2BIG') throw new Unsupported(`${what}: more than ${QUEUE_LIMITS.count} datagrams or ${QUEUE_LIMITS.bytes >> 20} MiB queued`);
     if (code === 'EMSGSIZE') throw new Unsupported(`${what}: a queued datagram larger than ${QUEUE_LIMITS.one >> 20} MiB`);
+    // Left unread: a peek would have consumed it, and the application left
+    // running would never see it (a refused snapshot must change nothing).
+    if (code === 'ERRPENDING')
+      throw new Unsupported(`${what} holds an error the application has not read yet (the answer to an earlier send, such as an ICMP port unreachable, a peer gone with data unread, or an error queue: IP_RECVERR, MSG_ZEROCOPY completions), which cannot be captured`);
     throw new Unsupported(`${what}: ${(e as Error).message}`);
   }
   return got.map((m) => {
     const from = m.from ? parseSockaddr(m.from) : { address: '', port: 0 };
-    return { data: m.data, from: from.address, fromPort: from.port };
+    return { datagram: { data: m.data, from: from.address, fromPort: from.port }, to: m.to ? parseSockaddr(m.to).address : '', tos: m.tos, ttl: m.ttl };
   });
 }
 
