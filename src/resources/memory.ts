@@ -1190,8 +1190,12 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     // Its NUMA policy, over all of it once mapped (an mmap over a part
     // would drop it there), before any page is written. The mask padded
     // to whole words and one more bit than it holds, as mbind reads
-    // maxnode - 1 bits.
-    const policy = v.mempolicy;
+    // maxnode - 1 bits. A mapping inherited from the parent has the
+    // parent's policy: none (MPOL_DEFAULT) where this process's has none
+    // (the parent's own, given after the fork, is not the child's;
+    // undefined is none here: a process not asked has never called
+    // mbind, nor had a parent that did before forking it).
+    const policy = v.mempolicy ?? (parentVma?.mempolicy ? { mode: 0, nodes: Buffer.alloc(0) } : undefined);
     if (policy) {
       const empty = !policy.nodes.some((b) => b !== 0) || (policy.mode & 0x1fff) === MPOL_LOCAL;
       const mask = Buffer.alloc(Math.ceil((policy.nodes.length + 1) / 8) * 8);
