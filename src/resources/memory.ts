@@ -237,13 +237,24 @@ export function noteMappingPolicies(vmas: Vma[], asked: Map<bigint, Answer>): vo
 
 /** Refuses, before anything of the process is changed, a mapping whose
  * policy names a node this machine does not have online (where sysfs
- * does not say, mbind itself fails, naming the mapping and the policy). */
+ * does not say, mbind itself fails, naming the mapping and the policy).
+ * Not so the nodes of a policy with MPOL_F_RELATIVE_NODES, which the
+ * kernel folds onto the nodes it has, nor of one with
+ * MPOL_F_STATIC_NODES, which uses those of them it has (the kernel keeps
+ * and get_mempolicy shows the mask as the program gave it, nodes it
+ * never had included: mbind(MPOL_INTERLEAVE | MPOL_F_RELATIVE_NODES,
+ * nodes 0-1) is taken on a machine of one node, and was refused at the
+ * restore on that very machine); one of whose nodes none is online is. */
+const MPOL_F_STATIC_NODES = 0x8000;
+const MPOL_F_RELATIVE_NODES = 0x4000;
 function checkPolicyNodes(vmas: Vma[], vpid: number): void {
   const online = numaNodes().online;
   if (!online) return;
   for (const v of vmas) {
-    if (!v.mempolicy) continue;
-    const missing = maskNodes(v.mempolicy.nodes).filter((n) => !online.has(n));
+    if (!v.mempolicy || v.mempolicy.mode & MPOL_F_RELATIVE_NODES) continue;
+    const nodes = maskNodes(v.mempolicy.nodes);
+    const missing = nodes.filter((n) => !online.has(n));
+    if (v.mempolicy.mode & MPOL_F_STATIC_NODES && missing.length < nodes.length) continue;
     if (missing.length) throw new AppshotError(`process ${vpid}: its mapping at 0x${v.start.toString(16)} has the NUMA policy ${policyText(v.mempolicy)} (mbind), but this machine has no node ${missing.join(',')} online (online: ${[...online].join(',')})`);
   }
 }
@@ -1179,8 +1190,12 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     // Its NUMA policy, over all of it once mapped (an mmap over a part
     // would drop it there), before any page is written. The mask padded
     // to whole words and one more bit than it holds, as mbind reads
-    // maxnode - 1 bits.
-    const policy = v.mempolicy;
+    // maxnode - 1 bits. A mapping inherited from the parent has the
+    // parent's policy: none (MPOL_DEFAULT) where this process's has none
+    // (the parent's own, given after the fork, is not the child's;
+    // undefined is none here: a process not asked has never called
+    // mbind, nor had a parent that did before forking it).
+    const policy = v.mempolicy ?? (parentVma?.mempolicy ? { mode: 0, nodes: Buffer.alloc(0) } : undefined);
     if (policy) {
       const empty = !policy.nodes.some((b) => b !== 0) || (policy.mode & 0x1fff) === MPOL_LOCAL;
       const mask = Buffer.alloc(Math.ceil((policy.nodes.length + 1) / 8) * 8);

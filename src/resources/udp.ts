@@ -67,6 +67,11 @@ const V6: [number, number][] = [
   [IPPROTO_IPV6, 18], // IPV6_MULTICAST_HOPS
   [IPPROTO_IPV6, 19], // IPV6_MULTICAST_LOOP
 ];
+/** Options the kernel looks at as it queues a datagram (make). */
+const PKTINFO: [number, number][] = [
+  [IPPROTO_IP, 8], // IP_PKTINFO (an IPv6 socket's too, for IPv4 datagrams)
+  [IPPROTO_IPV6, 49], // IPV6_RECVPKTINFO
+];
 const carried = (family: number) => [...BEFORE_BIND, ...COMMON, ...(family === AF_INET6 ? V6 : V4)];
 const isBeforeBind = (level: number, name: number) => BEFORE_BIND.some(([l, n]) => l === level && n === name) || (level === IPPROTO_IPV6 && name === 26);
 
@@ -163,6 +168,13 @@ function make(h: RestoreContext, s: Socket, what: string, owner: InodeOwner | un
   joinMemberships(sock, s.memberships ?? [], `${what}: the UDP socket ${name}`);
   const datagrams = s.datagrams ?? [];
   if (datagrams.length && !s.port) throw new AppshotError(`corrupt image: ${what}: datagrams queued on an unbound UDP socket`);
+  // Asked to be shown where a datagram came in (IP_PKTINFO,
+  // IPV6_RECVPKTINFO): set before the queue is filled, as the kernel notes
+  // the interface and the local address (ipi_ifindex, ipi_spec_dst) when
+  // it queues a datagram, for a socket that asks then: set after, an IPv4
+  // datagram put back showed interface 0 and local address 0.0.0.0.
+  if (datagrams.length)
+    for (const o of all) if (PKTINFO.some(([l, n]) => o.level === l && o.name === n) && o.value) addon().setSockOpt(sock, o.level, o.name, o.value);
   for (const d of datagrams) {
     const [from, to] = injectAddresses(s, d.from, d.fromPort);
     try {
