@@ -375,7 +375,7 @@ export function unwrittenSemop(pid: number, maps: MapsLine[], altstackOf: (tid: 
     // Not seen by the library: the signal frame on the thread's stack
     // tells (an interrupted wait, or a signal before the call: nothing
     // made), if it is there.
-    if (result === 1n && layout >= 2 && semopFrameSays(pid, note.readBigUInt64LE(FLIGHT.sp), regs.readBigUInt64LE(REG.rsp), returned, altstackOf(tid)) === false) continue;
+    if (result === 1n && layout >= 2 && semopFrameSays(pid, maps, note.readBigUInt64LE(FLIGHT.sp), regs.readBigUInt64LE(REG.rsp), returned, altstackOf(tid)) === false) continue;
     const n = Number(note.readBigUInt64LE(FLIGHT.nops));
     if (n > FLIGHT_OPS_READ) return tid;
     try {
@@ -410,7 +410,7 @@ const STUB_BEFORE = 64n;
  * frame is found, as the library's jump wrappers do (preload_ipc.c, "A
  * jump out of a semop").
  */
-function semopFrameSays(pid: number, sp: bigint, rsp: bigint, returned: bigint, alt?: SigAltStack): boolean | undefined {
+function semopFrameSays(pid: number, maps: MapsLine[], sp: bigint, rsp: bigint, returned: bigint, alt?: SigAltStack): boolean | undefined {
   if (sp === 0n) return undefined;
   const SS_DISABLE = 2;
   const altOn = alt && !(alt.flags & SS_DISABLE) && alt.size > 0n ? alt : undefined;
@@ -433,8 +433,15 @@ function semopFrameSays(pid: number, sp: bigint, rsp: bigint, returned: bigint, 
     return undefined;
   };
   const hi = sp - 128n;
+  // Below the stub's stack pointer only where the thread runs on that
+  // same stack: a handler on a stack the sigaltstack does not show (an
+  // SS_AUTODISARM one, reset while it runs) is below it too, and the
+  // stub's stack there may hold a stale frame of an earlier signal that
+  // would answer "not made" (review r280).
+  const mappingOf = (a: bigint) => maps.find((m) => a >= m.start && a < m.end);
+  const sameStack = mappingOf(rsp) !== undefined && mappingOf(rsp) === mappingOf(sp);
   let says: boolean | undefined;
-  if (rsp < hi && onAlt(rsp) === onAlt(sp)) says = scan(hi - rsp > FRAME_REACH ? hi - FRAME_REACH : rsp, hi);
+  if (rsp < hi && sameStack && onAlt(rsp) === onAlt(sp)) says = scan(hi - rsp > FRAME_REACH ? hi - FRAME_REACH : rsp, hi);
   if (says === undefined && altOn && !onAlt(sp)) {
     const top = altOn.sp + altOn.size;
     const lo = onAlt(rsp) ? rsp : altOn.sp;
