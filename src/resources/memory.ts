@@ -1264,8 +1264,20 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     }
     // Descriptors of shared anonymous memory, handed over one by one.
     const sharedFds = new Map(shared.map((i) => [i, src.transfer(r, src.sharedFd(plans[i].v.sharedMemory))]));
-    const mapping = r.batch();
+    let mapping = r.batch();
+    let pending = 0;
     for (const c of mapCalls) {
+      // Each NUMA mask is put in scratch memory, beside the batch's table
+      // (64 bytes a call): a batch that would not hold the next mask with
+      // its table runs first (thousands of mbind'ed mappings may be why
+      // this path was taken).
+      if (c.mask && pending && r.room() < ((c.mask.length + 15) & ~15) + 64 * (pending + 2) + 4096) {
+        mapping.run();
+        r.reset();
+        mapping = r.batch();
+        pending = 0;
+      }
+      pending++;
       const fd = !c.fd ? undefined : 'open' in c.fd ? fds[c.fd.open] : sharedFds.get(c.fd.shared)!;
       mapping.add(c.what, c.nr, fd === undefined ? withMask(c) : c.nr === SYS.close ? [fd] : c.args.map((a, j) => (j === 4 ? fd : a)));
     }
