@@ -1050,6 +1050,13 @@ describe('a process stopped by job control: stopped again, by the same signal', 
   // TID first.
   describe('SIGTSTP', () => roundTrips('tstp', [fixture('stopped'), 'TSTP'], /process [34] \(stopped\): .*, stopped by signal 20\n/));
   describe('SIGSTOP', () => roundTrips('sstop', [fixture('stopped'), 'STOP'], /process [34] \(stopped\): .*, stopped by signal 19\n/));
+  // Its parent under a seccomp filter that kills it on waitid (it waits
+  // with wait4, glibc's waitpid), the child of 8 threads: the report of
+  // the new stop is taken for the parent without a call its filter
+  // refuses, and once the whole stop is made.
+  it('whose report its sandboxed parent took is not reported again', async () => {
+    await comesBackFromEndingSnapshot('ssand', [fixture('stopsandbox')], { inspected: /process [2-9] \(stopsandbox\): .*, stopped by signal 19\n/ });
+  });
 });
 
 describe('PIDs in signal data: si_pid in SA_SIGINFO handlers (also installed through syscall()) and signalfd reads', () => {

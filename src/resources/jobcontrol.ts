@@ -15,7 +15,7 @@
  * stead (waitid(WSTOPPED | WNOHANG) run in the parent, still held), before
  * the parent runs: it is not told the same stop twice.
  */
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { type Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { readStat } from '../procfs.js';
@@ -170,23 +170,75 @@ function detachRestored(tid: number): void {
  * snapshot, the fresh report of its new stop is taken now, by the parent
  * itself (still held: not among `stopped`), which then never sees it. A
  * parent let go already (stopped itself) or a call that fails leaves the
- * report to be seen, as without this. */
+ * report to be seen, as without this.
+ *
+ * The parent's seccomp filters are back since the commit (keepOnExit): a
+ * sandbox that kills it on waitid, a call it never makes (glibc's waitpid
+ * is wait4), killed it here. Its threads are exempted for the call
+ * (PTRACE_O_SUSPEND_SECCOMP), and where appshot may not (no
+ * CAP_SYS_ADMIN) the report is left to be seen.
+ *
+ * The report exists once the whole stop is made: the child's last thread
+ * to enter it makes it, and the first one in shows 'T' already; waitid
+ * asked before then found nothing, and the report came after. */
 function takeReportsAgain(made: Restored[], stopped: Restored[]): void {
   const byVpid = new Map(made.map((m) => [m.proc.vpid, m]));
   for (const parent of made) {
     const taken = parent.proc.stopReportsTaken ?? [];
     if (!taken.length || parent.proc.groupStopped) continue;
+    const tid = parent.tids[0];
+    const filtered = [parent.proc.creds, parent.proc.threads[0]?.creds].some((c) => c && c.seccomp !== 0);
     let inj: Injector;
     try {
-      inj = Injector.open(parent.pid, parent.tids[0], vdsoOf(parent.pid));
+      if (filtered) addon().suspendSeccomp(tid, false);
+      inj = Injector.open(parent.pid, tid, vdsoOf(parent.pid));
     } catch {
+      if (filtered) putSeccompBack(tid);
       continue;
     }
-    for (const vpid of taken) {
-      const child = byVpid.get(vpid);
-      if (!child || !stopped.includes(child) || child.proc.vppid !== parent.proc.vpid) continue;
-      inj.call(NR_waitid, [P_PID, child.pid, 0, WSTOPPED | WNOHANG, 0]);
+    try {
+      for (const vpid of taken) {
+        const child = byVpid.get(vpid);
+        if (!child || !stopped.includes(child) || child.proc.vppid !== parent.proc.vpid) continue;
+        if (wholeStop(child.pid)) inj.call(NR_waitid, [P_PID, child.pid, 0, WSTOPPED | WNOHANG, 0]);
+      }
+    } finally {
+      if (filtered) putSeccompBack(tid);
     }
+  }
+}
+
+/** The thread's filters apply again (the options of keepOnExit). */
+function putSeccompBack(tid: number): void {
+  try {
+    addon().keepOnExit(tid);
+  } catch {
+    /* gone */
+  }
+}
+
+/** Waits (up to 200 ms) for every thread of a process to be in its stop
+ * ('T'): its stop is whole then, and reported. */
+function wholeStop(pid: number): boolean {
+  const until = Date.now() + 200;
+  do {
+    let tids: string[];
+    try {
+      tids = readdirSync(`/proc/${pid}/task`);
+    } catch {
+      return false; // gone
+    }
+    if (tids.every((tid) => threadState(pid, tid) === 'T')) return true;
+  } while (Date.now() < until);
+  return false;
+}
+
+function threadState(pid: number, tid: string): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'latin1');
+    return stat[stat.lastIndexOf(')') + 2];
+  } catch {
+    return undefined;
   }
 }
 
