@@ -1358,6 +1358,12 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     }, 'fd 913 is device /dev/sda, not one a snapshot takes'],
     ['a descriptor number twice', (i) => i.processes[0].fds.push(structuredClone(i.processes[0].fds[0])), 'descriptor \\d+ twice'],
     ['registers cut short', (i) => (i.processes[0].threads[0].regs = Buffer.alloc(8)), 'registers are 8 bytes'],
+    ['a stop report taken of a process not a stopped child', (i) => (i.processes[1].stopReportsTaken = [i.processes[0].vpid]), 'took the stop report of \\d+, not a stopped child of its own'],
+    ['a stop report taken twice', (i) => {
+      const child = i.processes.find((c) => c.vppid === i.processes[0].vpid)!;
+      child.groupStopped = true;
+      i.processes[0].stopReportsTaken = [child.vpid, child.vpid];
+    }, 'took the stop report of \\d+ twice'],
     // A thread's own credentials are read as its process's are (a root
     // restore's path operations take each thread's identity): a short
     // list was a TypeError in the addon, an internal error (exit 70).
