@@ -1321,6 +1321,32 @@ describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is 
   });
 });
 
+describe('SysV segments locked in memory (SHM_LOCK): no more than the image\'s processes could have locked, nothing made', () => {
+  // Its processes without CAP_IPC_LOCK, with an RLIMIT_MEMLOCK of
+  // `memlock`; segments of `sizes` owned by their uid (0), each locked.
+  const locking = (name: string, memlock: bigint, sizes: bigint[]) =>
+    crafted(name, (i) => {
+      for (const p of i.processes) {
+        for (const c of [p.creds, ...p.threads.map((t) => t.creds)]) if (c) c.capEff &= ~(1n << 14n);
+        const limit = p.rlimits.find((r) => r.resource === 8);
+        if (limit) limit.cur = memlock;
+        else p.rlimits.push({ resource: 8, cur: memlock, max: memlock });
+      }
+      sizes.forEach((size, k) => i.shmSegments.push({ vid: 70 + k, vkey: 0, mode: 0o2600, uid: 0, gid: 0, size, cvpid: 2, lvpid: 2 }));
+    });
+  const segments = () => readFileSync('/proc/sysvipc/shm', 'utf8');
+  // The kernel counts every segment its user locked against the limit.
+  it('two of 8 KiB where the limit holds one (12 KiB)', () => {
+    const before = segments();
+    refuses(['restore', locking('shmlock-sum', 12288n, [8192n, 8192n])], { code: 5, stderr: /: shared memory segment 7[01] is locked in memory \(SHM_LOCK\), which none of the image's processes could have done/ });
+    expect(segments()).toBe(before);
+  });
+  // It counts whole pages: 5000 bytes lock no 5000-byte segment.
+  it('one of 5000 bytes where the limit is 5000 bytes', () => {
+    refuses(['restore', locking('shmlock-page', 5000n, [5000n])], { code: 5, stderr: /: shared memory segment 70 is locked in memory \(SHM_LOCK\), which none of the image's processes could have done/ });
+  });
+});
+
 describe('crafted metadata (checksums and signature recomputed)', () => {
   const cases: [string, (image: Image) => void, string][] = [
     ['virtual PID 0', (i) => (i.processes[0].vpid = 0), 'a process has virtual PID 0'],
