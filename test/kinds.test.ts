@@ -1053,8 +1053,9 @@ describe('a process stopped by job control: stopped again, by the same signal', 
   // Its parent under a seccomp filter that kills it on waitid (it waits
   // with wait4, glibc's waitpid), the child of 8 threads: the report of
   // the new stop is taken for the parent without a call its filter
-  // refuses, and once the whole stop is made.
-  it('whose report its sandboxed parent took is not reported again', async () => {
+  // refuses, and once the whole stop is made; the parent, which blocks
+  // SIGCHLD, has none pending that the new stop sent.
+  it('whose report its sandboxed parent took is not reported again, nor signalled', async () => {
     await comesBackFromEndingSnapshot('ssand', [fixture('stopsandbox')], { inspected: /process [2-9] \(stopsandbox\): .*, stopped by signal 19\n/ });
   });
 });

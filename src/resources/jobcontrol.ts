@@ -172,20 +172,29 @@ function detachRestored(tid: number): void {
  * parent let go already (stopped itself) or a call that fails leaves the
  * report to be seen, as without this.
  *
+ * The new stop also sent the parent a SIGCHLD (unless it ignores SIGCHLD
+ * or set SA_NOCLDSTOP). The one of the stop it had was in the image if
+ * still pending, queued again (requeueSignals); else it had been taken,
+ * and this one, which a parent blocking SIGCHLD (signalfd, sigwait) saw
+ * pending with no report behind it, is taken back as the zombies' are.
+ *
  * The parent's seccomp filters are back since the commit (keepOnExit): a
  * sandbox that kills it on waitid, a call it never makes (glibc's waitpid
- * is wait4), killed it here. Its threads are exempted for the call
+ * is wait4), killed it here. Its threads are exempted for the calls
  * (PTRACE_O_SUSPEND_SECCOMP), and where appshot may not (no
- * CAP_SYS_ADMIN) the report is left to be seen.
+ * CAP_SYS_ADMIN) the report and the signal are left to be seen.
  *
  * The report exists once the whole stop is made: the child's last thread
  * to enter it makes it, and the first one in shows 'T' already; waitid
  * asked before then found nothing, and the report came after. */
 function takeReportsAgain(made: Restored[], stopped: Restored[]): void {
-  const byVpid = new Map(made.map((m) => [m.proc.vpid, m]));
   for (const parent of made) {
-    const taken = parent.proc.stopReportsTaken ?? [];
-    if (!taken.length || parent.proc.groupStopped) continue;
+    if (parent.proc.groupStopped) continue;
+    const children = stopped.filter((c) => c.proc.vppid === parent.proc.vpid);
+    if (!children.length) continue;
+    const taken = new Set(parent.proc.stopReportsTaken ?? []);
+    const dropSigchld = notifiedOfStops(parent.proc) && !hasSigchld(parent.proc);
+    if (!dropSigchld && !children.some((c) => taken.has(c.proc.vpid))) continue;
     const tid = parent.tids[0];
     const filtered = [parent.proc.creds, parent.proc.threads[0]?.creds].some((c) => c && c.seccomp !== 0);
     let inj: Injector;
@@ -197,15 +206,60 @@ function takeReportsAgain(made: Restored[], stopped: Restored[]): void {
       continue;
     }
     try {
-      for (const vpid of taken) {
-        const child = byVpid.get(vpid);
-        if (!child || !stopped.includes(child) || child.proc.vppid !== parent.proc.vpid) continue;
-        if (wholeStop(child.pid)) inj.call(NR_waitid, [P_PID, child.pid, 0, WSTOPPED | WNOHANG, 0]);
+      let whole = true;
+      for (const child of children) {
+        if (!wholeStop(child.pid)) {
+          whole = false;
+          continue;
+        }
+        if (taken.has(child.proc.vpid)) inj.call(NR_waitid, [P_PID, child.pid, 0, WSTOPPED | WNOHANG, 0]);
+      }
+      if (dropSigchld && whole && sigchldArrived(parent.pid)) {
+        // rt_sigtimedwait({SIGCHLD}, NULL, {0, 0}): dequeued, not delivered.
+        const input = Buffer.alloc(24);
+        input.writeBigUInt64LE(SIGCHLD_BIT, 0);
+        inj.callWith(NR_rt_sigtimedwait, ['buf', 0, { bufAt: 8 }, 8], input);
       }
     } finally {
+      inj.close();
       if (filtered) putSeccompBack(tid);
     }
   }
+}
+
+const SIGCHLD = 17;
+const SIGCHLD_BIT = 1n << BigInt(SIGCHLD - 1);
+const NR_rt_sigtimedwait = 128;
+const SIG_IGN = 1n;
+const SA_NOCLDSTOP = 1n;
+
+/** Whether a child's stop sends the process a SIGCHLD. */
+function notifiedOfStops(p: Process): boolean {
+  const a = p.sigactions.find((x) => x.signal === SIGCHLD);
+  return !a || (a.handler !== SIG_IGN && (a.flags & SA_NOCLDSTOP) === 0n);
+}
+
+/** Whether the image has a SIGCHLD pending in the process (any thread). */
+function hasSigchld(p: Process): boolean {
+  return [p.sharedPending, ...p.threads.map((t) => t.pending)].some((q) => {
+    for (let at = 0; at + SIGINFO_BYTES <= q.length; at += SIGINFO_BYTES) if (q.readInt32LE(at) === SIGCHLD) return true;
+    return false;
+  });
+}
+
+/** Waits (up to 200 ms) for the SIGCHLD of a child's stop, sent just after
+ * the stop is whole, to be pending in the process. */
+function sigchldArrived(pid: number): boolean {
+  const until = Date.now() + 200;
+  do {
+    try {
+      const line = readFileSync(`/proc/${pid}/status`, 'latin1').split('\n').find((l) => l.startsWith('ShdPnd:'));
+      if (line && (BigInt(`0x${line.slice(7).trim()}`) & SIGCHLD_BIT) !== 0n) return true;
+    } catch {
+      return false;
+    }
+  } while (Date.now() < until);
+  return false;
 }
 
 /** The thread's filters apply again (the options of keepOnExit). */
