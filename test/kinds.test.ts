@@ -386,14 +386,16 @@ describe('fanotify: each group with its flags, and each mark on its inode, mount
 });
 
 describe('a SysV shared memory segment locked in memory (SHM_LOCK)', () => {
-  // shm VID KEY MODE SIZE: the locked one's mode carries SHM_LOCKED (02000).
-  roundTrips('shml', [fixture('shmlock')], /^shm\s+\d+\s+0x0\s+2600\s+8192 bytes[\s\S]*^shm\s+\d+\s+0x0\s+600\s+8192 bytes/m);
+  // shm VID KEY MODE SIZE: the locked one's mode carries SHM_LOCKED
+  // (02000); the plain one was made first.
+  roundTrips('shml', [fixture('shmlock')], /^shm\s+\d+\s+0x0\s+600\s+8192 bytes[\s\S]*^shm\s+\d+\s+0x0\s+2600\s+8192 bytes/m);
 
   // The kernel's rule for SHM_LOCK is the restorer's too. The program
   // runs without CAP_IPC_LOCK (locking as the segment's owner, within its
   // RLIMIT_MEMLOCK: the image may be locked again); a restorer without
   // CAP_IPC_LOCK and with a soft RLIMIT_MEMLOCK of 0 is refused in one line,
-  // nothing made.
+  // nothing made (the plain segment, made before the locked one, left
+  // behind before: its creator, the restorer, lived on).
   it.skipIf(process.getuid?.() !== 0)('is refused by name, nothing made, where the restorer may not lock it', async () => {
     const env = { ...sb.env, APPSHOT_ENGINE: 'off' };
     const noLock = ['--bounding-set=-ipc_lock', '--inh-caps=-ipc_lock'];

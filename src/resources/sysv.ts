@@ -147,35 +147,48 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
  * system id by its virtual one, for the processes that map it. */
 export function restoreSysv(image: Image, tables: string, pagesFd: number, notKept: string[], pagesCheck?: { check: PagesCheck; chunkSize: number }): Map<number, number> {
   const shmIds = new Map<number, number>();
-  const owned = (kind: 'semid' | 'shmid' | 'msgid', sid: number, o: IpcOwner, what: string) => giveOwner(image, kind, sid, o, what, notKept);
   // Before anything is made: a lock the image's processes could not
   // have taken is refused.
   mayLockShm(image);
   // The count the processes' SEM_UNDO sums were written at, before any
   // of them runs: a new count would make each sum unknown at its next
   // operation, and every later snapshot of the process refused.
-  if (image.semGeneration) writeSemGeneration(tables, image.semGeneration);
-  for (const s of image.semaphores) owned('semid', addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values), s, 'semaphore set');
-  for (const s of image.shmSegments) {
-    const data = Buffer.alloc(Number(s.size));
-    if (s.contents?.runs.length) {
-      waitPagesChecked(pagesCheck, Number(s.contents.offset), data.length);
-      readSync(pagesFd, data, 0, data.length, Number(s.contents.offset));
+  // What this call made is removed by it if a later one fails: made
+  // before init starts, by this restorer, which the registration's
+  // release may not take for the application's (appshot_ipc_owned: the
+  // creator of a private segment lives and is not init's parent yet).
+  const made: ['semid' | 'shmid' | 'msgid', number][] = [];
+  const owned = (kind: 'semid' | 'shmid' | 'msgid', sid: number, o: IpcOwner, what: string) => {
+    made.push([kind, sid]);
+    giveOwner(image, kind, sid, o, what, notKept);
+  };
+  try {
+    if (image.semGeneration) writeSemGeneration(tables, image.semGeneration);
+    for (const s of image.semaphores) owned('semid', addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values), s, 'semaphore set');
+    for (const s of image.shmSegments) {
+      const data = Buffer.alloc(Number(s.size));
+      if (s.contents?.runs.length) {
+        waitPagesChecked(pagesCheck, Number(s.contents.offset), data.length);
+        readSync(pagesFd, data, 0, data.length, Number(s.contents.offset));
+      }
+      let sid: number;
+      try {
+        sid = addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data);
+      } catch (e) {
+        // The kernel refused this restorer the lock (no CAP_IPC_LOCK, its
+        // RLIMIT_MEMLOCK short): a privilege, not a fault of the image.
+        if (s.mode & SHM_LOCKED && /SHM_LOCK/.test((e as Error).message)) throw new AppshotError(`cannot lock shared memory segment ${s.vid} in memory as the image had it: ${(e as Error).message}`, ExitCode.denied);
+        throw e;
+      }
+      owned('shmid', sid, s, 'shared memory segment');
+      shmIds.set(s.vid, sid);
     }
-    let sid: number;
-    try {
-      sid = addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data);
-    } catch (e) {
-      // The kernel refused this restorer the lock (no CAP_IPC_LOCK, its
-      // RLIMIT_MEMLOCK short): a privilege, not a fault of the image.
-      if (s.mode & SHM_LOCKED && /SHM_LOCK/.test((e as Error).message)) throw new AppshotError(`cannot lock shared memory segment ${s.vid} in memory as the image had it: ${(e as Error).message}`, ExitCode.denied);
-      throw e;
-    }
-    owned('shmid', sid, s, 'shared memory segment');
-    shmIds.set(s.vid, sid);
+    for (const q of image.msgQueues)
+      owned('msgid', addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data }))), q, 'message queue');
+  } catch (e) {
+    for (const [kind, sid] of made) addon().removeIpcObject(kind, sid);
+    throw e;
   }
-  for (const q of image.msgQueues)
-    owned('msgid', addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data }))), q, 'message queue');
   return shmIds;
 }
 
