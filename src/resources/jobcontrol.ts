@@ -220,8 +220,15 @@ function takeReportsAgain(made: Restored[], stopped: Restored[]): void {
         input.writeBigUInt64LE(SIGCHLD_BIT, 0);
         inj.callWith(NR_rt_sigtimedwait, ['buf', 0, { bufAt: 8 }, 8], input);
       }
+    } catch {
+      /* killed meanwhile, or its stack not writable there: the report and
+       * the signal are left to be seen, and the others let go all the same */
     } finally {
-      inj.close();
+      try {
+        inj.close();
+      } catch {
+        /* gone */
+      }
       if (filtered) putSeccompBack(tid);
     }
   }
