@@ -1321,6 +1321,32 @@ describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is 
   });
 });
 
+describe('SysV segments locked in memory (SHM_LOCK): no more than the image\'s processes could have locked, nothing made', () => {
+  // Its processes without CAP_IPC_LOCK, with an RLIMIT_MEMLOCK of
+  // `memlock`; segments of `sizes` owned by their uid (0), each locked.
+  const locking = (name: string, memlock: bigint, sizes: bigint[]) =>
+    crafted(name, (i) => {
+      for (const p of i.processes) {
+        for (const c of [p.creds, ...p.threads.map((t) => t.creds)]) if (c) c.capEff &= ~(1n << 14n);
+        const limit = p.rlimits.find((r) => r.resource === 8);
+        if (limit) limit.cur = memlock;
+        else p.rlimits.push({ resource: 8, cur: memlock, max: memlock });
+      }
+      sizes.forEach((size, k) => i.shmSegments.push({ vid: 70 + k, vkey: 0, mode: 0o2600, uid: 0, gid: 0, size, cvpid: 2, lvpid: 2 }));
+    });
+  const segments = () => readFileSync('/proc/sysvipc/shm', 'utf8');
+  // The kernel counts every segment its user locked against the limit.
+  it('two of 8 KiB where the limit holds one (12 KiB)', () => {
+    const before = segments();
+    refuses(['restore', locking('shmlock-sum', 12288n, [8192n, 8192n])], { code: 5, stderr: /: shared memory segment 7[01] is locked in memory \(SHM_LOCK\), which none of the image's processes could have done/ });
+    expect(segments()).toBe(before);
+  });
+  // It counts whole pages: 5000 bytes lock no 5000-byte segment.
+  it('one of 5000 bytes where the limit is 5000 bytes', () => {
+    refuses(['restore', locking('shmlock-page', 5000n, [5000n])], { code: 5, stderr: /: shared memory segment 70 is locked in memory \(SHM_LOCK\), which none of the image's processes could have done/ });
+  });
+});
+
 describe('crafted metadata (checksums and signature recomputed)', () => {
   const cases: [string, (image: Image) => void, string][] = [
     ['virtual PID 0', (i) => (i.processes[0].vpid = 0), 'a process has virtual PID 0'],
@@ -1358,6 +1384,12 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     }, 'fd 913 is device /dev/sda, not one a snapshot takes'],
     ['a descriptor number twice', (i) => i.processes[0].fds.push(structuredClone(i.processes[0].fds[0])), 'descriptor \\d+ twice'],
     ['registers cut short', (i) => (i.processes[0].threads[0].regs = Buffer.alloc(8)), 'registers are 8 bytes'],
+    ['a stop report taken of a process not a stopped child', (i) => (i.processes[1].stopReportsTaken = [i.processes[0].vpid]), 'took the stop report of \\d+, not a stopped child of its own'],
+    ['a stop report taken twice', (i) => {
+      const child = i.processes.find((c) => c.vppid === i.processes[0].vpid)!;
+      child.groupStopped = true;
+      i.processes[0].stopReportsTaken = [child.vpid, child.vpid];
+    }, 'took the stop report of \\d+ twice'],
     // A thread's own credentials are read as its process's are (a root
     // restore's path operations take each thread's identity): a short
     // list was a TypeError in the addon, an internal error (exit 70).

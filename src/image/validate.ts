@@ -605,11 +605,17 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   }
   // A stop report taken is of a child of its own, stopped by job control:
   // the restore takes the new one in the parent's stead (jobcontrol.ts).
-  for (const p of image.processes)
+  // Once each: a list repeating one (as long as the image) would have the
+  // restore run a call in the parent for each.
+  for (const p of image.processes) {
+    const seen = new Set<number>();
     for (const v of p.stopReportsTaken ?? []) {
       const child = byVpid.get(v);
       if (!child || child.vppid !== p.vpid || !child.groupStopped) corrupt(`process ${p.vpid} took the stop report of ${v}, not a stopped child of its own`);
+      if (seen.has(v)) corrupt(`process ${p.vpid} took the stop report of ${v} twice`);
+      seen.add(v);
     }
+  }
   // The thread that forked a process (its real_parent) is one of its
   // parent's: the restore forks it from that thread.
   for (const p of image.processes) {

@@ -15,7 +15,7 @@
  * stead (waitid(WSTOPPED | WNOHANG) run in the parent, still held), before
  * the parent runs: it is not told the same stop twice.
  */
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { type Process } from '../image/types.js';
 import { addon } from '../native.js';
 import { readStat } from '../procfs.js';
@@ -170,23 +170,136 @@ function detachRestored(tid: number): void {
  * snapshot, the fresh report of its new stop is taken now, by the parent
  * itself (still held: not among `stopped`), which then never sees it. A
  * parent let go already (stopped itself) or a call that fails leaves the
- * report to be seen, as without this. */
+ * report to be seen, as without this.
+ *
+ * The new stop also sent the parent a SIGCHLD (unless it ignores SIGCHLD
+ * or set SA_NOCLDSTOP). The one of the stop it had was in the image if
+ * still pending, queued again (requeueSignals); else it had been taken,
+ * and this one, which a parent blocking SIGCHLD (signalfd, sigwait) saw
+ * pending with no report behind it, is taken back as the zombies' are.
+ *
+ * The parent's seccomp filters are back since the commit (keepOnExit): a
+ * sandbox that kills it on waitid, a call it never makes (glibc's waitpid
+ * is wait4), killed it here. Its threads are exempted for the calls
+ * (PTRACE_O_SUSPEND_SECCOMP), and where appshot may not (no
+ * CAP_SYS_ADMIN) the report and the signal are left to be seen.
+ *
+ * The report exists once the whole stop is made: the child's last thread
+ * to enter it makes it, and the first one in shows 'T' already; waitid
+ * asked before then found nothing, and the report came after. */
 function takeReportsAgain(made: Restored[], stopped: Restored[]): void {
-  const byVpid = new Map(made.map((m) => [m.proc.vpid, m]));
   for (const parent of made) {
-    const taken = parent.proc.stopReportsTaken ?? [];
-    if (!taken.length || parent.proc.groupStopped) continue;
+    if (parent.proc.groupStopped) continue;
+    const children = stopped.filter((c) => c.proc.vppid === parent.proc.vpid);
+    if (!children.length) continue;
+    const taken = new Set(parent.proc.stopReportsTaken ?? []);
+    const dropSigchld = notifiedOfStops(parent.proc) && !hasSigchld(parent.proc);
+    if (!dropSigchld && !children.some((c) => taken.has(c.proc.vpid))) continue;
+    const tid = parent.tids[0];
+    const filtered = [parent.proc.creds, parent.proc.threads[0]?.creds].some((c) => c && c.seccomp !== 0);
     let inj: Injector;
     try {
-      inj = Injector.open(parent.pid, parent.tids[0], vdsoOf(parent.pid));
+      if (filtered) addon().suspendSeccomp(tid, false);
+      inj = Injector.open(parent.pid, tid, vdsoOf(parent.pid));
     } catch {
+      if (filtered) putSeccompBack(tid);
       continue;
     }
-    for (const vpid of taken) {
-      const child = byVpid.get(vpid);
-      if (!child || !stopped.includes(child) || child.proc.vppid !== parent.proc.vpid) continue;
-      inj.call(NR_waitid, [P_PID, child.pid, 0, WSTOPPED | WNOHANG, 0]);
+    try {
+      let whole = true;
+      for (const child of children) {
+        if (!wholeStop(child.pid)) {
+          whole = false;
+          continue;
+        }
+        if (taken.has(child.proc.vpid)) inj.call(NR_waitid, [P_PID, child.pid, 0, WSTOPPED | WNOHANG, 0]);
+      }
+      if (dropSigchld && whole && sigchldArrived(parent.pid)) {
+        // rt_sigtimedwait({SIGCHLD}, NULL, {0, 0}): dequeued, not delivered.
+        const input = Buffer.alloc(24);
+        input.writeBigUInt64LE(SIGCHLD_BIT, 0);
+        inj.callWith(NR_rt_sigtimedwait, ['buf', 0, { bufAt: 8 }, 8], input);
+      }
+    } catch {
+      /* killed meanwhile, or its stack not writable there: the report and
+       * the signal are left to be seen, and the others let go all the same */
+    } finally {
+      try {
+        inj.close();
+      } catch {
+        /* gone */
+      }
+      if (filtered) putSeccompBack(tid);
     }
+  }
+}
+
+const SIGCHLD = 17;
+const SIGCHLD_BIT = 1n << BigInt(SIGCHLD - 1);
+const NR_rt_sigtimedwait = 128;
+const SIG_IGN = 1n;
+const SA_NOCLDSTOP = 1n;
+
+/** Whether a child's stop sends the process a SIGCHLD. */
+function notifiedOfStops(p: Process): boolean {
+  const a = p.sigactions.find((x) => x.signal === SIGCHLD);
+  return !a || (a.handler !== SIG_IGN && (a.flags & SA_NOCLDSTOP) === 0n);
+}
+
+/** Whether the image has a SIGCHLD pending in the process (any thread). */
+function hasSigchld(p: Process): boolean {
+  return [p.sharedPending, ...p.threads.map((t) => t.pending)].some((q) => {
+    for (let at = 0; at + SIGINFO_BYTES <= q.length; at += SIGINFO_BYTES) if (q.readInt32LE(at) === SIGCHLD) return true;
+    return false;
+  });
+}
+
+/** Waits (up to 200 ms) for the SIGCHLD of a child's stop, sent just after
+ * the stop is whole, to be pending in the process. */
+function sigchldArrived(pid: number): boolean {
+  const until = Date.now() + 200;
+  do {
+    try {
+      const line = readFileSync(`/proc/${pid}/status`, 'latin1').split('\n').find((l) => l.startsWith('ShdPnd:'));
+      if (line && (BigInt(`0x${line.slice(7).trim()}`) & SIGCHLD_BIT) !== 0n) return true;
+    } catch {
+      return false;
+    }
+  } while (Date.now() < until);
+  return false;
+}
+
+/** The thread's filters apply again (the options of keepOnExit). */
+function putSeccompBack(tid: number): void {
+  try {
+    addon().keepOnExit(tid);
+  } catch {
+    /* gone */
+  }
+}
+
+/** Waits (up to 200 ms) for every thread of a process to be in its stop
+ * ('T'): its stop is whole then, and reported. */
+function wholeStop(pid: number): boolean {
+  const until = Date.now() + 200;
+  do {
+    let tids: string[];
+    try {
+      tids = readdirSync(`/proc/${pid}/task`);
+    } catch {
+      return false; // gone
+    }
+    if (tids.every((tid) => threadState(pid, tid) === 'T')) return true;
+  } while (Date.now() < until);
+  return false;
+}
+
+function threadState(pid: number, tid: string): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'latin1');
+    return stat[stat.lastIndexOf(')') + 2];
+  } catch {
+    return undefined;
   }
 }
 

@@ -147,33 +147,48 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
  * system id by its virtual one, for the processes that map it. */
 export function restoreSysv(image: Image, tables: string, pagesFd: number, notKept: string[], pagesCheck?: { check: PagesCheck; chunkSize: number }): Map<number, number> {
   const shmIds = new Map<number, number>();
-  const owned = (kind: 'semid' | 'shmid' | 'msgid', sid: number, o: IpcOwner, what: string) => giveOwner(image, kind, sid, o, what, notKept);
+  // Before anything is made: a lock the image's processes could not
+  // have taken is refused.
+  mayLockShm(image);
   // The count the processes' SEM_UNDO sums were written at, before any
   // of them runs: a new count would make each sum unknown at its next
   // operation, and every later snapshot of the process refused.
-  if (image.semGeneration) writeSemGeneration(tables, image.semGeneration);
-  for (const s of image.semaphores) owned('semid', addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values), s, 'semaphore set');
-  for (const s of image.shmSegments) {
-    if (s.mode & SHM_LOCKED) mayLockShm(image, s);
-    const data = Buffer.alloc(Number(s.size));
-    if (s.contents?.runs.length) {
-      waitPagesChecked(pagesCheck, Number(s.contents.offset), data.length);
-      readSync(pagesFd, data, 0, data.length, Number(s.contents.offset));
+  // What this call made is removed by it if a later one fails: made
+  // before init starts, by this restorer, which the registration's
+  // release may not take for the application's (appshot_ipc_owned: the
+  // creator of a private segment lives and is not init's parent yet).
+  const made: ['semid' | 'shmid' | 'msgid', number][] = [];
+  const owned = (kind: 'semid' | 'shmid' | 'msgid', sid: number, o: IpcOwner, what: string) => {
+    made.push([kind, sid]);
+    giveOwner(image, kind, sid, o, what, notKept);
+  };
+  try {
+    if (image.semGeneration) writeSemGeneration(tables, image.semGeneration);
+    for (const s of image.semaphores) owned('semid', addon().restoreSem(tables, s.vid, s.vkey, s.mode, s.values), s, 'semaphore set');
+    for (const s of image.shmSegments) {
+      const data = Buffer.alloc(Number(s.size));
+      if (s.contents?.runs.length) {
+        waitPagesChecked(pagesCheck, Number(s.contents.offset), data.length);
+        readSync(pagesFd, data, 0, data.length, Number(s.contents.offset));
+      }
+      let sid: number;
+      try {
+        sid = addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data);
+      } catch (e) {
+        // The kernel refused this restorer the lock (no CAP_IPC_LOCK, its
+        // RLIMIT_MEMLOCK short): a privilege, not a fault of the image.
+        if (s.mode & SHM_LOCKED && /SHM_LOCK/.test((e as Error).message)) throw new AppshotError(`cannot lock shared memory segment ${s.vid} in memory as the image had it: ${(e as Error).message}`, ExitCode.denied);
+        throw e;
+      }
+      owned('shmid', sid, s, 'shared memory segment');
+      shmIds.set(s.vid, sid);
     }
-    let sid: number;
-    try {
-      sid = addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data);
-    } catch (e) {
-      // The kernel refused this restorer the lock (no CAP_IPC_LOCK, its
-      // RLIMIT_MEMLOCK short): a privilege, not a fault of the image.
-      if (s.mode & SHM_LOCKED && /SHM_LOCK/.test((e as Error).message)) throw new AppshotError(`cannot lock shared memory segment ${s.vid} in memory as the image had it: ${(e as Error).message}`, ExitCode.denied);
-      throw e;
-    }
-    owned('shmid', sid, s, 'shared memory segment');
-    shmIds.set(s.vid, sid);
+    for (const q of image.msgQueues)
+      owned('msgid', addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data }))), q, 'message queue');
+  } catch (e) {
+    for (const [kind, sid] of made) addon().removeIpcObject(kind, sid);
+    throw e;
   }
-  for (const q of image.msgQueues)
-    owned('msgid', addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data }))), q, 'message queue');
   return shmIds;
 }
 
@@ -182,22 +197,35 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
 const SHM_LOCKED = 0o2000;
 const CAP_IPC_LOCK = 14n;
 const RLIMIT_MEMLOCK = 8;
+const PAGE = 4096n;
 
 /** A locked segment is locked again only if a process of the image could
  * have locked it, by the kernel's rule for SHM_LOCK: CAP_IPC_LOCK, or the
- * segment's owner with an RLIMIT_MEMLOCK that holds it. A restore gives
- * no more than the image had; what this restorer may do, the kernel
- * decides (restoreShm). */
-function mayLockShm(image: Image, s: ShmSegment): void {
-  const could = image.processes.some((p) => {
-    const memlock = p.rlimits.find((r) => r.resource === RLIMIT_MEMLOCK)?.cur ?? 0n;
-    return [p.creds, ...p.threads.map((t) => t.creds)].some((c) => c && (((c.capEff >> CAP_IPC_LOCK) & 1n) === 1n || (c.uid[1] === s.uid && memlock >= s.size)));
-  });
-  if (!could)
-    throw new AppshotError(
-      `shared memory segment ${s.vid} is locked in memory (SHM_LOCK), which none of the image's processes could have done (no CAP_IPC_LOCK, and no RLIMIT_MEMLOCK of ${s.size} bytes with its owner's uid ${s.uid})`,
-      ExitCode.denied,
-    );
+ * segment's owner within its RLIMIT_MEMLOCK, which the kernel counts in
+ * whole pages and over every segment that user has locked (a limit of
+ * 5000 bytes locks no 5000-byte segment; one of 12 KiB locks one of two
+ * 8 KiB segments, not both). A restore gives no more than the image had;
+ * what this restorer may do, the kernel decides (restoreShm). Checked for
+ * all of them before any is made. */
+function mayLockShm(image: Image): void {
+  const locked = image.shmSegments.filter((s) => s.mode & SHM_LOCKED);
+  if (!locked.length) return;
+  const credsOf = (p: Process) => [p.creds, ...p.threads.map((t) => t.creds)].filter((c) => c !== undefined);
+  if (image.processes.some((p) => credsOf(p).some((c) => ((c.capEff >> CAP_IPC_LOCK) & 1n) === 1n))) return;
+  const pages = new Map<number, bigint>();
+  for (const s of locked) pages.set(s.uid, (pages.get(s.uid) ?? 0n) + (s.size + PAGE - 1n) / PAGE);
+  for (const s of locked) {
+    const need = pages.get(s.uid)!;
+    const could = image.processes.some((p) => {
+      const memlock = p.rlimits.find((r) => r.resource === RLIMIT_MEMLOCK)?.cur ?? 0n;
+      return memlock / PAGE >= need && credsOf(p).some((c) => c.uid[1] === s.uid);
+    });
+    if (!could)
+      throw new AppshotError(
+        `shared memory segment ${s.vid} is locked in memory (SHM_LOCK), which none of the image's processes could have done (no CAP_IPC_LOCK, and no RLIMIT_MEMLOCK of the ${need * PAGE} bytes, in whole pages, of the segments locked with its owner's uid ${s.uid})`,
+        ExitCode.denied,
+      );
+  }
 }
 
 interface IpcOwner {
