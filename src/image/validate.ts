@@ -26,7 +26,7 @@ import { checkAioRings } from '../resources/aio.js';
 import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
 import { checkCpuTimes } from '../resources/cputime.js';
-import { mempolicyModeValid } from '../resources/memory.js';
+import { mempolicyModeValid, mempolicyNodesFault } from '../resources/memory.js';
 import { netlinkProblem } from '../resources/netlink.js';
 import { socketFileRecordFault } from '../resources/socketfile.js';
 import { keyringFault, keyringTreeFault } from '../resources/keyrings.js';
@@ -308,7 +308,8 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
     // Whole words, no more nodes than a snapshot asks of the kernel
     // (attributes.ts): the restore copies them into its scratch memory.
     const nodes = t.attributes?.mempolicy?.nodes;
-    if (nodes && (nodes.length % 8 || nodes.length > 128)) corrupt(`thread ${t.vtid}'s NUMA node mask is ${nodes.length} bytes (whole words, at most 128)`);
+    const nodesFault = nodes && mempolicyNodesFault(nodes);
+    if (nodesFault) corrupt(`thread ${t.vtid}'s NUMA node mask is ${nodesFault}`);
   }
   // A nice value (setpriority(2)): the kernel would refuse another, late.
   const autogroup = p.attributes?.autogroupNice;
@@ -342,7 +343,8 @@ function checkMemory(image: Image, p: Process, pagesFileSize: bigint, shmVids: S
     // into its scratch memory).
     const policy = v.mempolicy;
     if (policy && !mempolicyModeValid(policy.mode)) corrupt(`${where} has NUMA policy mode 0x${policy.mode.toString(16)}, which mbind does not take`);
-    if (policy && (policy.nodes.length % 8 || policy.nodes.length > 128)) corrupt(`${where}'s NUMA node mask is ${policy.nodes.length} bytes (whole words, at most 128)`);
+    const nodesFault = policy && mempolicyNodesFault(policy.nodes);
+    if (nodesFault) corrupt(`${where}'s NUMA node mask is ${nodesFault}`);
     if (!shmVids) continue;
     if ((v.kind === VmaKind.FILE_PRIVATE || v.kind === VmaKind.FILE_SHARED) && !inRange(v.file, image.files)) corrupt(`${where} maps file ${v.file}, which the image does not have`);
     if (v.file !== -1 && !inRange(v.file, image.files)) corrupt(`${where} names file ${v.file}, which the image does not have`);

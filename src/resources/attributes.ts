@@ -26,6 +26,7 @@ import { nameProcess, Unsupported } from './context.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { addon } from '../native.js';
+import { mempolicyFromAnswer, mempolicyMask } from './memory.js';
 
 const PR_SET_PDEATHSIG = 1;
 const PR_GET_PDEATHSIG = 2;
@@ -236,12 +237,8 @@ export function dumpAttributes(p: Process, pid: number, asked: AttributesAsked, 
     // A kernel without NUMA (-ENOSYS): none.
     const policy = asked.mempolicy.get(t.tid)!;
     // MPOL_DEFAULT (0): a fresh thread's, recorded as nothing.
-    if (policy.ret === 0n && policy.out.readInt32LE(0) !== 0) {
-      const nodes = policy.out.subarray(8);
-      let used = nodes.length;
-      while (used > 0 && nodes[used - 1] === 0) used--;
-      t.attributes.mempolicy = { mode: policy.out.readInt32LE(0), nodes: Buffer.from(nodes.subarray(0, Math.ceil(used / 8) * 8)) };
-    }
+    const mempolicy = policy.ret === 0n ? mempolicyFromAnswer(policy.out) : undefined;
+    if (mempolicy) t.attributes.mempolicy = mempolicy;
   }
 }
 
@@ -541,12 +538,10 @@ function restoreTaskFlags(r: RemoteProcess, t: Thread, tid: number): void {
   if (ta?.tscSigsegv) set('rdtsc faulting (PR_SET_TSC PR_TSC_SIGSEGV)', [PR_SET_TSC, PR_TSC_SIGSEGV, 0, 0, 0]);
   const policy = ta?.mempolicy;
   if (policy) {
-    // The mask padded to whole words and one more bit than it holds, as
-    // set_mempolicy reads maxnode - 1 bits. A node this machine lacks
-    // fails the restore (EINVAL), naming the policy.
-    const nodes = Buffer.alloc(Math.ceil((policy.nodes.length + 1) / 8) * 8);
-    policy.nodes.copy(nodes);
-    const ret = r.raw(NR_set_mempolicy, [policy.mode, r.put(nodes), policy.nodes.length * 8 + 1], tid);
+    // A node this machine lacks fails the restore (EINVAL), naming the
+    // policy.
+    const { mask, maxnode } = mempolicyMask(policy);
+    const ret = r.raw(NR_set_mempolicy, [policy.mode, r.put(mask), maxnode], tid);
     if (ret !== 0n) throw new AppshotError(`setting the NUMA memory policy of thread ${t.vtid} (mode 0x${policy.mode.toString(16)}, nodes ${policy.nodes.toString('hex')}): ${failed(ret)}`);
   }
 }

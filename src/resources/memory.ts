@@ -202,6 +202,35 @@ export function policyText(p: Mempolicy): string {
   return `${name}${flags}${nodes.length ? ` on node${nodes.length > 1 ? 's' : ''} ${nodes.join(',')}` : ''}`;
 }
 
+/** The policy get_mempolicy wrote into `out` (the mode at its start, the
+ * node mask 8 bytes in), its trailing zero words left out; undefined for
+ * MPOL_DEFAULT (0), which is recorded as nothing. A thread's
+ * (attributes.ts) and a mapping's alike. */
+export function mempolicyFromAnswer(out: Buffer): Mempolicy | undefined {
+  const mode = out.readInt32LE(0);
+  if (mode === 0) return undefined;
+  const nodes = out.subarray(8);
+  let used = nodes.length;
+  while (used > 0 && nodes[used - 1] === 0) used--;
+  return { mode, nodes: Buffer.from(nodes.subarray(0, Math.ceil(used / 8) * 8)) };
+}
+
+/** A policy's mask as the kernel is given it (set_mempolicy, mbind):
+ * padded to whole words and one more bit than it holds, with `maxnode`,
+ * as both read maxnode - 1 bits. */
+export function mempolicyMask(p: Mempolicy): { mask: Buffer; maxnode: number } {
+  const mask = Buffer.alloc(Math.ceil((p.nodes.length + 1) / 8) * 8);
+  p.nodes.copy(mask);
+  return { mask, maxnode: p.nodes.length * 8 + 1 };
+}
+
+/** Why a recorded node mask is not one a restore takes, or undefined: whole
+ * words of no more nodes than a snapshot asks (1024), which the restore
+ * copies into its scratch memory (validate.ts). */
+export function mempolicyNodesFault(nodes: Buffer): string | undefined {
+  return nodes.length % 8 || nodes.length > 128 ? `${nodes.length} bytes (whole words, at most 128)` : undefined;
+}
+
 /** Whether `mode` is one the kernel's mbind takes (validate.ts). */
 export function mempolicyModeValid(mode: number): boolean {
   return Number.isInteger(mode) && mode >= 0 && (mode & ~(0x1fff | MPOL_MODE_FLAGS)) === 0 && (mode & 0x1fff) < MPOL_MODES;
@@ -226,12 +255,8 @@ export function noteMappingPolicies(vmas: Vma[], asked: Map<bigint, Answer>): vo
   for (const v of vmas) {
     const a = asked.get(v.start);
     if (!a?.answered || a.ret !== 0n) continue; // the kernel's answer or none: as before
-    const mode = a.out.readInt32LE(0);
-    if (mode === 0) continue;
-    const nodes = a.out.subarray(8);
-    let used = nodes.length;
-    while (used > 0 && nodes[used - 1] === 0) used--;
-    v.mempolicy = { mode, nodes: Buffer.from(nodes.subarray(0, Math.ceil(used / 8) * 8)) };
+    const policy = mempolicyFromAnswer(a.out);
+    if (policy) v.mempolicy = policy;
   }
 }
 
@@ -1188,9 +1213,8 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     // Copy-on-write from the page file: nothing is read until touched.
     if (p.lazy) for (const [addr, off, n] of p.own) add(what, SYS.mmap, [addr, n, v.prot, MAP.PRIVATE | MAP.FIXED, -1, off], { open: p.pageFile! });
     // Its NUMA policy, over all of it once mapped (an mmap over a part
-    // would drop it there), before any page is written. The mask padded
-    // to whole words and one more bit than it holds, as mbind reads
-    // maxnode - 1 bits. A mapping inherited from the parent has the
+    // would drop it there), before any page is written. A mapping
+    // inherited from the parent has the
     // parent's policy: none (MPOL_DEFAULT) where this process's has none
     // (the parent's own, given after the fork, is not the child's;
     // undefined is none here: a process not asked has never called
@@ -1198,9 +1222,8 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     const policy = v.mempolicy ?? (parentVma?.mempolicy ? { mode: 0, nodes: Buffer.alloc(0) } : undefined);
     if (policy) {
       const empty = !policy.nodes.some((b) => b !== 0) || (policy.mode & 0x1fff) === MPOL_LOCAL;
-      const mask = Buffer.alloc(Math.ceil((policy.nodes.length + 1) / 8) * 8);
-      policy.nodes.copy(mask);
-      mapCalls.push({ what: `${what}: its NUMA policy ${policyText(policy)} (mbind)`, nr: NR_mbind, args: [v.start, len, policy.mode, 0, empty ? 0 : policy.nodes.length * 8 + 1, 0], ...(empty ? {} : { mask }) });
+      const { mask, maxnode } = mempolicyMask(policy);
+      mapCalls.push({ what: `${what}: its NUMA policy ${policyText(policy)} (mbind)`, nr: NR_mbind, args: [v.start, len, policy.mode, 0, empty ? 0 : maxnode, 0], ...(empty ? {} : { mask }) });
     }
   });
   const shared = plans.flatMap((p, i) => (p.v.kind === VmaKind.SHARED_ANON && !p.parentVma ? [i] : []));
