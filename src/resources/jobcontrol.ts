@@ -22,6 +22,7 @@ import { readStat } from '../procfs.js';
 import { Injector } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { Unsupported } from './context.js';
+import { readMaps } from './memory.js';
 
 const SIGSTOP = 19;
 const SIG_DFL = 0n;
@@ -200,7 +201,7 @@ function takeReportsAgain(made: Restored[], stopped: Restored[]): void {
     let inj: Injector;
     try {
       if (filtered) addon().suspendSeccomp(tid, false);
-      inj = Injector.open(parent.pid, tid, vdsoOf(parent.pid));
+      inj = Injector.open(parent.pid, tid, readMaps(parent.pid).find((l) => l.path === '[vdso]'));
     } catch {
       if (filtered) putSeccompBack(tid);
       continue;
@@ -289,25 +290,9 @@ function wholeStop(pid: number): boolean {
     } catch {
       return false; // gone
     }
-    if (tids.every((tid) => threadState(pid, tid) === 'T')) return true;
+    if (tids.every((tid) => readStat(Number(tid))?.state === 'T')) return true;
   } while (Date.now() < until);
   return false;
-}
-
-function threadState(pid: number, tid: string): string | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'latin1');
-    return stat[stat.lastIndexOf(')') + 2];
-  } catch {
-    return undefined;
-  }
-}
-
-function vdsoOf(pid: number): { start: bigint; end: bigint } | undefined {
-  const line = readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').find((l) => l.endsWith('[vdso]'));
-  if (!line) return undefined;
-  const [start, end] = line.split(' ')[0].split('-').map((x) => BigInt(`0x${x}`));
-  return { start, end };
 }
 
 /** Waits (up to 200 ms) for a process let go with its stop signal queued
