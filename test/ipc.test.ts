@@ -163,6 +163,21 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
   };
   const out = mkdtempSync(join(tmpdir(), 'appshot-semundo-'));
   afterAll(() => rmSync(out, { recursive: true, force: true }));
+  /** semundo `mode` (AID undoMODE) snapshotted, which ends it: its holder's
+   * image carries the adjustment +1 on semaphore 0; restored, the holder
+   * is killed and gives it back (the fixture's PASS). */
+  const carriesHolderAdjustment = async (mode: string) => {
+    const aid = `undo${mode}`;
+    const { set, child } = await semundo(aid, mode);
+    sb.ok(['snapshot', aid, '-o', join(out, `${mode}.img`)]);
+    const { image } = await loadImage(join(out, `${mode}.img`), { trust: 'report' });
+    expect(image.processes.find((p) => p.vpid === child)!.semUndo, mode).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
+    sb.ok(['restore', join(out, `${mode}.img`)]);
+    await sb.checksPass(aid, 2);
+    await sb.exercised(aid, 'to kill the holder');
+    expect(sb.log(aid)).toMatch(/^PASS$/m);
+    sb.ok(['rm', '-f', aid]);
+  };
 
   it('gives back a held semaphore\'s adjustment at restore: the holder killed afterwards, the kernel gives the semaphore back', async () => {
     const { set, child } = await semundo('undohold', 'hold');
@@ -297,33 +312,14 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
   // took nothing; the one signalled as its operation was made holds the
   // semaphore, and its adjustment is written before the jump.
   it('carries the adjustments of threads that left their semop by siglongjmp from a handler the library does not wrap', async () => {
-    const { set, child } = await semundo('undorawjump', 'rawjump');
-    sb.ok(['snapshot', 'undorawjump', '-o', join(out, 'rawjump.img')]);
-    const { image } = await loadImage(join(out, 'rawjump.img'), { trust: 'report' });
-    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
-    sb.ok(['restore', join(out, 'rawjump.img')]);
-    await sb.checksPass('undorawjump', 2);
-    await sb.exercised('undorawjump', 'to kill the holder');
-    expect(sb.log('undorawjump')).toMatch(/^PASS$/m);
-    sb.ok(['rm', '-f', 'undorawjump']);
+    await carriesHolderAdjustment('rawjump');
   });
 
   // The same handler blocking there: the snapshot tells from the signal
   // frame below the library's stub that the interrupted wait made
   // nothing, and takes the process (it was refused as "made, not written").
   it('takes a process whose thread blocks in a handler the library does not wrap that interrupted its waiting semop (nothing made), on its stack or a sigaltstack', async () => {
-    for (const mode of ['rawblock', 'rawblockalt']) {
-      const aid = `undo${mode}`;
-      const { set, child } = await semundo(aid, mode);
-      sb.ok(['snapshot', aid, '-o', join(out, `${mode}.img`)]);
-      const { image } = await loadImage(join(out, `${mode}.img`), { trust: 'report' });
-      expect(image.processes.find((p) => p.vpid === child)!.semUndo, mode).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
-      sb.ok(['restore', join(out, `${mode}.img`)]);
-      await sb.checksPass(aid, 2);
-      await sb.exercised(aid, 'to kill the holder');
-      expect(sb.log(aid)).toMatch(/^PASS$/m);
-      sb.ok(['rm', '-f', aid]);
-    }
+    for (const mode of ['rawblock', 'rawblockalt']) await carriesHolderAdjustment(mode);
   });
 
   // A handler the library wraps, run inside one it does not wrap that
@@ -331,29 +327,13 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
   // note put aside; leaving by siglongjmp, it left the adjustment in
   // neither place: the image lacked it (review r279).
   it('carries the adjustment of a semop left by a wrapped handler\'s siglongjmp from inside an unwrapped one', async () => {
-    const { set, child } = await semundo('undorawnested', 'rawnested');
-    sb.ok(['snapshot', 'undorawnested', '-o', join(out, 'rawnested.img')]);
-    const { image } = await loadImage(join(out, 'rawnested.img'), { trust: 'report' });
-    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
-    sb.ok(['restore', join(out, 'rawnested.img')]);
-    await sb.checksPass('undorawnested', 2);
-    await sb.exercised('undorawnested', 'to kill the holder');
-    expect(sb.log('undorawnested')).toMatch(/^PASS$/m);
-    sb.ok(['rm', '-f', 'undorawnested']);
+    await carriesHolderAdjustment('rawnested');
   });
 
   // The same jump made by the unwrapped handler itself, run on the
   // thread's sigaltstack: the call's frame is on the other stack.
   it('carries the adjustment of a semop left by siglongjmp from an unwrapped handler on the sigaltstack', async () => {
-    const { set, child } = await semundo('undorawalt', 'rawalt');
-    sb.ok(['snapshot', 'undorawalt', '-o', join(out, 'rawalt.img')]);
-    const { image } = await loadImage(join(out, 'rawalt.img'), { trust: 'report' });
-    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
-    sb.ok(['restore', join(out, 'rawalt.img')]);
-    await sb.checksPass('undorawalt', 2);
-    await sb.exercised('undorawalt', 'to kill the holder');
-    expect(sb.log('undorawalt')).toMatch(/^PASS$/m);
-    sb.ok(['rm', '-f', 'undorawalt']);
+    await carriesHolderAdjustment('rawalt');
   });
 
   // A note left stale by a jump the library does not see (setcontext out
@@ -414,15 +394,7 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
   });
 
   it('gives back the adjustment a second thread of the holder made (threads share theirs)', async () => {
-    const { set, child } = await semundo('undothread', 'thread');
-    sb.ok(['snapshot', 'undothread', '-o', join(out, 'thread.img')]);
-    const { image } = await loadImage(join(out, 'thread.img'), { trust: 'report' });
-    expect(image.processes.find((p) => p.vpid === child)!.semUndo).toEqual([{ vid: set, semnum: 0, adj: 1 }]);
-    sb.ok(['restore', join(out, 'thread.img')]);
-    await sb.checksPass('undothread', 2);
-    await sb.exercised('undothread', 'to kill the holder');
-    expect(sb.log('undothread')).toMatch(/^PASS$/m);
-    sb.ok(['rm', '-f', 'undothread']);
+    await carriesHolderAdjustment('thread');
   });
 
   // Review r257: the kernel keeps a process's semadj across exec, the
