@@ -6,7 +6,7 @@ import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { printable } from './errors.js';
 import { addon, ENTRY_FLAGS, kinds, type Kind, type TablesSnapshot } from './native.js';
-import { descendantsOf, isSameProcess, readCmdline, readStat } from './procfs.js';
+import { childrenOf, descendantsOf, isSameProcess, readCmdline, readStat } from './procfs.js';
 import { type AppRecord, type LocalRegistry, type PortBinding, type SnapshottedRecord, isEnded, isRestoring } from './registry.js';
 
 export interface ProcessRow {
@@ -113,7 +113,11 @@ export function signalProcesses(reg: LocalRegistry, record: AppRecord, sig: Node
   // waits for every one of them. A few passes, for those forked meanwhile.
   if (!initPid) return;
   for (let pass = 0; pass < 3; pass++) {
-    const missed = descendantsOf(initPid).filter((p) => !sent.has(p));
+    // A process whose parent dies while the walk reads the tree moves to
+    // init (a subreaper) between two reads, and no list read so far names
+    // it: init's own children, read again after the walk, do.
+    const found = [...descendantsOf(initPid), ...childrenOf(initPid)];
+    const missed = [...new Set(found)].filter((p) => !sent.has(p));
     if (!missed.length) break;
     for (const p of missed) {
       addon().signalMember(p, signum, initPid, record.tables);

@@ -84,6 +84,23 @@ export async function waitEnded(reg: LocalRegistry, aid: string, timeoutMs = Inf
 /** How long SIGKILL is given to end every process before stop gives up. */
 const KILL_WAIT_MS = 30_000;
 
+/** How often SIGKILL goes again, while waited for, to what is left of an
+ * application: one pass over its tree can miss a process that moves in it
+ * meanwhile (an orphan reparented to init, a child being forked), and init
+ * waits for every one. */
+const KILL_AGAIN_MS = 1_000;
+
+/** Waits up to KILL_WAIT_MS for an application killed with SIGKILL to end,
+ * killing again what is left of it every KILL_AGAIN_MS. */
+async function waitKilled(reg: LocalRegistry, record: AppRecord): Promise<AppRecord | 'released' | undefined> {
+  const deadline = Date.now() + KILL_WAIT_MS;
+  for (;;) {
+    const ended = await waitEnded(reg, record.aid, Math.min(KILL_AGAIN_MS, deadline - Date.now()));
+    if (ended || Date.now() >= deadline) return ended;
+    signalProcesses(reg, record, 'SIGKILL');
+  }
+}
+
 /**
  * `appshot stop`: sends `sig`, waits up to `graceSeconds` for the
  * application to end, then kills every process with SIGKILL; returns once
@@ -105,7 +122,7 @@ export async function stopApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS
     if (ended) return gone(ended);
     signalProcesses(reg, record, 'SIGKILL');
   }
-  const ended = await waitEnded(reg, record.aid, KILL_WAIT_MS);
+  const ended = await waitKilled(reg, record);
   if (!ended) throw new AppshotError(`'${record.aid}' did not end within ${KILL_WAIT_MS / 1000} s of SIGKILL`);
   return gone(ended);
 }
@@ -187,6 +204,7 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
   }
   // Every one killed is waited for in the same passes.
   const deadline = Date.now() + KILL_WAIT_MS;
+  let killedAgain = Date.now();
   let waiting = killed;
   while (waiting.length) {
     const still: typeof killed = [];
@@ -208,6 +226,18 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
     if (Date.now() >= deadline) {
       for (const k of waiting) fail(k.record.aid, new AppshotError(`'${k.record.aid}' did not end within ${KILL_WAIT_MS / 1000} s of SIGKILL`));
       break;
+    }
+    // What one pass over a tree missed (waitKilled).
+    if (Date.now() - killedAgain >= KILL_AGAIN_MS) {
+      killedAgain = Date.now();
+      for (const k of waiting) {
+        try {
+          signalProcesses(reg, k.record, 'SIGKILL');
+        } catch {
+          // Its first SIGKILL went: if this one cannot, the deadline says
+          // what is left.
+        }
+      }
     }
     await sleep(POLL_MS);
   }
