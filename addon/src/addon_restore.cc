@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <sys/syscall.h>
 
@@ -585,6 +586,54 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   return Napi::Number::New(env, sid);
+}
+
+// lockShmAs(sid, uid, gid, memlock): SHM_LOCK of segment `sid` done by a
+// child that took the user `uid`/`gid` (no supplementary groups) and an
+// RLIMIT_MEMLOCK of `memlock` bytes (never above this process's hard
+// limit: raising one takes CAP_SYS_RESOURCE), so that the kernel checks
+// the lock and charges it to that user, as when the owner locked it, and
+// not to a restorer whose CAP_IPC_LOCK has no limit (N restores of one
+// image would pin N times what the owner may). Throws the child's errno.
+Napi::Value LockShmAs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int sid = Int(info[0]);
+  uid_t uid = static_cast<uid_t>(info[1].As<Napi::Number>().Uint32Value());
+  gid_t gid = static_cast<gid_t>(info[2].As<Napi::Number>().Uint32Value());
+  double memlock = info[3].As<Napi::Number>().DoubleValue();
+  struct rlimit own;
+  if (getrlimit(RLIMIT_MEMLOCK, &own) != 0) {
+    ThrowErrno(env, "getrlimit(RLIMIT_MEMLOCK)", errno);
+    return env.Undefined();
+  }
+  rlim_t want = memlock >= static_cast<double>(RLIM_INFINITY) ? RLIM_INFINITY : static_cast<rlim_t>(memlock);
+  if (own.rlim_max != RLIM_INFINITY && (want == RLIM_INFINITY || want > own.rlim_max)) want = own.rlim_max;
+  pid_t pid = fork();
+  if (pid == 0) {
+    // One thread here: the raw calls change this process's ids alone.
+    struct rlimit rl = {want, want};
+    if (setrlimit(RLIMIT_MEMLOCK, &rl) != 0) _exit(errno & 0xff);
+    if (syscall(SYS_setgroups, 0, nullptr) != 0) _exit(errno & 0xff);
+    if (syscall(SYS_setresgid, gid, gid, gid) != 0) _exit(errno & 0xff);
+    if (syscall(SYS_setresuid, uid, uid, uid) != 0) _exit(errno & 0xff);
+    _exit(shmctl(sid, SHM_LOCK, nullptr) != 0 ? errno & 0xff : 0);
+  }
+  if (pid < 0) {
+    ThrowErrno(env, "fork (to lock a shared memory segment as its owner)", errno);
+    return env.Undefined();
+  }
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0) {
+    if (errno == EINTR) continue;
+    ThrowErrno(env, "waitpid", errno);
+    return env.Undefined();
+  }
+  int err = WIFEXITED(status) ? WEXITSTATUS(status) : EINTR;
+  if (err != 0) {
+    ThrowErrno(env, "locking shared memory segment in memory (SHM_LOCK) as uid " + std::to_string(uid) + " with an RLIMIT_MEMLOCK of " + (want == RLIM_INFINITY ? std::string("unlimited") : std::to_string(want) + " bytes"), err);
+    return env.Undefined();
+  }
+  return env.Undefined();
 }
 
 // restoreMsg(tablesPath, vid, vkey, mode, qbytes, messages: [{type, data}]) -> system id
@@ -1410,6 +1459,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("listenNow", ListenNow);
   fn("restoreSem", RestoreSem);
   fn("restoreShm", RestoreShm);
+  fn("lockShmAs", LockShmAs);
   fn("restoreMsg", RestoreMsg);
   fn("mqOpen", MqOpen);
   fn("mqUnlink", MqUnlink);

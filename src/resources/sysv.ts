@@ -7,7 +7,7 @@
  */
 import { closeSync, openSync, readdirSync, readSync, writeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
-import { strangeOwner } from './creds.js';
+import { CAP, hasCap, ownCreds, strangeOwner } from './creds.js';
 import { addon, ENTRY_FLAGS, type PagesCheck } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
 import type { Image, MsgQueue, Process, SemSet, ShmSegment, SigAltStack } from '../image/types.js';
@@ -150,6 +150,7 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
   // Before anything is made: a lock the image's processes could not
   // have taken is refused.
   mayLockShm(image);
+  const ownerLocks = shmLockedByOwner(image);
   // The count the processes' SEM_UNDO sums were written at, before any
   // of them runs: a new count would make each sum unknown at its next
   // operation, and every later snapshot of the process refused.
@@ -160,7 +161,7 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
   const made: ['semid' | 'shmid' | 'msgid', number][] = [];
   const owned = (kind: 'semid' | 'shmid' | 'msgid', sid: number, o: IpcOwner, what: string) => {
     made.push([kind, sid]);
-    giveOwner(image, kind, sid, o, what, notKept);
+    return giveOwner(image, kind, sid, o, what, notKept);
   };
   try {
     if (image.semGeneration) writeSemGeneration(tables, image.semGeneration);
@@ -171,16 +172,26 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
         waitPagesChecked(pagesCheck, Number(s.contents.offset), data.length);
         readSync(pagesFd, data, 0, data.length, Number(s.contents.offset));
       }
+      // Locked below, as its owner, where this restorer's own lock would
+      // have no limit.
+      const ownerLimit = s.mode & SHM_LOCKED ? ownerLocks?.get(s.uid) : undefined;
       let sid: number;
       try {
-        sid = addon().restoreShm(tables, s.vid, s.vkey, s.mode, Number(s.size), data);
+        sid = addon().restoreShm(tables, s.vid, s.vkey, ownerLimit === undefined ? s.mode : s.mode & ~SHM_LOCKED, Number(s.size), data);
       } catch (e) {
         // The kernel refused this restorer the lock (no CAP_IPC_LOCK, its
         // RLIMIT_MEMLOCK short): a privilege, not a fault of the image.
         if (s.mode & SHM_LOCKED && /SHM_LOCK/.test((e as Error).message)) throw new AppshotError(`cannot lock shared memory segment ${s.vid} in memory as the image had it: ${(e as Error).message}`, ExitCode.denied);
         throw e;
       }
-      owned('shmid', sid, s, 'shared memory segment');
+      const owner = owned('shmid', sid, s, 'shared memory segment');
+      if (ownerLimit !== undefined) {
+        try {
+          addon().lockShmAs(sid, owner.uid, owner.gid, Number(ownerLimit));
+        } catch (e) {
+          throw new AppshotError(`cannot lock shared memory segment ${s.vid} in memory as the image had it, as its owner: ${(e as Error).message}`, ExitCode.denied);
+        }
+      }
       shmIds.set(s.vid, sid);
     }
     for (const q of image.msgQueues)
@@ -199,6 +210,32 @@ const CAP_IPC_LOCK = 14n;
 const RLIMIT_MEMLOCK = 8;
 const PAGE = 4096n;
 
+/**
+ * Who locks a locked segment again. The kernel checks SHM_LOCK against
+ * the caller and charges the pages to the caller's user: a restorer
+ * without CAP_IPC_LOCK locks it itself, within its own RLIMIT_MEMLOCK
+ * (undefined here). One with CAP_IPC_LOCK (root) would lock it with no
+ * limit, charged to itself: that is what the image had only if one of its
+ * processes held CAP_IPC_LOCK too (undefined again). Otherwise the owner
+ * locks it (lockShmAs), as it did, within the largest RLIMIT_MEMLOCK the
+ * image's processes of that user had, counted with whatever that user has
+ * locked on this node: N restores of one image pin no more than the
+ * owner may. Returns that limit by owner uid.
+ */
+function shmLockedByOwner(image: Image): Map<number, bigint> | undefined {
+  const own = ownCreds();
+  if (!hasCap(own.capEff, Number(CAP_IPC_LOCK)) || !hasCap(own.capEff, CAP.SETUID) || !hasCap(own.capEff, CAP.SETGID)) return undefined;
+  if (image.processes.some((p) => credsOf(p).some((c) => ((c.capEff >> CAP_IPC_LOCK) & 1n) === 1n))) return undefined;
+  const limits = new Map<number, bigint>();
+  for (const p of image.processes) {
+    const memlock = p.rlimits.find((r) => r.resource === RLIMIT_MEMLOCK)?.cur ?? 0n;
+    for (const uid of new Set(credsOf(p).map((c) => c.uid[1]))) if (memlock > (limits.get(uid) ?? -1n)) limits.set(uid, memlock);
+  }
+  return limits;
+}
+
+const credsOf = (p: Process) => [p.creds, ...p.threads.map((t) => t.creds)].filter((c) => c !== undefined);
+
 /** A locked segment is locked again only if a process of the image could
  * have locked it, by the kernel's rule for SHM_LOCK: CAP_IPC_LOCK, or the
  * segment's owner within its RLIMIT_MEMLOCK, which the kernel counts in
@@ -210,7 +247,6 @@ const PAGE = 4096n;
 function mayLockShm(image: Image): void {
   const locked = image.shmSegments.filter((s) => s.mode & SHM_LOCKED);
   if (!locked.length) return;
-  const credsOf = (p: Process) => [p.creds, ...p.threads.map((t) => t.creds)].filter((c) => c !== undefined);
   if (image.processes.some((p) => credsOf(p).some((c) => ((c.capEff >> CAP_IPC_LOCK) & 1n) === 1n))) return;
   const pages = new Map<number, bigint>();
   for (const s of locked) pages.set(s.uid, (pages.get(s.uid) ?? 0n) + (s.size + PAGE - 1n) / PAGE);
@@ -244,8 +280,8 @@ interface IpcOwner {
  * processes is is not given (a root restore would otherwise make a key
  * under the name of any user, squatting the key a service of theirs
  * uses): the application's first process's effective ids are, and the
- * restore says so (notKept). */
-function giveOwner(image: Image, kind: 'semid' | 'shmid' | 'msgid', sid: number, o: IpcOwner, what: string, notKept: string[]): void {
+ * restore says so (notKept). Returns the owner it has. */
+function giveOwner(image: Image, kind: 'semid' | 'shmid' | 'msgid', sid: number, o: IpcOwner, what: string, notKept: string[]): { uid: number; gid: number } {
   let { uid, gid } = o;
   const stranger = strangeOwner(image, uid, [gid]);
   if (stranger) {
@@ -253,12 +289,13 @@ function giveOwner(image: Image, kind: 'semid' | 'shmid' | 'msgid', sid: number,
     [uid, gid] = [c.uid[1], c.gid[1]];
     notKept.push(`${what} ${o.vid}: owned by uid ${o.uid} gid ${o.gid}, now uid ${uid} gid ${gid}'s, the application's first process's (${stranger})`);
   }
-  if (uid === process.geteuid!() && gid === process.getegid!()) return;
+  if (uid === process.geteuid!() && gid === process.getegid!()) return { uid, gid };
   try {
     addon().setIpcOwner(kind, sid, uid, gid, o.mode);
   } catch (e) {
     throw new AppshotError(`cannot give ${what} ${o.vid} to uid ${uid} gid ${gid}, ${stranger ? "the application's first process's ids" : 'its owner in the image'}: ${(e as Error).message}`, ExitCode.denied);
   }
+  return { uid, gid };
 }
 
 /** struct appshot_sem_undo (addon/preload/preload_ipc.c): owner and
