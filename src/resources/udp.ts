@@ -229,7 +229,7 @@ function noteMulticastIndex(h: RestoreContext, sock: number, s: Socket): void {
 function injectAddresses(s: Socket, d: Datagram) {
   const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(d.from);
   if (s.family === AF_INET6 && mapped) {
-    const ownMapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(d.to || s.address);
+    const ownMapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(d.to || s.address);
     return [
       { family: AF_INET, address: mapped[1], port: d.fromPort },
       { family: AF_INET, address: ownMapped ? ownMapped[1] : '127.0.0.1', port: s.port },
@@ -259,7 +259,7 @@ function addressBytes(family: number, address: string): Buffer {
  * (a multicast or broadcast address, one that only a route of type local
  * or a transparent proxy made this machine's). An IPv6 link-local one
  * would need its interface, which the socket saw only as an index. */
-function notLocalBecause(family: number, address: string): string | undefined {
+function notLocalBecause(family: number, address: string, local: LocalAddresses): string | undefined {
   const bytes = addressBytes(family, address);
   if (bytes.length === 4) {
     if (bytes[0] === 127) return undefined;
@@ -269,9 +269,22 @@ function notLocalBecause(family: number, address: string): string | undefined {
     if (bytes[0] === 0xff) return 'a multicast address';
     if (bytes[0] === 0xfe && (bytes[1] & 0xc0) === 0x80) return 'a link-local address, which names its interface only by the index the socket saw';
   }
-  for (const list of Object.values(networkInterfaces()))
-    for (const a of list ?? []) if ((a.family === 'IPv4') === (bytes.length === 4) && addressBytes(a.family === 'IPv4' ? AF_INET : AF_INET6, a.address).equals(bytes)) return undefined;
-  return 'not an address of this machine';
+  return local().has(bytes.toString('hex')) ? undefined : 'not an address of this machine';
+}
+
+/** The addresses configured on this machine's interfaces now, as the hex
+ * of their bytes: read once per socket, however many datagrams it holds. */
+type LocalAddresses = () => Set<string>;
+function localAddresses(): LocalAddresses {
+  let known: Set<string> | undefined;
+  return () => {
+    known ??= new Set(
+      Object.values(networkInterfaces())
+        .flatMap((list) => list ?? [])
+        .map((a) => addressBytes(a.family === 'IPv4' ? AF_INET : AF_INET6, a.address).toString('hex')),
+    );
+    return known;
+  };
 }
 
 /** A datagram the socket was shown to be sent to an address a restore
@@ -281,9 +294,10 @@ function notLocalBecause(family: number, address: string): string | undefined {
  * is carried: the restore sends it so again. */
 function refuseUncarriedHeaders(s: Socket, where: string): void {
   const v6 = s.family === AF_INET6;
+  const local = localAddresses();
   for (const d of s.datagrams ?? []) {
     const from = d.from.includes(':') ? `[${d.from}]:${d.fromPort}` : `${d.from}:${d.fromPort}`;
-    const why = d.to ? notLocalBecause(s.family, d.to) : undefined;
+    const why = d.to ? notLocalBecause(s.family, d.to, local) : undefined;
     if (why) throw new Unsupported(`${where} holds a datagram from ${from} sent to ${d.to}, which the socket shows the program (${v6 ? 'IPV6_RECVPKTINFO' : 'IP_PKTINFO'}), ${why}: a restore could not send it there again, which cannot be captured`);
     if (d.ttl === 0) throw new Unsupported(`${where} holds a datagram from ${from} with ${v6 ? 'hop limit' : 'TTL'} 0, which the socket shows the program (${v6 ? 'IPV6_RECVHOPLIMIT' : 'IP_RECVTTL'}) and a restore could not send again, which cannot be captured`);
   }
@@ -294,8 +308,9 @@ function refuseUncarriedHeaders(s: Socket, where: string): void {
  * or the network rather than to the socket, or be put back as sent
  * elsewhere: the restore is refused, before the socket is made. */
 function refuseOtherNodesAddresses(s: Socket, what: string): void {
+  const local = localAddresses();
   for (const d of s.datagrams ?? []) {
-    const why = d.to ? notLocalBecause(s.family, d.to) : undefined;
+    const why = d.to ? notLocalBecause(s.family, d.to, local) : undefined;
     if (why) {
       const own = s.address || (s.family === AF_INET ? '0.0.0.0' : '::');
       throw new AppshotError(`${what}: the UDP socket ${own.includes(':') ? `[${own}]` : own}:${s.port} holds a datagram sent to ${d.to}, which the program is shown, and here ${why}: it cannot be put back as sent there`);
@@ -318,7 +333,8 @@ export function udpHeadersProblem(s: Socket): string | undefined {
     const bad = `has a datagram sent to ${JSON.stringify(d.to)}`;
     if (family === AF_INET ? !(s.family === AF_INET ? isAddressOf(AF_INET, d.to) : isAddressOf(AF_INET, d.to.slice(7))) : !isAddressOf(AF_INET6, d.to)) return `${bad}, not an address of its family`;
     if (s.family === AF_INET6 && v4(d.to) !== v4(d.from)) return `${bad} from ${JSON.stringify(d.from)}: one IPv4, the other not`;
-    const any = !s.address || s.address === '0.0.0.0' || s.address === '::';
+    // (An IPv6 socket bound to ::ffff:0.0.0.0 takes every IPv4 address.)
+    const any = !s.address || s.address === '0.0.0.0' || s.address === '::' || (family === AF_INET && /^::ffff:0\.0\.0\.0$/i.test(s.address));
     if (s.family === AF_INET6 && family === AF_INET && s.address === '::' && s.v6only) return `${bad}, an IPv4 address, but the socket takes IPv6 only`;
     if (!any && !addressBytes(s.family, s.address).equals(addressBytes(s.family, d.to))) return `${bad}, but the socket is bound to ${s.address}`;
   }
