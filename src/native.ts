@@ -544,8 +544,9 @@ interface Addon {
   /** `to`, `tos`, `ttl`: the IP header fields an IP socket asks to be shown
    * (IP_PKTINFO, IP_RECVTOS, IP_RECVTTL, their IPv6 twins): null, -1 if not. */
   datagramQueue(fd: number, maxCount: number, maxTotal: number, maxOne: number, shutForReading?: boolean): { data: Buffer; from: Buffer | null; to: Buffer | null; tos: number; ttl: number }[];
-  /** A UDP datagram as if `from` had sent it to `to` (raw socket, CAP_NET_RAW). */
-  udpInject(from: Buffer, to: Buffer, data: Buffer): void;
+  /** A UDP datagram as if `from` had sent it to `to` (raw socket, CAP_NET_RAW),
+   * with that TOS or traffic class (0-255) and TTL or hop limit (1-255). */
+  udpInject(from: Buffer, to: Buffer, data: Buffer, tos: number, ttl: number): void;
   /** Every UDP socket of the family, with its sk_shutdown. */
   udpSockets(family: number): { ino: number; shutdown: number }[];
   /** Every netlink socket of this network namespace (netlink_diag):

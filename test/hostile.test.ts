@@ -891,6 +891,35 @@ function netlinkCases(): [string, (image: Image) => void, string][] {
   ];
 }
 
+/** A UDP socket with a queued datagram whose IP header fields the image
+ * records (resources/udp.ts): fd 913 of process 0, bound to `address` of
+ * `family`, its datagram from `from` changed by `change`; or on a unix
+ * datagram socket (`unix`). */
+function udpHeader(change: (d: Record<string, unknown>) => void, { family = 2, address = '0.0.0.0', from = '127.0.0.1', v6only = false, unix = false } = {}) {
+  return (i: Image) => {
+    const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);
+    const datagram: Record<string, unknown> = { data: Buffer.from('q'), from: unix ? '' : from, fromPort: 5353 };
+    change(datagram);
+    const socket = { ino: 4346n, family: unix ? 1 : family, type: 2, address: unix ? '' : address, port: unix ? 0 : 47123, listening: false, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only, options: [], datagrams: [datagram] };
+    Object.assign(fd, { fd: 913, kind: unix ? FdKind.UNIX_DGRAM : FdKind.UDP, flags: 2, path: '', file: -1, description: 0, socket });
+    i.processes[0].fds.push(fd as Fd);
+  };
+}
+
+function udpHeaderCases(): [string, (image: Image) => void, string][] {
+  return [
+    ['a queued UDP datagram with TOS 256', udpHeader((d) => (d.tos = 256)), 'fd 913 has a datagram with TOS or traffic class 256, not 0-255'],
+    ['a queued UDP datagram with TTL 0', udpHeader((d) => (d.ttl = 0)), 'fd 913 has a datagram with TTL or hop limit 0, not 1-255'],
+    ['a queued UDP datagram with hop limit 256', udpHeader((d) => (d.ttl = 256), { family: 10, address: '::', from: '::1' }), 'fd 913 has a datagram with TTL or hop limit 256, not 1-255'],
+    ['a queued IPv4 datagram sent to an IPv6 address', udpHeader((d) => (d.to = '::1')), 'fd 913 has a datagram sent to "::1", not an address of its family'],
+    ['a queued UDP datagram sent to no address', udpHeader((d) => (d.to = '127.0.0.1 ')), 'fd 913 has a datagram sent to "127\\.0\\.0\\.1 ", not an address of its family'],
+    ['a queued UDP datagram sent where the socket is not bound', udpHeader((d) => (d.to = '127.0.0.2'), { address: '127.0.0.1' }), 'fd 913 has a datagram sent to "127\\.0\\.0\\.2", but the socket is bound to 127\\.0\\.0\\.1'],
+    ['an IPv4 datagram sent to an IPv6-only socket', udpHeader((d) => (d.to = '::ffff:127.0.0.1'), { family: 10, address: '::', from: '::ffff:127.0.0.1', v6only: true }), 'fd 913 has a datagram sent to "::ffff:127\\.0\\.0\\.1", an IPv4 address, but the socket takes IPv6 only'],
+    ['an IPv6 datagram sent to an IPv4 address of an IPv6 socket', udpHeader((d) => (d.to = '::ffff:127.0.0.1'), { family: 10, address: '::', from: '::1' }), 'fd 913 has a datagram sent to "::ffff:127\\.0\\.0\\.1" from "::1": one IPv4, the other not'],
+    ['IP header fields on a unix datagram', udpHeader((d) => (d.tos = 16), { unix: true }), 'fd 913 has a datagram with IP header fields but is not a UDP socket'],
+  ];
+}
+
 // Found by fuzzing restore with crafted images (session 32).
 describe('what a crafted image names is not acted on with the restorer\'s rights', () => {
   it("a clone's private copies named outside this node's instances directory are not recorded: rm leaves that directory alone", async () => {
@@ -1462,6 +1491,7 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       Object.assign(fd, { fd: 903, kind: 12, socket: { ino: 4344n, family: 2, type: 2, address: '', port: 0, listening: false, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), reuseaddr: false, reuseport: false, v6only: false, memberships } });
       i.processes[0].fds.push(fd);
     }, 'has 5000 multicast memberships'],
+    ...udpHeaderCases(),
     ['a semaphore value above SEMVMX', (i) => i.semaphores.push({ vid: 78, vkey: 0, mode: 0o600, uid: 0, gid: 0, values: [40000], vpids: [2] }), 'holds a value above 32767'],
     // SEM_UNDO adjustments the restore would inject (resources/sysv.ts).
     ['a SEM_UNDO adjustment of a set the image does not hold', (i) => (i.processes[0].semUndo = [{ vid: 4711, semnum: 0, adj: 1 }]), 'process \\d+ has a SEM_UNDO adjustment of semaphore 0 of set 4711, which the image does not hold'],
@@ -1621,6 +1651,15 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       refuses(['inspect', dir], corrupt(message));
       refuses(['restore', dir], corrupt(message));
     });
+
+  it('takes a queued UDP datagram sent to an address of another node as what it is, and refuses its restore in one line, nothing made', () => {
+    // 203.0.113.7 (TEST-NET-3): no address of this machine.
+    const dir = crafted('udp-elsewhere', udpHeader((d) => Object.assign(d, { to: '203.0.113.7', tos: 16, ttl: 7 })));
+    const shown = sb.run(['inspect', dir]);
+    expect(shown.code, shown.stderr).toBe(0);
+    expect(shown.stdout).toMatch(/913\s+UDP\s+udp 0\.0\.0\.0:47123, 1 datagram queued/);
+    refuses(['restore', dir], { code: 1, stderr: /process \d+ fd 913: the UDP socket 0\.0\.0\.0:47123 holds a datagram sent to 203\.0\.113\.7, which the program is shown, and here not an address of this machine: it cannot be put back as sent there$/ });
+  });
 
   it('takes a well-formed io_uring record as what it is (the cases above differ from it by one field)', () => {
     const dir = crafted('iouring-well-formed', (i) => {

@@ -926,7 +926,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['thread-cputime-timer', () => 'process 2 (holder): POSIX timer 0 runs on the CPU-time clock of the thread that made it (clock -2), which /proc does not name in a process of 2 threads, which cannot be captured yet'],
     ['outside-cputime-timer', () => /process 2 \(holder\): POSIX timer 0 runs on the CPU-time clock of system PID \d+ \(clock_getcpuclockid\), a process outside the application, which cannot be captured yet/],
     ['tcp-reset', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a TCP socket whose connection has ended \\(CLOSE, bound to 127\\.0\\.0\\.1:\\d+\\) cannot be captured yet`)],
-    ['udp-pktinfo', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 0\\.0\\.0\\.0:\\d+ holds a datagram from 127\\.0\\.0\\.\\d+:\\d+ sent to 127\\.0\\.0\\.2, which the socket shows the program \\(IP_PKTINFO\\), and a restore would put it back as sent to 127\\.0\\.0\\.1: cannot be captured yet`)],
+    ['udp-pktinfo', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 0\\.0\\.0\\.0:\\d+ holds a datagram from 127\\.0\\.0\\.1:\\d+ sent to 239\\.1\\.2\\.3, which the socket shows the program \\(IP_PKTINFO\\), a multicast address: a restore could not send it there again, which cannot be captured`)],
     ['udp-error', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 127\\.0\\.0\\.1:\\d+ holds an error the application has not read yet \\(the answer to an earlier send, such as an ICMP port unreachable`)],
     ['udp-corked', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 127\\.0\\.0\\.1:\\d+ is corked \\(UDP_CORK\\) with part of a datagram not yet sent \\(\\d+ bytes of its send buffer\\), which cannot be captured`)],
     ['deleted-truncated-mapping', () => /process 2 \(holder\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ \(\/tmp\/holder-truncated-\d+ \(deleted\)\) cannot be read, past the end of the file \(truncated under the mapping before it was deleted\), which cannot be captured/],
@@ -1139,6 +1139,12 @@ describe('unix sockets whose peer closed (stream, seqpacket), and a seqpacket pa
 
 describe('datagram sockets shut down for reading with a datagram queued (an unconnected UDP socket, a unix pair end)', () => {
   roundTrips('dshut', [fixture('dgramshut')], /UDP\s+udp 127\.0\.0\.1:\d+, 1 datagram queued \(2 bytes\), shut down for reading\n[\s\S]*UNIX_DGRAM\s+unix dgram \(unnamed\) → socket \d+, 1 datagram queued \(2 bytes\), shut down for reading\n/, 'apart');
+});
+
+describe('UDP sockets shown each datagram\'s destination, TOS and TTL (IP_PKTINFO, IP_RECVTOS, IP_RECVTTL, IPv6 twins): each queued datagram back with its own, ECN bits and TTL 1 too', () => {
+  // Bound to 0.0.0.0 and [::]: the copy beside the original could not
+  // bind its ports ('apart').
+  roundTrips('uhdr', [fixture('udphdr')], /UDP\s+udp 0\.0\.0\.0:\d+, [23] datagrams queued/, 'apart');
 });
 
 describe('pidfds of the application\'s processes: each names the same process restored, with its flags, one description however many descriptors', () => {

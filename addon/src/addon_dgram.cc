@@ -229,7 +229,8 @@ Napi::Value DatagramQueue(const Napi::CallbackInfo& info) {
   return out;
 }
 
-// udpInject(from, to, data): one datagram as if `from` had sent it.
+// udpInject(from, to, data, tos, ttl): one datagram as if `from` had sent
+// it with that TOS (traffic class) and TTL (hop limit).
 Napi::Value UdpInject(const Napi::CallbackInfo& info) {
   auto f = info[0].As<Napi::Buffer<uint8_t>>();
   auto t = info[1].As<Napi::Buffer<uint8_t>>();
@@ -237,7 +238,7 @@ Napi::Value UdpInject(const Napi::CallbackInfo& info) {
   sockaddr_storage from{}, to{};
   std::memcpy(&from, f.Data(), std::min(f.Length(), sizeof from));
   std::memcpy(&to, t.Data(), std::min(t.Length(), sizeof to));
-  int rc = udp_inject(reinterpret_cast<sockaddr*>(&from), reinterpret_cast<sockaddr*>(&to), d.Data(), d.Length());
+  int rc = udp_inject(reinterpret_cast<sockaddr*>(&from), reinterpret_cast<sockaddr*>(&to), d.Data(), d.Length(), Int(info[3]), Int(info[4]));
   if (rc) ThrowErrno(info.Env(), "sending a queued datagram again (raw socket)", -rc);
   return info.Env().Undefined();
 }

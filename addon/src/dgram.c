@@ -162,8 +162,9 @@ static uint16_t fold(uint32_t acc) {
   return c ? c : 0xffff;
 }
 
-int udp_inject(const struct sockaddr* from, const struct sockaddr* to, const void* data, size_t len) {
+int udp_inject(const struct sockaddr* from, const struct sockaddr* to, const void* data, size_t len, int tos, int ttl) {
   if (from->sa_family != to->sa_family) return -EAFNOSUPPORT;
+  if (tos < 0 || tos > 255 || ttl < 1 || ttl > 255) return -EINVAL;
   if (len > 65507) return -EMSGSIZE;
   size_t ulen = sizeof(struct udphdr) + len;
   unsigned char* pkt = calloc(1, 40 + ulen);
@@ -176,7 +177,10 @@ int udp_inject(const struct sockaddr* from, const struct sockaddr* to, const voi
     struct iphdr* ip = (void*)pkt;
     ip->version = 4;
     ip->ihl = 5;
-    ip->ttl = 64;
+    /* The whole TOS byte, its ECN bits too: a header of our own is sent as
+     * it is (IP_HDRINCL), and loopback delivery keeps TOS and TTL. */
+    ip->tos = (uint8_t)tos;
+    ip->ttl = (uint8_t)ttl;
     ip->protocol = IPPROTO_UDP;
     ip->saddr = f->sin_addr.s_addr;
     ip->daddr = t->sin_addr.s_addr;
@@ -200,11 +204,12 @@ int udp_inject(const struct sockaddr* from, const struct sockaddr* to, const voi
     const struct sockaddr_in6* f = (const void*)from;
     const struct sockaddr_in6* t = (const void*)to;
     unsigned char* ip = pkt;
-    ip[0] = 0x60;
+    ip[0] = (unsigned char)(0x60 | (tos >> 4)); /* version 6, traffic class, flow label 0 */
+    ip[1] = (unsigned char)((tos & 0xf) << 4);
     ip[4] = (unsigned char)(ulen >> 8);
     ip[5] = (unsigned char)ulen;
     ip[6] = IPPROTO_UDP;
-    ip[7] = 64;
+    ip[7] = (unsigned char)ttl;
     memcpy(ip + 8, &f->sin6_addr, 16);
     memcpy(ip + 24, &t->sin6_addr, 16);
     struct udphdr* u = (void*)(pkt + 40);

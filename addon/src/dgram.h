@@ -53,7 +53,9 @@ int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* d
 
 /* One UDP datagram from `from` to `to` (both AF_INET, or both AF_INET6),
  * built whole and sent through a raw socket (CAP_NET_RAW), so that its
- * receiver sees the original sender's address and port. */
-int udp_inject(const struct sockaddr* from, const struct sockaddr* to, const void* data, size_t len);
+ * receiver sees the original sender's address and port, and `tos` (TOS
+ * or traffic class, 0-255) and `ttl` (TTL or hop limit, 1-255) as its
+ * header's. */
+int udp_inject(const struct sockaddr* from, const struct sockaddr* to, const void* data, size_t len, int tos, int ttl);
 
 #endif

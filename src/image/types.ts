@@ -935,6 +935,13 @@ export interface Datagram {
   /** The sender's name (unix path, "@" abstract) or IP; "" unnamed. */
   from: string;
   fromPort: number;
+  /** UDP, as far as the socket asked to be shown them (IP_PKTINFO,
+   * IP_RECVTOS, IP_RECVTTL, their IPv6 twins): the address it was sent
+   * to ("" or absent: not shown), its TOS or traffic class and its TTL
+   * or hop limit (absent: not shown). */
+  to?: string;
+  tos?: number;
+  ttl?: number;
 }
 
 export interface EpollTarget {

@@ -28,6 +28,7 @@ import { checkGlibcTidWrites } from '../resources/threads.js';
 import { checkCpuTimes } from '../resources/cputime.js';
 import { mempolicyModeValid, mempolicyNodesFault } from '../resources/memory.js';
 import { netlinkProblem } from '../resources/netlink.js';
+import { udpHeadersProblem } from '../resources/udp.js';
 import { socketFileRecordFault } from '../resources/socketfile.js';
 import { keyringFault, keyringTreeFault } from '../resources/keyrings.js';
 import type { MessageSchema } from './schema.js';
@@ -395,6 +396,11 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if ((fd.kind === FdKind.NETLINK) !== !!fd.socket?.netlink) corrupt(`${where} has netlink state but is not a netlink socket, or is one without it`);
     const netlink = fd.kind === FdKind.NETLINK && fd.socket ? netlinkProblem(fd.socket) : undefined;
     if (netlink) corrupt(`${where} is a netlink socket ${netlink}`);
+    // What a queued datagram's IP header said (resources/udp.ts): the
+    // restore sends it to that address, with that TOS and TTL.
+    if (fd.kind !== FdKind.UDP && fd.socket?.datagrams?.some((d) => d.to || d.tos !== undefined || d.ttl !== undefined)) corrupt(`${where} has a datagram with IP header fields but is not a UDP socket`);
+    const udpHeaders = fd.kind === FdKind.UDP && fd.socket ? udpHeadersProblem(fd.socket) : undefined;
+    if (udpHeaders) corrupt(`${where} ${udpHeaders}`);
     if (fd.socket) checkDatagrams(fd.socket, where);
     if (fd.tcp) checkOptions(fd.tcp.socketOptions ?? [], where);
     if (fd.kind === FdKind.TCP_ESTABLISHED && !fd.tcp) corrupt(`${where} is a TCP connection with no connection state`);

@@ -5,7 +5,8 @@
  * IPV6_V6ONLY, packet-info delivery, UDP_CORK, the multicast TTL or hop
  * limit and loopback, IP_MULTICAST_ALL) and shutdown state; and the
  * datagrams queued for reading, whole and in order, each with its sender's
- * address and port.
+ * address and port, and what of its IP header the socket asks to be shown
+ * (the address it was sent to, TOS or traffic class, TTL or hop limit).
  *
  * Dump: the receive queue is read without consuming it (SO_PEEK_OFF with
  * MSG_PEEK). The send queue of UDP is empty but for a corked socket
@@ -16,14 +17,16 @@
  * by name: the original still running beside its copy, say); its queued
  * datagrams sent to it again through a raw socket (CAP_NET_RAW) as built
  * by their original senders, so that recvfrom() sees who sent each (to
- * the socket's own address, or loopback when it is bound to any); then
- * connected. Multicast group memberships (multicast.ts) are joined again
+ * the address each was sent to where the socket showed it the program,
+ * else to the socket's own address, or loopback when it is bound to any;
+ * with the TOS and TTL it showed, else 0 and 64); then connected. Multicast group memberships (multicast.ts) are joined again
  * once it is bound. A packet filter of the application's own, classic or
  * eBPF, is refused by name (unixdgram.ts, refuseOwnFilter).
  */
 import { closeSync, fstatSync } from 'node:fs';
+import { networkInterfaces } from 'node:os';
 import { AppshotError, ExitCode } from '../errors.js';
-import type { Fd, InodeOwner, Process, Socket } from '../image/types.js';
+import type { Datagram, Fd, InodeOwner, Process, Socket } from '../image/types.js';
 import { addon } from '../native.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { AF_INET, AF_INET6, isAddressOf, makeSockaddr, parseSockaddr } from './sockaddr.js';
@@ -119,12 +122,12 @@ export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, se
       v6only: family === AF_INET6 && !!options.find((o) => o.level === IPPROTO_IPV6 && o.name === 26)?.value,
       peerAddress: peer?.address ?? '',
       peerPort: peer?.port ?? 0,
-      datagrams: queued.map((q) => q.datagram),
+      datagrams: queued.map((q) => ({ ...q.datagram, ...(q.to ? { to: q.to } : {}), ...(q.tos >= 0 ? { tos: q.tos } : {}), ...(q.ttl >= 0 ? { ttl: q.ttl } : {}) })),
       shutdown: seen?.shutdown ?? 0,
       options: [...options, ...extras],
       memberships: readMemberships(pid, dup, family, where),
     };
-    refuseHeaderLoss(socket, queued, where);
+    refuseUncarriedHeaders(socket, where);
     return socket;
   } finally {
     closeSync(dup);
@@ -146,6 +149,7 @@ export function openUdp(h: RestoreContext, p: Process, fd: Fd): number {
 /** `owner`: made with it (files.ts ownerFor), before any bind. */
 function make(h: RestoreContext, s: Socket, what: string, owner: InodeOwner | undefined): number {
   check(s, what);
+  refuseOtherNodesAddresses(s, what);
   const sock = h.keep(addon().sockOpen(s.family, SOCK_DGRAM, 0, owner));
   const all = s.options ?? [];
   const extras = extrasOf(all, carried(s.family));
@@ -176,9 +180,9 @@ function make(h: RestoreContext, s: Socket, what: string, owner: InodeOwner | un
   if (datagrams.length)
     for (const o of all) if (PKTINFO.some(([l, n]) => o.level === l && o.name === n) && o.value) addon().setSockOpt(sock, o.level, o.name, o.value);
   for (const d of datagrams) {
-    const [from, to] = injectAddresses(s, d.from, d.fromPort);
+    const [from, to] = injectAddresses(s, d);
     try {
-      addon().udpInject(makeSockaddr(from), makeSockaddr(to), d.data);
+      addon().udpInject(makeSockaddr(from), makeSockaddr(to), d.data, d.tos ?? 0, d.ttl ?? 64);
     } catch (e) {
       const hint = (e as NodeJS.ErrnoException).code === 'EPERM' ? ' (putting back queued UDP datagrams needs CAP_NET_RAW)' : '';
       throw new AppshotError(`${what}: the UDP socket ${name}: a queued datagram from ${d.from}:${d.fromPort} cannot be put back: ${(e as Error).message}${hint}`);
@@ -218,45 +222,123 @@ function noteMulticastIndex(h: RestoreContext, sock: number, s: Socket): void {
 }
 
 /** Where a queued datagram is sent from and to: its sender, and the
- * socket's own address (loopback when bound to any). An IPv4 sender of
- * a dual-stack IPv6 socket ("::ffff:a.b.c.d") is sent as IPv4. */
-function injectAddresses(s: Socket, from: string, fromPort: number) {
-  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(from);
+ * address it was sent to where the socket showed it the program
+ * (IP_PKTINFO, IPV6_RECVPKTINFO), else the socket's own address (loopback
+ * when it is bound to any). An IPv4 sender of a dual-stack IPv6 socket
+ * ("::ffff:a.b.c.d") is sent as IPv4. */
+function injectAddresses(s: Socket, d: Datagram) {
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(d.from);
   if (s.family === AF_INET6 && mapped) {
-    const ownMapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(s.address);
+    const ownMapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(d.to || s.address);
     return [
-      { family: AF_INET, address: mapped[1], port: fromPort },
+      { family: AF_INET, address: mapped[1], port: d.fromPort },
       { family: AF_INET, address: ownMapped ? ownMapped[1] : '127.0.0.1', port: s.port },
     ];
   }
   const any = s.address === '0.0.0.0' || s.address === '::' || !s.address;
   const loopback = s.family === AF_INET ? '127.0.0.1' : '::1';
   return [
-    { family: s.family, address: from, port: fromPort },
-    { family: s.family, address: any ? loopback : s.address, port: s.port },
+    { family: s.family, address: d.from, port: d.fromPort },
+    { family: s.family, address: d.to || (any ? loopback : s.address), port: s.port },
   ];
 }
 
-/** A restore puts a queued datagram back from its sender to the address
- * injectAddresses picks, with TOS 0 and TTL 64 (dgram.c udp_inject): a
- * socket that asks to be shown the address a datagram was sent to
- * (IP_PKTINFO: a server bound to every address answers from that one),
- * its TOS or its TTL, and holds one for which these differ (sent to
- * 127.0.0.2 while bound to 0.0.0.0, say), is refused by name rather than
- * shown other values after the restore. */
-function refuseHeaderLoss(s: Socket, queued: { datagram: { from: string; fromPort: number }; to: string; tos: number; ttl: number }[], where: string): void {
-  const v6 = s.family === AF_INET6;
-  for (const q of queued) {
-    const from = q.datagram.from.includes(':') ? `[${q.datagram.from}]:${q.datagram.fromPort}` : `${q.datagram.from}:${q.datagram.fromPort}`;
-    const planned = injectAddresses(s, q.datagram.from, q.datagram.fromPort)[1];
-    const plannedAs = v6 && planned.family === AF_INET ? `::ffff:${planned.address}` : planned.address;
-    if (q.to && q.to !== plannedAs)
-      throw new Unsupported(`${where} holds a datagram from ${from} sent to ${q.to}, which the socket shows the program (${v6 ? 'IPV6_RECVPKTINFO' : 'IP_PKTINFO'}), and a restore would put it back as sent to ${plannedAs}: cannot be captured yet`);
-    if (q.tos > 0)
-      throw new Unsupported(`${where} holds a datagram from ${from} with ${v6 ? 'traffic class' : 'TOS'} ${q.tos}, which the socket shows the program (${v6 ? 'IPV6_RECVTCLASS' : 'IP_RECVTOS'}), and a restore would put it back with 0: cannot be captured yet`);
-    if (q.ttl >= 0 && q.ttl !== 64)
-      throw new Unsupported(`${where} holds a datagram from ${from} with ${v6 ? 'hop limit' : 'TTL'} ${q.ttl}, which the socket shows the program (${v6 ? 'IPV6_RECVHOPLIMIT' : 'IP_RECVTTL'}), and a restore would put it back with 64: cannot be captured yet`);
+/** The bytes of an IP address of `family`, an IPv4 one of an IPv6 socket
+ * ("::ffff:a.b.c.d") as IPv4: to compare addresses however written. */
+function addressBytes(family: number, address: string): Buffer {
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
+  if (mapped) return makeSockaddr({ family: AF_INET, address: mapped[1], port: 0 }).subarray(4, 8);
+  return family === AF_INET ? makeSockaddr({ family, address, port: 0 }).subarray(4, 8) : makeSockaddr({ family, address, port: 0 }).subarray(8, 24);
+}
+
+/** Why a datagram sent to `address` cannot be put back on this machine as
+ * sent there, or undefined: it must be an address of this machine (any
+ * of 127.0.0.0/8, ::1, or one configured on an interface now, which the
+ * kernel delivers to through loopback, keeping TOS and TTL), for the
+ * datagram to reach the socket rather than another node or the network
+ * (a multicast or broadcast address, one that only a route of type local
+ * or a transparent proxy made this machine's). An IPv6 link-local one
+ * would need its interface, which the socket saw only as an index. */
+function notLocalBecause(family: number, address: string, local: LocalAddresses): string | undefined {
+  const bytes = addressBytes(family, address);
+  if (bytes.length === 4) {
+    if (bytes[0] === 127) return undefined;
+    if (bytes[0] >= 224) return bytes[0] < 240 ? 'a multicast address' : 'a broadcast or reserved address';
+  } else {
+    if (bytes.equals(addressBytes(AF_INET6, '::1'))) return undefined;
+    if (bytes[0] === 0xff) return 'a multicast address';
+    if (bytes[0] === 0xfe && (bytes[1] & 0xc0) === 0x80) return 'a link-local address, which names its interface only by the index the socket saw';
   }
+  return local().has(bytes.toString('hex')) ? undefined : 'not an address of this machine';
+}
+
+/** The addresses configured on this machine's interfaces now, as the hex
+ * of their bytes: read once per socket, however many datagrams it holds. */
+type LocalAddresses = () => Set<string>;
+function localAddresses(): LocalAddresses {
+  let known: Set<string> | undefined;
+  return () => {
+    known ??= new Set(
+      Object.values(networkInterfaces())
+        .flatMap((list) => list ?? [])
+        .map((a) => addressBytes(a.family === 'IPv4' ? AF_INET : AF_INET6, a.address).toString('hex')),
+    );
+    return known;
+  };
+}
+
+/** A datagram the socket was shown to be sent to an address a restore
+ * cannot send it to again (notLocalBecause), or shown with TTL 0 (which
+ * only a raw socket sends, and the image does not carry), is refused by
+ * name at snapshot. Every other address, TOS (its ECN bits too) and TTL
+ * is carried: the restore sends it so again. */
+function refuseUncarriedHeaders(s: Socket, where: string): void {
+  const v6 = s.family === AF_INET6;
+  const local = localAddresses();
+  for (const d of s.datagrams ?? []) {
+    const from = d.from.includes(':') ? `[${d.from}]:${d.fromPort}` : `${d.from}:${d.fromPort}`;
+    const why = d.to ? notLocalBecause(s.family, d.to, local) : undefined;
+    if (why) throw new Unsupported(`${where} holds a datagram from ${from} sent to ${d.to}, which the socket shows the program (${v6 ? 'IPV6_RECVPKTINFO' : 'IP_PKTINFO'}), ${why}: a restore could not send it there again, which cannot be captured`);
+    if (d.ttl === 0) throw new Unsupported(`${where} holds a datagram from ${from} with ${v6 ? 'hop limit' : 'TTL'} 0, which the socket shows the program (${v6 ? 'IPV6_RECVHOPLIMIT' : 'IP_RECVTTL'}) and a restore could not send again, which cannot be captured`);
+  }
+}
+
+/** A datagram sent to an address that is not this machine's where it is
+ * restored (the image was made on another node) would go to another node
+ * or the network rather than to the socket, or be put back as sent
+ * elsewhere: the restore is refused, before the socket is made. */
+function refuseOtherNodesAddresses(s: Socket, what: string): void {
+  const local = localAddresses();
+  for (const d of s.datagrams ?? []) {
+    const why = d.to ? notLocalBecause(s.family, d.to, local) : undefined;
+    if (why) {
+      const own = s.address || (s.family === AF_INET ? '0.0.0.0' : '::');
+      throw new AppshotError(`${what}: the UDP socket ${own.includes(':') ? `[${own}]` : own}:${s.port} holds a datagram sent to ${d.to}, which the program is shown, and here ${why}: it cannot be put back as sent there`);
+    }
+  }
+}
+
+/** What an image says of a UDP socket's queued datagrams' headers, or
+ * undefined if it may be so: the address each was sent to, of the
+ * socket's family (an IPv4 datagram of an IPv6 socket as ::ffff:a.b.c.d,
+ * as its sender), one the socket receives at (its own, or any address of
+ * that family when bound to any); TOS 0-255; TTL 1-255. (image/validate.ts) */
+export function udpHeadersProblem(s: Socket): string | undefined {
+  for (const d of s.datagrams ?? []) {
+    if (d.tos !== undefined && !(Number.isInteger(d.tos) && d.tos >= 0 && d.tos <= 255)) return `has a datagram with TOS or traffic class ${d.tos}, not 0-255`;
+    if (d.ttl !== undefined && !(Number.isInteger(d.ttl) && d.ttl >= 1 && d.ttl <= 255)) return `has a datagram with TTL or hop limit ${d.ttl}, not 1-255`;
+    if (!d.to) continue;
+    const v4 = (a: string) => /^::ffff:\d+\.\d+\.\d+\.\d+$/i.test(a);
+    const family = s.family === AF_INET6 && v4(d.to) ? AF_INET : s.family;
+    const bad = `has a datagram sent to ${JSON.stringify(d.to)}`;
+    if (family === AF_INET ? !(s.family === AF_INET ? isAddressOf(AF_INET, d.to) : isAddressOf(AF_INET, d.to.slice(7))) : !isAddressOf(AF_INET6, d.to)) return `${bad}, not an address of its family`;
+    if (s.family === AF_INET6 && v4(d.to) !== v4(d.from)) return `${bad} from ${JSON.stringify(d.from)}: one IPv4, the other not`;
+    // (An IPv6 socket bound to ::ffff:0.0.0.0 takes every IPv4 address.)
+    const any = !s.address || s.address === '0.0.0.0' || s.address === '::' || (family === AF_INET && /^::ffff:0\.0\.0\.0$/i.test(s.address));
+    if (s.family === AF_INET6 && family === AF_INET && s.address === '::' && s.v6only) return `${bad}, an IPv4 address, but the socket takes IPv6 only`;
+    if (!any && !addressBytes(s.family, s.address).equals(addressBytes(s.family, d.to))) return `${bad}, but the socket is bound to ${s.address}`;
+  }
+  return undefined;
 }
 
 /** An image may come from anyone. */
@@ -271,6 +353,8 @@ function check(s: Socket, what: string): void {
     if (!v4 && !isAddressOf(s.family, d.from)) throw bad(`has a datagram from ${JSON.stringify(d.from)}`);
     if (d.fromPort > 65535 || d.data.length > 65507) throw bad('has a datagram larger than UDP carries, or from a port above 65535');
   }
+  const headers = udpHeadersProblem(s);
+  if (headers) throw bad(headers);
   const memberships = membershipsProblem(s.family, s.memberships ?? []);
   if (memberships) throw bad(memberships);
   for (const o of s.options ?? [])
