@@ -423,24 +423,26 @@ describe('a SysV shared memory segment locked in memory (SHM_LOCK)', () => {
   // A root restorer's own SHM_LOCK has no limit (CAP_IPC_LOCK) and is
   // charged to root: N restores of one image would pin N times what its
   // owner may. The owner locks it instead, within its RLIMIT_MEMLOCK and
-  // counted with what that user holds locked: here nobody, with a limit
-  // of four pages, holds two in the original, two in a first copy, and a
+  // counted with what that user holds locked: here a user with a limit
+  // of four pages holds two in the original, two in a first copy, and a
   // second copy is refused in one line, nothing of it left.
   it.skipIf(process.getuid?.() !== 0)('is locked again by its owner, within its RLIMIT_MEMLOCK, by a root restorer', async () => {
-    await start('shmlo', ['prlimit', '--memlock=16384', 'setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', fixture('shmlock')]);
+    // A user of its own: the kernel counts every lock of a user on the
+    // node (nobody's, say, by other programs).
+    const uid = String(50_000 + (process.pid % 10_000));
+    await start('shmlo', ['prlimit', '--memlock=16384', 'setpriv', `--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', fixture('shmlock')]);
     await checksPass('shmlo');
     await run(['snapshot', 'shmlo', '-o', join(out, 'shmlo'), '--leave-running']);
     await run(['restore', join(out, 'shmlo'), '--aid', 'shmlo2']);
     await checksPass('shmlo2');
-    // Nobody's two-page segments (other files make and remove theirs).
-    const nobodys = () =>
-      readFileSync('/proc/sysvipc/shm', 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/)).filter((f) => f[7] === '65534' && f[3] === '8192').map((f) => f[1]).sort();
-    const before = nobodys();
+    const segmentsOfUid = () =>
+      readFileSync('/proc/sysvipc/shm', 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/)).filter((f) => f[7] === uid).map((f) => f[1]).sort();
+    const before = segmentsOfUid();
     const r = await attempt(['restore', join(out, 'shmlo'), '--aid', 'shmlo3']);
     expect(r.code, r.stderr).toBe(5);
-    expect(r.stderr).toMatch(/^appshot: cannot restore \S+: cannot lock shared memory segment \d+ in memory as the image had it, as its owner: .*as uid 65534 with an RLIMIT_MEMLOCK of 16384 bytes: .*\n$/);
+    expect(r.stderr).toMatch(new RegExp(String.raw`^appshot: cannot restore \S+: cannot lock shared memory segment \d+ in memory as the image had it, as its owner: .*as uid ${uid} with an RLIMIT_MEMLOCK of 16384 bytes: .*\n$`));
     expect((await run(['ps', '-a', '-q'])).split('\n')).not.toContain('shmlo3');
-    expect(nobodys()).toEqual(before);
+    expect(segmentsOfUid()).toEqual(before);
   });
 });
 
