@@ -102,29 +102,53 @@ export function signalProcesses(reg: LocalRegistry, record: AppRecord, sig: Node
   const t = reg.readTables(record);
   const initPid = reg.trustedInitPid(record);
   const signum = (osConstants.signals as Record<string, number>)[sig];
+  // Each one tried once; those signalled (the application's, alive).
   const sent = new Set<number>();
-  for (const e of t?.tables.pid ?? []) {
-    if (e.flags & (INIT_FLAG | THREAD_FLAG) || e.system <= 1 || e.system === initPid) continue;
-    addon().signalMember(e.system, signum, initPid, record.tables);
-    sent.add(e.system);
-  }
-  // Processes no table names: children made with a raw fork or clone (Go
-  // programs, static binaries) are still its init's descendants, and init
-  // waits for every one of them. A few passes, for those forked meanwhile.
-  if (!initPid) return;
-  for (let pass = 0; pass < 3; pass++) {
-    // A process whose parent dies while the walk reads the tree moves to
-    // init (a subreaper) between two reads, and no list read so far names
-    // it: init's own children, read again after the walk, do.
-    const found = [...descendantsOf(initPid), ...childrenOf(initPid)];
-    const missed = [...new Set(found)].filter((p) => !sent.has(p));
-    if (!missed.length) break;
-    for (const p of missed) {
-      addon().signalMember(p, signum, initPid, record.tables);
+  const signalled: number[] = [];
+  const send = (pids: number[]) => {
+    for (const p of pids) {
+      if (sent.has(p)) continue;
       sent.add(p);
+      if (addon().signalMember(p, signum, initPid, record.tables)) signalled.push(p);
     }
+  };
+  const listed = (t?.tables.pid ?? []).filter((e) => !(e.flags & (INIT_FLAG | THREAD_FLAG)) && e.system > 1 && e.system !== initPid).map((e) => e.system);
+  // Processes no table names: children made with a raw fork or clone (Go
+  // programs, static binaries). Below init, init waits for every one of
+  // them. Below a process `appshot exec` started, they go to the node's
+  // init once their parent dies, out of every walk: listed before it is
+  // signalled.
+  const belowInit = new Set(initPid ? descendantsOf(initPid) : []);
+  const outside = listed.filter((p) => !belowInit.has(p)).flatMap((p) => descendantsOf(p));
+  send(listed);
+  send(outside);
+  if (!initPid) return;
+  // Init's tree again, for those forked meanwhile. A process whose parent
+  // dies while a walk reads the tree moves to init (a subreaper) between
+  // two reads, and no list read so far names it: init's own children,
+  // read again after the walk, do.
+  const walk = () => send([...descendantsOf(initPid), ...childrenOf(initPid)]);
+  for (let pass = 0, before = -1; pass < 3 && sent.size !== before; pass++) {
+    before = sent.size;
+    walk();
   }
+  if (sig !== 'SIGKILL') return;
+  // A killed process hands its children on as it exits, from thread to
+  // thread of its group and then to init, and a list the kernel shows
+  // while it changes can skip one: walked again until every process
+  // signalled is a zombie or gone (it has handed its children on by
+  // then), for a moment at most (stop and rm wait, and kill again, after).
+  const deadline = Date.now() + KILL_SETTLE_MS;
+  while (signalled.some((p) => isSameProcess(p, undefined)) && Date.now() < deadline) {
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 2);
+    walk();
+  }
+  walk();
 }
+
+/** How long one SIGKILL of an application waits at most for what it
+ * killed to exit, to find the children they leave (signalProcesses). */
+const KILL_SETTLE_MS = 200;
 
 export function listProcesses(registry: LocalRegistry, records: AppRecord[]): ProcessRow[] {
   return records.flatMap((r) => {

@@ -10,12 +10,12 @@
  * group and session and a socket's owner (pidioctls.c),
  * peer credentials (peercreds.c).
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { command, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-identity-'));
@@ -200,5 +200,27 @@ describe('a process the tables do not know', () => {
     expect(stop.code, stop.stderr).toBe(0);
     expect(existsSync(`/proc/${child}`) && !/^State:\s+Z/m.test(readFileSync(`/proc/${child}/status`, 'utf8'))).toBe(false);
     await waitFor(() => !sb.aids().includes('raw'), 10_000, 'raw to end');
+  });
+
+  it('made by a process `appshot exec` started: stop -s KILL ends it too, though init is not its ancestor', async () => {
+    const r = sb.run(['run', '-d', '--aid', 'rawx', '--', 'sleep', '1000']);
+    expect(r.code, r.stderr).toBe(0);
+    const exec = spawn(command, ['exec', 'rawx', '--', fixture('rawfork')], { env: sb.env, stdio: ['ignore', 'pipe', 'inherit'] });
+    let said = '';
+    exec.stdout.on('data', (d: Buffer) => (said += d.toString()));
+    let child = 0;
+    try {
+      await waitFor(() => /CHILD \d+/.test(said), 10_000, 'rawfork CHILD');
+      child = Number(/CHILD (\d+)/.exec(said)![1]);
+      // Its parent killed first, it would be the node's init's child, out
+      // of every walk: listed before its parent is signalled.
+      const stop = sb.run(['stop', 'rawx', '--signal', 'KILL']);
+      expect(stop.code, stop.stderr).toBe(0);
+      await waitFor(() => !existsSync(`/proc/${child}`) || /^State:\s+Z/m.test(readFileSync(`/proc/${child}/status`, 'utf8')), 10_000, `raw child ${child} to end`);
+    } finally {
+      exec.kill('SIGKILL');
+      // Not left behind when the test fails.
+      if (child) spawnSync('kill', ['-KILL', String(child)]);
+    }
   });
 });
