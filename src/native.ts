@@ -590,8 +590,8 @@ interface Addon {
   setSockOpt(fd: number, level: number, name: number, value: number): void;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
   restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;
-  /** SHM_LOCK of a segment by a child as user `uid`/`gid` with an RLIMIT_MEMLOCK of `memlock` bytes (Infinity: unlimited), charged to that user. */
-  lockShmAs(sid: number, uid: number, gid: number, memlock: number): void;
+  /** SHM_LOCK of a segment by a child as user `uid`/`gid`, without capabilities, with an RLIMIT_MEMLOCK of `memlock` bytes (Infinity: unlimited; at most this process's hard limit unless `mayRaise`), charged to that user. */
+  lockShmAs(sid: number, uid: number, gid: number, memlock: number, mayRaise: boolean): void;
   /** POSIX message queues (resources/mqueue.ts); names "/NAME". */
   mqOpen(name: string, flags: number, mode: number, maxmsg: number, msgsize: number): number;
   mqUnlink(name: string): void;

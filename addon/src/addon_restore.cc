@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 #include <signal.h>
+#include <linux/capability.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <sys/syscall.h>
@@ -588,51 +589,81 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, sid);
 }
 
-// lockShmAs(sid, uid, gid, memlock): SHM_LOCK of segment `sid` done by a
-// child that took the user `uid`/`gid` (no supplementary groups) and an
-// RLIMIT_MEMLOCK of `memlock` bytes (never above this process's hard
-// limit: raising one takes CAP_SYS_RESOURCE), so that the kernel checks
-// the lock and charges it to that user, as when the owner locked it, and
-// not to a restorer whose CAP_IPC_LOCK has no limit (N restores of one
-// image would pin N times what the owner may). Throws the child's errno.
+// lockShmAs(sid, uid, gid, memlock, mayRaise): SHM_LOCK of segment `sid`
+// done by a child that took the user `uid`/`gid` (no supplementary groups,
+// no capabilities) and an RLIMIT_MEMLOCK of `memlock` bytes, so that the
+// kernel checks the lock and charges it to that user, as when the owner
+// locked it, and not to a restorer whose CAP_IPC_LOCK has no limit (N
+// restores of one image would pin N times what the owner may). Without
+// `mayRaise` (CAP_SYS_RESOURCE) the limit is at most this process's hard
+// one, which is all setrlimit lets it set. Throws naming the step that
+// failed, with its errno.
 Napi::Value LockShmAs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int sid = Int(info[0]);
   uid_t uid = static_cast<uid_t>(info[1].As<Napi::Number>().Uint32Value());
   gid_t gid = static_cast<gid_t>(info[2].As<Napi::Number>().Uint32Value());
   double memlock = info[3].As<Napi::Number>().DoubleValue();
+  bool mayRaise = info[4].ToBoolean();
   struct rlimit own;
   if (getrlimit(RLIMIT_MEMLOCK, &own) != 0) {
     ThrowErrno(env, "getrlimit(RLIMIT_MEMLOCK)", errno);
     return env.Undefined();
   }
   rlim_t want = memlock >= static_cast<double>(RLIM_INFINITY) ? RLIM_INFINITY : static_cast<rlim_t>(memlock);
-  if (own.rlim_max != RLIM_INFINITY && (want == RLIM_INFINITY || want > own.rlim_max)) want = own.rlim_max;
+  if (!mayRaise && own.rlim_max != RLIM_INFINITY && (want == RLIM_INFINITY || want > own.rlim_max)) want = own.rlim_max;
+  static const char* const kSteps[] = {"setrlimit(RLIMIT_MEMLOCK)", "setgroups", "setresgid", "setresuid", "capset", "SHM_LOCK"};
+  int report[2];
+  if (pipe2(report, O_CLOEXEC) != 0) {
+    ThrowErrno(env, "pipe", errno);
+    return env.Undefined();
+  }
   pid_t pid = fork();
   if (pid == 0) {
     // One thread here: the raw calls change this process's ids alone.
+    // Writes which step failed and its errno; nothing if all went well.
+    auto fail = [&](int step) {
+      int failed[2] = {step, errno};
+      ssize_t w = write(report[1], failed, sizeof failed);
+      _exit(w == static_cast<ssize_t>(sizeof failed) ? 1 : 2);
+    };
     struct rlimit rl = {want, want};
-    if (setrlimit(RLIMIT_MEMLOCK, &rl) != 0) _exit(errno & 0xff);
-    if (syscall(SYS_setgroups, 0, nullptr) != 0) _exit(errno & 0xff);
-    if (syscall(SYS_setresgid, gid, gid, gid) != 0) _exit(errno & 0xff);
-    if (syscall(SYS_setresuid, uid, uid, uid) != 0) _exit(errno & 0xff);
-    _exit(shmctl(sid, SHM_LOCK, nullptr) != 0 ? errno & 0xff : 0);
+    if (setrlimit(RLIMIT_MEMLOCK, &rl) != 0) fail(0);
+    if (syscall(SYS_setgroups, 0, nullptr) != 0) fail(1);
+    if (syscall(SYS_setresgid, gid, gid, gid) != 0) fail(2);
+    if (syscall(SYS_setresuid, uid, uid, uid) != 0) fail(3);
+    // Capabilities go too: the kernel drops them only on a change from
+    // uid 0, and with CAP_IPC_LOCK the lock would have no limit.
+    struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct none[2] = {};
+    if (syscall(SYS_capset, &h, none) != 0) fail(4);
+    if (shmctl(sid, SHM_LOCK, nullptr) != 0) fail(5);
+    _exit(0);
   }
+  int forked = errno;
+  close(report[1]);
   if (pid < 0) {
-    ThrowErrno(env, "fork (to lock a shared memory segment as its owner)", errno);
+    close(report[0]);
+    ThrowErrno(env, "fork (to lock a shared memory segment as its owner)", forked);
     return env.Undefined();
   }
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0) {
-    if (errno == EINTR) continue;
-    ThrowErrno(env, "waitpid", errno);
-    return env.Undefined();
+  int failed[2] = {-1, 0};
+  ssize_t got;
+  while ((got = read(report[0], failed, sizeof failed)) < 0 && errno == EINTR) {
   }
-  int err = WIFEXITED(status) ? WEXITSTATUS(status) : EINTR;
-  if (err != 0) {
-    ThrowErrno(env, "locking shared memory segment in memory (SHM_LOCK) as uid " + std::to_string(uid) + " with an RLIMIT_MEMLOCK of " + (want == RLIM_INFINITY ? std::string("unlimited") : std::to_string(want) + " bytes"), err);
-    return env.Undefined();
+  close(report[0]);
+  int status = -1;  // not an exit: unless waitpid says otherwise
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
+  if (got == 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0) return env.Undefined();
+  std::string as = "as uid " + std::to_string(uid) + " with an RLIMIT_MEMLOCK of " + (want == RLIM_INFINITY ? std::string("unlimited") : std::to_string(want) + " bytes");
+  bool told = got == static_cast<ssize_t>(sizeof failed) && failed[0] >= 0 && failed[0] <= 5;
+  if (!told)
+    ThrowErrno(env, "locking shared memory segment in memory (SHM_LOCK) " + as + ": its child ended with status " + std::to_string(status), EIO);
+  else if (failed[0] == 5)
+    ThrowErrno(env, "locking shared memory segment in memory (SHM_LOCK) " + as, failed[1]);
+  else
+    ThrowErrno(env, std::string("taking its owner's ids to lock it (") + kSteps[failed[0]] + "), " + as, failed[1]);
   return env.Undefined();
 }
 

@@ -174,10 +174,10 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
       }
       // Locked below, as its owner, where this restorer's own lock would
       // have no limit.
-      const ownerLimit = s.mode & SHM_LOCKED ? ownerLocks?.get(s.uid) : undefined;
+      const asOwner = (s.mode & SHM_LOCKED) !== 0 && ownerLocks !== undefined;
       let sid: number;
       try {
-        sid = addon().restoreShm(tables, s.vid, s.vkey, ownerLimit === undefined ? s.mode : s.mode & ~SHM_LOCKED, Number(s.size), data);
+        sid = addon().restoreShm(tables, s.vid, s.vkey, asOwner ? s.mode & ~SHM_LOCKED : s.mode, Number(s.size), data);
       } catch (e) {
         // The kernel refused this restorer the lock (no CAP_IPC_LOCK, its
         // RLIMIT_MEMLOCK short): a privilege, not a fault of the image.
@@ -185,9 +185,12 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
         throw e;
       }
       const owner = owned('shmid', sid, s, 'shared memory segment');
-      if (ownerLimit !== undefined) {
+      if (asOwner) {
+        // The owner it has: the image's, or the first process's that
+        // replaced a stranger (giveOwner), whose limit is then the one.
+        const limit = ownerLocks.get(owner.uid) ?? ownerLocks.get(s.uid) ?? 0n;
         try {
-          addon().lockShmAs(sid, owner.uid, owner.gid, Number(ownerLimit));
+          addon().lockShmAs(sid, owner.uid, owner.gid, Number(limit), hasCap(ownCreds().capEff, CAP.SYS_RESOURCE));
         } catch (e) {
           throw new AppshotError(`cannot lock shared memory segment ${s.vid} in memory as the image had it, as its owner: ${(e as Error).message}`, ExitCode.denied);
         }
