@@ -22,6 +22,13 @@ import { duration } from './words.js';
 /** How often a waiter looks at the registration. */
 const POLL_MS = 50;
 
+/** The pause before a waiter's look number `n` (from 0): short ones first,
+ * doubling up to POLL_MS, as most ends come a few ms after the signal
+ * (SIGKILL's always) and a first pause of POLL_MS made every stop, rm -f
+ * and wait take that long at least. A long wait still looks every
+ * POLL_MS. */
+const pollPause = (n: number) => Math.min(POLL_MS, 2 << Math.min(n, 5));
+
 /** "TERM", "sigterm", "SIGTERM", "15" → "SIGTERM"; refuses unknown ones
  * (`what`: the option, for the message), as kill(1) takes them. */
 export function signalName(name: string, what = '--signal'): NodeJS.Signals {
@@ -70,14 +77,14 @@ export function signalApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Sig
  */
 export async function waitEnded(reg: LocalRegistry, aid: string, timeoutMs = Infinity): Promise<AppRecord | 'released' | undefined> {
   const deadline = Date.now() + timeoutMs;
-  for (;;) {
+  for (let looks = 0; ; looks++) {
     const found = reg.get(aid);
     // Released too when its supervisor was killed: nobody wrote how it ended.
     const record = found && reg.settle(found);
     if (!record) return 'released';
     if (isEnded(record)) return record;
     if (Date.now() >= deadline) return undefined;
-    await sleep(Math.min(POLL_MS, Math.max(1, deadline - Date.now())));
+    await sleep(Math.min(pollPause(looks), Math.max(1, deadline - Date.now())));
   }
 }
 
@@ -113,7 +120,7 @@ export async function stopApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS
   const initStart = initPid ? readStat(initPid)?.startTime : undefined;
   const gone = async (ended: AppRecord | 'released') => {
     const deadline = Date.now() + KILL_WAIT_MS;
-    while (initPid && isSameProcess(initPid, initStart) && Date.now() < deadline) await sleep(POLL_MS);
+    for (let looks = 0; initPid && isSameProcess(initPid, initStart) && Date.now() < deadline; looks++) await sleep(pollPause(looks));
     return ended;
   };
   signalApp(reg, record, sig);
@@ -206,7 +213,7 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
   const deadline = Date.now() + KILL_WAIT_MS;
   let killedAgain = Date.now();
   let waiting = killed;
-  while (waiting.length) {
+  for (let looks = 0; waiting.length; looks++) {
     const still: typeof killed = [];
     for (const k of waiting) {
       try {
@@ -239,15 +246,15 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
         }
       }
     }
-    await sleep(POLL_MS);
+    await sleep(pollPause(looks));
   }
   // Their supervisors write how the application ended a moment before
   // they exit themselves: gone too before what they leave is removed.
   const endedAids = new Set(ended.map((r) => r.aid));
   let inits = killed.filter((k) => k.initPid && endedAids.has(k.record.aid));
-  while (inits.length && Date.now() < deadline) {
+  for (let looks = 0; inits.length && Date.now() < deadline; looks++) {
     inits = inits.filter((k) => isSameProcess(k.initPid, k.initStart));
-    if (inits.length) await sleep(POLL_MS);
+    if (inits.length) await sleep(pollPause(looks));
   }
   // One that cannot be removed whole is said of it; the others go.
   const unremoved = new Set<string>();

@@ -324,18 +324,31 @@ export function spawnAsync(
 
 export async function waitFor(cond: () => boolean, timeoutMs = 10_000, what = 'condition'): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
+  for (let looks = 0; ; looks++) {
+    const began = performance.now();
+    if (cond()) return;
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, pollPause(looks, performance.now() - began)));
   }
+}
+
+/** The pause of a poll before its look number `looks` (from 0), whose
+ * last look took `tookMs`: a cheap condition (a log or /proc read) is
+ * looked at again after 2, 4, 8... ms, up to 50, as most conditions come
+ * true within a few ms, where a first pause of 50 ms cost every wait that
+ * long; a costly one (a CLI command each look) every 50 ms, as before. */
+export function pollPause(looks: number, tookMs: number): number {
+  return tookMs > 5 ? 50 : Math.min(50, 2 << Math.min(looks, 5));
 }
 
 /** waitFor() for a condition that must itself wait (a socket's answer). */
 export async function waitForAsync(cond: () => Promise<boolean>, timeoutMs = 10_000, what = 'condition'): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
+  for (let looks = 0; ; looks++) {
+    const began = performance.now();
+    if (await cond()) return;
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, pollPause(looks, performance.now() - began)));
   }
 }
 

@@ -16,7 +16,7 @@
  */
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer, request } from 'node:http';
 import { connect } from 'node:net';
 import { createSocket } from 'node:dgram';
@@ -601,14 +601,27 @@ class KeepAlive {
   }
 }
 
+/** A directory `name` of the postgres user's holding a new cluster (db):
+ * initdb's once for the file, copied whole (owners, modes) for each test,
+ * which gets a cluster of its own as initdb leaves it. */
 function initdb(name: string): string {
   const data = join(dir, name);
   mkdirSync(data);
   const pw = spawnSync('id', ['-u', 'postgres'], { encoding: 'utf8' });
   const uid = Number(pw.stdout);
   chownSync(data, uid, uid);
-  const r = spawnSync('runuser', ['-u', 'postgres', '--', `${PG_BIN}/initdb`, '-D', join(data, 'db'), '-A', 'trust', '-U', 'postgres', '--no-sync'], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`initdb: ${r.stderr}`);
+  const pristine = join(dir, 'pg-initdb', 'db');
+  if (!existsSync(pristine)) {
+    // Made aside and renamed: a failed initdb leaves no cluster to copy.
+    mkdirSync(join(dir, 'pg-initdb'), { recursive: true });
+    chownSync(join(dir, 'pg-initdb'), uid, uid);
+    rmSync(`${pristine}.new`, { recursive: true, force: true });
+    const r = spawnSync('runuser', ['-u', 'postgres', '--', `${PG_BIN}/initdb`, '-D', `${pristine}.new`, '-A', 'trust', '-U', 'postgres', '--no-sync'], { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`initdb: ${r.stderr}`);
+    renameSync(`${pristine}.new`, pristine);
+  }
+  const cp = spawnSync('cp', ['-a', pristine, join(data, 'db')], { encoding: 'utf8' });
+  if (cp.status !== 0) throw new Error(`copying the cluster initdb made: ${cp.stderr}`);
   return data;
 }
 
