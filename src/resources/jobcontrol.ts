@@ -125,15 +125,62 @@ interface Restored {
 }
 
 /** Lets every restored thread go (PTRACE_DETACH), with those stopped by
- * job control stopped again first. Returns the processes whose stop
- * signal did not take (a SIGTSTP to a process group with no parent in its
- * session outside it is discarded by the kernel): stopped by SIGSTOP
- * instead, for the caller to name. */
+ * job control stopped again first, and those whose parent had their
+ * continued report to take stopped and continued. Returns the processes
+ * whose stop signal did not take (a SIGTSTP to a process group with no
+ * parent in its session outside it is discarded by the kernel): stopped
+ * by SIGSTOP instead, for the caller to name.
+ *
+ * Parent by parent, deepest first: a parent's stopped and continued
+ * children are let go while it is still held (the calls that take their
+ * reports and signals back run in it), and once their own children are
+ * (a child is a parent too, held for its own children's calls before it
+ * is let go). The others go last, all at once. */
 export function releaseRestored(made: Restored[]): Restored[] {
-  // First, while every parent is still held (one stopped itself too).
-  const continued = continueAgain(made);
-  const stopped = made.filter((m) => m.proc.groupStopped);
-  const others = made.filter((m) => !m.proc.groupStopped && !continued.has(m));
+  const byVpid = new Map(made.map((m) => [m.proc.vpid, m]));
+  const depth = (m: Restored) => {
+    let d = 0;
+    for (let q = byVpid.get(m.proc.vppid); q && d < made.length; q = byVpid.get(q.proc.vppid)) d++;
+    return d;
+  };
+  const childrenOf = new Map<Restored, Restored[]>();
+  for (const c of made) {
+    const parent = byVpid.get(c.proc.vppid);
+    if (!parent || parent === c) continue;
+    const siblings = childrenOf.get(parent);
+    if (siblings) siblings.push(c);
+    else childrenOf.set(parent, [c]);
+  }
+  const letGo = new Set<Restored>();
+  const missed: Restored[] = [];
+  const parents = [...childrenOf.keys()].map((m) => ({ m, d: depth(m) })).sort((a, b) => b.d - a.d);
+  for (const { m: parent } of parents) {
+    const stopped = childrenOf.get(parent)!.filter((c) => c.proc.groupStopped);
+    if (stopped.length) {
+      missed.push(...stopAgain(stopped));
+      for (const c of stopped) letGo.add(c);
+      takeReportsAgain(parent, stopped);
+    }
+    if (parent.proc.continuedReports?.length) for (const c of continueAgain(parent, byVpid)) letGo.add(c);
+  }
+  // Stopped with no parent in the application.
+  const stoppedRoots = made.filter((m) => m.proc.groupStopped && !letGo.has(m));
+  missed.push(...stopAgain(stoppedRoots));
+  for (const m of stoppedRoots) letGo.add(m);
+  // One native call for all of them; one that fails (killed meanwhile:
+  // ESRCH) is handled as detachRestored does, and the rest go on.
+  const tids = made.filter((m) => !letGo.has(m)).flatMap((m) => m.tids);
+  for (let at = 0; at < tids.length; ) {
+    at += addon().detachAll(tids.slice(at));
+    if (at < tids.length) detachRestored(tids[at++]);
+  }
+  return missed;
+}
+
+/** Each process let go with its stop signal queued, and waited for in its
+ * stop; those whose stop signal did not take, stopped by SIGSTOP and
+ * returned. */
+function stopAgain(stopped: Restored[]): Restored[] {
   const missed: Restored[] = [];
   for (const m of stopped) {
     process.kill(m.pid, m.proc.stopSignal || SIGSTOP);
@@ -144,14 +191,6 @@ export function releaseRestored(made: Restored[]): Restored[] {
       process.kill(m.pid, SIGSTOP);
       missed.push(m);
     }
-  takeReportsAgain(made, stopped, continued);
-  // One native call for all of them; one that fails (killed meanwhile:
-  // ESRCH) is handled as detachRestored does, and the rest go on.
-  const tids = others.flatMap((m) => m.tids);
-  for (let at = 0; at < tids.length; ) {
-    at += addon().detachAll(tids.slice(at));
-    if (at < tids.length) detachRestored(tids[at++]);
-  }
   return missed;
 }
 
@@ -201,9 +240,8 @@ function detachRestored(tid: number): void {
 
 /** For each stopped child whose report its parent had taken before the
  * snapshot, the fresh report of its new stop is taken now, by the parent
- * itself (still held: not among `stopped`), which then never sees it. A
- * parent let go already (stopped itself) or a call that fails leaves the
- * report to be seen, as without this.
+ * itself (still held), which then never sees it. A call that fails leaves
+ * the report to be seen, as without this.
  *
  * The new stop also sent the parent a SIGCHLD (unless it ignores SIGCHLD
  * or set SA_NOCLDSTOP). The one of the stop it had was in the image if
@@ -220,90 +258,74 @@ function detachRestored(tid: number): void {
  * The report exists once the whole stop is made: the child's last thread
  * to enter it makes it, and the first one in shows 'T' already; waitid
  * asked before then found nothing, and the report came after. */
-function takeReportsAgain(made: Restored[], stopped: Restored[], letGo: Set<Restored>): void {
-  for (const parent of made) {
-    if (parent.proc.groupStopped || letGo.has(parent)) continue;
-    const children = stopped.filter((c) => c.proc.vppid === parent.proc.vpid);
-    if (!children.length) continue;
-    const taken = new Set(parent.proc.stopReportsTaken ?? []);
-    const dropSigchld = notifiedOfStops(parent.proc) && !hasSigchld(parent.proc);
-    if (!dropSigchld && !children.some((c) => taken.has(c.proc.vpid))) continue;
-    const held = holdForCalls(parent);
-    if (!held) continue;
-    const inj = held.inj;
-    try {
-      let whole = true;
-      for (const child of children) {
-        if (!wholeStop(child.pid)) {
-          whole = false;
-          continue;
-        }
-        if (taken.has(child.proc.vpid)) inj.call(NR_waitid, [P_PID, child.pid, 0, WSTOPPED | WNOHANG, 0]);
+function takeReportsAgain(parent: Restored, children: Restored[]): void {
+  const taken = new Set(parent.proc.stopReportsTaken ?? []);
+  const dropSigchld = notifiedOfStops(parent.proc) && !hasSigchld(parent.proc);
+  if (!dropSigchld && !children.some((c) => taken.has(c.proc.vpid))) return;
+  const held = holdForCalls(parent);
+  if (!held) return;
+  try {
+    let whole = true;
+    for (const child of children) {
+      if (!wholeStop(child.pid)) {
+        whole = false;
+        continue;
       }
-      if (dropSigchld && whole && sigchldArrived(parent.pid)) takeSigchld(inj);
-    } catch {
-      /* killed meanwhile, or its stack not writable there: the report and
-       * the signal are left to be seen, and the others let go all the same */
-    } finally {
-      held.close();
+      if (taken.has(child.proc.vpid)) held.inj.call(NR_waitid, [P_PID, child.pid, 0, WSTOPPED | WNOHANG, 0]);
     }
+    if (dropSigchld && whole && sigchldArrived(parent.pid)) takeSigchld(held.inj);
+  } catch {
+    /* killed meanwhile, or its stack not writable there: the report and
+     * the signal are left to be seen, and the others let go all the same */
+  } finally {
+    held.close();
   }
 }
 
-/** For each child whose continued report its parent had not taken: the
- * child, still held, stopped and continued, which makes that report, and
- * let go (returned). Children of deeper parents first: a parent that is
- * one such child itself is still held for its own children's.
+/** For each child whose continued report its parent (still held) had not
+ * taken: the child, still held, stopped and continued, which makes that
+ * report, and let go (returned).
  *
  * The child's SIGCONT handler would run for this SIGCONT, and a SIGCONT
  * its main thread blocks would stay pending; the SIGSTOP discards a
  * SIGCONT pending, and the SIGCONT a stop signal pending: such a child is
- * let go as it is, its report left out.
+ * left to be let go as it is, its report left out.
  *
  * Each of the child's stop and continue sends the parent a SIGCHLD
  * (unless it ignores SIGCHLD or set SA_NOCLDSTOP); the child's first
  * thread to run again sends the continue's. Unless the image had one
  * pending (queued again: these merge into it), each is taken back in the
  * parent, as takeReportsAgain does, once it has come. */
-function continueAgain(made: Restored[]): Set<Restored> {
-  const byVpid = new Map(made.map((m) => [m.proc.vpid, m]));
-  const depth = (m: Restored) => {
-    let d = 0;
-    for (let q = byVpid.get(m.proc.vppid); q && d < made.length; q = byVpid.get(q.proc.vppid)) d++;
-    return d;
+function continueAgain(parent: Restored, byVpid: Map<number, Restored>): Restored[] {
+  const children = (parent.proc.continuedReports ?? []).map((v) => byVpid.get(v)).filter((c): c is Restored => !!c && !c.proc.groupStopped && continuable(c.proc));
+  if (!children.length) return [];
+  const dropSigchld = notifiedOfStops(parent.proc) && !hasSigchld(parent.proc);
+  const held = dropSigchld ? holdForCalls(parent) : undefined;
+  /** The SIGCHLD the child's stop or continue sent, taken back. */
+  const takeBack = () => {
+    if (held && sigchldArrived(parent.pid, 2000)) takeSigchld(held.inj);
   };
-  const parents = made.filter((m) => m.proc.continuedReports?.length).sort((a, b) => depth(b) - depth(a));
-  const done = new Set<Restored>();
-  for (const parent of parents) {
-    const children = parent.proc.continuedReports!.map((v) => byVpid.get(v)).filter((c): c is Restored => !!c && !c.proc.groupStopped && continuable(c.proc));
-    if (!children.length) continue;
-    const dropSigchld = notifiedOfStops(parent.proc) && !hasSigchld(parent.proc);
-    const held = dropSigchld ? holdForCalls(parent) : undefined;
-    /** The SIGCHLD the child's stop or continue sent, taken back. */
-    const takeBack = () => {
-      if (held && sigchldArrived(parent.pid, 2000)) takeSigchld(held.inj);
-    };
-    try {
-      for (const child of children) {
-        done.add(child);
-        process.kill(child.pid, SIGSTOP);
-        for (const tid of child.tids) addon().detach(tid, 0);
-        // Before the stop is whole, a SIGCONT reports a continue all the
-        // same; before the SIGSTOP is taken, it discards it.
-        if (!wholeStop(child.pid, 2000)) {
-          process.kill(child.pid, SIGCONT);
-          continue;
-        }
-        takeBack();
+  const done: Restored[] = [];
+  try {
+    for (const child of children) {
+      process.kill(child.pid, SIGSTOP);
+      for (const tid of child.tids) addon().detach(tid, 0);
+      done.push(child);
+      // Before the stop is whole, a SIGCONT reports a continue all the
+      // same; before the SIGSTOP is taken, it discards it.
+      if (!wholeStop(child.pid, 2000)) {
         process.kill(child.pid, SIGCONT);
-        takeBack();
+        continue;
       }
-    } catch {
-      /* a child killed meanwhile, or the parent: the others let go all
-       * the same, by the caller */
-    } finally {
-      held?.close();
+      takeBack();
+      process.kill(child.pid, SIGCONT);
+      takeBack();
     }
+  } catch {
+    /* a child killed meanwhile, or the parent: the others let go all the
+     * same, by the caller */
+  } finally {
+    held?.close();
   }
   return done;
 }
