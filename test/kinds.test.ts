@@ -1070,7 +1070,7 @@ describe('a process stopped by job control: stopped again, by the same signal', 
 // the parent takes that report once, finds no stop report, and has the
 // SIGCHLD pending it had. Before, the report was lost.
 describe("a continued child whose report (waitpid WCONTINUED) its parent has not taken: still there to take, once, and no SIGCHLD more", () => {
-  describe('its SIGCHLD taken', () => roundTrips('cont', [fixture('continued'), 'taken'], /process [34] \(continued\)/));
+  describe('its SIGCHLD taken', () => roundTrips('cont', [fixture('continued'), 'taken'], /process [2-9] \(continued\)/));
   it('its SIGCHLD pending: comes back exactly from a snapshot that ends it', async () => {
     await comesBackFromEndingSnapshot('contp', [fixture('continued'), 'pending']);
   });
