@@ -1419,6 +1419,18 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       child.groupStopped = true;
       i.processes[0].stopReportsTaken = [child.vpid, child.vpid];
     }, 'took the stop report of \\d+ twice'],
+    // Each would have the restore stop and continue a process that is not
+    // the parent's child, or one child twice.
+    ['a continued report of a process not its child', (i) => (i.processes[1].continuedReports = [i.processes[0].vpid]), 'has a continued report of \\d+, not a running child of its own'],
+    ['a continued report of a stopped child', (i) => {
+      const child = i.processes.find((c) => c.vppid === i.processes[0].vpid)!;
+      child.groupStopped = true;
+      i.processes[0].continuedReports = [child.vpid];
+    }, 'has a continued report of \\d+, not a running child of its own'],
+    ['a continued report twice', (i) => {
+      const child = i.processes.find((c) => c.vppid === i.processes[0].vpid)!;
+      i.processes[0].continuedReports = [child.vpid, child.vpid];
+    }, 'has the continued report of \\d+ twice'],
     // A thread's own credentials are read as its process's are (a root
     // restore's path operations take each thread's identity): a short
     // list was a TypeError in the addon, an internal error (exit 70).

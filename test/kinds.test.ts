@@ -1090,6 +1090,17 @@ describe('a process stopped by job control: stopped again, by the same signal', 
   });
 });
 
+// A child of 4 threads stopped and continued (SIGCONT) whose continued
+// report its parent, which blocks SIGCHLD, has not taken: after a restore
+// the parent takes that report once, finds no stop report, and has the
+// SIGCHLD pending it had. Before, the report was lost.
+describe("a continued child whose report (waitpid WCONTINUED) its parent has not taken: still there to take, once, and no SIGCHLD more", () => {
+  describe('its SIGCHLD taken', () => roundTrips('cont', [fixture('continued'), 'taken'], /process [2-9] \(continued\)/));
+  it('its SIGCHLD pending: comes back exactly from a snapshot that ends it', async () => {
+    await comesBackFromEndingSnapshot('contp', [fixture('continued'), 'pending']);
+  });
+});
+
 describe('PIDs in signal data: si_pid in SA_SIGINFO handlers (also installed through syscall()) and signalfd reads', () => {
   roundTrips('sinfo', [fixture('siginfo')], /SIGNALFD\s+signalfd reading signals 12\b/);
 });

@@ -200,6 +200,10 @@ export interface Process {
    * (waitpid WUNTRACED), by virtual PID: a restore takes their new stop's
    * report in its stead (jobcontrol.ts). Absent in older images: none. */
   stopReportsTaken?: number[];
+  /** Its children continued (SIGCONT) whose continued report it had not
+   * taken (waitpid WCONTINUED), by virtual PID: a restore makes it again
+   * (jobcontrol.ts). Absent in older images: none. */
+  continuedReports?: number[];
   /** Its children that exited and were not waited for (zombies.ts). */
   zombies?: Zombie[];
   /** Its AIO contexts (resources/aio.ts); absent in older images. */

@@ -624,6 +624,18 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
       seen.add(v);
     }
   }
+  // A continued report pending is of a running child of its own (a
+  // stopped one has none: its stop ended it): the restore stops and
+  // continues it again (jobcontrol.ts). Once each, as above.
+  for (const p of image.processes) {
+    const seen = new Set<number>();
+    for (const v of p.continuedReports ?? []) {
+      const child = byVpid.get(v);
+      if (!child || child.vppid !== p.vpid || child.groupStopped) corrupt(`process ${p.vpid} has a continued report of ${v}, not a running child of its own`);
+      if (seen.has(v)) corrupt(`process ${p.vpid} has the continued report of ${v} twice`);
+      seen.add(v);
+    }
+  }
   // The thread that forked a process (its real_parent) is one of its
   // parent's: the restore forks it from that thread.
   for (const p of image.processes) {

@@ -14,6 +14,14 @@
  * stop whose report had been taken the restore takes it in the parent's
  * stead (waitid(WSTOPPED | WNOHANG) run in the parent, still held), before
  * the parent runs: it is not told the same stop twice.
+ *
+ * A child continued (SIGCONT) after a stop has that to report until its
+ * parent takes it (waitpid(WCONTINUED)); the kernel keeps it in the child
+ * (a flag of its signal state, which no file shows), so the parent is
+ * asked too (waitid(WCONTINUED | WNOWAIT)), and the restore makes the
+ * report again: the child, still held, is stopped (SIGSTOP, queued before
+ * it is let go: it runs nothing of its own) and continued. The SIGCHLDs
+ * that sends the parent are taken back unless the image had one pending.
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import { type Process } from '../image/types.js';
@@ -78,6 +86,28 @@ export function askStopReports(calls: CallQueue, stoppedChildren: number[]): Map
   return new Map(stoppedChildren.map((child) => [child, calls.ask(NR_waitid, [P_PID, child, 'buf', WSTOPPED | WNOHANG | WNOWAIT, 0], { outLength: 128 })]));
 }
 
+const WCONTINUED = 8;
+/** siginfo_t's si_code: CLD_CONTINUED for a continued child's report. */
+const SI_CODE_AT = 8;
+const CLD_CONTINUED = 6;
+
+/** Asks the process whether each of its children running (system PIDs)
+ * has a continued report it has not taken. WCONTINUED alone: a stop or an
+ * exit to report is not what it answers. (A child has one of a stop or a
+ * continued report at most: the kernel's SIGCONT ends the one, its next
+ * stop the other.) */
+export function askContinuedReports(calls: CallQueue, runningChildren: number[]): Map<number, Answer> {
+  return new Map(runningChildren.map((child) => [child, calls.ask(NR_waitid, [P_PID, child, 'buf', WCONTINUED | WNOHANG | WNOWAIT, 0], { outLength: 128 })]));
+}
+
+/** The children (as `virtual` names them) whose continued report the
+ * process has not taken. Any other answer records nothing. */
+export function continuedReports(asked: Map<number, Answer>, virtual: (systemPid: number) => number): number[] {
+  const pending: number[] = [];
+  for (const [child, a] of asked) if (a.ret === 0n && a.out.readInt32LE(SI_PID_AT) === child && a.out.readInt32LE(SI_CODE_AT) === CLD_CONTINUED && virtual(child)) pending.push(virtual(child));
+  return pending.sort((x, y) => x - y);
+}
+
 /** The children (as `virtual` names them) whose stop report the process
  * has taken already: waitid answered 0 with nothing to report. Any other
  * answer (not a child of it after all, a kernel error) records nothing:
@@ -95,13 +125,62 @@ interface Restored {
 }
 
 /** Lets every restored thread go (PTRACE_DETACH), with those stopped by
- * job control stopped again first. Returns the processes whose stop
- * signal did not take (a SIGTSTP to a process group with no parent in its
- * session outside it is discarded by the kernel): stopped by SIGSTOP
- * instead, for the caller to name. */
+ * job control stopped again first, and those whose parent had their
+ * continued report to take stopped and continued. Returns the processes
+ * whose stop signal did not take (a SIGTSTP to a process group with no
+ * parent in its session outside it is discarded by the kernel): stopped
+ * by SIGSTOP instead, for the caller to name.
+ *
+ * Parent by parent, deepest first: a parent's stopped and continued
+ * children are let go while it is still held (the calls that take their
+ * reports and signals back run in it), and once their own children are
+ * (a child is a parent too, held for its own children's calls before it
+ * is let go). The others go last, all at once. */
 export function releaseRestored(made: Restored[]): Restored[] {
-  const stopped = made.filter((m) => m.proc.groupStopped);
-  const others = made.filter((m) => !m.proc.groupStopped);
+  const byVpid = new Map(made.map((m) => [m.proc.vpid, m]));
+  const depth = (m: Restored) => {
+    let d = 0;
+    for (let q = byVpid.get(m.proc.vppid); q && d < made.length; q = byVpid.get(q.proc.vppid)) d++;
+    return d;
+  };
+  const childrenOf = new Map<Restored, Restored[]>();
+  for (const c of made) {
+    const parent = byVpid.get(c.proc.vppid);
+    if (!parent || parent === c) continue;
+    const siblings = childrenOf.get(parent);
+    if (siblings) siblings.push(c);
+    else childrenOf.set(parent, [c]);
+  }
+  const letGo = new Set<Restored>();
+  const missed: Restored[] = [];
+  const parents = [...childrenOf.keys()].map((m) => ({ m, d: depth(m) })).sort((a, b) => b.d - a.d);
+  for (const { m: parent } of parents) {
+    const stopped = childrenOf.get(parent)!.filter((c) => c.proc.groupStopped);
+    if (stopped.length) {
+      missed.push(...stopAgain(stopped));
+      for (const c of stopped) letGo.add(c);
+      takeReportsAgain(parent, stopped);
+    }
+    if (parent.proc.continuedReports?.length) for (const c of continueAgain(parent, byVpid)) letGo.add(c);
+  }
+  // Stopped with no parent in the application.
+  const stoppedRoots = made.filter((m) => m.proc.groupStopped && !letGo.has(m));
+  missed.push(...stopAgain(stoppedRoots));
+  for (const m of stoppedRoots) letGo.add(m);
+  // One native call for all of them; one that fails (killed meanwhile:
+  // ESRCH) is handled as detachRestored does, and the rest go on.
+  const tids = made.filter((m) => !letGo.has(m)).flatMap((m) => m.tids);
+  for (let at = 0; at < tids.length; ) {
+    at += addon().detachAll(tids.slice(at));
+    if (at < tids.length) detachRestored(tids[at++]);
+  }
+  return missed;
+}
+
+/** Each process let go with its stop signal queued, and waited for in its
+ * stop; those whose stop signal did not take, stopped by SIGSTOP and
+ * returned. */
+function stopAgain(stopped: Restored[]): Restored[] {
   const missed: Restored[] = [];
   for (const m of stopped) {
     process.kill(m.pid, m.proc.stopSignal || SIGSTOP);
@@ -112,14 +191,6 @@ export function releaseRestored(made: Restored[]): Restored[] {
       process.kill(m.pid, SIGSTOP);
       missed.push(m);
     }
-  takeReportsAgain(made, stopped);
-  // One native call for all of them; one that fails (killed meanwhile:
-  // ESRCH) is handled as detachRestored does, and the rest go on.
-  const tids = others.flatMap((m) => m.tids);
-  for (let at = 0; at < tids.length; ) {
-    at += addon().detachAll(tids.slice(at));
-    if (at < tids.length) detachRestored(tids[at++]);
-  }
   return missed;
 }
 
@@ -169,9 +240,8 @@ function detachRestored(tid: number): void {
 
 /** For each stopped child whose report its parent had taken before the
  * snapshot, the fresh report of its new stop is taken now, by the parent
- * itself (still held: not among `stopped`), which then never sees it. A
- * parent let go already (stopped itself) or a call that fails leaves the
- * report to be seen, as without this.
+ * itself (still held), which then never sees it. A call that fails leaves
+ * the report to be seen, as without this.
  *
  * The new stop also sent the parent a SIGCHLD (unless it ignores SIGCHLD
  * or set SA_NOCLDSTOP). The one of the stop it had was in the image if
@@ -188,51 +258,128 @@ function detachRestored(tid: number): void {
  * The report exists once the whole stop is made: the child's last thread
  * to enter it makes it, and the first one in shows 'T' already; waitid
  * asked before then found nothing, and the report came after. */
-function takeReportsAgain(made: Restored[], stopped: Restored[]): void {
-  for (const parent of made) {
-    if (parent.proc.groupStopped) continue;
-    const children = stopped.filter((c) => c.proc.vppid === parent.proc.vpid);
-    if (!children.length) continue;
-    const taken = new Set(parent.proc.stopReportsTaken ?? []);
-    const dropSigchld = notifiedOfStops(parent.proc) && !hasSigchld(parent.proc);
-    if (!dropSigchld && !children.some((c) => taken.has(c.proc.vpid))) continue;
-    const tid = parent.tids[0];
-    const filtered = [parent.proc.creds, parent.proc.threads[0]?.creds].some((c) => c && c.seccomp !== 0);
-    let inj: Injector;
-    try {
-      if (filtered) addon().suspendSeccomp(tid, false);
-      inj = Injector.open(parent.pid, tid, readMaps(parent.pid).find((l) => l.path === '[vdso]'));
-    } catch {
-      if (filtered) putSeccompBack(tid);
-      continue;
+function takeReportsAgain(parent: Restored, children: Restored[]): void {
+  const taken = new Set(parent.proc.stopReportsTaken ?? []);
+  const dropSigchld = notifiedOfStops(parent.proc) && !hasSigchld(parent.proc);
+  if (!dropSigchld && !children.some((c) => taken.has(c.proc.vpid))) return;
+  const held = holdForCalls(parent);
+  if (!held) return;
+  try {
+    let whole = true;
+    for (const child of children) {
+      if (!wholeStop(child.pid)) {
+        whole = false;
+        continue;
+      }
+      if (taken.has(child.proc.vpid)) held.inj.call(NR_waitid, [P_PID, child.pid, 0, WSTOPPED | WNOHANG, 0]);
     }
-    try {
-      let whole = true;
-      for (const child of children) {
-        if (!wholeStop(child.pid)) {
-          whole = false;
-          continue;
-        }
-        if (taken.has(child.proc.vpid)) inj.call(NR_waitid, [P_PID, child.pid, 0, WSTOPPED | WNOHANG, 0]);
-      }
-      if (dropSigchld && whole && sigchldArrived(parent.pid)) {
-        // rt_sigtimedwait({SIGCHLD}, NULL, {0, 0}): dequeued, not delivered.
-        const input = Buffer.alloc(24);
-        input.writeBigUInt64LE(SIGCHLD_BIT, 0);
-        inj.callWith(NR_rt_sigtimedwait, ['buf', 0, { bufAt: 8 }, 8], input);
-      }
-    } catch {
-      /* killed meanwhile, or its stack not writable there: the report and
-       * the signal are left to be seen, and the others let go all the same */
-    } finally {
-      try {
-        inj.close();
-      } catch {
-        /* gone */
-      }
-      if (filtered) putSeccompBack(tid);
-    }
+    if (dropSigchld && whole && sigchldArrived(parent.pid)) takeSigchld(held.inj);
+  } catch {
+    /* killed meanwhile, or its stack not writable there: the report and
+     * the signal are left to be seen, and the others let go all the same */
+  } finally {
+    held.close();
   }
+}
+
+/** For each child whose continued report its parent (still held) had not
+ * taken: the child, still held, stopped and continued, which makes that
+ * report, and let go (returned).
+ *
+ * The child's SIGCONT handler would run for this SIGCONT, and a SIGCONT
+ * its main thread blocks would stay pending; the SIGSTOP discards a
+ * SIGCONT pending, and the SIGCONT a stop signal pending: such a child is
+ * left to be let go as it is, its report left out.
+ *
+ * Each of the child's stop and continue sends the parent a SIGCHLD
+ * (unless it ignores SIGCHLD or set SA_NOCLDSTOP); the child's first
+ * thread to run again sends the continue's. Unless the image had one
+ * pending (queued again: these merge into it), each is taken back in the
+ * parent, as takeReportsAgain does, once it has come. */
+function continueAgain(parent: Restored, byVpid: Map<number, Restored>): Restored[] {
+  const children = (parent.proc.continuedReports ?? []).map((v) => byVpid.get(v)).filter((c): c is Restored => !!c && !c.proc.groupStopped && continuable(c.proc));
+  if (!children.length) return [];
+  const dropSigchld = notifiedOfStops(parent.proc) && !hasSigchld(parent.proc);
+  const held = dropSigchld ? holdForCalls(parent) : undefined;
+  /** The SIGCHLD the child's stop or continue sent, taken back. */
+  const takeBack = () => {
+    if (held && sigchldArrived(parent.pid, 2000)) takeSigchld(held.inj);
+  };
+  const done: Restored[] = [];
+  try {
+    for (const child of children) {
+      process.kill(child.pid, SIGSTOP);
+      for (const tid of child.tids) addon().detach(tid, 0);
+      done.push(child);
+      // Before the stop is whole, a SIGCONT reports a continue all the
+      // same; before the SIGSTOP is taken, it discards it.
+      if (!wholeStop(child.pid, 2000)) {
+        process.kill(child.pid, SIGCONT);
+        continue;
+      }
+      takeBack();
+      process.kill(child.pid, SIGCONT);
+      takeBack();
+    }
+  } catch {
+    /* a child killed meanwhile, or the parent: the others let go all the
+     * same, by the caller */
+  } finally {
+    held?.close();
+  }
+  return done;
+}
+
+const SIGCONT = 18;
+const SIGCONT_BIT = 1n << BigInt(SIGCONT - 1);
+
+/** Whether the restore's SIGSTOP and SIGCONT leave nothing of themselves
+ * in the process (see continueAgain). */
+function continuable(p: Process): boolean {
+  const a = p.sigactions.find((x) => x.signal === SIGCONT);
+  if (a && a.handler !== SIG_DFL && a.handler !== SIG_IGN) return false;
+  if (!p.threads.length || (p.threads[0].sigmask & SIGCONT_BIT) !== 0n) return false;
+  return ![p.sharedPending, ...p.threads.map((t) => t.pending)].some((q) => {
+    for (let at = 0; at + SIGINFO_BYTES <= q.length; at += SIGINFO_BYTES) {
+      const sig = q.readInt32LE(at);
+      if (sig === SIGCONT || STOP_SIGNALS.has(sig)) return true;
+    }
+    return false;
+  });
+}
+
+/** The parent, still held, made ready for calls run in it: its threads
+ * exempted from their seccomp filters meanwhile (see takeReportsAgain).
+ * Undefined where that fails. */
+function holdForCalls(parent: Restored): { inj: Injector; close: () => void } | undefined {
+  const tid = parent.tids[0];
+  const filtered = [parent.proc.creds, parent.proc.threads[0]?.creds].some((c) => c && c.seccomp !== 0);
+  try {
+    if (filtered) addon().suspendSeccomp(tid, false);
+    const inj = Injector.open(parent.pid, tid, readMaps(parent.pid).find((l) => l.path === '[vdso]'));
+    return {
+      inj,
+      close: () => {
+        try {
+          inj.close();
+        } catch {
+          /* gone */
+        }
+        if (filtered) putSeccompBack(tid);
+      },
+    };
+  } catch {
+    if (filtered) putSeccompBack(tid);
+    return undefined;
+  }
+}
+
+/** rt_sigtimedwait({SIGCHLD}, NULL, {0, 0}) run in the process: its
+ * pending SIGCHLD dequeued, not delivered. */
+function takeSigchld(inj: Injector): void {
+  const input = Buffer.alloc(24);
+  input.writeBigUInt64LE(SIGCHLD_BIT, 0);
+  inj.callWith(NR_rt_sigtimedwait, ['buf', 0, { bufAt: 8 }, 8], input);
 }
 
 const SIGCHLD = 17;
@@ -255,10 +402,10 @@ function hasSigchld(p: Process): boolean {
   });
 }
 
-/** Waits (up to 200 ms) for the SIGCHLD of a child's stop, sent just after
- * the stop is whole, to be pending in the process. */
-function sigchldArrived(pid: number): boolean {
-  const until = Date.now() + 200;
+/** Waits (up to `ms`) for the SIGCHLD of a child's stop, sent just after
+ * the stop is whole, or of its continue, to be pending in the process. */
+function sigchldArrived(pid: number, ms = 200): boolean {
+  const until = Date.now() + ms;
   do {
     try {
       const line = readFileSync(`/proc/${pid}/status`, 'latin1').split('\n').find((l) => l.startsWith('ShdPnd:'));
@@ -279,10 +426,10 @@ function putSeccompBack(tid: number): void {
   }
 }
 
-/** Waits (up to 200 ms) for every thread of a process to be in its stop
+/** Waits (up to `ms`) for every thread of a process to be in its stop
  * ('T'): its stop is whole then, and reported. */
-function wholeStop(pid: number): boolean {
-  const until = Date.now() + 200;
+function wholeStop(pid: number, ms = 200): boolean {
+  const until = Date.now() + ms;
   do {
     let tids: string[];
     try {

@@ -47,7 +47,7 @@ import { askProcess, dumpForkingThreads, dumpProcess, noteForkingThreads, refuse
 import { askSigactions, dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, forgetClosedSockets, offerListeners, SocketTable } from '../resources/sockets.js';
 import { dumpPtys } from '../resources/ptys.js';
-import { askStopReports, dumpJobControl, stopReportsTaken } from '../resources/jobcontrol.js';
+import { askContinuedReports, askStopReports, continuedReports, dumpJobControl, stopReportsTaken } from '../resources/jobcontrol.js';
 import { dumpLocks } from '../resources/locks.js';
 import { dumpSemUndo, dumpSysv } from '../resources/sysv.js';
 import { askPosixTimers, dumpPosixTimers } from '../resources/timers.js';
@@ -313,7 +313,7 @@ interface ArmingInDump {
  * `systemPids` and `dumped`. Its /proc is gathered (procfs.ts) in two
  * reads: before any call is injected, and once its questions are answered;
  * the caller forgets both when it is done. */
-function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[], what: string, inImage: Set<number>, batchAreas: Map<number, RemoteProcess>, systemPids: Map<number, number>, dumped: Map<number, MapsLine[]>, seen: SeenBeforeCalls, stoppedChildren: number[], arming?: ArmingInDump): void {
+function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[], what: string, inImage: Set<number>, batchAreas: Map<number, RemoteProcess>, systemPids: Map<number, number>, dumped: Map<number, MapsLine[]>, seen: SeenBeforeCalls, children: { stopped: number[]; running: number[] }, arming?: ArmingInDump): void {
   // Registers first: running system calls in the process (below) leaves
   // an interrupted call rewound, and the image keeps it as it was.
   const regs = timed('registers', () => new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)])));
@@ -352,7 +352,8 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
       fdOwners: askFdOwners(calls, pid),
       readyLists: askReadyLists(calls, pid, seen.entries ?? addon().fdEntries(pid), seen.epollsWatched?.get(pid)),
       mappingPolicies: askMappingPolicies(calls, pid, maps),
-      stopReports: askStopReports(calls, stoppedChildren),
+      stopReports: askStopReports(calls, children.stopped),
+      continuedReports: askContinuedReports(calls, children.running),
     }));
     // Last of the questions: its userfaultfd, made in this stop, is at a
     // high number no question uses. The batch scratch area, mapped on the
@@ -394,6 +395,8 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
     const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
     const taken = stopReportsTaken(asked.stopReports, (child) => ctx.virtual('pid', child));
     if (taken.length) proc.stopReportsTaken = taken;
+    const continued = continuedReports(asked.continuedReports, (child) => ctx.virtual('pid', child));
+    if (continued.length) proc.continuedReports = continued;
     proc.threads = timed('threads', () => threads.map((t, i) => ({ ...dumpThread(ctx, t, regs.get(t.tid)!, asked.threads[i]), creds: creds.threads[i] })));
     dumpCpuTimes(pid, maps, kernelCpu, proc);
     proc.posixTimers = timed('timers', () => dumpPosixTimers(asked.timers, proc.threads, (spid) => (inImage.has(spid) ? ctx.virtual('pid', spid) || undefined : undefined), what));
@@ -511,9 +514,11 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     }
   });
   const inImage = new Set(byProcess.map(([pid]) => pid));
-  // Stopped by job control: whether each one's parent took its report is
-  // asked of the parent (jobcontrol.ts).
+  // Of a child stopped by job control, whether its parent took its stop
+  // report, and of one running, whether its parent has a continued report
+  // (SIGCONT) of it to take, is asked of the parent (jobcontrol.ts).
   const groupStopped = new Set(byProcess.filter(([, threads]) => threads.some((t) => t.groupStop)).map(([pid]) => pid));
+  const jobChildren = (children: number[]) => ({ stopped: children.filter((c) => groupStopped.has(c)), running: children.filter((c) => inImage.has(c) && !groupStopped.has(c)) });
   // Before anything is injected into any of them too: calls map pages
   // that may merge with the application's in a listing (listings.ts).
   // Each process's descriptors are read once, here, for that look and
@@ -540,7 +545,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
     await new Promise((resolve) => setImmediate(resolve));
     if (interrupted()) throw new Interrupted();
     try {
-      dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped, { entries: fdsBefore.get(pid), listings: listingsBefore, epollsWatched }, childrenOf(pid).filter((c) => groupStopped.has(c)), arming);
+      dumpProcessFrozen(ctx, pid, threads, what, inImage, batchAreas, systemPids, dumped, { entries: fdsBefore.get(pid), listings: listingsBefore, epollsWatched }, jobChildren(childrenOf(pid)), arming);
     } finally {
       // What was gathered of this process's /proc is of this moment only.
       forgetGathered();
