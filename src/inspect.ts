@@ -98,7 +98,7 @@ function listed(record: AppRecord, pid: number, init: boolean, st: { state: stri
  * application may have rewritten, whatever its uid: only those that really
  * are the application's are signalled (descendants of its init, or started
  * by `appshot exec`; see appshot_signal_member), through a pidfd. */
-export function signalProcesses(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Signals): void {
+export function signalProcesses(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Signals, { settle = false } = {}): void {
   const t = reg.readTables(record);
   const initPid = reg.trustedInitPid(record);
   const signum = (osConstants.signals as Record<string, number>)[sig];
@@ -132,12 +132,14 @@ export function signalProcesses(reg: LocalRegistry, record: AppRecord, sig: Node
     before = sent.size;
     walk();
   }
-  if (sig !== 'SIGKILL') return;
+  if (sig !== 'SIGKILL' || !settle) return;
   // A killed process hands its children on as it exits, from thread to
   // thread of its group and then to init, and a list the kernel shows
   // while it changes can skip one: walked again until every process
   // signalled is a zombie or gone (it has handed its children on by
-  // then), for a moment at most (stop and rm wait, and kill again, after).
+  // then), for a moment at most. `settle`: for a kill that nothing waits
+  // for after it; stop and rm wait, and kill again while they do, with
+  // every application killed at once.
   const deadline = Date.now() + KILL_SETTLE_MS;
   while (signalled.some((p) => isSameProcess(p, undefined)) && Date.now() < deadline) {
     Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 2);

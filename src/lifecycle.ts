@@ -46,12 +46,15 @@ export function signalName(name: string, what = '--signal'): NodeJS.Signals {
 }
 
 /** Sends one signal to an application: to its init, which passes it to the
- * first process, or to every process once the first has exited (daemons). */
-export function signalApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Signals): void {
+ * first process, or to every process once the first has exited (daemons).
+ * `settle`: a SIGKILL looks until it has reached every process (see
+ * signalProcesses); those who wait for the end and kill again meanwhile
+ * (stop, rm) kill many applications at once without it. */
+export function signalApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Signals, { settle = true } = {}): void {
   if (sig === 'SIGKILL' || sig === 'SIGSTOP') {
     // These cannot be caught, so init cannot pass them on: they would
     // stop init itself.
-    signalProcesses(reg, record, sig);
+    signalProcesses(reg, record, sig, { settle });
     return;
   }
   // An application being restored has no supervisor yet: its processes
@@ -123,7 +126,7 @@ export async function stopApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS
     for (let looks = 0; initPid && isSameProcess(initPid, initStart) && Date.now() < deadline; looks++) await sleep(pollPause(looks));
     return ended;
   };
-  signalApp(reg, record, sig);
+  signalApp(reg, record, sig, { settle: false });
   if (sig !== 'SIGKILL') {
     const ended = await waitEnded(reg, record.aid, graceSeconds * 1000);
     if (ended) return gone(ended);
@@ -203,7 +206,7 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
       // Its supervisor as it is now: waited for below, as stopApp does.
       const initPid = reg.trustedInitPid(record);
       const initStart = initPid ? readStat(initPid)?.startTime : undefined;
-      signalApp(reg, record, 'SIGKILL');
+      signalApp(reg, record, 'SIGKILL', { settle: false });
       killed.push({ record, initPid, initStart });
     } catch (e) {
       fail(aid, e);
