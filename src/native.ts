@@ -380,6 +380,9 @@ interface Addon {
   /** kcmp(KCMP_FS): 0 if the tasks share one working directory, root and
    * umask, 1 or 2 ordering two, -1 if the kernel cannot compare them. */
   compareFsStructs(tid1: number, tid2: number): number;
+  /** kcmp(KCMP_VM): 0 if the tasks share one memory (CLONE_VM), 1 or 2
+   * ordering two, -1 if the kernel cannot compare them. */
+  compareMms(pid1: number, pid2: number): number;
   /** The mode of a stopped (traced) thread's syscall user dispatch
    * (PR_SET_SYSCALL_USER_DISPATCH; 0: off), -errno where the kernel
    * cannot say (before 5.19). */
