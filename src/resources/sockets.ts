@@ -331,6 +331,14 @@ export class SocketTable {
       const { u, d } = this.unixOf(ino);
       if (u && u.flags & SO_ACCEPTCON) {
         const where = `${what} fd ${fd}: the unix socket listening at ${u.path || '(unnamed)'}`;
+        // A listener's receive queue holds the connections not yet
+        // accepted (sock_diag's rqueue counts them): each is a socket the
+        // kernel made, which nothing can read without accepting it (the
+        // original left running would lose it) and a restore cannot make
+        // again: the listener would come back without them, and their
+        // clients connected to nothing. Refused; the retry finds them
+        // accepted, as a server soon does.
+        if (d?.rqueue) throw new Unsupported(`${where} has ${d.rqueue} connection${d.rqueue > 1 ? 's' : ''} not yet accepted, which cannot be captured yet`);
         const file = dumpSocketFile(pid, u.path, d, `${what} fd ${fd}`);
         // Whom its clients see as the server: it listens as that again.
         return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', where), ...(file ? { file } : {}), peerCred: peerCredOf(dup) };
