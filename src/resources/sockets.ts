@@ -39,7 +39,7 @@ import { closeSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Image, type PeerCred, type Process, type Socket, type SocketOption, verdictRef, virtualPort } from '../image/types.js';
-import { type DumpContext, nameProcess, type RestoreContext, Unsupported, writeWhatFits } from './context.js';
+import { type DumpContext, nameProcess, type RestoreContext, Transient, Unsupported, writeWhatFits } from './context.js';
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
@@ -338,7 +338,7 @@ export class SocketTable {
         // again: the listener would come back without them, and their
         // clients connected to nothing. Refused; the retry finds them
         // accepted, as a server soon does.
-        if (d?.rqueue) throw new Unsupported(`${where} has ${d.rqueue} connection${d.rqueue > 1 ? 's' : ''} not yet accepted, which cannot be captured yet`);
+        if (d?.rqueue) throw new Transient(`${where} has ${d.rqueue} connection${d.rqueue > 1 ? 's' : ''} not yet accepted, which cannot be captured yet`);
         const file = dumpSocketFile(pid, u.path, d, `${what} fd ${fd}`);
         // Whom its clients see as the server: it listens as that again.
         return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', where), ...(file ? { file } : {}), peerCred: peerCredOf(dup) };
