@@ -424,6 +424,9 @@ interface Addon {
   /** A TCP socket asked of itself: state, own address, peer ("address:port"), backlog when listening. */
   tcpEndpoint(fd: number): { state: number; address: string; port: number; remote: string; backlog: number };
   peekSocket(fd: number, max: number): Buffer;
+  /** Whether a stream socket holds an out-of-band byte (MSG_OOB) not yet
+   * read; left where it is. */
+  oobPending(fd: number): boolean;
   pipeCapacity(fd: number, size?: number): number;
   spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number; lifelineFd: number };
   /** The same on a thread of the pool: this thread does not wait for the

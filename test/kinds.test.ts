@@ -929,6 +929,8 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['userfaultfd', (fd) => `process 2 (holder) fd ${fd}: userfaultfd cannot be captured yet`],
     // The datagram came back stamped with the restore's time.
     ['udp-timestamps', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: .* holds 1 datagram and shows the program when each was received \\(SO_TIMESTAMP, SO_TIMESTAMPNS or SO_TIMESTAMPING\\), which a restore would stamp anew: cannot be captured yet`)],
+    // It came back with "abc" and no out-of-band byte, no mark.
+    ['unix-oob', (fd) => `process 2 (holder) fd ${fd}: a connected unix stream socket holds an out-of-band byte not yet read (MSG_OOB), which cannot be captured yet`],
     // The listener came back with an empty queue: the connection was gone.
     ['unix-backlog', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the unix socket listening at @holder-backlog-\\d+ has 1 connection not yet accepted, which cannot be captured yet`)],
     ['tcp-bpf', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ has an eBPF socket filter the application attached \\(SO_ATTACH_BPF\\), which cannot be captured`)],

@@ -625,6 +625,16 @@ Napi::Value PeekSocket(const Napi::CallbackInfo& info) {
   return Napi::Buffer<uint8_t>::Copy(env, buf.data(), n);
 }
 
+// oobPending(fd) -> whether a stream socket holds an out-of-band byte not
+// yet read (MSG_OOB: TCP's urgent data, a unix stream socket's since Linux
+// 5.15). A peek with MSG_OOB leaves it where it is; a peek without it
+// skips it. EINVAL: none (or SO_OOBINLINE, which keeps it in the stream).
+Napi::Value OobPending(const Napi::CallbackInfo& info) {
+  char c;
+  ssize_t n = recv(info[0].As<Napi::Number>().Int32Value(), &c, 1, MSG_OOB | MSG_PEEK | MSG_DONTWAIT);
+  return Napi::Boolean::New(info.Env(), n == 1);
+}
+
 // sockInfo(fd) -> { family, type, listening, reuseaddr, reuseport, v6only }
 Napi::Value SockInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -1723,6 +1733,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("sockInfo", SockInfo);
   fn("unixSockets", UnixSockets);
   fn("peekSocket", PeekSocket);
+  fn("oobPending", OobPending);
   fn("crc32c", Crc32c);
   fn("scanWritten", ScanWritten);
   fn("scanAny", ScanAny);
