@@ -380,6 +380,9 @@ interface Addon {
   /** kcmp(KCMP_FS): 0 if the tasks share one working directory, root and
    * umask, 1 or 2 ordering two, -1 if the kernel cannot compare them. */
   compareFsStructs(tid1: number, tid2: number): number;
+  /** kcmp(KCMP_VM): 0 if the tasks share one memory (CLONE_VM), 1 or 2
+   * ordering two, -1 if the kernel cannot compare them. */
+  compareMms(pid1: number, pid2: number): number;
   /** The mode of a stopped (traced) thread's syscall user dispatch
    * (PR_SET_SYSCALL_USER_DISPATCH; 0: off), -errno where the kernel
    * cannot say (before 5.19). */
@@ -421,6 +424,9 @@ interface Addon {
   /** A TCP socket asked of itself: state, own address, peer ("address:port"), backlog when listening. */
   tcpEndpoint(fd: number): { state: number; address: string; port: number; remote: string; backlog: number };
   peekSocket(fd: number, max: number): Buffer;
+  /** Whether a stream socket holds an out-of-band byte (MSG_OOB) not yet
+   * read; left where it is. */
+  oobPending(fd: number): boolean;
   pipeCapacity(fd: number, size?: number): number;
   spawnDetached(path: string, argv: string[], outFd: number): { pid: number; statusFd: number; lifelineFd: number };
   /** The same on a thread of the pool: this thread does not wait for the

@@ -920,6 +920,10 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['io_uring-single', (fd) => `process 2 (holder) fd ${fd}: its io_uring takes calls only from the thread that made it (IORING_SETUP_SINGLE_ISSUER), which cannot be captured yet`],
     ['pidfd-outside', (fd) => `process 2 (holder) fd ${fd}: a pidfd of system process 1, outside the application, cannot be captured`],
     ['clone-files', () => ') share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet'],
+    // Each came back with its own: the parent's chdir and umask, or its
+    // writes to memory and new handlers, no longer reached the child.
+    ['clone-fs', () => ') share one working directory, root and umask (CLONE_FS without CLONE_THREAD), which cannot be captured yet'],
+    ['clone-vm', () => ') share one memory (CLONE_VM without CLONE_THREAD), which cannot be captured yet'],
     // Taken for UDP, it failed on a UDP option with getsockopt's raw error.
     ['udplite', (fd) => `process 2 (holder) fd ${fd}: a UDP-Lite socket cannot be captured yet`],
     ['udp-filter', (fd) => `process 2 (holder) fd ${fd}: the UDP socket (unbound) has a packet filter the application attached (SO_ATTACH_FILTER), which cannot be captured yet`],
@@ -948,6 +952,12 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['chroot-unix', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: a unix socket that names /s\\.sock in a process whose root directory is /tmp/holder-jail-\\w{6} \\(chroot\\)`)],
     ['epoll-orphan', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: an epoll target registered as fd \\d+ is no longer held by this process \\(only another holds it\\), which cannot be captured yet`)],
     ['userfaultfd', (fd) => `process 2 (holder) fd ${fd}: userfaultfd cannot be captured yet`],
+    // The datagram came back stamped with the restore's time.
+    ['udp-timestamps', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: .* holds 1 datagram and shows the program when each was received \\(SO_TIMESTAMP, SO_TIMESTAMPNS or SO_TIMESTAMPING\\), which a restore would stamp anew: cannot be captured yet`)],
+    // It came back with "abc" and no out-of-band byte, no mark.
+    ['unix-oob', (fd) => `process 2 (holder) fd ${fd}: a connected unix stream socket holds an out-of-band byte not yet read (MSG_OOB), which cannot be captured yet`],
+    // The listener came back with an empty queue: the connection was gone.
+    ['unix-backlog', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the unix socket listening at @holder-backlog-\\d+ has 1 connection not yet accepted, which cannot be captured yet`)],
     ['tcp-bpf', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ has an eBPF socket filter the application attached \\(SO_ATTACH_BPF\\), which cannot be captured`)],
     ['syn-sent', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ is SYN_SENT; only established and half-closed connections \\(FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT\\) can be captured yet`)],
     // Closed both ways: the last acknowledgement never comes (the peer, a

@@ -595,12 +595,26 @@ Napi::Value UnixSockets(const Napi::CallbackInfo& info) {
 }
 
 // peekSocket(fd, max) -> Buffer: what is queued for reading, left queued.
+// A peek starts at the socket's own peek offset (SO_PEEK_OFF, off: -1)
+// and moves it: from there it would miss the bytes before it, and leave
+// the application's offset moved. So the peek starts at 0, and the
+// application's offset is put back after.
 Napi::Value PeekSocket(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = info[0].As<Napi::Number>().Int32Value();
   size_t max = info[1].As<Napi::Number>().Uint32Value();
   std::vector<uint8_t> buf(max ? max : 1);
+  int saved = -1, zero = 0;
+  socklen_t sl = sizeof saved;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &saved, &sl)) saved = -1;
+  if (saved > 0 && setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &zero, sizeof zero)) {
+    ThrowErrno(env, "peeking at a socket (setting its peek offset to 0)", errno);
+    return env.Undefined();
+  }
   ssize_t n = recv(fd, buf.data(), max, MSG_PEEK | MSG_DONTWAIT);
+  int peekErrno = errno;
+  if (saved >= 0) setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &saved, sizeof saved);
+  errno = peekErrno;
   if (n < 0) {
     if (errno == EAGAIN) n = 0;
     else {
@@ -609,6 +623,16 @@ Napi::Value PeekSocket(const Napi::CallbackInfo& info) {
     }
   }
   return Napi::Buffer<uint8_t>::Copy(env, buf.data(), n);
+}
+
+// oobPending(fd) -> whether a stream socket holds an out-of-band byte not
+// yet read (MSG_OOB: TCP's urgent data, a unix stream socket's since Linux
+// 5.15). A peek with MSG_OOB leaves it where it is; a peek without it
+// skips it. EINVAL: none (or SO_OOBINLINE, which keeps it in the stream).
+Napi::Value OobPending(const Napi::CallbackInfo& info) {
+  char c;
+  ssize_t n = recv(info[0].As<Napi::Number>().Int32Value(), &c, 1, MSG_OOB | MSG_PEEK | MSG_DONTWAIT);
+  return Napi::Boolean::New(info.Env(), n == 1);
 }
 
 // sockInfo(fd) -> { family, type, listening, reuseaddr, reuseport, v6only }
@@ -1185,6 +1209,14 @@ Napi::Value CompareFsStructs(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), r < 0 ? -1 : static_cast<double>(r));
 }
 
+// compareMms(pid1, pid2) -> kcmp(KCMP_VM): 0 if the two tasks share one
+// memory (CLONE_VM), else 1 or 2, -1 if the kernel cannot say.
+Napi::Value CompareMms(const Napi::CallbackInfo& info) {
+  const int KCMP_VM = 1;
+  long r = syscall(SYS_kcmp, Tid(info, 0), Tid(info, 1), KCMP_VM, 0, 0);
+  return Napi::Number::New(info.Env(), r < 0 ? -1 : static_cast<double>(r));
+}
+
 // bytesToRead(fd) -> ioctl(FIONREAD): the bytes a read would find queued
 // (an inotify or fanotify instance's events), -errno if it cannot say.
 Napi::Value BytesToRead(const Napi::CallbackInfo& info) {
@@ -1701,6 +1733,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("sockInfo", SockInfo);
   fn("unixSockets", UnixSockets);
   fn("peekSocket", PeekSocket);
+  fn("oobPending", OobPending);
   fn("crc32c", Crc32c);
   fn("scanWritten", ScanWritten);
   fn("scanAny", ScanAny);
@@ -1716,6 +1749,7 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("epollTargetIs", EpollTargetIs);
   fn("compareFileTables", CompareFileTables);
   fn("compareFsStructs", CompareFsStructs);
+  fn("compareMms", CompareMms);
   fn("syscallDispatchMode", SyscallDispatchMode);
   fn("bytesToRead", BytesToRead);
   fn("peekPipe", PeekPipe);

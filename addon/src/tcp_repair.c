@@ -74,7 +74,17 @@ static int peek_queue(int fd, uint8_t** out, uint32_t len, const char** step) {
     FAIL("allocating a queue's copy");
   }
   if (!len) return 0;
+  /* A peek of the receive queue starts at the socket's own peek offset
+   * (SO_PEEK_OFF, TCP's since Linux 6.10) and moves it: it starts at 0
+   * here, and the application's offset is put back. */
+  int saved = -1, zero = 0;
+  socklen_t sl = sizeof saved;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &saved, &sl)) saved = -1;
+  if (saved > 0 && setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &zero, sizeof zero)) FAIL("setting the peek offset to 0");
   ssize_t n = recv(fd, *out, len, MSG_PEEK | MSG_DONTWAIT);
+  int peek_errno = errno;
+  if (saved >= 0) setsockopt(fd, SOL_SOCKET, SO_PEEK_OFF, &saved, sizeof saved);
+  errno = peek_errno;
   if (n < 0) FAIL("peeking at a queue");
   if ((uint32_t)n != len) {
     /* The receive queue may still grow while the application is frozen,

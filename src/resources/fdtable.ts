@@ -1,27 +1,41 @@
 /**
- * The descriptor table itself: processes that share one (clone with
- * CLONE_FILES but not CLONE_THREAD) would each get their own at restore,
- * so a descriptor one of them opens afterwards would silently be missing
- * in the other. Until a restore can make them share it again, such
- * processes are refused by name at snapshot, before anything is injected.
+ * What processes may share besides a thread group: a descriptor table
+ * (clone with CLONE_FILES but not CLONE_THREAD), a working directory, root
+ * and umask (CLONE_FS), or their memory (CLONE_VM, with or without
+ * CLONE_SIGHAND and its handlers). A restore makes each process its own,
+ * so a descriptor one of them opens afterwards would silently be missing in
+ * the other, a chdir or umask would no longer reach it, and a write to
+ * memory would no longer be seen by it (nor a handler it installs). Until
+ * a restore can make them share again, such processes are refused by name
+ * at snapshot, before anything is injected. (A vfork child shares its
+ * parent's memory only until it execs or exits: the freezer lets it get
+ * there before the parent can stop.)
  */
 import { addon } from '../native.js';
 import { Unsupported } from './context.js';
 
-/** Throws Unsupported naming two processes of `pids` that share one
- * descriptor table. kcmp(KCMP_FILES) orders the tables, so a sort puts
- * sharers side by side: n log n comparisons, not n². A kernel without
- * kcmp compares nothing (every table looks its own). */
-export function refuseSharedFdTables(pids: number[], name: (pid: number) => string): void {
+const SHARED_PARTS: { compare: (a: number, b: number) => number; what: string }[] = [
+  { compare: (a, b) => addon().compareFileTables(a, b), what: 'one descriptor table (CLONE_FILES without CLONE_THREAD)' },
+  { compare: (a, b) => addon().compareFsStructs(a, b), what: 'one working directory, root and umask (CLONE_FS without CLONE_THREAD)' },
+  { compare: (a, b) => addon().compareMms(a, b), what: 'one memory (CLONE_VM without CLONE_THREAD)' },
+];
+
+/** Throws Unsupported naming two processes of `pids` that share a
+ * descriptor table, a working directory, root and umask, or memory. kcmp
+ * orders each kind of object, so a sort puts sharers side by side: n log n
+ * comparisons, not n². A kernel without kcmp compares nothing (every
+ * process looks its own). */
+export function refuseSharedTables(pids: number[], name: (pid: number) => string): void {
   if (pids.length < 2) return;
-  const order = (a: number, b: number) => {
-    const r = addon().compareFileTables(a, b);
-    return r === 1 ? -1 : r === 2 ? 1 : 0;
-  };
-  const sorted = [...pids].sort(order);
-  for (let i = 1; i < sorted.length; i++)
-    if (addon().compareFileTables(sorted[i - 1], sorted[i]) === 0)
-      throw new Unsupported(`${name(sorted[i - 1])} and ${name(sorted[i])} share one descriptor table (CLONE_FILES without CLONE_THREAD), which cannot be captured yet`);
+  for (const { compare, what } of SHARED_PARTS) {
+    const order = (a: number, b: number) => {
+      const r = compare(a, b);
+      return r === 1 ? -1 : r === 2 ? 1 : 0;
+    };
+    const sorted = [...pids].sort(order);
+    for (let i = 1; i < sorted.length; i++)
+      if (compare(sorted[i - 1], sorted[i]) === 0) throw new Unsupported(`${name(sorted[i - 1])} and ${name(sorted[i])} share ${what}, which cannot be captured yet`);
+  }
 }
 
 /** Throws Unsupported naming a thread of `pid` (system TIDs `tids`, main

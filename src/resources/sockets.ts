@@ -39,7 +39,7 @@ import { closeSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Fd, FdKind, type Image, type PeerCred, type Process, type Socket, type SocketOption, verdictRef, virtualPort } from '../image/types.js';
-import { type DumpContext, nameProcess, type RestoreContext, Unsupported, writeWhatFits } from './context.js';
+import { type DumpContext, nameProcess, type RestoreContext, Transient, Unsupported, writeWhatFits } from './context.js';
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
@@ -76,6 +76,16 @@ const SO_ACCEPTCON = 0x10000;
 const SOCK_STREAM = 1;
 const SOCK_DGRAM = 2;
 const SOCK_SEQPACKET = 5;
+/** The bytes queued on unix stream socket `dup`, left queued. An
+ * out-of-band byte among them (send with MSG_OOB) is not carried: a peek
+ * skips it, and the program that looks for it with MSG_OOB or
+ * SIOCATMARK after a restore would find nothing. Refused for the moment:
+ * the retry finds it read, as a program soon reads it. */
+function peekStream(dup: number, bytes: number, where: string): Buffer {
+  if (addon().oobPending(dup)) throw new Transient(`${where} holds an out-of-band byte not yet read (MSG_OOB), which cannot be captured yet`);
+  return addon().peekSocket(dup, bytes);
+}
+
 /** What a listener carries in its own fields (reuseaddr, reuseport, v6only),
  * not among its options. */
 const BASE_OPTIONS: [number, number][] = [
@@ -331,6 +341,14 @@ export class SocketTable {
       const { u, d } = this.unixOf(ino);
       if (u && u.flags & SO_ACCEPTCON) {
         const where = `${what} fd ${fd}: the unix socket listening at ${u.path || '(unnamed)'}`;
+        // A listener's receive queue holds the connections not yet
+        // accepted (sock_diag's rqueue counts them): each is a socket the
+        // kernel made, which nothing can read without accepting it (the
+        // original left running would lose it) and a restore cannot make
+        // again: the listener would come back without them, and their
+        // clients connected to nothing. Refused; the retry finds them
+        // accepted, as a server soon does.
+        if (d?.rqueue) throw new Transient(`${where} has ${d.rqueue} connection${d.rqueue > 1 ? 's' : ''} not yet accepted, which cannot be captured yet`);
         const file = dumpSocketFile(pid, u.path, d, `${what} fd ${fd}`);
         // Whom its clients see as the server: it listens as that again.
         return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', where), ...(file ? { file } : {}), peerCred: peerCredOf(dup) };
@@ -351,7 +369,7 @@ export class SocketTable {
         const peerCred = peerCredOf(dup);
         if (opts.type === SOCK_SEQPACKET) return { ...base, address: u.path, peerGone: true, datagrams: queuedMessages(dup, where, true), shutdown: d.shutdown, options, peerCred };
         if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
-        return { ...base, address: u.path, peerGone: true, queued: d.rqueue ? addon().peekSocket(dup, d.rqueue) : Buffer.alloc(0), shutdown: d.shutdown, options, peerCred };
+        return { ...base, address: u.path, peerGone: true, queued: d.rqueue ? peekStream(dup, d.rqueue, where) : Buffer.alloc(0), shutdown: d.shutdown, options, peerCred };
       }
       if (!d?.peer) throw new Unsupported(`${what} fd ${fd}: a unix ${typeName} socket not connected to anything cannot be captured yet`);
       const options = extras('unix-stream', `${what} fd ${fd}: a connected unix ${typeName} socket`);
@@ -365,7 +383,7 @@ export class SocketTable {
       }
       if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
       let queued: Buffer = Buffer.alloc(0);
-      if (d.rqueue) queued = addon().peekSocket(dup, d.rqueue);
+      if (d.rqueue) queued = peekStream(dup, d.rqueue, `${what} fd ${fd}: a connected unix stream socket`);
       // Whether the peer is in the application is known only when every
       // process has been seen: the driver checks (checkUnixPeers).
       // Its shutdown state too (sk_shutdown, which shutdown() on either end

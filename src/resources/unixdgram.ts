@@ -34,7 +34,7 @@ import { closeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Datagram, Fd, PeerCred, Process, Socket, SocketOption } from '../image/types.js';
 import { addon, type FileId, type UnixSocketInfo } from '../native.js';
-import { type RestoreContext, Unsupported } from './context.js';
+import { type RestoreContext, Transient, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
 import { clearSocketFile, dumpSocketFile, movedSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
 import { socketFileIdentities, socketHolderIdentities } from './fsident.js';
@@ -89,10 +89,34 @@ export function queuedWithHeaders(dup: number, what: string, shutForReading = fa
       throw new Unsupported(`${what} holds an error the application has not read yet (the answer to an earlier send, such as an ICMP port unreachable, a peer gone with data unread, or an error queue: IP_RECVERR, MSG_ZEROCOPY completions), which cannot be captured`);
     throw new Unsupported(`${what}: ${(e as Error).message}`);
   }
+  if (got.length && showsReceiveTimes(dup))
+    throw new Transient(`${what} holds ${got.length} datagram${got.length > 1 ? 's' : ''} and shows the program when each was received (SO_TIMESTAMP, SO_TIMESTAMPNS or SO_TIMESTAMPING), which a restore would stamp anew: cannot be captured yet`);
   return got.map((m) => {
     const from = m.from ? parseSockaddr(m.from) : { address: '', port: 0 };
     return { datagram: { data: m.data, from: from.address, fromPort: from.port }, to: m.to ? parseSockaddr(m.to).address : '', tos: m.tos, ttl: m.ttl };
   });
+}
+
+/** SO_TIMESTAMP_OLD, SO_TIMESTAMPNS_OLD, SO_TIMESTAMP_NEW,
+ * SO_TIMESTAMPNS_NEW: each reads 1 only in its own form; SO_TIMESTAMPING
+ * (old and new read the same flags): software or hardware reports asked. */
+const RECEIVE_TIME_OPTIONS = [29, 35, 63, 64];
+const SO_TIMESTAMPING = 37;
+const SOF_TIMESTAMPING_REPORTS = 0x10 | 0x40; // SOFTWARE | RAW_HARDWARE
+
+/** Whether the socket hands the program each datagram's receive time
+ * (a control message the kernel stamps as it queues it): a datagram put
+ * back at restore is stamped then, and the program would read a time
+ * that is not when it arrived. */
+function showsReceiveTimes(dup: number): boolean {
+  const read = (name: number) => {
+    try {
+      return addon().getSockOpt(dup, SOL_SOCKET, name);
+    } catch {
+      return 0; // not this kernel's
+    }
+  };
+  return RECEIVE_TIME_OPTIONS.some((name) => read(name) !== 0) || (read(SO_TIMESTAMPING) & SOF_TIMESTAMPING_REPORTS) !== 0;
 }
 
 export function readOptions(dup: number, which: [number, number][]): SocketOption[] {

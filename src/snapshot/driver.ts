@@ -41,7 +41,7 @@ import { askFdOwners, checkDnotify, dumpFdOwners } from '../resources/fdowner.js
 import { dumpTidMoves } from '../resources/mutexes.js';
 import { askMappingPolicies, countPages, dumpMemory, mapSharedObjectPages, type MapsLine, noteMappingPolicies, readMaps, readSmaps } from '../resources/memory.js';
 import { dumpCreds, exemptFromSeccomp, refuseLandlocked } from '../resources/creds.js';
-import { refuseOwnThreadTables, refuseSharedFdTables } from '../resources/fdtable.js';
+import { refuseOwnThreadTables, refuseSharedTables } from '../resources/fdtable.js';
 import { checkOneTimeNamespace } from '../resources/timens.js';
 import { askProcess, dumpForkingThreads, dumpProcess, noteForkingThreads, refuseChrootedSocketPaths } from '../resources/process.js';
 import { askSigactions, dumpSharedPending, dumpSigactions } from '../resources/signals.js';
@@ -502,7 +502,7 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
   // Before anything is injected into any of them.
   timed('fdtable', () => {
-    refuseSharedFdTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
+    refuseSharedTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
     const pidFlags = new Map(ctx.tables.tables.pid.map((e) => [e.system, e.flags]));
     for (const [pid, threads] of byProcess) {
       const what = nameProcess(ctx.virtual('pid', pid), readComm(pid));
