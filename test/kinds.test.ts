@@ -1109,17 +1109,6 @@ describe("a continued child whose report (waitpid WCONTINUED) its parent has not
   it('its SIGCHLD pending: comes back exactly from a snapshot that ends it', async () => {
     await comesBackFromEndingSnapshot('contp', [fixture('continued'), 'pending']);
   });
-  // The restore makes the report by stopping and continuing the child:
-  // one that handles SIGCONT would see that. Refused, left running.
-  it('a child that handles SIGCONT: the snapshot is refused by name, the application left running', async () => {
-    await start('conth', [fixture('continued'), 'handler']);
-    await checksPass('conth');
-    const r = await attempt(['snapshot', 'conth', '-o', join(out, 'conth')]);
-    expect(r.code, r.stderr).not.toBe(0);
-    expect(r.stderr).toMatch(/process \d+ has not yet taken the report that its child \d+ was continued \(waitpid WCONTINUED\), .* the child handles or blocks SIGCONT/);
-    expect(r.stderr).toMatch(/the application was left running/);
-    await checksPass('conth');
-  });
 });
 
 describe('PIDs in signal data: si_pid in SA_SIGINFO handlers (also installed through syscall()) and signalfd reads', () => {

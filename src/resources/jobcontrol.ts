@@ -108,20 +108,6 @@ export function continuedReports(asked: Map<number, Answer>, virtual: (systemPid
   return pending.sort((x, y) => x - y);
 }
 
-/** A continued report the restore cannot make again (see continueAgain:
- * the child handles or blocks SIGCONT, or has it or a stop signal
- * pending), said by name: refused at snapshot, not lost at restore. */
-export function continuedReportFault(processes: Process[]): string | undefined {
-  const byVpid = new Map(processes.map((p) => [p.vpid, p]));
-  for (const p of processes)
-    for (const v of p.continuedReports ?? []) {
-      const child = byVpid.get(v);
-      if (child && !continuable(child))
-        return `process ${p.vpid} has not yet taken the report that its child ${v} was continued (waitpid WCONTINUED), which a restore makes again by stopping and continuing the child, and the child handles or blocks SIGCONT or has it or a stop signal pending: it would see that (try again once the parent has taken the report)`;
-    }
-  return undefined;
-}
-
 /** The children (as `virtual` names them) whose stop report the process
  * has taken already: waitid answered 0 with nothing to report. Any other
  * answer (not a child of it after all, a kernel error) records nothing:

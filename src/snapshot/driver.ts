@@ -47,7 +47,7 @@ import { askProcess, dumpForkingThreads, dumpProcess, noteForkingThreads, refuse
 import { askSigactions, dumpSharedPending, dumpSigactions } from '../resources/signals.js';
 import { checkUnixPeers, forgetClosedSockets, offerListeners, SocketTable } from '../resources/sockets.js';
 import { dumpPtys } from '../resources/ptys.js';
-import { askContinuedReports, askStopReports, continuedReportFault, continuedReports, dumpJobControl, stopReportsTaken } from '../resources/jobcontrol.js';
+import { askContinuedReports, askStopReports, continuedReports, dumpJobControl, stopReportsTaken } from '../resources/jobcontrol.js';
 import { dumpLocks } from '../resources/locks.js';
 import { dumpSemUndo, dumpSysv } from '../resources/sysv.js';
 import { askPosixTimers, dumpPosixTimers } from '../resources/timers.js';
@@ -558,8 +558,6 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   // Before anything ends the application: an image no restore takes.
   const ringTree = keyringTreeFault(ctx.image.processes);
   if (ringTree) throw new Unsupported(ringTree);
-  const continued = continuedReportFault(ctx.image.processes);
-  if (continued) throw new Unsupported(continued);
   fitInotifyNumbers(ctx.image.processes);
   timed('locks', () => dumpLocks(ctx.image, ctx.fdLockLines));
   timed('unix peers', () => checkUnixPeers(ctx, (vpid) => systemPids.get(vpid)!));
