@@ -1673,6 +1673,41 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     refuses(['restore', dir], { code: 1, stderr: /process \d+ fd 913: the UDP socket 0\.0\.0\.0:47123 holds a datagram sent to 203\.0\.113\.7, which the program is shown, and here not an address of this machine: it cannot be put back as sent there$/ });
   });
 
+  // A queued datagram is put back by a raw packet from the sender the
+  // image names to the socket's port: it must reach that socket and no
+  // other (r288). Each refused before anything is sent.
+  it('refuses to put back a queued datagram where the packet would leave this machine (a socket bound with IP_FREEBIND to another address)', () => {
+    const dir = crafted('udp-freebind', (i) => {
+      udpHeader(() => undefined, { address: '203.0.113.7', from: '198.51.100.9' })(i);
+      i.processes[0].fds.at(-1)!.socket!.options = [{ level: 0, name: 15, value: 1 }];
+    });
+    refuses(['restore', dir], { code: 1, stderr: /fd 913: the UDP socket 203\.0\.113\.7:47123 holds a datagram from 198\.51\.100\.9:5353 that would be put back by sending it to 203\.0\.113\.7, not an address of this machine: refused$/ });
+  });
+
+  it('refuses an IPv4 datagram queued on an IPv6 socket that does not take IPv4 (bound to ::1)', () => {
+    const dir = crafted('udp-mapped-v6', udpHeader(() => undefined, { family: 10, address: '::1', from: '::ffff:198.51.100.9' }));
+    refuses(['restore', dir], corrupt('fd 913: the UDP socket \\[::1\\]:47123 holds an IPv4 datagram from ::ffff:198\\.51\\.100\\.9, which the socket does not take \\(IPv6 only, or bound to an IPv6 address\\)'));
+  });
+
+  it('refuses to put back a queued datagram that another socket of this machine bound to that port would take, sending it nothing', async () => {
+    const { createSocket } = await import('node:dgram');
+    const victim = createSocket({ type: 'udp4', reuseAddr: true });
+    const got: string[] = [];
+    victim.on('message', (m) => got.push(m.toString()));
+    await new Promise<void>((ok) => victim.bind(47123, '127.0.0.53', ok));
+    try {
+      const dir = crafted('udp-rival', (i) => {
+        udpHeader((d) => (d.to = '127.0.0.53'), { from: '198.51.100.9' })(i);
+        i.processes[0].fds.at(-1)!.socket!.options = [{ level: 1, name: 2, value: 1 }];
+      });
+      refuses(['restore', dir], { code: 4, stderr: /fd 913: the UDP socket 0\.0\.0\.0:47123: another socket of this machine is bound to port 47123 at 127\.0\.0\.53, which would take the datagrams put back as sent to 127\.0\.0\.53: its queue cannot be restored here/ });
+      await new Promise((r) => setTimeout(r, 100));
+      expect(got).toEqual([]);
+    } finally {
+      victim.close();
+    }
+  });
+
   it('takes a well-formed io_uring record as what it is (the cases above differ from it by one field)', () => {
     const dir = crafted('iouring-well-formed', (i) => {
       const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === 0)!);

@@ -23,7 +23,7 @@
  * once it is bound. A packet filter of the application's own, classic or
  * eBPF, is refused by name (unixdgram.ts, refuseOwnFilter).
  */
-import { closeSync, fstatSync } from 'node:fs';
+import { closeSync, fstatSync, readFileSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Datagram, Fd, InodeOwner, Process, Socket } from '../image/types.js';
@@ -179,6 +179,7 @@ function make(h: RestoreContext, s: Socket, what: string, owner: InodeOwner | un
   // datagram put back showed interface 0 and local address 0.0.0.0.
   if (datagrams.length)
     for (const o of all) if (PKTINFO.some(([l, n]) => o.level === l && o.name === n) && o.value) addon().setSockOpt(sock, o.level, o.name, o.value);
+  if (datagrams.length) refuseMisdelivery(sock, s, datagrams, `${what}: the UDP socket ${name}`);
   for (const d of datagrams) {
     const [from, to] = injectAddresses(s, d);
     try {
@@ -188,7 +189,13 @@ function make(h: RestoreContext, s: Socket, what: string, owner: InodeOwner | un
       throw new AppshotError(`${what}: the UDP socket ${name}: a queued datagram from ${d.from}:${d.fromPort} cannot be put back: ${(e as Error).message}${hint}`);
     }
   }
-  // Loopback delivers synchronously: every datagram is queued by now.
+  // Loopback delivers synchronously: every datagram is queued by now,
+  // unless the kernel gave it to no socket (one bound to a device, say).
+  if (datagrams.length) {
+    const held = addon().datagramQueue(sock, datagrams.length + 1, Number.MAX_SAFE_INTEGER, 65536).length;
+    if (held !== datagrams.length)
+      throw new AppshotError(`${what}: the UDP socket ${name}: ${datagrams.length} queued datagrams were put back and it holds ${held} (bound to a device, or another socket took them): its queue cannot be restored`, ExitCode.conflict);
+  }
   setOptions(sock, late, true);
   applyExtras(sock, extras, carried(s.family), false, `${what}: the UDP socket ${name}`);
   applyMulticastIndex(sock, extras, `${what}: the UDP socket ${name}`);
@@ -227,7 +234,7 @@ function noteMulticastIndex(h: RestoreContext, sock: number, s: Socket): void {
  * when it is bound to any). An IPv4 sender of a dual-stack IPv6 socket
  * ("::ffff:a.b.c.d") is sent as IPv4. */
 function injectAddresses(s: Socket, d: Datagram) {
-  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(d.from);
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(d.from);
   if (s.family === AF_INET6 && mapped) {
     const ownMapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(d.to || s.address);
     return [
@@ -262,6 +269,8 @@ function addressBytes(family: number, address: string): Buffer {
 function notLocalBecause(family: number, address: string, local: LocalAddresses): string | undefined {
   const bytes = addressBytes(family, address);
   if (bytes.length === 4) {
+    // (127.255.255.255 and 127.0.0.0: loopback's broadcast routes)
+    if (bytes[0] === 127 && (bytes.readUInt32BE(0) & 0xffffff) % 0xffffff === 0) return 'a broadcast address';
     if (bytes[0] === 127) return undefined;
     if (bytes[0] >= 224) return bytes[0] < 240 ? 'a multicast address' : 'a broadcast or reserved address';
   } else {
@@ -285,6 +294,80 @@ function localAddresses(): LocalAddresses {
     );
     return known;
   };
+}
+
+/**
+ * Before any queued datagram is put back, a raw packet from its sender
+ * (any address an image names) to where injectAddresses sends it: that
+ * must be this socket and no other (an image may come from anyone, and
+ * another node's or service's socket would take a forged datagram; an
+ * honest image's would be lost to it). Refused unless the destination is
+ * this machine's (a socket bound with IP_FREEBIND to another address
+ * would send it out onto the network), an IPv4 one reaches an IPv6
+ * socket only if it takes IPv4 (IPV6_V6ONLY 0, bound to :: or ::ffff:),
+ * and no other socket of this network namespace is bound to that port at
+ * that address or at any (another service on the same port, the original
+ * of a copy restored beside it in one SO_REUSEPORT group).
+ */
+function refuseMisdelivery(sock: number, s: Socket, datagrams: Datagram[], where: string): void {
+  const local = localAddresses();
+  const ownIno = fstatSync(sock, { bigint: true }).ino.toString();
+  let others: UdpBinding[] | undefined;
+  for (const d of datagrams) {
+    const to = injectAddresses(s, d)[1];
+    const why = notLocalBecause(to.family, to.address, local);
+    if (why) throw new AppshotError(`${where} holds a datagram from ${d.from}:${d.fromPort} that would be put back by sending it to ${to.address}, ${why}: refused`);
+    if (s.family === AF_INET6 && to.family === AF_INET) {
+      const any = !s.address || s.address === '::' || /^::ffff:/i.test(s.address);
+      if (!any || addon().getSockOpt(sock, IPPROTO_IPV6, IPV6_V6ONLY) !== 0) throw new AppshotError(`corrupt image: ${where} holds an IPv4 datagram from ${d.from}, which the socket does not take (IPv6 only, or bound to an IPv6 address)`);
+    }
+    others ??= udpBindings(s.port).filter((b) => b.ino !== ownIno);
+    const dest = addressBytes(to.family, to.address);
+    const takes = (b: UdpBinding) => {
+      if (b.address.length === 4) return to.family === AF_INET && (b.address.equals(dest) || b.address.readUInt32BE(0) === 0);
+      if (to.family === AF_INET6) return b.address.equals(dest) || b.address.every((x) => x === 0);
+      // An IPv6 socket at :: may take IPv4 (its IPV6_V6ONLY is not shown
+      // here), one at ::ffff:a.b.c.d does.
+      const mapped = b.address.subarray(0, 12).equals(Buffer.from('00000000000000000000ffff', 'hex'));
+      return b.address.every((x) => x === 0) || (mapped && (b.address.subarray(12).equals(dest) || b.address.readUInt32BE(12) === 0));
+    };
+    const rival = others.find(takes);
+    if (rival) throw new AppshotError(`${where}: another socket of this machine is bound to port ${s.port} at ${rival.shown}, which would take the datagrams put back as sent to ${to.address}: its queue cannot be restored here (is the original still running?)`, ExitCode.conflict);
+  }
+}
+
+const IPV6_V6ONLY = 26;
+
+/** A UDP socket bound in this network namespace: its local address's
+ * bytes, port and inode, from /proc/net/udp and udp6. */
+interface UdpBinding {
+  address: Buffer;
+  shown: string;
+  ino: string;
+}
+function udpBindings(port: number): UdpBinding[] {
+  const out: UdpBinding[] = [];
+  for (const table of ['udp', 'udp6']) {
+    let text: string;
+    try {
+      text = readFileSync(`/proc/net/${table}`, 'utf8');
+    } catch {
+      continue; // no IPv6 in this kernel
+    }
+    for (const line of text.split('\n').slice(1)) {
+      const f = line.trim().split(/\s+/);
+      if (f.length < 10) continue;
+      const [hex, portHex] = f[1].split(':');
+      if (parseInt(portHex, 16) !== port) continue;
+      // Each 32-bit word as the kernel holds it, printed in this machine's
+      // (little-endian) order.
+      const address = Buffer.alloc(hex.length / 2);
+      for (let w = 0; w < hex.length / 8; w++) address.writeUInt32LE(parseInt(hex.slice(w * 8, w * 8 + 8), 16), w * 4);
+      const shown = address.length === 4 ? [...address].join('.') : `[${address.toString('hex').replace(/(.{4})(?!$)/g, '$1:')}]`;
+      out.push({ address, shown, ino: f[9] });
+    }
+  }
+  return out;
 }
 
 /** A datagram the socket was shown to be sent to an address a restore
@@ -349,7 +432,7 @@ function check(s: Socket, what: string): void {
   if (s.peerAddress && !isAddressOf(s.family, s.peerAddress)) throw bad(`connected to ${JSON.stringify(s.peerAddress)}`);
   if (s.port > 65535 || (s.peerPort ?? 0) > 65535) throw bad('has a port above 65535');
   for (const d of s.datagrams ?? []) {
-    const v4 = s.family === AF_INET6 && /^::ffff:\d+\.\d+\.\d+\.\d+$/.test(d.from);
+    const v4 = s.family === AF_INET6 && /^::ffff:\d+\.\d+\.\d+\.\d+$/i.test(d.from);
     if (!v4 && !isAddressOf(s.family, d.from)) throw bad(`has a datagram from ${JSON.stringify(d.from)}`);
     if (d.fromPort > 65535 || d.data.length > 65507) throw bad('has a datagram larger than UDP carries, or from a port above 65535');
   }
