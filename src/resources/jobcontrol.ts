@@ -301,25 +301,31 @@ function continueAgain(parent: Restored, byVpid: Map<number, Restored>): Restore
   if (!children.length) return [];
   const dropSigchld = notifiedOfStops(parent.proc) && !hasSigchld(parent.proc);
   const held = dropSigchld ? holdForCalls(parent) : undefined;
-  /** The SIGCHLD the child's stop or continue sent, taken back. */
-  const takeBack = () => {
-    if (held && sigchldArrived(parent.pid, 2000)) takeSigchld(held.inj);
-  };
   const done: Restored[] = [];
+  /** The SIGCHLD the child's stop or continue sent, taken back. A child
+   * let go before (`done`) may have exited or stopped meanwhile: its
+   * SIGCHLD merged into the one taken, and is queued again (the parent,
+   * still held, keeps it pending), or the parent would never hear of it. */
+  const takeBack = (stopping: Restored | undefined) => {
+    if (!held || !sigchldArrived(parent.pid, 2000)) return;
+    takeSigchld(held.inj);
+    const changed = done.some((c) => c !== stopping && /^[ZXTt]?$/.test(readStat(c.pid)?.state ?? ''));
+    if (changed) process.kill(parent.pid, SIGCHLD);
+  };
   try {
     for (const child of children) {
       process.kill(child.pid, SIGSTOP);
       for (const tid of child.tids) addon().detach(tid, 0);
       done.push(child);
-      // Before the stop is whole, a SIGCONT reports a continue all the
-      // same; before the SIGSTOP is taken, it discards it.
-      if (!wholeStop(child.pid, 2000)) {
+      try {
+        // Before the stop is whole, a SIGCONT reports a continue all the
+        // same; before the SIGSTOP is taken, it discards it.
+        if (wholeStop(child.pid, 2000)) takeBack(child);
+      } finally {
+        // Whatever failed, the child is not left stopped.
         process.kill(child.pid, SIGCONT);
-        continue;
       }
-      takeBack();
-      process.kill(child.pid, SIGCONT);
-      takeBack();
+      takeBack(undefined);
     }
   } catch {
     /* a child killed meanwhile, or the parent: the others let go all the
