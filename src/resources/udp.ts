@@ -338,6 +338,10 @@ function refuseMisdelivery(sock: number, s: Socket, datagrams: Datagram[], where
 
 const IPV6_V6ONLY = 26;
 
+/** The largest UDP payload of one IPv6 packet through loopback (MTU
+ * 65,536, less the IPv6 and UDP headers). */
+const IPV6_ONE_PACKET = 65536 - 40 - 8;
+
 /** A UDP socket bound in this network namespace: its local address's
  * bytes, port and inode, from /proc/net/udp and udp6. */
 interface UdpBinding {
@@ -383,6 +387,10 @@ function refuseUncarriedHeaders(s: Socket, where: string): void {
     const why = d.to ? notLocalBecause(s.family, d.to, local) : undefined;
     if (why) throw new Unsupported(`${where} holds a datagram from ${from} sent to ${d.to}, which the socket shows the program (${v6 ? 'IPV6_RECVPKTINFO' : 'IP_PKTINFO'}), ${why}: a restore could not send it there again, which cannot be captured`);
     if (d.ttl === 0) throw new Unsupported(`${where} holds a datagram from ${from} with ${v6 ? 'hop limit' : 'TTL'} 0, which the socket shows the program (${v6 ? 'IPV6_RECVHOPLIMIT' : 'IP_RECVTTL'}) and a restore could not send again, which cannot be captured`);
+    // Put back as one packet whose header the raw socket writes, which the
+    // kernel does not fragment: an IPv6 one above loopback's MTU fails.
+    const ipv6 = v6 && !/^::ffff:/i.test(d.from);
+    if (ipv6 && d.data.length > IPV6_ONE_PACKET) throw new Unsupported(`${where} holds a datagram of ${d.data.length} bytes from ${from} over IPv6, which a restore cannot put back in one packet (at most ${IPV6_ONE_PACKET} bytes), which cannot be captured`);
   }
 }
 
