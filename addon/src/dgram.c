@@ -45,6 +45,38 @@ static void header_fields(struct msghdr* mh, sa_family_t family, dgram_msg* m) {
       t->sin6_family = AF_INET6;
       t->sin6_addr = pi.ipi6_addr;
       m->to_len = sizeof *t;
+    } else if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_ORIGDSTADDR && len >= sizeof(struct sockaddr_in)) {
+      /* IP_RECVORIGDSTADDR: the address it was sent to, as a sockaddr
+       * (its port the socket's own: a restore sends it there). */
+      struct sockaddr_in o;
+      memcpy(&o, d, sizeof o);
+      o.sin_port = 0;
+      if (family == AF_INET6) {
+        struct sockaddr_in6* t = (void*)&m->to;
+        t->sin6_family = AF_INET6;
+        t->sin6_addr.s6_addr[10] = t->sin6_addr.s6_addr[11] = 0xff;
+        memcpy(&t->sin6_addr.s6_addr[12], &o.sin_addr, 4);
+        m->to_len = sizeof *t;
+      } else {
+        memcpy(&m->to, &o, sizeof o);
+        m->to_len = sizeof o;
+      }
+    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_ORIGDSTADDR && len >= sizeof(struct sockaddr_in6)) {
+      struct sockaddr_in6 o;
+      memcpy(&o, d, sizeof o);
+      o.sin6_port = 0;
+      memcpy(&m->to, &o, sizeof o);
+      m->to_len = sizeof o;
+    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_2292PKTINFO && len >= sizeof(struct in6_pktinfo)) {
+      /* The RFC 2292 names of the same (IPV6_2292PKTINFO, 2292HOPLIMIT). */
+      struct in6_pktinfo pi;
+      memcpy(&pi, d, sizeof pi);
+      struct sockaddr_in6* t = (void*)&m->to;
+      t->sin6_family = AF_INET6;
+      t->sin6_addr = pi.ipi6_addr;
+      m->to_len = sizeof *t;
+    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_2292HOPLIMIT && len >= sizeof(int)) {
+      memcpy(&m->ttl, d, sizeof(int));
     } else if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_TOS && len >= 1) {
       m->tos = d[0];
     } else if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_TTL && len >= sizeof(int)) {
