@@ -13,7 +13,33 @@
 #include <string.h>
 #include <unistd.h>
 
-/* The IP header fields a peeked message's control data shows (dgram_msg). */
+/* The address a datagram was sent to, as the socket names it: an IPv4
+ * one on an IPv6 socket as ::ffff:a.b.c.d. */
+static void to_v4(dgram_msg* m, sa_family_t family, struct in_addr a) {
+  if (family == AF_INET6) {
+    struct sockaddr_in6* t = (void*)&m->to;
+    t->sin6_family = AF_INET6;
+    t->sin6_addr.s6_addr[10] = t->sin6_addr.s6_addr[11] = 0xff;
+    memcpy(&t->sin6_addr.s6_addr[12], &a, 4);
+    m->to_len = sizeof *t;
+  } else {
+    struct sockaddr_in* t = (void*)&m->to;
+    t->sin_family = AF_INET;
+    t->sin_addr = a;
+    m->to_len = sizeof *t;
+  }
+}
+
+static void to_v6(dgram_msg* m, const struct in6_addr* a) {
+  struct sockaddr_in6* t = (void*)&m->to;
+  t->sin6_family = AF_INET6;
+  t->sin6_addr = *a;
+  m->to_len = sizeof *t;
+}
+
+/* The IP header fields a peeked message's control data shows (dgram_msg):
+ * where it was sent (IP_PKTINFO, IP_RECVORIGDSTADDR and their IPv6 twins, RFC 2292's names
+ * too), its TOS or traffic class, its TTL or hop limit (-1: not shown). */
 static void header_fields(struct msghdr* mh, sa_family_t family, dgram_msg* m) {
   memset(&m->to, 0, sizeof m->to);
   m->to_len = 0;
@@ -22,68 +48,29 @@ static void header_fields(struct msghdr* mh, sa_family_t family, dgram_msg* m) {
   for (struct cmsghdr* c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
     size_t len = c->cmsg_len - CMSG_LEN(0);
     const unsigned char* d = CMSG_DATA(c);
-    if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO && len >= sizeof(struct in_pktinfo)) {
+    int ip = c->cmsg_level == IPPROTO_IP, ip6 = c->cmsg_level == IPPROTO_IPV6;
+    if (ip && c->cmsg_type == IP_PKTINFO && len >= sizeof(struct in_pktinfo)) {
       struct in_pktinfo pi;
       memcpy(&pi, d, sizeof pi);
-      /* On an IPv6 socket, an IPv4 datagram's destination as it names it. */
-      if (family == AF_INET6) {
-        struct sockaddr_in6* t = (void*)&m->to;
-        t->sin6_family = AF_INET6;
-        t->sin6_addr.s6_addr[10] = t->sin6_addr.s6_addr[11] = 0xff;
-        memcpy(&t->sin6_addr.s6_addr[12], &pi.ipi_addr, 4);
-        m->to_len = sizeof *t;
-      } else {
-        struct sockaddr_in* t = (void*)&m->to;
-        t->sin_family = AF_INET;
-        t->sin_addr = pi.ipi_addr;
-        m->to_len = sizeof *t;
-      }
-    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO && len >= sizeof(struct in6_pktinfo)) {
-      struct in6_pktinfo pi;
-      memcpy(&pi, d, sizeof pi);
-      struct sockaddr_in6* t = (void*)&m->to;
-      t->sin6_family = AF_INET6;
-      t->sin6_addr = pi.ipi6_addr;
-      m->to_len = sizeof *t;
-    } else if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_ORIGDSTADDR && len >= sizeof(struct sockaddr_in)) {
-      /* IP_RECVORIGDSTADDR: the address it was sent to, as a sockaddr
-       * (its port the socket's own: a restore sends it there). */
+      to_v4(m, family, pi.ipi_addr);
+    } else if (ip && c->cmsg_type == IP_ORIGDSTADDR && len >= sizeof(struct sockaddr_in)) {
+      /* A sockaddr, whose port is the socket's own: a restore sends there. */
       struct sockaddr_in o;
       memcpy(&o, d, sizeof o);
-      o.sin_port = 0;
-      if (family == AF_INET6) {
-        struct sockaddr_in6* t = (void*)&m->to;
-        t->sin6_family = AF_INET6;
-        t->sin6_addr.s6_addr[10] = t->sin6_addr.s6_addr[11] = 0xff;
-        memcpy(&t->sin6_addr.s6_addr[12], &o.sin_addr, 4);
-        m->to_len = sizeof *t;
-      } else {
-        memcpy(&m->to, &o, sizeof o);
-        m->to_len = sizeof o;
-      }
-    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_ORIGDSTADDR && len >= sizeof(struct sockaddr_in6)) {
-      struct sockaddr_in6 o;
-      memcpy(&o, d, sizeof o);
-      o.sin6_port = 0;
-      memcpy(&m->to, &o, sizeof o);
-      m->to_len = sizeof o;
-    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_2292PKTINFO && len >= sizeof(struct in6_pktinfo)) {
-      /* The RFC 2292 names of the same (IPV6_2292PKTINFO, 2292HOPLIMIT). */
+      to_v4(m, family, o.sin_addr);
+    } else if (ip6 && (c->cmsg_type == IPV6_PKTINFO || c->cmsg_type == IPV6_2292PKTINFO) && len >= sizeof(struct in6_pktinfo)) {
       struct in6_pktinfo pi;
       memcpy(&pi, d, sizeof pi);
-      struct sockaddr_in6* t = (void*)&m->to;
-      t->sin6_family = AF_INET6;
-      t->sin6_addr = pi.ipi6_addr;
-      m->to_len = sizeof *t;
-    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_2292HOPLIMIT && len >= sizeof(int)) {
-      memcpy(&m->ttl, d, sizeof(int));
-    } else if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_TOS && len >= 1) {
+      to_v6(m, &pi.ipi6_addr);
+    } else if (ip6 && c->cmsg_type == IPV6_ORIGDSTADDR && len >= sizeof(struct sockaddr_in6)) {
+      struct sockaddr_in6 o;
+      memcpy(&o, d, sizeof o);
+      to_v6(m, &o.sin6_addr);
+    } else if (ip && c->cmsg_type == IP_TOS && len >= 1) {
       m->tos = d[0];
-    } else if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_TTL && len >= sizeof(int)) {
-      memcpy(&m->ttl, d, sizeof(int));
-    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_TCLASS && len >= sizeof(int)) {
+    } else if (ip6 && c->cmsg_type == IPV6_TCLASS && len >= sizeof(int)) {
       memcpy(&m->tos, d, sizeof(int));
-    } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_HOPLIMIT && len >= sizeof(int)) {
+    } else if (((ip && c->cmsg_type == IP_TTL) || (ip6 && (c->cmsg_type == IPV6_HOPLIMIT || c->cmsg_type == IPV6_2292HOPLIMIT))) && len >= sizeof(int)) {
       memcpy(&m->ttl, d, sizeof(int));
     }
   }
