@@ -298,25 +298,21 @@ function localAddresses(): LocalAddresses {
 
 /**
  * Before any queued datagram is put back, a raw packet from its sender
- * (any address an image names) to where injectAddresses sends it: that
- * must be this socket and no other (an image may come from anyone, and
- * another node's or service's socket would take a forged datagram; an
- * honest image's would be lost to it). Refused unless the destination is
- * this machine's (a socket bound with IP_FREEBIND to another address
- * would send it out onto the network), an IPv4 one reaches an IPv6
- * socket only if it takes IPv4 (IPV6_V6ONLY 0, bound to :: or ::ffff:),
- * and no other socket of this network namespace is bound to that port at
- * that address or at any (another service on the same port, the original
- * of a copy restored beside it in one SO_REUSEPORT group).
+ * (any address an image names) to where injectAddresses sends it, an
+ * address of this machine (refuseOtherNodesAddresses): that must be this
+ * socket and no other (an image may come from anyone, and another
+ * service's socket would take a forged datagram; an honest image's would
+ * be lost to it). Refused unless an IPv4 one reaches an IPv6 socket only
+ * if it takes IPv4 (IPV6_V6ONLY 0, bound to :: or ::ffff:), and no other
+ * socket of this network namespace is bound to that port at that address
+ * or at any (another service on the same port, the original of a copy
+ * restored beside it in one SO_REUSEPORT group).
  */
 function refuseMisdelivery(sock: number, s: Socket, datagrams: Datagram[], where: string): void {
-  const local = localAddresses();
   const ownIno = fstatSync(sock, { bigint: true }).ino.toString();
   let others: UdpBinding[] | undefined;
   for (const d of datagrams) {
     const to = injectAddresses(s, d)[1];
-    const why = notLocalBecause(to.family, to.address, local);
-    if (why) throw new AppshotError(`${where} holds a datagram from ${d.from}:${d.fromPort} that would be put back by sending it to ${to.address}, ${why}: refused`);
     if (s.family === AF_INET6 && to.family === AF_INET) {
       const any = !s.address || s.address === '::' || /^::ffff:/i.test(s.address);
       if (!any || addon().getSockOpt(sock, IPPROTO_IPV6, IPV6_V6ONLY) !== 0) throw new AppshotError(`corrupt image: ${where} holds an IPv4 datagram from ${d.from}, which the socket does not take (IPv6 only, or bound to an IPv6 address)`);
@@ -394,18 +390,22 @@ function refuseUncarriedHeaders(s: Socket, where: string): void {
   }
 }
 
-/** A datagram sent to an address that is not this machine's where it is
- * restored (the image was made on another node) would go to another node
- * or the network rather than to the socket, or be put back as sent
- * elsewhere: the restore is refused, before the socket is made. */
+/** A datagram is put back by a raw packet from its sender (any address
+ * an image names) to where injectAddresses sends it, which must be an
+ * address of this machine where it is restored: else it would go to
+ * another node or the network (a recorded destination from an image made
+ * on another node; a socket bound with IP_FREEBIND to another address),
+ * with a forged source. The restore is refused, before the socket is
+ * made. */
 function refuseOtherNodesAddresses(s: Socket, what: string): void {
   const local = localAddresses();
+  const own = s.address || (s.family === AF_INET ? '0.0.0.0' : '::');
+  const where = `${what}: the UDP socket ${own.includes(':') ? `[${own}]` : own}:${s.port}`;
   for (const d of s.datagrams ?? []) {
-    const why = d.to ? notLocalBecause(s.family, d.to, local) : undefined;
-    if (why) {
-      const own = s.address || (s.family === AF_INET ? '0.0.0.0' : '::');
-      throw new AppshotError(`${what}: the UDP socket ${own.includes(':') ? `[${own}]` : own}:${s.port} holds a datagram sent to ${d.to}, which the program is shown, and here ${why}: it cannot be put back as sent there`);
-    }
+    const to = injectAddresses(s, d)[1];
+    const why = notLocalBecause(to.family, to.address, local);
+    if (why && d.to) throw new AppshotError(`${where} holds a datagram sent to ${d.to}, which the program is shown, and here ${why}: it cannot be put back as sent there`);
+    if (why) throw new AppshotError(`${where} holds a datagram from ${d.from}:${d.fromPort} that would be put back by sending it to ${to.address}, ${why}: refused`);
   }
 }
 
