@@ -502,7 +502,11 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   const byProcess = [...freezer.byProcess()].sort(([a], [b]) => ctx.virtual('pid', a) - ctx.virtual('pid', b));
   // Before anything is injected into any of them.
   timed('fdtable', () => {
-    refuseSharedTables(byProcess.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
+    // Not a process whose main thread has exited (refused as such below):
+    // its descriptor table, fs and mm are gone, and kcmp finds two such
+    // processes' absent ones equal (review r293).
+    const leaders = byProcess.filter(([pid, threads]) => threads[0].tid === pid);
+    refuseSharedTables(leaders.map(([pid]) => pid), (pid) => nameProcess(ctx.virtual('pid', pid), readComm(pid)));
     const pidFlags = new Map(ctx.tables.tables.pid.map((e) => [e.system, e.flags]));
     for (const [pid, threads] of byProcess) {
       const what = nameProcess(ctx.virtual('pid', pid), readComm(pid));
@@ -531,8 +535,10 @@ async function dumpAll(ctx: DumpContext, freezer: Freezer, interrupted: () => bo
   /** Each process of the image by its virtual PID. */
   const systemPids = new Map<number, number>();
   for (const [pid, threads] of byProcess) {
-    const what = nameProcess(ctx.virtual('pid', pid), threads[0].tid === pid ? readComm(pid) : '?');
-    if (threads[0].tid !== pid) throw new AppshotError(`${what}: its main thread has exited; a process in that state cannot be captured`);
+    const what = nameProcess(ctx.virtual('pid', pid), readComm(pid));
+    // A refusal like any other: the application is left running, and the
+    // message says so (an AppshotError here said nothing of it).
+    if (threads[0].tid !== pid) throw new Unsupported(`${what}: its main thread has exited; a process in that state cannot be captured`);
     // Named by its system PID: it has no other. Unsupported, so the message
     // says what the catch below does: every thread resumes where it was.
     if (!ctx.virtual('pid', pid))
