@@ -13,6 +13,7 @@ import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe as vitestDescribe, expect } from 'vitest';
 import { cli, command, fixture, Sandbox, spawnAsync, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
+import { loadImage } from '../src/image/format.js';
 
 const sb = new Sandbox();
 // Every directory a test of this file makes is under `out`: removed by
@@ -534,6 +535,31 @@ describe("a SIGTRAP pending for the process, which a batch of questions takes ou
 
 describe('POSIX timers on CPU-time clocks: the process\'s, and the thread\'s in a process of one thread', () => {
   roundTrips('cput', [fixture('cputimers')], /POSIX timers: 0 clock -6, signal 10, in \S+ every 0\.020s; 1 clock -2, no signal, in \S+/);
+});
+
+describe('the CPU-time interval timers (ITIMER_VIRTUAL, ITIMER_PROF) of a process waiting: neither moves', () => {
+  // The kernel adds a tick to every value set: put back as read, each
+  // came back a tick later per round trip (fixture: "... more than ...").
+  // The second snapshot is taken of the restored process before it did
+  // anything: what it records is exactly what the first did. The fixture
+  // checks what it sees after each restore too (a wake-up may be charged
+  // a tick: never later, at most a tick sooner).
+  it('keeps the time each had left and its interval exactly, through two snapshots that end it', async () => {
+    const aid = 'itim1';
+    await start(aid, [fixture('itimers')]);
+    await waitFor(() => logOf(aid).includes('READY') || /FAIL/.test(logOf(aid)), 10_000, `${aid} to start`);
+    const recorded: string[] = [];
+    for (let round = 0; round < 2; round++) {
+      const image = join(out, `${aid}-${round}`);
+      await run(['snapshot', aid, '-o', image]);
+      const { image: img } = await loadImage(image, { trust: 'report' });
+      recorded.push(img.processes[0].itimers.map((t) => `${t.which}: ${t.valueUs} us left, every ${t.intervalUs} us`).join('; '));
+      await run(['restore', image]);
+    }
+    expect(recorded[0]).toMatch(/^1: \d+ us left, every 7250300 us; 2: \d+ us left, every 11125700 us$/);
+    expect(recorded[1]).toBe(recorded[0]);
+    await exercised(aid);
+  });
 });
 
 describe('the CPU time a process, its threads and its reaped children used: carried, never going backwards', () => {
