@@ -48,7 +48,7 @@ import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile
 import { socketFileIdentities } from './fsident.js';
 import { ownerFor } from './files.js';
 import { ownCreds, peerCredRefusal, strangeOwner } from './creds.js';
-import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
+import { dumpUnixDgram, passesCredentials, queuedMessages, refuseOwnFilter, sentAs, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
@@ -83,6 +83,12 @@ const SOCK_SEQPACKET = 5;
  * the retry finds it read, as a program soon reads it. */
 function peekStream(dup: number, bytes: number, where: string): Buffer {
   if (addon().oobPending(dup)) throw new Transient(`${where} holds an out-of-band byte not yet read (MSG_OOB), which cannot be captured yet`);
+  // Each write's sender is shown to the reader (SCM_CREDENTIALS), and
+  // the kernel keeps the bytes of different senders apart: not carried
+  // for a stream yet (its records' are: queuedMessages). Refused for the
+  // moment: the retry finds them read.
+  if (passesCredentials(dup))
+    throw new Transient(`${where} passes credentials (SO_PASSCRED) and holds ${bytes} byte${bytes === 1 ? '' : 's'} not yet read, whose writers' credentials (SCM_CREDENTIALS) cannot be captured yet`);
   return addon().peekSocket(dup, bytes);
 }
 
@@ -794,9 +800,9 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     h.ownerAfter.add(a).add(b);
     if (s.queued.length) fillQueue(b, s.queued, `fd ${fd.fd}: a connected unix socket`);
     if (peer.queued.length) fillQueue(a, peer.queued, `fd ${fd.fd}: a connected unix socket's peer`);
-    // Seqpacket records, each whole.
-    for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);
-    for (const d of peer.datagrams ?? []) addon().sockSend(a, d.data, null);
+    // Seqpacket records, each whole, from who sent it (sentAs).
+    for (const d of s.datagrams ?? []) sentAs(h, d, `fd ${fd.fd}: a connected unix socket`, (creds) => addon().sockSend(b, d.data, null, creds));
+    for (const d of peer.datagrams ?? []) sentAs(h, d, `fd ${fd.fd}: a connected unix socket's peer`, (creds) => addon().sockSend(a, d.data, null, creds));
     // After the queues: a peek offset set before would skip bytes, a
     // small buffer would not take them.
     check(s, 'unix-stream', `fd ${fd.fd}: a connected unix socket`);
@@ -860,7 +866,7 @@ function loneEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     h.ownerAfter.add(a);
     try {
       if (s.queued.length) fillQueue(b, s.queued, where);
-      for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);
+      for (const d of s.datagrams ?? []) sentAs(h, d, where, (creds) => addon().sockSend(b, d.data, null, creds));
     } finally {
       if (inside) h.release([b]);
       else closeSync(b);
