@@ -41,6 +41,7 @@ import { clearSocketFile, dumpSocketFile, movedSocketFile, restoreSocketFile, so
 import { socketFileIdentities, socketHolderIdentities } from './fsident.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 import { peerCredOf, peerFor } from './sockets.js';
+import { strangeOwner } from './creds.js';
 
 const SOCK_DGRAM = 2;
 const SOL_SOCKET = 1;
@@ -265,7 +266,7 @@ function made(h: RestoreContext, s: Socket, what: string): number {
     if (s.peerIno && !peer) throw new AppshotError(`corrupt image: ${what}: the image lacks the peer of a unix datagram socket`);
     if (peer && !s.address && !peer.address && peer.peerIno === s.ino) {
       check(peer, what);
-      return madePair(h, s, peer);
+      return madePair(h, s, peer, what);
     }
     const sock = h.keep(addon().sockOpen(AF_UNIX, SOCK_DGRAM));
     h.ownerAfter.add(sock);
@@ -279,7 +280,7 @@ function made(h: RestoreContext, s: Socket, what: string): number {
 }
 
 /** socketpair(): both ends, each with what was queued for it sent by the other. */
-function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
+function madePair(h: RestoreContext, s: Socket, peer: Socket, what: string): number {
   // Made by whom it was (older images: the restorer), so that either end
   // still says who made it (SO_PEERCRED).
   // One maker for both ends, as socketpair(2) made them: if the recorded
@@ -299,7 +300,7 @@ function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
     [peer, a, b],
   ] as const) {
     setOptions(sock, ownOptions(end), false);
-    for (const d of end.datagrams ?? []) sentAs(h, d, 'a unix datagram socket pair', (creds) => addon().sockSend(other, d.data, null, creds));
+    for (const d of end.datagrams ?? []) sentAs(h, d, `${what}: a unix datagram socket pair`, (creds) => addon().sockSend(other, d.data, null, creds));
   }
   for (const [end, sock] of [
     [s, a],
@@ -342,6 +343,10 @@ export function sentAs(h: RestoreContext, d: Datagram, what: string, send: (cred
   if (d.credPid === undefined) return send();
   const pid = h.systemPid(d.credPid);
   if (pid === undefined) throw new AppshotError(`corrupt image: ${what}: a queued message sent by process ${d.credPid}, which the restore did not make`);
+  // Ids the image's processes have (an image of another node's may name
+  // any: the restorer would grant them).
+  const stranger = strangeOwner(h.image, d.credUid!, [d.credGid!]);
+  if (stranger) throw new AppshotError(`${what}: a queued message shown as sent by uid ${d.credUid} gid ${d.credGid}: ${stranger}`, ExitCode.denied);
   try {
     send({ pid, uid: d.credUid!, gid: d.credGid! });
   } catch (e) {
