@@ -25,6 +25,13 @@ export const paths = {
 export const kinds = ['pid', 'semid', 'shmid', 'msgid', 'semkey', 'shmkey', 'msgkey', 'port'] as const;
 export type Kind = (typeof kinds)[number];
 
+/** A unix message's sender as SCM_CREDENTIALS names it. */
+export interface MessageCreds {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
 export interface TableEntry {
   virtual: number;
   system: number;
@@ -543,13 +550,16 @@ interface Addon {
   /** fanotify_mark(fd, flags, mask, AT_FDCWD, path) as `who`. */
   fanotifyMarkAs(fd: number, flags: number, mask: bigint, path: string, who?: FsIdentities): void;
   /** One message, whole, to `addr` or to the connected peer (null). */
-  sockSend(fd: number, data: Buffer, addr: Buffer | null): void;
+  /** `creds`: sent with SCM_CREDENTIALS naming them. */
+  sockSend(fd: number, data: Buffer, addr: Buffer | null, creds?: MessageCreds): void;
   sockShutdown(fd: number, how: number): void;
   /** Every message queued for reading, left queued (SO_PEEK_OFF). */
   /** `shutForReading`: a peek answering 0 ends the queue (dgram.h). */
   /** `to`, `tos`, `ttl`: the IP header fields an IP socket asks to be shown
    * (IP_PKTINFO, IP_RECVTOS, IP_RECVTTL, their IPv6 twins): null, -1 if not. */
-  datagramQueue(fd: number, maxCount: number, maxTotal: number, maxOne: number, shutForReading?: boolean): { data: Buffer; from: Buffer | null; to: Buffer | null; tos: number; ttl: number }[];
+  /** `creds` (a unix socket with SO_PASSCRED): each message's
+   * SCM_CREDENTIALS as shown to this process (null: none shown). */
+  datagramQueue(fd: number, maxCount: number, maxTotal: number, maxOne: number, shutForReading?: boolean, creds?: boolean): { data: Buffer; from: Buffer | null; to: Buffer | null; tos: number; ttl: number; creds: MessageCreds | null }[];
   /** A UDP datagram as if `from` had sent it to `to` (raw socket, CAP_NET_RAW),
    * with that TOS or traffic class (0-255) and TTL or hop limit (1-255). */
   udpInject(from: Buffer, to: Buffer, data: Buffer, tos: number, ttl: number): void;
@@ -683,6 +693,9 @@ interface Addon {
   probeFeature(name: string): number;
   /** APPSHOT_TABLE_VERSION: the layout of the translation tables. */
   tableVersion: number;
+  /** The kernel's tick in ns (the coarse clocks' resolution), which it
+   * adds to every CPU-time interval timer set; 0 if it did not say. */
+  tickNanoseconds: number;
 }
 
 let loaded: Addon | undefined;

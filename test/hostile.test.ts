@@ -917,6 +917,12 @@ function udpHeaderCases(): [string, (image: Image) => void, string][] {
     ['an IPv4 datagram sent to an IPv6-only socket', udpHeader((d) => (d.to = '::ffff:127.0.0.1'), { family: 10, address: '::', from: '::ffff:127.0.0.1', v6only: true }), 'fd 913 has a datagram sent to "::ffff:127\\.0\\.0\\.1", an IPv4 address, but the socket takes IPv6 only'],
     ['an IPv6 datagram sent to an IPv4 address of an IPv6 socket', udpHeader((d) => (d.to = '::ffff:127.0.0.1'), { family: 10, address: '::', from: '::1' }), 'fd 913 has a datagram sent to "::ffff:127\\.0\\.0\\.1" from "::1": one IPv4, the other not'],
     ['IP header fields on a unix datagram', udpHeader((d) => (d.tos = 16), { unix: true }), 'fd 913 has a datagram with IP header fields but is not a UDP socket'],
+    // Who sent a queued unix message (SO_PASSCRED): the restore names that
+    // process, uid and gid to the kernel with the restorer's rights.
+    ['a unix message sent by a process the image lacks', udpHeader((d) => Object.assign(d, { credPid: 99999, credUid: 0, credGid: 0 }), { unix: true }), 'fd 913 has a message sent by process 99999, which the image does not have'],
+    ['a unix message with part of its sender\'s credentials', udpHeader((d) => Object.assign(d, { credPid: 2 }), { unix: true }), "fd 913 has a message with part of its sender's credentials"],
+    ['a UDP datagram with a sender\'s credentials', udpHeader((d) => Object.assign(d, { credPid: 2, credUid: 0, credGid: 0 })), "fd 913 has a message with part of its sender's credentials, or credentials on a socket not a unix one"],
+    ['a unix message sent by uid -1', (i) => udpHeader((d) => Object.assign(d, { credPid: i.processes[0].vpid, credUid: 0xffffffff, credGid: 0 }), { unix: true })(i), 'fd 913 has a message sent by uid 4294967295 gid 0: -1 is no one'],
   ];
 }
 

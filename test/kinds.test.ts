@@ -13,6 +13,7 @@ import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe as vitestDescribe, expect } from 'vitest';
 import { cli, command, fixture, Sandbox, spawnAsync, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
+import { loadImage } from '../src/image/format.js';
 
 const sb = new Sandbox();
 // Every directory a test of this file makes is under `out`: removed by
@@ -536,6 +537,44 @@ describe('POSIX timers on CPU-time clocks: the process\'s, and the thread\'s in 
   roundTrips('cput', [fixture('cputimers')], /POSIX timers: 0 clock -6, signal 10, in \S+ every 0\.020s; 1 clock -2, no signal, in \S+/);
 });
 
+describe('the CPU-time interval timers (ITIMER_VIRTUAL, ITIMER_PROF) of a process waiting: neither moves', () => {
+  // The kernel adds a tick to every value set: put back as read, each
+  // came back a tick later per round trip (fixture: "... more than ...").
+  // The second snapshot is taken of the restored process before it did
+  // anything: what it records is exactly what the first did. The fixture
+  // checks what it sees after each restore too (a wake-up may be charged
+  // a tick: never later, at most a tick sooner).
+  it('keeps the time each had left and its interval exactly, through two snapshots that end it', async () => {
+    const aid = 'itim1';
+    await start(aid, [fixture('itimers')]);
+    await waitFor(() => logOf(aid).includes('READY') || /FAIL/.test(logOf(aid)), 10_000, `${aid} to start`);
+    const recorded: string[] = [];
+    for (let round = 0; round < 2; round++) {
+      const image = join(out, `${aid}-${round}`);
+      await run(['snapshot', aid, '-o', image]);
+      const { image: img } = await loadImage(image, { trust: 'report' });
+      recorded.push(img.processes[0].itimers.map((t) => `${t.which}: ${t.valueUs} us left, every ${t.intervalUs} us`).join('; '));
+      await run(['restore', image]);
+    }
+    expect(recorded[0]).toMatch(/^1: \d+ us left, every 7250300 us; 2: \d+ us left, every 11125700 us$/);
+    expect(recorded[1]).toBe(recorded[0]);
+    await exercised(aid);
+  });
+});
+
+describe('unix messages and stream bytes queued on sockets that pass credentials (SO_PASSCRED): each shown as sent by whom it was', () => {
+  // Before, the reader was shown PID 0 and the overflow uid and gid (fixture:
+  // "... shown as sent by pid 0 uid 65534 gid 65534, not pid 3 uid 1234 ...").
+  it('a datagram pair, a seqpacket pair, a named datagram socket and a stream pair (each writer\'s bytes apart): the child\'s PID (the application\'s), uid and gid, and the reader\'s own', async () => {
+    const aid = 'passcred1';
+    await start(aid, [fixture('passcred')]);
+    await waitFor(() => logOf(aid).includes('READY') || /FAIL/.test(logOf(aid)), 10_000, `${aid} to start`);
+    await run(['snapshot', aid, '-o', join(out, aid)]);
+    await run(['restore', join(out, aid)]);
+    await exercised(aid);
+  });
+});
+
 describe('the CPU time a process, its threads and its reaped children used: carried, never going backwards', () => {
   // The fixture compares every interface with its previous check, and with
   // what it burnt: a count that started again near 0 fails the first
@@ -960,6 +999,9 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['udp-timestamps', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: .* holds 1 datagram and shows the program when each was received \\(SO_TIMESTAMP, SO_TIMESTAMPNS or SO_TIMESTAMPING\\), which a restore would stamp anew: cannot be captured yet`)],
     // It came back with "abc" and no out-of-band byte, no mark.
     ['unix-oob', (fd) => `process 2 (holder) fd ${fd}: a connected unix stream socket holds an out-of-band byte not yet read (MSG_OOB), which cannot be captured yet`],
+    // A restore writes "abc" again with credentials: the reader would be
+    // shown a writer where it was shown none (PID 0, uid and gid 65534).
+    ['unix-passcred-stream', (fd) => `process 2 (holder) fd ${fd}: a connected unix stream socket passes credentials (SO_PASSCRED) and holds a message whose sender the kernel did not record (sent before SO_PASSCRED was set, or from outside the application's PID namespace), which a restore cannot queue so: cannot be captured yet`],
     // The listener came back with an empty queue: the connection was gone.
     ['unix-backlog', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the unix socket listening at @holder-backlog-\\d+ has 1 connection not yet accepted, which cannot be captured yet`)],
     ['tcp-bpf', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the TCP connection 127\\.0\\.0\\.1:\\d+ → 127\\.0\\.0\\.1:\\d+ has an eBPF socket filter the application attached \\(SO_ATTACH_BPF\\), which cannot be captured`)],

@@ -174,7 +174,8 @@ Napi::Value SocketFileRemove(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), rc > 0);
 }
 
-// sockSend(fd, data, addr | null): one message, whole.
+// sockSend(fd, data, addr | null, creds?): one message, whole; with
+// creds { pid, uid, gid }, sent with SCM_CREDENTIALS naming them.
 Napi::Value SockSend(const Napi::CallbackInfo& info) {
   auto d = info[1].As<Napi::Buffer<uint8_t>>();
   const sockaddr* to = nullptr;
@@ -183,6 +184,14 @@ Napi::Value SockSend(const Napi::CallbackInfo& info) {
     auto a = info[2].As<Napi::Buffer<uint8_t>>();
     to = reinterpret_cast<const sockaddr*>(a.Data());
     len = a.Length();
+  }
+  if (info.Length() > 3 && info[3].IsObject()) {
+    // With the sender's credentials (SCM_CREDENTIALS).
+    auto c = info[3].As<Napi::Object>();
+    struct ucred u = {Int(c.Get("pid")), c.Get("uid").As<Napi::Number>().Uint32Value(), c.Get("gid").As<Napi::Number>().Uint32Value()};
+    int rc = dgram_send_creds(Int(info[0]), d.Data(), d.Length(), to, len, &u);
+    if (rc) ThrowErrno(info.Env(), "sendmsg (SCM_CREDENTIALS)", -rc);
+    return info.Env().Undefined();
   }
   ssize_t n = sendto(Int(info[0]), d.Data(), d.Length(), MSG_DONTWAIT | MSG_NOSIGNAL, to, len);
   if (n < 0) ThrowErrno(info.Env(), "sendto", errno);
@@ -196,7 +205,8 @@ Napi::Value SockShutdown(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// datagramQueue(fd, maxCount, maxTotal, maxOne, shutForReading?) -> [{ data, from, to, tos, ttl }]:
+// datagramQueue(fd, maxCount, maxTotal, maxOne, shutForReading?, creds?) -> [{ data, from, to, tos, ttl, creds }]:
+// (creds: { pid, uid, gid } SCM_CREDENTIALS showed, asked of a unix socket with SO_PASSCRED; else null)
 // (to, tos, ttl: the IP header fields the socket asks to be shown; null, -1 if not)
 // every message queued for reading, left queued; `from` is null when unnamed.
 // An error waiting to be read (POLLERR) throws code ERRPENDING, unread.
@@ -204,7 +214,7 @@ Napi::Value DatagramQueue(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   dgram_msg* msgs = nullptr;
   long n = dgram_queue(Int(info[0]), info[1].As<Napi::Number>().Uint32Value(), info[2].As<Napi::Number>().Uint32Value(),
-                       info[3].As<Napi::Number>().Uint32Value(), info.Length() > 4 && info[4].ToBoolean(), &msgs);
+                       info[3].As<Napi::Number>().Uint32Value(), info.Length() > 4 && info[4].ToBoolean(), info.Length() > 5 && info[5].ToBoolean(), &msgs);
   if (n == DGRAM_ERROR_PENDING) {
     Napi::Error e = Napi::Error::New(env, "a socket error waits to be read");
     e.Set("code", Napi::String::New(env, "ERRPENDING"));
@@ -223,6 +233,15 @@ Napi::Value DatagramQueue(const Napi::CallbackInfo& info) {
     o.Set("to", msgs[i].to_len ? Addr(env, &msgs[i].to, msgs[i].to_len) : env.Null());
     o.Set("tos", msgs[i].tos);
     o.Set("ttl", msgs[i].ttl);
+    if (msgs[i].has_creds) {
+      Napi::Object c = Napi::Object::New(env);
+      c.Set("pid", msgs[i].creds.pid);
+      c.Set("uid", Napi::Number::New(env, msgs[i].creds.uid));
+      c.Set("gid", Napi::Number::New(env, msgs[i].creds.gid));
+      o.Set("creds", c);
+    } else {
+      o.Set("creds", env.Null());
+    }
     out.Set(static_cast<uint32_t>(i), o);
   }
   dgram_free(msgs, n);

@@ -2,6 +2,8 @@
 // version` reports that only the native part knows.
 #include <napi.h>
 
+#include <time.h>
+
 #include <string>
 
 #include "addon.h"
@@ -31,6 +33,12 @@ Napi::Value ProbeFeature(const Napi::CallbackInfo& info) {
 void RegisterProbe(Napi::Env env, Napi::Object exports) {
   exports.Set("probeFeature", Napi::Function::New(env, ProbeFeature));
   exports.Set("tableVersion", Napi::Number::New(env, APPSHOT_TABLE_VERSION));
+  // The kernel's tick (TICK_NSEC), which it adds to every CPU-time
+  // interval timer set (set_cpu_itimer) and tells as the coarse clocks'
+  // resolution; HZ itself is not shown to userspace. 0 if not told.
+  struct timespec tick = {0, 0};
+  if (clock_getres(CLOCK_MONOTONIC_COARSE, &tick) != 0 || tick.tv_sec) tick.tv_nsec = 0;
+  exports.Set("tickNanoseconds", Napi::Number::New(env, (double)tick.tv_nsec));
 }
 
 }  // namespace appshot

@@ -81,7 +81,46 @@ void dgram_free(dgram_msg* msgs, long n) {
   free(msgs);
 }
 
-long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int shut_for_reading, dgram_msg** out) {
+/* The sender's credentials a unix message's control data shows; any
+ * descriptor it carried (SCM_RIGHTS, SCM_PIDFD) closed. */
+static void unix_fields(struct msghdr* mh, dgram_msg* m) {
+  m->has_creds = 0;
+  if (!mh->msg_control) return;
+  for (struct cmsghdr* c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+    if (c->cmsg_level != SOL_SOCKET) continue;
+    size_t len = c->cmsg_len - CMSG_LEN(0);
+    if (c->cmsg_type == SCM_CREDENTIALS && len >= sizeof(struct ucred)) {
+      memcpy(&m->creds, CMSG_DATA(c), sizeof m->creds);
+      m->has_creds = 1;
+    } else if (c->cmsg_type == SCM_RIGHTS || c->cmsg_type == 0x04 /* SCM_PIDFD */) {
+      for (size_t i = 0; i + sizeof(int) <= len; i += sizeof(int)) {
+        int got;
+        memcpy(&got, CMSG_DATA(c) + i, sizeof got);
+        close(got);
+      }
+    }
+  }
+}
+
+int dgram_send_creds(int fd, const void* data, size_t len, const struct sockaddr* to, socklen_t to_len, const struct ucred* creds) {
+  union {
+    struct cmsghdr align;
+    unsigned char bytes[CMSG_SPACE(sizeof(struct ucred))];
+  } control;
+  memset(&control, 0, sizeof control);
+  struct iovec iov = {(void*)data, len};
+  struct msghdr mh = {.msg_name = (void*)to, .msg_namelen = to ? to_len : 0, .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes, .msg_controllen = sizeof control.bytes};
+  struct cmsghdr* c = CMSG_FIRSTHDR(&mh);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_CREDENTIALS;
+  c->cmsg_len = CMSG_LEN(sizeof(struct ucred));
+  memcpy(CMSG_DATA(c), creds, sizeof *creds);
+  ssize_t n = sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+  if (n < 0) return -errno;
+  return (size_t)n == len ? 0 : -EMSGSIZE;
+}
+
+long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int shut_for_reading, int creds, dgram_msg** out) {
   /* A pending error (sk_err: a connected UDP socket's ICMP port
    * unreachable, a seqpacket whose peer closed on unread data) is what a
    * peek would answer first, and answering consumes it: the application's
@@ -114,16 +153,20 @@ long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int
       unsigned char bytes[512];
     } control;
     struct msghdr mh = {.msg_name = &from, .msg_namelen = sizeof from, .msg_iov = &iov, .msg_iovlen = 1};
-    if (ip) {
+    if (ip || creds) {
       mh.msg_control = control.bytes;
       mh.msg_controllen = sizeof control.bytes;
     }
-    ssize_t got = recvmsg(fd, &mh, MSG_PEEK | MSG_DONTWAIT);
+    ssize_t got = recvmsg(fd, &mh, MSG_PEEK | MSG_DONTWAIT | (ip ? 0 : MSG_CMSG_CLOEXEC));
     if (got < 0) {
       if (errno == EINTR) continue;
       if (errno != EAGAIN) rc = -errno;
       break;
     }
+    /* Read (its descriptors closed) before anything may end the walk. */
+    dgram_msg seen;
+    if (ip) seen.has_creds = 0;
+    else unix_fields(&mh, &seen);
     if (got == 0 && shut_for_reading) break;
     if ((size_t)got > max_one || (mh.msg_flags & MSG_TRUNC)) {
       rc = -EMSGSIZE;
@@ -154,6 +197,8 @@ long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int
     memcpy(&m->from, &from, sizeof from);
     m->from_len = mh.msg_namelen > sizeof from ? sizeof from : mh.msg_namelen;
     header_fields(&mh, own.ss_family, m);
+    m->has_creds = seen.has_creds;
+    m->creds = seen.creds;
     n++;
     total += (size_t)got;
   }

@@ -23,6 +23,11 @@ typedef struct {
   struct sockaddr_storage to;
   socklen_t to_len;
   int tos, ttl;
+  /* A unix socket's, asked for (dgram_queue's `creds`): who sent it, as
+   * SCM_CREDENTIALS shows the receiver (has_creds 0: the kernel gave no
+   * such message). */
+  int has_creds;
+  struct ucred creds;
 } dgram_msg;
 
 /* Every message queued for reading on `fd`, in order and with its
@@ -35,9 +40,17 @@ typedef struct {
  * (a datagram socket still says EAGAIN): an empty answer ends the walk
  * there (an empty record on such a socket is lost). DGRAM_ERROR_PENDING
  * when the socket holds an error for the application to read (poll says
- * POLLERR), which any peek would consume: nothing is read then. */
+ * POLLERR), which any peek would consume: nothing is read then.
+ * `creds`: a unix socket with SO_PASSCRED, each message read with its
+ * SCM_CREDENTIALS (and room for control data: a descriptor it carried
+ * would be installed here, close-on-exec, and is closed at once). */
 #define DGRAM_ERROR_PENDING (-4096) /* an error waits to be read: nothing was peeked */
-long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int shut_for_reading, dgram_msg** out);
+long dgram_queue(int fd, size_t max_count, size_t max_total, size_t max_one, int shut_for_reading, int creds, dgram_msg** out);
+/* sendmsg(2) of one whole message with SCM_CREDENTIALS naming `creds`
+ * (the kernel lets a process name a pid not its own only with
+ * CAP_SYS_ADMIN, a uid or gid not its own with CAP_SETUID, CAP_SETGID).
+ * `to` NULL: the socket's peer. 0 or -errno (-EMSGSIZE: sent in part). */
+int dgram_send_creds(int fd, const void* data, size_t len, const struct sockaddr* to, socklen_t to_len, const struct ucred* creds);
 void dgram_free(dgram_msg* msgs, long n);
 
 /* bind(2) as the application's process `who` would (its filesystem

@@ -946,6 +946,13 @@ export interface Datagram {
   to?: string;
   tos?: number;
   ttl?: number;
+  /** A unix socket with SO_PASSCRED: who sent it, as SCM_CREDENTIALS
+   * shows the reader: the sender's virtual PID (a process of the image;
+   * the system's while the snapshot is taken, until dumpFds makes it
+   * virtual), uid and gid. All three or none (not shown). */
+  credPid?: number;
+  credUid?: number;
+  credGid?: number;
 }
 
 export interface EpollTarget {

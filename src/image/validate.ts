@@ -402,6 +402,17 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     const udpHeaders = fd.kind === FdKind.UDP && fd.socket ? udpHeadersProblem(fd.socket) : undefined;
     if (udpHeaders) corrupt(`${where} ${udpHeaders}`);
     if (fd.socket) checkDatagrams(fd.socket, where);
+    // Who sent a queued unix message (SCM_CREDENTIALS): a process of the
+    // image, which the restore names as it is then; ids it may give.
+    let vpids: Set<number> | undefined;
+    for (const d of fd.socket?.datagrams ?? []) {
+      const fields = [d.credPid, d.credUid, d.credGid].filter((v) => v !== undefined).length;
+      if (!fields) continue;
+      if (fields !== 3 || (fd.kind !== FdKind.UNIX_DGRAM && fd.kind !== FdKind.UNIX_SOCKET)) corrupt(`${where} has a message with part of its sender's credentials, or credentials on a socket not a unix one`);
+      vpids ??= new Set(image.processes.map((q) => q.vpid));
+      if (!vpids.has(d.credPid!)) corrupt(`${where} has a message sent by process ${d.credPid}, which the image does not have`);
+      if (d.credUid === 0xffffffff || d.credGid === 0xffffffff) corrupt(`${where} has a message sent by uid ${d.credUid} gid ${d.credGid}: -1 is no one`);
+    }
     if (fd.tcp) checkOptions(fd.tcp.socketOptions ?? [], where);
     if (fd.kind === FdKind.TCP_ESTABLISHED && !fd.tcp) corrupt(`${where} is a TCP connection with no connection state`);
     if (fd.tcp && (fd.tcp.localPort > 65535 || fd.tcp.peerPort > 65535 || fd.tcp.unsent > fd.tcp.sendQueue.length))

@@ -276,6 +276,10 @@ export class RestoreContext {
     for (const l of this.heldListeners.splice(0)) addon().listenNow(l.fd, l.backlog, l.reuseaddr);
   }
 
+  /** The system PID a process of the image (its virtual PID) has now,
+   * once the restore made the tree (the driver sets it). */
+  systemPid: (vpid: number) => number | undefined = () => undefined;
+
   constructor(
     readonly image: Image,
     private readonly pagesFd: number,

@@ -68,6 +68,26 @@ function dumpItimers(asked: Answer[]): ITimer[] {
   return out;
 }
 
+const ITIMER_REAL = 0;
+
+/** The value to set for a timer to show `t.valueUs` left: a CPU-time one
+ * (ITIMER_VIRTUAL, ITIMER_PROF) less the kernel's tick, which
+ * set_cpu_itimer adds to every value set (its interval it keeps as
+ * given, and a rearm adds nothing): set as read, the timer came back a
+ * tick later each round trip. The tick in whole microseconds, rounded
+ * down: what is left is then the image's to the microsecond (getitimer's
+ * unit), and at most a microsecond later, never sooner. One with a tick
+ * or less left (the kernel shows a timer due but not yet fired as a
+ * tick) is set to the least it can be, a microsecond (plus the tick):
+ * it fires at the first tick it can, not sooner than it would have, and
+ * is not lost. */
+function itimerValueToSet(t: ITimer, tickNs: number): bigint {
+  const tickUs = t.which === ITIMER_REAL ? 0n : BigInt(Math.floor(tickNs / 1000));
+  const value = t.valueUs - tickUs;
+  // A timer due at the snapshot fires at once, not never.
+  return value > 0n ? value : 1n;
+}
+
 /** Interval timers, set late (they start ticking at once): added to
  * `calls`, the last batch of the main thread's before its credentials,
  * which its caller runs. */
@@ -76,8 +96,7 @@ export function restoreItimers(r: RemoteProcess, timers: ITimer[], calls: CallBa
     const tv = Buffer.alloc(32);
     tv.writeBigInt64LE(t.intervalUs / 1000000n, 0);
     tv.writeBigInt64LE(t.intervalUs % 1000000n, 8);
-    // A timer due at the snapshot fires at once, not never.
-    const value = t.valueUs || 1n;
+    const value = itimerValueToSet(t, addon().tickNanoseconds);
     tv.writeBigInt64LE(value / 1000000n, 16);
     tv.writeBigInt64LE(value % 1000000n, 24);
     calls.add(`setting interval timer ${t.which}`, SYS.setitimer, [t.which, r.put(tv), 0]);

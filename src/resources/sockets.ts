@@ -38,7 +38,7 @@ import { dumpRaw, SOCK_RAW } from './raw.js';
 import { closeSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
-import { type Fd, FdKind, type Image, type PeerCred, type Process, type Socket, type SocketOption, verdictRef, virtualPort } from '../image/types.js';
+import { type Datagram, type Fd, FdKind, type Image, type PeerCred, type Process, type Socket, type SocketOption, verdictRef, virtualPort } from '../image/types.js';
 import { type DumpContext, nameProcess, type RestoreContext, Transient, Unsupported, writeWhatFits } from './context.js';
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
@@ -48,7 +48,7 @@ import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile
 import { socketFileIdentities } from './fsident.js';
 import { ownerFor } from './files.js';
 import { ownCreds, peerCredRefusal, strangeOwner } from './creds.js';
-import { dumpUnixDgram, queuedMessages, refuseOwnFilter, shut } from './unixdgram.js';
+import { dumpUnixDgram, passesCredentials, queuedMessages, refuseOwnFilter, sentAs, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
@@ -80,10 +80,20 @@ const SOCK_SEQPACKET = 5;
  * out-of-band byte among them (send with MSG_OOB) is not carried: a peek
  * skips it, and the program that looks for it with MSG_OOB or
  * SIOCATMARK after a restore would find nothing. Refused for the moment:
- * the retry finds it read, as a program soon reads it. */
-function peekStream(dup: number, bytes: number, where: string): Buffer {
+ * the retry finds it read, as a program soon reads it.
+ * On a socket that passes credentials (SO_PASSCRED) each writer's bytes
+ * are shown with its own (SCM_CREDENTIALS), and the kernel gives a read
+ * no more than one writer's run: the bytes are then read as those runs,
+ * each with who wrote it (queuedMessages), carried as the socket's
+ * records (`datagrams`, `queued` left empty), and written back so. */
+function peekStream(dup: number, bytes: number, where: string, shutForReading = false): { queued: Buffer; datagrams?: Datagram[] } {
   if (addon().oobPending(dup)) throw new Transient(`${where} holds an out-of-band byte not yet read (MSG_OOB), which cannot be captured yet`);
-  return addon().peekSocket(dup, bytes);
+  if (!passesCredentials(dup)) return { queued: addon().peekSocket(dup, bytes) };
+  const runs = queuedMessages(dup, where, shutForReading);
+  const read = runs.reduce((n, r) => n + r.data.length, 0);
+  if (read !== bytes) throw new Transient(`${where} holds ${bytes} bytes not yet read, of which ${read} could be read with their writers' credentials (SO_PASSCRED): cannot be captured yet`);
+  // Written back through the other end of a pair: no sender's name.
+  return { queued: Buffer.alloc(0), datagrams: runs.map((r) => ({ ...r, from: '', fromPort: 0 })) };
 }
 
 /** What a listener carries in its own fields (reuseaddr, reuseport, v6only),
@@ -369,7 +379,7 @@ export class SocketTable {
         const peerCred = peerCredOf(dup);
         if (opts.type === SOCK_SEQPACKET) return { ...base, address: u.path, peerGone: true, datagrams: queuedMessages(dup, where, true), shutdown: d.shutdown, options, peerCred };
         if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
-        return { ...base, address: u.path, peerGone: true, queued: d.rqueue ? peekStream(dup, d.rqueue, where) : Buffer.alloc(0), shutdown: d.shutdown, options, peerCred };
+        return { ...base, address: u.path, peerGone: true, ...(d.rqueue ? peekStream(dup, d.rqueue, where, true) : { queued: Buffer.alloc(0) }), shutdown: d.shutdown, options, peerCred };
       }
       if (!d?.peer) throw new Unsupported(`${what} fd ${fd}: a unix ${typeName} socket not connected to anything cannot be captured yet`);
       const options = extras('unix-stream', `${what} fd ${fd}: a connected unix ${typeName} socket`);
@@ -382,13 +392,12 @@ export class SocketTable {
         return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), datagrams, shutdown: d.shutdown, options, peerCred };
       }
       if (opts.type !== SOCK_STREAM) throw new Unsupported(`${what} fd ${fd}: a unix socket of ${typeName} cannot be captured yet`);
-      let queued: Buffer = Buffer.alloc(0);
-      if (d.rqueue) queued = peekStream(dup, d.rqueue, `${what} fd ${fd}: a connected unix stream socket`);
+      const { queued, datagrams } = d.rqueue ? peekStream(dup, d.rqueue, `${what} fd ${fd}: a connected unix stream socket`, (d.shutdown & 1) !== 0) : { queued: Buffer.alloc(0), datagrams: undefined };
       // Whether the peer is in the application is known only when every
       // process has been seen: the driver checks (checkUnixPeers).
       // Its shutdown state too (sk_shutdown, which shutdown() on either end
       // sets on both, mirrored): pairEnd shuts the new pair down alike.
-      return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued, shutdown: d.shutdown, options, peerCred };
+      return { ...base, address: u?.path ?? '', peerIno: BigInt(d.peer), queued, ...(datagrams ? { datagrams } : {}), shutdown: d.shutdown, options, peerCred };
     }
     if ((opts.family === AF_INET || opts.family === AF_INET6) && opts.type === SOCK_DGRAM) {
       // A datagram socket of another protocol than UDP: a ping socket
@@ -794,9 +803,10 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     h.ownerAfter.add(a).add(b);
     if (s.queued.length) fillQueue(b, s.queued, `fd ${fd.fd}: a connected unix socket`);
     if (peer.queued.length) fillQueue(a, peer.queued, `fd ${fd.fd}: a connected unix socket's peer`);
-    // Seqpacket records, each whole.
-    for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);
-    for (const d of peer.datagrams ?? []) addon().sockSend(a, d.data, null);
+    // Seqpacket records, each whole, and a stream's runs, each from who
+    // sent it (sentAs).
+    fillRecords(h, b, s, `fd ${fd.fd}: a connected unix socket`);
+    fillRecords(h, a, peer, `fd ${fd.fd}: a connected unix socket's peer`);
     // After the queues: a peek offset set before would skip bytes, a
     // small buffer would not take them.
     check(s, 'unix-stream', `fd ${fd.fd}: a connected unix socket`);
@@ -826,18 +836,41 @@ const O_NONBLOCK = 0o4000;
  * buffer is made room for first (what the application had in flight fit
  * its own), then put back; what still does not fit is refused in one line.
  */
+/** What was queued for `s` as messages (a seqpacket's records; a stream
+ * that passes credentials: its writers' runs), written to it through
+ * `sock`, its other end, each as its sender sent it (sentAs). A stream's
+ * runs with the room fillQueue makes for bytes (a send must not stop
+ * part way). */
+function fillRecords(h: RestoreContext, sock: number, s: Socket, where: string): void {
+  const records = s.datagrams ?? [];
+  if (!records.length) return;
+  const send = () => {
+    for (const d of records) sentAs(h, d, where, (creds) => addon().sockSend(sock, d.data, null, creds));
+  };
+  if (s.type === SOCK_STREAM) withRoom(sock, records.reduce((n, d) => n + d.data.length, 0), send);
+  else send();
+}
+
 function fillQueue(sock: number, bytes: Buffer, where: string): void {
+  withRoom(sock, bytes.length, () => {
+    const done = writeWhatFits(sock, bytes);
+    if (done < bytes.length) throw new AppshotError(`${where}: ${bytes.length} bytes were queued in it, more than it takes here (${done} did)`);
+  });
+}
+
+/** `write` run with `sock`'s send buffer made room for `length` bytes,
+ * non-blocking; its buffer size put back after. */
+function withRoom(sock: number, length: number, write: () => void): void {
   const before = addon().getSockOpt(sock, SOL_SOCKET, SO_SNDBUF);
   // The kernel doubles what it is asked, and counts its own overhead.
-  const room = Math.min(bytes.length * 2 + 65536, 0x3fffffff);
+  const room = Math.min(length * 2 + 65536, 0x3fffffff);
   try {
     addon().setSockOpt(sock, SOL_SOCKET, SO_SNDBUFFORCE, room);
   } catch {
     addon().setSockOpt(sock, SOL_SOCKET, SO_SNDBUF, room); // capped by wmem_max without CAP_NET_ADMIN
   }
   addon().setStatusFlags(sock, O_RDWR | O_NONBLOCK);
-  const done = writeWhatFits(sock, bytes);
-  if (done < bytes.length) throw new AppshotError(`${where}: ${bytes.length} bytes were queued in it, more than it takes here (${done} did)`);
+  write();
   addon().setStatusFlags(sock, O_RDWR);
   // Put back: the kernel reports twice what was set.
   try {
@@ -860,7 +893,7 @@ function loneEnd(h: RestoreContext, s: Socket, fd: Fd): number {
     h.ownerAfter.add(a);
     try {
       if (s.queued.length) fillQueue(b, s.queued, where);
-      for (const d of s.datagrams ?? []) addon().sockSend(b, d.data, null);
+      fillRecords(h, b, s, where);
     } finally {
       if (inside) h.release([b]);
       else closeSync(b);

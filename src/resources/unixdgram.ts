@@ -33,13 +33,15 @@
 import { closeSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Datagram, Fd, PeerCred, Process, Socket, SocketOption } from '../image/types.js';
-import { addon, type FileId, type UnixSocketInfo } from '../native.js';
+import { addon, type FileId, type MessageCreds, type UnixSocketInfo } from '../native.js';
+import { readStat } from '../procfs.js';
 import { type RestoreContext, Transient, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
 import { clearSocketFile, dumpSocketFile, movedSocketFile, restoreSocketFile, socketFileForPeers, socketFilePlace } from './socketfile.js';
 import { socketFileIdentities, socketHolderIdentities } from './fsident.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 import { peerCredOf, peerFor } from './sockets.js';
+import { strangeOwner } from './creds.js';
 
 const SOCK_DGRAM = 2;
 const SOL_SOCKET = 1;
@@ -66,19 +68,56 @@ const AUTOBIND = /^@[0-9a-f]{5}$/;
 
 /* ---- dump --------------------------------------------------------------- */
 
-/** The messages queued for reading on a duplicate of the socket, whole
- * and in order, left queued. */
+/** The messages queued for reading on a duplicate of the unix socket,
+ * whole and in order, left queued; on a socket that passes credentials
+ * (SO_PASSCRED), each with who sent it as the reader will be shown
+ * (SCM_CREDENTIALS), its pid the system's (dumpFds makes it the
+ * application's: senderAsVirtual). */
 export function queuedMessages(dup: number, what: string, shutForReading = false): Datagram[] {
-  return queuedWithHeaders(dup, what, shutForReading).map((m) => m.datagram);
+  const creds = passesCredentials(dup);
+  return queuedWithHeaders(dup, what, shutForReading, creds).map((m) => {
+    if (!creds) return m.datagram;
+    const c = m.creds;
+    // The kernel attached none: the message was sent while neither end
+    // passed credentials (the program turned SO_PASSCRED on later); the
+    // reader is shown pid 0 and the overflow ids. A message sent again
+    // gets credentials of its own: refused while it waits to be read.
+    if (!c || c.pid === 0)
+      throw new Transient(`${what} passes credentials (SO_PASSCRED) and holds a message whose sender the kernel did not record (sent before SO_PASSCRED was set, or from outside the application's PID namespace), which a restore cannot queue so: cannot be captured yet`);
+    return { ...m.datagram, credPid: c.pid, credUid: c.uid, credGid: c.gid };
+  });
+}
+
+/** Whether the unix socket shows its reader who sent each message
+ * (SO_PASSCRED). */
+export function passesCredentials(dup: number): boolean {
+  return addon().getSockOpt(dup, SOL_SOCKET, SO_PASSCRED) !== 0;
+}
+
+/** The system PIDs of who sent `s`'s queued messages (queuedMessages)
+ * made the application's virtual ones: `virtual` (DumpContext.virtual)
+ * answers 0 for a process that is not the application's, and one that
+ * has exited (a zombie, or gone: its PID may be another's by the restore)
+ * has no process to name. Refused by name, as a moment's state: the
+ * program reads the message soon. */
+export function senderAsVirtual(s: Socket, virtual: (pid: number) => number, where: string): void {
+  for (const d of s.datagrams ?? []) {
+    if (d.credPid === undefined) continue;
+    const st = readStat(d.credPid);
+    const vpid = st && st.state !== 'Z' && st.state !== 'X' ? virtual(d.credPid) : 0;
+    if (!vpid)
+      throw new Transient(`${where} holds a message sent by PID ${d.credPid} (SO_PASSCRED shows it), which ${st && st.state !== 'Z' && st.state !== 'X' ? 'is not a process of the application' : 'has exited'}: its credentials cannot be put back exactly, so it cannot be captured yet`);
+    d.credPid = vpid;
+  }
 }
 
 /** The same, each with what its IP header said that the socket asks to
  * be shown (udp.ts): the address it was sent to ('' if not shown), its
  * TOS or traffic class and TTL or hop limit (-1 if not shown). */
-export function queuedWithHeaders(dup: number, what: string, shutForReading = false): { datagram: Datagram; to: string; tos: number; ttl: number }[] {
+export function queuedWithHeaders(dup: number, what: string, shutForReading = false, creds = false): { datagram: Datagram; to: string; tos: number; ttl: number; creds: MessageCreds | null }[] {
   let got;
   try {
-    got = addon().datagramQueue(dup, QUEUE_LIMITS.count, QUEUE_LIMITS.bytes, QUEUE_LIMITS.one, shutForReading);
+    got = addon().datagramQueue(dup, QUEUE_LIMITS.count, QUEUE_LIMITS.bytes, QUEUE_LIMITS.one, shutForReading, creds);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'E2BIG') throw new Unsupported(`${what}: more than ${QUEUE_LIMITS.count} datagrams or ${QUEUE_LIMITS.bytes >> 20} MiB queued`);
@@ -93,7 +132,7 @@ export function queuedWithHeaders(dup: number, what: string, shutForReading = fa
     throw new Transient(`${what} holds ${got.length} datagram${got.length > 1 ? 's' : ''} and shows the program when each was received (SO_TIMESTAMP, SO_TIMESTAMPNS or SO_TIMESTAMPING), which a restore would stamp anew: cannot be captured yet`);
   return got.map((m) => {
     const from = m.from ? parseSockaddr(m.from) : { address: '', port: 0 };
-    return { datagram: { data: m.data, from: from.address, fromPort: from.port }, to: m.to ? parseSockaddr(m.to).address : '', tos: m.tos, ttl: m.ttl };
+    return { datagram: { data: m.data, from: from.address, fromPort: from.port }, to: m.to ? parseSockaddr(m.to).address : '', tos: m.tos, ttl: m.ttl, creds: m.creds };
   });
 }
 
@@ -227,7 +266,7 @@ function made(h: RestoreContext, s: Socket, what: string): number {
     if (s.peerIno && !peer) throw new AppshotError(`corrupt image: ${what}: the image lacks the peer of a unix datagram socket`);
     if (peer && !s.address && !peer.address && peer.peerIno === s.ino) {
       check(peer, what);
-      return madePair(h, s, peer);
+      return madePair(h, s, peer, what);
     }
     const sock = h.keep(addon().sockOpen(AF_UNIX, SOCK_DGRAM));
     h.ownerAfter.add(sock);
@@ -241,7 +280,7 @@ function made(h: RestoreContext, s: Socket, what: string): number {
 }
 
 /** socketpair(): both ends, each with what was queued for it sent by the other. */
-function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
+function madePair(h: RestoreContext, s: Socket, peer: Socket, what: string): number {
   // Made by whom it was (older images: the restorer), so that either end
   // still says who made it (SO_PEERCRED).
   // One maker for both ends, as socketpair(2) made them: if the recorded
@@ -261,7 +300,7 @@ function madePair(h: RestoreContext, s: Socket, peer: Socket): number {
     [peer, a, b],
   ] as const) {
     setOptions(sock, ownOptions(end), false);
-    for (const d of end.datagrams ?? []) addon().sockSend(other, d.data, null);
+    for (const d of end.datagrams ?? []) sentAs(h, d, `${what}: a unix datagram socket pair`, (creds) => addon().sockSend(other, d.data, null, creds));
   }
   for (const [end, sock] of [
     [s, a],
@@ -294,8 +333,36 @@ function bindName(h: RestoreContext, sock: number, s: Socket, what: string): voi
   restoreSocketFile(h, sock, address, s.file, what, who);
 }
 
+/** Sends `d` by `send`, with SCM_CREDENTIALS naming who sent it (its
+ * process as it is now, its uid and gid) if the image recorded them
+ * (queuedMessages). The restorer names a process not its own only with
+ * CAP_SYS_ADMIN, a uid or gid not its own with CAP_SETUID or CAP_SETGID:
+ * without them the restore fails, naming the message's sender, rather
+ * than queue it shown as sent by someone else. */
+export function sentAs(h: RestoreContext, d: Datagram, what: string, send: (creds?: MessageCreds) => void): void {
+  if (d.credPid === undefined) return send();
+  const pid = h.systemPid(d.credPid);
+  if (pid === undefined) throw new AppshotError(`corrupt image: ${what}: a queued message sent by process ${d.credPid}, which the restore did not make`);
+  // Ids the image's processes have (an image of another node's may name
+  // any: the restorer would grant them).
+  const stranger = strangeOwner(h.image, d.credUid!, [d.credGid!]);
+  if (stranger) throw new AppshotError(`${what}: a queued message shown as sent by uid ${d.credUid} gid ${d.credGid}: ${stranger}`, ExitCode.denied);
+  try {
+    send({ pid, uid: d.credUid!, gid: d.credGid! });
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'EPERM' || code === 'EINVAL')
+      throw new AppshotError(`${what}: a queued message sent by process ${d.credPid} as uid ${d.credUid} gid ${d.credGid} (SO_PASSCRED shows who sent it) cannot be put back with those credentials: naming another process takes CAP_SYS_ADMIN, another uid or gid CAP_SETUID or CAP_SETGID (${(e as Error).message})`);
+    throw e;
+  }
+}
+
 /** One queued datagram sent to `sock` again, from its sender if possible. */
 function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: string): void {
+  sentAs(h, d, what, (creds) => requeueFrom(h, sock, s, d, what, creds));
+}
+
+function requeueFrom(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: string, creds: MessageCreds | undefined): void {
   const to = addon().sockName(sock);
   if (to.length <= 2) throw new AppshotError(`corrupt image: ${what}: datagrams queued on an unnamed, unconnected unix socket`);
   if (d.from) {
@@ -307,7 +374,7 @@ function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: 
         const mine = h.peek<number>(`socket ${other.ino}`);
         if (mine === undefined) continue;
         try {
-          addon().sockSend(mine, d.data, to);
+          addon().sockSend(mine, d.data, to, creds);
           return;
         } catch {
           /* shut down, or its name changed: another sender below */
@@ -332,7 +399,7 @@ function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: 
         if (place && addon().socketFileClear(place.dir, place.name, who)) throw new Error('held');
         addon().sockBind(temp, makeSockaddr({ family: AF_UNIX, address: d.from, port: 0 }), undefined, who);
         if (place) made = addon().socketFileOf(temp);
-        addon().sockSend(temp, d.data, to);
+        addon().sockSend(temp, d.data, to, creds);
         return;
       } catch {
         /* the name is taken: from an unnamed socket instead */
@@ -342,11 +409,13 @@ function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: 
     }
     const unnamed = addon().sockOpen(AF_UNIX, SOCK_DGRAM);
     try {
-      addon().sockSend(unnamed, d.data, to);
+      addon().sockSend(unnamed, d.data, to, creds);
     } finally {
       closeSync(unnamed);
     }
   } catch (e) {
+    // Its credentials refused: said so by sentAs.
+    if (creds && ['EPERM', 'EINVAL'].includes((e as NodeJS.ErrnoException).code ?? '')) throw e;
     throw new AppshotError(`${what}: a queued datagram cannot be put back: ${(e as Error).message}`);
   } finally {
     closeSync(temp);

@@ -849,6 +849,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (image.node.xstateSize && xstate !== image.node.xstateSize)
       throw new AppshotError(`this CPU's FPU state is ${xstate} bytes, the image's ${image.node.xstateSize}: a different CPU model`);
     const sysPid = new Map<number, number>();
+    handed.systemPid = (vpid) => sysPid.get(vpid);
     // Sessions and process groups whose leader is not in the image (a
     // daemon whose first fork exited, a pipeline whose leader ended) are
     // made by placeholders: a seed that becomes the leader, forks the
