@@ -88,7 +88,15 @@ const SOCK_SEQPACKET = 5;
  * records (`datagrams`, `queued` left empty), and written back so. */
 function peekStream(dup: number, bytes: number, where: string, shutForReading = false): { queued: Buffer; datagrams?: Datagram[] } {
   if (addon().oobPending(dup)) throw new Transient(`${where} holds an out-of-band byte not yet read (MSG_OOB), which cannot be captured yet`);
-  if (!passesCredentials(dup)) return { queued: addon().peekSocket(dup, bytes) };
+  if (!passesCredentials(dup)) {
+    // A read stops at an out-of-band mark whose byte was read already, or
+    // is to be read inline (SO_OOBINLINE): what lies past it would be
+    // lost, and the mark with it (review r293). For a moment: the program
+    // reads past it.
+    const queued = addon().peekSocket(dup, bytes);
+    if (queued.length < bytes) throw new Transient(`${where} holds ${bytes} bytes not yet read, of which a read gives only the first ${queued.length} (it stops at an out-of-band mark: MSG_OOB), which cannot be captured yet`);
+    return { queued };
+  }
   const runs = queuedMessages(dup, where, shutForReading);
   const read = runs.reduce((n, r) => n + r.data.length, 0);
   if (read !== bytes) throw new Transient(`${where} holds ${bytes} bytes not yet read, of which ${read} could be read with their writers' credentials (SO_PASSCRED): cannot be captured yet`);
