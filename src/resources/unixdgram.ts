@@ -141,7 +141,11 @@ export function queuedWithHeaders(dup: number, what: string, shutForReading = fa
  * (old and new read the same flags): software or hardware reports asked. */
 const RECEIVE_TIME_OPTIONS = [29, 35, 63, 64];
 const SO_TIMESTAMPING = 37;
-const SOF_TIMESTAMPING_REPORTS = 0x10 | 0x40; // SOFTWARE | RAW_HARDWARE
+const SO_DOMAIN = 39;
+const SOF_TIMESTAMPING_RX_SOFTWARE = 1 << 3;
+const SOF_TIMESTAMPING_SOFTWARE = 1 << 4;
+const SOF_TIMESTAMPING_RAW_HARDWARE = 1 << 6;
+const SOF_TIMESTAMPING_OPT_RX_FILTER = 1 << 17;
 
 /** Whether the socket hands the program each datagram's receive time
  * (a control message the kernel stamps as it queues it): a datagram put
@@ -155,7 +159,18 @@ function showsReceiveTimes(dup: number): boolean {
       return 0; // not this kernel's
     }
   };
-  return RECEIVE_TIME_OPTIONS.some((name) => read(name) !== 0) || (read(SO_TIMESTAMPING) & SOF_TIMESTAMPING_REPORTS) !== 0;
+  if (RECEIVE_TIME_OPTIONS.some((name) => read(name) !== 0)) return true;
+  // A unix socket stamps what it queues only for the options above
+  // (SOCK_RCVTSTAMP): SO_TIMESTAMPING alone shows its reader nothing
+  // (review r293: such a socket was refused).
+  if (read(SO_DOMAIN) === AF_UNIX) return false;
+  // The kernel's rule (__sock_recv_timestamp): a software time is shown
+  // where SOFTWARE is asked with RX_SOFTWARE, or without OPT_RX_FILTER; a
+  // hardware one wherever RAW_HARDWARE is (kept strict: the datagram put
+  // back has none).
+  const flags = read(SO_TIMESTAMPING);
+  const software = (flags & SOF_TIMESTAMPING_SOFTWARE) !== 0 && ((flags & SOF_TIMESTAMPING_RX_SOFTWARE) !== 0 || (flags & SOF_TIMESTAMPING_OPT_RX_FILTER) === 0);
+  return software || (flags & SOF_TIMESTAMPING_RAW_HARDWARE) !== 0;
 }
 
 export function readOptions(dup: number, which: [number, number][]): SocketOption[] {
