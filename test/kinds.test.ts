@@ -1349,6 +1349,30 @@ describe.runIf(process.getuid?.() === 0)("a session keyring of its own, shared w
     await checksPass('ringleak');
   });
 
+  it("restored by an engine, whose second restore joins the new keyring in the memory's first stop (no stop of its own), it does not hold the engine's either, lazy or not", async () => {
+    // An engine of its own, started in a session keyring holding
+    // "restorer-secret": its seeds hold that keyring until the restore
+    // gives each a new one. The first restore learns that the join works
+    // here (joined in a stop of its own); the next ones defer it.
+    const own = new Sandbox();
+    try {
+      const env = { ...own.env, APPSHOT_ENGINE: 'manual' };
+      const e = await spawnAsync(fixture('ringleak'), ['wrap', command, 'engine', 'start'], { env });
+      expect(e.status, e.stderr).toBe(0);
+      const app = await spawnAsync(command, ['run', '-d', '--aid', 'rlsrc', '--', fixture('ringleak')], { env: { ...env, APPSHOT_ENGINE: 'off' } });
+      expect(app.status, app.stderr).toBe(0);
+      await own.checksPass('rlsrc', 2);
+      expect((await own.runAsync(['snapshot', 'rlsrc', '-o', join(out, 'ringleak-engine'), '--leave-running'])).code).toBe(0);
+      for (const [aid, lazy] of [['rl1', false], ['rl2', false], ['rl3', true]] as const) {
+        const r = await spawnAsync(command, ['restore', join(out, 'ringleak-engine'), '--aid', aid, ...(lazy ? ['--lazy'] : [])], { env });
+        expect(r.status, r.stderr).toBe(0);
+        await own.checksPass(aid, 3);
+      }
+    } finally {
+      await own.dispose();
+    }
+  });
+
   it("the keyring of the login session it was run from is the session's: a daemon that made itself nobody there is snapshotted and restored with a new one", async () => {
     // As `memcached -u nobody` run from a root ssh login (pam_keyinit's
     // keyring, root's, with root's keyring linked in): refused before

@@ -28,7 +28,7 @@
  */
 import type { Key, Process, SessionKeyring } from '../image/types.js';
 import type { Answer, CallQueue } from '../ptrace/queries.js';
-import type { RemoteProcess } from '../ptrace/remote.js';
+import type { NamedCall, RemoteProcess } from '../ptrace/remote.js';
 import { errnoName } from '../errors.js';
 import { Unsupported } from './context.js';
 
@@ -268,8 +268,34 @@ export function joinNewSessionKeyring(r: RemoteProcess, needed: boolean, creds: 
   const ret = r.raw(NR_KEYCTL, [KEYCTL_JOIN_SESSION_KEYRING, 0]);
   if (ret < 0n && ret > -4096n && ret !== -ENOSYS && ret !== -EPERM) throw new Error(`joining a new session keyring: ${failed(ret)}`);
   if (ret < 0n) return;
+  seedsJoinKeyrings = true;
   const given = r.raw(NR_KEYCTL, [KEYCTL_CHOWN, KEY_SPEC_SESSION_KEYRING, creds.uid[0], creds.gid[0]]);
   if (given < 0n && given !== -EPERM && given !== -EDQUOT) throw new Error(`giving the new session keyring to ${creds.uid[0]}:${creds.gid[0]}: ${failed(given)}`);
+}
+
+/** A seed of this restorer has joined a new session keyring: then every
+ * seed can (the same kernel, and the same seccomp filters, the
+ * restorer's own, which a process can add to but never lift), and a join
+ * can no longer fail with the ENOSYS or EPERM that joinNewSessionKeyring
+ * lets pass. */
+let seedsJoinKeyrings = false;
+
+/**
+ * joinNewSessionKeyring's calls, when they can wait for the process's next
+ * stop (RemoteProcess.defer: its memory's first batch), one stop fewer:
+ * where the image records a keyring (the call that fails fails the
+ * restore either way), or where the join is known to work here
+ * (seedsJoinKeyrings) and the keyring it makes is its owner's already
+ * (the process's real ids are the restorer's, whose the seed's new
+ * keyring is: the KEYCTL_CHOWN would change nothing). Undefined: they run
+ * now (joinNewSessionKeyring). The caller defers them only where nothing
+ * the process does before that stop inherits the keyring (no thread made,
+ * no child forked).
+ */
+export function sessionKeyringJoinLater(needed: boolean, creds: { uid: number[]; gid: number[] }, restorer: { uid: number; gid: number }): NamedCall[] | undefined {
+  const join: NamedCall = { what: 'joining a new session keyring', nr: NR_KEYCTL, args: [KEYCTL_JOIN_SESSION_KEYRING, 0] };
+  if (needed) return [join];
+  return seedsJoinKeyrings && creds.uid[0] === restorer.uid && creds.gid[0] === restorer.gid ? [join] : undefined;
 }
 
 /**

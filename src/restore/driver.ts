@@ -40,7 +40,7 @@ import { ioUringRanges } from '../resources/iouring.js';
 import { restoreFdOwners } from '../resources/fdowner.js';
 import { releaseRestored, releaseWhatIsLeft } from '../resources/jobcontrol.js';
 import { restoreLocks } from '../resources/locks.js';
-import { fillSessionKeyring, joinNewSessionKeyring, joinsSessionKeyring } from '../resources/keyrings.js';
+import { fillSessionKeyring, joinNewSessionKeyring, joinsSessionKeyring, sessionKeyringJoinLater } from '../resources/keyrings.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
 import { requireInherited, requireKept } from '../resources/sockets.js';
@@ -62,7 +62,7 @@ import { restoreCpuTimes } from '../resources/cputime.js';
 import { createThreads, firstHandledSignal, forgetTimedWaits, ImageMemory, restoreLoaderLockOwners, restorePiWaitWords, restoreRobustMutexOwners, RobustWordsRewritten, restoreThreadState, restoreThreadStates, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
 import { preparedRuns } from './prepared.js';
-import { injected, RemoteProcess, SYS } from '../ptrace/remote.js';
+import { injected, type NamedCall, RemoteProcess, SYS } from '../ptrace/remote.js';
 import { verifyImage } from './verify.js';
 import { configure, letGo, refillAfterRestore, reserveStandby, type StartedInit } from './standby.js';
 import { killPoint } from '../killpoint.js';
@@ -471,6 +471,9 @@ interface Made {
   scratch?: bigint;
   /** Set once its memory is filled (fillMemory). */
   remote?: RemoteProcess;
+  /** Calls for the first stop of its memory's fill (fillMemory), not a
+   * stop of their own before it: its session keyring joined. */
+  firstCalls?: NamedCall[];
 }
 
 /** Whether the process leaves SIGTRAP to its default action (neither a
@@ -836,6 +839,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // is (one stop fewer); else one mapped where the image has nothing.
       if (!(m.scratch !== undefined && scratchLeftFree(m.scratch, seedMaps, [...m.proc.vmas, ...rings]) && r.adoptScratch(m.scratch)))
         r.mapScratch(freeAddress(used, BigInt(RemoteProcess.scratchSize)));
+      if (m.firstCalls) r.defer(m.firstCalls.splice(0));
       phase(`process ${m.proc.vpid}`);
       await restoreMemory(r, m.proc.vmas, m.proc.vpid, memory, seedMaps);
       phase('memory');
@@ -919,11 +923,17 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // a seed inherits appshot-init's, the restorer's (review 245: root
       // restoring from a login session handed its keys, and its user
       // keyring, to the restored process). Its children inherit it.
+      // Without children or zombies to fork, nothing inherits it before
+      // its memory's first stop, where it goes (one stop fewer).
+      const children = image.processes.filter((p) => p.vppid === m.proc.vpid);
       const ownRing = joinsSessionKeyring(m.proc, byVpid.get(m.proc.vppid));
-      if (ownRing || root) joinNewSessionKeyring(r, ownRing, m.proc.creds);
+      if (ownRing || root) {
+        const later = children.length || m.proc.zombies?.length ? undefined : sessionKeyringJoinLater(ownRing, m.proc.creds, restorer);
+        if (later) m.firstCalls = later;
+        else joinNewSessionKeyring(r, ownRing, m.proc.creds);
+      }
       // Children that share pages copy-on-write with it are forked once its
       // memory is filled: they inherit its pages, shared as they were.
-      const children = image.processes.filter((p) => p.vppid === m.proc.vpid);
       if (children.some(sharesWithParent)) {
         // Its memory as it will be, before a child inherits it: the calls
         // restoreMemory left for the next stop (protections, descriptors
