@@ -197,7 +197,9 @@ const stat = (text, name) => {
 function criuTailMs(logPath) {
   const at = (what) => {
     const m = new RegExp(`^\\((\\d+\\.\\d+)\\) .*${what}`, 'm').exec(read(logPath));
-    return m ? Number(m[1]) * 1000 : NaN;
+    // A row of NaN would be dropped from a median without a word.
+    if (!m) throw new Error(`${logPath}: no line '${what}' (CRIU's -v3 log): its restore's tail cannot be timed`);
+    return Number(m[1]) * 1000;
   };
   return at('Tasks resumed') - at('Unlock network');
 }

@@ -286,8 +286,10 @@ let seedsJoinKeyrings = false;
  * where the image records a keyring (the call that fails fails the
  * restore either way), or where the join is known to work here
  * (seedsJoinKeyrings) and the keyring it makes is its owner's already
- * (the process's real ids are the restorer's, whose the seed's new
- * keyring is: the KEYCTL_CHOWN would change nothing). Undefined: they run
+ * (the process's real ids are the restorer's: the kernel gives a new
+ * session keyring its maker's real uid and gid, not its effective ones
+ * (install_session_keyring_to_cred), so `restorer` is the real ids (review
+ * r295): the KEYCTL_CHOWN would change nothing). Undefined: they run
  * now (joinNewSessionKeyring). The caller defers them only where nothing
  * the process does before that stop inherits the keyring (no thread made,
  * no child forked).

@@ -1398,10 +1398,6 @@ export function inheritedCopyRuns(v: Vma, inherited: Map<bigint, { file: number;
   return out;
 }
 
-/** A stored run a lazy restore maps from the page file rather than copies
- * in: 16 pages and more (planVma). */
-const LAZY_MAP_MIN_BYTES = 16n * PAGE;
-
 /** How one VMA of the image is mapped (restoreMemory): `file`, `pageFile`:
  * indexes of the descriptors opened for it in the process. */
 interface VmaPlan {
@@ -1430,15 +1426,7 @@ function planVma(v: Vma, vpid: number, src: MemorySources, inheritedFrom: Map<Vm
   const hasInherited = fork !== 'wipe' && (v.pages?.fromParent.length ?? 0) > 0;
   const lazy = mappedLazily(src, vpid, v);
   const hot = lazy ? src.prefault?.(vpid, v) : undefined;
-  const split = hot?.length ? splitRuns(v, stored, hot) : { own: stored, prefaulted: [] };
-  // Lazily, runs shorter than LAZY_MAP_MIN_BYTES are copied, not mapped:
-  // each mapped run is an mmap in the process's first stop and a mapping
-  // of its own cut out of the anonymous one (a heap of scattered pages
-  // became thousands of them, up to vm.max_map_count, and /proc/PID/maps
-  // listed the page file in pieces), where its few pages copy with the
-  // rest of the process's in the same process_vm_writev.
-  const own = lazy ? split.own.filter(([, , n]) => n >= LAZY_MAP_MIN_BYTES) : split.own;
-  const prefaulted = lazy ? [...split.prefaulted, ...split.own.filter(([, , n]) => n < LAZY_MAP_MIN_BYTES)] : split.prefaulted;
+  const { own, prefaulted } = hot?.length ? splitRuns(v, stored, hot) : { own: stored, prefaulted: [] };
   const needsWrite = (own.length > 0 && !lazy) || prefaulted.length > 0 || hasInherited;
   const plan: VmaPlan = {
     v,

@@ -928,7 +928,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const children = image.processes.filter((p) => p.vppid === m.proc.vpid);
       const ownRing = joinsSessionKeyring(m.proc, byVpid.get(m.proc.vppid));
       if (ownRing || root) {
-        const later = children.length || m.proc.zombies?.length ? undefined : sessionKeyringJoinLater(ownRing, m.proc.creds, restorer);
+        const later = children.length || m.proc.zombies?.length ? undefined : sessionKeyringJoinLater(ownRing, m.proc.creds, { uid: restorer.realUid, gid: process.getgid!() });
         if (later) m.firstCalls = later;
         else joinNewSessionKeyring(r, ownRing, m.proc.creds);
       }
