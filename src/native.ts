@@ -447,6 +447,8 @@ interface Addon {
   /** memfd_create(name, MFD_CLOEXEC | flags), ftruncate'd to `size`. */
   memfd(name: string, size: number, flags?: number): number;
   lseek(fd: number, offset: number): number;
+  /** Exact: a directory's position can be a 64-bit cookie (ext4's hash). */
+  lseek(fd: number, offset: bigint): bigint;
   setStatusFlags(fd: number, flags: number): void;
   /** ioctl(2): a Buffer argument by its address (read and written in
    * place), a number as it is. Throws on failure. */

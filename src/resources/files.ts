@@ -551,8 +551,10 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     if (link !== undefined) sameSymlink(got, path, link, `process ${p.vpid} fd ${fd.fd}`);
   }
   // O_APPEND too: writes go to the end whatever it is, but reads (O_RDWR)
-  // start there and lseek(SEEK_CUR) tells it.
-  if (fd.pos) addon().lseek(got, Number(fd.pos));
+  // start there and lseek(SEEK_CUR) tells it. As a bigint: a directory's
+  // position on ext4 is a 64-bit hash, which a Number would round (the
+  // listing would go on from another name, one lost or repeated).
+  if (fd.pos) addon().lseek(got, fd.pos);
   // Another /proc text: its place by line, once the processes it shows
   // are as they will run.
   const at = fd.textPosition;
