@@ -643,6 +643,21 @@ describe('FIFOs: each open description with its own flags (also O_RDWR), every b
   const dir = mkdtempSync(join(out, 'fifos-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   roundTrips('fifo', [fixture('pipes'), dir], /FIFO\s+\S+\/b read-write end, 100 bytes buffered, capacity 65536/, 'apart');
+
+  it('refuses by name a restore beside the running original, whose FIFOs hold its bytes, and leaves them as they were', async () => {
+    const aid = 'fifobeside';
+    await start(aid, [fixture('pipes'), mkdtempSync(join(dir, 'beside-'))]);
+    await checksPass(aid);
+    await run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    const r = await attempt(['restore', join(out, aid), '--aid', `${aid}2`, '--lazy']);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toMatch(/the named FIFO \S+\/[ab] holds \d+ bytes here already: another process has it open \(the original, still running\?\), so its own \d+ bytes in flight cannot be put back/);
+    expect(sb.aids()).not.toContain(`${aid}2`);
+    // Each of its FIFOs holds exactly its own bytes still.
+    await checksPass(aid);
+    await exercised(aid);
+    await checksPass(aid);
+  });
 });
 
 describe.runIf(process.getuid?.() === 0)('raw IP sockets (squid\'s pinger): ICMP bound to 127.0.0.1 and ICMPv6, their type filters, an echo answered after', () => {
