@@ -457,6 +457,9 @@ interface Addon {
   /** The path of the inode a file handle names, opened on the filesystem
    * mounted at `mountPath` (needs CAP_DAC_READ_SEARCH). */
   fileHandlePath(mountPath: string, handleType: number, handleHex: string): string;
+  /** listxattr(path), following it: the names of a file's extended
+   * attributes ([] where its file system keeps none). */
+  xattrNames(path: string): string[];
   /** F_GET_SEALS: a memfd's seals; -1 for files that take none. */
   fileSeals(fd: number): number;
   /** F_ADD_SEALS. */

@@ -992,6 +992,8 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['scm-rights', (fd) => `process 2 (holder) fd ${fd}: a unix socket with 1 descriptor sent to it (SCM_RIGHTS) and not yet received, which cannot be captured yet`],
     // It came back as a copy: writes through it no longer reached the other name.
     ['deleted-linked', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-linked-a-\\d+ \\(deleted\\): its name was removed but the file is still linked elsewhere \\(1 link\\), which cannot be captured yet`)],
+    // It came back made again from its bytes, without its attribute.
+    ['deleted-xattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-xattr-\\d+ \\(deleted\\): a deleted file with extended attributes of its own \\(user\\.holder\\), which cannot be captured yet`)],
     ['memfd-secret', (fd) => `process 2 (holder) fd ${fd}: memfd_secret memory (no other process may read it), which cannot be captured`],
     // It failed with copying's raw EIO.
     ['memfd-secret-mapped', () => /process 2 \(holder\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ is memfd_secret memory \(no other process may read it\), which cannot be captured/],

@@ -7,6 +7,7 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -322,6 +323,34 @@ Napi::Value InotifySkipWds(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, next);
 }
 
+// xattrNames(path) -> the names of the extended attributes of the file at
+// `path` (followed: /proc/PID/fd/N is the file a descriptor holds), as
+// listxattr gives them; [] where the file system keeps none.
+Napi::Value XattrNames(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString()) {
+    Napi::TypeError::New(env, "xattrNames(path)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  std::string names(4096, '\0');
+  ssize_t n;
+  while ((n = listxattr(path.c_str(), &names[0], names.size())) < 0 && errno == ERANGE && names.size() < (1u << 20)) names.resize(names.size() * 4);
+  Napi::Array out = Napi::Array::New(env);
+  if (n < 0) {
+    if (errno == ENOTSUP) return out;
+    appshot::ThrowErrno(env, "listxattr " + path, errno);
+    return env.Undefined();
+  }
+  uint32_t k = 0;
+  for (size_t at = 0; at < static_cast<size_t>(n);) {
+    std::string name(names.c_str() + at);
+    at += name.size() + 1;
+    if (!name.empty()) out.Set(k++, Napi::String::New(env, name));
+  }
+  return out;
+}
+
 }  // namespace
 
 void RegisterFsIdent(Napi::Env env, Napi::Object exports) {
@@ -331,4 +360,5 @@ void RegisterFsIdent(Napi::Env env, Napi::Object exports) {
   exports.Set("inotifySkipWds", Napi::Function::New(env, InotifySkipWds, "inotifySkipWds"));
   exports.Set("mqOpenAs", Napi::Function::New(env, MqOpenAs, "mqOpenAs"));
   exports.Set("fanotifyMarkAs", Napi::Function::New(env, FanotifyMarkAs, "fanotifyMarkAs"));
+  exports.Set("xattrNames", Napi::Function::New(env, XattrNames, "xattrNames"));
 }

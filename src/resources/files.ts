@@ -121,6 +121,18 @@ function fdinfoNow(pid: number, fd: number, before: string): string {
   }
 }
 
+/** A file's extended attributes the program may have given it; [] where
+ * they cannot be listed (a file system without them). */
+function deletedXattrs(path: string): string[] {
+  let names: string[];
+  try {
+    names = addon().xattrNames(path);
+  } catch {
+    return [];
+  }
+  return names.filter((x) => /^(user|trusted)\./.test(x) || x === 'security.capability');
+}
+
 export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable, seen: SeenBeforeCalls = {}): Fd[] {
   const fds: Fd[] = [];
   const { frozenMappings, listings: listingsBefore } = seen;
@@ -215,6 +227,13 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       if (deleted && st.isFile() && st.nlink > 0n && sameDevice(dirname(target), st.dev))
         throw new Unsupported(`${what} fd ${n}: ${target}: its name was removed but the file is still linked elsewhere (${st.nlink} link${st.nlink === 1n ? '' : 's'}), which cannot be captured yet`);
       if (target === '/secretmem (deleted)') throw new Unsupported(`${what} fd ${n}: memfd_secret memory (no other process may read it), which cannot be captured`);
+      // A deleted file is made again from its bytes: extended attributes
+      // the program gave it (user.*, trusted.*, file capabilities) would be
+      // gone. Labels a security module gives every file are not its own.
+      if (deleted && st.isFile()) {
+        const own = deletedXattrs(`/proc/${pid}/fd/${n}`);
+        if (own.length) throw new Unsupported(`${what} fd ${n}: ${target}: a deleted file with extended attributes of its own (${own.join(', ')}), which cannot be captured yet`);
+      }
       if (st.isFIFO()) {
         fd.kind = FdKind.FIFO;
         fd.pipe = dumpPipe(ctx, pid, n, st.ino, target, fd.flags, `${what} fd ${n}`, st);
