@@ -368,7 +368,7 @@ interface Addon {
   releaseKeptBuffers(unusedSeconds: number): number;
   /** Every descriptor of `pid`: its /proc/PID/fd link and fdinfo text, ascending. */
   /** uid, gid: a pipe's or socket's inode owner. */
-  fdEntries(pid: number): { fd: number; target: string; info: string; uid?: number; gid?: number }[];
+  fdEntries(pid: number): { fd: number; target: string; info: string; uid?: number; gid?: number; mode?: number }[];
   /** Many /proc files in one call (procfs.ts's gather): kinds[i] 0 text,
    * 1 bytes, 2 a link's target, 3 a directory's names (sorted as
    * readdirSync sorts them); undefined where one cannot be read. */
@@ -460,6 +460,9 @@ interface Addon {
   /** listxattr(path), following it: the names of a file's extended
    * attributes ([] where its file system keeps none). */
   xattrNames(path: string): string[];
+  /** FS_IOC_GETFLAGS of the file at `path` (opened read-only), -errno
+   * where it cannot say. */
+  inodeFlags(path: string): number;
   /** F_GET_SEALS: a memfd's seals; -1 for files that take none. */
   fileSeals(fd: number): number;
   /** F_ADD_SEALS. */

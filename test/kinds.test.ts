@@ -994,6 +994,10 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['deleted-linked', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-linked-a-\\d+ \\(deleted\\): its name was removed but the file is still linked elsewhere \\(1 link\\), which cannot be captured yet`)],
     // It came back made again from its bytes, without its attribute.
     ['deleted-xattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-xattr-\\d+ \\(deleted\\): a deleted file with extended attributes of its own \\(user\\.holder\\), which cannot be captured yet`)],
+    // It came back made again from its bytes, without its flags.
+    ['deleted-chattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-chattr-\\d+ \\(deleted\\): a deleted file with inode flags of its own \\(nodump, noatime: chattr\\), which cannot be captured yet`)],
+    // It came back 0600, the kernel's.
+    ['pipe-mode', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: pipe:\\[\\d+\\]: a pipe whose mode the program changed \\(0640, not 0600\\), which cannot be captured yet`)],
     ['memfd-secret', (fd) => `process 2 (holder) fd ${fd}: memfd_secret memory (no other process may read it), which cannot be captured`],
     // It failed with copying's raw EIO.
     ['memfd-secret-mapped', () => /process 2 \(holder\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ is memfd_secret memory \(no other process may read it\), which cannot be captured/],

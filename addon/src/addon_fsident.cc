@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/xattr.h>
+#include <linux/fs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -351,6 +352,24 @@ Napi::Value XattrNames(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// inodeFlags(path) -> FS_IOC_GETFLAGS of the file at `path` (opened
+// read-only, followed: /proc/PID/fd/N), -errno where it cannot say.
+Napi::Value InodeFlags(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString()) {
+    Napi::TypeError::New(env, "inodeFlags(path)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) return Napi::Number::New(env, -errno);
+  int flags = 0;
+  int r = ioctl(fd, FS_IOC_GETFLAGS, &flags);
+  int err = errno;
+  close(fd);
+  return Napi::Number::New(env, r < 0 ? -err : flags);
+}
+
 }  // namespace
 
 void RegisterFsIdent(Napi::Env env, Napi::Object exports) {
@@ -361,4 +380,5 @@ void RegisterFsIdent(Napi::Env env, Napi::Object exports) {
   exports.Set("mqOpenAs", Napi::Function::New(env, MqOpenAs, "mqOpenAs"));
   exports.Set("fanotifyMarkAs", Napi::Function::New(env, FanotifyMarkAs, "fanotifyMarkAs"));
   exports.Set("xattrNames", Napi::Function::New(env, XattrNames, "xattrNames"));
+  exports.Set("inodeFlags", Napi::Function::New(env, InodeFlags, "inodeFlags"));
 }

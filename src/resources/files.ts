@@ -133,6 +133,28 @@ function deletedXattrs(path: string): string[] {
   return names.filter((x) => /^(user|trusted)\./.test(x) || x === 'security.capability');
 }
 
+/** Inode flags (FS_IOC_GETFLAGS) a program may set with chattr, which a
+ * deleted file made again from its bytes would not have: those its
+ * directory, if still there, does not give every file made in it. */
+const SETTABLE_INODE_FLAGS: [number, string][] = [
+  [0x8, 'sync'],
+  [0x10, 'immutable'],
+  [0x20, 'append-only'],
+  [0x40, 'nodump'],
+  [0x80, 'noatime'],
+];
+function deletedInodeFlags(path: string, dir: string): string[] {
+  const flags = addon().inodeFlags(path);
+  if (flags <= 0) return [];
+  let inherited = 0;
+  try {
+    inherited = Math.max(0, addon().inodeFlags(dir));
+  } catch {
+    /* its directory is gone too */
+  }
+  return SETTABLE_INODE_FLAGS.filter(([bit]) => flags & bit && !(inherited & bit)).map(([, name]) => name);
+}
+
 export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable, seen: SeenBeforeCalls = {}): Fd[] {
   const fds: Fd[] = [];
   const { frozenMappings, listings: listingsBefore } = seen;
@@ -166,6 +188,11 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     const inherited = bracket?.[1] === 'socket' ? inheritedSocket(ctx, BigInt(bracket[2]), () => sockets.describe(pid, n, BigInt(bracket[2]), what, ctx.tables.sockets)) : undefined;
     const connection = bracket?.[1] === 'socket' && !inherited ? timed('tcp: connection', () => sockets.connection(pid, n, BigInt(bracket[2]))) : undefined;
     if (bracket && bracket[1] === 'pipe') {
+      // A pipe is made again with the kernel's mode, 0600: one the program
+      // changed (fchmod) would decide anew who may open it again through
+      // /proc/PID/fd.
+      if (entry.mode !== undefined && entry.mode !== 0o600)
+        throw new Unsupported(`${what} fd ${n}: ${target}: a pipe whose mode the program changed (0${entry.mode.toString(8)}, not 0600), which cannot be captured yet`);
       fd.kind = FdKind.PIPE;
       fd.pipe = dumpPipe(ctx, pid, n, BigInt(bracket[2]), '', fd.flags, `${what} fd ${n}`);
     } else if (inherited) {
@@ -233,6 +260,8 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       if (deleted && st.isFile()) {
         const own = deletedXattrs(`/proc/${pid}/fd/${n}`);
         if (own.length) throw new Unsupported(`${what} fd ${n}: ${target}: a deleted file with extended attributes of its own (${own.join(', ')}), which cannot be captured yet`);
+        const flags = deletedInodeFlags(`/proc/${pid}/fd/${n}`, dirname(target));
+        if (flags.length) throw new Unsupported(`${what} fd ${n}: ${target}: a deleted file with inode flags of its own (${flags.join(', ')}: chattr), which cannot be captured yet`);
       }
       if (st.isFIFO()) {
         fd.kind = FdKind.FIFO;
