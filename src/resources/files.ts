@@ -290,7 +290,9 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         // Another /proc text read part way or to its end keeps its place
         // by line, for the same reason.
         else if (fd.pos > 0n && !deleted) fd.textPosition = dumpTextPosition(pid, n, fd.flags, fd.pos);
-        if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
+        // A directory since removed holds nothing: made again empty and
+        // removed at restore (openFile), no contents kept.
+        if (deleted && !st.isDirectory()) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
         throw new Unsupported(`${what} fd ${n}: ${target} (a ${st.isSocket() ? 'socket' : st.isBlockDevice() ? 'block device' : 'special file'}) cannot be captured yet`);
       }
@@ -568,7 +570,14 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
   // The new log is another file, which its writers append to: its
   // position is its own.
   if (h.image.logPath && fd.path === h.image.logPath) return h.log();
-  if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
+  const removedDir = h.image.files[fd.file]?.deleted === true && (h.image.files[fd.file].mode & 0o170000) === 0o040000;
+  // A directory since removed, held open (not as the working directory):
+  // one made beside where it was, opened, and removed again before the
+  // application runs, as a removed working directory is; it lists nothing,
+  // and nothing can be made in it. (Not a deleted file's stand-in: that
+  // was a regular file where the program held a directory.)
+  if (removedDir) got = h.keep(openSync(h.removedDirectory(fd.path.replace(/ \(deleted\)$/, '')), plain));
+  else if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
   else if (fd.procVpid) {
     path = restoredProcPath(h, fd.path, fd.procVpid);
     // As its process would, as every other name: what /proc lets a
@@ -602,7 +611,9 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
   // start there and lseek(SEEK_CUR) tells it. As a bigint: a directory's
   // position on ext4 is a 64-bit hash, which a Number would round (the
   // listing would go on from another name, one lost or repeated).
-  if (fd.pos) addon().lseek(got, fd.pos);
+  // (A removed directory lists nothing from anywhere: its place was in
+  // names it no longer has.)
+  if (fd.pos && !removedDir) addon().lseek(got, fd.pos);
   // Another /proc text: its place by line, once the processes it shows
   // are as they will run.
   const at = fd.textPosition;
