@@ -214,6 +214,19 @@ describe('unix sockets whose files were renamed into place, given a mode or unli
     await waitFor(() => !sb.aids().includes('sfil1'), 10_000, 'sfil1 to stop');
   });
 
+  it('come back with their names when those hold spaces', async () => {
+    // /proc/net/unix was split on blanks: each came back bound to the name
+    // cut at its first space (".../sock files-X/served.sock" as ".../sock").
+    const spaced = mkdtempSync(join(out, 'sock files-'));
+    try {
+      await comesBackFromEndingSnapshot('sfsp', [fixture('sockfiles'), spaced]);
+      await run(['stop', 'sfsp']);
+      await waitFor(() => !sb.aids().includes('sfsp'), 10_000, 'sfsp to stop');
+    } finally {
+      rmSync(spaced, { recursive: true, force: true });
+    }
+  });
+
   it('are refused by name where a live socket listens at the name the file went to, and nothing is left', async () => {
     const here = mkdtempSync(join(dir, 'live-'));
     await start('sfil2', [fixture('sockfiles'), here]);
@@ -998,6 +1011,8 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['deleted-chattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-chattr-\\d+ \\(deleted\\): a deleted file with inode flags of its own \\(nodump, noatime: chattr\\), which cannot be captured yet`)],
     // It came back 0600, the kernel's.
     ['pipe-mode', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: pipe:\\[\\d+\\]: a pipe whose mode the program changed \\(0640, not 0600\\), which cannot be captured yet`)],
+    // It came back listening at another name: the NUL shown as "@".
+    ['unix-abstract-nul', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the unix socket listening at @holder@nul-\\d+: its abstract name holds a NUL byte, which cannot be captured yet`)],
     ['memfd-secret', (fd) => `process 2 (holder) fd ${fd}: memfd_secret memory (no other process may read it), which cannot be captured`],
     // It failed with copying's raw EIO.
     ['memfd-secret-mapped', () => /process 2 \(holder\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ is memfd_secret memory \(no other process may read it\), which cannot be captured/],
