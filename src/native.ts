@@ -375,7 +375,7 @@ interface Addon {
   releaseKeptBuffers(unusedSeconds: number): number;
   /** Every descriptor of `pid`: its /proc/PID/fd link and fdinfo text, ascending. */
   /** uid, gid: a pipe's or socket's inode owner. */
-  fdEntries(pid: number): { fd: number; target: string; info: string; uid?: number; gid?: number }[];
+  fdEntries(pid: number): { fd: number; target: string; info: string; uid?: number; gid?: number; mode?: number }[];
   /** Many /proc files in one call (procfs.ts's gather): kinds[i] 0 text,
    * 1 bytes, 2 a link's target, 3 a directory's names (sorted as
    * readdirSync sorts them); undefined where one cannot be read. */
@@ -454,6 +454,8 @@ interface Addon {
   /** memfd_create(name, MFD_CLOEXEC | flags), ftruncate'd to `size`. */
   memfd(name: string, size: number, flags?: number): number;
   lseek(fd: number, offset: number): number;
+  /** Exact: a directory's position can be a 64-bit cookie (ext4's hash). */
+  lseek(fd: number, offset: bigint): bigint;
   setStatusFlags(fd: number, flags: number): void;
   /** ioctl(2): a Buffer argument by its address (read and written in
    * place), a number as it is. Throws on failure. */
@@ -462,6 +464,12 @@ interface Addon {
   /** The path of the inode a file handle names, opened on the filesystem
    * mounted at `mountPath` (needs CAP_DAC_READ_SEARCH). */
   fileHandlePath(mountPath: string, handleType: number, handleHex: string): string;
+  /** listxattr(path), following it: the names of a file's extended
+   * attributes ([] where its file system keeps none). */
+  xattrNames(path: string): string[];
+  /** FS_IOC_GETFLAGS of the file at `path` (opened read-only), -errno
+   * where it cannot say. */
+  inodeFlags(path: string): number;
   /** F_GET_SEALS: a memfd's seals; -1 for files that take none. */
   fileSeals(fd: number): number;
   /** F_ADD_SEALS. */

@@ -215,6 +215,19 @@ describe('unix sockets whose files were renamed into place, given a mode or unli
     await waitFor(() => !sb.aids().includes('sfil1'), 10_000, 'sfil1 to stop');
   });
 
+  it('come back with their names when those hold spaces', async () => {
+    // /proc/net/unix was split on blanks: each came back bound to the name
+    // cut at its first space (".../sock files-X/served.sock" as ".../sock").
+    const spaced = mkdtempSync(join(out, 'sock files-'));
+    try {
+      await comesBackFromEndingSnapshot('sfsp', [fixture('sockfiles'), spaced]);
+      await run(['stop', 'sfsp']);
+      await waitFor(() => !sb.aids().includes('sfsp'), 10_000, 'sfsp to stop');
+    } finally {
+      rmSync(spaced, { recursive: true, force: true });
+    }
+  });
+
   it('are refused by name where a live socket listens at the name the file went to, and nothing is left', async () => {
     const here = mkdtempSync(join(dir, 'live-'));
     await start('sfil2', [fixture('sockfiles'), here]);
@@ -682,6 +695,21 @@ describe('FIFOs: each open description with its own flags (also O_RDWR), every b
   const dir = mkdtempSync(join(out, 'fifos-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   roundTrips('fifo', [fixture('pipes'), dir], /FIFO\s+\S+\/b read-write end, 100 bytes buffered, capacity 65536/, 'apart');
+
+  it('refuses by name a restore beside the running original, whose FIFOs hold its bytes, and leaves them as they were', async () => {
+    const aid = 'fifobeside';
+    await start(aid, [fixture('pipes'), mkdtempSync(join(dir, 'beside-'))]);
+    await checksPass(aid);
+    await run(['snapshot', aid, '-o', join(out, aid), '--leave-running']);
+    const r = await attempt(['restore', join(out, aid), '--aid', `${aid}2`, '--lazy']);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(r.stderr).toMatch(/the named FIFO \S+\/[ab] holds \d+ bytes here already: another process has it open \(the original, still running\?\), so its own \d+ bytes in flight cannot be put back/);
+    expect(sb.aids()).not.toContain(`${aid}2`);
+    // Each of its FIFOs holds exactly its own bytes still.
+    await checksPass(aid);
+    await exercised(aid);
+    await checksPass(aid);
+  });
 });
 
 describe.runIf(process.getuid?.() === 0)('raw IP sockets (squid\'s pinger): ICMP bound to 127.0.0.1 and ICMPv6, their type filters, an echo answered after', () => {
@@ -1026,6 +1054,14 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['scm-rights', (fd) => `process 2 (holder) fd ${fd}: a unix socket with 1 descriptor sent to it (SCM_RIGHTS) and not yet received, which cannot be captured yet`],
     // It came back as a copy: writes through it no longer reached the other name.
     ['deleted-linked', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-linked-a-\\d+ \\(deleted\\): its name was removed but the file is still linked elsewhere \\(1 link\\), which cannot be captured yet`)],
+    // It came back made again from its bytes, without its attribute.
+    ['deleted-xattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-xattr-\\d+ \\(deleted\\): a deleted file with extended attributes of its own \\(user\\.holder\\), which cannot be captured yet`)],
+    // It came back made again from its bytes, without its flags.
+    ['deleted-chattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-chattr-\\d+ \\(deleted\\): a deleted file with inode flags of its own \\(nodump, noatime: chattr\\), which cannot be captured yet`)],
+    // It came back 0600, the kernel's.
+    ['pipe-mode', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: pipe:\\[\\d+\\]: a pipe whose mode the program changed \\(0640, not 0600\\), which cannot be captured yet`)],
+    // It came back listening at another name: the NUL shown as "@".
+    ['unix-abstract-nul', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the unix socket listening at @holder@nul-\\d+: its abstract name holds a NUL byte, which cannot be captured yet`)],
     ['memfd-secret', (fd) => `process 2 (holder) fd ${fd}: memfd_secret memory (no other process may read it), which cannot be captured`],
     // It failed with copying's raw EIO.
     ['memfd-secret-mapped', () => /process 2 \(holder\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ is memfd_secret memory \(no other process may read it\), which cannot be captured/],

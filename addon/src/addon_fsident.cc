@@ -7,6 +7,8 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/xattr.h>
+#include <linux/fs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -322,6 +324,52 @@ Napi::Value InotifySkipWds(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, next);
 }
 
+// xattrNames(path) -> the names of the extended attributes of the file at
+// `path` (followed: /proc/PID/fd/N is the file a descriptor holds), as
+// listxattr gives them; [] where the file system keeps none.
+Napi::Value XattrNames(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString()) {
+    Napi::TypeError::New(env, "xattrNames(path)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  std::string names(4096, '\0');
+  ssize_t n;
+  while ((n = listxattr(path.c_str(), &names[0], names.size())) < 0 && errno == ERANGE && names.size() < (1u << 20)) names.resize(names.size() * 4);
+  Napi::Array out = Napi::Array::New(env);
+  if (n < 0) {
+    if (errno == ENOTSUP) return out;
+    appshot::ThrowErrno(env, "listxattr " + path, errno);
+    return env.Undefined();
+  }
+  uint32_t k = 0;
+  for (size_t at = 0; at < static_cast<size_t>(n);) {
+    std::string name(names.c_str() + at);
+    at += name.size() + 1;
+    if (!name.empty()) out.Set(k++, Napi::String::New(env, name));
+  }
+  return out;
+}
+
+// inodeFlags(path) -> FS_IOC_GETFLAGS of the file at `path` (opened
+// read-only, followed: /proc/PID/fd/N), -errno where it cannot say.
+Napi::Value InodeFlags(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString()) {
+    Napi::TypeError::New(env, "inodeFlags(path)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0) return Napi::Number::New(env, -errno);
+  int flags = 0;
+  int r = ioctl(fd, FS_IOC_GETFLAGS, &flags);
+  int err = errno;
+  close(fd);
+  return Napi::Number::New(env, r < 0 ? -err : flags);
+}
+
 }  // namespace
 
 void RegisterFsIdent(Napi::Env env, Napi::Object exports) {
@@ -331,4 +379,6 @@ void RegisterFsIdent(Napi::Env env, Napi::Object exports) {
   exports.Set("inotifySkipWds", Napi::Function::New(env, InotifySkipWds, "inotifySkipWds"));
   exports.Set("mqOpenAs", Napi::Function::New(env, MqOpenAs, "mqOpenAs"));
   exports.Set("fanotifyMarkAs", Napi::Function::New(env, FanotifyMarkAs, "fanotifyMarkAs"));
+  exports.Set("xattrNames", Napi::Function::New(env, XattrNames, "xattrNames"));
+  exports.Set("inodeFlags", Napi::Function::New(env, InodeFlags, "inodeFlags"));
 }

@@ -97,10 +97,20 @@ Napi::Value MemFd(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), fd);
 }
 
-// lseek(fd, offset) -> new offset
+// lseek(fd, offset) -> new offset. A bigint offset is taken exactly and
+// the offset comes back as one: a directory's position is a cookie its
+// file system chose (ext4: a 64-bit hash), which a double would round.
 Napi::Value Lseek(const Napi::CallbackInfo& info) {
-  off_t r = lseek(Int(info[0]), static_cast<off_t>(info[1].As<Napi::Number>().Int64Value()), SEEK_SET);
+  bool big = info[1].IsBigInt();
+  bool lossless = true;
+  int64_t offset = big ? info[1].As<Napi::BigInt>().Int64Value(&lossless) : info[1].As<Napi::Number>().Int64Value();
+  if (!lossless) {
+    Napi::RangeError::New(info.Env(), "lseek: offset out of range").ThrowAsJavaScriptException();
+    return info.Env().Undefined();
+  }
+  off_t r = lseek(Int(info[0]), static_cast<off_t>(offset), SEEK_SET);
   if (r < 0) ThrowErrno(info.Env(), "lseek", errno);
+  if (big) return Napi::BigInt::New(info.Env(), static_cast<int64_t>(r));
   return Napi::Number::New(info.Env(), static_cast<double>(r));
 }
 

@@ -1226,7 +1226,7 @@ Napi::Value BytesToRead(const Napi::CallbackInfo& info) {
 }
 
 // getFd(pid, fd) -> a duplicate of the process's descriptor, in this process.
-// fdEntries(pid) -> [{ fd, target, info, uid?, gid? }]: every descriptor of a process
+// fdEntries(pid) -> [{ fd, target, info, uid?, gid?, mode? }]: every descriptor of a process
 // with its /proc/PID/fd link and its /proc/PID/fdinfo text, in ascending
 // order, read in one call: a server with thousands of connections had a
 // readlink and a file read through Node for each, inside the frozen
@@ -1287,6 +1287,7 @@ Napi::Value FdEntries(const Napi::CallbackInfo& info) {
     if ((strncmp(target, "pipe:", 5) == 0 || strncmp(target, "socket:", 7) == 0) && fstatat(fdDir, name, &st, 0) == 0) {
       o.Set("uid", Napi::Number::New(env, st.st_uid));
       o.Set("gid", Napi::Number::New(env, st.st_gid));
+      o.Set("mode", Napi::Number::New(env, st.st_mode & 07777));
     }
     out.Set(n++, o);
   }

@@ -372,10 +372,11 @@ export class RestoreContext {
   }
 
   /** A working directory that was removed (empty, as a removed directory
-   * is): one made beside where it was (or in the temporary directory),
-   * entered, and removed again by close() before the application runs.
-   * Processes that shared it share this one. */
-  private removedDirectory(path: string): string {
+   * is), or a descriptor's (files.ts): one made beside where it was (or in
+   * the temporary directory), entered or opened, and removed again by
+   * close() before the application runs. Processes that shared it share
+   * this one. */
+  removedDirectory(path: string): string {
     return this.once(`removed directory ${path}`, () => {
       const made = mkdtempSync(join(existsSync(dirname(path)) ? dirname(path) : tmpdir(), '.appshot-removed-'));
       this.removeAtClose.push(made);

@@ -85,7 +85,7 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
     // this node's own snapshot.)
     const setId = exact && (id.uid !== undefined || isOwnSnapshot(h.image));
     fchmodSync(f, id.mode & (setId ? 0o7777 : 0o1777));
-    if (id.seals) addon().addSeals(f, id.seals);
+    sealMemfd(h, f, id.seals);
     return f;
   });
 }
@@ -125,8 +125,25 @@ export function memfdLike(h: RestoreContext, id: Pick<FileIdentity, 'path' | 'se
   const f = makeMemfd(h, id);
   fill(f);
   ftruncateSync(f, Number(size));
-  if (id.seals) addon().addSeals(f, id.seals);
+  sealMemfd(h, f, id.seals);
   return f;
+}
+
+const F_SEAL_SEAL = 0x1;
+const F_SEAL_FUTURE_WRITE = 0x10;
+
+/** A memfd's seals given back. F_SEAL_FUTURE_WRITE refuses new writable
+ * shared mappings, which is what the restore makes for the ones the
+ * application made before it sealed (they still write): it waits, with
+ * F_SEAL_SEAL (which would refuse it then), until every process's memory
+ * is as it will run. Those mappings' read-only siblings made after the
+ * seal could be mprotect'ed writable again: the kernel keeps no trace of
+ * which came first. */
+function sealMemfd(h: RestoreContext, f: number, seals: number | undefined): void {
+  if (!seals) return;
+  const later = seals & F_SEAL_FUTURE_WRITE ? seals & (F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) : 0;
+  if (seals & ~later) addon().addSeals(f, seals & ~later);
+  if (later) h.whenProcessesAreFinal(() => addon().addSeals(f, later));
 }
 
 function makeMemfd(h: RestoreContext, id: Pick<FileIdentity, 'path'>): number {

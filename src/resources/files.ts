@@ -121,6 +121,40 @@ function fdinfoNow(pid: number, fd: number, before: string): string {
   }
 }
 
+/** A file's extended attributes the program may have given it; [] where
+ * they cannot be listed (a file system without them). */
+function deletedXattrs(path: string): string[] {
+  let names: string[];
+  try {
+    names = addon().xattrNames(path);
+  } catch {
+    return [];
+  }
+  return names.filter((x) => /^(user|trusted)\./.test(x) || x === 'security.capability');
+}
+
+/** Inode flags (FS_IOC_GETFLAGS) a program may set with chattr, which a
+ * deleted file made again from its bytes would not have: those its
+ * directory, if still there, does not give every file made in it. */
+const SETTABLE_INODE_FLAGS: [number, string][] = [
+  [0x8, 'sync'],
+  [0x10, 'immutable'],
+  [0x20, 'append-only'],
+  [0x40, 'nodump'],
+  [0x80, 'noatime'],
+];
+function deletedInodeFlags(path: string, dir: string): string[] {
+  const flags = addon().inodeFlags(path);
+  if (flags <= 0) return [];
+  let inherited = 0;
+  try {
+    inherited = Math.max(0, addon().inodeFlags(dir));
+  } catch {
+    /* its directory is gone too */
+  }
+  return SETTABLE_INODE_FLAGS.filter(([bit]) => flags & bit && !(inherited & bit)).map(([, name]) => name);
+}
+
 export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable, seen: SeenBeforeCalls = {}): Fd[] {
   const fds: Fd[] = [];
   const { frozenMappings, listings: listingsBefore } = seen;
@@ -154,6 +188,11 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     const inherited = bracket?.[1] === 'socket' ? inheritedSocket(ctx, BigInt(bracket[2]), () => sockets.describe(pid, n, BigInt(bracket[2]), what, ctx.tables.sockets)) : undefined;
     const connection = bracket?.[1] === 'socket' && !inherited ? timed('tcp: connection', () => sockets.connection(pid, n, BigInt(bracket[2]))) : undefined;
     if (bracket && bracket[1] === 'pipe') {
+      // A pipe is made again with the kernel's mode, 0600: one the program
+      // changed (fchmod) would decide anew who may open it again through
+      // /proc/PID/fd.
+      if (entry.mode !== undefined && entry.mode !== 0o600)
+        throw new Unsupported(`${what} fd ${n}: ${target}: a pipe whose mode the program changed (0${entry.mode.toString(8)}, not 0600), which cannot be captured yet`);
       fd.kind = FdKind.PIPE;
       fd.pipe = dumpPipe(ctx, pid, n, BigInt(bracket[2]), '', fd.flags, `${what} fd ${n}`);
     } else if (inherited) {
@@ -217,6 +256,15 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       if (deleted && st.isFile() && st.nlink > 0n && sameDevice(dirname(target), st.dev))
         throw new Unsupported(`${what} fd ${n}: ${target}: its name was removed but the file is still linked elsewhere (${st.nlink} link${st.nlink === 1n ? '' : 's'}), which cannot be captured yet`);
       if (target === '/secretmem (deleted)') throw new Unsupported(`${what} fd ${n}: memfd_secret memory (no other process may read it), which cannot be captured`);
+      // A deleted file is made again from its bytes: extended attributes
+      // the program gave it (user.*, trusted.*, file capabilities) would be
+      // gone. Labels a security module gives every file are not its own.
+      if (deleted && st.isFile()) {
+        const own = deletedXattrs(`/proc/${pid}/fd/${n}`);
+        if (own.length) throw new Unsupported(`${what} fd ${n}: ${target}: a deleted file with extended attributes of its own (${own.join(', ')}), which cannot be captured yet`);
+        const flags = deletedInodeFlags(`/proc/${pid}/fd/${n}`, dirname(target));
+        if (flags.length) throw new Unsupported(`${what} fd ${n}: ${target}: a deleted file with inode flags of its own (${flags.join(', ')}: chattr), which cannot be captured yet`);
+      }
       if (st.isFIFO()) {
         fd.kind = FdKind.FIFO;
         fd.pipe = dumpPipe(ctx, pid, n, st.ino, target, fd.flags, `${what} fd ${n}`, st);
@@ -244,7 +292,9 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         // Another /proc text read part way or to its end keeps its place
         // by line, for the same reason.
         else if (fd.pos > 0n && !deleted) fd.textPosition = dumpTextPosition(pid, n, fd.flags, fd.pos);
-        if (deleted) saveDeletedContents(ctx, pid, n, fd.file);
+        // A directory since removed holds nothing: made again empty and
+        // removed at restore (openFile), no contents kept.
+        if (deleted && !st.isDirectory()) saveDeletedContents(ctx, pid, n, fd.file);
       } else {
         throw new Unsupported(`${what} fd ${n}: ${target} (a ${st.isSocket() ? 'socket' : st.isBlockDevice() ? 'block device' : 'special file'}) cannot be captured yet`);
       }
@@ -522,7 +572,14 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
   // The new log is another file, which its writers append to: its
   // position is its own.
   if (h.image.logPath && fd.path === h.image.logPath) return h.log();
-  if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
+  const removedDir = h.image.files[fd.file]?.deleted === true && (h.image.files[fd.file].mode & 0o170000) === 0o040000;
+  // A directory since removed, held open (not as the working directory):
+  // one made beside where it was, opened, and removed again before the
+  // application runs, as a removed working directory is; it lists nothing,
+  // and nothing can be made in it. (Not a deleted file's stand-in: that
+  // was a regular file where the program held a directory.)
+  if (removedDir) got = h.keep(openSync(h.removedDirectory(fd.path.replace(/ \(deleted\)$/, '')), plain));
+  else if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
   else if (fd.procVpid) {
     path = restoredProcPath(h, fd.path, fd.procVpid);
     // As its process would, as every other name: what /proc lets a
@@ -553,8 +610,12 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     if (link !== undefined) sameSymlink(got, path, link, `process ${p.vpid} fd ${fd.fd}`);
   }
   // O_APPEND too: writes go to the end whatever it is, but reads (O_RDWR)
-  // start there and lseek(SEEK_CUR) tells it.
-  if (fd.pos) addon().lseek(got, Number(fd.pos));
+  // start there and lseek(SEEK_CUR) tells it. As a bigint: a directory's
+  // position on ext4 is a 64-bit hash, which a Number would round (the
+  // listing would go on from another name, one lost or repeated).
+  // (A removed directory lists nothing from anywhere: its place was in
+  // names it no longer has.)
+  if (fd.pos && !removedDir) addon().lseek(got, fd.pos);
   // Another /proc text: its place by line, once the processes it shows
   // are as they will run.
   const at = fd.textPosition;

@@ -156,6 +156,12 @@ function makePipe(h: RestoreContext, pipe: Pipe, index: number): MadePipe {
     const rw = h.keep(pipe.fifoPath.endsWith(DELETED) ? removedFifo(pipe.fifoPath.slice(0, -DELETED.length)) : openFifo(h, pipe, index));
     // A FIFO, not whatever else was put at its name since (a file, a device).
     if (!fstatSync(rw).isFIFO()) throw new AppshotError(`the named FIFO ${pipe.fifoPath} is not a FIFO here`);
+    // Bytes in it now: another process has it open (a FIFO's data goes
+    // with its last descriptor), such as the original of a copy restored
+    // beside it. Refused before anything is written or resized: the
+    // image's bytes would mix with its, in its FIFO.
+    const there = addon().bytesToRead(rw);
+    if (there > 0 && pipe.data.length > 0) throw new AppshotError(`the named FIFO ${pipe.fifoPath} holds ${there} bytes here already: another process has it open (the original, still running?), so its own ${pipe.data.length} bytes in flight cannot be put back`);
     made = { read: rw, write: rw, fifo: true, readTaken: false, writeTaken: false };
   } else {
     const [r, w] = addon().pipe();

@@ -35,6 +35,7 @@
  * record. The connections waiting in its accept queue stay there meanwhile.
  */
 import { dumpRaw, SOCK_RAW } from './raw.js';
+import { unixNameProblem } from './sockaddr.js';
 import { closeSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
@@ -192,13 +193,16 @@ export class SocketTable {
     if (!names) return;
     try {
       for (const line of readFileSync(`/proc/${this.pid}/net/unix`, 'utf8').split('\n').slice(1)) {
-        const f = line.trim().split(/\s+/);
-        if (f.length < 7) continue;
-        this.unix.set(BigInt(f[6]), {
-          flags: parseInt(f[3], 16),
-          type: parseInt(f[4], 16),
-          state: parseInt(f[5], 16),
-          path: f[7] ?? '',
+        // The name is the rest of the line after one space, spaces and
+        // all ("/run/my app/sock"): split on blanks, it was cut at the
+        // first and the socket came back bound to another name.
+        const f = /^\s*\S+\s+\S+\s+\S+\s+(\S+)\s+(\S+)\s+(\S+)\s+(\d+)(?: (.*))?$/.exec(line);
+        if (!f) continue;
+        this.unix.set(BigInt(f[4]), {
+          flags: parseInt(f[1], 16),
+          type: parseInt(f[2], 16),
+          state: parseInt(f[3], 16),
+          path: f[5] ?? '',
         });
       }
     } catch {
@@ -367,6 +371,7 @@ export class SocketTable {
         // clients connected to nothing. Refused; the retry finds them
         // accepted, as a server soon does.
         if (d?.rqueue) throw new Transient(`${where} has ${d.rqueue} connection${d.rqueue > 1 ? 's' : ''} not yet accepted, which cannot be captured yet`);
+        refuseUnrecordedName(dup, where);
         const file = dumpSocketFile(pid, u.path, d, `${what} fd ${fd}`);
         // Whom its clients see as the server: it listens as that again.
         return { ...base, address: u.path, listening: true, backlog: d?.wqueue ?? 0, options: extras('unix-listen', where), ...(file ? { file } : {}), peerCred: peerCredOf(dup) };
@@ -374,6 +379,7 @@ export class SocketTable {
       if (opts.type === SOCK_DGRAM) return dumpUnixDgram(pid, fd, ino, d, what);
       const typeName = opts.type === SOCK_STREAM ? 'stream' : opts.type === SOCK_SEQPACKET ? 'seqpacket' : `type ${opts.type}`;
       if (!d?.peer && !opts.listening && unixUnconnected(u?.state)) {
+        refuseUnrecordedName(dup, `${what} fd ${fd}: the unix ${typeName} socket bound to ${u?.path || '(unnamed)'}`);
         const file = dumpSocketFile(pid, u?.path ?? '', d, `${what} fd ${fd}`);
         const own = { ...base, address: u?.path ?? '', ...(file ? { file } : {}) };
         return { ...own, options: extras(optionKind(AF_UNIX), `${what} fd ${fd}: the ${unconnectedName(own)}`) };
@@ -918,4 +924,12 @@ function loneEnd(h: RestoreContext, s: Socket, fd: Fd): number {
 function check(s: Socket, kind: SockKind, where: string): void {
   for (const o of s.options ?? [])
     if (!isCarriedExtra(kind, s.family, BASE_OPTIONS, o)) throw new AppshotError(`corrupt image: ${where} carries socket option ${o.level}/${o.name}, which appshot does not set`);
+}
+
+/** A unix name /proc/net/unix cannot show as it is (a NUL inside an
+ * abstract name shows as "@", bytes that are not UTF-8), which a restore
+ * would bind as another name: refused, by what getsockname answers. */
+function refuseUnrecordedName(dup: number, where: string): void {
+  const problem = unixNameProblem(addon().sockName(dup), true);
+  if (problem) throw new Unsupported(`${where}: ${problem}, which cannot be captured yet`);
 }
