@@ -82,6 +82,10 @@ const ITIMER_REAL = 0;
  * it fires at the first tick it can, not sooner than it would have, and
  * is not lost. */
 function itimerValueToSet(t: ITimer, tickNs: number): bigint {
+  // Nothing left is a disarmed timer (one due shows a tick, or 1 µs for
+  // ITIMER_REAL): recorded for its interval, it stays disarmed (review
+  // r294: it came back armed, and its signal killed the process).
+  if (t.valueUs === 0n) return 0n;
   const tickUs = t.which === ITIMER_REAL ? 0n : BigInt(Math.floor(tickNs / 1000));
   const value = t.valueUs - tickUs;
   // A timer due at the snapshot fires at once, not never.
