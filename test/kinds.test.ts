@@ -7,6 +7,7 @@
  * captured is refused by name, and the application is left running.
  */
 import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -609,6 +610,27 @@ describe('unix messages and stream bytes queued on sockets that pass credentials
     await run(['snapshot', aid, '-o', join(out, aid)]);
     await run(['restore', join(out, aid)]);
     await exercised(aid);
+  });
+
+  // Its queue stays in the socket the keeper holds, whoever wrote it: the
+  // sender outside the application was refused for nothing (review r294;
+  // sd-bus clients pass credentials on their bus connection).
+  it('a stream connected to a server outside the application, holding what it wrote: held by the keeper, not refused', async () => {
+    const aid = 'passcred2';
+    const path = join(out, 'passcred-server.sock');
+    const clients: Socket[] = [];
+    const server = createServer((c) => (clients.push(c), c.write('hello')));
+    await new Promise<void>((resolve) => server.listen(path, resolve));
+    try {
+      await start(aid, [fixture('passcred'), 'outside', path]);
+      await waitFor(() => logOf(aid).includes('READY') || /FAIL/.test(logOf(aid)), 10_000, `${aid} to start`);
+      await run(['snapshot', aid, '-o', join(out, aid)]);
+      await run(['restore', join(out, aid)]);
+      await exercised(aid);
+    } finally {
+      for (const c of clients) c.destroy();
+      server.close();
+    }
   });
 });
 

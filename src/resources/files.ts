@@ -40,7 +40,7 @@ import { dumpTimerfd, restoreTimerfd } from './timerfd.js';
 import { inheritedSocket, openSocket, socketKind, type SocketTable } from './sockets.js';
 import { openUdp } from './udp.js';
 import { openNetlink } from './netlink.js';
-import { openUnixDgram, senderAsVirtual } from './unixdgram.js';
+import { openUnixDgram } from './unixdgram.js';
 import { openPtyEnd } from './ptys.js';
 import { openUnconnected } from './unconnected.js';
 import { dumpPidfd, openPidfd } from './pidfd.js';
@@ -212,8 +212,9 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       fd.kind = socketKind(fd.socket);
       // The peer's system PID (SO_PEERCRED) as the application sees it.
       if (fd.socket.peerCred) fd.socket.peerCred.pid = ctx.virtual('pid', fd.socket.peerCred.pid ?? 0);
-      // Who sent its queued messages (SO_PASSCRED), likewise.
-      senderAsVirtual(fd.socket, (sys) => ctx.virtual('pid', sys), `${what} fd ${n}`);
+      // Who sent its queued messages (SO_PASSCRED): made virtual once the
+      // image is whole (checkUnixPeers), where a connection to a process
+      // outside, whose queue its keeper holds, is known not to carry it.
     } else if (target === 'anon_inode:[eventfd]') {
       fd.kind = FdKind.EVENTFD;
       Object.assign(fd, dumpEventfd(info));

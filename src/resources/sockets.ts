@@ -49,7 +49,7 @@ import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile
 import { socketFileIdentities } from './fsident.js';
 import { ownerFor } from './files.js';
 import { ownCreds, peerCredRefusal, strangeOwner } from './creds.js';
-import { dumpUnixDgram, passesCredentials, queuedMessages, refuseOwnFilter, sentAs, shut } from './unixdgram.js';
+import { dumpUnixDgram, passesCredentials, queuedMessages, refuseOwnFilter, senderAsVirtual, sentAs, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
@@ -487,6 +487,11 @@ export function checkUnixPeers(ctx: DumpContext, systemPid: (vpid: number) => nu
       Object.assign(s.socket, { kept: true, peerIno: 0n, queued: Buffer.alloc(0), datagrams: [] });
     }
   }
+  // Who sent the messages the image carries (SO_PASSCRED), as the
+  // application names them; only now, once those of a kept connection are
+  // left in its socket: checked before, a connection to a server outside
+  // was refused for the server's messages it never carries (review r294).
+  for (const s of sockets) senderAsVirtual(s.socket, (sys) => ctx.virtual('pid', sys), s.where);
 }
 
 /** Once every process is seen: the notes of sockets that none of them
