@@ -85,7 +85,7 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
     // this node's own snapshot.)
     const setId = exact && (id.uid !== undefined || isOwnSnapshot(h.image));
     fchmodSync(f, id.mode & (setId ? 0o7777 : 0o1777));
-    sealMemfd(h, f, id.seals);
+    sealMemfd(h, f, id.seals, mappedSharedWritable(h, id));
     return f;
   });
 }
@@ -121,27 +121,39 @@ function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number
 
 /** A memfd of the name, size and seals `name`, `size`, `seals` say (one
  * mapped only, its SharedMemory): for memory.ts. */
-export function memfdLike(h: RestoreContext, id: Pick<FileIdentity, 'path' | 'seals'>, size: bigint, fill: (fd: number) => void): number {
+export function memfdLike(h: RestoreContext, id: Pick<FileIdentity, 'path' | 'seals' | 'dev' | 'ino'>, size: bigint, fill: (fd: number) => void): number {
   const f = makeMemfd(h, id);
   fill(f);
   ftruncateSync(f, Number(size));
-  sealMemfd(h, f, id.seals);
+  sealMemfd(h, f, id.seals, mappedSharedWritable(h, id));
   return f;
 }
 
 const F_SEAL_SEAL = 0x1;
+const PROT_WRITE = 0x2;
 const F_SEAL_FUTURE_WRITE = 0x10;
+
+/** Whether the image maps the object `id` names (its device and inode)
+ * shared and writable anywhere: a mapping the restore must make so. */
+function mappedSharedWritable(h: RestoreContext, id: { dev?: bigint; ino?: bigint }): boolean {
+  if (id.dev === undefined || id.ino === undefined) return true;
+  const objects = new Set(h.image.sharedMemory.flatMap((o, i) => (o.dev === id.dev && o.ino === id.ino ? [i] : [])));
+  return h.image.processes.some((p) => p.vmas.some((v) => v.shared && (v.prot & PROT_WRITE) !== 0 && objects.has(v.sharedMemory)));
+}
 
 /** A memfd's seals given back. F_SEAL_FUTURE_WRITE refuses new writable
  * shared mappings, which is what the restore makes for the ones the
- * application made before it sealed (they still write): it waits, with
- * F_SEAL_SEAL (which would refuse it then), until every process's memory
- * is as it will run. Those mappings' read-only siblings made after the
- * seal could be mprotect'ed writable again: the kernel keeps no trace of
- * which came first. */
-function sealMemfd(h: RestoreContext, f: number, seals: number | undefined): void {
+ * application made before it sealed (they still write): where the image
+ * has one (`writableShared`), it waits, with F_SEAL_SEAL (which would
+ * refuse it then), until every process's memory is as it will run. Only
+ * then: a mapping made while it waits may be mprotect'ed writable later
+ * (the kernel clears VM_MAYWRITE only for shared mappings made after the
+ * seal), so a memfd mapped read-only after its seal would come back
+ * writable through them (review r294: a process wrote into its sealed
+ * memfd). With both kinds of mapping, the read-only ones still can. */
+function sealMemfd(h: RestoreContext, f: number, seals: number | undefined, writableShared: boolean): void {
   if (!seals) return;
-  const later = seals & F_SEAL_FUTURE_WRITE ? seals & (F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) : 0;
+  const later = seals & F_SEAL_FUTURE_WRITE && writableShared ? seals & (F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) : 0;
   if (seals & ~later) addon().addSeals(f, seals & ~later);
   if (later) h.whenProcessesAreFinal(() => addon().addSeals(f, later));
 }
