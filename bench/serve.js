@@ -209,9 +209,33 @@ function heldFaults(service) {
         return n;
       }
     }, 0);
+  // And their threads' CPU time (schedstat: ns on the CPU).
+  const cpuNs = () =>
+    pids.reduce((n, p) => {
+      let tids = [];
+      try {
+        tids = readdirSync(`/proc/${p}/task`);
+      } catch {
+        return n;
+      }
+      for (const t of tids)
+        try {
+          n += Number(readFileSync(`/proc/${p}/task/${t}/schedstat`, 'utf8').split(' ')[0]);
+        } catch {
+          /* gone */
+        }
+      return n;
+    }, 0);
   const before = minflt();
-  return () => minflt() - before;
+  const cpuBefore = cpuNs();
+  return () => {
+    cpuSeen.push((cpuNs() - cpuBefore) / 1e3);
+    return minflt() - before;
+  };
 }
+/** BENCH_FAULTS: the held instance's CPU time (µs, all its threads) from
+ * just before the connection to the first byte, one per resume. */
+let cpuSeen = [];
 
 function pssKiB(pid) {
   const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
@@ -496,6 +520,7 @@ try {
       const p50s = { with: [], without: [] };
       const p99s = { with: [], without: [] };
       const heldPss = { with: [], without: [] };
+      const cpu = { with: [], without: [] };
       const f50s = { with: [], without: [] };
       const added = { with: [], without: [] };
       const v4v6 = [];
@@ -534,11 +559,14 @@ try {
           // The instance keeps running across serves: the first resume waits
           // for its idle suspend.
           faultsSeen = [];
+          cpuSeen = [];
           const xs = await resumes(RUNS);
           p50s[variant].push(pct(xs, 50));
           if (MARKS) marksReport(serveErr, variant === 'with' ? `${name}=${value}` : `${name} unset`);
           p99s[variant].push(pct(xs, 99));
-          const faults = faultsSeen.length ? `; faults to first byte p50 ${pct(faultsSeen, 50)} (${faultsSeen.length} held)` : '';
+          const faults = faultsSeen.length ? `; faults to first byte p50 ${pct(faultsSeen, 50)}, its CPU ${pct(cpuSeen, 50).toFixed(0)} µs (${faultsSeen.length} held)` : '';
+          if (faultsSeen.length) cpu[variant].push(pct(cpuSeen, 50));
+          cpuSeen = [];
           // The instance held for the next resume (its init and redis):
           // what a prepared service costs while suspended.
           const held = await heldInstancePss('db');
@@ -556,6 +584,7 @@ try {
       const median = (xs) => pct(xs, 50);
       console.log(`(c) median of ${rounds} rounds' p50: ${name} unset ${ms(median(p50s.without))}, ${name}=${value} ${ms(median(p50s.with))}; load average ${Math.min(...loads)}-${Math.max(...loads)}`);
       console.log(`(c) median of ${rounds} rounds' p99: ${name} unset ${ms(median(p99s.without))}, ${name}=${value} ${ms(median(p99s.with))}`);
+      if (cpu.with.length || cpu.without.length) console.log(`held instance's CPU from connect() to first byte, median of rounds' p50: ${name} unset ${pct(cpu.without, 50)?.toFixed(0)} µs, ${name}=${value} ${pct(cpu.with, 50)?.toFixed(0)} µs`);
       if (heldPss.with.length || heldPss.without.length)
         console.log(`held instance PSS, median of rounds: ${name} unset ${(median(heldPss.without) / 1024).toFixed(2)} MiB, ${name}=${value} ${(median(heldPss.with) / 1024).toFixed(2)} MiB`);
       if (CLONES) console.log(`(f) median of ${rounds} rounds' p50: ${name} unset ${ms(median(f50s.without))}, ${name}=${value} ${ms(median(f50s.with))}`);
@@ -564,7 +593,7 @@ try {
         console.log(`(b) - (a) at p50, median of ${rounds} rounds: ${name} unset ${ms(median(added.without))}, ${name}=${value} ${ms(median(added.with))}; (a4) - (a) ${v4v6.length ? ms(median(v4v6)) : '-'}`);
         report.push({ what: `(b) - (a) A/B ${name}=${value}`, without: added.without, with: added.with, v4MinusV6: v4v6, loads });
       }
-      report.push({ what: `(c) A/B ${name}=${value}`, without: p50s.without, with: p50s.with, p99without: p99s.without, p99with: p99s.with, heldPssWithout: heldPss.without, heldPssWith: heldPss.with, loads });
+      report.push({ what: `(c) A/B ${name}=${value}`, without: p50s.without, with: p50s.with, p99without: p99s.without, p99with: p99s.with, heldPssWithout: heldPss.without, heldPssWith: heldPss.with, cpuWithout: cpu.without, cpuWith: cpu.with, loads });
       if (CLONES) report.push({ what: `(f) A/B ${name}=${value}`, without: f50s.without, with: f50s.with, loads });
     }
     console.log(`    serve's own PSS with the service suspended: ${(pss / 1024).toFixed(1)} MiB\n`);
