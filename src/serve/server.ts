@@ -1180,12 +1180,17 @@ class Service {
       // from here, and the held connections forwarded at once.
       committed: (record) => this.committedEarly(record),
       hold: () => {
-        // The code its previous run executed mapped in (prepared.ts
-        // populateCode): each page a fault after the release otherwise.
-        const code = this.hotCode ? this.populateHeld(this.hotCode) : 0;
         heldNow(true);
         this.host.worked();
-        if (this.prepared === p) this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(process.hrtime.bigint() - t0) / 1e4) / 100, prefaulted: prefault?.count ?? 0, code });
+        // The code its previous run executed mapped in (prepared.ts
+        // populateCode), a slice at a time, while it stays held: each
+        // page a fault after the release otherwise. Logged once done.
+        // (Logged even if a resume let it go meanwhile: it was held.)
+        if (this.prepared !== p) return decision;
+        const held = process.hrtime.bigint();
+        const logged = (code: number) => this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(held - t0) / 1e4) / 100, prefaulted: prefault?.count ?? 0, code, codeMs: Math.round(Number(process.hrtime.bigint() - held) / 1e4) / 100 });
+        if (!this.hotCode) logged(0);
+        else void this.populateHeld(this.hotCode, () => this.prepared === p).then(logged);
         return decision;
       },
     });
@@ -1215,10 +1220,11 @@ class Service {
     return init ? descendantsOf(init) : [];
   }
 
-  /** Maps `hot` into the held instance's processes; the pages mapped. */
-  private populateHeld(hot: HotCode): number {
+  /** Maps `hot` into the held instance's processes while `keepOn`; the
+   * pages mapped. */
+  private async populateHeld(hot: HotCode, keepOn: () => boolean): Promise<number> {
     try {
-      return populateCode(this.instanceProcesses(), hot);
+      return await populateCode(this.instanceProcesses(), hot, keepOn);
     } catch {
       return 0; // a cost, never a failure: it faults them in itself
     }
