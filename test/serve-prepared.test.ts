@@ -235,7 +235,8 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await redisImage(sb, APP, KEYS, value, image);
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
 
-    serve = sb.start(['serve']);
+    // (With the code of its previous run mapped in ahead: APPSHOT_PREPARED_CODE.)
+    serve = sb.start(['serve'], { APPSHOT_PREPARED_CODE: '1' });
     await serve.line(/^ready$/, READY_MS);
     // Prepared at start: its processes exist, every one held in a tracing
     // stop, so nothing of redis runs.
