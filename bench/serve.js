@@ -19,6 +19,11 @@
 // BENCH_HOT=1000 samples for (a) and (b), BENCH_RUNS=20 for (c) and (d),
 // BENCH_IDLE=300ms the service's idle time, BENCH_SERVICES=0 skips (e);
 // BENCH_E_ENV=NAME=VALUE measures (e) also with that variable set.
+// BENCH_MARKS=1: serve run with APPSHOT_SERVE_MARKS=1, and each series of
+// resumes of a held instance broken into segments (medians, µs): connect()
+// to serve seeing the listener readable (w), to the restore begun (r), to
+// the release decided (d: the image's files checked), to the commit (c), to
+// the restore returned (e), and from c and e to the first byte.
 // BENCH_FAULTS=1: each resume of a held (prepared) instance also counts
 // its processes' page faults from the connection to the first byte.
 //
@@ -64,7 +69,7 @@ const RUNS = Number(process.env.BENCH_RUNS ?? 20);
 const IDLE = process.env.BENCH_IDLE ?? '300ms';
 const KEYS = 10_000;
 const home = mkdtempSync(join(tmpdir(), 'appshot-bench-serve-'));
-const env = { ...process.env, APPSHOT_HOME: home };
+const env = { ...process.env, APPSHOT_HOME: home, ...(process.env.BENCH_MARKS === '1' ? { APPSHOT_SERVE_MARKS: '1' } : {}) };
 // BENCH_PORT: the first of the three ports (a bench run next to another).
 const APP = Number(process.env.BENCH_PORT ?? 26950);
 const PUBLIC = APP + 1;
@@ -103,6 +108,13 @@ const pct = (xs, p) => {
 };
 const ms = (x) => (x >= 1 ? `${x.toFixed(2)} ms` : `${(x * 1000).toFixed(0)} µs`);
 
+/** The last firstByte's connect() and first byte, process.hrtime.bigint(). */
+let lastTimes;
+/** BENCH_MARKS=1: each resume's [connect(), first byte], to set beside
+ * serve's marks (APPSHOT_SERVE_MARKS, its `restore` lines). */
+const MARKS = process.env.BENCH_MARKS === '1';
+let timesSeen = [];
+
 /** connect() to the first byte of the reply to PING, in ms; rejects if
  * refused or reset. */
 function firstByte(port, host = '127.0.0.1') {
@@ -111,7 +123,9 @@ function firstByte(port, host = '127.0.0.1') {
     const s = connect({ port, host, noDelay: true });
     s.on('connect', () => s.write('PING\r\n'));
     s.once('data', () => {
-      resolve(Number(process.hrtime.bigint() - t0) / 1e6);
+      const t1 = process.hrtime.bigint();
+      lastTimes = [t0, t1];
+      resolve(Number(t1 - t0) / 1e6);
       s.destroy();
     });
     s.on('error', reject);
@@ -163,6 +177,7 @@ async function whenIdle(service, port, runs, atFirst = () => {}) {
     if (i === 0) atFirst();
     const held = FAULTS ? heldFaults(service) : undefined;
     out.push(await firstByte(port));
+    if (MARKS) timesSeen.push(lastTimes);
     if (held) faultsSeen.push(held());
     since = Date.now();
   }
@@ -194,9 +209,33 @@ function heldFaults(service) {
         return n;
       }
     }, 0);
+  // And their threads' CPU time (schedstat: ns on the CPU).
+  const cpuNs = () =>
+    pids.reduce((n, p) => {
+      let tids = [];
+      try {
+        tids = readdirSync(`/proc/${p}/task`);
+      } catch {
+        return n;
+      }
+      for (const t of tids)
+        try {
+          n += Number(readFileSync(`/proc/${p}/task/${t}/schedstat`, 'utf8').split(' ')[0]);
+        } catch {
+          /* gone */
+        }
+      return n;
+    }, 0);
   const before = minflt();
-  return () => minflt() - before;
+  const cpuBefore = cpuNs();
+  return () => {
+    cpuSeen.push((cpuNs() - cpuBefore) / 1e3);
+    return minflt() - before;
+  };
 }
+/** BENCH_FAULTS: the held instance's CPU time (µs, all its threads) from
+ * just before the connection to the first byte, one per resume. */
+let cpuSeen = [];
 
 function pssKiB(pid) {
   const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
@@ -289,6 +328,34 @@ async function heldInstancePss(service) {
     return { kib: pids.reduce((n, p) => n + (pssKiB(p) || 0), 0), processes: pids.length, prefaulted };
   }
   return undefined;
+}
+
+/** BENCH_MARKS: where each resume's time went, from the client's
+ * connect() to its first byte, through serve's marks (server.ts MARKS): a
+ * line of medians (µs) over the resumes of `log` whose listener was seen
+ * readable between a connect() and its first byte of timesSeen. */
+function marksReport(log, label) {
+  const restores = [...log.matchAll(/^\{.*"event":"restore".*\}$/gm)].map((m) => JSON.parse(m[0])).filter((r) => r.marks?.w && r.prepared);
+  const segs = { 'connect>w': [], 'w>r': [], 'r>d': [], 'd>c': [], 'c>e': [], 'c>byte': [], 'e>byte': [], total: [] };
+  for (const [t0, t1] of timesSeen) {
+    const r = restores.find((x) => BigInt(x.marks.w) >= t0 && BigInt(x.marks.w) <= t1);
+    if (!r || !['w', 'r', 'd', 'c', 'e'].every((k) => r.marks[k])) continue;
+    const m = Object.fromEntries(Object.entries(r.marks).map(([k, v]) => [k, BigInt(v)]));
+    const us = (a, b) => Number(b - a) / 1e3;
+    segs['connect>w'].push(us(t0, m.w));
+    segs['w>r'].push(us(m.w, m.r));
+    segs['r>d'].push(us(m.r, m.d));
+    segs['d>c'].push(us(m.d, m.c));
+    segs['c>e'].push(us(m.c, m.e));
+    segs['c>byte'].push(us(m.c, t1));
+    segs['e>byte'].push(us(m.e, t1));
+    segs.total.push(us(t0, t1));
+  }
+  const n = segs.total.length;
+  console.log(`    marks${label ? ` (${label})` : ''}, medians of ${n} prepared resumes, µs: ${Object.entries(segs).map(([k, xs]) => `${k} ${xs.length ? pct(xs, 50).toFixed(0) : '-'}`).join(', ')}`);
+  report.push({ what: `marks${label ? ` ${label}` : ''}`, n, ...Object.fromEntries(Object.entries(segs).map(([k, xs]) => [k, xs.length ? pct(xs, 50) : null])) });
+  timesSeen = [];
+  return segs;
 }
 
 const report = [];
@@ -394,6 +461,7 @@ try {
     let pss = NaN;
     const resumed = await resumes(RUNS, () => (pss = pssKiB(serve.hostPid)));
     row('(c) suspended, through the front door', resumed);
+    if (MARKS) marksReport(serveErr, '');
     const cloned = CLONES ? await clonings(RUNS) : [];
     if (CLONES) row('(f) clone mode, none running, through the door', cloned);
     if (process.env.BENCH_AB_CLI) {
@@ -410,6 +478,7 @@ try {
           serve = await startServe(extra, build === 'this' ? cli : other);
           const xs = await resumes(RUNS);
           p50s[build].push(pct(xs, 50));
+          if (MARKS) marksReport(serveErr, build === 'this' ? 'this build' : other);
           loads.push(Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]));
           let hot = '';
           if (AB_HOT > 0) {
@@ -451,6 +520,7 @@ try {
       const p50s = { with: [], without: [] };
       const p99s = { with: [], without: [] };
       const heldPss = { with: [], without: [] };
+      const cpu = { with: [], without: [] };
       const f50s = { with: [], without: [] };
       const added = { with: [], without: [] };
       const v4v6 = [];
@@ -489,10 +559,14 @@ try {
           // The instance keeps running across serves: the first resume waits
           // for its idle suspend.
           faultsSeen = [];
+          cpuSeen = [];
           const xs = await resumes(RUNS);
           p50s[variant].push(pct(xs, 50));
+          if (MARKS) marksReport(serveErr, variant === 'with' ? `${name}=${value}` : `${name} unset`);
           p99s[variant].push(pct(xs, 99));
-          const faults = faultsSeen.length ? `; faults to first byte p50 ${pct(faultsSeen, 50)} (${faultsSeen.length} held)` : '';
+          const faults = faultsSeen.length ? `; faults to first byte p50 ${pct(faultsSeen, 50)}, its CPU ${pct(cpuSeen, 50).toFixed(0)} µs (${faultsSeen.length} held)` : '';
+          if (faultsSeen.length) cpu[variant].push(pct(cpuSeen, 50));
+          cpuSeen = [];
           // The instance held for the next resume (its init and redis):
           // what a prepared service costs while suspended.
           const held = await heldInstancePss('db');
@@ -510,6 +584,7 @@ try {
       const median = (xs) => pct(xs, 50);
       console.log(`(c) median of ${rounds} rounds' p50: ${name} unset ${ms(median(p50s.without))}, ${name}=${value} ${ms(median(p50s.with))}; load average ${Math.min(...loads)}-${Math.max(...loads)}`);
       console.log(`(c) median of ${rounds} rounds' p99: ${name} unset ${ms(median(p99s.without))}, ${name}=${value} ${ms(median(p99s.with))}`);
+      if (cpu.with.length || cpu.without.length) console.log(`held instance's CPU from connect() to first byte, median of rounds' p50: ${name} unset ${pct(cpu.without, 50)?.toFixed(0)} µs, ${name}=${value} ${pct(cpu.with, 50)?.toFixed(0)} µs`);
       if (heldPss.with.length || heldPss.without.length)
         console.log(`held instance PSS, median of rounds: ${name} unset ${(median(heldPss.without) / 1024).toFixed(2)} MiB, ${name}=${value} ${(median(heldPss.with) / 1024).toFixed(2)} MiB`);
       if (CLONES) console.log(`(f) median of ${rounds} rounds' p50: ${name} unset ${ms(median(f50s.without))}, ${name}=${value} ${ms(median(f50s.with))}`);
@@ -518,7 +593,7 @@ try {
         console.log(`(b) - (a) at p50, median of ${rounds} rounds: ${name} unset ${ms(median(added.without))}, ${name}=${value} ${ms(median(added.with))}; (a4) - (a) ${v4v6.length ? ms(median(v4v6)) : '-'}`);
         report.push({ what: `(b) - (a) A/B ${name}=${value}`, without: added.without, with: added.with, v4MinusV6: v4v6, loads });
       }
-      report.push({ what: `(c) A/B ${name}=${value}`, without: p50s.without, with: p50s.with, p99without: p99s.without, p99with: p99s.with, heldPssWithout: heldPss.without, heldPssWith: heldPss.with, loads });
+      report.push({ what: `(c) A/B ${name}=${value}`, without: p50s.without, with: p50s.with, p99without: p99s.without, p99with: p99s.with, heldPssWithout: heldPss.without, heldPssWith: heldPss.with, cpuWithout: cpu.without, cpuWith: cpu.with, loads });
       if (CLONES) report.push({ what: `(f) A/B ${name}=${value}`, without: f50s.without, with: f50s.with, loads });
     }
     console.log(`    serve's own PSS with the service suspended: ${(pss / 1024).toFixed(1)} MiB\n`);

@@ -130,7 +130,7 @@ const stateOf = (pid: number) => {
   return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
 };
 
-const events = () => serve!.logged<{ event: string; service?: string; prepared?: boolean; why?: string; prefaulted?: number }>();
+const events = () => serve!.logged<{ event: string; service?: string; prepared?: boolean; why?: string; prefaulted?: number; code?: number }>();
 
 const PAGE = 4096;
 /** What a prepared resume copies in ahead at most by default (prepared.ts). */
@@ -194,6 +194,20 @@ function pagemapOf(pid: number, addrs: bigint[]): bigint[] {
   }
 }
 
+/** How many pages of `pid`'s executable file mappings (its code, the
+ * libraries') are in its page tables. */
+function codePagesPresent(pid: number): number {
+  let n = 0;
+  for (const line of readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
+    const m = /^([0-9a-f]+)-([0-9a-f]+) r-xp \S+ \S+ [1-9]\d*\s+\//.exec(line);
+    if (!m) continue;
+    const start = BigInt(`0x${m[1]}`);
+    const addrs = Array.from({ length: Number((BigInt(`0x${m[2]}`) - start) / BigInt(PAGE)) }, (_, k) => start + BigInt(k * PAGE));
+    n += pagemapOf(pid, addrs).filter((e) => e & PM_PRESENT).length;
+  }
+  return n;
+}
+
 /** Whether `port` can be bound on 127.0.0.1 (nobody holds it). */
 const bindable = (port: number) =>
   new Promise<boolean>((resolve) => {
@@ -221,7 +235,8 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await redisImage(sb, APP, KEYS, value, image);
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
 
-    serve = sb.start(['serve']);
+    // (With the code of its previous run mapped in ahead: APPSHOT_PREPARED_CODE.)
+    serve = sb.start(['serve'], { APPSHOT_PREPARED_CODE: '1' });
     await serve.line(/^ready$/, READY_MS);
     // Prepared at start: its processes exist, every one held in a tracing
     // stop, so nothing of redis runs.
@@ -229,6 +244,11 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     const held = appPids('db');
     expect(held.length).toBeGreaterThan(0);
     for (const pid of held) expect(stateOf(pid)).toBe('t');
+    // No run of it seen yet: none of its code mapped in ahead (but what
+    // the restore itself maps: a few pages).
+    const codeBefore = codePagesPresent(held[0]);
+    await waitFor(() => events().some((e) => e.event === 'prepared'), 5000, 'the prepare to be logged');
+    expect(events().find((e) => e.event === 'prepared')?.code).toBe(0);
     expect(show().state).toBe('suspended');
     // `ps` says what it is: a restore not committed.
     const psState = () => sb.json<{ aid: string; state: string }[]>(['ps']).find((a) => a.aid === 'db')?.state;
@@ -291,6 +311,14 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
         // (its log says how many)
         await waitFor(() => events().filter((e) => e.event === 'prepared').length >= 3, 5000, 'the third prepare to be logged');
         expect(events().filter((e) => e.event === 'prepared').at(-1)!.prefaulted).toBe(hot.length);
+        // The code its previous run executed is in its page tables before
+        // it runs (serve read it from that run at the suspend), held all
+        // the while: no fault for those pages once let go.
+        const code = events().filter((e) => e.event === 'prepared').at(-1)!.code!;
+        expect(code).toBeGreaterThan(0);
+        expect(code).toBeGreaterThan(codeBefore);
+        expect(codePagesPresent(held3[0])).toBeGreaterThanOrEqual(code);
+        expect(stateOf(held3[0])).toBe('t');
         // The suspend after the second (prepared) resume compared what
         // that prepare copied in with its image: such a page is stored
         // again only with other bytes (written since), as an eager

@@ -26,7 +26,7 @@ import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
-import { type HotPages, prefaultCap, prefaultPages, prepareChain } from '../restore/prepared.js';
+import { descendantsOf, type HotCode, type HotPages, hotCode, populateCode, prefaultCap, prefaultPages, prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon, ENTRY_FLAGS } from '../native.js';
 import { killPoint } from '../killpoint.js';
@@ -187,6 +187,14 @@ const TRIM_AFTER_MS = 500;
  * process to watch, the registry's parent image) waits this long
  * (restoreInstance). */
 const AFTER_RESUME_MS = 10;
+
+/** APPSHOT_SERVE_MARKS=1: each `restore` log line carries `marks`, the
+ * process.hrtime.bigint() clock (CLOCK_MONOTONIC, ns) at the resume's steps:
+ * w the shared listener seen readable, r the restore begun, d the held
+ * instance's release decided (its files checked), c committed, e the
+ * restore returned; bench/serve.js (BENCH_MARKS=1) sets them beside its
+ * connect() and first byte. */
+const MARKS = process.env.APPSHOT_SERVE_MARKS === '1';
 /** A standby taken by a resume is replaced this long after (standby.ts):
  * not while the resume and its first reply still want the CPU. */
 const STANDBY_REFILL_MS = 100;
@@ -751,7 +759,10 @@ class Service {
     try {
       const inst = this.instances.get(this.name);
       if (inst?.state === 'running') inst.lastActive = this.host.clock.now();
-      else this.pump();
+      else {
+        if (MARKS) this.marks = { w: process.hrtime.bigint() };
+        this.pump();
+      }
     } catch (e) {
       this.log('watch-failed', { error: (e as Error).message });
     }
@@ -1171,7 +1182,15 @@ class Service {
       hold: () => {
         heldNow(true);
         this.host.worked();
-        if (this.prepared === p) this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(process.hrtime.bigint() - t0) / 1e4) / 100, prefaulted: prefault?.count ?? 0 });
+        // The code its previous run executed mapped in (prepared.ts
+        // populateCode), a slice at a time, while it stays held: each
+        // page a fault after the release otherwise. Logged once done.
+        // (Logged even if a resume let it go meanwhile: it was held.)
+        if (this.prepared !== p) return decision;
+        const held = process.hrtime.bigint();
+        const logged = (code: number) => this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(held - t0) / 1e4) / 100, prefaulted: prefault?.count ?? 0, code, codeMs: Math.round(Number(process.hrtime.bigint() - held) / 1e4) / 100 });
+        if (!this.hotCode) logged(0);
+        else void this.populateHeld(this.hotCode, () => this.prepared === p).then(logged);
         return decision;
       },
     });
@@ -1187,6 +1206,30 @@ class Service {
       this.changed();
       this.log('prepare-failed', { instance: this.name, image: p.image, error: e.message });
     });
+  }
+
+  /** The code pages the instance had mapped at its last suspend
+   * (prepared.ts hotCode), for the next prepare to map in
+   * (populateHeld); only with APPSHOT_PREPARED_CODE=1: it spares redis
+   * ~40 faults and ~0.1-0.6 ms of CPU after its release, but (c) did not
+   * come out faster in 5 runs on the loaded machine (README). */
+  private hotCode: HotCode | undefined;
+
+  /** The processes of the instance registered as this service's AID (its
+   * init's descendants); none if it has no init. */
+  private instanceProcesses(): number[] {
+    const init = this.reg.get(this.name)?.initPid;
+    return init ? descendantsOf(init) : [];
+  }
+
+  /** Maps `hot` into the held instance's processes while `keepOn`; the
+   * pages mapped. */
+  private async populateHeld(hot: HotCode, keepOn: () => boolean): Promise<number> {
+    try {
+      return await populateCode(this.instanceProcesses(), hot, keepOn);
+    } catch {
+      return 0; // a cost, never a failure: it faults them in itself
+    }
   }
 
   /** The pages the last prepare copied in ahead, by process and address
@@ -1261,6 +1304,7 @@ class Service {
     // checked each second while it is held (tick), not here with the
     // client waiting (~1 ms for a chain of 4: a signature each).
     const current = (await p.held) && p.image === this.lastImage && p.chain.every(sameFilesOnDisk);
+    this.mark('d');
     p.decide(current);
     try {
       return { restored: await p.done, chain: p.chain, holder: p.holder };
@@ -1283,6 +1327,12 @@ class Service {
    * connections it forwarded (the `restore` log line's `held`). */
   private early: { held: number } | undefined;
 
+  /** APPSHOT_SERVE_MARKS: the resume under way's marks (MARKS). */
+  private marks: Record<string, bigint> | undefined;
+  private mark(step: string): void {
+    if (MARKS) (this.marks ??= {})[step] = process.hrtime.bigint();
+  }
+
   /**
    * A released prepared instance, committed, its processes about to be let
    * go (the driver's `committed`): made running and the held connections
@@ -1294,6 +1344,7 @@ class Service {
    * instance's as if it had come a moment after the resume.
    */
   private committedEarly(record: AppRecord): void {
+    this.mark('c');
     const inst = this.instances.get(this.name);
     if (!inst || inst.state !== 'starting' || this.closing) return;
     try {
@@ -1336,6 +1387,7 @@ class Service {
     inst.pidStart = undefined;
     this.changed();
     const t0 = process.hrtime.bigint();
+    this.mark('r');
     const home = this.host.home;
     // Shared: those waiting in the listener's queue are the ones held.
     const queuedAtStart = this.shared?.queued() ?? 0;
@@ -1391,6 +1443,9 @@ class Service {
           return restoreNow();
         }));
       this.seeds = restored.seeds;
+      this.mark('e');
+      const marks = this.marks;
+      this.marks = undefined;
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       // Read, not settled: settling looks at its processes and tables
       // (~2 ms), and it was made just now. The ports it was bound to.
@@ -1415,7 +1470,7 @@ class Service {
       await new Promise((r) => setTimeout(r, AFTER_RESUME_MS));
       this.host.metrics?.restoreSeconds.observe({ service: this.name }, ms / 1000);
       this.sharedFailures = 0;
-      this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby, prepared: !!prepared });
+      this.log('restore', { instance: this.name, image: this.lastImage, was: from, ms: Math.round(ms * 100) / 100, held, standby: restored.fromStandby, prepared: !!prepared, ...(marks ? { marks: Object.fromEntries(Object.entries(marks).map(([k, v]) => [k, String(v)])) } : {}) });
       // What the restore went on without (the CLI's warnings): never silent.
       if (restored.notKept.length) this.log('not-kept', { instance: this.name, image: this.lastImage, notKept: restored.notKept });
       this.watchHolder(inst, holder.vpid);
@@ -1556,6 +1611,15 @@ class Service {
       this.log('suspend-failed', { instance: inst.aid, error: `its state could not be written first: ${(e as Error).message}`, now: inst.state });
       this.pump();
       return;
+    }
+    // The code it has run, for the next prepare (hotCode): read while it
+    // still runs, before the snapshot ends it.
+    if (this.spec.mode === 'restore' && this.host.preparedLimit > 0 && process.env.APPSHOT_PREPARED_CODE === '1') {
+      try {
+        this.hotCode = hotCode(this.instanceProcesses());
+      } catch {
+        this.hotCode = undefined;
+      }
     }
     const t0 = process.hrtime.bigint();
     let r: { parent?: string };
