@@ -1101,6 +1101,8 @@ describe('what cannot be captured yet is refused by name, and the application go
     // It came back as a copy: writes through it no longer reached the other name.
     ['deleted-linked', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-linked-a-\\d+ \\(deleted\\): its name was removed but the file is still linked elsewhere \\(1 link\\), which cannot be captured yet`)],
     // It came back made again from its bytes, without its attribute.
+    // Lost without a word before (review r294).
+    ['deleted-acl', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-acl-\\d+ \\(deleted\\): a deleted file with extended attributes of its own \\(system\\.posix_acl_access\\), which cannot be captured yet`)],
     ['deleted-xattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-xattr-\\d+ \\(deleted\\): a deleted file with extended attributes of its own \\(user\\.holder\\), which cannot be captured yet`)],
     // It came back made again from its bytes, without its flags.
     ['deleted-chattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-chattr-\\d+ \\(deleted\\): a deleted file with inode flags of its own \\(nodump, noatime: chattr\\), which cannot be captured yet`)],
