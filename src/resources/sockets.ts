@@ -64,6 +64,11 @@ interface UnixEntry {
   type: number;
   state: number;
   path: string;
+  /** Its line was followed by one that is not a socket's, or another line
+   * named its inode too: a name holding a newline, which the file prints
+   * as it is (review r294: cut at it, or a crafted name forging another
+   * socket's line). */
+  ambiguous?: boolean;
 }
 
 const AF_UNIX = 1;
@@ -192,18 +197,23 @@ export class SocketTable {
     if (diag) for (const u of addon().unixSockets()) this.diag.set(BigInt(u.ino), u);
     if (!names) return;
     try {
+      const seen = new Set<bigint>();
+      let last: UnixEntry | undefined;
       for (const line of readFileSync(`/proc/${this.pid}/net/unix`, 'utf8').split('\n').slice(1)) {
         // The name is the rest of the line after one space, spaces and
         // all ("/run/my app/sock"): split on blanks, it was cut at the
         // first and the socket came back bound to another name.
         const f = /^\s*\S+\s+\S+\s+\S+\s+(\S+)\s+(\S+)\s+(\S+)\s+(\d+)(?: (.*))?$/.exec(line);
-        if (!f) continue;
-        this.unix.set(BigInt(f[4]), {
-          flags: parseInt(f[1], 16),
-          type: parseInt(f[2], 16),
-          state: parseInt(f[3], 16),
-          path: f[5] ?? '',
-        });
+        if (!f) {
+          if (last && line !== '') last.ambiguous = true;
+          continue;
+        }
+        const ino = BigInt(f[4]);
+        last = { flags: parseInt(f[1], 16), type: parseInt(f[2], 16), state: parseInt(f[3], 16), path: f[5] ?? '' };
+        if (seen.has(ino)) last.ambiguous = true;
+        else if (f[5]?.includes('\n')) last.ambiguous = true;
+        seen.add(ino);
+        this.unix.set(ino, last);
       }
     } catch {
       /* no unix sockets */
@@ -215,7 +225,10 @@ export class SocketTable {
   private unixOf(ino: bigint): { u: UnixEntry | undefined; d: UnixSocketInfo | undefined } {
     this.loadUnix();
     this.readAgainWhile('unix', () => !(this.unix.has(ino) && this.diag.has(ino)), () => this.readUnix(!this.diag.has(ino), !this.unix.has(ino)));
-    return { u: this.unix.get(ino), d: this.diag.get(ino) };
+    const u = this.unix.get(ino);
+    if (u?.ambiguous)
+      throw new Unsupported(`the unix socket of inode ${ino} (${JSON.stringify(u.path)}): its name shows in /proc/net/unix over more than one line, or another line names its inode too (a newline in a socket's name), so it cannot be read exactly: it cannot be captured yet`);
+    return { u, d: this.diag.get(ino) };
   }
 
   private loadUdp(): void {
