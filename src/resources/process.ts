@@ -82,10 +82,14 @@ const ITIMER_REAL = 0;
  * it fires at the first tick it can, not sooner than it would have, and
  * is not lost. */
 function itimerValueToSet(t: ITimer, tickNs: number): bigint {
-  // Nothing left is a disarmed timer (one due shows a tick, or 1 µs for
-  // ITIMER_REAL): recorded for its interval, it stays disarmed (review
-  // r294: it came back armed, and its signal killed the process).
-  if (t.valueUs === 0n) return 0n;
+  // A CPU-time timer with nothing left is disarmed (one due shows a
+  // tick): recorded for its interval, it stays disarmed (review r294: it
+  // came back armed, and its signal killed the process). Not ITIMER_REAL:
+  // set with no value, its interval is dropped, so one showing an interval
+  // and nothing left is one that fired, whose SIGALRM waits, and which the
+  // kernel arms again when that signal is taken (dequeue_signal): set to
+  // 0 it never fired again (ticker.c stopped ticking).
+  if (t.valueUs === 0n && t.which !== ITIMER_REAL) return 0n;
   const tickUs = t.which === ITIMER_REAL ? 0n : BigInt(Math.floor(tickNs / 1000));
   const value = t.valueUs - tickUs;
   // A timer due at the snapshot fires at once, not never.
