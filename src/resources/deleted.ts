@@ -119,6 +119,24 @@ function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number
   return !stranger;
 }
 
+/** Our descriptor of the removed directory deleted file `index` of the
+ * image is (a descriptor held open after its rmdir): made beside where it
+ * was and removed again before the application runs (RestoreContext's
+ * removedDirectory), given the mode and owner it had, as a deleted file's
+ * stand-in is (review r294: it came back 0700 and the restorer's, and a
+ * process of another uid could no longer fchdir into it). `flags`: the
+ * open's. */
+export function removedDirectoryFd(h: RestoreContext, index: number, flags: number): number {
+  const id = h.image.files[index];
+  const f = h.keep(openSync(h.removedDirectory(id.path.replace(/ \(deleted\)$/, '')), flags));
+  h.once(`removed directory ${index} given its owner`, () => {
+    const exact = giveOwner(h, f, id, index);
+    fchmodSync(f, id.mode & (exact && (id.uid !== undefined || isOwnSnapshot(h.image)) ? 0o7777 : 0o1777));
+    return 0;
+  });
+  return f;
+}
+
 /** A memfd of the name, size and seals `name`, `size`, `seals` say (one
  * mapped only, its SharedMemory): for memory.ts. */
 export function memfdLike(h: RestoreContext, id: Pick<FileIdentity, 'path' | 'seals' | 'dev' | 'ino'>, size: bigint, fill: (fd: number) => void): number {

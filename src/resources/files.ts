@@ -25,7 +25,7 @@ import { inodeOwnerRefusal, ownCreds, strangeOwner } from './creds.js';
 import { readLimits } from './limits.js';
 import { fsIdentity, identitiesFor, refusedAsProcess, reopenHeld } from './fsident.js';
 import { isOwnSnapshot } from '../image/format.js';
-import { openDeletedFile, saveDeletedContents } from './deleted.js';
+import { openDeletedFile, removedDirectoryFd, saveDeletedContents } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
 import { dumpEpoll, restoreEpolls } from './epoll.js';
 import { dumpEventfd, restoreEventfd } from './eventfd.js';
@@ -589,7 +589,7 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
   // application runs, as a removed working directory is; it lists nothing,
   // and nothing can be made in it. (Not a deleted file's stand-in: that
   // was a regular file where the program held a directory.)
-  if (removedDir) got = h.keep(openSync(h.removedDirectory(fd.path.replace(/ \(deleted\)$/, '')), plain));
+  if (removedDir) got = removedDirectoryFd(h, fd.file, plain);
   else if (h.image.files[fd.file]?.deleted) got = openDeletedFile(h, fd);
   else if (fd.procVpid) {
     path = restoredProcPath(h, fd.path, fd.procVpid);
