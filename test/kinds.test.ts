@@ -1111,6 +1111,7 @@ describe('what cannot be captured yet is refused by name, and the application go
     // It came back listening at another name: the NUL shown as "@".
     // Bound again at the name cut at the newline before (review r294).
     ['unix-newline', () => /the unix socket of inode \d+ \("@holder-nl-\d+"\): its name shows in \/proc\/net\/unix over more than one line, or another line names its inode too \(a newline in a socket's name\), so it cannot be read exactly: it cannot be captured yet/],
+    ['unix-passpidfd', (fd) => `process 2 (holder) fd ${fd}: a unix datagram socket shows its reader a pidfd of who sent each message (SO_PASSPIDFD) and holds messages, which a restore would queue without them: cannot be captured yet`],
     ['unix-abstract-nul', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the unix socket listening at @holder@nul-\\d+: its abstract name holds a NUL byte, which cannot be captured yet`)],
     ['memfd-secret', (fd) => `process 2 (holder) fd ${fd}: memfd_secret memory (no other process may read it), which cannot be captured`],
     // It failed with copying's raw EIO.

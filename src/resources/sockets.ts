@@ -49,7 +49,7 @@ import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile
 import { socketFileIdentities } from './fsident.js';
 import { ownerFor } from './files.js';
 import { ownCreds, peerCredRefusal, strangeOwner } from './creds.js';
-import { dumpUnixDgram, passesCredentials, queuedMessages, refuseOwnFilter, senderAsVirtual, sentAs, shut } from './unixdgram.js';
+import { dumpUnixDgram, passesCredentials, queuedMessages, refuseOwnFilter, refusePassedPidfds, senderAsVirtual, sentAs, shut } from './unixdgram.js';
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
@@ -94,6 +94,7 @@ const SOCK_SEQPACKET = 5;
  * records (`datagrams`, `queued` left empty), and written back so. */
 function peekStream(dup: number, bytes: number, where: string, shutForReading = false): { queued: Buffer; datagrams?: Datagram[] } {
   if (addon().oobPending(dup)) throw new Transient(`${where} holds an out-of-band byte not yet read (MSG_OOB), which cannot be captured yet`);
+  refusePassedPidfds(dup, where);
   if (!passesCredentials(dup)) {
     // A read stops at an out-of-band mark whose byte was read already, or
     // is to be read inline (SO_OOBINLINE): what lies past it would be
