@@ -15,11 +15,11 @@
  * is resolved at its restore as ever. The images are not changed by a
  * restore, so what was worked out stays true.
  */
-import { closeSync, openSync, readdirSync, readFileSync, readSync, statfsSync } from 'node:fs';
+import { closeSync, openSync, readSync, statfsSync } from 'node:fs';
 import { addon } from '../native.js';
 import type { LoadedImage } from '../image/format.js';
 import type { Vma } from '../image/types.js';
-import { type CopyRun, inheritedCopyRuns, lazyMappable } from '../resources/memory.js';
+import { type CopyRun, inheritedCopyRuns, lazyMappable, readMaps } from '../resources/memory.js';
 import { resolveProcess } from '../snapshot/parent.js';
 
 const prepared = new WeakMap<LoadedImage, { chain: LoadedImage[]; runs: Map<Vma, CopyRun[]> }>();
@@ -207,41 +207,11 @@ function choosePages(chain: LoadedImage[], cap: number, previous: HotPages | und
   return { pages: (vpid, v) => byVpid.get(vpid)?.get(v.start), count, addresses };
 }
 
-/** The processes below `initPid` (its children, theirs...): each
- * thread's /proc children list (CONFIG_PROC_CHILDREN), a few reads where
- * a walk of /proc would read every process's stat. */
-export function descendantsOf(initPid: number): number[] {
-  const out: number[] = [];
-  const seen = new Set([initPid]);
-  for (let i = -1; i < out.length; i++) {
-    const pid = i < 0 ? initPid : out[i];
-    let tids: string[];
-    try {
-      tids = readdirSync(`/proc/${pid}/task`);
-    } catch {
-      continue; // gone
-    }
-    for (const tid of tids) {
-      let kids: string;
-      try {
-        kids = readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8');
-      } catch {
-        continue;
-      }
-      for (const k of kids.split(' ')) {
-        const c = Number(k);
-        if (c > 0 && !seen.has(c)) seen.add(c), out.push(c);
-      }
-    }
-  }
-  return out;
-}
-
 /**
  * The code pages a run executed, by file: for each executable mapping of
  * a regular file, the pages of it (by index in the file) present in a
- * process's page tables (/proc/PID/pagemap), keyed "dev inode" as
- * /proc/PID/maps names the file. Read from a running instance just before
+ * process's page tables (/proc/PID/pagemap), keyed by the file's device
+ * and inode as /proc/PID/maps names them. Read from a running instance just before
  * its suspend: what its run executed since its restore (or its start),
  * with the kernel's fault-around neighbours.
  *
@@ -267,14 +237,10 @@ interface CodeMapping {
 }
 
 function codeMappings(pid: number): CodeMapping[] {
-  const out: CodeMapping[] = [];
-  for (const line of readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
-    // start-end perms offset dev inode path: a file (inode not 0), executable.
-    const m = /^([0-9a-f]+)-([0-9a-f]+) r-xp ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+)\s+(\/.*)$/.exec(line);
-    if (!m || m[5] === '0' || m[6].endsWith(' (deleted)')) continue;
-    out.push({ start: BigInt(`0x${m[1]}`), end: BigInt(`0x${m[2]}`), page: Number(BigInt(`0x${m[3]}`) / BigInt(PAGE)), key: `${m[4]} ${m[5]}`, path: m[6] });
-  }
-  return out;
+  // A file (inode not 0, still there), private and executable.
+  return readMaps(pid)
+    .filter((m) => m.perms === 'r-xp' && m.ino !== 0n && m.path.startsWith('/') && !m.path.endsWith(' (deleted)'))
+    .map((m) => ({ start: m.start, end: m.end, page: Number(m.pgoff / BigInt(PAGE)), key: `${m.major}:${m.minor} ${m.ino}`, path: m.path }));
 }
 
 /** The code pages `pids` have in their page tables now (HotCode); pages
