@@ -76,15 +76,7 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
     const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
     h.copyPages(f, id.contents);
     ftruncateSync(f, Number(id.size));
-    const exact = giveOwner(h, f, id, index);
-    // Set-id bits only on the owner the image recorded, given exactly:
-    // on a stand-in they would make the file run as someone it never ran
-    // as (the fuzzing had a nobody image's file come back root's and
-    // set-user-ID).
-    // (An image without the owner, an older one's, has them only from
-    // this node's own snapshot.)
-    const setId = exact && (id.uid !== undefined || isOwnSnapshot(h.image));
-    fchmodSync(f, id.mode & (setId ? 0o7777 : 0o1777));
+    giveOwnerAndMode(h, f, id, index);
     sealMemfd(h, f, id.seals, mappedSharedWritable(h, id));
     return f;
   });
@@ -129,12 +121,20 @@ function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number
 export function removedDirectoryFd(h: RestoreContext, index: number, flags: number): number {
   const id = h.image.files[index];
   const f = h.keep(openSync(h.removedDirectory(id.path.replace(/ \(deleted\)$/, '')), flags));
-  h.once(`removed directory ${index} given its owner`, () => {
-    const exact = giveOwner(h, f, id, index);
-    fchmodSync(f, id.mode & (exact && (id.uid !== undefined || isOwnSnapshot(h.image)) ? 0o7777 : 0o1777));
-    return 0;
-  });
+  h.once(`removed directory ${index} given its owner`, () => giveOwnerAndMode(h, f, id, index));
   return f;
+}
+
+/** Gives `f`, deleted file `index` of the image made again, the owner
+ * (giveOwner) and the mode it had. Set-id bits only on the owner the
+ * image recorded, given exactly: on a stand-in they would make the file
+ * run as someone it never ran as (the fuzzing had a nobody image's file
+ * come back root's and set-user-ID). (An image without the owner, an
+ * older one's, has them only from this node's own snapshot.) */
+function giveOwnerAndMode(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
+  const exact = giveOwner(h, f, id, index);
+  const setId = exact && (id.uid !== undefined || isOwnSnapshot(h.image));
+  fchmodSync(f, id.mode & (setId ? 0o7777 : 0o1777));
 }
 
 /** A memfd of the name, size and seals `name`, `size`, `seals` say (one
