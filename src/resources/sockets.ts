@@ -212,7 +212,6 @@ export class SocketTable {
         const ino = BigInt(f[4]);
         last = { flags: parseInt(f[1], 16), type: parseInt(f[2], 16), state: parseInt(f[3], 16), path: f[5] ?? '' };
         if (seen.has(ino)) last.ambiguous = true;
-        else if (f[5]?.includes('\n')) last.ambiguous = true;
         seen.add(ino);
         this.unix.set(ino, last);
       }

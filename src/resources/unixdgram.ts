@@ -122,9 +122,10 @@ export function senderAsVirtual(s: Socket, virtual: (pid: number) => number, whe
   for (const d of s.datagrams ?? []) {
     if (d.credPid === undefined) continue;
     const st = readStat(d.credPid);
-    const vpid = st && st.state !== 'Z' && st.state !== 'X' ? virtual(d.credPid) : 0;
+    const alive = st !== undefined && st.state !== 'Z' && st.state !== 'X';
+    const vpid = alive ? virtual(d.credPid) : 0;
     if (!vpid)
-      throw new Transient(`${where} holds a message sent by PID ${d.credPid} (SO_PASSCRED shows it), which ${st && st.state !== 'Z' && st.state !== 'X' ? 'is not a process of the application' : 'has exited'}: its credentials cannot be put back exactly, so it cannot be captured yet`);
+      throw new Transient(`${where} holds a message sent by PID ${d.credPid} (SO_PASSCRED shows it), which ${alive ? 'is not a process of the application' : 'has exited'}: its credentials cannot be put back exactly, so it cannot be captured yet`);
     d.credPid = vpid;
   }
 }
