@@ -82,6 +82,7 @@ const SOL_SOCKET = 1;
 const IPPROTO_TCP = 6;
 const SOCK_STREAM = 1;
 const SO_REUSEADDR = 2;
+const SO_LOCK_FILTER = 44;
 /** Read back, 1 while the socket is in repair mode. */
 const TCP_REPAIR = 19;
 
@@ -138,7 +139,7 @@ export interface SeenConnection {
 export class HeldConnections {
   /** `snapshot --tcp-close`: record connections as closed, without repair. */
   closeConnections = false;
-  private readonly held = new Map<bigint, { fd: number; options: SocketOption[]; locked: boolean; journal: HeldSocket }>();
+  private readonly held = new Map<bigint, { fd: number; options: SocketOption[]; locked: boolean; repaired: boolean; journal: HeldSocket }>();
   private readonly dumped = new Map<bigint, TcpConnection>();
 
   /** Told of each socket just before its filter is attached and it
@@ -222,7 +223,7 @@ export class HeldConnections {
     timed('tcp: guarded', () => this.guarded(dup, journal));
     // Without repair mode (EPERM: no CAP_NET_ADMIN, which a filter needs
     // too on some kernels), the socket is kept live, or refused.
-    const withoutRepair = (e: NodeJS.ErrnoException): TcpConnection => {
+    const withoutRepair = (e: NodeJS.ErrnoException, why = 'TCP repair, which needs CAP_NET_ADMIN'): TcpConnection => {
       if (e.code === 'EPERM' && this.keeper.keeping) {
         // Without repair mode, the very socket, live, waits for the
         // restore in a keeper: the kernel goes on with it meanwhile
@@ -234,7 +235,7 @@ export class HeldConnections {
       closeSync(dup);
       if (e.code === 'EPERM')
         throw new Unsupported(
-          `${where} can be kept only with TCP repair, which needs CAP_NET_ADMIN, or without it by a snapshot that ends the application, for a restore on this host (not --leave-running, --tcp-hold 0, or a state directory whose path is too long for a unix socket); appshot snapshot --tcp-close records it as closed instead: the restored application sees it reset`,
+          `${where} can be kept only with ${why}, or without it by a snapshot that ends the application, for a restore on this host (not --leave-running, --tcp-hold 0, or a state directory whose path is too long for a unix socket); appshot snapshot --tcp-close records it as closed instead: the restored application sees it reset`,
         );
       throw new Unsupported(`${where}: ${e.message}`);
     };
@@ -251,6 +252,10 @@ export class HeldConnections {
       timed('tcp: lock', () => addon().tcpLock(dup, true));
     } catch (e) {
       const err = e as NodeJS.ErrnoException;
+      // SO_LOCK_FILTER set by the application refuses any filter, to
+      // root too: not a matter of privilege, though it looks the same.
+      if (err.code === 'EPERM' && addon().getSockOpt(dup, SOL_SOCKET, SO_LOCK_FILTER))
+        return withoutRepair(err, 'TCP repair, whose filter the application has locked out (SO_LOCK_FILTER)');
       if (err.code === 'EPERM') return withoutRepair(err);
       closeSync(dup);
       if (err.code === 'EEXIST')
@@ -260,23 +265,27 @@ export class HeldConnections {
         throw new Unsupported(`${where} has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`);
       throw new Unsupported(`${where}: ${err.message}`);
     }
+    // Held from here: whatever fails next, release() lets it go (out of
+    // repair mode if it went in, then the filter off), as the guardian
+    // would if this process died.
+    const held = { fd: dup, options: [] as SocketOption[], locked: true, repaired: false, journal };
+    this.held.set(ino, held);
     killPoint('snapshot: connection locked');
     try {
       timed('tcp: repair', () => addon().tcpRepair(dup, 1));
     } catch (e) {
       // Not held: the filter goes again (the application is frozen: the
-      // filter is the snapshot's).
+      // filter is the snapshot's). If that fails, it stays held, and
+      // release() tries again as the snapshot fails.
       try {
         addon().tcpLock(dup, false);
       } catch (u) {
-        closeSync(dup);
         throw new Unsupported(`${where}: ${(u as Error).message}`);
       }
+      this.held.delete(ino);
       return withoutRepair(e as NodeJS.ErrnoException);
     }
-    // Held from here: whatever fails next, release() takes it out again.
-    const held = { fd: dup, options: [] as SocketOption[], locked: true, journal };
-    this.held.set(ino, held);
+    held.repaired = true;
     killPoint('snapshot: connection in repair mode');
     // SO_REUSEADDR as the application had it, read before repair mode
     // (which reads back 2, "forced", whatever it was).
@@ -349,13 +358,14 @@ export class HeldConnections {
     const held = [...this.held.values()];
     this.held.clear();
     let failure: Error | undefined;
-    for (const { fd, options, locked } of held) {
+    for (const { fd, options, locked, repaired } of held) {
       try {
-        // Out of repair mode before the filter goes (see dumpWith).
-        addon().tcpRepair(fd, -1);
-        if (locked) addon().tcpLock(fd, false);
+        // Out of repair mode before the filter goes (see dumpWith), and
+        // SO_REUSEADDR back at once (leaving repair mode cleared it).
+        if (repaired) addon().tcpRepair(fd, -1);
         const reuse = options.find((o) => o.level === SOL_SOCKET && o.name === SO_REUSEADDR);
         if (reuse?.value) addon().setSockOpt(fd, SOL_SOCKET, SO_REUSEADDR, reuse.value);
+        if (locked) addon().tcpLock(fd, false);
       } catch (e) {
         failure ??= e as Error;
       } finally {
@@ -562,6 +572,10 @@ export class ConnectionMaker {
       if (m.kept) {
         // A restore killed after this step left them out of repair mode
         // already, held again by the keeper: nothing to undo then.
+        // The filter goes before repair mode here, the reverse of a
+        // snapshot's order: no restored process runs yet (each is let go
+        // after this), so a packet let in meanwhile waits in the queue for
+        // a reader that can read it, and none is dropped to be sent again.
         try {
           addon().tcpLock(m.fd, false);
         } catch (e) {
