@@ -10,7 +10,8 @@
  * move again. So the snapshot starts this process (tcp_repair.c,
  * tcp_guard_start: posix_spawn, which costs appshot's memory nothing; in
  * a session of its own) and hands it a duplicate of each socket just
- * before the socket enters repair mode.
+ * before the snapshot's filter is attached to the socket and it enters
+ * repair mode.
  *
  * Usage (by appshot only): descriptor 0 is a SOCK_SEQPACKET unix socket
  * on which appshot sends tcp_guard_msg messages (tcp_repair.h): ADD, with
@@ -22,7 +23,8 @@
  * are out of repair mode or the image carries them on. If the channel
  * ends without either,
  * appshot is gone: each socket still in repair mode is let out of it (no
- * window probe), its filter detached, its SO_REUSEADDR set back, and it
+ * window probe) and its SO_REUSEADDR set back, the snapshot's filter is
+ * detached from each that has it (attached before repair mode), and it
  * exits. The next appshot command does the same from the snapshot's
  * journal (src/snapshot/ending.ts), where this could not.
  */
@@ -54,14 +56,22 @@ typedef struct {
 static void release(const guarded* g) {
   int on = 0;
   socklen_t len = sizeof on;
-  /* Let out already, or never put in: not ours to touch. */
-  if (getsockopt(g->fd, SOL_TCP, TCP_REPAIR, &on, &len) || on != 1) return;
-  int unused = 0;
-  /* ENOENT: the snapshot was killed before it attached the filter. */
-  if (g->locked) setsockopt(g->fd, SOL_SOCKET, SO_DETACH_FILTER, &unused, sizeof unused);
+  int repaired = getsockopt(g->fd, SOL_TCP, TCP_REPAIR, &on, &len) == 0 && on == 1;
   int off = -1; /* TCP_REPAIR_OFF_NO_WP */
-  setsockopt(g->fd, SOL_TCP, TCP_REPAIR, &off, sizeof off);
-  if (g->reuse) setsockopt(g->fd, SOL_SOCKET, SO_REUSEADDR, &g->reuse, sizeof g->reuse);
+  /* Out of repair mode before the filter goes: a packet let in while the
+   * socket is still in it is queued and acknowledged, and the
+   * application, running again, is woken to read it and gets EPERM (in
+   * repair mode only a peek reads), on which most close the connection.
+   * Dropped meanwhile, the peer sends it again. */
+  if (repaired && setsockopt(g->fd, SOL_TCP, TCP_REPAIR, &off, sizeof off)) return;
+  /* Ours only: killed between attaching it and repair mode, or after the
+   * snapshot let the socket out but before it took the filter away, the
+   * socket has it though not in repair mode; never put in (killed before
+   * either), it has none, or the application's. */
+  int unused = 0;
+  if (g->locked && tcp_is_locked(g->fd)) setsockopt(g->fd, SOL_SOCKET, SO_DETACH_FILTER, &unused, sizeof unused);
+  /* Leaving repair mode cleared it. */
+  if (repaired && g->reuse) setsockopt(g->fd, SOL_SOCKET, SO_REUSEADDR, &g->reuse, sizeof g->reuse);
 }
 
 int main(void) {

@@ -57,6 +57,10 @@ int tcp_lock(int fd, const char** step) {
 
 int tcp_unlock(int fd, const char** step) {
   int unused = 0;
+  if (!tcp_is_locked(fd)) {
+    errno = ENOENT;
+    FAIL("detaching the packet filter (the socket does not have the snapshot's)");
+  }
   if (setsockopt(fd, SOL_SOCKET, SO_DETACH_FILTER, &unused, sizeof unused)) FAIL("detaching the packet filter");
   return 0;
 }

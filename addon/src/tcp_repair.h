@@ -6,9 +6,12 @@
 #ifndef APPSHOT_TCP_REPAIR_H
 #define APPSHOT_TCP_REPAIR_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/socket.h>
 #include <netinet/in.h>
+#include <linux/filter.h>
 
 typedef struct {
   int family;               /* AF_INET or AF_INET6 */
@@ -57,8 +60,22 @@ int tcp_repair_set(int fd, int on, const char** step);
  * for a socket with a filter of its own, which would be lost. */
 int tcp_lock(int fd, const char** step);
 
-/* Takes that filter away. */
+/* Takes that filter away; ENOENT if the socket's filter is not that one
+ * (none, or one the application attached since), which stays. */
 int tcp_unlock(int fd, const char** step);
+
+/* Whether the socket's filter is the one tcp_lock attaches (a single
+ * "drop": the application, which had none, would not attach that to a
+ * connection it uses). Inline for appshot-guard, which links nothing
+ * else of the addon. */
+static inline int tcp_is_locked(int fd) {
+  struct sock_filter f;
+  socklen_t n = 0;
+  /* With no room given, SO_GET_FILTER tells the length in instructions. */
+  if (getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, NULL, &n) || n != 1) return 0;
+  if (getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, &f, &n) || n != 1) return 0;
+  return f.code == (BPF_RET | BPF_K) && f.k == 0;
+}
 
 /* Reads the connection of `fd`, which must be in repair mode. On success
  * the caller frees c->send_queue and c->recv_queue. */
@@ -90,9 +107,10 @@ int tcp_reset_socket(int family, int* out, const char** step);
 /* A guardian of the sockets a snapshot holds in repair mode: a process of
  * its own (`binary`, addon/guard/appshot_guard.c, spawned in a session of
  * its own; *pid), which is handed a duplicate of
- * each socket before it enters repair mode, and lets out of it each one
- * still in it (its filter detached if `locked`, SO_REUSEADDR set back to
- * `reuse`) the moment the snapshot's process is gone, however it died:
+ * each socket before it is locked and enters repair mode, and lets out
+ * of it each one still in it (SO_REUSEADDR set back to `reuse`), then
+ * detaches the snapshot's filter if `locked` and the socket has it, the
+ * moment the snapshot's process is gone, however it died:
  * the end of *guard it holds closes then. Disarmed, it lets go of them
  * untouched (the image carries them on, or they were let out already).
  * Returns the end of the channel to it (close-on-exec) in *guard. */

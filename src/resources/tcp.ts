@@ -4,10 +4,12 @@
  * that the peer carries on without reconnecting and without a byte lost
  * or repeated.
  *
- * Dump: a duplicate of the application's socket (the same socket) is put
- * in repair mode and given a socket filter that drops every packet (so
- * that nothing the peer sends is acknowledged and then missing from the
- * image: the peer sends it again); then its sequence numbers, both queues
+ * Dump: a duplicate of the application's socket (the same socket) is
+ * given a socket filter that drops every packet (so that nothing the peer
+ * sends is acknowledged and then missing from the image: the peer sends
+ * it again), then put in repair mode (never in it without the filter: a
+ * packet queued then would make the application's next read fail, were
+ * it to run on before the socket is let out); then its sequence numbers, both queues
  * (read without consuming them), the options the handshake agreed, its
  * window and timestamp clock and its integer socket options are read. The socket
  * stays in repair mode while the application is frozen: ended after the
@@ -80,6 +82,7 @@ const SOL_SOCKET = 1;
 const IPPROTO_TCP = 6;
 const SOCK_STREAM = 1;
 const SO_REUSEADDR = 2;
+const SO_LOCK_FILTER = 44;
 /** Read back, 1 while the socket is in repair mode. */
 const TCP_REPAIR = 19;
 
@@ -136,10 +139,11 @@ export interface SeenConnection {
 export class HeldConnections {
   /** `snapshot --tcp-close`: record connections as closed, without repair. */
   closeConnections = false;
-  private readonly held = new Map<bigint, { fd: number; options: SocketOption[]; locked: boolean; journal: HeldSocket }>();
+  private readonly held = new Map<bigint, { fd: number; options: SocketOption[]; locked: boolean; repaired: boolean; journal: HeldSocket }>();
   private readonly dumped = new Map<bigint, TcpConnection>();
 
-  /** Told of each socket just before it enters repair mode: only this
+  /** Told of each socket just before its filter is attached and it
+   * enters repair mode: only this
    * process can let it out again, so the driver journals it (ending.ts),
    * and a command that finds this one killed lets it out
    * (releaseLeftInRepair). Throwing, it stops the dump before the socket
@@ -217,10 +221,10 @@ export class HeldConnections {
     }
     killPoint('snapshot: connection journaled');
     timed('tcp: guarded', () => this.guarded(dup, journal));
-    try {
-      timed('tcp: repair', () => addon().tcpRepair(dup, 1));
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'EPERM' && this.keeper.keeping) {
+    // Without repair mode (EPERM: no CAP_NET_ADMIN, which a filter needs
+    // too on some kernels), the socket is kept live, or refused.
+    const withoutRepair = (e: NodeJS.ErrnoException, why = 'TCP repair, which needs CAP_NET_ADMIN'): TcpConnection => {
+      if (e.code === 'EPERM' && this.keeper.keeping) {
         // Without repair mode, the very socket, live, waits for the
         // restore in a keeper: the kernel goes on with it meanwhile
         // (acknowledging what the peer sends, sending what the
@@ -229,15 +233,59 @@ export class HeldConnections {
         return this.remember(ino, { ...emptyConnection(ino, seen.family, named), state: seen.state, kept: true });
       }
       closeSync(dup);
-      if ((e as NodeJS.ErrnoException).code === 'EPERM')
+      if (e.code === 'EPERM')
         throw new Unsupported(
-          `${where} can be kept only with TCP repair, which needs CAP_NET_ADMIN, or without it by a snapshot that ends the application, for a restore on this host (not --leave-running, --tcp-hold 0, or a state directory whose path is too long for a unix socket); appshot snapshot --tcp-close records it as closed instead: the restored application sees it reset`,
+          `${where} can be kept only with ${why}, or without it by a snapshot that ends the application, for a restore on this host (not --leave-running, --tcp-hold 0, or a state directory whose path is too long for a unix socket); appshot snapshot --tcp-close records it as closed instead: the restored application sees it reset`,
         );
-      throw new Unsupported(`${where}: ${(e as Error).message}`);
+      throw new Unsupported(`${where}: ${e.message}`);
+    };
+    // What the peer sends from now on is dropped, not acknowledged: it
+    // would be missing from the image. The peer sends it again, to the
+    // original (--leave-running) or, if the restore is quick enough, to
+    // the restored connection (see the top of this file). Dropped before
+    // repair mode, never after: a packet let in while the socket is in
+    // repair mode is queued, and the application, run on if this process
+    // dies before the guardian lets the socket out, is woken to read it
+    // and gets EPERM (only a peek reads in repair mode), on which most
+    // applications close the connection (memcached does).
+    try {
+      timed('tcp: lock', () => addon().tcpLock(dup, true));
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      // SO_LOCK_FILTER set by the application refuses any filter, to
+      // root too: not a matter of privilege, though it looks the same.
+      if (err.code === 'EPERM' && addon().getSockOpt(dup, SOL_SOCKET, SO_LOCK_FILTER))
+        return withoutRepair(err, 'TCP repair, whose filter the application has locked out (SO_LOCK_FILTER)');
+      if (err.code === 'EPERM') return withoutRepair(err);
+      closeSync(dup);
+      if (err.code === 'EEXIST')
+        throw new Unsupported(`${where} has a packet filter the application attached (SO_ATTACH_FILTER), which the snapshot would have to replace`);
+      // SO_GET_FILTER gives only classic filters back (unixdgram.ts).
+      if (err.code === 'EACCES')
+        throw new Unsupported(`${where} has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`);
+      throw new Unsupported(`${where}: ${err.message}`);
     }
-    // Held from here: whatever fails next, release() takes it out again.
-    const held = { fd: dup, options: [] as SocketOption[], locked: false, journal };
+    // Held from here: whatever fails next, release() lets it go (out of
+    // repair mode if it went in, then the filter off), as the guardian
+    // would if this process died.
+    const held = { fd: dup, options: [] as SocketOption[], locked: true, repaired: false, journal };
     this.held.set(ino, held);
+    killPoint('snapshot: connection locked');
+    try {
+      timed('tcp: repair', () => addon().tcpRepair(dup, 1));
+    } catch (e) {
+      // Not held: the filter goes again (the application is frozen: the
+      // filter is the snapshot's). If that fails, it stays held, and
+      // release() tries again as the snapshot fails.
+      try {
+        addon().tcpLock(dup, false);
+      } catch (u) {
+        throw new Unsupported(`${where}: ${(u as Error).message}`);
+      }
+      this.held.delete(ino);
+      return withoutRepair(e as NodeJS.ErrnoException);
+    }
+    held.repaired = true;
     killPoint('snapshot: connection in repair mode');
     // SO_REUSEADDR as the application had it, read before repair mode
     // (which reads back 2, "forced", whatever it was).
@@ -246,25 +294,14 @@ export class HeldConnections {
       name,
       value: level === SOL_SOCKET && name === SO_REUSEADDR ? journal.reuseAddr : addon().getSockOpt(dup, level, name),
     }))));
-    let c: RepairedConnection;
     // The rest of what the application set (sockopts.ts); kernel TLS and
     // other upper layers refused by name.
     timed('tcp: ulp', () => refuseUlp(dup, where));
     const extras = timed('tcp: extras', () => readExtras(dup, 'tcp', seen.family, SOCK_STREAM, CARRIED_OPTIONS, where));
+    let c: RepairedConnection;
     try {
-      // What the peer sends from now on is dropped, not acknowledged: it
-      // would be missing from the image. The peer sends it again, to the
-      // original (--leave-running) or, if the restore is quick enough, to
-      // the restored connection (see the top of this file).
-      timed('tcp: lock', () => addon().tcpLock(dup, true));
-      held.locked = true;
       c = timed('tcp: read', () => addon().tcpRead(dup));
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'EEXIST')
-        throw new Unsupported(`${where} has a packet filter the application attached (SO_ATTACH_FILTER), which the snapshot would have to replace`);
-      // SO_GET_FILTER gives only classic filters back (unixdgram.ts).
-      if ((e as NodeJS.ErrnoException).code === 'EACCES')
-        throw new Unsupported(`${where} has an eBPF socket filter the application attached (SO_ATTACH_BPF), which cannot be captured`);
       throw new Unsupported(`${where}: ${(e as Error).message}`);
     }
     if (c.state !== seen.state) throw new Transient(`${where} became ${TCP_STATES[c.state] ?? c.state} while the application was frozen; try again`);
@@ -321,12 +358,14 @@ export class HeldConnections {
     const held = [...this.held.values()];
     this.held.clear();
     let failure: Error | undefined;
-    for (const { fd, options, locked } of held) {
+    for (const { fd, options, locked, repaired } of held) {
       try {
-        if (locked) addon().tcpLock(fd, false);
-        addon().tcpRepair(fd, -1);
+        // Out of repair mode before the filter goes (see dumpWith), and
+        // SO_REUSEADDR back at once (leaving repair mode cleared it).
+        if (repaired) addon().tcpRepair(fd, -1);
         const reuse = options.find((o) => o.level === SOL_SOCKET && o.name === SO_REUSEADDR);
         if (reuse?.value) addon().setSockOpt(fd, SOL_SOCKET, SO_REUSEADDR, reuse.value);
+        if (locked) addon().tcpLock(fd, false);
       } catch (e) {
         failure ??= e as Error;
       } finally {
@@ -411,18 +450,22 @@ export function releaseLeftInRepair(sockets: HeldSocket[]): void {
         continue;
       }
       try {
-        // Replaced between the look and the copy: not it. Out of repair
-        // mode: journaled just before it would have entered it, or let out
-        // already; nothing of it is the snapshot's to undo.
-        if (String(fstatSync(fd).ino) !== ino || addon().getSockOpt(fd, IPPROTO_TCP, TCP_REPAIR) !== 1) continue;
+        // Replaced between the look and the copy: not it.
+        if (String(fstatSync(fd).ino) !== ino) continue;
+        // Out of repair mode: journaled just before it would have entered
+        // it, or let out already; only the snapshot's filter may be left
+        // (attached just before repair mode, taken away just after it).
+        // Out of it before the filter goes (see HeldConnections.dumpWith).
+        const repaired = addon().getSockOpt(fd, IPPROTO_TCP, TCP_REPAIR) === 1;
+        if (repaired) addon().tcpRepair(fd, -1);
         if (h.locked)
           try {
             addon().tcpLock(fd, false);
           } catch (e) {
+            // None, or the application's own since: not the snapshot's.
             if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
           }
-        addon().tcpRepair(fd, -1);
-        if (h.reuseAddr) addon().setSockOpt(fd, SOL_SOCKET, SO_REUSEADDR, h.reuseAddr);
+        if (repaired && h.reuseAddr) addon().setSockOpt(fd, SOL_SOCKET, SO_REUSEADDR, h.reuseAddr);
         done.add(ino);
       } catch {
         /* one that cannot be let go stays as it is */
@@ -529,6 +572,10 @@ export class ConnectionMaker {
       if (m.kept) {
         // A restore killed after this step left them out of repair mode
         // already, held again by the keeper: nothing to undo then.
+        // The filter goes before repair mode here, the reverse of a
+        // snapshot's order: no restored process runs yet (each is let go
+        // after this), so a packet let in meanwhile waits in the queue for
+        // a reader that can read it, and none is dropped to be sent again.
         try {
           addon().tcpLock(m.fd, false);
         } catch (e) {
