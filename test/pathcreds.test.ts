@@ -697,17 +697,19 @@ describe('an unprivileged user restoring its own application', () => {
       : spawnSync(argv[0], argv.slice(1), { env, encoding: 'utf8', cwd: home });
     return { code: r.status, stderr: r.stderr };
   };
-  const log = () => {
+  const log = (aid = 'own') => {
     try {
-      return readFileSync(join(home, 'state', 'apps', 'own', 'log'), 'utf8');
+      return readFileSync(join(home, 'state', 'apps', aid, 'log'), 'utf8');
     } catch {
       return '';
     }
   };
-  const checks = () => (log().match(/^CHECK \d+$/gm) ?? []).length;
+  const checks = (aid = 'own') => (log(aid).match(/^CHECK \d+$/gm) ?? []).length;
   afterAll(async () => {
-    appshot('stop', 'own', '-s', 'KILL');
-    await waitFor(() => appshot('ps', 'own').code !== 0, 10_000).catch(() => undefined);
+    for (const aid of ['own', 'ownleft']) {
+      appshot('stop', aid, '-s', 'KILL');
+      await waitFor(() => appshot('ps', aid).code !== 0, 10_000).catch(() => undefined);
+    }
   });
 
   it('gets its socket files back where they were, made by itself', async () => {
@@ -727,5 +729,26 @@ describe('an unprivileged user restoring its own application', () => {
     expect(log()).not.toMatch(/FAIL/);
     expect(readdirSync(app).sort()).toEqual(['rel.sock', 'reldg.sock', 'relub.sock', 'served.sock']);
     for (const f of readdirSync(app)) expect(lstatSync(join(app, f)).uid, f).toBe(root ? NOBODY : process.getuid!());
+  });
+
+  it('gets its removed working directory back in the mode it had (03751), its own', async () => {
+    // Before, the stand-in the restore makes was 0700: leftovers.c
+    // checks the mode, uid and gid of "." (issue 12).
+    const app = join(home, 'left');
+    mkdirSync(app, { mode: 0o755 });
+    if (root) chownSync(app, NOBODY, NOBODY);
+    const started = appshot('run', '-d', '--aid', 'ownleft', '--', fixture('leftovers'), app);
+    expect(started.code, started.stderr).toBe(0);
+    await waitFor(() => checks('ownleft') >= 3 || /FAIL/.test(log('ownleft')), 10_000, 'the app to check itself');
+    const snap = appshot('snapshot', 'ownleft', '-o', join(home, 'ownleft.img'));
+    expect(snap.code, snap.stderr).toBe(0);
+    await waitFor(() => appshot('ps', 'ownleft').code !== 0, 10_000, 'ownleft to end');
+    const restored = appshot('restore', join(home, 'ownleft.img'));
+    expect(restored.code, restored.stderr).toBe(0);
+    const before = checks('ownleft');
+    await waitFor(() => checks('ownleft') >= before + 3 || /FAIL/.test(log('ownleft')), 10_000, 'the restored app to check itself');
+    expect(/^FAIL.*$/m.exec(log('ownleft'))?.[0]).toBeUndefined();
+    appshot('stop', 'ownleft', '-s', 'KILL');
+    await waitFor(() => appshot('ps', 'ownleft').code !== 0, 10_000, 'ownleft to stop');
   });
 });

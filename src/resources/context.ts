@@ -18,6 +18,7 @@ import type { ParentResolver } from '../snapshot/parent.js';
 import { type CopiedFile, type CopySource, privateCopy, redirected, unredirected } from './paths.js';
 import { fsIdentity, identitiesFor, refusal, refusedAsProcess, reopenHeld } from './fsident.js';
 import { restoredProcPath } from './procpaths.js';
+import { removedDirectoryPath } from './deleted.js';
 import { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { ConnectionMaker, HeldConnections } from './tcp.js';
 import type { CowCapture } from '../snapshot/cowcapture.js';
@@ -364,7 +365,7 @@ export class RestoreContext {
    * reach the template's files, and relative reads find what they did).
    * One in a process's /proc directory: the restored process's. */
   workingDirectory(p: Process): string {
-    if (p.cwd.endsWith(DELETED)) return this.removedDirectory(p.cwd.slice(0, -DELETED.length));
+    if (p.cwd.endsWith(DELETED)) return removedDirectoryPath(this, p.cwd.slice(0, -DELETED.length), p.cwdFile);
     if (p.cwdProcVpid) return restoredProcPath(this, p.cwd, p.cwdProcVpid);
     if (!this.plan) return p.cwd;
     const named = unredirected(this.image.instance?.redirs ?? [], p.cwd);

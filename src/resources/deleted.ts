@@ -91,21 +91,22 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
  * restore says so. Whether the recorded owner was given exactly. */
 function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number): boolean {
   if (id.uid === undefined || id.gid === undefined) return true;
+  const what = `${(id.mode & fs.S_IFMT) === fs.S_IFDIR ? 'removed directory' : 'deleted file'} ${index} (${id.path})`;
   let uid = id.uid;
   let gid = id.gid;
   const stranger = strangeOwner(h.image, uid, [gid]);
   if (stranger) {
-    const holder = h.image.processes.find((p) => p.fds.some((x) => x.file === index && x.kind === FdKind.FILE)) ?? h.image.processes[0];
+    const holder = h.image.processes.find((p) => p.fds.some((x) => x.file === index && x.kind === FdKind.FILE) || p.cwdFile === index || p.rootFile === index) ?? h.image.processes[0];
     const c = holder.threads[0]?.creds ?? holder.creds;
     [uid, gid] = [c.uid[3], c.gid[3]];
-    h.notKept.push(`deleted file ${index} (${id.path}): owned by uid ${id.uid} gid ${id.gid}, now uid ${uid} gid ${gid}'s, its holder's, without set-id bits (${stranger})`);
+    h.notKept.push(`${what}: owned by uid ${id.uid} gid ${id.gid}, now uid ${uid} gid ${gid}'s, its holder's, without set-id bits (${stranger})`);
   }
   const st = fstatSync(f);
   if (st.uid !== uid || st.gid !== gid) {
     try {
       fchownSync(f, uid, gid);
     } catch (e) {
-      throw new AppshotError(`deleted file ${index} (${id.path}) was owned by ${uid}:${gid}, which this restore cannot give it: ${(e as Error).message}`);
+      throw new AppshotError(`${what} was owned by ${uid}:${gid}, which this restore cannot give it: ${(e as Error).message}`);
     }
   }
   return !stranger;
@@ -123,6 +124,29 @@ export function removedDirectoryFd(h: RestoreContext, index: number, flags: numb
   const f = h.keep(openSync(h.removedDirectory(id.path.replace(/ \(deleted\)$/, '')), flags));
   h.once(`removed directory ${index} given its owner`, () => giveOwnerAndMode(h, f, id, index));
   return f;
+}
+
+/** The stand-in for a process's working or root directory `path` (as the
+ * image names it, without " (deleted)"), removed while the process was in
+ * it: made beside where it was and removed again before the application
+ * runs (RestoreContext's removedDirectory), given the mode and owner the
+ * image recorded for it (deleted file `index`), as a descriptor's is
+ * (removedDirectoryFd): it came back 0700 and the restorer's, and a
+ * worker of another uid could no longer use "." (issue 12). An older
+ * image, without `index`, keeps the stand-in as it is made. */
+export function removedDirectoryPath(h: RestoreContext, path: string, index: number | undefined): string {
+  const made = h.removedDirectory(path);
+  if (index === undefined) return made;
+  h.once(`removed directory ${index} given its owner`, () => {
+    // Ours (made by this restore), opened to be changed by descriptor.
+    const f = openSync(made, fs.O_RDONLY | fs.O_DIRECTORY | fs.O_NOFOLLOW);
+    try {
+      giveOwnerAndMode(h, f, h.image.files[index], index);
+    } finally {
+      closeSync(f);
+    }
+  });
+  return made;
 }
 
 /** Gives `f`, deleted file `index` of the image made again, the owner

@@ -14,7 +14,8 @@ import { dumpLimits } from './limits.js';
 import { askSessionKeyring, dumpSessionKeyring, type KeyringAsked } from './keyrings.js';
 import { bindsByName } from './socketfile.js';
 import { dumpTimeOffsets } from './timens.js';
-import { type DumpContext, nameProcess, Unsupported } from './context.js';
+import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
+import { removedDirectoryPath } from './deleted.js';
 import { dumpProcVpid } from './procpaths.js';
 import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
@@ -184,14 +185,19 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
 /** The identities of a process's working and root directories (Image.files):
  * with them a restore from our own snapshot enters the very directories
  * though the process no longer reaches them by name (fsident.ts
- * reopenHeld). Not for one removed (it has no name to walk), nor for
- * a root of "/" (never entered). One not read is only not recorded: the
- * restore then takes the process's word alone, as for an older image. */
+ * reopenHeld). One removed (rmdir'd while the process was in it) is
+ * recorded as a deleted file, with its mode and owner, which its
+ * stand-in is given (deleted.ts removedDirectoryPath): it came back 0700
+ * and the restorer's, and a worker of another uid could no longer use
+ * "." (issue 12). Not for a root of "/" (never entered). One not read is
+ * only not recorded: the restore then takes the process's word alone, as
+ * for an older image. */
 function heldDirectories(ctx: DumpContext, pid: number, cwd: string | undefined, root: string): Pick<Process, 'cwdFile' | 'rootFile'> {
   const held = (path: string | undefined, link: string) => {
-    if (!path?.startsWith('/') || path.endsWith(' (deleted)')) return undefined;
+    if (!path?.startsWith('/')) return undefined;
+    const removed = path.endsWith(' (deleted)');
     try {
-      return ctx.file(path, `/proc/${pid}/${link}`, false);
+      return ctx.file(removed ? path.slice(0, -' (deleted)'.length) : path, `/proc/${pid}/${link}`, removed);
     } catch {
       return undefined;
     }
@@ -356,14 +362,21 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
  * the restore fails naming it. A process that chrooted as root and then
  * dropped its privileges may not reach its root by name any more: from
  * our own snapshot, the very directory is entered (fsident.ts
- * reopenHeld), as its working directory is.
+ * reopenHeld), as its working directory is. One removed while it was the
+ * root (a sandbox that chroots into an empty directory and removes it) is
+ * a stand-in of its mode and owner, as a removed working directory is
+ * (deleted.ts removedDirectoryPath; the same one where it was the
+ * working directory too): the image was taken, and its restore failed on
+ * the name "... (deleted)".
  */
-export function restoreRoot(r: RemoteProcess, p: Process, h: { image: Image }): void {
+export function restoreRoot(r: RemoteProcess, p: Process, h: RestoreContext): void {
   if (!p.root || p.root === '/') return;
+  const removed = p.root.endsWith(' (deleted)');
+  const root = removed ? removedDirectoryPath(h, p.root.slice(0, -' (deleted)'.length), p.rootFile) : p.root;
   // Walked as the process (as its working directory is, restoreProcessState),
   // handed over, and entered by descriptor: fchdir, chroot("."), and back
   // to the working directory, held meanwhile. One stop.
-  const rootFd = openDirectoryAs(h.image, p, p.root, 'root directory', p.rootFile);
+  const rootFd = openDirectoryAs(h.image, p, root, 'root directory', removed ? undefined : p.rootFile);
   try {
     enterRoot(r, p, rootFd);
   } finally {
@@ -447,7 +460,10 @@ export function moveEnvironCall(r: RemoteProcess, p: Process, env: EnvRange): Na
 export function restoreProcessState(r: RemoteProcess, p: Process, h: { image: Image }, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
   restoringProcess(r, h.image, p);
   // Ours, closed once the process holds its copies.
-  const cwdFd = p.cwdProcVpid ? -1 : openDirectoryAs(h.image, p, cwd, 'working directory', p.cwdFile);
+  // (A removed one's stand-in is this restore's own: no very directory
+  // to reopen.)
+  const held = p.cwd.endsWith(' (deleted)') ? undefined : p.cwdFile;
+  const cwdFd = p.cwdProcVpid ? -1 : openDirectoryAs(h.image, p, cwd, 'working directory', held);
   let exeFd = -1;
   try {
     exeFd = openExecutable(h, p);
