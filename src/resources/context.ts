@@ -374,12 +374,20 @@ export class RestoreContext {
 
   /** A working directory that was removed (empty, as a removed directory
    * is), or a descriptor's (files.ts): one made beside where it was (or in
-   * the temporary directory), entered or opened, and removed again by
-   * close() before the application runs. Processes that shared it share
-   * this one. */
+   * the temporary directory, where that is gone or the restorer may not
+   * write there: an ordinary user's process in a directory of another's,
+   * removed), entered or opened, and removed again by close() before the
+   * application runs. Processes that shared it share this one. */
   removedDirectory(path: string): string {
     return this.once(`removed directory ${path}`, () => {
-      const made = mkdtempSync(join(existsSync(dirname(path)) ? dirname(path) : tmpdir(), '.appshot-removed-'));
+      const beside = () => {
+        try {
+          return mkdtempSync(join(dirname(path), '.appshot-removed-'));
+        } catch {
+          return undefined;
+        }
+      };
+      const made = (existsSync(dirname(path)) ? beside() : undefined) ?? mkdtempSync(join(tmpdir(), '.appshot-removed-'));
       this.removeAtClose.push(made);
       return made;
     });
