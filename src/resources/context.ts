@@ -6,9 +6,9 @@
  * however many processes hold it, and where a clone's files are). The
  * drivers make one and pass it to every kind.
  */
-import { type BigIntStats, closeSync, constants as fs, existsSync, lstatSync, mkdtempSync, openSync, readSync, rmdirSync, statSync, writeSync } from 'node:fs';
+import { type BigIntStats, closeSync, constants as fs, lstatSync, mkdtempSync, openSync, readSync, rmdirSync, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { addon, type FsIdentities, type InstanceConfig, type Kind, type PagesCheck, type PageWriter, type TablesSnapshot } from '../native.js';
 import { isOwnSnapshot, waitPagesChecked } from '../image/format.js';
@@ -18,7 +18,6 @@ import type { ParentResolver } from '../snapshot/parent.js';
 import { type CopiedFile, type CopySource, privateCopy, redirected, unredirected } from './paths.js';
 import { fsIdentity, identitiesFor, refusal, refusedAsProcess, reopenHeld } from './fsident.js';
 import { restoredProcPath } from './procpaths.js';
-import { removedDirectoryPath } from './deleted.js';
 import { KeptSockets, SocketsForKeeper } from './keeper.js';
 import { ConnectionMaker, HeldConnections } from './tcp.js';
 import type { CowCapture } from '../snapshot/cowcapture.js';
@@ -221,8 +220,6 @@ export interface ClonePlan {
 /** Descriptors made here and handed to the restored processes. */
 export class RestoreContext {
   private readonly mine: number[] = [];
-  /** Directories made only to be entered (removedDirectory). */
-  private readonly removeAtClose: string[] = [];
   /** What waits until every process is as it will run
    * (whenProcessesAreFinal). */
   private readonly afterProcesses: (() => void)[] = [];
@@ -365,31 +362,38 @@ export class RestoreContext {
    * reach the template's files, and relative reads find what they did).
    * One in a process's /proc directory: the restored process's. */
   workingDirectory(p: Process): string {
-    if (p.cwd.endsWith(DELETED)) return removedDirectoryPath(this, p.cwd.slice(0, -DELETED.length), p.cwdFile);
+    // Removed: no name to walk; process.ts enters its stand-in by
+    // descriptor (deleted.ts removedDirectoryToEnter). The name is for
+    // messages.
+    if (p.cwd.endsWith(DELETED)) return p.cwd;
     if (p.cwdProcVpid) return restoredProcPath(this, p.cwd, p.cwdProcVpid);
     if (!this.plan) return p.cwd;
     const named = unredirected(this.image.instance?.redirs ?? [], p.cwd);
     return this.clonePath(p.cwd, redirected(this.redirs, named, 'cow') !== undefined, p, `process ${p.vpid}: working directory`);
   }
 
-  /** A working directory that was removed (empty, as a removed directory
-   * is), or a descriptor's (files.ts): one made beside where it was (or in
-   * the temporary directory, where that is gone or the restorer may not
-   * write there: an ordinary user's process in a directory of another's,
-   * removed), entered or opened, and removed again by close() before the
-   * application runs. Processes that shared it share this one. */
-  removedDirectory(path: string): string {
-    return this.once(`removed directory ${path}`, () => {
-      const beside = () => {
-        try {
-          return mkdtempSync(join(dirname(path), '.appshot-removed-'));
-        } catch {
-          return undefined;
-        }
-      };
-      const made = (existsSync(dirname(path)) ? beside() : undefined) ?? mkdtempSync(join(tmpdir(), '.appshot-removed-'));
-      this.removeAtClose.push(made);
-      return made;
+  /** Our descriptor of a stand-in for a directory removed while a
+   * process held it (its working or root directory, a descriptor of it:
+   * deleted.ts), one per `key` (the image's file, else its path), kept
+   * until close(). Its name is never used after it is made (review r300:
+   * a name another user can reach, or one the image chooses, let them
+   * plant files in it, make a directory anywhere as root, or swap it for
+   * a link to / before a chroot): made 0700 in the temporary directory
+   * (not beside where it was, a place the image names), opened with
+   * O_NOFOLLOW and removed at once. Dead from then on: the kernel makes
+   * nothing in it, it lists nothing, as a removed directory; and nothing
+   * of it outlives a kill of the restore. Its owner and mode are
+   * deleted.ts's to give, by this descriptor. */
+  removedDirectory(key: string): number {
+    return this.once(`removed directory ${key}`, () => {
+      const made = mkdtempSync(join(tmpdir(), '.appshot-removed-'));
+      let f = -1;
+      try {
+        f = this.keep(openSync(made, fs.O_RDONLY | fs.O_DIRECTORY | fs.O_NOFOLLOW));
+      } finally {
+        rmdirSync(made);
+      }
+      return f;
     });
   }
 
@@ -541,13 +545,6 @@ export class RestoreContext {
   }
 
   close(): void {
-    for (const dir of this.removeAtClose.splice(0)) {
-      try {
-        rmdirSync(dir);
-      } catch {
-        /* a process wrote into it meanwhile: impossible while they are held */
-      }
-    }
     this.tcp.close();
     this.kept.close();
     for (const fd of this.mine.splice(0))

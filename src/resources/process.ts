@@ -15,7 +15,7 @@ import { askSessionKeyring, dumpSessionKeyring, type KeyringAsked } from './keyr
 import { bindsByName } from './socketfile.js';
 import { dumpTimeOffsets } from './timens.js';
 import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
-import { removedDirectoryPath } from './deleted.js';
+import { removedDirectoryToEnter } from './deleted.js';
 import { dumpProcVpid } from './procpaths.js';
 import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
@@ -197,7 +197,11 @@ function heldDirectories(ctx: DumpContext, pid: number, cwd: string | undefined,
     if (!path?.startsWith('/')) return undefined;
     const removed = path.endsWith(' (deleted)');
     try {
-      return ctx.file(removed ? path.slice(0, -' (deleted)'.length) : path, `/proc/${pid}/${link}`, removed);
+      const i = ctx.file(removed ? path.slice(0, -' (deleted)'.length) : path, `/proc/${pid}/${link}`, removed);
+      // The very directory recorded already (by a descriptor, or another
+      // process) as the other (removed between the two reads): the
+      // image would say one thing of it twice, which validate.ts refuses.
+      return ctx.image.files[i].deleted === removed ? i : undefined;
     } catch {
       return undefined;
     }
@@ -371,12 +375,13 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
  */
 export function restoreRoot(r: RemoteProcess, p: Process, h: RestoreContext): void {
   if (!p.root || p.root === '/') return;
-  const removed = p.root.endsWith(' (deleted)');
-  const root = removed ? removedDirectoryPath(h, p.root.slice(0, -' (deleted)'.length), p.rootFile) : p.root;
   // Walked as the process (as its working directory is, restoreProcessState),
   // handed over, and entered by descriptor: fchdir, chroot("."), and back
-  // to the working directory, held meanwhile. One stop.
-  const rootFd = openDirectoryAs(h.image, p, root, 'root directory', removed ? undefined : p.rootFile);
+  // to the working directory, held meanwhile. One stop. A removed one:
+  // its stand-in's descriptor, no name walked (removedDirectoryToEnter).
+  const rootFd = p.root.endsWith(' (deleted)')
+    ? removedDirectoryToEnter(h, p.root.slice(0, -' (deleted)'.length), p.rootFile)
+    : openDirectoryAs(h.image, p, p.root, 'root directory', p.rootFile);
   try {
     enterRoot(r, p, rootFd);
   } finally {
@@ -457,13 +462,18 @@ export function moveEnvironCall(r: RemoteProcess, p: Process, env: EnvRange): Na
  * (fsident.ts reopenHeld: same device, inode and birth time, no
  * symlink on the way), and nothing else.
  */
-export function restoreProcessState(r: RemoteProcess, p: Process, h: { image: Image }, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
+export function restoreProcessState(r: RemoteProcess, p: Process, h: RestoreContext, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
   restoringProcess(r, h.image, p);
-  // Ours, closed once the process holds its copies.
-  // (A removed one's stand-in is this restore's own: no very directory
-  // to reopen.)
-  const held = p.cwd.endsWith(' (deleted)') ? undefined : p.cwdFile;
-  const cwdFd = p.cwdProcVpid ? -1 : openDirectoryAs(h.image, p, cwd, 'working directory', held);
+  // Ours, closed once the process holds its copies. A removed one's
+  // stand-in is handed over by descriptor, not walked as the process:
+  // it has no name (dead, made by this restore, given the owner the
+  // process recorded for it), so there is no way to it to check and
+  // nothing but it to reach (removedDirectoryToEnter).
+  const cwdFd = p.cwdProcVpid
+    ? -1
+    : p.cwd.endsWith(' (deleted)')
+      ? removedDirectoryToEnter(h, p.cwd.slice(0, -' (deleted)'.length), p.cwdFile)
+      : openDirectoryAs(h.image, p, cwd, 'working directory', p.cwdFile);
   let exeFd = -1;
   try {
     exeFd = openExecutable(h, p);
