@@ -790,6 +790,8 @@ describe('an unprivileged user restoring its own application', () => {
     // The root's one is the restorer's now: mode and links as they were.
     await waitFor(() => cwds().length === 2, 10_000, 'the restored sleeps');
     expect(cwds()).toEqual(['0 65534 0', '755 65534 0']);
+    // Their stand-ins were never made where the image says they were.
+    expect(readdirSync(parent)).toEqual([]);
     appshot('stop', 'ownf4', '-s', 'KILL');
     await waitFor(() => appshot('ps', 'ownf4').code !== 0, 10_000, 'ownf4 to stop');
   });
