@@ -6,7 +6,7 @@
  * however many processes hold it, and where a clone's files are). The
  * drivers make one and pass it to every kind.
  */
-import { type BigIntStats, closeSync, constants as fs, lstatSync, mkdtempSync, openSync, readSync, rmdirSync, statSync, writeSync } from 'node:fs';
+import { type BigIntStats, closeSync, constants as fs, fstatSync, lstatSync, mkdtempSync, openSync, readSync, rmdirSync, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AppshotError } from '../errors.js';
@@ -387,12 +387,14 @@ export class RestoreContext {
   removedDirectory(key: string): number {
     return this.once(`removed directory ${key}`, () => {
       const made = mkdtempSync(join(tmpdir(), '.appshot-removed-'));
-      let f = -1;
-      try {
-        f = this.keep(openSync(made, fs.O_RDONLY | fs.O_DIRECTORY | fs.O_NOFOLLOW));
-      } finally {
-        rmdirSync(made);
-      }
+      const f = this.keep(openSync(made, fs.O_RDONLY | fs.O_DIRECTORY | fs.O_NOFOLLOW));
+      // The very one made (a $TMPDIR that others may write, not sticky,
+      // would let them put one of theirs at the name meanwhile): then
+      // the name is not ours to remove.
+      const st = fstatSync(f);
+      if (st.uid !== process.geteuid?.() || (st.mode & 0o7077) !== 0)
+        throw new AppshotError(`${made}: the directory made for a removed one was replaced (uid ${st.uid}, mode 0${(st.mode & 0o7777).toString(8)}): is the temporary directory writable by others?`);
+      rmdirSync(made);
       return f;
     });
   }
