@@ -108,9 +108,10 @@ function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number
     } catch (e) {
       // `orKeep` (a removed directory's stand-in, which nothing is in):
       // an owner the restoring user may not give (an ordinary user's own
-      // process in a directory of root's, removed) is not a reason to
+      // process in a directory of root's, removed; root in a user
+      // namespace that does not map it: EINVAL) is not a reason to
       // refuse the process; the stand-in stays the restorer's.
-      if (!orKeep || !refusal(e)) throw new AppshotError(`${what} was owned by ${uid}:${gid}, which this restore cannot give it: ${(e as Error).message}`);
+      if (!orKeep || !(refusal(e) || (e as NodeJS.ErrnoException).code === 'EINVAL')) throw new AppshotError(`${what} was owned by ${uid}:${gid}, which this restore cannot give it: ${(e as Error).message}`);
       h.notKept.push(`${what}: owned by uid ${uid} gid ${gid}, which this restore may not give (${(e as NodeJS.ErrnoException).code}): now uid ${st.uid} gid ${st.gid}'s, the restorer's, without set-id bits`);
       return false;
     }
