@@ -6,7 +6,7 @@
  * however many processes hold it, and where a clone's files are). The
  * drivers make one and pass it to every kind.
  */
-import { type BigIntStats, closeSync, constants as fs, fstatSync, lstatSync, mkdtempSync, openSync, readSync, rmdirSync, statSync, writeSync } from 'node:fs';
+import { type BigIntStats, chmodSync, closeSync, constants as fs, fstatSync, lstatSync, mkdirSync, mkdtempSync, openSync, readSync, rmdirSync, type Stats, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AppshotError } from '../errors.js';
@@ -383,18 +383,41 @@ export class RestoreContext {
    * O_NOFOLLOW and removed at once. Dead from then on: the kernel makes
    * nothing in it, it lists nothing, as a removed directory; and nothing
    * of it outlives a kill of the restore. Its owner and mode are
-   * deleted.ts's to give, by this descriptor. */
+   * deleted.ts's to give, by this descriptor.
+   *
+   * Its ".." is a directory of ours, mode 0 and removed too (review
+   * r305): a process chrooted in a directory of its own whose working
+   * directory (or a descriptor), removed, was inside the jail, would
+   * otherwise climb from the stand-in through $TMPDIR to the real /. Not
+   * made inside the jail instead: a place the image names. (A process
+   * with CAP_DAC_OVERRIDE passes a mode of 0, but such a process leaves
+   * a chroot at will anyway.) */
   removedDirectory(key: string): number {
     return this.once(`removed directory ${key}`, () => {
-      const made = mkdtempSync(join(tmpdir(), '.appshot-removed-'));
-      const f = this.keep(openSync(made, fs.O_RDONLY | fs.O_DIRECTORY | fs.O_NOFOLLOW));
-      // The very one made (a $TMPDIR that others may write, not sticky,
-      // would let them put one of theirs at the name meanwhile): then
-      // the name is not ours to remove.
-      const st = fstatSync(f);
-      if (st.uid !== process.geteuid?.() || (st.mode & 0o7077) !== 0)
-        throw new AppshotError(`${made}: the directory made for a removed one was replaced (uid ${st.uid}, mode 0${(st.mode & 0o7777).toString(8)}): is the temporary directory writable by others?`);
-      rmdirSync(made);
+      const parent = mkdtempSync(join(tmpdir(), '.appshot-removed-'));
+      const made = join(parent, 'd');
+      let f: number;
+      try {
+        mkdirSync(made, 0o700);
+        f = this.keep(openSync(made, fs.O_RDONLY | fs.O_DIRECTORY | fs.O_NOFOLLOW));
+        // The very ones made (a $TMPDIR that others may write, not
+        // sticky, would let them put one of theirs at the name meanwhile):
+        // then the names are not ours to remove.
+        const mine = (st: Stats) => st.uid === process.geteuid?.() && (st.mode & 0o7077) === 0;
+        const st = fstatSync(f);
+        if (!mine(st) || !mine(lstatSync(parent)))
+          throw new AppshotError(`${made}: the directory made for a removed one was replaced (uid ${st.uid}, mode 0${(st.mode & 0o7777).toString(8)}): is the temporary directory writable by others?`);
+        rmdirSync(made);
+        // What rmdir removed was ours: ours is dead now.
+        if (fstatSync(f).nlink !== 0) throw new AppshotError(`${made}: the directory made for a removed one was replaced before its removal: is the temporary directory writable by others?`);
+      } finally {
+        try {
+          chmodSync(parent, 0);
+          rmdirSync(parent);
+        } catch {
+          // Replaced or not empty: not ours to remove (said above).
+        }
+      }
       return f;
     });
   }

@@ -130,7 +130,10 @@ function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number
  * link fails, is left out, as openDeletedFile does.) */
 export function removedDirectoryFd(h: RestoreContext, index: number, flags: number): number {
   const standIn = removedDirectoryStandIn(h, index, h.image.files[index].path.replace(/ \(deleted\)$/, ''));
-  return h.keep(openSync(`/proc/self/fd/${standIn}`, flags & ~fs.O_NOFOLLOW));
+  // A directory's open, whatever the image says (review r305: O_TMPFILE's
+  // bits, through the magic link, made a nameless root-owned regular file
+  // on tmpfs in the directory's place; an access mode other than reading, which a directory never has).
+  return h.keep(openSync(`/proc/self/fd/${standIn}`, (flags & ~(fs.O_NOFOLLOW | O_TMPFILE_BITS | 3)) | fs.O_RDONLY | fs.O_DIRECTORY));
 }
 
 /** A descriptor (O_PATH, the caller's to close) of the stand-in for a
