@@ -710,6 +710,9 @@ describe('an unprivileged user restoring its own application', () => {
       appshot('stop', aid, '-s', 'KILL');
       await waitFor(() => appshot('ps', aid).code !== 0, 10_000).catch(() => undefined);
     }
+    // The user's engine too, before the directory goes (review r305: one
+    // left running wrote its log into a state directory being removed).
+    appshot('engine', 'stop');
   });
 
   it('gets its socket files back where they were, made by itself', async () => {
