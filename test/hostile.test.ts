@@ -1455,6 +1455,17 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     // fchown reads (uid_t)-1 as "leave it"; only a deleted file is remade.
     ['a deleted file owned by uid 4294967295', (i) => Object.assign(i.files[0], { deleted: true, uid: 4294967295, gid: 0 }), 'file 0 carries uid 4294967295'],
     ['an owner on a file that is not deleted', (i) => Object.assign(i.files[0], { deleted: false, uid: 0, gid: 5 }), 'file 0 carries uid 0'],
+    // A removed working or root directory's stand-in is given its file's
+    // mode and owner: a file that is no removed directory (root's and
+    // set-user-ID) would be fchmod'ed onto it.
+    ['a removed working directory recorded as a deleted regular file', (i) => {
+      i.files.push({ ...structuredClone(i.files[0]), path: '/tmp/appshot-hostile-gone', deleted: true, mode: 0o104755, uid: 0, gid: 0, contents: undefined, seals: undefined, linkTarget: undefined });
+      Object.assign(i.processes[0], { cwd: '/tmp/appshot-hostile-gone (deleted)', cwdFile: i.files.length - 1 });
+    }, `process \\d+'s working directory "/tmp/appshot-hostile-gone \\(deleted\\)" is file \\d+, deleted and of mode 0104755, not a removed directory`],
+    ['a root directory still there recorded as a removed directory', (i) => {
+      i.files.push({ ...structuredClone(i.files[0]), path: '/tmp', deleted: true, mode: 0o41777, uid: 0, gid: 0, contents: undefined, seals: undefined, linkTarget: undefined });
+      Object.assign(i.processes[0], { root: '/tmp', rootFile: i.files.length - 1 });
+    }, `process \\d+'s root directory "/tmp" is file \\d+, deleted and of mode 041777, not an existing directory`],
     ['a file path that climbs out with ..', (i) => (i.files[0].path = '/../../etc/cron.d/appshot-hostile'), 'file 0 names .* not a plain absolute path'],
     ['a root directory that climbs out with ..', (i) => (i.processes[0].root = '/tmp/../etc'), "process \\d+'s root directory names .* not a plain absolute path"],
     ['a relative root directory', (i) => (i.processes[0].root = 'jail'), "process \\d+'s root directory \"jail\" is not an absolute path"],

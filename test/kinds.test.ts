@@ -818,6 +818,35 @@ describe('what outlives its name: a deleted working directory, a deleted FIFO, a
     expect(sb.aids()).not.toContain('leftbusy2');
     await checksPass(aid);
   });
+
+  it('gives two removed working directories of one name a stand-in each, of its own mode', async () => {
+    // Review r300 (F5): keyed by their name, the two shared one stand-in,
+    // of the last one's mode ('750,750').
+    const twins = mkdtempSync(join(dir, 'twins-'));
+    const s = join(twins, 'S');
+    const aid = 'lefttwins';
+    await start(aid, ['sh', '-c', `cd ${twins} && mkdir S && chmod 750 S && cd S && rmdir ${s} || exit 1; sleep 600 & cd ${twins} && mkdir S && chmod 705 S && cd S && rmdir ${s} && exec sleep 601`]);
+    // The two sleeps' working directories: mode, and which directory.
+    const removed = async () => {
+      const [app] = await sb.jsonAsync<{ processes: { pid: number }[] }[]>(['ps', aid]);
+      return app.processes.flatMap(({ pid }) => {
+        try {
+          if (!readlinkSync(`/proc/${pid}/cwd`).endsWith(' (deleted)')) return [];
+          const st = statSync(`/proc/${pid}/cwd`);
+          return [{ mode: (st.mode & 0o7777).toString(8), dir: `${st.dev}:${st.ino}` }];
+        } catch {
+          return [];
+        }
+      });
+    };
+    await waitForAsync(async () => (await removed()).length === 2, 10_000, 'both in their removed directories');
+    await run(['snapshot', aid, '-o', join(out, aid)]);
+    await run(['restore', join(out, aid)]);
+    const back = await removed();
+    expect(back.map((d) => d.mode).sort().join()).toBe('705,750');
+    expect(back[0].dir).not.toBe(back[1].dir);
+    expect(readdirSync(twins)).toEqual([]);
+  });
 });
 
 /** Where the cgroup v2 hierarchy is mounted, if it is and we may make

@@ -221,8 +221,9 @@ export interface Process {
    * virtual PID (resources/procpaths.ts); 0 or absent otherwise. */
   cwdProcVpid?: number;
   /** Its working directory's and root directory's identities: indexes in
-   * Image.files (absent in older images, for a removed directory, one
-   * under /proc, and a root of "/"). */
+   * Image.files (absent in older images, for one under /proc, and a root
+   * of "/"). One removed (cwd or root "... (deleted)") is a deleted
+   * directory there: its stand-in's mode and owner. */
   cwdFile?: number;
   rootFile?: number;
   /** A session keyring of its own (resources/keyrings.ts); absent: its

@@ -224,8 +224,17 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
   if (p.cgroup && (!p.cgroup.startsWith('/') || p.cgroup.split('/').some((part) => part === '..' || part === '.') || p.cgroup.includes('\0')))
     corrupt(`process ${p.vpid}'s cgroup ${JSON.stringify(p.cgroup)} is not a plain absolute path`);
   if (!memoryOnly && p.ctty && !inRange(p.ctty - 1, image.ptys ?? [])) corrupt(`process ${p.vpid}'s controlling terminal is pty ${p.ctty - 1}, which the image does not have`);
-  for (const [what, i] of [['working directory', p.cwdFile], ['root directory', p.rootFile]] as const)
-    if (!memoryOnly && i !== undefined && !inRange(i, image.files)) corrupt(`process ${p.vpid}'s ${what} is file ${i}, which the image does not have`);
+  for (const [what, path, i] of [['working directory', p.cwd, p.cwdFile], ['root directory', p.root, p.rootFile]] as const) {
+    if (memoryOnly || i === undefined) continue;
+    if (!inRange(i, image.files)) corrupt(`process ${p.vpid}'s ${what} is file ${i}, which the image does not have`);
+    // One removed is a deleted directory, whose mode and owner its
+    // stand-in is given (deleted.ts removedDirectoryPath); one still there
+    // is not deleted (fsident.ts reopenHeld enters that very one).
+    const f = image.files[i];
+    const removed = path?.endsWith(' (deleted)') === true;
+    if (f.deleted !== removed || (f.mode & 0o170000) !== 0o040000)
+      corrupt(`process ${p.vpid}'s ${what} ${JSON.stringify(path)} is file ${i}, ${f.deleted ? 'deleted' : 'not deleted'} and of mode 0${f.mode.toString(8)}, not a${removed ? ' removed' : 'n existing'} directory`);
+  }
 }
 
 /** Each pseudoterminal's settings are whole structures, its queues bounded

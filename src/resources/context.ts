@@ -6,9 +6,9 @@
  * however many processes hold it, and where a clone's files are). The
  * drivers make one and pass it to every kind.
  */
-import { type BigIntStats, closeSync, constants as fs, existsSync, lstatSync, mkdtempSync, openSync, readSync, rmdirSync, statSync, writeSync } from 'node:fs';
+import { type BigIntStats, chmodSync, closeSync, constants as fs, fstatSync, lstatSync, mkdirSync, mkdtempSync, openSync, readSync, rmdirSync, type Stats, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { addon, type FsIdentities, type InstanceConfig, type Kind, type PagesCheck, type PageWriter, type TablesSnapshot } from '../native.js';
 import { isOwnSnapshot, waitPagesChecked } from '../image/format.js';
@@ -220,8 +220,6 @@ export interface ClonePlan {
 /** Descriptors made here and handed to the restored processes. */
 export class RestoreContext {
   private readonly mine: number[] = [];
-  /** Directories made only to be entered (removedDirectory). */
-  private readonly removeAtClose: string[] = [];
   /** What waits until every process is as it will run
    * (whenProcessesAreFinal). */
   private readonly afterProcesses: (() => void)[] = [];
@@ -364,23 +362,63 @@ export class RestoreContext {
    * reach the template's files, and relative reads find what they did).
    * One in a process's /proc directory: the restored process's. */
   workingDirectory(p: Process): string {
-    if (p.cwd.endsWith(DELETED)) return this.removedDirectory(p.cwd.slice(0, -DELETED.length));
+    // Removed: no name to walk; process.ts enters its stand-in by
+    // descriptor (deleted.ts removedDirectoryToEnter). The name is for
+    // messages.
+    if (p.cwd.endsWith(DELETED)) return p.cwd;
     if (p.cwdProcVpid) return restoredProcPath(this, p.cwd, p.cwdProcVpid);
     if (!this.plan) return p.cwd;
     const named = unredirected(this.image.instance?.redirs ?? [], p.cwd);
     return this.clonePath(p.cwd, redirected(this.redirs, named, 'cow') !== undefined, p, `process ${p.vpid}: working directory`);
   }
 
-  /** A working directory that was removed (empty, as a removed directory
-   * is), or a descriptor's (files.ts): one made beside where it was (or in
-   * the temporary directory), entered or opened, and removed again by
-   * close() before the application runs. Processes that shared it share
-   * this one. */
-  removedDirectory(path: string): string {
-    return this.once(`removed directory ${path}`, () => {
-      const made = mkdtempSync(join(existsSync(dirname(path)) ? dirname(path) : tmpdir(), '.appshot-removed-'));
-      this.removeAtClose.push(made);
-      return made;
+  /** Our descriptor of a stand-in for a directory removed while a
+   * process held it (its working or root directory, a descriptor of it:
+   * deleted.ts), one per `key` (the image's file, else its path), kept
+   * until close(). Its name is never used after it is made (review r300:
+   * a name another user can reach, or one the image chooses, let them
+   * plant files in it, make a directory anywhere as root, or swap it for
+   * a link to / before a chroot): made 0700 in the temporary directory
+   * (not beside where it was, a place the image names), opened with
+   * O_NOFOLLOW and removed at once. Dead from then on: the kernel makes
+   * nothing in it, it lists nothing, as a removed directory; and nothing
+   * of it outlives a kill of the restore. Its owner and mode are
+   * deleted.ts's to give, by this descriptor.
+   *
+   * Its ".." is a directory of ours, mode 0 and removed too (review
+   * r305): a process chrooted in a directory of its own whose working
+   * directory (or a descriptor), removed, was inside the jail, would
+   * otherwise climb from the stand-in through $TMPDIR to the real /. Not
+   * made inside the jail instead: a place the image names. (A process
+   * with CAP_DAC_OVERRIDE passes a mode of 0, but such a process leaves
+   * a chroot at will anyway.) */
+  removedDirectory(key: string): number {
+    return this.once(`removed directory ${key}`, () => {
+      const parent = mkdtempSync(join(tmpdir(), '.appshot-removed-'));
+      const made = join(parent, 'd');
+      let f: number;
+      try {
+        mkdirSync(made, 0o700);
+        f = this.keep(openSync(made, fs.O_RDONLY | fs.O_DIRECTORY | fs.O_NOFOLLOW));
+        // The very ones made (a $TMPDIR that others may write, not
+        // sticky, would let them put one of theirs at the name meanwhile):
+        // then the names are not ours to remove.
+        const mine = (st: Stats) => st.uid === process.geteuid?.() && (st.mode & 0o7077) === 0;
+        const st = fstatSync(f);
+        if (!mine(st) || !mine(lstatSync(parent)))
+          throw new AppshotError(`${made}: the directory made for a removed one was replaced (uid ${st.uid}, mode 0${(st.mode & 0o7777).toString(8)}): is the temporary directory writable by others?`);
+        rmdirSync(made);
+        // What rmdir removed was ours: ours is dead now.
+        if (fstatSync(f).nlink !== 0) throw new AppshotError(`${made}: the directory made for a removed one was replaced before its removal: is the temporary directory writable by others?`);
+      } finally {
+        try {
+          chmodSync(parent, 0);
+          rmdirSync(parent);
+        } catch {
+          // Replaced or not empty: not ours to remove (said above).
+        }
+      }
+      return f;
     });
   }
 
@@ -532,13 +570,6 @@ export class RestoreContext {
   }
 
   close(): void {
-    for (const dir of this.removeAtClose.splice(0)) {
-      try {
-        rmdirSync(dir);
-      } catch {
-        /* a process wrote into it meanwhile: impossible while they are held */
-      }
-    }
     this.tcp.close();
     this.kept.close();
     for (const fd of this.mine.splice(0))

@@ -17,7 +17,7 @@ import { isOwnSnapshot } from '../image/format.js';
 import { strangeOwner } from './creds.js';
 import { addon } from '../native.js';
 import type { DumpContext, RestoreContext } from './context.js';
-import { firstHolderIdentities } from './fsident.js';
+import { firstHolderIdentities, refusal } from './fsident.js';
 
 const MEMFD_PREFIX = '/memfd:';
 const MFD_ALLOW_SEALING = 2;
@@ -89,39 +89,88 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
  * image this node did not snapshot, an owner that none of its processes
  * is is not given: its first holder's fsuid and fsgid are, and the
  * restore says so. Whether the recorded owner was given exactly. */
-function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number): boolean {
+function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number, orKeep = false): boolean {
   if (id.uid === undefined || id.gid === undefined) return true;
+  const what = `${(id.mode & fs.S_IFMT) === fs.S_IFDIR ? 'removed directory' : 'deleted file'} ${index} (${id.path})`;
   let uid = id.uid;
   let gid = id.gid;
   const stranger = strangeOwner(h.image, uid, [gid]);
   if (stranger) {
-    const holder = h.image.processes.find((p) => p.fds.some((x) => x.file === index && x.kind === FdKind.FILE)) ?? h.image.processes[0];
+    const holder = h.image.processes.find((p) => p.fds.some((x) => x.file === index && x.kind === FdKind.FILE) || p.cwdFile === index || p.rootFile === index) ?? h.image.processes[0];
     const c = holder.threads[0]?.creds ?? holder.creds;
     [uid, gid] = [c.uid[3], c.gid[3]];
-    h.notKept.push(`deleted file ${index} (${id.path}): owned by uid ${id.uid} gid ${id.gid}, now uid ${uid} gid ${gid}'s, its holder's, without set-id bits (${stranger})`);
+    h.notKept.push(`${what}: owned by uid ${id.uid} gid ${id.gid}, now uid ${uid} gid ${gid}'s, its holder's, without set-id bits (${stranger})`);
   }
   const st = fstatSync(f);
   if (st.uid !== uid || st.gid !== gid) {
     try {
       fchownSync(f, uid, gid);
     } catch (e) {
-      throw new AppshotError(`deleted file ${index} (${id.path}) was owned by ${uid}:${gid}, which this restore cannot give it: ${(e as Error).message}`);
+      // `orKeep` (a removed directory's stand-in, which nothing is in):
+      // an owner the restoring user may not give (an ordinary user's own
+      // process in a directory of root's, removed; root in a user
+      // namespace that does not map it: EINVAL) is not a reason to
+      // refuse the process; the stand-in stays the restorer's.
+      if (!orKeep || !(refusal(e) || (e as NodeJS.ErrnoException).code === 'EINVAL')) throw new AppshotError(`${what} was owned by ${uid}:${gid}, which this restore cannot give it: ${(e as Error).message}`);
+      h.notKept.push(`${what}: owned by uid ${uid} gid ${gid}, which this restore may not give (${(e as NodeJS.ErrnoException).code}): now uid ${st.uid} gid ${st.gid}'s, the restorer's, without set-id bits`);
+      return false;
     }
   }
   return !stranger;
 }
 
 /** Our descriptor of the removed directory deleted file `index` of the
- * image is (a descriptor held open after its rmdir): made beside where it
- * was and removed again before the application runs (RestoreContext's
- * removedDirectory), given the mode and owner it had, as a deleted file's
- * stand-in is (review r294: it came back 0700 and the restorer's, and a
- * process of another uid could no longer fchdir into it). `flags`: the
- * open's. */
+ * image is (a descriptor held open after its rmdir), opened with the
+ * open's `flags`: a new open file description of its stand-in
+ * (removedDirectoryStandIn), reached through our descriptor of it
+ * (/proc/self/fd/N), never by a name: a name walked again could be a
+ * link put there meanwhile, and what it led to would be given the
+ * image's owner and mode (review r300 had a root-owned directory made
+ * nobody's and 0777). (O_NOFOLLOW, with which the open of the magic
+ * link fails, is left out, as openDeletedFile does.) */
 export function removedDirectoryFd(h: RestoreContext, index: number, flags: number): number {
-  const id = h.image.files[index];
-  const f = h.keep(openSync(h.removedDirectory(id.path.replace(/ \(deleted\)$/, '')), flags));
-  h.once(`removed directory ${index} given its owner`, () => giveOwnerAndMode(h, f, id, index));
+  const standIn = removedDirectoryStandIn(h, index, h.image.files[index].path.replace(/ \(deleted\)$/, ''));
+  // A directory's open, whatever the image says (review r305: O_TMPFILE's
+  // bits, through the magic link, made a nameless root-owned regular file
+  // on tmpfs in the directory's place; an access mode other than reading, which a directory never has).
+  return h.keep(openSync(`/proc/self/fd/${standIn}`, (flags & ~(fs.O_NOFOLLOW | O_TMPFILE_BITS | 3)) | fs.O_RDONLY | fs.O_DIRECTORY));
+}
+
+/** A descriptor (O_PATH, the caller's to close) of the stand-in for a
+ * process's working or root directory `path` (as the image names it,
+ * without " (deleted)"), removed while the process was in it (deleted
+ * file `index`, if the image records it): the process takes it and
+ * enters it (fchdir; chroot(".")), not a name (review r300: the root's
+ * stand-in, walked again by name, could be swapped for a link to / and
+ * the "jailed" process's root was the real /). */
+export function removedDirectoryToEnter(h: RestoreContext, path: string, index: number | undefined): number {
+  return openSync(`/proc/self/fd/${removedDirectoryStandIn(h, index, path)}`, O_PATH | fs.O_DIRECTORY);
+}
+
+const O_PATH = 0o10000000;
+
+/** Our descriptor (the context's, kept until its close) of the stand-in
+ * for removed directory `index` of the image, or, an older image's
+ * working or root directory recorded without one, for `path`: one per
+ * directory (processes that shared it share it; two removed directories
+ * of one name are two), made dead at once (RestoreContext's
+ * removedDirectory). Given the owner the image recorded, by descriptor,
+ * now (a process of that uid may enter it), or, one the restoring user
+ * may not give, left the restorer's and said so (giveOwner's `orKeep`);
+ * its mode only once every process is as it will run (every holder has
+ * entered or opened it): a mode without search permission (0) would
+ * make the process's own fchdir fail. Set-id bits as giveOwnerAndMode
+ * gives them. (It came back 0700 and the restorer's, and a worker of
+ * another uid could no longer use ".": issue 12, review r294.) An older
+ * image, without `index`, keeps it 0700 and the restorer's. */
+function removedDirectoryStandIn(h: RestoreContext, index: number | undefined, path: string): number {
+  const f = h.removedDirectory(index === undefined ? `named ${path}` : `file ${index}`);
+  if (index !== undefined)
+    h.once(`removed directory ${index} given its owner`, () => {
+      const id = h.image.files[index];
+      const setId = giveOwner(h, f, id, index, true) && (id.uid !== undefined || isOwnSnapshot(h.image));
+      h.whenProcessesAreFinal(() => fchmodSync(f, id.mode & (setId ? 0o7777 : 0o1777)));
+    });
   return f;
 }
 

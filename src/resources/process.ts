@@ -14,7 +14,8 @@ import { dumpLimits } from './limits.js';
 import { askSessionKeyring, dumpSessionKeyring, type KeyringAsked } from './keyrings.js';
 import { bindsByName } from './socketfile.js';
 import { dumpTimeOffsets } from './timens.js';
-import { type DumpContext, nameProcess, Unsupported } from './context.js';
+import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
+import { removedDirectoryToEnter } from './deleted.js';
 import { dumpProcVpid } from './procpaths.js';
 import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
@@ -184,14 +185,23 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
 /** The identities of a process's working and root directories (Image.files):
  * with them a restore from our own snapshot enters the very directories
  * though the process no longer reaches them by name (fsident.ts
- * reopenHeld). Not for one removed (it has no name to walk), nor for
- * a root of "/" (never entered). One not read is only not recorded: the
- * restore then takes the process's word alone, as for an older image. */
+ * reopenHeld). One removed (rmdir'd while the process was in it) is
+ * recorded as a deleted file, with its mode and owner, which its
+ * stand-in is given (deleted.ts removedDirectoryPath): it came back 0700
+ * and the restorer's, and a worker of another uid could no longer use
+ * "." (issue 12). Not for a root of "/" (never entered). One not read is
+ * only not recorded: the restore then takes the process's word alone, as
+ * for an older image. */
 function heldDirectories(ctx: DumpContext, pid: number, cwd: string | undefined, root: string): Pick<Process, 'cwdFile' | 'rootFile'> {
   const held = (path: string | undefined, link: string) => {
-    if (!path?.startsWith('/') || path.endsWith(' (deleted)')) return undefined;
+    if (!path?.startsWith('/')) return undefined;
+    const removed = path.endsWith(' (deleted)');
     try {
-      return ctx.file(path, `/proc/${pid}/${link}`, false);
+      const i = ctx.file(removed ? path.slice(0, -' (deleted)'.length) : path, `/proc/${pid}/${link}`, removed);
+      // The very directory recorded already (by a descriptor, or another
+      // process) as the other (removed between the two reads): the
+      // image would say one thing of it twice, which validate.ts refuses.
+      return ctx.image.files[i].deleted === removed ? i : undefined;
     } catch {
       return undefined;
     }
@@ -356,14 +366,22 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
  * the restore fails naming it. A process that chrooted as root and then
  * dropped its privileges may not reach its root by name any more: from
  * our own snapshot, the very directory is entered (fsident.ts
- * reopenHeld), as its working directory is.
+ * reopenHeld), as its working directory is. One removed while it was the
+ * root (a sandbox that chroots into an empty directory and removes it) is
+ * a stand-in of its mode and owner, as a removed working directory is
+ * (deleted.ts removedDirectoryPath; the same one where it was the
+ * working directory too): the image was taken, and its restore failed on
+ * the name "... (deleted)".
  */
-export function restoreRoot(r: RemoteProcess, p: Process, h: { image: Image }): void {
+export function restoreRoot(r: RemoteProcess, p: Process, h: RestoreContext): void {
   if (!p.root || p.root === '/') return;
   // Walked as the process (as its working directory is, restoreProcessState),
   // handed over, and entered by descriptor: fchdir, chroot("."), and back
-  // to the working directory, held meanwhile. One stop.
-  const rootFd = openDirectoryAs(h.image, p, p.root, 'root directory', p.rootFile);
+  // to the working directory, held meanwhile. One stop. A removed one:
+  // its stand-in's descriptor, no name walked (removedDirectoryToEnter).
+  const rootFd = p.root.endsWith(' (deleted)')
+    ? removedDirectoryToEnter(h, p.root.slice(0, -' (deleted)'.length), p.rootFile)
+    : openDirectoryAs(h.image, p, p.root, 'root directory', p.rootFile);
   try {
     enterRoot(r, p, rootFd);
   } finally {
@@ -444,10 +462,18 @@ export function moveEnvironCall(r: RemoteProcess, p: Process, env: EnvRange): Na
  * (fsident.ts reopenHeld: same device, inode and birth time, no
  * symlink on the way), and nothing else.
  */
-export function restoreProcessState(r: RemoteProcess, p: Process, h: { image: Image }, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
+export function restoreProcessState(r: RemoteProcess, p: Process, h: RestoreContext, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
   restoringProcess(r, h.image, p);
-  // Ours, closed once the process holds its copies.
-  const cwdFd = p.cwdProcVpid ? -1 : openDirectoryAs(h.image, p, cwd, 'working directory', p.cwdFile);
+  // Ours, closed once the process holds its copies. A removed one's
+  // stand-in is handed over by descriptor, not walked as the process:
+  // it has no name (dead, made by this restore, given the owner the
+  // process recorded for it), so there is no way to it to check and
+  // nothing but it to reach (removedDirectoryToEnter).
+  const cwdFd = p.cwdProcVpid
+    ? -1
+    : p.cwd.endsWith(' (deleted)')
+      ? removedDirectoryToEnter(h, p.cwd.slice(0, -' (deleted)'.length), p.cwdFile)
+      : openDirectoryAs(h.image, p, cwd, 'working directory', p.cwdFile);
   let exeFd = -1;
   try {
     exeFd = openExecutable(h, p);
