@@ -86,7 +86,7 @@ async function refused(aid: string, argv: string[], message: RegExp): Promise<vo
   await stopped(aid);
 }
 
-describe("process and thread odds: limits below their hard ones, umask, a long cwd, dumpable, no_new_privs, keepcaps, interval timers, dispositions, queued real-time signals with their values (process's and a thread's own), each thread's name, mask, altstack, timer slack and FPU control, relative and absolute clock_nanosleep, nanosleep without rem, sem_timedwait, poll, ppoll, select, pselect6, a relative FUTEX_WAIT, epoll_wait, epoll_pwait, sigtimedwait, semtimedop and recv, read and recvmsg on a socket with SO_RCVTIMEO across it, sigwaitinfo and semop waiting for good", () => {
+describe("process and thread odds: an executable replaced under it, limits below their hard ones, umask, a long cwd, dumpable, no_new_privs, keepcaps, interval timers, dispositions, queued real-time signals with their values (process's and a thread's own), each thread's name, mask, altstack, timer slack and FPU control, relative and absolute clock_nanosleep, nanosleep without rem, sem_timedwait, poll, ppoll, select, pselect6, a relative FUTEX_WAIT, epoll_wait, epoll_pwait, sigtimedwait, semtimedop and recv, read and recvmsg on a socket with SO_RCVTIMEO across it, sigwaitinfo and semop waiting for good", () => {
   roundTrips('podds', () => [fixture('procodds'), scratch()]);
 });
 

@@ -14,8 +14,9 @@ import { dumpLimits } from './limits.js';
 import { askSessionKeyring, dumpSessionKeyring, type KeyringAsked } from './keyrings.js';
 import { bindsByName } from './socketfile.js';
 import { dumpTimeOffsets } from './timens.js';
-import { type DumpContext, nameProcess, Unsupported } from './context.js';
+import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
 import { dumpProcVpid } from './procpaths.js';
+import { deletedExecutable, saveDeletedFrom } from './deleted.js';
 import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
@@ -141,7 +142,14 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   if (st.exitSignal !== SIGCHLD_SIGNAL) throw new Unsupported(`${nameProcess(ctx.virtual('pid', pid), st.comm)} was made with exit signal ${st.exitSignal}, not SIGCHLD (clone), which cannot be captured yet`);
   const status = statusFields(pid);
   const exe = procLink(`/proc/${pid}/exe`);
-  ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exe.endsWith(' (deleted)'));
+  const exeDeleted = exe.endsWith(' (deleted)');
+  const exeFile = ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exeDeleted);
+  // An executable deleted or replaced since it ran (a package upgrade
+  // under a running server): its name is another file's now, or none's.
+  // Its bytes go into the image, so that the restored process's
+  // /proc/PID/exe is that file again (what it reads there, or re-executes
+  // to restart itself), never the one now at its name nor appshot's seed.
+  if (exeDeleted) saveDeletedFrom(ctx, `/proc/${pid}/exe`, exeFile);
   const cwd = procLink(`/proc/${pid}/cwd`);
   const root = procLink(`/proc/${pid}/root`);
   const vpid = ctx.virtual('pid', pid);
@@ -444,7 +452,7 @@ export function moveEnvironCall(r: RemoteProcess, p: Process, env: EnvRange): Na
  * (fsident.ts reopenHeld: same device, inode and birth time, no
  * symlink on the way), and nothing else.
  */
-export function restoreProcessState(r: RemoteProcess, p: Process, h: { image: Image }, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
+export function restoreProcessState(r: RemoteProcess, p: Process, h: RestoreContext, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
   restoringProcess(r, h.image, p);
   // Ours, closed once the process holds its copies.
   const cwdFd = p.cwdProcVpid ? -1 : openDirectoryAs(h.image, p, cwd, 'working directory', p.cwdFile);
@@ -538,9 +546,17 @@ const O_RDONLY = 0;
  * deleted executable; one the restorer itself may not read). Refused by
  * name where the process's identity cannot reach it.
  */
-function openExecutable(h: { image: Image }, p: Process): number {
+function openExecutable(h: RestoreContext, p: Process): number {
   const deleted = p.exe.endsWith(' (deleted)');
   const exe = p.exe.replace(/ \(deleted\)$/, '');
+  // A deleted one is made again from the bytes the image saved (never
+  // the file now at its name, another program): the deleted file of that
+  // name with contents. An older image saved none: kept as before.
+  if (deleted) {
+    const index = h.image.files.findIndex((f) => f.deleted && f.path === exe && f.contents !== undefined);
+    if (index < 0) return -1;
+    return deletedExecutable(h, index);
+  }
   let path: number;
   try {
     path = addon().openExecAs(exe, identitiesFor(h.image, p));
