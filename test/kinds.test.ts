@@ -1106,6 +1106,9 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['deleted-xattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-xattr-\\d+ \\(deleted\\): a deleted file with extended attributes of its own \\(user\\.holder\\), which cannot be captured yet`)],
     // It came back made again from its bytes, without its flags.
     ['deleted-chattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-chattr-\\d+ \\(deleted\\): a deleted file with inode flags of its own \\(nodump, noatime: chattr\\), which cannot be captured yet`)],
+    // Mapped again from the file named with the characters \012, where
+    // there was one (writes went to another file), or the restore failed.
+    ['mapped-newline', () => /process 2 \(holder\): maps \/tmp\/holder-nl-\d+\\012x, a name holding a newline or "\\012" \(the two read alike in \/proc\/PID\/maps: which file it is is not known\), which cannot be captured yet/],
     // It came back 0600, the kernel's.
     ['pipe-mode', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: pipe:\\[\\d+\\]: a pipe whose mode the program changed \\(0640, not 0600\\), which cannot be captured yet`)],
     // It came back listening at another name: the NUL shown as "@".
@@ -1151,6 +1154,7 @@ describe('what cannot be captured yet is refused by name, and the application go
         const line = readFileSync(`/proc/${pid}/net/tcp`, 'utf8').split('\n').find((l) => l.trim().split(/\s+/)[9] === ino);
         expect(line?.trim().split(/\s+/)[3], `fd ${fd} (socket ${ino}) in /proc/net/tcp`).toBe(tcpState);
       }
+      if (kind === 'mapped-newline') rmSync(`/tmp/holder-nl-${pid}\nx`, { force: true });
       // udp-error: the refusal read nothing, so the error the program has
       // not read yet is still there for it (a peek would have consumed it).
       if (kind === 'udp-error') {
