@@ -1106,6 +1106,8 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['deleted-xattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-xattr-\\d+ \\(deleted\\): a deleted file with extended attributes of its own \\(user\\.holder\\), which cannot be captured yet`)],
     // It came back made again from its bytes, without its flags.
     ['deleted-chattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-chattr-\\d+ \\(deleted\\): a deleted file with inode flags of its own \\(nodump, noatime: chattr\\), which cannot be captured yet`)],
+    // It came back taking opens again (hunt h296 ptymodes).
+    ['pty-exclusive', (fd) => `process 2 (holder) fd ${fd}: a pty in exclusive mode (TIOCEXCL) cannot be captured yet`],
     // Mapped again from the file named with the characters \012, where
     // there was one (writes went to another file), or the restore failed.
     ['mapped-newline', () => /process 2 \(holder\): maps \/tmp\/holder-nl-\d+\\012x, a name holding a newline or "\\012" \(the two read alike in \/proc\/PID\/maps: which file it is is not known\), which cannot be captured yet/],
