@@ -1276,7 +1276,7 @@ describe('zombies: children not waited for, reaped after the restore with their 
   });
 });
 
-describe('stream sockets neither connected nor listening (TCP, IPv6, unix stream and seqpacket; unnamed, bound to a port, a path, an abstract name): their names and options, and they listen and connect after', () => {
+describe('stream sockets neither connected nor listening (TCP, IPv6, unix stream and seqpacket; unnamed, bound to a port, to an address with no port yet, a path, an abstract name): their names and options, and they listen and connect after', () => {
   const dir = join(out, 'unconnected');
   mkdirSync(dir, { recursive: true });
   roundTrips('uncon', [fixture('unconnected'), dir], /UNCONNECTED_STREAM\s+TCP socket bound to 127\.0\.0\.1:\d+, neither connected nor listening\n[\s\S]*UNCONNECTED_STREAM\s+unix seqpacket socket bound to @appshot-unconnected-\d+, neither connected nor listening\n/, 'apart');
@@ -1292,7 +1292,7 @@ describe('stream sockets neither connected nor listening (TCP, IPv6, unix stream
     expect(r.code, r.stderr).toBe(4);
     // (The TCP socket bound with SO_REUSEADDR may be bound twice while
     // neither listens, as the kernel lets any two such sockets be.)
-    expect(r.stderr).toMatch(/process 2 fd 7: the unix stream socket bound to \S+\/unconnected4\/s-\d+: a live socket holds \S+\/unconnected4\/s-\d+/);
+    expect(r.stderr).toMatch(/process 2 fd 8: the unix stream socket bound to \S+\/unconnected4\/s-\d+: a live socket holds \S+\/unconnected4\/s-\d+/);
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
     expect(sb.aids()).not.toContain('uncon5');
     await checksPass(aid);
