@@ -1491,6 +1491,24 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['a relative working directory', (i) => (i.processes[0].cwd = 'tmp'), "process \\d+'s working directory names \"tmp\", which is not an absolute path"],
     ['a relative executable', (i) => (i.processes[0].exe = 'bin/snapfix'), "process \\d+'s executable names \"bin/snapfix\", which is not an absolute path"],
     ['a relative file', (i) => (i.files[0].path = 'etc/passwd'), 'file 0 names "etc/passwd", which is not an absolute path'],
+    // A replaced executable is made again from the file exe_file names:
+    // only the deleted file of the process's own exe name, with its bytes
+    // (review r303: found by name, one process got another's setuid one).
+    ['an executable file the image does not have', (i) => {
+      i.processes[0].exe += ' (deleted)';
+      i.processes[0].exeFile = 99999;
+    }, "process \\d+'s executable is file 99999, which the image does not have"],
+    ['an executable file that is not deleted', (i) => {
+      const f = i.files.findIndex((x) => !x.deleted);
+      i.processes[0].exe = `${i.files[f].path} (deleted)`;
+      i.processes[0].exeFile = f;
+    }, "process \\d+'s executable is file \\d+, which is not a deleted regular file with its contents"],
+    ['an executable file of another name', (i) => {
+      const f = i.files.findIndex((x) => x.path !== i.processes[0].exe);
+      Object.assign(i.files[f], { deleted: true });
+      i.processes[0].exe += ' (deleted)';
+      i.processes[0].exeFile = f;
+    }, "process \\d+'s executable .* is file \\d+ .*, not the deleted file of its name"],
     ['a relative named FIFO', (i) => {
       const pipe = i.pipes.find(() => true);
       if (pipe) pipe.fifoPath = 'x/fifo';

@@ -90,23 +90,26 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
   });
 }
 
-/** Our read-only descriptor (the caller's to close) of deleted file
- * `index` made again as a process's executable: a copy of its own, filled
- * and given its owner and mode, whose writable descriptor is closed before
- * it is handed over, as PR_SET_MM_MAP's exe_fd must be a file nobody may
+/** Our read-only descriptor (the restore's, closed at its end: never the
+ * caller's to close) of deleted file `index` made again as a process's
+ * executable: a copy made once for every process that ran it, filled and
+ * given its owner and mode, whose writable descriptor is closed before it
+ * is handed over, as PR_SET_MM_MAP's exe_fd must be a file nobody may
  * write (ETXTBSY, as for execve). A descriptor or shared mapping of the
  * same deleted file gets deletedFileAnchor's file, another inode. */
 export function deletedExecutable(h: RestoreContext, index: number): number {
-  const id = h.image.files[index];
-  const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
-  try {
-    h.copyPages(f, id.contents);
-    ftruncateSync(f, Number(id.size));
-    giveOwnerAndMode(h, f, id, index);
-    return openSync(`/proc/self/fd/${f}`, fs.O_RDONLY | O_CLOEXEC);
-  } finally {
-    h.release([f]);
-  }
+  return h.once(`deleted executable ${index}`, () => {
+    const id = h.image.files[index];
+    const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
+    try {
+      h.copyPages(f, id.contents);
+      ftruncateSync(f, Number(id.size));
+      giveOwnerAndMode(h, f, id, index);
+      return h.keep(openSync(`/proc/self/fd/${f}`, fs.O_RDONLY | O_CLOEXEC));
+    } finally {
+      h.release([f]);
+    }
+  });
 }
 
 /** The file's owner as the image says (before its mode: a chown clears
@@ -122,7 +125,7 @@ function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number
   let gid = id.gid;
   const stranger = strangeOwner(h.image, uid, [gid]);
   if (stranger) {
-    const holder = h.image.processes.find((p) => p.fds.some((x) => x.file === index && x.kind === FdKind.FILE)) ?? h.image.processes[0];
+    const holder = h.image.processes.find((p) => p.exeFile === index || p.fds.some((x) => x.file === index && x.kind === FdKind.FILE)) ?? h.image.processes[0];
     const c = holder.threads[0]?.creds ?? holder.creds;
     [uid, gid] = [c.uid[3], c.gid[3]];
     h.notKept.push(`deleted file ${index} (${id.path}): owned by uid ${id.uid} gid ${id.gid}, now uid ${uid} gid ${gid}'s, its holder's, without set-id bits (${stranger})`);
