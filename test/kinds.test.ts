@@ -1136,33 +1136,37 @@ describe('what cannot be captured yet is refused by name, and the application go
       await start(aid, [fixture('holder'), kind]);
       await waitFor(() => /READY fd=-?\d+/.test(logOf(aid)), 10_000, `${aid} to start`);
       const fd = /READY fd=(-?\d+)/.exec(logOf(aid))![1];
-      const r = await attempt(['snapshot', aid, '-o', join(out, aid)]);
-      expect(r.code, r.stderr).toBe(1);
-      const expected = message(fd);
-      if (typeof expected === 'string') expect(r.stderr).toContain(expected);
-      else expect(r.stderr).toMatch(expected);
-      expect(r.stderr).toContain('the application was left running');
-      expect(existsSync(join(out, aid))).toBe(false);
-      // Running, untraced, not stopped.
       const pid = await systemPid(aid);
-      const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-      expect(status).toMatch(/^TracerPid:\s+0$/m);
-      expect(status).not.toMatch(/^State:\s+[tT]/m);
-      // A connection closed both ways is where it was, as the kernel's
-      // table says (st: 09 LAST_ACK, 0B CLOSING).
-      const tcpState = TCP_STATE_HEX[kind];
-      if (tcpState) {
-        const ino = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))![1];
-        const line = readFileSync(`/proc/${pid}/net/tcp`, 'utf8').split('\n').find((l) => l.trim().split(/\s+/)[9] === ino);
-        expect(line?.trim().split(/\s+/)[3], `fd ${fd} (socket ${ino}) in /proc/net/tcp`).toBe(tcpState);
-      }
-      if (kind === 'mapped-newline') rmSync(`/tmp/holder-nl-${pid}\nx`, { force: true });
-      // udp-error: the refusal read nothing, so the error the program has
-      // not read yet is still there for it (a peek would have consumed it).
-      if (kind === 'udp-error') {
-        process.kill(pid, 'SIGUSR2');
-        await waitFor(() => /^(ERROR STILL PENDING|FAIL)/m.test(logOf(aid)), 10_000, `${aid} to look at its error`);
-        expect(logOf(aid)).not.toMatch(/^FAIL/m);
+      try {
+        const r = await attempt(['snapshot', aid, '-o', join(out, aid)]);
+        expect(r.code, r.stderr).toBe(1);
+        const expected = message(fd);
+        if (typeof expected === 'string') expect(r.stderr).toContain(expected);
+        else expect(r.stderr).toMatch(expected);
+        expect(r.stderr).toContain('the application was left running');
+        expect(existsSync(join(out, aid))).toBe(false);
+        // Running, untraced, not stopped.
+        const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+        expect(status).toMatch(/^TracerPid:\s+0$/m);
+        expect(status).not.toMatch(/^State:\s+[tT]/m);
+        // A connection closed both ways is where it was, as the kernel's
+        // table says (st: 09 LAST_ACK, 0B CLOSING).
+        const tcpState = TCP_STATE_HEX[kind];
+        if (tcpState) {
+          const ino = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))![1];
+          const line = readFileSync(`/proc/${pid}/net/tcp`, 'utf8').split('\n').find((l) => l.trim().split(/\s+/)[9] === ino);
+          expect(line?.trim().split(/\s+/)[3], `fd ${fd} (socket ${ino}) in /proc/net/tcp`).toBe(tcpState);
+        }
+        // udp-error: the refusal read nothing, so the error the program has
+        // not read yet is still there for it (a peek would have consumed it).
+        if (kind === 'udp-error') {
+          process.kill(pid, 'SIGUSR2');
+          await waitFor(() => /^(ERROR STILL PENDING|FAIL)/m.test(logOf(aid)), 10_000, `${aid} to look at its error`);
+          expect(logOf(aid)).not.toMatch(/^FAIL/m);
+        }
+      } finally {
+        // The holder's file, made by its PID, whatever the assertions said.
+        if (kind === 'mapped-newline') rmSync(`/tmp/holder-nl-${pid}\nx`, { force: true });
       }
       // Gone at once, not at the file's end: what it holds (sysv-foreign's
       // segment, which no application's tables know) would otherwise stay
