@@ -1104,6 +1104,9 @@ describe('what cannot be captured yet is refused by name, and the application go
     // Lost without a word before (review r294).
     ['deleted-acl', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-acl-\\d+ \\(deleted\\): a deleted file with extended attributes of its own \\(system\\.posix_acl_access\\), which cannot be captured yet`)],
     ['deleted-xattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-xattr-\\d+ \\(deleted\\): a deleted file with extended attributes of its own \\(user\\.holder\\), which cannot be captured yet`)],
+    // Its executable made again from its bytes, without its attribute
+    // (review r303: a descriptor's file was refused, the executable not).
+    ['exe-xattr', () => /process 2 \(holder\)'s executable: \/tmp\/holder-exe-\d+ \(deleted\): a deleted file with extended attributes of its own \(user\.holder\), which cannot be captured yet/],
     // It came back made again from its bytes, without its flags.
     ['deleted-chattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-chattr-\\d+ \\(deleted\\): a deleted file with inode flags of its own \\(nodump, noatime: chattr\\), which cannot be captured yet`)],
     // It came back taking opens again (hunt h296 ptymodes).
