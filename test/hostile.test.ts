@@ -11,7 +11,7 @@
  * itself can be what is refused.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statfsSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, rmSync, statfsSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -1158,6 +1158,26 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
       sb.run(['rm', '-f', 'owners-own']);
       sb.run(['rm', '-f', 'owners-foreign']);
       unlinkQueue(queue);
+    }
+  });
+
+  // An older appshot stored no replaced executable's bytes: the file now
+  // at its name is another program, never taken (review r303).
+  it("restores a process whose executable was replaced, from an image without its bytes, with appshot's seed as its executable, and says so", () => {
+    let exe = '';
+    let vpid = 0;
+    const dir = crafted('exe-older', (i) => {
+      [exe, vpid] = [i.processes[0].exe, i.processes[0].vpid];
+      i.processes[0].exe += ' (deleted)';
+      delete i.processes[0].exeFile;
+    });
+    try {
+      const r = sb.run(['restore', dir, '--aid', 'exe-older', '--json']);
+      expect(r.code, r.stderr).toBe(0);
+      expect((JSON.parse(r.stdout) as { notKept: string[] }).notKept.join('\n')).toMatch(/^process \d+ \(.*\): its executable \/.* \(deleted\), deleted or replaced since it ran, has no bytes in this image \(an older appshot's\): \/proc\/PID\/exe names appshot's seed$/m);
+      expect(readlinkSync(`/proc/${sb.systemPid('exe-older', vpid)}/exe`)).not.toBe(exe);
+    } finally {
+      sb.run(['rm', '-f', 'exe-older']);
     }
   });
 

@@ -563,14 +563,6 @@ function stateByDescriptors(r: RemoteProcess, p: Process, cwd: string, more: Nam
 
 const O_RDONLY = 0;
 
-/**
- * The image's executable as the process reaches it and may execute it,
- * reopened for reading (PR_SET_MM_MAP's exe_fd goes through fdget, which
- * takes no O_PATH descriptor; the reopen walks no name): a descriptor of
- * ours for the caller to close, or -1 where it cannot be set and the seed's is kept as before (a
- * deleted executable; one the restorer itself may not read). Refused by
- * name where the process's identity cannot reach it.
- */
 /** A descriptor of ours for the executable (-1: none), `shared` where it
  * is the restore's (a deleted executable's copy, closed at its end), not
  * the caller's to close. */
@@ -578,6 +570,17 @@ interface OpenedExecutable {
   fd: number;
   shared: boolean;
 }
+
+/**
+ * The image's executable as the process reaches it and may execute it,
+ * reopened for reading (PR_SET_MM_MAP's exe_fd goes through fdget, which
+ * takes no O_PATH descriptor; the reopen walks no name), the caller's to
+ * close; or, deleted since it ran, the copy made from its bytes
+ * (deletedExecutable), the restore's. None (-1: the seed's is kept) for
+ * one the restorer itself may not read, and for a deleted one whose bytes
+ * the image does not hold (an older appshot's), which the restore says.
+ * Refused by name where the process's identity cannot reach it.
+ */
 
 function openExecutable(h: RestoreContext, p: Process): OpenedExecutable {
   const deleted = p.exe.endsWith(' (deleted)');
@@ -589,7 +592,7 @@ function openExecutable(h: RestoreContext, p: Process): OpenedExecutable {
   // the file now at the name never taken (another program).
   if (deleted) {
     if (p.exeFile === undefined) {
-      h.notKept.push(`process ${p.vpid} (${p.comm}): its executable ${p.exe}, replaced since it ran, is not in this image (an older one's): /proc/PID/exe names appshot's seed`);
+      h.notKept.push(`process ${p.vpid} (${p.comm}): its executable ${p.exe}, deleted or replaced since it ran, has no bytes in this image (an older appshot's): /proc/PID/exe names appshot's seed`);
       return { fd: -1, shared: false };
     }
     return { fd: deletedExecutable(h, p.exeFile), shared: true };
