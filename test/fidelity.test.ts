@@ -7,11 +7,12 @@
  * once more. What cannot be exact is refused by name at snapshot, and the
  * application goes on.
  */
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { fixture, Sandbox, waitFor, withTmpfs } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
@@ -86,7 +87,30 @@ async function refused(aid: string, argv: string[], message: RegExp): Promise<vo
   await stopped(aid);
 }
 
-describe("process and thread odds: limits below their hard ones, umask, a long cwd, dumpable, no_new_privs, keepcaps, interval timers, dispositions, queued real-time signals with their values (process's and a thread's own), each thread's name, mask, altstack, timer slack and FPU control, relative and absolute clock_nanosleep, nanosleep without rem, sem_timedwait, poll, ppoll, select, pselect6, a relative FUTEX_WAIT, epoll_wait, epoll_pwait, sigtimedwait, semtimedop and recv, read and recvmsg on a socket with SO_RCVTIMEO across it, sigwaitinfo and semop waiting for good", () => {
+describe('an executable deleted under it whose copy may not be run (its directory remounted noexec)', () => {
+  it("comes back running appshot's seed as its executable, and the restore says so", async () => {
+    const dir = scratch();
+    await withTmpfs(dir, 'size=8m,mode=0755', async () => {
+      const exe = join(dir, 'cputime-copy');
+      copyFileSync(fixture('cputime'), exe);
+      chmodSync(exe, 0o755);
+      const aid = 'noexec1';
+      run(['run', '-d', '--aid', aid, '--', exe]);
+      await sb.checksPass(aid);
+      rmSync(exe);
+      // The copy is made beside where it was (review r303: PR_SET_MM_MAP
+      // refused it, and the seed's stayed without a word).
+      expect(spawnSync('mount', ['-o', 'remount,noexec', dir], { encoding: 'utf8' }).status).toBe(0);
+      run(['snapshot', aid, '-o', join(out, aid)]);
+      const back = JSON.parse(run(['restore', join(out, aid), '--json'])) as { notKept: string[] };
+      expect(back.notKept.join('\n')).toMatch(/^process \d+ \(cputime-copy\): its executable \/.*\/cputime-copy \(deleted\), made again from its bytes, could not be set \(restoring the mm fields \(PR_SET_MM_MAP\): EACCES\): \/proc\/PID\/exe names appshot's seed$/m);
+      await sb.checksPass(aid);
+      await stopped(aid);
+    });
+  });
+});
+
+describe("process and thread odds: an executable replaced under it, limits below their hard ones, umask, a long cwd, dumpable, no_new_privs, keepcaps, interval timers, dispositions, queued real-time signals with their values (process's and a thread's own), each thread's name, mask, altstack, timer slack and FPU control, relative and absolute clock_nanosleep, nanosleep without rem, sem_timedwait, poll, ppoll, select, pselect6, a relative FUTEX_WAIT, epoll_wait, epoll_pwait, sigtimedwait, semtimedop and recv, read and recvmsg on a socket with SO_RCVTIMEO across it, sigwaitinfo and semop waiting for good", () => {
   roundTrips('podds', () => [fixture('procodds'), scratch()]);
 });
 

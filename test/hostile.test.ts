@@ -11,7 +11,7 @@
  * itself can be what is refused.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statfsSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, rmSync, statfsSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -1161,6 +1161,26 @@ describe('what a crafted image names is not acted on with the restorer\'s rights
     }
   });
 
+  // An older appshot stored no replaced executable's bytes: the file now
+  // at its name is another program, never taken (review r303).
+  it("restores a process whose executable was replaced, from an image without its bytes, with appshot's seed as its executable, and says so", () => {
+    let exe = '';
+    let vpid = 0;
+    const dir = crafted('exe-older', (i) => {
+      [exe, vpid] = [i.processes[0].exe, i.processes[0].vpid];
+      i.processes[0].exe += ' (deleted)';
+      delete i.processes[0].exeFile;
+    });
+    try {
+      const r = sb.run(['restore', dir, '--aid', 'exe-older', '--json']);
+      expect(r.code, r.stderr).toBe(0);
+      expect((JSON.parse(r.stdout) as { notKept: string[] }).notKept.join('\n')).toMatch(/^process \d+ \(.*\): its executable \/.* \(deleted\), deleted or replaced since it ran, has no bytes in this image \(an older appshot's\): \/proc\/PID\/exe names appshot's seed$/m);
+      expect(readlinkSync(`/proc/${sb.systemPid('exe-older', vpid)}/exe`)).not.toBe(exe);
+    } finally {
+      sb.run(['rm', '-f', 'exe-older']);
+    }
+  });
+
   it('a name with a newline or an escape sequence is printed escaped: no second line, nothing for the terminal', () => {
     const dir = crafted('newline-aid', (i) => {
       i.aid = 'x\nappshot: forged \x1b[31mred';
@@ -1502,6 +1522,24 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     ['a relative working directory', (i) => (i.processes[0].cwd = 'tmp'), "process \\d+'s working directory names \"tmp\", which is not an absolute path"],
     ['a relative executable', (i) => (i.processes[0].exe = 'bin/snapfix'), "process \\d+'s executable names \"bin/snapfix\", which is not an absolute path"],
     ['a relative file', (i) => (i.files[0].path = 'etc/passwd'), 'file 0 names "etc/passwd", which is not an absolute path'],
+    // A replaced executable is made again from the file exe_file names:
+    // only the deleted file of the process's own exe name, with its bytes
+    // (review r303: found by name, one process got another's setuid one).
+    ['an executable file the image does not have', (i) => {
+      i.processes[0].exe += ' (deleted)';
+      i.processes[0].exeFile = 99999;
+    }, "process \\d+'s executable is file 99999, which the image does not have"],
+    ['an executable file that is not deleted', (i) => {
+      const f = i.files.findIndex((x) => !x.deleted);
+      i.processes[0].exe = `${i.files[f].path} (deleted)`;
+      i.processes[0].exeFile = f;
+    }, "process \\d+'s executable is file \\d+, which is not a deleted regular file with its contents"],
+    ['an executable file of another name', (i) => {
+      const f = i.files.findIndex((x) => x.path !== i.processes[0].exe);
+      Object.assign(i.files[f], { deleted: true });
+      i.processes[0].exe += ' (deleted)';
+      i.processes[0].exeFile = f;
+    }, "process \\d+'s executable .* is file \\d+ .*, not the deleted file of its name"],
     ['a relative named FIFO', (i) => {
       const pipe = i.pipes.find(() => true);
       if (pipe) pipe.fifoPath = 'x/fifo';

@@ -2194,11 +2194,13 @@ long do_fcntl(int raw, int fd, int cmd, void *arg) {
       }
       return r;
     }
-    case F_GETLK: { /* F_GETLK64 is the same command on x86-64 */
+    case F_GETLK: /* F_GETLK64 is the same command on x86-64 */
+    case F_OFD_GETLK: {
       ID_WINDOW();
       struct flock *lk = arg;
       long r = fcntl_call(raw, fd, cmd, arg);
-      /* OFD locks (F_OFD_GETLK) have no holder PID: the kernel says -1. */
+      /* An OFD lock has no holder PID (the kernel says -1); a classic lock
+       * found by either query has its process's. */
       if (r == 0 && lk && lk->l_type != F_UNLCK && lk->l_pid > 0)
         lk->l_pid = s2v_or0(APPSHOT_PID, lk->l_pid);
       return r;

@@ -226,6 +226,10 @@ export interface Process {
    * directory there: its stand-in's mode and owner. */
   cwdFile?: number;
   rootFile?: number;
+  /** Its executable deleted or replaced since it ran: its identity, an
+   * index in Image.files (a deleted regular file with contents); absent
+   * for one still at its name and in older images. */
+  exeFile?: number;
   /** A session keyring of its own (resources/keyrings.ts); absent: its
    * user's default one. */
   sessionKeyring?: SessionKeyring;

@@ -228,13 +228,28 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
     if (memoryOnly || i === undefined) continue;
     if (!inRange(i, image.files)) corrupt(`process ${p.vpid}'s ${what} is file ${i}, which the image does not have`);
     // One removed is a deleted directory, whose mode and owner its
-    // stand-in is given (deleted.ts removedDirectoryPath); one still there
+    // stand-in is given (deleted.ts removedDirectoryToEnter); one still there
     // is not deleted (fsident.ts reopenHeld enters that very one).
     const f = image.files[i];
     const removed = path?.endsWith(' (deleted)') === true;
     if (f.deleted !== removed || (f.mode & 0o170000) !== 0o040000)
       corrupt(`process ${p.vpid}'s ${what} ${JSON.stringify(path)} is file ${i}, ${f.deleted ? 'deleted' : 'not deleted'} and of mode 0${f.mode.toString(8)}, not a${removed ? ' removed' : 'n existing'} directory`);
   }
+  if (!memoryOnly && p.exeFile !== undefined) checkExeFile(image, p);
+}
+
+/** A replaced executable's file (Process.exe_file) is what the restore
+ * makes again as that process's /proc/PID/exe: a deleted regular file
+ * with its bytes, under the very name the process's exe shows, never
+ * another file of the image (another process's version, a setuid one). */
+function checkExeFile(image: Image, p: Process): void {
+  const i = p.exeFile!;
+  if (!inRange(i, image.files)) corrupt(`process ${p.vpid}'s executable is file ${i}, which the image does not have`);
+  const f = image.files[i];
+  if (!p.exe.endsWith(' (deleted)') || f.path !== p.exe.replace(/ \(deleted\)$/, ''))
+    corrupt(`process ${p.vpid}'s executable ${JSON.stringify(p.exe)} is file ${i} (${JSON.stringify(f.path)}), not the deleted file of its name`);
+  if (!f.deleted || !f.contents || (f.mode & 0o170000) !== 0o100000)
+    corrupt(`process ${p.vpid}'s executable is file ${i}, which is not a deleted regular file with its contents`);
 }
 
 /** Each pseudoterminal's settings are whole structures, its queues bounded

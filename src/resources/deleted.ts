@@ -23,6 +23,7 @@ const MEMFD_PREFIX = '/memfd:';
 const MFD_ALLOW_SEALING = 2;
 const MFD_EXEC = 0x10;
 const EINVAL = 22;
+const O_CLOEXEC = 0o2000000;
 /** O_TMPFILE: __O_TMPFILE | O_DIRECTORY. */
 const O_TMPFILE_BITS = 0o20000000 | 0o200000;
 
@@ -31,9 +32,16 @@ const O_TMPFILE_BITS = 0o20000000 | 0o200000;
 /** The deleted file's bytes into the image, once per file; a memfd's
  * seals with them. */
 export function saveDeletedContents(ctx: DumpContext, pid: number, fd: number, index: number): void {
+  saveDeletedFrom(ctx, `/proc/${pid}/fd/${fd}`, index);
+}
+
+/** The same for a deleted file read through `procPath` (a process's
+ * /proc/PID/exe: an executable deleted or replaced since it was run, as a
+ * package upgrade does under a running server). */
+export function saveDeletedFrom(ctx: DumpContext, procPath: string, index: number): void {
   const id = ctx.image.files[index];
   if (id.contents) return;
-  const f = openSync(`/proc/${pid}/fd/${fd}`, 'r');
+  const f = openSync(procPath, 'r');
   try {
     if (id.path.startsWith(MEMFD_PREFIX)) id.seals = Math.max(0, addon().fileSeals(f));
     const { offset, runs } = ctx.pages.appendFd(f, Number(id.size));
@@ -82,6 +90,28 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
   });
 }
 
+/** Our read-only descriptor (the restore's, closed at its end: never the
+ * caller's to close) of deleted file `index` made again as a process's
+ * executable: a copy made once for every process that ran it, filled and
+ * given its owner and mode, whose writable descriptor is closed before it
+ * is handed over, as PR_SET_MM_MAP's exe_fd must be a file nobody may
+ * write (ETXTBSY, as for execve). A descriptor or shared mapping of the
+ * same deleted file gets deletedFileAnchor's file, another inode. */
+export function deletedExecutable(h: RestoreContext, index: number): number {
+  return h.once(`deleted executable ${index}`, () => {
+    const id = h.image.files[index];
+    const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
+    try {
+      h.copyPages(f, id.contents);
+      ftruncateSync(f, Number(id.size));
+      giveOwnerAndMode(h, f, id, index);
+      return h.keep(openSync(`/proc/self/fd/${f}`, fs.O_RDONLY | O_CLOEXEC));
+    } finally {
+      h.release([f]);
+    }
+  });
+}
+
 /** The file's owner as the image says (before its mode: a chown clears
  * set-id bits). Made by us, it is ours; one of another user (a server that
  * handed the file to a worker of its own user) is given away, which needs
@@ -96,7 +126,7 @@ function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number
   let gid = id.gid;
   const stranger = strangeOwner(h.image, uid, [gid]);
   if (stranger) {
-    const holder = h.image.processes.find((p) => p.fds.some((x) => x.file === index && x.kind === FdKind.FILE) || p.cwdFile === index || p.rootFile === index) ?? h.image.processes[0];
+    const holder = h.image.processes.find((p) => p.exeFile === index || p.fds.some((x) => x.file === index && x.kind === FdKind.FILE) || p.cwdFile === index || p.rootFile === index) ?? h.image.processes[0];
     const c = holder.threads[0]?.creds ?? holder.creds;
     [uid, gid] = [c.uid[3], c.gid[3]];
     h.notKept.push(`${what}: owned by uid ${id.uid} gid ${id.gid}, now uid ${uid} gid ${gid}'s, its holder's, without set-id bits (${stranger})`);

@@ -165,6 +165,26 @@ function deletedInodeFlags(path: string, dir: string): string[] {
   return SETTABLE_INODE_FLAGS.filter(([bit]) => flags & bit && !(inherited & bit)).map(([, name]) => name);
 }
 
+/** Refuses, by name (`what`), a deleted file (`target`, as /proc shows it;
+ * `st`, its stat through `procPath`) that a restore could not make again
+ * from its bytes alone: one still linked under another name, whose copy
+ * no longer shares writes with the file those names reach (kernel-made
+ * files, a memfd's or memfd_secret's, have a link and a name in no
+ * directory of their file system: not those), and one with extended
+ * attributes (user.*, trusted.*, file capabilities) or inode flags
+ * (chattr) of its own, which the copy would not have. Labels a security
+ * module gives every file are not its own. For a descriptor's file and
+ * a process's executable (process.ts) alike. */
+export function refuseDeletedFileOdds(procPath: string, target: string, st: BigIntStats, what: string): void {
+  if (!st.isFile()) return;
+  if (st.nlink > 0n && sameDevice(dirname(target), st.dev))
+    throw new Unsupported(`${what}: ${target}: its name was removed but the file is still linked elsewhere (${st.nlink} link${st.nlink === 1n ? '' : 's'}), which cannot be captured yet`);
+  const own = deletedXattrs(procPath, dirname(target));
+  if (own.length) throw new Unsupported(`${what}: ${target}: a deleted file with extended attributes of its own (${own.join(', ')}), which cannot be captured yet`);
+  const flags = deletedInodeFlags(procPath, dirname(target));
+  if (flags.length) throw new Unsupported(`${what}: ${target}: a deleted file with inode flags of its own (${flags.join(', ')}: chattr), which cannot be captured yet`);
+}
+
 export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: SocketTable, seen: SeenBeforeCalls = {}): Fd[] {
   const fds: Fd[] = [];
   const { frozenMappings, listings: listingsBefore } = seen;
@@ -259,23 +279,8 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     } else {
       const st = statSync(`/proc/${pid}/fd/${n}`, { bigint: true });
       const deleted = target.endsWith(' (deleted)');
-      // The name it was opened by is gone, yet the file has other links: a
-      // restore would give the descriptor a copy of it, which writes no
-      // longer share with the file the other names reach.
-      // (Kernel-made files, a memfd's or memfd_secret's, have a link and
-      // a name in no directory of their file system: not those.)
-      if (deleted && st.isFile() && st.nlink > 0n && sameDevice(dirname(target), st.dev))
-        throw new Unsupported(`${what} fd ${n}: ${target}: its name was removed but the file is still linked elsewhere (${st.nlink} link${st.nlink === 1n ? '' : 's'}), which cannot be captured yet`);
       if (target === '/secretmem (deleted)') throw new Unsupported(`${what} fd ${n}: memfd_secret memory (no other process may read it), which cannot be captured`);
-      // A deleted file is made again from its bytes: extended attributes
-      // the program gave it (user.*, trusted.*, file capabilities) would be
-      // gone. Labels a security module gives every file are not its own.
-      if (deleted && st.isFile()) {
-        const own = deletedXattrs(`/proc/${pid}/fd/${n}`, dirname(target));
-        if (own.length) throw new Unsupported(`${what} fd ${n}: ${target}: a deleted file with extended attributes of its own (${own.join(', ')}), which cannot be captured yet`);
-        const flags = deletedInodeFlags(`/proc/${pid}/fd/${n}`, dirname(target));
-        if (flags.length) throw new Unsupported(`${what} fd ${n}: ${target}: a deleted file with inode flags of its own (${flags.join(', ')}: chattr), which cannot be captured yet`);
-      }
+      if (deleted) refuseDeletedFileOdds(`/proc/${pid}/fd/${n}`, target, st, `${what} fd ${n}`);
       if (st.isFIFO()) {
         fd.kind = FdKind.FIFO;
         fd.pipe = dumpPipe(ctx, pid, n, st.ino, target, fd.flags, `${what} fd ${n}`, st);

@@ -642,6 +642,10 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
         continue;
       } else if (l.ino !== 0n && l.path.startsWith('/')) {
         vma.kind = shared ? VmaKind.FILE_SHARED : VmaKind.FILE_PRIVATE;
+        // /proc/PID/maps shows a newline in a name as \012, and a name
+        // holding a backslash and 012 just so: the name read may be
+        // another file's (which a restore would map instead) or none's.
+        if (l.path.includes('\\012')) throw new Unsupported(`${what}: maps ${l.path}, a name holding a newline or "\\012" (the two read alike in /proc/PID/maps: which file it is is not known), which cannot be captured yet`);
         let file = fileIds.get(l.path);
         if (file === undefined) fileIds.set(l.path, (file = ctx.file(l.path, l.path, false, mappedFileStat(pid, l))));
         vma.file = file;

@@ -4,10 +4,11 @@
  * prctl(PR_SET_MM_MAP) restores. Credentials (creds.ts) and limits
  * (limits.ts) are resource kinds of their own.
  */
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, openSync, statSync } from 'node:fs';
 import { childrenOfThread, gatherProc, procBytes, procDir, procLink, type ProcKind, procText, readCmdline, readStat } from '../procfs.js';
-import type { ITimer, Image, MmFields, Process } from '../image/types.js';
+import type { ITimer, MmFields, Process } from '../image/types.js';
 import { addon } from '../native.js';
+import { errnoName } from '../errors.js';
 import { fsIdentity, identitiesFor, openDirectoryAs, refusedAsProcess, restoringProcess } from './fsident.js';
 import type { DumpedCreds } from './creds.js';
 import { dumpLimits } from './limits.js';
@@ -15,8 +16,9 @@ import { askSessionKeyring, dumpSessionKeyring, type KeyringAsked } from './keyr
 import { bindsByName } from './socketfile.js';
 import { dumpTimeOffsets } from './timens.js';
 import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
-import { removedDirectoryToEnter } from './deleted.js';
 import { dumpProcVpid } from './procpaths.js';
+import { deletedExecutable, removedDirectoryToEnter, saveDeletedFrom } from './deleted.js';
+import { refuseDeletedFileOdds } from './files.js';
 import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
@@ -142,7 +144,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   if (st.exitSignal !== SIGCHLD_SIGNAL) throw new Unsupported(`${nameProcess(ctx.virtual('pid', pid), st.comm)} was made with exit signal ${st.exitSignal}, not SIGCHLD (clone), which cannot be captured yet`);
   const status = statusFields(pid);
   const exe = procLink(`/proc/${pid}/exe`);
-  ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, exe.endsWith(' (deleted)'));
+  const exeFile = dumpExecutable(ctx, pid, exe, nameProcess(ctx.virtual('pid', pid), st.comm));
   const cwd = procLink(`/proc/${pid}/cwd`);
   const root = procLink(`/proc/${pid}/root`);
   const vpid = ctx.virtual('pid', pid);
@@ -163,6 +165,7 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     cwdProcVpid,
     root,
     ...heldDirectories(ctx, pid, cwdProcVpid ? undefined : cwd, root),
+    ...(exeFile === undefined ? {} : { exeFile }),
     umask: parseInt(status.get('Umask') ?? '22', 8),
     rlimits: dumpLimits(pid),
     timeOffsets: dumpTimeOffsets(pid, nameProcess(vpid, st.comm)),
@@ -180,6 +183,29 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     itimers: dumpItimers(asked.itimers),
     ...(sessionKeyring ? { sessionKeyring } : {}),
   };
+}
+
+/** The identity of the process's executable recorded (Image.files), and
+ * its index where it was deleted or replaced since it ran (a package
+ * upgrade under a running server: its name is another file's now, or
+ * none's). Such a one's bytes go into the image, so that the restored
+ * process's /proc/PID/exe is that file again (what it reads there),
+ * never the one now at its name nor appshot's seed: refused by name
+ * where a copy made from its bytes would not be that file (other links,
+ * extended attributes or inode flags of its own: file capabilities would
+ * be gone), as a deleted file held open is (files.ts). Its index is the
+ * process's own (Process.exe_file): two processes whose executables were
+ * two versions replaced at one name each get their own. */
+function dumpExecutable(ctx: DumpContext, pid: number, exe: string, who: string): number | undefined {
+  const deleted = exe.endsWith(' (deleted)');
+  const st = statSync(`/proc/${pid}/exe`, { bigint: true });
+  if (deleted) refuseDeletedFileOdds(`/proc/${pid}/exe`, exe, st, `${who}'s executable`);
+  const index = ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, deleted, st);
+  // Recorded earlier as a file still named (it was removed meanwhile): not
+  // carried as a deleted one, as an older image's is not.
+  if (!deleted || !ctx.image.files[index].deleted || !st.isFile()) return undefined;
+  saveDeletedFrom(ctx, `/proc/${pid}/exe`, index);
+  return index;
 }
 
 /** The identities of a process's working and root directories (Image.files):
@@ -474,16 +500,21 @@ export function restoreProcessState(r: RemoteProcess, p: Process, h: RestoreCont
     : p.cwd.endsWith(' (deleted)')
       ? removedDirectoryToEnter(h, p.cwd.slice(0, -' (deleted)'.length), p.cwdFile)
       : openDirectoryAs(h.image, p, cwd, 'working directory', p.cwdFile);
-  let exeFd = -1;
+  let exe: OpenedExecutable = { fd: -1, shared: false };
   try {
-    exeFd = openExecutable(h, p);
-    return stateByDescriptors(r, p, cwd, more, cwdFd, exeFd);
+    exe = openExecutable(h, p);
+    return stateByDescriptors(r, p, cwd, more, cwdFd, exe.fd, (why) => {
+      // The copy of an executable replaced since it ran, refused (made
+      // where files may not be run: /tmp mounted noexec; no
+      // CAP_CHECKPOINT_RESTORE): the seed's stays, which the restore says.
+      if (exe.shared) h.notKept.push(`process ${p.vpid} (${p.comm}): its executable ${p.exe}, made again from its bytes, could not be set (${why}): /proc/PID/exe names appshot's seed`);
+    });
   } finally {
-    for (const fd of [cwdFd, exeFd]) if (fd >= 0) closeSync(fd);
+    for (const fd of [cwdFd, exe.shared ? -1 : exe.fd]) if (fd >= 0) closeSync(fd);
   }
 }
 
-function stateByDescriptors(r: RemoteProcess, p: Process, cwd: string, more: NamedCall[], cwdFd: number, exeFd: number): bigint[] {
+function stateByDescriptors(r: RemoteProcess, p: Process, cwd: string, more: NamedCall[], cwdFd: number, exeFd: number, exeRefused: (why: string) => void): bigint[] {
   const mm = p.mm;
   const auxv = r.put(mm.auxv);
   const mmMap = (exeFd: number): bigint => putMmMap(r, mm, auxv, exeFd);
@@ -543,6 +574,7 @@ function stateByDescriptors(r: RemoteProcess, p: Process, cwd: string, more: Nam
     if (failed) throw new SyscallError(all[last].what, Number(-results[last]));
     throw new Error(`a batch of system calls stopped after ${results.length} of ${all.length}`);
   }
+  exeRefused(failed ? `${all[last].what}: ${errnoName(Number(-results[last]))}` : 'a batch of system calls stopped');
   const again = r.batch();
   const step = last - pre;
   if (step === 0) again.add('closing the executable', SYS.close, [results[exeAt]]);
@@ -556,31 +588,52 @@ function stateByDescriptors(r: RemoteProcess, p: Process, cwd: string, more: Nam
 
 const O_RDONLY = 0;
 
+/** A descriptor of ours for the executable (-1: none), `shared` where it
+ * is the restore's (a deleted executable's copy, closed at its end), not
+ * the caller's to close. */
+interface OpenedExecutable {
+  fd: number;
+  shared: boolean;
+}
+
 /**
  * The image's executable as the process reaches it and may execute it,
  * reopened for reading (PR_SET_MM_MAP's exe_fd goes through fdget, which
- * takes no O_PATH descriptor; the reopen walks no name): a descriptor of
- * ours for the caller to close, or -1 where it cannot be set and the seed's is kept as before (a
- * deleted executable; one the restorer itself may not read). Refused by
- * name where the process's identity cannot reach it.
+ * takes no O_PATH descriptor; the reopen walks no name), the caller's to
+ * close; or, deleted since it ran, the copy made from its bytes
+ * (deletedExecutable), the restore's. None (-1: the seed's is kept) for
+ * one the restorer itself may not read, and for a deleted one whose bytes
+ * the image does not hold (an older appshot's), which the restore says.
+ * Refused by name where the process's identity cannot reach it.
  */
-function openExecutable(h: { image: Image }, p: Process): number {
+
+function openExecutable(h: RestoreContext, p: Process): OpenedExecutable {
   const deleted = p.exe.endsWith(' (deleted)');
   const exe = p.exe.replace(/ \(deleted\)$/, '');
+  // A deleted one is made again from the bytes the image saved for this
+  // very process (never the file now at its name, another program; nor
+  // another process's version once at that name): once for every process
+  // that ran it. An older image recorded none: the seed's is kept, and
+  // the file now at the name never taken (another program).
+  if (deleted) {
+    if (p.exeFile === undefined) {
+      h.notKept.push(`process ${p.vpid} (${p.comm}): its executable ${p.exe}, deleted or replaced since it ran, has no bytes in this image (an older appshot's): /proc/PID/exe names appshot's seed`);
+      return { fd: -1, shared: false };
+    }
+    return { fd: deletedExecutable(h, p.exeFile), shared: true };
+  }
   let path: number;
   try {
     path = addon().openExecAs(exe, identitiesFor(h.image, p));
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    // A deleted one's name is another file's now, if any: not the
-    // process's, nothing to refuse it for.
-    if (!deleted && (code === 'EACCES' || code === 'EPERM')) refusedAsProcess(e, `process ${p.vpid}: its executable ${exe}`, fsIdentity(p), 'reached and run');
-    return -1;
+    if (code === 'EACCES' || code === 'EPERM') refusedAsProcess(e, `process ${p.vpid}: its executable ${exe}`, fsIdentity(p), 'reached and run');
+    return { fd: -1, shared: false };
   }
   try {
-    return openSync(`/proc/self/fd/${path}`, O_RDONLY | O_CLOEXEC);
+    return { fd: openSync(`/proc/self/fd/${path}`, O_RDONLY | O_CLOEXEC), shared: false };
   } catch {
-    return -1;
+    return { fd: -1, shared: false };
   } finally {
     closeSync(path);
   }

@@ -41,6 +41,7 @@ const TIOCGPTN = 0x80045430;
 const TIOCSPTLCK = 0x40045431;
 const TIOCGPKT = 0x80045438;
 const TIOCGPTLCK = 0x80045439;
+const TIOCGEXCL = 0x80045440;
 
 const TERMIOS_BYTES = 36;
 const WINSIZE_BYTES = 8;
@@ -239,12 +240,17 @@ function readPair(master: number, index: number, slaveHeld: boolean, where: stri
     foreground: 0,
   };
   if (pair.packet) throw new Unsupported(`${where}: a pty master in packet mode (TIOCPKT) cannot be captured yet`);
+  // Exclusive mode (TIOCEXCL: no more opens but by CAP_SYS_ADMIN), each
+  // side its own: a pair made again would take opens again.
+  const exclusive = `${where}: a pty in exclusive mode (TIOCEXCL) cannot be captured yet`;
+  if (ioctlInt(master, TIOCGEXCL) !== 0) throw new Unsupported(exclusive);
   if (pair.locked) return pair; // no slave opened yet: nothing queued to read
   // The slave's input queue, read through a descriptor of appshot's own,
   // only when the application holds the slave: the last close of a slave
   // hangs its master up.
   const slave = slaveHeld ? openSync(`/dev/pts/${index}`, fs.O_RDWR | fs.O_NOCTTY) : -1;
   try {
+    if (slave >= 0 && ioctlInt(slave, TIOCGEXCL) !== 0) throw new Unsupported(exclusive);
     pair.output = readQueued(master);
     if (slave >= 0) {
       const raw = Buffer.from(termios);

@@ -128,7 +128,8 @@ export const CATALOGUE: readonly Spec[] = [
   // A netlink socket's too: udev's clients check that a uevent's sender
   // is root by it.
   spec(SOL_SOCKET, 16, 'SO_PASSCRED', [...UNIX, 'netlink']),
-  spec(SOL_SOCKET, 18, 'SO_RCVLOWAT', STREAMS),
+  // Any socket keeps the number (only TCP acts on it), and shows it.
+  spec(SOL_SOCKET, 18, 'SO_RCVLOWAT', ALL),
   spec(SOL_SOCKET, 20, 'SO_RCVTIMEO', ALL, { form: { bytes: 16 } }),
   spec(SOL_SOCKET, 21, 'SO_SNDTIMEO', ALL, { form: { bytes: 16 } }),
   spec(SOL_SOCKET, SO_BINDTODEVICE, 'SO_BINDTODEVICE', INET, { form: 'ifname', early: true }),

@@ -120,13 +120,21 @@ function make(h: RestoreContext, s: Socket, where: string, owner: InodeOwner | u
     if (s.reuseport) addon().setSockOpt(sock, SOL_SOCKET, SO_REUSEPORT, 1);
     if (s.family === AF_INET6) addon().setSockOpt(sock, IPPROTO_IPV6, IPV6_V6ONLY, s.v6only ? 1 : 0);
     applyExtras(sock, options, OWN_FIELDS, true, where);
-    if (s.family === AF_UNIX ? s.address !== '' : s.port !== 0) bind(h, sock, s, where);
+    if (s.family === AF_UNIX ? s.address !== '' : s.port !== 0 || boundAddressOnly(s)) bind(h, sock, s, where);
     applyExtras(sock, options, OWN_FIELDS, false, where);
     return sock;
   } catch (e) {
     closeSync(sock);
     throw e;
   }
+}
+
+/** A TCP socket bound to an address of its own with no port yet
+ * (IP_BIND_ADDRESS_NO_PORT, set before the bind: its connect picks the
+ * port), as a proxy binds its outgoing connections' source address:
+ * bound again so, where an unbound one would connect from any address. */
+function boundAddressOnly(s: Socket): boolean {
+  return s.port === 0 && s.address !== '' && s.address !== '0.0.0.0' && s.address !== '::';
 }
 
 function bind(h: RestoreContext, sock: number, s: Socket, where: string): void {
