@@ -6,7 +6,7 @@
  * however many processes hold it, and where a clone's files are). The
  * drivers make one and pass it to every kind.
  */
-import { type BigIntStats, chmodSync, closeSync, constants as fs, fstatSync, lstatSync, mkdirSync, mkdtempSync, openSync, readSync, rmdirSync, type Stats, statSync, writeSync } from 'node:fs';
+import { type BigIntStats, closeSync, constants as fs, fchmodSync, fstatSync, lstatSync, mkdirSync, mkdtempSync, openSync, readSync, rmdirSync, type Stats, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AppshotError } from '../errors.js';
@@ -394,29 +394,50 @@ export class RestoreContext {
    * a chroot at will anyway.) */
   removedDirectory(key: string): number {
     return this.once(`removed directory ${key}`, () => {
+      // Ours, made 0700 (a $TMPDIR that others may write, not sticky, or
+      // one in a directory of another user's, would let them put one of
+      // theirs, or a link, at a name meanwhile): the parent is reached by
+      // our descriptor of it from the moment it is made, never its name
+      // again but to remove it, and only if the name is still it (review
+      // r307: a chmod by name followed a link put there).
+      const mine = (st: Stats) => st.uid === process.geteuid?.() && (st.mode & 0o7077) === 0;
       const parent = mkdtempSync(join(tmpdir(), '.appshot-removed-'));
-      const made = join(parent, 'd');
-      let f: number;
+      const dir = openSync(parent, fs.O_RDONLY | fs.O_DIRECTORY | fs.O_NOFOLLOW);
+      const made = `/proc/self/fd/${dir}/d`;
+      let f = -1;
+      let removed = false;
       try {
+        const had = fstatSync(dir);
+        if (!mine(had)) throw new AppshotError(`${parent}: the directory made for a removed one was replaced (uid ${had.uid}, mode 0${(had.mode & 0o7777).toString(8)}): is the temporary directory writable by others?`);
         mkdirSync(made, 0o700);
         f = this.keep(openSync(made, fs.O_RDONLY | fs.O_DIRECTORY | fs.O_NOFOLLOW));
-        // The very ones made (a $TMPDIR that others may write, not
-        // sticky, would let them put one of theirs at the name meanwhile):
-        // then the names are not ours to remove.
-        const mine = (st: Stats) => st.uid === process.geteuid?.() && (st.mode & 0o7077) === 0;
         const st = fstatSync(f);
-        if (!mine(st) || !mine(lstatSync(parent)))
-          throw new AppshotError(`${made}: the directory made for a removed one was replaced (uid ${st.uid}, mode 0${(st.mode & 0o7777).toString(8)}): is the temporary directory writable by others?`);
+        if (!mine(st)) throw new AppshotError(`${parent}/d: the directory made for a removed one is not ours (uid ${st.uid}, mode 0${(st.mode & 0o7777).toString(8)})`);
         rmdirSync(made);
+        removed = true;
         // What rmdir removed was ours: ours is dead now.
-        if (fstatSync(f).nlink !== 0) throw new AppshotError(`${made}: the directory made for a removed one was replaced before its removal: is the temporary directory writable by others?`);
-      } finally {
+        if (fstatSync(f).nlink !== 0) throw new AppshotError(`${parent}/d: the directory made for a removed one was replaced before its removal`);
+        // Mode 0, then gone: the dead stand-in's "..".
+        fchmodSync(dir, 0);
+        const now = lstatSync(parent);
+        if (now.dev === had.dev && now.ino === had.ino) rmdirSync(parent);
+      } catch (e) {
+        // Nothing of ours left behind (only ours: by our descriptor).
         try {
-          chmodSync(parent, 0);
-          rmdirSync(parent);
+          if (!removed && f < 0) rmdirSync(made);
         } catch {
-          // Replaced or not empty: not ours to remove (said above).
+          // Never made.
         }
+        try {
+          const had = fstatSync(dir);
+          const now = lstatSync(parent);
+          if (mine(had) && now.dev === had.dev && now.ino === had.ino) rmdirSync(parent);
+        } catch {
+          // Not ours, or not empty: said above.
+        }
+        throw e;
+      } finally {
+        closeSync(dir);
       }
       return f;
     });

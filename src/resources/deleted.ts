@@ -162,8 +162,10 @@ export function removedDirectoryFd(h: RestoreContext, index: number, flags: numb
   const standIn = removedDirectoryStandIn(h, index, h.image.files[index].path.replace(/ \(deleted\)$/, ''));
   // A directory's open, whatever the image says (review r305: O_TMPFILE's
   // bits, through the magic link, made a nameless root-owned regular file
-  // on tmpfs in the directory's place; an access mode other than reading, which a directory never has).
-  return h.keep(openSync(`/proc/self/fd/${standIn}`, (flags & ~(fs.O_NOFOLLOW | O_TMPFILE_BITS | 3)) | fs.O_RDONLY | fs.O_DIRECTORY));
+  // on tmpfs in the directory's place); no access mode but reading, and
+  // none of the open's creating flags (r307), which a directory never has.
+  const creating = fs.O_NOFOLLOW | O_TMPFILE_BITS | fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC | 3;
+  return h.keep(openSync(`/proc/self/fd/${standIn}`, (flags & ~creating) | fs.O_RDONLY | fs.O_DIRECTORY));
 }
 
 /** A descriptor (O_PATH, the caller's to close) of the stand-in for a
@@ -279,7 +281,7 @@ function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): numbe
   // description does not keep: made so again, in its own directory, it can
   // (a file made and unlinked could not: ENOENT).
   if (h.image.processes.some((p) => p.fds.some((d) => d.file === index && d.kind === FdKind.FILE && (d.flags & O_TMPFILE_ONLY) !== 0))) {
-    const who = firstHolderIdentities(h.image, (p) => p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index));
+    const who = firstHolderIdentities(h.image, (p) => p.exeFile === index || p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index));
     try {
       return h.keep(addon().openAs(dirname(id.path), fs.O_RDWR | O_TMPFILE_BITS, 0o600, who));
     } catch {
@@ -291,7 +293,7 @@ function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): numbe
   try {
     // Made in the image's directory as the file's process would make it
     // (fsident.ts): nowhere it could not write, and its owner.
-    const who = firstHolderIdentities(h.image, (p) => p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index));
+    const who = firstHolderIdentities(h.image, (p) => p.exeFile === index || p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index));
     f = addon().openAs(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600, who);
   } catch {
     path = join('/tmp', `.appshot-restored-${uniqueTag()}-${index}`);

@@ -204,6 +204,12 @@ function dumpExecutable(ctx: DumpContext, pid: number, exe: string, who: string)
   // Recorded earlier as a file still named (it was removed meanwhile): not
   // carried as a deleted one, as an older image's is not.
   if (!deleted || !ctx.image.files[index].deleted || !st.isFile()) return undefined;
+  // One file recorded first under another name (two names, both removed):
+  // the image keeps one name per file, and a restore checks the
+  // executable's against it (validate.ts checkExeFile; review r307).
+  const recorded = ctx.image.files[index].path;
+  if (recorded !== exe.replace(/ \(deleted\)$/, ''))
+    throw new Unsupported(`${who}'s executable ${exe} is a file the image records under another name, ${recorded} (one file, two names), which a restore would take for another file`);
   saveDeletedFrom(ctx, `/proc/${pid}/exe`, index);
   return index;
 }

@@ -358,16 +358,24 @@ export class HeldConnections {
     const held = [...this.held.values()];
     this.held.clear();
     let failure: Error | undefined;
-    for (const { fd, options, locked, repaired } of held) {
+    for (const { fd, locked, repaired, journal } of held) {
+      // Each step tried whatever the one before did: a filter left on
+      // drops every packet for good (review r307).
+      const step = (what: () => void) => {
+        try {
+          what();
+        } catch (e) {
+          failure ??= e as Error;
+        }
+      };
       try {
         // Out of repair mode before the filter goes (see dumpWith), and
-        // SO_REUSEADDR back at once (leaving repair mode cleared it).
-        if (repaired) addon().tcpRepair(fd, -1);
-        const reuse = options.find((o) => o.level === SOL_SOCKET && o.name === SO_REUSEADDR);
-        if (reuse?.value) addon().setSockOpt(fd, SOL_SOCKET, SO_REUSEADDR, reuse.value);
-        if (locked) addon().tcpLock(fd, false);
-      } catch (e) {
-        failure ??= e as Error;
+        // SO_REUSEADDR back at once (leaving repair mode cleared it), as
+        // journaled before the filter went on (the options are read
+        // later).
+        if (repaired) step(() => addon().tcpRepair(fd, -1));
+        if (repaired && journal.reuseAddr) step(() => addon().setSockOpt(fd, SOL_SOCKET, SO_REUSEADDR, journal.reuseAddr));
+        if (locked) step(() => addon().tcpLock(fd, false));
       } finally {
         closeSync(fd);
       }
