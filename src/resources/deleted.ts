@@ -12,7 +12,7 @@ import { uniqueTag } from '../holder.js';
 import { closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, openSync, unlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
-import { type Fd, FdKind, type FileIdentity } from '../image/types.js';
+import { type Fd, FdKind, type FileIdentity, type Process } from '../image/types.js';
 import { isOwnSnapshot } from '../image/format.js';
 import { strangeOwner } from './creds.js';
 import { addon } from '../native.js';
@@ -159,7 +159,7 @@ function giveOwner(h: RestoreContext, f: number, id: FileIdentity, index: number
  * nobody's and 0777). (O_NOFOLLOW, with which the open of the magic
  * link fails, is left out, as openDeletedFile does.) */
 export function removedDirectoryFd(h: RestoreContext, index: number, flags: number): number {
-  const standIn = removedDirectoryStandIn(h, index, h.image.files[index].path.replace(/ \(deleted\)$/, ''));
+  const standIn = removedDirectoryStandIn(h, index, h.image.files[index].path);
   // A directory's open, whatever the image says (review r305: O_TMPFILE's
   // bits, through the magic link, made a nameless root-owned regular file
   // on tmpfs in the directory's place); no access mode but reading, and
@@ -169,21 +169,21 @@ export function removedDirectoryFd(h: RestoreContext, index: number, flags: numb
 }
 
 /** A descriptor (O_PATH, the caller's to close) of the stand-in for a
- * process's working or root directory `path` (as the image names it,
- * without " (deleted)"), removed while the process was in it (deleted
+ * process's working or root directory `shown` (as the image names it,
+ * "... (deleted)"), removed while the process was in it (deleted
  * file `index`, if the image records it): the process takes it and
  * enters it (fchdir; chroot(".")), not a name (review r300: the root's
  * stand-in, walked again by name, could be swapped for a link to / and
  * the "jailed" process's root was the real /). */
-export function removedDirectoryToEnter(h: RestoreContext, path: string, index: number | undefined): number {
-  return openSync(`/proc/self/fd/${removedDirectoryStandIn(h, index, path)}`, O_PATH | fs.O_DIRECTORY);
+export function removedDirectoryToEnter(h: RestoreContext, shown: string, index: number | undefined): number {
+  return openSync(`/proc/self/fd/${removedDirectoryStandIn(h, index, shown)}`, O_PATH | fs.O_DIRECTORY);
 }
 
 const O_PATH = 0o10000000;
 
 /** Our descriptor (the context's, kept until its close) of the stand-in
  * for removed directory `index` of the image, or, an older image's
- * working or root directory recorded without one, for `path`: one per
+ * working or root directory recorded without one, for its name `shown`: one per
  * directory (processes that shared it share it; two removed directories
  * of one name are two), made dead at once (RestoreContext's
  * removedDirectory). Given the owner the image recorded, by descriptor,
@@ -195,13 +195,13 @@ const O_PATH = 0o10000000;
  * gives them. (It came back 0700 and the restorer's, and a worker of
  * another uid could no longer use ".": issue 12, review r294.) An older
  * image, without `index`, keeps it 0700 and the restorer's. */
-function removedDirectoryStandIn(h: RestoreContext, index: number | undefined, path: string): number {
-  const f = h.removedDirectory(index === undefined ? `named ${path}` : `file ${index}`);
+function removedDirectoryStandIn(h: RestoreContext, index: number | undefined, shown: string): number {
+  const f = h.removedDirectory(index === undefined ? `named ${shown}` : `file ${index}`);
   if (index !== undefined)
     h.once(`removed directory ${index} given its owner`, () => {
       const id = h.image.files[index];
-      const setId = giveOwner(h, f, id, index, true) && (id.uid !== undefined || isOwnSnapshot(h.image));
-      h.whenProcessesAreFinal(() => fchmodSync(f, id.mode & (setId ? 0o7777 : 0o1777)));
+      const mode = modeToGive(h, id, giveOwner(h, f, id, index, true));
+      h.whenProcessesAreFinal(() => fchmodSync(f, mode));
     });
   return f;
 }
@@ -213,9 +213,15 @@ function removedDirectoryStandIn(h: RestoreContext, index: number | undefined, p
  * come back root's and set-user-ID). (An image without the owner, an
  * older one's, has them only from this node's own snapshot.) */
 function giveOwnerAndMode(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
-  const exact = giveOwner(h, f, id, index);
-  const setId = exact && (id.uid !== undefined || isOwnSnapshot(h.image));
-  fchmodSync(f, id.mode & (setId ? 0o7777 : 0o1777));
+  fchmodSync(f, modeToGive(h, id, giveOwner(h, f, id, index)));
+}
+
+/** The mode `id` had, with its set-id bits where its owner was given
+ * exactly (`exactOwner`: giveOwner) and the image recorded it or is
+ * this node's own (giveOwnerAndMode). */
+function modeToGive(h: RestoreContext, id: FileIdentity, exactOwner: boolean): number {
+  const setId = exactOwner && (id.uid !== undefined || isOwnSnapshot(h.image));
+  return id.mode & (setId ? 0o7777 : 0o1777);
 }
 
 /** A memfd of the name, size and seals `name`, `size`, `seals` say (one
@@ -276,12 +282,14 @@ function makeMemfd(h: RestoreContext, id: Pick<FileIdentity, 'path'>): number {
 const O_TMPFILE_ONLY = 0o20000000;
 
 function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): number {
+  // Its processes: whose identities make it (fsident.ts).
+  const holds = (p: Process) => p.exeFile === index || p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index);
   // A file made with O_TMPFILE never had a name, and may still be given
   // one (linkat of /proc/self/fd/N) unless made with O_EXCL, which its
   // description does not keep: made so again, in its own directory, it can
   // (a file made and unlinked could not: ENOENT).
   if (h.image.processes.some((p) => p.fds.some((d) => d.file === index && d.kind === FdKind.FILE && (d.flags & O_TMPFILE_ONLY) !== 0))) {
-    const who = firstHolderIdentities(h.image, (p) => p.exeFile === index || p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index));
+    const who = firstHolderIdentities(h.image, holds);
     try {
       return h.keep(addon().openAs(dirname(id.path), fs.O_RDWR | O_TMPFILE_BITS, 0o600, who));
     } catch {
@@ -293,7 +301,7 @@ function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): numbe
   try {
     // Made in the image's directory as the file's process would make it
     // (fsident.ts): nowhere it could not write, and its owner.
-    const who = firstHolderIdentities(h.image, (p) => p.exeFile === index || p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index));
+    const who = firstHolderIdentities(h.image, holds);
     f = addon().openAs(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600, who);
   } catch {
     path = join('/tmp', `.appshot-restored-${uniqueTag()}-${index}`);

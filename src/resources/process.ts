@@ -200,7 +200,8 @@ function dumpExecutable(ctx: DumpContext, pid: number, exe: string, who: string)
   const deleted = exe.endsWith(' (deleted)');
   const st = statSync(`/proc/${pid}/exe`, { bigint: true });
   if (deleted) refuseDeletedFileOdds(`/proc/${pid}/exe`, exe, st, `${who}'s executable`);
-  const index = ctx.file(exe.replace(/ \(deleted\)$/, ''), `/proc/${pid}/exe`, deleted, st);
+  const name = exe.replace(/ \(deleted\)$/, '');
+  const index = ctx.file(name, `/proc/${pid}/exe`, deleted, st);
   // Recorded earlier as a file still named (it was removed meanwhile): not
   // carried as a deleted one, as an older image's is not.
   if (!deleted || !ctx.image.files[index].deleted || !st.isFile()) return undefined;
@@ -208,7 +209,7 @@ function dumpExecutable(ctx: DumpContext, pid: number, exe: string, who: string)
   // the image keeps one name per file, and a restore checks the
   // executable's against it (validate.ts checkExeFile; review r307).
   const recorded = ctx.image.files[index].path;
-  if (recorded !== exe.replace(/ \(deleted\)$/, ''))
+  if (recorded !== name)
     throw new Unsupported(`${who}'s executable ${exe} is a file the image records under another name, ${recorded} (one file, two names), which a restore would take for another file`);
   saveDeletedFrom(ctx, `/proc/${pid}/exe`, index);
   return index;
@@ -219,7 +220,7 @@ function dumpExecutable(ctx: DumpContext, pid: number, exe: string, who: string)
  * though the process no longer reaches them by name (fsident.ts
  * reopenHeld). One removed (rmdir'd while the process was in it) is
  * recorded as a deleted file, with its mode and owner, which its
- * stand-in is given (deleted.ts removedDirectoryPath): it came back 0700
+ * stand-in is given (deleted.ts removedDirectoryToEnter): it came back 0700
  * and the restorer's, and a worker of another uid could no longer use
  * "." (issue 12). Not for a root of "/" (never entered). One not read is
  * only not recorded: the restore then takes the process's word alone, as
@@ -401,7 +402,7 @@ export function refuseChrootedSocketPaths(p: Process, what: string): void {
  * reopenHeld), as its working directory is. One removed while it was the
  * root (a sandbox that chroots into an empty directory and removes it) is
  * a stand-in of its mode and owner, as a removed working directory is
- * (deleted.ts removedDirectoryPath; the same one where it was the
+ * (deleted.ts removedDirectoryToEnter; the same one where it was the
  * working directory too): the image was taken, and its restore failed on
  * the name "... (deleted)".
  */
@@ -412,7 +413,7 @@ export function restoreRoot(r: RemoteProcess, p: Process, h: RestoreContext): vo
   // to the working directory, held meanwhile. One stop. A removed one:
   // its stand-in's descriptor, no name walked (removedDirectoryToEnter).
   const rootFd = p.root.endsWith(' (deleted)')
-    ? removedDirectoryToEnter(h, p.root.slice(0, -' (deleted)'.length), p.rootFile)
+    ? removedDirectoryToEnter(h, p.root, p.rootFile)
     : openDirectoryAs(h.image, p, p.root, 'root directory', p.rootFile);
   try {
     enterRoot(r, p, rootFd);
@@ -504,7 +505,7 @@ export function restoreProcessState(r: RemoteProcess, p: Process, h: RestoreCont
   const cwdFd = p.cwdProcVpid
     ? -1
     : p.cwd.endsWith(' (deleted)')
-      ? removedDirectoryToEnter(h, p.cwd.slice(0, -' (deleted)'.length), p.cwdFile)
+      ? removedDirectoryToEnter(h, p.cwd, p.cwdFile)
       : openDirectoryAs(h.image, p, cwd, 'working directory', p.cwdFile);
   let exe: OpenedExecutable = { fd: -1, shared: false };
   try {
@@ -612,7 +613,6 @@ interface OpenedExecutable {
  * the image does not hold (an older appshot's), which the restore says.
  * Refused by name where the process's identity cannot reach it.
  */
-
 function openExecutable(h: RestoreContext, p: Process): OpenedExecutable {
   const deleted = p.exe.endsWith(' (deleted)');
   const exe = p.exe.replace(/ \(deleted\)$/, '');
