@@ -950,10 +950,12 @@ class Service {
     // The application gone altogether: the tick finds it so (alive).
     if (!tables) return undefined;
     const e = tables.tables.pid.find((x) => x.virtual === vpid && !(x.flags & ENTRY_FLAGS.thread));
-    // A zombie's start time is still there: the tick sees it ended.
-    const start = e && readStat(e.system)?.startTime;
-    if (e && start !== undefined) {
-      inst.pidStart = start;
+    // A zombie not yet reaped by its parent has ended: a crash now. Taken
+    // for alive, it was watched by nothing in clone mode (no forwarding
+    // grant for it yet), and the crash went unseen.
+    const st = e && readStat(e.system);
+    if (e && st && st.state !== 'Z') {
+      inst.pidStart = st.startTime;
       return e.system;
     }
     this.crashed(inst, `virtual process ${vpid} ended`);
@@ -1044,8 +1046,11 @@ class Service {
     // listener (listenerPid): its end is the instance's crash, looked for
     // here, even if a helper of it still holds a copy that nobody accepts
     // on (what waits in the queue then waits for the restore).
+    // Not shared, the forwarding thread watches it only once it has a
+    // connection for it: one that died before (right after its restore or
+    // clone) is seen here too.
     for (const inst of this.instances.values())
-      if (this.shared && inst.state === 'running' && inst.pid && !isSameProcess(inst.pid, inst.pidStart)) this.crashed(inst, `process ${inst.pid} ended`);
+      if (inst.state === 'running' && inst.pid && !isSameProcess(inst.pid, inst.pidStart)) this.crashed(inst, `process ${inst.pid} ended`);
     if (this.shared && this.instances.get(this.name)?.state === 'running') this.shared.watch();
     for (const inst of this.instances.values()) if (inst.state === 'running' && inst.active === 0 && !this.alive(inst)) this.crashed(inst, 'gone');
     if (this.spec.cpuTarget || this.spec.busyCpu) this.measureCpu();
@@ -1762,7 +1767,10 @@ class Service {
       } finally {
         t.loaded.dispose();
       }
-    } catch {
+    } catch (e) {
+      // The clone is then watched by the process found holding its
+      // listener, which may be a forked helper's copy: said, not hidden.
+      this.log('holder-unknown', { error: (e as Error).message });
       return undefined;
     }
   }
