@@ -326,6 +326,9 @@ export interface ThreadAttributes {
   tscSigsegv?: boolean;
   /** get_mempolicy: the thread's NUMA policy; absent: MPOL_DEFAULT. */
   mempolicy?: Mempolicy;
+  /** personality(2), the thread's own where it is not its process's;
+   * absent: the process's. */
+  personality?: number;
 }
 
 /** A NUMA memory policy (attributes.ts): the mode with its flags

@@ -1040,7 +1040,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         if (i > 0) addon().bind(tables, 'pid', t.vtid, m.tids[i], THREAD_FLAG, m.pid);
       });
       const others = p.threads.slice(1).map((t, i) => ({ t, tid: m.tids[i + 1] }));
-      for (const note of restoreThreadStates(r, others, p.glibcTidOffset, threadMemory)) notKept.push(`process ${p.vpid}: ${note}`);
+      for (const note of restoreThreadStates(r, others, p.glibcTidOffset, threadMemory, p.personality)) notKept.push(`process ${p.vpid}: ${note}`);
       phase("threads' own state");
       p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
