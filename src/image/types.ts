@@ -760,6 +760,9 @@ export interface PtyPair {
   packet: boolean;
   /** Its foreground process group (virtual); 0: none. */
   foreground: number;
+  /** TIOCGEXCL of the master and of the slave (exclusive mode). */
+  masterExclusive?: boolean;
+  slaveExclusive?: boolean;
 }
 
 export const LockKind = { FLOCK: 0, POSIX: 1, OFD: 2, LEASE: 3 } as const;

@@ -13,7 +13,7 @@
  * objects and the registration. One after the commit leaves the
  * application running (RestoredWithError).
  */
-import { restoreForeground, takeTerminal } from '../resources/ptys.js';
+import { restoreExclusiveModes, restoreForeground, takeTerminal } from '../resources/ptys.js';
 import { letGoIfUnsettled } from '../ptrace/freezer.js';
 import { currentHolder, harnessOf } from '../holder.js';
 import { closeSync, constants as fs, fstatSync, openSync, readSync } from 'node:fs';
@@ -1119,6 +1119,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // disk.
     handed.release(mapOpened.values());
     mapOpened.clear();
+    // Every descriptor of every pty the processes hold is open: exclusive
+    // mode now, which refuses further opens of a slave (ptys.ts).
+    restoreExclusiveModes(handed);
     // Every process as it will run: descriptors reading a /proc text of
     // one (a listing of its mappings, its status, timers...) are put at
     // their place in it (listings.ts, proctext.ts).
