@@ -1190,6 +1190,9 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['exe-xattr', () => /process 2 \(holder\)'s executable: \/tmp\/holder-exe-\d+ \(deleted\): a deleted file with extended attributes of its own \(user\.holder\), which cannot be captured yet/],
     // It came back made again from its bytes, without its flags.
     ['deleted-chattr', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: /tmp/holder-chattr-\\d+ \\(deleted\\): a deleted file with inode flags of its own \\(nodump, noatime: chattr\\), which cannot be captured yet`)],
+    // It failed with the raw "ENAMETOOLONG: readlink '/proc/PID/cwd'"
+    // (hunt h296 deepcwd).
+    ['deep-cwd', () => 'process 2 (holder): its working directory is nested too deep for the kernel to name (its path is longer than PATH_MAX, 4096 bytes), which cannot be captured'],
     // Mapped again from the file named with the characters \012, where
     // there was one (writes went to another file), or the restore failed.
     ['mapped-newline', () => /process 2 \(holder\): maps \/tmp\/holder-nl-\d+\\012x, a name holding a newline or "\\012" \(the two read alike in \/proc\/PID\/maps: which file it is is not known\), which cannot be captured yet/],
@@ -1249,6 +1252,8 @@ describe('what cannot be captured yet is refused by name, and the application go
       } finally {
         // The holder's file, made by its PID, whatever the assertions said.
         if (kind === 'mapped-newline') rmSync(`/tmp/holder-nl-${pid}\nx`, { force: true });
+        // Deeper than a path names: GNU rm walks it by descriptors.
+        if (kind === 'deep-cwd') spawnSync('rm', ['-rf', `/tmp/holder-deep-${pid}`]);
       }
       // Gone at once, not at the file's end: what it holds (sysv-foreign's
       // segment, which no application's tables know) would otherwise stay
