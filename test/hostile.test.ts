@@ -211,7 +211,7 @@ describe('manifests that lie about the parts (signed again)', () => {
       ['pages.img', join(good, 'pages.img')],
     ];
     expect(sb.run(['inspect', manifestListing('format1', parts, 1)]).code).toBe(0);
-    refuses(['inspect', manifestListing('format9', parts, 9)], { code: 1, stderr: /image format 9 is not supported \(this appshot reads formats 1, 2, 3, 4\)/ });
+    refuses(['inspect', manifestListing('format9', parts, 9)], { code: 1, stderr: /image format 9 is not supported \(this appshot reads formats 1, 2, 3, 4, 5\)/ });
   });
 
   it('refuses a manifest with no parts (which would skip every checksum)', () => {
