@@ -816,6 +816,15 @@ describe('a pseudoterminal in exclusive mode (TIOCEXCL) on both sides, its slave
     await checksPass('ptyxu');
   });
 
+  // Its slave held by nobody but the session leader, and by it only as
+  // /dev/tty (review r312): it came back not exclusive, its queued input
+  // gone (the snapshot knew the slave by its /dev/pts name only).
+  it('comes back exactly where the slave is held only as the session leader\'s /dev/tty', async () => {
+    await comesBackFromEndingSnapshot('ptyxt', [fixture('ptyexcl'), 'tty-only'], {
+      inspected: /pty master of \/dev\/pts\/\d+, 4 bytes of input and 0 of output queued(?:, foreground group \d+)?, exclusive \(TIOCEXCL\)\n[\s\S]*pty slave of \/dev\/pts\/\d+, [^\n]*, exclusive \(TIOCEXCL\)\n/,
+    });
+  });
+
   // Its slave held for writing only: the queued input is read through a
   // new open, which exclusive mode refuses without CAP_SYS_ADMIN (with
   // it, carried).

@@ -47,6 +47,7 @@ const TIOCGPKT = 0x80045438;
 const TIOCGPTLCK = 0x80045439;
 const TIOCGEXCL = 0x80045440;
 const TIOCEXCL = 0x540c;
+const TIOCGDEV = 0x80045432;
 const O_ACCMODE = 3;
 
 const TERMIOS_BYTES = 36;
@@ -157,6 +158,20 @@ function controllingTerminal(pid: number): { dev: number; tpgid: number } {
   return { dev: Number(f[4]), tpgid: Number(f[5]) };
 }
 
+/** The /dev/pts number of the terminal a process's /dev/tty descriptor
+ * was opened as, asked of a copy of it (TIOCGDEV); undefined where it is
+ * no pty slave, or hung up (its terminal gone: every request fails). */
+function ttyIndex(pid: number, fd: number): number | undefined {
+  const copy = addon().getFd(pid, fd);
+  try {
+    return ptsIndex(ioctlInt(copy, TIOCGDEV));
+  } catch {
+    return undefined;
+  } finally {
+    closeSync(copy);
+  }
+}
+
 function ptsIndex(dev: number): number | undefined {
   const major = (dev >> 8) & 0xfff;
   const minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
@@ -176,16 +191,29 @@ export function dumpPtys(ctx: DumpContext): void {
   const byIndex = new Map<number, number>();
   const held = (p: Process, fd: Fd) => `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}`;
   const dup = (p: Process, fd: Fd) => addon().getFd(p.pid, fd.fd);
+  // Which slave each descriptor of one is: its /dev/pts number, or, for
+  // /dev/tty held open, the terminal it was opened as (the kernel's
+  // TIOCGDEV of a copy: exact, where the process's controlling terminal
+  // now may be another or none).
+  const slaveOf = new Map<Fd, number>();
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      if (fd.kind !== FdKind.DEVICE) continue;
+      const index = fd.path === '/dev/tty' ? ttyIndex(p.pid, fd.fd) : SLAVE.exec(fd.path)?.[1];
+      if (index !== undefined) slaveOf.set(fd, Number(index));
+    }
   // A descriptor of the application's for each slave it holds, one open
   // for reading and writing first: a copy of it (pidfd_getfd) is how the
-  // slave is read, never a new open, which exclusive mode refuses.
+  // slave is read, never a new open, which exclusive mode refuses. A
+  // slave held only as /dev/tty is read through that (a copy of it is the
+  // slave's own file).
   const slavesHeld = new Map<number, { pid: number; fd: number; readWrite: boolean }>();
   for (const p of image.processes)
     for (const fd of p.fds) {
-      const m = SLAVE.exec(fd.path);
-      if (fd.kind !== FdKind.DEVICE || !m) continue;
+      const index = slaveOf.get(fd);
+      if (index === undefined) continue;
       const readWrite = (fd.flags & O_ACCMODE) === fs.O_RDWR;
-      if (!slavesHeld.get(Number(m[1]))?.readWrite) slavesHeld.set(Number(m[1]), { pid: p.pid, fd: fd.fd, readWrite });
+      if (!slavesHeld.get(index)?.readWrite) slavesHeld.set(index, { pid: p.pid, fd: fd.fd, readWrite });
     }
   // Masters first: they say which pairs are the application's.
   for (const p of image.processes)
@@ -211,12 +239,14 @@ export function dumpPtys(ctx: DumpContext): void {
   // stat to read again in the frozen window.
   if (!pairs.length) return;
   for (const p of image.processes) {
+    // /dev/tty held open too: the new slave (its device number is the
+    // slave's, not /dev/tty's 5:0).
     for (const fd of p.fds) {
-      const m = SLAVE.exec(fd.path);
-      if (fd.kind !== FdKind.DEVICE || !m || !byIndex.has(Number(m[1]))) continue;
+      const pair = fd.kind === FdKind.DEVICE ? byIndex.get(slaveOf.get(fd) ?? -1) : undefined;
+      if (pair === undefined) continue;
       fd.kind = FdKind.PTY;
       fd.tty = false;
-      fd.pty = { pair: byIndex.get(Number(m[1]))!, master: false };
+      fd.pty = { pair, master: false };
     }
     const { dev, tpgid } = controllingTerminal(p.pid);
     const index = ptsIndex(dev);
@@ -225,14 +255,6 @@ export function dumpPtys(ctx: DumpContext): void {
     if (!image.processes.some((q) => q.vpid === p.vsid))
       throw new Unsupported(`${nameProcess(p.vpid, p.comm)}: its controlling terminal /dev/pts/${index} is the application's, but its session's leader is not: cannot be made again`);
     p.ctty = pair + 1;
-    // /dev/tty held open is its controlling terminal: the new slave (its
-    // device number is the slave's, not /dev/tty's 5:0).
-    for (const fd of p.fds)
-      if (fd.kind === FdKind.DEVICE && fd.path === '/dev/tty') {
-        fd.kind = FdKind.PTY;
-        fd.tty = false;
-        fd.pty = { pair, master: false };
-      }
     if (tpgid > 0) pairs[pair].foreground = ctx.virtual('pid', tpgid);
   }
   if (pairs.length) image.ptys = pairs;
