@@ -1442,6 +1442,12 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     }, 'fd 913 is device /dev/sda, not one a snapshot takes'],
     ['a descriptor number twice', (i) => i.processes[0].fds.push(structuredClone(i.processes[0].fds[0])), 'descriptor \\d+ twice'],
     ['registers cut short', (i) => (i.processes[0].threads[0].regs = Buffer.alloc(8)), 'registers are 8 bytes'],
+    // Review r312: checked, then ignored at restore (the main thread's is
+    // its process's).
+    ['a main thread with a personality of its own', (i) => {
+      const [p] = i.processes;
+      p.threads[0].attributes = { ...p.threads[0].attributes!, personality: p.personality ^ 0x0040000 /* ADDR_NO_RANDOMIZE */ };
+    }, "thread \\d+, the main thread of process \\d+, has personality 0x[0-9a-f]+, not its process's"],
     ['a stop report taken of a process not a stopped child', (i) => (i.processes[1].stopReportsTaken = [i.processes[0].vpid]), 'took the stop report of \\d+, not a stopped child of its own'],
     ['a stop report taken twice', (i) => {
       const child = i.processes.find((c) => c.vppid === i.processes[0].vpid)!;

@@ -337,6 +337,11 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
     if (mce !== undefined && mce !== 0 && mce !== 1) corrupt(`thread ${t.vtid} has machine-check kill policy ${mce} (0 late or 1 early)`);
     const personality = t.attributes?.personality;
     if (personality !== undefined && personalityFault(personality)) corrupt(`thread ${t.vtid} has personality 0x${personality.toString(16)}, with bits no kernel defines`);
+    // The main thread's is its process's (a snapshot reads the process's
+    // from it, and records none of its own): one of its own would be
+    // ignored at restore (ownPersonality is the other threads').
+    if (t === p.threads[0] && personality !== undefined && personality !== p.personality)
+      corrupt(`thread ${t.vtid}, the main thread of ${who}, has personality 0x${personality.toString(16)}, not its process's 0x${p.personality.toString(16)}`);
     // Whole words, no more nodes than a snapshot asks of the kernel
     // (attributes.ts): the restore copies them into its scratch memory.
     const nodes = t.attributes?.mempolicy?.nodes;

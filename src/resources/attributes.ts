@@ -551,7 +551,8 @@ export function ownTimerSlack(t: Thread, seedsSlack: bigint | undefined): NamedC
 
 /**
  * The personality of a thread other than the main one (whose own is its
- * process's, set with the process's attributes), as a call to run in that
+ * process's, set with the process's attributes: an image giving the main
+ * thread another is refused as corrupt, validate.ts), as a call to run in that
  * thread (personality(2) acts on its caller): with its own state, in all
  * threads at once (restoreThreadStates). Threads are made by clone from
  * the seed's main thread before its personality is set, so each starts
