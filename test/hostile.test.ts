@@ -2330,6 +2330,16 @@ describe('a thread attribute this node cannot give back is refused at restore, b
     refuses(['restore', crafted('mempolicy-part', (i) => (i.processes[0].threads[0].attributes!.mempolicy = { mode: 1, nodes: Buffer.alloc(5, 1) }))], corrupt("thread 2's NUMA node mask is 5 bytes"));
   });
 
+  // A snapshot before format 5 took a process's personality as it was,
+  // bits no kernel defines too: not a corrupt image (review r312), but
+  // one this appshot will not set.
+  it('a process personality with bits no kernel defines (an older snapshot took them): refused as not restorable here, not as corrupt', () => {
+    refuses(['restore', crafted('personality-undefined', (i) => (i.processes[0].personality = 0x100))], {
+      code: 1,
+      stderr: /^(?!.*corrupt).*process 2 has personality 0x100, whose bits 0x100 no kernel defines, which this appshot cannot set \(an older appshot's snapshot took them as they were\): cannot be restored$/m,
+    });
+  });
+
   // mbind's per-mapping policy (memory.ts): one naming a node this
   // machine does not have is refused before the process's memory is
   // touched; a mode mbind does not take, or a part word, as corrupt.

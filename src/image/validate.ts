@@ -305,9 +305,14 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
   for (const r of p.rlimits) if (!(r.resource >= 0 && r.resource < 16)) corrupt(`${who} has resource limit ${r.resource}`);
   if (p.stopSignal && !(p.stopSignal >= 1 && p.stopSignal <= 64)) corrupt(`${who} was stopped by signal ${p.stopSignal}`);
   // personality(2) sets whatever it is given: only what the kernel
-  // defines is taken from an image (a snapshot refuses other bits).
+  // defines is taken from an image (a snapshot refuses other bits, but
+  // one before format 5 took a process's as they were: not corrupt, only
+  // what this appshot will not set).
   const personalityFault = (v: number) => !(Number.isInteger(v) && v >= 0 && (v & ~PERSONALITY_BITS) === 0);
-  if (personalityFault(p.personality)) corrupt(`${who} has personality 0x${p.personality.toString(16)}, with bits no kernel defines`);
+  if (!(Number.isInteger(p.personality) && p.personality >= 0 && p.personality <= 0xffffffff)) corrupt(`${who} has personality ${p.personality}`);
+  const undefinedBits = p.personality & ~PERSONALITY_BITS;
+  if (undefinedBits)
+    throw new AppshotError(`${who} has personality 0x${p.personality.toString(16)}, whose bits 0x${(undefinedBits >>> 0).toString(16)} no kernel defines, which this appshot cannot set (an older appshot's snapshot took them as they were): cannot be restored`);
   const timers = p.posixTimers ?? [];
   // Timer ids are made again in order (PR_TIMER_CREATE_RESTORE_IDS).
   if (timers.length > LIMITS.posixTimers || timers.some((t) => !(t.id >= 0 && t.id < LIMITS.posixTimers)))
