@@ -746,7 +746,7 @@ export function encodeSignedManifestOf(manifest: Manifest): Buffer {
 }
 
 /** The manifest of an image whose parts are as given, signed with this
- * node's key, encoded: format 3 or 4 (chunkedFormatOf), the page file
+ * node's key, encoded: format 3, 4 or 5 (chunkedFormatOf), the page file
  * vouched for by its chunk table, if its digest has one; else format 2, by
  * its whole SHA-256. */
 export function encodeSignedManifest(imageId: string, digests: Map<string, PartDigest>, image?: Image): Buffer {
