@@ -211,7 +211,7 @@ describe('manifests that lie about the parts (signed again)', () => {
       ['pages.img', join(good, 'pages.img')],
     ];
     expect(sb.run(['inspect', manifestListing('format1', parts, 1)]).code).toBe(0);
-    refuses(['inspect', manifestListing('format9', parts, 9)], { code: 1, stderr: /image format 9 is not supported \(this appshot reads formats 1, 2, 3, 4\)/ });
+    refuses(['inspect', manifestListing('format9', parts, 9)], { code: 1, stderr: /image format 9 is not supported \(this appshot reads formats 1, 2, 3, 4, 5\)/ });
   });
 
   it('refuses a manifest with no parts (which would skip every checksum)', () => {
@@ -1442,6 +1442,12 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     }, 'fd 913 is device /dev/sda, not one a snapshot takes'],
     ['a descriptor number twice', (i) => i.processes[0].fds.push(structuredClone(i.processes[0].fds[0])), 'descriptor \\d+ twice'],
     ['registers cut short', (i) => (i.processes[0].threads[0].regs = Buffer.alloc(8)), 'registers are 8 bytes'],
+    // Review r312: checked, then ignored at restore (the main thread's is
+    // its process's).
+    ['a main thread with a personality of its own', (i) => {
+      const [p] = i.processes;
+      p.threads[0].attributes = { ...p.threads[0].attributes!, personality: p.personality ^ 0x0040000 /* ADDR_NO_RANDOMIZE */ };
+    }, "thread \\d+, the main thread of process \\d+, has personality 0x[0-9a-f]+, not its process's"],
     ['a stop report taken of a process not a stopped child', (i) => (i.processes[1].stopReportsTaken = [i.processes[0].vpid]), 'took the stop report of \\d+, not a stopped child of its own'],
     ['a stop report taken twice', (i) => {
       const child = i.processes.find((c) => c.vppid === i.processes[0].vpid)!;
@@ -2322,6 +2328,16 @@ describe('a thread attribute this node cannot give back is refused at restore, b
   it('an autogroup nice no setpriority takes, or a NUMA node mask of a part word: refused before anything is made', () => {
     refuses(['restore', crafted('autogroup', (i) => (i.processes[0].attributes!.autogroupNice = 99))], corrupt('process 2 has autogroup nice 99 \\(-20 to 19\\)'));
     refuses(['restore', crafted('mempolicy-part', (i) => (i.processes[0].threads[0].attributes!.mempolicy = { mode: 1, nodes: Buffer.alloc(5, 1) }))], corrupt("thread 2's NUMA node mask is 5 bytes"));
+  });
+
+  // A snapshot before format 5 took a process's personality as it was,
+  // bits no kernel defines too: not a corrupt image (review r312), but
+  // one this appshot will not set.
+  it('a process personality with bits no kernel defines (an older snapshot took them): refused as not restorable here, not as corrupt', () => {
+    refuses(['restore', crafted('personality-undefined', (i) => (i.processes[0].personality = 0x100))], {
+      code: 1,
+      stderr: /^(?!.*corrupt).*process 2 has personality 0x100, whose bits 0x100 no kernel defines, which this appshot cannot set \(an older appshot's snapshot took them as they were\): cannot be restored$/m,
+    });
   });
 
   // mbind's per-mapping policy (memory.ts): one naming a node this

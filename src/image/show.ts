@@ -139,7 +139,7 @@ function describeFd(image: Image, fd: Fd): string {
       return describeMessageQueue(image, fd);
     case 'PTY': {
       const pair = image.ptys?.[fd.pty?.pair ?? -1];
-      return `pty ${fd.pty?.master ? 'master' : 'slave'} of /dev/pts/${pair?.index}, ${plural(pair?.input.length ?? 0, 'byte')} of input and ${pair?.output.length ?? 0} of output queued${pair?.foreground ? `, foreground group ${pair.foreground}` : ''}`;
+      return `pty ${fd.pty?.master ? 'master' : 'slave'} of /dev/pts/${pair?.index}, ${plural(pair?.input.length ?? 0, 'byte')} of input and ${pair?.output.length ?? 0} of output queued${pair?.foreground ? `, foreground group ${pair.foreground}` : ''}${(fd.pty?.master ? pair?.masterExclusive : pair?.slaveExclusive) ? ', exclusive (TIOCEXCL)' : ''}`;
     }
     case 'EPOLL':
       return `epoll watching ${fd.epoll.map((t) => `${t.fd}${t.heldAt ? ` (now ${t.heldAt - 1})` : ''}${t.pending ? ' (pending)' : t.pending === false ? ' (taken)' : ''}`).join(',') || 'nothing'}`;

@@ -326,6 +326,9 @@ export interface ThreadAttributes {
   tscSigsegv?: boolean;
   /** get_mempolicy: the thread's NUMA policy; absent: MPOL_DEFAULT. */
   mempolicy?: Mempolicy;
+  /** personality(2), the thread's own where it is not its process's;
+   * absent: the process's. */
+  personality?: number;
 }
 
 /** A NUMA memory policy (attributes.ts): the mode with its flags
@@ -757,6 +760,9 @@ export interface PtyPair {
   packet: boolean;
   /** Its foreground process group (virtual); 0: none. */
   foreground: number;
+  /** TIOCGEXCL of the master and of the slave (exclusive mode). */
+  masterExclusive?: boolean;
+  slaveExclusive?: boolean;
 }
 
 export const LockKind = { FLOCK: 0, POSIX: 1, OFD: 2, LEASE: 3 } as const;

@@ -27,6 +27,7 @@ import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
 import { checkCpuTimes } from '../resources/cputime.js';
 import { mempolicyModeValid, mempolicyNodesFault } from '../resources/memory.js';
+import { PERSONALITY_BITS } from '../resources/attributes.js';
 import { netlinkProblem } from '../resources/netlink.js';
 import { udpHeadersProblem } from '../resources/udp.js';
 import { socketFileRecordFault } from '../resources/socketfile.js';
@@ -303,6 +304,15 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
   for (const t of p.itimers) if (!(t.which >= 0 && t.which <= 2)) corrupt(`${who} has interval timer ${t.which}`);
   for (const r of p.rlimits) if (!(r.resource >= 0 && r.resource < 16)) corrupt(`${who} has resource limit ${r.resource}`);
   if (p.stopSignal && !(p.stopSignal >= 1 && p.stopSignal <= 64)) corrupt(`${who} was stopped by signal ${p.stopSignal}`);
+  // personality(2) sets whatever it is given: only what the kernel
+  // defines is taken from an image (a snapshot refuses other bits, but
+  // one before format 5 took a process's as they were: not corrupt, only
+  // what this appshot will not set).
+  const personalityFault = (v: number) => !(Number.isInteger(v) && v >= 0 && (v & ~PERSONALITY_BITS) === 0);
+  if (!(Number.isInteger(p.personality) && p.personality >= 0 && p.personality <= 0xffffffff)) corrupt(`${who} has personality ${p.personality}`);
+  const undefinedBits = p.personality & ~PERSONALITY_BITS;
+  if (undefinedBits)
+    throw new AppshotError(`${who} has personality 0x${p.personality.toString(16)}, whose bits 0x${(undefinedBits >>> 0).toString(16)} no kernel defines, which this appshot cannot set (an older appshot's snapshot took them as they were): cannot be restored`);
   const timers = p.posixTimers ?? [];
   // Timer ids are made again in order (PR_TIMER_CREATE_RESTORE_IDS).
   if (timers.length > LIMITS.posixTimers || timers.some((t) => !(t.id >= 0 && t.id < LIMITS.posixTimers)))
@@ -330,6 +340,13 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
     // restore late, at the thread's own prctl.
     const mce = t.attributes?.mceKill;
     if (mce !== undefined && mce !== 0 && mce !== 1) corrupt(`thread ${t.vtid} has machine-check kill policy ${mce} (0 late or 1 early)`);
+    const personality = t.attributes?.personality;
+    if (personality !== undefined && personalityFault(personality)) corrupt(`thread ${t.vtid} has personality 0x${personality.toString(16)}, with bits no kernel defines`);
+    // The main thread's is its process's (a snapshot reads the process's
+    // from it, and records none of its own): one of its own would be
+    // ignored at restore (ownPersonality is the other threads').
+    if (t === p.threads[0] && personality !== undefined && personality !== p.personality)
+      corrupt(`thread ${t.vtid}, the main thread of ${who}, has personality 0x${personality.toString(16)}, not its process's 0x${p.personality.toString(16)}`);
     // Whole words, no more nodes than a snapshot asks of the kernel
     // (attributes.ts): the restore copies them into its scratch memory.
     const nodes = t.attributes?.mempolicy?.nodes;

@@ -49,6 +49,11 @@ const PRIO_PROCESS = 0;
 const SCHED_DEADLINE = 6;
 const SCHED_RESET_ON_FORK = 0x40000000;
 const PERSONALITY_QUERY = 0xffffffff;
+/** The bits of a personality the kernel defines (linux/personality.h):
+ * the type in the low byte (PER_MASK) and the flags UNAME26 to
+ * ADDR_LIMIT_3GB. personality(2) takes any value; an image's with other
+ * bits is refused (validate.ts), so a snapshot refuses them by name. */
+export const PERSONALITY_BITS = 0xff | 0x0ffe0000;
 const MADV_DONTNEED = 4;
 const PAGE = 4096;
 const PROT_READ = 1;
@@ -153,6 +158,8 @@ export interface AttributesAsked {
   ldt: Answer;
   memoryMerge: Answer;
   pdeathsig: Map<number, Answer>;
+  /** Each thread's personality (personality(2) is the calling thread's). */
+  personality: Map<number, Answer>;
   /** Each thread's machine-check kill policy and rdtsc faulting. */
   mceKill: Map<number, Answer>;
   tsc: Map<number, Answer>;
@@ -186,6 +193,10 @@ export function askAttributes(calls: CallQueue, tids: number[]): AttributesAsked
     thpDisabled: calls.ask(NR.prctl, [PR_GET_THP_DISABLE, 0, 0, 0, 0]),
     // The parent-death signal is only told to the thread itself.
     pdeathsig: new Map(tids.map((tid) => [tid, calls.ask(NR.prctl, [PR_GET_PDEATHSIG, 'buf'], { tid, outLength: 4 })])),
+    // So is the personality: /proc/PID/personality is the main thread's,
+    // and a thread may have set its own. Asked in the batch each thread
+    // runs anyway: no stop, no file read of its own.
+    personality: new Map(tids.map((tid) => [tid, calls.ask(NR_personality, [PERSONALITY_QUERY], { tid })])),
     // Registrations are the mm's; the timer slack is each thread's own.
     membarrier: calls.ask(SYS.membarrier, [MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0]),
     mdwe: calls.ask(NR.prctl, [PR_GET_MDWE, 0, 0, 0, 0]),
@@ -218,8 +229,14 @@ function askLockProbe(calls: CallQueue): AttributesAsked['lockProbe'] {
 export function dumpAttributes(p: Process, pid: number, asked: AttributesAsked, calls: CallQueue, what: string): void {
   p.attributes = dumpProcessAttributes(pid, asked, what);
   p.personality = dumpPersonality(pid, calls, what);
+  refuseUndefinedPersonality(p.personality, what);
   for (const t of p.threads) {
     t.attributes = dumpThreadAttributes(pid, t.tid, asked.pdeathsig.get(t.tid)!, asked.timerSlack.get(t.tid)!, calls, what);
+    const personality = Number(check(asked.personality.get(t.tid)!.ret, `the personality of ${what} thread ${t.tid}`));
+    if (personality !== p.personality) {
+      refuseUndefinedPersonality(personality, `${what} thread ${t.tid}`);
+      t.attributes.personality = personality;
+    }
     const attr = asked.schedAttr?.get(t.tid);
     if ((t.attributes.schedPolicy & ~SCHED_RESET_ON_FORK) === SCHED_DEADLINE) t.attributes.deadline = dumpDeadline(t.tid, attr, calls, what);
     if (attr) {
@@ -333,6 +350,13 @@ function dumpPersonality(pid: number, calls: CallQueue, what: string): number {
   } catch {
     return Number(check(calls.askNow(NR_personality, [PERSONALITY_QUERY]).ret, `the personality of ${what}`));
   }
+}
+
+/** A personality with bits no kernel defines (personality(2) takes any
+ * value): the image's check would refuse it as corrupt at restore. */
+function refuseUndefinedPersonality(personality: number, what: string): void {
+  const odd = personality & ~PERSONALITY_BITS;
+  if (odd) throw new Unsupported(`${what} has personality 0x${personality.toString(16)}, whose bits 0x${(odd >>> 0).toString(16)} no kernel defines, which cannot be captured`);
 }
 
 /** Policy, priority, affinity and I/O priority, which every thread's
@@ -523,6 +547,34 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
 export function ownTimerSlack(t: Thread, seedsSlack: bigint | undefined): NamedCall[] {
   const slack = t.attributes?.timerSlackNs;
   return slack && slack !== seedsSlack ? [{ what: `setting timer slack ${slack} ns of thread ${t.vtid}`, nr: SYS.prctl, args: [PR_SET_TIMERSLACK, slack, 0, 0, 0] }] : [];
+}
+
+/**
+ * The personality of a thread other than the main one (whose own is its
+ * process's, set with the process's attributes: an image giving the main
+ * thread another is refused as corrupt, validate.ts), as a call to run in that
+ * thread (personality(2) acts on its caller): with its own state, in all
+ * threads at once (restoreThreadStates). Threads are made by clone from
+ * the seed's main thread before its personality is set, so each starts
+ * with the seed's (`seedsPersonality`, seedPersonality): set where the
+ * image's differs, its own or, absent (older images too), its process's
+ * (`processPersonality`), which the threads of a process that set it
+ * before making them share.
+ */
+export function ownPersonality(t: Thread, processPersonality: number, seedsPersonality: number | undefined): NamedCall[] {
+  const personality = t.attributes?.personality ?? processPersonality;
+  return personality === seedsPersonality ? [] : [{ what: `setting personality 0x${personality.toString(16)} of thread ${t.vtid}`, nr: SYS.personality, args: [personality] }];
+}
+
+/** The personality every thread of the seed starts with (its main
+ * thread's, which clone copies); undefined where this user may not read
+ * it: then set anyway. */
+export function seedPersonality(pid: number): number | undefined {
+  try {
+    return parseInt(readFileSync(`/proc/${pid}/personality`, 'utf8'), 16);
+  } catch {
+    return undefined;
+  }
 }
 
 /** A thread's machine-check kill policy and rdtsc faulting, each set in
@@ -720,7 +772,8 @@ export function describeAttributes(p: Process): string {
       .map((v, which) => (v > 0 && v & PR_SPEC_PRCTL && v !== (PR_SPEC_PRCTL | (which === L1D_FLUSH ? PR_SPEC_DISABLE : PR_SPEC_ENABLE)) ? ` speculation ${SPECULATION_CONTROLS[which]} ${SPECULATION_MODES[v & ~PR_SPEC_PRCTL] ?? v}` : ''))
       .join('');
     const deadline = a.deadline ? ` ${showDeadline(a.deadline).replace(/,/g, '')}` : '';
-    return `${th.vtid}: nice ${a.nice} policy ${a.schedPolicy}/${a.schedPriority}${deadline}${a.pdeathsig ? ` pdeathsig ${a.pdeathsig}` : ''}${affinity} ioprio 0x${(a.ioprio ?? 0).toString(16)}${slack}${clamps}${speculation}`;
+    const personality = a.personality !== undefined ? ` personality 0x${a.personality.toString(16)}` : '';
+    return `${th.vtid}: nice ${a.nice} policy ${a.schedPolicy}/${a.schedPriority}${deadline}${a.pdeathsig ? ` pdeathsig ${a.pdeathsig}` : ''}${affinity} ioprio 0x${(a.ioprio ?? 0).toString(16)}${slack}${clamps}${speculation}${personality}`;
   });
   // Last, so that what comes before reads the same wherever a login set
   // the uid.

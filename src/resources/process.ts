@@ -143,10 +143,11 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   // would see another child.
   if (st.exitSignal !== SIGCHLD_SIGNAL) throw new Unsupported(`${nameProcess(ctx.virtual('pid', pid), st.comm)} was made with exit signal ${st.exitSignal}, not SIGCHLD (clone), which cannot be captured yet`);
   const status = statusFields(pid);
-  const exe = procLink(`/proc/${pid}/exe`);
-  const exeFile = dumpExecutable(ctx, pid, exe, nameProcess(ctx.virtual('pid', pid), st.comm));
-  const cwd = procLink(`/proc/${pid}/cwd`);
-  const root = procLink(`/proc/${pid}/root`);
+  const who = nameProcess(ctx.virtual('pid', pid), st.comm);
+  const exe = namedLink(pid, 'exe', who);
+  const exeFile = dumpExecutable(ctx, pid, exe, who);
+  const cwd = namedLink(pid, 'cwd', who);
+  const root = namedLink(pid, 'root', who);
   const vpid = ctx.virtual('pid', pid);
   const cwdProcVpid = dumpProcVpid(ctx, cwd, `${nameProcess(vpid, st.comm)} working directory`);
   const sessionKeyring = dumpSessionKeyring(asked.sessionKeyring, nameProcess(vpid, st.comm), ctx.launchKeyring);
@@ -183,6 +184,21 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
     itimers: dumpItimers(asked.itimers),
     ...(sessionKeyring ? { sessionKeyring } : {}),
   };
+}
+
+const LINK_NAMES = { exe: 'executable', cwd: 'working directory', root: 'root directory' } as const;
+
+/** The path of a process's executable, working or root directory
+ * (/proc/PID/exe, cwd, root). One nested past PATH_MAX (4096 bytes) is
+ * one the kernel cannot name (ENAMETOOLONG): a restore could not enter
+ * it by name, nor the image say where it is. Refused by name. */
+function namedLink(pid: number, link: keyof typeof LINK_NAMES, who: string): string {
+  try {
+    return procLink(`/proc/${pid}/${link}`);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENAMETOOLONG') throw e;
+    throw new Unsupported(`${who}: its ${LINK_NAMES[link]} is nested too deep for the kernel to name (its path is longer than PATH_MAX, 4096 bytes), which cannot be captured`);
+  }
 }
 
 /** The identity of the process's executable recorded (Image.files), and

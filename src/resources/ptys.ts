@@ -20,6 +20,10 @@
  * appshot's process and handed over. A session leader takes its terminal
  * right after its setsid, before its children are forked, so that they
  * inherit it; its foreground group is set once every group is made.
+ * Exclusive mode (TIOCEXCL) last of all, once every process has every
+ * descriptor of the pair it had (restoreExclusiveModes): from then on an
+ * open of the slave is refused (EBUSY) to anyone without CAP_SYS_ADMIN,
+ * an ordinary user's restore too.
  */
 import { closeSync, constants as fs, openSync, readFileSync, readSync } from 'node:fs';
 import { procText } from '../procfs.js';
@@ -42,6 +46,9 @@ const TIOCSPTLCK = 0x40045431;
 const TIOCGPKT = 0x80045438;
 const TIOCGPTLCK = 0x80045439;
 const TIOCGEXCL = 0x80045440;
+const TIOCEXCL = 0x540c;
+const TIOCGDEV = 0x80045432;
+const O_ACCMODE = 3;
 
 const TERMIOS_BYTES = 36;
 const WINSIZE_BYTES = 8;
@@ -151,6 +158,20 @@ function controllingTerminal(pid: number): { dev: number; tpgid: number } {
   return { dev: Number(f[4]), tpgid: Number(f[5]) };
 }
 
+/** The /dev/pts number of the terminal a process's /dev/tty descriptor
+ * was opened as, asked of a copy of it (TIOCGDEV); undefined where it is
+ * no pty slave, or hung up (its terminal gone: every request fails). */
+function ttyIndex(pid: number, fd: number): number | undefined {
+  const copy = addon().getFd(pid, fd);
+  try {
+    return ptsIndex(ioctlInt(copy, TIOCGDEV));
+  } catch {
+    return undefined;
+  } finally {
+    closeSync(copy);
+  }
+}
+
 function ptsIndex(dev: number): number | undefined {
   const major = (dev >> 8) & 0xfff;
   const minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
@@ -170,7 +191,30 @@ export function dumpPtys(ctx: DumpContext): void {
   const byIndex = new Map<number, number>();
   const held = (p: Process, fd: Fd) => `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}`;
   const dup = (p: Process, fd: Fd) => addon().getFd(p.pid, fd.fd);
-  const slavesHeld = new Set(image.processes.flatMap((p) => p.fds.map((f) => SLAVE.exec(f.path)).filter((m) => m).map((m) => Number(m![1]))));
+  // Which slave each descriptor of one is: its /dev/pts number, or, for
+  // /dev/tty held open, the terminal it was opened as (the kernel's
+  // TIOCGDEV of a copy: exact, where the process's controlling terminal
+  // now may be another or none).
+  const slaveOf = new Map<Fd, number>();
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      if (fd.kind !== FdKind.DEVICE) continue;
+      const index = fd.path === '/dev/tty' ? ttyIndex(p.pid, fd.fd) : SLAVE.exec(fd.path)?.[1];
+      if (index !== undefined) slaveOf.set(fd, Number(index));
+    }
+  // A descriptor of the application's for each slave it holds, one open
+  // for reading and writing first: a copy of it (pidfd_getfd) is how the
+  // slave is read, never a new open, which exclusive mode refuses. A
+  // slave held only as /dev/tty is read through that (a copy of it is the
+  // slave's own file).
+  const slavesHeld = new Map<number, { pid: number; fd: number; readWrite: boolean }>();
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      const index = slaveOf.get(fd);
+      if (index === undefined) continue;
+      const readWrite = (fd.flags & O_ACCMODE) === fs.O_RDWR;
+      if (!slavesHeld.get(index)?.readWrite) slavesHeld.set(index, { pid: p.pid, fd: fd.fd, readWrite });
+    }
   // Masters first: they say which pairs are the application's.
   for (const p of image.processes)
     for (const fd of p.fds) {
@@ -182,7 +226,7 @@ export function dumpPtys(ctx: DumpContext): void {
         if (i === undefined) {
           i = pairs.length;
           byIndex.set(index, i);
-          pairs.push(readPair(master, index, slavesHeld.has(index), held(p, fd)));
+          pairs.push(readPair(master, index, slavesHeld.get(index), held(p, fd)));
         }
         fd.kind = FdKind.PTY;
         fd.tty = false;
@@ -195,12 +239,14 @@ export function dumpPtys(ctx: DumpContext): void {
   // stat to read again in the frozen window.
   if (!pairs.length) return;
   for (const p of image.processes) {
+    // /dev/tty held open too: the new slave (its device number is the
+    // slave's, not /dev/tty's 5:0).
     for (const fd of p.fds) {
-      const m = SLAVE.exec(fd.path);
-      if (fd.kind !== FdKind.DEVICE || !m || !byIndex.has(Number(m[1]))) continue;
+      const pair = fd.kind === FdKind.DEVICE ? byIndex.get(slaveOf.get(fd) ?? -1) : undefined;
+      if (pair === undefined) continue;
       fd.kind = FdKind.PTY;
       fd.tty = false;
-      fd.pty = { pair: byIndex.get(Number(m[1]))!, master: false };
+      fd.pty = { pair, master: false };
     }
     const { dev, tpgid } = controllingTerminal(p.pid);
     const index = ptsIndex(dev);
@@ -209,21 +255,14 @@ export function dumpPtys(ctx: DumpContext): void {
     if (!image.processes.some((q) => q.vpid === p.vsid))
       throw new Unsupported(`${nameProcess(p.vpid, p.comm)}: its controlling terminal /dev/pts/${index} is the application's, but its session's leader is not: cannot be made again`);
     p.ctty = pair + 1;
-    // /dev/tty held open is its controlling terminal: the new slave (its
-    // device number is the slave's, not /dev/tty's 5:0).
-    for (const fd of p.fds)
-      if (fd.kind === FdKind.DEVICE && fd.path === '/dev/tty') {
-        fd.kind = FdKind.PTY;
-        fd.tty = false;
-        fd.pty = { pair, master: false };
-      }
     if (tpgid > 0) pairs[pair].foreground = ctx.virtual('pid', tpgid);
   }
   if (pairs.length) image.ptys = pairs;
 }
 
-/** A pair's settings and queued bytes, the bytes put back at once. */
-function readPair(master: number, index: number, slaveHeld: boolean, where: string): PtyPair {
+/** A pair's settings and queued bytes, the bytes put back at once;
+ * `slaveHeld`: a descriptor of the slave the application holds. */
+function readPair(master: number, index: number, slaveHeld: { pid: number; fd: number; readWrite: boolean } | undefined, where: string): PtyPair {
   const termios = Buffer.alloc(TERMIOS_BYTES);
   const winsize = Buffer.alloc(WINSIZE_BYTES);
   // On a master, the termios requests act on its slave.
@@ -240,43 +279,64 @@ function readPair(master: number, index: number, slaveHeld: boolean, where: stri
     foreground: 0,
   };
   if (pair.packet) throw new Unsupported(`${where}: a pty master in packet mode (TIOCPKT) cannot be captured yet`);
-  // Exclusive mode (TIOCEXCL: no more opens but by CAP_SYS_ADMIN), each
-  // side its own: a pair made again would take opens again.
-  const exclusive = `${where}: a pty in exclusive mode (TIOCEXCL) cannot be captured yet`;
-  if (ioctlInt(master, TIOCGEXCL) !== 0) throw new Unsupported(exclusive);
-  if (pair.locked) return pair; // no slave opened yet: nothing queued to read
-  // The slave's input queue, read through a descriptor of appshot's own,
-  // only when the application holds the slave: the last close of a slave
-  // hangs its master up.
-  const slave = slaveHeld ? openSync(`/dev/pts/${index}`, fs.O_RDWR | fs.O_NOCTTY) : -1;
+  // Exclusive mode (TIOCEXCL), each side its own flag: on the slave, no
+  // more opens of it but by CAP_SYS_ADMIN (a master is never opened
+  // again: /dev/ptmx makes a new pair). Asked of a copy of the
+  // application's descriptor. A slave nobody holds is not asked (opening
+  // it to ask would change the pair: its last close hangs the master up).
+  pair.masterExclusive = ioctlInt(master, TIOCGEXCL) !== 0;
+  const held = slaveHeld ? addon().getFd(slaveHeld.pid, slaveHeld.fd) : -1;
+  let own = -1;
   try {
-    if (slave >= 0 && ioctlInt(slave, TIOCGEXCL) !== 0) throw new Unsupported(exclusive);
-    pair.output = readQueued(master);
-    if (slave >= 0) {
-      const raw = Buffer.from(termios);
-      raw.writeUInt32LE(raw.readUInt32LE(12) & ~ICANON, 12);
-      raw[VMIN] = 0;
-      raw[VTIME] = 0;
-      addon().ioctl(slave, TCSETS, raw);
+    pair.slaveExclusive = held >= 0 && ioctlInt(held, TIOCGEXCL) !== 0;
+    if (pair.locked) return pair; // no slave opened yet: nothing queued to read
+    // The slave's input queue, read only when the application holds the
+    // slave (the last close of a slave hangs its master up): through that
+    // copy where it reads and writes, else through an open of our own,
+    // which exclusive mode refuses to a snapshot without CAP_SYS_ADMIN.
+    if (held >= 0 && !slaveHeld!.readWrite) {
       try {
-        pair.input = readQueued(slave);
-      } finally {
-        addon().ioctl(slave, TCSETS, Buffer.from(termios));
+        own = openSync(`/dev/pts/${index}`, fs.O_RDWR | fs.O_NOCTTY);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EBUSY') throw e;
+        throw new Unsupported(`${where}: a pty in exclusive mode (TIOCEXCL) whose slave the application holds only for reading or only for writing, which cannot be read without opening it again: cannot be captured yet`);
       }
-      refill(master, slave, termios, pair.input, pair.output);
-    } else if (pair.output.length) {
-      throw new Unsupported(`${where}: ${pair.output.length} bytes queued on a pty master whose slave nobody holds cannot be captured yet`);
     }
+    readQueues(master, own >= 0 ? own : held, pair, where);
   } finally {
-    if (slave >= 0) closeSync(slave);
+    if (own >= 0) closeSync(own);
+    if (held >= 0) closeSync(held);
   }
   return pair;
+}
+
+/** The bytes queued each way, read and put back (`slave`: a descriptor of
+ * the slave that reads and writes; -1 where the application holds none). */
+function readQueues(master: number, slave: number, pair: PtyPair, where: string): void {
+  pair.output = readQueued(master);
+  if (slave >= 0) {
+    const raw = Buffer.from(pair.termios);
+    raw.writeUInt32LE(raw.readUInt32LE(12) & ~ICANON, 12);
+    raw[VMIN] = 0;
+    raw[VTIME] = 0;
+    addon().ioctl(slave, TCSETS, raw);
+    try {
+      pair.input = readQueued(slave);
+    } finally {
+      addon().ioctl(slave, TCSETS, Buffer.from(pair.termios));
+    }
+    refill(master, slave, pair.termios, pair.input, pair.output);
+  } else if (pair.output.length) {
+    throw new Unsupported(`${where}: ${pair.output.length} bytes queued on a pty master whose slave nobody holds cannot be captured yet`);
+  }
 }
 
 /* ---- restore ---------------------------------------------------------- */
 
 interface MadePair {
   master: number;
+  /** Our own descriptor of the slave, open until the restore ends. */
+  slave: number;
   index: number;
 }
 
@@ -295,7 +355,26 @@ function madePair(h: RestoreContext, i: number): MadePair {
     refill(master, slave, pair.termios, pair.input, pair.output);
     if (pair.packet) addon().ioctl(master, TIOCPKT, one());
     if (pair.locked) addon().ioctl(master, TIOCSPTLCK, one());
-    return { master, index };
+    return { master, slave, index };
+  });
+}
+
+/**
+ * Exclusive mode where the image's pair had it, on each side as it was:
+ * once every process of the restore holds every descriptor of the pair it
+ * had (their slaves, the controlling terminals taken, the foreground
+ * groups set: each a new open of the slave), for after TIOCEXCL the
+ * kernel refuses a further open of the slave (EBUSY) to a caller without
+ * CAP_SYS_ADMIN, which an ordinary user's restore is. Set through our own
+ * descriptors of the new pair (the flag is the terminal's, whoever set
+ * it). A clone's pair is its own, made and set by its own restore.
+ */
+export function restoreExclusiveModes(h: RestoreContext): void {
+  (h.image.ptys ?? []).forEach((pair, i) => {
+    if (!pair.masterExclusive && !pair.slaveExclusive) return;
+    const made = madePair(h, i);
+    if (pair.masterExclusive) addon().ioctl(made.master, TIOCEXCL, 0);
+    if (pair.slaveExclusive) addon().ioctl(made.slave, TIOCEXCL, 0);
   });
 }
 

@@ -16,7 +16,7 @@ import { type BatchCall, type CallBatch, type NamedCall, RemoteProcess, SyscallE
 import { restoreGenerationAddrOf, timedWaitTpoffOf } from '../ptrace/windows.js';
 import { type MapsLine, readMaps } from './memory.js';
 import { tidMoves } from './mutexes.js';
-import { ownTimerSlack, seedSlack } from './attributes.js';
+import { ownPersonality, ownTimerSlack, seedPersonality, seedSlack } from './attributes.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
 export const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
@@ -672,13 +672,15 @@ export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, gli
  * arguments are put in the scratch area round by round, so that no count
  * of threads outgrows it. Each thread's timer slack goes in its batch
  * too (attributes.ts ownTimerSlack): a prctl of its own, which took a
- * stop of its own after the attributes. Returns the notes of what was
- * not kept; the first call that fails throws, naming it.
+ * stop of its own after the attributes; and its personality
+ * (ownPersonality; `personality`: its process's). Returns the notes of
+ * what was not kept; the first call that fails throws, naming it.
  */
-export function restoreThreadStates(r: RemoteProcess, threads: { t: Thread; tid: number }[], glibcTidOffset: number, memory: ImageMemory): string[] {
+export function restoreThreadStates(r: RemoteProcess, threads: { t: Thread; tid: number }[], glibcTidOffset: number, memory: ImageMemory, personality: number): string[] {
   const notes: string[] = [];
   // Read before any is set: the main thread's, which they were made with.
   const seedsSlack = seedSlack(r.pid);
+  const seedsPersonality = threads.length ? seedPersonality(r.pid) : undefined;
   for (let at = 0; at < threads.length; at += RemoteProcess.threadsAtOnce) {
     r.reset();
     const round = threads.slice(at, at + RemoteProcess.threadsAtOnce).map(({ t, tid }) => {
@@ -687,7 +689,7 @@ export function restoreThreadStates(r: RemoteProcess, threads: { t: Thread; tid:
         add: (what, nr, args, argFrom) => calls.push(argFrom ? { what, nr, args, argFrom } : { what, nr, args }) - 1,
       });
       if (note) notes.push(note);
-      calls.push(...ownTimerSlack(t, seedsSlack));
+      calls.push(...ownTimerSlack(t, seedsSlack), ...ownPersonality(t, personality, seedsPersonality));
       return { tid, calls };
     });
     r.runAtOnce(round);

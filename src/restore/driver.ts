@@ -13,7 +13,7 @@
  * objects and the registration. One after the commit leaves the
  * application running (RestoredWithError).
  */
-import { restoreForeground, takeTerminal } from '../resources/ptys.js';
+import { restoreExclusiveModes, restoreForeground, takeTerminal } from '../resources/ptys.js';
 import { letGoIfUnsettled } from '../ptrace/freezer.js';
 import { currentHolder, harnessOf } from '../holder.js';
 import { closeSync, constants as fs, fstatSync, openSync, readSync } from 'node:fs';
@@ -1040,7 +1040,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         if (i > 0) addon().bind(tables, 'pid', t.vtid, m.tids[i], THREAD_FLAG, m.pid);
       });
       const others = p.threads.slice(1).map((t, i) => ({ t, tid: m.tids[i + 1] }));
-      for (const note of restoreThreadStates(r, others, p.glibcTidOffset, threadMemory)) notKept.push(`process ${p.vpid}: ${note}`);
+      for (const note of restoreThreadStates(r, others, p.glibcTidOffset, threadMemory, p.personality)) notKept.push(`process ${p.vpid}: ${note}`);
       phase("threads' own state");
       p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
@@ -1119,6 +1119,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // disk.
     handed.release(mapOpened.values());
     mapOpened.clear();
+    // Every descriptor of every pty the processes hold is open: exclusive
+    // mode now, which refuses further opens of a slave (ptys.ts).
+    restoreExclusiveModes(handed);
     // Every process as it will run: descriptors reading a /proc text of
     // one (a listing of its mappings, its status, timers...) are put at
     // their place in it (listings.ts, proctext.ts).
