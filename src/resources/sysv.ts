@@ -98,9 +98,10 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   }
   const shmSegments: ShmSegment[] = [];
   const mapped = mappedSegments(ctx);
+  let statuses: Map<number, SegmentStatus> | undefined;
   for (const e of tables.tables.shmid) {
     try {
-      const s = readSegment(e.system, mapped.get(e.virtual)) ?? a.shmRead(e.system);
+      const s = readSegment(e.system, mapped.get(e.virtual), () => (statuses ??= segmentStatuses())) ?? a.shmRead(e.system);
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
       const offset = ctx.pages.append(s.data);
       const pages = Math.ceil(s.size / 4096);
@@ -157,28 +158,38 @@ function mappedSegments(ctx: DumpContext): Map<number, { pid: number; start: big
   return out;
 }
 
-/** A segment's line of /proc/sysvipc/shm: what IPC_STAT tells, read without
- * the segment's id being used (the same namespaces' view as IPC_STAT's). */
-function segmentStatus(shmid: number): { perm: { key: number; mode: number; uid: number; gid: number; cuid: number; cgid: number }; size: number; cpid: number; lpid: number; locked: boolean } | undefined {
+type SegmentStatus = { perm: { key: number; mode: number; uid: number; gid: number; cuid: number; cgid: number }; size: number; cpid: number; lpid: number; locked: boolean };
+
+/** The segments' lines of /proc/sysvipc/shm by id: what IPC_STAT tells,
+ * read without the segment being used (the same namespaces' view as
+ * IPC_STAT's), once a snapshot. Empty where it cannot be read. */
+function segmentStatuses(): Map<number, SegmentStatus> {
+  const out = new Map<number, SegmentStatus>();
   let text: string;
   try {
     text = readFileSync('/proc/sysvipc/shm', 'latin1');
   } catch {
-    return undefined;
+    return out;
   }
-  const head = text.slice(0, text.indexOf('\n')).trim().split(/\s+/);
-  const col = (name: string) => head.indexOf(name);
-  const want = ['key', 'shmid', 'perms', 'size', 'cpid', 'lpid', 'uid', 'gid', 'cuid', 'cgid'].map(col);
-  if (want.some((i) => i < 0)) return undefined;
+  const lines = text.split('\n');
+  const head = lines[0].trim().split(/\s+/);
+  const want = ['key', 'shmid', 'perms', 'size', 'cpid', 'lpid', 'uid', 'gid', 'cuid', 'cgid'].map((name) => head.indexOf(name));
+  if (want.some((i) => i < 0)) return out;
   const [key, id, perms, size, cpid, lpid, uid, gid, cuid, cgid] = want;
-  for (const line of text.split('\n').slice(1)) {
+  for (const line of lines.slice(1)) {
     const f = line.trim().split(/\s+/);
-    if (Number(f[id]) !== shmid) continue;
+    if (f.length < head.length) continue;
     const mode = parseInt(f[perms], 8);
     // The mode's permission bits, SHM_LOCKED apart, as shmRead gives them.
-    return { perm: { key: Number(f[key]), mode: mode & 0o777, uid: Number(f[uid]), gid: Number(f[gid]), cuid: Number(f[cuid]), cgid: Number(f[cgid]) }, size: Number(f[size]), cpid: Number(f[cpid]), lpid: Number(f[lpid]), locked: (mode & SHM_LOCKED) !== 0 };
+    out.set(Number(f[id]), {
+      perm: { key: Number(f[key]), mode: mode & 0o777, uid: Number(f[uid]), gid: Number(f[gid]), cuid: Number(f[cuid]), cgid: Number(f[cgid]) },
+      size: Number(f[size]),
+      cpid: Number(f[cpid]),
+      lpid: Number(f[lpid]),
+      locked: (mode & SHM_LOCKED) !== 0,
+    });
   }
-  return undefined;
+  return out;
 }
 
 /**
@@ -194,9 +205,9 @@ function segmentStatus(shmid: number): { perm: { key: number; mode: number; uid:
  * before (README). The file is checked to be that segment (its inode
  * number is its id, its size the segment's).
  */
-function readSegment(shmid: number, at: { pid: number; start: bigint; end: bigint }[] | undefined): ReturnType<ReturnType<typeof addon>['shmRead']> | undefined {
+function readSegment(shmid: number, at: { pid: number; start: bigint; end: bigint }[] | undefined, statuses: () => Map<number, SegmentStatus>): ReturnType<ReturnType<typeof addon>['shmRead']> | undefined {
   if (!at?.length) return undefined;
-  const status = segmentStatus(shmid);
+  const status = statuses().get(shmid);
   if (!status) return undefined;
   for (const m of at) {
     let fd: number;
