@@ -130,13 +130,13 @@ function batchCode(): { code: Buffer; stoppedAt: number; frameRoom: number } {
 }
 
 /** The high half of an entry's nr word (trace.c): which earlier entry's
- * result (`of`, an index in the same chunk, counted from `base`) goes
- * into which argument; 0n for none. */
-function linkOf(c: Pick<BatchCall, 'argFrom' | 'firstArgOf'>, base = 0): bigint {
+ * result (an index in the same batch: inBatchFrom) goes into which
+ * argument; 0n for none. */
+function linkOf(c: Pick<BatchCall, 'argFrom' | 'firstArgOf'>): bigint {
   const from = c.argFrom ?? (c.firstArgOf === undefined ? undefined : { call: c.firstArgOf, arg: 0 });
   if (!from) return 0n;
   if (!(from.arg >= 0 && from.arg <= 5)) throw new Error(`a call's argument ${from.arg} cannot take an earlier result`);
-  return (BigInt(from.arg) << 48n) | (BigInt(from.call - base + 1) << 32n);
+  return (BigInt(from.arg) << 48n) | (BigInt(from.call + 1) << 32n);
 }
 
 /** The call an argument of `c` is taken from, if one is. */
@@ -157,6 +157,29 @@ function writeBatchTable(into: Buffer, offset: number, calls: BatchCall[], pid: 
 }
 
 const linkedCall = (c: Pick<BatchCall, 'argFrom' | 'firstArgOf'>): number | undefined => c.argFrom?.call ?? c.firstArgOf;
+
+/**
+ * Call `c` of a list run in several batches (more than the scratch area
+ * holds at once), as the batch starting at call `at` takes it: one that
+ * uses the result of a call run in an earlier batch is given that result
+ * (`earlier`) as the argument, as the batch code would have copied it
+ * (the raw return, -errno too: a call after one that failed fails on
+ * what it is given, as in one batch); one that uses a call of its own
+ * batch is linked to it counted from that batch's start. A snapshot of a
+ * process with 12,000 writable mappings asks for a userfaultfd and then
+ * registers each mapping with it: some 1.2 MB of questions, the first
+ * 256 KiB of which hold the userfaultfd's (hunt h296: --leave-running was
+ * refused, "questions that use earlier answers do not fit the scratch
+ * memory together").
+ */
+function inBatchFrom<T extends { args: unknown[]; argFrom?: { call: number; arg: number }; firstArgOf?: number }>(c: T, at: number, earlier: (call: number) => bigint): T {
+  const from = linkedCall(c);
+  if (from === undefined || at === 0) return c;
+  const arg = c.argFrom?.arg ?? 0;
+  const { argFrom: _argFrom, firstArgOf: _firstArgOf, ...rest } = c;
+  if (from < at) return { ...rest, args: c.args.map((a, i) => (i === arg ? earlier(from) : a)) } as unknown as T;
+  return { ...rest, argFrom: { call: from - at, arg } } as unknown as T;
+}
 
 /** APPSHOT_NO_BATCH=1: one injected call at a time (for comparison). */
 const batchingWanted = () => !process.env.APPSHOT_NO_BATCH;
@@ -559,9 +582,8 @@ export class RemoteProcess {
     const mark = this.used;
     const room = Math.floor((this.usable - ((mark + 15) & ~15) - BATCH_HEADER) / BATCH_ENTRY);
     if (room < 1) throw new Error('scratch memory exhausted');
-    if (calls.length > room && calls.some((c) => linkedCall(c) !== undefined)) throw new Error('a batch whose calls use earlier results does not fit the scratch memory');
     for (let at = 0; at < calls.length; at += room) {
-      const chunk = calls.slice(at, at + room);
+      const chunk = calls.slice(at, at + room).map((c) => inBatchFrom(c, at, (k) => results[k]));
       const table = Buffer.alloc(BATCH_HEADER + chunk.length * BATCH_ENTRY);
       writeBatchTable(table, 0, chunk, this.pid, tid);
       const addr = this.put(table);
@@ -688,8 +710,7 @@ export class RemoteProcess {
         n++;
       }
       if (!n) throw new Error('scratch memory exhausted');
-      const chunk = calls.slice(at, at + n);
-      if (chunk.some((c) => linkedCall(c) !== undefined && linkedCall(c)! < at)) throw new Error('questions that use earlier answers do not fit the scratch memory together');
+      const chunk = calls.slice(at, at + n).map((c) => inBatchFrom(c, at, (k) => answers[k].ret));
       // The table through a view of 64-bit words, not Buffer's
       // writeBigUInt64LE: this runs once per process per snapshot, mostly
       // not yet optimised by V8, where each of those calls is JavaScript
@@ -708,7 +729,7 @@ export class RemoteProcess {
         if (c.buffer) c.buffer.copy(whole, offset);
         const bufferAt = offset;
         offset += ((c.buffer?.length ?? 0) + 15) & ~15;
-        words[e] = BigInt(c.nr) | linkOf(c, at);
+        words[e] = BigInt(c.nr) | linkOf(c);
         // A word takes a BigInt modulo 2^64: a negative argument (-1 for
         // "none") is stored as BigInt.asUintN(64, ...) would.
         for (let j = 0; j < c.args.length; j++) {

@@ -9,7 +9,7 @@
  * is the same object in the mapping (see sharedMemoryFd in memory.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, openSync, unlinkSync } from 'node:fs';
+import { type BigIntStats, closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, unlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type FileIdentity, type Process } from '../image/types.js';
@@ -28,6 +28,40 @@ const O_CLOEXEC = 0o2000000;
 const O_TMPFILE_BITS = 0o20000000 | 0o200000;
 
 /* ---- dump ------------------------------------------------------------- */
+
+/** What the kernel appends to the name of a file whose name was removed,
+ * in /proc/PID/exe, fd/N, cwd and maps. */
+export const DELETED = ' (deleted)';
+
+/**
+ * The file that /proc shows as `shown` (a link's text, a maps line's
+ * name): the name to record, and whether it was deleted. The kernel adds
+ * " (deleted)" to a removed file's name, but a file still there may be
+ * named so itself ("x (deleted)", or ".../a b\n) R 1 (deleted)": hunt
+ * h296), and taken for deleted it came back as a stand-in copy (another
+ * name and inode) or was refused as "linked elsewhere". So the file
+ * decides, not the suffix: deleted unless the whole name shown, looked
+ * up now, is that very file (`same`: by device and inode, as the
+ * caller's stat of the /proc link or the maps line gives them). Its own
+ * name is not followed (the link names the file itself, an O_PATH
+ * symlink too).
+ */
+export function shownFile(shown: string, same: (named: BigIntStats) => boolean): { name: string; deleted: boolean } {
+  if (!shown.endsWith(DELETED)) return { name: shown, deleted: false };
+  let named: BigIntStats | undefined;
+  try {
+    named = shown.startsWith('/') ? lstatSync(shown, { bigint: true }) : undefined;
+  } catch {
+    // Nothing at the whole name: the suffix is the kernel's.
+  }
+  if (named && same(named)) return { name: shown, deleted: false };
+  return { name: shown.slice(0, -DELETED.length), deleted: true };
+}
+
+/** shownFile for a /proc link whose target `st` is (its stat). */
+export function shownLinkFile(shown: string, st: BigIntStats): { name: string; deleted: boolean } {
+  return shownFile(shown, (named) => named.dev === st.dev && named.ino === st.ino);
+}
 
 /** The deleted file's bytes into the image, once per file; a memfd's
  * seals with them. */

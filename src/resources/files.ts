@@ -25,7 +25,7 @@ import { inodeOwnerRefusal, ownCreds, strangeOwner } from './creds.js';
 import { readLimits } from './limits.js';
 import { fsIdentity, identitiesFor, refusedAsProcess, reopenHeld } from './fsident.js';
 import { isOwnSnapshot } from '../image/format.js';
-import { openDeletedFile, removedDirectoryFd, saveDeletedContents } from './deleted.js';
+import { openDeletedFile, removedDirectoryFd, saveDeletedContents, shownLinkFile } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
 import { dumpEpoll, restoreEpolls } from './epoll.js';
 import { dumpEventfd, restoreEventfd } from './eventfd.js';
@@ -278,7 +278,8 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       throw new Unsupported(`${what} fd ${n}: ${kind} cannot be captured yet`);
     } else {
       const st = statSync(`/proc/${pid}/fd/${n}`, { bigint: true });
-      const deleted = target.endsWith(' (deleted)');
+      // Removed, or a file still there whose name ends so (deleted.ts).
+      const { name, deleted } = shownLinkFile(target, st);
       if (target === '/secretmem (deleted)') throw new Unsupported(`${what} fd ${n}: memfd_secret memory (no other process may read it), which cannot be captured`);
       if (deleted) refuseDeletedFileOdds(`/proc/${pid}/fd/${n}`, target, st, `${what} fd ${n}`);
       if (st.isFIFO()) {
@@ -298,7 +299,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
         fd.file = ctx.file(target, `/proc/${pid}/fd/${n}`, false, st);
         ctx.image.files[fd.file].linkTarget = symlinkText(target, st, `${what} fd ${n}`);
       } else if (st.isFile() || st.isDirectory()) {
-        fd.file = ctx.file(target.replace(/ \(deleted\)$/, ''), `/proc/${pid}/fd/${n}`, deleted, st);
+        fd.file = ctx.file(name, `/proc/${pid}/fd/${n}`, deleted, st);
         // /proc/PID/... of a process of the application: it follows that
         // process to its restored PID.
         fd.procVpid = dumpProcVpid(ctx, target, `${what} fd ${n}`);

@@ -77,7 +77,10 @@ export function markedInodePath(pid: number, fields: { ino: string; sdev: string
   }
   let same = false;
   try {
-    same = !path.endsWith(' (deleted)') && lstatSync(path).ino === parseInt(ino, 16);
+    // The inode decides, not a " (deleted)" at the name's end: a file
+    // still there may be named so (deleted.ts shownFile); a removed one's
+    // name, suffix and all, leads to no file or another.
+    same = lstatSync(path).ino === parseInt(ino, 16);
   } catch {
     /* no longer at that path */
   }

@@ -17,7 +17,7 @@ import { type Injector, NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { mbindUsedOf } from '../ptrace/windows.js';
 import { RemoteProcess, SYS, takeDescriptors } from '../ptrace/remote.js';
-import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
+import { deletedFileAnchor, memfdLike, memfdSeals, shownFile } from './deleted.js';
 import { killPoint } from '../killpoint.js';
 import { refusedAsProcess } from './fsident.js';
 
@@ -481,7 +481,23 @@ export function mapSharedObjectPages(pid: number, inj: Injector, what: string, m
 }
 
 function isAnonShared(l: MapsLine): boolean {
-  return l.ino === 0n || l.path === '' || l.path.startsWith('/dev/zero') || l.path.startsWith('/memfd:') || l.path.endsWith(' (deleted)');
+  return l.ino === 0n || l.path === '' || l.path.startsWith('/dev/zero') || l.path.startsWith('/memfd:') || mapsDeleted(l);
+}
+
+const deletedLines = new WeakMap<MapsLine, boolean>();
+
+/** Whether mapping `l`'s file was deleted: the kernel's " (deleted)" on
+ * its name, unless the whole name is that very file still (one named
+ * "x (deleted)": deleted.ts shownFile), which is mapped again by that
+ * name, not stored as anonymous memory or a stand-in. Looked up once a
+ * line. */
+export function mapsDeleted(l: MapsLine): boolean {
+  let deleted = deletedLines.get(l);
+  if (deleted === undefined) {
+    deleted = shownFile(l.path, (n) => n.ino === l.ino && deviceName(n.dev) === mapsDeviceName(l.major, l.minor)).deleted;
+    deletedLines.set(l, deleted);
+  }
+  return deleted;
 }
 
 /**
@@ -549,7 +565,7 @@ const PAGE_FILE = /\/pages\.img( \(deleted\))?$/;
 export function bytesFromCopy(l: MapsLine): number {
   if (l.perms[3] !== 'p' || !sameInCopy(l)) return 0;
   if (PAGE_FILE.test(l.path)) return Number(l.end - l.start);
-  if (l.ino !== 0n && l.path.endsWith(' (deleted)')) return 0;
+  if (l.ino !== 0n && mapsDeleted(l)) return 0;
   return ((l.anonKb ?? 0) + (l.swapKb ?? 0)) * 1024;
 }
 
@@ -617,7 +633,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
       } else if (shared && isAnonShared(l)) {
         vma.kind = VmaKind.SHARED_ANON;
         vma.sharedMemory = dumpSharedObject(ctx, pid, pagemapFd, l);
-      } else if (!shared && (PAGE_FILE.test(l.path) || (l.ino !== 0n && l.path.endsWith(' (deleted)')))) {
+      } else if (!shared && (PAGE_FILE.test(l.path) || (l.ino !== 0n && mapsDeleted(l)))) {
         // Memory a lazy restore mapped from an image's page file: the
         // application's own, stored whole so the next image stands alone.
         // So is a private mapping of a file deleted since (a library
@@ -810,7 +826,7 @@ function unreadableNamed<T>(what: string, l: MapsLine, pagemapFd: number, read: 
     const why =
       guard !== undefined
         ? `: its page at 0x${guard.toString(16)} is a guard page (MADV_GUARD_INSTALL)`
-        : l.path.endsWith(' (deleted)')
+        : mapsDeleted(l)
           ? ', past the end of the file (truncated under the mapping before it was deleted)'
           : '';
     throw new Unsupported(`${what}: the memory at 0x${l.start.toString(16)}-0x${l.end.toString(16)} (${l.path || 'anonymous'}) cannot be read${why}, which cannot be captured`);

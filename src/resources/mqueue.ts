@@ -135,7 +135,9 @@ export function dumpMessageQueue(ctx: DumpContext, st: BigIntStats, procPath: st
   const key = `${st.dev}:${st.ino}`;
   const known = queues.get(key);
   if (known !== undefined) return known;
-  const deleted = target.endsWith(DELETED);
+  // Unlinked as the queue says (no link left), not by its name's end: a
+  // queue may be named "/q (deleted)" itself (deleted.ts shownFile).
+  const deleted = target.endsWith(DELETED) && st.nlink === 0n;
   const name = deleted ? target.slice(0, -DELETED.length) : target;
   const named = `the POSIX message queue ${name}${deleted ? ' (unlinked)' : ''}`;
   let own: number;

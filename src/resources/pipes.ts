@@ -15,6 +15,7 @@ import { addon } from '../native.js';
 import { type DumpContext, type RestoreContext } from './context.js';
 import { fsIdentity, identitiesFor, refusal, refusedAsProcess, reopenHeld } from './fsident.js';
 import { isOwnSnapshot } from '../image/format.js';
+import { shownLinkFile } from './deleted.js';
 
 const O_ACCMODE = 3;
 const O_DIRECT = 0o40000;
@@ -33,8 +34,10 @@ export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint,
   // A named FIFO's identity, with `ino` (fifo: the descriptor's stat): the
   // very FIFO, for a restore that opens it though its process's
   // credentials no longer do (fsident.ts reopenHeld). Not a removed
-  // one's: it is made anew.
-  const held = fifo && fifoPath && !fifoPath.endsWith(DELETED) ? { fifoDev: fifo.dev, ...(fifo.birthtimeNs > 0n ? { fifoBtimeNs: fifo.birthtimeNs } : {}) } : {};
+  // one's: it is made anew. Which it is, the FIFO says, not its name's
+  // end (deleted.ts shownLinkFile): one still there may be named
+  // "... (deleted)", and its identity tells the restore so (makePipe).
+  const held = fifo && fifoPath && !shownLinkFile(fifoPath, fifo).deleted ? { fifoDev: fifo.dev, ...(fifo.birthtimeNs > 0n ? { fifoBtimeNs: fifo.birthtimeNs } : {}) } : {};
   return ctx.pipe(fifo ? `${fifo.dev}:${ino}` : `pipefs:${ino}`, () => {
     const dup = addon().getFd(pid, fd);
     try {
@@ -153,7 +156,10 @@ function openFifo(h: RestoreContext, pipe: Pipe, index: number): number {
 function makePipe(h: RestoreContext, pipe: Pipe, index: number): MadePipe {
   let made: MadePipe;
   if (pipe.fifoPath) {
-    const rw = h.keep(pipe.fifoPath.endsWith(DELETED) ? removedFifo(pipe.fifoPath.slice(0, -DELETED.length)) : openFifo(h, pipe, index));
+    // Removed: its name shows the kernel's suffix, and no identity was
+    // recorded (one still there, whatever its name, has its device).
+    const removed = pipe.fifoPath.endsWith(DELETED) && pipe.fifoDev === undefined;
+    const rw = h.keep(removed ? removedFifo(pipe.fifoPath.slice(0, -DELETED.length)) : openFifo(h, pipe, index));
     // A FIFO, not whatever else was put at its name since (a file, a device).
     if (!fstatSync(rw).isFIFO()) throw new AppshotError(`the named FIFO ${pipe.fifoPath} is not a FIFO here`);
     // Bytes in it now: another process has it open (a FIFO's data goes

@@ -17,7 +17,7 @@ import { bindsByName } from './socketfile.js';
 import { dumpTimeOffsets } from './timens.js';
 import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
 import { dumpProcVpid } from './procpaths.js';
-import { deletedExecutable, removedDirectoryToEnter, saveDeletedFrom } from './deleted.js';
+import { DELETED, deletedExecutable, removedDirectoryToEnter, saveDeletedFrom, shownLinkFile } from './deleted.js';
 import { refuseDeletedFileOdds } from './files.js';
 import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
@@ -148,6 +148,8 @@ export function dumpProcess(ctx: DumpContext, pid: number, asked: ProcessAsked, 
   const exeFile = dumpExecutable(ctx, pid, exe, who);
   const cwd = namedLink(pid, 'cwd', who);
   const root = namedLink(pid, 'root', who);
+  refuseLiveDeletedName(pid, 'cwd', cwd, `${who}'s working directory`);
+  refuseLiveDeletedName(pid, 'root', root, `${who}'s root directory`);
   const vpid = ctx.virtual('pid', pid);
   const cwdProcVpid = dumpProcVpid(ctx, cwd, `${nameProcess(vpid, st.comm)} working directory`);
   const sessionKeyring = dumpSessionKeyring(asked.sessionKeyring, nameProcess(vpid, st.comm), ctx.launchKeyring);
@@ -213,10 +215,12 @@ function namedLink(pid: number, link: keyof typeof LINK_NAMES, who: string): str
  * process's own (Process.exe_file): two processes whose executables were
  * two versions replaced at one name each get their own. */
 function dumpExecutable(ctx: DumpContext, pid: number, exe: string, who: string): number | undefined {
-  const deleted = exe.endsWith(' (deleted)');
   const st = statSync(`/proc/${pid}/exe`, { bigint: true });
+  // Deleted as the file says, not its name's end: one still there may be
+  // named "... (deleted)" (deleted.ts shownLinkFile), recorded under its
+  // whole name, not deleted, which openExecutable opens again.
+  const { name, deleted } = shownLinkFile(exe, st);
   if (deleted) refuseDeletedFileOdds(`/proc/${pid}/exe`, exe, st, `${who}'s executable`);
-  const name = exe.replace(/ \(deleted\)$/, '');
   const index = ctx.file(name, `/proc/${pid}/exe`, deleted, st);
   // Recorded earlier as a file still named (it was removed meanwhile): not
   // carried as a deleted one, as an older image's is not.
@@ -229,6 +233,23 @@ function dumpExecutable(ctx: DumpContext, pid: number, exe: string, who: string)
     throw new Unsupported(`${who}'s executable ${exe} is a file the image records under another name, ${recorded} (one file, two names), which a restore would take for another file`);
   saveDeletedFrom(ctx, `/proc/${pid}/exe`, index);
   return index;
+}
+
+/** Refuses, by name, a working or root directory still there whose name
+ * ends in " (deleted)": an image says a directory was removed by that
+ * suffix of its name (validate.ts, the restore's stand-in), so it would
+ * come back as an empty stand-in, or the image be refused as corrupt.
+ * (An executable, a descriptor or a mapping of such a file is carried:
+ * deleted.ts shownFile.) */
+function refuseLiveDeletedName(pid: number, link: string, shown: string, what: string): void {
+  if (!shown.endsWith(DELETED)) return;
+  let st;
+  try {
+    st = statSync(`/proc/${pid}/${link}`, { bigint: true });
+  } catch {
+    return; // gone: whatever reads it next says so
+  }
+  if (!shownLinkFile(shown, st).deleted) throw new Unsupported(`${what} ${shown} is a directory still there whose name ends in " (deleted)", which an image cannot tell from a removed one yet`);
 }
 
 /** The identities of a process's working and root directories (Image.files):
@@ -630,8 +651,12 @@ interface OpenedExecutable {
  * Refused by name where the process's identity cannot reach it.
  */
 function openExecutable(h: RestoreContext, p: Process): OpenedExecutable {
-  const deleted = p.exe.endsWith(' (deleted)');
-  const exe = p.exe.replace(/ \(deleted\)$/, '');
+  // Its bytes saved (exeFile), or shown deleted: unless the image records
+  // a file still there under the whole name, suffix and all (a live file
+  // named "... (deleted)", as dumpExecutable recorded it).
+  const shownDeleted = p.exe.endsWith(DELETED) && !h.image.files.some((f) => !f.deleted && f.path === p.exe);
+  const deleted = p.exeFile !== undefined || shownDeleted;
+  const exe = deleted ? p.exe.slice(0, -DELETED.length) : p.exe;
   // A deleted one is made again from the bytes the image saved for this
   // very process (never the file now at its name, another program; nor
   // another process's version once at that name): once for every process

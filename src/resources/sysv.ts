@@ -5,12 +5,13 @@
  * keeps them). Ids and keys are stored as the application sees them:
  * virtual.
  */
-import { closeSync, openSync, readdirSync, readSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { mapFilesPath } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { CAP, hasCap, ownCreds, strangeOwner } from './creds.js';
 import { addon, ENTRY_FLAGS, type PagesCheck } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
-import type { Image, MsgQueue, Process, SemSet, ShmSegment, SigAltStack } from '../image/types.js';
+import { type Image, type MsgQueue, type Process, type SemSet, type ShmSegment, type SigAltStack, VmaKind } from '../image/types.js';
 import type { Kind, TablesSnapshot } from '../native.js';
 import { type DumpContext, Transient, Unsupported } from './context.js';
 import { registersOf, semUndoOf, threadPointer } from '../ptrace/windows.js';
@@ -96,9 +97,11 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
     }
   }
   const shmSegments: ShmSegment[] = [];
+  const mapped = mappedSegments(ctx);
+  let statuses: Map<number, SegmentStatus> | undefined;
   for (const e of tables.tables.shmid) {
     try {
-      const s = a.shmRead(e.system);
+      const s = readSegment(e.system, mapped.get(e.virtual), () => (statuses ??= segmentStatuses())) ?? a.shmRead(e.system);
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
       const offset = ctx.pages.append(s.data);
       const pages = Math.ceil(s.size / 4096);
@@ -139,6 +142,94 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
     }
   }
   return { semaphores, shmSegments, msgQueues, semGeneration: semGeneration(ctx) };
+}
+
+/** Where each segment (by virtual id, 0 the first) is mapped by a process
+ * of the image, dumped by now (a mapping of it: its system PID and range). */
+function mappedSegments(ctx: DumpContext): Map<number, { pid: number; start: bigint; end: bigint }[]> {
+  const out = new Map<number, { pid: number; start: bigint; end: bigint }[]>();
+  for (const p of ctx.image.processes)
+    for (const v of p.vmas)
+      if (v.kind === VmaKind.SYSV_SHM) {
+        let at = out.get(v.shmVid);
+        if (!at) out.set(v.shmVid, (at = []));
+        at.push({ pid: p.pid, start: v.start, end: v.end });
+      }
+  return out;
+}
+
+type SegmentStatus = { perm: { key: number; mode: number; uid: number; gid: number; cuid: number; cgid: number }; size: number; cpid: number; lpid: number; locked: boolean };
+
+/** The segments' lines of /proc/sysvipc/shm by id: what IPC_STAT tells,
+ * read without the segment being used (the same namespaces' view as
+ * IPC_STAT's), once a snapshot. Empty where it cannot be read. */
+function segmentStatuses(): Map<number, SegmentStatus> {
+  const out = new Map<number, SegmentStatus>();
+  let text: string;
+  try {
+    text = readFileSync('/proc/sysvipc/shm', 'latin1');
+  } catch {
+    return out;
+  }
+  const lines = text.split('\n');
+  const head = lines[0].trim().split(/\s+/);
+  const want = ['key', 'shmid', 'perms', 'size', 'cpid', 'lpid', 'uid', 'gid', 'cuid', 'cgid'].map((name) => head.indexOf(name));
+  if (want.some((i) => i < 0)) return out;
+  const [key, id, perms, size, cpid, lpid, uid, gid, cuid, cgid] = want;
+  for (const line of lines.slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length < head.length) continue;
+    const mode = parseInt(f[perms], 8);
+    // The mode's permission bits, SHM_LOCKED apart, as shmRead gives them.
+    out.set(Number(f[id]), {
+      perm: { key: Number(f[key]), mode: mode & 0o777, uid: Number(f[uid]), gid: Number(f[gid]), cuid: Number(f[cuid]), cgid: Number(f[cgid]) },
+      size: Number(f[size]),
+      cpid: Number(f[cpid]),
+      lpid: Number(f[lpid]),
+      locked: (mode & SHM_LOCKED) !== 0,
+    });
+  }
+  return out;
+}
+
+/**
+ * Segment `shmid` read without attaching it, through a mapping of it that
+ * a process of the application has (`at`): its /proc/PID/map_files entry
+ * opens the segment's own file, whose bytes pread gives (holes as zeros,
+ * none made). An attach of appshot's own (shmRead) sets the segment's
+ * shm_lpid (to appshot's PID, which the application sees as 0),
+ * shm_atime and shm_dtime, in the segment the application goes on using
+ * after a --leave-running snapshot (hunt h296: ipcpids). Undefined where
+ * no process of the image maps it, or map_files cannot be opened (a
+ * snapshotter without CAP_CHECKPOINT_RESTORE): then it is attached, as
+ * before (README). The file is checked to be that segment (its inode
+ * number is its id, its size the segment's).
+ */
+function readSegment(shmid: number, at: { pid: number; start: bigint; end: bigint }[] | undefined, statuses: () => Map<number, SegmentStatus>): ReturnType<ReturnType<typeof addon>['shmRead']> | undefined {
+  if (!at?.length) return undefined;
+  const status = statuses().get(shmid);
+  if (!status) return undefined;
+  for (const m of at) {
+    let fd: number;
+    try {
+      fd = openSync(mapFilesPath(m.pid, m.start, m.end), 'r');
+    } catch {
+      continue;
+    }
+    try {
+      const st = fstatSync(fd);
+      if (st.ino !== shmid || st.size !== status.size) continue;
+      const data = Buffer.alloc(status.size);
+      let done = 0;
+      for (let n = 1; done < data.length && n > 0; done += n) n = readSync(fd, data, done, data.length - done, done);
+      if (done === data.length) return { ...status, data };
+    } catch {
+      continue;
+    } finally {
+      closeSync(fd);
+    }
+  }
+  return undefined;
 }
 
 /** The image's SysV objects made again under the new application's tables
