@@ -1,5 +1,8 @@
 #define _GNU_SOURCE
 #include "pages.h"
+/* Compiled here, as part of the page data's unit (binding.gyp lists the
+ * addon's C files; this one serves pages.c alone). */
+#include "sha256x16.c"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -102,6 +105,7 @@ struct pw_sums {
   int stop;
   int err;
   size_t next, done; /* the next chunk to take; chunks hashed */
+  int lanes;         /* sha256x16 runs here: whole chunks are hashed sixteen at a time */
   uint8_t* table;
   size_t cap;        /* chunks the table has room for */
   pthread_t threads[8];
@@ -246,10 +250,67 @@ int pages_crc32c_fd(int fd, uint32_t* crc, uint64_t* size) {
   return rc;
 }
 
-/* Chunk i is whole in the file, or the last one and the file complete. */
-static int sums_ready(const struct pw_sums* s, size_t i) {
-  uint64_t from = (uint64_t)i * PAGES_CHUNK;
-  return from + PAGES_CHUNK <= s->written || (s->final && from < s->written);
+/* Chunks in the file so far: whole ones, and all of them once it is final. */
+static size_t sums_whole(const struct pw_sums* s) { return (size_t)(s->written / PAGES_CHUNK); }
+static size_t sums_all(const struct pw_sums* s) {
+  return (size_t)((s->written + PAGES_CHUNK - 1) / PAGES_CHUNK);
+}
+
+/* The least whole chunks worth hashing side by side (sha256x16.c) rather
+ * than one after another with the CPU's SHA instructions: sixteen lanes
+ * cost the same however many are used. Measured on this project's VM (AMD
+ * EPYC, SHA-NI and AVX-512; bench/shalanes, load ~9): 16 lanes 3.0 GB/s
+ * in all, one chunk at a time 1.6 GB/s (89 against 169 ms of CPU per 256
+ * MiB), so that from 9 chunks on the lanes are cheaper. */
+#define SUMS_LANES_MIN 9
+
+/* Takes the next chunks to hash (under mu): sixteen whole ones where the
+ * 16-lane code runs, else one; once the file is final, what is left (a
+ * short last chunk alone). Returns how many, from *first; 0: none yet. */
+static size_t sums_take(struct pw_sums* s, size_t* first) {
+  size_t whole = sums_whole(s);
+  if (s->next >= (s->final ? sums_all(s) : whole)) return 0;
+  size_t n = 1;
+  if (s->lanes) {
+    size_t ready = whole > s->next ? whole - s->next : 0;
+    if (ready >= SHA256X16_LANES) n = SHA256X16_LANES;
+    /* Before the end, sixteen at a time: fewer wait for more. */
+    else if (!s->final) return 0;
+    else if (ready >= SUMS_LANES_MIN) n = ready;
+  }
+  *first = s->next;
+  s->next += n;
+  return n;
+}
+
+/* Bytes of each of sixteen chunks read per pass (a MiB in all, the size of
+ * a chunk buffer), hashed while they are in the cache. */
+#define LANE_SLICE (PAGES_CHUNK / SHA256X16_LANES)
+
+/* The digests of `n` whole chunks from `first` (2 <= n <= 16), side by side. */
+static int sums_lanes(struct pw_sums* s, uint8_t* buf, size_t first, size_t n, uint8_t* out) {
+  sha256x16_state st;
+  sha256x16_init(&st);
+  const uint8_t* p[SHA256X16_LANES];
+  for (size_t at = 0; at < PAGES_CHUNK; at += LANE_SLICE) {
+    for (size_t j = 0; j < SHA256X16_LANES; j++) {
+      if (j >= n) {
+        p[j] = p[0]; /* a lane not used: its digest is not taken */
+        continue;
+      }
+      uint64_t from = (uint64_t)(first + j) * PAGES_CHUNK + at;
+      if (s->map) {
+        p[j] = s->map + from;
+      } else {
+        int rc = read_mem(s->fd, from, buf + j * LANE_SLICE, LANE_SLICE);
+        if (rc) return rc;
+        p[j] = buf + j * LANE_SLICE;
+      }
+    }
+    sha256x16_update(&st, p, LANE_SLICE / 64);
+  }
+  sha256x16_final(&st, PAGES_CHUNK, out, (int)n);
+  return 0;
 }
 
 struct sums_thread {
@@ -267,14 +328,15 @@ static void* sums_main(void* arg) {
   pthread_mutex_lock(&s->mu);
   if (!s->map && !buf && !s->err) s->err = -ENOMEM;
   for (;;) {
-    while (!s->stop && !s->err && (index >= s->level || !sums_ready(s, s->next)) &&
-           !(s->final && (uint64_t)s->next * PAGES_CHUNK >= s->written))
+    size_t i = 0, n = 0;
+    while (!s->stop && !s->err && !(s->final && s->next >= sums_all(s))) {
+      if (index < s->level && (n = sums_take(s, &i))) break;
       pthread_cond_wait(&s->changed, &s->mu);
-    if (s->stop || s->err || (s->final && (uint64_t)s->next * PAGES_CHUNK >= s->written)) break;
-    size_t i = s->next++;
-    if (i >= s->cap) {
+    }
+    if (!n) break;
+    if (i + n > s->cap) {
       size_t ncap = s->cap ? s->cap * 2 : 256;
-      while (ncap <= i) ncap *= 2;
+      while (ncap < i + n) ncap *= 2;
       uint8_t* grown = realloc(s->table, ncap * PAGES_DIGEST);
       if (!grown) {
         s->err = -ENOMEM;
@@ -285,11 +347,17 @@ static void* sums_main(void* arg) {
       s->cap = ncap;
     }
     uint64_t from = (uint64_t)i * PAGES_CHUNK;
-    size_t len = s->written - from < PAGES_CHUNK ? (size_t)(s->written - from) : PAGES_CHUNK;
+    size_t len = n > 1 ? n * PAGES_CHUNK
+                       : s->written - from < PAGES_CHUNK ? (size_t)(s->written - from) : PAGES_CHUNK;
     pthread_mutex_unlock(&s->mu);
-    uint8_t sum[PAGES_DIGEST];
-    int rc = s->map ? pages_sha256(s->map + from, len, sum) : read_mem(s->fd, from, buf, len);
-    if (!rc && !s->map) rc = pages_sha256(buf, len, sum);
+    uint8_t sum[PAGES_DIGEST * SHA256X16_LANES];
+    int rc;
+    if (n > 1) {
+      rc = sums_lanes(s, buf, i, n, sum);
+    } else {
+      rc = s->map ? pages_sha256(s->map + from, len, sum) : read_mem(s->fd, from, buf, len);
+      if (!rc && !s->map) rc = pages_sha256(buf, len, sum);
+    }
     /* Nothing reads or writes a hashed chunk through the mapping again:
      * its page table entries go (the pages stay, dirty, in the page
      * cache). While they are mapped, writing each page back must first
@@ -304,8 +372,8 @@ static void* sums_main(void* arg) {
     if (rc) {
       if (!s->err) s->err = rc;
     } else {
-      memcpy(s->table + i * PAGES_DIGEST, sum, PAGES_DIGEST);
-      s->done++;
+      memcpy(s->table + i * PAGES_DIGEST, sum, n * PAGES_DIGEST);
+      s->done += n;
     }
     pthread_cond_broadcast(&s->changed);
   }
@@ -323,6 +391,8 @@ static struct pw_sums* sums_open(int fd) {
   pthread_cond_init(&s->changed, NULL);
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
   s->max_threads = cores < 1 ? 1 : cores > 8 ? 8 : (int)cores;
+  const char* lanes = getenv("APPSHOT_SHA_LANES"); /* =0: one chunk at a time (for measuring) */
+  s->lanes = !(lanes && *lanes == '0') && sha256x16_available();
   return s;
 }
 

@@ -70,7 +70,8 @@ struct pw_queue;
 #define PAGES_DIGEST 32
 
 /* The SHA-256 of each chunk of the page file, hashed by threads of the
- * writer's own as chunks are complete in the file: from the mapping where
+ * writer's own as chunks are complete in the file, sixteen side by side
+ * where the CPU has AVX-512 (sha256x16.h): from the mapping where
  * the file is mapped, else read back from the file (the page cache, most
  * likely), so that committing an image reads nothing back; each chunk
  * hashed is sent to the disk at once (sync_file_range), so that the fsync
