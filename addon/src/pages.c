@@ -858,6 +858,7 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit, int direct) {
   memset(w, 0, sizeof *w);
   w->file_fd = -1;
   w->mem_fd = -1;
+  w->pagemap_fd = -1;
   w->file_fd = open(dir, O_RDWR | O_TMPFILE | O_CLOEXEC, 0600);
   if (w->file_fd < 0) return -errno;
   w->sums = sums_open(w->file_fd);
@@ -1106,13 +1107,48 @@ static int read_remote(pid_t pid, uint64_t addr, void* dst, size_t len) {
 
 static void close_mem(page_writer* w) {
   if (w->mem_fd >= 0) close(w->mem_fd);
+  if (w->pagemap_fd >= 0) close(w->pagemap_fd);
   w->mem_fd = -1;
+  w->pagemap_fd = -1;
   w->mem_pid = 0;
 }
 
+/* Whether a pagemap entry is a page that a pin leaves where it is: present,
+ * anonymous, and mapped by this process alone (not shared copy-on-write
+ * with another, which a pin would make the kernel copy; see read_mem). */
+static int pin_keeps(uint64_t pm) {
+  return (pm & PM_PRESENT) && (pm & PM_MMAP_EXCLUSIVE) && !(pm & PM_FILE_OR_SHARED);
+}
+
+/* `len` bytes at `addr` of the writer's process with process_vm_readv:
+ * one copy, the pages looked up a batch at a time, where /proc/PID/mem
+ * copies each page twice (into a page of the kernel's, then out to us)
+ * and walks the page tables and takes the memory map's lock once per page.
+ * Only for pages pin_keeps() says a pin leaves alone. process_vm_readv
+ * names the process by its PID, which is only the writer's process while
+ * that lives: its page map read in full afterwards (through the
+ * descriptor opened on it) says it did all along, so that no PID used
+ * again was read. Whatever it does not read is read through /proc/PID/mem. */
+static int read_pinned(page_writer* w, pid_t pid, uint64_t addr, uint8_t* dst, size_t len) {
+  struct iovec local = {dst, len}, remote = {(void*)(uintptr_t)addr, len};
+  ssize_t got = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+  if (got < 0 && (errno == EPERM || errno == ENOSYS || errno == ESRCH)) w->vm_read_off = 1;
+  size_t done = got > 0 ? (size_t)got : 0;
+  if (done) {
+    uint64_t pm;
+    if (pread(w->pagemap_fd, &pm, sizeof pm, (off_t)(addr / PAGE * sizeof pm)) != (ssize_t)sizeof pm) done = 0;
+  }
+  if (done == len) return 0;
+  return read_mem(w->mem_fd, addr + done, dst + done, len - done);
+}
+
+/* Reads below this size are not worth reading the page map for. */
+#define PINNED_MIN (64u * 1024)
+
 /* As read_remote, through the writer's /proc/PID/mem of `pid` (see
- * page_writer.mem_fd). The descriptor stands for the process it was
- * opened on, not for its PID: a PID used again reads nothing. */
+ * page_writer.mem_fd), and where pages are this process's alone, with
+ * process_vm_readv (read_pinned). The descriptors stand for the process
+ * they were opened on, not for its PID: a PID used again reads nothing. */
 static int read_remote_cached(page_writer* w, pid_t pid, uint64_t addr, void* dst, size_t len) {
   if (w->mem_fd < 0 || w->mem_pid != pid) {
     close_mem(w);
@@ -1120,8 +1156,36 @@ static int read_remote_cached(page_writer* w, pid_t pid, uint64_t addr, void* ds
     if (fd < 0) return fd;
     w->mem_fd = fd;
     w->mem_pid = pid;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
+    w->pagemap_fd = open(path, O_RDONLY | O_CLOEXEC);
   }
-  return read_mem(w->mem_fd, addr, dst, len);
+  const char* set = getenv("APPSHOT_PAGES_PIN"); /* =0: /proc/PID/mem only (for measuring) */
+  if (w->vm_read_off || w->pagemap_fd < 0 || len < PINNED_MIN || len % PAGE || addr % PAGE ||
+      (set && *set == '0'))
+    return read_mem(w->mem_fd, addr, dst, len);
+  enum { BATCH = 512 };
+  uint64_t pm[BATCH];
+  uint8_t* out = dst;
+  while (len) {
+    size_t n = len / PAGE < BATCH ? len / PAGE : BATCH;
+    if (pread(w->pagemap_fd, pm, n * sizeof *pm, (off_t)(addr / PAGE * sizeof *pm)) != (ssize_t)(n * sizeof *pm))
+      return read_mem(w->mem_fd, addr, out, len);
+    for (size_t i = 0; i < n;) {
+      int pin = !w->vm_read_off && pin_keeps(pm[i]);
+      size_t j = i + 1;
+      while (j < n && pin_keeps(pm[j]) == pin) j++;
+      uint64_t a = addr + i * PAGE;
+      int rc = pin ? read_pinned(w, pid, a, out + i * PAGE, (j - i) * PAGE)
+                   : read_mem(w->mem_fd, a, out + i * PAGE, (j - i) * PAGE);
+      if (rc) return rc;
+      i = j;
+    }
+    addr += n * PAGE;
+    out += n * PAGE;
+    len -= n * PAGE;
+  }
+  return 0;
 }
 
 static int wanted(uint64_t pm, pages_mode mode) {

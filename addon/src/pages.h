@@ -109,6 +109,10 @@ typedef struct {
    * pages; closed by pw_finish or pw_abort. */
   int mem_fd;
   pid_t mem_pid;
+  /* And its /proc/PID/pagemap (see read_remote_cached), or -1; vm_read_off:
+   * process_vm_readv was refused once, so not tried again. */
+  int pagemap_fd;
+  int vm_read_off;
 } page_writer;
 
 /* The process a mapping's process was forked from, when that process has
