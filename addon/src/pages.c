@@ -1126,9 +1126,10 @@ static int pin_keeps(uint64_t pm) {
  * and walks the page tables and takes the memory map's lock once per page.
  * Only for pages pin_keeps() says a pin leaves alone. process_vm_readv
  * names the process by its PID, which is only the writer's process while
- * that lives: its page map read in full afterwards (through the
- * descriptor opened on it) says it did all along, so that no PID used
- * again was read. Whatever it does not read is read through /proc/PID/mem. */
+ * that lives: an entry of its page map read afterwards, through the
+ * descriptor opened on it (which reads nothing once that process's memory
+ * is gone), says it lived all along, so that no PID used again was read.
+ * Whatever it does not read is read through /proc/PID/mem. */
 static int read_pinned(page_writer* w, pid_t pid, uint64_t addr, uint8_t* dst, size_t len) {
   struct iovec local = {dst, len}, remote = {(void*)(uintptr_t)addr, len};
   ssize_t got = process_vm_readv(pid, &local, 1, &remote, 1, 0);
