@@ -187,26 +187,44 @@ void sha256x16_final(sha256x16_state* s, uint64_t total, uint8_t* out, int lanes
 
 /* Sixteen different messages of each of a few lengths (0 to 9 blocks),
  * hashed here and by OpenSSL: any difference and the 16-lane code is not
- * used. */
+ * used. Each is hashed three ways: given to one update; given to two (the
+ * second part from another buffer, as the page file's chunks are fed a
+ * slice at a time); and with only the first 5 lanes used, the others
+ * repeating lane 0's pointer, whose digests must not be written. */
 static int sha_lanes_self_test(void) {
   static const size_t lengths[] = {0, 1, 2, 9};
-  static uint8_t msg[16][9 * 64];
+  static uint8_t msg[16][9 * 64], tail[16][9 * 64];
   for (size_t l = 0; l < sizeof lengths / sizeof *lengths; l++) {
     size_t blocks = lengths[l];
-    const uint8_t* p[16];
-    for (int j = 0; j < 16; j++) {
+    for (int j = 0; j < 16; j++)
       for (size_t i = 0; i < sizeof msg[j]; i++) msg[j][i] = (uint8_t)(i * 131 + (size_t)j * 7 + (i >> 6) + l);
-      p[j] = msg[j];
-    }
-    sha256x16_state s;
-    sha256x16_init(&s);
-    sha256x16_update(&s, p, blocks);
-    uint8_t mine[32 * 16], theirs[32];
-    sha256x16_final(&s, blocks * 64, mine, 16);
+    uint8_t theirs[16][32];
     for (int j = 0; j < 16; j++) {
       unsigned int n = 0;
-      if (EVP_Digest(msg[j], blocks * 64, theirs, &n, EVP_sha256(), NULL) != 1 || n != 32) return 0;
-      if (memcmp(mine + 32 * j, theirs, 32)) return 0;
+      if (EVP_Digest(msg[j], blocks * 64, theirs[j], &n, EVP_sha256(), NULL) != 1 || n != 32) return 0;
+    }
+    for (int way = 0; way < 3; way++) {
+      int lanes = way == 2 ? 5 : 16;
+      size_t first = way == 1 ? blocks / 2 : blocks;
+      const uint8_t* p[16];
+      for (int j = 0; j < 16; j++) p[j] = j < lanes ? msg[j] : msg[0];
+      sha256x16_state s;
+      sha256x16_init(&s);
+      sha256x16_update(&s, p, first);
+      if (first < blocks) {
+        for (int j = 0; j < 16; j++) {
+          memcpy(tail[j], msg[j] + first * 64, (blocks - first) * 64);
+          p[j] = tail[j];
+        }
+        sha256x16_update(&s, p, blocks - first);
+      }
+      uint8_t mine[32 * 16];
+      memset(mine, 0xa5, sizeof mine);
+      sha256x16_final(&s, blocks * 64, mine, lanes);
+      for (int j = 0; j < lanes; j++)
+        if (memcmp(mine + 32 * j, theirs[j], 32)) return 0;
+      for (size_t i = 32 * (size_t)lanes; i < sizeof mine; i++)
+        if (mine[i] != 0xa5) return 0;
     }
   }
   return 1;
