@@ -859,6 +859,8 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit, int direct) {
   w->file_fd = -1;
   w->mem_fd = -1;
   w->pagemap_fd = -1;
+  const char* pin = getenv("APPSHOT_PAGES_PIN"); /* =0: /proc/PID/mem only (for measuring) */
+  w->vm_read_off = pin && strcmp(pin, "0") == 0;
   w->file_fd = open(dir, O_RDWR | O_TMPFILE | O_CLOEXEC, 0600);
   if (w->file_fd < 0) return -errno;
   w->sums = sums_open(w->file_fd);
@@ -1079,12 +1081,13 @@ int pages_pread_whole(int fd, uint64_t off, void* dst, size_t len) {
 }
 
 /* Reads `len` bytes at `addr` of `pid` into `dst`, through /proc/PID/mem:
- * never process_vm_readv, which pins the pages it reads (FOLL_PIN), and
- * the kernel (5.19 on) gives a process its own copy of every shared
- * copy-on-write anonymous page that is pinned: reading a forking server
- * that way would multiply its memory by its workers. /proc/PID/mem takes
- * plain references, which leave the sharing alone, and reads mappings the
- * process itself cannot (PROT_NONE) as well. */
+ * for every page that process_vm_readv must not read (see pin_keeps), for
+ * runs too short for it to pay, and for what it leaves unread. A pin
+ * (process_vm_readv takes one, FOLL_PIN) makes the kernel (5.19 on) give
+ * a process its own copy of a shared copy-on-write anonymous page: reading
+ * a forking server that way would multiply its memory by its workers.
+ * /proc/PID/mem takes plain references, which leave the sharing alone, and
+ * reads mappings the process itself cannot (PROT_NONE) as well. */
 static int read_mem(int fd, uint64_t addr, void* dst, size_t len) {
   int rc = pages_pread_whole(fd, addr, dst, len);
   return rc == -ENODATA ? -EIO : rc;
@@ -1113,75 +1116,123 @@ static void close_mem(page_writer* w) {
   w->mem_pid = 0;
 }
 
+/* The writer's /proc/PID/mem and /proc/PID/pagemap of `pid`, both opened
+ * from one descriptor of /proc/PID: the same process for both, even if the
+ * PID were used again between the two opens. */
+static int open_process(page_writer* w, pid_t pid) {
+  close_mem(w);
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d", pid);
+  int dir = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir < 0) return -errno;
+  int fd = openat(dir, "mem", O_RDONLY | O_CLOEXEC);
+  int err = errno;
+  if (fd >= 0) w->pagemap_fd = openat(dir, "pagemap", O_RDONLY | O_CLOEXEC);
+  close(dir);
+  if (fd < 0) return -err;
+  w->mem_fd = fd;
+  w->mem_pid = pid;
+  return 0;
+}
+
 /* Whether a pagemap entry is a page that a pin leaves where it is: present,
  * anonymous, and mapped by this process alone (not shared copy-on-write
- * with another, which a pin would make the kernel copy; see read_mem). */
+ * with another, which a pin would make the kernel copy; see read_mem). A
+ * KSM page mapped once passes too: the pin gives the process a copy of its
+ * own (a merged page is never pinned in place), and the merged page, then
+ * mapped by no one, is freed: no more memory than before. */
 static int pin_keeps(uint64_t pm) {
   return (pm & PM_PRESENT) && (pm & PM_MMAP_EXCLUSIVE) && !(pm & PM_FILE_OR_SHARED);
 }
+
+/* Runs of fewer pages than this that a pin keeps are read through
+ * /proc/PID/mem with the pages around them: a process_vm_readv costs a
+ * system call of its own, which a short run does not earn back (16 is
+ * where the two cost the same in bench/pagesread.c: runs of K pages
+ * written after a fork between K still shared). */
+#define PIN_RUN 16u
+#define PINNED_MIN (PIN_RUN * PAGE)
 
 /* `len` bytes at `addr` of the writer's process with process_vm_readv:
  * one copy, the pages looked up a batch at a time, where /proc/PID/mem
  * copies each page twice (into a page of the kernel's, then out to us)
  * and walks the page tables and takes the memory map's lock once per page.
- * Only for pages pin_keeps() says a pin leaves alone. process_vm_readv
- * names the process by its PID, which is only the writer's process while
- * that lives: an entry of its page map read afterwards, through the
- * descriptor opened on it (which reads nothing once that process's memory
- * is gone), says it lived all along, so that no PID used again was read.
- * Whatever it does not read is read through /proc/PID/mem. */
-static int read_pinned(page_writer* w, pid_t pid, uint64_t addr, uint8_t* dst, size_t len) {
+ * Only for pages pin_keeps() says a pin leaves alone. Returns how much it
+ * read (the rest is for /proc/PID/mem). */
+static size_t read_pinned(page_writer* w, pid_t pid, uint64_t addr, uint8_t* dst, size_t len) {
   struct iovec local = {dst, len}, remote = {(void*)(uintptr_t)addr, len};
   ssize_t got = process_vm_readv(pid, &local, 1, &remote, 1, 0);
   if (got < 0 && (errno == EPERM || errno == ENOSYS || errno == ESRCH)) w->vm_read_off = 1;
-  size_t done = got > 0 ? (size_t)got : 0;
-  if (done) {
-    uint64_t pm;
-    if (pread(w->pagemap_fd, &pm, sizeof pm, (off_t)(addr / PAGE * sizeof pm)) != (ssize_t)sizeof pm) done = 0;
-  }
-  if (done == len) return 0;
-  return read_mem(w->mem_fd, addr + done, dst + done, len - done);
+  return got > 0 ? (size_t)got : 0;
 }
 
-/* Reads below this size are not worth reading the page map for. */
-#define PINNED_MIN (64u * 1024)
+/* Pages [0, n) at `addr` into `out`, with their pagemap entries `pm`: runs
+ * of at least PIN_RUN pages that a pin keeps with process_vm_readv, and
+ * everything between them in one /proc/PID/mem read per span.
+ * process_vm_readv names the process by its PID, which is only the
+ * writer's process while that lives: an entry of its page map read after
+ * the last of them, through the descriptor opened on it (which reads
+ * nothing once that process's memory is gone), says it lived all along,
+ * so that no PID used again was read; else all is read again through
+ * /proc/PID/mem (which then fails). */
+static int read_batch(page_writer* w, pid_t pid, uint64_t addr, uint8_t* out, size_t n, const uint64_t* pm) {
+  size_t from = 0; /* the first page not read yet */
+  int pinned = 0;
+  for (size_t i = 0; i < n;) {
+    if (w->vm_read_off || !pin_keeps(pm[i])) {
+      i++;
+      continue;
+    }
+    size_t j = i + 1;
+    while (j < n && pin_keeps(pm[j])) j++;
+    if (j - i >= PIN_RUN) {
+      int rc = i > from ? read_mem(w->mem_fd, addr + from * PAGE, out + from * PAGE, (i - from) * PAGE) : 0;
+      if (rc) return rc;
+      size_t len = (j - i) * PAGE, got = read_pinned(w, pid, addr + i * PAGE, out + i * PAGE, len);
+      pinned |= got > 0;
+      if (got < len && (rc = read_mem(w->mem_fd, addr + i * PAGE + got, out + i * PAGE + got, len - got)))
+        return rc;
+      from = j;
+    }
+    i = j;
+  }
+  if (n > from) {
+    int rc = read_mem(w->mem_fd, addr + from * PAGE, out + from * PAGE, (n - from) * PAGE);
+    if (rc) return rc;
+  }
+  uint64_t last;
+  if (pinned && pread(w->pagemap_fd, &last, sizeof last, (off_t)(addr / PAGE * sizeof last)) != (ssize_t)sizeof last)
+    return read_mem(w->mem_fd, addr, out, n * PAGE);
+  return 0;
+}
 
 /* As read_remote, through the writer's /proc/PID/mem of `pid` (see
- * page_writer.mem_fd), and where pages are this process's alone, with
- * process_vm_readv (read_pinned). The descriptors stand for the process
- * they were opened on, not for its PID: a PID used again reads nothing. */
-static int read_remote_cached(page_writer* w, pid_t pid, uint64_t addr, void* dst, size_t len) {
+ * page_writer.mem_fd), and where runs of pages are this process's alone,
+ * with process_vm_readv (read_batch). `pm`: the pages' pagemap entries as
+ * the caller read them (the process is stopped), or NULL to read them
+ * here. The descriptors stand for the process they were opened on, not
+ * for its PID: a PID used again reads nothing. */
+static int read_remote_cached(page_writer* w, pid_t pid, uint64_t addr, void* dst, size_t len,
+                              const uint64_t* pm) {
   if (w->mem_fd < 0 || w->mem_pid != pid) {
-    close_mem(w);
-    int fd = open_mem(pid);
-    if (fd < 0) return fd;
-    w->mem_fd = fd;
-    w->mem_pid = pid;
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
-    w->pagemap_fd = open(path, O_RDONLY | O_CLOEXEC);
+    int rc = open_process(w, pid);
+    if (rc) return rc;
   }
-  const char* set = getenv("APPSHOT_PAGES_PIN"); /* =0: /proc/PID/mem only (for measuring) */
-  if (w->vm_read_off || w->pagemap_fd < 0 || len < PINNED_MIN || len % PAGE || addr % PAGE ||
-      (set && *set == '0'))
+  if (w->vm_read_off || w->pagemap_fd < 0 || len < PINNED_MIN || len % PAGE || addr % PAGE)
     return read_mem(w->mem_fd, addr, dst, len);
+  if (pm) return read_batch(w, pid, addr, dst, len / PAGE, pm);
   enum { BATCH = 512 };
-  uint64_t pm[BATCH];
+  uint64_t entries[BATCH];
   uint8_t* out = dst;
   while (len) {
     size_t n = len / PAGE < BATCH ? len / PAGE : BATCH;
-    if (pread(w->pagemap_fd, pm, n * sizeof *pm, (off_t)(addr / PAGE * sizeof *pm)) != (ssize_t)(n * sizeof *pm))
-      return read_mem(w->mem_fd, addr, out, len);
-    for (size_t i = 0; i < n;) {
-      int pin = !w->vm_read_off && pin_keeps(pm[i]);
-      size_t j = i + 1;
-      while (j < n && pin_keeps(pm[j]) == pin) j++;
-      uint64_t a = addr + i * PAGE;
-      int rc = pin ? read_pinned(w, pid, a, out + i * PAGE, (j - i) * PAGE)
-                   : read_mem(w->mem_fd, a, out + i * PAGE, (j - i) * PAGE);
-      if (rc) return rc;
-      i = j;
-    }
+    int rc;
+    if (pread(w->pagemap_fd, entries, n * sizeof *entries, (off_t)(addr / PAGE * sizeof *entries)) !=
+        (ssize_t)(n * sizeof *entries))
+      rc = read_mem(w->mem_fd, addr, out, n * PAGE);
+    else
+      rc = read_batch(w, pid, addr, out, n, entries);
+    if (rc) return rc;
     addr += n * PAGE;
     out += n * PAGE;
     len -= n * PAGE;
@@ -1227,7 +1278,8 @@ static int was_written(const pages_parent* p, size_t* cursor, uint32_t idx) {
  * tracking leaves markers that pagemap counts as swapped pages), and
  * records both kinds of run. */
 static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, uint32_t count,
-                    const pages_parent* parent, size_t* cursor, pages_result* out, int drop_zero) {
+                    const uint64_t* pm, const pages_parent* parent, size_t* cursor, pages_result* out,
+                    int drop_zero) {
   if (parent && parent->tracked) {
     /* Tracked: unwritten pages the parent holds are not even read. */
     size_t wc = 0;
@@ -1255,7 +1307,7 @@ static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, u
         untracked.tracked = 0;
         untracked.count = 0; /* written pages are stored, not compared */
         size_t none = 0;
-        rc = copy_run(w, pid, start, idx, j - i, &untracked, &none, out, drop_zero);
+        rc = copy_run(w, pid, start, idx, j - i, pm ? pm + i : NULL, &untracked, &none, out, drop_zero);
       }
       if (rc) return rc;
       i = j;
@@ -1270,7 +1322,7 @@ static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, u
     uint32_t room = (uint32_t)((w->buf_size - w->buf_used) / PAGE);
     uint32_t n = count < room ? count : room;
     uint8_t* dst = w->buf + w->buf_used;
-    int rc = read_remote_cached(w, pid, start + (uint64_t)first * PAGE, dst, (size_t)n * PAGE);
+    int rc = read_remote_cached(w, pid, start + (uint64_t)first * PAGE, dst, (size_t)n * PAGE, pm);
     if (rc) return rc;
     uint32_t kept = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -1291,6 +1343,7 @@ static int copy_run(page_writer* w, pid_t pid, uint64_t start, uint32_t first, u
     w->buf_used += (size_t)kept * PAGE;
     out->pages_written += kept;
     first += n;
+    if (pm) pm += n;
     count -= n;
   }
   return 0;
@@ -1391,7 +1444,7 @@ int pw_dump(page_writer* w, pid_t pid, int pagemap_fd, uint64_t start, uint64_t 
       if (s)
         rc = push_pair(&out->shared, &out->nshared, &out->shared_cap, base + i, j - i);
       else
-        rc = copy_run(w, pid, start, base + i, j - i, parent, &cursor, out, mode == PAGES_ANON);
+        rc = copy_run(w, pid, start, base + i, j - i, pm + i, parent, &cursor, out, mode == PAGES_ANON);
       i = j;
     }
   }
@@ -1551,7 +1604,7 @@ int pw_dump_scanned(page_writer* w, pid_t pid, const struct appshot_page_region*
     uint64_t a = regions[i].start > start ? regions[i].start : start;
     uint64_t b = regions[i].end < end ? regions[i].end : end;
     int rc = copy_run(w, pid, start, (uint32_t)((a - start) / PAGE), (uint32_t)((b - a) / PAGE),
-                      NULL, &none, out, mode == PAGES_ANON);
+                      NULL, NULL, &none, out, mode == PAGES_ANON);
     if (rc) return rc;
   }
   return 0;

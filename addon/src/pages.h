@@ -110,7 +110,8 @@ typedef struct {
   int mem_fd;
   pid_t mem_pid;
   /* And its /proc/PID/pagemap (see read_remote_cached), or -1; vm_read_off:
-   * process_vm_readv was refused once, so not tried again. */
+   * process_vm_readv was refused once, so not tried again (or
+   * APPSHOT_PAGES_PIN=0 in the environment at pw_open, for measuring). */
   int pagemap_fd;
   int vm_read_off;
 } page_writer;
