@@ -392,7 +392,7 @@ static struct pw_sums* sums_open(int fd) {
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
   s->max_threads = cores < 1 ? 1 : cores > 8 ? 8 : (int)cores;
   const char* lanes = getenv("APPSHOT_SHA_LANES"); /* =0: one chunk at a time (for measuring) */
-  s->lanes = !(lanes && *lanes == '0') && sha256x16_available();
+  s->lanes = !(lanes && strcmp(lanes, "0") == 0) && sha256x16_available();
   return s;
 }
 
