@@ -7,7 +7,9 @@
  * stay shared copy-on-write with this process, as a forking server's
  * worker's do): "all" (every page its own), "alt" (every other page: runs
  * of one page, exclusive and shared by turns), "runK" (K written, K not). One JSON line per round: wall and CPU milliseconds of the pw_dump
- * of the whole mapping, with the pages it wrote. Build:
+ * of the whole mapping, with the pages it wrote. The last round's page
+ * file is read back and every page compared with what the child holds:
+ * "bad" counts those that differ (exit 1 if any). Build:
  *   cc -O2 -D_GNU_SOURCE -I../addon/src -o bin/pagesread pagesread.c \
  *      ../addon/src/pages.c -lcrypto -lpthread
  * (pages.c from any commit, for an A/B). */
@@ -79,7 +81,31 @@ int main(int argc, char** argv) {
     free(out.runs);
     free(out.same);
     free(out.shared);
+    if (r < rounds - 1) {
+      pw_abort(&w);
+      continue;
+    }
+    /* Every page is stored (none is zeros), in order, from the start. */
+    char file[4200];
+    snprintf(file, sizeof file, "%s/pagesread.%d", argv[1], (int)getpid());
+    if ((rc = pw_finish(&w)) || (rc = pw_link(&w, file)))
+      return fprintf(stderr, "pw_finish: %s\n", strerror(-rc)), 1;
     pw_abort(&w);
+    int fd = open(file, O_RDONLY);
+    unlink(file);
+    size_t bad = out.pages_written == size / 4096 ? 0 : size / 4096;
+    static char page[4096];
+    for (size_t p = 0; fd >= 0 && !bad && p < size / 4096; p++) {
+      memcpy(page, mem + p * 4096, 4096);
+      if (p % every < run) page[100] = 7;
+      char got[4096];
+      if (pread(fd, got, sizeof got, (off_t)(out.data_offset + p * 4096)) != (ssize_t)sizeof got ||
+          memcmp(got, page, sizeof got))
+        bad++;
+    }
+    if (fd >= 0) close(fd);
+    printf("{\"layout\":\"%s\",\"bad\":%zu}\n", layout, fd < 0 ? size / 4096 : bad);
+    if (fd < 0 || bad) return 1;
   }
   kill(child, SIGKILL);
   waitpid(child, &st, 0);
