@@ -9,6 +9,11 @@
 //   BENCH_OLD_ENV, BENCH_NEW_ENV: settings of one build's (below)
 //   BENCH_WARM=1: unmeasured rounds first, per size and build (an
 //   engine's first few snapshots run its code cold: 20-35 ms frozen)
+//   BENCH_WARM_MEMORY=MIB: that much written to a file and deleted right
+//   before each measured snapshot, so that both builds' page files go
+//   into memory just given back (on this VM, memory idle for a few
+//   seconds is taken back by the host, and a page file written into it
+//   costs up to twice the CPU: README, CRIU section)
 //
 // Per size, round and build: the command's wall and CPU (bench/rusage: the
 // client's; plus the engine's CPU meanwhile, from its /proc/PID/stat),
@@ -93,6 +98,12 @@ function round(size, r, b) {
       const lr = appshot(b, ['snapshot', aid, '-o', join(dir, 'lr'), '--leave-running', '--full']);
       record(size, b, 'lr', { wall: lr.wall, cpu: lr.cpu, frozen: lr.json.frozenMs, injected: lr.json.injectedCalls, ...lr.json.phases });
     }
+    const warmMib = Number(process.env.BENCH_WARM_MEMORY ?? 0);
+    if (warmMib) {
+      const f = join(dir, 'warm');
+      spawnSync('dd', ['if=/dev/zero', `of=${f}`, 'bs=1M', `count=${warmMib}`, 'status=none']);
+      rmSync(f, { force: true });
+    }
     const def = appshot(b, ['snapshot', aid, '-o', join(dir, 'img'), '--full']);
     record(size, b, 'def', { wall: def.wall, cpu: def.cpu, frozen: def.json.frozenMs, injected: def.json.injectedCalls, ...def.json.phases });
     // BENCH_RESTORE=1: the image restored at once (eager), as a migration
@@ -142,6 +153,10 @@ try {
       const old = frozen('old');
       const diffs = frozen('new').map((f, i) => f - old[i]);
       process.stdout.write(`  frozen, paired by round: new - old median ${median(diffs).toFixed(2)} ms, new lower in ${diffs.filter((d) => d < 0).length} of ${diffs.length}\n`);
+      const cpu = (b) => rows.filter((x) => x.size === size && x.what === what && x.build === b).map((x) => x.cpu);
+      const oldCpu = cpu('old');
+      const cpuDiffs = cpu('new').map((c, i) => c - oldCpu[i]);
+      process.stdout.write(`  cpu, paired by round: new - old median ${median(cpuDiffs).toFixed(1)} ms, new lower in ${cpuDiffs.filter((d) => d < 0).length} of ${cpuDiffs.length}\n`);
     }
 } finally {
   for (const b of Object.keys(builds)) cli(b, ['engine', 'stop'], { stdio: 'ignore' });

@@ -70,7 +70,8 @@ struct pw_queue;
 #define PAGES_DIGEST 32
 
 /* The SHA-256 of each chunk of the page file, hashed by threads of the
- * writer's own as chunks are complete in the file: from the mapping where
+ * writer's own as chunks are complete in the file, sixteen side by side
+ * where the CPU has AVX-512 (sha256x16.h): from the mapping where
  * the file is mapped, else read back from the file (the page cache, most
  * likely), so that committing an image reads nothing back; each chunk
  * hashed is sent to the disk at once (sync_file_range), so that the fsync
@@ -108,6 +109,11 @@ typedef struct {
    * pages; closed by pw_finish or pw_abort. */
   int mem_fd;
   pid_t mem_pid;
+  /* And its /proc/PID/pagemap (see read_remote_cached), or -1; vm_read_off:
+   * process_vm_readv was refused once, so not tried again (or
+   * APPSHOT_PAGES_PIN=0 in the environment at pw_open, for measuring). */
+  int pagemap_fd;
+  int vm_read_off;
 } page_writer;
 
 /* The process a mapping's process was forked from, when that process has
