@@ -17,7 +17,7 @@ import { type Injector, NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { mbindUsedOf } from '../ptrace/windows.js';
 import { RemoteProcess, SYS, takeDescriptors } from '../ptrace/remote.js';
-import { deletedFileAnchor, memfdLike, memfdSeals } from './deleted.js';
+import { deletedFileAnchor, memfdLike, memfdSeals, openWithoutAccessTime } from './deleted.js';
 import { killPoint } from '../killpoint.js';
 import { refusedAsProcess } from './fsident.js';
 
@@ -398,7 +398,7 @@ function dumpSharedObject(ctx: DumpContext, pid: number, pagemapFd: number, l: M
   return ctx.shared(key, () => {
     let fd = -1;
     try {
-      fd = openSync(mapFilesPath(pid, l.start, l.end), 'r');
+      fd = openWithoutAccessTime(mapFilesPath(pid, l.start, l.end));
     } catch {
       /* unprivileged: fall back below */
     }
