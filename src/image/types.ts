@@ -591,6 +591,9 @@ export interface Fd {
   eventfdCount: bigint;
   eventfdSemaphore: boolean;
   epoll: EpollTarget[];
+  /** An epoll set's busy-poll parameters (EPIOCSPARAMS) where the program
+   * set any; absent: the kernel's default (all 0). */
+  epollParams?: EpollParams;
   tty: boolean;
   description: number;
   /** A signalfd's mask (bit N-1: signal N); 0 for other kinds. */
@@ -964,6 +967,12 @@ export interface Datagram {
   credPid?: number;
   credUid?: number;
   credGid?: number;
+}
+
+export interface EpollParams {
+  busyPollUsecs: number;
+  busyPollBudget: number;
+  preferBusyPoll: boolean;
 }
 
 export interface EpollTarget {

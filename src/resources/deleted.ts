@@ -75,13 +75,27 @@ export function saveDeletedContents(ctx: DumpContext, pid: number, fd: number, i
 export function saveDeletedFrom(ctx: DumpContext, procPath: string, index: number): void {
   const id = ctx.image.files[index];
   if (id.contents) return;
-  const f = openSync(procPath, 'r');
+  const f = openWithoutAccessTime(procPath);
   try {
     if (id.path.startsWith(MEMFD_PREFIX)) id.seals = Math.max(0, addon().fileSeals(f));
     const { offset, runs } = ctx.pages.appendFd(f, Number(id.size));
     id.contents = { offset: BigInt(offset), runs: Array.from(runs), fromParent: [] };
   } finally {
     closeSync(f);
+  }
+}
+
+/** `path` opened read-only with O_NOATIME: the snapshot's read of an
+ * application's file is not the program's, and would move its access time
+ * under the application (left running, or resumed after a refused
+ * snapshot), which its fstat shows. The kernel allows the flag to the
+ * file's owner and to CAP_FOWNER only: for anyone else, opened as before. */
+export function openWithoutAccessTime(path: string): number {
+  try {
+    return openSync(path, fs.O_RDONLY | fs.O_NOATIME);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EPERM') throw e;
+    return openSync(path, 'r');
   }
 }
 

@@ -47,10 +47,10 @@
  * the process no longer holds at all (only another process does) is
  * refused at snapshot.
  */
-import { readdirSync } from 'node:fs';
+import { closeSync, readdirSync } from 'node:fs';
 import { AppshotError, errnoName } from '../errors.js';
 import { addon } from '../native.js';
-import { type EpollTarget, type Fd, FdKind, type Process } from '../image/types.js';
+import { type EpollParams, type EpollTarget, type Fd, FdKind, type Process } from '../image/types.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Unsupported } from './context.js';
@@ -110,6 +110,35 @@ export function dumpEpoll(pid: number, epfd: number, fdinfo: string, what: strin
     out.push(t);
   }
   return out;
+}
+
+/** struct epoll_params (Linux 6.9): busy_poll_usecs u32, busy_poll_budget
+ * u16, prefer_busy_poll u8, a pad byte; EPIOCGPARAMS = _IOR(0x8A, 2, it),
+ * EPIOCSPARAMS = _IOW(0x8A, 1, it). */
+const EPOLL_PARAMS_BYTES = 8;
+const EPIOCGPARAMS = 0x80088a02;
+const EPIOCSPARAMS = 0x40088a01;
+
+/** The busy-poll parameters the program gave set `epfd` of process `pid`
+ * (EPIOCSPARAMS: a latency-tuned event loop's), read through a copy of
+ * its descriptor; undefined where they are the kernel's default (all 0)
+ * or the kernel has none (before 6.9: ENOTTY). A restore without them
+ * would leave the set polling no more, which nothing would show but
+ * EPIOCGPARAMS and the latency. */
+export function dumpEpollParams(pid: number, epfd: number): EpollParams | undefined {
+  const dup = addon().getFd(pid, epfd);
+  try {
+    const b = Buffer.alloc(EPOLL_PARAMS_BYTES);
+    try {
+      addon().ioctl(dup, EPIOCGPARAMS, b);
+    } catch {
+      return undefined;
+    }
+    const params = { busyPollUsecs: b.readUInt32LE(0), busyPollBudget: b.readUInt16LE(4), preferBusyPoll: b[6] !== 0 };
+    return params.busyPollUsecs || params.busyPollBudget || params.preferBusyPoll ? params : undefined;
+  } finally {
+    closeSync(dup);
+  }
 }
 
 /** A set whose ready list is read (askReadyLists). */
@@ -296,6 +325,18 @@ export function markPending(fds: Fd[], asked: ReadyListAsked[]): void {
 export function restoreEpolls(r: RemoteProcess, p: Process, place: (got: number, fd: Fd) => void): void {
   const sets = p.fds.filter((f) => f.kind === FdKind.EPOLL);
   for (const fd of sets) place(Number(r.call('epoll_create1', SYS.epoll_create1, [EPOLL_CLOEXEC])), fd);
+  // Its busy-poll parameters as the program set them, by the process
+  // itself: the kernel asks CAP_NET_ADMIN for a budget above its default
+  // (NAPI_POLL_WEIGHT) of the process, as it did of the program.
+  for (const fd of sets) {
+    if (!fd.epollParams) continue;
+    const b = Buffer.alloc(EPOLL_PARAMS_BYTES);
+    b.writeUInt32LE(fd.epollParams.busyPollUsecs >>> 0, 0);
+    b.writeUInt16LE(fd.epollParams.busyPollBudget & 0xffff, 4);
+    b[6] = fd.epollParams.preferBusyPoll ? 1 : 0;
+    r.reset();
+    r.call(`setting the busy-poll parameters of epoll fd ${fd.fd} (EPIOCSPARAMS)`, SYS.ioctl, [fd.fd, EPIOCSPARAMS, r.put(b)]);
+  }
   const cloexec = new Map(p.fds.map((f) => [f.fd, f.cloexec]));
   for (const fd of watchedFirst(sets)) {
     const firedOnes = fd.epoll.filter(fired);

@@ -27,7 +27,7 @@ import { fsIdentity, identitiesFor, refusedAsProcess, reopenHeld } from './fside
 import { isOwnSnapshot } from '../image/format.js';
 import { openDeletedFile, removedDirectoryFd, saveDeletedContents, shownLinkFile } from './deleted.js';
 import { dumpDevice, openDevice } from './devices.js';
-import { dumpEpoll, restoreEpolls } from './epoll.js';
+import { dumpEpoll, dumpEpollParams, restoreEpolls } from './epoll.js';
 import { dumpEventfd, restoreEventfd } from './eventfd.js';
 import { dumpInotify, inotifyLastWd, refuseQueuedEvents, restoreInotify } from './inotify.js';
 import { inotifyLastWdOf } from '../ptrace/windows.js';
@@ -251,6 +251,8 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
     } else if (target === 'anon_inode:[eventpoll]') {
       fd.kind = FdKind.EPOLL;
       fd.epoll = dumpEpoll(pid, n, (info as Map<string, string> & { raw: string }).raw, what);
+      const params = dumpEpollParams(pid, n);
+      if (params) fd.epollParams = params;
     } else if (target === 'anon_inode:[signalfd]') {
       fd.kind = FdKind.SIGNALFD;
       fd.sigmask = dumpSignalfd(info);
