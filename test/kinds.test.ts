@@ -15,6 +15,7 @@ import { afterAll, beforeAll, describe as vitestDescribe, expect } from 'vitest'
 import { cli, command, fixture, Sandbox, spawnAsync, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 import { loadImage } from '../src/image/format.js';
+import { classify } from '../src/template/classify.js';
 
 const sb = new Sandbox();
 // Every directory a test of this file makes is under `out`: removed by
@@ -783,6 +784,21 @@ describe('files still there whose names end in " (deleted)": the executable, a d
   const dir = mkdtempSync(join(out, 'oddnames-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   roundTrips('oddn', [fixture('oddnames'), dir], /FILE\s+\S+\/x \(deleted\) pos=5/, true);
+
+  // A template's classification asks the image's file too: the name's
+  // end made "x (deleted)" a deleted file, its contents copied into each
+  // clone instead of the file shared or copied on write (review r315).
+  it('is classified by a template as the file it is, not a deleted one', async () => {
+    const aid = 'oddn4';
+    await start(aid, [fixture('oddnames'), dir]);
+    await checksPass(aid, 1);
+    await run(['snapshot', aid, '-o', join(out, aid)]);
+    const { image } = await loadImage(join(out, aid), { trust: 'report' });
+    const p = image.processes.find((q) => q.fds.some((f) => f.path.endsWith('/x (deleted)')))!;
+    const x = p.fds.find((f) => f.path.endsWith('/x (deleted)'))!;
+    const verdict = classify(image, undefined).find((v) => v.ref === `fd:${p.vpid}:${x.fd}`)!;
+    expect(verdict).toMatchObject({ kind: 'file', action: 'copy-on-write' });
+  });
 });
 
 describe('memfds: name, seals (also none allowed), size, mode, position, flags; one object when mapped by two processes', () => {

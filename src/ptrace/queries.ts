@@ -137,8 +137,10 @@ export class CallQueue {
         const from = mine.findIndex((o) => o.answer === q.args[arg]);
         return { ...q, args: q.args.map((a, i) => (i === arg ? 0 : a)) as (bigint | number | 'buf' | BufAt)[], argFrom: { call: from, arg } };
       });
-      const answers = this.batches.runQueries(calls, tid);
-      mine.forEach((q, i) => q.answer.set(answers[i]));
+      // Set batch by batch: a later batch's failure leaves the earlier
+      // answers readable (Answer.answered) by the cleanup after it (a
+      // userfaultfd made at another number than planned, say).
+      this.batches.runQueries(calls, tid, (first, answers) => answers.forEach((a, i) => mine[first + i].answer.set(a)));
     }
   }
 }

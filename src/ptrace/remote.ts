@@ -692,9 +692,12 @@ export class RemoteProcess {
    * returns each one's result and the bytes of its buffer after: `buffer`
    * is copied in first and 'buf' in its arguments is its address. With
    * the batch code (mapBatchScratch), all go in one stop, their buffers
-   * and table written and read back in one piece each.
+   * and table written and read back in one piece each. `answered` is
+   * told each batch's answers as that batch is back, before a later one
+   * runs: a later batch's failure leaves the earlier answers known to
+   * whoever cleans up (a userfaultfd made in the first, say).
    */
-  runQueries(calls: QueryCall[], tid = this.pid): { ret: bigint; out: Buffer }[] {
+  runQueries(calls: QueryCall[], tid = this.pid, answered?: (first: number, answers: { ret: bigint; out: Buffer }[]) => void): { ret: bigint; out: Buffer }[] {
     if (!this.batchCode) throw new Error('questions are asked in batches only');
     this.runDeferred();
     const mark = this.used;
@@ -748,11 +751,16 @@ export class RemoteProcess {
       // are not 8-byte aligned).
       const aligned = back.byteOffset % 8 === 0 ? back : new Uint8Array(back);
       const results = new BigInt64Array(aligned.buffer, aligned.byteOffset + bytes, (BATCH_HEADER + n * BATCH_ENTRY) / 8);
+      let stopped: number | undefined;
       chunk.forEach((c, i) => {
+        if (stopped !== undefined) return;
         const ret = results[(BATCH_HEADER + i * BATCH_ENTRY + 56) / 8];
-        if (ret === BigInt.asIntN(64, NOT_RUN)) throw new Error(`a batch of questions stopped after ${i} of ${chunk.length}`);
-        answers.push({ ret, out: Buffer.from(back.subarray(where[i], where[i] + (c.buffer?.length ?? 0))) });
+        if (ret === BigInt.asIntN(64, NOT_RUN)) stopped = i;
+        else answers.push({ ret, out: Buffer.from(back.subarray(where[i], where[i] + (c.buffer?.length ?? 0))) });
       });
+      // Those that ran are told, even where the batch stopped short.
+      answered?.(at, answers.slice(at));
+      if (stopped !== undefined) throw new Error(`a batch of questions stopped after ${stopped} of ${chunk.length}`);
       at += n;
     }
     this.used = mark;

@@ -286,7 +286,7 @@ export function dumpFds(ctx: DumpContext, pid: number, what: string, sockets: So
       if (deleted) refuseDeletedFileOdds(`/proc/${pid}/fd/${n}`, target, st, `${what} fd ${n}`);
       if (st.isFIFO()) {
         fd.kind = FdKind.FIFO;
-        fd.pipe = dumpPipe(ctx, pid, n, st.ino, target, fd.flags, `${what} fd ${n}`, st);
+        fd.pipe = dumpPipe(ctx, pid, n, st.ino, target, fd.flags, `${what} fd ${n}`, { st, deleted });
       } else if (st.isCharacterDevice()) {
         fd.kind = FdKind.DEVICE;
         fd.tty = dumpDevice(target, `${what} fd ${n}`).tty;

@@ -25,8 +25,9 @@
  * Events queued at the snapshot cannot be put back: an instance with some
  * is refused by name (refuseQueuedEvents; fanotify's too).
  */
-import { closeSync, lstatSync, readFileSync } from 'node:fs';
+import { type BigIntStats, closeSync, lstatSync, readFileSync, statSync } from 'node:fs';
 import { addon } from '../native.js';
+import { deviceName, mapsDeviceName } from '../procfs.js';
 import { type Fd, type InotifyWatch, type Process } from '../image/types.js';
 import { countedIds, LIMITS } from '../image/validate.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -75,16 +76,23 @@ export function markedInodePath(pid: number, fields: { ino: string; sdev: string
   } catch (e) {
     throw new Unsupported(`${where}: the path of ${what} cannot be found (${(e as Error).message})`);
   }
-  let same = false;
+  let named: BigIntStats | undefined;
   try {
-    // The inode decides, not a " (deleted)" at the name's end: a file
-    // still there may be named so (deleted.ts shownFile); a removed one's
-    // name, suffix and all, leads to no file or another.
-    same = lstatSync(path).ino === parseInt(ino, 16);
+    named = lstatSync(path, { bigint: true });
   } catch {
     /* no longer at that path */
   }
-  if (!same) throw new Unsupported(`${where}: ${what} is on an inode with no name (${path}): it cannot be found again by path`);
+  // The inode decides, not a " (deleted)" at the name's end: a file
+  // still there may be named so (deleted.ts shownFile); a removed one's
+  // name, suffix and all, leads to no file or another.
+  if (named?.ino !== BigInt(`0x${ino}`)) throw new Unsupported(`${where}: ${what} is on an inode with no name (${path}): it cannot be found again by path`);
+  // And its filesystem: an inode number alone is another file's on
+  // another one (a mount over the directory since). The mark's device,
+  // or, on btrfs, whose files stat shows on their subvolume's device,
+  // the mount's root's.
+  const sd = parseInt(sdev, 16);
+  if (deviceName(named.dev) !== mapsDeviceName(sd >>> 20, sd & 0xfffff) && named.dev !== statSync(mount, { bigint: true }).dev)
+    throw new Unsupported(`${where}: ${what} is on inode ${BigInt(`0x${ino}`)} of device ${mapsDeviceName(sd >>> 20, sd & 0xfffff)}, but its path ${path} leads to a file of device ${deviceName(named.dev)}: it cannot be found again by path`);
   return path;
 }
 

@@ -17,7 +17,7 @@ import { type Injector, NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { mbindUsedOf } from '../ptrace/windows.js';
 import { RemoteProcess, SYS, takeDescriptors } from '../ptrace/remote.js';
-import { deletedFileAnchor, memfdLike, memfdSeals, openWithoutAccessTime, shownFile } from './deleted.js';
+import { DELETED, deletedFileAnchor, memfdLike, memfdSeals, openWithoutAccessTime, shownFile } from './deleted.js';
 import { killPoint } from '../killpoint.js';
 import { refusedAsProcess } from './fsident.js';
 
@@ -442,7 +442,7 @@ function mapFilesReadable(pid: number, l: MapsLine): boolean {
  * is dumped.
  */
 export function mapSharedObjectPages(pid: number, inj: Injector, what: string, maps: MapsLine[] = readSmaps(pid)): void {
-  const lines = maps.filter((l) => l.perms[3] === 's' && isAnonShared(l) && l.perms[0] === 'r');
+  const lines = maps.filter((l) => l.perms[3] === 's' && isAnonShared(pid, l) && l.perms[0] === 'r');
   if (!lines.length || mapFilesReadable(pid, lines[0])) return;
   // mincore does not report a page that is in swap (and not in the swap
   // cache): it would come back as zeros. Refused rather than guessed.
@@ -480,21 +480,34 @@ export function mapSharedObjectPages(pid: number, inj: Injector, what: string, m
   }
 }
 
-function isAnonShared(l: MapsLine): boolean {
-  return l.ino === 0n || l.path === '' || l.path.startsWith('/dev/zero') || l.path.startsWith('/memfd:') || mapsDeleted(l);
+function isAnonShared(pid: number, l: MapsLine): boolean {
+  return l.ino === 0n || l.path === '' || l.path.startsWith('/dev/zero') || l.path.startsWith('/memfd:') || mapsDeleted(pid, l);
 }
 
 const deletedLines = new WeakMap<MapsLine, boolean>();
 
-/** Whether mapping `l`'s file was deleted: the kernel's " (deleted)" on
- * its name, unless the whole name is that very file still (one named
- * "x (deleted)": deleted.ts shownFile), which is mapped again by that
- * name, not stored as anonymous memory or a stand-in. Looked up once a
- * line. */
-export function mapsDeleted(l: MapsLine): boolean {
+/** Whether mapping `l` of process `pid` maps a deleted file: the
+ * kernel's " (deleted)" on its name, unless the whole name is that very
+ * file still (one named "x (deleted)": deleted.ts shownFile), which is
+ * mapped again by that name, not stored as anonymous memory or a
+ * stand-in. The very file is the mapping's own (/proc/PID/map_files, as
+ * mappedFileStat), compared by stat's device and inode: the device maps
+ * prints is not stat's on btrfs (a subvolume's) and some overlayfs, and
+ * a live file taken for deleted came back a memfd. Without map_files,
+ * maps' device and inode. Looked up once a line. */
+export function mapsDeleted(pid: number, l: MapsLine): boolean {
   let deleted = deletedLines.get(l);
   if (deleted === undefined) {
-    deleted = shownFile(l.path, (n) => n.ino === l.ino && deviceName(n.dev) === mapsDeviceName(l.major, l.minor)).deleted;
+    deleted = shownFile(l.path, (named) => {
+      let mapped: BigIntStats | undefined;
+      try {
+        mapped = statSync(mapFilesPath(pid, l.start, l.end), { bigint: true });
+      } catch {
+        // No map_files (a snapshotter without CAP_CHECKPOINT_RESTORE).
+      }
+      if (mapped) return named.dev === mapped.dev && named.ino === mapped.ino;
+      return named.ino === l.ino && deviceName(named.dev) === mapsDeviceName(l.major, l.minor);
+    }).deleted;
     deletedLines.set(l, deleted);
   }
   return deleted;
@@ -562,10 +575,10 @@ const PAGE_FILE = /\/pages\.img( \(deleted\))?$/;
 /** About how many bytes of mapping `l` dumpMemory reads from a copy:
  * its private pages (smaps, read while frozen), or the whole of a page
  * file's mapping, which is stored whole. */
-export function bytesFromCopy(l: MapsLine): number {
+export function bytesFromCopy(pid: number, l: MapsLine): number {
   if (l.perms[3] !== 'p' || !sameInCopy(l)) return 0;
   if (PAGE_FILE.test(l.path)) return Number(l.end - l.start);
-  if (l.ino !== 0n && mapsDeleted(l)) return 0;
+  if (l.ino !== 0n && mapsDeleted(pid, l)) return 0;
   return ((l.anonKb ?? 0) + (l.swapKb ?? 0)) * 1024;
 }
 
@@ -630,10 +643,10 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
       } else if (l.path.startsWith('/[aio]')) {
         // The ring of an AIO context (io_setup): aio.ts's (Process.aioRings).
         continue;
-      } else if (shared && isAnonShared(l)) {
+      } else if (shared && isAnonShared(pid, l)) {
         vma.kind = VmaKind.SHARED_ANON;
         vma.sharedMemory = dumpSharedObject(ctx, pid, pagemapFd, l);
-      } else if (!shared && (PAGE_FILE.test(l.path) || (l.ino !== 0n && mapsDeleted(l)))) {
+      } else if (!shared && (PAGE_FILE.test(l.path) || (l.ino !== 0n && mapsDeleted(pid, l)))) {
         // Memory a lazy restore mapped from an image's page file: the
         // application's own, stored whole so the next image stands alone.
         // So is a private mapping of a file deleted since (a library
@@ -826,7 +839,7 @@ function unreadableNamed<T>(what: string, l: MapsLine, pagemapFd: number, read: 
     const why =
       guard !== undefined
         ? `: its page at 0x${guard.toString(16)} is a guard page (MADV_GUARD_INSTALL)`
-        : mapsDeleted(l)
+        : (deletedLines.get(l) ?? l.path.endsWith(DELETED))
           ? ', past the end of the file (truncated under the mapping before it was deleted)'
           : '';
     throw new Unsupported(`${what}: the memory at 0x${l.start.toString(16)}-0x${l.end.toString(16)} (${l.path || 'anonymous'}) cannot be read${why}, which cannot be captured`);

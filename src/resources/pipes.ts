@@ -15,7 +15,6 @@ import { addon } from '../native.js';
 import { type DumpContext, type RestoreContext } from './context.js';
 import { fsIdentity, identitiesFor, refusal, refusedAsProcess, reopenHeld } from './fsident.js';
 import { isOwnSnapshot } from '../image/format.js';
-import { shownLinkFile } from './deleted.js';
 
 const O_ACCMODE = 3;
 const O_DIRECT = 0o40000;
@@ -29,15 +28,16 @@ const DELETED = ' (deleted)';
  * is recorded with the length of each packet. (Bytes written outside
  * packet mode just before a last packet cannot be told from it, and come
  * back as part of it.) */
-export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint, fifoPath: string, flags: number, where: string, fifo?: BigIntStats): number {
+export function dumpPipe(ctx: DumpContext, pid: number, fd: number, ino: bigint, fifoPath: string, flags: number, where: string, named?: { st: BigIntStats; deleted: boolean }): number {
   const writeEnd = (flags & O_ACCMODE) === fs.O_WRONLY;
-  // A named FIFO's identity, with `ino` (fifo: the descriptor's stat): the
-  // very FIFO, for a restore that opens it though its process's
-  // credentials no longer do (fsident.ts reopenHeld). Not a removed
-  // one's: it is made anew. Which it is, the FIFO says, not its name's
-  // end (deleted.ts shownLinkFile): one still there may be named
-  // "... (deleted)", and its identity tells the restore so (makePipe).
-  const held = fifo && fifoPath && !shownLinkFile(fifoPath, fifo).deleted ? { fifoDev: fifo.dev, ...(fifo.birthtimeNs > 0n ? { fifoBtimeNs: fifo.birthtimeNs } : {}) } : {};
+  const fifo = named?.st;
+  // A named FIFO's identity, with `ino` (its stat): the very FIFO, for a
+  // restore that opens it though its process's credentials no longer do
+  // (fsident.ts reopenHeld). Not a removed one's: it is made anew. Which
+  // it is, the caller decided once (files.ts, deleted.ts shownLinkFile:
+  // the FIFO says, not its name's end; one still there may be named
+  // "... (deleted)", and its identity tells the restore so, makePipe).
+  const held = named && fifoPath && !named.deleted ? { fifoDev: named.st.dev, ...(named.st.birthtimeNs > 0n ? { fifoBtimeNs: named.st.birthtimeNs } : {}) } : {};
   return ctx.pipe(fifo ? `${fifo.dev}:${ino}` : `pipefs:${ino}`, () => {
     const dup = addon().getFd(pid, fd);
     try {

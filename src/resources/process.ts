@@ -653,7 +653,14 @@ interface OpenedExecutable {
 function openExecutable(h: RestoreContext, p: Process): OpenedExecutable {
   // Its bytes saved (exeFile), or shown deleted: unless the image records
   // a file still there under the whole name, suffix and all (a live file
-  // named "... (deleted)", as dumpExecutable recorded it).
+  // named "... (deleted)", as dumpExecutable recorded it). Any such file
+  // of the image, not this process's own: the image records which file
+  // is the executable only for a deleted one (exe_file). A process whose
+  // executable "x" was removed without its bytes saved (removed between
+  // two reads of the dump) beside a live "x (deleted)" another process
+  // holds is then given the file at that name, as a live executable is.
+  // Tying it to the process needs an image field (the executable's file
+  // index for every process, review r315): not made yet.
   const shownDeleted = p.exe.endsWith(DELETED) && !h.image.files.some((f) => !f.deleted && f.path === p.exe);
   const deleted = p.exeFile !== undefined || shownDeleted;
   const exe = deleted ? p.exe.slice(0, -DELETED.length) : p.exe;

@@ -5,7 +5,7 @@
  * keeps them). Ids and keys are stored as the application sees them:
  * virtual.
  */
-import { closeSync, fstatSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readdirSync, readFileSync, readSync, statfsSync, writeSync } from 'node:fs';
 import { mapFilesPath } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { CAP, hasCap, ownCreds, strangeOwner } from './creds.js';
@@ -17,6 +17,10 @@ import { type DumpContext, Transient, Unsupported } from './context.js';
 import { registersOf, semUndoOf, threadPointer } from '../ptrace/windows.js';
 import type { RemoteProcess } from '../ptrace/remote.js';
 import type { MapsLine } from './memory.js';
+
+/** statfs f_type of the filesystems SysV segments are files of. */
+const TMPFS_MAGIC = 0x01021994;
+const HUGETLBFS_MAGIC = 0x958458f6;
 
 /** APPSHOT_F_RESERVED (appshot_table.h): a key reserved by a keyed create
  * in progress, or by a creator killed inside it that no locker has
@@ -99,9 +103,10 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   const shmSegments: ShmSegment[] = [];
   const mapped = mappedSegments(ctx);
   let statuses: Map<number, SegmentStatus> | undefined;
+  const wanted = () => new Set(tables.tables.shmid.filter((e) => mapped.has(e.virtual)).map((e) => e.system));
   for (const e of tables.tables.shmid) {
     try {
-      const s = readSegment(e.system, mapped.get(e.virtual), () => (statuses ??= segmentStatuses())) ?? a.shmRead(e.system);
+      const s = readSegment(e.system, mapped.get(e.virtual), () => (statuses ??= segmentStatuses(wanted()))) ?? a.shmRead(e.system);
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
       const offset = ctx.pages.append(s.data);
       const pages = Math.ceil(s.size / 4096);
@@ -160,10 +165,24 @@ function mappedSegments(ctx: DumpContext): Map<number, { pid: number; start: big
 
 type SegmentStatus = { perm: { key: number; mode: number; uid: number; gid: number; cuid: number; cgid: number }; size: number; cpid: number; lpid: number; locked: boolean };
 
-/** The segments' lines of /proc/sysvipc/shm by id: what IPC_STAT tells,
- * read without the segment being used (the same namespaces' view as
- * IPC_STAT's), once a snapshot. Empty where it cannot be read. */
-function segmentStatuses(): Map<number, SegmentStatus> {
+/** The `n`th (0 the first) whitespace-separated field of `line`. */
+function fieldOf(line: string, n: number): string {
+  let at = 0;
+  for (let i = 0; ; i++) {
+    while (line.charCodeAt(at) === 32) at++;
+    let end = at;
+    while (end < line.length && line.charCodeAt(end) !== 32) end++;
+    if (i === n || end >= line.length) return line.slice(at, end);
+    at = end;
+  }
+}
+
+/** The lines of /proc/sysvipc/shm of segments `wanted` (system ids), by
+ * id: what IPC_STAT tells, read without the segment being used (the same
+ * namespaces' view as IPC_STAT's), once a snapshot. Only their lines are
+ * split (a host's thousands of others are not, in the frozen window).
+ * Empty where it cannot be read. */
+function segmentStatuses(wanted: Set<number>): Map<number, SegmentStatus> {
   const out = new Map<number, SegmentStatus>();
   let text: string;
   try {
@@ -176,7 +195,9 @@ function segmentStatuses(): Map<number, SegmentStatus> {
   const want = ['key', 'shmid', 'perms', 'size', 'cpid', 'lpid', 'uid', 'gid', 'cuid', 'cgid'].map((name) => head.indexOf(name));
   if (want.some((i) => i < 0)) return out;
   const [key, id, perms, size, cpid, lpid, uid, gid, cuid, cgid] = want;
-  for (const line of lines.slice(1)) {
+  for (let l = 1; l < lines.length && out.size < wanted.size; l++) {
+    const line = lines[l];
+    if (!wanted.has(Number(fieldOf(line, id)))) continue;
     const f = line.trim().split(/\s+/);
     if (f.length < head.length) continue;
     const mode = parseInt(f[perms], 8);
@@ -203,7 +224,7 @@ function segmentStatuses(): Map<number, SegmentStatus> {
  * no process of the image maps it, or map_files cannot be opened (a
  * snapshotter without CAP_CHECKPOINT_RESTORE): then it is attached, as
  * before (README). The file is checked to be that segment (its inode
- * number is its id, its size the segment's).
+ * number is its id, its size the segment's, on tmpfs or hugetlbfs).
  */
 function readSegment(shmid: number, at: { pid: number; start: bigint; end: bigint }[] | undefined, statuses: () => Map<number, SegmentStatus>): ReturnType<ReturnType<typeof addon>['shmRead']> | undefined {
   if (!at?.length) return undefined;
@@ -219,6 +240,12 @@ function readSegment(shmid: number, at: { pid: number; start: bigint; end: bigin
     try {
       const st = fstatSync(fd);
       if (st.ino !== shmid || st.size !== status.size) continue;
+      // And on the kernel's SysV shm filesystem: tmpfs (hugetlbfs for
+      // SHM_HUGETLB), not a file of another that has that inode number
+      // and size (the maps line named it SYSV, but the mapping may have
+      // been replaced since it was read).
+      const type = statfsSync(`/proc/self/fd/${fd}`).type;
+      if (type !== TMPFS_MAGIC && type !== HUGETLBFS_MAGIC) continue;
       const data = Buffer.alloc(status.size);
       let done = 0;
       for (let n = 1; done < data.length && n > 0; done += n) n = readSync(fd, data, done, data.length - done, done);

@@ -19,7 +19,7 @@ import { closeSync, openSync, readSync, statfsSync } from 'node:fs';
 import { addon } from '../native.js';
 import type { LoadedImage } from '../image/format.js';
 import type { Vma } from '../image/types.js';
-import { type CopyRun, inheritedCopyRuns, lazyMappable, readMaps } from '../resources/memory.js';
+import { type CopyRun, inheritedCopyRuns, lazyMappable, mapsDeleted, readMaps } from '../resources/memory.js';
 import { resolveProcess } from '../snapshot/parent.js';
 
 const prepared = new WeakMap<LoadedImage, { chain: LoadedImage[]; runs: Map<Vma, CopyRun[]> }>();
@@ -237,9 +237,10 @@ interface CodeMapping {
 }
 
 function codeMappings(pid: number): CodeMapping[] {
-  // A file (inode not 0, still there), private and executable.
+  // A file (inode not 0, still there: as the file says, one may be named
+  // "x (deleted)"), private and executable.
   return readMaps(pid)
-    .filter((m) => m.perms === 'r-xp' && m.ino !== 0n && m.path.startsWith('/') && !m.path.endsWith(' (deleted)'))
+    .filter((m) => m.perms === 'r-xp' && m.ino !== 0n && m.path.startsWith('/') && !mapsDeleted(pid, m))
     .map((m) => ({ start: m.start, end: m.end, page: Number(m.pgoff / BigInt(PAGE)), key: `${m.major}:${m.minor} ${m.ino}`, path: m.path }));
 }
 

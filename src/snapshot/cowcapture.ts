@@ -138,7 +138,7 @@ export class CowCapture {
     // files per thread (about 0.25 ms of a small process's frozen window,
     // which always ended here).
     let bytes = 0;
-    for (const l of maps) bytes += bytesFromCopy(l);
+    for (const l of maps) bytes += bytesFromCopy(pid, l);
     if (bytes < this.minBytes) return `its private memory (${Math.round(bytes / 1024)} kB) is below ${Math.round(this.minBytes / 1024)} kB, where copying costs less than a fork`;
     // appshot injects no fork into a process with a seccomp filter: the
     // filter may refuse it, or kill the process for it.

@@ -245,7 +245,11 @@ function fdDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Describ
 function fileDecision(image: Image, fd: Fd, rules: RulesFile | undefined): Decision {
   if (image.logPath && fd.path === image.logPath) return decide('recreate', CRITERIA.log);
   if (image.tablesPath && fd.path === image.tablesPath) return decide('recreate', CRITERIA.tables);
-  if (image.files[fd.file]?.deleted || fd.path.endsWith(' (deleted)')) return decide('duplicate', CRITERIA.deleted);
+  // Deleted as the image's file says: a file still there may be named
+  // "x (deleted)" (resources/deleted.ts shownFile). The name's end only
+  // where the image names no file.
+  const file = image.files[fd.file];
+  if (file ? file.deleted : fd.path.endsWith(' (deleted)')) return decide('duplicate', CRITERIA.deleted);
   const readOnly = (fd.flags & O_ACCMODE) === O_RDONLY;
   const rule = ruleFor(rules, 'file', namedPath(image, fd.path), readOnly ? 'read' : 'write');
   if (rule) return byRule(rules!, rule);
