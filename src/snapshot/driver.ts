@@ -1303,12 +1303,18 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       released = true;
       reg.setAsideLog(record);
       killPoint('snapshot: released');
-      clock.released();
       // The application moves into its image rather than dying: the
       // kernel's robust-list walk at its kill must not mark the mutexes it
       // holds in files mapped shared owner-dead (threads.ts).
       disarmRobustLists(image);
+      killPoint('snapshot: killing');
       freezer.kill();
+      // Held until every process of it is gone (killed, each exit seen):
+      // where CRIU's dump stops its "Frozen time" clock when it ends the
+      // application (cr-dump.c cr_dump_finish: the tasks switched to
+      // TASK_DEAD, which kills and waits for them, then TIME_FROZEN
+      // stopped), so that the two figures span the same.
+      clock.released();
       killPoint('snapshot: killed');
       connections.closeSilently();
       keeper.close();
