@@ -1035,6 +1035,13 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   // the machine's available memory is queued for it.
   /** Left running, it goes on once copies of its memory are made: what
    * is still read frozen, about (the rest is read once it runs again). */
+  // Not for a snapshot that ends the application: it is held stopped until
+  // its image is on disk whatever its memory is read from, and copies only
+  // moved that reading from frozenMs into the held time, which grew
+  // (tried: default snapshots with copies against without, 16 MiB held
+  // 106 -> 145 ms, 256 MiB 775 -> 863 ms, while frozenMs fell 51 -> 31 and
+  // 360 -> 65 ms; paired, 5 rounds, load ~9;
+  // bench/results/cowheld-ab-2026-12-06.txt).
   const copying = opts.leaveRunning && cowCaptureWanted(opts.cowCapture);
   const split = copying ? timed('size estimated (read frozen)', () => estimateFrozenBytes(roots, (pid) => readStat(pid)?.ppid === record.initPid)) : undefined;
   const frozenBytes = split?.frozen;
