@@ -1035,6 +1035,13 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   // the machine's available memory is queued for it.
   /** Left running, it goes on once copies of its memory are made: what
    * is still read frozen, about (the rest is read once it runs again). */
+  // Not for a snapshot that ends the application: it is held stopped until
+  // its image is on disk whatever its memory is read from, and copies only
+  // moved that reading from frozenMs into the held time, which grew
+  // (tried: default snapshots with copies against without, 16 MiB held
+  // 106 -> 145 ms, 256 MiB 775 -> 863 ms, while frozenMs fell 51 -> 31 and
+  // 360 -> 65 ms; paired, 5 rounds, load ~9;
+  // bench/results/cowheld-ab-2026-12-06.txt).
   const copying = opts.leaveRunning && cowCaptureWanted(opts.cowCapture);
   const split = copying ? timed('size estimated (read frozen)', () => estimateFrozenBytes(roots, (pid) => readStat(pid)?.ppid === record.initPid)) : undefined;
   const frozenBytes = split?.frozen;
@@ -1303,12 +1310,18 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       released = true;
       reg.setAsideLog(record);
       killPoint('snapshot: released');
-      clock.released();
       // The application moves into its image rather than dying: the
       // kernel's robust-list walk at its kill must not mark the mutexes it
       // holds in files mapped shared owner-dead (threads.ts).
       disarmRobustLists(image);
+      killPoint('snapshot: killing');
       freezer.kill();
+      // Held until every process of it is gone (killed, each exit seen):
+      // where CRIU's dump stops its "Frozen time" clock when it ends the
+      // application (cr-dump.c cr_dump_finish: the tasks switched to
+      // TASK_DEAD, which kills and waits for them, then TIME_FROZEN
+      // stopped), so that the two figures span the same.
+      clock.released();
       killPoint('snapshot: killed');
       connections.closeSilently();
       keeper.close();
