@@ -37,7 +37,10 @@ export interface SnapshotPhases {
   copyMs: number;
   /** Waiting for the page writer's thread to write what it still held. */
   drainMs: number;
-  /** fsync of the page file. */
+  /** fsync of the page file. A directory image's runs beside hashMs,
+   * checksumMs and commitMs (started by finish, waited for just before
+   * the rename): then its own length, which overlaps those phases, not a
+   * slice of heldMs of its own. */
   fsyncMs: number;
   /** After the fsync, waiting for the last of the page file's chunk
    * digests (hashed by the writer's threads as it wrote, and during the
@@ -96,6 +99,12 @@ export class PhaseClock {
     this.record('fsyncMs', part.fsyncMs);
     this.record('hashMs', part.hashMs);
     this.last = now();
+  }
+
+  /** `ms` of `phase`, which ran beside the others (the clock of the
+   * phases that follow one another not moved). */
+  overlapped(phase: Timed, ms: number): void {
+    this.record(phase, ms);
   }
 
   /** The application went on, or was killed and is gone, now. */
