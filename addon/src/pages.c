@@ -557,9 +557,6 @@ struct pw_queue {
   struct chunk *hhead, *htail;
   pthread_t hasher;
   int hashing;
-  /* APPSHOT_PAGES_WRITEBACK=writer: each buffer's writeback started by
-   * the writer thread as soon as it is written (see writer_main). */
-  int writeback;
 };
 
 static int write_all(int fd, const uint8_t* p, size_t len) {
@@ -700,14 +697,6 @@ static void* writer_main(void* arg) {
     int failed = q->err;
     pthread_mutex_unlock(&q->mu);
     int rc = failed ? 0 : q->chunk ? direct_write(q, c->buf, c->len) : write_all(q->fd, c->buf, c->len);
-    /* Its writeback started at once rather than once the chunk is hashed
-     * (sums_main), where the hashing lags behind the writing: a hint
-     * (errors are the fsync's to report), through the writer's own
-     * descriptor, whose position is the buffer's end. */
-    if (!failed && !rc && !q->chunk && q->writeback) {
-      off_t end = lseek(q->fd, 0, SEEK_CUR);
-      if (end >= (off_t)c->len) sync_file_range(q->fd, (off64_t)(end - (off_t)c->len), (off64_t)c->len, SYNC_FILE_RANGE_WRITE);
-    }
     if (!failed && !rc && !q->chunk) sums_published(q->sums, c->len);
     /* Written directly, the digests publish the chunks (direct_chunk_done);
      * what is on the disk is told the flusher alone. */
@@ -906,8 +895,6 @@ int pw_open(page_writer* w, const char* dir, uint64_t queue_limit, int direct) {
         }
       }
       q->limit = queue_limit;
-      const char* wb = getenv("APPSHOT_PAGES_WRITEBACK");
-      q->writeback = wb && !strcmp(wb, "writer");
       /* The whole pool now, warm: the reading then waits for a buffer the
        * thread has written rather than touch a new one. */
       uint64_t pool = queue_limit / WRITE_BUFFER;
