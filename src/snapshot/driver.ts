@@ -1159,7 +1159,12 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     // rounds, load ~4.4); only the device's cache flushed behind the
     // hashing, frozen +58 ms paired (lower in 3 of 9, load 3.4-5.8) for an
     // fsync 159 -> 127 ms, the held time no shorter. The hashing's
-    // writing back of each chunk is as far as it goes in the window.
+    // writing back of each chunk is as far as it goes in the window:
+    // started by the writer thread as each buffer is written instead
+    // (sync_file_range WRITE, no flush), 256 MiB paired, 7 rounds, load
+    // ~7, the state read +40 ms (worse in 6 of 7) for the fsync -23 and
+    // the digests' wait -62, the held time +66 ms (lower in 2 of 7;
+    // bench/results/snapwall-ab-2026-12-06-h317-writeback.txt).
     if (!opts.leaveRunning) pages.startHashing(false);
     const reporting = new ReportingPageWriter(pages, progress, estimate);
     reporting.report();
