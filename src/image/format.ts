@@ -153,8 +153,9 @@ export function toJson(value: unknown): unknown {
   return value;
 }
 
-/** Creates `path` with `data`, not synced yet: its descriptor, for the
- * caller to sync (with others, at once: commitImageDir) and close. */
+/** Creates `path` with `data`, not synced yet: its descriptor goes into
+ * `fds` (as soon as it is open), for the caller to sync (with others, at
+ * once: commitImageDir) and close. */
 function writeUnsynced(path: string, data: Buffer, fds: number[]): void {
   const fd = openSync(path, 'wx', 0o600);
   fds.push(fd);
