@@ -204,6 +204,9 @@ export interface ScannedPages {
 }
 
 /** An image's page file, written unnamed (O_TMPFILE) and named at the end. */
+/** Syncs running (fsyncStart), to be waited for (fsyncWait). */
+export type FsyncGroup = { readonly __fsyncGroup: unique symbol };
+
 export interface PageWriter {
   dump(pid: number, pagemapFd: number, start: bigint, end: bigint, mode: number, parent?: ParentPages, forkedFrom?: ForkedFrom): DumpedPages;
   /** What dump gives for each of several mappings of one process (no
@@ -216,8 +219,13 @@ export interface PageWriter {
   appendFd(fd: number, length: number): { offset: number; runs: Uint32Array };
   /** Flushed and synced: the SHA-256 of each chunk, hashed by the writer
    * thread as it wrote, and how long waiting for that thread's queue and
-   * then fsync took (the snapshot's phases). */
-  finish(): PageFileDigest & { drainMs: number; fsyncMs: number; hashMs: number };
+   * then fsync took (the snapshot's phases). With `deferSync`, the fsync
+   * is only started (fsyncMs 0), beside the last digests and whatever
+   * comes next: synced() waits for it, before the file may be published. */
+  finish(deferSync?: boolean): PageFileDigest & { drainMs: number; fsyncMs: number; hashMs: number };
+  /** Waits for the fsync finish(true) started (throws its error): its
+   * own milliseconds, 0 if none was pending. */
+  synced(): number;
   /** Lets the chunk digests be computed from what is written so far: on
    * one thread (`all` false: beside the writer thread while it writes
    * what is queued) or on every core. Not called, they are all computed
@@ -658,6 +666,11 @@ interface Addon {
   /** rename(from, to) unless something is at `to` (renameat2
    * RENAME_NOREPLACE): throws with code EEXIST then, as mkdir would. */
   renameNoReplace(from: string, to: string): void;
+  /** fsync of each descriptor at once, each on a thread of its own; the
+   * descriptors must stay open until fsyncWait, which throws the first
+   * error (errno's code) naming `what`. */
+  fsyncStart(fds: number[]): FsyncGroup;
+  fsyncWait(group: FsyncGroup, what: string): void;
   /** The regular file open at `inFd` copied into `outFd` (empty, open for writing), its holes left holes (addon/src/filecopy.c). */
   copyFileData(inFd: number, outFd: number): void;
   /** This process's session keyring's serial (its user's default if none of its own), 0 without keyrings. */

@@ -469,7 +469,7 @@ describe('a snapshot that fails or is killed at a step', () => {
 
   // After it (the file "released" written): the image is the application,
   // which is ended, never resumed, and the failure says so, exit 6.
-  for (const point of ['released', 'killed', 'ended']) {
+  for (const point of ['released', 'killing', 'killed', 'ended']) {
     it(`failing at '${point}', once it began to end the application: exit 6, one line, the application ended and its image complete`, async () => {
       const aid = `sfail-${point}`;
       await started(aid);
@@ -770,14 +770,16 @@ describe('a snapshot that fails or is killed at a step', () => {
     await rolledBack(aid, image, pids);
   });
 
-  it('killed just after it released the application, before it killed it: the application ends with appshot, and its image restores', async () => {
-    const aid = 'skill-released';
-    await started(aid);
-    const image = join(dir, `${aid}.appshot`);
-    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: released' });
-    expect(r.signal, r.stderr).toBe('SIGKILL');
-    await endedInto(aid, image);
-  });
+  // 'killing': its robust lists disarmed too, just before the kill.
+  for (const point of ['released', 'killing'])
+    it(`killed at '${point}', after it released the application, before it killed it: the application ends with appshot, and its image restores`, async () => {
+      const aid = `skill-${point}`;
+      await started(aid);
+      const image = join(dir, `${aid}.appshot`);
+      const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: `snapshot: ${point}` });
+      expect(r.signal, r.stderr).toBe('SIGKILL');
+      await endedInto(aid, image);
+    });
 });
 
 describe('a --leave-running snapshot killed while a thread runs an injected batch', () => {

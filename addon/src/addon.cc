@@ -36,6 +36,7 @@ extern "C" {
 #include "appshot_table.h"
 #include "filecopy.h"
 #include "pages.h"
+#include "syncs.h"
 }
 
 namespace appshot {
@@ -823,6 +824,43 @@ Napi::Value RenameNoReplace(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// fsyncStart(fds) -> handle: fsync of each descriptor, all at once, each
+// on a thread of its own; fsyncWait(handle, what) waits for all of them
+// and throws the first one's error (errno's code), naming `what`. The
+// descriptors must stay open until the wait (the caller's finally). For
+// syncs that depend on nothing of each other (the image commit's: see
+// commitImageDir): together, the file system can share one journal
+// commit and one device flush among them.
+struct FsyncGroup {
+  std::vector<fsync_job> jobs;
+  bool waited = false;
+  ~FsyncGroup() {
+    for (auto& j : jobs) fsync_job_wait(&j);
+  }
+};
+
+Napi::Value FsyncStart(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array fds = info[0].As<Napi::Array>();
+  auto* g = new FsyncGroup();
+  g->jobs.resize(fds.Length());
+  for (uint32_t i = 0; i < fds.Length(); i++) fsync_job_start(&g->jobs[i], fds.Get(i).As<Napi::Number>().Int32Value());
+  return Napi::External<FsyncGroup>::New(env, g, [](Napi::Env, FsyncGroup* group) { delete group; });
+}
+
+Napi::Value FsyncWait(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  FsyncGroup* g = info[0].As<Napi::External<FsyncGroup>>().Data();
+  std::string what = info.Length() > 1 && info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "syncing";
+  int rc = 0;
+  for (auto& j : g->jobs) {
+    int r = fsync_job_wait(&j);
+    if (!rc) rc = r;
+  }
+  if (rc) ThrowErrno(env, what, -rc);
+  return env.Undefined();
+}
+
 // sessionKeyringSerial() -> the serial of this process's session keyring
 // (its user's default one if it has none of its own), 0 without keyrings.
 // An application inherits it from whoever runs it (harness.ts).
@@ -904,6 +942,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("lockFile", Napi::Function::New(env, LockFile));
   exports.Set("tryLockFile", Napi::Function::New(env, TryLockFile));
   exports.Set("renameNoReplace", Napi::Function::New(env, RenameNoReplace));
+  exports.Set("fsyncStart", Napi::Function::New(env, FsyncStart));
+  exports.Set("fsyncWait", Napi::Function::New(env, FsyncWait));
   exports.Set("copyFileData", Napi::Function::New(env, CopyFileData));
   exports.Set("sessionKeyringSerial", Napi::Function::New(env, SessionKeyringSerial));
   exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));

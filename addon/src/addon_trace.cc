@@ -672,6 +672,7 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
                         InstanceMethod("append", &PageWriter::Append),
                         InstanceMethod("appendFd", &PageWriter::AppendFd),
                         InstanceMethod("finish", &PageWriter::Finish),
+                        InstanceMethod("synced", &PageWriter::Synced),
                         InstanceMethod("link", &PageWriter::Link),
                         InstanceMethod("fd", &PageWriter::Fd),
                         InstanceMethod("written", &PageWriter::Written),
@@ -912,13 +913,15 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     return result;
   }
 
-  // finish() -> { size, chunkSize, chunks, drainMs, fsyncMs }: flushed
-  // and synced; still unnamed. `chunks`: the SHA-256 of each chunkSize
-  // bytes of the file, hashed as they were written.
+  // finish(deferSync?) -> { size, chunkSize, chunks, drainMs, fsyncMs }:
+  // flushed and synced; still unnamed. `chunks`: the SHA-256 of each
+  // chunkSize bytes of the file, hashed as they were written. With
+  // deferSync, the fsync is started and left running (fsyncMs 0):
+  // synced() waits for it.
   Napi::Value Finish(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (!Check(env)) return env.Undefined();
-    int rc = pw_finish(&w_);
+    int rc = pw_finish(&w_, info.Length() > 0 && info[0].IsBoolean() && info[0].As<Napi::Boolean>().Value());
     Unmap();
     if (Failed(env, rc, "writing page data")) return env.Undefined();
     Napi::Object o = Napi::Object::New(env);
@@ -931,6 +934,16 @@ class PageWriter : public Napi::ObjectWrap<PageWriter> {
     o.Set("drainMs", Napi::Number::New(env, static_cast<double>(w_.drain_ns) / 1e6));
     o.Set("fsyncMs", Napi::Number::New(env, static_cast<double>(w_.fsync_ns) / 1e6));
     return o;
+  }
+
+  // synced() -> the fsync's own milliseconds: waits for the fsync that
+  // finish(true) started (0 if none is pending); throws its error.
+  Napi::Value Synced(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!Check(env)) return env.Undefined();
+    bool pending = w_.file_sync_pending;
+    if (Failed(env, pw_synced(&w_), "syncing page data")) return env.Undefined();
+    return Napi::Number::New(env, pending ? static_cast<double>(w_.fsync_ns) / 1e6 : 0);
   }
 
   // link(path): names the finished file.

@@ -1723,7 +1723,7 @@ static uint64_t monotonic_ns(void) {
   return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
-int pw_finish(page_writer* w) {
+int pw_finish(page_writer* w, int defer_sync) {
   close_mem(w);
   uint64_t t0 = monotonic_ns();
   int rc = 0;
@@ -1744,12 +1744,21 @@ int pw_finish(page_writer* w) {
   if (!rc && w->map && w->size) madvise(w->map, (w->size + 4095) & ~(uint64_t)4095, MADV_DONTNEED);
   uint64_t t1 = monotonic_ns();
   /* The sync and the last digests at once: the hashing threads read the
-   * page cache while it is written back. */
+   * page cache while it is written back. Deferred, the fsync runs on its
+   * own thread (after the ftruncate above: the size it makes durable is
+   * the final one) until pw_synced, beside the digests and the caller's
+   * commit work; the caller must wait for it before naming the file
+   * where an image's rename could publish it. */
   pthread_mutex_lock(&w->sums->mu);
   w->sums->final = 1;
   sums_allow(w->sums, w->sums->max_threads);
   pthread_mutex_unlock(&w->sums->mu);
-  if (!rc && fsync(w->file_fd)) rc = -errno;
+  if (!rc && defer_sync) {
+    fsync_job_start(&w->file_sync, w->file_fd);
+    w->file_sync_pending = 1;
+  } else if (!rc && fsync(w->file_fd)) {
+    rc = -errno;
+  }
   uint64_t t2 = monotonic_ns();
   int rc3 = rc ? 0 : sums_finish(w->sums);
   if (!rc) rc = rc3;
@@ -1757,6 +1766,14 @@ int pw_finish(page_writer* w) {
   w->fsync_ns = t2 - t1;
   w->hash_wait_ns = monotonic_ns() - t2;
   release_buffer(w);
+  return rc;
+}
+
+int pw_synced(page_writer* w) {
+  if (!w->file_sync_pending) return 0;
+  w->file_sync_pending = 0;
+  int rc = fsync_job_wait(&w->file_sync);
+  w->fsync_ns = w->file_sync.ns;
   return rc;
 }
 
@@ -1802,6 +1819,9 @@ int pw_link(page_writer* w, const char* path) {
 }
 
 void pw_abort(page_writer* w) {
+  /* A deferred fsync still running uses the file's descriptor: joined
+   * before it is closed (and perhaps reused). */
+  if (w->file_sync_pending) pw_synced(w);
   close_mem(w);
   queue_stop(w, 1);
   sums_free(w->sums);

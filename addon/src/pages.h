@@ -9,6 +9,8 @@
 #include <sys/ioctl.h>
 #include <sys/types.h>
 
+#include "syncs.h"
+
 /* PAGEMAP_SCAN (Linux 6.7): the build machine's linux/fs.h may predate it,
  * so its ABI is here, for the dirty tracking below and for appshot check. */
 struct appshot_page_region {
@@ -104,6 +106,10 @@ typedef struct {
   uint64_t drain_ns, fsync_ns;
   /* And then for the last chunk digests (hashed while it synced). */
   uint64_t hash_wait_ns;
+  /* pw_finish's fsync when it was left running (defer_sync): waited for
+   * by pw_synced (fsync_ns then its own duration), or by pw_abort. */
+  struct fsync_job file_sync;
+  int file_sync_pending;
   /* /proc/PID/mem of the process whose pages were read last (mem_pid), or
    * -1: opened once for every mapping of a process, not once per run of
    * pages; closed by pw_finish or pw_abort. */
@@ -243,8 +249,13 @@ void pw_hash_start(page_writer* w, int all);
  * the device's cache flushes alone. */
 void pw_flush_start(page_writer* w);
 /* Flushes and syncs, and waits for the chunk digests; the file stays open
- * until pw_link or pw_abort. */
-int pw_finish(page_writer* w);
+ * until pw_link or pw_abort. With `defer_sync`, the fsync is only started
+ * (on a thread of its own, beside the last digests and whatever the
+ * caller does next) and pw_synced waits for it. */
+int pw_finish(page_writer* w, int defer_sync);
+/* After pw_finish(w, 1): waits for its fsync; 0 or -errno (fsync_ns set).
+ * 0 at once if nothing is pending. */
+int pw_synced(page_writer* w);
 /* After pw_finish: the chunk table (PAGES_DIGEST bytes per chunk). */
 const uint8_t* pw_chunk_table(page_writer* w, size_t* nchunks);
 /* Gives the finished file its name. */

@@ -41,7 +41,7 @@ import { killPoint } from '../killpoint.js';
 import { requireZstd, zstdCompressTo, zstdDecompressFrom } from './zstd.js';
 import { makePartialDir, ownedName, removeStaleTemporaries, temporariesDir } from './partial.js';
 import { AppshotError, errnoName, errorText, ExitCode, isSystemCallError } from '../errors.js';
-import { addon, type PageFileDigest, type PagesCheck, type PageWriter } from '../native.js';
+import { addon, type FsyncGroup, type PageFileDigest, type PagesCheck, type PageWriter } from '../native.js';
 import { type FieldSchema, type MessageSchema, messageType } from './schema.js';
 import { checkSignature, imagesTrustedExplicitly, isOwnKey, type Signer, signWithSelf, untrustedHint } from './trust.js';
 import type { Image, Manifest, Template } from './types.js';
@@ -158,14 +158,13 @@ export function toJson(value: unknown): unknown {
   return value;
 }
 
-function writeSynced(path: string, data: Buffer): void {
+/** Creates `path` with `data`, not synced yet: its descriptor goes into
+ * `fds` (as soon as it is open), for the caller to sync (with others, at
+ * once: commitImageDir) and close. */
+function writeUnsynced(path: string, data: Buffer, fds: number[]): void {
   const fd = openSync(path, 'wx', 0o600);
-  try {
-    writeSync(fd, data);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
+  fds.push(fd);
+  writeSync(fd, data);
 }
 
 function syncDir(path: string): void {
@@ -208,11 +207,32 @@ export const notOwnSnapshot = (image: Image): void => void ownSnapshots.delete(i
 
 /** Writes a directory image at `dest` from the finished page file.
  * `subdirs` (name → a directory already written) move inside it: a
- * pre-copy image carries its base this way. */
-export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: PageFileDigest, imageId: string, subdirs: Record<string, string> = {}, beforePlacing?: (staged: string) => void): void {
+ * pre-copy image carries its base this way. Returns how long the page
+ * file's own fsync took when finish(true) left it running (0 otherwise).
+ *
+ * What is synced when. The rename into place is the commit: whatever it
+ * publishes must be durable before it, and it must be durable itself
+ * before the caller ends the application (never both lost). Before it:
+ * the page file's data and final size (its fsync, started by finish(true)
+ * once its size was cut to what was written, running since, beside the
+ * last digests, the classification and the encoding and signing here),
+ * image.pb's and the manifest's data (their fsyncs), and the staging
+ * directory's entries naming the three (its fsync, started once the last
+ * of them is made: a directory's fsync makes durable the entries it has
+ * then). No one of these four makes another durable or needs another
+ * done first, so they run at once (one thread each: the file system may
+ * share one journal commit and one device flush among them, where one
+ * after another each paid its own), the "placing" journal written
+ * meanwhile (it is about kill -9, which syncs do not change: the page
+ * cache outlives appshot); the rename waits for all four. Then the parent
+ * directory's fsync, which must follow the rename (it is what makes the
+ * rename durable), and precede the return. */
+export function commitImageDir(dest: string, image: Image, pages: PageWriter, pagesPart: PageFileDigest, imageId: string, subdirs: Record<string, string> = {}, beforePlacing?: (staged: string) => void): number {
   const parent = dirname(resolve(dest));
   const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${uniqueTag()}`));
   const tmp = partial.path;
+  const fds: number[] = [];
+  let syncing: FsyncGroup | undefined;
   try {
     for (const [name, dir] of Object.entries(subdirs)) renameSync(dir, join(tmp, name));
     pages.link(join(tmp, PARTS.pages));
@@ -221,19 +241,34 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     const written = writtenIdentity(join(tmp, PARTS.pages));
     const imageBytes = encodeImage({ ...image, fromSnapshot: true });
     const digests = partDigests(imageBytes, pagesPart);
-    writeSynced(join(tmp, PARTS.image), imageBytes);
-    writeSynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, digests, image));
-    syncDir(tmp);
+    writeUnsynced(join(tmp, PARTS.image), imageBytes, fds);
+    writeUnsynced(join(tmp, PARTS.manifest), encodeSignedManifest(imageId, digests, image), fds);
+    fds.push(openSync(tmp, 'r'));
+    syncing = addon().fsyncStart(fds);
     killPoint('image: committing');
     beforePlacing?.(tmp);
+    const waiting = syncing;
+    syncing = undefined;
+    addon().fsyncWait(waiting, `syncing ${tmp}`);
+    const pagesFsyncMs = pages.synced();
     placeNoReplace(tmp, dest);
     partial.done();
     syncDir(parent);
     recordWritten(written, imageId, pagesPart.chunks);
+    return pagesFsyncMs;
   } catch (e) {
+    // The syncs still running use the descriptors closed below.
+    if (syncing)
+      try {
+        addon().fsyncWait(syncing, `syncing ${tmp}`);
+      } catch {
+        /* the first failure is the one reported */
+      }
     rmSync(tmp, { recursive: true, force: true });
     partial.done();
     throw e;
+  } finally {
+    for (const fd of fds) closeSync(fd);
   }
 }
 

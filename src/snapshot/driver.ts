@@ -960,7 +960,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   // -o x.tar / x.tar.gz / x.tar.zst: a file holding the stream, not a directory.
   const fileKind = toStream ? 'dir' : imageFileKind(output);
   const toFile = fileKind !== 'dir';
-  const commit = async (image: Image, pages: PageWriter, part: PageFileDigest, imageId: string, base?: Base) => {
+  const commit = async (image: Image, pages: PageWriter, part: PageFileDigest, imageId: string, base?: Base): Promise<number | undefined> => {
     if (toStream) {
       standardOutput.carriesImage = true;
       try {
@@ -977,7 +977,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       } finally {
         standardOutput.carriesImage = false;
       }
-      return;
+      return undefined;
     }
     // An image that ends its application: its ending journaled from the
     // instant before the image is in place (ending.ts).
@@ -987,9 +987,15 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
           ending = endingJournal ??= new EndingJournal(reg.home, record);
           ending.placing(output, staged, connections?.journaled());
         };
-    if (toFile) await commitImageFile(output, fileKind, image, pages, part, imageId, journal);
-    else commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {}, journal);
+    if (toFile) {
+      await commitImageFile(output, fileKind, image, pages, part, imageId, journal);
+      return undefined;
+    }
+    return commitImageDir(output, image, pages, part, imageId, base ? { base: base.dir } : {}, journal);
   };
+  /** The commit waits for the page file's fsync (finish(true)): a
+   * directory image's (commitImageDir). */
+  const syncInCommit = !toStream && !toFile;
   /** The journal of the snapshot's ending, from its first connection
    * put in TCP repair mode, or its image's placing, on. */
   let endingJournal: EndingJournal | undefined;
@@ -1035,6 +1041,13 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   // the machine's available memory is queued for it.
   /** Left running, it goes on once copies of its memory are made: what
    * is still read frozen, about (the rest is read once it runs again). */
+  // Not for a snapshot that ends the application: it is held stopped until
+  // its image is on disk whatever its memory is read from, and copies only
+  // moved that reading from frozenMs into the held time, which grew
+  // (tried: default snapshots with copies against without, 16 MiB held
+  // 106 -> 145 ms, 256 MiB 775 -> 863 ms, while frozenMs fell 51 -> 31 and
+  // 360 -> 65 ms; paired, 5 rounds, load ~9;
+  // bench/results/cowheld-ab-2026-12-06.txt).
   const copying = opts.leaveRunning && cowCaptureWanted(opts.cowCapture);
   const split = copying ? timed('size estimated (read frozen)', () => estimateFrozenBytes(roots, (pid) => readStat(pid)?.ppid === record.initPid)) : undefined;
   const frozenBytes = split?.frozen;
@@ -1146,7 +1159,12 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     // rounds, load ~4.4); only the device's cache flushed behind the
     // hashing, frozen +58 ms paired (lower in 3 of 9, load 3.4-5.8) for an
     // fsync 159 -> 127 ms, the held time no shorter. The hashing's
-    // writing back of each chunk is as far as it goes in the window.
+    // writing back of each chunk is as far as it goes in the window:
+    // started by the writer thread as each buffer is written instead
+    // (sync_file_range WRITE, no flush), 256 MiB paired, 7 rounds, load
+    // ~7, the state read +40 ms (worse in 6 of 7) for the fsync -23 and
+    // the digests' wait -62, the held time +66 ms (lower in 2 of 7;
+    // bench/results/snapwall-ab-2026-12-06-h317-writeback.txt).
     if (!opts.leaveRunning) pages.startHashing(false);
     const reporting = new ReportingPageWriter(pages, progress, estimate);
     reporting.report();
@@ -1236,7 +1254,11 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     await reporting.drain(interrupted);
     clock.end('drainMs');
     if (interrupted()) throw new Interrupted();
-    const part = pages.finish();
+    // A directory image's page file fsync is started here and waited for
+    // by the commit, just before its rename: meanwhile the last digests,
+    // the classification, the checksums, the metadata encoded and signed,
+    // and the other syncs (commitImageDir says why that order is enough).
+    const part = pages.finish(syncInCommit);
     clock.endPageFile(part);
     let stored = 0;
     let inherited = 0;
@@ -1256,9 +1278,13 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     // Without --leave-running, the application is still stopped: the
     // image is committed before anything is killed, so that if writing it
     // fails, the application is given back alive (the catch below).
-    await commit(image, pages, part, imageId, base);
+    const pagesFsyncMs = await commit(image, pages, part, imageId, base);
     committed = true;
     clock.end('commitMs');
+    // The page file's fsync, run beside hashMs, checksumMs and commitMs
+    // (not after drainMs as otherwise): its own length, not a slice of
+    // the held time.
+    if (pagesFsyncMs) clock.overlapped('fsyncMs', pagesFsyncMs);
     killPoint('snapshot: image committed');
     if (!opts.leaveRunning) {
       // Before the application ends, a keeper holds its connections until
@@ -1303,12 +1329,18 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       released = true;
       reg.setAsideLog(record);
       killPoint('snapshot: released');
-      clock.released();
       // The application moves into its image rather than dying: the
       // kernel's robust-list walk at its kill must not mark the mutexes it
       // holds in files mapped shared owner-dead (threads.ts).
       disarmRobustLists(image);
+      killPoint('snapshot: killing');
       freezer.kill();
+      // Held until every process of it is gone (killed, each exit seen):
+      // where CRIU's dump stops its "Frozen time" clock when it ends the
+      // application (cr-dump.c cr_dump_finish: the tasks switched to
+      // TASK_DEAD, which kills and waits for them, then TIME_FROZEN
+      // stopped), so that the two figures span the same.
+      clock.released();
       killPoint('snapshot: killed');
       connections.closeSilently();
       keeper.close();

@@ -12,6 +12,10 @@
  *   running and not ended, until its image is committed and on disk, so
  *   that a failure to write the image gives it back alive; then it is
  *   ended. It never runs again either way when all goes well.
+ * CRIU's "Frozen time" is the held time in both modes: its clock stops
+ * once the tasks are resumed, or killed and waited for (cr-dump.c
+ * cr_dump_finish), its images written meanwhile (not synced). Compared
+ * with CRIU, a default snapshot's figure is heldMs, not frozenMs.
  */
 export interface SnapshotPhases {
   /** Stopping every thread (before the frozen window). */
@@ -33,7 +37,10 @@ export interface SnapshotPhases {
   copyMs: number;
   /** Waiting for the page writer's thread to write what it still held. */
   drainMs: number;
-  /** fsync of the page file. */
+  /** fsync of the page file. A directory image's runs beside hashMs,
+   * checksumMs and commitMs (started by finish, waited for just before
+   * the rename): then its own length, which overlaps those phases, not a
+   * slice of heldMs of its own. */
   fsyncMs: number;
   /** After the fsync, waiting for the last of the page file's chunk
    * digests (hashed by the writer's threads as it wrote, and during the
@@ -46,8 +53,9 @@ export interface SnapshotPhases {
   commitMs: number;
   /** Ending the application and seeing it gone (default mode). */
   endMs: number;
-  /** From the end of freezing until the application went on or was
-   * killed. */
+  /** From the end of freezing until the application went on
+   * (--leave-running), or was killed and every process of it gone: the
+   * span CRIU's dump reports as "Frozen time" in both modes. */
   heldMs: number;
 }
 
@@ -93,7 +101,13 @@ export class PhaseClock {
     this.last = now();
   }
 
-  /** The application goes on or is killed now. */
+  /** `ms` of `phase`, which ran beside the others (the clock of the
+   * phases that follow one another not moved). */
+  overlapped(phase: Timed, ms: number): void {
+    this.record(phase, ms);
+  }
+
+  /** The application went on, or was killed and is gone, now. */
   released(): void {
     this.phases.heldMs = this.frozenAt ? (now() - this.frozenAt) / 1000 : 0;
   }

@@ -96,7 +96,8 @@ export class ReportingPageWriter {
     // Every method delegated explicitly: the addon's methods must be
     // called on the addon's object.
     const writer: PageWriter = {
-      finish: () => pages.finish(),
+      finish: (deferSync?: boolean) => pages.finish(deferSync),
+      synced: () => pages.synced(),
       link: (path: string) => pages.link(path),
       fd: () => pages.fd(),
       written: () => pages.written(),
