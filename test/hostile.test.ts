@@ -1513,6 +1513,15 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       Object.assign(fd, { fd: 907, kind: FdKind.EPOLL, path: 'anon_inode:[eventpoll]', file: -1, description: 0, epoll: [t, { ...t }] });
       i.processes[0].fds.push(fd);
     }, 'fd 907 watches one registered fd twice'],
+    ['busy-poll parameters beyond the kernel\'s ranges', (i) => {
+      const fd = structuredClone(i.processes[0].fds[0]);
+      Object.assign(fd, { fd: 908, kind: FdKind.EPOLL, path: 'anon_inode:[eventpoll]', file: -1, description: 0, epoll: [], epollParams: { busyPollUsecs: 0x80000000, busyPollBudget: 0x10040, preferBusyPoll: true } });
+      i.processes[0].fds.push(fd);
+    }, 'fd 908 has busy-poll parameters 2147483648/65600/true'],
+    ['busy-poll parameters on a file not an epoll set', (i) => {
+      const fd = i.processes[0].fds.find((f) => f.kind === 0)!;
+      fd.epollParams = { busyPollUsecs: 10, busyPollBudget: 8, preferBusyPoll: false };
+    }, 'has busy-poll parameters 10/8/false, not those of an epoll set'],
     ['a POSIX write lock on a read-only descriptor', (i) => {
       const fd = i.processes[0].fds.find((f) => f.kind === 0)!;
       fd.flags &= ~3;

@@ -331,8 +331,8 @@ export function restoreEpolls(r: RemoteProcess, p: Process, place: (got: number,
   for (const fd of sets) {
     if (!fd.epollParams) continue;
     const b = Buffer.alloc(EPOLL_PARAMS_BYTES);
-    b.writeUInt32LE(fd.epollParams.busyPollUsecs >>> 0, 0);
-    b.writeUInt16LE(fd.epollParams.busyPollBudget & 0xffff, 4);
+    b.writeUInt32LE(fd.epollParams.busyPollUsecs, 0);
+    b.writeUInt16LE(fd.epollParams.busyPollBudget, 4);
     b[6] = fd.epollParams.preferBusyPoll ? 1 : 0;
     r.reset();
     r.call(`setting the busy-poll parameters of epoll fd ${fd.fd} (EPIOCSPARAMS)`, SYS.ioctl, [fd.fd, EPIOCSPARAMS, r.put(b)]);
