@@ -1376,6 +1376,22 @@ describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is 
   });
 });
 
+it("an epoll set's busy-poll budget above 64 is refused in one line to a restorer without CAP_NET_ADMIN (the kernel would ask it of appshot's), nothing made", () => {
+  const dir = crafted('busypoll-admin', (i) => {
+    for (const p of i.processes)
+      for (const c of [p.creds, ...p.threads.map((t) => t.creds)]) if (c) for (const k of ['capEff', 'capPrm', 'capInh', 'capBnd', 'capAmb'] as const) c[k] &= ~(1n << 12n);
+    const fd = structuredClone(i.processes[0].fds[0]);
+    Object.assign(fd, { fd: 909, kind: FdKind.EPOLL, path: 'anon_inode:[eventpoll]', file: -1, description: 0, epoll: [], epollParams: { busyPollUsecs: 50, busyPollBudget: 100, preferBusyPoll: false } });
+    i.processes[0].fds.push(fd);
+  });
+  const aidsBefore = sb.aids();
+  const r = spawnSync('setpriv', ['--bounding-set=-net_admin', process.execPath, cli, 'restore', dir], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8', timeout: 50_000 });
+  expect(r.stderr).toMatch(/^appshot: cannot restore \S+: process \d+ \(.*\) fd 909: its epoll set has a busy-poll budget of 100 \(above 64\), which takes CAP_NET_ADMIN, which this restore does not have\n$/);
+  expect(r.status).toBe(5);
+  expect(sb.aids()).toEqual(aidsBefore);
+  expect(tmpEntries()).toEqual([]);
+});
+
 describe('SysV segments locked in memory (SHM_LOCK): no more than the image\'s processes could have locked, nothing made', () => {
   // Its processes without CAP_IPC_LOCK, with an RLIMIT_MEMLOCK of
   // `memlock`; segments of `sizes` owned by their uid (0), each locked.
@@ -1519,6 +1535,15 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
       Object.assign(fd, { fd: 907, kind: FdKind.EPOLL, path: 'anon_inode:[eventpoll]', file: -1, description: 0, epoll: [t, { ...t }] });
       i.processes[0].fds.push(fd);
     }, 'fd 907 watches one registered fd twice'],
+    ['busy-poll parameters beyond the kernel\'s ranges', (i) => {
+      const fd = structuredClone(i.processes[0].fds[0]);
+      Object.assign(fd, { fd: 908, kind: FdKind.EPOLL, path: 'anon_inode:[eventpoll]', file: -1, description: 0, epoll: [], epollParams: { busyPollUsecs: 0x80000000, busyPollBudget: 0x10040, preferBusyPoll: true } });
+      i.processes[0].fds.push(fd);
+    }, 'fd 908 has busy-poll parameters 2147483648/65600/true'],
+    ['busy-poll parameters on a file not an epoll set', (i) => {
+      const fd = i.processes[0].fds.find((f) => f.kind === 0)!;
+      fd.epollParams = { busyPollUsecs: 10, busyPollBudget: 8, preferBusyPoll: false };
+    }, 'has busy-poll parameters 10/8/false, not those of an epoll set'],
     ['a POSIX write lock on a read-only descriptor', (i) => {
       const fd = i.processes[0].fds.find((f) => f.kind === 0)!;
       fd.flags &= ~3;

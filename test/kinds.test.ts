@@ -1174,9 +1174,6 @@ describe('what cannot be captured yet is refused by name, and the application go
     ['udp-pktinfo', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 0\\.0\\.0\\.0:\\d+ holds a datagram from 127\\.0\\.0\\.1:\\d+ sent to 239\\.1\\.2\\.3, which the socket shows the program \\(IP_PKTINFO\\), a multicast address: a restore could not send it there again, which cannot be captured`)],
     ['udp-error', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 127\\.0\\.0\\.1:\\d+ holds an error the application has not read yet \\(the answer to an earlier send, such as an ICMP port unreachable`)],
     ['udp-corked', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 127\\.0\\.0\\.1:\\d+ is corked \\(UDP_CORK\\) with part of a datagram not yet sent \\(\\d+ bytes of its send buffer\\), which cannot be captured`)],
-    // A send with MSG_MORE holds its bytes as UDP_CORK does: before, the
-    // restore dropped them and the next send went out as a datagram alone.
-    ['udp-more', (fd) => new RegExp(`process 2 \\(holder\\) fd ${fd}: the UDP socket 127\\.0\\.0\\.1:\\d+ holds part of a datagram written with MSG_MORE and not yet sent \\(\\d+ bytes of its send buffer\\), which cannot be captured`)],
     ['deleted-truncated-mapping', () => /process 2 \(holder\): the memory at 0x[0-9a-f]+-0x[0-9a-f]+ \(\/tmp\/holder-truncated-\d+ \(deleted\)\) cannot be read, past the end of the file \(truncated under the mapping before it was deleted\), which cannot be captured/],
     ['sysv-foreign', () => /process 2 \(holder\): maps SysV segment \d+, which belongs to no application/],
     ['netlink', (fd) => `process 2 (holder) fd ${fd}: a NETLINK_GENERIC socket cannot be captured: its families and their group numbers are given out at run time, and some families own objects by socket`],

@@ -473,6 +473,11 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
       // epoll_ctl refuses an epoll set watching itself (EINVAL).
       if (held === fd.fd) corrupt(`${where} is an epoll set watching itself`);
     }
+    // EPIOCSPARAMS takes busy_poll_usecs up to S32_MAX and a u16 budget
+    // (a larger one would be cut to another value); only an epoll set has them.
+    const bp = fd.epollParams;
+    if (bp && (fd.kind !== FdKind.EPOLL || !(Number.isInteger(bp.busyPollUsecs) && bp.busyPollUsecs >= 0 && bp.busyPollUsecs <= 0x7fffffff) || !(Number.isInteger(bp.busyPollBudget) && bp.busyPollBudget >= 0 && bp.busyPollBudget <= 0xffff) || typeof bp.preferBusyPoll !== 'boolean'))
+      corrupt(`${where} has busy-poll parameters ${bp.busyPollUsecs}/${bp.busyPollBudget}/${bp.preferBusyPoll}, not those of an epoll set (usecs at most ${0x7fffffff}, budget at most ${0xffff})`);
     // A target is a file and the number it was registered under: both
     // twice is EEXIST. (One number may name two files: registered, closed,
     // reused and registered again; each is held elsewhere then.)

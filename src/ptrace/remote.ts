@@ -26,7 +26,6 @@ export const SYS = {
   mremap: 25,
   madvise: 28,
   shmat: 30,
-  shmctl: 31,
   dup2: 33,
   setitimer: 38,
   fork: 57,

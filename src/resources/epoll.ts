@@ -47,13 +47,13 @@
  * the process no longer holds at all (only another process does) is
  * refused at snapshot.
  */
-import { closeSync, readdirSync } from 'node:fs';
-import { AppshotError, errnoName } from '../errors.js';
+import { closeSync, readdirSync, readlinkSync } from 'node:fs';
+import { AppshotError, errnoName, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
-import { type EpollParams, type EpollTarget, type Fd, FdKind, type Process } from '../image/types.js';
+import { type EpollParams, type EpollTarget, type Fd, FdKind, type Image, type Process } from '../image/types.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
-import { Unsupported } from './context.js';
+import { nameProcess, Unsupported } from './context.js';
 
 const EPOLL_CTL_ADD = 1;
 const EPOLL_CTL_MOD = 3;
@@ -138,6 +138,51 @@ export function dumpEpollParams(pid: number, epfd: number): EpollParams | undefi
     return params.busyPollUsecs || params.busyPollBudget || params.preferBusyPoll ? params : undefined;
   } finally {
     closeSync(dup);
+  }
+}
+
+/** The kernel's default busy-poll budget (NAPI_POLL_WEIGHT): a larger one
+ * takes CAP_NET_ADMIN in the initial user namespace (capable()). */
+const NAPI_POLL_WEIGHT = 64;
+const CAP_NET_ADMIN = 12;
+const INIT_USER_NS = 'user:[4026531837]';
+
+/** Refuses, before anything is made, an image with an epoll set whose
+ * busy-poll parameters this restore cannot set: on a kernel without
+ * EPIOCSPARAMS (before 6.9, or without CONFIG_NET_RX_BUSY_POLL), or a
+ * budget above NAPI_POLL_WEIGHT without CAP_NET_ADMIN (the restored
+ * process sets them before its credentials are its own: the kernel asks
+ * the restorer's). Asked of appshot's own event loop's epoll set. */
+export function checkEpollPrivileges(image: Image, capEff: bigint): void {
+  let supported: string | undefined;
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      const bp = fd.kind === FdKind.EPOLL ? fd.epollParams : undefined;
+      if (!bp) continue;
+      supported ??= epollParamsSupport();
+      if (supported) throw new AppshotError(`${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: its epoll set has busy-poll parameters, which this kernel cannot set (EPIOCSPARAMS: ${supported})`);
+      if (bp.busyPollBudget > NAPI_POLL_WEIGHT && !((capEff >> BigInt(CAP_NET_ADMIN)) & 1n && readlinkSync('/proc/self/ns/user') === INIT_USER_NS))
+        throw new AppshotError(`${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: its epoll set has a busy-poll budget of ${bp.busyPollBudget} (above ${NAPI_POLL_WEIGHT}), which takes CAP_NET_ADMIN, which this restore does not have`, ExitCode.denied);
+    }
+}
+
+/** '' where this kernel has EPIOCGPARAMS/EPIOCSPARAMS, else the errno
+ * name its EPIOCGPARAMS gives (ENOTTY before 6.9; EOPNOTSUPP without
+ * CONFIG_NET_RX_BUSY_POLL), read on an epoll set of this process's own. */
+function epollParamsSupport(): string {
+  const own = readdirSync('/proc/self/fd').map(Number).find((n) => {
+    try {
+      return readlinkSync(`/proc/self/fd/${n}`) === 'anon_inode:[eventpoll]';
+    } catch {
+      return false;
+    }
+  });
+  if (own === undefined) return 'no epoll set of appshot\'s own to ask';
+  try {
+    addon().ioctl(own, EPIOCGPARAMS, Buffer.alloc(EPOLL_PARAMS_BYTES));
+    return '';
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code ?? (e as Error).message;
   }
 }
 
@@ -325,14 +370,15 @@ export function markPending(fds: Fd[], asked: ReadyListAsked[]): void {
 export function restoreEpolls(r: RemoteProcess, p: Process, place: (got: number, fd: Fd) => void): void {
   const sets = p.fds.filter((f) => f.kind === FdKind.EPOLL);
   for (const fd of sets) place(Number(r.call('epoll_create1', SYS.epoll_create1, [EPOLL_CLOEXEC])), fd);
-  // Its busy-poll parameters as the program set them, by the process
-  // itself: the kernel asks CAP_NET_ADMIN for a budget above its default
-  // (NAPI_POLL_WEIGHT) of the process, as it did of the program.
+  // Its busy-poll parameters as the program set them (validated: in the
+  // kernel's ranges). Set before the process's credentials are restored:
+  // the kernel's CAP_NET_ADMIN check for a budget above NAPI_POLL_WEIGHT
+  // is made of the restorer's, which checkEpollPrivileges asked up front.
   for (const fd of sets) {
     if (!fd.epollParams) continue;
     const b = Buffer.alloc(EPOLL_PARAMS_BYTES);
-    b.writeUInt32LE(fd.epollParams.busyPollUsecs >>> 0, 0);
-    b.writeUInt16LE(fd.epollParams.busyPollBudget & 0xffff, 4);
+    b.writeUInt32LE(fd.epollParams.busyPollUsecs, 0);
+    b.writeUInt16LE(fd.epollParams.busyPollBudget, 4);
     b[6] = fd.epollParams.preferBusyPoll ? 1 : 0;
     r.reset();
     r.call(`setting the busy-poll parameters of epoll fd ${fd.fd} (EPIOCSPARAMS)`, SYS.ioctl, [fd.fd, EPIOCSPARAMS, r.put(b)]);

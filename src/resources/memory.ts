@@ -1239,14 +1239,7 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
         break;
       case VmaKind.SYSV_SHM: {
         const SHM_RDONLY = 0o10000;
-        const IPC_RMID = 0;
         add(what, SYS.shmat, [src.shmSystemId(v.shmVid), v.start, v.prot & PROT_WRITE ? 0 : SHM_RDONLY]);
-        // A segment the application had removed (IPC_RMID while attached:
-        // maps shows it deleted) is removed again once attached, so that
-        // it goes with its last detach and IPC_STAT shows SHM_DEST: made
-        // again, it was an ordinary one that outlived its users. Linux
-        // lets a later process of the restore attach it still by its id.
-        if (v.path.endsWith(' (deleted)')) add(`removing SysV segment ${v.shmVid} as the application had (IPC_RMID)`, SYS.shmctl, [src.shmSystemId(v.shmVid), IPC_RMID, 0]);
         break;
       }
     }

@@ -9,9 +9,8 @@
  * (the address it was sent to, TOS or traffic class, TTL or hop limit).
  *
  * Dump: the receive queue is read without consuming it (SO_PEEK_OFF with
- * MSG_PEEK). The send queue of UDP is empty but for a socket holding a
- * datagram it is still building (UDP_CORK, or a send with MSG_MORE):
- * refused by name.
+ * MSG_PEEK). The send queue of UDP is empty but for a corked socket
+ * (UDP_CORK) holding a datagram it is still building: refused by name.
  *
  * Restore, in appshot's process, once per socket: made, options set, bound
  * to its address and port (a port something else holds fails the restore,
@@ -29,7 +28,7 @@ import { networkInterfaces } from 'node:os';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Datagram, Fd, InodeOwner, Process, Socket } from '../image/types.js';
 import { addon } from '../native.js';
-import { type RestoreContext, Transient, Unsupported } from './context.js';
+import { type RestoreContext, Unsupported } from './context.js';
 import { AF_INET, AF_INET6, isAddressOf, makeSockaddr, parseSockaddr } from './sockaddr.js';
 import { joinMemberships, membershipsProblem, readMemberships } from './multicast.js';
 import { queuedWithHeaders, readOptions, refuseOwnFilter, setOptions, shut } from './unixdgram.js';
@@ -105,16 +104,8 @@ export function dumpUdp(pid: number, fd: number, ino: bigint, family: number, se
     const extras = readExtras(dup, 'udp', family, SOCK_DGRAM, carried(family), where);
     const reuseport = !!options.find((o) => o.level === SOL_SOCKET && o.name === 15)?.value;
     noted(notes, ino, 'udp', own.port, reuseport, extras, where);
-    const corked = !!options.find((o) => o.level === IPPROTO_UDP && o.name === UDP_CORK)?.value;
-    if (corked && (seen?.txQueue ?? 0) > 0)
+    if (options.find((o) => o.level === IPPROTO_UDP && o.name === UDP_CORK)?.value && (seen?.txQueue ?? 0) > 0)
       throw new Unsupported(`${where} is corked (UDP_CORK) with part of a datagram not yet sent (${seen!.txQueue} bytes of its send buffer), which cannot be captured`);
-    // Without UDP_CORK, a send with MSG_MORE holds its bytes the same way
-    // (the kernel's pending datagram; no option shows it): the next send
-    // completes that datagram, which a restore would send without them.
-    // Bytes of a datagram already sent but not yet freed by the device
-    // count here too for a moment, so that refusal is tried again.
-    if (!corked && (seen?.txQueue ?? 0) > 0)
-      throw new Transient(`${where} holds part of a datagram written with MSG_MORE and not yet sent (${seen!.txQueue} bytes of its send buffer), which cannot be captured`);
     const queued = queuedWithHeaders(dup, where);
     const socket: Socket = {
       ino,

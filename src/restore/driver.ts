@@ -33,6 +33,7 @@ import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds,
 import { restoreFds } from '../resources/files.js';
 import { makeUnixPairsInside, unixPairMakers } from '../resources/peermaker.js';
 import { openToMapAs } from '../resources/fsident.js';
+import { checkEpollPrivileges } from '../resources/epoll.js';
 import { checkFanotifyPrivileges } from '../resources/fanotify.js';
 import { restoreQueueNotifications } from '../resources/mqueue.js';
 import { restoreAioRings } from '../resources/aio.js';
@@ -164,6 +165,7 @@ export function checkPrivileges(image: LoadedImage['image']): void {
   checkLimits(image, readLimits('self'), own);
   checkSchedulingPrivileges(image, own.capEff);
   checkFanotifyPrivileges(image, own.capEff);
+  checkEpollPrivileges(image, own.capEff);
   timeNamespaceFor(image, own);
 }
 
