@@ -415,6 +415,28 @@ describe('a snapshot that fails or is killed at a step', () => {
     });
   }
 
+  // Failing once the image was renamed (or linked) into place, before
+  // its directory entry is on disk (the parent's sync, the page file's
+  // identity recorded): the image placed goes too, as when the commit
+  // failed before it, and the snapshot says so. Was: left at -o while the
+  // snapshot said the application was left running (two of it).
+  for (const name of ['img', 'img.tar']) {
+    it(`failing just after its image (${name}) was placed, before the commit was on disk: exit 1, one line, no image, and the application runs untraced`, async () => {
+      const aid = `splaced-${name.replace('.', '-')}`;
+      await started(aid);
+      const out = join(dir, `${aid}-out`);
+      mkdirSync(out);
+      const r = snapshotWith(aid, join(out, name), { APPSHOT_TEST_FAIL_AT: 'image: placed' });
+      expect(r.status, r.stderr).toBe(1);
+      expect(r.stderr.trim().split('\n')).toEqual([`appshot: cannot snapshot '${aid}': failure injected at 'image: placed' (APPSHOT_TEST_FAIL_AT); the application was left running`]);
+      expect(readdirSync(out)).toEqual([]);
+      expect(readdirSync(join(sb.home, 'tmp')).filter((f) => f.includes('ending'))).toEqual([]);
+      await runsUntraced(aid);
+      expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+      await nothingLeftOf(aid, aid);
+    });
+  }
+
   // Killed once its image is in place (the journal says "placing"), then
   // the system goes down before any command looks (a power loss: the
   // application dies with it, the image, made durable before it was

@@ -213,6 +213,7 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
   const parent = dirname(resolve(dest));
   const partial = makePartialDir(join(parent, `.${basename(dest)}.partial-${uniqueTag()}`));
   const tmp = partial.path;
+  let placed = false;
   try {
     for (const [name, dir] of Object.entries(subdirs)) renameSync(dir, join(tmp, name));
     pages.link(join(tmp, PARTS.pages));
@@ -227,11 +228,23 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     killPoint('image: committing');
     beforePlacing?.(tmp);
     placeNoReplace(tmp, dest);
+    placed = true;
     partial.done();
+    killPoint('image: placed');
     syncDir(parent);
     recordWritten(written, imageId, pagesPart.chunks);
   } catch (e) {
     rmSync(tmp, { recursive: true, force: true });
+    // Placed, but the commit failed: not committed, so the image goes too,
+    // or a caller saying nothing was written would leave a whole image.
+    if (placed) {
+      rmSync(dest, { recursive: true, force: true });
+      try {
+        syncDir(parent);
+      } catch {
+        /* best effort */
+      }
+    }
     partial.done();
     throw e;
   }
@@ -349,7 +362,19 @@ export async function commitImageFile(dest: string, compression: 'tar' | 'gzip' 
       if ((e as NodeJS.ErrnoException).code === 'EEXIST') throw new AppshotError(`${dest} already exists`, ExitCode.conflict);
       throw e;
     }
-    syncDir(parent);
+    try {
+      killPoint('image: placed');
+      syncDir(parent);
+    } catch (e) {
+      // Linked, but the commit failed: the link goes too (see commitImageDir).
+      rmSync(dest, { force: true });
+      try {
+        syncDir(parent);
+      } catch {
+        /* best effort */
+      }
+      throw e;
+    }
   } finally {
     rmSync(partial.path, { recursive: true, force: true });
     partial.done();
