@@ -9,7 +9,7 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cli, command, describeIpc, fixture, Sandbox, seizedByAnotherTracer, spawnAsync, strayIpcIds, systemIpcIds, tcpExchange, templfixTemplate, usedBytes, waitFor, withTmpfs } from './helpers.js';
@@ -414,6 +414,67 @@ describe('a snapshot that fails or is killed at a step', () => {
       await endedInto(aid, join(out, name));
     });
   }
+
+  // Failing once the image was renamed (or linked) into place, before
+  // its directory entry is on disk (the parent's sync, the page file's
+  // identity recorded): the image placed goes too, as when the commit
+  // failed before it, and the snapshot says so. Was: left at -o while the
+  // snapshot said the application was left running (two of it).
+  for (const name of ['img', 'img.tar']) {
+    it(`failing just after its image (${name}) was placed, before the commit was on disk: exit 1, one line, no image, and the application runs untraced`, async () => {
+      const aid = `splaced-${name.replace('.', '-')}`;
+      await started(aid);
+      const out = join(dir, `${aid}-out`);
+      mkdirSync(out);
+      const r = snapshotWith(aid, join(out, name), { APPSHOT_TEST_FAIL_AT: 'image: placed' });
+      expect(r.status, r.stderr).toBe(1);
+      expect(r.stderr.trim().split('\n')).toEqual([`appshot: cannot snapshot '${aid}': failure injected at 'image: placed' (APPSHOT_TEST_FAIL_AT); the application was left running`]);
+      expect(readdirSync(out)).toEqual([]);
+      expect(readdirSync(join(sb.home, 'tmp')).filter((f) => f.includes('ending'))).toEqual([]);
+      await runsUntraced(aid);
+      expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+      await nothingLeftOf(aid, aid);
+    });
+  }
+
+  // Killed once its image is in place (the journal says "placing"), then
+  // the system goes down before any command looks (a power loss: the
+  // application dies with it, the image, made durable before it was
+  // placed, is on disk). After the restart the entry is of an earlier
+  // boot: the image is all that is left of the application, and is kept
+  // as it (registration released to it, the user told once), never
+  // removed as "placing" would be in the same boot. A restart is played
+  // here by the entry's boot id made another one and every process of the
+  // application (its init and the witness too) killed.
+  it('killed once its image is in place, then the system restarted before the next command: the image is kept and is the application', async () => {
+    const aid = 'skill-restarted';
+    await started(aid);
+    const pids = sb.json<{ processes: { pid: number }[] }[]>(['ps', aid])[0].processes.map((p) => p.pid);
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: image committed' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    const [name] = readdirSync(join(sb.home, 'tmp')).filter((f) => f.includes('ending'));
+    const path = join(sb.home, 'tmp', name);
+    const entry = JSON.parse(readFileSync(path, 'utf8')) as { step: string; boot?: string; witness?: { pid: number } };
+    expect(entry.step).toBe('placing');
+    expect(entry.boot).toBe(readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim());
+    writeFileSync(path, JSON.stringify({ ...entry, boot: '00000000-0000-4000-8000-000000000000' }));
+    for (const pid of [...pids, ...(entry.witness ? [entry.witness.pid] : [])])
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        /* gone already */
+      }
+    const ps = spawnSync(process.execPath, [cli, 'ps'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8', timeout: 50_000 });
+    expect(ps.status, ps.stderr).toBe(0);
+    expect(ps.stderr.trim().split('\n')).toEqual([
+      `appshot: the snapshot of '${aid}' to ${image} was cut short by a restart of the system (a power loss?), which ended the application: its image is kept, and is the application now`,
+    ]);
+    expect(readdirSync(join(sb.home, 'tmp')).filter((f) => f.includes('ending'))).toEqual([]);
+    // Told once: the next command says nothing of it.
+    expect(spawnSync(process.execPath, [cli, 'ps'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8', timeout: 50_000 }).stderr).toBe('');
+    await endedInto(aid, image);
+  });
 
   // The page file's file system full halfway: through write() (the
   // default: write says ENOSPC) and through the page file mapped
@@ -940,6 +1001,31 @@ describe('letting go what is left after a failure past the commit', () => {
       sh.kill('SIGKILL');
     }
   });
+});
+
+describe("a killed snapshot's journal left by an earlier boot", () => {
+  // A "placing" entry of a snapshot that is gone (a PID above any
+  // pid_max), next to the image it placed: of this boot, the image goes
+  // (the application was let go and runs on); of an earlier boot (a power
+  // loss ended the application), it stays, all that is left of it.
+  for (const [boot, kept] of [['00000000-0000-4000-8000-000000000000', true], [readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim(), false]] as const) {
+    it(kept ? 'of an earlier boot: the image stays' : 'of this boot: the image goes', () => {
+      const tmp = join(sb.home, 'tmp');
+      mkdirSync(tmp, { recursive: true });
+      const image = join(dir, `restarted-${kept}.appshot`);
+      mkdirSync(image);
+      writeFileSync(join(image, 'image.pb'), 'x');
+      const st = statSync(image);
+      const name = `ending-2147483646-1-${kept ? '0badb007' : '0dedb007'}`;
+      writeFileSync(join(tmp, name), JSON.stringify({ step: 'placing', boot, aid: 'gone', initPid: 0, initStartTime: 0, output: image, dev: st.dev, ino: st.ino }));
+      const ps = spawnSync(process.execPath, [cli, 'ps'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8', timeout: 50_000 });
+      expect(ps.status, ps.stderr).toBe(0);
+      expect(readdirSync(tmp).filter((f) => f.includes(name))).toEqual([]);
+      expect(existsSync(image)).toBe(kept);
+      expect(ps.stderr).toBe(kept ? `appshot: the snapshot of 'gone' to ${image} was cut short by a restart of the system (a power loss?), which ended the application: its image is kept, and is the application now\n` : '');
+      rmSync(image, { recursive: true, force: true });
+    });
+  }
 });
 
 describe("a killed snapshot's journal damaged by other means than a kill", () => {

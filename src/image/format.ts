@@ -233,6 +233,7 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
   const tmp = partial.path;
   const fds: number[] = [];
   let syncing: FsyncGroup | undefined;
+  let placed = false;
   try {
     for (const [name, dir] of Object.entries(subdirs)) renameSync(dir, join(tmp, name));
     pages.link(join(tmp, PARTS.pages));
@@ -252,7 +253,9 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
     addon().fsyncWait(waiting, `syncing ${tmp}`);
     const pagesFsyncMs = pages.synced();
     placeNoReplace(tmp, dest);
+    placed = true;
     partial.done();
+    killPoint('image: placed');
     syncDir(parent);
     recordWritten(written, imageId, pagesPart.chunks);
     return pagesFsyncMs;
@@ -265,6 +268,16 @@ export function commitImageDir(dest: string, image: Image, pages: PageWriter, pa
         /* the first failure is the one reported */
       }
     rmSync(tmp, { recursive: true, force: true });
+    // Placed, but the commit failed: not committed, so the image goes too,
+    // or a caller saying nothing was written would leave a whole image.
+    if (placed) {
+      rmSync(dest, { recursive: true, force: true });
+      try {
+        syncDir(parent);
+      } catch {
+        /* best effort */
+      }
+    }
     partial.done();
     throw e;
   } finally {
@@ -384,7 +397,19 @@ export async function commitImageFile(dest: string, compression: 'tar' | 'gzip' 
       if ((e as NodeJS.ErrnoException).code === 'EEXIST') throw new AppshotError(`${dest} already exists`, ExitCode.conflict);
       throw e;
     }
-    syncDir(parent);
+    try {
+      killPoint('image: placed');
+      syncDir(parent);
+    } catch (e) {
+      // Linked, but the commit failed: the link goes too (see commitImageDir).
+      rmSync(dest, { force: true });
+      try {
+        syncDir(parent);
+      } catch {
+        /* best effort */
+      }
+      throw e;
+    }
   } finally {
     rmSync(partial.path, { recursive: true, force: true });
     partial.done();

@@ -12,7 +12,7 @@
  * the next command (ending.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { closeSync, constants as fsConstants, existsSync, fstatSync, lstatSync, openSync, readFileSync, readlinkSync, renameSync, rmSync, statfsSync, statSync, type Stats } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, fstatSync, fsyncSync, lstatSync, openSync, readFileSync, readlinkSync, renameSync, rmSync, statfsSync, statSync, type Stats } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -628,6 +628,15 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
     // (written.ts), or every restore would check the base, most of the data.
     recordWritten(writtenIdentity(join(dir, PARTS.pages)), id, part.chunks);
     rmSync(final, { recursive: true });
+    // The renames on disk too: the image that will carry the base is made
+    // durable as a whole before it is placed (commitImageDir syncs its own
+    // directory, not this one's entries). While the application runs.
+    const dirFd = openSync(dir, 'r');
+    try {
+      fsyncSync(dirFd);
+    } finally {
+      closeSync(dirFd);
+    }
     pages.close();
     return { dir, id, frozenMs, tracked, journal: base };
   } catch (e) {

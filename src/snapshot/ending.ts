@@ -61,13 +61,22 @@
  *    none in it, while its threads still die with it: killed anywhere in
  *    its undoing, the application is either dead (the image is it) or
  *    whole with nothing held (rolled back).
+ * Each entry names the boot it was written in. One left by an earlier
+ * boot, at any step, outlived an application that died with the system
+ * (a power loss while it was held stopped, or once killed): nothing of
+ * the above applies, and an image still in place, whole (made durable
+ * before it was renamed there), is kept as the application, its
+ * registration released to it (keptAfterRestart); removing it, as
+ * "placing" would, would lose both. The entry "ending" is on disk
+ * (fsync) before any thread is set to die with us.
  * The journal entry lives under $APPSHOT_HOME/tmp, named after its owner
  * (partial.ts's rules), and goes once the registration says released, or
  * once the image is removed.
  */
-import { closeSync, existsSync, lstatSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync } from 'node:fs';
-import { join } from 'node:path';
+import { closeSync, existsSync, fsyncSync, lstatSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { printable } from '../errors.js';
 import { currentHolder, holderAlive } from '../holder.js';
 import { OWNED, ownedName } from '../image/partial.js';
 import { signalProcesses } from '../inspect.js';
@@ -89,6 +98,11 @@ export interface ImageProcess {
 
 interface EndingEntry {
   step: 'holding' | 'placing' | 'ending' | 'rolling-back';
+  /** The boot it was written in (/proc/sys/kernel/random/boot_id): one
+   * of an earlier boot outlived its application, which died with the
+   * system (a power loss), and its image is never removed (see
+   * keptAfterRestart). Absent in entries of an older appshot. */
+  boot?: string;
   aid: string;
   initPid: number;
   initStartTime: number;
@@ -136,10 +150,42 @@ const UNDECIDED_BACKOFF_MS = 60_000;
  * application, to see whether all of it is there and none dying. */
 const HOLD_TIMEOUT_MS = 5000;
 
-/** Whole or not at all: a reader never sees half an entry. */
-function writeEntry(path: string, entry: EndingEntry): void {
-  writeFileSync(`${path}.tmp`, JSON.stringify(entry), { mode: 0o600 });
+/** Whole or not at all: a reader never sees half an entry. `durable`:
+ * on disk (the file and its name) before this returns, to outlive a
+ * power loss. */
+function writeEntry(path: string, entry: EndingEntry, durable = false): void {
+  if (!durable) {
+    writeFileSync(`${path}.tmp`, JSON.stringify(entry), { mode: 0o600 });
+    renameSync(`${path}.tmp`, path);
+    return;
+  }
+  const fd = openSync(`${path}.tmp`, 'w', 0o600);
+  try {
+    writeSync(fd, JSON.stringify(entry));
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
   renameSync(`${path}.tmp`, path);
+  const dir = openSync(dirname(path), 'r');
+  try {
+    fsyncSync(dir);
+  } finally {
+    closeSync(dir);
+  }
+}
+
+let bootRead: string | undefined;
+/** This boot's identity, read once ('' where the kernel does not tell:
+ * then every entry counts as of this boot, as before boot ids). */
+function thisBoot(): string {
+  if (bootRead === undefined)
+    try {
+      bootRead = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+    } catch {
+      bootRead = '';
+    }
+  return bootRead;
 }
 
 function isHeldSocket(s: unknown): s is HeldSocket {
@@ -180,12 +226,13 @@ export class EndingJournal {
 
   constructor(home: string, record: AppRecord) {
     this.path = ownedName('ending', home);
-    this.entry = { step: 'holding', aid: record.aid, initPid: record.initPid ?? 0, initStartTime: record.initStartTime ?? 0 };
+    const boot = thisBoot();
+    this.entry = { step: 'holding', ...(boot ? { boot } : {}), aid: record.aid, initPid: record.initPid ?? 0, initStartTime: record.initStartTime ?? 0 };
   }
 
-  private write(entry: EndingEntry): void {
+  private write(entry: EndingEntry, durable = false): void {
     this.stopAppending();
-    writeEntry(this.path, entry);
+    writeEntry(this.path, entry, durable);
     this.entry = entry;
     this.written = true;
   }
@@ -221,9 +268,12 @@ export class EndingJournal {
   }
 
   /** The image, of `processes`, is in place and is the application from
-   * the first of them set to die with appshot on. */
+   * the first of them set to die with appshot on. On disk before any of
+   * them is: a power loss once one was set to die ends the application
+   * too, and the next boot must find the entry that names its image
+   * (keptAfterRestart), not an older one, or none. */
   ending(processes: ImageProcess[], connectionsInRepair: number): void {
-    this.write({ ...this.entry, step: 'ending', processes, connectionsInRepair });
+    this.write({ ...this.entry, step: 'ending', processes, connectionsInRepair }, true);
   }
 
   /** The witness dies with us from here, before any thread of the
@@ -391,7 +441,8 @@ export async function recoverEndings(home = defaultHome(), opts: RecoverOptions 
       continue;
     }
     try {
-      if (e.step === 'holding') releaseLeftInRepair(e.heldInRepair ?? []);
+      if (e.boot && thisBoot() && e.boot !== thisBoot()) keptAfterRestart(home, e);
+      else if (e.step === 'holding') releaseLeftInRepair(e.heldInRepair ?? []);
       else if (e.step === 'placing' || e.step === 'rolling-back') rollBack(home, e);
       else if (e.step === 'ending') await finishEnding(home, e, claimed);
     } catch {
@@ -429,6 +480,32 @@ function rollBack(home: string, e: EndingEntry): void {
   } catch {
     /* no keeper was handed anything */
   }
+}
+
+/** An entry of an earlier boot, at any step: its application died with
+ * the system (a power loss, a crash), whatever the snapshot was doing,
+ * and its PIDs, witness and sockets name nothing of it now. An image
+ * still in place is all that is left of the application: kept, never
+ * removed (it was made durable before it was renamed there, so in place
+ * it is whole), and the registration released to it as the snapshot
+ * would have, so that `ps -a` lists it as snapshotted into the image and
+ * its AID is free for the restore. Told once on standard error. Its
+ * inode only is compared: device numbers may change from boot to boot. */
+function keptAfterRestart(home: string, e: EndingEntry): void {
+  if (!e.output) return;
+  try {
+    if (lstatSync(e.output).ino !== e.ino) return;
+  } catch {
+    return;
+  }
+  const reg = new LocalRegistry(home);
+  const record = sameApplication(reg, e);
+  if (record) {
+    if (!existsSync(join(record.stateDir, 'released'))) reg.markReleased(record, e.output);
+    reg.setAsideLog(record);
+    reg.release(record);
+  }
+  process.stderr.write(`appshot: the snapshot of '${printable(e.aid)}' to ${printable(e.output)} was cut short by a restart of the system (a power loss?), which ended the application: its image is kept, and is the application now\n`);
 }
 
 /** The registration the entry names, if it still is that application's. */
