@@ -29,8 +29,8 @@
 //                             disk (fsync, commit synced), then kills it.
 //                             appshot's frozenMs (its state read, the part
 //                             that needs the application still) is shown
-//                             apart: CRIU has no such figure (before
-//                             2026-12-06 11:00 this row held it)
+//                             apart: CRIU has no such figure (in builds
+//                             before 5cff9bb this row held it)
 //   snapshot wall, CPU        the whole command (default mode), user+sys;
 //                             and its wall and CPU with CRIU's image files
 //                             synced after (appshot's is on the disk on

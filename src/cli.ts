@@ -552,7 +552,7 @@ export function buildProgram(): Command {
           `appshot: ${plural(result.processes, 'process')}, ${plural(result.threads, 'thread')}, ${(result.bytes / 1048576).toFixed(1)} MiB` +
             (result.parent ? ` (incremental on ${result.parent}: ${plural(result.pagesFromParent, 'page')} unchanged; --full for a whole image)` : '') +
             `; frozen ${result.frozenMs.toFixed(1)} ms` +
-            (result.leftRunning ? '' : ` (kept stopped ${result.phases.heldMs.toFixed(0)} ms, until its image was on disk)`) +
+            (result.leftRunning ? '' : ` (kept stopped ${result.phases.heldMs.toFixed(0)} ms, until its image was on disk and it was ended)`) +
             `, ${result.totalMs.toFixed(0)} ms in all` +
             (result.leftRunning ? '; still running' : '; ended') + '\n',
         );
