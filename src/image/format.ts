@@ -167,7 +167,9 @@ function writeUnsynced(path: string, data: Buffer, fds: number[]): void {
   writeSync(fd, data);
 }
 
-function syncDir(path: string): void {
+/** A directory's entries on disk (made, renamed, removed): what a
+ * rename or a link into it needs to outlive a power loss. */
+export function syncDir(path: string): void {
   const fd = openSync(path, 'r');
   try {
     fsyncSync(fd);

@@ -12,14 +12,14 @@
  * the next command (ending.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { closeSync, constants as fsConstants, existsSync, fstatSync, fsyncSync, lstatSync, openSync, readFileSync, readlinkSync, renameSync, rmSync, statfsSync, statSync, type Stats } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, fstatSync, lstatSync, openSync, readFileSync, readlinkSync, renameSync, rmSync, statfsSync, statSync, type Stats } from 'node:fs';
 import { hostname, release, tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, errorText, ExitCode, printable } from '../errors.js';
 import { classify } from '../template/classify.js';
 import { parseRules } from '../template/rules.js';
-import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar } from '../image/format.js';
+import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar, syncDir } from '../image/format.js';
 import { recordWritten, writtenIdentity } from '../image/written.js';
 import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { refuseUnsafeDirectory } from '../home.js';
@@ -631,12 +631,7 @@ async function preCopy(reg: LocalRegistry, record: AppRecord, roots: number[], o
     // The renames on disk too: the image that will carry the base is made
     // durable as a whole before it is placed (commitImageDir syncs its own
     // directory, not this one's entries). While the application runs.
-    const dirFd = openSync(dir, 'r');
-    try {
-      fsyncSync(dirFd);
-    } finally {
-      closeSync(dirFd);
-    }
+    syncDir(dir);
     pages.close();
     return { dir, id, frozenMs, tracked, journal: base };
   } catch (e) {

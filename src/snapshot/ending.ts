@@ -78,6 +78,7 @@ import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { printable } from '../errors.js';
 import { currentHolder, holderAlive } from '../holder.js';
+import { syncDir } from '../image/format.js';
 import { OWNED, ownedName } from '../image/partial.js';
 import { signalProcesses } from '../inspect.js';
 import { killPoint } from '../killpoint.js';
@@ -167,12 +168,7 @@ function writeEntry(path: string, entry: EndingEntry, durable = false): void {
     closeSync(fd);
   }
   renameSync(`${path}.tmp`, path);
-  const dir = openSync(dirname(path), 'r');
-  try {
-    fsyncSync(dir);
-  } finally {
-    closeSync(dir);
-  }
+  syncDir(dirname(path));
 }
 
 let bootRead: string | undefined;
