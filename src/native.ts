@@ -260,7 +260,9 @@ export interface PageFileDigest {
 }
 
 /** A page file being checked against its chunk digests, on a thread per
- * core, first chunk first (addon_restore.cc). */
+ * core: one chunk at a time from the first, and groups of up to sixteen
+ * hashed side by side from the last where the CPU has AVX-512 (pages.h,
+ * pages_check; addon_restore.cc). */
 export interface PagesCheck {
   /** Waits up to `timeoutMs` (negative: for ever) for the chunks touching
    * [offset, offset + length) (default: all). `chunk`: the first that
@@ -268,6 +270,8 @@ export interface PagesCheck {
   wait(timeoutMs: number, offset?: number, length?: number): { state: 'good' | 'pending' | 'bad'; chunk: number; errno: number };
   /** Bytes checked so far. */
   checked(): number;
+  /** Chunks the sixteen-lane code found good (the others: OpenSSL's). */
+  byLanes(): number;
   /** Stops the threads; the file's own descriptor is closed. */
   stop(): void;
 }
@@ -427,7 +431,8 @@ interface Addon {
   };
   /** `direct`: written with O_DIRECT, no page cache made (see pw_open). */
   PageWriter: new (dir: string, parentFds: number[], queueLimit?: number, direct?: boolean) => PageWriter;
-  PagesCheck: new (fd: number, size: number, chunkSize: number, table: Buffer) => PagesCheck;
+  /** `threads`: how many check (default: one per core). */
+  PagesCheck: new (fd: number, size: number, chunkSize: number, table: Buffer, threads?: number) => PagesCheck;
   pipe(): [number, number];
   socketPair(type: number): [number, number];
   /** A connected unix pair whose ends see these peers (SO_PEERCRED,

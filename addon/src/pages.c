@@ -264,6 +264,10 @@ static size_t sums_all(const struct pw_sums* s) {
  * MiB), so that from 9 chunks on the lanes are cheaper. */
 #define SUMS_LANES_MIN 9
 
+/* Set once the sixteen-lane code gave a digest OpenSSL's did not for the
+ * same bytes: this process then hashes everything one chunk at a time. */
+static int lanes_disagreed;
+
 /* Takes the next chunks to hash (under mu): sixteen whole ones where the
  * 16-lane code runs, else one; once the file is final, what is left (a
  * short last chunk alone). Returns how many, from *first; 0: none yet. */
@@ -392,7 +396,8 @@ static struct pw_sums* sums_open(int fd) {
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
   s->max_threads = cores < 1 ? 1 : cores > 8 ? 8 : (int)cores;
   const char* lanes = getenv("APPSHOT_SHA_LANES"); /* =0: one chunk at a time (for measuring) */
-  s->lanes = !(lanes && strcmp(lanes, "0") == 0) && sha256x16_available();
+  s->lanes = !(lanes && strcmp(lanes, "0") == 0) && !__atomic_load_n(&lanes_disagreed, __ATOMIC_RELAXED) &&
+             sha256x16_available();
   return s;
 }
 
@@ -1833,63 +1838,197 @@ void pw_abort(page_writer* w) {
 
 /* ---- checking a page file by chunks, on threads of its own */
 
-enum { CHUNK_PENDING = 0, CHUNK_GOOD = 1, CHUNK_BAD = 2 };
+/* A chunk's state; CHUNK_BY_LANES is or'ed into CHUNK_GOOD when the
+ * sixteen-lane code vouched for it (see check_lanes_disagree). */
+enum { CHUNK_PENDING = 0, CHUNK_GOOD = 1, CHUNK_BAD = 2, CHUNK_TAKEN = 3, CHUNK_BY_LANES = 4 };
+#define CHUNK_STATE(s) ((s) & 3)
 
 struct pages_check {
   int fd;
   uint64_t size;
   uint32_t chunk;
-  size_t nchunks;
+  size_t nchunks, nwhole; /* chunks; those of the full size (the lanes') */
   uint8_t* table;
   uint8_t* state; /* CHUNK_* per chunk */
   pthread_mutex_t mu;
   pthread_cond_t changed;
-  size_t next;       /* the next chunk a thread takes */
+  /* No chunk below lo is pending; none of the whole ones from hi on
+   * (the groups are taken from there downwards, see check_take). */
+  size_t lo, hi;
+  int lanes;         /* whole chunks are hashed up to sixteen side by side */
   uint64_t done;     /* bytes checked */
+  uint64_t by_lanes; /* chunks the lanes vouched for (for tests and benches) */
   int stop;          /* stop taking chunks: pages_check_stop, or one failed */
   int failure;       /* the first failure's code (-EBADMSG or -errno) */
   uint64_t bad;      /* and its chunk */
   pthread_t threads[16];
   int nthreads;
+  int planned; /* threads meant to run (check_take's split of the work) */
 };
 
+struct check_thread {
+  struct pages_check* c;
+  int index;
+};
+
+/* Takes the chunks thread `index` checks next (under mu), into `idx`:
+ * how many, 0 when none is left. One chunk at a time from the front,
+ * where the restore copies them as soon as each is good; with the lanes,
+ * groups of up to sixteen whole chunks (at least SUMS_LANES_MIN, where
+ * the lanes are cheaper) from the back, by every thread but the first
+ * (alone, it takes them from the front too): a group's verdicts all come
+ * at once, after the time of sixteen chunks, which the copy waits for
+ * only once it has caught up with the groups. */
+static void check_lanes_disagree(struct pages_check* c);
+
+static size_t check_take(struct pages_check* c, int index, size_t idx[SHA256X16_LANES]) {
+  /* Another check of this process found the lanes wrong. */
+  if (c->lanes && __atomic_load_n(&lanes_disagreed, __ATOMIC_RELAXED)) check_lanes_disagree(c);
+  while (c->lo < c->nchunks && c->state[c->lo] != CHUNK_PENDING) c->lo++;
+  if (c->lo >= c->nchunks) return 0;
+  if (c->lanes && !(index == 0 && c->planned > 1)) {
+    size_t n = 0;
+    if (c->planned > 1) {
+      while (c->hi > c->lo && c->state[c->hi - 1] != CHUNK_PENDING) c->hi--;
+      for (size_t i = c->hi; i > c->lo && n < SHA256X16_LANES; i--)
+        if (c->state[i - 1] == CHUNK_PENDING) idx[n++] = i - 1;
+    } else {
+      for (size_t i = c->lo; i < c->nwhole && n < SHA256X16_LANES; i++)
+        if (c->state[i] == CHUNK_PENDING) idx[n++] = i;
+    }
+    if (n >= SUMS_LANES_MIN) {
+      for (size_t j = 0; j < n; j++) c->state[idx[j]] = CHUNK_TAKEN;
+      return n;
+    }
+  }
+  idx[0] = c->lo;
+  c->state[c->lo] = CHUNK_TAKEN;
+  return 1;
+}
+
+/* The digests of whole chunks idx[0..n) of `fd` (chunks of `chunk` bytes,
+ * 2 <= n <= 16) side by side, read through `buf` (`chunk` bytes or
+ * more): each pass reads a slice of every chunk, at most 64 KiB each,
+ * and hashes it while it is in the cache. */
+static int chunks_lanes(int fd, uint8_t* buf, uint32_t chunk, const size_t* idx, size_t n,
+                        uint8_t* out) {
+  size_t slice = chunk / SHA256X16_LANES < LANE_SLICE ? chunk / SHA256X16_LANES : LANE_SLICE;
+  sha256x16_state st;
+  sha256x16_init(&st);
+  const uint8_t* p[SHA256X16_LANES];
+  for (size_t at = 0; at < chunk; at += slice) {
+    for (size_t j = 0; j < SHA256X16_LANES; j++) {
+      if (j >= n) {
+        p[j] = p[0]; /* a lane not used: its digest is not taken */
+        continue;
+      }
+      int rc = read_mem(fd, (uint64_t)idx[j] * chunk + at, buf + j * slice, slice);
+      if (rc) return rc;
+      p[j] = buf + j * slice;
+    }
+    sha256x16_update(&st, p, slice / 64);
+  }
+  sha256x16_final(&st, chunk, out, (int)n);
+  return 0;
+}
+
+/* Chunk i's bytes read into `buf` and hashed with OpenSSL, compared with
+ * the table: 0, -EBADMSG, or -errno. */
+static int check_one(struct pages_check* c, uint8_t* buf, size_t i) {
+  uint64_t off = (uint64_t)i * c->chunk;
+  size_t len = c->size - off < c->chunk ? (size_t)(c->size - off) : c->chunk;
+  int rc = read_mem(c->fd, off, buf, len); /* a pread loop: -EIO if it ends early */
+  uint8_t sum[PAGES_DIGEST];
+  if (!rc) rc = pages_sha256(buf, len, sum);
+  if (!rc && CRYPTO_memcmp(sum, c->table + i * PAGES_DIGEST, PAGES_DIGEST) != 0) rc = -EBADMSG;
+  return rc;
+}
+
+/* The lanes and OpenSSL gave chunk i different digests, OpenSSL the
+ * table's (under mu): the lanes are wrong on real data, so none of their
+ * verdicts stands. This process stops using them, and every chunk they
+ * vouched for in this check is checked again one at a time (the restore
+ * waits for all chunks before the application runs, so that nothing
+ * they passed reaches it unchecked). */
+static void check_lanes_disagree(struct pages_check* c) {
+  __atomic_store_n(&lanes_disagreed, 1, __ATOMIC_RELAXED);
+  c->lanes = 0;
+  for (size_t i = 0; i < c->nwhole; i++)
+    if (c->state[i] == (CHUNK_GOOD | CHUNK_BY_LANES)) {
+      c->state[i] = CHUNK_PENDING;
+      c->done -= c->chunk;
+      if (i < c->lo) c->lo = i;
+    }
+  c->by_lanes = 0;
+}
+
 static void* check_main(void* arg) {
-  struct pages_check* c = arg;
+  struct pages_check* c = ((struct check_thread*)arg)->c;
+  int index = ((struct check_thread*)arg)->index;
+  free(arg);
   uint8_t* buf = chunk_buffer(c->chunk);
   for (;;) {
+    size_t idx[SHA256X16_LANES];
+    size_t n = 0;
     pthread_mutex_lock(&c->mu);
-    if (c->stop || c->next >= c->nchunks || !buf) {
-      if (!buf && !c->failure && !c->stop && c->next < c->nchunks) {
+    if (!c->stop && buf) n = check_take(c, index, idx);
+    if (!n) {
+      if (!buf && !c->failure && !c->stop && c->lo < c->nchunks) {
         /* No memory for a buffer: this chunk cannot be vouched for. */
         c->failure = -ENOMEM;
-        c->bad = c->next;
+        c->bad = c->lo;
         c->stop = 1;
         pthread_cond_broadcast(&c->changed);
       }
       pthread_mutex_unlock(&c->mu);
       break;
     }
-    size_t i = c->next++;
     pthread_mutex_unlock(&c->mu);
-    uint64_t off = (uint64_t)i * c->chunk;
-    size_t len = c->size - off < c->chunk ? (size_t)(c->size - off) : c->chunk;
-    int rc = read_mem(c->fd, off, buf, len); /* a pread loop: -EIO if it ends early */
-    uint8_t sum[PAGES_DIGEST];
-    if (!rc) rc = pages_sha256(buf, len, sum);
-    if (!rc && CRYPTO_memcmp(sum, c->table + i * PAGES_DIGEST, PAGES_DIGEST) != 0) rc = -EBADMSG;
-    pthread_mutex_lock(&c->mu);
-    c->state[i] = rc ? CHUNK_BAD : CHUNK_GOOD;
-    if (rc) {
-      /* Any chunk that fails fails the whole restore: no more are read.
-       * The lowest failing chunk is reported, for a stable message. */
-      if (!c->failure || i < c->bad) {
-        c->failure = rc;
-        c->bad = i;
-      }
-      c->stop = 1;
+    int rc[SHA256X16_LANES], alone[SHA256X16_LANES] = {0};
+    int disagree = 0;
+    if (n == 1) {
+      rc[0] = check_one(c, buf, idx[0]);
     } else {
-      c->done += len;
+      uint8_t sums[PAGES_DIGEST * SHA256X16_LANES];
+      int r = chunks_lanes(c->fd, buf, c->chunk, idx, n, sums);
+      for (size_t j = 0; j < n; j++) {
+        rc[j] = r;
+        if (!r && CRYPTO_memcmp(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST) != 0) {
+          /* Reported only once OpenSSL's SHA-256 of the same chunk agrees
+           * that it does not match: a chunk is refused on the word of the
+           * implementation everything else is checked against. */
+          rc[j] = check_one(c, buf, idx[j]);
+          alone[j] = 1;
+          if (!rc[j]) disagree = 1;
+        }
+      }
     }
+    pthread_mutex_lock(&c->mu);
+    for (size_t j = 0; j < n; j++) {
+      size_t i = idx[j];
+      uint64_t off = (uint64_t)i * c->chunk;
+      size_t len = c->size - off < c->chunk ? (size_t)(c->size - off) : c->chunk;
+      if (rc[j]) {
+        c->state[i] = CHUNK_BAD;
+        /* Any chunk that fails fails the whole restore: no more are read.
+         * The lowest failing chunk is reported, for a stable message. */
+        if (!c->failure || i < c->bad) {
+          c->failure = rc[j];
+          c->bad = i;
+        }
+        c->stop = 1;
+      } else if (n > 1 && !alone[j] && !c->lanes) {
+        /* The lanes were found wrong while this group was hashed. */
+        c->state[i] = CHUNK_PENDING;
+        if (i < c->lo) c->lo = i;
+      } else {
+        int lanes = n > 1 && !alone[j];
+        c->state[i] = lanes ? CHUNK_GOOD | CHUNK_BY_LANES : CHUNK_GOOD;
+        c->done += len;
+        if (lanes) c->by_lanes++;
+      }
+    }
+    if (disagree) check_lanes_disagree(c);
     pthread_cond_broadcast(&c->changed);
     pthread_mutex_unlock(&c->mu);
   }
@@ -1913,6 +2052,12 @@ pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint
   c->size = size;
   c->chunk = chunk;
   c->nchunks = table_len / PAGES_DIGEST;
+  c->nwhole = (size_t)(size / chunk);
+  c->hi = c->nwhole;
+  /* =0: one chunk at a time (for measuring), as the writer's sums_open. */
+  const char* lanes = getenv("APPSHOT_SHA_LANES");
+  c->lanes = !(lanes && strcmp(lanes, "0") == 0) && !__atomic_load_n(&lanes_disagreed, __ATOMIC_RELAXED) &&
+             chunk % (SHA256X16_LANES * 64) == 0 && c->nwhole >= SUMS_LANES_MIN && sha256x16_available();
   c->table = malloc(table_len ? table_len : 1);
   c->state = calloc(c->nchunks ? c->nchunks : 1, 1);
   if (c->fd < 0 || !c->table || !c->state) {
@@ -1930,8 +2075,14 @@ pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint
   if (threads > (int)(sizeof c->threads / sizeof *c->threads))
     threads = (int)(sizeof c->threads / sizeof *c->threads);
   if ((size_t)threads > c->nchunks) threads = (int)c->nchunks;
+  c->planned = threads;
   for (int t = 0; t < threads; t++) {
-    if (pthread_create(&c->threads[c->nthreads], NULL, check_main, c) == 0) c->nthreads++;
+    struct check_thread* me = malloc(sizeof *me);
+    if (!me) continue;
+    me->c = c;
+    me->index = t;
+    if (pthread_create(&c->threads[c->nthreads], NULL, check_main, me) == 0) c->nthreads++;
+    else free(me);
   }
   if (c->nchunks && !c->nthreads) {
     *err = -EAGAIN;
@@ -1955,12 +2106,12 @@ int pages_check_wait(pages_check* c, uint64_t off, uint64_t len, int timeout_ms,
       *bad = c->bad;
       break;
     }
-    if (c->state[i] == CHUNK_GOOD) {
+    if (CHUNK_STATE(c->state[i]) == CHUNK_GOOD) {
       i++;
       continue;
     }
     /* Stopped with this chunk never taken: it will not be checked. */
-    if (c->stop && c->state[i] == CHUNK_PENDING && i >= c->next) {
+    if (c->stop && c->state[i] == CHUNK_PENDING) {
       rc = -ECANCELED;
       *bad = i;
       break;
@@ -1973,6 +2124,13 @@ int pages_check_wait(pages_check* c, uint64_t off, uint64_t len, int timeout_ms,
   }
   pthread_mutex_unlock(&c->mu);
   return rc;
+}
+
+uint64_t pages_check_by_lanes(pages_check* c) {
+  pthread_mutex_lock(&c->mu);
+  uint64_t n = c->by_lanes;
+  pthread_mutex_unlock(&c->mu);
+  return n;
 }
 
 uint64_t pages_check_done(pages_check* c) {

@@ -263,7 +263,14 @@ int pw_link(page_writer* w, const char* path);
 void pw_abort(page_writer* w);
 
 /* ---- checking a page file against its chunk digests, on threads of its
- * own (one per core), in ascending order of chunks. */
+ * own (one per core): one chunk at a time from the first on (what an
+ * eager restore copies as soon as each is good), and, where the CPU runs
+ * sha256x16 (and APPSHOT_SHA_LANES is not 0), groups of up to sixteen
+ * whole chunks hashed side by side from the last on by the other threads.
+ * A chunk the lanes find different is refused only once OpenSSL's
+ * SHA-256 of it finds it different too; should OpenSSL find it good, the
+ * lanes are wrong: every chunk they vouched for is checked again with
+ * OpenSSL, and this process uses them no more. */
 typedef struct pages_check pages_check;
 
 /* Starts checking `size` bytes of `fd` (duplicated: the caller may close
@@ -278,6 +285,8 @@ pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint
 int pages_check_wait(pages_check* c, uint64_t off, uint64_t len, int timeout_ms, uint64_t* bad);
 /* Bytes checked so far (for progress). */
 uint64_t pages_check_done(pages_check* c);
+/* Chunks found good by the lanes (tests and benches: that they ran). */
+uint64_t pages_check_by_lanes(pages_check* c);
 /* Stops the threads (what is left unchecked stays so) and frees. */
 void pages_check_stop(pages_check* c);
 
