@@ -8,12 +8,17 @@
  * snapshot with one line, nothing left on it, the application running on.
  * The chunk table the writer's threads hash (sixteen chunks side by side
  * where the CPU has AVX-512, sha256x16.c) holds each chunk's SHA-256, as a
- * restore that checks every chunk computes it.
+ * restore that checks every chunk computes it. That check (pages_check)
+ * hashes groups of up to sixteen chunks side by side too: a chunk changed
+ * in the middle of a group of sixteen, or in a shorter group at the end,
+ * is named and refused, the lanes used or not (APPSHOT_SHA_LANES=0).
  */
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { closeSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { addon } from '../src/native.js';
 import { cli, fixture, Sandbox, usedBytes, withTmpfs } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
@@ -70,7 +75,7 @@ describe('the page file of a --leave-running snapshot read from copies', () => {
 
 describe("the page file's chunk digests", () => {
   const dir = scratchDir('appshot-pagedigests-');
-  it('are each chunk\'s SHA-256: a restore --verify, which checks every chunk, takes the image of a 16 MiB application', async () => {
+  it('are each chunk\'s SHA-256: a restore --verify, which checks every chunk, takes the image of a 16 MiB application, and refuses it with a byte changed in one chunk, naming it, with the lanes and without', async () => {
     // 16 MiB of its own and a little more: sixteen whole chunks, hashed
     // side by side where the CPU has AVX-512, and a short one alone. A
     // restore from the state directory that wrote the image would trust
@@ -83,5 +88,78 @@ describe("the page file's chunk digests", () => {
     sb.ok(['restore', image, '--verify']);
     await sb.checksPass(aid, 3);
     expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+    // A byte changed in the middle of the chunks the lanes check side by
+    // side (one thread per core: all but the first, one group).
+    const MiB = 1 << 20;
+    const bad = 8;
+    const fd = openSync(join(image, 'pages.img'), 'r+');
+    try {
+      const b = Buffer.alloc(1);
+      readSync(fd, b, 0, 1, bad * MiB + 777);
+      b[0] ^= 0x01;
+      writeSync(fd, b, 0, 1, bad * MiB + 777);
+    } finally {
+      closeSync(fd);
+    }
+    for (const lanes of [{}, { APPSHOT_SHA_LANES: '0' }]) {
+      const r = spawnSync(process.execPath, [cli, 'restore', image, '--verify', '--aid', `${aid}-bad`], { env: { ...sb.env, APPSHOT_ENGINE: 'off', ...lanes }, encoding: 'utf8', timeout: 50_000 });
+      expect(r.status, r.stderr).toBe(1);
+      expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^appshot: cannot restore .*: corrupt image: checksum of pages.img does not match its manifest \\(chunk ${bad}, bytes ${bad * MiB}-${(bad + 1) * MiB - 1}\\)$`))]);
+      expect(sb.aids()).not.toContain(`${aid}-bad`);
+    }
+  });
+});
+
+describe("a restore's check of the chunks, sixteen side by side", () => {
+  const dir = scratchDir('appshot-pagecheck-');
+  const MiB = 1 << 20;
+
+  /** The check of `file` against `table` by `threads` threads, the lanes
+   * allowed or not (the addon reads APPSHOT_SHA_LANES when a check
+   * starts; `threads` 0: one per core): its verdict and how many chunks
+   * the lanes found good. */
+  function check(file: string, table: Buffer, threads: number, lanes: boolean) {
+    const saved = process.env.APPSHOT_SHA_LANES;
+    if (lanes) delete process.env.APPSHOT_SHA_LANES;
+    else process.env.APPSHOT_SHA_LANES = '0';
+    const fd = openSync(file, 'r');
+    try {
+      const c = new (addon().PagesCheck)(fd, statSync(file).size, MiB, table, threads || undefined);
+      const verdict = c.wait(-1);
+      const byLanes = c.byLanes();
+      c.stop();
+      return { ...verdict, byLanes };
+    } finally {
+      closeSync(fd);
+      if (saved === undefined) delete process.env.APPSHOT_SHA_LANES;
+      else process.env.APPSHOT_SHA_LANES = saved;
+    }
+  }
+
+  it('names the one chunk changed, in the middle of a group of sixteen or in the shorter last group, with the lanes and without', () => {
+    // 26 whole chunks and a short one. One thread takes groups from the
+    // first chunk: 0-15, then 16-25 (ten: a shorter group, still side by
+    // side), then the short one alone.
+    const bytes = randomBytes(26 * MiB + 4096);
+    const table = Buffer.concat(Array.from({ length: 27 }, (_, i) => createHash('sha256').update(bytes.subarray(i * MiB, (i + 1) * MiB)).digest()));
+    const file = join(dir, 'pages.img');
+    writeFileSync(file, bytes);
+    const good = check(file, table, 1, true);
+    expect(good.state).toBe('good');
+    // Where the CPU has AVX-512 F and BW (and so runs them: their
+    // self-test against OpenSSL passes), every whole chunk by the lanes.
+    const flags = /^flags\s*:(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1].split(' ') ?? [];
+    expect(good.byLanes).toBe(flags.includes('avx512f') && flags.includes('avx512bw') ? 26 : 0);
+    expect(check(file, table, 1, false)).toEqual({ state: 'good', chunk: -1, errno: 0, byLanes: 0 });
+    for (const bad of [7, 21]) {
+      const changed = Buffer.from(bytes);
+      changed[bad * MiB + 12345] ^= 0x10;
+      writeFileSync(file, changed);
+      for (const lanes of [true, false]) {
+        // One thread (the groups as above) and one per core (one chunk at
+        // a time from the front, groups from the back).
+        for (const threads of [1, 0]) expect(check(file, table, threads, lanes), `chunk ${bad}, lanes ${lanes}, threads ${threads}`).toMatchObject({ state: 'bad', chunk: bad, errno: 0 });
+      }
+    }
   });
 });
