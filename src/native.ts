@@ -260,9 +260,8 @@ export interface PageFileDigest {
 }
 
 /** A page file being checked against its chunk digests, on a thread per
- * core: one chunk at a time from the first, and groups of up to sixteen
- * hashed side by side from the last where the CPU has AVX-512 (pages.h,
- * pages_check; addon_restore.cc). */
+ * core, first chunk first: by groups of up to sixteen hashed side by side
+ * where the CPU has AVX-512 (pages.h, pages_check; addon_restore.cc). */
 export interface PagesCheck {
   /** Waits up to `timeoutMs` (negative: for ever) for the chunks touching
    * [offset, offset + length) (default: all). `chunk`: the first that

@@ -88,8 +88,8 @@ describe("the page file's chunk digests", () => {
     sb.ok(['restore', image, '--verify']);
     await sb.checksPass(aid, 3);
     expect(sb.run(['rm', '-f', aid]).code).toBe(0);
-    // A byte changed in the middle of the chunks the lanes check side by
-    // side (one thread per core: all but the first, one group).
+    // A byte changed in the middle of the sixteen whole chunks, which the
+    // lanes check side by side (one group, from the front or the back).
     const MiB = 1 << 20;
     const bad = 8;
     const fd = openSync(join(image, 'pages.img'), 'r+');
@@ -156,8 +156,8 @@ describe("a restore's check of the chunks, sixteen side by side", () => {
       changed[bad * MiB + 12345] ^= 0x10;
       writeFileSync(file, changed);
       for (const lanes of [true, false]) {
-        // One thread (the groups as above) and one per core (one chunk at
-        // a time from the front, groups from the back).
+        // One thread (the groups as above) and one per core (the first
+        // thread's groups from the front, the others' from the back).
         for (const threads of [1, 0]) expect(check(file, table, threads, lanes), `chunk ${bad}, lanes ${lanes}, threads ${threads}`).toMatchObject({ state: 'bad', chunk: bad, errno: 0 });
       }
     }

@@ -263,14 +263,14 @@ int pw_link(page_writer* w, const char* path);
 void pw_abort(page_writer* w);
 
 /* ---- checking a page file against its chunk digests, on threads of its
- * own (one per core): one chunk at a time from the first on (what an
- * eager restore copies as soon as each is good), and, where the CPU runs
- * sha256x16 (and APPSHOT_SHA_LANES is not 0), groups of up to sixteen
- * whole chunks hashed side by side from the last on by the other threads.
- * A chunk the lanes find different is refused only once OpenSSL's
- * SHA-256 of it finds it different too; should OpenSSL find it good, the
- * lanes are wrong: every chunk they vouched for is checked again with
- * OpenSSL, and this process uses them no more. */
+ * own (one per core), from the first chunk on; where the CPU runs
+ * sha256x16 (and APPSHOT_SHA_LANES is not 0), by groups of up to sixteen
+ * whole chunks hashed side by side, the first thread's from the front and
+ * the others' from the back (see check_take in pages.c). A chunk the
+ * lanes find different is refused only once OpenSSL's SHA-256 of it finds
+ * it different too; should OpenSSL find it good, the lanes are wrong:
+ * every chunk they vouched for is checked again with OpenSSL, and this
+ * process uses them no more. */
 typedef struct pages_check pages_check;
 
 /* Starts checking `size` bytes of `fd` (duplicated: the caller may close
