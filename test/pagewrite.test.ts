@@ -19,7 +19,7 @@ import { closeSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, st
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
-import { cli, fixture, Sandbox, usedBytes, withTmpfs } from './helpers.js';
+import { cli, fixture, root, Sandbox, usedBytes, withTmpfs } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
@@ -136,20 +136,23 @@ describe("a restore's check of the chunks, sixteen side by side", () => {
     }
   }
 
+  // 26 whole chunks and a short one. One thread takes groups from the
+  // first chunk: 0-15, then 16-25 (ten: a shorter group, still side by
+  // side), then the short one alone.
+  const bytes = randomBytes(26 * MiB + 4096);
+  const table = Buffer.concat(Array.from({ length: 27 }, (_, i) => createHash('sha256').update(bytes.subarray(i * MiB, (i + 1) * MiB)).digest()));
+  // Where the CPU has AVX-512 F and BW, and so runs the lanes (their
+  // self-test against OpenSSL passes).
+  const flags = /^flags\s*:(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1].split(' ') ?? [];
+  const lanesHere = flags.includes('avx512f') && flags.includes('avx512bw');
+
   it('names the one chunk changed, in the middle of a group of sixteen or in the shorter last group, with the lanes and without', () => {
-    // 26 whole chunks and a short one. One thread takes groups from the
-    // first chunk: 0-15, then 16-25 (ten: a shorter group, still side by
-    // side), then the short one alone.
-    const bytes = randomBytes(26 * MiB + 4096);
-    const table = Buffer.concat(Array.from({ length: 27 }, (_, i) => createHash('sha256').update(bytes.subarray(i * MiB, (i + 1) * MiB)).digest()));
     const file = join(dir, 'pages.img');
     writeFileSync(file, bytes);
     const good = check(file, table, 1, true);
     expect(good.state).toBe('good');
-    // Where the CPU has AVX-512 F and BW (and so runs them: their
-    // self-test against OpenSSL passes), every whole chunk by the lanes.
-    const flags = /^flags\s*:(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1].split(' ') ?? [];
-    expect(good.byLanes).toBe(flags.includes('avx512f') && flags.includes('avx512bw') ? 26 : 0);
+    // Every whole chunk by the lanes, where they run.
+    expect(good.byLanes).toBe(lanesHere ? 26 : 0);
     expect(check(file, table, 1, false)).toEqual({ state: 'good', chunk: -1, errno: 0, byLanes: 0 });
     for (const bad of [7, 21]) {
       const changed = Buffer.from(bytes);
@@ -161,5 +164,41 @@ describe("a restore's check of the chunks, sixteen side by side", () => {
         for (const threads of [1, 0]) expect(check(file, table, threads, lanes), `chunk ${bad}, lanes ${lanes}, threads ${threads}`).toMatchObject({ state: 'bad', chunk: bad, errno: 0 });
       }
     }
+  });
+
+  it.skipIf(!lanesHere)('takes OpenSSL\'s word over the lanes\': once they get a chunk wrong, every chunk they passed is checked again, none is refused on their word alone, and the process uses them no more', () => {
+    // Faults of the lanes' made up (APPSHOT_TEST_LANES_*), in a process
+    // of its own (once found wrong, the lanes are used there no more):
+    // chunk 5, changed, passes them; chunk 3, whole, does not. Both are in
+    // the first group: 3 is refused by neither, 5 by OpenSSL once the
+    // lanes are found wrong.
+    const bad = join(dir, 'pages-fault.img');
+    const good = join(dir, 'pages-good.img');
+    const changed = Buffer.from(bytes);
+    changed[5 * MiB + 99] ^= 0x04;
+    writeFileSync(bad, changed);
+    writeFileSync(good, bytes);
+    const script = `
+      import { openSync } from 'node:fs';
+      const { addon } = await import(${JSON.stringify(join(root, 'dist', 'native.js'))});
+      const table = Buffer.from(process.argv[1], 'hex');
+      const check = (file) => {
+        const c = new (addon().PagesCheck)(openSync(file, 'r'), ${bytes.length}, ${MiB}, table, 1);
+        const v = c.wait(-1);
+        const r = { state: v.state, chunk: v.chunk, byLanes: c.byLanes() };
+        c.stop();
+        return r;
+      };
+      const first = check(${JSON.stringify(bad)});
+      delete process.env.APPSHOT_TEST_LANES_WRONG;
+      delete process.env.APPSHOT_TEST_LANES_PASS;
+      console.log(JSON.stringify([first, check(${JSON.stringify(good)})]));`;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, table.toString('hex')], { env: { ...process.env, APPSHOT_SHA_LANES: '', APPSHOT_TEST_LANES_WRONG: '3', APPSHOT_TEST_LANES_PASS: '5' }, encoding: 'utf8', timeout: 30_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual([
+      { state: 'bad', chunk: 5, byLanes: 0 },
+      // The faults gone, the lanes are not used again.
+      { state: 'good', chunk: -1, byLanes: 0 },
+    ]);
   });
 });

@@ -1864,6 +1864,11 @@ struct pages_check {
   pthread_t threads[16];
   int nthreads;
   int planned; /* threads meant to run (check_take's split of the work) */
+  /* For the test of check_lanes_disagree, faults of the lanes' made up:
+   * APPSHOT_TEST_LANES_WRONG=CHUNK, their digest of that chunk wrong;
+   * APPSHOT_TEST_LANES_PASS=CHUNK, theirs the table's whatever the bytes.
+   * SIZE_MAX: none. */
+  size_t lanes_wrong, lanes_pass;
 };
 
 struct check_thread {
@@ -1995,6 +2000,8 @@ static void* check_main(void* arg) {
       uint8_t sums[PAGES_DIGEST * SHA256X16_LANES];
       int r = chunks_lanes(c->fd, buf, c->chunk, idx, n, sums);
       for (size_t j = 0; j < n; j++) {
+        if (idx[j] == c->lanes_wrong) sums[j * PAGES_DIGEST] ^= 1;
+        if (idx[j] == c->lanes_pass) memcpy(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST);
         rc[j] = r;
         if (!r && CRYPTO_memcmp(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST) != 0) {
           /* Reported only once OpenSSL's SHA-256 of the same chunk agrees
@@ -2061,6 +2068,10 @@ pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint
   const char* lanes = getenv("APPSHOT_SHA_LANES");
   c->lanes = !(lanes && strcmp(lanes, "0") == 0) && !__atomic_load_n(&lanes_disagreed, __ATOMIC_RELAXED) &&
              chunk % (SHA256X16_LANES * 64) == 0 && c->nwhole >= SUMS_LANES_MIN && sha256x16_available();
+  const char* wrong = getenv("APPSHOT_TEST_LANES_WRONG");
+  const char* pass = getenv("APPSHOT_TEST_LANES_PASS");
+  c->lanes_wrong = wrong && *wrong ? (size_t)strtoull(wrong, NULL, 10) : SIZE_MAX;
+  c->lanes_pass = pass && *pass ? (size_t)strtoull(pass, NULL, 10) : SIZE_MAX;
   c->table = malloc(table_len ? table_len : 1);
   c->state = calloc(c->nchunks ? c->nchunks : 1, 1);
   if (c->fd < 0 || !c->table || !c->state) {
