@@ -166,6 +166,31 @@ describe("a restore's check of the chunks, sixteen side by side", () => {
     }
   });
 
+  it('names the first chunk it cannot read, not the first of its group, with the lanes and without', () => {
+    // The file as above, its size and table those of 27 whole chunks:
+    // chunk 26, the last, ends early. Groups of one thread: 16-26; of one
+    // per core: from 26 down.
+    const file = join(dir, 'pages-short.img');
+    writeFileSync(file, bytes);
+    const longer = Buffer.concat([table.subarray(0, 26 * 32), createHash('sha256').update(Buffer.alloc(MiB)).digest()]);
+    for (const lanes of [true, false])
+      for (const threads of [1, 0]) {
+        const saved = process.env.APPSHOT_SHA_LANES;
+        if (lanes) delete process.env.APPSHOT_SHA_LANES;
+        else process.env.APPSHOT_SHA_LANES = '0';
+        const fd = openSync(file, 'r');
+        try {
+          const c = new (addon().PagesCheck)(fd, 27 * MiB, MiB, longer, threads || undefined);
+          expect(c.wait(-1), `lanes ${lanes}, threads ${threads}`).toEqual({ state: 'bad', chunk: 26, errno: 5 /* EIO */ });
+          c.stop();
+        } finally {
+          closeSync(fd);
+          if (saved === undefined) delete process.env.APPSHOT_SHA_LANES;
+          else process.env.APPSHOT_SHA_LANES = saved;
+        }
+      }
+  });
+
   it.skipIf(!lanesHere)('takes OpenSSL\'s word over the lanes\': once they get a chunk wrong, every chunk they passed is checked again, none is refused on their word alone, and the process uses them no more', () => {
     // Faults of the lanes' made up (APPSHOT_TEST_LANES_*), in a process
     // of its own (once found wrong, the lanes are used there no more):

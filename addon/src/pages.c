@@ -2000,10 +2000,16 @@ static void* check_main(void* arg) {
       uint8_t sums[PAGES_DIGEST * SHA256X16_LANES];
       int r = chunks_lanes(c->fd, buf, c->chunk, idx, n, sums);
       for (size_t j = 0; j < n; j++) {
+        if (r) {
+          /* A read failed (a file cut short): which chunk, one by one. */
+          rc[j] = check_one(c, buf, idx[j]);
+          alone[j] = 1;
+          continue;
+        }
         if (idx[j] == c->lanes_wrong) sums[j * PAGES_DIGEST] ^= 1;
         if (idx[j] == c->lanes_pass) memcpy(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST);
-        rc[j] = r;
-        if (!r && CRYPTO_memcmp(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST) != 0) {
+        rc[j] = 0;
+        if (CRYPTO_memcmp(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST) != 0) {
           /* Reported only once OpenSSL's SHA-256 of the same chunk agrees
            * that it does not match: a chunk is refused on the word of the
            * implementation everything else is checked against. */
