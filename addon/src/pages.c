@@ -1876,6 +1876,8 @@ struct check_thread {
   int index;
 };
 
+static void check_lanes_disagree(struct pages_check* c);
+
 /* Takes the chunks thread `index` checks next (under mu), into `idx`:
  * how many, 0 when none is left. With the lanes, groups of up to sixteen
  * whole chunks (at least SUMS_LANES_MIN, where the lanes are cheaper):
@@ -1887,8 +1889,6 @@ struct check_thread {
  * front. Measured on this project's VM at load ~10 (bench/verify-lanes):
  * 256 MiB checked for 103 ms of CPU this way, 142 with the first thread
  * taking one chunk at a time for the copy's sake, 185 with OpenSSL. */
-static void check_lanes_disagree(struct pages_check* c);
-
 static size_t check_take(struct pages_check* c, int index, size_t idx[SHA256X16_LANES]) {
   /* Another check of this process found the lanes wrong. */
   if (c->lanes && __atomic_load_n(&lanes_disagreed, __ATOMIC_RELAXED)) check_lanes_disagree(c);
