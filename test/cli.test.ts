@@ -401,6 +401,13 @@ describe('images as tar files', () => {
     expect(refused.stderr).toMatch(/^appshot: [^\n]*install the zstd package[^\n]*\n$/);
     expect(existsSync(join(out, 'img2.tar.zst'))).toBe(false);
     expect(readdirSync(out).filter((n) => n.startsWith('.'))).toEqual([]);
+    // An archive name appshot does not write: refused, not made a directory.
+    for (const name of ['img.tar.xz', 'img.zip', 'img.gz']) {
+      const other = sb.run(['snapshot', aid, '-o', join(out, name)]);
+      expect(other.code, other.stderr).toBe(2);
+      expect(other.stderr).toMatch(/^appshot: [^\n]*\.tar, \.tar\.gz \(\.tgz\) or \.tar\.zst[^\n]*\n$/);
+      expect(existsSync(join(out, name))).toBe(false);
+    }
     await checksPass(aid, 3);
     const unread = spawnSync(process.execPath, [cli, 'restore', zst, '--aid', 'nozstd'], { env: noZstd, encoding: 'utf8' });
     expect(unread.status).toBe(2);
