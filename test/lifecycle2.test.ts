@@ -645,6 +645,27 @@ describe('rm of a clone', () => {
   });
 });
 
+describe('rm of an application run with --rules', () => {
+  it('removes the REDIR PATH directories made for it; after a snapshot that ended it, keeps them for the image', () => {
+    const from = join(dir, 'runredir-from');
+    mkdirSync(from);
+    const rules = join(dir, 'runredir.rules');
+    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/runredir/inst/<APPL-ID>"\n`);
+    const loop = ['sh', '-c', 'while :; do sleep 0.1; done'];
+    sb.ok(['run', '-d', '--aid', 'rr1', '--rules', rules, '--', ...loop]);
+    expect(existsSync(join(dir, 'runredir', 'inst', 'rr1'))).toBe(true);
+    sb.ok(['rm', '-f', 'rr1']);
+    expect(existsSync(join(dir, 'runredir'))).toBe(false);
+    // The files the application wrote there are not in its image: a
+    // restore of it needs them, so the snapshot's record's rm keeps them.
+    sb.ok(['run', '-d', '--aid', 'rr2', '--rules', rules, '--', ...loop]);
+    writeFileSync(join(dir, 'runredir', 'inst', 'rr2', 'data'), 'kept\n');
+    sb.ok(['snapshot', 'rr2', '-o', join(dir, 'rr2.appshot')]);
+    sb.ok(['rm', 'rr2']);
+    expect(readFileSync(join(dir, 'runredir', 'inst', 'rr2', 'data'), 'utf8')).toBe('kept\n');
+  });
+});
+
 describe('run --rules with a REDIR PATH target that cannot be made', () => {
   it('says which in one line and leaves none of the directories made for the targets before it', () => {
     const from = join(dir, 'unmakeable-from');
