@@ -134,6 +134,8 @@ describe('help and errors', () => {
       expect(r.code, c).toBe(0);
       expect(r.stdout, c).not.toMatch(/FIG/);
       expect(r.stdout, c).not.toMatch(/default: (false|true|\[\])/);
+      // A number as a number: (default: 10), not (default: "10").
+      expect(r.stdout, c).not.toMatch(/default: "\d+"/);
       if (c) expect(r.stdout, c).toMatch(/Example/);
       const listed = r.stdout.split(/^Commands:\n/m)[1]?.split(/\n\S/)[0] ?? '';
       const under = [...listed.matchAll(/^ {2}([a-z][a-z-]*)/gm)].map((m) => m[1]).filter((w) => w !== 'help');
