@@ -729,7 +729,12 @@ export function addon(): Addon {
   if (!loaded) {
     for (const p of Object.values(paths))
       if (!existsSync(p))
-        throw new AppshotError(`native part missing: ${p}; run 'npm install' (or 'npm run build:native')`);
+        // Where appshot is a dependency, npm may have skipped its install
+        // script (npm 11's allowScripts: unapproved scripts are to be
+        // blocked); approving it and rebuilding runs the build.
+        throw new AppshotError(
+          `native part missing: ${p}; where appshot is a dependency: 'npm approve-scripts appshot && npm rebuild appshot'; in its checkout: 'npm run build:native'`,
+        );
     loaded = createRequire(import.meta.url)(paths.addon) as Addon;
   }
   return loaded;

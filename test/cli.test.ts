@@ -134,6 +134,8 @@ describe('help and errors', () => {
       expect(r.code, c).toBe(0);
       expect(r.stdout, c).not.toMatch(/FIG/);
       expect(r.stdout, c).not.toMatch(/default: (false|true|\[\])/);
+      // A number as a number: (default: 10), not (default: "10").
+      expect(r.stdout, c).not.toMatch(/default: "\d+"/);
       if (c) expect(r.stdout, c).toMatch(/Example/);
       const listed = r.stdout.split(/^Commands:\n/m)[1]?.split(/\n\S/)[0] ?? '';
       const under = [...listed.matchAll(/^ {2}([a-z][a-z-]*)/gm)].map((m) => m[1]).filter((w) => w !== 'help');
@@ -401,6 +403,13 @@ describe('images as tar files', () => {
     expect(refused.stderr).toMatch(/^appshot: [^\n]*install the zstd package[^\n]*\n$/);
     expect(existsSync(join(out, 'img2.tar.zst'))).toBe(false);
     expect(readdirSync(out).filter((n) => n.startsWith('.'))).toEqual([]);
+    // An archive name appshot does not write: refused, not made a directory.
+    for (const name of ['img.tar.xz', 'img.zip', 'img.gz']) {
+      const other = sb.run(['snapshot', aid, '-o', join(out, name)]);
+      expect(other.code, other.stderr).toBe(2);
+      expect(other.stderr).toMatch(/^appshot: [^\n]*\.tar, \.tar\.gz \(\.tgz\) or \.tar\.zst[^\n]*\n$/);
+      expect(existsSync(join(out, name))).toBe(false);
+    }
     await checksPass(aid, 3);
     const unread = spawnSync(process.execPath, [cli, 'restore', zst, '--aid', 'nozstd'], { env: noZstd, encoding: 'utf8' });
     expect(unread.status).toBe(2);
@@ -639,21 +648,21 @@ describe('appshot images', () => {
     expect(listed.schema).toBe('appshot.images/1');
     const byName = new Map<string, Json>(listed.images.map((i: Json) => [i.path.slice(dir.length + 1), i]));
     expect([...byName.keys()]).toEqual(['a', 'b', 'c.tar', 'c.tar.gz', 'c.tar.zst', 'cut.tar', 'foreign.tar', 'garbage.tar.gz', 'junk', 't']);
-    expect(byName.get('foreign.tar')).toMatchObject({ type: 'file', app: null, error: expect.stringContaining("holds 'etc/passwd', which is not a part of an image") });
-    expect(byName.get('garbage.tar.gz')).toMatchObject({ type: 'file', app: null, error: expect.stringMatching(/not a complete tar stream/) });
-    expect(byName.get('a')).toMatchObject({ type: 'image', app: aid, processes: 2, parent: null, trusted: true });
-    expect(byName.get('b')).toMatchObject({ type: 'image', app: aid, parent: join(dir, 'a') });
+    expect(byName.get('foreign.tar')).toMatchObject({ type: 'file', aid: null, app: null, error: expect.stringContaining("holds 'etc/passwd', which is not a part of an image") });
+    expect(byName.get('garbage.tar.gz')).toMatchObject({ type: 'file', aid: null, app: null, error: expect.stringMatching(/not a complete tar stream/) });
+    expect(byName.get('a')).toMatchObject({ type: 'image', aid, app: aid, processes: 2, parent: null, trusted: true });
+    expect(byName.get('b')).toMatchObject({ type: 'image', aid, app: aid, parent: join(dir, 'a') });
     expect(byName.get('b').bytes).toBeLessThan(byName.get('a').bytes);
     for (const file of ['c.tar', 'c.tar.gz', 'c.tar.zst', 'cut.tar'])
-      expect(byName.get(file), file).toMatchObject({ type: 'file', app: aid, createdAt: inspected.createdAt, processes: 2, parent: null, trusted: true });
+      expect(byName.get(file), file).toMatchObject({ type: 'file', aid, app: aid, createdAt: inspected.createdAt, processes: 2, parent: null, trusted: true });
     expect(byName.get('c.tar.gz').bytes).toBe(statSync(join(dir, 'c.tar.gz')).size);
-    expect(byName.get('t')).toMatchObject({ type: 'template', app: aid });
+    expect(byName.get('t')).toMatchObject({ type: 'template', aid, app: aid });
     expect(byName.get('junk').error).toMatch(/manifest|image/);
     // An image directory named by itself lists itself; the table form.
     expect(sb.json<Json>(['images', join(dir, 'b')]).images.map((i: Json) => i.path)).toEqual([join(dir, 'b')]);
     const table = sb.run(['images', dir]);
     expect(table.code).toBe(0);
-    expect(table.stdout.split('\n')[0]).toMatch(/^PATH\s+TYPE\s+APP\s+CREATED\s+SIZE\s+PROCS\s+PARENT$/);
+    expect(table.stdout.split('\n')[0]).toMatch(/^PATH\s+TYPE\s+AID\s+CREATED\s+SIZE\s+PROCS\s+PARENT$/);
     expect(table.stdout).toMatch(/\/b\s+image\s+listed\s.*\/a\n/);
     expect(table.stdout).toMatch(/\/c\.tar\.zst\s+file\s+listed\s+\S+ ago\s+\S+ \S+\s+2\s+-\n/);
     const missing = sb.run(['images', join(out, 'nowhere')]);
@@ -674,7 +683,7 @@ describe('appshot images', () => {
     expect(r.code, r.stderr).toBe(0);
     const byName = new Map<string, Json>(JSON.parse(r.stdout).images.map((i: Json) => [i.path.slice(dir.length + 1), i]));
     expect([...byName.keys()]).toEqual(['foreign.tar', 'x.tar']);
-    expect(byName.get('x.tar')).toMatchObject({ type: 'file', app: null, error: `not an appshot image: ${join(dir, 'x.tar')} is a FIFO, not a regular file` });
+    expect(byName.get('x.tar')).toMatchObject({ type: 'file', aid: null, app: null, error: `not an appshot image: ${join(dir, 'x.tar')} is a FIFO, not a regular file` });
     expect(byName.get('foreign.tar').error).toContain("holds 'etc/passwd'");
   });
 

@@ -312,7 +312,14 @@ describe('completion', () => {
   const listed = new Map<string, string[]>();
   beforeAll(async () => {
     for (const c of await commands()) listed.set(c, await commands([c]));
+    // An AID for the completion to offer: an ended application's.
+    sb.ok(['run', '--aid', 'complx', '--', 'true']);
   });
+  afterAll(() => {
+    sb.run(['rm', 'complx']);
+  });
+  /** The shells run `appshot` (the command as typed) for the AIDs. */
+  const shellEnv = () => ({ ...sb.env, PATH: `${join(root, 'bin')}:${sb.env.PATH ?? ''}` });
 
   it.each(['bash', 'zsh', 'fish'])('the %s script names every command and subcommand, and their options', (shell) => {
     const r = sb.run(['completion', shell]);
@@ -331,8 +338,12 @@ describe('completion', () => {
    * the offers sorted, or null if it offered nothing. */
   const offers = (out: string) => out.split('\n').slice(0, -1).map((l) => (l.trim() ? l.trim().split(/\s+/).sort() : null));
   // The last line offers files (each shell words them its own way).
-  const lines = ['appshot templ', 'appshot template ', 'appshot snapshot --pro', 'appshot template create --na', 'appshot stop -', 'appshot restore -o x --js', 'appshot restore /tm'];
-  const expected = [['template'], ['create', 'show'], ['--progress'], ['--name'], ['--help', '--json', '--json-object', '--signal', '--time', '-s', '-t'], ['--json'], [expect.stringMatching(/^\/?tmp\/?$/)]];
+  // An option's value, the shells, and AIDs (`appshot ps -aq`) where a
+  // command takes one, past an option's value and another AID.
+  const lines = ['appshot templ', 'appshot template ', 'appshot snapshot --pro', 'appshot template create --na', 'appshot stop -', 'appshot restore -o x --js',
+    'appshot snapshot --progress ', 'appshot completion ', 'appshot stop -t 5 compl', 'appshot rm complx compl', 'appshot restore /tm'];
+  const expected = [['template'], ['create', 'show'], ['--progress'], ['--name'], ['--help', '--json', '--json-object', '--signal', '--time', '-s', '-t'], ['--json'],
+    ['auto', 'bar', 'none', 'plain'], ['bash', 'fish', 'zsh'], ['complx'], ['complx'], [expect.stringMatching(/^\/?tmp\/?$/)]];
 
   it('bash, loaded as the README says, completes subcommands and a command\'s options', () => {
     const q = (w: string) => `'${w}'`;
@@ -344,7 +355,7 @@ describe('completion', () => {
         `"$fn" appshot ${q(words.at(-1)!)} ${q(words.at(-2)!)}; echo "\${COMPREPLY[*]}"`;
     });
     const script = [`source <(${q(process.execPath)} ${q(cli)} completion bash)`, 'spec=$(complete -p appshot) || exit 3', 'echo "$spec"', 'fn=${spec#*-F }; fn=${fn%% *}', ...calls].join('\n');
-    const r = spawnSync('bash', ['--norc', '--noprofile', '-c', script], { env: sb.env, encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync('bash', ['--norc', '--noprofile', '-c', script], { env: shellEnv(), encoding: 'utf8', timeout: 60_000 });
     expect(r.status, r.stderr).toBe(0);
     expect(r.stderr).toBe('');
     const [spec, ...rest] = r.stdout.split('\n');
@@ -359,7 +370,7 @@ describe('completion', () => {
     writeFileSync(script, r0.stdout);
     for (const how of ['fpath', 'source']) {
       // A real interactive zsh on a pseudo-terminal: TAB after each line.
-      const r = spawnSync('zsh', ['-f', join(root, 'test', 'fixtures', 'complete.zsh'), how, script, ...lines], { encoding: 'utf8', timeout: 60_000 });
+      const r = spawnSync('zsh', ['-f', join(root, 'test', 'fixtures', 'complete.zsh'), how, script, ...lines], { env: shellEnv(), encoding: 'utf8', timeout: 60_000 });
       expect(r.status, `${how}: ${r.stderr}`).toBe(0);
       expect(offers(r.stdout), how).toEqual(expected);
     }
@@ -374,7 +385,7 @@ describe('completion', () => {
     // the one being typed.
     const q = (w: string) => `'${w.replace(/[\\']/g, '\\$&')}'`;
     const calls = lines.map((line) => `set -l c (complete -C ${q(line)} | string split -f1 \\t); echo "$c"`);
-    const r = spawnSync('fish', ['--no-config', '-c', [`source ${q(script)}`, ...calls].join('\n')], { encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync('fish', ['--no-config', '-c', [`source ${q(script)}`, ...calls].join('\n')], { env: shellEnv(), encoding: 'utf8', timeout: 60_000 });
     expect(r.status, r.stderr).toBe(0);
     expect(r.stderr).toBe('');
     expect(offers(r.stdout)).toEqual(expected);

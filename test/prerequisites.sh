@@ -25,8 +25,7 @@ declare -A needs=(
   [/usr/sbin/sshd]=openssh-server
   [/usr/bin/ssh]=openssh-client
   [/usr/sbin/dnsmasq]=dnsmasq-base
-  [/usr/lib/postgresql/15/bin/postgres]=postgresql-15
-  [/usr/bin/psql]=postgresql-client-15
+  [/usr/bin/psql]=postgresql-client
   [/usr/sbin/mariadbd]=mariadb-server
   [/usr/bin/mariadb]=mariadb-client
   [/usr/bin/etcd]=etcd-server
@@ -53,12 +52,26 @@ declare -A needs=(
   [/usr/bin/dbus-monitor]=dbus-bin
 )
 
-missing=()
-for program in "${!needs[@]}"; do
-  [ -x "$program" ] || missing+=("${needs[$program]}")
-done
-[ ${#missing[@]} -eq 0 ] && exit 0
-packages=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+# PostgreSQL's server lives under its major version, which is the
+# distribution's (15 on Debian 12, 17 on Debian 13): any one will do, and
+# the tests take the newest (test/servers.test.ts, the same glob).
+postgres_installed() {
+  local p
+  for p in /usr/lib/postgresql/*/bin/postgres; do [ -x "$p" ] && return 0; done
+  return 1
+}
+
+missing_packages() {
+  local program missing=()
+  for program in "${!needs[@]}"; do
+    [ -x "$program" ] || missing+=("${needs[$program]}")
+  done
+  postgres_installed || missing+=(postgresql)
+  [ ${#missing[@]} -eq 0 ] || printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' '
+}
+
+packages=$(missing_packages)
+[ -z "$packages" ] && exit 0
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
   echo "test prerequisites missing: ${packages}(as root: bash test/prerequisites.sh, or apt-get install -y ${packages% })" >&2
@@ -66,6 +79,13 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
 fi
 echo "installing test prerequisites: ${packages% }" >&2
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
+# apt-get's own words go to a log; what is still missing is said in one
+# line (a package this distribution does not have, no network, ...).
+log=$(mktemp)
 # shellcheck disable=SC2086
-apt-get install -y -qq $packages >/dev/null
+if ! { apt-get update -qq && apt-get install -y -qq $packages; } >"$log" 2>&1 || [ -n "$(missing_packages)" ]; then
+  echo "test prerequisites missing: $(missing_packages)(apt-get install failed: $(grep -m1 '^E:' "$log" || tail -n1 "$log"))" >&2
+  rm -f "$log"
+  exit 1
+fi
+rm -f "$log"

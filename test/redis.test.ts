@@ -87,6 +87,8 @@ describe('redis-server', () => {
     expect(sb.run(['snapshot', 'rtpl', '-o', join(out, 'rsnap')]).code).toBe(0);
     const t = sb.run(['template', 'create', join(out, 'rsnap'), '-o', join(out, 'redis.template')]);
     expect(t.code, t.stderr).toBe(0);
+    // Every rule of the shipped file does something for a running redis.
+    expect(t.stderr).not.toContain('matches nothing');
 
     const c = sb.run(['clone', join(out, 'redis.template'), '--aid', 'rc', '--count', '8', '--json']);
     expect(c.code, c.stderr).toBe(0);

@@ -4,7 +4,7 @@
  * haproxy (a chrooted worker as haproxy, unix sockets renamed into place),
  * Postfix (daemons chrooted to its queue directory, sockets bound by
  * relative names), OpenSSH (a login session on a pseudo-terminal) and
- * PostgreSQL 15 started as the packaging starts it (runuser from root) or by
+ * PostgreSQL started as the packaging starts it (runuser from root) or by
  * its own user. Each goes through snapshot and restore (and nginx and
  * memcached through templates and clones) and must come back serving, with
  * every process exactly the user it was: same uids, gids, groups,
@@ -32,7 +32,13 @@ const HAPROXY = '/usr/sbin/haproxy';
 const HAPROXY_CFG = '/etc/haproxy/haproxy.cfg';
 const POSTFIX = '/usr/sbin/postfix';
 const SSHD = '/usr/sbin/sshd';
-const PG_BIN = '/usr/lib/postgresql/15/bin';
+/** The newest /usr/lib/postgresql/VERSION/bin/postgres (the
+ * distribution's version: 15 on Debian 12, 17 on 13), as
+ * test/prerequisites.sh looks for it. */
+const PG_BIN = (() => {
+  const versions = existsSync('/usr/lib/postgresql') ? readdirSync('/usr/lib/postgresql').filter((v) => existsSync(`/usr/lib/postgresql/${v}/bin/postgres`)) : [];
+  return `/usr/lib/postgresql/${versions.sort((a, b) => Number(b) - Number(a))[0] ?? 'VERSION'}/bin`;
+})();
 const PSQL = '/usr/bin/psql';
 const DNSMASQ = '/usr/sbin/dnsmasq';
 const NOBODY = 65534;
@@ -240,9 +246,9 @@ http {
 }
 
 describe('servers that run as several users', () => {
-  it('are installed (the CI installs Debian\'s nginx-light, memcached, haproxy, postfix, openssh-server and postgresql-15)', () => {
+  it('are installed (the CI installs Debian\'s nginx-light, memcached, haproxy, postfix, openssh-server and postgresql)', () => {
     for (const bin of [NGINX, MEMCACHED, HAPROXY, HAPROXY_CFG, POSTFIX, SSHD, '/usr/bin/ssh', `${PG_BIN}/postgres`, `${PG_BIN}/initdb`, PSQL, '/usr/sbin/runuser', '/usr/bin/setpriv'])
-      expect(existsSync(bin), `${bin} is missing: run test/prerequisites.sh (or apt-get install nginx-light memcached haproxy postfix openssh-server postgresql-15)`).toBe(true);
+      expect(existsSync(bin), `${bin} is missing: run test/prerequisites.sh (or apt-get install nginx-light memcached haproxy postfix openssh-server postgresql)`).toBe(true);
   });
 
   it.runIf(isRoot)('nginx, master as root and 2 workers as nobody: restored as exactly those users, then cloned 3 times', async () => {

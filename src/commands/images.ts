@@ -25,6 +25,9 @@ export interface ImageEntry {
    * template: an image with template.pb. */
   type: 'image' | 'template' | 'file';
   /** The AID of the application it was taken of. */
+  aid: string | null;
+  /** @deprecated the same as `aid` (the name every other command uses);
+   * goes with appshot.images/2. */
   app: string | null;
   /** When it was taken (templates: when made), ISO 8601. */
   createdAt: string | null;
@@ -45,7 +48,7 @@ export interface ImagesResult {
   images: ImageEntry[];
 }
 
-const STREAM_FILE = /\.(tar|tar\.gz|tgz|tar\.zst|tzst)$/;
+const STREAM_FILE = /\.(tar|tar\.gz|tgz|tar\.zst|tzst)$/i;
 
 /** Bytes of every regular file under `dir` (an image's parts, a template's
  * private copies; `dir` is a directory's descriptor's /proc/self/fd/N),
@@ -86,11 +89,15 @@ function diskBytes(dir: string, stopAs?: string): number {
   return total;
 }
 
+/** The AID an image was taken of, under its name and its deprecated one. */
+const takenOf = (aid: string) => ({ aid, app: aid });
+
 async function describe(path: string): Promise<ImageEntry | undefined> {
   const st = lstatSync(path);
   const entry = (type: ImageEntry['type'], bytes: number): ImageEntry => ({
     path,
     type,
+    aid: null,
     app: null,
     createdAt: null,
     bytes,
@@ -107,7 +114,7 @@ async function describe(path: string): Promise<ImageEntry | undefined> {
       const header = await readImageFileHeader(path);
       if (!header) return e; // parts in another order: its metadata may come last
       const { image, signer } = header;
-      return { ...e, app: image.aid, createdAt: image.created, processes: image.processes.length, parent: image.parent?.path ?? null, trusted: signer.trusted !== undefined };
+      return { ...e, ...takenOf(image.aid), createdAt: image.created, processes: image.processes.length, parent: image.parent?.path ?? null, trusted: signer.trusted !== undefined };
     } catch (err) {
       if (!(err instanceof AppshotError)) throw err;
       return { ...e, error: err.message.replace(/^corrupt image: /, '') };
@@ -137,7 +144,7 @@ async function describe(path: string): Promise<ImageEntry | undefined> {
         const t = await openTemplate(at, false, 'report');
         try {
           const { image } = t.loaded;
-          return { ...e, app: image.aid, createdAt: t.template.created, processes: image.processes.length, trusted: t.loaded.signer.trusted !== undefined };
+          return { ...e, ...takenOf(image.aid), createdAt: t.template.created, processes: image.processes.length, trusted: t.loaded.signer.trusted !== undefined };
         } finally {
           t.loaded.dispose();
         }
@@ -145,7 +152,7 @@ async function describe(path: string): Promise<ImageEntry | undefined> {
       const loaded = await loadImage(at, { sizeOnly: true, trust: 'report', directoryOnly: true });
       try {
         const { image } = loaded;
-        return { ...e, app: image.aid, createdAt: image.created, processes: image.processes.length, parent: image.parent?.path ?? null, trusted: loaded.signer.trusted !== undefined };
+        return { ...e, ...takenOf(image.aid), createdAt: image.created, processes: image.processes.length, parent: image.parent?.path ?? null, trusted: loaded.signer.trusted !== undefined };
       } finally {
         loaded.dispose();
       }
@@ -187,7 +194,7 @@ async function describeEntry(path: string): Promise<ImageEntry | undefined> {
     if (!st) return undefined;
     // Without its path, which, read through /proc/self/fd, is not the entry's.
     const why = !vanishedError(err) ? `cannot read it: ${errorWords(err)}` : err.code === 'ENOENT' ? 'a part of it was removed while it was read' : 'it changed while it was read';
-    return { path, type: st.isDirectory() ? 'image' : 'file', app: null, createdAt: null, bytes: st.isFile() ? st.size : 0, processes: null, parent: null, trusted: null, error: why };
+    return { path, type: st.isDirectory() ? 'image' : 'file', aid: null, app: null, createdAt: null, bytes: st.isFile() ? st.size : 0, processes: null, parent: null, trusted: null, error: why };
   }
   if (found?.error === undefined) return found;
   // What is wrong may be that it changed as it was read: a directory
@@ -288,12 +295,12 @@ export function registerImages(program: Command): void {
         for (const i of result.images) process.stdout.write(`${printable(i.path)}\n`);
         return;
       }
-      const rows = [['PATH', 'TYPE', 'APP', 'CREATED', 'SIZE', 'PROCS', 'PARENT']];
+      const rows = [['PATH', 'TYPE', 'AID', 'CREATED', 'SIZE', 'PROCS', 'PARENT']];
       for (const i of result.images)
         rows.push([
           i.path,
           i.error ? 'invalid' : i.type + (i.trusted === false ? ' (untrusted)' : ''),
-          i.app ?? '-',
+          i.aid ?? '-',
           age(i.createdAt),
           human(i.bytes),
           i.processes === null ? '-' : String(i.processes),

@@ -33,12 +33,15 @@ export function exitCodesHelp(): string {
 
 /** A boolean flag's default is its absence, and a repeatable option's is
  * none given: saying "(default: false)" or "(default: [])" on each is
- * noise. Values that matter (--signal SIGTERM) are still shown. */
+ * noise. Values that matter (--signal SIGTERM) are still shown; a number
+ * as one ("(default: 10)"), not as the string commander holds. */
 function optionDescription(this: Help, option: Option): string {
   const empty = typeof option.defaultValue === 'boolean' || (Array.isArray(option.defaultValue) && option.defaultValue.length === 0);
-  if (!empty) return Help.prototype.optionDescription.call(this, option);
+  const numeric = typeof option.defaultValue === 'string' && /^\d+$/.test(option.defaultValue) && option.defaultValueDescription === undefined;
+  if (!empty && !numeric) return Help.prototype.optionDescription.call(this, option);
   const shown = Object.create(option) as Option;
-  shown.defaultValue = undefined;
+  if (empty) shown.defaultValue = undefined;
+  else shown.defaultValueDescription = option.defaultValue as string;
   return Help.prototype.optionDescription.call(this, shown);
 }
 

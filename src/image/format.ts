@@ -345,12 +345,20 @@ function writeFailure(dest: string, e: unknown): Error {
  * zstd.ts; refused by name, before anything is frozen, without it).
  */
 export function imageFileKind(path: string): 'dir' | 'tar' | 'gzip' | 'zstd' {
-  if (/\.(tar\.gz|tgz)$/.test(path)) return 'gzip';
-  if (/\.tar$/.test(path)) return 'tar';
-  if (/\.(tar\.zst|tzst)$/.test(path)) {
+  if (/\.(tar\.gz|tgz)$/i.test(path)) return 'gzip';
+  if (/\.tar$/i.test(path)) return 'tar';
+  if (/\.(tar\.zst|tzst)$/i.test(path)) {
     requireZstd(path);
     return 'zstd';
   }
+  // An archive or compression name appshot does not write (x.tar.xz,
+  // x.zip, x.gz): a directory of that name is never what was meant.
+  const other = /(\.tar)?\.(xz|txz|bz2|tbz2?|lz4|lzma|tlz|zip|7z|rar|gz|zst|zstd)$/i.exec(path);
+  if (other)
+    throw new AppshotError(
+      `${path}: appshot writes no ${other[0]} file; expected a directory name, or a file name ending in .tar, .tar.gz (.tgz) or .tar.zst (.tzst)`,
+      ExitCode.usage,
+    );
   return 'dir';
 }
 
