@@ -7,7 +7,7 @@
  * An image is untrusted: one whose removed segment no process attaches,
  * or that still has a key, is refused in one line, nothing made.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -79,6 +79,36 @@ describe('a SysV segment removed (IPC_RMID) while attached', () => {
     expect(segmentLine(original)).toBeUndefined();
     await stopped('sd1');
     await stopped('sd2');
+  });
+
+  // The application's tables name it still (the kernel keeps it for the
+  // outside process), but a restore could only make it and see it go.
+  it('is left out, named, where only a process outside the application still attaches it', async () => {
+    sb.ok(['run', '-d', '--aid', 'sdo', '--', fixture('shmdest'), 'outside']);
+    await sb.checksPass('sdo', 3);
+    const vid = shmidOf('sdo');
+    const system = systemShmid('sdo', vid)!;
+    const holder = spawn(fixture('shmdest'), ['hold', String(system)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        holder.stdout.on('data', (b: Buffer) => /HELD/.test(b.toString()) && resolve());
+        holder.on('exit', (code) => reject(new Error(`the holder exited (${code})`)));
+      });
+      await sb.exercised('sdo', 'to detach and remove its segment');
+      expect(segmentLine(system)?.[2]).toBe('1600');
+      const r = sb.run(['snapshot', 'sdo', '-o', join(out, 'sdo')]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stderr).toMatch(new RegExp(`^appshot: left out shared memory segment ${system} \\(virtual id ${vid}\\): removed \\(IPC_RMID\\) while attached, and attached by no process of the application$`, 'm'));
+      expect(sb.ok(['inspect', join(out, 'sdo')])).not.toMatch(/^shm\s/m);
+      // The copy finds no segment by the id; the outside one is untouched.
+      sb.ok(['restore', join(out, 'sdo')]);
+      await sb.checksPass('sdo', 3);
+      expect(segmentLine(system)?.[2]).toBe('1600');
+    } finally {
+      holder.kill('SIGKILL');
+    }
+    await waitFor(() => segmentLine(system) === undefined, 10_000, 'the segment to go with its holder');
+    await stopped('sdo');
   });
 
   // SysV objects are virtualized for clones: each clone's processes hold
