@@ -172,7 +172,7 @@ function mappedSegments(ctx: DumpContext): Map<number, { pid: number; start: big
   return out;
 }
 
-type SegmentStatus = { perm: { key: number; mode: number; uid: number; gid: number; cuid: number; cgid: number }; size: number; cpid: number; lpid: number; locked: boolean; destroyed: boolean };
+type SegmentStatus = { perm: { key: number; mode: number; uid: number; gid: number; cuid: number; cgid: number }; size: number; cpid: number; lpid: number; locked: boolean; destroyed: boolean; nattch: number };
 
 /** The `n`th (0 the first) whitespace-separated field of `line`. */
 function fieldOf(line: string, n: number): string {
@@ -201,9 +201,9 @@ function segmentStatuses(wanted: Set<number>): Map<number, SegmentStatus> {
   }
   const lines = text.split('\n');
   const head = lines[0].trim().split(/\s+/);
-  const want = ['key', 'shmid', 'perms', 'size', 'cpid', 'lpid', 'uid', 'gid', 'cuid', 'cgid'].map((name) => head.indexOf(name));
+  const want = ['key', 'shmid', 'perms', 'size', 'cpid', 'lpid', 'uid', 'gid', 'cuid', 'cgid', 'nattch'].map((name) => head.indexOf(name));
   if (want.some((i) => i < 0)) return out;
-  const [key, id, perms, size, cpid, lpid, uid, gid, cuid, cgid] = want;
+  const [key, id, perms, size, cpid, lpid, uid, gid, cuid, cgid, nattch] = want;
   for (let l = 1; l < lines.length && out.size < wanted.size; l++) {
     const line = lines[l];
     if (!wanted.has(Number(fieldOf(line, id)))) continue;
@@ -219,6 +219,7 @@ function segmentStatuses(wanted: Set<number>): Map<number, SegmentStatus> {
       lpid: Number(f[lpid]),
       locked: (mode & SHM_LOCKED) !== 0,
       destroyed: (mode & SHM_DEST) !== 0,
+      nattch: Number(f[nattch]),
     });
   }
   return out;
@@ -348,10 +349,16 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
  * none goes at once.
  */
 export function removeDestroyedShm(image: Image, shmIds: Map<number, number>): void {
-  for (const s of image.shmSegments) {
-    if (!s.destroyed) continue;
+  const destroyed = image.shmSegments.filter((s) => s.destroyed);
+  if (!destroyed.length) return;
+  const statuses = segmentStatuses(new Set(destroyed.map((s) => shmIds.get(s.vid)!)));
+  for (const s of destroyed) {
     const sid = shmIds.get(s.vid);
     if (sid === undefined) throw new AppshotError(`shared memory segment ${s.vid} was not made again`);
+    // Removed unattached, it would go at once: the processes' mappings of
+    // it would be missing (never so: each attaches it in its memory).
+    const nattch = statuses.get(sid)?.nattch;
+    if (nattch === 0) throw new AppshotError(`shared memory segment ${s.vid}, removed while attached in the image, is attached by no restored process`);
     if (!addon().removeIpcObject('shmid', sid)) throw new AppshotError(`cannot remove shared memory segment ${s.vid} (system id ${sid}) as the image had it removed while attached`);
   }
 }
