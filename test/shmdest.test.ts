@@ -8,7 +8,7 @@
  * or that still has a key, is refused in one line, nothing made.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -32,6 +32,29 @@ const segmentLine = (id: number) =>
   readFileSync('/proc/sysvipc/shm', 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/)).find((f) => Number(f[1]) === id);
 /** The virtual id the fixture printed. */
 const shmidOf = (aid: string) => Number(/^SHMID (\d+)$/m.exec(sb.log(aid))![1]);
+
+/** A process's state letter (T stopped, Z zombie...), '' once it is gone. */
+function stateOf(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1][0];
+  } catch {
+    return '';
+  }
+}
+/** A process's start time (field 22 of its stat), '' once it is gone. */
+function startOf(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[19];
+  } catch {
+    return '';
+  }
+}
+/** The children of every thread of a process. */
+const childrenOf = (pid: number) =>
+  readdirSync(`/proc/${pid}/task`).flatMap((t) => readFileSync(`/proc/${pid}/task/${t}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number));
+/** The system ids of the segments process `pid` created (/proc/sysvipc/shm's cpid). */
+const madeBy = (pid: number) =>
+  readFileSync('/proc/sysvipc/shm', 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/)).filter((f) => f[4] === String(pid)).map((f) => f[1]);
 
 async function stopped(aid: string): Promise<void> {
   sb.ok(['stop', aid]);
@@ -150,6 +173,38 @@ describe('a SysV segment removed (IPC_RMID) while attached', () => {
     writeFileSync(join(dir, 'manifest.pb'), encodeSignedManifest('feedfacefeedface', new Map(['image.pb', 'pages.img'].map((p) => [p, digestOf(p)]))));
     return dir;
   }
+
+  // The restore makes the segment (private: removed, it has no key) in
+  // its own process, then is killed (kill -9) before the commit. Its
+  // parent does not reap it (a shell that became `sleep`): while it is a
+  // zombie, its PID still names it, and init, reparented away from it,
+  // cleans up. The segment is the application's all the same, made by the
+  // process that started init: nothing of it may stay.
+  it('goes with a restore killed (kill -9) before its commit, the restorer not reaped yet', async () => {
+    const from = await baseImage();
+    const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'restore: mappings checked' };
+    const shell = spawn('/bin/sh', ['-c', `"$0" "$@" & echo $!; exec sleep 1000000`, process.execPath, cli, 'restore', from, '--aid', 'sdkill'], { env, stdio: ['ignore', 'pipe', 'inherit'] });
+    let restorer = 0;
+    try {
+      shell.stdout.on('data', (b: Buffer) => (restorer ||= Number(b.toString().trim())));
+      await waitFor(() => restorer > 0 && stateOf(restorer) === 'T', 60_000, 'the restore to stop at its point');
+      const init = childrenOf(restorer).find((pid) => readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'appshot-init')!;
+      expect(init, 'the restore has started its init').toBeGreaterThan(0);
+      const initStart = startOf(init);
+      expect(madeBy(restorer).length, 'the restore has made its segment').toBeGreaterThan(0);
+      process.kill(restorer, 'SIGKILL');
+      await waitFor(() => stateOf(restorer) === 'Z', 10_000, 'the restorer to die');
+      await waitFor(() => startOf(init) !== initStart || stateOf(init) === 'Z', 30_000, 'init to clean up and end');
+      // Still a zombie: its PID is its own yet.
+      expect(stateOf(restorer)).toBe('Z');
+      expect(madeBy(restorer)).toEqual([]);
+    } finally {
+      for (const id of madeBy(restorer)) spawnSync('ipcrm', ['-m', id]);
+      shell.kill('SIGKILL');
+    }
+    // The next command releases its registration.
+    await waitFor(() => (sb.run(['ps']), !sb.allAids().includes('sdkill')), 10_000, 'the registration of sdkill to go');
+  });
 
   // In the shape of hostile.test.ts's crafted metadata: refused by inspect
   // and by restore in one line, exit 1, nothing made (the restore runs in
