@@ -103,17 +103,30 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   const shmSegments: ShmSegment[] = [];
   const mapped = mappedSegments(ctx);
   let statuses: Map<number, SegmentStatus> | undefined;
-  const wanted = () => new Set(tables.tables.shmid.filter((e) => mapped.has(e.virtual)).map((e) => e.system));
+  const wanted = () => new Set(tables.tables.shmid.map((e) => e.system));
+  const status = () => (statuses ??= segmentStatuses(wanted()));
+  // Removed while attached (SHM_DEST), and attached by no process of the
+  // image: only processes outside the application keep it (it goes at
+  // their last detach), and a restore would make one that nothing
+  // attaches, which it refuses (validate.ts). Left out, said. Known from
+  // its status line where it can be read, before any read of it: an
+  // attach of appshot's own (shmRead) would copy all of it for nothing,
+  // and set its shm_lpid, atime and dtime under the processes that still
+  // use it.
+  const leftOut = (e: { system: number; virtual: number }) =>
+    process.stderr.write(`appshot: left out shared memory segment ${e.system} (virtual id ${e.virtual}): removed (IPC_RMID) while attached, and attached by no process of the application\n`);
   for (const e of tables.tables.shmid) {
     try {
-      const s = readSegment(e.system, mapped.get(e.virtual), () => (statuses ??= segmentStatuses(wanted()))) ?? a.shmRead(e.system);
+      const at = mapped.get(e.virtual);
+      if (!at?.length && status().get(e.system)?.destroyed) {
+        if (isOwn('shmid', 'shared memory segment', e)) leftOut(e);
+        continue;
+      }
+      const s = readSegment(e.system, at, status) ?? a.shmRead(e.system);
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
-      // Removed while attached (SHM_DEST), and attached by no process of
-      // the image: only processes outside the application keep it (it
-      // goes at their last detach), and a restore would make one that
-      // nothing attaches, which it refuses (validate.ts). Left out, said.
-      if (s.destroyed && !mapped.get(e.virtual)?.length) {
-        process.stderr.write(`appshot: left out shared memory segment ${e.system} (virtual id ${e.virtual}): removed (IPC_RMID) while attached, and attached by no process of the application\n`);
+      // Where its status line could not be read.
+      if (s.destroyed && !at?.length) {
+        leftOut(e);
         continue;
       }
       const offset = ctx.pages.append(s.data);
