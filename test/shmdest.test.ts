@@ -119,8 +119,13 @@ describe('a SysV segment removed (IPC_RMID) while attached', () => {
       });
       await sb.exercised('sdo', 'to detach and remove its segment');
       expect(segmentLine(system)?.[2]).toBe('1600');
+      // Its last attach or detach (lpid), atime and dtime: the snapshot
+      // decides from its status line, never attaching it to read it.
+      const touched = () => [5, 11, 12].map((f) => segmentLine(system)?.[f]);
+      const before = touched();
       const r = sb.run(['snapshot', 'sdo', '-o', join(out, 'sdo')]);
       expect(r.code, r.stderr).toBe(0);
+      expect(touched()).toEqual(before);
       expect(r.stderr).toMatch(new RegExp(`^appshot: left out shared memory segment ${system} \\(virtual id ${vid}\\): removed \\(IPC_RMID\\) while attached, and attached by no process of the application$`, 'm'));
       expect(sb.ok(['inspect', join(out, 'sdo')])).not.toMatch(/^shm\s/m);
       // The copy finds no segment by the id; the outside one is untouched.
