@@ -188,10 +188,10 @@ describe('a SysV segment removed (IPC_RMID) while attached', () => {
   it('goes with a restore killed (kill -9) before its commit, the restorer not reaped yet', async () => {
     const from = await baseImage();
     const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'restore: mappings checked' };
-    const shell = spawn('/bin/sh', ['-c', `"$0" "$@" & echo $!; exec sleep 1000000`, process.execPath, cli, 'restore', from, '--aid', 'sdkill'], { env, stdio: ['ignore', 'pipe', 'inherit'] });
+    const shell = spawn('/bin/sh', ['-c', `"$0" "$@" >/dev/null & echo $!; exec sleep 1000000`, process.execPath, cli, 'restore', from, '--aid', 'sdkill'], { env, stdio: ['ignore', 'pipe', 'inherit'] });
     let restorer = 0;
     try {
-      shell.stdout.on('data', (b: Buffer) => (restorer ||= Number(b.toString().trim())));
+      shell.stdout.on('data', (b: Buffer) => (restorer ||= Number(/^(\d+)$/m.exec(b.toString())?.[1] ?? 0)));
       await waitFor(() => restorer > 0 && stateOf(restorer) === 'T', 60_000, 'the restore to stop at its point');
       const init = childrenOf(restorer).find((pid) => readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'appshot-init')!;
       expect(init, 'the restore has started its init').toBeGreaterThan(0);
@@ -204,7 +204,7 @@ describe('a SysV segment removed (IPC_RMID) while attached', () => {
       expect(stateOf(restorer)).toBe('Z');
       expect(madeBy(restorer)).toEqual([]);
     } finally {
-      for (const id of madeBy(restorer)) spawnSync('ipcrm', ['-m', id]);
+      if (restorer > 0) for (const id of madeBy(restorer)) spawnSync('ipcrm', ['-m', id]);
       shell.kill('SIGKILL');
     }
     // The next command releases its registration.
