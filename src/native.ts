@@ -420,7 +420,7 @@ interface Addon {
   /** `packets`: each packet's length, for data written in packet mode. */
   peekPipe(fd: number): Buffer & { packets?: number[] };
   semRead(semid: number): { perm: IpcPerm; values: number[]; pids: number[] };
-  shmRead(shmid: number): { perm: IpcPerm; size: number; cpid: number; lpid: number; locked: boolean; data: Buffer };
+  shmRead(shmid: number): { perm: IpcPerm; size: number; cpid: number; lpid: number; locked: boolean; destroyed: boolean; data: Buffer };
   msgRead(msqid: number): {
     perm: IpcPerm;
     qbytes: number;

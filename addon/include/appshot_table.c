@@ -1251,8 +1251,10 @@ int32_t appshot_system_key(const struct appshot_header *h, int32_t vkey,
 #define SYS_pidfd_send_signal 424
 #endif
 
-/* The parent of `pid` from /proc/PID/stat, or -1. */
-static pid_t parent_of(pid_t pid) {
+/* From /proc/PID/stat: the parent of `pid` (field 4) into *ppid and its
+ * start time (field 22, clock ticks since boot) into *start, either may be
+ * NULL. 0, or -1 if there is no such process (a zombie still has both). */
+static int proc_stat_of(pid_t pid, pid_t *ppid, uint64_t *start) {
   char path[64], buf[1024];
   proc_path(path, pid, "stat");
   int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -1264,12 +1266,45 @@ static pid_t parent_of(pid_t pid) {
   /* comm may hold spaces and parentheses: it ends at the last ')'. */
   char *close_paren = strrchr(buf, ')');
   if (!close_paren || close_paren[1] != ' ' || !close_paren[2]) return -1;
-  char *p = close_paren + 3; /* the state, then the parent */
-  while (*p && *p != ' ') p++;
-  if (*p != ' ') return -1;
-  long ppid = 0;
-  for (p++; *p >= '0' && *p <= '9'; p++) ppid = ppid * 10 + (*p - '0');
-  return (pid_t)ppid;
+  /* Fields 3 (the state) to 22, each ended by a space. */
+  char *p = close_paren + 2;
+  uint64_t field[23] = {0};
+  for (int i = 3; i <= 22; i++) {
+    if (i > 3) {
+      uint64_t v = 0;
+      for (; *p >= '0' && *p <= '9'; p++) v = v * 10 + (uint64_t)(*p - '0');
+      field[i] = v;
+    }
+    while (*p && *p != ' ') p++; /* the state, or a negative field */
+    if (*p != ' ') return -1;
+    p++;
+  }
+  if (ppid) *ppid = (pid_t)field[4];
+  if (start) *start = field[22];
+  return 0;
+}
+
+/* The parent of `pid` from /proc/PID/stat, or -1. */
+static pid_t parent_of(pid_t pid) {
+  pid_t ppid;
+  return proc_stat_of(pid, &ppid, NULL) == 0 ? ppid : -1;
+}
+
+int appshot_process_id_of(pid_t pid, struct appshot_process_id *id) {
+  id->pid = 0;
+  id->start = 0;
+  if (pid <= 1 || proc_stat_of(pid, NULL, &id->start) != 0) return -1;
+  id->pid = pid;
+  return 0;
+}
+
+/* Whether `pid` is the process `id` names: that PID, and the start time
+ * it had then (another process given the PID since started later). A
+ * zombie is still the process it was. */
+static int is_process(const struct appshot_process_id *id, pid_t pid) {
+  uint64_t start;
+  return id && id->pid > 1 && id->pid == pid &&
+         proc_stat_of(pid, NULL, &start) == 0 && start == id->start;
 }
 
 /* Whether /proc/PID/environ holds exactly APPSHOT_TABLES=<tables_path>. */
@@ -1533,12 +1568,23 @@ static int vkey_of_entry(const struct appshot_header *h, enum appshot_kind key_k
  *  - a private (IPC_PRIVATE) shared memory segment whose creator still
  *    lives: the creator is a process of the application, or the parent of
  *    its init (the restore driver, which recreates segments before init
- *    starts).
+ *    starts), or the process that started init (`starter`, init's own
+ *    question: NULL otherwise). The last is the driver too, still, once
+ *    it has died and init has been reparented: a driver killed (kill -9)
+ *    before its commit is a zombie until its parent reaps it, "alive" to
+ *    kill(), while init removes the abandoned restore's objects and then
+ *    its tables, which nobody could retry from. Known by its PID and
+ *    start time, not the PID alone: a process given that PID since is
+ *    another. It accepts no segment the parent rule did not while the
+ *    driver lived: a dead one makes none.
+ * Sets and queues record no creating process: a private one is the
+ * application's by its ctime alone, whoever made it, alive or not.
  * What remains possible is named in the README (Privileges).
  */
-int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
-                      int32_t sid, uint64_t salt, int64_t created,
-                      pid_t init_pid, const char *tables_path) {
+static int ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
+                     int32_t sid, uint64_t salt, int64_t created,
+                     pid_t init_pid, const char *tables_path,
+                     const struct appshot_process_id *starter) {
   if (kind != APPSHOT_SEMID && kind != APPSHOT_SHMID && kind != APPSHOT_MSGID)
     return 0;
   if (sid < 0) return 0;
@@ -1557,9 +1603,16 @@ int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
   if (kind == APPSHOT_SHMID && f.cpid > 0 &&
       (kill(f.cpid, 0) == 0 || errno == EPERM) /* alive */ &&
       !appshot_pid_belongs(f.cpid, init_pid, tables_path) &&
-      !(init_pid > 1 && parent_of(init_pid) == f.cpid))
+      !(init_pid > 1 && parent_of(init_pid) == f.cpid) &&
+      !is_process(starter, f.cpid))
     return 0;
   return 1;
+}
+
+int appshot_ipc_owned(const struct appshot_header *h, enum appshot_kind kind,
+                      int32_t sid, uint64_t salt, int64_t created,
+                      pid_t init_pid, const char *tables_path) {
+  return ipc_owned(h, kind, sid, salt, created, init_pid, tables_path, NULL);
 }
 
 /* The id of the object whose key is `skey` (kind APPSHOT_SEMKEY, _SHMKEY or
@@ -1582,6 +1635,15 @@ int appshot_ipc_remove_owned(const struct appshot_header *h,
                              enum appshot_kind kind, int32_t sid,
                              uint64_t salt, int64_t created, pid_t init_pid,
                              const char *tables_path) {
+  return appshot_ipc_remove_owned_started(h, kind, sid, salt, created, init_pid,
+                                          tables_path, NULL);
+}
+
+int appshot_ipc_remove_owned_started(const struct appshot_header *h,
+                                     enum appshot_kind kind, int32_t sid,
+                                     uint64_t salt, int64_t created,
+                                     pid_t init_pid, const char *tables_path,
+                                     const struct appshot_process_id *starter) {
   /* A key of the key tables: the object made under it, if one was, whether
    * or not its id made it into the id tables (see the header). */
   if (kind == APPSHOT_SEMKEY || kind == APPSHOT_SHMKEY || kind == APPSHOT_MSGKEY) {
@@ -1589,7 +1651,7 @@ int appshot_ipc_remove_owned(const struct appshot_header *h,
     if (sid < 0) return 0;
     kind = (enum appshot_kind)(kind - (APPSHOT_SEMKEY - APPSHOT_SEMID));
   }
-  if (!appshot_ipc_owned(h, kind, sid, salt, created, init_pid, tables_path))
+  if (!ipc_owned(h, kind, sid, salt, created, init_pid, tables_path, starter))
     return 0;
   int rc = -1;
   switch (kind) {

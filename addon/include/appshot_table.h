@@ -735,6 +735,23 @@ int appshot_ipc_remove_owned(const struct appshot_header *h,
                              enum appshot_kind kind, int32_t sid,
                              uint64_t salt, int64_t created, pid_t init_pid,
                              const char *tables_path);
+/* A process, told apart from a later one given its PID by its start time
+ * (/proc/PID/stat). */
+struct appshot_process_id {
+  pid_t pid; /* 0: none */
+  uint64_t start;
+};
+/* Fills `id` for process `pid` as it is now: 0, or -1 (no such process,
+ * or PID 1 or below; `id` then names none). */
+int appshot_process_id_of(pid_t pid, struct appshot_process_id *id);
+/* appshot_ipc_remove_owned, asked by an init: `starter` is the process
+ * that started it (read as it started), whose private segments stay the
+ * application's after it died (see the rule in appshot_table.c). */
+int appshot_ipc_remove_owned_started(const struct appshot_header *h,
+                                     enum appshot_kind kind, int32_t sid,
+                                     uint64_t salt, int64_t created,
+                                     pid_t init_pid, const char *tables_path,
+                                     const struct appshot_process_id *starter);
 
 #ifdef __cplusplus
 }

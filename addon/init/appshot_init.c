@@ -121,6 +121,12 @@ static int seed_count;
  * appshot_table.h). */
 static uint64_t trusted_salt;
 static int64_t trusted_created;
+/* The process that started us, as it was then: the restore driver (or
+ * the engine whose standby we were), which makes the application's
+ * private segments itself. Read first thing, while it is our parent:
+ * killed, it may be a zombie nobody has reaped while we clean up, no
+ * longer our parent (see the rule in appshot_table.c). */
+static struct appshot_process_id starter;
 
 /* "tablesCreated": N from the registration's app.json, or -1. */
 static int64_t registered_created(void) {
@@ -617,8 +623,8 @@ static void remove_ipc_objects(void) {
     appshot_used_begin(&u, tables, tables_fd, (enum appshot_kind)k);
     for (int64_t s; (s = appshot_used_next(&u)) >= 0;)
       if (appshot_entry_at(tables, (enum appshot_kind)k, (uint32_t)s, &vid, &sid, NULL, NULL))
-        appshot_ipc_remove_owned(tables, (enum appshot_kind)k, sid, trusted_salt,
-                                 trusted_created, getpid(), tables_path);
+        appshot_ipc_remove_owned_started(tables, (enum appshot_kind)k, sid, trusted_salt,
+                                         trusted_created, getpid(), tables_path, &starter);
   }
 }
 
@@ -981,6 +987,13 @@ static const int forwarded[] = {SIGTERM, SIGINT,  SIGQUIT, SIGHUP,
                                 SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
 
 int main(int argc, char **argv) {
+  /* Our parent's PID, then its start time, then the PID again: if it died
+   * in between, the start time may be of another process given its PID,
+   * and none is noted. One that died before we ran is the one we were
+   * reparented to, which the rule's "parent of init" accepts already. */
+  pid_t parent = getppid();
+  if (appshot_process_id_of(parent, &starter) != 0 || getppid() != parent)
+    starter.pid = 0;
   int i = 1, seeds = -1, standby = 0;
   for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
     const char *opt = argv[i];

@@ -1632,7 +1632,7 @@ Napi::Value SemRead(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// shmRead(shmid) -> { perm, size, cpid, lpid, locked, data: Buffer }
+// shmRead(shmid) -> { perm, size, cpid, lpid, locked, destroyed, data: Buffer }
 Napi::Value ShmRead(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int id = info[0].As<Napi::Number>().Int32Value();
@@ -1653,6 +1653,9 @@ Napi::Value ShmRead(const Napi::CallbackInfo& info) {
   o.Set("lpid", ds.shm_lpid);
   // perm.mode is its permission bits; locked in memory (SHM_LOCK) apart.
   o.Set("locked", Napi::Boolean::New(env, (ds.shm_perm.mode & SHM_LOCKED) != 0));
+  // Removed (IPC_RMID) while attached: the kernel keeps it until the last
+  // detach, its key private.
+  o.Set("destroyed", Napi::Boolean::New(env, (ds.shm_perm.mode & SHM_DEST) != 0));
   o.Set("data", Napi::Buffer<uint8_t>::Copy(env, static_cast<uint8_t*>(at), ds.shm_segsz));
   shmdt(at);
   return o;

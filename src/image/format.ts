@@ -58,11 +58,15 @@ export const MAGIC = 'appshot-image';
  * appshot would find missing. A manifest re-signed for parts whose page
  * file has no chunk table (a template of a format 2 image) stays 2. 4: a
  * message queue registered for a signal (chunkedFormatOf). 5: a pty in
- * exclusive mode, a thread with a personality of its own. */
-export const FORMAT_VERSION = 5;
+ * exclusive mode, a thread with a personality of its own. 6: a SysV segment
+ * removed while attached (ShmSegment.destroyed). */
+export const FORMAT_VERSION = 6;
 /** Formats this appshot reads: every change since 1 only added fields. */
-export const READABLE_FORMATS: readonly number[] = [1, 2, 3, 4, 5];
-/** The format an image with chunk digests is written as: 5 where it holds
+export const READABLE_FORMATS: readonly number[] = [1, 2, 3, 4, 5, 6];
+/** The format an image with chunk digests is written as: 6 where it holds
+ * a SysV segment removed while attached (ShmSegment.destroyed), which an
+ * older appshot would make again as a live segment that outlives its
+ * last detach (a leak, its IPC_STAT without SHM_DEST); 5 where it holds
  * a pty in exclusive mode (PtyPair.masterExclusive, slaveExclusive) or a
  * thread whose personality is not its process's (ThreadAttributes.
  * personality), which an older appshot would restore without them; 4
@@ -71,6 +75,7 @@ export const READABLE_FORMATS: readonly number[] = [1, 2, 3, 4, 5];
  * restore registered for nothing, without a word; 3 otherwise, which
  * every appshot since format 3 reads right. */
 export function chunkedFormatOf(image: Image): number {
+  if (image.shmSegments.some((s) => s.destroyed)) return 6;
   if (image.ptys?.some((p) => p.masterExclusive || p.slaveExclusive) || image.processes.some((p) => p.threads.some((t) => t.attributes?.personality !== undefined))) return 5;
   return image.posixQueues?.some((q) => q.notifySigno) ? 4 : 3;
 }
@@ -816,7 +821,7 @@ export function encodeSignedManifestOf(manifest: Manifest): Buffer {
 }
 
 /** The manifest of an image whose parts are as given, signed with this
- * node's key, encoded: format 3, 4 or 5 (chunkedFormatOf), the page file
+ * node's key, encoded: format 3, 4, 5 or 6 (chunkedFormatOf), the page file
  * vouched for by its chunk table, if its digest has one; else format 2, by
  * its whole SHA-256. */
 export function encodeSignedManifest(imageId: string, digests: Map<string, PartDigest>, image?: Image): Buffer {

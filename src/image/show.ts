@@ -233,7 +233,8 @@ export function printImage(manifest: Manifest, image: Image, signer: Signer, wri
       ['KIND', 'VID', 'VKEY', 'MODE', 'CONTENTS'],
       [
         ...image.semaphores.map((x) => ['sem', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), `values ${x.values.join(',')}`]),
-        ...image.shmSegments.map((x) => ['shm', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), plural(x.size, 'byte')]),
+        // The mode as the kernel lists it: SHM_DEST (0o1000) with it.
+        ...image.shmSegments.map((x) => ['shm', String(x.vid), '0x' + x.vkey.toString(16), (x.mode | (x.destroyed ? 0o1000 : 0)).toString(8), plural(x.size, 'byte')]),
         ...image.msgQueues.map((x) => ['msg', String(x.vid), '0x' + x.vkey.toString(16), x.mode.toString(8), plural(x.messages.length, 'message')]),
       ],
       write,

@@ -1009,6 +1009,8 @@ export interface ShmSegment {
   cvpid: number;
   lvpid: number;
   contents?: PageRef;
+  /** Removed (IPC_RMID) while attached: SHM_DEST, its key private. */
+  destroyed?: boolean;
 }
 
 export interface MsgQueue {

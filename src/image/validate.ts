@@ -722,6 +722,19 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   }
   const shmVids = new Set(image.shmSegments.map((s) => s.vid));
   if (shmVids.size !== image.shmSegments.length || image.shmSegments.length > limits.shmmni) corrupt('SysV segments repeat an id, or exceed shmmni');
+  // A segment removed (IPC_RMID) while attached lives only while attached,
+  // and its key is private (the kernel's IPC_RMID makes it so): the
+  // restore removes it again once the processes have attached it
+  // (resources/sysv.ts), so one no process maps would be made and go at
+  // once, and one with a key would have bound it for nothing.
+  if (!memoryOnly) {
+    const attached = new Set(image.processes.flatMap((p) => p.vmas.filter((v) => v.kind === VmaKind.SYSV_SHM).map((v) => v.shmVid)));
+    for (const s of image.shmSegments) {
+      if (!s.destroyed) continue;
+      if (s.vkey !== 0) corrupt(`SysV segment ${s.vid} was removed while attached (SHM_DEST), yet carries key 0x${(s.vkey >>> 0).toString(16)} (a removed segment's key is private)`);
+      if (!attached.has(s.vid)) corrupt(`SysV segment ${s.vid} was removed while attached (SHM_DEST), yet no process of the image attaches it`);
+    }
+  }
   for (const s of image.semaphores) {
     if (s.values.some((v) => v > SEMVMX)) corrupt(`semaphore set ${s.vid} holds a value above ${SEMVMX}`);
     if (!(s.values.length >= 1 && s.values.length <= limits.semmsl)) corrupt(`semaphore set ${s.vid} has ${s.values.length} semaphores (this machine allows 1..${limits.semmsl})`);

@@ -103,11 +103,32 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   const shmSegments: ShmSegment[] = [];
   const mapped = mappedSegments(ctx);
   let statuses: Map<number, SegmentStatus> | undefined;
-  const wanted = () => new Set(tables.tables.shmid.filter((e) => mapped.has(e.virtual)).map((e) => e.system));
+  const wanted = () => new Set(tables.tables.shmid.map((e) => e.system));
+  const status = () => (statuses ??= segmentStatuses(wanted()));
+  // Removed while attached (SHM_DEST), and attached by no process of the
+  // image: only processes outside the application keep it (it goes at
+  // their last detach), and a restore would make one that nothing
+  // attaches, which it refuses (validate.ts). Left out, said. Known from
+  // its status line where it can be read, before any read of it: an
+  // attach of appshot's own (shmRead) would copy all of it for nothing,
+  // and set its shm_lpid, atime and dtime under the processes that still
+  // use it.
+  const leftOut = (e: { system: number; virtual: number }) =>
+    process.stderr.write(`appshot: left out shared memory segment ${e.system} (virtual id ${e.virtual}): removed (IPC_RMID) while attached, and attached by no process of the application\n`);
   for (const e of tables.tables.shmid) {
     try {
-      const s = readSegment(e.system, mapped.get(e.virtual), () => (statuses ??= segmentStatuses(wanted()))) ?? a.shmRead(e.system);
+      const at = mapped.get(e.virtual);
+      if (!at?.length && status().get(e.system)?.destroyed) {
+        if (isOwn('shmid', 'shared memory segment', e)) leftOut(e);
+        continue;
+      }
+      const s = readSegment(e.system, at, status) ?? a.shmRead(e.system);
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
+      // Where its status line could not be read.
+      if (s.destroyed && !at?.length) {
+        leftOut(e);
+        continue;
+      }
       const offset = ctx.pages.append(s.data);
       const pages = Math.ceil(s.size / 4096);
       shmSegments.push({
@@ -121,6 +142,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
         cvpid: vpid(s.cpid),
         lvpid: vpid(s.lpid),
         contents: { offset: BigInt(offset), runs: pages ? [0, pages] : [], fromParent: [] },
+        ...(s.destroyed ? { destroyed: true } : {}),
       });
     } catch (err) {
       if (!gone(err)) throw err;
@@ -163,7 +185,7 @@ function mappedSegments(ctx: DumpContext): Map<number, { pid: number; start: big
   return out;
 }
 
-type SegmentStatus = { perm: { key: number; mode: number; uid: number; gid: number; cuid: number; cgid: number }; size: number; cpid: number; lpid: number; locked: boolean };
+type SegmentStatus = { perm: { key: number; mode: number; uid: number; gid: number; cuid: number; cgid: number }; size: number; cpid: number; lpid: number; locked: boolean; destroyed: boolean; nattch: number };
 
 /** The `n`th (0 the first) whitespace-separated field of `line`. */
 function fieldOf(line: string, n: number): string {
@@ -192,22 +214,25 @@ function segmentStatuses(wanted: Set<number>): Map<number, SegmentStatus> {
   }
   const lines = text.split('\n');
   const head = lines[0].trim().split(/\s+/);
-  const want = ['key', 'shmid', 'perms', 'size', 'cpid', 'lpid', 'uid', 'gid', 'cuid', 'cgid'].map((name) => head.indexOf(name));
+  const want = ['key', 'shmid', 'perms', 'size', 'cpid', 'lpid', 'uid', 'gid', 'cuid', 'cgid', 'nattch'].map((name) => head.indexOf(name));
   if (want.some((i) => i < 0)) return out;
-  const [key, id, perms, size, cpid, lpid, uid, gid, cuid, cgid] = want;
+  const [key, id, perms, size, cpid, lpid, uid, gid, cuid, cgid, nattch] = want;
   for (let l = 1; l < lines.length && out.size < wanted.size; l++) {
     const line = lines[l];
     if (!wanted.has(Number(fieldOf(line, id)))) continue;
     const f = line.trim().split(/\s+/);
     if (f.length < head.length) continue;
     const mode = parseInt(f[perms], 8);
-    // The mode's permission bits, SHM_LOCKED apart, as shmRead gives them.
+    // The mode's permission bits, SHM_LOCKED and SHM_DEST apart, as
+    // shmRead gives them (the kernel prints the whole shm_perm.mode).
     out.set(Number(f[id]), {
       perm: { key: Number(f[key]), mode: mode & 0o777, uid: Number(f[uid]), gid: Number(f[gid]), cuid: Number(f[cuid]), cgid: Number(f[cgid]) },
       size: Number(f[size]),
       cpid: Number(f[cpid]),
       lpid: Number(f[lpid]),
       locked: (mode & SHM_LOCKED) !== 0,
+      destroyed: (mode & SHM_DEST) !== 0,
+      nattch: Number(f[nattch]),
     });
   }
   return out;
@@ -324,9 +349,39 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
   return shmIds;
 }
 
+/**
+ * The image's segments that were removed (IPC_RMID) while attached,
+ * removed again (`shmIds`: the system ids restoreSysv made them at), now
+ * that every restored process has attached its mappings of them: the
+ * kernel marks each SHM_DEST and frees it at its last detach, as it
+ * would have the original. Their keys are private already (made without
+ * one: validate.ts), so no key of the tables finds them; their virtual
+ * ids stay bound while they are attached (the kernel lets a removed
+ * segment be used by id), and init forgets each once it is gone. Each is
+ * attached by then (validate.ts: a process of the image maps it), so
+ * none goes at once.
+ */
+export function removeDestroyedShm(image: Image, shmIds: Map<number, number>): void {
+  const destroyed = image.shmSegments.filter((s) => s.destroyed);
+  if (!destroyed.length) return;
+  const statuses = segmentStatuses(new Set(destroyed.map((s) => shmIds.get(s.vid)!)));
+  for (const s of destroyed) {
+    const sid = shmIds.get(s.vid);
+    if (sid === undefined) throw new AppshotError(`shared memory segment ${s.vid} was not made again`);
+    // Removed unattached, it would go at once: the processes' mappings of
+    // it would be missing (never so: each attaches it in its memory).
+    const nattch = statuses.get(sid)?.nattch;
+    if (nattch === 0) throw new AppshotError(`shared memory segment ${s.vid}, removed while attached in the image, is attached by no restored process`);
+    if (!addon().removeIpcObject('shmid', sid)) throw new AppshotError(`cannot remove shared memory segment ${s.vid} (system id ${sid}) as the image had it removed while attached`);
+  }
+}
+
 /** shm_perm.mode's bit for a segment locked in memory (SHM_LOCK); the
  * dump records the mode as IPC_STAT gives it, this bit included. */
 const SHM_LOCKED = 0o2000;
+/** shm_perm.mode's bit for a segment removed (IPC_RMID) while attached:
+ * recorded apart (ShmSegment.destroyed), not in the mode. */
+const SHM_DEST = 0o1000;
 const CAP_IPC_LOCK = 14n;
 const RLIMIT_MEMLOCK = 8;
 const PAGE = 4096n;

@@ -53,7 +53,7 @@ import { forkedByOtherThread, forkingTid, moveEnvironCall, restoreItimers, resto
 import { lateSigchldChild, requeueSignals, restoreLateSigchld, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
 import { checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
-import { restoreSemUndo, restoreSysv } from '../resources/sysv.js';
+import { removeDestroyedShm, restoreSemUndo, restoreSysv } from '../resources/sysv.js';
 import { restoreWaits } from '../resources/waits.js';
 import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
@@ -1114,6 +1114,10 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().setRegs(m.tids[i], resumeRegisters(retargetBlockedCall(t.regs, ids), firstHandledSignal(t, p.sharedPending, p.sigactions), false, p.groupStopped));
       });
     }
+    // Every process has attached its SysV segments: those the image had
+    // removed while attached are removed again (they go at their last
+    // detach, as they would have).
+    removeDestroyedShm(image, shmIds);
     // Every process has mapped the files opened here for it (openToMap):
     // not held while the restore may wait (a held instance: serve's
     // prepared one, the engine's pool of clones), which would take
