@@ -438,7 +438,12 @@ export function strayIpcIds(before: { sem: number[]; shm: number[]; msg: number[
     }
     // Gone between the two looks: not a stray.
     const ours = (k: 'sem' | 'shm' | 'msg', id: number) => columns[k].get(id)?.[CUID_COLUMN[k]] === uid;
-    return (['sem', 'shm', 'msg'] as const).flatMap((k) => now[k].filter((id) => !before[k].includes(id) && !owned.has(id) && ours(k, id)));
+    // A segment removed while attached (SHM_DEST, 01000 in the perms
+    // column) goes at its last detach: it cannot outlive its holders,
+    // which the other checks count. shmdest.test.ts keeps one held by a
+    // process outside any application, in no tables, for seconds.
+    const removed = (k: 'sem' | 'shm' | 'msg', id: number) => k === 'shm' && (parseInt(columns.shm.get(id)?.[2] ?? '0', 8) & 0o1000) !== 0;
+    return (['sem', 'shm', 'msg'] as const).flatMap((k) => now[k].filter((id) => !before[k].includes(id) && !owned.has(id) && ours(k, id) && !removed(k, id)));
   };
   // Strays are what stays: one that another test's application was making
   // or removing at the first look is gone, or bound, at the second.
