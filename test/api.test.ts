@@ -6,7 +6,7 @@
  * in this process through the API.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -28,6 +28,10 @@ afterAll(async () => {
   // before it waited) writes under `work`.
   globalInstall?.kill();
   await globalInstall?.done;
+  // The type-check started once the package was installed (its test
+  // filtered out, or failed before it waited).
+  typeCheck?.kill();
+  await typeCheck?.done;
   await sb.dispose();
   if (work) rmSync(work, { recursive: true, force: true });
 });
@@ -91,6 +95,42 @@ function startSh(command: string, args: string[], cwd: string, env: NodeJS.Proce
  * a CI user sets it), not one, so that a build waits less for a core the
  * other test worker leaves idle. What is built is the same. */
 const installEnv = (): NodeJS.ProcessEnv => ({ ...process.env, JOBS: 'max' });
+
+/** The type-check of a TypeScript user of the API against the installed
+ * declarations (tsc in the project the package was installed into),
+ * started by the tarball's beforeAll as soon as the package is installed
+ * and waited for by its test, the last of that block: it runs beside the
+ * CLI's and the API's tests (which wait on applications most of the
+ * time), not before them (~20 s of tsc at load 9). What it checks is the
+ * same. */
+let typeCheck: ReturnType<typeof startSh> | undefined;
+function startTypeCheck(project: string): ReturnType<typeof startSh> {
+  writeFileSync(
+    join(project, 'check.ts'),
+    `import { run, clone, ps, restore, AppshotError, RestoredWithError, ClonedWithError, SnapshottedWithError, type ApplicationInfo, type RunResult, type Clone, type Restored } from 'appshot';\n` +
+      `const started: Promise<RunResult> = run(['redis-server'], { aid: 'db' });\n` +
+      `const clones: Promise<Clone[]> = clone('db.template', { count: 2 });\n` +
+      `const code: number = new AppshotError('x').exitCode;\n` +
+      `// @ts-expect-error: count is a number\n` +
+      `clone('db.template', { count: '2' });\n` +
+      `const described: Promise<string[]> = ps(undefined, { all: true }).then((apps: ApplicationInfo[]) =>\n` +
+      `  apps.map((a) => (a.state === 'snapshotted' ? a.image : a.state === 'exited' ? String(a.exitCode) : a.state)));\n` +
+      `// @ts-expect-error: only an exited application has an exit code\n` +
+      `ps().then((apps) => apps.map((a) => a.state === 'snapshotted' && a.exitCode));\n` +
+      `// A failure after a commit says what stands, typed.\n` +
+      `const kept: Promise<string> = restore('db.appshot').then((r: Restored) => r.aid, (e: unknown) => {\n` +
+      `  if (e instanceof RestoredWithError) return e.restored.aid + e.exitCode;\n` +
+      `  if (e instanceof ClonedWithError) return e.cloned.map((c: Clone) => c.aid).join(' ');\n` +
+      `  if (e instanceof SnapshottedWithError) return e.image + e.imageId;\n` +
+      `  throw e;\n` +
+      `});\n` +
+      `// @ts-expect-error: only a RestoredWithError carries what was restored\n` +
+      `new AppshotError('x').restored;\n` +
+      `export { started, clones, code, described, kept };\n`,
+  );
+  const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc');
+  return startSh(process.execPath, [tsc, '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', '--typeRoots', join(root, 'node_modules', '@types'), 'check.ts'], project, process.env, 110_000);
+}
 
 let tarball = '';
 
@@ -166,6 +206,7 @@ describe('the package installed from its tarball', () => {
     // seconds of round trips per install.
     const install = await shAsync('npm', ['install', '--no-audit', '--no-fund', '--prefer-offline', tarball], project, installEnv(), 600_000);
     expect(install.code, install.output).toBe(0);
+    typeCheck = startTypeCheck(project);
     // npm pack (tsc) and npm install (a native build) take minutes on a
     // loaded machine: the hook's own limit, above the commands' own. Those
     // bound a hung npm, not a slow one (230 s killed the install at load
@@ -216,35 +257,6 @@ describe('the package installed from its tarball', () => {
       for (const link of links) expect(existsSync(join(installed, link)), `${readme} links to ${link}`).toBe(true);
     }
   });
-
-  it('type-checks a TypeScript user of the API against the installed declarations', async () => {
-    writeFileSync(
-      join(project, 'check.ts'),
-      `import { run, clone, ps, restore, AppshotError, RestoredWithError, ClonedWithError, SnapshottedWithError, type ApplicationInfo, type RunResult, type Clone, type Restored } from 'appshot';\n` +
-        `const started: Promise<RunResult> = run(['redis-server'], { aid: 'db' });\n` +
-        `const clones: Promise<Clone[]> = clone('db.template', { count: 2 });\n` +
-        `const code: number = new AppshotError('x').exitCode;\n` +
-        `// @ts-expect-error: count is a number\n` +
-        `clone('db.template', { count: '2' });\n` +
-        `const described: Promise<string[]> = ps(undefined, { all: true }).then((apps: ApplicationInfo[]) =>\n` +
-        `  apps.map((a) => (a.state === 'snapshotted' ? a.image : a.state === 'exited' ? String(a.exitCode) : a.state)));\n` +
-        `// @ts-expect-error: only an exited application has an exit code\n` +
-        `ps().then((apps) => apps.map((a) => a.state === 'snapshotted' && a.exitCode));\n` +
-        `// A failure after a commit says what stands, typed.\n` +
-        `const kept: Promise<string> = restore('db.appshot').then((r: Restored) => r.aid, (e: unknown) => {\n` +
-        `  if (e instanceof RestoredWithError) return e.restored.aid + e.exitCode;\n` +
-        `  if (e instanceof ClonedWithError) return e.cloned.map((c: Clone) => c.aid).join(' ');\n` +
-        `  if (e instanceof SnapshottedWithError) return e.image + e.imageId;\n` +
-        `  throw e;\n` +
-        `});\n` +
-        `// @ts-expect-error: only a RestoredWithError carries what was restored\n` +
-        `new AppshotError('x').restored;\n` +
-        `export { started, clones, code, described, kept };\n`,
-    );
-    const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc');
-    const r = await shAsync(process.execPath, [tsc, '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', '--typeRoots', join(root, 'node_modules', '@types'), 'check.ts'], project, process.env, 110_000);
-    expect(r.code, r.output).toBe(0);
-  }, 120_000);
 
   it('runs, lists, snapshots and restores with its CLI, with its own preload library', async () => {
     const run = appshot(['run', '-d', '--json', '--aid', 'cli-tick', '--', fixture('ticker')]);
@@ -319,6 +331,12 @@ console.log(JSON.stringify(report));
     expect(report.pruned).not.toContain('api-exit');
     expect(report.left).toEqual([]);
     expect(report.error).toEqual({ isAppshotError: true, exitCode: 3, message: "no application with AID 'no-such-app'" });
+  }, 120_000);
+  // Started by the beforeAll once the package was installed (startTypeCheck).
+  it('type-checks a TypeScript user of the API against the installed declarations', async () => {
+    expect(typeCheck, 'started by the beforeAll').toBeDefined();
+    const r = await typeCheck!.done;
+    expect(r.code, r.output).toBe(0);
   }, 120_000);
 });
 
@@ -406,10 +424,12 @@ describe('stop({ timeoutMs }): milliseconds, as every other call takes its time'
     // lets it (143); one cut a thousandfold short (timeoutMs read as
     // microseconds, `timeout` as milliseconds) kills it first (137).
     const slow = ['/bin/sh', '-c', 'trap "trap - TERM; echo TERM; sleep 1; kill -TERM $$" TERM; echo up; while :; do sleep 0.1; done'];
-    for (const [aid, wait] of [['slow', { timeoutMs: 30_000 }], ['slow-old', { timeout: 30 }]] as const) {
-      await api.run(slow, { home, aid });
-      await waitFor(() => log(aid).includes('up'), 10_000, 'the shell to start');
-      await api.stop(aid, { home, ...wait });
+    // The two stopped at once: each waits the shell's second.
+    const slows = [['slow', { timeoutMs: 30_000 }], ['slow-old', { timeout: 30 }]] as const;
+    for (const [aid] of slows) await api.run(slow, { home, aid });
+    for (const [aid] of slows) await waitFor(() => log(aid).includes('up'), 10_000, 'the shell to start');
+    await Promise.all(slows.map(([aid, wait]) => api.stop(aid, { home, ...wait })));
+    for (const [aid] of slows) {
       expect((await api.ps(aid, { home, all: true }))[0], aid).toMatchObject({ state: 'exited', exitCode: 143 });
       expect(log(aid)).toContain('TERM');
     }
@@ -528,45 +548,57 @@ describe('npm install on a machine without a compiler', () => {
     const env = { ...process.env, PATH: bin, CC: '', CXX: '' };
     delete env.PYTHON;
     delete env.npm_config_python;
-    const r = await shAsync(process.execPath, [npmCli, 'run-script', '--silent', 'install'], pkg, env, 60_000);
+    // The install step below with the stripped PATH, and the check of
+    // build-tools.js under each setting after it, all at once: each is a
+    // Node of its own (with a python3 and a cc), independent of the others
+    // (~2-4 s each at load 9, one after another before). What each proves
+    // is said where its result is looked at.
+    const machine = { ...process.env };
+    for (const k of ['PYTHON', 'npm_config_python', 'NODE_GYP_FORCE_PYTHON', 'CC', 'CXX']) delete machine[k];
+    const check = (env: NodeJS.ProcessEnv) => shAsync(process.execPath, [join(root, 'scripts', 'build-tools.js')], pkg, { ...machine, ...env }, 50_000);
+    const launchers = join(pkg, 'launchers');
+    mkdirSync(launchers);
+    writeFileSync(join(launchers, 'ccache'), '#!/bin/sh\ncase "$1" in -*) echo "ccache: invalid option -- $1" >&2; exit 1;; esac\nexec "$@"\n', { mode: 0o755 });
+    const gone = join(pkg, 'gone', 'python3');
+    // The stripped PATH with g++ on it too (a directory of its own: the
+    // install step's must have none).
+    const withGxx = join(pkg, 'path-gxx');
+    mkdirSync(withGxx);
+    for (const name of readdirSync(bin)) symlinkSync(readlinkSync(join(bin, name)), join(withGxx, name));
+    symlinkSync(which('g++'), join(withGxx, 'g++'));
+    const [r, ok, launched, pythonGone, npmPythonGone, forced, clang] = await Promise.all([
+      shAsync(process.execPath, [npmCli, 'run-script', '--silent', 'install'], pkg, env, 60_000),
+      check({}),
+      check({ PATH: `${launchers}:${process.env.PATH}`, CC: 'ccache gcc' }),
+      check({ PYTHON: gone }),
+      check({ npm_config_python: gone }),
+      check({ NODE_GYP_FORCE_PYTHON: gone, PYTHON: python3 }),
+      check({ PATH: withGxx, CC: 'clang' }),
+    ]);
     expect(r.code, r.output).not.toBe(0);
     const lines = r.stderr.trim().split('\n');
     expect(lines, r.output).toEqual(['appshot: building the native addon needs g++, make and python3 (not found: g++, cc): apt-get install -y g++ make python3']);
     expect(existsSync(join(pkg, 'build')), 'node-gyp did not start').toBe(false);
 
     // With the machine's PATH, the check says nothing and lets node-gyp go.
-    const machine = { ...process.env };
-    for (const k of ['PYTHON', 'npm_config_python', 'NODE_GYP_FORCE_PYTHON', 'CC', 'CXX']) delete machine[k];
-    const check = (env: NodeJS.ProcessEnv) => sh(process.execPath, [join(root, 'scripts', 'build-tools.js')], { cwd: pkg, env: { ...machine, ...env } });
-    const ok = check({});
     expect(ok, ok.stderr).toMatchObject({ code: 0, stderr: '' });
 
     // A compiler launcher in CC runs the compiler it is given, and takes an
     // option before it as its own (ccache: "invalid option"): the check
     // asks `ccache gcc`, not `ccache`, where libc.a is.
-    const launchers = join(pkg, 'launchers');
-    mkdirSync(launchers);
-    writeFileSync(join(launchers, 'ccache'), '#!/bin/sh\ncase "$1" in -*) echo "ccache: invalid option -- $1" >&2; exit 1;; esac\nexec "$@"\n', { mode: 0o755 });
-    const launched = check({ PATH: `${launchers}:${process.env.PATH}`, CC: 'ccache gcc' });
     expect(launched, launched.stderr).toMatchObject({ code: 0, stderr: '' });
 
     // node-gyp passes over a Python setting that names nothing (python3
     // and python are next), but NODE_GYP_FORCE_PYTHON is the only one it
     // tries.
-    const gone = join(pkg, 'gone', 'python3');
-    for (const env of [{ PYTHON: gone }, { npm_config_python: gone }]) {
-      const r = check(env);
+    for (const [env, r] of [[{ PYTHON: gone }, pythonGone], [{ npm_config_python: gone }, npmPythonGone]] as const)
       expect(r, `${JSON.stringify(env)}: ${r.stderr}`).toMatchObject({ code: 0, stderr: '' });
-    }
-    const forced = check({ NODE_GYP_FORCE_PYTHON: gone, PYTHON: python3 });
     expect(forced.code).toBe(1);
     expect(forced.stderr).toBe(`appshot: NODE_GYP_FORCE_PYTHON=${gone} not found: install it or unset NODE_GYP_FORCE_PYTHON\n`);
 
     // A compiler named in CC that is not there is the user's to install or
-    // unset; Debian's g++ package would not bring it. (g++ now on the
-    // stripped PATH, no clang.)
-    symlinkSync(which('g++'), join(bin, 'g++'));
-    const clang = check({ PATH: bin, CC: 'clang' });
+    // unset; Debian's g++ package would not bring it. (g++ on the stripped
+    // PATH, no clang.)
     expect(clang.code).toBe(1);
     expect(clang.stderr).toBe('appshot: CC=clang not found: install it or unset CC\n');
   });
