@@ -227,6 +227,22 @@ describe("a restore's check of the chunks, sixteen side by side", () => {
     ]);
   });
 
+  it.skipIf(!lanesHere)('fails closed when APPSHOT_TEST_LANES_PASS made the lanes pass a chunk and they were not then found wrong', () => {
+    // The hook alone (no APPSHOT_TEST_LANES_WRONG, so the lanes are never
+    // found wrong and this process may go on using them): chunk 3, changed,
+    // passes the lanes; the check refuses, naming it, rather than say good.
+    const file = join(dir, 'pages-pass.img');
+    const changed = Buffer.from(bytes);
+    changed[3 * MiB + 4321] ^= 0x01;
+    writeFileSync(file, changed);
+    process.env.APPSHOT_TEST_LANES_PASS = '3';
+    try {
+      expect(check(file, table, 1, true)).toEqual({ state: 'bad', chunk: 3, errno: 131 /* ENOTRECOVERABLE */, byLanes: 26 });
+    } finally {
+      delete process.env.APPSHOT_TEST_LANES_PASS;
+    }
+  });
+
   it.skipIf(!lanesHere)('once another check of the process finds the lanes wrong, a check whose threads had all ended with chunks on their word checks those chunks again before it calls them good', () => {
     // Check A, of a file with chunk 3 changed, the lanes made to pass it
     // (APPSHOT_TEST_LANES_PASS=3): its one thread ends with every whole

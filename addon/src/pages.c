@@ -1870,8 +1870,13 @@ struct pages_check {
   /* For the test of check_lanes_disagree, faults of the lanes' made up:
    * APPSHOT_TEST_LANES_WRONG=CHUNK, their digest of that chunk wrong;
    * APPSHOT_TEST_LANES_PASS=CHUNK, theirs the table's whatever the bytes.
-   * SIZE_MAX: none. */
+   * SIZE_MAX: none. The only test hook that could make a changed chunk
+   * pass, so it fails closed: once it fired (pass_fired), the check ends
+   * good only if the lanes were then found wrong in this process (which
+   * puts that chunk back to be checked with OpenSSL), and otherwise
+   * fails with -ENOTRECOVERABLE, naming it. */
   size_t lanes_wrong, lanes_pass;
+  int pass_fired;
 };
 
 struct check_thread {
@@ -2019,7 +2024,10 @@ static void* check_main(void* arg) {
           continue;
         }
         if (idx[j] == c->lanes_wrong) sums[j * PAGES_DIGEST] ^= 1;
-        if (idx[j] == c->lanes_pass) memcpy(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST);
+        if (idx[j] == c->lanes_pass) {
+          memcpy(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST);
+          __atomic_store_n(&c->pass_fired, 1, __ATOMIC_RELAXED);
+        }
         rc[j] = 0;
         if (CRYPTO_memcmp(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST) != 0) {
           /* Reported only once OpenSSL's SHA-256 of the same chunk agrees
@@ -2190,6 +2198,19 @@ int pages_check_wait(pages_check* c, uint64_t off, uint64_t len, int timeout_ms,
       rc = 1;
       break;
     }
+  }
+  /* APPSHOT_TEST_LANES_PASS passed a chunk and the lanes were not found
+   * wrong: that chunk stands on a made-up word, so nothing is good. */
+  if (!rc && __atomic_load_n(&c->pass_fired, __ATOMIC_RELAXED) &&
+      !__atomic_load_n(&lanes_disagreed, __ATOMIC_ACQUIRE)) {
+    if (!c->failure) {
+      c->failure = -ENOTRECOVERABLE;
+      c->bad = c->lanes_pass;
+      c->stop = 1;
+      pthread_cond_broadcast(&c->changed);
+    }
+    rc = c->failure;
+    *bad = c->bad;
   }
   pthread_mutex_unlock(&c->mu);
   return rc;
