@@ -1891,8 +1891,9 @@ static void check_lanes_disagree(struct pages_check* c);
  * whole chunks (at least SUMS_LANES_MIN, where the lanes are cheaper):
  * the first thread's from the front, where an eager restore copies each
  * chunk as soon as it is good, the others' from the back, so that the
- * copy waits for one group (the time of sixteen chunks hashed, ~6 ms
- * here) before the first chunk, then rarely. Otherwise, and for what is
+ * copy waits for one group (the time of sixteen chunks hashed: medians
+ * of 6.8-19.9 ms here at load 7.5-10.7) before the first chunk, then
+ * rarely. Otherwise, and for what is
  * left (a short last chunk, fewer pending), one at a time from the
  * front. Measured on this project's VM at load ~10 (bench/verify-lanes):
  * 256 MiB checked for 103 ms of CPU this way, 142 with the first thread
