@@ -1843,6 +1843,8 @@ void pw_abort(page_writer* w) {
 enum { CHUNK_PENDING = 0, CHUNK_GOOD = 1, CHUNK_BAD = 2, CHUNK_TAKEN = 3, CHUNK_BY_LANES = 4 };
 #define CHUNK_STATE(s) ((s) & 3)
 
+enum { CHECK_THREADS_MAX = 16 };
+
 struct pages_check {
   int fd;
   uint64_t size;
@@ -1861,9 +1863,9 @@ struct pages_check {
   int stop;          /* stop taking chunks: pages_check_stop, or one failed */
   int failure;       /* the first failure's code (-EBADMSG or -errno) */
   uint64_t bad;      /* and its chunk */
-  /* Up to sixteen, and one more started by pages_check_wait when another
-   * check found the lanes wrong after these had all ended. */
-  pthread_t threads[17];
+  /* Up to CHECK_THREADS_MAX, and one more started by pages_check_wait
+   * when another check found the lanes wrong after these had all ended. */
+  pthread_t threads[CHECK_THREADS_MAX + 1];
   int nthreads;
   int live;          /* threads that may still take chunks (not yet ended) */
   uint64_t resets;   /* times check_lanes_disagree put chunks back to pending */
@@ -2131,8 +2133,7 @@ pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint
   pthread_mutex_init(&c->mu, NULL);
   pthread_cond_init(&c->changed, NULL);
   if (threads < 1) threads = 1;
-  if (threads > (int)(sizeof c->threads / sizeof *c->threads))
-    threads = (int)(sizeof c->threads / sizeof *c->threads);
+  if (threads > CHECK_THREADS_MAX) threads = CHECK_THREADS_MAX;
   if ((size_t)threads > c->nchunks) threads = (int)c->nchunks;
   pthread_mutex_lock(&c->mu);
   for (int t = 0; t < threads; t++) check_spawn(c, t);
