@@ -226,4 +226,90 @@ describe("a restore's check of the chunks, sixteen side by side", () => {
       { state: 'good', chunk: -1, byLanes: 0 },
     ]);
   });
+
+  it.skipIf(!lanesHere)('tells a restore\'s progress each byte once, the chunks checked again after the lanes are found wrong not told twice', () => {
+    // 64 MiB, one thread: four groups of sixteen; the lanes found wrong in
+    // the last (APPSHOT_TEST_LANES_WRONG=60), once the first three were
+    // counted, which are then checked again. Before, the bytes told came
+    // to 83-111 MiB in four runs (equal only if the progress is never
+    // looked at between the first group and the last).
+    const n = 64;
+    const big = randomBytes(n * MiB);
+    const bigTable = Buffer.concat(Array.from({ length: n }, (_, i) => createHash('sha256').update(big.subarray(i * MiB, (i + 1) * MiB)).digest()));
+    const file = join(dir, 'pages-progress.img');
+    writeFileSync(file, big);
+    const script = `
+      import { openSync } from 'node:fs';
+      const { addon } = await import(${JSON.stringify(join(root, 'dist', 'native.js'))});
+      const { awaitPagesCheck } = await import(${JSON.stringify(join(root, 'dist', 'image', 'format.js'))});
+      const c = new (addon().PagesCheck)(openSync(${JSON.stringify(file)}, 'r'), ${n * MiB}, ${MiB}, Buffer.from(process.argv[1], 'hex'), 1);
+      let told = 0;
+      await awaitPagesCheck(c, ${MiB}, (k) => { told += k; });
+      c.stop();
+      console.log(JSON.stringify({ told }));`;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, bigTable.toString('hex')], { env: { ...process.env, APPSHOT_SHA_LANES: '', APPSHOT_TEST_LANES_WRONG: '60' }, encoding: 'utf8', timeout: 60_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual({ told: n * MiB });
+  });
+
+  it.skipIf(!lanesHere)('fails closed when APPSHOT_TEST_LANES_PASS made the lanes pass a chunk and they were not then found wrong', () => {
+    // The hook alone (no APPSHOT_TEST_LANES_WRONG, so the lanes are never
+    // found wrong and this process may go on using them): chunk 3, changed,
+    // passes the lanes; the check refuses, naming it, rather than say good.
+    const file = join(dir, 'pages-pass.img');
+    const changed = Buffer.from(bytes);
+    changed[3 * MiB + 4321] ^= 0x01;
+    writeFileSync(file, changed);
+    process.env.APPSHOT_TEST_LANES_PASS = '3';
+    try {
+      expect(check(file, table, 1, true)).toEqual({ state: 'bad', chunk: 3, errno: 131 /* ENOTRECOVERABLE */, byLanes: 26 });
+    } finally {
+      delete process.env.APPSHOT_TEST_LANES_PASS;
+    }
+  });
+
+  it.skipIf(!lanesHere)('once another check of the process finds the lanes wrong, a check whose threads had all ended with chunks on their word checks those chunks again before it calls them good', () => {
+    // Check A, of a file with chunk 3 changed, the lanes made to pass it
+    // (APPSHOT_TEST_LANES_PASS=3): its one thread ends with every whole
+    // chunk by the lanes, before A is waited for. Check B, of the good
+    // file, finds the lanes wrong (APPSHOT_TEST_LANES_WRONG=10). A, then
+    // waited for, must not say good: chunk 3 checked with OpenSSL is bad.
+    const bad = join(dir, 'pages-fault3.img');
+    const good = join(dir, 'pages-good2.img');
+    const changed = Buffer.from(bytes);
+    changed[3 * MiB + 777] ^= 0x20;
+    writeFileSync(bad, changed);
+    writeFileSync(good, bytes);
+    const script = `
+      import { openSync } from 'node:fs';
+      const { addon } = await import(${JSON.stringify(join(root, 'dist', 'native.js'))});
+      const table = Buffer.from(process.argv[1], 'hex');
+      const start = (file) => new (addon().PagesCheck)(openSync(file, 'r'), ${bytes.length}, ${MiB}, table, 1);
+      /** A's verdict, waited for 20 ms at a time (as a restore does), for
+       * at most 20 s: a check left with no thread would never end. */
+      const verdict = (c) => {
+        for (let t = 0; t < 1000; t++) {
+          const v = c.wait(20);
+          if (v.state !== 'pending') return { state: v.state, chunk: v.chunk };
+        }
+        return { state: 'pending' };
+      };
+      process.env.APPSHOT_TEST_LANES_PASS = '3';
+      const a = start(${JSON.stringify(bad)});
+      delete process.env.APPSHOT_TEST_LANES_PASS;
+      // A's thread done with every chunk (checked() counts the bytes).
+      while (a.checked() < ${bytes.length}) await new Promise((resolve) => setTimeout(resolve, 5));
+      const aLanes = a.byLanes();
+      process.env.APPSHOT_TEST_LANES_WRONG = '10';
+      const b = start(${JSON.stringify(good)});
+      delete process.env.APPSHOT_TEST_LANES_WRONG;
+      const vb = verdict(b);
+      b.stop();
+      const va = verdict(a);
+      a.stop();
+      console.log(JSON.stringify({ aLanes, b: vb, a: va }));`;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, table.toString('hex')], { env: { ...process.env, APPSHOT_SHA_LANES: '' }, encoding: 'utf8', timeout: 60_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual({ aLanes: 26, b: { state: 'good', chunk: -1 }, a: { state: 'bad', chunk: 3 } });
+  });
 });

@@ -1843,6 +1843,8 @@ void pw_abort(page_writer* w) {
 enum { CHUNK_PENDING = 0, CHUNK_GOOD = 1, CHUNK_BAD = 2, CHUNK_TAKEN = 3, CHUNK_BY_LANES = 4 };
 #define CHUNK_STATE(s) ((s) & 3)
 
+enum { CHECK_THREADS_MAX = 16 };
+
 struct pages_check {
   int fd;
   uint64_t size;
@@ -1861,14 +1863,22 @@ struct pages_check {
   int stop;          /* stop taking chunks: pages_check_stop, or one failed */
   int failure;       /* the first failure's code (-EBADMSG or -errno) */
   uint64_t bad;      /* and its chunk */
-  pthread_t threads[16];
+  /* Up to CHECK_THREADS_MAX, and one more started by pages_check_wait
+   * when another check found the lanes wrong after these had all ended. */
+  pthread_t threads[CHECK_THREADS_MAX + 1];
   int nthreads;
-  int planned; /* threads meant to run (check_take's split of the work) */
+  int live;          /* threads that may still take chunks (not yet ended) */
+  uint64_t resets;   /* times check_lanes_disagree put chunks back to pending */
   /* For the test of check_lanes_disagree, faults of the lanes' made up:
    * APPSHOT_TEST_LANES_WRONG=CHUNK, their digest of that chunk wrong;
    * APPSHOT_TEST_LANES_PASS=CHUNK, theirs the table's whatever the bytes.
-   * SIZE_MAX: none. */
+   * SIZE_MAX: none. The only test hook that could make a changed chunk
+   * pass, so it fails closed: once it fired (pass_fired), the check ends
+   * good only if the lanes were then found wrong in this process (which
+   * puts that chunk back to be checked with OpenSSL), and otherwise
+   * fails with -ENOTRECOVERABLE, naming it. */
   size_t lanes_wrong, lanes_pass;
+  int pass_fired;
 };
 
 struct check_thread {
@@ -1883,15 +1893,18 @@ static void check_lanes_disagree(struct pages_check* c);
  * whole chunks (at least SUMS_LANES_MIN, where the lanes are cheaper):
  * the first thread's from the front, where an eager restore copies each
  * chunk as soon as it is good, the others' from the back, so that the
- * copy waits for one group (the time of sixteen chunks hashed, ~6 ms
- * here) before the first chunk, then rarely. Otherwise, and for what is
+ * copy waits for one group (the time of sixteen chunks hashed: medians
+ * of 6.8-19.9 ms here at load 7.5-10.7) before the first chunk, then
+ * rarely. Otherwise, and for what is
  * left (a short last chunk, fewer pending), one at a time from the
  * front. Measured on this project's VM at load ~10 (bench/verify-lanes):
  * 256 MiB checked for 103 ms of CPU this way, 142 with the first thread
  * taking one chunk at a time for the copy's sake, 185 with OpenSSL. */
 static size_t check_take(struct pages_check* c, int index, size_t idx[SHA256X16_LANES]) {
-  /* Another check of this process found the lanes wrong. */
-  if (c->lanes && __atomic_load_n(&lanes_disagreed, __ATOMIC_RELAXED)) check_lanes_disagree(c);
+  /* Another check of this process found the lanes wrong: this one's
+   * chunks on their word are pending again (pages_check_wait does the
+   * same once this check's threads have ended). */
+  if (c->lanes && __atomic_load_n(&lanes_disagreed, __ATOMIC_ACQUIRE)) check_lanes_disagree(c);
   while (c->lo < c->nchunks && c->state[c->lo] != CHUNK_PENDING) c->lo++;
   if (c->lo >= c->nchunks) return 0;
   if (c->lanes) {
@@ -1952,14 +1965,19 @@ static int check_one(struct pages_check* c, uint8_t* buf, size_t i) {
   return rc;
 }
 
-/* The lanes and OpenSSL gave chunk i different digests, OpenSSL the
- * table's (under mu): the lanes are wrong on real data, so none of their
- * verdicts stands. This process stops using them, and every chunk they
- * vouched for in this check is checked again one at a time (the restore
- * waits for all chunks before the application runs, so that nothing
- * they passed reaches it unchecked). */
+/* The lanes and OpenSSL gave a chunk different digests, OpenSSL the
+ * table's (under mu; called by the check that found it, and by any other
+ * check of the process on its next check_take or pages_check_wait): the
+ * lanes are wrong on real data, so none of their verdicts stands. This
+ * process stops using them, and every chunk they vouched for in check c
+ * is pending again, to be checked one at a time with OpenSSL. What
+ * holds: from then on no pages_check_wait of this process reports a
+ * chunk good on their word. A wait that returned before they were found
+ * wrong cannot be taken back; a restore waits for all its chunks before
+ * its application runs, so that is only a restore that had already
+ * finished its check. */
 static void check_lanes_disagree(struct pages_check* c) {
-  __atomic_store_n(&lanes_disagreed, 1, __ATOMIC_RELAXED);
+  __atomic_store_n(&lanes_disagreed, 1, __ATOMIC_RELEASE);
   c->lanes = 0;
   for (size_t i = 0; i < c->nwhole; i++)
     if (c->state[i] == (CHUNK_GOOD | CHUNK_BY_LANES)) {
@@ -1968,6 +1986,7 @@ static void check_lanes_disagree(struct pages_check* c) {
       if (i < c->lo) c->lo = i;
     }
   c->by_lanes = 0;
+  c->resets++;
 }
 
 static void* check_main(void* arg) {
@@ -1986,8 +2005,9 @@ static void* check_main(void* arg) {
         c->failure = -ENOMEM;
         c->bad = c->lo;
         c->stop = 1;
-        pthread_cond_broadcast(&c->changed);
       }
+      c->live--;
+      pthread_cond_broadcast(&c->changed);
       pthread_mutex_unlock(&c->mu);
       break;
     }
@@ -2007,7 +2027,10 @@ static void* check_main(void* arg) {
           continue;
         }
         if (idx[j] == c->lanes_wrong) sums[j * PAGES_DIGEST] ^= 1;
-        if (idx[j] == c->lanes_pass) memcpy(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST);
+        if (idx[j] == c->lanes_pass) {
+          memcpy(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST);
+          __atomic_store_n(&c->pass_fired, 1, __ATOMIC_RELAXED);
+        }
         rc[j] = 0;
         if (CRYPTO_memcmp(sums + j * PAGES_DIGEST, c->table + idx[j] * PAGES_DIGEST, PAGES_DIGEST) != 0) {
           /* Reported only once OpenSSL's SHA-256 of the same chunk agrees
@@ -2052,6 +2075,24 @@ static void* check_main(void* arg) {
   return NULL;
 }
 
+/* Starts thread `index` of check c (under mu, so that it counts as live
+ * before anyone can see it end): 0, or -errno. */
+static int check_spawn(struct pages_check* c, int index) {
+  if (c->nthreads >= (int)(sizeof c->threads / sizeof *c->threads)) return -EAGAIN;
+  struct check_thread* me = malloc(sizeof *me);
+  if (!me) return -ENOMEM;
+  me->c = c;
+  me->index = index;
+  int rc = pthread_create(&c->threads[c->nthreads], NULL, check_main, me);
+  if (rc) {
+    free(me);
+    return -rc;
+  }
+  c->nthreads++;
+  c->live++;
+  return 0;
+}
+
 pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint8_t* table,
                                size_t table_len, int threads, int* err) {
   *err = 0;
@@ -2092,18 +2133,11 @@ pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint
   pthread_mutex_init(&c->mu, NULL);
   pthread_cond_init(&c->changed, NULL);
   if (threads < 1) threads = 1;
-  if (threads > (int)(sizeof c->threads / sizeof *c->threads))
-    threads = (int)(sizeof c->threads / sizeof *c->threads);
+  if (threads > CHECK_THREADS_MAX) threads = CHECK_THREADS_MAX;
   if ((size_t)threads > c->nchunks) threads = (int)c->nchunks;
-  c->planned = threads;
-  for (int t = 0; t < threads; t++) {
-    struct check_thread* me = malloc(sizeof *me);
-    if (!me) continue;
-    me->c = c;
-    me->index = t;
-    if (pthread_create(&c->threads[c->nthreads], NULL, check_main, me) == 0) c->nthreads++;
-    else free(me);
-  }
+  pthread_mutex_lock(&c->mu);
+  for (int t = 0; t < threads; t++) check_spawn(c, t);
+  pthread_mutex_unlock(&c->mu);
   if (c->nchunks && !c->nthreads) {
     *err = -EAGAIN;
     pages_check_stop(c);
@@ -2120,11 +2154,36 @@ int pages_check_wait(pages_check* c, uint64_t off, uint64_t len, int timeout_ms,
   struct timespec until = timeout_ms >= 0 ? deadline_after(timeout_ms) : (struct timespec){0, 0};
   int rc = 0;
   pthread_mutex_lock(&c->mu);
+  uint64_t resets = c->resets;
   for (size_t i = first; i < end;) {
     if (c->failure) {
       rc = c->failure;
       *bad = c->bad;
       break;
+    }
+    /* Another check of this process found the lanes wrong, perhaps after
+     * this one's threads had ended: what they vouched for here is not
+     * good either. */
+    if (c->by_lanes && __atomic_load_n(&lanes_disagreed, __ATOMIC_ACQUIRE)) check_lanes_disagree(c);
+    /* Chunks were put back to pending (here or by a thread), perhaps
+     * behind i: the range is scanned again from its start. */
+    if (c->resets != resets) {
+      resets = c->resets;
+      i = first;
+      /* No thread is left to take them: one is started (not checked here,
+       * which would hold the caller past its timeout for the whole file,
+       * Ctrl-C unheard); if it cannot be, the check fails rather than
+       * leave chunks unchecked. */
+      if (!c->live && !c->stop && c->lo < c->nchunks) {
+        int err = check_spawn(c, 0);
+        if (err) {
+          c->failure = err;
+          c->bad = c->lo;
+          c->stop = 1;
+          pthread_cond_broadcast(&c->changed);
+        }
+      }
+      continue;
     }
     if (CHUNK_STATE(c->state[i]) == CHUNK_GOOD) {
       i++;
@@ -2141,6 +2200,19 @@ int pages_check_wait(pages_check* c, uint64_t off, uint64_t len, int timeout_ms,
       rc = 1;
       break;
     }
+  }
+  /* APPSHOT_TEST_LANES_PASS passed a chunk and the lanes were not found
+   * wrong: that chunk stands on a made-up word, so nothing is good. */
+  if (!rc && __atomic_load_n(&c->pass_fired, __ATOMIC_RELAXED) &&
+      !__atomic_load_n(&lanes_disagreed, __ATOMIC_ACQUIRE)) {
+    if (!c->failure) {
+      c->failure = -ENOTRECOVERABLE;
+      c->bad = c->lanes_pass;
+      c->stop = 1;
+      pthread_cond_broadcast(&c->changed);
+    }
+    rc = c->failure;
+    *bad = c->bad;
   }
   pthread_mutex_unlock(&c->mu);
   return rc;

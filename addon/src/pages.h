@@ -269,8 +269,10 @@ void pw_abort(page_writer* w);
  * the others' from the back (see check_take in pages.c). A chunk the
  * lanes find different is refused only once OpenSSL's SHA-256 of it finds
  * it different too; should OpenSSL find it good, the lanes are wrong:
- * every chunk they vouched for is checked again with OpenSSL, and this
- * process uses them no more. */
+ * this process uses them no more, and in every check of it still in use
+ * the chunks they vouched for are checked again with OpenSSL before any
+ * pages_check_wait reports them good (a wait that had already returned
+ * good before is not taken back). */
 typedef struct pages_check pages_check;
 
 /* Starts checking `size` bytes of `fd` (duplicated: the caller may close

@@ -703,12 +703,17 @@ export function digestFd(fd: number, limit = Number.MAX_SAFE_INTEGER, onBytes?: 
  * `signal` is aborted, it gives up with the signal's reason) and progress
  * told; a chunk that fails is refused in one line. */
 export async function awaitPagesCheck(check: PagesCheck, chunkSize: number, onBytes?: (n: number) => void, signal?: AbortSignal): Promise<void> {
+  // The most bytes told so far: the count checked() gives falls when
+  // the lanes are found wrong and their chunks are checked again, and
+  // those bytes are not told twice (progress never passes the total).
   let told = 0;
   for (;;) {
     const verdict = check.wait(20);
     const done = check.checked();
-    if (done > told) onBytes?.(done - told);
-    told = done;
+    if (done > told) {
+      onBytes?.(done - told);
+      told = done;
+    }
     if (verdict.state === 'good') return;
     if (verdict.state === 'bad') throw pagesCheckFailure(verdict.chunk, chunkSize, verdict.errno);
     await new Promise((resolve) => setImmediate(resolve));
