@@ -11,7 +11,7 @@
  * itself can be what is refused.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, rmSync, statfsSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, copyFileSync, existsSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, rmSync, statfsSync, statSync, symlinkSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -78,31 +78,43 @@ function digestOf(path: string): PartDigest {
   }
 }
 
+/** The good image's pages.img digest, taken once for the images that
+ * share that file (writeImage's `pages` 'link'). */
+let goodPages: PartDigest | undefined;
+
 /** A directory image named `name`: `imageBytes` as image.pb, the good
  * image's pages, and a manifest signed by `signer` (a sandbox's home), or
- * the good manifest as it was (`signer` null: checksums not recomputed). */
-function writeImage(name: string, imageBytes: Buffer, signer: string | null = sb.home): string {
+ * the good manifest as it was (`signer` null: checksums not recomputed).
+ * `pages` 'link': pages.img is the good image's own file (a hard link,
+ * its digest taken once), for an image whose change is in image.pb and
+ * whose parts no test changes in place (its mode, owner or bytes would be
+ * the good image's): some 240 such images, each a copy and a hash of
+ * 2.5 MiB before. */
+function writeImage(name: string, imageBytes: Buffer, signer: string | null = sb.home, pages: 'copy' | 'link' = 'copy'): string {
   const dir = join(out, name);
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir);
   writeFileSync(join(dir, 'image.pb'), imageBytes);
-  copyFileSync(join(good, 'pages.img'), join(dir, 'pages.img'));
+  if (pages === 'link') linkSync(join(good, 'pages.img'), join(dir, 'pages.img'));
+  else copyFileSync(join(good, 'pages.img'), join(dir, 'pages.img'));
   if (signer === null) copyFileSync(join(good, 'manifest.pb'), join(dir, 'manifest.pb'));
   else {
     const digests = new Map([
       ['image.pb', digestOf(join(dir, 'image.pb'))],
-      ['pages.img', digestOf(join(dir, 'pages.img'))],
+      ['pages.img', pages === 'link' ? (goodPages ??= digestOf(join(good, 'pages.img'))) : digestOf(join(dir, 'pages.img'))],
     ]);
     writeFileSync(join(dir, 'manifest.pb'), asNode(signer, () => encodeSignedManifest('feedfacefeedface', digests)));
   }
   return dir;
 }
 
-/** The good image with a change to its metadata, signed again. */
+/** The good image with a change to its metadata, signed again (its
+ * pages.img the good image's own file: no test changes a crafted image's
+ * parts in place). */
 function crafted(name: string, change: (image: Image) => void): string {
   const image = structuredClone(goodImage);
   change(image);
-  return writeImage(name, encodeImage(image));
+  return writeImage(name, encodeImage(image), sb.home, 'link');
 }
 
 /** A TCP listener as a snapshot by `appshot serve` records its public
@@ -2051,7 +2063,7 @@ describe('random changes to a real image (seeded)', () => {
       } catch {
         continue; // not even encodable: no image anyone could hand us
       }
-      cases.push({ what: changes.join(', '), dir: writeImage(`random-${cases.length}`, bytes) });
+      cases.push({ what: changes.join(', '), dir: writeImage(`random-${cases.length}`, bytes, sb.home, 'link') });
     }
   });
 
