@@ -198,7 +198,10 @@ describe('the package installed from its tarball', () => {
     expect(pack.code, pack.stderr).toBe(0);
     tarball = join(work, pack.stdout.trim().split('\n').pop()!);
     mkdirSync(project);
-    writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'ci-project', private: true, type: 'module' }));
+    // Its install scripts (the native build) approved as a user's project
+    // approves them: npm 11 runs unapproved ones with a warning, and says a
+    // later npm will not. A tarball is named by its absolute file: spec.
+    writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'ci-project', private: true, type: 'module', allowScripts: { [`file:${tarball}`]: true } }));
     // From the registry, as a user's CI would; node-gyp builds the native
     // parts at install. --prefer-offline: packages npm's cache holds (the
     // suite's own `npm ci` put them there) are taken without asking the
