@@ -409,6 +409,21 @@ function ipcColumns(): Record<'sem' | 'shm' | 'msg', Map<number, string[]>> {
 /** Where /proc/sysvipc puts an object's creator's uid (cuid). */
 const CUID_COLUMN = { sem: 6, shm: 9, msg: 9 } as const;
 
+/** The segment ids that live `shmdest hold ID` processes hold (test
+ * shmdest.test.ts's holder outside any application). */
+function shmdestHolders(): Set<number> {
+  const ids = new Set<number>();
+  for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
+    try {
+      const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+      if (argv[0].endsWith('/shmdest') && argv[1] === 'hold') ids.add(Number(argv[2]));
+    } catch {
+      /* gone */
+    }
+  }
+  return ids;
+}
+
 /** SysV ids that exist now, were not there `before`, belong to no
  * running application's tables (in any sandbox: test files run in
  * parallel and create objects of their own meanwhile), and were made by
@@ -438,12 +453,14 @@ export function strayIpcIds(before: { sem: number[]; shm: number[]; msg: number[
     }
     // Gone between the two looks: not a stray.
     const ours = (k: 'sem' | 'shm' | 'msg', id: number) => columns[k].get(id)?.[CUID_COLUMN[k]] === uid;
-    // A segment removed while attached (SHM_DEST, 01000 in the perms
-    // column) goes at its last detach: it cannot outlive its holders,
-    // which the other checks count. shmdest.test.ts keeps one held by a
-    // process outside any application, in no tables, for seconds.
-    const removed = (k: 'sem' | 'shm' | 'msg', id: number) => k === 'shm' && (parseInt(columns.shm.get(id)?.[2] ?? '0', 8) & 0o1000) !== 0;
-    return (['sem', 'shm', 'msg'] as const).flatMap((k) => now[k].filter((id) => !before[k].includes(id) && !owned.has(id) && ours(k, id) && !removed(k, id)));
+    // shmdest.test.ts keeps a segment removed while attached (SHM_DEST,
+    // 01000 in the perms column) held by `shmdest hold ID`, a process
+    // outside any application, in no tables, for seconds: not a stray of
+    // the file running beside it. Any other holder of a removed segment
+    // (a restored process that got away, appshot's engine) still is.
+    const heldByShmdest = (k: 'sem' | 'shm' | 'msg', id: number) =>
+      k === 'shm' && (parseInt(columns.shm.get(id)?.[2] ?? '0', 8) & 0o1000) !== 0 && shmdestHolders().has(id);
+    return (['sem', 'shm', 'msg'] as const).flatMap((k) => now[k].filter((id) => !before[k].includes(id) && !owned.has(id) && ours(k, id) && !heldByShmdest(k, id)));
   };
   // Strays are what stays: one that another test's application was making
   // or removing at the first look is gone, or bound, at the second.
