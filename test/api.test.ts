@@ -63,7 +63,11 @@ function startSh(command: string, args: string[], cwd: string, env: NodeJS.Proce
   // A group of its own: a kill ends what it started too (npm's node-gyp
   // and make, tsc), not npm alone.
   const child = spawn(command, args, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  // Once it has ended (its output closed: what it started that held it,
+  // too), its PID may be another's group leader's: no kill then.
+  let ended = false;
   const kill = () => {
+    if (ended) return;
     try {
       process.kill(-child.pid!, 'SIGKILL');
     } catch {
@@ -83,6 +87,7 @@ function startSh(command: string, args: string[], cwd: string, env: NodeJS.Proce
     }, timeout);
     child.on('error', (e) => ((stderr += String(e)), (output += String(e))));
     child.on('close', (code) => {
+      ended = true;
       clearTimeout(timer);
       resolve({ code, stdout, stderr, output });
     });
@@ -129,7 +134,7 @@ function startTypeCheck(project: string): ReturnType<typeof startSh> {
       `export { started, clones, code, described, kept };\n`,
   );
   const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc');
-  return startSh(process.execPath, [tsc, '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', '--typeRoots', join(root, 'node_modules', '@types'), 'check.ts'], project, process.env, 110_000);
+  return startSh(process.execPath, [tsc, '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', '--typeRoots', join(root, 'node_modules', '@types'), 'check.ts'], project, process.env, 240_000);
 }
 
 let tarball = '';
@@ -604,5 +609,5 @@ describe('npm install on a machine without a compiler', () => {
     // PATH, no clang.)
     expect(clang.code).toBe(1);
     expect(clang.stderr).toBe('appshot: CC=clang not found: install it or unset CC\n');
-  });
+  }, 120_000);
 });
