@@ -80,12 +80,18 @@ fi
 echo "installing test prerequisites: ${packages% }" >&2
 export DEBIAN_FRONTEND=noninteractive
 # apt-get's own words go to a log; what is still missing is said in one
-# line (a package this distribution does not have, no network, ...).
-log=$(mktemp)
+# line (a package this distribution does not have, no network, ...), and
+# the log is kept for the whole story (a failed postinst names its
+# package only there).
+log=$(mktemp /tmp/appshot-prerequisites.XXXXXX.log)
 # shellcheck disable=SC2086
-if ! { apt-get update -qq && apt-get install -y -qq $packages; } >"$log" 2>&1 || [ -n "$(missing_packages)" ]; then
-  echo "test prerequisites missing: $(missing_packages)(apt-get install failed: $(grep -m1 '^E:' "$log" || tail -n1 "$log"))" >&2
-  rm -f "$log"
+if ! { apt-get update -qq && apt-get install -y -qq $packages; } >"$log" 2>&1; then
+  echo "test prerequisites missing: $(missing_packages)(apt-get install failed: $(grep -m1 '^E:' "$log" || tail -n1 "$log"); its output is in $log)" >&2
+  exit 1
+fi
+still=$(missing_packages)
+if [ -n "$still" ]; then
+  echo "test prerequisites missing: ${still}(apt-get installed them but the programs the tests run are not there; its output is in $log)" >&2
   exit 1
 fi
 rm -f "$log"
