@@ -282,6 +282,20 @@ describe.runIf(isRoot)('credentials the kernel lets a restore make only in its o
     await keepsChecking('cc-tsync', 2);
   });
 
+  it("a thread that took uid, gids and groups of its own (raw setresuid & co.) while in its root main thread's session keyring", async () => {
+    // The thread keeps the process's session keyring (root's default,
+    // `_uid_ses.0`, where the process has none other), which is not its
+    // own uid's default: once refused as a keyring of its own (hunt 313).
+    // The fixture checks that it shares the main thread's keyring still.
+    const pid = await roundTrip('cc-uidthr', 'uidthread');
+    // The thread fails once a mismatch outlasts three of the main
+    // thread's looks: six more are past that.
+    await keepsChecking('cc-uidthr', 6);
+    const creds = threadCreds(pid);
+    expect(creds[0]).toMatch(/Uid:\s+0\s+0\s+0\s+0; Gid:\s+0\s+0\s+0\s+0; Groups:\s*;/);
+    expect(creds[1]).toMatch(/Uid:\s+1234\s+1234\s+1234\s+1234; Gid:\s+2345\s+2345\s+2345\s+2345; Groups:\s+2345\s*;/);
+  });
+
   it('an image whose filter flags a filter never keeps (TSYNC, NEW_LISTENER, SPEC_ALLOW) is corrupt', async () => {
     await runCase('cc-flags', 'nested');
     const snap = sb.run(['snapshot', 'cc-flags', '-o', join(dir, 'cc-flags'), '--leave-running']);

@@ -23,7 +23,8 @@
  * is one), a process without a session keyring of its own whose parent
  * has one (a forked child would inherit the parent's at restore), a
  * thread whose session keyring is not its main thread's (threads made at
- * restore inherit the main thread's), and processes that share one but
+ * restore inherit the main thread's; one in the main thread's with
+ * credentials of its own is carried, its credentials set after), and processes that share one but
  * not through their parents (forks cannot make that sharing again).
  */
 import type { Key, Process, SessionKeyring } from '../image/types.js';
@@ -131,9 +132,19 @@ export function dumpSessionKeyring(asked: KeyringAsked, who: string, launched?: 
   // in the main thread's.
   const own = (t: { session: Answer; userDefault: Answer }) => (t.session.ret >= 0n && t.session.ret === t.userDefault.ret ? undefined : t.session.ret);
   const ownText = (ret: bigint | undefined) => (ret === undefined ? 'none of its own' : ret < 0n ? failed(ret) : `serial ${ret}`);
-  const rings = asked.threadRings.map(own);
-  const apart = rings.findIndex((r) => r !== rings[0]);
-  if (apart > 0) throw new Unsupported(`a thread of ${who} has a session keyring (${ownText(rings[apart])}) other than its main thread's (${ownText(rings[0])}), which cannot be captured yet`);
+  const [main, ...others] = asked.threadRings;
+  // A thread in the main thread's very keyring (one serial) is in it
+  // whatever its credentials: one that took another uid by a raw
+  // setresuid (its own credentials, carried per thread) keeps the
+  // keyring, which is then not its new uid's default, while the main
+  // thread's may be its own uid's (root's `_uid_ses.0`, installed by a
+  // first look at it and inherited): not a keyring of its own (hunt 313
+  // refused such a thread so). Made at restore from the main thread, it
+  // inherits the main thread's keyring and keeps it through its
+  // credentials, as it did.
+  const sharesMain = (t: { session: Answer }) => t.session.ret >= 0n && t.session.ret === main.session.ret;
+  const apart = others.find((t) => !sharesMain(t) && own(t) !== own(main));
+  if (apart) throw new Unsupported(`a thread of ${who} has a session keyring (${ownText(own(apart))}) other than its main thread's (${ownText(own(main))}), which cannot be captured yet`);
   // A kernel without keyrings; or a session keyring revoked or expired
   // (pam_keyinit's "revoke" when the session that started a daemon
   // closed): nothing to carry, and a restored process finds its user's
