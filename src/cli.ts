@@ -446,13 +446,15 @@ export function buildProgram(): Command {
         '--leave-running cannot be restored after. Removing a snapshotted application (ps -a)\n' +
         'removes its record and the log kept for its restore, and has appshot-keeper close the\n' +
         'connections it held for that restore (and free the port of a listener it held); its image,\n' +
-        'and what the image needs, stay.\n\n' +
+        'and what the image needs, stay. The REDIR PATH directories made for an application of\n' +
+        'which an image was taken (--leave-running or not) stay for that image, and are named.\n\n' +
         'Examples:\n  appshot rm web\n  appshot rm -f db-1 db-2',
     )
     .action(async (aids: string[], opts: { force: boolean; json: boolean; jsonObject: boolean }) => {
       // All of them together (lifecycle.ts removeApps): killed at once,
       // waited for at once, removed in one pass.
-      const { removed, failed } = await removeApps(registry(), aids, opts.force);
+      const { removed, failed, kept } = await removeApps(registry(), aids, opts.force);
+      for (const line of kept) process.stderr.write(`appshot: ${line}\n`);
       for (const { error } of failed) {
         process.stderr.write(`appshot: ${error.message}\n`);
         setExitCode(error.exitCode);
@@ -468,7 +470,7 @@ export function buildProgram(): Command {
     .option(...jsonObjectOption('prune'))
     .addHelpText('after', '\nPrints the AIDs it removed. Running applications are left alone.\n\nExample:\n  appshot prune')
     .action((opts: { json: boolean; jsonObject: boolean }) => {
-      const removed = pruneEnded(registry()).map((aid) => ({ aid }));
+      const removed = pruneEnded(registry(), (line) => process.stderr.write(`appshot: ${line}\n`)).map((aid) => ({ aid }));
       if (wantsJson(opts)) json('prune', removed, opts);
       else printAids(removed);
     });

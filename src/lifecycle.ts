@@ -16,7 +16,7 @@ import { AppshotError, ExitCode } from './errors.js';
 import { signalProcesses } from './inspect.js';
 import { isSameProcess, readStat } from './procfs.js';
 import { dropKept } from './resources/keeper.js';
-import { type AppRecord, type LocalRegistry, checkAid, isEnded } from './registry.js';
+import { type AppRecord, type LocalRegistry, checkAid, isEnded, keptForImage } from './registry.js';
 import { duration } from './words.js';
 
 /** How often a waiter looks at the registration. */
@@ -153,6 +153,9 @@ export async function removeApp(reg: LocalRegistry, aid: string, force: boolean)
 export interface Removal {
   removed: string[];
   failed: { aid: string; error: AppshotError }[];
+  /** What was kept of those removed for an image that needs it, one line
+   * each (keptForImage), for standard error. */
+  kept: string[];
 }
 
 /**
@@ -181,6 +184,7 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
   const ended: AppRecord[] = [];
   const killed: { record: AppRecord; initPid: number; initStart?: number }[] = [];
   const asked = new Set<string>();
+  const kept: string[] = [];
   for (const [at, aid] of aids.entries()) {
     if (asked.has(aid)) {
       repeats.push({ aid, at });
@@ -190,7 +194,7 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
     try {
       checkAid(aid);
       if (!reg.get(aid)) {
-        const snapshotted = removeSnapshotted(reg, aid);
+        const snapshotted = removeSnapshotted(reg, aid, (line) => kept.push(line));
         if (snapshotted === 'busy') throw new AppshotError(`'${aid}' is being registered right now (by a restore of its image?): try again once it is`, ExitCode.conflict);
         if (snapshotted === 'removed') {
           removed.add(aid);
@@ -261,7 +265,7 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
   }
   // One that cannot be removed whole is said of it; the others go.
   const unremoved = new Set<string>();
-  for (const { record, error } of reg.removeMany(ended)) {
+  for (const { record, error } of reg.removeMany(ended, (line) => kept.push(line))) {
     unremoved.add(record.aid);
     fail(record.aid, error);
   }
@@ -275,7 +279,7 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
   // Said in the order they were named, as one by one (the last one's exit
   // code is the command's).
   failed.sort((a, b) => a.at - b.at);
-  return { removed: [...new Set(aids)].filter((aid) => removed.has(aid)), failed: failed.map(({ aid, error }) => ({ aid, error })) };
+  return { removed: [...new Set(aids)].filter((aid) => removed.has(aid)), failed: failed.map(({ aid, error }) => ({ aid, error })), kept };
 }
 
 /** Why `aid` could not be removed, as one line an AppshotError carries. */
@@ -284,11 +288,12 @@ function removalError(aid: string, e: unknown): AppshotError {
 }
 
 /** `appshot prune`: removes every ended application, and the records of
- * those a snapshot ended (their images stay); returns their AIDs. */
-export function pruneEnded(reg: LocalRegistry): string[] {
+ * those a snapshot ended (their images stay); returns their AIDs. `kept`
+ * hears what was kept for an image (as removeApps' Removal.kept). */
+export function pruneEnded(reg: LocalRegistry, kept?: (line: string) => void): string[] {
   const ended = reg.list().filter(isEnded);
-  const failures = reg.removeMany(ended);
-  const snapshotted = reg.listSnapshotted().filter((r) => removeSnapshotted(reg, r.aid) === 'removed');
+  const failures = reg.removeMany(ended, kept);
+  const snapshotted = reg.listSnapshotted().filter((r) => removeSnapshotted(reg, r.aid, kept) === 'removed');
   // The others went; the first that could not is the command's error.
   if (failures.length) throw removalError(failures[0].record.aid, failures[0].error);
   return [...ended, ...snapshotted].map((r) => r.aid).sort();
@@ -301,12 +306,17 @@ export function pruneEnded(reg: LocalRegistry): string[] {
  * its connections dropped under it). 'none' if there was no such record,
  * 'busy' if a registration has the AID (its record may not be written
  * yet). */
-function removeSnapshotted(reg: LocalRegistry, aid: string): 'removed' | 'none' | 'busy' {
+function removeSnapshotted(reg: LocalRegistry, aid: string, kept?: (line: string) => void): 'removed' | 'none' | 'busy' {
   if (!reg.getSnapshotted(aid)) return 'none';
   return (
     reg.withAidHeld(aid, () => {
-      if (!reg.removeSnapshotted(aid)) return 'none' as const;
+      // Read with the AID held: the record that goes.
+      const record = reg.getSnapshotted(aid);
+      if (!record || !reg.removeSnapshotted(aid)) return 'none' as const;
       dropKeptFor(reg, aid);
+      // The directories made for it stay for its image (Registry
+      // removeSnapshotted): said, as rm of one imaged and left running.
+      if (record.madeDirs?.length) kept?.(keptForImage(aid, record.image, record.madeDirs));
       return 'removed' as const;
     }) ?? 'busy'
   );

@@ -63,8 +63,14 @@ export interface AppRecord {
   /** The image it was restored from (`appshot restore`). */
   image?: string;
   /** REDIR PATH target directories made for it by `run --rules`
-   * (a clone's are in restore.madeDirs); `appshot rm` removes them. */
+   * (a clone's are in restore.madeDirs); `appshot rm` removes them,
+   * unless an image was taken of it (imagedTo). */
   madeDirs?: MadeDir[];
+  /** The last image taken of it with --leave-running ('-': a stream),
+   * noted only if directories were made for it (madeDirs): the files it
+   * wrote there are not in the image, whose restore needs them, so `rm`
+   * keeps them and says so, as for a snapshot that ended it. */
+  imagedTo?: string;
   /** The directories its REDIR PATH targets lead into, made for it or
    * not (paths.ts redirLeaves): while it is registered, no other's rm
    * removes one of them (releaseRedirTargets). */
@@ -176,6 +182,20 @@ export interface SnapshottedRecord {
   privateRoot?: string;
   /** Its REDIR PATH directories (AppRecord's): its image needs them. */
   redirLeaves?: string[];
+  /** Of those, the ones made for it (AppRecord madeDirs' leaves): `rm` of
+   * this record keeps them and names them (keptForImage). */
+  madeDirs?: string[];
+}
+
+/** The leaves of the REDIR PATH directories made for `record`. */
+function madeLeaves(record: AppRecord): string[] {
+  return [...new Set([...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? [])].map((m) => m.leaf))];
+}
+
+/** What `rm` says of the directories it keeps for an image (one line). */
+export function keptForImage(aid: string, image: string, dirs: string[]): string {
+  const where = image === '-' ? 'a stream on standard output' : image;
+  return `'${aid}': kept the REDIR PATH directories made for it, whose files its image ${where} needs and does not hold: ${dirs.join(', ')} (rm -r them once that image is not to be restored)`;
 }
 
 export interface PortBinding {
@@ -915,7 +935,7 @@ export class LocalRegistry implements Registry {
    * removed ones' commit files nobody needs any more. Returns those that
    * could not be removed whole, with why.
    */
-  removeMany(records: AppRecord[]): { record: AppRecord; error: unknown }[] {
+  removeMany(records: AppRecord[], kept?: (line: string) => void): { record: AppRecord; error: unknown }[] {
     // The port claims first, all under one lock. A claim outlives its
     // registration only while its claimer lives, and the claimer of a
     // clone of the engine's pool or of serve goes on living: let go after
@@ -936,7 +956,12 @@ export class LocalRegistry implements Registry {
         // Only a clone's own directory of private copies: a record's path
         // came from an image (a hostile one could name any directory).
         if (record.privateRoot && isPrivateRoot(this.home, record.privateRoot)) copies.push(record.privateRoot);
-        madeDirs.push(...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? []));
+        // Unless an image was taken of it: its restore needs the files
+        // written there, as after a snapshot that ended it (markReleased).
+        if (record.imagedTo) {
+          const leaves = madeLeaves(record);
+          if (leaves.length) kept?.(keptForImage(record.aid, record.imagedTo, leaves));
+        } else madeDirs.push(...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? []));
         removed.add(record.aid);
         const commitPath = record.restore?.commitPath;
         if (commitPath && dirname(commitPath) === commits) commitPaths.add(commitPath);
@@ -1140,6 +1165,7 @@ export class LocalRegistry implements Registry {
       ...(record.template ? { template: record.template } : {}),
       ...(record.privateRoot ? { privateRoot: record.privateRoot } : {}),
       ...(record.redirLeaves?.length ? { redirLeaves: record.redirLeaves } : {}),
+      ...(madeLeaves(record).length ? { madeDirs: madeLeaves(record) } : {}),
     };
     mkdirSync(join(this.home, 'snapshotted'), { recursive: true, mode: 0o700 });
     const file = this.snapshottedPath(record.aid);
@@ -1267,7 +1293,8 @@ export class LocalRegistry implements Registry {
 
   /** `appshot rm` of a snapshotted application: its record and the log
    * that waited for its restore. Its image, and what the image needs (a
-   * clone's private copies), stay. False if there was none. */
+   * clone's private copies, the REDIR PATH directories made for it), stay.
+   * False if there was none. */
   removeSnapshotted(aid: string): boolean {
     const file = this.snapshottedPath(aid);
     if (!existsSync(file)) return false;

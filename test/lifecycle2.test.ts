@@ -665,8 +665,28 @@ describe('rm of an application run with --rules', () => {
     sb.ok(['run', '-d', '--aid', 'rr2', '--rules', rules, '--', ...loop]);
     writeFileSync(join(dir, 'runredir', 'inst', 'rr2', 'data'), 'kept\n');
     sb.ok(['snapshot', 'rr2', '-o', join(dir, 'rr2.appshot')]);
-    sb.ok(['rm', 'rr2']);
+    const rm = sb.run(['rm', 'rr2']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(rm.stderr).toBe(`appshot: 'rr2': kept the REDIR PATH directories made for it, whose files its image ${join(dir, 'rr2.appshot')} needs and does not hold: ${join(dir, 'runredir', 'inst', 'rr2')} (rm -r them once that image is not to be restored)\n`);
     expect(readFileSync(join(dir, 'runredir', 'inst', 'rr2', 'data'), 'utf8')).toBe('kept\n');
+  });
+
+  it('keeps them for an image taken with --leave-running too: rm -f of the running application says so', () => {
+    const from = join(dir, 'leftredir-from');
+    mkdirSync(from);
+    const rules = join(dir, 'leftredir.rules');
+    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/leftredir/<APPL-ID>"\n`);
+    sb.ok(['run', '-d', '--aid', 'lr1', '--rules', rules, '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
+    const made = join(dir, 'leftredir', 'lr1');
+    writeFileSync(join(made, 'data'), 'kept\n');
+    const image = join(dir, 'lr1.appshot');
+    sb.ok(['snapshot', 'lr1', '--leave-running', '-o', image]);
+    // Removed with it, the file would be lost to the image's restore.
+    const rm = sb.run(['rm', '-f', 'lr1']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(rm.stdout).toBe('lr1\n');
+    expect(readFileSync(join(made, 'data'), 'utf8')).toBe('kept\n');
+    expect(rm.stderr).toBe(`appshot: 'lr1': kept the REDIR PATH directories made for it, whose files its image ${image} needs and does not hold: ${made} (rm -r them once that image is not to be restored)\n`);
   });
 });
 

@@ -1352,9 +1352,18 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       clock.end('endMs');
       killPoint('snapshot: ended');
     } else {
-      if (becomesParent) {
+      // The REDIR PATH directories made for it hold files this image does
+      // not: noted, so that its rm keeps them for the image (Registry
+      // removeMany), as markReleased does for a snapshot that ends it.
+      const keepsDirs = !!(record.madeDirs?.length || record.restore?.madeDirs.length);
+      if (becomesParent || keepsDirs) {
         const current = reg.get(aid);
-        if (current) reg.update({ ...current, lastImage: { path: output, id: imageId, tracked: armed } });
+        if (current)
+          reg.update({
+            ...current,
+            ...(becomesParent ? { lastImage: { path: output, id: imageId, tracked: armed } } : {}),
+            ...(keepsDirs ? { imagedTo: output } : {}),
+          });
       }
     }
     return {
