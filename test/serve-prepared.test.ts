@@ -240,15 +240,18 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await serve.line(/^ready$/, READY_MS);
     // Prepared at start: its processes exist, every one held in a tracing
     // stop, so nothing of redis runs.
+    // `show` says prepared from the prepare's start; the processes are all
+    // held only once the prepare is logged (a step of the restore may still
+    // be running before), so wait for that line first.
     await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
+    await waitFor(() => events().some((e) => e.event === 'prepared'), 15_000, 'the prepare to be logged');
+    expect(events().find((e) => e.event === 'prepared')?.code).toBe(0);
     const held = appPids('db');
     expect(held.length).toBeGreaterThan(0);
     for (const pid of held) expect(stateOf(pid)).toBe('t');
     // No run of it seen yet: none of its code mapped in ahead (but what
     // the restore itself maps: a few pages).
     const codeBefore = codePagesPresent(held[0]);
-    await waitFor(() => events().some((e) => e.event === 'prepared'), 5000, 'the prepare to be logged');
-    expect(events().find((e) => e.event === 'prepared')?.code).toBe(0);
     expect(show().state).toBe('suspended');
     // `ps` says what it is: a restore not committed.
     const psState = () => sb.json<{ aid: string; state: string }[]>(['ps']).find((a) => a.aid === 'db')?.state;
@@ -281,6 +284,7 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     // is read afresh and restored.
     await suspended(2, 'the second suspend');
     await waitFor(() => prepared(), 15_000, 'the third prepare');
+    await waitFor(() => events().filter((e) => e.event === 'prepared').length >= 3, 15_000, 'the third prepare to be logged');
     const held3 = appPids('db');
     {
       // Held from an image with a parent: the pages its previous run
@@ -309,7 +313,6 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
         expect(untouched.length).toBeGreaterThan(cold.length - 3);
         expect(pagemapOf(held3[0], untouched).filter((e) => e & PM_PRESENT && !(e & PM_FILE))).toEqual([]);
         // (its log says how many)
-        await waitFor(() => events().filter((e) => e.event === 'prepared').length >= 3, 5000, 'the third prepare to be logged');
         expect(events().filter((e) => e.event === 'prepared').at(-1)!.prefaulted).toBe(hot.length);
         // The code its previous run executed is in its page tables before
         // it runs (serve read it from that run at the suspend), held all
