@@ -570,6 +570,9 @@ export function buildProgram(): Command {
           );
         }
       }
+      // The image stands (exit 0); what failed after its commit is said.
+      for (const w of result.warnings ?? []) process.stderr.write(`appshot: warning: ${printable(w)}
+`);
     });
 
   program

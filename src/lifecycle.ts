@@ -316,6 +316,8 @@ function removeSnapshotted(reg: LocalRegistry, aid: string, kept?: (line: string
       dropKeptFor(reg, aid);
       // The directories made for it stay for its image (Registry
       // removeSnapshotted): said, as rm of one imaged and left running.
+      // Its private copies stay too, so a directory in them (a private
+      // /tmp its restore made) is kept as well, unlike there (removeMany).
       if (record.madeDirs?.length) kept?.(keptForImage(aid, record.image, record.madeDirs));
       return 'removed' as const;
     }) ?? 'busy'

@@ -27,7 +27,7 @@ import {
 import { utimes } from 'node:fs';
 import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { AppshotError, ExitCode } from './errors.js';
+import { AppshotError, ExitCode, printable } from './errors.js';
 import { addon, type InstanceConfig, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
 import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
@@ -192,10 +192,14 @@ function madeLeaves(record: AppRecord): string[] {
   return [...new Set([...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? [])].map((m) => m.leaf))];
 }
 
-/** What `rm` says of the directories it keeps for an image (one line). */
+/** What `rm` says of the directories it keeps for an image (one line).
+ * The paths are written printable: a REDIR PATH target comes from the
+ * rules or from an image, which anyone may have written, and a newline
+ * or an escape sequence in one would forge a line or drive the terminal
+ * (the AID is of AID_PATTERN's characters only). */
 export function keptForImage(aid: string, image: string, dirs: string[]): string {
-  const where = image === '-' ? 'a stream on standard output' : image;
-  return `'${aid}': kept the REDIR PATH directories made for it, whose files its image ${where} needs and does not hold: ${dirs.join(', ')} (rm -r them once that image is not to be restored)`;
+  const where = image === '-' ? 'a stream on standard output' : printable(image);
+  return `'${aid}': kept the REDIR PATH directories made for it, whose files its image ${where} needs and does not hold: ${dirs.map(printable).join(', ')} (rm -r them once that image is not to be restored)`;
 }
 
 export interface PortBinding {
@@ -950,6 +954,9 @@ export class LocalRegistry implements Registry {
     const removed = new Set<string>();
     const copies: string[] = [];
     const madeDirs: MadeDir[] = [];
+    // The REDIR PATH directories kept for an image, said once the private
+    // copies that go with this rm are known (below).
+    const keptDirs: { aid: string; image: string; leaves: string[] }[] = [];
     for (const record of records) {
       try {
         this.release(record, { portsReleased: true });
@@ -960,7 +967,7 @@ export class LocalRegistry implements Registry {
         // written there, as after a snapshot that ended it (markReleased).
         if (record.imagedTo) {
           const leaves = madeLeaves(record);
-          if (leaves.length) kept?.(keptForImage(record.aid, record.imagedTo, leaves));
+          if (leaves.length) keptDirs.push({ aid: record.aid, image: record.imagedTo, leaves });
         } else madeDirs.push(...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? []));
         removed.add(record.aid);
         const commitPath = record.restore?.commitPath;
@@ -974,11 +981,20 @@ export class LocalRegistry implements Registry {
     // once these records are gone, so that of two rm's at once the later
     // sees neither.
     const stillNamed = this.privateRootsStillNamed(copies);
+    const copiesRemoved: string[] = [];
     for (const root of copies) {
       if (stillNamed.has(root)) continue;
       // Its copies are the application's users' (removeWalked).
       removeWalked(root);
       rmSync(this.sharedCopiesMark(root), { force: true });
+      copiesRemoved.push(root);
+    }
+    // A directory in private copies that went just now (a restored
+    // application's private /tmp, made anew by its restore) was not kept,
+    // whatever its image needs: named, it would be a false word.
+    for (const { aid, image, leaves } of keptDirs) {
+      const still = leaves.filter((leaf) => !copiesRemoved.some((root) => leaf === root || leaf.startsWith(`${root}/`)));
+      if (still.length) kept?.(keptForImage(aid, image, still));
     }
     this.releaseRedirTargets(madeDirs, removed);
     if (!commitPaths.size) return failures;

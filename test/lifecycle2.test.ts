@@ -8,10 +8,10 @@
  * `run` whose application is snapshotted says where it went.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
-import { alive, cli, fixture, Sandbox, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { alive, cli, command, fixture, Sandbox, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 // Tests of twenty commands and more in a row: on a loaded machine each
@@ -687,6 +687,106 @@ describe('rm of an application run with --rules', () => {
     expect(rm.stdout).toBe('lr1\n');
     expect(readFileSync(join(made, 'data'), 'utf8')).toBe('kept\n');
     expect(rm.stderr).toBe(`appshot: 'lr1': kept the REDIR PATH directories made for it, whose files its image ${image} needs and does not hold: ${made} (rm -r them once that image is not to be restored)\n`);
+  });
+
+  it('names the directories it keeps with control characters as escapes, after a --leave-running snapshot and after one that ended it', () => {
+    // A target's name is the rules' (or an image's) word: an escape
+    // sequence in it, written raw, would drive the terminal; a newline
+    // (which an image may carry) would forge a line of its own.
+    const from = join(dir, 'escredir-from');
+    mkdirSync(from);
+    const rules = join(dir, 'escredir.rules');
+    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/esc\x1b[31mred\tdir/<APPL-ID>"\n`);
+    const loop = ['sh', '-c', 'while :; do sleep 0.1; done'];
+    const shown = `${dir}/esc\\e[31mred\\tdir`;
+    sb.ok(['run', '-d', '--aid', 'er1', '--rules', rules, '--', ...loop]);
+    writeFileSync(join(dir, 'esc\x1b[31mred\tdir', 'er1', 'data'), 'kept\n');
+    const image = join(dir, 'er1\x1b]0;title\x07.appshot');
+    sb.ok(['snapshot', 'er1', '--leave-running', '-o', image]);
+    const rm = sb.run(['rm', '-f', 'er1']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(rm.stderr).toBe(`appshot: 'er1': kept the REDIR PATH directories made for it, whose files its image ${dir}/er1\\e]0;title\\x07.appshot needs and does not hold: ${shown}/er1 (rm -r them once that image is not to be restored)\n`);
+    expect(readFileSync(join(dir, 'esc\x1b[31mred\tdir', 'er1', 'data'), 'utf8')).toBe('kept\n');
+    // The record of a snapshot that ended it: the same line (lifecycle.ts
+    // removeSnapshotted).
+    sb.ok(['run', '-d', '--aid', 'er2', '--rules', rules, '--', ...loop]);
+    sb.ok(['snapshot', 'er2', '-o', join(dir, 'er2.appshot')]);
+    const rm2 = sb.run(['rm', 'er2']);
+    expect(rm2.code, rm2.stderr).toBe(0);
+    expect(rm2.stderr).toBe(`appshot: 'er2': kept the REDIR PATH directories made for it, whose files its image ${join(dir, 'er2.appshot')} needs and does not hold: ${shown}/er2 (rm -r them once that image is not to be restored)\n`);
+  });
+
+  it('does not name as kept a directory in private copies that goes with the same rm (a private /tmp a restore made anew)', () => {
+    // From /: a working directory under /tmp is refused with --private-tmp.
+    const fromRoot = (args: string[]) => {
+      const r = spawnSync(command, args, { env: sb.env, cwd: '/', encoding: 'utf8', timeout: 50_000 });
+      return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+    };
+    const from = join(dir, 'ptredir-from');
+    mkdirSync(from);
+    const rules = join(dir, 'ptredir.rules');
+    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/ptredir/<APPL-ID>"\n`);
+    const run = fromRoot(['run', '-d', '--aid', 'pt1', '--private-tmp', '--rules', rules, '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
+    expect(run.code, run.stderr).toBe(0);
+    const root = app('pt1')!.privateRoot!;
+    expect(existsSync(join(root, 'tmp'))).toBe(true);
+    const made = join(dir, 'ptredir', 'pt1');
+    sb.ok(['snapshot', 'pt1', '-o', join(dir, 'pt1.appshot')]);
+    sb.ok(['rm', 'pt1']);
+    // Restored where neither directory is (another node, as it were): the
+    // restore makes both, its private /tmp in its private copies.
+    rmSync(root, { recursive: true });
+    rmSync(join(dir, 'ptredir'), { recursive: true });
+    const restored = fromRoot(['restore', join(dir, 'pt1.appshot')]);
+    expect(restored.code, restored.stderr).toBe(0);
+    expect(existsSync(join(root, 'tmp'))).toBe(true);
+    expect(existsSync(made)).toBe(true);
+    const image = join(dir, 'pt1-left.appshot');
+    sb.ok(['snapshot', 'pt1', '--leave-running', '-o', image]);
+    // Its private copies go with it (after --leave-running, as a clone's):
+    // the line names only what stays.
+    const rm = sb.run(['rm', '-f', 'pt1']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(existsSync(root)).toBe(false);
+    expect(existsSync(made)).toBe(true);
+    expect(rm.stderr).toBe(`appshot: 'pt1': kept the REDIR PATH directories made for it, whose files its image ${image} needs and does not hold: ${made} (rm -r them once that image is not to be restored)\n`);
+  });
+
+  it('a --leave-running snapshot whose registration cannot record its image stands, with a warning saying what that costs', () => {
+    const from = join(dir, 'unrec-from');
+    mkdirSync(from);
+    const rules = join(dir, 'unrec.rules');
+    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/unrec/<APPL-ID>"\n`);
+    sb.ok(['run', '-d', '--aid', 'ur1', '--rules', rules, '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
+    const image = join(dir, 'ur1.appshot');
+    // The registration's write fails, past the image's commit (in this
+    // process: an engine's environment is not the command's).
+    const r = spawnSync(command, ['snapshot', 'ur1', '--leave-running', '-o', image], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: 'snapshot: recording the image' },
+      encoding: 'utf8',
+      timeout: 50_000,
+    });
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toBe(`${image}\n`);
+    const lines = r.stderr.trim().split('\n');
+    expect(lines).toHaveLength(2);
+    expect(lines[0]).toMatch(/; still running$/);
+    expect(lines[1]).toBe(
+      `appshot: warning: the image ${image} is whole, but the registration of 'ur1' could not record it (failure injected at 'snapshot: recording the image' (APPSHOT_TEST_FAIL_AT)): ` +
+        'its next snapshot will be whole, not incremental on this image; its rm will remove the REDIR PATH directories made for it, whose files this image needs and does not hold (copy them first, to restore it)',
+    );
+    // Kept whole, of an application that runs on.
+    expect(sb.run(['inspect', image]).code).toBe(0);
+    expect(app('ur1')?.state).toBe('running');
+    // As it said: nothing recorded of the image, so rm takes the directory
+    // (and says nothing kept).
+    const recorded = JSON.parse(readFileSync(join(sb.home, 'apps', 'ur1', 'app.json'), 'utf8'));
+    expect(recorded.imagedTo).toBeUndefined();
+    expect(recorded.lastImage).toBeUndefined();
+    const rm = sb.run(['rm', '-f', 'ur1']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(rm.stderr).toBe('');
+    expect(existsSync(join(dir, 'unrec', 'ur1'))).toBe(false);
   });
 });
 

@@ -165,6 +165,10 @@ export interface SnapshotResult {
   keptConnections?: { held: number; needed: number; waiting: number; holdSeconds: number };
   /** Attempts refused for a moment's state before this one (Transient). */
   retries?: number;
+  /** What went wrong after the image was committed without undoing it
+   * (the CLI says each as `appshot: warning: ...`): a registration that
+   * could not record a --leave-running image, and what that costs. */
+  warnings?: string[];
 }
 
 /** A snapshot refused for a moment's state (a Transient resource), which
@@ -1108,6 +1112,8 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   let handedOver = false;
   let journaledEnding = false;
   let released = false;
+  // After the commit, what failed without undoing it (SnapshotResult).
+  const warnings: string[] = [];
   try {
     // Written only by a snapshot's arming, of which this one's dump adds
     // each userfaultfd it makes (ArmingInDump).
@@ -1357,13 +1363,27 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       // removeMany), as markReleased does for a snapshot that ends it.
       const keepsDirs = !!(record.madeDirs?.length || record.restore?.madeDirs.length);
       if (becomesParent || keepsDirs) {
-        const current = reg.get(aid);
-        if (current)
-          reg.update({
-            ...current,
-            ...(becomesParent ? { lastImage: { path: output, id: imageId, tracked: armed } } : {}),
-            ...(keepsDirs ? { imagedTo: output } : {}),
-          });
+        // The image is committed and whole, and the application runs on:
+        // a registration that cannot be written now takes nothing from
+        // either. Thrown, it would reach the catch below, which removes
+        // the image and says the snapshot failed; said instead as what it
+        // costs.
+        try {
+          killPoint('snapshot: recording the image');
+          const current = reg.get(aid);
+          if (current)
+            reg.update({
+              ...current,
+              ...(becomesParent ? { lastImage: { path: output, id: imageId, tracked: armed } } : {}),
+              ...(keepsDirs ? { imagedTo: output } : {}),
+            });
+        } catch (e) {
+          const costs = [
+            ...(becomesParent ? ['its next snapshot will be whole, not incremental on this image'] : []),
+            ...(keepsDirs ? ['its rm will remove the REDIR PATH directories made for it, whose files this image needs and does not hold (copy them first, to restore it)'] : []),
+          ];
+          warnings.push(`the image ${toStream ? 'sent on standard output' : output} is whole, but the registration of '${aid}' could not record it (${errorText(e)}): ${costs.join('; ')}`);
+        }
       }
     }
     return {
@@ -1384,6 +1404,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
       ...(cow ? { cowCapture: cow.report } : {}),
       injectedCalls: injected.calls - injectedBefore,
       ...(held?.held || held?.waiting ? { keptConnections: { ...held, holdSeconds } } : {}),
+      ...(warnings.length ? { warnings } : {}),
     };
   } catch (e) {
     if (process.env.APPSHOT_DEBUG) process.stderr.write(`${(e as Error).stack}\n`);
