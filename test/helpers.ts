@@ -410,7 +410,8 @@ function ipcColumns(): Record<'sem' | 'shm' | 'msg', Map<number, string[]>> {
 const CUID_COLUMN = { sem: 6, shm: 9, msg: 9 } as const;
 
 /** The segment ids that live `shmdest hold ID` processes hold (test
- * shmdest.test.ts's holder outside any application). */
+ * shmdest.test.ts's holder outside any application), all of them in one
+ * walk of /proc. */
 function shmdestHolders(): Set<number> {
   const ids = new Set<number>();
   for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
@@ -458,8 +459,12 @@ export function strayIpcIds(before: { sem: number[]; shm: number[]; msg: number[
     // outside any application, in no tables, for seconds: not a stray of
     // the file running beside it. Any other holder of a removed segment
     // (a restored process that got away, appshot's engine) still is.
+    // Their holders are read in one walk of /proc per look, and only if
+    // some segment is removed while attached: a walk per such segment
+    // read every process's cmdline again for each.
+    let holders: Set<number> | undefined;
     const heldByShmdest = (k: 'sem' | 'shm' | 'msg', id: number) =>
-      k === 'shm' && (parseInt(columns.shm.get(id)?.[2] ?? '0', 8) & 0o1000) !== 0 && shmdestHolders().has(id);
+      k === 'shm' && (parseInt(columns.shm.get(id)?.[2] ?? '0', 8) & 0o1000) !== 0 && (holders ??= shmdestHolders()).has(id);
     return (['sem', 'shm', 'msg'] as const).flatMap((k) => now[k].filter((id) => !before[k].includes(id) && !owned.has(id) && ours(k, id) && !heldByShmdest(k, id)));
   };
   // Strays are what stays: one that another test's application was making
