@@ -29,23 +29,25 @@ export interface ByteProgress {
 
 export const noProgress: ByteProgress = { bytes: () => {} };
 
-export type ProgressMode = 'bar' | 'plain' | 'none';
+/** What --progress takes: the one list that progressMode accepts and
+ * that completion (commands/completion.ts) offers, so the two cannot
+ * drift apart. */
+export const PROGRESS_VALUES = ['auto', 'bar', 'plain', 'none'] as const;
+
+/** How progress is shown: --progress, `auto` decided. */
+export type ProgressMode = Exclude<(typeof PROGRESS_VALUES)[number], 'auto'>;
 
 export const PROGRESS_OPTION_HELP = 'how to show progress: auto (a bar on a terminal, lines if CI is set, else nothing), bar, plain or none';
 
+const isProgressValue = (option: string): option is (typeof PROGRESS_VALUES)[number] => (PROGRESS_VALUES as readonly string[]).includes(option);
+
 /** The display --progress asks for (`auto` or absent: by the terminal). */
 export function progressMode(option: string | undefined): ProgressMode {
-  switch (option ?? 'auto') {
-    case 'auto':
-      if (stderrIsTerminal(() => isatty(2))) return 'bar';
-      return inCI() ? 'plain' : 'none';
-    case 'bar':
-    case 'plain':
-    case 'none':
-      return option as ProgressMode;
-    default:
-      throw new AppshotError(`--progress '${option}': expected auto, bar, plain or none`, ExitCode.usage);
-  }
+  const how = option ?? 'auto';
+  if (!isProgressValue(how)) throw new AppshotError(`--progress '${how}': expected ${PROGRESS_VALUES.slice(0, -1).join(', ')} or ${PROGRESS_VALUES.at(-1)}`, ExitCode.usage);
+  if (how !== 'auto') return how;
+  if (stderrIsTerminal(() => isatty(2))) return 'bar';
+  return inCI() ? 'plain' : 'none';
 }
 
 const MiB = 1048576;

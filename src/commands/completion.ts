@@ -22,8 +22,17 @@ interface Node {
 /** The shells a script is made for. */
 const SHELLS = ['bash', 'zsh', 'fish'];
 
-/** The values of an option that has a fixed set (progress.ts, progressMode). */
-const OPTION_VALUES: Record<string, string[]> = { '--progress': ['auto', 'bar', 'plain', 'none'] };
+/** The values of each option that has a fixed set, by its flag: taken
+ * from where they are checked (progress.ts PROGRESS_VALUES, what
+ * progressMode accepts), so that completion offers what is accepted.
+ * Loaded when a script is made: progress.ts loads cli-progress, which
+ * every other command (ps, --help) does without. */
+type OptionValues = Record<string, readonly string[]>;
+
+async function optionValues(): Promise<OptionValues> {
+  const { PROGRESS_VALUES } = await import('../progress.js');
+  return { '--progress': PROGRESS_VALUES };
+}
 
 function argsOf(cmd: Command): Node['args'] {
   const first = cmd.registeredArguments[0];
@@ -46,7 +55,7 @@ function walk(cmd: Command, prefix: string, out: Node[]): Node[] {
   return out;
 }
 
-const quote = (words: string[]) => words.join(' ');
+const quote = (words: readonly string[]) => words.join(' ');
 
 /**
  * bash: the words so far name a command (options and their values
@@ -55,11 +64,11 @@ const quote = (words: string[]) => words.join(' ');
  * `appshot ps -aq` lists (or the shells) where an argument is one, else
  * files.
  */
-function bashScript(nodes: Node[]): string {
+function bashScript(nodes: Node[], optionValues: OptionValues): string {
   const cases = nodes
     .map((n) => `    '${n.path}') subs='${quote(n.subcommands)}'; opts='${quote(n.options)}'; valued=' ${quote(n.valued)} '; args='${n.args}' ;;`)
     .join('\n');
-  const values = Object.entries(OPTION_VALUES).map(([o, v]) => `      ${o}) COMPREPLY=( $(compgen -W '${quote(v)}' -- "$cur") ) ;;`).join('\n');
+  const values = Object.entries(optionValues).map(([o, v]) => `      ${o}) COMPREPLY=( $(compgen -W '${quote(v)}' -- "$cur") ) ;;`).join('\n');
   return `# appshot completion for bash. Install:
 #   appshot completion bash > /etc/bash_completion.d/appshot   (or: source <(appshot completion bash))
 _appshot() {
@@ -111,9 +120,9 @@ complete -o filenames -F _appshot appshot
 }
 
 /** zsh: the same table, as an associative array per kind. */
-function zshScript(nodes: Node[]): string {
+function zshScript(nodes: Node[], optionValues: OptionValues): string {
   const entries = (pick: (n: Node) => string) => nodes.map((n) => `  ${JSON.stringify(n.path)} ${JSON.stringify(pick(n))}`).join('\n');
-  const values = Object.entries(OPTION_VALUES).map(([o, v]) => `      ${o}) compadd -- ${quote(v)} ;;`).join('\n');
+  const values = Object.entries(optionValues).map(([o, v]) => `      ${o}) compadd -- ${quote(v)} ;;`).join('\n');
   return `#compdef appshot
 # appshot completion for zsh. Install:
 #   appshot completion zsh > "\${fpath[1]}/_appshot"   (or: source <(appshot completion zsh))
@@ -165,7 +174,7 @@ if [[ "\${zsh_eval_context[-1]}" == loadautofunc ]]; then _appshot "$@"; else co
  * option, each under the condition that the words so far name that
  * command (__appshot_at), its arguments' under the condition that the
  * word is one (__appshot_arg: the first, or any). */
-function fishScript(nodes: Node[]): string {
+function fishScript(nodes: Node[], optionValues: OptionValues): string {
   const q = (w: string) => `'${w.replace(/[\\']/g, '\\$&')}'`;
   const lines: string[] = [];
   for (const n of nodes) {
@@ -175,7 +184,7 @@ function fishScript(nodes: Node[]): string {
     if (n.args === 'aid' || n.args === 'aids') lines.push(`complete -c appshot -f ${arg(n.args === 'aids' ? 'any' : 'first')} -a '(__appshot_aids)'`);
     if (n.args === 'shell') lines.push(`complete -c appshot -f ${arg('first')} -a ${q(quote(SHELLS))}`);
     for (const o of n.options) {
-      const values = OPTION_VALUES[o];
+      const values = optionValues[o];
       const takes = values ? ` -x -a ${q(quote(values))}` : n.valued.includes(o) ? ' -r' : '';
       if (o.startsWith('--')) lines.push(`complete -c appshot ${at} -l ${o.slice(2)}${takes}`);
       else lines.push(`complete -c appshot ${at} -s ${o.slice(1)}${takes}`);
@@ -250,11 +259,12 @@ export function registerCompletion(program: Command): void {
         '  appshot completion zsh > "${fpath[1]}/_appshot"\n' +
         '  appshot completion fish > ~/.config/fish/completions/appshot.fish',
     )
-    .action((shell: string) => {
+    .action(async (shell: string) => {
       const nodes = walk(program, '', []);
       if (!SHELLS.includes(shell)) throw new AppshotError(`completion for '${shell}' is not made: ${SHELLS.join(', ').replace(/, (?=\w+$)/, ' or ')}`, ExitCode.usage);
-      if (shell === 'bash') process.stdout.write(bashScript(nodes));
-      else if (shell === 'zsh') process.stdout.write(zshScript(nodes));
-      else process.stdout.write(fishScript(nodes));
+      const values = await optionValues();
+      if (shell === 'bash') process.stdout.write(bashScript(nodes, values));
+      else if (shell === 'zsh') process.stdout.write(zshScript(nodes, values));
+      else process.stdout.write(fishScript(nodes, values));
     });
 }
