@@ -650,6 +650,9 @@ interface Addon {
   /** Offset in a tables file of its lock's futex word (its holder's TID,
    * with the kernel's waiters and owner-died bits). */
   readonly tablesLockOffset: number;
+  /** Offset in a tables file of its struct appshot_ipc_pids: the PIDs
+   * restored SysV objects show (appshot_table.h). */
+  readonly tablesIpcPidsOffset: number;
   /** Before a restored process runs: the image's wait slots and the
    * previous node's PIDs into new tables (appshot_table.h). */
   carryWaits(path: string, waits: WaitSlot[], prior: { virtual: number; system: number }[]): void;
