@@ -636,6 +636,10 @@ interface Addon {
    * that gives them back even if appshot dies: the queue as it was. */
   mqTakeAndGiveBack(fd: number, msgsize: number, killWhenTaken?: boolean): { priority: number; data: Buffer }[];
   mqSend(fd: number, messages: { priority: number; data: Buffer }[]): void;
+  /** Makes this restorer the last user of SysV segment `sid` (an attach
+   * and detach: shm_lpid), or of semaphore `semnum` of set `sid` (an
+   * operation that leaves its value: sempid). Throws with the errno. */
+  touchSysv(kind: 'shmid' | 'semid', sid: number, semnum: number): void;
   restoreMsg(tables: string, vid: number, vkey: number, mode: number, qbytes: number, messages: { type: number; data: Buffer }[]): number;
 
   createTables(path: string, aid: string, salt: bigint): void;
