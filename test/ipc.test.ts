@@ -477,7 +477,7 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
 
 describe('the PIDs restored SysV objects show: those the image recorded, until a process of the application uses them', () => {
   // test/fixtures/ipcpids.c: a segment made by one child and last used by
-  // another, semaphores last used by each (one given back as a SEM_UNDO
+  // the parent (which the restore attaches before another child), semaphores last used by each (one given back as a SEM_UNDO
   // adjustment at restore, which the kernel counts as a use), a queue
   // sent to by a child and received from by the parent, a segment whose
   // creator is gone. A restore makes the objects itself and attaches the
@@ -497,7 +497,7 @@ describe('the PIDs restored SysV objects show: those the image recorded, until a
     sb.ok(['snapshot', 'ipcp', '-o', join(out, 'p1')]);
     const { image } = await loadImage(join(out, 'p1'), { trust: 'report' });
     const shm = image.shmSegments.find((s) => s.cvpid !== 0)!;
-    expect([shm.cvpid, shm.lvpid]).toEqual([creator, user]);
+    expect([shm.cvpid, shm.lvpid]).toEqual([creator, parent]);
     expect(image.semaphores[0].vpids).toEqual([creator, user]);
     expect([image.msgQueues[0].lsvpid, image.msgQueues[0].lrvpid]).toEqual([creator, parent]);
     sb.ok(['restore', join(out, 'p1')]);
