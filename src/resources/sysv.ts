@@ -291,10 +291,11 @@ export function settleSysvPids(image: Image, shmIds: Map<number, number>, tables
       pids.forEach((pid, n) => settle(`semaphore ${n} of set ${set.vid}'s last user (GETPID)`, 'semid', sid, n, set.vpids[n] ?? 0, pid, () => addon().touchSysv('semid', sid, n)));
     }
     const msgIds = new Map(t.msgid.map((e) => [e.virtual, e.system]));
+    const queuePids = image.msgQueues.length ? msgPids(new Set(msgIds.values())) : new Map<number, { lspid: number; lrpid: number }>();
     for (const q of image.msgQueues) {
       const sid = msgIds.get(q.vid);
-      if (sid === undefined) continue;
-      const m = addon().msgRead(sid);
+      const m = sid === undefined ? undefined : queuePids.get(sid);
+      if (sid === undefined || !m) continue;
       // Only the restorer sent (its refill) and nobody received: no
       // process of the application is named, nothing to touch.
       settle(`message queue ${q.vid}'s last sender (msg_lspid)`, 'msgid', sid, IPC_FIELD.msgLspid, q.lsvpid, m.lspid);
@@ -324,6 +325,30 @@ export function settleSysvPids(image: Image, shmIds: Map<number, number>, tables
   } finally {
     closeSync(fd);
   }
+}
+
+/** The last sender's and receiver's PIDs of queues `wanted` (system ids),
+ * from /proc/sysvipc/msg: read without copying their messages (msgRead
+ * would, up to the queue's qbytes). Empty where it cannot be read. */
+function msgPids(wanted: Set<number>): Map<number, { lspid: number; lrpid: number }> {
+  const out = new Map<number, { lspid: number; lrpid: number }>();
+  let text: string;
+  try {
+    text = readFileSync('/proc/sysvipc/msg', 'latin1');
+  } catch {
+    return out;
+  }
+  const lines = text.split('\n');
+  const head = lines[0].trim().split(/\s+/);
+  const [id, lspid, lrpid] = ['msqid', 'lspid', 'lrpid'].map((name) => head.indexOf(name));
+  if (id < 0 || lspid < 0 || lrpid < 0) return out;
+  for (let l = 1; l < lines.length && out.size < wanted.size; l++) {
+    if (!wanted.has(Number(fieldOf(lines[l], id)))) continue;
+    const f = lines[l].trim().split(/\s+/);
+    if (f.length < head.length) continue;
+    out.set(Number(f[id]), { lspid: Number(f[lspid]), lrpid: Number(f[lrpid]) });
+  }
+  return out;
 }
 
 /** Where each segment (by virtual id, 0 the first) is mapped by a process
