@@ -636,6 +636,10 @@ interface Addon {
    * that gives them back even if appshot dies: the queue as it was. */
   mqTakeAndGiveBack(fd: number, msgsize: number, killWhenTaken?: boolean): { priority: number; data: Buffer }[];
   mqSend(fd: number, messages: { priority: number; data: Buffer }[]): void;
+  /** Makes this restorer the last user of SysV segment `sid` (an attach
+   * and detach: shm_lpid), or of semaphore `semnum` of set `sid` (an
+   * operation that leaves its value: sempid). Throws with the errno. */
+  touchSysv(kind: 'shmid' | 'semid', sid: number, semnum: number): void;
   restoreMsg(tables: string, vid: number, vkey: number, mode: number, qbytes: number, messages: { type: number; data: Buffer }[]): number;
 
   createTables(path: string, aid: string, salt: bigint): void;
@@ -650,6 +654,9 @@ interface Addon {
   /** Offset in a tables file of its lock's futex word (its holder's TID,
    * with the kernel's waiters and owner-died bits). */
   readonly tablesLockOffset: number;
+  /** Offset in a tables file of its struct appshot_ipc_pids: the PIDs
+   * restored SysV objects show (appshot_table.h). */
+  readonly tablesIpcPidsOffset: number;
   /** Before a restored process runs: the image's wait slots and the
    * previous node's PIDs into new tables (appshot_table.h). */
   carryWaits(path: string, waits: WaitSlot[], prior: { virtual: number; system: number }[]): void;

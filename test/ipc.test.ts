@@ -1,13 +1,14 @@
 // SysV semaphores, shared memory and message queues through virtual ids
 // and virtual keys.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
-import { loadImage } from '../src/image/format.js';
+import { digestFd, encodeImage, encodeSignedManifest, loadImage } from '../src/image/format.js';
+import type { Image } from '../src/image/types.js';
 import { validateImage } from '../src/image/validate.js';
 import { semUndoOf } from '../src/ptrace/windows.js';
 import { readMaps } from '../src/resources/memory.js';
@@ -471,5 +472,107 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     expect(r.stderr).toContain('the application was left running');
     await sb.checksPass('undoset', 2);
     sb.ok(['rm', '-f', 'undoset']);
+  });
+});
+
+describe('the PIDs restored SysV objects show: those the image recorded, until a process of the application uses them', () => {
+  // test/fixtures/ipcpids.c: a segment made by one child and last used by
+  // the parent (which the restore attaches before another child), semaphores last used by each (one given back as a SEM_UNDO
+  // adjustment at restore, which the kernel counts as a use), a queue
+  // sent to by a child and received from by the parent, a segment whose
+  // creator is gone. A restore makes the objects itself and attaches the
+  // segment in the processes: IPC_STAT showed 0 (its restorer, no process
+  // of the application) or the process the restore attached last.
+  const out = mkdtempSync(join(tmpdir(), 'appshot-ipcpids-'));
+  afterAll(() => rmSync(out, { recursive: true, force: true }));
+  const stopped = async (aid: string) => {
+    sb.ok(['rm', '-f', aid]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+  };
+
+  it('snapshot (ends it) → restore; its restored copy snapshotted → restore --lazy; then used: the kernel\'s own values', async () => {
+    sb.ok(['run', '-d', '--aid', 'ipcp', '--', fixture('ipcpids')]);
+    await sb.checksPass('ipcp');
+    const [, parent, creator, user] = /^PIDS (\d+) (\d+) (\d+)$/m.exec(sb.log('ipcp'))!.map(Number);
+    sb.ok(['snapshot', 'ipcp', '-o', join(out, 'p1')]);
+    const { image } = await loadImage(join(out, 'p1'), { trust: 'report' });
+    const shm = image.shmSegments.find((s) => s.cvpid !== 0)!;
+    expect([shm.cvpid, shm.lvpid]).toEqual([creator, parent]);
+    expect(image.semaphores[0].vpids).toEqual([creator, user]);
+    expect([image.msgQueues[0].lsvpid, image.msgQueues[0].lrvpid]).toEqual([creator, parent]);
+    sb.ok(['restore', join(out, 'p1')]);
+    await sb.checksPass('ipcp');
+    // A restored copy's snapshot reads what its restore recorded back.
+    sb.ok(['snapshot', 'ipcp', '-o', join(out, 'p2')]);
+    const again = (await loadImage(join(out, 'p2'), { trust: 'report' })).image;
+    expect(again.shmSegments.map((s) => [s.cvpid, s.lvpid]).sort()).toEqual(image.shmSegments.map((s) => [s.cvpid, s.lvpid]).sort());
+    expect(again.semaphores[0].vpids).toEqual([creator, user]);
+    expect([again.msgQueues[0].lsvpid, again.msgQueues[0].lrvpid]).toEqual([creator, parent]);
+    sb.ok(['restore', join(out, 'p2'), '--lazy']);
+    await sb.checksPass('ipcp');
+    await sb.exercised('ipcp', 'to use its objects');
+    await sb.checksPass('ipcp');
+    await stopped('ipcp');
+  });
+
+  it('--leave-running → restore beside it: both show the recorded PIDs, each its own once used', async () => {
+    sb.ok(['run', '-d', '--aid', 'ipcq', '--', fixture('ipcpids')]);
+    await sb.checksPass('ipcq');
+    sb.ok(['snapshot', 'ipcq', '--leave-running', '-o', join(out, 'q')]);
+    await sb.checksPass('ipcq');
+    sb.ok(['restore', join(out, 'q'), '--aid', 'ipcr']);
+    await sb.checksPass('ipcr');
+    await sb.exercised('ipcr', 'to use its objects');
+    await sb.checksPass('ipcq');
+    await sb.exercised('ipcq', 'to use its objects');
+    await sb.checksPass('ipcr');
+    await stopped('ipcq');
+    await stopped('ipcr');
+  });
+
+  /** Image `from` with `change` made to it, signed by this sandbox's node. */
+  const crafted = (from: string, name: string, change: (i: Image) => void) => async () => {
+    const { image } = await loadImage(join(out, from), { trust: 'report' });
+    change(image);
+    const dir = join(out, name);
+    mkdirSync(dir);
+    writeFileSync(join(dir, 'image.pb'), encodeImage(image));
+    copyFileSync(join(out, from, 'pages.img'), join(dir, 'pages.img'));
+    const digest = (part: string) => {
+      const fd = openSync(join(dir, part), 'r');
+      try {
+        return digestFd(fd);
+      } finally {
+        closeSync(fd);
+      }
+    };
+    const saved = process.env.APPSHOT_HOME;
+    process.env.APPSHOT_HOME = sb.home;
+    try {
+      writeFileSync(join(dir, 'manifest.pb'), encodeSignedManifest('feedfacefeedface', new Map([['image.pb', digest('image.pb')], ['pages.img', digest('pages.img')]]), image));
+    } finally {
+      process.env.APPSHOT_HOME = saved;
+    }
+    return dir;
+  };
+
+  it('an image whose recorded PID names no process of it: shown as 0; one out of the kernel\'s range: refused', async () => {
+    sb.ok(['run', '-d', '--aid', 'ipcx', '--', fixture('ipcpids')]);
+    await sb.checksPass('ipcx');
+    const creator = Number(/^PIDS \d+ (\d+)/m.exec(sb.log('ipcx'))![1]);
+    sb.ok(['snapshot', 'ipcx', '-o', join(out, 'x')]);
+    const made = (i: Image) => i.shmSegments.find((s) => s.cvpid === creator)!;
+    // A PID of no process of the image: the application sees 0, as it sees
+    // a process outside it (its own check says so, and fails).
+    const stranger = await crafted('x', 'x-stranger', (i) => void (made(i).cvpid = 4000))();
+    sb.ok(['restore', stranger]);
+    await waitFor(() => /^FAIL/m.test(sb.log('ipcx')), 15_000, 'ipcx to check its segment');
+    expect(/^FAIL.*$/m.exec(sb.log('ipcx'))![0]).toContain(`the segment's shm_cpid is 0, not ${creator} (its creator)`);
+    await stopped('ipcx');
+    const outOfRange = await crafted('x', 'x-range', (i) => void (made(i).cvpid = 4194304))();
+    const r = sb.run(['restore', outOfRange]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/SysV segment \d+'s creator PID is 4194304, not a PID/);
+    expect(sb.aids()).not.toContain('ipcx');
   });
 });

@@ -133,6 +133,11 @@ static uint64_t waits_offset(void) {
   return (entries_offset(APPSHOT_KINDS) + 63) & ~63ull;
 }
 
+/* Where struct appshot_ipc_pids starts: after the waits (version 13). */
+static uint64_t ipc_pids_offset(void) {
+  return (waits_offset() + sizeof(struct appshot_waits) + 63) & ~63ull;
+}
+
 static uint64_t layout(struct appshot_header *h) {
   uint64_t off = (sizeof(*h) + 63) & ~63ull;
   for (int k = 0; k < APPSHOT_KINDS; k++) {
@@ -153,12 +158,35 @@ static uint64_t layout(struct appshot_header *h) {
       off += (uint64_t)cells * sizeof(uint32_t);
     }
   }
-  off = waits_offset() + sizeof(struct appshot_waits);
+  off = ipc_pids_offset() + sizeof(struct appshot_ipc_pids);
   return (off + 4095) & ~4095ull;
 }
 
 struct appshot_waits *appshot_waits_of(const struct appshot_header *h) {
   return (struct appshot_waits *)((char *)h + waits_offset());
+}
+
+struct appshot_ipc_pids *appshot_ipc_pids_of(const struct appshot_header *h) {
+  return (struct appshot_ipc_pids *)((char *)h + ipc_pids_offset());
+}
+
+uint64_t appshot_ipc_pids_offset(void) { return ipc_pids_offset(); }
+
+int appshot_ipc_pid_recorded(const struct appshot_header *h, enum appshot_kind kind,
+                             int32_t sid, uint32_t field, int32_t shown,
+                             int32_t *vpid) {
+  const struct appshot_ipc_pids *p = appshot_ipc_pids_of(h);
+  /* `count` is the application's to overwrite: bounded. */
+  uint32_t n = LOAD(&p->count);
+  if (n > APPSHOT_IPC_PID_SLOTS) n = APPSHOT_IPC_PID_SLOTS;
+  for (uint32_t i = 0; i < n; i++) {
+    const struct appshot_ipc_pid *e = &p->pid[i];
+    if (e->sid == sid && e->kind == (uint16_t)kind && e->field == field && e->shown == shown) {
+      *vpid = e->vpid;
+      return 1;
+    }
+  }
+  return 0;
 }
 
 /* Virtual id ranges. PIDs: 1 is the application's init (bound, not

@@ -32,7 +32,9 @@
  * The file is: the header, then each table's entry array and indexes (at
  * the offsets the header gives), then the wait slots and the previous
  * node's PIDs (struct appshot_waits, at appshot_waits_of: after everything
- * an older build's reader looks at, so its offsets stay as they were).
+ * an older build's reader looks at, so its offsets stay as they were), then
+ * the PIDs restored SysV objects show (struct appshot_ipc_pids, at
+ * appshot_ipc_pids_of; version 13).
  *
  * Bump APPSHOT_TABLE_VERSION whenever this layout changes: a process of an
  * older build refuses a newer file instead of misreading it.
@@ -50,7 +52,7 @@ extern "C" {
 #endif
 
 #define APPSHOT_TABLE_MAGIC 0x5441505041ull /* "APPAT" */
-#define APPSHOT_TABLE_VERSION 12u
+#define APPSHOT_TABLE_VERSION 13u
 #define APPSHOT_AID_MAX 64
 
 /* Resource kinds. Keys are per kind because the kernel keeps one key
@@ -407,6 +409,54 @@ int appshot_wait_carry(struct appshot_header *h, uint32_t slot,
                        const void *carried);
 /* Appends (vid, sid) to `prior`; -1 with ENOSPC when it is full. */
 int appshot_prior_add(struct appshot_header *h, int32_t vid, int32_t sid);
+
+/* --- The PIDs a restored SysV object shows --------------------------------
+ *
+ * shm_cpid/shm_lpid, msg_lspid/msg_lrpid and each semaphore's sempid are
+ * set by the kernel to whoever made the object or last used it. A restore
+ * makes the objects itself (and attaches segments, gives back SEM_UNDO
+ * adjustments), so the kernel names the restorer (or nobody, 0) where the
+ * image recorded a process of the application. The restore leaves each
+ * such field naming a process that is not the application's (the
+ * restorer, or 0: src/resources/sysv.ts settleSysvPids) and writes here
+ * "while the kernel shows system PID `shown` in this field, the
+ * application sees `vpid`". The first use by a process of the application
+ * sets the field to that process, which the usual translation names: the
+ * entry stops applying by itself. Written only by a restore, before any
+ * restored process runs; read without the lock (preload_ipc.c, and a
+ * snapshot: the application may overwrite it, so every reader bounds
+ * `count` and checks what it finds). */
+#define APPSHOT_IPC_PID_SLOTS 4096u
+/* appshot_ipc_pid.field: which PID of the object. A semaphore's is its
+ * number in the set. */
+#define APPSHOT_IPC_SHM_CPID 0
+#define APPSHOT_IPC_SHM_LPID 1
+#define APPSHOT_IPC_MSG_LSPID 0
+#define APPSHOT_IPC_MSG_LRPID 1
+
+struct appshot_ipc_pid {
+  int32_t sid;    /* the object's system id */
+  uint16_t kind;  /* APPSHOT_SEMID, APPSHOT_SHMID or APPSHOT_MSGID */
+  uint16_t field; /* APPSHOT_IPC_*, or the semaphore's number */
+  int32_t shown;  /* the system PID the kernel shows (0: nobody) */
+  int32_t vpid;   /* the virtual PID the image recorded */
+};
+
+struct appshot_ipc_pids {
+  uint32_t count; /* entries of pid in use, from the first */
+  uint32_t pad;
+  struct appshot_ipc_pid pid[APPSHOT_IPC_PID_SLOTS];
+};
+
+struct appshot_ipc_pids *appshot_ipc_pids_of(const struct appshot_header *h);
+/* Where struct appshot_ipc_pids starts in the file. */
+uint64_t appshot_ipc_pids_offset(void);
+/* The virtual PID recorded for field `field` of object `sid` of `kind`
+ * while the kernel shows `shown` there: 1 and *vpid, or 0 if none is.
+ * Lock-free and async-signal-safe. */
+int appshot_ipc_pid_recorded(const struct appshot_header *h, enum appshot_kind kind,
+                             int32_t sid, uint32_t field, int32_t shown,
+                             int32_t *vpid);
 
 /* Notes (level, name) of socket `ino` with `value`, replacing its note of
  * the same option. Lock-free and async-signal-safe. */

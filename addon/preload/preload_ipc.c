@@ -199,6 +199,23 @@ static key_t vkey(enum appshot_kind kind, key_t skey) {
   return skey != IPC_PRIVATE && appshot_s2v(g_h, kind, skey, &v) ? v : skey;
 }
 
+/* A PID an IPC_STAT, *_STAT or GETPID of object `sid` shows in `field`
+ * (APPSHOT_IPC_*, a semaphore's number), `shown` the kernel's: a process
+ * of the application by its virtual PID. Else, while the kernel shows
+ * what a restore left there (its restorer, or nobody), the process the
+ * image recorded (appshot_ipc_pids), if it is still the application's:
+ * the kernel's value names the object's creator or last user for as long
+ * as nobody uses it again, and so does this. Else 0, as a PID namespace
+ * shows a process outside it. */
+static pid_t ipc_pid_out(enum appshot_kind kind, int32_t sid, uint32_t field, int32_t shown) {
+  int32_t v, s;
+  if (shown > 0 && appshot_s2v(g_h, APPSHOT_PID, shown, &v)) return v;
+  if (appshot_ipc_pid_recorded(g_h, kind, sid, field, shown, &v) && v > 0 &&
+      appshot_v2s(g_h, APPSHOT_PID, v, &s))
+    return v;
+  return 0;
+}
+
 /* The *_STAT commands that take an index and return a system id: an
  * object that is not the application's does not exist for it. */
 static long stat_index_result(enum appshot_kind kind, long sid) {
@@ -991,6 +1008,7 @@ long do_semctl(int id, int num, int cmd, union semun arg) {
       return REAL(semctl)(id, num, cmd, arg);
     case SEM_STAT:
     case SEM_STAT_ANY:
+      /* No PID in a struct semid_ds: GETPID asks by id. */
       r = stat_index_result(APPSHOT_SEMID, REAL(semctl)(id, num, cmd, arg));
       if (r >= 0) arg.buf->sem_perm.__key = vkey(APPSHOT_SEMKEY, arg.buf->sem_perm.__key);
       return r;
@@ -1014,7 +1032,7 @@ long do_semctl(int id, int num, int cmd, union semun arg) {
   if (r == 0 && (cmd == SETVAL || cmd == SETALL)) sem_generation_bump();
   if (r >= 0 && cmd == IPC_STAT)
     arg.buf->sem_perm.__key = vkey(APPSHOT_SEMKEY, arg.buf->sem_perm.__key);
-  if (r > 0 && cmd == GETPID) r = s2v_or0(APPSHOT_PID, (int32_t)r);
+  if (r >= 0 && cmd == GETPID) r = ipc_pid_out(APPSHOT_SEMID, sid, (uint32_t)num, (int32_t)r);
   return r;
 }
 
@@ -1045,10 +1063,10 @@ API void *shmat(int id, const void *addr, int flags) {
   return (void *)do_shmat(id, addr, flags);
 }
 
-static void shm_stat_out(struct shmid_ds *ds) {
+static void shm_stat_out(int32_t sid, struct shmid_ds *ds) {
   ds->shm_perm.__key = vkey(APPSHOT_SHMKEY, ds->shm_perm.__key);
-  ds->shm_cpid = s2v_or0(APPSHOT_PID, ds->shm_cpid);
-  ds->shm_lpid = s2v_or0(APPSHOT_PID, ds->shm_lpid);
+  ds->shm_cpid = ipc_pid_out(APPSHOT_SHMID, sid, APPSHOT_IPC_SHM_CPID, ds->shm_cpid);
+  ds->shm_lpid = ipc_pid_out(APPSHOT_SHMID, sid, APPSHOT_IPC_SHM_LPID, ds->shm_lpid);
 }
 
 long do_shmctl(int id, int cmd, struct shmid_ds *buf) {
@@ -1061,10 +1079,12 @@ long do_shmctl(int id, int cmd, struct shmid_ds *buf) {
     case SHM_INFO:
       return REAL(shmctl)(id, cmd, buf);
     case SHM_STAT:
-    case SHM_STAT_ANY:
-      r = stat_index_result(APPSHOT_SHMID, REAL(shmctl)(id, cmd, buf));
-      if (r >= 0) shm_stat_out(buf);
+    case SHM_STAT_ANY: {
+      long sys = REAL(shmctl)(id, cmd, buf);
+      r = stat_index_result(APPSHOT_SHMID, sys);
+      if (r >= 0) shm_stat_out((int32_t)sys, buf);
       return r;
+    }
   }
   int sid;
   if (!id_arg(APPSHOT_SHMID, id, &sid)) return -1;
@@ -1080,7 +1100,7 @@ long do_shmctl(int id, int cmd, struct shmid_ds *buf) {
     return r;
   }
   r = REAL(shmctl)(sid, cmd, buf);
-  if (r == 0 && cmd == IPC_STAT) shm_stat_out(buf);
+  if (r == 0 && cmd == IPC_STAT) shm_stat_out(sid, buf);
   return r;
 }
 
@@ -1112,10 +1132,10 @@ API ssize_t msgrcv(int id, void *msg, size_t size, long type, int flags) {
   return do_msgrcv(id, msg, size, type, flags);
 }
 
-static void msg_stat_out(struct msqid_ds *ds) {
+static void msg_stat_out(int32_t sid, struct msqid_ds *ds) {
   ds->msg_perm.__key = vkey(APPSHOT_MSGKEY, ds->msg_perm.__key);
-  ds->msg_lspid = s2v_or0(APPSHOT_PID, ds->msg_lspid);
-  ds->msg_lrpid = s2v_or0(APPSHOT_PID, ds->msg_lrpid);
+  ds->msg_lspid = ipc_pid_out(APPSHOT_MSGID, sid, APPSHOT_IPC_MSG_LSPID, ds->msg_lspid);
+  ds->msg_lrpid = ipc_pid_out(APPSHOT_MSGID, sid, APPSHOT_IPC_MSG_LRPID, ds->msg_lrpid);
 }
 
 long do_msgctl(int id, int cmd, struct msqid_ds *buf) {
@@ -1128,10 +1148,12 @@ long do_msgctl(int id, int cmd, struct msqid_ds *buf) {
     case MSG_INFO:
       return REAL(msgctl)(id, cmd, buf);
     case MSG_STAT:
-    case MSG_STAT_ANY:
-      r = stat_index_result(APPSHOT_MSGID, REAL(msgctl)(id, cmd, buf));
-      if (r >= 0) msg_stat_out(buf);
+    case MSG_STAT_ANY: {
+      long sys = REAL(msgctl)(id, cmd, buf);
+      r = stat_index_result(APPSHOT_MSGID, sys);
+      if (r >= 0) msg_stat_out((int32_t)sys, buf);
       return r;
+    }
   }
   int sid;
   if (!id_arg(APPSHOT_MSGID, id, &sid)) return -1;
@@ -1148,7 +1170,7 @@ long do_msgctl(int id, int cmd, struct msqid_ds *buf) {
     return r;
   }
   r = REAL(msgctl)(sid, cmd, buf);
-  if (r == 0 && cmd == IPC_STAT) msg_stat_out(buf);
+  if (r == 0 && cmd == IPC_STAT) msg_stat_out(sid, buf);
   return r;
 }
 

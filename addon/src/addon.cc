@@ -932,6 +932,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   // Where a tables file keeps its lock's futex word (the mutex's first
   // field): a snapshot checks that no thread it stopped holds it.
   exports.Set("tablesLockOffset", Napi::Number::New(env, static_cast<double>(offsetof(struct appshot_header, lock))));
+  exports.Set("tablesIpcPidsOffset", Napi::Number::New(env, static_cast<double>(appshot_ipc_pids_offset())));
   exports.Set("carryWaits", Napi::Function::New(env, CarryWaits));
   exports.Set("noteSocket", Napi::Function::New(env, NoteSocket));
   exports.Set("noteQueueNotify", Napi::Function::New(env, NoteQueueNotify));

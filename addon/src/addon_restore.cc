@@ -677,6 +677,40 @@ Napi::Value LockShmAs(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// touchSysv(kind, sid, semnum): this restorer made the last user of a
+// restored object, as the kernel records it: segment `sid` attached and
+// detached (shm_lpid), or semaphore `semnum` of set `sid` raised and
+// lowered by one in one semop, without SEM_UNDO (sempid; its value, and
+// every process's adjustment, as they were). The restored processes have
+// not run: nobody waits on the semaphore. So that the field names no
+// process of the application, and the PID the image recorded for it is
+// shown in its place (src/resources/sysv.ts settleSysvPids).
+Napi::Value TouchSysv(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string kind = info[0].As<Napi::String>().Utf8Value();
+  int sid = Int(info[1]), semnum = Int(info[2]);
+  if (kind == "shmid") {
+    void* at = shmat(sid, nullptr, SHM_RDONLY);
+    if (at == reinterpret_cast<void*>(-1)) {
+      ThrowErrno(env, "attaching shared memory segment " + std::to_string(sid), errno);
+      return env.Undefined();
+    }
+    shmdt(at);
+    return env.Undefined();
+  }
+  int value = semctl(sid, semnum, GETVAL);
+  if (value < 0) {
+    ThrowErrno(env, "reading semaphore " + std::to_string(semnum) + " of set " + std::to_string(sid), errno);
+    return env.Undefined();
+  }
+  // The side with room: SEMVMX is 32767.
+  short first = value < 32767 ? 1 : -1;
+  struct sembuf ops[2] = {{static_cast<unsigned short>(semnum), first, IPC_NOWAIT},
+                          {static_cast<unsigned short>(semnum), static_cast<short>(-first), IPC_NOWAIT}};
+  if (semop(sid, ops, 2) != 0) ThrowErrno(env, "operating on semaphore " + std::to_string(semnum) + " of set " + std::to_string(sid), errno);
+  return env.Undefined();
+}
+
 // restoreMsg(tablesPath, vid, vkey, mode, qbytes, messages: [{type, data}]) -> system id
 Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -1510,6 +1544,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("restoreShm", RestoreShm);
   fn("lockShmAs", LockShmAs);
   fn("restoreMsg", RestoreMsg);
+  fn("touchSysv", TouchSysv);
   fn("mqOpen", MqOpen);
   fn("mqUnlink", MqUnlink);
   fn("mqAttributes", MqAttributes);

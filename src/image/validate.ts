@@ -716,6 +716,21 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
       if (z.parentVtid && !p.threads.some((t) => t.vtid === z.parentVtid)) corrupt(`process ${p.vpid}'s zombie child ${z.vpid} was forked by thread ${z.parentVtid}, which is not one of its threads`);
     }
 
+  // The PIDs SysV objects show (shm_cpid/lpid, msg_lspid/lrpid, GETPID):
+  // virtual PIDs within the kernel's range, 0 for none. One of no process
+  // of the image is shown as 0 (resources/sysv.ts settleSysvPids).
+  const ipcPid = (v: number, what: string) => {
+    if (!(Number.isInteger(v) && v >= 0 && v <= 4194303)) corrupt(`${what} is ${v}, not a PID`);
+  };
+  for (const s of image.shmSegments) {
+    ipcPid(s.cvpid, `SysV segment ${s.vid}'s creator PID`);
+    ipcPid(s.lvpid, `SysV segment ${s.vid}'s last user's PID`);
+  }
+  for (const s of image.semaphores) s.vpids.forEach((v, n) => ipcPid(v, `semaphore ${n} of set ${s.vid}'s last user's PID`));
+  for (const q of image.msgQueues) {
+    ipcPid(q.lsvpid, `message queue ${q.vid}'s last sender's PID`);
+    ipcPid(q.lrvpid, `message queue ${q.vid}'s last receiver's PID`);
+  }
   for (const s of image.shmSegments) {
     if (!(s.size > 0n && s.size <= BigInt(limits.shmmax))) corrupt(`SysV segment ${s.vid} is ${s.size} bytes (this machine allows 1..${limits.shmmax})`);
     checkPageRef(s.contents, (s.size + PAGE - 1n) / PAGE, pagesFileSize, `SysV segment ${s.vid}`);

@@ -75,6 +75,18 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   const toVirtual = new Map<Kind, Map<number, number>>(KEY_KINDS.map((kind) => [kind, new Map(tables.tables[kind].map((e) => [e.system, e.virtual]))]));
   const vkey = (kind: 'semkey' | 'shmkey' | 'msgkey', key: number) => (key === 0 ? 0 : (toVirtual.get(kind)!.get(key) ?? 0));
   const vpid = (pid: number) => (pid ? ctx.virtual('pid', pid) : 0);
+  // A PID field as the application sees it (preload_ipc.c ipc_pid_out):
+  // its process's, or what a restore of it recorded while the kernel
+  // still shows what that restore left there (its restorer, or nobody),
+  // if that process is still the application's.
+  const recorded = recordedPids(ctx.tablesPath);
+  const live = new Set(tables.tables.pid.map((e) => e.virtual));
+  const fieldVpid = (kind: IpcKind, sid: number, field: number, pid: number) => {
+    const v = vpid(pid);
+    if (v) return v;
+    const r = recorded.get(pidKey(kind, sid, field, pid)) ?? 0;
+    return r > 0 && live.has(r) ? r : 0;
+  };
   const gone = (e: unknown) => ['EINVAL', 'EIDRM'].includes((e as NodeJS.ErrnoException).code ?? '');
   // Read with appshot's rights, which may be more than the application's
   // (a root snapshot): an id its tables name (the tables are its to
@@ -95,7 +107,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
     try {
       const s = a.semRead(e.system);
       if (!isOwn('semid', 'semaphore set', e)) continue;
-      semaphores.push({ vid: e.virtual, vkey: vkey('semkey', s.perm.key), mode: s.perm.mode, uid: s.perm.uid, gid: s.perm.gid, values: s.values, vpids: s.pids.map(vpid) });
+      semaphores.push({ vid: e.virtual, vkey: vkey('semkey', s.perm.key), mode: s.perm.mode, uid: s.perm.uid, gid: s.perm.gid, values: s.values, vpids: s.pids.map((pid, n) => fieldVpid('semid', e.system, n, pid)) });
     } catch (err) {
       if (!gone(err)) throw err; // removed, its entry not yet forgotten
     }
@@ -139,8 +151,8 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
         uid: s.perm.uid,
         gid: s.perm.gid,
         size: BigInt(s.size),
-        cvpid: vpid(s.cpid),
-        lvpid: vpid(s.lpid),
+        cvpid: fieldVpid('shmid', e.system, IPC_FIELD.shmCpid, s.cpid),
+        lvpid: fieldVpid('shmid', e.system, IPC_FIELD.shmLpid, s.lpid),
         contents: { offset: BigInt(offset), runs: pages ? [0, pages] : [], fromParent: [] },
         ...(s.destroyed ? { destroyed: true } : {}),
       });
@@ -161,14 +173,182 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
         gid: q.perm.gid,
         qbytes: BigInt(q.qbytes),
         messages: q.messages.map((m) => ({ type: BigInt(m.type), data: m.data })),
-        lsvpid: vpid(q.lspid),
-        lrvpid: vpid(q.lrpid),
+        lsvpid: fieldVpid('msgid', e.system, IPC_FIELD.msgLspid, q.lspid),
+        lrvpid: fieldVpid('msgid', e.system, IPC_FIELD.msgLrpid, q.lrpid),
       });
     } catch (err) {
       if (!gone(err)) throw err;
     }
   }
   return { semaphores, shmSegments, msgQueues, semGeneration: semGeneration(ctx) };
+}
+
+type IpcKind = 'semid' | 'shmid' | 'msgid';
+/** enum appshot_kind's numbers of the IPC id kinds (appshot_table.h). */
+const KIND_NUMBER: Record<IpcKind, number> = { semid: 1, shmid: 2, msgid: 3 };
+/** appshot_ipc_pid.field: APPSHOT_IPC_* (a semaphore's is its number). */
+const IPC_FIELD = { shmCpid: 0, shmLpid: 1, msgLspid: 0, msgLrpid: 1 } as const;
+/** struct appshot_ipc_pids: count, pad, then entries of sid (int32), kind
+ * and field (uint16 each), shown and vpid (int32 each). */
+const IPC_PIDS_HEADER = 8;
+const IPC_PID_ENTRY = 16;
+const IPC_PID_SLOTS = 4096;
+const pidKey = (kind: IpcKind, sid: number, field: number, shown: number) => `${KIND_NUMBER[kind]}:${sid}:${field}:${shown}`;
+
+/** What a restore wrote into tables file `path` of the PIDs its SysV
+ * objects show (appshot_table.h, struct appshot_ipc_pids): the virtual
+ * PID by object, field and the system PID the kernel shows. The
+ * application may have written anything there: bounded, and a PID out of
+ * the kernel's range is none. */
+function recordedPids(path: string): Map<string, number> {
+  const out = new Map<string, number>();
+  const fd = openSync(path, 'r');
+  try {
+    const at = addon().tablesIpcPidsOffset;
+    const head = Buffer.alloc(IPC_PIDS_HEADER);
+    if (readSync(fd, head, 0, head.length, at) !== head.length) return out;
+    const count = Math.min(head.readUInt32LE(0), IPC_PID_SLOTS);
+    if (!count) return out;
+    const b = Buffer.alloc(count * IPC_PID_ENTRY);
+    const got = readSync(fd, b, 0, b.length, at + IPC_PIDS_HEADER);
+    for (let i = 0; i + IPC_PID_ENTRY <= got; i += IPC_PID_ENTRY) {
+      const vpid = b.readInt32LE(i + 12);
+      if (vpid <= 0 || vpid > PID_MAX) continue;
+      out.set(`${b.readUInt16LE(i + 4)}:${b.readInt32LE(i)}:${b.readUInt16LE(i + 6)}:${b.readInt32LE(i + 8)}`, vpid);
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return out;
+}
+
+/** PID_MAX_LIMIT - 1: the highest PID the kernel hands out. */
+const PID_MAX = 4194303;
+
+/**
+ * After every restored process has attached its segments and been given
+ * its SEM_UNDO adjustments, before any runs: each PID field of the
+ * restored objects (shm_cpid, shm_lpid, msg_lspid, msg_lrpid, each
+ * semaphore's sempid) shows the application the virtual PID the image
+ * recorded. The kernel names whoever made or last used an object: here
+ * the restorer (it made them), or a restored process (its attach, its
+ * SEM_UNDO operation), or nobody (0). A field naming a process of the
+ * application is made the restorer's (touchSysv) unless that process is
+ * the one recorded; then, where the image recorded a process of its own,
+ * the tables say "while the kernel shows this, report that"
+ * (appshot_ipc_pids, which preload_ipc.c consults). The first use of the
+ * object by a process of the application replaces the kernel's value,
+ * and the translation of that process's PID applies, as before.
+ * A recorded PID of no process of the image (the image is untrusted; a
+ * snapshot records only processes of the application) is shown as 0, as
+ * the library shows a PID of a process outside the application, rather
+ * than refused: it names nothing the application could reach, and a
+ * process given that virtual PID later would be named by it. Where a
+ * field cannot be made the restorer's (the kernel refused this restorer
+ * the attach or the operation), the restore says so (notKept).
+ */
+export function settleSysvPids(image: Image, shmIds: Map<number, number>, tables: string, notKept: string[]): void {
+  if (!image.shmSegments.length && !image.semaphores.length && !image.msgQueues.length) return;
+  const t = addon().readTables(tables).tables;
+  const appVirtual = new Map(t.pid.map((e) => [e.system, e.virtual]));
+  const imageVpids = new Set([...image.processes.map((p) => p.vpid), ...image.processes.flatMap((p) => (p.zombies ?? []).map((z) => z.vpid))]);
+  const expected = (v: number) => (imageVpids.has(v) ? v : 0);
+  const entries: { kind: IpcKind; sid: number; field: number; shown: number; vpid: number }[] = [];
+  const left: string[] = [];
+  /** One field: `shown` the kernel's PID there, `touch` makes it the
+   * restorer's (undefined: cannot be touched, as shm_cpid). */
+  const settle = (what: string, kind: IpcKind, sid: number, field: number, recordedVpid: number, shown: number, touch?: () => void) => {
+    const want = expected(recordedVpid);
+    const seen = appVirtual.get(shown);
+    if (seen !== undefined && seen !== want && touch) {
+      try {
+        touch();
+        shown = process.pid;
+      } catch (e) {
+        left.push(`${what}: shows process ${seen}, not ${want || 'none (0)'} as the image had it (${(e as Error).message})`);
+        return;
+      }
+    } else if (seen !== undefined) {
+      if (seen !== want) left.push(`${what}: shows process ${seen}, not ${want || 'none (0)'} as the image had it`);
+      return;
+    }
+    if (want) entries.push({ kind, sid, field, shown, vpid: want });
+  };
+  const shmStatus = segmentStatuses(new Set(shmIds.values()));
+  for (const s of image.shmSegments) {
+    const sid = shmIds.get(s.vid);
+    const st = sid === undefined ? undefined : shmStatus.get(sid);
+    if (sid === undefined || !st) continue;
+    settle(`shared memory segment ${s.vid}'s creator (shm_cpid)`, 'shmid', sid, IPC_FIELD.shmCpid, s.cvpid, st.cpid);
+    settle(`shared memory segment ${s.vid}'s last user (shm_lpid)`, 'shmid', sid, IPC_FIELD.shmLpid, s.lvpid, st.lpid, () => addon().touchSysv('shmid', sid, 0));
+  }
+  if (image.semaphores.length || image.msgQueues.length) {
+    const semIds = new Map(t.semid.map((e) => [e.virtual, e.system]));
+    for (const set of image.semaphores) {
+      const sid = semIds.get(set.vid);
+      if (sid === undefined) continue;
+      const pids = addon().semRead(sid).pids;
+      pids.forEach((pid, n) => settle(`semaphore ${n} of set ${set.vid}'s last user (GETPID)`, 'semid', sid, n, set.vpids[n] ?? 0, pid, () => addon().touchSysv('semid', sid, n)));
+    }
+    const msgIds = new Map(t.msgid.map((e) => [e.virtual, e.system]));
+    const queuePids = image.msgQueues.length ? msgPids(new Set(msgIds.values())) : new Map<number, { lspid: number; lrpid: number }>();
+    for (const q of image.msgQueues) {
+      const sid = msgIds.get(q.vid);
+      const m = sid === undefined ? undefined : queuePids.get(sid);
+      if (sid === undefined || !m) continue;
+      // Only the restorer sent (its refill) and nobody received: no
+      // process of the application is named, nothing to touch.
+      settle(`message queue ${q.vid}'s last sender (msg_lspid)`, 'msgid', sid, IPC_FIELD.msgLspid, q.lsvpid, m.lspid);
+      settle(`message queue ${q.vid}'s last receiver (msg_lrpid)`, 'msgid', sid, IPC_FIELD.msgLrpid, q.lrvpid, m.lrpid);
+    }
+  }
+  if (entries.length > IPC_PID_SLOTS) left.push(`${entries.length - IPC_PID_SLOTS} PIDs of SysV objects beyond the first ${IPC_PID_SLOTS}: shown as 0`);
+  if (left.length) notKept.push(`SysV PIDs: ${left.join('; ')}`);
+  if (!entries.length) return;
+  const kept = entries.slice(0, IPC_PID_SLOTS);
+  const b = Buffer.alloc(IPC_PIDS_HEADER + kept.length * IPC_PID_ENTRY);
+  kept.forEach((e, i) => {
+    const at = IPC_PIDS_HEADER + i * IPC_PID_ENTRY;
+    b.writeInt32LE(e.sid, at);
+    b.writeUInt16LE(KIND_NUMBER[e.kind], at + 4);
+    b.writeUInt16LE(e.field, at + 6);
+    b.writeInt32LE(e.shown, at + 8);
+    b.writeInt32LE(e.vpid, at + 12);
+  });
+  b.writeUInt32LE(kept.length, 0);
+  const fd = openSync(tables, 'r+');
+  try {
+    // The entries before the count that makes them seen (no process runs
+    // yet: one write would do, but a reader bounds by the count).
+    writeSync(fd, b, IPC_PIDS_HEADER, b.length - IPC_PIDS_HEADER, addon().tablesIpcPidsOffset + IPC_PIDS_HEADER);
+    writeSync(fd, b, 0, IPC_PIDS_HEADER, addon().tablesIpcPidsOffset);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** The last sender's and receiver's PIDs of queues `wanted` (system ids),
+ * from /proc/sysvipc/msg: read without copying their messages (msgRead
+ * would, up to the queue's qbytes). Empty where it cannot be read. */
+function msgPids(wanted: Set<number>): Map<number, { lspid: number; lrpid: number }> {
+  const out = new Map<number, { lspid: number; lrpid: number }>();
+  let text: string;
+  try {
+    text = readFileSync('/proc/sysvipc/msg', 'latin1');
+  } catch {
+    return out;
+  }
+  const lines = text.split('\n');
+  const head = lines[0].trim().split(/\s+/);
+  const [id, lspid, lrpid] = ['msqid', 'lspid', 'lrpid'].map((name) => head.indexOf(name));
+  if (id < 0 || lspid < 0 || lrpid < 0) return out;
+  for (let l = 1; l < lines.length && out.size < wanted.size; l++) {
+    if (!wanted.has(Number(fieldOf(lines[l], id)))) continue;
+    const f = lines[l].trim().split(/\s+/);
+    if (f.length < head.length) continue;
+    out.set(Number(f[id]), { lspid: Number(f[lspid]), lrpid: Number(f[lrpid]) });
+  }
+  return out;
 }
 
 /** Where each segment (by virtual id, 0 the first) is mapped by a process

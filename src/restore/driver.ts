@@ -53,7 +53,7 @@ import { forkedByOtherThread, forkingTid, moveEnvironCall, restoreItimers, resto
 import { lateSigchldChild, requeueSignals, restoreLateSigchld, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
 import { checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { restoreCgroup } from '../resources/cgroups.js';
-import { removeDestroyedShm, restoreSemUndo, restoreSysv } from '../resources/sysv.js';
+import { removeDestroyedShm, restoreSemUndo, restoreSysv, settleSysvPids } from '../resources/sysv.js';
 import { restoreWaits } from '../resources/waits.js';
 import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
 import { restorePosixTimers } from '../resources/timers.js';
@@ -1114,9 +1114,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         addon().setRegs(m.tids[i], resumeRegisters(retargetBlockedCall(t.regs, ids), firstHandledSignal(t, p.sharedPending, p.sigactions), false, p.groupStopped));
       });
     }
-    // Every process has attached its SysV segments: those the image had
-    // removed while attached are removed again (they go at their last
-    // detach, as they would have).
+    // Every process has attached its SysV segments and made its SEM_UNDO
+    // operations: the objects' PIDs shown as the image recorded them.
+    settleSysvPids(image, shmIds, tables, handed.notKept);
+    // Those the image had removed while attached are removed again (they
+    // go at their last detach, as they would have).
     removeDestroyedShm(image, shmIds);
     // Every process has mapped the files opened here for it (openToMap):
     // not held while the restore may wait (a held instance: serve's
