@@ -18,6 +18,8 @@
 //
 // BENCH_HOT=1000 samples for (a) and (b), BENCH_RUNS=20 for (c) and (d),
 // BENCH_IDLE=300ms the service's idle time, BENCH_SERVICES=0 skips (e);
+// (e) is measured once settled and again BENCH_E_STEADY (31) s later,
+// when the page buffers kept warm for 30 s are gone (0: not again);
 // BENCH_E_ENV=NAME=VALUE measures (e) also with that variable set.
 // BENCH_MARKS=1: serve run with APPSHOT_SERVE_MARKS=1, and each series of
 // resumes of a held instance broken into segments (medians, µs): connect()
@@ -56,7 +58,7 @@
 // process and hosted by the engine (this build; the engine stays between
 // rounds): the cost of hosting, same run.
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -83,6 +85,8 @@ const CLONE_PUBLIC = APP + 5;
 const ONLY_E = process.env.BENCH_ONLY_E === '1';
 const CLONES = process.env.BENCH_CLONE !== '0' && !ONLY_E;
 const SERVICES = Number(process.env.BENCH_SERVICES ?? 100);
+/** (e) measured again this many seconds after it settled (BENCH_E_STEADY). */
+const STEADY_S = Number(process.env.BENCH_E_STEADY ?? 31);
 const AB_HOT = Number(process.env.BENCH_AB_HOT ?? 0);
 /** Where (a) reaches the instance: with the listener shared (the default),
  * its IPv4 listener on APP is the public one, and [::1]:APP is its own. */
@@ -240,6 +244,37 @@ let cpuSeen = [];
 function pssKiB(pid) {
   const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
   return m ? Number(m[1]) : NaN;
+}
+
+/** The node binary's pages resident in `pid` (KiB, Rss of its mappings
+ * of it): shared with every other Node process, so that `pid`'s PSS of
+ * them depends on how many run (tests, other tools, the bench itself):
+ * ~3 MiB on a busy machine, 10-15 on a quiet one. (e) shows them apart,
+ * and the anonymous PSS, which does not depend on what else runs. */
+const nodeBinary = realpathSync(process.execPath);
+function nodeRssKiB(pid) {
+  let n = 0;
+  let ours = false;
+  try {
+    for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
+      const head = /^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$/.exec(line);
+      if (head) ours = head[1] === nodeBinary;
+      else if (ours) {
+        const m = /^Rss:\s+(\d+) kB/.exec(line);
+        if (m) n += Number(m[1]);
+      }
+    }
+  } catch {
+    /* gone */
+  }
+  return n;
+}
+function anonKiB(pid) {
+  try {
+    return Number(/^Pss_Anon:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'))?.[1] ?? 0);
+  } catch {
+    return 0;
+  }
 }
 
 /** BENCH_SMAPS=1: where a kept process's PSS is (anonymous, file,
@@ -648,30 +683,44 @@ try {
         quiet = serveErr.length === seen ? quiet + 1 : 0;
         seen = serveErr.length;
       }
-      const states = readdirSync(join(home, 'services')).map((name) => {
-        try {
-          return JSON.parse(readFileSync(join(home, 'services', name, 'state.json'), 'utf8')).instances[0];
-        } catch {
-          return undefined;
-        }
-      });
-      const suspended = states.filter((s) => s?.state === 'suspended').length;
-      const prepared = states.filter((s) => s?.prepared).length;
-      const pids = keptProcesses(serve.hostPid);
-      const total = pids.reduce((n, p) => n + (pssKiB(p) || 0), 0);
-      const own = pssKiB(serve.hostPid) / 1024;
-      if (process.env.BENCH_SMAPS) for (const p of pids) smapsDetail(p);
-      // In its own process, with an engine running beside it (as the
-      // commands before started one): what both keep.
-      const engine = mode === 'own' ? enginePid() : undefined;
-      const beside = engine ? keptProcesses(engine).filter((p) => !pids.includes(p)) : [];
-      const besideKiB = beside.reduce((n, p) => n + (pssKiB(p) || 0), 0);
-      const where = mode === 'hosted' ? 'hosted by the engine' : 'its own process';
-      console.log(
-        `(e) ${SERVICES} services, ${suspended} suspended, ${prepared} prepared (${label}, ${where}): PSS of all appshot keeps running for them (${pids.length} process${pids.length > 1 ? 'es' : ''}): ${(total / 1024).toFixed(1)} MiB, of which the ${mode === 'hosted' ? 'engine' : 'serve process'} ${own.toFixed(1)} MiB` +
-          (engine ? `; with the engine beside it (${beside.length} more): ${((total + besideKiB) / 1024).toFixed(1)} MiB` : ''),
-      );
-      report.push({ what: `(e) PSS, ${SERVICES} suspended services (MiB), ${label}, ${mode}`, value: total / 1024, serve: own, processes: pids.length, suspended, prepared, ...(engine ? { withEngine: (total + besideKiB) / 1024 } : {}) });
+      const measure = (when) => {
+        const states = readdirSync(join(home, 'services')).map((name) => {
+          try {
+            return JSON.parse(readFileSync(join(home, 'services', name, 'state.json'), 'utf8')).instances[0];
+          } catch {
+            return undefined;
+          }
+        });
+        const suspended = states.filter((s) => s?.state === 'suspended').length;
+        const prepared = states.filter((s) => s?.prepared).length;
+        const pids = keptProcesses(serve.hostPid);
+        const total = pids.reduce((n, p) => n + (pssKiB(p) || 0), 0);
+        const anon = pids.reduce((n, p) => n + anonKiB(p), 0);
+        const nodeRss = pids.reduce((n, p) => n + nodeRssKiB(p), 0);
+        const own = pssKiB(serve.hostPid) / 1024;
+        if (process.env.BENCH_SMAPS) for (const p of pids) smapsDetail(p);
+        // In its own process, with an engine running beside it (as the
+        // commands before started one): what both keep.
+        const engine = mode === 'own' ? enginePid() : undefined;
+        const beside = engine ? keptProcesses(engine).filter((p) => !pids.includes(p)) : [];
+        const besideKiB = beside.reduce((n, p) => n + (pssKiB(p) || 0), 0);
+        const where = mode === 'hosted' ? 'hosted by the engine' : 'its own process';
+        console.log(
+          `(e) ${SERVICES} services, ${suspended} suspended, ${prepared} prepared (${label}, ${where}, ${when}): PSS of all appshot keeps running for them (${pids.length} process${pids.length > 1 ? 'es' : ''}): ${(total / 1024).toFixed(1)} MiB (anonymous ${(anon / 1024).toFixed(1)}; the node binary's pages resident ${(nodeRss / 1024).toFixed(1)}, shared), of which the ${mode === 'hosted' ? 'engine' : 'serve process'} ${own.toFixed(1)} MiB` +
+            (engine ? `; with the engine beside it (${beside.length} more): ${((total + besideKiB) / 1024).toFixed(1)} MiB` : ''),
+        );
+        report.push({ what: `(e) PSS, ${SERVICES} suspended services (MiB), ${label}, ${mode}, ${when}`, value: total / 1024, anon: anon / 1024, nodeRss: nodeRss / 1024, serve: own, processes: pids.length, suspended, prepared, ...(engine ? { withEngine: (total + besideKiB) / 1024 } : {}) });
+      };
+      measure('settled');
+      // And once the page files' buffers that restores and snapshots
+      // keep warm (up to 16 MiB, let go after 30 s unused: pages.c,
+      // releaseKeptBuffers in serve's and the engine's ticks) are gone:
+      // what a service suspended for longer than that costs.
+      // BENCH_E_STEADY=0 skips it.
+      if (STEADY_S > 0) {
+        await sleep(STEADY_S * 1000);
+        measure(`after ${STEADY_S} s quiet`);
+      }
     }
   }
   if (process.env.BENCH_JSON) console.log(JSON.stringify(report));
