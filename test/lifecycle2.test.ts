@@ -788,6 +788,35 @@ describe('rm of an application run with --rules', () => {
     expect(rm.stderr).toBe('');
     expect(existsSync(join(dir, 'unrec', 'ur1'))).toBe(false);
   });
+
+  it('a --leave-running snapshot whose registration cannot record its image, after one that could: the directories stay, for the earlier image', () => {
+    const from = join(dir, 'unrec2-from');
+    mkdirSync(from);
+    const rules = join(dir, 'unrec2.rules');
+    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/unrec2/<APPL-ID>"\n`);
+    sb.ok(['run', '-d', '--aid', 'ur2', '--rules', rules, '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
+    const made = join(dir, 'unrec2', 'ur2');
+    writeFileSync(join(made, 'data'), 'kept\n');
+    const first = join(dir, 'ur2-first.appshot');
+    sb.ok(['snapshot', 'ur2', '--leave-running', '-o', first]);
+    const image = join(dir, 'ur2.appshot');
+    const r = spawnSync(command, ['snapshot', 'ur2', '--leave-running', '-o', image], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: 'snapshot: recording the image' },
+      encoding: 'utf8',
+      timeout: 50_000,
+    });
+    expect(r.status, r.stderr).toBe(0);
+    const lines = r.stderr.trim().split('\n');
+    expect(lines).toHaveLength(2);
+    expect(lines[1]).toMatch(new RegExp(`^appshot: warning: the image ${image} is whole, but the registration of 'ur2' could not record it \\(`));
+    // Not the removal that a first image's failed record costs.
+    expect(lines[1]).not.toContain('will remove');
+    expect(lines[1].endsWith(`its rm will keep the REDIR PATH directories made for it, which this image needs, but name as their image the earlier ${first}`)).toBe(true);
+    const rm = sb.run(['rm', '-f', 'ur2']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(rm.stderr).toBe(`appshot: 'ur2': kept the REDIR PATH directories made for it, whose files its image ${first} needs and does not hold: ${made} (rm -r them once that image is not to be restored)\n`);
+    expect(readFileSync(join(made, 'data'), 'utf8')).toBe('kept\n');
+  });
 });
 
 describe('run --rules with a REDIR PATH target that cannot be made', () => {
