@@ -22,6 +22,7 @@ import { flagNames, jsonObjectOption, ms as roundMs, printJson, wantsJson, withS
 import type { TablesSnapshot } from './native.js';
 import { registerEngine } from './engine/command.js';
 import { currentRequest, onInterrupt, setExitCode } from './engine/request.js';
+import { PROGRESS_HELP } from './progress.js';
 import type { LogTimes } from './logtimes.js';
 
 /** template create and show --json: the template's directory as `path`,
@@ -36,7 +37,6 @@ function templateJson<T extends { template: string }>(summary: T): { template: s
 /** How many rules that match nothing `template create` names on stderr
  * before it counts the rest. */
 const UNMATCHED_SHOWN = 20;
-const PROGRESS_HELP = 'progress in bytes on stderr: auto (a bar on a terminal; lines if CI is set; else none), bar, plain or none';
 // Everything else a command needs (the drivers, the image format, the
 // addon's users) is imported inside its action: `appshot --version`, --help
 // and ps load none of it.

@@ -16,6 +16,7 @@ import { AppshotError, ExitCode } from './errors.js';
 import { signalProcesses } from './inspect.js';
 import { isSameProcess, readStat } from './procfs.js';
 import { dropKept } from './resources/keeper.js';
+import { lexists } from './resources/paths.js';
 import { type AppRecord, type LocalRegistry, checkAid, isEnded, keptForImage } from './registry.js';
 import { duration } from './words.js';
 
@@ -312,13 +313,19 @@ function removeSnapshotted(reg: LocalRegistry, aid: string, kept?: (line: string
     reg.withAidHeld(aid, () => {
       // Read with the AID held: the record that goes.
       const record = reg.getSnapshotted(aid);
-      if (!record || !reg.removeSnapshotted(aid)) return 'none' as const;
-      dropKeptFor(reg, aid);
+      if (!record) return 'none' as const;
       // The directories made for it stay for its image (Registry
-      // removeSnapshotted): said, as rm of one imaged and left running.
+      // removeSnapshotted), and are marked kept before the record that
+      // leads into them goes: no later removal takes them with another's
+      // directory around them (keepRedirLeaves).
+      reg.keepRedirLeaves(record.madeDirs ?? []);
+      if (!reg.removeSnapshotted(aid)) return 'none' as const;
+      dropKeptFor(reg, aid);
+      // Said, as rm of one imaged and left running, of those still there.
       // Its private copies stay too, so a directory in them (a private
       // /tmp its restore made) is kept as well, unlike there (removeMany).
-      if (record.madeDirs?.length) kept?.(keptForImage(aid, record.image, record.madeDirs));
+      const still = (record.madeDirs ?? []).filter(lexists);
+      if (still.length) kept?.(keptForImage(aid, record.image, still));
       return 'removed' as const;
     }) ?? 'busy'
   );

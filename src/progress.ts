@@ -16,7 +16,8 @@
  * Output goes through process.stderr, which the engine routes to the
  * command's client (engine/request.ts).
  */
-import cliProgress from 'cli-progress';
+import type cliProgress from 'cli-progress';
+import { createRequire } from 'node:module';
 import { AppshotError, ExitCode } from './errors.js';
 import { inCI, stderrColumns, stderrIsTerminal } from './engine/request.js';
 import { isatty } from 'node:tty';
@@ -37,7 +38,13 @@ export const PROGRESS_VALUES = ['auto', 'bar', 'plain', 'none'] as const;
 /** How progress is shown: --progress, `auto` decided. */
 export type ProgressMode = Exclude<(typeof PROGRESS_VALUES)[number], 'auto'>;
 
-export const PROGRESS_OPTION_HELP = 'how to show progress: auto (a bar on a terminal, lines if CI is set, else nothing), bar, plain or none';
+/** The help of --progress, its values from PROGRESS_VALUES. */
+export const PROGRESS_HELP = `progress in bytes on stderr: ${PROGRESS_VALUES[0]} (a bar on a terminal; lines if CI is set; else none), ${PROGRESS_VALUES.slice(1, -1).join(', ')} or ${PROGRESS_VALUES.at(-1)}`;
+
+/** cli-progress, loaded with the first bar: cli.ts reads PROGRESS_HELP
+ * for every command line, and `--help` or `ps` should not pay for a
+ * library they never draw with. */
+const loadCliProgress = (): typeof cliProgress => createRequire(import.meta.url)('cli-progress') as typeof cliProgress;
 
 const isProgressValue = (option: string): option is (typeof PROGRESS_VALUES)[number] => (PROGRESS_VALUES as readonly string[]).includes(option);
 
@@ -112,6 +119,7 @@ export class ProgressDisplay implements ByteProgress {
     }
     const payload = { label: this.label, doneMiB: mib(done), totalMiB: mib(total), rate: Math.round(rate / MiB), left: left ? `, ${left}` : '' };
     if (!this.bar) {
+      const cliProgress = loadCliProgress();
       this.bar = new cliProgress.SingleBar(
         {
           stream: terminalStream(),

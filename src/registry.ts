@@ -24,7 +24,7 @@ import {
   statSync,
   writeFileSync,
 } from 'node:fs';
-import { utimes } from 'node:fs';
+import { type BigIntStats, utimes } from 'node:fs';
 import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode, printable } from './errors.js';
@@ -32,7 +32,7 @@ import { addon, type InstanceConfig, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
 import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
 import { currentRequest } from './engine/request.js';
-import { type MadeDir, overlaps, plainAbsolute, prepareRedirTargets, removeRedirTargets, removeWalked } from './resources/paths.js';
+import { lexists, type MadeDir, overlaps, plainAbsolute, prepareRedirTargets, removeRedirTargets, removeWalked } from './resources/paths.js';
 import { logTimesPath } from './logtimes.js';
 
 export interface AppRecord {
@@ -186,6 +186,18 @@ export interface SnapshottedRecord {
    * this record keeps them and names them (keptForImage). */
   madeDirs?: string[];
 }
+
+/** A REDIR PATH directory kept for an image (Registry keepRedirLeaves),
+ * with its identity then (a directory made anew in its place is not it). */
+interface KeptLeaf {
+  leaf: string;
+  dev: string;
+  ino: string;
+}
+
+/** How the marks of kept directories are named in redirs/, beside those
+ * of directories kept for others (releaseRedirTargets). */
+const KEPT_MARK = 'kept-';
 
 /** The leaves of the REDIR PATH directories made for `record`. */
 function madeLeaves(record: AppRecord): string[] {
@@ -952,21 +964,35 @@ export class LocalRegistry implements Registry {
     const commitPaths = new Set<string>();
     const commits = join(this.home, 'commits');
     const removed = new Set<string>();
-    const copies: string[] = [];
+    // Each directory of private copies, with the records it was for.
+    const copies = new Map<string, AppRecord[]>();
     const madeDirs: MadeDir[] = [];
     // The REDIR PATH directories kept for an image, said once the private
-    // copies that go with this rm are known (below).
+    // copies that go with this rm are gone (below).
     const keptDirs: { aid: string; image: string; leaves: string[] }[] = [];
+    // Unless an image was taken of it: its restore needs the files written
+    // there, as after a snapshot that ended it (markReleased). Marked kept
+    // before the registrations that lead into them go, all under one lock;
+    // if they cannot be, those records stay.
+    const imaged = records.filter((r) => r.imagedTo && madeLeaves(r).length);
+    const unkept = new Set<AppRecord>();
+    try {
+      this.keepRedirLeaves(imaged.flatMap(madeLeaves));
+    } catch (error) {
+      for (const record of imaged) {
+        failures.push({ record, error });
+        unkept.add(record);
+      }
+    }
     for (const record of records) {
+      if (unkept.has(record)) continue;
       try {
+        const leaves = record.imagedTo ? madeLeaves(record) : [];
         this.release(record, { portsReleased: true });
         // Only a clone's own directory of private copies: a record's path
         // came from an image (a hostile one could name any directory).
-        if (record.privateRoot && isPrivateRoot(this.home, record.privateRoot)) copies.push(record.privateRoot);
-        // Unless an image was taken of it: its restore needs the files
-        // written there, as after a snapshot that ended it (markReleased).
+        if (record.privateRoot && isPrivateRoot(this.home, record.privateRoot)) copies.set(record.privateRoot, [...(copies.get(record.privateRoot) ?? []), record]);
         if (record.imagedTo) {
-          const leaves = madeLeaves(record);
           if (leaves.length) keptDirs.push({ aid: record.aid, image: record.imagedTo, leaves });
         } else madeDirs.push(...(record.restore?.madeDirs ?? []), ...(record.madeDirs ?? []));
         removed.add(record.aid);
@@ -980,20 +1006,25 @@ export class LocalRegistry implements Registry {
     // restored under two AIDs names one directory in both): looked for
     // once these records are gone, so that of two rm's at once the later
     // sees neither.
-    const stillNamed = this.privateRootsStillNamed(copies);
-    const copiesRemoved: string[] = [];
-    for (const root of copies) {
+    const stillNamed = this.privateRootsStillNamed([...copies.keys()]);
+    for (const [root, owners] of copies) {
       if (stillNamed.has(root)) continue;
-      // Its copies are the application's users' (removeWalked).
-      removeWalked(root);
-      rmSync(this.sharedCopiesMark(root), { force: true });
-      copiesRemoved.push(root);
+      try {
+        // Its copies are the application's users' (removeWalked).
+        removeWalked(root);
+        rmSync(this.sharedCopiesMark(root), { force: true });
+      } catch (error) {
+        // Not removed whole (EBUSY, EACCES): said of the records it was
+        // for, and the rest goes on, the kept lines below included.
+        for (const record of owners) failures.push({ record, error });
+      }
     }
-    // A directory in private copies that went just now (a restored
-    // application's private /tmp, made anew by its restore) was not kept,
-    // whatever its image needs: named, it would be a false word.
+    // Only what is still there: a directory in private copies that went
+    // just now (a restored application's private /tmp, made anew by its
+    // restore) was not kept, whatever its image needs, and named it would
+    // be a false word; one in copies that could not all go is.
     for (const { aid, image, leaves } of keptDirs) {
-      const still = leaves.filter((leaf) => !copiesRemoved.some((root) => leaf === root || leaf.startsWith(`${root}/`)));
+      const still = leaves.filter(lexists);
       if (still.length) kept?.(keptForImage(aid, image, still));
     }
     this.releaseRedirTargets(madeDirs, removed);
@@ -1040,7 +1071,7 @@ export class LocalRegistry implements Registry {
       const markOf = (leaf: string) => join(marks, createHash('sha256').update(leaf).digest('hex').slice(0, 40));
       const candidates = new Map<string, MadeDir>();
       for (const name of readdirSync(marks)) {
-        if (name.startsWith('.')) continue;
+        if (name.startsWith('.') || name.startsWith(KEPT_MARK)) continue;
         try {
           const m = JSON.parse(readFileSync(join(marks, name), 'utf8')) as MadeDir;
           if (typeof m?.leaf === 'string' && typeof m.top === 'string') candidates.set(markOf(m.leaf), m);
@@ -1065,13 +1096,78 @@ export class LocalRegistry implements Registry {
   }
 
   /** The REDIR PATH directories applications registered or snapshotted
-   * lead into, but for those `going`. Read under withRedirsLocked. */
+   * lead into, but for those `going`, and those kept for an image of one
+   * removed (keepRedirLeaves). Read under withRedirsLocked. */
   private redirLeavesInUse(going: Iterable<string>): string[] {
     const gone = new Set(going);
     return [
       ...readdirSync(this.appsDir).filter((aid) => !aid.startsWith('.') && !gone.has(aid)).flatMap((aid) => this.readRecordFile(aid)?.redirLeaves ?? []),
       ...this.listSnapshotted().flatMap((r) => r.redirLeaves ?? []),
+      ...this.keptRedirLeaves(),
     ];
+  }
+
+  /**
+   * The REDIR PATH directories `leaves` made for an application whose
+   * record goes now while an image of it needs them (imagedTo, or the
+   * record of a snapshot that ended it): they stay (keptForImage), and a
+   * mark in redirs/ has each count as used (redirLeavesInUse) for as long
+   * as it is the directory it is now. Without it, the mark of another
+   * application's directory that holds one (or is in one), kept while
+   * this record led into it, was swept by the next removal, and the kept
+   * files with it (review r345). Written before the record goes, under
+   * the lock of releaseRedirTargets: a removal at the same time sees the
+   * one or the other. The user's rm -r of one, as the kept line says,
+   * ends its mark (keptRedirLeaves).
+   */
+  keepRedirLeaves(leaves: string[]): void {
+    if (!leaves.length) return;
+    this.withRedirsLocked(() => {
+      for (const leaf of leaves) {
+        let st: BigIntStats | undefined;
+        try {
+          st = plainAbsolute(leaf) ? lstatSync(leaf, { bigint: true, throwIfNoEntry: false }) : undefined;
+        } catch {
+          /* not a directory on the way (ENOTDIR): nothing there to keep */
+        }
+        if (!st?.isDirectory()) continue;
+        const mark = join(this.redirsDir, `${KEPT_MARK}${createHash('sha256').update(leaf).digest('hex').slice(0, 40)}`);
+        const kept: KeptLeaf = { leaf, dev: String(st.dev), ino: String(st.ino) };
+        writeFileSync(`${mark}.tmp`, JSON.stringify(kept));
+        renameSync(`${mark}.tmp`, mark);
+      }
+    });
+  }
+
+  /** The directories kept for images (keepRedirLeaves) that are still the
+   * ones kept; the mark of one removed or put in another's place since
+   * goes. Under withRedirsLocked. */
+  private keptRedirLeaves(): string[] {
+    const leaves: string[] = [];
+    for (const name of readdirSync(this.redirsDir)) {
+      if (!name.startsWith(KEPT_MARK) || name.endsWith('.tmp')) continue;
+      const mark = join(this.redirsDir, name);
+      let kept: KeptLeaf;
+      try {
+        kept = JSON.parse(readFileSync(mark, 'utf8')) as KeptLeaf;
+      } catch {
+        continue;
+      }
+      if (typeof kept?.leaf !== 'string') continue;
+      let st: BigIntStats | undefined;
+      try {
+        st = lstatSync(kept.leaf, { bigint: true, throwIfNoEntry: false });
+      } catch (e) {
+        // Not to be looked at (EACCES): still in use, for all we know.
+        if ((e as NodeJS.ErrnoException).code !== 'ENOTDIR') {
+          leaves.push(kept.leaf);
+          continue;
+        }
+      }
+      if (st?.isDirectory() && String(st.dev) === kept.dev && String(st.ino) === kept.ino) leaves.push(kept.leaf);
+      else rmSync(mark, { force: true });
+    }
+    return leaves;
   }
 
   /**

@@ -583,7 +583,9 @@ describe('rm of a clone', () => {
     const clones = sb.json<{ aid: string }[]>(['clone', join(dir, 'shtpl'), '--aid', 'sh', '--count', '2']);
     expect(clones.map((c) => c.aid)).toEqual(['sh-1', 'sh-2']);
     writeFileSync(join(to, 'data-of-sh-2'), 'kept\n');
-    const marks = () => (existsSync(join(sb.home, 'redirs')) ? readdirSync(join(sb.home, 'redirs')).filter((m) => !m.startsWith('.')) : []);
+    // Those of directories kept for others, not for an image (kept-*: the
+    // template source's, whose snapshot's record went before).
+    const marks = () => (existsSync(join(sb.home, 'redirs')) ? readdirSync(join(sb.home, 'redirs')).filter((m) => !m.startsWith('.') && !m.startsWith('kept-')) : []);
     expect(sb.run(['rm', '-f', 'sh-1']).code).toBe(0);
     expect(readFileSync(join(to, 'data-of-sh-2'), 'utf8')).toBe('kept\n');
     expect(marks()).toHaveLength(1);
@@ -752,6 +754,41 @@ describe('rm of an application run with --rules', () => {
     expect(rm.stderr).toBe(`appshot: 'pt1': kept the REDIR PATH directories made for it, whose files its image ${image} needs and does not hold: ${made} (rm -r them once that image is not to be restored)\n`);
   });
 
+  it('says what it kept for an image though the private copies that go with it cannot all be removed', () => {
+    // From /: a working directory under /tmp is refused with --private-tmp.
+    const fromRoot = (args: string[]) => {
+      const r = spawnSync(command, args, { env: sb.env, cwd: '/', encoding: 'utf8', timeout: 50_000 });
+      return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+    };
+    const from = join(dir, 'ptbusy-from');
+    mkdirSync(from);
+    const rules = join(dir, 'ptbusy.rules');
+    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/ptbusy/<APPL-ID>"\n`);
+    const run = fromRoot(['run', '-d', '--aid', 'pb1', '--private-tmp', '--rules', rules, '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
+    expect(run.code, run.stderr).toBe(0);
+    const root = app('pb1')!.privateRoot!;
+    const made = join(dir, 'ptbusy', 'pb1');
+    const image = join(dir, 'pb1.appshot');
+    sb.ok(['snapshot', 'pb1', '--leave-running', '-o', image]);
+    // A directory in its private /tmp that cannot be removed (EPERM):
+    // the removal of its private copies throws.
+    const stuck = join(root, 'tmp', 'stuck');
+    mkdirSync(stuck);
+    const chattr = (flag: string) => expect(spawnSync('chattr', [flag, stuck]).status).toBe(0);
+    chattr('+i');
+    try {
+      const rm = sb.run(['rm', '-f', 'pb1']);
+      expect(rm.code).not.toBe(0);
+      const lines = rm.stderr.split('\n');
+      expect(lines[0]).toBe(`appshot: 'pb1': kept the REDIR PATH directories made for it, whose files its image ${image} needs and does not hold: ${made} (rm -r them once that image is not to be restored)`);
+      expect(lines[1]).toMatch(/^appshot: cannot remove 'pb1': .*EPERM/);
+      expect(existsSync(made)).toBe(true);
+    } finally {
+      chattr('-i');
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+
   it('a --leave-running snapshot whose registration cannot record its image stands, with a warning saying what that costs', () => {
     const from = join(dir, 'unrec-from');
     mkdirSync(from);
@@ -787,6 +824,109 @@ describe('rm of an application run with --rules', () => {
     expect(rm.code, rm.stderr).toBe(0);
     expect(rm.stderr).toBe('');
     expect(existsSync(join(dir, 'unrec', 'ur1'))).toBe(false);
+  });
+
+  it('a --leave-running snapshot whose registration cannot record its image, after one that could: the directories stay, for the earlier image', () => {
+    const from = join(dir, 'unrec2-from');
+    mkdirSync(from);
+    const rules = join(dir, 'unrec2.rules');
+    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/unrec2/<APPL-ID>"\n`);
+    sb.ok(['run', '-d', '--aid', 'ur2', '--rules', rules, '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
+    const made = join(dir, 'unrec2', 'ur2');
+    writeFileSync(join(made, 'data'), 'kept\n');
+    const first = join(dir, 'ur2-first.appshot');
+    sb.ok(['snapshot', 'ur2', '--leave-running', '-o', first]);
+    const image = join(dir, 'ur2.appshot');
+    const r = spawnSync(command, ['snapshot', 'ur2', '--leave-running', '-o', image], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: 'snapshot: recording the image' },
+      encoding: 'utf8',
+      timeout: 50_000,
+    });
+    expect(r.status, r.stderr).toBe(0);
+    const lines = r.stderr.trim().split('\n');
+    expect(lines).toHaveLength(2);
+    expect(lines[1]).toMatch(new RegExp(`^appshot: warning: the image ${image} is whole, but the registration of 'ur2' could not record it \\(`));
+    // Not the removal that a first image's failed record costs.
+    expect(lines[1]).not.toContain('will remove');
+    expect(lines[1].endsWith(`its rm will keep the REDIR PATH directories made for it, which this image needs, but name as their image the earlier ${first}`)).toBe(true);
+    const rm = sb.run(['rm', '-f', 'ur2']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(rm.stderr).toBe(`appshot: 'ur2': kept the REDIR PATH directories made for it, whose files its image ${first} needs and does not hold: ${made} (rm -r them once that image is not to be restored)\n`);
+    expect(readFileSync(join(made, 'data'), 'utf8')).toBe('kept\n');
+  });
+
+  // Review r345: a directory kept for an image, made inside another's
+  // (its rules' target in the other's), went with that other's directory
+  // once neither registration led into it any more, after rm had said it
+  // was kept. Each of the three ways there: both removed by one rm, the
+  // other's rm first (its directory left for the imaged one's use), and
+  // the record of a snapshot that ended the imaged one.
+  /** Two applications run with rules whose targets nest: `${name}c` makes
+   * `outer`, then `${name}a` makes `inner` in it and writes a file there. */
+  const nestedRedirs = (name: string) => {
+    const fromOuter = join(dir, `${name}-from-outer`);
+    const fromInner = join(dir, `${name}-from-inner`);
+    mkdirSync(fromOuter);
+    mkdirSync(fromInner);
+    const top = join(dir, `${name}-d`);
+    const outer = join(top, 'x');
+    const inner = join(outer, 'sub');
+    writeFileSync(join(dir, `${name}-outer.rules`), `REDIR PATH "${fromOuter}" TO "${outer}"\n`);
+    writeFileSync(join(dir, `${name}-inner.rules`), `REDIR PATH "${fromInner}" TO "${inner}"\n`);
+    const loop = ['sh', '-c', 'while :; do sleep 0.1; done'];
+    sb.ok(['run', '-d', '--aid', `${name}c`, '--rules', join(dir, `${name}-outer.rules`), '--', ...loop]);
+    expect(existsSync(outer)).toBe(true);
+    sb.ok(['run', '-d', '--aid', `${name}a`, '--rules', join(dir, `${name}-inner.rules`), '--', ...loop]);
+    writeFileSync(join(inner, 'data'), 'kept\n');
+    return { top, inner, image: join(dir, `${name}a.appshot`) };
+  };
+  const keptLine = (aid: string, image: string, inner: string) =>
+    `appshot: '${aid}': kept the REDIR PATH directories made for it, whose files its image ${image} needs and does not hold: ${inner} (rm -r them once that image is not to be restored)\n`;
+  /** The kept directory stays through later removals (a prune looks at
+   * every directory kept for others), until the user removes it: then the
+   * other's directory around it goes at the next. */
+  const keptUntilRemoved = (top: string, inner: string) => {
+    sb.ok(['prune']);
+    expect(readFileSync(join(inner, 'data'), 'utf8')).toBe('kept\n');
+    rmSync(inner, { recursive: true });
+    sb.ok(['prune']);
+    expect(existsSync(top)).toBe(false);
+  };
+
+  it('keeps a directory kept for an image inside the directory of another removed by the same rm', () => {
+    const { top, inner, image } = nestedRedirs('nsa');
+    sb.ok(['snapshot', 'nsaa', '--leave-running', '-o', image]);
+    const rm = sb.run(['rm', '-f', 'nsac', 'nsaa']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(rm.stdout).toBe('nsac\nnsaa\n');
+    expect(rm.stderr).toBe(keptLine('nsaa', image, inner));
+    expect(readFileSync(join(inner, 'data'), 'utf8')).toBe('kept\n');
+    keptUntilRemoved(top, inner);
+  });
+
+  it('keeps a directory kept for an image inside the directory of another removed before', () => {
+    const { top, inner, image } = nestedRedirs('nsb');
+    sb.ok(['snapshot', 'nsba', '--leave-running', '-o', image]);
+    // Left, as the imaged one leads into it.
+    sb.ok(['rm', '-f', 'nsbc']);
+    expect(readFileSync(join(inner, 'data'), 'utf8')).toBe('kept\n');
+    const rm = sb.run(['rm', '-f', 'nsba']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(rm.stderr).toBe(keptLine('nsba', image, inner));
+    expect(readFileSync(join(inner, 'data'), 'utf8')).toBe('kept\n');
+    keptUntilRemoved(top, inner);
+  });
+
+  it('keeps a directory kept for the image of a snapshot that ended it inside the directory of another removed before', () => {
+    const { top, inner, image } = nestedRedirs('nsc');
+    sb.ok(['snapshot', 'nsca', '-o', image]);
+    sb.ok(['rm', '-f', 'nscc']);
+    expect(readFileSync(join(inner, 'data'), 'utf8')).toBe('kept\n');
+    const rm = sb.run(['rm', 'nsca']);
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(rm.stderr).toBe(keptLine('nsca', image, inner));
+    expect(readFileSync(join(inner, 'data'), 'utf8')).toBe('kept\n');
+    keptUntilRemoved(top, inner);
   });
 });
 

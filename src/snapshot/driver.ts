@@ -1380,7 +1380,10 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
         } catch (e) {
           const costs = [
             ...(becomesParent ? ['its next snapshot will be whole, not incremental on this image'] : []),
-            ...(keepsDirs ? ['its rm will remove the REDIR PATH directories made for it, whose files this image needs and does not hold (copy them first, to restore it)'] : []),
+            // Kept anyway for an earlier image (imagedTo, never cleared):
+            // its rm keeps them, in that image's name.
+            ...(keepsDirs && !record.imagedTo ? ['its rm will remove the REDIR PATH directories made for it, whose files this image needs and does not hold (copy them first, to restore it)'] : []),
+            ...(keepsDirs && record.imagedTo ? [`its rm will keep the REDIR PATH directories made for it, which this image needs, but name as their image the earlier ${record.imagedTo === '-' ? 'one sent on standard output' : record.imagedTo}`] : []),
           ];
           warnings.push(`the image ${toStream ? 'sent on standard output' : output} is whole, but the registration of '${aid}' could not record it (${errorText(e)}): ${costs.join('; ')}`);
         }
