@@ -12,7 +12,11 @@
 // and range of the command's wall time, the restore's own time
 // (restoreMs) and its verification (verifyMs), and with BENCH_STEPS=1 the
 // median of each of the restore's APPSHOT_DEBUG phases. BENCH_LAZY=1:
-// `--lazy` restores instead. --json: raw medians.
+// `--lazy` restores instead. BENCH_SAME_AID=1: each restore under the
+// image's own AID (as `appshot restore IMG` does), removed right after it
+// (not timed), where by default each takes a new one (--aid rN), for which
+// the restore maps its environment a new block (the AID is in it). --json:
+// raw medians.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -25,6 +29,7 @@ const row = Number(process.env.BENCH_ROW ?? 10);
 const sizes = (process.env.BENCH_SIZES ?? '0,16').split(',').map(Number);
 const STEPS = process.env.BENCH_STEPS === '1';
 const LAZY = process.env.BENCH_LAZY === '1';
+const SAME_AID = process.env.BENCH_SAME_AID === '1';
 const memapp = join(here, 'bench', 'bin', 'memapp');
 const builds = pairedBuilds(here, 'restore-profile');
 const work = mkdtempSync(join(here, '.bench-images-restore-profile-'));
@@ -32,13 +37,14 @@ const envOf = engineEnv;
 const node = (b, args, extra) => execFileSync(process.execPath, [join(b.root, 'bin', 'appshot.js'), ...args], { cwd: work, env: envOf(b, { APPSHOT_ENGINE: 'off', ...extra }), stdio: 'ignore' });
 let n = 0;
 
-function restoreOnce(b, image) {
-  const aid = `r${n++}`;
+function restoreOnce(b, image, mib) {
+  const aid = SAME_AID ? `src${mib}` : `r${n++}`;
   const start = process.hrtime.bigint();
-  const r = spawnSync(join(b.root, 'bin', 'appshot'), ['restore', image, '--aid', aid, '--json', ...(LAZY ? ['--lazy'] : [])], { cwd: work, env: envOf(b, STEPS ? { APPSHOT_DEBUG: '1' } : {}), encoding: 'utf8' });
+  const r = spawnSync(join(b.root, 'bin', 'appshot'), ['restore', image, ...(SAME_AID ? [] : ['--aid', aid]), '--json', ...(LAZY ? ['--lazy'] : [])], { cwd: work, env: envOf(b, STEPS ? { APPSHOT_DEBUG: '1' } : {}), encoding: 'utf8' });
   const wall = Number(process.hrtime.bigint() - start) / 1e6;
   if (r.status !== 0) throw new Error(`${b.name}: restore failed (${r.status}): ${r.stderr}`);
   const made = JSON.parse(r.stdout);
+  if (SAME_AID && spawnSync(join(b.root, 'bin', 'appshot'), ['rm', '-f', aid], { cwd: work, env: envOf(b), stdio: 'ignore' }).status !== 0) throw new Error(`${b.name}: rm failed`);
   const steps = [];
   let last = 0;
   for (const line of r.stderr.split('\n')) {
@@ -47,12 +53,13 @@ function restoreOnce(b, image) {
     steps.push([m[3].replace(/^process \d+$/, 'process').replace(/\(\d+ in its chain\)/, ''), Number(m[1]) - last]);
     last = Number(m[1]);
   }
-  return { aid, wall, restoreMs: made.restoreMs, verifyMs: made.verifyMs, steps };
+  return { aid, wall, restoreMs: made.restoreMs, verifyMs: made.verifyMs, injectedCalls: made.injectedCalls, steps };
 }
 
 const results = new Map(builds.map((b) => [b.name, new Map(sizes.map((s) => [s, []]))]));
 
 const cleanUp = pairedCleanUp(builds, [], [work]);
+const loadBefore = readFileSync('/proc/loadavg', 'utf8').trim();
 
 try {
   for (const b of builds) {
@@ -69,15 +76,16 @@ try {
     const order = i % 2 ? builds : [...builds].reverse();
     for (const mib of sizes) {
       const made = new Map(builds.map((b) => [b.name, []]));
-      for (let k = 0; k < row; k++) for (const b of order) made.get(b.name).push(restoreOnce(b, `${b.name}-${mib}.appshot`));
+      for (let k = 0; k < row; k++) for (const b of order) made.get(b.name).push(restoreOnce(b, `${b.name}-${mib}.appshot`, mib));
       for (const b of order) {
         if (i >= 0) results.get(b.name).get(mib).push(...made.get(b.name));
+        if (SAME_AID) continue;
         const rm = spawnSync(join(b.root, 'bin', 'appshot'), ['rm', '-f', ...made.get(b.name).map((c) => c.aid)], { cwd: work, env: envOf(b), stdio: 'ignore' });
         if (rm.status !== 0) throw new Error(`${b.name}: rm failed`);
       }
     }
   }
-  const load = readFileSync('/proc/loadavg', 'utf8').trim();
+  const load = `${loadBefore} at the start, ${readFileSync('/proc/loadavg', 'utf8').trim()} at the end`;
   const report = {};
   for (const b of builds) {
     report[b.name] = {};
@@ -88,7 +96,14 @@ try {
         wallMs: summary(all.map((c) => c.wall)),
         restoreMs: summary(all.map((c) => c.restoreMs)),
         verifyMs: summary(all.map((c) => c.verifyMs)),
+        // Stops the restore made in the process (injected batches and calls).
+        injectedCalls: summary(all.map((c) => c.injectedCalls)),
         steps: Object.fromEntries(labels.map((l) => [l, summary(all.map((c) => c.steps.find(([x]) => x === l)?.[1]))?.median])),
+        paired: Object.fromEntries(['restoreMs', 'wallMs'].map((k) => {
+          const first = results.get(builds[0].name).get(mib);
+          const of = (c) => (k === 'wallMs' ? c.wall : c[k]);
+          return [k, summary(all.map((c, i) => of(c) - of(first[i])))];
+        })),
       };
     }
   }
@@ -96,10 +111,14 @@ try {
   else {
     const names = builds.map((b) => b.name);
     const fmt = (s) => (s ? `${s.median} (${s.min}–${s.max})` : '–');
-    console.log(`${LAZY ? 'lazy' : 'eager'} restores, ${runs} rows of ${row} per size and build, alternating; median (min–max) ms; load ${load}`);
+    console.log(`${LAZY ? 'lazy' : 'eager'} restores${SAME_AID ? ' under the image\'s own AID' : ''}, ${runs} rows of ${row} per size and build, alternating; median (min–max) ms; load ${load}`);
     console.log(`| | ${names.join(' | ')} |\n|---|${names.map(() => '---').join('|')}|`);
     for (const mib of sizes) {
-      for (const k of ['wallMs', 'restoreMs', 'verifyMs']) console.log(`| ${mib} MiB: ${k} | ${names.map((x) => fmt(report[x][mib][k])).join(' | ')} |`);
+      for (const k of ['wallMs', 'restoreMs', 'verifyMs', 'injectedCalls']) console.log(`| ${mib} MiB: ${k} | ${names.map((x) => fmt(report[x][mib][k])).join(' | ')} |`);
+      // Paired: each build's k-th restore against the first build's k-th
+      // (they ran one right after the other).
+      for (const k of ['restoreMs', 'wallMs'])
+        if (names.length > 1) console.log(`| ${mib} MiB: ${k}, paired difference from ${names[0]} | – | ${names.slice(1).map((x) => report[x][mib].paired[k]?.median ?? '–').join(' | ')} |`);
       const labels = [...new Set(names.flatMap((x) => Object.keys(report[x][mib].steps)))];
       for (const l of labels) console.log(`| ${mib} MiB: ${l} | ${names.map((x) => report[x][mib].steps[l] ?? '–').join(' | ')} |`);
     }
