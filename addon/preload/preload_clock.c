@@ -233,6 +233,8 @@ static inline int clock_is_cpu(clockid_t clk) {
  * timers. A deadline the kernel refuses, or a clock that cannot be read,
  * goes to the kernel as it was, for its own error. errno is kept. */
 static int cpu_sleep_until(clockid_t clk, const struct timespec *req, int glibc) {
+  /* 292 years or more: no count gets there, the kernel's as far either. */
+  if (req->tv_sec >= INT64_MAX / 1000000000LL) return clock_sleep(clk, TIMER_ABSTIME, req, NULL, glibc);
   int saved = errno;
   int64_t until = (int64_t)req->tv_sec * 1000000000LL + req->tv_nsec;
   for (int slept = 0;; slept = 1) {
