@@ -746,11 +746,14 @@ HIDDEN long do_clock_syscall(long nr, long a, long b, long c, long d);
 /* preload_cputime.c: the CPU time the process and its threads had before
  * a restore (appshot_cpu_times), added to the kernel's answers. The offset
  * for clock `clk` as the application names it (0 for most); an answer
- * made the application's; an absolute deadline made the kernel's; the
- * copy a fork's child must not keep. */
+ * made the application's; the copy a fork's child must not keep. */
 HIDDEN int64_t cpu_clock_offset(clockid_t clk);
 HIDDEN void cpu_clock_answer(clockid_t clk, struct timespec *ts);
-HIDDEN void cpu_clock_deadline(clockid_t clk, const struct timespec *req, struct timespec *out);
+/* Whether the kernel takes `ts` as a time (else its EINVAL is its own to
+ * give: the application's value goes to it as it was). */
+static inline int cpu_deadline_valid(const struct timespec *ts) {
+  return ts->tv_sec >= 0 && ts->tv_nsec >= 0 && ts->tv_nsec < 1000000000L;
+}
 HIDDEN void cpu_times_forget(void);
 /* The calling thread ends: its entry, if a restore gave it one, is
  * closed (a thread made later under its numbers is another). */

@@ -140,17 +140,23 @@ API int pthread_getcpuclockid(pthread_t thread, clockid_t *clock_id) {
  * window. */
 static NOINLINE int clock_gettime_slow(clockid_t clk, struct timespec *ts) {
   int (*real)(clockid_t, struct timespec *) = REAL(clock_gettime);
+  /* A window for the CPU-time clocks too: from the kernel's answer until
+   * the offset is added, the time in hand is this node's count, which a
+   * restore's offsets are not for (preload_cputime.c). */
+  ID_WINDOW();
   int r;
   if (!clock_hooked(clk)) {
     r = real ? real(clk, ts) : (int)libc_ret(SYS2(clock_gettime, clk, ts));
   } else {
-    ID_WINDOW();
     clockid_t sys_clk;
     int e = clock_v2s(clk, &sys_clk);
     if (e) return (int)fail(e);
     r = real ? real(sys_clk, ts) : (int)libc_ret(SYS2(clock_gettime, sys_clk, ts));
   }
-  if (r == 0) cpu_clock_answer(clk, ts);
+  if (r == 0) {
+    test_pause("cpu-clock-answered"); /* the kernel's count, not the application's yet */
+    cpu_clock_answer(clk, ts);
+  }
   return r;
 }
 
@@ -179,27 +185,16 @@ API int clock_settime(clockid_t clk, const struct timespec *ts) {
   return (int)clock_call(SYS_clock_settime, clk, (long)ts, 0, 0);
 }
 
-/* glibc's rules first (the thread's own CPU clock cannot be slept on; the
- * process's is the caller's process clock), then the call. A cancellation
- * point in glibc; here, for a clock that needs no translating too,
- * glibc's own, so that it stays one for the ordinary clocks. Returns an
- * error number, not -1. A relative sleep always has a `rem` (ours where
- * the program gave none), as nanosleep's (preload_wait.c): the kernel
- * writes the time left there when a stop interrupts it, and a restore
- * sleeps for that, not the whole request again. */
-API int clock_nanosleep(clockid_t clk, int flags, const struct timespec *req,
-                        struct timespec *rem) {
-  struct timespec left, deadline;
-  if (!rem && !(flags & TIMER_ABSTIME)) rem = &left;
-  ensure_init();
-  /* An absolute CPU time, as the application counts it, made the
-   * kernel's (preload_cputime.c). */
-  if (UNLIKELY(flags & TIMER_ABSTIME) && req && clock_cpu_or_id(clk)) {
-    cpu_clock_deadline(clk, req, &deadline);
-    req = &deadline;
-  }
+/* The sleep itself, the clock translated: through glibc's (`glibc`: its
+ * rules first, the thread's own CPU clock cannot be slept on, the
+ * process's is the caller's process clock; a cancellation point, for a
+ * clock that needs no translating too, so that it stays one for the
+ * ordinary clocks), else the bare call (syscall(): the kernel's rules).
+ * Returns an error number, not -1. */
+static int clock_sleep(clockid_t clk, int flags, const struct timespec *req,
+                       struct timespec *rem, int glibc) {
   int (*real)(clockid_t, int, const struct timespec *, struct timespec *) =
-      REAL(clock_nanosleep);
+      glibc ? REAL(clock_nanosleep) : NULL;
   if (LIKELY(clk >= 0 || !g_h)) {
     if (real) return real(clk, flags, req, rem);
     long r = SYS4(clock_nanosleep, clk, flags, req, rem);
@@ -212,6 +207,66 @@ API int clock_nanosleep(clockid_t clk, int flags, const struct timespec *req,
   if (real) return real(sys_clk, flags, req, rem);
   long r = SYS4(clock_nanosleep, sys_clk, flags, req, rem);
   return r < 0 ? (int)-r : 0;
+}
+
+/* Whether `clk` is a CPU-time clock: the process's, the thread's, or a
+ * negative one that is no dynamic clock's descriptor. */
+static inline int clock_is_cpu(clockid_t clk) {
+  return clk == CLOCK_PROCESS_CPUTIME_ID || clk == CLOCK_THREAD_CPUTIME_ID ||
+         (clk < 0 && (clk & CPUCLOCK_WHICH_MASK) != CPUCLOCK_FD);
+}
+
+/* An absolute sleep on a CPU-time clock until `req` as the application
+ * counts it (the kernel's count and a restore's offset,
+ * preload_cputime.c), slept as relative sleeps for what is left, until
+ * the clock read so has reached it. Never the kernel's absolute sleep:
+ * its deadline would be a time of this node's count, and a sleep
+ * snapshotted blocked is restarted as it was called (ERESTARTNOHAND), or
+ * made by a thread caught between the translation and the call:
+ * restored, the process's count starts again near 0, and the sleep
+ * waited, past the application's deadline, for all the CPU time the
+ * process had used before (for good, in a process that uses no more).
+ * A relative sleep's time left is what the restore makes again
+ * (src/resources/threads.ts), whatever the count. It may end late by the
+ * CPU time the process uses between the read and the kernel's start of
+ * the sleep, far less than the tick at which the kernel looks at CPU-time
+ * timers. A deadline the kernel refuses, or a clock that cannot be read,
+ * goes to the kernel as it was, for its own error. errno is kept. */
+static int cpu_sleep_until(clockid_t clk, const struct timespec *req, int glibc) {
+  /* 292 years or more: no count gets there, the kernel's as far either. */
+  if (req->tv_sec >= INT64_MAX / 1000000000LL) return clock_sleep(clk, TIMER_ABSTIME, req, NULL, glibc);
+  int saved = errno;
+  int64_t until = (int64_t)req->tv_sec * 1000000000LL + req->tv_nsec;
+  for (int slept = 0;; slept = 1) {
+    struct timespec now, rel = {0, 0}, left;
+    if (clock_gettime_slow(clk, &now) != 0) {
+      errno = saved;
+      return clock_sleep(clk, TIMER_ABSTIME, req, NULL, glibc);
+    }
+    int64_t d = until - ((int64_t)now.tv_sec * 1000000000LL + now.tv_nsec);
+    /* Reached: at once, but through the kernel the first time, for what
+     * it refuses whatever the time (the caller's own thread's clock). */
+    if (d <= 0 && slept) return 0;
+    if (d > 0) rel.tv_sec = d / 1000000000LL, rel.tv_nsec = d % 1000000000LL;
+    test_pause("cpu-deadline-made"); /* what is left, a duration: any count's */
+    int e = clock_sleep(clk, 0, &rel, &left, glibc);
+    if (e || d <= 0) return e;
+  }
+}
+
+/* A cancellation point in glibc, kept one through glibc's own. Returns an
+ * error number, not -1. A relative sleep always has a `rem` (ours where
+ * the program gave none), as nanosleep's (preload_wait.c): the kernel
+ * writes the time left there when a stop interrupts it, and a restore
+ * sleeps for that, not the whole request again. */
+API int clock_nanosleep(clockid_t clk, int flags, const struct timespec *req,
+                        struct timespec *rem) {
+  struct timespec left;
+  if (!rem && !(flags & TIMER_ABSTIME)) rem = &left;
+  ensure_init();
+  if (UNLIKELY(flags & TIMER_ABSTIME) && req && clock_is_cpu(clk) && cpu_deadline_valid(req))
+    return cpu_sleep_until(clk, req, 1);
+  return clock_sleep(clk, flags, req, rem, 1);
 }
 
 /* A sigevent's target thread (SIGEV_THREAD_ID; sigev_notify_thread_id,
@@ -265,8 +320,15 @@ int appshot_current_timer_settime(timer_t timerid, int flags, const struct itime
   int (*real)(timer_t, int, const struct itimerspec *, struct itimerspec *) = REAL(timer_settime);
   if (!real) return (int)fail(ENOSYS);
   struct itimerspec kernel_value;
-  if (UNLIKELY(flags & TIMER_ABSTIME) && value && cpu_timer_deadline(timerid, value, &kernel_value))
-    value = &kernel_value;
+  /* From the translation to the call, the deadline is a time of this
+   * node's count (the application's own where there is no offset yet): a
+   * window, as for an id (a snapshot lets the thread make the call first;
+   * the restore carries the timer's time left). */
+  ID_WINDOW_IF(flags & TIMER_ABSTIME);
+  if (UNLIKELY(flags & TIMER_ABSTIME) && value) {
+    if (cpu_timer_deadline(timerid, value, &kernel_value)) value = &kernel_value;
+    test_pause("abstime-timer-made");
+  }
   return real(timerid, flags, value, old);
 }
 
@@ -294,14 +356,15 @@ int appshot_compat_timer_create_2_2_5(clockid_t clk, struct sigevent *evp, int *
  * timer id, clock_nanosleep returns -1 and errno here). */
 long do_clock_syscall(long nr, long a, long b, long c, long d) {
   if (nr == SYS_clock_gettime) {
+    ID_WINDOW(); /* the kernel's count until the offset is added */
     long r = clock_call(nr, (clockid_t)a, b, c, d);
     if (r == 0) cpu_clock_answer((clockid_t)a, (struct timespec *)b);
     return r;
   }
-  struct timespec deadline;
-  if (nr == SYS_clock_nanosleep && (b & TIMER_ABSTIME) && c && clock_cpu_or_id((clockid_t)a)) {
-    cpu_clock_deadline((clockid_t)a, (const struct timespec *)c, &deadline);
-    c = (long)&deadline;
+  if (nr == SYS_clock_nanosleep && (b & TIMER_ABSTIME) && c && clock_is_cpu((clockid_t)a) &&
+      cpu_deadline_valid((const struct timespec *)c)) {
+    int e = cpu_sleep_until((clockid_t)a, (const struct timespec *)c, 0);
+    return e ? fail(e) : 0;
   }
   if (nr == SYS_timer_create) {
     ID_WINDOW();

@@ -17,8 +17,19 @@
  *  - each thread's: CLOCK_THREAD_CPUTIME_ID, getrusage(RUSAGE_THREAD),
  *    and a thread's clock from pthread_getcpuclockid, by the virtual TID
  *    inside it (a thread of this process);
- *  - an absolute clock_nanosleep on one of these clocks waits for the
- *    kernel's count, the offset taken off.
+ *  - an absolute timer_settime on one of these clocks is set on the
+ *    kernel's count, the offset taken off; an absolute clock_nanosleep
+ *    sleeps for what is left by the application's count
+ *    (preload_clock.c, cpu_sleep_until).
+ *
+ * From the kernel's answer until its offset is added, and from a deadline
+ * made the kernel's until the call takes it, the time in hand is a count
+ * of this node's process, which the offsets of a restore are not for:
+ * each is a translation window (preload.h), as for an id. A snapshot lets
+ * a thread stopped there run out of it first; caught there and restored,
+ * the thread added the new process's offset to the old one's count (a
+ * time as far ahead as all the CPU time the process had used, and the
+ * next read went backwards), or slept until a time of the old count.
  *
  * A process that never was restored has all zero: the calls add nothing
  * (one load and a branch after the kernel's answer). A fork's child
@@ -192,7 +203,7 @@ int64_t cpu_clock_offset(clockid_t clk) {
 }
 
 /* `ts` (a valid time: the kernel's answer, or a deadline checked by
- * deadline_valid) moved by `ns`, at least 0 and without overflow: one
+ * cpu_deadline_valid) moved by `ns`, at least 0 and without overflow: one
  * past 292 years, which the kernel takes as its farthest time, is left
  * as it is (as far for it either way). */
 static void timespec_add(struct timespec *ts, int64_t ns) {
@@ -204,23 +215,9 @@ static void timespec_add(struct timespec *ts, int64_t ns) {
   ts->tv_nsec = v % 1000000000LL;
 }
 
-/* Whether the kernel takes `ts` as a time (else its EINVAL is its own to
- * give: the application's value goes to it as it was). */
-static inline int deadline_valid(const struct timespec *ts) {
-  return ts->tv_sec >= 0 && ts->tv_nsec >= 0 && ts->tv_nsec < 1000000000L;
-}
-
 void cpu_clock_answer(clockid_t clk, struct timespec *ts) {
   int64_t off = cpu_clock_offset(clk);
   if (UNLIKELY(off != 0) && ts) timespec_add(ts, off);
-}
-
-/* An absolute deadline on clock `clk` as the kernel counts it: the
- * application's less the offset. */
-void cpu_clock_deadline(clockid_t clk, const struct timespec *req, struct timespec *out) {
-  *out = *req;
-  int64_t off = cpu_clock_offset(clk);
-  if (UNLIKELY(off != 0) && deadline_valid(req)) timespec_add(out, -off);
 }
 
 static void timeval_add(struct timeval *tv, int64_t ns) {
@@ -231,6 +228,7 @@ static void timeval_add(struct timeval *tv, int64_t ns) {
 }
 
 API int getrusage(int who, struct rusage *usage) {
+  ID_WINDOW(); /* the kernel's counts until the offsets are added */
   long r = SYS2(getrusage, who, usage);
   if (r < 0) return (int)libc_ret(r);
   if (LIKELY(!cpu_times_set())) return 0;
@@ -258,6 +256,7 @@ static clock_t ticks_add(clock_t t, int64_t ns) {
 /* The kernel's answer (ticks since boot) is kept; -1 for a bad pointer,
  * as glibc's. */
 API clock_t times(struct tms *buf) {
+  ID_WINDOW(); /* the kernel's counts until the offsets are added */
   long r = SYS1(times, buf);
   /* Ticks since boot may look like an error number: only EFAULT is one
    * (glibc's test). */
@@ -274,6 +273,7 @@ API clock_t times(struct tms *buf) {
 /* glibc's reads its clock through an internal call this library does not
  * see: the process's CPU time in CLOCKS_PER_SEC (a million) units. */
 API clock_t clock(void) {
+  ID_WINDOW(); /* the kernel's count until the offset is added */
   struct timespec ts;
   if (SYS2(clock_gettime, CLOCK_PROCESS_CPUTIME_ID, &ts) < 0) return (clock_t)-1;
   cpu_clock_answer(CLOCK_PROCESS_CPUTIME_ID, &ts);
@@ -386,7 +386,7 @@ int cpu_timer_deadline(timer_t timerid, const struct itimerspec *value, struct i
     clk = (clockid_t)(((uint32_t)~vid << 3) | ((uint32_t)k & 7u));
   }
   int64_t off = cpu_clock_offset(clk);
-  if (!off || !deadline_valid(&value->it_value)) return 0;
+  if (!off || !cpu_deadline_valid(&value->it_value)) return 0;
   *out = *value;
   if (!out->it_value.tv_sec && !out->it_value.tv_nsec) return 1; /* disarm */
   timespec_add(&out->it_value, -off);

@@ -23,9 +23,13 @@
  *    getrusage and times() do): each taken as the most it may have been,
  *    the end of its tick (bounded by the total: user + system is the
  *    clock), so that no answer the application had is above it. The
- *    children's count of 0 ticks is taken as 0 (it may have been up to a
- *    tick: a program that reaped children using less than 10 ms in all
- *    may see getrusage(RUSAGE_CHILDREN) go back to 0).
+ *    children's counts of 0 ticks both are taken as 0 (they may have been
+ *    up to a tick each: a program that reaped children using less than
+ *    10 ms in all may see getrusage(RUSAGE_CHILDREN) go back to 0); one
+ *    of 0 ticks beside one of more is the most it may have been, as any
+ *    other (children that reaped used CPU time; a child burning in system
+ *    calls has often no user tick, and its user time, which getrusage
+ *    shows to the microsecond, went back to 0).
  */
 import type { CpuTimes, Process, Thread } from '../image/types.js';
 import { addon } from '../native.js';
@@ -119,7 +123,9 @@ function splitCeiling(k: KernelCpu): { userNs: bigint; systemNs: bigint } {
   };
 }
 
-const childCeiling = (ticks: bigint) => (ticks === 0n ? 0n : (ticks + 1n) * NS_PER_TICK - 1000n);
+/** The children's user or system time (`ticks`) at most, `other` the
+ * other's ticks: 0 only if both are (no child reaped, as a rule). */
+const childCeiling = (ticks: bigint, other: bigint) => (ticks === 0n && other === 0n ? 0n : (ticks + 1n) * NS_PER_TICK - 1000n);
 
 /** The library's offsets in a process (its memory at `address`), if a
  * restore wrote them for it (`vpid`: a fork's child keeps a copy that is
@@ -219,7 +225,7 @@ export function dumpCpuTimes(pid: number, maps: MapsLine[], kernel: KernelCpuAtS
   if (address === undefined || !kernel) return;
   const earlier = readOffsets(pid, address, proc.vpid, proc.threads, cpuEntryTpoffOf(pid, maps));
   const k = kernel.process;
-  proc.cpuTimes = sum({ ns: k.ns, ...splitCeiling(k), childUserNs: childCeiling(k.childUserTicks), childSystemNs: childCeiling(k.childSystemTicks) }, earlier?.process);
+  proc.cpuTimes = sum({ ns: k.ns, ...splitCeiling(k), childUserNs: childCeiling(k.childUserTicks, k.childSystemTicks), childSystemNs: childCeiling(k.childSystemTicks, k.childUserTicks) }, earlier?.process);
   for (const t of proc.threads) {
     const kt = kernel.threads.get(t.tid);
     if (!kt) continue;
