@@ -11,8 +11,11 @@
  * that held the capabilities restores as it was.
  *
  * The crafted images are the nobody snapshot with one change, signed
- * again with the sandbox's key (as test/hostile.test.ts does): only the
- * change can be what is refused.
+ * again with another node's key and vouched for with --trust-image (as
+ * test/hostile.test.ts does for what only this node's own snapshot is
+ * believed about): only the change can be what is refused. This node's
+ * own snapshot is what the kernel showed, and restores its state as it
+ * was even where its process dropped the privileges that made it (last).
  */
 import { spawnSync } from 'node:child_process';
 import { closeSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, openSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
@@ -25,6 +28,8 @@ import { command as appshot, fixture, Sandbox, waitFor } from './helpers.js';
 
 const isRoot = process.getuid?.() === 0;
 const sb = new Sandbox();
+/** Another node, whose key signs the crafted images. */
+const other = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-hostile-priv-'));
 process.env.APPSHOT_HOME = sb.home;
 const TCP_PORT = 81;
@@ -32,9 +37,11 @@ const UDP_PORT = 82;
 let nobody = '';
 let nobodyImage: Image;
 let rootPriv = '';
+let dropped = '';
 
 afterAll(async () => {
   await sb.dispose();
+  await other.dispose();
   rmSync(out, { recursive: true, force: true });
 });
 
@@ -60,7 +67,19 @@ beforeAll(async () => {
   nobodyImage = loaded.image;
   rootPriv = join(out, 'rootpriv');
   await snapshotOf('rp', [fixture('privstate'), String(TCP_PORT), String(UDP_PORT), 'priv'], rootPriv);
+  dropped = join(out, 'dropped');
+  await snapshotOf('dp', [fixture('privstate'), String(TCP_PORT), String(UDP_PORT), 'drop'], dropped);
 });
+
+/** Signs as `home`'s node does (the key is read from $APPSHOT_HOME). */
+function asNode<T>(home: string, fn: () => T): T {
+  process.env.APPSHOT_HOME = home;
+  try {
+    return fn();
+  } finally {
+    process.env.APPSHOT_HOME = sb.home;
+  }
+}
 
 const digestOf = (path: string) => {
   const fd = openSync(path, 'r');
@@ -71,20 +90,21 @@ const digestOf = (path: string) => {
   }
 };
 
-/** The nobody image with `change` made to its metadata, signed again. */
-function crafted(name: string, change: (image: Image, p: Process) => void): string {
-  const image = structuredClone(nobodyImage);
+/** The nobody image (or `from`) with `change` made to its metadata,
+ * signed again by the other node. */
+function crafted(name: string, change: (image: Image, p: Process) => void, from = nobodyImage, pages = nobody): string {
+  const image = structuredClone(from);
   change(image, image.processes.find((p) => p.fds.some((fd) => fd.kind === FdKind.TCP_LISTEN))!);
   const dir = join(out, name);
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir);
   writeFileSync(join(dir, 'image.pb'), encodeImage(image));
-  linkSync(join(nobody, 'pages.img'), join(dir, 'pages.img'));
+  linkSync(join(pages, 'pages.img'), join(dir, 'pages.img'));
   const digests = new Map([
     ['image.pb', digestOf(join(dir, 'image.pb'))],
     ['pages.img', digestOf(join(dir, 'pages.img'))],
   ]);
-  writeFileSync(join(dir, 'manifest.pb'), encodeSignedManifest('feedfacefeedface', digests));
+  writeFileSync(join(dir, 'manifest.pb'), asNode(other.home, () => encodeSignedManifest('feedfacefeedface', digests)));
   return dir;
 }
 
@@ -114,7 +134,7 @@ function bound(proto: 'tcp' | 'udp', port: number): boolean {
 function refused(image: string, why: RegExp, code = 5): void {
   const aidsBefore = sb.aids();
   const shmBefore = sb.shmFiles();
-  const r = spawnSync(appshot, ['restore', image], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+  const r = spawnSync(appshot, ['restore', image, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
   const lines = r.stderr.split('\n').filter((l) => l !== '');
   expect(lines, r.stderr).toHaveLength(1);
   expect(lines[0]).toMatch(/^appshot: /);
@@ -219,5 +239,36 @@ describe.runIf(isRoot)('the same state made by a root application that held the 
       sb.run(['stop', 'rp', '--signal', 'KILL']);
       await waitFor(() => !sb.aids().includes('rp'), 10_000, 'rp to end');
     }
+  });
+
+  it('this node\'s own snapshot of a server that made it as root, then dropped to uid 65534, restores it; the same image under another node\'s key is refused', async () => {
+    const r = sb.run(['restore', dropped]);
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      const before = checks('dp');
+      await waitFor(() => checks('dp') >= before + 3 || /FAIL/.test(log('dp')), 10_000, 'the restored fixture to check itself');
+      expect(log('dp')).not.toMatch(/FAIL/);
+      expect(bound('tcp', TCP_PORT)).toBe(true);
+      const [pid] = fixtureProcesses();
+      expect(readFileSync(`/proc/${pid}/status`, 'utf8')).toMatch(/Uid:\s+65534\s+65534\s+65534\s+65534[\s\S]*CapEff:\s+0+\n/);
+    } finally {
+      sb.run(['stop', 'dp', '--signal', 'KILL']);
+      await waitFor(() => !sb.aids().includes('dp'), 10_000, 'dp to end');
+    }
+    const image = (await loadImage(dropped, { trust: 'report' })).image;
+    // Its real-time thread the first of what it no longer could make.
+    refused(crafted('dropped-foreign', () => undefined, image, dropped), /thread \d+: SCHED_FIFO priority 10 needs CAP_SYS_NICE or RLIMIT_RTPRIO 10 \(the image's is 0\), which the thread could not set itself/);
+    refused(
+      crafted(
+        'dropped-foreign-sockets',
+        (_i, p) => {
+          for (const t of p.threads) if (t.attributes) Object.assign(t.attributes, { schedPolicy: 0, schedPriority: 0, nice: 0, ioprio: 0 });
+          p.fds.find((fd) => fd.kind === FdKind.TIMERFD)!.timerfd!.clockid = 1;
+        },
+        image,
+        dropped,
+      ),
+      /fd \d+: a TCP listener on port 81 needs CAP_NET_BIND_SERVICE, which no process holding the socket had/,
+    );
   });
 });

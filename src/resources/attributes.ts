@@ -27,7 +27,7 @@ import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { addon } from '../native.js';
 import { mempolicyFromAnswer, mempolicyMask } from './memory.js';
-import { CAP_SYS_ADMIN, CAP_SYS_NICE as SYS_NICE, imageLimit, ownHardLimit, processMay, restorerMay, RLIMIT_NICE, RLIMIT_RTPRIO, threadMay } from './heldcaps.js';
+import { CAP_SYS_ADMIN, CAP_SYS_NICE as SYS_NICE, imageLimit, ownHardLimit, processMay, restorerMay, RLIMIT_NICE, RLIMIT_RTPRIO, threadMay, vouchedFor } from './heldcaps.js';
 
 const PR_SET_PDEATHSIG = 1;
 const PR_GET_PDEATHSIG = 2;
@@ -463,7 +463,7 @@ export function checkSchedulingPrivileges(image: Image, capEff: bigint, own: Rli
  * the process while it is still the restorer's (root's, before
  * restoreCreds): the kernel asks nothing then. So they are weighed here
  * as the kernel would have weighed the thread itself (per holder,
- * heldcaps.ts): a real-time priority within its RLIMIT_RTPRIO, a negative
+ * heldcaps.ts; this node's own snapshot taken at its word): a real-time priority within its RLIMIT_RTPRIO, a negative
  * nice within its RLIMIT_NICE (20 - nice at most), else CAP_SYS_NICE in
  * its effective or permitted set; SCHED_DEADLINE CAP_SYS_NICE; the
  * real-time I/O class CAP_SYS_NICE or CAP_SYS_ADMIN. And as the kernel
@@ -474,6 +474,7 @@ export function checkSchedulingPrivileges(image: Image, capEff: bigint, own: Rli
 function checkThreadScheduling(image: Image, capEff: bigint, own: Rlimit[]): void {
   const restorerNice = restorerMay(capEff, [SYS_NICE]);
   const restorerIo = restorerMay(capEff, [SYS_NICE, CAP_SYS_ADMIN]);
+  const vouched = vouchedFor(image);
   for (const p of image.processes) {
     const rtprio = imageLimit(p, RLIMIT_RTPRIO);
     const niceLimit = imageLimit(p, RLIMIT_NICE);
@@ -481,7 +482,7 @@ function checkThreadScheduling(image: Image, capEff: bigint, own: Rlimit[]): voi
       throw new AppshotError(`${who}: ${what}, ${lacked}`, ExitCode.denied);
     };
     const byImage = (who: string, what: string, holderMay: boolean, restorerToo: boolean) => {
-      if (!holderMay) refuse(who, what, 'which the thread could not set itself (its capabilities and limits as the image recorded them): made by this restore, it would give the application more than it had');
+      if (!holderMay && !vouched) refuse(who, what, 'which the thread could not set itself (its capabilities and limits as the image recorded them): made by this restore, it would give the application more than it had');
       if (!restorerToo) refuse(who, what, 'which this restore may not set (no CAP_SYS_NICE, and its own limits are lower)');
     };
     const autogroup = p.attributes?.autogroupNice ?? 0;

@@ -16,8 +16,21 @@
  * restorer, which no process of the image ever handed it. An honest
  * application whose root master binds the port holds the socket in the
  * master too (the holder rule counts every process that holds it).
+ *
+ * Except in this node's own snapshot (format.ts isOwnSnapshot: written by
+ * a snapshot here, under this node's key), whose state is what the kernel
+ * showed: servers make privileged state and then drop their privileges
+ * (unbound binds port 53 as root, then runs as its user with no
+ * capability; a real-time thread set up before the drop), and restoring
+ * exactly that gives the application nothing it did not have. Whoever
+ * could sign an image with this node's key could as well name its
+ * processes root with every capability (creds.ts lets a root restore
+ * grant that): the rule guards what an image from anywhere else says.
+ * The restorer's own side (the kernel would refuse it, half-way) is
+ * weighed for every image.
  */
-import type { Creds, Process, Rlimit, Thread } from '../image/types.js';
+import type { Creds, Image, Process, Rlimit, Thread } from '../image/types.js';
+import { isOwnSnapshot } from '../image/format.js';
 
 export const CAP_NET_BIND_SERVICE = 10;
 export const CAP_NET_ADMIN = 12;
@@ -41,6 +54,10 @@ const NAMES: Record<number, string> = {
 export const capNames = (caps: readonly number[]): string => caps.map((c) => NAMES[c] ?? `capability ${c}`).join(' or ');
 
 const has = (set: bigint, caps: readonly number[]) => caps.some((c) => ((set >> BigInt(c)) & 1n) === 1n);
+
+/** Whether what `image` says its processes held is taken as the kernel
+ * showed it (this node's own snapshot), whatever their capabilities. */
+export const vouchedFor = (image: Image): boolean => isOwnSnapshot(image);
 
 /** Whether credentials `c` hold (or may raise) one of `caps`. */
 export const credsMay = (c: Creds, caps: readonly number[]): boolean => has(c.capEff | c.capPrm, caps);

@@ -12,7 +12,7 @@ import { addon, PAGES_MODE, type PagesCheck, type ScannedPages } from '../native
 import { pagesCheckFailure } from '../image/format.js';
 import { type Image, type Mempolicy, type Rlimit, type Vma, VmaKind } from '../image/types.js';
 import { AppshotError, ExitCode } from '../errors.js';
-import { CAP_IPC_LOCK, imageLimit, ownHardLimit, processMay, restorerMay, RLIMIT_MEMLOCK } from './heldcaps.js';
+import { CAP_IPC_LOCK, imageLimit, ownHardLimit, processMay, restorerMay, RLIMIT_MEMLOCK, vouchedFor } from './heldcaps.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
@@ -142,7 +142,8 @@ const MLOCK_ONFAULT = 1;
  * process's mappings the image says are locked (VmFlags lo) are locked
  * again from inside it while it is still the restorer's (root has no
  * RLIMIT_MEMLOCK), so they are weighed as the kernel weighed the process
- * itself (per holder, heldcaps.ts): at most its own RLIMIT_MEMLOCK in
+ * itself (per holder, heldcaps.ts; this node's own snapshot taken at its
+ * word): at most its own RLIMIT_MEMLOCK in
  * all, unless it held CAP_IPC_LOCK; mlockall(MCL_FUTURE) at all only
  * with a limit above 0 or the capability. And as the kernel weighs the
  * restorer: its CAP_IPC_LOCK, or its own hard limit. One line naming
@@ -157,7 +158,7 @@ export function checkLockedMemory(image: Image, capEff: bigint, own: Rlimit[]): 
     const limit = imageLimit(p, RLIMIT_MEMLOCK);
     const what = locked ? `${locked} bytes of memory locked (mlock)` : 'mlockall(MCL_FUTURE)';
     const within = (max: bigint) => (locked ? locked <= max : max > 0n);
-    if (!processMay(p, [CAP_IPC_LOCK]) && !within(limit))
+    if (!vouchedFor(image) && !processMay(p, [CAP_IPC_LOCK]) && !within(limit))
       throw new AppshotError(`process ${p.vpid} (${p.comm}): ${what} needs CAP_IPC_LOCK or RLIMIT_MEMLOCK of as much, which the process did not have (its RLIMIT_MEMLOCK: ${limit} bytes): made by this restore, it would give the application more than it had`, ExitCode.denied);
     if (!restorerMay(capEff, [CAP_IPC_LOCK]) && !within(ownHardLimit(own, RLIMIT_MEMLOCK)))
       throw new AppshotError(`process ${p.vpid} (${p.comm}): ${what} needs CAP_IPC_LOCK or RLIMIT_MEMLOCK of as much, which this restore does not have`, ExitCode.denied);

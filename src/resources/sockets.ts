@@ -54,7 +54,7 @@ import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconne
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
 import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, optionPrivilege, readExtras, resetExtras, type SockKind } from './sockopts.js';
-import { CAP_NET_BIND_SERVICE, capNames, processMay, restorerMay } from './heldcaps.js';
+import { CAP_NET_BIND_SERVICE, capNames, processMay, restorerMay, vouchedFor } from './heldcaps.js';
 import type { NetlinkSeen, TablesSnapshot, UnixSocketInfo } from '../native.js';
 
 /** A TCP socket as it told of itself (SocketTable.tcpSocket). */
@@ -973,8 +973,8 @@ function unprivilegedPortStart(): number {
  * 6, SO_DEBUG, a buffer size beyond the sysctl's), are made by the
  * restorer (its engine, root), with its capabilities: only for a socket
  * some process holding it in the image held the capability (in its
- * effective or permitted set: heldcaps.ts, per holder), and only by a
- * restore that has it (else the kernel would refuse it half-way).
+ * effective or permitted set: heldcaps.ts, per holder; this node's own
+ * snapshot is taken at its word), and only by a restore that has it (else the kernel would refuse it half-way).
  * `capEff`: the restorer's effective set.
  */
 export function checkSocketPrivileges(image: Image, capEff: bigint): void {
@@ -987,6 +987,7 @@ export function checkSocketPrivileges(image: Image, capEff: bigint): void {
       else holders.set(fd.socket.ino, [{ p, fd }]);
     }
   const lowest = unprivilegedPortStart();
+  const vouched = vouchedFor(image);
   for (const held of holders.values()) {
     const { p, fd } = held[0];
     const s = fd.socket!;
@@ -999,7 +1000,7 @@ export function checkSocketPrivileges(image: Image, capEff: bigint): void {
     }
     for (const need of needs) {
       const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: ${need.what} needs ${capNames(need.caps)}`;
-      if (!held.some((h) => processMay(h.p, need.caps)))
+      if (!vouched && !held.some((h) => processMay(h.p, need.caps)))
         throw new AppshotError(`${where}, which no process holding the socket had: made by this restore, it would give the application more than it held`, ExitCode.denied);
       if (!restorerMay(capEff, need.caps)) throw new AppshotError(`${where}, which this restore does not have`, ExitCode.denied);
     }

@@ -17,7 +17,7 @@ import { type Fd, FdKind, type Image, type Timerfd } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { nameProcess } from './context.js';
-import { CAP_WAKE_ALARM, processMay, restorerMay } from './heldcaps.js';
+import { CAP_WAKE_ALARM, processMay, restorerMay, vouchedFor } from './heldcaps.js';
 
 const TFD_NONBLOCK = 0o4000; // = O_NONBLOCK, as fdinfo shows it
 const TFD_CLOEXEC = 0o2000000;
@@ -111,7 +111,8 @@ export const TIMERFD_CLOCKS: ReadonlySet<number> = new Set([0, 1, 7, 8, 9]);
  * (which wakes the node from suspend) takes CAP_WAKE_ALARM, and is made
  * inside the process while it is still the restorer's: only for a
  * process that held the capability itself (in its effective or permitted
- * set; per holder, heldcaps.ts), and by a restore that has it.
+ * set; per holder, heldcaps.ts; this node's own snapshot taken at its
+ * word), and by a restore that has it.
  */
 export function checkAlarmClocks(image: Image, capEff: bigint): void {
   for (const p of image.processes) {
@@ -121,7 +122,7 @@ export function checkAlarmClocks(image: Image, capEff: bigint): void {
     ];
     for (const a of alarms) {
       const where = `${nameProcess(p.vpid, p.comm)} ${a.what} needs CAP_WAKE_ALARM`;
-      if (!processMay(p, [CAP_WAKE_ALARM])) throw new AppshotError(`${where}, which the process did not have: made by this restore, it would give the application more than it had`, ExitCode.denied);
+      if (!vouchedFor(image) && !processMay(p, [CAP_WAKE_ALARM])) throw new AppshotError(`${where}, which the process did not have: made by this restore, it would give the application more than it had`, ExitCode.denied);
       if (!restorerMay(capEff, [CAP_WAKE_ALARM])) throw new AppshotError(`${where}, which this restore does not have`, ExitCode.denied);
     }
   }
