@@ -205,7 +205,7 @@ describe.runIf(isRoot)('privileged scheduling, locked memory and alarm clocks of
     const tfd = crafted('alarmfd', (_i, p) => void (p.fds.find((fd) => fd.kind === FdKind.TIMERFD)!.timerfd!.clockid = 9));
     refused(tfd, /fd \d+: a timerfd on CLOCK_BOOTTIME_ALARM needs CAP_WAKE_ALARM, which the process did not have/);
     const timer = crafted('alarmtimer', (_i, p) => void (p.posixTimers![0].clockid = 8));
-    refused(timer, /POSIX timer \d+ on CLOCK_REALTIME_ALARM needs CAP_WAKE_ALARM, which the process did not have/);
+    refused(timer, /process \d+ \(privstate\): POSIX timer \d+ on CLOCK_REALTIME_ALARM needs CAP_WAKE_ALARM, which the process did not have/);
   });
 
   it('a POSIX timer on a clock timer_create does not take, and a CPU mask unbounded or empty, are corrupt', () => {

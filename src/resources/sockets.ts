@@ -974,7 +974,8 @@ function unprivilegedPortStart(): number {
  * restorer (its engine, root), with its capabilities: only for a socket
  * some process holding it in the image held the capability (in its
  * effective or permitted set: heldcaps.ts, per holder; this node's own
- * snapshot is taken at its word), and only by a restore that has it (else the kernel would refuse it half-way).
+ * snapshot is taken at its word), and only by a restore that has it
+ * (else the kernel would refuse it half-way).
  * `capEff`: the restorer's effective set.
  */
 export function checkSocketPrivileges(image: Image, capEff: bigint): void {

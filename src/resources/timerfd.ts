@@ -117,11 +117,11 @@ export const TIMERFD_CLOCKS: ReadonlySet<number> = new Set([0, 1, 7, 8, 9]);
 export function checkAlarmClocks(image: Image, capEff: bigint): void {
   for (const p of image.processes) {
     const alarms = [
-      ...p.fds.filter((fd) => fd.kind === FdKind.TIMERFD && fd.timerfd && ALARM_CLOCKS.has(fd.timerfd.clockid)).map((fd) => ({ what: `fd ${fd.fd}: a timerfd on ${clockName(fd.timerfd!.clockid)}` })),
-      ...(p.posixTimers ?? []).filter((t) => ALARM_CLOCKS.has(t.clockid)).map((t) => ({ what: `POSIX timer ${t.id} on ${clockName(t.clockid)}` })),
+      ...p.fds.filter((fd) => fd.kind === FdKind.TIMERFD && fd.timerfd && ALARM_CLOCKS.has(fd.timerfd.clockid)).map((fd) => ({ what: ` fd ${fd.fd}: a timerfd on ${clockName(fd.timerfd!.clockid)}` })),
+      ...(p.posixTimers ?? []).filter((t) => ALARM_CLOCKS.has(t.clockid)).map((t) => ({ what: `: POSIX timer ${t.id} on ${clockName(t.clockid)}` })),
     ];
     for (const a of alarms) {
-      const where = `${nameProcess(p.vpid, p.comm)} ${a.what} needs CAP_WAKE_ALARM`;
+      const where = `${nameProcess(p.vpid, p.comm)}${a.what} needs CAP_WAKE_ALARM`;
       if (!vouchedFor(image) && !processMay(p, [CAP_WAKE_ALARM])) throw new AppshotError(`${where}, which the process did not have: made by this restore, it would give the application more than it had`, ExitCode.denied);
       if (!restorerMay(capEff, [CAP_WAKE_ALARM])) throw new AppshotError(`${where}, which this restore does not have`, ExitCode.denied);
     }
