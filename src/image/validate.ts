@@ -27,7 +27,9 @@ import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
 import { checkCpuTimes } from '../resources/cputime.js';
 import { mempolicyModeValid, mempolicyNodesFault } from '../resources/memory.js';
-import { PERSONALITY_BITS } from '../resources/attributes.js';
+import { cpuAffinityFault, PERSONALITY_BITS } from '../resources/attributes.js';
+import { posixTimerClockFault } from '../resources/timers.js';
+import { TIMERFD_CLOCKS } from '../resources/timerfd.js';
 import { netlinkProblem } from '../resources/netlink.js';
 import { udpHeadersProblem } from '../resources/udp.js';
 import { socketFileRecordFault } from '../resources/socketfile.js';
@@ -237,6 +239,7 @@ function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: R
       corrupt(`process ${p.vpid}'s ${what} ${JSON.stringify(path)} is file ${i}, ${f.deleted ? 'deleted' : 'not deleted'} and of mode 0${f.mode.toString(8)}, not a${removed ? ' removed' : 'n existing'} directory`);
   }
   if (!memoryOnly && p.exeFile !== undefined) checkExeFile(image, p);
+  if (!memoryOnly) checkSchedulingAndClocks(p);
 }
 
 /** A replaced executable's file (Process.exe_file) is what the restore
@@ -621,6 +624,36 @@ function checkPaths(image: Image): void {
  * `memoryOnly`: the image is read as the parent of another, for its pages
  * only (a --pre-copy base holds nothing else): its processes' memory is
  * checked, not what would make them run. */
+
+/** Scheduling and clocks as the kernel takes them, before anything is
+ * made (the privilege rule for them is restore/driver.ts checkPrivileges'):
+ * each thread's CPU mask bounded and naming a CPU, its policy one the
+ * kernel has, a real-time priority 1 to 99 (0 otherwise), nice -20 to 19,
+ * an I/O priority of a known class; each timerfd's and POSIX timer's
+ * clock one the kernel makes timers on. Any other failed the restore
+ * late, after the processes were made (review r344 items 2 and 7). */
+function checkSchedulingAndClocks(p: Process): void {
+  for (const t of p.threads) {
+    const a = t.attributes;
+    if (!a) continue;
+    const who = `process ${p.vpid} thread ${t.vtid}`;
+    const mask = a.cpuAffinity && cpuAffinityFault(a.cpuAffinity);
+    if (mask) corrupt(`${who}'s CPU affinity mask is ${mask}`);
+    const policy = a.schedPolicy & ~0x40000000; // SCHED_RESET_ON_FORK
+    if (![0, 1, 2, 3, 5, 6].includes(policy) || (a.schedPolicy & ~0x40000000) !== policy || a.schedPolicy < 0) corrupt(`${who} has scheduling policy ${a.schedPolicy}`);
+    const realtime = policy === 1 || policy === 2;
+    if (!Number.isInteger(a.schedPriority) || (realtime ? a.schedPriority < 1 || a.schedPriority > 99 : a.schedPriority !== 0)) corrupt(`${who} has scheduling priority ${a.schedPriority} under policy ${policy}`);
+    if (!Number.isInteger(a.nice) || a.nice < -20 || a.nice > 19) corrupt(`${who} has nice ${a.nice} (-20 to 19)`);
+    // IOPRIO_CLASS_NONE, RT, BE, IDLE in the top 3 of 16 bits.
+    if (a.ioprio !== undefined && !(Number.isInteger(a.ioprio) && a.ioprio >= 0 && a.ioprio < 4 << 13)) corrupt(`${who} has I/O priority 0x${a.ioprio.toString(16)}`);
+  }
+  for (const t of p.posixTimers ?? []) {
+    const fault = posixTimerClockFault(t);
+    if (fault) corrupt(`process ${p.vpid}'s ${fault}`);
+  }
+  for (const fd of p.fds) if (fd.timerfd && !TIMERFD_CLOCKS.has(fd.timerfd.clockid)) corrupt(`process ${p.vpid} fd ${fd.fd} is a timerfd on clock ${fd.timerfd.clockid}, which timerfd_create does not take`);
+}
+
 /** Watch numbers and timer ids are reached by counting up to them: the
  * whole image's count is bounded (LIMITS.countedIds), not just each
  * descriptor's. A snapshot keeps its images within it (inotify.ts

@@ -19,7 +19,7 @@
  */
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { procText } from '../procfs.js';
-import type { Image, Process, ProcessAttributes, SchedDeadline, Thread, ThreadAttributes } from '../image/types.js';
+import type { Image, Process, ProcessAttributes, Rlimit, SchedDeadline, Thread, ThreadAttributes } from '../image/types.js';
 import { type CallBatch, type NamedCall, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { AppshotError, errnoName, ExitCode } from '../errors.js';
 import { nameProcess, Unsupported } from './context.js';
@@ -27,6 +27,7 @@ import { NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { addon } from '../native.js';
 import { mempolicyFromAnswer, mempolicyMask } from './memory.js';
+import { CAP_SYS_ADMIN, CAP_SYS_NICE as SYS_NICE, imageLimit, ownHardLimit, processMay, restorerMay, RLIMIT_NICE, RLIMIT_RTPRIO, threadMay, vouchedFor } from './heldcaps.js';
 
 const PR_SET_PDEATHSIG = 1;
 const PR_GET_PDEATHSIG = 2;
@@ -118,6 +119,10 @@ const SCHED_ATTR_SIZE_VER0 = 48;
 /** The capability SCHED_DEADLINE needs, whoever sets it (the kernel lets
  * no one without it, not even for their own threads). */
 const CAP_SYS_NICE = 23n;
+const SCHED_FIFO = 1;
+const SCHED_RR = 2;
+const IOPRIO_CLASS_SHIFT = 13;
+const IOPRIO_CLASS_RT = 1;
 /** A thread's clamps when nobody set them: the whole range. */
 const UTIL_MIN_DEFAULT = 0;
 const UTIL_MAX_DEFAULT = 1024;
@@ -437,18 +442,145 @@ function showDeadline(dl: SchedDeadline): string {
  * seeds have when the policy is set. (Inside a user namespace the kernel
  * asks for the capability in the initial one, which capEff does not tell:
  * there the call fails, and with it the restore, naming the thread.)
+ * Then the rule for every thread's scheduling (schedulingRefusal).
  */
-export function checkSchedulingPrivileges(image: Image, capEff: bigint): void {
-  if (capEff & (1n << CAP_SYS_NICE)) return;
+export function checkSchedulingPrivileges(image: Image, capEff: bigint, own: Rlimit[] = []): void {
+  if (!(capEff & (1n << CAP_SYS_NICE)))
+    for (const p of image.processes)
+      for (const t of p.threads) {
+        const dl = t.attributes?.deadline;
+        if (dl)
+          throw new AppshotError(
+            `${nameProcess(p.vpid, p.comm)}${t.vtid === p.vpid ? '' : ` thread ${t.vtid}`}: ${showDeadline(dl)}, which only a restore with CAP_SYS_NICE may set`,
+            ExitCode.denied,
+          );
+      }
+  checkThreadScheduling(image, capEff, own);
+}
+
+/**
+ * Each thread's policy, priority, nice and I/O priority are set inside
+ * the process while it is still the restorer's (root's, before
+ * restoreCreds): the kernel asks nothing then. So they are weighed here
+ * as the kernel would have weighed the thread itself (per holder,
+ * heldcaps.ts; this node's own snapshot taken at its word): a real-time priority within its RLIMIT_RTPRIO, a negative
+ * nice within its RLIMIT_NICE (20 - nice at most), else CAP_SYS_NICE in
+ * its effective or permitted set; SCHED_DEADLINE CAP_SYS_NICE; the
+ * real-time I/O class CAP_SYS_NICE or CAP_SYS_ADMIN. And as the kernel
+ * weighs the restorer, whose seeds make the calls: the same, with its
+ * effective set and its own hard limits. Refused in one line naming the
+ * thread and what it lacks.
+ */
+function checkThreadScheduling(image: Image, capEff: bigint, own: Rlimit[]): void {
+  const restorerNice = restorerMay(capEff, [SYS_NICE]);
+  const restorerIo = restorerMay(capEff, [SYS_NICE, CAP_SYS_ADMIN]);
+  const vouched = vouchedFor(image);
+  for (const p of image.processes) {
+    const rtprio = imageLimit(p, RLIMIT_RTPRIO);
+    const niceLimit = imageLimit(p, RLIMIT_NICE);
+    const refuse = (who: string, what: string, lacked: string) => {
+      throw new AppshotError(`${who}: ${what}, ${lacked}`, ExitCode.denied);
+    };
+    const byImage = (who: string, what: string, holderMay: boolean, restorerToo: boolean) => {
+      if (!holderMay && !vouched) refuse(who, what, 'which the thread could not set itself (its capabilities and limits as the image recorded them): made by this restore, it would give the application more than it had');
+      if (!restorerToo) refuse(who, what, 'which this restore may not set (no CAP_SYS_NICE, and its own limits are lower)');
+    };
+    const autogroup = p.attributes?.autogroupNice ?? 0;
+    if (autogroup < 0) {
+      const need = BigInt(20 - autogroup);
+      byImage(nameProcess(p.vpid, p.comm), `autogroup nice ${autogroup} needs CAP_SYS_NICE or RLIMIT_NICE ${need}`, processMay(p, [SYS_NICE]) || need <= niceLimit, restorerNice || need <= ownHardLimit(own, RLIMIT_NICE));
+    }
+    for (const t of p.threads) {
+      const a = t.attributes;
+      if (!a) continue;
+      const who = `${nameProcess(p.vpid, p.comm)}${t.vtid === p.vpid ? '' : ` thread ${t.vtid}`}`;
+      const nice = threadMay(p, t, [SYS_NICE]);
+      const policy = a.schedPolicy & ~SCHED_RESET_ON_FORK;
+      if ((policy === SCHED_FIFO || policy === SCHED_RR) && a.schedPriority > 0) {
+        const prio = BigInt(a.schedPriority);
+        byImage(
+          who,
+          `${policy === SCHED_FIFO ? 'SCHED_FIFO' : 'SCHED_RR'} priority ${a.schedPriority} needs CAP_SYS_NICE or RLIMIT_RTPRIO ${a.schedPriority} (the image's is ${rtprio})`,
+          nice || prio <= rtprio,
+          restorerNice || prio <= ownHardLimit(own, RLIMIT_RTPRIO),
+        );
+      }
+      if (a.deadline && !nice) byImage(who, `${showDeadline(a.deadline)} needs CAP_SYS_NICE`, false, restorerNice);
+      if (a.nice < 0) {
+        const need = BigInt(20 - a.nice);
+        byImage(who, `nice ${a.nice} needs CAP_SYS_NICE or RLIMIT_NICE ${need} (the image's is ${niceLimit})`, nice || need <= niceLimit, restorerNice || need <= ownHardLimit(own, RLIMIT_NICE));
+      }
+      if (a.ioprio !== undefined && a.ioprio >> IOPRIO_CLASS_SHIFT === IOPRIO_CLASS_RT)
+        byImage(who, `the real-time I/O class (ioprio 0x${a.ioprio.toString(16)}) needs CAP_SYS_NICE or CAP_SYS_ADMIN`, threadMay(p, t, [SYS_NICE, CAP_SYS_ADMIN]), restorerIo);
+    }
+  }
+}
+
+/** The most bytes a CPU mask of the image may have: the kernel's largest
+ * CONFIG_NR_CPUS (8192 CPUs). A snapshot records as many as its node's
+ * mask has. */
+export const CPU_MASK_BYTES = 1024;
+
+/** What is wrong with a thread's recorded CPU mask, if anything (for
+ * validate.ts's "corrupt image" line): whole 64-bit words, at most
+ * CPU_MASK_BYTES, at least one CPU. */
+export function cpuAffinityFault(mask: Buffer): string | undefined {
+  if (mask.length % 8 || mask.length > CPU_MASK_BYTES) return `${mask.length} bytes (whole 8-byte words, at most ${CPU_MASK_BYTES})`;
+  if (mask.length && mask.every((b) => b === 0)) return 'empty (no CPU)';
+  return undefined;
+}
+
+/** The bytes of `mask` this node's kernel reads (sched_setaffinity ignores
+ * those past its own mask's size, which is possible CPUs in whole words):
+ * what the restore copies into the process's scratch memory. */
+function nodeMask(mask: Buffer): Buffer {
+  return mask.length > nodeMaskBytes() ? mask.subarray(0, nodeMaskBytes()) : mask;
+}
+
+let maskBytes: number | undefined;
+function nodeMaskBytes(): number {
+  if (maskBytes === undefined) {
+    let highest = 0;
+    try {
+      for (const part of readFileSync('/sys/devices/system/cpu/possible', 'utf8').trim().split(','))
+        highest = Math.max(highest, ...part.split('-').map(Number).filter(Number.isInteger));
+    } catch {
+      highest = CPU_MASK_BYTES * 8 - 1;
+    }
+    maskBytes = Math.min(CPU_MASK_BYTES, Math.ceil((highest + 1) / 64) * 8);
+  }
+  return maskBytes;
+}
+
+/** Each thread's CPU mask names a CPU this node has online: else the
+ * kernel refuses it (EINVAL) late, after the processes were made. */
+export function checkCpuAffinities(image: Image): void {
+  let online: Set<number> | undefined;
   for (const p of image.processes)
     for (const t of p.threads) {
-      const dl = t.attributes?.deadline;
-      if (dl)
-        throw new AppshotError(
-          `${nameProcess(p.vpid, p.comm)}${t.vtid === p.vpid ? '' : ` thread ${t.vtid}`}: ${showDeadline(dl)}, which only a restore with CAP_SYS_NICE may set`,
-          ExitCode.denied,
-        );
+      const mask = t.attributes?.cpuAffinity;
+      if (!mask?.length) continue;
+      online ??= onlineCpus();
+      const named = [...online].some((cpu) => cpu < mask.length * 8 && (mask[cpu >> 3] >> (cpu & 7)) & 1);
+      if (!named)
+        throw new AppshotError(`${nameProcess(p.vpid, p.comm)}${t.vtid === p.vpid ? '' : ` thread ${t.vtid}`}: its CPU affinity (cpus ${cpusOf(mask).slice(0, 16).join(',')}) names no CPU this node has online`);
     }
+}
+
+/** The CPUs a mask names. */
+const cpusOf = (mask: Buffer) => [...mask].flatMap((byte, i) => [0, 1, 2, 3, 4, 5, 6, 7].filter((b) => byte & (1 << b)).map((b) => i * 8 + b));
+
+function onlineCpus(): Set<number> {
+  const out = new Set<number>();
+  try {
+    for (const part of readFileSync('/sys/devices/system/cpu/online', 'utf8').trim().split(',')) {
+      const [a, b] = part.split('-').map(Number);
+      for (let c = a; c <= (b ?? a); c++) out.add(c);
+    }
+  } catch {
+    for (let c = 0; c < CPU_MASK_BYTES * 8; c++) out.add(c);
+  }
+  return out;
 }
 
 /* ---- restore ---------------------------------------------------------- */
@@ -489,7 +621,10 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
     if (!ta.deadline) calls.add(`setting scheduling policy ${ta.schedPolicy} of thread ${t.vtid}`, SYS.sched_setscheduler, [tid, ta.schedPolicy, r.put(param)]);
     // A mask naming CPUs this node lacks is cut to those it has; one
     // naming none of them fails.
-    if (ta.cpuAffinity?.length) calls.add(`setting the CPU affinity of thread ${t.vtid}`, SYS.sched_setaffinity, [tid, ta.cpuAffinity.length, r.put(ta.cpuAffinity)]);
+    if (ta.cpuAffinity?.length) {
+      const mask = nodeMask(ta.cpuAffinity);
+      calls.add(`setting the CPU affinity of thread ${t.vtid}`, SYS.sched_setaffinity, [tid, mask.length, r.put(mask)]);
+    }
     // After the affinity: the kernel admits a deadline thread only on the
     // whole of its root domain, and refuses a narrower mask for one. Here,
     // after every thread and child was made: a deadline thread cannot

@@ -10,8 +10,9 @@ import { type BigIntStats, closeSync, openSync, readFileSync, readSync, statSync
 import { deviceName, mapFilesPath, mapsDeviceName, procSmaps } from '../procfs.js';
 import { addon, PAGES_MODE, type PagesCheck, type ScannedPages } from '../native.js';
 import { pagesCheckFailure } from '../image/format.js';
-import { type Mempolicy, type Vma, VmaKind } from '../image/types.js';
-import { AppshotError } from '../errors.js';
+import { type Image, type Mempolicy, type Rlimit, type Vma, VmaKind } from '../image/types.js';
+import { AppshotError, ExitCode } from '../errors.js';
+import { CAP_IPC_LOCK, imageLimit, ownHardLimit, processMay, restorerMay, RLIMIT_MEMLOCK, vouchedFor } from './heldcaps.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 import { type Injector, NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
@@ -135,6 +136,34 @@ const KEPT_VM_FLAGS: Record<string, number | undefined> = {
 };
 
 const MLOCK_ONFAULT = 1;
+
+/**
+ * The privilege rule for locked memory, before anything is made: each
+ * process's mappings the image says are locked (VmFlags lo) are locked
+ * again from inside it while it is still the restorer's (root has no
+ * RLIMIT_MEMLOCK), so they are weighed as the kernel weighed the process
+ * itself (per holder, heldcaps.ts; this node's own snapshot taken at its
+ * word): at most its own RLIMIT_MEMLOCK in
+ * all, unless it held CAP_IPC_LOCK; mlockall(MCL_FUTURE) at all only
+ * with a limit above 0 or the capability. And as the kernel weighs the
+ * restorer: its CAP_IPC_LOCK, or its own hard limit. One line naming
+ * the process and the bytes otherwise.
+ */
+export function checkLockedMemory(image: Image, capEff: bigint, own: Rlimit[]): void {
+  const PAGE = 4096n;
+  for (const p of image.processes) {
+    const locked = p.vmas.filter((v) => v.vmFlags.includes('lo')).reduce((n, v) => n + ((v.end - v.start + PAGE - 1n) / PAGE) * PAGE, 0n);
+    const future = p.attributes?.lockFuture === true;
+    if (!locked && !future) continue;
+    const limit = imageLimit(p, RLIMIT_MEMLOCK);
+    const what = locked ? `${locked} bytes of memory locked (mlock)` : 'mlockall(MCL_FUTURE)';
+    const within = (max: bigint) => (locked ? locked <= max : max > 0n);
+    if (!vouchedFor(image) && !processMay(p, [CAP_IPC_LOCK]) && !within(limit))
+      throw new AppshotError(`process ${p.vpid} (${p.comm}): ${what} needs CAP_IPC_LOCK or RLIMIT_MEMLOCK of as much, which the process did not have (its RLIMIT_MEMLOCK: ${limit} bytes): made by this restore, it would give the application more than it had`, ExitCode.denied);
+    if (!restorerMay(capEff, [CAP_IPC_LOCK]) && !within(ownHardLimit(own, RLIMIT_MEMLOCK)))
+      throw new AppshotError(`process ${p.vpid} (${p.comm}): ${what} needs CAP_IPC_LOCK or RLIMIT_MEMLOCK of as much, which this restore does not have`, ExitCode.denied);
+  }
+}
 
 /**
  * A mapping's own NUMA policy (mbind; the thread's, set_mempolicy, is
@@ -1362,7 +1391,9 @@ export async function restoreMemory(r: RemoteProcess, vmas: Vma[], vpid: number,
     }
     // Locked last, once its data is in: mlock faults every page in (all of
     // a --lazy mapping's too, as they were resident when it was locked);
-    // RLIMIT_MEMLOCK is the seed's here, the restoring user's.
+    // RLIMIT_MEMLOCK is the seed's here, the restoring user's (none for
+    // root): what the process could lock was weighed before anything was
+    // made (checkLockedMemory).
     if (v.vmFlags.includes('lo')) finishing.add(`${what}: mlock${v.vmFlags.includes('lf') ? ' (on fault)' : ''}`, SYS.mlock2, [v.start, len, v.vmFlags.includes('lf') ? MLOCK_ONFAULT : 0]);
   }
   for (const fd of new Set(fds)) finishing.add('closing', SYS.close, [fd]);

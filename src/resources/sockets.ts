@@ -53,7 +53,8 @@ import { dumpUnixDgram, passesCredentials, queuedMessages, refuseOwnFilter, refu
 import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconnected } from './unconnected.js';
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
-import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, readExtras, resetExtras, type SockKind } from './sockopts.js';
+import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, optionPrivilege, readExtras, resetExtras, type SockKind } from './sockopts.js';
+import { CAP_NET_BIND_SERVICE, capNames, processMay, restorerMay, vouchedFor } from './heldcaps.js';
 import type { NetlinkSeen, TablesSnapshot, UnixSocketInfo } from '../native.js';
 
 /** A TCP socket as it told of itself (SocketTable.tcpSocket). */
@@ -950,4 +951,59 @@ function check(s: Socket, kind: SockKind, where: string): void {
 function refuseUnrecordedName(dup: number, where: string): void {
   const problem = unixNameProblem(addon().sockName(dup), true);
   if (problem) throw new Unsupported(`${where}: ${problem}, which cannot be captured yet`);
+}
+
+/* ---- the privilege rule ------------------------------------------------- */
+
+/** The lowest port anyone may bind (net.ipv4.ip_unprivileged_port_start,
+ * per network namespace: the restorer's, where the sockets are made). */
+function unprivilegedPortStart(): number {
+  try {
+    return Number(readFileSync('/proc/sys/net/ipv4/ip_unprivileged_port_start', 'utf8').trim());
+  } catch {
+    return 1024;
+  }
+}
+
+/**
+ * The privilege rule for sockets, before anything is made: a TCP listener
+ * or UDP socket bound to a port below net.ipv4.ip_unprivileged_port_start
+ * (CAP_NET_BIND_SERVICE), and each option only a capability sets
+ * (sockopts.ts optionPrivilege: SO_MARK, IP_TRANSPARENT, SO_PRIORITY above
+ * 6, SO_DEBUG, a buffer size beyond the sysctl's), are made by the
+ * restorer (its engine, root), with its capabilities: only for a socket
+ * some process holding it in the image held the capability (in its
+ * effective or permitted set: heldcaps.ts, per holder; this node's own
+ * snapshot is taken at its word), and only by a restore that has it
+ * (else the kernel would refuse it half-way).
+ * `capEff`: the restorer's effective set.
+ */
+export function checkSocketPrivileges(image: Image, capEff: bigint): void {
+  const holders = new Map<bigint, { p: Process; fd: Fd }[]>();
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      if (!fd.socket) continue;
+      const list = holders.get(fd.socket.ino);
+      if (list) list.push({ p, fd });
+      else holders.set(fd.socket.ino, [{ p, fd }]);
+    }
+  const lowest = unprivilegedPortStart();
+  const vouched = vouchedFor(image);
+  for (const held of holders.values()) {
+    const { p, fd } = held[0];
+    const s = fd.socket!;
+    const needs: { caps: number[]; what: string }[] = [];
+    const bound = fd.kind === FdKind.TCP_LISTEN ? 'a TCP listener' : fd.kind === FdKind.UDP ? 'a UDP socket' : undefined;
+    if (bound && s.port > 0 && s.port < lowest) needs.push({ caps: [CAP_NET_BIND_SERVICE], what: `${bound} on port ${s.port}` });
+    for (const o of s.options ?? []) {
+      const need = optionPrivilege(o);
+      if (need) needs.push({ caps: need.caps, what: `option ${need.what}` });
+    }
+    for (const need of needs) {
+      const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: ${need.what} needs ${capNames(need.caps)}`;
+      if (!vouched && !held.some((h) => processMay(h.p, need.caps)))
+        throw new AppshotError(`${where}, which no process holding the socket had: made by this restore, it would give the application more than it held`, ExitCode.denied);
+      if (!restorerMay(capEff, need.caps)) throw new AppshotError(`${where}, which this restore does not have`, ExitCode.denied);
+    }
+  }
 }

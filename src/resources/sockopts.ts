@@ -22,12 +22,13 @@
  * is noted by the preload library when the program sets it, and read here
  * from the application's tables (noted()).
  */
-import { closeSync } from 'node:fs';
+import { closeSync, readFileSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import type { SocketOption } from '../image/types.js';
 import { addon, type SocketNotes } from '../native.js';
 import { Unsupported } from './context.js';
 import { AF_INET, AF_INET6 } from './sockaddr.js';
+import { CAP_NET_ADMIN, CAP_NET_RAW } from './heldcaps.js';
 
 export type SockKind = 'tcp' | 'listen' | 'udp' | 'unix-stream' | 'unix-listen' | 'unix-dgram' | 'netlink';
 
@@ -554,6 +555,65 @@ export function applyExtras(sock: number, options: SocketOption[], own: readonly
       throw new AppshotError(`${where}: ${s.label} (${shown}) cannot be set again: ${(e as Error).message}`);
     }
   }
+}
+
+/* ---- the privilege rule ------------------------------------------------- */
+
+/** A sysctl of this node, as a number (or text); undefined if unreadable. */
+function sysctlText(path: string): string | undefined {
+  try {
+    return readFileSync(path, 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * What option `o` of an image takes to be set again, as the kernel asks it
+ * of the caller of setsockopt (net/core/sock.c, ipv4 and ipv6 sockglue),
+ * or undefined if nothing: `caps` (any one of them) and what it is, for
+ * the refusal's line. A restore by root would set any of them; made for
+ * a process that could not have set it, it would be more than the image
+ * had (sockets.ts checkSocketPrivileges). A buffer size is privileged
+ * above what the node's sysctl lets anyone set (SO_*BUFFORCE): the
+ * kernel shows twice what was set, at most twice wmem_max or rmem_max.
+ */
+export function optionPrivilege(o: SocketOption): { caps: number[]; what: string } | undefined {
+  const raw = o.raw ?? Buffer.alloc(0);
+  const either = [CAP_NET_RAW, CAP_NET_ADMIN];
+  if (o.level === SOL_SOCKET) {
+    switch (o.name) {
+      case 1: // SO_DEBUG
+        return o.value ? { caps: [CAP_NET_ADMIN], what: 'SO_DEBUG' } : undefined;
+      case 12: // SO_PRIORITY: 0 to 6 (TC_PRIO_INTERACTIVE) for anyone
+        return o.value < 0 || o.value > 6 ? { caps: either, what: `SO_PRIORITY ${o.value} (above 6)` } : undefined;
+      case 36: // SO_MARK
+        return o.value ? { caps: either, what: `SO_MARK ${o.value >>> 0}` } : undefined;
+      case 69: // SO_PREFER_BUSY_POLL
+        return o.value ? { caps: [CAP_NET_ADMIN], what: 'SO_PREFER_BUSY_POLL' } : undefined;
+      case 61: // SO_TXTIME: a clock other than CLOCK_MONOTONIC
+        return raw.length >= 4 && raw.readInt32LE(0) !== 1 ? { caps: [CAP_NET_ADMIN], what: `SO_TXTIME on clock ${raw.readInt32LE(0)}` } : undefined;
+      case SO_SNDBUF:
+      case SO_RCVBUF: {
+        const max = Number(sysctlText(`/proc/sys/net/core/${o.name === SO_SNDBUF ? 'wmem_max' : 'rmem_max'}`) ?? 0);
+        return o.value > 2 * max ? { caps: [CAP_NET_ADMIN], what: `${o.name === SO_SNDBUF ? 'SO_SNDBUF' : 'SO_RCVBUF'} ${o.value} (above twice net.core.${o.name === SO_SNDBUF ? 'wmem_max' : 'rmem_max'}, ${2 * max})` } : undefined;
+      }
+    }
+    return undefined;
+  }
+  if (o.level === IPPROTO_IP && o.name === 19) return o.value ? { caps: either, what: 'IP_TRANSPARENT' } : undefined;
+  if (o.level === IPPROTO_IPV6 && o.name === 75) return o.value ? { caps: either, what: 'IPV6_TRANSPARENT' } : undefined;
+  // Hop-by-hop and destination options: the kernel's "privileged option".
+  if (o.level === IPPROTO_IPV6 && (o.name === 54 || o.name === 55 || o.name === 59) && raw.length)
+    return { caps: [CAP_NET_RAW], what: optionLabel(o.level, o.name) };
+  if (o.level === IPPROTO_TCP && o.name === 13 && raw.length) {
+    // A congestion control the node does not allow everyone.
+    const end = raw.indexOf(0);
+    const name = raw.subarray(0, end < 0 ? raw.length : end).toString('utf8');
+    const allowed = new Set([...(sysctlText('/proc/sys/net/ipv4/tcp_allowed_congestion_control') ?? '').split(/\s+/), sysctlText('/proc/sys/net/ipv4/tcp_congestion_control')]);
+    return name && !allowed.has(name) ? { caps: [CAP_NET_ADMIN], what: `TCP_CONGESTION ${JSON.stringify(name)} (not in net.ipv4.tcp_allowed_congestion_control)` } : undefined;
+  }
+  return undefined;
 }
 
 /** SO_BUF_LOCK: the buffer sizes' lock bits, read and set (Linux 5.14). */

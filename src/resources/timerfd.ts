@@ -13,8 +13,11 @@
  * is set absolute again, its time left from the clock's now in the
  * restored process, so that its flags read back as they were.
  */
-import { type Fd, type Timerfd } from '../image/types.js';
+import { type Fd, FdKind, type Image, type Timerfd } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
+import { AppshotError, ExitCode } from '../errors.js';
+import { nameProcess } from './context.js';
+import { CAP_WAKE_ALARM, processMay, restorerMay, vouchedFor } from './heldcaps.js';
 
 const TFD_NONBLOCK = 0o4000; // = O_NONBLOCK, as fdinfo shows it
 const TFD_CLOEXEC = 0o2000000;
@@ -90,4 +93,37 @@ export function describeTimerfd(t: Timerfd | undefined): string {
   const s = (ns: bigint) => `${(Number(ns) / 1e9).toFixed(3)}s`;
   const setting = t.deadlineNs ? `at ${new Date(Number(t.deadlineNs / 1_000_000n)).toISOString()}` : t.valueNs ? `in ${s(t.valueNs)}` : 'disarmed';
   return `timerfd clock ${t.clockid} ${setting}${t.intervalNs ? ` every ${s(t.intervalNs)}` : ''}, ${t.ticks} unread`;
+}
+
+/* ---- the privilege rule ------------------------------------------------ */
+
+const CLOCK_BOOTTIME_ALARM = 9;
+const ALARM_CLOCKS = new Set([CLOCK_REALTIME_ALARM, CLOCK_BOOTTIME_ALARM]);
+const clockName = (c: number) => (c === CLOCK_REALTIME_ALARM ? 'CLOCK_REALTIME_ALARM' : 'CLOCK_BOOTTIME_ALARM');
+
+/** The clocks timerfd_create takes: REALTIME, MONOTONIC, BOOTTIME and the
+ * two alarm clocks (for validate.ts: any other fails the restore late). */
+export const TIMERFD_CLOCKS: ReadonlySet<number> = new Set([0, 1, 7, 8, 9]);
+
+/**
+ * The privilege rule for the alarm clocks, before anything is made: a
+ * timerfd or POSIX timer on CLOCK_REALTIME_ALARM or CLOCK_BOOTTIME_ALARM
+ * (which wakes the node from suspend) takes CAP_WAKE_ALARM, and is made
+ * inside the process while it is still the restorer's: only for a
+ * process that held the capability itself (in its effective or permitted
+ * set; per holder, heldcaps.ts; this node's own snapshot taken at its
+ * word), and by a restore that has it.
+ */
+export function checkAlarmClocks(image: Image, capEff: bigint): void {
+  for (const p of image.processes) {
+    const alarms = [
+      ...p.fds.filter((fd) => fd.kind === FdKind.TIMERFD && fd.timerfd && ALARM_CLOCKS.has(fd.timerfd.clockid)).map((fd) => ({ what: ` fd ${fd.fd}: a timerfd on ${clockName(fd.timerfd!.clockid)}` })),
+      ...(p.posixTimers ?? []).filter((t) => ALARM_CLOCKS.has(t.clockid)).map((t) => ({ what: `: POSIX timer ${t.id} on ${clockName(t.clockid)}` })),
+    ];
+    for (const a of alarms) {
+      const where = `${nameProcess(p.vpid, p.comm)}${a.what} needs CAP_WAKE_ALARM`;
+      if (!vouchedFor(image) && !processMay(p, [CAP_WAKE_ALARM])) throw new AppshotError(`${where}, which the process did not have: made by this restore, it would give the application more than it had`, ExitCode.denied);
+      if (!restorerMay(capEff, [CAP_WAKE_ALARM])) throw new AppshotError(`${where}, which this restore does not have`, ExitCode.denied);
+    }
+  }
 }

@@ -168,6 +168,20 @@ function sigevent(t: PosixTimer, tid: number): Buffer {
   return ev;
 }
 
+/** What is wrong with POSIX timer `t`'s clock, if anything (for
+ * validate.ts's "corrupt image" line, before anything is made): one of
+ * the plain clocks timer_create takes, or a CPU-time clock of a process
+ * or thread (its own, id 0, or one named by virtual id above 0), as a
+ * snapshot records them (clockNow makes it again). */
+export function posixTimerClockFault(t: Pick<PosixTimer, 'id' | 'clockid'>): string | undefined {
+  if (!Number.isInteger(t.clockid)) return `POSIX timer ${t.id} on clock ${t.clockid}`;
+  if (PLAIN_CLOCKS.has(t.clockid)) return undefined;
+  // CPUCLOCK_PROF, _VIRT, _SCHED; 3 is no clock.
+  if (t.clockid >= 0 || (t.clockid & 3) === 3) return `POSIX timer ${t.id} on clock ${t.clockid}, which timer_create does not take`;
+  if (cpuClockPid(t.clockid) < 0) return `POSIX timer ${t.id} on clock ${t.clockid}, which names id ${cpuClockPid(t.clockid)}`;
+  return undefined;
+}
+
 /** The clock to make timer `t` on, with the id of its process or thread
  * on this node. */
 function clockNow(t: PosixTimer, systemTid: (vtid: number) => number | undefined, systemPid: (vpid: number) => number | undefined): number {

@@ -44,14 +44,15 @@ import { restoreLocks } from '../resources/locks.js';
 import { fillSessionKeyring, joinNewSessionKeyring, joinsSessionKeyring, sessionKeyringJoinLater } from '../resources/keyrings.js';
 import { type ClonePlan, RestoreContext } from '../resources/context.js';
 import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
-import { requireInherited, requireKept } from '../resources/sockets.js';
+import { checkSocketPrivileges, requireInherited, requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { residentBatchOf } from '../ptrace/windows.js';
-import { countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
+import { checkLockedMemory, countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { forkedByOtherThread, forkingTid, moveEnvironCall, restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
 import { lateSigchldChild, requeueSignals, restoreLateSigchld, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
-import { checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
+import { checkCpuAffinities, checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
+import { checkAlarmClocks } from '../resources/timerfd.js';
 import { restoreCgroup } from '../resources/cgroups.js';
 import { removeDestroyedShm, restoreSemUndo, restoreSysv, settleSysvPids } from '../resources/sysv.js';
 import { restoreWaits } from '../resources/waits.js';
@@ -161,9 +162,14 @@ export interface RestoreOptions {
  * beyond what this user may grant; an AppshotError naming it otherwise. */
 export function checkPrivileges(image: LoadedImage['image']): void {
   const own = ownCreds();
+  const ownLimits = readLimits('self');
   checkCredentials(image, own);
-  checkLimits(image, readLimits('self'), own);
-  checkSchedulingPrivileges(image, own.capEff);
+  checkLimits(image, ownLimits, own);
+  checkSchedulingPrivileges(image, own.capEff, ownLimits);
+  checkCpuAffinities(image);
+  checkLockedMemory(image, own.capEff, ownLimits);
+  checkAlarmClocks(image, own.capEff);
+  checkSocketPrivileges(image, own.capEff);
   checkFanotifyPrivileges(image, own.capEff);
   checkEpollPrivileges(image, own.capEff);
   timeNamespaceFor(image, own);

@@ -1,0 +1,274 @@
+/**
+ * The privilege rule for state the restorer makes with its own rights
+ * (review r344 items 1, 2 and 7): a socket bound to a privileged port or
+ * given an option only a capability sets, a thread's real-time policy,
+ * negative nice or real-time I/O class, locked memory, a timer on an
+ * alarm clock. Each is restored only for a process of the image that
+ * could have made it itself (heldcaps.ts): a crafted image of a uid-65534
+ * process with none of it is refused in one line, exit 5 (or 1 for a
+ * malformed record), before anything is made: no process, no port bound,
+ * no registration, no tables. The same state made by a root application
+ * that held the capabilities restores as it was.
+ *
+ * The crafted images are the nobody snapshot with one change, signed
+ * again with another node's key and vouched for with --trust-image (as
+ * test/hostile.test.ts does for what only this node's own snapshot is
+ * believed about): only the change can be what is refused. This node's
+ * own snapshot is what the kernel showed, and restores its state as it
+ * was even where its process dropped the privileges that made it (last).
+ */
+import { spawnSync } from 'node:child_process';
+import { closeSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, openSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { digestFd, encodeImage, encodeSignedManifest, loadImage } from '../src/image/format.js';
+import { FdKind, type Image, type Process } from '../src/image/types.js';
+import { command as appshot, fixture, Sandbox, waitFor } from './helpers.js';
+
+const isRoot = process.getuid?.() === 0;
+const sb = new Sandbox();
+/** Another node, whose key signs the crafted images. */
+const other = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-hostile-priv-'));
+process.env.APPSHOT_HOME = sb.home;
+const TCP_PORT = 81;
+const UDP_PORT = 82;
+let nobody = '';
+let nobodyImage: Image;
+let rootPriv = '';
+let dropped = '';
+
+afterAll(async () => {
+  await sb.dispose();
+  await other.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+const log = (aid: string) => readFileSync(join(sb.home, 'apps', aid, 'log'), 'utf8');
+const checks = (aid: string) => (log(aid).match(/^CHECK \d+$/gm) ?? []).length;
+
+async function snapshotOf(aid: string, args: string[], dest: string): Promise<void> {
+  const r = sb.run(['run', '-d', '--aid', aid, '--', ...args]);
+  if (r.code !== 0) throw new Error(r.stderr);
+  await waitFor(() => checks(aid) >= 2 || /FAIL/.test(log(aid)), 10_000, `${aid} to settle`);
+  if (/FAIL/.test(log(aid))) throw new Error(log(aid));
+  const s = sb.run(['snapshot', aid, '-o', dest]);
+  if (s.code !== 0) throw new Error(s.stderr);
+  await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+}
+
+beforeAll(async () => {
+  if (!isRoot) return;
+  nobody = join(out, 'nobody');
+  // chroot --userspec: plain setresuid, no capability left (as creds.test.ts).
+  await snapshotOf('nb', ['chroot', '--userspec=65534:65534', '--groups=', '/', fixture('privstate'), '0', '0', 'plain'], nobody);
+  const loaded = await loadImage(nobody, { trust: 'report' });
+  nobodyImage = loaded.image;
+  rootPriv = join(out, 'rootpriv');
+  await snapshotOf('rp', [fixture('privstate'), String(TCP_PORT), String(UDP_PORT), 'priv'], rootPriv);
+  dropped = join(out, 'dropped');
+  await snapshotOf('dp', [fixture('privstate'), String(TCP_PORT), String(UDP_PORT), 'drop'], dropped);
+});
+
+/** Signs as `home`'s node does (the key is read from $APPSHOT_HOME). */
+function asNode<T>(home: string, fn: () => T): T {
+  process.env.APPSHOT_HOME = home;
+  try {
+    return fn();
+  } finally {
+    process.env.APPSHOT_HOME = sb.home;
+  }
+}
+
+const digestOf = (path: string) => {
+  const fd = openSync(path, 'r');
+  try {
+    return digestFd(fd);
+  } finally {
+    closeSync(fd);
+  }
+};
+
+/** The nobody image (or `from`) with `change` made to its metadata,
+ * signed again by the other node. */
+function crafted(name: string, change: (image: Image, p: Process) => void, from = nobodyImage, pages = nobody): string {
+  const image = structuredClone(from);
+  change(image, image.processes.find((p) => p.fds.some((fd) => fd.kind === FdKind.TCP_LISTEN))!);
+  const dir = join(out, name);
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir);
+  writeFileSync(join(dir, 'image.pb'), encodeImage(image));
+  linkSync(join(pages, 'pages.img'), join(dir, 'pages.img'));
+  const digests = new Map([
+    ['image.pb', digestOf(join(dir, 'image.pb'))],
+    ['pages.img', digestOf(join(dir, 'pages.img'))],
+  ]);
+  writeFileSync(join(dir, 'manifest.pb'), asNode(other.home, () => encodeSignedManifest('feedfacefeedface', digests)));
+  return dir;
+}
+
+/** Processes running the fixture, by system PID. */
+function fixtureProcesses(): number[] {
+  const exe = fixture('privstate');
+  return readdirSync('/proc')
+    .filter((d) => /^\d+$/.test(d))
+    .filter((d) => {
+      try {
+        return readlinkSync(`/proc/${d}/exe`) === exe;
+      } catch {
+        return false;
+      }
+    })
+    .map(Number);
+}
+
+/** Whether anything listens on (TCP) or is bound to (UDP) 127.0.0.1:port. */
+function bound(proto: 'tcp' | 'udp', port: number): boolean {
+  const r = spawnSync('ss', ['-Hn', proto === 'tcp' ? '-lt' : '-lu', `sport = :${port}`], { encoding: 'utf8' });
+  return r.stdout.trim() !== '';
+}
+
+/** The restore of `image` must be refused: one line matching `why`, exit
+ * `code`, and nothing left of it. */
+function refused(image: string, why: RegExp, code = 5): void {
+  const aidsBefore = sb.aids();
+  const shmBefore = sb.shmFiles();
+  const r = spawnSync(appshot, ['restore', image, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+  const lines = r.stderr.split('\n').filter((l) => l !== '');
+  expect(lines, r.stderr).toHaveLength(1);
+  expect(lines[0]).toMatch(/^appshot: /);
+  expect(lines[0]).toMatch(why);
+  expect(r.status, r.stderr).toBe(code);
+  expect(sb.aids()).toEqual(aidsBefore);
+  expect(sb.shmFiles()).toEqual(shmBefore);
+  expect(fixtureProcesses()).toEqual([]);
+  expect(bound('tcp', TCP_PORT)).toBe(false);
+  expect(bound('udp', 53)).toBe(false);
+}
+
+const listenerOf = (p: Process) => p.fds.find((fd) => fd.kind === FdKind.TCP_LISTEN)!;
+const udpOf = (p: Process) => p.fds.find((fd) => fd.kind === FdKind.UDP)!;
+const worker = (p: Process) => p.threads[1];
+const NO_PROCESS_HAD = /which no process holding the socket had/;
+
+describe.runIf(isRoot)('privileged socket state of an image whose processes had no capability', () => {
+  it('a TCP listener on port 81 is refused (CAP_NET_BIND_SERVICE)', () => {
+    const dir = crafted('tcp81', (_i, p) => void (listenerOf(p).socket!.port = TCP_PORT));
+    refused(dir, new RegExp(`process \\d+ \\(privstate\\) fd ${listenerOf(nobodyImage.processes[0]).fd}: a TCP listener on port 81 needs CAP_NET_BIND_SERVICE, ${NO_PROCESS_HAD.source}`));
+  });
+
+  it('a UDP socket on port 53 is refused', () => {
+    refused(crafted('udp53', (_i, p) => void (udpOf(p).socket!.port = 53)), /fd \d+: a UDP socket on port 53 needs CAP_NET_BIND_SERVICE, which no process holding the socket had/);
+  });
+
+  it('SO_MARK, IP_TRANSPARENT, SO_PRIORITY 7, SO_DEBUG and a forced buffer size are each refused', () => {
+    const rmemMax = Number(readFileSync('/proc/sys/net/core/rmem_max', 'utf8'));
+    const cases: [string, { level: number; name: number; value: number }, RegExp][] = [
+      ['mark', { level: 1, name: 36, value: 4242 }, /option SO_MARK 4242 needs CAP_NET_RAW or CAP_NET_ADMIN/],
+      ['transparent', { level: 0, name: 19, value: 1 }, /option IP_TRANSPARENT needs CAP_NET_RAW or CAP_NET_ADMIN/],
+      ['priority', { level: 1, name: 12, value: 7 }, /option SO_PRIORITY 7 \(above 6\) needs CAP_NET_RAW or CAP_NET_ADMIN/],
+      ['debug', { level: 1, name: 1, value: 1 }, /option SO_DEBUG needs CAP_NET_ADMIN/],
+      ['rcvbuf', { level: 1, name: 8, value: 2 * rmemMax + 4096 }, /option SO_RCVBUF \d+ \(above twice net.core.rmem_max, \d+\) needs CAP_NET_ADMIN/],
+    ];
+    for (const [name, option, why] of cases) {
+      const dir = crafted(`opt-${name}`, (_i, p) => {
+        const s = udpOf(p).socket!;
+        s.options = [...(s.options ?? []), option];
+      });
+      refused(dir, new RegExp(`fd \\d+: ${why.source}, ${NO_PROCESS_HAD.source}`));
+    }
+  });
+});
+
+describe.runIf(isRoot)('privileged scheduling, locked memory and alarm clocks of an image whose processes had none', () => {
+  it('SCHED_FIFO 99 beyond the thread\'s RLIMIT_RTPRIO is refused', () => {
+    const dir = crafted('fifo99', (_i, p) => Object.assign(worker(p).attributes!, { schedPolicy: 1, schedPriority: 99 }));
+    refused(dir, /process \d+ \(privstate\) thread \d+: SCHED_FIFO priority 99 needs CAP_SYS_NICE or RLIMIT_RTPRIO 99 \(the image's is 0\), which the thread could not set itself/);
+  });
+
+  it('nice -20 beyond RLIMIT_NICE is refused', () => {
+    refused(crafted('nice', (_i, p) => void (worker(p).attributes!.nice = -20)), /thread \d+: nice -20 needs CAP_SYS_NICE or RLIMIT_NICE 40 \(the image's is 0\), which the thread could not set itself/);
+  });
+
+  it('the real-time I/O class is refused', () => {
+    refused(crafted('ioprio', (_i, p) => void (worker(p).attributes!.ioprio = (1 << 13) | 4)), /thread \d+: the real-time I\/O class \(ioprio 0x2004\) needs CAP_SYS_NICE or CAP_SYS_ADMIN, which the thread could not set itself/);
+  });
+
+  it('locked memory beyond the process\'s RLIMIT_MEMLOCK is refused', () => {
+    // Its one locked page, with its limit 0 (the process could lock none).
+    const dir = crafted('mlock', (_i, p) => void (p.rlimits.find((r) => r.resource === 8)!.cur = 0n));
+    refused(dir, /process \d+ \(privstate\): 4096 bytes of memory locked \(mlock\) needs CAP_IPC_LOCK or RLIMIT_MEMLOCK of as much, which the process did not have \(its RLIMIT_MEMLOCK: 0 bytes\)/);
+  });
+
+  it('a timerfd on CLOCK_BOOTTIME_ALARM and a POSIX timer on CLOCK_REALTIME_ALARM are refused (CAP_WAKE_ALARM)', () => {
+    const tfd = crafted('alarmfd', (_i, p) => void (p.fds.find((fd) => fd.kind === FdKind.TIMERFD)!.timerfd!.clockid = 9));
+    refused(tfd, /fd \d+: a timerfd on CLOCK_BOOTTIME_ALARM needs CAP_WAKE_ALARM, which the process did not have/);
+    const timer = crafted('alarmtimer', (_i, p) => void (p.posixTimers![0].clockid = 8));
+    refused(timer, /process \d+ \(privstate\): POSIX timer \d+ on CLOCK_REALTIME_ALARM needs CAP_WAKE_ALARM, which the process did not have/);
+  });
+
+  it('a POSIX timer on a clock timer_create does not take, and a CPU mask unbounded or empty, are corrupt', () => {
+    refused(crafted('badclock', (_i, p) => void (p.posixTimers![0].clockid = 5)), /corrupt image: process \d+'s POSIX timer \d+ on clock 5, which timer_create does not take/, 1);
+    refused(crafted('hugemask', (_i, p) => void (worker(p).attributes!.cpuAffinity = Buffer.alloc(1 << 20, 0xff))), /corrupt image: process \d+ thread \d+'s CPU affinity mask is 1048576 bytes/, 1);
+    refused(crafted('emptymask', (_i, p) => void (worker(p).attributes!.cpuAffinity = Buffer.alloc(8))), /corrupt image: process \d+ thread \d+'s CPU affinity mask is empty/, 1);
+  });
+});
+
+describe.runIf(isRoot)('the same state made by a root application that held the capabilities', () => {
+  it('restores as it was: listening on port 81, UDP on 82 with SO_MARK, SCHED_FIFO 10, nice -5, its locked memory', async () => {
+    const r = sb.run(['restore', rootPriv]);
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      const before = checks('rp');
+      await waitFor(() => checks('rp') >= before + 3 || /FAIL/.test(log('rp')), 10_000, 'the restored fixture to check itself');
+      expect(log('rp')).not.toMatch(/FAIL/);
+      expect(bound('tcp', TCP_PORT)).toBe(true);
+      expect(bound('udp', UDP_PORT)).toBe(true);
+      // ss -e shows a socket's mark (0x1092: 4242).
+      expect(spawnSync('ss', ['-Hnuae', `sport = :${UDP_PORT}`], { encoding: 'utf8' }).stdout).toMatch(/fwmark:0x1092/);
+      const [pid] = fixtureProcesses();
+      const tids = readdirSync(`/proc/${pid}/task`).map(Number).filter((t) => t !== pid);
+      expect(tids).toHaveLength(1);
+      // proc(5) stat: nice is field 19, rt_priority 40, policy 41.
+      const stat = readFileSync(`/proc/${pid}/task/${tids[0]}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      expect([fields[16], fields[37], fields[38]]).toEqual(['-5', '10', '1']);
+      expect(readFileSync(`/proc/${pid}/status`, 'utf8')).toMatch(/VmLck:\s+68 kB/);
+    } finally {
+      sb.run(['stop', 'rp', '--signal', 'KILL']);
+      await waitFor(() => !sb.aids().includes('rp'), 10_000, 'rp to end');
+    }
+  });
+
+  it('this node\'s own snapshot of a server that made it as root, then dropped to uid 65534, restores it; the same image under another node\'s key is refused', async () => {
+    const r = sb.run(['restore', dropped]);
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      const before = checks('dp');
+      await waitFor(() => checks('dp') >= before + 3 || /FAIL/.test(log('dp')), 10_000, 'the restored fixture to check itself');
+      expect(log('dp')).not.toMatch(/FAIL/);
+      expect(bound('tcp', TCP_PORT)).toBe(true);
+      const [pid] = fixtureProcesses();
+      expect(readFileSync(`/proc/${pid}/status`, 'utf8')).toMatch(/Uid:\s+65534\s+65534\s+65534\s+65534[\s\S]*CapEff:\s+0+\n/);
+    } finally {
+      sb.run(['stop', 'dp', '--signal', 'KILL']);
+      await waitFor(() => !sb.aids().includes('dp'), 10_000, 'dp to end');
+    }
+    const image = (await loadImage(dropped, { trust: 'report' })).image;
+    // Its real-time thread the first of what it no longer could make.
+    refused(crafted('dropped-foreign', () => undefined, image, dropped), /thread \d+: SCHED_FIFO priority 10 needs CAP_SYS_NICE or RLIMIT_RTPRIO 10 \(the image's is 0\), which the thread could not set itself/);
+    refused(
+      crafted(
+        'dropped-foreign-sockets',
+        (_i, p) => {
+          for (const t of p.threads) if (t.attributes) Object.assign(t.attributes, { schedPolicy: 0, schedPriority: 0, nice: 0, ioprio: 0 });
+          p.fds.find((fd) => fd.kind === FdKind.TIMERFD)!.timerfd!.clockid = 1;
+        },
+        image,
+        dropped,
+      ),
+      /fd \d+: a TCP listener on port 81 needs CAP_NET_BIND_SERVICE, which no process holding the socket had/,
+    );
+  });
+});
