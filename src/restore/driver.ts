@@ -827,7 +827,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const fillMemory = async (m: Made): Promise<RemoteProcess> => {
       if (m.remote) return m.remote;
       // Into its cgroup before its memory is made, which is charged there.
-      restoreCgroup(m.proc, m.pid);
+      restoreCgroup(image, m.proc, m.pid);
       // Its maps read once: for the vDSO, a free place for the scratch
       // area, and what is to be unmapped (the scratch area is kept apart).
       const seedMaps = readMaps(m.pid);
