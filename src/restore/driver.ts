@@ -20,7 +20,7 @@ import { closeSync, constants as fs, fstatSync, openSync, readSync } from 'node:
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, errorText, ExitCode } from '../errors.js';
-import { awaitPagesCheck, type LoadedImage, loadImage, openPagesAsLoaded, parentPath, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
+import { awaitPagesCheck, type LoadedImage, loadImage, openPagesAsLoaded, parentChainFault, parentPath, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { portTable, type Process, type TimeOffsets, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
@@ -281,12 +281,18 @@ async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSigna
     throw signal?.aborted ? new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted) : e;
   };
   const chain = [await loadImage(path, hooks).catch(interrupted)];
+  // Each image met (directory and id): a chain that loops, or runs past
+  // MAX_PARENT_CHAIN, is refused before its next link is read.
+  const seen = new Set<string>();
   try {
+    parentChainFault(seen, chain[0].dir, chain[0].manifest.imageId, 0);
     for (;;) {
       const child = chain[chain.length - 1];
       const parent = child.image.parent;
       if (!parent) return chain;
       const at = resolve(parentPath(child.dir, parent.path));
+      const fault = parentChainFault(seen, at, parent.imageId, chain.length);
+      if (fault) throw new AppshotError(fault);
       const joinsAt = known.findIndex((k) => resolve(k.dir) === at && k.manifest.imageId === parent.imageId);
       if (joinsAt >= 0 && known.slice(joinsAt).every(unchangedOnDisk)) return [...chain, ...known.slice(joinsAt)];
       const loaded = await loadImage(parentPath(child.dir, parent.path), { asParent: true, ...hooks }).catch(interrupted).catch((e: Error) => {
