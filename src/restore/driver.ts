@@ -27,12 +27,12 @@ import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, isPrivateRoot, type LocalRegistry, type PortBinding } from '../registry.js';
 import { applicationIds, environBlock } from '../resources/environ.js';
 import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js';
-import { type MadeDir, redirLeaves } from '../resources/paths.js';
+import { type MadeDir, type RedirTargetsAs, redirLeaves } from '../resources/paths.js';
 import { hasPrivateTmp, privateTmpRemade } from '../template/privatetmp.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { makeUnixPairsInside, unixPairMakers } from '../resources/peermaker.js';
-import { openToMapAs } from '../resources/fsident.js';
+import { identitiesFor, openToMapAs } from '../resources/fsident.js';
 import { checkEpollPrivileges } from '../resources/epoll.js';
 import { checkFanotifyPrivileges } from '../resources/fanotify.js';
 import { restoreQueueNotifications } from '../resources/mqueue.js';
@@ -500,6 +500,20 @@ function scratchLeftFree(at: bigint, seedMaps: { start: bigint; end: bigint; per
  * parent's memory is then filled before the process is forked from it. */
 const sharesWithParent = (p: Process) => p.vmas.some((v) => (v.pages?.cowShared?.length ?? 0) > 0);
 
+/** REDIR PATH targets made as the image's processes would make them
+ * (paths.ts makeDirectoriesAs), each written into the registration
+ * `record` (with `update`) before its first directory is made: a restore
+ * killed in between leaves the record its cleanup removes them by. */
+function redirTargetsAs(image: LoadedImage['image'], record: AppRecord, update: (r: AppRecord) => void): RedirTargetsAs {
+  return {
+    who: identitiesFor(image, undefined),
+    willMake: (made) => {
+      record.restore!.madeDirs = made;
+      update(record);
+    },
+  };
+}
+
 /** The tree's roots: the processes whose parent was init (or is gone),
  * each started from one of init's seeds. */
 function rootProcesses(image: LoadedImage['image']): LoadedImage['image']['processes'] {
@@ -707,7 +721,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // is filled before any process runs. A plain restore brings back the
     // same instance, with its paths as they were; a clone brings its own.
     const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [], identity: image.instance?.identity };
-    madeDirs.push(...reg.makeRedirTargets(config.redirs));
+    madeDirs.push(...reg.makeRedirTargets(config.redirs, redirTargetsAs(image, record, (r) => reg.update(r))));
     privateTmpRemade(config.redirs, madeDirs, copies);
     // Written before anything else is made, so that a restore killed from
     // here on has them removed; none made, the record registered holds it.
