@@ -5,7 +5,7 @@
  * and make the directories the rewritten paths lead into.
  */
 import { uniqueTag } from '../holder.js';
-import { closeSync, constants as fsConstants, fchmodSync, fchownSync, fstatSync, futimesSync, lchownSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, readSync, renameSync, rmdirSync, statSync, symlinkSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants as fsConstants, existsSync, fchmodSync, fchownSync, fstatSync, futimesSync, lchownSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, readSync, renameSync, rmdirSync, statSync, symlinkSync, unlinkSync, writeSync } from 'node:fs';
 import { AppshotError, errorText } from '../errors.js';
 import { basename, dirname, join, resolve as resolvePath } from 'node:path';
 import { addon, type FsIdentity, type InstanceConfig } from '../native.js';
@@ -470,8 +470,10 @@ export interface MadeDir {
  * is (prepareRedirTargets). */
 export interface RedirTargetsAs {
   /** The image's filesystem identities (fsident.ts identitiesFor): a
-   * target is walked, and made, only where one of them may. */
-  who: FsIdentity[];
+   * target is walked, and made, only where one of them may. Absent: as
+   * the restorer (a clone's targets are its own rules', not an image's
+   * word). */
+  who?: FsIdentity[];
   /** Called with everything made so far and the one about to be, before
    * its first directory is made: the restore writes it into its
    * registration, so that a restore killed then leaves a record of what
@@ -498,7 +500,7 @@ export function prepareRedirTargets(redirs: InstanceConfig['redirs'], as?: Redir
       const leaf = redirLeaf(r, as?.who);
       let top: string | undefined;
       try {
-        top = as ? makeDirectoriesAs(leaf, as, made) : mkdirSync(leaf, { recursive: true });
+        top = as?.who ? makeDirectoriesAs(leaf, as.who, as.willMake, made) : makeDirectories(leaf, as?.willMake, made);
       } catch (e) {
         throw new AppshotError(`cannot make the directory of REDIR PATH target ${r.to}: ${errorText(e)}`);
       }
@@ -530,10 +532,10 @@ function mayMakeIn(st: { uid: number; gid: number; mode: number }, id: FsIdentit
  * descriptor of it) only where one of them may make an entry there, and
  * given to that one. Returns the first directory made, as
  * mkdirSync(recursive) does; `as.willMake` hears of it before. */
-function makeDirectoriesAs(leaf: string, as: RedirTargetsAs, before: MadeDir[]): string | undefined {
+function makeDirectoriesAs(leaf: string, who: FsIdentity[], willMake: RedirTargetsAs['willMake'], before: MadeDir[]): string | undefined {
   const O_PATH = 0o10000000;
   const parts = leaf.slice(1).split('/');
-  let dir = addon().openAs('/', O_PATH | fsConstants.O_DIRECTORY, 0, as.who);
+  let dir = addon().openAs('/', O_PATH | fsConstants.O_DIRECTORY, 0, who);
   let path = '';
   let top: string | undefined;
   try {
@@ -542,18 +544,18 @@ function makeDirectoriesAs(leaf: string, as: RedirTargetsAs, before: MadeDir[]):
       let at: number | undefined;
       if (top === undefined) {
         try {
-          at = addon().openAs(next, O_PATH | fsConstants.O_DIRECTORY, 0, as.who);
+          at = addon().openAs(next, O_PATH | fsConstants.O_DIRECTORY, 0, who);
         } catch (e) {
           if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
         }
       }
       if (at === undefined) {
         const st = fstatSync(dir);
-        const id = as.who.find((i) => mayMakeIn(st, i));
-        if (!id) throw new AppshotError(`${path || '/'} is not writable by the image's processes (uid ${as.who.map((i) => i.fsuid).join(', ')})`);
+        const id = who.find((i) => mayMakeIn(st, i));
+        if (!id) throw new AppshotError(`${path || '/'} is not writable by the image's processes (uid ${who.map((i) => i.fsuid).join(', ')})`);
         if (top === undefined) {
           top = next;
-          as.willMake?.([...before, { top, leaf }]);
+          willMake?.([...before, { top, leaf }]);
         }
         const inDir = `/proc/self/fd/${dir}/${part}`;
         mkdirSync(inDir, { mode: 0o755 });
@@ -572,6 +574,16 @@ function makeDirectoriesAs(leaf: string, as: RedirTargetsAs, before: MadeDir[]):
     closeSync(dir);
   }
   return top;
+}
+
+/** mkdir -p of `leaf` as the restorer, `willMake` told of the first
+ * directory it will make before it is made. */
+function makeDirectories(leaf: string, willMake: RedirTargetsAs['willMake'], before: MadeDir[]): string | undefined {
+  let top: string | undefined;
+  for (let dir = leaf; dir !== '/' && !existsSync(dir); dir = dirname(dir)) top = dir;
+  if (top === undefined) return undefined;
+  willMake?.([...before, { top, leaf }]);
+  return mkdirSync(leaf, { recursive: true });
 }
 
 /** The directory a REDIR PATH target leads into: the target, where the

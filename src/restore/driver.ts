@@ -503,10 +503,12 @@ const sharesWithParent = (p: Process) => p.vmas.some((v) => (v.pages?.cowShared?
 /** REDIR PATH targets made as the image's processes would make them
  * (paths.ts makeDirectoriesAs), each written into the registration
  * `record` (with `update`) before its first directory is made: a restore
- * killed in between leaves the record its cleanup removes them by. */
-function redirTargetsAs(image: LoadedImage['image'], record: AppRecord, update: (r: AppRecord) => void): RedirTargetsAs {
+ * killed in between leaves the record its cleanup removes them by.
+ * `image`: the image whose word the targets are (a plain restore's); a
+ * clone's come from its rules, the restorer's to make (undefined). */
+function redirTargetsAs(image: LoadedImage['image'] | undefined, record: AppRecord, update: (r: AppRecord) => void): RedirTargetsAs {
   return {
-    who: identitiesFor(image, undefined),
+    ...(image ? { who: identitiesFor(image, undefined) } : {}),
     willMake: (made) => {
       record.restore!.madeDirs = made;
       update(record);
@@ -721,7 +723,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // is filled before any process runs. A plain restore brings back the
     // same instance, with its paths as they were; a clone brings its own.
     const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [], identity: image.instance?.identity };
-    madeDirs.push(...reg.makeRedirTargets(config.redirs, redirTargetsAs(image, record, (r) => reg.update(r))));
+    madeDirs.push(...reg.makeRedirTargets(config.redirs, redirTargetsAs(opts.instance ? undefined : image, record, (r) => reg.update(r))));
     privateTmpRemade(config.redirs, madeDirs, copies);
     // Written before anything else is made, so that a restore killed from
     // here on has them removed; none made, the record registered holds it.
