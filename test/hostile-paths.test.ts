@@ -13,7 +13,7 @@
  * signed by another trusted key: its word is a claim.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, existsSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, existsSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -150,6 +150,14 @@ describe("names resolved as the engine's own process (r344 #5)", () => {
       refused(crafted(`own-${what.replace(/\W+/g, '_')}`, 'root', change), line);
       expect(sandboxProcesses()).toBe('');
     });
+
+  it("refuses a name that leads through a symlink to the engine's own /proc/self/mem", () => {
+    const link = join(out, 'to-self-mem');
+    rmSync(link, { force: true });
+    symlinkSync('/proc/self/mem', link);
+    refused(crafted('own-through-link', 'root', (i) => withFilePath(i, link)), new RegExp(`fd 40: ${link} leads to /proc/\\d+/mem, the restoring engine's own`));
+    expect(sandboxProcesses()).toBe('');
+  });
 
   it("still restores a descriptor of the application's own /proc and of /proc/meminfo", () => {
     const dir = crafted('proc-honest', 'root', (i) => {

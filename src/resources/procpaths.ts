@@ -61,13 +61,21 @@ export function restoredProcPath(h: RestoreContext, path: string, vpid: number):
   // kernel names what those lead to, never them, so a snapshot never
   // records one, and followed by root they reach past the process's own
   // rights.
-  if (!PROC_PID.test(path) || path.split('/').some((c) => c === '..' || c === '.') || /^\/proc\/\d+(\/task\/\d+)?\/(root|cwd|fd|exe|map_files|ns)(\/|$)/.test(path))
-    throw new AppshotError(`corrupt image: it names ${JSON.stringify(path)} as a process's /proc file`);
+  const fault = procFileFault(path);
+  if (fault) throw new AppshotError(`corrupt image: ${fault}`);
   const pid = restoredPid(h, vpid);
   const task = PROC_TASK.exec(path);
   if (!task) return path.replace(PROC_PID, `/proc/${pid}`);
   if (task[1] !== task[2]) throw new AppshotError(`the image names ${path}, a thread's /proc directory other than its process's main one, which a restore cannot follow`);
   return path.replace(PROC_TASK, `/proc/${pid}/task/${pid}`);
+}
+
+/** Why `path` cannot be a process's /proc file as a snapshot records
+ * one (restoredProcPath), or undefined. */
+function procFileFault(path: string): string | undefined {
+  if (!PROC_PID.test(path) || path.split('/').some((c) => c === '..' || c === '.') || /^\/proc\/\d+(\/task\/\d+)?\/(root|cwd|fd|exe|map_files|ns)(\/|$)/.test(path))
+    return `it names ${JSON.stringify(path)} as a process's /proc file`;
+  return undefined;
 }
 
 /** The system PID of the restored process `vpid`, from the new tables (it
@@ -102,8 +110,7 @@ function resolverPathFault(path: string | undefined, where: string, vpids: Set<n
   const proc = PROC_PID.exec(plain);
   if (vpid !== undefined && vpid !== 0) {
     if (!vpids.has(vpid)) return `${where} names /proc of process ${vpid}, which the image does not have`;
-    if (!proc) return `${where} is said to be under /proc of process ${vpid}, yet names ${JSON.stringify(path)}`;
-    return undefined;
+    return procFileFault(path);
   }
   if (proc) return `${where} names ${JSON.stringify(path)}, /proc of process ${proc[1]}, which is not one of the application's`;
   return undefined;
