@@ -19,7 +19,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { digestFd, encodeImage, encodeSignedManifest, loadImage } from '../src/image/format.js';
 import { FdKind, type Image } from '../src/image/types.js';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { cli, Sandbox, waitFor } from './helpers.js';
 
 const NOBODY = 65534;
 const isRoot = process.geteuid?.() === 0;
@@ -254,6 +254,21 @@ describe.runIf(isRoot)("REDIR PATH directories made as the image's processes (r3
       expect(existsSync(join(mine, 'a'))).toBe(true);
       expect(existsSync(join(mine, 'a', 'b'))).toBe(false);
     });
+  });
+
+  it("a restore killed once it made a target's directory leaves a record by which the next command removes it", async () => {
+    const mine = join(out, 'nobodys3');
+    mkdirSync(mine, { mode: 0o755 });
+    chownSync(mine, NOBODY, NOBODY);
+    const dir = crafted('redir-killed', 'nobody', redir(join(mine, 'k', 'l', 'file')));
+    const r = spawnSync(process.execPath, [cli, 'restore', dir, '--aid', 'redirkilled'], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: 'restore: redir target directory made' }, encoding: 'utf8' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    expect(existsSync(join(mine, 'k'))).toBe(true);
+    // The next command that reads the registry finds the restore dead and
+    // removes what its record says it made.
+    sb.run(['ps', '-a']);
+    await waitFor(() => !existsSync(join(mine, 'k')), 10_000, 'the directory made to be removed');
+    expect(sb.aids()).toEqual([]);
   });
 
   it("still makes an honest target's directories, owned by the image's user", () => {

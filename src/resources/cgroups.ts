@@ -80,7 +80,7 @@ export function restoreCgroup(image: Image, p: Process, pid: number): void {
     writeSync(procs, `${pid}\n`);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
-    const as = own ? '' : ` as the image's processes (uid ${fsIdentity(p).fsuid}) may not enter it`;
+    const as = own || (code !== 'EACCES' && code !== 'EPERM') ? '' : ` as the image's processes (uid ${fsIdentity(p).fsuid}) may not enter it`;
     throw new AppshotError(`${who}: cannot be put back into its cgroup ${p.cgroup}${as}: ${code}`, ExitCode.conflict);
   } finally {
     if (procs !== undefined) closeSync(procs);

@@ -5,6 +5,7 @@
  * and make the directories the rewritten paths lead into.
  */
 import { uniqueTag } from '../holder.js';
+import { killPoint } from '../killpoint.js';
 import { closeSync, constants as fsConstants, existsSync, fchmodSync, fchownSync, fstatSync, futimesSync, lchownSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, readSync, renameSync, rmdirSync, statSync, symlinkSync, unlinkSync, writeSync } from 'node:fs';
 import { AppshotError, errorText } from '../errors.js';
 import { basename, dirname, join, resolve as resolvePath } from 'node:path';
@@ -561,6 +562,8 @@ function makeDirectoriesAs(leaf: string, who: FsIdentity[], willMake: RedirTarge
         mkdirSync(inDir, { mode: 0o755 });
         at = openSync(inDir, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW);
         if (process.geteuid?.() === 0) fchownSync(at, id.fsuid, id.fsgid);
+        // Where a restore killed leaves a directory made, recorded before.
+        killPoint('restore: redir target directory made');
       }
       closeSync(dir);
       dir = at;
