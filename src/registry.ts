@@ -32,7 +32,7 @@ import { addon, type InstanceConfig, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
 import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
 import { currentRequest } from './engine/request.js';
-import { lexists, type MadeDir, overlaps, plainAbsolute, prepareRedirTargets, removeRedirTargets, removeWalked } from './resources/paths.js';
+import { lexists, type MadeDir, overlaps, plainAbsolute, prepareRedirTargets, type RedirTargetsAs, removeRedirTargets, removeWalked } from './resources/paths.js';
 import { logTimesPath } from './logtimes.js';
 
 export interface AppRecord {
@@ -259,7 +259,7 @@ export interface Registry {
   remove(record: AppRecord): void;
   /** REDIR PATH target directories made for an instance (makeRedirTargets),
    * and let go (releaseRedirTargets) unless another still leads into them. */
-  makeRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[];
+  makeRedirTargets(redirs: InstanceConfig['redirs'], as?: RedirTargetsAs): MadeDir[];
   releaseRedirTargets(made: MadeDir[], going: Iterable<string>): void;
   /** REDIR PATH copies a failed instance made itself, removed unless
    * another application leads into them (releaseRedirCopies). */
@@ -1198,9 +1198,9 @@ export class LocalRegistry implements Registry {
    * releaseRedirTargets: a directory is not made, or found made, while a
    * removal decides whether anyone uses it. The registration that leads
    * into them is written before. */
-  makeRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[] {
+  makeRedirTargets(redirs: InstanceConfig['redirs'], as?: RedirTargetsAs): MadeDir[] {
     if (!redirs.some((r) => r.kind === 'path')) return [];
-    return this.withRedirsLocked(() => prepareRedirTargets(redirs));
+    return this.withRedirsLocked(() => prepareRedirTargets(redirs, as));
   }
 
   /** The marks of REDIR PATH directories kept for others, and their lock. */

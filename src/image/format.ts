@@ -1127,9 +1127,43 @@ async function decompressedStream(input: NodeJS.ReadableStream, what: string): P
 /** Where an image's parent is: a relative path is inside the image (a
  * pre-copy image's base), and stays inside it. */
 export function parentPath(imageDir: string, path: string): string {
+  // A snapshot names the previous image by its absolute path, or a
+  // pre-copy's base inside it as 'base': never itself ('.', '', 'x/..'),
+  // which would have a restore follow the image as its own parent for
+  // ever (r344 #6).
+  const parts = path.split('/').filter((c, i) => !(c === '' && i > 0));
+  if (!path || parts.some((c) => c === '.' || c === '..')) throw new AppshotError(`corrupt image: its parent ${JSON.stringify(path)} is not a plain path to another image`);
   if (isAbsolute(path)) return path;
-  if (path.split('/').includes('..')) throw new AppshotError(`corrupt image: its parent '${path}' lies outside it`);
   return join(imageDir, path);
+}
+
+/** The most images a chain of incremental parents may hold, the image
+ * itself included. Each link read holds its page file open and its
+ * metadata decoded until the restore ends; serve makes a full image every
+ * 4 links (server.ts MAX_CHAIN) and a snapshot every 64 (snapshot
+ * driver's parentChain), so only a crafted chain is longer: refused in
+ * one line before more is held, not followed until descriptors or memory
+ * run out. 64 page files stay well under any descriptor limit a restore
+ * runs with (1024 at least). */
+export const MAX_PARENT_CHAIN = 64;
+
+/** Where a chain of parents goes wrong, as one line, or undefined:
+ * `seen` holds each image directory read (device:inode) and image id, so
+ * that one met again (a loop through symlinks or paths that differ) is
+ * caught at once; `length`: the images read so far. */
+export function parentChainFault(seen: Set<string>, dir: string, imageId: string, length: number): string | undefined {
+  let key: string;
+  try {
+    const st = statSync(dir, { bigint: true });
+    key = `${st.dev}:${st.ino}`;
+  } catch {
+    return undefined; // unreadable: loading it says why
+  }
+  if (seen.has(key) || seen.has(`id:${imageId}`)) return `corrupt image: its chain of parents comes back to ${dir} (image ${imageId}), an image already in it`;
+  if (length >= MAX_PARENT_CHAIN) return `the image's chain of incremental parents is longer than ${MAX_PARENT_CHAIN} images, more than appshot follows`;
+  seen.add(key);
+  seen.add(`id:${imageId}`);
+  return undefined;
 }
 
 /** An image that will run must stay as it was verified until the restore

@@ -21,7 +21,7 @@
  */
 import { uniqueTag } from '../holder.js';
 import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, type KeyObject, sign, verify } from 'node:crypto';
-import { closeSync, constants as fsc, existsSync, fstatSync, linkSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, constants as fsc, existsSync, fstatSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import { defaultHome } from '../registry.js';
@@ -65,6 +65,15 @@ function checkPrivate(path: string, what: string): void {
   const uid = process.geteuid?.() ?? 0;
   if (st.uid !== uid || st.mode & 0o022)
     throw new AppshotError(`${path} (${what}) must belong to uid ${uid} and be writable by it alone (chmod go-w ${path})`);
+}
+
+/** A key file decides what this node trusts, as its directory does: its
+ * owner must be the user reading it, or root. Mode bits alone say nothing
+ * of a file another user owns there (made before a chown of the home, or
+ * a hard link of theirs), whose owner may chmod it back at will (r344 #9). */
+function checkKeyOwner(file: string, owner: number): void {
+  const uid = process.geteuid?.() ?? 0;
+  if (owner !== uid && owner !== 0) throw new AppshotError(`${file} belongs to uid ${owner}, not to uid ${uid} or root: a key file is trusted only from its user (chown ${uid} ${file})`);
 }
 
 function ensureKeysDir(home: string): void {
@@ -126,7 +135,9 @@ function readSelfKey(home: string): (TrustedKey & { publicKey: KeyObject }) | un
     throw e;
   }
   checkPrivate(keysDir(home), 'the keys directory');
-  if (statSync(file).mode & 0o077) throw new AppshotError(`${file} is readable by others than its owner: chmod 600 ${file}`);
+  const st = lstatSync(file);
+  checkKeyOwner(file, st.uid);
+  if (st.mode & 0o077) throw new AppshotError(`${file} is readable by others than its owner: chmod 600 ${file}`);
   return { id: parsed.id, name: 'self', key: parsed.key, publicKey: parsed.publicKey, file };
 }
 
@@ -173,7 +184,8 @@ export function trustedKeys(home = defaultHome()): TrustedKey[] {
   for (const f of readdirSync(trustedDir(home)).sort()) {
     if (!f.endsWith('.pub')) continue;
     const file = join(trustedDir(home), f);
-    const st = statSync(file);
+    const st = lstatSync(file);
+    checkKeyOwner(file, st.uid);
     if (st.mode & 0o022) throw new AppshotError(`${file} is writable by others than its owner: chmod go-w ${file}`);
     const { key, id } = readParsedKey(file, (pem) => {
       const key = parsePublicKey(pem, file);

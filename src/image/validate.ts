@@ -38,6 +38,8 @@ import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
 import { unsettable } from '../template/rules.js';
 import { plainAbsolute } from '../resources/paths.js';
+import { resolverPathsFault } from '../resources/procpaths.js';
+import { ptysRecordFault } from '../resources/ptys.js';
 
 /** linux/seccomp.h */
 const SECCOMP_FILTER_FLAG_LOG = 2n;
@@ -619,6 +621,21 @@ function checkPaths(image: Image): void {
 }
 
 
+/** Pseudoterminals bounded in number, each one the application holds
+ * (ptys.ts ptysRecordFault). */
+function checkPtyReferences(image: Image): void {
+  const fault = ptysRecordFault(image);
+  if (fault) corrupt(fault);
+}
+
+/** No name the restore resolves may lead to the engine's own /proc
+ * directory or descriptors, or to a process outside the application
+ * (procpaths.ts resolverPathsFault). */
+function checkResolverPaths(image: Image): void {
+  const fault = resolverPathsFault(image);
+  if (fault) corrupt(fault);
+}
+
 /** Checks everything restore, clone and inspect take for granted.
  * `pagesFileSize`: the size of pages.img, which every page run must lie in.
  * `memoryOnly`: the image is read as the parent of another, for its pages
@@ -675,6 +692,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   if (!image.stats) corrupt('it has no statistics section');
   checkStrings(image);
   checkPaths(image);
+  checkResolverPaths(image);
   if (image.node.pageSize !== 4096) corrupt(`its page size is ${image.node.pageSize}; appshot knows 4096`);
   const limits = machineLimits();
   if (!image.processes.length && !memoryOnly) corrupt('it holds no process');
@@ -861,6 +879,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   const ringTree = memoryOnly ? undefined : keyringTreeFault(image.processes);
   if (ringTree) corrupt(ringTree);
   if (!memoryOnly) checkPtys(image);
+  if (!memoryOnly) checkPtyReferences(image);
   if (!memoryOnly) checkWaits(image, corrupt);
   if (!memoryOnly) checkPosixQueues(image, corrupt);
 }

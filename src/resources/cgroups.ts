@@ -11,11 +11,14 @@
  * Threads of one process in different cgroups (threaded cgroups) are
  * refused at snapshot.
  */
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, existsSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { isOwnSnapshot } from '../image/format.js';
+import { addon } from '../native.js';
+import { fsIdentity, identitiesFor } from './fsident.js';
 import { procDir, procText } from '../procfs.js';
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
-import type { Process } from '../image/types.js';
+import type { Image, Process } from '../image/types.js';
 import { nameProcess, Unsupported } from './context.js';
 
 /** The cgroup v2 path of a process or thread, or '' without a unified hierarchy. */
@@ -51,17 +54,35 @@ function unifiedMount(): string | undefined {
   return undefined;
 }
 
-/** Moves the restored process `pid` into the cgroup its image names. */
-export function restoreCgroup(p: Process, pid: number): void {
+/** Moves the restored process `pid` into the cgroup its image names.
+ *
+ * As whom: the write to cgroup.procs is the move, and the kernel decides
+ * it by the writer's rights (write access to the cgroup.procs of the
+ * common ancestor of where the process is and where it goes, by the
+ * credentials the file was opened with). A snapshot of this node
+ * (isOwnSnapshot) says where the kernel had the process: it goes back
+ * there with the restorer's rights, as before. Any other image's word is
+ * a claim: the file is opened as the application's processes would open
+ * it (fsident.ts), so a crafted cgroup (the root one, another service's)
+ * is refused by the kernel as the image's identity would have been,
+ * never entered with the restorer's rights (r344 #3). */
+export function restoreCgroup(image: Image, p: Process, pid: number): void {
   if (!p.cgroup || unifiedPath(`/proc/${pid}`) === p.cgroup) return;
   const who = nameProcess(p.vpid, p.comm);
   const mount = unifiedMount();
   if (!mount) throw new AppshotError(`${who}: was in cgroup ${p.cgroup}, but this node has no cgroup v2 hierarchy mounted`, ExitCode.conflict);
   const dir = join(mount, p.cgroup);
   if (!existsSync(join(dir, 'cgroup.procs'))) throw new AppshotError(`${who}: its cgroup ${p.cgroup} does not exist on this node (${dir})`, ExitCode.conflict);
+  const own = isOwnSnapshot(image);
+  let procs: number | undefined;
   try {
-    writeFileSync(join(dir, 'cgroup.procs'), `${pid}\n`);
+    procs = own ? openSync(join(dir, 'cgroup.procs'), 'w') : addon().openAs(join(dir, 'cgroup.procs'), constants.O_WRONLY, 0, identitiesFor(image, p));
+    writeSync(procs, `${pid}\n`);
   } catch (e) {
-    throw new AppshotError(`${who}: cannot be put back into its cgroup ${p.cgroup}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, ExitCode.conflict);
+    const code = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
+    const as = own || (code !== 'EACCES' && code !== 'EPERM') ? '' : ` as the image's processes (uid ${fsIdentity(p).fsuid}) may not enter it`;
+    throw new AppshotError(`${who}: cannot be put back into its cgroup ${p.cgroup}${as}: ${code}`, ExitCode.conflict);
+  } finally {
+    if (procs !== undefined) closeSync(procs);
   }
 }

@@ -625,6 +625,7 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     // a root-only file reached through a symlink planted where the
     // template's file was is not handed to a process that could not read it.
     got = h.keep(openAsProcess(h, p, fd, path, plain));
+    refuseEngineOwn(got, `process ${p.vpid} fd ${fd.fd}: ${path}`);
     const link = h.image.files[fd.file]?.linkTarget;
     if (link !== undefined) sameSymlink(got, path, link, `process ${p.vpid} fd ${fd.fd}`);
   }
@@ -644,6 +645,28 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     h.whenProcessesAreFinal(() => positionInText(text, textPath, plain, at));
   }
   return got;
+}
+
+let procDevice: number | undefined;
+
+/** A name the image gives, opened, that led into the engine's own /proc
+ * directory (a symlink to /proc/self/… or /proc/ENGINE_PID/… on the way:
+ * validation refuses such names given outright, procpaths.ts): refused,
+ * as the engine's memory or descriptors are never the application's.
+ * The kernel names the file opened by the engine's PID. */
+function refuseEngineOwn(got: number, where: string): void {
+  procDevice ??= statSync('/proc').dev;
+  if (fstatSync(got).dev !== procDevice) return;
+  const opened = readlinkSync(`/proc/self/fd/${got}`);
+  const pid = PROC_PID.exec(opened)?.[1];
+  if (pid === undefined) return;
+  let tgid = pid;
+  try {
+    tgid = /^Tgid:\s*(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'latin1'))?.[1] ?? pid;
+  } catch {
+    /* gone: not ours */
+  }
+  if (Number(tgid) === process.pid) throw new AppshotError(`${where} leads to ${opened}, the restoring engine's own`);
 }
 
 /** A symbolic link the image held (O_PATH|O_NOFOLLOW), opened again as

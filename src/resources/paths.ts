@@ -5,10 +5,11 @@
  * and make the directories the rewritten paths lead into.
  */
 import { uniqueTag } from '../holder.js';
-import { closeSync, constants as fsConstants, fchmodSync, fchownSync, fstatSync, futimesSync, lchownSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, readSync, renameSync, rmdirSync, statSync, symlinkSync, unlinkSync, writeSync } from 'node:fs';
+import { killPoint } from '../killpoint.js';
+import { closeSync, constants as fsConstants, existsSync, fchmodSync, fchownSync, fstatSync, futimesSync, lchownSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, readSync, renameSync, rmdirSync, statSync, symlinkSync, unlinkSync, writeSync } from 'node:fs';
 import { AppshotError, errorText } from '../errors.js';
 import { basename, dirname, join, resolve as resolvePath } from 'node:path';
-import { addon, type InstanceConfig } from '../native.js';
+import { addon, type FsIdentity, type InstanceConfig } from '../native.js';
 
 const under = (path: string, dir: string) => path === dir || path.startsWith(dir + '/');
 
@@ -466,10 +467,29 @@ export interface MadeDir {
   leaf: string;
 }
 
+/** As whom REDIR PATH targets are made, and who hears of each before it
+ * is (prepareRedirTargets). */
+export interface RedirTargetsAs {
+  /** The image's filesystem identities (fsident.ts identitiesFor): a
+   * target is walked, and made, only where one of them may. Absent: as
+   * the restorer (a clone's targets are its own rules', not an image's
+   * word). */
+  who?: FsIdentity[];
+  /** Called with everything made so far and the one about to be, before
+   * its first directory is made: the restore writes it into its
+   * registration, so that a restore killed then leaves a record of what
+   * to remove (the kill -9 rule). */
+  willMake?: (made: MadeDir[]) => void;
+}
+
 /** The directories that REDIR PATH targets lead into: a redirected
  * directory exists for the instance, as does a redirected file's parent.
- * Returns what it made, for a failed start to remove. */
-export function prepareRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[] {
+ * Returns what it made, for a failed start to remove. `as`: the image's
+ * identities: the names come from an image or from rules, and are
+ * walked and made as its processes could (r344 #4: root made any
+ * directory an image named); without it (a caller with no image), as
+ * the restorer. */
+export function prepareRedirTargets(redirs: InstanceConfig['redirs'], as?: RedirTargetsAs): MadeDir[] {
   const made: MadeDir[] = [];
   try {
     for (const r of redirs) {
@@ -478,10 +498,10 @@ export function prepareRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[]
       // it must be the directory it says (a `..` had a restore's removal take
       // any directory: found by review).
       if (!plainAbsolute(r.to)) throw new AppshotError(`REDIR PATH target ${JSON.stringify(r.to)} is not a plain absolute path`);
-      const leaf = redirLeaf(r);
+      const leaf = redirLeaf(r, as?.who);
       let top: string | undefined;
       try {
-        top = mkdirSync(leaf, { recursive: true });
+        top = as?.who ? makeDirectoriesAs(leaf, as.who, as.willMake, made) : makeDirectories(leaf, as?.willMake, made);
       } catch (e) {
         throw new AppshotError(`cannot make the directory of REDIR PATH target ${r.to}: ${errorText(e)}`);
       }
@@ -495,12 +515,96 @@ export function prepareRedirTargets(redirs: InstanceConfig['redirs']): MadeDir[]
   return made;
 }
 
+const CAP_DAC_OVERRIDE = 1n << 1n;
+
+/** Whether `id` may make an entry in a directory of this owner and mode
+ * (write and search), as the kernel's permission bits say. */
+function mayMakeIn(st: { uid: number; gid: number; mode: number }, id: FsIdentity): boolean {
+  if (id.capEff & CAP_DAC_OVERRIDE) return true;
+  if (st.uid === id.fsuid) return (st.mode & 0o300) === 0o300;
+  if (st.gid === id.fsgid || id.groups.includes(st.gid)) return (st.mode & 0o030) === 0o030;
+  return (st.mode & 0o003) === 0o003;
+}
+
+/** mkdir -p of `leaf` as one of `as.who` would: each existing component
+ * reached as the identities (a symlink planted on the way is followed as
+ * they would follow it, a directory they cannot search refused), each
+ * missing one made in the very directory so reached (through our
+ * descriptor of it) only where one of them may make an entry there, and
+ * given to that one. Returns the first directory made, as
+ * mkdirSync(recursive) does; `as.willMake` hears of it before. */
+function makeDirectoriesAs(leaf: string, who: FsIdentity[], willMake: RedirTargetsAs['willMake'], before: MadeDir[]): string | undefined {
+  const O_PATH = 0o10000000;
+  const parts = leaf.slice(1).split('/');
+  let dir = addon().openAs('/', O_PATH | fsConstants.O_DIRECTORY, 0, who);
+  let path = '';
+  let top: string | undefined;
+  try {
+    for (const part of parts) {
+      const next = `${path}/${part}`;
+      let at: number | undefined;
+      if (top === undefined) {
+        try {
+          at = addon().openAs(next, O_PATH | fsConstants.O_DIRECTORY, 0, who);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+        }
+      }
+      if (at === undefined) {
+        const st = fstatSync(dir);
+        const id = who.find((i) => mayMakeIn(st, i));
+        if (!id) throw new AppshotError(`${path || '/'} is not writable by the image's processes (uid ${who.map((i) => i.fsuid).join(', ')})`);
+        if (top === undefined) {
+          top = next;
+          willMake?.([...before, { top, leaf }]);
+        }
+        const inDir = `/proc/self/fd/${dir}/${part}`;
+        mkdirSync(inDir, { mode: 0o755 });
+        at = openSync(inDir, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW);
+        if (process.geteuid?.() === 0) fchownSync(at, id.fsuid, id.fsgid);
+        // Where a restore killed leaves a directory made, recorded before.
+        killPoint('restore: redir target directory made');
+      }
+      closeSync(dir);
+      dir = at;
+      path = next;
+    }
+  } catch (e) {
+    // Part of it made: removed here, as the caller knows only of whole ones.
+    if (top !== undefined && path.length >= top.length) removeRedirTargets([{ top, leaf: path }]);
+    throw e;
+  } finally {
+    closeSync(dir);
+  }
+  return top;
+}
+
+/** mkdir -p of `leaf` as the restorer, `willMake` told of the first
+ * directory it will make before it is made. */
+function makeDirectories(leaf: string, willMake: RedirTargetsAs['willMake'], before: MadeDir[]): string | undefined {
+  let top: string | undefined;
+  for (let dir = leaf; dir !== '/' && !existsSync(dir); dir = dirname(dir)) top = dir;
+  if (top === undefined) return undefined;
+  willMake?.([...before, { top, leaf }]);
+  return mkdirSync(leaf, { recursive: true });
+}
+
 /** The directory a REDIR PATH target leads into: the target, where the
- * path it redirects is a directory, else the target's parent. */
-function redirLeaf(r: InstanceConfig['redirs'][number]): string {
+ * path it redirects is a directory, else the target's parent. Looked at
+ * as `who` where given: whether a name exists is not the restorer's to
+ * tell an image. */
+function redirLeaf(r: InstanceConfig['redirs'][number], who?: FsIdentity[]): string {
   let isDir = false;
   try {
-    isDir = statSync(r.from).isDirectory();
+    if (!who) isDir = statSync(r.from).isDirectory();
+    else {
+      const fd = addon().openAs(r.from, 0o10000000, 0, who);
+      try {
+        isDir = fstatSync(fd).isDirectory();
+      } finally {
+        closeSync(fd);
+      }
+    }
   } catch {
     /* not there: the target's parent is all we can make */
   }
@@ -514,7 +618,7 @@ function redirLeaf(r: InstanceConfig['redirs'][number]): string {
  * releaseRedirTargets). A
  * target that is not plain is left out (prepareRedirTargets refuses it). */
 export function redirLeaves(redirs: InstanceConfig['redirs']): string[] {
-  return [...new Set(redirs.filter((r) => r.kind === 'path' && plainAbsolute(r.to)).map(redirLeaf))];
+  return [...new Set(redirs.filter((r) => r.kind === 'path' && plainAbsolute(r.to)).map((r) => redirLeaf(r)))];
 }
 
 /** Whether two directories are one, or one holds the other: removing

@@ -10,6 +10,7 @@
 import { readFileSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
+import { FdKind, type Image } from '../image/types.js';
 import { type DumpContext, type RestoreContext, Unsupported } from './context.js';
 
 export const PROC_PID = /^\/proc\/(\d+)(?=\/|$)/;
@@ -60,13 +61,21 @@ export function restoredProcPath(h: RestoreContext, path: string, vpid: number):
   // kernel names what those lead to, never them, so a snapshot never
   // records one, and followed by root they reach past the process's own
   // rights.
-  if (!PROC_PID.test(path) || path.split('/').some((c) => c === '..' || c === '.') || /^\/proc\/\d+(\/task\/\d+)?\/(root|cwd|fd|exe|map_files|ns)(\/|$)/.test(path))
-    throw new AppshotError(`corrupt image: it names ${JSON.stringify(path)} as a process's /proc file`);
+  const fault = procFileFault(path);
+  if (fault) throw new AppshotError(`corrupt image: ${fault}`);
   const pid = restoredPid(h, vpid);
   const task = PROC_TASK.exec(path);
   if (!task) return path.replace(PROC_PID, `/proc/${pid}`);
   if (task[1] !== task[2]) throw new AppshotError(`the image names ${path}, a thread's /proc directory other than its process's main one, which a restore cannot follow`);
   return path.replace(PROC_TASK, `/proc/${pid}/task/${pid}`);
+}
+
+/** Why `path` cannot be a process's /proc file as a snapshot records
+ * one (restoredProcPath), or undefined. */
+function procFileFault(path: string): string | undefined {
+  if (!PROC_PID.test(path) || path.split('/').some((c) => c === '..' || c === '.') || /^\/proc\/\d+(\/task\/\d+)?\/(root|cwd|fd|exe|map_files|ns)(\/|$)/.test(path))
+    return `it names ${JSON.stringify(path)} as a process's /proc file`;
+  return undefined;
 }
 
 /** The system PID of the restored process `vpid`, from the new tables (it
@@ -76,4 +85,68 @@ function restoredPid(h: RestoreContext, vpid: number): number {
   const pid = addon().readTables(h.tablesPath).tables.pid?.find((e) => e.virtual === vpid)?.system;
   if (pid === undefined) throw new AppshotError(`the image names /proc of process ${vpid}, which this restore did not make`);
   return pid;
+}
+
+/** Names that resolve through the resolver's own process, whoever that is:
+ * /proc/self, /proc/thread-self and the /proc links to them (net, mounts),
+ * /dev/fd and /dev/std*. The kernel names what they lead to, never them,
+ * so no snapshot records one; the restore resolves an image's names in
+ * the engine (files.ts openAsProcess on an engine thread, context.ts,
+ * devices.ts, fsident.ts), where they would be the engine's own: its
+ * /proc/self/mem opened read-write is code execution in the engine. */
+const THROUGH_RESOLVER = /^\/(proc\/(self|thread-self|net|mounts)|dev\/fd|dev\/std(in|out|err))(\/|$)/;
+
+/** Why `path`, a name of the image's `where`, may not be resolved at
+ * restore, or undefined. `vpid`: the application's process the snapshot
+ * said the name is under (/proc/VPID, followed to the restored process);
+ * any other /proc/N names whatever process has that number here (the
+ * engine, appshot-init, another user's), which the application never held
+ * and the restore does not follow. */
+function resolverPathFault(path: string | undefined, where: string, vpids: Set<number>, vpid?: number): string | undefined {
+  if (!path) return undefined;
+  // Repeated slashes resolve as one: "//proc//self" is /proc/self.
+  const plain = path.replace(/\/+/g, '/');
+  if (THROUGH_RESOLVER.test(plain)) return `${where} names ${JSON.stringify(path)}, which would be resolved as the restoring engine's own`;
+  const proc = PROC_PID.exec(plain);
+  if (vpid !== undefined && vpid !== 0) {
+    if (!vpids.has(vpid)) return `${where} names /proc of process ${vpid}, which the image does not have`;
+    return procFileFault(path);
+  }
+  if (proc) return `${where} names ${JSON.stringify(path)}, /proc of process ${proc[1]}, which is not one of the application's`;
+  return undefined;
+}
+
+/** The first name of `image` that the restore would resolve as its own
+ * process's or another process's outside the application (see
+ * resolverPathFault), or undefined: checked before anything is made. */
+export function resolverPathsFault(image: Image): string | undefined {
+  const vpids = new Set(image.processes.map((p) => p.vpid));
+  let fault: string | undefined;
+  const check = (path: string | undefined, where: string, vpid?: number) => {
+    fault ??= resolverPathFault(path, where, vpids, vpid);
+  };
+  for (const p of image.processes) {
+    const who = `process ${p.vpid}`;
+    check(p.cwd, `${who}'s working directory`, p.cwdProcVpid);
+    check(p.root, `${who}'s root directory`);
+    check(p.exe, `${who}'s executable`);
+    for (const v of p.vmas) check(v.path, `${who}'s mapping at 0x${v.start.toString(16)}`);
+    for (const fd of p.fds) {
+      const where = `${who} fd ${fd.fd}`;
+      // A pidfd's procVpid is its process, not a /proc name.
+      check(fd.path, where, fd.kind === FdKind.FILE ? fd.procVpid : undefined);
+      check(fd.socket?.file?.base, `${where}'s socket directory`);
+      for (const w of fd.inotifyWatches ?? []) check(w.path, `${where}'s inotify watch`);
+      for (const m of fd.fanotify?.marks ?? []) check(m.path, `${where}'s fanotify mark`);
+    }
+  }
+  // A file's /proc/VPID name is its descriptors' (checked above with
+  // their process); the resolver's own, never.
+  for (const [i, f] of image.files.entries()) if (THROUGH_RESOLVER.test(f.path.replace(/\/+/g, '/'))) fault ??= `file ${i} names ${JSON.stringify(f.path)}, which would be resolved as the restoring engine's own`;
+  for (const [i, pipe] of image.pipes.entries()) check(pipe.fifoPath, `pipe ${i}`);
+  for (const r of image.instance?.redirs ?? []) {
+    check(r.from, `a clone's REDIR from`);
+    check(r.to, `a clone's REDIR to`);
+  }
+  return fault;
 }

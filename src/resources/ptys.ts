@@ -29,7 +29,7 @@ import { closeSync, constants as fs, openSync, readFileSync, readSync } from 'no
 import { procText } from '../procfs.js';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
-import { type Fd, FdKind, type Process, type PtyPair } from '../image/types.js';
+import { type Fd, FdKind, type Image, type Process, type PtyPair } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, nameProcess, type RestoreContext, Unsupported, writeWhatFits } from './context.js';
 
@@ -422,4 +422,28 @@ export function restoreForeground(r: RemoteProcess, h: RestoreContext, p: Proces
   } finally {
     r.call('closing', SYS.close, [there]);
   }
+}
+
+/** The most pseudoterminal pairs an image may hold: each is a pair made
+ * by the restore (two descriptors of ours, and one of the machine's
+ * kernel.pty.max, 4096 by default, for the whole machine), more than an
+ * application holds (a tmux server with a thousand panes). */
+export const MAX_PTYS = 1024;
+
+/** Why the image's pseudoterminals cannot be made, or undefined: too
+ * many, or one that no descriptor and no controlling terminal names. A
+ * snapshot records a pair only for a master some process holds, so an
+ * unreferenced one is written by hand, and would cost a pair made for
+ * nothing (restoreExclusiveModes makes every exclusive one). */
+export function ptysRecordFault(image: Image): string | undefined {
+  const ptys = image.ptys ?? [];
+  if (ptys.length > MAX_PTYS) return `it holds ${ptys.length} pseudoterminals (at most ${MAX_PTYS})`;
+  if (!ptys.length) return undefined;
+  const named = new Set<number>();
+  for (const p of image.processes) {
+    if (p.ctty) named.add(p.ctty - 1);
+    for (const fd of p.fds) if (fd.kind === FdKind.PTY && fd.pty) named.add(fd.pty.pair);
+  }
+  const unnamed = ptys.findIndex((_, i) => !named.has(i));
+  return unnamed < 0 ? undefined : `pty ${unnamed} is held by no descriptor and is no process's terminal`;
 }

@@ -20,19 +20,19 @@ import { closeSync, constants as fs, fstatSync, openSync, readSync } from 'node:
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, errorText, ExitCode } from '../errors.js';
-import { awaitPagesCheck, type LoadedImage, loadImage, openPagesAsLoaded, parentPath, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
+import { awaitPagesCheck, type LoadedImage, loadImage, openPagesAsLoaded, parentChainFault, parentPath, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { portTable, type Process, type TimeOffsets, verdictRef, type Vma } from '../image/types.js';
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, isPrivateRoot, type LocalRegistry, type PortBinding } from '../registry.js';
 import { applicationIds, environBlock, type EnvRange } from '../resources/environ.js';
 import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js';
-import { type MadeDir, redirLeaves } from '../resources/paths.js';
+import { type MadeDir, type RedirTargetsAs, redirLeaves } from '../resources/paths.js';
 import { hasPrivateTmp, privateTmpRemade } from '../template/privatetmp.js';
 import { askSeedCreds, checkCredentials, ownCreds, prepareSeccomp, restoreCreds, restoreSeccomp, seedFilters } from '../resources/creds.js';
 import { restoreFds } from '../resources/files.js';
 import { makeUnixPairsInside, unixPairMakers } from '../resources/peermaker.js';
-import { openToMapAs } from '../resources/fsident.js';
+import { identitiesFor, openToMapAs } from '../resources/fsident.js';
 import { checkEpollPrivileges } from '../resources/epoll.js';
 import { checkFanotifyPrivileges } from '../resources/fanotify.js';
 import { restoreQueueNotifications } from '../resources/mqueue.js';
@@ -290,12 +290,18 @@ async function loadChain(path: string, meter: ProgressMeter, signal?: AbortSigna
     throw signal?.aborted ? new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted) : e;
   };
   const chain = [await loadImage(path, hooks).catch(interrupted)];
+  // Each image met (directory and id): a chain that loops, or runs past
+  // MAX_PARENT_CHAIN, is refused before its next link is read.
+  const seen = new Set<string>();
   try {
+    parentChainFault(seen, chain[0].dir, chain[0].manifest.imageId, 0);
     for (;;) {
       const child = chain[chain.length - 1];
       const parent = child.image.parent;
       if (!parent) return chain;
       const at = resolve(parentPath(child.dir, parent.path));
+      const fault = parentChainFault(seen, at, parent.imageId, chain.length);
+      if (fault) throw new AppshotError(fault);
       const joinsAt = known.findIndex((k) => resolve(k.dir) === at && k.manifest.imageId === parent.imageId);
       if (joinsAt >= 0 && known.slice(joinsAt).every(unchangedOnDisk)) return [...chain, ...known.slice(joinsAt)];
       const loaded = await loadImage(parentPath(child.dir, parent.path), { asParent: true, ...hooks }).catch(interrupted).catch((e: Error) => {
@@ -502,6 +508,22 @@ function scratchLeftFree(at: bigint, seedMaps: { start: bigint; end: bigint; per
 /** Whether a process shares pages copy-on-write with its parent: the
  * parent's memory is then filled before the process is forked from it. */
 const sharesWithParent = (p: Process) => p.vmas.some((v) => (v.pages?.cowShared?.length ?? 0) > 0);
+
+/** REDIR PATH targets made as the image's processes would make them
+ * (paths.ts makeDirectoriesAs), each written into the registration
+ * `record` (with `update`) before its first directory is made: a restore
+ * killed in between leaves the record its cleanup removes them by.
+ * `image`: the image whose word the targets are (a plain restore's); a
+ * clone's come from its rules, the restorer's to make (undefined). */
+function redirTargetsAs(image: LoadedImage['image'] | undefined, record: AppRecord, update: (r: AppRecord) => void): RedirTargetsAs {
+  return {
+    ...(image ? { who: identitiesFor(image, undefined) } : {}),
+    willMake: (made) => {
+      record.restore!.madeDirs = made;
+      update(record);
+    },
+  };
+}
 
 /** The tree's roots: the processes whose parent was init (or is gone),
  * each started from one of init's seeds. */
@@ -710,7 +732,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // is filled before any process runs. A plain restore brings back the
     // same instance, with its paths as they were; a clone brings its own.
     const config: InstanceConfig = opts.instance?.config ?? { redirs: image.instance?.redirs ?? [], env: image.instance?.env ?? [], identity: image.instance?.identity };
-    madeDirs.push(...reg.makeRedirTargets(config.redirs));
+    madeDirs.push(...reg.makeRedirTargets(config.redirs, redirTargetsAs(opts.instance ? undefined : image, record, (r) => reg.update(r))));
     privateTmpRemade(config.redirs, madeDirs, copies);
     // Written before anything else is made, so that a restore killed from
     // here on has them removed; none made, the record registered holds it.
@@ -836,7 +858,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const fillMemory = async (m: Made): Promise<RemoteProcess> => {
       if (m.remote) return m.remote;
       // Into its cgroup before its memory is made, which is charged there.
-      restoreCgroup(m.proc, m.pid);
+      restoreCgroup(image, m.proc, m.pid);
       // Its maps read once: for the vDSO, a free place for the scratch
       // area, and what is to be unmapped (the scratch area is kept apart).
       const seedMaps = readMaps(m.pid);

@@ -19,7 +19,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, errorText, ExitCode, printable } from '../errors.js';
 import { classify } from '../template/classify.js';
 import { parseRules } from '../template/rules.js';
-import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadImage, newImageId, parentPath, PARTS, streamImageTar, syncDir } from '../image/format.js';
+import { commitImageDir, commitImageFile, imageFileKind, type LoadedImage, loadImage, newImageId, parentChainFault, parentPath, PARTS, streamImageTar, syncDir } from '../image/format.js';
 import { recordWritten, writtenIdentity } from '../image/written.js';
 import { makePartialDir, type PartialDir } from '../image/partial.js';
 import { refuseUnsafeDirectory } from '../home.js';
@@ -220,8 +220,13 @@ async function parentChain(record: AppRecord): Promise<ParentResolver | undefine
   const chain: LoadedImage[] = [];
   let path: string | undefined = record.lastImage.path;
   let expected = record.lastImage.id;
+  // A chain that loops, or one as long as a restore follows (the new
+  // image adds a link), is not built on: the snapshot is full.
+  const seen = new Set<string>();
   try {
     while (path) {
+      const fault = parentChainFault(seen, path, expected, chain.length + 1);
+      if (fault) throw new Error(fault.replace(/^corrupt image: /, ''));
       const loaded = await loadImage(path, { asParent: true, holdPages: true });
       chain.push(loaded);
       if (loaded.manifest.imageId !== expected) throw new Error(`${path} is not the image it was`);

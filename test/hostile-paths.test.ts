@@ -1,0 +1,338 @@
+/**
+ * Hostile images that reach past the image's own rights through what the
+ * restore does on their behalf (r344's findings 3-6, 8, 9): names resolved
+ * as the engine's own process, a cgroup joined with the restorer's rights,
+ * REDIR PATH directories made as root, a chain of parents that never
+ * ends, pseudoterminals no one holds, key files another user owns. Each is
+ * refused in one line, with nothing left: no process, no registration, no
+ * table, no directory made. The honest counterparts still restore.
+ *
+ * Crafted as hostile.test.ts crafts them: a real image decoded, changed,
+ * encoded and signed again with the sandbox's own key. An image that does
+ * not say it is this node's snapshot (fromSnapshot cleared) stands for one
+ * signed by another trusted key: its word is a claim.
+ */
+import { spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, closeSync, existsSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { digestFd, encodeImage, encodeSignedManifest, loadImage } from '../src/image/format.js';
+import { FdKind, type Image } from '../src/image/types.js';
+import { cli, Sandbox, waitFor } from './helpers.js';
+
+const NOBODY = 65534;
+const isRoot = process.geteuid?.() === 0;
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-hostile-paths-'));
+chmodSync(out, 0o755);
+process.env.APPSHOT_HOME = sb.home;
+
+/** Images as snapshotted: of a root process, and of a uid-65534 one. */
+const base: Record<'root' | 'nobody', { dir: string; image: Image }> = {} as never;
+
+async function snapshotOf(aid: string, argv: string[]): Promise<{ dir: string; image: Image }> {
+  const r = sb.run(['run', '-d', '--aid', aid, '--', ...argv]);
+  if (r.code !== 0) throw new Error(r.stderr);
+  const dir = join(out, `base-${aid}`);
+  await waitFor(() => sb.json<{ processes: { init: boolean; comm?: string }[] }[]>(['ps', aid])[0].processes.length >= 2, 10_000, `${aid} to start`);
+  const s = sb.run(['snapshot', aid, '-o', dir]);
+  if (s.code !== 0) throw new Error(s.stderr);
+  await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+  const loaded = await loadImage(dir, { trust: 'report' });
+  const image = loaded.image;
+  loaded.dispose();
+  return { dir, image };
+}
+
+beforeAll(async () => {
+  base.root = await snapshotOf('rootapp', ['sleep', '1000']);
+  // chroot --userspec: plain setresuid (as creds.test.ts).
+  if (isRoot) base.nobody = await snapshotOf('nobapp', ['chroot', `--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'sleep', '1000']);
+});
+
+afterAll(async () => {
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+const digestOf = (path: string) => {
+  const fd = openSync(path, 'r');
+  try {
+    return digestFd(fd);
+  } finally {
+    closeSync(fd);
+  }
+};
+
+/** `from`'s image changed by `change`, under `name`, signed by the
+ * sandbox's key as image `id`; `own`: still says it is this node's
+ * snapshot. */
+function crafted(name: string, from: keyof typeof base, change: (i: Image) => void, opts: { id?: string; own?: boolean } = {}): string {
+  const image = structuredClone(base[from].image);
+  if (!opts.own) image.fromSnapshot = false;
+  change(image);
+  const dir = join(out, name);
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir);
+  writeFileSync(join(dir, 'image.pb'), encodeImage(image));
+  linkSync(join(base[from].dir, 'pages.img'), join(dir, 'pages.img'));
+  const digests = new Map([
+    ['image.pb', digestOf(join(dir, 'image.pb'))],
+    ['pages.img', digestOf(join(dir, 'pages.img'))],
+  ]);
+  writeFileSync(join(dir, 'manifest.pb'), encodeSignedManifest(opts.id ?? 'feedfacefeedface', digests));
+  return dir;
+}
+
+/** Processes whose command line names the sandbox (init, seeds, the
+ * application under it). */
+const sandboxProcesses = () => spawnSync('pgrep', ['-f', sb.home], { encoding: 'utf8' }).stdout.trim();
+
+/** `appshot restore dir` refused: one line matching `line`, a non-zero
+ * exit, and nothing left (`paths`: that must not exist after). */
+function refused(dir: string, line: RegExp, paths: string[] = []): void {
+  const shm = sb.shmFiles();
+  const r = sb.run(['restore', dir]);
+  const lines = r.stderr.split('\n').filter(Boolean);
+  expect(lines, r.stderr).toHaveLength(1);
+  expect(lines[0]).toMatch(/^appshot: /);
+  expect(lines[0]).not.toMatch(/internal error/);
+  expect(lines[0]).toMatch(line);
+  expect(r.code, r.stderr).not.toBe(0);
+  expect(sb.aids()).toEqual([]);
+  expect(sb.shmFiles()).toEqual(shm);
+  const tmp = join(sb.home, 'tmp');
+  expect(existsSync(tmp) ? readdirSync(tmp) : []).toEqual([]);
+  for (const p of paths) expect(existsSync(p), `${p} was made`).toBe(false);
+}
+
+/** A restore that succeeds; its application removed after `check`. */
+function restores(dir: string, aid: string, check: (pid: number) => void = () => {}): void {
+  const r = sb.run(['restore', dir, '--aid', aid]);
+  expect(r.code, r.stderr).toBe(0);
+  try {
+    check(sb.systemPid(aid));
+  } finally {
+    sb.run(['kill', aid]);
+    sb.run(['rm', aid]);
+  }
+}
+
+/** A FILE descriptor naming `path` (a copy of the process's first FILE
+ * descriptor, at number 40). */
+function withFilePath(i: Image, path: string, procVpid?: number): void {
+  const p = i.processes.find((q) => q.fds.some((f) => f.kind === FdKind.FILE))!;
+  const fd = structuredClone(p.fds.find((f) => f.kind === FdKind.FILE)!);
+  // A file of its own, as a snapshot records one.
+  const file = { ...structuredClone(i.files[fd.file]), path };
+  // An open description of its own, too (one shared is made once).
+  const n = p.fds.filter((f) => f.fd >= 40 && f.fd < 50).length;
+  Object.assign(fd, { fd: 40 + n, path, pos: 0n, procVpid, file: i.files.push(file) - 1, description: 4000 + n, flags: 0 });
+  p.fds.push(fd);
+}
+
+describe("names resolved as the engine's own process (r344 #5)", () => {
+  const engineOwn: [string, (i: Image) => void, RegExp][] = [
+    ['/proc/self/mem', (i) => withFilePath(i, '/proc/self/mem'), /fd 40 names "\/proc\/self\/mem", which would be resolved as the restoring engine's own/],
+    ['/proc/thread-self/environ', (i) => withFilePath(i, '/proc/thread-self/environ'), /thread-self.*engine's own/],
+    ['//proc//self/maps', (i) => withFilePath(i, '//proc//self/maps'), /engine's own/],
+    ['/dev/fd/3', (i) => withFilePath(i, '/dev/fd/3'), /"\/dev\/fd\/3", which would be resolved as the restoring engine's own/],
+    ['/dev/stdin', (i) => withFilePath(i, '/dev/stdin'), /"\/dev\/stdin".*engine's own/],
+    ['/proc/1/mem (a process outside the application)', (i) => withFilePath(i, '/proc/1/mem'), /fd 40 names "\/proc\/1\/mem", \/proc of process 1, which is not one of the application's/],
+    ['/proc/N/mem said to be of a process the image does not have', (i) => withFilePath(i, '/proc/77/mem', 77), /\/proc of process 77, which the image does not have/],
+    ['a working directory /proc/self/cwd', (i) => void (i.processes[0].cwd = '/proc/self/cwd'), /working directory names "\/proc\/self\/cwd"/],
+    ['a mapping of /proc/self/mem', (i) => void (i.processes[0].vmas.find((v) => v.path.startsWith('/'))!.path = '/proc/self/mem'), /mapping at 0x[0-9a-f]+ names "\/proc\/self\/mem"/],
+    ['an executable /proc/self/exe', (i) => void (i.processes[0].exe = '/proc/self/exe'), /executable names "\/proc\/self\/exe"/],
+  ];
+  for (const [what, change, line] of engineOwn)
+    it(`refuses ${what} before anything is made`, () => {
+      refused(crafted(`own-${what.replace(/\W+/g, '_')}`, 'root', change), line);
+      expect(sandboxProcesses()).toBe('');
+    });
+
+  it("refuses a name that leads through a symlink to the engine's own /proc/self/mem", () => {
+    const link = join(out, 'to-self-mem');
+    rmSync(link, { force: true });
+    symlinkSync('/proc/self/mem', link);
+    refused(crafted('own-through-link', 'root', (i) => withFilePath(i, link)), new RegExp(`fd 40: ${link} leads to /proc/\\d+/mem, the restoring engine's own`));
+    expect(sandboxProcesses()).toBe('');
+  });
+
+  it("still restores a descriptor of the application's own /proc and of /proc/meminfo", () => {
+    const dir = crafted('proc-honest', 'root', (i) => {
+      const p = i.processes[0];
+      withFilePath(i, `/proc/${p.vpid}/status`, p.vpid);
+      withFilePath(i, '/proc/meminfo');
+    });
+    restores(dir, 'prochonest', (pid) => {
+      expect(readFileSync(`/proc/${pid}/fdinfo/40`, 'utf8')).toMatch(/pos:/);
+      expect(spawnSync('readlink', [`/proc/${pid}/fd/40`], { encoding: 'utf8' }).stdout.trim()).toBe(`/proc/${pid}/status`);
+      expect(spawnSync('readlink', [`/proc/${pid}/fd/41`], { encoding: 'utf8' }).stdout.trim()).toBe('/proc/meminfo');
+    });
+  });
+});
+
+/** Where the cgroup v2 hierarchy is mounted, if we may make cgroups in it. */
+function cgroupRoot(): string | undefined {
+  for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    const [before, after] = line.split(' - ');
+    if (!after?.startsWith('cgroup2 ')) continue;
+    const mount = before.split(' ')[4];
+    const mine = /^0::(.*)$/m.exec(readFileSync('/proc/self/cgroup', 'utf8'))?.[1] ?? '/';
+    try {
+      rmdirSync(mkdtempSync(join(mount, mine, 'appshot-probe-')));
+      return join(mount, mine);
+    } catch {
+      return undefined;
+    }
+  }
+  return undefined;
+}
+const cgroups = isRoot ? cgroupRoot() : undefined;
+
+describe.runIf(cgroups !== undefined)("cgroups joined as the image's processes would join them (r344 #3)", () => {
+  let group = '';
+  let mount = '';
+  beforeAll(() => {
+    group = mkdtempSync(join(cgroups!, 'appshot-hp-'));
+    const line = readFileSync('/proc/self/mountinfo', 'utf8').split('\n').find((l) => l.split(' - ')[1]?.startsWith('cgroup2 '))!;
+    mount = line.split(' - ')[0].split(' ')[4];
+  });
+  afterAll(() => {
+    // Anything a wrong restore moved in goes back up before removal.
+    for (const pid of readFileSync(join(group, 'cgroup.procs'), 'utf8').split('\n').filter(Boolean)) writeFileSync(join(group, '..', 'cgroup.procs'), pid);
+    rmdirSync(group);
+  });
+  const inGroup = (pid: number) => /^0::(.*)$/m.exec(readFileSync(`/proc/${pid}/cgroup`, 'utf8'))![1];
+
+  it('refuses a uid-65534 image that names a cgroup only root may enter, and leaves nothing', () => {
+    const path = group.slice(mount.length) || '/';
+    const dir = crafted('cgroup-rootonly', 'nobody', (i) => void i.processes.forEach((p) => (p.cgroup = path)));
+    refused(dir, new RegExp(`cannot be put back into its cgroup ${path} as the image's processes \\(uid 65534\\) may not enter it: EACCES`));
+    expect(readFileSync(join(group, 'cgroup.procs'), 'utf8')).toBe('');
+    expect(sandboxProcesses()).toBe('');
+  });
+
+  it("still puts an image's root process, or a snapshot of this node's uid-65534 one, back in its cgroup", () => {
+    const path = group.slice(mount.length) || '/';
+    restores(
+      crafted('cgroup-root', 'root', (i) => void i.processes.forEach((p) => (p.cgroup = path))),
+      'cgroot',
+      (pid) => expect(inGroup(pid)).toBe(path),
+    );
+    restores(
+      crafted('cgroup-own', 'nobody', (i) => void i.processes.forEach((p) => (p.cgroup = path)), { own: true }),
+      'cgown',
+      (pid) => expect(inGroup(pid)).toBe(path),
+    );
+  });
+});
+
+describe.runIf(isRoot)("REDIR PATH directories made as the image's processes (r344 #4)", () => {
+  const redir = (to: string) => (i: Image) => void (i.instance = { redirs: [{ kind: 'path', from: '/nonexistent-h347/file', to }], env: [] } as never);
+
+  it('refuses a uid-65534 image whose REDIR PATH target lies where it may not make a directory, and makes none', () => {
+    const rootOnly = join(out, 'rootonly');
+    mkdirSync(rootOnly, { mode: 0o755 });
+    const target = join(rootOnly, 'made', 'deeper', 'file');
+    refused(crafted('redir-rootonly', 'nobody', redir(target)), new RegExp(`cannot make the directory of REDIR PATH target ${target}: ${rootOnly} is not writable by the image's processes \\(uid 65534\\)`), [join(rootOnly, 'made')]);
+    expect(sandboxProcesses()).toBe('');
+  });
+
+  it('does not tell a uid-65534 image whether a path only root may see is a directory', () => {
+    // /root/.. is searchable by root alone: looked at as 65534 it is "not
+    // there", so only the target's parent is made (in its own directory).
+    const mine = join(out, 'nobodys');
+    mkdirSync(mine, { mode: 0o755 });
+    chownSync(mine, NOBODY, NOBODY);
+    const secret = mkdtempSync(join(out, 'secret-'));
+    chmodSync(secret, 0o700);
+    mkdirSync(join(secret, 'dir'));
+    const dir = crafted('redir-probe', 'nobody', (i) => void (i.instance = { redirs: [{ kind: 'path', from: join(secret, 'dir'), to: join(mine, 'a', 'b') }], env: [] } as never));
+    restores(dir, 'redirprobe', () => {
+      expect(existsSync(join(mine, 'a'))).toBe(true);
+      expect(existsSync(join(mine, 'a', 'b'))).toBe(false);
+    });
+  });
+
+  it("a restore killed once it made a target's directory leaves a record by which the next command removes it", async () => {
+    const mine = join(out, 'nobodys3');
+    mkdirSync(mine, { mode: 0o755 });
+    chownSync(mine, NOBODY, NOBODY);
+    const dir = crafted('redir-killed', 'nobody', redir(join(mine, 'k', 'l', 'file')));
+    const r = spawnSync(process.execPath, [cli, 'restore', dir, '--aid', 'redirkilled'], { env: { ...sb.env, APPSHOT_TEST_KILL_AT: 'restore: redir target directory made' }, encoding: 'utf8' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    expect(existsSync(join(mine, 'k'))).toBe(true);
+    // The next command that reads the registry finds the restore dead and
+    // removes what its record says it made.
+    sb.run(['ps', '-a']);
+    await waitFor(() => !existsSync(join(mine, 'k')), 10_000, 'the directory made to be removed');
+    expect(sb.aids()).toEqual([]);
+  });
+
+  it("still makes an honest target's directories, owned by the image's user", () => {
+    const mine = join(out, 'nobodys2');
+    mkdirSync(mine, { mode: 0o755 });
+    chownSync(mine, NOBODY, NOBODY);
+    const target = join(mine, 'x', 'y', 'file');
+    restores(crafted('redir-honest', 'nobody', redir(target)), 'redirhonest', () => {
+      expect(statSync(join(mine, 'x', 'y')).uid).toBe(NOBODY);
+      expect(statSync(join(mine, 'x')).uid).toBe(NOBODY);
+    });
+  });
+});
+
+describe('a chain of incremental parents that does not end (r344 #6)', () => {
+  it('refuses an image that is its own parent', () => {
+    refused(crafted('self-parent', 'root', (i) => void (i.parent = { path: '.', imageId: 'feedfacefeedface' })), /corrupt image: its parent "\." is not a plain path to another image/);
+  });
+
+  it("refuses two images that are each other's parent, through absolute paths", () => {
+    const a = join(out, 'loop-a');
+    const b = join(out, 'loop-b');
+    crafted('loop-b', 'root', (i) => void (i.parent = { path: a, imageId: 'aaaaaaaaaaaaaaaa' }), { id: 'bbbbbbbbbbbbbbbb' });
+    crafted('loop-a', 'root', (i) => void (i.parent = { path: b, imageId: 'bbbbbbbbbbbbbbbb' }), { id: 'aaaaaaaaaaaaaaaa' });
+    refused(a, /corrupt image: its chain of parents comes back to .*loop-a \(image aaaaaaaaaaaaaaaa\), an image already in it/);
+  });
+
+  it('refuses a chain of 65 images, and restores one of 64', () => {
+    const link = (n: number) => join(out, `chain-${n}`);
+    const id = (n: number) => n.toString(16).padStart(16, '0');
+    for (let n = 64; n >= 0; n--) crafted(`chain-${n}`, 'root', (i) => void (n < 64 ? (i.parent = { path: link(n + 1), imageId: id(n + 1) }) : delete i.parent), { id: id(n), own: true });
+    refused(link(0), /chain of incremental parents is longer than 64 images/);
+    restores(link(1), 'chain64');
+  });
+});
+
+describe('pseudoterminals no process holds (r344 #8)', () => {
+  const pair = () => ({ termios: Buffer.alloc(36), winsize: Buffer.alloc(8), input: Buffer.alloc(0), output: Buffer.alloc(0), packet: false, locked: false, foreground: 0, masterExclusive: true, slaveExclusive: false });
+  it('refuses a pty no descriptor and no process names', () => {
+    refused(crafted('pty-unheld', 'root', (i) => void (i.ptys = [pair()] as never)), /corrupt image: pty 0 is held by no descriptor and is no process's terminal/);
+  });
+  it('refuses more ptys than the bound', () => {
+    refused(crafted('pty-many', 'root', (i) => void (i.ptys = Array.from({ length: 1025 }, pair) as never)), /corrupt image: it holds 1025 pseudoterminals \(at most 1024\)/);
+  });
+});
+
+describe.runIf(isRoot)('key files owned by another user (r344 #9)', () => {
+  it("refuses a trusted key, or the node's own key, that another user owns", () => {
+    const trusted = join(sb.home, 'keys', 'trusted');
+    mkdirSync(trusted, { recursive: true, mode: 0o700 });
+    const pub = join(trusted, 'other.pub');
+    writeFileSync(pub, sb.ok(['key', 'export']), { mode: 0o644 });
+    chownSync(pub, NOBODY, NOBODY);
+    try {
+      refused(base.root.dir, new RegExp(`${pub} belongs to uid 65534, not to uid 0 or root`));
+    } finally {
+      rmSync(pub);
+    }
+    const self = join(sb.home, 'keys', 'self.key');
+    chownSync(self, NOBODY, NOBODY);
+    try {
+      refused(base.root.dir, new RegExp(`${self} belongs to uid 65534`));
+    } finally {
+      chownSync(self, 0, 0);
+    }
+  });
+});
