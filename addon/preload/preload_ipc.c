@@ -76,6 +76,7 @@ static long create_reserved(const struct ipc_kind *k, key_t key, long size,
     test_pause("keyed-key-taken");
   }
   if (r >= 0) {
+    appshot_ipc_pids_forget(g_h, k->id, (int32_t)r); /* a new object */
     test_pause("keyed-object-made");
     /* The id, then the key, as a settling locker adopts them. */
     *vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0);
@@ -131,9 +132,11 @@ static long do_get(const struct ipc_kind *k, key_t key, long size, int flags) {
   ID_WINDOW();
   int32_t skey, vid;
   long r;
-  if (key == IPC_PRIVATE)
+  if (key == IPC_PRIVATE) {
     r = raw_get(k, IPC_PRIVATE, size, flags);
-  else
+    /* Always a new object: no record of an old one under its id applies. */
+    if (r >= 0) appshot_ipc_pids_forget(g_h, k->id, (int32_t)r);
+  } else
     r = appshot_v2s(g_h, k->key, key, &skey) ? get_bound(k, skey, size, flags) : -ENOENT;
   if (r == -ENOENT && key != IPC_PRIVATE && (flags & IPC_CREAT)) {
     r = create_keyed(k, key, size, flags, &vid);
@@ -1023,6 +1026,7 @@ long do_semctl(int id, int num, int cmd, union semun arg) {
     if (r == 0) sem_generation_bump();
     if (r == 0) test_pause("ipc-removed");
     if (r == 0) {
+      appshot_ipc_pids_forget(g_h, APPSHOT_SEMID, sid);
       appshot_unmap_system(g_h, APPSHOT_SEMID, sid);
       unbind_removed_key(&SEM, skey);
     }
@@ -1095,7 +1099,10 @@ long do_shmctl(int id, int cmd, struct shmid_ds *buf) {
     r = REAL(shmctl)(sid, cmd, buf);
     if (r == 0) test_pause("ipc-removed");
     /* The id mapping stays: Linux keeps a removed segment alive, and
-     * usable by id, while it is attached. Init drops it once it is gone. */
+     * usable by id, while it is attached. Init drops it once it is gone,
+     * and its recorded PIDs with it; gone already, they go here. */
+    if (r == 0 && REAL(shmctl)(sid, IPC_STAT, &ds) != 0)
+      appshot_ipc_pids_forget(g_h, APPSHOT_SHMID, sid);
     if (r == 0) unbind_removed_key(&SHM, skey);
     return r;
   }
@@ -1164,6 +1171,7 @@ long do_msgctl(int id, int cmd, struct msqid_ds *buf) {
     r = REAL(msgctl)(sid, cmd, buf);
     if (r == 0) test_pause("ipc-removed");
     if (r == 0) {
+      appshot_ipc_pids_forget(g_h, APPSHOT_MSGID, sid);
       appshot_unmap_system(g_h, APPSHOT_MSGID, sid);
       unbind_removed_key(&MSG, skey);
     }
