@@ -203,19 +203,31 @@ static key_t vkey(enum appshot_kind kind, key_t skey) {
 }
 
 /* A PID an IPC_STAT, *_STAT or GETPID of object `sid` shows in `field`
- * (APPSHOT_IPC_*, a semaphore's number), `shown` the kernel's: a process
- * of the application by its virtual PID. Else, while the kernel shows
- * what a restore left there (its restorer, or nobody), the process the
- * image recorded (appshot_ipc_pids), if it is still the application's:
- * the kernel's value names the object's creator or last user for as long
- * as nobody uses it again, and so does this. Else 0, as a PID namespace
- * shows a process outside it. */
+ * (APPSHOT_IPC_*, a semaphore's number), `shown` the kernel's. While the
+ * kernel shows exactly what a restore left there (its restorer, or
+ * nobody), the process the image recorded (appshot_ipc_pids), if it is
+ * still the application's: the kernel's value names the object's creator
+ * or last user for as long as nobody uses it again, and so does this.
+ * Else a process of the application by its virtual PID; else 0, as a PID
+ * namespace shows a process outside it.
+ *
+ * The record first: the restorer's PID, once it has exited, may be handed
+ * to a process of the application. Translated first, that process would
+ * be named as the creator (shm_cpid, which the kernel never changes: for
+ * good) or last user of an object it never touched. The record first
+ * misnames only where that process really is the object's last user
+ * (until the next use by another): it needs the same reuse of the PID and
+ * a use of this object by that one process besides, the rarer case; for
+ * shm_cpid it cannot happen (an entry is forgotten when its object goes
+ * or a new object gets its id, appshot_ipc_pids_forget). A recorded
+ * process that is gone is 0, unless the kernel's value names a process
+ * of the application: then that one, which may be the reuser's real use. */
 static pid_t ipc_pid_out(enum appshot_kind kind, int32_t sid, uint32_t field, int32_t shown) {
   int32_t v, s;
-  if (shown > 0 && appshot_s2v(g_h, APPSHOT_PID, shown, &v)) return v;
   if (appshot_ipc_pid_recorded(g_h, kind, sid, field, shown, &v) && v > 0 &&
       appshot_v2s(g_h, APPSHOT_PID, v, &s))
     return v;
+  if (shown > 0 && appshot_s2v(g_h, APPSHOT_PID, shown, &v)) return v;
   return 0;
 }
 
