@@ -625,4 +625,26 @@ describe('the PIDs restored SysV objects show: those the image recorded, until a
     expect(sb.aids()).not.toContain('ipcx');
   });
 
+  it('a semaphore set the restorer may not read (mode 0200, no CAP_IPC_OWNER): restored, its PIDs said not kept', async () => {
+    // semRead (IPC_STAT, GETPID) needs read permission, which write-only
+    // denies its owner too: the settling of the PIDs failed the restore.
+    // The application, the snapshot and the restore run without
+    // CAP_IPC_OWNER (the restore grants no capability it lacks).
+    const withoutIpcOwner = (args: string[]) => {
+      const r = spawnSync('setpriv', ['--inh-caps=-ipc_owner', '--bounding-set=-ipc_owner', '--', command, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8', timeout: 50_000 });
+      return { code: r.status, stderr: r.stderr };
+    };
+    let r = withoutIpcOwner(['run', '-d', '--aid', 'ipcw', '--', fixture('ipcpids')]);
+    expect(r.code, r.stderr).toBe(0);
+    await sb.checksPass('ipcw');
+    r = withoutIpcOwner(['snapshot', 'ipcw', '-o', join(out, 'w')]);
+    expect(r.code, r.stderr).toBe(0);
+    const writeOnly = await crafted('w', 'w-writeonly', (i) => void (i.semaphores[0].mode = 0o200))();
+    r = withoutIpcOwner(['restore', writeOnly]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toMatch(/not kept: SysV PIDs: .*semaphore set 0's last users \(GETPID\): .*Permission denied/);
+    // Restored and running: its own check cannot read the set either.
+    await waitFor(() => /^FAIL.*semaphore 0's GETPID is -1/m.test(sb.log('ipcw')), 15_000, 'ipcw to check its set');
+    await stopped('ipcw');
+  });
 });
