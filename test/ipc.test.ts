@@ -1,7 +1,7 @@
 // SysV semaphores, shared memory and message queues through virtual ids
 // and virtual keys.
-import { spawn } from 'node:child_process';
-import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -13,7 +13,7 @@ import { validateImage } from '../src/image/validate.js';
 import { semUndoOf } from '../src/ptrace/windows.js';
 import { readMaps } from '../src/resources/memory.js';
 import { LocalRegistry } from '../src/registry.js';
-import { type Entry, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
+import { command, type Entry, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
@@ -530,6 +530,55 @@ describe('the PIDs restored SysV objects show: those the image recorded, until a
     await stopped('ipcr');
   });
 
+  /** The record of PIDs restored SysV objects show (appshot_ipc_pids) in
+   * application `aid`'s tables file: [kind, system id, field, shown, vpid],
+   * kind 1 a semaphore set, 2 a segment, 3 a queue (enum appshot_kind; a
+   * forgotten entry's is 0). */
+  const ipcPidRecord = (aid: string): number[][] => {
+    const files = readdirSync('/dev/shm').filter((n) => n.startsWith('appshot-') && n.includes(`-${aid}-`));
+    expect(files).toHaveLength(1);
+    const fd = openSync(join('/dev/shm', files[0]), 'r');
+    try {
+      const at = addon().tablesIpcPidsOffset;
+      const head = Buffer.alloc(8);
+      readSync(fd, head, 0, 8, at);
+      const b = Buffer.alloc(Math.min(head.readUInt32LE(0), 4096) * 16);
+      readSync(fd, b, 0, b.length, at + 8);
+      const out: number[][] = [];
+      for (let i = 0; i < b.length; i += 16) out.push([b.readUInt16LE(i + 4), b.readInt32LE(i), b.readUInt16LE(i + 6), b.readInt32LE(i + 8), b.readInt32LE(i + 12)]);
+      return out;
+    } finally {
+      closeSync(fd);
+    }
+  };
+
+  it('a restored queue or set removed by the application: its recorded PIDs go with it, for no new object under its id to show', async () => {
+    // After a restore a queue's msg_lrpid is 0 (nobody received), as a new
+    // queue's is: a record (queue, id, lrpid, shown 0, V) kept after the
+    // queue's IPC_RMID named V for the next queue the kernel gave that id.
+    sb.ok(['run', '-d', '--aid', 'ipcrm', '--', fixture('ipcpids')]);
+    await sb.checksPass('ipcrm');
+    sb.ok(['snapshot', 'ipcrm', '-o', join(out, 'rm')]);
+    sb.ok(['restore', join(out, 'rm')]);
+    await sb.checksPass('ipcrm');
+    const t = sb.json<{ tables: Record<string, Entry[]> }>(['table', 'ipcrm']).tables;
+    const [queue] = t.msgid;
+    const [set] = t.semid;
+    const of = (kind: number, sid: number) => ipcPidRecord('ipcrm').filter(([k, s]) => k === kind && s === sid);
+    // The queue's last receiver (shown 0) and the set's users are recorded.
+    expect(of(3, queue.system).some(([, , field, shown]) => field === 1 && shown === 0)).toBe(true);
+    expect(of(1, set.system).length).toBeGreaterThan(0);
+    // Its processes stopped, for their checks not to end it when the
+    // objects go (init, which keeps the tables, runs on).
+    const stoppedPids = t.pid.filter((e) => e.virtual !== 1).map((e) => e.system);
+    for (const pid of stoppedPids) process.kill(pid, 'SIGSTOP');
+    sb.ok(['exec', 'ipcrm', '--', 'ipcrm', '-q', String(queue.virtual), '-s', String(set.virtual)]);
+    expect(systemIpcIds().msg).not.toContain(queue.system);
+    expect(of(3, queue.system)).toEqual([]);
+    expect(of(1, set.system)).toEqual([]);
+    await stopped('ipcrm');
+  });
+
   /** Image `from` with `change` made to it, signed by this sandbox's node. */
   const crafted = (from: string, name: string, change: (i: Image) => void) => async () => {
     const { image } = await loadImage(join(out, from), { trust: 'report' });
@@ -574,5 +623,28 @@ describe('the PIDs restored SysV objects show: those the image recorded, until a
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/SysV segment \d+'s creator PID is 4194304, not a PID/);
     expect(sb.aids()).not.toContain('ipcx');
+  });
+
+  it('a semaphore set the restorer may not read (mode 0200, no CAP_IPC_OWNER): restored, its PIDs said not kept', async () => {
+    // semRead (IPC_STAT, GETPID) needs read permission, which write-only
+    // denies its owner too: the settling of the PIDs failed the restore.
+    // The application, the snapshot and the restore run without
+    // CAP_IPC_OWNER (the restore grants no capability it lacks).
+    const withoutIpcOwner = (args: string[]) => {
+      const r = spawnSync('setpriv', ['--inh-caps=-ipc_owner', '--bounding-set=-ipc_owner', '--', command, ...args], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8', timeout: 50_000 });
+      return { code: r.status, stderr: r.stderr };
+    };
+    let r = withoutIpcOwner(['run', '-d', '--aid', 'ipcw', '--', fixture('ipcpids')]);
+    expect(r.code, r.stderr).toBe(0);
+    await sb.checksPass('ipcw');
+    r = withoutIpcOwner(['snapshot', 'ipcw', '-o', join(out, 'w')]);
+    expect(r.code, r.stderr).toBe(0);
+    const writeOnly = await crafted('w', 'w-writeonly', (i) => void (i.semaphores[0].mode = 0o200))();
+    r = withoutIpcOwner(['restore', writeOnly]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toMatch(/not kept: SysV PIDs: .*semaphore set 0's last users \(GETPID\): .*Permission denied/);
+    // Restored and running: its own check cannot read the set either.
+    await waitFor(() => /^FAIL.*semaphore 0's GETPID is -1/m.test(sb.log('ipcw')), 15_000, 'ipcw to check its set');
+    await stopped('ipcw');
   });
 });

@@ -181,12 +181,26 @@ int appshot_ipc_pid_recorded(const struct appshot_header *h, enum appshot_kind k
   if (n > APPSHOT_IPC_PID_SLOTS) n = APPSHOT_IPC_PID_SLOTS;
   for (uint32_t i = 0; i < n; i++) {
     const struct appshot_ipc_pid *e = &p->pid[i];
-    if (e->sid == sid && e->kind == (uint16_t)kind && e->field == field && e->shown == shown) {
+    /* kind first, acquired: appshot_ipc_pids_forget clears it alone. */
+    if (LOAD(&e->kind) == (uint16_t)kind && e->sid == sid && e->field == field &&
+        e->shown == shown) {
       *vpid = e->vpid;
       return 1;
     }
   }
   return 0;
+}
+
+void appshot_ipc_pids_forget(struct appshot_header *h, enum appshot_kind kind, int32_t sid) {
+  struct appshot_ipc_pids *p = appshot_ipc_pids_of(h);
+  uint32_t n = LOAD(&p->count);
+  if (n > APPSHOT_IPC_PID_SLOTS) n = APPSHOT_IPC_PID_SLOTS;
+  for (uint32_t i = 0; i < n; i++) {
+    struct appshot_ipc_pid *e = &p->pid[i];
+    /* One store of the kind: a reader sees the entry whole or no match. */
+    if (LOAD(&e->kind) == (uint16_t)kind && e->sid == sid)
+      STORE(&e->kind, (uint16_t)APPSHOT_IPC_PID_FORGOTTEN);
+  }
 }
 
 /* Virtual id ranges. PIDs: 1 is the application's init (bound, not

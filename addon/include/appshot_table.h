@@ -422,8 +422,11 @@ int appshot_prior_add(struct appshot_header *h, int32_t vid, int32_t sid);
  * "while the kernel shows system PID `shown` in this field, the
  * application sees `vpid`". The first use by a process of the application
  * sets the field to that process, which the usual translation names: the
- * entry stops applying by itself. Written only by a restore, before any
- * restored process runs; read without the lock (preload_ipc.c, and a
+ * entry stops applying by itself. Written by a restore, before any
+ * restored process runs; afterwards only an entry's kind changes, to
+ * APPSHOT_IPC_PID_FORGOTTEN, when its object goes or a new object gets
+ * its system id (appshot_ipc_pids_forget: the library's IPC_RMID and
+ * gets, init's sweep). Read without the lock (preload_ipc.c, and a
  * snapshot: the application may overwrite it, so every reader bounds
  * `count` and checks what it finds). */
 #define APPSHOT_IPC_PID_SLOTS 4096u
@@ -457,6 +460,17 @@ uint64_t appshot_ipc_pids_offset(void);
 int appshot_ipc_pid_recorded(const struct appshot_header *h, enum appshot_kind kind,
                              int32_t sid, uint32_t field, int32_t shown,
                              int32_t *vpid);
+/* appshot_ipc_pid.kind of an entry forgotten: it matches no object
+ * (APPSHOT_PID is never an entry's kind). */
+#define APPSHOT_IPC_PID_FORGOTTEN APPSHOT_PID
+/* Forgets every entry of object `sid` of `kind`: it is gone (its IPC_RMID
+ * succeeded, init found it gone) or a new object was just made under that
+ * system id. An entry outliving its object would apply to the next object
+ * the kernel gives the same id: one whose field shows what the entry's
+ * `shown` says (0, nobody, as any fresh object's does) would name the old
+ * object's recorded process. Lock-free and async-signal-safe: each entry's
+ * kind is cleared by one atomic store. */
+void appshot_ipc_pids_forget(struct appshot_header *h, enum appshot_kind kind, int32_t sid);
 
 /* Notes (level, name) of socket `ino` with `value`, replacing its note of
  * the same option. Lock-free and async-signal-safe. */

@@ -582,6 +582,8 @@ static void sweep(void) {
           appshot_scan_removed(&sc);
         }
       } else if (ipc_gone((enum appshot_kind)k, sid)) {
+        /* Its recorded PIDs too: a new object may get the id. */
+        appshot_ipc_pids_forget(tables, (enum appshot_kind)k, sid);
         if (appshot_unmap_system(tables, (enum appshot_kind)k, sid)) appshot_scan_removed(&sc);
       }
     }

@@ -76,6 +76,7 @@ static long create_reserved(const struct ipc_kind *k, key_t key, long size,
     test_pause("keyed-key-taken");
   }
   if (r >= 0) {
+    appshot_ipc_pids_forget(g_h, k->id, (int32_t)r); /* a new object */
     test_pause("keyed-object-made");
     /* The id, then the key, as a settling locker adopts them. */
     *vid = appshot_map_system_locked(g_h, k->id, (int32_t)r, 0, 0);
@@ -131,9 +132,11 @@ static long do_get(const struct ipc_kind *k, key_t key, long size, int flags) {
   ID_WINDOW();
   int32_t skey, vid;
   long r;
-  if (key == IPC_PRIVATE)
+  if (key == IPC_PRIVATE) {
     r = raw_get(k, IPC_PRIVATE, size, flags);
-  else
+    /* Always a new object: no record of an old one under its id applies. */
+    if (r >= 0) appshot_ipc_pids_forget(g_h, k->id, (int32_t)r);
+  } else
     r = appshot_v2s(g_h, k->key, key, &skey) ? get_bound(k, skey, size, flags) : -ENOENT;
   if (r == -ENOENT && key != IPC_PRIVATE && (flags & IPC_CREAT)) {
     r = create_keyed(k, key, size, flags, &vid);
@@ -200,19 +203,31 @@ static key_t vkey(enum appshot_kind kind, key_t skey) {
 }
 
 /* A PID an IPC_STAT, *_STAT or GETPID of object `sid` shows in `field`
- * (APPSHOT_IPC_*, a semaphore's number), `shown` the kernel's: a process
- * of the application by its virtual PID. Else, while the kernel shows
- * what a restore left there (its restorer, or nobody), the process the
- * image recorded (appshot_ipc_pids), if it is still the application's:
- * the kernel's value names the object's creator or last user for as long
- * as nobody uses it again, and so does this. Else 0, as a PID namespace
- * shows a process outside it. */
+ * (APPSHOT_IPC_*, a semaphore's number), `shown` the kernel's. While the
+ * kernel shows exactly what a restore left there (its restorer, or
+ * nobody), the process the image recorded (appshot_ipc_pids), if it is
+ * still the application's: the kernel's value names the object's creator
+ * or last user for as long as nobody uses it again, and so does this.
+ * Else a process of the application by its virtual PID; else 0, as a PID
+ * namespace shows a process outside it.
+ *
+ * The record first: the restorer's PID, once it has exited, may be handed
+ * to a process of the application. Translated first, that process would
+ * be named as the creator (shm_cpid, which the kernel never changes: for
+ * good) or last user of an object it never touched. The record first
+ * misnames only where that process really is the object's last user
+ * (until the next use by another): it needs the same reuse of the PID and
+ * a use of this object by that one process besides, the rarer case; for
+ * shm_cpid it cannot happen (an entry is forgotten when its object goes
+ * or a new object gets its id, appshot_ipc_pids_forget). A recorded
+ * process that is gone is 0, unless the kernel's value names a process
+ * of the application: then that one, which may be the reuser's real use. */
 static pid_t ipc_pid_out(enum appshot_kind kind, int32_t sid, uint32_t field, int32_t shown) {
   int32_t v, s;
-  if (shown > 0 && appshot_s2v(g_h, APPSHOT_PID, shown, &v)) return v;
   if (appshot_ipc_pid_recorded(g_h, kind, sid, field, shown, &v) && v > 0 &&
       appshot_v2s(g_h, APPSHOT_PID, v, &s))
     return v;
+  if (shown > 0 && appshot_s2v(g_h, APPSHOT_PID, shown, &v)) return v;
   return 0;
 }
 
@@ -1023,6 +1038,7 @@ long do_semctl(int id, int num, int cmd, union semun arg) {
     if (r == 0) sem_generation_bump();
     if (r == 0) test_pause("ipc-removed");
     if (r == 0) {
+      appshot_ipc_pids_forget(g_h, APPSHOT_SEMID, sid);
       appshot_unmap_system(g_h, APPSHOT_SEMID, sid);
       unbind_removed_key(&SEM, skey);
     }
@@ -1095,7 +1111,10 @@ long do_shmctl(int id, int cmd, struct shmid_ds *buf) {
     r = REAL(shmctl)(sid, cmd, buf);
     if (r == 0) test_pause("ipc-removed");
     /* The id mapping stays: Linux keeps a removed segment alive, and
-     * usable by id, while it is attached. Init drops it once it is gone. */
+     * usable by id, while it is attached. Init drops it once it is gone,
+     * and its recorded PIDs with it; gone already, they go here. */
+    if (r == 0 && REAL(shmctl)(sid, IPC_STAT, &ds) != 0)
+      appshot_ipc_pids_forget(g_h, APPSHOT_SHMID, sid);
     if (r == 0) unbind_removed_key(&SHM, skey);
     return r;
   }
@@ -1164,6 +1183,7 @@ long do_msgctl(int id, int cmd, struct msqid_ds *buf) {
     r = REAL(msgctl)(sid, cmd, buf);
     if (r == 0) test_pause("ipc-removed");
     if (r == 0) {
+      appshot_ipc_pids_forget(g_h, APPSHOT_MSGID, sid);
       appshot_unmap_system(g_h, APPSHOT_MSGID, sid);
       unbind_removed_key(&MSG, skey);
     }

@@ -698,6 +698,12 @@ Napi::Value TouchSysv(const Napi::CallbackInfo& info) {
     shmdt(at);
     return env.Undefined();
   }
+  // struct sembuf's sem_num is 16 bits: a larger number would wrap to
+  // another semaphore of the set.
+  if (semnum < 0 || semnum > 65535) {
+    ThrowErrno(env, "semaphore " + std::to_string(semnum) + " of set " + std::to_string(sid), ERANGE);
+    return env.Undefined();
+  }
   int value = semctl(sid, semnum, GETVAL);
   if (value < 0) {
     ThrowErrno(env, "reading semaphore " + std::to_string(semnum) + " of set " + std::to_string(sid), errno);

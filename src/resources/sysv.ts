@@ -193,6 +193,8 @@ const IPC_FIELD = { shmCpid: 0, shmLpid: 1, msgLspid: 0, msgLrpid: 1 } as const;
 const IPC_PIDS_HEADER = 8;
 const IPC_PID_ENTRY = 16;
 const IPC_PID_SLOTS = 4096;
+/** Semaphore numbers an entry's 16-bit field holds (0 to 65535). */
+const IPC_SEM_FIELD_LIMIT = 0x10000;
 const pidKey = (kind: IpcKind, sid: number, field: number, shown: number) => `${KIND_NUMBER[kind]}:${sid}:${field}:${shown}`;
 
 /** What a restore wrote into tables file `path` of the PIDs its SysV
@@ -277,8 +279,12 @@ export function settleSysvPids(image: Image, shmIds: Map<number, number>, tables
   const shmStatus = segmentStatuses(new Set(shmIds.values()));
   for (const s of image.shmSegments) {
     const sid = shmIds.get(s.vid);
-    const st = sid === undefined ? undefined : shmStatus.get(sid);
-    if (sid === undefined || !st) continue;
+    if (sid === undefined) continue;
+    const st = shmStatus.get(sid);
+    if (!st) {
+      left.push(`shared memory segment ${s.vid}'s creator and last user (shm_cpid, shm_lpid): not found in /proc/sysvipc/shm, shown as the kernel has them`);
+      continue;
+    }
     settle(`shared memory segment ${s.vid}'s creator (shm_cpid)`, 'shmid', sid, IPC_FIELD.shmCpid, s.cvpid, st.cpid);
     settle(`shared memory segment ${s.vid}'s last user (shm_lpid)`, 'shmid', sid, IPC_FIELD.shmLpid, s.lvpid, st.lpid, () => addon().touchSysv('shmid', sid, 0));
   }
@@ -287,15 +293,31 @@ export function settleSysvPids(image: Image, shmIds: Map<number, number>, tables
     for (const set of image.semaphores) {
       const sid = semIds.get(set.vid);
       if (sid === undefined) continue;
-      const pids = addon().semRead(sid).pids;
-      pids.forEach((pid, n) => settle(`semaphore ${n} of set ${set.vid}'s last user (GETPID)`, 'semid', sid, n, set.vpids[n] ?? 0, pid, () => addon().touchSysv('semid', sid, n)));
+      let pids: number[];
+      try {
+        // Needs read permission (IPC_STAT, GETPID): a set of mode 0200,
+        // say, restored by its owner without CAP_IPC_OWNER is refused.
+        pids = addon().semRead(sid).pids;
+      } catch (e) {
+        left.push(`semaphore set ${set.vid}'s last users (GETPID): ${(e as Error).message}, shown as the kernel has them`);
+        continue;
+      }
+      // The table's field is 16 bits, as the kernel's sem_num is: a
+      // semaphore beyond (SEMMSL raised past 65536) cannot be named.
+      if (pids.length > IPC_SEM_FIELD_LIMIT)
+        left.push(`semaphores ${IPC_SEM_FIELD_LIMIT} to ${pids.length - 1} of set ${set.vid}'s last users (GETPID): beyond the semaphore numbers the tables hold, shown as the kernel has them`);
+      pids.slice(0, IPC_SEM_FIELD_LIMIT).forEach((pid, n) => settle(`semaphore ${n} of set ${set.vid}'s last user (GETPID)`, 'semid', sid, n, set.vpids[n] ?? 0, pid, () => addon().touchSysv('semid', sid, n)));
     }
     const msgIds = new Map(t.msgid.map((e) => [e.virtual, e.system]));
     const queuePids = image.msgQueues.length ? msgPids(new Set(msgIds.values())) : new Map<number, { lspid: number; lrpid: number }>();
     for (const q of image.msgQueues) {
       const sid = msgIds.get(q.vid);
-      const m = sid === undefined ? undefined : queuePids.get(sid);
-      if (sid === undefined || !m) continue;
+      if (sid === undefined) continue;
+      const m = queuePids.get(sid);
+      if (!m) {
+        left.push(`message queue ${q.vid}'s last sender and receiver (msg_lspid, msg_lrpid): not found in /proc/sysvipc/msg, shown as the kernel has them`);
+        continue;
+      }
       // Only the restorer sent (its refill) and nobody received: no
       // process of the application is named, nothing to touch.
       settle(`message queue ${q.vid}'s last sender (msg_lspid)`, 'msgid', sid, IPC_FIELD.msgLspid, q.lsvpid, m.lspid);
