@@ -315,9 +315,7 @@ export function sessionKeyringJoinLater(needed: boolean, creds: { uid: number[];
  * Fills the session keyring the process joined (joinNewSessionKeyring)
  * from inside it: its keys, then each key's and the keyring's owner and
  * permissions (last: a permission without the possessor's "setattr" would
- * stop the next change). Needs the process's scratch memory. The calls run
- * at the start of the process's next stop (RemoteProcess.defer), which the
- * caller makes before its credentials are set.
+ * stop the next change). Needs the process's scratch memory.
  */
 export function fillSessionKeyring(r: RemoteProcess, ring: SessionKeyring, restorer: { uid: number; gid: number; realUid: number }): void {
   r.reset();
@@ -345,7 +343,7 @@ export function fillSessionKeyring(r: RemoteProcess, ring: SessionKeyring, resto
     owned(0, k.uid, k.gid, k.perm, what, added);
   }
   owned(KEY_SPEC_SESSION_KEYRING, ring.uid, ring.gid, ring.perm, 'the session keyring');
-  calls.defer();
+  calls.run();
 }
 
 const CAP_SETUID = 7n;

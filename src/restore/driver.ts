@@ -1106,10 +1106,6 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
       // Its SEM_UNDO adjustments, its threads made (they share them).
       restoreSemUndo(r, p, image, tables);
-      // Its session keyring's keys, owners and permissions while appshot
-      // may still give them away (KEYCTL_CHOWN): the first calls of the
-      // main thread's batch (deferred), not a stop of their own after it.
-      if (p.sessionKeyring && joinsSessionKeyring(p, byVpid.get(p.vppid))) fillSessionKeyring(r, p.sessionKeyring, restorer);
       r.reset();
       const mainCalls = r.batch();
       // From here on, batches run from the preload library's copy of the
@@ -1149,6 +1145,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)], (vpid) => sysPid.get(vpid));
       restoreRoot(r, p, handed);
       sealMemory(r, p.vmas);
+      // Its session keyring's keys, owners and permissions while appshot
+      // may still give them away (KEYCTL_CHOWN).
+      if (p.sessionKeyring && joinsSessionKeyring(p, byVpid.get(p.vppid))) fillSessionKeyring(r, p.sessionKeyring, restorer);
       // Limits late, so that a low RLIMIT_NOFILE, NPROC or SIGPENDING
       // does not stop the restore's own descriptors, threads and signals,
       // but before the credentials, which may give up the capability that
