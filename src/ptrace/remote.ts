@@ -206,7 +206,7 @@ export class RemoteProcess {
   /** Pages to unmap before the scratch area (unmapLater). */
   private unmaps: { addr: bigint; length: number }[] = [];
   /** Calls handed over to run at the start of the next stop (defer). */
-  private deferred: DeferredCalls[] = [];
+  private deferred: { calls: NamedCall[]; then?: (results: bigint[]) => void }[] = [];
   /** Scratch memory the deferred calls' arguments point into: kept by
    * reset() until they ran. */
   private deferredUsed = 0;
@@ -465,53 +465,15 @@ export class RemoteProcess {
    * the process itself: what is read of the process from outside meanwhile
    * (its memory, /proc) does not see them yet.
    */
-  defer(calls: NamedCall[], then?: (results: bigint[]) => void, recover?: DeferredCalls['recover']): void {
+  defer(calls: NamedCall[], then?: (results: bigint[]) => void): void {
     if (!calls.length) return;
     if (!this.batchCode) {
       const results = this.runNamed(calls, this.pid);
       then?.(results);
       return;
     }
-    this.deferred.push({ calls, then, recover });
+    this.deferred.push({ calls, then });
     this.deferredUsed = this.used;
-  }
-
-  /**
-   * After a stop in which the deferred calls `taken` ran first and one of
-   * them failed (or the batch stopped short), with `results` those of the
-   * calls that ran (`taken`'s first): if the calls handed over with the
-   * one that failed have a `recover`, and it gives the calls to run
-   * instead of their rest, those are deferred again (first, with the
-   * groups after them, none of which ran) and true is returned, for the
-   * caller to run its stop again. The groups before were run whole:
-   * their `then` is told. false otherwise: the failure is the caller's.
-   */
-  private recovered(taken: DeferredCalls[], results: bigint[]): boolean {
-    const last = results.length - 1;
-    const failed = last >= 0 && results[last] < 0n && results[last] > -4096n;
-    const at = failed ? last : results.length;
-    let first = 0;
-    const k = taken.findIndex((d) => {
-      if (at < first + d.calls.length) return true;
-      first += d.calls.length;
-      return false;
-    });
-    const d = taken[k];
-    const again = d?.recover?.(results.slice(first, at + (failed ? 1 : 0)));
-    if (!again) return false;
-    let from = 0;
-    for (const before of taken.slice(0, k)) {
-      before.then?.(results.slice(from, from + before.calls.length));
-      from += before.calls.length;
-    }
-    // Their `then` is told when these have run (with their results).
-    if (again.length) this.deferred.unshift({ calls: again, then: d.then }, ...taken.slice(k + 1));
-    else {
-      d.then?.([]);
-      this.deferred.unshift(...taken.slice(k + 1));
-    }
-    this.deferredUsed = Math.max(this.deferredUsed, this.used);
-    return true;
   }
 
   /** Whether calls wait for the next stop (defer). */
@@ -523,12 +485,8 @@ export class RemoteProcess {
   runDeferred(): void {
     if (!this.deferred.length) return;
     const taken = this.deferred.splice(0);
-    const calls = joinedDeferred(taken);
-    const ran = this.runCalls(calls, this.pid);
-    if (ran.length < calls.length || (ran.length && ran[ran.length - 1] < 0n && ran[ran.length - 1] > -4096n)) {
-      if (this.recovered(taken, ran)) return this.runDeferred();
-    }
-    const results = this.namedResults(calls, ran);
+    const calls = taken.flatMap((d) => d.calls);
+    const results = this.runNamed(calls, this.pid);
     let at = 0;
     for (const d of taken) {
       d.then?.(results.slice(at, at + d.calls.length));
@@ -538,12 +496,7 @@ export class RemoteProcess {
 
   /** Runs named calls; the first that fails throws a SyscallError naming it. */
   private runNamed(calls: NamedCall[], tid: number): bigint[] {
-    return this.namedResults(calls, this.runCalls(calls, tid));
-  }
-
-  /** `results` of `calls` as run: the first that failed throws a
-   * SyscallError naming it. */
-  private namedResults(calls: NamedCall[], results: bigint[]): bigint[] {
+    const results = this.runCalls(calls, tid);
     const last = results.length - 1;
     if (last >= 0 && results[last] < 0n && results[last] > -4096n) throw new SyscallError(calls[last].what, Number(-results[last]));
     if (results.length < calls.length) throw new Error(`a batch of system calls stopped after ${results.length} of ${calls.length}`);
@@ -599,14 +552,12 @@ export class RemoteProcess {
       if (tid !== this.pid || !this.batchCode || clones || waiting + calls.length > room) this.runDeferred();
       else {
         const taken = this.deferred.splice(0);
-        const before = joinedDeferred(taken);
-        const shift = (c: BatchCall): BatchCall => shiftedLink(c, before.length);
+        const before = taken.flatMap((d) => d.calls);
+        const shift = (c: BatchCall): BatchCall =>
+          c.argFrom ? { ...c, argFrom: { ...c.argFrom, call: c.argFrom.call + before.length } } : c.firstArgOf !== undefined ? { ...c, firstArgOf: c.firstArgOf + before.length } : c;
         const all = this.runCalls([...before, ...calls.map(shift)], tid);
         const n = Math.min(all.length, before.length);
         const failed = n > 0 && all[n - 1] < 0n && all[n - 1] > -4096n;
-        // One of the deferred calls failed, and those handed over with it
-        // say what to run instead: run again, with that.
-        if ((failed || n < before.length) && this.recovered(taken, all.slice(0, n))) return this.runCalls(calls, tid);
         if (failed) throw new SyscallError(before[n - 1].what, Number(-all[n - 1]));
         if (n < before.length) throw new Error(`a batch of system calls stopped after ${n} of ${before.length}`);
         let at = 0;
@@ -840,35 +791,6 @@ export class RemoteProcess {
   }
 
   static readonly scratchSize = SCRATCH_SIZE;
-}
-
-/** Calls handed over to run at the start of a process's next stop
- * (RemoteProcess.defer): `then` is told their results; `recover`, if one
- * of them fails (or the batch stops short), is given the results of those
- * that ran (the last the failure) and returns the calls to run in their
- * place (the stop is run again with them; `then` is told those calls'
- * results), or undefined: the failure is the restore's. */
-interface DeferredCalls {
-  calls: NamedCall[];
-  then?: (results: bigint[]) => void;
-  recover?: (results: bigint[]) => NamedCall[] | undefined;
-}
-
-/** `c` with the earlier call it takes an argument from (if any) counted
- * `by` calls later: in a list where `by` calls come before its own. */
-function shiftedLink<T extends { argFrom?: { call: number; arg: number }; firstArgOf?: number }>(c: T, by: number): T {
-  if (!by) return c;
-  if (c.argFrom) return { ...c, argFrom: { ...c.argFrom, call: c.argFrom.call + by } };
-  if (c.firstArgOf !== undefined) return { ...c, firstArgOf: c.firstArgOf + by };
-  return c;
-}
-
-/** The calls of deferred groups in one list, each group's links to its
- * own earlier calls counted from the list's start. */
-function joinedDeferred(groups: DeferredCalls[]): NamedCall[] {
-  const out: NamedCall[] = [];
-  for (const d of groups) out.push(...d.calls.map((c) => shiftedLink(c, out.length)));
-  return out;
 }
 
 /** A call of a batch; `firstArgOf`: the index of an earlier call of the

@@ -307,7 +307,7 @@ export function environBlock(
   p: Process,
   set: string[],
   renamed: string[] = [],
-): { call?: NamedCall; fill(mapped?: bigint): EnvRange | undefined; rangeAt?(mapped: bigint): EnvRange | undefined } | undefined {
+): { call?: NamedCall; fill(mapped?: bigint): EnvRange | undefined } | undefined {
   if (!set.length && !renamed.length) return undefined;
   const at = environAddress(p);
   if (at === undefined) return undefined;
@@ -385,9 +385,5 @@ export function environBlock(
   return {
     call: { what: 'mapping the environment', nr: SYS.mmap, args: [0, length, PROT_RW, MAP_PRIVATE_ANON, -1, 0] },
     fill: (mapped?: bigint) => write(mapped!, length),
-    // What fill will return for a block mapped at `mapped`, before it is
-    // (for a caller that maps it at an address of its choosing, in a stop
-    // that also restores env_start and env_end, and writes it after).
-    rangeAt: (mapped: bigint) => (withStartup ? { start: mapped + BigInt(HEADER_BYTES), end: mapped + BigInt(HEADER_BYTES + startupBlock.length) } : undefined),
   };
 }

@@ -531,13 +531,8 @@ export function moveEnvironCall(r: RemoteProcess, p: Process, env: EnvRange): Na
  * own snapshot, the very directory it was in is entered all the same
  * (fsident.ts reopenHeld: same device, inode and birth time, no
  * symlink on the way), and nothing else.
- *
- * `deferred`: the calls are handed over to the process's next stop
- * (RemoteProcess.defer) rather than run in one of their own, and nothing
- * is returned; for a caller that needs none of `more`'s results. Its
- * `ran` is called once they have run, right after that stop.
  */
-export function restoreProcessState(r: RemoteProcess, p: Process, h: RestoreContext, cwd = p.cwd, more: NamedCall[] = [], deferred?: { ran?: () => void }): bigint[] {
+export function restoreProcessState(r: RemoteProcess, p: Process, h: RestoreContext, cwd = p.cwd, more: NamedCall[] = []): bigint[] {
   restoringProcess(r, h.image, p);
   // Ours, closed once the process holds its copies. A removed one's
   // stand-in is handed over by descriptor, not walked as the process:
@@ -550,67 +545,24 @@ export function restoreProcessState(r: RemoteProcess, p: Process, h: RestoreCont
       ? removedDirectoryToEnter(h, p.cwd, p.cwdFile)
       : openDirectoryAs(h.image, p, cwd, 'working directory', p.cwdFile);
   let exe: OpenedExecutable = { fd: -1, shared: false };
-  const ours = () => [cwdFd, exe.shared ? -1 : exe.fd].filter((fd) => fd >= 0);
-  let handedOver = false;
   try {
     exe = openExecutable(h, p);
-    const state = stateByDescriptors(r, p, cwd, more, cwdFd, exe.fd, (why) => {
+    return stateByDescriptors(r, p, cwd, more, cwdFd, exe.fd, (why) => {
       // The copy of an executable replaced since it ran, refused (made
       // where files may not be run: /tmp mounted noexec; no
       // CAP_CHECKPOINT_RESTORE): the seed's stays, which the restore says.
       if (exe.shared) h.notKept.push(`process ${p.vpid} (${p.comm}): its executable ${p.exe}, made again from its bytes, could not be set (${why}): /proc/PID/exe names appshot's seed`);
     });
-    if (deferred) {
-      // Run at the start of the process's next stop (the main thread's
-      // batch, as a rule), not in a stop of their own: ours are taken
-      // there (pidfd_getfd), so they are kept open until then (closed by
-      // the restore's end, whatever happens).
-      for (const fd of ours()) h.keep(fd);
-      handedOver = true;
-      r.defer(
-        state.calls,
-        () => {
-          h.release(ours());
-          deferred.ran?.();
-        },
-        state.recover,
-      );
-      return [];
-    }
-    const results = r.runCalls(state.calls);
-    if (state.complete(results)) return results.slice(state.calls.length - more.length);
-    const again = state.recover(results);
-    if (!again) state.fail(results);
-    const batch = r.batch();
-    for (const c of again!) batch.add(c.what, c.nr, c.args, c.argFrom);
-    const got = batch.run();
-    return got.slice(got.length - more.length);
   } finally {
-    if (!handedOver) for (const fd of ours()) closeSync(fd);
+    for (const fd of [cwdFd, exe.shared ? -1 : exe.fd]) if (fd >= 0) closeSync(fd);
   }
 }
 
-/** The calls that give a process its working directory, executable, mm
- * fields and umask (then `more`), all in one stop (the calls name earlier
- * results: argFrom); `complete` says whether they all ran, `recover`,
- * given the results of those that did (the last one failed) when the
- * executable could not be placed or PR_SET_MM_MAP refused it (replacing
- * the executable needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN), the
- * calls that close what the batch opened and restore everything else
- * without it; undefined for any other failure, the restore's (`fail`
- * throws it). */
-function stateByDescriptors(
-  r: RemoteProcess,
-  p: Process,
-  cwd: string,
-  more: NamedCall[],
-  cwdFd: number,
-  exeFd: number,
-  exeRefused: (why: string) => void,
-): { calls: NamedCall[]; complete(results: bigint[]): boolean; recover(results: bigint[]): NamedCall[] | undefined; fail(results: bigint[]): never } {
+function stateByDescriptors(r: RemoteProcess, p: Process, cwd: string, more: NamedCall[], cwdFd: number, exeFd: number, exeRefused: (why: string) => void): bigint[] {
   const mm = p.mm;
   const auxv = r.put(mm.auxv);
   const mmMap = (exeFd: number): bigint => putMmMap(r, mm, auxv, exeFd);
+  // Everything in one stop: the calls name earlier results (argFrom).
   const calls: NamedCall[] = [];
   const ours = [
     ...(cwdFd < 0 ? [] : [{ what: `taking the working directory ${cwd}`, fd: cwdFd }]),
@@ -653,30 +605,29 @@ function stateByDescriptors(
     ...more,
   ];
   const all = [...calls, ...exeCalls, ...tail({ call: cwdAt, arg: 0 })];
-  const failedLast = (results: bigint[]) => results.length > 0 && results[results.length - 1] < 0n && results[results.length - 1] > -4096n;
-  return {
-    calls: all,
-    complete: (results) => !failedLast(results) && results.length === all.length,
-    recover: (results) => {
-      const last = results.length - 1;
-      const failed = failedLast(results);
-      const inExe = exeAt >= 0 && last >= pre && last < pre + exeCalls.length;
-      if (!inExe) return undefined;
-      exeRefused(failed ? `${all[last].what}: ${errnoName(Number(-results[last]))}` : 'a batch of system calls stopped');
-      const again: NamedCall[] = [];
-      const step = last - pre;
-      if (step === 0) again.push({ what: 'closing the executable', nr: SYS.close, args: [results[exeAt]] });
-      if (step >= 1) again.push({ what: 'closing the executable', nr: SYS.close, args: [EXE_FD] });
-      again.push({ what: 'restoring the mm fields (PR_SET_MM_MAP)', nr: SYS.prctl, args: [PR_SET_MM, PR_SET_MM_MAP, mmMap(-1), 104, 0] });
-      again.push(...tail(cwdAt < 0 ? -1 : Number(results[cwdAt])));
-      return again;
-    },
-    fail: (results) => {
-      const last = results.length - 1;
-      if (failedLast(results)) throw new SyscallError(all[last].what, Number(-results[last]));
-      throw new Error(`a batch of system calls stopped after ${results.length} of ${all.length}`);
-    },
-  };
+  const results = r.runCalls(all);
+  const last = results.length - 1;
+  const failed = results[last] < 0n && results[last] > -4096n;
+  if (!failed && results.length === all.length) return results.slice(all.length - more.length);
+  // The executable could not be placed, or PR_SET_MM_MAP refused it
+  // (replacing the executable needs CAP_CHECKPOINT_RESTORE or
+  // CAP_SYS_ADMIN): what the batch opened is closed, and everything else
+  // restored without it. Any other failure is the restore's.
+  const inExe = exeAt >= 0 && last >= pre && last < pre + exeCalls.length;
+  if (!inExe) {
+    if (failed) throw new SyscallError(all[last].what, Number(-results[last]));
+    throw new Error(`a batch of system calls stopped after ${results.length} of ${all.length}`);
+  }
+  exeRefused(failed ? `${all[last].what}: ${errnoName(Number(-results[last]))}` : 'a batch of system calls stopped');
+  const again = r.batch();
+  const step = last - pre;
+  if (step === 0) again.add('closing the executable', SYS.close, [results[exeAt]]);
+  if (step >= 1) again.add('closing the executable', SYS.close, [EXE_FD]);
+  again.add('restoring the mm fields (PR_SET_MM_MAP)', SYS.prctl, [PR_SET_MM, PR_SET_MM_MAP, mmMap(-1), 104, 0]);
+  const rest = tail(cwdAt < 0 ? -1 : Number(results[cwdAt]));
+  for (const c of rest) again.add(c.what, c.nr, c.args);
+  const got = again.run();
+  return got.slice(got.length - more.length);
 }
 
 const O_RDONLY = 0;

@@ -25,7 +25,7 @@ import { portTable, type Process, type TimeOffsets, verdictRef, type Vma } from 
 import { addon, type InstanceConfig, paths } from '../native.js';
 import { readStat } from '../procfs.js';
 import { type AppRecord, checkAid, isPrivateRoot, type LocalRegistry, type PortBinding } from '../registry.js';
-import { applicationIds, environBlock, type EnvRange } from '../resources/environ.js';
+import { applicationIds, environBlock } from '../resources/environ.js';
 import { timeNamespaceArgument, timeNamespaceFor } from '../resources/timens.js';
 import { type MadeDir, type RedirTargetsAs, redirLeaves } from '../resources/paths.js';
 import { hasPrivateTmp, privateTmpRemade } from '../template/privatetmp.js';
@@ -241,9 +241,6 @@ export class RestoredWithError extends AppshotError {
 }
 
 const now = () => Number(process.hrtime.bigint() / 1000n) / 1000;
-
-/** mmap's MAP_FIXED_NOREPLACE: at that address, or EEXIST. */
-const MAP_FIXED_NOREPLACE = 0x100000n;
 
 /** Bytes done of bytes to do, for a ByteProgress: the image's page data
  * checked, then the memory copied into the processes. */
@@ -1042,35 +1039,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const environ = environBlock(r, p, opts.instance?.config.env ?? [], applicationIds(aid, tables));
       const handlers = sigactionCalls(r, p.sigactions);
       phase('environment and handlers worked out');
-      // Its calls (working directory, executable, mm fields, umask,
-      // signal handlers, a new environment block) in the next stop, with
-      // the descriptors' (the main thread's batch, below, as a rule), not
-      // in one of their own before: one stop fewer. Nothing between looks
-      // from outside at what they change; the mappings read meanwhile
-      // (mapsNow) still show writable where pages were written that the
-      // memory's deferred mprotects make read-only again, and what asks
-      // of them goes by the image's protections too (ImageMemory) or by
-      // places and files only (the preload library's).
-      let environStrings: EnvRange | undefined;
-      if (r.batched && (!environ?.call || environ.rangeAt)) {
-        // A new environment block is mapped where this restore chooses
-        // (nothing of the image's, nor the rings mapped later), and written
-        // once mapped: env_start and env_end are set in the same stop.
-        let environCall: NamedCall | undefined;
-        let writeEnviron: (() => void) | undefined;
-        if (environ?.call && environ.rangeAt) {
-          const length = BigInt(environ.call.args[1]);
-          const rings = [...(p.aioRings ?? []).map((a) => ({ start: a.address, end: a.address + a.length })), ...ioUringRanges(p)];
-          const at = freeAddress([...p.vmas, ...readMaps(m.pid), ...rings], length);
-          environCall = { ...environ.call, args: [at, length, environ.call.args[2], BigInt(environ.call.args[3]) | MAP_FIXED_NOREPLACE, -1, 0] };
-          environStrings = environ.rangeAt(at);
-          writeEnviron = () => environ.fill(at);
-        } else environStrings = environ?.fill(undefined);
-        restoreProcessState(r, p, handed, handed.workingDirectory(p), [...(environCall ? [environCall] : []), ...handlers], { ran: writeEnviron });
-      } else {
-        const results = restoreProcessState(r, p, handed, handed.workingDirectory(p), [...(environ?.call ? [environ.call] : []), ...handlers]);
-        environStrings = environ?.fill(environ.call ? results[0] : undefined);
-      }
+      const results = restoreProcessState(r, p, handed, handed.workingDirectory(p), [...(environ?.call ? [environ.call] : []), ...handlers]);
+      const environStrings = environ?.fill(environ.call ? results[0] : undefined);
       phase('state and signals');
       restoreFds(r, p, handed);
       restoreQueueNotifications(r, p, image);
