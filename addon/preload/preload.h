@@ -763,7 +763,10 @@ HIDDEN void cpu_thread_gone(void);
  * cutime and cstime get added, in ns (preload_view.c). */
 HIDDEN int cpu_stat_offsets(int fd, int64_t add[4]);
 /* timer_settime with TIMER_ABSTIME: 1 with `out` the value whose deadline
- * is the kernel's count, when the timer is on one of these clocks. */
+ * is the kernel's count, when the timer is on one of these clocks. Call
+ * only inside a window: it opens none of its own (inlined into a caller
+ * that holds one, a second window would begin at the same stack pointer
+ * and read as one a longjmp left, closing the caller's too). */
 HIDDEN int cpu_timer_deadline(timer_t timerid, const struct itimerspec *value, struct itimerspec *out);
 
 /* --- Paths (preload_path.c, preload_proc.c) ------------------------------

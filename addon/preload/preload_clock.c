@@ -323,7 +323,9 @@ int appshot_current_timer_settime(timer_t timerid, int flags, const struct itime
   /* From the translation to the call, the deadline is a time of this
    * node's count (the application's own where there is no offset yet): a
    * window, as for an id (a snapshot lets the thread make the call first;
-   * the restore carries the timer's time left). */
+   * the restore carries the timer's time left). It covers
+   * cpu_timer_deadline too, which opens none of its own: inlined here, one
+   * would begin at this frame's stack pointer and close this one. */
   ID_WINDOW_IF(flags & TIMER_ABSTIME);
   if (UNLIKELY(flags & TIMER_ABSTIME) && value) {
     if (cpu_timer_deadline(timerid, value, &kernel_value)) value = &kernel_value;
