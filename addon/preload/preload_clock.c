@@ -167,8 +167,10 @@ API int clock_gettime(clockid_t clk, struct timespec *ts) {
 }
 
 /* The others are not hot: translated, then the bare call (glibc's adds
- * only 32-bit time conversions, which x86-64 does not need). */
-static long clock_call(long nr, clockid_t clk, long b, long c, long d) {
+ * only 32-bit time conversions, which x86-64 does not need). NOINLINE:
+ * do_clock_syscall calls it inside its own window, which an inlined copy's
+ * would close (a window in the same frame; preload.h). */
+static NOINLINE long clock_call(long nr, clockid_t clk, long b, long c, long d) {
   if (!clock_hooked(clk)) return libc_ret(appshot_raw_syscall(nr, clk, b, c, d, 0, 0));
   ID_WINDOW();
   clockid_t sys_clk;
