@@ -715,6 +715,23 @@ describe("a thread caught while the preload library holds a CPU time of this nod
       expect(/^(PASS|FAIL.*)$/m.exec(logOf(aid))![0]).toBe('PASS');
     });
 
+  // In a restored process (the library has offsets) the deadline's window
+  // once closed itself: cpu_timer_deadline, inlined, opened a second one at
+  // the same stack pointer, read as one a longjmp left. The copy caught
+  // there set, in the next, a deadline late by all the CPU time it used.
+  it('the same absolute timer_settime in a restored copy, caught there and restored again: at most an hour left', async () => {
+    const aid = 'cpuw-timer2';
+    await start(aid, [fixture('cpuwindow'), 'timer2']);
+    await waitFor(() => /^BURNT$/m.test(logOf(aid)) || /FAIL/.test(logOf(aid)), 10_000, `${aid} to burn its CPU time`);
+    await run(['snapshot', aid, '-o', join(out, `${aid}-1`)]);
+    await run(['restore', join(out, `${aid}-1`)]);
+    await waitFor(() => /^SPINNING$/m.test(logOf(aid)) || /FAIL/.test(logOf(aid)), 10_000, `${aid}'s copy to reach its point`);
+    await run(['snapshot', aid, '-o', join(out, `${aid}-2`)]);
+    await run(['restore', join(out, `${aid}-2`)]);
+    await waitFor(() => /^(PASS|FAIL.*)$/m.test(logOf(aid)), 20_000, `the verdict of ${aid}`);
+    expect(/^(PASS|FAIL.*)$/m.exec(logOf(aid))![0]).toBe('PASS');
+  });
+
   it('an absolute clock_nanosleep on the process\'s CPU-time clock, blocked at the snapshot, wakes once the copy has used what was left (not all the CPU time before again)', async () => {
     const aid = 'cpuw-blocked';
     await start(aid, [fixture('cpuwindow'), 'blocked']);

@@ -174,7 +174,12 @@ extern __thread int32_t t_vtid TLS_IE HIDDEN;
  * `sp` on the same stack starts afresh. A window that begins above `sp` on
  * another stack (a handler on a sigaltstack higher than the thread's
  * stack) nests, and moves `sp` up to itself, so that the snapshot sees the
- * thread inside while the handler runs on. A TLS store or two: no
+ * thread inside while the handler runs on. A window inside another must
+ * begin in a deeper frame: so a function with a window that runs while
+ * its caller holds one is never inlined into it (NOINLINE, or no window of
+ * its own), since inlined (LTO inlines across files) its window would
+ * begin at the caller's stack pointer, which reads as a window a jump
+ * left, and closes the caller's with it. A TLS store or two: no
  * system call (but on those rare paths), nothing allocated, safe in a
  * signal handler. */
 #define APPSHOT_WINDOW_DEPTH 8
@@ -763,7 +768,10 @@ HIDDEN void cpu_thread_gone(void);
  * cutime and cstime get added, in ns (preload_view.c). */
 HIDDEN int cpu_stat_offsets(int fd, int64_t add[4]);
 /* timer_settime with TIMER_ABSTIME: 1 with `out` the value whose deadline
- * is the kernel's count, when the timer is on one of these clocks. */
+ * is the kernel's count, when the timer is on one of these clocks. Call
+ * only inside a window: it opens none of its own (inlined into a caller
+ * that holds one, a second window would begin at the same stack pointer
+ * and read as one a longjmp left, closing the caller's too). */
 HIDDEN int cpu_timer_deadline(timer_t timerid, const struct itimerspec *value, struct itimerspec *out);
 
 /* --- Paths (preload_path.c, preload_proc.c) ------------------------------

@@ -167,8 +167,10 @@ API int clock_gettime(clockid_t clk, struct timespec *ts) {
 }
 
 /* The others are not hot: translated, then the bare call (glibc's adds
- * only 32-bit time conversions, which x86-64 does not need). */
-static long clock_call(long nr, clockid_t clk, long b, long c, long d) {
+ * only 32-bit time conversions, which x86-64 does not need). NOINLINE:
+ * do_clock_syscall calls it inside its own window, which an inlined copy's
+ * would close (a window in the same frame; preload.h). */
+static NOINLINE long clock_call(long nr, clockid_t clk, long b, long c, long d) {
   if (!clock_hooked(clk)) return libc_ret(appshot_raw_syscall(nr, clk, b, c, d, 0, 0));
   ID_WINDOW();
   clockid_t sys_clk;
@@ -323,7 +325,9 @@ int appshot_current_timer_settime(timer_t timerid, int flags, const struct itime
   /* From the translation to the call, the deadline is a time of this
    * node's count (the application's own where there is no offset yet): a
    * window, as for an id (a snapshot lets the thread make the call first;
-   * the restore carries the timer's time left). */
+   * the restore carries the timer's time left). It covers
+   * cpu_timer_deadline too, which opens none of its own: inlined here, one
+   * would begin at this frame's stack pointer and close this one. */
   ID_WINDOW_IF(flags & TIMER_ABSTIME);
   if (UNLIKELY(flags & TIMER_ABSTIME) && value) {
     if (cpu_timer_deadline(timerid, value, &kernel_value)) value = &kernel_value;

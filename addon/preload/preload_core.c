@@ -109,7 +109,9 @@ static void init_tables(void) {
 
 /* Runs once, from the constructor or from whichever wrapper is called first
  * (another library's constructor may run before ours). */
-void init_slow(void) {
+/* NOINLINE: wrappers call it (by ensure_init) inside their windows
+ * (preload.h: an inner window must begin in a deeper frame). */
+NOINLINE void init_slow(void) {
   int expected = 0;
   char *tp = thread_pointer();
   if (__atomic_compare_exchange_n(&g_init_state, &expected, 1, 0,
@@ -153,8 +155,9 @@ int pid_arg(pid_t vid, pid_t *sid, int err) {
 
 /* Our own PID, read from the kernel and mapped. A translation window
  * (preload.h): stopped between the read and the mapping, snapshotted and
- * restored, the thread would map the old node's PID as a new process. */
-static pid_t map_self(void) {
+ * restored, the thread would map the old node's PID as a new process.
+ * NOINLINE, as self_vtid: called inside other windows (preload.h). */
+static NOINLINE pid_t map_self(void) {
   ID_WINDOW();
   int32_t spid = (int32_t)SYS0(getpid);
   test_pause("own-pid-read");
@@ -177,7 +180,9 @@ pid_t self_vpid(void) {
   return v;
 }
 
-pid_t self_vtid(void) {
+/* NOINLINE: wrappers ask for it inside their own windows (preload.h: an
+ * inner window must begin in a deeper frame). */
+NOINLINE pid_t self_vtid(void) {
   int nocache = __atomic_load_n(&g_nocache, __ATOMIC_RELAXED);
   if (LIKELY(t_vtid && !nocache)) return t_vtid;
   /* A window, as map_self's: our TID is on its way into the tables. */

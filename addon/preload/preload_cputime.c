@@ -370,7 +370,12 @@ int cpu_timer_deadline(timer_t timerid, const struct itimerspec *value, struct i
    * itself). */
   intptr_t kid = (intptr_t)timerid;
   if (kid < 0 || kid > INT32_MAX) return 0;
-  ID_WINDOW(); /* a system id read from /proc, until made virtual */
+  /* A system id read from /proc, until made virtual, and then a deadline
+   * of this node's count: the caller's window (timer_settime's, held
+   * across this call to the system call) covers both. None here: inlined
+   * into that caller, a window of its own would open at the caller's stack
+   * pointer, which id_window_open takes for one a longjmp left behind,
+   * closing the caller's as well. */
   long k;
   if (!timer_clock((int32_t)kid, &k) || k >= 0 || (k & CPUCLOCK_WHICH_MASK) == CPUCLOCK_FD) return 0;
   clockid_t clk;

@@ -399,7 +399,9 @@ API int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags) {
   return sendmmsg_each(fd, v, n, flags, 0);
 }
 
-static long getsockopt_raw(int fd, int level, int name, void *val, socklen_t *lenp) {
+/* NOINLINE: do_creds_syscall calls it inside its own window (preload.h:
+ * an inner window must begin in a deeper frame). */
+static NOINLINE long getsockopt_raw(int fd, int level, int name, void *val, socklen_t *lenp) {
   ID_WINDOW();
   long r = SYS5(getsockopt, fd, level, name, val, lenp);
   /* The PID comes first: a buffer cut short still holds it. */
