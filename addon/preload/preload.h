@@ -673,6 +673,10 @@ HIDDEN long do_shmctl(int id, int cmd, struct shmid_ds *buf);
 HIDDEN long do_msgsnd(int id, const void *msg, size_t size, int flags);
 HIDDEN long do_msgrcv(int id, void *msg, size_t size, long type, int flags);
 HIDDEN long do_msgctl(int id, int cmd, struct msqid_ds *buf);
+/* A line of /proc/sysvipc/<kind> of system object `sid`: whether it is the
+ * application's, and its virtual id, key and PIDs (npids of them). */
+HIDDEN int ipc_view_line(enum appshot_kind kind, int32_t sid, int32_t *vid,
+                         key_t *key, int32_t *pid, int npids);
 
 /* preload_fd.c */
 /* The tables for AID `aid`: through the inherited descriptor named by

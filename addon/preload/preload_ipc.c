@@ -1328,3 +1328,24 @@ void mqueue_translate_read(int fd, char *buf, long n) {
   /* The part of the field this read returned. */
   for (long i = fs > off ? fs : off; i < fe && i < off + n; i++) buf[i - off] = field[i - fs];
 }
+
+/* --- /proc/sysvipc/shm, sem, msg (preload_view.c) ----------------------- */
+
+/* What a line of /proc/sysvipc of object `sid` (a system id of `kind`,
+ * APPSHOT_SEMID, _SHMID or _MSGID) shows the application: 0 when the object
+ * is not the application's (the line is left out, as SEM_STAT, SHM_STAT
+ * and MSG_STAT leave it out); else 1, with its virtual id in *vid, its key
+ * in *key as the application made it (given the system's there), and each
+ * of the `npids` PIDs in pid[] (given the system's there: shm_cpid and
+ * shm_lpid, msg_lspid and msg_lrpid, the APPSHOT_IPC_* fields 0 and 1) as
+ * IPC_STAT shows it, the restore's record included. */
+int ipc_view_line(enum appshot_kind kind, int32_t sid, int32_t *vid,
+                  key_t *key, int32_t *pid, int npids) {
+  if (!appshot_s2v(g_h, kind, sid, vid)) return 0;
+  enum appshot_kind key_kind = kind == APPSHOT_SEMID   ? APPSHOT_SEMKEY
+                               : kind == APPSHOT_SHMID ? APPSHOT_SHMKEY
+                                                       : APPSHOT_MSGKEY;
+  *key = vkey(key_kind, *key);
+  for (int i = 0; i < npids; i++) pid[i] = ipc_pid_out(kind, sid, (uint32_t)i, pid[i]);
+  return 1;
+}

@@ -8,7 +8,9 @@
  * application left out) and a process's or thread's sched (its first line
  * "comm (<pid>, #threads: n)"), a process's POSIX timers (each one's
  * "notify: signal/pid.<pid>" or ".../tid.<tid>", its target), and a
- * cgroup's cgroup.procs, cgroup.threads and (cgroup v1) tasks.
+ * cgroup's cgroup.procs, cgroup.threads and (cgroup v1) tasks. And the
+ * SysV objects' lists, /proc/sysvipc/shm, sem and msg (what ipcs reads):
+ * system ids, keys and PIDs, every application's objects (sysv_line).
  *
  * When one of them is opened for reading only (open & co., fopen "r"), the
  * descriptor the application gets holds the file's text as of the open,
@@ -59,7 +61,8 @@
 
 enum view {
   VIEW_NONE, VIEW_LOCKS, VIEW_FDINFO, VIEW_PIDLIST, VIEW_STAT, VIEW_STATUS,
-  VIEW_CHILDREN, VIEW_SCHED, VIEW_TIMERS
+  VIEW_CHILDREN, VIEW_SCHED, VIEW_TIMERS, VIEW_SYSV_SEM, VIEW_SYSV_SHM,
+  VIEW_SYSV_MSG
 };
 
 static int ends_with_file(const char *path, size_t n, const char *name) {
@@ -93,6 +96,13 @@ static enum view view_of_plain(const char *path) {
   if (!strncmp(path, "/proc/", 6)) {
     const char *p = path + 6;
     if (!strcmp(p, "locks")) return VIEW_LOCKS;
+    if (!strncmp(p, "sysvipc/", 8)) {
+      p += 8;
+      return !strcmp(p, "shm")   ? VIEW_SYSV_SHM
+             : !strcmp(p, "sem") ? VIEW_SYSV_SEM
+             : !strcmp(p, "msg") ? VIEW_SYSV_MSG
+                                 : VIEW_NONE;
+    }
     /* /proc/<self|thread-self|pid>[/task/<tid>]/fdinfo/<n> */
     const char *f = strstr(p, "/fdinfo/");
     if (f && f[8] >= '0' && f[8] <= '9' && !strchr(f + 8, '/'))
@@ -350,6 +360,68 @@ static char *timers_line(char *o, const char *s, const char *e) {
   return o + (e - s);
 }
 
+/* A line of /proc/sysvipc/shm, sem or msg (the kernel's sysvipc_*_proc_show:
+ * "%10d %10d  %4o ..." the key and the id first, then for a segment its
+ * cpid and lpid as fields 4 and 5 ("%5u"), for a queue its lspid and lrpid
+ * as fields 5 and 6): the object of another application, or of none,
+ * left out; the application's with its virtual id, its key as it made it
+ * and its PIDs as IPC_STAT shows them (ipc_view_line). Each number is
+ * printed as the kernel would, right-aligned in its width after the same
+ * separating blanks, so the columns stay under the header's. The header,
+ * and any line not in that shape without an id, as it is. */
+static char *sysv_line(enum view v, char *o, const char *s, const char *e) {
+  static const unsigned char shm_fields[] = {0, 1, 4, 5}, sem_fields[] = {0, 1},
+                             msg_fields[] = {0, 1, 5, 6};
+  const unsigned char *want = v == VIEW_SYSV_SHM   ? shm_fields
+                              : v == VIEW_SYSV_SEM ? sem_fields
+                                                   : msg_fields;
+  int nwant = v == VIEW_SYSV_SEM ? 2 : 4;
+  struct { const char *gap, *s, *e; long v; } f[4]; /* the blanks before, the number */
+  const char *t = s;
+  int n = 0;
+  for (int field = 0; n < nwant; field++) {
+    const char *gap = t;
+    while (t < e && is_blank(*t)) t++;
+    const char *ts = t;
+    while (t < e && !is_blank(*t) && *t != '\n') t++;
+    if (t == ts) break;
+    if (field != want[n]) continue;
+    f[n].gap = gap, f[n].s = ts, f[n].e = t;
+    if (!parse_int(ts, t, &f[n].v)) break;
+    n++;
+  }
+  if (n < 2) { /* the header: no id */
+    memcpy(o, s, (size_t)(e - s));
+    return o + (e - s);
+  }
+  int32_t vid, pid[2] = {0, 0};
+  key_t key = (key_t)f[0].v;
+  for (int i = 2; i < n; i++) pid[i - 2] = (int32_t)f[i].v;
+  if (n < nwant || f[1].v < 0 || f[1].v > INT32_MAX ||
+      !ipc_view_line(v == VIEW_SYSV_SHM   ? APPSHOT_SHMID
+                     : v == VIEW_SYSV_SEM ? APPSHOT_SEMID
+                                          : APPSHOT_MSGID,
+                     (int32_t)f[1].v, &vid, &key, pid, n - 2))
+    return o; /* not the application's (or not in the kernel's shape) */
+  long shown_v[4] = {key, vid, pid[0], pid[1]};
+  static const unsigned char width[] = {10, 10, 5, 5};
+  for (int i = 0; i < n; i++) {
+    memcpy(o, s, (size_t)(f[i].gap - s));
+    o += f[i].gap - s;
+    /* The kernel's separator: the blanks before the number but its padding. */
+    long len = f[i].e - f[i].s, blanks = f[i].s - f[i].gap;
+    long sep = blanks - (len < width[i] ? width[i] - len : 0);
+    char num[24], *ne = put_up_to_number(num, num, num, shown_v[i]);
+    long pad = width[i] - (ne - num);
+    for (long k = 0; k < sep + (pad > 0 ? pad : 0); k++) *o++ = ' ';
+    memcpy(o, num, (size_t)(ne - num));
+    o += ne - num;
+    s = f[i].e;
+  }
+  memcpy(o, s, (size_t)(e - s));
+  return o + (e - s);
+}
+
 /* One line [s, e), its '\n' included if it has one (a stat file: the
  * whole text; a children file: one "<pid> " item), translated into o (room for e - s + LINE_ROOM bytes).
  * Returns the end of the output. */
@@ -379,6 +451,9 @@ static char *translate_line(enum view v, char *o, const char *s,
     case VIEW_STATUS: return status_line(o, s, e);
     case VIEW_SCHED: return sched_line(o, s, e);
     case VIEW_TIMERS: return timers_line(o, s, e);
+    case VIEW_SYSV_SEM:
+    case VIEW_SYSV_SHM:
+    case VIEW_SYSV_MSG: return sysv_line(v, o, s, e);
     case VIEW_NONE: break;
   }
   memcpy(o, s, (size_t)(e - s));
@@ -484,14 +559,16 @@ static NOINLINE long substitute(int fd, enum view v) {
 
 /* Whether the last name of the relative `path` is one a view is made for
  * under a directory of /proc (the name alone does not tell: "stat" under
- * /proc is /proc/stat): stat, status, sched, children, locks, timers, or a number
+ * /proc is /proc/stat): stat, status, sched, children, locks, timers, shm, sem, msg, or a number
  * (a descriptor's fdinfo). A few compares, for every relative open. */
 static int at_name(const char *path) {
   const char *base = strrchr(path, '/');
   base = base ? base + 1 : path;
   switch (base[0]) {
     case 's':
-      return !strcmp(base, "stat") || !strcmp(base, "status") || !strcmp(base, "sched");
+      return !strcmp(base, "stat") || !strcmp(base, "status") || !strcmp(base, "sched") ||
+             !strcmp(base, "shm") || !strcmp(base, "sem");
+    case 'm': return !strcmp(base, "msg");
     case 'c': return !strcmp(base, "children");
     case 'l': return !strcmp(base, "locks");
     case 't': return !strcmp(base, "timers");
