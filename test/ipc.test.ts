@@ -482,7 +482,9 @@ describe('the PIDs restored SysV objects show: those the image recorded, until a
   // sent to by a child and received from by the parent, a segment whose
   // creator is gone. A restore makes the objects itself and attaches the
   // segment in the processes: IPC_STAT showed 0 (its restorer, no process
-  // of the application) or the process the restore attached last.
+  // of the application) or the process the restore attached last. The
+  // fixture's checks read /proc/sysvipc too: only its own objects there,
+  // with the ids, keys and PIDs IPC_STAT gives, in the kernel's columns.
   const out = mkdtempSync(join(tmpdir(), 'appshot-ipcpids-'));
   afterAll(() => rmSync(out, { recursive: true, force: true }));
   const stopped = async (aid: string) => {
