@@ -270,6 +270,19 @@ describe.runIf(cgroups !== undefined)("cgroups joined as the image's processes w
     expect(sandboxProcesses()).toBe('');
   });
 
+  it('refuses that image before anything is made (r353 #7)', () => {
+    // A restore that reaches the point after its checks is killed there:
+    // the refusal must come first.
+    const path = group.slice(mount.length) || '/';
+    const dir = crafted('cgroup-early', 'nobody', (i) => void i.processes.forEach((p) => (p.cgroup = path)));
+    const r = spawnSync(process.execPath, [cli, 'restore', dir], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'restore: node verified' }, encoding: 'utf8', timeout: 50_000 });
+    expect(r.signal, r.stderr).toBeNull();
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(new RegExp(`cannot be put back into its cgroup ${path} as the image's processes \\(uid 65534\\) may not enter it: EACCES`));
+    expect(r.status).not.toBe(0);
+    expect(sb.aids()).toEqual([]);
+  });
+
   it("still puts an image's root process, or a snapshot of this node's uid-65534 one, back in its cgroup", () => {
     const path = group.slice(mount.length) || '/';
     restores(
