@@ -155,7 +155,63 @@ describe("names resolved as the engine's own process (r344 #5)", () => {
     const link = join(out, 'to-self-mem');
     rmSync(link, { force: true });
     symlinkSync('/proc/self/mem', link);
-    refused(crafted('own-through-link', 'root', (i) => withFilePath(i, link)), new RegExp(`fd 40: ${link} leads to /proc/\\d+/mem, the restoring engine's own`));
+    refused(crafted('own-through-link', 'root', (i) => withFilePath(i, link)), new RegExp(`fd 40: ${link} leads to the /proc file /proc/\\d+/mem, which is not the application's own`));
+    expect(sandboxProcesses()).toBe('');
+  });
+
+  /** `appshot restore dir` run in a CLI process of its own (no engine)
+   * whose standard input is a pipe: what it said and how it ended. An
+   * application a wrong restore made is removed. */
+  const restoreHere = (dir: string) => {
+    const r = spawnSync('sh', ['-c', ': | exec "$0" "$@"', process.execPath, cli, 'restore', dir, '--aid', 'here'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8', timeout: 50_000 });
+    if (r.status === 0) {
+      sb.run(['kill', 'here']);
+      sb.run(['rm', 'here']);
+    }
+    return { code: r.status, signal: r.signal, lines: r.stderr.split('\n').filter(Boolean), stderr: r.stderr };
+  };
+
+  describe.runIf(isRoot)('through a second procfs mount (r353 #5)', () => {
+    const p2 = join(out, 'p2');
+    beforeAll(() => {
+      mkdirSync(p2, { recursive: true });
+      const m = spawnSync('mount', ['-t', 'proc', 'proc', p2], { encoding: 'utf8' });
+      if (m.status !== 0) throw new Error(m.stderr);
+    });
+    afterAll(() => {
+      // Lazily: a descriptor a wrong restore handed out may hold it.
+      spawnSync('umount', ['-l', p2]);
+    });
+    // Its own superblock (Linux 5.8), so neither /proc's device nor a
+    // /proc/ prefix: the restorer's own memory, and init's status.
+    for (const [name, shown] of [
+      ['self/mem', '\\d+/mem'],
+      ['1/status', '1/status'],
+    ])
+      it(`refuses a descriptor named ${name} there, and leaves nothing`, () => {
+        const path = join(p2, name);
+        refused(crafted(`p2-${name.replace(/\W+/g, '_')}`, 'root', (i) => withFilePath(i, path)), new RegExp(`fd 40: ${path} leads to the /proc file ${p2}/${shown}, which is not the application's own`));
+        expect(sandboxProcesses()).toBe('');
+      });
+  });
+
+  it("refuses a named FIFO that leads through /proc/self/fd to the restorer's own pipe", () => {
+    // The restorer's standard input is a pipe: a FIFO to fstat.
+    const link = join(out, 'fifo-to-self-fd');
+    rmSync(link, { force: true });
+    symlinkSync('/proc/self/fd/0', link);
+    const dir = crafted('fifo-self-fd', 'root', (i) => {
+      const p = i.processes[0];
+      const fd = structuredClone(p.fds.find((f) => f.kind === FdKind.FIFO || f.kind === FdKind.FILE)!);
+      const pipe = i.pipes.push({ ino: 4242n, data: Buffer.alloc(0), capacity: 65536, fifoPath: link }) - 1;
+      Object.assign(fd, { fd: 45, kind: FdKind.FIFO, path: link, pipe, pos: 0n, flags: 2, description: 0 });
+      p.fds.push(fd);
+    });
+    const r = restoreHere(dir);
+    expect(r.lines, r.stderr).toHaveLength(1);
+    expect(r.lines[0]).toMatch(new RegExp(`pipe \\d+: ${link} leads to pipe:\\[\\d+\\], another process's descriptor`));
+    expect(r.code).not.toBe(0);
+    expect(sb.aids()).toEqual([]);
     expect(sandboxProcesses()).toBe('');
   });
 
@@ -212,6 +268,19 @@ describe.runIf(cgroups !== undefined)("cgroups joined as the image's processes w
     refused(dir, new RegExp(`cannot be put back into its cgroup ${path} as the image's processes \\(uid 65534\\) may not enter it: EACCES`));
     expect(readFileSync(join(group, 'cgroup.procs'), 'utf8')).toBe('');
     expect(sandboxProcesses()).toBe('');
+  });
+
+  it('refuses that image before anything is made (r353 #7)', () => {
+    // A restore that reaches the point after its checks is killed there:
+    // the refusal must come first.
+    const path = group.slice(mount.length) || '/';
+    const dir = crafted('cgroup-early', 'nobody', (i) => void i.processes.forEach((p) => (p.cgroup = path)));
+    const r = spawnSync(process.execPath, [cli, 'restore', dir], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'restore: node verified' }, encoding: 'utf8', timeout: 50_000 });
+    expect(r.signal, r.stderr).toBeNull();
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(new RegExp(`cannot be put back into its cgroup ${path} as the image's processes \\(uid 65534\\) may not enter it: EACCES`));
+    expect(r.status).not.toBe(0);
+    expect(sb.aids()).toEqual([]);
   });
 
   it("still puts an image's root process, or a snapshot of this node's uid-65534 one, back in its cgroup", () => {

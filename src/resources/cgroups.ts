@@ -14,7 +14,7 @@
 import { closeSync, constants, existsSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { isOwnSnapshot } from '../image/format.js';
 import { addon } from '../native.js';
-import { fsIdentity, identitiesFor } from './fsident.js';
+import { fsIdentity, identitiesFor, openToMapKey } from './fsident.js';
 import { procDir, procText } from '../procfs.js';
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -54,35 +54,109 @@ function unifiedMount(): string | undefined {
   return undefined;
 }
 
-/** Moves the restored process `pid` into the cgroup its image names.
+/** Per process (vpid) to be moved: its cgroup's cgroup.procs, opened for
+ * the move before anything of the restore is made (openCgroupJoins). */
+export type CgroupJoins = Map<number, number>;
+
+/** The cgroup both `a` and `b` are in (paths in the unified hierarchy). */
+function commonAncestor(a: string, b: string): string {
+  const x = a.split('/').filter(Boolean);
+  const y = b.split('/').filter(Boolean);
+  let n = 0;
+  while (n < x.length && n < y.length && x[n] === y[n]) n++;
+  return `/${x.slice(0, n).join('/')}`;
+}
+
+/**
+ * Whether each process may be put back into its cgroup, decided before
+ * anything of the restore is made (a refusal after its processes were
+ * made left them to be killed and waited for): its cgroup.procs opened
+ * for the move, kept for it (restoreCgroup writes the PID there).
  *
  * As whom: the write to cgroup.procs is the move, and the kernel decides
- * it by the writer's rights (write access to the cgroup.procs of the
- * common ancestor of where the process is and where it goes, by the
- * credentials the file was opened with). A snapshot of this node
- * (isOwnSnapshot) says where the kernel had the process: it goes back
+ * it by the credentials the file was opened with: write access to it and
+ * to the cgroup.procs of the common ancestor of where the process is
+ * (where its seed is made: ours) and where it goes. A snapshot of this
+ * node (isOwnSnapshot) says where the kernel had the process: it goes back
  * there with the restorer's rights, as before. Any other image's word is
- * a claim: the file is opened as the application's processes would open
- * it (fsident.ts), so a crafted cgroup (the root one, another service's)
- * is refused by the kernel as the image's identity would have been,
- * never entered with the restorer's rights (r344 #3). */
-export function restoreCgroup(image: Image, p: Process, pid: number): void {
-  if (!p.cgroup || unifiedPath(`/proc/${pid}`) === p.cgroup) return;
-  const who = nameProcess(p.vpid, p.comm);
-  const mount = unifiedMount();
-  if (!mount) throw new AppshotError(`${who}: was in cgroup ${p.cgroup}, but this node has no cgroup v2 hierarchy mounted`, ExitCode.conflict);
-  const dir = join(mount, p.cgroup);
-  if (!existsSync(join(dir, 'cgroup.procs'))) throw new AppshotError(`${who}: its cgroup ${p.cgroup} does not exist on this node (${dir})`, ExitCode.conflict);
+ * a claim: the files are opened as the application's processes would open
+ * them (fsident.ts), so a crafted cgroup (the root one, another service's)
+ * is refused by the kernel as the image's identity would have been, never
+ * entered with the restorer's rights (r344 #3). A process whose cgroup is
+ * ours already is not moved (its seed is in it).
+ */
+export function openCgroupJoins(image: Image): CgroupJoins {
+  const joins: CgroupJoins = new Map();
+  const here = unifiedPath('/proc/self');
   const own = isOwnSnapshot(image);
-  let procs: number | undefined;
+  const opened = new Map<string, number>();
   try {
-    procs = own ? openSync(join(dir, 'cgroup.procs'), 'w') : addon().openAs(join(dir, 'cgroup.procs'), constants.O_WRONLY, 0, identitiesFor(image, p));
+    for (const p of image.processes) {
+      if (!p.cgroup || p.cgroup === here) continue;
+      const who = nameProcess(p.vpid, p.comm);
+      const mount = unifiedMount();
+      if (!mount) throw new AppshotError(`${who}: was in cgroup ${p.cgroup}, but this node has no cgroup v2 hierarchy mounted`, ExitCode.conflict);
+      const procs = join(mount, p.cgroup, 'cgroup.procs');
+      if (!existsSync(procs)) throw new AppshotError(`${who}: its cgroup ${p.cgroup} does not exist on this node (${join(mount, p.cgroup)})`, ExitCode.conflict);
+      const k = openToMapKey(own ? undefined : p, procs, constants.O_WRONLY);
+      let fd = opened.get(k);
+      if (fd === undefined) {
+        fd = openForMove(image, p, procs, own);
+        opened.set(k, fd);
+        // The common ancestor's, asked now as the kernel asks at the move.
+        const ancestor = commonAncestor(here, p.cgroup);
+        if (here && ancestor !== p.cgroup) closeSync(openForMove(image, p, join(mount, ancestor, 'cgroup.procs'), own));
+      }
+      joins.set(p.vpid, fd);
+    }
+  } catch (e) {
+    for (const fd of opened.values()) closeSync(fd);
+    throw e;
+  }
+  return joins;
+}
+
+/** Closes what openCgroupJoins opened. */
+export function closeCgroupJoins(joins: CgroupJoins): void {
+  for (const fd of new Set(joins.values())) closeSync(fd);
+  joins.clear();
+}
+
+/** `procs` (a cgroup.procs) opened for writing as process `p` would (or,
+ * `own`, as the restorer), or its refusal in one line. */
+function openForMove(image: Image, p: Process, procs: string, own: boolean): number {
+  try {
+    return own ? openSync(procs, 'w') : addon().openAs(procs, constants.O_WRONLY, 0, identitiesFor(image, p));
+  } catch (e) {
+    throw moveRefused(e, p, own);
+  }
+}
+
+function moveRefused(e: unknown, p: Process, own: boolean): AppshotError {
+  const code = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
+  const as = own || (code !== 'EACCES' && code !== 'EPERM') ? '' : ` as the image's processes (uid ${fsIdentity(p).fsuid}) may not enter it`;
+  return new AppshotError(`${nameProcess(p.vpid, p.comm)}: cannot be put back into its cgroup ${p.cgroup}${as}: ${code}`, ExitCode.conflict);
+}
+
+/** Moves the restored process `pid` into the cgroup its image names,
+ * through its cgroup.procs opened before anything was made (`joins`), or
+ * opened now (its seed not where openCgroupJoins expected it). */
+export function restoreCgroup(image: Image, p: Process, pid: number, joins: CgroupJoins): void {
+  if (!p.cgroup || unifiedPath(`/proc/${pid}`) === p.cgroup) return;
+  const own = isOwnSnapshot(image);
+  let procs = joins.get(p.vpid);
+  const late = procs === undefined;
+  try {
+    if (procs === undefined) {
+      const mount = unifiedMount();
+      if (!mount) throw new AppshotError(`${nameProcess(p.vpid, p.comm)}: was in cgroup ${p.cgroup}, but this node has no cgroup v2 hierarchy mounted`, ExitCode.conflict);
+      procs = openForMove(image, p, join(mount, p.cgroup, 'cgroup.procs'), own);
+    }
     writeSync(procs, `${pid}\n`);
   } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
-    const as = own || (code !== 'EACCES' && code !== 'EPERM') ? '' : ` as the image's processes (uid ${fsIdentity(p).fsuid}) may not enter it`;
-    throw new AppshotError(`${who}: cannot be put back into its cgroup ${p.cgroup}${as}: ${code}`, ExitCode.conflict);
+    if (e instanceof AppshotError) throw e;
+    throw moveRefused(e, p, own);
   } finally {
-    if (procs !== undefined) closeSync(procs);
+    if (late && procs !== undefined) closeSync(procs);
   }
 }

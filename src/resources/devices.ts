@@ -13,6 +13,7 @@ import { type RestoreContext, Unsupported } from './context.js';
 import { isPtyMaster } from './ptys.js';
 import { identitiesFor } from './fsident.js';
 import { addon } from '../native.js';
+import { refuseOutsideApplication } from './procpaths.js';
 
 const O_ACCMODE = 3;
 
@@ -45,6 +46,7 @@ export function openDevice(h: RestoreContext, p: Process, fd: Fd): number {
   // checked with the image), and what opened must be a character device:
   // not a file or a block device put at that name.
   const got = h.keep(addon().openAs(fd.path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC), 0, identitiesFor(h.image, p)));
+  refuseOutsideApplication(got, fd.path, `process ${p.vpid} fd ${fd.fd}`);
   if (!fstatSync(got).isCharacterDevice()) throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${fd.path} is not a character device here`);
   return got;
 }

@@ -47,7 +47,7 @@ import { dumpPidfd, openPidfd } from './pidfd.js';
 import { dumpMessageQueue, isMessageQueue, openMessageQueue } from './mqueue.js';
 import { dumpListingPosition, isMappingListing, positionInListing } from './listings.js';
 import { dumpTextPosition, positionInText } from './proctext.js';
-import { dumpProcVpid, PROC_PID, restoredProcPath } from './procpaths.js';
+import { dumpProcVpid, PROC_PID, refuseOutsideApplication, restoredProcPath } from './procpaths.js';
 
 const O_ACCMODE = 3;
 const O_WRONLY = 1;
@@ -607,6 +607,8 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     // crafted image's nobody process hold /etc/shadow, or appshot-init's
     // memory read-write, through a descriptor that named it).
     got = h.keep(openAsProcess(h, p, fd, path, plain));
+    // That very file of the restored process, opened as named.
+    refuseOutsideApplication(got, fd.path, `process ${p.vpid} fd ${fd.fd}`, path);
     // A listing of mappings read part way: its place there is found once
     // the process's memory is as it will run (our descriptor shares the
     // offset with the application's).
@@ -625,7 +627,7 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     // a root-only file reached through a symlink planted where the
     // template's file was is not handed to a process that could not read it.
     got = h.keep(openAsProcess(h, p, fd, path, plain));
-    refuseEngineOwn(got, `process ${p.vpid} fd ${fd.fd}: ${path}`);
+    refuseOutsideApplication(got, path, `process ${p.vpid} fd ${fd.fd}`);
     const link = h.image.files[fd.file]?.linkTarget;
     if (link !== undefined) sameSymlink(got, path, link, `process ${p.vpid} fd ${fd.fd}`);
   }
@@ -645,28 +647,6 @@ function openFile(h: RestoreContext, p: Process, fd: Fd): number {
     h.whenProcessesAreFinal(() => positionInText(text, textPath, plain, at));
   }
   return got;
-}
-
-let procDevice: number | undefined;
-
-/** A name the image gives, opened, that led into the engine's own /proc
- * directory (a symlink to /proc/self/… or /proc/ENGINE_PID/… on the way:
- * validation refuses such names given outright, procpaths.ts): refused,
- * as the engine's memory or descriptors are never the application's.
- * The kernel names the file opened by the engine's PID. */
-function refuseEngineOwn(got: number, where: string): void {
-  procDevice ??= statSync('/proc').dev;
-  if (fstatSync(got).dev !== procDevice) return;
-  const opened = readlinkSync(`/proc/self/fd/${got}`);
-  const pid = PROC_PID.exec(opened)?.[1];
-  if (pid === undefined) return;
-  let tgid = pid;
-  try {
-    tgid = /^Tgid:\s*(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'latin1'))?.[1] ?? pid;
-  } catch {
-    /* gone: not ours */
-  }
-  if (Number(tgid) === process.pid) throw new AppshotError(`${where} leads to ${opened}, the restoring engine's own`);
 }
 
 /** A symbolic link the image held (O_PATH|O_NOFOLLOW), opened again as

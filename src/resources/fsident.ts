@@ -38,6 +38,7 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { isOwnSnapshot } from '../image/format.js';
 import { onlyRestorerMayChange } from '../home.js';
 import { ownCreds } from './creds.js';
+import { refuseOutsideApplication } from './procpaths.js';
 
 /** A filesystem identity with the permitted set of the credentials it
  * was taken from: the capabilities its process may raise into its
@@ -171,6 +172,9 @@ export function openToMapAs(image: Image, vpid: number, path: string, flags: num
     fd = keep(addon().openAs(path, flags | O_CLOEXEC | O_NONBLOCK, 0, identitiesFor(image, p)));
     opened.set(k, fd);
   }
+  // This open or the check's (restore/verify.ts): not another process's
+  // file (procpaths.ts).
+  refuseOutsideApplication(fd, path, `process ${vpid}'s mapping`);
   return fd;
 }
 
@@ -228,13 +232,24 @@ const O_DIRECTORY = 0o200000;
  * snapshot says the process is in (reopenHeld: entered before it
  * dropped its privileges). */
 export function openDirectoryAs(image: Image, p: Process, path: string, what: string, held?: number): number {
+  const opened = (): number => {
+    try {
+      return addon().openAs(path, O_PATH | O_DIRECTORY, 0, identitiesFor(image, p));
+    } catch (e) {
+      const got = refusal(e) && held !== undefined ? reopenHeld(image.files[held], isOwnSnapshot(image), path, O_PATH | O_DIRECTORY) : undefined;
+      if (got !== undefined) return got;
+      refusedAsProcess(e, `process ${p.vpid}: ${what} ${path}`, fsIdentity(p), 'reached');
+    }
+  };
+  const got = opened();
   try {
-    return addon().openAs(path, O_PATH | O_DIRECTORY, 0, identitiesFor(image, p));
+    // Not another process's /proc directory (procpaths.ts).
+    refuseOutsideApplication(got, path, `process ${p.vpid}: ${what}`);
   } catch (e) {
-    const got = refusal(e) && held !== undefined ? reopenHeld(image.files[held], isOwnSnapshot(image), path, O_PATH | O_DIRECTORY) : undefined;
-    if (got !== undefined) return got;
-    refusedAsProcess(e, `process ${p.vpid}: ${what} ${path}`, fsIdentity(p), 'reached');
+    closeSync(got);
+    throw e;
   }
+  return got;
 }
 
 /** Whether `e` is the kernel's refusal of an operation made as a process. */

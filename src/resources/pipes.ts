@@ -15,6 +15,7 @@ import { addon } from '../native.js';
 import { type DumpContext, type RestoreContext } from './context.js';
 import { fsIdentity, identitiesFor, refusal, refusedAsProcess, reopenHeld } from './fsident.js';
 import { isOwnSnapshot } from '../image/format.js';
+import { refuseOutsideApplication } from './procpaths.js';
 
 const O_ACCMODE = 3;
 const O_DIRECT = 0o40000;
@@ -160,6 +161,9 @@ function makePipe(h: RestoreContext, pipe: Pipe, index: number): MadePipe {
     // recorded (one still there, whatever its name, has its device).
     const removed = pipe.fifoPath.endsWith(DELETED) && pipe.fifoDev === undefined;
     const rw = h.keep(removed ? removedFifo(pipe.fifoPath.slice(0, -DELETED.length)) : openFifo(h, pipe, index));
+    // Not another process's pipe, reached through its /proc/PID/fd/N
+    // (which fstat calls a FIFO too), nor a /proc file.
+    if (!removed) refuseOutsideApplication(rw, pipe.fifoPath, `pipe ${index}`);
     // A FIFO, not whatever else was put at its name since (a file, a device).
     if (!fstatSync(rw).isFIFO()) throw new AppshotError(`the named FIFO ${pipe.fifoPath} is not a FIFO here`);
     // Bytes in it now: another process has it open (a FIFO's data goes

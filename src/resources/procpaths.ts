@@ -7,7 +7,7 @@
  * restored process's system PID in its place. A path under a process
  * outside the application stays as it is.
  */
-import { readFileSync } from 'node:fs';
+import { fstatSync, readFileSync, readlinkSync, statfsSync, statSync } from 'node:fs';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
 import { FdKind, type Image } from '../image/types.js';
@@ -149,4 +149,42 @@ export function resolverPathsFault(image: Image): string | undefined {
     check(r.to, `a clone's REDIR to`);
   }
   return fault;
+}
+
+const PROC_SUPER_MAGIC = 0x9fa0;
+/** Filesystems whose files have no name to open: a pipe, a socket, an
+ * eventfd, epoll, a pidfd... reached by an open only through a process's
+ * /proc/PID/fd/N (a magic link). */
+const NAMELESS = new Set([0x50495045 /* pipefs */, 0x534f434b /* sockfs */, 0x09041934 /* anon_inodefs */]);
+
+let procDevice: number | undefined;
+
+/**
+ * The one check after the engine opened a name an image gives and before
+ * the descriptor is the application's (a file, a FIFO, a device, a
+ * mapping, a working or root directory): refused in one line naming
+ * `where` unless what opened is the application's to hold.
+ *
+ * A /proc file (its filesystem says, fstatfs, whatever its path) is taken
+ * only as /proc/NAME plainly, in the engine's /proc, reached with no
+ * symbolic link on the way, and either not a process's (/proc/meminfo,
+ * /proc/sys/...) or, `procPath`, the restored process's own file the
+ * snapshot recorded (restoredProcPath). Anything else - a symlink or a
+ * bind mount into /proc, a second procfs mount (its own superblock since
+ * Linux 5.8, so neither its device nor its path prefix is /proc's) - may
+ * be any process's file: the engine's own /proc/self/mem read-write, or
+ * init's, or another appshot process's, which the application never held.
+ * Nor a pipe, a socket or an anonymous inode: an open reaches one only
+ * through a process's /proc/PID/fd/N, which a snapshot never records (a
+ * named FIFO opened is a file of its directory's filesystem).
+ */
+export function refuseOutsideApplication(got: number, name: string, where: string, procPath?: string): void {
+  const type = Number(statfsSync(`/proc/self/fd/${got}`).type);
+  if (NAMELESS.has(type)) throw new AppshotError(`${where}: ${name} leads to ${readlinkSync(`/proc/self/fd/${got}`)}, another process's descriptor, not a file the application may open`);
+  if (type !== PROC_SUPER_MAGIC) return;
+  const opened = readlinkSync(`/proc/self/fd/${got}`);
+  const plain = (n: string) => n.replace(/\/+/g, '/').replace(/(.)\/$/, '$1');
+  procDevice ??= statSync('/proc').dev;
+  const honest = fstatSync(got).dev === procDevice && (opened === '/proc' || opened.startsWith('/proc/')) && (procPath !== undefined ? opened === plain(procPath) : opened === plain(name) && !PROC_PID.test(opened));
+  if (!honest) throw new AppshotError(`${where}: ${name} leads to the /proc file ${opened}, which is not the application's own (reached through a symbolic link or another /proc mount)`);
 }

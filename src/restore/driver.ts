@@ -53,7 +53,7 @@ import { forkedByOtherThread, forkingTid, moveEnvironCall, restoreItimers, resto
 import { lateSigchldChild, requeueSignals, restoreLateSigchld, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
 import { checkCpuAffinities, checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
 import { checkAlarmClocks } from '../resources/timerfd.js';
-import { restoreCgroup } from '../resources/cgroups.js';
+import { closeCgroupJoins, type CgroupJoins, openCgroupJoins, restoreCgroup } from '../resources/cgroups.js';
 import { removeDestroyedShm, restoreSemUndo, restoreSysv, settleSysvPids } from '../resources/sysv.js';
 import { restoreWaits } from '../resources/waits.js';
 import { IdsAcrossRestore, retargetBlockedCall } from '../resources/blocked.js';
@@ -594,6 +594,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
   let committedResult: (() => RestoreResult) | undefined;
   // Ours until the restore's context keeps them (mapOpened, below).
   const verifiedOpens = new Map<string, number>();
+  // Each process's cgroup.procs, opened for its move before anything is made.
+  let cgroupJoins: CgroupJoins = new Map();
   try {
     // Ctrl-C is heard only between the steps that run synchronously (a
     // page file checked, 32 MiB of a process's memory copied): at each of
@@ -611,6 +613,9 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     // recorded beyond what this user may grant (a batch of clones applies
     // it once: privilegesChecked).
     if (!opts.privilegesChecked) checkPrivileges(image);
+    // Whether its processes may enter their cgroups, as they would: a
+    // refusal before anything is made (cgroups.ts).
+    cgroupJoins = openCgroupJoins(image);
     if (opts.inheritFor) opts = { ...opts, ...opts.inheritFor(image) };
     requireInherited(image, opts.inherit ?? new Map(), opts.ownListeners ?? new Set());
     const verified = now();
@@ -855,7 +860,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const fillMemory = async (m: Made): Promise<RemoteProcess> => {
       if (m.remote) return m.remote;
       // Into its cgroup before its memory is made, which is charged there.
-      restoreCgroup(image, m.proc, m.pid);
+      restoreCgroup(image, m.proc, m.pid, cgroupJoins);
       // Its maps read once: for the vDSO, a free place for the scratch
       // area, and what is to be unmapped (the scratch area is kept apart).
       const seedMaps = readMaps(m.pid);
@@ -1327,6 +1332,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (e instanceof AppshotError) throw new AppshotError(`${what}: ${e.message}`, e.exitCode);
     throw new AppshotError(`${what}: ${errorText(e)}; nothing was left behind`);
   } finally {
+    closeCgroupJoins(cgroupJoins);
     for (const fd of verifiedOpens.values()) closeSync(fd);
     for (const [i, fd] of pageFds.entries()) if (ownPageFd(i)) closeSync(fd);
     if (!opts.loaded && !preloaded) for (const l of chain) l.dispose();
