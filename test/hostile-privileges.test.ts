@@ -23,7 +23,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { digestFd, encodeImage, encodeSignedManifest, loadImage } from '../src/image/format.js';
-import { FdKind, type Image, type Process } from '../src/image/types.js';
+import { type Fd, FdKind, type Image, type Process, type Socket, type SocketOption, type TcpConnection } from '../src/image/types.js';
 import { command as appshot, fixture, Sandbox, waitFor } from './helpers.js';
 
 const isRoot = process.getuid?.() === 0;
@@ -178,6 +178,59 @@ describe.runIf(isRoot)('privileged socket state of an image whose processes had 
       });
       refused(dir, new RegExp(`fd \\d+: ${why.source}, ${NO_PROCESS_HAD.source}`));
     }
+  });
+});
+
+/** Another descriptor `n` of `p` (fields as its UDP one's), of `kind`,
+ * holding `record` (a socket, or a connection). */
+function addFd(p: Process, n: number, kind: number, record: Pick<Fd, 'socket' | 'tcp'>): void {
+  p.fds.push({ ...structuredClone(udpOf(p)), fd: n, kind, socket: undefined, tcp: undefined, ...record });
+}
+
+/** A socket record with none of the UDP socket's state but `fields`. */
+const socketRecord = (p: Process, ino: bigint, fields: Partial<Socket>): Socket => ({
+  ...structuredClone(udpOf(p).socket!), ino, address: '', port: 0, options: [], datagrams: [], memberships: [], peerAddress: undefined, peerPort: undefined, ...fields,
+});
+
+/** An established connection's record (made in repair mode: no peer needed). */
+const connection = (ino: bigint, localPort: number, socketOptions: SocketOption[] = []): TcpConnection => ({
+  ino, family: 2, localAddress: '127.0.0.1', localPort, peerAddress: '127.0.0.1', peerPort: 40999, closed: false, state: 1, sendSeq: 1000, recvSeq: 2000,
+  sendQueue: Buffer.alloc(0), unsent: 0, recvQueue: Buffer.alloc(0), mssClamp: 1460, options: 0, sndWscale: 0, rcvWscale: 0, timestamp: 0, socketOptions,
+});
+
+/** A congestion control this node has but does not allow everyone (cubic where none is). */
+function restrictedCongestion(): string {
+  const list = (f: string) => readFileSync(`/proc/sys/net/ipv4/${f}`, 'utf8').trim().split(/\s+/);
+  const open = new Set([...list('tcp_allowed_congestion_control'), ...list('tcp_congestion_control')]);
+  return list('tcp_available_congestion_control').find((c) => !open.has(c)) ?? 'cubic';
+}
+
+describe.runIf(isRoot)('privileged sockets of every other kind the restore makes (review r353)', () => {
+  it('a bound TCP socket not listening, a connection\'s port, a raw socket, netlink connects and groups, and a connection\'s options are each refused', () => {
+    const cc = restrictedCongestion();
+    const ccBytes = Buffer.alloc(16);
+    ccBytes.write(cc);
+    const netlink = (p: Process, n: Partial<NonNullable<Socket['netlink']>>, options: SocketOption[] = []) =>
+      addFd(p, 40, FdKind.NETLINK, { socket: socketRecord(p, 9_000_040n, { family: 16, type: 3, options, netlink: { protocol: 0, portId: 0x7ead_0001, connected: false, dstPortId: 0, dstGroup: 0, groups: [], ...n } }) });
+    const cases: [string, (p: Process) => void, RegExp][] = [
+      ['unconnected81', (p) => addFd(p, 40, FdKind.UNCONNECTED_STREAM, { socket: socketRecord(p, 9_000_040n, { type: 1, address: '127.0.0.1', port: TCP_PORT }) }), /fd 40: a TCP socket \(bound, not listening\) on port 81 needs CAP_NET_BIND_SERVICE/],
+      ['connection81', (p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: connection(9_000_040n, TCP_PORT) }), /fd 40: the TCP connection 127\.0\.0\.1:81 → 127\.0\.0\.1:40999 from port 81 needs CAP_NET_BIND_SERVICE/],
+      ['connection-cc', (p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: connection(9_000_040n, 40998, [{ level: 6, name: 13, value: 0, raw: ccBytes }]) }), new RegExp(`fd 40: option TCP_CONGESTION "${cc}" \\(not in net.ipv4.tcp_allowed_congestion_control\\) needs CAP_NET_ADMIN`)],
+      ['raw', (p) => addFd(p, 40, FdKind.RAW, { socket: socketRecord(p, 9_000_040n, { type: 3, protocol: 1, rawFilter: Buffer.alloc(0) }) }), /fd 40: a raw IPv4 ICMP socket needs CAP_NET_RAW/],
+      ['netlink-connect', (p) => netlink(p, { connected: true, dstGroup: 1 }), /fd 40: a NETLINK_ROUTE socket connected to group 1 needs CAP_NET_ADMIN/],
+      ['netlink-mroute', (p) => netlink(p, { groups: [30] }), /fd 40: a NETLINK_ROUTE socket in group 30 \(RTNLGRP_IPV4_MROUTE_R\) needs CAP_NET_ADMIN/],
+      ['netlink-allnsid', (p) => netlink(p, {}, [{ level: 270, name: 8, value: 1 }]), /fd 40: option NETLINK_LISTEN_ALL_NSID needs CAP_NET_BROADCAST/],
+    ];
+    for (const [name, add, why] of cases) refused(crafted(name, (_i, p) => add(p)), new RegExp(`${why.source}, ${NO_PROCESS_HAD.source}`));
+  });
+
+  it('two descriptors of one socket whose records differ are refused as corrupt (the restore makes it from one)', () => {
+    // The UDP socket again as fd 41, bound to port 53 there only.
+    const dir = crafted('shared53', (_i, p) => {
+      const udp = udpOf(p);
+      p.fds.push({ ...structuredClone(udp), fd: 41, socket: { ...structuredClone(udp.socket!), port: 53 } });
+    });
+    refused(dir, /corrupt image: process \d+'s fd 41 and process \d+'s fd \d+ are one socket \(inode \d+\) but their records of it differ/, 1);
   });
 });
 

@@ -16,6 +16,7 @@ import { deviceFault } from '../resources/devices.js';
 import { readFileSync } from 'node:fs';
 import { isIPv4, isIPv6 } from 'node:net';
 import { totalmem } from 'node:os';
+import { isDeepStrictEqual } from 'node:util';
 import { AppshotError } from '../errors.js';
 import { checkWaits } from '../resources/waits.js';
 import { dnotifyRecordFault } from '../resources/fdowner.js';
@@ -511,6 +512,26 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
   }
 }
 
+/** Descriptors of one socket (one inode: duplicated, inherited, passed)
+ * carry one record of it, of one kind: the restore makes each socket
+ * once, from the descriptor it reaches first, and the privilege rule
+ * weighs one record for all its holders (sockets.ts
+ * checkSocketPrivileges). Records that differ would have the rule weigh
+ * one (a UDP socket on port 5001) and the restore make another (on 53). */
+function checkSharedSockets(image: Image): void {
+  const first = new Map<string, { where: string; fd: Fd; record: unknown }>();
+  for (const p of image.processes)
+    for (const fd of p.fds)
+      for (const [name, record] of [['socket', fd.socket], ['connection', fd.tcp]] as const) {
+        if (!record) continue;
+        const key = `${name} ${record.ino}`;
+        const seen = first.get(key);
+        if (!seen) first.set(key, { where: `process ${p.vpid}'s fd ${fd.fd}`, fd, record });
+        else if (seen.fd.kind !== fd.kind || !isDeepStrictEqual(seen.record, record))
+          corrupt(`process ${p.vpid}'s fd ${fd.fd} and ${seen.where} are one ${name} (inode ${record.ino}) but their records of it differ`);
+      }
+}
+
 /** What an inherited socket's key may be (serve's are "serve:PORT"). */
 export const INHERITED_KEY = /^[A-Za-z0-9:._-]{1,64}$/;
 
@@ -693,6 +714,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   checkStrings(image);
   checkPaths(image);
   checkResolverPaths(image);
+  checkSharedSockets(image);
   if (image.node.pageSize !== 4096) corrupt(`its page size is ${image.node.pageSize}; appshot knows 4096`);
   const limits = machineLimits();
   if (!image.processes.length && !memoryOnly) corrupt('it holds no process');

@@ -33,6 +33,7 @@ import type { Creds, Image, Process, Rlimit, Thread } from '../image/types.js';
 import { isOwnSnapshot } from '../image/format.js';
 
 export const CAP_NET_BIND_SERVICE = 10;
+export const CAP_NET_BROADCAST = 11;
 export const CAP_NET_ADMIN = 12;
 export const CAP_NET_RAW = 13;
 export const CAP_IPC_LOCK = 14;
@@ -42,6 +43,7 @@ export const CAP_WAKE_ALARM = 35;
 
 const NAMES: Record<number, string> = {
   [CAP_NET_BIND_SERVICE]: 'CAP_NET_BIND_SERVICE',
+  [CAP_NET_BROADCAST]: 'CAP_NET_BROADCAST',
   [CAP_NET_ADMIN]: 'CAP_NET_ADMIN',
   [CAP_NET_RAW]: 'CAP_NET_RAW',
   [CAP_IPC_LOCK]: 'CAP_IPC_LOCK',

@@ -77,6 +77,7 @@ import { type RestoreContext, Transient, Unsupported } from './context.js';
 import { refuseOwnFilter } from './unixdgram.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 import { ownerFor } from './files.js';
+import { CAP_NET_ADMIN } from './heldcaps.js';
 
 export const AF_NETLINK = 16;
 const SOCK_DGRAM = 2;
@@ -355,6 +356,28 @@ function make(h: RestoreContext, s: Socket, what: string, owner: InodeOwner | un
     }
   }
   return sock;
+}
+
+const NETLINK_ROUTE = 0;
+/** rtnetlink_bind: the multicast routing cache reports. */
+const ADMIN_ROUTE_GROUPS: ReadonlyMap<number, string> = new Map([
+  [30, 'RTNLGRP_IPV4_MROUTE_R'],
+  [31, 'RTNLGRP_IPV6_MROUTE_R'],
+]);
+
+/** What the restore does to netlink socket `n` with its own rights that
+ * the kernel lets only a capability do (sockets.ts checkSocketPrivileges):
+ * a connect to a port id or a group (netlink_connect: no accepted
+ * protocol has NL_CFG_F_NONROOT_SEND), and joining a NETLINK_ROUTE group
+ * of multicast routing (rtnetlink_bind). The socket's opener is appshot,
+ * but connect and bind weigh their caller's rights, the restorer's. */
+export function netlinkPrivileges(n: NetlinkSocket): { caps: number[]; what: string }[] {
+  const needs: { caps: number[]; what: string }[] = [];
+  if (n.connected && (n.dstPortId || n.dstGroup))
+    needs.push({ caps: [CAP_NET_ADMIN], what: `a ${protocolName(n.protocol)} socket connected to ${n.dstGroup ? `group ${n.dstGroup}` : `port id ${n.dstPortId}`}` });
+  for (const g of n.groups)
+    if (n.protocol === NETLINK_ROUTE && ADMIN_ROUTE_GROUPS.has(g)) needs.push({ caps: [CAP_NET_ADMIN], what: `a NETLINK_ROUTE socket in group ${g} (${ADMIN_ROUTE_GROUPS.get(g)})` });
+  return needs;
 }
 
 /** What is wrong with an image's netlink socket, or undefined: an image

@@ -6,7 +6,10 @@
  * types (ICMP_FILTER, ICMP6_FILTER); it holds no connection. A restore
  * makes a new one (CAP_NET_RAW: the restorer's, the process having dropped
  * it after it opened the socket, as pinger does), gives it the filter and
- * binds it.
+ * binds it. Made with the restorer's capability, it is restored only for
+ * a socket some process holding it had CAP_NET_RAW in the image, or from
+ * this node's own snapshot (sockets.ts checkSocketPrivileges): an image
+ * from elsewhere could name any nobody process the holder of one.
  *
  * Only ICMP and ICMPv6 ones: one of another protocol, made again with the
  * restorer's CAP_NET_RAW, would see every packet of it on the host, or

@@ -34,7 +34,7 @@
  * `appshot restore`) makes the application's own listener again from the
  * record. The connections waiting in its accept queue stay there meanwhile.
  */
-import { dumpRaw, SOCK_RAW } from './raw.js';
+import { dumpRaw, rawName, SOCK_RAW } from './raw.js';
 import { unixNameProblem } from './sockaddr.js';
 import { closeSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -44,7 +44,7 @@ import { type DumpContext, nameProcess, type RestoreContext, Transient, Unsuppor
 import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
-import { AF_NETLINK, boundPortId, dumpNetlink, netlinkTable } from './netlink.js';
+import { AF_NETLINK, boundPortId, dumpNetlink, netlinkPrivileges, netlinkTable } from './netlink.js';
 import { clearSocketFile, dumpSocketFile, restoreSocketFile } from './socketfile.js';
 import { socketFileIdentities } from './fsident.js';
 import { ownerFor } from './files.js';
@@ -54,7 +54,7 @@ import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconne
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
 import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, optionPrivilege, readExtras, resetExtras, type SockKind } from './sockopts.js';
-import { CAP_NET_BIND_SERVICE, capNames, processMay, restorerMay, vouchedFor } from './heldcaps.js';
+import { CAP_NET_BIND_SERVICE, CAP_NET_RAW, capNames, processMay, restorerMay, vouchedFor } from './heldcaps.js';
 import type { NetlinkSeen, TablesSnapshot, UnixSocketInfo } from '../native.js';
 
 /** A TCP socket as it told of itself (SocketTable.tcpSocket). */
@@ -966,38 +966,68 @@ function unprivilegedPortStart(): number {
 }
 
 /**
- * The privilege rule for sockets, before anything is made: a TCP listener
- * or UDP socket bound to a port below net.ipv4.ip_unprivileged_port_start
- * (CAP_NET_BIND_SERVICE), and each option only a capability sets
- * (sockopts.ts optionPrivilege: SO_MARK, IP_TRANSPARENT, SO_PRIORITY above
- * 6, SO_DEBUG, a buffer size beyond the sysctl's), are made by the
- * restorer (its engine, root), with its capabilities: only for a socket
- * some process holding it in the image held the capability (in its
- * effective or permitted set: heldcaps.ts, per holder; this node's own
- * snapshot is taken at its word), and only by a restore that has it
- * (else the kernel would refuse it half-way).
+ * The privilege rule for sockets, before anything is made. What the
+ * restorer (its engine, root) makes with its own rights and the kernel
+ * lets only a capability make: a socket bound to a port below
+ * net.ipv4.ip_unprivileged_port_start (CAP_NET_BIND_SERVICE) — a TCP
+ * listener, a UDP socket, a TCP socket bound and not listening, an
+ * established connection's local port (bound in repair mode: a
+ * privileged source port, which peers may trust) unless a listener of
+ * the image has that address and port (accepted from it: the listener
+ * is weighed);
+ * a raw socket (CAP_NET_RAW); a netlink socket connected to a port id or
+ * group, or in a group only CAP_NET_ADMIN joins (netlink.ts
+ * netlinkPrivileges); each option only a capability sets (sockopts.ts
+ * optionPrivilege: SO_MARK, IP_TRANSPARENT, SO_PRIORITY above 6,
+ * SO_DEBUG, a buffer size beyond the sysctl's, a congestion control not
+ * allowed everyone, NETLINK_LISTEN_ALL_NSID), a connection's too. Each
+ * only for a socket some process holding it in the image held the
+ * capability (in its effective or permitted set: heldcaps.ts, per
+ * holder; this node's own snapshot is taken at its word), and only by a
+ * restore that has it (else the kernel would refuse it half-way).
+ * Every descriptor of a socket carries the same record of it
+ * (validate.ts checkSharedSockets): the first is the one made.
  * `capEff`: the restorer's effective set.
  */
 export function checkSocketPrivileges(image: Image, capEff: bigint): void {
-  const holders = new Map<bigint, { p: Process; fd: Fd }[]>();
+  const holders = new Map<string, { p: Process; fd: Fd }[]>();
+  const listeners: Socket[] = [];
   for (const p of image.processes)
     for (const fd of p.fds) {
-      if (!fd.socket) continue;
-      const list = holders.get(fd.socket.ino);
+      const key = fd.socket ? `socket ${fd.socket.ino}` : fd.tcp ? `connection ${fd.tcp.ino}` : undefined;
+      if (!key) continue;
+      if (fd.kind === FdKind.TCP_LISTEN && fd.socket) listeners.push(fd.socket);
+      const list = holders.get(key);
       if (list) list.push({ p, fd });
-      else holders.set(fd.socket.ino, [{ p, fd }]);
+      else holders.set(key, [{ p, fd }]);
     }
   const lowest = unprivilegedPortStart();
   const vouched = vouchedFor(image);
   for (const held of holders.values()) {
     const { p, fd } = held[0];
-    const s = fd.socket!;
     const needs: { caps: number[]; what: string }[] = [];
-    const bound = fd.kind === FdKind.TCP_LISTEN ? 'a TCP listener' : fd.kind === FdKind.UDP ? 'a UDP socket' : undefined;
-    if (bound && s.port > 0 && s.port < lowest) needs.push({ caps: [CAP_NET_BIND_SERVICE], what: `${bound} on port ${s.port}` });
-    for (const o of s.options ?? []) {
-      const need = optionPrivilege(o);
-      if (need) needs.push({ caps: need.caps, what: `option ${need.what}` });
+    const port = (what: string, n: number) => {
+      if (n > 0 && n < lowest) needs.push({ caps: [CAP_NET_BIND_SERVICE], what: `${what} on port ${n}` });
+    };
+    const options = (list: readonly SocketOption[]) => {
+      for (const o of list) {
+        const need = optionPrivilege(o);
+        if (need) needs.push({ caps: need.caps, what: `option ${need.what}` });
+      }
+    };
+    const s = fd.socket;
+    if (s) {
+      if (fd.kind === FdKind.TCP_LISTEN) port('a TCP listener', s.port);
+      else if (fd.kind === FdKind.UDP) port('a UDP socket', s.port);
+      else if (fd.kind === FdKind.UNCONNECTED_STREAM && s.family !== AF_UNIX) port('a TCP socket (bound, not listening)', s.port);
+      else if (fd.kind === FdKind.RAW) needs.push({ caps: [CAP_NET_RAW], what: `a ${rawName(s)}` });
+      else if (fd.kind === FdKind.NETLINK && s.netlink) needs.push(...netlinkPrivileges(s.netlink));
+      options(s.options ?? []);
+    } else if (fd.tcp && !fd.tcp.closed && !fd.tcp.kept) {
+      const c = fd.tcp;
+      const accepted = listeners.some((l) => l.port === c.localPort && (l.address === c.localAddress || l.address === '0.0.0.0' || l.address === '::'));
+      if (!accepted && c.localPort > 0 && c.localPort < lowest) needs.push({ caps: [CAP_NET_BIND_SERVICE], what: `the TCP connection ${connectionName(c)} from port ${c.localPort}` });
+      options(c.socketOptions ?? []);
     }
     for (const need of needs) {
       const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: ${need.what} needs ${capNames(need.caps)}`;

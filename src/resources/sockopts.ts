@@ -28,7 +28,7 @@ import type { SocketOption } from '../image/types.js';
 import { addon, type SocketNotes } from '../native.js';
 import { Unsupported } from './context.js';
 import { AF_INET, AF_INET6 } from './sockaddr.js';
-import { CAP_NET_ADMIN, CAP_NET_RAW } from './heldcaps.js';
+import { CAP_NET_ADMIN, CAP_NET_BROADCAST, CAP_NET_RAW } from './heldcaps.js';
 
 export type SockKind = 'tcp' | 'listen' | 'udp' | 'unix-stream' | 'unix-listen' | 'unix-dgram' | 'netlink';
 
@@ -601,6 +601,9 @@ export function optionPrivilege(o: SocketOption): { caps: number[]; what: string
     }
     return undefined;
   }
+  const SOL_NETLINK = 270;
+  // netlink_setsockopt: hearing every network namespace's notifications.
+  if (o.level === SOL_NETLINK && o.name === 8) return o.value ? { caps: [CAP_NET_BROADCAST], what: 'NETLINK_LISTEN_ALL_NSID' } : undefined;
   if (o.level === IPPROTO_IP && o.name === 19) return o.value ? { caps: either, what: 'IP_TRANSPARENT' } : undefined;
   if (o.level === IPPROTO_IPV6 && o.name === 75) return o.value ? { caps: either, what: 'IPV6_TRANSPARENT' } : undefined;
   // Hop-by-hop and destination options: the kernel's "privileged option".
