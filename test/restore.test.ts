@@ -234,8 +234,15 @@ describe('a process stopped by job control with a signal pending', () => {
   it('comes back stopped, and when continued its pause() returns to take the signal', async () => {
     start('stopped', [fixture('waiter')]);
     await waitFor(() => /READY/.test(logOf('stopped')), 5000);
-    process.kill(pidOf('stopped', 2), 'SIGSTOP');
-    process.kill(pidOf('stopped', 2), 'SIGHUP');
+    const before = pidOf('stopped', 2);
+    process.kill(before, 'SIGSTOP');
+    // Stopped before the SIGHUP is sent: both pending at once, the kernel
+    // takes the lower-numbered SIGHUP first, builds its handler's frame and
+    // only then stops at the library's handler entry, before the stub
+    // raised its mark, where the snapshot rightly refuses a job-control
+    // stop (seen in ci-46b on a loaded machine).
+    await waitFor(() => readFileSync(`/proc/${before}/stat`, 'utf8').split(') ')[1][0] === 'T', 5000, 'it to stop');
+    process.kill(before, 'SIGHUP');
     restore(snapshot('stopped', 'stopped'));
     const pid = pidOf('stopped', 2);
     await waitFor(() => readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1][0] === 'T', 5000, 'it to be stopped');
