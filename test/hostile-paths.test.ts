@@ -13,13 +13,14 @@
  * signed by another trusted key: its word is a claim.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, closeSync, existsSync, linkSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { digestFd, encodeImage, encodeSignedManifest, loadImage } from '../src/image/format.js';
+import { loadImage } from '../src/image/format.js';
 import { FdKind, type Image } from '../src/image/types.js';
-import { cli, Sandbox, waitFor } from './helpers.js';
+import { writeSignedImage } from './crafted.js';
+import { cgroupRoot, cli, Sandbox, waitFor } from './helpers.js';
 
 const NOBODY = 65534;
 const isRoot = process.geteuid?.() === 0;
@@ -56,15 +57,6 @@ afterAll(async () => {
   rmSync(out, { recursive: true, force: true });
 });
 
-const digestOf = (path: string) => {
-  const fd = openSync(path, 'r');
-  try {
-    return digestFd(fd);
-  } finally {
-    closeSync(fd);
-  }
-};
-
 /** `from`'s image changed by `change`, under `name`, signed by the
  * sandbox's key as image `id`; `own`: still says it is this node's
  * snapshot. */
@@ -72,17 +64,7 @@ function crafted(name: string, from: keyof typeof base, change: (i: Image) => vo
   const image = structuredClone(base[from].image);
   if (!opts.own) image.fromSnapshot = false;
   change(image);
-  const dir = join(out, name);
-  rmSync(dir, { recursive: true, force: true });
-  mkdirSync(dir);
-  writeFileSync(join(dir, 'image.pb'), encodeImage(image));
-  linkSync(join(base[from].dir, 'pages.img'), join(dir, 'pages.img'));
-  const digests = new Map([
-    ['image.pb', digestOf(join(dir, 'image.pb'))],
-    ['pages.img', digestOf(join(dir, 'pages.img'))],
-  ]);
-  writeFileSync(join(dir, 'manifest.pb'), encodeSignedManifest(opts.id ?? 'feedfacefeedface', digests));
-  return dir;
+  return writeSignedImage(join(out, name), image, base[from].dir, { id: opts.id });
 }
 
 /** Processes whose command line names the sandbox (init, seeds, the
@@ -229,22 +211,6 @@ describe("names resolved as the engine's own process (r344 #5)", () => {
   });
 });
 
-/** Where the cgroup v2 hierarchy is mounted, if we may make cgroups in it. */
-function cgroupRoot(): string | undefined {
-  for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
-    const [before, after] = line.split(' - ');
-    if (!after?.startsWith('cgroup2 ')) continue;
-    const mount = before.split(' ')[4];
-    const mine = /^0::(.*)$/m.exec(readFileSync('/proc/self/cgroup', 'utf8'))?.[1] ?? '/';
-    try {
-      rmdirSync(mkdtempSync(join(mount, mine, 'appshot-probe-')));
-      return join(mount, mine);
-    } catch {
-      return undefined;
-    }
-  }
-  return undefined;
-}
 const cgroups = isRoot ? cgroupRoot() : undefined;
 
 describe.runIf(cgroups !== undefined)("cgroups joined as the image's processes would join them (r344 #3)", () => {

@@ -18,12 +18,13 @@
  * was even where its process dropped the privileges that made it (last).
  */
 import { spawnSync } from 'node:child_process';
-import { closeSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, openSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { digestFd, encodeImage, encodeSignedManifest, loadImage } from '../src/image/format.js';
+import { loadImage } from '../src/image/format.js';
 import { type Fd, FdKind, type Image, type Process, type Socket, type SocketOption, type TcpConnection } from '../src/image/types.js';
+import { writeSignedImage } from './crafted.js';
 import { command as appshot, fixture, Sandbox, waitFor } from './helpers.js';
 
 const isRoot = process.getuid?.() === 0;
@@ -71,41 +72,12 @@ beforeAll(async () => {
   await snapshotOf('dp', [fixture('privstate'), String(TCP_PORT), String(UDP_PORT), 'drop'], dropped);
 });
 
-/** Signs as `home`'s node does (the key is read from $APPSHOT_HOME). */
-function asNode<T>(home: string, fn: () => T): T {
-  process.env.APPSHOT_HOME = home;
-  try {
-    return fn();
-  } finally {
-    process.env.APPSHOT_HOME = sb.home;
-  }
-}
-
-const digestOf = (path: string) => {
-  const fd = openSync(path, 'r');
-  try {
-    return digestFd(fd);
-  } finally {
-    closeSync(fd);
-  }
-};
-
 /** The nobody image (or `from`) with `change` made to its metadata,
  * signed again by the other node. */
 function crafted(name: string, change: (image: Image, p: Process) => void, from = nobodyImage, pages = nobody): string {
   const image = structuredClone(from);
   change(image, image.processes.find((p) => p.fds.some((fd) => fd.kind === FdKind.TCP_LISTEN))!);
-  const dir = join(out, name);
-  rmSync(dir, { recursive: true, force: true });
-  mkdirSync(dir);
-  writeFileSync(join(dir, 'image.pb'), encodeImage(image));
-  linkSync(join(pages, 'pages.img'), join(dir, 'pages.img'));
-  const digests = new Map([
-    ['image.pb', digestOf(join(dir, 'image.pb'))],
-    ['pages.img', digestOf(join(dir, 'pages.img'))],
-  ]);
-  writeFileSync(join(dir, 'manifest.pb'), asNode(other.home, () => encodeSignedManifest('feedfacefeedface', digests)));
-  return dir;
+  return writeSignedImage(join(out, name), image, pages, { signer: other.home });
 }
 
 /** Processes running the fixture, by system PID. */

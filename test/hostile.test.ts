@@ -24,6 +24,7 @@ import { REG } from '../src/resources/threads.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
 import { restore } from '../src/restore/driver.js';
+import { asNode, digestOf } from './crafted.js';
 import { cli, command as appshot, fixture, root as repoRoot, Sandbox, stoppedAt, strayIpcIds, systemIpcIds, waitFor, withTmpfs } from './helpers.js';
 
 /** Where a thread's registers hold its thread pointer (fs_base). */
@@ -58,25 +59,6 @@ beforeAll(async () => {
   await waitFor(() => sb.aids().length === 0, 10_000, 'the application to end');
   goodImage = (await loadImage(good, { trust: 'report' })).image;
 });
-
-/** Signs as `home`'s node does (the key is read from $APPSHOT_HOME). */
-function asNode<T>(home: string, fn: () => T): T {
-  process.env.APPSHOT_HOME = home;
-  try {
-    return fn();
-  } finally {
-    process.env.APPSHOT_HOME = sb.home;
-  }
-}
-
-function digestOf(path: string): PartDigest {
-  const fd = openSync(path, 'r');
-  try {
-    return digestFd(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 /** The good image's pages.img digest, taken once for the images that
  * share that file (writeImage's `pages` 'link'). */

@@ -1,18 +1,19 @@
 // SysV semaphores, shared memory and message queues through virtual ids
 // and virtual keys.
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
-import { digestFd, encodeImage, encodeSignedManifest, loadImage } from '../src/image/format.js';
+import { loadImage } from '../src/image/format.js';
 import type { Image } from '../src/image/types.js';
 import { validateImage } from '../src/image/validate.js';
 import { semUndoOf } from '../src/ptrace/windows.js';
 import { readMaps } from '../src/resources/memory.js';
 import { LocalRegistry } from '../src/registry.js';
+import { writeSignedImage } from './crafted.js';
 import { command, type Entry, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -585,26 +586,7 @@ describe('the PIDs restored SysV objects show: those the image recorded, until a
   const crafted = (from: string, name: string, change: (i: Image) => void) => async () => {
     const { image } = await loadImage(join(out, from), { trust: 'report' });
     change(image);
-    const dir = join(out, name);
-    mkdirSync(dir);
-    writeFileSync(join(dir, 'image.pb'), encodeImage(image));
-    copyFileSync(join(out, from, 'pages.img'), join(dir, 'pages.img'));
-    const digest = (part: string) => {
-      const fd = openSync(join(dir, part), 'r');
-      try {
-        return digestFd(fd);
-      } finally {
-        closeSync(fd);
-      }
-    };
-    const saved = process.env.APPSHOT_HOME;
-    process.env.APPSHOT_HOME = sb.home;
-    try {
-      writeFileSync(join(dir, 'manifest.pb'), encodeSignedManifest('feedfacefeedface', new Map([['image.pb', digest('image.pb')], ['pages.img', digest('pages.img')]]), image));
-    } finally {
-      process.env.APPSHOT_HOME = saved;
-    }
-    return dir;
+    return writeSignedImage(join(out, name), image, join(out, from), { signer: sb.home, copyPages: true, formatOf: true });
   };
 
   it('an image whose recorded PID names no process of it: shown as 0; one out of the kernel\'s range: refused', async () => {

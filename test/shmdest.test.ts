@@ -8,12 +8,13 @@
  * or that still has a key, is refused in one line, nothing made.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { digestFd, encodeImage, encodeSignedManifest, loadImage } from '../src/image/format.js';
+import { loadImage } from '../src/image/format.js';
 import type { Image } from '../src/image/types.js';
+import { writeSignedImage } from './crafted.js';
 import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -163,20 +164,7 @@ describe('a SysV segment removed (IPC_RMID) while attached', () => {
     const from = await baseImage();
     const image = (await loadImage(from, { trust: 'report' })).image;
     change(image);
-    const dir = join(out, name);
-    mkdirSync(dir);
-    writeFileSync(join(dir, 'image.pb'), encodeImage(image));
-    copyFileSync(join(from, 'pages.img'), join(dir, 'pages.img'));
-    const digestOf = (part: string) => {
-      const fd = openSync(join(dir, part), 'r');
-      try {
-        return digestFd(fd);
-      } finally {
-        closeSync(fd);
-      }
-    };
-    writeFileSync(join(dir, 'manifest.pb'), encodeSignedManifest('feedfacefeedface', new Map(['image.pb', 'pages.img'].map((p) => [p, digestOf(p)]))));
-    return dir;
+    return writeSignedImage(join(out, name), image, from, { copyPages: true });
   }
 
   // The restore makes the segment (private: removed, it has no key) in

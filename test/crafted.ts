@@ -1,0 +1,59 @@
+/**
+ * Crafted images for the tests that restore what anyone could have
+ * written: an image's metadata changed, its parts signed again by a node
+ * of the test's choosing. Apart from helpers.ts, which every test file
+ * loads, so that only these load the image format's code.
+ */
+import { closeSync, copyFileSync, linkSync, mkdirSync, openSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { digestFd, encodeImage, encodeSignedManifest, type PartDigest } from '../src/image/format.js';
+import type { Image } from '../src/image/types.js';
+
+/** The digest of the file at `path`, as a manifest records it. */
+export function digestOf(path: string): PartDigest {
+  const fd = openSync(path, 'r');
+  try {
+    return digestFd(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Runs `fn` as the node whose state directory is `home` (the signing key
+ * is read from $APPSHOT_HOME), which is put back after. */
+export function asNode<T>(home: string, fn: () => T): T {
+  const before = process.env.APPSHOT_HOME;
+  process.env.APPSHOT_HOME = home;
+  try {
+    return fn();
+  } finally {
+    if (before === undefined) delete process.env.APPSHOT_HOME;
+    else process.env.APPSHOT_HOME = before;
+  }
+}
+
+/**
+ * Directory image `dir`, made anew: `image` encoded as image.pb, the
+ * pages.img of image directory `pagesFrom` (a hard link: for images whose
+ * pages no test changes in place; `copyPages` for a copy of their own),
+ * and a manifest signed as image `id` by the node `signer` (a state
+ * directory; by default whatever $APPSHOT_HOME is). `formatOf`: the
+ * manifest's format chosen for what the image holds, as a snapshot's is,
+ * rather than the newest.
+ */
+export function writeSignedImage(
+  dir: string,
+  image: Image,
+  pagesFrom: string,
+  opts: { signer?: string; id?: string; copyPages?: boolean; formatOf?: boolean } = {},
+): string {
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir);
+  writeFileSync(join(dir, 'image.pb'), encodeImage(image));
+  if (opts.copyPages) copyFileSync(join(pagesFrom, 'pages.img'), join(dir, 'pages.img'));
+  else linkSync(join(pagesFrom, 'pages.img'), join(dir, 'pages.img'));
+  const digests = new Map(['image.pb', 'pages.img'].map((part) => [part, digestOf(join(dir, part))]));
+  const sign = () => encodeSignedManifest(opts.id ?? 'feedfacefeedface', digests, opts.formatOf ? image : undefined);
+  writeFileSync(join(dir, 'manifest.pb'), opts.signer === undefined ? sign() : asNode(opts.signer, sign));
+  return dir;
+}
