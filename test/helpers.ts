@@ -6,7 +6,7 @@
 import { type ChildProcess, spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { connect } from 'node:net';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { createInterface, type Interface } from 'node:readline';
@@ -756,4 +756,22 @@ export async function withTmpfs<T>(dir: string, options: string, fn: () => T | P
 /** Bytes the file system of `dir` has in use (df). */
 export function usedBytes(dir: string): number {
   return Number(spawnSync('df', ['--output=used', '-B1', dir], { encoding: 'utf8' }).stdout.trim().split('\n')[1]);
+}
+
+/** Where the cgroup v2 hierarchy is mounted (this process's own cgroup in
+ * it), if it is and we may make cgroups there: a probe made and removed. */
+export function cgroupRoot(): string | undefined {
+  for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    const [before, after] = line.split(' - ');
+    if (!after?.startsWith('cgroup2 ')) continue;
+    const mount = before.split(' ')[4];
+    const mine = /^0::(.*)$/m.exec(readFileSync('/proc/self/cgroup', 'utf8'))?.[1] ?? '/';
+    try {
+      rmdirSync(mkdtempSync(join(mount, mine, 'appshot-probe-')));
+      return join(mount, mine);
+    } catch {
+      return undefined;
+    }
+  }
+  return undefined;
 }

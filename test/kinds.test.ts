@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe as vitestDescribe, expect } from 'vitest';
-import { cli, command, fixture, Sandbox, spawnAsync, waitFor } from './helpers.js';
+import { cgroupRoot, cli, command, fixture, Sandbox, spawnAsync, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 import { loadImage } from '../src/image/format.js';
 import { classify } from '../src/template/classify.js';
@@ -1007,25 +1007,6 @@ describe('what outlives its name: a deleted working directory, a deleted FIFO, a
     expect(readdirSync(twins)).toEqual([]);
   });
 });
-
-/** Where the cgroup v2 hierarchy is mounted, if it is and we may make
- * cgroups in it. */
-function cgroupRoot(): string | undefined {
-  for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
-    const [before, after] = line.split(' - ');
-    if (!after?.startsWith('cgroup2 ')) continue;
-    const mount = before.split(' ')[4];
-    const mine = /^0::(.*)$/m.exec(readFileSync('/proc/self/cgroup', 'utf8'))?.[1] ?? '/';
-    try {
-      const probe = mkdtempSync(join(mount, mine, 'appshot-probe-'));
-      rmdirSync(probe);
-      return join(mount, mine);
-    } catch {
-      return undefined;
-    }
-  }
-  return undefined;
-}
 
 /** A cgroup with children a and b, for the cgroups fixture (`dir`: that
  * one, else a new one). */
