@@ -652,11 +652,24 @@ describe('rm of a clone', () => {
 });
 
 describe('rm of an application run with --rules', () => {
-  it('removes the REDIR PATH directories made for it; after a snapshot that ended it, keeps them for the image', () => {
-    const from = join(dir, 'runredir-from');
+  /** Rules `name`.rules in `dir` redirecting a new directory `name`-from
+   * to `dir`/`target`/<APPL-ID>. */
+  const redirRules = (name: string, target = name) => {
+    const from = join(dir, `${name}-from`);
     mkdirSync(from);
-    const rules = join(dir, 'runredir.rules');
-    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/runredir/inst/<APPL-ID>"\n`);
+    const rules = join(dir, `${name}.rules`);
+    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/${target}/<APPL-ID>"\n`);
+    return rules;
+  };
+  /** appshot run from /: a working directory under /tmp is refused with
+   * --private-tmp. */
+  const fromRoot = (args: string[]) => {
+    const r = spawnSync(command, args, { env: sb.env, cwd: '/', encoding: 'utf8', timeout: 50_000 });
+    return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+  };
+
+  it('removes the REDIR PATH directories made for it; after a snapshot that ended it, keeps them for the image', () => {
+    const rules = redirRules('runredir', 'runredir/inst');
     const loop = ['sh', '-c', 'while :; do sleep 0.1; done'];
     sb.ok(['run', '-d', '--aid', 'rr1', '--rules', rules, '--', ...loop]);
     expect(existsSync(join(dir, 'runredir', 'inst', 'rr1'))).toBe(true);
@@ -674,10 +687,7 @@ describe('rm of an application run with --rules', () => {
   });
 
   it('keeps them for an image taken with --leave-running too: rm -f of the running application says so', () => {
-    const from = join(dir, 'leftredir-from');
-    mkdirSync(from);
-    const rules = join(dir, 'leftredir.rules');
-    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/leftredir/<APPL-ID>"\n`);
+    const rules = redirRules('leftredir');
     sb.ok(['run', '-d', '--aid', 'lr1', '--rules', rules, '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
     const made = join(dir, 'leftredir', 'lr1');
     writeFileSync(join(made, 'data'), 'kept\n');
@@ -695,10 +705,7 @@ describe('rm of an application run with --rules', () => {
     // A target's name is the rules' (or an image's) word: an escape
     // sequence in it, written raw, would drive the terminal; a newline
     // (which an image may carry) would forge a line of its own.
-    const from = join(dir, 'escredir-from');
-    mkdirSync(from);
-    const rules = join(dir, 'escredir.rules');
-    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/esc\x1b[31mred\tdir/<APPL-ID>"\n`);
+    const rules = redirRules('escredir', `esc\x1b[31mred\tdir`);
     const loop = ['sh', '-c', 'while :; do sleep 0.1; done'];
     const shown = `${dir}/esc\\e[31mred\\tdir`;
     sb.ok(['run', '-d', '--aid', 'er1', '--rules', rules, '--', ...loop]);
@@ -719,15 +726,7 @@ describe('rm of an application run with --rules', () => {
   });
 
   it('does not name as kept a directory in private copies that goes with the same rm (a private /tmp a restore made anew)', () => {
-    // From /: a working directory under /tmp is refused with --private-tmp.
-    const fromRoot = (args: string[]) => {
-      const r = spawnSync(command, args, { env: sb.env, cwd: '/', encoding: 'utf8', timeout: 50_000 });
-      return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-    };
-    const from = join(dir, 'ptredir-from');
-    mkdirSync(from);
-    const rules = join(dir, 'ptredir.rules');
-    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/ptredir/<APPL-ID>"\n`);
+    const rules = redirRules('ptredir');
     const run = fromRoot(['run', '-d', '--aid', 'pt1', '--private-tmp', '--rules', rules, '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
     expect(run.code, run.stderr).toBe(0);
     const root = app('pt1')!.privateRoot!;
@@ -755,15 +754,7 @@ describe('rm of an application run with --rules', () => {
   });
 
   it('says what it kept for an image though the private copies that go with it cannot all be removed', () => {
-    // From /: a working directory under /tmp is refused with --private-tmp.
-    const fromRoot = (args: string[]) => {
-      const r = spawnSync(command, args, { env: sb.env, cwd: '/', encoding: 'utf8', timeout: 50_000 });
-      return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-    };
-    const from = join(dir, 'ptbusy-from');
-    mkdirSync(from);
-    const rules = join(dir, 'ptbusy.rules');
-    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/ptbusy/<APPL-ID>"\n`);
+    const rules = redirRules('ptbusy');
     const run = fromRoot(['run', '-d', '--aid', 'pb1', '--private-tmp', '--rules', rules, '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
     expect(run.code, run.stderr).toBe(0);
     const root = app('pb1')!.privateRoot!;
@@ -790,10 +781,7 @@ describe('rm of an application run with --rules', () => {
   });
 
   it('a --leave-running snapshot whose registration cannot record its image stands, with a warning saying what that costs', () => {
-    const from = join(dir, 'unrec-from');
-    mkdirSync(from);
-    const rules = join(dir, 'unrec.rules');
-    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/unrec/<APPL-ID>"\n`);
+    const rules = redirRules('unrec');
     sb.ok(['run', '-d', '--aid', 'ur1', '--rules', rules, '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
     const image = join(dir, 'ur1.appshot');
     // The registration's write fails, past the image's commit (in this
@@ -827,10 +815,7 @@ describe('rm of an application run with --rules', () => {
   });
 
   it('a --leave-running snapshot whose registration cannot record its image, after one that could: the directories stay, for the earlier image', () => {
-    const from = join(dir, 'unrec2-from');
-    mkdirSync(from);
-    const rules = join(dir, 'unrec2.rules');
-    writeFileSync(rules, `DEFINE <APPL-ID> AS PROPERTY application-id\nREDIR PATH "${from}" TO "${dir}/unrec2/<APPL-ID>"\n`);
+    const rules = redirRules('unrec2');
     sb.ok(['run', '-d', '--aid', 'ur2', '--rules', rules, '--', 'sh', '-c', 'while :; do sleep 0.1; done']);
     const made = join(dir, 'unrec2', 'ur2');
     writeFileSync(join(made, 'data'), 'kept\n');
