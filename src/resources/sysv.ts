@@ -354,21 +354,35 @@ export function settleSysvPids(image: Image, shmIds: Map<number, number>, tables
  * would, up to the queue's qbytes). Empty where it cannot be read. */
 function msgPids(wanted: Set<number>): Map<number, { lspid: number; lrpid: number }> {
   const out = new Map<number, { lspid: number; lrpid: number }>();
+  for (const [id, [lspid, lrpid]] of sysvipcRows('msg', 'msqid', ['lspid', 'lrpid'], wanted)) out.set(id, { lspid: Number(lspid), lrpid: Number(lrpid) });
+  return out;
+}
+
+/**
+ * The lines of /proc/sysvipc/`file` whose `idColumn` is one of `wanted`
+ * (system ids), by id, each as the fields of `columns` (named as the
+ * header names them), in that order. Only those lines are split (a host's
+ * thousands of others are not, in the frozen window). Empty where the file
+ * cannot be read or lacks a column.
+ */
+function sysvipcRows(file: 'shm' | 'msg', idColumn: string, columns: string[], wanted: Set<number>): Map<number, string[]> {
+  const out = new Map<number, string[]>();
   let text: string;
   try {
-    text = readFileSync('/proc/sysvipc/msg', 'latin1');
+    text = readFileSync(`/proc/sysvipc/${file}`, 'latin1');
   } catch {
     return out;
   }
   const lines = text.split('\n');
   const head = lines[0].trim().split(/\s+/);
-  const [id, lspid, lrpid] = ['msqid', 'lspid', 'lrpid'].map((name) => head.indexOf(name));
-  if (id < 0 || lspid < 0 || lrpid < 0) return out;
+  const id = head.indexOf(idColumn);
+  const at = columns.map((name) => head.indexOf(name));
+  if (id < 0 || at.some((i) => i < 0)) return out;
   for (let l = 1; l < lines.length && out.size < wanted.size; l++) {
     if (!wanted.has(Number(fieldOf(lines[l], id)))) continue;
     const f = lines[l].trim().split(/\s+/);
     if (f.length < head.length) continue;
-    out.set(Number(f[id]), { lspid: Number(f[lspid]), lrpid: Number(f[lrpid]) });
+    out.set(Number(f[id]), at.map((i) => f[i]));
   }
   return out;
 }
@@ -401,40 +415,25 @@ function fieldOf(line: string, n: number): string {
   }
 }
 
-/** The lines of /proc/sysvipc/shm of segments `wanted` (system ids), by
- * id: what IPC_STAT tells, read without the segment being used (the same
- * namespaces' view as IPC_STAT's), once a snapshot. Only their lines are
- * split (a host's thousands of others are not, in the frozen window).
- * Empty where it cannot be read. */
+/** What IPC_STAT tells of segments `wanted` (system ids), by id, from
+ * their lines of /proc/sysvipc/shm: read without the segment being used
+ * (the same namespaces' view as IPC_STAT's), once a snapshot. Empty where
+ * it cannot be read. */
 function segmentStatuses(wanted: Set<number>): Map<number, SegmentStatus> {
   const out = new Map<number, SegmentStatus>();
-  let text: string;
-  try {
-    text = readFileSync('/proc/sysvipc/shm', 'latin1');
-  } catch {
-    return out;
-  }
-  const lines = text.split('\n');
-  const head = lines[0].trim().split(/\s+/);
-  const want = ['key', 'shmid', 'perms', 'size', 'cpid', 'lpid', 'uid', 'gid', 'cuid', 'cgid', 'nattch'].map((name) => head.indexOf(name));
-  if (want.some((i) => i < 0)) return out;
-  const [key, id, perms, size, cpid, lpid, uid, gid, cuid, cgid, nattch] = want;
-  for (let l = 1; l < lines.length && out.size < wanted.size; l++) {
-    const line = lines[l];
-    if (!wanted.has(Number(fieldOf(line, id)))) continue;
-    const f = line.trim().split(/\s+/);
-    if (f.length < head.length) continue;
-    const mode = parseInt(f[perms], 8);
+  const columns = ['key', 'perms', 'size', 'cpid', 'lpid', 'uid', 'gid', 'cuid', 'cgid', 'nattch'];
+  for (const [id, [key, perms, size, cpid, lpid, uid, gid, cuid, cgid, nattch]] of sysvipcRows('shm', 'shmid', columns, wanted)) {
+    const mode = parseInt(perms, 8);
     // The mode's permission bits, SHM_LOCKED and SHM_DEST apart, as
     // shmRead gives them (the kernel prints the whole shm_perm.mode).
-    out.set(Number(f[id]), {
-      perm: { key: Number(f[key]), mode: mode & 0o777, uid: Number(f[uid]), gid: Number(f[gid]), cuid: Number(f[cuid]), cgid: Number(f[cgid]) },
-      size: Number(f[size]),
-      cpid: Number(f[cpid]),
-      lpid: Number(f[lpid]),
+    out.set(id, {
+      perm: { key: Number(key), mode: mode & 0o777, uid: Number(uid), gid: Number(gid), cuid: Number(cuid), cgid: Number(cgid) },
+      size: Number(size),
+      cpid: Number(cpid),
+      lpid: Number(lpid),
       locked: (mode & SHM_LOCKED) !== 0,
       destroyed: (mode & SHM_DEST) !== 0,
-      nattch: Number(f[nattch]),
+      nattch: Number(nattch),
     });
   }
   return out;
