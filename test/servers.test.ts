@@ -327,39 +327,45 @@ describe('servers that run as several users', () => {
   it.runIf(isRoot)('memcached -u nobody keeps its items and its user through a round trip and in clones', async () => {
     const port = base + 1;
     run(['run', '-d', '--aid', 'mc', '--', MEMCACHED, '-u', 'nobody', '-p', String(port), '-U', '0', '-l', '127.0.0.1']);
-    await waitFor(() => processes('mc').length === 1, 10_000, 'memcached to start');
-    for (let i = 0; i < 20; i++) {
-      const value = `value-${i}`;
-      expect(await memcached(port, `set key${i} 0 0 ${value.length}\r\n${value}\r\n`).catch(() => '')).toBe('STORED\r\n');
-    }
-    const before = identities('mc');
-    expect([...before.values()][0].Uid).toBe(`${NOBODY}\t${NOBODY}\t${NOBODY}\t${NOBODY}`);
-    // Our clients are gone; memcached closes its ends when it reads their
-    // EOF (a connection still open would be refused by name).
-    await waitFor(() => established(port) === 0, 10_000, 'memcached to close its client connections');
+    // Its one process exists before it listens: wait for the listener.
+    await waitFor(() => processes('mc').length === 1 && listening(port), 10_000, 'memcached to listen');
+    try {
+      for (let i = 0; i < 20; i++) {
+        const value = `value-${i}`;
+        expect(await memcached(port, `set key${i} 0 0 ${value.length}\r\n${value}\r\n`).catch(() => '')).toBe('STORED\r\n');
+      }
+      const before = identities('mc');
+      expect([...before.values()][0].Uid).toBe(`${NOBODY}\t${NOBODY}\t${NOBODY}\t${NOBODY}`);
+      // Our clients are gone; memcached closes its ends when it reads their
+      // EOF (a connection still open would be refused by name).
+      await waitFor(() => established(port) === 0, 10_000, 'memcached to close its client connections');
 
-    run(['snapshot', 'mc', '-o', join(dir, 'mc.snap')]);
-    run(['restore', join(dir, 'mc.snap')]);
-    expect(identities('mc')).toEqual(before);
-    expect(await memcached(port, 'get key0 key19\r\n')).toBe('VALUE key0 0 7\r\nvalue-0\r\nVALUE key19 0 8\r\nvalue-19\r\nEND\r\n');
+      run(['snapshot', 'mc', '-o', join(dir, 'mc.snap')]);
+      run(['restore', join(dir, 'mc.snap')]);
+      expect(identities('mc')).toEqual(before);
+      expect(await memcached(port, 'get key0 key19\r\n')).toBe('VALUE key0 0 7\r\nvalue-0\r\nVALUE key19 0 8\r\nvalue-19\r\nEND\r\n');
 
-    // Two clones, each on a port of its own with every item.
-    await waitFor(() => established(port) === 0, 10_000, 'memcached to close its client connections');
-    run(['snapshot', 'mc', '-o', join(dir, 'mc.snap2')]);
-    const rules = join(dir, 'mc.rules');
-    writeFileSync(rules, `PORT ${port} ALLOCATE\nMEMORY "*" COPY-ON-WRITE\n`);
-    run(['template', 'create', join(dir, 'mc.snap2'), '-o', join(dir, 'mc.template'), '--rules', rules]);
-    const clones = sb.json<Json[]>(['clone', join(dir, 'mc.template'), '--aid', 'mcc', '--count', '2']);
-    for (const c of clones) {
-      const own = c.ports.find((p: Json) => p.virtual === port && p.mode === 'allocate').system;
-      expect(identities(c.aid)).toEqual(before);
-      expect(await memcached(own, 'get key7\r\n')).toBe('VALUE key7 0 7\r\nvalue-7\r\nEND\r\n');
-      expect(await memcached(own, `set mine 0 0 ${c.aid.length}\r\n${c.aid}\r\n`)).toBe('STORED\r\n');
-    }
-    for (const c of clones) {
-      const own = c.ports.find((p: Json) => p.virtual === port && p.mode === 'allocate').system;
-      expect(await memcached(own, 'get mine\r\n')).toBe(`VALUE mine 0 ${c.aid.length}\r\n${c.aid}\r\nEND\r\n`);
-      run(['stop', c.aid, '-s', 'KILL']);
+      // Two clones, each on a port of its own with every item.
+      await waitFor(() => established(port) === 0, 10_000, 'memcached to close its client connections');
+      run(['snapshot', 'mc', '-o', join(dir, 'mc.snap2')]);
+      const rules = join(dir, 'mc.rules');
+      writeFileSync(rules, `PORT ${port} ALLOCATE\nMEMORY "*" COPY-ON-WRITE\n`);
+      run(['template', 'create', join(dir, 'mc.snap2'), '-o', join(dir, 'mc.template'), '--rules', rules]);
+      const clones = sb.json<Json[]>(['clone', join(dir, 'mc.template'), '--aid', 'mcc', '--count', '2']);
+      for (const c of clones) {
+        const own = c.ports.find((p: Json) => p.virtual === port && p.mode === 'allocate').system;
+        expect(identities(c.aid)).toEqual(before);
+        expect(await memcached(own, 'get key7\r\n')).toBe('VALUE key7 0 7\r\nvalue-7\r\nEND\r\n');
+        expect(await memcached(own, `set mine 0 0 ${c.aid.length}\r\n${c.aid}\r\n`)).toBe('STORED\r\n');
+      }
+      for (const c of clones) {
+        const own = c.ports.find((p: Json) => p.virtual === port && p.mode === 'allocate').system;
+        expect(await memcached(own, 'get mine\r\n')).toBe(`VALUE mine 0 ${c.aid.length}\r\n${c.aid}\r\nEND\r\n`);
+        run(['stop', c.aid, '-s', 'KILL']);
+      }
+    } finally {
+      // Left running by a failure, it would hold its port for a later test.
+      sb.run(['stop', 'mc', '-s', 'KILL']);
     }
   });
 
@@ -632,8 +638,11 @@ function initdb(name: string): string {
 }
 
 function psql(port: number, sql: string): string {
-  const r = spawnSync(PSQL, ['-h', '127.0.0.1', '-p', String(port), '-U', 'postgres', '-Atc', sql], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`psql: ${r.stderr}`);
+  // Bounded: a spawnSync blocks the worker's event loop, so a psql that
+  // never hears back (another server on the port) would stop every
+  // timeout of the file with it.
+  const r = spawnSync(PSQL, ['-h', '127.0.0.1', '-p', String(port), '-U', 'postgres', '-Atc', sql], { encoding: 'utf8', timeout: 60_000 });
+  if (r.status !== 0) throw new Error(`psql: ${r.error ? r.error.message : r.stderr}`);
   return r.stdout.trim();
 }
 
