@@ -18,6 +18,7 @@
  * was even where its process dropped the privileges that made it (last).
  */
 import { spawnSync } from 'node:child_process';
+import { connect } from 'node:net';
 import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -192,6 +193,9 @@ describe.runIf(isRoot)('privileged sockets of every other kind the restore makes
       ['netlink-connect', (p) => netlink(p, { connected: true, dstGroup: 1 }), /fd 40: a NETLINK_ROUTE socket connected to group 1 needs CAP_NET_ADMIN/],
       ['netlink-mroute', (p) => netlink(p, { groups: [30] }), /fd 40: a NETLINK_ROUTE socket in group 30 \(RTNLGRP_IPV4_MROUTE_R\) needs CAP_NET_ADMIN/],
       ['netlink-allnsid', (p) => netlink(p, {}, [{ level: 270, name: 8, value: 1 }]), /fd 40: option NETLINK_LISTEN_ALL_NSID needs CAP_NET_BROADCAST/],
+      // Recorded as held live by a keeper: handed over, not bound, but the
+      // nobody process would get a socket from port 81 all the same.
+      ['kept81', (p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: { ...connection(9_000_040n, TCP_PORT), kept: true } }), /fd 40: the TCP connection 127\.0\.0\.1:81 → 127\.0\.0\.1:40999 from port 81 needs CAP_NET_BIND_SERVICE/],
     ];
     for (const [name, add, why] of cases) refused(crafted(name, (_i, p) => add(p)), new RegExp(`${why.source}, ${NO_PROCESS_HAD.source}`));
   });
@@ -295,5 +299,73 @@ describe.runIf(isRoot)('the same state made by a root application that held the 
       ),
       /fd \d+: a TCP listener on port 81 needs CAP_NET_BIND_SERVICE, which no process holding the socket had/,
     );
+  });
+});
+
+/** The appshot-keeper processes holding connections for the sandbox. */
+function keepers(): number[] {
+  return readdirSync('/proc')
+    .filter((d) => /^\d+$/.test(d))
+    .filter((pid) => {
+      try {
+        const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+        return argv[0] === 'appshot-keeper' && argv[1]?.startsWith(sb.home);
+      } catch {
+        return false;
+      }
+    })
+    .map(Number);
+}
+
+describe.runIf(isRoot)('a connection appshot-keeper holds is handed over only as the image recorded it', () => {
+  it('an image naming a held socket with another port is refused, and the keeper holds it for the real image', async () => {
+    // tcpfix's server on a privileged port, a connection from the test
+    // accepted and held by a handler process.
+    const port = 83;
+    const r = sb.run(['run', '-d', '--aid', 'kp', '--', fixture('tcpfix'), String(port), join(out, 'kp.go'), '1000']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /INSIDE WAITING|FAIL/.test(log('kp')), 10_000, 'tcpfix to start');
+    const client = connect({ port, host: '127.0.0.1' });
+    await new Promise<void>((ok, fail) => client.once('connect', ok).once('error', fail));
+    let reset: Error | undefined;
+    client.on('error', (e) => (reset = e));
+    try {
+      const image = join(out, 'kp');
+      const s = sb.run(['snapshot', 'kp', '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+      await waitFor(() => !sb.aids().includes('kp'), 10_000, 'kp to end');
+      expect(keepers()).toHaveLength(1);
+      const loaded = await loadImage(image, { trust: 'report' });
+      // The same image under the other node's key, its id the snapshot's
+      // (what the keeper holds it for), the connection's port said to be
+      // an unprivileged one: the privilege rule would weigh that port,
+      // and the socket handed over is bound to 83.
+      const lie = structuredClone(loaded.image);
+      const conn = lie.processes.flatMap((p) => p.fds).find((fd) => fd.tcp?.peerPort === client.localPort)!.tcp!;
+      expect(conn.localPort).toBe(port);
+      conn.localPort = 40083;
+      const dir = writeSignedImage(join(out, 'kp-lie'), lie, image, { signer: other.home, id: loaded.manifest.imageId });
+      const aidsBefore = sb.aids();
+      const bad = spawnSync(appshot, ['restore', dir, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+      const lines = bad.stderr.split('\n').filter((l) => l !== '');
+      expect(lines, bad.stderr).toHaveLength(1);
+      expect(lines[0]).toMatch(
+        new RegExp(`^appshot: cannot restore ${dir}: process \\d+ fd \\d+: the socket appshot-keeper holds as the TCP connection 127\\.0\\.0\\.1:40083 → 127\\.0\\.0\\.1:${client.localPort} \\(inode \\d+\\) is 127\\.0\\.0\\.1:${port} → 127\\.0\\.0\\.1:${client.localPort}: the image's record of it is not the socket$`),
+      );
+      expect(bad.status).toBe(1);
+      expect(sb.aids()).toEqual(aidsBefore);
+      // Held again, and the real image has it back, the peer none the wiser.
+      expect(keepers()).toHaveLength(1);
+      const good = sb.run(['restore', image]);
+      expect(good.code, good.stderr).toBe(0);
+      const echoed = new Promise<string>((ok) => client.once('data', (d: Buffer) => ok(d.toString())));
+      client.write('ECHO still here\n');
+      expect(await echoed).toBe('still here\n');
+      expect(reset).toBeUndefined();
+    } finally {
+      client.destroy();
+      sb.run(['stop', 'kp', '--signal', 'KILL']);
+    }
+    await waitFor(() => !sb.aids().includes('kp') && keepers().length === 0, 10_000, 'kp and its keeper to end');
   });
 });
