@@ -25,6 +25,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
 import { type Fd, FdKind, type Image, type Process, type Socket, type SocketOption, type TcpConnection } from '../src/image/types.js';
+import { groupPrivilege } from '../src/resources/netlink.js';
 import { writeSignedImage } from './crafted.js';
 import { command as appshot, fixture, Sandbox, waitFor } from './helpers.js';
 
@@ -367,5 +368,88 @@ describe.runIf(isRoot)('a connection appshot-keeper holds is handed over only as
       sb.run(['stop', 'kp', '--signal', 'KILL']);
     }
     await waitFor(() => !sb.aids().includes('kp') && keepers().length === 0, 10_000, 'kp and its keeper to end');
+  });
+});
+
+const NETLINK_ROUTE = 0;
+const NETLINK_SOCK_DIAG = 4;
+const NETLINK_AUDIT = 9;
+const NETLINK_NETFILTER = 12;
+const NETLINK_KOBJECT_UEVENT = 15;
+
+describe.runIf(isRoot)('netlink groups of every protocol: only those the process could have joined', () => {
+  it('the rule says of each group what the kernel does: a process without capabilities joins exactly those it lets through', () => {
+    // Each protocol the restore makes, and one it does not (NETLINK_NETFILTER,
+    // which has no NL_CFG_F_NONROOT_RECV): its groups need CAP_NET_ADMIN.
+    const asked: [number, number][] = [
+      [NETLINK_ROUTE, 1],
+      [NETLINK_ROUTE, 30],
+      [NETLINK_ROUTE, 31],
+      [NETLINK_SOCK_DIAG, 1],
+      [NETLINK_SOCK_DIAG, 5],
+      [NETLINK_AUDIT, 1],
+      [NETLINK_KOBJECT_UEVENT, 1],
+      [NETLINK_KOBJECT_UEVENT, 2],
+      [NETLINK_NETFILTER, 1],
+    ];
+    const script = [
+      'import errno, socket, sys',
+      'for pair in sys.argv[1:]:',
+      '    proto, group = map(int, pair.split(":"))',
+      '    try:',
+      '        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)',
+      '    except OSError as e:',
+      '        print("nosocket"); continue',
+      '    try:',
+      '        s.setsockopt(270, 1, group); print("ok")',
+      '    except OSError as e:',
+      '        print(errno.errorcode[e.errno])',
+      '    s.close()',
+    ].join('\n');
+    // Root with no capability at all (an empty bounding set), as a
+    // process of an image recorded without any.
+    const r = spawnSync('setpriv', ['--inh-caps=-all', '--bounding-set=-all', '/usr/bin/python3', '-c', script, ...asked.map(([p, g]) => `${p}:${g}`)], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    const got = r.stdout.trim().split('\n');
+    expect(got).toHaveLength(asked.length);
+    asked.forEach(([protocol, group], i) => {
+      if (got[i] === 'nosocket') return; // not in this kernel
+      const need = groupPrivilege(protocol, group);
+      expect(`${protocol}:${group} ${got[i]}`).toBe(`${protocol}:${group} ${need ? 'EPERM' : 'ok'}`);
+    });
+  });
+
+  it('a uevent listener and a socket-destroy listener of a process with no capability restore; a group only CAP_NET_ADMIN joins is refused', async () => {
+    // Bound, as such programs are (to a port id of their own, or the
+    // kernel's choice): /proc/net/netlink lists bound sockets.
+    const add = (p: Process, n: number, protocol: number, groups: number[]) =>
+      addFd(p, n, FdKind.NETLINK, { socket: socketRecord(p, BigInt(9_000_000 + n), { family: 16, type: n === 42 ? 2 : 3, netlink: { protocol, portId: 0x7ead_0000 + n, connected: false, dstPortId: 0, dstGroup: 0, groups } }) });
+    // udev's clients (libudev's monitor: group 2, udev's own) and udevadm
+    // monitor --kernel (group 1), run as a user; ss -E's destroy events.
+    const legit = crafted('netlink-user', (_i, p) => {
+      add(p, 40, NETLINK_KOBJECT_UEVENT, [1]);
+      add(p, 41, NETLINK_KOBJECT_UEVENT, [2]);
+      add(p, 42, NETLINK_SOCK_DIAG, [1, 2, 3, 4]);
+    });
+    const r = sb.run(['restore', legit, '--trust-image', '--aid', 'nlu']);
+    try {
+      expect(r.code, r.stderr).toBe(0);
+      const [pid] = fixtureProcesses();
+      // /proc/net/netlink: its inode, protocol and first 32 groups.
+      const table = readFileSync(`/proc/${pid}/net/netlink`, 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/));
+      const groupsOf = (fd: number) => {
+        const ino = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))![1];
+        const row = table.find((f) => f[9] === ino)!;
+        return `${row[1]} ${row[3]}`;
+      };
+      expect([groupsOf(40), groupsOf(41), groupsOf(42)]).toEqual([`${NETLINK_KOBJECT_UEVENT} 00000001`, `${NETLINK_KOBJECT_UEVENT} 00000002`, `${NETLINK_SOCK_DIAG} 0000000f`]);
+    } finally {
+      sb.run(['stop', 'nlu', '--signal', 'KILL']);
+      await waitFor(() => !sb.aids().includes('nlu') && fixtureProcesses().length === 0, 10_000, 'nlu to end');
+    }
+    refused(
+      crafted('netlink-mroute6', (_i, p) => add(p, 40, NETLINK_ROUTE, [1, 31])),
+      new RegExp(`fd 40: a NETLINK_ROUTE socket in group 31 \\(RTNLGRP_IPV6_MROUTE_R\\) needs CAP_NET_ADMIN, ${NO_PROCESS_HAD.source}`),
+    );
   });
 });
