@@ -15,7 +15,12 @@
  * test/hostile.test.ts does for what only this node's own snapshot is
  * believed about): only the change can be what is refused. This node's
  * own snapshot is what the kernel showed, and restores its state as it
- * was even where its process dropped the privileges that made it (last).
+ * was even where its process dropped the privileges that made it.
+ *
+ * Then the sockets the restore hands over rather than makes: a connection
+ * appshot-keeper holds is given only as the image records it (its port
+ * weighed as any); and netlink groups, whose rule is checked against
+ * what the kernel lets a process without capabilities join.
  */
 import { spawnSync } from 'node:child_process';
 import { connect } from 'node:net';
