@@ -15,15 +15,22 @@
  * test/hostile.test.ts does for what only this node's own snapshot is
  * believed about): only the change can be what is refused. This node's
  * own snapshot is what the kernel showed, and restores its state as it
- * was even where its process dropped the privileges that made it (last).
+ * was even where its process dropped the privileges that made it.
+ *
+ * Then the sockets the restore hands over rather than makes: a connection
+ * appshot-keeper holds is given only as the image records it (its port
+ * weighed as any); and netlink groups, whose rule is checked against
+ * what the kernel lets a process without capabilities join.
  */
 import { spawnSync } from 'node:child_process';
+import { connect } from 'node:net';
 import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
 import { type Fd, FdKind, type Image, type Process, type Socket, type SocketOption, type TcpConnection } from '../src/image/types.js';
+import { groupPrivilege } from '../src/resources/netlink.js';
 import { writeSignedImage } from './crafted.js';
 import { command as appshot, fixture, Sandbox, waitFor } from './helpers.js';
 
@@ -192,6 +199,9 @@ describe.runIf(isRoot)('privileged sockets of every other kind the restore makes
       ['netlink-connect', (p) => netlink(p, { connected: true, dstGroup: 1 }), /fd 40: a NETLINK_ROUTE socket connected to group 1 needs CAP_NET_ADMIN/],
       ['netlink-mroute', (p) => netlink(p, { groups: [30] }), /fd 40: a NETLINK_ROUTE socket in group 30 \(RTNLGRP_IPV4_MROUTE_R\) needs CAP_NET_ADMIN/],
       ['netlink-allnsid', (p) => netlink(p, {}, [{ level: 270, name: 8, value: 1 }]), /fd 40: option NETLINK_LISTEN_ALL_NSID needs CAP_NET_BROADCAST/],
+      // Recorded as held live by a keeper: handed over, not bound, but the
+      // nobody process would get a socket from port 81 all the same.
+      ['kept81', (p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: { ...connection(9_000_040n, TCP_PORT), kept: true } }), /fd 40: the TCP connection 127\.0\.0\.1:81 → 127\.0\.0\.1:40999 from port 81 needs CAP_NET_BIND_SERVICE/],
     ];
     for (const [name, add, why] of cases) refused(crafted(name, (_i, p) => add(p)), new RegExp(`${why.source}, ${NO_PROCESS_HAD.source}`));
   });
@@ -294,6 +304,157 @@ describe.runIf(isRoot)('the same state made by a root application that held the 
         dropped,
       ),
       /fd \d+: a TCP listener on port 81 needs CAP_NET_BIND_SERVICE, which no process holding the socket had/,
+    );
+  });
+});
+
+/** The appshot-keeper processes holding connections for the sandbox. */
+function keepers(): number[] {
+  return readdirSync('/proc')
+    .filter((d) => /^\d+$/.test(d))
+    .filter((pid) => {
+      try {
+        const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+        return argv[0] === 'appshot-keeper' && argv[1]?.startsWith(sb.home);
+      } catch {
+        return false;
+      }
+    })
+    .map(Number);
+}
+
+describe.runIf(isRoot)('a connection appshot-keeper holds is handed over only as the image recorded it', () => {
+  it('an image naming a held socket with another port is refused, and the keeper holds it for the real image', async () => {
+    // tcpfix's server on a privileged port, a connection from the test
+    // accepted and held by a handler process.
+    const port = 83;
+    const r = sb.run(['run', '-d', '--aid', 'kp', '--', fixture('tcpfix'), String(port), join(out, 'kp.go'), '1000']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /INSIDE WAITING|FAIL/.test(log('kp')), 10_000, 'tcpfix to start');
+    const client = connect({ port, host: '127.0.0.1' });
+    await new Promise<void>((ok, fail) => client.once('connect', ok).once('error', fail));
+    let reset: Error | undefined;
+    client.on('error', (e) => (reset = e));
+    try {
+      const image = join(out, 'kp');
+      const s = sb.run(['snapshot', 'kp', '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+      await waitFor(() => !sb.aids().includes('kp'), 10_000, 'kp to end');
+      expect(keepers()).toHaveLength(1);
+      const loaded = await loadImage(image, { trust: 'report' });
+      // The same image under the other node's key, its id the snapshot's
+      // (what the keeper holds it for), the connection's port said to be
+      // an unprivileged one: the privilege rule would weigh that port,
+      // and the socket handed over is bound to 83.
+      const lie = structuredClone(loaded.image);
+      const conn = lie.processes.flatMap((p) => p.fds).find((fd) => fd.tcp?.peerPort === client.localPort)!.tcp!;
+      expect(conn.localPort).toBe(port);
+      conn.localPort = 40083;
+      const dir = writeSignedImage(join(out, 'kp-lie'), lie, image, { signer: other.home, id: loaded.manifest.imageId });
+      const aidsBefore = sb.aids();
+      const bad = spawnSync(appshot, ['restore', dir, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+      const lines = bad.stderr.split('\n').filter((l) => l !== '');
+      expect(lines, bad.stderr).toHaveLength(1);
+      expect(lines[0]).toMatch(
+        new RegExp(`^appshot: cannot restore ${dir}: process \\d+ fd \\d+: the socket appshot-keeper holds as the TCP connection 127\\.0\\.0\\.1:40083 → 127\\.0\\.0\\.1:${client.localPort} \\(inode \\d+\\) is 127\\.0\\.0\\.1:${port} → 127\\.0\\.0\\.1:${client.localPort}: the image's record of it is not the socket$`),
+      );
+      expect(bad.status).toBe(1);
+      expect(sb.aids()).toEqual(aidsBefore);
+      // Held again, and the real image has it back, the peer none the wiser.
+      expect(keepers()).toHaveLength(1);
+      const good = sb.run(['restore', image]);
+      expect(good.code, good.stderr).toBe(0);
+      const echoed = new Promise<string>((ok) => client.once('data', (d: Buffer) => ok(d.toString())));
+      client.write('ECHO still here\n');
+      expect(await echoed).toBe('still here\n');
+      expect(reset).toBeUndefined();
+    } finally {
+      client.destroy();
+      sb.run(['stop', 'kp', '--signal', 'KILL']);
+    }
+    await waitFor(() => !sb.aids().includes('kp') && keepers().length === 0, 10_000, 'kp and its keeper to end');
+  });
+});
+
+const NETLINK_ROUTE = 0;
+const NETLINK_SOCK_DIAG = 4;
+const NETLINK_AUDIT = 9;
+const NETLINK_NETFILTER = 12;
+const NETLINK_KOBJECT_UEVENT = 15;
+
+describe.runIf(isRoot)('netlink groups of every protocol: only those the process could have joined', () => {
+  it('the rule says of each group what the kernel does: a process without capabilities joins exactly those it lets through', () => {
+    // Each protocol the restore makes, and one it does not (NETLINK_NETFILTER,
+    // which has no NL_CFG_F_NONROOT_RECV): its groups need CAP_NET_ADMIN.
+    const asked: [number, number][] = [
+      [NETLINK_ROUTE, 1],
+      [NETLINK_ROUTE, 30],
+      [NETLINK_ROUTE, 31],
+      [NETLINK_SOCK_DIAG, 1],
+      [NETLINK_SOCK_DIAG, 5],
+      [NETLINK_AUDIT, 1],
+      [NETLINK_KOBJECT_UEVENT, 1],
+      [NETLINK_KOBJECT_UEVENT, 2],
+      [NETLINK_NETFILTER, 1],
+    ];
+    const script = [
+      'import errno, socket, sys',
+      'for pair in sys.argv[1:]:',
+      '    proto, group = map(int, pair.split(":"))',
+      '    try:',
+      '        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)',
+      '    except OSError as e:',
+      '        print("nosocket"); continue',
+      '    try:',
+      '        s.setsockopt(270, 1, group); print("ok")',
+      '    except OSError as e:',
+      '        print(errno.errorcode[e.errno])',
+      '    s.close()',
+    ].join('\n');
+    // Root with no capability at all (an empty bounding set), as a
+    // process of an image recorded without any.
+    const r = spawnSync('setpriv', ['--inh-caps=-all', '--bounding-set=-all', '/usr/bin/python3', '-c', script, ...asked.map(([p, g]) => `${p}:${g}`)], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    const got = r.stdout.trim().split('\n');
+    expect(got).toHaveLength(asked.length);
+    asked.forEach(([protocol, group], i) => {
+      if (got[i] === 'nosocket') return; // not in this kernel
+      const need = groupPrivilege(protocol, group);
+      expect(`${protocol}:${group} ${got[i]}`).toBe(`${protocol}:${group} ${need ? 'EPERM' : 'ok'}`);
+    });
+  });
+
+  it('a uevent listener and a socket-destroy listener of a process with no capability restore; a group only CAP_NET_ADMIN joins is refused', async () => {
+    // Bound, as such programs are (to a port id of their own, or the
+    // kernel's choice): /proc/net/netlink lists bound sockets.
+    const add = (p: Process, n: number, protocol: number, groups: number[]) =>
+      addFd(p, n, FdKind.NETLINK, { socket: socketRecord(p, BigInt(9_000_000 + n), { family: 16, type: n === 42 ? 2 : 3, netlink: { protocol, portId: 0x7ead_0000 + n, connected: false, dstPortId: 0, dstGroup: 0, groups } }) });
+    // udev's clients (libudev's monitor: group 2, udev's own) and udevadm
+    // monitor --kernel (group 1), run as a user; ss -E's destroy events.
+    const legit = crafted('netlink-user', (_i, p) => {
+      add(p, 40, NETLINK_KOBJECT_UEVENT, [1]);
+      add(p, 41, NETLINK_KOBJECT_UEVENT, [2]);
+      add(p, 42, NETLINK_SOCK_DIAG, [1, 2, 3, 4]);
+    });
+    const r = sb.run(['restore', legit, '--trust-image', '--aid', 'nlu']);
+    try {
+      expect(r.code, r.stderr).toBe(0);
+      const [pid] = fixtureProcesses();
+      // /proc/net/netlink: its inode, protocol and first 32 groups.
+      const table = readFileSync(`/proc/${pid}/net/netlink`, 'utf8').split('\n').slice(1).map((l) => l.trim().split(/\s+/));
+      const groupsOf = (fd: number) => {
+        const ino = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))![1];
+        const row = table.find((f) => f[9] === ino)!;
+        return `${row[1]} ${row[3]}`;
+      };
+      expect([groupsOf(40), groupsOf(41), groupsOf(42)]).toEqual([`${NETLINK_KOBJECT_UEVENT} 00000001`, `${NETLINK_KOBJECT_UEVENT} 00000002`, `${NETLINK_SOCK_DIAG} 0000000f`]);
+    } finally {
+      sb.run(['stop', 'nlu', '--signal', 'KILL']);
+      await waitFor(() => !sb.aids().includes('nlu') && fixtureProcesses().length === 0, 10_000, 'nlu to end');
+    }
+    refused(
+      crafted('netlink-mroute6', (_i, p) => add(p, 40, NETLINK_ROUTE, [1, 31])),
+      new RegExp(`fd 40: a NETLINK_ROUTE socket in group 31 \\(RTNLGRP_IPV6_MROUTE_R\\) needs CAP_NET_ADMIN, ${NO_PROCESS_HAD.source}`),
     );
   });
 });

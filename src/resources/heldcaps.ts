@@ -40,6 +40,7 @@ export const CAP_IPC_LOCK = 14;
 export const CAP_SYS_ADMIN = 21;
 export const CAP_SYS_NICE = 23;
 export const CAP_WAKE_ALARM = 35;
+export const CAP_AUDIT_READ = 37;
 
 const NAMES: Record<number, string> = {
   [CAP_NET_BIND_SERVICE]: 'CAP_NET_BIND_SERVICE',
@@ -50,6 +51,7 @@ const NAMES: Record<number, string> = {
   [CAP_SYS_ADMIN]: 'CAP_SYS_ADMIN',
   [CAP_SYS_NICE]: 'CAP_SYS_NICE',
   [CAP_WAKE_ALARM]: 'CAP_WAKE_ALARM',
+  [CAP_AUDIT_READ]: 'CAP_AUDIT_READ',
 };
 
 /** "CAP_NET_RAW or CAP_NET_ADMIN". */

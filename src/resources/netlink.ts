@@ -77,7 +77,7 @@ import { type RestoreContext, Transient, Unsupported } from './context.js';
 import { refuseOwnFilter } from './unixdgram.js';
 import { applyExtras, isCarriedExtra, readExtras } from './sockopts.js';
 import { ownerFor } from './files.js';
-import { CAP_NET_ADMIN } from './heldcaps.js';
+import { CAP_AUDIT_READ, CAP_NET_ADMIN } from './heldcaps.js';
 
 export const AF_NETLINK = 16;
 const SOCK_DGRAM = 2;
@@ -359,24 +359,66 @@ function make(h: RestoreContext, s: Socket, what: string, owner: InodeOwner | un
 }
 
 const NETLINK_ROUTE = 0;
-/** rtnetlink_bind: the multicast routing cache reports. */
-const ADMIN_ROUTE_GROUPS: ReadonlyMap<number, string> = new Map([
-  [30, 'RTNLGRP_IPV4_MROUTE_R'],
-  [31, 'RTNLGRP_IPV6_MROUTE_R'],
+const NETLINK_SOCK_DIAG = 4;
+const NETLINK_KOBJECT_UEVENT = 15;
+
+/**
+ * Who may join a protocol's multicast groups, as the kernel decides it
+ * for the caller of bind() or NETLINK_ADD_MEMBERSHIP (af_netlink.c
+ * netlink_allowed): any process if the protocol's kernel socket was made
+ * with NL_CFG_F_NONROOT_RECV, else only one with CAP_NET_ADMIN; then the
+ * protocol's own bind hook, which may ask a capability for some groups.
+ * NETLINK_ROUTE (rtnetlink_net_init), NETLINK_SOCK_DIAG (diag_net_init:
+ * sock_diag_bind only loads a module), NETLINK_AUDIT (audit_net_init:
+ * audit_multicast_bind asks CAP_AUDIT_READ for the log's group) and
+ * NETLINK_KOBJECT_UEVENT (uevent_net_init: udev's and its clients'
+ * uevents, which programs running as a user listen to) set it. A protocol
+ * not here is taken as the kernel's default: every group needs
+ * CAP_NET_ADMIN (NETLINK_NETFILTER's, NETLINK_XFRM's, the connector's).
+ * None of these has NL_CFG_F_NONROOT_SEND (only NETLINK_USERSOCK has):
+ * a connect to a port id or a group needs CAP_NET_ADMIN (netlink_connect).
+ */
+const GROUP_RULES: ReadonlyMap<number, ReadonlyMap<number, { caps: number[]; name: string }>> = new Map([
+  [
+    NETLINK_ROUTE,
+    new Map([
+      // rtnetlink_bind: the multicast routing cache reports.
+      [30, { caps: [CAP_NET_ADMIN], name: 'RTNLGRP_IPV4_MROUTE_R' }],
+      [31, { caps: [CAP_NET_ADMIN], name: 'RTNLGRP_IPV6_MROUTE_R' }],
+    ]),
+  ],
+  [NETLINK_SOCK_DIAG, new Map()],
+  // audit_multicast_bind: the audit log's readers (netlinkProblem refuses
+  // the group anyway: the restore may hold CAP_AUDIT_READ where the process
+  // does not, and which daemon reads it is not carried).
+  [NETLINK_AUDIT, new Map([[1, { caps: [CAP_AUDIT_READ], name: 'AUDIT_NLGRP_READLOG' }]])],
+  [NETLINK_KOBJECT_UEVENT, new Map()],
 ]);
+
+/** What joining group `group` of `protocol` asks of its caller: nothing,
+ * or one of `caps` (and the group's name, if it has one worth saying). */
+export function groupPrivilege(protocol: number, group: number): { caps: number[]; name?: string } | undefined {
+  const rules = GROUP_RULES.get(protocol);
+  if (!rules) return { caps: [CAP_NET_ADMIN] };
+  return rules.get(group);
+}
 
 /** What the restore does to netlink socket `n` with its own rights that
  * the kernel lets only a capability do (sockets.ts checkSocketPrivileges):
  * a connect to a port id or a group (netlink_connect: no accepted
- * protocol has NL_CFG_F_NONROOT_SEND), and joining a NETLINK_ROUTE group
- * of multicast routing (rtnetlink_bind). The socket's opener is appshot,
- * but connect and bind weigh their caller's rights, the restorer's. */
+ * protocol has NL_CFG_F_NONROOT_SEND), and joining a group only a
+ * capability joins (groupPrivilege): of a protocol without
+ * NL_CFG_F_NONROOT_RECV, any; of NETLINK_ROUTE, those of multicast
+ * routing. The socket's opener is appshot, but connect and bind weigh
+ * their caller's rights, the restorer's. */
 export function netlinkPrivileges(n: NetlinkSocket): { caps: number[]; what: string }[] {
   const needs: { caps: number[]; what: string }[] = [];
-  if (n.connected && (n.dstPortId || n.dstGroup))
-    needs.push({ caps: [CAP_NET_ADMIN], what: `a ${protocolName(n.protocol)} socket connected to ${n.dstGroup ? `group ${n.dstGroup}` : `port id ${n.dstPortId}`}` });
-  for (const g of n.groups)
-    if (n.protocol === NETLINK_ROUTE && ADMIN_ROUTE_GROUPS.has(g)) needs.push({ caps: [CAP_NET_ADMIN], what: `a NETLINK_ROUTE socket in group ${g} (${ADMIN_ROUTE_GROUPS.get(g)})` });
+  const name = protocolName(n.protocol);
+  if (n.connected && (n.dstPortId || n.dstGroup)) needs.push({ caps: [CAP_NET_ADMIN], what: `a ${name} socket connected to ${n.dstGroup ? `group ${n.dstGroup}` : `port id ${n.dstPortId}`}` });
+  for (const g of n.groups) {
+    const need = groupPrivilege(n.protocol, g);
+    if (need) needs.push({ caps: need.caps, what: `a ${name} socket in group ${g}${need.name ? ` (${need.name})` : ''}` });
+  }
   return needs;
 }
 

@@ -974,7 +974,9 @@ function unprivilegedPortStart(): number {
  * established connection's local port (bound in repair mode: a
  * privileged source port, which peers may trust) unless a listener of
  * the image has that address and port (accepted from it: the listener
- * is weighed);
+ * is weighed), and so a live one a keeper holds (kept), whose holders
+ * only are weighed: the restore hands over the very socket, which must
+ * be bound as recorded (tcp.ts requireHeldAs), and binds nothing;
  * a raw socket (CAP_NET_RAW); a netlink socket connected to a port id or
  * group, or in a group only CAP_NET_ADMIN joins (netlink.ts
  * netlinkPrivileges); each option only a capability sets (sockopts.ts
@@ -1005,7 +1007,9 @@ export function checkSocketPrivileges(image: Image, capEff: bigint): void {
   const vouched = vouchedFor(image);
   for (const held of holders.values()) {
     const { p, fd } = held[0];
-    const needs: { caps: number[]; what: string }[] = [];
+    // `held`: a socket a keeper holds (tcp.ts requireHeldAs: as recorded),
+    // which the restore binds nothing for: only its holders are weighed.
+    const needs: { caps: number[]; what: string; held?: boolean }[] = [];
     const port = (what: string, n: number) => {
       if (n > 0 && n < lowest) needs.push({ caps: [CAP_NET_BIND_SERVICE], what: `${what} on port ${n}` });
     };
@@ -1023,17 +1027,21 @@ export function checkSocketPrivileges(image: Image, capEff: bigint): void {
       else if (fd.kind === FdKind.RAW) needs.push({ caps: [CAP_NET_RAW], what: `a ${rawName(s)}` });
       else if (fd.kind === FdKind.NETLINK && s.netlink) needs.push(...netlinkPrivileges(s.netlink));
       options(s.options ?? []);
-    } else if (fd.tcp && !fd.tcp.closed && !fd.tcp.kept) {
+    } else if (fd.tcp && !fd.tcp.closed) {
       const c = fd.tcp;
       const accepted = listeners.some((l) => l.port === c.localPort && (l.address === c.localAddress || l.address === '0.0.0.0' || l.address === '::'));
-      if (!accepted && c.localPort > 0 && c.localPort < lowest) needs.push({ caps: [CAP_NET_BIND_SERVICE], what: `the TCP connection ${connectionName(c)} from port ${c.localPort}` });
+      if (!accepted && c.localPort > 0 && c.localPort < lowest)
+        needs.push({ caps: [CAP_NET_BIND_SERVICE], what: `the TCP connection ${connectionName(c)} from port ${c.localPort}`, held: c.kept });
       options(c.socketOptions ?? []);
     }
     for (const need of needs) {
       const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: ${need.what} needs ${capNames(need.caps)}`;
       if (!vouched && !held.some((h) => processMay(h.p, need.caps)))
-        throw new AppshotError(`${where}, which no process holding the socket had: made by this restore, it would give the application more than it held`, ExitCode.denied);
-      if (!restorerMay(capEff, need.caps)) throw new AppshotError(`${where}, which this restore does not have`, ExitCode.denied);
+        throw new AppshotError(
+          `${where}, which no process holding the socket had: ${need.held ? 'handed over by this restore' : 'made by this restore'}, it would give the application more than it held`,
+          ExitCode.denied,
+        );
+      if (!need.held && !restorerMay(capEff, need.caps)) throw new AppshotError(`${where}, which this restore does not have`, ExitCode.denied);
     }
   }
 }

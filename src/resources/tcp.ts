@@ -546,12 +546,14 @@ export class ConnectionMaker {
       // it is held).
       const live = this.kept.get(c.ino);
       if (live === undefined) throw new AppshotError(`${what}: the TCP connection ${connectionName(c)} is not held by appshot-keeper`);
+      requireHeldAs(live, c, what);
       this.made.set(c.ino, { fd: live, c, repaired: false, kept: true });
       return live;
     }
     check(c, what);
     const kept = c.closed ? undefined : this.kept.get(c.ino);
     if (kept !== undefined) {
+      requireHeldAs(kept, c, what);
       this.made.set(c.ino, { fd: kept, c, repaired: true, kept: true });
       return kept;
     }
@@ -643,6 +645,35 @@ function refin(fd: number, c: TcpConnection): void {
   for (let i = 0; i < 200 && addon().tcpState(fd) !== TCP_CLOSE_WAIT; i++) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 5);
   const state = addon().tcpState(fd);
   if (state !== TCP_CLOSE_WAIT) throw new AppshotError(`the TCP connection ${connectionName(c)}: its peer's FIN, sent again, was not taken (${TCP_STATES[state] ?? state})`);
+}
+
+/**
+ * The socket a keeper held as connection `c` must be that connection:
+ * its family, local address and port, and (while it has one) its peer as
+ * the image records them. The inode and the image's id that select it
+ * are an image's word (as for a listener: sockets.ts isListenerAt), and
+ * the privilege rule (sockets.ts checkSocketPrivileges) weighs the port
+ * the record names: a crafted image would otherwise hand a process that
+ * lacked CAP_NET_BIND_SERVICE a socket bound to a port it could not bind,
+ * which an application this user snapshotted made. The restore then
+ * fails, and the keeper holds the socket again.
+ */
+function requireHeldAs(sock: number, c: TcpConnection, what: string): void {
+  let family: number;
+  let live: { address: string; port: number; remote: string };
+  try {
+    family = addon().sockInfo(sock).family;
+    live = addon().tcpEndpoint(sock);
+  } catch (e) {
+    throw new AppshotError(`${what}: the socket appshot-keeper holds as the TCP connection ${connectionName(c)} cannot be read: ${(e as Error).message}`);
+  }
+  const [peerAddress, peerPort] = splitRemote(live.remote);
+  // No peer any more (reset meanwhile): its own end is still known.
+  const samePeer = peerPort === 0 || (peerAddress === c.peerAddress && peerPort === c.peerPort);
+  if (family !== c.family || live.address !== c.localAddress || live.port !== c.localPort || !samePeer)
+    throw new AppshotError(
+      `${what}: the socket appshot-keeper holds as the TCP connection ${connectionName(c)} (inode ${c.ino}) is ${connectionName({ localAddress: live.address, localPort: live.port, peerAddress, peerPort })}: the image's record of it is not the socket`,
+    );
 }
 
 /** An image may come from anyone: what the kernel is told must make sense. */
