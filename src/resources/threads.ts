@@ -673,13 +673,15 @@ export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, gli
  * of threads outgrows it. Each thread's timer slack goes in its batch
  * too (attributes.ts ownTimerSlack): a prctl of its own, which took a
  * stop of its own after the attributes; and its personality
- * (ownPersonality; `personality`: its process's). Returns the notes of
- * what was not kept; the first call that fails throws, naming it.
+ * (ownPersonality; `personality`: its process's; `seedsSlack`: the main
+ * thread's, which they were made with, read before any is set, by the
+ * caller or else here). Returns the notes of what was not kept; the
+ * first call that fails throws, naming it.
  */
-export function restoreThreadStates(r: RemoteProcess, threads: { t: Thread; tid: number }[], glibcTidOffset: number, memory: ImageMemory, personality: number): string[] {
+export function restoreThreadStates(r: RemoteProcess, threads: { t: Thread; tid: number }[], glibcTidOffset: number, memory: ImageMemory, personality: number, seedsSlack: () => bigint | undefined = () => seedSlack(r.pid)): string[] {
   const notes: string[] = [];
-  // Read before any is set: the main thread's, which they were made with.
-  const seedsSlack = seedSlack(r.pid);
+  if (!threads.length) return notes;
+  const slack = seedsSlack();
   const seedsPersonality = threads.length ? seedPersonality(r.pid) : undefined;
   for (let at = 0; at < threads.length; at += RemoteProcess.threadsAtOnce) {
     r.reset();
@@ -689,7 +691,7 @@ export function restoreThreadStates(r: RemoteProcess, threads: { t: Thread; tid:
         add: (what, nr, args, argFrom) => calls.push(argFrom ? { what, nr, args, argFrom } : { what, nr, args }) - 1,
       });
       if (note) notes.push(note);
-      calls.push(...ownTimerSlack(t, seedsSlack), ...ownPersonality(t, personality, seedsPersonality));
+      calls.push(...ownTimerSlack(t, slack), ...ownPersonality(t, personality, seedsPersonality));
       return { tid, calls };
     });
     r.runAtOnce(round);

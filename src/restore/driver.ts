@@ -51,7 +51,7 @@ import { checkLockedMemory, countPages, freeAddress, LiveMaps, restoreMemory, se
 import { type ByteProgress, noProgress } from '../progress.js';
 import { forkedByOtherThread, forkingTid, moveEnvironCall, restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
 import { lateSigchldChild, requeueSignals, restoreLateSigchld, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
-import { checkCpuAffinities, checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
+import { checkCpuAffinities, checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals, seedSlack } from '../resources/attributes.js';
 import { checkAlarmClocks } from '../resources/timerfd.js';
 import { closeCgroupJoins, type CgroupJoins, openCgroupJoins, restoreCgroup } from '../resources/cgroups.js';
 import { removeDestroyedShm, restoreSemUndo, restoreSysv, settleSysvPids } from '../resources/sysv.js';
@@ -1098,7 +1098,13 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         if (i > 0) addon().bind(tables, 'pid', t.vtid, m.tids[i], THREAD_FLAG, m.pid);
       });
       const others = p.threads.slice(1).map((t, i) => ({ t, tid: m.tids[i + 1] }));
-      for (const note of restoreThreadStates(r, others, p.glibcTidOffset, threadMemory, p.personality)) notKept.push(`process ${p.vpid}: ${note}`);
+      // The main thread's timer slack (/proc/PID/timerslack_ns), read once,
+      // if at all, for its threads' (made with it) and its own: only its
+      // own PR_SET_TIMERSLACK, in its batch below, which runs after both
+      // have looked, changes it; the other threads' act on themselves.
+      let slackRead: { slack: bigint | undefined } | undefined;
+      const seedsSlack = () => (slackRead ??= { slack: seedSlack(m.pid) }).slack;
+      for (const note of restoreThreadStates(r, others, p.glibcTidOffset, threadMemory, p.personality, seedsSlack)) notKept.push(`process ${p.vpid}: ${note}`);
       phase("threads' own state");
       p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
@@ -1140,7 +1146,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       restoreFdOwners(r, p, handed, mainCalls);
       const seedCreds = askSeedCreds(mainCalls);
       restoreItimers(r, p.itimers, mainCalls);
-      for (const note of restoreAttributes(r, p, m.tids, mainCalls)) notKept.push(`process ${p.vpid}: ${note}`);
+      for (const note of restoreAttributes(r, p, m.tids, mainCalls, seedsSlack)) notKept.push(`process ${p.vpid}: ${note}`);
       phase('main thread\'s batch');
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)], (vpid) => sysPid.get(vpid));
       restoreRoot(r, p, handed);
