@@ -683,7 +683,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       }
     }
     if (taken) phase(standby ? 'standby taken' : 'standby gone');
-    const standbyStart = standby && readStat(standby.init.pid)?.startTime;
+    // Read when it was started (standby.ts), not now.
+    const standbyStart = standby && (standby.init.startTime ?? readStat(standby.init.pid)?.startTime);
     const copies = image.instance?.privateRoot && isPrivateRoot(reg.home, image.instance.privateRoot) ? image.instance.privateRoot : undefined;
     const leaves = redirLeaves(opts.instance?.config.redirs ?? image.instance?.redirs ?? []);
     // A private /tmp is one application's (privatetmp.ts): restored under
