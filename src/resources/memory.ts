@@ -119,6 +119,11 @@ export function readMaps(pid: number): MapsLine[] {
  * appshot registers no userfaultfd ranges from outside), so lines read
  * with no call injected since are the file as it is now. Counting calls
  * in every process, not in this one, errs only towards reading again.
+ * (One thing outside it does show: a file it maps, unlinked meanwhile,
+ * gets " (deleted)" after its name - a race with whoever unlinks it that
+ * a read made a moment earlier runs as well; its vDSO, free ranges and
+ * protections, most of what the restore looks up here, do not depend on
+ * names.)
  *
  * For one restore (keyed by PID, which a process it traces keeps until
  * it is reaped), not kept across restores.
