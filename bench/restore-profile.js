@@ -17,8 +17,16 @@
 // (not timed), where by default each takes a new one (--aid rN), for which
 // the restore maps its environment a new block (the AID is in it). --json:
 // raw medians.
-import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync } from 'node:fs';
+//
+// BENCH_PROC_READS=1: before the timed rows, per build and size, counts
+// what one restore reads of /proc: strace (-e openat, the engine's main
+// thread only: following its children would take the seeds it traces)
+// attached to the engine while it serves one restore, the opens of
+// /proc/PID/... of any process but the engine and the client, by file
+// (PID and TID as P and T). The engine's own /proc/self is left out; so are
+// the client's files, which the engine reads to know who asks.
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { pairedCleanUp, engineEnv, pairedBuilds, summary } from './measure.js';
@@ -30,6 +38,7 @@ const sizes = (process.env.BENCH_SIZES ?? '0,16').split(',').map(Number);
 const STEPS = process.env.BENCH_STEPS === '1';
 const LAZY = process.env.BENCH_LAZY === '1';
 const SAME_AID = process.env.BENCH_SAME_AID === '1';
+const PROC_READS = process.env.BENCH_PROC_READS === '1';
 const memapp = join(here, 'bench', 'bin', 'memapp');
 const builds = pairedBuilds(here, 'restore-profile');
 const work = mkdtempSync(join(here, '.bench-images-restore-profile-'));
@@ -58,6 +67,41 @@ function restoreOnce(b, image, mib) {
 
 const results = new Map(builds.map((b) => [b.name, new Map(sizes.map((s) => [s, []]))]));
 
+/** The engine's PID (engine status --json). */
+function enginePid(b) {
+  const out = spawnSync(join(b.root, 'bin', 'appshot'), ['engine', 'status', '--json'], { cwd: work, env: envOf(b), encoding: 'utf8' }).stdout;
+  return JSON.parse(out).pid;
+}
+
+/** What one restore of `image` by build `b` reads of /proc (see
+ * BENCH_PROC_READS): { total, byFile }. */
+function procReads(b, image, mib) {
+  const engine = enginePid(b);
+  const log = join(work, `strace-${b.name}-${mib}`);
+  const tracer = spawn('strace', ['-qq', '-s', '256', '-e', 'trace=openat', '-o', log, '-p', String(engine)], { stdio: 'ignore' });
+  // Attached once strace has written its first line or the engine has
+  // done anything at all: wait for the log to exist, then a little.
+  for (let i = 0; i < 100 && !existsSync(log); i++) spawnSync('sleep', ['0.02']);
+  spawnSync('sleep', ['0.3']);
+  const aid = `proc${n++}`;
+  const r = spawnSync(join(b.root, 'bin', 'appshot'), ['restore', image, '--aid', aid, '--json'], { cwd: work, env: envOf(b), encoding: 'utf8' });
+  spawnSync('sleep', ['0.2']);
+  tracer.kill('SIGINT');
+  spawnSync('sleep', ['0.2']);
+  if (r.status !== 0) throw new Error(`${b.name}: restore failed (${r.status}): ${r.stderr}`);
+  spawnSync(join(b.root, 'bin', 'appshot'), ['rm', '-f', aid], { cwd: work, env: envOf(b), stdio: 'ignore' });
+  const byFile = {};
+  let total = 0;
+  for (const m of readFileSync(log, 'utf8').matchAll(/openat\(AT_FDCWD, "\/proc\/(\d+)\/([^"]*)"/g)) {
+    if (Number(m[1]) === engine || Number(m[1]) === r.pid) continue;
+    const file = `/proc/P/${m[2].replace(/^task\/\d+\//, 'task/T/').replace(/\/\d+$/, '/N')}`;
+    byFile[file] = (byFile[file] ?? 0) + 1;
+    total++;
+  }
+  rmSync(log, { force: true });
+  return { total, byFile };
+}
+
 const cleanUp = pairedCleanUp(builds, [], [work]);
 const loadBefore = readFileSync('/proc/loadavg', 'utf8').trim();
 
@@ -72,6 +116,19 @@ try {
     }
     node(b, ['engine', 'start'], { APPSHOT_ENGINE: 'manual' });
   }
+  const reads = {};
+  if (PROC_READS)
+    for (const b of builds) {
+      reads[b.name] = {};
+      // Warm: the engine's first restore of a seed count starts its own
+      // supervisor (no standby yet), and reads what a later one does not.
+      for (const mib of sizes)
+        for (let k = 0; k < 2; k++) {
+          const { aid } = restoreOnce(b, `${b.name}-${mib}.appshot`, mib);
+          if (!SAME_AID) spawnSync(join(b.root, 'bin', 'appshot'), ['rm', '-f', aid], { cwd: work, env: envOf(b), stdio: 'ignore' });
+        }
+      for (const mib of sizes) reads[b.name][mib] = procReads(b, `${b.name}-${mib}.appshot`, mib);
+    }
   for (let i = -1; i < runs; i++) {
     const order = i % 2 ? builds : [...builds].reverse();
     for (const mib of sizes) {
@@ -107,7 +164,7 @@ try {
       };
     }
   }
-  if (process.argv.includes('--json')) console.log(JSON.stringify({ lazy: LAZY, runs, row, load, builds: report }, null, 2));
+  if (process.argv.includes('--json')) console.log(JSON.stringify({ lazy: LAZY, runs, row, load, builds: report, ...(PROC_READS ? { procReads: reads } : {}) }, null, 2));
   else {
     const names = builds.map((b) => b.name);
     const fmt = (s) => (s ? `${s.median} (${s.min}–${s.max})` : '–');
@@ -121,6 +178,11 @@ try {
         if (names.length > 1) console.log(`| ${mib} MiB: ${k}, paired difference from ${names[0]} | – | ${names.slice(1).map((x) => report[x][mib].paired[k]?.median ?? '–').join(' | ')} |`);
       const labels = [...new Set(names.flatMap((x) => Object.keys(report[x][mib].steps)))];
       for (const l of labels) console.log(`| ${mib} MiB: ${l} | ${names.map((x) => report[x][mib].steps[l] ?? '–').join(' | ')} |`);
+      if (PROC_READS) {
+        console.log(`| ${mib} MiB: /proc reads in one restore | ${names.map((x) => reads[x][mib].total).join(' | ')} |`);
+        const files = [...new Set(names.flatMap((x) => Object.keys(reads[x][mib].byFile)))].sort();
+        for (const f of files) console.log(`| ${mib} MiB: ${f} | ${names.map((x) => reads[x][mib].byFile[f] ?? 0).join(' | ')} |`);
+      }
     }
   }
 } finally {

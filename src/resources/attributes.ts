@@ -588,9 +588,11 @@ function onlineCpus(): Set<number> {
 /** `tids[i]`: the restored TID of p.threads[i]. `calls`: a batch of the
  * main thread's with calls of other kinds in it already, which these join
  * and which is run here (one stop for all); its scratch memory is kept.
+ * `seedsSlack`: the main thread's timer slack as it is now (seedSlack),
+ * read by the caller or else here.
  * Returns what could not be carried and is not worth failing the restore
  * for (the caller says so). */
-export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], calls: CallBatch = (r.reset(), r.batch())): string[] {
+export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], calls: CallBatch = (r.reset(), r.batch()), seedsSlack: () => bigint | undefined = () => seedSlack(r.pid)): string[] {
   const notKept: string[] = [];
   const a = p.attributes;
   if (a) setProcValue(r.pid, 'oom_score_adj', Number, a.oomScoreAdj, String(a.oomScoreAdj));
@@ -601,7 +603,7 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
     if (note) notKept.push(note);
   }
   if (a?.autogroupNice && p.vsid !== 0) restoreAutogroupNice(r.pid, a.autogroupNice);
-  const seedsSlack = seedSlack(r.pid);
+  const slack = seedsSlack();
   // One batch (remote.ts): each call names the thread it acts on.
   for (const cmd of MEMBARRIER_REGISTER_COMMANDS)
     if ((a?.membarrierRegistrations ?? 0) & cmd) calls.add(`registering for membarrier command ${cmd}`, SYS.membarrier, [cmd, 0, 0]);
@@ -645,7 +647,7 @@ export function restoreAttributes(r: RemoteProcess, p: Process, tids: number[], 
     if (ta.ioprio !== undefined) calls.add(`setting I/O priority 0x${ta.ioprio.toString(16)} of thread ${t.vtid}`, SYS.ioprio_set, [IOPRIO_WHO_PROCESS, tid, ta.ioprio]);
     // Every thread starts with the main thread's slack, the seed's; a
     // real-time thread's reads 0, which would set the default instead.
-    if (i === 0 && ta.timerSlackNs && ta.timerSlackNs !== seedsSlack) calls.add(`setting timer slack ${ta.timerSlackNs} ns`, SYS.prctl, [PR_SET_TIMERSLACK, ta.timerSlackNs, 0, 0, 0]);
+    if (i === 0 && ta.timerSlackNs && ta.timerSlackNs !== slack) calls.add(`setting timer slack ${ta.timerSlackNs} ns`, SYS.prctl, [PR_SET_TIMERSLACK, ta.timerSlackNs, 0, 0, 0]);
   });
   // Memory-deny-write-execute last: it cannot be undone, and refuses
   // only new executable memory, which the restore made before (the

@@ -40,7 +40,7 @@ import { elfSymbol, firstLoadVaddr } from '../elf.js';
 import { type Process, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
 import { type NamedCall, type RemoteProcess, SYS } from '../ptrace/remote.js';
-import { readMaps } from './memory.js';
+import { type MapsLine, readMaps } from './memory.js';
 import { ImageMemory } from './threads.js';
 
 const LIBC = /\/libc(\.so\.6|-[\d.]+\.so)$/;
@@ -207,7 +207,7 @@ const MAX_BLOCK = 1 << 26;
  * points right past its header; undefined if neither does, or the header
  * is not one of ours, or its memory is not private writable memory of
  * both the image and the live process. */
-function earlierBlock(pid: number, p: Process, environArray: bigint): { base: bigint; length: number; arrayAt: number } | undefined {
+function earlierBlock(pid: number, p: Process, environArray: bigint, liveMaps: () => MapsLine[]): { base: bigint; length: number; arrayAt: number } | undefined {
   const image = new ImageMemory(p.vmas);
   let live: ImageMemory | undefined;
   for (const base of new Set([p.mm.envStart - BigInt(HEADER_BYTES), environArray - BigInt(HEADER_BYTES)])) {
@@ -221,7 +221,7 @@ function earlierBlock(pid: number, p: Process, environArray: bigint): { base: bi
     if (!header.subarray(0, ENV_MAGIC.length).equals(ENV_MAGIC)) continue;
     const length = header.readBigUInt64LE(16);
     if (length % 4096n || length < 4096n || length > BigInt(MAX_BLOCK)) continue;
-    live ??= new ImageMemory(p.vmas, readMaps(pid));
+    live ??= new ImageMemory(p.vmas, liveMaps());
     if (live.writablePrivate(base, Number(length))) return { base, length: Number(length), arrayAt: Number(header.readBigUInt64LE(24)) };
   }
   return undefined;
@@ -264,7 +264,7 @@ function keepsItsPlaces(pid: number, earlier: { base: bigint; arrayAt: number },
  * strings and an array of malloc's, and frees each at exit; pointed at
  * anything else, free() aborts it.
  */
-function stringsInPlace(pid: number, p: Process, array: bigint, had: string[], env: string[]): (() => void) | undefined {
+function stringsInPlace(pid: number, p: Process, array: bigint, had: string[], env: string[], liveMaps: () => MapsLine[]): (() => void) | undefined {
   if (!array || env.length !== had.length) return undefined;
   const changed = env.flatMap((e, i) => (e === had[i] ? [] : [i]));
   if (!changed.length) return undefined;
@@ -274,7 +274,7 @@ function stringsInPlace(pid: number, p: Process, array: bigint, had: string[], e
   } catch {
     return undefined;
   }
-  const live = new ImageMemory(p.vmas, readMaps(pid));
+  const live = new ImageMemory(p.vmas, liveMaps());
   const writes: { at: bigint; bytes: Buffer }[] = [];
   for (const i of changed) {
     if (varName(env[i]) !== varName(had[i])) return undefined;
@@ -301,12 +301,14 @@ function stringsInPlace(pid: number, p: Process, array: bigint, had: string[], e
  * environ at it and returns where the new startup strings are, if they
  * changed, for PR_SET_MM_MAP's env_start and env_end. Undefined if
  * nothing changes, or for a process without glibc (whose environ appshot
- * cannot find). */
+ * cannot find). `liveMaps`: the process's mappings as they are now (a
+ * restore's LiveMaps). */
 export function environBlock(
   r: RemoteProcess,
   p: Process,
   set: string[],
   renamed: string[] = [],
+  liveMaps: () => MapsLine[] = () => readMaps(r.pid),
 ): { call?: NamedCall; fill(mapped?: bigint): EnvRange | undefined } | undefined {
   if (!set.length && !renamed.length) return undefined;
   const at = environAddress(p);
@@ -326,11 +328,15 @@ export function environBlock(
   const startupChanged = !!startedWith && !same(startup!, startedWith);
   if (same(env, had) && !startupChanged) return undefined;
   const environArray = addon().readMemory(r.pid, at, 8).readBigUInt64LE();
-  const earlier = earlierBlock(r.pid, p, environArray);
+  // Both checks look at the mappings as they are now, with no call run
+  // in the process between them: one read serves both.
+  let maps: MapsLine[] | undefined;
+  const mapsNow = () => (maps ??= liveMaps());
+  const earlier = earlierBlock(r.pid, p, environArray, mapsNow);
   const inEarlier = !!earlier && environArray >= earlier.base && environArray < earlier.base + BigInt(earlier.length);
   // The program's own array (the exec's, or one it made): its strings are
   // changed where they are, when each new one fits in the old one's place.
-  const inPlace = !inEarlier && stringsInPlace(r.pid, p, environArray, had, env);
+  const inPlace = !inEarlier && stringsInPlace(r.pid, p, environArray, had, env, mapsNow);
   if (inPlace && !startupChanged)
     return {
       fill: () => {

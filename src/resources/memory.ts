@@ -17,7 +17,7 @@ import { type DumpContext, type RestoreContext, Unsupported } from './context.js
 import { type Injector, NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { mbindUsedOf } from '../ptrace/windows.js';
-import { RemoteProcess, SYS, takeDescriptors } from '../ptrace/remote.js';
+import { injected, RemoteProcess, SYS, takeDescriptors } from '../ptrace/remote.js';
 import { DELETED, deletedFileAnchor, memfdLike, memfdSeals, openWithoutAccessTime, shownFile } from './deleted.js';
 import { killPoint } from '../killpoint.js';
 import { refusedAsProcess } from './fsident.js';
@@ -106,6 +106,68 @@ export function readMaps(pid: number): MapsLine[] {
     if (m) out.push(mapsLine(m));
   }
   return out;
+}
+
+/**
+ * A restored process's /proc/PID/maps, read once per point at which it
+ * can have changed: the lines last read are given again until a system
+ * call has been injected since (remote.ts counts every one, in any
+ * process: injected.calls). Until it is let go, a process being restored
+ * runs nothing but what appshot injects (stopped, every signal blocked),
+ * and nothing from outside it changes its mappings (memory written by
+ * process_vm_writev or /proc/PID/mem is not mapped or unmapped by that;
+ * appshot registers no userfaultfd ranges from outside), so lines read
+ * with no call injected since are the file as it is now. Counting calls
+ * in every process, not in this one, errs only towards reading again.
+ * (One thing outside it does show: a file it maps, unlinked meanwhile,
+ * gets " (deleted)" after its name - a race with whoever unlinks it that
+ * a read made a moment earlier runs as well; its vDSO, free ranges and
+ * protections, most of what the restore looks up here, do not depend on
+ * names.)
+ *
+ * For one restore (keyed by PID, which a process it traces keeps until
+ * it is reaped), not kept across restores.
+ */
+export class LiveMaps {
+  private lines: MapsLine[] | undefined;
+  /** injected.calls when they were read. */
+  private readAt = -1;
+
+  constructor(readonly pid: number) {}
+
+  /** Its mappings as they are now: one array for every caller until read
+   * again, frozen (a caller that sorted it in place would reorder it for
+   * the others: it throws instead). */
+  get(): MapsLine[] {
+    if (!this.lines || this.readAt !== injected.calls) {
+      this.lines = Object.freeze(readMaps(this.pid)) as MapsLine[];
+      this.readAt = injected.calls;
+    }
+    return this.lines;
+  }
+
+  /** Its vDSO as it is now, if it has one: where RemoteProcess finds the
+   * `syscall` instruction it injects calls from. */
+  vdso(): MapsLine | undefined {
+    return this.get().find((l) => l.path === '[vdso]');
+  }
+
+  /**
+   * Runs `f`, which the caller knows injects into this process only calls
+   * that leave its mappings as they are (setsid, setpgid, keyctl, fork:
+   * its session, group and keyrings are not in its maps, and a fork
+   * copies them for the child, leaving the parent's), and none that ran before and
+   * were deferred to it (a RemoteProcess with nothing deferred); lines
+   * current when it starts, or read while it runs (for the vDSO its
+   * calls run from), stay current after it. A throw leaves them to be
+   * read again.
+   */
+  keptAcross<T>(f: () => T): T {
+    const before = injected.calls;
+    const result = f();
+    if (this.lines !== undefined && this.readAt >= before) this.readAt = injected.calls;
+    return result;
+  }
 }
 
 /**

@@ -673,13 +673,15 @@ export function restoreThreadState(r: RemoteProcess, t: Thread, tid: number, gli
  * of threads outgrows it. Each thread's timer slack goes in its batch
  * too (attributes.ts ownTimerSlack): a prctl of its own, which took a
  * stop of its own after the attributes; and its personality
- * (ownPersonality; `personality`: its process's). Returns the notes of
- * what was not kept; the first call that fails throws, naming it.
+ * (ownPersonality; `personality`: its process's; `seedsSlack`: the main
+ * thread's, which they were made with, read before any is set, by the
+ * caller or else here). Returns the notes of what was not kept; the
+ * first call that fails throws, naming it.
  */
-export function restoreThreadStates(r: RemoteProcess, threads: { t: Thread; tid: number }[], glibcTidOffset: number, memory: ImageMemory, personality: number): string[] {
+export function restoreThreadStates(r: RemoteProcess, threads: { t: Thread; tid: number }[], glibcTidOffset: number, memory: ImageMemory, personality: number, seedsSlack: () => bigint | undefined = () => seedSlack(r.pid)): string[] {
   const notes: string[] = [];
-  // Read before any is set: the main thread's, which they were made with.
-  const seedsSlack = seedSlack(r.pid);
+  if (!threads.length) return notes;
+  const slack = seedsSlack();
   const seedsPersonality = threads.length ? seedPersonality(r.pid) : undefined;
   for (let at = 0; at < threads.length; at += RemoteProcess.threadsAtOnce) {
     r.reset();
@@ -689,7 +691,7 @@ export function restoreThreadStates(r: RemoteProcess, threads: { t: Thread; tid:
         add: (what, nr, args, argFrom) => calls.push(argFrom ? { what, nr, args, argFrom } : { what, nr, args }) - 1,
       });
       if (note) notes.push(note);
-      calls.push(...ownTimerSlack(t, seedsSlack), ...ownPersonality(t, personality, seedsPersonality));
+      calls.push(...ownTimerSlack(t, slack), ...ownPersonality(t, personality, seedsPersonality));
       return { tid, calls };
     });
     r.runAtOnce(round);
@@ -835,13 +837,13 @@ function handedOverByKernel(pid: number, t: Thread, word: bigint, futexOffset: b
  * registers': written only inside a writable private mapping, a failure
  * skipping that word, not the restore.
  */
-export function restorePiWaitWords(pid: number, p: Process, tids: number[]): void {
+export function restorePiWaitWords(pid: number, p: Process, tids: number[], liveMaps: () => MapsLine[] = () => readMaps(pid)): void {
   const waiting = p.threads.filter((t) => {
     const op = t.regs.readBigUInt64LE(ARG.rsi);
     return t.regs.readBigInt64LE(REG.origRax) === NR_futex && op & 128n && FUTEX_LOCK_PIS.includes(op & ~FUTEX_FLAGS) && [ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK].includes(t.regs.readBigInt64LE(REG.rax));
   });
   if (!p.threads.some((t) => t.regs.readBigInt64LE(REG.origRax) === NR_futex)) return;
-  const live = readMaps(pid);
+  const live = liveMaps();
   const memory = new ImageMemory(p.vmas, live);
   // Threads blocked on a condition variable (in another futex call) whose
   // mutex, noted by the library's condition wait, is a private PI one
@@ -961,14 +963,14 @@ export class RobustWordsRewritten {
  * mutex under it once it is free (its unlock then refused, its death not
  * seen by the kernel). Returned as a note for each such thread.
  */
-export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[], rewritten: RobustWordsRewritten): string[] {
+export function restoreRobustMutexOwners(pid: number, p: Process, tids: number[], rewritten: RobustWordsRewritten, liveMaps: () => MapsLine[] = () => readMaps(pid)): string[] {
   const a = addon();
   // Every address here is the image's (its list heads, and what its memory
   // links from them): read only inside its readable mappings, written only
   // inside its writable ones (see ImageMemory.writable). The live mappings
   // are read once, by the first thread with a list to walk.
   let known: ImageMemory | undefined;
-  const memory = () => (known ??= new ImageMemory(p.vmas, readMaps(pid)));
+  const memory = () => (known ??= new ImageMemory(p.vmas, liveMaps()));
   const outside = (addr: bigint) => new Error(`0x${addr.toString(16)} is not in the image's memory`);
   const read64 = (addr: bigint): bigint => {
     if (!memory().readable(addr, 8)) throw outside(addr);

@@ -64,9 +64,13 @@ export function restoreZombies(parent: RemoteProcess, zombies: Zombie[] | undefi
   for (const z of zombies ?? []) {
     const pid = forkFrom(parent.pid, forkingTid(z));
     made.set(z.vpid, pid);
-    const seed = new RemoteProcess(pid);
+    // One read of its maps for both its vDSO (the scratch area's mmap is
+    // its first call) and a free place for the scratch area: nothing runs
+    // in it between.
+    const maps = readMaps(pid);
+    const seed = new RemoteProcess(pid, maps.find((l) => l.path === '[vdso]'));
     const signal = z.status & 0x7f;
-    seed.mapScratch(freeAddress(readMaps(pid), BigInt(RemoteProcess.scratchSize)));
+    seed.mapScratch(freeAddress(maps, BigInt(RemoteProcess.scratchSize)));
     // Named as it was (ps shows a zombie by its name).
     seed.call(`naming zombie ${z.vpid}`, SYS.prctl, [PR_SET_NAME, seed.str(z.comm.slice(0, 15))]);
     if (signal) {

@@ -47,11 +47,11 @@ import { DEFAULT_HOLD_SECONDS, mayHaveKept } from '../resources/keeper.js';
 import { checkSocketPrivileges, requireInherited, requireKept } from '../resources/sockets.js';
 import { checkLimits, readLimits, restoreLimits } from '../resources/limits.js';
 import { residentBatchOf } from '../ptrace/windows.js';
-import { checkLockedMemory, countPages, freeAddress, readMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
+import { checkLockedMemory, countPages, freeAddress, LiveMaps, restoreMemory, sealMemory, sharedMemoryFd } from '../resources/memory.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { forkedByOtherThread, forkingTid, moveEnvironCall, restoreItimers, restoreProcessState, restoreRoot } from '../resources/process.js';
 import { lateSigchldChild, requeueSignals, restoreLateSigchld, retargetSiginfos, sigactionCalls } from '../resources/signals.js';
-import { checkCpuAffinities, checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals } from '../resources/attributes.js';
+import { checkCpuAffinities, checkSchedulingPrivileges, restoreAttributes, restoreParentDeathSignals, seedSlack } from '../resources/attributes.js';
 import { checkAlarmClocks } from '../resources/timerfd.js';
 import { closeCgroupJoins, type CgroupJoins, openCgroupJoins, restoreCgroup } from '../resources/cgroups.js';
 import { removeDestroyedShm, restoreSemUndo, restoreSysv, settleSysvPids } from '../resources/sysv.js';
@@ -683,7 +683,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       }
     }
     if (taken) phase(standby ? 'standby taken' : 'standby gone');
-    const standbyStart = standby && readStat(standby.init.pid)?.startTime;
+    // Read when it was started (standby.ts), not now.
+    const standbyStart = standby && (standby.init.startTime ?? readStat(standby.init.pid)?.startTime);
     const copies = image.instance?.privateRoot && isPrivateRoot(reg.home, image.instance.privateRoot) ? image.instance.privateRoot : undefined;
     const leaves = redirLeaves(opts.instance?.config.redirs ?? image.instance?.redirs ?? []);
     // A private /tmp is one application's (privatetmp.ts): restored under
@@ -856,14 +857,26 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     };
     // Processes forked from a parent whose memory was filled already.
     const forkedWithMemory = new Map<number, { vpid: number; vmas: Vma[] }>();
+    // Each process's /proc/PID/maps, read once per point at which it can
+    // have changed (LiveMaps): a process's calls while the tree is made
+    // (its setsid, setpgid, the forks of its children) find its vDSO from
+    // one read, which its memory's fill then starts from.
+    const liveMaps = new Map<number, LiveMaps>();
+    const mapsOf = (pid: number): LiveMaps => {
+      let l = liveMaps.get(pid);
+      if (!l) liveMaps.set(pid, (l = new LiveMaps(pid)));
+      return l;
+    };
     /** Memory first of every process: emptied and filled from the image. */
     const fillMemory = async (m: Made): Promise<RemoteProcess> => {
       if (m.remote) return m.remote;
       // Into its cgroup before its memory is made, which is charged there.
       restoreCgroup(image, m.proc, m.pid, cgroupJoins);
-      // Its maps read once: for the vDSO, a free place for the scratch
-      // area, and what is to be unmapped (the scratch area is kept apart).
-      const seedMaps = readMaps(m.pid);
+      // Its maps: for the vDSO, a free place for the scratch area, and
+      // what is to be unmapped (the scratch area is kept apart); those the
+      // tree's making read for its calls there, if no call since could
+      // have changed them (LiveMaps).
+      const seedMaps = mapsOf(m.pid).get();
       const r = (m.remote = new RemoteProcess(m.pid, seedMaps.find((l) => l.path === '[vdso]')));
       unregisterRseq(r, m.pid);
       // AIO rings are moved to their addresses later, io_uring rings
@@ -897,8 +910,11 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     const placeholders = new Map<number, number>();
     const byVpid = new Map(image.processes.map((p) => [p.vpid, p]));
     const restorer = { uid: process.geteuid!(), gid: process.getegid!(), realUid: process.getuid!() };
+    // A fork leaves the parent's mappings as they were (the child's are a
+    // copy): the parent's maps read before it are still current after.
     const forkFrom = (parent: number, tid = parent): number => {
-      const pid = Number(new RemoteProcess(parent).call('fork', SYS.fork, [], tid));
+      const from = mapsOf(parent);
+      const pid = Number(from.keptAcross(() => new RemoteProcess(parent, from.vdso()).call('fork', SYS.fork, [], tid)));
       forked.push(pid); // killed on failure, whatever happens next
       const rep = addon().wait(pid, 10_000);
       if (!rep || rep.kind !== 'stop') throw new AppshotError(`new process ${pid} did not stop`);
@@ -943,14 +959,21 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       made.push(m);
       sysPid.set(m.proc.vpid, m.pid);
       addon().bind(tables, 'pid', m.proc.vpid, m.pid);
-      const r = new RemoteProcess(m.pid);
+      // Made at its first call (none for a process that joins its
+      // parent's session and group and forks nothing), its vDSO found from
+      // the maps its memory's fill reads too. setsid, setpgid and keyctl
+      // change no mapping: the maps read for them are still current after
+      // (keptAcross).
+      const ownMaps = mapsOf(m.pid);
+      let handle: RemoteProcess | undefined;
+      const treeRemote = () => (handle ??= new RemoteProcess(m.pid, ownMaps.vdso()));
       const groupOf = (id: number) => sysPid.get(id) ?? placeholders.get(id);
       if (m.proc.vsid === m.proc.vpid) {
-        r.call('setsid', SYS.setsid, []);
-        takeTerminal(r, handed, m.proc);
+        ownMaps.keptAcross(() => treeRemote().call('setsid', SYS.setsid, []));
+        takeTerminal(treeRemote(), handed, m.proc);
       }
-      else if (m.proc.vpgid === m.proc.vpid) r.call('setpgid', SYS.setpgid, [0, 0]);
-      else if (groupOf(m.proc.vpgid) !== undefined) r.call('setpgid', SYS.setpgid, [0, groupOf(m.proc.vpgid)!]);
+      else if (m.proc.vpgid === m.proc.vpid) ownMaps.keptAcross(() => treeRemote().call('setpgid', SYS.setpgid, [0, 0]));
+      else if (groupOf(m.proc.vpgid) !== undefined) ownMaps.keptAcross(() => treeRemote().call('setpgid', SYS.setpgid, [0, groupOf(m.proc.vpgid)!]));
       // Its own session keyring before its threads are made and its
       // children forked (the keyring is the calling thread's credentials):
       // those that shared it inherit the new one.
@@ -965,7 +988,8 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       if (ownRing || root) {
         const later = children.length || m.proc.zombies?.length ? undefined : sessionKeyringJoinLater(ownRing, m.proc.creds, { uid: restorer.realUid, gid: process.getgid!() });
         if (later) m.firstCalls = later;
-        else joinNewSessionKeyring(r, ownRing, m.proc.creds);
+        // keyctl calls only: its credentials, not its mappings.
+        else ownMaps.keptAcross(() => joinNewSessionKeyring(treeRemote(), ownRing, m.proc.creds));
       }
       // Children that share pages copy-on-write with it are forked once its
       // memory is filled: they inherit its pages, shared as they were.
@@ -974,7 +998,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         // restoreMemory left for the next stop (protections, descriptors
         // closed) run now.
         (await fillMemory(m)).runDeferred();
-        r.findSyscall(); // the vDSO has moved to the image's address
+        handle?.findSyscall(ownMaps.vdso()); // the vDSO has moved to the image's address
       }
       // A child (or zombie) that another of its threads forked is forked
       // from that thread (the kernel's parent of it: its death signal,
@@ -996,7 +1020,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         const scratch = m.remote ? (m.remote.batched ? m.remote.scratch : undefined) : m.scratch;
         queue.push({ proc: child, pid: forkFrom(m.pid, forkingTid(m.proc, child.parentVtid, madeTids)), tids: [], scratch });
       }
-      for (const [vpid, pid] of restoreZombies(r, m.proc.zombies, forkFrom, (z) => forkingTid(m.proc, z.parentVtid, madeTids))) addon().bind(tables, 'pid', vpid, pid);
+      if (m.proc.zombies?.length) for (const [vpid, pid] of restoreZombies(treeRemote(), m.proc.zombies, forkFrom, (z) => forkingTid(m.proc, z.parentVtid, madeTids))) addon().bind(tables, 'pid', vpid, pid);
     }
     // The placeholders' work is done: their ids live on in their groups.
     for (const pid of placeholders.values()) endTracee(pid);
@@ -1011,7 +1035,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
         const m = made.find((x) => x.proc.vpid === vpid);
         if (!m) return undefined;
         if (m.remote) return { pid: m.pid, remote: m.remote, done: () => {} };
-        const seedMaps = readMaps(m.pid);
+        const seedMaps = mapsOf(m.pid).get();
         const r = new RemoteProcess(m.pid, seedMaps.find((l) => l.path === '[vdso]'));
         const rings = [...(m.proc.aioRings ?? []).map((a) => ({ start: a.address, end: a.address + a.length })), ...ioUringRanges(m.proc)];
         r.mapScratch(freeAddress([...m.proc.vmas, ...seedMaps, ...rings], BigInt(RemoteProcess.scratchSize)));
@@ -1041,7 +1065,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // application it is now, with a clone's SET ENV values) and the
       // signal handlers: one batch, one stop.
       r.reset();
-      const environ = environBlock(r, p, opts.instance?.config.env ?? [], applicationIds(aid, tables));
+      const environ = environBlock(r, p, opts.instance?.config.env ?? [], applicationIds(aid, tables), () => mapsOf(m.pid).get());
       const handlers = sigactionCalls(r, p.sigactions);
       phase('environment and handlers worked out');
       const results = restoreProcessState(r, p, handed, handed.workingDirectory(p), [...(environ?.call ? [environ.call] : []), ...handlers]);
@@ -1069,13 +1093,19 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // timers (one stop where there were three or more).
       // Signals queued again after every thread's state (the order in
       // which the threads' queues are filled is no matter: each is its own).
-      const mapsNow = readMaps(m.pid);
+      const mapsNow = mapsOf(m.pid).get();
       const threadMemory = new ImageMemory(p.vmas, mapsNow);
       p.threads.forEach((t, i) => {
         if (i > 0) addon().bind(tables, 'pid', t.vtid, m.tids[i], THREAD_FLAG, m.pid);
       });
       const others = p.threads.slice(1).map((t, i) => ({ t, tid: m.tids[i + 1] }));
-      for (const note of restoreThreadStates(r, others, p.glibcTidOffset, threadMemory, p.personality)) notKept.push(`process ${p.vpid}: ${note}`);
+      // The main thread's timer slack (/proc/PID/timerslack_ns), read once,
+      // if at all, for its threads' (made with it) and its own: only its
+      // own PR_SET_TIMERSLACK, in its batch below, which runs after both
+      // have looked, changes it; the other threads' act on themselves.
+      let slackRead: { slack: bigint | undefined } | undefined;
+      const seedsSlack = () => (slackRead ??= { slack: seedSlack(m.pid) }).slack;
+      for (const note of restoreThreadStates(r, others, p.glibcTidOffset, threadMemory, p.personality, seedsSlack)) notKept.push(`process ${p.vpid}: ${note}`);
       phase("threads' own state");
       p.threads.forEach((t, i) => requeueSignals(r, retargetSiginfos(t.pending, (old) => ids.now('pid', old)), m.tids[i]));
       requeueSignals(r, retargetSiginfos(p.sharedPending, (old) => ids.now('pid', old)), 0);
@@ -1110,12 +1140,14 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       forgetTimedWaits(m.pid, p, () => mapsNow);
       const cpuNote = restoreCpuTimes(m.pid, p, m.tids, mapsNow);
       if (cpuNote) notKept.push(`process ${p.vpid}: ${cpuNote}`);
-      for (const note of restoreRobustMutexOwners(m.pid, p, m.tids, robustWords)) notKept.push(`process ${p.vpid}: ${note}`);
-      restorePiWaitWords(m.pid, p, m.tids);
+      // The maps read above if no call has run since (LiveMaps: the other
+      // threads' batches and signals queued again may have run some).
+      for (const note of restoreRobustMutexOwners(m.pid, p, m.tids, robustWords, () => mapsOf(m.pid).get())) notKept.push(`process ${p.vpid}: ${note}`);
+      restorePiWaitWords(m.pid, p, m.tids, () => mapsOf(m.pid).get());
       restoreFdOwners(r, p, handed, mainCalls);
       const seedCreds = askSeedCreds(mainCalls);
       restoreItimers(r, p.itimers, mainCalls);
-      for (const note of restoreAttributes(r, p, m.tids, mainCalls)) notKept.push(`process ${p.vpid}: ${note}`);
+      for (const note of restoreAttributes(r, p, m.tids, mainCalls, seedsSlack)) notKept.push(`process ${p.vpid}: ${note}`);
       phase('main thread\'s batch');
       restorePosixTimers(r, p.posixTimers, (vtid) => m.tids[p.threads.findIndex((t) => t.vtid === vtid)], (vpid) => sysPid.get(vpid));
       restoreRoot(r, p, handed);

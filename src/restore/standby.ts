@@ -20,6 +20,7 @@
  */
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { addon, paths } from '../native.js';
+import { readStat } from '../procfs.js';
 
 /** A supervisor started: its status pipe (read end) and lifeline (write
  * end), both ours to close. */
@@ -27,6 +28,12 @@ export interface StartedInit {
   pid: number;
   statusFd: number;
   lifelineFd: number;
+  /** A standby's start time (/proc/PID/stat), read as soon as it is up,
+   * off the restore that takes it: what its registration names its init
+   * by (with its PID). A restore uses it only once it has seen the
+   * standby alive (its seeds still its children, seized): alive then, it
+   * was alive when this was read, the same process. */
+  startTime?: number;
 }
 
 /** Standbys kept per seed count (the processes a restore roots in init:
@@ -98,7 +105,7 @@ function refill(count: number): void {
       .then(
         (s) => {
           // Released while it started (releaseStandbys): it goes at once.
-          if (enabled) k.ready.push(s);
+          if (enabled) k.ready.push({ ...s, startTime: readStat(s.pid)?.startTime });
           else letGo(s);
         },
         () => {
