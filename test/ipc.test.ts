@@ -65,6 +65,21 @@ describe('SysV IPC', () => {
   });
 });
 
+describe('/proc/sysvipc and /proc/locks as the application reads them', () => {
+  // test/fixtures/sysvview.c: the application's own objects by the ids and
+  // keys it knows, its lock by its own PID, whatever name opens the file.
+  const sysvview = async (mode: string) => {
+    const app = sb.start(['run', '--', fixture('sysvview'), mode]);
+    const r = await app.exited;
+    expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
+    expect(r.code).toBe(0);
+  };
+
+  it('shows the view by every name of the files: ".." after a directory of /proc that is no process\'s, links to /proc, descriptors of /proc and /proc/sysvipc, /proc/self/fd, and read-write', async () => {
+    await sysvview('paths');
+  });
+});
+
 /** The ctime the kernel gave semaphore set `semid` (seconds), or undefined
  * once it is gone. */
 function semCtime(semid: number): number | undefined {

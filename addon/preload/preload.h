@@ -500,7 +500,8 @@ HIDDEN void cgroup_procs_mark(int fd, int on);
 /* --- Translated views of files that list PIDs (preload_view.c) --------- */
 
 /* After an open that returned `fd` (or -1): a read-only open of
- * /proc/locks, /proc/<pid>/fdinfo/<n> or a cgroup's list of processes gets
+ * /proc/locks, /proc/sysvipc/<kind> (read-write too), /proc/<pid>/fdinfo/<n>,
+ * a process's stat, status & co. or a cgroup's list of processes gets
  * a copy of the text with virtual PIDs in its place. Returns fd, or -1 and
  * errno when the copy cannot be made (fd is then closed). */
 HIDDEN int view_opened(int fd, const char *path, int flags);

@@ -12,7 +12,9 @@
  * SysV objects' lists, /proc/sysvipc/shm, sem and msg (what ipcs reads):
  * system ids, keys and PIDs, every application's objects (sysv_line).
  *
- * When one of them is opened for reading only (open & co., fopen "r"), the
+ * When one of them is opened for reading only (open & co., fopen "r"; the
+ * files nobody may write, /proc/locks and /proc/sysvipc's, read-write too:
+ * read_only_file), the
  * descriptor the application gets holds the file's text as of the open,
  * every PID in it translated: the whole file is read from the kernel, line
  * by line, into an anonymous memory file (memfd), which is then reopened
@@ -42,8 +44,14 @@
  * /proc/self; openat(procfd, "<pid>/status"), whose number preload_proc.c
  * makes the system's): the directory is known by its descriptor's link,
  * read only when the name is one of those; the same relative to a working
- * directory inside /proc, and through syscall() (openat2 among them). Not
- * covered: a static program or raw system calls; a cgroup.procs opened read-write is read
+ * directory inside /proc, and through syscall() (openat2 among them).
+ * /proc/locks and /proc/sysvipc's files, which name other applications'
+ * and the system's objects, are known by the descriptor as well, whatever
+ * name opened them (view_of_descriptor: "..", symbolic links to
+ * directories, /proc/self/fd/<n>). Not
+ * covered: a static program or raw system calls; a symbolic link to one
+ * of the files under another name; the other files reached by a name not
+ * made plain (a ".." after a directory whose parent no name tells); a cgroup.procs opened read-write is read
  * untranslated (its writes are translated, preload_cgroup.c). A file that cannot be copied (no memory
  * for the memfd, too many descriptors) fails the open with that error
  * rather than show system PIDs.
@@ -601,18 +609,82 @@ static NOINLINE enum view view_of_at(int dirfd, const char *path) {
   return view_of_name(full);
 }
 
+/* Whether the last name of `path` is one of the files of /proc that
+ * view_of_descriptor knows by what they are (shm, sem, msg, locks), or a
+ * number after "fd/" (/proc/self/fd/<n>, /dev/fd/<n>: a descriptor
+ * reopened, an O_PATH one of those files among them). A few compares, for
+ * every open. */
+static int descriptor_name(const char *path) {
+  const char *base = strrchr(path, '/');
+  base = base ? base + 1 : path;
+  switch (base[0]) {
+    case 's': return (base[1] == 'h' && base[2] == 'm' && !base[3]) || (base[1] == 'e' && base[2] == 'm' && !base[3]);
+    case 'm': return base[1] == 's' && base[2] == 'g' && !base[3];
+    case 'l': return !strcmp(base, "locks");
+    default:
+      if (base[0] < '0' || base[0] > '9' || base - path < 3 || memcmp(base - 3, "fd/", 3)) return 0;
+      for (const char *d = base; *d; d++)
+        if (*d < '0' || *d > '9') return 0;
+      return 1;
+  }
+}
+
+/* Which of the system-wide files /proc/sysvipc/shm, sem, msg and
+ * /proc/locks the open descriptor `fd` is, by the file itself: procfs's
+ * (statfs), and its link (/proc/self/fd/<fd>) ending in "/sysvipc/<kind>"
+ * or "/locks" (no other file of procfs has those names: /proc/sys/kernel/sem
+ * is ".../kernel/sem"). The name it was opened by cannot say, however
+ * plain it is made: a ".." after a directory whose parent the name does not
+ * tell (/proc/sysvipc/../sysvipc/shm, /proc/sys/../locks), a symbolic link
+ * to /proc or into it (/proc/self/root/proc/locks, a link of the
+ * application's own), a directory descriptor of /proc opened any of those
+ * ways: the kernel resolves them all to the same file. Asked only of a
+ * name descriptor_name accepts; what is not covered is a symbolic link to
+ * one of the files themselves under another name, which no name shows. A
+ * /proc not mounted at /proc/self's place (no link to read): VIEW_NONE.
+ * Its own frame: the link buffer costs the stack only here. */
+static NOINLINE enum view view_of_descriptor(int fd) {
+  struct statfs sf;
+  if (SYS2(fstatfs, fd, &sf) != 0 || sf.f_type != PROC_SUPER_MAGIC) return VIEW_NONE;
+  char self[32] = "/proc/self/fd/", link[PATH_MAX];
+  *put_decimal(self + 14, (unsigned long)fd) = '\0';
+  long n = SYS4(readlinkat, AT_FDCWD, self, link, sizeof link - 1);
+  if (n <= 0 || n >= (long)sizeof link - 1) return VIEW_NONE;
+  link[n] = '\0';
+  if (n >= 12 && !memcmp(link + n - 12, "/sysvipc/", 9)) {
+    const char *kind = link + n - 3;
+    return !strcmp(kind, "shm")   ? VIEW_SYSV_SHM
+           : !strcmp(kind, "sem") ? VIEW_SYSV_SEM
+           : !strcmp(kind, "msg") ? VIEW_SYSV_MSG
+                                  : VIEW_NONE;
+  }
+  return n >= 6 && !strcmp(link + n - 6, "/locks") ? VIEW_LOCKS : VIEW_NONE;
+}
+
+/* The views of files nobody may write (mode 0444), made for a read-write
+ * open too: root opens them so (CAP_DAC_OVERRIDE), the kernel lets it
+ * read and refuses its writes (EINVAL). The copy is read-only: a write
+ * fails with EBADF instead. Not a cgroup's list (written to move
+ * processes, preload_cgroup.c) nor a sched file (written to reset it). */
+static int read_only_file(enum view v) {
+  return v == VIEW_LOCKS || v == VIEW_SYSV_SHM || v == VIEW_SYSV_SEM || v == VIEW_SYSV_MSG;
+}
+
 /* The translated copy in the place of `fd`, opened by `path` relative to
  * `dirfd` (AT_FDCWD: the working directory, looked at only while it is
  * inside /proc), when it needs
  * one: 0, or -errno with fd left as it was. */
 long view_fill_at(int dirfd, int fd, const char *path, int flags) {
-  if (fd < 0 || !g_h || !path || (flags & O_ACCMODE) != O_RDONLY ||
+  int access = flags & O_ACCMODE;
+  if (fd < 0 || !g_h || !path || (access != O_RDONLY && access != O_RDWR) ||
       (flags & (O_PATH | O_DIRECTORY)))
     return 0;
   enum view v = path[0] == '/' || (dirfd < 0 && !(dirfd == AT_FDCWD && cwd_in_proc()))
                     ? view_of_name(path)
                     : view_of_at(dirfd, path);
+  if (v == VIEW_NONE && UNLIKELY(descriptor_name(path))) v = view_of_descriptor(fd);
   if (LIKELY(v == VIEW_NONE)) return 0;
+  if (access == O_RDWR && !read_only_file(v)) return 0;
   return substitute(fd, v);
 }
 
