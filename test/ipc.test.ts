@@ -78,6 +78,10 @@ describe('/proc/sysvipc and /proc/locks as the application reads them', () => {
   it('shows the view by every name of the files: ".." after a directory of /proc that is no process\'s, links to /proc, descriptors of /proc and /proc/sysvipc, /proc/self/fd, and read-write', async () => {
     await sysvview('paths');
   });
+
+  it('finds the key, id and PID columns by the header\'s names, in whatever order a kernel prints them', async () => {
+    await sysvview('columns');
+  });
 });
 
 /** The ctime the kernel gave semaphore set `semid` (seconds), or undefined

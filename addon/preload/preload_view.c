@@ -368,59 +368,111 @@ static char *timers_line(char *o, const char *s, const char *e) {
   return o + (e - s);
 }
 
-/* A line of /proc/sysvipc/shm, sem or msg (the kernel's sysvipc_*_proc_show:
- * "%10d %10d  %4o ..." the key and the id first, then for a segment its
- * cpid and lpid as fields 4 and 5 ("%5u"), for a queue its lspid and lrpid
- * as fields 5 and 6): the object of another application, or of none,
- * left out; the application's with its virtual id, its key as it made it
- * and its PIDs as IPC_STAT shows them (ipc_view_line). Each number is
- * printed as the kernel would, right-aligned in its width after the same
- * separating blanks, so the columns stay under the header's. The header,
- * and any line not in that shape without an id, as it is. */
-static char *sysv_line(enum view v, char *o, const char *s, const char *e) {
-  static const unsigned char shm_fields[] = {0, 1, 4, 5}, sem_fields[] = {0, 1},
-                             msg_fields[] = {0, 1, 5, 6};
-  const unsigned char *want = v == VIEW_SYSV_SHM   ? shm_fields
-                              : v == VIEW_SYSV_SEM ? sem_fields
-                                                   : msg_fields;
-  int nwant = v == VIEW_SYSV_SEM ? 2 : 4;
-  struct { const char *gap, *s, *e; long v; } f[4]; /* the blanks before, the number */
+/* The columns of /proc/sysvipc/shm, sem or msg a line's translation
+ * rewrites, found by the names of the file's first line (the header): the
+ * kernel prints one name per column, each right-aligned over its numbers
+ * ("       key      shmid perms ..."), and the columns have been added to
+ * and may move (rss and swap came late). Each column's role: the key, the
+ * id, and the two PIDs (a segment's cpid and lpid, a queue's lspid and
+ * lrpid: the APPSHOT_IPC_* fields 0 and 1; a set has none). */
+enum { SYSV_KEY, SYSV_ID, SYSV_PID0, SYSV_PID1, SYSV_ROLES };
+struct sysv_columns {
+  unsigned char header_seen;
+  unsigned char n;                      /* columns found, in column order: */
+  unsigned char index[SYSV_ROLES];      /* each one's place in a line */
+  unsigned char role[SYSV_ROLES];       /* and what it holds */
+};
+
+/* The role of the header's name [s, e) in the file of view `v`, or -1. */
+static int sysv_role(enum view v, const char *s, const char *e) {
+  static const struct { char name[6]; unsigned char len; unsigned char role; enum view v; } names[] = {
+      {"key", 3, SYSV_KEY, VIEW_NONE},       {"shmid", 5, SYSV_ID, VIEW_SYSV_SHM},
+      {"semid", 5, SYSV_ID, VIEW_SYSV_SEM},  {"msqid", 5, SYSV_ID, VIEW_SYSV_MSG},
+      {"cpid", 4, SYSV_PID0, VIEW_SYSV_SHM}, {"lpid", 4, SYSV_PID1, VIEW_SYSV_SHM},
+      {"lspid", 5, SYSV_PID0, VIEW_SYSV_MSG}, {"lrpid", 5, SYSV_PID1, VIEW_SYSV_MSG},
+  };
+  for (unsigned i = 0; i < sizeof names / sizeof names[0]; i++)
+    if ((names[i].v == VIEW_NONE || names[i].v == v) && (size_t)(e - s) == names[i].len &&
+        !memcmp(s, names[i].name, names[i].len))
+      return names[i].role;
+  return -1;
+}
+
+/* Reads the header [s, e) into *c: the columns it names, in order. A
+ * name given twice: the first. */
+static void sysv_header(enum view v, struct sysv_columns *c, const char *s, const char *e) {
+  unsigned seen = 0;
+  c->header_seen = 1;
+  c->n = 0;
+  for (unsigned field = 0; field < 256;  field++) {
+    while (s < e && is_blank(*s)) s++;
+    const char *ts = s;
+    while (s < e && !is_blank(*s) && *s != '\n') s++;
+    if (s == ts) break;
+    int role = sysv_role(v, ts, s);
+    if (role < 0 || (seen & (1u << role))) continue;
+    seen |= 1u << role;
+    c->index[c->n] = (unsigned char)field;
+    c->role[c->n++] = (unsigned char)role;
+  }
+}
+
+/* A line of /proc/sysvipc/shm, sem or msg (the kernel's sysvipc_*_proc_show),
+ * its columns those the header named (sysv_header): the object of another
+ * application, or of none, left out; the application's with its virtual
+ * id, its key as it made it and its PIDs as IPC_STAT shows them
+ * (ipc_view_line). Each number is printed as the kernel would,
+ * right-aligned in its width (the key and the id "%10d", a PID "%5u")
+ * after the same separating blanks, so the columns stay under the
+ * header's. The header as it is. A line without a key and an id where the
+ * header put them, or a header that names no key or no id (a layout this
+ * does not know): left out, as nothing tells whose object it is. */
+static char *sysv_line(enum view v, struct sysv_columns *c, char *o, const char *s, const char *e) {
+  if (!c->header_seen) {
+    sysv_header(v, c, s, e);
+    memcpy(o, s, (size_t)(e - s));
+    return o + (e - s);
+  }
+  struct { const char *gap, *s, *e; long v; } f[SYSV_ROLES]; /* the blanks before, the number */
+  int at[SYSV_ROLES] = {-1, -1, -1, -1}; /* each role's entry in f */
   const char *t = s;
   int n = 0;
-  for (int field = 0; n < nwant; field++) {
+  for (unsigned field = 0; n < c->n; field++) {
     const char *gap = t;
     while (t < e && is_blank(*t)) t++;
     const char *ts = t;
     while (t < e && !is_blank(*t) && *t != '\n') t++;
     if (t == ts) break;
-    if (field != want[n]) continue;
+    if (field != c->index[n]) continue;
     f[n].gap = gap, f[n].s = ts, f[n].e = t;
     if (!parse_int(ts, t, &f[n].v)) break;
+    at[c->role[n]] = n;
     n++;
   }
-  if (n < 2) { /* the header: no id */
-    memcpy(o, s, (size_t)(e - s));
-    return o + (e - s);
-  }
+  if (n < c->n || at[SYSV_KEY] < 0 || at[SYSV_ID] < 0) return o; /* not in the header's shape */
+  long sid = f[at[SYSV_ID]].v;
   int32_t vid, pid[2] = {0, 0};
-  key_t key = (key_t)f[0].v;
-  for (int i = 2; i < n; i++) pid[i - 2] = (int32_t)f[i].v;
-  if (n < nwant || f[1].v < 0 || f[1].v > INT32_MAX ||
+  key_t key = (key_t)f[at[SYSV_KEY]].v;
+  for (int r = SYSV_PID0; r <= SYSV_PID1; r++)
+    if (at[r] >= 0) pid[r - SYSV_PID0] = (int32_t)f[at[r]].v;
+  int npids = v == VIEW_SYSV_SEM ? 0 : 2;
+  if (sid < 0 || sid > INT32_MAX ||
       !ipc_view_line(v == VIEW_SYSV_SHM   ? APPSHOT_SHMID
                      : v == VIEW_SYSV_SEM ? APPSHOT_SEMID
                                           : APPSHOT_MSGID,
-                     (int32_t)f[1].v, &vid, &key, pid, n - 2))
-    return o; /* not the application's (or not in the kernel's shape) */
-  long shown_v[4] = {key, vid, pid[0], pid[1]};
-  static const unsigned char width[] = {10, 10, 5, 5};
+                     (int32_t)sid, &vid, &key, pid, npids))
+    return o; /* not the application's */
+  static const unsigned char width[SYSV_ROLES] = {10, 10, 5, 5};
   for (int i = 0; i < n; i++) {
+    int role = c->role[i];
+    long shown_v = role == SYSV_KEY ? key : role == SYSV_ID ? vid : pid[role - SYSV_PID0];
     memcpy(o, s, (size_t)(f[i].gap - s));
     o += f[i].gap - s;
     /* The kernel's separator: the blanks before the number but its padding. */
     long len = f[i].e - f[i].s, blanks = f[i].s - f[i].gap;
-    long sep = blanks - (len < width[i] ? width[i] - len : 0);
-    char num[24], *ne = put_up_to_number(num, num, num, shown_v[i]);
-    long pad = width[i] - (ne - num);
+    long sep = blanks - (len < width[role] ? width[role] - len : 0);
+    char num[24], *ne = put_up_to_number(num, num, num, shown_v);
+    long pad = width[role] - (ne - num);
     for (long k = 0; k < sep + (pad > 0 ? pad : 0); k++) *o++ = ' ';
     memcpy(o, num, (size_t)(ne - num));
     o += ne - num;
@@ -430,11 +482,19 @@ static char *sysv_line(enum view v, char *o, const char *s, const char *e) {
   return o + (e - s);
 }
 
+/* What the translation of a file's lines carries from one to the next:
+ * what a stat file's CPU times get added (stat_text), or NULL; the columns
+ * the header of a /proc/sysvipc file named (sysv_line). */
+struct view_state {
+  const int64_t *cpu;
+  struct sysv_columns sysv;
+};
+
 /* One line [s, e), its '\n' included if it has one (a stat file: the
  * whole text; a children file: one "<pid> " item), translated into o (room for e - s + LINE_ROOM bytes).
  * Returns the end of the output. */
-static char *translate_line(enum view v, char *o, const char *s,
-                            const char *e, const int64_t *cpu) {
+static char *translate_line(enum view v, struct view_state *st, char *o, const char *s,
+                            const char *e) {
   switch (v) {
     case VIEW_LOCKS: return lock_line(o, s, e);
     case VIEW_FDINFO:
@@ -455,13 +515,13 @@ static char *translate_line(enum view v, char *o, const char *s,
       }
       break;
     }
-    case VIEW_STAT: return stat_text(o, s, e, cpu);
+    case VIEW_STAT: return stat_text(o, s, e, st->cpu);
     case VIEW_STATUS: return status_line(o, s, e);
     case VIEW_SCHED: return sched_line(o, s, e);
     case VIEW_TIMERS: return timers_line(o, s, e);
     case VIEW_SYSV_SEM:
     case VIEW_SYSV_SHM:
-    case VIEW_SYSV_MSG: return sysv_line(v, o, s, e);
+    case VIEW_SYSV_MSG: return sysv_line(v, &st->sysv, o, s, e);
     case VIEW_NONE: break;
   }
   memcpy(o, s, (size_t)(e - s));
@@ -489,6 +549,7 @@ enum { LINE_ROOM = 160 };
  * what a stat file's CPU times get added (stat_text), or NULL. */
 static long copy_translated(enum view v, int src, int dst, const int64_t *cpu) {
   enum { RAW = 2048 };
+  struct view_state st = {.cpu = cpu};
   char raw[RAW], out[RAW + LINE_ROOM];
   size_t have = 0, used = 0;
   int eof = 0;
@@ -520,7 +581,7 @@ static long copy_translated(enum view v, int src, int dst, const int64_t *cpu) {
         used = 0;
       }
       /* A line of at most RAW bytes grows by at most LINE_ROOM. */
-      used = (size_t)(translate_line(v, out + used, raw + start, raw + end, cpu) - out);
+      used = (size_t)(translate_line(v, &st, out + used, raw + start, raw + end) - out);
       start = end;
     }
     memmove(raw, raw + start, have - start);
