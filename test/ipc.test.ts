@@ -14,7 +14,7 @@ import { semUndoOf } from '../src/ptrace/windows.js';
 import { readMaps } from '../src/resources/memory.js';
 import { LocalRegistry } from '../src/registry.js';
 import { writeSignedImage } from './crafted.js';
-import { command, type Entry, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
+import { command, type Entry, FOREIGN_IPC_MODE, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
@@ -81,6 +81,22 @@ describe('/proc/sysvipc and /proc/locks as the application reads them', () => {
 
   it('finds the key, id and PID columns by the header\'s names, in whatever order a kernel prints them', async () => {
     await sysvview('columns');
+  });
+
+  it('counts the application\'s own objects in SHM_INFO, SEM_INFO and MSG_INFO (ipcs -u), not the system\'s', async () => {
+    // Objects outside every application, so that the system's counts differ.
+    const made: [string, string][] = [];
+    try {
+      for (const [make, remove] of [[['-M', '4096'], '-m'], [['-S', '2'], '-s'], [['-Q'], '-q']] as const) {
+        const r = spawnSync('ipcmk', [...make, '-p', FOREIGN_IPC_MODE.toString(8)], { encoding: 'utf8' });
+        const id = /id: (\d+)/.exec(r.stdout)?.[1];
+        expect(id, r.stderr).toBeDefined();
+        made.push([remove, id!]);
+      }
+      await sysvview('usage');
+    } finally {
+      for (const [flag, id] of made) spawnSync('ipcrm', [flag, id]);
+    }
   });
 });
 

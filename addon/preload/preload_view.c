@@ -528,6 +528,107 @@ static char *translate_line(enum view v, struct view_state *st, char *o, const c
   return o + (e - s);
 }
 
+/* --- Counting the application's SysV objects (ipcs -u) ------------------ */
+
+/* The unsigned decimal [s, e) into *out: 1, or 0 when it is not one. */
+static int parse_count(const char *s, const char *e, unsigned long long *out) {
+  if (s == e || e - s > 19) return 0;
+  unsigned long long v = 0;
+  for (; s < e; s++) {
+    if (*s < '0' || *s > '9') return 0;
+    v = v * 10 + (unsigned long long)(*s - '0');
+  }
+  *out = v;
+  return 1;
+}
+
+/* The index of the header's column `name` in [s, e), or -1. */
+static int header_index(const char *s, const char *e, const char *name) {
+  size_t len = strlen(name);
+  for (int field = 0;; field++) {
+    while (s < e && is_blank(*s)) s++;
+    const char *ts = s;
+    while (s < e && !is_blank(*s) && *s != '\n') s++;
+    if (s == ts) return -1;
+    if ((size_t)(s - ts) == len && !memcmp(ts, name, len)) return field;
+  }
+}
+
+/* Adds the line [s, e) of /proc/sysvipc/<kind> to *u if its object is the
+ * application's: its id at column col[0], the numbers summed at col[1..]. */
+static void usage_line(enum appshot_kind kind, const int *col, int ncol, const char *s, const char *e,
+                       struct sysv_usage *u, unsigned long page) {
+  unsigned long long v[4];
+  int found = 0;
+  for (int field = 0; found < ncol; field++) {
+    while (s < e && is_blank(*s)) s++;
+    const char *ts = s;
+    while (s < e && !is_blank(*s) && *s != '\n') s++;
+    if (s == ts) return;
+    for (int i = 0; i < ncol; i++)
+      if (col[i] == field) {
+        if (!parse_count(ts, s, &v[i])) return;
+        found++;
+      }
+  }
+  int32_t vid;
+  if (v[0] > INT32_MAX || !appshot_s2v(g_h, kind, (int32_t)v[0], &vid)) return;
+  u->objects++;
+  if (kind == APPSHOT_SHMID) { /* pages: the kernel's numpages, rss and swap */
+    u->sum[0] += (v[1] + page - 1) / page;
+    u->sum[1] += v[2] / page;
+    u->sum[2] += v[3] / page;
+  } else {
+    for (int i = 1; i < ncol; i++) u->sum[i - 1] += v[i];
+  }
+}
+
+int sysv_usage(enum appshot_kind kind, struct sysv_usage *u) {
+  static const char *const shm[] = {"shmid", "size", "rss", "swap"}, *const sem[] = {"semid", "nsems"},
+                           *const msg[] = {"msqid", "qnum", "cbytes"};
+  const char *const *names = kind == APPSHOT_SHMID ? shm : kind == APPSHOT_SEMID ? sem : msg;
+  int ncol = kind == APPSHOT_SHMID ? 4 : kind == APPSHOT_SEMID ? 2 : 3;
+  const char *path = kind == APPSHOT_SHMID   ? "/proc/sysvipc/shm"
+                     : kind == APPSHOT_SEMID ? "/proc/sysvipc/sem"
+                                             : "/proc/sysvipc/msg";
+  unsigned long page = (unsigned long)getpagesize();
+  memset(u, 0, sizeof *u);
+  long fd = SYS3(openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  enum { RAW = 2048 };
+  char raw[RAW];
+  int col[4], header = 0, ok = 1;
+  size_t have = 0;
+  int eof = 0;
+  while (ok && (!eof || have > 0)) {
+    if (!eof && have < RAW) {
+      long n = SYS3(read, fd, raw + have, RAW - have);
+      if (n == -EINTR) continue;
+      if (n < 0) ok = 0;
+      if (n <= 0) eof = 1;
+      else have += (size_t)n;
+    }
+    size_t start = 0;
+    for (;;) {
+      const char *nl = memchr(raw + start, '\n', have - start);
+      size_t end = nl ? (size_t)(nl - raw) + 1 : (eof ? have : 0);
+      if (end <= start) break;
+      if (!header) {
+        header = 1;
+        for (int i = 0; i < ncol; i++) ok &= (col[i] = header_index(raw + start, raw + end, names[i])) >= 0;
+      } else if (ok) {
+        usage_line(kind, col, ncol, raw + start, raw + end, u, page);
+      }
+      start = end;
+    }
+    if (start == 0 && have == RAW) ok = 0; /* a line longer than the buffer: no such file */
+    memmove(raw, raw + start, have - start);
+    have -= start;
+  }
+  SYS1(close, fd);
+  return ok && header;
+}
+
 /* --- The copy ------------------------------------------------------------ */
 
 static long write_all(int fd, const char *p, size_t n) {
