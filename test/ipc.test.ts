@@ -5,7 +5,7 @@ import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
 import { loadImage } from '../src/image/format.js';
 import type { Image } from '../src/image/types.js';
@@ -198,8 +198,11 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     await sb.checksPass(aid, 2);
     return { set: Number(/^SET (\d+)$/m.exec(sb.log(aid))![1]), child: Number(/^CHILD (\d+)$/m.exec(sb.log(aid))![1]) };
   };
-  const out = mkdtempSync(join(tmpdir(), 'appshot-semundo-'));
-  afterAll(() => rmSync(out, { recursive: true, force: true }));
+  // Made when a test of this block runs, not when the file is collected:
+  // a run filtered with -t that skips the block never reaches its afterAll.
+  let out = '';
+  beforeAll(() => void (out = mkdtempSync(join(tmpdir(), 'appshot-semundo-'))));
+  afterAll(() => void (out && rmSync(out, { recursive: true, force: true })));
   /** semundo `mode` (AID undoMODE) snapshotted, which ends it: its holder's
    * image carries the adjustment +1 on semaphore 0; restored, the holder
    * is killed and gives it back (the fixture's PASS). */
@@ -521,8 +524,9 @@ describe('the PIDs restored SysV objects show: those the image recorded, until a
   // of the application) or the process the restore attached last. The
   // fixture's checks read /proc/sysvipc too: only its own objects there,
   // with the ids, keys and PIDs IPC_STAT gives, in the kernel's columns.
-  const out = mkdtempSync(join(tmpdir(), 'appshot-ipcpids-'));
-  afterAll(() => rmSync(out, { recursive: true, force: true }));
+  let out = '';
+  beforeAll(() => void (out = mkdtempSync(join(tmpdir(), 'appshot-ipcpids-'))));
+  afterAll(() => void (out && rmSync(out, { recursive: true, force: true })));
   const stopped = async (aid: string) => {
     sb.ok(['rm', '-f', aid]);
     await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
