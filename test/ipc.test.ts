@@ -5,7 +5,7 @@ import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
 import { loadImage } from '../src/image/format.js';
 import type { Image } from '../src/image/types.js';
@@ -14,7 +14,7 @@ import { semUndoOf } from '../src/ptrace/windows.js';
 import { readMaps } from '../src/resources/memory.js';
 import { LocalRegistry } from '../src/registry.js';
 import { writeSignedImage } from './crafted.js';
-import { command, type Entry, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
+import { command, type Entry, FOREIGN_IPC_MODE, fixture, Sandbox, systemIpcIds, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
@@ -62,6 +62,41 @@ describe('SysV IPC', () => {
     b.child.stdin.end();
     expect((await a.exited).code).toBe(0);
     expect((await b.exited).code).toBe(0);
+  });
+});
+
+describe('/proc/sysvipc and /proc/locks as the application reads them', () => {
+  // test/fixtures/sysvview.c: the application's own objects by the ids and
+  // keys it knows, its lock by its own PID, whatever name opens the file.
+  const sysvview = async (mode: string) => {
+    const app = sb.start(['run', '--', fixture('sysvview'), mode]);
+    const r = await app.exited;
+    expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
+    expect(r.code).toBe(0);
+  };
+
+  it('shows the view by every name of the files: ".." after a directory of /proc that is no process\'s, links to /proc, descriptors of /proc and /proc/sysvipc, /proc/self/fd, and read-write', async () => {
+    await sysvview('paths');
+  });
+
+  it('finds the key, id and PID columns by the header\'s names, in whatever order a kernel prints them', async () => {
+    await sysvview('columns');
+  });
+
+  it('counts the application\'s own objects in SHM_INFO, SEM_INFO and MSG_INFO (ipcs -u), not the system\'s', async () => {
+    // Objects outside every application, so that the system's counts differ.
+    const made: [string, string][] = [];
+    try {
+      for (const [make, remove] of [[['-M', '4096'], '-m'], [['-S', '2'], '-s'], [['-Q'], '-q']] as const) {
+        const r = spawnSync('ipcmk', [...make, '-p', FOREIGN_IPC_MODE.toString(8)], { encoding: 'utf8' });
+        const id = /id: (\d+)/.exec(r.stdout)?.[1];
+        expect(id, r.stderr).toBeDefined();
+        made.push([remove, id!]);
+      }
+      await sysvview('usage');
+    } finally {
+      for (const [flag, id] of made) spawnSync('ipcrm', [flag, id]);
+    }
   });
 });
 
@@ -163,8 +198,11 @@ describe('SEM_UNDO adjustments, which the kernel keeps per process and /proc doe
     await sb.checksPass(aid, 2);
     return { set: Number(/^SET (\d+)$/m.exec(sb.log(aid))![1]), child: Number(/^CHILD (\d+)$/m.exec(sb.log(aid))![1]) };
   };
-  const out = mkdtempSync(join(tmpdir(), 'appshot-semundo-'));
-  afterAll(() => rmSync(out, { recursive: true, force: true }));
+  // Made when a test of this block runs, not when the file is collected:
+  // a run filtered with -t that skips the block never reaches its afterAll.
+  let out = '';
+  beforeAll(() => void (out = mkdtempSync(join(tmpdir(), 'appshot-semundo-'))));
+  afterAll(() => void (out && rmSync(out, { recursive: true, force: true })));
   /** semundo `mode` (AID undoMODE) snapshotted, which ends it: its holder's
    * image carries the adjustment +1 on semaphore 0; restored, the holder
    * is killed and gives it back (the fixture's PASS). */
@@ -486,8 +524,9 @@ describe('the PIDs restored SysV objects show: those the image recorded, until a
   // of the application) or the process the restore attached last. The
   // fixture's checks read /proc/sysvipc too: only its own objects there,
   // with the ids, keys and PIDs IPC_STAT gives, in the kernel's columns.
-  const out = mkdtempSync(join(tmpdir(), 'appshot-ipcpids-'));
-  afterAll(() => rmSync(out, { recursive: true, force: true }));
+  let out = '';
+  beforeAll(() => void (out = mkdtempSync(join(tmpdir(), 'appshot-ipcpids-'))));
+  afterAll(() => void (out && rmSync(out, { recursive: true, force: true })));
   const stopped = async (aid: string) => {
     sb.ok(['rm', '-f', aid]);
     await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);

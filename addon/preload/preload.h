@@ -500,7 +500,8 @@ HIDDEN void cgroup_procs_mark(int fd, int on);
 /* --- Translated views of files that list PIDs (preload_view.c) --------- */
 
 /* After an open that returned `fd` (or -1): a read-only open of
- * /proc/locks, /proc/<pid>/fdinfo/<n> or a cgroup's list of processes gets
+ * /proc/locks, /proc/sysvipc/<kind> (read-write too), /proc/<pid>/fdinfo/<n>,
+ * a process's stat, status & co. or a cgroup's list of processes gets
  * a copy of the text with virtual PIDs in its place. Returns fd, or -1 and
  * errno when the copy cannot be made (fd is then closed). */
 HIDDEN int view_opened(int fd, const char *path, int flags);
@@ -673,6 +674,18 @@ HIDDEN long do_shmctl(int id, int cmd, struct shmid_ds *buf);
 HIDDEN long do_msgsnd(int id, const void *msg, size_t size, int flags);
 HIDDEN long do_msgrcv(int id, void *msg, size_t size, long type, int flags);
 HIDDEN long do_msgctl(int id, int cmd, struct msqid_ds *buf);
+/* preload_view.c: what the application's own objects of `kind`
+ * (APPSHOT_SHMID, _SEMID, _MSGID) add up to, read from /proc/sysvipc: how
+ * many, and for segments the pages they take, resident and swapped
+ * (shm_info's shm_tot, shm_rss, shm_swp), for sets their semaphores
+ * (seminfo's semaem), for queues their messages and bytes (msginfo's
+ * msgmap, msgtql). 1, or 0 when the file cannot be read or has not
+ * those columns. */
+struct sysv_usage {
+  long objects;
+  unsigned long long sum[3];
+};
+HIDDEN int sysv_usage(enum appshot_kind kind, struct sysv_usage *u);
 /* A line of /proc/sysvipc/<kind> of system object `sid`: whether it is the
  * application's, and its virtual id, key and PIDs (npids of them). */
 HIDDEN int ipc_view_line(enum appshot_kind kind, int32_t sid, int32_t *vid,

@@ -1012,6 +1012,16 @@ API int semtimedop(int id, struct sembuf *ops, size_t n,
   return (int)do_semtimedop(id, ops, n, timeout);
 }
 
+/* SEM_INFO, SHM_INFO and MSG_INFO (ipcs -u) count the kernel's objects,
+ * every application's and the system's: the counts in them are made the
+ * application's own (sysv_usage, from /proc/sysvipc; when it cannot be
+ * read, the kernel's stay). What stays the kernel's: the return value, the
+ * highest index in use, which ipcs walks with *_STAT (only the
+ * application's objects answer there; which index an id has depends on
+ * the kernel's ipcmni_extend, so the application's own highest one is not
+ * known from /proc), and IPC_INFO, the system's limits and the same index. Neither
+ * names an object; the index says only that the system has used one that
+ * high. */
 long do_semctl(int id, int num, int cmd, union semun arg) {
   ID_WINDOW();
   ensure_init();
@@ -1019,8 +1029,17 @@ long do_semctl(int id, int num, int cmd, union semun arg) {
   long r;
   switch (cmd) {
     case IPC_INFO:
-    case SEM_INFO:
       return REAL(semctl)(id, num, cmd, arg);
+    case SEM_INFO: {
+      r = REAL(semctl)(id, num, cmd, arg);
+      struct sysv_usage u;
+      if (r >= 0 && sysv_usage(APPSHOT_SEMID, &u)) {
+        struct seminfo *info = arg.__buf;
+        info->semusz = (int)u.objects;
+        info->semaem = (int)u.sum[0];
+      }
+      return r;
+    }
     case SEM_STAT:
     case SEM_STAT_ANY:
       /* No PID in a struct semid_ds: GETPID asks by id. */
@@ -1092,8 +1111,19 @@ long do_shmctl(int id, int cmd, struct shmid_ds *buf) {
   long r;
   switch (cmd) {
     case IPC_INFO:
-    case SHM_INFO:
       return REAL(shmctl)(id, cmd, buf);
+    case SHM_INFO: {
+      r = REAL(shmctl)(id, cmd, buf);
+      struct sysv_usage u;
+      if (r >= 0 && sysv_usage(APPSHOT_SHMID, &u)) {
+        struct shm_info *info = (struct shm_info *)buf;
+        info->used_ids = (int)u.objects;
+        info->shm_tot = (unsigned long)u.sum[0];
+        info->shm_rss = (unsigned long)u.sum[1];
+        info->shm_swp = (unsigned long)u.sum[2];
+      }
+      return r;
+    }
     case SHM_STAT:
     case SHM_STAT_ANY: {
       long sys = REAL(shmctl)(id, cmd, buf);
@@ -1164,8 +1194,18 @@ long do_msgctl(int id, int cmd, struct msqid_ds *buf) {
   long r;
   switch (cmd) {
     case IPC_INFO:
-    case MSG_INFO:
       return REAL(msgctl)(id, cmd, buf);
+    case MSG_INFO: {
+      r = REAL(msgctl)(id, cmd, buf);
+      struct sysv_usage u;
+      if (r >= 0 && sysv_usage(APPSHOT_MSGID, &u)) {
+        struct msginfo *info = (struct msginfo *)buf;
+        info->msgpool = (int)u.objects;
+        info->msgmap = (int)u.sum[0];
+        info->msgtql = (int)u.sum[1];
+      }
+      return r;
+    }
     case MSG_STAT:
     case MSG_STAT_ANY: {
       long sys = REAL(msgctl)(id, cmd, buf);

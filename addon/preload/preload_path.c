@@ -1428,10 +1428,11 @@ PATH_FN(static inline, FILE *, fopen64_m,
         open_op(fopen_flags(mode)), NULL, REAL(fopen64)(p, mode))
 
 /* A stream opened for reading whose file needs a translated view gets it
- * under its descriptor before anything was read through it. */
+ * under its descriptor before anything was read through it ("r+" too:
+ * view_fill says for which files). */
 static FILE *fopen_view(FILE *f, const char *path, const char *mode) {
-  if (!f || fopen_flags(mode) != O_RDONLY) return f;
-  long r = view_fill(fileno(f), path, O_RDONLY);
+  if (!f) return f;
+  long r = view_fill(fileno(f), path, fopen_flags(mode));
   if (r == 0) return f;
   fclose(f);
   errno = (int)-r;

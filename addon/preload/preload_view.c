@@ -12,7 +12,9 @@
  * SysV objects' lists, /proc/sysvipc/shm, sem and msg (what ipcs reads):
  * system ids, keys and PIDs, every application's objects (sysv_line).
  *
- * When one of them is opened for reading only (open & co., fopen "r"), the
+ * When one of them is opened for reading only (open & co., fopen "r"; the
+ * files nobody may write, /proc/locks and /proc/sysvipc's, read-write too:
+ * read_only_file), the
  * descriptor the application gets holds the file's text as of the open,
  * every PID in it translated: the whole file is read from the kernel, line
  * by line, into an anonymous memory file (memfd), which is then reopened
@@ -42,8 +44,14 @@
  * /proc/self; openat(procfd, "<pid>/status"), whose number preload_proc.c
  * makes the system's): the directory is known by its descriptor's link,
  * read only when the name is one of those; the same relative to a working
- * directory inside /proc, and through syscall() (openat2 among them). Not
- * covered: a static program or raw system calls; a cgroup.procs opened read-write is read
+ * directory inside /proc, and through syscall() (openat2 among them).
+ * /proc/locks and /proc/sysvipc's files, which name other applications'
+ * and the system's objects, are known by the descriptor as well, whatever
+ * name opened them (view_of_descriptor: "..", symbolic links to
+ * directories, /proc/self/fd/<n>). Not
+ * covered: a static program or raw system calls; a symbolic link to one
+ * of the files under another name; the other files reached by a name not
+ * made plain (a ".." after a directory whose parent no name tells); a cgroup.procs opened read-write is read
  * untranslated (its writes are translated, preload_cgroup.c). A file that cannot be copied (no memory
  * for the memfd, too many descriptors) fails the open with that error
  * rather than show system PIDs.
@@ -360,59 +368,111 @@ static char *timers_line(char *o, const char *s, const char *e) {
   return o + (e - s);
 }
 
-/* A line of /proc/sysvipc/shm, sem or msg (the kernel's sysvipc_*_proc_show:
- * "%10d %10d  %4o ..." the key and the id first, then for a segment its
- * cpid and lpid as fields 4 and 5 ("%5u"), for a queue its lspid and lrpid
- * as fields 5 and 6): the object of another application, or of none,
- * left out; the application's with its virtual id, its key as it made it
- * and its PIDs as IPC_STAT shows them (ipc_view_line). Each number is
- * printed as the kernel would, right-aligned in its width after the same
- * separating blanks, so the columns stay under the header's. The header,
- * and any line not in that shape without an id, as it is. */
-static char *sysv_line(enum view v, char *o, const char *s, const char *e) {
-  static const unsigned char shm_fields[] = {0, 1, 4, 5}, sem_fields[] = {0, 1},
-                             msg_fields[] = {0, 1, 5, 6};
-  const unsigned char *want = v == VIEW_SYSV_SHM   ? shm_fields
-                              : v == VIEW_SYSV_SEM ? sem_fields
-                                                   : msg_fields;
-  int nwant = v == VIEW_SYSV_SEM ? 2 : 4;
-  struct { const char *gap, *s, *e; long v; } f[4]; /* the blanks before, the number */
+/* The columns of /proc/sysvipc/shm, sem or msg a line's translation
+ * rewrites, found by the names of the file's first line (the header): the
+ * kernel prints one name per column, each right-aligned over its numbers
+ * ("       key      shmid perms ..."), and the columns have been added to
+ * and may move (rss and swap came late). Each column's role: the key, the
+ * id, and the two PIDs (a segment's cpid and lpid, a queue's lspid and
+ * lrpid: the APPSHOT_IPC_* fields 0 and 1; a set has none). */
+enum { SYSV_KEY, SYSV_ID, SYSV_PID0, SYSV_PID1, SYSV_ROLES };
+struct sysv_columns {
+  unsigned char header_seen;
+  unsigned char n;                      /* columns found, in column order: */
+  unsigned char index[SYSV_ROLES];      /* each one's place in a line */
+  unsigned char role[SYSV_ROLES];       /* and what it holds */
+};
+
+/* The role of the header's name [s, e) in the file of view `v`, or -1. */
+static int sysv_role(enum view v, const char *s, const char *e) {
+  static const struct { char name[6]; unsigned char len; unsigned char role; enum view v; } names[] = {
+      {"key", 3, SYSV_KEY, VIEW_NONE},       {"shmid", 5, SYSV_ID, VIEW_SYSV_SHM},
+      {"semid", 5, SYSV_ID, VIEW_SYSV_SEM},  {"msqid", 5, SYSV_ID, VIEW_SYSV_MSG},
+      {"cpid", 4, SYSV_PID0, VIEW_SYSV_SHM}, {"lpid", 4, SYSV_PID1, VIEW_SYSV_SHM},
+      {"lspid", 5, SYSV_PID0, VIEW_SYSV_MSG}, {"lrpid", 5, SYSV_PID1, VIEW_SYSV_MSG},
+  };
+  for (unsigned i = 0; i < sizeof names / sizeof names[0]; i++)
+    if ((names[i].v == VIEW_NONE || names[i].v == v) && (size_t)(e - s) == names[i].len &&
+        !memcmp(s, names[i].name, names[i].len))
+      return names[i].role;
+  return -1;
+}
+
+/* Reads the header [s, e) into *c: the columns it names, in order. A
+ * name given twice: the first. */
+static void sysv_header(enum view v, struct sysv_columns *c, const char *s, const char *e) {
+  unsigned seen = 0;
+  c->header_seen = 1;
+  c->n = 0;
+  for (unsigned field = 0; field < 256;  field++) {
+    while (s < e && is_blank(*s)) s++;
+    const char *ts = s;
+    while (s < e && !is_blank(*s) && *s != '\n') s++;
+    if (s == ts) break;
+    int role = sysv_role(v, ts, s);
+    if (role < 0 || (seen & (1u << role))) continue;
+    seen |= 1u << role;
+    c->index[c->n] = (unsigned char)field;
+    c->role[c->n++] = (unsigned char)role;
+  }
+}
+
+/* A line of /proc/sysvipc/shm, sem or msg (the kernel's sysvipc_*_proc_show),
+ * its columns those the header named (sysv_header): the object of another
+ * application, or of none, left out; the application's with its virtual
+ * id, its key as it made it and its PIDs as IPC_STAT shows them
+ * (ipc_view_line). Each number is printed as the kernel would,
+ * right-aligned in its width (the key and the id "%10d", a PID "%5u")
+ * after the same separating blanks, so the columns stay under the
+ * header's. The header as it is. A line without a key and an id where the
+ * header put them, or a header that names no key or no id (a layout this
+ * does not know): left out, as nothing tells whose object it is. */
+static char *sysv_line(enum view v, struct sysv_columns *c, char *o, const char *s, const char *e) {
+  if (!c->header_seen) {
+    sysv_header(v, c, s, e);
+    memcpy(o, s, (size_t)(e - s));
+    return o + (e - s);
+  }
+  struct { const char *gap, *s, *e; long v; } f[SYSV_ROLES]; /* the blanks before, the number */
+  int at[SYSV_ROLES] = {-1, -1, -1, -1}; /* each role's entry in f */
   const char *t = s;
   int n = 0;
-  for (int field = 0; n < nwant; field++) {
+  for (unsigned field = 0; n < c->n; field++) {
     const char *gap = t;
     while (t < e && is_blank(*t)) t++;
     const char *ts = t;
     while (t < e && !is_blank(*t) && *t != '\n') t++;
     if (t == ts) break;
-    if (field != want[n]) continue;
+    if (field != c->index[n]) continue;
     f[n].gap = gap, f[n].s = ts, f[n].e = t;
     if (!parse_int(ts, t, &f[n].v)) break;
+    at[c->role[n]] = n;
     n++;
   }
-  if (n < 2) { /* the header: no id */
-    memcpy(o, s, (size_t)(e - s));
-    return o + (e - s);
-  }
+  if (n < c->n || at[SYSV_KEY] < 0 || at[SYSV_ID] < 0) return o; /* not in the header's shape */
+  long sid = f[at[SYSV_ID]].v;
   int32_t vid, pid[2] = {0, 0};
-  key_t key = (key_t)f[0].v;
-  for (int i = 2; i < n; i++) pid[i - 2] = (int32_t)f[i].v;
-  if (n < nwant || f[1].v < 0 || f[1].v > INT32_MAX ||
+  key_t key = (key_t)f[at[SYSV_KEY]].v;
+  for (int r = SYSV_PID0; r <= SYSV_PID1; r++)
+    if (at[r] >= 0) pid[r - SYSV_PID0] = (int32_t)f[at[r]].v;
+  int npids = v == VIEW_SYSV_SEM ? 0 : 2;
+  if (sid < 0 || sid > INT32_MAX ||
       !ipc_view_line(v == VIEW_SYSV_SHM   ? APPSHOT_SHMID
                      : v == VIEW_SYSV_SEM ? APPSHOT_SEMID
                                           : APPSHOT_MSGID,
-                     (int32_t)f[1].v, &vid, &key, pid, n - 2))
-    return o; /* not the application's (or not in the kernel's shape) */
-  long shown_v[4] = {key, vid, pid[0], pid[1]};
-  static const unsigned char width[] = {10, 10, 5, 5};
+                     (int32_t)sid, &vid, &key, pid, npids))
+    return o; /* not the application's */
+  static const unsigned char width[SYSV_ROLES] = {10, 10, 5, 5};
   for (int i = 0; i < n; i++) {
+    int role = c->role[i];
+    long shown_v = role == SYSV_KEY ? key : role == SYSV_ID ? vid : pid[role - SYSV_PID0];
     memcpy(o, s, (size_t)(f[i].gap - s));
     o += f[i].gap - s;
     /* The kernel's separator: the blanks before the number but its padding. */
     long len = f[i].e - f[i].s, blanks = f[i].s - f[i].gap;
-    long sep = blanks - (len < width[i] ? width[i] - len : 0);
-    char num[24], *ne = put_up_to_number(num, num, num, shown_v[i]);
-    long pad = width[i] - (ne - num);
+    long sep = blanks - (len < width[role] ? width[role] - len : 0);
+    char num[24], *ne = put_up_to_number(num, num, num, shown_v);
+    long pad = width[role] - (ne - num);
     for (long k = 0; k < sep + (pad > 0 ? pad : 0); k++) *o++ = ' ';
     memcpy(o, num, (size_t)(ne - num));
     o += ne - num;
@@ -422,11 +482,19 @@ static char *sysv_line(enum view v, char *o, const char *s, const char *e) {
   return o + (e - s);
 }
 
+/* What the translation of a file's lines carries from one to the next:
+ * what a stat file's CPU times get added (stat_text), or NULL; the columns
+ * the header of a /proc/sysvipc file named (sysv_line). */
+struct view_state {
+  const int64_t *cpu;
+  struct sysv_columns sysv;
+};
+
 /* One line [s, e), its '\n' included if it has one (a stat file: the
  * whole text; a children file: one "<pid> " item), translated into o (room for e - s + LINE_ROOM bytes).
  * Returns the end of the output. */
-static char *translate_line(enum view v, char *o, const char *s,
-                            const char *e, const int64_t *cpu) {
+static char *translate_line(enum view v, struct view_state *st, char *o, const char *s,
+                            const char *e) {
   switch (v) {
     case VIEW_LOCKS: return lock_line(o, s, e);
     case VIEW_FDINFO:
@@ -447,17 +515,118 @@ static char *translate_line(enum view v, char *o, const char *s,
       }
       break;
     }
-    case VIEW_STAT: return stat_text(o, s, e, cpu);
+    case VIEW_STAT: return stat_text(o, s, e, st->cpu);
     case VIEW_STATUS: return status_line(o, s, e);
     case VIEW_SCHED: return sched_line(o, s, e);
     case VIEW_TIMERS: return timers_line(o, s, e);
     case VIEW_SYSV_SEM:
     case VIEW_SYSV_SHM:
-    case VIEW_SYSV_MSG: return sysv_line(v, o, s, e);
+    case VIEW_SYSV_MSG: return sysv_line(v, &st->sysv, o, s, e);
     case VIEW_NONE: break;
   }
   memcpy(o, s, (size_t)(e - s));
   return o + (e - s);
+}
+
+/* --- Counting the application's SysV objects (ipcs -u) ------------------ */
+
+/* The unsigned decimal [s, e) into *out: 1, or 0 when it is not one. */
+static int parse_count(const char *s, const char *e, unsigned long long *out) {
+  if (s == e || e - s > 19) return 0;
+  unsigned long long v = 0;
+  for (; s < e; s++) {
+    if (*s < '0' || *s > '9') return 0;
+    v = v * 10 + (unsigned long long)(*s - '0');
+  }
+  *out = v;
+  return 1;
+}
+
+/* The index of the header's column `name` in [s, e), or -1. */
+static int header_index(const char *s, const char *e, const char *name) {
+  size_t len = strlen(name);
+  for (int field = 0;; field++) {
+    while (s < e && is_blank(*s)) s++;
+    const char *ts = s;
+    while (s < e && !is_blank(*s) && *s != '\n') s++;
+    if (s == ts) return -1;
+    if ((size_t)(s - ts) == len && !memcmp(ts, name, len)) return field;
+  }
+}
+
+/* Adds the line [s, e) of /proc/sysvipc/<kind> to *u if its object is the
+ * application's: its id at column col[0], the numbers summed at col[1..]. */
+static void usage_line(enum appshot_kind kind, const int *col, int ncol, const char *s, const char *e,
+                       struct sysv_usage *u, unsigned long page) {
+  unsigned long long v[4];
+  int found = 0;
+  for (int field = 0; found < ncol; field++) {
+    while (s < e && is_blank(*s)) s++;
+    const char *ts = s;
+    while (s < e && !is_blank(*s) && *s != '\n') s++;
+    if (s == ts) return;
+    for (int i = 0; i < ncol; i++)
+      if (col[i] == field) {
+        if (!parse_count(ts, s, &v[i])) return;
+        found++;
+      }
+  }
+  int32_t vid;
+  if (v[0] > INT32_MAX || !appshot_s2v(g_h, kind, (int32_t)v[0], &vid)) return;
+  u->objects++;
+  if (kind == APPSHOT_SHMID) { /* pages: the kernel's numpages, rss and swap */
+    u->sum[0] += (v[1] + page - 1) / page;
+    u->sum[1] += v[2] / page;
+    u->sum[2] += v[3] / page;
+  } else {
+    for (int i = 1; i < ncol; i++) u->sum[i - 1] += v[i];
+  }
+}
+
+int sysv_usage(enum appshot_kind kind, struct sysv_usage *u) {
+  static const char *const shm[] = {"shmid", "size", "rss", "swap"}, *const sem[] = {"semid", "nsems"},
+                           *const msg[] = {"msqid", "qnum", "cbytes"};
+  const char *const *names = kind == APPSHOT_SHMID ? shm : kind == APPSHOT_SEMID ? sem : msg;
+  int ncol = kind == APPSHOT_SHMID ? 4 : kind == APPSHOT_SEMID ? 2 : 3;
+  const char *path = kind == APPSHOT_SHMID   ? "/proc/sysvipc/shm"
+                     : kind == APPSHOT_SEMID ? "/proc/sysvipc/sem"
+                                             : "/proc/sysvipc/msg";
+  unsigned long page = (unsigned long)getpagesize();
+  memset(u, 0, sizeof *u);
+  long fd = SYS3(openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  enum { RAW = 2048 };
+  char raw[RAW];
+  int col[4], header = 0, ok = 1;
+  size_t have = 0;
+  int eof = 0;
+  while (ok && (!eof || have > 0)) {
+    if (!eof && have < RAW) {
+      long n = SYS3(read, fd, raw + have, RAW - have);
+      if (n == -EINTR) continue;
+      if (n < 0) ok = 0;
+      if (n <= 0) eof = 1;
+      else have += (size_t)n;
+    }
+    size_t start = 0;
+    for (;;) {
+      const char *nl = memchr(raw + start, '\n', have - start);
+      size_t end = nl ? (size_t)(nl - raw) + 1 : (eof ? have : 0);
+      if (end <= start) break;
+      if (!header) {
+        header = 1;
+        for (int i = 0; i < ncol; i++) ok &= (col[i] = header_index(raw + start, raw + end, names[i])) >= 0;
+      } else if (ok) {
+        usage_line(kind, col, ncol, raw + start, raw + end, u, page);
+      }
+      start = end;
+    }
+    if (start == 0 && have == RAW) ok = 0; /* a line longer than the buffer: no such file */
+    memmove(raw, raw + start, have - start);
+    have -= start;
+  }
+  SYS1(close, fd);
+  return ok && header;
 }
 
 /* --- The copy ------------------------------------------------------------ */
@@ -481,6 +650,7 @@ enum { LINE_ROOM = 160 };
  * what a stat file's CPU times get added (stat_text), or NULL. */
 static long copy_translated(enum view v, int src, int dst, const int64_t *cpu) {
   enum { RAW = 2048 };
+  struct view_state st = {.cpu = cpu};
   char raw[RAW], out[RAW + LINE_ROOM];
   size_t have = 0, used = 0;
   int eof = 0;
@@ -512,7 +682,7 @@ static long copy_translated(enum view v, int src, int dst, const int64_t *cpu) {
         used = 0;
       }
       /* A line of at most RAW bytes grows by at most LINE_ROOM. */
-      used = (size_t)(translate_line(v, out + used, raw + start, raw + end, cpu) - out);
+      used = (size_t)(translate_line(v, &st, out + used, raw + start, raw + end) - out);
       start = end;
     }
     memmove(raw, raw + start, have - start);
@@ -601,18 +771,82 @@ static NOINLINE enum view view_of_at(int dirfd, const char *path) {
   return view_of_name(full);
 }
 
+/* Whether the last name of `path` is one of the files of /proc that
+ * view_of_descriptor knows by what they are (shm, sem, msg, locks), or a
+ * number after "fd/" (/proc/self/fd/<n>, /dev/fd/<n>: a descriptor
+ * reopened, an O_PATH one of those files among them). A few compares, for
+ * every open. */
+static int descriptor_name(const char *path) {
+  const char *base = strrchr(path, '/');
+  base = base ? base + 1 : path;
+  switch (base[0]) {
+    case 's': return (base[1] == 'h' && base[2] == 'm' && !base[3]) || (base[1] == 'e' && base[2] == 'm' && !base[3]);
+    case 'm': return base[1] == 's' && base[2] == 'g' && !base[3];
+    case 'l': return !strcmp(base, "locks");
+    default:
+      if (base[0] < '0' || base[0] > '9' || base - path < 3 || memcmp(base - 3, "fd/", 3)) return 0;
+      for (const char *d = base; *d; d++)
+        if (*d < '0' || *d > '9') return 0;
+      return 1;
+  }
+}
+
+/* Which of the system-wide files /proc/sysvipc/shm, sem, msg and
+ * /proc/locks the open descriptor `fd` is, by the file itself: procfs's
+ * (statfs), and its link (/proc/self/fd/<fd>) ending in "/sysvipc/<kind>"
+ * or "/locks" (no other file of procfs has those names: /proc/sys/kernel/sem
+ * is ".../kernel/sem"). The name it was opened by cannot say, however
+ * plain it is made: a ".." after a directory whose parent the name does not
+ * tell (/proc/sysvipc/../sysvipc/shm, /proc/sys/../locks), a symbolic link
+ * to /proc or into it (/proc/self/root/proc/locks, a link of the
+ * application's own), a directory descriptor of /proc opened any of those
+ * ways: the kernel resolves them all to the same file. Asked only of a
+ * name descriptor_name accepts; what is not covered is a symbolic link to
+ * one of the files themselves under another name, which no name shows. A
+ * /proc not mounted at /proc/self's place (no link to read): VIEW_NONE.
+ * Its own frame: the link buffer costs the stack only here. */
+static NOINLINE enum view view_of_descriptor(int fd) {
+  struct statfs sf;
+  if (SYS2(fstatfs, fd, &sf) != 0 || sf.f_type != PROC_SUPER_MAGIC) return VIEW_NONE;
+  char self[32] = "/proc/self/fd/", link[PATH_MAX];
+  *put_decimal(self + 14, (unsigned long)fd) = '\0';
+  long n = SYS4(readlinkat, AT_FDCWD, self, link, sizeof link - 1);
+  if (n <= 0 || n >= (long)sizeof link - 1) return VIEW_NONE;
+  link[n] = '\0';
+  if (n >= 12 && !memcmp(link + n - 12, "/sysvipc/", 9)) {
+    const char *kind = link + n - 3;
+    return !strcmp(kind, "shm")   ? VIEW_SYSV_SHM
+           : !strcmp(kind, "sem") ? VIEW_SYSV_SEM
+           : !strcmp(kind, "msg") ? VIEW_SYSV_MSG
+                                  : VIEW_NONE;
+  }
+  return n >= 6 && !strcmp(link + n - 6, "/locks") ? VIEW_LOCKS : VIEW_NONE;
+}
+
+/* The views of files nobody may write (mode 0444), made for a read-write
+ * open too: root opens them so (CAP_DAC_OVERRIDE), the kernel lets it
+ * read and refuses its writes (EINVAL). The copy is read-only: a write
+ * fails with EBADF instead. Not a cgroup's list (written to move
+ * processes, preload_cgroup.c) nor a sched file (written to reset it). */
+static int read_only_file(enum view v) {
+  return v == VIEW_LOCKS || v == VIEW_SYSV_SHM || v == VIEW_SYSV_SEM || v == VIEW_SYSV_MSG;
+}
+
 /* The translated copy in the place of `fd`, opened by `path` relative to
  * `dirfd` (AT_FDCWD: the working directory, looked at only while it is
  * inside /proc), when it needs
  * one: 0, or -errno with fd left as it was. */
 long view_fill_at(int dirfd, int fd, const char *path, int flags) {
-  if (fd < 0 || !g_h || !path || (flags & O_ACCMODE) != O_RDONLY ||
+  int access = flags & O_ACCMODE;
+  if (fd < 0 || !g_h || !path || (access != O_RDONLY && access != O_RDWR) ||
       (flags & (O_PATH | O_DIRECTORY)))
     return 0;
   enum view v = path[0] == '/' || (dirfd < 0 && !(dirfd == AT_FDCWD && cwd_in_proc()))
                     ? view_of_name(path)
                     : view_of_at(dirfd, path);
+  if (v == VIEW_NONE && UNLIKELY(descriptor_name(path))) v = view_of_descriptor(fd);
   if (LIKELY(v == VIEW_NONE)) return 0;
+  if (access == O_RDWR && !read_only_file(v)) return 0;
   return substitute(fd, v);
 }
 
