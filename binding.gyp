@@ -37,9 +37,14 @@
                   "addon/src/tcp_repair.c", "addon/src/keeper.c",
                   "addon/src/dgram.c", "addon/src/sockfile.c", "addon/src/peercred.c",
                   "addon/src/fsident.c", "addon/src/probe.c", "addon/src/forward.c", "addon/src/iouring.c",
-                  "addon/src/pages.c", "addon/src/syncs.c", "addon/src/filecopy.c", "addon/include/appshot_table.c"],
+                  "addon/src/pages.c", "addon/src/syncs.c", "addon/src/filecopy.c", "addon/src/tablesguard.c",
+                  "addon/include/appshot_table.c"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
-      "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],
+      # NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS: a throw while an exception
+      # is pending already (an argument of the wrong type, read with As<>(),
+      # leaves one) keeps the first instead of node-addon-api's fatal
+      # error, which aborted the engine and every command it served.
+      "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS", "NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS"],
       "cflags_cc": ["-std=c++17"]
     },
     {

@@ -323,8 +323,15 @@ int appshot_tables_fd_base(void) {
   return lim.rlim_cur >= 16 ? (int)(lim.rlim_cur * 3 / 4) : 3;
 }
 
+uint64_t appshot_table_bytes(void) { return layout(NULL); }
+
 void appshot_table_close(struct appshot_header *h) {
-  if (h) munmap(h, h->size);
+  /* The layout's size, which every mapping has (appshot_table_map_fd
+   * refuses a file of another), never the file's `size` field: the
+   * application may have written another there since, and munmap would
+   * take that much of whatever follows the mapping (and a shrunk file's
+   * field is a SIGBUS to read). */
+  if (h) munmap(h, (size_t)layout(NULL));
 }
 
 /* --- Lookups ------------------------------------------------------------- */
@@ -782,6 +789,26 @@ static void unlock_word(struct appshot_header *h) {
   if (was & FUTEX_WAITERS) futex_op(&h->lock, FUTEX_WAKE, 1, NULL);
 }
 
+/* How long appshot_lock waits for the lock, in ms; 0: for ever. */
+static unsigned lock_patience_ms;
+
+void appshot_set_lock_patience(unsigned ms) { lock_patience_ms = ms; }
+
+/* Whether a hold of the lock leaves SIGBUS and SIGSEGV unblocked
+ * (appshot_set_lock_spares_faults). */
+static int lock_spares_faults;
+
+void appshot_set_lock_spares_faults(int on) { lock_spares_faults = on; }
+
+/* Every signal, for a hold of the lock; less the faults' if asked. */
+static void lock_mask(sigset_t *all) {
+  sigfillset(all);
+  if (lock_spares_faults) {
+    sigdelset(all, SIGBUS);
+    sigdelset(all, SIGSEGV);
+  }
+}
+
 /* The word named a dead holder: a writer died inside its critical
  * section. The entry arrays are written before the indexes, so they are
  * the truth: every index is rebuilt from them and a dead creator's
@@ -795,7 +822,7 @@ static void repair_locked(struct appshot_header *h) {
 int appshot_repair_if_dead(struct appshot_header *h) {
   struct appshot_held held;
   sigset_t all;
-  sigfillset(&all);
+  lock_mask(&all);
   pthread_sigmask(SIG_SETMASK, &all, &held.mask);
   /* Never waits: see the header. Settled here as in any of the
    * application's processes: the witness is the creator the header
@@ -832,14 +859,9 @@ int appshot_repair_if_dead(struct appshot_header *h) {
   return rc == LOCK_TAKEN_DEAD;
 }
 
-/* How long appshot_lock waits for the lock, in ms; 0: for ever. */
-static unsigned lock_patience_ms;
-
-void appshot_set_lock_patience(unsigned ms) { lock_patience_ms = ms; }
-
 int appshot_lock(struct appshot_header *h, struct appshot_held *held) {
   sigset_t all;
-  sigfillset(&all);
+  lock_mask(&all);
   pthread_sigmask(SIG_SETMASK, &all, &held->mask);
   struct timespec until, *deadline = NULL;
   if (lock_patience_ms) {

@@ -557,6 +557,8 @@ struct appshot_header *appshot_table_map_fd(int fd);
  * usual soft limit of 1024, and within a lower one (a quarter of it is left
  * above). */
 int appshot_tables_fd_base(void);
+/* The size of every table file, and of every mapping of one. */
+uint64_t appshot_table_bytes(void);
 void appshot_table_close(struct appshot_header *h);
 
 /* --- Lookups: lock-free, async-signal-safe ------------------------------ */
@@ -684,6 +686,14 @@ int appshot_lock(struct appshot_header *h, struct appshot_held *held);
  * window. A holder stopped by a snapshot is let run on until it lets go
  * (src/ptrace/freezer.ts), so an honest application never meets the limit. */
 void appshot_set_lock_patience(unsigned ms);
+/* With `on`, a hold of the lock (appshot_lock, appshot_repair_if_dead)
+ * leaves SIGBUS and SIGSEGV unblocked: for a process that reads the file
+ * under a fault guard (the addon: addon/src/tablesguard.h). A fault the
+ * kernel raises while its signal is blocked ends the process whatever its
+ * handler, and the application may shrink its file under the holder at
+ * any moment. Off by default: the preload library and init keep every
+ * signal out of the lock. */
+void appshot_set_lock_spares_faults(int on);
 void appshot_unlock(struct appshot_header *h, const struct appshot_held *held);
 /* For a reader that must see every object the application has, a
  * snapshot's: if the last holder of the lock died holding it, the repair

@@ -985,6 +985,59 @@ static int finish(int abandoned, int code) {
   return code;
 }
 
+/* The application may shrink its table file at any moment: every process
+ * of it holds the file read-write, whatever uid it runs as, and a touch of
+ * our mapping past the file's end is SIGBUS, which ended the application's
+ * supervisor (review r363: its processes then ran on outside appshot's
+ * reach). Such a fault puts a page of zeros, ours alone, in place of the
+ * page touched, and the touch goes on: it reads what an emptied file holds,
+ * nothing, and what is written there is lost, as the truncation lost it.
+ * The next round of the main loop maps the file over the whole mapping
+ * again (remap_tables). Plain memory work, nothing of the tables' code, so
+ * it may run while we hold the table lock (which leaves SIGBUS unblocked
+ * here: appshot_set_lock_spares_faults). Any other SIGBUS is the default
+ * action's, as before. */
+static volatile sig_atomic_t tables_patched;
+static uintptr_t tables_page;
+
+static void on_tables_fault(int sig, siginfo_t *si, void *uc) {
+  (void)uc;
+  const uintptr_t at = (uintptr_t)si->si_addr, base = (uintptr_t)tables;
+  if (si->si_code > 0 && base && at >= base && at < base + appshot_table_bytes()) {
+    const uintptr_t page = at & ~(tables_page - 1);
+    long r = appshot_raw_syscall(SYS_mmap, (long)page, (long)tables_page, PROT_READ | PROT_WRITE,
+                                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    if (r == (long)page) {
+      tables_patched = 1;
+      return;
+    }
+  }
+  struct sigaction dfl;
+  memset(&dfl, 0, sizeof dfl);
+  dfl.sa_handler = SIG_DFL;
+  sigaction(sig, &dfl, NULL);
+  if (si->si_code <= 0) raise(sig);
+}
+
+static void guard_tables(void) {
+  long page = sysconf(_SC_PAGESIZE);
+  tables_page = page > 0 ? (uintptr_t)page : 4096;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = on_tables_fault;
+  sa.sa_flags = SA_SIGINFO | SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGBUS, &sa, NULL);
+  appshot_set_lock_spares_faults(1);
+}
+
+/* The file mapped again where the pages of zeros went in (see above). */
+static void remap_tables(void) {
+  if (!tables_patched) return;
+  tables_patched = 0;
+  mmap(tables, appshot_table_bytes(), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, tables_fd, 0);
+}
+
 static const int forwarded[] = {SIGTERM, SIGINT,  SIGQUIT, SIGHUP,
                                 SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
 
@@ -1061,6 +1114,7 @@ int main(int argc, char **argv) {
   if (tables_fd < 0) die(tables_path);
   tables = appshot_table_map_fd(tables_fd);
   if (!tables) die(tables_path);
+  guard_tables();
   trusted_salt = tables->key_salt;
   /* Without it (a registration of an older appshot), our own start: later
    * than the truth, so at worst objects are left, never others' taken. */
@@ -1118,6 +1172,7 @@ int main(int argc, char **argv) {
   time_t next_sweep = time(NULL) + SWEEP_SECONDS;
   int abandoned = 0, empty = 0;
   for (;;) {
+    remap_tables();
     if (lifeline_fd >= 0 && lifeline_ended() && !restore_committed()) abandoned = 1;
     /* Abandoned: whatever was forked meanwhile goes too, until none is left. */
     if (abandoned) kill_descendants(getpid(), 0);

@@ -41,7 +41,19 @@ extern "C" {
 
 namespace appshot {
 
+// An error with errno's name as `code` and `message` as it is.
+static void ThrowCoded(const Napi::Env& env, const std::string& message, int err) {
+  if (env.IsExceptionPending()) return;
+  Napi::Error e = Napi::Error::New(env, message);
+  const char* name = strerrorname_np(err);
+  e.Set("code", Napi::String::New(env, name ? name : "EUNKNOWN"));
+  e.Set("errno", Napi::Number::New(env, err));
+  e.ThrowAsJavaScriptException();
+}
+
 void ThrowErrno(const Napi::Env& env, const std::string& what, int err) {
+  // The first error stands (addon.h).
+  if (env.IsExceptionPending()) return;
   Napi::Error e = Napi::Error::New(env, what + ": " + std::strerror(err));
   const char* name = strerrorname_np(err);
   e.Set("code", Napi::String::New(env, name ? name : "EUNKNOWN"));
@@ -49,11 +61,62 @@ void ThrowErrno(const Napi::Env& env, const std::string& what, int err) {
   e.ThrowAsJavaScriptException();
 }
 
+void ThrowStep(const Napi::Env& env, Step s, const std::string& what, const std::string& path) {
+  if (s == Step::kUnguarded) return ThrowErrno(env, what + " " + path + " (no room for its fault guard)", EAGAIN);
+  ThrowCoded(env, what + " " + path + ": the tables changed size under us (a process of the application truncated its table file)", EPROTO);
+}
+
+// appshot_table_map_fd, its look at the mapped header under the guard: the
+// file may shrink between the fstat and that look.
+static appshot_header* MapTablesFd(int fd, int* err) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    *err = errno;
+    return nullptr;
+  }
+  const uint64_t size = appshot_table_bytes();
+  if (!S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) != size) {
+    *err = EPROTO;
+    return nullptr;
+  }
+  void* m = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (m == MAP_FAILED) {
+    *err = errno;
+    return nullptr;
+  }
+  auto* h = static_cast<appshot_header*>(m);
+  bool ours = false;
+  Guarded(h, [&] {
+    ours = __atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) == APPSHOT_TABLE_MAGIC && h->version == APPSHOT_TABLE_VERSION &&
+           h->size == size;
+  });
+  if (!ours) {
+    munmap(m, size);
+    *err = EPROTO;
+    return nullptr;
+  }
+  return h;
+}
+
+appshot_header* MapTables(const std::string& path, int* err) {
+  int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    *err = errno;
+    return nullptr;
+  }
+  appshot_header* h = MapTablesFd(fd, err);
+  close(fd);
+  return h;
+}
+
 }  // namespace appshot
 
 namespace {
 
+using appshot::Guarded;
+using appshot::Step;
 using appshot::ThrowErrno;
+using appshot::ThrowStep;
 
 bool ParseKind(const Napi::Env& env, const Napi::Value& v, appshot_kind* out) {
   std::string name = v.As<Napi::String>().Utf8Value();
@@ -111,12 +174,18 @@ appshot_header* MappedTables(const std::string& path, int* err) {
     if (c.dev != st.st_dev || c.ino != st.st_ino) continue;
     g_cached_tables.erase(g_cached_tables.begin() + i);
     // The file is the application's, to truncate or overwrite in place:
-    // checked again as appshot_table_map_fd checks a file it maps (a
-    // page of the mapping past a shorter file's end would be SIGBUS, the
-    // engine's death). If it changed, mapped afresh below, which refuses
-    // it if it is no table file any more.
-    if (static_cast<uint64_t>(st.st_size) != c.size || __atomic_load_n(&c.h->magic, __ATOMIC_ACQUIRE) != APPSHOT_TABLE_MAGIC ||
-        c.h->version != APPSHOT_TABLE_VERSION || c.h->size != c.size) {
+    // checked again as a file mapped afresh is (MapTablesFd). If it
+    // changed, mapped afresh below, which refuses it if it is no table
+    // file any more. Checked once a call, this only sends a file that
+    // changed layout away early: the file may shrink right after, and
+    // every later touch of the mapping is a step under the guard.
+    bool same = false;
+    if (static_cast<uint64_t>(st.st_size) == c.size)
+      Guarded(c.h, [&] {
+        same = __atomic_load_n(&c.h->magic, __ATOMIC_ACQUIRE) == APPSHOT_TABLE_MAGIC &&
+               c.h->version == APPSHOT_TABLE_VERSION && c.h->size == c.size;
+      });
+    if (!same) {
       munmap(c.h, c.size);
       break;
     }
@@ -125,18 +194,36 @@ appshot_header* MappedTables(const std::string& path, int* err) {
     close(fd);
     return c.h;
   }
-  appshot_header* h = appshot_table_map_fd(fd);
-  *err = errno;
+  appshot_header* h = appshot::MapTablesFd(fd, err);
   close(fd);
   if (!h) return nullptr;
   if (g_cached_tables.size() >= kCachedTables) {
     munmap(g_cached_tables.front().h, g_cached_tables.front().size);
     g_cached_tables.erase(g_cached_tables.begin());
   }
-  // The size it was mapped with, not the header's (the application may
-  // write its file).
-  g_cached_tables.push_back({st.st_dev, st.st_ino, h, static_cast<size_t>(st.st_size)});
+  g_cached_tables.push_back({st.st_dev, st.st_ino, h, static_cast<size_t>(appshot_table_bytes())});
   return h;
+}
+
+// A kept mapping whose file shrank under a step: mapped afresh next time
+// (the file checked again).
+void ForgetMappedTables(appshot_header* h) {
+  for (size_t i = 0; i < g_cached_tables.size(); i++)
+    if (g_cached_tables[i].h == h) {
+      munmap(h, g_cached_tables[i].size);
+      g_cached_tables.erase(g_cached_tables.begin() + i);
+      return;
+    }
+}
+
+// A step on a kept mapping that did not run to its end: the lock let go
+// if the step held it, the mapping forgotten, and the error thrown.
+void StepFailed(const Napi::Env& env, appshot_header* h, Step s, const std::string& what, const std::string& path) {
+  if (s == Step::kShrunk) {
+    appshot::DropTableLock(h);
+    ForgetMappedTables(h);
+  }
+  ThrowStep(env, s, what, path);
 }
 
 // A table file for one call, taken from the mappings kept (MappedTables):
@@ -176,6 +263,9 @@ Napi::Value CreateTables(const Napi::CallbackInfo& info) {
   std::string aid = info[1].As<Napi::String>().Utf8Value();
   bool lossless;
   uint64_t salt = info[2].As<Napi::BigInt>().Uint64Value(&lossless);
+  if (env.IsExceptionPending()) return env.Undefined();
+  // Not guarded: the file is made here (O_EXCL, 0600) and no process of
+  // the application holds it yet.
   appshot_header* h = appshot_table_create(path.c_str(), aid.c_str(), salt);
   if (!h) {
     ThrowErrno(env, "creating tables " + path, errno);
@@ -255,12 +345,15 @@ Napi::Value SetInstance(const Napi::CallbackInfo& info) {
   inst.envs = envs.Length();
   Napi::Value identity = o.Get("identity");
   if (identity.IsObject() && !SetIdentity(env, identity.As<Napi::Object>(), inst.identity)) return env.Undefined();
+  if (env.IsExceptionPending()) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
     ThrowErrno(env, "opening tables " + path, t.err());
     return env.Undefined();
   }
-  t.get()->instance = inst;
+  appshot_header* h = t.get();
+  Step done = Guarded(h, [&] { h->instance = inst; });
+  if (done != Step::kDone) StepFailed(env, h, done, "writing the instance of tables", path);
   return env.Undefined();
 }
 
@@ -270,10 +363,38 @@ static Napi::String FileString(Napi::Env env, const char* field, size_t size) {
   return Napi::String::New(env, field, strnlen(field, size));
 }
 
+// What readTables takes through the mapping, copied under the guard (the
+// JS values are made from the copy, after each step).
+struct TableRow {
+  int32_t vid, sid, owner;
+  uint32_t flags;
+};
+struct WaitCopy {
+  uint32_t slot;
+  int32_t holder;
+  uint32_t moved;
+  uint8_t out[APPSHOT_WAIT_OUT];
+  uint8_t carried[APPSHOT_WAIT_OUT];
+};
+struct TablesCopy {
+  char aid[sizeof(appshot_header::aid)];
+  int32_t init_pid;
+  uint32_t repairs;
+  appshot_instance instance;
+  uint32_t libc_seeded;
+  uint32_t notes;
+  appshot_socket_note note[APPSHOT_SOCKET_NOTES];
+  uint32_t lost;
+  uint8_t lost_seen[APPSHOT_LOST_SEEN_BITS / 8];
+  uint32_t waits;
+  WaitCopy wait[APPSHOT_WAIT_SLOTS];
+};
+
 // readTables(path) -> { aid, initPid, repairs, tables: { kind: [entry] } }
 Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
+  if (env.IsExceptionPending()) return env.Undefined();
   int err = 0;
   appshot_header* h = MappedTables(path, &err);
   if (!h) {
@@ -281,9 +402,6 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   Napi::Object out = Napi::Object::New(env);
-  out.Set("aid", FileString(env, h->aid, sizeof h->aid));
-  out.Set("initPid", Napi::Number::New(env, h->init_pid));
-  out.Set("repairs", Napi::Number::New(env, h->repairs));
   Napi::Object tables = Napi::Object::New(env);
   // The used slots are found in a copy of each entry array read with
   // pread, not through the mapping: read through a shared mapping, each
@@ -298,35 +416,92 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   static std::vector<appshot_entry> copy;
+  static std::vector<TableRow> found;
   for (int k = 0; k < APPSHOT_KINDS; k++) {
     auto kind = static_cast<appshot_kind>(k);
-    Napi::Array rows = Napi::Array::New(env);
-    uint32_t n = 0;
     const uint32_t capacity = appshot_capacity(kind);
     copy.resize(capacity);
+    found.resize(capacity);
     if (int rc = pages_pread_whole(fd, appshot_entries_offset(kind), copy.data(), capacity * sizeof(appshot_entry))) {
       // Truncated since it was mapped (EPROTO: no table file any more).
       close(fd);
       ThrowErrno(env, "reading tables " + path, rc == -ENODATA ? EPROTO : -rc);
       return env.Undefined();
     }
-    for (uint32_t s = 0; s < capacity; s++) {
-      if (!copy[s].stored) continue;
-      int32_t vid, sid, owner;
-      uint32_t flags;
-      if (!appshot_entry_at(h, kind, s, &vid, &sid, &flags, &owner)) continue;
-      Napi::Object row = Napi::Object::New(env);
-      row.Set("virtual", Napi::Number::New(env, vid));
-      row.Set("system", Napi::Number::New(env, sid));
-      row.Set("flags", Napi::Number::New(env, flags));
-      row.Set("owner", Napi::Number::New(env, owner));
-      rows.Set(n++, row);
+    uint32_t n = 0;
+    const appshot_entry* used = copy.data();
+    TableRow* rows = found.data();
+    Step done = Guarded(h, [&] {
+      for (uint32_t s = 0; s < capacity; s++) {
+        if (!used[s].stored) continue;
+        TableRow& r = rows[n];
+        if (appshot_entry_at(h, kind, s, &r.vid, &r.sid, &r.flags, &r.owner)) n++;
+      }
+    });
+    if (done != Step::kDone) {
+      close(fd);
+      StepFailed(env, h, done, "reading tables", path);
+      return env.Undefined();
     }
-    tables.Set(appshot_kind_name(kind), rows);
+    Napi::Array list = Napi::Array::New(env);
+    for (uint32_t i = 0; i < n; i++) {
+      Napi::Object row = Napi::Object::New(env);
+      row.Set("virtual", Napi::Number::New(env, rows[i].vid));
+      row.Set("system", Napi::Number::New(env, rows[i].sid));
+      row.Set("flags", Napi::Number::New(env, rows[i].flags));
+      row.Set("owner", Napi::Number::New(env, rows[i].owner));
+      list.Set(i, row);
+    }
+    tables.Set(appshot_kind_name(kind), list);
   }
   close(fd);
+  // The rest of what is read through the mapping, in one step.
+  static TablesCopy* c = new TablesCopy();
+  Step done = Guarded(h, [&] {
+    std::memcpy(c->aid, h->aid, sizeof c->aid);
+    c->init_pid = h->init_pid;
+    c->repairs = h->repairs;
+    std::memcpy(&c->instance, &h->instance, sizeof c->instance);
+    c->libc_seeded = __atomic_load_n(&h->instance.identity.libc_seeded, __ATOMIC_RELAXED);
+    // What the preload library noted of sockets (appshot_table.h).
+    c->notes = 0;
+    for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
+      const appshot_socket_note& e = h->sockets.note[i];
+      uint64_t ino = __atomic_load_n(&e.ino, __ATOMIC_ACQUIRE);
+      if (!ino || !__atomic_load_n(&e.ready, __ATOMIC_ACQUIRE)) continue;
+      appshot_socket_note& to = c->note[c->notes++];
+      std::memcpy(&to, &e, sizeof to);
+      to.ino = ino;
+    }
+    // The count before the marks (a mark seen with a count of 0 is
+    // harmless), and the marks only when some note was lost.
+    c->lost = __atomic_load_n(&h->sockets.lost, __ATOMIC_ACQUIRE);
+    if (c->lost) appshot_lost_copy(h, c->lost_seen);
+    // Wait calls in flight (appshot_table.h): read while the application
+    // is frozen, for the image.
+    const appshot_waits* w = appshot_waits_of(h);
+    c->waits = 0;
+    for (uint32_t i = 0; i < APPSHOT_WAIT_SLOTS; i++) {
+      const appshot_wait_slot& slot = w->slot[i];
+      int32_t holder = __atomic_load_n(&slot.holder, __ATOMIC_ACQUIRE);
+      if (holder <= 0) continue;
+      WaitCopy& to = c->wait[c->waits++];
+      to.slot = i;
+      to.holder = holder;
+      to.moved = slot.moved;
+      std::memcpy(to.out, slot.out, APPSHOT_WAIT_OUT);
+      std::memcpy(to.carried, slot.carried, APPSHOT_WAIT_OUT);
+    }
+  });
+  if (done != Step::kDone) {
+    StepFailed(env, h, done, "reading tables", path);
+    return env.Undefined();
+  }
+  out.Set("aid", FileString(env, c->aid, sizeof c->aid));
+  out.Set("initPid", Napi::Number::New(env, c->init_pid));
+  out.Set("repairs", Napi::Number::New(env, c->repairs));
   out.Set("tables", tables);
-  const appshot_instance& in = h->instance;
+  const appshot_instance& in = c->instance;
   Napi::Object inst = Napi::Object::New(env);
   inst.Set("tablesPath", FileString(env, in.tables_path, sizeof in.tables_path));
   Napi::Array redirs = Napi::Array::New(env);
@@ -347,54 +522,37 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   identity.Set("id", id);
   identity.Set("generation", Napi::Number::New(env, static_cast<double>(in.identity.generation)));
   identity.Set("reseedLibc", kReseed[in.identity.reseed_libc < 3 ? in.identity.reseed_libc : 0]);
-  identity.Set("libcSeeded", Napi::Boolean::New(env, __atomic_load_n(&in.identity.libc_seeded, __ATOMIC_RELAXED) != 0));
+  identity.Set("libcSeeded", Napi::Boolean::New(env, c->libc_seeded != 0));
   inst.Set("identity", identity);
   out.Set("instance", inst);
-  // What the preload library noted of sockets (appshot_table.h).
   Napi::Object sockets = Napi::Object::New(env);
   Napi::Array notes = Napi::Array::New(env);
-  uint32_t k = 0;
-  for (int i = 0; i < APPSHOT_SOCKET_NOTES; i++) {
-    const appshot_socket_note& e = h->sockets.note[i];
-    uint64_t ino = __atomic_load_n(&e.ino, __ATOMIC_ACQUIRE);
-    if (!ino || !__atomic_load_n(&e.ready, __ATOMIC_ACQUIRE)) continue;
+  for (uint32_t i = 0; i < c->notes; i++) {
+    const appshot_socket_note& e = c->note[i];
     Napi::Object n = Napi::Object::New(env);
-    n.Set("ino", Napi::BigInt::New(env, ino));
+    n.Set("ino", Napi::BigInt::New(env, e.ino));
     n.Set("level", Napi::Number::New(env, e.level));
     n.Set("name", Napi::Number::New(env, e.name));
     n.Set("value", Napi::Number::New(env, e.value));
     n.Set("maker", Napi::Number::New(env, e.maker));
     n.Set("port", Napi::Number::New(env, e.port));
     n.Set("kind", e.type == SOCK_STREAM ? "tcp" : e.type == SOCK_DGRAM ? "udp" : "");
-    notes.Set(k++, n);
+    notes.Set(i, n);
   }
   sockets.Set("notes", notes);
-  // The count before the marks (a mark seen with a count of 0 is
-  // harmless), and the marks only when some note was lost.
-  uint32_t lost = __atomic_load_n(&h->sockets.lost, __ATOMIC_ACQUIRE);
-  sockets.Set("lost", Napi::Number::New(env, lost));
-  if (lost) {
-    auto seen = Napi::Buffer<uint8_t>::New(env, APPSHOT_LOST_SEEN_BITS / 8);
-    appshot_lost_copy(h, seen.Data());
-    sockets.Set("lostSeen", seen);
-  }
+  sockets.Set("lost", Napi::Number::New(env, c->lost));
+  if (c->lost) sockets.Set("lostSeen", Napi::Buffer<uint8_t>::Copy(env, c->lost_seen, sizeof c->lost_seen));
   out.Set("sockets", sockets);
-  // Wait calls in flight (appshot_table.h): read while the application is
-  // frozen, for the image.
   Napi::Array waits = Napi::Array::New(env);
-  const appshot_waits* w = appshot_waits_of(h);
-  k = 0;
-  for (uint32_t i = 0; i < APPSHOT_WAIT_SLOTS; i++) {
-    const appshot_wait_slot& slot = w->slot[i];
-    int32_t holder = __atomic_load_n(&slot.holder, __ATOMIC_ACQUIRE);
-    if (holder <= 0) continue;
+  for (uint32_t i = 0; i < c->waits; i++) {
+    const WaitCopy& slot = c->wait[i];
     Napi::Object o = Napi::Object::New(env);
-    o.Set("slot", Napi::Number::New(env, i));
-    o.Set("holder", Napi::Number::New(env, holder));
+    o.Set("slot", Napi::Number::New(env, slot.slot));
+    o.Set("holder", Napi::Number::New(env, slot.holder));
     o.Set("moved", Napi::Number::New(env, slot.moved));
     o.Set("out", Napi::Buffer<uint8_t>::Copy(env, slot.out, APPSHOT_WAIT_OUT));
     o.Set("carried", Napi::Buffer<uint8_t>::Copy(env, slot.carried, APPSHOT_WAIT_OUT));
-    waits.Set(k++, o);
+    waits.Set(i, o);
   }
   out.Set("waits", waits);
   return out;
@@ -424,24 +582,49 @@ Napi::Value CarryWaits(const Napi::CallbackInfo& info) {
     Napi::RangeError::New(env, "more PIDs than the tables hold").ThrowAsJavaScriptException();
     return env.Undefined();
   }
+  // Taken from JS first: the writes are a step under the fault guard.
+  struct PriorIn {
+    int32_t vid, sid;
+  };
+  struct WaitIn {
+    uint32_t slot;
+    int32_t holder;
+    uint32_t moved;
+    const uint8_t* out;
+    const uint8_t* carried;
+  };
+  std::vector<PriorIn> priors(prior.Length());
+  for (uint32_t i = 0; i < prior.Length(); i++) {
+    auto e = prior.Get(i).As<Napi::Object>();
+    priors[i] = {e.Get("virtual").As<Napi::Number>().Int32Value(), e.Get("system").As<Napi::Number>().Int32Value()};
+  }
+  std::vector<WaitIn> slots(waits.Length());
+  for (uint32_t i = 0; i < waits.Length(); i++) {
+    auto o = waits.Get(i).As<Napi::Object>();
+    slots[i] = {o.Get("slot").As<Napi::Number>().Uint32Value(), o.Get("holder").As<Napi::Number>().Int32Value(),
+                o.Get("moved").As<Napi::Number>().Uint32Value(), o.Get("out").As<Napi::Buffer<uint8_t>>().Data(),
+                o.Get("carried").As<Napi::Buffer<uint8_t>>().Data()};
+  }
+  if (env.IsExceptionPending()) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
     ThrowErrno(env, "opening tables " + path, t.err());
     return env.Undefined();
   }
-  for (uint32_t i = 0; i < prior.Length(); i++) {
-    auto e = prior.Get(i).As<Napi::Object>();
-    appshot_prior_add(t.get(), e.Get("virtual").As<Napi::Number>().Int32Value(), e.Get("system").As<Napi::Number>().Int32Value());
-  }
-  for (uint32_t i = 0; i < waits.Length(); i++) {
-    auto o = waits.Get(i).As<Napi::Object>();
-    if (appshot_wait_carry(t.get(), o.Get("slot").As<Napi::Number>().Uint32Value(), o.Get("holder").As<Napi::Number>().Int32Value(),
-                           o.Get("moved").As<Napi::Number>().Uint32Value(), o.Get("out").As<Napi::Buffer<uint8_t>>().Data(),
-                           o.Get("carried").As<Napi::Buffer<uint8_t>>().Data()) != 0) {
-      ThrowErrno(env, "carrying wait slot", errno);
-      return env.Undefined();
-    }
-  }
+  appshot_header* h = t.get();
+  int failed = 0;
+  const PriorIn* pv = priors.data();
+  const WaitIn* wv = slots.data();
+  const size_t np = priors.size(), nw = slots.size();
+  Step done = Guarded(h, [&] {
+    for (size_t i = 0; i < np; i++) appshot_prior_add(h, pv[i].vid, pv[i].sid);
+    for (size_t i = 0; i < nw && !failed; i++)
+      if (appshot_wait_carry(h, wv[i].slot, wv[i].holder, wv[i].moved, wv[i].out, wv[i].carried) != 0) failed = errno;
+  });
+  if (done != Step::kDone)
+    StepFailed(env, h, done, "carrying wait slots into tables", path);
+  else if (failed)
+    ThrowErrno(env, "carrying wait slot", failed);
   return env.Undefined();
 }
 
@@ -450,16 +633,24 @@ Napi::Value ForgetSocketNotes(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
   auto list = info[1].As<Napi::Array>();
+  std::vector<uint64_t> inos(list.Length());
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    bool lossless;
+    inos[i] = list.Get(i).As<Napi::BigInt>().Uint64Value(&lossless);
+  }
+  if (env.IsExceptionPending()) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
     ThrowErrno(env, "opening tables " + path, t.err());
     return env.Undefined();
   }
-  for (uint32_t i = 0; i < list.Length(); i++) {
-    bool lossless;
-    uint64_t ino = list.Get(i).As<Napi::BigInt>().Uint64Value(&lossless);
-    appshot_forget_socket(t.get(), ino);
-  }
+  appshot_header* h = t.get();
+  const uint64_t* iv = inos.data();
+  const size_t n = inos.size();
+  Step done = Guarded(h, [&] {
+    for (size_t i = 0; i < n; i++) appshot_forget_socket(h, iv[i]);
+  });
+  if (done != Step::kDone) StepFailed(env, h, done, "forgetting socket notes of tables", path);
   return env.Undefined();
 }
 
@@ -484,12 +675,16 @@ Napi::Value SocketNoteLost(const Napi::CallbackInfo& info) {
 // forgetLostNotes(path): no lost note was of a socket still open.
 Napi::Value ForgetLostNotes(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  OpenTables t(info[0].As<Napi::String>().Utf8Value());
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  if (env.IsExceptionPending()) return env.Undefined();
+  OpenTables t(path);
   if (!t.get()) {
-    ThrowErrno(env, "opening tables " + info[0].As<Napi::String>().Utf8Value(), t.err());
+    ThrowErrno(env, "opening tables " + path, t.err());
     return env.Undefined();
   }
-  appshot_forget_lost(t.get());
+  appshot_header* h = t.get();
+  Step done = Guarded(h, [&] { appshot_forget_lost(h); });
+  if (done != Step::kDone) StepFailed(env, h, done, "forgetting lost notes of tables", path);
   return env.Undefined();
 }
 
@@ -502,21 +697,27 @@ Napi::Value NoteSocket(const Napi::CallbackInfo& info) {
   auto o = info[1].As<Napi::Object>();
   bool lossless;
   uint64_t ino = o.Get("ino").As<Napi::BigInt>().Uint64Value(&lossless);
+  std::string kind = o.Get("kind").As<Napi::String>().Utf8Value();
+  int32_t level = o.Get("level").As<Napi::Number>().Int32Value();
+  int32_t maker = o.Has("maker") && o.Get("maker").IsNumber() ? o.Get("maker").As<Napi::Number>().Int32Value() : 0;
+  int32_t value = o.Get("value").As<Napi::Number>().Int32Value();
+  int32_t name = level == APPSHOT_NOTE_DNOTIFY ? 0 : o.Get("name").As<Napi::Number>().Int32Value();
+  uint16_t port = level == APPSHOT_NOTE_DNOTIFY ? 0 : static_cast<uint16_t>(o.Get("port").As<Napi::Number>().Uint32Value());
+  uint8_t type = kind == "tcp" ? SOCK_STREAM : kind == "udp" ? SOCK_DGRAM : 0;
+  if (env.IsExceptionPending()) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
     ThrowErrno(env, "opening tables " + path, t.err());
     return env.Undefined();
   }
-  std::string kind = o.Get("kind").As<Napi::String>().Utf8Value();
-  int32_t level = o.Get("level").As<Napi::Number>().Int32Value();
-  int32_t maker = o.Has("maker") && o.Get("maker").IsNumber() ? o.Get("maker").As<Napi::Number>().Int32Value() : 0;
-  if (level == APPSHOT_NOTE_DNOTIFY) {
-    appshot_note_dnotify(t.get(), ino, o.Get("value").As<Napi::Number>().Int32Value(), maker);
-    return env.Undefined();
-  }
-  appshot_note_socket(t.get(), ino, o.Get("level").As<Napi::Number>().Int32Value(), o.Get("name").As<Napi::Number>().Int32Value(),
-                      o.Get("value").As<Napi::Number>().Int32Value(), static_cast<uint16_t>(o.Get("port").As<Napi::Number>().Uint32Value()),
-                      kind == "tcp" ? SOCK_STREAM : kind == "udp" ? SOCK_DGRAM : 0);
+  appshot_header* h = t.get();
+  Step done = Guarded(h, [&] {
+    if (level == APPSHOT_NOTE_DNOTIFY)
+      appshot_note_dnotify(h, ino, value, maker);
+    else
+      appshot_note_socket(h, ino, level, name, value, port, type);
+  });
+  if (done != Step::kDone) StepFailed(env, h, done, "noting a socket in tables", path);
   return env.Undefined();
 }
 
@@ -546,13 +747,17 @@ Napi::Value NoteQueueNotify(const Napi::CallbackInfo& info) {
   bool lossless;
   uint64_t ino = o.Get("ino").As<Napi::BigInt>().Uint64Value(&lossless);
   uint64_t value = o.Get("value").As<Napi::BigInt>().Uint64Value(&lossless);
+  int32_t signo = o.Get("signo").As<Napi::Number>().Int32Value();
+  int32_t owner = o.Get("owner").As<Napi::Number>().Int32Value();
+  if (env.IsExceptionPending()) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
     ThrowErrno(env, "opening tables " + path, t.err());
     return env.Undefined();
   }
-  appshot_note_mq_notify(t.get(), ino, o.Get("signo").As<Napi::Number>().Int32Value(), value,
-                         o.Get("owner").As<Napi::Number>().Int32Value());
+  appshot_header* h = t.get();
+  Step done = Guarded(h, [&] { appshot_note_mq_notify(h, ino, signo, value, owner); });
+  if (done != Step::kDone) StepFailed(env, h, done, "noting a queue's notification in tables", path);
   return env.Undefined();
 }
 
@@ -560,15 +765,24 @@ Napi::Value NoteQueueNotify(const Napi::CallbackInfo& info) {
 Napi::Value Bind(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   appshot_kind kind;
-  auto t = OpenWithKind(info, &kind);
-  if (!t) return env.Undefined();
   int32_t vid = info[2].As<Napi::Number>().Int32Value();
   int32_t sid = info[3].As<Napi::Number>().Int32Value();
   uint32_t flags = info.Length() > 4 ? info[4].As<Napi::Number>().Uint32Value() : 0;
   int32_t owner = info.Length() > 5 ? info[5].As<Napi::Number>().Int32Value() : 0;
-  if (appshot_bind(t->get(), kind, vid, sid, flags, owner) != 0)
-    ThrowTableWrite(env, "binding " + std::to_string(vid) + " to " + std::to_string(sid),
-                    info[0].As<Napi::String>().Utf8Value(), errno);
+  if (env.IsExceptionPending()) return env.Undefined();
+  auto t = OpenWithKind(info, &kind);
+  if (!t) return env.Undefined();
+  appshot_header* h = t->get();
+  int rc = 0, err = 0;
+  Step done = Guarded(h, [&] {
+    rc = appshot_bind(h, kind, vid, sid, flags, owner);
+    err = errno;
+  });
+  std::string what = "binding " + std::to_string(vid) + " to " + std::to_string(sid);
+  if (done != Step::kDone)
+    StepFailed(env, h, done, what + " in tables", info[0].As<Napi::String>().Utf8Value());
+  else if (rc != 0)
+    ThrowTableWrite(env, what, info[0].As<Napi::String>().Utf8Value(), err);
   return env.Undefined();
 }
 
@@ -577,14 +791,25 @@ Napi::Value Bind(const Napi::CallbackInfo& info) {
 Napi::Value MapSystem(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   appshot_kind kind;
-  auto t = OpenWithKind(info, &kind);
-  if (!t) return env.Undefined();
   int32_t sid = info[2].As<Napi::Number>().Int32Value();
   uint32_t flags = info.Length() > 3 ? info[3].As<Napi::Number>().Uint32Value() : 0;
   int32_t owner = info.Length() > 4 ? info[4].As<Napi::Number>().Int32Value() : 0;
-  int32_t vid = appshot_map_system(t->get(), kind, sid, flags, owner);
+  if (env.IsExceptionPending()) return env.Undefined();
+  auto t = OpenWithKind(info, &kind);
+  if (!t) return env.Undefined();
+  appshot_header* h = t->get();
+  int32_t vid = -1;
+  int err = 0;
+  Step done = Guarded(h, [&] {
+    vid = appshot_map_system(h, kind, sid, flags, owner);
+    err = errno;
+  });
+  if (done != Step::kDone) {
+    StepFailed(env, h, done, "mapping " + std::to_string(sid) + " in tables", info[0].As<Napi::String>().Utf8Value());
+    return env.Undefined();
+  }
   if (vid < 0) {
-    ThrowTableWrite(env, "mapping " + std::to_string(sid), info[0].As<Napi::String>().Utf8Value(), errno);
+    ThrowTableWrite(env, "mapping " + std::to_string(sid), info[0].As<Napi::String>().Utf8Value(), err);
     return env.Undefined();
   }
   return Napi::Number::New(env, vid);
@@ -602,12 +827,20 @@ Napi::Value RepairTablesIfDead(const Napi::CallbackInfo& info) {
     ThrowErrno(env, "opening tables", t.err());
     return env.Undefined();
   }
-  int rc = appshot_repair_if_dead(t.get());
+  appshot_header* h = t.get();
+  int rc = -1;
   int holder = 0;
-  if (rc < 0 && errno == EBUSY) {
-    // The lock word: the holder's TID under the robust bits.
-    holder = __atomic_load_n(&t.get()->lock, __ATOMIC_ACQUIRE) & FUTEX_TID_MASK;
-    if (holder == 0) holder = -1;  // let go meanwhile, or a word that names nobody
+  Step done = Guarded(h, [&] {
+    rc = appshot_repair_if_dead(h);
+    if (rc < 0 && errno == EBUSY) {
+      // The lock word: the holder's TID under the robust bits.
+      holder = __atomic_load_n(&h->lock, __ATOMIC_ACQUIRE) & FUTEX_TID_MASK;
+      if (holder == 0) holder = -1;  // let go meanwhile, or a word that names nobody
+    }
+  });
+  if (done != Step::kDone) {
+    StepFailed(env, h, done, "repairing the lock of tables", path);
+    return env.Undefined();
   }
   Napi::Object out = Napi::Object::New(env);
   out.Set("repaired", Napi::Boolean::New(env, rc == 1));
@@ -619,10 +852,18 @@ Napi::Value RepairTablesIfDead(const Napi::CallbackInfo& info) {
 Napi::Value UnmapSystem(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   appshot_kind kind;
+  int32_t sid = info[2].As<Napi::Number>().Int32Value();
+  if (env.IsExceptionPending()) return env.Undefined();
   auto t = OpenWithKind(info, &kind);
   if (!t) return env.Undefined();
-  int32_t sid = info[2].As<Napi::Number>().Int32Value();
-  return Napi::Boolean::New(env, appshot_unmap_system(t->get(), kind, sid) != 0);
+  appshot_header* h = t->get();
+  int rc = 0;
+  Step done = Guarded(h, [&] { rc = appshot_unmap_system(h, kind, sid); });
+  if (done != Step::kDone) {
+    StepFailed(env, h, done, "unmapping " + std::to_string(sid) + " in tables", info[0].As<Napi::String>().Utf8Value());
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, rc != 0);
 }
 
 // removeIpcObject(kind, system) -> boolean: IPC_RMID on a system id. Used
@@ -718,16 +959,26 @@ static bool ParseIpcOwnershipQuestion(const Napi::CallbackInfo& info, IpcOwnersh
   q->salt = info[3].As<Napi::BigInt>().Uint64Value(&lossless);
   q->created = info[4].As<Napi::Number>().Int64Value();
   q->init_pid = info[5].As<Napi::Number>().Int32Value();
-  return true;
+  return !info.Env().IsExceptionPending();
 }
 
 Napi::Value RemoveIpcOwned(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   IpcOwnershipQuestion q;
   if (!ParseIpcOwnershipQuestion(info, &q)) return env.Undefined();
-  appshot_header* h = appshot_table_open(q.path.c_str());
-  int removed = appshot_ipc_remove_owned(h, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str());
+  int err = 0;
+  appshot_header* h = appshot::MapTables(q.path, &err);
+  int removed = 0;
+  Step done = Step::kDone;
+  if (h)
+    done = Guarded(h, [&] { removed = appshot_ipc_remove_owned(h, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str()); });
+  else
+    removed = appshot_ipc_remove_owned(nullptr, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str());
   if (h) appshot_table_close(h);
+  if (done != Step::kDone) {
+    ThrowStep(env, done, "removing SysV object " + std::to_string(q.sid) + " named in tables", q.path);
+    return env.Undefined();
+  }
   return Napi::Boolean::New(env, removed == 1);
 }
 
@@ -740,9 +991,19 @@ Napi::Value IpcOwned(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   IpcOwnershipQuestion q;
   if (!ParseIpcOwnershipQuestion(info, &q)) return env.Undefined();
-  appshot_header* h = appshot_table_open(q.path.c_str());
-  int owned = appshot_ipc_owned(h, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str());
+  int err = 0;
+  appshot_header* h = appshot::MapTables(q.path, &err);
+  int owned = 0;
+  Step done = Step::kDone;
+  if (h)
+    done = Guarded(h, [&] { owned = appshot_ipc_owned(h, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str()); });
+  else
+    owned = appshot_ipc_owned(nullptr, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str());
   if (h) appshot_table_close(h);
+  if (done != Step::kDone) {
+    ThrowStep(env, done, "asking whether SysV object " + std::to_string(q.sid) + " is the application's, of tables", q.path);
+    return env.Undefined();
+  }
   return Napi::Boolean::New(env, owned == 1);
 }
 
@@ -919,6 +1180,14 @@ Napi::Value TrimMemory(const Napi::CallbackInfo& info) {
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   appshot_set_lock_patience(kTableLockPatienceMs);
+  // Every touch of a table mapping here is a step under the fault guard
+  // (addon.h Guarded): its SIGBUS handler, and a lock that leaves SIGBUS
+  // deliverable while held.
+  if (tables_guard_install() != 0) {
+    ThrowErrno(env, "installing the tables' SIGBUS guard", errno);
+    return exports;
+  }
+  appshot_set_lock_spares_faults(1);
   exports.Set("removeIpcObject", Napi::Function::New(env, RemoveIpcObject));
   exports.Set("removeIpcOwned", Napi::Function::New(env, RemoveIpcOwned));
   exports.Set("ipcOwned", Napi::Function::New(env, IpcOwned));

@@ -307,6 +307,11 @@ int OwnedSocket(const Napi::Value& owner, int family, int type, int protocol) {
 namespace {
 
 using appshot::OwnedSocket;
+using appshot::DropTableLock;
+using appshot::Guarded;
+using appshot::MapTables;
+using appshot::Step;
+using appshot::ThrowStep;
 
 // listenSocket({family, type, address, port, backlog, reuseaddr, reuseport, v6only, early?, peerCred?}) -> fd
 // peerCred: a unix listener listens with those credentials (peercred.c).
@@ -446,13 +451,21 @@ Napi::Value ListenNow(const Napi::CallbackInfo& info) {
 
 // --- SysV
 
+// The new tables of a restore, mapped for one call (addon.cc MapTables).
+// Null with errno set on failure.
 class Tables {
  public:
-  explicit Tables(const std::string& path) : h_(appshot_table_open(path.c_str())) {}
+  explicit Tables(const std::string& path) : path_(path) {
+    int err = 0;
+    h_ = MapTables(path, &err);
+    if (!h_) errno = err;
+  }
   ~Tables() { appshot_table_close(h_); }
   appshot_header* h() const { return h_; }
+  const std::string& path() const { return path_; }
 
  private:
+  std::string path_;
   appshot_header* h_;
 };
 
@@ -519,6 +532,32 @@ int CreateBound(appshot_header* h, appshot_kind id_kind, appshot_kind key_kind, 
   return sid;
 }
 
+// CreateBound as a step under the fault guard (addon.h Guarded): the
+// application may shrink its file under it. A step ended early leaves the
+// lock let go and the object it made, if any, removed (`remove`); -1 with
+// *step saying why.
+template <typename Get, typename Remove>
+int CreateBoundGuarded(appshot_header* h, appshot_kind id_kind, appshot_kind key_kind, int32_t vid, int32_t vkey,
+                       Get get, Remove remove, Step* step) {
+  volatile int made = -1;  // read after a jump out of the step
+  int sid = -1, err = 0;
+  *step = Guarded(h, [&] {
+    sid = CreateBound(h, id_kind, key_kind, vid, vkey, [&](key_t k) {
+      int id = get(k);
+      if (id >= 0) made = id;
+      return id;
+    });
+    err = errno;
+  });
+  if (*step == Step::kDone) {
+    errno = err;
+    return sid;
+  }
+  if (*step == Step::kShrunk) DropTableLock(h);
+  if (made >= 0) remove(made);
+  return -1;
+}
+
 // restoreSem(tablesPath, vid, vkey, mode, values[]) -> system id
 Napi::Value RestoreSem(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -531,9 +570,16 @@ Napi::Value RestoreSem(const Napi::CallbackInfo& info) {
   auto arr = info[4].As<Napi::Array>();
   std::vector<unsigned short> values(arr.Length());
   for (uint32_t i = 0; i < arr.Length(); i++) values[i] = static_cast<unsigned short>(Int(arr.Get(i)));
-  int sid = CreateBound(t.h(), APPSHOT_SEMID, APPSHOT_SEMKEY, vid, vkey, [&](key_t k) {
-    return semget(k, static_cast<int>(values.size()), IPC_CREAT | IPC_EXCL | 0600);
-  });
+  if (env.IsExceptionPending()) return env.Undefined();
+  Step step;
+  int sid = CreateBoundGuarded(
+      t.h(), APPSHOT_SEMID, APPSHOT_SEMKEY, vid, vkey,
+      [&](key_t k) { return semget(k, static_cast<int>(values.size()), IPC_CREAT | IPC_EXCL | 0600); },
+      [](int id) { semctl(id, 0, IPC_RMID); }, &step);
+  if (step != Step::kDone) {
+    ThrowStep(env, step, "restoring semaphore set " + std::to_string(vid) + " into tables", t.path());
+    return env.Undefined();
+  }
   if (sid < -1) {
     semctl(-2 - sid, 0, IPC_RMID);
     sid = -1;
@@ -567,8 +613,15 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
   int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
   size_t size = static_cast<size_t>(info[4].As<Napi::Number>().Int64Value());
   auto data = info[5].As<Napi::Buffer<uint8_t>>();
-  int sid = CreateBound(t.h(), APPSHOT_SHMID, APPSHOT_SHMKEY, vid, vkey,
-                        [&](key_t k) { return shmget(k, size, IPC_CREAT | IPC_EXCL | 0600); });
+  if (env.IsExceptionPending()) return env.Undefined();
+  Step step;
+  int sid = CreateBoundGuarded(
+      t.h(), APPSHOT_SHMID, APPSHOT_SHMKEY, vid, vkey, [&](key_t k) { return shmget(k, size, IPC_CREAT | IPC_EXCL | 0600); },
+      [](int id) { shmctl(id, IPC_RMID, nullptr); }, &step);
+  if (step != Step::kDone) {
+    ThrowStep(env, step, "restoring shared memory segment " + std::to_string(vid) + " into tables", t.path());
+    return env.Undefined();
+  }
   if (sid < -1) {
     shmctl(-2 - sid, IPC_RMID, nullptr);
     sid = -1;
@@ -726,8 +779,15 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
-  int sid = CreateBound(t.h(), APPSHOT_MSGID, APPSHOT_MSGKEY, vid, vkey,
-                        [&](key_t k) { return msgget(k, IPC_CREAT | IPC_EXCL | 0600); });
+  if (env.IsExceptionPending()) return env.Undefined();
+  Step step;
+  int sid = CreateBoundGuarded(
+      t.h(), APPSHOT_MSGID, APPSHOT_MSGKEY, vid, vkey, [&](key_t k) { return msgget(k, IPC_CREAT | IPC_EXCL | 0600); },
+      [](int id) { msgctl(id, IPC_RMID, nullptr); }, &step);
+  if (step != Step::kDone) {
+    ThrowStep(env, step, "restoring message queue " + std::to_string(vid) + " into tables", t.path());
+    return env.Undefined();
+  }
   if (sid < -1) {
     msgctl(-2 - sid, IPC_RMID, nullptr);
     sid = -1;

@@ -1,0 +1,145 @@
+/**
+ * An application that shrinks its table file while appshot reads or
+ * writes it (review r363, finding 1). Every process of an application
+ * holds the file open read-write, whatever uid it runs as; the engine and
+ * the CLI reach it through a shared mapping, where a touch past a shorter
+ * file's end is SIGBUS. Checked once a call, the size could change right
+ * after: a process (nobody's, under a root engine) that truncated its
+ * descriptor in a loop ended the engine within a few `appshot table`
+ * reads, and every command of its user with it. Each touch of a table
+ * mapping is now a step under a fault guard (addon/src/tablesguard.h):
+ * the command fails with one line, the engine lives on.
+ *
+ * And a native binding given an argument of the wrong type throws, rather
+ * than aborting the process that called it (finding 11).
+ */
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { controlEngine } from '../src/engine/client.js';
+import { alive, asNobody, cli, fixture, root, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-tablesbus-'));
+let shrinker = 0;
+afterAll(async () => {
+  if (shrinker && alive(shrinker)) process.kill(shrinker, 'SIGKILL');
+  await sb.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+const addonPath = join(root, 'build', 'Release', 'appshot.node');
+
+/** Runs `body` (CommonJS, `a` the addon) in a Node process of its own: a
+ * fault or an abort there is seen as its signal, not as the runner's. */
+function inNode(body: string, timeout = 120_000): { stdout: string; stderr: string; signal: NodeJS.Signals | null; status: number | null } {
+  const script = `const a = require(${JSON.stringify(addonPath)});\nconst fs = require('fs');\n${body}`;
+  const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout });
+  return { stdout: r.stdout, stderr: r.stderr, signal: r.signal, status: r.status };
+}
+
+describe('a table file shrunk under the addon', () => {
+  it('reads and writes through the mapping fail with an error while a process empties and refills the file', () => {
+    // The writer is the fixture an application runs, given the file as
+    // its descriptor 3 (APPSHOT_TABLES_FD), here without appshot around
+    // it: thousands of calls, each of which may meet the file short.
+    const p = `/dev/shm/appshot-tablesbus-${process.pid}`;
+    try {
+      const r = inNode(`const { spawn } = require('child_process');
+const p = ${JSON.stringify(p)};
+a.createTables(p, 'victim', 1n);
+for (let i = 1; i <= 40; i++) a.bind(p, 'pid', i, 100000 + i);
+const fd = fs.openSync(p, 'r+');
+const writer = spawn(${JSON.stringify(fixture('tablesbus'))}, ['20'], { stdio: ['ignore', 'pipe', 'ignore', fd], env: { ...process.env, APPSHOT_TABLES_FD: '3' } });
+writer.stdout.once('data', () => {
+  // shrunk: met the file short mid-call (the guard's error); refused:
+  // every error, among them a file met short or zeroed as it was opened,
+  // and whatever a zeroed file makes a writer say; multiline: errors of
+  // more than one line (none may be).
+  const seen = { read: 0, wrote: 0, refused: 0, shrunk: 0, multiline: 0 };
+  const note = (e) => {
+    seen.refused++;
+    if (/changed size under us/.test(e.message)) seen.shrunk++;
+    if (!(e instanceof Error) || e.message.includes(String.fromCharCode(10))) seen.multiline++;
+  };
+  for (let n = 0; n < 3000; n++) {
+    try { a.readTables(p); seen.read++; } catch (e) { note(e); }
+    try { a.unmapSystem(p, 'pid', 500000 + (n % 64)); a.mapSystem(p, 'pid', 500000 + (n % 64)); seen.wrote++; } catch (e) { note(e); }
+  }
+  writer.kill('SIGKILL');
+  console.log(JSON.stringify(seen));
+});`);
+      expect({ signal: r.signal, status: r.status, stderr: r.stderr }).toEqual({ signal: null, status: 0, stderr: '' });
+      const seen = JSON.parse(r.stdout) as { read: number; wrote: number; refused: number; shrunk: number; multiline: number };
+      // Every call either went through or was refused with an error, and
+      // the process lived through all of them.
+      expect(seen.read + seen.wrote + seen.refused).toBeGreaterThanOrEqual(6000);
+      expect(seen.multiline).toBe(0);
+      expect(seen.read).toBeGreaterThan(0);
+    } finally {
+      rmSync(p, { force: true });
+    }
+  });
+});
+
+describe('an application that empties and refills its table file', () => {
+  it('cannot end the resident engine: each command succeeds or fails with one line', async () => {
+    const aid = 'tb-shrink';
+    // An engine kept for the whole test (it would leave after a minute idle).
+    const started = spawnSync(process.execPath, [cli, 'engine', 'start'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_ENGINE_IDLE: '1800' }, encoding: 'utf8' });
+    expect(started.status, started.stderr).toBe(0);
+    const engine = (await controlEngine('status', sb.home))?.pid as number;
+    expect(engine).toBeGreaterThan(0);
+    // As nobody under a root engine when the tests run as root: the file
+    // is root's, the descriptor the application's.
+    const asUser = process.getuid?.() === 0 ? asNobody : [];
+    sb.ok(['run', '-d', '--aid', aid, '--', ...asUser, fixture('tablesbus'), '90']);
+    await waitFor(() => /^FD \d+ SIZE \d+ PID \d+$/m.test(sb.log(aid)) || /FAIL/.test(sb.log(aid)), 20_000, `${aid} to read its tables`);
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+    // Stopped by its PID at the end, whatever became of the application
+    // (its init maps the file too: a fault there left the application's
+    // processes running unsupervised before init patched such pages).
+    shrinker = Number(/^FD \d+ SIZE \d+ PID (\d+)$/m.exec(sb.log(aid))![1]);
+    const outcomes: string[] = [];
+    const commands: string[][] = [];
+    for (let i = 0; i < 40; i++) {
+      commands.push(['table', aid], ['ps'], ['table', aid, '--json']);
+      if (i % 10 === 0) commands.push(['snapshot', aid, '--leave-running', '-o', join(out, `s${i}`)]);
+    }
+    for (const args of commands) {
+      const r = await sb.runAsync(args, 60_000);
+      const what = `appshot ${args.join(' ')}: ${r.code}/${r.signal} ${r.stderr.trim()}`;
+      // The engine first: a command that ran into its death says so only
+      // as "the engine went away".
+      expect(alive(engine), what).toBe(true);
+      expect(r.signal, what).toBeNull();
+      if (r.code !== 0) expect(r.stderr.trim().split('\n'), what).toHaveLength(1);
+      outcomes.push(r.code === 0 ? 'ok' : r.stderr.trim());
+    }
+    const tally = JSON.stringify(outcomes.reduce<Record<string, number>>((m, o) => ((m[o] = (m[o] ?? 0) + 1), m), {}));
+    const status = await controlEngine('status', sb.home);
+    expect(status?.pid, tally).toBe(engine);
+    // Some go through: a refusal is a read that met the file short (or
+    // zeroed: no table file then).
+    expect(outcomes.filter((o) => o === 'ok').length, tally).toBeGreaterThan(0);
+    // And the application is still appshot's: its init lived through the
+    // same faults.
+    expect(sb.aids(), tally).toContain(aid);
+    sb.run(['rm', '-f', aid]);
+  });
+});
+
+describe('a native binding given an argument of the wrong type', () => {
+  it('throws a JS error instead of aborting the process', () => {
+    // Each call reads an argument with As<>() (which leaves an exception
+    // pending on a wrong type) and then throws its own error: a second
+    // throw was node-addon-api's fatal error, SIGABRT.
+    const r = inNode(`for (const [name, args] of [['shmRead', [undefined]], ['bind', [7, 'pid', 1, 2]], ['readTables', [{}]], ['mapSystem', ['/nonexistent', 'pid', 'x']], ['restoreSem', [1, 2, 3]]]) {
+  try { a[name](...args); console.log(name, 'returned'); } catch (e) { console.log(name, 'threw', e instanceof Error); }
+}`);
+    expect({ signal: r.signal, status: r.status }).toEqual({ signal: null, status: 0 });
+    expect(r.stdout.trim().split('\n')).toEqual(['shmRead threw true', 'bind threw true', 'readTables threw true', 'mapSystem threw true', 'restoreSem threw true']);
+  });
+});
