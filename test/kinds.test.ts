@@ -1479,6 +1479,28 @@ describe('stream sockets neither connected nor listening (TCP, IPv6, unix stream
   });
 });
 
+describe('a unix listener at an abstract name of 108 bytes, the whole of sun_path (no NUL ends it)', () => {
+  it('listens at that very name again after a snapshot that ends it (review r363 #3: its last byte was lost)', async () => {
+    const aid = 'abslong';
+    // After its leading NUL, 107 bytes: the longest abstract name.
+    const name = `appshot-abslong-${process.pid}-`.padEnd(107, 'x');
+    const listener = ['import socket, sys', 's = socket.socket(socket.AF_UNIX)', "s.bind(b'\\0' + sys.argv[1].encode())", 's.listen(4)', "print('READY', flush=True)", 'while True:', '    c, _ = s.accept()', "    c.sendall(b'here')", '    c.close()'].join('\n');
+    const client = ['import socket, sys', 'c = socket.socket(socket.AF_UNIX)', "c.connect(b'\\0' + sys.argv[1].encode())", 'print(c.recv(4).decode())'].join('\n');
+    const answer = async () => {
+      const r = await spawnBeside('python3', ['-c', client, name], { env: process.env });
+      return r.status === 0 ? r.stdout.trim() : r.stderr.trim();
+    };
+    await start(aid, ['python3', '-c', listener, name]);
+    await waitFor(() => logOf(aid).includes('READY'), 20_000, `${aid} to listen`);
+    expect(await answer()).toBe('here');
+    await run(['snapshot', aid, '-o', join(out, aid)]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+    expect(await answer()).toMatch(/Connection refused/);
+    await run(['restore', join(out, aid)]);
+    expect(await answer()).toBe('here');
+  });
+});
+
 describe('unix sockets whose peer closed (stream, seqpacket), and a seqpacket pair whose peer shut its side down: what they had not read, then the end', () => {
   roundTrips('pgon', [fixture('peergone')], /UNIX_SOCKET\s+unix stream pair end, 3 bytes queued, its peer gone\n\d+\s+UNIX_SOCKET\s+unix seqpacket pair end, 2 records queued, its peer gone\n/);
 });

@@ -390,8 +390,17 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     // remove first (sockets.ts: only a socket file, through its
     // directory). Not here: connect() answers ECONNREFUSED for any file,
     // and the name is the image's, which may be anyone's file.
-    if (!path.empty() && path[0] == '@') path[0] = '\0';
-    std::memcpy(a.sun_path, path.data(), std::min(path.size(), sizeof a.sun_path - 1));
+    bool abstract = !path.empty() && path[0] == '@';
+    if (abstract) path[0] = '\0';
+    // An abstract name may fill all of sun_path (no NUL ends it: its
+    // length is the bind's); a path needs room for its NUL. Refused here
+    // too, whatever the caller checked: bind is told path.size() bytes.
+    if (path.size() > sizeof a.sun_path - (abstract ? 0 : 1)) {
+      close(fd);
+      ThrowErrno(env, "binding " + what, ENAMETOOLONG);
+      return env.Undefined();
+    }
+    std::memcpy(a.sun_path, path.data(), path.size());
     // A relative name is resolved where the application bound it.
     std::string dir = o.Has("dir") && o.Get("dir").IsString() ? o.Get("dir").As<Napi::String>().Utf8Value() : "";
     // As the application's process (`as`, fsident.c): its name, its rights.
