@@ -1266,7 +1266,9 @@ static const uint8_t* parent_page(const page_writer* w, const pages_parent* p, s
   if (*cursor >= p->count || p->index[*cursor] != idx) return NULL;
   uint32_t f = p->file[*cursor];
   uint64_t off = p->offset[*cursor];
-  if (f >= w->nparents || off + PAGE > w->parent_sizes[f]) return NULL;
+  /* Not off + PAGE > size, which wraps for an offset near 2^64 (a parent
+   * image's PageRef: validate.ts bounds it, this does not rely on that). */
+  if (f >= w->nparents || off > w->parent_sizes[f] || PAGE > w->parent_sizes[f] - off) return NULL;
   return w->parents[f] + off;
 }
 
@@ -1844,6 +1846,11 @@ enum { CHUNK_PENDING = 0, CHUNK_GOOD = 1, CHUNK_BAD = 2, CHUNK_TAKEN = 3, CHUNK_
 #define CHUNK_STATE(s) ((s) & 3)
 
 enum { CHECK_THREADS_MAX = 16 };
+/* Chunk sizes a check takes (format.ts CHUNK_LIMITS), and the most its
+ * threads' buffers may hold together (at least one chunk's). */
+#define CHECK_CHUNK_MIN (64u << 10)
+#define CHECK_CHUNK_MAX (64u << 20)
+#define CHECK_BUFFERS_MAX ((uint64_t)256 << 20)
 
 struct pages_check {
   int fd;
@@ -2096,7 +2103,11 @@ static int check_spawn(struct pages_check* c, int index) {
 pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint8_t* table,
                                size_t table_len, int threads, int* err) {
   *err = 0;
-  if (!chunk || (uint64_t)table_len != (size + chunk - 1) / chunk * PAGES_DIGEST) {
+  /* The bounds format.ts puts on a manifest's chunk size, here too (the
+   * size comes from an image): the lanes' slices divide a power of two
+   * of at least 64 KiB, and each thread's buffer is one chunk. */
+  if (chunk < CHECK_CHUNK_MIN || chunk > CHECK_CHUNK_MAX || (chunk & (chunk - 1)) ||
+      size > UINT64_MAX - chunk || (uint64_t)table_len != (size + chunk - 1) / chunk * PAGES_DIGEST) {
     *err = -EINVAL;
     return NULL;
   }
@@ -2134,6 +2145,9 @@ pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint
   pthread_cond_init(&c->changed, NULL);
   if (threads < 1) threads = 1;
   if (threads > CHECK_THREADS_MAX) threads = CHECK_THREADS_MAX;
+  /* Each thread reads a whole chunk into a buffer of its own: 16 threads
+   * of 64 MiB chunks would touch 1 GiB. */
+  if ((uint64_t)threads * chunk > CHECK_BUFFERS_MAX) threads = (int)(CHECK_BUFFERS_MAX / chunk);
   if ((size_t)threads > c->nchunks) threads = (int)c->nchunks;
   pthread_mutex_lock(&c->mu);
   for (int t = 0; t < threads; t++) check_spawn(c, t);
