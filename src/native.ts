@@ -551,6 +551,10 @@ interface Addon {
   socketFileRemove(dir: string, name: string, id: FileId, who?: FsIdentities): boolean;
   /** The file `id` at `from` in `dir` moved to `to` there (nothing replaced). */
   socketFileMove(dir: string, from: string, to: string, id: FileId, who?: FsIdentities): void;
+  /** An O_PATH descriptor of `name` in `dir` (opened as `who`), which must
+   * be the file unix socket `sock`'s bind made (ESTALE otherwise): sent to
+   * as /proc/self/fd/N, never by a name looked up again. */
+  socketFileTarget(sock: number, dir: string, name: string, who?: FsIdentities): number;
   /** `dir`: where a relative unix name is resolved. `peerCred`: a unix
    * listener listens with those credentials (peercred.c). */
   sockConnect(fd: number, addr: Buffer, dir?: string, who?: FsIdentities): void;

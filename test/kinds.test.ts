@@ -6,16 +6,18 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe as vitestDescribe, expect } from 'vitest';
-import { cgroupRoot, cli, command, fixture, Sandbox, spawnAsync, waitFor } from './helpers.js';
+import { cgroupRoot, cli, command, fixture, Sandbox, spawnAsync, stoppedAt, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 import { loadImage } from '../src/image/format.js';
 import { classify } from '../src/template/classify.js';
+import { addon } from '../src/native.js';
+import { AF_UNIX, makeSockaddr } from '../src/resources/sockaddr.js';
 
 const sb = new Sandbox();
 // Every directory a test of this file makes is under `out`: removed by
@@ -786,6 +788,36 @@ describe('datagram sockets: unix (pairs, seqpacket, autobound, bound, abstract, 
     await checksPass(aid);
   });
 
+  it('puts the queue of a socket bound to a path back into that socket, never where a symlink put at its name since leads: the restore is refused by name (review r363 #6)', async () => {
+    const aid = 'dgramswap';
+    const names = mkdtempSync(join(dir, 'swap-'));
+    await start(aid, [fixture('dgram'), sinkPath, names]);
+    await checksPass(aid);
+    await run(['snapshot', aid, '-o', join(out, aid)]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+    // A socket outside the application, where the name will lead.
+    const decoy = join(dir, 'swap-decoy');
+    const receiver = addon().sockOpen(AF_UNIX, 2 /* SOCK_DGRAM */);
+    try {
+      addon().sockBind(receiver, makeSockaddr({ family: AF_UNIX, address: decoy, port: 0 }));
+      // Stopped once `named` is bound and its file in place, before its
+      // two datagrams are sent to it: its name then made a symlink.
+      const restore = await stoppedAt(sb, ['restore', join(out, aid)], 'restore: unix datagram socket file made, its queue to be sent', `the restore of ${aid} to reach the queue of ${names}/named`);
+      renameSync(join(names, 'named'), join(names, 'named.bound'));
+      symlinkSync(decoy, join(names, 'named'));
+      const r = await restore.go();
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr.trim().split('\n')).toEqual([
+        expect.stringMatching(new RegExp(`fd \\d+: the queued datagrams of the unix datagram socket ${names}/named cannot be put back: ${names}/named: it is not the file its bind made`)),
+      ]);
+      expect(addon().datagramQueue(receiver, 10, 1 << 20, 1 << 20)).toEqual([]);
+      expect(sb.aids()).not.toContain(aid);
+    } finally {
+      closeSync(receiver);
+      rmSync(decoy, { force: true });
+    }
+  });
+
   it('fails a restore by name when the outside peer is gone, and leaves nothing behind', async () => {
     const aid = 'dgramgone';
     await start(aid, [fixture('dgram'), sinkPath]);
@@ -1476,6 +1508,28 @@ describe('stream sockets neither connected nor listening (TCP, IPv6, unix stream
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
     expect(sb.aids()).not.toContain('uncon5');
     await checksPass(aid);
+  });
+});
+
+describe('a unix listener at an abstract name of 108 bytes, the whole of sun_path (no NUL ends it)', () => {
+  it('listens at that very name again after a snapshot that ends it (review r363 #3: its last byte was lost)', async () => {
+    const aid = 'abslong';
+    // After its leading NUL, 107 bytes: the longest abstract name.
+    const name = `appshot-abslong-${process.pid}-`.padEnd(107, 'x');
+    const listener = ['import socket, sys', 's = socket.socket(socket.AF_UNIX)', "s.bind(b'\\0' + sys.argv[1].encode())", 's.listen(4)', "print('READY', flush=True)", 'while True:', '    c, _ = s.accept()', "    c.sendall(b'here')", '    c.close()'].join('\n');
+    const client = ['import socket, sys', 'c = socket.socket(socket.AF_UNIX)', "c.connect(b'\\0' + sys.argv[1].encode())", 'print(c.recv(4).decode())'].join('\n');
+    const answer = async () => {
+      const r = await spawnBeside('python3', ['-c', client, name], { env: process.env });
+      return r.status === 0 ? r.stdout.trim() : r.stderr.trim();
+    };
+    await start(aid, ['python3', '-c', listener, name]);
+    await waitFor(() => logOf(aid).includes('READY'), 20_000, `${aid} to listen`);
+    expect(await answer()).toBe('here');
+    await run(['snapshot', aid, '-o', join(out, aid)]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+    expect(await answer()).toMatch(/Connection refused/);
+    await run(['restore', join(out, aid)]);
+    expect(await answer()).toBe('here');
   });
 });
 

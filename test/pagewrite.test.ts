@@ -191,6 +191,33 @@ describe("a restore's check of the chunks, sixteen side by side", () => {
       }
   });
 
+  it('takes a chunk wholly in a hole of a sparse file as zeros: good where its digest is that of zeros, refused by name where it is not, with the lanes and without', () => {
+    // Chunks 0 and 19 written, 1-18 a hole (not read: compared with the
+    // digest of a chunk of zeros), a short last one written.
+    const file = join(dir, 'pages-holes.img');
+    const first = randomBytes(MiB);
+    const last = randomBytes(MiB);
+    const tail = randomBytes(4096);
+    const fd = openSync(file, 'w');
+    try {
+      writeSync(fd, first, 0, MiB, 0);
+      writeSync(fd, last, 0, MiB, 19 * MiB);
+      writeSync(fd, tail, 0, 4096, 20 * MiB);
+    } finally {
+      closeSync(fd);
+    }
+    const sha = (b: Buffer) => createHash('sha256').update(b).digest();
+    const zeros = sha(Buffer.alloc(MiB));
+    const sparseTable = Buffer.concat([sha(first), ...Array.from({ length: 18 }, () => zeros), sha(last), sha(tail)]);
+    const wrong = Buffer.from(sparseTable);
+    wrong[9 * 32 + 5] ^= 0x01;
+    for (const lanes of [true, false])
+      for (const threads of [1, 0]) {
+        expect(check(file, sparseTable, threads, lanes), `lanes ${lanes}, threads ${threads}`).toMatchObject({ state: 'good', chunk: -1, errno: 0 });
+        expect(check(file, wrong, threads, lanes), `lanes ${lanes}, threads ${threads}`).toMatchObject({ state: 'bad', chunk: 9, errno: 0 });
+      }
+  });
+
   it.skipIf(!lanesHere)('takes OpenSSL\'s word over the lanes\': once they get a chunk wrong, every chunk they passed is checked again, none is refused on their word alone, and the process uses them no more', () => {
     // Faults of the lanes' made up (APPSHOT_TEST_LANES_*), in a process
     // of its own (once found wrong, the lanes are used there no more):

@@ -174,6 +174,21 @@ Napi::Value SocketFileRemove(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), rc > 0);
 }
 
+// socketFileTarget(sock, dir, name, who?) -> fd: an O_PATH descriptor of
+// `name` in `dir` (opened as `who`), checked to be the file `sock`'s bind
+// made (ESTALE if it is not): what datagrams for `sock` are sent to, as
+// "/proc/self/fd/N", rather than its name looked up again (dgram.c).
+Napi::Value SocketFileTarget(const Napi::CallbackInfo& info) {
+  FsIdentArg who(info.Env(), info[3]);
+  if (who.failed()) return info.Env().Undefined();
+  int rc = dgram_socket_file_open(Int(info[0]), Str(info[1]).c_str(), Str(info[2]).c_str(), who.get());
+  if (rc < 0) {
+    ThrowErrno(info.Env(), Str(info[1]) + "/" + Str(info[2]), -rc);
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), rc);
+}
+
 // sockSend(fd, data, addr | null, creds?): one message, whole; with
 // creds { pid, uid, gid }, sent with SCM_CREDENTIALS naming them.
 Napi::Value SockSend(const Napi::CallbackInfo& info) {
@@ -601,6 +616,7 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("socketFileFinish", SocketFileFinish);
   fn("socketFileRemove", SocketFileRemove);
   fn("socketFileMove", SocketFileMove);
+  fn("socketFileTarget", SocketFileTarget);
   RegisterFsIdent(env, exports);
   fn("sockSend", SockSend);
   fn("sockShutdown", SockShutdown);

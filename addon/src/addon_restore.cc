@@ -219,10 +219,37 @@ Napi::Value MkFifo(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// The bytes the kernel reads or writes at the argument of `request`: its
+// encoded size (_IOR, _IOW...), or for the old terminal requests, which
+// encode none, their struct's; 0 for a request not known here.
+size_t IoctlArgBytes(unsigned long request) {
+  if (_IOC_DIR(request) != _IOC_NONE && _IOC_SIZE(request)) return _IOC_SIZE(request);
+  switch (request) {
+    case TCGETS:
+    case TCSETS:
+    case TCSETSW:
+    case TCSETSF:
+      return 36;  // the kernel's struct termios (not glibc's, 60 bytes)
+    case TIOCGWINSZ:
+    case TIOCSWINSZ:
+      return sizeof(struct winsize);
+    case FIONREAD:
+    case TIOCOUTQ:
+    case TIOCPKT:
+    case TIOCGPGRP:
+    case TIOCSPGRP:
+      return sizeof(int);
+  }
+  return 0;
+}
+
 // ioctl(fd, request, arg) -> its result: arg a Buffer (passed by its
 // address, read and written in place) or a number (passed as it is). For
 // the terminal requests of resources/ptys.ts (TCGETS, TIOCGPTN...), which
-// are many and each one line.
+// are many and each one line. A Buffer shorter than what the request
+// reads or writes is refused: the kernel would go past it (a Buffer from
+// Node's pool: into the engine's neighbouring bytes), as is one for a
+// request whose size is not known here.
 Napi::Value Ioctl(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = Int(info[0]);
@@ -230,6 +257,12 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
   long r;
   if (info[2].IsBuffer()) {
     auto buf = info[2].As<Napi::Buffer<char>>();
+    size_t need = IoctlArgBytes(request);
+    if (!need || buf.Length() < need) {
+      ThrowErrno(env, "ioctl " + std::to_string(request) + ": a buffer of " + std::to_string(buf.Length()) + " bytes" +
+                          (need ? ", the request takes " + std::to_string(need) : ", for a request whose size is not known"), EINVAL);
+      return env.Undefined();
+    }
     r = ioctl(fd, request, buf.Data());
   } else {
     r = ioctl(fd, request, static_cast<unsigned long>(info[2].As<Napi::Number>().Int64Value()));
@@ -395,8 +428,17 @@ Napi::Value ListenSocket(const Napi::CallbackInfo& info) {
     // remove first (sockets.ts: only a socket file, through its
     // directory). Not here: connect() answers ECONNREFUSED for any file,
     // and the name is the image's, which may be anyone's file.
-    if (!path.empty() && path[0] == '@') path[0] = '\0';
-    std::memcpy(a.sun_path, path.data(), std::min(path.size(), sizeof a.sun_path - 1));
+    bool abstract = !path.empty() && path[0] == '@';
+    if (abstract) path[0] = '\0';
+    // An abstract name may fill all of sun_path (no NUL ends it: its
+    // length is the bind's); a path needs room for its NUL. Refused here
+    // too, whatever the caller checked: bind is told path.size() bytes.
+    if (path.size() > sizeof a.sun_path - (abstract ? 0 : 1)) {
+      close(fd);
+      ThrowErrno(env, "binding " + what, ENAMETOOLONG);
+      return env.Undefined();
+    }
+    std::memcpy(a.sun_path, path.data(), path.size());
     // A relative name is resolved where the application bound it.
     std::string dir = o.Has("dir") && o.Get("dir").IsString() ? o.Get("dir").As<Napi::String>().Utf8Value() : "";
     // As the application's process (`as`, fsident.c): its name, its rights.

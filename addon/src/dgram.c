@@ -2,6 +2,7 @@
 #include "dgram.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stddef.h>
 #include <sys/un.h>
@@ -11,7 +12,11 @@
 #include <netinet/udp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
+
+#include "sockfile.h"
 
 /* The address a datagram was sent to, as the socket names it: an IPv4
  * one on an IPv6 socket as ::ffff:a.b.c.d. */
@@ -340,4 +345,56 @@ int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir,
 
 int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident_list* who) {
   return in_dir(connect, fd, addr, len, dir, who);
+}
+
+/* statfs(2)'s f_type of an overlay (linux/magic.h). */
+#define OVERLAYFS_MAGIC_TYPE 0x794c7630UL
+
+struct socket_file_call {
+  const char* dir;
+  const char* name;
+  const struct sockfile_id* id;
+  int fd;
+};
+
+static int socket_file_op(void* arg) {
+  struct socket_file_call* c = arg;
+  int d = fsident_open(c->dir, O_PATH | O_DIRECTORY | O_CLOEXEC, 0);
+  if (d < 0) return d;
+  /* The entry itself: a symlink there is opened as a symlink (and is
+   * not the file), never followed. */
+  int f = openat(d, c->name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  int rc = f < 0 ? -errno : 0;
+  struct stat st;
+  if (!rc && fstat(f, &st) != 0) rc = -errno;
+  /* The file by its inode, as sockfile.c tells it: sock_diag's inode
+   * number is 32 bits wide, and on an overlay whose layers are other
+   * file systems its device is the overlay's, which the directory
+   * shows, where a non-directory's stat shows its layer's. */
+  if (!rc) {
+    int same = S_ISSOCK(st.st_mode) && (uint32_t)st.st_ino == (uint32_t)c->id->ino;
+    if (same && st.st_dev != c->id->dev) {
+      struct statfs fs;
+      struct stat ds;
+      same = fstatfs(d, &fs) == 0 && (unsigned long)fs.f_type == OVERLAYFS_MAGIC_TYPE && fstat(d, &ds) == 0 && ds.st_dev == c->id->dev;
+    }
+    if (!same) rc = -ESTALE;
+  }
+  close(d);
+  if (rc) {
+    if (f >= 0) close(f);
+    return rc;
+  }
+  c->fd = f;
+  return 0;
+}
+
+int dgram_socket_file_open(int sock, const char* dir, const char* name, const struct fsident_list* who) {
+  struct sockfile_id id;
+  int rc = sockfile_of(sock, &id);
+  if (rc) return rc;
+  struct socket_file_call c = {dir, name, &id, -1};
+  rc = fsident_run(who, NULL, socket_file_op, &c);
+  /* socket_file_op keeps a descriptor only when it returns 0. */
+  return rc ? rc : c.fd;
 }

@@ -64,6 +64,15 @@ int bind_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir,
  * its directory) resolved in `dir`. */
 int connect_in(int fd, const struct sockaddr* addr, socklen_t len, const char* dir, const struct fsident_list* who);
 
+/* An O_PATH descriptor of the file `name` in directory `dir` (opened as
+ * `who`, as bind_in), if it is the very file unix socket `sock`'s bind
+ * made (sock_diag's UNIX_DIAG_VFS): -ESTALE if it is anything else (a
+ * symlink put there, another socket's file). Datagrams are sent to
+ * `sock` through it ("/proc/self/fd/N"): its name, looked up again at
+ * each send, is anyone's who may change its directory. Close-on-exec;
+ * -errno on failure. */
+int dgram_socket_file_open(int sock, const char* dir, const char* name, const struct fsident_list* who);
+
 /* One UDP datagram from `from` to `to` (both AF_INET, or both AF_INET6),
  * built whole and sent through a raw socket (CAP_NET_RAW), so that its
  * receiver sees the original sender's address and port, and `tos` (TOS

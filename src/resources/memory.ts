@@ -1029,6 +1029,9 @@ export interface MemorySources {
  * slices, and process_vm_writev copies less than 2 GiB per call anyway. */
 const COPY_SLICE = 32 << 20;
 
+/** How long one look at a page file's check may hold the event loop. */
+const CHECK_LOOK_MS = 10;
+
 /**
  * The page data one process is given, gathered run by run ([page file
  * index, file offset, address, length]) into slices, then copied: one
@@ -1068,6 +1071,7 @@ class PageCopy {
     for (const [i, runs] of this.slices.entries()) {
       if (i > 0) await this.src.betweenSlices?.();
       const checks = this.src.pageChecks;
+      await this.checked(runs);
       try {
         addon().writePageRuns(this.pid, this.src.pageFds, new Float64Array(runs), checks?.map((c) => c?.check));
       } catch (e) {
@@ -1080,6 +1084,34 @@ class PageCopy {
       for (let j = 3; j < runs.length; j += 4) bytes += runs[j];
       this.src.copied?.(bytes);
       killPoint(`restore: process ${this.vpid} slice ${i + 1}`);
+    }
+  }
+
+  /**
+   * Until every chunk `runs` reads of a page file still being checked is
+   * checked, the event loop turning: writePageRuns waits for them too, but
+   * on the engine's only JavaScript thread, which then answers no client
+   * (not even this restore's Ctrl-C) until the check gets there, however
+   * long that takes (review r363 #7: a run in the middle of a page file
+   * with a large hole held it for seconds). After this, its wait returns
+   * at once. A chunk that failed is refused as writePageRuns would.
+   */
+  private async checked(runs: number[]): Promise<void> {
+    const checks = this.src.pageChecks;
+    if (!checks?.some((c) => c)) return;
+    let told = false;
+    for (let j = 0; j + 3 < runs.length; j += 4) {
+      const c = checks[runs[j]];
+      if (!c || runs[j + 3] <= 0) continue;
+      for (;;) {
+        const verdict = c.check.wait(CHECK_LOOK_MS, runs[j + 1], runs[j + 3]);
+        if (verdict.state === 'good') break;
+        if (verdict.state === 'bad') throw pagesCheckFailure(verdict.chunk, c.chunkSize, verdict.errno);
+        if (!told && process.env.APPSHOT_DEBUG) process.stderr.write(`appshot: process ${this.vpid}: page data waits for the check of page file ${runs[j]} at ${runs[j + 1]}\n`);
+        told = true;
+        await new Promise((resolve) => setImmediate(resolve));
+        await this.src.betweenSlices?.();
+      }
     }
   }
 }

@@ -31,9 +31,11 @@
  *    cannot be reached fails the restore, naming it.
  */
 import { closeSync } from 'node:fs';
+import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { Datagram, Fd, PeerCred, Process, Socket, SocketOption } from '../image/types.js';
 import { addon, type FileId, type MessageCreds, type UnixSocketInfo } from '../native.js';
+import { killPoint } from '../killpoint.js';
 import { readStat } from '../procfs.js';
 import { type RestoreContext, Transient, Unsupported } from './context.js';
 import { AF_UNIX, makeSockaddr, parseSockaddr, unixNameFits, unixNameProblem } from './sockaddr.js';
@@ -306,7 +308,14 @@ function made(h: RestoreContext, s: Socket, what: string): number {
     h.ownerAfter.add(sock);
     setOptions(sock, ownOptions(s), false);
     if (s.address) bindName(h, sock, s, what);
-    for (const d of s.datagrams ?? []) requeue(h, sock, s, d, what);
+    if (s.datagrams?.length) {
+      const target = queueTarget(h, sock, s, what);
+      try {
+        for (const d of s.datagrams) requeue(h, target.to, s, d, what);
+      } finally {
+        if (target.fd !== undefined) closeSync(target.fd);
+      }
+    }
     setOptions(sock, ownOptions(s), true);
     applyExtras(sock, s.options ?? [], UNIX_OPTIONS, false, `${what}: a unix datagram socket`);
     return sock;
@@ -391,14 +400,44 @@ export function sentAs(h: RestoreContext, d: Datagram, what: string, send: (cred
   }
 }
 
-/** One queued datagram sent to `sock` again, from its sender if possible. */
-function requeue(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: string): void {
-  sentAs(h, d, what, (creds) => requeueFrom(h, sock, s, d, what, creds));
-}
-
-function requeueFrom(h: RestoreContext, sock: number, s: Socket, d: Datagram, what: string, creds: MessageCreds | undefined): void {
+/**
+ * Where the datagrams queued on `sock` (bound, its file in place) are sent
+ * to put them back: an abstract name as it is (`sock` holds it: nothing
+ * else can answer to it); a path through a descriptor of its file
+ * (/proc/self/fd/N: `fd`, for the caller to close), opened where the file
+ * is now as its process would and checked to be the file `sock`'s bind
+ * made. Not by its name, which the send would look up again, following a
+ * symlink put there since by anyone who may change its directory, and
+ * send as the restorer (root: any socket file's permissions pass) with the
+ * image's datagrams and the credentials they name (review r363 #6).
+ */
+function queueTarget(h: RestoreContext, sock: number, s: Socket, what: string): { to: Buffer; fd?: number } {
   const to = addon().sockName(sock);
   if (to.length <= 2) throw new AppshotError(`corrupt image: ${what}: datagrams queued on an unnamed, unconnected unix socket`);
+  if (s.address.startsWith('@')) return { to };
+  // Where its file is while the restore goes on (moved aside, renamed),
+  // as connect() finds it.
+  const place = movedSocketFile(h, sock) ?? socketFileForPeers(s.address, s.file);
+  if (!place) throw new AppshotError(`corrupt image: ${what}: datagrams queued on a unix socket bound to ${s.address}, whose file cannot be found`);
+  killPoint('restore: unix datagram socket file made, its queue to be sent');
+  let fd: number;
+  try {
+    fd = addon().socketFileTarget(sock, place.dir, place.name, socketFileIdentities(h.image, s.ino, s.address, s.file?.base));
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    const why = err.code === 'ESTALE' ? 'it is not the file its bind made (its directory changed meanwhile?)' : err.message;
+    throw new AppshotError(`${what}: the queued datagrams of the unix datagram socket ${s.address} cannot be put back: ${join(place.dir, place.name)}: ${why}`);
+  }
+  return { to: makeSockaddr({ family: AF_UNIX, address: `/proc/self/fd/${fd}`, port: 0 }), fd };
+}
+
+/** One queued datagram sent to `to` (queueTarget) again, from its sender
+ * if possible. */
+function requeue(h: RestoreContext, to: Buffer, s: Socket, d: Datagram, what: string): void {
+  sentAs(h, d, what, (creds) => requeueFrom(h, to, s, d, what, creds));
+}
+
+function requeueFrom(h: RestoreContext, to: Buffer, s: Socket, d: Datagram, what: string, creds: MessageCreds | undefined): void {
   if (d.from) {
     // The application's socket of that name, made already (and able to send).
     for (const p of h.image.processes)
