@@ -200,9 +200,17 @@ function readMachineLimits() {
   };
 }
 
+/** pages.img as the page references of one image use it: its size, and
+ * the byte range each reference's stored pages take in it, gathered while
+ * they are checked one by one (pageSpansFault weighs them together). */
+interface PageFile {
+  size: bigint;
+  spans: { from: bigint; to: bigint; what: string }[];
+}
+
 /** Page runs (first page, count) inside an object of `pages` pages, and the
- * data they stand for inside the page file. Returns the stored pages. */
-function checkPageRef(ref: PageRef | undefined, pages: bigint, pagesFileSize: bigint, what: string): void {
+ * data they stand for inside the page file, noted in `file.spans`. */
+function checkPageRef(ref: PageRef | undefined, pages: bigint, file: PageFile, what: string): void {
   if (!ref) return;
   for (const [list, name] of [[ref.runs, 'runs'], [ref.fromParent, 'pages from the parent'], [ref.cowShared ?? [], 'pages shared with the parent process']] as const) {
     if (list.length % 2) corrupt(`${what}: its ${name} are not (page, count) pairs`);
@@ -213,15 +221,34 @@ function checkPageRef(ref: PageRef | undefined, pages: bigint, pagesFileSize: bi
   for (let i = 1; i < ref.runs.length; i += 2) stored += BigInt(ref.runs[i]);
   if (!stored) return;
   if (ref.offset % PAGE) corrupt(`${what}: its pages start at ${ref.offset}, not on a page boundary of pages.img`);
-  if (ref.offset + stored * PAGE > pagesFileSize) corrupt(`${what}: its pages lie beyond the end of pages.img (${pagesFileSize} bytes)`);
+  if (ref.offset + stored * PAGE > file.size) corrupt(`${what}: its pages lie beyond the end of pages.img (${file.size} bytes)`);
+  file.spans.push({ from: ref.offset, to: ref.offset + stored * PAGE, what });
+}
+
+/**
+ * No two page references share bytes of pages.img: a snapshot writes each
+ * stored page once (pages of the parent image and pages shared with the
+ * parent process are other lists, with no bytes here), so what a restore
+ * writes from pages.img is at most its size in all. Shared, one region
+ * (a hole of a sparse file costs nothing on disk) could be the contents of
+ * every segment, shared memory object and deleted file of the image: a
+ * 216 KiB image made 4 GiB of SysV shared memory, written by the engine
+ * (review r363 finding 9). Checked before anything is made.
+ */
+function pageSpansFault(file: PageFile): string | undefined {
+  const spans = [...file.spans].sort((a, b) => (a.from < b.from ? -1 : a.from > b.from ? 1 : 0));
+  for (let i = 1; i < spans.length; i++)
+    if (spans[i].from < spans[i - 1].to)
+      return `the pages of ${spans[i - 1].what} and of ${spans[i].what} overlap in pages.img (bytes ${spans[i].from}-${(spans[i].to < spans[i - 1].to ? spans[i].to : spans[i - 1].to) - 1n}): a snapshot stores each page once`;
+  return undefined;
 }
 
 const inRange = (i: number, array: unknown[]) => Number.isInteger(i) && i >= 0 && i < array.length;
 const hex = (n: bigint) => '0x' + n.toString(16);
 
-function checkProcess(image: Image, p: Process, pagesFileSize: bigint, limits: ReturnType<typeof machineLimits>, vtids: Set<number>, shmVids: Set<number>, memoryOnly: boolean): void {
+function checkProcess(image: Image, p: Process, pageFile: PageFile, limits: ReturnType<typeof machineLimits>, vtids: Set<number>, shmVids: Set<number>, memoryOnly: boolean): void {
   if (!memoryOnly) checkProcessState(p, vtids);
-  checkMemory(image, p, pagesFileSize, memoryOnly ? undefined : shmVids);
+  checkMemory(image, p, pageFile, memoryOnly ? undefined : shmVids);
   if (!memoryOnly) checkFds(image, p, limits);
   if (!memoryOnly) checkAioRings(p, corrupt);
   if (!memoryOnly) checkIoUringMappings(p, corrupt);
@@ -370,7 +397,7 @@ function checkProcessState(p: Process, vtids: Set<number>): void {
 
 /** `shmVids` undefined: an image read for its pages only, whose mappings'
  * objects (files, shared memory, SysV segments) are not looked up. */
-function checkMemory(image: Image, p: Process, pagesFileSize: bigint, shmVids: Set<number> | undefined): void {
+function checkMemory(image: Image, p: Process, pageFile: PageFile, shmVids: Set<number> | undefined): void {
   const who = `process ${p.vpid}`;
   if (p.vmas.length > LIMITS.vmasPerProcess) corrupt(`${who} has ${p.vmas.length} memory mappings (at most ${LIMITS.vmasPerProcess})`);
   const vmas = [...p.vmas].sort((a, b) => (a.start < b.start ? -1 : a.start > b.start ? 1 : 0));
@@ -385,7 +412,7 @@ function checkMemory(image: Image, p: Process, pagesFileSize: bigint, shmVids: S
     lastEnd = v.end;
     if (!(v.kind >= VmaKind.ANON && v.kind <= VmaKind.VSYSCALL)) corrupt(`${where} is of unknown kind ${v.kind}`);
     if (v.pgoff % PAGE) corrupt(`${where} has an offset of ${v.pgoff}, not page-aligned`);
-    checkPageRef(v.pages, (v.end - v.start) / PAGE, pagesFileSize, where);
+    checkPageRef(v.pages, (v.end - v.start) / PAGE, pageFile, where);
     // mbind's policy (memory.ts): a mode mbind takes, whole words of at
     // most as many nodes as a snapshot asks (the restore copies the mask
     // into its scratch memory).
@@ -658,7 +685,8 @@ function checkResolverPaths(image: Image): void {
 }
 
 /** Checks everything restore, clone and inspect take for granted.
- * `pagesFileSize`: the size of pages.img, which every page run must lie in.
+ * `pagesFileSize`: the size of pages.img, which every page run must lie in,
+ * no two of them sharing a byte of it.
  * `memoryOnly`: the image is read as the parent of another, for its pages
  * only (a --pre-copy base holds nothing else): its processes' memory is
  * checked, not what would make them run. */
@@ -717,6 +745,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   checkSharedSockets(image);
   if (image.node.pageSize !== 4096) corrupt(`its page size is ${image.node.pageSize}; appshot knows 4096`);
   const limits = machineLimits();
+  const pageFile: PageFile = { size: pagesFileSize, spans: [] };
   if (!image.processes.length && !memoryOnly) corrupt('it holds no process');
   if (image.processes.length > LIMITS.processes) corrupt(`it holds ${image.processes.length} processes (at most ${LIMITS.processes})`);
   const threads = image.processes.reduce((n, p) => n + p.threads.length, 0);
@@ -806,7 +835,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   }
   for (const s of image.shmSegments) {
     if (!(s.size > 0n && s.size <= BigInt(limits.shmmax))) corrupt(`SysV segment ${s.vid} is ${s.size} bytes (this machine allows 1..${limits.shmmax})`);
-    checkPageRef(s.contents, (s.size + PAGE - 1n) / PAGE, pagesFileSize, `SysV segment ${s.vid}`);
+    checkPageRef(s.contents, (s.size + PAGE - 1n) / PAGE, pageFile, `SysV segment ${s.vid}`);
   }
   const shmVids = new Set(image.shmSegments.map((s) => s.vid));
   if (shmVids.size !== image.shmSegments.length || image.shmSegments.length > limits.shmmni) corrupt('SysV segments repeat an id, or exceed shmmni');
@@ -868,7 +897,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   if (new Set(image.msgQueues.map((q) => q.vid)).size !== image.msgQueues.length || image.msgQueues.length > limits.msgmni) corrupt('message queues repeat an id, or exceed msgmni');
   for (const [i, m] of image.sharedMemory.entries()) {
     if (m.size > BigInt(totalmem())) corrupt(`shared memory ${i} is ${m.size} bytes, more than this machine has`);
-    checkPageRef(m.pages, (m.size + PAGE - 1n) / PAGE, pagesFileSize, `shared memory ${i}`);
+    checkPageRef(m.pages, (m.size + PAGE - 1n) / PAGE, pageFile, `shared memory ${i}`);
   }
   // F_SEAL_SEAL, SHRINK, GROW, WRITE, FUTURE_WRITE, EXEC.
   const sealsKnown = 0x3f;
@@ -887,7 +916,7 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   for (const [i, f] of image.files.entries())
     if (f.linkTarget !== undefined && (f.deleted || (f.mode & 0o170000) !== 0o120000 || Buffer.byteLength(f.linkTarget, 'latin1') >= 4096)) corrupt(`file ${i} carries a symbolic link's text but is not a symbolic link`);
   for (const [i, s] of image.sharedMemory.entries()) if ((s.seals ?? 0) & ~sealsKnown) corrupt(`shared memory ${i} carries seals 0x${(s.seals ?? 0).toString(16)}`);
-  for (const [i, f] of image.files.entries()) if (f.contents) checkPageRef(f.contents, (f.size + PAGE - 1n) / PAGE, pagesFileSize, `the saved contents of ${f.path || `file ${i}`}`);
+  for (const [i, f] of image.files.entries()) if (f.contents) checkPageRef(f.contents, (f.size + PAGE - 1n) / PAGE, pageFile, `the saved contents of ${f.path || `file ${i}`}`);
   for (const [i, p] of image.pipes.entries()) {
     if (p.capacity > limits.pipeMaxSize || p.data.length > Math.max(p.capacity, 65536)) corrupt(`pipe ${i} holds ${p.data.length} bytes in ${p.capacity} (pipe-max-size is ${limits.pipeMaxSize})`);
     // Each packet a pipe buffer's worth at most (a page), none empty, all
@@ -897,7 +926,9 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   }
 
   const vtids = new Set<number>();
-  for (const p of image.processes) checkProcess(image, p, pagesFileSize, limits, vtids, shmVids, memoryOnly);
+  for (const p of image.processes) checkProcess(image, p, pageFile, limits, vtids, shmVids, memoryOnly);
+  const overlap = pageSpansFault(pageFile);
+  if (overlap) corrupt(overlap);
   const ringTree = memoryOnly ? undefined : keyringTreeFault(image.processes);
   if (ringTree) corrupt(ringTree);
   if (!memoryOnly) checkPtys(image);
