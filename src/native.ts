@@ -629,7 +629,8 @@ interface Addon {
   getSockOptsBatch(fd: number, triples: Int32Array): { data: Buffer; lengths: Int32Array };
   setSockOpt(fd: number, level: number, name: number, value: number): void;
   restoreSem(tables: string, vid: number, vkey: number, mode: number, values: number[]): number;
-  restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, data: Buffer): number;
+  /** The segment filled from page file `pagesFd`: `runs` (first page, count) of its pages, stored one after another from `offset`. */
+  restoreShm(tables: string, vid: number, vkey: number, mode: number, size: number, pagesFd: number, offset: number, runs: number[]): number;
   /** SHM_LOCK of a segment by a child as user `uid`/`gid`, without capabilities, with an RLIMIT_MEMLOCK of `memlock` bytes (Infinity: unlimited; at most this process's hard limit unless `mayRaise`), charged to that user. */
   lockShmAs(sid: number, uid: number, gid: number, memlock: number, mayRaise: boolean): void;
   /** POSIX message queues (resources/mqueue.ts); names "/NAME". */

@@ -644,7 +644,64 @@ Napi::Value RestoreSem(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, sid);
 }
 
-// restoreShm(tablesPath, vid, vkey, mode, size, data: Buffer) -> system id
+// The stored pages of a segment of `size` bytes, attached at `at`, from
+// page file `fd`: `runs` (first page, count) of its pages, stored one
+// after another from `offset`. Read in pieces of a bounded buffer, never
+// one the segment's size (review r363 findings 9 and 10: the engine held
+// a buffer of each segment's size, and a single read of 2 GiB or more was
+// refused); a page of zeros is left as the kernel made it, zero and
+// taking no memory (a snapshot stores a segment's untouched pages as
+// zeros). Returns 0, or an errno: EINVAL for a run outside the segment,
+// EIO for page data that ends early.
+static int FillSegment(uint8_t* at, uint64_t size, int fd, uint64_t offset, const std::vector<uint64_t>& runs) {
+  constexpr uint64_t kPage = 4096;
+  constexpr size_t kPiece = 1 << 20;
+  const uint64_t pages = (size + kPage - 1) / kPage;
+  if (runs.size() % 2) return EINVAL;
+  for (size_t i = 0; i < runs.size(); i += 2)
+    if (runs[i] > pages || runs[i + 1] > pages - runs[i]) return EINVAL;
+  std::vector<uint8_t> buf(kPiece);
+  uint64_t from = offset;
+  for (size_t i = 0; i < runs.size(); i += 2) {
+    uint64_t to = runs[i] * kPage;
+    uint64_t left = runs[i + 1] * kPage;
+    while (left > 0) {
+      size_t want = static_cast<size_t>(std::min<uint64_t>(left, kPiece));
+      size_t got = 0;
+      while (got < want) {
+        ssize_t n = pread(fd, buf.data() + got, want - got, static_cast<off_t>(from + got));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return errno;
+        if (n == 0) return EIO;
+        got += static_cast<size_t>(n);
+      }
+      for (size_t p = 0; p < want; p += kPage) {
+        const uint8_t* page = buf.data() + p;
+        if (page[0] == 0 && std::memcmp(page, page + 1, kPage - 1) == 0) continue;
+        uint64_t dest = to + p;  // < size: its page is one of the segment's
+        std::memcpy(at + dest, page, static_cast<size_t>(std::min<uint64_t>(kPage, size - dest)));
+      }
+      from += want;
+      to += want;
+      left -= want;
+    }
+  }
+  return 0;
+}
+
+// A whole number from 0 to 2^53 (a page number, count or offset as the
+// image gives it), or false.
+static bool WholeNumber(const Napi::Value& v, uint64_t* out) {
+  if (!v.IsNumber()) return false;
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d >= 0 && d <= 9007199254740992.0) || d != static_cast<double>(static_cast<uint64_t>(d))) return false;
+  *out = static_cast<uint64_t>(d);
+  return true;
+}
+
+// restoreShm(tablesPath, vid, vkey, mode, size, pagesFd, offset, runs: number[])
+// -> system id: the segment made and bound, filled from the page file
+// (FillSegment), given its mode, and locked if the mode says so.
 Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Tables t(info[0].As<Napi::String>().Utf8Value());
@@ -654,7 +711,19 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
   }
   int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
   size_t size = static_cast<size_t>(info[4].As<Napi::Number>().Int64Value());
-  auto data = info[5].As<Napi::Buffer<uint8_t>>();
+  int pagesFd = Int(info[5]);
+  uint64_t offset = 0;
+  std::vector<uint64_t> runs;
+  bool numbers = WholeNumber(info[6], &offset) && info[7].IsArray();
+  if (numbers) {
+    auto arr = info[7].As<Napi::Array>();
+    runs.resize(arr.Length());
+    for (uint32_t i = 0; i < arr.Length() && numbers; i++) numbers = WholeNumber(arr.Get(i), &runs[i]);
+  }
+  if (!numbers) {
+    ThrowErrno(env, "restoring shared memory segment " + std::to_string(vid) + ": its page offset and runs", EINVAL);
+    return env.Undefined();
+  }
   if (env.IsExceptionPending()) return env.Undefined();
   Step step;
   int sid = CreateBoundGuarded(
@@ -668,29 +737,30 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
     shmctl(-2 - sid, IPC_RMID, nullptr);
     sid = -1;
   }
-  void* at = sid >= 0 ? shmat(sid, nullptr, 0) : reinterpret_cast<void*>(-1);
-  if (at == reinterpret_cast<void*>(-1)) {
-    int e = errno;
+  const std::string segment = "shared memory segment " + std::to_string(vid);
+  auto fail = [&](const std::string& what, int e) {
     if (sid >= 0) shmctl(sid, IPC_RMID, nullptr);
-    ThrowErrno(env, "restoring shared memory segment " + std::to_string(vid), e);
+    ThrowErrno(env, what, e);
     return env.Undefined();
+  };
+  if (sid < 0) return fail("restoring " + segment, errno);
+  // Filled before its own mode is given (a read-only one would refuse
+  // this restorer's write attach).
+  if (!runs.empty()) {
+    void* at = shmat(sid, nullptr, 0);
+    if (at == reinterpret_cast<void*>(-1)) return fail("restoring " + segment, errno);
+    int e = FillSegment(static_cast<uint8_t*>(at), size, pagesFd, offset, runs);
+    shmdt(at);
+    if (e) return fail("filling " + segment + " from the image's page data", e);
   }
-  std::memcpy(at, data.Data(), std::min(data.Length(), size));
-  shmdt(at);
   struct shmid_ds ds;
-  if (shmctl(sid, IPC_STAT, &ds) == 0) {
-    ds.shm_perm.mode = mode;  // IPC_SET takes the permission bits only
-    shmctl(sid, IPC_SET, &ds);
-  }
+  if (shmctl(sid, IPC_STAT, &ds) != 0) return fail("reading " + segment + " (IPC_STAT)", errno);
+  ds.shm_perm.mode = mode;  // IPC_SET takes the permission bits only
+  if (shmctl(sid, IPC_SET, &ds) != 0) return fail("giving " + segment + " its mode (IPC_SET)", errno);
   // Locked in memory (SHM_LOCK) as it was: the caller has checked that
   // the image's processes could have; the kernel checks this restorer
   // may (CAP_IPC_LOCK, or its RLIMIT_MEMLOCK).
-  if ((mode & SHM_LOCKED) && shmctl(sid, SHM_LOCK, nullptr) != 0) {
-    int e = errno;
-    shmctl(sid, IPC_RMID, nullptr);
-    ThrowErrno(env, "locking shared memory segment " + std::to_string(vid) + " in memory (SHM_LOCK)", e);
-    return env.Undefined();
-  }
+  if ((mode & SHM_LOCKED) && shmctl(sid, SHM_LOCK, nullptr) != 0) return fail("locking " + segment + " in memory (SHM_LOCK)", errno);
   return Napi::Number::New(env, sid);
 }
 
