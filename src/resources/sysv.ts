@@ -93,20 +93,26 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   // write) goes into the image only if the kernel says the object is the
   // application's, or another user's segment would reach whoever restores
   // the image. One that is not is left out and said, as the PIDs written
-  // into the tables are passed over. Asked once it was read (one removed
-  // meanwhile is passed over, as before), before anything of it is kept.
+  // into the tables are passed over. Asked before it is read: a read is
+  // an attach and a copy of all of a segment (a root snapshot faulted in
+  // and copied root's 256 MiB segment, and set its shm_lpid and times),
+  // a copy of every message of a queue (review r363 finding 2). One
+  // removed meanwhile is passed over, as before: the kernel's answer for
+  // an id it no longer has is "not the application's", so whether the id
+  // still names an object decides whether that is said.
   const own = ctx.ipcOwnership;
-  const isOwn = (kind: 'semid' | 'shmid' | 'msgid', what: string, e: { system: number; virtual: number }): boolean => {
+  const isOwn = (kind: IpcKind, what: string, e: { system: number; virtual: number }): boolean => {
     if (!own || a.ipcOwned(ctx.tablesPath, kind, e.system, own.salt, own.created, own.initPid)) return true;
-    process.stderr.write(`appshot: left out ${what} ${e.system} (virtual id ${e.virtual}): the application's tables name it, but it is not the application's\n`);
+    if (ipcExists(kind, e.system))
+      process.stderr.write(`appshot: left out ${what} ${e.system} (virtual id ${e.virtual}): the application's tables name it, but it is not the application's\n`);
     return false;
   };
 
   const semaphores: SemSet[] = [];
   for (const e of tables.tables.semid) {
+    if (!isOwn('semid', 'semaphore set', e)) continue;
     try {
       const s = a.semRead(e.system);
-      if (!isOwn('semid', 'semaphore set', e)) continue;
       semaphores.push({ vid: e.virtual, vkey: vkey('semkey', s.perm.key), mode: s.perm.mode, uid: s.perm.uid, gid: s.perm.gid, values: s.values, vpids: s.pids.map((pid, n) => fieldVpid('semid', e.system, n, pid)) });
     } catch (err) {
       if (!gone(err)) throw err; // removed, its entry not yet forgotten
@@ -134,8 +140,8 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
         if (isOwn('shmid', 'shared memory segment', e)) leftOut(e);
         continue;
       }
-      const s = readSegment(e.system, at, status) ?? a.shmRead(e.system);
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
+      const s = readSegment(e.system, at, status) ?? a.shmRead(e.system);
       // Where its status line could not be read.
       if (s.destroyed && !at?.length) {
         leftOut(e);
@@ -162,9 +168,9 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   }
   const msgQueues: MsgQueue[] = [];
   for (const e of tables.tables.msgid) {
+    if (!isOwn('msgid', 'message queue', e)) continue;
     try {
       const q = a.msgRead(e.system);
-      if (!isOwn('msgid', 'message queue', e)) continue;
       msgQueues.push({
         vid: e.virtual,
         vkey: vkey('msgkey', q.perm.key),
@@ -385,6 +391,22 @@ function sysvipcRows(file: 'shm' | 'msg', idColumn: string, columns: string[], w
     out.set(Number(f[id]), at.map((i) => f[i]));
   }
   return out;
+}
+
+/** Whether SysV object `sid` of `kind` exists (its line in /proc/sysvipc,
+ * read without using the object). True where that cannot be read. */
+function ipcExists(kind: IpcKind, sid: number): boolean {
+  const [file, column] = ({ semid: ['sem', 'semid'], shmid: ['shm', 'shmid'], msgid: ['msg', 'msqid'] } as const)[kind];
+  let text: string;
+  try {
+    text = readFileSync(`/proc/sysvipc/${file}`, 'latin1');
+  } catch {
+    return true;
+  }
+  const lines = text.split('\n');
+  const at = lines[0].trim().split(/\s+/).indexOf(column);
+  if (at < 0) return true;
+  return lines.slice(1).some((l) => l.trim() !== '' && Number(fieldOf(l, at)) === sid);
 }
 
 /** Where each segment (by virtual id, 0 the first) is mapped by a process
