@@ -634,12 +634,22 @@ Napi::Value RestoreSem(const Napi::CallbackInfo& info) {
     ThrowErrno(env, "restoring semaphore set " + std::to_string(vid), e);
     return env.Undefined();
   }
-  // Filled under 0600; its own mode (read-only, say) only now.
+  // Filled under 0600; its own mode (read-only, say) only now. A failure
+  // is said, never passed over.
   struct semid_ds ds;
   arg.buf = &ds;
-  if (semctl(sid, 0, IPC_STAT, arg) == 0) {
+  const char* stage = "reading";
+  bool given = semctl(sid, 0, IPC_STAT, arg) == 0;
+  if (given) {
+    stage = "giving its mode (IPC_SET) to";
     ds.sem_perm.mode = mode;
-    semctl(sid, 0, IPC_SET, arg);
+    given = semctl(sid, 0, IPC_SET, arg) == 0;
+  }
+  if (!given) {
+    int e = errno;
+    semctl(sid, 0, IPC_RMID);
+    ThrowErrno(env, std::string(stage) + " semaphore set " + std::to_string(vid), e);
+    return env.Undefined();
   }
   return Napi::Number::New(env, sid);
 }
@@ -911,10 +921,19 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
     return env.Undefined();
   };
   if (sid < 0) return fail("creating");
+  // Its size (msg_qbytes) before it is refilled: the kernel takes one
+  // above msgmnb only from CAP_SYS_RESOURCE, which the caller has weighed
+  // (sysv.ts mayRaiseQueues). A failure is said, never passed over: the
+  // queue would hold less than it did, and its refill fail on a message
+  // that does not say why.
   struct msqid_ds ds;
-  if (msgctl(sid, IPC_STAT, &ds) == 0) {
-    ds.msg_qbytes = static_cast<msglen_t>(info[4].As<Napi::Number>().Int64Value());
-    msgctl(sid, IPC_SET, &ds);
+  if (msgctl(sid, IPC_STAT, &ds) != 0) return fail("reading (IPC_STAT)");
+  ds.msg_qbytes = static_cast<msglen_t>(info[4].As<Napi::Number>().Int64Value());
+  if (msgctl(sid, IPC_SET, &ds) != 0) {
+    int e = errno;
+    std::string what = "setting the size (msg_qbytes " + std::to_string(ds.msg_qbytes) + ")";
+    errno = e;
+    return fail(what.c_str());
   }
   auto messages = info[5].As<Napi::Array>();
   for (uint32_t i = 0; i < messages.Length(); i++) {
@@ -926,10 +945,9 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
     std::memcpy(buf.data() + sizeof type, data.Data(), data.Length());
     if (msgsnd(sid, buf.data(), data.Length(), IPC_NOWAIT)) return fail("refilling");
   }
-  if (msgctl(sid, IPC_STAT, &ds) == 0) {
-    ds.msg_perm.mode = mode;
-    msgctl(sid, IPC_SET, &ds);
-  }
+  if (msgctl(sid, IPC_STAT, &ds) != 0) return fail("reading (IPC_STAT)");
+  ds.msg_perm.mode = mode;
+  if (msgctl(sid, IPC_SET, &ds) != 0) return fail("giving its mode (IPC_SET)");
   return Napi::Number::New(env, sid);
 }
 

@@ -9,6 +9,7 @@ import { closeSync, fstatSync, openSync, readdirSync, readFileSync, readSync, st
 import { mapFilesPath } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { CAP, hasCap, ownCreds, strangeOwner } from './creds.js';
+import { processMay, restorerMay, vouchedFor } from './heldcaps.js';
 import { addon, ENTRY_FLAGS, type PagesCheck } from '../native.js';
 import { waitPagesChecked } from '../image/format.js';
 import { type Image, type MsgQueue, type Process, type SemSet, type ShmSegment, type SigAltStack, VmaKind } from '../image/types.js';
@@ -518,6 +519,7 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
   // Before anything is made: a lock the image's processes could not
   // have taken is refused.
   mayLockShm(image);
+  mayRaiseQueues(image);
   const ownerLocks = shmLockedByOwner(image);
   // The count the processes' SEM_UNDO sums were written at, before any
   // of them runs: a new count would make each sum unknown at its next
@@ -665,6 +667,28 @@ function mayLockShm(image: Image): void {
         `shared memory segment ${s.vid} is locked in memory (SHM_LOCK), which none of the image's processes could have done (no CAP_IPC_LOCK, and no RLIMIT_MEMLOCK of the ${need * PAGE} bytes, in whole pages, of the segments locked with its owner's uid ${s.uid})`,
         ExitCode.denied,
       );
+  }
+}
+
+/**
+ * A queue's size (msg_qbytes) above msgmnb is set again only where a
+ * process of the image could have raised it (the kernel's rule for
+ * IPC_SET: CAP_SYS_RESOURCE, in a thread's effective or permitted set;
+ * this node's own snapshot taken at its word, heldcaps.ts), and where
+ * this restorer may (it sets it: its CAP_SYS_RESOURCE), so that no image
+ * gets unswappable kernel memory beyond msgmnb through a root engine
+ * (review r363 finding 5). One line naming the queue otherwise, before
+ * any object is made (a restorer without the capability had the IPC_SET
+ * fail, and the queue come back at msgmnb, with success said).
+ */
+function mayRaiseQueues(image: Image): void {
+  if (!image.msgQueues.length) return;
+  const msgmnb = BigInt(readFileSync('/proc/sys/kernel/msgmnb', 'utf8').trim());
+  for (const q of image.msgQueues) {
+    if (q.qbytes <= msgmnb) continue;
+    const what = `message queue ${q.vid} allows ${q.qbytes} bytes (msg_qbytes), above msgmnb (${msgmnb}), which takes CAP_SYS_RESOURCE`;
+    if (!vouchedFor(image) && !image.processes.some((p) => processMay(p, [CAP.SYS_RESOURCE]))) throw new AppshotError(`${what}, which none of the image's processes had: made by this restore, it would give the application more than it had`, ExitCode.denied);
+    if (!restorerMay(ownCreds().capEff, [CAP.SYS_RESOURCE])) throw new AppshotError(`${what}, which this restore does not have`, ExitCode.denied);
   }
 }
 
