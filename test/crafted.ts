@@ -4,7 +4,7 @@
  * of the test's choosing. Apart from helpers.ts, which every test file
  * loads, so that only these load the image format's code.
  */
-import { closeSync, copyFileSync, linkSync, mkdirSync, openSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, linkSync, mkdirSync, openSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { digestFd, encodeImage, encodeSignedManifest, type PartDigest } from '../src/image/format.js';
 import type { Image } from '../src/image/types.js';
@@ -52,6 +52,42 @@ export function writeSignedImage(
   writeFileSync(join(dir, 'image.pb'), encodeImage(image));
   if (opts.copyPages) copyFileSync(join(pagesFrom, 'pages.img'), join(dir, 'pages.img'));
   else linkSync(join(pagesFrom, 'pages.img'), join(dir, 'pages.img'));
+  const digests = new Map(['image.pb', 'pages.img'].map((part) => [part, digestOf(join(dir, part))]));
+  const sign = () => encodeSignedManifest(opts.id ?? 'feedfacefeedface', digests, opts.formatOf ? image : undefined);
+  writeFileSync(join(dir, 'manifest.pb'), opts.signer === undefined ? sign() : asNode(opts.signer, sign));
+  return dir;
+}
+
+/**
+ * writeSignedImage for an image whose pages.img is a copy of `pagesFrom`'s
+ * with `appended` bytes after it: `written` at their start, the rest a
+ * hole (a sparse file: nothing on disk). `build` makes the image, given
+ * where the appended bytes start (the former size, rounded up to a page).
+ */
+export function writeSignedImageWithPages(
+  dir: string,
+  pagesFrom: string,
+  appended: bigint,
+  written: Buffer,
+  build: (at: bigint) => Image,
+  opts: { signer?: string; id?: string; formatOf?: boolean } = {},
+): string {
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir);
+  const pages = join(dir, 'pages.img');
+  copyFileSync(join(pagesFrom, 'pages.img'), pages);
+  const at = ((BigInt(statSync(pages).size) + 4095n) / 4096n) * 4096n;
+  truncateSync(pages, Number(at + appended));
+  if (written.length) {
+    const fd = openSync(pages, 'r+');
+    try {
+      writeSync(fd, written, 0, written.length, Number(at));
+    } finally {
+      closeSync(fd);
+    }
+  }
+  const image = build(at);
+  writeFileSync(join(dir, 'image.pb'), encodeImage(image));
   const digests = new Map(['image.pb', 'pages.img'].map((part) => [part, digestOf(join(dir, part))]));
   const sign = () => encodeSignedManifest(opts.id ?? 'feedfacefeedface', digests, opts.formatOf ? image : undefined);
   writeFileSync(join(dir, 'manifest.pb'), opts.signer === undefined ? sign() : asNode(opts.signer, sign));

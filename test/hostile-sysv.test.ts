@@ -1,0 +1,249 @@
+/**
+ * SysV objects against hostile images and hostile tables (review r363):
+ * page references that share bytes of pages.img (one sparse region made
+ * the contents of every segment: a 216 KiB image restored 4 GiB), a
+ * segment above 2 GiB (restored through pieces, never one buffer or one
+ * read), a segment of another user that the application names in its own
+ * tables (never attached by the snapshot), and a queue's size above
+ * msgmnb (only with CAP_SYS_RESOURCE on both sides, never dropped
+ * silently).
+ *
+ * The crafted images are a snapshot of `sleep` with one change, signed
+ * again with another node's key and vouched for with --trust-image, so
+ * that only the change can be what is refused; where this node's own word
+ * is the point (an honest image), signed with its own key.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadImage } from '../src/image/format.js';
+import type { Image } from '../src/image/types.js';
+import { validateImage } from '../src/image/validate.js';
+import { addon } from '../src/native.js';
+import { LocalRegistry } from '../src/registry.js';
+import { writeSignedImage, writeSignedImageWithPages } from './crafted.js';
+import { command as appshot, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+/** Another node, whose key signs the crafted images. */
+const other = new Sandbox();
+const out = mkdtempSync(join(tmpdir(), 'appshot-hostile-sysv-'));
+process.env.APPSHOT_HOME = sb.home;
+const PAGE = 4096n;
+let base = '';
+let baseImage: Image;
+
+afterAll(async () => {
+  await sb.dispose();
+  await other.dispose();
+  rmSync(out, { recursive: true, force: true });
+});
+
+beforeAll(async () => {
+  sb.ok(['run', '-d', '--aid', 'base', '--', 'sleep', '1000']);
+  base = join(out, 'base');
+  sb.ok(['snapshot', 'base', '-o', base]);
+  await waitFor(() => !sb.aids().includes('base'), 10_000, 'the application to end');
+  baseImage = (await loadImage(base, { trust: 'report' })).image;
+});
+
+/** The rows of /proc/sysvipc/`file` as objects by column name. */
+function sysvipc(file: 'shm' | 'msg'): Record<string, string>[] {
+  const [head, ...rows] = readFileSync(`/proc/sysvipc/${file}`, 'utf8').split('\n');
+  const names = head.trim().split(/\s+/);
+  return rows.filter((l) => l.trim()).map((l) => Object.fromEntries(l.trim().split(/\s+/).map((v, i) => [names[i], v])));
+}
+
+/** `appshot restore image --trust-image`, refused: one line matching
+ * `why`, exit `code`, nothing left of it (no registration, no tables). */
+function refused(image: string, why: RegExp, code: number): void {
+  const aidsBefore = sb.aids();
+  const shmBefore = sb.shmFiles();
+  const r = spawnSync(appshot, ['restore', image, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+  const lines = r.stderr.split('\n').filter((l) => l !== '');
+  expect(lines, r.stderr).toHaveLength(1);
+  expect(lines[0]).toMatch(/^appshot: /);
+  expect(lines[0]).toMatch(why);
+  expect(r.status, r.stderr).toBe(code);
+  expect(sb.aids()).toEqual(aidsBefore);
+  expect(sb.shmFiles()).toEqual(shmBefore);
+}
+
+/** The image's first mapping with stored pages. */
+const storedVma = (i: Image) => i.processes[0].vmas.find((v) => v.pages && v.pages.runs.length)!;
+
+describe('page references share no byte of pages.img (review r363 finding 9)', () => {
+  const size = () => BigInt(statSync(join(base, 'pages.img')).size);
+
+  it('validateImage refuses two references that overlap, naming both, and takes them side by side', async () => {
+    // Read again (a structured clone's Buffers are Uint8Arrays, which validateImage does not take).
+    const { image } = await loadImage(base, { trust: 'report' });
+    const end = ((size() + PAGE - 1n) / PAGE) * PAGE;
+    const segment = (vid: number, offset: bigint, pages: number) => ({ vid, vkey: 0, mode: 0o600, uid: 0, gid: 0, size: BigInt(pages) * PAGE, cvpid: 0, lvpid: 0, contents: { offset, runs: [0, pages], fromParent: [] } });
+    image.shmSegments.push(segment(7000, end, 2), segment(7001, end + 2n * PAGE, 1));
+    expect(() => validateImage(image, end + 3n * PAGE)).not.toThrow();
+    // The second page of 7000 is 7001's too.
+    image.shmSegments[1].contents!.offset = end + PAGE;
+    expect(() => validateImage(image, end + 3n * PAGE)).toThrow(`corrupt image: the pages of SysV segment 7000 and of SysV segment 7001 overlap in pages.img (bytes ${end + PAGE}-${end + 2n * PAGE - 1n}): a snapshot stores each page once`);
+    // A segment whose contents are a mapping's own stored pages.
+    const v = storedVma(image);
+    image.shmSegments[1].contents!.offset = v.pages!.offset;
+    expect(() => validateImage(image, end + 3n * PAGE)).toThrow(/^corrupt image: the pages of .*(mapping|SysV segment 7001).* and of .*(mapping|SysV segment 7001).* overlap in pages\.img/);
+  });
+
+  it('a small image whose segments all name one sparse region (GiBs of shared memory made by the engine) is refused in one line, nothing made', () => {
+    const hole = 64n << 20n;
+    const dir = writeSignedImageWithPages(join(out, 'bomb'), base, hole, Buffer.alloc(0), (at) => {
+      const image = structuredClone(baseImage);
+      for (let k = 0; k < 4; k++) image.shmSegments.push({ vid: 7000 + k, vkey: 0, mode: 0o600, uid: 0, gid: 0, size: hole, cvpid: 0, lvpid: 0, contents: { offset: at, runs: [0, Number(hole / PAGE)], fromParent: [] } });
+      return image;
+    }, { signer: other.home });
+    expect(statSync(join(dir, 'pages.img')).blocks * 512).toBeLessThan(Number(hole) / 4);
+    const segments = () => sysvipc('shm').filter((r) => BigInt(r.size) === hole).map((r) => r.shmid);
+    const before = segments();
+    refused(dir, /^appshot: .*corrupt image: the pages of SysV segment 700[0-3] and of SysV segment 700[0-3] overlap in pages\.img/, 1);
+    expect(segments()).toEqual(before);
+  });
+});
+
+describe('a SysV segment above 2 GiB (review r363 findings 9 and 10)', () => {
+  // 2 GiB + 1 MiB, its last page stored (a marker), the rest zeros: a
+  // single read of its size was refused ("length out of range") and the
+  // engine held a buffer of its size. Filled in pieces, zero pages left
+  // as the kernel made them: one page of memory in all.
+  it('restores with its stored page where it was, taking memory for that page only', async () => {
+    const size = (2n << 30n) + (1n << 20n);
+    const marker = Buffer.alloc(4096);
+    marker.write('r363-finding-10-last-page-of-a-big-segment');
+    const dir = writeSignedImageWithPages(join(out, 'big'), base, PAGE, marker, (at) => {
+      const image = structuredClone(baseImage);
+      image.shmSegments.push({ vid: 7100, vkey: 0, mode: 0o600, uid: 0, gid: 0, size, cvpid: 0, lvpid: 0, contents: { offset: at, runs: [Number(size / PAGE) - 1, 1], fromParent: [] } });
+      return image;
+    }, { signer: other.home });
+    const r = sb.run(['restore', dir, '--trust-image', '--aid', 'big']);
+    expect(r.code, r.stderr).toBe(0);
+    try {
+      const sid = sb.json<{ tables: Record<string, { virtual: number; system: number }[]> }>(['table', 'big']).tables.shmid.find((e) => e.virtual === 7100)!.system;
+      const row = sysvipc('shm').find((s) => Number(s.shmid) === sid)!;
+      expect(BigInt(row.size)).toBe(size);
+      // Resident: the stored page alone (the kernel's rss column, bytes).
+      expect(Number(row.rss)).toBe(4096);
+      // Its last page as the image stored it, read by an attach of its own.
+      const read = spawnSync('python3', ['-c', READ_AT, String(sid), String(size - PAGE), '64'], { encoding: 'utf8' });
+      expect(read.status, read.stderr).toBe(0);
+      expect(Buffer.from(read.stdout.trim(), 'hex')).toEqual(marker.subarray(0, 64));
+    } finally {
+      sb.ok(['rm', '-f', 'big']);
+    }
+  });
+});
+
+// `length` bytes of segment argv[1] at `offset`, attached read-only, in hex.
+const READ_AT = `
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+at = libc.shmat(int(sys.argv[1]), None, 0o10000)
+if at in (None, ctypes.c_void_p(-1).value): sys.exit("shmat: %d" % ctypes.get_errno())
+print(ctypes.string_at(at + int(sys.argv[2]), int(sys.argv[3])).hex())
+libc.shmdt(ctypes.c_void_p(at))
+`;
+
+// Another process's private segment (IPC_CREAT | 0600) of 64 MiB, never
+// attached, made before the application and held while standard input
+// is open; removed after.
+const FOREIGN_SEGMENT = `
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+i = libc.shmget(0, 64 << 20, 0o1600)
+print(i, flush=True)
+sys.stdin.read()
+libc.shmctl(i, 0, None)`;
+
+describe("a snapshot never attaches a SysV object that the application's tables name and that is not its own (review r363 finding 2)", () => {
+  it("leaves another process's segment out unread: not attached, its last user (shm_lpid) and times as they were", async () => {
+    const holder = spawn('python3', ['-c', FOREIGN_SEGMENT], { stdio: ['pipe', 'pipe', 'inherit'] });
+    try {
+      const first = await new Promise<string>((resolve) => createInterface({ input: holder.stdout! }).once('line', resolve));
+      const foreign = Number(first);
+      expect(foreign, first).toBeGreaterThanOrEqual(0);
+      const untouched = { lpid: '0', atime: '0', dtime: '0', nattch: '0', rss: '0' };
+      const facts = () => {
+        const r = sysvipc('shm').find((s) => Number(s.shmid) === foreign)!;
+        return { lpid: r.lpid, atime: r.atime, dtime: r.dtime, nattch: r.nattch, rss: r.rss };
+      };
+      expect(facts()).toEqual(untouched);
+      sb.ok(['run', '-d', '--aid', 'foreign', '--', 'sleep', '1000']);
+      // What the application can do through its own descriptor of its
+      // tables (every process of it holds one, read-write).
+      const vid = addon().mapSystem(new LocalRegistry(sb.home).require('foreign').tables, 'shmid', foreign);
+      const r = sb.run(['snapshot', 'foreign', '--leave-running', '-o', join(out, 'foreign.img')]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stderr).toContain(`appshot: left out shared memory segment ${foreign} (virtual id ${vid}): the application's tables name it, but it is not the application's\n`);
+      // An attach of the snapshot's own set shm_lpid to its PID and the
+      // times, and faulted in every page of it (64 MiB copied).
+      expect(facts()).toEqual(untouched);
+      const { image } = await loadImage(join(out, 'foreign.img'), { trust: 'report' });
+      expect(image.shmSegments).toEqual([]);
+      sb.ok(['rm', '-f', 'foreign']);
+    } finally {
+      holder.stdin!.end();
+      await new Promise((resolve) => holder.once('exit', resolve));
+    }
+  });
+});
+
+/** The effective capabilities of this process, as the resident engine it
+ * starts has them (the same user, the same bounding set). */
+const ownCapEff = () => BigInt(`0x${/^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'))![1]}`);
+const CAP_SYS_RESOURCE = 24n;
+const mayRaise = ((ownCapEff() >> CAP_SYS_RESOURCE) & 1n) === 1n;
+
+describe('a message queue above msgmnb (review r363 finding 5)', () => {
+  const msgmnb = BigInt(readFileSync('/proc/sys/kernel/msgmnb', 'utf8').trim());
+  const qbytes = msgmnb + 4096n;
+  const withQueue = (i: Image) => {
+    i.msgQueues.push({ vid: 9000, vkey: 0, mode: 0o600, uid: 0, gid: 0, qbytes, messages: [{ type: 1n, data: Buffer.from('r363-finding-5-kept') }], lsvpid: 0, lrvpid: 0 });
+  };
+  const queues = () => sysvipc('msg').filter((q) => q.cbytes === '19').map((q) => q.msqid);
+
+  it("is refused in one line where no process of the image held CAP_SYS_RESOURCE (a root restore's would raise it), nothing made", () => {
+    const image = structuredClone(baseImage);
+    for (const p of image.processes) for (const c of [p.creds, ...p.threads.map((t) => t.creds)]) if (c) for (const k of ['capEff', 'capPrm'] as const) c[k] &= ~(1n << CAP_SYS_RESOURCE);
+    withQueue(image);
+    const dir = writeSignedImage(join(out, 'qbytes-nocap'), image, base, { signer: other.home });
+    const before = queues();
+    refused(dir, new RegExp(`message queue 9000 allows ${qbytes} bytes \\(msg_qbytes\\), above msgmnb \\(${msgmnb}\\), which takes CAP_SYS_RESOURCE, which none of the image's processes had`), 5);
+    expect(queues()).toEqual(before);
+  });
+
+  // This node's own snapshot is taken at its word (a queue its root
+  // application raised): restored as it was by a restorer that may raise
+  // it, refused by name by one that may not (root in a container), where
+  // the kernel's refusal of the size was passed over and the queue came
+  // back at msgmnb with success said.
+  it("of this node's own snapshot is restored at its size where the restorer has CAP_SYS_RESOURCE, refused by name where it has not", () => {
+    const image = structuredClone(baseImage);
+    withQueue(image);
+    const dir = writeSignedImage(join(out, 'qbytes-own'), image, base, { signer: sb.home, formatOf: true });
+    if (!mayRaise) {
+      const before = queues();
+      const r = spawnSync(appshot, ['restore', dir, '--aid', 'qown'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+      expect(r.stderr.split('\n').filter((l) => l)).toEqual([expect.stringMatching(new RegExp(`^appshot: .*message queue 9000 allows ${qbytes} bytes \\(msg_qbytes\\), above msgmnb \\(${msgmnb}\\), which takes CAP_SYS_RESOURCE, which this restore does not have`))]);
+      expect(r.status).toBe(5);
+      expect(sb.aids()).not.toContain('qown');
+      expect(queues()).toEqual(before);
+      return;
+    }
+    sb.ok(['restore', dir, '--aid', 'qown']);
+    try {
+      const sid = sb.json<{ tables: Record<string, { virtual: number; system: number }[]> }>(['table', 'qown']).tables.msgid.find((e) => e.virtual === 9000)!.system;
+      expect(BigInt(addon().msgRead(sid).qbytes)).toBe(qbytes);
+    } finally {
+      sb.ok(['rm', '-f', 'qown']);
+    }
+  });
+});
