@@ -927,12 +927,14 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
 
   const vtids = new Set<number>();
   for (const p of image.processes) checkProcess(image, p, pageFile, limits, vtids, shmVids, memoryOnly);
-  const overlap = pageSpansFault(pageFile);
-  if (overlap) corrupt(overlap);
   const ringTree = memoryOnly ? undefined : keyringTreeFault(image.processes);
   if (ringTree) corrupt(ringTree);
   if (!memoryOnly) checkPtys(image);
   if (!memoryOnly) checkPtyReferences(image);
   if (!memoryOnly) checkWaits(image, corrupt);
   if (!memoryOnly) checkPosixQueues(image, corrupt);
+  // Last: a whole-image property, which a copied process (a crafted
+  // image's) also breaks; what is wrong with one object is named first.
+  const overlap = pageSpansFault(pageFile);
+  if (overlap) corrupt(overlap);
 }
