@@ -525,7 +525,8 @@ export function forgetClosedSockets(ctx: DumpContext): void {
 
 /** Before anything is made: every socket the image says a keeper held is
  * held, for this image (a restore on another host, or after the keeper
- * gave up, cannot have it). */
+ * gave up, cannot have it); and what the keeper hands over gives no
+ * process more than it held (checkHandedOverPrivileges). */
 export function requireKept(image: Image, kept: KeptSockets): void {
   for (const p of image.processes)
     for (const f of p.fds) {
@@ -541,6 +542,77 @@ export function requireKept(image: Image, kept: KeptSockets): void {
           ExitCode.conflict,
         );
     }
+  checkHandedOverPrivileges(image, kept);
+}
+
+/**
+ * The privilege rule for the sockets a keeper hands over (a connection,
+ * kept live or in repair mode; a unix connection to a process outside; a
+ * listener with connections waiting), before anything is made: the very
+ * socket, with whatever options it has, which the image's record need
+ * not say. A record of a connection kept live carries none, and one in
+ * repair mode only those its dump read; but the socket may have SO_MARK,
+ * IP_TRANSPARENT, SO_PRIORITY above 6, SO_DEBUG, a forced buffer (set by
+ * the root application this user snapshotted), and a crafted image (the
+ * real one's id, another node's key, --trust-image) could give it to a
+ * process with no capability. So the options each socket has now are
+ * read from it and weighed as recorded ones are (sockopts.ts
+ * optionPrivilege): each only for a socket some process holding it in
+ * the image held the capability, per holder (heldcaps.ts); this node's
+ * own snapshot is taken at its word. Not the restorer: it sets none of
+ * them. Refused, the restore fails and the keeper holds them again.
+ */
+function checkHandedOverPrivileges(image: Image, kept: KeptSockets): void {
+  if (vouchedFor(image)) return;
+  const holders = new Map<string, { p: Process; fd: Fd }[]>();
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      const key = fd.socket ? `socket ${fd.socket.ino}` : fd.tcp && !fd.tcp.closed ? `connection ${fd.tcp.ino}` : undefined;
+      if (!key) continue;
+      const list = holders.get(key);
+      if (list) list.push({ p, fd });
+      else holders.set(key, [{ p, fd }]);
+    }
+  for (const held of holders.values()) {
+    const { p, fd } = held[0];
+    const handed = handedOver(fd, kept);
+    if (!handed) continue;
+    const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}`;
+    let live: SocketOption[];
+    try {
+      live = readExtras(handed.sock, handed.kind, handed.family, handed.type, [], `${where}: ${handed.what}`);
+    } catch (e) {
+      throw new AppshotError(`${where}: the options of ${handed.what} cannot be read: ${(e as Error).message}`);
+    }
+    for (const o of live) {
+      const need = optionPrivilege(o);
+      if (need && !held.some((h) => processMay(h.p, need.caps)))
+        throw new AppshotError(
+          `${where}: option ${need.what} of ${handed.what} needs ${capNames(need.caps)}, which no process holding the socket had: handed over by this restore, it would give the application more than it held`,
+          ExitCode.denied,
+        );
+    }
+  }
+}
+
+/** The socket a keeper holds that the restore hands over for `fd` (the
+ * first of its descriptors), as the restore decides it (tcp.ts
+ * ConnectionMaker.open, openSocket): its kind and family as the catalogue
+ * reads its options, and how messages name it. */
+function handedOver(fd: Fd, kept: KeptSockets): { sock: number; kind: SockKind; family: number; type: number; what: string } | undefined {
+  const c = fd.tcp;
+  if (c && !c.closed) {
+    const sock = kept.get(c.ino);
+    return sock === undefined ? undefined : { sock, kind: 'tcp', family: c.family, type: SOCK_STREAM, what: `the socket appshot-keeper holds as the TCP connection ${connectionName(c)}` };
+  }
+  const s = fd.socket;
+  if (!s) return undefined;
+  const sock = kept.get(s.ino);
+  if (sock === undefined) return undefined;
+  if (s.kept) return { sock, kind: 'unix-stream', family: AF_UNIX, type: s.type, what: 'the unix connection to a process outside the application appshot-keeper holds' };
+  if (fd.kind === FdKind.TCP_LISTEN && !s.inherited && isListenerAt(sock, s))
+    return { sock, kind: 'listen', family: s.family, type: SOCK_STREAM, what: `the TCP listener on port ${s.port} appshot-keeper holds` };
+  return undefined;
 }
 
 /** The socket `ino`, if it is one the caller installed and keeps
