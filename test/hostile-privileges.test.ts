@@ -533,3 +533,26 @@ describe.runIf(isRoot)('the options of a socket appshot-keeper holds are weighed
     await waitFor(() => !sb.aids().includes('km') && keepers().length === 0, 10_000, 'km and its keeper to end');
   });
 });
+
+/** The largest buffer of a TCP socket without CAP_NET_ADMIN (`which`:
+ * rmem or wmem), as the kernel tunes or is asked for one. */
+function unprivilegedBuffer(which: 'rmem' | 'wmem'): number {
+  const tuned = Number(readFileSync(`/proc/sys/net/ipv4/tcp_${which}`, 'utf8').trim().split(/\s+/)[2]);
+  return Math.max(tuned, 2 * Number(readFileSync(`/proc/sys/net/core/${which}_max`, 'utf8')));
+}
+
+describe.runIf(isRoot)('a connection\'s queues larger than any buffer of a process without CAP_NET_ADMIN', () => {
+  it('are refused for a process that had none (the restore would force its buffers up to hold them)', () => {
+    const rmax = unprivilegedBuffer('rmem');
+    const wmax = unprivilegedBuffer('wmem');
+    const cases: [string, Partial<TcpConnection>, RegExp][] = [
+      ['recvq', { recvQueue: Buffer.alloc(rmax + 1) }, new RegExp(`'s receive queue of ${rmax + 1} bytes \\(more than a buffer without CAP_NET_ADMIN holds: ${rmax}, [^)]*\\)`)],
+      ['sendq', { sendQueue: Buffer.alloc(wmax + 1) }, new RegExp(`'s send queue of ${wmax + 1} bytes \\(more than a buffer without CAP_NET_ADMIN holds: ${wmax}, [^)]*\\)`)],
+    ];
+    for (const [name, queues, why] of cases)
+      refused(
+        crafted(name, (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: { ...connection(9_000_040n, 40997), ...queues } })),
+        new RegExp(`fd 40: the TCP connection 127\\.0\\.0\\.1:40997 → 127\\.0\\.0\\.1:40999${why.source} needs CAP_NET_ADMIN, ${NO_PROCESS_HAD.source}: made by this restore`),
+      );
+  });
+});

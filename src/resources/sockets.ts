@@ -54,7 +54,7 @@ import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconne
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
 import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, optionPrivilege, readExtras, resetExtras, type SockKind } from './sockopts.js';
-import { CAP_NET_BIND_SERVICE, CAP_NET_RAW, capNames, processMay, restorerMay, vouchedFor } from './heldcaps.js';
+import { CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_NET_RAW, capNames, processMay, restorerMay, vouchedFor } from './heldcaps.js';
 import type { NetlinkSeen, TablesSnapshot, UnixSocketInfo } from '../native.js';
 
 /** A TCP socket as it told of itself (SocketTable.tcpSocket). */
@@ -1038,6 +1038,27 @@ function unprivilegedPortStart(): number {
 }
 
 /**
+ * The largest buffer the kernel gives a TCP socket of a process without
+ * CAP_NET_ADMIN, receiving (`rmem`) or sending (`wmem`): what its own
+ * tuning grows one to (net.ipv4.tcp_rmem's or tcp_wmem's maximum), or
+ * twice what setsockopt lets anyone ask for (net.core.rmem_max or
+ * wmem_max), whichever is larger; a queue is held within its buffer.
+ * Read from the restorer's network namespace, where the sockets are made.
+ */
+function unprivilegedBuffer(which: 'rmem' | 'wmem'): { bytes: number; why: string } {
+  const read = (path: string) => {
+    try {
+      return readFileSync(path, 'utf8').trim().split(/\s+/).map(Number);
+    } catch {
+      return [0];
+    }
+  };
+  const tuned = read(`/proc/sys/net/ipv4/tcp_${which}`)[2] ?? 0;
+  const asked = 2 * (read(`/proc/sys/net/core/${which}_max`)[0] ?? 0);
+  return tuned >= asked ? { bytes: tuned, why: `net.ipv4.tcp_${which}'s maximum` } : { bytes: asked, why: `twice net.core.${which}_max` };
+}
+
+/**
  * The privilege rule for sockets, before anything is made. What the
  * restorer (its engine, root) makes with its own rights and the kernel
  * lets only a capability make: a socket bound to a port below
@@ -1054,7 +1075,10 @@ function unprivilegedPortStart(): number {
  * netlinkPrivileges); each option only a capability sets (sockopts.ts
  * optionPrivilege: SO_MARK, IP_TRANSPARENT, SO_PRIORITY above 6,
  * SO_DEBUG, a buffer size beyond the sysctl's, a congestion control not
- * allowed everyone, NETLINK_LISTEN_ALL_NSID), a connection's too. Each
+ * allowed everyone, NETLINK_LISTEN_ALL_NSID), a connection's too; a
+ * connection's queue larger than any buffer of a socket without
+ * CAP_NET_ADMIN holds (unprivilegedBuffer: the restore raises its
+ * buffers to hold it with SO_*BUFFORCE, as for the option). Each
  * only for a socket some process holding it in the image held the
  * capability (in its effective or permitted set: heldcaps.ts, per
  * holder; this node's own snapshot is taken at its word), and only by a
@@ -1105,6 +1129,18 @@ export function checkSocketPrivileges(image: Image, capEff: bigint): void {
       if (!accepted && c.localPort > 0 && c.localPort < lowest)
         needs.push({ caps: [CAP_NET_BIND_SERVICE], what: `the TCP connection ${connectionName(c)} from port ${c.localPort}`, held: c.kept });
       options(c.socketOptions ?? []);
+      // Its queues are refilled into buffers raised to hold them
+      // (tcp_repair.c make_room, SO_*BUFFORCE): a queue no buffer of a
+      // socket without CAP_NET_ADMIN holds is one the image's process
+      // could only have had with it. (A kept one is handed over, queues
+      // and all, and its record has none.)
+      if (!c.kept)
+        for (const q of [
+          { name: 'receive', bytes: c.recvQueue.length, max: unprivilegedBuffer('rmem') },
+          { name: 'send', bytes: c.sendQueue.length, max: unprivilegedBuffer('wmem') },
+        ])
+          if (q.bytes > q.max.bytes)
+            needs.push({ caps: [CAP_NET_ADMIN], what: `the TCP connection ${connectionName(c)}'s ${q.name} queue of ${q.bytes} bytes (more than a buffer without CAP_NET_ADMIN holds: ${q.max.bytes}, ${q.max.why})` });
     }
     for (const need of needs) {
       const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: ${need.what} needs ${capNames(need.caps)}`;
