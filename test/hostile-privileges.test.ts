@@ -555,4 +555,21 @@ describe.runIf(isRoot)('a connection\'s queues larger than any buffer of a proce
         new RegExp(`fd 40: the TCP connection 127\\.0\\.0\\.1:40997 → 127\\.0\\.0\\.1:40999${why.source} needs CAP_NET_ADMIN, ${NO_PROCESS_HAD.source}: made by this restore`),
       );
   });
+
+  it('a queue as large as the kernel\'s tuning gives anyone restores for a process that had no capability', async () => {
+    const bytes = unprivilegedBuffer('rmem');
+    const legit = crafted('recvq-max', (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: { ...connection(9_000_040n, 40996), recvQueue: Buffer.alloc(bytes, 7) } }));
+    const r = sb.run(['restore', legit, '--trust-image', '--aid', 'qok']);
+    try {
+      expect(r.code, r.stderr).toBe(0);
+      const [pid] = fixtureProcesses();
+      // Made and handed over (its peer, which never was, resets it once
+      // it is let go: it is not looked at further).
+      expect(readlinkSync(`/proc/${pid}/fd/40`)).toMatch(/^socket:\[\d+\]$/);
+      expect(readFileSync(`/proc/${pid}/status`, 'utf8')).toMatch(/Uid:\s+65534\s/);
+    } finally {
+      sb.run(['stop', 'qok', '--signal', 'KILL']);
+      await waitFor(() => !sb.aids().includes('qok') && fixtureProcesses().length === 0, 10_000, 'qok to end');
+    }
+  });
 });
