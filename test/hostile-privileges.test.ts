@@ -19,7 +19,9 @@
  *
  * Then the sockets the restore hands over rather than makes: a connection
  * appshot-keeper holds is given only as the image records it (its port
- * weighed as any); and netlink groups, whose rule is checked against
+ * weighed as any), and only to processes that could have set the options
+ * the socket itself has (a root server's SO_MARK, which the record need
+ * not say); and netlink groups, whose rule is checked against
  * what the kernel lets a process without capabilities join.
  */
 import { spawnSync } from 'node:child_process';
@@ -456,5 +458,118 @@ describe.runIf(isRoot)('netlink groups of every protocol: only those the process
       crafted('netlink-mroute6', (_i, p) => add(p, 40, NETLINK_ROUTE, [1, 31])),
       new RegExp(`fd 40: a NETLINK_ROUTE socket in group 31 \\(RTNLGRP_IPV6_MROUTE_R\\) needs CAP_NET_ADMIN, ${NO_PROCESS_HAD.source}`),
     );
+  });
+});
+
+describe.runIf(isRoot)('the options of a socket appshot-keeper holds are weighed as recorded ones', () => {
+  it('a root server\'s connections with SO_MARK, given to uid 65534 by an image that does not record it (or records them kept live), are refused; the real image restores them', async () => {
+    // tcpfix as root, each connection it accepts marked (SO_MARK 4242):
+    // the test's and its inside client's, held by handler processes.
+    const port = 40184;
+    const r = sb.run(['run', '-d', '--aid', 'km', '--', fixture('tcpfix'), String(port), join(out, 'km.go'), '1000', 'mark']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /INSIDE WAITING|FAIL/.test(log('km')), 10_000, 'tcpfix to start');
+    const client = connect({ port, host: '127.0.0.1' });
+    await new Promise<void>((ok, fail) => client.once('connect', ok).once('error', fail));
+    let reset: Error | undefined;
+    client.on('error', (e) => (reset = e));
+    try {
+      const image = join(out, 'km');
+      const s = sb.run(['snapshot', 'km', '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+      await waitFor(() => !sb.aids().includes('km'), 10_000, 'km to end');
+      expect(keepers()).toHaveLength(1);
+      const loaded = await loadImage(image, { trust: 'report' });
+      const ours = (i: Image) => i.processes.flatMap((p) => p.fds).find((fd) => fd.tcp?.peerPort === client.localPort)!.tcp!;
+      expect(ours(loaded.image).socketOptions).toContainEqual(expect.objectContaining({ level: 1, name: 36, value: 4242 }));
+      // Processes made the nobody fixture's (uid 65534, no capability):
+      // every one, or (`only`) those holding the test's connection.
+      const asNobody = (only: boolean, change: (c: TcpConnection) => void): Image => {
+        const lie = structuredClone(loaded.image);
+        const creds = nobodyImage.processes[0].creds;
+        for (const p of lie.processes) {
+          if (only && !p.fds.some((fd) => fd.tcp?.peerPort === client.localPort)) continue;
+          p.creds = structuredClone(creds);
+          for (const t of p.threads) t.creds = structuredClone(creds);
+        }
+        for (const fd of lie.processes.flatMap((p) => p.fds)) if (fd.tcp?.peerPort === client.localPort) change(fd.tcp);
+        return lie;
+      };
+      const refusedHeld = (name: string, lie: Image) => {
+        const dir = writeSignedImage(join(out, name), lie, image, { signer: other.home, id: loaded.manifest.imageId });
+        const aidsBefore = sb.aids();
+        const bad = spawnSync(appshot, ['restore', dir, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+        const lines = bad.stderr.split('\n').filter((l) => l !== '');
+        expect(lines, bad.stderr).toHaveLength(1);
+        expect(lines[0]).toMatch(
+          new RegExp(
+            `^appshot: cannot restore ${dir}: process \\d+ \\(tcpfix\\) fd \\d+: option SO_MARK 4242 of the socket appshot-keeper holds as the TCP connection 127\\.0\\.0\\.1:${port} → 127\\.0\\.0\\.1:\\d+ needs CAP_NET_RAW or CAP_NET_ADMIN, ${NO_PROCESS_HAD.source}: handed over by this restore, it would give the application more than it held$`,
+          ),
+        );
+        expect(bad.status).toBe(5);
+        expect(sb.aids()).toEqual(aidsBefore);
+        // Held again for the real image.
+        expect(keepers()).toHaveLength(1);
+      };
+      // Every process nobody's, no record saying SO_MARK: only the
+      // sockets the keeper holds have it.
+      const lie = asNobody(false, () => undefined);
+      for (const fd of lie.processes.flatMap((p) => p.fds)) if (fd.tcp) fd.tcp.socketOptions = fd.tcp.socketOptions.filter((o) => !(o.level === 1 && o.name === 36));
+      refusedHeld('km-nomark', lie);
+      // Its handler only nobody's, and the test's connection recorded as
+      // kept live (taken without repair): a record with no options at all.
+      refusedHeld('km-kept', asNobody(true, (c) => Object.assign(c, { kept: true, socketOptions: [], sendQueue: Buffer.alloc(0), recvQueue: Buffer.alloc(0), unsent: 0 })));
+      const good = sb.run(['restore', image]);
+      expect(good.code, good.stderr).toBe(0);
+      const echoed = new Promise<string>((ok) => client.once('data', (d: Buffer) => ok(d.toString())));
+      client.write('ECHO still here\n');
+      expect(await echoed).toBe('still here\n');
+      expect(reset).toBeUndefined();
+      expect(spawnSync('ss', ['-Hntae', `sport = :${port}`, `dport = :${client.localPort}`], { encoding: 'utf8' }).stdout).toMatch(/fwmark:0x1092/);
+    } finally {
+      client.destroy();
+      sb.run(['stop', 'km', '--signal', 'KILL']);
+    }
+    await waitFor(() => !sb.aids().includes('km') && keepers().length === 0, 10_000, 'km and its keeper to end');
+  });
+});
+
+/** The largest buffer of a TCP socket without CAP_NET_ADMIN (`which`:
+ * rmem or wmem), as the kernel tunes or is asked for one. */
+function unprivilegedBuffer(which: 'rmem' | 'wmem'): number {
+  const tuned = Number(readFileSync(`/proc/sys/net/ipv4/tcp_${which}`, 'utf8').trim().split(/\s+/)[2]);
+  return Math.max(tuned, 2 * Number(readFileSync(`/proc/sys/net/core/${which}_max`, 'utf8')));
+}
+
+describe.runIf(isRoot)('a connection\'s queues larger than any buffer of a process without CAP_NET_ADMIN', () => {
+  it('are refused for a process that had none (the restore would force its buffers up to hold them)', () => {
+    const rmax = unprivilegedBuffer('rmem');
+    const wmax = unprivilegedBuffer('wmem');
+    const cases: [string, Partial<TcpConnection>, RegExp][] = [
+      ['recvq', { recvQueue: Buffer.alloc(rmax + 1) }, new RegExp(`'s receive queue of ${rmax + 1} bytes \\(more than a buffer without CAP_NET_ADMIN holds: ${rmax}, [^)]*\\)`)],
+      ['sendq', { sendQueue: Buffer.alloc(wmax + 1) }, new RegExp(`'s send queue of ${wmax + 1} bytes \\(more than a buffer without CAP_NET_ADMIN holds: ${wmax}, [^)]*\\)`)],
+    ];
+    for (const [name, queues, why] of cases)
+      refused(
+        crafted(name, (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: { ...connection(9_000_040n, 40997), ...queues } })),
+        new RegExp(`fd 40: the TCP connection 127\\.0\\.0\\.1:40997 → 127\\.0\\.0\\.1:40999${why.source} needs CAP_NET_ADMIN, ${NO_PROCESS_HAD.source}: made by this restore`),
+      );
+  });
+
+  it('a queue as large as the kernel\'s tuning gives anyone restores for a process that had no capability', async () => {
+    const bytes = unprivilegedBuffer('rmem');
+    const legit = crafted('recvq-max', (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: { ...connection(9_000_040n, 40996), recvQueue: Buffer.alloc(bytes, 7) } }));
+    const r = sb.run(['restore', legit, '--trust-image', '--aid', 'qok']);
+    try {
+      expect(r.code, r.stderr).toBe(0);
+      const [pid] = fixtureProcesses();
+      // Made and handed over (its peer, which never was, resets it once
+      // it is let go: it is not looked at further).
+      expect(readlinkSync(`/proc/${pid}/fd/40`)).toMatch(/^socket:\[\d+\]$/);
+      expect(readFileSync(`/proc/${pid}/status`, 'utf8')).toMatch(/Uid:\s+65534\s/);
+    } finally {
+      sb.run(['stop', 'qok', '--signal', 'KILL']);
+      await waitFor(() => !sb.aids().includes('qok') && fixtureProcesses().length === 0, 10_000, 'qok to end');
+    }
   });
 });

@@ -54,7 +54,7 @@ import { isUnconnected, neverConnected, optionKind, unconnectedName, unixUnconne
 import { dnotifyInos } from './fdowner.js';
 import { heldQueueInos } from './mqueue.js';
 import { applyExtras, earlyBytes, forgetClosed, type HeldSocket, isCarriedExtra, noted, NOTHING_NOTED, type Notes, optionPrivilege, readExtras, resetExtras, type SockKind } from './sockopts.js';
-import { CAP_NET_BIND_SERVICE, CAP_NET_RAW, capNames, processMay, restorerMay, vouchedFor } from './heldcaps.js';
+import { CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_NET_RAW, capNames, processMay, restorerMay, vouchedFor } from './heldcaps.js';
 import type { NetlinkSeen, TablesSnapshot, UnixSocketInfo } from '../native.js';
 
 /** A TCP socket as it told of itself (SocketTable.tcpSocket). */
@@ -525,7 +525,8 @@ export function forgetClosedSockets(ctx: DumpContext): void {
 
 /** Before anything is made: every socket the image says a keeper held is
  * held, for this image (a restore on another host, or after the keeper
- * gave up, cannot have it). */
+ * gave up, cannot have it); and what the keeper hands over gives no
+ * process more than it held (checkHandedOverPrivileges). */
 export function requireKept(image: Image, kept: KeptSockets): void {
   for (const p of image.processes)
     for (const f of p.fds) {
@@ -541,6 +542,77 @@ export function requireKept(image: Image, kept: KeptSockets): void {
           ExitCode.conflict,
         );
     }
+  checkHandedOverPrivileges(image, kept);
+}
+
+/**
+ * The privilege rule for the sockets a keeper hands over (a connection,
+ * kept live or in repair mode; a unix connection to a process outside; a
+ * listener with connections waiting), before anything is made: the very
+ * socket, with whatever options it has, which the image's record need
+ * not say. A record of a connection kept live carries none, and one in
+ * repair mode only those its dump read; but the socket may have SO_MARK,
+ * IP_TRANSPARENT, SO_PRIORITY above 6, SO_DEBUG, a forced buffer (set by
+ * the root application this user snapshotted), and a crafted image (the
+ * real one's id, another node's key, --trust-image) could give it to a
+ * process with no capability. So the options each socket has now are
+ * read from it and weighed as recorded ones are (sockopts.ts
+ * optionPrivilege): each only for a socket some process holding it in
+ * the image held the capability, per holder (heldcaps.ts); this node's
+ * own snapshot is taken at its word. Not the restorer: it sets none of
+ * them. Refused, the restore fails and the keeper holds them again.
+ */
+function checkHandedOverPrivileges(image: Image, kept: KeptSockets): void {
+  if (vouchedFor(image)) return;
+  const holders = new Map<string, { p: Process; fd: Fd }[]>();
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      const key = fd.socket ? `socket ${fd.socket.ino}` : fd.tcp && !fd.tcp.closed ? `connection ${fd.tcp.ino}` : undefined;
+      if (!key) continue;
+      const list = holders.get(key);
+      if (list) list.push({ p, fd });
+      else holders.set(key, [{ p, fd }]);
+    }
+  for (const held of holders.values()) {
+    const { p, fd } = held[0];
+    const handed = handedOver(fd, kept);
+    if (!handed) continue;
+    const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}`;
+    let live: SocketOption[];
+    try {
+      live = readExtras(handed.sock, handed.kind, handed.family, handed.type, [], `${where}: ${handed.what}`);
+    } catch (e) {
+      throw new AppshotError(`${where}: the options of ${handed.what} cannot be read: ${(e as Error).message}`);
+    }
+    for (const o of live) {
+      const need = optionPrivilege(o);
+      if (need && !held.some((h) => processMay(h.p, need.caps)))
+        throw new AppshotError(
+          `${where}: option ${need.what} of ${handed.what} needs ${capNames(need.caps)}, which no process holding the socket had: handed over by this restore, it would give the application more than it held`,
+          ExitCode.denied,
+        );
+    }
+  }
+}
+
+/** The socket a keeper holds that the restore hands over for `fd` (the
+ * first of its descriptors), as the restore decides it (tcp.ts
+ * ConnectionMaker.open, openSocket): its kind and family as the catalogue
+ * reads its options, and how messages name it. */
+function handedOver(fd: Fd, kept: KeptSockets): { sock: number; kind: SockKind; family: number; type: number; what: string } | undefined {
+  const c = fd.tcp;
+  if (c && !c.closed) {
+    const sock = kept.get(c.ino);
+    return sock === undefined ? undefined : { sock, kind: 'tcp', family: c.family, type: SOCK_STREAM, what: `the socket appshot-keeper holds as the TCP connection ${connectionName(c)}` };
+  }
+  const s = fd.socket;
+  if (!s) return undefined;
+  const sock = kept.get(s.ino);
+  if (sock === undefined) return undefined;
+  if (s.kept) return { sock, kind: 'unix-stream', family: AF_UNIX, type: s.type, what: 'the unix connection to a process outside the application appshot-keeper holds' };
+  if (fd.kind === FdKind.TCP_LISTEN && !s.inherited && isListenerAt(sock, s))
+    return { sock, kind: 'listen', family: s.family, type: SOCK_STREAM, what: `the TCP listener on port ${s.port} appshot-keeper holds` };
+  return undefined;
 }
 
 /** The socket `ino`, if it is one the caller installed and keeps
@@ -966,6 +1038,27 @@ function unprivilegedPortStart(): number {
 }
 
 /**
+ * The largest buffer the kernel gives a TCP socket of a process without
+ * CAP_NET_ADMIN, receiving (`rmem`) or sending (`wmem`): what its own
+ * tuning grows one to (net.ipv4.tcp_rmem's or tcp_wmem's maximum), or
+ * twice what setsockopt lets anyone ask for (net.core.rmem_max or
+ * wmem_max), whichever is larger; a queue is held within its buffer.
+ * Read from the restorer's network namespace, where the sockets are made.
+ */
+function unprivilegedBuffer(which: 'rmem' | 'wmem'): { bytes: number; why: string } {
+  const read = (path: string) => {
+    try {
+      return readFileSync(path, 'utf8').trim().split(/\s+/).map(Number);
+    } catch {
+      return [0];
+    }
+  };
+  const tuned = read(`/proc/sys/net/ipv4/tcp_${which}`)[2] ?? 0;
+  const asked = 2 * (read(`/proc/sys/net/core/${which}_max`)[0] ?? 0);
+  return tuned >= asked ? { bytes: tuned, why: `net.ipv4.tcp_${which}'s maximum` } : { bytes: asked, why: `twice net.core.${which}_max` };
+}
+
+/**
  * The privilege rule for sockets, before anything is made. What the
  * restorer (its engine, root) makes with its own rights and the kernel
  * lets only a capability make: a socket bound to a port below
@@ -982,7 +1075,10 @@ function unprivilegedPortStart(): number {
  * netlinkPrivileges); each option only a capability sets (sockopts.ts
  * optionPrivilege: SO_MARK, IP_TRANSPARENT, SO_PRIORITY above 6,
  * SO_DEBUG, a buffer size beyond the sysctl's, a congestion control not
- * allowed everyone, NETLINK_LISTEN_ALL_NSID), a connection's too. Each
+ * allowed everyone, NETLINK_LISTEN_ALL_NSID), a connection's too; a
+ * connection's queue larger than any buffer of a socket without
+ * CAP_NET_ADMIN holds (unprivilegedBuffer: the restore raises its
+ * buffers to hold it with SO_*BUFFORCE, as for the option). Each
  * only for a socket some process holding it in the image held the
  * capability (in its effective or permitted set: heldcaps.ts, per
  * holder; this node's own snapshot is taken at its word), and only by a
@@ -1033,6 +1129,18 @@ export function checkSocketPrivileges(image: Image, capEff: bigint): void {
       if (!accepted && c.localPort > 0 && c.localPort < lowest)
         needs.push({ caps: [CAP_NET_BIND_SERVICE], what: `the TCP connection ${connectionName(c)} from port ${c.localPort}`, held: c.kept });
       options(c.socketOptions ?? []);
+      // Its queues are refilled into buffers raised to hold them
+      // (tcp_repair.c make_room, SO_*BUFFORCE): a queue no buffer of a
+      // socket without CAP_NET_ADMIN holds is one the image's process
+      // could only have had with it. (A kept one is handed over, queues
+      // and all, and its record has none.)
+      if (!c.kept)
+        for (const q of [
+          { name: 'receive', bytes: c.recvQueue.length, max: unprivilegedBuffer('rmem') },
+          { name: 'send', bytes: c.sendQueue.length, max: unprivilegedBuffer('wmem') },
+        ])
+          if (q.bytes > q.max.bytes)
+            needs.push({ caps: [CAP_NET_ADMIN], what: `the TCP connection ${connectionName(c)}'s ${q.name} queue of ${q.bytes} bytes (more than a buffer without CAP_NET_ADMIN holds: ${q.max.bytes}, ${q.max.why})` });
     }
     for (const need of needs) {
       const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}: ${need.what} needs ${capNames(need.caps)}`;
