@@ -388,7 +388,11 @@ describe('appshot serve: a shared listener whose instance fails', () => {
       throw new Error(`${e.message}\n${serve2!.stderr}`);
     });
     const next = asked(CRASH_PUBLIC);
-    await waitFor(() => processState(servePid) === 'T', 30_000, 'serve to stop after the second resume');
+    await waitFor(() => processState(servePid) === 'T', 30_000, 'serve to stop after the second resume').catch(async (e: Error) => {
+      // The client's own failure is this one's: not left unhandled.
+      const told = await next.then((t) => `the client was told ${JSON.stringify(t)}`, (err: Error) => `the client: ${err.message}`);
+      throw new Error(`${e.message} (${told})\n${serve2!.stderr}`);
+    });
     process.kill(servePid, 'SIGCONT');
     expect(await next).toBe('pong 1\n');
     // (Forwarded to the server before its end, or to its helper's copy

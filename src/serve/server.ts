@@ -1033,6 +1033,15 @@ class Service {
       this.instances.delete(inst.aid);
       void api.rm(inst.aid, { home: this.host.home, force: true }).catch(() => undefined);
     }
+    // The forwarding thread's grant to it goes now, before the crash is
+    // told (the log line, the state file): a client that comes once it
+    // is must be held for the restore, not sent at once by the thread to
+    // what is left of the instance, whose helper's copy of the listener
+    // takes the connect and never answers (nothing else then asks for a
+    // restore). It went at the next pump, a window a loaded machine opens
+    // (serve-listenopts.test.ts, forwarding). Granted elsewhere if
+    // another instance runs.
+    this.grant(false);
     this.log('crash', { instance: inst.aid, why, next: this.spec.mode === 'restore' ? `restore from ${this.lastImage}` : 'drop' });
     this.changed();
   }
