@@ -554,7 +554,9 @@ interface Addon {
   /** `dir`: where a relative unix name is resolved. `peerCred`: a unix
    * listener listens with those credentials (peercred.c). */
   sockConnect(fd: number, addr: Buffer, dir?: string, who?: FsIdentities): void;
-  /** open(2) (O_CLOEXEC added) as `who` (fsident.c): what that process could open. */
+  /** open(2) (O_CLOEXEC added) as `who` (fsident.c): what that process
+   * could open, never through a /proc magic link (throws ELOOP with
+   * `magicLink` set: fsident.ts magicLinkRefusal). */
   openAs(path: string, flags: number, mode: number, who?: FsIdentities): number;
   /** An O_PATH descriptor of the regular file `path` if `who` reaches it
    * and may execute it (fsident's ExecOp): a process's executable. */

@@ -142,10 +142,11 @@ describe("names resolved as the engine's own process (r344 #5)", () => {
   });
 
   /** `appshot restore dir` run in a CLI process of its own (no engine)
-   * whose standard input is a pipe: what it said and how it ended. An
-   * application a wrong restore made is removed. */
-  const restoreHere = (dir: string) => {
-    const r = spawnSync('sh', ['-c', ': | exec "$0" "$@"', process.execPath, cli, 'restore', dir, '--aid', 'here'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8', timeout: 50_000 });
+   * whose standard input is a pipe, or the file `stdin`: what it said and
+   * how it ended. An application a wrong restore made is removed. */
+  const restoreHere = (dir: string, stdin?: string) => {
+    const script = stdin === undefined ? ': | exec "$0" "$@"' : 'exec "$0" "$@" < "$RESTORER_STDIN"';
+    const r = spawnSync('sh', ['-c', script, process.execPath, cli, 'restore', dir, '--aid', 'here'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', RESTORER_STDIN: stdin ?? '' }, encoding: 'utf8', timeout: 50_000 });
     if (r.status === 0) {
       sb.run(['kill', 'here']);
       sb.run(['rm', 'here']);
@@ -191,10 +192,65 @@ describe("names resolved as the engine's own process (r344 #5)", () => {
     });
     const r = restoreHere(dir);
     expect(r.lines, r.stderr).toHaveLength(1);
-    expect(r.lines[0]).toMatch(new RegExp(`pipe \\d+: ${link} leads to pipe:\\[\\d+\\], another process's descriptor`));
+    // Refused at the walk now, before the check after the open (which
+    // refused it as the pipe it led to): /proc/self/fd/0 is a magic link.
+    expect(r.lines[0]).toMatch(new RegExp(`the named FIFO ${link} leads through a /proc magic link`));
     expect(r.code).not.toBe(0);
     expect(sb.aids()).toEqual([]);
     expect(sandboxProcesses()).toBe('');
+  });
+
+  /** `restoreHere(dir, stdin)` refused: one line matching `line`, a
+   * non-zero exit, and nothing left (no application, process, table file
+   * or temporary file). */
+  const refusedHere = (dir: string, line: RegExp, stdin?: string) => {
+    const shm = sb.shmFiles();
+    const r = restoreHere(dir, stdin);
+    expect(r.lines, r.stderr).toHaveLength(1);
+    expect(r.lines[0]).toMatch(/^appshot: /);
+    expect(r.lines[0]).not.toMatch(/internal error/);
+    expect(r.lines[0]).toMatch(line);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(sb.aids()).toEqual([]);
+    expect(sb.shmFiles()).toEqual(shm);
+    const tmp = join(sb.home, 'tmp');
+    expect(existsSync(tmp) ? readdirSync(tmp) : []).toEqual([]);
+    expect(sandboxProcesses()).toBe('');
+  };
+
+  describe("names that lead through a /proc magic link to the restorer's own descriptors (h359)", () => {
+    // /proc/self/fd/N, followed by a thread of the restorer, is its own
+    // descriptor N whatever identity the thread took (a process always
+    // passes the check of its own /proc), and a regular file there is no
+    // /proc file to a check after the open: only the walk can refuse it.
+    const link = (name: string, to: string) => {
+      const at = join(out, name);
+      rmSync(at, { force: true });
+      symlinkSync(to, at);
+      return at;
+    };
+
+    it("refuses a descriptor whose name is a symlink to /proc/self/fd/0, a regular file the restorer holds, and leaves nothing", () => {
+      // What the resident engine's open files, memfds and tables are to
+      // it: here a file the restoring CLI process holds as its input.
+      const own = join(out, 'restorers-own-file');
+      writeFileSync(own, "the restorer's own\n", { mode: 0o600 });
+      const to = link('to-self-fd0', '/proc/self/fd/0');
+      refusedHere(crafted('magic-self-fd', 'root', (i) => withFilePath(i, to)), new RegExp(`${to}, which process \\d+ holds open as fd 40, leads through a /proc magic link .*which a restore never follows`), own);
+    });
+
+    it("refuses one that passes through /proc/self/root on the way, in the engine", () => {
+      const to = link('to-self-root', '/proc/self/root');
+      const path = join(to, 'etc', 'passwd');
+      refused(crafted('magic-self-root', 'root', (i) => withFilePath(i, path)), new RegExp(`${path}, which process \\d+ holds open as fd 40, leads through a /proc magic link`));
+      expect(sandboxProcesses()).toBe('');
+    });
+
+    it("refuses a working directory that leads through /proc/self/cwd", () => {
+      const to = link('to-self-cwd', '/proc/self/cwd');
+      refused(crafted('magic-self-cwd', 'root', (i) => void (i.processes.find((p) => p.fds.some((f) => f.kind === FdKind.FILE))!.cwd = to)), new RegExp(`working directory ${to} leads through a /proc magic link`));
+      expect(sandboxProcesses()).toBe('');
+    });
   });
 
   it("still restores a descriptor of the application's own /proc and of /proc/meminfo", () => {

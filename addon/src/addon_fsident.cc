@@ -122,7 +122,29 @@ struct OpenCall {
   const char* path;
   int flags;
   unsigned mode;
+  bool magic;  // refused: the name leads through a /proc magic link
 };
+
+// An open refused by fsident_open, thrown: a magic link met (`magic`) and
+// a kernel without openat2 each said in words, not as the bare errno
+// (ELOOP reads as a loop of symlinks, ENOSYS as nothing at all); the
+// error's `magicLink` is for src/resources/fsident.ts, which words the
+// refusal with what the name was of.
+void ThrowOpen(const Napi::Env& env, const std::string& path, int rc, bool magic) {
+  if (magic) {
+    Napi::Error e = Napi::Error::New(env, "open '" + path + "': it leads through a /proc magic link (a process's fd, cwd, root or exe), which a restore never follows");
+    e.Set("code", Napi::String::New(env, "ELOOP"));
+    e.Set("errno", Napi::Number::New(env, ELOOP));
+    e.Set("magicLink", Napi::Boolean::New(env, true));
+    e.ThrowAsJavaScriptException();
+    return;
+  }
+  if (rc == -ENOSYS) {
+    appshot::ThrowErrno(env, "open '" + path + "' (this kernel has no openat2, Linux 5.6, by which a restore opens an image's names)", ENOSYS);
+    return;
+  }
+  appshot::ThrowErrno(env, "open '" + path + "'", -rc);
+}
 
 int OpenOp(void* arg) {
   auto* c = static_cast<OpenCall*>(arg);
@@ -131,11 +153,18 @@ int OpenOp(void* arg) {
   // would otherwise make it the terminal of a restorer that has none (the
   // engine, serve under a service manager), whose master could then send
   // its process group SIGINT or SIGQUIT.
-  return fsident_open(c->path, c->flags | O_CLOEXEC | O_NOCTTY, c->mode);
+  int fd = fsident_open(c->path, c->flags | O_CLOEXEC | O_NOCTTY, c->mode);
+  // Told here, as this identity, on this thread: not retried as another.
+  if (fd == -ELOOP && fsident_through_magic_link(c->path, c->flags)) {
+    c->magic = true;
+    return -ELOOP;
+  }
+  return fd;
 }
 
 // openAs(path, flags, mode, who?) -> fd: open(2) as `who` (fsident.c), so
-// that a name from an image opens what its process could open, no more.
+// that a name from an image opens what its process could open, no more,
+// and never through a /proc magic link.
 Napi::Value OpenAs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber()) {
@@ -145,10 +174,10 @@ Napi::Value OpenAs(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>().Utf8Value();
   FsIdentArg who(env, info[3]);
   if (who.failed()) return env.Undefined();
-  OpenCall c{path.c_str(), info[1].As<Napi::Number>().Int32Value(), info[2].As<Napi::Number>().Uint32Value()};
+  OpenCall c{path.c_str(), info[1].As<Napi::Number>().Int32Value(), info[2].As<Napi::Number>().Uint32Value(), false};
   int rc = fsident_run(who.get(), nullptr, OpenOp, &c);
   if (rc < 0) {
-    appshot::ThrowErrno(env, "open '" + path + "'", -rc);
+    ThrowOpen(env, path, rc, c.magic);
     return env.Undefined();
   }
   return Napi::Number::New(env, rc);
@@ -163,6 +192,7 @@ Napi::Value OpenAs(const Napi::CallbackInfo& info) {
 int ExecOp(void* arg) {
   auto* c = static_cast<OpenCall*>(arg);
   int fd = fsident_open(c->path, O_PATH | O_CLOEXEC, 0);
+  if (fd == -ELOOP && fsident_through_magic_link(c->path, O_PATH)) c->magic = true;
   if (fd < 0) return fd;
   struct stat st;
   int rc = 0;
@@ -188,10 +218,10 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>().Utf8Value();
   FsIdentArg who(env, info[1]);
   if (who.failed()) return env.Undefined();
-  OpenCall c{path.c_str(), 0, 0};
+  OpenCall c{path.c_str(), 0, 0, false};
   int rc = fsident_run(who.get(), nullptr, ExecOp, &c);
   if (rc < 0) {
-    appshot::ThrowErrno(env, "open '" + path + "'", -rc);
+    ThrowOpen(env, path, rc, c.magic);
     return env.Undefined();
   }
   return Napi::Number::New(env, rc);
