@@ -563,14 +563,17 @@ interface Addon {
   openExecAs(path: string, who?: FsIdentities): number;
   /** mq_open(name, flags) of an existing queue as `who` (no O_CREAT). */
   mqOpenAs(name: string, flags: number, who?: FsIdentities): number;
-  /** inotify_add_watch(fd, path, mask) as `who`: its wd. */
-  inotifyAddWatchAs(fd: number, path: string, mask: number, who?: FsIdentities): number;
+  /** inotify_add_watch(fd, /proc/self/fd/`at`, mask) as `who`: its wd.
+   * `at`: our O_PATH descriptor of what is watched (openAs, checked);
+   * `shown`: its name, for the error's message. */
+  inotifyAddWatchAs(fd: number, at: number, mask: number, who?: FsIdentities, shown?: string): number;
   /** Watch descriptors `next` .. `upTo - 1` of our descriptor of an
    * inotify instance spent (added and removed on `path`), their events
    * read out: the number the instance gives next. */
   inotifySkipWds(fd: number, path: string, next: number, upTo: number): number;
-  /** fanotify_mark(fd, flags, mask, AT_FDCWD, path) as `who`. */
-  fanotifyMarkAs(fd: number, flags: number, mask: bigint, path: string, who?: FsIdentities): void;
+  /** fanotify_mark(fd, flags, mask, AT_FDCWD, /proc/self/fd/`at`) as
+   * `who` (`at`, `shown`: as inotifyAddWatchAs's). */
+  fanotifyMarkAs(fd: number, flags: number, mask: bigint, at: number, who?: FsIdentities, shown?: string): void;
   /** One message, whole, to `addr` or to the connected peer (null). */
   /** `creds`: sent with SCM_CREDENTIALS naming them. */
   sockSend(fd: number, data: Buffer, addr: Buffer | null, creds?: MessageCreds): void;

@@ -253,6 +253,77 @@ describe("names resolved as the engine's own process (r344 #5)", () => {
     });
   });
 
+  describe("inotify watches and fanotify marks checked after their names are walked (h359)", () => {
+    /** An inotify descriptor at fd 911 of the first process with a file
+     * descriptor, watching `path`. */
+    const inotifyOn = (path: string) => (i: Image) => {
+      const p = i.processes.find((q) => q.fds.some((f) => f.kind === FdKind.FILE))!;
+      const fd = structuredClone(p.fds.find((f) => f.kind === FdKind.FILE)!);
+      Object.assign(fd, { fd: 911, kind: FdKind.INOTIFY, flags: 0o4000, path: 'anon_inode:inotify', file: -1, description: 4911, pos: 0n, inotifyWatches: [{ wd: 1, path, mask: 0x2 }] });
+      p.fds.push(fd);
+    };
+    /** A fanotify group at fd 912, with an inode mark on `path`. */
+    const fanotifyOn = (path: string) => (i: Image) => {
+      const p = i.processes.find((q) => q.fds.some((f) => f.kind === FdKind.FILE))!;
+      const fd = structuredClone(p.fds.find((f) => f.kind === FdKind.FILE)!);
+      const g = { flags: 0x3, eventFlags: 0o100000, unprivileged: false, marks: [{ kind: 0, path, flags: 0, mask: 0x2, ignoredMask: 0 }] };
+      Object.assign(fd, { fd: 912, kind: FdKind.FANOTIFY, flags: 0o4002, path: 'anon_inode:[fanotify]', file: -1, description: 4912, pos: 0n, fanotify: g });
+      p.fds.push(fd);
+    };
+    const toSelf = () => {
+      const at = join(out, 'to-proc-self');
+      rmSync(at, { force: true });
+      symlinkSync('/proc/self', at);
+      return at;
+    };
+
+    it("refuses an inotify watch whose name leads through a symlink to the engine's own /proc directory, and leaves nothing", () => {
+      const path = join(toSelf(), 'status');
+      refused(crafted('inotify-self', 'root', inotifyOn(path)), new RegExp(`fd 911: its inotify watch 1: ${path} leads to the /proc file /proc/\\d+/status, which is not the application's own`));
+      expect(sandboxProcesses()).toBe('');
+    });
+
+    it('refuses an inotify watch whose name passes through a /proc magic link', () => {
+      const to = join(out, 'watch-to-self-root');
+      rmSync(to, { force: true });
+      symlinkSync('/proc/self/root', to);
+      const path = join(to, 'tmp');
+      refused(crafted('inotify-magic', 'root', inotifyOn(path)), new RegExp(`fd 911: its inotify watch 1 on ${path} leads through a /proc magic link`));
+      expect(sandboxProcesses()).toBe('');
+    });
+
+    it.runIf(isRoot)("refuses a fanotify mark whose name leads through a symlink to the engine's own /proc directory, and leaves nothing", () => {
+      const path = join(toSelf(), 'status');
+      refused(crafted('fanotify-self', 'root', fanotifyOn(path)), new RegExp(`fd 912: its fanotify mark: ${path} leads to the /proc file /proc/\\d+/status, which is not the application's own`));
+      expect(sandboxProcesses()).toBe('');
+    });
+
+    it('still restores a watch and a mark on a name reached through an honest symlink, on the very file', () => {
+      const real = mkdtempSync(join(out, 'watched-'));
+      writeFileSync(join(real, 'file'), 'watched\n');
+      const to = join(out, 'to-watched');
+      rmSync(to, { force: true });
+      symlinkSync(real, to);
+      const path = join(to, 'file');
+      const ino = statSync(join(real, 'file')).ino.toString(16);
+      const dir = crafted('watch-honest', 'root', (i) => {
+        inotifyOn(path)(i);
+        if (isRoot) fanotifyOn(path)(i);
+      });
+      const vpid = base.root.image.processes.find((q) => q.fds.some((f) => f.kind === FdKind.FILE))!.vpid;
+      const r = sb.run(['restore', dir, '--aid', 'watchhonest']);
+      expect(r.code, r.stderr).toBe(0);
+      try {
+        const pid = sb.systemPid('watchhonest', vpid);
+        expect(readFileSync(`/proc/${pid}/fdinfo/911`, 'utf8')).toMatch(new RegExp(`^inotify wd:1 ino:${ino} `, 'm'));
+        if (isRoot) expect(readFileSync(`/proc/${pid}/fdinfo/912`, 'utf8')).toMatch(new RegExp(`^fanotify ino:${ino} `, 'm'));
+      } finally {
+        sb.run(['kill', 'watchhonest']);
+        sb.run(['rm', 'watchhonest']);
+      }
+    });
+  });
+
   it("still restores a descriptor of the application's own /proc and of /proc/meminfo", () => {
     const dir = crafted('proc-honest', 'root', (i) => {
       const p = i.processes[0];

@@ -270,6 +270,31 @@ export function openDirectoryAs(image: Image, p: Process, path: string, what: st
   return got;
 }
 
+/** What a watch or mark of the process `p` is on (inotify.ts,
+ * fanotify.ts): `path` opened O_PATH as `who` (`nofollow`: a symlink
+ * there is itself what is watched, as IN_DONT_FOLLOW asks), and checked
+ * as every other name an image gives (refuseOutsideApplication: not
+ * another process's /proc file, such as the restoring engine's own
+ * reached through a symlink to /proc/self); the watch is then added on
+ * this descriptor (addon inotifyAddWatchAs, fanotifyMarkAs), never by the
+ * name again, which the application's user may change meanwhile. Refused
+ * in one line naming `what`. The caller closes it. */
+export function openWatchedAs(path: string, nofollow: boolean, who: FsIdentity[], p: Process, what: string): number {
+  let at: number;
+  try {
+    at = addon().openAs(path, O_PATH | (nofollow ? O_NOFOLLOW : 0), 0, who);
+  } catch (e) {
+    refusedAsProcess(e, `${what} on ${path}`, fsIdentity(p), 'made');
+  }
+  try {
+    refuseOutsideApplication(at, path, what);
+  } catch (e) {
+    closeSync(at);
+    throw e;
+  }
+  return at;
+}
+
 /** Whether `e` is the kernel's refusal of an operation made as a process. */
 export function refusal(e: unknown): boolean {
   const code = (e as NodeJS.ErrnoException).code;
