@@ -32,11 +32,13 @@ process.env.APPSHOT_HOME = sb.home;
 /** Images as snapshotted: of a root process, and of a uid-65534 one. */
 const base: Record<'root' | 'nobody', { dir: string; image: Image }> = {} as never;
 
-async function snapshotOf(aid: string, argv: string[]): Promise<{ dir: string; image: Image }> {
+/** `processes`: how many `appshot ps` shows (init among them) once it
+ * has started. */
+async function snapshotOf(aid: string, argv: string[], processes = 2): Promise<{ dir: string; image: Image }> {
   const r = sb.run(['run', '-d', '--aid', aid, '--', ...argv]);
   if (r.code !== 0) throw new Error(r.stderr);
   const dir = join(out, `base-${aid}`);
-  await waitFor(() => sb.json<{ processes: { init: boolean; comm?: string }[] }[]>(['ps', aid])[0].processes.length >= 2, 10_000, `${aid} to start`);
+  await waitFor(() => sb.json<{ processes: { init: boolean; comm?: string }[] }[]>(['ps', aid])[0].processes.length >= processes, 10_000, `${aid} to start`);
   const s = sb.run(['snapshot', aid, '-o', dir]);
   if (s.code !== 0) throw new Error(s.stderr);
   await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
@@ -374,6 +376,67 @@ describe.runIf(cgroups !== undefined)("cgroups joined as the image's processes w
     expect(r.stderr).toMatch(new RegExp(`cannot be put back into its cgroup ${path} as the image's processes \\(uid 65534\\) may not enter it: EACCES`));
     expect(r.status).not.toBe(0);
     expect(sb.aids()).toEqual([]);
+  });
+
+  it("refuses a process the restore would move into the restorer's own cgroup as the image may not, before anything is made (h359)", async () => {
+    // The restorer runs in `engine`, a cgroup only root may enter, beside
+    // `g1`, which (with their parent) is delegated to uid 65534. The
+    // image's shell goes into g1; its subshell, a fork sharing its memory,
+    // is forked from it there (restore/driver.ts forks such a child once
+    // its parent's memory, and cgroup, are made), and its cgroup, and its
+    // sleep's, is the restorer's: each must be moved back into it, which
+    // uid 65534 may not. That was asked only at the move, after the
+    // processes were made; the kill point after the checks must not be
+    // reached.
+    const forking = await snapshotOf('nobfork', ['chroot', `--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'sh', '-c', '(sleep 1000; true) & wait'], 4);
+    const child = forking.image.processes.find((c) => c.vmas.some((v) => v.pages?.cowShared?.length));
+    expect(child, 'a process sharing memory with its parent').toBeDefined();
+    const parent = forking.image.processes.find((q) => q.vpid === child!.vppid)!;
+    const top = mkdtempSync(join(cgroups!, 'appshot-hp-seed-'));
+    const engine = join(top, 'engine');
+    const g1 = join(top, 'g1');
+    mkdirSync(engine);
+    mkdirSync(g1);
+    try {
+      // (mkdtemp makes it 0700: searchable by uid 65534 too.)
+      chmodSync(top, 0o755);
+      chownSync(join(top, 'cgroup.procs'), NOBODY, NOBODY);
+      chownSync(join(g1, 'cgroup.procs'), NOBODY, NOBODY);
+      const rel = (dir: string) => dir.slice(mount.length) || '/';
+      const image = structuredClone(forking.image);
+      image.fromSnapshot = false;
+      for (const p of image.processes) p.cgroup = p.vpid === parent.vpid ? rel(g1) : rel(engine);
+      const dir = writeSignedImage(join(out, 'cgroup-seed'), image, forking.dir);
+      const restoreIn = (killAt?: string) =>
+        spawnSync('sh', ['-c', 'echo $$ > "$RESTORER_CGROUP/cgroup.procs" && exec "$0" "$@"', process.execPath, cli, 'restore', dir], {
+          env: { ...sb.env, APPSHOT_ENGINE: 'off', RESTORER_CGROUP: engine, ...(killAt ? { APPSHOT_TEST_KILL_AT: killAt } : {}) },
+          encoding: 'utf8',
+          timeout: 50_000,
+        });
+      const line = new RegExp(`cannot be put back into its cgroup ${rel(engine)} as the image's processes \\(uid 65534\\) may not enter it: EACCES`);
+      const early = restoreIn('restore: node verified');
+      expect(early.signal, early.stderr).toBeNull();
+      expect(early.stderr.trim().split('\n')).toHaveLength(1);
+      expect(early.stderr).toMatch(line);
+      expect(early.status).not.toBe(0);
+      // And refused so, it leaves nothing.
+      const shm = sb.shmFiles();
+      const r = restoreIn();
+      expect(r.stderr.trim().split('\n'), r.stderr).toHaveLength(1);
+      expect(r.stderr).toMatch(line);
+      expect(r.status).not.toBe(0);
+      expect(sb.aids()).toEqual([]);
+      expect(sb.shmFiles()).toEqual(shm);
+      expect(sandboxProcesses()).toBe('');
+      expect(readFileSync(join(g1, 'cgroup.procs'), 'utf8')).toBe('');
+      expect(readFileSync(join(engine, 'cgroup.procs'), 'utf8')).toBe('');
+    } finally {
+      for (const g of [engine, g1])
+        for (const pid of readFileSync(join(g, 'cgroup.procs'), 'utf8').split('\n').filter(Boolean)) writeFileSync(join(top, '..', 'cgroup.procs'), pid);
+      rmdirSync(engine);
+      rmdirSync(g1);
+      rmdirSync(top);
+    }
   });
 
   it("still puts an image's root process, or a snapshot of this node's uid-65534 one, back in its cgroup", () => {
