@@ -556,8 +556,9 @@ interface Addon {
   sockConnect(fd: number, addr: Buffer, dir?: string, who?: FsIdentities): void;
   /** open(2) (O_CLOEXEC added) as `who` (fsident.c): what that process
    * could open, never through a /proc magic link (throws ELOOP with
-   * `magicLink` set: fsident.ts magicLinkRefusal). */
-  openAs(path: string, flags: number, mode: number, who?: FsIdentities): number;
+   * `magicLink` set: fsident.ts refuseMagicLink). `dir`: our descriptor
+   * of a directory a relative `path` is walked from (openat). */
+  openAs(path: string, flags: number, mode: number, who?: FsIdentities, dir?: number): number;
   /** An O_PATH descriptor of the regular file `path` if `who` reaches it
    * and may execute it (fsident's ExecOp): a process's executable. */
   openExecAs(path: string, who?: FsIdentities): number;

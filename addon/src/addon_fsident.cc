@@ -123,6 +123,7 @@ struct OpenCall {
   int flags;
   unsigned mode;
   bool magic;  // refused: the name leads through a /proc magic link
+  int dir;     // where a relative `path` is walked from: AT_FDCWD or ours
 };
 
 // An open refused by fsident_open, thrown: a magic link met (`magic`) and
@@ -153,28 +154,32 @@ int OpenOp(void* arg) {
   // would otherwise make it the terminal of a restorer that has none (the
   // engine, serve under a service manager), whose master could then send
   // its process group SIGINT or SIGQUIT.
-  int fd = fsident_open(c->path, c->flags | O_CLOEXEC | O_NOCTTY, c->mode);
+  int fd = fsident_openat(c->dir, c->path, c->flags | O_CLOEXEC | O_NOCTTY, c->mode);
   // Told here, as this identity, on this thread: not retried as another.
-  if (fd == -ELOOP && fsident_through_magic_link(c->path, c->flags)) {
+  if (fd == -ELOOP && fsident_through_magic_link(c->dir, c->path, c->flags)) {
     c->magic = true;
     return -ELOOP;
   }
   return fd;
 }
 
-// openAs(path, flags, mode, who?) -> fd: open(2) as `who` (fsident.c), so
-// that a name from an image opens what its process could open, no more,
-// and never through a /proc magic link.
+// openAs(path, flags, mode, who?, dir?) -> fd: open(2) as `who`
+// (fsident.c), so that a name from an image opens what its process could
+// open, no more, and never through a /proc magic link; `dir`: our
+// descriptor of a directory (opened as the process) that a relative
+// `path` is walked from, which /proc/self/fd/N/name cannot be.
 Napi::Value OpenAs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber()) {
-    Napi::TypeError::New(env, "openAs(path, flags, mode, who?)").ThrowAsJavaScriptException();
+  bool at = info.Length() > 4 && !info[4].IsUndefined();
+  if (!info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber() || (at && !info[4].IsNumber())) {
+    Napi::TypeError::New(env, "openAs(path, flags, mode, who?, dir?)").ThrowAsJavaScriptException();
     return env.Undefined();
   }
   std::string path = info[0].As<Napi::String>().Utf8Value();
   FsIdentArg who(env, info[3]);
   if (who.failed()) return env.Undefined();
-  OpenCall c{path.c_str(), info[1].As<Napi::Number>().Int32Value(), info[2].As<Napi::Number>().Uint32Value(), false};
+  int dir = at ? info[4].As<Napi::Number>().Int32Value() : AT_FDCWD;
+  OpenCall c{path.c_str(), info[1].As<Napi::Number>().Int32Value(), info[2].As<Napi::Number>().Uint32Value(), false, dir};
   int rc = fsident_run(who.get(), nullptr, OpenOp, &c);
   if (rc < 0) {
     ThrowOpen(env, path, rc, c.magic);
@@ -192,7 +197,7 @@ Napi::Value OpenAs(const Napi::CallbackInfo& info) {
 int ExecOp(void* arg) {
   auto* c = static_cast<OpenCall*>(arg);
   int fd = fsident_open(c->path, O_PATH | O_CLOEXEC, 0);
-  if (fd == -ELOOP && fsident_through_magic_link(c->path, O_PATH)) c->magic = true;
+  if (fd == -ELOOP && fsident_through_magic_link(AT_FDCWD, c->path, O_PATH)) c->magic = true;
   if (fd < 0) return fd;
   struct stat st;
   int rc = 0;
@@ -218,7 +223,7 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>().Utf8Value();
   FsIdentArg who(env, info[1]);
   if (who.failed()) return env.Undefined();
-  OpenCall c{path.c_str(), 0, 0, false};
+  OpenCall c{path.c_str(), 0, 0, false, AT_FDCWD};
   int rc = fsident_run(who.get(), nullptr, ExecOp, &c);
   if (rc < 0) {
     ThrowOpen(env, path, rc, c.magic);

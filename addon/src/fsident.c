@@ -95,18 +95,22 @@ static int openat2_at(int dir, const char* path, const struct open_how* how) {
  * answers it (fsident_through_magic_link tells it from a loop).
  *
  * A caller that means a magic link (ours: /proc/self/fd/N of a descriptor
- * of its own) uses open(2) or the descriptor itself, never this.
+ * of its own) uses open(2) or the descriptor itself: fsident_openat, a
+ * name beneath a directory we opened as the process (paths.ts copies a
+ * directory's entries so), never a /proc/self/fd/N/name to this.
  *
  * openat2 is Linux 5.6; a restore already needs 5.8 (faccessat2, ExecOp
  * in addon_fsident.cc), so there is no fallback: on an older kernel the
  * open fails with ENOSYS rather than follow a magic link (a check after
  * the open could not tell the engine's own file from the application's:
  * both are plain files). */
-int fsident_open(const char* path, int flags, unsigned mode) {
+int fsident_open(const char* path, int flags, unsigned mode) { return fsident_openat(AT_FDCWD, path, flags, mode); }
+
+int fsident_openat(int dir, const char* path, int flags, unsigned mode) {
   /* In a retry as another identity, no symlink at all (which covers the
    * magic ones). */
   struct open_how how = open_how_of(flags, mode, strict_names ? RESOLVE_NO_SYMLINKS : RESOLVE_NO_MAGICLINKS);
-  int fd = openat2_at(AT_FDCWD, path, &how);
+  int fd = openat2_at(dir, path, &how);
   if (fd >= 0) return fd;
   /* A symlink on the way: refused as this identity, as the holder's was. */
   if (strict_names && errno == ELOOP) return -EACCES;
@@ -120,18 +124,18 @@ int fsident_open(const char* path, int flags, unsigned mode) {
  * for a trailing symlink under O_NOFOLLOW is not taken for one. In a
  * retry as another identity every symlink is refused, magic or not
  * (fsident_open): not asked. */
-int fsident_through_magic_link(const char* path, int flags) {
+int fsident_through_magic_link(int dir, const char* path, int flags) {
   if (strict_names) return 0;
   int nofollow = flags & O_NOFOLLOW;
   struct open_how plain = open_how_of(O_PATH | O_CLOEXEC | nofollow, 0, 0);
   struct open_how without = open_how_of(O_PATH | O_CLOEXEC | nofollow, 0, RESOLVE_NO_MAGICLINKS);
-  int a = openat2_at(AT_FDCWD, path, &without);
+  int a = openat2_at(dir, path, &without);
   if (a >= 0) {
     close(a);
     return 0;
   }
   if (errno != ELOOP) return 0;
-  int b = openat2_at(AT_FDCWD, path, &plain);
+  int b = openat2_at(dir, path, &plain);
   if (b < 0) return 0;
   close(b);
   return 1;
