@@ -558,21 +558,27 @@ interface Addon {
   /** `dir`: where a relative unix name is resolved. `peerCred`: a unix
    * listener listens with those credentials (peercred.c). */
   sockConnect(fd: number, addr: Buffer, dir?: string, who?: FsIdentities): void;
-  /** open(2) (O_CLOEXEC added) as `who` (fsident.c): what that process could open. */
-  openAs(path: string, flags: number, mode: number, who?: FsIdentities): number;
+  /** open(2) (O_CLOEXEC added) as `who` (fsident.c): what that process
+   * could open, never through a /proc magic link (throws ELOOP with
+   * `magicLink` set: fsident.ts refuseMagicLink). `dir`: our descriptor
+   * of a directory a relative `path` is walked from (openat). */
+  openAs(path: string, flags: number, mode: number, who?: FsIdentities, dir?: number): number;
   /** An O_PATH descriptor of the regular file `path` if `who` reaches it
    * and may execute it (fsident's ExecOp): a process's executable. */
   openExecAs(path: string, who?: FsIdentities): number;
   /** mq_open(name, flags) of an existing queue as `who` (no O_CREAT). */
   mqOpenAs(name: string, flags: number, who?: FsIdentities): number;
-  /** inotify_add_watch(fd, path, mask) as `who`: its wd. */
-  inotifyAddWatchAs(fd: number, path: string, mask: number, who?: FsIdentities): number;
+  /** inotify_add_watch(fd, /proc/self/fd/`at`, mask) as `who`: its wd.
+   * `at`: our O_PATH descriptor of what is watched (openAs, checked);
+   * `shown`: its name, for the error's message. */
+  inotifyAddWatchAs(fd: number, at: number, mask: number, who?: FsIdentities, shown?: string): number;
   /** Watch descriptors `next` .. `upTo - 1` of our descriptor of an
    * inotify instance spent (added and removed on `path`), their events
    * read out: the number the instance gives next. */
   inotifySkipWds(fd: number, path: string, next: number, upTo: number): number;
-  /** fanotify_mark(fd, flags, mask, AT_FDCWD, path) as `who`. */
-  fanotifyMarkAs(fd: number, flags: number, mask: bigint, path: string, who?: FsIdentities): void;
+  /** fanotify_mark(fd, flags, mask, AT_FDCWD, /proc/self/fd/`at`) as
+   * `who` (`at`, `shown`: as inotifyAddWatchAs's). */
+  fanotifyMarkAs(fd: number, flags: number, mask: bigint, at: number, who?: FsIdentities, shown?: string): void;
   /** One message, whole, to `addr` or to the connected peer (null). */
   /** `creds`: sent with SCM_CREDENTIALS naming them. */
   sockSend(fd: number, data: Buffer, addr: Buffer | null, creds?: MessageCreds): void;

@@ -32,11 +32,13 @@ process.env.APPSHOT_HOME = sb.home;
 /** Images as snapshotted: of a root process, and of a uid-65534 one. */
 const base: Record<'root' | 'nobody', { dir: string; image: Image }> = {} as never;
 
-async function snapshotOf(aid: string, argv: string[]): Promise<{ dir: string; image: Image }> {
+/** `processes`: how many `appshot ps` shows (init among them) once it
+ * has started. */
+async function snapshotOf(aid: string, argv: string[], processes = 2): Promise<{ dir: string; image: Image }> {
   const r = sb.run(['run', '-d', '--aid', aid, '--', ...argv]);
   if (r.code !== 0) throw new Error(r.stderr);
   const dir = join(out, `base-${aid}`);
-  await waitFor(() => sb.json<{ processes: { init: boolean; comm?: string }[] }[]>(['ps', aid])[0].processes.length >= 2, 10_000, `${aid} to start`);
+  await waitFor(() => sb.json<{ processes: { init: boolean; comm?: string }[] }[]>(['ps', aid])[0].processes.length >= processes, 10_000, `${aid} to start`);
   const s = sb.run(['snapshot', aid, '-o', dir]);
   if (s.code !== 0) throw new Error(s.stderr);
   await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
@@ -142,10 +144,11 @@ describe("names resolved as the engine's own process (r344 #5)", () => {
   });
 
   /** `appshot restore dir` run in a CLI process of its own (no engine)
-   * whose standard input is a pipe: what it said and how it ended. An
-   * application a wrong restore made is removed. */
-  const restoreHere = (dir: string) => {
-    const r = spawnSync('sh', ['-c', ': | exec "$0" "$@"', process.execPath, cli, 'restore', dir, '--aid', 'here'], { env: { ...sb.env, APPSHOT_ENGINE: 'off' }, encoding: 'utf8', timeout: 50_000 });
+   * whose standard input is a pipe, or the file `stdin`: what it said and
+   * how it ended. An application a wrong restore made is removed. */
+  const restoreHere = (dir: string, stdin?: string) => {
+    const script = stdin === undefined ? ': | exec "$0" "$@"' : 'exec "$0" "$@" < "$RESTORER_STDIN"';
+    const r = spawnSync('sh', ['-c', script, process.execPath, cli, 'restore', dir, '--aid', 'here'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', RESTORER_STDIN: stdin ?? '' }, encoding: 'utf8', timeout: 50_000 });
     if (r.status === 0) {
       sb.run(['kill', 'here']);
       sb.run(['rm', 'here']);
@@ -191,10 +194,136 @@ describe("names resolved as the engine's own process (r344 #5)", () => {
     });
     const r = restoreHere(dir);
     expect(r.lines, r.stderr).toHaveLength(1);
-    expect(r.lines[0]).toMatch(new RegExp(`pipe \\d+: ${link} leads to pipe:\\[\\d+\\], another process's descriptor`));
+    // Refused at the walk now, before the check after the open (which
+    // refused it as the pipe it led to): /proc/self/fd/0 is a magic link.
+    expect(r.lines[0]).toMatch(new RegExp(`the named FIFO ${link} leads through a /proc magic link`));
     expect(r.code).not.toBe(0);
     expect(sb.aids()).toEqual([]);
     expect(sandboxProcesses()).toBe('');
+  });
+
+  /** `restoreHere(dir, stdin)` refused: one line matching `line`, a
+   * non-zero exit, and nothing left (no application, process, table file
+   * or temporary file). */
+  const refusedHere = (dir: string, line: RegExp, stdin?: string) => {
+    const shm = sb.shmFiles();
+    const r = restoreHere(dir, stdin);
+    expect(r.lines, r.stderr).toHaveLength(1);
+    expect(r.lines[0]).toMatch(/^appshot: /);
+    expect(r.lines[0]).not.toMatch(/internal error/);
+    expect(r.lines[0]).toMatch(line);
+    expect(r.code, r.stderr).not.toBe(0);
+    expect(sb.aids()).toEqual([]);
+    expect(sb.shmFiles()).toEqual(shm);
+    const tmp = join(sb.home, 'tmp');
+    expect(existsSync(tmp) ? readdirSync(tmp) : []).toEqual([]);
+    expect(sandboxProcesses()).toBe('');
+  };
+
+  describe("names that lead through a /proc magic link to the restorer's own descriptors (h359)", () => {
+    // /proc/self/fd/N, followed by a thread of the restorer, is its own
+    // descriptor N whatever identity the thread took (a process always
+    // passes the check of its own /proc), and a regular file there is no
+    // /proc file to a check after the open: only the walk can refuse it.
+    const link = (name: string, to: string) => {
+      const at = join(out, name);
+      rmSync(at, { force: true });
+      symlinkSync(to, at);
+      return at;
+    };
+
+    it("refuses a descriptor whose name is a symlink to /proc/self/fd/0, a regular file the restorer holds, and leaves nothing", () => {
+      // What the resident engine's open files, memfds and tables are to
+      // it: here a file the restoring CLI process holds as its input.
+      const own = join(out, 'restorers-own-file');
+      writeFileSync(own, "the restorer's own\n", { mode: 0o600 });
+      const to = link('to-self-fd0', '/proc/self/fd/0');
+      refusedHere(crafted('magic-self-fd', 'root', (i) => withFilePath(i, to)), new RegExp(`${to}, which process \\d+ holds open as fd 40, leads through a /proc magic link .*which a restore never follows`), own);
+    });
+
+    it("refuses one that passes through /proc/self/root on the way, in the engine", () => {
+      const to = link('to-self-root', '/proc/self/root');
+      const path = join(to, 'etc', 'passwd');
+      refused(crafted('magic-self-root', 'root', (i) => withFilePath(i, path)), new RegExp(`${path}, which process \\d+ holds open as fd 40, leads through a /proc magic link`));
+      expect(sandboxProcesses()).toBe('');
+    });
+
+    it("refuses a working directory that leads through /proc/self/cwd", () => {
+      const to = link('to-self-cwd', '/proc/self/cwd');
+      refused(crafted('magic-self-cwd', 'root', (i) => void (i.processes.find((p) => p.fds.some((f) => f.kind === FdKind.FILE))!.cwd = to)), new RegExp(`working directory ${to} leads through a /proc magic link`));
+      expect(sandboxProcesses()).toBe('');
+    });
+  });
+
+  describe("inotify watches and fanotify marks checked after their names are walked (h359)", () => {
+    /** An inotify descriptor at fd 911 of the first process with a file
+     * descriptor, watching `path`. */
+    const inotifyOn = (path: string) => (i: Image) => {
+      const p = i.processes.find((q) => q.fds.some((f) => f.kind === FdKind.FILE))!;
+      const fd = structuredClone(p.fds.find((f) => f.kind === FdKind.FILE)!);
+      Object.assign(fd, { fd: 911, kind: FdKind.INOTIFY, flags: 0o4000, path: 'anon_inode:inotify', file: -1, description: 4911, pos: 0n, inotifyWatches: [{ wd: 1, path, mask: 0x2 }] });
+      p.fds.push(fd);
+    };
+    /** A fanotify group at fd 912, with an inode mark on `path`. */
+    const fanotifyOn = (path: string) => (i: Image) => {
+      const p = i.processes.find((q) => q.fds.some((f) => f.kind === FdKind.FILE))!;
+      const fd = structuredClone(p.fds.find((f) => f.kind === FdKind.FILE)!);
+      const g = { flags: 0x3, eventFlags: 0o100000, unprivileged: false, marks: [{ kind: 0, path, flags: 0, mask: 0x2, ignoredMask: 0 }] };
+      Object.assign(fd, { fd: 912, kind: FdKind.FANOTIFY, flags: 0o4002, path: 'anon_inode:[fanotify]', file: -1, description: 4912, pos: 0n, fanotify: g });
+      p.fds.push(fd);
+    };
+    const toSelf = () => {
+      const at = join(out, 'to-proc-self');
+      rmSync(at, { force: true });
+      symlinkSync('/proc/self', at);
+      return at;
+    };
+
+    it("refuses an inotify watch whose name leads through a symlink to the engine's own /proc directory, and leaves nothing", () => {
+      const path = join(toSelf(), 'status');
+      refused(crafted('inotify-self', 'root', inotifyOn(path)), new RegExp(`fd 911: its inotify watch 1: ${path} leads to the /proc file /proc/\\d+/status, which is not the application's own`));
+      expect(sandboxProcesses()).toBe('');
+    });
+
+    it('refuses an inotify watch whose name passes through a /proc magic link', () => {
+      const to = join(out, 'watch-to-self-root');
+      rmSync(to, { force: true });
+      symlinkSync('/proc/self/root', to);
+      const path = join(to, 'tmp');
+      refused(crafted('inotify-magic', 'root', inotifyOn(path)), new RegExp(`fd 911: its inotify watch 1 on ${path} leads through a /proc magic link`));
+      expect(sandboxProcesses()).toBe('');
+    });
+
+    it.runIf(isRoot)("refuses a fanotify mark whose name leads through a symlink to the engine's own /proc directory, and leaves nothing", () => {
+      const path = join(toSelf(), 'status');
+      refused(crafted('fanotify-self', 'root', fanotifyOn(path)), new RegExp(`fd 912: its fanotify mark: ${path} leads to the /proc file /proc/\\d+/status, which is not the application's own`));
+      expect(sandboxProcesses()).toBe('');
+    });
+
+    it('still restores a watch and a mark on a name reached through an honest symlink, on the very file', () => {
+      const real = mkdtempSync(join(out, 'watched-'));
+      writeFileSync(join(real, 'file'), 'watched\n');
+      const to = join(out, 'to-watched');
+      rmSync(to, { force: true });
+      symlinkSync(real, to);
+      const path = join(to, 'file');
+      const ino = statSync(join(real, 'file')).ino.toString(16);
+      const dir = crafted('watch-honest', 'root', (i) => {
+        inotifyOn(path)(i);
+        if (isRoot) fanotifyOn(path)(i);
+      });
+      const vpid = base.root.image.processes.find((q) => q.fds.some((f) => f.kind === FdKind.FILE))!.vpid;
+      const r = sb.run(['restore', dir, '--aid', 'watchhonest']);
+      expect(r.code, r.stderr).toBe(0);
+      try {
+        const pid = sb.systemPid('watchhonest', vpid);
+        expect(readFileSync(`/proc/${pid}/fdinfo/911`, 'utf8')).toMatch(new RegExp(`^inotify wd:1 ino:${ino} `, 'm'));
+        if (isRoot) expect(readFileSync(`/proc/${pid}/fdinfo/912`, 'utf8')).toMatch(new RegExp(`^fanotify ino:${ino} `, 'm'));
+      } finally {
+        sb.run(['kill', 'watchhonest']);
+        sb.run(['rm', 'watchhonest']);
+      }
+    });
   });
 
   it("still restores a descriptor of the application's own /proc and of /proc/meminfo", () => {
@@ -247,6 +376,67 @@ describe.runIf(cgroups !== undefined)("cgroups joined as the image's processes w
     expect(r.stderr).toMatch(new RegExp(`cannot be put back into its cgroup ${path} as the image's processes \\(uid 65534\\) may not enter it: EACCES`));
     expect(r.status).not.toBe(0);
     expect(sb.aids()).toEqual([]);
+  });
+
+  it("refuses a process the restore would move into the restorer's own cgroup as the image may not, before anything is made (h359)", async () => {
+    // The restorer runs in `engine`, a cgroup only root may enter, beside
+    // `g1`, which (with their parent) is delegated to uid 65534. The
+    // image's shell goes into g1; its subshell, a fork sharing its memory,
+    // is forked from it there (restore/driver.ts forks such a child once
+    // its parent's memory, and cgroup, are made), and its cgroup, and its
+    // sleep's, is the restorer's: each must be moved back into it, which
+    // uid 65534 may not. That was asked only at the move, after the
+    // processes were made; the kill point after the checks must not be
+    // reached.
+    const forking = await snapshotOf('nobfork', ['chroot', `--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'sh', '-c', '(sleep 1000; true) & wait'], 4);
+    const child = forking.image.processes.find((c) => c.vmas.some((v) => v.pages?.cowShared?.length));
+    expect(child, 'a process sharing memory with its parent').toBeDefined();
+    const parent = forking.image.processes.find((q) => q.vpid === child!.vppid)!;
+    const top = mkdtempSync(join(cgroups!, 'appshot-hp-seed-'));
+    const engine = join(top, 'engine');
+    const g1 = join(top, 'g1');
+    mkdirSync(engine);
+    mkdirSync(g1);
+    try {
+      // (mkdtemp makes it 0700: searchable by uid 65534 too.)
+      chmodSync(top, 0o755);
+      chownSync(join(top, 'cgroup.procs'), NOBODY, NOBODY);
+      chownSync(join(g1, 'cgroup.procs'), NOBODY, NOBODY);
+      const rel = (dir: string) => dir.slice(mount.length) || '/';
+      const image = structuredClone(forking.image);
+      image.fromSnapshot = false;
+      for (const p of image.processes) p.cgroup = p.vpid === parent.vpid ? rel(g1) : rel(engine);
+      const dir = writeSignedImage(join(out, 'cgroup-seed'), image, forking.dir);
+      const restoreIn = (killAt?: string) =>
+        spawnSync('sh', ['-c', 'echo $$ > "$RESTORER_CGROUP/cgroup.procs" && exec "$0" "$@"', process.execPath, cli, 'restore', dir], {
+          env: { ...sb.env, APPSHOT_ENGINE: 'off', RESTORER_CGROUP: engine, ...(killAt ? { APPSHOT_TEST_KILL_AT: killAt } : {}) },
+          encoding: 'utf8',
+          timeout: 50_000,
+        });
+      const line = new RegExp(`cannot be put back into its cgroup ${rel(engine)} as the image's processes \\(uid 65534\\) may not enter it: EACCES`);
+      const early = restoreIn('restore: node verified');
+      expect(early.signal, early.stderr).toBeNull();
+      expect(early.stderr.trim().split('\n')).toHaveLength(1);
+      expect(early.stderr).toMatch(line);
+      expect(early.status).not.toBe(0);
+      // And refused so, it leaves nothing.
+      const shm = sb.shmFiles();
+      const r = restoreIn();
+      expect(r.stderr.trim().split('\n'), r.stderr).toHaveLength(1);
+      expect(r.stderr).toMatch(line);
+      expect(r.status).not.toBe(0);
+      expect(sb.aids()).toEqual([]);
+      expect(sb.shmFiles()).toEqual(shm);
+      expect(sandboxProcesses()).toBe('');
+      expect(readFileSync(join(g1, 'cgroup.procs'), 'utf8')).toBe('');
+      expect(readFileSync(join(engine, 'cgroup.procs'), 'utf8')).toBe('');
+    } finally {
+      for (const g of [engine, g1])
+        for (const pid of readFileSync(join(g, 'cgroup.procs'), 'utf8').split('\n').filter(Boolean)) writeFileSync(join(top, '..', 'cgroup.procs'), pid);
+      rmdirSync(engine);
+      rmdirSync(g1);
+      rmdirSync(top);
+    }
   });
 
   it("still puts an image's root process, or a snapshot of this node's uid-65534 one, back in its cgroup", () => {

@@ -122,7 +122,30 @@ struct OpenCall {
   const char* path;
   int flags;
   unsigned mode;
+  bool magic;  // refused: the name leads through a /proc magic link
+  int dir;     // where a relative `path` is walked from: AT_FDCWD or ours
 };
+
+// An open refused by fsident_open, thrown: a magic link met (`magic`) and
+// a kernel without openat2 each said in words, not as the bare errno
+// (ELOOP reads as a loop of symlinks, ENOSYS as nothing at all); the
+// error's `magicLink` is for src/resources/fsident.ts, which words the
+// refusal with what the name was of.
+void ThrowOpen(const Napi::Env& env, const std::string& path, int rc, bool magic) {
+  if (magic) {
+    Napi::Error e = Napi::Error::New(env, "open '" + path + "': it leads through a /proc magic link (a process's fd, cwd, root or exe), which a restore never follows");
+    e.Set("code", Napi::String::New(env, "ELOOP"));
+    e.Set("errno", Napi::Number::New(env, ELOOP));
+    e.Set("magicLink", Napi::Boolean::New(env, true));
+    e.ThrowAsJavaScriptException();
+    return;
+  }
+  if (rc == -ENOSYS) {
+    appshot::ThrowErrno(env, "open '" + path + "' (this kernel has no openat2, Linux 5.6, by which a restore opens an image's names)", ENOSYS);
+    return;
+  }
+  appshot::ThrowErrno(env, "open '" + path + "'", -rc);
+}
 
 int OpenOp(void* arg) {
   auto* c = static_cast<OpenCall*>(arg);
@@ -131,24 +154,35 @@ int OpenOp(void* arg) {
   // would otherwise make it the terminal of a restorer that has none (the
   // engine, serve under a service manager), whose master could then send
   // its process group SIGINT or SIGQUIT.
-  return fsident_open(c->path, c->flags | O_CLOEXEC | O_NOCTTY, c->mode);
+  int fd = fsident_openat(c->dir, c->path, c->flags | O_CLOEXEC | O_NOCTTY, c->mode);
+  // Told here, as this identity, on this thread: not retried as another.
+  if (fd == -ELOOP && fsident_through_magic_link(c->dir, c->path, c->flags)) {
+    c->magic = true;
+    return -ELOOP;
+  }
+  return fd;
 }
 
-// openAs(path, flags, mode, who?) -> fd: open(2) as `who` (fsident.c), so
-// that a name from an image opens what its process could open, no more.
+// openAs(path, flags, mode, who?, dir?) -> fd: open(2) as `who`
+// (fsident.c), so that a name from an image opens what its process could
+// open, no more, and never through a /proc magic link; `dir`: our
+// descriptor of a directory (opened as the process) that a relative
+// `path` is walked from, which /proc/self/fd/N/name cannot be.
 Napi::Value OpenAs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber()) {
-    Napi::TypeError::New(env, "openAs(path, flags, mode, who?)").ThrowAsJavaScriptException();
+  bool at = info.Length() > 4 && !info[4].IsUndefined();
+  if (!info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber() || (at && !info[4].IsNumber())) {
+    Napi::TypeError::New(env, "openAs(path, flags, mode, who?, dir?)").ThrowAsJavaScriptException();
     return env.Undefined();
   }
   std::string path = info[0].As<Napi::String>().Utf8Value();
   FsIdentArg who(env, info[3]);
   if (who.failed()) return env.Undefined();
-  OpenCall c{path.c_str(), info[1].As<Napi::Number>().Int32Value(), info[2].As<Napi::Number>().Uint32Value()};
+  int dir = at ? info[4].As<Napi::Number>().Int32Value() : AT_FDCWD;
+  OpenCall c{path.c_str(), info[1].As<Napi::Number>().Int32Value(), info[2].As<Napi::Number>().Uint32Value(), false, dir};
   int rc = fsident_run(who.get(), nullptr, OpenOp, &c);
   if (rc < 0) {
-    appshot::ThrowErrno(env, "open '" + path + "'", -rc);
+    ThrowOpen(env, path, rc, c.magic);
     return env.Undefined();
   }
   return Napi::Number::New(env, rc);
@@ -163,6 +197,7 @@ Napi::Value OpenAs(const Napi::CallbackInfo& info) {
 int ExecOp(void* arg) {
   auto* c = static_cast<OpenCall*>(arg);
   int fd = fsident_open(c->path, O_PATH | O_CLOEXEC, 0);
+  if (fd == -ELOOP && fsident_through_magic_link(AT_FDCWD, c->path, O_PATH)) c->magic = true;
   if (fd < 0) return fd;
   struct stat st;
   int rc = 0;
@@ -188,10 +223,10 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>().Utf8Value();
   FsIdentArg who(env, info[1]);
   if (who.failed()) return env.Undefined();
-  OpenCall c{path.c_str(), 0, 0};
+  OpenCall c{path.c_str(), 0, 0, false, AT_FDCWD};
   int rc = fsident_run(who.get(), nullptr, ExecOp, &c);
   if (rc < 0) {
-    appshot::ThrowErrno(env, "open '" + path + "'", -rc);
+    ThrowOpen(env, path, rc, c.magic);
     return env.Undefined();
   }
   return Napi::Number::New(env, rc);
@@ -199,63 +234,48 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
 
 struct WatchCall {
   int fd;
-  const char* name;
+  std::string at;  // /proc/self/fd/N of our O_PATH descriptor of the watched
   bool fanotify;
   uint32_t flags;  // fanotify_mark's
   uint64_t mask;
 };
 
-// Run in the watched name's directory, entered as the identity
-// (fsident_run's `dir`): the kernel walks to the last component and
-// checks read permission on it (inotify_find_inode, fanotify_find_path) as
-// this thread. In a retry as another identity, not even that component
-// is followed if a symlink.
+// The watch or mark on what our O_PATH descriptor holds: the name was
+// walked already, as the process, by openAs (fsident_open: no magic
+// link, no symlink in a retry), and what it led to checked
+// (src/resources/procpaths.ts refuseOutsideApplication); the kernel walks
+// no name of the image's again, only our own /proc/self/fd/N, a magic
+// link followed on purpose to that very descriptor (so never
+// IN_DONT_FOLLOW nor FAN_MARK_DONT_FOLLOW: those would mark the link
+// itself; a symlink watched as itself was opened O_NOFOLLOW). The
+// kernel checks read permission on it (inotify_find_inode,
+// fanotify_find_path) as this thread: the identity.
 int WatchOp(void* arg) {
   auto* c = static_cast<WatchCall*>(arg);
-  if (c->fanotify) {
-    unsigned flags = c->flags | (fsident_strict() ? FAN_MARK_DONT_FOLLOW : 0);
-    return fanotify_mark(c->fd, flags, c->mask, AT_FDCWD, c->name) == 0 ? 0 : -errno;
-  }
-  uint32_t mask = static_cast<uint32_t>(c->mask) | (fsident_strict() ? IN_DONT_FOLLOW : 0);
-  int wd = inotify_add_watch(c->fd, c->name, mask);
+  if (c->fanotify) return fanotify_mark(c->fd, c->flags & ~FAN_MARK_DONT_FOLLOW, c->mask, AT_FDCWD, c->at.c_str()) == 0 ? 0 : -errno;
+  int wd = inotify_add_watch(c->fd, c->at.c_str(), static_cast<uint32_t>(c->mask) & ~IN_DONT_FOLLOW);
   return wd < 0 ? -errno : wd;
 }
 
-// An absolute path's directory and last component ("/" is "/" and ".").
-bool SplitPath(const std::string& path, std::string* dir, std::string* name) {
-  if (path.empty() || path[0] != '/') return false;
-  size_t end = path.find_last_not_of('/');
-  if (end == std::string::npos) {
-    *dir = "/";
-    *name = ".";
-    return true;
-  }
-  size_t slash = path.rfind('/', end);
-  *dir = slash == 0 ? "/" : path.substr(0, slash);
-  *name = path.substr(slash + 1, end - slash);
-  return true;
-}
-
-// inotifyAddWatchAs(fd, path, mask, who?) -> wd;
-// fanotifyMarkAs(fd, flags, mask: bigint, path, who?): a watch or mark
-// added to our descriptor of the process's instance or group, as the
-// process would have added it.
+// inotifyAddWatchAs(fd, at, mask, who?, shown?) -> wd;
+// fanotifyMarkAs(fd, flags, mask: bigint, at, who?, shown?): a watch or
+// mark added to our descriptor of the process's instance or group, on
+// what our O_PATH descriptor `at` holds, as the process would have added
+// it. `shown`: the name, for the error's message.
 Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   Napi::Env env = info.Env();
   size_t at = fanotify ? 3 : 1;
-  bool ok = info[0].IsNumber() && info[at].IsString() && (fanotify ? info[1].IsNumber() && info[2].IsBigInt() : info[2].IsNumber());
+  bool ok = info[0].IsNumber() && info[at].IsNumber() && (fanotify ? info[1].IsNumber() && info[2].IsBigInt() : info[2].IsNumber());
   if (!ok) {
-    Napi::TypeError::New(env, fanotify ? "fanotifyMarkAs(fd, flags, mask: bigint, path, who?)" : "inotifyAddWatchAs(fd, path, mask, who?)").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  std::string path = info[at].As<Napi::String>().Utf8Value(), dir, name;
-  if (!SplitPath(path, &dir, &name)) {
-    appshot::ThrowErrno(env, "watching '" + path + "' (not an absolute path)", EINVAL);
+    Napi::TypeError::New(env, fanotify ? "fanotifyMarkAs(fd, flags, mask: bigint, at, who?, shown?)" : "inotifyAddWatchAs(fd, at, mask, who?, shown?)").ThrowAsJavaScriptException();
     return env.Undefined();
   }
   FsIdentArg who(env, info[fanotify ? 4 : 3]);
   if (who.failed()) return env.Undefined();
-  WatchCall c{info[0].As<Napi::Number>().Int32Value(), name.c_str(), fanotify, 0, 0};
+  Napi::Value shownArg = info[fanotify ? 5 : 4];
+  int held = info[at].As<Napi::Number>().Int32Value();
+  std::string shown = shownArg.IsString() ? shownArg.As<Napi::String>().Utf8Value() : "descriptor " + std::to_string(held);
+  WatchCall c{info[0].As<Napi::Number>().Int32Value(), "/proc/self/fd/" + std::to_string(held), fanotify, 0, 0};
   if (fanotify) {
     bool lossless = false;
     c.flags = info[1].As<Napi::Number>().Uint32Value();
@@ -263,9 +283,9 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   } else {
     c.mask = info[2].As<Napi::Number>().Uint32Value();
   }
-  int rc = fsident_run(who.get(), dir.c_str(), WatchOp, &c);
+  int rc = fsident_run(who.get(), nullptr, WatchOp, &c);
   if (rc < 0) {
-    appshot::ThrowErrno(env, (fanotify ? "fanotify_mark '" : "inotify_add_watch '") + path + "'", -rc);
+    appshot::ThrowErrno(env, (fanotify ? "fanotify_mark '" : "inotify_add_watch '") + shown + "'", -rc);
     return env.Undefined();
   }
   return Napi::Number::New(env, rc);

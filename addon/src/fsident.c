@@ -55,22 +55,90 @@ static __thread int strict_names;
 
 int fsident_strict(void) { return strict_names; }
 
-int fsident_open(const char* path, int flags, unsigned mode) {
-  if (!strict_names) {
-    int fd = open(path, flags, mode);
-    return fd < 0 ? -errno : fd;
-  }
-  /* open(2) drops whatever O_PATH does not take (O_NONBLOCK, O_NOCTTY,
-   * O_APPEND...); openat2 refuses them with EINVAL. As open(2) does, then:
-   * else a second identity's look at a name (an O_PATH probe) fails where
-   * the first's was refused (apache2's workers, which hold the error log
-   * root opened in a directory they cannot search). */
-  if (flags & O_PATH) flags &= O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
-  struct open_how how = {.flags = (uint64_t)flags, .mode = (flags & (O_CREAT | O_TMPFILE)) ? mode : 0, .resolve = RESOLVE_NO_SYMLINKS};
-  int fd = (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
+/* The open_how open(2) would make of `flags` and `mode`: open(2) drops
+ * the bits it does not know, whatever O_PATH does not take (O_NONBLOCK,
+ * O_NOCTTY, O_APPEND...) and a mode where nothing is made; openat2
+ * refuses each with EINVAL. As open(2) does, then: a descriptor's flags
+ * as the image recorded them (fdinfo's, O_LARGEFILE among them) open as
+ * they did, and a second identity's look at a name (an O_PATH probe) does
+ * not fail where the first's was refused (apache2's workers, which hold
+ * the error log root opened in a directory they cannot search). */
+#define KERNEL_O_LARGEFILE 0100000 /* glibc's is 0 on x86-64 */
+#define KERNEL_O_TMPFILE_BIT 020000000
+#define OPEN_FLAGS_KNOWN                                                                                                      \
+  (O_ACCMODE | O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_APPEND | O_NONBLOCK | O_SYNC | O_DSYNC | O_ASYNC | O_DIRECT | \
+   KERNEL_O_LARGEFILE | O_DIRECTORY | O_NOFOLLOW | O_NOATIME | O_CLOEXEC | O_PATH | KERNEL_O_TMPFILE_BIT)
+static struct open_how open_how_of(int flags, unsigned mode, uint64_t resolve) {
+  uint64_t f = (uint64_t)(unsigned)flags & OPEN_FLAGS_KNOWN;
+  if (f & O_PATH) f &= O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+  int makes = (f & O_CREAT) || (f & KERNEL_O_TMPFILE_BIT);
+  return (struct open_how){.flags = f, .mode = makes ? mode & 07777 : 0, .resolve = resolve};
+}
+
+static int openat2_at(int dir, const char* path, const struct open_how* how) {
+  return (int)syscall(SYS_openat2, dir, path, how, sizeof *how);
+}
+
+/* Every open of a name an image gives, or one in a directory the
+ * application may change, goes through here: never through a /proc magic
+ * link (RESOLVE_NO_MAGICLINKS: /proc/PID/fd/N, cwd, root, exe, map_files,
+ * ns; /proc/self/... and /dev/fd/... lead to them), met anywhere on the
+ * way, at the end or through a symlink that names one. The kernel jumps
+ * through such a link to the very file a process holds, without walking
+ * a name: past the directories' permissions, and, from a thread of ours,
+ * to the restorer's own descriptors (the resident engine's open files,
+ * its memfds, its tables: the proc check is ptrace_may_access, which a
+ * thread of the process itself always passes, whatever identity it
+ * took). A snapshot never records such a name (the kernel shows what a
+ * link leads to, never the link), so an image or a symlink planted since
+ * is all that can name one. The open fails with ELOOP, as the kernel
+ * answers it (fsident_through_magic_link tells it from a loop).
+ *
+ * A caller that means a magic link (ours: /proc/self/fd/N of a descriptor
+ * of its own) uses open(2) or the descriptor itself: fsident_openat, a
+ * name beneath a directory we opened as the process (paths.ts copies a
+ * directory's entries so), never a /proc/self/fd/N/name to this.
+ *
+ * openat2 is Linux 5.6; a restore already needs 5.8 (faccessat2, ExecOp
+ * in addon_fsident.cc), so there is no fallback: on an older kernel the
+ * open fails with ENOSYS rather than follow a magic link (a check after
+ * the open could not tell the engine's own file from the application's:
+ * both are plain files). */
+int fsident_open(const char* path, int flags, unsigned mode) { return fsident_openat(AT_FDCWD, path, flags, mode); }
+
+int fsident_openat(int dir, const char* path, int flags, unsigned mode) {
+  /* In a retry as another identity, no symlink at all (which covers the
+   * magic ones). */
+  struct open_how how = open_how_of(flags, mode, strict_names ? RESOLVE_NO_SYMLINKS : RESOLVE_NO_MAGICLINKS);
+  int fd = openat2_at(dir, path, &how);
+  if (fd >= 0) return fd;
   /* A symlink on the way: refused as this identity, as the holder's was. */
-  if (fd < 0) return errno == ELOOP ? -EACCES : -errno;
-  return fd;
+  if (strict_names && errno == ELOOP) return -EACCES;
+  return -errno;
+}
+
+/* Looked at again with O_PATH (nothing opened, no FIFO waited on), the
+ * caller's O_NOFOLLOW kept: a name that fails only where magic links are
+ * not followed leads through one. O_PATH|O_NOFOLLOW stops at a trailing
+ * link, magic or not, rather than refuse it, so the kernel's own ELOOP
+ * for a trailing symlink under O_NOFOLLOW is not taken for one. In a
+ * retry as another identity every symlink is refused, magic or not
+ * (fsident_open): not asked. */
+int fsident_through_magic_link(int dir, const char* path, int flags) {
+  if (strict_names) return 0;
+  int nofollow = flags & O_NOFOLLOW;
+  struct open_how plain = open_how_of(O_PATH | O_CLOEXEC | nofollow, 0, 0);
+  struct open_how without = open_how_of(O_PATH | O_CLOEXEC | nofollow, 0, RESOLVE_NO_MAGICLINKS);
+  int a = openat2_at(dir, path, &without);
+  if (a >= 0) {
+    close(a);
+    return 0;
+  }
+  if (errno != ELOOP) return 0;
+  int b = openat2_at(dir, path, &plain);
+  if (b < 0) return 0;
+  close(b);
+  return 1;
 }
 
 int fsident_plain_path(const char* path, int final_too) {

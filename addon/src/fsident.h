@@ -42,10 +42,21 @@ struct fsident_list {
  * if credentials cannot be taken exactly. */
 int fsident_run(const struct fsident_list* who, const char* dir, int (*op)(void*), void* arg);
 
-/* For operations run by fsident_run. open(2), or -errno; in a retry as
- * another identity than the first, without following any symlink on the
- * way (openat2 RESOLVE_NO_SYMLINKS; one met is -EACCES). */
+/* For operations run by fsident_run. open(2), or -errno, never through a
+ * /proc magic link (openat2 RESOLVE_NO_MAGICLINKS: /proc/PID/fd/N, cwd,
+ * root, exe...; one met is -ELOOP); in a retry as another identity than
+ * the first, without following any symlink on the way
+ * (RESOLVE_NO_SYMLINKS; one met is -EACCES). -ENOSYS on a kernel without
+ * openat2 (before 5.6): never a plain open(2) in its place. */
 int fsident_open(const char* path, int flags, unsigned mode);
+/* fsident_open of `path` beneath our descriptor `dir` (AT_FDCWD: as
+ * fsident_open). */
+int fsident_openat(int dir, const char* path, int flags, unsigned mode);
+/* Whether fsident_openat's -ELOOP for `path` (beneath `dir`) opened with
+ * `flags` was a magic link met (1), not a loop of symlinks or a trailing
+ * symlink under O_NOFOLLOW (0). Asked on the same thread, as the same
+ * identity. */
+int fsident_through_magic_link(int dir, const char* path, int flags);
 /* 0, or -EACCES if in such a retry `path`'s directory is reached through a
  * symlink (or, `final_too`, its last component is one): for bind(2) and
  * connect(2), which take a path and not a descriptor. */

@@ -68,6 +68,35 @@ function commonAncestor(a: string, b: string): string {
 }
 
 /**
+ * The cgroup each process's seed is in when restoreCgroup moves it, in
+ * the unified hierarchy: a root of the tree is one of appshot-init's
+ * seeds, in ours (`here`); a child is forked from its parent's seed,
+ * before the parent was moved (in its seed's cgroup), or, where
+ * `forkedWithMemory` says a child of it is forked from its filled memory
+ * (restore/driver.ts: every child of such a parent is forked after its
+ * memory, so after its move), in the parent's own.
+ */
+function seedCgroups(image: Image, here: string, forkedWithMemory: (child: Process) => boolean): Map<number, string> {
+  const byVpid = new Map(image.processes.map((p) => [p.vpid, p]));
+  const movedFirst = new Set(image.processes.filter(forkedWithMemory).map((c) => c.vppid));
+  const seeds = new Map<number, string>();
+  const seedOf = (p: Process): string => {
+    // Up to the first process placed, or the root (the image's tree has
+    // no cycle: validate.ts), then down again.
+    const chain = new Set<Process>();
+    for (let q: Process | undefined = p; q && !seeds.has(q.vpid) && !chain.has(q); q = byVpid.get(q.vppid)) chain.add(q);
+    for (const q of [...chain].reverse()) {
+      const parent = byVpid.get(q.vppid);
+      const parentSeed = parent ? seeds.get(parent.vpid) : undefined;
+      seeds.set(q.vpid, !parent || parentSeed === undefined ? here : movedFirst.has(parent.vpid) ? parent.cgroup || parentSeed : parentSeed);
+    }
+    return seeds.get(p.vpid)!;
+  };
+  for (const p of image.processes) seedOf(p);
+  return seeds;
+}
+
+/**
  * Whether each process may be put back into its cgroup, decided before
  * anything of the restore is made (a refusal after its processes were
  * made left them to be killed and waited for): its cgroup.procs opened
@@ -76,23 +105,32 @@ function commonAncestor(a: string, b: string): string {
  * As whom: the write to cgroup.procs is the move, and the kernel decides
  * it by the credentials the file was opened with: write access to it and
  * to the cgroup.procs of the common ancestor of where the process is
- * (where its seed is made: ours) and where it goes. A snapshot of this
+ * (where its seed is: seedCgroups) and where it goes. A snapshot of this
  * node (isOwnSnapshot) says where the kernel had the process: it goes back
  * there with the restorer's rights, as before. Any other image's word is
  * a claim: the files are opened as the application's processes would open
  * them (fsident.ts), so a crafted cgroup (the root one, another service's)
  * is refused by the kernel as the image's identity would have been, never
- * entered with the restorer's rights (r344 #3). A process whose cgroup is
- * ours already is not moved (its seed is in it).
+ * entered with the restorer's rights (r344 #3). A process whose seed is in
+ * its cgroup already is not moved. One whose cgroup is ours (the
+ * engine's) is moved too where its seed is not in it (forked from a
+ * parent moved elsewhere first), and so asked here like any other: it
+ * was asked only at the move, after the processes were made.
+ *
+ * `forkedWithMemory`: whether a child is forked from its parent's filled
+ * memory (restore/driver.ts sharesWithParent), for seedCgroups.
  */
-export function openCgroupJoins(image: Image): CgroupJoins {
+export function openCgroupJoins(image: Image, forkedWithMemory: (child: Process) => boolean): CgroupJoins {
   const joins: CgroupJoins = new Map();
   const here = unifiedPath('/proc/self');
+  const seeds = seedCgroups(image, here, forkedWithMemory);
   const own = isOwnSnapshot(image);
   const opened = new Map<string, number>();
+  const ancestorsAsked = new Set<string>();
   try {
     for (const p of image.processes) {
-      if (!p.cgroup || p.cgroup === here) continue;
+      const from = seeds.get(p.vpid) ?? here;
+      if (!p.cgroup || p.cgroup === from) continue;
       const who = nameProcess(p.vpid, p.comm);
       const mount = unifiedMount();
       if (!mount) throw new AppshotError(`${who}: was in cgroup ${p.cgroup}, but this node has no cgroup v2 hierarchy mounted`, ExitCode.conflict);
@@ -103,11 +141,14 @@ export function openCgroupJoins(image: Image): CgroupJoins {
       if (fd === undefined) {
         fd = openForMove(image, p, procs, own);
         opened.set(k, fd);
-        // The common ancestor's, asked now as the kernel asks at the move.
-        const ancestor = commonAncestor(here, p.cgroup);
-        if (here && ancestor !== p.cgroup) closeSync(openForMove(image, p, join(mount, ancestor, 'cgroup.procs'), own));
       }
       joins.set(p.vpid, fd);
+      // The common ancestor's, asked now as the kernel asks at the move.
+      const ancestor = commonAncestor(from, p.cgroup);
+      if (from && ancestor !== p.cgroup && !ancestorsAsked.has(`${k}|${ancestor}`)) {
+        ancestorsAsked.add(`${k}|${ancestor}`);
+        closeSync(openForMove(image, p, join(mount, ancestor, 'cgroup.procs'), own));
+      }
     }
   } catch (e) {
     for (const fd of opened.values()) closeSync(fd);
@@ -140,7 +181,8 @@ function moveRefused(e: unknown, p: Process, own: boolean): AppshotError {
 
 /** Moves the restored process `pid` into the cgroup its image names,
  * through its cgroup.procs opened before anything was made (`joins`), or
- * opened now (its seed not where openCgroupJoins expected it). */
+ * opened now: its seed not where seedCgroups expected it (moved from
+ * outside meanwhile), still as the image's processes would open it. */
 export function restoreCgroup(image: Image, p: Process, pid: number, joins: CgroupJoins): void {
   if (!p.cgroup || unifiedPath(`/proc/${pid}`) === p.cgroup) return;
   const own = isOwnSnapshot(image);

@@ -335,9 +335,9 @@ export class RestoreContext {
   private copySource(p: Process, what: string, held?: FileIdentity, fd?: number): CopySource {
     return {
       ...(fd === undefined ? {} : { fd }),
-      open: (shown, path, flags) => {
+      open: (shown, path, flags, dir) => {
         try {
-          return addon().openAs(path, flags, 0, identitiesFor(this.image, p));
+          return addon().openAs(path, flags, 0, identitiesFor(this.image, p), dir);
         } catch (e) {
           // The original itself only, never an entry of a directory.
           const regular = held !== undefined && (held.mode & fs.S_IFMT) === fs.S_IFREG;

@@ -42,7 +42,7 @@
  */
 import { closeSync, readFileSync, readlinkSync } from 'node:fs';
 import { addon } from '../native.js';
-import { fsIdentity, identitiesOfRestored, raisableIdentitiesFor, refusedAsProcess } from './fsident.js';
+import { fsIdentity, identitiesOfRestored, openWatchedAs, raisableIdentitiesFor, refusedAsProcess } from './fsident.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { type Fanotify, type FanotifyMark, FanotifyMarkKind, type Fd, FdKind, type Image } from '../image/types.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
@@ -301,16 +301,27 @@ export function restoreFanotify(r: RemoteProcess, fd: Fd): number {
   const kinds = ['', 'mount ', 'filesystem '];
   try {
     for (const m of g.marks) {
-      const base = MARK.ADD | MARK_TYPE[m.kind] | (m.kind === FanotifyMarkKind.INODE ? MARK.DONT_FOLLOW : 0) | (m.flags & MARK.EVICTABLE);
+      // An inode mark is on the inode the path names, a symlink there
+      // itself (O_NOFOLLOW: what FAN_MARK_DONT_FOLLOW asked); a mount or
+      // filesystem mark on whatever the path leads to. The name is walked
+      // once, as the process, and what it leads to checked
+      // (openWatchedAs); both marks are made on that very one.
+      const base = MARK.ADD | MARK_TYPE[m.kind] | (m.flags & MARK.EVICTABLE);
+      const what = `process ${as.p.vpid} fd ${fd.fd}: its fanotify ${kinds[m.kind] ?? ''}mark`;
+      const at = openWatchedAs(m.path, m.kind === FanotifyMarkKind.INODE, as.who, as.p, what);
       const mark = (flags: number, mask: number) => {
         try {
-          addon().fanotifyMarkAs(ours, flags, BigInt(mask), m.path, as.who);
+          addon().fanotifyMarkAs(ours, flags, BigInt(mask), at, as.who, m.path);
         } catch (e) {
-          refusedAsProcess(e, `process ${as.p.vpid} fd ${fd.fd}: its fanotify ${kinds[m.kind] ?? ''}mark on ${m.path}`, fsIdentity(as.p), 'made');
+          refusedAsProcess(e, `${what} on ${m.path}`, fsIdentity(as.p), 'made');
         }
       };
-      if (m.mask) mark(base, m.mask);
-      if (m.ignoredMask) mark(base | (m.flags & MARK.IGNORE ? MARK.IGNORE : MARK.IGNORED_MASK) | (m.flags & MARK.IGNORED_SURV_MODIFY), m.ignoredMask);
+      try {
+        if (m.mask) mark(base, m.mask);
+        if (m.ignoredMask) mark(base | (m.flags & MARK.IGNORE ? MARK.IGNORE : MARK.IGNORED_MASK) | (m.flags & MARK.IGNORED_SURV_MODIFY), m.ignoredMask);
+      } finally {
+        closeSync(at);
+      }
     }
   } finally {
     if (ours >= 0) closeSync(ours);

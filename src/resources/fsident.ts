@@ -23,6 +23,13 @@
  * (a process the image says is root may do anything once restored). An
  * application whose every process is unprivileged gets nothing more.
  *
+ * Never through a /proc magic link (/proc/PID/fd/N, cwd, root, exe...,
+ * anywhere on the way): followed by a thread of the restorer, whatever
+ * identity it took, /proc/self/fd/N is the restorer's own descriptor (the
+ * resident engine's files and memfds), past every directory's
+ * permissions. The addon refuses the walk (openat2
+ * RESOLVE_NO_MAGICLINKS); refuseMagicLink words the refusal.
+ *
  * Each identity is a thread's credentials as the image recorded them
  * (the main thread's; an older image: the process's). An unprivileged
  * restorer holds those already or is refused before anything is made
@@ -178,11 +185,22 @@ export function openToMapAs(image: Image, vpid: number, path: string, flags: num
   return fd;
 }
 
+/** `e`, an open's refusal of a name that leads through a /proc magic
+ * link (openAs: fsident.c fsident_open), as one line whose subject is
+ * `what` (the name and whose it is; exit 5); anything else returns. No snapshot records such a name (the kernel
+ * names what a link leads to): an image that has one, or a symlink to one
+ * put at an image's name since, would reach a file the application never
+ * held, the restoring engine's own among them. */
+export function refuseMagicLink(e: unknown, what: string): void {
+  if ((e as { magicLink?: boolean })?.magicLink) throw new AppshotError(`${what} leads through a /proc magic link (a process's fd, cwd, root or exe), which a restore never follows`, ExitCode.denied);
+}
+
 /** `e`, the kernel's refusal of an open made as a process (EACCES,
  * EPERM), as one line naming `what` (and `who`'s fsuid and fsgid), which
  * cannot be `verb` (opened, made, reached): exit 5.
  * Any other error is thrown as it is. */
 export function refusedAsProcess(e: unknown, what: string, who?: FsIdentity, verb = 'opened'): never {
+  refuseMagicLink(e, what);
   if (!refusal(e)) throw e;
   const code = (e as NodeJS.ErrnoException).code;
   throw new AppshotError(`${what} cannot be ${verb} with the credentials of the process or the application's others${who ? ` (fsuid ${who.fsuid}, fsgid ${who.fsgid})` : ''}: ${code}`, ExitCode.denied);
@@ -250,6 +268,31 @@ export function openDirectoryAs(image: Image, p: Process, path: string, what: st
     throw e;
   }
   return got;
+}
+
+/** What a watch or mark of the process `p` is on (inotify.ts,
+ * fanotify.ts): `path` opened O_PATH as `who` (`nofollow`: a symlink
+ * there is itself what is watched, as IN_DONT_FOLLOW asks), and checked
+ * as every other name an image gives (refuseOutsideApplication: not
+ * another process's /proc file, such as the restoring engine's own
+ * reached through a symlink to /proc/self); the watch is then added on
+ * this descriptor (addon inotifyAddWatchAs, fanotifyMarkAs), never by the
+ * name again, which the application's user may change meanwhile. Refused
+ * in one line naming `what`. The caller closes it. */
+export function openWatchedAs(path: string, nofollow: boolean, who: FsIdentity[], p: Process, what: string): number {
+  let at: number;
+  try {
+    at = addon().openAs(path, O_PATH | (nofollow ? O_NOFOLLOW : 0), 0, who);
+  } catch (e) {
+    refusedAsProcess(e, `${what} on ${path}`, fsIdentity(p), 'made');
+  }
+  try {
+    refuseOutsideApplication(at, path, what);
+  } catch (e) {
+    closeSync(at);
+    throw e;
+  }
+  return at;
 }
 
 /** Whether `e` is the kernel's refusal of an operation made as a process. */

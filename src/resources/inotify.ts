@@ -6,6 +6,12 @@
  * added again by path to the instance made inside the restored process,
  * by the restorer with the process's filesystem identity (fsident.ts).
  *
+ * Each watch's name is walked once, as the process, and what it leads to
+ * checked before the watch is added on it (fsident.ts openWatchedAs): a
+ * symlink the image's user put on the way to another process's /proc
+ * (the restoring engine's, /proc/self) or through a /proc magic link is
+ * refused, as for a file the process holds.
+ *
  * The application knows its watches by their wd, so they must come back
  * with the same numbers. The kernel hands them out in increasing order
  * from 1 in each instance: adding the watches in wd order gives the same
@@ -32,12 +38,13 @@ import { type Fd, type InotifyWatch, type Process } from '../image/types.js';
 import { countedIds, LIMITS } from '../image/validate.js';
 import { type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { Transient, Unsupported } from './context.js';
-import { fsIdentity, identitiesOfRestored, refusedAsProcess } from './fsident.js';
+import { fsIdentity, identitiesOfRestored, openWatchedAs, refusedAsProcess } from './fsident.js';
 
 const IN_NONBLOCK = 0o4000; // = O_NONBLOCK
 const IN_CLOEXEC = 0o2000000;
-/** The path names the watched inode itself, never what a symlink there
- * points to. */
+/** A lookup flag, not part of a watch: the path names the watched inode
+ * itself, never what a symlink there points to (the restore's open of
+ * the name, O_NOFOLLOW, does that; never passed on). */
 const IN_DONT_FOLLOW = 0x02000000;
 const F_SETFL = 4;
 
@@ -205,11 +212,19 @@ export function restoreInotify(r: RemoteProcess, fd: Fd): number {
   try {
     for (const w of watches) {
       skipTo(w.wd);
+      const what = `process ${as.p.vpid} fd ${fd.fd}: its inotify watch ${w.wd}`;
+      // The name walked once, as the process, and what it leads to
+      // checked (openWatchedAs); the watch added on that very inode. The
+      // path names the watched inode itself: a symlink there is watched,
+      // not followed (IN_DONT_FOLLOW, as O_NOFOLLOW).
+      const at = openWatchedAs(w.path, true, as.who, as.p, what);
       let got: number;
       try {
-        got = addon().inotifyAddWatchAs(ours, w.path, w.mask | IN_DONT_FOLLOW, as.who);
+        got = addon().inotifyAddWatchAs(ours, at, (w.mask & ~IN_DONT_FOLLOW) >>> 0, as.who, w.path);
       } catch (e) {
-        refusedAsProcess(e, `process ${as.p.vpid} fd ${fd.fd}: its inotify watch ${w.wd} on ${w.path}`, fsIdentity(as.p), 'made');
+        refusedAsProcess(e, `${what} on ${w.path}`, fsIdentity(as.p), 'made');
+      } finally {
+        closeSync(at);
       }
       if (got !== w.wd) throw new Error(`inotify fd ${fd.fd}: ${w.path} came back as watch ${got}, not ${w.wd}`);
       next = got + 1;

@@ -43,11 +43,12 @@ export interface CopiedFile {
 export interface CopySource {
   /** Opens `path` (`shown`: its name in a message) with `flags` as the
    * process would (fsident.ts openAs), or throws: the kernel's refusal
-   * as one line naming `shown`, ENOENT as it is. `path` may lead
-   * through a descriptor this opener gave (/proc/self/fd/N/name): a
-   * directory's entries are opened beneath the directory opened as the
-   * process, never by their names again. */
-  open(shown: string, path: string, flags: number): number;
+   * as one line naming `shown`, ENOENT as it is. `dir`: a descriptor
+   * this opener gave, `path` a name beneath it: a directory's entries
+   * are opened beneath the directory opened as the process, never by
+   * their names again (and not through /proc/self/fd/N/name, a magic
+   * link openAs refuses). */
+  open(shown: string, path: string, flags: number, dir?: number): number;
   /** The original opened already as the process, for reading (the check
    * before the restore kept it: clone.ts checkRedirCopies): copied from,
    * never opened again by name (a name swapped since for a symlink to a
@@ -422,7 +423,7 @@ function copyEntries(dir: number, shown: string, out: number, from: CopySource):
         // One open as the process: its search permission on the
         // directory, its read permission on the entry; a link put there
         // since is not followed (ELOOP: copied as the link it is now).
-        r = from.open(entry, source, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+        r = from.open(entry, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, dir);
       } catch (e) {
         const code = (e as NodeJS.ErrnoException).code;
         if (code === 'ENOENT') continue;
@@ -433,7 +434,7 @@ function copyEntries(dir: number, shown: string, out: number, from: CopySource):
       // not followed), its text read beneath the same directory.
       let at: number;
       try {
-        at = from.open(entry, source, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        at = from.open(entry, name, O_PATH | O_NOFOLLOW | O_CLOEXEC, dir);
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue;
         throw e;

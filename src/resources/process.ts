@@ -681,7 +681,9 @@ function openExecutable(h: RestoreContext, p: Process): OpenedExecutable {
     path = addon().openExecAs(exe, identitiesFor(h.image, p));
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'EACCES' || code === 'EPERM') refusedAsProcess(e, `process ${p.vpid}: its executable ${exe}`, fsIdentity(p), 'reached and run');
+    // Through a magic link (the engine's own /proc/self/exe): refused, not
+    // passed over as a name that is missing.
+    if (code === 'EACCES' || code === 'EPERM' || (e as { magicLink?: boolean }).magicLink) refusedAsProcess(e, `process ${p.vpid}: its executable ${exe}`, fsIdentity(p), 'reached and run');
     return { fd: -1, shared: false };
   }
   try {

@@ -615,7 +615,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
     if (!opts.privilegesChecked) checkPrivileges(image);
     // Whether its processes may enter their cgroups, as they would: a
     // refusal before anything is made (cgroups.ts).
-    cgroupJoins = openCgroupJoins(image);
+    cgroupJoins = openCgroupJoins(image, sharesWithParent);
     if (opts.inheritFor) opts = { ...opts, ...opts.inheritFor(image) };
     requireInherited(image, opts.inherit ?? new Map(), opts.ownListeners ?? new Set());
     const verified = now();

@@ -17,7 +17,7 @@ import { closeSync, constants as fsc, fstatSync, type BigIntStats } from 'node:f
 import { AppshotError } from '../errors.js';
 import { FdKind, type Image, type Process, VmaKind } from '../image/types.js';
 import { addon } from '../native.js';
-import { fsIdentity, identitiesFor, openToMapKey, refusal, refusedAsProcess } from '../resources/fsident.js';
+import { fsIdentity, identitiesFor, openToMapKey, refusal, refusedAsProcess, refuseMagicLink } from '../resources/fsident.js';
 import { readMaps } from '../resources/memory.js';
 
 /** Checksums of mapped files (libraries, the program) already read, kept
@@ -65,6 +65,8 @@ function openNamed(image: Image, p: Process | undefined, path: string, flags: nu
   try {
     return addon().openAs(path, flags | fsc.O_NONBLOCK, 0, restorerIsRoot() ? identitiesFor(image, p) : undefined);
   } catch (e) {
+    // ELOOP too, but not a name that is missing: refused as such.
+    refuseMagicLink(e, what);
     const code = (e as NodeJS.ErrnoException).code;
     if (code && NOT_THERE.has(code)) return undefined;
     if (refusal(e) && refused === 'later') return 'refused';
