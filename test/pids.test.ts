@@ -838,6 +838,14 @@ describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<t
     expect(byComm('sleep').map((s) => s[3] === s[0]).sort()).toEqual([false, true]);
     await ok(['stop', aid, '--signal', 'KILL']);
   });
+
+  it('stat, status, sched, timers, fdinfo and children show the virtual ids whatever name opens them: ".." after /proc/sys, links to /proc, /proc/self and /proc/thread-self, descriptors, /proc/self/fd, read-write; another process\'s by its system PID, its own', async () => {
+    // test/fixtures/procview.c: each way checked against the kernel's own
+    // text (read by raw syscalls) failing the same check.
+    const r = await attempt(['run', '--', fixture('procview')]);
+    expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
+    expect(r.code).toBe(0);
+  });
 });
 
 describe('a thread\'s children, a sched file, and these files opened relative to a directory descriptor of /proc', () => {

@@ -499,17 +499,17 @@ HIDDEN void cgroup_procs_mark(int fd, int on);
 
 /* --- Translated views of files that list PIDs (preload_view.c) --------- */
 
-/* After an open that returned `fd` (or -1): a read-only open of
- * /proc/locks, /proc/sysvipc/<kind> (read-write too), /proc/<pid>/fdinfo/<n>,
- * a process's stat, status & co. or a cgroup's list of processes gets
- * a copy of the text with virtual PIDs in its place. Returns fd, or -1 and
- * errno when the copy cannot be made (fd is then closed). */
+/* After an open by `path` (relative to any directory) that returned `fd`
+ * (or -1): a read-only open of /proc/locks, /proc/sysvipc/<kind>,
+ * /proc/<pid>/fdinfo/<n>, a process's stat, status & co. or a cgroup's
+ * list of processes (read-write too, for the files nobody may write)
+ * gets a copy of the text with virtual PIDs in its place; which file it
+ * is, the descriptor says. Returns fd, or -1 and errno when the copy
+ * cannot be made (fd is then closed). */
 HIDDEN int view_opened(int fd, const char *path, int flags);
 /* The same for a descriptor the caller will close itself on failure
  * (fopen's): 0, or -errno with fd untouched. */
 HIDDEN long view_fill(int fd, const char *path, int flags);
-/* view_opened for an open relative to the directory `dirfd`. */
-HIDDEN int view_opened_at(int dirfd, int fd, const char *path, int flags);
 
 /* preload_proc.c: whether the working directory is inside /proc (1), not
  * (0), or not known yet (-1); cwd_in_proc_slow finds out (one readlink)
@@ -780,10 +780,11 @@ HIDDEN void cpu_times_forget(void);
 /* The calling thread ends: its entry, if a restore gave it one, is
  * closed (a thread made later under its numbers is another). */
 HIDDEN void cpu_thread_gone(void);
-/* Whether descriptor `fd` (a /proc stat file) is the caller's process's
- * or one of its threads' after a restore: 1 with what its utime, stime,
- * cutime and cstime get added, in ns (preload_view.c). */
-HIDDEN int cpu_stat_offsets(int fd, int64_t add[4]);
+/* Whether the stat file of process `spid` (thread `stid`, or 0 for the
+ * process's own), system ids as its descriptor's link names them, is the
+ * caller's process's or one of its threads' after a restore: 1 with what
+ * its utime, stime, cutime and cstime get added, in ns (preload_view.c). */
+HIDDEN int cpu_stat_offsets(int32_t spid, int32_t stid, int64_t add[4]);
 /* timer_settime with TIMER_ABSTIME: 1 with `out` the value whose deadline
  * is the kernel's count, when the timer is on one of these clocks. Call
  * only inside a window: it opens none of its own (inlined into a caller

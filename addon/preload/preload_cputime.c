@@ -280,47 +280,24 @@ API clock_t clock(void) {
   return (clock_t)(ts.tv_sec * CLOCKS_PER_SEC + ts.tv_nsec / (1000000000 / CLOCKS_PER_SEC));
 }
 
-/* The system id after "/proc/" or "task/" at *p, which is moved past it
- * and its '/'; 0 if there is none. */
-static int32_t link_id(const char **p) {
-  int32_t v = 0;
-  const char *s = *p;
-  if (*s < '1' || *s > '9') return 0;
-  for (; *s >= '0' && *s <= '9'; s++) {
-    if (v > INT32_MAX / 10) return 0;
-    v = v * 10 + (*s - '0');
-  }
-  if (*s != '/') return 0;
-  *p = s + 1;
-  return v;
-}
-
-/* The file's name (its descriptor's link: the kernel's, with system ids)
- * says whose it is: "/proc/<pid>/stat" the process's (fields 14-15 its
- * times, 16-17 its reaped children's), "/proc/<pid>/task/<tid>/stat" a
- * thread's (14-15 the thread's, 16-17 the process's children's again). Of
- * the caller's own process only: another's offsets are in its memory. One
- * readlink, after a restore only. */
-int cpu_stat_offsets(int fd, int64_t add[4]) {
-  if (!cpu_times_set()) return 0;
-  char link[40] = "/proc/self/fd/", name[64];
-  *put_decimal(link + 14, (unsigned long)fd) = '\0';
-  long n = SYS3(readlink, link, name, sizeof name - 1);
-  if (n <= 6) return 0;
-  name[n] = '\0';
-  const char *p = name + 6;
-  if (memcmp(name, "/proc/", 6) || link_id(&p) != (int32_t)SYS0(getpid)) return 0;
+/* Whose stat file a view is made of (its descriptor's link says, with
+ * system ids: preload_view.c) says what its times get: process `spid`'s
+ * own ("/proc/<pid>/stat", stid 0: fields 14-15 its times, 16-17 its
+ * reaped children's), or its thread `stid`'s ("/proc/<pid>/task/<tid>/stat":
+ * 14-15 the thread's, 16-17 the process's children's again). Of the
+ * caller's own process only: another's offsets are in its memory. After
+ * a restore only. */
+int cpu_stat_offsets(int32_t spid, int32_t stid, int64_t add[4]) {
+  if (!cpu_times_set() || spid != (int32_t)SYS0(getpid)) return 0;
   add[2] = appshot_cpu_times.child_user_ns;
   add[3] = appshot_cpu_times.child_system_ns;
-  if (!strcmp(p, "stat")) {
+  if (!stid) {
     add[0] = appshot_cpu_times.user_ns;
     add[1] = appshot_cpu_times.system_ns;
     return 1;
   }
-  if (strncmp(p, "task/", 5)) return 0;
-  p += 5;
-  int32_t stid = link_id(&p), vtid;
-  if (!stid || strcmp(p, "stat") || !appshot_s2v(g_h, APPSHOT_PID, stid, &vtid)) return 0;
+  int32_t vtid;
+  if (!appshot_s2v(g_h, APPSHOT_PID, stid, &vtid)) return 0;
   const struct appshot_cpu_thread *t = vtid == self_vtid() ? own_cpu_thread() : cpu_thread(vtid, stid);
   add[0] = t ? t->user_ns : 0;
   add[1] = t ? t->system_ns : 0;

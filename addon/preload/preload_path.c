@@ -1385,14 +1385,14 @@ API int openat(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
   int got = openat_m(fd, path, flags, mode);
   if (got >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(got, path);
-  return view_opened_at(fd, got, path, flags);
+  return view_opened(got, path, flags);
 }
 
 API int openat64(int fd, const char *path, int flags, ...) {
   OPEN_MODE(flags, mode);
   int got = openat64_m(fd, path, flags, mode);
   if (got >= 0 && (flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened(got, path);
-  return view_opened_at(fd, got, path, flags);
+  return view_opened(got, path, flags);
 }
 
 /* The fortified opens (no O_CREAT): reads may need a translated view. */
@@ -1412,10 +1412,10 @@ API int __open64_2(const char *path, int flags) {
   return view_opened(open64_2_m(path, flags), path, flags);
 }
 API int __openat_2(int fd, const char *path, int flags) {
-  return view_opened_at(fd, openat_2_m(fd, path, flags), path, flags);
+  return view_opened(openat_2_m(fd, path, flags), path, flags);
 }
 API int __openat64_2(int fd, const char *path, int flags) {
-  return view_opened_at(fd, openat64_2_m(fd, path, flags), path, flags);
+  return view_opened(openat64_2_m(fd, path, flags), path, flags);
 }
 PATH_WRAPPER(int, creat, (const char *path, mode_t mode), (path, mode), NO_PROC_DIR,
              PATH_TRUNC, -1, REAL(creat)(p, mode))
@@ -1801,7 +1801,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
   if (nr == SYS_chdir) cwd_moved();
   if (flags == -1 || r < 0) return r;
   if ((flags & O_ACCMODE) != O_RDONLY) cgroup_procs_opened((int)r, path);
-  return view_opened_at(dirfd, (int)r, path, flags);
+  return view_opened((int)r, path, flags);
 }
 
 /* glibc's remove() calls unlink and rmdir internally, past our wrappers. */

@@ -13,8 +13,8 @@
  * system ids, keys and PIDs, every application's objects (sysv_line).
  *
  * When one of them is opened for reading only (open & co., fopen "r"; the
- * files nobody may write, /proc/locks and /proc/sysvipc's, read-write too:
- * read_only_file), the
+ * files nobody may write, all but a cgroup's lists and sched, read-write
+ * too: read_only_file), the
  * descriptor the application gets holds the file's text as of the open,
  * every PID in it translated: the whole file is read from the kernel, line
  * by line, into an anonymous memory file (memfd), which is then reopened
@@ -39,22 +39,24 @@
  *    processes a PID namespace does not see: a program that signals every
  *    PID it reads there must not be handed 0 (its own process group).
  *
- * Also these files opened relative to a directory descriptor of /proc
- * (openat(dirfd, "stat") under /proc/<pid>, /proc/<pid>/task/<tid> or
- * /proc/self; openat(procfd, "<pid>/status"), whose number preload_proc.c
- * makes the system's): the directory is known by its descriptor's link,
- * read only when the name is one of those; the same relative to a working
- * directory inside /proc, and through syscall() (openat2 among them).
- * /proc/locks and /proc/sysvipc's files, which name other applications'
- * and the system's objects, are known by the descriptor as well, whatever
- * name opened them (view_of_descriptor: "..", symbolic links to
- * directories, /proc/self/fd/<n>). Not
+ * Which file an open reached is the descriptor's to say, whatever name
+ * opened it (view_of_descriptor): its file system, and for /proc's files
+ * its link, the path the kernel resolved, with system ids, which also
+ * says whose file it is. A name cannot say: a ".." after a directory
+ * whose parent no name tells (/proc/sys/../self/stat), a symbolic link to
+ * /proc or into it (/proc/self/root/proc/..., a link of the application's
+ * own to /proc/self), a name relative to a directory descriptor or a
+ * working directory inside /proc opened any of those ways, a descriptor
+ * reopened through /proc/self/fd/<n>, syscall() (openat2 among them): the
+ * kernel resolves them all to one file. The descriptor is asked only when
+ * the last name is one of the files' (or a number: fdinfo/<n>, fd/<n>),
+ * so an open of any other name costs a few compares (viewed_name). Not
  * covered: a static program or raw system calls; a symbolic link to one
- * of the files under another name; the other files reached by a name not
- * made plain (a ".." after a directory whose parent no name tells); a cgroup.procs opened read-write is read
- * untranslated (its writes are translated, preload_cgroup.c). A file that cannot be copied (no memory
- * for the memfd, too many descriptors) fails the open with that error
- * rather than show system PIDs.
+ * of the files under another name; a cgroup.procs opened read-write is
+ * read untranslated (its writes are translated, preload_cgroup.c), and so
+ * is a sched file (written to reset it). A file that cannot be copied (no
+ * memory for the memfd, too many descriptors) fails the open with that
+ * error rather than show system PIDs.
  *
  * No allocation: the copy goes through buffers on the stack of a function
  * that runs only for these files.
@@ -73,82 +75,12 @@ enum view {
   VIEW_SYSV_MSG
 };
 
-static int ends_with_file(const char *path, size_t n, const char *name) {
-  size_t m = strlen(name);
-  return n >= m && !memcmp(path + n - m, name, m) &&
-         (n == m || path[n - m - 1] == '/');
-}
-
-/* Past "<digits>/" at p, or NULL. */
-static const char *past_number(const char *p) {
-  if (*p < '0' || *p > '9') return NULL;
-  while (*p >= '0' && *p <= '9') p++;
-  return *p == '/' ? p + 1 : NULL;
-}
-
-/* The file of a process's or thread's directory that `p` (what follows
- * "/proc/") names, "<self|thread-self|pid>[/task/<tid>]/<file>": <file>,
- * or NULL for any other path (/proc/stat, /proc/self/net/stat). */
-static const char *task_file(const char *p) {
-  if (!strncmp(p, "self/", 5)) p += 5;
-  else if (!strncmp(p, "thread-self/", 12)) p += 12;
-  else if (!(p = past_number(p))) return NULL;
-  if (!strncmp(p, "task/", 5) && !(p = past_number(p + 5))) return NULL;
-  return p;
-}
-
-static enum view view_of_plain_name(const char *path);
-
-/* The view of a path plain_path gave (or one with nothing to take out). */
-static enum view view_of_plain(const char *path) {
-  if (!strncmp(path, "/proc/", 6)) {
-    const char *p = path + 6;
-    if (!strcmp(p, "locks")) return VIEW_LOCKS;
-    if (!strncmp(p, "sysvipc/", 8)) {
-      p += 8;
-      return !strcmp(p, "shm")   ? VIEW_SYSV_SHM
-             : !strcmp(p, "sem") ? VIEW_SYSV_SEM
-             : !strcmp(p, "msg") ? VIEW_SYSV_MSG
-                                 : VIEW_NONE;
-    }
-    /* /proc/<self|thread-self|pid>[/task/<tid>]/fdinfo/<n> */
-    const char *f = strstr(p, "/fdinfo/");
-    if (f && f[8] >= '0' && f[8] <= '9' && !strchr(f + 8, '/'))
-      return VIEW_FDINFO;
-    const char *file = task_file(p);
-    if (!file) return VIEW_NONE;
-    if (file[0] == 's') {
-      if (!strcmp(file, "stat")) return VIEW_STAT;
-      if (!strcmp(file, "status")) return VIEW_STATUS;
-      if (!strcmp(file, "sched")) return VIEW_SCHED;
-    } else if (!strcmp(file, "children")) { /* only under task/<tid> */
-      return VIEW_CHILDREN;
-    } else if (!strcmp(file, "timers")) {
-      return VIEW_TIMERS;
-    }
-    return VIEW_NONE;
-  }
-  size_t n = strlen(path);
-  if (ends_with_file(path, n, "cgroup.procs") ||
-      ends_with_file(path, n, "cgroup.threads") ||
-      ends_with_file(path, n, "tasks"))
-    return VIEW_PIDLIST;
-  return VIEW_NONE;
-}
-
-/* Which view `path` needs, by name only (a cgroup file is confirmed on the
- * descriptor); of a path with repeated slashes, "." or ".." components,
- * the view of the plain one (proc_path opened that). */
-static enum view view_of_name(const char *path) {
-  if (UNLIKELY(path[0] == '/' && path_unplain(path))) return view_of_plain_name(path);
-  return view_of_plain(path);
-}
-
-/* Not made plain again: a ".." kept for the kernel stays. */
-static NOINLINE enum view view_of_plain_name(const char *path) {
-  char plain[PATH_MAX];
-  return plain_path(path, plain) ? view_of_plain(plain) : VIEW_NONE;
-}
+/* Whose file of /proc a view is, by the system ids its link names: the
+ * process, and the thread for a file under task/<tid> (0 for the
+ * process's own). */
+struct view_owner {
+  int32_t pid, tid;
+};
 
 /* --- Translating one line ------------------------------------------------ */
 
@@ -691,16 +623,12 @@ static long copy_translated(enum view v, int src, int dst, const int64_t *cpu) {
   return write_all(dst, out, used);
 }
 
-/* Puts the translated copy of the file `fd` holds in its place. Returns 0,
- * or -errno (fd then still holds the kernel's file). */
-static NOINLINE long substitute(int fd, enum view v) {
-  ID_WINDOW(); /* system PIDs read, not yet translated */
-  if (v == VIEW_PIDLIST) {
-    struct statfs sf;
-    if (SYS2(fstatfs, fd, &sf) != 0 ||
-        (sf.f_type != CGROUP2_SUPER_MAGIC && sf.f_type != CGROUP_SUPER_MAGIC))
-      return 0; /* a file of that name elsewhere */
-  }
+/* Puts the translated copy of the file `fd` holds in its place, the
+ * file of process (and thread) `who` for /proc's. Returns 0, or -errno
+ * (fd then still holds the kernel's file). Called inside an id window
+ * (view_fill_named): system PIDs read, not yet translated. Its own frame:
+ * the copy's buffers are not under view_of_descriptor's link buffer. */
+static NOINLINE long substitute(int fd, enum view v, const struct view_owner *who) {
   long fdflags = SYS2(fcntl, fd, F_GETFD);
   long flflags = SYS2(fcntl, fd, F_GETFL);
   if (fdflags < 0) return fdflags;
@@ -708,7 +636,7 @@ static NOINLINE long substitute(int fd, enum view v) {
   long mem = SYS2(memfd_create, "appshot-view", MFD_CLOEXEC);
   if (mem < 0) return mem;
   int64_t cpu[4];
-  long r = copy_translated(v, fd, (int)mem, v == VIEW_STAT && cpu_stat_offsets(fd, cpu) ? cpu : NULL);
+  long r = copy_translated(v, fd, (int)mem, v == VIEW_STAT && cpu_stat_offsets(who->pid, who->tid, cpu) ? cpu : NULL);
   /* Read-only, with the kernel's descriptor's status flags, at its number. */
   long ro = -1;
   if (r == 0) {
@@ -727,142 +655,193 @@ static NOINLINE long substitute(int fd, enum view v) {
   return r < 0 ? r : 0;
 }
 
-/* Whether the last name of the relative `path` is one a view is made for
- * under a directory of /proc (the name alone does not tell: "stat" under
- * /proc is /proc/stat): stat, status, sched, children, locks, timers, shm, sem, msg, or a number
- * (a descriptor's fdinfo). A few compares, for every relative open. */
-static int at_name(const char *path) {
+/* --- Which file an open reached ------------------------------------------ */
+
+/* What the last name of an opened path says the file may be, before its
+ * descriptor is asked: one of /proc's (stat, status, sched, children,
+ * timers, locks, shm, sem, msg), one of a cgroup's lists (cgroup.procs,
+ * cgroup.threads, tasks), or either (a number: /proc/<pid>/fdinfo/<n>, or
+ * a descriptor reopened through /proc/self/fd/<n> or /dev/fd/<n>, an O_PATH
+ * one of any of those files among them). */
+enum name { NAME_OTHER = 0, NAME_PROC = 1, NAME_CGROUP = 2, NAME_ANY = 3 };
+
+static int pidlist_name(const char *base) {
+  return !strcmp(base, "cgroup.procs") || !strcmp(base, "cgroup.threads") || !strcmp(base, "tasks");
+}
+
+/* A few compares, for every open: the only cost an open of any other
+ * name pays. */
+static enum name viewed_name(const char *path) {
   const char *base = strrchr(path, '/');
   base = base ? base + 1 : path;
   switch (base[0]) {
     case 's':
       return !strcmp(base, "stat") || !strcmp(base, "status") || !strcmp(base, "sched") ||
-             !strcmp(base, "shm") || !strcmp(base, "sem");
-    case 'm': return !strcmp(base, "msg");
-    case 'c': return !strcmp(base, "children");
-    case 'l': return !strcmp(base, "locks");
-    case 't': return !strcmp(base, "timers");
+                     !strcmp(base, "shm") || !strcmp(base, "sem")
+                 ? NAME_PROC
+                 : NAME_OTHER;
+    case 'm': return !strcmp(base, "msg") ? NAME_PROC : NAME_OTHER;
+    case 'l': return !strcmp(base, "locks") ? NAME_PROC : NAME_OTHER;
+    case 'c':
+      return !strcmp(base, "children") ? NAME_PROC : pidlist_name(base) ? NAME_CGROUP : NAME_OTHER;
+    case 't': return !strcmp(base, "timers") ? NAME_PROC : pidlist_name(base) ? NAME_CGROUP : NAME_OTHER;
     default:
-      if (!*base) return 0;
-      for (; *base; base++)
-        if (*base < '0' || *base > '9') return 0;
-      return 1;
-  }
-}
-
-/* Which view `path`, opened relative to the directory `dirfd`, needs: the
- * directory is known by its link (a descriptor's, or the working
- * directory's for AT_FDCWD) ("/proc", "/proc/<pid>",
- * "/proc/<pid>/task/<tid>", ".../fdinfo"), read only when the name is one
- * of at_name's, and the whole path judged as an absolute one is. */
-static NOINLINE enum view view_of_at(int dirfd, const char *path) {
-  enum view v = view_of_name(path); /* a cgroup's list: by its name */
-  if (v != VIEW_NONE || !at_name(path)) return v;
-  char full[512];
-  long n = proc_dir_link(dirfd, full, 256);
-  size_t len = strlen(path);
-  if (n < 0) return VIEW_NONE;
-  /* The link names the system ids, the absolute logic ("..", known by
-   * virtual id) wants the virtual ones: "../2/stat" under /proc/self. */
-  n = (long)proc_answer_to_virtual(full, (size_t)n, 255);
-  if ((size_t)n + 1 + len >= sizeof full) return VIEW_NONE;
-  full[n] = '/';
-  memcpy(full + n + 1, path, len + 1);
-  return view_of_name(full);
-}
-
-/* Whether the last name of `path` is one of the files of /proc that
- * view_of_descriptor knows by what they are (shm, sem, msg, locks), or a
- * number after "fd/" (/proc/self/fd/<n>, /dev/fd/<n>: a descriptor
- * reopened, an O_PATH one of those files among them). A few compares, for
- * every open. */
-static int descriptor_name(const char *path) {
-  const char *base = strrchr(path, '/');
-  base = base ? base + 1 : path;
-  switch (base[0]) {
-    case 's': return (base[1] == 'h' && base[2] == 'm' && !base[3]) || (base[1] == 'e' && base[2] == 'm' && !base[3]);
-    case 'm': return base[1] == 's' && base[2] == 'g' && !base[3];
-    case 'l': return !strcmp(base, "locks");
-    default:
-      if (base[0] < '0' || base[0] > '9' || base - path < 3 || memcmp(base - 3, "fd/", 3)) return 0;
+      if (base[0] < '0' || base[0] > '9') return NAME_OTHER;
       for (const char *d = base; *d; d++)
-        if (*d < '0' || *d > '9') return 0;
-      return 1;
+        if (*d < '0' || *d > '9') return NAME_OTHER;
+      return NAME_ANY;
   }
 }
 
-/* Which of the system-wide files /proc/sysvipc/shm, sem, msg and
- * /proc/locks the open descriptor `fd` is, by the file itself: procfs's
- * (statfs), and its link (/proc/self/fd/<fd>) ending in "/sysvipc/<kind>"
- * or "/locks" (no other file of procfs has those names: /proc/sys/kernel/sem
- * is ".../kernel/sem"). The name it was opened by cannot say, however
- * plain it is made: a ".." after a directory whose parent the name does not
- * tell (/proc/sysvipc/../sysvipc/shm, /proc/sys/../locks), a symbolic link
- * to /proc or into it (/proc/self/root/proc/locks, a link of the
- * application's own), a directory descriptor of /proc opened any of those
- * ways: the kernel resolves them all to the same file. Asked only of a
- * name descriptor_name accepts; what is not covered is a symbolic link to
- * one of the files themselves under another name, which no name shows. A
- * /proc not mounted at /proc/self's place (no link to read): VIEW_NONE.
- * Its own frame: the link buffer costs the stack only here. */
-static NOINLINE enum view view_of_descriptor(int fd) {
+/* A process's or thread's id [s, s + n) (no sign, no leading zero, an
+ * int32): it, or 0. */
+static int32_t link_id(const char *s, size_t n) {
+  if (n == 0 || n > 10 || s[0] < '1' || s[0] > '9') return 0;
+  int64_t v = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (s[i] < '0' || s[i] > '9') return 0;
+    v = v * 10 + (s[i] - '0');
+  }
+  return v <= INT32_MAX ? (int32_t)v : 0;
+}
+
+struct name_span {
+  const char *s;
+  size_t n;
+};
+
+static int span_is(struct name_span c, const char *name) {
+  return strlen(name) == c.n && !memcmp(c.s, name, c.n);
+}
+
+/* The view of the file of procfs whose link (the kernel's, with system
+ * ids) is link[0, n), by its last names only, wherever that procfs is
+ * mounted: ".../locks", ".../sysvipc/<shm|sem|msg>" (no other file of
+ * procfs has those names: /proc/sys/kernel/sem is ".../kernel/sem"),
+ * ".../<pid>[/task/<tid>]/<stat|status|sched|children|timers>" and
+ * ".../<pid>[/task/<tid>]/fdinfo/<n>" (/proc/stat is ".../proc/stat": no
+ * number before it); *who the ids the link names. */
+static enum view view_of_proc_link(const char *link, size_t n, struct view_owner *who) {
+  struct name_span c[5]; /* the last names, the last first */
+  int k = 0;
+  for (const char *e = link + n; k < 5;) {
+    const char *s = e;
+    while (s > link && s[-1] != '/') s--;
+    c[k].s = s, c[k].n = (size_t)(e - s), k++;
+    if (s <= link + 1) break;
+    e = s - 1;
+  }
+  if (k < 2) return VIEW_NONE;
+  if (span_is(c[0], "locks")) return VIEW_LOCKS;
+  if (span_is(c[1], "sysvipc"))
+    return span_is(c[0], "shm")   ? VIEW_SYSV_SHM
+           : span_is(c[0], "sem") ? VIEW_SYSV_SEM
+           : span_is(c[0], "msg") ? VIEW_SYSV_MSG
+                                  : VIEW_NONE;
+  enum view v = VIEW_NONE;
+  int dir = 1; /* c[dir]: the process's or thread's id */
+  if (span_is(c[1], "fdinfo")) {
+    if (c[0].n == 0) return VIEW_NONE;
+    for (size_t i = 0; i < c[0].n; i++)
+      if (c[0].s[i] < '0' || c[0].s[i] > '9') return VIEW_NONE;
+    v = VIEW_FDINFO;
+    dir = 2;
+  } else if (span_is(c[0], "stat")) {
+    v = VIEW_STAT;
+  } else if (span_is(c[0], "status")) {
+    v = VIEW_STATUS;
+  } else if (span_is(c[0], "sched")) {
+    v = VIEW_SCHED;
+  } else if (span_is(c[0], "children")) { /* only under task/<tid> */
+    v = VIEW_CHILDREN;
+  } else if (span_is(c[0], "timers")) {
+    v = VIEW_TIMERS;
+  }
+  int32_t id = dir < k ? link_id(c[dir].s, c[dir].n) : 0;
+  if (v == VIEW_NONE || !id) return VIEW_NONE;
+  int32_t pid = dir + 2 < k && span_is(c[dir + 1], "task") ? link_id(c[dir + 2].s, c[dir + 2].n) : 0;
+  who->pid = pid ? pid : id;
+  who->tid = pid ? id : 0;
+  return v;
+}
+
+/* Which view the open descriptor `fd` needs, by the file itself, for a
+ * name (`path`) viewed_name did not rule out: its file system (statfs: procfs, or
+ * a cgroup's), then its link (/proc/self/fd/<fd>: the path the kernel
+ * resolved, with system ids) for /proc's files. The name it was opened by
+ * cannot say, however plain it is made: a ".." after a directory whose
+ * parent the name does not tell (/proc/sys/../self/stat), a symbolic link
+ * to /proc or into it (/proc/self/root/proc/..., a link of the
+ * application's own to /proc/self), a directory descriptor of /proc
+ * opened any of those ways, a descriptor reopened through
+ * /proc/self/fd/<n>: the kernel resolves them all to one file, and which
+ * process's file it is (*who) is the link's to say, not the name's. A
+ * cgroup's list by a name of its own: its file system is enough. What is
+ * not covered is a symbolic link to one of the files themselves under
+ * another name, which no name shows; and a /proc not reachable as /proc
+ * (no link to read): VIEW_NONE. Its own frame: the link buffer costs the
+ * stack only here, not under the copy's buffers. */
+static NOINLINE enum view view_of_descriptor(int fd, const char *path, enum name name, struct view_owner *who) {
   struct statfs sf;
-  if (SYS2(fstatfs, fd, &sf) != 0 || sf.f_type != PROC_SUPER_MAGIC) return VIEW_NONE;
+  if (SYS2(fstatfs, fd, &sf) != 0) return VIEW_NONE;
+  enum name fs = sf.f_type == PROC_SUPER_MAGIC ? NAME_PROC
+                 : sf.f_type == CGROUP2_SUPER_MAGIC || sf.f_type == CGROUP_SUPER_MAGIC ? NAME_CGROUP
+                                                                                      : NAME_OTHER;
+  /* A file of another file system mounted over one of /proc's (as LXCFS
+   * mounts its own over /proc/meminfo & co.) is what that name reads:
+   * its link says which, asked only when the name is /proc's. */
+  int over_proc = fs == NAME_OTHER && (name & NAME_PROC) && !strncmp(path, "/proc/", 6);
+  if (!(fs & name) && !over_proc) return VIEW_NONE;
+  if (fs == NAME_CGROUP && name == NAME_CGROUP) return VIEW_PIDLIST;
   char self[32] = "/proc/self/fd/", link[PATH_MAX];
   *put_decimal(self + 14, (unsigned long)fd) = '\0';
   long n = SYS4(readlinkat, AT_FDCWD, self, link, sizeof link - 1);
   if (n <= 0 || n >= (long)sizeof link - 1) return VIEW_NONE;
   link[n] = '\0';
-  if (n >= 12 && !memcmp(link + n - 12, "/sysvipc/", 9)) {
-    const char *kind = link + n - 3;
-    return !strcmp(kind, "shm")   ? VIEW_SYSV_SHM
-           : !strcmp(kind, "sem") ? VIEW_SYSV_SEM
-           : !strcmp(kind, "msg") ? VIEW_SYSV_MSG
-                                  : VIEW_NONE;
+  if (fs == NAME_CGROUP) {
+    const char *base = strrchr(link, '/');
+    return pidlist_name(base ? base + 1 : link) ? VIEW_PIDLIST : VIEW_NONE;
   }
-  return n >= 6 && !strcmp(link + n - 6, "/locks") ? VIEW_LOCKS : VIEW_NONE;
+  if (over_proc && strncmp(link, "/proc/", 6)) return VIEW_NONE;
+  return view_of_proc_link(link, (size_t)n, who);
 }
 
-/* The views of files nobody may write (mode 0444), made for a read-write
- * open too: root opens them so (CAP_DAC_OVERRIDE), the kernel lets it
+/* The views of files nobody may write (no write bit: /proc/locks and
+ * sysvipc's, a process's stat, status, timers and fdinfo/<n>, a thread's
+ * children), made for a read-write open too: root opens them so (CAP_DAC_OVERRIDE), the kernel lets it
  * read and refuses its writes (EINVAL). The copy is read-only: a write
  * fails with EBADF instead. Not a cgroup's list (written to move
  * processes, preload_cgroup.c) nor a sched file (written to reset it). */
 static int read_only_file(enum view v) {
-  return v == VIEW_LOCKS || v == VIEW_SYSV_SHM || v == VIEW_SYSV_SEM || v == VIEW_SYSV_MSG;
+  return v != VIEW_PIDLIST && v != VIEW_SCHED;
 }
 
-/* The translated copy in the place of `fd`, opened by `path` relative to
- * `dirfd` (AT_FDCWD: the working directory, looked at only while it is
- * inside /proc), when it needs
- * one: 0, or -errno with fd left as it was. */
-long view_fill_at(int dirfd, int fd, const char *path, int flags) {
+/* The view for `fd`, opened by a name viewed_name did not rule out. One
+ * window from the link's read to the copy's end: the link and the text
+ * hold system ids, which a restore in between would make another's. */
+static NOINLINE long view_fill_named(int fd, const char *path, enum name name, int access) {
+  ID_WINDOW();
+  struct view_owner who = {0, 0};
+  enum view v = view_of_descriptor(fd, path, name, &who);
+  if (v == VIEW_NONE || (access == O_RDWR && !read_only_file(v))) return 0;
+  return substitute(fd, v, &who);
+}
+
+long view_fill(int fd, const char *path, int flags) {
   int access = flags & O_ACCMODE;
   if (fd < 0 || !g_h || !path || (access != O_RDONLY && access != O_RDWR) ||
       (flags & (O_PATH | O_DIRECTORY)))
     return 0;
-  enum view v = path[0] == '/' || (dirfd < 0 && !(dirfd == AT_FDCWD && cwd_in_proc()))
-                    ? view_of_name(path)
-                    : view_of_at(dirfd, path);
-  if (v == VIEW_NONE && UNLIKELY(descriptor_name(path))) v = view_of_descriptor(fd);
-  if (LIKELY(v == VIEW_NONE)) return 0;
-  if (access == O_RDWR && !read_only_file(v)) return 0;
-  return substitute(fd, v);
+  enum name name = viewed_name(path);
+  if (LIKELY(name == NAME_OTHER)) return 0;
+  return view_fill_named(fd, path, name, access);
 }
 
-long view_fill(int fd, const char *path, int flags) {
-  return view_fill_at(AT_FDCWD, fd, path, flags);
-}
-
-int view_opened_at(int dirfd, int fd, const char *path, int flags) {
-  long r = view_fill_at(dirfd, fd, path, flags);
+int view_opened(int fd, const char *path, int flags) {
+  long r = view_fill(fd, path, flags);
   if (r < 0) {
     SYS1(close, fd);
     return (int)fail((int)-r);
   }
   return fd;
-}
-
-int view_opened(int fd, const char *path, int flags) {
-  return view_opened_at(AT_FDCWD, fd, path, flags);
 }
