@@ -24,7 +24,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import { connect } from 'node:net';
-import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -453,6 +453,54 @@ describe.runIf(isRoot)('a connection appshot-keeper holds is handed over only as
     await waitFor(() => !sb.aids().includes('ku') && keepers().length === 0, 10_000, 'ku and its keeper to end');
   });
 
+  it('an image naming a held listener as a kept TCP connection is refused, and the keeper holds it for the real image (review r369)', async () => {
+    // A listener with connections waiting in its queue, which the keeper
+    // holds (keeper.ts addListener): it has no peer, as a connection reset
+    // meanwhile has none, but is no connection.
+    const port = 40085;
+    const go = join(out, 'kl.go');
+    const r = sb.run(['run', '-d', '--aid', 'kl', '--', fixture('lateaccept'), String(port), go]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /READY|FAIL/.test(log('kl')), 10_000, 'lateaccept to listen');
+    const client = connect({ port, host: '127.0.0.1' });
+    await new Promise<void>((ok, fail) => client.once('connect', ok).once('error', fail));
+    let got = '';
+    client.on('data', (d) => (got += d));
+    client.on('error', () => {});
+    client.write('one\n');
+    try {
+      const image = join(out, 'kl');
+      const s = sb.run(['snapshot', 'kl', '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+      await waitFor(() => !sb.aids().includes('kl'), 10_000, 'kl to end');
+      expect(keepers()).toHaveLength(1);
+      const loaded = await loadImage(image, { trust: 'report' });
+      const lie = structuredClone(loaded.image);
+      const fd = lie.processes.flatMap((p) => p.fds).find((f) => f.kind === FdKind.TCP_LISTEN)!;
+      Object.assign(fd, { kind: FdKind.TCP_ESTABLISHED, socket: undefined, tcp: { ...connection(fd.socket!.ino, port), kept: true } });
+      const dir = writeSignedImage(join(out, 'kl-lie'), lie, image, { signer: other.home, id: loaded.manifest.imageId });
+      const aidsBefore = sb.aids();
+      const bad = spawnSync(appshot, ['restore', dir, '--trust-image', '--aid', 'kl'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+      const lines = bad.stderr.split('\n').filter((l) => l !== '');
+      expect(lines, bad.stderr).toHaveLength(1);
+      expect(lines[0]).toMatch(
+        new RegExp(`^appshot: cannot restore ${dir}: process \\d+ fd \\d+: the socket appshot-keeper holds as the TCP connection 127\\.0\\.0\\.1:${port} → 127\\.0\\.0\\.1:40999 \\(inode \\d+\\) is a listener on 127\\.0\\.0\\.1:${port}: the image's record of it is not the socket$`),
+      );
+      expect(bad.status).toBe(1);
+      expect(sb.aids()).toEqual(aidsBefore);
+      // Held again, and the real image has the listener back, the waiting
+      // connection with it.
+      expect(keepers()).toHaveLength(1);
+      const good = sb.run(['restore', image]);
+      expect(good.code, good.stderr).toBe(0);
+      writeFileSync(go, '');
+      await waitFor(() => got === 'ECHO one\n', 10_000, 'the waiting connection to be answered');
+    } finally {
+      client.destroy();
+      sb.run(['stop', 'kl', '--signal', 'KILL']);
+    }
+    await waitFor(() => !sb.aids().includes('kl') && keepers().length === 0, 10_000, 'kl and its keeper to end');
+  });
 });
 
 const NETLINK_ROUTE = 0;
