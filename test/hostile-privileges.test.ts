@@ -26,7 +26,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import { connect } from 'node:net';
-import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -375,6 +375,133 @@ describe.runIf(isRoot)('a connection appshot-keeper holds is handed over only as
       sb.run(['stop', 'kp', '--signal', 'KILL']);
     }
     await waitFor(() => !sb.aids().includes('kp') && keepers().length === 0, 10_000, 'kp and its keeper to end');
+  });
+
+  it('an image naming a held TCP connection as a kept unix socket is refused, and the keeper holds it for the real image (review r369)', async () => {
+    // The same server and connection; the lie now records the connection
+    // as a unix socket a keeper held, which the privilege rule weighs as
+    // no port, in processes with no capability and no listener on 83
+    // (which would let them hold a connection accepted from it).
+    const port = 83;
+    const r = sb.run(['run', '-d', '--aid', 'ku', '--', fixture('tcpfix'), String(port), join(out, 'ku.go'), '1000']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /INSIDE WAITING|FAIL/.test(log('ku')), 10_000, 'tcpfix to start');
+    const client = connect({ port, host: '127.0.0.1' });
+    await new Promise<void>((ok, fail) => client.once('connect', ok).once('error', fail));
+    let reset: Error | undefined;
+    client.on('error', (e) => (reset = e));
+    try {
+      const image = join(out, 'ku');
+      const s = sb.run(['snapshot', 'ku', '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+      await waitFor(() => !sb.aids().includes('ku'), 10_000, 'ku to end');
+      expect(keepers()).toHaveLength(1);
+      const loaded = await loadImage(image, { trust: 'report' });
+      const ino = loaded.image.processes.flatMap((p) => p.fds).find((fd) => fd.tcp?.peerPort === client.localPort)!.tcp!.ino;
+      const unixSocket = (fd: Fd): Socket => ({
+        ...structuredClone(fd.socket ?? loaded.image.processes.flatMap((p) => p.fds).find((f) => f.kind === FdKind.TCP_LISTEN)!.socket!),
+        ino, family: 1, type: 1, address: '', port: 0, listening: false, backlog: 0, peerIno: 0n, queued: Buffer.alloc(0), datagrams: [], options: [], kept: true,
+      });
+      /** The image with the connection's descriptors recorded as `record`
+       * gives (`which`: each of them, or another one of their process's,
+       * the connection's left as it is). */
+      const lieWith = (name: string, which: 'each' | 'another', record: (fd: Fd) => Pick<Fd, 'kind' | 'socket' | 'tcp'>): string => {
+        const lie = structuredClone(loaded.image);
+        for (const fd of lie.processes.flatMap((p) => p.fds)) if (fd.kind === FdKind.TCP_LISTEN) fd.socket!.port = 40083;
+        for (const p of lie.processes) {
+          if (!p.fds.some((fd) => fd.tcp?.ino === ino)) continue;
+          p.fds = p.fds.filter((fd) => fd.kind !== FdKind.TCP_LISTEN);
+          for (const fd of p.fds.filter((f) => f.tcp?.ino === ino)) {
+            const another = { ...structuredClone(fd), fd: Math.max(...p.fds.map((f) => f.fd)) + 1 };
+            if (which === 'another') p.fds.push(another);
+            Object.assign(which === 'another' ? another : fd, record(fd));
+          }
+          for (const c of [p.creds, ...p.threads.map((t) => t.creds)]) if (c) Object.assign(c, { capEff: 0n, capPrm: 0n, capInh: 0n, capAmb: 0n });
+        }
+        return writeSignedImage(join(out, name), lie, image, { signer: other.home, id: loaded.manifest.imageId });
+      };
+      const aidsBefore = sb.aids();
+      const refusedHere = (dir: string, why: RegExp) => {
+        const bad = spawnSync(appshot, ['restore', dir, '--trust-image', '--aid', 'ku'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+        const lines = bad.stderr.split('\n').filter((l) => l !== '');
+        expect(lines, bad.stderr).toHaveLength(1);
+        expect(lines[0]).toMatch(why);
+        expect(bad.status, bad.stderr).toBe(1);
+        expect(sb.aids()).toEqual(aidsBefore);
+        expect(keepers()).toHaveLength(1);
+      };
+      // Every holder's descriptor a kept unix socket: the socket held is
+      // a TCP one, bound to 83.
+      const unix = lieWith('ku-unix', 'each', (fd) => ({ kind: FdKind.UNIX_SOCKET, tcp: undefined, socket: unixSocket(fd) }));
+      refusedHere(unix, new RegExp(`^appshot: cannot restore ${unix}: .*fd \\d+: the socket appshot-keeper holds as a unix connection \\(inode ${ino}\\) is a socket of family 2 and type 1: the image's record of it is not the socket$`));
+      // Another descriptor of it a kept unix socket, beside the TCP connection's.
+      const both = lieWith('ku-both', 'another', (fd) => ({ kind: FdKind.UNIX_SOCKET, tcp: undefined, socket: unixSocket(fd) }));
+      refusedHere(both, /^appshot: .*corrupt image: .*are one socket \(inode \d+\) but one records it as a socket and the other as a TCP connection$/);
+      // A kept TCP listener record, on an unprivileged port.
+      const listener = lieWith('ku-listener', 'each', (fd) => ({ kind: FdKind.TCP_LISTEN, tcp: undefined, socket: { ...unixSocket(fd), family: 2, address: '127.0.0.1', port: 40083 } }));
+      refusedHere(listener, /^appshot: .*corrupt image: .*is a socket held by appshot-keeper that is not a connected unix stream or seqpacket socket$/);
+      // No handler of tcpfix is left of them, and the real image has the
+      // connection back, the peer none the wiser.
+      const good = sb.run(['restore', image]);
+      expect(good.code, good.stderr).toBe(0);
+      const echoed = new Promise<string>((ok) => client.once('data', (d: Buffer) => ok(d.toString())));
+      client.write('ECHO still here\n');
+      expect(await echoed).toBe('still here\n');
+      expect(reset).toBeUndefined();
+    } finally {
+      client.destroy();
+      sb.run(['stop', 'ku', '--signal', 'KILL']);
+    }
+    await waitFor(() => !sb.aids().includes('ku') && keepers().length === 0, 10_000, 'ku and its keeper to end');
+  });
+
+  it('an image naming a held listener as a kept TCP connection is refused, and the keeper holds it for the real image (review r369)', async () => {
+    // A listener with connections waiting in its queue, which the keeper
+    // holds (keeper.ts addListener): it has no peer, as a connection reset
+    // meanwhile has none, but is no connection.
+    const port = 40085;
+    const go = join(out, 'kl.go');
+    const r = sb.run(['run', '-d', '--aid', 'kl', '--', fixture('lateaccept'), String(port), go]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /READY|FAIL/.test(log('kl')), 10_000, 'lateaccept to listen');
+    const client = connect({ port, host: '127.0.0.1' });
+    await new Promise<void>((ok, fail) => client.once('connect', ok).once('error', fail));
+    let got = '';
+    client.on('data', (d) => (got += d));
+    client.on('error', () => {});
+    client.write('one\n');
+    try {
+      const image = join(out, 'kl');
+      const s = sb.run(['snapshot', 'kl', '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+      await waitFor(() => !sb.aids().includes('kl'), 10_000, 'kl to end');
+      expect(keepers()).toHaveLength(1);
+      const loaded = await loadImage(image, { trust: 'report' });
+      const lie = structuredClone(loaded.image);
+      const fd = lie.processes.flatMap((p) => p.fds).find((f) => f.kind === FdKind.TCP_LISTEN)!;
+      Object.assign(fd, { kind: FdKind.TCP_ESTABLISHED, socket: undefined, tcp: { ...connection(fd.socket!.ino, port), kept: true } });
+      const dir = writeSignedImage(join(out, 'kl-lie'), lie, image, { signer: other.home, id: loaded.manifest.imageId });
+      const aidsBefore = sb.aids();
+      const bad = spawnSync(appshot, ['restore', dir, '--trust-image', '--aid', 'kl'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+      const lines = bad.stderr.split('\n').filter((l) => l !== '');
+      expect(lines, bad.stderr).toHaveLength(1);
+      expect(lines[0]).toMatch(
+        new RegExp(`^appshot: cannot restore ${dir}: process \\d+ fd \\d+: the socket appshot-keeper holds as the TCP connection 127\\.0\\.0\\.1:${port} → 127\\.0\\.0\\.1:40999 \\(inode \\d+\\) is a listener on 127\\.0\\.0\\.1:${port}: the image's record of it is not the socket$`),
+      );
+      expect(bad.status).toBe(1);
+      expect(sb.aids()).toEqual(aidsBefore);
+      // Held again, and the real image has the listener back, the waiting
+      // connection with it.
+      expect(keepers()).toHaveLength(1);
+      const good = sb.run(['restore', image]);
+      expect(good.code, good.stderr).toBe(0);
+      writeFileSync(go, '');
+      await waitFor(() => got === 'ECHO one\n', 10_000, 'the waiting connection to be answered');
+    } finally {
+      client.destroy();
+      sb.run(['stop', 'kl', '--signal', 'KILL']);
+    }
+    await waitFor(() => !sb.aids().includes('kl') && keepers().length === 0, 10_000, 'kl and its keeper to end');
   });
 });
 

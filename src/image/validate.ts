@@ -498,6 +498,11 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
       corrupt(`${where} is a TCP listener of family ${fd.socket.family} at '${String(fd.socket.address).slice(0, 64)}', not an IPv4 (2) or IPv6 (10) address of its family`);
     const socketFile = socketFileRecordFault(fd);
     if (socketFile) corrupt(`${where} ${socketFile}`);
+    // Only a connected unix stream or seqpacket socket is held by a keeper
+    // as a socket record (sockets.ts checkUnixPeers): the keeper's TCP
+    // connections and listeners are weighed as TCP records (review r369).
+    if (fd.socket?.kept && (fd.kind !== FdKind.UNIX_SOCKET || fd.socket.family !== 1 || (fd.socket.type !== 1 && fd.socket.type !== 5) || fd.socket.listening))
+      corrupt(`${where} is a socket held by appshot-keeper that is not a connected unix stream or seqpacket socket`);
     if (fd.socket?.inherited && (fd.kind !== FdKind.TCP_LISTEN || !INHERITED_KEY.test(fd.socket.inherited)))
       corrupt(`${where} is an inherited socket that is not a TCP listener, or whose key is not 1-64 of [A-Za-z0-9:._-]`);
     for (const t of fd.epoll) {
@@ -552,6 +557,10 @@ function checkSharedSockets(image: Image): void {
       for (const [name, record] of [['socket', fd.socket], ['connection', fd.tcp]] as const) {
         if (!record) continue;
         const key = `${name} ${record.ino}`;
+        // A socket is either kind of record, never both: a keeper holds
+        // each by its inode (review r369).
+        const other = first.get(`${name === 'socket' ? 'connection' : 'socket'} ${record.ino}`);
+        if (other) corrupt(`process ${p.vpid}'s fd ${fd.fd} and ${other.where} are one socket (inode ${record.ino}) but one records it as a socket and the other as a TCP connection`);
         const seen = first.get(key);
         if (!seen) first.set(key, { where: `process ${p.vpid}'s fd ${fd.fd}`, fd, record });
         else if (seen.fd.kind !== fd.kind || !isDeepStrictEqual(seen.record, record))

@@ -856,10 +856,27 @@ function listenAddress(h: RestoreContext, s: Socket): Socket {
 }
 
 /** A connection to a process outside the application: the very socket,
- * which a keeper held since the snapshot (requireKept checked it is). */
+ * which a keeper held since the snapshot (requireKept checked it is).
+ * Only if it is a connected unix socket of the recorded type: the inode
+ * and the image's id that select it are an image's word, and a keeper
+ * also holds TCP connections and listeners, which the privilege rule
+ * weighs only as TCP records (checkSocketPrivileges): a crafted image
+ * would otherwise hand a process without CAP_NET_BIND_SERVICE a socket
+ * bound to a privileged port (review r369). The restore then fails, and
+ * the keeper holds the socket again (KeptSockets.abandon). */
 function keptEnd(h: RestoreContext, s: Socket, fd: Fd): number {
   const sock = h.kept.get(s.ino);
   if (sock === undefined) throw new AppshotError(`fd ${fd.fd}: a unix connection held by appshot-keeper is not held`);
+  let live: { family: number; type: number; listening: boolean } | undefined;
+  try {
+    live = addon().sockInfo(sock);
+  } catch {
+    /* unreadable: not the socket */
+  }
+  if (!live || live.family !== AF_UNIX || live.type !== s.type || live.listening)
+    throw new AppshotError(
+      `fd ${fd.fd}: the socket appshot-keeper holds as a unix connection (inode ${s.ino}) is ${live ? `a ${live.listening ? 'listening ' : ''}socket of family ${live.family} and type ${live.type}` : 'unreadable'}: the image's record of it is not the socket`,
+    );
   addon().setStatusFlags(sock, fd.flags);
   return sock;
 }

@@ -72,6 +72,7 @@ const TCP_ESTABLISHED = 1;
 const TCP_FIN_WAIT1 = 4;
 const TCP_FIN_WAIT2 = 5;
 const TCP_CLOSE_WAIT = 8;
+const TCP_LISTEN = 10;
 /** What is kept: an open connection, one whose peer has closed its side
  * (its FIN received) while the application's side is open, and one whose
  * application shut its side down while the peer's is open. */
@@ -660,7 +661,7 @@ function refin(fd: number, c: TcpConnection): void {
  */
 function requireHeldAs(sock: number, c: TcpConnection, what: string): void {
   let family: number;
-  let live: { address: string; port: number; remote: string };
+  let live: { state: number; address: string; port: number; remote: string };
   try {
     family = addon().sockInfo(sock).family;
     live = addon().tcpEndpoint(sock);
@@ -670,9 +671,12 @@ function requireHeldAs(sock: number, c: TcpConnection, what: string): void {
   const [peerAddress, peerPort] = splitRemote(live.remote);
   // No peer any more (reset meanwhile): its own end is still known.
   const samePeer = peerPort === 0 || (peerAddress === c.peerAddress && peerPort === c.peerPort);
-  if (family !== c.family || live.address !== c.localAddress || live.port !== c.localPort || !samePeer)
+  // A listener (keeper.ts addListener) has no peer either, and is not a
+  // connection (review r369).
+  const listening = live.state === TCP_LISTEN;
+  if (family !== c.family || live.address !== c.localAddress || live.port !== c.localPort || !samePeer || listening)
     throw new AppshotError(
-      `${what}: the socket appshot-keeper holds as the TCP connection ${connectionName(c)} (inode ${c.ino}) is ${connectionName({ localAddress: live.address, localPort: live.port, peerAddress, peerPort })}: the image's record of it is not the socket`,
+      `${what}: the socket appshot-keeper holds as the TCP connection ${connectionName(c)} (inode ${c.ino}) is ${listening ? `a listener on ${live.address}:${live.port}` : connectionName({ localAddress: live.address, localPort: live.port, peerAddress, peerPort })}: the image's record of it is not the socket`,
     );
 }
 

@@ -642,10 +642,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       try {
         if (!reports.readUntil(() => reports.seeds.length >= roots.length)) throw new Error('gone');
         // A report outlives the standby that wrote it: dead, its seeds
-        // died too and their PIDs may be anyone's now. A seed is the
-        // standby's child, and the standby (our child, not yet waited
-        // for) keeps its PID: checked before seizing, and again after,
-        // when the process can no longer go and be replaced unseen.
+        // died too and their PIDs may be anyone's now, and so may the
+        // standby's own (the engine reaps a dead standby: server.ts
+        // reapDetached). A seed must still be the standby's child:
+        // checked before seizing, and again after, when the process can
+        // no longer go and be replaced unseen. Only a reused parent and
+        // child pair of PIDs could pass, which is negligible (review r369).
         const ours = (pid: number) => readStat(pid)?.ppid === taken.pid;
         for (const pid of reports.seeds) {
           if (!ours(pid)) throw new Error('gone');
