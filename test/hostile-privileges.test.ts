@@ -619,7 +619,7 @@ describe.runIf(isRoot)('the options of a socket appshot-keeper holds are weighed
           p.creds = structuredClone(creds);
           for (const t of p.threads) t.creds = structuredClone(creds);
         }
-        for (const fd of lie.processes.flatMap((p) => p.fds)) if (fd.tcp?.peerPort === client.localPort) change(fd.tcp);
+        for (const fd of lie.processes.flatMap((p) => p.fds)) if (fd.tcp && fd.tcp.peerPort === client.localPort) change(fd.tcp);
         return lie;
       };
       const refusedHeld = (name: string, lie: Image) => {
