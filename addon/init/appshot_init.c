@@ -79,6 +79,7 @@
 #include <sys/sem.h>
 #include <sys/shm.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -1032,14 +1033,20 @@ static void guard_tables(void) {
 }
 
 /* Why a page of zeros went in, said once each on our stderr (the
- * application's log): the write that met it is lost. The file is sparse
+ * application's log): a write that met it is lost. The file is sparse
  * (only its first page is written at its creation), so a first write to
  * any other page on a full filesystem is the same SIGBUS as a truncation,
- * with the file still its full size. */
+ * with the file still its full size. Told apart as the addon does
+ * (addon.cc ThrowStep): full size, and no room for a table left on its
+ * filesystem (the size alone would blame a full disk on an application
+ * that truncated its file and set its size back since). */
 static void say_tables_patched(void) {
   static int said_full, said_short;
   struct stat st;
-  const int full_size = fstat(tables_fd, &st) == 0 && (uint64_t)st.st_size == appshot_table_bytes();
+  struct statfs fs;
+  const int full_size = fstat(tables_fd, &st) == 0 && (uint64_t)st.st_size == appshot_table_bytes() &&
+                        fstatfs(tables_fd, &fs) == 0 &&
+                        (uint64_t)fs.f_bavail * (uint64_t)fs.f_bsize < appshot_table_bytes();
   int *said = full_size ? &said_full : &said_short;
   if (*said) return;
   *said = 1;
@@ -1047,8 +1054,8 @@ static void say_tables_patched(void) {
     fprintf(stderr, "appshot-init: a write to the tables of %s was lost: no space left on the filesystem of %s\n",
             aid ? aid : "?", tables_path ? tables_path : "its table file");
   else
-    fprintf(stderr, "appshot-init: a write to the tables of %s was lost: a process of the application truncated %s\n",
-            aid ? aid : "?", tables_path ? tables_path : "its table file");
+    fprintf(stderr, "appshot-init: a process of the application truncated %s, the tables of %s: what appshot-init wrote there meanwhile is lost\n",
+            tables_path ? tables_path : "its table file", aid ? aid : "?");
 }
 
 /* The file mapped again where the pages of zeros went in (see above).
