@@ -9,7 +9,7 @@
  * its file exists), so that the order of events, not a duration, says
  * the engine answered while the restore waited.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { closeSync, copyFileSync, mkdirSync, openSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -33,7 +33,10 @@ describe('a restore waiting for the check of its page data', () => {
 
   it('an image whose page file has a large hole, its stored pages in the middle of it: `engine status` answers while the restore waits for their check, and the restore then ends with the application whole', async () => {
     const aid = 'pcw';
-    expect(sb.run(['engine', 'start']).code).toBe(0);
+    // Test knobs count only in an engine started with them on (pages.c
+    // test_knob): each command's APPSHOT_* variables reach its environment.
+    const started = spawnSync(process.execPath, [cli, 'engine', 'start'], { env: { ...sb.env, APPSHOT_TEST_KNOBS: '1' }, encoding: 'utf8', timeout: 50_000 });
+    expect(started.status, started.stderr).toBe(0);
     // Mappings that check their bytes over and over, none shared: the
     // pages of shared memory are copied another way (context.ts
     // copyPages), which still waits for their check on the event loop.

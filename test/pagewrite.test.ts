@@ -245,7 +245,7 @@ describe("a restore's check of the chunks, sixteen side by side", () => {
       delete process.env.APPSHOT_TEST_LANES_WRONG;
       delete process.env.APPSHOT_TEST_LANES_PASS;
       console.log(JSON.stringify([first, check(${JSON.stringify(good)})]));`;
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, table.toString('hex')], { env: { ...process.env, APPSHOT_SHA_LANES: '', APPSHOT_TEST_LANES_WRONG: '3', APPSHOT_TEST_LANES_PASS: '5' }, encoding: 'utf8', timeout: 30_000 });
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, table.toString('hex')], { env: { ...process.env, APPSHOT_SHA_LANES: '', APPSHOT_TEST_KNOBS: '1', APPSHOT_TEST_LANES_WRONG: '3', APPSHOT_TEST_LANES_PASS: '5' }, encoding: 'utf8', timeout: 30_000 });
     expect(r.status, r.stderr).toBe(0);
     expect(JSON.parse(r.stdout)).toEqual([
       { state: 'bad', chunk: 5, byLanes: 0 },
@@ -274,25 +274,41 @@ describe("a restore's check of the chunks, sixteen side by side", () => {
       await awaitPagesCheck(c, ${MiB}, (k) => { told += k; });
       c.stop();
       console.log(JSON.stringify({ told }));`;
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, bigTable.toString('hex')], { env: { ...process.env, APPSHOT_SHA_LANES: '', APPSHOT_TEST_LANES_WRONG: '60' }, encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, bigTable.toString('hex')], { env: { ...process.env, APPSHOT_SHA_LANES: '', APPSHOT_TEST_KNOBS: '1', APPSHOT_TEST_LANES_WRONG: '60' }, encoding: 'utf8', timeout: 60_000 });
     expect(r.status, r.stderr).toBe(0);
     expect(JSON.parse(r.stdout)).toEqual({ told: n * MiB });
   });
 
-  it.skipIf(!lanesHere)('fails closed when APPSHOT_TEST_LANES_PASS made the lanes pass a chunk and they were not then found wrong', () => {
+  it.skipIf(!lanesHere)('fails closed when APPSHOT_TEST_LANES_PASS made the lanes pass a chunk and they were not then found wrong, and ignores it in a process not started with test knobs on', () => {
     // The hook alone (no APPSHOT_TEST_LANES_WRONG, so the lanes are never
     // found wrong and this process may go on using them): chunk 3, changed,
     // passes the lanes; the check refuses, naming it, rather than say good.
+    // In a process of its own: the knobs count only where the process was
+    // started with APPSHOT_TEST_KNOBS=1 (review r372, finding 2: the
+    // engine takes each client's APPSHOT_* variables into its environment).
     const file = join(dir, 'pages-pass.img');
     const changed = Buffer.from(bytes);
     changed[3 * MiB + 4321] ^= 0x01;
     writeFileSync(file, changed);
-    process.env.APPSHOT_TEST_LANES_PASS = '3';
-    try {
-      expect(check(file, table, 1, true)).toEqual({ state: 'bad', chunk: 3, errno: 131 /* ENOTRECOVERABLE */, byLanes: 26 });
-    } finally {
-      delete process.env.APPSHOT_TEST_LANES_PASS;
-    }
+    const script = `
+      import { openSync, statSync } from 'node:fs';
+      const { addon } = await import(${JSON.stringify(join(root, 'dist', 'native.js'))});
+      const table = Buffer.from(process.argv[1], 'hex');
+      // Set after the start too, as the engine sets a command's variables.
+      process.env.APPSHOT_TEST_LANES_PASS = '3';
+      const c = new (addon().PagesCheck)(openSync(${JSON.stringify(file)}, 'r'), statSync(${JSON.stringify(file)}).size, ${MiB}, table, 1);
+      const v = c.wait(-1);
+      console.log(JSON.stringify({ ...v, byLanes: c.byLanes() }));
+      c.stop();`;
+    const run = (knobs: Record<string, string>) => {
+      const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, table.toString('hex')], { env: { ...process.env, APPSHOT_SHA_LANES: '', APPSHOT_TEST_KNOBS: '', APPSHOT_TEST_LANES_PASS: '3', ...knobs }, encoding: 'utf8', timeout: 30_000 });
+      expect(r.status, r.stderr).toBe(0);
+      return JSON.parse(r.stdout) as { state: string; chunk: number; errno: number; byLanes: number };
+    };
+    expect(run({ APPSHOT_TEST_KNOBS: '1' })).toEqual({ state: 'bad', chunk: 3, errno: 131 /* ENOTRECOVERABLE */, byLanes: 26 });
+    // Knobs off: the hook does nothing, and the lanes refuse chunk 3 on
+    // their own comparison.
+    expect(run({})).toMatchObject({ state: 'bad', chunk: 3, errno: 0 });
   });
 
   it.skipIf(!lanesHere)('once another check of the process finds the lanes wrong, a check whose threads had all ended with chunks on their word checks those chunks again before it calls them good', () => {
@@ -335,7 +351,7 @@ describe("a restore's check of the chunks, sixteen side by side", () => {
       const va = verdict(a);
       a.stop();
       console.log(JSON.stringify({ aLanes, b: vb, a: va }));`;
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, table.toString('hex')], { env: { ...process.env, APPSHOT_SHA_LANES: '' }, encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, table.toString('hex')], { env: { ...process.env, APPSHOT_SHA_LANES: '', APPSHOT_TEST_KNOBS: '1' }, encoding: 'utf8', timeout: 60_000 });
     expect(r.status, r.stderr).toBe(0);
     expect(JSON.parse(r.stdout)).toEqual({ aLanes: 26, b: { state: 'good', chunk: -1 }, a: { state: 'bad', chunk: 3 } });
   });

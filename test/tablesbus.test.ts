@@ -84,6 +84,46 @@ writer.stdout.once('data', () => {
   });
 });
 
+describe('a table file on a full filesystem', () => {
+  // The file is sparse: a write to a page never written before is a
+  // SIGBUS on a full filesystem too, with the file still its full size
+  // (review r371, findings 3 and 4). A tmpfs of its own, in a mount
+  // namespace of its own: root only.
+  it.skipIf(process.getuid?.() !== 0)('is refused as no space left, not as truncated, and the next writer repairs what the fault left', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'appshot-tablesfull-'));
+    try {
+      const script = `const a = require(${JSON.stringify(addonPath)});
+const fs = require('fs');
+const p = ${JSON.stringify(join(dir, 't'))}, filler = ${JSON.stringify(join(dir, 'filler'))};
+a.createTables(p, 'full', 1n);
+const fd = fs.openSync(filler, 'w');
+const block = Buffer.alloc(4096, 1);
+try { for (;;) fs.writeSync(fd, block); } catch (e) { if (e.code !== 'ENOSPC') throw e; }
+let refusal = null;
+try { a.bind(p, 'pid', 1, 100001); } catch (e) { refusal = { code: e.code, message: e.message }; }
+fs.closeSync(fd);
+fs.unlinkSync(filler);
+a.bind(p, 'pid', 2, 100002);
+const t = a.readTables(p);
+console.log(JSON.stringify({ refusal, repairs: t.repairs, pid: t.tables.pid.map((e) => e.virtual) }));`;
+      // 2 MiB: room for the whole table (1.2 MiB) once the filler is gone,
+      // for the repair rewrites every index.
+      const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `mount -t tmpfs -o size=2m tmpfs "$1" && exec "$2" -e "$3"`, 'sh', dir, process.execPath, script], { encoding: 'utf8', timeout: 60_000 });
+      expect({ status: r.status, signal: r.signal, stderr: r.stderr }).toEqual({ status: 0, signal: null, stderr: '' });
+      const seen = JSON.parse(r.stdout) as { refusal: { code: string; message: string } | null; repairs: number; pid: number[] };
+      expect(seen.refusal?.code).toBe('ENOSPC');
+      expect(seen.refusal?.message).toMatch(/no space left/);
+      expect(seen.refusal?.message).not.toMatch(/truncated/);
+      // The bind faulted holding the lock: let go as a dead holder's, so
+      // the next bind rebuilt the indexes.
+      expect(seen.repairs).toBe(1);
+      expect(seen.pid).toEqual([2]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('an application that empties and refills its table file', () => {
   it('cannot end the resident engine: each command succeeds or fails with one line', async () => {
     const aid = 'tb-shrink';

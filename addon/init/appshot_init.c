@@ -79,6 +79,7 @@
 #include <sys/sem.h>
 #include <sys/shm.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -1031,11 +1032,55 @@ static void guard_tables(void) {
   appshot_set_lock_spares_faults(1);
 }
 
-/* The file mapped again where the pages of zeros went in (see above). */
+/* Why a page of zeros went in, said once each on our stderr (the
+ * application's log): a write that met it is lost. The file is sparse
+ * (only its first page is written at its creation), so a first write to
+ * any other page on a full filesystem is the same SIGBUS as a truncation,
+ * with the file still its full size. Told apart as the addon does
+ * (addon.cc ThrowStep): full size, and no room for a table left on its
+ * filesystem (the size alone would blame a full disk on an application
+ * that truncated its file and set its size back since). */
+static void say_tables_patched(void) {
+  static int said_full, said_short;
+  struct stat st;
+  struct statfs fs;
+  const int full_size = fstat(tables_fd, &st) == 0 && (uint64_t)st.st_size == appshot_table_bytes() &&
+                        fstatfs(tables_fd, &fs) == 0 &&
+                        (uint64_t)fs.f_bavail * (uint64_t)fs.f_bsize < appshot_table_bytes();
+  int *said = full_size ? &said_full : &said_short;
+  if (*said) return;
+  *said = 1;
+  if (full_size)
+    fprintf(stderr, "appshot-init: a write to the tables of %s was lost: no space left on the filesystem of %s\n",
+            aid ? aid : "?", tables_path ? tables_path : "its table file");
+  else
+    fprintf(stderr, "appshot-init: a process of the application truncated %s, the tables of %s: what appshot-init wrote there meanwhile is lost\n",
+            tables_path ? tables_path : "its table file", aid ? aid : "?");
+}
+
+/* The file mapped again where the pages of zeros went in (see above).
+ * A MAP_FIXED that fails may already have unmapped the range (older
+ * kernels unmap before they map), and a touch of a hole there is SIGSEGV,
+ * which would end this supervisor and leave the application's processes
+ * outside appshot's reach: the worse outcome. So on failure the range is
+ * filled with private zeros instead, as the fault handler does page by
+ * page (reads find nothing, writes are lost, as with a truncated file),
+ * and the file is mapped again on the next round. Ending the application
+ * here instead would turn a passing shortage (ENOMEM, a map count at its
+ * limit) into the loss of every process of it. */
 static void remap_tables(void) {
   if (!tables_patched) return;
   tables_patched = 0;
-  mmap(tables, appshot_table_bytes(), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, tables_fd, 0);
+  say_tables_patched();
+  const size_t len = appshot_table_bytes();
+  if (mmap(tables, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, tables_fd, 0) == (void *)tables) return;
+  static int said_remap;
+  if (!said_remap) {
+    said_remap = 1;
+    fprintf(stderr, "appshot-init: mapping the tables of %s again: %s (retrying)\n", aid ? aid : "?", strerror(errno));
+  }
+  mmap(tables, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+  tables_patched = 1;
 }
 
 static const int forwarded[] = {SIGTERM, SIGINT,  SIGQUIT, SIGHUP,

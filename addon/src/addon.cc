@@ -22,6 +22,7 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/socket.h>
 #include <sys/msg.h>
 #include <sys/sem.h>
@@ -63,6 +64,21 @@ void ThrowErrno(const Napi::Env& env, const std::string& what, int err) {
 
 void ThrowStep(const Napi::Env& env, Step s, const std::string& what, const std::string& path) {
   if (s == Step::kUnguarded) return ThrowErrno(env, what + " " + path + " (no room for its fault guard)", EAGAIN);
+  // A fault is not only a truncation: the file is sparse (only its first
+  // page is written at its creation), so the first write to any other
+  // page, on a full filesystem, is a SIGBUS too, with the file still its
+  // full size. Told apart so that a full disk is not blamed on the
+  // application: the file its full size and its filesystem without room
+  // for a table. The size alone would not do: an application that
+  // truncates its file and sets its size back at once (as the tablesbus
+  // fixture does) leaves it full size by now. Looked up by name, for the
+  // message only: the mapping is forgotten either way.
+  struct stat st;
+  struct statfs fs;
+  if (stat(path.c_str(), &st) == 0 && static_cast<uint64_t>(st.st_size) == appshot_table_bytes() &&
+      statfs(path.c_str(), &fs) == 0 &&
+      static_cast<uint64_t>(fs.f_bavail) * static_cast<uint64_t>(fs.f_bsize) < appshot_table_bytes())
+    return ThrowCoded(env, what + " " + path + ": no space left on the filesystem of the table file", ENOSPC);
   ThrowCoded(env, what + " " + path + ": the tables changed size under us (a process of the application truncated its table file)", EPROTO);
 }
 

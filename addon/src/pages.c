@@ -1880,7 +1880,8 @@ struct pages_check {
   /* For the test of check_lanes_disagree, faults of the lanes' made up:
    * APPSHOT_TEST_LANES_WRONG=CHUNK, their digest of that chunk wrong;
    * APPSHOT_TEST_LANES_PASS=CHUNK, theirs the table's whatever the bytes.
-   * SIZE_MAX: none. The only test hook that could make a changed chunk
+   * SIZE_MAX: none. Honoured only where test knobs are on (test_knob).
+   * The only test hook that could make a changed chunk
    * pass, so it fails closed: once it fired (pass_fired), the check ends
    * good only if the lanes were then found wrong in this process (which
    * puts that chunk back to be checked with OpenSSL), and otherwise
@@ -1898,7 +1899,8 @@ struct pages_check {
   uint8_t zero_sum[PAGES_DIGEST];
   /* APPSHOT_TEST_CHECK_HOLD=FILE: no chunk is taken while FILE exists,
    * so that a test can see what waits for the check while it is held
-   * (test/pagecheckwait.test.ts). It only delays. NULL: none. */
+   * (test/pagecheckwait.test.ts). It only delays. NULL: none (or test
+   * knobs off: test_knob). */
   char* hold;
 };
 
@@ -2041,6 +2043,52 @@ static int check_hole(struct pages_check* c, uint8_t* buf, size_t i) {
   pthread_mutex_unlock(&c->zero_mu);
   if (!rc && CRYPTO_memcmp(c->zero_sum, c->table + i * PAGES_DIGEST, PAGES_DIGEST) != 0) rc = -EBADMSG;
   return rc;
+}
+
+/* The check's test knobs (APPSHOT_TEST_LANES_WRONG, APPSHOT_TEST_LANES_PASS,
+ * APPSHOT_TEST_CHECK_HOLD) weaken or delay it: LANES_PASS lets a chunk pass
+ * the lanes uncompared. The resident engine sets each command's APPSHOT_*
+ * variables, sent by its client, in its own environment while it serves
+ * that command (src/engine/server.ts), and a check started meanwhile (a
+ * hosted serve's, another client's) would read them (review r372, finding
+ * 2). So they are honoured only in a process started with
+ * APPSHOT_TEST_KNOBS=1 in its own environment: looked for in
+ * /proc/self/environ, the block the process was started with, which a
+ * later setenv does not change. Once that says yes, the knobs' values are
+ * read as they are at each check's start (a test changes them between
+ * checks). No /proc, or any failure: off. */
+static int test_knobs_on;
+static pthread_once_t test_knobs_once = PTHREAD_ONCE_INIT;
+
+static void find_test_knobs(void) {
+  static const char want[] = "APPSHOT_TEST_KNOBS=1"; /* and the NUL after it */
+  int fd = open("/proc/self/environ", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  char buf[4096];
+  /* How much of `want` the current entry has matched so far; -1: it
+   * cannot match (it differs, or is longer). */
+  int at = 0;
+  for (;;) {
+    ssize_t n = read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    for (ssize_t i = 0; i < n; i++) {
+      const char ch = buf[i];
+      if (ch == '\0') {
+        if (at == (int)sizeof want - 1) test_knobs_on = 1;
+        at = 0;
+      } else if (at >= 0) {
+        at = at < (int)sizeof want - 1 && want[at] == ch ? at + 1 : -1;
+      }
+    }
+  }
+  close(fd);
+}
+
+/* A test knob's value, or NULL where knobs are off (above). */
+static const char* test_knob(const char* name) {
+  pthread_once(&test_knobs_once, find_test_knobs);
+  return test_knobs_on ? getenv(name) : NULL;
 }
 
 /* APPSHOT_TEST_CHECK_HOLD: waits while its file exists (or until the
@@ -2213,13 +2261,13 @@ pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint
   const char* lanes = getenv("APPSHOT_SHA_LANES");
   c->lanes = !(lanes && strcmp(lanes, "0") == 0) && !__atomic_load_n(&lanes_disagreed, __ATOMIC_RELAXED) &&
              chunk % (SHA256X16_LANES * 64) == 0 && c->nwhole >= SUMS_LANES_MIN && sha256x16_available();
-  const char* wrong = getenv("APPSHOT_TEST_LANES_WRONG");
-  const char* pass = getenv("APPSHOT_TEST_LANES_PASS");
+  const char* wrong = test_knob("APPSHOT_TEST_LANES_WRONG");
+  const char* pass = test_knob("APPSHOT_TEST_LANES_PASS");
   c->lanes_wrong = wrong && *wrong ? (size_t)strtoull(wrong, NULL, 10) : SIZE_MAX;
   c->lanes_pass = pass && *pass ? (size_t)strtoull(pass, NULL, 10) : SIZE_MAX;
   c->table = malloc(table_len ? table_len : 1);
   c->state = calloc(c->nchunks ? c->nchunks : 1, 1);
-  const char* hold = getenv("APPSHOT_TEST_CHECK_HOLD");
+  const char* hold = test_knob("APPSHOT_TEST_CHECK_HOLD");
   c->hold = hold && *hold ? strdup(hold) : NULL;
   if (c->fd < 0 || !c->table || !c->state || (hold && *hold && !c->hold)) {
     *err = c->fd < 0 ? -errno : -ENOMEM;

@@ -154,11 +154,21 @@ struct drop {
   unsigned tid;
 };
 
+/* The step was abandoned inside its critical section: between an entry's
+ * write and its index's, say, or halfway through a repair. So the word is
+ * let go as a dead holder's (FUTEX_OWNER_DIED, FUTEX_WAITERS kept, as the
+ * kernel marks it and as appshot_table.c's mark_gone does), not as free:
+ * the next locker then rebuilds the indexes from the entry arrays
+ * (repair_locked). A repair of a table that needed none costs little; a
+ * half-written table marked clean stays inconsistent. A sleeper, if any,
+ * is woken to take it. */
 static void drop_if_mine(void *arg) {
   struct drop *d = arg;
   unsigned seen = __atomic_load_n(d->word, __ATOMIC_RELAXED);
   if ((seen & FUTEX_TID_MASK) != d->tid) return;
-  if (!__atomic_compare_exchange_n(d->word, &seen, 0, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) return;
+  if (!__atomic_compare_exchange_n(d->word, &seen, FUTEX_OWNER_DIED | (seen & FUTEX_WAITERS), 0, __ATOMIC_RELEASE,
+                                   __ATOMIC_RELAXED))
+    return;
   if (seen & FUTEX_WAITERS) syscall(SYS_futex, d->word, FUTEX_WAKE, 1, NULL, NULL, 0);
 }
 

@@ -45,8 +45,10 @@ int tables_guard_install(void);
 int tables_guard_run(const void *base, size_t len, void (*body)(void *), void *arg);
 
 /* After a guarded step that took the table lock ended early: lets the
- * lock word at `word` go if it names the calling thread (under the guard
- * again: the file may still be short). */
+ * lock word at `word` go if it names the calling thread, marked as a dead
+ * holder's (FUTEX_OWNER_DIED) so that the next locker repairs what the
+ * step may have left half-written (under the guard again: the file may
+ * still be short). */
 void tables_guard_drop_lock(const void *base, size_t len, unsigned *word);
 
 #ifdef __cplusplus
