@@ -446,6 +446,17 @@ describe('an application in a time namespace of its own (unshare --time)', () =>
     // being snapshotted (one namespace per application).
     const inside = sb.start(['exec', 'tns', '--', 'sh', '-c', 'cat /proc/self/timens_offsets; exec sleep 60 </dev/null >/dev/null 2>&1']);
     await inside.line(new RegExp(`^monotonic\\s+${OFFSET}\\s+0$`));
+    // Its standard descriptors are exec's pipes to us (unix sockets to a
+    // process outside, which --leave-running refuses) until the shell has
+    // put /dev/null in their place: wait for that, not for the line alone.
+    await waitFor(() => {
+      const p = sb.json<Json>(['ps', 'tns'])[0].processes.find((q: Json) => q.vpid === 3);
+      try {
+        return p !== undefined && [0, 1, 2].every((fd) => readlinkSync(`/proc/${p.pid}/fd/${fd}`) === '/dev/null');
+      } catch {
+        return false;
+      }
+    }, 10_000, 'the exec\'d command to have /dev/null as its standard descriptors');
     snapshot('tns', 'tns-with-exec', ['--leave-running']);
     inside.child.kill('SIGTERM');
     await inside.exited;
