@@ -5,9 +5,12 @@
  * loads, so that only these load the image format's code.
  */
 import { closeSync, copyFileSync, linkSync, mkdirSync, openSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
+import { expect } from 'vitest';
 import { digestFd, encodeImage, encodeSignedManifest, type PartDigest } from '../src/image/format.js';
 import type { Image } from '../src/image/types.js';
+import { command as appshot, type Sandbox } from './helpers.js';
 
 /** The digest of the file at `path`, as a manifest records it. */
 export function digestOf(path: string): PartDigest {
@@ -92,4 +95,20 @@ export function writeSignedImageWithPages(
   const sign = () => encodeSignedManifest(opts.id ?? 'feedfacefeedface', digests, opts.formatOf ? image : undefined);
   writeFileSync(join(dir, 'manifest.pb'), opts.signer === undefined ? sign() : asNode(opts.signer, sign));
   return dir;
+}
+
+/** `appshot restore image --trust-image` in `sb`, refused: one line
+ * matching `why`, exit `code`, and nothing of it left (no registration,
+ * no tables in /dev/shm). */
+export function expectRestoreRefused(sb: Sandbox, image: string, why: RegExp, code: number): void {
+  const aidsBefore = sb.aids();
+  const shmBefore = sb.shmFiles();
+  const r = spawnSync(appshot, ['restore', image, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+  const lines = r.stderr.split('\n').filter((l) => l !== '');
+  expect(lines, r.stderr).toHaveLength(1);
+  expect(lines[0]).toMatch(/^appshot: /);
+  expect(lines[0]).toMatch(why);
+  expect(r.status, r.stderr).toBe(code);
+  expect(sb.aids()).toEqual(aidsBefore);
+  expect(sb.shmFiles()).toEqual(shmBefore);
 }

@@ -33,7 +33,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
 import { type Fd, FdKind, type Image, type Process, type Socket, type SocketOption, type TcpConnection } from '../src/image/types.js';
 import { groupPrivilege } from '../src/resources/netlink.js';
-import { writeSignedImage } from './crafted.js';
+import { expectRestoreRefused, writeSignedImage } from './crafted.js';
 import { command as appshot, fixture, Sandbox, waitFor } from './helpers.js';
 
 const isRoot = process.getuid?.() === 0;
@@ -113,16 +113,7 @@ function bound(proto: 'tcp' | 'udp', port: number): boolean {
 /** The restore of `image` must be refused: one line matching `why`, exit
  * `code`, and nothing left of it. */
 function refused(image: string, why: RegExp, code = 5): void {
-  const aidsBefore = sb.aids();
-  const shmBefore = sb.shmFiles();
-  const r = spawnSync(appshot, ['restore', image, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
-  const lines = r.stderr.split('\n').filter((l) => l !== '');
-  expect(lines, r.stderr).toHaveLength(1);
-  expect(lines[0]).toMatch(/^appshot: /);
-  expect(lines[0]).toMatch(why);
-  expect(r.status, r.stderr).toBe(code);
-  expect(sb.aids()).toEqual(aidsBefore);
-  expect(sb.shmFiles()).toEqual(shmBefore);
+  expectRestoreRefused(sb, image, why, code);
   expect(fixtureProcesses()).toEqual([]);
   expect(bound('tcp', TCP_PORT)).toBe(false);
   expect(bound('udp', 53)).toBe(false);

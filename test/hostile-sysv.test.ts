@@ -24,7 +24,7 @@ import type { Image } from '../src/image/types.js';
 import { validateImage } from '../src/image/validate.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
-import { writeSignedImage, writeSignedImageWithPages } from './crafted.js';
+import { expectRestoreRefused, writeSignedImage, writeSignedImageWithPages } from './crafted.js';
 import { command as appshot, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -57,20 +57,8 @@ function sysvipc(file: 'shm' | 'msg'): Record<string, string>[] {
   return rows.filter((l) => l.trim()).map((l) => Object.fromEntries(l.trim().split(/\s+/).map((v, i) => [names[i], v])));
 }
 
-/** `appshot restore image --trust-image`, refused: one line matching
- * `why`, exit `code`, nothing left of it (no registration, no tables). */
-function refused(image: string, why: RegExp, code: number): void {
-  const aidsBefore = sb.aids();
-  const shmBefore = sb.shmFiles();
-  const r = spawnSync(appshot, ['restore', image, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
-  const lines = r.stderr.split('\n').filter((l) => l !== '');
-  expect(lines, r.stderr).toHaveLength(1);
-  expect(lines[0]).toMatch(/^appshot: /);
-  expect(lines[0]).toMatch(why);
-  expect(r.status, r.stderr).toBe(code);
-  expect(sb.aids()).toEqual(aidsBefore);
-  expect(sb.shmFiles()).toEqual(shmBefore);
-}
+/** Refused, one line, nothing left (crafted.ts). */
+const refused = (image: string, why: RegExp, code: number) => expectRestoreRefused(sb, image, why, code);
 
 /** The image's first mapping with stored pages. */
 const storedVma = (i: Image) => i.processes[0].vmas.find((v) => v.pages && v.pages.runs.length)!;
