@@ -545,6 +545,19 @@ describe.runIf(isRoot)("REDIR PATH directories made as the image's processes (r3
     expect(sandboxProcesses()).toBe('');
   });
 
+  it('refuses a target whose directory leads through a symlink to a /proc magic link, worded so and exit 5 (r375 L2)', () => {
+    const mine = join(out, 'nobodys-magic');
+    mkdirSync(mine, { mode: 0o755 });
+    chownSync(mine, NOBODY, NOBODY);
+    // Put there since by the image's user: the restorer's own working
+    // directory, by its /proc/self/cwd.
+    symlinkSync('/proc/self/cwd', join(mine, 'link'));
+    const target = join(mine, 'link', 'made-h377', 'file');
+    const code = refused(crafted('redir-magic', 'nobody', redir(target)), new RegExp(`: the directory ${mine}/link/made-h377 of REDIR PATH target ${target} leads through a /proc magic link`));
+    expect(code).toBe(5);
+    expect(sandboxProcesses()).toBe('');
+  });
+
   it('does not tell a uid-65534 image whether a path only root may see is a directory', () => {
     // /root/.. is searchable by root alone: looked at as 65534 it is "not
     // there", so only the target's parent is made (in its own directory).
