@@ -32,13 +32,22 @@ process.env.APPSHOT_HOME = sb.home;
 /** Images as snapshotted: of a root process, and of a uid-65534 one. */
 const base: Record<'root' | 'nobody', { dir: string; image: Image }> = {} as never;
 
+type Shown = { init: boolean; argv?: string[] };
+
 /** `processes`: how many `appshot ps` shows (init among them) once it
- * has started. */
-async function snapshotOf(aid: string, argv: string[], processes = 2): Promise<{ dir: string; image: Image }> {
+ * has started; `ready`: what else they must show first. */
+async function snapshotOf(aid: string, argv: string[], processes = 2, ready: (ps: Shown[]) => boolean = () => true): Promise<{ dir: string; image: Image }> {
   const r = sb.run(['run', '-d', '--aid', aid, '--', ...argv]);
   if (r.code !== 0) throw new Error(r.stderr);
   const dir = join(out, `base-${aid}`);
-  await waitFor(() => sb.json<{ processes: { init: boolean; comm?: string }[] }[]>(['ps', aid])[0].processes.length >= processes, 10_000, `${aid} to start`);
+  await waitFor(
+    () => {
+      const ps = sb.json<{ processes: Shown[] }[]>(['ps', aid])[0].processes;
+      return ps.length >= processes && ready(ps);
+    },
+    10_000,
+    `${aid} to start`,
+  );
   const s = sb.run(['snapshot', aid, '-o', dir]);
   if (s.code !== 0) throw new Error(s.stderr);
   await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
@@ -74,8 +83,9 @@ function crafted(name: string, from: keyof typeof base, change: (i: Image) => vo
 const sandboxProcesses = () => spawnSync('pgrep', ['-f', sb.home], { encoding: 'utf8' }).stdout.trim();
 
 /** `appshot restore dir` refused: one line matching `line`, a non-zero
- * exit, and nothing left (`paths`: that must not exist after). */
-function refused(dir: string, line: RegExp, paths: string[] = []): void {
+ * exit, and nothing left (`paths`: that must not exist after). Returns
+ * the exit code. */
+function refused(dir: string, line: RegExp, paths: string[] = []): number | null {
   const shm = sb.shmFiles();
   const r = sb.run(['restore', dir]);
   const lines = r.stderr.split('\n').filter(Boolean);
@@ -89,6 +99,7 @@ function refused(dir: string, line: RegExp, paths: string[] = []): void {
   const tmp = join(sb.home, 'tmp');
   expect(existsSync(tmp) ? readdirSync(tmp) : []).toEqual([]);
   for (const p of paths) expect(existsSync(p), `${p} was made`).toBe(false);
+  return r.code;
 }
 
 /** A restore that succeeds; its application removed after `check`. */
@@ -326,6 +337,75 @@ describe("names resolved as the engine's own process (r344 #5)", () => {
     });
   });
 
+  describe.runIf(isRoot)("a watch a retry identity adds only on what it reaches itself, following no symlink (r375 M1)", () => {
+    // A root master and its uid-65534 worker (a PHP-FPM pool's layout).
+    // The worker watches a directory as Debian's /var/lib/php/sessions
+    // is: 1733, root's, inside a 0711 one. The worker may search and
+    // write it, not read it: its own watch is refused (inotify asks read
+    // permission), the master's is made as the application's other
+    // identity, which a root master could have handed over. The name the
+    // worker's watch names, though, leads through `link`, which the
+    // worker's user put in its own directory since: the worker's walk to
+    // the name (O_PATH: search permission only) follows it, and the
+    // master's watch must not be made on what that symlink chose.
+    let app: { dir: string; image: Image };
+    let worker: number;
+    let tree: string;
+    beforeAll(async () => {
+      const sleeps = (ps: Shown[]) => ps.filter((q) => q.argv?.[0] === 'sleep').length === 2;
+      app = await snapshotOf('twoids', ['sh', '-c', `chroot --userspec=${NOBODY}:${NOBODY} --groups= / sleep 1000 & exec sleep 1000`], 3, sleeps);
+      worker = app.image.processes.find((q) => q.creds.uid[3] === NOBODY)!.vpid;
+      expect(app.image.processes.some((q) => q.creds.uid[3] === 0)).toBe(true);
+      tree = mkdtempSync(join(out, 'sessions-'));
+      chmodSync(tree, 0o755);
+      mkdirSync(join(tree, 'hidden'), { mode: 0o711 });
+      chmodSync(join(tree, 'hidden'), 0o711);
+      mkdirSync(join(tree, 'hidden', 'secretdir'));
+      chmodSync(join(tree, 'hidden', 'secretdir'), 0o1733);
+      mkdirSync(join(tree, 'w'));
+      chownSync(join(tree, 'w'), NOBODY, NOBODY);
+      symlinkSync('../hidden', join(tree, 'w', 'link'));
+    });
+    /** The worker's image with an inotify instance at fd 911 watching
+     * `path` (IN_MODIFY | IN_CREATE). */
+    const watching = (name: string, path: string) =>
+      writeSignedImage(
+        join(out, name),
+        (() => {
+          const i = structuredClone(app.image);
+          i.fromSnapshot = false;
+          const like = i.processes.flatMap((q) => q.fds).find((f) => f.kind === FdKind.FILE)!;
+          const fd = structuredClone(like);
+          Object.assign(fd, { fd: 911, kind: FdKind.INOTIFY, flags: 0o4000, path: 'anon_inode:inotify', file: -1, description: 4911, pos: 0n, inotifyWatches: [{ wd: 1, path, mask: 0x102 }] });
+          i.processes.find((q) => q.vpid === worker)!.fds.push(fd);
+          return i;
+        })(),
+        app.dir,
+      );
+
+    it("refuses the worker's watch through the symlink its user planted, in one line, and leaves nothing", () => {
+      const path = join(tree, 'w', 'link', 'secretdir');
+      const code = refused(watching('m1-planted', path), new RegExp(`process ${worker} fd 911: its inotify watch 1 on ${path} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES$`));
+      expect(code).toBe(5);
+      expect(sandboxProcesses()).toBe('');
+    });
+
+    it("still restores the worker's watch on the directory's own name, made as the master", () => {
+      const path = join(tree, 'hidden', 'secretdir');
+      const ino = statSync(path).ino.toString(16);
+      const r = sb.run(['restore', watching('m1-honest', path), '--aid', 'm1honest']);
+      expect(r.code, r.stderr).toBe(0);
+      try {
+        const pid = sb.systemPid('m1honest', worker);
+        expect(readFileSync(`/proc/${pid}/status`, 'utf8')).toMatch(new RegExp(`^Uid:\\t${NOBODY}\\t`, 'm'));
+        expect(readFileSync(`/proc/${pid}/fdinfo/911`, 'utf8')).toMatch(new RegExp(`^inotify wd:1 ino:${ino} `, 'm'));
+      } finally {
+        sb.run(['kill', 'm1honest']);
+        sb.run(['rm', 'm1honest']);
+      }
+    });
+  });
+
   it("still restores a descriptor of the application's own /proc and of /proc/meminfo", () => {
     const dir = crafted('proc-honest', 'root', (i) => {
       const p = i.processes[0];
@@ -462,6 +542,19 @@ describe.runIf(isRoot)("REDIR PATH directories made as the image's processes (r3
     mkdirSync(rootOnly, { mode: 0o755 });
     const target = join(rootOnly, 'made', 'deeper', 'file');
     refused(crafted('redir-rootonly', 'nobody', redir(target)), new RegExp(`cannot make the directory of REDIR PATH target ${target}: ${rootOnly} is not writable by the image's processes \\(uid 65534\\)`), [join(rootOnly, 'made')]);
+    expect(sandboxProcesses()).toBe('');
+  });
+
+  it('refuses a target whose directory leads through a symlink to a /proc magic link, worded so and exit 5 (r375 L2)', () => {
+    const mine = join(out, 'nobodys-magic');
+    mkdirSync(mine, { mode: 0o755 });
+    chownSync(mine, NOBODY, NOBODY);
+    // Put there since by the image's user: the restorer's own working
+    // directory, by its /proc/self/cwd.
+    symlinkSync('/proc/self/cwd', join(mine, 'link'));
+    const target = join(mine, 'link', 'made-h377', 'file');
+    const code = refused(crafted('redir-magic', 'nobody', redir(target)), new RegExp(`: the directory ${mine}/link/made-h377 of REDIR PATH target ${target} leads through a /proc magic link`));
+    expect(code).toBe(5);
     expect(sandboxProcesses()).toBe('');
   });
 

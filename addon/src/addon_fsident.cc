@@ -234,11 +234,43 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
 
 struct WatchCall {
   int fd;
-  std::string at;  // /proc/self/fd/N of our O_PATH descriptor of the watched
+  int held;        // our O_PATH descriptor of the watched (openAs, checked)
+  std::string at;  // /proc/self/fd/N of `held`
+  const char* name;  // the image's name `held` was opened by; nullptr: not given
   bool fanotify;
   uint32_t flags;  // fanotify_mark's
   uint64_t mask;
 };
+
+// In a retry as another identity than the holder's (fsident_strict):
+// whether this identity reaches the very inode `held` holds, on the same
+// mount, by walking the image's name itself without following any
+// symlink (fsident_open), 0, or -EACCES. `held` was opened by the first
+// identity that could: usually the holder, whose walk follows symlinks
+// and needs search permission only (O_PATH), so it succeeds where the
+// watch, which needs read permission, is then refused. Watched through
+// /proc/self/fd/N as the retry identity, a root master's read right
+// would apply to whatever a symlink the holder's user planted chose (a
+// 1733 directory of PHP sessions inside a 0711 one, /etc/shadow):
+// review29 H2's rule, that a retry walks no symlink, undone (r375 M1).
+// Not reached so, it is refused as this identity: the holder's refusal
+// is the one told. O_NOFOLLOW whatever the watch: a trailing symlink is
+// then the link itself, the very one only where `held` is it too (an
+// inode mark on the link); one the holder followed (a mount or
+// filesystem mark) is another inode, refused as every other symlink is.
+int SameAsHeldStrictly(int held, const char* name) {
+  if (!name || name[0] != '/') return -EACCES;
+  int mine = fsident_open(name, O_PATH | O_NOFOLLOW | O_CLOEXEC, 0);
+  if (mine < 0) return -EACCES;
+  struct statx a, b;
+  bool same = statx(held, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_INO | STATX_MNT_ID, &a) == 0 &&
+              statx(mine, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_INO | STATX_MNT_ID, &b) == 0 && a.stx_dev_major == b.stx_dev_major &&
+              a.stx_dev_minor == b.stx_dev_minor && a.stx_ino == b.stx_ino;
+  // The mount too (a mount mark is on it), where the kernel tells it (5.8).
+  if (same && (a.stx_mask & b.stx_mask & STATX_MNT_ID)) same = a.stx_mnt_id == b.stx_mnt_id;
+  close(mine);
+  return same ? 0 : -EACCES;
+}
 
 // The watch or mark on what our O_PATH descriptor holds: the name was
 // walked already, as the process, by openAs (fsident_open: no magic
@@ -249,9 +281,14 @@ struct WatchCall {
 // IN_DONT_FOLLOW nor FAN_MARK_DONT_FOLLOW: those would mark the link
 // itself; a symlink watched as itself was opened O_NOFOLLOW). The
 // kernel checks read permission on it (inotify_find_inode,
-// fanotify_find_path) as this thread: the identity.
+// fanotify_find_path) as this thread: the identity. A retry identity
+// must first reach that inode by the name itself (SameAsHeldStrictly).
 int WatchOp(void* arg) {
   auto* c = static_cast<WatchCall*>(arg);
+  if (fsident_strict()) {
+    int rc = SameAsHeldStrictly(c->held, c->name);
+    if (rc < 0) return rc;
+  }
   if (c->fanotify) return fanotify_mark(c->fd, c->flags & ~FAN_MARK_DONT_FOLLOW, c->mask, AT_FDCWD, c->at.c_str()) == 0 ? 0 : -errno;
   int wd = inotify_add_watch(c->fd, c->at.c_str(), static_cast<uint32_t>(c->mask) & ~IN_DONT_FOLLOW);
   return wd < 0 ? -errno : wd;
@@ -261,7 +298,9 @@ int WatchOp(void* arg) {
 // fanotifyMarkAs(fd, flags, mask: bigint, at, who?, shown?): a watch or
 // mark added to our descriptor of the process's instance or group, on
 // what our O_PATH descriptor `at` holds, as the process would have added
-// it. `shown`: the name, for the error's message.
+// it. `shown`: the image's name `at` was opened by, for the error's
+// message, and walked again by a retry identity (SameAsHeldStrictly;
+// without it, no retry identity's watch is made).
 Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   Napi::Env env = info.Env();
   size_t at = fanotify ? 3 : 1;
@@ -274,8 +313,9 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   if (who.failed()) return env.Undefined();
   Napi::Value shownArg = info[fanotify ? 5 : 4];
   int held = info[at].As<Napi::Number>().Int32Value();
-  std::string shown = shownArg.IsString() ? shownArg.As<Napi::String>().Utf8Value() : "descriptor " + std::to_string(held);
-  WatchCall c{info[0].As<Napi::Number>().Int32Value(), "/proc/self/fd/" + std::to_string(held), fanotify, 0, 0};
+  bool named = shownArg.IsString();
+  std::string shown = named ? shownArg.As<Napi::String>().Utf8Value() : "descriptor " + std::to_string(held);
+  WatchCall c{info[0].As<Napi::Number>().Int32Value(), held, "/proc/self/fd/" + std::to_string(held), named ? shown.c_str() : nullptr, fanotify, 0, 0};
   if (fanotify) {
     bool lossless = false;
     c.flags = info[1].As<Napi::Number>().Uint32Value();

@@ -14,7 +14,7 @@
 import { closeSync, constants, existsSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { isOwnSnapshot } from '../image/format.js';
 import { addon } from '../native.js';
-import { fsIdentity, identitiesFor, openToMapKey } from './fsident.js';
+import { fsIdentity, identitiesFor, openToMapKey, refuseMagicLink } from './fsident.js';
 import { procDir, procText } from '../procfs.js';
 import { join } from 'node:path';
 import { AppshotError, ExitCode } from '../errors.js';
@@ -169,6 +169,9 @@ function openForMove(image: Image, p: Process, procs: string, own: boolean): num
   try {
     return own ? openSync(procs, 'w') : addon().openAs(procs, constants.O_WRONLY, 0, identitiesFor(image, p));
   } catch (e) {
+    // A symlink to a /proc magic link put on the way since: said as every
+    // other such refusal is (exit 5), not as the bare ELOOP of a move.
+    refuseMagicLink(e, `${nameProcess(p.vpid, p.comm)}: its cgroup's ${procs}`);
     throw moveRefused(e, p, own);
   }
 }

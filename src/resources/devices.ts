@@ -11,7 +11,7 @@ import { AppshotError } from '../errors.js';
 import type { Fd, Process } from '../image/types.js';
 import { type RestoreContext, Unsupported } from './context.js';
 import { isPtyMaster } from './ptys.js';
-import { identitiesFor } from './fsident.js';
+import { identitiesFor, refuseMagicLink } from './fsident.js';
 import { addon } from '../native.js';
 import { refuseOutsideApplication } from './procpaths.js';
 
@@ -45,7 +45,16 @@ export function openDevice(h: RestoreContext, p: Process, fd: Fd): number {
   // As its process would open it (fsident.ts; which devices: deviceFault,
   // checked with the image), and what opened must be a character device:
   // not a file or a block device put at that name.
-  const got = h.keep(addon().openAs(fd.path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC), 0, identitiesFor(h.image, p)));
+  let opened: number;
+  try {
+    opened = addon().openAs(fd.path, fd.flags & ~(fs.O_CREAT | fs.O_EXCL | fs.O_TRUNC), 0, identitiesFor(h.image, p));
+  } catch (e) {
+    // A name through /dev/fd/... (a symlink put there since): said as
+    // every other such refusal is, exit 5, not as a loop of symlinks.
+    refuseMagicLink(e, `process ${p.vpid} fd ${fd.fd}: ${fd.path}`);
+    throw e;
+  }
+  const got = h.keep(opened);
   refuseOutsideApplication(got, fd.path, `process ${p.vpid} fd ${fd.fd}`);
   if (!fstatSync(got).isCharacterDevice()) throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${fd.path} is not a character device here`);
   return got;

@@ -305,7 +305,8 @@ export function restoreFanotify(r: RemoteProcess, fd: Fd): number {
       // itself (O_NOFOLLOW: what FAN_MARK_DONT_FOLLOW asked); a mount or
       // filesystem mark on whatever the path leads to. The name is walked
       // once, as the process, and what it leads to checked
-      // (openWatchedAs); both marks are made on that very one.
+      // (openWatchedAs); both marks are made on that very one (`m.path`
+      // walked again, without symlinks, by a retry identity).
       const base = MARK.ADD | MARK_TYPE[m.kind] | (m.flags & MARK.EVICTABLE);
       const what = `process ${as.p.vpid} fd ${fd.fd}: its fanotify ${kinds[m.kind] ?? ''}mark`;
       const at = openWatchedAs(m.path, m.kind === FanotifyMarkKind.INODE, as.who, as.p, what);

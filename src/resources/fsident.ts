@@ -278,7 +278,13 @@ export function openDirectoryAs(image: Image, p: Process, path: string, what: st
  * reached through a symlink to /proc/self); the watch is then added on
  * this descriptor (addon inotifyAddWatchAs, fanotifyMarkAs), never by the
  * name again, which the application's user may change meanwhile. Refused
- * in one line naming `what`. The caller closes it. */
+ * in one line naming `what`. The caller closes it, and passes `path` to
+ * the watch as its `shown`: an identity after the holder's adds it only
+ * if it reaches this very inode by that name itself, following no symlink
+ * (addon_fsident.cc SameAsHeldStrictly): the holder's walk here follows
+ * the symlinks its user may have planted, and needs search permission
+ * only, so a root master's read right is never applied to what they
+ * chose (r375 M1). */
 export function openWatchedAs(path: string, nofollow: boolean, who: FsIdentity[], p: Process, what: string): number {
   let at: number;
   try {

@@ -216,7 +216,8 @@ export function restoreInotify(r: RemoteProcess, fd: Fd): number {
       // The name walked once, as the process, and what it leads to
       // checked (openWatchedAs); the watch added on that very inode. The
       // path names the watched inode itself: a symlink there is watched,
-      // not followed (IN_DONT_FOLLOW, as O_NOFOLLOW).
+      // not followed (IN_DONT_FOLLOW, as O_NOFOLLOW). `w.path` given to
+      // the watch too: walked again, without symlinks, by a retry identity.
       const at = openWatchedAs(w.path, true, as.who, as.p, what);
       let got: number;
       try {

@@ -10,6 +10,7 @@ import { closeSync, constants as fsConstants, existsSync, fchmodSync, fchownSync
 import { AppshotError, errorText } from '../errors.js';
 import { basename, dirname, join, resolve as resolvePath } from 'node:path';
 import { addon, type FsIdentity, type InstanceConfig } from '../native.js';
+import { refuseMagicLink } from './fsident.js';
 
 const under = (path: string, dir: string) => path === dir || path.startsWith(dir + '/');
 
@@ -504,6 +505,10 @@ export function prepareRedirTargets(redirs: InstanceConfig['redirs'], as?: Redir
       try {
         top = as?.who ? makeDirectoriesAs(leaf, as.who, as.willMake, made) : makeDirectories(leaf, as?.willMake, made);
       } catch (e) {
+        // A step that leads through a /proc magic link (a symlink put
+        // there since; makeDirectoriesAs walks with openAs): said as every
+        // other such refusal is, exit 5, not as a loop of symlinks.
+        refuseMagicLink(e, `the directory ${leaf} of REDIR PATH target ${r.to}`);
         throw new AppshotError(`cannot make the directory of REDIR PATH target ${r.to}: ${errorText(e)}`);
       }
       if (top) made.push({ top, leaf });
