@@ -570,7 +570,7 @@ interface Addon {
   mqOpenAs(name: string, flags: number, who?: FsIdentities): number;
   /** inotify_add_watch(fd, /proc/self/fd/`at`, mask) as `who`: its wd.
    * `at`: our O_PATH descriptor of what is watched (openAs, checked);
-   * `shown`: its name, for the error's message. */
+   * `shown`: its name, for the error's message, and walked again (no symlink followed) by a retry identity, which must reach the same inode. */
   inotifyAddWatchAs(fd: number, at: number, mask: number, who?: FsIdentities, shown?: string): number;
   /** Watch descriptors `next` .. `upTo - 1` of our descriptor of an
    * inotify instance spent (added and removed on `path`), their events
