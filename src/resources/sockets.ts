@@ -36,7 +36,7 @@
  */
 import { dumpRaw, rawName, SOCK_RAW } from './raw.js';
 import { unixNameProblem } from './sockaddr.js';
-import { closeSync, readFileSync } from 'node:fs';
+import { closeSync, fstatSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Datagram, type Fd, FdKind, type Image, type PeerCred, type Process, type Socket, type SocketOption, verdictRef, virtualPort } from '../image/types.js';
@@ -579,6 +579,20 @@ function checkHandedOverPrivileges(h: RestoreContext): void {
     const handed = handedOver(h, fd);
     if (!handed) continue;
     const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}`;
+    // A unix connection is its creator to the peer (SO_PEERCRED, taken
+    // at connect): the socket's owner (its inode's, the creator's fsuid)
+    // must be one of the ids of a process holding it, or the daemon at
+    // the other end (docker.sock, a root-only D-Bus) would take a
+    // process of another user for the one that connected (review r376
+    // finding 2).
+    if (handed.kind === 'unix-stream') {
+      const owner = fstatSync(handed.sock).uid;
+      if (!held.some((holder) => [holder.p.creds, ...holder.p.threads.map((t) => t.creds)].some((c) => c?.uid.includes(owner))))
+        throw new AppshotError(
+          `${where}: ${handed.what} was connected by uid ${owner}, which no process holding it had: handed over by this restore, the process at the other end would take the application for uid ${owner}`,
+          ExitCode.denied,
+        );
+    }
     let live: SocketOption[];
     try {
       live = readExtras(handed.sock, handed.kind, handed.family, handed.type, [], `${where}: ${handed.what}`);
