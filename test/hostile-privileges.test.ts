@@ -24,7 +24,7 @@
  * not say); and netlink groups, whose rule is checked against
  * what the kernel lets a process without capabilities join.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { connect } from 'node:net';
 import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -650,7 +650,143 @@ describe.runIf(isRoot)('the options of a socket appshot-keeper holds are weighed
     }
     await waitFor(() => !sb.aids().includes('km') && keepers().length === 0, 10_000, 'km and its keeper to end');
   });
+
+  it('a root server\'s listener with SO_MARK and a connection waiting, recorded as inherited and given to uid 65534, is refused in a plain restore (which takes it from the keeper all the same); the real image restores it', async () => {
+    // lateaccept as root, its listener marked (SO_MARK 4242): the
+    // connection waiting in its queue keeps the keeper holding it.
+    const port = 40186;
+    const go = join(out, 'klm.go');
+    const r = sb.run(['run', '-d', '--aid', 'klm', '--', fixture('lateaccept'), String(port), go, 'mark']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /READY|FAIL/.test(log('klm')), 10_000, 'lateaccept to listen');
+    const client = connect({ port, host: '127.0.0.1' });
+    await new Promise<void>((ok, fail) => client.once('connect', ok).once('error', fail));
+    let got = '';
+    client.on('data', (d) => (got += d));
+    client.on('error', () => {});
+    client.write('one\n');
+    try {
+      const image = join(out, 'klm');
+      const s = sb.run(['snapshot', 'klm', '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+      await waitFor(() => !sb.aids().includes('klm'), 10_000, 'klm to end');
+      expect(keepers()).toHaveLength(1);
+      const loaded = await loadImage(image, { trust: 'report' });
+      const lie = structuredClone(loaded.image);
+      const creds = nobodyImage.processes[0].creds;
+      for (const p of lie.processes) {
+        p.creds = structuredClone(creds);
+        for (const t of p.threads) t.creds = structuredClone(creds);
+      }
+      const p = lie.processes.find((q) => q.fds.some((f) => f.kind === FdKind.TCP_LISTEN))!;
+      const fd = p.fds.find((f) => f.kind === FdKind.TCP_LISTEN)!;
+      expect(fd.socket!.options).toContainEqual(expect.objectContaining({ level: 1, name: 36, value: 4242 }));
+      // Recorded as a listener the caller hands over (no --inherit: a
+      // plain restore makes or takes it as its own), without its mark;
+      // and another, plain, listener so that the keeper is asked at all.
+      Object.assign(fd.socket!, { inherited: 'x', options: fd.socket!.options!.filter((o) => !(o.level === 1 && o.name === 36)) });
+      p.fds.push({ ...structuredClone(fd), fd: 40, socket: { ...structuredClone(fd.socket!), ino: 9_000_186n, port: port + 1, inherited: undefined } });
+      const dir = writeSignedImage(join(out, 'klm-lie'), lie, image, { signer: other.home, id: loaded.manifest.imageId });
+      const aidsBefore = sb.aids();
+      const bad = spawnSync(appshot, ['restore', dir, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+      const lines = bad.stderr.split('\n').filter((l) => l !== '');
+      expect(lines, bad.stderr).toHaveLength(1);
+      expect(lines[0]).toMatch(
+        new RegExp(
+          `^appshot: cannot restore ${dir}: process \\d+ \\(lateaccept\\) fd ${fd.fd}: option SO_MARK 4242 of the TCP listener on port ${port} appshot-keeper holds needs CAP_NET_RAW or CAP_NET_ADMIN, ${NO_PROCESS_HAD.source}: handed over by this restore, it would give the application more than it held$`,
+        ),
+      );
+      expect(bad.status).toBe(5);
+      expect(sb.aids()).toEqual(aidsBefore);
+      // Held again, and the real image has the listener back, the waiting
+      // connection with it.
+      expect(keepers()).toHaveLength(1);
+      const good = sb.run(['restore', image]);
+      expect(good.code, good.stderr).toBe(0);
+      writeFileSync(go, '');
+      await waitFor(() => got === 'ECHO one\n', 10_000, 'the waiting connection to be answered');
+    } finally {
+      client.destroy();
+      sb.run(['stop', 'klm', '--signal', 'KILL']);
+    }
+    await waitFor(() => !sb.aids().includes('klm') && keepers().length === 0, 10_000, 'klm and its keeper to end');
+  });
+
+  it('a root application\'s unix connection to a process outside, given to uid 65534 by an image from elsewhere, is refused (the peer would take them for root); the real image restores it', async () => {
+    // The process outside: a unix server that answers each line.
+    const path = join(out, 'kuc.sock');
+    const server = spawn('python3', ['-c', UNIX_ECHO, path], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      await new Promise<void>((ok) => server.stdout!.once('data', () => ok()));
+      // The application, root: connected to it, holding the connection.
+      const r = sb.run(['run', '-d', '--aid', 'kuc', '--', '/usr/bin/python3', '-c', UNIX_CLIENT, path]);
+      expect(r.code, r.stderr).toBe(0);
+      await waitFor(() => /CONNECTED/.test(log('kuc')), 10_000, 'the client to connect');
+      const image = join(out, 'kuc');
+      const s = sb.run(['snapshot', 'kuc', '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+      await waitFor(() => !sb.aids().includes('kuc'), 10_000, 'kuc to end');
+      expect(keepers()).toHaveLength(1);
+      const loaded = await loadImage(image, { trust: 'report' });
+      const lie = structuredClone(loaded.image);
+      const creds = nobodyImage.processes[0].creds;
+      for (const p of lie.processes) {
+        p.creds = structuredClone(creds);
+        for (const t of p.threads) t.creds = structuredClone(creds);
+      }
+      expect(lie.processes.flatMap((p) => p.fds).some((fd) => fd.socket?.kept)).toBe(true);
+      const dir = writeSignedImage(join(out, 'kuc-lie'), lie, image, { signer: other.home, id: loaded.manifest.imageId });
+      const aidsBefore = sb.aids();
+      const bad = spawnSync(appshot, ['restore', dir, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+      const lines = bad.stderr.split('\n').filter((l) => l !== '');
+      expect(lines, bad.stderr).toHaveLength(1);
+      expect(lines[0]).toMatch(
+        new RegExp(
+          `^appshot: cannot restore ${dir}: process \\d+ \\(python3\\) fd \\d+: the unix connection to a process outside the application appshot-keeper holds was connected by uid 0, which no process holding it had: handed over by this restore, the process at the other end would take the application for uid 0$`,
+        ),
+      );
+      expect(bad.status).toBe(5);
+      expect(sb.aids()).toEqual(aidsBefore);
+      expect(keepers()).toHaveLength(1);
+      const good = sb.run(['restore', image]);
+      expect(good.code, good.stderr).toBe(0);
+      writeFileSync(`${path}.go`, '');
+      await waitFor(() => /ANSWERED/.test(log('kuc')), 10_000, 'the connection to carry on');
+    } finally {
+      sb.run(['stop', 'kuc', '--signal', 'KILL']);
+      server.kill('SIGKILL');
+    }
+    await waitFor(() => !sb.aids().includes('kuc') && keepers().length === 0, 10_000, 'kuc and its keeper to end');
+  });
 });
+
+// A unix stream server at argv[1] that prints "READY" and answers each
+// line of each connection with "ECHO <line>".
+const UNIX_ECHO = `
+import os, socket, sys, threading
+l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+l.bind(sys.argv[1]); l.listen(4)
+print("READY", flush=True)
+def serve(c):
+    f = c.makefile("rb")
+    for line in f: c.sendall(b"ECHO " + line)
+while True:
+    c, _ = l.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+`;
+
+// Connects to argv[1] and prints "CONNECTED"; once the file argv[1].go
+// exists, asks one line and prints "ANSWERED" when answered.
+const UNIX_CLIENT = `
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+print("CONNECTED", flush=True)
+while not os.path.exists(sys.argv[1] + ".go"): time.sleep(0.05)
+s.sendall(b"hi\\n")
+if s.recv(64).startswith(b"ECHO"): print("ANSWERED", flush=True)
+time.sleep(1000)
+`;
 
 /** The largest buffer of a TCP socket without CAP_NET_ADMIN (`which`:
  * rmem or wmem), as the kernel tunes or is asked for one. */

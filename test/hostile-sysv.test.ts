@@ -129,6 +129,47 @@ describe('a SysV segment above 2 GiB (review r363 findings 9 and 10)', () => {
   });
 });
 
+describe('a SysV segment whose stored pages are a hole of pages.img (review r376 finding 3)', () => {
+  // 4 GiB, every page stored: the first a marker, the rest a hole of the
+  // page file (a sparse file, nothing on disk). The engine read and
+  // compared every byte of the hole in one synchronous call (an hour a
+  // TiB); the hole is skipped (SEEK_DATA), its pages left zero. What the
+  // restoring process read (/proc/PID/io rchar, its reaped children's
+  // included) shows it, not a duration.
+  it('restores, the marker in place, reading far less than the hole', () => {
+    const size = 4n << 30n;
+    const marker = Buffer.alloc(4096);
+    marker.write('r376-finding-3-first-page-before-a-hole');
+    const dir = writeSignedImageWithPages(join(out, 'holed'), base, size, marker, (at) => {
+      const image = structuredClone(baseImage);
+      image.shmSegments.push({ vid: 7200, vkey: 0, mode: 0o600, uid: 0, gid: 0, size, cvpid: 0, lvpid: 0, contents: { offset: at, runs: [0, Number(size / PAGE)], fromParent: [] } });
+      return image;
+    }, { signer: other.home });
+    expect(statSync(join(dir, 'pages.img')).blocks * 512).toBeLessThan(1 << 20);
+    // The restore in this shell's child, no resident engine: what the
+    // shell reads once it reaped it is the restore's reading.
+    const r = spawnSync('sh', ['-c', '"$0" "$@"; s=$?; grep "^rchar:" /proc/$$/io; exit $s', appshot, 'restore', dir, '--trust-image', '--aid', 'holed'], {
+      env: { ...sb.env, APPSHOT_ENGINE: 'off' },
+      encoding: 'utf8',
+      timeout: 120_000,
+    });
+    try {
+      expect(r.status, r.stderr).toBe(0);
+      const rchar = Number(/^rchar:\s+(\d+)$/m.exec(r.stdout)![1]);
+      expect(rchar).toBeLessThan(Number(size) / 16);
+      const sid = sb.json<{ tables: Record<string, { virtual: number; system: number }[]> }>(['table', 'holed']).tables.shmid.find((e) => e.virtual === 7200)!.system;
+      const row = sysvipc('shm').find((s) => Number(s.shmid) === sid)!;
+      expect(BigInt(row.size)).toBe(size);
+      expect(Number(row.rss)).toBe(4096);
+      const read = spawnSync('python3', ['-c', READ_AT, String(sid), '0', '64'], { encoding: 'utf8' });
+      expect(read.status, read.stderr).toBe(0);
+      expect(Buffer.from(read.stdout.trim(), 'hex')).toEqual(marker.subarray(0, 64));
+    } finally {
+      sb.ok(['rm', '-f', 'holed']);
+    }
+  });
+});
+
 // `length` bytes of segment argv[1] at `offset`, attached read-only, in hex.
 const READ_AT = `
 import ctypes, sys

@@ -2022,12 +2022,29 @@ static void check_lanes_disagree(struct pages_check* c) {
 static int chunk_in_hole(struct pages_check* c, size_t i) {
   if (c->seek_fd < 0 || i >= c->nwhole) return 0;
   uint64_t off = (uint64_t)i * c->chunk;
-  off_t data = lseek(c->seek_fd, (off_t)off, SEEK_DATA);
-  if (data >= 0) return (uint64_t)data >= off + c->chunk;
-  /* No data from off to the end: a hole if the end is past the chunk
-   * (a file cut short meanwhile is read, and fails as such). */
+  return pages_data_from(c->seek_fd, off, off + c->chunk) >= off + c->chunk;
+}
+
+uint64_t pages_data_from(int seek_fd, uint64_t off, uint64_t end) {
+  if (seek_fd < 0 || off >= end || end > (uint64_t)INT64_MAX) return off;
+  off_t data = lseek(seek_fd, (off_t)off, SEEK_DATA);
+  if (data >= 0) return (uint64_t)data < end ? (uint64_t)data : end;
+  /* No data from off to the end: a hole if the end is past `end` (a
+   * file cut short meanwhile is read, and fails as such). */
   struct stat st;
-  return errno == ENXIO && fstat(c->seek_fd, &st) == 0 && (uint64_t)st.st_size >= off + c->chunk;
+  return errno == ENXIO && fstat(seek_fd, &st) == 0 && (uint64_t)st.st_size >= end ? end : off;
+}
+
+int pages_seek_fd(int fd) {
+  char self[64];
+  snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+  int seek_fd = open(self, O_RDONLY | O_CLOEXEC);
+  struct stat a, b;
+  if (seek_fd >= 0 && (fstat(fd, &a) != 0 || fstat(seek_fd, &b) != 0 || a.st_ino != b.st_ino || a.st_dev != b.st_dev)) {
+    close(seek_fd);
+    seek_fd = -1;
+  }
+  return seek_fd;
 }
 
 /* Chunk i, in a hole, compared with the digest of a whole chunk of zeros
@@ -2280,14 +2297,7 @@ pages_check* pages_check_start(int fd, uint64_t size, uint32_t chunk, const uint
   }
   /* The same open file, a description of its own (the magic link of
    * the descriptor just made: that very file, whatever its name now). */
-  char self[64];
-  snprintf(self, sizeof self, "/proc/self/fd/%d", c->fd);
-  c->seek_fd = open(self, O_RDONLY | O_CLOEXEC);
-  struct stat a, b;
-  if (c->seek_fd >= 0 && (fstat(c->fd, &a) != 0 || fstat(c->seek_fd, &b) != 0 || a.st_ino != b.st_ino || a.st_dev != b.st_dev)) {
-    close(c->seek_fd);
-    c->seek_fd = -1;
-  }
+  c->seek_fd = pages_seek_fd(c->fd);
   pthread_mutex_init(&c->zero_mu, NULL);
   memcpy(c->table, table, table_len);
   pthread_mutex_init(&c->mu, NULL);

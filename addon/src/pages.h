@@ -152,6 +152,16 @@ int pages_crc32c_fd(int fd, uint32_t* crc, uint64_t* size);
 /* Reads `len` bytes at offset `off` of `fd` into `dst`, pread after pread
  * (EINTR retried): 0, -ENODATA if the file ends first, or -errno. */
 int pages_pread_whole(int fd, uint64_t off, void* dst, size_t len);
+/* Where the first data at or after `off` is in the file of `seek_fd`, a
+ * description of its own (lseek(SEEK_DATA) moves its position, which a
+ * caller's descriptor must not share: pages_seek_fd), if before `end`;
+ * `end` if from `off` to `end` is all a hole (it reads as zeros), so a
+ * sparse page file is not read through its holes. Any doubt (lseek
+ * unsupported, seek_fd -1, a file that ends before `end`): `off`. */
+uint64_t pages_data_from(int seek_fd, uint64_t off, uint64_t end);
+/* A description of the open file of `fd` of its own (its magic link),
+ * for pages_data_from; -1 if none (then no hole is looked for). */
+int pages_seek_fd(int fd);
 /* Unmaps the buffers kept warm (pages.c) that lay unused for at least
  * `unused_seconds`; how many. */
 int pages_release_kept(int unused_seconds);

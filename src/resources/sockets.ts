@@ -36,12 +36,11 @@
  */
 import { dumpRaw, rawName, SOCK_RAW } from './raw.js';
 import { unixNameProblem } from './sockaddr.js';
-import { closeSync, readFileSync } from 'node:fs';
+import { closeSync, fstatSync, readFileSync } from 'node:fs';
 import { AppshotError, ExitCode } from '../errors.js';
 import { addon } from '../native.js';
 import { type Datagram, type Fd, FdKind, type Image, type PeerCred, type Process, type Socket, type SocketOption, verdictRef, virtualPort } from '../image/types.js';
 import { type DumpContext, nameProcess, type RestoreContext, Transient, Unsupported, writeWhatFits } from './context.js';
-import type { KeptSockets } from './keeper.js';
 import { connectionName, type SeenConnection } from './tcp.js';
 import { dumpUdp, type SeenUdp } from './udp.js';
 import { AF_NETLINK, boundPortId, dumpNetlink, netlinkPrivileges, netlinkTable } from './netlink.js';
@@ -527,7 +526,8 @@ export function forgetClosedSockets(ctx: DumpContext): void {
  * held, for this image (a restore on another host, or after the keeper
  * gave up, cannot have it); and what the keeper hands over gives no
  * process more than it held (checkHandedOverPrivileges). */
-export function requireKept(image: Image, kept: KeptSockets): void {
+export function requireKept(h: RestoreContext): void {
+  const { image, kept } = h;
   for (const p of image.processes)
     for (const f of p.fds) {
       const what = f.socket?.kept
@@ -542,7 +542,7 @@ export function requireKept(image: Image, kept: KeptSockets): void {
           ExitCode.conflict,
         );
     }
-  checkHandedOverPrivileges(image, kept);
+  checkHandedOverPrivileges(h);
 }
 
 /**
@@ -562,7 +562,8 @@ export function requireKept(image: Image, kept: KeptSockets): void {
  * own snapshot is taken at its word. Not the restorer: it sets none of
  * them. Refused, the restore fails and the keeper holds them again.
  */
-function checkHandedOverPrivileges(image: Image, kept: KeptSockets): void {
+function checkHandedOverPrivileges(h: RestoreContext): void {
+  const image = h.image;
   if (vouchedFor(image)) return;
   const holders = new Map<string, { p: Process; fd: Fd }[]>();
   for (const p of image.processes)
@@ -575,9 +576,23 @@ function checkHandedOverPrivileges(image: Image, kept: KeptSockets): void {
     }
   for (const held of holders.values()) {
     const { p, fd } = held[0];
-    const handed = handedOver(fd, kept);
+    const handed = handedOver(h, fd);
     if (!handed) continue;
     const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}`;
+    // A unix connection is its creator to the peer (SO_PEERCRED, taken
+    // at connect): the socket's owner (its inode's, the creator's fsuid)
+    // must be one of the ids of a process holding it, or the daemon at
+    // the other end (docker.sock, a root-only D-Bus) would take a
+    // process of another user for the one that connected (review r376
+    // finding 2).
+    if (handed.kind === 'unix-stream') {
+      const owner = fstatSync(handed.sock).uid;
+      if (!held.some((holder) => [holder.p.creds, ...holder.p.threads.map((t) => t.creds)].some((c) => c?.uid.includes(owner))))
+        throw new AppshotError(
+          `${where}: ${handed.what} was connected by uid ${owner}, which no process holding it had: handed over by this restore, the process at the other end would take the application for uid ${owner}`,
+          ExitCode.denied,
+        );
+    }
     let live: SocketOption[];
     try {
       live = readExtras(handed.sock, handed.kind, handed.family, handed.type, [], `${where}: ${handed.what}`);
@@ -586,7 +601,7 @@ function checkHandedOverPrivileges(image: Image, kept: KeptSockets): void {
     }
     for (const o of live) {
       const need = optionPrivilege(o);
-      if (need && !held.some((h) => processMay(h.p, need.caps)))
+      if (need && !held.some((holder) => processMay(holder.p, need.caps)))
         throw new AppshotError(
           `${where}: option ${need.what} of ${handed.what} needs ${capNames(need.caps)}, which no process holding the socket had: handed over by this restore, it would give the application more than it held`,
           ExitCode.denied,
@@ -599,7 +614,8 @@ function checkHandedOverPrivileges(image: Image, kept: KeptSockets): void {
  * first of its descriptors), as the restore decides it (tcp.ts
  * ConnectionMaker.open, openSocket): its kind and family as the catalogue
  * reads its options, and how messages name it. */
-function handedOver(fd: Fd, kept: KeptSockets): { sock: number; kind: SockKind; family: number; type: number; what: string } | undefined {
+function handedOver(h: RestoreContext, fd: Fd): { sock: number; kind: SockKind; family: number; type: number; what: string } | undefined {
+  const kept = h.kept;
   const c = fd.tcp;
   if (c && !c.closed) {
     const sock = kept.get(c.ino);
@@ -610,8 +626,8 @@ function handedOver(fd: Fd, kept: KeptSockets): { sock: number; kind: SockKind; 
   const sock = kept.get(s.ino);
   if (sock === undefined) return undefined;
   if (s.kept) return { sock, kind: 'unix-stream', family: AF_UNIX, type: s.type, what: 'the unix connection to a process outside the application appshot-keeper holds' };
-  if (fd.kind === FdKind.TCP_LISTEN && !s.inherited && isListenerAt(sock, s))
-    return { sock, kind: 'listen', family: s.family, type: SOCK_STREAM, what: `the TCP listener on port ${s.port} appshot-keeper holds` };
+  const listener = heldListener(h, s, fd);
+  if (listener !== undefined) return { sock: listener, kind: 'listen', family: s.family, type: SOCK_STREAM, what: `the TCP listener on port ${s.port} appshot-keeper holds` };
   return undefined;
 }
 
@@ -690,6 +706,32 @@ export function requireInherited(image: Image, given: ReadonlyMap<string, number
 
 /* ---- restore ---------------------------------------------------------- */
 
+/** The key of the caller's listener this restore installs for the
+ * listener `s` (inheritedEnd), if it installs one. Not for an inherited
+ * record the caller hands nothing for (a plain restore) or whose listener
+ * it has made as the application's own again: that one is made, or taken
+ * from a keeper (heldListener), like any other. */
+function callerListenerKey(h: RestoreContext, s: Socket, fd: Fd): string | undefined {
+  if (fd.kind !== FdKind.TCP_LISTEN) return undefined;
+  const at = h.inheritAt;
+  const key = s.inherited || (at && !h.plan && s.family === at.family && virtualPort(h.image, s.port) === at.port ? at.key : undefined);
+  if (!key || (!h.inherit.has(key) && (h.ownListeners.has(key) || !h.inherit.size))) return undefined;
+  return key;
+}
+
+/** The listener a keeper holds that this restore takes for `s`
+ * (openSocket), with the connections waiting in its queue: not when the
+ * caller's is installed instead, and only if it is that listener (the
+ * inode and the image's id are an image's word, review35a; the socket's
+ * own state and port are not). The one answer both openSocket and the
+ * privilege check (handedOver) use, so that what is handed over is what
+ * was weighed, whatever the record says of itself (`inherited`). */
+function heldListener(h: RestoreContext, s: Socket, fd: Fd): number | undefined {
+  if (fd.kind !== FdKind.TCP_LISTEN || h.plan || callerListenerKey(h, s, fd) !== undefined) return undefined;
+  const held = h.kept.get(s.ino);
+  return held !== undefined && isListenerAt(held, s) ? held : undefined;
+}
+
 /** The caller's descriptor for this listener, if it is to be installed
  * rather than made: one the image names as inherited, or the ordinary
  * listener at the port the caller asked to put its own in place of
@@ -698,12 +740,8 @@ export function requireInherited(image: Image, given: ReadonlyMap<string, number
  * set to the application's, which serve, not accepting on it while the
  * instance exists, does not mind. */
 function inheritedEnd(h: RestoreContext, s: Socket, fd: Fd): number | undefined {
-  if (fd.kind !== FdKind.TCP_LISTEN) return undefined;
-  const at = h.inheritAt;
-  const key = s.inherited || (at && !h.plan && s.family === at.family && virtualPort(h.image, s.port) === at.port ? at.key : undefined);
-  // Made as the application's own listener again, from what the image
-  // recorded of it (a caller handing none: a plain restore).
-  if (!key || (!h.inherit.has(key) && (h.ownListeners.has(key) || !h.inherit.size))) return undefined;
+  const key = callerListenerKey(h, s, fd);
+  if (key === undefined) return undefined;
   const given = h.inherit.get(key);
   if (given === undefined) throw new AppshotError(`fd ${fd.fd}: the listener inherited from '${key}' was not handed to the restore`, ExitCode.conflict);
   addon().setStatusFlags(given, fd.flags);
@@ -792,10 +830,8 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd, listenIn?: (so
     // when the application ended, if a keeper held it (keeper.ts
     // addListener): options, backlog and queue all as they were. Ours
     // is KeptSockets' to close.
-    const held = fd.kind === FdKind.TCP_LISTEN && !h.plan ? h.kept.get(s.ino) : undefined;
-    // Only if it is that listener: the inode and the image's id are an
-    // image's word (review35a), the socket's own state and port are not.
-    if (held !== undefined && isListenerAt(held, s)) {
+    const held = heldListener(h, s, fd);
+    if (held !== undefined) {
       addon().setStatusFlags(held, fd.flags);
       return held;
     }

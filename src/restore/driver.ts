@@ -781,7 +781,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // removeSnapshotted); one registered meanwhile took them already.
       if (aid === image.aid) handed.kept.adopt(keep);
       else reg.withAidHeld(image.aid, () => handed.kept.adopt(keep));
-      requireKept(image, handed.kept);
+      requireKept(handed);
     }
     for (const p of ownPorts) addon().bind(tables, 'port', p.virtual, p.system);
     for (const [asked, own] of opts.instance?.ports ?? []) addon().bind(tables, 'port', asked, own);
