@@ -978,24 +978,33 @@ static bool ParseIpcOwnershipQuestion(const Napi::CallbackInfo& info, IpcOwnersh
   return !info.Env().IsExceptionPending();
 }
 
-Napi::Value RemoveIpcOwned(const Napi::CallbackInfo& info) {
+// Asks `question` (appshot_ipc_owned or appshot_ipc_remove_owned, which
+// take the same arguments) of the object the call names, with the tables
+// mapped and guarded when they can be (both work without them): whether
+// it answered 1; a fault in the tables is thrown as `before` SID `after`.
+using IpcOwnershipFn = int (*)(const appshot_header*, appshot_kind, int32_t, uint64_t, int64_t, pid_t, const char*);
+static Napi::Value AskIpcOwnership(const Napi::CallbackInfo& info, IpcOwnershipFn question, const char* before, const char* after) {
   Napi::Env env = info.Env();
   IpcOwnershipQuestion q;
   if (!ParseIpcOwnershipQuestion(info, &q)) return env.Undefined();
   int err = 0;
   appshot_header* h = appshot::MapTables(q.path, &err);
-  int removed = 0;
+  int answer = 0;
   Step done = Step::kDone;
   if (h)
-    done = Guarded(h, [&] { removed = appshot_ipc_remove_owned(h, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str()); });
+    done = Guarded(h, [&] { answer = question(h, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str()); });
   else
-    removed = appshot_ipc_remove_owned(nullptr, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str());
+    answer = question(nullptr, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str());
   if (h) appshot_table_close(h);
   if (done != Step::kDone) {
-    ThrowStep(env, done, "removing SysV object " + std::to_string(q.sid) + " named in tables", q.path);
+    ThrowStep(env, done, before + std::to_string(q.sid) + after, q.path);
     return env.Undefined();
   }
-  return Napi::Boolean::New(env, removed == 1);
+  return Napi::Boolean::New(env, answer == 1);
+}
+
+Napi::Value RemoveIpcOwned(const Napi::CallbackInfo& info) {
+  return AskIpcOwnership(info, appshot_ipc_remove_owned, "removing SysV object ", " named in tables");
 }
 
 // ipcOwned(tables, kind, system, salt, created, initPid) -> boolean: whether
@@ -1004,23 +1013,7 @@ Napi::Value RemoveIpcOwned(const Napi::CallbackInfo& info) {
 // snapshot reads of an object, it reads with appshot's rights, which may be
 // more than the application's.
 Napi::Value IpcOwned(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  IpcOwnershipQuestion q;
-  if (!ParseIpcOwnershipQuestion(info, &q)) return env.Undefined();
-  int err = 0;
-  appshot_header* h = appshot::MapTables(q.path, &err);
-  int owned = 0;
-  Step done = Step::kDone;
-  if (h)
-    done = Guarded(h, [&] { owned = appshot_ipc_owned(h, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str()); });
-  else
-    owned = appshot_ipc_owned(nullptr, q.kind, q.sid, q.salt, q.created, q.init_pid, q.path.c_str());
-  if (h) appshot_table_close(h);
-  if (done != Step::kDone) {
-    ThrowStep(env, done, "asking whether SysV object " + std::to_string(q.sid) + " is the application's, of tables", q.path);
-    return env.Undefined();
-  }
-  return Napi::Boolean::New(env, owned == 1);
+  return AskIpcOwnership(info, appshot_ipc_owned, "asking whether SysV object ", " is the application's, of tables");
 }
 
 // signalMember(pid, signal, initPid, tables) -> boolean: sends the signal
