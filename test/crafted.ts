@@ -97,13 +97,13 @@ export function writeSignedImageWithPages(
   return dir;
 }
 
-/** `appshot restore image --trust-image` in `sb`, refused: one line
- * matching `why`, exit `code`, and nothing of it left (no registration,
- * no tables in /dev/shm). */
-export function expectRestoreRefused(sb: Sandbox, image: string, why: RegExp, code: number): void {
+/** `appshot restore image --trust-image ...extra` in `sb`, refused: one
+ * line matching `why`, exit `code`, and nothing of it left (no
+ * registration, no tables in /dev/shm). */
+export function expectRestoreRefused(sb: Sandbox, image: string, why: RegExp, code: number, extra: string[] = []): void {
   const aidsBefore = sb.aids();
   const shmBefore = sb.shmFiles();
-  const r = spawnSync(appshot, ['restore', image, '--trust-image'], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
+  const r = spawnSync(appshot, ['restore', image, '--trust-image', ...extra], { env: sb.env, encoding: 'utf8', timeout: 50_000 });
   const lines = r.stderr.split('\n').filter((l) => l !== '');
   expect(lines, r.stderr).toHaveLength(1);
   expect(lines[0]).toMatch(/^appshot: /);
