@@ -545,6 +545,23 @@ export function requireKept(h: RestoreContext): void {
   checkHandedOverPrivileges(h);
 }
 
+/** Every descriptor of each socket or TCP connection of the image, with
+ * its process, by socket (`socket INO`) or connection (`connection INO`):
+ * the holders the privilege rules weigh (a socket is made once, from its
+ * first descriptor's record). */
+function socketHolders(image: Image): Map<string, { p: Process; fd: Fd }[]> {
+  const holders = new Map<string, { p: Process; fd: Fd }[]>();
+  for (const p of image.processes)
+    for (const fd of p.fds) {
+      const key = fd.socket ? `socket ${fd.socket.ino}` : fd.tcp ? `connection ${fd.tcp.ino}` : undefined;
+      if (!key) continue;
+      const list = holders.get(key);
+      if (list) list.push({ p, fd });
+      else holders.set(key, [{ p, fd }]);
+    }
+  return holders;
+}
+
 /**
  * The privilege rule for the sockets a keeper hands over (a connection,
  * kept live or in repair mode; a unix connection to a process outside; a
@@ -565,16 +582,7 @@ export function requireKept(h: RestoreContext): void {
 function checkHandedOverPrivileges(h: RestoreContext): void {
   const image = h.image;
   if (vouchedFor(image)) return;
-  const holders = new Map<string, { p: Process; fd: Fd }[]>();
-  for (const p of image.processes)
-    for (const fd of p.fds) {
-      const key = fd.socket ? `socket ${fd.socket.ino}` : fd.tcp && !fd.tcp.closed ? `connection ${fd.tcp.ino}` : undefined;
-      if (!key) continue;
-      const list = holders.get(key);
-      if (list) list.push({ p, fd });
-      else holders.set(key, [{ p, fd }]);
-    }
-  for (const held of holders.values()) {
+  for (const held of socketHolders(image).values()) {
     const { p, fd } = held[0];
     const handed = handedOver(h, fd);
     if (!handed) continue;
@@ -1141,17 +1149,8 @@ function unprivilegedBuffer(which: 'rmem' | 'wmem'): { bytes: number; why: strin
  * `capEff`: the restorer's effective set.
  */
 export function checkSocketPrivileges(image: Image, capEff: bigint): void {
-  const holders = new Map<string, { p: Process; fd: Fd }[]>();
-  const listeners: Socket[] = [];
-  for (const p of image.processes)
-    for (const fd of p.fds) {
-      const key = fd.socket ? `socket ${fd.socket.ino}` : fd.tcp ? `connection ${fd.tcp.ino}` : undefined;
-      if (!key) continue;
-      if (fd.kind === FdKind.TCP_LISTEN && fd.socket) listeners.push(fd.socket);
-      const list = holders.get(key);
-      if (list) list.push({ p, fd });
-      else holders.set(key, [{ p, fd }]);
-    }
+  const holders = socketHolders(image);
+  const listeners = image.processes.flatMap((p) => p.fds.flatMap((fd) => (fd.kind === FdKind.TCP_LISTEN && fd.socket ? [fd.socket] : [])));
   const lowest = unprivilegedPortStart();
   const vouched = vouchedFor(image);
   for (const held of holders.values()) {
