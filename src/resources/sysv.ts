@@ -361,7 +361,7 @@ export function settleSysvPids(image: Image, shmIds: Map<number, number>, tables
  * would, up to the queue's qbytes). Empty where it cannot be read. */
 function msgPids(wanted: Set<number>): Map<number, { lspid: number; lrpid: number }> {
   const out = new Map<number, { lspid: number; lrpid: number }>();
-  for (const [id, [lspid, lrpid]] of sysvipcRows('msg', 'msqid', ['lspid', 'lrpid'], wanted)) out.set(id, { lspid: Number(lspid), lrpid: Number(lrpid) });
+  for (const [id, [lspid, lrpid]] of sysvipcRows('msg', 'msqid', ['lspid', 'lrpid'], wanted) ?? []) out.set(id, { lspid: Number(lspid), lrpid: Number(lrpid) });
   return out;
 }
 
@@ -369,22 +369,22 @@ function msgPids(wanted: Set<number>): Map<number, { lspid: number; lrpid: numbe
  * The lines of /proc/sysvipc/`file` whose `idColumn` is one of `wanted`
  * (system ids), by id, each as the fields of `columns` (named as the
  * header names them), in that order. Only those lines are split (a host's
- * thousands of others are not, in the frozen window). Empty where the file
- * cannot be read or lacks a column.
+ * thousands of others are not, in the frozen window). Undefined where
+ * the file cannot be read or lacks a column.
  */
-function sysvipcRows(file: 'shm' | 'msg', idColumn: string, columns: string[], wanted: Set<number>): Map<number, string[]> {
+function sysvipcRows(file: 'shm' | 'sem' | 'msg', idColumn: string, columns: string[], wanted: Set<number>): Map<number, string[]> | undefined {
   const out = new Map<number, string[]>();
   let text: string;
   try {
     text = readFileSync(`/proc/sysvipc/${file}`, 'latin1');
   } catch {
-    return out;
+    return undefined;
   }
   const lines = text.split('\n');
   const head = lines[0].trim().split(/\s+/);
   const id = head.indexOf(idColumn);
   const at = columns.map((name) => head.indexOf(name));
-  if (id < 0 || at.some((i) => i < 0)) return out;
+  if (id < 0 || at.some((i) => i < 0)) return undefined;
   for (let l = 1; l < lines.length && out.size < wanted.size; l++) {
     if (!wanted.has(Number(fieldOf(lines[l], id)))) continue;
     const f = lines[l].trim().split(/\s+/);
@@ -398,16 +398,7 @@ function sysvipcRows(file: 'shm' | 'msg', idColumn: string, columns: string[], w
  * read without using the object). True where that cannot be read. */
 function ipcExists(kind: IpcKind, sid: number): boolean {
   const [file, column] = ({ semid: ['sem', 'semid'], shmid: ['shm', 'shmid'], msgid: ['msg', 'msqid'] } as const)[kind];
-  let text: string;
-  try {
-    text = readFileSync(`/proc/sysvipc/${file}`, 'latin1');
-  } catch {
-    return true;
-  }
-  const lines = text.split('\n');
-  const at = lines[0].trim().split(/\s+/).indexOf(column);
-  if (at < 0) return true;
-  return lines.slice(1).some((l) => l.trim() !== '' && Number(fieldOf(l, at)) === sid);
+  return sysvipcRows(file, column, [], new Set([sid]))?.has(sid) ?? true;
 }
 
 /** Where each segment (by virtual id, 0 the first) is mapped by a process
@@ -445,7 +436,7 @@ function fieldOf(line: string, n: number): string {
 function segmentStatuses(wanted: Set<number>): Map<number, SegmentStatus> {
   const out = new Map<number, SegmentStatus>();
   const columns = ['key', 'perms', 'size', 'cpid', 'lpid', 'uid', 'gid', 'cuid', 'cgid', 'nattch'];
-  for (const [id, [key, perms, size, cpid, lpid, uid, gid, cuid, cgid, nattch]] of sysvipcRows('shm', 'shmid', columns, wanted)) {
+  for (const [id, [key, perms, size, cpid, lpid, uid, gid, cuid, cgid, nattch]] of sysvipcRows('shm', 'shmid', columns, wanted) ?? []) {
     const mode = parseInt(perms, 8);
     // The mode's permission bits, SHM_LOCKED and SHM_DEST apart, as
     // shmRead gives them (the kernel prints the whole shm_perm.mode).
