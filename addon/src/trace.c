@@ -286,12 +286,12 @@ int trace_inject_seed(pid_t tid, uint64_t syscall_insn, long nr, const long args
       rc = 0;
       break;
     }
-    /* A pending stop signal: set aside, as in step_to_syscall_stop. */
+    /* A pending stop signal: set aside, as in step_to_syscall_stop_forking. */
     if (rep.kind == TRACE_SIGNAL && is_stop_signal(rep.sig)) {
       stops |= 1u << rep.sig;
       continue;
     }
-    /* As in step_to_syscall_stop: an interrupt's trap, a job-control stop
+    /* As in step_to_syscall_stop_forking: an interrupt's trap, a job-control stop
      * reported again: resume once more. */
     if (rep.kind != TRACE_STOP && rep.kind != TRACE_GROUP_STOP) {
       rc = -EINTR;
@@ -338,11 +338,8 @@ static void take_back_stops(pid_t tid, unsigned stops) {
  * that arrived meanwhile) are not expected while every thread of the
  * application is stopped; one is an error rather than something to lose,
  * but for a pending stop signal, set aside in *stops. */
-static int step_to_syscall_stop_forking(pid_t tid, unsigned* stops, pid_t* forked);
-static int step_to_syscall_stop(pid_t tid, unsigned* stops) { return step_to_syscall_stop_forking(tid, stops, NULL); }
-
-/* step_to_syscall_stop; `forked` (if not NULL) gets the PID (in our PID
- * namespace) of the task that a fork or clone event on the way announced. */
+/* `forked` (if not NULL) gets the PID (in our PID namespace) of the task
+ * that a fork or clone event on the way announced. */
 static int step_to_syscall_stop_forking(pid_t tid, unsigned* stops, pid_t* forked) {
   for (int tries = 0; tries < 16; tries++) {
     if (ptrace(PTRACE_SYSCALL, tid, 0, 0)) return fail();
