@@ -2118,6 +2118,18 @@ static void check_held(struct pages_check* c) {
   }
 }
 
+/* Chunk `i` failed its check with `rc` (under mu). Any chunk that fails
+ * fails the whole restore: no more are read. The lowest failing chunk is
+ * reported, for a stable message, whichever thread found it first. */
+static void check_failed(struct pages_check* c, size_t i, int rc) {
+  c->state[i] = CHUNK_BAD;
+  if (!c->failure || i < c->bad) {
+    c->failure = rc;
+    c->bad = i;
+  }
+  c->stop = 1;
+}
+
 static void* check_main(void* arg) {
   struct pages_check* c = ((struct check_thread*)arg)->c;
   int index = ((struct check_thread*)arg)->index;
@@ -2191,12 +2203,7 @@ static void* check_main(void* arg) {
     for (size_t j = 0; j < nholes; j++) {
       size_t i = holes[j];
       if (hole_rc[j]) {
-        c->state[i] = CHUNK_BAD;
-        if (!c->failure || i < c->bad) {
-          c->failure = hole_rc[j];
-          c->bad = i;
-        }
-        c->stop = 1;
+        check_failed(c, i, hole_rc[j]);
       } else {
         c->state[i] = CHUNK_GOOD;
         c->done += c->chunk;
@@ -2207,14 +2214,7 @@ static void* check_main(void* arg) {
       uint64_t off = (uint64_t)i * c->chunk;
       size_t len = c->size - off < c->chunk ? (size_t)(c->size - off) : c->chunk;
       if (rc[j]) {
-        c->state[i] = CHUNK_BAD;
-        /* Any chunk that fails fails the whole restore: no more are read.
-         * The lowest failing chunk is reported, for a stable message. */
-        if (!c->failure || i < c->bad) {
-          c->failure = rc[j];
-          c->bad = i;
-        }
-        c->stop = 1;
+        check_failed(c, i, rc[j]);
       } else if (n > 1 && !alone[j] && !c->lanes) {
         /* The lanes were found wrong while this group was hashed. */
         c->state[i] = CHUNK_PENDING;
