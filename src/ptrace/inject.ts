@@ -10,7 +10,7 @@
  * back after.
  */
 import { addon } from '../native.js';
-import { injected } from './remote.js';
+import { countCall } from './remote.js';
 
 const REGS = { rsp: 19 * 8 };
 const RED_ZONE = 128n;
@@ -65,7 +65,7 @@ export class Injector {
 
   /** Runs `nr(args)` in the thread; returns the raw result (-errno on error). */
   call(nr: number, args: (bigint | number)[], tid = this.tid): bigint {
-    injected.calls++;
+    countCall(this.pid);
     return addon().inject(tid, this.insn, nr, args);
   }
 

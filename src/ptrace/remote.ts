@@ -98,6 +98,48 @@ export const SYS = {
  * trip, two stops or one): what an operation reports as its cost. */
 export const injected = { calls: 0 };
 
+/**
+ * Per process (its PID; a thread's calls count as its process's), the
+ * value of injected.calls just after the last call injected into it: for
+ * a cache of what only the process's own calls change (LiveMaps, its
+ * /proc/PID/maps), which a call in another process leaves valid. A fork
+ * or clone also counts for the process it makes: its PID may be that of
+ * one gone, whose cache would otherwise look current.
+ *
+ * A resident engine would keep a record for every PID it ever injected
+ * into: past RECORDS_KEPT, all are forgotten at once and every process
+ * counts as called at that point (`forgottenAt`), which only makes a
+ * cache read again.
+ */
+const lastCalls = new Map<number, number>();
+let forgottenAt = 0;
+const RECORDS_KEPT = 4096;
+
+/** injected.calls just after the last call injected into process `pid`
+ * (0 if none, as far as is remembered). */
+export function lastCallInto(pid: number): number {
+  return lastCalls.get(pid) ?? forgottenAt;
+}
+
+/** Counts one injected call (a batch, a round) into process `pid`. */
+export function countCall(pid: number): void {
+  injected.calls++;
+  if (lastCalls.size >= RECORDS_KEPT && !lastCalls.has(pid)) {
+    lastCalls.clear();
+    forgottenAt = injected.calls;
+  }
+  lastCalls.set(pid, injected.calls);
+}
+
+const CLONE_THREAD = 0x10000n;
+
+/** The same for a process made by a fork or clone (`ret`, its PID, when
+ * the call succeeded) of one counted already; not for a thread. */
+function countMade(c: { nr: number; args: unknown[] }, ret: bigint): void {
+  if (!(ret > 0n && ret < 1n << 31n)) return;
+  if (c.nr === SYS.fork || (c.nr === SYS.clone && (BigInt(c.args[0] as bigint | number) & CLONE_THREAD) === 0n)) countCall(Number(ret));
+}
+
 
 export class SyscallError extends Error {
   constructor(
@@ -254,8 +296,10 @@ export class RemoteProcess {
     // cheaper single-step injection serves, but for fork and clone.
     if (this.deferred.length) this.runDeferred();
     if (!this.insn) this.findSyscall();
-    injected.calls++;
-    return addon().inject(tid, this.insn, nr, args, this.singleStep && nr !== SYS.fork && nr !== SYS.clone);
+    countCall(this.pid);
+    const ret = addon().inject(tid, this.insn, nr, args, this.singleStep && nr !== SYS.fork && nr !== SYS.clone);
+    countMade({ nr, args }, ret);
+    return ret;
   }
 
   /** Runs a system call and throws a SyscallError naming `what` on failure. */
@@ -587,13 +631,14 @@ export class RemoteProcess {
       const table = Buffer.alloc(BATCH_HEADER + chunk.length * BATCH_ENTRY);
       writeBatchTable(table, 0, chunk, this.pid, tid);
       const addr = this.put(table);
-      injected.calls++;
+      countCall(this.pid);
       addon().injectBatch(tid, this.batchCode, addr, clones, this.frame);
       const back = addon().readMemory(this.pid, addr, table.length);
       this.used = mark;
       for (let i = 0; i < chunk.length; i++) {
         const r = BigInt.asIntN(64, back.readBigUInt64LE(BATCH_HEADER + i * BATCH_ENTRY + 56));
         if (r === BigInt.asIntN(64, NOT_RUN)) return results;
+        countMade(chunk[i], r);
         results.push(r);
         if (r < 0n && r > -4096n) return results;
       }
@@ -653,7 +698,7 @@ export class RemoteProcess {
         // Where a test has the process die (APPSHOT_TEST_STOP_AT) with
         // everything in place, just before its threads are let go.
         if (at === 0) killPoint('restore: threads at once');
-        injected.calls++;
+        countCall(this.pid);
         const errors = addon().injectBatches(
           this.batchCode,
           round.map(({ job, offset }) => [job.tid, addr + BigInt(offset)]),
@@ -743,7 +788,7 @@ export class RemoteProcess {
         return bufferAt;
       });
       addon().writeMemory(this.pid, this.scratch + BigInt(base), whole);
-      injected.calls++;
+      countCall(this.pid);
       addon().injectBatch(tid, this.batchCode, this.scratch + BigInt(base + bytes), false, this.frame);
       const back = addon().readMemory(this.pid, this.scratch + BigInt(base), whole.length);
       // The results through a view as well (a copy where the bytes read

@@ -17,7 +17,7 @@ import { type DumpContext, type RestoreContext, Unsupported } from './context.js
 import { type Injector, NR } from '../ptrace/inject.js';
 import { type Answer, type CallQueue } from '../ptrace/queries.js';
 import { mbindUsedOf } from '../ptrace/windows.js';
-import { injected, RemoteProcess, SYS, takeDescriptors } from '../ptrace/remote.js';
+import { injected, lastCallInto, RemoteProcess, SYS, takeDescriptors } from '../ptrace/remote.js';
 import { DELETED, deletedFileAnchor, memfdLike, memfdSeals, openWithoutAccessTime, shownFile } from './deleted.js';
 import { killPoint } from '../killpoint.js';
 import { refusedAsProcess } from './fsident.js';
@@ -111,19 +111,23 @@ export function readMaps(pid: number): MapsLine[] {
 /**
  * A restored process's /proc/PID/maps, read once per point at which it
  * can have changed: the lines last read are given again until a system
- * call has been injected since (remote.ts counts every one, in any
- * process: injected.calls). Until it is let go, a process being restored
- * runs nothing but what appshot injects (stopped, every signal blocked),
- * and nothing from outside it changes its mappings (memory written by
- * process_vm_writev or /proc/PID/mem is not mapped or unmapped by that;
- * appshot registers no userfaultfd ranges from outside), so lines read
- * with no call injected since are the file as it is now. Counting calls
- * in every process, not in this one, errs only towards reading again.
- * (One thing outside it does show: a file it maps, unlinked meanwhile,
- * gets " (deleted)" after its name - a race with whoever unlinks it that
- * a read made a moment earlier runs as well; its vDSO, free ranges and
- * protections, most of what the restore looks up here, do not depend on
- * names.)
+ * call has been injected into this process since (remote.ts counts them
+ * per process: lastCallInto). Until it is let go, a process being
+ * restored runs nothing but what appshot injects (stopped, every signal
+ * blocked), and nothing from outside it changes its mappings (memory
+ * written by process_vm_writev or /proc/PID/mem is not mapped or unmapped
+ * by that; appshot registers no userfaultfd ranges from outside). Nor
+ * does a call injected into another process of the restore: mmap,
+ * munmap, mprotect, mremap, madvise and the rest act on the caller's own
+ * memory, and no two processes of a restore share one (a snapshot refuses
+ * CLONE_VM between processes, fdtable.ts, and a restore makes each its
+ * own). A fork counts for the child it makes as well, whose PID may be
+ * one a process gone had. So lines read with no call injected into the
+ * process since are the file as it is now. (One thing outside it does
+ * show: a file it maps, unlinked meanwhile, gets " (deleted)" after its
+ * name - a race with whoever unlinks it that a read made a moment earlier
+ * runs as well; its vDSO, free ranges and protections, most of what the
+ * restore looks up here, do not depend on names.)
  *
  * For one restore (keyed by PID, which a process it traces keeps until
  * it is reaped), not kept across restores.
@@ -133,13 +137,18 @@ export class LiveMaps {
   /** injected.calls when they were read. */
   private readAt = -1;
 
+  /** Whether the lines read are still the file as it is. */
+  private get current(): boolean {
+    return this.lines !== undefined && lastCallInto(this.pid) <= this.readAt;
+  }
+
   constructor(readonly pid: number) {}
 
   /** Its mappings as they are now: one array for every caller until read
    * again, frozen (a caller that sorted it in place would reorder it for
    * the others: it throws instead). */
   get(): MapsLine[] {
-    if (!this.lines || this.readAt !== injected.calls) {
+    if (!this.lines || !this.current) {
       this.lines = Object.freeze(readMaps(this.pid)) as MapsLine[];
       this.readAt = injected.calls;
     }
@@ -164,8 +173,9 @@ export class LiveMaps {
    */
   keptAcross<T>(f: () => T): T {
     const before = injected.calls;
+    const wasCurrent = this.current;
     const result = f();
-    if (this.lines !== undefined && this.readAt >= before) this.readAt = injected.calls;
+    if (this.lines !== undefined && (wasCurrent || this.readAt >= before)) this.readAt = injected.calls;
     return result;
   }
 }
