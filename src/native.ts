@@ -332,11 +332,14 @@ interface Addon {
    * clones: a restore's batch of clone(CLONE_THREAD | CLONE_PTRACE) calls, whose threads
    * are traced from their creation without a clone event each (trace_inject_batch_clones).
    * frame: frameRoom bytes where the batch's signal frame goes, that takes the thread back
-   * to where it was on its own if appshot dies while it runs the batch (trace_inject_batch_framed). */
-  injectBatch(tid: number, code: bigint, table: bigint, clones?: boolean, frame?: bigint): void;
+   * to where it was on its own if appshot dies while it runs the batch (trace_inject_batch_framed).
+   * end: the thread's batch end as its last batch returned it (0: none yet), kept unless its
+   * signal is pending now; returns the one this batch used (trace.c choose_batch_end). */
+  injectBatch(tid: number, code: bigint, table: bigint, clones?: boolean, frame?: bigint, end?: number): number;
   /** Each [tid, table] job's batch, all from `code`, run at once (their
-   * stops overlapping); each job's 0 or -errno, every thread put back. */
-  injectBatches(code: bigint, jobs: [number, bigint][]): number[];
+   * stops overlapping); each job's 0 or -errno, every thread put back.
+   * end: as injectBatch returned it for a thread of the process. */
+  injectBatches(code: bigint, jobs: [number, bigint][], end?: number): number[];
   /** The thread's seccomp filters, oldest first (needs CAP_SYS_ADMIN). */
   seccompFilters(tid: number): { program: Buffer; flags: bigint }[];
   /** Injected calls bypass the thread's seccomp filters until it is

@@ -320,25 +320,41 @@ Napi::Value BatchCode(const Napi::CallbackInfo& info) {
   return out;
 }
 
-// injectBatch(tid, codeAddress, tableAddress, clones = false, frame = 0n):
-// runs the batch in one stop; clones: its clone calls make threads traced
-// without a clone event each (trace_inject_batch_clones); frame: the
+// The end of a batch (trace_batch_end) as JavaScript keeps it between
+// batches: its signal, and 0x100 if the thread may use the frame; 0: not
+// chosen yet.
+static trace_batch_end EndOf(const Napi::Value& v) {
+  uint32_t word = v.IsNumber() ? v.As<Napi::Number>().Uint32Value() : 0;
+  return trace_batch_end{static_cast<int>(word & 0xff), (word & 0x100) ? 1 : 0};
+}
+
+static uint32_t EndWord(const trace_batch_end& end) {
+  return static_cast<uint32_t>(end.sig & 0xff) | (end.frame_ok ? 0x100u : 0u);
+}
+
+// injectBatch(tid, codeAddress, tableAddress, clones = false, frame = 0n, end = 0)
+// -> end: runs the batch in one stop; clones: its clone calls make threads
+// traced without a clone event each (trace_inject_batch_clones); frame: the
 // address of batchFrameRoom bytes for the frame that takes the thread back
-// on its own if appshot dies meanwhile (trace_inject_batch_framed).
+// on its own if appshot dies meanwhile (trace_inject_batch_framed); end: the
+// thread's end signal as an earlier batch returned it (EndOf), kept unless
+// it is pending now. Returns the end this batch used (0 if none was chosen).
 Napi::Value InjectBatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   bool clones = info.Length() > 3 && info[3].ToBoolean().Value();
   uint64_t frame = info.Length() > 4 && info[4].IsBigInt() ? U64(info[4]) : 0;
-  int rc = clones ? trace_inject_batch_clones(Tid(info), U64(info[1]), U64(info[2]))
-                  : trace_inject_batch_framed(Tid(info), U64(info[1]), U64(info[2]), frame);
-  Failed(env, rc, "running a batch of system calls in thread " + std::to_string(Tid(info)));
-  return env.Undefined();
+  trace_batch_end end = EndOf(info[5]);
+  int rc = clones ? trace_inject_batch_clones(Tid(info), U64(info[1]), U64(info[2]), &end)
+                  : trace_inject_batch_framed(Tid(info), U64(info[1]), U64(info[2]), frame, &end);
+  if (Failed(env, rc, "running a batch of system calls in thread " + std::to_string(Tid(info)))) return env.Undefined();
+  return Napi::Number::New(env, EndWord(end));
 }
 
-// injectBatches(code, jobs: [tid, tableAddress][]) -> number[]: each thread's batch run
-// at once (trace_inject_batches), all from the code at `code`; for each job, 0 or the
-// -errno its batch failed with. Never throws for a job: every thread is put back first,
-// and the caller says which failed.
+// injectBatches(code, jobs: [tid, tableAddress][], end = 0) -> number[]: each thread's
+// batch run at once (trace_inject_batches), all from the code at `code`; for each job, 0
+// or the -errno its batch failed with. Never throws for a job: every thread is put back
+// first, and the caller says which failed. end: as injectBatch returned it for a thread
+// of the process.
 Napi::Value InjectBatches(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint64_t code = U64(info[0]);
@@ -348,7 +364,8 @@ Napi::Value InjectBatches(const Napi::CallbackInfo& info) {
     auto job = list.Get(i).As<Napi::Array>();
     jobs[i] = trace_batch_job{static_cast<pid_t>(job.Get(0u).As<Napi::Number>().Int32Value()), code, U64(job.Get(1u)), 0};
   }
-  trace_inject_batches(jobs.data(), jobs.size());
+  trace_batch_end known = EndOf(info[2]);
+  trace_inject_batches(jobs.data(), jobs.size(), &known);
   Napi::Array out = Napi::Array::New(env, jobs.size());
   for (uint32_t i = 0; i < jobs.size(); i++) out.Set(i, Napi::Number::New(env, jobs[i].rc));
   return out;

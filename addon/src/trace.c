@@ -472,15 +472,14 @@ static pid_t tgid_of(pid_t tid) {
   return tgid;
 }
 
-/* Whether signal `sig` waits in the thread's own queue (not the
- * process's): one the batch takes at its start came from there if so, as
- * the kernel takes a thread's own signals before its process's. 1 or 0;
- * -1 when it cannot be told (the queue unreadable, or longer than is worth
- * reading before every batch: a backlog of real-time signals). */
-static int pending_for_thread(pid_t tid, int sig) {
+/* Whether signal `sig` waits in the thread's own queue (`shared` 0) or
+ * its process's (`shared` 1). 1 or 0; -1 when it cannot be told (the
+ * queue unreadable, or longer than is worth reading before every batch: a
+ * backlog of real-time signals). */
+static int pending_in(pid_t tid, int shared, int sig) {
   siginfo_t buf[32];
   for (uint64_t off = 0; off < 4 * 32;) {
-    int n = trace_peek_siginfo(tid, 0, off, buf, 32);
+    int n = trace_peek_siginfo(tid, shared, off, buf, 32);
     if (n < 0) return -1;
     for (int i = 0; i < n; i++)
       if (buf[i].si_signo == sig) return 1;
@@ -489,6 +488,11 @@ static int pending_for_thread(pid_t tid, int sig) {
   }
   return -1;
 }
+
+/* In the thread's own queue: one the batch takes at its start came from
+ * there if so, as the kernel takes a thread's own signals before its
+ * process's. */
+static int pending_for_thread(pid_t tid, int sig) { return pending_in(tid, 0, sig); }
 
 /* Where an end signal that came while the batch ran was most likely sent,
  * by its si_code: a tgkill's, or a trap or fault the kernel raised, to the
@@ -534,11 +538,28 @@ static void take_back_signal(pid_t tid, const siginfo_t* info, int to_process) {
  * process in that case, but it is the least likely to be waited for or
  * caught. The frame is not used by a thread with a shadow stack (its
  * rt_sigreturn wants a token that only a real signal leaves).
+ *
+ * Chosen from /proc/TID/status (choose_batch_end), once per thread per
+ * operation, not before every batch: the caller keeps the choice
+ * (trace_batch_end, RemoteProcess in remote.ts) and gives it back with
+ * each batch (end_kept). What it was chosen by can change between two
+ * batches, and each part is handled where it can:
+ * - Pending signals can change at any moment: anyone may send the
+ *   process a signal, and a batch may queue one itself (a restore puts
+ *   pending signals back). So the kept signal is looked for again before
+ *   every batch, in the thread's queue and the process's (two
+ *   PTRACE_PEEKSIGINFO, no file read), and chosen afresh if it waits in
+ *   either. (A fresh read raced with senders as well: a signal that came
+ *   after it is what batch_heard's `foreign` sets aside and queues again.)
+ * - What the process catches changes only by rt_sigaction: a stopped
+ *   process (a frozen application, a restore's seed) runs nothing of its
+ *   own, and no process outside it shares its handlers (CLONE_SIGHAND
+ *   needs CLONE_VM, which a snapshot refuses between processes,
+ *   fdtable.ts); so only by one injected, which the caller sees in its own
+ *   batches and then drops the choice (remote.ts endSignalChanged).
+ * - A shadow stack (frame_ok) is the thread's, changed only by its own
+ *   arch_prctl: injected, likewise seen by the caller.
  */
-typedef struct {
-  int sig;
-  int frame_ok;
-} batch_end;
 
 static uint64_t status_mask(const char* line, const char* field) {
   size_t n = strlen(field);
@@ -568,8 +589,8 @@ static ssize_t read_status(pid_t tid, char* buf, size_t size) {
   return (ssize_t)len;
 }
 
-static batch_end choose_batch_end(pid_t tid) {
-  batch_end end = {SIGTRAP, 1};
+static trace_batch_end choose_batch_end(pid_t tid) {
+  trace_batch_end end = {SIGTRAP, 1};
   char small[8192];
   char* status = small;
   ssize_t len = read_status(tid, small, sizeof small);
@@ -597,6 +618,14 @@ static batch_end choose_batch_end(pid_t tid) {
     }
   }
   return end;
+}
+
+/* `known` (a choice of choose_batch_end for thread `tid`, kept since; sig
+ * 0: none) if its signal is still pending nowhere, else NULL: chosen
+ * afresh then. */
+static const trace_batch_end* end_kept(pid_t tid, const trace_batch_end* known) {
+  if (!known || !known->sig) return NULL;
+  return pending_in(tid, 0, known->sig) == 0 && pending_in(tid, 1, known->sig) == 0 ? known : NULL;
 }
 
 /* The kernel's x86-64 signal frame, as rt_sigreturn reads it at the stack
@@ -731,7 +760,7 @@ typedef struct {
   pid_t tid;
   uint64_t code, table;
   size_t stopped_at, trapped_at;
-  batch_end end;
+  trace_batch_end end;
   /* Where the thread goes back to, by itself or by us: an interrupted
    * call made to run again. */
   struct user_regs_struct back;
@@ -756,9 +785,10 @@ typedef struct {
 } batch_run;
 
 /* Points the stopped thread at the batch code, its signals blocked but the
- * end signal (`end`, if not NULL: chosen already, for another thread of
- * the same process); 0, or -errno with the thread as it was. */
-static int batch_arm(batch_run* b, pid_t tid, uint64_t code, uint64_t table, uint64_t frame, const batch_end* end) {
+ * end signal (`end`, if not NULL: chosen already, and pending in none of
+ * the queues the thread takes from); 0, or -errno with the thread as it
+ * was. */
+static int batch_arm(batch_run* b, pid_t tid, uint64_t code, uint64_t table, uint64_t frame, const trace_batch_end* end) {
   memset(b, 0, sizeof *b);
   b->tid = tid;
   b->code = code;
@@ -884,9 +914,12 @@ static int batch_disarm(batch_run* b) {
   return rc ? rc : rc2;
 }
 
-int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t frame) {
+int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t frame, trace_batch_end* end) {
   batch_run b;
-  int rc = batch_arm(&b, tid, code, table, frame, NULL);
+  int rc = batch_arm(&b, tid, code, table, frame, end_kept(tid, end));
+  /* What was used, for the next batch (sig 0 if batch_arm failed before
+   * it chose: nothing to keep). */
+  if (end) *end = b.end;
   if (rc) return rc;
   while (b.tries < 16) {
     if ((b.rc = batch_resume(&b))) break;
@@ -903,7 +936,7 @@ int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t
   return batch_disarm(&b);
 }
 
-int trace_inject_batches(trace_batch_job* jobs, size_t n) {
+int trace_inject_batches(trace_batch_job* jobs, size_t n, const trace_batch_end* known) {
   if (n == 0) return 0;
   batch_run* runs = calloc(n, sizeof *runs);
   pid_t* waiting = calloc(n, sizeof *waiting);
@@ -917,12 +950,14 @@ int trace_inject_batches(trace_batch_job* jobs, size_t n) {
    * in whatever order they come. */
   size_t pending = 0;
   /* The end signal is chosen by what the process catches and has pending
-   * (its /proc status, read once), and kept for each thread that has not
-   * got it pending itself (the thread's own queue, peeked at). */
-  batch_end shared = {0, 0};
+   * (`known`, if its signal is not pending in the process's queue now;
+   * else its /proc status, read once), and kept for each thread that has
+   * not got it pending itself (the thread's own queue, peeked at). */
+  trace_batch_end shared = {0, 0};
+  if (known && known->sig && pending_in(jobs[0].tid, 1, known->sig) == 0) shared = *known;
   for (size_t i = 0; i < n; i++) {
     batch_run* b = &runs[i];
-    const batch_end* end = NULL;
+    const trace_batch_end* end = NULL;
     if (shared.sig && pending_for_thread(jobs[i].tid, shared.sig) == 0) end = &shared;
     if ((b->rc = batch_arm(b, jobs[i].tid, jobs[i].code, jobs[i].table, 0, end))) continue;
     if (!shared.sig) shared = b->end;
@@ -980,14 +1015,14 @@ int trace_inject_batches(trace_batch_job* jobs, size_t n) {
   return first;
 }
 
-int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) { return trace_inject_batch_framed(tid, code, table, 0); }
+int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table) { return trace_inject_batch_framed(tid, code, table, 0, NULL); }
 
-int trace_inject_batch_clones(pid_t tid, uint64_t code, uint64_t table) {
+int trace_inject_batch_clones(pid_t tid, uint64_t code, uint64_t table, trace_batch_end* end) {
   /* Without PTRACE_O_TRACECLONE the kernel makes no clone event, and
    * CLONE_PTRACE alone has each new thread traced as the caller is. */
   long quiet = (SEIZE_OPTIONS & ~PTRACE_O_TRACECLONE) | PTRACE_O_EXITKILL;
   if (ptrace(PTRACE_SETOPTIONS, tid, 0, (void*)quiet)) return fail();
-  int rc = trace_inject_batch(tid, code, table);
+  int rc = trace_inject_batch_framed(tid, code, table, 0, end);
   int rc2 = trace_kill_on_exit(tid);
   return rc ? rc : rc2;
 }

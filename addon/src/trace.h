@@ -127,10 +127,23 @@ int trace_inject_batch(pid_t tid, uint64_t code, uint64_t table);
  * the frame, and the largest x86 extended state (AMX's) after it. */
 #define TRACE_BATCH_FRAME_ROOM 16384
 
+/* The signal that ends a batch in a thread, and whether the thread may go
+ * back on its own through the batch's frame (trace.c, choose_batch_end):
+ * chosen from the thread's /proc status, kept by the caller from one batch
+ * to the next. sig 0: not chosen yet. */
+typedef struct {
+  int sig;
+  int frame_ok;
+} trace_batch_end;
+
 /* trace_inject_batch, with TRACE_BATCH_FRAME_ROOM bytes at `frame` (0:
  * none) for a signal frame that takes the thread back to where it was on
- * its own should the tracer die while it runs the batch. */
-int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t frame);
+ * its own should the tracer die while it runs the batch. `end` (may be
+ * NULL): the end chosen for this thread by an earlier batch, kept unless
+ * its signal is pending now; set to the one this batch used. The caller
+ * drops it (sig 0) after any call that changes the process's handlers or
+ * the thread's shadow stack (see trace.c). */
+int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t frame, trace_batch_end* end);
 
 /* One thread's batch of trace_inject_batches: its code and table as for
  * trace_inject_batch; rc, set by the call, as that function returns. */
@@ -150,9 +163,11 @@ typedef struct {
  * dispositions and pending signals). Without the frame of
  * trace_inject_batch_framed: for threads that die with the tracer (a
  * restore's, seized with exit-kill), where it serves nothing, and
- * which would need one of its own each. Returns 0, or the first job's
- * error. */
-int trace_inject_batches(trace_batch_job* jobs, size_t n);
+ * which would need one of its own each. `known` (may be NULL): an end
+ * chosen for a thread of the process by an earlier batch (its signal is
+ * what the process catches that counts here). Returns 0, or the first
+ * job's error. */
+int trace_inject_batches(trace_batch_job* jobs, size_t n, const trace_batch_end* known);
 
 /* The same for a batch of clone(CLONE_THREAD | CLONE_PTRACE) calls run in
  * a restore's thread (seized with exit-kill, seccomp not suspended): for
@@ -163,8 +178,8 @@ int trace_inject_batches(trace_batch_job* jobs, size_t n);
  * a thread seized by PTRACE_O_TRACECLONE does (trace_wait reports it). The
  * whole batch takes one stop, where each clone alone took three. The
  * thread's options are as before after; the new threads' are set by
- * trace_kill_on_exit. */
-int trace_inject_batch_clones(pid_t tid, uint64_t code, uint64_t table);
+ * trace_kill_on_exit. `end`: as for trace_inject_batch_framed. */
+int trace_inject_batch_clones(pid_t tid, uint64_t code, uint64_t table, trace_batch_end* end);
 
 /* A thread interrupted inside a system call holds -ERESTART* in rax; these
  * registers, set before it resumes, make it issue the call again as the

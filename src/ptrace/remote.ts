@@ -223,6 +223,9 @@ function inBatchFrom<T extends { args: unknown[]; argFrom?: { call: number; arg:
   return { ...rest, argFrom: { call: from - at, arg } } as unknown as T;
 }
 
+const ARCH_PRCTL = 158;
+const SIGTRAP = 5;
+
 /** APPSHOT_NO_BATCH=1: one injected call at a time (for comparison). */
 const batchingWanted = () => !process.env.APPSHOT_NO_BATCH;
 
@@ -247,6 +250,16 @@ export class RemoteProcess {
   private batchCode = 0n;
   /** Pages to unmap before the scratch area (unmapLater). */
   private unmaps: { addr: bigint; length: number }[] = [];
+  /** Each thread's batch end (trace.c choose_batch_end: the signal that
+   * ends its batches, chosen from one read of its /proc status) as its
+   * last batch used it, given back with its next batch, which keeps it
+   * unless that signal is pending then: one read per thread per operation,
+   * not one per batch. Dropped by a call that changes what it was chosen
+   * by (endSignalChanged). */
+  private ends = new Map<number, number>();
+  /** lastCallInto(pid) after this handle's last call: another since (a
+   * fork's handle, an Injector) may have set a handler. */
+  private seenCalls = -1;
   /** Calls handed over to run at the start of the next stop (defer). */
   private deferred: { calls: NamedCall[]; then?: (results: bigint[]) => void }[] = [];
   /** Scratch memory the deferred calls' arguments point into: kept by
@@ -296,10 +309,27 @@ export class RemoteProcess {
     // cheaper single-step injection serves, but for fork and clone.
     if (this.deferred.length) this.runDeferred();
     if (!this.insn) this.findSyscall();
+    return this.injecting([{ nr, args }], () => {
+      const ret = addon().inject(tid, this.insn, nr, args, this.singleStep && nr !== SYS.fork && nr !== SYS.clone);
+      countMade({ nr, args }, ret);
+      return ret;
+    });
+  }
+
+  /** Counts `run`, which injects `calls` into this process (one stop, or
+   * one round), and keeps the batch ends (`ends`) to what it may have
+   * left of them. */
+  private injecting<T>(calls: { nr: number; args: unknown[] }[], run: () => T): T {
+    // Calls injected into this process through another handle since this
+    // one's last: they may have set a handler; the ends are chosen again.
+    if (lastCallInto(this.pid) !== this.seenCalls) this.ends.clear();
     countCall(this.pid);
-    const ret = addon().inject(tid, this.insn, nr, args, this.singleStep && nr !== SYS.fork && nr !== SYS.clone);
-    countMade({ nr, args }, ret);
-    return ret;
+    try {
+      return run();
+    } finally {
+      this.seenCalls = lastCallInto(this.pid);
+      this.endSignalChanged(calls);
+    }
   }
 
   /** Runs a system call and throws a SyscallError naming `what` on failure. */
@@ -307,6 +337,31 @@ export class RemoteProcess {
     const r = this.raw(nr, args, tid);
     if (r < 0n && r > -4096n) throw new SyscallError(what, Number(-r));
     return r;
+  }
+
+  /**
+   * Drops the batch ends (see `ends`) that `calls`, run in this process
+   * (or some of them: they may have failed midway), may have made stale.
+   * A batch end is chosen by what the process catches, what is pending
+   * and the thread's shadow stack. Pending signals trace.c looks at again
+   * before every batch (they change from outside at any time). What is
+   * caught changes only by rt_sigaction, and only by one of ours: the
+   * process is stopped, running nothing of its own, and no process
+   * outside shares its handlers (CLONE_SIGHAND needs CLONE_VM, refused
+   * between processes at snapshot). A handler set for the signal an end
+   * uses makes it stale; so does any while an end fell back to SIGTRAP
+   * (none of SIGURG, SIGWINCH, SIGCHLD was free: one may be now). A
+   * question (no new action) changes nothing. The shadow stack changes
+   * only by arch_prctl, which nothing injects: any drops all.
+   */
+  private endSignalChanged(calls: { nr: number; args: unknown[] }[]): void {
+    if (!this.ends.size) return;
+    for (const c of calls) {
+      if (c.nr === ARCH_PRCTL) this.ends.clear();
+      if (c.nr !== SYS.rt_sigaction || c.args[1] === 0 || c.args[1] === 0n) continue;
+      const sig = Number(c.args[0]);
+      for (const [tid, end] of this.ends) if ((end & 0xff) === sig || (end & 0xff) === SIGTRAP) this.ends.delete(tid);
+    }
   }
 
   /** Maps the scratch area at `addr` (chosen free in the image and here),
@@ -631,8 +686,7 @@ export class RemoteProcess {
       const table = Buffer.alloc(BATCH_HEADER + chunk.length * BATCH_ENTRY);
       writeBatchTable(table, 0, chunk, this.pid, tid);
       const addr = this.put(table);
-      countCall(this.pid);
-      addon().injectBatch(tid, this.batchCode, addr, clones, this.frame);
+      this.runBatch(chunk, tid, addr, clones);
       const back = addon().readMemory(this.pid, addr, table.length);
       this.used = mark;
       for (let i = 0; i < chunk.length; i++) {
@@ -644,6 +698,17 @@ export class RemoteProcess {
       }
     }
     return results;
+  }
+
+  /** Runs the batch whose table (of `calls`) is at `table` in thread
+   * `tid`, in one stop, with the thread's batch end kept from its last
+   * batch (`ends`). */
+  private runBatch(calls: { nr: number; args: unknown[] }[], tid: number, table: bigint, clones: boolean): void {
+    this.injecting(calls, () => {
+      const end = addon().injectBatch(tid, this.batchCode, table, clones, this.frame, this.ends.get(tid) ?? 0);
+      if (end) this.ends.set(tid, end);
+      else this.ends.delete(tid);
+    });
   }
 
   /** The most threads runAtOnce lets go together: a round's tables (and
@@ -698,10 +763,14 @@ export class RemoteProcess {
         // Where a test has the process die (APPSHOT_TEST_STOP_AT) with
         // everything in place, just before its threads are let go.
         if (at === 0) killPoint('restore: threads at once');
-        countCall(this.pid);
-        const errors = addon().injectBatches(
-          this.batchCode,
-          round.map(({ job, offset }) => [job.tid, addr + BigInt(offset)]),
+        // The main thread's end, if a batch of it chose one: its signal,
+        // for the process's part (what it catches).
+        const errors = this.injecting(round.flatMap(({ job }) => job.calls), () =>
+          addon().injectBatches(
+            this.batchCode,
+            round.map(({ job, offset }) => [job.tid, addr + BigInt(offset)]),
+            this.ends.get(this.pid) ?? 0,
+          ),
         );
         // A thread that could not run its batch is said first: its
         // process may be gone, and its memory with it.
@@ -788,8 +857,7 @@ export class RemoteProcess {
         return bufferAt;
       });
       addon().writeMemory(this.pid, this.scratch + BigInt(base), whole);
-      countCall(this.pid);
-      addon().injectBatch(tid, this.batchCode, this.scratch + BigInt(base + bytes), false, this.frame);
+      this.runBatch(chunk, tid, this.scratch + BigInt(base + bytes), false);
       const back = addon().readMemory(this.pid, this.scratch + BigInt(base), whole.length);
       // The results through a view as well (a copy where the bytes read
       // are not 8-byte aligned).
