@@ -18,11 +18,10 @@ import { dirname } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { addon } from '../native.js';
 import { timed } from '../snapshot/profile.js';
-import { type Fd, FdKind, type InodeOwner, type Process, verdictRef } from '../image/types.js';
+import { type Fd, FdKind, type InodeOwner, type Process, type Rlimit, verdictRef } from '../image/types.js';
 import { type CallBatch, type RemoteProcess, SYS } from '../ptrace/remote.js';
 import { type DumpContext, type RestoreContext, Transient, Unsupported } from './context.js';
 import { inodeOwnerRefusal, ownCreds, strangeOwner } from './creds.js';
-import { readLimits } from './limits.js';
 import { fsIdentity, identitiesFor, refusedAsProcess, reopenHeld } from './fsident.js';
 import { isOwnSnapshot } from '../image/format.js';
 import { openDeletedFile, removedDirectoryFd, saveDeletedContents, shownLinkFile } from './deleted.js';
@@ -397,15 +396,16 @@ const EPOLL_CLOEXEC = 0o2000000;
  * pidfd are closed at the end. A descriptor that cannot land at its number
  * (a hole left open because filling it would cost more) is taken where
  * it lands and moved (dup3, close). Every result is checked against its
- * prediction.
+ * prediction. `seedLimits`: the process's limits as they are now
+ * (readLimits), for a descriptor number above them.
  */
-export function restoreFds(r: RemoteProcess, p: Process, h: RestoreContext): void {
+export function restoreFds(r: RemoteProcess, p: Process, h: RestoreContext, seedLimits: Rlimit[]): void {
   const images = [...p.fds].sort((a, b) => a.fd - b.fd);
   const used = new Set(images.map((f) => f.fd));
   // The pidfd's number: the lowest the image does not use.
   let pidfd = 0;
   while (used.has(pidfd)) pidfd++;
-  const restoreLimit = allowNumbersUpTo(r, Math.max(pidfd, ...images.map((f) => f.fd)));
+  const restoreLimit = allowNumbersUpTo(r, Math.max(pidfd, ...images.map((f) => f.fd)), seedLimits);
   const table = new FdTable(r);
   table.add('closing the seed\'s descriptors', SYS.close_range, [0, 0xffffffff, 0]);
   // pidfd_open gives the lowest free number: 0, the table being empty.
@@ -704,10 +704,11 @@ const RLIMIT_NOFILE = 7;
  * limit is raised to the hard one while the descriptors are placed, and
  * the hard one to just past the highest number if it is below it (which
  * takes CAP_SYS_RESOURCE: limits.ts checkLimits refused the restore
- * before anything was made without it). Returns what sets them back;
- * restoreLimits sets the image's after. */
-function allowNumbersUpTo(r: RemoteProcess, highest: number): () => void {
-  const { cur: soft, max: hard } = readLimits(r.pid).find((l) => l.resource === RLIMIT_NOFILE)!;
+ * before anything was made without it). Returns what sets them back (to
+ * `limits`, the process's as they are now); restoreLimits sets the
+ * image's after. */
+function allowNumbersUpTo(r: RemoteProcess, highest: number, limits: Rlimit[]): () => void {
+  const { cur: soft, max: hard } = limits.find((l) => l.resource === RLIMIT_NOFILE)!;
   if (BigInt(highest) < soft) return () => {};
   const set = (cur: bigint, max: bigint) => {
     r.reset();

@@ -94,10 +94,10 @@ export function checkLimits(image: Image, own: Rlimit[], creds: Pick<OwnCreds, '
 }
 
 /** Sets the process's limits from inside it; the ones the seed has already
- * (most: it inherited them from the same kind of shell) cost nothing.
- * Returns how many calls it injected. */
-export function restoreLimits(r: RemoteProcess, limits: Rlimit[]): number {
-  const seed = readLimits(r.pid);
+ * (`seed`: its limits as they are now, read once for the whole restore of
+ * the process, see the driver) cost nothing: most, as it inherited them
+ * from the same kind of shell. Returns how many calls it injected. */
+export function restoreLimits(r: RemoteProcess, limits: Rlimit[], seed: Rlimit[]): number {
   r.reset();
   const calls = r.batch();
   for (const lim of limits) {

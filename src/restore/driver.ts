@@ -1073,7 +1073,12 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       const results = restoreProcessState(r, p, handed, handed.workingDirectory(p), [...(environ?.call ? [environ.call] : []), ...handlers]);
       const environStrings = environ?.fill(environ.call ? results[0] : undefined);
       phase('state and signals');
-      restoreFds(r, p, handed);
+      // The seed's limits, read once for both that need them: the
+      // descriptors' placing raises RLIMIT_NOFILE for the while and sets
+      // it back to these, and nothing else injected before restoreLimits
+      // sets a limit (the process runs nothing of its own).
+      const seedLimits = readLimits(m.pid);
+      restoreFds(r, p, handed, seedLimits);
       restoreQueueNotifications(r, p, image);
       restoreAioRings(r, p);
       restoreForeground(r, handed, p, (vpgid) => sysPid.get(vpgid) ?? placeholders.get(vpgid));
@@ -1161,7 +1166,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // does not stop the restore's own descriptors, threads and signals,
       // but before the credentials, which may give up the capability that
       // raising one needs.
-      credentialCalls += restoreLimits(r, p.rlimits);
+      credentialCalls += restoreLimits(r, p.rlimits, seedLimits);
       // Seccomp programs written while the process is surely ours to write.
       const seccomp = prepareSeccomp(p, m.tids, inheritedFilters);
       // Credentials last: after them the process may not be ours to change.
