@@ -65,7 +65,7 @@ import { Freezer, type FrozenThread } from '../ptrace/freezer.js';
 import { Injector } from '../ptrace/inject.js';
 import { ParentResolver } from './parent.js';
 import { residentBatchOf } from '../ptrace/windows.js';
-import { childrenOf, forgetGathered, gatherProc, gatheredAfterCalls, gatheredBeforeCalls, readStat } from '../procfs.js';
+import { childrenOf, forgetGathered, gatherProc, gatheredAfterCalls, gatheredBeforeCalls, type ProcKind, readStat } from '../procfs.js';
 import { PhaseClock, type SnapshotPhases } from './phases.js';
 import { armingAnswered, type ArmingAsked, armTracking, askArming, plannedTrackingFd, processKey, protectTracked } from './tracking.js';
 import { estimateFrozenBytes, estimateImageBytes, ReportingPageWriter } from './progress.js';
@@ -327,7 +327,12 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
   // an interrupted call rewound, and the image keeps it as it was.
   const regs = timed('registers', () => new Map(threads.map((t) => [t.tid, addon().getRegs(t.tid)])));
   const tids = threads.map((t) => t.tid);
-  timed('gather (before calls)', () => gatherProc(gatheredBeforeCalls(pid, tids)));
+  // Its limits, where its userfaultfd is made below (askArming: the number
+  // it gets is under the soft RLIMIT_NOFILE), with what is read before
+  // the calls, and not again with what is read after (gatheredAfterCalls):
+  // one read for that and the image, as no question sets a limit.
+  const limitsEarly: [ProcKind, string][] = arming ? [['text', `/proc/${pid}/limits`]] : [];
+  timed('gather (before calls)', () => gatherProc([...gatheredBeforeCalls(pid, tids), ...limitsEarly]));
   // Read once: the vDSO for the injector, the shared objects and the
   // memory dump below (the calls injected meanwhile map nothing).
   const maps = timed('smaps', () => readSmaps(pid));
@@ -399,7 +404,7 @@ function dumpProcessFrozen(ctx: DumpContext, pid: number, threads: FrozenThread[
       // (review24). The rare case only: the write is the window's dearest.
       if (trackingFd !== undefined && trackingFd !== arming!.planned[key]) arming!.record();
     }
-    timed('gather (after calls)', () => gatherProc(gatheredAfterCalls(pid, tids)));
+    timed('gather (after calls)', () => gatherProc(gatheredAfterCalls(pid, tids).filter(([kind, path]) => !limitsEarly.some(([k, p]) => k === kind && p === path))));
     const creds = credsAsked();
     const proc: Process = timed('process', () => dumpProcess(ctx, pid, asked.process, threads.some((t) => t.groupStop), creds));
     const taken = stopReportsTaken(asked.stopReports, (child) => ctx.virtual('pid', child));
