@@ -337,9 +337,9 @@ static void take_back_stops(pid_t tid, unsigned stops) {
 /* Resumes `tid` to its next syscall stop. Other reports for it (a signal
  * that arrived meanwhile) are not expected while every thread of the
  * application is stopped; one is an error rather than something to lose,
- * but for a pending stop signal, set aside in *stops. */
-/* `forked` (if not NULL) gets the PID (in our PID namespace) of the task
- * that a fork or clone event on the way announced. */
+ * but for a pending stop signal, set aside in *stops. `forked` (if not
+ * NULL) gets the PID (in our PID namespace) of the task that a fork or
+ * clone event on the way announced. */
 static int step_to_syscall_stop_forking(pid_t tid, unsigned* stops, pid_t* forked) {
   for (int tries = 0; tries < 16; tries++) {
     if (ptrace(PTRACE_SYSCALL, tid, 0, 0)) return fail();
@@ -624,7 +624,10 @@ static trace_batch_end choose_batch_end(pid_t tid) {
  * 0: none) if its signal is still pending nowhere, else NULL: chosen
  * afresh then. */
 static const trace_batch_end* end_kept(pid_t tid, const trace_batch_end* known) {
-  if (!known || !known->sig) return NULL;
+  /* SIGTRAP is the fallback: every harmless signal caught, or the status
+   * not read at all (then a guess, shadow stack included): chosen again
+   * for every batch, as before choices were kept. */
+  if (!known || !known->sig || known->sig == SIGTRAP) return NULL;
   return pending_in(tid, 0, known->sig) == 0 && pending_in(tid, 1, known->sig) == 0 ? known : NULL;
 }
 

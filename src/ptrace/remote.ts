@@ -124,6 +124,12 @@ export function lastCallInto(pid: number): number {
 /** Counts one injected call (a batch, a round) into process `pid`. */
 export function countCall(pid: number): void {
   injected.calls++;
+  noteCalledAt(pid);
+}
+
+/** Process `pid` as changed by the last call counted (its own, or the
+ * fork that made it), without counting another. */
+function noteCalledAt(pid: number): void {
   if (lastCalls.size >= RECORDS_KEPT && !lastCalls.has(pid)) {
     lastCalls.clear();
     forgottenAt = injected.calls;
@@ -134,10 +140,12 @@ export function countCall(pid: number): void {
 const CLONE_THREAD = 0x10000n;
 
 /** The same for a process made by a fork or clone (`ret`, its PID, when
- * the call succeeded) of one counted already; not for a thread. */
+ * the call succeeded) of one counted already; not for a thread. Not a
+ * call of its own: injected.calls, what an operation reports as its
+ * cost, counts the fork once. */
 function countMade(c: { nr: number; args: unknown[] }, ret: bigint): void {
   if (!(ret > 0n && ret < 1n << 31n)) return;
-  if (c.nr === SYS.fork || (c.nr === SYS.clone && (BigInt(c.args[0] as bigint | number) & CLONE_THREAD) === 0n)) countCall(Number(ret));
+  if (c.nr === SYS.fork || (c.nr === SYS.clone && (BigInt(c.args[0] as bigint | number) & CLONE_THREAD) === 0n)) noteCalledAt(Number(ret));
 }
 
 
