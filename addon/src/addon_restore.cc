@@ -945,7 +945,8 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
   if (sid < 0) return fail("creating");
   // Its size (msg_qbytes) before it is refilled: the kernel takes one
   // above msgmnb only from CAP_SYS_RESOURCE, which the caller has weighed
-  // (sysv.ts mayRaiseQueues). A failure is said, never passed over: the
+  // (sysv.ts queueSizes: the image's size, or msgmnb where its messages
+  // fit and the image's may not be given). A failure is said, never passed over: the
   // queue would hold less than it did, and its refill fail on a message
   // that does not say why.
   struct msqid_ds ds;

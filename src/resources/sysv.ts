@@ -510,7 +510,7 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
   // Before anything is made: a lock the image's processes could not
   // have taken is refused.
   mayLockShm(image);
-  mayRaiseQueues(image);
+  const queueSize = queueSizes(image, notKept);
   const ownerLocks = shmLockedByOwner(image);
   // The count the processes' SEM_UNDO sums were written at, before any
   // of them runs: a new count would make each sum unknown at its next
@@ -562,7 +562,7 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
       shmIds.set(s.vid, sid);
     }
     for (const q of image.msgQueues)
-      owned('msgid', addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data }))), q, 'message queue');
+      owned('msgid', addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(queueSize.get(q.vid) ?? q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data }))), q, 'message queue');
   } catch (e) {
     for (const [kind, sid] of made) addon().removeIpcObject(kind, sid);
     throw e;
@@ -661,26 +661,64 @@ function mayLockShm(image: Image): void {
   }
 }
 
-/**
- * A queue's size (msg_qbytes) above msgmnb is set again only where a
- * process of the image could have raised it (the kernel's rule for
- * IPC_SET: CAP_SYS_RESOURCE, in a thread's effective or permitted set;
- * this node's own snapshot taken at its word, heldcaps.ts), and where
- * this restorer may (it sets it: its CAP_SYS_RESOURCE), so that no image
- * gets unswappable kernel memory beyond msgmnb through a root engine
- * (review r363 finding 5). One line naming the queue otherwise, before
- * any object is made (a restorer without the capability had the IPC_SET
- * fail, and the queue come back at msgmnb, with success said).
- */
-function mayRaiseQueues(image: Image): void {
-  if (!image.msgQueues.length) return;
-  const msgmnb = BigInt(readFileSync('/proc/sys/kernel/msgmnb', 'utf8').trim());
-  for (const q of image.msgQueues) {
-    if (q.qbytes <= msgmnb) continue;
-    const what = `message queue ${q.vid} allows ${q.qbytes} bytes (msg_qbytes), above msgmnb (${msgmnb}), which takes CAP_SYS_RESOURCE`;
-    if (!vouchedFor(image) && !image.processes.some((p) => processMay(p, [CAP.SYS_RESOURCE]))) throw new AppshotError(`${what}, which none of the image's processes had: made by this restore, it would give the application more than it had`, ExitCode.denied);
-    if (!restorerMay(ownCreds().capEff, [CAP.SYS_RESOURCE])) throw new AppshotError(`${what}, which this restore does not have`, ExitCode.denied);
+/** Where this node's msgmnb cannot be read (/proc/sys hidden): the
+ * kernel's default (MSGMNB). One lower than the real limit only lowers a
+ * queue more than needed; one higher has IPC_SET refused by name
+ * (restoreMsg). */
+const MSGMNB_DEFAULT = 16384n;
+
+/** kernel.msgmnb of the restorer's IPC namespace: the size (msg_qbytes)
+ * msgget gives a queue, and the most IPC_SET may give one without
+ * CAP_SYS_RESOURCE. */
+function readMsgmnb(): bigint {
+  try {
+    const v = readFileSync('/proc/sys/kernel/msgmnb', 'utf8').trim();
+    return /^\d+$/.test(v) ? BigInt(v) : MSGMNB_DEFAULT;
+  } catch {
+    return MSGMNB_DEFAULT;
   }
+}
+
+/**
+ * The size (msg_qbytes) each queue is made at, by virtual id: the image's,
+ * or this node's msgmnb where the image's is above it and may not be
+ * given. Above msgmnb takes CAP_SYS_RESOURCE (the kernel's rule for
+ * IPC_SET), which this restorer must have (it sets it), and which a
+ * process of the image must have had (this node's own snapshot taken at
+ * its word, heldcaps.ts), so that no image gets unswappable kernel memory
+ * beyond msgmnb through a root engine (review r363 finding 5). An honest
+ * queue may be above it with neither: made on a node whose msgmnb was
+ * larger (msgget gives msgmnb, no capability needed), or on this one
+ * before msgmnb was lowered (review r376 finding 4; root in a container
+ * has no CAP_SYS_RESOURCE). Such a queue is made at msgmnb where its
+ * messages fit (the kernel's msgsnd rule: their bytes, and their count,
+ * at most msg_qbytes), the lowering said (notKept); refused by name where
+ * they do not, before any object is made (a refill would fail on a
+ * message that does not say why). Never more than either side may grant.
+ */
+function queueSizes(image: Image, notKept: string[]): Map<number, bigint> {
+  const sizes = new Map<number, bigint>();
+  if (!image.msgQueues.length) return sizes;
+  const msgmnb = readMsgmnb();
+  const restorerMayRaise = restorerMay(ownCreds().capEff, [CAP.SYS_RESOURCE]);
+  const imageMayRaise = vouchedFor(image) || image.processes.some((p) => processMay(p, [CAP.SYS_RESOURCE]));
+  for (const q of image.msgQueues) {
+    if (q.qbytes <= msgmnb || (restorerMayRaise && imageMayRaise)) {
+      sizes.set(q.vid, q.qbytes);
+      continue;
+    }
+    const why = !restorerMayRaise
+      ? 'a size above it takes CAP_SYS_RESOURCE, which this restore does not have'
+      : "a size above it takes CAP_SYS_RESOURCE, which none of the image's processes had (a queue made on a node whose msgmnb was larger)";
+    let bytes = 0n;
+    for (const m of q.messages) bytes += BigInt(m.data.length);
+    const count = BigInt(q.messages.length);
+    if (bytes > msgmnb || count > msgmnb)
+      throw new AppshotError(`message queue ${q.vid} holds ${bytes} bytes in ${count} messages, more than this node's msgmnb (${msgmnb}) lets it hold: its size (msg_qbytes) was ${q.qbytes}, and ${why}`, ExitCode.denied);
+    sizes.set(q.vid, msgmnb);
+    notKept.push(`message queue ${q.vid}: its size (msg_qbytes) is ${msgmnb} bytes, this node's msgmnb, not ${q.qbytes} as in the image (${why}); its ${count} messages (${bytes} bytes) are all in it`);
+  }
+  return sizes;
 }
 
 interface IpcOwner {
