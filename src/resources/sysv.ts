@@ -142,14 +142,20 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
         continue;
       }
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
-      const s = readSegment(e.system, at, status) ?? a.shmRead(e.system);
-      // Where its status line could not be read.
-      if (s.destroyed && !at?.length) {
-        leftOut(e);
-        continue;
+      let s: SegmentStatus & { offset: number; runs: number[] };
+      const streamed = streamSegment(ctx, e.system, at, status);
+      if (streamed) s = streamed;
+      else {
+        // Attached: what it holds, copied whole (no file of it to read).
+        const { data, ...attached } = a.shmRead(e.system);
+        // Where its status line could not be read.
+        if (attached.destroyed && !at?.length) {
+          leftOut(e);
+          continue;
+        }
+        const pages = Math.ceil(attached.size / 4096);
+        s = { ...attached, nattch: 0, offset: ctx.pages.append(data), runs: pages ? [0, pages] : [] };
       }
-      const offset = ctx.pages.append(s.data);
-      const pages = Math.ceil(s.size / 4096);
       shmSegments.push({
         vid: e.virtual,
         vkey: vkey('shmkey', s.perm.key),
@@ -160,7 +166,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
         size: BigInt(s.size),
         cvpid: fieldVpid('shmid', e.system, IPC_FIELD.shmCpid, s.cpid),
         lvpid: fieldVpid('shmid', e.system, IPC_FIELD.shmLpid, s.lpid),
-        contents: { offset: BigInt(offset), runs: pages ? [0, pages] : [], fromParent: [] },
+        contents: { offset: BigInt(s.offset), runs: s.runs, fromParent: [] },
         ...(s.destroyed ? { destroyed: true } : {}),
       });
     } catch (err) {
@@ -454,19 +460,25 @@ function segmentStatuses(wanted: Set<number>): Map<number, SegmentStatus> {
 }
 
 /**
- * Segment `shmid` read without attaching it, through a mapping of it that
- * a process of the application has (`at`): its /proc/PID/map_files entry
- * opens the segment's own file, whose bytes pread gives (holes as zeros,
- * none made). An attach of appshot's own (shmRead) sets the segment's
- * shm_lpid (to appshot's PID, which the application sees as 0),
- * shm_atime and shm_dtime, in the segment the application goes on using
- * after a --leave-running snapshot (hunt h296: ipcpids). Undefined where
- * no process of the image maps it, or map_files cannot be opened (a
- * snapshotter without CAP_CHECKPOINT_RESTORE): then it is attached, as
- * before (README). The file is checked to be that segment (its inode
- * number is its id, its size the segment's, on tmpfs or hugetlbfs).
+ * Segment `shmid` written into the page file without attaching it,
+ * through a mapping of it that a process of the application has (`at`):
+ * its /proc/PID/map_files entry opens the segment's own file, whose data
+ * is copied piece by piece (appendFd: a buffer of the writer's, never one
+ * of the segment's size, so no bound but the page file's; a segment
+ * above Node's largest buffer, 4 GiB, could not be snapshotted, and one of
+ * 3 GiB cost 3 GiB of engine memory: review r376 finding 5), its holes
+ * (pages never touched) skipped (SEEK_DATA) and none made. Its offset
+ * there and the runs of pages stored. An attach of appshot's own
+ * (shmRead) sets the segment's shm_lpid (to appshot's PID, which the
+ * application sees as 0), shm_atime and shm_dtime, in the segment the
+ * application goes on using after a --leave-running snapshot (hunt h296:
+ * ipcpids). Undefined where no process of the image maps it, or map_files
+ * cannot be opened (a snapshotter without CAP_CHECKPOINT_RESTORE): then
+ * it is attached, as before (README). The file is checked to be that
+ * segment (its inode number is its id, its size the segment's, on tmpfs
+ * or hugetlbfs) before anything of it is written.
  */
-function readSegment(shmid: number, at: { pid: number; start: bigint; end: bigint }[] | undefined, statuses: () => Map<number, SegmentStatus>): ReturnType<ReturnType<typeof addon>['shmRead']> | undefined {
+function streamSegment(ctx: DumpContext, shmid: number, at: { pid: number; start: bigint; end: bigint }[] | undefined, statuses: () => Map<number, SegmentStatus>): (SegmentStatus & { offset: number; runs: number[] }) | undefined {
   if (!at?.length) return undefined;
   const status = statuses().get(shmid);
   if (!status) return undefined;
@@ -478,22 +490,22 @@ function readSegment(shmid: number, at: { pid: number; start: bigint; end: bigin
       continue;
     }
     try {
-      const st = fstatSync(fd);
-      if (st.ino !== shmid || st.size !== status.size) continue;
-      // And on the kernel's SysV shm filesystem: tmpfs (hugetlbfs for
-      // SHM_HUGETLB), not a file of another that has that inode number
-      // and size (the maps line named it SYSV, but the mapping may have
-      // been replaced since it was read).
-      const type = statfsSync(`/proc/self/fd/${fd}`).type;
-      if (type !== TMPFS_MAGIC && type !== HUGETLBFS_MAGIC) continue;
-      const data = Buffer.alloc(status.size);
-      let done = 0;
-      // At most 1 GiB a read: readSync refuses a length of 2 GiB or more,
-      // and the segment was attached instead (review r363 finding 10).
-      for (let n = 1; done < data.length && n > 0; done += n) n = readSync(fd, data, done, Math.min(data.length - done, 1 << 30), done);
-      if (done === data.length) return { ...status, data };
-    } catch {
-      continue;
+      let theSegment = false;
+      try {
+        const st = fstatSync(fd);
+        // And on the kernel's SysV shm filesystem: tmpfs (hugetlbfs for
+        // SHM_HUGETLB), not a file of another that has that inode number
+        // and size (the maps line named it SYSV, but the mapping may have
+        // been replaced since it was read).
+        const type = st.ino === shmid && st.size === status.size ? statfsSync(`/proc/self/fd/${fd}`).type : 0;
+        theSegment = type === TMPFS_MAGIC || type === HUGETLBFS_MAGIC;
+      } catch {
+        /* not known to be it: the next mapping, or an attach */
+      }
+      if (!theSegment) continue;
+      // A failure here (the page file's write) is the snapshot's, thrown.
+      const { offset, runs } = ctx.pages.appendFd(fd, status.size);
+      return { ...status, offset, runs: Array.from(runs) };
     } finally {
       closeSync(fd);
     }
