@@ -20,7 +20,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
-import type { Image } from '../src/image/types.js';
+import { type Image, VmaKind } from '../src/image/types.js';
 import { validateImage } from '../src/image/validate.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
@@ -224,6 +224,60 @@ describe('a SysV segment above 4 GiB, snapshotted (review r376 finding 5)', () =
       });
     } finally {
       sb.ok(['rm', '-f', 'bigshm']);
+    }
+  });
+});
+
+// An application's private segment of 48 MiB, attached, its first 5000
+// pages written (each its number, as text, at its start) and its last
+// (a marker), then detached: no process maps it when it is snapshotted.
+const DETACHED_SEGMENT_APP = `
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+size = 48 << 20
+i = libc.shmget(0, ctypes.c_size_t(size), 0o1600)
+if i < 0: sys.exit("shmget: %d" % ctypes.get_errno())
+at = libc.shmat(i, None, 0)
+if at in (None, ctypes.c_void_p(-1).value): sys.exit("shmat: %d" % ctypes.get_errno())
+for n in range(5000):
+    ctypes.memmove(at + n * 4096, b"page-%08d" % n, 13)
+ctypes.memmove(at + size - 4096, b"r376-finding-5-detached", 23)
+libc.shmdt(ctypes.c_void_p(at))
+print("READY", flush=True)
+time.sleep(1000)`;
+
+describe('a SysV segment no process maps, snapshotted by an attach (review r376 finding 5)', () => {
+  // No file of it to read: attached by the snapshot, its pages handed
+  // over in bounded runs (16 MiB), never a buffer of its size; the pages
+  // that are all zero not stored.
+  it('stores its written pages alone, in runs that cross the bound of a piece, and restores them where they were', async () => {
+    const size = 48n << 20n;
+    const app = sb.start(['run', '--aid', 'detshm', '--', 'python3', '-c', DETACHED_SEGMENT_APP]);
+    await app.line(/READY/);
+    const dir = join(out, 'detshm.img');
+    const r = sb.run(['snapshot', 'detshm', '-o', dir]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => !sb.aids().includes('detshm'), 10_000, 'the application to end');
+    const { image } = await loadImage(dir, { trust: 'report' });
+    const segment = image.shmSegments.find((x) => x.size === size)!;
+    expect(segment).toBeDefined();
+    expect(image.processes.some((p) => p.vmas.some((v) => v.kind === VmaKind.SYSV_SHM && v.shmVid === segment.vid))).toBe(false);
+    expect(segment.contents!.runs).toEqual([0, 5000, Number(size / PAGE) - 1, 1]);
+    const restored = sb.run(['restore', dir, '--aid', 'detshm']);
+    expect(restored.code, restored.stderr).toBe(0);
+    try {
+      const sid = sb.json<{ tables: Record<string, { virtual: number; system: number }[]> }>(['table', 'detshm']).tables.shmid.find((e) => e.virtual === segment.vid)!.system;
+      const row = sysvipc('shm').find((x) => Number(x.shmid) === sid)!;
+      expect(BigInt(row.size)).toBe(size);
+      expect(Number(row.rss)).toBe(5001 * 4096);
+      for (const [at, text] of [[0n, 'page-00000000'], [4095n * PAGE, 'page-00004095'], [4096n * PAGE, 'page-00004096'], [4999n * PAGE, 'page-00004999'], [5000n * PAGE, '\0'.repeat(13)], [size - PAGE, 'r376-finding-5-detached']] as const) {
+        const read = spawnSync('python3', ['-c', READ_AT, String(sid), String(at), String(text.length)], { encoding: 'utf8' });
+        expect(read.status, read.stderr).toBe(0);
+        expect(Buffer.from(read.stdout.trim(), 'hex').toString('latin1')).toBe(text);
+      }
+    } finally {
+      sb.ok(['rm', '-f', 'detshm']);
     }
   });
 });

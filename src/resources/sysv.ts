@@ -129,7 +129,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   // their last detach), and a restore would make one that nothing
   // attaches, which it refuses (validate.ts). Left out, said. Known from
   // its status line where it can be read, before any read of it: an
-  // attach of appshot's own (shmRead) would copy all of it for nothing,
+  // attach of appshot's own (attachSegment) would read all of it for nothing,
   // and set its shm_lpid, atime and dtime under the processes that still
   // use it.
   const leftOut = (e: { system: number; virtual: number }) =>
@@ -142,19 +142,12 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
         continue;
       }
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
-      let s: SegmentStatus & { offset: number; runs: number[] };
-      const streamed = streamSegment(ctx, e.system, at, status);
-      if (streamed) s = streamed;
-      else {
-        // Attached: what it holds, copied whole (no file of it to read).
-        const { data, ...attached } = a.shmRead(e.system);
-        // Where its status line could not be read.
-        if (attached.destroyed && !at?.length) {
-          leftOut(e);
-          continue;
-        }
-        const pages = Math.ceil(attached.size / 4096);
-        s = { ...attached, nattch: 0, offset: ctx.pages.append(data), runs: pages ? [0, pages] : [] };
+      const s = streamSegment(ctx, e.system, at, status) ?? attachSegment(ctx, e.system);
+      // Where its status line could not be read (its pages, written by
+      // then, are left unnamed in the page file).
+      if (s.destroyed && !at?.length) {
+        leftOut(e);
+        continue;
       }
       shmSegments.push({
         vid: e.virtual,
@@ -445,7 +438,7 @@ function segmentStatuses(wanted: Set<number>): Map<number, SegmentStatus> {
   for (const [id, [key, perms, size, cpid, lpid, uid, gid, cuid, cgid, nattch]] of sysvipcRows('shm', 'shmid', columns, wanted) ?? []) {
     const mode = parseInt(perms, 8);
     // The mode's permission bits, SHM_LOCKED and SHM_DEST apart, as
-    // shmRead gives them (the kernel prints the whole shm_perm.mode).
+    // IPC_STAT gives them (the kernel prints the whole shm_perm.mode).
     out.set(id, {
       perm: { key: Number(key), mode: mode & 0o777, uid: Number(uid), gid: Number(gid), cuid: Number(cuid), cgid: Number(cgid) },
       size: Number(size),
@@ -469,7 +462,7 @@ function segmentStatuses(wanted: Set<number>): Map<number, SegmentStatus> {
  * 3 GiB cost 3 GiB of engine memory: review r376 finding 5), its holes
  * (pages never touched) skipped (SEEK_DATA) and none made. Its offset
  * there and the runs of pages stored. An attach of appshot's own
- * (shmRead) sets the segment's shm_lpid (to appshot's PID, which the
+ * (attachSegment) sets the segment's shm_lpid (to appshot's PID, which the
  * application sees as 0), shm_atime and shm_dtime, in the segment the
  * application goes on using after a --leave-running snapshot (hunt h296:
  * ipcpids). Undefined where no process of the image maps it, or map_files
@@ -511,6 +504,39 @@ function streamSegment(ctx: DumpContext, shmid: number, at: { pid: number; start
     }
   }
   return undefined;
+}
+
+/** The addon's reader of an attached segment (addon_restore.cc,
+ * ShmReadPieces): its IPC_STAT, its pages that are not all zero handed to
+ * `onRun` a bounded run at a time (data, first page). */
+type SegmentPieces = { shmReadPieces(shmid: number, onRun: (data: Buffer, firstPage: number) => void): Omit<ReturnType<ReturnType<typeof addon>['shmRead']>, 'data'> };
+
+/**
+ * Segment `shmid` written into the page file through an attach of
+ * appshot's own, where no file of it can be read (streamSegment): its
+ * pages that are not all zero, a bounded run at a time, never a buffer of
+ * its size (review r376 finding 5: shmRead copied all of it, and one
+ * above 4 GiB could not be snapshotted). The pages are runs of the image
+ * as appendFd's are, stored one after another. The attach reads every
+ * page, as shmRead's did: a page never touched is made (tmpfs gives a
+ * shared mapping no zero page).
+ */
+function attachSegment(ctx: DumpContext, shmid: number): SegmentStatus & { offset: number; runs: number[] } {
+  const runs: number[] = [];
+  let offset: number | undefined;
+  let next = 0;
+  const status = (addon() as unknown as SegmentPieces).shmReadPieces(shmid, (data, firstPage) => {
+    const at = ctx.pages.append(data);
+    // One after another: nothing else writes the page file meanwhile.
+    if (offset !== undefined && at !== next) throw new AppshotError(`shared memory segment ${shmid}: its pages were not written one after another in the page file (at ${at}, not ${next})`);
+    offset ??= at;
+    const pages = Math.ceil(data.length / 4096);
+    next = at + pages * 4096;
+    const last = runs.length - 2;
+    if (last >= 0 && runs[last] + runs[last + 1] === firstPage) runs[last + 1] += pages;
+    else runs.push(firstPage, pages);
+  });
+  return { ...status, nattch: 0, offset: offset ?? ctx.pages.append(Buffer.alloc(0)), runs };
 }
 
 /** The image's SysV objects made again under the new application's tables
