@@ -14,7 +14,7 @@
  * is the point (an honest image), signed with its own key.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -25,7 +25,7 @@ import { validateImage } from '../src/image/validate.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
 import { expectRestoreRefused, writeSignedImage, writeSignedImageWithPages } from './crafted.js';
-import { command as appshot, Sandbox, waitFor } from './helpers.js';
+import { command as appshot, root, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 /** Another node, whose key signs the crafted images. */
@@ -278,6 +278,54 @@ describe('a SysV segment no process maps, snapshotted by an attach (review r376 
       }
     } finally {
       sb.ok(['rm', '-f', 'detshm']);
+    }
+  });
+});
+
+describe('a SysV segment stored in a hole of a page file whose holes cannot be seen (review r379 L3)', () => {
+  // A file system that shows no hole (no SEEK_DATA of its own: older NFS,
+  // sshfs, many FUSE ones; here holelessfs, a FUSE view of a directory
+  // that answers no FUSE_LSEEK) and counts only the blocks a file has:
+  // FillSegment read what a segment stored in a hole byte by byte, in one
+  // synchronous call, however large the hole. Now weighed against the
+  // page file's bytes on disk before anything is made.
+  it('is refused in one line where it stores more than the page file has on disk, nothing made', async (t) => {
+    const size = 96n << 20n;
+    const marker = Buffer.alloc(4096);
+    marker.write('r379-L3-first-page-before-an-unseen-hole');
+    const backing = join(out, 'holeless-backing');
+    rmSync(backing, { recursive: true, force: true });
+    mkdirSync(backing);
+    writeSignedImageWithPages(join(backing, 'unseen'), base, size, marker, (at) => {
+      const image = structuredClone(baseImage);
+      image.shmSegments.push({ vid: 7300, vkey: 0, mode: 0o600, uid: 0, gid: 0, size, cvpid: 0, lvpid: 0, contents: { offset: at, runs: [0, Number(size / PAGE)], fromParent: [] } });
+      return image;
+    }, { signer: other.home });
+    const mnt = join(out, 'holeless');
+    mkdirSync(mnt, { recursive: true });
+    const fs = spawn('python3', [join(root, 'test', 'fixtures', 'holelessfs.py'), backing, mnt], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let said = '';
+    fs.stderr!.on('data', (d) => (said += d));
+    const first = await new Promise<string | undefined>((resolve) => {
+      createInterface({ input: fs.stdout! }).once('line', resolve);
+      fs.once('exit', () => resolve(undefined));
+    });
+    if (first !== 'READY') {
+      t.skip(`a FUSE file system cannot be mounted here: ${said.trim()}`);
+      return;
+    }
+    try {
+      const dir = join(mnt, 'unseen');
+      const pages = statSync(join(dir, 'pages.img'));
+      expect(pages.blocks * 512).toBeLessThan(1 << 20);
+      const segments = () => sysvipc('shm').filter((r) => BigInt(r.size) === size).map((r) => r.shmid);
+      const before = segments();
+      refused(dir, new RegExp(`^appshot: .*the image's SysV segments store ${size} bytes in pages\\.img, which has ${pages.blocks * 512} bytes on disk of its ${pages.size} and whose holes its file system does not show \\(SEEK_DATA\\)`), 1);
+      expect(segments()).toEqual(before);
+    } finally {
+      spawnSync('umount', ['-l', mnt]);
+      fs.kill();
+      await new Promise((resolve) => (fs.exitCode !== null || fs.signalCode !== null ? resolve(undefined) : fs.once('exit', resolve)));
     }
   });
 });
