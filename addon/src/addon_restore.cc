@@ -833,22 +833,33 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
 // Whether the `len` bytes at `p` are all zero.
 static bool AllZero(const uint8_t* p, size_t len) { return len == 0 || (p[0] == 0 && std::memcmp(p, p + 1, len - 1) == 0); }
 
-// shmReadPieces(shmid, onRun(data: Buffer, firstPage: number)) -> its
+// shmReadPieces(shmid, piece: Buffer, onRun(bytes, firstPage)) -> its
 // IPC_STAT ({ perm, size, cpid, lpid, locked, destroyed }): at snapshot,
 // segment `shmid` attached read-only, and each run of its pages that are
-// not all zero handed to onRun, a copy of at most kPiece bytes at a time,
-// in page order, then detached. Where no file of the segment can be read
-// (sysv.ts streamSegment: no process of the image maps it, or map_files
-// is closed to this snapshotter): the page file takes what onRun gives,
-// never a buffer of the segment's size in the engine (shmRead copied all
-// of it: a segment above Node's largest buffer, 4 GiB, could not be
-// snapshotted; review r376 finding 5). Snapshot code, here beside the
-// segment's restore: both sides of a segment's stored runs.
+// not all zero copied into `piece` (at most its length, whole pages) and
+// handed to onRun (how many bytes of `piece`, the run's first page), in
+// page order, then detached. One buffer of the caller's for all of it:
+// a copy a run (16 MiB each) left a segment's worth of buffers for the
+// collector, 2 GiB of engine memory for a segment of 1 GiB. Where no file
+// of the segment can be read (sysv.ts streamSegment: no process of the
+// image maps it, or map_files is closed to this snapshotter): the page
+// file takes what onRun gives, never a buffer of the segment's size in
+// the engine (shmRead copied all of it: a segment above Node's largest
+// buffer, 4 GiB, could not be snapshotted; review r376 finding 5).
+// Snapshot code, here beside the segment's restore: both sides of a
+// segment's stored runs.
 Napi::Value ShmReadPieces(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int id = Int(info[0]);
-  auto onRun = info[1].As<Napi::Function>();
+  auto piece = info[1].As<Napi::Buffer<uint8_t>>();
+  auto onRun = info[2].As<Napi::Function>();
   if (env.IsExceptionPending()) return env.Undefined();
+  constexpr uint64_t kPage = 4096;
+  const uint64_t room = piece.Length() / kPage * kPage;
+  if (room == 0) {
+    ThrowErrno(env, "reading shared memory segment " + std::to_string(id) + ": a buffer of less than a page", EINVAL);
+    return env.Undefined();
+  }
   struct shmid_ds ds;
   if (shmctl(id, IPC_STAT, &ds)) {
     ThrowErrno(env, "shmctl IPC_STAT " + std::to_string(id), errno);
@@ -863,8 +874,6 @@ Napi::Value ShmReadPieces(const Napi::CallbackInfo& info) {
     void* at;
     ~Detach() { shmdt(at); }
   } detach{at};
-  constexpr uint64_t kPage = 4096;
-  constexpr uint64_t kPiece = 16 << 20;
   const uint8_t* base = static_cast<const uint8_t*>(at);
   const uint64_t size = ds.shm_segsz;
   const uint64_t pages = (size + kPage - 1) / kPage;
@@ -876,9 +885,10 @@ Napi::Value ShmReadPieces(const Napi::CallbackInfo& info) {
       continue;
     }
     uint64_t end = n + 1;
-    while (end < pages && (end - n) * kPage < kPiece && !AllZero(base + end * kPage, length(end))) end++;
+    while (end < pages && (end - n) * kPage < room && !AllZero(base + end * kPage, length(end))) end++;
     uint64_t bytes = std::min<uint64_t>(end * kPage, size) - n * kPage;
-    onRun.Call({Napi::Buffer<uint8_t>::Copy(env, base + n * kPage, static_cast<size_t>(bytes)), Napi::Number::New(env, static_cast<double>(n))});
+    std::memcpy(piece.Data(), base + n * kPage, static_cast<size_t>(bytes));
+    onRun.Call({Napi::Number::New(env, static_cast<double>(bytes)), Napi::Number::New(env, static_cast<double>(n))});
     if (env.IsExceptionPending()) return env.Undefined();
     n = end;
   }

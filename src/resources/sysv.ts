@@ -508,21 +508,26 @@ function streamSegment(ctx: DumpContext, shmid: number, at: { pid: number; start
 
 /** The addon's SysV segment helpers of addon_restore.cc (declared here,
  * not in native.ts, which this change could not touch): ShmReadPieces,
- * an attached segment's IPC_STAT, its pages that are not all zero handed
- * to `onRun` a bounded run at a time (data, first page); PageFileHoles,
+ * an attached segment's IPC_STAT, its pages that are not all zero copied
+ * into `piece` a run at a time and handed to `onRun` (bytes, first
+ * page); PageFileHoles,
  * a page file's size, bytes on disk and whether its holes can be seen. */
 type SegmentNative = {
-  shmReadPieces(shmid: number, onRun: (data: Buffer, firstPage: number) => void): Omit<ReturnType<ReturnType<typeof addon>['shmRead']>, 'data'>;
+  shmReadPieces(shmid: number, piece: Buffer, onRun: (bytes: number, firstPage: number) => void): Omit<ReturnType<ReturnType<typeof addon>['shmRead']>, 'data'>;
   pageFileHoles(fd: number): { size: number; allocated: number; holesSeen: boolean };
 };
 const segmentNative = () => addon() as unknown as SegmentNative;
 
+/** The most of an attached segment copied at a time. */
+const SEGMENT_PIECE = 16 << 20;
+
 /**
  * Segment `shmid` written into the page file through an attach of
  * appshot's own, where no file of it can be read (streamSegment): its
- * pages that are not all zero, a bounded run at a time, never a buffer of
- * its size (review r376 finding 5: shmRead copied all of it, and one
- * above 4 GiB could not be snapshotted). The pages are runs of the image
+ * pages that are not all zero, a run at a time through one buffer of
+ * SEGMENT_PIECE bytes, never a buffer of its size (review r376 finding
+ * 5: shmRead copied all of it, and one above 4 GiB could not be
+ * snapshotted). The pages are runs of the image
  * as appendFd's are, stored one after another. The attach reads every
  * page, as shmRead's did: a page never touched is made (tmpfs gives a
  * shared mapping no zero page).
@@ -531,7 +536,9 @@ function attachSegment(ctx: DumpContext, shmid: number): SegmentStatus & { offse
   const runs: number[] = [];
   let offset: number | undefined;
   let next = 0;
-  const status = segmentNative().shmReadPieces(shmid, (data, firstPage) => {
+  const piece = Buffer.allocUnsafe(SEGMENT_PIECE);
+  const status = segmentNative().shmReadPieces(shmid, piece, (bytes, firstPage) => {
+    const data = piece.subarray(0, bytes);
     const at = ctx.pages.append(data);
     // One after another: nothing else writes the page file meanwhile.
     if (offset !== undefined && at !== next) throw new AppshotError(`shared memory segment ${shmid}: its pages were not written one after another in the page file (at ${at}, not ${next})`);
