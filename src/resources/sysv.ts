@@ -129,9 +129,9 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   // their last detach), and a restore would make one that nothing
   // attaches, which it refuses (validate.ts). Left out, said. Known from
   // its status line where it can be read, before any read of it: an
-  // attach of appshot's own (attachSegment) would read all of it for nothing,
-  // and set its shm_lpid, atime and dtime under the processes that still
-  // use it.
+  // attach of appshot's own (attachSegment) would read all of it for
+  // nothing, and set its shm_lpid, atime and dtime under the processes
+  // that still use it.
   const leftOut = (e: { system: number; virtual: number }) =>
     process.stderr.write(`appshot: left out shared memory segment ${e.system} (virtual id ${e.virtual}): removed (IPC_RMID) while attached, and attached by no process of the application\n`);
   for (const e of tables.tables.shmid) {
@@ -509,9 +509,9 @@ function streamSegment(ctx: DumpContext, shmid: number, at: { pid: number; start
 /** The addon's SysV segment helpers of addon_restore.cc (declared here,
  * not in native.ts, which this change could not touch): ShmReadPieces,
  * an attached segment's IPC_STAT, its pages that are not all zero copied
- * into `piece` a run at a time and handed to `onRun` (bytes, first
- * page); PageFileHoles,
- * a page file's size, bytes on disk and whether its holes can be seen. */
+ * into `piece` a run at a time and handed to `onRun` (bytes, first page);
+ * PageFileHoles, a page file's size, bytes on disk and whether its holes
+ * can be seen. */
 type SegmentNative = {
   shmReadPieces(shmid: number, piece: Buffer, onRun: (bytes: number, firstPage: number) => void): Omit<ReturnType<ReturnType<typeof addon>['shmRead']>, 'data'>;
   pageFileHoles(fd: number): { size: number; allocated: number; holesSeen: boolean };
@@ -527,10 +527,10 @@ const SEGMENT_PIECE = 16 << 20;
  * pages that are not all zero, a run at a time through one buffer of
  * SEGMENT_PIECE bytes, never a buffer of its size (review r376 finding
  * 5: shmRead copied all of it, and one above 4 GiB could not be
- * snapshotted). The pages are runs of the image
- * as appendFd's are, stored one after another. The attach reads every
- * page, as shmRead's did: a page never touched is made (tmpfs gives a
- * shared mapping no zero page).
+ * snapshotted). The pages are runs of the image as appendFd's are,
+ * stored one after another. The attach reads every page, as shmRead's
+ * did: a page never touched is made (tmpfs gives a shared mapping no zero
+ * page).
  */
 function attachSegment(ctx: DumpContext, shmid: number): SegmentStatus & { offset: number; runs: number[] } {
   const runs: number[] = [];
@@ -794,7 +794,7 @@ function queueSizes(image: Image, notKept: string[]): Map<number, bigint> {
     }
     const why = !restorerMayRaise
       ? 'a size above it takes CAP_SYS_RESOURCE, which this restore does not have'
-      : "a size above it takes CAP_SYS_RESOURCE, which none of the image's processes had (a queue made on a node whose msgmnb was larger)";
+      : "a size above it takes CAP_SYS_RESOURCE, which none of the image's processes had (as where the queue was made on a node whose msgmnb was larger)";
     let bytes = 0n;
     for (const m of q.messages) bytes += BigInt(m.data.length);
     const count = BigInt(q.messages.length);
