@@ -721,6 +721,40 @@ static int FillSegment(uint8_t* at, uint64_t size, int fd, uint64_t offset, cons
   return 0;
 }
 
+// pageFileHoles(fd) -> { size, allocated, holesSeen }: page file `fd`'s
+// size, the bytes it has on disk (st_blocks), and whether its file system
+// shows its holes (SEEK_HOLE finds one before its end, through a
+// description of its own: pages_seek_fd). Where it does not (a file
+// system that treats every byte as data, or no description of its own),
+// FillSegment reads what a segment stores in a hole byte by byte, in one
+// synchronous call (review r379 L3): sysv.ts weighs that against what the
+// file has on disk before any segment is made. SEEK_HOLE is asked first:
+// a file system that syncs a file's dirty data to answer it (ZFS) counts
+// its blocks only then.
+Napi::Value PageFileHoles(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = Int(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  bool seen = false;
+  const int seek_fd = pages_seek_fd(fd);
+  if (seek_fd >= 0) {
+    off_t hole = lseek(seek_fd, 0, SEEK_HOLE);
+    struct stat own;
+    seen = hole >= 0 && fstat(seek_fd, &own) == 0 && hole < own.st_size;
+    close(seek_fd);
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    ThrowErrno(env, "fstat of the page file", errno);
+    return env.Undefined();
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("size", Napi::Number::New(env, static_cast<double>(st.st_size)));
+  o.Set("allocated", Napi::Number::New(env, static_cast<double>(st.st_blocks) * 512));
+  o.Set("holesSeen", Napi::Boolean::New(env, seen));
+  return o;
+}
+
 // A whole number from 0 to 2^53 (a page number, count or offset as the
 // image gives it), or false.
 static bool WholeNumber(const Napi::Value& v, uint64_t* out) {
@@ -794,6 +828,85 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
   // may (CAP_IPC_LOCK, or its RLIMIT_MEMLOCK).
   if ((mode & SHM_LOCKED) && shmctl(sid, SHM_LOCK, nullptr) != 0) return fail("locking " + segment + " in memory (SHM_LOCK)", errno);
   return Napi::Number::New(env, sid);
+}
+
+// Whether the `len` bytes at `p` are all zero.
+static bool AllZero(const uint8_t* p, size_t len) { return len == 0 || (p[0] == 0 && std::memcmp(p, p + 1, len - 1) == 0); }
+
+// shmReadPieces(shmid, piece: Buffer, onRun(bytes, firstPage)) -> its
+// IPC_STAT ({ perm, size, cpid, lpid, locked, destroyed }): at snapshot,
+// segment `shmid` attached read-only, and each run of its pages that are
+// not all zero copied into `piece` (at most its length, whole pages) and
+// handed to onRun (how many bytes of `piece`, the run's first page), in
+// page order, then detached. One buffer of the caller's for all of it:
+// a copy a run (16 MiB each) left a segment's worth of buffers for the
+// collector, 2 GiB of engine memory for a segment of 1 GiB. Where no file
+// of the segment can be read (sysv.ts streamSegment: no process of the
+// image maps it, or map_files is closed to this snapshotter): the page
+// file takes what onRun gives, never a buffer of the segment's size in
+// the engine (shmRead copied all of it: a segment above Node's largest
+// buffer, 4 GiB, could not be snapshotted; review r376 finding 5).
+// Snapshot code, here beside the segment's restore: both sides of a
+// segment's stored runs.
+Napi::Value ShmReadPieces(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int id = Int(info[0]);
+  auto piece = info[1].As<Napi::Buffer<uint8_t>>();
+  auto onRun = info[2].As<Napi::Function>();
+  if (env.IsExceptionPending()) return env.Undefined();
+  constexpr uint64_t kPage = 4096;
+  const uint64_t room = piece.Length() / kPage * kPage;
+  if (room == 0) {
+    ThrowErrno(env, "reading shared memory segment " + std::to_string(id) + ": a buffer of less than a page", EINVAL);
+    return env.Undefined();
+  }
+  struct shmid_ds ds;
+  if (shmctl(id, IPC_STAT, &ds)) {
+    ThrowErrno(env, "shmctl IPC_STAT " + std::to_string(id), errno);
+    return env.Undefined();
+  }
+  void* at = shmat(id, nullptr, SHM_RDONLY);
+  if (at == reinterpret_cast<void*>(-1)) {
+    ThrowErrno(env, "shmat " + std::to_string(id), errno);
+    return env.Undefined();
+  }
+  struct Detach {
+    void* at;
+    ~Detach() { shmdt(at); }
+  } detach{at};
+  const uint8_t* base = static_cast<const uint8_t*>(at);
+  const uint64_t size = ds.shm_segsz;
+  const uint64_t pages = (size + kPage - 1) / kPage;
+  // The bytes of page `n` that are the segment's (the last may be short).
+  auto length = [&](uint64_t n) { return static_cast<size_t>(std::min<uint64_t>(kPage, size - n * kPage)); };
+  for (uint64_t n = 0; n < pages;) {
+    if (AllZero(base + n * kPage, length(n))) {
+      n++;
+      continue;
+    }
+    uint64_t end = n + 1;
+    while (end < pages && (end - n) * kPage < room && !AllZero(base + end * kPage, length(end))) end++;
+    uint64_t bytes = std::min<uint64_t>(end * kPage, size) - n * kPage;
+    std::memcpy(piece.Data(), base + n * kPage, static_cast<size_t>(bytes));
+    onRun.Call({Napi::Number::New(env, static_cast<double>(bytes)), Napi::Number::New(env, static_cast<double>(n))});
+    if (env.IsExceptionPending()) return env.Undefined();
+    n = end;
+  }
+  Napi::Object perm = Napi::Object::New(env);
+  perm.Set("key", Napi::Number::New(env, ds.shm_perm.__key));
+  perm.Set("uid", Napi::Number::New(env, ds.shm_perm.uid));
+  perm.Set("gid", Napi::Number::New(env, ds.shm_perm.gid));
+  perm.Set("cuid", Napi::Number::New(env, ds.shm_perm.cuid));
+  perm.Set("cgid", Napi::Number::New(env, ds.shm_perm.cgid));
+  perm.Set("mode", Napi::Number::New(env, ds.shm_perm.mode & 0777));
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("perm", perm);
+  o.Set("size", Napi::Number::New(env, static_cast<double>(size)));
+  o.Set("cpid", Napi::Number::New(env, ds.shm_cpid));
+  o.Set("lpid", Napi::Number::New(env, ds.shm_lpid));
+  o.Set("locked", Napi::Boolean::New(env, (ds.shm_perm.mode & SHM_LOCKED) != 0));
+  o.Set("destroyed", Napi::Boolean::New(env, (ds.shm_perm.mode & SHM_DEST) != 0));
+  return o;
 }
 
 // lockShmAs(sid, uid, gid, memlock, mayRaise): SHM_LOCK of segment `sid`
@@ -945,7 +1058,8 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
   if (sid < 0) return fail("creating");
   // Its size (msg_qbytes) before it is refilled: the kernel takes one
   // above msgmnb only from CAP_SYS_RESOURCE, which the caller has weighed
-  // (sysv.ts mayRaiseQueues). A failure is said, never passed over: the
+  // (sysv.ts queueSizes: the image's size, or msgmnb where its messages
+  // fit and the image's may not be given). A failure is said, never passed over: the
   // queue would hold less than it did, and its refill fail on a message
   // that does not say why.
   struct msqid_ds ds;
@@ -1760,6 +1874,8 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("listenNow", ListenNow);
   fn("restoreSem", RestoreSem);
   fn("restoreShm", RestoreShm);
+  fn("shmReadPieces", ShmReadPieces);
+  fn("pageFileHoles", PageFileHoles);
   fn("lockShmAs", LockShmAs);
   fn("restoreMsg", RestoreMsg);
   fn("touchSysv", TouchSysv);

@@ -129,9 +129,9 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
   // their last detach), and a restore would make one that nothing
   // attaches, which it refuses (validate.ts). Left out, said. Known from
   // its status line where it can be read, before any read of it: an
-  // attach of appshot's own (shmRead) would copy all of it for nothing,
-  // and set its shm_lpid, atime and dtime under the processes that still
-  // use it.
+  // attach of appshot's own (attachSegment) would read all of it for
+  // nothing, and set its shm_lpid, atime and dtime under the processes
+  // that still use it.
   const leftOut = (e: { system: number; virtual: number }) =>
     process.stderr.write(`appshot: left out shared memory segment ${e.system} (virtual id ${e.virtual}): removed (IPC_RMID) while attached, and attached by no process of the application\n`);
   for (const e of tables.tables.shmid) {
@@ -142,14 +142,13 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
         continue;
       }
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
-      const s = readSegment(e.system, at, status) ?? a.shmRead(e.system);
-      // Where its status line could not be read.
+      const s = streamSegment(ctx, e.system, at, status) ?? attachSegment(ctx, e.system);
+      // Where its status line could not be read (its pages, written by
+      // then, are left unnamed in the page file).
       if (s.destroyed && !at?.length) {
         leftOut(e);
         continue;
       }
-      const offset = ctx.pages.append(s.data);
-      const pages = Math.ceil(s.size / 4096);
       shmSegments.push({
         vid: e.virtual,
         vkey: vkey('shmkey', s.perm.key),
@@ -160,7 +159,7 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
         size: BigInt(s.size),
         cvpid: fieldVpid('shmid', e.system, IPC_FIELD.shmCpid, s.cpid),
         lvpid: fieldVpid('shmid', e.system, IPC_FIELD.shmLpid, s.lpid),
-        contents: { offset: BigInt(offset), runs: pages ? [0, pages] : [], fromParent: [] },
+        contents: { offset: BigInt(s.offset), runs: s.runs, fromParent: [] },
         ...(s.destroyed ? { destroyed: true } : {}),
       });
     } catch (err) {
@@ -439,7 +438,7 @@ function segmentStatuses(wanted: Set<number>): Map<number, SegmentStatus> {
   for (const [id, [key, perms, size, cpid, lpid, uid, gid, cuid, cgid, nattch]] of sysvipcRows('shm', 'shmid', columns, wanted) ?? []) {
     const mode = parseInt(perms, 8);
     // The mode's permission bits, SHM_LOCKED and SHM_DEST apart, as
-    // shmRead gives them (the kernel prints the whole shm_perm.mode).
+    // IPC_STAT gives them (the kernel prints the whole shm_perm.mode).
     out.set(id, {
       perm: { key: Number(key), mode: mode & 0o777, uid: Number(uid), gid: Number(gid), cuid: Number(cuid), cgid: Number(cgid) },
       size: Number(size),
@@ -454,19 +453,25 @@ function segmentStatuses(wanted: Set<number>): Map<number, SegmentStatus> {
 }
 
 /**
- * Segment `shmid` read without attaching it, through a mapping of it that
- * a process of the application has (`at`): its /proc/PID/map_files entry
- * opens the segment's own file, whose bytes pread gives (holes as zeros,
- * none made). An attach of appshot's own (shmRead) sets the segment's
- * shm_lpid (to appshot's PID, which the application sees as 0),
- * shm_atime and shm_dtime, in the segment the application goes on using
- * after a --leave-running snapshot (hunt h296: ipcpids). Undefined where
- * no process of the image maps it, or map_files cannot be opened (a
- * snapshotter without CAP_CHECKPOINT_RESTORE): then it is attached, as
- * before (README). The file is checked to be that segment (its inode
- * number is its id, its size the segment's, on tmpfs or hugetlbfs).
+ * Segment `shmid` written into the page file without attaching it,
+ * through a mapping of it that a process of the application has (`at`):
+ * its /proc/PID/map_files entry opens the segment's own file, whose data
+ * is copied piece by piece (appendFd: a buffer of the writer's, never one
+ * of the segment's size, so no bound but the page file's; a segment
+ * above Node's largest buffer, 4 GiB, could not be snapshotted, and one of
+ * 3 GiB cost 3 GiB of engine memory: review r376 finding 5), its holes
+ * (pages never touched) skipped (SEEK_DATA) and none made. Its offset
+ * there and the runs of pages stored. An attach of appshot's own
+ * (attachSegment) sets the segment's shm_lpid (to appshot's PID, which the
+ * application sees as 0), shm_atime and shm_dtime, in the segment the
+ * application goes on using after a --leave-running snapshot (hunt h296:
+ * ipcpids). Undefined where no process of the image maps it, or map_files
+ * cannot be opened (a snapshotter without CAP_CHECKPOINT_RESTORE): then
+ * it is attached, as before (README). The file is checked to be that
+ * segment (its inode number is its id, its size the segment's, on tmpfs
+ * or hugetlbfs) before anything of it is written.
  */
-function readSegment(shmid: number, at: { pid: number; start: bigint; end: bigint }[] | undefined, statuses: () => Map<number, SegmentStatus>): ReturnType<ReturnType<typeof addon>['shmRead']> | undefined {
+function streamSegment(ctx: DumpContext, shmid: number, at: { pid: number; start: bigint; end: bigint }[] | undefined, statuses: () => Map<number, SegmentStatus>): (SegmentStatus & { offset: number; runs: number[] }) | undefined {
   if (!at?.length) return undefined;
   const status = statuses().get(shmid);
   if (!status) return undefined;
@@ -478,27 +483,73 @@ function readSegment(shmid: number, at: { pid: number; start: bigint; end: bigin
       continue;
     }
     try {
-      const st = fstatSync(fd);
-      if (st.ino !== shmid || st.size !== status.size) continue;
-      // And on the kernel's SysV shm filesystem: tmpfs (hugetlbfs for
-      // SHM_HUGETLB), not a file of another that has that inode number
-      // and size (the maps line named it SYSV, but the mapping may have
-      // been replaced since it was read).
-      const type = statfsSync(`/proc/self/fd/${fd}`).type;
-      if (type !== TMPFS_MAGIC && type !== HUGETLBFS_MAGIC) continue;
-      const data = Buffer.alloc(status.size);
-      let done = 0;
-      // At most 1 GiB a read: readSync refuses a length of 2 GiB or more,
-      // and the segment was attached instead (review r363 finding 10).
-      for (let n = 1; done < data.length && n > 0; done += n) n = readSync(fd, data, done, Math.min(data.length - done, 1 << 30), done);
-      if (done === data.length) return { ...status, data };
-    } catch {
-      continue;
+      let theSegment = false;
+      try {
+        const st = fstatSync(fd);
+        // And on the kernel's SysV shm filesystem: tmpfs (hugetlbfs for
+        // SHM_HUGETLB), not a file of another that has that inode number
+        // and size (the maps line named it SYSV, but the mapping may have
+        // been replaced since it was read).
+        const type = st.ino === shmid && st.size === status.size ? statfsSync(`/proc/self/fd/${fd}`).type : 0;
+        theSegment = type === TMPFS_MAGIC || type === HUGETLBFS_MAGIC;
+      } catch {
+        /* not known to be it: the next mapping, or an attach */
+      }
+      if (!theSegment) continue;
+      // A failure here (the page file's write) is the snapshot's, thrown.
+      const { offset, runs } = ctx.pages.appendFd(fd, status.size);
+      return { ...status, offset, runs: Array.from(runs) };
     } finally {
       closeSync(fd);
     }
   }
   return undefined;
+}
+
+/** The addon's SysV segment helpers of addon_restore.cc (declared here,
+ * not in native.ts, which this change could not touch): ShmReadPieces,
+ * an attached segment's IPC_STAT, its pages that are not all zero copied
+ * into `piece` a run at a time and handed to `onRun` (bytes, first page);
+ * PageFileHoles, a page file's size, bytes on disk and whether its holes
+ * can be seen. */
+type SegmentNative = {
+  shmReadPieces(shmid: number, piece: Buffer, onRun: (bytes: number, firstPage: number) => void): Omit<ReturnType<ReturnType<typeof addon>['shmRead']>, 'data'>;
+  pageFileHoles(fd: number): { size: number; allocated: number; holesSeen: boolean };
+};
+const segmentNative = () => addon() as unknown as SegmentNative;
+
+/** The most of an attached segment copied at a time. */
+const SEGMENT_PIECE = 16 << 20;
+
+/**
+ * Segment `shmid` written into the page file through an attach of
+ * appshot's own, where no file of it can be read (streamSegment): its
+ * pages that are not all zero, a run at a time through one buffer of
+ * SEGMENT_PIECE bytes, never a buffer of its size (review r376 finding
+ * 5: shmRead copied all of it, and one above 4 GiB could not be
+ * snapshotted). The pages are runs of the image as appendFd's are,
+ * stored one after another. The attach reads every page, as shmRead's
+ * did: a page never touched is made (tmpfs gives a shared mapping no zero
+ * page).
+ */
+function attachSegment(ctx: DumpContext, shmid: number): SegmentStatus & { offset: number; runs: number[] } {
+  const runs: number[] = [];
+  let offset: number | undefined;
+  let next = 0;
+  const piece = Buffer.allocUnsafe(SEGMENT_PIECE);
+  const status = segmentNative().shmReadPieces(shmid, piece, (bytes, firstPage) => {
+    const data = piece.subarray(0, bytes);
+    const at = ctx.pages.append(data);
+    // One after another: nothing else writes the page file meanwhile.
+    if (offset !== undefined && at !== next) throw new AppshotError(`shared memory segment ${shmid}: its pages were not written one after another in the page file (at ${at}, not ${next})`);
+    offset ??= at;
+    const pages = Math.ceil(data.length / 4096);
+    next = at + pages * 4096;
+    const last = runs.length - 2;
+    if (last >= 0 && runs[last] + runs[last + 1] === firstPage) runs[last + 1] += pages;
+    else runs.push(firstPage, pages);
+  });
+  return { ...status, nattch: 0, offset: offset ?? ctx.pages.append(Buffer.alloc(0)), runs };
 }
 
 /** The image's SysV objects made again under the new application's tables
@@ -510,7 +561,8 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
   // Before anything is made: a lock the image's processes could not
   // have taken is refused.
   mayLockShm(image);
-  mayRaiseQueues(image);
+  boundUnseenHoles(image, pagesFd);
+  const queueSize = queueSizes(image, notKept);
   const ownerLocks = shmLockedByOwner(image);
   // The count the processes' SEM_UNDO sums were written at, before any
   // of them runs: a new count would make each sum unknown at its next
@@ -562,12 +614,45 @@ export function restoreSysv(image: Image, tables: string, pagesFd: number, notKe
       shmIds.set(s.vid, sid);
     }
     for (const q of image.msgQueues)
-      owned('msgid', addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data }))), q, 'message queue');
+      owned('msgid', addon().restoreMsg(tables, q.vid, q.vkey, q.mode, Number(queueSize.get(q.vid) ?? q.qbytes), q.messages.map((m) => ({ type: Number(m.type), data: m.data }))), q, 'message queue');
   } catch (e) {
     for (const [kind, sid] of made) addon().removeIpcObject(kind, sid);
     throw e;
   }
   return shmIds;
+}
+
+/** What the segments may store beyond the page file's bytes on disk
+ * where its holes cannot be seen: bytes read and compared in the engine
+ * for nothing (~0.2 s). */
+const UNSEEN_HOLE_MARGIN = 64n << 20n;
+
+/**
+ * The segments' stored pages are read from the page file, a hole of it
+ * skipped where SEEK_DATA shows it (FillSegment). Where it cannot (a file
+ * system that treats every byte as data, or a page file the engine cannot
+ * open again), a hole is read through, every byte in one synchronous
+ * call: a crafted image of a few KiB, its segments' runs over a hole of
+ * up to shmmax, bought an hour of engine CPU a TiB (review r376 finding
+ * 3, r379 L3). The segments' pages stored together (they share no byte:
+ * validate.ts) may then be no more than what the file has on disk plus a
+ * margin; refused in one line otherwise, before any object is made. An
+ * honest page file is written whole, its bytes on disk its size (or, on
+ * a file system that compresses, one that shows holes).
+ */
+function boundUnseenHoles(image: Image, pagesFd: number): void {
+  let stored = 0n;
+  for (const s of image.shmSegments) {
+    const runs = s.contents?.runs ?? [];
+    for (let i = 1; i < runs.length; i += 2) stored += BigInt(runs[i]) * 4096n;
+  }
+  if (stored <= UNSEEN_HOLE_MARGIN) return;
+  const file = segmentNative().pageFileHoles(pagesFd);
+  const allocated = BigInt(file.allocated);
+  if (file.holesSeen || stored <= allocated + UNSEEN_HOLE_MARGIN) return;
+  throw new AppshotError(
+    `the image's SysV segments store ${stored} bytes in pages.img, which has ${allocated} bytes on disk of its ${file.size} and whose holes its file system does not show (SEEK_DATA): the rest would be read through as zeros, byte by byte; copy the image to a file system that shows holes (tmpfs, ext4, xfs, btrfs)`,
+  );
 }
 
 /**
@@ -661,26 +746,64 @@ function mayLockShm(image: Image): void {
   }
 }
 
-/**
- * A queue's size (msg_qbytes) above msgmnb is set again only where a
- * process of the image could have raised it (the kernel's rule for
- * IPC_SET: CAP_SYS_RESOURCE, in a thread's effective or permitted set;
- * this node's own snapshot taken at its word, heldcaps.ts), and where
- * this restorer may (it sets it: its CAP_SYS_RESOURCE), so that no image
- * gets unswappable kernel memory beyond msgmnb through a root engine
- * (review r363 finding 5). One line naming the queue otherwise, before
- * any object is made (a restorer without the capability had the IPC_SET
- * fail, and the queue come back at msgmnb, with success said).
- */
-function mayRaiseQueues(image: Image): void {
-  if (!image.msgQueues.length) return;
-  const msgmnb = BigInt(readFileSync('/proc/sys/kernel/msgmnb', 'utf8').trim());
-  for (const q of image.msgQueues) {
-    if (q.qbytes <= msgmnb) continue;
-    const what = `message queue ${q.vid} allows ${q.qbytes} bytes (msg_qbytes), above msgmnb (${msgmnb}), which takes CAP_SYS_RESOURCE`;
-    if (!vouchedFor(image) && !image.processes.some((p) => processMay(p, [CAP.SYS_RESOURCE]))) throw new AppshotError(`${what}, which none of the image's processes had: made by this restore, it would give the application more than it had`, ExitCode.denied);
-    if (!restorerMay(ownCreds().capEff, [CAP.SYS_RESOURCE])) throw new AppshotError(`${what}, which this restore does not have`, ExitCode.denied);
+/** Where this node's msgmnb cannot be read (/proc/sys hidden): the
+ * kernel's default (MSGMNB). One lower than the real limit only lowers a
+ * queue more than needed; one higher has IPC_SET refused by name
+ * (restoreMsg). */
+const MSGMNB_DEFAULT = 16384n;
+
+/** kernel.msgmnb of the restorer's IPC namespace: the size (msg_qbytes)
+ * msgget gives a queue, and the most IPC_SET may give one without
+ * CAP_SYS_RESOURCE. */
+function readMsgmnb(): bigint {
+  try {
+    const v = readFileSync('/proc/sys/kernel/msgmnb', 'utf8').trim();
+    return /^\d+$/.test(v) ? BigInt(v) : MSGMNB_DEFAULT;
+  } catch {
+    return MSGMNB_DEFAULT;
   }
+}
+
+/**
+ * The size (msg_qbytes) each queue is made at, by virtual id: the image's,
+ * or this node's msgmnb where the image's is above it and may not be
+ * given. Above msgmnb takes CAP_SYS_RESOURCE (the kernel's rule for
+ * IPC_SET), which this restorer must have (it sets it), and which a
+ * process of the image must have had (this node's own snapshot taken at
+ * its word, heldcaps.ts), so that no image gets unswappable kernel memory
+ * beyond msgmnb through a root engine (review r363 finding 5). An honest
+ * queue may be above it with neither: made on a node whose msgmnb was
+ * larger (msgget gives msgmnb, no capability needed), or on this one
+ * before msgmnb was lowered (review r376 finding 4; root in a container
+ * has no CAP_SYS_RESOURCE). Such a queue is made at msgmnb where its
+ * messages fit (the kernel's msgsnd rule: their bytes, and their count,
+ * at most msg_qbytes), the lowering said (notKept); refused by name where
+ * they do not, before any object is made (a refill would fail on a
+ * message that does not say why). Never more than either side may grant.
+ */
+function queueSizes(image: Image, notKept: string[]): Map<number, bigint> {
+  const sizes = new Map<number, bigint>();
+  if (!image.msgQueues.length) return sizes;
+  const msgmnb = readMsgmnb();
+  const restorerMayRaise = restorerMay(ownCreds().capEff, [CAP.SYS_RESOURCE]);
+  const imageMayRaise = vouchedFor(image) || image.processes.some((p) => processMay(p, [CAP.SYS_RESOURCE]));
+  for (const q of image.msgQueues) {
+    if (q.qbytes <= msgmnb || (restorerMayRaise && imageMayRaise)) {
+      sizes.set(q.vid, q.qbytes);
+      continue;
+    }
+    const why = !restorerMayRaise
+      ? 'a size above it takes CAP_SYS_RESOURCE, which this restore does not have'
+      : "a size above it takes CAP_SYS_RESOURCE, which none of the image's processes had (as where the queue was made on a node whose msgmnb was larger)";
+    let bytes = 0n;
+    for (const m of q.messages) bytes += BigInt(m.data.length);
+    const count = BigInt(q.messages.length);
+    if (bytes > msgmnb || count > msgmnb)
+      throw new AppshotError(`message queue ${q.vid} holds ${bytes} bytes in ${count} messages, more than this node's msgmnb (${msgmnb}) lets it hold: its size (msg_qbytes) was ${q.qbytes}, and ${why}`, ExitCode.denied);
+    sizes.set(q.vid, msgmnb);
+    notKept.push(`message queue ${q.vid}: its size (msg_qbytes) is ${msgmnb} bytes, this node's msgmnb, not ${q.qbytes} as in the image (${why}); its ${count} messages (${bytes} bytes) are all in it`);
+  }
+  return sizes;
 }
 
 interface IpcOwner {
