@@ -92,6 +92,10 @@ const fdOf = (handleOwner: Socket | Server) => (handleOwner as unknown as { _han
  */
 const open = new Map<number, { socket?: Socket; ends: ForwardEnds; owner?: Forwarder }>();
 const listeners = new Map<number, { ends: ListenerEnds; seen: number; owner: Forwarder }>();
+/** Of a listener released: its forwarder, for connections the thread
+ * forwarded under its grant just before and reports after (a few per
+ * serve's life; ids are never reused). */
+const releasedOwners = new Map<number, Forwarder>();
 let seq = 0;
 let lastLid = 0;
 let lastGroup = 0;
@@ -160,7 +164,9 @@ function dispatch(events: Float64Array): void {
       const at = BigInt(events[i + 5]);
       if (l) l.seen++;
       const ends = l?.ends.forwarded(events[i + 10], client, at) ?? uncounted;
-      open.set(id, { ends, owner: l?.owner });
+      // Owned even if its listener was released meanwhile: a serve that
+      // stops releases its listeners first, then ends what is still open.
+      open.set(id, { ends, owner: l?.owner ?? releasedOwners.get(lid) });
       ends.connected(at);
       continue;
     }
@@ -306,6 +312,7 @@ export class Forwarder {
   /** The thread stops accepting on the listener. */
   release(lid: number): void {
     if (!listeners.delete(lid)) return;
+    releasedOwners.set(lid, this);
     this.native?.forwardUnlisten(lid);
   }
 }
