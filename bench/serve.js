@@ -393,6 +393,9 @@ function marksReport(log, label) {
   return segs;
 }
 
+/** The 1-minute load average. */
+const loadAverage = () => Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]);
+
 const report = [];
 const row = (what, xs) => {
   report.push({ what, n: xs.length, p50: pct(xs, 50), p99: pct(xs, 99) });
@@ -495,6 +498,7 @@ try {
     const clonings = (runs) => whenIdle('dbc', CLONE_PUBLIC, runs);
     let pss = NaN;
     const resumed = await resumes(RUNS, () => (pss = pssKiB(serve.hostPid)));
+    const loadC = loadAverage();
     row('(c) suspended, through the front door', resumed);
     if (MARKS) marksReport(serveErr, '');
     const cloned = CLONES ? await clonings(RUNS) : [];
@@ -655,7 +659,12 @@ try {
       await new Promise((ok) => r.on('exit', ok));
     }
     row('(d) cold start, dataset from RDB', cold);
-    console.log(`    (d) / (c) at p50: ${(pct(cold, 50) / pct(resumed, 50)).toFixed(1)}x`);
+    // The machine's load as each was measured: (d) suffers more from a
+    // loaded machine than (c) (a process started and its RDB file read,
+    // against a resume), so their ratio moves with it.
+    const loadD = loadAverage();
+    console.log(`    (d) / (c) at p50: ${(pct(cold, 50) / pct(resumed, 50)).toFixed(1)}x (load average ${loadC} at (c), ${loadD} at (d))`);
+    report.push({ what: '(d) / (c) p50', ratio: pct(cold, 50) / pct(resumed, 50), loadC, loadD });
   }
 
   // (e) SERVICES suspended services: serve restarted with them all (the

@@ -172,6 +172,14 @@ Napi::Value ForwardUnlisten(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// forwardShut(id) -> 0 or -ENOENT: connection id is ended (fwd_shut); its
+// close is reported as any other.
+Napi::Value ForwardShut(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!forwarder) return Napi::Number::New(env, -ENOENT);
+  return Napi::Number::New(env, fwd_shut(forwarder->loop, info[0].As<Napi::Number>().Uint32Value()));
+}
+
 }  // namespace
 
 // A listener serve shares with its instance (server.ts): watched for a
@@ -278,6 +286,7 @@ void RegisterForward(Napi::Env env, Napi::Object exports) {
   exports.Set("forwardRoute", Napi::Function::New(env, ForwardRoute));
   exports.Set("forwardUnlisten", Napi::Function::New(env, ForwardUnlisten));
   exports.Set("forwardUnhold", Napi::Function::New(env, ForwardUnhold));
+  exports.Set("forwardShut", Napi::Function::New(env, ForwardShut));
 }
 
 }  // namespace appshot

@@ -843,6 +843,31 @@ void fwd_unlisten(struct fwd_loop *loop, uint32_t lid) {
   pthread_mutex_unlock(&loop->lock);
 }
 
+int fwd_shut(struct fwd_loop *loop, uint32_t id) {
+  int rc = -ENOENT;
+  pthread_mutex_lock(&loop->lock);
+  // Under the lock the live list is whole and its descriptors open
+  // (finish takes it to unlink and close them).
+  for (struct fwd_conn *c = loop->live; c; c = c->next) {
+    if (c->id != id) continue;
+    // shutdown raises HUP on both for the thread's epoll (edge-triggered
+    // too: it is a state change), which pumps each side to its end. The
+    // close that follows is abortive (a reset): a client that never
+    // closes its end would otherwise keep our side in FIN-WAIT-2 on the
+    // public port for a minute after serve has gone.
+    struct linger abort_on_close = {.l_onoff = 1, .l_linger = 0};
+    for (int i = 0; i < 2; i++) {
+      if (c->fd[i] < 0) continue;
+      setsockopt(c->fd[i], SOL_SOCKET, SO_LINGER, &abort_on_close, sizeof abort_on_close);
+      shutdown(c->fd[i], SHUT_RDWR);
+    }
+    rc = 0;
+    break;
+  }
+  pthread_mutex_unlock(&loop->lock);
+  return rc;
+}
+
 void fwd_loop_stop(struct fwd_loop *loop) {
   __atomic_store_n(&loop->stopping, 1, __ATOMIC_RELEASE);
   uint64_t one = 1;

@@ -85,6 +85,14 @@ int64_t fwd_route(struct fwd_loop *loop, uint32_t lid, uint16_t port, uint32_t c
 // Stops accepting on the listener (its descriptor closed).
 void fwd_unlisten(struct fwd_loop *loop, uint32_t lid);
 
+// Ends connection `id` (fwd_connect's, or the thread's FWD_FORWARDED): both
+// its sockets are shut down, which the thread sees as both ends closing
+// and reports as usual (FWD_CLOSED; FWD_REFUSED if it was still
+// connecting). For a serve that stops: a client that neither sends nor
+// closes, or an instance that never answers, would hold it for ever.
+// 0, or -ENOENT if it has ended already.
+int fwd_shut(struct fwd_loop *loop, uint32_t id);
+
 // Ends the thread and releases every connection's descriptors (without
 // reports).
 void fwd_loop_stop(struct fwd_loop *loop);

@@ -75,6 +75,7 @@ interface NativeForward {
   forwardRoute(lid: number, port: number, capacity: number, seen: number, pid: number): number;
   forwardUnhold(lid: number, n: number): void;
   forwardUnlisten(lid: number): void;
+  forwardShut(id: number): number;
 }
 
 const fdOf = (handleOwner: Socket | Server) => (handleOwner as unknown as { _handle?: { fd?: number } })._handle?.fd;
@@ -89,8 +90,12 @@ const fdOf = (handleOwner: Socket | Server) => (handleOwner as unknown as { _han
  * first one's, whose listeners were gone, and every connection the thread
  * handed over was closed (found by serve.test.ts run hosted).
  */
-const open = new Map<number, { socket?: Socket; ends: ForwardEnds }>();
-const listeners = new Map<number, { ends: ListenerEnds; seen: number }>();
+const open = new Map<number, { socket?: Socket; ends: ForwardEnds; owner?: Forwarder }>();
+const listeners = new Map<number, { ends: ListenerEnds; seen: number; owner: Forwarder }>();
+/** Of a listener released: its forwarder, for connections the thread
+ * forwarded under its grant just before and reports after (a few per
+ * serve's life; ids are never reused). */
+const releasedOwners = new Map<number, Forwarder>();
 let seq = 0;
 let lastLid = 0;
 let lastGroup = 0;
@@ -159,7 +164,9 @@ function dispatch(events: Float64Array): void {
       const at = BigInt(events[i + 5]);
       if (l) l.seen++;
       const ends = l?.ends.forwarded(events[i + 10], client, at) ?? uncounted;
-      open.set(id, { ends });
+      // Owned even if its listener was released meanwhile: a serve that
+      // stops releases its listeners first, then ends what is still open.
+      open.set(id, { ends, owner: l?.owner ?? releasedOwners.get(lid) });
       ends.connected(at);
       continue;
     }
@@ -187,7 +194,21 @@ export class Forwarder {
    * returns. */
   forward(socket: Socket, port: number, ends: ForwardEnds, reportLater = false): void {
     const fd = fdOf(socket);
-    if (!this.native || typeof fd !== 'number' || fd < 0) return forwardInNode(socket, port, ends);
+    if (!this.native || typeof fd !== 'number' || fd < 0) {
+      const pair = forwardInNode(socket, port, {
+        connected: (at) => ends.connected(at),
+        refused: (code) => {
+          this.inNode.delete(pair);
+          ends.refused(code);
+        },
+        closed: (bytes) => {
+          this.inNode.delete(pair);
+          ends.closed(bytes);
+        },
+      });
+      this.inNode.add(pair);
+      return;
+    }
     // (ids with the top bit set are the thread's own accepts)
     const id = (seq = (seq + 1) & 0x7fffffff);
     const rc = this.native.forwardConnect(fd, port, id);
@@ -197,7 +218,7 @@ export class Forwarder {
       setImmediate(() => ends.refused(errnoName(-rc)));
       return;
     }
-    open.set(id, { socket, ends });
+    open.set(id, { socket, ends, owner: this });
     // Over loopback the connect is usually done on return (forward.c).
     // reportLater: told in a microtask, the caller's synchronous work
     // first (a resume lets its processes go).
@@ -225,7 +246,7 @@ export class Forwarder {
     if (!this.native || typeof fd !== 'number' || fd < 0) return undefined;
     const lid = ++lastLid;
     if (this.native.forwardListen(fd, lid, group >>> 0, Math.max(1, maxHeld) >>> 0) < 0) return undefined;
-    listeners.set(lid, { ends, seen: 0 });
+    listeners.set(lid, { ends, seen: 0, owner: this });
     server.close();
     return lid;
   }
@@ -237,7 +258,7 @@ export class Forwarder {
     if (!this.native) return undefined;
     const lid = ++lastLid;
     if (this.native.forwardListen(fd, lid, group >>> 0, Math.max(1, maxHeld) >>> 0) < 0) return undefined;
-    listeners.set(lid, { ends, seen: 0 });
+    listeners.set(lid, { ends, seen: 0, owner: this });
     return lid;
   }
 
@@ -252,9 +273,46 @@ export class Forwarder {
     return this.native.forwardRoute(lid, port, Math.max(0, capacity), l.seen >>> 0, pid > 0 ? pid : 0);
   }
 
+  /** Connections of the Node proxy (forwardInNode) still open: both
+   * sockets of each. */
+  private readonly inNode = new Set<Socket[]>();
+
+  /** How many connections this forwarder moves bytes for now (forwarded
+   * by forward() or under a grant of its listeners, not yet closed). */
+  openConnections(): number {
+    let n = this.inNode.size;
+    for (const c of open.values()) if (c.owner === this) n++;
+    return n;
+  }
+
+  /**
+   * For a serve that stops, once its listeners are released: the
+   * connections still open get up to `drainMs` to end by themselves (a
+   * reply on its way finishes), then each is ended (both sockets shut
+   * down: the client hears a close) and their closes awaited, up to
+   * `closeMs` (they are reported by the thread, as any close). A client
+   * that neither sends nor closes, or an instance that never answers,
+   * would otherwise hold serve (and the event loop) for ever. Returns
+   * how many ended by themselves, how many were ended, and how many were
+   * still not heard closed after that.
+   */
+  async drain(drainMs: number, closeMs: number): Promise<{ drained: number; ended: number; left: number }> {
+    const at = this.openConnections();
+    const waitUntil = async (deadline: number) => {
+      while (this.openConnections() > 0 && performance.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    };
+    await waitUntil(performance.now() + drainMs);
+    const stuck = this.openConnections();
+    for (const [id, c] of open) if (c.owner === this) this.native?.forwardShut(id);
+    for (const pair of this.inNode) for (const s of pair) s.destroy();
+    await waitUntil(performance.now() + closeMs);
+    return { drained: at - stuck, ended: stuck, left: this.openConnections() };
+  }
+
   /** The thread stops accepting on the listener. */
   release(lid: number): void {
     if (!listeners.delete(lid)) return;
+    releasedOwners.set(lid, this);
     this.native?.forwardUnlisten(lid);
   }
 }
@@ -262,8 +320,9 @@ export class Forwarder {
 /** For a connection whose listener was released before it was heard of. */
 const uncounted: ForwardEnds = { connected: () => undefined, refused: () => undefined, closed: () => undefined };
 
-/** Two Node sockets piped both ways (pipe gives backpressure). */
-function forwardInNode(socket: Socket, port: number, ends: ForwardEnds): void {
+/** Two Node sockets piped both ways (pipe gives backpressure); returns
+ * both, for drain to end. */
+function forwardInNode(socket: Socket, port: number, ends: ForwardEnds): Socket[] {
   const up = connect({ port, host: '127.0.0.1', allowHalfOpen: true, noDelay: true });
   let connected = false;
   let closed = 0;
@@ -285,4 +344,10 @@ function forwardInNode(socket: Socket, port: number, ends: ForwardEnds): void {
   up.once('error', (e: NodeJS.ErrnoException) => {
     if (!connected) ends.refused(e.code ?? e.message);
   });
+  // Destroyed before it connected (drain): told as a refusal, which is
+  // what it is to the caller (nothing was moved).
+  up.once('close', () => {
+    if (!connected && !up.errored) ends.refused('ECONNABORTED');
+  });
+  return [socket, up];
 }

@@ -1,0 +1,187 @@
+/**
+ * `appshot serve` stops when told to while a connection through its front
+ * door is stuck: a client that neither sends nor closes, forwarded to an
+ * instance that has nothing to say either (redis waits for a command).
+ * SIGTERM (serve --foreground) and `appshot serve stop` (a serve the
+ * resident engine hosts) stop accepting, give connections in flight a
+ * short drain, then close them: serve ends (or the engine's serve does),
+ * the client hears the close, and nothing of serve is left (its process,
+ * its public port, a connection on it, its lock file).
+ */
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { connect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { serveLockTaken } from '../src/serve/lock.js';
+import { alive, type Running, Sandbox, redisCli, waitFor } from './helpers.js';
+
+const REDIS = '/usr/bin/redis-server';
+const PYTHON = '/usr/bin/python3';
+const sb = new Sandbox();
+let out = '';
+// Ports of their own, 32700-32799 (see Sandbox for the other files').
+const base = 32700 + (process.pid % 16) * 6;
+const serves: Running[] = [];
+const clients: Socket[] = [];
+
+beforeAll(() => {
+  out = mkdtempSync(join(tmpdir(), 'appshot-serve-sigterm-'));
+});
+
+afterAll(async () => {
+  for (const c of clients) c.destroy();
+  for (const serve of serves) if (serve.child.exitCode === null) serve.child.kill('SIGKILL');
+  await Promise.all(serves.map((s) => s.exited));
+  sb.run(['serve', 'stop']);
+  sb.run(['engine', 'stop']);
+  await sb.dispose();
+  if (out) rmSync(out, { recursive: true, force: true });
+});
+
+/** Sockets on 127.0.0.1:`port`: listening, and connected with it as
+ * their local port (the front door's side of a client's connection). */
+const onPort = (port: number) => {
+  const listening = spawnSync('ss', ['-Hltn', `src 127.0.0.1:${port}`], { encoding: 'utf8' }).stdout.trim();
+  // (not TIME-WAIT: a connection closed, kept by the kernel alone)
+  const states = ['established', 'syn-recv', 'fin-wait-1', 'fin-wait-2', 'close-wait', 'last-ack', 'closing'].flatMap((st) => ['state', st]);
+  const connected = spawnSync('ss', ['-Htn', ...states, `src 127.0.0.1:${port}`], { encoding: 'utf8' }).stdout.trim();
+  return { listening, connected };
+};
+
+/** `p`, or a failure saying `what` after `ms`. */
+const within = <T>(p: Promise<T>, ms: number, what: () => string) =>
+  Promise.race([p, new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`timed out waiting for ${what()}`)), ms))]);
+
+/** A client through the front door at `port` that says nothing and keeps
+ * its end open; resolves once connected, with a promise of the end of
+ * its connection. */
+async function silentClient(port: number): Promise<{ closed: Promise<void> }> {
+  // Half-open allowed: the front door's end of the connection, or the
+  // instance's, does not make it close its own.
+  const c = connect({ port, host: '127.0.0.1', allowHalfOpen: true });
+  clients.push(c);
+  c.on('error', () => undefined);
+  await new Promise<void>((resolve, reject) => {
+    c.once('connect', resolve);
+    c.once('error', reject);
+  });
+  // Read (what it is sent is dropped): the end of the connection is
+  // heard as the end of what it reads (or a reset).
+  c.resume();
+  return { closed: new Promise<void>((resolve) => (c.once('end', resolve), c.once('close', () => resolve()))) };
+}
+
+/** A client that sends half an HTTP request and waits for ever. */
+async function halfRequest(port: number): Promise<{ closed: Promise<void> }> {
+  const c = await silentClient(port);
+  clients.at(-1)!.write('GET /index.html HTTP/1.1\r\nHost: x\r\n');
+  return c;
+}
+
+describe.each([
+  { how: 'restore mode, forwarded (its listener not shared)', mode: 'restore', share: '0' },
+  { how: 'clone mode', mode: 'clone', share: '1' },
+])('appshot serve stops with a stuck connection through its front door: $how', ({ mode, share }) => {
+  const i = mode === 'restore' ? 0 : 3;
+  const APP = base + i;
+  const PUBLIC = base + i + 1;
+  const PUBLIC2 = base + i + 2;
+  const name = mode === 'restore' ? 'stuckdb' : 'stuckweb';
+
+  beforeAll(async () => {
+    expect(existsSync(REDIS), `${REDIS} is missing: apt-get install redis-server`).toBe(true);
+    expect(existsSync(PYTHON)).toBe(true);
+    const image = join(out, `${name}.img`);
+    if (mode === 'restore') {
+      const r = sb.run(['run', '-d', '--aid', `${name}src`, '--', REDIS, '--port', String(APP), '--save', '', '--appendonly', 'no']);
+      expect(r.code, r.stderr).toBe(0);
+      await waitFor(() => {
+        try {
+          return redisCli(APP, ['PING'])[0] === 'PONG';
+        } catch {
+          return false;
+        }
+      }, 20_000, 'redis to answer');
+      expect(redisCli(APP, ['SET k v'])).toEqual(['OK']);
+      const s = sb.run(['snapshot', `${name}src`, '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+    } else {
+      const rules = join(out, 'web.rules');
+      writeFileSync(rules, `PORT ${APP} ALLOCATE\n`);
+      const r = sb.run(['run', '-d', '--aid', `${name}src`, '--rules', rules, '--', PYTHON, '-m', 'http.server', '-b', '127.0.0.1', '-d', out, String(APP)]);
+      expect(r.code, r.stderr).toBe(0);
+      await waitFor(() => sb.log(`${name}src`).includes('Serving HTTP'), 20_000, 'http.server to listen');
+      expect(sb.run(['snapshot', `${name}src`, '-o', `${image}.snap`]).code).toBe(0);
+      const t = sb.run(['template', 'create', `${image}.snap`, '-o', image]);
+      expect(t.code, t.stderr).toBe(0);
+    }
+    const add = sb.run(['service', 'add', name, '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--mode', mode, '--idle', '1h']);
+    expect(add.code, add.stderr).toBe(0);
+  }, 120_000);
+
+  afterAll(() => {
+    sb.run(['service', 'rm', name]);
+    for (const aid of sb.aids()) if (aid.startsWith(name)) sb.run(['rm', '--force', aid]);
+  });
+
+  /** Connections serve has forwarded to an instance (its state file,
+   * written within 100 ms of each). */
+  const forwarded = () => sb.json<{ connections: unknown[] }>(['service', 'show', name]).connections.length;
+
+  const checkNothingLeft = async (serve: Running, port: number) => {
+    // Both connections were still open after the drain, and were ended.
+    expect(serve.logged<{ event: string; ended?: number; left?: number }>().filter((e) => e.event === 'drain')).toEqual([
+      expect.objectContaining({ drained: 0, ended: 2, left: 0 }),
+    ]);
+    // Clones stop with serve (restore mode's instance is left running, for
+    // the next serve: `serve stop --help`).
+    if (mode === 'clone') await waitFor(() => !sb.aids().some((a) => a.startsWith(`${name}-`)), 20_000, 'the clones to end');
+    // Nobody holds serve's lock (a serve of its own, or the engine).
+    expect(serveLockTaken(sb.home)).toBeUndefined();
+    // The client's connection is closed on serve's side too.
+    await waitFor(() => onPort(port).connected === '' && onPort(port).listening === '', 10_000, `nothing on port ${port}`);
+  };
+
+  it('SIGTERM: serve --foreground closes the stuck connection and exits', async () => {
+    const serve = sb.start(['serve', '--foreground'], { APPSHOT_SHARE_LISTENER: share });
+    serves.push(serve);
+    await serve.line(/^ready$/);
+    // The first connection makes the instance; this one is forwarded to it.
+    const first = mode === 'restore' ? await silentClient(PUBLIC) : await halfRequest(PUBLIC);
+    await waitFor(() => serve.logged().some((e) => e.event === (mode === 'restore' ? 'restore' : 'clone')), 60_000, 'an instance');
+    const second = mode === 'restore' ? await silentClient(PUBLIC) : await halfRequest(PUBLIC);
+    await waitFor(() => forwarded() >= 2, 20_000, 'both connections forwarded');
+    serve.child.kill('SIGTERM');
+    const ended = await Promise.race([serve.exited, new Promise<'hung'>((r) => setTimeout(() => r('hung'), 30_000))]);
+    expect(ended, `serve did not exit within 30 s of SIGTERM:\n${serve.stderr.slice(-2000)}`).not.toBe('hung');
+    expect(ended === 'hung' ? null : ended.code).toBe(0);
+    await within(Promise.all([first.closed, second.closed]), 20_000, () => `the clients to be closed; on the port: ${JSON.stringify(onPort(PUBLIC))}; serve: ${serve.stderr.slice(-1500)}`);
+    expect(alive(serve.child.pid!)).toBe(false);
+    await checkNothingLeft(serve, PUBLIC);
+  }, 120_000);
+
+  it('serve stop: the serve the engine hosts closes the stuck connection and stops', async () => {
+    // Hosted: the port of its own, so that what the first test left (none,
+    // if it passed) is not taken for this one's.
+    const set = sb.run(['service', 'rm', name]);
+    expect(set.code, set.stderr).toBe(0);
+    for (const aid of sb.aids()) if (aid.startsWith(`${name}`) && aid !== `${name}src`) sb.run(['rm', '--force', aid]);
+    const add = sb.run(['service', 'add', name, '--from', join(out, `${name}.img`), '--port', `127.0.0.1:${PUBLIC2}:${APP}`, '--mode', mode, '--idle', '1h']);
+    expect(add.code, add.stderr).toBe(0);
+    const serve = sb.start(['serve'], { TEST_SERVE: 'hosted', APPSHOT_SHARE_LISTENER: share });
+    serves.push(serve);
+    await serve.line(/^ready$/, 60_000);
+    const first = mode === 'restore' ? await silentClient(PUBLIC2) : await halfRequest(PUBLIC2);
+    await waitFor(() => serve.logged().some((e) => e.event === (mode === 'restore' ? 'restore' : 'clone')), 60_000, 'an instance');
+    const second = mode === 'restore' ? await silentClient(PUBLIC2) : await halfRequest(PUBLIC2);
+    await waitFor(() => forwarded() >= 2, 20_000, 'both connections forwarded');
+    const stop = sb.run(['serve', 'stop']);
+    expect(stop.code, stop.stderr).toBe(0);
+    const ended = await Promise.race([serve.exited, new Promise<'hung'>((r) => setTimeout(() => r('hung'), 30_000))]);
+    expect(ended, 'the attached client did not leave').not.toBe('hung');
+    await within(Promise.all([first.closed, second.closed]), 20_000, () => `the clients to be closed; on the port: ${JSON.stringify(onPort(PUBLIC2))}; serve: ${serve.stderr.slice(-1500)}`);
+    await checkNothingLeft(serve, PUBLIC2);
+  }, 120_000);
+});
