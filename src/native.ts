@@ -424,6 +424,13 @@ interface Addon {
   peekPipe(fd: number): Buffer & { packets?: number[] };
   semRead(semid: number): { perm: IpcPerm; values: number[]; pids: number[] };
   shmRead(shmid: number): { perm: IpcPerm; size: number; cpid: number; lpid: number; locked: boolean; destroyed: boolean; data: Buffer };
+  /** An attached segment's IPC_STAT, its pages that are not all zero
+   * copied into `piece` a run at a time and handed to `onRun` (bytes,
+   * first page): a segment of any size through one buffer. */
+  shmReadPieces(shmid: number, piece: Buffer, onRun: (bytes: number, firstPage: number) => void): { perm: IpcPerm; size: number; cpid: number; lpid: number; locked: boolean; destroyed: boolean };
+  /** A page file's size, its bytes on disk, and whether its file system
+   * shows holes (SEEK_HOLE finds one before its end). */
+  pageFileHoles(fd: number): { size: number; allocated: number; holesSeen: boolean };
   msgRead(msqid: number): {
     perm: IpcPerm;
     qbytes: number;

@@ -79,7 +79,7 @@ export class Sandbox {
    *   26700-26999 uniqueness       27100-27899 web
    *   27000-27099 engine-pool      27900-27999 serve-listenreset
    *   28000-29998 template         32100-32599 servers (more)
-   *   32600-32699 serve-clonecrash
+   *   32600-32699 serve-clonecrash 32700-32799 serve-sigterm
    */
   // CI empty: the commands print what a person off a terminal sees (no
   // progress lines), whether or not the suite itself runs under CI;

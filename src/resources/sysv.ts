@@ -506,17 +506,6 @@ function streamSegment(ctx: DumpContext, shmid: number, at: { pid: number; start
   return undefined;
 }
 
-/** The addon's SysV segment helpers of addon_restore.cc (declared here,
- * not in native.ts, which this change could not touch): ShmReadPieces,
- * an attached segment's IPC_STAT, its pages that are not all zero copied
- * into `piece` a run at a time and handed to `onRun` (bytes, first page);
- * PageFileHoles, a page file's size, bytes on disk and whether its holes
- * can be seen. */
-type SegmentNative = {
-  shmReadPieces(shmid: number, piece: Buffer, onRun: (bytes: number, firstPage: number) => void): Omit<ReturnType<ReturnType<typeof addon>['shmRead']>, 'data'>;
-  pageFileHoles(fd: number): { size: number; allocated: number; holesSeen: boolean };
-};
-const segmentNative = () => addon() as unknown as SegmentNative;
 
 /** The most of an attached segment copied at a time. */
 const SEGMENT_PIECE = 16 << 20;
@@ -537,7 +526,7 @@ function attachSegment(ctx: DumpContext, shmid: number): SegmentStatus & { offse
   let offset: number | undefined;
   let next = 0;
   const piece = Buffer.allocUnsafe(SEGMENT_PIECE);
-  const status = segmentNative().shmReadPieces(shmid, piece, (bytes, firstPage) => {
+  const status = addon().shmReadPieces(shmid, piece, (bytes, firstPage) => {
     const data = piece.subarray(0, bytes);
     const at = ctx.pages.append(data);
     // One after another: nothing else writes the page file meanwhile.
@@ -647,7 +636,7 @@ function boundUnseenHoles(image: Image, pagesFd: number): void {
     for (let i = 1; i < runs.length; i += 2) stored += BigInt(runs[i]) * 4096n;
   }
   if (stored <= UNSEEN_HOLE_MARGIN) return;
-  const file = segmentNative().pageFileHoles(pagesFd);
+  const file = addon().pageFileHoles(pagesFd);
   const allocated = BigInt(file.allocated);
   if (file.holesSeen || stored <= allocated + UNSEEN_HOLE_MARGIN) return;
   throw new AppshotError(
