@@ -683,46 +683,76 @@ describe.runIf(isRoot)('the options of a socket appshot-keeper holds are weighed
     await waitFor(() => !sb.aids().includes('klm') && keepers().length === 0, 10_000, 'klm and its keeper to end');
   });
 
-  it('a root application\'s unix connection to a process outside, given to uid 65534 by an image from elsewhere, is refused (the peer would take them for root); the real image restores it', async () => {
+  /** A root application (python3 UNIX_CLIENT with `clientArgs`) holding
+   * a unix connection to a process outside, snapshotted (the keeper holds
+   * the connection); its image, changed by `lie` and signed by another
+   * node, is refused in one line matching `why`, exit 5, the keeper
+   * holding it again; the real image restores it and it carries on. */
+  async function keptUnixConnectionRefused(aid: string, clientArgs: string[], lie: (image: Image) => void, why: (dir: string) => RegExp): Promise<void> {
     // The process outside: a unix server that answers each line.
-    const path = join(out, 'kuc.sock');
+    const path = join(out, `${aid}.sock`);
     const server = spawn('python3', ['-c', UNIX_ECHO, path], { stdio: ['ignore', 'pipe', 'inherit'] });
     try {
       await new Promise<void>((ok) => server.stdout!.once('data', () => ok()));
       // The application, root: connected to it, holding the connection.
-      const r = sb.run(['run', '-d', '--aid', 'kuc', '--', '/usr/bin/python3', '-c', UNIX_CLIENT, path]);
+      const r = sb.run(['run', '-d', '--aid', aid, '--', '/usr/bin/python3', '-c', UNIX_CLIENT, path, ...clientArgs]);
       expect(r.code, r.stderr).toBe(0);
-      await waitFor(() => /CONNECTED/.test(log('kuc')), 10_000, 'the client to connect');
-      const image = join(out, 'kuc');
-      const s = sb.run(['snapshot', 'kuc', '-o', image]);
+      await waitFor(() => /CONNECTED/.test(log(aid)), 10_000, 'the client to connect');
+      const image = join(out, aid);
+      const s = sb.run(['snapshot', aid, '-o', image]);
       expect(s.code, s.stderr).toBe(0);
-      await waitFor(() => !sb.aids().includes('kuc'), 10_000, 'kuc to end');
+      await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
       expect(keepers()).toHaveLength(1);
       const loaded = await loadImage(image, { trust: 'report' });
-      const lie = structuredClone(loaded.image);
-      const creds = nobodyImage.processes[0].creds;
-      for (const p of lie.processes) {
-        p.creds = structuredClone(creds);
-        for (const t of p.threads) t.creds = structuredClone(creds);
-      }
-      expect(lie.processes.flatMap((p) => p.fds).some((fd) => fd.socket?.kept)).toBe(true);
-      const dir = writeSignedImage(join(out, 'kuc-lie'), lie, image, { signer: other.home, id: loaded.manifest.imageId });
-      refusedKeeperHolding(
-        dir,
-        new RegExp(
-          `^appshot: cannot restore ${dir}: process \\d+ \\(python3\\) fd \\d+: the unix connection to a process outside the application appshot-keeper holds was connected by uid 0, which no process holding it had: handed over by this restore, the process at the other end would take the application for uid 0$`,
-        ),
-        5,
-      );
+      const changed = structuredClone(loaded.image);
+      lie(changed);
+      expect(changed.processes.flatMap((p) => p.fds).some((fd) => fd.socket?.kept)).toBe(true);
+      const dir = writeSignedImage(join(out, `${aid}-lie`), changed, image, { signer: other.home, id: loaded.manifest.imageId });
+      refusedKeeperHolding(dir, why(dir), 5);
       const good = sb.run(['restore', image]);
       expect(good.code, good.stderr).toBe(0);
       writeFileSync(`${path}.go`, '');
-      await waitFor(() => /ANSWERED/.test(log('kuc')), 10_000, 'the connection to carry on');
+      await waitFor(() => /ANSWERED/.test(log(aid)), 10_000, 'the connection to carry on');
     } finally {
-      sb.run(['stop', 'kuc', '--signal', 'KILL']);
+      sb.run(['stop', aid, '--signal', 'KILL']);
       server.kill('SIGKILL');
     }
-    await waitFor(() => !sb.aids().includes('kuc') && keepers().length === 0, 10_000, 'kuc and its keeper to end');
+    await waitFor(() => !sb.aids().includes(aid) && keepers().length === 0, 10_000, `${aid} and its keeper to end`);
+  }
+
+  it('a root application\'s unix connection to a process outside, given to uid 65534 by an image from elsewhere, is refused (the peer would take them for root); the real image restores it', async () => {
+    await keptUnixConnectionRefused(
+      'kuc',
+      [],
+      (lie) => {
+        const creds = nobodyImage.processes[0].creds;
+        for (const p of lie.processes) {
+          p.creds = structuredClone(creds);
+          for (const t of p.threads) t.creds = structuredClone(creds);
+        }
+      },
+      (dir) =>
+        new RegExp(
+          `^appshot: cannot restore ${dir}: process \\d+ \\(python3\\) fd \\d+: the unix connection to a process outside the application appshot-keeper holds was created by uid 0 gid 0, which no process holding it had both of: handed over by this restore, the process at the other end would take the application for uid 0 gid 0$`,
+        ),
+    );
+  });
+
+  it('a unix connection made as root by a process that then gave up gid 0 and its groups (keeping uid 0) is refused from an image from elsewhere (the peer would take it for gid 0); this node\'s own snapshot restores it', async () => {
+    // No change to the image: its process really holds uid 0 and gid
+    // 65534 only, and the socket is uid 0 gid 0's. Only this node's word
+    // for its own snapshot lets that through.
+    await keptUnixConnectionRefused(
+      'kug',
+      ['dropgroups'],
+      (image) => {
+        for (const p of image.processes) expect(p.creds.gid).toEqual([65534, 65534, 65534, 65534]);
+      },
+      (dir) =>
+        new RegExp(
+          `^appshot: cannot restore ${dir}: process \\d+ \\(python3\\) fd \\d+: the unix connection to a process outside the application appshot-keeper holds was created by uid 0 gid 0, which no process holding it had both of: handed over by this restore, the process at the other end would take the application for uid 0 gid 0$`,
+        ),
+    );
   });
 });
 
@@ -741,12 +771,16 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 `;
 
-// Connects to argv[1] and prints "CONNECTED"; once the file argv[1].go
-// exists, asks one line and prints "ANSWERED" when answered.
+// Connects to argv[1] (then, with argv[2] "dropgroups", gives up its
+// groups and gid 0 for 65534, keeping uid 0) and prints "CONNECTED"; once
+// the file argv[1].go exists, asks one line and prints "ANSWERED" when
+// answered.
 const UNIX_CLIENT = `
 import os, socket, sys, time
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(sys.argv[1])
+if sys.argv[2:] == ["dropgroups"]:
+    os.setgroups([]); os.setresgid(65534, 65534, 65534)
 print("CONNECTED", flush=True)
 while not os.path.exists(sys.argv[1] + ".go"): time.sleep(0.05)
 s.sendall(b"hi\\n")

@@ -587,17 +587,29 @@ function checkHandedOverPrivileges(h: RestoreContext): void {
     const handed = handedOver(h, fd);
     if (!handed) continue;
     const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}`;
-    // A unix connection is its creator to the peer (SO_PEERCRED, taken
-    // at connect): the socket's owner (its inode's, the creator's fsuid)
-    // must be one of the ids of a process holding it, or the daemon at
-    // the other end (docker.sock, a root-only D-Bus) would take a
-    // process of another user for the one that connected (review r376
-    // finding 2).
+    // A unix connection is its creator to the peer: SO_PEERCRED (euid,
+    // egid) and SO_PEERGROUPS, taken at connect, on the peer's accepted
+    // socket, where this side cannot read them (unix_diag's
+    // UDIAG_SHOW_UID is the same inode uid as fstat). The socket's inode
+    // owner, its creator's fsuid and fsgid at socket(), stands for them:
+    // one process or thread holding it must have that uid among its
+    // real, effective, saved or fs uids and that gid among its gids or
+    // groups, or the daemon at the other end (docker.sock, a root-only
+    // D-Bus, a `<policy group="adm">`) would take a process of another
+    // user, or one that gave the group up, for the one that connected
+    // (review r376 finding 2, r379 M1). A proxy: the supplementary
+    // groups of the connector cannot be seen, and one that changed its
+    // fsuid or euid between socket() and connect() is weighed as
+    // socket() saw it; an honest image whose every holder dropped the
+    // creator's ids is refused too (the strict side: a crafted image can
+    // claim any holder's ids, so only this node's own snapshot, vouched
+    // for above, is taken at its word).
     if (handed.kind === 'unix-stream') {
-      const owner = fstatSync(handed.sock).uid;
-      if (!held.some((holder) => [holder.p.creds, ...holder.p.threads.map((t) => t.creds)].some((c) => c?.uid.includes(owner))))
+      const { uid, gid } = fstatSync(handed.sock);
+      const creds = held.flatMap((holder) => [holder.p.creds, ...holder.p.threads.map((t) => t.creds)]);
+      if (!creds.some((c) => c && c.uid.includes(uid) && (c.gid.includes(gid) || c.groups.includes(gid))))
         throw new AppshotError(
-          `${where}: ${handed.what} was connected by uid ${owner}, which no process holding it had: handed over by this restore, the process at the other end would take the application for uid ${owner}`,
+          `${where}: ${handed.what} was created by uid ${uid} gid ${gid}, which no process holding it had both of: handed over by this restore, the process at the other end would take the application for uid ${uid} gid ${gid}`,
           ExitCode.denied,
         );
     }
