@@ -827,3 +827,70 @@ describe.runIf(isRoot)('a connection\'s queues larger than any buffer of a proce
     }
   });
 });
+
+// Listens on argv[1] ("4": 127.0.0.1, "6": [::], taking IPv4 too) at a
+// port the kernel picks, prints it, and waits.
+const TCP_LISTENER = `
+import socket, sys, time
+if sys.argv[1] == "6":
+    l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    l.bind(("::", 0))
+else:
+    l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    l.bind(("127.0.0.1", 0))
+l.listen(4)
+print(l.getsockname()[1], flush=True)
+time.sleep(1000)
+`;
+
+/** A TCP listener of another application (`as`: setpriv's arguments for
+ * its user, none for root), with its port; killed by the caller. */
+async function otherListener(family: '4' | '6', as: string[] = []): Promise<{ port: number; kill: () => void }> {
+  const cmd = as.length ? ['setpriv', [...as, '/usr/bin/python3', '-c', TCP_LISTENER, family]] as const : ['python3', ['-c', TCP_LISTENER, family]] as const;
+  const child = spawn(cmd[0], [...cmd[1]], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const port = await new Promise<number>((ok, fail) => {
+    child.stdout!.once('data', (d: Buffer) => ok(Number(d.toString().trim())));
+    child.once('exit', (code) => fail(new Error(`the listener ended (${code})`)));
+  });
+  return { port, kill: () => child.kill('SIGKILL') };
+}
+
+describe.runIf(isRoot)('a connection made in repair mode on a port another application listens on', () => {
+  // Repair mode binds with SK_FORCE_REUSE: the kernel would give the
+  // connection the port next to any listener (tcp.ts refuseForeignListener).
+  it('is refused when the listener is another user\'s, at the same address or the wildcard of either family (one line, exit 4, nothing left)', async () => {
+    for (const family of ['4', '6'] as const) {
+      const root = await otherListener(family);
+      try {
+        const dir = crafted(`foreign-${family}`, (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: connection(9_000_050n, root.port) }));
+        const at = family === '6' ? '\\[::\\]' : '127\\.0\\.0\\.1';
+        refused(
+          dir,
+          new RegExp(`^appshot: cannot restore ${dir}: process \\d+ fd 40: the TCP connection 127\\.0\\.0\\.1:${root.port} → 127\\.0\\.0\\.1:40999: port ${root.port} is another application's \\(a listener at ${at}:${root.port}, uid 0, inode \\d+\\): made here in repair mode, the connection would take it over from that listener$`),
+          4,
+        );
+      } finally {
+        root.kill();
+      }
+    }
+  });
+
+  it('is made when the listener is its own user\'s (who could stop it anyway)', async () => {
+    const nobodys = await otherListener('4', ['--reuid=65534', '--regid=65534', '--clear-groups']);
+    try {
+      const dir = crafted('foreign-own-uid', (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: connection(9_000_051n, nobodys.port) }));
+      const r = sb.run(['restore', dir, '--trust-image', '--aid', 'fown']);
+      try {
+        expect(r.code, r.stderr).toBe(0);
+        const [pid] = fixtureProcesses();
+        expect(readlinkSync(`/proc/${pid}/fd/40`)).toMatch(/^socket:\[\d+\]$/);
+      } finally {
+        sb.run(['stop', 'fown', '--signal', 'KILL']);
+        await waitFor(() => !sb.aids().includes('fown') && fixtureProcesses().length === 0, 10_000, 'fown to end');
+      }
+    } finally {
+      nobodys.kill();
+    }
+  });
+});

@@ -844,7 +844,10 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd, listenIn?: (so
   if (s.peerGone) return loneEnd(h, s, fd);
   if (!s.listening) return pairEnd(h, s, fd);
   const inherited = inheritedEnd(h, s, fd);
-  if (inherited !== undefined) return inherited;
+  if (inherited !== undefined) {
+    if (fd.kind === FdKind.TCP_LISTEN) h.tcp.ownListener(inherited);
+    return inherited;
+  }
   return h.once(`socket ${s.ino}`, () => {
     // The very listener, with the connections that waited in its queue
     // when the application ended, if a keeper held it (keeper.ts
@@ -853,6 +856,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd, listenIn?: (so
     const held = heldListener(h, s, fd);
     if (held !== undefined) {
       addon().setStatusFlags(held, fd.flags);
+      h.tcp.ownListener(held);
       return held;
     }
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
@@ -880,6 +884,8 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd, listenIn?: (so
       throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}${hint}`, ExitCode.conflict);
     }
     if (fd.kind === FdKind.UNIX_SOCKET) restoreSocketFile(h, sock, s.address, s.file, `process ${p.vpid} fd ${fd.fd}`, as);
+    // Its accepted connections, made later, may share its port (tcp.ts).
+    else h.tcp.ownListener(sock);
     applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
     addon().setStatusFlags(sock, fd.flags);
     return sock;

@@ -55,7 +55,7 @@
  * naming the connection.
  */
 import { closeSync, fstatSync, readFileSync } from 'node:fs';
-import { AppshotError } from '../errors.js';
+import { AppshotError, ExitCode } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import { timed } from '../snapshot/profile.js';
 import type { Fd, InodeOwner, Process, SocketOption, TcpConnection } from '../image/types.js';
@@ -509,6 +509,52 @@ function procNetPeer(pid: number, ino: bigint, family: number): [string, number]
   return undefined;
 }
 
+/** The local address and owner (its inode's uid) /proc/self/net/tcp(6)
+ * shows for the listening socket `ino`, if it is still there. */
+function procNetListener(family: number, ino: bigint): { address: string; uid: number } | undefined {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/self/net/${family === AF_INET6 ? 'tcp6' : 'tcp'}`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  for (const line of text.split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length < 10 || f[9] !== String(ino) || parseInt(f[3], 16) !== TCP_LISTEN) continue;
+    return { address: procNetAddress(family, f[1].split(':')[0]), uid: Number(f[7]) };
+  }
+  return undefined;
+}
+
+/** An address as /proc/net/tcp(6) writes it: each 32-bit word in the
+ * host's order (little-endian here); written short ('::1'). */
+function procNetAddress(family: number, hex: string): string {
+  const bytes = Buffer.from(hex, 'hex');
+  for (let i = 0; i < bytes.length; i += 4) bytes.subarray(i, i + 4).reverse();
+  return family === AF_INET6 ? new URL(`http://[${(bytes.toString('hex').match(/.{4}/g) ?? []).join(':')}]`).hostname.slice(1, -1) : [...bytes].join('.');
+}
+
+/** Whether a listener of `family` at `address` and connection `c`'s local
+ * address are one as a bind sees them (inet_rcv_saddr_equal): the same,
+ * or either a wildcard; an IPv6 wildcard covers IPv4 too (unless
+ * IPV6_V6ONLY, which /proc does not show: taken as covering), and an
+ * IPv4-mapped address is its IPv4 one. */
+function overlaps(c: TcpConnection, family: number, address: string): boolean {
+  const v4 = (a: string) => {
+    const m = /^::ffff:(?:(\d+\.\d+\.\d+\.\d+)|([0-9a-f]{1,4}):([0-9a-f]{1,4}))$/i.exec(a);
+    if (!m) return undefined;
+    if (m[1]) return m[1];
+    const n = (parseInt(m[2], 16) << 16) | parseInt(m[3], 16);
+    return [n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255].join('.');
+  };
+  const local = c.family === AF_INET ? c.localAddress : (v4(c.localAddress) ?? c.localAddress);
+  const localIsV4 = c.family === AF_INET || v4(c.localAddress) !== undefined;
+  if (family === AF_INET) return localIsV4 && (address === '0.0.0.0' || address === local);
+  if (address === '::') return true;
+  const mapped = v4(address);
+  return mapped !== undefined ? localIsV4 && mapped === local : !localIsV4 && address === c.localAddress;
+}
+
 function splitRemote(remote: string): [string, number] {
   const i = remote.lastIndexOf(':');
   return [remote.slice(0, i), Number(remote.slice(i + 1))];
@@ -530,15 +576,28 @@ function emptyConnection(ino: bigint, family: number, named: Pick<TcpConnection,
  */
 export class ConnectionMaker {
   private readonly made = new Map<bigint, { fd: number; c: TcpConnection; repaired: boolean; kept: boolean }>();
+  /** Inodes of the listeners this restore made or was handed for the
+   * application (sockets.ts openSocket tells them: ownListener), and of
+   * the connections it made: the sockets a connection made here may share
+   * its port with (refuseForeignListener). */
+  private readonly own = new Set<bigint>();
 
   /** `kept`: the sockets a keeper held since the snapshot that ended the
    * application (keeper.ts): the very connections, used as they are. */
   constructor(private readonly kept: KeptSockets) {}
 
-  /** Our descriptor for connection `c`; `what` names its process and fd. */
-  /** `owner`: asked only for a socket made here, which is made with it
-   * (files.ts ownerFor). */
-  open(c: TcpConnection | undefined, what: string, owner?: () => InodeOwner | undefined): number {
+  /** A TCP listener the restore made, or was handed (by a keeper, by the
+   * caller), as one of the application's. */
+  ownListener(sock: number): void {
+    this.own.add(fstatSync(sock, { bigint: true }).ino);
+  }
+
+  /** Our descriptor for connection `c`; `what` names its process and fd.
+   * `owner`: asked only for a socket made here, which is made with it
+   * (files.ts ownerFor). `holders`: the uids of the processes holding it
+   * in the image, and the sockets the caller hands the restore
+   * (RestoreContext.inherit), for refuseForeignListener. */
+  open(c: TcpConnection | undefined, what: string, owner?: () => InodeOwner | undefined, holders?: { uids: ReadonlySet<number>; handed: Iterable<number> }): number {
     if (!c) throw new AppshotError(`corrupt image: ${what}: a TCP connection without its state`);
     const known = this.made.get(c.ino);
     if (known) return known.fd;
@@ -558,6 +617,7 @@ export class ConnectionMaker {
       this.made.set(c.ino, { fd: kept, c, repaired: true, kept: true });
       return kept;
     }
+    if (!c.closed) this.refuseForeignListener(c, what, holders?.uids ?? new Set(), holders?.handed ?? []);
     let fd: number;
     try {
       const given = c.closed ? undefined : owner?.();
@@ -570,7 +630,55 @@ export class ConnectionMaker {
       throw new AppshotError(`${what}: the TCP connection ${connectionName(c)}: ${err.message}${hint}`);
     }
     this.made.set(c.ino, { fd, c, repaired: !c.closed, kept: false });
+    if (!c.closed) this.own.add(fstatSync(fd, { bigint: true }).ino);
     return fd;
+  }
+
+  /**
+   * A connection is made in repair mode, where the kernel binds it with
+   * SK_FORCE_REUSE: inet_csk_get_port takes the port whatever holds it,
+   * without the conflict check a plain bind gets (EADDRINUSE next to any
+   * listener but a SO_REUSEPORT one of the same uid). Made next to another
+   * application's listener, the connection would take that listener's
+   * packets from its peer's address and port (an established socket is
+   * looked up before a listener), and keep the port from it once it is
+   * closed and bound again; from a crafted image (another node's key,
+   * --trust-image) that is any port on this node, whoever listens there.
+   * So a TCP listener on the connection's local port and address (or the
+   * wildcard, of either family) must be one of the application's: made or
+   * handed by this restore, held by its keeper, or owned (its inode's
+   * uid, as SO_REUSEPORT's own rule weighs it) by a uid a process holding
+   * the connection has, which could stop or share that listener anyway
+   * (serve's front door falling back to forwarding; the original of a
+   * --leave-running snapshot). Connections sharing the port are not
+   * weighed: connect() shares a local port among any connections of
+   * distinct peers, and the kernel refuses the very same pair at our
+   * connect (EADDRNOTAVAIL). A socket bound and not (yet) listening is not
+   * seen (sock_diag shows those from Linux 6.5, with a request this module
+   * does not make); nor one bound between this look and the bind.
+   */
+  private refuseForeignListener(c: TcpConnection, what: string, uids: ReadonlySet<number>, handed: Iterable<number>): void {
+    const listening = [AF_INET, AF_INET6].flatMap((family) => addon().tcpListeningInodes(family, c.localPort).map((ino) => ({ family, ino: BigInt(ino) })));
+    const foreign = listening.filter((l) => !this.own.has(l.ino) && this.kept.get(l.ino) === undefined);
+    if (!foreign.length) return;
+    const handedInodes = new Set<bigint>();
+    for (const fd of handed)
+      try {
+        handedInodes.add(fstatSync(fd, { bigint: true }).ino);
+      } catch {
+        /* not one the restore can use either */
+      }
+    for (const l of foreign) {
+      if (handedInodes.has(l.ino)) continue;
+      const seen = procNetListener(l.family, l.ino);
+      // Gone meanwhile: nothing there to share the port with.
+      if (!seen || !overlaps(c, l.family, seen.address)) continue;
+      if (uids.has(seen.uid)) continue;
+      throw new AppshotError(
+        `${what}: the TCP connection ${connectionName(c)}: port ${c.localPort} is another application's (a listener at ${l.family === AF_INET6 ? `[${seen.address}]` : seen.address}:${c.localPort}, uid ${seen.uid}, inode ${l.ino}): made here in repair mode, the connection would take it over from that listener`,
+        ExitCode.conflict,
+      );
+    }
   }
 
   /** Every process is made: the connections leave repair mode, write
@@ -626,7 +734,11 @@ export class ConnectionMaker {
 /** Our descriptor for the connection `fd` holds: made (in repair mode)
  * the first time one of its descriptors is asked for. */
 export function openConnection(h: RestoreContext, p: Process, fd: Fd): number {
-  const sock = h.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`, () => ownerFor(h, p, fd));
+  const ino = fd.tcp?.ino;
+  const uids = new Set<number>();
+  for (const q of h.image.processes)
+    if (q.fds.some((f) => f.tcp?.ino === ino)) for (const c of [q.creds, ...q.threads.map((t) => t.creds)]) for (const uid of c?.uid ?? []) uids.add(uid);
+  const sock = h.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`, () => ownerFor(h, p, fd), { uids, handed: h.inherit.values() });
   addon().setStatusFlags(sock, fd.flags);
   return sock;
 }
