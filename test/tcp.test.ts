@@ -17,6 +17,7 @@ import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, readdirSync, 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { loadImage } from '../src/image/format.js';
 import { addon } from '../src/native.js';
 import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
@@ -612,6 +613,85 @@ describe('established TCP connections', () => {
     expect(again.code).not.toBe(0);
     expect(again.stderr, again.stderr).toMatch(/the TCP connection 127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+, taken without TCP repair, was held by appshot-keeper on the host of the snapshot, and no keeper holds it now/);
     expect(sb.aids()).not.toContain('tcp4');
+  });
+});
+
+// Listens on 127.0.0.1:argv[1], accepts two connections, fixes the first
+// one's receive buffer (SO_RCVBUF: the application's own size, locked),
+// leaves the second's to the kernel, and writes up to 1 MiB to each
+// without blocking; reads nothing. Prints "ACCEPTED <first's peer port>".
+const BUFFERS_SERVER = `
+import socket, sys, time
+l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(sys.argv[1]))); l.listen(4)
+print("LISTENING", flush=True)
+a, peer = l.accept()
+a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 300000)
+b, _ = l.accept()
+for c in (a, b):
+    c.setblocking(False)
+    try:
+        for _ in range(16): c.send(b"y" * 65536)
+    except BlockingIOError:
+        pass
+print("ACCEPTED", peer[1], flush=True)
+time.sleep(1000)
+`;
+
+describe.runIf(isRoot)('the buffers of a connection made anew in repair mode', () => {
+  it('are the application\'s own to a later snapshot: a size it fixed stays fixed, one the restore raised to hold a queue is the kernel\'s to tune', async () => {
+    const port = [...Array(40).keys()].map((i) => 26900 + i).find((p) => !portInUse(p))!;
+    run(['run', '-d', '--aid', 'tcpbuf', '--', '/usr/bin/python3', '-c', BUFFERS_SERVER, String(port)]);
+    await waitFor(() => /LISTENING/.test(logOf('tcpbuf')), 10_000, 'tcpbuf to listen');
+    // Accepted in the order they connected (the accept queue's).
+    const fixed = await Client.open(port);
+    const tuned = await Client.open(port);
+    await waitFor(() => /ACCEPTED/.test(logOf('tcpbuf')), 10_000, 'both connections to be accepted');
+    try {
+      // Queues above what the restore makes room for (tcp_repair.c
+      // make_room: 64 KiB received, 16 KiB to send), both ways, on both;
+      // what the clients send fits in a fresh socket's receive buffer, so
+      // that they have nothing left to send (and be reset for) while the
+      // application is away.
+      for (const c of [fixed, tuned]) c.socket.write(Buffer.alloc(100_000, 7));
+      const queues = () =>
+        spawnSync('ss', ['-Htn', 'state', 'established', `sport = :${port}`], { encoding: 'utf8' })
+          .stdout.trim()
+          .split('\n')
+          .filter((l) => l !== '')
+          .map((l) => l.trim().split(/\s+/).map(Number));
+      await waitFor(() => queues().length === 2 && queues().every(([recv, send]) => recv > 65_536 && send > 16_384), 10_000, 'both queues to fill');
+      const firstPeer = Number(/ACCEPTED (\d+)/.exec(logOf('tcpbuf'))![1]);
+      expect(firstPeer).toBe(fixed.socket.localPort);
+      // Not held by a keeper: the restore makes them anew in repair mode.
+      run(['snapshot', 'tcpbuf', '--tcp-hold', '0', '-o', join(out, 'tcpbuf')]);
+      await waitFor(() => !sb.aids().includes('tcpbuf') || sb.aids().length === 0, 10_000, 'tcpbuf to end');
+      run(['restore', join(out, 'tcpbuf')]);
+      run(['snapshot', 'tcpbuf', '--leave-running', '-o', join(out, 'tcpbuf-later')]);
+      // SO_SNDBUF, SO_RCVBUF, SO_BUF_LOCK as each snapshot recorded them.
+      const buffers = async (dir: string) => {
+        const { image } = await loadImage(dir, { trust: 'report' });
+        const by = new Map<number, string[]>();
+        for (const p of image.processes)
+          for (const fd of p.fds)
+            if (fd.tcp) by.set(fd.tcp.peerPort, fd.tcp.socketOptions.filter((o) => o.level === 1 && [7, 8, 72].includes(o.name)).map((o) => `${o.name}=${o.value}`).sort());
+        return by;
+      };
+      const before = await buffers(join(out, 'tcpbuf'));
+      const later = await buffers(join(out, 'tcpbuf-later'));
+      // The application's own: its receive size, and the lock bit that
+      // says it fixed it; nothing on the other.
+      expect(before.get(fixed.socket.localPort!)).toEqual(['72=2', '8=600000']);
+      expect(before.get(tuned.socket.localPort!)).toEqual([]);
+      expect(later.get(fixed.socket.localPort!)).toEqual(before.get(fixed.socket.localPort!));
+      expect(later.get(tuned.socket.localPort!)).toEqual([]);
+      expect(fixed.error ?? tuned.error).toBeUndefined();
+    } finally {
+      fixed.socket.destroy();
+      tuned.socket.destroy();
+      sb.run(['stop', 'tcpbuf', '-s', 'KILL']);
+    }
   });
 });
 

@@ -84,6 +84,13 @@ const IPPROTO_TCP = 6;
 const SOCK_STREAM = 1;
 const SO_REUSEADDR = 2;
 const SO_LOCK_FILTER = 44;
+const SO_SNDBUF = 7;
+const SO_RCVBUF = 8;
+/** The buffer sizes' lock bits (Linux 5.14): SOCK_SNDBUF_LOCK 1,
+ * SOCK_RCVBUF_LOCK 2. */
+const SO_BUF_LOCK = 72;
+const SOCK_SNDBUF_LOCK = 1;
+const SOCK_RCVBUF_LOCK = 2;
 /** Read back, 1 while the socket is in repair mode. */
 const TCP_REPAIR = 19;
 
@@ -710,6 +717,7 @@ export class ConnectionMaker {
         const where = `the TCP connection ${connectionName(m.c)}`;
         applyExtras(m.fd, extras, CARRIED_OPTIONS, true, where);
         applyExtras(m.fd, extras, CARRIED_OPTIONS, false, where);
+        ownBufferLocks(m.fd, m.c);
       }
       if (!m.kept && m.c.state === TCP_CLOSE_WAIT) refin(m.fd, m.c);
     }
@@ -741,6 +749,37 @@ export function openConnection(h: RestoreContext, p: Process, fd: Fd): number {
   const sock = h.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`, () => ownerFor(h, p, fd), { uids, handed: h.inherit.values() });
   addon().setStatusFlags(sock, fd.flags);
   return sock;
+}
+
+/**
+ * A buffer the restore raised to hold a queue (tcp_repair.c make_room,
+ * SO_*BUFFORCE) is locked by that setsockopt, as if the application had
+ * fixed its size: the kernel would tune it no more, and a later snapshot
+ * would record that size as the application's (SO_BUF_LOCK's bit says
+ * which sizes are), to be forced again at the next restore, and weighed
+ * as needing CAP_NET_ADMIN where it is above twice net.core.*mem_max.
+ * Once the queues are refilled and the application's own sizes set again
+ * (applyExtras, locked), the lock bits go back to the application's: the
+ * raised size stays, to hold what is queued, and is the kernel's to tune
+ * (or shrink under memory pressure) from there. A kernel without
+ * SO_BUF_LOCK (before 5.14) cannot clear a bit: left as it is.
+ */
+function ownBufferLocks(fd: number, c: TcpConnection): void {
+  let own = 0;
+  for (const o of c.socketOptions)
+    if (o.level === SOL_SOCKET)
+      if (o.name === SO_BUF_LOCK) own |= o.value;
+      // An image from before SO_BUF_LOCK was read: a size it records was
+      // the application's (recorded only when locked).
+      else if (o.name === SO_SNDBUF) own |= SOCK_SNDBUF_LOCK;
+      else if (o.name === SO_RCVBUF) own |= SOCK_RCVBUF_LOCK;
+  let now: number;
+  try {
+    now = addon().getSockOpt(fd, SOL_SOCKET, SO_BUF_LOCK);
+  } catch {
+    return;
+  }
+  if (now !== own) addon().setSockOpt(fd, SOL_SOCKET, SO_BUF_LOCK, own);
 }
 
 /** The bytes written to a made connection once it is out of repair mode:
