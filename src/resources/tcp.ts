@@ -588,6 +588,11 @@ export class ConnectionMaker {
    * the connections it made: the sockets a connection made here may share
    * its port with (refuseForeignListener). */
   private readonly own = new Set<bigint>();
+  /** Local addresses and ports refuseForeignListener found free of
+   * another application's listener: not looked at again (a server's
+   * accepted connections share one; each look is a sock_diag dump per
+   * family, about 40 µs). */
+  private readonly portsSeen = new Set<string>();
 
   /** `kept`: the sockets a keeper held since the snapshot that ended the
    * application (keeper.ts): the very connections, used as they are. */
@@ -662,11 +667,15 @@ export class ConnectionMaker {
    * distinct peers, and the kernel refuses the very same pair at our
    * connect (EADDRNOTAVAIL). A socket bound and not (yet) listening is not
    * seen (sock_diag shows those from Linux 6.5, with a request this module
-   * does not make); nor one bound between this look and the bind.
+   * does not make); nor one bound between this look and the bind (or the
+   * bind of a later connection at the same address and port).
    */
   private refuseForeignListener(c: TcpConnection, what: string, uids: ReadonlySet<number>, handed: Iterable<number>): void {
+    const at = `${c.family} ${c.localAddress} ${c.localPort} ${[...uids].sort().join(',')}`;
+    if (this.portsSeen.has(at)) return;
     const listening = [AF_INET, AF_INET6].flatMap((family) => addon().tcpListeningInodes(family, c.localPort).map((ino) => ({ family, ino: BigInt(ino) })));
     const foreign = listening.filter((l) => !this.own.has(l.ino) && this.kept.get(l.ino) === undefined);
+    this.portsSeen.add(at);
     if (!foreign.length) return;
     const handedInodes = new Set<bigint>();
     for (const fd of handed)
