@@ -777,7 +777,7 @@ function ownBufferLocks(fd: number, c: TcpConnection): void {
   let own = 0;
   for (const o of c.socketOptions)
     if (o.level === SOL_SOCKET)
-      if (o.name === SO_BUF_LOCK) own |= o.value;
+      if (o.name === SO_BUF_LOCK) own |= o.value & (SOCK_SNDBUF_LOCK | SOCK_RCVBUF_LOCK);
       // An image from before SO_BUF_LOCK was read: a size it records was
       // the application's (recorded only when locked).
       else if (o.name === SO_SNDBUF) own |= SOCK_SNDBUF_LOCK;
