@@ -828,17 +828,16 @@ describe.runIf(isRoot)('a connection\'s queues larger than any buffer of a proce
   });
 });
 
-// Listens on argv[1] ("4": 127.0.0.1, "6": [::], taking IPv4 too) at a
-// port the kernel picks, prints it, and waits.
+// Listens as argv[1] ("4": IPv4, "6": IPv6, taking IPv4 too) at address
+// argv[2] (by default 127.0.0.1, [::]) and a port the kernel picks,
+// prints the port, and waits.
 const TCP_LISTENER = `
 import socket, sys, time
-if sys.argv[1] == "6":
-    l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+six = sys.argv[1] == "6"
+l = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
+if six:
     l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    l.bind(("::", 0))
-else:
-    l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    l.bind(("127.0.0.1", 0))
+l.bind((sys.argv[2] if len(sys.argv) > 2 else "::" if six else "127.0.0.1", 0))
 l.listen(4)
 print(l.getsockname()[1], flush=True)
 time.sleep(1000)
@@ -846,8 +845,9 @@ time.sleep(1000)
 
 /** A TCP listener of another application (`as`: setpriv's arguments for
  * its user, none for root), with its port; killed by the caller. */
-async function otherListener(family: '4' | '6', as: string[] = []): Promise<{ port: number; kill: () => void }> {
-  const cmd = as.length ? ['setpriv', [...as, '/usr/bin/python3', '-c', TCP_LISTENER, family]] as const : ['python3', ['-c', TCP_LISTENER, family]] as const;
+async function otherListener(family: '4' | '6', as: string[] = [], address?: string): Promise<{ port: number; kill: () => void }> {
+  const args = ['-c', TCP_LISTENER, family, ...(address ? [address] : [])];
+  const cmd = as.length ? ['setpriv', [...as, '/usr/bin/python3', ...args]] as const : ['python3', args] as const;
   const child = spawn(cmd[0], [...cmd[1]], { stdio: ['ignore', 'pipe', 'inherit'] });
   const port = await new Promise<number>((ok, fail) => {
     child.stdout!.once('data', (d: Buffer) => ok(Number(d.toString().trim())));
@@ -870,6 +870,42 @@ describe.runIf(isRoot)('a connection made in repair mode on a port another appli
           new RegExp(`^appshot: cannot restore ${dir}: process \\d+ fd 40: the TCP connection 127\\.0\\.0\\.1:${root.port} → 127\\.0\\.0\\.1:40999: port ${root.port} is another application's \\(a listener at ${at}:${root.port}, uid 0, inode \\d+\\): made here in repair mode, the connection would take it over from that listener$`),
           4,
         );
+      } finally {
+        root.kill();
+      }
+    }
+  });
+
+  it('is refused from an unspecified local address as a corrupt image (bound so, the connect would take the route\'s address unchecked)', async () => {
+    const root = await otherListener('4');
+    try {
+      for (const [name, family, localAddress, peerAddress] of [
+        ['any4', 2, '0.0.0.0', '127.0.0.1'],
+        ['any6', 10, '::', '::1'],
+        ['any6mapped', 10, '0::ffff:0.0.0.0', '::ffff:127.0.0.1'],
+      ] as const) {
+        const dir = crafted(`foreign-${name}`, (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: { ...connection(9_000_052n, root.port), family, localAddress, peerAddress } }));
+        refused(dir, new RegExp(`^appshot: corrupt image: process \\d+'s fd 40 is a TCP connection from the unspecified address '${localAddress.replace(/\./g, '\\.')}', which no connection has$`), 1);
+      }
+    } finally {
+      root.kill();
+    }
+  });
+
+  it('is refused however the image spells its local address, and next to an IPv4 wildcard listener of an IPv6 socket (review r389 H1, M1)', async () => {
+    // [listener family, its address, how the refusal writes it, the
+    // connection's family, local and peer address as the image spells them]
+    const cases = [
+      ['4', '0.0.0.0', '0\\.0\\.0\\.0', 10, '0:0:0:0:0:ffff:7f00:1', '::ffff:127.0.0.1'],
+      ['4', '127.0.0.1', '127\\.0\\.0\\.1', 10, '::ffff:127.0.0.1', '::ffff:127.0.0.1'],
+      ['6', '::1', '\\[::1\\]', 10, '0:0::1', '::1'],
+      ['6', '::ffff:0.0.0.0', '\\[::ffff:0\\.0\\.0\\.0\\]', 2, '127.0.0.1', '127.0.0.1'],
+    ] as const;
+    for (const [i, [family, address, at, cFamily, localAddress, peerAddress]] of cases.entries()) {
+      const root = await otherListener(family, [], address);
+      try {
+        const dir = crafted(`foreign-spelled-${i}`, (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: { ...connection(9_000_053n, root.port), family: cFamily, localAddress, peerAddress } }));
+        refused(dir, new RegExp(`^appshot: cannot restore ${dir}: process \\d+ fd 40: the TCP connection .*:${root.port} → .*:40999: port ${root.port} is another application's \\(a listener at ${at}:${root.port}, uid 0, inode \\d+\\): made here in repair mode, the connection would take it over from that listener$`), 4);
       } finally {
         root.kill();
       }

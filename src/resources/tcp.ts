@@ -55,6 +55,7 @@
  * naming the connection.
  */
 import { closeSync, fstatSync, readFileSync } from 'node:fs';
+import { isIPv4, isIPv6 } from 'node:net';
 import { AppshotError, ExitCode } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import { timed } from '../snapshot/profile.js';
@@ -516,50 +517,83 @@ function procNetPeer(pid: number, ino: bigint, family: number): [string, number]
   return undefined;
 }
 
-/** The local address and owner (its inode's uid) /proc/self/net/tcp(6)
- * shows for the listening socket `ino`, if it is still there. */
-function procNetListener(family: number, ino: bigint): { address: string; uid: number } | undefined {
-  let text: string;
-  try {
-    text = readFileSync(`/proc/self/net/${family === AF_INET6 ? 'tcp6' : 'tcp'}`, 'utf8');
-  } catch {
-    return undefined;
-  }
-  for (const line of text.split('\n').slice(1)) {
-    const f = line.trim().split(/\s+/);
-    if (f.length < 10 || f[9] !== String(ino) || parseInt(f[3], 16) !== TCP_LISTEN) continue;
-    return { address: procNetAddress(family, f[1].split(':')[0]), uid: Number(f[7]) };
-  }
+/** The 4 (AF_INET) or 16 (AF_INET6) bytes, network order, that an
+ * address of `family` written as inet_pton reads it names; undefined if
+ * it is not one of that family (a zone, '%eth0', is not: inet_pton takes
+ * none). Any spelling ('0:0::1', '0:0:0:0:0:ffff:7f00:1') gives the one
+ * value the kernel is handed. */
+export function addressBytes(family: number, text: string): Buffer | undefined {
+  if (typeof text !== 'string') return undefined;
+  if (family === AF_INET) return isIPv4(text) ? Buffer.from(text.split('.').map(Number)) : undefined;
+  if (family !== AF_INET6 || !isIPv6(text) || text.includes('%')) return undefined;
+  // A dotted tail ('::ffff:127.0.0.1') is the last two 16-bit groups.
+  const dotted = /^(.*:)(\d+\.\d+\.\d+\.\d+)$/.exec(text);
+  const b = dotted?.[2].split('.').map(Number);
+  const hex = dotted && b ? `${dotted[1]}${((b[0] << 8) | b[1]).toString(16)}:${((b[2] << 8) | b[3]).toString(16)}` : text;
+  const [head, tail] = hex.split('::');
+  const groupsOf = (part: string) => (part === '' ? [] : part.split(':'));
+  const before = groupsOf(head);
+  const after = tail === undefined ? [] : groupsOf(tail);
+  const groups = tail === undefined ? before : [...before, ...Array<string>(8 - before.length - after.length).fill('0'), ...after];
+  if (groups.length !== 8) return undefined;
+  const bytes = Buffer.alloc(16);
+  groups.forEach((g, i) => bytes.writeUInt16BE(parseInt(g, 16), 2 * i));
+  return bytes;
+}
+
+/** The IPv4 address an IPv4-mapped IPv6 one (::ffff:a.b.c.d) is. */
+function mappedV4(bytes: Buffer): Buffer | undefined {
+  return bytes.length === 16 && bytes.subarray(0, 10).every((b) => b === 0) && bytes[10] === 0xff && bytes[11] === 0xff ? bytes.subarray(12) : undefined;
+}
+
+const unspecified = (bytes: Buffer) => bytes.every((b) => b === 0);
+
+/** An address's bytes written one way: dotted, IPv6 short ('::1'), an
+ * IPv4-mapped one with its IPv4 dotted. */
+function addressText(bytes: Buffer): string {
+  if (bytes.length === 4) return [...bytes].join('.');
+  const v4 = mappedV4(bytes);
+  if (v4) return `::ffff:${[...v4].join('.')}`;
+  return new URL(`http://[${(bytes.toString('hex').match(/.{4}/g) ?? []).join(':')}]`).hostname.slice(1, -1);
+}
+
+/** Why connection `c`'s addresses cannot be the ones it has (validate.ts),
+ * or undefined: each one of its family; the local one not unspecified
+ * (0.0.0.0, ::, ::ffff:0.0.0.0), which an established connection never
+ * has, and which bound in repair mode takes whatever the route gives at
+ * the connect, unseen by refuseForeignListener. A closed one is made as a
+ * reset socket, its addresses unused. */
+export function connectionAddressFault(c: TcpConnection): string | undefined {
+  if (c.closed) return undefined;
+  const local = addressBytes(c.family, c.localAddress);
+  const peer = addressBytes(c.family, c.peerAddress);
+  const shown = (a: unknown) => `'${String(a).slice(0, 64)}'`;
+  if (!local || !peer) return `is a TCP connection of family ${c.family} from ${shown(c.localAddress)} to ${shown(c.peerAddress)}, not two addresses of its family`;
+  if (unspecified(local) || unspecified(mappedV4(local) ?? local)) return `is a TCP connection from the unspecified address ${shown(c.localAddress)}, which no connection has`;
   return undefined;
 }
 
-/** An address as /proc/net/tcp(6) writes it: each 32-bit word in the
- * host's order (little-endian here); written short ('::1'). */
-function procNetAddress(family: number, hex: string): string {
-  const bytes = Buffer.from(hex, 'hex');
-  for (let i = 0; i < bytes.length; i += 4) bytes.subarray(i, i + 4).reverse();
-  return family === AF_INET6 ? new URL(`http://[${(bytes.toString('hex').match(/.{4}/g) ?? []).join(':')}]`).hostname.slice(1, -1) : [...bytes].join('.');
+/** Which destinations a socket bound to `bytes` (of `family`) receives
+ * for, as the kernel weighs two bound addresses (inet_rcv_saddr_equal):
+ * IPv4 and IPv6 each a wildcard, one address, or none. An IPv4-mapped
+ * address is its IPv4 one (::ffff:0.0.0.0 the IPv4 wildcard); the IPv6
+ * wildcard takes IPv4 too unless IPV6_V6ONLY (taken so when not known). */
+interface Reach {
+  v4?: Buffer | 'any';
+  v6?: Buffer | 'any';
 }
 
-/** Whether a listener of `family` at `address` and connection `c`'s local
- * address are one as a bind sees them (inet_rcv_saddr_equal): the same,
- * or either a wildcard; an IPv6 wildcard covers IPv4 too (unless
- * IPV6_V6ONLY, which /proc does not show: taken as covering), and an
- * IPv4-mapped address is its IPv4 one. */
-function overlaps(c: TcpConnection, family: number, address: string): boolean {
-  const v4 = (a: string) => {
-    const m = /^::ffff:(?:(\d+\.\d+\.\d+\.\d+)|([0-9a-f]{1,4}):([0-9a-f]{1,4}))$/i.exec(a);
-    if (!m) return undefined;
-    if (m[1]) return m[1];
-    const n = (parseInt(m[2], 16) << 16) | parseInt(m[3], 16);
-    return [n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255].join('.');
-  };
-  const local = c.family === AF_INET ? c.localAddress : (v4(c.localAddress) ?? c.localAddress);
-  const localIsV4 = c.family === AF_INET || v4(c.localAddress) !== undefined;
-  if (family === AF_INET) return localIsV4 && (address === '0.0.0.0' || address === local);
-  if (address === '::') return true;
-  const mapped = v4(address);
-  return mapped !== undefined ? localIsV4 && mapped === local : !localIsV4 && address === c.localAddress;
+function reachOf(family: number, bytes: Buffer, v6only?: boolean): Reach {
+  if (family === AF_INET) return { v4: unspecified(bytes) ? 'any' : bytes };
+  const v4 = mappedV4(bytes);
+  if (v4) return { v4: unspecified(v4) ? 'any' : v4 };
+  if (unspecified(bytes)) return v6only ? { v6: 'any' } : { v4: 'any', v6: 'any' };
+  return { v6: bytes };
+}
+
+function overlaps(a: Reach, b: Reach): boolean {
+  const one = (x: Buffer | 'any' | undefined, y: Buffer | 'any' | undefined) => x !== undefined && y !== undefined && (x === 'any' || y === 'any' || x.equals(y));
+  return one(a.v4, b.v4) || one(a.v6, b.v6);
 }
 
 function splitRemote(remote: string): [string, number] {
@@ -629,13 +663,15 @@ export class ConnectionMaker {
       this.made.set(c.ino, { fd: kept, c, repaired: true, kept: true });
       return kept;
     }
-    if (!c.closed) this.refuseForeignListener(c, what, holders?.uids ?? new Set(), holders?.handed ?? []);
+    // Bound as the addresses' bytes written one way: what the check
+    // weighed is what the kernel is handed, however the image spelled it.
+    const local = c.closed ? undefined : this.refuseForeignListener(c, what, holders?.uids ?? new Set(), holders?.handed ?? []);
     let fd: number;
     try {
       const given = c.closed ? undefined : owner?.();
       // SO_REUSEPORT before the bind (tcp_repair.c), the rest after.
       const reuseport = c.socketOptions.some((o) => o.level === SOL_SOCKET && o.name === SO_REUSEPORT && o.value !== 0);
-      fd = c.closed ? addon().tcpResetSocket(c.family) : addon().tcpMake({ ...c, reuseport, ...(given ? { owner: given } : {}) });
+      fd = !local ? addon().tcpResetSocket(c.family) : addon().tcpMake({ ...c, localAddress: addressText(local), reuseport, ...(given ? { owner: given } : {}) });
     } catch (e) {
       const err = e as NodeJS.ErrnoException;
       const hint = err.code === 'EPERM' ? ' (TCP repair needs CAP_NET_ADMIN; a snapshot taken with --tcp-close restores without it)' : '';
@@ -656,13 +692,19 @@ export class ConnectionMaker {
    * looked up before a listener), and keep the port from it once it is
    * closed and bound again; from a crafted image (another node's key,
    * --trust-image) that is any port on this node, whoever listens there.
-   * So a TCP listener on the connection's local port and address (or the
-   * wildcard, of either family) must be one of the application's: made or
-   * handed by this restore, held by its keeper, or owned (its inode's
-   * uid, as SO_REUSEPORT's own rule weighs it) by a uid a process holding
-   * the connection has, which could stop or share that listener anyway
-   * (serve's front door falling back to forwarding; the original of a
-   * --leave-running snapshot). Connections sharing the port are not
+   * So a TCP listener on the connection's local port whose address
+   * overlaps the connection's as the kernel weighs them (reachOf: bytes,
+   * not spellings; a wildcard on either side; IPV6_V6ONLY as sock_diag
+   * says) must be one of the application's: made or handed by this
+   * restore, held by its keeper, or owned (its inode's uid: the fsuid
+   * that created it, as SO_REUSEPORT's own rule weighs it, not whoever
+   * holds it now) by a uid a process holding the connection has, which
+   * could signal or trace that creator's processes anyway: no more than
+   * the image had (serve's front door falling back to forwarding; the
+   * original of a --leave-running snapshot). An image with a root process
+   * is so not kept off listeners root created. The connection's own local
+   * address is never a wildcard (connectionAddressFault). Returns its
+   * bytes, to be bound as they are. Connections sharing the port are not
    * weighed: connect() shares a local port among any connections of
    * distinct peers, and the kernel refuses the very same pair at our
    * connect (EADDRNOTAVAIL). A socket bound and not (yet) listening is not
@@ -670,31 +712,42 @@ export class ConnectionMaker {
    * does not make); nor one bound between this look and the bind (or the
    * bind of a later connection at the same address and port).
    */
-  private refuseForeignListener(c: TcpConnection, what: string, uids: ReadonlySet<number>, handed: Iterable<number>): void {
-    const at = `${c.family} ${c.localAddress} ${c.localPort} ${[...uids].sort().join(',')}`;
-    if (this.portsSeen.has(at)) return;
-    const listening = [AF_INET, AF_INET6].flatMap((family) => addon().tcpListeningInodes(family, c.localPort).map((ino) => ({ family, ino: BigInt(ino) })));
-    const foreign = listening.filter((l) => !this.own.has(l.ino) && this.kept.get(l.ino) === undefined);
-    this.portsSeen.add(at);
-    if (!foreign.length) return;
-    const handedInodes = new Set<bigint>();
-    for (const fd of handed)
-      try {
-        handedInodes.add(fstatSync(fd, { bigint: true }).ino);
-      } catch {
-        /* not one the restore can use either */
-      }
-    for (const l of foreign) {
-      if (handedInodes.has(l.ino)) continue;
-      const seen = procNetListener(l.family, l.ino);
-      // Gone meanwhile: nothing there to share the port with.
-      if (!seen || !overlaps(c, l.family, seen.address)) continue;
-      if (uids.has(seen.uid)) continue;
-      throw new AppshotError(
-        `${what}: the TCP connection ${connectionName(c)}: port ${c.localPort} is another application's (a listener at ${l.family === AF_INET6 ? `[${seen.address}]` : seen.address}:${c.localPort}, uid ${seen.uid}, inode ${l.ino}): made here in repair mode, the connection would take it over from that listener`,
-        ExitCode.conflict,
-      );
+  private refuseForeignListener(c: TcpConnection, what: string, uids: ReadonlySet<number>, handed: Iterable<number>): Buffer {
+    // validate.ts refused these already (connectionAddressFault).
+    const fault = connectionAddressFault(c);
+    if (fault) throw new AppshotError(`corrupt image: ${what} ${fault}`);
+    const local = addressBytes(c.family, c.localAddress)!;
+    const reach = reachOf(c.family, local);
+    const at = `${local.toString('hex')} ${c.localPort} ${[...uids].sort().join(',')}`;
+    if (this.portsSeen.has(at)) return local;
+    // Address, owner and IPV6_V6ONLY from the one sock_diag answer that
+    // names the listener: a failure to ask is a refusal, not a pass.
+    let listening: { family: number; ino: bigint; uid: number; address: Buffer; v6only?: boolean }[];
+    try {
+      listening = [AF_INET, AF_INET6].flatMap((family) => addon().tcpListeners(family, c.localPort).map((l) => ({ ...l, family, ino: BigInt(l.ino) })));
+    } catch (e) {
+      throw new AppshotError(`${what}: the TCP connection ${connectionName(c)}: cannot tell which listeners share port ${c.localPort} (${(e as Error).message}), so cannot make it in repair mode without perhaps taking one over`);
     }
+    const foreign = listening.filter((l) => !this.own.has(l.ino) && this.kept.get(l.ino) === undefined && overlaps(reach, reachOf(l.family, l.address, l.v6only)));
+    if (foreign.length) {
+      const handedInodes = new Set<bigint>();
+      for (const fd of handed)
+        try {
+          handedInodes.add(fstatSync(fd, { bigint: true }).ino);
+        } catch {
+          /* not one the restore can use either */
+        }
+      for (const l of foreign) {
+        if (handedInodes.has(l.ino) || uids.has(l.uid)) continue;
+        const address = addressText(l.address);
+        throw new AppshotError(
+          `${what}: the TCP connection ${connectionName(c)}: port ${c.localPort} is another application's (a listener at ${l.family === AF_INET6 ? `[${address}]` : address}:${c.localPort}, uid ${l.uid}, inode ${l.ino}): made here in repair mode, the connection would take it over from that listener`,
+          ExitCode.conflict,
+        );
+      }
+    }
+    this.portsSeen.add(at);
+    return local;
   }
 
   /** Every process is made: the connections leave repair mode, write
