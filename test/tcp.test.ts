@@ -712,6 +712,44 @@ describe.runIf(isRoot && hasBufLock)('the buffers of a connection made anew in r
   });
 });
 
+// A unix connection (a socket pair) whose one end has written up to 4 MiB
+// the other has not read, without blocking; prints "QUEUED", and waits.
+const UNIX_QUEUED = `
+import socket, time
+a, b = socket.socketpair()
+a.setblocking(False)
+try:
+    for _ in range(64): a.send(b"z" * 65536)
+except BlockingIOError:
+    pass
+print("QUEUED", flush=True)
+time.sleep(1000)
+`;
+
+describe.runIf(hasBufLock)('the send buffer of a unix socket whose queue the restore refilled (SO_BUF_LOCK, Linux 5.14)', () => {
+  it('is not fixed to a later snapshot: the lock bit the refill\'s setsockopt set is given back (review r389 L4)', async () => {
+    run(['run', '-d', '--aid', 'unixbuf', '--', '/usr/bin/python3', '-c', UNIX_QUEUED]);
+    try {
+      await waitFor(() => /QUEUED/.test(logOf('unixbuf')), 10_000, 'unixbuf to queue');
+      run(['snapshot', 'unixbuf', '-o', join(out, 'unixbuf')]);
+      await waitFor(() => !sb.aids().includes('unixbuf'), 10_000, 'unixbuf to end');
+      run(['restore', join(out, 'unixbuf')]);
+      run(['snapshot', 'unixbuf', '--leave-running', '-o', join(out, 'unixbuf-later')]);
+      // SO_SNDBUF, SO_RCVBUF, SO_BUF_LOCK of each unix socket, by inode order.
+      const buffers = async (dir: string) => {
+        const { image } = await loadImage(dir, { trust: 'report' });
+        const queued = image.processes.flatMap((p) => p.fds).filter((fd) => fd.socket?.family === 1);
+        return queued.map((fd) => (fd.socket!.options ?? []).filter((o) => o.level === 1 && [7, 8, 72].includes(o.name)).map((o) => `${o.name}=${o.value}`).sort());
+      };
+      const before = await buffers(join(out, 'unixbuf'));
+      expect(before).toEqual([[], []]);
+      expect(await buffers(join(out, 'unixbuf-later'))).toEqual(before);
+    } finally {
+      sb.run(['stop', 'unixbuf', '-s', 'KILL']);
+    }
+  });
+});
+
 describe('the repair primitives', () => {
   it('a locked connection acknowledges nothing; unlocked, it gets what the peer sent meanwhile, sent again', async () => {
     const port = 26631;

@@ -1009,6 +1009,8 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
 const SOL_SOCKET = 1;
 const SO_SNDBUF = 7;
 const SO_SNDBUFFORCE = 32;
+/** The buffer sizes' lock bits (Linux 5.14): which sizes are fixed. */
+const SO_BUF_LOCK = 72;
 const O_RDWR = 0o2;
 const O_NONBLOCK = 0o4000;
 
@@ -1043,9 +1045,18 @@ function fillQueue(sock: number, bytes: Buffer, where: string): void {
 }
 
 /** `write` run with `sock`'s send buffer made room for `length` bytes,
- * non-blocking; its buffer size put back after. */
+ * non-blocking; its buffer size put back after, and its lock bits: the
+ * setsockopt that puts the size back fixes it too, as the application's
+ * own would, and a later snapshot would record SO_BUF_LOCK the
+ * application never set (tcp.ts ownBufferLocks, for the same reason). */
 function withRoom(sock: number, length: number, write: () => void): void {
   const before = addon().getSockOpt(sock, SOL_SOCKET, SO_SNDBUF);
+  let locksBefore: number | undefined;
+  try {
+    locksBefore = addon().getSockOpt(sock, SOL_SOCKET, SO_BUF_LOCK);
+  } catch {
+    /* before Linux 5.14: a bit cannot be given back, left set */
+  }
   // The kernel doubles what it is asked, and counts its own overhead.
   const room = Math.min(length * 2 + 65536, 0x3fffffff);
   try {
@@ -1062,6 +1073,7 @@ function withRoom(sock: number, length: number, write: () => void): void {
   } catch {
     addon().setSockOpt(sock, SOL_SOCKET, SO_SNDBUF, Math.floor(before / 2));
   }
+  if (locksBefore !== undefined) addon().setSockOpt(sock, SOL_SOCKET, SO_BUF_LOCK, locksBefore);
 }
 
 /** A unix socket whose peer is gone: one end of a new pair, given what
