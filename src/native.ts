@@ -615,6 +615,11 @@ interface Addon {
   /** Inodes of the TCP sockets of `family` (AF_INET 2, AF_INET6 10)
    * listening on `port` in this network namespace (sock_diag). */
   tcpListeningInodes(family: number, port: number): number[];
+  /** The TCP sockets of `family` listening on `port` in this network
+   * namespace (sock_diag), from one answer each: inode, its owner (uid),
+   * bound address (4 bytes for AF_INET, 16 for AF_INET6, network order)
+   * and, for AF_INET6, IPV6_V6ONLY. */
+  tcpListeners(family: number, port: number): { ino: number; uid: number; address: Buffer; v6only?: boolean }[];
   /** Established TCP connections whose local port is `port` (sock_diag),
    * and whose local address is `local` if given and not a wildcard (a
    * listener's bound address); ino 0: still in a listener's accept queue. */

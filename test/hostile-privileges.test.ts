@@ -683,46 +683,76 @@ describe.runIf(isRoot)('the options of a socket appshot-keeper holds are weighed
     await waitFor(() => !sb.aids().includes('klm') && keepers().length === 0, 10_000, 'klm and its keeper to end');
   });
 
-  it('a root application\'s unix connection to a process outside, given to uid 65534 by an image from elsewhere, is refused (the peer would take them for root); the real image restores it', async () => {
+  /** A root application (python3 UNIX_CLIENT with `clientArgs`) holding
+   * a unix connection to a process outside, snapshotted (the keeper holds
+   * the connection); its image, changed by `lie` and signed by another
+   * node, is refused in one line matching `why`, exit 5, the keeper
+   * holding it again; the real image restores it and it carries on. */
+  async function keptUnixConnectionRefused(aid: string, clientArgs: string[], lie: (image: Image) => void, why: (dir: string) => RegExp): Promise<void> {
     // The process outside: a unix server that answers each line.
-    const path = join(out, 'kuc.sock');
+    const path = join(out, `${aid}.sock`);
     const server = spawn('python3', ['-c', UNIX_ECHO, path], { stdio: ['ignore', 'pipe', 'inherit'] });
     try {
       await new Promise<void>((ok) => server.stdout!.once('data', () => ok()));
       // The application, root: connected to it, holding the connection.
-      const r = sb.run(['run', '-d', '--aid', 'kuc', '--', '/usr/bin/python3', '-c', UNIX_CLIENT, path]);
+      const r = sb.run(['run', '-d', '--aid', aid, '--', '/usr/bin/python3', '-c', UNIX_CLIENT, path, ...clientArgs]);
       expect(r.code, r.stderr).toBe(0);
-      await waitFor(() => /CONNECTED/.test(log('kuc')), 10_000, 'the client to connect');
-      const image = join(out, 'kuc');
-      const s = sb.run(['snapshot', 'kuc', '-o', image]);
+      await waitFor(() => /CONNECTED/.test(log(aid)), 10_000, 'the client to connect');
+      const image = join(out, aid);
+      const s = sb.run(['snapshot', aid, '-o', image]);
       expect(s.code, s.stderr).toBe(0);
-      await waitFor(() => !sb.aids().includes('kuc'), 10_000, 'kuc to end');
+      await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
       expect(keepers()).toHaveLength(1);
       const loaded = await loadImage(image, { trust: 'report' });
-      const lie = structuredClone(loaded.image);
-      const creds = nobodyImage.processes[0].creds;
-      for (const p of lie.processes) {
-        p.creds = structuredClone(creds);
-        for (const t of p.threads) t.creds = structuredClone(creds);
-      }
-      expect(lie.processes.flatMap((p) => p.fds).some((fd) => fd.socket?.kept)).toBe(true);
-      const dir = writeSignedImage(join(out, 'kuc-lie'), lie, image, { signer: other.home, id: loaded.manifest.imageId });
-      refusedKeeperHolding(
-        dir,
-        new RegExp(
-          `^appshot: cannot restore ${dir}: process \\d+ \\(python3\\) fd \\d+: the unix connection to a process outside the application appshot-keeper holds was connected by uid 0, which no process holding it had: handed over by this restore, the process at the other end would take the application for uid 0$`,
-        ),
-        5,
-      );
+      const changed = structuredClone(loaded.image);
+      lie(changed);
+      expect(changed.processes.flatMap((p) => p.fds).some((fd) => fd.socket?.kept)).toBe(true);
+      const dir = writeSignedImage(join(out, `${aid}-lie`), changed, image, { signer: other.home, id: loaded.manifest.imageId });
+      refusedKeeperHolding(dir, why(dir), 5);
       const good = sb.run(['restore', image]);
       expect(good.code, good.stderr).toBe(0);
       writeFileSync(`${path}.go`, '');
-      await waitFor(() => /ANSWERED/.test(log('kuc')), 10_000, 'the connection to carry on');
+      await waitFor(() => /ANSWERED/.test(log(aid)), 10_000, 'the connection to carry on');
     } finally {
-      sb.run(['stop', 'kuc', '--signal', 'KILL']);
+      sb.run(['stop', aid, '--signal', 'KILL']);
       server.kill('SIGKILL');
     }
-    await waitFor(() => !sb.aids().includes('kuc') && keepers().length === 0, 10_000, 'kuc and its keeper to end');
+    await waitFor(() => !sb.aids().includes(aid) && keepers().length === 0, 10_000, `${aid} and its keeper to end`);
+  }
+
+  it('a root application\'s unix connection to a process outside, given to uid 65534 by an image from elsewhere, is refused (the peer would take them for root); the real image restores it', async () => {
+    await keptUnixConnectionRefused(
+      'kuc',
+      [],
+      (lie) => {
+        const creds = nobodyImage.processes[0].creds;
+        for (const p of lie.processes) {
+          p.creds = structuredClone(creds);
+          for (const t of p.threads) t.creds = structuredClone(creds);
+        }
+      },
+      (dir) =>
+        new RegExp(
+          `^appshot: cannot restore ${dir}: process \\d+ \\(python3\\) fd \\d+: the unix connection to a process outside the application appshot-keeper holds was created by uid 0 gid 0, which no process holding it had both of: handed over by this restore, the process at the other end would take the application for uid 0 gid 0$`,
+        ),
+    );
+  });
+
+  it('a unix connection made as root by a process that then gave up gid 0 and its groups (keeping uid 0) is refused from an image from elsewhere (the peer would take it for gid 0); this node\'s own snapshot restores it', async () => {
+    // No change to the image: its process really holds uid 0 and gid
+    // 65534 only, and the socket is uid 0 gid 0's. Only this node's word
+    // for its own snapshot lets that through.
+    await keptUnixConnectionRefused(
+      'kug',
+      ['dropgroups'],
+      (image) => {
+        for (const p of image.processes) expect(p.creds.gid).toEqual([65534, 65534, 65534, 65534]);
+      },
+      (dir) =>
+        new RegExp(
+          `^appshot: cannot restore ${dir}: process \\d+ \\(python3\\) fd \\d+: the unix connection to a process outside the application appshot-keeper holds was created by uid 0 gid 0, which no process holding it had both of: handed over by this restore, the process at the other end would take the application for uid 0 gid 0$`,
+        ),
+    );
   });
 });
 
@@ -741,12 +771,16 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 `;
 
-// Connects to argv[1] and prints "CONNECTED"; once the file argv[1].go
-// exists, asks one line and prints "ANSWERED" when answered.
+// Connects to argv[1] (then, with argv[2] "dropgroups", gives up its
+// groups and gid 0 for 65534, keeping uid 0) and prints "CONNECTED"; once
+// the file argv[1].go exists, asks one line and prints "ANSWERED" when
+// answered.
 const UNIX_CLIENT = `
 import os, socket, sys, time
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(sys.argv[1])
+if sys.argv[2:] == ["dropgroups"]:
+    os.setgroups([]); os.setresgid(65534, 65534, 65534)
 print("CONNECTED", flush=True)
 while not os.path.exists(sys.argv[1] + ".go"): time.sleep(0.05)
 s.sendall(b"hi\\n")
@@ -790,6 +824,109 @@ describe.runIf(isRoot)('a connection\'s queues larger than any buffer of a proce
     } finally {
       sb.run(['stop', 'qok', '--signal', 'KILL']);
       await waitFor(() => !sb.aids().includes('qok') && fixtureProcesses().length === 0, 10_000, 'qok to end');
+    }
+  });
+});
+
+// Listens as argv[1] ("4": IPv4, "6": IPv6, taking IPv4 too) at address
+// argv[2] (by default 127.0.0.1, [::]) and a port the kernel picks,
+// prints the port, and waits.
+const TCP_LISTENER = `
+import socket, sys, time
+six = sys.argv[1] == "6"
+l = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
+if six:
+    l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+l.bind((sys.argv[2] if len(sys.argv) > 2 else "::" if six else "127.0.0.1", 0))
+l.listen(4)
+print(l.getsockname()[1], flush=True)
+time.sleep(1000)
+`;
+
+/** A TCP listener of another application (`as`: setpriv's arguments for
+ * its user, none for root), with its port; killed by the caller. */
+async function otherListener(family: '4' | '6', as: string[] = [], address?: string): Promise<{ port: number; kill: () => void }> {
+  const args = ['-c', TCP_LISTENER, family, ...(address ? [address] : [])];
+  const cmd = as.length ? ['setpriv', [...as, '/usr/bin/python3', ...args]] as const : ['python3', args] as const;
+  const child = spawn(cmd[0], [...cmd[1]], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const port = await new Promise<number>((ok, fail) => {
+    child.stdout!.once('data', (d: Buffer) => ok(Number(d.toString().trim())));
+    child.once('exit', (code) => fail(new Error(`the listener ended (${code})`)));
+  });
+  return { port, kill: () => child.kill('SIGKILL') };
+}
+
+describe.runIf(isRoot)('a connection made in repair mode on a port another application listens on', () => {
+  // Repair mode binds with SK_FORCE_REUSE: the kernel would give the
+  // connection the port next to any listener (tcp.ts refuseForeignListener).
+  it('is refused when the listener is another user\'s, at the same address or the wildcard of either family (one line, exit 4, nothing left)', async () => {
+    for (const family of ['4', '6'] as const) {
+      const root = await otherListener(family);
+      try {
+        const dir = crafted(`foreign-${family}`, (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: connection(9_000_050n, root.port) }));
+        const at = family === '6' ? '\\[::\\]' : '127\\.0\\.0\\.1';
+        refused(
+          dir,
+          new RegExp(`^appshot: cannot restore ${dir}: process \\d+ fd 40: the TCP connection 127\\.0\\.0\\.1:${root.port} → 127\\.0\\.0\\.1:40999: port ${root.port} is another application's \\(a listener at ${at}:${root.port}, uid 0, inode \\d+\\): made here in repair mode, the connection would take it over from that listener$`),
+          4,
+        );
+      } finally {
+        root.kill();
+      }
+    }
+  });
+
+  it('is refused from an unspecified local address as a corrupt image (bound so, the connect would take the route\'s address unchecked)', async () => {
+    const root = await otherListener('4');
+    try {
+      for (const [name, family, localAddress, peerAddress] of [
+        ['any4', 2, '0.0.0.0', '127.0.0.1'],
+        ['any6', 10, '::', '::1'],
+        ['any6mapped', 10, '0::ffff:0.0.0.0', '::ffff:127.0.0.1'],
+      ] as const) {
+        const dir = crafted(`foreign-${name}`, (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: { ...connection(9_000_052n, root.port), family, localAddress, peerAddress } }));
+        refused(dir, new RegExp(`^appshot: corrupt image: process \\d+'s fd 40 is a TCP connection from the unspecified address '${localAddress.replace(/\./g, '\\.')}', which no connection has$`), 1);
+      }
+    } finally {
+      root.kill();
+    }
+  });
+
+  it('is refused however the image spells its local address, and next to an IPv4 wildcard listener of an IPv6 socket (review r389 H1, M1)', async () => {
+    // [listener family, its address, how the refusal writes it, the
+    // connection's family, local and peer address as the image spells them]
+    const cases = [
+      ['4', '0.0.0.0', '0\\.0\\.0\\.0', 10, '0:0:0:0:0:ffff:7f00:1', '::ffff:127.0.0.1'],
+      ['4', '127.0.0.1', '127\\.0\\.0\\.1', 10, '::ffff:127.0.0.1', '::ffff:127.0.0.1'],
+      ['6', '::1', '\\[::1\\]', 10, '0:0::1', '::1'],
+      ['6', '::ffff:0.0.0.0', '\\[::ffff:0\\.0\\.0\\.0\\]', 2, '127.0.0.1', '127.0.0.1'],
+    ] as const;
+    for (const [i, [family, address, at, cFamily, localAddress, peerAddress]] of cases.entries()) {
+      const root = await otherListener(family, [], address);
+      try {
+        const dir = crafted(`foreign-spelled-${i}`, (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: { ...connection(9_000_053n, root.port), family: cFamily, localAddress, peerAddress } }));
+        refused(dir, new RegExp(`^appshot: cannot restore ${dir}: process \\d+ fd 40: the TCP connection .*:${root.port} → .*:40999: port ${root.port} is another application's \\(a listener at ${at}:${root.port}, uid 0, inode \\d+\\): made here in repair mode, the connection would take it over from that listener$`), 4);
+      } finally {
+        root.kill();
+      }
+    }
+  });
+
+  it('is made when the listener is its own user\'s (who could stop it anyway)', async () => {
+    const nobodys = await otherListener('4', ['--reuid=65534', '--regid=65534', '--clear-groups']);
+    try {
+      const dir = crafted('foreign-own-uid', (_i, p) => addFd(p, 40, FdKind.TCP_ESTABLISHED, { tcp: connection(9_000_051n, nobodys.port) }));
+      const r = sb.run(['restore', dir, '--trust-image', '--aid', 'fown']);
+      try {
+        expect(r.code, r.stderr).toBe(0);
+        const [pid] = fixtureProcesses();
+        expect(readlinkSync(`/proc/${pid}/fd/40`)).toMatch(/^socket:\[\d+\]$/);
+      } finally {
+        sb.run(['stop', 'fown', '--signal', 'KILL']);
+        await waitFor(() => !sb.aids().includes('fown') && fixtureProcesses().length === 0, 10_000, 'fown to end');
+      }
+    } finally {
+      nobodys.kill();
     }
   });
 });

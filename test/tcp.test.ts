@@ -17,6 +17,7 @@ import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, readdirSync, 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { loadImage } from '../src/image/format.js';
 import { addon } from '../src/native.js';
 import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
@@ -612,6 +613,140 @@ describe('established TCP connections', () => {
     expect(again.code).not.toBe(0);
     expect(again.stderr, again.stderr).toMatch(/the TCP connection 127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+, taken without TCP repair, was held by appshot-keeper on the host of the snapshot, and no keeper holds it now/);
     expect(sb.aids()).not.toContain('tcp4');
+  });
+});
+
+// Listens on 127.0.0.1:argv[1], accepts two connections, fixes the first
+// one's receive buffer (SO_RCVBUF: the application's own size, locked),
+// leaves the second's to the kernel, and writes up to 1 MiB to each
+// without blocking; reads nothing. Prints "ACCEPTED <first's peer port>".
+const BUFFERS_SERVER = `
+import socket, sys, time
+l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(sys.argv[1]))); l.listen(4)
+print("LISTENING", flush=True)
+a, peer = l.accept()
+a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 300000)
+b, _ = l.accept()
+for c in (a, b):
+    c.setblocking(False)
+    try:
+        for _ in range(16): c.send(b"y" * 65536)
+    except BlockingIOError:
+        pass
+print("ACCEPTED", peer[1], flush=True)
+time.sleep(1000)
+`;
+
+/** Whether this kernel has SO_BUF_LOCK (Linux 5.14): without it a
+ * snapshot records no buffer size (it cannot tell whose a size is) and the
+ * restore cannot give a lock bit back. */
+const hasBufLock = (() => {
+  const fd = addon().tcpResetSocket(2);
+  try {
+    addon().getSockOpt(fd, 1, 72);
+    return true;
+  } catch {
+    return false;
+  } finally {
+    closeSync(fd);
+  }
+})();
+
+describe.runIf(isRoot && hasBufLock)('the buffers of a connection made anew in repair mode (SO_BUF_LOCK, Linux 5.14)', () => {
+  it('are the application\'s own to a later snapshot: a size it fixed stays fixed, one the restore raised to hold a queue is the kernel\'s to tune', async () => {
+    const port = [...Array(40).keys()].map((i) => 26900 + i).find((p) => !portInUse(p))!;
+    run(['run', '-d', '--aid', 'tcpbuf', '--', '/usr/bin/python3', '-c', BUFFERS_SERVER, String(port)]);
+    await waitFor(() => /LISTENING/.test(logOf('tcpbuf')), 10_000, 'tcpbuf to listen');
+    // Accepted in the order they connected (the accept queue's).
+    const fixed = await Client.open(port);
+    const tuned = await Client.open(port);
+    await waitFor(() => /ACCEPTED/.test(logOf('tcpbuf')), 10_000, 'both connections to be accepted');
+    try {
+      // Queues above what the restore makes room for (tcp_repair.c
+      // make_room: 64 KiB received, 16 KiB to send), both ways, on both;
+      // what the clients send fits in a fresh socket's receive buffer, so
+      // that they have nothing left to send (and be reset for) while the
+      // application is away.
+      for (const c of [fixed, tuned]) c.socket.write(Buffer.alloc(100_000, 7));
+      const queues = () =>
+        spawnSync('ss', ['-Htn', 'state', 'established', `sport = :${port}`], { encoding: 'utf8' })
+          .stdout.trim()
+          .split('\n')
+          .filter((l) => l !== '')
+          .map((l) => l.trim().split(/\s+/).map(Number));
+      await waitFor(() => queues().length === 2 && queues().every(([recv, send]) => recv > 65_536 && send > 16_384), 10_000, 'both queues to fill');
+      const firstPeer = Number(/ACCEPTED (\d+)/.exec(logOf('tcpbuf'))![1]);
+      expect(firstPeer).toBe(fixed.socket.localPort);
+      // Not held by a keeper: the restore makes them anew in repair mode.
+      run(['snapshot', 'tcpbuf', '--tcp-hold', '0', '-o', join(out, 'tcpbuf')]);
+      await waitFor(() => !sb.aids().includes('tcpbuf'), 10_000, 'tcpbuf to end');
+      run(['restore', join(out, 'tcpbuf')]);
+      run(['snapshot', 'tcpbuf', '--leave-running', '-o', join(out, 'tcpbuf-later')]);
+      // SO_SNDBUF, SO_RCVBUF, SO_BUF_LOCK as each snapshot recorded them.
+      const buffers = async (dir: string) => {
+        const { image } = await loadImage(dir, { trust: 'report' });
+        const by = new Map<number, string[]>();
+        for (const p of image.processes)
+          for (const fd of p.fds)
+            if (fd.tcp) by.set(fd.tcp.peerPort, fd.tcp.socketOptions.filter((o) => o.level === 1 && [7, 8, 72].includes(o.name)).map((o) => `${o.name}=${o.value}`).sort());
+        return by;
+      };
+      const before = await buffers(join(out, 'tcpbuf'));
+      const later = await buffers(join(out, 'tcpbuf-later'));
+      // The application's own: its receive size, and the lock bit that
+      // says it fixed it; nothing on the other.
+      // SO_RCVBUF 300000 is capped at net.core.rmem_max, then doubled.
+      const rmemMax = Number(readFileSync('/proc/sys/net/core/rmem_max', 'utf8'));
+      expect(before.get(fixed.socket.localPort!)).toEqual(['72=2', `8=${2 * Math.min(300_000, rmemMax)}`]);
+      expect(before.get(tuned.socket.localPort!)).toEqual([]);
+      expect(later.get(fixed.socket.localPort!)).toEqual(before.get(fixed.socket.localPort!));
+      expect(later.get(tuned.socket.localPort!)).toEqual([]);
+      expect(fixed.error ?? tuned.error).toBeUndefined();
+    } finally {
+      fixed.socket.destroy();
+      tuned.socket.destroy();
+      sb.run(['stop', 'tcpbuf', '-s', 'KILL']);
+    }
+  });
+});
+
+// A unix connection (a socket pair) whose one end has written up to 4 MiB
+// the other has not read, without blocking; prints "QUEUED", and waits.
+const UNIX_QUEUED = `
+import socket, time
+a, b = socket.socketpair()
+a.setblocking(False)
+try:
+    for _ in range(64): a.send(b"z" * 65536)
+except BlockingIOError:
+    pass
+print("QUEUED", flush=True)
+time.sleep(1000)
+`;
+
+describe.runIf(hasBufLock)('the send buffer of a unix socket whose queue the restore refilled (SO_BUF_LOCK, Linux 5.14)', () => {
+  it('is not fixed to a later snapshot: the lock bit the refill\'s setsockopt set is given back (review r389 L4)', async () => {
+    run(['run', '-d', '--aid', 'unixbuf', '--', '/usr/bin/python3', '-c', UNIX_QUEUED]);
+    try {
+      await waitFor(() => /QUEUED/.test(logOf('unixbuf')), 10_000, 'unixbuf to queue');
+      run(['snapshot', 'unixbuf', '-o', join(out, 'unixbuf')]);
+      await waitFor(() => !sb.aids().includes('unixbuf'), 10_000, 'unixbuf to end');
+      run(['restore', join(out, 'unixbuf')]);
+      run(['snapshot', 'unixbuf', '--leave-running', '-o', join(out, 'unixbuf-later')]);
+      // SO_SNDBUF, SO_RCVBUF, SO_BUF_LOCK of each unix socket, by inode order.
+      const buffers = async (dir: string) => {
+        const { image } = await loadImage(dir, { trust: 'report' });
+        const queued = image.processes.flatMap((p) => p.fds).filter((fd) => fd.socket?.family === 1);
+        return queued.map((fd) => (fd.socket!.options ?? []).filter((o) => o.level === 1 && [7, 8, 72].includes(o.name)).map((o) => `${o.name}=${o.value}`).sort());
+      };
+      const before = await buffers(join(out, 'unixbuf'));
+      expect(before).toEqual([[], []]);
+      expect(await buffers(join(out, 'unixbuf-later'))).toEqual(before);
+    } finally {
+      sb.run(['stop', 'unixbuf', '-s', 'KILL']);
+    }
   });
 });
 

@@ -390,14 +390,40 @@ Napi::Value AuditDaemonPid(const Napi::CallbackInfo& info) {
 // `port` in this network namespace (sock_diag).
 Napi::Value TcpListeningInodes(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  uint32_t* all = nullptr;
+  sockdiag_tcp_listener* all = nullptr;
   long n = sockdiag_tcp_listening(Int(info[0]), static_cast<uint16_t>(Int(info[1])), &all);
   if (n < 0) {
     ThrowErrno(env, "sock_diag (tcp)", static_cast<int>(-n));
     return env.Undefined();
   }
   Napi::Array out = Napi::Array::New(env, n);
-  for (long i = 0; i < n; i++) out.Set(static_cast<uint32_t>(i), Napi::Number::New(env, all[i]));
+  for (long i = 0; i < n; i++) out.Set(static_cast<uint32_t>(i), Napi::Number::New(env, all[i].ino));
+  free(all);
+  return out;
+}
+
+// tcpListeners(family, port) -> [{ ino, uid, address, v6only? }]: the TCP
+// sockets listening on `port` in this network namespace (sock_diag), each
+// with its bound address (a Buffer, 4 bytes for AF_INET, 16 for AF_INET6),
+// its inode's owner and, for AF_INET6, IPV6_V6ONLY, from the one answer.
+Napi::Value TcpListeners(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int family = Int(info[0]);
+  sockdiag_tcp_listener* all = nullptr;
+  long n = sockdiag_tcp_listening(family, static_cast<uint16_t>(Int(info[1])), &all);
+  if (n < 0) {
+    ThrowErrno(env, "sock_diag (tcp)", static_cast<int>(-n));
+    return env.Undefined();
+  }
+  Napi::Array out = Napi::Array::New(env, n);
+  for (long i = 0; i < n; i++) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("ino", Napi::Number::New(env, all[i].ino));
+    o.Set("uid", Napi::Number::New(env, all[i].uid));
+    o.Set("address", Napi::Buffer<uint8_t>::Copy(env, all[i].local, family == AF_INET ? 4 : 16));
+    if (all[i].v6only >= 0) o.Set("v6only", Napi::Boolean::New(env, all[i].v6only == 1));
+    out.Set(static_cast<uint32_t>(i), o);
+  }
   free(all);
   return out;
 }
@@ -626,6 +652,7 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("netlinkSockets", NetlinkSockets);
   fn("auditDaemonPid", AuditDaemonPid);
   fn("tcpListeningInodes", TcpListeningInodes);
+  fn("tcpListeners", TcpListeners);
   fn("tcpEstablished", TcpEstablished);
   fn("multicastFilter", MulticastFilter);
   fn("multicastJoin", MulticastJoin);

@@ -233,15 +233,23 @@ static int each_listening(struct nlmsghdr* h, void* ctx) {
   struct listening_ctx* c = ctx;
   struct inet_diag_msg* m = NLMSG_DATA(h);
   if (!on_port(c, m)) return 0;
-  uint32_t* ino = push(&c->g);
-  if (!ino) return -ENOMEM;
-  *ino = m->idiag_inode;
+  sockdiag_tcp_listener* l = push(&c->g);
+  if (!l) return -ENOMEM;
+  memset(l, 0, sizeof *l);
+  l->ino = m->idiag_inode;
+  l->uid = m->idiag_uid;
+  memcpy(l->local, m->id.idiag_src, 16);
+  l->v6only = -1;
+  /* Sent for every AF_INET6 socket listening or closed (inet_diag_msg_attrs_fill). */
+  int len = (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof *m));
+  for (struct rtattr* a = (struct rtattr*)(m + 1); RTA_OK(a, len); a = RTA_NEXT(a, len))
+    if (a->rta_type == INET_DIAG_SKV6ONLY && RTA_PAYLOAD(a) >= 1) l->v6only = *(uint8_t*)RTA_DATA(a) ? 1 : 0;
   return 0;
 }
 
-long sockdiag_tcp_listening(int family, uint16_t port, uint32_t** out) {
+long sockdiag_tcp_listening(int family, uint16_t port, sockdiag_tcp_listener** out) {
   /* TCP_LISTEN alone: only the listening hash is walked. */
-  return tcp_on_port(family, 1u << 10, port, NULL, each_listening, sizeof(uint32_t), (void**)out);
+  return tcp_on_port(family, 1u << 10, port, NULL, each_listening, sizeof(sockdiag_tcp_listener), (void**)out);
 }
 
 static int each_established(struct nlmsghdr* h, void* ctx) {

@@ -36,11 +36,19 @@ typedef struct {
 /* Every UDP socket of `family` (AF_INET, AF_INET6) with its shutdown state. */
 long sockdiag_udp_all(int family, sockdiag_udp** out);
 
-/* The inodes of the TCP sockets of `family` listening on `port` (host
- * order) in this network namespace. Asked for listening sockets alone, the
- * kernel walks only its listening hash, where /proc/net/tcp walks every
- * bucket of the established one too (milliseconds even when nearly empty). */
-long sockdiag_tcp_listening(int family, uint16_t port, uint32_t** out);
+typedef struct {
+  uint32_t ino;
+  uint32_t uid;      /* its inode's owner (the creator's fsuid), as this user namespace sees it */
+  uint8_t local[16]; /* bound address, network order, 4 bytes used for AF_INET */
+  int8_t v6only;     /* IPV6_V6ONLY of an AF_INET6 one (0, 1); -1: not said (AF_INET) */
+} sockdiag_tcp_listener;
+
+/* The TCP sockets of `family` listening on `port` (host order) in this
+ * network namespace, each with its address, owner and IPV6_V6ONLY from
+ * the one answer. Asked for listening sockets alone, the kernel walks
+ * only its listening hash, where /proc/net/tcp walks every bucket of the
+ * established one too (milliseconds even when nearly empty). */
+long sockdiag_tcp_listening(int family, uint16_t port, sockdiag_tcp_listener** out);
 
 typedef struct {
   uint32_t ino;      /* 0: no socket file yet (waiting in an accept queue) */

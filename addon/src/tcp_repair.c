@@ -228,7 +228,9 @@ static int fill_queue(int fd, const uint8_t* data, uint32_t len, const char* wha
 
 /* A buffer at least `need` bytes beyond what its queue's overhead takes;
  * the *FORCE variants pass wmem_max/rmem_max (CAP_NET_ADMIN). Raised only
- * when the default is too small: a set size stops the kernel's tuning. */
+ * when the default is too small: a set size stops the kernel's tuning
+ * (its lock bit), which tcp.ts ownBufferLocks clears again, to the
+ * application's own bits, once the connection is out of repair mode. */
 static int make_room(int fd, int force, int name, uint32_t need, const char** step) {
   int have = 0;
   socklen_t len = sizeof have;

@@ -33,6 +33,7 @@ import { posixTimerClockFault } from '../resources/timers.js';
 import { TIMERFD_CLOCKS } from '../resources/timerfd.js';
 import { netlinkProblem } from '../resources/netlink.js';
 import { udpHeadersProblem } from '../resources/udp.js';
+import { connectionAddressFault } from '../resources/tcp.js';
 import { socketFileRecordFault } from '../resources/socketfile.js';
 import { keyringFault, keyringTreeFault } from '../resources/keyrings.js';
 import type { MessageSchema } from './schema.js';
@@ -491,6 +492,8 @@ function checkFds(image: Image, p: Process, limits: ReturnType<typeof machineLim
     if (fd.kind === FdKind.TCP_ESTABLISHED && !fd.tcp) corrupt(`${where} is a TCP connection with no connection state`);
     if (fd.tcp && (fd.tcp.localPort > 65535 || fd.tcp.peerPort > 65535 || fd.tcp.unsent > fd.tcp.sendQueue.length))
       corrupt(`${where} is a TCP connection with port ${fd.tcp.localPort} or ${fd.tcp.peerPort}, or more unsent bytes than queued`);
+    const tcpAddresses = fd.tcp ? connectionAddressFault(fd.tcp) : undefined;
+    if (tcpAddresses) corrupt(`${where} ${tcpAddresses}`);
     if (fd.socket && !(fd.socket.port >= 0 && fd.socket.port <= 65535)) corrupt(`${where} has port ${fd.socket.port}`);
     // Bound as recorded: an address that is not one of its family would
     // bind the wildcard (every interface) or, as IPv6, dual-stack.

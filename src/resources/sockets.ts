@@ -587,17 +587,29 @@ function checkHandedOverPrivileges(h: RestoreContext): void {
     const handed = handedOver(h, fd);
     if (!handed) continue;
     const where = `${nameProcess(p.vpid, p.comm)} fd ${fd.fd}`;
-    // A unix connection is its creator to the peer (SO_PEERCRED, taken
-    // at connect): the socket's owner (its inode's, the creator's fsuid)
-    // must be one of the ids of a process holding it, or the daemon at
-    // the other end (docker.sock, a root-only D-Bus) would take a
-    // process of another user for the one that connected (review r376
-    // finding 2).
+    // A unix connection is its creator to the peer: SO_PEERCRED (euid,
+    // egid) and SO_PEERGROUPS, taken at connect, on the peer's accepted
+    // socket, where this side cannot read them (unix_diag's
+    // UDIAG_SHOW_UID is the same inode uid as fstat). The socket's inode
+    // owner, its creator's fsuid and fsgid at socket(), stands for them:
+    // one process or thread holding it must have that uid among its
+    // real, effective, saved or fs uids and that gid among its gids or
+    // groups, or the daemon at the other end (docker.sock, a root-only
+    // D-Bus, a `<policy group="adm">`) would take a process of another
+    // user, or one that gave the group up, for the one that connected
+    // (review r376 finding 2, r379 M1). A proxy: the supplementary
+    // groups of the connector cannot be seen, and one that changed its
+    // fsuid or euid between socket() and connect() is weighed as
+    // socket() saw it; an honest image whose every holder dropped the
+    // creator's ids is refused too (the strict side: a crafted image can
+    // claim any holder's ids, so only this node's own snapshot, vouched
+    // for above, is taken at its word).
     if (handed.kind === 'unix-stream') {
-      const owner = fstatSync(handed.sock).uid;
-      if (!held.some((holder) => [holder.p.creds, ...holder.p.threads.map((t) => t.creds)].some((c) => c?.uid.includes(owner))))
+      const { uid, gid } = fstatSync(handed.sock);
+      const creds = held.flatMap((holder) => [holder.p.creds, ...holder.p.threads.map((t) => t.creds)]);
+      if (!creds.some((c) => c && c.uid.includes(uid) && (c.gid.includes(gid) || c.groups.includes(gid))))
         throw new AppshotError(
-          `${where}: ${handed.what} was connected by uid ${owner}, which no process holding it had: handed over by this restore, the process at the other end would take the application for uid ${owner}`,
+          `${where}: ${handed.what} was created by uid ${uid} gid ${gid}, which no process holding it had both of: handed over by this restore, the process at the other end would take the application for uid ${uid} gid ${gid}`,
           ExitCode.denied,
         );
     }
@@ -832,7 +844,10 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd, listenIn?: (so
   if (s.peerGone) return loneEnd(h, s, fd);
   if (!s.listening) return pairEnd(h, s, fd);
   const inherited = inheritedEnd(h, s, fd);
-  if (inherited !== undefined) return inherited;
+  if (inherited !== undefined) {
+    if (fd.kind === FdKind.TCP_LISTEN) h.tcp.ownListener(inherited);
+    return inherited;
+  }
   return h.once(`socket ${s.ino}`, () => {
     // The very listener, with the connections that waited in its queue
     // when the application ended, if a keeper held it (keeper.ts
@@ -841,6 +856,7 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd, listenIn?: (so
     const held = heldListener(h, s, fd);
     if (held !== undefined) {
       addon().setStatusFlags(held, fd.flags);
+      h.tcp.ownListener(held);
       return held;
     }
     const address = fd.kind === FdKind.TCP_LISTEN ? listenAddress(h, s) : s;
@@ -868,6 +884,8 @@ export function openSocket(h: RestoreContext, p: Process, fd: Fd, listenIn?: (so
       throw new AppshotError(`process ${p.vpid} fd ${fd.fd}: ${(e as Error).message}${hint}`, ExitCode.conflict);
     }
     if (fd.kind === FdKind.UNIX_SOCKET) restoreSocketFile(h, sock, s.address, s.file, `process ${p.vpid} fd ${fd.fd}`, as);
+    // Its accepted connections, made later, may share its port (tcp.ts).
+    else h.tcp.ownListener(sock);
     applyExtras(sock, s.options ?? [], BASE_OPTIONS, false, where);
     addon().setStatusFlags(sock, fd.flags);
     return sock;
@@ -991,6 +1009,8 @@ function pairEnd(h: RestoreContext, s: Socket, fd: Fd): number {
 const SOL_SOCKET = 1;
 const SO_SNDBUF = 7;
 const SO_SNDBUFFORCE = 32;
+/** The buffer sizes' lock bits (Linux 5.14): which sizes are fixed. */
+const SO_BUF_LOCK = 72;
 const O_RDWR = 0o2;
 const O_NONBLOCK = 0o4000;
 
@@ -1025,9 +1045,18 @@ function fillQueue(sock: number, bytes: Buffer, where: string): void {
 }
 
 /** `write` run with `sock`'s send buffer made room for `length` bytes,
- * non-blocking; its buffer size put back after. */
+ * non-blocking; its buffer size put back after, and its lock bits: the
+ * setsockopt that puts the size back fixes it too, as the application's
+ * own would, and a later snapshot would record SO_BUF_LOCK the
+ * application never set (tcp.ts ownBufferLocks, for the same reason). */
 function withRoom(sock: number, length: number, write: () => void): void {
   const before = addon().getSockOpt(sock, SOL_SOCKET, SO_SNDBUF);
+  let locksBefore: number | undefined;
+  try {
+    locksBefore = addon().getSockOpt(sock, SOL_SOCKET, SO_BUF_LOCK);
+  } catch {
+    /* before Linux 5.14: a bit cannot be given back, left set */
+  }
   // The kernel doubles what it is asked, and counts its own overhead.
   const room = Math.min(length * 2 + 65536, 0x3fffffff);
   try {
@@ -1044,6 +1073,7 @@ function withRoom(sock: number, length: number, write: () => void): void {
   } catch {
     addon().setSockOpt(sock, SOL_SOCKET, SO_SNDBUF, Math.floor(before / 2));
   }
+  if (locksBefore !== undefined) addon().setSockOpt(sock, SOL_SOCKET, SO_BUF_LOCK, locksBefore);
 }
 
 /** A unix socket whose peer is gone: one end of a new pair, given what

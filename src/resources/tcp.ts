@@ -55,7 +55,8 @@
  * naming the connection.
  */
 import { closeSync, fstatSync, readFileSync } from 'node:fs';
-import { AppshotError } from '../errors.js';
+import { isIPv4, isIPv6 } from 'node:net';
+import { AppshotError, ExitCode } from '../errors.js';
 import { killPoint } from '../killpoint.js';
 import { timed } from '../snapshot/profile.js';
 import type { Fd, InodeOwner, Process, SocketOption, TcpConnection } from '../image/types.js';
@@ -84,6 +85,13 @@ const IPPROTO_TCP = 6;
 const SOCK_STREAM = 1;
 const SO_REUSEADDR = 2;
 const SO_LOCK_FILTER = 44;
+const SO_SNDBUF = 7;
+const SO_RCVBUF = 8;
+/** The buffer sizes' lock bits (Linux 5.14): SOCK_SNDBUF_LOCK 1,
+ * SOCK_RCVBUF_LOCK 2. */
+const SO_BUF_LOCK = 72;
+const SOCK_SNDBUF_LOCK = 1;
+const SOCK_RCVBUF_LOCK = 2;
 /** Read back, 1 while the socket is in repair mode. */
 const TCP_REPAIR = 19;
 
@@ -509,6 +517,85 @@ function procNetPeer(pid: number, ino: bigint, family: number): [string, number]
   return undefined;
 }
 
+/** The 4 (AF_INET) or 16 (AF_INET6) bytes, network order, that an
+ * address of `family` written as inet_pton reads it names; undefined if
+ * it is not one of that family (a zone, '%eth0', is not: inet_pton takes
+ * none). Any spelling ('0:0::1', '0:0:0:0:0:ffff:7f00:1') gives the one
+ * value the kernel is handed. */
+export function addressBytes(family: number, text: string): Buffer | undefined {
+  if (typeof text !== 'string') return undefined;
+  if (family === AF_INET) return isIPv4(text) ? Buffer.from(text.split('.').map(Number)) : undefined;
+  if (family !== AF_INET6 || !isIPv6(text) || text.includes('%')) return undefined;
+  // A dotted tail ('::ffff:127.0.0.1') is the last two 16-bit groups.
+  const dotted = /^(.*:)(\d+\.\d+\.\d+\.\d+)$/.exec(text);
+  const b = dotted?.[2].split('.').map(Number);
+  const hex = dotted && b ? `${dotted[1]}${((b[0] << 8) | b[1]).toString(16)}:${((b[2] << 8) | b[3]).toString(16)}` : text;
+  const [head, tail] = hex.split('::');
+  const groupsOf = (part: string) => (part === '' ? [] : part.split(':'));
+  const before = groupsOf(head);
+  const after = tail === undefined ? [] : groupsOf(tail);
+  const groups = tail === undefined ? before : [...before, ...Array<string>(8 - before.length - after.length).fill('0'), ...after];
+  if (groups.length !== 8) return undefined;
+  const bytes = Buffer.alloc(16);
+  groups.forEach((g, i) => bytes.writeUInt16BE(parseInt(g, 16), 2 * i));
+  return bytes;
+}
+
+/** The IPv4 address an IPv4-mapped IPv6 one (::ffff:a.b.c.d) is. */
+function mappedV4(bytes: Buffer): Buffer | undefined {
+  return bytes.length === 16 && bytes.subarray(0, 10).every((b) => b === 0) && bytes[10] === 0xff && bytes[11] === 0xff ? bytes.subarray(12) : undefined;
+}
+
+const unspecified = (bytes: Buffer) => bytes.every((b) => b === 0);
+
+/** An address's bytes written one way: dotted, IPv6 short ('::1'), an
+ * IPv4-mapped one with its IPv4 dotted. */
+function addressText(bytes: Buffer): string {
+  if (bytes.length === 4) return [...bytes].join('.');
+  const v4 = mappedV4(bytes);
+  if (v4) return `::ffff:${[...v4].join('.')}`;
+  return new URL(`http://[${(bytes.toString('hex').match(/.{4}/g) ?? []).join(':')}]`).hostname.slice(1, -1);
+}
+
+/** Why connection `c`'s addresses cannot be the ones it has (validate.ts),
+ * or undefined: each one of its family; the local one not unspecified
+ * (0.0.0.0, ::, ::ffff:0.0.0.0), which an established connection never
+ * has, and which bound in repair mode takes whatever the route gives at
+ * the connect, unseen by refuseForeignListener. A closed one is made as a
+ * reset socket, its addresses unused. */
+export function connectionAddressFault(c: TcpConnection): string | undefined {
+  if (c.closed) return undefined;
+  const local = addressBytes(c.family, c.localAddress);
+  const peer = addressBytes(c.family, c.peerAddress);
+  const shown = (a: unknown) => `'${String(a).slice(0, 64)}'`;
+  if (!local || !peer) return `is a TCP connection of family ${c.family} from ${shown(c.localAddress)} to ${shown(c.peerAddress)}, not two addresses of its family`;
+  if (unspecified(local) || unspecified(mappedV4(local) ?? local)) return `is a TCP connection from the unspecified address ${shown(c.localAddress)}, which no connection has`;
+  return undefined;
+}
+
+/** Which destinations a socket bound to `bytes` (of `family`) receives
+ * for, as the kernel weighs two bound addresses (inet_rcv_saddr_equal):
+ * IPv4 and IPv6 each a wildcard, one address, or none. An IPv4-mapped
+ * address is its IPv4 one (::ffff:0.0.0.0 the IPv4 wildcard); the IPv6
+ * wildcard takes IPv4 too unless IPV6_V6ONLY (taken so when not known). */
+interface Reach {
+  v4?: Buffer | 'any';
+  v6?: Buffer | 'any';
+}
+
+function reachOf(family: number, bytes: Buffer, v6only?: boolean): Reach {
+  if (family === AF_INET) return { v4: unspecified(bytes) ? 'any' : bytes };
+  const v4 = mappedV4(bytes);
+  if (v4) return { v4: unspecified(v4) ? 'any' : v4 };
+  if (unspecified(bytes)) return v6only ? { v6: 'any' } : { v4: 'any', v6: 'any' };
+  return { v6: bytes };
+}
+
+function overlaps(a: Reach, b: Reach): boolean {
+  const one = (x: Buffer | 'any' | undefined, y: Buffer | 'any' | undefined) => x !== undefined && y !== undefined && (x === 'any' || y === 'any' || x.equals(y));
+  return one(a.v4, b.v4) || one(a.v6, b.v6);
+}
+
 function splitRemote(remote: string): [string, number] {
   const i = remote.lastIndexOf(':');
   return [remote.slice(0, i), Number(remote.slice(i + 1))];
@@ -530,15 +617,33 @@ function emptyConnection(ino: bigint, family: number, named: Pick<TcpConnection,
  */
 export class ConnectionMaker {
   private readonly made = new Map<bigint, { fd: number; c: TcpConnection; repaired: boolean; kept: boolean }>();
+  /** Inodes of the listeners this restore made or was handed for the
+   * application (sockets.ts openSocket tells them: ownListener), and of
+   * the connections it made: the sockets a connection made here may share
+   * its port with (refuseForeignListener). */
+  private readonly own = new Set<bigint>();
+  /** Local addresses and ports refuseForeignListener found free of
+   * another application's listener: not looked at again (a server's
+   * accepted connections share one; each look is a sock_diag dump per
+   * family, about 40 µs). */
+  private readonly portsSeen = new Set<string>();
 
   /** `kept`: the sockets a keeper held since the snapshot that ended the
    * application (keeper.ts): the very connections, used as they are. */
   constructor(private readonly kept: KeptSockets) {}
 
-  /** Our descriptor for connection `c`; `what` names its process and fd. */
-  /** `owner`: asked only for a socket made here, which is made with it
-   * (files.ts ownerFor). */
-  open(c: TcpConnection | undefined, what: string, owner?: () => InodeOwner | undefined): number {
+  /** A TCP listener the restore made, or was handed (by a keeper, by the
+   * caller), as one of the application's. */
+  ownListener(sock: number): void {
+    this.own.add(fstatSync(sock, { bigint: true }).ino);
+  }
+
+  /** Our descriptor for connection `c`; `what` names its process and fd.
+   * `owner`: asked only for a socket made here, which is made with it
+   * (files.ts ownerFor). `holders`: the uids of the processes holding it
+   * in the image, and the sockets the caller hands the restore
+   * (RestoreContext.inherit), for refuseForeignListener. */
+  open(c: TcpConnection | undefined, what: string, owner?: () => InodeOwner | undefined, holders?: { uids: ReadonlySet<number>; handed: Iterable<number> }): number {
     if (!c) throw new AppshotError(`corrupt image: ${what}: a TCP connection without its state`);
     const known = this.made.get(c.ino);
     if (known) return known.fd;
@@ -558,19 +663,91 @@ export class ConnectionMaker {
       this.made.set(c.ino, { fd: kept, c, repaired: true, kept: true });
       return kept;
     }
+    // Bound as the addresses' bytes written one way: what the check
+    // weighed is what the kernel is handed, however the image spelled it.
+    const local = c.closed ? undefined : this.refuseForeignListener(c, what, holders?.uids ?? new Set(), holders?.handed ?? []);
     let fd: number;
     try {
       const given = c.closed ? undefined : owner?.();
       // SO_REUSEPORT before the bind (tcp_repair.c), the rest after.
       const reuseport = c.socketOptions.some((o) => o.level === SOL_SOCKET && o.name === SO_REUSEPORT && o.value !== 0);
-      fd = c.closed ? addon().tcpResetSocket(c.family) : addon().tcpMake({ ...c, reuseport, ...(given ? { owner: given } : {}) });
+      fd = !local ? addon().tcpResetSocket(c.family) : addon().tcpMake({ ...c, localAddress: addressText(local), reuseport, ...(given ? { owner: given } : {}) });
     } catch (e) {
       const err = e as NodeJS.ErrnoException;
       const hint = err.code === 'EPERM' ? ' (TCP repair needs CAP_NET_ADMIN; a snapshot taken with --tcp-close restores without it)' : '';
       throw new AppshotError(`${what}: the TCP connection ${connectionName(c)}: ${err.message}${hint}`);
     }
     this.made.set(c.ino, { fd, c, repaired: !c.closed, kept: false });
+    if (!c.closed) this.own.add(fstatSync(fd, { bigint: true }).ino);
     return fd;
+  }
+
+  /**
+   * A connection is made in repair mode, where the kernel binds it with
+   * SK_FORCE_REUSE: inet_csk_get_port takes the port whatever holds it,
+   * without the conflict check a plain bind gets (EADDRINUSE next to any
+   * listener but a SO_REUSEPORT one of the same uid). Made next to another
+   * application's listener, the connection would take that listener's
+   * packets from its peer's address and port (an established socket is
+   * looked up before a listener), and keep the port from it once it is
+   * closed and bound again; from a crafted image (another node's key,
+   * --trust-image) that is any port on this node, whoever listens there.
+   * So a TCP listener on the connection's local port whose address
+   * overlaps the connection's as the kernel weighs them (reachOf: bytes,
+   * not spellings; a wildcard on either side; IPV6_V6ONLY as sock_diag
+   * says) must be one of the application's: made or handed by this
+   * restore, held by its keeper, or owned (its inode's uid: the fsuid
+   * that created it, as SO_REUSEPORT's own rule weighs it, not whoever
+   * holds it now) by a uid a process holding the connection has, which
+   * could signal or trace that creator's processes anyway: no more than
+   * the image had (serve's front door falling back to forwarding; the
+   * original of a --leave-running snapshot). An image with a root process
+   * is so not kept off listeners root created. The connection's own local
+   * address is never a wildcard (connectionAddressFault). Returns its
+   * bytes, to be bound as they are. Connections sharing the port are not
+   * weighed: connect() shares a local port among any connections of
+   * distinct peers, and the kernel refuses the very same pair at our
+   * connect (EADDRNOTAVAIL). A socket bound and not (yet) listening is not
+   * seen (sock_diag shows those from Linux 6.5, with a request this module
+   * does not make); nor one bound between this look and the bind (or the
+   * bind of a later connection at the same address and port).
+   */
+  private refuseForeignListener(c: TcpConnection, what: string, uids: ReadonlySet<number>, handed: Iterable<number>): Buffer {
+    // validate.ts refused these already (connectionAddressFault).
+    const fault = connectionAddressFault(c);
+    if (fault) throw new AppshotError(`corrupt image: ${what} ${fault}`);
+    const local = addressBytes(c.family, c.localAddress)!;
+    const reach = reachOf(c.family, local);
+    const at = `${local.toString('hex')} ${c.localPort} ${[...uids].sort().join(',')}`;
+    if (this.portsSeen.has(at)) return local;
+    // Address, owner and IPV6_V6ONLY from the one sock_diag answer that
+    // names the listener: a failure to ask is a refusal, not a pass.
+    let listening: { family: number; ino: bigint; uid: number; address: Buffer; v6only?: boolean }[];
+    try {
+      listening = [AF_INET, AF_INET6].flatMap((family) => addon().tcpListeners(family, c.localPort).map((l) => ({ ...l, family, ino: BigInt(l.ino) })));
+    } catch (e) {
+      throw new AppshotError(`${what}: the TCP connection ${connectionName(c)}: cannot tell which listeners share port ${c.localPort} (${(e as Error).message}), so cannot make it in repair mode without perhaps taking one over`);
+    }
+    const foreign = listening.filter((l) => !this.own.has(l.ino) && this.kept.get(l.ino) === undefined && overlaps(reach, reachOf(l.family, l.address, l.v6only)));
+    if (foreign.length) {
+      const handedInodes = new Set<bigint>();
+      for (const fd of handed)
+        try {
+          handedInodes.add(fstatSync(fd, { bigint: true }).ino);
+        } catch {
+          /* not one the restore can use either */
+        }
+      for (const l of foreign) {
+        if (handedInodes.has(l.ino) || uids.has(l.uid)) continue;
+        const address = addressText(l.address);
+        throw new AppshotError(
+          `${what}: the TCP connection ${connectionName(c)}: port ${c.localPort} is another application's (a listener at ${l.family === AF_INET6 ? `[${address}]` : address}:${c.localPort}, uid ${l.uid}, inode ${l.ino}): made here in repair mode, the connection would take it over from that listener`,
+          ExitCode.conflict,
+        );
+      }
+    }
+    this.portsSeen.add(at);
+    return local;
   }
 
   /** Every process is made: the connections leave repair mode, write
@@ -602,6 +779,7 @@ export class ConnectionMaker {
         const where = `the TCP connection ${connectionName(m.c)}`;
         applyExtras(m.fd, extras, CARRIED_OPTIONS, true, where);
         applyExtras(m.fd, extras, CARRIED_OPTIONS, false, where);
+        ownBufferLocks(m.fd, m.c);
       }
       if (!m.kept && m.c.state === TCP_CLOSE_WAIT) refin(m.fd, m.c);
     }
@@ -626,9 +804,44 @@ export class ConnectionMaker {
 /** Our descriptor for the connection `fd` holds: made (in repair mode)
  * the first time one of its descriptors is asked for. */
 export function openConnection(h: RestoreContext, p: Process, fd: Fd): number {
-  const sock = h.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`, () => ownerFor(h, p, fd));
+  const ino = fd.tcp?.ino;
+  const uids = new Set<number>();
+  for (const q of h.image.processes)
+    if (q.fds.some((f) => f.tcp?.ino === ino)) for (const c of [q.creds, ...q.threads.map((t) => t.creds)]) for (const uid of c?.uid ?? []) uids.add(uid);
+  const sock = h.tcp.open(fd.tcp, `process ${p.vpid} fd ${fd.fd}`, () => ownerFor(h, p, fd), { uids, handed: h.inherit.values() });
   addon().setStatusFlags(sock, fd.flags);
   return sock;
+}
+
+/**
+ * A buffer the restore raised to hold a queue (tcp_repair.c make_room,
+ * SO_*BUFFORCE) is locked by that setsockopt, as if the application had
+ * fixed its size: the kernel would tune it no more, and a later snapshot
+ * would record that size as the application's (SO_BUF_LOCK's bit says
+ * which sizes are), to be forced again at the next restore, and weighed
+ * as needing CAP_NET_ADMIN where it is above twice net.core.*mem_max.
+ * Once the queues are refilled and the application's own sizes set again
+ * (applyExtras, locked), the lock bits go back to the application's: the
+ * raised size stays, to hold what is queued, and is the kernel's to tune
+ * (or shrink under memory pressure) from there. A kernel without
+ * SO_BUF_LOCK (before 5.14) cannot clear a bit: left as it is.
+ */
+function ownBufferLocks(fd: number, c: TcpConnection): void {
+  let own = 0;
+  for (const o of c.socketOptions)
+    if (o.level === SOL_SOCKET)
+      if (o.name === SO_BUF_LOCK) own |= o.value & (SOCK_SNDBUF_LOCK | SOCK_RCVBUF_LOCK);
+      // An image from before SO_BUF_LOCK was read: a size it records was
+      // the application's (recorded only when locked).
+      else if (o.name === SO_SNDBUF) own |= SOCK_SNDBUF_LOCK;
+      else if (o.name === SO_RCVBUF) own |= SOCK_RCVBUF_LOCK;
+  let now: number;
+  try {
+    now = addon().getSockOpt(fd, SOL_SOCKET, SO_BUF_LOCK);
+  } catch {
+    return;
+  }
+  if (now !== own) addon().setSockOpt(fd, SOL_SOCKET, SO_BUF_LOCK, own);
 }
 
 /** The bytes written to a made connection once it is out of repair mode:
