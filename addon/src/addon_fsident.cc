@@ -13,6 +13,7 @@
 
 #include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include "addon.h"
@@ -232,6 +233,10 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, rc);
 }
 
+// Why a retry identity that reached the very inode was still refused
+// (SameAsHeldStrictly), for the line that tells it.
+enum class Unproven { kNone, kNoMountId };
+
 struct WatchCall {
   int fd;
   int held;        // our O_PATH descriptor of the watched (openAs, checked)
@@ -240,7 +245,22 @@ struct WatchCall {
   bool fanotify;
   uint32_t flags;  // fanotify_mark's
   uint64_t mask;
+  const char* mnt_id_knob;  // APPSHOT_TEST_MNT_ID (fsident_test_knob), or nullptr
+  Unproven unproven;        // set by a retry identity's refusal
 };
+
+// The mount id of what our descriptor `fd` holds: statx's (5.8), else
+// /proc/self/fdinfo's (3.15), or false. `statx_too` false: fdinfo's only
+// (the test knob). fdinfo is read as this thread's identity: the file is
+// the restorer's (0400, its euid's), so an identity of another fsuid
+// without CAP_DAC_OVERRIDE cannot, and then it is false.
+bool MountIdOf(int fd, const struct statx& st, bool statx_too, uint64_t* id) {
+  if (statx_too && (st.stx_mask & STATX_MNT_ID)) {
+    *id = st.stx_mnt_id;
+    return true;
+  }
+  return fsident_fdinfo_mount_id(fd, id) == 0;
+}
 
 // In a retry as another identity than the holder's (fsident_strict):
 // whether this identity reaches the very inode `held` holds, on the same
@@ -258,16 +278,35 @@ struct WatchCall {
 // then the link itself, the very one only where `held` is it too (an
 // inode mark on the link); one the holder followed (a mount or
 // filesystem mark) is another inode, refused as every other symlink is.
-int SameAsHeldStrictly(int held, const char* name) {
-  if (!name || name[0] != '/') return -EACCES;
-  int mine = fsident_open(name, O_PATH | O_NOFOLLOW | O_CLOEXEC, 0);
+int SameAsHeldStrictly(WatchCall* c) {
+  if (!c->name || c->name[0] != '/') return -EACCES;
+  int mine = fsident_open(c->name, O_PATH | O_NOFOLLOW | O_CLOEXEC, 0);
   if (mine < 0) return -EACCES;
   struct statx a, b;
-  bool same = statx(held, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_INO | STATX_MNT_ID, &a) == 0 &&
-              statx(mine, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_INO | STATX_MNT_ID, &b) == 0 && a.stx_dev_major == b.stx_dev_major &&
-              a.stx_dev_minor == b.stx_dev_minor && a.stx_ino == b.stx_ino;
-  // The mount too (a mount mark is on it), where the kernel tells it (5.8).
-  if (same && (a.stx_mask & b.stx_mask & STATX_MNT_ID)) same = a.stx_mnt_id == b.stx_mnt_id;
+  const unsigned want = STATX_BASIC_STATS | STATX_MNT_ID;
+  bool same = statx(c->held, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, want, &a) == 0 && statx(mine, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, want, &b) == 0 &&
+              a.stx_dev_major == b.stx_dev_major && a.stx_dev_minor == b.stx_dev_minor && a.stx_ino == b.stx_ino;
+  // The mount too: a mount mark is on it, and no more than the holder's
+  // walk chose may be marked. statx tells it from 5.8, fdinfo from 3.15
+  // (openat2, without which nothing here runs, is 5.6). Both descriptors
+  // are open, so the number (reused once a mount is gone) names one
+  // mount each. The test knob takes the retry's from fdinfo only
+  // ("fdinfo": checked against statx's for `held`) or from neither
+  // ("none").
+  if (same) {
+    const char* knob = c->mnt_id_knob ? c->mnt_id_knob : "";
+    bool none = !strcmp(knob, "none");
+    uint64_t x = 0, y = 0;
+    bool told = !none && MountIdOf(c->held, a, true, &x) && MountIdOf(mine, b, strcmp(knob, "fdinfo") != 0, &y);
+    if (told) same = x == y;
+    // A mount or filesystem mark is refused where neither tells: the
+    // inode alone does not say which mount's events it would report. An
+    // inode's watch or mark is on the inode, which dev and ino name.
+    else if (c->fanotify && (c->flags & (FAN_MARK_MOUNT | FAN_MARK_FILESYSTEM))) {
+      same = false;
+      c->unproven = Unproven::kNoMountId;
+    }
+  }
   close(mine);
   return same ? 0 : -EACCES;
 }
@@ -286,7 +325,7 @@ int SameAsHeldStrictly(int held, const char* name) {
 int WatchOp(void* arg) {
   auto* c = static_cast<WatchCall*>(arg);
   if (fsident_strict()) {
-    int rc = SameAsHeldStrictly(c->held, c->name);
+    int rc = SameAsHeldStrictly(c);
     if (rc < 0) return rc;
   }
   if (c->fanotify) return fanotify_mark(c->fd, c->flags & ~FAN_MARK_DONT_FOLLOW, c->mask, AT_FDCWD, c->at.c_str()) == 0 ? 0 : -errno;
@@ -315,7 +354,8 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   int held = info[at].As<Napi::Number>().Int32Value();
   bool named = shownArg.IsString();
   std::string shown = named ? shownArg.As<Napi::String>().Utf8Value() : "descriptor " + std::to_string(held);
-  WatchCall c{info[0].As<Napi::Number>().Int32Value(), held, "/proc/self/fd/" + std::to_string(held), named ? shown.c_str() : nullptr, fanotify, 0, 0};
+  WatchCall c{info[0].As<Napi::Number>().Int32Value(), held, "/proc/self/fd/" + std::to_string(held), named ? shown.c_str() : nullptr, fanotify, 0, 0,
+              fsident_test_knob("APPSHOT_TEST_MNT_ID"), Unproven::kNone};
   if (fanotify) {
     bool lossless = false;
     c.flags = info[1].As<Napi::Number>().Uint32Value();
@@ -325,7 +365,22 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   }
   int rc = fsident_run(who.get(), nullptr, WatchOp, &c);
   if (rc < 0) {
-    appshot::ThrowErrno(env, (fanotify ? "fanotify_mark '" : "inotify_add_watch '") + shown + "'", -rc);
+    std::string what = (fanotify ? "fanotify_mark '" : "inotify_add_watch '") + shown + "'";
+    // Refused as every identity, one of which reached the very inode but
+    // could not show it may watch it: why, for the line
+    // (src/resources/fsident.ts refusedAsProcess).
+    std::string why;
+    if ((rc == -EACCES || rc == -EPERM) && c.unproven == Unproven::kNoMountId)
+      why = "another identity reaches it, but this kernel tells no mount id (statx STATX_MNT_ID, Linux 5.8, nor /proc/self/fdinfo) by which to show the mark would be on the very mount";
+    if (why.empty()) {
+      appshot::ThrowErrno(env, what, -rc);
+      return env.Undefined();
+    }
+    Napi::Error e = Napi::Error::New(env, what + ": " + std::strerror(-rc) + " (" + why + ")");
+    e.Set("code", Napi::String::New(env, strerrorname_np(-rc)));
+    e.Set("errno", Napi::Number::New(env, -rc));
+    e.Set("retryRefused", Napi::String::New(env, why));
+    e.ThrowAsJavaScriptException();
     return env.Undefined();
   }
   return Napi::Number::New(env, rc);

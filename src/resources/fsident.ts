@@ -187,23 +187,28 @@ export function openToMapAs(image: Image, vpid: number, path: string, flags: num
 
 /** `e`, an open's refusal of a name that leads through a /proc magic
  * link (openAs: fsident.c fsident_open), as one line whose subject is
- * `what` (the name and whose it is; exit 5); anything else returns. No snapshot records such a name (the kernel
- * names what a link leads to): an image that has one, or a symlink to one
- * put at an image's name since, would reach a file the application never
- * held, the restoring engine's own among them. */
+ * `what` (the name and whose it is; exit 5); anything else returns. No snapshot records
+ * such a name (the kernel names what a link leads to): an image that has
+ * one, or a symlink to one put at an image's name since, would reach a
+ * file the application never held, the restoring engine's own among
+ * them. */
 export function refuseMagicLink(e: unknown, what: string): void {
   if ((e as { magicLink?: boolean })?.magicLink) throw new AppshotError(`${what} leads through a /proc magic link (a process's fd, cwd, root or exe), which a restore never follows`, ExitCode.denied);
 }
 
+
 /** `e`, the kernel's refusal of an open made as a process (EACCES,
  * EPERM), as one line naming `what` (and `who`'s fsuid and fsgid), which
- * cannot be `verb` (opened, made, reached): exit 5.
+ * cannot be `verb` (opened, made, reached): exit 5. A watch or mark that
+ * another identity reached but could not show it may make (the addon's
+ * `retryRefused`: no mount id to compare) says so after the code.
  * Any other error is thrown as it is. */
 export function refusedAsProcess(e: unknown, what: string, who?: FsIdentity, verb = 'opened'): never {
   refuseMagicLink(e, what);
   if (!refusal(e)) throw e;
   const code = (e as NodeJS.ErrnoException).code;
-  throw new AppshotError(`${what} cannot be ${verb} with the credentials of the process or the application's others${who ? ` (fsuid ${who.fsuid}, fsgid ${who.fsgid})` : ''}: ${code}`, ExitCode.denied);
+  const why = (e as { retryRefused?: string }).retryRefused;
+  throw new AppshotError(`${what} cannot be ${verb} with the credentials of the process or the application's others${who ? ` (fsuid ${who.fsuid}, fsgid ${who.fsgid})` : ''}: ${code}${why ? ` (${why})` : ''}`, ExitCode.denied);
 }
 
 /** Per restored process (its RemoteProcess): which process of which image
