@@ -13,7 +13,7 @@
  * key, not saying they are this node's snapshot.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -169,6 +169,55 @@ describe.runIf(isRoot)("a mount mark a retry identity makes: on the very mount, 
     const ino = statSync(secret).ino.toString(16);
     restored(restore(inotifyOn('inotify-none', secret), 'inotifynone', knobs('none')), 'inotifynone', (pid) => {
       expect(readFileSync(`/proc/${pid}/fdinfo/911`, 'utf8')).toMatch(new RegExp(`^inotify wd:1 ino:${ino} `, 'm'));
+    });
+  });
+});
+
+describe.runIf(isRoot)('a watch a retry identity makes on a file of more than one hard link: only one the holder owns or may read (r379 L2)', () => {
+  const knob = '/proc/sys/fs/protected_hardlinks';
+  let tree: string;
+  beforeAll(() => {
+    tree = mkdtempSync(join(out, 'links-'));
+    chmodSync(tree, 0o755);
+    mkdirSync(join(tree, 'hidden'), { mode: 0o711 });
+    chmodSync(join(tree, 'hidden'), 0o711);
+    writeFileSync(join(tree, 'hidden', 'secret'), 'root only\n', { mode: 0o600 });
+    mkdirSync(join(tree, 'w'));
+    chownSync(join(tree, 'w'), NOBODY, NOBODY);
+  });
+
+  it("refuses the worker's watch on a root-only file its user hard-linked into its own directory, in one line, and leaves nothing", (ctx) => {
+    let before: string;
+    try {
+      before = readFileSync(knob, 'utf8').trim();
+      writeFileSync(knob, '0');
+    } catch (e) {
+      ctx.skip(`${knob} cannot be written here (${(e as NodeJS.ErrnoException).code}): the worker's user could not make the link`);
+      return;
+    }
+    const link = join(tree, 'w', 'mine');
+    try {
+      // The worker's user makes it, as fs.protected_hardlinks=0 lets them.
+      const ln = spawnSync('chroot', [`--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'ln', join(tree, 'hidden', 'secret'), link], { encoding: 'utf8' });
+      expect(ln.status, ln.stderr).toBe(0);
+    } finally {
+      writeFileSync(knob, before);
+    }
+    expect(statSync(link).nlink).toBe(2);
+    const r = restore(inotifyOn('hardlink-planted', link), undefined);
+    refused(r, new RegExp(`process ${worker} fd 911: its inotify watch 1 on ${link} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES \\(another identity reaches it, but it is a file of 2 hard links, of uid 0, which the holder neither owns nor may read: a link its user may have made\\)$`), 5);
+  });
+
+  it("still restores the worker's watch, made as the master, on a file of two links the worker owns but may not read", () => {
+    const own = join(tree, 'w', 'own');
+    writeFileSync(own, 'write only\n');
+    chownSync(own, NOBODY, NOBODY);
+    chmodSync(own, 0o200);
+    spawnSync('ln', [own, join(tree, 'w', 'own2')]);
+    const st = statSync(own);
+    expect(st.nlink).toBe(2);
+    restored(restore(inotifyOn('hardlink-own', own), 'hardlinkown'), 'hardlinkown', (pid) => {
+      expect(readFileSync(`/proc/${pid}/fdinfo/911`, 'utf8')).toMatch(new RegExp(`^inotify wd:1 ino:${st.ino.toString(16)} `, 'm'));
     });
   });
 });

@@ -235,7 +235,7 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
 
 // Why a retry identity that reached the very inode was still refused
 // (SameAsHeldStrictly), for the line that tells it.
-enum class Unproven { kNone, kNoMountId };
+enum class Unproven { kNone, kNoMountId, kHardLink };
 
 struct WatchCall {
   int fd;
@@ -245,8 +245,11 @@ struct WatchCall {
   bool fanotify;
   uint32_t flags;  // fanotify_mark's
   uint64_t mask;
+  const fsident* holder;  // the first identity tried: the holder's; nullptr: none
   const char* mnt_id_knob;  // APPSHOT_TEST_MNT_ID (fsident_test_knob), or nullptr
   Unproven unproven;        // set by a retry identity's refusal
+  uint32_t nlink;           // and, for kHardLink, what it saw
+  uint32_t owner;
 };
 
 // The mount id of what our descriptor `fd` holds: statx's (5.8), else
@@ -260,6 +263,16 @@ bool MountIdOf(int fd, const struct statx& st, bool statx_too, uint64_t* id) {
     return true;
   }
   return fsident_fdinfo_mount_id(fd, id) == 0;
+}
+
+// Whether `who` may read a file of `st`'s owner, group and mode by its
+// mode bits alone, as the kernel's generic check picks the class: the
+// owner's bits for its owner, the group's for a member, the others'.
+bool ReadableByMode(const fsident& who, const struct statx& st) {
+  if (st.stx_uid == who.fsuid) return st.stx_mode & S_IRUSR;
+  bool member = st.stx_gid == who.fsgid;
+  for (uint32_t i = 0; !member && i < who.ngroups; i++) member = who.groups[i] == st.stx_gid;
+  return st.stx_mode & (member ? S_IRGRP : S_IROTH);
 }
 
 // In a retry as another identity than the holder's (fsident_strict):
@@ -306,6 +319,23 @@ int SameAsHeldStrictly(WatchCall* c) {
       same = false;
       c->unproven = Unproven::kNoMountId;
     }
+  }
+  // A hard link the holder's user made to a file they may not read (as
+  // fs.protected_hardlinks=0 lets anyone, of any file on the same
+  // filesystem: a root-only one linked into their own directory) is the
+  // very inode, reached with no symlink: a root master's retry would
+  // then watch a file of which the holder's user chose nothing but the
+  // name, and its access and modify events (when /etc/shadow is read or
+  // written) would reach them. A directory cannot be hard-linked; a
+  // file of one name only was not linked; one of more is watched as
+  // another only where the holder owns it (it may give itself the right
+  // to read it) or may read it by its mode (the kernel's refusal of the
+  // holder came from elsewhere: an ACL, a security module).
+  if (same && !S_ISDIR(a.stx_mode) && a.stx_nlink > 1 && !(c->holder && (a.stx_uid == c->holder->fsuid || ReadableByMode(*c->holder, a)))) {
+    same = false;
+    c->unproven = Unproven::kHardLink;
+    c->nlink = a.stx_nlink;
+    c->owner = a.stx_uid;
   }
   close(mine);
   return same ? 0 : -EACCES;
@@ -354,8 +384,9 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   int held = info[at].As<Napi::Number>().Int32Value();
   bool named = shownArg.IsString();
   std::string shown = named ? shownArg.As<Napi::String>().Utf8Value() : "descriptor " + std::to_string(held);
+  const fsident_list* ids = who.get();
   WatchCall c{info[0].As<Napi::Number>().Int32Value(), held, "/proc/self/fd/" + std::to_string(held), named ? shown.c_str() : nullptr, fanotify, 0, 0,
-              fsident_test_knob("APPSHOT_TEST_MNT_ID"), Unproven::kNone};
+              ids ? &ids->ids[0] : nullptr, fsident_test_knob("APPSHOT_TEST_MNT_ID"), Unproven::kNone, 0, 0};
   if (fanotify) {
     bool lossless = false;
     c.flags = info[1].As<Napi::Number>().Uint32Value();
@@ -372,6 +403,9 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
     std::string why;
     if ((rc == -EACCES || rc == -EPERM) && c.unproven == Unproven::kNoMountId)
       why = "another identity reaches it, but this kernel tells no mount id (statx STATX_MNT_ID, Linux 5.8, nor /proc/self/fdinfo) by which to show the mark would be on the very mount";
+    else if ((rc == -EACCES || rc == -EPERM) && c.unproven == Unproven::kHardLink)
+      why = "another identity reaches it, but it is a file of " + std::to_string(c.nlink) + " hard links, of uid " + std::to_string(c.owner) +
+            ", which the holder neither owns nor may read: a link its user may have made";
     if (why.empty()) {
       appshot::ThrowErrno(env, what, -rc);
       return env.Undefined();

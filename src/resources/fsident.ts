@@ -201,7 +201,8 @@ export function refuseMagicLink(e: unknown, what: string): void {
  * EPERM), as one line naming `what` (and `who`'s fsuid and fsgid), which
  * cannot be `verb` (opened, made, reached): exit 5. A watch or mark that
  * another identity reached but could not show it may make (the addon's
- * `retryRefused`: no mount id to compare) says so after the code.
+ * `retryRefused`: no mount id to compare, a hard link the holder may not
+ * read) says so after the code.
  * Any other error is thrown as it is. */
 export function refusedAsProcess(e: unknown, what: string, who?: FsIdentity, verb = 'opened'): never {
   refuseMagicLink(e, what);
