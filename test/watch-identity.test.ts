@@ -1,7 +1,8 @@
 /**
  * A watch or mark a retry identity makes (fsident.ts openWatchedAs, addon
  * SameAsHeldStrictly): made only on what it shows it may make it on, and
- * told in one line where it cannot show it.
+ * told in one line where it cannot show it; an engine where openat2
+ * itself is refused says so, not that a credential is missing.
  *
  * The application is a root master and its uid-65534 worker (a PHP-FPM
  * pool's layout, as hostile-paths.test.ts's r375 M1 case): the worker
@@ -20,7 +21,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
 import { FdKind, FanotifyMarkKind, type Fd, type Image } from '../src/image/types.js';
 import { writeSignedImage } from './crafted.js';
-import { cli, Sandbox, waitFor } from './helpers.js';
+import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
 const NOBODY = 65534;
 const isRoot = process.geteuid?.() === 0;
@@ -99,9 +100,11 @@ const mountMarkOn = (name: string, path: string) =>
 
 /** `appshot restore` run by this process's child with no engine (the
  * restorer is that child: a test knob counts only in a process started
- * with APPSHOT_TEST_KNOBS=1). */
-function restore(dir: string, aid: string | undefined, env: NodeJS.ProcessEnv = {}) {
-  const r = spawnSync(process.execPath, [cli, 'restore', dir, ...(aid ? ['--aid', aid] : [])], { env: { ...sb.env, APPSHOT_ENGINE: 'off', ...env }, encoding: 'utf8', timeout: 50_000 });
+ * with APPSHOT_TEST_KNOBS=1), under `wrap` (a command its argv is given
+ * to) if any. */
+function restore(dir: string, aid: string | undefined, env: NodeJS.ProcessEnv = {}, wrap: string[] = []) {
+  const argv = [process.execPath, cli, 'restore', dir, ...(aid ? ['--aid', aid] : [])];
+  const r = spawnSync(wrap[0] ?? argv[0], [...wrap.slice(1), ...(wrap.length ? argv : argv.slice(1))], { env: { ...sb.env, APPSHOT_ENGINE: 'off', ...env }, encoding: 'utf8', timeout: 50_000 });
   return { code: r.status, stderr: r.stderr ?? '' };
 }
 
@@ -220,4 +223,15 @@ describe.runIf(isRoot)('a watch a retry identity makes on a file of more than on
       expect(readFileSync(`/proc/${pid}/fdinfo/911`, 'utf8')).toMatch(new RegExp(`^inotify wd:1 ino:${st.ino.toString(16)} `, 'm'));
     });
   });
+});
+
+describe.runIf(isRoot && process.arch === 'x64')('a restorer whose openat2 a seccomp filter refuses (r375 L1)', () => {
+  for (const err of ['EPERM', 'ENOSYS'])
+    it(`says so in one line, not as a credential refused, when openat2 answers ${err}, and leaves nothing`, () => {
+      const dir = inotifyOn(`seccomp-${err}`, out);
+      const r = { ...restore(dir, undefined, {}, [fixture('noopenat2'), err]), dir };
+      const how = err === 'EPERM' ? 'openat2 is blocked on this system \\(seccomp\\?\\)' : 'openat2 is missing or blocked on this system \\(Linux < 5\\.6, or seccomp\\?\\)';
+      // The first of the image's names opened: a file it maps.
+      refused(r, new RegExp(`^appshot: cannot restore ${r.dir}: ${how}: /\\S+, which the image maps, cannot be restored safely without it \\(a restore opens an image's names only through openat2\\)$`), 1);
+    });
 });

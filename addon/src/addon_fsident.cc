@@ -142,7 +142,16 @@ void ThrowOpen(const Napi::Env& env, const std::string& path, int rc, bool magic
     return;
   }
   if (rc == -ENOSYS) {
-    appshot::ThrowErrno(env, "open '" + path + "' (this kernel has no openat2, Linux 5.6, by which a restore opens an image's names)", ENOSYS);
+    // openat2 refused whatever it is asked (fsident_openat2_refused):
+    // said so, with `openat2Refused` for src/resources/fsident.ts, which
+    // words it with what the name was of, never as a credential.
+    int why = -fsident_openat2_refused();
+    std::string how = why == EPERM ? "openat2 is blocked on this system (seccomp?)" : "openat2 is missing or blocked on this system (Linux < 5.6, or seccomp?)";
+    Napi::Error e = Napi::Error::New(env, "open '" + path + "': " + how + ", by which alone a restore opens an image's names");
+    e.Set("code", Napi::String::New(env, "ENOSYS"));
+    e.Set("errno", Napi::Number::New(env, ENOSYS));
+    e.Set("openat2Refused", Napi::String::New(env, how));
+    e.ThrowAsJavaScriptException();
     return;
   }
   appshot::ThrowErrno(env, "open '" + path + "'", -rc);

@@ -107,12 +107,41 @@ static int openat2_at(int dir, const char* path, const struct open_how* how) {
  * both are plain files). */
 int fsident_open(const char* path, int flags, unsigned mode) { return fsident_openat(AT_FDCWD, path, flags, mode); }
 
+/* Whether openat2 itself is refused here, whatever it is asked: 0 (it
+ * works), -EPERM or -ENOSYS, as a harmless call answers (O_PATH of "/",
+ * which no permission, security module or Landlock rule refuses). A
+ * seccomp filter that answers openat2 with EPERM (Docker's default
+ * profile before 20.10, some sandboxes) would otherwise read as every
+ * identity's refusal of every name, tried as each in turn and told as a
+ * credential the process lacks (r375 L1); ENOSYS is a kernel before 5.6,
+ * or a filter that answers so. Asked once, at the first such error: the
+ * answer holds for the process (a filter is inherited by every thread
+ * made after it, and this engine installs none). */
+static int openat2_refused = 1; /* 1: not asked yet */
+
+int fsident_openat2_refused(void) {
+  int known = __atomic_load_n(&openat2_refused, __ATOMIC_ACQUIRE);
+  if (known != 1) return known;
+  struct open_how how = open_how_of(O_PATH | O_CLOEXEC, 0, 0);
+  int fd = openat2_at(AT_FDCWD, "/", &how);
+  int rc = 0;
+  if (fd >= 0) close(fd);
+  else if (errno == EPERM || errno == ENOSYS) rc = -errno;
+  /* Another error (EMFILE): no answer, asked again next time. */
+  else return 0;
+  __atomic_store_n(&openat2_refused, rc, __ATOMIC_RELEASE);
+  return rc;
+}
+
 int fsident_openat(int dir, const char* path, int flags, unsigned mode) {
   /* In a retry as another identity, no symlink at all (which covers the
    * magic ones). */
   struct open_how how = open_how_of(flags, mode, strict_names ? RESOLVE_NO_SYMLINKS : RESOLVE_NO_MAGICLINKS);
   int fd = openat2_at(dir, path, &how);
   if (fd >= 0) return fd;
+  /* openat2 refused as such: -ENOSYS, not a refusal of this name that
+   * fsident_run would try as every other identity. */
+  if ((errno == EPERM || errno == ENOSYS) && fsident_openat2_refused()) return -ENOSYS;
   /* A symlink on the way: refused as this identity, as the holder's was. */
   if (strict_names && errno == ELOOP) return -EACCES;
   return -errno;

@@ -187,15 +187,29 @@ export function openToMapAs(image: Image, vpid: number, path: string, flags: num
 
 /** `e`, an open's refusal of a name that leads through a /proc magic
  * link (openAs: fsident.c fsident_open), as one line whose subject is
- * `what` (the name and whose it is; exit 5); anything else returns. No snapshot records
+ * `what` (the name and whose it is; exit 5); openat2 refused as such
+ * too (refuseWithoutOpenat2); anything else returns. No snapshot records
  * such a name (the kernel names what a link leads to): an image that has
  * one, or a symlink to one put at an image's name since, would reach a
  * file the application never held, the restoring engine's own among
  * them. */
 export function refuseMagicLink(e: unknown, what: string): void {
   if ((e as { magicLink?: boolean })?.magicLink) throw new AppshotError(`${what} leads through a /proc magic link (a process's fd, cwd, root or exe), which a restore never follows`, ExitCode.denied);
+  refuseWithoutOpenat2(e, what);
 }
 
+/** `e`, openAs's answer where openat2 itself is refused whatever it is
+ * asked (the addon's `openat2Refused`: a seccomp filter that answers
+ * EPERM, as older Docker profiles do, or a kernel before 5.6), as one
+ * line naming `what`: not a credential the process lacks (r375 L1), and
+ * no name of an image is opened without openat2 (a plain open would
+ * follow a /proc magic link), so nothing that needs one, a watch a retry
+ * identity must reach by its name among them, can be restored safely.
+ * Every caller of refuseMagicLink asks this too. Anything else returns. */
+export function refuseWithoutOpenat2(e: unknown, what: string): void {
+  const how = (e as { openat2Refused?: string })?.openat2Refused;
+  if (how) throw new AppshotError(`${how}: ${what} cannot be restored safely without it (a restore opens an image's names only through openat2)`);
+}
 
 /** `e`, the kernel's refusal of an open made as a process (EACCES,
  * EPERM), as one line naming `what` (and `who`'s fsuid and fsgid), which
