@@ -139,12 +139,15 @@ int fsident_openat(int dir, const char* path, int flags, unsigned mode) {
   struct open_how how = open_how_of(flags, mode, strict_names ? RESOLVE_NO_SYMLINKS : RESOLVE_NO_MAGICLINKS);
   int fd = openat2_at(dir, path, &how);
   if (fd >= 0) return fd;
+  /* The name's own answer, before the probe's open (EMFILE, say) can
+   * overwrite it (r392 F3). */
+  int err = errno;
   /* openat2 refused as such: -ENOSYS, not a refusal of this name that
    * fsident_run would try as every other identity. */
-  if ((errno == EPERM || errno == ENOSYS) && fsident_openat2_refused()) return -ENOSYS;
+  if ((err == EPERM || err == ENOSYS) && fsident_openat2_refused()) return -ENOSYS;
   /* A symlink on the way: refused as this identity, as the holder's was. */
-  if (strict_names && errno == ELOOP) return -EACCES;
-  return -errno;
+  if (strict_names && err == ELOOP) return -EACCES;
+  return -err;
 }
 
 /* Looked at again with O_PATH (nothing opened, no FIFO waited on), the
