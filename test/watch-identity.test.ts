@@ -163,10 +163,10 @@ describe.runIf(isRoot)("a mount mark a retry identity makes: on the very mount, 
   });
 
   it('ignores the knob in a process not started with APPSHOT_TEST_KNOBS=1', () => {
-    restored(restore(mountMarkOn('mark-noknobs', mnt), 'marknoknobs', { APPSHOT_TEST_MNT_ID: 'none' }), 'marknoknobs', marked);
+    restored(restore(mountMarkOn('mark-noknobs', mnt), 'marknoknobs', { APPSHOT_TEST_KNOBS: '', APPSHOT_TEST_MNT_ID: 'none' }), 'marknoknobs', marked);
   });
 
-  it("still restores an inotify watch made as the master where no mount id is told: dev and inode name an inode's watch", () => {
+  it("still restores an inotify watch made as the master under APPSHOT_TEST_MNT_ID=none: the knob refuses marks of a mount, never an inode's watch, whose mount statx's ids still compare", () => {
     const secret = join(out, 'inode-secret');
     writeFileSync(secret, 'root only\n', { mode: 0o600 });
     const ino = statSync(secret).ino.toString(16);
@@ -189,26 +189,49 @@ describe.runIf(isRoot)('a watch a retry identity makes on a file of more than on
     chownSync(join(tree, 'w'), NOBODY, NOBODY);
   });
 
-  it("refuses the worker's watch on a root-only file its user hard-linked into its own directory, in one line, and leaves nothing", (ctx) => {
+  /** `target` hard-linked at `link` by the worker's user, as
+   * fs.protected_hardlinks=0 lets them; false where that knob cannot be
+   * written here. The knob is the host's: flipped for the one `ln` and
+   * put back in `finally` (a test killed in between would leave it 0). */
+  function linkAsWorker(target: string, link: string): boolean {
     let before: string;
     try {
       before = readFileSync(knob, 'utf8').trim();
       writeFileSync(knob, '0');
-    } catch (e) {
-      ctx.skip(`${knob} cannot be written here (${(e as NodeJS.ErrnoException).code}): the worker's user could not make the link`);
-      return;
+    } catch {
+      return false;
     }
-    const link = join(tree, 'w', 'mine');
     try {
-      // The worker's user makes it, as fs.protected_hardlinks=0 lets them.
-      const ln = spawnSync('chroot', [`--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'ln', join(tree, 'hidden', 'secret'), link], { encoding: 'utf8' });
+      const ln = spawnSync('chroot', [`--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'ln', target, link], { encoding: 'utf8' });
       expect(ln.status, ln.stderr).toBe(0);
     } finally {
       writeFileSync(knob, before);
     }
     expect(statSync(link).nlink).toBe(2);
+    return true;
+  }
+  const noKnob = `${knob} cannot be written here: the worker's user could not make the link`;
+
+  it("refuses the worker's watch on a root-only file its user hard-linked into its own directory, in one line, and leaves nothing", (ctx) => {
+    const link = join(tree, 'w', 'mine');
+    if (!linkAsWorker(join(tree, 'hidden', 'secret'), link)) return ctx.skip(noKnob);
     const r = restore(inotifyOn('hardlink-planted', link), undefined);
     refused(r, new RegExp(`process ${worker} fd 911: its inotify watch 1 on ${link} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES \\(another identity reaches it, but it is a file of 2 hard links, of uid 0, which the holder neither owns nor may read: a link its user may have made\\)$`), 5);
+  });
+
+  it("refuses it on a file others may read by its mode but an ACL refuses the worker (user:65534:---), hard-linked by the worker's user (r392 F1)", (ctx) => {
+    if (spawnSync('setfacl', ['--version']).error) return ctx.skip('setfacl is not installed (Debian package acl: bash test/prerequisites.sh)');
+    const target = join(tree, 'hidden', 'acl-secret');
+    writeFileSync(target, 'not for nobody\n', { mode: 0o644 });
+    chmodSync(target, 0o644);
+    const acl = spawnSync('setfacl', ['-m', `u:${NOBODY}:---`, target], { encoding: 'utf8' });
+    if (acl.status !== 0) return ctx.skip(`${tmpdir()} keeps no POSIX ACL here: ${acl.stderr.trim()}`);
+    // Its mode bits still say others may read it: only the ACL refuses.
+    expect(statSync(target).mode & 0o777).toBe(0o644);
+    const link = join(tree, 'w', 'acl-mine');
+    if (!linkAsWorker(target, link)) return ctx.skip(noKnob);
+    const r = restore(inotifyOn('hardlink-acl', link), undefined);
+    refused(r, new RegExp(`process ${worker} fd 911: its inotify watch 1 on ${link} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES \\(another identity reaches it, but it is a file of 2 hard links, of uid 0, which the holder does not own, and whose access ACL \\(or a filesystem that could not show it has none\\) may refuse the holder what its mode bits grant: a link its user may have made\\)$`), 5);
   });
 
   it("still restores the worker's watch, made as the master, on a file of two links the worker owns but may not read", () => {

@@ -13,6 +13,7 @@
 
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -244,7 +245,7 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
 
 // Why a retry identity that reached the very inode was still refused
 // (SameAsHeldStrictly), for the line that tells it.
-enum class Unproven { kNone, kNoMountId, kHardLink };
+enum class Unproven { kNone, kNoMountId, kHardLink, kHardLinkAcl, kNoStats };
 
 struct WatchCall {
   int fd;
@@ -265,7 +266,10 @@ struct WatchCall {
 // /proc/self/fdinfo's (3.15), or false. `statx_too` false: fdinfo's only
 // (the test knob). fdinfo is read as this thread's identity: the file is
 // the restorer's (0400, its euid's), so an identity of another fsuid
-// without CAP_DAC_OVERRIDE cannot, and then it is false.
+// without CAP_DAC_OVERRIDE cannot, and then it is false. From 5.8 statx
+// tells every filesystem's, and a restore needs 5.8 (faccessat2): the
+// fdinfo branch runs under a kernel's emulation (gVisor and the like)
+// and the test knob, nowhere to be counted on (r392 F7).
 bool MountIdOf(int fd, const struct statx& st, bool statx_too, uint64_t* id) {
   if (statx_too && (st.stx_mask & STATX_MNT_ID)) {
     *id = st.stx_mnt_id;
@@ -277,11 +281,27 @@ bool MountIdOf(int fd, const struct statx& st, bool statx_too, uint64_t* id) {
 // Whether `who` may read a file of `st`'s owner, group and mode by its
 // mode bits alone, as the kernel's generic check picks the class: the
 // owner's bits for its owner, the group's for a member, the others'.
+// Only where the file has no access ACL (HasNoAccessAcl): with one, the
+// group bits are its mask, not the group's entry, and a named user's
+// entry (user:<holder>:---) is not in the mode at all.
 bool ReadableByMode(const fsident& who, const struct statx& st) {
   if (st.stx_uid == who.fsuid) return st.stx_mode & S_IRUSR;
   bool member = st.stx_gid == who.fsgid;
   for (uint32_t i = 0; !member && i < who.ngroups; i++) member = who.groups[i] == st.stx_gid;
   return st.stx_mode & (member ? S_IRGRP : S_IROTH);
+}
+
+// Whether the file our descriptor `fd` holds has no POSIX access ACL:
+// system.posix_acl_access answers ENODATA. Any other answer is no proof:
+// an ACL, or a filesystem that keeps none by that name but may decide by
+// another kind (NFSv4's: EOPNOTSUPP), or an error. Asked through our own
+// /proc/self/fd/N, a magic link followed on purpose: fgetxattr takes no
+// O_PATH descriptor (EBADF). Reading a system.* attribute asks no
+// permission of the caller, so any identity's thread gets the answer.
+bool HasNoAccessAcl(int fd) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+  return getxattr(path, "system.posix_acl_access", nullptr, 0) < 0 && errno == ENODATA;
 }
 
 // In a retry as another identity than the holder's (fsident_strict):
@@ -312,21 +332,30 @@ int SameAsHeldStrictly(WatchCall* c) {
   // walk chose may be marked. statx tells it from 5.8, fdinfo from 3.15
   // (openat2, without which nothing here runs, is 5.6). Both descriptors
   // are open, so the number (reused once a mount is gone) names one
-  // mount each. The test knob takes the retry's from fdinfo only
-  // ("fdinfo": checked against statx's for `held`) or from neither
-  // ("none").
+  // mount each. statx's, where both tell, are compared whatever the test
+  // knob says: a knob only makes a check stricter (r392 F2). The knob
+  // takes a mark's retry mount id from fdinfo only ("fdinfo": checked
+  // against statx's for `held`) or from neither ("none").
   if (same) {
-    const char* knob = c->mnt_id_knob ? c->mnt_id_knob : "";
-    bool none = !strcmp(knob, "none");
+    bool statx_told = (a.stx_mask & STATX_MNT_ID) && (b.stx_mask & STATX_MNT_ID);
     uint64_t x = 0, y = 0;
-    bool told = !none && MountIdOf(c->held, a, true, &x) && MountIdOf(mine, b, strcmp(knob, "fdinfo") != 0, &y);
-    if (told) same = x == y;
-    // A mount or filesystem mark is refused where neither tells: the
-    // inode alone does not say which mount's events it would report. An
-    // inode's watch or mark is on the inode, which dev and ino name.
-    else if (c->fanotify && (c->flags & (FAN_MARK_MOUNT | FAN_MARK_FILESYSTEM))) {
+    if (statx_told && a.stx_mnt_id != b.stx_mnt_id) {
       same = false;
-      c->unproven = Unproven::kNoMountId;
+    } else if (c->fanotify && (c->flags & (FAN_MARK_MOUNT | FAN_MARK_FILESYSTEM))) {
+      // A mount or filesystem mark is refused where neither tells: the
+      // inode alone does not say which mount's events it would report.
+      const char* knob = c->mnt_id_knob ? c->mnt_id_knob : "";
+      bool told = strcmp(knob, "none") != 0 && MountIdOf(c->held, a, true, &x) && MountIdOf(mine, b, strcmp(knob, "fdinfo") != 0, &y);
+      if (told) same = x == y;
+      else {
+        same = false;
+        c->unproven = Unproven::kNoMountId;
+      }
+    } else if (!statx_told && MountIdOf(c->held, a, true, &x) && MountIdOf(mine, b, true, &y)) {
+      // An inode's watch or mark is on the inode, which dev and ino name:
+      // fdinfo's ids compared where they can be read, nothing more asked
+      // where they cannot.
+      same = x == y;
     }
   }
   // A hard link the holder's user made to a file they may not read (as
@@ -338,13 +367,31 @@ int SameAsHeldStrictly(WatchCall* c) {
   // written) would reach them. A directory cannot be hard-linked; a
   // file of one name only was not linked; one of more is watched as
   // another only where the holder owns it (it may give itself the right
-  // to read it) or may read it by its mode (the kernel's refusal of the
-  // holder came from elsewhere: an ACL, a security module).
-  if (same && !S_ISDIR(a.stx_mode) && a.stx_nlink > 1 && !(c->holder && (a.stx_uid == c->holder->fsuid || ReadableByMode(*c->holder, a)))) {
+  // to read it) or may read it by its mode bits and the file has no
+  // access ACL (then the kernel's refusal of the holder came from a
+  // security module, whose domain is the engine's for every identity).
+  // An ACL is exactly what refuses a holder its mode bits let read
+  // (user:<holder>:---, or a group entry hidden behind the mask): there
+  // the mode proves nothing (r392 F1). nlink is a heuristic: a name the
+  // holder's user moved another's file to (rename within a directory
+  // they may write), or a link whose original name was removed since,
+  // has one link and is not caught (r392 F6). statx must have told what
+  // the rule reads: a filesystem that did not fill a field (a network
+  // one's getattr may clear what it did not fetch) leaves it 0, and an
+  // nlink of 0 would pass (r392 F5).
+  const unsigned rule_needs = STATX_TYPE | STATX_MODE | STATX_NLINK | STATX_UID | STATX_GID;
+  bool dir = (a.stx_mask & STATX_TYPE) && S_ISDIR(a.stx_mode);
+  if (same && !dir && (a.stx_mask & rule_needs) != rule_needs) {
     same = false;
-    c->unproven = Unproven::kHardLink;
-    c->nlink = a.stx_nlink;
-    c->owner = a.stx_uid;
+    c->unproven = Unproven::kNoStats;
+  } else if (same && !dir && a.stx_nlink > 1 && !(c->holder && a.stx_uid == c->holder->fsuid)) {
+    bool by_mode = c->holder && ReadableByMode(*c->holder, a);
+    if (!by_mode || !HasNoAccessAcl(c->held)) {
+      same = false;
+      c->unproven = by_mode ? Unproven::kHardLinkAcl : Unproven::kHardLink;
+      c->nlink = a.stx_nlink;
+      c->owner = a.stx_uid;
+    }
   }
   close(mine);
   return same ? 0 : -EACCES;
@@ -410,11 +457,17 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
     // could not show it may watch it: why, for the line
     // (src/resources/fsident.ts refusedAsProcess).
     std::string why;
-    if ((rc == -EACCES || rc == -EPERM) && c.unproven == Unproven::kNoMountId)
+    bool refused = rc == -EACCES || rc == -EPERM;
+    if (refused && c.unproven == Unproven::kNoMountId)
       why = "another identity reaches it, but this kernel tells no mount id (statx STATX_MNT_ID, Linux 5.8, nor /proc/self/fdinfo) by which to show the mark would be on the very mount";
-    else if ((rc == -EACCES || rc == -EPERM) && c.unproven == Unproven::kHardLink)
+    else if (refused && c.unproven == Unproven::kHardLink)
       why = "another identity reaches it, but it is a file of " + std::to_string(c.nlink) + " hard links, of uid " + std::to_string(c.owner) +
             ", which the holder neither owns nor may read: a link its user may have made";
+    else if (refused && c.unproven == Unproven::kHardLinkAcl)
+      why = "another identity reaches it, but it is a file of " + std::to_string(c.nlink) + " hard links, of uid " + std::to_string(c.owner) +
+            ", which the holder does not own, and whose access ACL (or a filesystem that could not show it has none) may refuse the holder what its mode bits grant: a link its user may have made";
+    else if (refused && c.unproven == Unproven::kNoStats)
+      why = "another identity reaches it, but the filesystem did not tell its link count, owner and mode (statx), by which to show the holder's user did not link it";
     if (why.empty()) {
       appshot::ThrowErrno(env, what, -rc);
       return env.Undefined();
