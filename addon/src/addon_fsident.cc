@@ -126,14 +126,16 @@ struct OpenCall {
   unsigned mode;
   bool magic;  // refused: the name leads through a /proc magic link
   int dir;     // where a relative `path` is walked from: AT_FDCWD or ours
+  bool faccessat2_refused = false;  // ExecOp: faccessat2 itself is refused here
 };
 
 // An open refused by fsident_open, thrown: a magic link met (`magic`) and
-// a kernel without openat2 each said in words, not as the bare errno
-// (ELOOP reads as a loop of symlinks, ENOSYS as nothing at all); the
-// error's `magicLink` is for src/resources/fsident.ts, which words the
-// refusal with what the name was of.
-void ThrowOpen(const Napi::Env& env, const std::string& path, int rc, bool magic) {
+// a kernel without openat2 (or faccessat2: `faccessat2`, ExecOp's) each
+// said in words, not as the bare errno (ELOOP reads as a loop of
+// symlinks, ENOSYS as nothing at all); the error's `magicLink` is for
+// src/resources/fsident.ts, which words the refusal with what the name
+// was of.
+void ThrowOpen(const Napi::Env& env, const std::string& path, int rc, bool magic, bool faccessat2 = false) {
   if (magic) {
     Napi::Error e = Napi::Error::New(env, "open '" + path + "': it leads through a /proc magic link (a process's fd, cwd, root or exe), which a restore never follows");
     e.Set("code", Napi::String::New(env, "ELOOP"));
@@ -142,11 +144,23 @@ void ThrowOpen(const Napi::Env& env, const std::string& path, int rc, bool magic
     e.ThrowAsJavaScriptException();
     return;
   }
-  if (rc == -ENOSYS) {
-    // openat2 refused whatever it is asked (fsident_openat2_refused):
-    // said so, with `openat2Refused` for src/resources/fsident.ts, which
-    // words it with what the name was of, never as a credential.
-    int why = -fsident_openat2_refused();
+  // A system call refused whatever it is asked (fsident_openat2_refused,
+  // fsident_faccessat2_refused): said so, with `openat2Refused` or
+  // `faccessat2Refused` for src/resources/fsident.ts, which words it with
+  // what the name was of, never as a credential. Only where the probe
+  // says so: another ENOSYS is the bare errno (r392 F4).
+  int why = faccessat2 && rc == -ENOSYS ? -fsident_faccessat2_refused() : 0;
+  if (faccessat2 && why) {
+    std::string how = why == EPERM ? "faccessat2 is blocked on this system (seccomp?)" : "faccessat2 is missing or blocked on this system (Linux < 5.8, or seccomp?)";
+    Napi::Error e = Napi::Error::New(env, "'" + path + "': " + how + ", by which alone a restore checks that a process may run its executable");
+    e.Set("code", Napi::String::New(env, "ENOSYS"));
+    e.Set("errno", Napi::Number::New(env, ENOSYS));
+    e.Set("faccessat2Refused", Napi::String::New(env, how));
+    e.ThrowAsJavaScriptException();
+    return;
+  }
+  why = rc == -ENOSYS ? -fsident_openat2_refused() : 0;
+  if (why) {
     std::string how = why == EPERM ? "openat2 is blocked on this system (seccomp?)" : "openat2 is missing or blocked on this system (Linux < 5.6, or seccomp?)";
     Napi::Error e = Napi::Error::New(env, "open '" + path + "': " + how + ", by which alone a restore opens an image's names");
     e.Set("code", Napi::String::New(env, "ENOSYS"));
@@ -216,7 +230,16 @@ int ExecOp(void* arg) {
   else if (!S_ISREG(st.st_mode)) rc = -EACCES;
   // AT_EACCESS: the check by the thread's fsuid, fsgid and capabilities,
   // not by its real ids.
-  else if (syscall(SYS_faccessat2, fd, "", X_OK, AT_EACCESS | AT_EMPTY_PATH) != 0) rc = -errno;
+  else if (syscall(SYS_faccessat2, fd, "", X_OK, AT_EACCESS | AT_EMPTY_PATH) != 0) {
+    rc = -errno;
+    // faccessat2 itself refused (a kernel before 5.8, a seccomp filter):
+    // -ENOSYS, told so (ThrowOpen), not a credential's refusal tried as
+    // every other identity, nor a missing file (r392 F4).
+    if ((rc == -EPERM || rc == -ENOSYS) && fsident_faccessat2_refused()) {
+      rc = -ENOSYS;
+      c->faccessat2_refused = true;
+    }
+  }
   if (rc) {
     close(fd);
     return rc;
@@ -237,7 +260,7 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
   OpenCall c{path.c_str(), 0, 0, false, AT_FDCWD};
   int rc = fsident_run(who.get(), nullptr, ExecOp, &c);
   if (rc < 0) {
-    ThrowOpen(env, path, rc, c.magic);
+    ThrowOpen(env, path, rc, c.magic, c.faccessat2_refused);
     return env.Undefined();
   }
   return Napi::Number::New(env, rc);

@@ -118,20 +118,42 @@ int fsident_open(const char* path, int flags, unsigned mode) { return fsident_op
  * answer holds for the process (a filter is inherited by every thread
  * made after it, and this engine installs none). */
 static int openat2_refused = 1; /* 1: not asked yet */
+static int faccessat2_refused = 1;
 
-int fsident_openat2_refused(void) {
-  int known = __atomic_load_n(&openat2_refused, __ATOMIC_ACQUIRE);
-  if (known != 1) return known;
-  struct open_how how = open_how_of(O_PATH | O_CLOEXEC, 0, 0);
-  int fd = openat2_at(AT_FDCWD, "/", &how);
-  int rc = 0;
-  if (fd >= 0) close(fd);
-  else if (errno == EPERM || errno == ENOSYS) rc = -errno;
-  /* Another error (EMFILE): no answer, asked again next time. */
-  else return 0;
-  __atomic_store_n(&openat2_refused, rc, __ATOMIC_RELEASE);
+/* `*known`, or what `ask` answers (0, -EPERM, -ENOSYS; 1: no answer, an
+ * EMFILE say, asked again next time), kept. */
+static int refused_answer(int* known, int (*ask)(void)) {
+  int k = __atomic_load_n(known, __ATOMIC_ACQUIRE);
+  if (k != 1) return k;
+  int rc = ask();
+  if (rc == 1) return 0;
+  __atomic_store_n(known, rc, __ATOMIC_RELEASE);
   return rc;
 }
+
+static int ask_openat2(void) {
+  struct open_how how = open_how_of(O_PATH | O_CLOEXEC, 0, 0);
+  int fd = openat2_at(AT_FDCWD, "/", &how);
+  if (fd >= 0) {
+    close(fd);
+    return 0;
+  }
+  return errno == EPERM || errno == ENOSYS ? -errno : 1;
+}
+
+/* faccessat2's F_OK of "/": a walk of "/" alone, which no credential
+ * refuses (F_OK asks no permission of the file). */
+static int ask_faccessat2(void) {
+  if (syscall(SYS_faccessat2, AT_FDCWD, "/", F_OK, AT_EACCESS) == 0) return 0;
+  return errno == EPERM || errno == ENOSYS ? -errno : 1;
+}
+
+int fsident_openat2_refused(void) { return refused_answer(&openat2_refused, ask_openat2); }
+
+/* The same of faccessat2 (Linux 5.8; addon_fsident.cc ExecOp): a filter
+ * that answers it EPERM would read as every identity's refusal to run its
+ * executable, ENOSYS as no answer at all (r392 F4). */
+int fsident_faccessat2_refused(void) { return refused_answer(&faccessat2_refused, ask_faccessat2); }
 
 int fsident_openat(int dir, const char* path, int flags, unsigned mode) {
   /* In a retry as another identity, no symlink at all (which covers the

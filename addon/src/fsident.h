@@ -57,6 +57,8 @@ int fsident_openat(int dir, const char* path, int flags, unsigned mode);
  * it is asked (a seccomp filter, a kernel before 5.6): then fsident_open
  * answers -ENOSYS for every name, never a refusal. */
 int fsident_openat2_refused(void);
+/* The same of faccessat2 (Linux 5.8), which checks an executable. */
+int fsident_faccessat2_refused(void);
 /* Whether fsident_openat's -ELOOP for `path` (beneath `dir`) opened with
  * `flags` was a magic link met (1), not a loop of symlinks or a trailing
  * symlink under O_NOFOLLOW (0). Asked on the same thread, as the same

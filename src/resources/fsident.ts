@@ -205,10 +205,16 @@ export function refuseMagicLink(e: unknown, what: string): void {
  * no name of an image is opened without openat2 (a plain open would
  * follow a /proc magic link), so nothing that needs one, a watch a retry
  * identity must reach by its name among them, can be restored safely.
- * Every caller of refuseMagicLink asks this too. Anything else returns. */
+ * Every caller of refuseMagicLink asks this too; faccessat2 refused so
+ * (the addon's `faccessat2Refused`) is told the same way. Anything else
+ * returns. */
 export function refuseWithoutOpenat2(e: unknown, what: string): void {
   const how = (e as { openat2Refused?: string })?.openat2Refused;
   if (how) throw new AppshotError(`${how}: ${what} cannot be restored safely without it (a restore opens an image's names only through openat2)`);
+  // openExecAs's check that a process may run its executable (Linux 5.8):
+  // refused as such, not a credential the process lacks (r392 F4).
+  const check = (e as { faccessat2Refused?: string })?.faccessat2Refused;
+  if (check) throw new AppshotError(`${check}: ${what} cannot be restored without it (a restore checks with it that a process may run its executable)`);
 }
 
 /** `e`, the kernel's refusal of an open made as a process (EACCES,
