@@ -18,6 +18,7 @@
 #include <string>
 
 #include "addon.h"
+#include "testknobs.h"
 
 namespace {
 
@@ -279,7 +280,7 @@ struct WatchCall {
   uint32_t flags;  // fanotify_mark's
   uint64_t mask;
   const fsident* holder;  // the first identity tried: the holder's; nullptr: none
-  const char* mnt_id_knob;  // APPSHOT_TEST_MNT_ID (fsident_test_knob), or nullptr
+  const char* mnt_id_knob;  // APPSHOT_TEST_MNT_ID (appshot_test_knob), or nullptr
   Unproven unproven;        // set by a retry identity's refusal
   uint32_t nlink;           // and, for kHardLink, what it saw
   uint32_t owner;
@@ -465,7 +466,7 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   std::string shown = named ? shownArg.As<Napi::String>().Utf8Value() : "descriptor " + std::to_string(held);
   const fsident_list* ids = who.get();
   WatchCall c{info[0].As<Napi::Number>().Int32Value(), held, "/proc/self/fd/" + std::to_string(held), named ? shown.c_str() : nullptr, fanotify, 0, 0,
-              ids ? &ids->ids[0] : nullptr, fsident_test_knob("APPSHOT_TEST_MNT_ID"), Unproven::kNone, 0, 0};
+              ids ? &ids->ids[0] : nullptr, appshot_test_knob("APPSHOT_TEST_MNT_ID"), Unproven::kNone, 0, 0};
   if (fanotify) {
     bool lossless = false;
     c.flags = info[1].As<Napi::Number>().Uint32Value();

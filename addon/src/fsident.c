@@ -251,45 +251,6 @@ int fsident_fdinfo_mount_id(int fd, uint64_t* id) {
   return -ENODATA;
 }
 
-/* Test knobs (APPSHOT_TEST_MNT_ID, addon_fsident.cc) are honoured only in
- * a process started with APPSHOT_TEST_KNOBS=1 in its own environment, as
- * pages.c's are and for its reason: the resident engine sets each
- * command's APPSHOT_* variables in its own environment while it serves
- * that command (src/engine/server.ts), where anything else it runs
- * meanwhile would read them. /proc/self/environ is the block the process
- * was started with, which a later setenv does not change. No /proc, or
- * any failure: off. */
-static int test_knobs_on;
-static pthread_once_t test_knobs_once = PTHREAD_ONCE_INIT;
-
-static void find_test_knobs(void) {
-  static const char want[] = "APPSHOT_TEST_KNOBS=1";
-  int fd = open("/proc/self/environ", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return;
-  char buf[4096];
-  /* How much of `want` the current entry matched so far; -1: it cannot. */
-  int at = 0;
-  for (;;) {
-    ssize_t n = read(fd, buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    for (ssize_t i = 0; i < n; i++) {
-      if (buf[i] == 0) {
-        if (at == (int)sizeof want - 1) test_knobs_on = 1;
-        at = 0;
-      } else if (at >= 0) {
-        at = at < (int)sizeof want - 1 && want[at] == buf[i] ? at + 1 : -1;
-      }
-    }
-  }
-  close(fd);
-}
-
-const char* fsident_test_knob(const char* name) {
-  pthread_once(&test_knobs_once, find_test_knobs);
-  return test_knobs_on ? getenv(name) : NULL;
-}
-
 static int cmp_u32(const void* a, const void* b) {
   uint32_t x = *(const uint32_t*)a, y = *(const uint32_t*)b;
   return x < y ? -1 : x > y;

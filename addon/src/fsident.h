@@ -77,11 +77,6 @@ int fsident_strict(void);
  * line). Read as the calling thread's identity. */
 int fsident_fdinfo_mount_id(int fd, uint64_t* id);
 
-/* A test knob's value (getenv), or NULL unless this process was started
- * with APPSHOT_TEST_KNOBS=1 in its own environment (fsident.c says why).
- * Asked on the process's own thread, not an identity's. */
-const char* fsident_test_knob(const char* name);
-
 /* Whether the calling thread's supplementary groups are `groups` (as a
  * set; the raw getgroups, this thread's own). Also peercred.c's. */
 int thread_groups_are(const uint32_t* groups, uint32_t ngroups);
