@@ -37,7 +37,7 @@
                   "addon/src/tcp_repair.c", "addon/src/keeper.c",
                   "addon/src/dgram.c", "addon/src/sockfile.c", "addon/src/peercred.c",
                   "addon/src/fsident.c", "addon/src/probe.c", "addon/src/forward.c", "addon/src/iouring.c",
-                  "addon/src/pages.c", "addon/src/syncs.c", "addon/src/filecopy.c", "addon/src/tablesguard.c",
+                  "addon/src/pages.c", "addon/src/syncs.c", "addon/src/filecopy.c", "addon/src/tablesguard.c", "addon/src/testknobs.c",
                   "addon/include/appshot_table.c"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       # NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS: a throw while an exception

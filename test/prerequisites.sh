@@ -3,7 +3,7 @@
 # run for real (servers, procps, setpriv, the shells whose completion is
 # tested, zstd for .tar.zst images, strace for the opens of hostile images,
 # git for the clean checkout the package test installs from, script for
-# the terminal tests). As root (CI, a fresh container)
+# the terminal tests, setfacl for the ACL a watch test sets). As root (CI, a fresh container)
 # whatever is missing is installed with apt-get; as anyone else, one line
 # names what is missing and how to install it, and the exit status is 1.
 set -euo pipefail
@@ -50,6 +50,7 @@ declare -A needs=(
   [/usr/bin/dbus-daemon]=dbus-daemon
   [/usr/bin/dbus-send]=dbus-bin
   [/usr/bin/dbus-monitor]=dbus-bin
+  [/usr/bin/setfacl]=acl
 )
 
 # PostgreSQL's server lives under its major version, which is the

@@ -13,9 +13,12 @@
 
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <string>
 
 #include "addon.h"
+#include "testknobs.h"
 
 namespace {
 
@@ -124,14 +127,16 @@ struct OpenCall {
   unsigned mode;
   bool magic;  // refused: the name leads through a /proc magic link
   int dir;     // where a relative `path` is walked from: AT_FDCWD or ours
+  bool faccessat2_refused = false;  // ExecOp: faccessat2 itself is refused here
 };
 
 // An open refused by fsident_open, thrown: a magic link met (`magic`) and
-// a kernel without openat2 each said in words, not as the bare errno
-// (ELOOP reads as a loop of symlinks, ENOSYS as nothing at all); the
-// error's `magicLink` is for src/resources/fsident.ts, which words the
-// refusal with what the name was of.
-void ThrowOpen(const Napi::Env& env, const std::string& path, int rc, bool magic) {
+// a kernel without openat2 (or faccessat2: `faccessat2`, ExecOp's) each
+// said in words, not as the bare errno (ELOOP reads as a loop of
+// symlinks, ENOSYS as nothing at all); the error's `magicLink` is for
+// src/resources/fsident.ts, which words the refusal with what the name
+// was of.
+void ThrowOpen(const Napi::Env& env, const std::string& path, int rc, bool magic, bool faccessat2 = false) {
   if (magic) {
     Napi::Error e = Napi::Error::New(env, "open '" + path + "': it leads through a /proc magic link (a process's fd, cwd, root or exe), which a restore never follows");
     e.Set("code", Napi::String::New(env, "ELOOP"));
@@ -140,8 +145,29 @@ void ThrowOpen(const Napi::Env& env, const std::string& path, int rc, bool magic
     e.ThrowAsJavaScriptException();
     return;
   }
-  if (rc == -ENOSYS) {
-    appshot::ThrowErrno(env, "open '" + path + "' (this kernel has no openat2, Linux 5.6, by which a restore opens an image's names)", ENOSYS);
+  // A system call refused whatever it is asked (fsident_openat2_refused,
+  // fsident_faccessat2_refused): said so, with `openat2Refused` or
+  // `faccessat2Refused` for src/resources/fsident.ts, which words it with
+  // what the name was of, never as a credential. Only where the probe
+  // says so: another ENOSYS is the bare errno (r392 F4).
+  int why = faccessat2 && rc == -ENOSYS ? -fsident_faccessat2_refused() : 0;
+  if (faccessat2 && why) {
+    std::string how = why == EPERM ? "faccessat2 is blocked on this system (seccomp?)" : "faccessat2 is missing or blocked on this system (Linux < 5.8, or seccomp?)";
+    Napi::Error e = Napi::Error::New(env, "'" + path + "': " + how + ", by which alone a restore checks that a process may run its executable");
+    e.Set("code", Napi::String::New(env, "ENOSYS"));
+    e.Set("errno", Napi::Number::New(env, ENOSYS));
+    e.Set("faccessat2Refused", Napi::String::New(env, how));
+    e.ThrowAsJavaScriptException();
+    return;
+  }
+  why = rc == -ENOSYS ? -fsident_openat2_refused() : 0;
+  if (why) {
+    std::string how = why == EPERM ? "openat2 is blocked on this system (seccomp?)" : "openat2 is missing or blocked on this system (Linux < 5.6, or seccomp?)";
+    Napi::Error e = Napi::Error::New(env, "open '" + path + "': " + how + ", by which alone a restore opens an image's names");
+    e.Set("code", Napi::String::New(env, "ENOSYS"));
+    e.Set("errno", Napi::Number::New(env, ENOSYS));
+    e.Set("openat2Refused", Napi::String::New(env, how));
+    e.ThrowAsJavaScriptException();
     return;
   }
   appshot::ThrowErrno(env, "open '" + path + "'", -rc);
@@ -205,7 +231,16 @@ int ExecOp(void* arg) {
   else if (!S_ISREG(st.st_mode)) rc = -EACCES;
   // AT_EACCESS: the check by the thread's fsuid, fsgid and capabilities,
   // not by its real ids.
-  else if (syscall(SYS_faccessat2, fd, "", X_OK, AT_EACCESS | AT_EMPTY_PATH) != 0) rc = -errno;
+  else if (syscall(SYS_faccessat2, fd, "", X_OK, AT_EACCESS | AT_EMPTY_PATH) != 0) {
+    rc = -errno;
+    // faccessat2 itself refused (a kernel before 5.8, a seccomp filter):
+    // -ENOSYS, told so (ThrowOpen), not a credential's refusal tried as
+    // every other identity, nor a missing file (r392 F4).
+    if ((rc == -EPERM || rc == -ENOSYS) && fsident_faccessat2_refused()) {
+      rc = -ENOSYS;
+      c->faccessat2_refused = true;
+    }
+  }
   if (rc) {
     close(fd);
     return rc;
@@ -226,11 +261,15 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
   OpenCall c{path.c_str(), 0, 0, false, AT_FDCWD};
   int rc = fsident_run(who.get(), nullptr, ExecOp, &c);
   if (rc < 0) {
-    ThrowOpen(env, path, rc, c.magic);
+    ThrowOpen(env, path, rc, c.magic, c.faccessat2_refused);
     return env.Undefined();
   }
   return Napi::Number::New(env, rc);
 }
+
+// Why a retry identity that reached the very inode was still refused
+// (SameAsHeldStrictly), for the line that tells it.
+enum class Unproven { kNone, kNoMountId, kHardLink, kHardLinkAcl, kNoStats };
 
 struct WatchCall {
   int fd;
@@ -240,7 +279,54 @@ struct WatchCall {
   bool fanotify;
   uint32_t flags;  // fanotify_mark's
   uint64_t mask;
+  const fsident* holder;  // the first identity tried: the holder's; nullptr: none
+  const char* mnt_id_knob;  // APPSHOT_TEST_MNT_ID (appshot_test_knob), or nullptr
+  Unproven unproven;        // set by a retry identity's refusal
+  uint32_t nlink;           // and, for kHardLink, what it saw
+  uint32_t owner;
 };
+
+// The mount id of what our descriptor `fd` holds: statx's (5.8), else
+// /proc/self/fdinfo's (3.15), or false. `statx_too` false: fdinfo's only
+// (the test knob). fdinfo is read as this thread's identity: the file is
+// the restorer's (0400, its euid's), so an identity of another fsuid
+// without CAP_DAC_OVERRIDE cannot, and then it is false. From 5.8 statx
+// tells every filesystem's, and a restore needs 5.8 (faccessat2): the
+// fdinfo branch runs under a kernel's emulation (gVisor and the like)
+// and the test knob, nowhere to be counted on (r392 F7).
+bool MountIdOf(int fd, const struct statx& st, bool statx_too, uint64_t* id) {
+  if (statx_too && (st.stx_mask & STATX_MNT_ID)) {
+    *id = st.stx_mnt_id;
+    return true;
+  }
+  return fsident_fdinfo_mount_id(fd, id) == 0;
+}
+
+// Whether `who` may read a file of `st`'s owner, group and mode by its
+// mode bits alone, as the kernel's generic check picks the class: the
+// owner's bits for its owner, the group's for a member, the others'.
+// Only where the file has no access ACL (HasNoAccessAcl): with one, the
+// group bits are its mask, not the group's entry, and a named user's
+// entry (user:<holder>:---) is not in the mode at all.
+bool ReadableByMode(const fsident& who, const struct statx& st) {
+  if (st.stx_uid == who.fsuid) return st.stx_mode & S_IRUSR;
+  bool member = st.stx_gid == who.fsgid;
+  for (uint32_t i = 0; !member && i < who.ngroups; i++) member = who.groups[i] == st.stx_gid;
+  return st.stx_mode & (member ? S_IRGRP : S_IROTH);
+}
+
+// Whether the file our descriptor `fd` holds has no POSIX access ACL:
+// system.posix_acl_access answers ENODATA. Any other answer is no proof:
+// an ACL, or a filesystem that keeps none by that name but may decide by
+// another kind (NFSv4's: EOPNOTSUPP), or an error. Asked through our own
+// /proc/self/fd/N, a magic link followed on purpose: fgetxattr takes no
+// O_PATH descriptor (EBADF). Reading a system.* attribute asks no
+// permission of the caller, so any identity's thread gets the answer.
+bool HasNoAccessAcl(int fd) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+  return getxattr(path, "system.posix_acl_access", nullptr, 0) < 0 && errno == ENODATA;
+}
 
 // In a retry as another identity than the holder's (fsident_strict):
 // whether this identity reaches the very inode `held` holds, on the same
@@ -258,16 +344,79 @@ struct WatchCall {
 // then the link itself, the very one only where `held` is it too (an
 // inode mark on the link); one the holder followed (a mount or
 // filesystem mark) is another inode, refused as every other symlink is.
-int SameAsHeldStrictly(int held, const char* name) {
-  if (!name || name[0] != '/') return -EACCES;
-  int mine = fsident_open(name, O_PATH | O_NOFOLLOW | O_CLOEXEC, 0);
+int SameAsHeldStrictly(WatchCall* c) {
+  if (!c->name || c->name[0] != '/') return -EACCES;
+  int mine = fsident_open(c->name, O_PATH | O_NOFOLLOW | O_CLOEXEC, 0);
   if (mine < 0) return -EACCES;
   struct statx a, b;
-  bool same = statx(held, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_INO | STATX_MNT_ID, &a) == 0 &&
-              statx(mine, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_INO | STATX_MNT_ID, &b) == 0 && a.stx_dev_major == b.stx_dev_major &&
-              a.stx_dev_minor == b.stx_dev_minor && a.stx_ino == b.stx_ino;
-  // The mount too (a mount mark is on it), where the kernel tells it (5.8).
-  if (same && (a.stx_mask & b.stx_mask & STATX_MNT_ID)) same = a.stx_mnt_id == b.stx_mnt_id;
+  const unsigned want = STATX_BASIC_STATS | STATX_MNT_ID;
+  bool same = statx(c->held, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, want, &a) == 0 && statx(mine, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, want, &b) == 0 &&
+              a.stx_dev_major == b.stx_dev_major && a.stx_dev_minor == b.stx_dev_minor && a.stx_ino == b.stx_ino;
+  // The mount too: a mount mark is on it, and no more than the holder's
+  // walk chose may be marked. statx tells it from 5.8, fdinfo from 3.15
+  // (openat2, without which nothing here runs, is 5.6). Both descriptors
+  // are open, so the number (reused once a mount is gone) names one
+  // mount each. statx's, where both tell, are compared whatever the test
+  // knob says: a knob only makes a check stricter (r392 F2). The knob
+  // takes a mark's retry mount id from fdinfo only ("fdinfo": checked
+  // against statx's for `held`) or from neither ("none").
+  if (same) {
+    bool statx_told = (a.stx_mask & STATX_MNT_ID) && (b.stx_mask & STATX_MNT_ID);
+    uint64_t x = 0, y = 0;
+    if (statx_told && a.stx_mnt_id != b.stx_mnt_id) {
+      same = false;
+    } else if (c->fanotify && (c->flags & (FAN_MARK_MOUNT | FAN_MARK_FILESYSTEM))) {
+      // A mount or filesystem mark is refused where neither tells: the
+      // inode alone does not say which mount's events it would report.
+      const char* knob = c->mnt_id_knob ? c->mnt_id_knob : "";
+      bool told = strcmp(knob, "none") != 0 && MountIdOf(c->held, a, true, &x) && MountIdOf(mine, b, strcmp(knob, "fdinfo") != 0, &y);
+      if (told) same = x == y;
+      else {
+        same = false;
+        c->unproven = Unproven::kNoMountId;
+      }
+    } else if (!statx_told && MountIdOf(c->held, a, true, &x) && MountIdOf(mine, b, true, &y)) {
+      // An inode's watch or mark is on the inode, which dev and ino name:
+      // fdinfo's ids compared where they can be read, nothing more asked
+      // where they cannot.
+      same = x == y;
+    }
+  }
+  // A hard link the holder's user made to a file they may not read (as
+  // fs.protected_hardlinks=0 lets anyone, of any file on the same
+  // filesystem: a root-only one linked into their own directory) is the
+  // very inode, reached with no symlink: a root master's retry would
+  // then watch a file of which the holder's user chose nothing but the
+  // name, and its access and modify events (when /etc/shadow is read or
+  // written) would reach them. A directory cannot be hard-linked; a
+  // file of one name only was not linked; one of more is watched as
+  // another only where the holder owns it (it may give itself the right
+  // to read it) or may read it by its mode bits and the file has no
+  // access ACL (then the kernel's refusal of the holder came from a
+  // security module, whose domain is the engine's for every identity).
+  // An ACL is exactly what refuses a holder its mode bits let read
+  // (user:<holder>:---, or a group entry hidden behind the mask): there
+  // the mode proves nothing (r392 F1). nlink is a heuristic: a name the
+  // holder's user moved another's file to (rename within a directory
+  // they may write), or a link whose original name was removed since,
+  // has one link and is not caught (r392 F6). statx must have told what
+  // the rule reads: a filesystem that did not fill a field (a network
+  // one's getattr may clear what it did not fetch) leaves it 0, and an
+  // nlink of 0 would pass (r392 F5).
+  const unsigned rule_needs = STATX_TYPE | STATX_MODE | STATX_NLINK | STATX_UID | STATX_GID;
+  bool dir = (a.stx_mask & STATX_TYPE) && S_ISDIR(a.stx_mode);
+  if (same && !dir && (a.stx_mask & rule_needs) != rule_needs) {
+    same = false;
+    c->unproven = Unproven::kNoStats;
+  } else if (same && !dir && a.stx_nlink > 1 && !(c->holder && a.stx_uid == c->holder->fsuid)) {
+    bool by_mode = c->holder && ReadableByMode(*c->holder, a);
+    if (!by_mode || !HasNoAccessAcl(c->held)) {
+      same = false;
+      c->unproven = by_mode ? Unproven::kHardLinkAcl : Unproven::kHardLink;
+      c->nlink = a.stx_nlink;
+      c->owner = a.stx_uid;
+    }
+  }
   close(mine);
   return same ? 0 : -EACCES;
 }
@@ -286,7 +435,7 @@ int SameAsHeldStrictly(int held, const char* name) {
 int WatchOp(void* arg) {
   auto* c = static_cast<WatchCall*>(arg);
   if (fsident_strict()) {
-    int rc = SameAsHeldStrictly(c->held, c->name);
+    int rc = SameAsHeldStrictly(c);
     if (rc < 0) return rc;
   }
   if (c->fanotify) return fanotify_mark(c->fd, c->flags & ~FAN_MARK_DONT_FOLLOW, c->mask, AT_FDCWD, c->at.c_str()) == 0 ? 0 : -errno;
@@ -315,7 +464,9 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   int held = info[at].As<Napi::Number>().Int32Value();
   bool named = shownArg.IsString();
   std::string shown = named ? shownArg.As<Napi::String>().Utf8Value() : "descriptor " + std::to_string(held);
-  WatchCall c{info[0].As<Napi::Number>().Int32Value(), held, "/proc/self/fd/" + std::to_string(held), named ? shown.c_str() : nullptr, fanotify, 0, 0};
+  const fsident_list* ids = who.get();
+  WatchCall c{info[0].As<Napi::Number>().Int32Value(), held, "/proc/self/fd/" + std::to_string(held), named ? shown.c_str() : nullptr, fanotify, 0, 0,
+              ids ? &ids->ids[0] : nullptr, appshot_test_knob("APPSHOT_TEST_MNT_ID"), Unproven::kNone, 0, 0};
   if (fanotify) {
     bool lossless = false;
     c.flags = info[1].As<Napi::Number>().Uint32Value();
@@ -325,7 +476,31 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   }
   int rc = fsident_run(who.get(), nullptr, WatchOp, &c);
   if (rc < 0) {
-    appshot::ThrowErrno(env, (fanotify ? "fanotify_mark '" : "inotify_add_watch '") + shown + "'", -rc);
+    std::string what = (fanotify ? "fanotify_mark '" : "inotify_add_watch '") + shown + "'";
+    // Refused as every identity, one of which reached the very inode but
+    // could not show it may watch it: why, for the line
+    // (src/resources/fsident.ts refusedAsProcess).
+    std::string why;
+    bool refused = rc == -EACCES || rc == -EPERM;
+    if (refused && c.unproven == Unproven::kNoMountId)
+      why = "another identity reaches it, but this kernel tells no mount id (statx STATX_MNT_ID, Linux 5.8, nor /proc/self/fdinfo) by which to show the mark would be on the very mount";
+    else if (refused && c.unproven == Unproven::kHardLink)
+      why = "another identity reaches it, but it is a file of " + std::to_string(c.nlink) + " hard links, of uid " + std::to_string(c.owner) +
+            ", which the holder neither owns nor may read: a link its user may have made";
+    else if (refused && c.unproven == Unproven::kHardLinkAcl)
+      why = "another identity reaches it, but it is a file of " + std::to_string(c.nlink) + " hard links, of uid " + std::to_string(c.owner) +
+            ", which the holder does not own, and whose access ACL (or a filesystem that could not show it has none) may refuse the holder what its mode bits grant: a link its user may have made";
+    else if (refused && c.unproven == Unproven::kNoStats)
+      why = "another identity reaches it, but the filesystem did not tell its link count, owner and mode (statx), by which to show the holder's user did not link it";
+    if (why.empty()) {
+      appshot::ThrowErrno(env, what, -rc);
+      return env.Undefined();
+    }
+    Napi::Error e = Napi::Error::New(env, what + ": " + std::strerror(-rc) + " (" + why + ")");
+    e.Set("code", Napi::String::New(env, strerrorname_np(-rc)));
+    e.Set("errno", Napi::Number::New(env, -rc));
+    e.Set("retryRefused", Napi::String::New(env, why));
+    e.ThrowAsJavaScriptException();
     return env.Undefined();
   }
   return Napi::Number::New(env, rc);

@@ -30,6 +30,7 @@
 #include <sys/stat.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -106,15 +107,69 @@ static int openat2_at(int dir, const char* path, const struct open_how* how) {
  * both are plain files). */
 int fsident_open(const char* path, int flags, unsigned mode) { return fsident_openat(AT_FDCWD, path, flags, mode); }
 
+/* Whether openat2 itself is refused here, whatever it is asked: 0 (it
+ * works), -EPERM or -ENOSYS, as a harmless call answers (O_PATH of "/",
+ * which no permission, security module or Landlock rule refuses). A
+ * seccomp filter that answers openat2 with EPERM (Docker's default
+ * profile before 20.10, some sandboxes) would otherwise read as every
+ * identity's refusal of every name, tried as each in turn and told as a
+ * credential the process lacks (r375 L1); ENOSYS is a kernel before 5.6,
+ * or a filter that answers so. Asked once, at the first such error: the
+ * answer holds for the process (a filter is inherited by every thread
+ * made after it, and this engine installs none). */
+static int openat2_refused = 1; /* 1: not asked yet */
+static int faccessat2_refused = 1;
+
+/* `*known`, or what `ask` answers (0, -EPERM, -ENOSYS; 1: no answer, an
+ * EMFILE say, asked again next time), kept. */
+static int refused_answer(int* known, int (*ask)(void)) {
+  int k = __atomic_load_n(known, __ATOMIC_ACQUIRE);
+  if (k != 1) return k;
+  int rc = ask();
+  if (rc == 1) return 0;
+  __atomic_store_n(known, rc, __ATOMIC_RELEASE);
+  return rc;
+}
+
+static int ask_openat2(void) {
+  struct open_how how = open_how_of(O_PATH | O_CLOEXEC, 0, 0);
+  int fd = openat2_at(AT_FDCWD, "/", &how);
+  if (fd >= 0) {
+    close(fd);
+    return 0;
+  }
+  return errno == EPERM || errno == ENOSYS ? -errno : 1;
+}
+
+/* faccessat2's F_OK of "/": a walk of "/" alone, which no credential
+ * refuses (F_OK asks no permission of the file). */
+static int ask_faccessat2(void) {
+  if (syscall(SYS_faccessat2, AT_FDCWD, "/", F_OK, AT_EACCESS) == 0) return 0;
+  return errno == EPERM || errno == ENOSYS ? -errno : 1;
+}
+
+int fsident_openat2_refused(void) { return refused_answer(&openat2_refused, ask_openat2); }
+
+/* The same of faccessat2 (Linux 5.8; addon_fsident.cc ExecOp): a filter
+ * that answers it EPERM would read as every identity's refusal to run its
+ * executable, ENOSYS as no answer at all (r392 F4). */
+int fsident_faccessat2_refused(void) { return refused_answer(&faccessat2_refused, ask_faccessat2); }
+
 int fsident_openat(int dir, const char* path, int flags, unsigned mode) {
   /* In a retry as another identity, no symlink at all (which covers the
    * magic ones). */
   struct open_how how = open_how_of(flags, mode, strict_names ? RESOLVE_NO_SYMLINKS : RESOLVE_NO_MAGICLINKS);
   int fd = openat2_at(dir, path, &how);
   if (fd >= 0) return fd;
+  /* The name's own answer, before the probe's open (EMFILE, say) can
+   * overwrite it (r392 F3). */
+  int err = errno;
+  /* openat2 refused as such: -ENOSYS, not a refusal of this name that
+   * fsident_run would try as every other identity. */
+  if ((err == EPERM || err == ENOSYS) && fsident_openat2_refused()) return -ENOSYS;
   /* A symlink on the way: refused as this identity, as the holder's was. */
-  if (strict_names && errno == ELOOP) return -EACCES;
-  return -errno;
+  if (strict_names && err == ELOOP) return -EACCES;
+  return -err;
 }
 
 /* Looked at again with O_PATH (nothing opened, no FIFO waited on), the
@@ -163,6 +218,37 @@ int fsident_plain_path(const char* path, int final_too) {
   if (followed >= 0) close(followed);
   close(d);
   return rc;
+}
+
+int fsident_fdinfo_mount_id(int fd, uint64_t* id) {
+  /* Our own descriptor's, by our own name for it: no name of an image's. */
+  char path[64];
+  snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
+  int info = open(path, O_RDONLY | O_CLOEXEC);
+  if (info < 0) return -errno;
+  /* pos, flags, mnt_id and ino come first, before any kind's own lines
+   * (an epoll's or inotify's, which may be long). */
+  char buf[4096];
+  ssize_t n;
+  do n = read(info, buf, sizeof buf - 1);
+  while (n < 0 && errno == EINTR);
+  int err = errno;
+  close(info);
+  if (n < 0) return -err;
+  buf[n] = 0;
+  for (const char* line = buf; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+    if (strncmp(line, "mnt_id:", 7) != 0) continue;
+    const char* at = line + 7;
+    while (*at == ' ' || *at == '\t') at++;
+    if (*at < '0' || *at > '9') return -ENODATA;
+    char* end;
+    errno = 0;
+    unsigned long long v = strtoull(at, &end, 10);
+    if (errno || (*end != '\n' && *end != 0)) return -ENODATA;
+    *id = v;
+    return 0;
+  }
+  return -ENODATA;
 }
 
 static int cmp_u32(const void* a, const void* b) {

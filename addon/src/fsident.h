@@ -47,11 +47,18 @@ int fsident_run(const struct fsident_list* who, const char* dir, int (*op)(void*
  * root, exe...; one met is -ELOOP); in a retry as another identity than
  * the first, without following any symlink on the way
  * (RESOLVE_NO_SYMLINKS; one met is -EACCES). -ENOSYS on a kernel without
- * openat2 (before 5.6): never a plain open(2) in its place. */
+ * openat2 (before 5.6), or where a seccomp filter refuses it
+ * (fsident_openat2_refused): never a plain open(2) in its place. */
 int fsident_open(const char* path, int flags, unsigned mode);
 /* fsident_open of `path` beneath our descriptor `dir` (AT_FDCWD: as
  * fsident_open). */
 int fsident_openat(int dir, const char* path, int flags, unsigned mode);
+/* 0 where openat2 works; -EPERM or -ENOSYS where it is refused whatever
+ * it is asked (a seccomp filter, a kernel before 5.6): then fsident_open
+ * answers -ENOSYS for every name, never a refusal. */
+int fsident_openat2_refused(void);
+/* The same of faccessat2 (Linux 5.8), which checks an executable. */
+int fsident_faccessat2_refused(void);
 /* Whether fsident_openat's -ELOOP for `path` (beneath `dir`) opened with
  * `flags` was a magic link met (1), not a loop of symlinks or a trailing
  * symlink under O_NOFOLLOW (0). Asked on the same thread, as the same
@@ -63,6 +70,12 @@ int fsident_through_magic_link(int dir, const char* path, int flags);
 int fsident_plain_path(const char* path, int final_too);
 /* Whether the operation running on this thread is such a retry. */
 int fsident_strict(void);
+
+/* The mount id of what our descriptor `fd` holds, as /proc/self/fdinfo/N
+ * shows it (its `mnt_id:`, Linux 3.15; the same number statx's
+ * STATX_MNT_ID gives from 5.8), in `id`: 0, or -errno (-ENODATA: no such
+ * line). Read as the calling thread's identity. */
+int fsident_fdinfo_mount_id(int fd, uint64_t* id);
 
 /* Whether the calling thread's supplementary groups are `groups` (as a
  * set; the raw getgroups, this thread's own). Also peercred.c's. */

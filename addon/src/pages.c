@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "pages.h"
+#include "testknobs.h"
 /* Compiled here, as part of the page data's unit (binding.gyp lists the
  * addon's C files; this one serves pages.c alone). */
 #include "sha256x16.c"
@@ -2074,39 +2075,7 @@ static int check_hole(struct pages_check* c, uint8_t* buf, size_t i) {
  * later setenv does not change. Once that says yes, the knobs' values are
  * read as they are at each check's start (a test changes them between
  * checks). No /proc, or any failure: off. */
-static int test_knobs_on;
-static pthread_once_t test_knobs_once = PTHREAD_ONCE_INIT;
-
-static void find_test_knobs(void) {
-  static const char want[] = "APPSHOT_TEST_KNOBS=1"; /* and the NUL after it */
-  int fd = open("/proc/self/environ", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return;
-  char buf[4096];
-  /* How much of `want` the current entry has matched so far; -1: it
-   * cannot match (it differs, or is longer). */
-  int at = 0;
-  for (;;) {
-    ssize_t n = read(fd, buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    for (ssize_t i = 0; i < n; i++) {
-      const char ch = buf[i];
-      if (ch == '\0') {
-        if (at == (int)sizeof want - 1) test_knobs_on = 1;
-        at = 0;
-      } else if (at >= 0) {
-        at = at < (int)sizeof want - 1 && want[at] == ch ? at + 1 : -1;
-      }
-    }
-  }
-  close(fd);
-}
-
-/* A test knob's value, or NULL where knobs are off (above). */
-static const char* test_knob(const char* name) {
-  pthread_once(&test_knobs_once, find_test_knobs);
-  return test_knobs_on ? getenv(name) : NULL;
-}
+static const char* test_knob(const char* name) { return appshot_test_knob(name); /* testknobs.c */ }
 
 /* APPSHOT_TEST_CHECK_HOLD: waits while its file exists (or until the
  * check is stopped). */

@@ -187,23 +187,49 @@ export function openToMapAs(image: Image, vpid: number, path: string, flags: num
 
 /** `e`, an open's refusal of a name that leads through a /proc magic
  * link (openAs: fsident.c fsident_open), as one line whose subject is
- * `what` (the name and whose it is; exit 5); anything else returns. No snapshot records such a name (the kernel
- * names what a link leads to): an image that has one, or a symlink to one
- * put at an image's name since, would reach a file the application never
- * held, the restoring engine's own among them. */
+ * `what` (the name and whose it is; exit 5); openat2 refused as such
+ * too (refuseWithoutOpenat2); anything else returns. No snapshot records
+ * such a name (the kernel names what a link leads to): an image that has
+ * one, or a symlink to one put at an image's name since, would reach a
+ * file the application never held, the restoring engine's own among
+ * them. */
 export function refuseMagicLink(e: unknown, what: string): void {
   if ((e as { magicLink?: boolean })?.magicLink) throw new AppshotError(`${what} leads through a /proc magic link (a process's fd, cwd, root or exe), which a restore never follows`, ExitCode.denied);
+  refuseWithoutOpenat2(e, what);
+}
+
+/** `e`, openAs's answer where openat2 itself is refused whatever it is
+ * asked (the addon's `openat2Refused`: a seccomp filter that answers
+ * EPERM, as older Docker profiles do, or a kernel before 5.6), as one
+ * line naming `what`: not a credential the process lacks (r375 L1), and
+ * no name of an image is opened without openat2 (a plain open would
+ * follow a /proc magic link), so nothing that needs one, a watch a retry
+ * identity must reach by its name among them, can be restored safely.
+ * Every caller of refuseMagicLink asks this too; faccessat2 refused so
+ * (the addon's `faccessat2Refused`) is told the same way. Anything else
+ * returns. */
+export function refuseWithoutOpenat2(e: unknown, what: string): void {
+  const how = (e as { openat2Refused?: string })?.openat2Refused;
+  if (how) throw new AppshotError(`${how}: ${what} cannot be restored safely without it (a restore opens an image's names only through openat2)`);
+  // openExecAs's check that a process may run its executable (Linux 5.8):
+  // refused as such, not a credential the process lacks (r392 F4).
+  const check = (e as { faccessat2Refused?: string })?.faccessat2Refused;
+  if (check) throw new AppshotError(`${check}: ${what} cannot be restored without it (a restore checks with it that a process may run its executable)`);
 }
 
 /** `e`, the kernel's refusal of an open made as a process (EACCES,
  * EPERM), as one line naming `what` (and `who`'s fsuid and fsgid), which
- * cannot be `verb` (opened, made, reached): exit 5.
+ * cannot be `verb` (opened, made, reached): exit 5. A watch or mark that
+ * another identity reached but could not show it may make (the addon's
+ * `retryRefused`: no mount id to compare, a hard link the holder may not
+ * read) says so after the code.
  * Any other error is thrown as it is. */
 export function refusedAsProcess(e: unknown, what: string, who?: FsIdentity, verb = 'opened'): never {
   refuseMagicLink(e, what);
   if (!refusal(e)) throw e;
   const code = (e as NodeJS.ErrnoException).code;
-  throw new AppshotError(`${what} cannot be ${verb} with the credentials of the process or the application's others${who ? ` (fsuid ${who.fsuid}, fsgid ${who.fsgid})` : ''}: ${code}`, ExitCode.denied);
+  const why = (e as { retryRefused?: string }).retryRefused;
+  throw new AppshotError(`${what} cannot be ${verb} with the credentials of the process or the application's others${who ? ` (fsuid ${who.fsuid}, fsgid ${who.fsgid})` : ''}: ${code}${why ? ` (${why})` : ''}`, ExitCode.denied);
 }
 
 /** Per restored process (its RemoteProcess): which process of which image

@@ -683,7 +683,7 @@ function openExecutable(h: RestoreContext, p: Process): OpenedExecutable {
     const code = (e as NodeJS.ErrnoException).code;
     // Through a magic link (the engine's own /proc/self/exe): refused, not
     // passed over as a name that is missing.
-    if (code === 'EACCES' || code === 'EPERM' || (e as { magicLink?: boolean }).magicLink) refusedAsProcess(e, `process ${p.vpid}: its executable ${exe}`, fsIdentity(p), 'reached and run');
+    if (code === 'EACCES' || code === 'EPERM' || code === 'ENOSYS' || (e as { magicLink?: boolean }).magicLink) refusedAsProcess(e, `process ${p.vpid}: its executable ${exe}`, fsIdentity(p), 'reached and run');
     return { fd: -1, shared: false };
   }
   try {
