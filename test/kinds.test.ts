@@ -871,6 +871,12 @@ describe('deleted files still open: exact size, holes, contents, positions, flag
   roundTrips('dele', [fixture('deleted'), dir], /FILE\s+\S+\/small \(deleted\) pos=3/);
 });
 
+describe('deleted files still open with blocks fallocate\'d past their data (also past their size, FALLOC_FL_KEEP_SIZE) and times to the nanosecond: size, blocks, times, bytes, and the blocks there to write into', () => {
+  const dir = mkdtempSync(join(out, 'deletedalloc-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  roundTrips('dall', [fixture('deletedalloc'), dir], /FILE\s+\S+\/keep \(deleted\) pos=0/);
+});
+
 describe('files mapped privately, then deleted (a library replaced under a running server): code, data and written pages, zeros past the end, protections', () => {
   const dir = mkdtempSync(join(out, 'deletedmaps-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));

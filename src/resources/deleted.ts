@@ -9,7 +9,8 @@
  * is the same object in the mapping (see sharedMemoryFd in memory.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { type BigIntStats, closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, unlinkSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { type BigIntStats, closeSync, constants as fs, existsSync, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, statfsSync, unlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type FileIdentity, type Process } from '../image/types.js';
@@ -77,11 +78,112 @@ export function saveDeletedFrom(ctx: DumpContext, procPath: string, index: numbe
   if (id.contents) return;
   const f = openWithoutAccessTime(procPath);
   try {
+    // Its times before our read, which moves the access time where the
+    // kernel refuses us O_NOATIME (a file neither ours nor CAP_FOWNER's).
+    const st = fstatSync(f, { bigint: true });
+    id.atimeNs = st.atimeNs;
+    id.mtimeNs = st.mtimeNs;
     if (id.path.startsWith(MEMFD_PREFIX)) id.seals = Math.max(0, addon().fileSeals(f));
     const { offset, runs } = ctx.pages.appendFd(f, Number(id.size));
     id.contents = { offset: BigInt(offset), runs: Array.from(runs), fromParent: [] };
+    const allocated = allocatedPastData(f, st.blocks, id.contents.runs);
+    if (allocated.length) id.allocated = allocated;
   } finally {
     closeSync(f);
+  }
+}
+
+const PAGE = 4096n;
+/** FS_IOC_FIEMAP: _IOWR('f', 11, struct fiemap), whose header is 32 bytes
+ * and each extent 56 (linux/fiemap.h). */
+const FS_IOC_FIEMAP = 0xc020660b;
+const FIEMAP_HEADER = 32;
+const FIEMAP_EXTENT = 56;
+const FIEMAP_EXTENT_LAST = 0x1;
+/** Ranges an image records past a file's data: a file fragmented past
+ * this has neighbouring ranges joined (the blocks between allocated too). */
+export const MAX_ALLOCATED_RANGES = 1024;
+
+/**
+ * The blocks deleted file `f` has allocated past its saved data (`runs`:
+ * pairs of first page and count), as [offset, length) byte pairs, whole
+ * pages: what fallocate made and nothing was written to (an unwritten
+ * extent, which SEEK_DATA takes for a hole, so the copy has none of it),
+ * also past its size (FALLOC_FL_KEEP_SIZE: a log or database file that
+ * reserves its room ahead). Asked of the file system (FIEMAP) only when
+ * its block count (st_blocks, `blocks`) says there are more than the data
+ * holds. None where the file system cannot say where they are: tmpfs and
+ * memfds, which have no FIEMAP and whose SEEK_DATA counts a page
+ * fallocate made, never written, as a hole (README: not carried).
+ */
+function allocatedPastData(f: number, blocks: bigint, runs: number[]): bigint[] {
+  let dataPages = 0n;
+  for (let i = 1; i < runs.length; i += 2) dataPages += BigInt(runs[i]);
+  if (blocks * 512n <= dataPages * PAGE) return [];
+  const extents = fileExtents(f);
+  if (!extents) return [];
+  // The pages of each extent not saved as data.
+  const ranges: [bigint, bigint][] = [];
+  let r = 0;
+  for (const [start, end] of extents) {
+    let at = start;
+    while (r < runs.length && BigInt(runs[r] + runs[r + 1]) <= at) r += 2;
+    for (let k = r; k < runs.length && at < end; k += 2) {
+      const dataStart = BigInt(runs[k]);
+      const dataEnd = dataStart + BigInt(runs[k + 1]);
+      if (dataStart >= end) break;
+      if (dataStart > at) ranges.push([at, dataStart]);
+      if (dataEnd > at) at = dataEnd;
+    }
+    if (at < end) ranges.push([at, end]);
+  }
+  // Too many: every other gap closed until they fit (the blocks between
+  // allocated too, saved data or hole: never fewer than the file had).
+  let joined = ranges;
+  while (joined.length > MAX_ALLOCATED_RANGES) {
+    const next: [bigint, bigint][] = [];
+    for (let i = 0; i < joined.length; i += 2) next.push([joined[i][0], (joined[i + 1] ?? joined[i])[1]]);
+    joined = next;
+  }
+  return joined.flatMap(([a, b]) => [a * PAGE, (b - a) * PAGE]);
+}
+
+/** File `f`'s extents (FIEMAP), whole pages, ascending and merged:
+ * [first page, page past the end); undefined where its file system has
+ * no FIEMAP. Not synced (FIEMAP_FLAG_SYNC would write the application's
+ * dirty pages out): data not yet on disk shows as a delayed extent, saved
+ * as data anyway. */
+function fileExtents(f: number): [bigint, bigint][] | undefined {
+  const count = 256;
+  const buf = Buffer.alloc(FIEMAP_HEADER + count * FIEMAP_EXTENT);
+  const out: [bigint, bigint][] = [];
+  let from = 0n;
+  for (;;) {
+    buf.fill(0);
+    buf.writeBigUInt64LE(from, 0);
+    buf.writeBigUInt64LE(0xffffffffffffffffn - from, 8);
+    buf.writeUInt32LE(count, 24);
+    try {
+      addon().ioctl(f, FS_IOC_FIEMAP, buf);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EOPNOTSUPP' || code === 'ENOTTY' || code === 'EINVAL') return undefined;
+      throw e;
+    }
+    const mapped = buf.readUInt32LE(20);
+    let last = mapped === 0;
+    for (let i = 0; i < mapped; i++) {
+      const at = FIEMAP_HEADER + i * FIEMAP_EXTENT;
+      const logical = buf.readBigUInt64LE(at);
+      const end = logical + buf.readBigUInt64LE(at + 16);
+      const range: [bigint, bigint] = [logical / PAGE, (end + PAGE - 1n) / PAGE];
+      const prev = out[out.length - 1];
+      if (prev && range[0] <= prev[1]) prev[1] = range[1] > prev[1] ? range[1] : prev[1];
+      else out.push(range);
+      from = end;
+      if (buf.readUInt32LE(at + 40) & FIEMAP_EXTENT_LAST) last = true;
+    }
+    if (last) return out;
   }
 }
 
@@ -103,6 +205,31 @@ export function openWithoutAccessTime(path: string): number {
  * it; undefined for anything else. */
 export function memfdSeals(path: string, fd: number): number | undefined {
   return path.startsWith(MEMFD_PREFIX) ? Math.max(0, addon().fileSeals(fd)) : undefined;
+}
+
+/** What is wrong with the times and the allocation file `i` of an image
+ * records (untrusted: validate.ts), or undefined. Times only on a deleted
+ * file; its blocks past its data only on one whose data is saved, as
+ * allocatedPastData makes them: whole pages in [offset, length) pairs,
+ * ascending and apart, at most MAX_ALLOCATED_RANGES of them, all below
+ * 2^40 (what an image's deleted file may be): what a restore allocates is
+ * then never more than its data and those ranges. (A range may cover
+ * saved pages where allocatedPastData joined ranges: allocating them again
+ * costs nothing.) */
+export function deletedFileRecordFault(f: FileIdentity, i: number): string | undefined {
+  if (f.atimeNs !== undefined && !f.deleted) return `file ${i} carries an access time but is not a deleted file`;
+  const a = f.allocated ?? [];
+  if (!a.length) return undefined;
+  if (!f.deleted || !f.contents) return `file ${i} carries blocks past its data but is not a deleted file with its data saved`;
+  const bad = `deleted file ${i}'s blocks past its data`;
+  if (a.length % 2 || a.length > 2 * MAX_ALLOCATED_RANGES) return `${bad} are ${a.length} numbers (pairs, at most ${MAX_ALLOCATED_RANGES})`;
+  let end = -1n;
+  for (let k = 0; k < a.length; k += 2) {
+    const [at, length] = [a[k], a[k + 1]];
+    if (at % PAGE || length % PAGE || length <= 0n || at <= end || at + length > 1n << 40n) return `${bad}: ${length} bytes at ${at} (whole pages, ascending, apart, below 2^40)`;
+    end = at + length;
+  }
+  return undefined;
 }
 
 /* ---- restore ---------------------------------------------------------- */
@@ -132,8 +259,10 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
     const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
     h.copyPages(f, id.contents);
     ftruncateSync(f, Number(id.size));
+    allocateAsRecorded(h, f, id, index);
     giveOwnerAndMode(h, f, id, index);
     sealMemfd(h, f, id.seals, mappedSharedWritable(h, id));
+    giveTimesAtTheEnd(h, f, id, index);
     return f;
   });
 }
@@ -152,12 +281,96 @@ export function deletedExecutable(h: RestoreContext, index: number): number {
     try {
       h.copyPages(f, id.contents);
       ftruncateSync(f, Number(id.size));
+      allocateAsRecorded(h, f, id, index);
       giveOwnerAndMode(h, f, id, index);
-      return h.keep(openSync(`/proc/self/fd/${f}`, fs.O_RDONLY | O_CLOEXEC));
+      const exe = h.keep(openSync(`/proc/self/fd/${f}`, fs.O_RDONLY | O_CLOEXEC));
+      giveTimesAtTheEnd(h, exe, id, index);
+      return exe;
     } finally {
       h.release([f]);
     }
   });
+}
+
+/** Where the programs are that do for the restore what Node cannot:
+ * fallocate(2) (util-linux) and futimens(2) to the nanosecond (coreutils'
+ * touch; Node's futimes stops at the microsecond). Both of Debian's
+ * essential packages; named by their whole path, never looked up in a
+ * PATH the restorer's environment sets. */
+const FALLOCATE = ['/usr/bin/fallocate', '/bin/fallocate'].find((p) => existsSync(p));
+const TOUCH = ['/usr/bin/touch', '/bin/touch'].find((p) => existsSync(p));
+
+/** Deleted file `index`'s blocks past its data allocated again in `f`, as
+ * the image recorded them (`allocated`), with FALLOC_FL_KEEP_SIZE: its
+ * size stays, and ranges over what was just written cost nothing. The
+ * image's ranges are checked (validate.ts: whole pages, apart, below 2^40
+ * bytes); what they add must fit in what its file system has free for
+ * anyone (f_bavail: never the room kept for root, which a crafted image
+ * would have a root restore take). The blocks are charged to the file's
+ * owner (its holder, made so: makeUnlinked) under the restorer's
+ * credentials, as the data copy's are: an ordinary user's quota holds
+ * them back (EDQUOT: the restore fails, naming the file); a root restore
+ * is not held by quotas, for these as for the data. A file system
+ * without fallocate (EOPNOTSUPP) keeps the data alone, said. */
+function allocateAsRecorded(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
+  const ranges = id.allocated ?? [];
+  if (!ranges.length) return;
+  const what = `deleted file ${index} (${id.path})`;
+  let total = 0n;
+  for (let i = 1; i < ranges.length; i += 2) total += ranges[i];
+  const room = statfsSync(`/proc/self/fd/${f}`, { bigint: true });
+  if (total > room.bavail * room.bsize) throw new AppshotError(`${what} had ${total} bytes allocated past its data, more than the ${room.bavail * room.bsize} free on the file system it is made on`);
+  if (!FALLOCATE) {
+    h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (no fallocate program)`);
+    return;
+  }
+  // One child for all the ranges: the file is its descriptor 3.
+  const script = 'f=$1; shift; while [ $# -gt 0 ]; do "$0" -n -o "$1" -l "$2" "$f" || exit; shift 2; done';
+  const r = spawnSync('/bin/sh', ['-c', script, FALLOCATE, '/proc/self/fd/3', ...ranges.map(String)], { stdio: ['ignore', 'ignore', 'pipe', f], env: {}, encoding: 'utf8', timeout: 600_000 });
+  if (r.status === 0) return;
+  const why = (r.stderr || r.error?.message || `status ${r.status ?? r.signal}`).trim().split('\n').pop()!;
+  if (/Operation not supported/.test(why)) h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (its file system here has no fallocate)`);
+  else throw new AppshotError(`${what}: allocating its ${total} bytes past its data again: ${why.replace(/^.*fallocate failed: /, '')}`);
+}
+
+/** Once every process is as it will run (nothing of the restore writes
+ * the file after: a write through a shared mapping would move its
+ * modification time), `f` is given the access and modification times
+ * deleted file `index` had, to the nanosecond (futimens, through touch on
+ * /proc/self/fd: opening it for writing where allowed, utimensat of the
+ * file otherwise, which its owner and root may). Its change time is the
+ * restore's: nothing sets one. An older image, without the access time,
+ * leaves both the restore's. */
+function giveTimesAtTheEnd(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
+  if (id.atimeNs === undefined) return;
+  const list = h.once('deleted files to date', () => {
+    const files: { f: number; atimeNs: bigint; mtimeNs: bigint; what: string }[] = [];
+    h.whenProcessesAreFinal(() => giveTimes(h, files));
+    return files;
+  });
+  list.push({ f, atimeNs: id.atimeNs, mtimeNs: id.mtimeNs, what: `deleted file ${index} (${id.path})` });
+}
+
+/** "@S.N", as touch -d takes a time to the nanosecond. */
+function touchTime(ns: bigint): string {
+  const abs = ns < 0n ? -ns : ns;
+  return `@${ns < 0n ? '-' : ''}${abs / 1_000_000_000n}.${(abs % 1_000_000_000n).toString().padStart(9, '0')}`;
+}
+
+function giveTimes(h: RestoreContext, files: { f: number; atimeNs: bigint; mtimeNs: bigint; what: string }[]): void {
+  if (!files.length) return;
+  if (!TOUCH) {
+    for (const x of files) h.notKept.push(`${x.what}: its times, the restore's (no touch program)`);
+    return;
+  }
+  // One child for them all: file i is its descriptor 3 + i.
+  const script = 'n=3; while [ $# -gt 0 ]; do "$0" -c -a -d "$1" /proc/self/fd/$n && "$0" -c -m -d "$2" /proc/self/fd/$n || exit; n=$((n+1)); shift 2; done';
+  const args = files.flatMap((x) => [touchTime(x.atimeNs), touchTime(x.mtimeNs)]);
+  const r = spawnSync('/bin/sh', ['-c', script, TOUCH, ...args], { stdio: ['ignore', 'ignore', 'pipe', ...files.map((x) => x.f)], env: {}, encoding: 'utf8', timeout: 600_000 });
+  if (r.status !== 0) {
+    const why = (r.stderr || r.error?.message || `status ${r.status ?? r.signal}`).trim().split('\n').pop()!;
+    throw new AppshotError(`giving deleted files their times again: ${why}`);
+  }
 }
 
 /** The file's owner as the image says (before its mode: a chown clears
