@@ -15,6 +15,7 @@ import { afterAll, beforeAll, describe as vitestDescribe, expect } from 'vitest'
 import { cgroupRoot, cli, command, fixture, Sandbox, spawnAsync, stoppedAt, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 import { loadImage } from '../src/image/format.js';
+import { writeSignedImage } from './crafted.js';
 import { classify } from '../src/template/classify.js';
 import { addon } from '../src/native.js';
 import { AF_UNIX, makeSockaddr } from '../src/resources/sockaddr.js';
@@ -875,6 +876,29 @@ describe('deleted files still open with blocks fallocate\'d past their data (als
   const dir = mkdtempSync(join(out, 'deletedalloc-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   roundTrips('dall', [fixture('deletedalloc'), dir], /FILE\s+\S+\/keep \(deleted\) pos=0/);
+
+  // The image's ranges are untrusted: within what an image's file may be
+  // (validate.ts), but what they would take of the disk is the restore's
+  // to bound, before it allocates anything.
+  it('refuses, in one line and leaving nothing, an image whose deleted file had more blocks past its data than its file system has free', async () => {
+    await start('dallbig', [fixture('deletedalloc'), dir]);
+    await checksPass('dallbig');
+    const img = join(out, 'dallbig');
+    await run(['snapshot', 'dallbig', '-o', img]);
+    const loaded = await loadImage(img, { trust: 'report' });
+    const image = structuredClone(loaded.image);
+    loaded.dispose();
+    const f = image.files.findIndex((x) => x.deleted && x.path.endsWith('/prealloc'));
+    expect(image.files[f].allocated?.length).toBeGreaterThan(0);
+    image.files[f].allocated = [1n << 39n, 1n << 39n];
+    const crafted = writeSignedImage(join(out, 'dallbig-crafted'), image, img, { signer: sb.home });
+    const before = readdirSync(dir);
+    const r = await attempt(['restore', crafted, '--aid', 'dallbig2']);
+    expect(r.stderr).toMatch(/^appshot: cannot restore \S+: deleted file \d+ \(\S+\/prealloc\) had 549755813888 bytes allocated past its data, more than the \d+ free on the file system it is made on\n$/);
+    expect(r.code).not.toBe(0);
+    expect(sb.aids()).not.toContain('dallbig2');
+    expect(readdirSync(dir)).toEqual(before);
+  });
 });
 
 describe('files mapped privately, then deleted (a library replaced under a running server): code, data and written pages, zeros past the end, protections', () => {
