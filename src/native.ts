@@ -472,6 +472,11 @@ interface Addon {
   /** ioctl(2): a Buffer argument by its address (read and written in
    * place), a number as it is. Throws on failure. */
   ioctl(fd: number, request: number, arg: Buffer | number): number;
+  /** fallocate(FALLOC_FL_KEEP_SIZE): throws with errno's code (EOPNOTSUPP,
+   * ENOSPC, EDQUOT). */
+  fallocateKeepSize(fd: number, offset: bigint, length: bigint): void;
+  /** futimens(2) to the nanosecond: times in nanoseconds since the epoch. */
+  futimensNs(fd: number, atimeNs: bigint, mtimeNs: bigint): void;
   mkfifo(path: string, mode: number): void;
   /** The path of the inode a file handle names, opened on the filesystem
    * mounted at `mountPath` (needs CAP_DAC_READ_SEARCH). */

@@ -274,6 +274,49 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(r));
 }
 
+// fallocateKeepSize(fd, offset, length): blocks allocated without moving
+// the file's size (FALLOC_FL_KEEP_SIZE), offsets as BigInts (a file's can
+// pass 2^53). Throws with errno's code (EOPNOTSUPP where its file system
+// has none, ENOSPC, EDQUOT).
+Napi::Value FallocateKeepSize(const Napi::CallbackInfo& info) {
+  bool lossless = true;
+  int64_t offset = info[1].As<Napi::BigInt>().Int64Value(&lossless);
+  int64_t length = info[2].As<Napi::BigInt>().Int64Value(&lossless);
+  if (!lossless || offset < 0 || length <= 0) {
+    ThrowErrno(info.Env(), "fallocate", EINVAL);
+    return info.Env().Undefined();
+  }
+  if (fallocate(Int(info[0]), FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), static_cast<off_t>(length)))
+    ThrowErrno(info.Env(), "fallocate", errno);
+  return info.Env().Undefined();
+}
+
+// futimensNs(fd, atimeNs, mtimeNs): a file's access and modification times
+// to the nanosecond (Node's futimes stops at the microsecond), BigInts of
+// nanoseconds since the epoch (before it: negative).
+Napi::Value FutimensNs(const Napi::CallbackInfo& info) {
+  struct timespec ts[2];
+  for (int i = 0; i < 2; i++) {
+    bool lossless = true;
+    int64_t ns = info[1 + i].As<Napi::BigInt>().Int64Value(&lossless);
+    if (!lossless) {
+      ThrowErrno(info.Env(), "futimens", EINVAL);
+      return info.Env().Undefined();
+    }
+    // Floor division: tv_nsec must be 0..999999999 for a time before 1970 too.
+    int64_t sec = ns / 1000000000;
+    int64_t rem = ns % 1000000000;
+    if (rem < 0) {
+      rem += 1000000000;
+      sec -= 1;
+    }
+    ts[i].tv_sec = static_cast<time_t>(sec);
+    ts[i].tv_nsec = static_cast<long>(rem);
+  }
+  if (futimens(Int(info[0]), ts)) ThrowErrno(info.Env(), "futimens", errno);
+  return info.Env().Undefined();
+}
+
 // setStatusFlags(fd, flags): O_APPEND, O_NONBLOCK... of the description.
 Napi::Value SetStatusFlags(const Napi::CallbackInfo& info) {
   if (fcntl(Int(info[0]), F_SETFL, Int(info[1]))) ThrowErrno(info.Env(), "fcntl F_SETFL", errno);
@@ -1752,6 +1795,8 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("lseek", Lseek);
   fn("setStatusFlags", SetStatusFlags);
   fn("ioctl", Ioctl);
+  fn("fallocateKeepSize", FallocateKeepSize);
+  fn("futimensNs", FutimensNs);
   fn("mkfifo", MkFifo);
   fn("fileHandlePath", FileHandlePath);
   fn("fileSeals", FileSeals);

@@ -9,8 +9,7 @@
  * is the same object in the mapping (see sharedMemoryFd in memory.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { spawnSync } from 'node:child_process';
-import { type BigIntStats, closeSync, constants as fs, existsSync, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, statfsSync, unlinkSync } from 'node:fs';
+import { type BigIntStats, closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, statfsSync, unlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type FileIdentity, type Process } from '../image/types.js';
@@ -296,14 +295,6 @@ export function deletedExecutable(h: RestoreContext, index: number): number {
   });
 }
 
-/** Where the programs are that do for the restore what Node cannot:
- * fallocate(2) (util-linux) and futimens(2) to the nanosecond (coreutils'
- * touch; Node's futimes stops at the microsecond). Both of Debian's
- * essential packages; named by their whole path, never looked up in a
- * PATH the restorer's environment sets. */
-const FALLOCATE = ['/usr/bin/fallocate', '/bin/fallocate'].find((p) => existsSync(p));
-const TOUCH = ['/usr/bin/touch', '/bin/touch'].find((p) => existsSync(p));
-
 /** Deleted file `index`'s blocks past its data allocated again in `f`, as
  * the image recorded them (`allocated`), with FALLOC_FL_KEEP_SIZE: its
  * size stays, and ranges over what was just written cost nothing. The
@@ -324,25 +315,23 @@ function allocateAsRecorded(h: RestoreContext, f: number, id: FileIdentity, inde
   for (let i = 1; i < ranges.length; i += 2) total += ranges[i];
   const room = statfsSync(`/proc/self/fd/${f}`, { bigint: true });
   if (total > room.bavail * room.bsize) throw new AppshotError(`${what} had ${total} bytes allocated past its data, more than the ${room.bavail * room.bsize} free on the file system it is made on`);
-  if (!FALLOCATE) {
-    h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (no fallocate program)`);
-    return;
+  for (let i = 0; i < ranges.length; i += 2) {
+    try {
+      addon().fallocateKeepSize(f, ranges[i], ranges[i + 1]);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EOPNOTSUPP') throw new AppshotError(`${what}: allocating its ${total} bytes past its data again: ${(e as Error).message}`);
+      h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (its file system here has no fallocate)`);
+      return;
+    }
   }
-  // One child for all the ranges: the file is its descriptor 3.
-  const script = 'f=$1; shift; while [ $# -gt 0 ]; do "$0" -n -o "$1" -l "$2" "$f" || exit; shift 2; done';
-  const r = spawnSync('/bin/sh', ['-c', script, FALLOCATE, '/proc/self/fd/3', ...ranges.map(String)], { stdio: ['ignore', 'ignore', 'pipe', f], env: {}, encoding: 'utf8', timeout: 600_000 });
-  if (r.status === 0) return;
-  const why = (r.stderr || r.error?.message || `status ${r.status ?? r.signal}`).trim().split('\n').pop()!;
-  if (/Operation not supported/.test(why)) h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (its file system here has no fallocate)`);
-  else throw new AppshotError(`${what}: allocating its ${total} bytes past its data again: ${why.replace(/^.*fallocate failed: /, '')}`);
 }
 
 /** Once every process is as it will run (nothing of the restore writes
  * the file after: a write through a shared mapping would move its
  * modification time), `f` is given the access and modification times
- * deleted file `index` had, to the nanosecond (futimens, through touch on
- * /proc/self/fd: opening it for writing where allowed, utimensat of the
- * file otherwise, which its owner and root may). Its change time is the
+ * deleted file `index` had, to the nanosecond (futimens on the restore's
+ * own descriptor, which the file's owner and CAP_FOWNER may: the
+ * restorer made it). Its change time is the
  * restore's: nothing sets one. An older image, without the access time,
  * leaves both the restore's. */
 function giveTimesAtTheEnd(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
@@ -355,27 +344,19 @@ function giveTimesAtTheEnd(h: RestoreContext, f: number, id: FileIdentity, index
   list.push({ f, atimeNs: id.atimeNs, mtimeNs: id.mtimeNs, what: `deleted file ${index} (${id.path})` });
 }
 
-/** "@S.N", as touch -d takes a time to the nanosecond. */
-function touchTime(ns: bigint): string {
-  const abs = ns < 0n ? -ns : ns;
-  return `@${ns < 0n ? '-' : ''}${abs / 1_000_000_000n}.${(abs % 1_000_000_000n).toString().padStart(9, '0')}`;
-}
-
 function giveTimes(h: RestoreContext, files: { f: number; atimeNs: bigint; mtimeNs: bigint; what: string }[]): void {
-  if (!files.length) return;
-  if (!TOUCH) {
-    for (const x of files) h.notKept.push(`${x.what}: its times, the restore's (no touch program)`);
-    return;
+  const failed: string[] = [];
+  let why = '';
+  for (const x of files) {
+    try {
+      addon().futimensNs(x.f, x.atimeNs, x.mtimeNs);
+    } catch (e) {
+      failed.push(x.what);
+      why = (e as Error).message;
+    }
   }
-  // One child for them all: file i is its descriptor 3 + i.
-  const script = 'n=3; while [ $# -gt 0 ]; do "$0" -c -a -d "$1" /proc/self/fd/$n && "$0" -c -m -d "$2" /proc/self/fd/$n || exit; n=$((n+1)); shift 2; done';
-  const args = files.flatMap((x) => [touchTime(x.atimeNs), touchTime(x.mtimeNs)]);
-  const r = spawnSync('/bin/sh', ['-c', script, TOUCH, ...args], { stdio: ['ignore', 'ignore', 'pipe', ...files.map((x) => x.f)], env: {}, encoding: 'utf8', timeout: 600_000 });
   // Not a reason to fail the restore (the files are whole): said.
-  if (r.status !== 0) {
-    const why = (r.stderr || r.error?.message || `status ${r.status ?? r.signal}`).trim().split('\n').pop()!;
-    h.notKept.push(`${files.map((x) => x.what).join(', ')}: their times, not all given again (${why})`);
-  }
+  if (failed.length) h.notKept.push(`${failed.join(', ')}: their times, not given again (${why})`);
 }
 
 /** The file's owner as the image says (before its mode: a chown clears
