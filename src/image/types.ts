@@ -539,7 +539,7 @@ export interface FileIdentity {
   /** A symbolic link an O_PATH|O_NOFOLLOW descriptor holds: its text, which
    * the link a restore opens by its name must have (files.ts). */
   linkTarget?: string;
-  /** A deleted file's (not a memfd's) access time, given back with its
+  /** A deleted file's or memfd's access time, given back with its
    * modification time (mtimeNs) when it is made again (absent: an older
    * image). Its change time cannot be given. */
   atimeNs?: bigint;

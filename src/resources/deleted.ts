@@ -79,14 +79,10 @@ export function saveDeletedFrom(ctx: DumpContext, procPath: string, index: numbe
   try {
     // Its times before our read, which moves the access time where the
     // kernel refuses us O_NOATIME (a file neither ours nor CAP_FOWNER's).
-    // A memfd's are not carried: giving them costs a child process's work
-    // per file at restore (giveTimes: ~2.5 ms each), and a program that
-    // holds many memfds (a Wayland client's buffers) hardly reads them.
     const st = fstatSync(f, { bigint: true });
-    const memfd = id.path.startsWith(MEMFD_PREFIX);
-    if (!memfd) id.atimeNs = st.atimeNs;
+    id.atimeNs = st.atimeNs;
     id.mtimeNs = st.mtimeNs;
-    if (memfd) id.seals = Math.max(0, addon().fileSeals(f));
+    if (id.path.startsWith(MEMFD_PREFIX)) id.seals = Math.max(0, addon().fileSeals(f));
     const { offset, runs } = ctx.pages.appendFd(f, Number(id.size));
     id.contents = { offset: BigInt(offset), runs: Array.from(runs), fromParent: [] };
     const allocated = allocatedPastData(f, st.blocks, id.contents.runs);
@@ -220,7 +216,7 @@ export function memfdSeals(path: string, fd: number): number | undefined {
  * saved pages where allocatedPastData joined ranges: allocating them again
  * costs nothing.) */
 export function deletedFileRecordFault(f: FileIdentity, i: number): string | undefined {
-  if (f.atimeNs !== undefined && (!f.deleted || f.path.startsWith(MEMFD_PREFIX))) return `file ${i} carries an access time but is not a deleted file`;
+  if (f.atimeNs !== undefined && !f.deleted) return `file ${i} carries an access time but is not a deleted file`;
   const a = f.allocated ?? [];
   if (!a.length) return undefined;
   if (!f.deleted || !f.contents) return `file ${i} carries blocks past its data but is not a deleted file with its data saved`;
