@@ -11,6 +11,8 @@
 #include <vector>
 #include <signal.h>
 #include <linux/capability.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <sys/syscall.h>
@@ -258,6 +260,14 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
   if (info[2].IsBuffer()) {
     auto buf = info[2].As<Napi::Buffer<char>>();
     size_t need = IoctlArgBytes(request);
+    // FS_IOC_FIEMAP's encoded size is its header's alone: the kernel
+    // writes fm_extent_count extents past it, a count it reads from the
+    // buffer itself.
+    if (request == FS_IOC_FIEMAP && buf.Length() >= need) {
+      uint32_t count;
+      memcpy(&count, buf.Data() + offsetof(struct fiemap, fm_extent_count), sizeof count);
+      need += static_cast<size_t>(count) * sizeof(struct fiemap_extent);
+    }
     if (!need || buf.Length() < need) {
       ThrowErrno(env, "ioctl " + std::to_string(request) + ": a buffer of " + std::to_string(buf.Length()) + " bytes" +
                           (need ? ", the request takes " + std::to_string(need) : ", for a request whose size is not known"), EINVAL);
