@@ -258,8 +258,7 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
     const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
     h.copyPages(f, id.contents);
     ftruncateSync(f, Number(id.size));
-    allocateAsRecorded(h, f, id, index);
-    giveOwnerAndMode(h, f, id, index);
+    giveOwnerAllocateAndMode(h, f, id, index);
     sealMemfd(h, f, id.seals, mappedSharedWritable(h, id));
     giveTimesAtTheEnd(h, f, id, index);
     return f;
@@ -280,8 +279,7 @@ export function deletedExecutable(h: RestoreContext, index: number): number {
     try {
       h.copyPages(f, id.contents);
       ftruncateSync(f, Number(id.size));
-      allocateAsRecorded(h, f, id, index);
-      giveOwnerAndMode(h, f, id, index);
+      giveOwnerAllocateAndMode(h, f, id, index);
       const exe = h.keep(openSync(`/proc/self/fd/${f}`, fs.O_RDONLY | O_CLOEXEC));
       giveTimesAtTheEnd(h, exe, id, index);
       return exe;
@@ -291,18 +289,29 @@ export function deletedExecutable(h: RestoreContext, index: number): number {
   });
 }
 
+/** statfs f_type of the file systems whose blocks are memory (tmpfs,
+ * ramfs): no FIEMAP, so an honest image has no ranges there. */
+const MEMORY_FILE_SYSTEMS = new Set([0x01021994n, 0x858458f6n]);
+
 /** Deleted file `index`'s blocks past its data allocated again in `f`, as
  * the image recorded them (`allocated`), with FALLOC_FL_KEEP_SIZE: its
  * size stays, and ranges over what was just written cost nothing. The
  * image's ranges are checked (validate.ts: whole pages, apart, below 2^40
- * bytes); what they add must fit in what its file system has free for
- * anyone (f_bavail: never the room kept for root, which a crafted image
- * would have a root restore take). The blocks are charged to the file's
- * owner (its holder, made so: makeUnlinked) under the restorer's
- * credentials, as the data copy's are: an ordinary user's quota holds
- * them back (EDQUOT: the restore fails, naming the file); a root restore
- * is not held by quotas, for these as for the data. A file system
- * without fallocate (EOPNOTSUPP) keeps the data alone, said. */
+ * bytes); they are allocated only where a snapshot could have found them
+ * (the file system where `f` is made answers FIEMAP, and is no tmpfs:
+ * anywhere else, said and left, as a crafted image could have a tmpfs
+ * such as /dev/shm commit memory up to half of RAM per mount); what they
+ * add must fit in what its file system has free for anyone (f_bavail:
+ * never the room kept for root; Node's statfs gives f_bsize where the
+ * count is in f_frsize units, the same on every disk file system that
+ * has FIEMAP). They are allocated as the file's owner, given before
+ * (giveOwnerAllocateAndMode), without CAP_SYS_RESOURCE (the addon's
+ * fallocateKeepSize): the owner's quota holds them back as it held the
+ * application (EDQUOT: the restore fails, naming the file), a root
+ * restore too (review r393: root passed quotas, and a few KB of image
+ * bought a user a file as large as the disk had free, which O_TMPFILE's
+ * linkat could keep). A file system without fallocate (EOPNOTSUPP)
+ * keeps the data alone, said. */
 function allocateAsRecorded(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
   const ranges = id.allocated ?? [];
   if (!ranges.length) return;
@@ -310,15 +319,29 @@ function allocateAsRecorded(h: RestoreContext, f: number, id: FileIdentity, inde
   let total = 0n;
   for (let i = 1; i < ranges.length; i += 2) total += ranges[i];
   const room = statfsSync(`/proc/self/fd/${f}`, { bigint: true });
+  if (MEMORY_FILE_SYSTEMS.has(room.type) || !answersFiemap(f)) {
+    h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (the file system it is made on here cannot say where a file's blocks are, so a snapshot never finds any there)`);
+    return;
+  }
   if (total > room.bavail * room.bsize) throw new AppshotError(`${what} had ${total} bytes allocated past its data, more than the ${room.bavail * room.bsize} free on the file system it is made on`);
-  for (let i = 0; i < ranges.length; i += 2) {
-    try {
-      addon().fallocateKeepSize(f, ranges[i], ranges[i + 1]);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EOPNOTSUPP') throw new AppshotError(`${what}: allocating its ${total} bytes past its data again: ${(e as Error).message}`);
-      h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (its file system here has no fallocate)`);
-      return;
-    }
+  try {
+    addon().fallocateKeepSize(f, ranges);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EOPNOTSUPP') throw new AppshotError(`${what}: allocating its ${total} bytes past its data again: ${(e as Error).message}`);
+    h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (its file system here has no fallocate)`);
+  }
+}
+
+/** Whether `f`'s file system answers FIEMAP (asked for no extents: the
+ * count alone). */
+function answersFiemap(f: number): boolean {
+  const buf = Buffer.alloc(FIEMAP_HEADER);
+  buf.writeBigUInt64LE(0xffffffffffffffffn, 8);
+  try {
+    addon().ioctl(f, FS_IOC_FIEMAP, buf);
+    return true;
+  } catch {
+    return false;
   }
 }
 
@@ -434,7 +457,7 @@ const O_PATH = 0o10000000;
  * may not give, left the restorer's and said so (giveOwner's `orKeep`);
  * its mode only once every process is as it will run (every holder has
  * entered or opened it): a mode without search permission (0) would
- * make the process's own fchdir fail. Set-id bits as giveOwnerAndMode
+ * make the process's own fchdir fail. Set-id bits as giveOwnerAllocateAndMode
  * gives them. (It came back 0700 and the restorer's, and a worker of
  * another uid could no longer use ".": issue 12, review r294.) An older
  * image, without `index`, keeps it 0700 and the restorer's. */
@@ -450,18 +473,25 @@ function removedDirectoryStandIn(h: RestoreContext, index: number | undefined, s
 }
 
 /** Gives `f`, deleted file `index` of the image made again, the owner
- * (giveOwner) and the mode it had. Set-id bits only on the owner the
+ * (giveOwner), its blocks past its data (allocateAsRecorded) and the mode
+ * it had. Set-id bits only on the owner the
  * image recorded, given exactly: on a stand-in they would make the file
  * run as someone it never ran as (the fuzzing had a nobody image's file
  * come back root's and set-user-ID). (An image without the owner, an
  * older one's, has them only from this node's own snapshot.) */
-function giveOwnerAndMode(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
-  fchmodSync(f, modeToGive(h, id, giveOwner(h, f, id, index)));
+function giveOwnerAllocateAndMode(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
+  const exactOwner = giveOwner(h, f, id, index);
+  // Between: the blocks are the owner's from the start, allocated as the
+  // owner (allocateAsRecorded), never moved to them by a chown of the
+  // restorer's, which passes quotas as root; before the mode, which a
+  // write (fallocate's too) would strip of its set-id bits.
+  allocateAsRecorded(h, f, id, index);
+  fchmodSync(f, modeToGive(h, id, exactOwner));
 }
 
 /** The mode `id` had, with its set-id bits where its owner was given
  * exactly (`exactOwner`: giveOwner) and the image recorded it or is
- * this node's own (giveOwnerAndMode). */
+ * this node's own (giveOwnerAllocateAndMode). */
 function modeToGive(h: RestoreContext, id: FileIdentity, exactOwner: boolean): number {
   const setId = exactOwner && (id.uid !== undefined || isOwnSnapshot(h.image));
   return id.mode & (setId ? 0o7777 : 0o1777);
