@@ -18,6 +18,7 @@ import { loadImage } from '../src/image/format.js';
 import { writeSignedImage } from './crafted.js';
 import { classify } from '../src/template/classify.js';
 import { addon } from '../src/native.js';
+import { joinToFit } from '../src/resources/deleted.js';
 import { AF_UNIX, makeSockaddr } from '../src/resources/sockaddr.js';
 
 const sb = new Sandbox();
@@ -898,6 +899,24 @@ describe('deleted files still open with blocks fallocate\'d past their data (als
     expect(r.code).not.toBe(0);
     expect(sb.aids()).not.toContain('dallbig2');
     expect(readdirSync(dir)).toEqual(before);
+  });
+});
+
+describe('a deleted file fragmented past the ranges an image records: the cheapest gaps closed, as few as needed', () => {
+  it('closes only the gaps that add least that is neither data nor allocated', () => {
+    // 1,026 ranges of one page, two pages apart; the gap after range 7
+    // lies over saved data (free to close), the one after range 3 is a
+    // single page, every other one two.
+    const ranges: [bigint, bigint][] = Array.from({ length: 1026 }, (_, n) => [BigInt(n) * 3n, BigInt(n) * 3n + 1n]);
+    ranges[4] = [11n, 12n];
+    const runs = [22, 2];
+    const joined = joinToFit(ranges, runs, 1024);
+    expect(joined.length).toBe(1024);
+    expect(joined[3]).toEqual([9n, 12n]);
+    expect(joined[6]).toEqual([21n, 25n]);
+    // Nothing else joined: the rest is as it was.
+    expect(joined.slice(7)).toEqual(ranges.slice(9));
+    expect(joinToFit(ranges.slice(0, 1024), runs, 1024)).toHaveLength(1024);
   });
 });
 

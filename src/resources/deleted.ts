@@ -102,6 +102,9 @@ const FIEMAP_EXTENT_LAST = 0x1;
 /** Ranges an image records past a file's data: a file fragmented past
  * this has neighbouring ranges joined (the blocks between allocated too). */
 export const MAX_ALLOCATED_RANGES = 1024;
+/** Past this, no deleted file of an image has blocks (validate.ts): a
+ * snapshot records none there, which its restore would refuse. */
+const ALLOCATED_BOUND = 1n << 40n;
 
 /**
  * The blocks deleted file `f` has allocated past its saved data (`runs`:
@@ -113,13 +116,14 @@ export const MAX_ALLOCATED_RANGES = 1024;
  * its block count (st_blocks, `blocks`) says there are more than the data
  * holds. None where the file system cannot say where they are: tmpfs and
  * memfds, which have no FIEMAP and whose SEEK_DATA counts a page
- * fallocate made, never written, as a hole (README: not carried).
+ * fallocate made, never written, as a hole (README: not carried). None
+ * at or past 2^40 bytes (ALLOCATED_BOUND), where an image has none.
  */
 function allocatedPastData(f: number, blocks: bigint, runs: number[]): bigint[] {
   let dataPages = 0n;
   for (let i = 1; i < runs.length; i += 2) dataPages += BigInt(runs[i]);
   if (blocks * 512n <= dataPages * PAGE) return [];
-  const extents = fileExtents(f);
+  const extents = fileExtents(f, ALLOCATED_BOUND / PAGE);
   if (!extents) return [];
   // The pages of each extent not saved as data.
   const ranges: [bigint, bigint][] = [];
@@ -136,23 +140,54 @@ function allocatedPastData(f: number, blocks: bigint, runs: number[]): bigint[] 
     }
     if (at < end) ranges.push([at, end]);
   }
-  // Too many: every other gap closed until they fit (the blocks between
-  // allocated too, saved data or hole: never fewer than the file had).
-  let joined = ranges;
-  while (joined.length > MAX_ALLOCATED_RANGES) {
-    const next: [bigint, bigint][] = [];
-    for (let i = 0; i < joined.length; i += 2) next.push([joined[i][0], (joined[i + 1] ?? joined[i])[1]]);
-    joined = next;
-  }
-  return joined.flatMap(([a, b]) => [a * PAGE, (b - a) * PAGE]);
+  return joinToFit(ranges, runs, MAX_ALLOCATED_RANGES).flatMap(([a, b]) => [a * PAGE, (b - a) * PAGE]);
 }
 
-/** File `f`'s extents (FIEMAP), whole pages, ascending and merged:
- * [first page, page past the end); undefined where its file system has
- * no FIEMAP. Not synced (FIEMAP_FLAG_SYNC would write the application's
- * dirty pages out): data not yet on disk shows as a delayed extent, saved
- * as data anyway. */
-function fileExtents(f: number): [bigint, bigint][] | undefined {
+/** `ranges` (pages, ascending, apart) made at most `max` by closing the
+ * gaps between neighbours that cost least, as few as needed: a gap's cost
+ * is its pages that are not saved data (`runs`), which the restore would
+ * allocate and the file never had (a gap over saved data costs nothing:
+ * those blocks are allocated anyway). Never fewer blocks than the file
+ * had; as few more as the bound allows. (Every other gap closed, as
+ * before, gave a sparse file with scattered preallocations half of its
+ * holes: review r393.) */
+export function joinToFit(ranges: [bigint, bigint][], runs: number[], max: number): [bigint, bigint][] {
+  const over = ranges.length - max;
+  if (over <= 0) return ranges;
+  // Each gap's cost, its data pages counted by one walk over the runs.
+  const cost: bigint[] = [];
+  let r = 0;
+  for (let i = 0; i + 1 < ranges.length; i++) {
+    const [from, to] = [ranges[i][1], ranges[i + 1][0]];
+    let data = 0n;
+    while (r < runs.length && BigInt(runs[r] + runs[r + 1]) <= from) r += 2;
+    for (let k = r; k < runs.length && BigInt(runs[k]) < to; k += 2) {
+      const a = BigInt(runs[k]) > from ? BigInt(runs[k]) : from;
+      const end = BigInt(runs[k] + runs[k + 1]);
+      data += (end < to ? end : to) - a;
+    }
+    cost.push(to - from - data);
+  }
+  const order = cost.map((_, i) => i).sort((x, y) => (cost[x] < cost[y] ? -1 : cost[x] > cost[y] ? 1 : x - y));
+  const closed = new Set(order.slice(0, over));
+  const joined: [bigint, bigint][] = [[...ranges[0]]];
+  for (let i = 1; i < ranges.length; i++) {
+    if (closed.has(i - 1)) joined[joined.length - 1][1] = ranges[i][1];
+    else joined.push([...ranges[i]]);
+  }
+  return joined;
+}
+
+/** File `f`'s extents (FIEMAP) below page `bound`, whole pages, ascending
+ * and merged (logical neighbours are one: a fragmented file's list stays
+ * short): [first page, page past the end); undefined where its file
+ * system has no FIEMAP, or answers it with any error (the blocks are a
+ * best-effort extra: never a reason to fail a snapshot). Not synced
+ * (FIEMAP_FLAG_SYNC would write the application's dirty pages out): data
+ * not yet on disk shows as a delayed extent, saved as data anyway. An
+ * answer that does not move on (a file system that ignores fm_start, an
+ * extent of no length) ends the walk: undefined. */
+function fileExtents(f: number, bound: bigint): [bigint, bigint][] | undefined {
   const count = 256;
   const buf = Buffer.alloc(FIEMAP_HEADER + count * FIEMAP_EXTENT);
   const out: [bigint, bigint][] = [];
@@ -164,25 +199,28 @@ function fileExtents(f: number): [bigint, bigint][] | undefined {
     buf.writeUInt32LE(count, 24);
     try {
       addon().ioctl(f, FS_IOC_FIEMAP, buf);
-    } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code === 'EOPNOTSUPP' || code === 'ENOTTY' || code === 'EINVAL') return undefined;
-      throw e;
+    } catch {
+      return undefined;
     }
     const mapped = buf.readUInt32LE(20);
     let last = mapped === 0;
+    const before = from;
     for (let i = 0; i < mapped; i++) {
       const at = FIEMAP_HEADER + i * FIEMAP_EXTENT;
       const logical = buf.readBigUInt64LE(at);
       const end = logical + buf.readBigUInt64LE(at + 16);
+      if (buf.readUInt32LE(at + 40) & FIEMAP_EXTENT_LAST) last = true;
+      if (end <= from) continue;
       const range: [bigint, bigint] = [logical / PAGE, (end + PAGE - 1n) / PAGE];
+      if (range[0] >= bound) return out;
+      if (range[1] > bound) range[1] = bound;
       const prev = out[out.length - 1];
       if (prev && range[0] <= prev[1]) prev[1] = range[1] > prev[1] ? range[1] : prev[1];
       else out.push(range);
       from = end;
-      if (buf.readUInt32LE(at + 40) & FIEMAP_EXTENT_LAST) last = true;
     }
     if (last) return out;
+    if (from <= before) return undefined;
   }
 }
 
