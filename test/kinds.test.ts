@@ -949,6 +949,49 @@ describe.runIf(allocDir.dir !== undefined)('deleted files still open with blocks
   });
 });
 
+// The restore's fallocate of a deleted file's blocks past its data, as
+// the file's owner (addon fallocateKeepSize): a root restorer's own would
+// take ext4's root reserve (and pass quotas) for a claim any image makes.
+// On a small ext4 of its own (loop-mounted), filled to the reserve.
+describe.runIf(process.getuid?.() === 0)('the restore\'s fallocate past a deleted file\'s data, by a root restorer', () => {
+  it('is refused ext4\'s root reserve for a file of another owner, which root\'s own file still gets', async (ctx) => {
+    const base = mkdtempSync(join(out, 'reserve-'));
+    const img = join(base, 'fs.img');
+    const mnt = join(base, 'mnt');
+    mkdirSync(mnt);
+    writeFileSync(img, '');
+    spawnSync('truncate', ['-s', '32M', img]);
+    const made = spawnSync('mkfs.ext4', ['-q', '-m', '10', img], { encoding: 'utf8' });
+    if (made.status !== 0) ctx.skip(`no mkfs.ext4 here: ${made.stderr || made.error}`);
+    const mounted = spawnSync('mount', ['-o', 'loop', img, mnt], { encoding: 'utf8' });
+    if (mounted.status !== 0) {
+      rmSync(base, { recursive: true, force: true });
+      ctx.skip(`no loop mount here: ${mounted.stderr.trim()}`);
+    }
+    const fds: number[] = [];
+    try {
+      const room = statfsSync(mnt, { bigint: true });
+      const filler = openSync(join(mnt, 'filler'), 'w+');
+      fds.push(filler);
+      addon().fallocateKeepSize(filler, [0n, ((room.bavail * room.bsize) / 4096n) * 4096n]);
+      const left = statfsSync(mnt, { bigint: true });
+      expect((left.bfree - left.bavail) * left.bsize).toBeGreaterThan(1n << 20n);
+      const users = openSync(join(mnt, 'nobody'), 'w+');
+      fds.push(users);
+      chownSync(join(mnt, 'nobody'), 65534, 65534);
+      expect(() => addon().fallocateKeepSize(users, [0n, 1n << 20n])).toThrow(/ENOSPC|No space/);
+      const roots = openSync(join(mnt, 'root'), 'w+');
+      fds.push(roots);
+      addon().fallocateKeepSize(roots, [0n, 1n << 20n]);
+      expect(statSync(join(mnt, 'root')).blocks * 512).toBeGreaterThanOrEqual(1 << 20);
+    } finally {
+      for (const fd of fds) closeSync(fd);
+      spawnSync('umount', [mnt]);
+      rmSync(base, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('a deleted file fragmented past the ranges an image records: the cheapest gaps closed, as few as needed', () => {
   it('closes only the gaps that add least that is neither data nor allocated', () => {
     // 1,026 ranges of one page, two pages apart; the gap after range 7

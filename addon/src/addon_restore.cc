@@ -316,12 +316,16 @@ bool HasEffective(int cap) {
 // otherwise pass the owner's quota (ext4 and every vfs-quota file
 // system: dquot's ignore_hardlimit asks capable(CAP_SYS_RESOURCE) of
 // the caller, not of whose blocks they are) and take the blocks ext4
-// keeps back for root, for a claim a crafted image makes for free. So,
-// where the caller holds it, on a thread of its own (fsident_run) whose
-// fsuid and fsgid are the file's owner's (ext4's reserve also goes by
-// fsuid and groups: none), without any capability (fallocate on a
-// descriptor open for writing needs none); an unprivileged caller has
-// nothing to drop and allocates as itself. Throws with errno's code
+// keeps back for root (ext4_has_free_clusters: CAP_SYS_RESOURCE, or an
+// fsuid or group that is the reserve's, root's by default, which a root
+// restorer without CAP_SYS_RESOURCE still is), for a claim a crafted
+// image makes for free. So, where the caller holds CAP_SYS_RESOURCE or
+// may take another's identity (CAP_SETUID and CAP_SETGID: a privileged
+// restorer), on a thread of its own (fsident_run) whose fsuid and fsgid
+// are the file's owner's, in no other group, without any capability
+// (fallocate on a descriptor open for writing needs none); an
+// unprivileged caller has nothing to drop and allocates as itself (its
+// own quota, its own reserve). Throws with errno's code
 // (EOPNOTSUPP where its file system has none, ENOSPC, EDQUOT, EPERM if
 // those credentials cannot be taken).
 Napi::Value FallocateKeepSize(const Napi::CallbackInfo& info) {
@@ -345,7 +349,7 @@ Napi::Value FallocateKeepSize(const Napi::CallbackInfo& info) {
   }
   AllocateCall c{Int(info[0]), &ranges, 0};
   int rc;
-  if (HasEffective(CAP_SYS_RESOURCE)) {
+  if (HasEffective(CAP_SYS_RESOURCE) || (HasEffective(CAP_SETUID) && HasEffective(CAP_SETGID))) {
     struct stat st;
     if (fstat(c.fd, &st)) {
       ThrowErrno(env, "fstat", errno);
