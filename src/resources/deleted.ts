@@ -178,6 +178,11 @@ export function joinToFit(ranges: [bigint, bigint][], runs: number[], max: numbe
   return joined;
 }
 
+/** A file scattered in more pieces than this (apart in the file, not
+ * merely on the disk) records no blocks past its data: the walk's memory
+ * stays bounded (review r393: a fragmented database file at snapshot). */
+const MAX_EXTENTS_WALKED = 65536;
+
 /** File `f`'s extents (FIEMAP) below page `bound`, whole pages, ascending
  * and merged (logical neighbours are one: a fragmented file's list stays
  * short): [first page, page past the end); undefined where its file
@@ -186,7 +191,8 @@ export function joinToFit(ranges: [bigint, bigint][], runs: number[], max: numbe
  * (FIEMAP_FLAG_SYNC would write the application's dirty pages out): data
  * not yet on disk shows as a delayed extent, saved as data anyway. An
  * answer that does not move on (a file system that ignores fm_start, an
- * extent of no length) ends the walk: undefined. */
+ * extent of no length) ends the walk: undefined; so do more than
+ * MAX_EXTENTS_WALKED pieces. */
 function fileExtents(f: number, bound: bigint): [bigint, bigint][] | undefined {
   const count = 256;
   const buf = Buffer.alloc(FIEMAP_HEADER + count * FIEMAP_EXTENT);
@@ -216,7 +222,7 @@ function fileExtents(f: number, bound: bigint): [bigint, bigint][] | undefined {
       if (range[1] > bound) range[1] = bound;
       const prev = out[out.length - 1];
       if (prev && range[0] <= prev[1]) prev[1] = range[1] > prev[1] ? range[1] : prev[1];
-      else out.push(range);
+      else if (out.push(range) > MAX_EXTENTS_WALKED) return undefined;
       from = end;
     }
     if (last) return out;
