@@ -482,6 +482,13 @@ interface Addon {
   /** ioctl(2): a Buffer argument by its address (read and written in
    * place), a number as it is. Throws on failure. */
   ioctl(fd: number, request: number, arg: Buffer | number): number;
+  /** fallocate(FALLOC_FL_KEEP_SIZE) of each [offset, length] pair of
+   * `ranges`, as the file's owner and never with CAP_SYS_RESOURCE (the
+   * owner's quota and ext4's root reserve hold: addon_restore.cc): throws
+   * with errno's code (EOPNOTSUPP, ENOSPC, EDQUOT). */
+  fallocateKeepSize(fd: number, ranges: bigint[]): void;
+  /** futimens(2) to the nanosecond: times in nanoseconds since the epoch. */
+  futimensNs(fd: number, atimeNs: bigint, mtimeNs: bigint): void;
   mkfifo(path: string, mode: number): void;
   /** The path of the inode a file handle names, opened on the filesystem
    * mounted at `mountPath` (needs CAP_DAC_READ_SEARCH). */

@@ -1491,6 +1491,21 @@ describe('crafted metadata (checksums and signature recomputed)', () => {
     // fchown reads (uid_t)-1 as "leave it"; only a deleted file is remade.
     ['a deleted file owned by uid 4294967295', (i) => Object.assign(i.files[0], { deleted: true, uid: 4294967295, gid: 0 }), 'file 0 carries uid 4294967295'],
     ['an owner on a file that is not deleted', (i) => Object.assign(i.files[0], { deleted: false, uid: 0, gid: 5 }), 'file 0 carries uid 0'],
+    // A deleted file's times and blocks past its data (deleted.ts): what a
+    // restore allocates is its data and those ranges, never more than
+    // 2^40 bytes, no range out of order.
+    ['an access time on a file that is not deleted', (i) => Object.assign(i.files[0], { deleted: false, atimeNs: 1n }), 'file 0 carries an access time but is not a deleted file'],
+    ['blocks past its data on a file that is not deleted', (i) => Object.assign(i.files[0], { deleted: false, allocated: [0n, 4096n] }), 'file 0 carries blocks past its data but is not a deleted file'],
+    ['a deleted file with 2 TiB allocated past its data', (i) => Object.assign(i.files[0], { deleted: true, contents: { offset: 0n, runs: [], fromParent: [] }, allocated: [0n, 1n << 41n] }), "deleted file 0's blocks past its data: 2199023255552 bytes at 0 \\(whole pages, ascending, apart, below 2\\^40\\)"],
+    ['a deleted file with its allocated ranges out of order', (i) => Object.assign(i.files[0], { deleted: true, contents: { offset: 0n, runs: [], fromParent: [] }, allocated: [8192n, 4096n, 0n, 4096n] }), "deleted file 0's blocks past its data: 4096 bytes at 0 \\(whole pages"],
+    ['a deleted file with an odd count of numbers', (i) => Object.assign(i.files[0], { deleted: true, contents: { offset: 0n, runs: [], fromParent: [] }, allocated: [0n, 4096n, 8192n] }), "deleted file 0's blocks past its data are 3 numbers \\(pairs, at most 1024\\)"],
+    ['a deleted file with more than 1024 ranges', (i) => Object.assign(i.files[0], { deleted: true, contents: { offset: 0n, runs: [], fromParent: [] }, allocated: Array.from({ length: 1025 }, (_, n) => [BigInt(n) * 8192n, 4096n]).flat() }), "deleted file 0's blocks past its data are 2050 numbers \\(pairs, at most 1024\\)"],
+    ['a deleted file with a range at an offset not a whole page', (i) => Object.assign(i.files[0], { deleted: true, contents: { offset: 0n, runs: [], fromParent: [] }, allocated: [100n, 4096n] }), "deleted file 0's blocks past its data: 4096 bytes at 100 \\(whole pages"],
+    ['a deleted file with a range of a length not a whole page', (i) => Object.assign(i.files[0], { deleted: true, contents: { offset: 0n, runs: [], fromParent: [] }, allocated: [0n, 100n] }), "deleted file 0's blocks past its data: 100 bytes at 0 \\(whole pages"],
+    ['a deleted file with a range of no length', (i) => Object.assign(i.files[0], { deleted: true, contents: { offset: 0n, runs: [], fromParent: [] }, allocated: [0n, 0n] }), "deleted file 0's blocks past its data: 0 bytes at 0 \\(whole pages"],
+    ['a deleted file with two ranges that touch (not apart)', (i) => Object.assign(i.files[0], { deleted: true, contents: { offset: 0n, runs: [], fromParent: [] }, allocated: [0n, 4096n, 4096n, 4096n] }), "deleted file 0's blocks past its data: 4096 bytes at 4096 \\(whole pages"],
+    // A memfd's file system has no FIEMAP: no snapshot finds any there.
+    ['a memfd with blocks past its data', (i) => Object.assign(i.files[0], { path: '/memfd:x (deleted)', deleted: true, contents: { offset: 0n, runs: [], fromParent: [] }, allocated: [0n, 4096n] }), 'file 0 carries blocks past its data but is a memfd'],
     // A removed working or root directory's stand-in is given its file's
     // mode and owner: a file that is no removed directory (root's and
     // set-user-ID) would be fchmod'ed onto it.

@@ -6,7 +6,7 @@
  * makes each use its objects once more (EXERCISED). What cannot be
  * captured is refused by name, and the application is left running.
  */
-import { chmodSync, chownSync, closeSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmdirSync, rmSync, statfsSync, statSync, symlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,8 +15,10 @@ import { afterAll, beforeAll, describe as vitestDescribe, expect } from 'vitest'
 import { cgroupRoot, cli, command, fixture, Sandbox, spawnAsync, stoppedAt, waitFor } from './helpers.js';
 import { ownedTests } from './parallel.js';
 import { loadImage } from '../src/image/format.js';
+import { writeSignedImage } from './crafted.js';
 import { classify } from '../src/template/classify.js';
 import { addon } from '../src/native.js';
+import { joinToFit } from '../src/resources/deleted.js';
 import { AF_UNIX, makeSockaddr } from '../src/resources/sockaddr.js';
 
 const sb = new Sandbox();
@@ -869,6 +871,143 @@ describe('deleted files still open: exact size, holes, contents, positions, flag
   const dir = mkdtempSync(join(out, 'deleted-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   roundTrips('dele', [fixture('deleted'), dir], /FILE\s+\S+\/small \(deleted\) pos=3/);
+});
+
+/** A directory (made, the caller's to remove) on a file system where a
+ * file's blocks past its data can be made (fallocate, also
+ * FALLOC_FL_KEEP_SIZE) and found (FIEMAP), which is what the deletedalloc
+ * tests need; or why there is none. Not /tmp as such: it is a tmpfs on
+ * Fedora, Arch and Debian 13 (no FIEMAP), and ZFS has no fallocate. */
+function fiemapDirectory(): { dir?: string; why: string } {
+  const tried: string[] = [];
+  for (const base of [out, '/var/tmp', process.cwd()]) {
+    let dir: string | undefined;
+    try {
+      dir = mkdtempSync(join(base, 'appshot-alloc-'));
+      const fd = openSync(join(dir, 'probe'), 'w+');
+      try {
+        writeSync(fd, Buffer.alloc(4096, 1));
+        fallocateSync(fd);
+        const buf = Buffer.alloc(32 + 4 * 56);
+        buf.writeBigUInt64LE(0xffffffffffffffffn, 8);
+        buf.writeUInt32LE(4, 24);
+        addon().ioctl(fd, 0xc020660b, buf);
+        if (buf.readUInt32LE(20) === 0) throw new Error('FIEMAP found no extent');
+      } finally {
+        closeSync(fd);
+      }
+      rmSync(join(dir, 'probe'));
+      return { dir, why: '' };
+    } catch (e) {
+      tried.push(`${base}: ${(e as Error).message}`);
+      if (dir) rmSync(dir, { recursive: true, force: true });
+    }
+  }
+  return { why: `no directory here on a file system with fallocate and FIEMAP (${tried.join('; ')})` };
+}
+
+/** fallocate(FALLOC_FL_KEEP_SIZE) of a page past `fd`'s data, as the
+ * fixture does (through the addon's, which is the restore's). */
+function fallocateSync(fd: number): void {
+  addon().fallocateKeepSize(fd, [4096n, 4096n]);
+}
+
+const allocDir = fiemapDirectory();
+if (!allocDir.dir) console.warn(`skipping the deletedalloc tests: ${allocDir.why}`);
+
+describe.runIf(allocDir.dir !== undefined)('deleted files still open with blocks fallocate\'d past their data (also past their size, FALLOC_FL_KEEP_SIZE) and times to the nanosecond: size, blocks, times, bytes, and the blocks there to write into', () => {
+  const dir = allocDir.dir as string;
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  roundTrips('dall', [fixture('deletedalloc'), dir], /FILE\s+\S+\/keep \(deleted\) pos=0/);
+
+  // The image's ranges are untrusted: within what an image's file may be
+  // (validate.ts), but what they would take of the disk is the restore's
+  // to bound, before it allocates anything. The claim is what this file
+  // system has free and 256 MiB more (room freed meanwhile elsewhere
+  // must not make it fit), whatever the host's disk.
+  it('refuses, in one line and leaving nothing, an image whose deleted file had more blocks past its data than its file system has free', async (ctx) => {
+    const room = statfsSync(dir, { bigint: true });
+    const claim = ((room.bavail * room.bsize + 4095n) / 4096n) * 4096n + (256n << 20n);
+    if (claim > 1n << 40n) ctx.skip(`${claim} bytes free: more than an image's deleted file may claim (2^40), so nothing to refuse`);
+    await start('dallbig', [fixture('deletedalloc'), dir]);
+    await checksPass('dallbig');
+    const img = join(out, 'dallbig');
+    await run(['snapshot', 'dallbig', '-o', img]);
+    const loaded = await loadImage(img, { trust: 'report' });
+    const image = structuredClone(loaded.image);
+    loaded.dispose();
+    const f = image.files.findIndex((x) => x.deleted && x.path.endsWith('/prealloc'));
+    expect(image.files[f].allocated?.length).toBeGreaterThan(0);
+    image.files[f].allocated = [0n, claim];
+    const crafted = writeSignedImage(join(out, 'dallbig-crafted'), image, img, { signer: sb.home });
+    const before = readdirSync(dir);
+    const r = await attempt(['restore', crafted, '--aid', 'dallbig2']);
+    expect(r.stderr).toMatch(new RegExp(`^appshot: cannot restore \\S+: deleted file \\d+ \\(\\S+\\/prealloc\\) had ${claim} bytes allocated past its data, more than the \\d+ free on the file system it is made on\n$`));
+    expect(r.code).not.toBe(0);
+    expect(sb.aids()).not.toContain('dallbig2');
+    expect(readdirSync(dir)).toEqual(before);
+  });
+});
+
+// The restore's fallocate of a deleted file's blocks past its data, as
+// the file's owner (addon fallocateKeepSize): a root restorer's own would
+// take ext4's root reserve (and pass quotas) for a claim any image makes.
+// On a small ext4 of its own (loop-mounted), filled to the reserve.
+describe.runIf(process.getuid?.() === 0)('the restore\'s fallocate past a deleted file\'s data, by a root restorer', () => {
+  it('is refused ext4\'s root reserve for a file of another owner, which root\'s own file still gets', async (ctx) => {
+    const base = mkdtempSync(join(out, 'reserve-'));
+    const img = join(base, 'fs.img');
+    const mnt = join(base, 'mnt');
+    mkdirSync(mnt);
+    writeFileSync(img, '');
+    spawnSync('truncate', ['-s', '32M', img]);
+    const made = spawnSync('mkfs.ext4', ['-q', '-m', '10', img], { encoding: 'utf8' });
+    if (made.status !== 0) ctx.skip(`no mkfs.ext4 here: ${made.stderr || made.error}`);
+    const mounted = spawnSync('mount', ['-o', 'loop', img, mnt], { encoding: 'utf8' });
+    if (mounted.status !== 0) {
+      rmSync(base, { recursive: true, force: true });
+      ctx.skip(`no loop mount here: ${mounted.stderr.trim()}`);
+    }
+    const fds: number[] = [];
+    try {
+      const room = statfsSync(mnt, { bigint: true });
+      const filler = openSync(join(mnt, 'filler'), 'w+');
+      fds.push(filler);
+      addon().fallocateKeepSize(filler, [0n, ((room.bavail * room.bsize) / 4096n) * 4096n]);
+      const left = statfsSync(mnt, { bigint: true });
+      expect((left.bfree - left.bavail) * left.bsize).toBeGreaterThan(1n << 20n);
+      const users = openSync(join(mnt, 'nobody'), 'w+');
+      fds.push(users);
+      chownSync(join(mnt, 'nobody'), 65534, 65534);
+      expect(() => addon().fallocateKeepSize(users, [0n, 1n << 20n])).toThrow(/ENOSPC|No space/);
+      const roots = openSync(join(mnt, 'root'), 'w+');
+      fds.push(roots);
+      addon().fallocateKeepSize(roots, [0n, 1n << 20n]);
+      expect(statSync(join(mnt, 'root')).blocks * 512).toBeGreaterThanOrEqual(1 << 20);
+    } finally {
+      for (const fd of fds) closeSync(fd);
+      spawnSync('umount', [mnt]);
+      rmSync(base, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('a deleted file fragmented past the ranges an image records: the cheapest gaps closed, as few as needed', () => {
+  it('closes only the gaps that add least that is neither data nor allocated', () => {
+    // 1,026 ranges of one page, two pages apart; the gap after range 7
+    // lies over saved data (free to close), the one after range 3 is a
+    // single page, every other one two.
+    const ranges: [bigint, bigint][] = Array.from({ length: 1026 }, (_, n) => [BigInt(n) * 3n, BigInt(n) * 3n + 1n]);
+    ranges[4] = [11n, 12n];
+    const runs = [22, 2];
+    const joined = joinToFit(ranges, runs, 1024);
+    expect(joined.length).toBe(1024);
+    expect(joined[3]).toEqual([9n, 12n]);
+    expect(joined[6]).toEqual([21n, 25n]);
+    // Nothing else joined: the rest is as it was.
+    expect(joined.slice(7)).toEqual(ranges.slice(9));
+    expect(joinToFit(ranges.slice(0, 1024), runs, 1024)).toHaveLength(1024);
+  });
 });
 
 describe('files mapped privately, then deleted (a library replaced under a running server): code, data and written pages, zeros past the end, protections', () => {

@@ -11,6 +11,8 @@
 #include <vector>
 #include <signal.h>
 #include <linux/capability.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <sys/syscall.h>
@@ -258,6 +260,14 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
   if (info[2].IsBuffer()) {
     auto buf = info[2].As<Napi::Buffer<char>>();
     size_t need = IoctlArgBytes(request);
+    // FS_IOC_FIEMAP's encoded size is its header's alone: the kernel
+    // writes fm_extent_count extents past it, a count it reads from the
+    // buffer itself.
+    if (request == FS_IOC_FIEMAP && buf.Length() >= need) {
+      uint32_t count;
+      memcpy(&count, buf.Data() + offsetof(struct fiemap, fm_extent_count), sizeof count);
+      need += static_cast<size_t>(count) * sizeof(struct fiemap_extent);
+    }
     if (!need || buf.Length() < need) {
       ThrowErrno(env, "ioctl " + std::to_string(request) + ": a buffer of " + std::to_string(buf.Length()) + " bytes" +
                           (need ? ", the request takes " + std::to_string(need) : ", for a request whose size is not known"), EINVAL);
@@ -272,6 +282,113 @@ Napi::Value Ioctl(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   return Napi::Number::New(env, static_cast<double>(r));
+}
+
+// One fallocateKeepSize: the descriptor and its ranges, on the thread
+// fsident_run gives it; `done` ranges allocated before an error.
+struct AllocateCall {
+  int fd;
+  const std::vector<std::pair<int64_t, int64_t>>* ranges;
+  size_t done;
+};
+
+int AllocateOp(void* arg) {
+  auto* c = static_cast<AllocateCall*>(arg);
+  for (; c->done < c->ranges->size(); c->done++) {
+    const auto& r = (*c->ranges)[c->done];
+    if (fallocate(c->fd, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(r.first), static_cast<off_t>(r.second))) return -errno;
+  }
+  return 0;
+}
+
+// Whether the calling thread's effective set holds `cap`.
+bool HasEffective(int cap) {
+  struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+  struct __user_cap_data_struct d[2];
+  if (syscall(SYS_capget, &h, d) != 0) return true;  // unknown: taken as held, so it is dropped
+  return (d[cap / 32].effective >> (cap % 32)) & 1;
+}
+
+// fallocateKeepSize(fd, ranges): blocks allocated without moving the
+// file's size (FALLOC_FL_KEEP_SIZE), `ranges` [offset, length, ...] as
+// BigInts (a file's can pass 2^53). Done as the file's owner would do
+// it, never with CAP_SYS_RESOURCE: a restorer that has it (root) would
+// otherwise pass the owner's quota (ext4 and every vfs-quota file
+// system: dquot's ignore_hardlimit asks capable(CAP_SYS_RESOURCE) of
+// the caller, not of whose blocks they are) and take the blocks ext4
+// keeps back for root (ext4_has_free_clusters: CAP_SYS_RESOURCE, or an
+// fsuid or group that is the reserve's, root's by default, which a root
+// restorer without CAP_SYS_RESOURCE still is), for a claim a crafted
+// image makes for free. So, where the caller holds CAP_SYS_RESOURCE or
+// may take another's identity (CAP_SETUID and CAP_SETGID: a privileged
+// restorer), on a thread of its own (fsident_run) whose fsuid and fsgid
+// are the file's owner's, in no other group, without any capability
+// (fallocate on a descriptor open for writing needs none); an
+// unprivileged caller has nothing to drop and allocates as itself (its
+// own quota, its own reserve). Throws with errno's code
+// (EOPNOTSUPP where its file system has none, ENOSPC, EDQUOT, EPERM if
+// those credentials cannot be taken).
+Napi::Value FallocateKeepSize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[1].IsArray() || info[1].As<Napi::Array>().Length() % 2) {
+    Napi::TypeError::New(env, "fallocateKeepSize(fd, [offset, length, ...])").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  auto list = info[1].As<Napi::Array>();
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  for (uint32_t i = 0; i < list.Length(); i += 2) {
+    Napi::Value a = list.Get(i), b = list.Get(i + 1);
+    bool offsetExact = false, lengthExact = false;
+    int64_t offset = a.IsBigInt() ? a.As<Napi::BigInt>().Int64Value(&offsetExact) : -1;
+    int64_t length = b.IsBigInt() ? b.As<Napi::BigInt>().Int64Value(&lengthExact) : -1;
+    if (!offsetExact || !lengthExact || offset < 0 || length <= 0) {
+      ThrowErrno(env, "fallocate", EINVAL);
+      return env.Undefined();
+    }
+    ranges.emplace_back(offset, length);
+  }
+  AllocateCall c{Int(info[0]), &ranges, 0};
+  int rc;
+  if (HasEffective(CAP_SYS_RESOURCE) || (HasEffective(CAP_SETUID) && HasEffective(CAP_SETGID))) {
+    struct stat st;
+    if (fstat(c.fd, &st)) {
+      ThrowErrno(env, "fstat", errno);
+      return env.Undefined();
+    }
+    struct fsident owner = {static_cast<uint32_t>(st.st_uid), static_cast<uint32_t>(st.st_gid), 0, nullptr, 0};
+    struct fsident_list who = {&owner, 1};
+    rc = fsident_run(&who, nullptr, AllocateOp, &c);
+  } else {
+    rc = AllocateOp(&c);
+  }
+  if (rc < 0) ThrowErrno(env, "fallocate", -rc);
+  return env.Undefined();
+}
+
+// futimensNs(fd, atimeNs, mtimeNs): a file's access and modification times
+// to the nanosecond (Node's futimes stops at the microsecond), BigInts of
+// nanoseconds since the epoch (before it: negative).
+Napi::Value FutimensNs(const Napi::CallbackInfo& info) {
+  struct timespec ts[2];
+  for (int i = 0; i < 2; i++) {
+    bool lossless = true;
+    int64_t ns = info[1 + i].As<Napi::BigInt>().Int64Value(&lossless);
+    if (!lossless) {
+      ThrowErrno(info.Env(), "futimens", EINVAL);
+      return info.Env().Undefined();
+    }
+    // Floor division: tv_nsec must be 0..999999999 for a time before 1970 too.
+    int64_t sec = ns / 1000000000;
+    int64_t rem = ns % 1000000000;
+    if (rem < 0) {
+      rem += 1000000000;
+      sec -= 1;
+    }
+    ts[i].tv_sec = static_cast<time_t>(sec);
+    ts[i].tv_nsec = static_cast<long>(rem);
+  }
+  if (futimens(Int(info[0]), ts)) ThrowErrno(info.Env(), "futimens", errno);
+  return info.Env().Undefined();
 }
 
 // setStatusFlags(fd, flags): O_APPEND, O_NONBLOCK... of the description.
@@ -1866,6 +1983,8 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("lseek", Lseek);
   fn("setStatusFlags", SetStatusFlags);
   fn("ioctl", Ioctl);
+  fn("fallocateKeepSize", FallocateKeepSize);
+  fn("futimensNs", FutimensNs);
   fn("mkfifo", MkFifo);
   fn("fileHandlePath", FileHandlePath);
   fn("fileSeals", FileSeals);

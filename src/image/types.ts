@@ -539,6 +539,14 @@ export interface FileIdentity {
   /** A symbolic link an O_PATH|O_NOFOLLOW descriptor holds: its text, which
    * the link a restore opens by its name must have (files.ts). */
   linkTarget?: string;
+  /** A deleted file's or memfd's access time, given back with its
+   * modification time (mtimeNs) when it is made again (absent: an older
+   * image). Its change time cannot be given. */
+  atimeNs?: bigint;
+  /** A deleted file's blocks allocated past its saved data (fallocate,
+   * also past its size with FALLOC_FL_KEEP_SIZE): [offset, length) byte
+   * pairs, page-aligned, ascending, apart (deleted.ts allocatedPastData). */
+  allocated?: bigint[];
 }
 
 export interface SharedMemory {

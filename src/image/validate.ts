@@ -27,6 +27,7 @@ import { checkAioRings } from '../resources/aio.js';
 import { checkTidMoves } from '../resources/mutexes.js';
 import { checkGlibcTidWrites } from '../resources/threads.js';
 import { checkCpuTimes } from '../resources/cputime.js';
+import { deletedFileRecordFault } from '../resources/deleted.js';
 import { mempolicyModeValid, mempolicyNodesFault } from '../resources/memory.js';
 import { cpuAffinityFault, PERSONALITY_BITS } from '../resources/attributes.js';
 import { posixTimerClockFault } from '../resources/timers.js';
@@ -915,6 +916,11 @@ export function validateImage(image: Image, pagesFileSize: bigint, memoryOnly = 
   const sealsKnown = 0x3f;
   // A deleted file is made again at its size (sparse where it had holes).
   for (const [i, f] of image.files.entries()) if (f.deleted && f.size > 1n << 40n) corrupt(`deleted file ${i} claims ${f.size} bytes`);
+  // Its times and its blocks past its data (deleted.ts).
+  for (const [i, f] of image.files.entries()) {
+    const fault = deletedFileRecordFault(f, i);
+    if (fault) corrupt(fault);
+  }
   // memfd_create takes names of up to 249 bytes (MFD_NAME_MAX_LEN).
   for (const [i, f] of [...image.files, ...image.sharedMemory].entries())
     if (f.path.startsWith('/memfd:') && Buffer.byteLength(f.path.slice(7).replace(/ \(deleted\)$/, '')) > 249) corrupt(`memfd ${i}'s name is longer than memfd_create takes`);

@@ -223,6 +223,8 @@ export class RestoreContext {
   /** What waits until every process is as it will run
    * (whenProcessesAreFinal). */
   private readonly afterProcesses: (() => void)[] = [];
+  /** Whether processesAreFinal has run. */
+  private processesFinal = false;
   /** What was made once for the whole restore, by key: see once(). */
   private readonly made = new Map<string, unknown>();
   /** What undoes objects made outside the application (a named message
@@ -580,13 +582,18 @@ export class RestoreContext {
    * filled, its protections and advice given, the restore's scratch areas
    * unmapped; its threads, timers, limits and credentials restored (what
    * reads a process's own /proc text: its listing of its mappings,
-   * listings.ts; its status, timers, io, proctext.ts). */
+   * listings.ts; its status, timers, io, proctext.ts). Asked once they
+   * are (a step added after processesAreFinal), it runs at once: never
+   * left waiting for a moment that has passed (review r393: a deleted
+   * file's times would silently never be given). */
   whenProcessesAreFinal(step: () => void): void {
-    this.afterProcesses.push(step);
+    if (this.processesFinal) step();
+    else this.afterProcesses.push(step);
   }
 
   /** Every process is as it will run: what waited for it runs. */
   processesAreFinal(): void {
+    this.processesFinal = true;
     for (const step of this.afterProcesses.splice(0)) step();
   }
 

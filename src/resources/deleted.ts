@@ -9,7 +9,7 @@
  * is the same object in the mapping (see sharedMemoryFd in memory.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { type BigIntStats, closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, unlinkSync } from 'node:fs';
+import { type BigIntStats, closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, statfsSync, unlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type FileIdentity, type Process } from '../image/types.js';
@@ -77,11 +77,156 @@ export function saveDeletedFrom(ctx: DumpContext, procPath: string, index: numbe
   if (id.contents) return;
   const f = openWithoutAccessTime(procPath);
   try {
+    // Its times before our read, which moves the access time where the
+    // kernel refuses us O_NOATIME (a file neither ours nor CAP_FOWNER's).
+    const st = fstatSync(f, { bigint: true });
+    id.atimeNs = st.atimeNs;
+    id.mtimeNs = st.mtimeNs;
     if (id.path.startsWith(MEMFD_PREFIX)) id.seals = Math.max(0, addon().fileSeals(f));
     const { offset, runs } = ctx.pages.appendFd(f, Number(id.size));
     id.contents = { offset: BigInt(offset), runs: Array.from(runs), fromParent: [] };
+    const allocated = allocatedPastData(f, st.blocks, id.contents.runs);
+    if (allocated.length) id.allocated = allocated;
   } finally {
     closeSync(f);
+  }
+}
+
+const PAGE = 4096n;
+/** FS_IOC_FIEMAP: _IOWR('f', 11, struct fiemap), whose header is 32 bytes
+ * and each extent 56 (linux/fiemap.h). */
+const FS_IOC_FIEMAP = 0xc020660b;
+const FIEMAP_HEADER = 32;
+const FIEMAP_EXTENT = 56;
+const FIEMAP_EXTENT_LAST = 0x1;
+/** Ranges an image records past a file's data: a file fragmented past
+ * this has neighbouring ranges joined (the blocks between allocated too). */
+export const MAX_ALLOCATED_RANGES = 1024;
+/** Past this, no deleted file of an image has blocks (validate.ts): a
+ * snapshot records none there, which its restore would refuse. */
+const ALLOCATED_BOUND = 1n << 40n;
+
+/**
+ * The blocks deleted file `f` has allocated past its saved data (`runs`:
+ * pairs of first page and count), as [offset, length) byte pairs, whole
+ * pages: what fallocate made and nothing was written to (an unwritten
+ * extent, which SEEK_DATA takes for a hole, so the copy has none of it),
+ * also past its size (FALLOC_FL_KEEP_SIZE: a log or database file that
+ * reserves its room ahead). Asked of the file system (FIEMAP) only when
+ * its block count (st_blocks, `blocks`) says there are more than the data
+ * holds. None where the file system cannot say where they are: tmpfs and
+ * memfds, which have no FIEMAP and whose SEEK_DATA counts a page
+ * fallocate made, never written, as a hole (README: not carried). None
+ * at or past 2^40 bytes (ALLOCATED_BOUND), where an image has none.
+ */
+function allocatedPastData(f: number, blocks: bigint, runs: number[]): bigint[] {
+  let dataPages = 0n;
+  for (let i = 1; i < runs.length; i += 2) dataPages += BigInt(runs[i]);
+  if (blocks * 512n <= dataPages * PAGE) return [];
+  const extents = fileExtents(f, ALLOCATED_BOUND / PAGE);
+  if (!extents) return [];
+  // The pages of each extent not saved as data.
+  const ranges: [bigint, bigint][] = [];
+  let r = 0;
+  for (const [start, end] of extents) {
+    let at = start;
+    while (r < runs.length && BigInt(runs[r] + runs[r + 1]) <= at) r += 2;
+    for (let k = r; k < runs.length && at < end; k += 2) {
+      const dataStart = BigInt(runs[k]);
+      const dataEnd = dataStart + BigInt(runs[k + 1]);
+      if (dataStart >= end) break;
+      if (dataStart > at) ranges.push([at, dataStart]);
+      if (dataEnd > at) at = dataEnd;
+    }
+    if (at < end) ranges.push([at, end]);
+  }
+  return joinToFit(ranges, runs, MAX_ALLOCATED_RANGES).flatMap(([a, b]) => [a * PAGE, (b - a) * PAGE]);
+}
+
+/** `ranges` (pages, ascending, apart) made at most `max` by closing the
+ * gaps between neighbours that cost least, as few as needed: a gap's cost
+ * is its pages that are not saved data (`runs`), which the restore would
+ * allocate and the file never had (a gap over saved data costs nothing:
+ * those blocks are allocated anyway). Never fewer blocks than the file
+ * had; as few more as the bound allows. (Every other gap closed, as
+ * before, gave a sparse file with scattered preallocations half of its
+ * holes: review r393.) */
+export function joinToFit(ranges: [bigint, bigint][], runs: number[], max: number): [bigint, bigint][] {
+  const over = ranges.length - max;
+  if (over <= 0) return ranges;
+  // Each gap's cost, its data pages counted by one walk over the runs.
+  const cost: bigint[] = [];
+  let r = 0;
+  for (let i = 0; i + 1 < ranges.length; i++) {
+    const [from, to] = [ranges[i][1], ranges[i + 1][0]];
+    let data = 0n;
+    while (r < runs.length && BigInt(runs[r] + runs[r + 1]) <= from) r += 2;
+    for (let k = r; k < runs.length && BigInt(runs[k]) < to; k += 2) {
+      const a = BigInt(runs[k]) > from ? BigInt(runs[k]) : from;
+      const end = BigInt(runs[k] + runs[k + 1]);
+      data += (end < to ? end : to) - a;
+    }
+    cost.push(to - from - data);
+  }
+  const order = cost.map((_, i) => i).sort((x, y) => (cost[x] < cost[y] ? -1 : cost[x] > cost[y] ? 1 : x - y));
+  const closed = new Set(order.slice(0, over));
+  const joined: [bigint, bigint][] = [[...ranges[0]]];
+  for (let i = 1; i < ranges.length; i++) {
+    if (closed.has(i - 1)) joined[joined.length - 1][1] = ranges[i][1];
+    else joined.push([...ranges[i]]);
+  }
+  return joined;
+}
+
+/** A file scattered in more pieces than this (apart in the file, not
+ * merely on the disk) records no blocks past its data: the walk's memory
+ * stays bounded (review r393: a fragmented database file at snapshot). */
+const MAX_EXTENTS_WALKED = 65536;
+
+/** File `f`'s extents (FIEMAP) below page `bound`, whole pages, ascending
+ * and merged (logical neighbours are one: a fragmented file's list stays
+ * short): [first page, page past the end); undefined where its file
+ * system has no FIEMAP, or answers it with any error (the blocks are a
+ * best-effort extra: never a reason to fail a snapshot). Not synced
+ * (FIEMAP_FLAG_SYNC would write the application's dirty pages out): data
+ * not yet on disk shows as a delayed extent, saved as data anyway. An
+ * answer that does not move on (a file system that ignores fm_start, an
+ * extent of no length) ends the walk: undefined; so do more than
+ * MAX_EXTENTS_WALKED pieces. */
+function fileExtents(f: number, bound: bigint): [bigint, bigint][] | undefined {
+  const count = 256;
+  const buf = Buffer.alloc(FIEMAP_HEADER + count * FIEMAP_EXTENT);
+  const out: [bigint, bigint][] = [];
+  let from = 0n;
+  for (;;) {
+    buf.fill(0);
+    buf.writeBigUInt64LE(from, 0);
+    buf.writeBigUInt64LE(0xffffffffffffffffn - from, 8);
+    buf.writeUInt32LE(count, 24);
+    try {
+      addon().ioctl(f, FS_IOC_FIEMAP, buf);
+    } catch {
+      return undefined;
+    }
+    const mapped = buf.readUInt32LE(20);
+    let last = mapped === 0;
+    const before = from;
+    for (let i = 0; i < mapped; i++) {
+      const at = FIEMAP_HEADER + i * FIEMAP_EXTENT;
+      const logical = buf.readBigUInt64LE(at);
+      const end = logical + buf.readBigUInt64LE(at + 16);
+      if (buf.readUInt32LE(at + 40) & FIEMAP_EXTENT_LAST) last = true;
+      if (end <= from) continue;
+      const range: [bigint, bigint] = [logical / PAGE, (end + PAGE - 1n) / PAGE];
+      if (range[0] >= bound) return out;
+      if (range[1] > bound) range[1] = bound;
+      const prev = out[out.length - 1];
+      if (prev && range[0] <= prev[1]) prev[1] = range[1] > prev[1] ? range[1] : prev[1];
+      else if (out.push(range) > MAX_EXTENTS_WALKED) return undefined;
+      from = end;
+    }
+    if (last) return out;
+    if (from <= before) return undefined;
   }
 }
 
@@ -103,6 +248,34 @@ export function openWithoutAccessTime(path: string): number {
  * it; undefined for anything else. */
 export function memfdSeals(path: string, fd: number): number | undefined {
   return path.startsWith(MEMFD_PREFIX) ? Math.max(0, addon().fileSeals(fd)) : undefined;
+}
+
+/** What is wrong with the times and the allocation file `i` of an image
+ * records (untrusted: validate.ts), or undefined. Times only on a deleted
+ * file; its blocks past its data only on one whose data is saved, as
+ * allocatedPastData makes them: whole pages in [offset, length) pairs,
+ * ascending and apart, at most MAX_ALLOCATED_RANGES of them, all below
+ * 2^40 (what an image's deleted file may be): what a restore allocates is
+ * then never more than its data and those ranges. (A range may cover
+ * saved pages where allocatedPastData joined ranges: allocating them again
+ * costs nothing.) */
+export function deletedFileRecordFault(f: FileIdentity, i: number): string | undefined {
+  if (f.atimeNs !== undefined && !f.deleted) return `file ${i} carries an access time but is not a deleted file`;
+  const a = f.allocated ?? [];
+  if (!a.length) return undefined;
+  if (!f.deleted || !f.contents) return `file ${i} carries blocks past its data but is not a deleted file with its data saved`;
+  // A memfd's file system (shmem) has no FIEMAP: a snapshot never finds
+  // any there, and a restore would commit memory for them.
+  if (f.path.startsWith(MEMFD_PREFIX)) return `file ${i} carries blocks past its data but is a memfd, which has none a snapshot can find`;
+  const bad = `deleted file ${i}'s blocks past its data`;
+  if (a.length % 2 || a.length > 2 * MAX_ALLOCATED_RANGES) return `${bad} are ${a.length} numbers (pairs, at most ${MAX_ALLOCATED_RANGES})`;
+  let end = -1n;
+  for (let k = 0; k < a.length; k += 2) {
+    const [at, length] = [a[k], a[k + 1]];
+    if (at % PAGE || length % PAGE || length <= 0n || at <= end || at + length > 1n << 40n) return `${bad}: ${length} bytes at ${at} (whole pages, ascending, apart, below 2^40)`;
+    end = at + length;
+  }
+  return undefined;
 }
 
 /* ---- restore ---------------------------------------------------------- */
@@ -132,8 +305,9 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
     const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
     h.copyPages(f, id.contents);
     ftruncateSync(f, Number(id.size));
-    giveOwnerAndMode(h, f, id, index);
+    giveOwnerAllocateAndMode(h, f, id, index);
     sealMemfd(h, f, id.seals, mappedSharedWritable(h, id));
+    giveTimesAtTheEnd(h, f, id, index);
     return f;
   });
 }
@@ -152,12 +326,103 @@ export function deletedExecutable(h: RestoreContext, index: number): number {
     try {
       h.copyPages(f, id.contents);
       ftruncateSync(f, Number(id.size));
-      giveOwnerAndMode(h, f, id, index);
-      return h.keep(openSync(`/proc/self/fd/${f}`, fs.O_RDONLY | O_CLOEXEC));
+      giveOwnerAllocateAndMode(h, f, id, index);
+      const exe = h.keep(openSync(`/proc/self/fd/${f}`, fs.O_RDONLY | O_CLOEXEC));
+      giveTimesAtTheEnd(h, exe, id, index);
+      return exe;
     } finally {
       h.release([f]);
     }
   });
+}
+
+/** statfs f_type of the file systems whose blocks are memory (tmpfs,
+ * ramfs): no FIEMAP, so an honest image has no ranges there. */
+const MEMORY_FILE_SYSTEMS = new Set([0x01021994n, 0x858458f6n]);
+
+/** Deleted file `index`'s blocks past its data allocated again in `f`, as
+ * the image recorded them (`allocated`), with FALLOC_FL_KEEP_SIZE: its
+ * size stays, and ranges over what was just written cost nothing. The
+ * image's ranges are checked (validate.ts: whole pages, apart, below 2^40
+ * bytes); they are allocated only where a snapshot could have found them
+ * (the file system where `f` is made answers FIEMAP, and is no tmpfs:
+ * anywhere else, said and left, as a crafted image could have a tmpfs
+ * such as /dev/shm commit memory up to half of RAM per mount); what they
+ * add must fit in what its file system has free for anyone (f_bavail:
+ * never the room kept for root; Node's statfs gives f_bsize where the
+ * count is in f_frsize units, the same on every disk file system that
+ * has FIEMAP). They are allocated as the file's owner, given before
+ * (giveOwnerAllocateAndMode), without CAP_SYS_RESOURCE (the addon's
+ * fallocateKeepSize): the owner's quota holds them back as it held the
+ * application (EDQUOT: the restore fails, naming the file), a root
+ * restore too (review r393: root passed quotas, and a few KB of image
+ * bought a user a file as large as the disk had free, which O_TMPFILE's
+ * linkat could keep). A file system without fallocate (EOPNOTSUPP)
+ * keeps the data alone, said. */
+function allocateAsRecorded(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
+  const ranges = id.allocated ?? [];
+  if (!ranges.length) return;
+  const what = `deleted file ${index} (${id.path})`;
+  let total = 0n;
+  for (let i = 1; i < ranges.length; i += 2) total += ranges[i];
+  const room = statfsSync(`/proc/self/fd/${f}`, { bigint: true });
+  if (MEMORY_FILE_SYSTEMS.has(room.type) || !answersFiemap(f)) {
+    h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (the file system it is made on here cannot say where a file's blocks are, so a snapshot never finds any there)`);
+    return;
+  }
+  if (total > room.bavail * room.bsize) throw new AppshotError(`${what} had ${total} bytes allocated past its data, more than the ${room.bavail * room.bsize} free on the file system it is made on`);
+  try {
+    addon().fallocateKeepSize(f, ranges);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EOPNOTSUPP') throw new AppshotError(`${what}: allocating its ${total} bytes past its data again: ${(e as Error).message}`);
+    h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (its file system here has no fallocate)`);
+  }
+}
+
+/** Whether `f`'s file system answers FIEMAP (asked for no extents: the
+ * count alone). */
+function answersFiemap(f: number): boolean {
+  const buf = Buffer.alloc(FIEMAP_HEADER);
+  buf.writeBigUInt64LE(0xffffffffffffffffn, 8);
+  try {
+    addon().ioctl(f, FS_IOC_FIEMAP, buf);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Once every process is as it will run (nothing of the restore writes
+ * the file after: a write through a shared mapping would move its
+ * modification time), `f` is given the access and modification times
+ * deleted file `index` had, to the nanosecond (futimens on the restore's
+ * own descriptor, which the file's owner and CAP_FOWNER may: the
+ * restorer made it). Its change time is the
+ * restore's: nothing sets one. An older image, without the access time,
+ * leaves both the restore's. */
+function giveTimesAtTheEnd(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
+  if (id.atimeNs === undefined) return;
+  const list = h.once('deleted files to date', () => {
+    const files: { f: number; atimeNs: bigint; mtimeNs: bigint; what: string }[] = [];
+    h.whenProcessesAreFinal(() => giveTimes(h, files));
+    return files;
+  });
+  list.push({ f, atimeNs: id.atimeNs, mtimeNs: id.mtimeNs, what: `deleted file ${index} (${id.path})` });
+}
+
+function giveTimes(h: RestoreContext, files: { f: number; atimeNs: bigint; mtimeNs: bigint; what: string }[]): void {
+  const failed: string[] = [];
+  let why = '';
+  for (const x of files) {
+    try {
+      addon().futimensNs(x.f, x.atimeNs, x.mtimeNs);
+    } catch (e) {
+      failed.push(x.what);
+      why = (e as Error).message;
+    }
+  }
+  // Not a reason to fail the restore (the files are whole): said.
+  if (failed.length) h.notKept.push(`${failed.join(', ')}: their times, not given again (${why})`);
 }
 
 /** The file's owner as the image says (before its mode: a chown clears
@@ -239,7 +504,7 @@ const O_PATH = 0o10000000;
  * may not give, left the restorer's and said so (giveOwner's `orKeep`);
  * its mode only once every process is as it will run (every holder has
  * entered or opened it): a mode without search permission (0) would
- * make the process's own fchdir fail. Set-id bits as giveOwnerAndMode
+ * make the process's own fchdir fail. Set-id bits as giveOwnerAllocateAndMode
  * gives them. (It came back 0700 and the restorer's, and a worker of
  * another uid could no longer use ".": issue 12, review r294.) An older
  * image, without `index`, keeps it 0700 and the restorer's. */
@@ -255,18 +520,25 @@ function removedDirectoryStandIn(h: RestoreContext, index: number | undefined, s
 }
 
 /** Gives `f`, deleted file `index` of the image made again, the owner
- * (giveOwner) and the mode it had. Set-id bits only on the owner the
+ * (giveOwner), its blocks past its data (allocateAsRecorded) and the mode
+ * it had. Set-id bits only on the owner the
  * image recorded, given exactly: on a stand-in they would make the file
  * run as someone it never ran as (the fuzzing had a nobody image's file
  * come back root's and set-user-ID). (An image without the owner, an
  * older one's, has them only from this node's own snapshot.) */
-function giveOwnerAndMode(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
-  fchmodSync(f, modeToGive(h, id, giveOwner(h, f, id, index)));
+function giveOwnerAllocateAndMode(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
+  const exactOwner = giveOwner(h, f, id, index);
+  // Between: the blocks are the owner's from the start, allocated as the
+  // owner (allocateAsRecorded), never moved to them by a chown of the
+  // restorer's, which passes quotas as root; before the mode, which a
+  // write (fallocate's too) would strip of its set-id bits.
+  allocateAsRecorded(h, f, id, index);
+  fchmodSync(f, modeToGive(h, id, exactOwner));
 }
 
 /** The mode `id` had, with its set-id bits where its owner was given
  * exactly (`exactOwner`: giveOwner) and the image recorded it or is
- * this node's own (giveOwnerAndMode). */
+ * this node's own (giveOwnerAllocateAndMode). */
 function modeToGive(h: RestoreContext, id: FileIdentity, exactOwner: boolean): number {
   const setId = exactOwner && (id.uid !== undefined || isOwnSnapshot(h.image));
   return id.mode & (setId ? 0o7777 : 0o1777);
