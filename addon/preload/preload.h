@@ -864,12 +864,15 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
  * nothing of ours on its stack. */
 /* Whether absolute `path` may name a file under /proc/<vpid>, which
  * proc_path rewrites: "/proc/...", and "//proc/<vpid>", "/./proc/<vpid>",
- * "/../proc/<vpid>" (any path starting "//" or "/."). The one test for
+ * "/../proc/<vpid>" (any path starting "//" or "/."), "/tmp/../proc/<vpid>"
+ * (any path with a ".." component, or a name starting "..": a search of
+ * a few nanoseconds). The one test for
  * both the rewrite (path_slow) and the translation window it needs
  * (SLOW_PATH): a path rewritten outside the window would carry a system
  * PID across a snapshot. */
 static inline int proc_path_may_name(const char *path) {
-  return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.');
+  return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.') ||
+         UNLIKELY(strstr(path, "/..") != NULL);
 }
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;
@@ -896,9 +899,14 @@ static inline int path_unplain(const char *path) {
  * (/proc/<pid>, self, thread-self, task, task/<tid> and the plain
  * directories of a process or thread: fd, fdinfo, ns, net, attr,
  * map_files). Any other ".." (after a symbolic link such as
- * /proc/self/cwd or fd/<n>, outside /proc) is kept with the rest of the
- * path, for the kernel to resolve. 1, or 0 if it does not fit. No system
- * call. */
+ * /proc/self/cwd or fd/<n>, /proc/sys, outside /proc) is kept with the
+ * rest of the path, for the kernel to resolve, unless a number follows it
+ * ("/proc/sys/../<vpid>/stat", "/tmp/../proc/<vpid>"): the kernel would
+ * read that one as a system id, so the directory before the ".." is
+ * resolved by the kernel (opened, its link read: a few system calls, only
+ * then) and the path goes on from its name. 1; 0 if it does not fit; -1
+ * with errno when that directory cannot be opened (the whole path could
+ * not be either). No system call otherwise. */
 HIDDEN int plain_path(const char *path, char out[PATH_MAX]);
 
 /* The same for `path` relative to `dirfd` (AT_FDCWD for the calls without

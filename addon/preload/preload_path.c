@@ -1179,7 +1179,7 @@ static NOINLINE const char *proc_root_unplain(const char *path, int op, char buf
   char plain[PATH_MAX];
   const char *rest;
   *taken = 0;
-  if (!plain_path(path, plain) || !(rest = proc_root_redirected(plain, buf))) return NULL;
+  if (plain_path(path, plain) <= 0 || !(rest = proc_root_redirected(plain, buf))) return NULL;
   *taken = 1;
   const char *r = path_rules_once(rest, rest, op, buf);
   if (r && (uintptr_t)r - (uintptr_t)plain < PATH_MAX) r = strcpy(buf, r);
@@ -1560,7 +1560,7 @@ static NOINLINE long link_answer_unplain(int dirfd, const char *path, char *out,
   if (path[0] != '/')
     while (path[0] == '.' && path[1] == '/') /* "./": the directory itself */
       for (path += 2; *path == '/'; path++) {}
-  if (!plain_path(path, plain)) return n; /* too long: not a link of /proc's */
+  if (plain_path(path, plain) <= 0) return n; /* too long (not a link of /proc's), or a directory in it gone */
   return link_answer_plain(dirfd, plain, out, n, size);
 }
 static long link_answer(int dirfd, const char *path, char *out, long n, size_t size) {

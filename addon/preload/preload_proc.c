@@ -20,6 +20,7 @@
 #include <sys/vfs.h>
 
 static size_t decimal_at(const char *s, size_t len, pid_t *out);
+static const char *proc_path_plain(const char *path, char buf[PATH_MAX]);
 
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
@@ -142,11 +143,79 @@ static size_t dotdot(char *out, size_t n) {
   return name_in(c[3], len[3], thread_dirs) ? (size_t)(c[3] - out) : 0;
 }
 
+/* The parent of the directory out[0..n) names (n > 0, out[n - 1] == '/'),
+ * by its name alone: sound only for a name the kernel gave (no symbolic
+ * link in it). */
+static size_t parent_of(const char *out, size_t n) {
+  if (n == 1) return 1;
+  size_t i = n - 2;
+  while (out[i] != '/') i--;
+  return i + 1;
+}
+
+/* Whether a component of `s` (what follows a ".." in a path) is a number:
+ * a process or thread the path may name by its id, once the ".." is
+ * resolved. */
+static int number_follows(const char *s) {
+  for (; *s; s++)
+    if (s[0] == '/' && starts_with_number(s + 1)) return 1;
+  return 0;
+}
+
+/* The directory out[0..n) (absolute, ending with '/') as the kernel
+ * resolves it, for a ".." after it whose parent no name tells
+ * (/proc/sys/.., /tmp/.., a link such as /proc/self/cwd): opened (O_PATH,
+ * with its virtual ids made the system's), its link read, the ids in the
+ * answer made virtual again. Into out, ending with '/': its length. 0 when
+ * it cannot be said (no /proc to read the link, a directory removed, or
+ * one inside a process outside the application): the ".." is then left
+ * for the kernel, as before. -1 with errno when the directory cannot be
+ * opened: the kernel's walk of the whole path fails there too (ENOENT,
+ * ENOTDIR, EACCES, ELOOP; a virtual id the application does not hold),
+ * or could not be checked (EMFILE), which is not let through either: a
+ * virtual id after the ".." would be read as a system one. Asked only for
+ * such a ".." followed by a number (number_follows): a few system calls,
+ * in a frame of its own, never on a common path. */
+static NOINLINE long resolved_dir(char *out, size_t n) {
+  char sys[PATH_MAX];
+  out[n] = '\0';
+  const char *p = proc_path_plain(out, sys);
+  if (!p) return -1;
+  long fd = SYS4(openat, AT_FDCWD, p, O_PATH | O_DIRECTORY | O_CLOEXEC, 0);
+  if (fd < 0) {
+    errno = (int)-fd;
+    return -1;
+  }
+  char link[32] = "/proc/self/fd/";
+  *put_decimal(link + 14, (unsigned long)fd) = '\0';
+  long m = SYS4(readlinkat, AT_FDCWD, link, sys, PATH_MAX - 1);
+  SYS1(close, fd);
+  static const char deleted[] = " (deleted)";
+  enum { DELETED = sizeof deleted - 1 };
+  if (m <= 0 || m >= PATH_MAX - 1 || sys[0] != '/' || (m > DELETED && !memcmp(sys + m - DELETED, deleted, DELETED)))
+    return 0;
+  if (m > 6 && !memcmp(sys, "/proc/", 6) && sys[6] >= '0' && sys[6] <= '9') {
+    pid_t spid, vpid;
+    if (!decimal_at(sys + 6, (size_t)m - 6, &spid) || !appshot_s2v(g_h, APPSHOT_PID, spid, &vpid)) return 0;
+    m = (long)proc_answer_to_virtual(sys, (size_t)m, PATH_MAX - 1);
+  }
+  if (m + 1 >= PATH_MAX) {
+    errno = ENAMETOOLONG;
+    return -1;
+  }
+  memcpy(out, sys, (size_t)m);
+  if (out[m - 1] != '/') out[m++] = '/';
+  return m;
+}
+
 int plain_path(const char *path, char out[PATH_MAX]) {
   size_t n = 0;
   /* Set once a ".." was kept: what follows it is the kernel's to resolve,
    * and a later ".." is no longer the parent of what out shows. */
   int kept = 0;
+  /* out[0..canon) is a directory as the kernel named it (resolved_dir):
+   * its parent is in its name. */
+  size_t canon = 0;
   for (const char *s = path; *s;) {
     if (s[0] == '/' && n && out[n - 1] == '/') {
       s++; /* a repeated slash */
@@ -164,8 +233,18 @@ int plain_path(const char *path, char out[PATH_MAX]) {
       }
     }
     if (!kept && s[0] == '.' && s[1] == '.' && n && out[n - 1] == '/' && (s[2] == '/' || s[2] == '\0')) {
-      size_t up = dotdot(out, n);
+      int named = n == canon; /* the parent of a name the kernel gave */
+      size_t up = named ? parent_of(out, n) : dotdot(out, n);
+      /* A ".." whose parent no name tells, followed by a number
+       * ("/proc/sys/../<vpid>/stat", "/tmp/../proc/<vpid>"): the kernel
+       * would read that number as a system id. */
+      if (!up && out[0] == '/' && number_follows(s + 2)) {
+        long r = resolved_dir(out, n);
+        if (r < 0) return -1;
+        if (r > 0) up = parent_of(out, (size_t)r), named = 1;
+      }
       if (up) {
+        canon = named ? up : 0;
         n = up;
         s += s[2] ? 3 : 2;
         continue;
@@ -210,7 +289,9 @@ static const char *proc_path_plain(const char *path, char buf[PATH_MAX]) {
  * for the kernel): not made plain again. */
 static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX]) {
   char plain[PATH_MAX];
-  if (!plain_path(path, plain)) return path; /* too long: the kernel says so */
+  int made = plain_path(path, plain);
+  if (made < 0) return NULL;
+  if (!made) return path; /* too long: the kernel says so */
   const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
   if (!r || r == buf) return r;
   return strcpy(buf, plain);
