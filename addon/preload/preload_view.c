@@ -662,7 +662,9 @@ static NOINLINE long substitute(int fd, enum view v, const struct view_owner *wh
  * timers, locks, shm, sem, msg), one of a cgroup's lists (cgroup.procs,
  * cgroup.threads, tasks), or either (a number: /proc/<pid>/fdinfo/<n>, or
  * a descriptor reopened through /proc/self/fd/<n> or /dev/fd/<n>, an O_PATH
- * one of any of those files among them). */
+ * one of any of those files among them; and /dev/stdin, stdout and
+ * stderr, links to /proc/self/fd/0, 1 and 2, which may hold one after a
+ * dup2). */
 enum name { NAME_OTHER = 0, NAME_PROC = 1, NAME_CGROUP = 2, NAME_ANY = 3 };
 
 static int pidlist_name(const char *base) {
@@ -676,10 +678,11 @@ static enum name viewed_name(const char *path) {
   base = base ? base + 1 : path;
   switch (base[0]) {
     case 's':
-      return !strcmp(base, "stat") || !strcmp(base, "status") || !strcmp(base, "sched") ||
-                     !strcmp(base, "shm") || !strcmp(base, "sem")
-                 ? NAME_PROC
-                 : NAME_OTHER;
+      if (!strcmp(base, "stat") || !strcmp(base, "status") || !strcmp(base, "sched") || !strcmp(base, "shm") ||
+          !strcmp(base, "sem"))
+        return NAME_PROC;
+      /* /dev/stdin, stdout, stderr: links to /proc/self/fd/<0-2> */
+      return !strcmp(base, "stdin") || !strcmp(base, "stdout") || !strcmp(base, "stderr") ? NAME_ANY : NAME_OTHER;
     case 'm': return !strcmp(base, "msg") ? NAME_PROC : NAME_OTHER;
     case 'l': return !strcmp(base, "locks") ? NAME_PROC : NAME_OTHER;
     case 'c':
