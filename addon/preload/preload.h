@@ -495,21 +495,32 @@ HIDDEN void inotify_wd_forget(int fd);
 HIDDEN void inotify_wd_forget_range(unsigned int first, unsigned int last);
 HIDDEN void inotify_wd_copy(int from, int to);
 HIDDEN int cgroup_procs_marked(int fd);
+/* Writes buf to `fd`, a cgroup's list: one id in decimal, with white space
+ * around it (what the kernel parses), written as its system id (ESRCH for
+ * one the application does not hold); anything else as it is. */
+HIDDEN ssize_t cgroup_write_ids(int fd, const char *buf, size_t count);
 HIDDEN void cgroup_procs_mark(int fd, int on);
 
 /* --- Translated views of files that list PIDs (preload_view.c) --------- */
 
 /* After an open by `path` (relative to any directory) that returned `fd`
- * (or -1): a read-only open of /proc/locks, /proc/sysvipc/<kind>,
- * /proc/<pid>/fdinfo/<n>, a process's stat, status & co. or a cgroup's
- * list of processes (read-write too, for the files nobody may write)
- * gets a copy of the text with virtual PIDs in its place; which file it
- * is, the descriptor says. Returns fd, or -1 and errno when the copy
+ * (or -1): a read-only or read-write open of /proc/locks,
+ * /proc/sysvipc/<kind>, /proc/<pid>/fdinfo/<n>, a process's stat, status
+ * & co. or a cgroup's list of processes gets a copy of the text with
+ * virtual PIDs in its place (a cgroup's list and a sched file read-write:
+ * their writes go through, view_write_through); which file it is, the
+ * descriptor says. Returns fd, or -1 and errno when the copy
  * cannot be made (fd is then closed). */
 HIDDEN int view_opened(int fd, const char *path, int flags);
 /* The same for a descriptor the caller will close itself on failure
  * (fopen's): 0, or -errno with fd untouched. */
 HIDDEN long view_fill(int fd, const char *path, int flags);
+/* A write() to a marked descriptor (preload_cgroup.c) that is the view of
+ * a cgroup's list or a sched file opened read-write: written to the
+ * kernel's file, opened again by the name the view keeps (a cgroup list's
+ * id translated), *result what write() returns, and 1; 0 when `fd` is no
+ * such view. */
+HIDDEN int view_write_through(int fd, const char *buf, size_t count, ssize_t *result);
 
 /* preload_proc.c: whether the working directory is inside /proc (1), not
  * (0), or not known yet (-1); cwd_in_proc_slow finds out (one readlink)
