@@ -560,10 +560,28 @@ static inline int rel_dotted(const char *path) {
       return 1;
   return 0;
 }
+/* Whether relative `path` may reach a process's directory of /proc from a
+ * directory outside /proc: a number after a ".." or "proc" component
+ * ("../proc/<vpid>" from /tmp, "proc/<vpid>" from "/", "../<vpid>" from
+ * /proc/sys through a link to it), which the kernel would read as a
+ * system id. One pass over the path. */
+static inline int rel_reaches_number(const char *path) {
+  int climbed = 0;
+  for (const char *c = path; *c;) {
+    const char *e = c;
+    while (*e && *e != '/') e++;
+    if ((e - c == 2 && c[0] == '.' && c[1] == '.') || (e - c == 4 && !memcmp(c, "proc", 4))) climbed = 1;
+    else if (climbed && starts_with_number(c)) return 1;
+    c = *e ? e + 1 : e;
+  }
+  return 0;
+}
 static inline int proc_at_hooked(int dirfd, const char *path) {
-  return g_h && path && path[0] != '/' &&
-         (starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5)) || UNLIKELY(rel_dotted(path))) &&
-         (dirfd >= 0 || (dirfd == AT_FDCWD && cwd_in_proc()));
+  if (!g_h || !path || path[0] == '/' || (dirfd < 0 && dirfd != AT_FDCWD)) return 0;
+  if ((starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5)) || UNLIKELY(rel_dotted(path))) &&
+      (dirfd >= 0 || cwd_in_proc()))
+    return 1;
+  return UNLIKELY(rel_reaches_number(path));
 }
 #define PROC_SUPER_MAGIC 0x9fa0 /* statfs's f_type of /proc */
 /* The directory `dirfd` (AT_FDCWD: the working directory) names, into
@@ -584,6 +602,12 @@ HIDDEN const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]);
  * directory is not in /proc, or is a process outside the application;
  * NULL with errno. */
 HIDDEN const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]);
+/* For a relative path that may reach /proc's numbers from a directory
+ * outside /proc (rel_reaches_number): the directory's name (its link: the
+ * working directory's, or dirfd's) joined with it, rewritten as an
+ * absolute path is (proc_path), in buf; `path` itself when the directory
+ * has no such name (removed, not a directory); NULL with errno. */
+HIDDEN const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 
@@ -1044,7 +1068,8 @@ static inline int unix_answer_hooked(const struct sockaddr *addr, socklen_t cap,
 #define SLOW_PATH(p, dirfd, path, op, err)                                   \
   int p##_kind = (path)[0] == '/' ? PROC_DIR_NONE : proc_dir_kind(dirfd);   \
   ID_WINDOW_IF((path)[0] == '/' ? proc_path_may_name(path)                  \
-                                 : p##_kind != PROC_DIR_NONE && (p##_kind != PROC_DIR_INSIDE || rel_dotted(path))); \
+                                 : (p##_kind != PROC_DIR_NONE && (p##_kind != PROC_DIR_INSIDE || rel_dotted(path))) || \
+                                       (p##_kind == PROC_DIR_NONE && rel_reaches_number(path))); \
   char p##_buf[PATH_MAX];                                                    \
   const char *p = at_path_slow((dirfd), p##_kind, (path), (op), p##_buf);    \
   if (!p) return err

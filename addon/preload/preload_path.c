@@ -1224,6 +1224,7 @@ const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf
     const char *r = proc_at_join(dirfd, path, buf);
     if (r != path) return r;
   }
+  if (kind == PROC_DIR_NONE && UNLIKELY(rel_reaches_number(path))) return proc_rel_join(dirfd, path, buf);
   return kind != PROC_DIR_NONE ? proc_at_path(kind, path, buf) : path;
 }
 

@@ -7,9 +7,13 @@
  * getdents64, glob), goes through); a virtual PID
  * the table does not know is a process that does not exist (ENOENT). Every other path, /proc/self and
  * /proc/thread-self included (they already name the caller), goes through
- * untouched, after a check of its first bytes. The same numbers in a path
+ * untouched, after a check of its first bytes. A path the kernel reads
+ * as another (repeated slashes, ".", "..") is made plain first, a ".."
+ * whose parent no name tells resolved by the kernel when a number follows
+ * it (plain_path). The same numbers in a path
  * relative to a descriptor of /proc or a working directory inside it:
- * proc_at_path, below. A process's root, /proc/<vpid>/root/..., is taken
+ * proc_at_path, below; from a directory outside /proc ("proc/<vpid>"
+ * under "/"): proc_rel_join. A process's root, /proc/<vpid>/root/..., is taken
  * through the REDIR PATH rules when one applies (proc_root_rest, at the
  * end).
  */
@@ -416,6 +420,25 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
   memcpy(buf + n + 1, path, len + 1);
   /* No "." or ".." after all (a hidden name): the relative logic. */
   if (!path_unplain(buf)) return path;
+  return proc_path_unplain(buf, buf);
+}
+
+const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]) {
+  if (dirfd < 0 && dirfd != AT_FDCWD) return path;
+  char link[32] = "/proc/thread-self/cwd";
+  if (dirfd != AT_FDCWD) *put_decimal((char *)memcpy(link, "/proc/self/fd/", 14) + 14, (unsigned long)dirfd) = '\0';
+  long n = SYS4(readlinkat, AT_FDCWD, link, buf, PATH_MAX - 1);
+  static const char deleted[] = " (deleted)";
+  enum { DELETED = sizeof deleted - 1 };
+  if (n <= 0 || n >= PATH_MAX - 1 || buf[0] != '/' || (n > DELETED && !memcmp(buf + n - DELETED, deleted, DELETED)))
+    return path;
+  size_t len = strlen(path);
+  if ((size_t)n + 1 + len >= PATH_MAX) {
+    errno = ENAMETOOLONG;
+    return NULL;
+  }
+  buf[n] = '/';
+  memcpy(buf + n + 1, path, len + 1);
   return proc_path_unplain(buf, buf);
 }
 
