@@ -882,18 +882,26 @@ int view_write_through(int fd, const char *buf, size_t count, ssize_t *result) {
       memcmp(link + n - DELETED, deleted, DELETED))
     return 0;
   link[n - DELETED] = '\0';
-  const char *source = link + MEMFD, *p = proc_path(source, sys);
+  /* A name we gave: an absolute path to a cgroup's list or a sched file
+   * (a memfd the application named so and put at a marked number by a
+   * raw dup2 is refused here, or by the checks of what opened). */
+  const char *source = link + MEMFD, *base = strrchr(source, '/');
+  if (source[0] != '/' || (!pidlist_name(base + 1) && strcmp(base + 1, "sched"))) {
+    *result = fail(EBADF);
+    return 1;
+  }
+  base++;
+  const char *p = proc_path(source, sys);
   if (!p) {
     *result = fail(errno);
     return 1;
   }
-  long t = SYS4(openat, AT_FDCWD, p, O_WRONLY | O_CLOEXEC | O_NOCTTY, 0);
+  long t = SYS4(openat, AT_FDCWD, p, O_WRONLY | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK, 0);
   if (t < 0) {
     *result = libc_ret(t);
     return 1;
   }
   /* Still what it was: a cgroup's list, or a sched file of /proc. */
-  const char *base = strrchr(source, '/') + 1;
   int cgroup_list = 0;
   if (SYS2(fstatfs, t, &sf) != 0) sf.f_type = 0;
   if (sf.f_type == CGROUP2_SUPER_MAGIC || sf.f_type == CGROUP_SUPER_MAGIC) cgroup_list = pidlist_name(base);
