@@ -900,14 +900,15 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
 /* Whether absolute `path` may name a file under /proc/<vpid>, which
  * proc_path rewrites: "/proc/...", and "//proc/<vpid>", "/./proc/<vpid>",
  * "/../proc/<vpid>" (any path starting "//" or "/."), "/tmp/../proc/<vpid>"
- * (any path with a ".." component, or a name starting "..": a search of
- * a few nanoseconds). The one test for
+ * (a path with a ".." component, or a name starting "..", that has
+ * "/proc/" too: two searches of a few nanoseconds; gcc's
+ * ".../12/../../include/c++/12" is not one: r388 M2, L6). The one test for
  * both the rewrite (path_slow) and the translation window it needs
  * (SLOW_PATH): a path rewritten outside the window would carry a system
  * PID across a snapshot. */
 static inline int proc_path_may_name(const char *path) {
   return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.') ||
-         UNLIKELY(strstr(path, "/..") != NULL);
+         UNLIKELY(strstr(path, "/..") != NULL && strstr(path, "/proc/") != NULL);
 }
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;
@@ -935,9 +936,10 @@ static inline int path_unplain(const char *path) {
  * directories of a process or thread: fd, fdinfo, ns, net, attr,
  * map_files). Any other ".." (after a symbolic link such as
  * /proc/self/cwd or fd/<n>, /proc/sys, outside /proc) is kept with the
- * rest of the path, for the kernel to resolve, unless a number follows it
- * ("/proc/sys/../<vpid>/stat", "/tmp/../proc/<vpid>"): the kernel would
- * read that one as a system id, so the directory before the ".." is
+ * rest of the path, for the kernel to resolve, unless it may lead to a
+ * process's directory ("/proc/sys/../<vpid>/stat", "/tmp/../proc/<vpid>";
+ * not under path rules outside /proc: dotdot_resolved): the kernel would
+ * read that number as a system id, so the directory before the ".." is
  * resolved by the kernel (opened, its link read: a few system calls, only
  * then) and the path goes on from its name. 1; 0 if it does not fit; -1
  * with errno when that directory cannot be opened (the whole path could

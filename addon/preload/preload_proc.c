@@ -159,11 +159,41 @@ static size_t parent_of(const char *out, size_t n) {
 
 /* Whether a component of `s` (what follows a ".." in a path) is a number:
  * a process or thread the path may name by its id, once the ".." is
- * resolved. */
-static int number_follows(const char *s) {
+ * resolved. With `proc`, only a number after a "proc" component
+ * ("/../proc/<vpid>"): the one way a path leaves a directory outside
+ * /proc for a process's directory. */
+static int number_follows(const char *s, int proc) {
+  int seen = !proc;
   for (; *s; s++)
-    if (s[0] == '/' && starts_with_number(s + 1)) return 1;
+    if (s[0] == '/') {
+      if (seen && starts_with_number(s + 1)) return 1;
+      if (!strncmp(s + 1, "proc", 4) && (s[5] == '/' || !s[5])) seen = 1;
+    }
   return 0;
+}
+
+/* Whether the ".." after directory out[0..n) (absolute, no parent in its
+ * name) is resolved by the kernel first (resolved_dir) because what
+ * follows may be a process's directory, which the kernel would read by a
+ * system id: a directory of /proc followed by a number
+ * ("/proc/sys/../<vpid>", "/proc/self/cwd/../<n>"), or any directory
+ * followed by "proc" and a number ("/tmp/../proc/<vpid>"). Every other
+ * ".." (gcc's ".../12/../../../../include/c++/12/...") goes to the kernel
+ * as written: no system call more, the kernel's errors (review r388 M2).
+ * Never under path rules outside /proc, nor a process's root under them:
+ * the rules read the path by its letters, and a directory opened before
+ * them is the real one, not what the rules make of it (a private-only
+ * directory would be ENOENT, a symbolic link on the shared side would
+ * take the call out of the private tree: r388 H1). */
+static int dotdot_resolved(const char *out, size_t n, const char *rest) {
+  if (n > 6 && !memcmp(out, "/proc/", 6)) {
+    if (g_h && g_h->instance.redirs) {
+      const char *c = memchr(out + 6, '/', n - 6); /* "/proc/<who>/root/": a root the rules may take */
+      if (c && (size_t)(out + n - c) >= 6 && !memcmp(c, "/root/", 6)) return 0;
+    }
+    return number_follows(rest, 0);
+  }
+  return !(g_h && g_h->instance.redirs) && number_follows(rest, 1);
 }
 
 /* The directory out[0..n) (absolute, ending with '/') as the kernel
@@ -242,7 +272,7 @@ int plain_path(const char *path, char out[PATH_MAX]) {
       /* A ".." whose parent no name tells, followed by a number
        * ("/proc/sys/../<vpid>/stat", "/tmp/../proc/<vpid>"): the kernel
        * would read that number as a system id. */
-      if (!up && out[0] == '/' && number_follows(s + 2)) {
+      if (!up && out[0] == '/' && UNLIKELY(dotdot_resolved(out, n, s + 2))) {
         long r = resolved_dir(out, n);
         if (r < 0) return -1;
         if (r > 0) up = parent_of(out, (size_t)r), named = 1;
