@@ -850,7 +850,10 @@ describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<t
   // test/fixtures/procspell.c: "/proc/sys/../<vpid>/stat", "/tmp/../proc/<vpid>",
   // "proc/<vpid>" under "/" and the rest once opened the system's process
   // of that number (kthreadd for 2); each spelling is first checked to be
-  // another process, or none, by raw system calls.
+  // another process, or none, by raw system calls. Paths that only look
+  // so ("x/../12/f", a tree's own "proc/1") answer as the kernel does, with
+  // no descriptor free, and openat2 RESOLVE_BENEATH keeps a relative path
+  // relative (review r388 M1, M2).
   it('a virtual PID in any spelling of its /proc directory (".." after /proc/sys or /tmp, relative under /, /tmp or /proc) opens that process, and a number the application does not hold is ENOENT; /dev/stdin and /dev/stderr of an O_PATH descriptor and sched read-write show the view', async () => {
     const r = await attempt(['run', '--', fixture('procspell')]);
     expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);

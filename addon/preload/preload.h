@@ -561,17 +561,17 @@ static inline int rel_dotted(const char *path) {
   return 0;
 }
 /* Whether relative `path` may reach a process's directory of /proc from a
- * directory outside /proc: a number after a ".." or "proc" component
- * ("../proc/<vpid>" from /tmp, "proc/<vpid>" from "/", "../<vpid>" from
- * /proc/sys through a link to it), which the kernel would read as a
- * system id. One pass over the path. */
+ * directory outside /proc: a number after a "proc" component
+ * ("proc/<vpid>" from "/", "../proc/<vpid>" from /tmp), which the kernel
+ * would read as a system id. Not a ".." alone: gcc's "../12/..." paths
+ * are many, and the kernel's to read (r388 M2). One pass over the path. */
 static inline int rel_reaches_number(const char *path) {
-  int climbed = 0;
+  int seen = 0;
   for (const char *c = path; *c;) {
     const char *e = c;
     while (*e && *e != '/') e++;
-    if ((e - c == 2 && c[0] == '.' && c[1] == '.') || (e - c == 4 && !memcmp(c, "proc", 4))) climbed = 1;
-    else if (climbed && starts_with_number(c)) return 1;
+    if (e - c == 4 && !memcmp(c, "proc", 4)) seen = 1;
+    else if (seen && starts_with_number(c)) return 1;
     c = *e ? e + 1 : e;
   }
   return 0;
@@ -603,10 +603,10 @@ HIDDEN const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]);
  * NULL with errno. */
 HIDDEN const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]);
 /* For a relative path that may reach /proc's numbers from a directory
- * outside /proc (rel_reaches_number): the directory's name (its link: the
- * working directory's, or dirfd's) joined with it, rewritten as an
- * absolute path is (proc_path), in buf; `path` itself when the directory
- * has no such name (removed, not a directory); NULL with errno. */
+ * outside /proc (rel_reaches_number): when the directory before the
+ * number is our /proc (by device and inode), the same relative path with
+ * the number (and what follows) rewritten as proc_path does, in buf;
+ * `path` itself otherwise; NULL with errno (ENOENT: no such virtual id). */
 HIDDEN const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
@@ -869,6 +869,10 @@ enum path_op {
   /* The arguments are ones the kernel (or glibc) refuses with EINVAL before
    * it looks the path up: path_slow fails so, copying nothing. */
   PATH_EINVAL = 512,
+  /* openat2 with RESOLVE_IN_ROOT: the path is resolved inside dirfd, whose
+   * /proc is not known to be ours; its numbers are left as they are
+   * (review r388 M1). */
+  PATH_INROOT = 1024,
 };
 
 /* preload_proc.c: "/proc/<vpid>..." with the system PID in buf, `path`
@@ -936,9 +940,9 @@ static inline int path_unplain(const char *path) {
  * directories of a process or thread: fd, fdinfo, ns, net, attr,
  * map_files). Any other ".." (after a symbolic link such as
  * /proc/self/cwd or fd/<n>, /proc/sys, outside /proc) is kept with the
- * rest of the path, for the kernel to resolve, unless it may lead to a
- * process's directory ("/proc/sys/../<vpid>/stat", "/tmp/../proc/<vpid>";
- * not under path rules outside /proc: dotdot_resolved): the kernel would
+ * rest of the path, for the kernel to resolve, unless a directory of
+ * /proc is followed by a number ("/proc/sys/../<vpid>/stat";
+ * dotdot_resolved): the kernel would
  * read that number as a system id, so the directory before the ".." is
  * resolved by the kernel (opened, its link read: a few system calls, only
  * then) and the path goes on from its name. 1; 0 if it does not fit; -1

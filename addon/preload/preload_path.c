@@ -1192,7 +1192,7 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
     return NULL;
   }
   const char *p = path;
-  if (proc_path_may_name(path)) {
+  if (!(op & PATH_INROOT) && proc_path_may_name(path)) {
     const char *rest = NULL;
     if (g_h->instance.redirs && UNLIKELY(path_unplain(path))) {
       int taken;
@@ -1218,6 +1218,7 @@ static const char *path_rules_once(const char *path, const char *p, int op, char
 
 const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf[PATH_MAX]) {
   if (path[0] == '/') return path_slow(path, op, buf);
+  if (op & PATH_INROOT) return path;
   /* A directory outside /proc (kind NONE): nothing to join, and no
    * window was opened for it (SLOW_PATH: an open of a FIFO may block). */
   if (kind != PROC_DIR_NONE && UNLIKELY(rel_dotted(path))) {
@@ -1729,6 +1730,7 @@ static NOINLINE long path_syscall_slow(long nr, long a, long b, long c, long d, 
 long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
   int dirfd = AT_FDCWD, flags = -1; /* flags: an open's, else -1 */
   int op = PATH_READ, at = 0;       /* at: the path's argument, 0 or 1 */
+  int inroot = 0;                   /* openat2's RESOLVE_IN_ROOT */
   switch (nr) {
     /* Calls that change metadata or make a name (the wrappers above): the
      * path first, or after a directory. */
@@ -1776,8 +1778,9 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
     case SYS_access:
     case SYS_chdir: break;
     case SYS_openat2: {
-      const struct { uint64_t flags; } *how = (const void *)c;
-      flags = how && (size_t)d >= sizeof *how ? (int)how->flags : O_RDONLY;
+      const struct { uint64_t flags, mode, resolve; } *how = (const void *)c;
+      flags = how && (size_t)d >= sizeof how->flags ? (int)how->flags : O_RDONLY;
+      inroot = how && (size_t)d >= sizeof *how && (how->resolve & 0x10 /* RESOLVE_IN_ROOT */);
       dirfd = (int)a;
       at = 1;
       break;
@@ -1792,7 +1795,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
       at = 1;
   }
   const char *path = (const char *)(at ? b : a);
-  if (flags != -1) op = open_op(flags);
+  if (flags != -1) op = open_op(flags) | (inroot ? PATH_INROOT : 0);
   int link = nr == SYS_readlink || nr == SYS_readlinkat;
   ID_WINDOW_IF(link && answer_may_hold_ids(path));
   long r = path && at_path_hooked(dirfd, path) ? path_syscall_slow(nr, a, b, c, d, e, dirfd, at, op)

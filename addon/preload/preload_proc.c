@@ -159,41 +159,31 @@ static size_t parent_of(const char *out, size_t n) {
 
 /* Whether a component of `s` (what follows a ".." in a path) is a number:
  * a process or thread the path may name by its id, once the ".." is
- * resolved. With `proc`, only a number after a "proc" component
- * ("/../proc/<vpid>"): the one way a path leaves a directory outside
- * /proc for a process's directory. */
-static int number_follows(const char *s, int proc) {
-  int seen = !proc;
+ * resolved. */
+static int number_follows(const char *s) {
   for (; *s; s++)
-    if (s[0] == '/') {
-      if (seen && starts_with_number(s + 1)) return 1;
-      if (!strncmp(s + 1, "proc", 4) && (s[5] == '/' || !s[5])) seen = 1;
-    }
+    if (s[0] == '/' && starts_with_number(s + 1)) return 1;
   return 0;
 }
 
 /* Whether the ".." after directory out[0..n) (absolute, no parent in its
- * name) is resolved by the kernel first (resolved_dir) because what
- * follows may be a process's directory, which the kernel would read by a
- * system id: a directory of /proc followed by a number
- * ("/proc/sys/../<vpid>", "/proc/self/cwd/../<n>"), or any directory
- * followed by "proc" and a number ("/tmp/../proc/<vpid>"). Every other
- * ".." (gcc's ".../12/../../../../include/c++/12/...") goes to the kernel
- * as written: no system call more, the kernel's errors (review r388 M2).
- * Never under path rules outside /proc, nor a process's root under them:
- * the rules read the path by its letters, and a directory opened before
- * them is the real one, not what the rules make of it (a private-only
- * directory would be ENOENT, a symbolic link on the shared side would
- * take the call out of the private tree: r388 H1). */
+ * name) is resolved by the kernel first (resolved_dir) because a number
+ * follows: a directory of /proc ("/proc/sys/../<vpid>",
+ * "/proc/self/cwd/../<n>"), which the kernel would read by a system id.
+ * Not a process's root under path rules: the rules take the rest as the
+ * root's, by its letters. A ".." outside /proc is kept for the kernel:
+ * gcc's ".../12/../../../../include/c++/12/..." pays nothing and gets the
+ * kernel's errors (review r388 M2); "/tmp/../proc/<vpid>" is asked
+ * without a descriptor or a name (proc_path_unplain, proc_rel_join), and
+ * never before path rules (r388 H1: a directory opened before them is
+ * the real one, not what the rules make of it). */
 static int dotdot_resolved(const char *out, size_t n, const char *rest) {
-  if (n > 6 && !memcmp(out, "/proc/", 6)) {
-    if (g_h && g_h->instance.redirs) {
-      const char *c = memchr(out + 6, '/', n - 6); /* "/proc/<who>/root/": a root the rules may take */
-      if (c && (size_t)(out + n - c) >= 6 && !memcmp(c, "/root/", 6)) return 0;
-    }
-    return number_follows(rest, 0);
+  if (n <= 6 || memcmp(out, "/proc/", 6) != 0) return 0;
+  if (g_h && g_h->instance.redirs) {
+    const char *c = memchr(out + 6, '/', n - 6); /* "/proc/<who>/root/" */
+    if (c && (size_t)(out + n - c) >= 6 && !memcmp(c, "/root/", 6)) return 0;
   }
-  return !(g_h && g_h->instance.redirs) && number_follows(rest, 1);
+  return number_follows(rest);
 }
 
 /* The directory out[0..n) (absolute, ending with '/') as the kernel
@@ -223,10 +213,20 @@ static NOINLINE long resolved_dir(char *out, size_t n) {
   char link[32] = "/proc/self/fd/";
   *put_decimal(link + 14, (unsigned long)fd) = '\0';
   long m = SYS4(readlinkat, AT_FDCWD, link, sys, PATH_MAX - 1);
+  struct stat opened, named;
+  long got = SYS2(fstat, fd, &opened);
   SYS1(close, fd);
   static const char deleted[] = " (deleted)";
   enum { DELETED = sizeof deleted - 1 };
   if (m <= 0 || m >= PATH_MAX - 1 || sys[0] != '/' || (m > DELETED && !memcmp(sys + m - DELETED, deleted, DELETED)))
+    return 0;
+  /* The link's text is a path from our root only if it names the
+   * directory opened: a working directory left outside a chroot, or one
+   * in another mount namespace, links to a name that is another file
+   * here (review r388 M3). */
+  sys[m] = '\0';
+  if (got < 0 || SYS4(newfstatat, AT_FDCWD, sys, &named, AT_NO_AUTOMOUNT) < 0 || named.st_dev != opened.st_dev ||
+      named.st_ino != opened.st_ino)
     return 0;
   if (m > 6 && !memcmp(sys, "/proc/", 6) && sys[6] >= '0' && sys[6] <= '9') {
     pid_t spid, vpid;
@@ -328,6 +328,14 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
   if (!made) return path; /* too long: the kernel says so */
   const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
   if (!r || r == buf) return r;
+  /* A ".." kept outside /proc with "proc" and a number after it
+   * ("/tmp/../proc/<vpid>"): the directory before the number is asked
+   * whether it is /proc. Not under path rules: they read it by its
+   * letters. */
+  if (!g_h->instance.redirs && strncmp(plain, "/proc/", 6) != 0 && UNLIKELY(rel_reaches_number(plain))) {
+    r = proc_rel_join(AT_FDCWD, plain, buf);
+    if (r != plain) return r;
+  }
   return strcpy(buf, plain);
 }
 
@@ -453,23 +461,58 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
   return proc_path_unplain(buf, buf);
 }
 
+/* The path from `path`'s first number after a "proc" component
+ * ("proc/<n>", "../proc/./<n>"), or NULL. */
+static const char *number_after_proc(const char *path) {
+  int seen = 0;
+  for (const char *c = path; *c;) {
+    const char *e = c;
+    while (*e && *e != '/') e++;
+    if (e - c == 4 && !memcmp(c, "proc", 4)) seen = 1;
+    else if (seen && starts_with_number(c)) return c;
+    c = *e ? e + 1 : e;
+  }
+  return NULL;
+}
+
+/* The directory before the number is stat'ed relative to dirfd (no
+ * descriptor needed: no EMFILE) and must be this process's /proc itself
+ * (its device and inode): a procfs of another namespace under a
+ * container's root, or a build tree's "proc/1", stays as it is. The
+ * path stays relative, to the same dirfd, with only the number made the
+ * system's: the kernel walks the same directories (openat2's
+ * RESOLVE_BENEATH and NO_XDEV still hold), no link's text is taken for a
+ * path (a directory outside our root, another mount namespace: r388
+ * M3), and no absolute name of a deep directory makes it too long. */
 const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]) {
-  if (dirfd < 0 && dirfd != AT_FDCWD) return path;
-  char link[32] = "/proc/thread-self/cwd";
-  if (dirfd != AT_FDCWD) *put_decimal((char *)memcpy(link, "/proc/self/fd/", 14) + 14, (unsigned long)dirfd) = '\0';
-  long n = SYS4(readlinkat, AT_FDCWD, link, buf, PATH_MAX - 1);
-  static const char deleted[] = " (deleted)";
-  enum { DELETED = sizeof deleted - 1 };
-  if (n <= 0 || n >= PATH_MAX - 1 || buf[0] != '/' || (n > DELETED && !memcmp(buf + n - DELETED, deleted, DELETED)))
-    return path;
-  size_t len = strlen(path);
-  if ((size_t)n + 1 + len >= PATH_MAX) {
+  const char *num = number_after_proc(path);
+  if (!num || (dirfd < 0 && dirfd != AT_FDCWD)) return path;
+  size_t dlen = (size_t)(num - path), rest = strlen(num);
+  if (dlen + rest >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
+  memcpy(buf, path, dlen);
+  buf[dlen] = '\0';
+  struct stat d, proc;
+  if (SYS4(newfstatat, dirfd, buf, &d, AT_NO_AUTOMOUNT) < 0 ||
+      SYS4(newfstatat, AT_FDCWD, "/proc", &proc, AT_NO_AUTOMOUNT) < 0 || d.st_dev != proc.st_dev ||
+      d.st_ino != proc.st_ino)
+    return path; /* gone, not a directory, no search right: the kernel says so too */
+  char abs[PATH_MAX];
+  if (6 + rest >= PATH_MAX) return path;
+  memcpy(abs, "/proc/", 6);
+  memcpy(abs + 6, num, rest + 1);
+  const char *r = proc_path(abs, buf);
+  if (!r || r == abs) return r ? path : NULL;
+  /* A ".." out of /proc again ("proc/1/../../etc"): nothing of a process
+   * is named. */
+  if (strncmp(r, "/proc/", 6) != 0) return path;
+  size_t tail = strlen(r + 6);
+  if (dlen + tail >= PATH_MAX) {
     errno = ENAMETOOLONG;
     return NULL;
   }
-  buf[n] = '/';
-  memcpy(buf + n + 1, path, len + 1);
-  return proc_path_unplain(buf, buf);
+  memmove(buf + dlen, r + 6, tail + 1);
+  memcpy(buf, path, dlen);
+  return buf;
 }
 
 /* --- Answers that name a process by its system id --------------------------
