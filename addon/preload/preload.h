@@ -495,6 +495,9 @@ HIDDEN void inotify_wd_forget(int fd);
 HIDDEN void inotify_wd_forget_range(unsigned int first, unsigned int last);
 HIDDEN void inotify_wd_copy(int from, int to);
 HIDDEN int cgroup_procs_marked(int fd);
+/* Whether `fd` has a place among the marks (a descriptor past it is
+ * written untranslated). */
+HIDDEN int cgroup_procs_markable(int fd);
 /* Writes buf to `fd`, a cgroup's list: one id in decimal, with white space
  * around it (what the kernel parses), written as its system id (ESRCH for
  * one the application does not hold); anything else as it is. */

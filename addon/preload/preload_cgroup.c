@@ -47,6 +47,8 @@ void cgroup_procs_forget(int fd) {
 
 int cgroup_procs_marked(int fd) { return tracked(fd); }
 
+int cgroup_procs_markable(int fd) { return fd >= 0 && fd < CGROUP_TRACKED; }
+
 void cgroup_procs_mark(int fd, int on) {
   if (!on) cgroup_procs_forget(fd);
   else if (fd >= 0 && fd < CGROUP_TRACKED) __atomic_fetch_or(&WORD(fd), BIT(fd), __ATOMIC_RELAXED);

@@ -1562,7 +1562,11 @@ static NOINLINE long link_answer_unplain(int dirfd, const char *path, char *out,
   if (path[0] != '/')
     while (path[0] == '.' && path[1] == '/') /* "./": the directory itself */
       for (path += 2; *path == '/'; path++) {}
-  if (plain_path(path, plain) <= 0) return n; /* too long (not a link of /proc's), or a directory in it gone */
+  int saved = errno; /* the readlink succeeded: a failure to make the name plain is no error of its (r388 L3) */
+  if (plain_path(path, plain) <= 0) {
+    errno = saved;
+    return n; /* too long (not a link of /proc's), or a directory in it gone */
+  }
   return link_answer_plain(dirfd, plain, out, n, size);
 }
 static long link_answer(int dirfd, const char *path, char *out, long n, size_t size) {

@@ -839,8 +839,8 @@ static int read_only_file(enum view v) {
 enum { THROUGH_PREFIX_LEN = sizeof THROUGH_PREFIX - 1, VIEW_NAME_MAX = 250 /* memfd_create's 249, and the NUL */ };
 
 /* The memfd's name for the view `v` of `fd` opened read-write, into
- * name[VIEW_NAME_MAX]: 0, or -errno (a path too long for a memfd's name:
- * the open fails rather than lose the writes). A sched file of a process
+ * name[VIEW_NAME_MAX]: 0, or -errno (-ENAMETOOLONG: a path too long for a
+ * memfd's name; the kernel's descriptor then stays, view_fill_named). A sched file of a process
  * outside the application keeps the plain name: read, its view; written,
  * refused. Its own frame: the link buffer costs the stack only here. */
 static NOINLINE long write_through_name(int fd, enum view v, const struct view_owner *who, char name[VIEW_NAME_MAX]) {
@@ -886,7 +886,9 @@ int view_write_through(int fd, const char *buf, size_t count, ssize_t *result) {
    * (a memfd the application named so and put at a marked number by a
    * raw dup2 is refused here, or by the checks of what opened). */
   const char *source = link + MEMFD, *base = strrchr(source, '/');
-  if (source[0] != '/' || (!pidlist_name(base + 1) && strcmp(base + 1, "sched"))) {
+  /* Our names are plain (a link's text, or "/proc/<vpid>/sched"): one
+   * with "..", "." or "//" is no name of ours (r388 L1). */
+  if (source[0] != '/' || path_unplain(source) || (!pidlist_name(base + 1) && strcmp(base + 1, "sched"))) {
     *result = fail(EBADF);
     return 1;
   }
@@ -896,19 +898,30 @@ int view_write_through(int fd, const char *buf, size_t count, ssize_t *result) {
     *result = fail(errno);
     return 1;
   }
-  long t = SYS4(openat, AT_FDCWD, p, O_WRONLY | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK, 0);
+  /* What it is, asked before it is opened for writing (r388 L1): a
+   * cgroup's list, or a sched file of /proc; then opened again for
+   * writing through the descriptor looked at. */
+  long t = SYS4(openat, AT_FDCWD, p, O_PATH | O_CLOEXEC | O_NOFOLLOW, 0);
   if (t < 0) {
     *result = libc_ret(t);
     return 1;
   }
-  /* Still what it was: a cgroup's list, or a sched file of /proc. */
-  int cgroup_list = 0;
+  int cgroup_list = 0, sched = 0;
   if (SYS2(fstatfs, t, &sf) != 0) sf.f_type = 0;
   if (sf.f_type == CGROUP2_SUPER_MAGIC || sf.f_type == CGROUP_SUPER_MAGIC) cgroup_list = pidlist_name(base);
-  if (cgroup_list) *result = cgroup_write_ids((int)t, buf, count);
-  else if (sf.f_type == PROC_SUPER_MAGIC && !strcmp(base, "sched")) *result = libc_ret(SYS3(write, t, buf, count));
-  else *result = fail(EBADF);
+  else sched = sf.f_type == PROC_SUPER_MAGIC && !strcmp(base, "sched");
+  long w = -EBADF;
+  if (cgroup_list || sched) {
+    *put_decimal(self + 14, (unsigned long)t) = '\0';
+    w = SYS4(openat, AT_FDCWD, self, O_WRONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK, 0);
+  }
   SYS1(close, t);
+  if (w < 0) {
+    *result = libc_ret(w);
+    return 1;
+  }
+  *result = cgroup_list ? cgroup_write_ids((int)w, buf, count) : libc_ret(SYS3(write, w, buf, count));
+  SYS1(close, w);
   return 1;
 }
 
@@ -921,8 +934,15 @@ static NOINLINE long view_fill_named(int fd, const char *path, enum name name, i
   enum view v = view_of_descriptor(fd, path, name, &who);
   if (v == VIEW_NONE) return 0;
   int through = access == O_RDWR && !read_only_file(v);
+  /* A descriptor past the marks' table could never write through. A
+   * sched file's writes hold no id: the kernel's descriptor stays, as
+   * before views read-write (its reads untranslated; review r388 M4). A
+   * cgroup list's would be virtual PIDs read as system ones: its view
+   * stays, and its writes fail (EBADF). */
+  if (through && v == VIEW_SCHED && !cgroup_procs_markable(fd)) return 0;
   char memfd_name[VIEW_NAME_MAX] = VIEW_NAME;
   long r = through ? write_through_name(fd, v, &who, memfd_name) : 0;
+  if (r == -ENAMETOOLONG) return 0; /* the same for a path no memfd's name holds */
   if (r == 0) r = substitute(fd, v, &who, memfd_name);
   if (r == 0 && through) cgroup_procs_mark(fd, 1);
   return r;
@@ -941,6 +961,7 @@ long view_fill(int fd, const char *path, int flags) {
 int view_opened(int fd, const char *path, int flags) {
   long r = view_fill(fd, path, flags);
   if (r < 0) {
+    cgroup_procs_forget(fd); /* marked by the open (r388 L4): the number is free again */
     SYS1(close, fd);
     return (int)fail((int)-r);
   }
