@@ -847,7 +847,10 @@ static NOINLINE long write_through_name(int fd, enum view v, const struct view_o
   char *d = (char *)memcpy(name, THROUGH_PREFIX, THROUGH_PREFIX_LEN) + THROUGH_PREFIX_LEN;
   if (v == VIEW_SCHED) {
     int32_t vpid, vtid = 0;
-    if (!appshot_s2v(g_h, APPSHOT_PID, who->pid, &vpid) || (who->tid && !appshot_s2v(g_h, APPSHOT_PID, who->tid, &vtid))) {
+    /* The caller's own thread, not mapped until it asks its TID, maps as
+     * gettid() would map it (shown_task; r388 L2). */
+    if (who->tid && !appshot_s2v(g_h, APPSHOT_PID, who->tid, &vtid) && who->tid == SYS0(gettid)) vtid = self_vtid();
+    if (!appshot_s2v(g_h, APPSHOT_PID, who->pid, &vpid) || (who->tid && !vtid)) {
       strcpy(name, VIEW_NAME);
       return 0;
     }
