@@ -872,12 +872,21 @@ describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<t
       expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
       expect(r.code).toBe(0);
     } finally {
-      // Anything a wrong translation moved in goes back to the cgroup above.
+      // Anything a wrong translation moved in goes back to the cgroup above,
+      // which need not be where it came from (not knowable afterwards): each
+      // is named, for a human to move back (review r388 T3).
       const deep = existsSync(join(dir, 'a')) ? readdirSync(join(dir, 'a')).filter((n) => /^l+$/.test(n)).map((n) => join('a', n)) : [];
       for (const sub of [...deep, 'a', 'b', '.']) {
         const procs = join(dir, sub, 'cgroup.procs');
         if (!existsSync(procs)) continue;
         for (const pid of readFileSync(procs, 'utf8').split('\n').filter(Boolean)) {
+          let comm = '?';
+          try {
+            comm = readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+          } catch {
+            // gone meanwhile
+          }
+          console.warn(`procspell cleanup: PID ${pid} (${comm}) was left in ${join(dir, sub)}; moved to ${cgroups}`);
           try {
             writeFileSync(join(cgroups!, 'cgroup.procs'), pid);
           } catch {
