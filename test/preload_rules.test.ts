@@ -12,7 +12,7 @@
  */
 import { createRequire } from 'node:module';
 import { createServer } from 'node:net';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -223,6 +223,30 @@ describe('review r250', () => {
     expect(lines).toEqual([...paths.map((p) => `cat ${p}: instance-x`), `write /proc//self/root${from}/new.txt: ok`, 'DONE']);
     expect(existsSync(join(from, 'new.txt'))).toBe(false);
     expect(read(join(to, 'new.txt'))).toBe('n');
+  });
+
+  // Review r388 H1: a ".." followed by a number was resolved on the real
+  // side before the rules ran: ENOENT for a directory that exists only
+  // privately, and a symbolic link on the shared side took the write out
+  // of the private tree. The rules read such a path by its letters.
+  it('reads a path with a ".." followed by a number by its letters: a private-only directory and a shared-side link before it do not matter', async () => {
+    const from = join(dir, 'dotnum');
+    const to = join(dir, 'inst-dotnum');
+    const away = join(dir, 'dotnum-away');
+    mkdirSync(from);
+    mkdirSync(join(to, 'priv'), { recursive: true });
+    mkdirSync(join(to, '1'));
+    mkdirSync(join(to, 'proc', '1'), { recursive: true });
+    mkdirSync(join(away, 'x', 'y'), { recursive: true });
+    mkdirSync(join(away, 'x', '1'));
+    symlinkSync(join(away, 'x', 'y'), join(from, 'link'));
+    const writes = [`${from}/priv/../1/a.txt`, `${from}/link/../1/b.txt`, `${from}/priv/../proc/1/c.txt`];
+    const lines = await run('dotnum', writes.flatMap((p) => ['write', p, 'w']), { redirs: [{ kind: 'path', from, to }] });
+    expect(lines).toEqual([...writes.map((p) => `write ${p}: ok`), 'DONE']);
+    expect(read(join(to, '1', 'a.txt'))).toBe('w');
+    expect(read(join(to, '1', 'b.txt'))).toBe('w');
+    expect(read(join(to, 'proc', '1', 'c.txt'))).toBe('w');
+    expect(readdirSync(join(away, 'x', '1'))).toEqual([]);
   });
 
   it('hands socket calls with an address the kernel refuses to the kernel as they are: EFAULT, not SIGSEGV (but for sendto and sendmsg destinations, read as they are for speed); EINVAL for a length past a sockaddr_un', async () => {

@@ -495,21 +495,35 @@ HIDDEN void inotify_wd_forget(int fd);
 HIDDEN void inotify_wd_forget_range(unsigned int first, unsigned int last);
 HIDDEN void inotify_wd_copy(int from, int to);
 HIDDEN int cgroup_procs_marked(int fd);
+/* Whether `fd` has a place among the marks (a descriptor past it is
+ * written untranslated). */
+HIDDEN int cgroup_procs_markable(int fd);
+/* Writes buf to `fd`, a cgroup's list: one id in decimal, with white space
+ * around it (what the kernel parses), written as its system id (ESRCH for
+ * one the application does not hold); anything else as it is. */
+HIDDEN ssize_t cgroup_write_ids(int fd, const char *buf, size_t count);
 HIDDEN void cgroup_procs_mark(int fd, int on);
 
 /* --- Translated views of files that list PIDs (preload_view.c) --------- */
 
 /* After an open by `path` (relative to any directory) that returned `fd`
- * (or -1): a read-only open of /proc/locks, /proc/sysvipc/<kind>,
- * /proc/<pid>/fdinfo/<n>, a process's stat, status & co. or a cgroup's
- * list of processes (read-write too, for the files nobody may write)
- * gets a copy of the text with virtual PIDs in its place; which file it
- * is, the descriptor says. Returns fd, or -1 and errno when the copy
+ * (or -1): a read-only or read-write open of /proc/locks,
+ * /proc/sysvipc/<kind>, /proc/<pid>/fdinfo/<n>, a process's stat, status
+ * & co. or a cgroup's list of processes gets a copy of the text with
+ * virtual PIDs in its place (a cgroup's list and a sched file read-write:
+ * their writes go through, view_write_through); which file it is, the
+ * descriptor says. Returns fd, or -1 and errno when the copy
  * cannot be made (fd is then closed). */
 HIDDEN int view_opened(int fd, const char *path, int flags);
 /* The same for a descriptor the caller will close itself on failure
  * (fopen's): 0, or -errno with fd untouched. */
 HIDDEN long view_fill(int fd, const char *path, int flags);
+/* A write() to a marked descriptor (preload_cgroup.c) that is the view of
+ * a cgroup's list or a sched file opened read-write: written to the
+ * kernel's file, opened again by the name the view keeps (a cgroup list's
+ * id translated), *result what write() returns, and 1; 0 when `fd` is no
+ * such view. */
+HIDDEN int view_write_through(int fd, const char *buf, size_t count, ssize_t *result);
 
 /* preload_proc.c: whether the working directory is inside /proc (1), not
  * (0), or not known yet (-1); cwd_in_proc_slow finds out (one readlink)
@@ -549,10 +563,28 @@ static inline int rel_dotted(const char *path) {
       return 1;
   return 0;
 }
+/* Whether relative `path` may reach a process's directory of /proc from a
+ * directory outside /proc: a number after a "proc" component
+ * ("proc/<vpid>" from "/", "../proc/<vpid>" from /tmp), which the kernel
+ * would read as a system id. Not a ".." alone: gcc's "../12/..." paths
+ * are many, and the kernel's to read (r388 M2). One pass over the path. */
+static inline int rel_reaches_number(const char *path) {
+  int seen = 0;
+  for (const char *c = path; *c;) {
+    const char *e = c;
+    while (*e && *e != '/') e++;
+    if (e - c == 4 && !memcmp(c, "proc", 4)) seen = 1;
+    else if (seen && starts_with_number(c)) return 1;
+    c = *e ? e + 1 : e;
+  }
+  return 0;
+}
 static inline int proc_at_hooked(int dirfd, const char *path) {
-  return g_h && path && path[0] != '/' &&
-         (starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5)) || UNLIKELY(rel_dotted(path))) &&
-         (dirfd >= 0 || (dirfd == AT_FDCWD && cwd_in_proc()));
+  if (!g_h || !path || path[0] == '/' || (dirfd < 0 && dirfd != AT_FDCWD)) return 0;
+  if ((starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5)) || UNLIKELY(rel_dotted(path))) &&
+      (dirfd >= 0 || cwd_in_proc()))
+    return 1;
+  return UNLIKELY(rel_reaches_number(path));
 }
 #define PROC_SUPER_MAGIC 0x9fa0 /* statfs's f_type of /proc */
 /* The directory `dirfd` (AT_FDCWD: the working directory) names, into
@@ -573,6 +605,12 @@ HIDDEN const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]);
  * directory is not in /proc, or is a process outside the application;
  * NULL with errno. */
 HIDDEN const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]);
+/* For a relative path that may reach /proc's numbers from a directory
+ * outside /proc (rel_reaches_number): when the directory before the
+ * number is our /proc (by device and inode), the same relative path with
+ * the number (and what follows) rewritten as proc_path does, in buf;
+ * `path` itself otherwise; NULL with errno (ENOENT: no such virtual id). */
+HIDDEN const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 
@@ -834,6 +872,10 @@ enum path_op {
   /* The arguments are ones the kernel (or glibc) refuses with EINVAL before
    * it looks the path up: path_slow fails so, copying nothing. */
   PATH_EINVAL = 512,
+  /* openat2 with RESOLVE_IN_ROOT: the path is resolved inside dirfd, whose
+   * /proc is not known to be ours; its numbers are left as they are
+   * (review r388 M1). */
+  PATH_INROOT = 1024,
 };
 
 /* preload_proc.c: "/proc/<vpid>..." with the system PID in buf, `path`
@@ -864,12 +906,16 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
  * nothing of ours on its stack. */
 /* Whether absolute `path` may name a file under /proc/<vpid>, which
  * proc_path rewrites: "/proc/...", and "//proc/<vpid>", "/./proc/<vpid>",
- * "/../proc/<vpid>" (any path starting "//" or "/."). The one test for
+ * "/../proc/<vpid>" (any path starting "//" or "/."), "/tmp/../proc/<vpid>"
+ * (a path with a ".." component, or a name starting "..", that has
+ * "/proc/" too: two searches of a few nanoseconds; gcc's
+ * ".../12/../../include/c++/12" is not one: r388 M2, L6). The one test for
  * both the rewrite (path_slow) and the translation window it needs
  * (SLOW_PATH): a path rewritten outside the window would carry a system
  * PID across a snapshot. */
 static inline int proc_path_may_name(const char *path) {
-  return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.');
+  return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.') ||
+         UNLIKELY(strstr(path, "/..") != NULL && strstr(path, "/proc/") != NULL);
 }
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;
@@ -896,9 +942,15 @@ static inline int path_unplain(const char *path) {
  * (/proc/<pid>, self, thread-self, task, task/<tid> and the plain
  * directories of a process or thread: fd, fdinfo, ns, net, attr,
  * map_files). Any other ".." (after a symbolic link such as
- * /proc/self/cwd or fd/<n>, outside /proc) is kept with the rest of the
- * path, for the kernel to resolve. 1, or 0 if it does not fit. No system
- * call. */
+ * /proc/self/cwd or fd/<n>, /proc/sys, outside /proc) is kept with the
+ * rest of the path, for the kernel to resolve, unless a directory of
+ * /proc is followed by a number ("/proc/sys/../<vpid>/stat";
+ * dotdot_resolved): the kernel would
+ * read that number as a system id, so the directory before the ".." is
+ * resolved by the kernel (opened, its link read: a few system calls, only
+ * then) and the path goes on from its name. 1; 0 if it does not fit; -1
+ * with errno when that directory cannot be opened (the whole path could
+ * not be either). No system call otherwise. */
 HIDDEN int plain_path(const char *path, char out[PATH_MAX]);
 
 /* The same for `path` relative to `dirfd` (AT_FDCWD for the calls without
@@ -1025,7 +1077,8 @@ static inline int unix_answer_hooked(const struct sockaddr *addr, socklen_t cap,
 #define SLOW_PATH(p, dirfd, path, op, err)                                   \
   int p##_kind = (path)[0] == '/' ? PROC_DIR_NONE : proc_dir_kind(dirfd);   \
   ID_WINDOW_IF((path)[0] == '/' ? proc_path_may_name(path)                  \
-                                 : p##_kind != PROC_DIR_NONE && (p##_kind != PROC_DIR_INSIDE || rel_dotted(path))); \
+                                 : (p##_kind != PROC_DIR_NONE && (p##_kind != PROC_DIR_INSIDE || rel_dotted(path))) || \
+                                       (p##_kind == PROC_DIR_NONE && rel_reaches_number(path))); \
   char p##_buf[PATH_MAX];                                                    \
   const char *p = at_path_slow((dirfd), p##_kind, (path), (op), p##_buf);    \
   if (!p) return err

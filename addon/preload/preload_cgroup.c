@@ -6,7 +6,8 @@
  * write() to one that is a single decimal id is translated. "0" (the
  * writer itself) goes through as it is. Writes through stdio (fprintf,
  * which calls libc's internal write) and through writev or pwrite are not
- * seen (README). */
+ * seen (README). A list opened read-write holds its view (preload_view.c),
+ * whose writes go through to the kernel's file from here too. */
 #include "preload.h"
 
 #include <string.h>
@@ -46,6 +47,8 @@ void cgroup_procs_forget(int fd) {
 
 int cgroup_procs_marked(int fd) { return tracked(fd); }
 
+int cgroup_procs_markable(int fd) { return fd >= 0 && fd < CGROUP_TRACKED; }
+
 void cgroup_procs_mark(int fd, int on) {
   if (!on) cgroup_procs_forget(fd);
   else if (fd >= 0 && fd < CGROUP_TRACKED) __atomic_fetch_or(&WORD(fd), BIT(fd), __ATOMIC_RELAXED);
@@ -78,13 +81,10 @@ static int still_procs(int fd) {
                      names_file(target, (size_t)len, "tasks"));
 }
 
-/* One id in decimal, with white space around it (what the kernel parses),
- * written as its system id. Anything else goes through as it is. */
 /* The kernel's isspace, which strips around the id. */
 static int is_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
 
-static NOINLINE ssize_t cgroup_write(int fd, const char *buf, size_t count) {
-  ID_WINDOW();
+ssize_t cgroup_write_ids(int fd, const char *buf, size_t count) {
   size_t i = 0;
   while (i < count && is_space(buf[i])) i++;
   size_t start = i;
@@ -95,10 +95,6 @@ static NOINLINE ssize_t cgroup_write(int fd, const char *buf, size_t count) {
   /* Past INT_MAX the kernel refuses it (EINVAL); (pid_t)v would name
    * another process. */
   if (digits == 0 || i != count || v == 0 || v > INT_MAX) return libc_ret(SYS3(write, fd, buf, count));
-  if (!still_procs(fd)) {
-    cgroup_procs_forget(fd);
-    return libc_ret(SYS3(write, fd, buf, count));
-  }
   pid_t sid;
   if (!v2s_pid((pid_t)v, &sid)) return fail(ESRCH); /* no such process of the application */
   char out[16];
@@ -112,6 +108,19 @@ static NOINLINE ssize_t cgroup_write(int fd, const char *buf, size_t count) {
   out[n] = '\n';
   long r = SYS3(write, fd, out, n + 1);
   return r < 0 ? libc_ret(r) : (ssize_t)count;
+}
+
+/* A write to a marked descriptor: a cgroup's list (the id translated), or
+ * the view of one or of a sched file opened read-write, written through to
+ * the kernel's file (preload_view.c); anything else (a file that took a
+ * marked number past our close) as it is, its mark dropped. */
+static NOINLINE ssize_t cgroup_write(int fd, const char *buf, size_t count) {
+  ID_WINDOW();
+  if (still_procs(fd)) return cgroup_write_ids(fd, buf, count);
+  ssize_t r;
+  if (view_write_through(fd, buf, count, &r)) return r;
+  cgroup_procs_forget(fd);
+  return libc_ret(SYS3(write, fd, buf, count));
 }
 
 API ssize_t write(int fd, const void *buf, size_t count) {

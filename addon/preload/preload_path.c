@@ -1179,7 +1179,7 @@ static NOINLINE const char *proc_root_unplain(const char *path, int op, char buf
   char plain[PATH_MAX];
   const char *rest;
   *taken = 0;
-  if (!plain_path(path, plain) || !(rest = proc_root_redirected(plain, buf))) return NULL;
+  if (plain_path(path, plain) <= 0 || !(rest = proc_root_redirected(plain, buf))) return NULL;
   *taken = 1;
   const char *r = path_rules_once(rest, rest, op, buf);
   if (r && (uintptr_t)r - (uintptr_t)plain < PATH_MAX) r = strcpy(buf, r);
@@ -1192,7 +1192,7 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
     return NULL;
   }
   const char *p = path;
-  if (proc_path_may_name(path)) {
+  if (!(op & PATH_INROOT) && proc_path_may_name(path)) {
     const char *rest = NULL;
     if (g_h->instance.redirs && UNLIKELY(path_unplain(path))) {
       int taken;
@@ -1218,12 +1218,14 @@ static const char *path_rules_once(const char *path, const char *p, int op, char
 
 const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf[PATH_MAX]) {
   if (path[0] == '/') return path_slow(path, op, buf);
+  if (op & PATH_INROOT) return path;
   /* A directory outside /proc (kind NONE): nothing to join, and no
    * window was opened for it (SLOW_PATH: an open of a FIFO may block). */
   if (kind != PROC_DIR_NONE && UNLIKELY(rel_dotted(path))) {
     const char *r = proc_at_join(dirfd, path, buf);
     if (r != path) return r;
   }
+  if (kind == PROC_DIR_NONE && UNLIKELY(rel_reaches_number(path))) return proc_rel_join(dirfd, path, buf);
   return kind != PROC_DIR_NONE ? proc_at_path(kind, path, buf) : path;
 }
 
@@ -1560,7 +1562,11 @@ static NOINLINE long link_answer_unplain(int dirfd, const char *path, char *out,
   if (path[0] != '/')
     while (path[0] == '.' && path[1] == '/') /* "./": the directory itself */
       for (path += 2; *path == '/'; path++) {}
-  if (!plain_path(path, plain)) return n; /* too long: not a link of /proc's */
+  int saved = errno; /* the readlink succeeded: a failure to make the name plain is no error of its (r388 L3) */
+  if (plain_path(path, plain) <= 0) {
+    errno = saved;
+    return n; /* too long (not a link of /proc's), or a directory in it gone */
+  }
   return link_answer_plain(dirfd, plain, out, n, size);
 }
 static long link_answer(int dirfd, const char *path, char *out, long n, size_t size) {
@@ -1728,6 +1734,7 @@ static NOINLINE long path_syscall_slow(long nr, long a, long b, long c, long d, 
 long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
   int dirfd = AT_FDCWD, flags = -1; /* flags: an open's, else -1 */
   int op = PATH_READ, at = 0;       /* at: the path's argument, 0 or 1 */
+  int inroot = 0;                   /* openat2's RESOLVE_IN_ROOT */
   switch (nr) {
     /* Calls that change metadata or make a name (the wrappers above): the
      * path first, or after a directory. */
@@ -1775,8 +1782,9 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
     case SYS_access:
     case SYS_chdir: break;
     case SYS_openat2: {
-      const struct { uint64_t flags; } *how = (const void *)c;
-      flags = how && (size_t)d >= sizeof *how ? (int)how->flags : O_RDONLY;
+      const struct { uint64_t flags, mode, resolve; } *how = (const void *)c;
+      flags = how && (size_t)d >= sizeof how->flags ? (int)how->flags : O_RDONLY;
+      inroot = how && (size_t)d >= sizeof *how && (how->resolve & 0x10 /* RESOLVE_IN_ROOT */);
       dirfd = (int)a;
       at = 1;
       break;
@@ -1791,7 +1799,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
       at = 1;
   }
   const char *path = (const char *)(at ? b : a);
-  if (flags != -1) op = open_op(flags);
+  if (flags != -1) op = open_op(flags) | (inroot ? PATH_INROOT : 0);
   int link = nr == SYS_readlink || nr == SYS_readlinkat;
   ID_WINDOW_IF(link && answer_may_hold_ids(path));
   long r = path && at_path_hooked(dirfd, path) ? path_syscall_slow(nr, a, b, c, d, e, dirfd, at, op)

@@ -7,9 +7,13 @@
  * getdents64, glob), goes through); a virtual PID
  * the table does not know is a process that does not exist (ENOENT). Every other path, /proc/self and
  * /proc/thread-self included (they already name the caller), goes through
- * untouched, after a check of its first bytes. The same numbers in a path
+ * untouched, after a check of its first bytes. A path the kernel reads
+ * as another (repeated slashes, ".", "..") is made plain first, a ".."
+ * whose parent no name tells resolved by the kernel when a number follows
+ * it (plain_path). The same numbers in a path
  * relative to a descriptor of /proc or a working directory inside it:
- * proc_at_path, below. A process's root, /proc/<vpid>/root/..., is taken
+ * proc_at_path, below; from a directory outside /proc ("proc/<vpid>"
+ * under "/"): proc_rel_join. A process's root, /proc/<vpid>/root/..., is taken
  * through the REDIR PATH rules when one applies (proc_root_rest, at the
  * end).
  */
@@ -20,6 +24,7 @@
 #include <sys/vfs.h>
 
 static size_t decimal_at(const char *s, size_t len, pid_t *out);
+static const char *proc_path_plain(const char *path, char buf[PATH_MAX]);
 
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
@@ -142,11 +147,109 @@ static size_t dotdot(char *out, size_t n) {
   return name_in(c[3], len[3], thread_dirs) ? (size_t)(c[3] - out) : 0;
 }
 
+/* The parent of the directory out[0..n) names (n > 0, out[n - 1] == '/'),
+ * by its name alone: sound only for a name the kernel gave (no symbolic
+ * link in it). */
+static size_t parent_of(const char *out, size_t n) {
+  if (n == 1) return 1;
+  size_t i = n - 2;
+  while (out[i] != '/') i--;
+  return i + 1;
+}
+
+/* Whether a component of `s` (what follows a ".." in a path) is a number:
+ * a process or thread the path may name by its id, once the ".." is
+ * resolved. */
+static int number_follows(const char *s) {
+  for (; *s; s++)
+    if (s[0] == '/' && starts_with_number(s + 1)) return 1;
+  return 0;
+}
+
+/* Whether the ".." after directory out[0..n) (absolute, no parent in its
+ * name) is resolved by the kernel first (resolved_dir) because a number
+ * follows: a directory of /proc ("/proc/sys/../<vpid>",
+ * "/proc/self/cwd/../<n>"), which the kernel would read by a system id.
+ * Not a process's root under path rules: the rules take the rest as the
+ * root's, by its letters. A ".." outside /proc is kept for the kernel:
+ * gcc's ".../12/../../../../include/c++/12/..." pays nothing and gets the
+ * kernel's errors (review r388 M2); "/tmp/../proc/<vpid>" is asked
+ * without a descriptor or a name (proc_path_unplain, proc_rel_join), and
+ * never before path rules (r388 H1: a directory opened before them is
+ * the real one, not what the rules make of it). */
+static int dotdot_resolved(const char *out, size_t n, const char *rest) {
+  if (n <= 6 || memcmp(out, "/proc/", 6) != 0) return 0;
+  if (g_h && g_h->instance.redirs) {
+    const char *c = memchr(out + 6, '/', n - 6); /* "/proc/<who>/root/" */
+    if (c && (size_t)(out + n - c) >= 6 && !memcmp(c, "/root/", 6)) return 0;
+  }
+  return number_follows(rest);
+}
+
+/* The directory out[0..n) (absolute, ending with '/') as the kernel
+ * resolves it, for a ".." after it whose parent no name tells
+ * (/proc/sys/.., /tmp/.., a link such as /proc/self/cwd): opened (O_PATH,
+ * with its virtual ids made the system's), its link read, the ids in the
+ * answer made virtual again. Into out, ending with '/': its length. 0 when
+ * it cannot be said (no /proc to read the link, a directory removed, or
+ * one inside a process outside the application): the ".." is then left
+ * for the kernel, as before. -1 with errno when the directory cannot be
+ * opened: the kernel's walk of the whole path fails there too (ENOENT,
+ * ENOTDIR, EACCES, ELOOP; a virtual id the application does not hold),
+ * or could not be checked (EMFILE), which is not let through either: a
+ * virtual id after the ".." would be read as a system one. Asked only for
+ * such a ".." followed by a number (number_follows): a few system calls,
+ * in a frame of its own, never on a common path. */
+static NOINLINE long resolved_dir(char *out, size_t n) {
+  char sys[PATH_MAX];
+  out[n] = '\0';
+  const char *p = proc_path_plain(out, sys);
+  if (!p) return -1;
+  long fd = SYS4(openat, AT_FDCWD, p, O_PATH | O_DIRECTORY | O_CLOEXEC, 0);
+  if (fd < 0) {
+    errno = (int)-fd;
+    return -1;
+  }
+  char link[32] = "/proc/self/fd/";
+  *put_decimal(link + 14, (unsigned long)fd) = '\0';
+  long m = SYS4(readlinkat, AT_FDCWD, link, sys, PATH_MAX - 1);
+  struct stat opened, named;
+  long got = SYS2(fstat, fd, &opened);
+  SYS1(close, fd);
+  static const char deleted[] = " (deleted)";
+  enum { DELETED = sizeof deleted - 1 };
+  if (m <= 0 || m >= PATH_MAX - 1 || sys[0] != '/' || (m > DELETED && !memcmp(sys + m - DELETED, deleted, DELETED)))
+    return 0;
+  /* The link's text is a path from our root only if it names the
+   * directory opened: a working directory left outside a chroot, or one
+   * in another mount namespace, links to a name that is another file
+   * here (review r388 M3). */
+  sys[m] = '\0';
+  if (got < 0 || SYS4(newfstatat, AT_FDCWD, sys, &named, AT_NO_AUTOMOUNT) < 0 || named.st_dev != opened.st_dev ||
+      named.st_ino != opened.st_ino)
+    return 0;
+  if (m > 6 && !memcmp(sys, "/proc/", 6) && sys[6] >= '0' && sys[6] <= '9') {
+    pid_t spid, vpid;
+    if (!decimal_at(sys + 6, (size_t)m - 6, &spid) || !appshot_s2v(g_h, APPSHOT_PID, spid, &vpid)) return 0;
+    m = (long)proc_answer_to_virtual(sys, (size_t)m, PATH_MAX - 1);
+  }
+  if (m + 1 >= PATH_MAX) {
+    errno = ENAMETOOLONG;
+    return -1;
+  }
+  memcpy(out, sys, (size_t)m);
+  if (out[m - 1] != '/') out[m++] = '/';
+  return m;
+}
+
 int plain_path(const char *path, char out[PATH_MAX]) {
   size_t n = 0;
   /* Set once a ".." was kept: what follows it is the kernel's to resolve,
    * and a later ".." is no longer the parent of what out shows. */
   int kept = 0;
+  /* out[0..canon) is a directory as the kernel named it (resolved_dir):
+   * its parent is in its name. */
+  size_t canon = 0;
   for (const char *s = path; *s;) {
     if (s[0] == '/' && n && out[n - 1] == '/') {
       s++; /* a repeated slash */
@@ -164,8 +267,18 @@ int plain_path(const char *path, char out[PATH_MAX]) {
       }
     }
     if (!kept && s[0] == '.' && s[1] == '.' && n && out[n - 1] == '/' && (s[2] == '/' || s[2] == '\0')) {
-      size_t up = dotdot(out, n);
+      int named = n == canon; /* the parent of a name the kernel gave */
+      size_t up = named ? parent_of(out, n) : dotdot(out, n);
+      /* A ".." whose parent no name tells, followed by a number
+       * ("/proc/sys/../<vpid>/stat", "/tmp/../proc/<vpid>"): the kernel
+       * would read that number as a system id. */
+      if (!up && out[0] == '/' && UNLIKELY(dotdot_resolved(out, n, s + 2))) {
+        long r = resolved_dir(out, n);
+        if (r < 0) return -1;
+        if (r > 0) up = parent_of(out, (size_t)r), named = 1;
+      }
       if (up) {
+        canon = named ? up : 0;
         n = up;
         s += s[2] ? 3 : 2;
         continue;
@@ -210,9 +323,19 @@ static const char *proc_path_plain(const char *path, char buf[PATH_MAX]) {
  * for the kernel): not made plain again. */
 static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX]) {
   char plain[PATH_MAX];
-  if (!plain_path(path, plain)) return path; /* too long: the kernel says so */
+  int made = plain_path(path, plain);
+  if (made < 0) return NULL;
+  if (!made) return path; /* too long: the kernel says so */
   const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
   if (!r || r == buf) return r;
+  /* A ".." kept outside /proc with "proc" and a number after it
+   * ("/tmp/../proc/<vpid>"): the directory before the number is asked
+   * whether it is /proc. Not under path rules: they read it by its
+   * letters. */
+  if (!g_h->instance.redirs && strncmp(plain, "/proc/", 6) != 0 && UNLIKELY(rel_reaches_number(plain))) {
+    r = proc_rel_join(AT_FDCWD, plain, buf);
+    if (r != plain) return r;
+  }
   return strcpy(buf, plain);
 }
 
@@ -336,6 +459,60 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
   /* No "." or ".." after all (a hidden name): the relative logic. */
   if (!path_unplain(buf)) return path;
   return proc_path_unplain(buf, buf);
+}
+
+/* The path from `path`'s first number after a "proc" component
+ * ("proc/<n>", "../proc/./<n>"), or NULL. */
+static const char *number_after_proc(const char *path) {
+  int seen = 0;
+  for (const char *c = path; *c;) {
+    const char *e = c;
+    while (*e && *e != '/') e++;
+    if (e - c == 4 && !memcmp(c, "proc", 4)) seen = 1;
+    else if (seen && starts_with_number(c)) return c;
+    c = *e ? e + 1 : e;
+  }
+  return NULL;
+}
+
+/* The directory before the number is stat'ed relative to dirfd (no
+ * descriptor needed: no EMFILE) and must be this process's /proc itself
+ * (its device and inode): a procfs of another namespace under a
+ * container's root, or a build tree's "proc/1", stays as it is. The
+ * path stays relative, to the same dirfd, with only the number made the
+ * system's: the kernel walks the same directories (openat2's
+ * RESOLVE_BENEATH and NO_XDEV still hold), no link's text is taken for a
+ * path (a directory outside our root, another mount namespace: r388
+ * M3), and no absolute name of a deep directory makes it too long. */
+const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]) {
+  const char *num = number_after_proc(path);
+  if (!num || (dirfd < 0 && dirfd != AT_FDCWD)) return path;
+  size_t dlen = (size_t)(num - path), rest = strlen(num);
+  if (dlen + rest >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
+  memcpy(buf, path, dlen);
+  buf[dlen] = '\0';
+  struct stat d, proc;
+  if (SYS4(newfstatat, dirfd, buf, &d, AT_NO_AUTOMOUNT) < 0 ||
+      SYS4(newfstatat, AT_FDCWD, "/proc", &proc, AT_NO_AUTOMOUNT) < 0 || d.st_dev != proc.st_dev ||
+      d.st_ino != proc.st_ino)
+    return path; /* gone, not a directory, no search right: the kernel says so too */
+  char abs[PATH_MAX];
+  if (6 + rest >= PATH_MAX) return path;
+  memcpy(abs, "/proc/", 6);
+  memcpy(abs + 6, num, rest + 1);
+  const char *r = proc_path(abs, buf);
+  if (!r || r == abs) return r ? path : NULL;
+  /* A ".." out of /proc again ("proc/1/../../etc"): nothing of a process
+   * is named. */
+  if (strncmp(r, "/proc/", 6) != 0) return path;
+  size_t tail = strlen(r + 6);
+  if (dlen + tail >= PATH_MAX) {
+    errno = ENAMETOOLONG;
+    return NULL;
+  }
+  memmove(buf + dlen, r + 6, tail + 1);
+  memcpy(buf, path, dlen);
+  return buf;
 }
 
 /* --- Answers that name a process by its system id --------------------------

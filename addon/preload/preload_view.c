@@ -12,9 +12,9 @@
  * SysV objects' lists, /proc/sysvipc/shm, sem and msg (what ipcs reads):
  * system ids, keys and PIDs, every application's objects (sysv_line).
  *
- * When one of them is opened for reading only (open & co., fopen "r"; the
- * files nobody may write, all but a cgroup's lists and sched, read-write
- * too: read_only_file), the
+ * When one of them is opened for reading (open & co., fopen "r";
+ * read-write too: root opens the files nobody may write so, and a
+ * cgroup's list and sched are written through, below), the
  * descriptor the application gets holds the file's text as of the open,
  * every PID in it translated: the whole file is read from the kernel, line
  * by line, into an anonymous memory file (memfd), which is then reopened
@@ -52,9 +52,7 @@
  * the last name is one of the files' (or a number: fdinfo/<n>, fd/<n>),
  * so an open of any other name costs a few compares (viewed_name). Not
  * covered: a static program or raw system calls; a symbolic link to one
- * of the files under another name; a cgroup.procs opened read-write is
- * read untranslated (its writes are translated, preload_cgroup.c), and so
- * is a sched file (written to reset it). A file that cannot be copied (no
+ * of the files under another name. A file that cannot be copied (no
  * memory for the memfd, too many descriptors) fails the open with that
  * error rather than show system PIDs.
  *
@@ -626,14 +624,15 @@ static long copy_translated(enum view v, int src, int dst, const int64_t *cpu) {
 /* Puts the translated copy of the file `fd` holds in its place, the
  * file of process (and thread) `who` for /proc's. Returns 0, or -errno
  * (fd then still holds the kernel's file). Called inside an id window
- * (view_fill_named): system PIDs read, not yet translated. Its own frame:
- * the copy's buffers are not under view_of_descriptor's link buffer. */
-static NOINLINE long substitute(int fd, enum view v, const struct view_owner *who) {
+ * (view_fill_named): system PIDs read, not yet translated. `name`: the
+ * memfd's (write_through_name). Its own frame: the copy's buffers are not
+ * under view_of_descriptor's link buffer. */
+static NOINLINE long substitute(int fd, enum view v, const struct view_owner *who, const char *name) {
   long fdflags = SYS2(fcntl, fd, F_GETFD);
   long flflags = SYS2(fcntl, fd, F_GETFL);
   if (fdflags < 0) return fdflags;
   if (flflags < 0) return flflags;
-  long mem = SYS2(memfd_create, "appshot-view", MFD_CLOEXEC);
+  long mem = SYS2(memfd_create, name, MFD_CLOEXEC);
   if (mem < 0) return mem;
   int64_t cpu[4];
   long r = copy_translated(v, fd, (int)mem, v == VIEW_STAT && cpu_stat_offsets(who->pid, who->tid, cpu) ? cpu : NULL);
@@ -662,7 +661,9 @@ static NOINLINE long substitute(int fd, enum view v, const struct view_owner *wh
  * timers, locks, shm, sem, msg), one of a cgroup's lists (cgroup.procs,
  * cgroup.threads, tasks), or either (a number: /proc/<pid>/fdinfo/<n>, or
  * a descriptor reopened through /proc/self/fd/<n> or /dev/fd/<n>, an O_PATH
- * one of any of those files among them). */
+ * one of any of those files among them; and /dev/stdin, stdout and
+ * stderr, links to /proc/self/fd/0, 1 and 2, which may hold one after a
+ * dup2). */
 enum name { NAME_OTHER = 0, NAME_PROC = 1, NAME_CGROUP = 2, NAME_ANY = 3 };
 
 static int pidlist_name(const char *base) {
@@ -676,10 +677,11 @@ static enum name viewed_name(const char *path) {
   base = base ? base + 1 : path;
   switch (base[0]) {
     case 's':
-      return !strcmp(base, "stat") || !strcmp(base, "status") || !strcmp(base, "sched") ||
-                     !strcmp(base, "shm") || !strcmp(base, "sem")
-                 ? NAME_PROC
-                 : NAME_OTHER;
+      if (!strcmp(base, "stat") || !strcmp(base, "status") || !strcmp(base, "sched") || !strcmp(base, "shm") ||
+          !strcmp(base, "sem"))
+        return NAME_PROC;
+      /* /dev/stdin, stdout, stderr: links to /proc/self/fd/<0-2> */
+      return !strcmp(base, "stdin") || !strcmp(base, "stdout") || !strcmp(base, "stderr") ? NAME_ANY : NAME_OTHER;
     case 'm': return !strcmp(base, "msg") ? NAME_PROC : NAME_OTHER;
     case 'l': return !strcmp(base, "locks") ? NAME_PROC : NAME_OTHER;
     case 'c':
@@ -806,14 +808,124 @@ static NOINLINE enum view view_of_descriptor(int fd, const char *path, enum name
   return view_of_proc_link(link, (size_t)n, who);
 }
 
-/* The views of files nobody may write (no write bit: /proc/locks and
- * sysvipc's, a process's stat, status, timers and fdinfo/<n>, a thread's
- * children), made for a read-write open too: root opens them so (CAP_DAC_OVERRIDE), the kernel lets it
+/* The files nobody may write (no write bit: /proc/locks and sysvipc's, a
+ * process's stat, status, timers and fdinfo/<n>, a thread's children):
+ * root opens them read-write too (CAP_DAC_OVERRIDE), the kernel lets it
  * read and refuses its writes (EINVAL). The copy is read-only: a write
  * fails with EBADF instead. Not a cgroup's list (written to move
- * processes, preload_cgroup.c) nor a sched file (written to reset it). */
+ * processes) nor a sched file (written to reset it): written through. */
 static int read_only_file(enum view v) {
   return v != VIEW_PIDLIST && v != VIEW_SCHED;
+}
+
+/* --- Written through: a cgroup's list or a sched file read-write --------
+ *
+ * Root opens a cgroup's cgroup.procs, cgroup.threads or tasks read-write
+ * (and anyone its own sched file): what it reads must be the view, and
+ * what it writes must reach the kernel's file (a PID, translated, moves
+ * that process; any write to sched resets its counters). The descriptor
+ * holds the view's copy, read-only, and is marked as a cgroup list's
+ * descriptors are (preload_cgroup.c): write() on it opens the kernel's
+ * file again and writes there (view_write_through). Which file, the copy
+ * says itself: its memfd's name, "appshot-view:<path>", the path in
+ * virtual ids (a sched file's process by its virtual PID, which a restore
+ * keeps), so that a dup of the descriptor, or one inherited by a fork,
+ * writes through too, and nothing is kept beside it. Writes that do not
+ * pass write() (stdio's, pwrite, writev; after an exec, which forgets
+ * the mark) reach the read-only copy and fail (EBADF): never a virtual
+ * PID given to the kernel as a system one. */
+#define VIEW_NAME "appshot-view"
+#define THROUGH_PREFIX VIEW_NAME ":"
+enum { THROUGH_PREFIX_LEN = sizeof THROUGH_PREFIX - 1, VIEW_NAME_MAX = 250 /* memfd_create's 249, and the NUL */ };
+
+/* The memfd's name for the view `v` of `fd` opened read-write, into
+ * name[VIEW_NAME_MAX]: 0, or -errno (-ENAMETOOLONG: a path too long for a
+ * memfd's name; the kernel's descriptor then stays, view_fill_named). A sched file of a process
+ * outside the application keeps the plain name: read, its view; written,
+ * refused. Its own frame: the link buffer costs the stack only here. */
+static NOINLINE long write_through_name(int fd, enum view v, const struct view_owner *who, char name[VIEW_NAME_MAX]) {
+  char *d = (char *)memcpy(name, THROUGH_PREFIX, THROUGH_PREFIX_LEN) + THROUGH_PREFIX_LEN;
+  if (v == VIEW_SCHED) {
+    int32_t vpid, vtid = 0;
+    /* The caller's own thread, not mapped until it asks its TID, maps as
+     * gettid() would map it (shown_task; r388 L2). */
+    if (who->tid && !appshot_s2v(g_h, APPSHOT_PID, who->tid, &vtid) && who->tid == SYS0(gettid)) vtid = self_vtid();
+    if (!appshot_s2v(g_h, APPSHOT_PID, who->pid, &vpid) || (who->tid && !vtid)) {
+      strcpy(name, VIEW_NAME);
+      return 0;
+    }
+    d = put_decimal((char *)memcpy(d, "/proc/", 6) + 6, (unsigned long)vpid);
+    if (vtid) d = put_decimal((char *)memcpy(d, "/task/", 6) + 6, (unsigned long)vtid);
+    strcpy(d, "/sched");
+    return 0;
+  }
+  char self[32] = "/proc/self/fd/", link[PATH_MAX];
+  *put_decimal(self + 14, (unsigned long)fd) = '\0';
+  long n = SYS4(readlinkat, AT_FDCWD, self, link, sizeof link);
+  if (n < 0) return n;
+  if (n >= VIEW_NAME_MAX - THROUGH_PREFIX_LEN || link[0] != '/') return -ENAMETOOLONG;
+  memcpy(d, link, (size_t)n);
+  d[n] = '\0';
+  return 0;
+}
+
+#define TMPFS_MAGIC 0x01021994
+
+int view_write_through(int fd, const char *buf, size_t count, ssize_t *result) {
+  struct statfs sf;
+  if (SYS2(fstatfs, fd, &sf) != 0 || sf.f_type != TMPFS_MAGIC) return 0;
+  /* The link is "/memfd:<name> (deleted)": a name longer than a memfd's
+   * is no view's. */
+  char self[32] = "/proc/self/fd/", link[VIEW_NAME_MAX + 32], sys[PATH_MAX];
+  *put_decimal(self + 14, (unsigned long)fd) = '\0';
+  static const char memfd[] = "/memfd:" THROUGH_PREFIX, deleted[] = " (deleted)";
+  enum { MEMFD = sizeof memfd - 1, DELETED = sizeof deleted - 1 };
+  long n = SYS4(readlinkat, AT_FDCWD, self, link, sizeof link - 1);
+  if (n <= MEMFD + DELETED || n >= (long)sizeof link - 1 || memcmp(link, memfd, MEMFD) ||
+      memcmp(link + n - DELETED, deleted, DELETED))
+    return 0;
+  link[n - DELETED] = '\0';
+  /* A name we gave: an absolute path to a cgroup's list or a sched file
+   * (a memfd the application named so and put at a marked number by a
+   * raw dup2 is refused here, or by the checks of what opened). */
+  const char *source = link + MEMFD, *base = strrchr(source, '/');
+  /* Our names are plain (a link's text, or "/proc/<vpid>/sched"): one
+   * with "..", "." or "//" is no name of ours (r388 L1). */
+  if (source[0] != '/' || path_unplain(source) || (!pidlist_name(base + 1) && strcmp(base + 1, "sched"))) {
+    *result = fail(EBADF);
+    return 1;
+  }
+  base++;
+  const char *p = proc_path(source, sys);
+  if (!p) {
+    *result = fail(errno);
+    return 1;
+  }
+  /* What it is, asked before it is opened for writing (r388 L1): a
+   * cgroup's list, or a sched file of /proc; then opened again for
+   * writing through the descriptor looked at. */
+  long t = SYS4(openat, AT_FDCWD, p, O_PATH | O_CLOEXEC | O_NOFOLLOW, 0);
+  if (t < 0) {
+    *result = libc_ret(t);
+    return 1;
+  }
+  int cgroup_list = 0, sched = 0;
+  if (SYS2(fstatfs, t, &sf) != 0) sf.f_type = 0;
+  if (sf.f_type == CGROUP2_SUPER_MAGIC || sf.f_type == CGROUP_SUPER_MAGIC) cgroup_list = pidlist_name(base);
+  else sched = sf.f_type == PROC_SUPER_MAGIC && !strcmp(base, "sched");
+  long w = -EBADF;
+  if (cgroup_list || sched) {
+    *put_decimal(self + 14, (unsigned long)t) = '\0';
+    w = SYS4(openat, AT_FDCWD, self, O_WRONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK, 0);
+  }
+  SYS1(close, t);
+  if (w < 0) {
+    *result = libc_ret(w);
+    return 1;
+  }
+  *result = cgroup_list ? cgroup_write_ids((int)w, buf, count) : libc_ret(SYS3(write, w, buf, count));
+  SYS1(close, w);
+  return 1;
 }
 
 /* The view for `fd`, opened by a name viewed_name did not rule out. One
@@ -823,8 +935,20 @@ static NOINLINE long view_fill_named(int fd, const char *path, enum name name, i
   ID_WINDOW();
   struct view_owner who = {0, 0};
   enum view v = view_of_descriptor(fd, path, name, &who);
-  if (v == VIEW_NONE || (access == O_RDWR && !read_only_file(v))) return 0;
-  return substitute(fd, v, &who);
+  if (v == VIEW_NONE) return 0;
+  int through = access == O_RDWR && !read_only_file(v);
+  /* A descriptor past the marks' table could never write through. A
+   * sched file's writes hold no id: the kernel's descriptor stays, as
+   * before views read-write (its reads untranslated; review r388 M4). A
+   * cgroup list's would be virtual PIDs read as system ones: its view
+   * stays, and its writes fail (EBADF). */
+  if (through && v == VIEW_SCHED && !cgroup_procs_markable(fd)) return 0;
+  char memfd_name[VIEW_NAME_MAX] = VIEW_NAME;
+  long r = through ? write_through_name(fd, v, &who, memfd_name) : 0;
+  if (r == -ENAMETOOLONG) return 0; /* the same for a path no memfd's name holds */
+  if (r == 0) r = substitute(fd, v, &who, memfd_name);
+  if (r == 0 && through) cgroup_procs_mark(fd, 1);
+  return r;
 }
 
 long view_fill(int fd, const char *path, int flags) {
@@ -840,6 +964,7 @@ long view_fill(int fd, const char *path, int flags) {
 int view_opened(int fd, const char *path, int flags) {
   long r = view_fill(fd, path, flags);
   if (r < 0) {
+    cgroup_procs_forget(fd); /* marked by the open (r388 L4): the number is free again */
     SYS1(close, fd);
     return (int)fail((int)-r);
   }
