@@ -130,6 +130,16 @@ struct OpenCall {
   bool faccessat2_refused = false;  // ExecOp: faccessat2 itself is refused here
 };
 
+// A system call this kernel or its seccomp filter refuses (ENOSYS),
+// thrown with `field` set to how, for src/resources/fsident.ts.
+void ThrowCallRefused(const Napi::Env& env, const std::string& message, const char* field, const std::string& how) {
+  Napi::Error e = Napi::Error::New(env, message);
+  e.Set("code", Napi::String::New(env, "ENOSYS"));
+  e.Set("errno", Napi::Number::New(env, ENOSYS));
+  e.Set(field, Napi::String::New(env, how));
+  e.ThrowAsJavaScriptException();
+}
+
 // An open refused by fsident_open, thrown: a magic link met (`magic`) and
 // a kernel without openat2 (or faccessat2: `faccessat2`, ExecOp's) each
 // said in words, not as the bare errno (ELOOP reads as a loop of
@@ -153,22 +163,12 @@ void ThrowOpen(const Napi::Env& env, const std::string& path, int rc, bool magic
   int why = faccessat2 && rc == -ENOSYS ? -fsident_faccessat2_refused() : 0;
   if (faccessat2 && why) {
     std::string how = why == EPERM ? "faccessat2 is blocked on this system (seccomp?)" : "faccessat2 is missing or blocked on this system (Linux < 5.8, or seccomp?)";
-    Napi::Error e = Napi::Error::New(env, "'" + path + "': " + how + ", by which alone a restore checks that a process may run its executable");
-    e.Set("code", Napi::String::New(env, "ENOSYS"));
-    e.Set("errno", Napi::Number::New(env, ENOSYS));
-    e.Set("faccessat2Refused", Napi::String::New(env, how));
-    e.ThrowAsJavaScriptException();
-    return;
+    return ThrowCallRefused(env, "'" + path + "': " + how + ", by which alone a restore checks that a process may run its executable", "faccessat2Refused", how);
   }
   why = rc == -ENOSYS ? -fsident_openat2_refused() : 0;
   if (why) {
     std::string how = why == EPERM ? "openat2 is blocked on this system (seccomp?)" : "openat2 is missing or blocked on this system (Linux < 5.6, or seccomp?)";
-    Napi::Error e = Napi::Error::New(env, "open '" + path + "': " + how + ", by which alone a restore opens an image's names");
-    e.Set("code", Napi::String::New(env, "ENOSYS"));
-    e.Set("errno", Napi::Number::New(env, ENOSYS));
-    e.Set("openat2Refused", Napi::String::New(env, how));
-    e.ThrowAsJavaScriptException();
-    return;
+    return ThrowCallRefused(env, "open '" + path + "': " + how + ", by which alone a restore opens an image's names", "openat2Refused", how);
   }
   appshot::ThrowErrno(env, "open '" + path + "'", -rc);
 }
