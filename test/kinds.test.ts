@@ -1567,13 +1567,18 @@ describeIf(process.getuid?.() === 0)('a thread in seccomp strict mode, snapshott
         const status = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
         return `${/^State:\s+(\S)/m.exec(status)![1]} ${/^Seccomp:\s+(\d)/m.exec(status)![1]} ${/^TracerPid:\s+(\d+)/m.exec(status)![1]}`;
       });
-    expect(threads().sort()).toEqual(['S 0 0', 'S 1 0']);
+    // Asleep in their reads: on a loaded machine a thread can still be
+    // runnable (R) for a while after READY, or after a detach restarts
+    // its read; waited for, never assumed.
+    const asleep = () => JSON.stringify(threads().sort()) === JSON.stringify(['S 0 0', 'S 1 0']);
+    await waitFor(asleep, 10_000, `${aid}'s two threads asleep, one strict, neither traced`);
     const r = await spawnAsync('setpriv', ['--bounding-set=-sys_admin', process.execPath, cli, 'snapshot', aid, '-o', join(out, aid)], { env: sb.env });
     expect(r.status, r.stderr).toBe(1);
     expect(r.stderr).toMatch(/process 2 \(holder\) thread \d+: its seccomp strict mode cannot be captured .*CAP_SYS_ADMIN.*the application was left running/);
     expect(existsSync(join(out, aid))).toBe(false);
     // Both threads still there, the strict one still strict and asleep
-    // in its read, neither traced nor stopped.
+    // in its read, neither traced nor stopped (never stopped: T).
+    await waitFor(asleep, 10_000, `${aid}'s two threads asleep again, one strict, neither traced`);
     expect(threads().sort()).toEqual(['S 0 0', 'S 1 0']);
   });
 });
