@@ -44,6 +44,7 @@ import { clonePoolStats, enableClonePool, refillClonePools, releaseClonePools } 
 import { enableSpareStateDirs, LocalRegistry, refillSpareStateDirs, removeSpareStateDirs } from '../registry.js';
 import { hostedServe, hostedStatus, onHostedChange, SERVE_STOP_WHY, stopHosted } from './hosted.js';
 import { isServeStop } from './client.js';
+import { startedWithTestKnobs } from '../killpoint.js';
 
 /** How long the clone pool's refill waits for the requests being served
  * to end before it makes its next instance anyway (requestsQuiet). */
@@ -53,6 +54,15 @@ const QUIET_WAIT_MOST_MS = 250;
 const ENGINE_OWN = new Set(['APPSHOT_HOME', 'APPSHOT_ENGINE', 'APPSHOT_ENGINE_IDLE']);
 const settings = (env: Record<string, string | undefined>): Map<string, string> =>
   new Map(Object.entries(env).filter((e): e is [string, string] => e[0].startsWith('APPSHOT_') && !ENGINE_OWN.has(e[0]) && e[1] !== undefined));
+/** Test points that kill or stop the whole process reaching them
+ * (killpoint.ts; trace.c and the addon's restore read them too): in the
+ * engine that is the process serving every other command and a hosted
+ * serve, whatever command set them. Honoured only by an engine started
+ * with APPSHOT_TEST_KNOBS=1 (killpoint.ts startedWithTestKnobs); any
+ * other refuses a request carrying one, whose client then runs the
+ * command itself, the point acting on the client. */
+const PROCESS_POINTS = ['APPSHOT_TEST_KILL_AT', 'APPSHOT_TEST_STOP_AT'];
+const processPointsIn = (env: Record<string, unknown>): string[] => PROCESS_POINTS.filter((k) => typeof env[k] === 'string' && env[k] !== '');
 
 export interface EngineOptions {
   home: string;
@@ -137,10 +147,16 @@ export class Engine {
   private readonly startedMonotonic = performance.now();
   private readonly gate = new ContextGate();
   private readonly uid = process.geteuid?.() ?? -1;
+  /** Started with APPSHOT_TEST_KNOBS=1: a client's kill and stop points
+   * (PROCESS_POINTS) are honoured. */
+  private readonly testKnobs = startedWithTestKnobs();
   /** The engine's own APPSHOT_* settings, as it was started: what the
    * environment is put back to between commands, and what a hosted serve
-   * must want (handle). */
-  private readonly ownSettings = settings(process.env);
+   * must want (handle). Without the test knobs, no kill or stop point: an
+   * engine started on demand inherits the environment of the command that
+   * started it, whose point was that command's (start drops them from
+   * process.env too). */
+  private readonly ownSettings = new Map([...settings(process.env)].filter(([k]) => this.testKnobs || !PROCESS_POINTS.includes(k)));
   /** The build this engine runs (protocol.ts), as it was when it started. */
   private readonly build = buildId();
   /** A lease made ahead of the request that takes it (prepareLease). */
@@ -178,6 +194,8 @@ export class Engine {
     if (this.lockFd < 0) throw new AppshotError(`an engine already runs for ${this.opts.home}`, ExitCode.conflict);
     ftruncateSync(this.lockFd, 0);
     writeSync(this.lockFd, `${process.pid}\n`, 0);
+    const inherited = this.testKnobs ? [] : processPointsIn(process.env);
+    for (const k of inherited) delete process.env[k];
     // The lock is ours: any socket there is a dead engine's, and so are
     // any requests' leases (holder.ts): their requests ended with it.
     rmSync(this.paths.socket, { force: true });
@@ -223,6 +241,7 @@ export class Engine {
       this.checkDone();
     });
     this.log(`serving ${this.opts.home} (idle timeout ${this.opts.idleSeconds} s)`);
+    if (inherited.length) this.log(`${inherited.join(' and ')} of its start environment ignored: an engine honours kill and stop points only if started with APPSHOT_TEST_KNOBS=1`);
     this.armIdle();
     this.watchSocket();
   }
@@ -408,6 +427,14 @@ export class Engine {
     const otherHome = named !== undefined ? notThisHome(resolve(typeof msg.cwd === 'string' ? msg.cwd : '/', named), this.opts.home) : undefined;
     if (otherHome) {
       socket.end(frame(Frame.REFUSED, Buffer.from(otherHome)));
+      return;
+    }
+    // A kill or stop point would kill or stop the engine, and with it
+    // every command it serves: only an engine started for tests honours
+    // one; the client of any other runs the command itself.
+    const points = this.testKnobs ? [] : processPointsIn(msg.env ?? {});
+    if (points.length) {
+      socket.end(frame(Frame.REFUSED, Buffer.from(`the client's ${points.join(' and ')} would act on the engine, which honours them only if started with APPSHOT_TEST_KNOBS=1: it runs the command itself`)));
       return;
     }
     // A hosted serve reads its APPSHOT_* settings (test knobs, debug
