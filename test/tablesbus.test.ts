@@ -14,7 +14,7 @@
  * than aborting the process that called it (finding 11).
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -81,6 +81,115 @@ writer.stdout.once('data', () => {
     } finally {
       rmSync(p, { force: true });
     }
+  });
+});
+
+/** A C program built from addon/src/tablesguard.c and `main`, in `dir`. */
+function guardProgram(dir: string, main: string): string {
+  const src = join(dir, 'harness.c');
+  const bin = join(dir, 'harness');
+  writeFileSync(src, main);
+  const cc = spawnSync('cc', ['-O1', '-Wall', '-I', join(root, 'addon', 'src'), '-o', bin, src, join(root, 'addon', 'src', 'tablesguard.c'), '-lpthread'], { encoding: 'utf8' });
+  expect(cc.stderr).toBe('');
+  expect(cc.status).toBe(0);
+  return bin;
+}
+
+describe('the guard and a SIGBUS handler of the process', () => {
+  // The handler there before the guard gets every SIGBUS the guard does
+  // not take, as the kernel would have run it: its kind (SA_SIGINFO or
+  // plain), its mask, SA_NODEFER, SA_RESETHAND. Each fault here is a real
+  // one: a read of a shared mapping of a file made empty, which the
+  // handler grows back so that the read, run again, goes through.
+  const main = String.raw`#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include "tablesguard.h"
+static int fd;
+static long page_size;
+static volatile char *page;
+static volatile int calls, with_info, bus_blocked, usr1_blocked;
+static void note(void) {
+  sigset_t now;
+  pthread_sigmask(SIG_BLOCK, NULL, &now);
+  bus_blocked = sigismember(&now, SIGBUS);
+  usr1_blocked = sigismember(&now, SIGUSR1);
+  calls++;
+  if (ftruncate(fd, page_size)) _exit(3);
+}
+static void plain(int sig) { (void)sig; note(); }
+static void informed(int sig, siginfo_t *si, void *uc) { (void)sig; (void)uc; with_info = si->si_addr == (void *)page; note(); }
+static void read_page(void *arg) { (void)arg; (void)*page; }
+static void fault(void) { if (ftruncate(fd, 0)) _exit(3); read_page(NULL); }
+int main(int argc, char **argv) {
+  const char *flags = argc > 1 ? argv[1] : "";
+  page_size = sysconf(_SC_PAGESIZE);
+  char path[] = "/dev/shm/appshot-guardchain-XXXXXX";
+  fd = mkstemp(path);
+  unlink(path);
+  if (fd < 0 || ftruncate(fd, page_size)) return 3;
+  page = mmap(NULL, page_size, PROT_READ, MAP_SHARED, fd, 0);
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sigemptyset(&sa.sa_mask);
+  if (strstr(flags, "siginfo")) {
+    sa.sa_sigaction = informed;
+    sa.sa_flags |= SA_SIGINFO;
+  } else sa.sa_handler = plain;
+  if (strstr(flags, "nodefer")) sa.sa_flags |= SA_NODEFER;
+  if (strstr(flags, "resethand")) sa.sa_flags |= SA_RESETHAND;
+  if (strstr(flags, "mask")) sigaddset(&sa.sa_mask, SIGUSR1);
+  if (!strstr(flags, "after")) sigaction(SIGBUS, &sa, NULL);
+  if (tables_guard_install()) return 2;
+  if (strstr(flags, "after")) {
+    /* Set after the guard's (as Node's process.on('SIGBUS') would). */
+    sigaction(SIGBUS, &sa, NULL);
+    if (ftruncate(fd, 0)) return 3;
+    errno = 0;
+    int rc = tables_guard_run((const void *)page, page_size, read_page, NULL);
+    printf("guarded %d %s calls %d\n", rc, strerrorname_np(errno), calls);
+    return 0;
+  }
+  /* A fault inside the guarded range ends its step. */
+  if (ftruncate(fd, 0)) return 3;
+  int rc = tables_guard_run((const void *)page, page_size, read_page, NULL);
+  if (ftruncate(fd, page_size)) return 3;
+  /* Outside: the handler's. */
+  fault();
+  printf("guarded %d calls %d info %d bus-blocked %d usr1-blocked %d\n", rc, calls, with_info, bus_blocked, usr1_blocked);
+  fflush(stdout);
+  fault();
+  printf("again calls %d\n", calls);
+  return 0;
+}
+`;
+  const runWith = (flags: string) => {
+    const dir = mkdtempSync(join(tmpdir(), 'appshot-guardchain-'));
+    try {
+      const r = spawnSync(guardProgram(dir, main), [flags], { encoding: 'utf8', timeout: 20_000 });
+      return { stdout: r.stdout, signal: r.signal, status: r.status };
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  };
+
+  it('runs the previous handler as the kernel would have: its kind, its mask, SA_NODEFER, SA_RESETHAND', () => {
+    expect(runWith('siginfo')).toEqual({ stdout: 'guarded 1 calls 1 info 1 bus-blocked 1 usr1-blocked 0\nagain calls 2\n', signal: null, status: 0 });
+    expect(runWith('plain')).toEqual({ stdout: 'guarded 1 calls 1 info 0 bus-blocked 1 usr1-blocked 0\nagain calls 2\n', signal: null, status: 0 });
+    expect(runWith('plain,mask')).toEqual({ stdout: 'guarded 1 calls 1 info 0 bus-blocked 1 usr1-blocked 1\nagain calls 2\n', signal: null, status: 0 });
+    expect(runWith('siginfo,nodefer')).toEqual({ stdout: 'guarded 1 calls 1 info 1 bus-blocked 0 usr1-blocked 0\nagain calls 2\n', signal: null, status: 0 });
+    // One-shot: the second fault meets the default action.
+    expect(runWith('plain,resethand')).toEqual({ stdout: 'guarded 1 calls 1 info 0 bus-blocked 1 usr1-blocked 0\n', signal: 'SIGBUS', status: null });
+  });
+
+  it('refuses a step once a handler set after it replaced it, rather than run it unguarded', () => {
+    expect(runWith('plain,after')).toEqual({ stdout: 'guarded -1 ENOTRECOVERABLE calls 0\n', signal: null, status: 0 });
   });
 });
 
