@@ -193,6 +193,33 @@ int main(int argc, char **argv) {
   });
 });
 
+describe('a JS listener for SIGBUS', () => {
+  it("takes the guard's place, and table calls are refused; the engine refuses the listener itself", () => {
+    // As the engine runs: the addon loaded (its guard installed), then a
+    // listener; without the engine's refusal, and with it.
+    const script = (refuse: boolean) => `import { createRequire } from 'node:module';
+const a = createRequire(import.meta.url)(${JSON.stringify(addonPath)});
+${refuse ? `(await import(${JSON.stringify(join(root, 'dist', 'engine', 'server.js'))})).refuseSigbusListeners();` : ''}
+const p = '/dev/shm/appshot-sigbus-listener-' + process.pid;
+a.createTables(p, 'listener', 1n);
+const seen = {};
+try { process.on('SIGBUS', () => {}); seen.added = true; } catch (e) { seen.added = e.message; }
+try { seen.read = a.readTables(p).tables.pid.length; } catch (e) { seen.read = e.code; }
+(await import('node:fs')).rmSync(p);
+console.log(JSON.stringify(seen));
+process.exit(0);`;
+    const run = (refuse: boolean) => {
+      const r = spawnSync(process.execPath, ['--input-type=module', '-e', script(refuse)], { encoding: 'utf8', timeout: 60_000 });
+      expect(r.stderr).toBe('');
+      return JSON.parse(r.stdout) as { added: true | string; read: number | string };
+    };
+    // Refused as the file is opened: its header is read under the guard
+    // (addon.cc MapTables, EPROTO), which the step no longer has.
+    expect(run(false)).toEqual({ added: true, read: 'EPROTO' });
+    expect(run(true)).toEqual({ added: "a listener for SIGBUS would take SIGBUS from the tables' fault guard (addon/src/tablesguard.h): refused", read: 0 });
+  });
+});
+
 describe('a table file on a full filesystem', () => {
   // The file is sparse: a write to a page never written before is a
   // SIGBUS on a full filesystem too, with the file still its full size

@@ -694,8 +694,22 @@ export class Engine {
   }
 }
 
+/** The addon's fault guard of table mappings (addon/src/tablesguard.h)
+ * must stay SIGBUS's handler: a JS listener for SIGBUS has libuv install
+ * its own over it, which only notes the signal and returns to the fault,
+ * and every table call is then refused. In the engine, whose table calls
+ * serve every command, such a listener is refused where it is added: this
+ * listener comes before Node's own (which starts listening to a signal
+ * once a listener of it is added), and its throw stops the adding. */
+export function refuseSigbusListeners(): void {
+  (process as NodeJS.EventEmitter).prependListener('newListener', (event: string | symbol) => {
+    if (event === 'SIGBUS') throw new Error("a listener for SIGBUS would take SIGBUS from the tables' fault guard (addon/src/tablesguard.h): refused");
+  });
+}
+
 /** Runs the engine in this process until it leaves; its exit code. */
 export async function serveEngine(opts: EngineOptions): Promise<number> {
+  refuseSigbusListeners();
   const engine = new Engine(opts);
   await engine.start();
   // Everything a command loads, loaded now rather than by the first one.
