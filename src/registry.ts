@@ -805,10 +805,23 @@ export class LocalRegistry implements Registry {
 
   /** Reads an application's tables, or undefined if they are gone. */
   readTables(record: AppRecord): TablesSnapshot | undefined {
+    return this.readTablesWhy(record).tables;
+  }
+
+  /** readTables, and, when its file is there but is no table file (any
+   * process of the application holds it open read-write, and may truncate
+   * or overwrite it), why, in one line: a command that needs the tables
+   * says that rather than "gone" or "not running". Only that one command
+   * fails: those that only look (ps, staleness) take it as gone. */
+  readTablesWhy(record: AppRecord): { tables?: TablesSnapshot; why?: string } {
     try {
-      return addon().readTables(record.tables);
-    } catch {
-      return undefined;
+      return { tables: addon().readTables(record.tables) };
+    } catch (e) {
+      // EPROTO: the file met short or overwritten as it was opened (no
+      // table file of this layout), or shrunk as it was read.
+      if ((e as NodeJS.ErrnoException).code !== 'EPROTO' || !existsSync(record.tables)) return {};
+      const how = /changed size under us/.test((e as Error).message) ? 'was truncated while appshot read it' : 'was truncated or overwritten';
+      return { why: `the table file of '${record.aid}' ${how} (by a process of the application, which holds it open read-write): its tables cannot be read` };
     }
   }
 

@@ -14,7 +14,7 @@
  * than aborting the process that called it (finding 11).
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -303,6 +303,31 @@ describe('an application that empties and refills its table file', () => {
     // And the application is still appshot's: its init lived through the
     // same faults.
     expect(sb.aids(), tally).toContain(aid);
+    sb.run(['rm', '-f', aid]);
+  });
+});
+
+describe('an application that truncates its table file for good', () => {
+  it('is told so, in one line, by the commands that need its tables, in the engine or not', async () => {
+    const aid = 'tb-cut';
+    const asUser = process.getuid?.() === 0 ? asNobody : [];
+    // 0 seconds of shrinking: it reads its file, says where it is, waits.
+    sb.ok(['run', '-d', '--aid', aid, '--', ...asUser, fixture('tablesbus'), '0']);
+    await waitFor(() => /^ROUNDS 0$/m.test(sb.log(aid)) || /FAIL/.test(sb.log(aid)), 20_000, `${aid} to read its tables`);
+    const [, fd, , pid] = /^FD (\d+) SIZE (\d+) PID (\d+)$/m.exec(sb.log(aid))!;
+    // Through the application's own descriptor, as it would.
+    truncateSync(`/proc/${pid}/fd/${fd}`, 0);
+    const said = `appshot: the table file of '${aid}' was truncated or overwritten (by a process of the application, which holds it open read-write): its tables cannot be read\n`;
+    const started = spawnSync(process.execPath, [cli, 'engine', 'start'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_ENGINE_IDLE: '1800' }, encoding: 'utf8' });
+    expect(started.status, started.stderr).toBe(0);
+    const before = (await controlEngine('status', sb.home))?.commandsServed as number;
+    for (const env of [{}, { APPSHOT_ENGINE: 'off' }]) {
+      for (const args of [['table', aid], ['snapshot', aid, '--leave-running', '-o', join(out, 'cut')]]) {
+        const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, ...env }, encoding: 'utf8', timeout: 60_000 });
+        expect({ env, args, code: r.status, stderr: r.stderr }).toEqual({ env, args, code: 1, stderr: said });
+      }
+    }
+    expect((await controlEngine('status', sb.home))?.commandsServed).toBe(before + 2);
     sb.run(['rm', '-f', aid]);
   });
 });
