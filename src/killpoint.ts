@@ -27,16 +27,18 @@ import { readFileSync } from 'node:fs';
  * maps any, where a test swaps a directory of a mapped file's path for a
  * symlink (test/mapcreds.test.ts).
  *
- * KILL_AT and STOP_AT act on the whole process that reaches the point.
- * The resident engine serves many commands (and a hosted serve) in one
- * process, with each command's APPSHOT_* settings set in its environment
- * while it runs: a client's would kill or stop the engine serving the
- * others. So the engine honours them only if it was itself started with
- * APPSHOT_TEST_KNOBS=1 (startedWithTestKnobs); otherwise it refuses a
- * request carrying them (the client then runs the command itself, where
- * the point acts on the client) and drops those it inherited at its start
- * (engine/server.ts PROCESS_POINTS). The native points (trace.c, the
- * addon's restore) read the same environment, so that covers them too.
+ * KILL_AT and STOP_AT act on the whole process that reaches the point,
+ * FAIL_AT on whatever reaches it while it is set. The resident engine
+ * serves many commands (and a hosted serve) in one process, with each
+ * command's APPSHOT_* settings set in its environment while it runs: a
+ * client's would kill, stop or fail the engine's work for the others. So
+ * the engine honours any APPSHOT_TEST_* variable only if it was itself
+ * started with APPSHOT_TEST_KNOBS=1 (startedWithTestKnobs); otherwise it
+ * refuses a request carrying one (the client then runs the command
+ * itself, where the knob acts on the client) and drops those it
+ * inherited at its start (engine/server.ts isTestKnob). The native points
+ * (trace.c, the addon's restore) read the same environment, so that
+ * covers them too.
  */
 export function killPoint(name: string): void {
   if (process.env.APPSHOT_TEST_KILL_AT === name) process.kill(process.pid, 'SIGKILL');

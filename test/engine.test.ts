@@ -603,6 +603,21 @@ describe('the resident engine', () => {
       expect(frames).toEqual([{ type: 'R', payload: `the client's ${k} would act on the engine, which honours them only if started with APPSHOT_TEST_KNOBS=1: it runs the command itself` }]);
       expect(stateOf(engine)).not.toBe('T');
     }
+    // Any other test knob too: a failure point would fail the engine's
+    // work (a hosted serve's resume) while the command runs.
+    expect(await request({ APPSHOT_TEST_FAIL_AT: 'serve: resumed' }).ended).toEqual([
+      { type: 'R', payload: "the client's APPSHOT_TEST_FAIL_AT would act on the engine, which honours them only if started with APPSHOT_TEST_KNOBS=1: it runs the command itself" },
+    ]);
+    // A NUL byte in a name: Node's env setter would cut the name there
+    // and set the point itself; in a value, any check of it is unsound.
+    // Refused, the engine neither stopped nor killed.
+    for (const env of [{ 'APPSHOT_TEST_KILL_AT\u0000x': point }, { 'APPSHOT_TEST_STOP_AT\u0000': point }, { APPSHOT_HOME: sb.home, 'APPSHOT_HOME\u0000': join(out, 'other') }, { APPSHOT_DEBUG: '1\u0000' }]) {
+      const frames = await request(env).ended;
+      expect(frames).toHaveLength(1);
+      expect(frames[0].type).toBe('R');
+      expect(frames[0].payload).toMatch(/has a NUL byte in its name or value: it runs the command itself$/);
+      expect(stateOf(engine)).not.toBe('T');
+    }
     // A client with a stop point runs the command itself and stops there,
     // the engine answering meanwhile.
     const stopped = start(['inspect', 'knobs.appshot'], { APPSHOT_TEST_STOP_AT: point });
