@@ -50,8 +50,11 @@ import { startedWithTestKnobs } from '../killpoint.js';
  * to end before it makes its next instance anyway (requestsQuiet). */
 const QUIET_WAIT_MOST_MS = 250;
 
-/** APPSHOT_* variables that say which engine, not how a command works. */
-const ENGINE_OWN = new Set(['APPSHOT_HOME', 'APPSHOT_ENGINE', 'APPSHOT_ENGINE_IDLE']);
+/** APPSHOT_* variables that say which engine, not how a command works.
+ * APPSHOT_TEST_KNOBS counts only in a process's start environment
+ * (startedWithTestKnobs): a serve hosted by an engine started for tests
+ * need not carry it to be hosted. */
+const ENGINE_OWN = new Set(['APPSHOT_HOME', 'APPSHOT_ENGINE', 'APPSHOT_ENGINE_IDLE', 'APPSHOT_TEST_KNOBS']);
 const settings = (env: Record<string, string | undefined>): Map<string, string> =>
   new Map(Object.entries(env).filter((e): e is [string, string] => e[0].startsWith('APPSHOT_') && !ENGINE_OWN.has(e[0]) && e[1] !== undefined));
 /** Test knobs (killpoint.ts; trace.c, the addon's restore and page check
