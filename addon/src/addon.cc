@@ -64,7 +64,7 @@ void ThrowErrno(const Napi::Env& env, const std::string& what, int err) {
 
 // A table file that could not be opened (mapped, its header looked at):
 // ENOTRECOVERABLE is the guard's refusal to look unguarded, said as such.
-static void ThrowTablesOpen(const Napi::Env& env, const std::string& path, int err) {
+void ThrowTablesOpen(const Napi::Env& env, const std::string& path, int err) {
   std::string what = path.empty() ? "opening tables" : "opening tables " + path;
   if (err == ENOTRECOVERABLE) what += " (its fault guard's SIGBUS handler was replaced by another: not read unguarded)";
   ThrowErrno(env, what, err);

@@ -18,6 +18,11 @@ namespace appshot {
 // node-addon-api's fatal error, the engine's abort.
 void ThrowErrno(const Napi::Env& env, const std::string& what, int err);
 
+// A table file that could not be opened (mapped, its header looked at),
+// as ThrowErrno; ENOTRECOVERABLE (the fault guard's SIGBUS handler was
+// replaced: not looked at unguarded) said as such. `path` may be empty.
+void ThrowTablesOpen(const Napi::Env& env, const std::string& path, int err);
+
 // --- The fault guard of table mappings (tablesguard.h) ---------------------
 //
 // Every read or write of an application's tables through a mapping runs as

@@ -605,7 +605,7 @@ Napi::Value RestoreSem(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Tables t(info[0].As<Napi::String>().Utf8Value());
   if (!t.h()) {
-    ThrowErrno(env, "opening tables", errno);
+    appshot::ThrowTablesOpen(env, "", errno);
     return env.Undefined();
   }
   int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
@@ -738,7 +738,7 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Tables t(info[0].As<Napi::String>().Utf8Value());
   if (!t.h()) {
-    ThrowErrno(env, "opening tables", errno);
+    appshot::ThrowTablesOpen(env, "", errno);
     return env.Undefined();
   }
   int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
@@ -919,7 +919,7 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Tables t(info[0].As<Napi::String>().Utf8Value());
   if (!t.h()) {
-    ThrowErrno(env, "opening tables", errno);
+    appshot::ThrowTablesOpen(env, "", errno);
     return env.Undefined();
   }
   int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
