@@ -14,11 +14,12 @@
  * than aborting the process that called it (finding 11).
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { controlEngine } from '../src/engine/client.js';
+import { addon } from '../src/native.js';
 import { alive, asNobody, cli, fixture, root, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -308,6 +309,48 @@ describe('an application that empties and refills its table file', () => {
   });
 });
 
+describe('an application without its supervisor that empties and refills its table file', () => {
+  it("neither makes ps fail for everyone nor is released under its live process", async () => {
+    // Its init killed (as SIGKILL of a foreground job's group may leave
+    // a daemon), the registration is judged by its tables, which the
+    // application keeps making unreadable: a read that failed took it
+    // for dead and released it, its tables removed under it, and a
+    // release that then failed made every `ps` fail (review r395 F3).
+    const aid = 'tb-orphan';
+    const asUser = process.getuid?.() === 0 ? asNobody : [];
+    sb.ok(['run', '-d', '--aid', aid, '--', ...asUser, fixture('tablesbus'), '90']);
+    await waitFor(() => /^FD \d+ SIZE \d+ PID \d+$/m.test(sb.log(aid)) || /FAIL/.test(sb.log(aid)), 20_000, `${aid} to read its tables`);
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+    const flipper = Number(/^FD \d+ SIZE \d+ PID (\d+)$/m.exec(sb.log(aid))![1]);
+    const record = JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')) as { initPid: number; tables: string };
+    expect(record.initPid).toBeGreaterThan(1);
+    try {
+      process.kill(record.initPid, 'SIGKILL');
+      await waitFor(() => !alive(record.initPid), 10_000, 'its init to die');
+      expect(alive(flipper)).toBe(true);
+      const outcomes: string[] = [];
+      for (let i = 0; i < 20; i++) {
+        for (const args of [['ps', '-a', '--json'], ['ps']]) {
+          const r = await sb.runAsync(args, 60_000);
+          outcomes.push(`${args.join(' ')}: ${r.code} ${r.stderr.trim()}`);
+          expect(r.code, outcomes.at(-1)).toBe(0);
+          if (args[1] === '-a') expect((JSON.parse(r.stdout) as { aid: string }[]).map((a) => a.aid), outcomes.at(-1)).toContain(aid);
+        }
+        expect(existsSync(record.tables), outcomes.at(-1)).toBe(true);
+      }
+      expect(alive(flipper)).toBe(true);
+    } finally {
+      process.kill(flipper, 'SIGKILL');
+      await waitFor(() => !alive(flipper), 10_000, 'the application to die');
+    }
+    // Gone, nothing of it runs: the next look releases it.
+    const after = await sb.runAsync(['ps', '-a', '--json'], 60_000);
+    expect(after.code, after.stderr).toBe(0);
+    expect((JSON.parse(after.stdout) as { aid: string; state: string }[]).filter((a) => a.aid === aid && a.state === 'running')).toEqual([]);
+    sb.run(['rm', '-f', aid]);
+  });
+});
+
 describe('an application that truncates its table file for good', () => {
   it('is told so, in one line, by the commands that need its tables, in the engine or not', async () => {
     const aid = 'tb-cut';
@@ -317,18 +360,38 @@ describe('an application that truncates its table file for good', () => {
     await waitFor(() => /^ROUNDS 0$/m.test(sb.log(aid)) || /FAIL/.test(sb.log(aid)), 20_000, `${aid} to read its tables`);
     const [, fd, , pid] = /^FD (\d+) SIZE (\d+) PID (\d+)$/m.exec(sb.log(aid))!;
     // Through the application's own descriptor, as it would.
-    truncateSync(`/proc/${pid}/fd/${fd}`, 0);
-    const said = `appshot: the table file of '${aid}' was truncated or overwritten (by a process of the application, which holds it open read-write): its tables cannot be read\n`;
+    const file = `/proc/${pid}/fd/${fd}`;
     const started = spawnSync(process.execPath, [cli, 'engine', 'start'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_ENGINE_IDLE: '1800' }, encoding: 'utf8' });
     expect(started.status, started.stderr).toBe(0);
     const before = (await controlEngine('status', sb.home))?.commandsServed as number;
-    for (const env of [{}, { APPSHOT_ENGINE: 'off' }]) {
-      for (const args of [['table', aid], ['snapshot', aid, '--leave-running', '-o', join(out, 'cut')]]) {
-        const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, ...env }, encoding: 'utf8', timeout: 60_000 });
-        expect({ env, args, code: r.status, stderr: r.stderr }).toEqual({ env, args, code: 1, stderr: said });
+    const saysEverywhere = (how: string) => {
+      const said = `appshot: the table file of '${aid}' ${how}: its tables cannot be read\n`;
+      for (const env of [{}, { APPSHOT_ENGINE: 'off' }]) {
+        for (const args of [['table', aid], ['snapshot', aid, '--leave-running', '-o', join(out, 'cut')]]) {
+          const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, ...env }, encoding: 'utf8', timeout: 60_000 });
+          expect({ env, args, code: r.status, stderr: r.stderr }).toEqual({ env, args, code: 1, stderr: said });
+        }
       }
-    }
-    expect((await controlEngine('status', sb.home))?.commandsServed).toBe(before + 2);
+    };
+    const { tableBytes, tableVersion } = addon();
+    const app = '(by a process of the application, which holds it open read-write)';
+    truncateSync(file, 0);
+    saysEverywhere(`was truncated ${app}`);
+    // Grown: its size not a table's either, said as such (review r395 F4).
+    truncateSync(file, tableBytes + 4096);
+    saysEverywhere(`grew ${app}`);
+    // A table file of another layout (an application started by the
+    // build before an upgrade): its header says so.
+    truncateSync(file, 0);
+    const header = Buffer.alloc(16);
+    header.writeBigUInt64LE(0x5441505041n, 0);
+    header.writeUInt32LE(tableVersion - 1, 8);
+    const w = openSync(file, 'r+');
+    writeSync(w, header, 0, 16, 0);
+    closeSync(w);
+    truncateSync(file, tableBytes);
+    saysEverywhere(`was made by another version of appshot (table layout ${tableVersion - 1}, this appshot's ${tableVersion}: restart the application with this one)`);
+    expect((await controlEngine('status', sb.home))?.commandsServed).toBe(before + 6);
     sb.run(['rm', '-f', aid]);
   });
 });
