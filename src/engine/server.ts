@@ -70,6 +70,14 @@ const settings = (env: Record<string, string | undefined>): Map<string, string> 
  * and drops those it inherited at its start. By prefix, not a list: a
  * knob added later is covered. */
 const isTestKnob = (name: string): boolean => name.startsWith('APPSHOT_TEST_');
+// The measuring knobs (APPSHOT_PAGES_*, APPSHOT_SHA_LANES,
+// APPSHOT_THREADS_AT_ONCE, APPSHOT_NO_BATCH, APPSHOT_COW_*) stay a
+// client's: they choose how a page is written or checked, never what is
+// written (their tests compare the results), so a hosted serve's work
+// that runs under a command's setting is only as fast or slow as that.
+// The clone pool's size and idle time (APPSHOT_CLONE_POOL*) are a
+// client's by design: the pool is refilled in the context of the last
+// command that asked (template/pool.ts demand), whose instances those are.
 const testKnobsIn = (env: Record<string, string | undefined>): string[] => Object.keys(env).filter((k) => isTestKnob(k) && env[k] !== '' && env[k] !== undefined);
 /** The names of appshot's variables: all a client sends (client.ts). */
 const VARIABLE_NAME = /^APPSHOT_[A-Z0-9_]+$/;
