@@ -594,9 +594,11 @@ describe('the resident engine', () => {
     // Started with both points in its own environment, as an engine
     // started on demand by a client that has them (spawn.ts passes the
     // client's environment on): dropped.
-    expect(run(['engine', 'start'], { APPSHOT_ENGINE_IDLE: '1800', APPSHOT_TEST_KILL_AT: point, APPSHOT_TEST_STOP_AT: point }).code).toBe(0);
+    expect(run(['engine', 'start'], { APPSHOT_ENGINE_IDLE: '1800', APPSHOT_TEST_KILL_AT: point, APPSHOT_TEST_STOP_AT: point, APPSHOT_TEST_FAIL_AT: 'serve: resumed' }).code).toBe(0);
     const engine = (await status()).pid;
-    expect(readFileSync(join(sb.home, 'engine', 'log'), 'utf8')).toContain('APPSHOT_TEST_KILL_AT and APPSHOT_TEST_STOP_AT of its start environment ignored');
+    expect(readFileSync(join(sb.home, 'engine', 'log'), 'utf8')).toContain(
+      'APPSHOT_TEST_KILL_AT and APPSHOT_TEST_STOP_AT and APPSHOT_TEST_FAIL_AT of its start environment ignored: an engine honours test knobs only if started with APPSHOT_TEST_KNOBS=1',
+    );
     const before = await served();
     for (const k of ['APPSHOT_TEST_KILL_AT', 'APPSHOT_TEST_STOP_AT']) {
       const frames = await request({ [k]: point }).ended;
