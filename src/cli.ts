@@ -193,7 +193,8 @@ export function buildProgram(): Command {
     .action((aid: string, opts: { json: boolean }) => {
       const reg = registry();
       const record = reg.require(aid);
-      const tables = reg.readTables(record);
+      const { tables, why } = reg.readTablesWhy(record);
+      if (why) throw new AppshotError(why, ExitCode.failure);
       if (!tables) throw new AppshotError(`the tables of '${aid}' are gone (it just ended?)`, ExitCode.notFound);
       const rows = tableRows(tables);
       if (opts.json) {

@@ -1,3 +1,5 @@
+import { readFileSync } from 'node:fs';
+
 /**
  * Test-only points in the phases a restore or a clone batch goes through
  * (APPSHOT_DEBUG=1 prints them as it reaches them):
@@ -24,6 +26,19 @@
  * restore's process is to map opened as that process, before the process
  * maps any, where a test swaps a directory of a mapped file's path for a
  * symlink (test/mapcreds.test.ts).
+ *
+ * KILL_AT and STOP_AT act on the whole process that reaches the point,
+ * FAIL_AT on whatever reaches it while it is set. The resident engine
+ * serves many commands (and a hosted serve) in one process, with each
+ * command's APPSHOT_* settings set in its environment while it runs: a
+ * client's would kill, stop or fail the engine's work for the others. So
+ * the engine honours any APPSHOT_TEST_* variable only if it was itself
+ * started with APPSHOT_TEST_KNOBS=1 (startedWithTestKnobs); otherwise it
+ * refuses a request carrying one (the client then runs the command
+ * itself, where the knob acts on the client) and drops those it
+ * inherited at its start (engine/server.ts isTestKnob). The native points
+ * (trace.c, the addon's restore) read the same environment, so that
+ * covers them too.
  */
 export function killPoint(name: string): void {
   if (process.env.APPSHOT_TEST_KILL_AT === name) process.kill(process.pid, 'SIGKILL');
@@ -45,4 +60,17 @@ export async function hostedHoldPoint(): Promise<void> {
   if (!file) return;
   const { existsSync } = await import('node:fs');
   while (existsSync(file)) await new Promise((r) => setTimeout(r, 20));
+}
+
+/** Whether this process was started with APPSHOT_TEST_KNOBS=1 in its own
+ * environment: read from /proc/self/environ, the block the process was
+ * started with, which a later change of process.env (the engine sets each
+ * command's APPSHOT_* variables there) does not touch. As the addon's page
+ * check reads it (pages.c test_knob). No /proc, or any failure: no. */
+export function startedWithTestKnobs(): boolean {
+  try {
+    return readFileSync('/proc/self/environ', 'latin1').split('\0').includes('APPSHOT_TEST_KNOBS=1');
+  } catch {
+    return false;
+  }
 }

@@ -758,6 +758,8 @@ interface Addon {
   probeFeature(name: string): number;
   /** APPSHOT_TABLE_VERSION: the layout of the translation tables. */
   tableVersion: number;
+  /** The size of a table file of this layout (appshot_table_bytes). */
+  tableBytes: number;
   /** The kernel's tick in ns (the coarse clocks' resolution), which it
    * adds to every CPU-time interval timer set; 0 if it did not say. */
   tickNanoseconds: number;

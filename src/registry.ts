@@ -12,11 +12,13 @@ import { createHash, randomBytes } from 'node:crypto';
 import {
   closeSync,
   existsSync,
+  fstatSync,
   lstatSync,
   mkdirSync,
   openSync,
   readdirSync,
   readFileSync,
+  readSync,
   realpathSync,
   renameSync,
   rmdirSync,
@@ -24,7 +26,7 @@ import {
   statSync,
   writeFileSync,
 } from 'node:fs';
-import { type BigIntStats, utimes } from 'node:fs';
+import { type BigIntStats, constants as fsConstants, utimes } from 'node:fs';
 import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode, printable } from './errors.js';
@@ -688,7 +690,7 @@ export class LocalRegistry implements Registry {
         this.dropOrphanDir(aid);
         continue;
       }
-      const settled = this.settle(record);
+      const settled = this.settleOrKeep(record);
       if (settled) out.push(settled);
     }
     return out;
@@ -805,10 +807,22 @@ export class LocalRegistry implements Registry {
 
   /** Reads an application's tables, or undefined if they are gone. */
   readTables(record: AppRecord): TablesSnapshot | undefined {
+    return this.readTablesWhy(record).tables;
+  }
+
+  /** readTables, and, when they cannot be read, why, in one line: a
+   * command that needs the tables says that rather than "gone" or "not
+   * running". `gone`: the file is not there (ENOENT), the one failure
+   * that says the application has no tables any more; those that only
+   * look (ps, staleness) take any other as "cannot tell" (isStale). */
+  readTablesWhy(record: AppRecord): { tables?: TablesSnapshot; why?: string; gone?: boolean } {
     try {
-      return addon().readTables(record.tables);
-    } catch {
-      return undefined;
+      return { tables: addon().readTables(record.tables) };
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') return { gone: true };
+      const why = code === 'EPROTO' ? notATableFile(record.tables, (e as Error).message) : tablesUnreadable(code, (e as Error).message);
+      return why === undefined ? { gone: true } : { why: `the table file of '${record.aid}' ${why}: its tables cannot be read` };
     }
   }
 
@@ -824,7 +838,8 @@ export class LocalRegistry implements Registry {
     // Checked before the tables are read (~1.6 ms each: `ps` of 64
     // applications read them all).
     if (record.initPid !== undefined && isSameProcess(record.initPid, record.initStartTime)) return false;
-    const t = this.readTables(record);
+    const read = this.readTablesWhy(record);
+    const t = read.tables;
     const initPid = record.initPid ?? (t && t.initPid > 0 ? t.initPid : undefined);
     if (initPid === undefined) {
       // No supervisor yet: alive while the command that registered it is.
@@ -834,7 +849,17 @@ export class LocalRegistry implements Registry {
     // A live process of its table counts only if it really is one of the
     // application's (its environment or descriptors name these tables):
     // anyone holding the table file may have written any PID there.
-    return !t || t.tables.pid.every((e) => e.system <= 1 || e.system === initPid || !isSameProcess(e.system, undefined) || !addon().pidBelongs(e.system, 0, record.tables));
+    // Tables there but unreadable (a process of the application truncating
+    // its file, a full filesystem, no descriptor left...): only a file gone
+    // says nothing of it runs; otherwise a live process naming the tables
+    // does (review r395 F3: such a registration was released under its
+    // live processes, their SysV objects and tables removed).
+    if (!t) return read.gone === true || !anyProcessNaming(record.tables);
+    // Read whole but none of its processes found: the tables are the
+    // application's to write, and one that rewrites its file may have been
+    // read half-written (no process in it yet). Looked for among all
+    // processes before it is released: once per dead registration.
+    return t.tables.pid.every((e) => e.system <= 1 || e.system === initPid || !isSameProcess(e.system, undefined) || !addon().pidBelongs(e.system, 0, record.tables)) && !anyProcessNaming(record.tables);
   }
 
   /** The application's supervisor, if the process the record names still
@@ -872,6 +897,18 @@ export class LocalRegistry implements Registry {
     return lost;
   }
 
+  /** settle, for a walk over every record (list, runningWith): a record
+   * that cannot be settled now is kept as it is, and said, rather than
+   * fail the walk for every other application (review r395 F3). */
+  private settleOrKeep(record: AppRecord): AppRecord | undefined {
+    try {
+      return this.settle(record);
+    } catch (e) {
+      process.stderr.write(`appshot: warning: ${printable(`'${record.aid}' left as it was: ${(e as Error).message}`)}\n`);
+      return record;
+    }
+  }
+
   /** What tells the application's SysV objects from anyone else's
    * (appshot_ipc_owned): the salt of its keys, when its tables were made
    * (no object of its is older), its supervisor. The registry's copies:
@@ -900,8 +937,17 @@ export class LocalRegistry implements Registry {
       // The id tables, then the key tables: a keyed object whose restore
       // was killed between making it and binding its id is found by its
       // key, bound first (CreateBound), under the same rule.
+      // Each on its own: one the kernel or the tables' guard refuses (a
+      // process of the application truncating its file meanwhile) is said
+      // and left, not a reason to keep the rest, nor to fail the `ps` or
+      // `prune` that settles this record for every application.
       for (const kind of ['semid', 'shmid', 'msgid', 'semkey', 'shmkey', 'msgkey'] as const)
-        for (const e of t.tables[kind]) native.removeIpcOwned(record.tables, kind, e.system, salt, created, initPid);
+        for (const e of t.tables[kind])
+          try {
+            native.removeIpcOwned(record.tables, kind, e.system, salt, created, initPid);
+          } catch (err) {
+            process.stderr.write(`appshot: warning: ${printable(`a SysV object of '${record.aid}' (${kind} ${e.system}) left: ${(err as Error).message}`)}\n`);
+          }
     }
     rmSync(record.tables, { force: true });
     // Unless the caller let them go already, with others', under one lock
@@ -1365,7 +1411,7 @@ export class LocalRegistry implements Registry {
       if (aid === except || aid.startsWith('.')) continue;
       const r = this.get(aid);
       if (r?.privateRoot !== privateRoot) continue;
-      const settled = this.settle(r);
+      const settled = this.settleOrKeep(r);
       if (settled && !isEnded(settled)) return aid;
     }
     return undefined;
@@ -1656,4 +1702,67 @@ function removeStaleSocketFile(f: MadeSocketFile): void {
   } catch {
     /* gone meanwhile, or not ours to reach */
   }
+}
+
+/** Why a file that readTables refused (EPROTO) is no table file of this
+ * appshot's, told by looking at it again: its kind, its header's version,
+ * its size (review r395 F4). undefined: it is gone now. */
+function notATableFile(path: string, message: string): string | undefined {
+  let fd: number;
+  try {
+    // Not blocking, nor following a link: whatever is there now.
+    fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK | fsConstants.O_NOFOLLOW);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return undefined;
+    return code === 'ELOOP' ? 'is not a regular file (a symbolic link)' : tablesUnreadable(code, (e as Error).message);
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) return 'is not a regular file';
+    const header = Buffer.alloc(16);
+    const got = readSync(fd, header, 0, 16, 0);
+    const a = addon();
+    if (got === 16 && header.readBigUInt64LE(0) === TABLE_MAGIC && header.readUInt32LE(8) !== a.tableVersion)
+      return `was made by another version of appshot (table layout ${header.readUInt32LE(8)}, this appshot's ${a.tableVersion}: restart the application with this one)`;
+    if (st.size < a.tableBytes) return 'was truncated (by a process of the application, which holds it open read-write)';
+    if (st.size > a.tableBytes) return 'grew (by a process of the application, which holds it open read-write)';
+    if (/changed size under us/.test(message)) return 'was truncated while appshot read it (by a process of the application, which holds it open read-write)';
+    // Whole now: what made it no table file then (short, or zeroed, as
+    // it was opened) has been undone since.
+    return 'was truncated or overwritten (by a process of the application, which holds it open read-write)';
+  } catch (e) {
+    return tablesUnreadable((e as NodeJS.ErrnoException).code, (e as Error).message);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Why tables there could not be read, other than their not being a table
+ * file: the guard replaced (ENOTRECOVERABLE) keeps the addon's words. */
+function tablesUnreadable(code: string | undefined, message: string): string {
+  if (code === 'EACCES' || code === 'EPERM') return 'may not be opened by this user (permission denied)';
+  return `could not be read (${message})`;
+}
+
+/** "APPAT", the first field of every table file's header (appshot_table.h). */
+const TABLE_MAGIC = 0x5441505041n;
+
+/** Whether any process (but this one) has these tables in its environment
+ * or descriptors, as one of the application's has: looked for only when
+ * its tables cannot be read. */
+function anyProcessNaming(tables: string): boolean {
+  let pids: string[];
+  try {
+    pids = readdirSync('/proc');
+  } catch {
+    return true;
+  }
+  const a = addon();
+  for (const name of pids) {
+    const pid = Number(name);
+    if (!Number.isInteger(pid) || pid <= 1 || pid === process.pid) continue;
+    if (a.pidBelongs(pid, 0, tables)) return true;
+  }
+  return false;
 }

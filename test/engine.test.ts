@@ -9,7 +9,9 @@ import { closeSync, copyFileSync, existsSync, mkdtempSync, openSync, readdirSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { connect } from 'node:net';
 import { controlEngine } from '../src/engine/client.js';
+import { FrameReader } from '../src/engine/protocol.js';
 import { alive, cli, fixture, root, Sandbox, spawnAsync, waitFor, waitForAsync, type Result } from './helpers.js';
 
 const sb = new Sandbox();
@@ -559,6 +561,91 @@ describe('the resident engine', () => {
     await stopEngine();
     expect(existsSync(sparesDir)).toBe(false);
     expect(readdirSync(join(sb.home, 'engine', 'leases'))).toEqual([]);
+  });
+
+  it("honours a client's kill or stop point only if started with APPSHOT_TEST_KNOBS=1: any other engine refuses it and lives on, its client running the command itself", async () => {
+    await stopEngine();
+    await startApp('knobs');
+    expect(inProcess(['snapshot', 'knobs', '--leave-running', '-o', 'knobs.appshot']).code).toBe(0);
+    // A point `inspect` reaches (loadImage), in the engine if it runs it.
+    const point = 'image: owners checked';
+    const stateOf = (pid: number) => readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1][0];
+    // A request as any program of this user's may send it (bin/appshot.js
+    // never sends a kill point, but the engine must not rely on that):
+    // the frames answered, once the engine ends the connection.
+    const build = (() => {
+      const st = statSync(join(root, 'dist', 'engine', 'protocol.js'), { bigint: true });
+      return `${st.ino}:${st.mtimeNs}`;
+    })();
+    const request = (env: Record<string, string>) => {
+      const frames: { type: string; payload: string }[] = [];
+      const s = connect(join(sb.home, 'engine', 'engine.sock'));
+      const reader = new FrameReader((type, payload) => frames.push({ type: String.fromCharCode(type), payload: payload.toString() }));
+      s.on('data', (d) => reader.push(d));
+      const appshotEnv = Object.fromEntries(Object.entries(sb.env).filter(([k]) => k.startsWith('APPSHOT_'))) as Record<string, string>;
+      s.write(JSON.stringify({ kind: 'command', argv: ['inspect', 'knobs.appshot'], cwd: out, env: { ...appshotEnv, ...env }, umask: 0o22, tty: { stdout: false, stderr: false }, build }) + '\n');
+      const ended = new Promise<typeof frames>((resolve, reject) => {
+        s.on('close', () => resolve(frames));
+        s.on('error', reject);
+      });
+      return { frames, ended };
+    };
+
+    // Started with both points in its own environment, as an engine
+    // started on demand by a client that has them (spawn.ts passes the
+    // client's environment on): dropped.
+    expect(run(['engine', 'start'], { APPSHOT_ENGINE_IDLE: '1800', APPSHOT_TEST_KILL_AT: point, APPSHOT_TEST_STOP_AT: point, APPSHOT_TEST_FAIL_AT: 'serve: resumed' }).code).toBe(0);
+    const engine = (await status()).pid;
+    expect(readFileSync(join(sb.home, 'engine', 'log'), 'utf8')).toContain(
+      'APPSHOT_TEST_KILL_AT and APPSHOT_TEST_STOP_AT and APPSHOT_TEST_FAIL_AT of its start environment ignored: an engine honours test knobs only if started with APPSHOT_TEST_KNOBS=1',
+    );
+    const before = await served();
+    for (const k of ['APPSHOT_TEST_KILL_AT', 'APPSHOT_TEST_STOP_AT']) {
+      const frames = await request({ [k]: point }).ended;
+      expect(frames).toEqual([{ type: 'R', payload: `the client's ${k} would act on the engine, which honours them only if started with APPSHOT_TEST_KNOBS=1: it runs the command itself` }]);
+      expect(stateOf(engine)).not.toBe('T');
+    }
+    // Any other test knob too: a failure point would fail the engine's
+    // work (a hosted serve's resume) while the command runs.
+    expect(await request({ APPSHOT_TEST_FAIL_AT: 'serve: resumed' }).ended).toEqual([
+      { type: 'R', payload: "the client's APPSHOT_TEST_FAIL_AT would act on the engine, which honours them only if started with APPSHOT_TEST_KNOBS=1: it runs the command itself" },
+    ]);
+    // A NUL byte in a name: Node's env setter would cut the name there
+    // and set the point itself; in a value, any check of it is unsound.
+    // Refused, the engine neither stopped nor killed.
+    for (const env of [{ 'APPSHOT_TEST_KILL_AT\u0000x': point }, { 'APPSHOT_TEST_STOP_AT\u0000': point }, { APPSHOT_HOME: sb.home, 'APPSHOT_HOME\u0000': join(out, 'other') }, { APPSHOT_DEBUG: '1\u0000' }]) {
+      const frames = await request(env).ended;
+      expect(frames).toHaveLength(1);
+      expect(frames[0].type).toBe('R');
+      expect(frames[0].payload).toMatch(/has a NUL byte in its name or value: it runs the command itself$/);
+      expect(stateOf(engine)).not.toBe('T');
+    }
+    // A client with a stop point runs the command itself and stops there,
+    // the engine answering meanwhile.
+    const stopped = start(['inspect', 'knobs.appshot'], { APPSHOT_TEST_STOP_AT: point });
+    await waitFor(() => stateOf(stopped.child.pid!) === 'T', 20_000, 'the client to stop at its point');
+    const meanwhile = await runAsync(['inspect', 'knobs.appshot']);
+    expect(meanwhile.code, meanwhile.stderr).toBe(0);
+    stopped.child.kill('SIGCONT');
+    const resumed = await stopped.done;
+    expect({ code: resumed.code, stdout: resumed.stdout }).toEqual({ code: 0, stdout: meanwhile.stdout });
+    // The engine served the one command without a point, and lives on.
+    expect((await status()).pid).toBe(engine);
+    expect(await served()).toBe(before + 1);
+
+    // Started with APPSHOT_TEST_KNOBS=1 (a test's engine): the point is
+    // the engine's, which stops there until continued.
+    await stopEngine();
+    expect(run(['engine', 'start'], { APPSHOT_ENGINE_IDLE: '1800', APPSHOT_TEST_KNOBS: '1' }).code).toBe(0);
+    const knobbed = (await status()).pid;
+    const asked = request({ APPSHOT_TEST_STOP_AT: point });
+    await waitFor(() => stateOf(knobbed) === 'T', 20_000, 'the engine to stop at the point');
+    process.kill(knobbed, 'SIGCONT');
+    const frames = await asked.ended;
+    expect([frames[0].type, frames.at(-1)!.type]).toEqual(['A', 'X']);
+    expect(frames.filter((f) => f.type === 'O').map((f) => f.payload).join('')).toBe(meanwhile.stdout);
+    await stopEngine();
+    expect(inProcess(['rm', '-f', 'knobs']).code).toBe(0);
   });
 
   it('refuses a second engine for the same state directory', async () => {

@@ -17,7 +17,6 @@ import { cli } from './helpers.js';
 export default function setup(): () => void {
   const home = mkdtempSync(join(tmpdir(), 'appshot-test-default-home-'));
   process.env.APPSHOT_HOME = home;
-  process.env.APPSHOT_TEST_DEFAULT_HOME = home;
   return () => {
     if (existsSync(join(home, 'engine', 'lock')))
       spawnSync(process.execPath, [cli, 'engine', 'stop'], { env: { ...process.env, APPSHOT_HOME: home }, stdio: 'ignore', timeout: 20_000 });

@@ -333,7 +333,9 @@ describe('appshot serve hosted by the resident engine', () => {
     /** An engine whose serve -d is starting, held in that window. */
     const starting = async () => {
       writeFileSync(hold, '');
-      const r = runWith(['engine', 'start', '--json'], { APPSHOT_ENGINE_IDLE: '120', ...knob });
+      // Started for tests: any other engine drops the knob and refuses
+      // the serve -d that carries it (server.ts isTestKnob).
+      const r = runWith(['engine', 'start', '--json'], { APPSHOT_ENGINE_IDLE: '120', APPSHOT_TEST_KNOBS: '1', ...knob });
       expect(r.status, r.stderr).toBe(0);
       const pid = (JSON.parse(r.stdout) as { pid: number }).pid;
       const d = new Running(spawn(process.execPath, [cli, 'serve', '-d', '--prepared', '0'], { env: { ...sb.env, ...knob } }));
@@ -384,7 +386,7 @@ describe('appshot serve hosted by the resident engine', () => {
       // stops once started, as the client's going away stops a ready one
       // (it served on, with nobody attached, before).
       writeFileSync(hold, '');
-      const third = runWith(['engine', 'start', '--json'], { APPSHOT_ENGINE_IDLE: '120', ...knob });
+      const third = runWith(['engine', 'start', '--json'], { APPSHOT_ENGINE_IDLE: '120', APPSHOT_TEST_KNOBS: '1', ...knob });
       expect(third.status, third.stderr).toBe(0);
       const thirdPid = (JSON.parse(third.stdout) as { pid: number }).pid;
       const client = new Running(spawn(process.execPath, [cli, 'serve', '--prepared', '0'], { env: { ...sb.env, ...knob } }));

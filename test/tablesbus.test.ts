@@ -14,11 +14,12 @@
  * than aborting the process that called it (finding 11).
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { controlEngine } from '../src/engine/client.js';
+import { addon } from '../src/native.js';
 import { alive, asNobody, cli, fixture, root, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -81,6 +82,143 @@ writer.stdout.once('data', () => {
     } finally {
       rmSync(p, { force: true });
     }
+  });
+});
+
+/** A C program built from addon/src/tablesguard.c and `main`, in `dir`. */
+function guardProgram(dir: string, main: string): string {
+  const src = join(dir, 'harness.c');
+  const bin = join(dir, 'harness');
+  writeFileSync(src, main);
+  const cc = spawnSync('cc', ['-O1', '-Wall', '-I', join(root, 'addon', 'src'), '-o', bin, src, join(root, 'addon', 'src', 'tablesguard.c'), '-lpthread'], { encoding: 'utf8' });
+  expect(cc.stderr).toBe('');
+  expect(cc.status).toBe(0);
+  return bin;
+}
+
+describe('the guard and a SIGBUS handler of the process', () => {
+  // The handler there before the guard gets every SIGBUS the guard does
+  // not take, as the kernel would have run it: its kind (SA_SIGINFO or
+  // plain), its mask, SA_NODEFER, SA_RESETHAND. Each fault here is a real
+  // one: a read of a shared mapping of a file made empty, which the
+  // handler grows back so that the read, run again, goes through.
+  const main = String.raw`#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include "tablesguard.h"
+static int fd;
+static long page_size;
+static volatile char *page;
+static volatile int calls, with_info, bus_blocked, usr1_blocked;
+static void note(void) {
+  sigset_t now;
+  pthread_sigmask(SIG_BLOCK, NULL, &now);
+  bus_blocked = sigismember(&now, SIGBUS);
+  usr1_blocked = sigismember(&now, SIGUSR1);
+  calls++;
+  if (ftruncate(fd, page_size)) _exit(3);
+}
+static void plain(int sig) { (void)sig; note(); }
+static void informed(int sig, siginfo_t *si, void *uc) { (void)sig; (void)uc; with_info = si->si_addr == (void *)page; note(); }
+static void read_page(void *arg) { (void)arg; (void)*page; }
+static void fault(void) { if (ftruncate(fd, 0)) _exit(3); read_page(NULL); }
+int main(int argc, char **argv) {
+  const char *flags = argc > 1 ? argv[1] : "";
+  page_size = sysconf(_SC_PAGESIZE);
+  char path[] = "/dev/shm/appshot-guardchain-XXXXXX";
+  fd = mkstemp(path);
+  unlink(path);
+  if (fd < 0 || ftruncate(fd, page_size)) return 3;
+  page = mmap(NULL, page_size, PROT_READ, MAP_SHARED, fd, 0);
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sigemptyset(&sa.sa_mask);
+  if (strstr(flags, "siginfo")) {
+    sa.sa_sigaction = informed;
+    sa.sa_flags |= SA_SIGINFO;
+  } else sa.sa_handler = plain;
+  if (strstr(flags, "nodefer")) sa.sa_flags |= SA_NODEFER;
+  if (strstr(flags, "resethand")) sa.sa_flags |= SA_RESETHAND;
+  if (strstr(flags, "mask")) sigaddset(&sa.sa_mask, SIGUSR1);
+  if (!strstr(flags, "after")) sigaction(SIGBUS, &sa, NULL);
+  if (tables_guard_install()) return 2;
+  if (strstr(flags, "after")) {
+    /* Set after the guard's (as Node's process.on('SIGBUS') would). */
+    sigaction(SIGBUS, &sa, NULL);
+    if (ftruncate(fd, 0)) return 3;
+    errno = 0;
+    int rc = tables_guard_run((const void *)page, page_size, read_page, NULL);
+    printf("guarded %d %s calls %d\n", rc, strerrorname_np(errno), calls);
+    return 0;
+  }
+  /* A fault inside the guarded range ends its step. */
+  if (ftruncate(fd, 0)) return 3;
+  int rc = tables_guard_run((const void *)page, page_size, read_page, NULL);
+  if (ftruncate(fd, page_size)) return 3;
+  /* Outside: the handler's. */
+  fault();
+  printf("guarded %d calls %d info %d bus-blocked %d usr1-blocked %d\n", rc, calls, with_info, bus_blocked, usr1_blocked);
+  fflush(stdout);
+  fault();
+  printf("again calls %d\n", calls);
+  return 0;
+}
+`;
+  const runWith = (flags: string) => {
+    const dir = mkdtempSync(join(tmpdir(), 'appshot-guardchain-'));
+    try {
+      const r = spawnSync(guardProgram(dir, main), [flags], { encoding: 'utf8', timeout: 20_000 });
+      return { stdout: r.stdout, signal: r.signal, status: r.status };
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  };
+
+  it('runs the previous handler as the kernel would have: its kind, its mask, SA_NODEFER, SA_RESETHAND', () => {
+    expect(runWith('siginfo')).toEqual({ stdout: 'guarded 1 calls 1 info 1 bus-blocked 1 usr1-blocked 0\nagain calls 2\n', signal: null, status: 0 });
+    expect(runWith('plain')).toEqual({ stdout: 'guarded 1 calls 1 info 0 bus-blocked 1 usr1-blocked 0\nagain calls 2\n', signal: null, status: 0 });
+    expect(runWith('plain,mask')).toEqual({ stdout: 'guarded 1 calls 1 info 0 bus-blocked 1 usr1-blocked 1\nagain calls 2\n', signal: null, status: 0 });
+    expect(runWith('siginfo,nodefer')).toEqual({ stdout: 'guarded 1 calls 1 info 1 bus-blocked 0 usr1-blocked 0\nagain calls 2\n', signal: null, status: 0 });
+    // One-shot: the second fault meets the default action.
+    expect(runWith('plain,resethand')).toEqual({ stdout: 'guarded 1 calls 1 info 0 bus-blocked 1 usr1-blocked 0\n', signal: 'SIGBUS', status: null });
+  });
+
+  it('refuses a step once a handler set after it replaced it, rather than run it unguarded', () => {
+    expect(runWith('plain,after')).toEqual({ stdout: 'guarded -1 ENOTRECOVERABLE calls 0\n', signal: null, status: 0 });
+  });
+});
+
+describe('a JS listener for SIGBUS', () => {
+  it("takes the guard's place, and table calls are refused; the engine refuses the listener itself", () => {
+    // As the engine runs: the addon loaded (its guard installed), then a
+    // listener; without the engine's refusal, and with it.
+    const script = (refuse: boolean) => `import { createRequire } from 'node:module';
+const a = createRequire(import.meta.url)(${JSON.stringify(addonPath)});
+${refuse ? `(await import(${JSON.stringify(join(root, 'dist', 'engine', 'server.js'))})).refuseSigbusListeners();` : ''}
+const p = '/dev/shm/appshot-sigbus-listener-' + process.pid;
+a.createTables(p, 'listener', 1n);
+const seen = {};
+try { process.on('SIGBUS', () => {}); seen.added = true; } catch (e) { seen.added = e.message; }
+try { seen.read = a.readTables(p).tables.pid.length; } catch (e) { seen.read = e.code; seen.why = e.message; }
+(await import('node:fs')).rmSync(p);
+console.log(JSON.stringify(seen));
+process.exit(0);`;
+    const run = (refuse: boolean) => {
+      const r = spawnSync(process.execPath, ['--input-type=module', '-e', script(refuse)], { encoding: 'utf8', timeout: 60_000 });
+      expect(r.stderr).toBe('');
+      return JSON.parse(r.stdout) as { added: true | string; read: number | string; why?: string };
+    };
+    // Refused as the file is opened: its header is read under the guard
+    // (addon.cc MapTables), which the step no longer has; said so, not
+    // taken for a file that is no table file.
+    expect(run(false)).toEqual({ added: true, read: 'ENOTRECOVERABLE', why: expect.stringMatching(/fault guard's SIGBUS handler was replaced/) });
+    expect(run(true)).toEqual({ added: "a listener for SIGBUS would take SIGBUS from the tables' fault guard (addon/src/tablesguard.h): refused", read: 0 });
   });
 });
 
@@ -167,6 +305,93 @@ describe('an application that empties and refills its table file', () => {
     // And the application is still appshot's: its init lived through the
     // same faults.
     expect(sb.aids(), tally).toContain(aid);
+    sb.run(['rm', '-f', aid]);
+  });
+});
+
+describe('an application without its supervisor that empties and refills its table file', () => {
+  it("neither makes ps fail for everyone nor is released under its live process", async () => {
+    // Its init killed (as SIGKILL of a foreground job's group may leave
+    // a daemon), the registration is judged by its tables, which the
+    // application keeps making unreadable: a read that failed took it
+    // for dead and released it, its tables removed under it, and a
+    // release that then failed made every `ps` fail (review r395 F3).
+    const aid = 'tb-orphan';
+    const asUser = process.getuid?.() === 0 ? asNobody : [];
+    sb.ok(['run', '-d', '--aid', aid, '--', ...asUser, fixture('tablesbus'), '90']);
+    await waitFor(() => /^FD \d+ SIZE \d+ PID \d+$/m.test(sb.log(aid)) || /FAIL/.test(sb.log(aid)), 20_000, `${aid} to read its tables`);
+    expect(sb.log(aid)).not.toMatch(/FAIL/);
+    const flipper = Number(/^FD \d+ SIZE \d+ PID (\d+)$/m.exec(sb.log(aid))![1]);
+    const record = JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')) as { initPid: number; tables: string };
+    expect(record.initPid).toBeGreaterThan(1);
+    try {
+      process.kill(record.initPid, 'SIGKILL');
+      await waitFor(() => !alive(record.initPid), 10_000, 'its init to die');
+      expect(alive(flipper)).toBe(true);
+      const outcomes: string[] = [];
+      for (let i = 0; i < 20; i++) {
+        for (const args of [['ps', '-a', '--json'], ['ps']]) {
+          const r = await sb.runAsync(args, 60_000);
+          outcomes.push(`${args.join(' ')}: ${r.code} ${r.stderr.trim()}`);
+          expect(r.code, outcomes.at(-1)).toBe(0);
+          if (args[1] === '-a') expect((JSON.parse(r.stdout) as { aid: string }[]).map((a) => a.aid), outcomes.at(-1)).toContain(aid);
+        }
+        expect(existsSync(record.tables), outcomes.at(-1)).toBe(true);
+      }
+      expect(alive(flipper)).toBe(true);
+    } finally {
+      process.kill(flipper, 'SIGKILL');
+      await waitFor(() => !alive(flipper), 10_000, 'the application to die');
+    }
+    // Gone, nothing of it runs: the next look releases it.
+    const after = await sb.runAsync(['ps', '-a', '--json'], 60_000);
+    expect(after.code, after.stderr).toBe(0);
+    expect((JSON.parse(after.stdout) as { aid: string; state: string }[]).filter((a) => a.aid === aid && a.state === 'running')).toEqual([]);
+    sb.run(['rm', '-f', aid]);
+  });
+});
+
+describe('an application that truncates its table file for good', () => {
+  it('is told so, in one line, by the commands that need its tables, in the engine or not', async () => {
+    const aid = 'tb-cut';
+    const asUser = process.getuid?.() === 0 ? asNobody : [];
+    // 0 seconds of shrinking: it reads its file, says where it is, waits.
+    sb.ok(['run', '-d', '--aid', aid, '--', ...asUser, fixture('tablesbus'), '0']);
+    await waitFor(() => /^ROUNDS 0$/m.test(sb.log(aid)) || /FAIL/.test(sb.log(aid)), 20_000, `${aid} to read its tables`);
+    const [, fd, , pid] = /^FD (\d+) SIZE (\d+) PID (\d+)$/m.exec(sb.log(aid))!;
+    // Through the application's own descriptor, as it would.
+    const file = `/proc/${pid}/fd/${fd}`;
+    const started = spawnSync(process.execPath, [cli, 'engine', 'start'], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_ENGINE_IDLE: '1800' }, encoding: 'utf8' });
+    expect(started.status, started.stderr).toBe(0);
+    const before = (await controlEngine('status', sb.home))?.commandsServed as number;
+    const saysEverywhere = (how: string) => {
+      const said = `appshot: the table file of '${aid}' ${how}: its tables cannot be read\n`;
+      for (const env of [{}, { APPSHOT_ENGINE: 'off' }]) {
+        for (const args of [['table', aid], ['snapshot', aid, '--leave-running', '-o', join(out, 'cut')]]) {
+          const r = spawnSync(process.execPath, [cli, ...args], { env: { ...sb.env, ...env }, encoding: 'utf8', timeout: 60_000 });
+          expect({ env, args, code: r.status, stderr: r.stderr }).toEqual({ env, args, code: 1, stderr: said });
+        }
+      }
+    };
+    const { tableBytes, tableVersion } = addon();
+    const app = '(by a process of the application, which holds it open read-write)';
+    truncateSync(file, 0);
+    saysEverywhere(`was truncated ${app}`);
+    // Grown: its size not a table's either, said as such (review r395 F4).
+    truncateSync(file, tableBytes + 4096);
+    saysEverywhere(`grew ${app}`);
+    // A table file of another layout (an application started by the
+    // build before an upgrade): its header says so.
+    truncateSync(file, 0);
+    const header = Buffer.alloc(16);
+    header.writeBigUInt64LE(0x5441505041n, 0);
+    header.writeUInt32LE(tableVersion - 1, 8);
+    const w = openSync(file, 'r+');
+    writeSync(w, header, 0, 16, 0);
+    closeSync(w);
+    truncateSync(file, tableBytes);
+    saysEverywhere(`was made by another version of appshot (table layout ${tableVersion - 1}, this appshot's ${tableVersion}: restart the application with this one)`);
+    expect((await controlEngine('status', sb.home))?.commandsServed).toBe(before + 6);
     sb.run(['rm', '-f', aid]);
   });
 });

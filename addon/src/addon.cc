@@ -62,8 +62,22 @@ void ThrowErrno(const Napi::Env& env, const std::string& what, int err) {
   e.ThrowAsJavaScriptException();
 }
 
+// A table file that could not be opened (mapped, its header looked at):
+// ENOTRECOVERABLE is the guard's refusal to look unguarded, said as such.
+void ThrowTablesOpen(const Napi::Env& env, const std::string& path, int err) {
+  std::string what = path.empty() ? "opening tables" : "opening tables " + path;
+  if (err == ENOTRECOVERABLE) what += " (its fault guard's SIGBUS handler was replaced by another: not read unguarded)";
+  ThrowErrno(env, what, err);
+}
+
 void ThrowStep(const Napi::Env& env, Step s, const std::string& what, const std::string& path) {
-  if (s == Step::kUnguarded) return ThrowErrno(env, what + " " + path + " (no room for its fault guard)", EAGAIN);
+  if (s == Step::kUnguarded) {
+    const int why = g_unguarded_errno;
+    if (why == ENOTRECOVERABLE)
+      return ThrowErrno(env, what + " " + path + " (its fault guard's SIGBUS handler was replaced by another: not run unguarded)", why);
+    if (why == EAGAIN) return ThrowErrno(env, what + " " + path + " (no room for its fault guard)", why);
+    return ThrowErrno(env, what + " " + path + " (its fault guard could not be installed)", why ? why : EAGAIN);
+  }
   // A fault is not only a truncation: the file is sparse (only its first
   // page is written at its creation), so the first write to any other
   // page, on a full filesystem, is a SIGBUS too, with the file still its
@@ -102,13 +116,14 @@ static appshot_header* MapTablesFd(int fd, int* err) {
   }
   auto* h = static_cast<appshot_header*>(m);
   bool ours = false;
-  Guarded(h, [&] {
+  const Step looked = Guarded(h, [&] {
     ours = __atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) == APPSHOT_TABLE_MAGIC && h->version == APPSHOT_TABLE_VERSION &&
            h->size == size;
   });
   if (!ours) {
     munmap(m, size);
-    *err = EPROTO;
+    // Not looked at (no guard): its reason, not "not a table file".
+    *err = looked == Step::kUnguarded && g_unguarded_errno ? g_unguarded_errno : EPROTO;
     return nullptr;
   }
   return h;
@@ -266,7 +281,7 @@ std::unique_ptr<OpenTables> OpenWithKind(const Napi::CallbackInfo& info,
   if (!ParseKind(env, info[1], kind)) return nullptr;
   auto t = std::make_unique<OpenTables>(info[0].As<Napi::String>().Utf8Value());
   if (!t->get()) {
-    ThrowErrno(env, "opening tables", t->err());
+    appshot::ThrowTablesOpen(env, "", t->err());
     return nullptr;
   }
   return t;
@@ -364,7 +379,7 @@ Napi::Value SetInstance(const Napi::CallbackInfo& info) {
   if (env.IsExceptionPending()) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
-    ThrowErrno(env, "opening tables " + path, t.err());
+    appshot::ThrowTablesOpen(env, path, t.err());
     return env.Undefined();
   }
   appshot_header* h = t.get();
@@ -414,7 +429,7 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   int err = 0;
   appshot_header* h = MappedTables(path, &err);
   if (!h) {
-    ThrowErrno(env, "opening tables " + path, err);
+    appshot::ThrowTablesOpen(env, path, err);
     return env.Undefined();
   }
   Napi::Object out = Napi::Object::New(env);
@@ -428,7 +443,7 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   // store it (appshot_entry_at), its page allocated already.
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    ThrowErrno(env, "opening tables " + path, errno);
+    appshot::ThrowTablesOpen(env, path, errno);
     return env.Undefined();
   }
   static std::vector<appshot_entry> copy;
@@ -624,7 +639,7 @@ Napi::Value CarryWaits(const Napi::CallbackInfo& info) {
   if (env.IsExceptionPending()) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
-    ThrowErrno(env, "opening tables " + path, t.err());
+    appshot::ThrowTablesOpen(env, path, t.err());
     return env.Undefined();
   }
   appshot_header* h = t.get();
@@ -657,7 +672,7 @@ Napi::Value ForgetSocketNotes(const Napi::CallbackInfo& info) {
   if (env.IsExceptionPending()) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
-    ThrowErrno(env, "opening tables " + path, t.err());
+    appshot::ThrowTablesOpen(env, path, t.err());
     return env.Undefined();
   }
   appshot_header* h = t.get();
@@ -695,7 +710,7 @@ Napi::Value ForgetLostNotes(const Napi::CallbackInfo& info) {
   if (env.IsExceptionPending()) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
-    ThrowErrno(env, "opening tables " + path, t.err());
+    appshot::ThrowTablesOpen(env, path, t.err());
     return env.Undefined();
   }
   appshot_header* h = t.get();
@@ -723,7 +738,7 @@ Napi::Value NoteSocket(const Napi::CallbackInfo& info) {
   if (env.IsExceptionPending()) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
-    ThrowErrno(env, "opening tables " + path, t.err());
+    appshot::ThrowTablesOpen(env, path, t.err());
     return env.Undefined();
   }
   appshot_header* h = t.get();
@@ -768,7 +783,7 @@ Napi::Value NoteQueueNotify(const Napi::CallbackInfo& info) {
   if (env.IsExceptionPending()) return env.Undefined();
   OpenTables t(path);
   if (!t.get()) {
-    ThrowErrno(env, "opening tables " + path, t.err());
+    appshot::ThrowTablesOpen(env, path, t.err());
     return env.Undefined();
   }
   appshot_header* h = t.get();
@@ -840,7 +855,7 @@ Napi::Value RepairTablesIfDead(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>().Utf8Value();
   OpenTables t(path);
   if (!t.get()) {
-    ThrowErrno(env, "opening tables", t.err());
+    appshot::ThrowTablesOpen(env, "", t.err());
     return env.Undefined();
   }
   appshot_header* h = t.get();

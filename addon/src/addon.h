@@ -18,6 +18,11 @@ namespace appshot {
 // node-addon-api's fatal error, the engine's abort.
 void ThrowErrno(const Napi::Env& env, const std::string& what, int err);
 
+// A table file that could not be opened (mapped, its header looked at),
+// as ThrowErrno; ENOTRECOVERABLE (the fault guard's SIGBUS handler was
+// replaced: not looked at unguarded) said as such. `path` may be empty.
+void ThrowTablesOpen(const Napi::Env& env, const std::string& path, int err);
+
 // --- The fault guard of table mappings (tablesguard.h) ---------------------
 //
 // Every read or write of an application's tables through a mapping runs as
@@ -26,12 +31,17 @@ void ThrowErrno(const Napi::Env& env, const std::string& what, int err);
 // moves and table calls only (tablesguard.h says why): arguments are taken
 // from JS before it, JS values made after it.
 enum class Step { kDone, kShrunk, kUnguarded };
+// Why this thread's last step was not run (kUnguarded): tables_guard_run's
+// errno, kept here because what runs between the step and its message
+// (DropTableLock, munmap) may change errno.
+inline thread_local int g_unguarded_errno = 0;
 
 template <typename F>
 Step Guarded(const appshot_header* h, F&& step) {
   using Body = std::remove_reference_t<F>;
   void (*call)(void*) = [](void* a) { (*static_cast<Body*>(a))(); };
   int rc = tables_guard_run(h, appshot_table_bytes(), call, static_cast<void*>(&step));
+  if (rc < 0) g_unguarded_errno = errno;
   return rc == 0 ? Step::kDone : rc == 1 ? Step::kShrunk : Step::kUnguarded;
 }
 

@@ -33,6 +33,7 @@ Napi::Value ProbeFeature(const Napi::CallbackInfo& info) {
 void RegisterProbe(Napi::Env env, Napi::Object exports) {
   exports.Set("probeFeature", Napi::Function::New(env, ProbeFeature));
   exports.Set("tableVersion", Napi::Number::New(env, APPSHOT_TABLE_VERSION));
+  exports.Set("tableBytes", Napi::Number::New(env, static_cast<double>(appshot_table_bytes())));
   // The kernel's tick (TICK_NSEC), which it adds to every CPU-time
   // interval timer set (set_cpu_itimer) and tells as the coarse clocks'
   // resolution; HZ itself is not shown to userspace. 0 if not told.

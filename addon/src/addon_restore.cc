@@ -722,7 +722,7 @@ Napi::Value RestoreSem(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Tables t(info[0].As<Napi::String>().Utf8Value());
   if (!t.h()) {
-    ThrowErrno(env, "opening tables", errno);
+    appshot::ThrowTablesOpen(env, "", errno);
     return env.Undefined();
   }
   int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
@@ -889,7 +889,7 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Tables t(info[0].As<Napi::String>().Utf8Value());
   if (!t.h()) {
-    ThrowErrno(env, "opening tables", errno);
+    appshot::ThrowTablesOpen(env, "", errno);
     return env.Undefined();
   }
   int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);
@@ -1149,7 +1149,7 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Tables t(info[0].As<Napi::String>().Utf8Value());
   if (!t.h()) {
-    ThrowErrno(env, "opening tables", errno);
+    appshot::ThrowTablesOpen(env, "", errno);
     return env.Undefined();
   }
   int vid = Int(info[1]), vkey = Int(info[2]), mode = Int(info[3]);

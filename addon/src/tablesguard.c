@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 /* One guarded step in progress. On the stack of tables_guard_run. */
@@ -38,33 +39,59 @@ static struct {
   struct guard *top;
 } slots[GUARD_SLOTS];
 
+/* SIGBUS's action before the guard's: what a SIGBUS the guard does not
+ * take goes on to. Written once, before the guard's handler is installed. */
 static struct sigaction previous;
+/* The previous action was one-shot (SA_RESETHAND) and has run: SIGBUS's
+ * action is the default since, as the kernel would have made it. */
+static int previous_spent;
 static pthread_once_t installed = PTHREAD_ONCE_INIT;
 static int install_errno;
 
 static long own_tid(void) { return syscall(SYS_gettid); }
 
-/* What the SIGBUS would have done without us. */
-static void chain(int sig, siginfo_t *si, void *uc) {
-  if ((previous.sa_flags & SA_SIGINFO) && previous.sa_sigaction) {
-    previous.sa_sigaction(sig, si, uc);
-    return;
-  }
-  if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN) {
-    previous.sa_handler(sig);
-    return;
-  }
-  /* A signal sent by a process, ignored before: ignored still. */
-  if (previous.sa_handler == SIG_IGN && si->si_code <= 0) return;
-  /* The default action: the handler goes, and the fault, once this
-   * returns, happens again without it (the kernel's own treatment of a
-   * fault whose signal is ignored); a sent signal is sent again, pending
-   * until this returns. */
+/* The kernel's default action for SIGBUS: the handler goes, and the
+ * fault, once this returns, happens again without it (the kernel's own
+ * treatment of a fault whose signal is ignored); a sent signal is sent
+ * again, pending until this returns. */
+static void default_action(int sig, const siginfo_t *si) {
   struct sigaction dfl;
   memset(&dfl, 0, sizeof dfl);
   dfl.sa_handler = SIG_DFL;
   sigaction(sig, &dfl, NULL);
   if (si->si_code <= 0) raise(sig);
+}
+
+/* What the SIGBUS would have done without us: the previous action, run as
+ * the kernel would have run it. Its handler kind (SA_SIGINFO or plain),
+ * and the mask it asked for: its sa_mask blocked and, unless SA_NODEFER,
+ * SIGBUS too, on top of the mask of the code the signal interrupted. A
+ * one-shot handler (SA_RESETHAND) runs once; the default action after.
+ * SIG_DFL and SIG_IGN are the values 0 and 1 of either field (the kernel
+ * looks at sa_handler whatever the flags). */
+static void chain(int sig, siginfo_t *si, void *uc) {
+  const struct sigaction was = previous;
+  if (was.sa_handler == SIG_IGN) {
+    /* A signal sent by a process, ignored before: ignored still. A
+     * fault: the kernel does not let it be ignored. */
+    if (si->si_code <= 0) return;
+    default_action(sig, si);
+    return;
+  }
+  if (was.sa_handler == SIG_DFL || ((was.sa_flags & SA_RESETHAND) && __atomic_exchange_n(&previous_spent, 1, __ATOMIC_ACQ_REL))) {
+    default_action(sig, si);
+    return;
+  }
+  sigset_t mask = ((ucontext_t *)uc)->uc_sigmask;
+  for (int s = 1; s < NSIG; s++)
+    if (sigismember(&was.sa_mask, s) == 1) sigaddset(&mask, s);
+  if (!(was.sa_flags & SA_NODEFER)) sigaddset(&mask, sig);
+  else sigdelset(&mask, sig);
+  sigset_t ours;
+  pthread_sigmask(SIG_SETMASK, &mask, &ours);
+  if (was.sa_flags & SA_SIGINFO) was.sa_sigaction(sig, si, uc);
+  else was.sa_handler(sig);
+  pthread_sigmask(SIG_SETMASK, &ours, NULL);
 }
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc) {
@@ -85,12 +112,30 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc) {
 }
 
 static void install(void) {
+  if (sigaction(SIGBUS, NULL, &previous) != 0) {
+    install_errno = errno;
+    return;
+  }
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_sigaction = on_sigbus;
-  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+  /* A system call a sent SIGBUS interrupts is restarted, or not, as the
+   * previous handler asked: the signal is its. */
+  const int handled = previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | (handled ? previous.sa_flags & SA_RESTART : SA_RESTART);
   sigemptyset(&sa.sa_mask);
-  if (sigaction(SIGBUS, &sa, &previous) != 0) install_errno = errno;
+  if (sigaction(SIGBUS, &sa, NULL) != 0) install_errno = errno;
+}
+
+/* Whether SIGBUS's handler is still the guard's. Anything that sets its
+ * own afterwards takes the guard away: Node's process.on('SIGBUS') does
+ * (libuv installs its handler without keeping ours, and its handler only
+ * notes the signal and returns, so that a fault in a guarded step comes
+ * back at once, for ever, or until the file grows back). */
+static int guard_in_place(void) {
+  struct sigaction now;
+  if (sigaction(SIGBUS, NULL, &now) != 0) return 0;
+  return (now.sa_flags & SA_SIGINFO) && now.sa_sigaction == on_sigbus;
 }
 
 int tables_guard_install(void) {
@@ -116,6 +161,11 @@ static int slot_of(long tid) {
 
 int tables_guard_run(const void *base, size_t len, void (*body)(void *), void *arg) {
   if (tables_guard_install() != 0) return -1;
+  /* Its handler replaced: the step does not run unguarded. */
+  if (!guard_in_place()) {
+    errno = ENOTRECOVERABLE;
+    return -1;
+  }
   const long tid = own_tid();
   const int slot = slot_of(tid);
   if (slot < 0) {

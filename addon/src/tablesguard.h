@@ -13,7 +13,16 @@
  * the kernel raises for an address inside the guarded mapping, on the
  * thread that guards it, ends the guarded step early (siglongjmp back to
  * tables_guard_run) instead of the process. A SIGBUS anywhere else goes on
- * to whatever handled it before (chained), or to the default action.
+ * to whatever handled it before (chained, run as the kernel would have run
+ * it: its kind, mask, SA_NODEFER and SA_RESETHAND), or to the default
+ * action.
+ *
+ * Nothing may set a SIGBUS handler after the guard's: that one would get
+ * the faults of guarded steps, and Node's (JS process.on('SIGBUS'), which
+ * libuv installs over ours without keeping it) only notes the signal and
+ * returns, to the same fault, for ever. A step finds that out as it starts
+ * and is refused (-1, ENOTRECOVERABLE) rather than run unguarded; the
+ * resident engine refuses such a listener outright (src/engine/server.ts).
  *
  * What runs under the guard must be plain C data movement and table calls:
  * no allocation, no lock of the process (malloc's, a mutex), no JS, no C++
@@ -40,8 +49,9 @@ int tables_guard_install(void);
 
 /* Runs body(arg), guarding [base, base + len). 0 when it ran to its end;
  * 1 when a SIGBUS inside the range ended it early (the file shrank under
- * it); -1 with errno EAGAIN when no guard could be set up (more threads
- * guarding at once than it has room for: body did not run). */
+ * it); -1 when no guard could be set up, body not run: errno EAGAIN, more
+ * threads guarding at once than it has room for; ENOTRECOVERABLE, SIGBUS's
+ * handler is no longer the guard's (above). */
 int tables_guard_run(const void *base, size_t len, void (*body)(void *), void *arg);
 
 /* After a guarded step that took the table lock ended early: lets the

@@ -15,7 +15,11 @@
  *  - any command line naming standard input or output ('-', /dev/...,
  *    /proc/self/...): the engine's are not the client's;
  *  - APPSHOT_TEST_KILL_AT (tests kill the process at a point: it must be
- *    this one, not the engine).
+ *    this one, not the engine). A stop point (APPSHOT_TEST_STOP_AT) is
+ *    sent: an engine started for tests (APPSHOT_TEST_KNOBS=1) stops
+ *    there, any other refuses it and the command runs here (server.ts
+ *    PROCESS_POINTS), which is also what keeps the engine safe from a
+ *    client that sends a kill point itself.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { ciVariableSet } from './request.js';

@@ -44,15 +44,64 @@ import { clonePoolStats, enableClonePool, refillClonePools, releaseClonePools } 
 import { enableSpareStateDirs, LocalRegistry, refillSpareStateDirs, removeSpareStateDirs } from '../registry.js';
 import { hostedServe, hostedStatus, onHostedChange, SERVE_STOP_WHY, stopHosted } from './hosted.js';
 import { isServeStop } from './client.js';
+import { startedWithTestKnobs } from '../killpoint.js';
 
 /** How long the clone pool's refill waits for the requests being served
  * to end before it makes its next instance anyway (requestsQuiet). */
 const QUIET_WAIT_MOST_MS = 250;
 
-/** APPSHOT_* variables that say which engine, not how a command works. */
-const ENGINE_OWN = new Set(['APPSHOT_HOME', 'APPSHOT_ENGINE', 'APPSHOT_ENGINE_IDLE']);
+/** APPSHOT_* variables that say which engine, not how a command works.
+ * APPSHOT_TEST_KNOBS counts only in a process's start environment
+ * (startedWithTestKnobs): a serve hosted by an engine started for tests
+ * need not carry it to be hosted. */
+const ENGINE_OWN = new Set(['APPSHOT_HOME', 'APPSHOT_ENGINE', 'APPSHOT_ENGINE_IDLE', 'APPSHOT_TEST_KNOBS']);
 const settings = (env: Record<string, string | undefined>): Map<string, string> =>
   new Map(Object.entries(env).filter((e): e is [string, string] => e[0].startsWith('APPSHOT_') && !ENGINE_OWN.has(e[0]) && e[1] !== undefined));
+/** Test knobs (killpoint.ts; trace.c, the addon's restore and page check
+ * read them too): a kill or stop point kills or stops the whole process
+ * reaching it, and in the engine that is the process serving every other
+ * command and a hosted serve, whatever command set it; a failure point
+ * or a hold acts on whatever reaches it while the variable is set, a
+ * hosted serve's resume or suspend too (while a command runs, its
+ * APPSHOT_* variables are the engine's process.env). Honoured only by an
+ * engine started with APPSHOT_TEST_KNOBS=1 (killpoint.ts
+ * startedWithTestKnobs); any other refuses a request carrying one, whose
+ * client then runs the command itself, the knob acting on the client,
+ * and drops those it inherited at its start. By prefix, not a list: a
+ * knob added later is covered. */
+const isTestKnob = (name: string): boolean => name.startsWith('APPSHOT_TEST_');
+// The measuring knobs (APPSHOT_PAGES_*, APPSHOT_SHA_LANES,
+// APPSHOT_THREADS_AT_ONCE, APPSHOT_NO_BATCH, APPSHOT_COW_*) stay a
+// client's: they choose how a page is written or checked, never what is
+// written (their tests compare the results), so a hosted serve's work
+// that runs under a command's setting is only as fast or slow as that.
+// The clone pool's size and idle time (APPSHOT_CLONE_POOL*) are a
+// client's by design: the pool is refilled in the context of the last
+// command that asked (template/pool.ts demand), whose instances those are.
+const testKnobsIn = (env: Record<string, string | undefined>): string[] => Object.keys(env).filter((k) => isTestKnob(k) && env[k] !== '' && env[k] !== undefined);
+/** The names of appshot's variables: all a client sends (client.ts). */
+const VARIABLE_NAME = /^APPSHOT_[A-Z0-9_]+$/;
+
+/**
+ * A request's variables as process.env will hold them, on which every
+ * check is made: Node's env setter cuts a name at a NUL byte, so a name
+ * 'APPSHOT_TEST_KILL_AT\0x' passed a check of the exact name and then set
+ * APPSHOT_TEST_KILL_AT (and 'APPSHOT_HOME\0' the state directory after
+ * its pin; review r395 F1). A name or value with a NUL refuses the
+ * request (no client's environment has one: it was made); a name not of
+ * appshot's form (lower case, '=', not APPSHOT_) or a value not a string
+ * is left out, as nothing of appshot's reads it.
+ */
+export function requestVariables(raw: unknown): { env: Record<string, string> } | { refused: string } {
+  const env: Record<string, string> = {};
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) return { env };
+  for (const [k, v] of Object.entries(raw as Record<string, unknown>)) {
+    if (k.includes('\0') || (typeof v === 'string' && v.includes('\0')))
+      return { refused: `the client's variable ${JSON.stringify(k.slice(0, 64))} has a NUL byte in its name or value: it runs the command itself` };
+    if (VARIABLE_NAME.test(k) && typeof v === 'string') env[k] = v;
+  }
+  return { env };
+}
 
 export interface EngineOptions {
   home: string;
@@ -137,10 +186,16 @@ export class Engine {
   private readonly startedMonotonic = performance.now();
   private readonly gate = new ContextGate();
   private readonly uid = process.geteuid?.() ?? -1;
+  /** Started with APPSHOT_TEST_KNOBS=1: a client's test knobs
+   * (isTestKnob) are honoured. */
+  private readonly testKnobs = startedWithTestKnobs();
   /** The engine's own APPSHOT_* settings, as it was started: what the
    * environment is put back to between commands, and what a hosted serve
-   * must want (handle). */
-  private readonly ownSettings = settings(process.env);
+   * must want (handle). Without the test knobs, no test knob: an engine
+   * started on demand inherits the environment of the command that
+   * started it, whose knobs were that command's (start drops them from
+   * process.env too). */
+  private readonly ownSettings = new Map([...settings(process.env)].filter(([k]) => this.testKnobs || !isTestKnob(k)));
   /** The build this engine runs (protocol.ts), as it was when it started. */
   private readonly build = buildId();
   /** A lease made ahead of the request that takes it (prepareLease). */
@@ -178,6 +233,8 @@ export class Engine {
     if (this.lockFd < 0) throw new AppshotError(`an engine already runs for ${this.opts.home}`, ExitCode.conflict);
     ftruncateSync(this.lockFd, 0);
     writeSync(this.lockFd, `${process.pid}\n`, 0);
+    const inherited = this.testKnobs ? [] : testKnobsIn(process.env);
+    for (const k of Object.keys(process.env)) if (!this.testKnobs && isTestKnob(k)) delete process.env[k];
     // The lock is ours: any socket there is a dead engine's, and so are
     // any requests' leases (holder.ts): their requests ended with it.
     rmSync(this.paths.socket, { force: true });
@@ -223,6 +280,7 @@ export class Engine {
       this.checkDone();
     });
     this.log(`serving ${this.opts.home} (idle timeout ${this.opts.idleSeconds} s)`);
+    if (inherited.length) this.log(`${inherited.join(' and ')} of its start environment ignored: an engine honours test knobs only if started with APPSHOT_TEST_KNOBS=1`);
     this.armIdle();
     this.watchSocket();
   }
@@ -404,10 +462,25 @@ export class Engine {
     // command act on whichever of root's state directories that user
     // chose (review 242). Refused, the client runs the command itself,
     // which says why.
-    const named = typeof msg.env?.APPSHOT_HOME === 'string' && msg.env.APPSHOT_HOME ? msg.env.APPSHOT_HOME : undefined;
+    const variables = requestVariables(msg.env);
+    if ('refused' in variables) {
+      this.log(variables.refused);
+      socket.end(frame(Frame.REFUSED, Buffer.from(variables.refused)));
+      return;
+    }
+    const requested = variables.env;
+    const named = requested.APPSHOT_HOME || undefined;
     const otherHome = named !== undefined ? notThisHome(resolve(typeof msg.cwd === 'string' ? msg.cwd : '/', named), this.opts.home) : undefined;
     if (otherHome) {
       socket.end(frame(Frame.REFUSED, Buffer.from(otherHome)));
+      return;
+    }
+    // A test knob would act on the engine, and with it on every command
+    // it serves and its hosted serve: only an engine started for tests
+    // honours one; the client of any other runs the command itself.
+    const knobs = this.testKnobs ? [] : testKnobsIn(requested);
+    if (knobs.length) {
+      socket.end(frame(Frame.REFUSED, Buffer.from(`the client's ${knobs.join(' and ')} would act on the engine, which honours them only if started with APPSHOT_TEST_KNOBS=1: it runs the command itself`)));
       return;
     }
     // A hosted serve reads its APPSHOT_* settings (test knobs, debug
@@ -415,7 +488,7 @@ export class Engine {
     // is each command's in turn, and the engine's own between commands:
     // only a serve that wants the engine's own is hosted.
     if (msg.argv.find((a) => !a.startsWith('-')) === 'serve' && !isServeStop(msg.argv)) {
-      const wanted = settings(msg.env ?? {});
+      const wanted = new Map([...settings(requested)].filter(([k]) => this.testKnobs || !isTestKnob(k)));
       const differs = [...new Set([...wanted.keys(), ...this.ownSettings.keys()])].filter((k) => wanted.get(k) !== this.ownSettings.get(k));
       if (differs.length) {
         socket.end(frame(Frame.REFUSED, Buffer.from(`serve's ${differs.join(', ')} differ from the engine's own: it runs in its own process`)));
@@ -471,7 +544,8 @@ export class Engine {
     this.requests.add(ctx);
     this.served++;
     socket.write(frame(Frame.ACCEPTED));
-    const env = Object.fromEntries(Object.entries(msg.env ?? {}).filter(([k, v]) => k.startsWith('APPSHOT_') && typeof v === 'string'));
+    // Empty test knobs too left out: an engine without them has none.
+    const env = Object.fromEntries(Object.entries(requested).filter(([k]) => this.testKnobs || !isTestKnob(k)));
     env.APPSHOT_HOME = this.opts.home;
     delete env.APPSHOT_ENGINE;
     const umask = Number.isInteger(msg.umask) ? msg.umask & 0o777 : 0o022;
@@ -667,8 +741,22 @@ export class Engine {
   }
 }
 
+/** The addon's fault guard of table mappings (addon/src/tablesguard.h)
+ * must stay SIGBUS's handler: a JS listener for SIGBUS has libuv install
+ * its own over it, which only notes the signal and returns to the fault,
+ * and every table call is then refused. In the engine, whose table calls
+ * serve every command, such a listener is refused where it is added: this
+ * listener comes before Node's own (which starts listening to a signal
+ * once a listener of it is added), and its throw stops the adding. */
+export function refuseSigbusListeners(): void {
+  (process as NodeJS.EventEmitter).prependListener('newListener', (event: string | symbol) => {
+    if (event === 'SIGBUS') throw new Error("a listener for SIGBUS would take SIGBUS from the tables' fault guard (addon/src/tablesguard.h): refused");
+  });
+}
+
 /** Runs the engine in this process until it leaves; its exit code. */
 export async function serveEngine(opts: EngineOptions): Promise<number> {
+  refuseSigbusListeners();
   const engine = new Engine(opts);
   await engine.start();
   // Everything a command loads, loaded now rather than by the first one.

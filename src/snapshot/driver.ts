@@ -28,7 +28,7 @@ import { fitInotifyNumbers } from '../resources/inotify.js';
 import { EndingJournal } from './ending.js';
 import { killPoint } from '../killpoint.js';
 import { type Image, type Process, VmaKind } from '../image/types.js';
-import { addon, ENTRY_FLAGS, kinds, type PageFileDigest, type PageWriter, type TablesSnapshot } from '../native.js';
+import { addon, ENTRY_FLAGS, kinds, type PageFileDigest, type PageWriter } from '../native.js';
 import { type ByteProgress, noProgress } from '../progress.js';
 import { descriptorWriter, standardOutput } from '../stdout.js';
 import { type AppRecord, type LocalRegistry } from '../registry.js';
@@ -970,7 +970,8 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
   const started = now();
   const injectedBefore = injected.calls;
   const record = reg.require(aid);
-  const tables: TablesSnapshot | undefined = reg.readTables(record);
+  const { tables, why } = reg.readTablesWhy(record);
+  if (why) throw new AppshotError(why, ExitCode.failure);
   if (!tables || !record.initPid) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
   const toStream = opts.output === '-';
   if (toStream && !opts.leaveRunning) refuseLostOutput();
