@@ -423,7 +423,6 @@ interface Addon {
   /** `packets`: each packet's length, for data written in packet mode. */
   peekPipe(fd: number): Buffer & { packets?: number[] };
   semRead(semid: number): { perm: IpcPerm; values: number[]; pids: number[] };
-  shmRead(shmid: number): { perm: IpcPerm; size: number; cpid: number; lpid: number; locked: boolean; destroyed: boolean; data: Buffer };
   /** An attached segment's IPC_STAT, its pages that are not all zero
    * copied into `piece` a run at a time and handed to `onRun` (bytes,
    * first page): a segment of any size through one buffer. */

@@ -1649,35 +1649,6 @@ Napi::Value SemRead(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// shmRead(shmid) -> { perm, size, cpid, lpid, locked, destroyed, data: Buffer }
-Napi::Value ShmRead(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int id = info[0].As<Napi::Number>().Int32Value();
-  struct shmid_ds ds;
-  if (shmctl(id, IPC_STAT, &ds)) {
-    ThrowErrno(env, "shmctl IPC_STAT " + std::to_string(id), errno);
-    return env.Undefined();
-  }
-  void* at = shmat(id, nullptr, SHM_RDONLY);
-  if (at == reinterpret_cast<void*>(-1)) {
-    ThrowErrno(env, "shmat " + std::to_string(id), errno);
-    return env.Undefined();
-  }
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("perm", Perm(env, ds.shm_perm));
-  o.Set("size", Napi::Number::New(env, static_cast<double>(ds.shm_segsz)));
-  o.Set("cpid", ds.shm_cpid);
-  o.Set("lpid", ds.shm_lpid);
-  // perm.mode is its permission bits; locked in memory (SHM_LOCK) apart.
-  o.Set("locked", Napi::Boolean::New(env, (ds.shm_perm.mode & SHM_LOCKED) != 0));
-  // Removed (IPC_RMID) while attached: the kernel keeps it until the last
-  // detach, its key private.
-  o.Set("destroyed", Napi::Boolean::New(env, (ds.shm_perm.mode & SHM_DEST) != 0));
-  o.Set("data", Napi::Buffer<uint8_t>::Copy(env, static_cast<uint8_t*>(at), ds.shm_segsz));
-  shmdt(at);
-  return o;
-}
-
 // msgRead(msqid) -> { perm, qbytes, lspid, lrpid, messages: [{type, data}] }
 // MSG_COPY reads the n-th message and leaves the queue as it was.
 Napi::Value MsgRead(const Napi::CallbackInfo& info) {
@@ -1788,7 +1759,6 @@ void RegisterTrace(Napi::Env env, Napi::Object exports) {
   fn("bytesToRead", BytesToRead);
   fn("peekPipe", PeekPipe);
   fn("semRead", SemRead);
-  fn("shmRead", ShmRead);
   fn("msgRead", MsgRead);
   exports.Set("PageWriter", PageWriter::Define(env));
 }
