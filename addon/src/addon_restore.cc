@@ -1087,6 +1087,25 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, sid);
 }
 
+// msgLimits() -> { msgmnb, msgmax }: this IPC namespace's limits for
+// message queues, from msgctl(IPC_INFO), which needs neither /proc/sys
+// nor any permission: the size (msg_qbytes) msgget gives a queue and the
+// most IPC_SET may give one without CAP_SYS_RESOURCE, and the largest
+// message (review r399 L1: a default assumed where /proc/sys was hidden
+// could be above the real limit).
+Napi::Value MsgLimits(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  struct msginfo mi;
+  if (msgctl(0, IPC_INFO, reinterpret_cast<struct msqid_ds*>(&mi)) < 0) {
+    ThrowErrno(env, "msgctl IPC_INFO", errno);
+    return env.Undefined();
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("msgmnb", Napi::Number::New(env, mi.msgmnb));
+  o.Set("msgmax", Napi::Number::New(env, mi.msgmax));
+  return o;
+}
+
 // new PagesCheck(fd, size, chunkSize, table, threads = cores): checks a
 // page file against its chunk digests (the image's signed manifest) on a
 // thread per core (or `threads`: tests and benches),
@@ -1878,6 +1897,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("pageFileHoles", PageFileHoles);
   fn("lockShmAs", LockShmAs);
   fn("restoreMsg", RestoreMsg);
+  fn("msgLimits", MsgLimits);
   fn("touchSysv", TouchSysv);
   fn("mqOpen", MqOpen);
   fn("mqUnlink", MqUnlink);

@@ -5,7 +5,8 @@
  * keeps them). Ids and keys are stored as the application sees them:
  * virtual.
  */
-import { closeSync, fstatSync, openSync, readdirSync, readFileSync, readSync, statfsSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, statfsSync, writeSync } from 'node:fs';
+import { freemem } from 'node:os';
 import { mapFilesPath } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { CAP, hasCap, ownCreds, strangeOwner } from './creds.js';
@@ -746,21 +747,30 @@ function mayLockShm(image: Image): void {
   }
 }
 
-/** Where this node's msgmnb cannot be read (/proc/sys hidden): the
- * kernel's default (MSGMNB). One lower than the real limit only lowers a
- * queue more than needed; one higher has IPC_SET refused by name
- * (restoreMsg). */
-const MSGMNB_DEFAULT = 16384n;
-
 /** kernel.msgmnb of the restorer's IPC namespace: the size (msg_qbytes)
  * msgget gives a queue, and the most IPC_SET may give one without
- * CAP_SYS_RESOURCE. */
-function readMsgmnb(): bigint {
+ * CAP_SYS_RESOURCE. From msgctl(IPC_INFO), not /proc/sys, which may be
+ * hidden: a default assumed there could be above the real limit and let a
+ * restorer with the capability give a queue more than the image's
+ * processes could have set (review r399 L1). */
+const readMsgmnb = (): bigint => BigInt(addon().msgLimits().msgmnb);
+
+/** The initial user namespace (its fixed inode, PROC_USER_INIT_INO): the
+ * only one where a capability passes the kernel's capable(), which IPC_SET
+ * of a queue's size above msgmnb asks for (ipc/msg.c). */
+const INIT_USER_NS = 'user:[4026531837]';
+
+/** Whether this restorer may give a queue a size above msgmnb:
+ * CAP_SYS_RESOURCE, and in the initial user namespace. Root in a user
+ * namespace (rootless podman, LXD, userns-remapped Docker) holds the
+ * capability in its own, yet IPC_SET is refused with EPERM (review r399
+ * M1); such a restorer lowers the queue as one without it. */
+function restorerMayRaiseQueues(): boolean {
+  if (!restorerMay(ownCreds().capEff, [CAP.SYS_RESOURCE])) return false;
   try {
-    const v = readFileSync('/proc/sys/kernel/msgmnb', 'utf8').trim();
-    return /^\d+$/.test(v) ? BigInt(v) : MSGMNB_DEFAULT;
+    return readlinkSync('/proc/self/ns/user') === INIT_USER_NS;
   } catch {
-    return MSGMNB_DEFAULT;
+    return false;
   }
 }
 
@@ -785,7 +795,7 @@ function queueSizes(image: Image, notKept: string[]): Map<number, bigint> {
   const sizes = new Map<number, bigint>();
   if (!image.msgQueues.length) return sizes;
   const msgmnb = readMsgmnb();
-  const restorerMayRaise = restorerMay(ownCreds().capEff, [CAP.SYS_RESOURCE]);
+  const restorerMayRaise = restorerMayRaiseQueues();
   const imageMayRaise = vouchedFor(image) || image.processes.some((p) => processMay(p, [CAP.SYS_RESOURCE]));
   for (const q of image.msgQueues) {
     if (q.qbytes <= msgmnb || (restorerMayRaise && imageMayRaise)) {
@@ -793,7 +803,7 @@ function queueSizes(image: Image, notKept: string[]): Map<number, bigint> {
       continue;
     }
     const why = !restorerMayRaise
-      ? 'a size above it takes CAP_SYS_RESOURCE, which this restore does not have'
+      ? 'a size above it takes CAP_SYS_RESOURCE in the initial user namespace, which this restore does not have'
       : "a size above it takes CAP_SYS_RESOURCE, which none of the image's processes had (as where the queue was made on a node whose msgmnb was larger)";
     let bytes = 0n;
     for (const m of q.messages) bytes += BigInt(m.data.length);
