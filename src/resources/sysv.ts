@@ -631,15 +631,20 @@ const UNSEEN_HOLE_MARGIN = 64n << 20n;
 /**
  * The segments' stored pages are read from the page file, a hole of it
  * skipped where SEEK_DATA shows it (FillSegment). Where it cannot (a file
- * system that treats every byte as data, or a page file the engine cannot
- * open again), a hole is read through, every byte in one synchronous
- * call: a crafted image of a few KiB, its segments' runs over a hole of
- * up to shmmax, bought an hour of engine CPU a TiB (review r376 finding
- * 3, r379 L3). The segments' pages stored together (they share no byte:
+ * system not known to show holes, or a page file the engine cannot open
+ * again), a hole is read through, every byte in one synchronous call: a
+ * crafted image of a few KiB, its segments' runs over a hole of up to
+ * shmmax, bought an hour of engine CPU a TiB (review r376 finding 3,
+ * r379 L3). The segments' pages stored together (they share no byte:
  * validate.ts) may then be no more than what the file has on disk plus a
- * margin; refused in one line otherwise, before any object is made. An
- * honest page file is written whole, its bytes on disk its size (or, on
- * a file system that compresses, one that shows holes).
+ * margin; refused in one line otherwise, before any object is made.
+ * Whether holes are shown is the file system's (pageFileHoles: statfs
+ * f_type, a known list), not whether this file has one: a dense honest
+ * file on ZFS has none yet shows its data, and a compressed one has fewer
+ * bytes on disk than it holds (review r399 M3). The bound holds only as
+ * far as the file system reports the bytes a file really has: one that
+ * makes st_blocks up from the size (sshfs, many FUSE ones) is not bounded
+ * by it.
  */
 function boundUnseenHoles(image: Image, pagesFd: number): void {
   let stored = 0n;
@@ -652,7 +657,7 @@ function boundUnseenHoles(image: Image, pagesFd: number): void {
   const allocated = BigInt(file.allocated);
   if (file.holesSeen || stored <= allocated + UNSEEN_HOLE_MARGIN) return;
   throw new AppshotError(
-    `the image's SysV segments store ${stored} bytes in pages.img, which has ${allocated} bytes on disk of its ${file.size} and whose holes its file system does not show (SEEK_DATA): the rest would be read through as zeros, byte by byte; copy the image to a file system that shows holes (tmpfs, ext4, xfs, btrfs)`,
+    `the image's SysV segments store ${stored} bytes in pages.img, which has ${allocated} bytes on disk of its ${file.size}, on a file system not known to show holes (SEEK_DATA): the rest would be read through as zeros, byte by byte; copy the image to one that does (tmpfs, ext4, xfs, btrfs, f2fs, zfs)`,
   );
 }
 
