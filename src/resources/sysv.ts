@@ -143,7 +143,9 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
         continue;
       }
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
-      const s = streamSegment(ctx, e.system, at, status) ?? attachSegment(ctx, e.system);
+      const streamed = streamSegment(ctx, e.system, at, status);
+      if (!streamed) boundPagesMadeByAttach(e);
+      const s = streamed ?? attachSegment(ctx, e.system);
       // Where its status line could not be read (its pages, written by
       // then, are left unnamed in the page file).
       if (s.destroyed && !at?.length) {
@@ -529,9 +531,9 @@ const SEGMENT_PIECE = 16 << 20;
  * SEGMENT_PIECE bytes, never a buffer of its size (review r376 finding
  * 5: shmRead copied all of it, and one above 4 GiB could not be
  * snapshotted). The pages are runs of the image as appendFd's are,
- * stored one after another. The attach reads every page, as shmRead's
- * did: a page never touched is made (tmpfs gives a shared mapping no zero
- * page).
+ * stored one after another. The pages it never had are not read where
+ * that can be told (shmReadPieces: mincore, no segment page in swap): a
+ * read would make them; bounded before otherwise (boundPagesMadeByAttach).
  */
 function attachSegment(ctx: DumpContext, shmid: number): SegmentStatus & { offset: number; runs: number[] } {
   const runs: number[] = [];
@@ -551,6 +553,56 @@ function attachSegment(ctx: DumpContext, shmid: number): SegmentStatus & { offse
     else runs.push(firstPage, pages);
   });
   return { ...status, nattch: 0, offset: offset ?? ctx.pages.append(Buffer.alloc(0)), runs };
+}
+
+/**
+ * An attach (attachSegment) reads every page of the segment, and a page
+ * it never had is made by that read (a shared tmpfs mapping gets no zero
+ * page), charged to the engine and kept by the segment: a 64 GiB segment
+ * barely used, on a 16 GiB node, was an OOM (review r399 M2). Where no
+ * segment page of this IPC namespace is in swap (the swap column of
+ * /proc/sysvipc/shm, summed: SHM_INFO's shm_swp), the read skips the
+ * pages the segment's file does not have in memory (shmReadPieces:
+ * mincore), which are then exactly those never made; nothing to bound.
+ * Where some are, a page not in memory may be one in swap, so all are
+ * read: the pages never made (its size less its rss and swap) may then
+ * be at most half of this node's available memory (MemAvailable); one
+ * line otherwise, naming the segment. Where /proc/sysvipc/shm cannot be
+ * read, nothing is known to bound by (shmReadPieces still skips with
+ * mincore where SHM_INFO shows no swap).
+ */
+function boundPagesMadeByAttach(e: { system: number; virtual: number }): void {
+  const rows = sysvipcRows('shm', 'shmid', ['size', 'rss', 'swap'], new Set([e.system]));
+  const row = rows?.get(e.system);
+  if (!row) return;
+  const [size, rss, swap] = row.map(BigInt);
+  const unmade = size - rss - swap;
+  if (unmade <= 0n || namespaceSegmentSwap() === 0n) return;
+  const available = BigInt(freemem());
+  if (unmade <= available / 2n) return;
+  throw new AppshotError(
+    `shared memory segment ${e.system} (virtual id ${e.virtual}): ${unmade} of its ${size} bytes were never used, and would be made by reading it, more than half of this node's available memory (${available} bytes): no process of the application maps it, or its file cannot be opened without CAP_CHECKPOINT_RESTORE, so it is read through an attach, and segment pages are in swap here, so the pages never used cannot be told from those in swap`,
+  );
+}
+
+/** The bytes of all SysV segments of this IPC namespace that are in swap
+ * (the swap column of /proc/sysvipc/shm); -1 where it cannot be read. */
+function namespaceSegmentSwap(): bigint {
+  let text: string;
+  try {
+    text = readFileSync('/proc/sysvipc/shm', 'latin1');
+  } catch {
+    return -1n;
+  }
+  const lines = text.split('\n');
+  const at = lines[0].trim().split(/\s+/).indexOf('swap');
+  if (at < 0) return -1n;
+  let total = 0n;
+  for (let l = 1; l < lines.length; l++) {
+    const f = fieldOf(lines[l], at);
+    if (/^\d+$/.test(f)) total += BigInt(f);
+  }
+  return total;
 }
 
 /** The image's SysV objects made again under the new application's tables
