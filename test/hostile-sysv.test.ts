@@ -25,6 +25,7 @@ import { validateImage } from '../src/image/validate.js';
 import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
 import { expectRestoreRefused, writeSignedImage, writeSignedImageWithPages } from './crafted.js';
+import { MSGMNB_WAS } from './global-msgmnb.js';
 import { command as appshot, root, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -484,31 +485,43 @@ describe('a message queue above msgmnb (review r363 finding 5, review r376 findi
 });
 
 // An application's private queue (made at msgmnb, no capability), three
-// messages of 1237 bytes sent, held while it sleeps.
+// messages of argv[1] bytes sent, held while it sleeps.
 const QUEUE_APP = `
-import ctypes, time
+import ctypes, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
+size = int(sys.argv[1])
 q = libc.msgget(0, 0o1600)
 assert q >= 0, ctypes.get_errno()
 for n in range(3):
-    m = ctypes.create_string_buffer(8 + 1237)
+    m = ctypes.create_string_buffer(8 + size)
     ctypes.memmove(ctypes.addressof(m), ctypes.byref(ctypes.c_long(n + 1)), 8)
-    ctypes.memset(ctypes.addressof(m) + 8, 0x61 + n, 1237)
-    assert libc.msgsnd(q, m, 1237, 0) == 0, ctypes.get_errno()
+    ctypes.memset(ctypes.addressof(m) + 8, 0x61 + n, size)
+    assert libc.msgsnd(q, m, size, 0) == 0, ctypes.get_errno()
 time.sleep(1000)`;
 
 describe('a real queue, snapshot, then msgmnb lowered on this node (review r376 finding 4)', () => {
   const MSGMNB = '/proc/sys/kernel/msgmnb';
-  const held = 3 * 1237;
-  // msgmnb lowered only around one restore, given back at once: the IPC
-  // namespace is the machine's, shared with whatever else runs.
+  // Three messages that fill 90% of this node's msgmnb, each at most
+  // msgmax: msgmnb is lowered to what they hold (and to one byte less),
+  // never further, so that a queue another test file makes meanwhile (the
+  // IPC namespace is the machine's; theirs hold a few dozen bytes) gets
+  // a size that still takes its messages (review r399 L4).
+  const { msgmnb: mnb, msgmax } = addon().msgLimits();
+  const piece = Math.min(msgmax, Math.floor((mnb * 0.9) / 3));
+  const held = 3 * piece;
+  // msgmnb lowered only around one restore, given back at once. The value
+  // it had is kept in MSGMNB_WAS (test/global-msgmnb.ts) meanwhile: a
+  // worker killed in between has it given back by the run's teardown, or
+  // by the next run's setup if the whole run was killed.
   const withMsgmnb = <T>(value: bigint, f: () => T): T => {
     const was = readFileSync(MSGMNB, 'utf8');
+    if (!existsSync(MSGMNB_WAS)) writeFileSync(MSGMNB_WAS, was);
     writeFileSync(MSGMNB, String(value));
     try {
       return f();
     } finally {
-      writeFileSync(MSGMNB, was);
+      writeFileSync(MSGMNB, readFileSync(MSGMNB_WAS, 'utf8'));
+      unlinkSync(MSGMNB_WAS);
     }
   };
 
@@ -520,7 +533,7 @@ describe('a real queue, snapshot, then msgmnb lowered on this node (review r376 
     }
     const was = BigInt(readFileSync(MSGMNB, 'utf8').trim());
     const before = queuesHolding(held);
-    sb.ok(['run', '-d', '--aid', 'qreal', '--', 'python3', '-c', QUEUE_APP]);
+    sb.ok(['run', '-d', '--aid', 'qreal', '--', 'python3', '-c', QUEUE_APP, String(piece)]);
     await waitFor(() => queuesHolding(held).length > before.length, 10_000, 'the application to fill its queue');
     const dir = join(out, 'qreal.img');
     sb.ok(['snapshot', 'qreal', '-o', dir]);
@@ -529,17 +542,17 @@ describe('a real queue, snapshot, then msgmnb lowered on this node (review r376 
     const { image } = await loadImage(dir, { trust: 'report' });
     expect(image.msgQueues.map((q) => q.qbytes)).toEqual([was]);
 
-    const fits = 2n * BigInt(held);
+    const fits = BigInt(held);
     const r = withMsgmnb(fits, () => sb.run(['restore', dir, '--aid', 'qreal']));
     expect(r.code, r.stderr).toBe(0);
     try {
       const q = addon().msgRead(queueOf('qreal', image.msgQueues[0].vid));
-      expect(q.messages.map((m) => [m.type, Buffer.from(m.data).toString()])).toEqual([0, 1, 2].map((n) => [n + 1, String.fromCharCode(0x61 + n).repeat(1237)]));
+      expect(q.messages.map((m) => [m.type, Buffer.from(m.data).toString()])).toEqual([0, 1, 2].map((n) => [n + 1, String.fromCharCode(0x61 + n).repeat(piece)]));
       if (mayRaise) {
         expect(BigInt(q.qbytes)).toBe(was);
       } else {
         expect(BigInt(q.qbytes)).toBe(fits);
-        expect(notKeptLines(r.stderr)).toEqual([expect.stringMatching(new RegExp(`^appshot: warning: not kept: message queue ${image.msgQueues[0].vid}: its size \\(msg_qbytes\\) is ${fits} bytes, this node's msgmnb, not ${was} as in the image \\(a size above it takes CAP_SYS_RESOURCE, which this restore does not have\\); its 3 messages \\(${held} bytes\\) are all in it$`))]);
+        expect(notKeptLines(r.stderr)).toEqual([expect.stringMatching(new RegExp(`^appshot: warning: not kept: message queue ${image.msgQueues[0].vid}: its size \\(msg_qbytes\\) is ${fits} bytes, this node's msgmnb, not ${was} as in the image \\(a size above it takes ${restorerCannot}\\); its 3 messages \\(${held} bytes\\) are all in it$`))]);
       }
     } finally {
       sb.ok(['rm', '-f', 'qreal']);
@@ -549,7 +562,7 @@ describe('a real queue, snapshot, then msgmnb lowered on this node (review r376 
     const aids = sb.aids();
     const refusal = withMsgmnb(short, () => spawnSync(appshot, ['restore', dir, '--aid', 'qreal'], { env: sb.env, encoding: 'utf8', timeout: 50_000 }));
     expect(refusal.stderr.split('\n').filter((l) => l)).toEqual([
-      expect.stringMatching(new RegExp(`^appshot: .*message queue ${image.msgQueues[0].vid} holds ${held} bytes in 3 messages, more than this node's msgmnb \\(${short}\\) lets it hold: its size \\(msg_qbytes\\) was ${was}, and a size above it takes CAP_SYS_RESOURCE, which this restore does not have$`)),
+      expect.stringMatching(new RegExp(`^appshot: .*message queue ${image.msgQueues[0].vid} holds ${held} bytes in 3 messages, more than this node's msgmnb \\(${short}\\) lets it hold: its size \\(msg_qbytes\\) was ${was}, and a size above it takes ${restorerCannot}$`)),
     ]);
     expect(refusal.status).toBe(5);
     expect(sb.aids()).toEqual(aids);
