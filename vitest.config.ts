@@ -10,8 +10,9 @@ export default defineConfig({
   test: {
     include: ['test/**/*.test.ts'],
     // A throwaway APPSHOT_HOME for whatever runs without a Sandbox's: never
-    // the user's own (test/global-home.ts).
-    globalSetup: ['test/global-home.ts'],
+    // the user's own (test/global-home.ts); kernel.msgmnb given back if a
+    // killed test left it lowered (test/global-msgmnb.ts).
+    globalSetup: ['test/global-home.ts', 'test/global-msgmnb.ts'],
     // A turn of each worker's event loop between tests (see the file).
     setupFiles: ['test/turn-between-tests.ts'],
     testTimeout: 60_000,

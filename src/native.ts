@@ -673,6 +673,8 @@ interface Addon {
    * operation that leaves its value: sempid). Throws with the errno. */
   touchSysv(kind: 'shmid' | 'semid', sid: number, semnum: number): void;
   restoreMsg(tables: string, vid: number, vkey: number, mode: number, qbytes: number, messages: { type: number; data: Buffer }[]): number;
+  /** This IPC namespace's message queue limits (msgctl IPC_INFO): a new queue's size (msg_qbytes) and the most IPC_SET gives without CAP_SYS_RESOURCE, and the largest message. */
+  msgLimits(): { msgmnb: number; msgmax: number };
 
   createTables(path: string, aid: string, salt: bigint): void;
   readTables(path: string): TablesSnapshot;

@@ -5,7 +5,9 @@
 // new system ids and keys and bound to the image's virtual ones.
 #include <napi.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -29,6 +31,7 @@
 #include <sys/shm.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -838,16 +841,39 @@ static int FillSegment(uint8_t* at, uint64_t size, int fd, uint64_t offset, cons
   return 0;
 }
 
+// Whether a file system of type `magic` (statfs f_type) is known to
+// show a file's holes through lseek(SEEK_DATA/SEEK_HOLE) (review r399
+// M3): decided by the file system, not by whether one file has a hole,
+// since a dense file has none to find (a compressed ZFS page file of no
+// all-zero record), and the bytes on disk another reports may be made up
+// from the size (sshfs, many FUSE file systems: st_blocks the size
+// rounded up). ext2/3 share ext4's magic: mounted by the ext4 driver
+// (the distributions' default) they show holes. Not here: overlay (it
+// passes lseek to the file system below, which may not), NFS (only 4.2
+// shows holes), FUSE and the rest: the bound of sysv.ts applies there.
+static bool ShowsHoles(unsigned long magic) {
+  switch (magic) {
+    case 0xEF53UL:      // ext4 (ext2, ext3)
+    case 0x58465342UL:  // xfs
+    case 0x9123683EUL:  // btrfs
+    case 0x01021994UL:  // tmpfs
+    case 0xF2F52010UL:  // f2fs
+    case 0x2FC12FC1UL:  // zfs
+    case 0xCA451A4EUL:  // bcachefs
+      return true;
+    default:
+      return false;
+  }
+}
+
 // pageFileHoles(fd) -> { size, allocated, holesSeen }: page file `fd`'s
-// size, the bytes it has on disk (st_blocks), and whether its file system
-// shows its holes (SEEK_HOLE finds one before its end, through a
-// description of its own: pages_seek_fd). Where it does not (a file
-// system that treats every byte as data, or no description of its own),
+// size, the bytes it has on disk (st_blocks, as its file system reports
+// them), and whether its holes are seen: its file system is one known to
+// show them (ShowsHoles), and FillSegment has a description of its own to
+// look for them with (pages_seek_fd). Where they are not seen,
 // FillSegment reads what a segment stores in a hole byte by byte, in one
 // synchronous call (review r379 L3): sysv.ts weighs that against what the
-// file has on disk before any segment is made. SEEK_HOLE is asked first:
-// a file system that syncs a file's dirty data to answer it (ZFS) counts
-// its blocks only then.
+// file has on disk before any segment is made.
 Napi::Value PageFileHoles(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = Int(info[0]);
@@ -855,9 +881,8 @@ Napi::Value PageFileHoles(const Napi::CallbackInfo& info) {
   bool seen = false;
   const int seek_fd = pages_seek_fd(fd);
   if (seek_fd >= 0) {
-    off_t hole = lseek(seek_fd, 0, SEEK_HOLE);
-    struct stat own;
-    seen = hole >= 0 && fstat(seek_fd, &own) == 0 && hole < own.st_size;
+    struct statfs fs;
+    seen = fstatfs(seek_fd, &fs) == 0 && ShowsHoles(static_cast<unsigned long>(fs.f_type));
     close(seek_fd);
   }
   struct stat st;
@@ -947,6 +972,30 @@ Napi::Value RestoreShm(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, sid);
 }
 
+// Whether this process's mapping at `at` is of huge pages (SHM_HUGETLB):
+// its KernelPageSize in /proc/self/smaps above 4 kB. True where that
+// cannot be read (the caller then reads every page, as before).
+static bool HugeMapping(const void* at) {
+  FILE* f = fopen("/proc/self/smaps", "re");
+  if (!f) return true;
+  char line[512];
+  bool ours = false, huge = true;
+  const unsigned long want = reinterpret_cast<unsigned long>(at);
+  while (fgets(line, sizeof line, f)) {
+    unsigned long start, end;
+    unsigned long kb;
+    if (std::sscanf(line, "%lx-%lx ", &start, &end) == 2 && std::strchr(line, '-') < std::strchr(line, ' ')) {
+      if (ours) break;
+      ours = start == want;
+    } else if (ours && std::sscanf(line, "KernelPageSize: %lu kB", &kb) == 1) {
+      huge = kb != 4;
+      break;
+    }
+  }
+  fclose(f);
+  return huge;
+}
+
 // Whether the `len` bytes at `p` are all zero.
 static bool AllZero(const uint8_t* p, size_t len) { return len == 0 || (p[0] == 0 && std::memcmp(p, p + 1, len - 1) == 0); }
 
@@ -991,23 +1040,70 @@ Napi::Value ShmReadPieces(const Napi::CallbackInfo& info) {
     void* at;
     ~Detach() { shmdt(at); }
   } detach{at};
+  // The segment attached is the one stated: an id removed and made again
+  // between the two (its sequence wrapped) would have the reads go past
+  // the mapping, and the caller's check of whose it is (isOwn) be of
+  // another object (review r399 L2).
+  struct shmid_ds now;
+  if (shmctl(id, IPC_STAT, &now) != 0 || now.shm_segsz != ds.shm_segsz || now.shm_cpid != ds.shm_cpid || now.shm_ctime != ds.shm_ctime) {
+    ThrowErrno(env, "shared memory segment " + std::to_string(id) + " changed between its stat and its attach", EIDRM);
+    return env.Undefined();
+  }
   const uint8_t* base = static_cast<const uint8_t*>(at);
   const uint64_t size = ds.shm_segsz;
   const uint64_t pages = (size + kPage - 1) / kPage;
+  // The pages the segment has: a read of one it never had makes it (a
+  // shared tmpfs mapping gets no zero page), so a 64 GiB segment barely
+  // used became 64 GiB of memory charged to the engine, kept by the
+  // segment (review r399 M2). mincore tells which pages its file has in
+  // memory; that is every page it has only where none is in swap (a page
+  // swapped out, not in the swap cache, is not "in core" yet holds data).
+  // The namespace's swapped segment pages (SHM_INFO shm_swp, what
+  // /proc/sysvipc/shm sums) are 0 before and after the pass: then the
+  // pages mincore does not show were never made, zeros, skipped exactly.
+  // Otherwise every page is read (sysv.ts refused first where the pages
+  // never made, its size less rss and swap, were more than the snapshot
+  // may take). Not for SHM_HUGETLB: mincore answers from this mapping's
+  // own page table there (empty, just attached), and a huge page comes
+  // from the pool the segment reserved, not new memory.
+  auto swapped = []() -> long {
+    struct shm_info si;
+    return shmctl(0, SHM_INFO, reinterpret_cast<struct shmid_ds*>(&si)) < 0 ? -1 : static_cast<long>(si.shm_swp);
+  };
+  const bool skipAbsent = swapped() == 0 && !HugeMapping(at);
+  std::vector<unsigned char> core;
+  uint64_t coreFrom = 0;
+  constexpr uint64_t kCoreSpan = 1 << 16;  // pages a mincore call (256 MiB)
+  // Whether page `n` is to be read: always, or where mincore shows it.
+  auto present = [&](uint64_t n) {
+    if (!skipAbsent) return true;
+    if (core.empty() || n < coreFrom || n >= coreFrom + core.size()) {
+      coreFrom = n;
+      core.assign(static_cast<size_t>(std::min<uint64_t>(kCoreSpan, pages - n)), 1);
+      // A failure reads them all (as without mincore).
+      if (mincore(const_cast<uint8_t*>(base) + n * kPage, core.size() * kPage, core.data()) != 0) std::fill(core.begin(), core.end(), 1);
+    }
+    return (core[static_cast<size_t>(n - coreFrom)] & 1) != 0;
+  };
   // The bytes of page `n` that are the segment's (the last may be short).
   auto length = [&](uint64_t n) { return static_cast<size_t>(std::min<uint64_t>(kPage, size - n * kPage)); };
+  auto stored = [&](uint64_t n) { return present(n) && !AllZero(base + n * kPage, length(n)); };
   for (uint64_t n = 0; n < pages;) {
-    if (AllZero(base + n * kPage, length(n))) {
+    if (!stored(n)) {
       n++;
       continue;
     }
     uint64_t end = n + 1;
-    while (end < pages && (end - n) * kPage < room && !AllZero(base + end * kPage, length(end))) end++;
+    while (end < pages && (end - n) * kPage < room && stored(end)) end++;
     uint64_t bytes = std::min<uint64_t>(end * kPage, size) - n * kPage;
     std::memcpy(piece.Data(), base + n * kPage, static_cast<size_t>(bytes));
     onRun.Call({Napi::Number::New(env, static_cast<double>(bytes)), Napi::Number::New(env, static_cast<double>(n))});
     if (env.IsExceptionPending()) return env.Undefined();
     n = end;
+  }
+  if (skipAbsent && swapped() != 0) {
+    ThrowErrno(env, "reading shared memory segment " + std::to_string(id) + ": segment pages went to swap while it was read, so pages left out as never made may hold data; snapshot again", EAGAIN);
+    return env.Undefined();
   }
   Napi::Object perm = Napi::Object::New(env);
   perm.Set("key", Napi::Number::New(env, ds.shm_perm.__key));
@@ -1202,6 +1298,25 @@ Napi::Value RestoreMsg(const Napi::CallbackInfo& info) {
   ds.msg_perm.mode = mode;
   if (msgctl(sid, IPC_SET, &ds) != 0) return fail("giving its mode (IPC_SET)");
   return Napi::Number::New(env, sid);
+}
+
+// msgLimits() -> { msgmnb, msgmax }: this IPC namespace's limits for
+// message queues, from msgctl(IPC_INFO), which needs neither /proc/sys
+// nor any permission: the size (msg_qbytes) msgget gives a queue and the
+// most IPC_SET may give one without CAP_SYS_RESOURCE, and the largest
+// message (review r399 L1: a default assumed where /proc/sys was hidden
+// could be above the real limit).
+Napi::Value MsgLimits(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  struct msginfo mi;
+  if (msgctl(0, IPC_INFO, reinterpret_cast<struct msqid_ds*>(&mi)) < 0) {
+    ThrowErrno(env, "msgctl IPC_INFO", errno);
+    return env.Undefined();
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("msgmnb", Napi::Number::New(env, mi.msgmnb));
+  o.Set("msgmax", Napi::Number::New(env, mi.msgmax));
+  return o;
 }
 
 // new PagesCheck(fd, size, chunkSize, table, threads = cores): checks a
@@ -1997,6 +2112,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("pageFileHoles", PageFileHoles);
   fn("lockShmAs", LockShmAs);
   fn("restoreMsg", RestoreMsg);
+  fn("msgLimits", MsgLimits);
   fn("touchSysv", TouchSysv);
   fn("mqOpen", MqOpen);
   fn("mqUnlink", MqUnlink);

@@ -5,7 +5,8 @@
  * keeps them). Ids and keys are stored as the application sees them:
  * virtual.
  */
-import { closeSync, fstatSync, openSync, readdirSync, readFileSync, readSync, statfsSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, statfsSync, writeSync } from 'node:fs';
+import { freemem } from 'node:os';
 import { mapFilesPath } from '../procfs.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import { CAP, hasCap, ownCreds, strangeOwner } from './creds.js';
@@ -142,7 +143,9 @@ export function dumpSysv(ctx: DumpContext): { semaphores: SemSet[]; shmSegments:
         continue;
       }
       if (!isOwn('shmid', 'shared memory segment', e)) continue;
-      const s = streamSegment(ctx, e.system, at, status) ?? attachSegment(ctx, e.system);
+      const streamed = streamSegment(ctx, e.system, at, status);
+      if (!streamed) boundPagesMadeByAttach(e);
+      const s = streamed ?? attachSegment(ctx, e.system);
       // Where its status line could not be read (its pages, written by
       // then, are left unnamed in the page file).
       if (s.destroyed && !at?.length) {
@@ -517,9 +520,9 @@ const SEGMENT_PIECE = 16 << 20;
  * SEGMENT_PIECE bytes, never a buffer of its size (review r376 finding
  * 5: shmRead copied all of it, and one above 4 GiB could not be
  * snapshotted). The pages are runs of the image as appendFd's are,
- * stored one after another. The attach reads every page, as shmRead's
- * did: a page never touched is made (tmpfs gives a shared mapping no zero
- * page).
+ * stored one after another. The pages it never had are not read where
+ * that can be told (shmReadPieces: mincore, no segment page in swap): a
+ * read would make them; bounded before otherwise (boundPagesMadeByAttach).
  */
 function attachSegment(ctx: DumpContext, shmid: number): SegmentStatus & { offset: number; runs: number[] } {
   const runs: number[] = [];
@@ -539,6 +542,56 @@ function attachSegment(ctx: DumpContext, shmid: number): SegmentStatus & { offse
     else runs.push(firstPage, pages);
   });
   return { ...status, nattch: 0, offset: offset ?? ctx.pages.append(Buffer.alloc(0)), runs };
+}
+
+/**
+ * An attach (attachSegment) reads every page of the segment, and a page
+ * it never had is made by that read (a shared tmpfs mapping gets no zero
+ * page), charged to the engine and kept by the segment: a 64 GiB segment
+ * barely used, on a 16 GiB node, was an OOM (review r399 M2). Where no
+ * segment page of this IPC namespace is in swap (the swap column of
+ * /proc/sysvipc/shm, summed: SHM_INFO's shm_swp), the read skips the
+ * pages the segment's file does not have in memory (shmReadPieces:
+ * mincore), which are then exactly those never made; nothing to bound.
+ * Where some are, a page not in memory may be one in swap, so all are
+ * read: the pages never made (its size less its rss and swap) may then
+ * be at most half of this node's available memory (MemAvailable); one
+ * line otherwise, naming the segment. Where /proc/sysvipc/shm cannot be
+ * read, nothing is known to bound by (shmReadPieces still skips with
+ * mincore where SHM_INFO shows no swap).
+ */
+function boundPagesMadeByAttach(e: { system: number; virtual: number }): void {
+  const rows = sysvipcRows('shm', 'shmid', ['size', 'rss', 'swap'], new Set([e.system]));
+  const row = rows?.get(e.system);
+  if (!row) return;
+  const [size, rss, swap] = row.map(BigInt);
+  const unmade = size - rss - swap;
+  if (unmade <= 0n || namespaceSegmentSwap() === 0n) return;
+  const available = BigInt(freemem());
+  if (unmade <= available / 2n) return;
+  throw new AppshotError(
+    `shared memory segment ${e.system} (virtual id ${e.virtual}): ${unmade} of its ${size} bytes were never used, and would be made by reading it, more than half of this node's available memory (${available} bytes): no process of the application maps it, or its file cannot be opened without CAP_CHECKPOINT_RESTORE, so it is read through an attach, and segment pages are in swap here, so the pages never used cannot be told from those in swap`,
+  );
+}
+
+/** The bytes of all SysV segments of this IPC namespace that are in swap
+ * (the swap column of /proc/sysvipc/shm); -1 where it cannot be read. */
+function namespaceSegmentSwap(): bigint {
+  let text: string;
+  try {
+    text = readFileSync('/proc/sysvipc/shm', 'latin1');
+  } catch {
+    return -1n;
+  }
+  const lines = text.split('\n');
+  const at = lines[0].trim().split(/\s+/).indexOf('swap');
+  if (at < 0) return -1n;
+  let total = 0n;
+  for (let l = 1; l < lines.length; l++) {
+    const f = fieldOf(lines[l], at);
+    if (/^\d+$/.test(f)) total += BigInt(f);
+  }
+  return total;
 }
 
 /** The image's SysV objects made again under the new application's tables
@@ -619,15 +672,20 @@ const UNSEEN_HOLE_MARGIN = 64n << 20n;
 /**
  * The segments' stored pages are read from the page file, a hole of it
  * skipped where SEEK_DATA shows it (FillSegment). Where it cannot (a file
- * system that treats every byte as data, or a page file the engine cannot
- * open again), a hole is read through, every byte in one synchronous
- * call: a crafted image of a few KiB, its segments' runs over a hole of
- * up to shmmax, bought an hour of engine CPU a TiB (review r376 finding
- * 3, r379 L3). The segments' pages stored together (they share no byte:
+ * system not known to show holes, or a page file the engine cannot open
+ * again), a hole is read through, every byte in one synchronous call: a
+ * crafted image of a few KiB, its segments' runs over a hole of up to
+ * shmmax, bought an hour of engine CPU a TiB (review r376 finding 3,
+ * r379 L3). The segments' pages stored together (they share no byte:
  * validate.ts) may then be no more than what the file has on disk plus a
- * margin; refused in one line otherwise, before any object is made. An
- * honest page file is written whole, its bytes on disk its size (or, on
- * a file system that compresses, one that shows holes).
+ * margin; refused in one line otherwise, before any object is made.
+ * Whether holes are shown is the file system's (pageFileHoles: statfs
+ * f_type, a known list), not whether this file has one: a dense honest
+ * file on ZFS has none yet shows its data, and a compressed one has fewer
+ * bytes on disk than it holds (review r399 M3). The bound holds only as
+ * far as the file system reports the bytes a file really has: one that
+ * makes st_blocks up from the size (sshfs, many FUSE ones) is not bounded
+ * by it.
  */
 function boundUnseenHoles(image: Image, pagesFd: number): void {
   let stored = 0n;
@@ -640,7 +698,7 @@ function boundUnseenHoles(image: Image, pagesFd: number): void {
   const allocated = BigInt(file.allocated);
   if (file.holesSeen || stored <= allocated + UNSEEN_HOLE_MARGIN) return;
   throw new AppshotError(
-    `the image's SysV segments store ${stored} bytes in pages.img, which has ${allocated} bytes on disk of its ${file.size} and whose holes its file system does not show (SEEK_DATA): the rest would be read through as zeros, byte by byte; copy the image to a file system that shows holes (tmpfs, ext4, xfs, btrfs)`,
+    `the image's SysV segments store ${stored} bytes in pages.img, which has ${allocated} bytes on disk of its ${file.size}, on a file system not known to show holes (SEEK_DATA): the rest would be read through as zeros, byte by byte; copy the image to one that does (tmpfs, ext4, xfs, btrfs, f2fs, zfs)`,
   );
 }
 
@@ -735,21 +793,30 @@ function mayLockShm(image: Image): void {
   }
 }
 
-/** Where this node's msgmnb cannot be read (/proc/sys hidden): the
- * kernel's default (MSGMNB). One lower than the real limit only lowers a
- * queue more than needed; one higher has IPC_SET refused by name
- * (restoreMsg). */
-const MSGMNB_DEFAULT = 16384n;
-
 /** kernel.msgmnb of the restorer's IPC namespace: the size (msg_qbytes)
  * msgget gives a queue, and the most IPC_SET may give one without
- * CAP_SYS_RESOURCE. */
-function readMsgmnb(): bigint {
+ * CAP_SYS_RESOURCE. From msgctl(IPC_INFO), not /proc/sys, which may be
+ * hidden: a default assumed there could be above the real limit and let a
+ * restorer with the capability give a queue more than the image's
+ * processes could have set (review r399 L1). */
+const readMsgmnb = (): bigint => BigInt(addon().msgLimits().msgmnb);
+
+/** The initial user namespace (its fixed inode, PROC_USER_INIT_INO): the
+ * only one where a capability passes the kernel's capable(), which IPC_SET
+ * of a queue's size above msgmnb asks for (ipc/msg.c). */
+const INIT_USER_NS = 'user:[4026531837]';
+
+/** Whether this restorer may give a queue a size above msgmnb:
+ * CAP_SYS_RESOURCE, and in the initial user namespace. Root in a user
+ * namespace (rootless podman, LXD, userns-remapped Docker) holds the
+ * capability in its own, yet IPC_SET is refused with EPERM (review r399
+ * M1); such a restorer lowers the queue as one without it. */
+function restorerMayRaiseQueues(): boolean {
+  if (!restorerMay(ownCreds().capEff, [CAP.SYS_RESOURCE])) return false;
   try {
-    const v = readFileSync('/proc/sys/kernel/msgmnb', 'utf8').trim();
-    return /^\d+$/.test(v) ? BigInt(v) : MSGMNB_DEFAULT;
+    return readlinkSync('/proc/self/ns/user') === INIT_USER_NS;
   } catch {
-    return MSGMNB_DEFAULT;
+    return false;
   }
 }
 
@@ -774,7 +841,7 @@ function queueSizes(image: Image, notKept: string[]): Map<number, bigint> {
   const sizes = new Map<number, bigint>();
   if (!image.msgQueues.length) return sizes;
   const msgmnb = readMsgmnb();
-  const restorerMayRaise = restorerMay(ownCreds().capEff, [CAP.SYS_RESOURCE]);
+  const restorerMayRaise = restorerMayRaiseQueues();
   const imageMayRaise = vouchedFor(image) || image.processes.some((p) => processMay(p, [CAP.SYS_RESOURCE]));
   for (const q of image.msgQueues) {
     if (q.qbytes <= msgmnb || (restorerMayRaise && imageMayRaise)) {
@@ -782,7 +849,7 @@ function queueSizes(image: Image, notKept: string[]): Map<number, bigint> {
       continue;
     }
     const why = !restorerMayRaise
-      ? 'a size above it takes CAP_SYS_RESOURCE, which this restore does not have'
+      ? 'a size above it takes CAP_SYS_RESOURCE in the initial user namespace, which this restore does not have'
       : "a size above it takes CAP_SYS_RESOURCE, which none of the image's processes had (as where the queue was made on a node whose msgmnb was larger)";
     let bytes = 0n;
     for (const m of q.messages) bytes += BigInt(m.data.length);
