@@ -938,16 +938,21 @@ export class LocalRegistry implements Registry {
       // was killed between making it and binding its id is found by its
       // key, bound first (CreateBound), under the same rule.
       // Each on its own: one the kernel or the tables' guard refuses (a
-      // process of the application truncating its file meanwhile) is said
-      // and left, not a reason to keep the rest, nor to fail the `ps` or
-      // `prune` that settles this record for every application.
+      // process of the application truncating its file meanwhile) does
+      // not keep the rest from going. But the tables are the only record
+      // of what is left: with one failed, they and the registration stay
+      // (for a later rm or prune) and the release fails in one line;
+      // `ps` settles each record on its own (list), so this one failing
+      // fails no one else's.
+      const left: string[] = [];
       for (const kind of ['semid', 'shmid', 'msgid', 'semkey', 'shmkey', 'msgkey'] as const)
         for (const e of t.tables[kind])
           try {
             native.removeIpcOwned(record.tables, kind, e.system, salt, created, initPid);
           } catch (err) {
-            process.stderr.write(`appshot: warning: ${printable(`a SysV object of '${record.aid}' (${kind} ${e.system}) left: ${(err as Error).message}`)}\n`);
+            left.push(`${kind} ${e.system}: ${(err as Error).message}`);
           }
+      if (left.length) throw new AppshotError(printable(`'${record.aid}': ${left.length} SysV object${left.length > 1 ? 's' : ''} not removed (${left.join('; ')}); its tables and registration are kept for a later rm or prune`));
     }
     rmSync(record.tables, { force: true });
     // Unless the caller let them go already, with others', under one lock
