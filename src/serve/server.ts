@@ -2174,10 +2174,10 @@ export class ServeHost {
       // ending (the forwarding thread keeps the event loop alive while it
       // has connections). Before the clones are stopped: those connections
       // are theirs.
-      if (this.forwarder.openConnections() > 0) {
-        const d = await this.forwarder.drain(DRAIN_MS, DRAIN_CLOSE_MS);
-        this.log({ event: 'drain', ...d, drainMs: DRAIN_MS });
-      }
+      // Always: whether any is open is the forwarding thread's to say (one
+      // it forwarded just now may not have been reported yet).
+      const d = await this.forwarder.drain(DRAIN_MS, DRAIN_CLOSE_MS);
+      if (d.drained + d.ended + d.left > 0) this.log({ event: 'drain', ...d, drainMs: DRAIN_MS });
       for (const s of this.services) await s.close();
       if (this.ownStandbys) await this.endStandbys();
     })());
