@@ -1892,11 +1892,18 @@ class Service {
     for (const b of this.backlogs.values()) closeSync(b.fd);
     this.backlogs.clear();
     for (const h of this.held.splice(0)) h.socket.destroy();
+    // A prepared instance holds a copy of the shared public listener: the
+    // kernel would go on completing handshakes on it through the drain,
+    // for clients reset when it is let go. It goes now (close awaits it).
+    this.droppingPrepared = this.dropPrepared('serve stops');
   }
+
+  /** stopAccepting's dropPrepared. */
+  private droppingPrepared: Promise<void> | undefined;
 
   async close(): Promise<void> {
     this.stopAccepting();
-    await this.dropPrepared('serve stops');
+    await this.droppingPrepared;
     this.forgetPreload();
     // Clones are interchangeable and go; restore mode's instance keeps
     // running (the next serve adopts it).
