@@ -775,6 +775,12 @@ class Service {
         // grants, ~0.1-0.2 ms of this thread on this loaded VM with the
         // client waiting. The pump comes after the release, as it does.
         if (inst?.state === 'suspended' && this.prepared && !this.closing && performance.now() >= this.watchAfter) {
+          // What the pump's look at the shared backlog would have done
+          // (one ioctl): the held gauge shows who waits, and it is dated,
+          // for a `waiting` report should the release be slow.
+          const waiting = this.shared?.queued() ?? 0;
+          this.sharedAge.sample(waiting, this.host.clock.now());
+          this.host.metrics?.held.set({ service: this.name }, this.held.length + waiting);
           void this.restoreInstance();
           return;
         }
