@@ -1422,7 +1422,19 @@ class Service {
     this.changed();
   }
 
-  private async restoreInstance(): Promise<void> {
+  /** The restore under way (restoreInstance), for close() to await. */
+  private restoring: Promise<void> | undefined;
+
+  private restoreInstance(): Promise<void> {
+    const p = this.restoreInstanceNow();
+    this.restoring = p;
+    void p.finally(() => {
+      if (this.restoring === p) this.restoring = undefined;
+    });
+    return p;
+  }
+
+  private async restoreInstanceNow(): Promise<void> {
     const inst = this.instances.get(this.name) ?? this.newInstance(this.name, 'suspended');
     const from = inst.state;
     inst.state = 'starting';
@@ -1926,6 +1938,16 @@ class Service {
           await api.rm(i.aid, { home: this.host.home }).catch(() => undefined);
           this.instances.delete(i.aid);
         }
+    // Restore mode: a restore under way finishes first, so that the state
+    // written last says what it made (a running instance, the next serve's
+    // to adopt), not 'starting' for ever; and a serve of its own lets go of
+    // its lock only then, so that the next one does not adopt it half made.
+    // Bounded: serve stop waits 60 s in all.
+    const restoring = this.restoring;
+    if (restoring) {
+      const late = await Promise.race([restoring.then(() => false, () => false), new Promise<boolean>((r) => setTimeout(() => r(true), RESTORE_WAIT_MS).unref())]);
+      if (late) this.log('restore-unfinished', { instance: this.name, waitedMs: RESTORE_WAIT_MS });
+    }
     this.writeState();
   }
 }
@@ -1970,6 +1992,10 @@ const DRAIN_MS = 2000;
 /** Then how long their closes are waited for (the thread reports them
  * within milliseconds; this bounds a thread that does not). */
 const DRAIN_CLOSE_MS = 2000;
+
+/** How long a stopping serve waits for a restore under way to finish
+ * (Service.close). */
+const RESTORE_WAIT_MS = 30_000;
 
 /** Descriptors kept for everything but held connections: Node's own, a
  * restore's, the forwarded connections' (two each). */
