@@ -197,6 +197,10 @@ describe.each([
       // Forwarded and ended, or (had the thread not accepted it before its
       // listener closed) reset in the listen backlog: closed either way.
       await within(racing.closed, 20_000, () => `round ${round}: the client to be closed; on the port: ${JSON.stringify(onPort(PUBLIC))}`);
+      // And it closes its end, as a client does: one serve had not yet
+      // handed to the thread (held, closed in order as serve stopped)
+      // would otherwise leave serve's end in FIN-WAIT-2 for a minute.
+      clients.at(-1)!.destroy();
       const drains = serve.logged<{ event: string; ended?: number; left?: number }>().filter((e) => e.event === 'drain');
       expect(drains.every((d) => d.left === 0), JSON.stringify(drains)).toBe(true);
       endedByDrain += drains.reduce((n, d) => n + (d.ended ?? 0), 0);
