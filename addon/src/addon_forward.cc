@@ -172,12 +172,17 @@ Napi::Value ForwardUnlisten(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// forwardShut(id) -> 0 or -ENOENT: connection id is ended (fwd_shut); its
-// close is reported as any other.
+// forwardShut(ids: Uint32Array, lids: Uint32Array, shut) -> how many
+// connections of those ids or forwarded under those listeners are still
+// open; with shut, they are ended (fwd_shut). Their closes are reported as
+// any other. Sorts both arrays.
 Napi::Value ForwardShut(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!forwarder) return Napi::Number::New(env, -ENOENT);
-  return Napi::Number::New(env, fwd_shut(forwarder->loop, info[0].As<Napi::Number>().Uint32Value()));
+  if (!forwarder) return Napi::Number::New(env, 0);
+  auto ids = info[0].As<Napi::Uint32Array>();
+  auto lids = info[1].As<Napi::Uint32Array>();
+  int n = fwd_shut(forwarder->loop, ids.Data(), ids.ElementLength(), lids.Data(), lids.ElementLength(), info[2].ToBoolean().Value());
+  return Napi::Number::New(env, n);
 }
 
 }  // namespace

@@ -72,6 +72,11 @@ enum fwd_state {
 
 struct fwd_conn {
   uint32_t id;
+  // The listener it was accepted on under a grant (0: fwd_connect's), so
+  // that a serve that stops can end what its listeners forwarded before
+  // their reports reached it (fwd_shut).
+  uint32_t lid;
+  uint8_t shut;  // fwd_shut shut it down already (under loop->lock)
   int state;  // enum fwd_state; __atomic, set by fwd_connect then the thread
   int fd[2];  // [0] the client (our duplicate), [1] the instance
   uint8_t out_armed[2];  // EPOLLOUT asked for on fd[i]
@@ -493,6 +498,7 @@ static int accept_all(struct fwd_loop *loop, struct fwd_listener *l, struct fwd_
     int rc = -1, consumed = 0;
     if (c) {
       c->id = ev.id;
+      c->lid = l->lid;
       c->fd[0] = fd;
       // Only a connect done on the spot counts: one still under way is
       // Node's to decide about (it would be refused or retried there).
@@ -843,13 +849,29 @@ void fwd_unlisten(struct fwd_loop *loop, uint32_t lid) {
   pthread_mutex_unlock(&loop->lock);
 }
 
-int fwd_shut(struct fwd_loop *loop, uint32_t id) {
-  int rc = -ENOENT;
+static int cmp_u32(const void *a, const void *b) {
+  uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+static int has_u32(const uint32_t *sorted, size_t n, uint32_t v) {
+  return n && bsearch(&v, sorted, n, sizeof v, cmp_u32) != NULL;
+}
+
+int fwd_shut(struct fwd_loop *loop, uint32_t *ids, size_t nids, uint32_t *lids, size_t nlids, int shut) {
+  // Sorted once, looked up per connection: n log n for a serve that ends
+  // thousands at once, on Node's thread and under the lock.
+  if (nids > 1) qsort(ids, nids, sizeof *ids, cmp_u32);
+  if (nlids > 1) qsort(lids, nlids, sizeof *lids, cmp_u32);
+  int n = 0;
   pthread_mutex_lock(&loop->lock);
   // Under the lock the live list is whole and its descriptors open
   // (finish takes it to unlink and close them).
   for (struct fwd_conn *c = loop->live; c; c = c->next) {
-    if (c->id != id) continue;
+    if (!has_u32(ids, nids, c->id) && !(c->lid && has_u32(lids, nlids, c->lid))) continue;
+    n++;
+    if (!shut || c->shut) continue;
+    c->shut = 1;
     // shutdown raises HUP on both for the thread's epoll (edge-triggered
     // too: it is a state change), which pumps each side to its end. The
     // close that follows is abortive (a reset): a client that never
@@ -861,11 +883,9 @@ int fwd_shut(struct fwd_loop *loop, uint32_t id) {
       setsockopt(c->fd[i], SOL_SOCKET, SO_LINGER, &abort_on_close, sizeof abort_on_close);
       shutdown(c->fd[i], SHUT_RDWR);
     }
-    rc = 0;
-    break;
   }
   pthread_mutex_unlock(&loop->lock);
-  return rc;
+  return n;
 }
 
 void fwd_loop_stop(struct fwd_loop *loop) {

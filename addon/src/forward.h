@@ -4,6 +4,7 @@
 // decisions (which instance, when); this side reports what happened.
 #ifndef APPSHOT_FORWARD_H
 #define APPSHOT_FORWARD_H
+#include <stddef.h>
 #include <stdint.h>
 
 enum fwd_kind {
@@ -85,13 +86,16 @@ int64_t fwd_route(struct fwd_loop *loop, uint32_t lid, uint16_t port, uint32_t c
 // Stops accepting on the listener (its descriptor closed).
 void fwd_unlisten(struct fwd_loop *loop, uint32_t lid);
 
-// Ends connection `id` (fwd_connect's, or the thread's FWD_FORWARDED): both
-// its sockets are shut down, which the thread sees as both ends closing
-// and reports as usual (FWD_CLOSED; FWD_REFUSED if it was still
-// connecting). For a serve that stops: a client that neither sends nor
-// closes, or an instance that never answers, would hold it for ever.
-// 0, or -ENOENT if it has ended already.
-int fwd_shut(struct fwd_loop *loop, uint32_t id);
+// The connections still open (not yet closed by the thread) that are
+// named in ids (fwd_connect's, or the thread's FWD_FORWARDED) or were
+// forwarded under a grant of a listener in lids, whether or not their
+// FWD_FORWARDED has reached Node yet: how many. With shut, each is ended
+// too (once): both its sockets are shut down, which the thread sees as
+// both ends closing and reports as usual (FWD_CLOSED; FWD_REFUSED if it
+// was still connecting). For a serve that stops: a client that neither
+// sends nor closes, or an instance that never answers, would hold it for
+// ever. Sorts ids and lids in place.
+int fwd_shut(struct fwd_loop *loop, uint32_t *ids, size_t nids, uint32_t *lids, size_t nlids, int shut);
 
 // Ends the thread and releases every connection's descriptors (without
 // reports).

@@ -75,7 +75,7 @@ interface NativeForward {
   forwardRoute(lid: number, port: number, capacity: number, seen: number, pid: number): number;
   forwardUnhold(lid: number, n: number): void;
   forwardUnlisten(lid: number): void;
-  forwardShut(id: number): number;
+  forwardShut(ids: Uint32Array, lids: Uint32Array, shut: boolean): number;
 }
 
 const fdOf = (handleOwner: Socket | Server) => (handleOwner as unknown as { _handle?: { fd?: number } })._handle?.fd;
@@ -93,8 +93,9 @@ const fdOf = (handleOwner: Socket | Server) => (handleOwner as unknown as { _han
 const open = new Map<number, { socket?: Socket; ends: ForwardEnds; owner?: Forwarder }>();
 const listeners = new Map<number, { ends: ListenerEnds; seen: number; owner: Forwarder }>();
 /** Of a listener released: its forwarder, for connections the thread
- * forwarded under its grant just before and reports after (a few per
- * serve's life; ids are never reused). */
+ * forwarded under its grant just before and reports after (a serve
+ * releases its listeners as it stops, and forgets them once its drain is
+ * over; ids are never reused). */
 const releasedOwners = new Map<number, Forwarder>();
 let seq = 0;
 let lastLid = 0;
@@ -285,34 +286,65 @@ export class Forwarder {
     return n;
   }
 
+  /** Listeners this forwarder released: the thread may have forwarded
+   * connections under their grants that Node has not heard of yet. */
+  private readonly released: number[] = [];
+
+  /** How many of this forwarder's connections the thread still has open
+   * (its own count: one forwarded under a released listener counts before
+   * its report reaches Node), plus the Node proxy's; with `shut`, the
+   * thread's are ended as well (each once; their closes are reported as
+   * any other). */
+  private stillOpen(shut: boolean): number {
+    let n = this.inNode.size;
+    if (!this.native) return n;
+    const ids: number[] = [];
+    for (const [id, c] of open) if (c.owner === this) ids.push(id);
+    n += this.native.forwardShut(Uint32Array.from(ids), Uint32Array.from(this.released), shut);
+    return n;
+  }
+
   /**
    * For a serve that stops, once its listeners are released: the
    * connections still open get up to `drainMs` to end by themselves (a
    * reply on its way finishes), then each is ended (both sockets shut
    * down: the client hears a close) and their closes awaited, up to
-   * `closeMs` (they are reported by the thread, as any close). A client
-   * that neither sends nor closes, or an instance that never answers,
-   * would otherwise hold serve (and the event loop) for ever. Returns
-   * how many ended by themselves, how many were ended, and how many were
-   * still not heard closed after that.
+   * `closeMs`. What is open is the thread's to say, not Node's: a
+   * connection it forwarded under a grant just before the release is
+   * reported to Node a moment later (or FWD_LAZY_MS later), and would
+   * otherwise be neither waited for nor ended. A client that neither
+   * sends nor closes, or an instance that never answers, would otherwise
+   * hold serve (and the event loop) for ever. Returns how many ended by
+   * themselves, how many were ended, and how many were still open after
+   * that.
    */
   async drain(drainMs: number, closeMs: number): Promise<{ drained: number; ended: number; left: number }> {
-    const at = this.openConnections();
-    const waitUntil = async (deadline: number) => {
-      while (this.openConnections() > 0 && performance.now() < deadline) await new Promise((r) => setTimeout(r, 10));
-    };
-    await waitUntil(performance.now() + drainMs);
-    const stuck = this.openConnections();
-    for (const [id, c] of open) if (c.owner === this) this.native?.forwardShut(id);
-    for (const pair of this.inNode) for (const s of pair) s.destroy();
-    await waitUntil(performance.now() + closeMs);
-    return { drained: at - stuck, ended: stuck, left: this.openConnections() };
+    const pause = () => new Promise((r) => setTimeout(r, 10));
+    try {
+      const at = this.stillOpen(false);
+      const drainUntil = performance.now() + drainMs;
+      while (this.stillOpen(false) > 0 && performance.now() < drainUntil) await pause();
+      const stuck = this.stillOpen(true);
+      for (const pair of this.inNode) for (const s of pair) s.destroy();
+      // Ended again at each look: one the thread linked only after the
+      // first (accepted before the release, connected after) is ended too.
+      // Then until Node has heard of every close (the reports come in
+      // order: each connection's FORWARDED before its CLOSED), so that
+      // what each close updates is done before the instances are stopped.
+      const closeUntil = performance.now() + closeMs;
+      let left = stuck;
+      while (((left = this.stillOpen(true)) > 0 || this.openConnections() > 0) && performance.now() < closeUntil) await pause();
+      return { drained: Math.max(0, at - stuck), ended: stuck, left };
+    } finally {
+      for (const lid of this.released) releasedOwners.delete(lid);
+    }
   }
 
   /** The thread stops accepting on the listener. */
   release(lid: number): void {
     if (!listeners.delete(lid)) return;
     releasedOwners.set(lid, this);
+    this.released.push(lid);
     this.native?.forwardUnlisten(lid);
   }
 }

@@ -775,6 +775,12 @@ class Service {
         // grants, ~0.1-0.2 ms of this thread on this loaded VM with the
         // client waiting. The pump comes after the release, as it does.
         if (inst?.state === 'suspended' && this.prepared && !this.closing && performance.now() >= this.watchAfter) {
+          // What the pump's look at the shared backlog would have done
+          // (one ioctl): the held gauge shows who waits, and it is dated,
+          // for a `waiting` report should the release be slow.
+          const waiting = this.shared?.queued() ?? 0;
+          this.sharedAge.sample(waiting, this.host.clock.now());
+          this.host.metrics?.held.set({ service: this.name }, this.held.length + waiting);
           void this.restoreInstance();
           return;
         }
@@ -1416,7 +1422,19 @@ class Service {
     this.changed();
   }
 
-  private async restoreInstance(): Promise<void> {
+  /** The restore under way (restoreInstance), for close() to await. */
+  private restoring: Promise<void> | undefined;
+
+  private restoreInstance(): Promise<void> {
+    const p = this.restoreInstanceNow();
+    this.restoring = p;
+    void p.finally(() => {
+      if (this.restoring === p) this.restoring = undefined;
+    });
+    return p;
+  }
+
+  private async restoreInstanceNow(): Promise<void> {
     const inst = this.instances.get(this.name) ?? this.newInstance(this.name, 'suspended');
     const from = inst.state;
     inst.state = 'starting';
@@ -1892,11 +1910,18 @@ class Service {
     for (const b of this.backlogs.values()) closeSync(b.fd);
     this.backlogs.clear();
     for (const h of this.held.splice(0)) h.socket.destroy();
+    // A prepared instance holds a copy of the shared public listener: the
+    // kernel would go on completing handshakes on it through the drain,
+    // for clients reset when it is let go. It goes now (close awaits it).
+    this.droppingPrepared = this.dropPrepared('serve stops');
   }
+
+  /** stopAccepting's dropPrepared. */
+  private droppingPrepared: Promise<void> | undefined;
 
   async close(): Promise<void> {
     this.stopAccepting();
-    await this.dropPrepared('serve stops');
+    await this.droppingPrepared;
     this.forgetPreload();
     // Clones are interchangeable and go; restore mode's instance keeps
     // running (the next serve adopts it).
@@ -1913,6 +1938,16 @@ class Service {
           await api.rm(i.aid, { home: this.host.home }).catch(() => undefined);
           this.instances.delete(i.aid);
         }
+    // Restore mode: a restore under way finishes first, so that the state
+    // written last says what it made (a running instance, the next serve's
+    // to adopt), not 'starting' for ever; and a serve of its own lets go of
+    // its lock only then, so that the next one does not adopt it half made.
+    // Bounded: serve stop waits 60 s in all.
+    const restoring = this.restoring;
+    if (restoring) {
+      const late = await Promise.race([restoring.then(() => false, () => false), new Promise<boolean>((r) => setTimeout(() => r(true), RESTORE_WAIT_MS).unref())]);
+      if (late) this.log('restore-unfinished', { instance: this.name, waitedMs: RESTORE_WAIT_MS });
+    }
     this.writeState();
   }
 }
@@ -1957,6 +1992,10 @@ const DRAIN_MS = 2000;
 /** Then how long their closes are waited for (the thread reports them
  * within milliseconds; this bounds a thread that does not). */
 const DRAIN_CLOSE_MS = 2000;
+
+/** How long a stopping serve waits for a restore under way to finish
+ * (Service.close). */
+const RESTORE_WAIT_MS = 30_000;
 
 /** Descriptors kept for everything but held connections: Node's own, a
  * restore's, the forwarded connections' (two each). */
@@ -2174,10 +2213,10 @@ export class ServeHost {
       // ending (the forwarding thread keeps the event loop alive while it
       // has connections). Before the clones are stopped: those connections
       // are theirs.
-      if (this.forwarder.openConnections() > 0) {
-        const d = await this.forwarder.drain(DRAIN_MS, DRAIN_CLOSE_MS);
-        this.log({ event: 'drain', ...d, drainMs: DRAIN_MS });
-      }
+      // Always: whether any is open is the forwarding thread's to say (one
+      // it forwarded just now may not have been reported yet).
+      const d = await this.forwarder.drain(DRAIN_MS, DRAIN_CLOSE_MS);
+      if (d.drained + d.ended + d.left > 0) this.log({ event: 'drain', ...d, drainMs: DRAIN_MS });
       for (const s of this.services) await s.close();
       if (this.ownStandbys) await this.endStandbys();
     })());
