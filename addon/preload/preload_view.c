@@ -945,7 +945,17 @@ static NOINLINE long view_fill_named(int fd, const char *path, enum name name, i
   if (through && v == VIEW_SCHED && !cgroup_procs_markable(fd)) return 0;
   char memfd_name[VIEW_NAME_MAX] = VIEW_NAME;
   long r = through ? write_through_name(fd, v, &who, memfd_name) : 0;
-  if (r == -ENAMETOOLONG) return 0; /* the same for a path no memfd's name holds */
+  if (r == -ENAMETOOLONG) {
+    /* A path no memfd's name holds: the kernel's descriptor stays where
+     * its writes are translated (marked at its open, cgroup_procs_opened)
+     * or hold no id (sched). Past the marks' table, a cgroup list's view
+     * stays, read-only: its writes fail (EBADF) rather than hand the
+     * kernel virtual PIDs as system ones (review r403 M1). */
+    if (v == VIEW_SCHED || cgroup_procs_markable(fd)) return 0;
+    through = 0;
+    r = 0;
+    strcpy(memfd_name, VIEW_NAME);
+  }
   if (r == 0) r = substitute(fd, v, &who, memfd_name);
   if (r == 0 && through) cgroup_procs_mark(fd, 1);
   return r;
