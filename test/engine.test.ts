@@ -162,6 +162,32 @@ describe('the resident engine', () => {
     expect(inProcess(['rm', '-f', 'auto']).code).toBe(0);
   });
 
+  it('is not started on demand by a command run inside an application, which would make it one of its processes', async () => {
+    // r404 F2: the engine inherits its starter's environment, and the
+    // preload library's exec gives it the application's identity back
+    // whatever the spawn's environment says. (A command inside an
+    // application sees its virtual view: a snapshot of an application
+    // by name finds none there; what matters is what it starts.)
+    await stopEngine();
+    const r = inProcess(['run', '-d', '--aid', 'inapp', '--', 'sh', '-c', `APPSHOT_HOME=${JSON.stringify(sb.home)} APPSHOT_ENGINE=auto ${JSON.stringify(process.execPath)} ${JSON.stringify(cli)} snapshot nosuch -o ${JSON.stringify(join(out, 'nosuch.appshot'))}; echo "SNAPSHOT $?"; exec sleep 600`]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /^SNAPSHOT \d+$/m.test(logOf('inapp')), 60_000, 'the snapshot run inside inapp');
+    expect(logOf('inapp')).toMatch(/no application with AID 'nosuch'[^]*^SNAPSHOT 3$/m);
+    // An engine started on demand is spawned before the command runs, so
+    // one would exist by now: none of this sandbox's is anywhere.
+    const engines = readdirSync('/proc').filter((p) => {
+      if (!/^\d+$/.test(p)) return false;
+      try {
+        return readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('engine/main.js') && readFileSync(`/proc/${p}/environ`, 'utf8').split('\0').includes(`APPSHOT_HOME=${sb.home}`);
+      } catch {
+        return false;
+      }
+    });
+    expect(engines).toEqual([]);
+    expect((await status()).running).toBe(false);
+    expect(inProcess(['rm', '-f', 'inapp']).code).toBe(0);
+  });
+
   it('gives the same output and exit code as the CLI in-process', async () => {
     expect(inProcess(['engine', 'start']).code).toBe(0);
     await startApp('same');

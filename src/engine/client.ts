@@ -40,7 +40,17 @@ const STARTS_ENGINE = new Set(['clone', 'restore', 'snapshot']);
  * started on demand; `manual`, one is used if it runs (`appshot engine
  * start`) but none is started; `off`, none is used (bin/appshot.js). */
 function startsOnDemand(): boolean {
-  return (process.env.APPSHOT_ENGINE || 'auto') === 'auto';
+  return (process.env.APPSHOT_ENGINE || 'auto') === 'auto' && !insideApplication();
+}
+
+/** Whether this client runs inside an application (a process of one, its
+ * preload library's identity in its environment): an engine it started
+ * would inherit that identity (the library's exec puts it back whatever
+ * the spawn's environment says), join the application's tables and be
+ * stopped, snapshotted or kept alive with it (review r404 F2). Such a
+ * client uses an engine that runs, never starts one. */
+function insideApplication(): boolean {
+  return !!(process.env.APPSHOT_AID || process.env.APPSHOT_TABLES || process.env.APPSHOT_TABLES_FD);
 }
 
 /** Whether an engine is starting (it holds its lock, whose file names it,
