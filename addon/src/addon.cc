@@ -96,6 +96,13 @@ void ThrowStep(const Napi::Env& env, Step s, const std::string& what, const std:
   ThrowCoded(env, what + " " + path + ": the tables changed size under us (a process of the application truncated its table file)", EPROTO);
 }
 
+// A table file is appshot's own regular file in the state directory,
+// whose owner could put anything at its name: a FIFO there must not
+// block the engine (O_NONBLOCK, which a regular file ignores), a
+// terminal must not become its controlling one (O_NOCTTY), nor a
+// symbolic link send it elsewhere (O_NOFOLLOW) (review r404 F5).
+constexpr int kTablesOpenFlags = O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY;
+
 // appshot_table_map_fd, its look at the mapped header under the guard: the
 // file may shrink between the fstat and that look.
 static appshot_header* MapTablesFd(int fd, int* err) {
@@ -130,7 +137,7 @@ static appshot_header* MapTablesFd(int fd, int* err) {
 }
 
 appshot_header* MapTables(const std::string& path, int* err) {
-  int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  int fd = open(path.c_str(), kTablesOpenFlags | O_RDWR);
   if (fd < 0) {
     *err = errno;
     return nullptr;
@@ -189,7 +196,7 @@ constexpr size_t kCachedTables = 8;
 std::vector<CachedTables> g_cached_tables;
 
 appshot_header* MappedTables(const std::string& path, int* err) {
-  int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  int fd = open(path.c_str(), appshot::kTablesOpenFlags | O_RDWR);
   if (fd < 0) {
     *err = errno;
     return nullptr;
@@ -441,7 +448,7 @@ Napi::Value ReadTables(const Napi::CallbackInfo& info) {
   // (~1.4 ms a read of a file not mapped yet); pread reads holes as zeros.
   // Each used slot is then read through the mapping, ordered as writers
   // store it (appshot_entry_at), its page allocated already.
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  int fd = open(path.c_str(), appshot::kTablesOpenFlags | O_RDONLY);
   if (fd < 0) {
     appshot::ThrowTablesOpen(env, path, errno);
     return env.Undefined();
