@@ -887,6 +887,10 @@ describe('a --leave-running snapshot killed while a thread runs an injected batc
     expect(r.signal, `the snapshot was to be killed at 'batch: running': ${r.stderr}`).toBe('SIGKILL');
     await runsUntraced(aid);
     expect(sb.log(aid)).not.toMatch(/FAIL/);
+    // Waited for, not read once: appshot-init blocks its signals for a
+    // moment while it handles one (ci-48d read its mask then), which a
+    // thread left with the batch's mask would never stop doing.
+    await waitFor(() => JSON.stringify(signalState(aid)) === JSON.stringify(before), 10_000, `${aid}'s signal masks and dispositions as they were`).catch(() => undefined);
     expect(signalState(aid)).toEqual(before);
     // And the next snapshot of it is whole.
     const again = sb.run(['snapshot', aid, '-o', image, '--leave-running']);
