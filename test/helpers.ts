@@ -629,6 +629,18 @@ export function redisCli(port: number, commands: string[]): string[] {
   return r.stdout.trim().split('\n');
 }
 
+/** Waits until the redis on `port` answers PING (a refused connection
+ * or no answer yet: not yet). */
+export async function redisAnswers(port: number, timeoutMs: number): Promise<void> {
+  await waitFor(() => {
+    try {
+      return redisCli(port, ['PING'])[0] === 'PONG';
+    } catch {
+      return false;
+    }
+  }, timeoutMs, 'redis to answer');
+}
+
 /**
  * A snapshot of a real redis holding `keys` keys (key:I = value(I)): redis
  * started under AID 'loader' on `port`, filled, then snapshotted (which ends
@@ -637,13 +649,7 @@ export function redisCli(port: number, commands: string[]): string[] {
 export async function redisImage(sb: Sandbox, port: number, keys: number, value: (i: number) => string, image: string): Promise<void> {
   const r = sb.run(['run', '-d', '--aid', 'loader', '--', '/usr/bin/redis-server', '--port', String(port), '--save', '', '--appendonly', 'no']);
   if (r.code !== 0) throw new Error(`appshot run redis: ${r.stderr}`);
-  await waitFor(() => {
-    try {
-      return redisCli(port, ['PING'])[0] === 'PONG';
-    } catch {
-      return false;
-    }
-  }, 10_000, 'redis to answer');
+  await redisAnswers(port, 10_000);
   const set = redisCli(port, Array.from({ length: keys }, (_, i) => `SET key:${i} ${value(i)}`));
   if (set.length !== keys || !set.every((l) => l === 'OK')) throw new Error(`redis SET answered ${set.find((l) => l !== 'OK')}`);
   const s = sb.run(['snapshot', 'loader', '-o', image]);

@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { serveLockTaken } from '../src/serve/lock.js';
-import { alive, type Running, Sandbox, redisCli, waitFor } from './helpers.js';
+import { alive, type Running, Sandbox, redisAnswers, redisCli, waitFor } from './helpers.js';
 
 const REDIS = '/usr/bin/redis-server';
 const PYTHON = '/usr/bin/python3';
@@ -99,13 +99,7 @@ describe.each([
     if (mode === 'restore') {
       const r = sb.run(['run', '-d', '--aid', `${name}src`, '--', REDIS, '--port', String(APP), '--save', '', '--appendonly', 'no']);
       expect(r.code, r.stderr).toBe(0);
-      await waitFor(() => {
-        try {
-          return redisCli(APP, ['PING'])[0] === 'PONG';
-        } catch {
-          return false;
-        }
-      }, 20_000, 'redis to answer');
+      await redisAnswers(APP, 20_000);
       expect(redisCli(APP, ['SET k v'])).toEqual(['OK']);
       const s = sb.run(['snapshot', `${name}src`, '-o', image]);
       expect(s.code, s.stderr).toBe(0);
