@@ -663,6 +663,22 @@ export class LocalRegistry implements Registry {
     return record;
   }
 
+  /** require, for a command that needs the application's supervisor:
+   * `appshot run` writes its PID into the record just after starting it,
+   * and the command it runs may print (and a person or a test act on
+   * that) before then. While the registration is that young (its
+   * supervisor not yet named, the command that made it alive), the record
+   * is read again, for at most `waitMs`. */
+  async requireSupervised(aid: string, waitMs = 10_000): Promise<AppRecord> {
+    const until = Date.now() + waitMs;
+    let record = this.require(aid);
+    while (!record.initPid && Date.now() < until) {
+      await new Promise((r) => setTimeout(r, 5));
+      record = this.require(aid);
+    }
+    return record;
+  }
+
   requireAny(aid: string): AppRecord {
     checkAid(aid);
     const found = this.get(aid);

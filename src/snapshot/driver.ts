@@ -969,7 +969,7 @@ function refuseLostOutput(): void {
 async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptions): Promise<SnapshotResult> {
   const started = now();
   const injectedBefore = injected.calls;
-  const record = reg.require(aid);
+  const record = await reg.requireSupervised(aid);
   const { tables, why } = reg.readTablesWhy(record);
   if (why) throw new AppshotError(why, ExitCode.failure);
   if (!tables || !record.initPid) throw new AppshotError(`'${aid}' is not running`, ExitCode.notFound);
