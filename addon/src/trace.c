@@ -489,6 +489,22 @@ static int pending_in(pid_t tid, int shared, int sig) {
   return -1;
 }
 
+/*
+ * Whether `si` is what the kernel makes up for a signal that was pending
+ * without its siginfo: one sent with a negative si_code (tgkill's among
+ * them) while its receiver's user had RLIMIT_SIGPENDING signals queued
+ * already, which the kernel still marks pending but cannot queue (its
+ * "silent loss of information"), read back as SI_USER from PID 0. The
+ * batch's own tgkill is one such under that limit: taken at the code's
+ * end (past the tgkill), it is ours all the same. A signal taken there is
+ * from the thread's own queue, where nothing else waited (a pending end
+ * signal would have been taken when the thread was let go, at the code's
+ * start); a sender whose tgkill came between the batch's last call and
+ * its own, which the kernel then keeps as one pending signal with ours,
+ * is the only other.
+ */
+static int infoless(const siginfo_t* si) { return si->si_code == SI_USER && si->si_pid == 0 && si->si_uid == 0; }
+
 /* In the thread's own queue: one the batch takes at its start came from
  * there if so, as the kernel takes a thread's own signals before its
  * process's. */
@@ -852,7 +868,7 @@ static int batch_heard(batch_run* b, const trace_report* rep) {
     /* Ours, at the end of the code: sent by the thread to itself, or
      * the int3's trap that stands in for a tgkill that failed (a
      * seccomp filter). Done. */
-    if ((rep->sig == b->end.sig && at.rip == b->code + b->stopped_at && si.si_code == SI_TKILL && si.si_pid == sender_tgid(b->tid, b->table)) ||
+    if ((rep->sig == b->end.sig && at.rip == b->code + b->stopped_at && (infoless(&si) || (si.si_code == SI_TKILL && si.si_pid == sender_tgid(b->tid, b->table)))) ||
         (rep->sig == SIGTRAP && at.rip == b->code + b->trapped_at + 1 && si.si_code == SI_KERNEL)) {
       b->rc = 0;
       return 1;

@@ -1,0 +1,67 @@
+/**
+ * A snapshot of a process whose user has used up its queued signals
+ * (RLIMIT_SIGPENDING): a signal sent to it with a negative si_code
+ * (tgkill's, sigqueue's) is then pending without its siginfo, which
+ * PTRACE_PEEKSIGINFO does not list and which reads back as SI_USER from
+ * PID 0. The batches that run the snapshot's calls in the process end by
+ * such a tgkill of their own, and the end signal kept from one batch to
+ * the next (trace.c end_kept) is looked for with that peek (review r394
+ * F1). The fixture (sigpendfull) blocks SIGURG, the first end signal a
+ * batch takes, and reports the SIGURG pending when asked (SIGPWR).
+ */
+import { readFileSync } from 'node:fs';
+import { afterAll, describe, expect, it } from 'vitest';
+import { fixture, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+afterAll(() => sb.dispose());
+
+const SIGURG_BIT = 1n << 22n; // signal 23
+/** The fixture as application `aid`, its verdict READY: its system PID
+ * (one thread). */
+async function started(aid: string): Promise<number> {
+  sb.ok(['run', '-d', '--aid', aid, '--', fixture('sigpendfull')]);
+  await waitFor(() => /READY|FAIL/.test(sb.log(aid)), 10_000, `${aid} to use up its queued signals`);
+  expect(sb.log(aid)).not.toMatch(/FAIL/);
+  const [app] = sb.json<{ processes: { pid: number; init: boolean }[] }[]>(['ps', aid]);
+  return app.processes.find((p) => !p.init)!.pid;
+}
+
+/** Whether SIGURG waits in the thread's own queue and in its process's. */
+function urgPending(pid: number): { thread: boolean; process: boolean } {
+  const status = readFileSync(`/proc/${pid}/task/${pid}/status`, 'utf8');
+  const mask = (field: string) => BigInt(`0x${new RegExp(`^${field}:\\s*([0-9a-f]+)$`, 'm').exec(status)![1]}`);
+  return { thread: (mask('SigPnd') & SIGURG_BIT) !== 0n, process: (mask('ShdPnd') & SIGURG_BIT) !== 0n };
+}
+
+/** The SIGURG the fixture takes when asked (SIGPWR): each one's
+ * "<si_code> <si_pid>". */
+async function taken(aid: string, pid: number): Promise<string[]> {
+  const before = sb.log(aid).length;
+  const answer = () => sb.log(aid).slice(before);
+  process.kill(pid, 'SIGPWR');
+  await waitFor(() => /^(TOOK \d+|FAIL.*)$/m.test(answer()), 10_000, `${aid} to take its SIGURG`);
+  const lines = answer().trim().split('\n');
+  const urg = lines.filter((l) => l.startsWith('URG ')).map((l) => l.slice(4));
+  expect(lines).toEqual([...urg.map((u) => `URG ${u}`), `TOOK ${urg.length}`]);
+  return urg;
+}
+
+describe("a snapshot of a process whose user's queued signals are used up (RLIMIT_SIGPENDING)", () => {
+  it('ends each batch at its own end signal, which comes without its siginfo, and sends the application nothing', async () => {
+    // The batch's tgkill came as SI_USER from PID 0 (no queue entry): taken
+    // for a signal of the application's, the thread was let go past it,
+    // back into its own code; the batch gave up after 10 s, the snapshot
+    // failed, and the application was sent a SIGURG no one sent it.
+    const aid = 'spfull';
+    const pid = await started(aid);
+    try {
+      const r = sb.run(['snapshot', aid, '--leave-running', '-o', `${sb.home}/spfull.img`]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(urgPending(pid)).toEqual({ thread: false, process: false });
+      expect(await taken(aid, pid)).toEqual([]);
+    } finally {
+      sb.run(['rm', '-f', aid]);
+    }
+  });
+});
