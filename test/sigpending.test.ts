@@ -9,14 +9,20 @@
  * F1). The fixture (sigpendfull) blocks SIGURG, the first end signal a
  * batch takes, and reports the SIGURG pending when asked (SIGPWR).
  */
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { cli, fixture, processState as stateOf, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
 
 const SIGURG_BIT = 1n << 22n; // signal 23
+const SYS_TGKILL = 234;
+const SIGURG = 23;
+/** tgkill(argv[1], argv[1], argv[2]): to the main thread of process argv[1]. */
+const TGKILL = `import ctypes, sys\npid = int(sys.argv[1])\nsys.exit(ctypes.CDLL(None, use_errno=True).syscall(${SYS_TGKILL}, pid, pid, int(sys.argv[2])))`;
+
 /** The fixture as application `aid`, its verdict READY: its system PID
  * (one thread). */
 async function started(aid: string): Promise<number> {
@@ -61,6 +67,55 @@ describe("a snapshot of a process whose user's queued signals are used up (RLIMI
       expect(urgPending(pid)).toEqual({ thread: false, process: false });
       expect(await taken(aid, pid)).toEqual([]);
     } finally {
+      sb.run(['rm', '-f', aid]);
+    }
+  });
+
+  it('puts an end signal pending without its siginfo back where it was, the thread\'s own, once (review r394 F1)', async () => {
+    // A SIGURG sent to the thread (tgkill) once its first batch has ended
+    // by SIGURG: pending without siginfo, which the peeks before the next
+    // batch do not see, so that batch keeps SIGURG and takes it at its
+    // start. It was sent back to the process (kill: not the thread's any
+    // more); the kernel now queues it again itself, where it was.
+    const aid = 'spf1';
+    const pid = await started(aid);
+    let child: ChildProcess | undefined;
+    try {
+      child = spawn(process.execPath, [cli, 'snapshot', aid, '--leave-running', '-o', `${sb.home}/spf1.img`], {
+        env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: 'batch: running' },
+      });
+      let stderr = '';
+      child.stderr!.on('data', (d) => (stderr += d));
+      const exited = new Promise<number | null>((resolve) => child!.on('close', (code) => resolve(code)));
+      let sent = false;
+      // appshot stops itself as each batch is let go: continued every
+      // time, and the SIGURG sent at the first stop after the fixture's
+      // thread has ended a batch of its own (stopped, its last call the
+      // batch's tgkill; at a batch of another process it waits in
+      // rt_sigtimedwait).
+      const appshot = child;
+      while (appshot.exitCode === null) {
+        await waitFor(() => stateOf(appshot.pid!) === 'T' || appshot.exitCode !== null, 60_000, 'appshot to stop at a batch');
+        if (appshot.exitCode !== null) break;
+        if (!sent) {
+          await waitFor(() => stateOf(pid) === 't', 10_000, 'the fixture to stop');
+          if (readFileSync(`/proc/${pid}/task/${pid}/syscall`, 'utf8').startsWith(`${SYS_TGKILL} `)) {
+            const k = spawnSync('python3', ['-c', TGKILL, String(pid), String(SIGURG)]);
+            expect(k.status).toBe(0);
+            sent = true;
+          }
+        }
+        // Woken by the time kill returns: a T seen after is its next stop.
+        appshot.kill('SIGCONT');
+      }
+      expect(await exited, stderr).toBe(0);
+      expect(sent, 'a batch of the fixture was seen').toBe(true);
+      expect(urgPending(pid)).toEqual({ thread: true, process: false });
+      // As the kernel reads a signal it kept without siginfo: SI_USER, PID 0.
+      expect(await taken(aid, pid)).toEqual(['0 0']);
+    } finally {
+      // Not left stopped at a batch, holding the application.
+      if (child && child.exitCode === null) child.kill('SIGKILL');
       sb.run(['rm', '-f', aid]);
     }
   });

@@ -565,8 +565,11 @@ static void take_back_signal(pid_t tid, const siginfo_t* info, int to_process) {
  *   pending signals back). So the kept signal is looked for again before
  *   every batch, in the thread's queue and the process's (two
  *   PTRACE_PEEKSIGINFO, no file read), and chosen afresh if it waits in
- *   either. (A fresh read raced with senders as well: a signal that came
- *   after it is what batch_heard's `foreign` sets aside and queues again.)
+ *   either. A signal that came after the look, or that the peeks cannot
+ *   see (pending without its siginfo: RLIMIT_SIGPENDING reached, review
+ *   r394 F1), the batch takes instead of its own end; batch_heard has the
+ *   kernel put it back where it was (put_back_taken) and ends the batch
+ *   by another signal, chosen afresh.
  * - What the process catches changes only by rt_sigaction: a stopped
  *   process (a frozen application, a restore's seed) runs nothing of its
  *   own, and no process outside it shares its handlers (CLONE_SIGHAND
@@ -605,7 +608,9 @@ static ssize_t read_status(pid_t tid, char* buf, size_t size) {
   return (ssize_t)len;
 }
 
-static trace_batch_end choose_batch_end(pid_t tid) {
+/* `taken`: a signal to count as pending (0: none), one the thread has
+ * just taken out of its queue to be put back. */
+static trace_batch_end choose_batch_end(pid_t tid, int taken) {
   trace_batch_end end = {SIGTRAP, 1};
   char small[8192];
   char* status = small;
@@ -625,6 +630,7 @@ static trace_batch_end choose_batch_end(pid_t tid) {
     line = next;
   }
   free(large);
+  if (taken) pending |= 1ull << (taken - 1);
   static const int harmless[] = {SIGURG, SIGWINCH, SIGCHLD};
   for (size_t i = 0; i < sizeof harmless / sizeof *harmless; i++) {
     uint64_t bit = 1ull << (harmless[i] - 1);
@@ -757,19 +763,24 @@ static void kill_point(const char* name) {
 /* Waits for the thread, which runs the batch code still (a batch that
  * did not end in time), to stop: interrupted, so that its registers and
  * mask can be put back. Signals it takes meanwhile are set aside as the
- * batch's loop does (stops), the others left to the batch's error. */
-static void stop_running_batch(pid_t tid, unsigned* stops, int wait_ms, int interrupted) {
-  if (!interrupted && ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return;
+ * batch's loop does (stops), the others left to the batch's error. 0 once
+ * it is stopped, else -errno (-ETIMEDOUT, -ESRCH: it is gone). */
+static int stop_running_batch(pid_t tid, unsigned* stops, int wait_ms, int interrupted) {
+  if (!interrupted && ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return fail();
   for (int tries = 0; tries < 16; tries++) {
     trace_report rep;
-    if (trace_wait(tid, wait_ms, &rep) || rep.kind == TRACE_NONE || rep.kind == TRACE_EXITED) return;
+    int rc = trace_wait(tid, wait_ms, &rep);
+    if (rc) return rc;
+    if (rep.kind == TRACE_NONE) return -ETIMEDOUT;
+    if (rep.kind == TRACE_EXITED) return -ESRCH;
     if (rep.kind == TRACE_SIGNAL && is_stop_signal(rep.sig)) {
       *stops |= 1u << rep.sig;
-      if (ptrace(PTRACE_CONT, tid, 0, 0) || ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return;
+      if (ptrace(PTRACE_CONT, tid, 0, 0) || ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return fail();
       continue;
     }
-    return; /* stopped: at the interrupt, or at a signal */
+    return 0; /* stopped: at the interrupt, or at a signal */
   }
+  return -EINTR;
 }
 
 /* One thread's batch, from its start to its end: what the tracer keeps of
@@ -786,7 +797,9 @@ typedef struct {
   uint64_t mask;
   unsigned stops;
   /* An end signal of the process's own that was pending (or came
-   * meanwhile), taken instead of ours: set aside and queued again after. */
+   * meanwhile), taken instead of ours, where no other end signal was free
+   * to put it back at once (put_back_taken): set aside and queued again
+   * after. */
   int foreign;
   siginfo_t foreign_info[2]; /* the thread's queue's and the process's */
   int foreign_to_process[2];
@@ -819,7 +832,7 @@ static int batch_arm(batch_run* b, pid_t tid, uint64_t code, uint64_t table, uin
   size_t size;
   trace_batch_code(&size, &b->stopped_at);
   b->trapped_at = (size_t)(appshot_batch_trapped - appshot_batch_code);
-  b->end = end ? *end : choose_batch_end(tid);
+  b->end = end ? *end : choose_batch_end(tid, 0);
   if ((rc = set_end_signal(tid, table, b->end.sig))) return rc;
   if ((rc = trace_get_sigmask(tid, &b->mask))) return rc;
   b->back = saved;
@@ -851,6 +864,47 @@ static int batch_resume(batch_run* b) {
   return 0;
 }
 
+/*
+ * An end signal of the process's own that the thread took while armed
+ * (pending before the batch, where the queues peeked at did not list it,
+ * or come since), put back by the kernel itself, exactly where it came
+ * from and with its siginfo: the thread, stopped at its delivery, is let
+ * go with it while it blocks every signal, which has the kernel queue it
+ * again as it took it (ptrace_signal: to the thread's own queue or to its
+ * process's), and then stops at once at the interrupt asked first,
+ * before any instruction of its own. take_back_signal can only guess the
+ * queue of a signal the kernel kept without its siginfo (RLIMIT_SIGPENDING
+ * reached, review r394 F1) and names appshot as the sender of one that
+ * had none. The batch then ends by `next` (its table and mask changed
+ * to it), pending nowhere. 0, or -errno; *let_go says whether the thread
+ * was let go with the signal (if not, its mask is the batch's again and
+ * the signal still to be put back).
+ */
+static int put_back_taken(batch_run* b, int sig, trace_batch_end next, int* let_go) {
+  uint64_t all_but_end = ~0ull & ~(1ull << (b->end.sig - 1));
+  *let_go = 0;
+  int rc = trace_set_sigmask(b->tid, ~0ull);
+  if (rc) return rc;
+  if (ptrace(PTRACE_INTERRUPT, b->tid, 0, 0) || ptrace(PTRACE_CONT, b->tid, 0, (void*)(long)sig)) {
+    rc = fail();
+    trace_set_sigmask(b->tid, all_but_end);
+    return rc;
+  }
+  /* Let go: from here on, whatever becomes of it, the signal is the
+   * kernel's again. */
+  *let_go = 1;
+  b->running = 1;
+  b->interrupted = 1;
+  if ((rc = stop_running_batch(b->tid, &b->stops, 10000, 1))) return rc;
+  b->running = 0;
+  b->interrupted = 0;
+  if ((rc = set_end_signal(b->tid, b->table, next.sig))) return rc;
+  if ((rc = trace_set_sigmask(b->tid, ~0ull & ~(1ull << (next.sig - 1))))) return rc;
+  b->end = next;
+  b->own_pending = pending_for_thread(b->tid, next.sig);
+  return 0;
+}
+
 /* What a report of the thread says of its batch: 1 when it is over (b->rc
  * 0, or why it failed), 0 when the thread is to be resumed again (a signal
  * set aside, an interrupt's trap). */
@@ -878,6 +932,28 @@ static int batch_heard(batch_run* b, const trace_report* rep) {
        * end): a fault, as below. */
       b->rc = -EFAULT;
       return 1;
+    }
+    /* Put back where it was, if another end signal is free. */
+    trace_batch_end next = choose_batch_end(b->tid, rep->sig);
+    if (next.sig != b->end.sig) {
+      int let_go;
+      int rc = put_back_taken(b, rep->sig, next, &let_go);
+      /* Taken past the batch's own tgkill, which succeeded: this one
+       * reached the thread's queue in the instant before ours, and the
+       * kernel kept the two as one. Every call has run; resumed, the
+       * thread would go on to the code's tail, back into its own code. */
+      if (rc == 0 && at.rip == b->code + b->stopped_at && at.rax == 0) {
+        b->rc = 0;
+        return 1;
+      }
+      if (rc == 0) {
+        b->rc = -EINTR;
+        return 0;
+      }
+      if (let_go) {
+        b->rc = rc;
+        return 1;
+      }
     }
     if (b->foreign < 2) {
       /* Taken at the start (nothing of the code run yet): the thread's
@@ -952,6 +1028,8 @@ int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t
     }
     if (batch_heard(&b, &rep)) break;
   }
+  /* Changed if its first was taken (put_back_taken). */
+  if (end) *end = b.end;
   return batch_disarm(&b);
 }
 
