@@ -921,8 +921,11 @@ static int batch_heard(batch_run* b, const trace_report* rep) {
     if ((b->rc = trace_get_regs(b->tid, &at)) || (b->rc = trace_get_siginfo(b->tid, &si))) return 1;
     /* Ours, at the end of the code: sent by the thread to itself, or
      * the int3's trap that stands in for a tgkill that failed (a
-     * seccomp filter). Done. */
-    if ((rep->sig == b->end.sig && at.rip == b->code + b->stopped_at && (infoless(&si) || (si.si_code == SI_TKILL && si.si_pid == sender_tgid(b->tid, b->table)))) ||
+     * seccomp filter). Done. Ours only if the tgkill sent one (it
+     * returned 0): after one that failed, a signal taken there, with
+     * siginfo or without, is the application's, come during that call
+     * (review r417 F2). */
+    if ((rep->sig == b->end.sig && at.rip == b->code + b->stopped_at && at.rax == 0 && (infoless(&si) || (si.si_code == SI_TKILL && si.si_pid == sender_tgid(b->tid, b->table)))) ||
         (rep->sig == SIGTRAP && at.rip == b->code + b->trapped_at + 1 && si.si_code == SI_KERNEL)) {
       b->rc = 0;
       return 1;
