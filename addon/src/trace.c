@@ -936,16 +936,19 @@ static int batch_heard(batch_run* b, const trace_report* rep) {
       b->rc = -EFAULT;
       return 1;
     }
+    /* Taken past the batch's own tgkill, which succeeded: this one
+     * reached the thread's queue in the instant before ours, and the
+     * kernel kept the two as one. Every call has run; resumed, the
+     * thread would go on to the code's tail, back into its own code (and
+     * run it again after the batch's rewind, review r417 F3): the batch
+     * is over, however the signal is put back. */
+    int past_tgkill = at.rip == b->code + b->stopped_at && at.rax == 0;
     /* Put back where it was, if another end signal is free. */
     trace_batch_end next = choose_batch_end(b->tid, rep->sig);
     if (next.sig != b->end.sig) {
       int let_go;
       int rc = put_back_taken(b, rep->sig, next, &let_go);
-      /* Taken past the batch's own tgkill, which succeeded: this one
-       * reached the thread's queue in the instant before ours, and the
-       * kernel kept the two as one. Every call has run; resumed, the
-       * thread would go on to the code's tail, back into its own code. */
-      if (rc == 0 && at.rip == b->code + b->stopped_at && at.rax == 0) {
+      if (rc == 0 && past_tgkill) {
         b->rc = 0;
         return 1;
       }
@@ -971,6 +974,11 @@ static int batch_heard(batch_run* b, const trace_report* rep) {
       }
       b->foreign_to_process[b->foreign] = to_process;
       b->foreign_info[b->foreign++] = si;
+    }
+    /* Queued again by batch_disarm (take_back_signal). */
+    if (past_tgkill) {
+      b->rc = 0;
+      return 1;
     }
     b->rc = -EINTR;
     return 0;
