@@ -11,12 +11,20 @@
  */
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
+import { release } from 'node:os';
 import { afterAll, describe, expect, it } from 'vitest';
 import { cli, fixture, processState as stateOf, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
 
+/** Whether the kernel queues a signal a tracer gives back to a thread
+ * that blocks it in the queue it was taken from (Linux 5.17): before, a
+ * batch's put-back of the process's signals is left to appshot's own
+ * (trace.c requeue_keeps_queue), which cannot tell that a signal taken at
+ * a batch's start without its siginfo was the thread's. */
+const [major, minor] = release().split('.').map(Number);
+const requeuesWhereTaken = major > 5 || (major === 5 && minor >= 17);
 const SIGURG_BIT = 1n << 22n; // signal 23
 const SYS_TGKILL = 234;
 const SIGURG = 23;
@@ -71,7 +79,7 @@ describe("a snapshot of a process whose user's queued signals are used up (RLIMI
     }
   });
 
-  it('puts an end signal pending without its siginfo back where it was, the thread\'s own, once (review r394 F1)', async () => {
+  it.runIf(requeuesWhereTaken)('puts an end signal pending without its siginfo back where it was, the thread\'s own, once (review r394 F1)', async () => {
     // A SIGURG sent to the thread (tgkill) once its first batch has ended
     // by SIGURG: pending without siginfo, which the peeks before the next
     // batch do not see, so that batch keeps SIGURG and takes it at its

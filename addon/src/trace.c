@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -865,14 +866,81 @@ static int batch_resume(batch_run* b) {
 }
 
 /*
+ * Whether this kernel queues a signal a tracer gives back (PTRACE_CONT
+ * with it, the thread blocking it) in the queue the thread took it from:
+ * the process's for one sent to the process. So since Linux 5.17 (commits
+ * 5768d8906bc2 "signal: Requeue signals in the appropriate queue" and
+ * b171f667f378 "signal: Requeue ptrace signals"); before, ptrace_signal
+ * queued it to the thread's own queue whatever its origin, and a process's
+ * signal put back so became the thread's alone, kept from the other
+ * threads (review r417 F1). Tried, not judged by the kernel's version
+ * (a distribution may have the change backported): once per appshot
+ * process, on a child of its own blocking all but SIGURG, sent a SIGURG to
+ * the process and given it back so; then where it waits (/proc status).
+ * 1 if in the process's queue; 0 if not, or if the trial failed (the old
+ * way is then assumed: put_back_taken only for a thread's own signal).
+ */
+static int probe_requeue_keeps_queue(void) {
+  pid_t parent = getpid();
+  pid_t child = fork();
+  if (child < 0) return 0;
+  if (child == 0) {
+    /* Async-signal-safe calls only: the parent has other threads. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(1);
+    sigset_t all_but_urg;
+    sigfillset(&all_but_urg);
+    sigdelset(&all_but_urg, SIGURG);
+    sigprocmask(SIG_SETMASK, &all_but_urg, NULL);
+    for (;;) pause();
+  }
+  int kept = 0;
+  trace_report rep;
+  if (ptrace(PTRACE_SEIZE, child, 0, (void*)(long)PTRACE_O_EXITKILL) == 0 && kill(child, SIGURG) == 0 &&
+      trace_wait(child, 5000, &rep) == 0 && rep.kind == TRACE_SIGNAL && rep.sig == SIGURG &&
+      trace_set_sigmask(child, ~0ull) == 0 && ptrace(PTRACE_INTERRUPT, child, 0, 0) == 0 &&
+      ptrace(PTRACE_CONT, child, 0, (void*)(long)SIGURG) == 0 && trace_wait(child, 5000, &rep) == 0 &&
+      rep.kind == TRACE_STOP) {
+    char status[8192];
+    uint64_t bit = 1ull << (SIGURG - 1), shared = 0, own = 0;
+    if (read_status(child, status, sizeof status) > 0) {
+      for (char* line = status; line && *line;) {
+        char* next = strchr(line, '\n');
+        if (next) *next++ = 0;
+        if (!strncmp(line, "ShdPnd:", 7)) shared = status_mask(line, "ShdPnd");
+        else if (!strncmp(line, "SigPnd:", 7)) own = status_mask(line, "SigPnd");
+        line = next;
+      }
+      kept = (shared & bit) && !(own & bit);
+    }
+  }
+  kill(child, SIGKILL);
+  for (;;) {
+    int st;
+    pid_t got = waitpid(child, &st, __WALL);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0 || WIFEXITED(st) || WIFSIGNALED(st)) break;
+  }
+  return kept;
+}
+
+static int requeue_keeps_queue(void) {
+  static int known = -1; /* a race of two first calls only tries twice */
+  int k = __atomic_load_n(&known, __ATOMIC_RELAXED);
+  if (k < 0) __atomic_store_n(&known, k = probe_requeue_keeps_queue(), __ATOMIC_RELAXED);
+  return k;
+}
+
+/*
  * An end signal of the process's own that the thread took while armed
  * (pending before the batch, where the queues peeked at did not list it,
  * or come since), put back by the kernel itself, exactly where it came
  * from and with its siginfo: the thread, stopped at its delivery, is let
  * go with it while it blocks every signal, which has the kernel queue it
  * again as it took it (ptrace_signal: to the thread's own queue or to its
- * process's), and then stops at once at the interrupt asked first,
- * before any instruction of its own. take_back_signal can only guess the
+ * process's, the latter since Linux 5.17: requeue_keeps_queue), and then
+ * stops at once at the interrupt asked first, before any instruction of
+ * its own. take_back_signal can only guess the
  * queue of a signal the kernel kept without its siginfo (RLIMIT_SIGPENDING
  * reached, review r394 F1) and names appshot as the sender of one that
  * had none. The batch then ends by `next` (its table and mask changed
@@ -943,9 +1011,16 @@ static int batch_heard(batch_run* b, const trace_report* rep) {
      * run it again after the batch's rewind, review r417 F3): the batch
      * is over, however the signal is put back. */
     int past_tgkill = at.rip == b->code + b->stopped_at && at.rax == 0;
-    /* Put back where it was, if another end signal is free. */
+    /* The queue it came from. Taken at the start (nothing of the code
+     * run yet): the thread's own if it had one, else the process's. Come
+     * meanwhile (or not told): by its si_code. */
+    int at_start = at.rip == b->code && b->own_pending >= 0;
+    int to_process = at_start ? !b->own_pending : sent_to_process(&si);
+    /* Put back where it was by the kernel, if another end signal is free
+     * and the kernel queues it again there: always since Linux 5.17
+     * (requeue_keeps_queue), else only a thread's own. */
     trace_batch_end next = choose_batch_end(b->tid, rep->sig);
-    if (next.sig != b->end.sig) {
+    if (next.sig != b->end.sig && (!to_process || requeue_keeps_queue())) {
       int let_go;
       int rc = put_back_taken(b, rep->sig, next, &let_go);
       if (rc == 0 && past_tgkill) {
@@ -962,16 +1037,7 @@ static int batch_heard(batch_run* b, const trace_report* rep) {
       }
     }
     if (b->foreign < 2) {
-      /* Taken at the start (nothing of the code run yet): the thread's
-       * own if it had one, else the process's. Come meanwhile (or not
-       * told): by its si_code. */
-      int to_process;
-      if (at.rip == b->code && b->own_pending >= 0) {
-        to_process = !b->own_pending;
-        b->own_pending = 0;
-      } else {
-        to_process = sent_to_process(&si);
-      }
+      if (at_start) b->own_pending = 0;
       b->foreign_to_process[b->foreign] = to_process;
       b->foreign_info[b->foreign++] = si;
     }
