@@ -96,6 +96,10 @@ describe("a snapshot of a process whose user's queued signals are used up (RLIMI
       child.stderr!.on('data', (d) => (stderr += d));
       const exited = new Promise<number | null>((resolve) => child!.on('close', (code) => resolve(code)));
       let sent = false;
+      // Batches of the fixture's thread after the send (review r417 F6):
+      // without one, the SIGURG would stay where it was sent untouched,
+      // and the test would pass having put nothing back.
+      let later = 0;
       // appshot stops itself as each batch is let go: continued every
       // time, and the SIGURG sent at the first stop after the fixture's
       // thread has ended a batch of its own (stopped, its last call the
@@ -105,9 +109,16 @@ describe("a snapshot of a process whose user's queued signals are used up (RLIMI
       while (appshot.exitCode === null) {
         await waitFor(() => stateOf(appshot.pid!) === 'T' || appshot.exitCode !== null, 60_000, 'appshot to stop at a batch');
         if (appshot.exitCode !== null) break;
-        if (!sent) {
+        // Looked at until the first batch after the send: the fixture is
+        // frozen (stopped) until then, not once the snapshot lets it go.
+        if (!sent || later === 0) {
           await waitFor(() => stateOf(pid) === 't', 10_000, 'the fixture to stop');
-          if (readFileSync(`/proc/${pid}/task/${pid}/syscall`, 'utf8').startsWith(`${SYS_TGKILL} `)) {
+          // Its last call the batch's tgkill (its batch ended), or none
+          // (-1: stopped at a signal taken at its batch's start), where
+          // the thread's own wait is rt_sigtimedwait.
+          const call = readFileSync(`/proc/${pid}/task/${pid}/syscall`, 'utf8');
+          if (sent && (call.startsWith(`${SYS_TGKILL} `) || call.startsWith('-1 '))) later++;
+          if (!sent && call.startsWith(`${SYS_TGKILL} `)) {
             const k = spawnSync('python3', ['-c', TGKILL, String(pid), String(SIGURG)]);
             expect(k.status).toBe(0);
             sent = true;
@@ -118,6 +129,7 @@ describe("a snapshot of a process whose user's queued signals are used up (RLIMI
       }
       expect(await exited, stderr).toBe(0);
       expect(sent, 'a batch of the fixture was seen').toBe(true);
+      expect(later, 'batches of the fixture after the send').toBeGreaterThan(0);
       expect(urgPending(pid)).toEqual({ thread: true, process: false });
       // As the kernel reads a signal it kept without siginfo: SI_USER, PID 0.
       expect(await taken(aid, pid)).toEqual(['0 0']);
