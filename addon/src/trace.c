@@ -963,7 +963,13 @@ static int put_back_taken(batch_run* b, int sig, trace_batch_end next, int* let_
   *let_go = 1;
   b->running = 1;
   b->interrupted = 1;
-  if ((rc = stop_running_batch(b->tid, &b->stops, 10000, 1))) return rc;
+  if ((rc = stop_running_batch(b->tid, &b->stops, 10000, 1))) {
+    /* Waited 10 s for it already: batch_disarm only looks once more,
+     * not another 10 s (in a round, with every other thread's reports
+     * waiting behind it; review r417 F7). */
+    if (rc == -ETIMEDOUT) b->stop_wait_ms = 1;
+    return rc;
+  }
   b->running = 0;
   b->interrupted = 0;
   if ((rc = set_end_signal(b->tid, b->table, next.sig))) return rc;
@@ -1175,7 +1181,8 @@ int trace_inject_batches(trace_batch_job* jobs, size_t n, const trace_batch_end*
   struct timespec given_up;
   clock_gettime(CLOCK_MONOTONIC, &given_up);
   for (size_t i = 0; i < n; i++) {
-    if (runs[i].running) {
+    /* (Not one whose put-back waited for its stop in vain already.) */
+    if (runs[i].running && !runs[i].stop_wait_ms) {
       struct timespec now;
       clock_gettime(CLOCK_MONOTONIC, &now);
       long spent = (now.tv_sec - given_up.tv_sec) * 1000 + (now.tv_nsec - given_up.tv_nsec) / 1000000;
