@@ -1024,7 +1024,13 @@ static int batch_heard(batch_run* b, const trace_report* rep) {
     int to_process = at_start ? !b->own_pending : sent_to_process(&si);
     /* Put back where it was by the kernel, if another end signal is free
      * and the kernel queues it again there: always since Linux 5.17
-     * (requeue_keeps_queue), else only a thread's own. */
+     * (requeue_keeps_queue), else only a thread's own. Even if the end
+     * it leaves free is SIGTRAP (SIGWINCH and SIGCHLD caught, or the
+     * status unread), whose default action kills the process should
+     * appshot die in the batch (review r417 F4): deliberately, as a
+     * signal put back stays the kernel's then, where one set aside dies
+     * with appshot; and once back in a queue, taken back either way, it
+     * makes SIGTRAP the next batch's end all the same. */
     trace_batch_end next = choose_batch_end(b->tid, rep->sig);
     if (next.sig != b->end.sig && (!to_process || requeue_keeps_queue())) {
       int let_go;
