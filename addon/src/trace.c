@@ -569,8 +569,9 @@ static void take_back_signal(pid_t tid, const siginfo_t* info, int to_process) {
  *   either. A signal that came after the look, or that the peeks cannot
  *   see (pending without its siginfo: RLIMIT_SIGPENDING reached, review
  *   r394 F1), the batch takes instead of its own end; batch_heard has the
- *   kernel put it back where it was (put_back_taken) and ends the batch
- *   by another signal, chosen afresh.
+ *   kernel put it back where it was (put_back_taken; a process's only
+ *   on a kernel that requeues it there, Linux 5.17: requeue_keeps_queue)
+ *   and ends the batch by another signal, chosen afresh.
  * - What the process catches changes only by rt_sigaction: a stopped
  *   process (a frozen application, a restore's seed) runs nothing of its
  *   own, and no process outside it shares its handlers (CLONE_SIGHAND
