@@ -174,18 +174,23 @@ describe('a SysV segment whose stored pages are a hole of pages.img (review r376
   }, 240_000);
 });
 
+// The start of an application with a private segment: `size` bytes
+// (set before it), made and attached at `at`; exits saying which call
+// failed.
+const SEGMENT_PRELUDE = `
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+i = libc.shmget(0, ctypes.c_size_t(size), 0o1600)
+if i < 0: sys.exit("shmget: %d" % ctypes.get_errno())
+at = libc.shmat(i, None, 0)
+if at in (None, ctypes.c_void_p(-1).value): sys.exit("shmat: %d" % ctypes.get_errno())`;
+
 // An application's private segment of 5 GiB, attached, three pages of it
 // written (markers: its first, one past 4 GiB, its last), the rest never
 // touched; held while it sleeps.
 const BIG_SEGMENT_APP = `
-import ctypes, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-libc.shmat.restype = ctypes.c_void_p
-size = 5 << 30
-i = libc.shmget(0, ctypes.c_size_t(size), 0o1600)
-if i < 0: sys.exit("shmget: %d" % ctypes.get_errno())
-at = libc.shmat(i, None, 0)
-if at in (None, ctypes.c_void_p(-1).value): sys.exit("shmat: %d" % ctypes.get_errno())
+size = 5 << 30${SEGMENT_PRELUDE}
 for n, off in enumerate([0, (4 << 30) + 8192, size - 4096]):
     ctypes.memmove(at + off, b"r376-finding-5-marker-%d" % n, 23)
 print("READY", flush=True)
@@ -277,14 +282,7 @@ describe('a SysV segment above 4 GiB, snapshotted (review r376 finding 5)', () =
 // pages written (each its number, as text, at its start) and its last
 // (a marker), then detached: no process maps it when it is snapshotted.
 const DETACHED_SEGMENT_APP = `
-import ctypes, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-libc.shmat.restype = ctypes.c_void_p
-size = 48 << 20
-i = libc.shmget(0, ctypes.c_size_t(size), 0o1600)
-if i < 0: sys.exit("shmget: %d" % ctypes.get_errno())
-at = libc.shmat(i, None, 0)
-if at in (None, ctypes.c_void_p(-1).value): sys.exit("shmat: %d" % ctypes.get_errno())
+size = 48 << 20${SEGMENT_PRELUDE}
 for n in range(5000):
     ctypes.memmove(at + n * 4096, b"page-%08d" % n, 13)
 ctypes.memmove(at + size - 4096, b"r376-finding-5-detached", 23)

@@ -280,18 +280,21 @@ class OpenTables {
   appshot_header* h_;
 };
 
+// The tables at `path` opened for one call (OpenTables); null, with the
+// error thrown (ThrowTablesOpen, naming `named`: "" for no path), if they
+// could not be.
+appshot_header* TablesOrThrow(const Napi::Env& env, const std::string& path, const std::string& named) {
+  OpenTables t(path);
+  if (!t.get()) appshot::ThrowTablesOpen(env, named, t.err());
+  return t.get();
+}
+
 // The writers' common arguments: (path, kind, ...). Opens the tables for one
 // call; on failure throws and returns null.
-std::unique_ptr<OpenTables> OpenWithKind(const Napi::CallbackInfo& info,
-                                         appshot_kind* kind) {
+appshot_header* OpenWithKind(const Napi::CallbackInfo& info, appshot_kind* kind) {
   Napi::Env env = info.Env();
   if (!ParseKind(env, info[1], kind)) return nullptr;
-  auto t = std::make_unique<OpenTables>(info[0].As<Napi::String>().Utf8Value());
-  if (!t->get()) {
-    appshot::ThrowTablesOpen(env, "", t->err());
-    return nullptr;
-  }
-  return t;
+  return TablesOrThrow(env, info[0].As<Napi::String>().Utf8Value(), "");
 }
 
 // createTables(path, aid, salt: bigint)
@@ -384,12 +387,8 @@ Napi::Value SetInstance(const Napi::CallbackInfo& info) {
   Napi::Value identity = o.Get("identity");
   if (identity.IsObject() && !SetIdentity(env, identity.As<Napi::Object>(), inst.identity)) return env.Undefined();
   if (env.IsExceptionPending()) return env.Undefined();
-  OpenTables t(path);
-  if (!t.get()) {
-    appshot::ThrowTablesOpen(env, path, t.err());
-    return env.Undefined();
-  }
-  appshot_header* h = t.get();
+  appshot_header* h = TablesOrThrow(env, path, path);
+  if (!h) return env.Undefined();
   Step done = Guarded(h, [&] { h->instance = inst; });
   if (done != Step::kDone) StepFailed(env, h, done, "writing the instance of tables", path);
   return env.Undefined();
@@ -644,12 +643,8 @@ Napi::Value CarryWaits(const Napi::CallbackInfo& info) {
                 o.Get("carried").As<Napi::Buffer<uint8_t>>().Data()};
   }
   if (env.IsExceptionPending()) return env.Undefined();
-  OpenTables t(path);
-  if (!t.get()) {
-    appshot::ThrowTablesOpen(env, path, t.err());
-    return env.Undefined();
-  }
-  appshot_header* h = t.get();
+  appshot_header* h = TablesOrThrow(env, path, path);
+  if (!h) return env.Undefined();
   int failed = 0;
   const PriorIn* pv = priors.data();
   const WaitIn* wv = slots.data();
@@ -677,12 +672,8 @@ Napi::Value ForgetSocketNotes(const Napi::CallbackInfo& info) {
     inos[i] = list.Get(i).As<Napi::BigInt>().Uint64Value(&lossless);
   }
   if (env.IsExceptionPending()) return env.Undefined();
-  OpenTables t(path);
-  if (!t.get()) {
-    appshot::ThrowTablesOpen(env, path, t.err());
-    return env.Undefined();
-  }
-  appshot_header* h = t.get();
+  appshot_header* h = TablesOrThrow(env, path, path);
+  if (!h) return env.Undefined();
   const uint64_t* iv = inos.data();
   const size_t n = inos.size();
   Step done = Guarded(h, [&] {
@@ -715,12 +706,8 @@ Napi::Value ForgetLostNotes(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
   if (env.IsExceptionPending()) return env.Undefined();
-  OpenTables t(path);
-  if (!t.get()) {
-    appshot::ThrowTablesOpen(env, path, t.err());
-    return env.Undefined();
-  }
-  appshot_header* h = t.get();
+  appshot_header* h = TablesOrThrow(env, path, path);
+  if (!h) return env.Undefined();
   Step done = Guarded(h, [&] { appshot_forget_lost(h); });
   if (done != Step::kDone) StepFailed(env, h, done, "forgetting lost notes of tables", path);
   return env.Undefined();
@@ -743,12 +730,8 @@ Napi::Value NoteSocket(const Napi::CallbackInfo& info) {
   uint16_t port = level == APPSHOT_NOTE_DNOTIFY ? 0 : static_cast<uint16_t>(o.Get("port").As<Napi::Number>().Uint32Value());
   uint8_t type = kind == "tcp" ? SOCK_STREAM : kind == "udp" ? SOCK_DGRAM : 0;
   if (env.IsExceptionPending()) return env.Undefined();
-  OpenTables t(path);
-  if (!t.get()) {
-    appshot::ThrowTablesOpen(env, path, t.err());
-    return env.Undefined();
-  }
-  appshot_header* h = t.get();
+  appshot_header* h = TablesOrThrow(env, path, path);
+  if (!h) return env.Undefined();
   Step done = Guarded(h, [&] {
     if (level == APPSHOT_NOTE_DNOTIFY)
       appshot_note_dnotify(h, ino, value, maker);
@@ -788,12 +771,8 @@ Napi::Value NoteQueueNotify(const Napi::CallbackInfo& info) {
   int32_t signo = o.Get("signo").As<Napi::Number>().Int32Value();
   int32_t owner = o.Get("owner").As<Napi::Number>().Int32Value();
   if (env.IsExceptionPending()) return env.Undefined();
-  OpenTables t(path);
-  if (!t.get()) {
-    appshot::ThrowTablesOpen(env, path, t.err());
-    return env.Undefined();
-  }
-  appshot_header* h = t.get();
+  appshot_header* h = TablesOrThrow(env, path, path);
+  if (!h) return env.Undefined();
   Step done = Guarded(h, [&] { appshot_note_mq_notify(h, ino, signo, value, owner); });
   if (done != Step::kDone) StepFailed(env, h, done, "noting a queue's notification in tables", path);
   return env.Undefined();
@@ -808,9 +787,8 @@ Napi::Value Bind(const Napi::CallbackInfo& info) {
   uint32_t flags = info.Length() > 4 ? info[4].As<Napi::Number>().Uint32Value() : 0;
   int32_t owner = info.Length() > 5 ? info[5].As<Napi::Number>().Int32Value() : 0;
   if (env.IsExceptionPending()) return env.Undefined();
-  auto t = OpenWithKind(info, &kind);
-  if (!t) return env.Undefined();
-  appshot_header* h = t->get();
+  appshot_header* h = OpenWithKind(info, &kind);
+  if (!h) return env.Undefined();
   int rc = 0, err = 0;
   Step done = Guarded(h, [&] {
     rc = appshot_bind(h, kind, vid, sid, flags, owner);
@@ -833,9 +811,8 @@ Napi::Value MapSystem(const Napi::CallbackInfo& info) {
   uint32_t flags = info.Length() > 3 ? info[3].As<Napi::Number>().Uint32Value() : 0;
   int32_t owner = info.Length() > 4 ? info[4].As<Napi::Number>().Int32Value() : 0;
   if (env.IsExceptionPending()) return env.Undefined();
-  auto t = OpenWithKind(info, &kind);
-  if (!t) return env.Undefined();
-  appshot_header* h = t->get();
+  appshot_header* h = OpenWithKind(info, &kind);
+  if (!h) return env.Undefined();
   int32_t vid = -1;
   int err = 0;
   Step done = Guarded(h, [&] {
@@ -860,12 +837,8 @@ Napi::Value MapSystem(const Napi::CallbackInfo& info) {
 Napi::Value RepairTablesIfDead(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
-  OpenTables t(path);
-  if (!t.get()) {
-    appshot::ThrowTablesOpen(env, "", t.err());
-    return env.Undefined();
-  }
-  appshot_header* h = t.get();
+  appshot_header* h = TablesOrThrow(env, path, "");
+  if (!h) return env.Undefined();
   int rc = -1;
   int holder = 0;
   Step done = Guarded(h, [&] {
@@ -892,9 +865,8 @@ Napi::Value UnmapSystem(const Napi::CallbackInfo& info) {
   appshot_kind kind;
   int32_t sid = info[2].As<Napi::Number>().Int32Value();
   if (env.IsExceptionPending()) return env.Undefined();
-  auto t = OpenWithKind(info, &kind);
-  if (!t) return env.Undefined();
-  appshot_header* h = t->get();
+  appshot_header* h = OpenWithKind(info, &kind);
+  if (!h) return env.Undefined();
   int rc = 0;
   Step done = Guarded(h, [&] { rc = appshot_unmap_system(h, kind, sid); });
   if (done != Step::kDone) {

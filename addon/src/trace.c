@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -489,6 +490,22 @@ static int pending_in(pid_t tid, int shared, int sig) {
   return -1;
 }
 
+/*
+ * Whether `si` is what the kernel makes up for a signal that was pending
+ * without its siginfo: one sent with a negative si_code (tgkill's among
+ * them) while its receiver's user had RLIMIT_SIGPENDING signals queued
+ * already, which the kernel still marks pending but cannot queue (its
+ * "silent loss of information"), read back as SI_USER from PID 0. The
+ * batch's own tgkill is one such under that limit: taken at the code's
+ * end (past the tgkill), it is ours all the same. A signal taken there is
+ * from the thread's own queue, where nothing else waited (a pending end
+ * signal would have been taken when the thread was let go, at the code's
+ * start); a sender whose tgkill came between the batch's last call and
+ * its own, which the kernel then keeps as one pending signal with ours,
+ * is the only other.
+ */
+static int infoless(const siginfo_t* si) { return si->si_code == SI_USER && si->si_pid == 0 && si->si_uid == 0; }
+
 /* In the thread's own queue: one the batch takes at its start came from
  * there if so, as the kernel takes a thread's own signals before its
  * process's. */
@@ -549,8 +566,12 @@ static void take_back_signal(pid_t tid, const siginfo_t* info, int to_process) {
  *   pending signals back). So the kept signal is looked for again before
  *   every batch, in the thread's queue and the process's (two
  *   PTRACE_PEEKSIGINFO, no file read), and chosen afresh if it waits in
- *   either. (A fresh read raced with senders as well: a signal that came
- *   after it is what batch_heard's `foreign` sets aside and queues again.)
+ *   either. A signal that came after the look, or that the peeks cannot
+ *   see (pending without its siginfo: RLIMIT_SIGPENDING reached, review
+ *   r394 F1), the batch takes instead of its own end; batch_heard has the
+ *   kernel put it back where it was (put_back_taken; a process's only
+ *   on a kernel that requeues it there, Linux 5.17: requeue_keeps_queue)
+ *   and ends the batch by another signal, chosen afresh.
  * - What the process catches changes only by rt_sigaction: a stopped
  *   process (a frozen application, a restore's seed) runs nothing of its
  *   own, and no process outside it shares its handlers (CLONE_SIGHAND
@@ -589,7 +610,9 @@ static ssize_t read_status(pid_t tid, char* buf, size_t size) {
   return (ssize_t)len;
 }
 
-static trace_batch_end choose_batch_end(pid_t tid) {
+/* `taken`: a signal to count as pending (0: none), one the thread has
+ * just taken out of its queue to be put back. */
+static trace_batch_end choose_batch_end(pid_t tid, int taken) {
   trace_batch_end end = {SIGTRAP, 1};
   char small[8192];
   char* status = small;
@@ -609,6 +632,7 @@ static trace_batch_end choose_batch_end(pid_t tid) {
     line = next;
   }
   free(large);
+  if (taken) pending |= 1ull << (taken - 1);
   static const int harmless[] = {SIGURG, SIGWINCH, SIGCHLD};
   for (size_t i = 0; i < sizeof harmless / sizeof *harmless; i++) {
     uint64_t bit = 1ull << (harmless[i] - 1);
@@ -741,19 +765,24 @@ static void kill_point(const char* name) {
 /* Waits for the thread, which runs the batch code still (a batch that
  * did not end in time), to stop: interrupted, so that its registers and
  * mask can be put back. Signals it takes meanwhile are set aside as the
- * batch's loop does (stops), the others left to the batch's error. */
-static void stop_running_batch(pid_t tid, unsigned* stops, int wait_ms, int interrupted) {
-  if (!interrupted && ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return;
+ * batch's loop does (stops), the others left to the batch's error. 0 once
+ * it is stopped, else -errno (-ETIMEDOUT, -ESRCH: it is gone). */
+static int stop_running_batch(pid_t tid, unsigned* stops, int wait_ms, int interrupted) {
+  if (!interrupted && ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return fail();
   for (int tries = 0; tries < 16; tries++) {
     trace_report rep;
-    if (trace_wait(tid, wait_ms, &rep) || rep.kind == TRACE_NONE || rep.kind == TRACE_EXITED) return;
+    int rc = trace_wait(tid, wait_ms, &rep);
+    if (rc) return rc;
+    if (rep.kind == TRACE_NONE) return -ETIMEDOUT;
+    if (rep.kind == TRACE_EXITED) return -ESRCH;
     if (rep.kind == TRACE_SIGNAL && is_stop_signal(rep.sig)) {
       *stops |= 1u << rep.sig;
-      if (ptrace(PTRACE_CONT, tid, 0, 0) || ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return;
+      if (ptrace(PTRACE_CONT, tid, 0, 0) || ptrace(PTRACE_INTERRUPT, tid, 0, 0)) return fail();
       continue;
     }
-    return; /* stopped: at the interrupt, or at a signal */
+    return 0; /* stopped: at the interrupt, or at a signal */
   }
+  return -EINTR;
 }
 
 /* One thread's batch, from its start to its end: what the tracer keeps of
@@ -770,7 +799,9 @@ typedef struct {
   uint64_t mask;
   unsigned stops;
   /* An end signal of the process's own that was pending (or came
-   * meanwhile), taken instead of ours: set aside and queued again after. */
+   * meanwhile), taken instead of ours, where no other end signal was free
+   * to put it back at once (put_back_taken): set aside and queued again
+   * after. */
   int foreign;
   siginfo_t foreign_info[2]; /* the thread's queue's and the process's */
   int foreign_to_process[2];
@@ -803,7 +834,7 @@ static int batch_arm(batch_run* b, pid_t tid, uint64_t code, uint64_t table, uin
   size_t size;
   trace_batch_code(&size, &b->stopped_at);
   b->trapped_at = (size_t)(appshot_batch_trapped - appshot_batch_code);
-  b->end = end ? *end : choose_batch_end(tid);
+  b->end = end ? *end : choose_batch_end(tid, 0);
   if ((rc = set_end_signal(tid, table, b->end.sig))) return rc;
   if ((rc = trace_get_sigmask(tid, &b->mask))) return rc;
   b->back = saved;
@@ -835,6 +866,120 @@ static int batch_resume(batch_run* b) {
   return 0;
 }
 
+/*
+ * Whether this kernel queues a signal a tracer gives back (PTRACE_CONT
+ * with it, the thread blocking it) in the queue the thread took it from:
+ * the process's for one sent to the process. So since Linux 5.17 (commits
+ * 5768d8906bc2 "signal: Requeue signals in the appropriate queue" and
+ * b171f667f378 "signal: Requeue ptrace signals"); before, ptrace_signal
+ * queued it to the thread's own queue whatever its origin, and a process's
+ * signal put back so became the thread's alone, kept from the other
+ * threads (review r417 F1). Tried, not judged by the kernel's version
+ * (a distribution may have the change backported): once per appshot
+ * process, on a child of its own blocking all but SIGURG, sent a SIGURG to
+ * the process and given it back so; then where it waits (/proc status).
+ * 1 if in the process's queue; 0 if not, or if the trial failed (the old
+ * way is then assumed: put_back_taken only for a thread's own signal).
+ */
+static int probe_requeue_keeps_queue(void) {
+  pid_t parent = getpid();
+  pid_t child = fork();
+  if (child < 0) return 0;
+  if (child == 0) {
+    /* Async-signal-safe calls only: the parent has other threads. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(1);
+    sigset_t all_but_urg;
+    sigfillset(&all_but_urg);
+    sigdelset(&all_but_urg, SIGURG);
+    sigprocmask(SIG_SETMASK, &all_but_urg, NULL);
+    for (;;) pause();
+  }
+  int kept = 0;
+  trace_report rep;
+  if (ptrace(PTRACE_SEIZE, child, 0, (void*)(long)PTRACE_O_EXITKILL) == 0 && kill(child, SIGURG) == 0 &&
+      trace_wait(child, 5000, &rep) == 0 && rep.kind == TRACE_SIGNAL && rep.sig == SIGURG &&
+      trace_set_sigmask(child, ~0ull) == 0 && ptrace(PTRACE_INTERRUPT, child, 0, 0) == 0 &&
+      ptrace(PTRACE_CONT, child, 0, (void*)(long)SIGURG) == 0 && trace_wait(child, 5000, &rep) == 0 &&
+      rep.kind == TRACE_STOP) {
+    char status[8192];
+    uint64_t bit = 1ull << (SIGURG - 1), shared = 0, own = 0;
+    if (read_status(child, status, sizeof status) > 0) {
+      for (char* line = status; line && *line;) {
+        char* next = strchr(line, '\n');
+        if (next) *next++ = 0;
+        if (!strncmp(line, "ShdPnd:", 7)) shared = status_mask(line, "ShdPnd");
+        else if (!strncmp(line, "SigPnd:", 7)) own = status_mask(line, "SigPnd");
+        line = next;
+      }
+      kept = (shared & bit) && !(own & bit);
+    }
+  }
+  kill(child, SIGKILL);
+  for (;;) {
+    int st;
+    pid_t got = waitpid(child, &st, __WALL);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0 || WIFEXITED(st) || WIFSIGNALED(st)) break;
+  }
+  return kept;
+}
+
+static int requeue_keeps_queue(void) {
+  static int known = -1; /* a race of two first calls only tries twice */
+  int k = __atomic_load_n(&known, __ATOMIC_RELAXED);
+  if (k < 0) __atomic_store_n(&known, k = probe_requeue_keeps_queue(), __ATOMIC_RELAXED);
+  return k;
+}
+
+/*
+ * An end signal of the process's own that the thread took while armed
+ * (pending before the batch, where the queues peeked at did not list it,
+ * or come since), put back by the kernel itself, exactly where it came
+ * from and with its siginfo: the thread, stopped at its delivery, is let
+ * go with it while it blocks every signal, which has the kernel queue it
+ * again as it took it (ptrace_signal: to the thread's own queue or to its
+ * process's, the latter since Linux 5.17: requeue_keeps_queue), and then
+ * stops at once at the interrupt asked first, before any instruction of
+ * its own. take_back_signal can only guess the
+ * queue of a signal the kernel kept without its siginfo (RLIMIT_SIGPENDING
+ * reached, review r394 F1) and names appshot as the sender of one that
+ * had none. The batch then ends by `next` (its table and mask changed
+ * to it), pending nowhere. 0, or -errno; *let_go says whether the thread
+ * was let go with the signal (if not, its mask is the batch's again and
+ * the signal still to be put back).
+ */
+static int put_back_taken(batch_run* b, int sig, trace_batch_end next, int* let_go) {
+  uint64_t all_but_end = ~0ull & ~(1ull << (b->end.sig - 1));
+  *let_go = 0;
+  int rc = trace_set_sigmask(b->tid, ~0ull);
+  if (rc) return rc;
+  if (ptrace(PTRACE_INTERRUPT, b->tid, 0, 0) || ptrace(PTRACE_CONT, b->tid, 0, (void*)(long)sig)) {
+    rc = fail();
+    trace_set_sigmask(b->tid, all_but_end);
+    return rc;
+  }
+  /* Let go: from here on, whatever becomes of it, the signal is the
+   * kernel's again. */
+  *let_go = 1;
+  b->running = 1;
+  b->interrupted = 1;
+  if ((rc = stop_running_batch(b->tid, &b->stops, 10000, 1))) {
+    /* Waited 10 s for it already: batch_disarm only looks once more,
+     * not another 10 s (in a round, with every other thread's reports
+     * waiting behind it; review r417 F7). */
+    if (rc == -ETIMEDOUT) b->stop_wait_ms = 1;
+    return rc;
+  }
+  b->running = 0;
+  b->interrupted = 0;
+  if ((rc = set_end_signal(b->tid, b->table, next.sig))) return rc;
+  if ((rc = trace_set_sigmask(b->tid, ~0ull & ~(1ull << (next.sig - 1))))) return rc;
+  b->end = next;
+  b->own_pending = pending_for_thread(b->tid, next.sig);
+  return 0;
+}
+
 /* What a report of the thread says of its batch: 1 when it is over (b->rc
  * 0, or why it failed), 0 when the thread is to be resumed again (a signal
  * set aside, an interrupt's trap). */
@@ -851,8 +996,11 @@ static int batch_heard(batch_run* b, const trace_report* rep) {
     if ((b->rc = trace_get_regs(b->tid, &at)) || (b->rc = trace_get_siginfo(b->tid, &si))) return 1;
     /* Ours, at the end of the code: sent by the thread to itself, or
      * the int3's trap that stands in for a tgkill that failed (a
-     * seccomp filter). Done. */
-    if ((rep->sig == b->end.sig && at.rip == b->code + b->stopped_at && si.si_code == SI_TKILL && si.si_pid == sender_tgid(b->tid, b->table)) ||
+     * seccomp filter). Done. Ours only if the tgkill sent one (it
+     * returned 0): after one that failed, a signal taken there, with
+     * siginfo or without, is the application's, come during that call
+     * (review r417 F2). */
+    if ((rep->sig == b->end.sig && at.rip == b->code + b->stopped_at && at.rax == 0 && (infoless(&si) || (si.si_code == SI_TKILL && si.si_pid == sender_tgid(b->tid, b->table)))) ||
         (rep->sig == SIGTRAP && at.rip == b->code + b->trapped_at + 1 && si.si_code == SI_KERNEL)) {
       b->rc = 0;
       return 1;
@@ -863,19 +1011,53 @@ static int batch_heard(batch_run* b, const trace_report* rep) {
       b->rc = -EFAULT;
       return 1;
     }
-    if (b->foreign < 2) {
-      /* Taken at the start (nothing of the code run yet): the thread's
-       * own if it had one, else the process's. Come meanwhile (or not
-       * told): by its si_code. */
-      int to_process;
-      if (at.rip == b->code && b->own_pending >= 0) {
-        to_process = !b->own_pending;
-        b->own_pending = 0;
-      } else {
-        to_process = sent_to_process(&si);
+    /* Taken past the batch's own tgkill, which succeeded: this one
+     * reached the thread's queue in the instant before ours, and the
+     * kernel kept the two as one. Every call has run; resumed, the
+     * thread would go on to the code's tail, back into its own code (and
+     * run it again after the batch's rewind, review r417 F3): the batch
+     * is over, however the signal is put back. */
+    int past_tgkill = at.rip == b->code + b->stopped_at && at.rax == 0;
+    /* The queue it came from. Taken at the start (nothing of the code
+     * run yet): the thread's own if it had one, else the process's. Come
+     * meanwhile (or not told): by its si_code. */
+    int at_start = at.rip == b->code && b->own_pending >= 0;
+    int to_process = at_start ? !b->own_pending : sent_to_process(&si);
+    /* Put back where it was by the kernel, if another end signal is free
+     * and the kernel queues it again there: always since Linux 5.17
+     * (requeue_keeps_queue), else only a thread's own. Even if the end
+     * it leaves free is SIGTRAP (SIGWINCH and SIGCHLD caught, or the
+     * status unread), whose default action kills the process should
+     * appshot die in the batch (review r417 F4): deliberately, as a
+     * signal put back stays the kernel's then, where one set aside dies
+     * with appshot; and once back in a queue, taken back either way, it
+     * makes SIGTRAP the next batch's end all the same. */
+    trace_batch_end next = choose_batch_end(b->tid, rep->sig);
+    if (next.sig != b->end.sig && (!to_process || requeue_keeps_queue())) {
+      int let_go;
+      int rc = put_back_taken(b, rep->sig, next, &let_go);
+      if (rc == 0 && past_tgkill) {
+        b->rc = 0;
+        return 1;
       }
+      if (rc == 0) {
+        b->rc = -EINTR;
+        return 0;
+      }
+      if (let_go) {
+        b->rc = rc;
+        return 1;
+      }
+    }
+    if (b->foreign < 2) {
+      if (at_start) b->own_pending = 0;
       b->foreign_to_process[b->foreign] = to_process;
       b->foreign_info[b->foreign++] = si;
+    }
+    /* Queued again by batch_disarm (take_back_signal). */
+    if (past_tgkill) {
+      b->rc = 0;
+      return 1;
     }
     b->rc = -EINTR;
     return 0;
@@ -936,6 +1118,8 @@ int trace_inject_batch_framed(pid_t tid, uint64_t code, uint64_t table, uint64_t
     }
     if (batch_heard(&b, &rep)) break;
   }
+  /* Changed if its first was taken (put_back_taken). */
+  if (end) *end = b.end;
   return batch_disarm(&b);
 }
 
@@ -1004,7 +1188,8 @@ int trace_inject_batches(trace_batch_job* jobs, size_t n, const trace_batch_end*
   struct timespec given_up;
   clock_gettime(CLOCK_MONOTONIC, &given_up);
   for (size_t i = 0; i < n; i++) {
-    if (runs[i].running) {
+    /* (Not one whose put-back waited for its stop in vain already.) */
+    if (runs[i].running && !runs[i].stop_wait_ms) {
       struct timespec now;
       clock_gettime(CLOCK_MONOTONIC, &now);
       long spent = (now.tv_sec - given_up.tv_sec) * 1000 + (now.tv_nsec - given_up.tv_nsec) / 1000000;
