@@ -854,8 +854,23 @@ describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<t
   // so ("x/../12/f", a tree's own "proc/1") answer as the kernel does, with
   // no descriptor free, and openat2 RESOLVE_BENEATH keeps a relative path
   // relative (review r388 M1, M2).
+  // Also its own thread by its virtual TID through /proc/self/task,
+  // /proc/thread-self/.. and /dev/fd/.. (relative under "/" too), and
+  // openat2 RESOLVE_IN_ROOT under /proc (review r403 L1, L4, L6).
   it('a virtual PID in any spelling of its /proc directory (".." after /proc/sys or /tmp, relative under /, /tmp or /proc) opens that process, and a number the application does not hold is ENOENT; /dev/stdin and /dev/stderr of an O_PATH descriptor and sched read-write show the view', async () => {
     const r = await attempt(['run', '--', fixture('procspell')]);
+    expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
+    expect(r.code).toBe(0);
+  });
+
+  // Path rules read ".." by its letters (review r388 H1): "/tmp/../proc/<vpid>"
+  // is /proc/<vpid> to them, and opened the system's process of that number
+  // (review r403 I1). A rule on a path the fixture never uses is enough.
+  const rulesDir = scratchDir('appshot-procspell-rules-');
+  it('under path rules, the same spellings open the process of the virtual PID', async () => {
+    const rules = join(rulesDir, 'rules');
+    writeFileSync(rules, `REDIR PATH "/appshot-procspell-nowhere" TO "${join(rulesDir, 'to')}"\n`);
+    const r = await attempt(['run', '--rules', rules, '--', fixture('procspell')]);
     expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
     expect(r.code).toBe(0);
   });

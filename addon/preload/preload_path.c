@@ -1218,7 +1218,13 @@ static const char *path_rules_once(const char *path, const char *p, int op, char
 
 const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf[PATH_MAX]) {
   if (path[0] == '/') return path_slow(path, op, buf);
-  if (op & PATH_INROOT) return path;
+  /* openat2 RESOLVE_IN_ROOT: dirfd is the root, ".." stops at it. Under a
+   * directory of /proc a number after it is still ours to translate
+   * ("<vpid>/stat" under /proc: r403 L4), and without dots the kernel
+   * walks exactly what proc_at_path reads. Nothing is joined (that makes
+   * the path absolute, which IN_ROOT would read under dirfd), and a
+   * directory outside /proc is not asked what lies beyond it. */
+  if (op & PATH_INROOT) return kind != PROC_DIR_NONE && !rel_dotted(path) ? proc_at_path(kind, path, buf) : path;
   /* A directory outside /proc (kind NONE): nothing to join, and no
    * window was opened for it (SLOW_PATH: an open of a FIFO may block). */
   if (kind != PROC_DIR_NONE && UNLIKELY(rel_dotted(path))) {

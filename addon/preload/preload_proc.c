@@ -311,6 +311,24 @@ static const char *proc_path_plain(const char *path, char buf[PATH_MAX]) {
   return pid_rest(p, buf, 1);
 }
 
+/* In absolute `plain` (no "." component, no repeated slash), the last
+ * "/proc/..." whose directory is "/" by the letters before it (each ".."
+ * taking one name off, none above "/"), as a pointer into plain; NULL
+ * when there is none. */
+static const char *lexical_proc(const char *plain) {
+  const char *found = NULL;
+  int depth = 0;
+  for (const char *c = plain + 1; *c;) {
+    const char *e = c;
+    while (*e && *e != '/') e++;
+    if (e - c == 2 && c[0] == '.' && c[1] == '.') depth -= depth > 0;
+    else if (!depth && e - c == 4 && !memcmp(c, "proc", 4) && *e == '/') found = c - 1, depth++;
+    else depth++;
+    c = *e ? e + 1 : e;
+  }
+  return found;
+}
+
 /* proc_path of a path with repeated slashes, "." or ".." components: of
  * the plain path, the answer the rewritten one, or else the plain path
  * itself (in buf). Never `path`: a ".." taken out lexically after a
@@ -332,9 +350,14 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
    * ("/tmp/../proc/<vpid>"): the directory before the number is asked
    * whether it is /proc. Not under path rules: they read it by its
    * letters. */
-  if (!g_h->instance.redirs && strncmp(plain, "/proc/", 6) != 0 && UNLIKELY(rel_reaches_number(plain))) {
-    r = proc_rel_join(AT_FDCWD, plain, buf);
-    if (r != plain) return r;
+  if (strncmp(plain, "/proc/", 6) != 0 && UNLIKELY(rel_reaches_number(plain))) {
+    /* Under path rules by its letters, as the rules read it (r388 H1: no
+     * look-up of the real side): "/tmp/../proc/<vpid>" is /proc/<vpid>
+     * to them, and was the system's process of that number to the
+     * kernel (r403 I1). */
+    const char *abs = g_h->instance.redirs ? lexical_proc(plain) : NULL;
+    r = abs ? proc_path(abs, buf) : proc_rel_join(AT_FDCWD, plain, buf);
+    if (!r || (r != plain && r != abs)) return r;
   }
   return strcpy(buf, plain);
 }
@@ -461,32 +484,38 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
   return proc_path_unplain(buf, buf);
 }
 
-/* The path from `path`'s first number after a "proc" component
- * ("proc/<n>", "../proc/./<n>"), or NULL. */
-static const char *number_after_proc(const char *path) {
-  int seen = 0;
+/* The path from the last "proc" component before `path`'s first number
+ * after one ("proc/<n>", "../proc/./<n>", "proc/self/task/<n>",
+ * "proc/thread-self/../<n>"), or NULL. Anchored at the "proc" component,
+ * not at the number: the directory before a number may be /proc/<pid>/task
+ * (r403 L1), which proc_path knows from its name under /proc. */
+static const char *proc_before_number(const char *path) {
+  const char *proc = NULL;
   for (const char *c = path; *c;) {
     const char *e = c;
     while (*e && *e != '/') e++;
-    if (e - c == 4 && !memcmp(c, "proc", 4)) seen = 1;
-    else if (seen && starts_with_number(c)) return c;
+    if (e - c == 4 && !memcmp(c, "proc", 4) && *e == '/') proc = c;
+    else if (proc && starts_with_number(c)) return proc;
     c = *e ? e + 1 : e;
   }
   return NULL;
 }
 
-/* The directory before the number is stat'ed relative to dirfd (no
+/* The directory through the "proc" component is stat'ed relative to dirfd (no
  * descriptor needed: no EMFILE) and must be this process's /proc itself
- * (its device and inode): a procfs of another namespace under a
- * container's root, or a build tree's "proc/1", stays as it is. The
+ * (its device and inode): another procfs mount (another PID
+ * namespace's under a container's root, or, since Linux 5.8 each mount
+ * having a superblock of its own, a second mount of ours: r403 L3), or a
+ * build tree's "proc/1", stays as it is. The
  * path stays relative, to the same dirfd, with only the number made the
  * system's: the kernel walks the same directories (openat2's
  * RESOLVE_BENEATH and NO_XDEV still hold), no link's text is taken for a
  * path (a directory outside our root, another mount namespace: r388
  * M3), and no absolute name of a deep directory makes it too long. */
 const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]) {
-  const char *num = number_after_proc(path);
-  if (!num || (dirfd < 0 && dirfd != AT_FDCWD)) return path;
+  const char *anchor = proc_before_number(path);
+  if (!anchor || (dirfd < 0 && dirfd != AT_FDCWD)) return path;
+  const char *num = anchor + 5; /* what follows "proc/" */
   size_t dlen = (size_t)(num - path), rest = strlen(num);
   if (dlen + rest >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
   memcpy(buf, path, dlen);
