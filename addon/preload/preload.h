@@ -913,9 +913,14 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
  * both the rewrite (path_slow) and the translation window it needs
  * (SLOW_PATH): a path rewritten outside the window would carry a system
  * PID across a snapshot. */
+/* "/dev/fd/.." (/dev/fd being the system's link to /proc/self/fd):
+ * "/dev/fd/../task/<vtid>", "/dev/fd/../../<vpid>" (r403 L6). */
+static inline int dev_fd_up(const char *path) {
+  return !strncmp(path, "/dev/fd/..", 10) && (path[10] == '/' || !path[10]);
+}
 static inline int proc_path_may_name(const char *path) {
   return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.') ||
-         UNLIKELY(strstr(path, "/..") != NULL && strstr(path, "/proc/") != NULL);
+         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || dev_fd_up(path)));
 }
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;

@@ -362,11 +362,27 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
   return strcpy(buf, plain);
 }
 
+/* proc_path of "/dev/fd/..." (dev_fd_up): "/proc/self/fd/..." when
+ * /dev/fd is the system's link to it (one readlink, for these names
+ * only; any other /dev/fd is the kernel's to read), made plain from
+ * there. Its own frame, as proc_path_unplain's. */
+static NOINLINE const char *proc_dev_fd(const char *path, char buf[PATH_MAX]) {
+  char link[16], abs[PATH_MAX];
+  if (SYS4(readlinkat, AT_FDCWD, "/dev/fd", link, sizeof link) != 13 || memcmp(link, "/proc/self/fd", 13)) return path;
+  size_t rest = strlen(path + 7); /* "/..": what follows "/dev/fd" */
+  if (13 + rest >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
+  memcpy(abs, link, 13);
+  memcpy(abs + 13, path + 7, rest + 1);
+  const char *r = proc_path_unplain(abs, buf);
+  return r == abs ? path : r;
+}
+
 /* Returns the path to hand to the kernel: `path` itself, or `buf` holding
  * the rewritten one; NULL with errno set when the path must fail. The
  * wrappers that use it are in preload_path.c (path_slow). */
 const char *proc_path(const char *path, char buf[PATH_MAX]) {
   if (!path || path[0] != '/' || !g_h) return path;
+  if (UNLIKELY(path[1] == 'd') && dev_fd_up(path)) return proc_dev_fd(path, buf);
   if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf);
   return proc_path_plain(path, buf);
 }
