@@ -339,7 +339,25 @@ static const char *lexical_proc(const char *plain) {
  * costs the stack only here (a signal handler on a small alternate stack
  * may open a /proc path). The plain path may still hold a ".." (one kept
  * for the kernel): not made plain again. */
-static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX]) {
+/* How many times proc_path_unplain may go into itself again (through
+ * proc_rel_join or the rules' reading of a ".." outside /proc), each
+ * time with a PATH_MAX frame or two (about 8.5 KB):
+ * "proc/1/../../tmp/../proc/<vpid>" is one time (r403 L2),
+ * "/tmp/../proc/1/../../tmp/../proc/<vpid>" two. A path that needs more
+ * fails ELOOP rather than take a thread's stack, or hand the kernel a
+ * virtual id. */
+enum { PROC_NESTING = 2 };
+
+static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth);
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth);
+
+/* proc_path of a path that starts "/proc/", `depth` deep. */
+static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int depth) {
+  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, depth);
+  return proc_path_plain(path, buf);
+}
+
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth) {
   char plain[PATH_MAX];
   int made = plain_path(path, plain);
   if (made < 0) return NULL;
@@ -355,8 +373,12 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
      * look-up of the real side): "/tmp/../proc/<vpid>" is /proc/<vpid>
      * to them, and was the system's process of that number to the
      * kernel (r403 I1). */
+    if (depth >= PROC_NESTING) {
+      errno = ELOOP;
+      return NULL;
+    }
     const char *abs = g_h->instance.redirs ? lexical_proc(plain) : NULL;
-    r = abs ? proc_path(abs, buf) : proc_rel_join(AT_FDCWD, plain, buf);
+    r = abs ? proc_path_nested(abs, buf, depth + 1) : proc_rel_join_at(AT_FDCWD, plain, buf, depth + 1);
     if (!r || (r != plain && r != abs)) return r;
   }
   return strcpy(buf, plain);
@@ -373,7 +395,7 @@ static NOINLINE const char *proc_dev_fd(const char *path, char buf[PATH_MAX]) {
   if (13 + rest >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
   memcpy(abs, link, 13);
   memcpy(abs + 13, path + 7, rest + 1);
-  const char *r = proc_path_unplain(abs, buf);
+  const char *r = proc_path_unplain(abs, buf, 0);
   return r == abs ? path : r;
 }
 
@@ -383,7 +405,7 @@ static NOINLINE const char *proc_dev_fd(const char *path, char buf[PATH_MAX]) {
 const char *proc_path(const char *path, char buf[PATH_MAX]) {
   if (!path || path[0] != '/' || !g_h) return path;
   if (UNLIKELY(path[1] == 'd') && dev_fd_up(path)) return proc_dev_fd(path, buf);
-  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf);
+  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, 0);
   return proc_path_plain(path, buf);
 }
 
@@ -497,7 +519,7 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
   memcpy(buf + n + 1, path, len + 1);
   /* No "." or ".." after all (a hidden name): the relative logic. */
   if (!path_unplain(buf)) return path;
-  return proc_path_unplain(buf, buf);
+  return proc_path_unplain(buf, buf, 0);
 }
 
 /* The path from the last "proc" component before `path`'s first number
@@ -529,6 +551,10 @@ static const char *proc_before_number(const char *path) {
  * path (a directory outside our root, another mount namespace: r388
  * M3), and no absolute name of a deep directory makes it too long. */
 const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]) {
+  return proc_rel_join_at(dirfd, path, buf, 0);
+}
+
+static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth) {
   const char *anchor = proc_before_number(path);
   if (!anchor || (dirfd < 0 && dirfd != AT_FDCWD)) return path;
   const char *num = anchor + 5; /* what follows "proc/" */
@@ -545,11 +571,26 @@ const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]) {
   if (6 + rest >= PATH_MAX) return path;
   memcpy(abs, "/proc/", 6);
   memcpy(abs + 6, num, rest + 1);
-  const char *r = proc_path(abs, buf);
+  const char *r = proc_path_nested(abs, buf, depth);
   if (!r || r == abs) return r ? path : NULL;
-  /* A ".." out of /proc again ("proc/1/../../etc"): nothing of a process
-   * is named. */
-  if (strncmp(r, "/proc/", 6) != 0) return path;
+  if (strncmp(r, "/proc/", 6) != 0) {
+    /* A ".." out of /proc again ("proc/1/../../etc", and back in:
+     * "proc/1/../../tmp/../proc/<vpid>"): r is read from "/", the parent
+     * of /proc, and said relative to the directory's parent when that is
+     * "/" (two stats, for such paths only). Else (our /proc bound
+     * elsewhere) the path as it is, the kernel's to read. */
+    size_t tail = strlen(r + 1);
+    if (dlen + 3 + tail >= PATH_MAX) return path;
+    memcpy(abs, path, dlen);
+    memcpy(abs + dlen, "..", 3);
+    if (SYS4(newfstatat, dirfd, abs, &d, AT_NO_AUTOMOUNT) < 0 || SYS4(newfstatat, AT_FDCWD, "/", &proc, AT_NO_AUTOMOUNT) < 0 ||
+        d.st_dev != proc.st_dev || d.st_ino != proc.st_ino)
+      return path;
+    memmove(buf + dlen + 3, r + 1, tail + 1);
+    memcpy(buf, path, dlen);
+    memcpy(buf + dlen, "../", 3);
+    return buf;
+  }
   size_t tail = strlen(r + 6);
   if (dlen + tail >= PATH_MAX) {
     errno = ENAMETOOLONG;
