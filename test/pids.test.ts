@@ -877,7 +877,10 @@ describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<t
 
   const cgroups = cgroupRoot();
   // The fixture also writes through a list whose path is longer than a
-  // memfd's name holds (review r388 M4: that open failed ENAMETOOLONG).
+  // memfd's name holds (review r388 M4: that open failed ENAMETOOLONG),
+  // and, as root, through one opened by a directory from before a chroot
+  // where its name is another cgroup's (review r403 L5: that write moved
+  // the process into the other cgroup).
   (cgroups === undefined ? vitestIt.skip : it)('a cgroup\'s cgroup.procs opened read-write reads the virtual PIDs, and a virtual PID written to it moves that process', async () => {
     const dir = mkdtempSync(join(cgroups!, 'appshot-procspell-'));
     try {
