@@ -329,16 +329,6 @@ static const char *lexical_proc(const char *plain) {
   return found;
 }
 
-/* proc_path of a path with repeated slashes, "." or ".." components: of
- * the plain path, the answer the rewritten one, or else the plain path
- * itself (in buf). Never `path`: a ".." taken out lexically after a
- * virtual id ("/proc/<vpid>/../self/stat", "/proc/self/task/<vtid>/..")
- * leaves a plain path with no id to rewrite, while the original still
- * names the virtual id, which the kernel would look up as a system one
- * (no such process, or an unrelated one). Its own frame: the plain copy
- * costs the stack only here (a signal handler on a small alternate stack
- * may open a /proc path). The plain path may still hold a ".." (one kept
- * for the kernel): not made plain again. */
 /* How many times proc_path_unplain may go into itself again (through
  * proc_rel_join or the rules' reading of a ".." outside /proc), each
  * time with a PATH_MAX frame or two (about 8.5 KB):
@@ -357,6 +347,16 @@ static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int de
   return proc_path_plain(path, buf);
 }
 
+/* proc_path of a path with repeated slashes, "." or ".." components: of
+ * the plain path, the answer the rewritten one, or else the plain path
+ * itself (in buf). Never `path`: a ".." taken out lexically after a
+ * virtual id ("/proc/<vpid>/../self/stat", "/proc/self/task/<vtid>/..")
+ * leaves a plain path with no id to rewrite, while the original still
+ * names the virtual id, which the kernel would look up as a system one
+ * (no such process, or an unrelated one). Its own frame: the plain copy
+ * costs the stack only here (a signal handler on a small alternate stack
+ * may open a /proc path). The plain path may still hold a ".." (one kept
+ * for the kernel): not made plain again. */
 static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth) {
   char plain[PATH_MAX];
   int made = plain_path(path, plain);
@@ -365,14 +365,12 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
   const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
   if (!r || r == buf) return r;
   /* A ".." kept outside /proc with "proc" and a number after it
-   * ("/tmp/../proc/<vpid>"): the directory before the number is asked
-   * whether it is /proc. Not under path rules: they read it by its
-   * letters. */
+   * ("/tmp/../proc/<vpid>"): the directory through that "proc" is asked
+   * whether it is /proc (proc_rel_join). Under path rules, by its
+   * letters instead, as the rules read it (r388 H1: no look-up of the
+   * real side): "/tmp/../proc/<vpid>" is /proc/<vpid> to them, and was
+   * the system's process of that number to the kernel (r403 I1). */
   if (strncmp(plain, "/proc/", 6) != 0 && UNLIKELY(rel_reaches_number(plain))) {
-    /* Under path rules by its letters, as the rules read it (r388 H1: no
-     * look-up of the real side): "/tmp/../proc/<vpid>" is /proc/<vpid>
-     * to them, and was the system's process of that number to the
-     * kernel (r403 I1). */
     if (depth >= PROC_NESTING) {
       errno = ELOOP;
       return NULL;
