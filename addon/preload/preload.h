@@ -882,6 +882,11 @@ enum path_op {
  * itself for every other path, NULL with errno (ENOENT) for a virtual PID
  * the application does not hold. */
 HIDDEN const char *proc_path(const char *path, char buf[PATH_MAX]);
+/* proc_path as the path rules read it: a ".." outside /proc by its letters
+ * ("/tmp/../proc/<vpid>" is /proc/<vpid> to them), nothing looked up on the
+ * real side (r388 H1). For matching only: what the kernel is handed when
+ * no rule applies is proc_path's (r416 F3). */
+HIDDEN const char *proc_path_letters(const char *path, char buf[PATH_MAX]);
 /* preload_proc.c: of "/proc/<vpid>/root/REST" (a process the tables know),
  * "/proc/self/root/REST" or "/proc/thread-self/root/REST", a pointer to
  * "/REST" inside path, with that process's root link (by system PID) in
@@ -914,13 +919,15 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
  * (SLOW_PATH): a path rewritten outside the window would carry a system
  * PID across a snapshot. */
 /* "/dev/fd/.." (/dev/fd being the system's link to /proc/self/fd):
- * "/dev/fd/../task/<vtid>", "/dev/fd/../../<vpid>" (r403 L6). */
+ * "/dev/fd/../task/<vtid>", "/dev/fd/../../<vpid>" (r403 L6), of a plain
+ * path (proc_path_unplain). Hooked by any "/fd/" with a ".." ("/dev//fd/..",
+ * "/dev/./fd/..", "/dev/fd/./..": r416 F1; "//dev/fd/.." by its "//"). */
 static inline int dev_fd_up(const char *path) {
   return !strncmp(path, "/dev/fd/..", 10) && (path[10] == '/' || !path[10]);
 }
 static inline int proc_path_may_name(const char *path) {
   return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.') ||
-         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || dev_fd_up(path)));
+         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || strstr(path, "/fd/") != NULL));
 }
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;

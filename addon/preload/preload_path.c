@@ -1137,7 +1137,7 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
  * those only. buf is scribbled on. */
 static int cow_rule(const char *path, char buf[PATH_MAX]) {
   const char *p = path;
-  if (proc_path_may_name(path) && !(p = proc_path(path, buf))) return 0;
+  if (proc_path_may_name(path) && !(p = proc_path_letters(path, buf))) return 0;
   if (!g_h->instance.redirs || normalize(p, buf) < 0) return 0;
   const struct appshot_redir *r = match(&g_h->instance, buf);
   return r && r->kind == APPSHOT_REDIR_COW;
@@ -1202,7 +1202,9 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
       rest = proc_root_redirected(path, buf);
     }
     if (rest) p = path = rest;
-    else if (!(p = proc_path(path, buf))) return NULL;
+    /* Under rules, their reading (by letters) for them to match; the
+     * kernel's is original()'s, when none applies (r416 F3). */
+    else if (!(p = g_h->instance.redirs ? proc_path_letters(path, buf) : proc_path(path, buf))) return NULL;
   }
   if (!g_h->instance.redirs) return p;
   return path_rules_once(path, p, op, buf);

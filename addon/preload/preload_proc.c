@@ -25,6 +25,7 @@
 
 static size_t decimal_at(const char *s, size_t len, pid_t *out);
 static const char *proc_path_plain(const char *path, char buf[PATH_MAX]);
+static const char *proc_before_number(const char *path);
 
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
@@ -330,21 +331,43 @@ static const char *lexical_proc(const char *plain) {
 }
 
 /* How many times proc_path_unplain may go into itself again (through
- * proc_rel_join or the rules' reading of a ".." outside /proc), each
- * time with a PATH_MAX frame or two (about 8.5 KB):
+ * proc_rel_join: the kernel's reading of a ".." outside /proc), each time
+ * with a PATH_MAX frame or two (about 8.5 KB, on top of the 8 KB or so
+ * the first reading takes with the wrapper's buffer):
  * "proc/1/../../tmp/../proc/<vpid>" is one time (r403 L2),
- * "/tmp/../proc/1/../../tmp/../proc/<vpid>" two. A path that needs more
- * fails ELOOP rather than take a thread's stack, or hand the kernel a
- * virtual id. */
-enum { PROC_NESTING = 2 };
+ * "/tmp/../proc/1/../../tmp/../proc/<vpid>" two. A path that needs more,
+ * where the directory through that "proc" is our /proc indeed, fails
+ * ELOOP rather than take a thread's stack, or hand the kernel a virtual
+ * id. The rounds that need no frame of their own (/dev/fd, the rules'
+ * reading by letters) are a loop, bounded as the kernel bounds the links
+ * it follows. */
+enum { PROC_NESTING = 2, PROC_ROUNDS = 40 };
 
 static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth);
-static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth);
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters);
 
-/* proc_path of a path that starts "/proc/", `depth` deep. */
+/* proc_path of a path that starts "/proc/", `depth` deep (the kernel's
+ * reading). */
 static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int depth) {
-  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, depth);
+  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, depth, 0);
   return proc_path_plain(path, buf);
+}
+
+/* Whether the directory through the last "proc" component before a
+ * number in absolute `plain` (proc_before_number) is this process's
+ * /proc, by device and inode: two stats, no descriptor. plain is ours:
+ * cut there for the look-up, then mended. */
+static NOINLINE int reaches_our_proc(char *plain) {
+  const char *anchor = proc_before_number(plain);
+  if (!anchor) return 0;
+  char *num = (char *)anchor + 5, was = *num;
+  struct stat d, proc;
+  *num = '\0';
+  int ours = SYS4(newfstatat, AT_FDCWD, plain, &d, AT_NO_AUTOMOUNT) == 0 &&
+             SYS4(newfstatat, AT_FDCWD, "/proc", &proc, AT_NO_AUTOMOUNT) == 0 && d.st_dev == proc.st_dev &&
+             d.st_ino == proc.st_ino;
+  *num = was;
+  return ours;
 }
 
 /* proc_path of a path with repeated slashes, "." or ".." components: of
@@ -356,55 +379,96 @@ static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int de
  * (no such process, or an unrelated one). Its own frame: the plain copy
  * costs the stack only here (a signal handler on a small alternate stack
  * may open a /proc path). The plain path may still hold a ".." (one kept
- * for the kernel): not made plain again. */
-static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth) {
+ * for the kernel): not made plain again. `letters`: the reading the path
+ * rules match (a ".." outside /proc taken by its letters, nothing looked
+ * up on the real side: r388 H1); else the kernel's, what it is handed
+ * (r416 F3: "/tmp/x/lnk/../../../proc/2" through a link is not /proc to
+ * the kernel). A reading that goes on from another path ("/dev/fd/..",
+ * the letters' "/proc/...") goes round again with it in buf: one plain
+ * copy, whatever the depth. */
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters) {
   char plain[PATH_MAX];
-  int made = plain_path(path, plain);
-  if (made < 0) return NULL;
-  if (!made) return path; /* too long: the kernel says so */
-  const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
-  if (!r || r == buf) return r;
-  /* A ".." kept outside /proc with "proc" and a number after it
-   * ("/tmp/../proc/<vpid>"): the directory through that "proc" is asked
-   * whether it is /proc (proc_rel_join). Under path rules, by its
-   * letters instead, as the rules read it (r388 H1: no look-up of the
-   * real side): "/tmp/../proc/<vpid>" is /proc/<vpid> to them, and was
-   * the system's process of that number to the kernel (r403 I1). */
-  if (strncmp(plain, "/proc/", 6) != 0 && UNLIKELY(rel_reaches_number(plain))) {
-    if (depth >= PROC_NESTING) {
+  const char *src = path;
+  for (int round = 0;; round++) {
+    if (round > PROC_ROUNDS) {
       errno = ELOOP;
       return NULL;
     }
-    const char *abs = g_h->instance.redirs ? lexical_proc(plain) : NULL;
-    r = abs ? proc_path_nested(abs, buf, depth + 1) : proc_rel_join_at(AT_FDCWD, plain, buf, depth + 1);
-    if (!r || (r != plain && r != abs)) return r;
+    int made = plain_path(src, plain);
+    if (made < 0) return NULL;
+    /* Too long once plain (a directory's name the kernel gave is longer
+     * than its spelling): the path as written would fit, and its number
+     * be read as a system id (r416 F2). */
+    if (!made) {
+      errno = ENAMETOOLONG;
+      return NULL;
+    }
+    /* "/dev/fd/.." however it was spelled ("//dev/fd", "/dev/./fd",
+     * "/dev/fd/./..": r416 F1): "/proc/self/fd/.." when /dev/fd is the
+     * system's link to it (one readlink, for such paths only; any other
+     * /dev/fd is the kernel's to read). Longer by 6: a path that no
+     * longer fits fails, as above. */
+    if (UNLIKELY(dev_fd_up(plain))) {
+      char link[16];
+      if (SYS4(readlinkat, AT_FDCWD, "/dev/fd", link, sizeof link) == 13 && !memcmp(link, "/proc/self/fd", 13)) {
+        size_t rest = strlen(plain + 7); /* "/..": what follows "/dev/fd" */
+        if (13 + rest >= PATH_MAX) {
+          errno = ENAMETOOLONG;
+          return NULL;
+        }
+        memcpy(buf, link, 13);
+        memcpy(buf + 13, plain + 7, rest + 1);
+        src = buf;
+        continue;
+      }
+    }
+    const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
+    if (!r || r == buf) return r;
+    /* A ".." kept outside /proc with "proc" and a number after it
+     * ("/tmp/../proc/<vpid>"). The rules read it by its letters:
+     * "/tmp/../proc/<vpid>" is /proc/<vpid> to them (r403 I1), and one
+     * that is not /proc by its letters is theirs to match as it is (the
+     * kernel's reading comes after them, when none applies). The kernel:
+     * the directory through that "proc" is asked whether it is /proc
+     * (proc_rel_join). */
+    if (strncmp(plain, "/proc/", 6) != 0 && UNLIKELY(rel_reaches_number(plain))) {
+      if (letters) {
+        const char *abs = lexical_proc(plain);
+        if (!abs) break;
+        strcpy(buf, abs);
+        src = buf;
+        continue;
+      }
+      /* The bound, only where the path really enters our /proc again
+       * (r416 F8: a tree's own "proc/2" after it is the kernel's). */
+      if (depth >= PROC_NESTING) {
+        if (!reaches_our_proc(plain)) break;
+        errno = ELOOP;
+        return NULL;
+      }
+      r = proc_rel_join_at(AT_FDCWD, plain, buf, depth + 1);
+      if (!r || r != plain) return r;
+    }
+    break;
   }
   return strcpy(buf, plain);
 }
 
-/* proc_path of "/dev/fd/..." (dev_fd_up): "/proc/self/fd/..." when
- * /dev/fd is the system's link to it (one readlink, for these names
- * only; any other /dev/fd is the kernel's to read), made plain from
- * there. Its own frame, as proc_path_unplain's. */
-static NOINLINE const char *proc_dev_fd(const char *path, char buf[PATH_MAX]) {
-  char link[16], abs[PATH_MAX];
-  if (SYS4(readlinkat, AT_FDCWD, "/dev/fd", link, sizeof link) != 13 || memcmp(link, "/proc/self/fd", 13)) return path;
-  size_t rest = strlen(path + 7); /* "/..": what follows "/dev/fd" */
-  if (13 + rest >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
-  memcpy(abs, link, 13);
-  memcpy(abs + 13, path + 7, rest + 1);
-  const char *r = proc_path_unplain(abs, buf, 0);
-  return r == abs ? path : r;
+static const char *proc_path_read(const char *path, char buf[PATH_MAX], int letters) {
+  if (!path || path[0] != '/' || !g_h) return path;
+  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, 0, letters);
+  return proc_path_plain(path, buf);
 }
 
 /* Returns the path to hand to the kernel: `path` itself, or `buf` holding
  * the rewritten one; NULL with errno set when the path must fail. The
  * wrappers that use it are in preload_path.c (path_slow). */
 const char *proc_path(const char *path, char buf[PATH_MAX]) {
-  if (!path || path[0] != '/' || !g_h) return path;
-  if (UNLIKELY(path[1] == 'd') && dev_fd_up(path)) return proc_dev_fd(path, buf);
-  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, 0);
-  return proc_path_plain(path, buf);
+  return proc_path_read(path, buf, 0);
+}
+
+const char *proc_path_letters(const char *path, char buf[PATH_MAX]) {
+  return proc_path_read(path, buf, 1);
 }
 
 /* --- Relative to a descriptor of /proc -------------------------------------
@@ -517,7 +581,7 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
   memcpy(buf + n + 1, path, len + 1);
   /* No "." or ".." after all (a hidden name): the relative logic. */
   if (!path_unplain(buf)) return path;
-  return proc_path_unplain(buf, buf, 0);
+  return proc_path_unplain(buf, buf, 0, 0);
 }
 
 /* The path from the last "proc" component before `path`'s first number
@@ -566,7 +630,12 @@ static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_M
       d.st_ino != proc.st_ino)
     return path; /* gone, not a directory, no search right: the kernel says so too */
   char abs[PATH_MAX];
-  if (6 + rest >= PATH_MAX) return path;
+  /* "proc/" made "/proc/" no longer fits: the path as written would, and
+   * its number be read as a system id (r416 F2). */
+  if (6 + rest >= PATH_MAX) {
+    errno = ENAMETOOLONG;
+    return NULL;
+  }
   memcpy(abs, "/proc/", 6);
   memcpy(abs + 6, num, rest + 1);
   const char *r = proc_path_nested(abs, buf, depth);
@@ -578,7 +647,10 @@ static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_M
      * "/" (two stats, for such paths only). Else (our /proc bound
      * elsewhere) the path as it is, the kernel's to read. */
     size_t tail = strlen(r + 1);
-    if (dlen + 3 + tail >= PATH_MAX) return path;
+    if (dlen + 3 + tail >= PATH_MAX) { /* system ids may be longer: as above */
+      errno = ENAMETOOLONG;
+      return NULL;
+    }
     memcpy(abs, path, dlen);
     memcpy(abs + dlen, "..", 3);
     if (SYS4(newfstatat, dirfd, abs, &d, AT_NO_AUTOMOUNT) < 0 || SYS4(newfstatat, AT_FDCWD, "/", &proc, AT_NO_AUTOMOUNT) < 0 ||
