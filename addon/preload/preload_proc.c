@@ -330,17 +330,16 @@ static const char *lexical_proc(const char *plain) {
   return found;
 }
 
-/* How many times proc_path_unplain may go into itself again (through
- * proc_rel_join: the kernel's reading of a ".." outside /proc), each time
- * with a PATH_MAX frame or two (about 8.5 KB, on top of the 8 KB or so
- * the first reading takes with the wrapper's buffer):
- * "proc/1/../../tmp/../proc/<vpid>" is one time (r403 L2),
- * "/tmp/../proc/1/../../tmp/../proc/<vpid>" two. A path that needs more,
- * where the directory through that "proc" is our /proc indeed, fails
- * ELOOP rather than take a thread's stack, or hand the kernel a virtual
- * id. The rounds that need no frame of their own (/dev/fd, the rules'
- * reading by letters) are a loop, bounded as the kernel bounds the links
- * it follows. */
+/* A reading that goes on from another path (/dev/fd/.. as
+ * /proc/self/fd/.., "/tmp/../proc/<n>" as /proc/<n>, by the rules'
+ * letters or where our /proc's parent is "/") is a round of a loop in
+ * proc_path_unplain, with no frame of its own: PROC_ROUNDS of them, as
+ * the kernel bounds the links it follows, then ELOOP. Only a path through
+ * our /proc bound elsewhere (its parent not "/") goes into itself again
+ * (proc_rel_join), each time with a PATH_MAX frame or two (about 9 KB, on
+ * top of the 8 KB or so of the wrapper's buffer and the first reading):
+ * PROC_NESTING times, then ELOOP rather than take a thread's stack, or
+ * hand the kernel a virtual id. */
 enum { PROC_NESTING = 2, PROC_ROUNDS = 40 };
 
 static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth);
@@ -353,21 +352,25 @@ static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int de
   return proc_path_plain(path, buf);
 }
 
-/* Whether the directory through the last "proc" component before a
- * number in absolute `plain` (proc_before_number) is this process's
- * /proc, by device and inode: two stats, no descriptor. plain is ours:
- * cut there for the look-up, then mended. */
-static NOINLINE int reaches_our_proc(char *plain) {
-  const char *anchor = proc_before_number(plain);
-  if (!anchor) return 0;
-  char *num = (char *)anchor + 5, was = *num;
-  struct stat d, proc;
-  *num = '\0';
-  int ours = SYS4(newfstatat, AT_FDCWD, plain, &d, AT_NO_AUTOMOUNT) == 0 &&
-             SYS4(newfstatat, AT_FDCWD, "/proc", &proc, AT_NO_AUTOMOUNT) == 0 && d.st_dev == proc.st_dev &&
-             d.st_ino == proc.st_ino;
-  *num = was;
-  return ours;
+/* What the directory through "proc" in absolute `plain` (plain[0..dlen),
+ * ending "proc/") is: 0 not this process's /proc (by device and inode:
+ * another procfs mount, a tree's own "proc", gone); 1 our /proc, whose
+ * parent there is "/" (so the path reads from "/proc/" as from "/": the
+ * same walk); 2 our /proc, bound elsewhere. Asked in buf (free here): a
+ * few stats, no descriptor. */
+static NOINLINE int proc_anchor_kind(const char *plain, size_t dlen, char buf[PATH_MAX]) {
+  struct stat d, want;
+  memcpy(buf, plain, dlen);
+  buf[dlen] = '\0';
+  if (SYS4(newfstatat, AT_FDCWD, buf, &d, AT_NO_AUTOMOUNT) < 0 || SYS4(newfstatat, AT_FDCWD, "/proc", &want, AT_NO_AUTOMOUNT) < 0 ||
+      d.st_dev != want.st_dev || d.st_ino != want.st_ino)
+    return 0;
+  if (dlen + 3 > PATH_MAX) return 2;
+  memcpy(buf + dlen, "..", 3);
+  if (SYS4(newfstatat, AT_FDCWD, buf, &d, AT_NO_AUTOMOUNT) < 0 || SYS4(newfstatat, AT_FDCWD, "/", &want, AT_NO_AUTOMOUNT) < 0 ||
+      d.st_dev != want.st_dev || d.st_ino != want.st_ino)
+    return 2;
+  return 1;
 }
 
 /* proc_path of a path with repeated slashes, "." or ".." components: of
@@ -439,15 +442,26 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
         src = buf;
         continue;
       }
-      /* The bound, only where the path really enters our /proc again
-       * (r416 F8: a tree's own "proc/2" after it is the kernel's). */
-      if (depth >= PROC_NESTING) {
-        if (!reaches_our_proc(plain)) break;
-        errno = ELOOP;
-        return NULL;
+      /* Our /proc whose parent is "/" (as it is): "/proc/" and what
+       * follows the "proc", round again (r416 F7: no frame per return).
+       * Bound elsewhere: proc_rel_join, which says it relative to that
+       * directory, nested and bounded. Not our /proc: the kernel's (r416
+       * F8: no ELOOP for a tree's own "proc/2"). */
+      const char *anchor = proc_before_number(plain);
+      int kind = anchor ? proc_anchor_kind(plain, (size_t)(anchor + 5 - plain), buf) : 0;
+      if (kind == 1) {
+        strcpy((char *)memcpy(buf, "/proc/", 6) + 6, anchor + 5); /* no longer than plain */
+        src = buf;
+        continue;
       }
-      r = proc_rel_join_at(AT_FDCWD, plain, buf, depth + 1);
-      if (!r || r != plain) return r;
+      if (kind == 2) {
+        if (depth >= PROC_NESTING) {
+          errno = ELOOP;
+          return NULL;
+        }
+        r = proc_rel_join_at(AT_FDCWD, plain, buf, depth + 1);
+        if (!r || r != plain) return r;
+      }
     }
     break;
   }
