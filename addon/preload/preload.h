@@ -887,6 +887,10 @@ HIDDEN const char *proc_path(const char *path, char buf[PATH_MAX]);
  * real side (r388 H1). For matching only: what the kernel is handed when
  * no rule applies is proc_path's (r416 F3). */
 HIDDEN const char *proc_path_letters(const char *path, char buf[PATH_MAX]);
+/* In absolute `plain` (plain_path's), the last "/proc/..." whose directory
+ * is "/" by the letters before it ("/tmp/../proc/self/root/x"), a pointer
+ * into plain; NULL when there is none. */
+HIDDEN const char *lexical_proc(const char *plain);
 /* preload_proc.c: of "/proc/<vpid>/root/REST" (a process the tables know),
  * "/proc/self/root/REST" or "/proc/thread-self/root/REST", a pointer to
  * "/REST" inside path, with that process's root link (by system PID) in

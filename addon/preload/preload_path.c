@@ -1179,7 +1179,12 @@ static NOINLINE const char *proc_root_unplain(const char *path, int op, char buf
   char plain[PATH_MAX];
   const char *rest;
   *taken = 0;
-  if (plain_path(path, plain) <= 0 || !(rest = proc_root_redirected(plain, buf))) return NULL;
+  if (plain_path(path, plain) <= 0) return NULL;
+  /* A ".." kept outside /proc ("/tmp/../proc/self/root/x"): the rules
+   * read it by its letters, as proc_path_letters does (r416 F4: it
+   * reached the original, past the rule). */
+  const char *from = strncmp(plain, "/proc/", 6) ? lexical_proc(plain) : plain;
+  if (!from || !(rest = proc_root_redirected(from, buf))) return NULL;
   *taken = 1;
   const char *r = path_rules_once(rest, rest, op, buf);
   if (r && (uintptr_t)r - (uintptr_t)plain < PATH_MAX) r = strcpy(buf, r);

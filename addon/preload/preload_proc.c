@@ -316,7 +316,7 @@ static const char *proc_path_plain(const char *path, char buf[PATH_MAX]) {
  * "/proc/..." whose directory is "/" by the letters before it (each ".."
  * taking one name off, none above "/"), as a pointer into plain; NULL
  * when there is none. */
-static const char *lexical_proc(const char *plain) {
+const char *lexical_proc(const char *plain) {
   const char *found = NULL;
   int depth = 0;
   for (const char *c = plain + 1; *c;) {
