@@ -924,14 +924,16 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
  * PID across a snapshot. */
 /* "/dev/fd/.." (/dev/fd being the system's link to /proc/self/fd):
  * "/dev/fd/../task/<vtid>", "/dev/fd/../../<vpid>" (r403 L6), of a plain
- * path (proc_path_unplain). Hooked by any "/fd/" with a ".." ("/dev//fd/..",
- * "/dev/./fd/..", "/dev/fd/./..": r416 F1; "//dev/fd/.." by its "//"). */
+ * path (proc_path_unplain). Hooked by "/dev/" and "/fd/" with a ".."
+ * ("/dev//fd/..", "/dev/./fd/..", "/dev/fd/./..": r416 F1; "//dev/fd/.."
+ * by its "//"): not every "/fd/../" (a FIFO opened by such a name would
+ * hold the translation window while it blocks). */
 static inline int dev_fd_up(const char *path) {
   return !strncmp(path, "/dev/fd/..", 10) && (path[10] == '/' || !path[10]);
 }
 static inline int proc_path_may_name(const char *path) {
   return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.') ||
-         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || strstr(path, "/fd/") != NULL));
+         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || (strstr(path, "/dev/") != NULL && strstr(path, "/fd/") != NULL)));
 }
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;
