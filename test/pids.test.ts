@@ -854,15 +854,44 @@ describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<t
   // so ("x/../12/f", a tree's own "proc/1") answer as the kernel does, with
   // no descriptor free, and openat2 RESOLVE_BENEATH keeps a relative path
   // relative (review r388 M1, M2).
+  // Also its own thread by its virtual TID through /proc/self/task,
+  // /proc/thread-self/.. and /dev/fd/.. (relative under "/" too), and
+  // openat2 RESOLVE_IN_ROOT under /proc (review r403 L1, L4, L6); /dev/fd/..
+  // however spelled ("//dev/fd", "/dev/./fd", "/dev/fd/./.."), paths whose
+  // rewritten form would not fit (ENAMETOOLONG, never the system's process),
+  // a ".." through a link (the kernel's file), more returns into /proc than
+  // are followed (ELOOP or the process), and a thread's stack of 16 KB
+  // (review r416 F1, F2, F3, F7, F8).
   it('a virtual PID in any spelling of its /proc directory (".." after /proc/sys or /tmp, relative under /, /tmp or /proc) opens that process, and a number the application does not hold is ENOENT; /dev/stdin and /dev/stderr of an O_PATH descriptor and sched read-write show the view', async () => {
     const r = await attempt(['run', '--', fixture('procspell')]);
     expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
     expect(r.code).toBe(0);
   });
 
+  // Path rules read ".." by its letters (review r388 H1): "/tmp/../proc/<vpid>"
+  // is /proc/<vpid> to them, and opened the system's process of that number
+  // (review r403 I1). A rule on a path the fixture never uses is enough. When
+  // none applies, the kernel's reading is what it gets: "<dir>/lnk/../../../proc/<vpid>"
+  // through a link is the tree's own file there (review r416 F3).
+  const rulesDir = scratchDir('appshot-procspell-rules-');
+  it('under path rules, the same spellings open the process of the virtual PID', async () => {
+    const rules = join(rulesDir, 'rules');
+    const to = join(rulesDir, 'to');
+    mkdirSync(to, { recursive: true });
+    writeFileSync(rules, `REDIR PATH "/appshot-procspell-nowhere" TO "${to}"\n`);
+    // And /proc/self/root/<rule's path> read as the rule makes it however
+    // spelled ("/tmp/../proc/self/root/...": review r416 F4).
+    const r = await attempt(['run', '--rules', rules, '--', fixture('procspell'), 'redir', '/appshot-procspell-nowhere', to]);
+    expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);
+    expect(r.code).toBe(0);
+  });
+
   const cgroups = cgroupRoot();
   // The fixture also writes through a list whose path is longer than a
-  // memfd's name holds (review r388 M4: that open failed ENAMETOOLONG).
+  // memfd's name holds (review r388 M4: that open failed ENAMETOOLONG),
+  // and, as root, through one opened by a directory from before a chroot
+  // where its name is another cgroup's (review r403 L5: that write moved
+  // the process into the other cgroup).
   (cgroups === undefined ? vitestIt.skip : it)('a cgroup\'s cgroup.procs opened read-write reads the virtual PIDs, and a virtual PID written to it moves that process', async () => {
     const dir = mkdtempSync(join(cgroups!, 'appshot-procspell-'));
     try {

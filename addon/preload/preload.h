@@ -882,6 +882,15 @@ enum path_op {
  * itself for every other path, NULL with errno (ENOENT) for a virtual PID
  * the application does not hold. */
 HIDDEN const char *proc_path(const char *path, char buf[PATH_MAX]);
+/* proc_path as the path rules read it: a ".." outside /proc by its letters
+ * ("/tmp/../proc/<vpid>" is /proc/<vpid> to them), nothing looked up on the
+ * real side (r388 H1). For matching only: what the kernel is handed when
+ * no rule applies is proc_path's (r416 F3). */
+HIDDEN const char *proc_path_letters(const char *path, char buf[PATH_MAX]);
+/* In absolute `plain` (plain_path's), the last "/proc/..." whose directory
+ * is "/" by the letters before it ("/tmp/../proc/self/root/x"), a pointer
+ * into plain; NULL when there is none. */
+HIDDEN const char *lexical_proc(const char *plain);
 /* preload_proc.c: of "/proc/<vpid>/root/REST" (a process the tables know),
  * "/proc/self/root/REST" or "/proc/thread-self/root/REST", a pointer to
  * "/REST" inside path, with that process's root link (by system PID) in
@@ -913,9 +922,18 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
  * both the rewrite (path_slow) and the translation window it needs
  * (SLOW_PATH): a path rewritten outside the window would carry a system
  * PID across a snapshot. */
+/* "/dev/fd/.." (/dev/fd being the system's link to /proc/self/fd):
+ * "/dev/fd/../task/<vtid>", "/dev/fd/../../<vpid>" (r403 L6), of a plain
+ * path (proc_path_unplain). Hooked by "/dev/" and "/fd/" with a ".."
+ * ("/dev//fd/..", "/dev/./fd/..", "/dev/fd/./..": r416 F1; "//dev/fd/.."
+ * by its "//"): not every "/fd/../" (a FIFO opened by such a name would
+ * hold the translation window while it blocks). */
+static inline int dev_fd_up(const char *path) {
+  return !strncmp(path, "/dev/fd/..", 10) && (path[10] == '/' || !path[10]);
+}
 static inline int proc_path_may_name(const char *path) {
   return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.') ||
-         UNLIKELY(strstr(path, "/..") != NULL && strstr(path, "/proc/") != NULL);
+         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || (strstr(path, "/dev/") != NULL && strstr(path, "/fd/") != NULL)));
 }
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;

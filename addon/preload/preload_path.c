@@ -1137,7 +1137,7 @@ static const char *path_rules(const char *path, const char *p, int op, char buf[
  * those only. buf is scribbled on. */
 static int cow_rule(const char *path, char buf[PATH_MAX]) {
   const char *p = path;
-  if (proc_path_may_name(path) && !(p = proc_path(path, buf))) return 0;
+  if (proc_path_may_name(path) && !(p = proc_path_letters(path, buf))) return 0;
   if (!g_h->instance.redirs || normalize(p, buf) < 0) return 0;
   const struct appshot_redir *r = match(&g_h->instance, buf);
   return r && r->kind == APPSHOT_REDIR_COW;
@@ -1179,7 +1179,12 @@ static NOINLINE const char *proc_root_unplain(const char *path, int op, char buf
   char plain[PATH_MAX];
   const char *rest;
   *taken = 0;
-  if (plain_path(path, plain) <= 0 || !(rest = proc_root_redirected(plain, buf))) return NULL;
+  if (plain_path(path, plain) <= 0) return NULL;
+  /* A ".." kept outside /proc ("/tmp/../proc/self/root/x"): the rules
+   * read it by its letters, as proc_path_letters does (r416 F4: it
+   * reached the original, past the rule). */
+  const char *from = strncmp(plain, "/proc/", 6) ? lexical_proc(plain) : plain;
+  if (!from || !(rest = proc_root_redirected(from, buf))) return NULL;
   *taken = 1;
   const char *r = path_rules_once(rest, rest, op, buf);
   if (r && (uintptr_t)r - (uintptr_t)plain < PATH_MAX) r = strcpy(buf, r);
@@ -1202,7 +1207,9 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
       rest = proc_root_redirected(path, buf);
     }
     if (rest) p = path = rest;
-    else if (!(p = proc_path(path, buf))) return NULL;
+    /* Under rules, their reading (by letters) for them to match; the
+     * kernel's is original()'s, when none applies (r416 F3). */
+    else if (!(p = g_h->instance.redirs ? proc_path_letters(path, buf) : proc_path(path, buf))) return NULL;
   }
   if (!g_h->instance.redirs) return p;
   return path_rules_once(path, p, op, buf);
@@ -1218,7 +1225,13 @@ static const char *path_rules_once(const char *path, const char *p, int op, char
 
 const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf[PATH_MAX]) {
   if (path[0] == '/') return path_slow(path, op, buf);
-  if (op & PATH_INROOT) return path;
+  /* openat2 RESOLVE_IN_ROOT: dirfd is the root, ".." stops at it. Under a
+   * directory of /proc a number after it is still ours to translate
+   * ("<vpid>/stat" under /proc: r403 L4), and without dots the kernel
+   * walks exactly what proc_at_path reads. Nothing is joined (that makes
+   * the path absolute, which IN_ROOT would read under dirfd), and a
+   * directory outside /proc is not asked what lies beyond it. */
+  if (op & PATH_INROOT) return kind != PROC_DIR_NONE && !rel_dotted(path) ? proc_at_path(kind, path, buf) : path;
   /* A directory outside /proc (kind NONE): nothing to join, and no
    * window was opened for it (SLOW_PATH: an open of a FIFO may block). */
   if (kind != PROC_DIR_NONE && UNLIKELY(rel_dotted(path))) {

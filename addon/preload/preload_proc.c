@@ -25,6 +25,7 @@
 
 static size_t decimal_at(const char *s, size_t len, pid_t *out);
 static const char *proc_path_plain(const char *path, char buf[PATH_MAX]);
+static const char *proc_before_number(const char *path);
 
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
@@ -311,6 +312,67 @@ static const char *proc_path_plain(const char *path, char buf[PATH_MAX]) {
   return pid_rest(p, buf, 1);
 }
 
+/* In absolute `plain` (no "." component, no repeated slash), the last
+ * "/proc/..." whose directory is "/" by the letters before it (each ".."
+ * taking one name off, none above "/"), as a pointer into plain; NULL
+ * when there is none. */
+const char *lexical_proc(const char *plain) {
+  const char *found = NULL;
+  int depth = 0;
+  for (const char *c = plain + 1; *c;) {
+    const char *e = c;
+    while (*e && *e != '/') e++;
+    if (e - c == 2 && c[0] == '.' && c[1] == '.') depth -= depth > 0;
+    else if (!depth && e - c == 4 && !memcmp(c, "proc", 4) && *e == '/') found = c - 1, depth++;
+    else depth++;
+    c = *e ? e + 1 : e;
+  }
+  return found;
+}
+
+/* A reading that goes on from another path (/dev/fd/.. as
+ * /proc/self/fd/.., "/tmp/../proc/<n>" as /proc/<n>, by the rules'
+ * letters or where our /proc's parent is "/") is a round of a loop in
+ * proc_path_unplain, with no frame of its own: PROC_ROUNDS of them, as
+ * the kernel bounds the links it follows, then ELOOP. Only a path through
+ * our /proc bound elsewhere (its parent not "/") goes into itself again
+ * (proc_rel_join), each time with a PATH_MAX frame or two (about 9 KB, on
+ * top of the 8 KB or so of the wrapper's buffer and the first reading):
+ * PROC_NESTING times, then ELOOP rather than take a thread's stack, or
+ * hand the kernel a virtual id. */
+enum { PROC_NESTING = 2, PROC_ROUNDS = 40 };
+
+static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth);
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters);
+
+/* proc_path of a path that starts "/proc/", `depth` deep (the kernel's
+ * reading). */
+static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int depth) {
+  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, depth, 0);
+  return proc_path_plain(path, buf);
+}
+
+/* What the directory through "proc" in absolute `plain` (plain[0..dlen),
+ * ending "proc/") is: 0 not this process's /proc (by device and inode:
+ * another procfs mount, a tree's own "proc", gone); 1 our /proc, whose
+ * parent there is "/" (so the path reads from "/proc/" as from "/": the
+ * same walk); 2 our /proc, bound elsewhere. Asked in buf (free here): a
+ * few stats, no descriptor. */
+static NOINLINE int proc_anchor_kind(const char *plain, size_t dlen, char buf[PATH_MAX]) {
+  struct stat d, want;
+  memcpy(buf, plain, dlen);
+  buf[dlen] = '\0';
+  if (SYS4(newfstatat, AT_FDCWD, buf, &d, AT_NO_AUTOMOUNT) < 0 || SYS4(newfstatat, AT_FDCWD, "/proc", &want, AT_NO_AUTOMOUNT) < 0 ||
+      d.st_dev != want.st_dev || d.st_ino != want.st_ino)
+    return 0;
+  if (dlen + 3 > PATH_MAX) return 2;
+  memcpy(buf + dlen, "..", 3);
+  if (SYS4(newfstatat, AT_FDCWD, buf, &d, AT_NO_AUTOMOUNT) < 0 || SYS4(newfstatat, AT_FDCWD, "/", &want, AT_NO_AUTOMOUNT) < 0 ||
+      d.st_dev != want.st_dev || d.st_ino != want.st_ino)
+    return 2;
+  return 1;
+}
+
 /* proc_path of a path with repeated slashes, "." or ".." components: of
  * the plain path, the answer the rewritten one, or else the plain path
  * itself (in buf). Never `path`: a ".." taken out lexically after a
@@ -320,32 +382,107 @@ static const char *proc_path_plain(const char *path, char buf[PATH_MAX]) {
  * (no such process, or an unrelated one). Its own frame: the plain copy
  * costs the stack only here (a signal handler on a small alternate stack
  * may open a /proc path). The plain path may still hold a ".." (one kept
- * for the kernel): not made plain again. */
-static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX]) {
+ * for the kernel): not made plain again. `letters`: the reading the path
+ * rules match (a ".." outside /proc taken by its letters, nothing looked
+ * up on the real side: r388 H1); else the kernel's, what it is handed
+ * (r416 F3: "/tmp/x/lnk/../../../proc/2" through a link is not /proc to
+ * the kernel). A reading that goes on from another path ("/dev/fd/..",
+ * the letters' "/proc/...") goes round again with it in buf: one plain
+ * copy, whatever the depth. */
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters) {
   char plain[PATH_MAX];
-  int made = plain_path(path, plain);
-  if (made < 0) return NULL;
-  if (!made) return path; /* too long: the kernel says so */
-  const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
-  if (!r || r == buf) return r;
-  /* A ".." kept outside /proc with "proc" and a number after it
-   * ("/tmp/../proc/<vpid>"): the directory before the number is asked
-   * whether it is /proc. Not under path rules: they read it by its
-   * letters. */
-  if (!g_h->instance.redirs && strncmp(plain, "/proc/", 6) != 0 && UNLIKELY(rel_reaches_number(plain))) {
-    r = proc_rel_join(AT_FDCWD, plain, buf);
-    if (r != plain) return r;
+  const char *src = path;
+  for (int round = 0;; round++) {
+    if (round > PROC_ROUNDS) {
+      errno = ELOOP;
+      return NULL;
+    }
+    int made = plain_path(src, plain);
+    if (made < 0) return NULL;
+    /* Too long once plain (a directory's name the kernel gave is longer
+     * than its spelling): the path as written would fit, and its number
+     * be read as a system id (r416 F2). */
+    if (!made) {
+      errno = ENAMETOOLONG;
+      return NULL;
+    }
+    /* "/dev/fd/.." however it was spelled ("//dev/fd", "/dev/./fd",
+     * "/dev/fd/./..": r416 F1): "/proc/self/fd/.." when /dev/fd is the
+     * system's link to it (one readlink, for such paths only; any other
+     * /dev/fd is the kernel's to read). Longer by 6: a path that no
+     * longer fits fails, as above. */
+    if (UNLIKELY(dev_fd_up(plain))) {
+      char link[16];
+      if (SYS4(readlinkat, AT_FDCWD, "/dev/fd", link, sizeof link) == 13 && !memcmp(link, "/proc/self/fd", 13)) {
+        size_t rest = strlen(plain + 7); /* "/..": what follows "/dev/fd" */
+        if (13 + rest >= PATH_MAX) {
+          errno = ENAMETOOLONG;
+          return NULL;
+        }
+        memcpy(buf, link, 13);
+        memcpy(buf + 13, plain + 7, rest + 1);
+        src = buf;
+        continue;
+      }
+    }
+    const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
+    if (!r || r == buf) return r;
+    /* A ".." kept outside /proc with "proc" and a number after it
+     * ("/tmp/../proc/<vpid>"). The rules read it by its letters:
+     * "/tmp/../proc/<vpid>" is /proc/<vpid> to them (r403 I1), and one
+     * that is not /proc by its letters is theirs to match as it is (the
+     * kernel's reading comes after them, when none applies). The kernel:
+     * the directory through that "proc" is asked whether it is /proc
+     * (proc_rel_join). */
+    if (strncmp(plain, "/proc/", 6) != 0 && UNLIKELY(rel_reaches_number(plain))) {
+      if (letters) {
+        const char *abs = lexical_proc(plain);
+        if (!abs) break;
+        strcpy(buf, abs);
+        src = buf;
+        continue;
+      }
+      /* Our /proc whose parent is "/" (as it is): "/proc/" and what
+       * follows the "proc", round again (r416 F7: no frame per return).
+       * Bound elsewhere: proc_rel_join, which says it relative to that
+       * directory, nested and bounded. Not our /proc: the kernel's (r416
+       * F8: no ELOOP for a tree's own "proc/2"). */
+      const char *anchor = proc_before_number(plain);
+      int kind = anchor ? proc_anchor_kind(plain, (size_t)(anchor + 5 - plain), buf) : 0;
+      if (kind == 1) {
+        strcpy((char *)memcpy(buf, "/proc/", 6) + 6, anchor + 5); /* no longer than plain */
+        src = buf;
+        continue;
+      }
+      if (kind == 2) {
+        if (depth >= PROC_NESTING) {
+          errno = ELOOP;
+          return NULL;
+        }
+        r = proc_rel_join_at(AT_FDCWD, plain, buf, depth + 1);
+        if (!r || r != plain) return r;
+      }
+    }
+    break;
   }
   return strcpy(buf, plain);
+}
+
+static const char *proc_path_read(const char *path, char buf[PATH_MAX], int letters) {
+  if (!path || path[0] != '/' || !g_h) return path;
+  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, 0, letters);
+  return proc_path_plain(path, buf);
 }
 
 /* Returns the path to hand to the kernel: `path` itself, or `buf` holding
  * the rewritten one; NULL with errno set when the path must fail. The
  * wrappers that use it are in preload_path.c (path_slow). */
 const char *proc_path(const char *path, char buf[PATH_MAX]) {
-  if (!path || path[0] != '/' || !g_h) return path;
-  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf);
-  return proc_path_plain(path, buf);
+  return proc_path_read(path, buf, 0);
+}
+
+const char *proc_path_letters(const char *path, char buf[PATH_MAX]) {
+  return proc_path_read(path, buf, 1);
 }
 
 /* --- Relative to a descriptor of /proc -------------------------------------
@@ -458,35 +595,45 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
   memcpy(buf + n + 1, path, len + 1);
   /* No "." or ".." after all (a hidden name): the relative logic. */
   if (!path_unplain(buf)) return path;
-  return proc_path_unplain(buf, buf);
+  return proc_path_unplain(buf, buf, 0, 0);
 }
 
-/* The path from `path`'s first number after a "proc" component
- * ("proc/<n>", "../proc/./<n>"), or NULL. */
-static const char *number_after_proc(const char *path) {
-  int seen = 0;
+/* The path from the last "proc" component before `path`'s first number
+ * after one ("proc/<n>", "../proc/./<n>", "proc/self/task/<n>",
+ * "proc/thread-self/../<n>"), or NULL. Anchored at the "proc" component,
+ * not at the number: the directory before a number may be /proc/<pid>/task
+ * (r403 L1), which proc_path knows from its name under /proc. */
+static const char *proc_before_number(const char *path) {
+  const char *proc = NULL;
   for (const char *c = path; *c;) {
     const char *e = c;
     while (*e && *e != '/') e++;
-    if (e - c == 4 && !memcmp(c, "proc", 4)) seen = 1;
-    else if (seen && starts_with_number(c)) return c;
+    if (e - c == 4 && !memcmp(c, "proc", 4) && *e == '/') proc = c;
+    else if (proc && starts_with_number(c)) return proc;
     c = *e ? e + 1 : e;
   }
   return NULL;
 }
 
-/* The directory before the number is stat'ed relative to dirfd (no
+/* The directory through the "proc" component is stat'ed relative to dirfd (no
  * descriptor needed: no EMFILE) and must be this process's /proc itself
- * (its device and inode): a procfs of another namespace under a
- * container's root, or a build tree's "proc/1", stays as it is. The
+ * (its device and inode): another procfs mount (another PID
+ * namespace's under a container's root, or, since Linux 5.8 each mount
+ * having a superblock of its own, a second mount of ours: r403 L3), or a
+ * build tree's "proc/1", stays as it is. The
  * path stays relative, to the same dirfd, with only the number made the
  * system's: the kernel walks the same directories (openat2's
  * RESOLVE_BENEATH and NO_XDEV still hold), no link's text is taken for a
  * path (a directory outside our root, another mount namespace: r388
  * M3), and no absolute name of a deep directory makes it too long. */
 const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]) {
-  const char *num = number_after_proc(path);
-  if (!num || (dirfd < 0 && dirfd != AT_FDCWD)) return path;
+  return proc_rel_join_at(dirfd, path, buf, 0);
+}
+
+static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth) {
+  const char *anchor = proc_before_number(path);
+  if (!anchor || (dirfd < 0 && dirfd != AT_FDCWD)) return path;
+  const char *num = anchor + 5; /* what follows "proc/" */
   size_t dlen = (size_t)(num - path), rest = strlen(num);
   if (dlen + rest >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
   memcpy(buf, path, dlen);
@@ -497,14 +644,37 @@ const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]) {
       d.st_ino != proc.st_ino)
     return path; /* gone, not a directory, no search right: the kernel says so too */
   char abs[PATH_MAX];
-  if (6 + rest >= PATH_MAX) return path;
+  /* "proc/" made "/proc/" no longer fits: the path as written would, and
+   * its number be read as a system id (r416 F2). */
+  if (6 + rest >= PATH_MAX) {
+    errno = ENAMETOOLONG;
+    return NULL;
+  }
   memcpy(abs, "/proc/", 6);
   memcpy(abs + 6, num, rest + 1);
-  const char *r = proc_path(abs, buf);
+  const char *r = proc_path_nested(abs, buf, depth);
   if (!r || r == abs) return r ? path : NULL;
-  /* A ".." out of /proc again ("proc/1/../../etc"): nothing of a process
-   * is named. */
-  if (strncmp(r, "/proc/", 6) != 0) return path;
+  if (strncmp(r, "/proc/", 6) != 0) {
+    /* A ".." out of /proc again ("proc/1/../../etc", and back in:
+     * "proc/1/../../tmp/../proc/<vpid>"): r is read from "/", the parent
+     * of /proc, and said relative to the directory's parent when that is
+     * "/" (two stats, for such paths only). Else (our /proc bound
+     * elsewhere) the path as it is, the kernel's to read. */
+    size_t tail = strlen(r + 1);
+    if (dlen + 3 + tail >= PATH_MAX) { /* system ids may be longer: as above */
+      errno = ENAMETOOLONG;
+      return NULL;
+    }
+    memcpy(abs, path, dlen);
+    memcpy(abs + dlen, "..", 3);
+    if (SYS4(newfstatat, dirfd, abs, &d, AT_NO_AUTOMOUNT) < 0 || SYS4(newfstatat, AT_FDCWD, "/", &proc, AT_NO_AUTOMOUNT) < 0 ||
+        d.st_dev != proc.st_dev || d.st_ino != proc.st_ino)
+      return path;
+    memmove(buf + dlen + 3, r + 1, tail + 1);
+    memcpy(buf, path, dlen);
+    memcpy(buf + dlen, "../", 3);
+    return buf;
+  }
   size_t tail = strlen(r + 6);
   if (dlen + tail >= PATH_MAX) {
     errno = ENAMETOOLONG;

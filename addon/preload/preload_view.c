@@ -840,7 +840,8 @@ enum { THROUGH_PREFIX_LEN = sizeof THROUGH_PREFIX - 1, VIEW_NAME_MAX = 250 /* me
 
 /* The memfd's name for the view `v` of `fd` opened read-write, into
  * name[VIEW_NAME_MAX]: 0, or -errno (-ENAMETOOLONG: a path too long for a
- * memfd's name; the kernel's descriptor then stays, view_fill_named). A sched file of a process
+ * memfd's name, or one that names another file from here; the kernel's
+ * descriptor then stays, view_fill_named). A sched file of a process
  * outside the application keeps the plain name: read, its view; written,
  * refused. Its own frame: the link buffer costs the stack only here. */
 static NOINLINE long write_through_name(int fd, enum view v, const struct view_owner *who, char name[VIEW_NAME_MAX]) {
@@ -864,8 +865,18 @@ static NOINLINE long write_through_name(int fd, enum view v, const struct view_o
   long n = SYS4(readlinkat, AT_FDCWD, self, link, sizeof link);
   if (n < 0) return n;
   if (n >= VIEW_NAME_MAX - THROUGH_PREFIX_LEN || link[0] != '/') return -ENAMETOOLONG;
-  memcpy(d, link, (size_t)n);
-  d[n] = '\0';
+  link[n] = '\0';
+  /* The link's text is a name from the root of the mount it was opened
+   * in: opened through a directory from before a chroot, or from another
+   * mount namespace, it may name another file here (another cgroup's
+   * list, which the write would move the process into: r403 L5). The
+   * name must lead to the file itself (one stat, at the open), else it is
+   * no name for it: as one too long. */
+  struct stat named, opened;
+  if (SYS4(newfstatat, AT_FDCWD, link, &named, AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT) != 0 || SYS2(fstat, fd, &opened) != 0 ||
+      named.st_dev != opened.st_dev || named.st_ino != opened.st_ino)
+    return -ENAMETOOLONG;
+  memcpy(d, link, (size_t)n + 1);
   return 0;
 }
 
@@ -946,7 +957,8 @@ static NOINLINE long view_fill_named(int fd, const char *path, enum name name, i
   char memfd_name[VIEW_NAME_MAX] = VIEW_NAME;
   long r = through ? write_through_name(fd, v, &who, memfd_name) : 0;
   if (r == -ENAMETOOLONG) {
-    /* A path no memfd's name holds: the kernel's descriptor stays where
+    /* A path no memfd's name holds (or that names another file from
+     * here: r403 L5): the kernel's descriptor stays where
      * its writes are translated (marked at its open, cgroup_procs_opened)
      * or hold no id (sched). Past the marks' table, a cgroup list's view
      * stays, read-only: its writes fail (EBADF) rather than hand the
