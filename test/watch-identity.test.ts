@@ -14,11 +14,12 @@
  * key, not saying they are this node's snapshot.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
+import { addon } from '../src/native.js';
 import { FdKind, FanotifyMarkKind, type Fd, type Image } from '../src/image/types.js';
 import { writeSignedImage } from './crafted.js';
 import { cli, fixture, Sandbox, waitFor } from './helpers.js';
@@ -79,8 +80,18 @@ function withWorkerFd(name: string, make: (fd: Fd) => void): string {
 }
 
 /** An inotify instance watching `path` (IN_MODIFY | IN_ACCESS, 0x3). */
-const inotifyOn = (name: string, path: string) =>
-  withWorkerFd(name, (fd) => Object.assign(fd, { fd: 911, kind: FdKind.INOTIFY, flags: 0o4000, path: 'anon_inode:inotify', file: -1, description: 4911, pos: 0n, inotifyWatches: [{ wd: 1, path, mask: 0x3 }] }));
+const inotifyOn = (name: string, path: string) => withWorkerFd(name, (fd) => Object.assign(fd, inotifyFd(path)));
+const inotifyFd = (path: string) => ({ fd: 911, kind: FdKind.INOTIFY, flags: 0o4000, path: 'anon_inode:inotify', file: -1, description: 4911, pos: 0n, inotifyWatches: [{ wd: 1, path, mask: 0x3 }] });
+
+/** The same instance held by the master too, at the same number, one
+ * open file description (as made before the fork). */
+function inotifyOfBoth(name: string, path: string): string {
+  const i = structuredClone(app.image);
+  i.fromSnapshot = false;
+  const file = i.processes.flatMap((q) => q.fds).find((f) => f.kind === FdKind.FILE)!;
+  for (const q of i.processes) q.fds.push(Object.assign(structuredClone(file), inotifyFd(path)));
+  return writeSignedImage(join(out, name), i, app.dir);
+}
 
 /** A fanotify group (privileged, FAN_CLOEXEC | FAN_NONBLOCK) with a mount
  * mark (FAN_MODIFY) on `path`. */
@@ -111,6 +122,10 @@ function restore(dir: string, aid: string | undefined, env: NodeJS.ProcessEnv = 
 /** A restore refused in one line matching `line`, exit `code`, with
  * nothing left. */
 function refused(r: { code: number | null; stderr: string }, line: RegExp, code: number): void {
+  // Restored after all (what the test is there to catch): removed, so
+  // that the next test's restore of the same application is not refused
+  // as already registered.
+  if (r.code === 0) for (const aid of sb.aids()) for (const verb of ['kill', 'rm']) sb.run([verb, aid]);
   const lines = r.stderr.split('\n').filter(Boolean);
   expect(lines, r.stderr).toHaveLength(1);
   expect(lines[0]).toMatch(/^appshot: /);
@@ -232,6 +247,62 @@ describe.runIf(isRoot)('a watch a retry identity makes on a file of more than on
     if (!linkAsWorker(target, link)) return ctx.skip(noKnob);
     const r = restore(inotifyOn('hardlink-acl', link), undefined);
     refused(r, new RegExp(`process ${worker} fd 911: its inotify watch 1 on ${link} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES \\(another identity reaches it, but it is a file of 2 hard links, of uid 0, which the holder does not own, and whose access ACL \\(or a filesystem that could not show it has none\\) may refuse the holder what its mode bits grant: a link its user may have made\\)$`), 5);
+  });
+
+  // The link count is not all: one link, and still a name the worker's
+  // user gave a file they may not read. The retry is refused where a
+  // directory on the way is theirs to change (addon MayHavePlaced).
+  const placed = (path: string, dir: string) =>
+    new RegExp(
+      `process ${worker} fd 911: its inotify watch 1 on ${path} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES \\(another identity reaches it, but it is a file of uid 0, which the holder is not shown to own or read, under ${dir}, a directory its user may change: a name its user may have given it \\(a file renamed there, or linked there and its first name removed\\)\\)$`,
+    );
+
+  it("refuses the worker's watch on a root-only file its user renamed into its own directory, of one link (r392 F6)", () => {
+    const shared = join(tree, 'shared');
+    mkdirSync(shared);
+    chmodSync(shared, 0o777);
+    const target = join(shared, 'root-file');
+    writeFileSync(target, 'root only\n', { mode: 0o600 });
+    const moved = join(tree, 'w', 'renamed');
+    const mv = spawnSync('chroot', [`--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'mv', target, moved], { encoding: 'utf8' });
+    expect(mv.status, mv.stderr).toBe(0);
+    expect(statSync(moved)).toMatchObject({ nlink: 1, uid: 0 });
+    refused(restore(inotifyOn('renamed-planted', moved), undefined), placed(moved, join(tree, 'w')), 5);
+  });
+
+  it("refuses it on a root-only file its user hard-linked into its own directory, whose first name was removed since (r392 F6)", (ctx) => {
+    const target = join(tree, 'hidden', 'secret-gone');
+    writeFileSync(target, 'root only\n', { mode: 0o600 });
+    const link = join(tree, 'w', 'orphan');
+    if (!linkAsWorker(target, link)) return ctx.skip(noKnob);
+    rmSync(target);
+    expect(statSync(link).nlink).toBe(1);
+    refused(restore(inotifyOn('orphan-planted', link), undefined), placed(link, join(tree, 'w')), 5);
+  });
+
+  // An instance made before the fork, held by the master and the worker:
+  // each process's descriptor comes back as an instance of its own, its
+  // watches made with its own identity first, so the worker's is held to
+  // a retry's rules however the master's was made (r392 F12: the
+  // master's walk, which follows a symlink the worker's user put on the
+  // way, makes a watch whose events reach the master alone).
+  it("restores an instance the master and the worker both held as two, each watching the master's root-only file (r392 F12)", () => {
+    // One of its own: `secret` has the worker's link (the first test).
+    const secret = join(tree, 'hidden', 'both-secret');
+    writeFileSync(secret, 'root only\n', { mode: 0o600 });
+    restored(restore(inotifyOfBoth('both-hold', secret), 'bothhold'), 'bothhold', (pid) => {
+      const ino = statSync(secret).ino.toString(16);
+      const master = sb.systemPid('bothhold', app.image.processes.find((q) => q.vpid !== worker)!.vpid);
+      for (const q of [master, pid]) expect(readFileSync(`/proc/${q}/fdinfo/911`, 'utf8')).toMatch(new RegExp(`^inotify wd:1 ino:${ino} `, 'm'));
+      expect(addon().descriptionGroups([master, pid], [911, 911])).toEqual([0, 1]);
+    });
+  });
+
+  it("refuses the worker's watch of such an instance through a symlink its user put on the way, which the master's own walk follows (r392 F12)", () => {
+    const dirlink = join(tree, 'w', 'dirlink');
+    symlinkSync(join(tree, 'hidden'), dirlink);
+    const path = join(dirlink, 'secret');
+    refused(restore(inotifyOfBoth('both-symlink', path), undefined), new RegExp(`process ${worker} fd 911: its inotify watch 1 on ${path} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES$`), 5);
   });
 
   it("still restores the worker's watch, made as the master, on a file of two links the worker owns but may not read", () => {

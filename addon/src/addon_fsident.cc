@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/xattr.h>
+#include <linux/capability.h>
 #include <linux/fs.h>
 #include <unistd.h>
 
@@ -16,6 +17,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "addon.h"
 #include "testknobs.h"
@@ -269,7 +271,7 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
 
 // Why a retry identity that reached the very inode was still refused
 // (SameAsHeldStrictly), for the line that tells it.
-enum class Unproven { kNone, kNoMountId, kHardLink, kHardLinkAcl, kNoStats };
+enum class Unproven { kNone, kNoMountId, kHardLink, kHardLinkAcl, kNoStats, kPlaceable };
 
 struct WatchCall {
   int fd;
@@ -284,6 +286,7 @@ struct WatchCall {
   Unproven unproven;        // set by a retry identity's refusal
   uint32_t nlink;           // and, for kHardLink, what it saw
   uint32_t owner;
+  std::string changeable;   // kPlaceable: the directory its user may change
 };
 
 // The mount id of what our descriptor `fd` holds: statx's (5.8), else
@@ -326,6 +329,82 @@ bool HasNoAccessAcl(int fd) {
   char path[64];
   snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
   return getxattr(path, "system.posix_acl_access", nullptr, 0) < 0 && errno == ENODATA;
+}
+
+constexpr uint64_t kCap(int cap) { return uint64_t{1} << cap; }
+
+// Whether `who` may change directory `d` (our descriptor `fd` of it):
+// make, remove or rename an entry there (write and search by its mode,
+// as the kernel's generic check picks the class), or give itself that
+// right (its owner; CAP_FOWNER), or pass the check (CAP_DAC_OVERRIDE). A
+// directory with an access ACL may grant it to a named entry the mode
+// does not show: taken as changeable (HasNoAccessAcl's rule: no proof).
+bool MayChangeDirectory(const fsident& who, const struct statx& d, int fd) {
+  if (who.cap_eff & (kCap(CAP_DAC_OVERRIDE) | kCap(CAP_FOWNER))) return true;
+  if (d.stx_uid == who.fsuid) return true;
+  bool member = d.stx_gid == who.fsgid;
+  for (uint32_t i = 0; !member && i < who.ngroups; i++) member = who.groups[i] == d.stx_gid;
+  unsigned wx = member ? (S_IWGRP | S_IXGRP) : (S_IWOTH | S_IXOTH);
+  if ((d.stx_mode & wx) == wx) return true;
+  return !HasNoAccessAcl(fd);
+}
+
+// Whether `who`'s user may have put the file `file` (statx'd) at the
+// image's name `name` (absolute, walked already without symlinks): a
+// link made or a file renamed into a directory on the way they may change
+// (its original name removed since, a link has one link: r392 F6), or a
+// directory of the way renamed into place. The directories are walked
+// again one component at a time from "/", each opened beneath the one
+// before without following anything, and the last must be the very
+// file; anything else (".", "..", a component gone or another file since)
+// is no proof: true, with `changeable` the directory met. The name's own
+// directory counts whatever it is; one further up, sticky and not
+// theirs, does not: there they may rename only what is theirs, and an
+// entry of theirs is a directory they may change, met next.
+bool MayHavePlaced(const fsident& who, const char* name, const struct statx& file, std::string* changeable) {
+  std::string path = name, walked;
+  std::vector<std::string> parts;
+  for (size_t at = 0; at < path.size();) {
+    size_t end = path.find('/', at);
+    if (end == std::string::npos) end = path.size();
+    if (end > at) parts.push_back(path.substr(at, end - at));
+    at = end + 1;
+  }
+  *changeable = "/";
+  if (parts.empty()) return true;
+  int dir = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (dir < 0) return true;
+  bool placed = false;
+  for (size_t i = 0; i < parts.size() && !placed; i++) {
+    *changeable = walked.empty() ? "/" : walked;
+    struct statx d;
+    const unsigned need = STATX_TYPE | STATX_MODE | STATX_UID | STATX_GID;
+    if (parts[i] == "." || parts[i] == ".." || statx(dir, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, need, &d) != 0 || (d.stx_mask & need) != need ||
+        !S_ISDIR(d.stx_mode)) {
+      placed = true;
+      break;
+    }
+    bool own_directory = i + 1 == parts.size();
+    if (MayChangeDirectory(who, d, dir) && (own_directory || !(d.stx_mode & S_ISVTX) || d.stx_uid == who.fsuid)) {
+      placed = true;
+      break;
+    }
+    int next = openat(dir, parts[i].c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    close(dir);
+    dir = next;
+    walked += "/" + parts[i];
+    if (dir < 0) placed = true;
+  }
+  if (dir >= 0) {
+    struct statx f;
+    if (!placed && (statx(dir, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_INO, &f) != 0 || f.stx_ino != file.stx_ino || f.stx_dev_major != file.stx_dev_major ||
+                    f.stx_dev_minor != file.stx_dev_minor)) {
+      *changeable = walked;
+      placed = true;
+    }
+    close(dir);
+  }
+  return placed;
 }
 
 // In a retry as another identity than the holder's (fsident_strict):
@@ -396,10 +475,12 @@ int SameAsHeldStrictly(WatchCall* c) {
   // security module, whose domain is the engine's for every identity).
   // An ACL is exactly what refuses a holder its mode bits let read
   // (user:<holder>:---, or a group entry hidden behind the mask): there
-  // the mode proves nothing (r392 F1). nlink is a heuristic: a name the
-  // holder's user moved another's file to (rename within a directory
-  // they may write), or a link whose original name was removed since,
-  // has one link and is not caught (r392 F6). statx must have told what
+  // the mode proves nothing (r392 F1). A link count is not all: a file
+  // its user renamed to the name (from a directory they may write), or a
+  // link whose original name was removed since, has one link; so a file
+  // the holder is not shown to read is watched as another only where its
+  // user could not have put it there, no directory on the way theirs to
+  // change (MayHavePlaced, r392 F6). statx must have told what
   // the rule reads: a filesystem that did not fill a field (a network
   // one's getattr may clear what it did not fetch) leaves it 0, and an
   // nlink of 0 would pass (r392 F5).
@@ -408,13 +489,20 @@ int SameAsHeldStrictly(WatchCall* c) {
   if (same && !dir && (a.stx_mask & rule_needs) != rule_needs) {
     same = false;
     c->unproven = Unproven::kNoStats;
-  } else if (same && !dir && a.stx_nlink > 1 && !(c->holder && a.stx_uid == c->holder->fsuid)) {
+  } else if (same && !dir && !(c->holder && a.stx_uid == c->holder->fsuid)) {
     bool by_mode = c->holder && ReadableByMode(*c->holder, a);
     if (!by_mode || !HasNoAccessAcl(c->held)) {
-      same = false;
-      c->unproven = by_mode ? Unproven::kHardLinkAcl : Unproven::kHardLink;
+      // Not shown to be the holder's to read: only a file of one link
+      // that its user could not have put at the name.
       c->nlink = a.stx_nlink;
       c->owner = a.stx_uid;
+      if (a.stx_nlink > 1 || !c->holder) {
+        same = false;
+        c->unproven = by_mode ? Unproven::kHardLinkAcl : Unproven::kHardLink;
+      } else if (MayHavePlaced(*c->holder, c->name, a, &c->changeable)) {
+        same = false;
+        c->unproven = Unproven::kPlaceable;
+      }
     }
   }
   close(mine);
@@ -466,7 +554,7 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   std::string shown = named ? shownArg.As<Napi::String>().Utf8Value() : "descriptor " + std::to_string(held);
   const fsident_list* ids = who.get();
   WatchCall c{info[0].As<Napi::Number>().Int32Value(), held, "/proc/self/fd/" + std::to_string(held), named ? shown.c_str() : nullptr, fanotify, 0, 0,
-              ids ? &ids->ids[0] : nullptr, appshot_test_knob("APPSHOT_TEST_MNT_ID"), Unproven::kNone, 0, 0};
+              ids ? &ids->ids[0] : nullptr, appshot_test_knob("APPSHOT_TEST_MNT_ID"), Unproven::kNone, 0, 0, ""};
   if (fanotify) {
     bool lossless = false;
     c.flags = info[1].As<Napi::Number>().Uint32Value();
@@ -484,12 +572,15 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
     bool refused = rc == -EACCES || rc == -EPERM;
     if (refused && c.unproven == Unproven::kNoMountId)
       why = "another identity reaches it, but this kernel tells no mount id (statx STATX_MNT_ID, Linux 5.8, nor /proc/self/fdinfo) by which to show the mark would be on the very mount";
-    else if (refused && c.unproven == Unproven::kHardLink)
+    if (refused && c.unproven == Unproven::kHardLink)
       why = "another identity reaches it, but it is a file of " + std::to_string(c.nlink) + " hard links, of uid " + std::to_string(c.owner) +
             ", which the holder neither owns nor may read: a link its user may have made";
     else if (refused && c.unproven == Unproven::kHardLinkAcl)
       why = "another identity reaches it, but it is a file of " + std::to_string(c.nlink) + " hard links, of uid " + std::to_string(c.owner) +
             ", which the holder does not own, and whose access ACL (or a filesystem that could not show it has none) may refuse the holder what its mode bits grant: a link its user may have made";
+    else if (refused && c.unproven == Unproven::kPlaceable)
+      why = "another identity reaches it, but it is a file of uid " + std::to_string(c.owner) + ", which the holder is not shown to own or read, under " + c.changeable +
+            ", a directory its user may change: a name its user may have given it (a file renamed there, or linked there and its first name removed)";
     else if (refused && c.unproven == Unproven::kNoStats)
       why = "another identity reaches it, but the filesystem did not tell its link count, owner and mode (statx), by which to show the holder's user did not link it";
     if (why.empty()) {
