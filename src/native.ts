@@ -484,8 +484,15 @@ interface Addon {
   /** fallocate(FALLOC_FL_KEEP_SIZE) of each [offset, length] pair of
    * `ranges`, as the file's owner and never with CAP_SYS_RESOURCE (the
    * owner's quota and ext4's root reserve hold: addon_restore.cc): throws
-   * with errno's code (EOPNOTSUPP, ENOSPC, EDQUOT). */
+   * with errno's code (EOPNOTSUPP, ENOSPC, EDQUOT), or, where the owner's
+   * identity cannot be taken here (a user namespace), with
+   * `ownerNotTaken`. */
   fallocateKeepSize(fd: number, ranges: bigint[]): void;
+  /** pwrite of `length` bytes of `buffer` at `position` of `fd`, all of
+   * them, as fallocateKeepSize allocates (the owner's quota and ext4's
+   * root reserve hold; where the owner cannot be taken, the caller's ids
+   * without any capability): throws with errno's code (EDQUOT, ENOSPC). */
+  pwriteAsOwner(fd: number, buffer: Buffer, length: number, position: number): void;
   /** futimens(2) to the nanosecond: times in nanoseconds since the epoch. */
   futimensNs(fd: number, atimeNs: bigint, mtimeNs: bigint): void;
   mkfifo(path: string, mode: number): void;

@@ -293,10 +293,12 @@ struct AllocateCall {
   int fd;
   const std::vector<std::pair<int64_t, int64_t>>* ranges;
   size_t done;
+  bool ran;  // the op ran: the identity was taken
 };
 
 int AllocateOp(void* arg) {
   auto* c = static_cast<AllocateCall*>(arg);
+  c->ran = true;
   for (; c->done < c->ranges->size(); c->done++) {
     const auto& r = (*c->ranges)[c->done];
     if (fallocate(c->fd, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(r.first), static_cast<off_t>(r.second))) return -errno;
@@ -310,6 +312,22 @@ bool HasEffective(int cap) {
   struct __user_cap_data_struct d[2];
   if (syscall(SYS_capget, &h, d) != 0) return true;  // unknown: taken as held, so it is dropped
   return (d[cap / 32].effective >> (cap % 32)) & 1;
+}
+
+// `op(arg)` on `fd` as its owner would run it, where the caller holds
+// CAP_SYS_RESOURCE or may take another's identity (CAP_SETUID and
+// CAP_SETGID: a privileged restorer): on a thread of its own
+// (fsident_run) whose fsuid and fsgid are the file's owner's, in no other
+// group, without any capability (a write or fallocate on a descriptor
+// open for writing needs none); an unprivileged caller has nothing to
+// drop and runs it itself (its own quota, its own reserve).
+int AsOwnerIfPrivileged(int fd, int (*op)(void*), void* arg) {
+  if (!HasEffective(CAP_SYS_RESOURCE) && !(HasEffective(CAP_SETUID) && HasEffective(CAP_SETGID))) return op(arg);
+  struct stat st;
+  if (fstat(fd, &st)) return -errno;
+  struct fsident owner = {static_cast<uint32_t>(st.st_uid), static_cast<uint32_t>(st.st_gid), 0, nullptr, 0};
+  struct fsident_list who = {&owner, 1};
+  return fsident_run(&who, nullptr, op, arg);
 }
 
 // fallocateKeepSize(fd, ranges): blocks allocated without moving the
@@ -350,21 +368,80 @@ Napi::Value FallocateKeepSize(const Napi::CallbackInfo& info) {
     }
     ranges.emplace_back(offset, length);
   }
-  AllocateCall c{Int(info[0]), &ranges, 0};
-  int rc;
-  if (HasEffective(CAP_SYS_RESOURCE) || (HasEffective(CAP_SETUID) && HasEffective(CAP_SETGID))) {
-    struct stat st;
-    if (fstat(c.fd, &st)) {
-      ThrowErrno(env, "fstat", errno);
-      return env.Undefined();
-    }
-    struct fsident owner = {static_cast<uint32_t>(st.st_uid), static_cast<uint32_t>(st.st_gid), 0, nullptr, 0};
-    struct fsident_list who = {&owner, 1};
-    rc = fsident_run(&who, nullptr, AllocateOp, &c);
-  } else {
-    rc = AllocateOp(&c);
+  AllocateCall c{Int(info[0]), &ranges, 0, false};
+  int rc = AsOwnerIfPrivileged(c.fd, AllocateOp, &c);
+  // The owner's identity could not be taken (a user namespace that maps
+  // no such uid or gid, or refuses setgroups): not the kernel's answer to
+  // the allocation, told apart (`ownerNotTaken`) for the caller to leave
+  // the blocks unallocated rather than allocate them as itself.
+  if (rc < 0 && !c.ran) {
+    Napi::Error e = Napi::Error::New(env, std::string("fallocate: the file's owner's identity cannot be taken here: ") + strerror(-rc));
+    e.Set("code", Napi::String::New(env, strerrorname_np(-rc)));
+    e.Set("ownerNotTaken", Napi::Boolean::New(env, true));
+    e.ThrowAsJavaScriptException();
+    return env.Undefined();
   }
   if (rc < 0) ThrowErrno(env, "fallocate", -rc);
+  return env.Undefined();
+}
+
+// One pwriteAsOwner: the bytes written on fsident_run's thread.
+struct WriteCall {
+  int fd;
+  const char* data;
+  size_t length;
+  int64_t position;
+  bool ran;
+};
+
+int WriteOp(void* arg) {
+  auto* c = static_cast<WriteCall*>(arg);
+  c->ran = true;
+  for (size_t done = 0; done < c->length;) {
+    ssize_t n = pwrite(c->fd, c->data + done, c->length - done, static_cast<off_t>(c->position + static_cast<int64_t>(done)));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return -errno;
+    if (n == 0) return -EIO;
+    done += static_cast<size_t>(n);
+  }
+  return 0;
+}
+
+// pwriteAsOwner(fd, buffer, length, position): `length` bytes of
+// `buffer` written at `position` of `fd` as fallocateKeepSize allocates:
+// where the caller is privileged, on a thread whose fsuid and fsgid are
+// the file's owner's, without any capability, so that the owner's quota
+// and ext4's root reserve hold as they held the application (a root
+// restorer's write passes both: review r393, a deleted file's data).
+// Where the owner's identity cannot be taken (a user namespace), as the
+// caller's own ids, still without any capability (outside the initial
+// user namespace CAP_SYS_RESOURCE is none of the kernel's quota checks
+// anyway). Throws errno's code (EDQUOT, ENOSPC).
+Napi::Value PwriteAsOwner(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber() || !info[1].IsBuffer() || !info[2].IsNumber() || !info[3].IsNumber()) {
+    Napi::TypeError::New(env, "pwriteAsOwner(fd, buffer, length, position)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  auto buf = info[1].As<Napi::Buffer<char>>();
+  double length = info[2].As<Napi::Number>().DoubleValue(), position = info[3].As<Napi::Number>().DoubleValue();
+  if (!(length >= 0 && length <= static_cast<double>(buf.Length())) || !(position >= 0 && position < 9007199254740992.0)) {
+    ThrowErrno(env, "pwrite", EINVAL);
+    return env.Undefined();
+  }
+  WriteCall c{Int(info[0]), buf.Data(), static_cast<size_t>(length), static_cast<int64_t>(position), false};
+  int rc = AsOwnerIfPrivileged(c.fd, WriteOp, &c);
+  if (rc < 0 && !c.ran) {
+    // As itself, without any capability: its own groups, taken as they are.
+    std::vector<uint32_t> groups(static_cast<size_t>(std::max<long>(0, syscall(SYS_getgroups, 0, nullptr))));
+    long n = groups.empty() ? 0 : syscall(SYS_getgroups, groups.size(), groups.data());
+    if (n >= 0) {
+      struct fsident self = {static_cast<uint32_t>(syscall(SYS_setfsuid, -1)), static_cast<uint32_t>(syscall(SYS_setfsgid, -1)), static_cast<uint32_t>(n), groups.data(), 0};
+      struct fsident_list who = {&self, 1};
+      rc = fsident_run(&who, nullptr, WriteOp, &c);
+    }
+  }
+  if (rc < 0) ThrowErrno(env, "pwrite", -rc);
   return env.Undefined();
 }
 
@@ -2099,6 +2176,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("setStatusFlags", SetStatusFlags);
   fn("ioctl", Ioctl);
   fn("fallocateKeepSize", FallocateKeepSize);
+  fn("pwriteAsOwner", PwriteAsOwner);
   fn("futimensNs", FutimensNs);
   fn("mkfifo", MkFifo);
   fn("fileHandlePath", FileHandlePath);

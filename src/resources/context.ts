@@ -491,8 +491,10 @@ export class RestoreContext {
     this.made.set(key, value);
   }
 
-  /** Bytes of a PageRef's runs, each written at its page in `fd`. */
-  copyPages(fd: number, ref: { offset: bigint; runs: number[] } | undefined): void {
+  /** Bytes of a PageRef's runs, each written at its page in `fd` (by
+   * `write`: a plain write of ours unless the caller says whose it is,
+   * deleted.ts's as the file's owner). */
+  copyPages(fd: number, ref: { offset: bigint; runs: number[] } | undefined, write: (fd: number, buf: Buffer, n: number, pos: number) => void = (f, b, n, pos) => void writeSync(f, b, 0, n, pos)): void {
     if (!ref) return;
     let at = Number(ref.offset);
     let total = 0;
@@ -505,7 +507,7 @@ export class RestoreContext {
       while (left > 0) {
         const n = readSync(this.pagesFd, buf, 0, Math.min(left, buf.length), at);
         if (n <= 0) throw new AppshotError('corrupt image: page data ends early');
-        writeSync(fd, buf, 0, n, pos);
+        write(fd, buf, n, pos);
         at += n;
         pos += n;
         left -= n;
