@@ -359,8 +359,9 @@ bool MayChangeDirectory(const fsident& who, const struct statx& d, int fd) {
 // file; anything else (".", "..", a component gone or another file since)
 // is no proof: true, with `changeable` the directory met. The name's own
 // directory counts whatever it is; one further up, sticky and not
-// theirs, does not: there they may rename only what is theirs, and an
-// entry of theirs is a directory they may change, met next.
+// theirs (nor CAP_FOWNER's), does not: there they may rename only what
+// is theirs, and an entry of theirs is a directory they may change, met
+// next.
 bool MayHavePlaced(const fsident& who, const char* name, const struct statx& file, std::string* changeable) {
   std::string path = name, walked;
   std::vector<std::string> parts;
@@ -385,7 +386,10 @@ bool MayHavePlaced(const fsident& who, const char* name, const struct statx& fil
       break;
     }
     bool own_directory = i + 1 == parts.size();
-    if (MayChangeDirectory(who, d, dir) && (own_directory || !(d.stx_mode & S_ISVTX) || d.stx_uid == who.fsuid)) {
+    // Sticky: only the owner of an entry or of the directory renames it,
+    // or CAP_FOWNER (check_sticky).
+    bool sticky = (d.stx_mode & S_ISVTX) && d.stx_uid != who.fsuid && !(who.cap_eff & kCap(CAP_FOWNER));
+    if (MayChangeDirectory(who, d, dir) && (own_directory || !sticky)) {
       placed = true;
       break;
     }
