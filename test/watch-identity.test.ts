@@ -252,10 +252,32 @@ describe.runIf(isRoot)('a watch a retry identity makes on a file of more than on
   // The link count is not all: one link, and still a name the worker's
   // user gave a file they may not read. The retry is refused where a
   // directory on the way is theirs to change (addon MayHavePlaced).
-  const placed = (path: string, dir: string) =>
+  const placed = (path: string, dir: string, kind: 'file' | 'directory' = 'file') =>
     new RegExp(
-      `process ${worker} fd 911: its inotify watch 1 on ${path} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES \\(another identity reaches it, but it is a file of uid 0, which the holder is not shown to own or read, under ${dir}, a directory its user may change: a name its user may have given it \\(a file renamed there, or linked there and its first name removed\\)\\)$`,
+      `process ${worker} fd 911: its inotify watch 1 on ${path} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES \\(another identity reaches it, but it is a ${kind} of uid 0, which the holder is not shown to own or read, under ${dir}, a directory its user may change: a name its user may have given it \\(${kind === 'file' ? 'a file renamed there, or linked there and its first name removed' : 'a directory renamed there'}\\)\\)$`,
     );
+
+  /** `from` renamed to `to` by the worker's user (no groups). */
+  function mvAsWorker(from: string, to: string): void {
+    const mv = spawnSync('chroot', [`--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'mv', from, to], { encoding: 'utf8' });
+    expect(mv.status, mv.stderr).toBe(0);
+  }
+
+  // A directory cannot be hard-linked but can be renamed, and a rename
+  // within one parent asks no right on the directory moved: a root
+  // watch on it would report the names made in it (r415 F1).
+  it("refuses the worker's watch on a root 0700 directory its user renamed within a directory it may write (r415 F1)", () => {
+    const shared = join(tree, 'dshared');
+    mkdirSync(shared);
+    chmodSync(shared, 0o777);
+    const own = join(shared, 'private');
+    mkdirSync(own);
+    chmodSync(own, 0o700);
+    const watched = join(shared, 'watched');
+    mvAsWorker(own, watched);
+    expect(statSync(watched)).toMatchObject({ uid: 0, mode: 0o40700 });
+    refused(restore(inotifyOn('dir-renamed', watched), undefined), placed(watched, shared, 'directory'), 5);
+  });
 
   it("refuses the worker's watch on a root-only file its user renamed into its own directory, of one link (r392 F6)", () => {
     const shared = join(tree, 'shared');
