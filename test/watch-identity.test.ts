@@ -20,7 +20,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
 import { addon } from '../src/native.js';
-import { FdKind, FanotifyMarkKind, type Fd, type Image } from '../src/image/types.js';
+import { FdKind, FanotifyMarkKind, type Creds, type Fd, type Image } from '../src/image/types.js';
 import { writeSignedImage } from './crafted.js';
 import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
@@ -70,17 +70,20 @@ afterAll(async () => {
 
 /** The worker's image with `fd` (a copy of a FILE descriptor of the
  * image's, made `kind` by `make`) at number 911, under `name`. */
-function withWorkerFd(name: string, make: (fd: Fd) => void): string {
+function withWorkerFd(name: string, make: (fd: Fd) => void, creds?: (c: Creds) => void): string {
   const i = structuredClone(app.image);
   i.fromSnapshot = false;
   const fd = structuredClone(i.processes.flatMap((q) => q.fds).find((f) => f.kind === FdKind.FILE)!);
   make(fd);
-  i.processes.find((q) => q.vpid === worker)!.fds.push(fd);
+  const w = i.processes.find((q) => q.vpid === worker)!;
+  w.fds.push(fd);
+  // The process's and each thread's (an identity is its main thread's).
+  if (creds) for (const c of [w.creds, ...w.threads.map((t) => t.creds)]) if (c) creds(c);
   return writeSignedImage(join(out, name), i, app.dir);
 }
 
 /** An inotify instance watching `path` (IN_MODIFY | IN_ACCESS, 0x3). */
-const inotifyOn = (name: string, path: string) => withWorkerFd(name, (fd) => Object.assign(fd, inotifyFd(path)));
+const inotifyOn = (name: string, path: string, creds?: (c: Creds) => void) => withWorkerFd(name, (fd) => Object.assign(fd, inotifyFd(path)), creds);
 const inotifyFd = (path: string) => ({ fd: 911, kind: FdKind.INOTIFY, flags: 0o4000, path: 'anon_inode:inotify', file: -1, description: 4911, pos: 0n, inotifyWatches: [{ wd: 1, path, mask: 0x3 }] });
 
 /** The same instance held by the master too, at the same number, one
@@ -300,6 +303,69 @@ describe.runIf(isRoot)('a watch a retry identity makes on a file of more than on
     rmSync(target);
     expect(statSync(link).nlink).toBe(1);
     refused(restore(inotifyOn('orphan-planted', link), undefined), placed(link, join(tree, 'w')), 5);
+  });
+
+  /** A root 0600 file `tree/<dir>/<...>/secret` under directories made
+   * by `make` (each [name, mode]), root's. */
+  function secretUnder(dirs: [string, number][]): string {
+    let at = tree;
+    for (const [name, mode] of dirs) {
+      at = join(at, name);
+      mkdirSync(at);
+      chmodSync(at, mode);
+    }
+    const secret = join(at, 'secret');
+    writeFileSync(secret, 'root only\n', { mode: 0o600 });
+    return secret;
+  }
+  const watchedIno = (path: string) => (pid: number) => expect(readFileSync(`/proc/${pid}/fdinfo/911`, 'utf8')).toMatch(new RegExp(`^inotify wd:1 ino:${statSync(path).ino.toString(16)} `, 'm'));
+  const noAcl = (ctx: { skip: (why: string) => void }, dir: string, entry: string): boolean => {
+    if (spawnSync('setfacl', ['--version']).error) return ctx.skip('setfacl is not installed (Debian package acl: bash test/prerequisites.sh)'), true;
+    const acl = spawnSync('setfacl', ['-m', entry, dir], { encoding: 'utf8' });
+    if (acl.status !== 0) return ctx.skip(`${tmpdir()} keeps no POSIX ACL here: ${acl.stderr.trim()}`), true;
+    return false;
+  };
+
+  // A sticky directory further up that is not the worker's: there its
+  // user renames only what is theirs (check_sticky), so it counts for
+  // nothing. Not left to /tmp's being sticky (TMPDIR may be elsewhere).
+  it("restores the worker's watch, made as the master, on a root-only file under a sticky 1777 directory further up (r392 F6)", () => {
+    const secret = secretUnder([['sticky', 0o1777], ['closed', 0o755]]);
+    restored(restore(inotifyOn('sticky-up', secret), 'stickyup'), 'stickyup', watchedIno(secret));
+  });
+
+  // With CAP_FOWNER the sticky bit binds nothing (8de0e1c7), nor is any
+  // directory kept from it (it may chmod one): refused at the first, "/".
+  it('refuses it, through the same sticky directory, for a worker with CAP_FOWNER (8de0e1c7)', () => {
+    const secret = secretUnder([['sticky-fowner', 0o1777], ['closed', 0o755]]);
+    const fowner = 1n << 3n;
+    const r = restore(inotifyOn('sticky-fowner', secret, (c) => Object.assign(c, { capEff: c.capEff | fowner, capPrm: c.capPrm | fowner })), undefined);
+    refused(r, placed(secret, '/'), 5);
+  });
+
+  // A directory the worker may change through a supplementary group of
+  // its own (the process's ids, as the image recorded them).
+  it("refuses it under a root:4242 0770 directory for a worker in group 4242", () => {
+    const secret = secretUnder([['grouped', 0o770]]);
+    chownSync(join(tree, 'grouped'), 0, 4242);
+    const r = restore(inotifyOn('grouped', secret, (c) => Object.assign(c, { groups: [4242] })), undefined);
+    refused(r, placed(secret, join(tree, 'grouped')), 5);
+  });
+
+  // An access ACL is evaluated, not refused on sight (r415 F3): one that
+  // grants another user alone leaves the directory closed to the worker.
+  it("restores it under a root 0755 directory whose access ACL grants another user only (r415 F3)", (ctx) => {
+    const secret = secretUnder([['acl-other', 0o755]]);
+    if (noAcl(ctx, join(tree, 'acl-other'), 'u:1234:rwx')) return;
+    restored(restore(inotifyOn('acl-other', secret), 'aclother'), 'aclother', watchedIno(secret));
+  });
+
+  it("refuses it under a root 0755 directory whose access ACL lets the worker's user change it, and says so (r415 F3)", (ctx) => {
+    const secret = secretUnder([['acl-worker', 0o755]]);
+    const dir = join(tree, 'acl-worker');
+    if (noAcl(ctx, dir, `u:${NOBODY}:rwx`)) return;
+    const r = restore(inotifyOn('acl-worker', secret), undefined);
+    refused(r, new RegExp(`EACCES \\(another identity reaches it, but it is a file of uid 0, which the holder is not shown to own or read, under ${dir}, a directory whose access ACL lets its user change it: a name its user may have given it \\(a file renamed there, or linked there and its first name removed\\)\\)$`), 5);
   });
 
   // An instance made before the fork, held by the master and the worker:
