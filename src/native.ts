@@ -486,13 +486,16 @@ interface Addon {
    * owner's quota and ext4's root reserve hold: addon_restore.cc): throws
    * with errno's code (EOPNOTSUPP, ENOSPC, EDQUOT), or, where the owner's
    * identity cannot be taken here (a user namespace), with
-   * `ownerNotTaken`. */
+   * `ownerNotTaken` (no thread to take it on is an error of its own). */
   fallocateKeepSize(fd: number, ranges: bigint[]): void;
-  /** pwrite of `length` bytes of `buffer` at `position` of `fd`, all of
-   * them, as fallocateKeepSize allocates (the owner's quota and ext4's
-   * root reserve hold; where the owner cannot be taken, the caller's ids
-   * without any capability): throws with errno's code (EDQUOT, ENOSPC). */
-  pwriteAsOwner(fd: number, buffer: Buffer, length: number, position: number): void;
+  /** A PageRef's data, from `offset` of `pagesFd` on, written into `fd`
+   * run after run (`runs`: [page, count, ...]), all of it, on one thread
+   * as fallocateKeepSize allocates (the owner's quota and ext4's root
+   * reserve hold): true; false where the owner cannot be taken here and
+   * the caller's ids without any capability wrote it. Throws with errno's
+   * code (EDQUOT, ENOSPC), `endedEarly` where the page data ends before
+   * the runs, `ownerNotTaken` where the caller's write failed. */
+  copyPagesAsOwner(fd: number, pagesFd: number, offset: number, runs: number[]): boolean;
   /** futimens(2) to the nanosecond: times in nanoseconds since the epoch. */
   futimensNs(fd: number, atimeNs: bigint, mtimeNs: bigint): void;
   mkfifo(path: string, mode: number): void;

@@ -2590,21 +2590,62 @@ describe.skipIf(process.getuid?.() !== 0)("a deleted file's data and blocks, mad
     writeFileSync(file, '', { mode: 0o666 });
     chmodSync(file, 0o666);
     chownSync(file, 65534, 65534);
+    const pages = join(dir, 'pages');
+    writeFileSync(pages, Buffer.alloc(4096, 1), { mode: 0o644 });
     const script = `
       const a = require(${JSON.stringify(join(repoRoot, 'build', 'Release', 'appshot.node'))});
       const fs = require('node:fs');
       const fd = fs.openSync(${JSON.stringify(file)}, 'r+');
       const got = {};
       try { a.fallocateKeepSize(fd, [0n, 4096n]); got.allocated = true; } catch (e) { got.code = e.code; got.ownerNotTaken = e.ownerNotTaken === true; }
-      a.pwriteAsOwner(fd, Buffer.alloc(4096, 1), 4096, 0);
+      got.asOwner = a.copyPagesAsOwner(fd, fs.openSync(${JSON.stringify(pages)}, 'r'), 0, [0, 1]);
       got.size = fs.fstatSync(fd).size;
       console.log(JSON.stringify(got));`;
     const r = spawnSync('unshare', ['-Ur', process.execPath, '-e', script], { encoding: 'utf8' });
     try {
       if (r.error || (r.status !== 0 && /unshare:/.test(r.stderr))) return ctx.skip(`no user namespace here: ${r.stderr || r.error}`);
       expect(r.status, r.stderr).toBe(0);
-      expect(JSON.parse(r.stdout)).toEqual({ code: 'EPERM', ownerNotTaken: true, size: 4096 });
+      expect(JSON.parse(r.stdout)).toEqual({ code: 'EPERM', ownerNotTaken: true, asOwner: false, size: 4096 });
+      expect(readFileSync(file)).toEqual(Buffer.alloc(4096, 1));
       expect(statSync(file).uid).toBe(65534);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  // One owner thread copies a whole sparse file (r415 F4): each run at its
+  // page, the holes left, and a page file that ends early told apart.
+  it('copies every run of a fragmented file as its owner on one thread, holes left, and tells page data that ends early', () => {
+    const dir = mkdtempSync(join(out, 'runs-'));
+    try {
+      const file = join(dir, 'f');
+      writeFileSync(file, '', { mode: 0o600 });
+      chownSync(file, 65534, 65534);
+      const pages = join(dir, 'pages');
+      // Three pages of data: 'a' for the run at page 1, 'b' 'c' for pages 4-5.
+      writeFileSync(pages, Buffer.concat([Buffer.alloc(4096, 0x61), Buffer.alloc(4096, 0x62), Buffer.alloc(4096, 0x63)]));
+      const fd = openSync(file, 'r+');
+      const pfd = openSync(pages, 'r');
+      try {
+        expect(addon().copyPagesAsOwner(fd, pfd, 0, [1, 1, 4, 2])).toBe(true);
+        const want = Buffer.concat([Buffer.alloc(4096), Buffer.alloc(4096, 0x61), Buffer.alloc(8192), Buffer.alloc(4096, 0x62), Buffer.alloc(4096, 0x63)]);
+        expect(readFileSync(file).equals(want)).toBe(true);
+        // Its blocks are its owner's: written as it, not moved by a chown.
+        expect(statSync(file).uid).toBe(65534);
+        let thrown: { endedEarly?: boolean; message?: string } = {};
+        try {
+          addon().copyPagesAsOwner(fd, pfd, 4096, [8, 3]);
+        } catch (e) {
+          thrown = e as typeof thrown;
+        }
+        expect(thrown.endedEarly, thrown.message).toBe(true);
+        // What was there before it ended is written: the restore then fails
+        // and drops the file whole (deleted.ts).
+        expect(readFileSync(file).subarray(8 * 4096)).toEqual(Buffer.concat([Buffer.alloc(4096, 0x62), Buffer.alloc(4096, 0x63)]));
+      } finally {
+        closeSync(fd);
+        closeSync(pfd);
+      }
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

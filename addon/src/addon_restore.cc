@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -330,6 +331,14 @@ int AsOwnerIfPrivileged(int fd, int (*op)(void*), void* arg) {
   return fsident_run(&who, nullptr, op, arg);
 }
 
+// Whether a failure of AsOwnerIfPrivileged before `op` ran is the owner's
+// identity refused (fsident's take: setgroups, setfsuid, setfsgid or
+// capset refused, all EPERM; a user namespace that maps no such uid or
+// gid, or denies setgroups) rather than no thread to take it on
+// (pthread_create: EAGAIN, at a thread or memory limit; EPERM only for a
+// scheduling attribute, and none is given). fsident_run tells no more.
+bool OwnerNotTaken(int rc, bool ran) { return !ran && rc == -EPERM; }
+
 // fallocateKeepSize(fd, ranges): blocks allocated without moving the
 // file's size (FALLOC_FL_KEEP_SIZE), `ranges` [offset, length, ...] as
 // BigInts (a file's can pass 2^53). Done as the file's owner would do
@@ -373,7 +382,15 @@ Napi::Value FallocateKeepSize(const Napi::CallbackInfo& info) {
   // The owner's identity could not be taken (a user namespace that maps
   // no such uid or gid, or refuses setgroups): not the kernel's answer to
   // the allocation, told apart (`ownerNotTaken`) for the caller to leave
-  // the blocks unallocated rather than allocate them as itself.
+  // the blocks unallocated rather than allocate them as itself: they are
+  // a claim of the image's past the data, made only as the application
+  // made it (the data, which must be there, is written as the restorer
+  // without capabilities instead: copyPagesAsOwner). No thread to take it
+  // on (EAGAIN) is no such thing: an error of its own.
+  if (rc < 0 && !c.ran && !OwnerNotTaken(rc, c.ran)) {
+    ThrowErrno(env, "fallocate: a thread to take the file's owner's identity on", -rc);
+    return env.Undefined();
+  }
   if (rc < 0 && !c.ran) {
     Napi::Error e = Napi::Error::New(env, std::string("fallocate: the file's owner's identity cannot be taken here: ") + strerror(-rc));
     e.Set("code", Napi::String::New(env, strerrorname_np(-rc)));
@@ -385,64 +402,126 @@ Napi::Value FallocateKeepSize(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// One pwriteAsOwner: the bytes written on fsident_run's thread.
-struct WriteCall {
+// One copyPagesAsOwner: the whole copy on fsident_run's one thread.
+struct CopyCall {
   int fd;
-  const char* data;
-  size_t length;
-  int64_t position;
+  int pages;
+  int64_t offset;                                      // where the data starts in `pages`
+  const std::vector<std::pair<int64_t, int64_t>>* runs;  // (position in `fd`, bytes), in order
   bool ran;
+  bool ended_early;  // `pages` ended before the runs' bytes
+  bool reading;      // the error was the read's
 };
 
-int WriteOp(void* arg) {
-  auto* c = static_cast<WriteCall*>(arg);
+int CopyOp(void* arg) {
+  auto* c = static_cast<CopyCall*>(arg);
   c->ran = true;
-  for (size_t done = 0; done < c->length;) {
-    ssize_t n = pwrite(c->fd, c->data + done, c->length - done, static_cast<off_t>(c->position + static_cast<int64_t>(done)));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return -errno;
-    if (n == 0) return -EIO;
-    done += static_cast<size_t>(n);
+  std::vector<char> buf(size_t{1} << 20);
+  int64_t at = c->offset;
+  for (const auto& r : *c->runs) {
+    int64_t pos = r.first;
+    for (int64_t left = r.second; left > 0;) {
+      ssize_t got = pread(c->pages, buf.data(), static_cast<size_t>(std::min<int64_t>(left, static_cast<int64_t>(buf.size()))), static_cast<off_t>(at));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        c->reading = true;
+        c->ended_early = got == 0;
+        return got == 0 ? -EIO : -errno;
+      }
+      for (ssize_t done = 0; done < got;) {
+        ssize_t n = pwrite(c->fd, buf.data() + done, static_cast<size_t>(got - done), static_cast<off_t>(pos + done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return -errno;
+        if (n == 0) return -EIO;
+        done += n;
+      }
+      at += got;
+      pos += got;
+      left -= got;
+    }
   }
   return 0;
 }
 
-// pwriteAsOwner(fd, buffer, length, position): `length` bytes of
-// `buffer` written at `position` of `fd` as fallocateKeepSize allocates:
-// where the caller is privileged, on a thread whose fsuid and fsgid are
-// the file's owner's, without any capability, so that the owner's quota
-// and ext4's root reserve hold as they held the application (a root
-// restorer's write passes both: review r393, a deleted file's data).
-// Where the owner's identity cannot be taken (a user namespace), as the
-// caller's own ids, still without any capability (outside the initial
-// user namespace CAP_SYS_RESOURCE is none of the kernel's quota checks
-// anyway). Throws errno's code (EDQUOT, ENOSPC).
-Napi::Value PwriteAsOwner(const Napi::CallbackInfo& info) {
+// copyPagesAsOwner(fd, pagesFd, offset, runs) -> true, or false where
+// written as the caller: the image's page data from `offset` of
+// `pagesFd` written into `fd`, run after run (`runs`: [page, count, ...]
+// as a PageRef's, the data of one run after the other's), all of it, as
+// fallocateKeepSize allocates: where the caller is privileged, on one
+// thread whose fsuid and fsgid are the file's owner's, without any
+// capability, so that the owner's quota and ext4's root reserve hold as
+// they held the application (a root restorer's write passes both:
+// review r393, a deleted file's data). One thread for the whole file,
+// whatever its runs (one per extent of a sparse file; an image chooses
+// how many): ~0.1 ms a thread (r415 F4). Where the owner's identity
+// cannot be taken (a user namespace: OwnerNotTaken), as the caller's own
+// ids, still without any capability (outside the initial user namespace
+// CAP_SYS_RESOURCE is none of the kernel's quota checks anyway): false.
+// The data must be there, as it was; the blocks past it are a claim that
+// fallocateKeepSize leaves unmade there instead. Throws errno's code
+// (EDQUOT, ENOSPC); `endedEarly` where `pagesFd` ends before the runs do;
+// `ownerNotTaken` where the fallback's write failed.
+Napi::Value CopyPagesAsOwner(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsNumber() || !info[1].IsBuffer() || !info[2].IsNumber() || !info[3].IsNumber()) {
-    Napi::TypeError::New(env, "pwriteAsOwner(fd, buffer, length, position)").ThrowAsJavaScriptException();
+  if (!info[0].IsNumber() || !info[1].IsNumber() || !info[2].IsNumber() || !info[3].IsArray()) {
+    Napi::TypeError::New(env, "copyPagesAsOwner(fd, pagesFd, offset, runs)").ThrowAsJavaScriptException();
     return env.Undefined();
   }
-  auto buf = info[1].As<Napi::Buffer<char>>();
-  double length = info[2].As<Napi::Number>().DoubleValue(), position = info[3].As<Napi::Number>().DoubleValue();
-  if (!(length >= 0 && length <= static_cast<double>(buf.Length())) || !(position >= 0 && position < 9007199254740992.0)) {
-    ThrowErrno(env, "pwrite", EINVAL);
+  constexpr double kMax = 9007199254740992.0;  // 2^53: exact, and far below off_t's end
+  double offset = info[2].As<Napi::Number>().DoubleValue();
+  auto list = info[3].As<Napi::Array>();
+  bool ok = offset >= 0 && offset < kMax && offset == std::floor(offset) && list.Length() % 2 == 0;
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  double total = 0;
+  for (uint32_t i = 0; ok && i < list.Length(); i += 2) {
+    Napi::Value page = list[i], count = list[i + 1];
+    ok = page.IsNumber() && count.IsNumber();
+    if (!ok) break;
+    double p = page.As<Napi::Number>().DoubleValue(), n = count.As<Napi::Number>().DoubleValue();
+    ok = p >= 0 && n >= 0 && p == std::floor(p) && n == std::floor(n) && (p + n) * 4096 < kMax;
+    total += n * 4096;
+    ok = ok && offset + total < kMax;
+    if (ok) runs.emplace_back(static_cast<int64_t>(p) * 4096, static_cast<int64_t>(n) * 4096);
+  }
+  if (!ok) {
+    ThrowErrno(env, "copyPagesAsOwner", EINVAL);
     return env.Undefined();
   }
-  WriteCall c{Int(info[0]), buf.Data(), static_cast<size_t>(length), static_cast<int64_t>(position), false};
-  int rc = AsOwnerIfPrivileged(c.fd, WriteOp, &c);
-  if (rc < 0 && !c.ran) {
+  CopyCall c{Int(info[0]), Int(info[1]), static_cast<int64_t>(offset), &runs, false, false, false};
+  int rc = AsOwnerIfPrivileged(c.fd, CopyOp, &c);
+  bool asOwner = true;
+  if (rc < 0 && !c.ran && !OwnerNotTaken(rc, c.ran)) {
+    ThrowErrno(env, "copyPagesAsOwner: a thread to take the file's owner's identity on", -rc);
+    return env.Undefined();
+  }
+  if (rc < 0 && OwnerNotTaken(rc, c.ran)) {
     // As itself, without any capability: its own groups, taken as they are.
+    asOwner = false;
     std::vector<uint32_t> groups(static_cast<size_t>(std::max<long>(0, syscall(SYS_getgroups, 0, nullptr))));
     long n = groups.empty() ? 0 : syscall(SYS_getgroups, groups.size(), groups.data());
-    if (n >= 0) {
-      struct fsident self = {static_cast<uint32_t>(syscall(SYS_setfsuid, -1)), static_cast<uint32_t>(syscall(SYS_setfsgid, -1)), static_cast<uint32_t>(n), groups.data(), 0};
-      struct fsident_list who = {&self, 1};
-      rc = fsident_run(&who, nullptr, WriteOp, &c);
+    if (n < 0) {
+      ThrowErrno(env, "getgroups", errno);
+      return env.Undefined();
+    }
+    struct fsident self = {static_cast<uint32_t>(syscall(SYS_setfsuid, -1)), static_cast<uint32_t>(syscall(SYS_setfsgid, -1)), static_cast<uint32_t>(n), groups.data(), 0};
+    struct fsident_list who = {&self, 1};
+    rc = fsident_run(&who, nullptr, CopyOp, &c);
+    if (rc < 0 && !c.ran) {
+      ThrowErrno(env, "copyPagesAsOwner: a thread without capabilities", -rc);
+      return env.Undefined();
     }
   }
-  if (rc < 0) ThrowErrno(env, "pwrite", -rc);
-  return env.Undefined();
+  if (rc < 0) {
+    std::string what = c.reading ? "read of the image's page data" : asOwner ? "pwrite" : "pwrite as the restorer's ids without capabilities (the file's owner's identity cannot be taken here)";
+    Napi::Error e = Napi::Error::New(env, what + ": " + (c.ended_early ? std::string("it ends early") : std::string(strerror(-rc))));
+    e.Set("code", Napi::String::New(env, strerrorname_np(-rc)));
+    e.Set("errno", Napi::Number::New(env, -rc));
+    if (c.ended_early) e.Set("endedEarly", Napi::Boolean::New(env, true));
+    if (!asOwner) e.Set("ownerNotTaken", Napi::Boolean::New(env, true));
+    e.ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, asOwner);
 }
 
 // futimensNs(fd, atimeNs, mtimeNs): a file's access and modification times
@@ -2176,7 +2255,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("setStatusFlags", SetStatusFlags);
   fn("ioctl", Ioctl);
   fn("fallocateKeepSize", FallocateKeepSize);
-  fn("pwriteAsOwner", PwriteAsOwner);
+  fn("copyPagesAsOwner", CopyPagesAsOwner);
   fn("futimensNs", FutimensNs);
   fn("mkfifo", MkFifo);
   fn("fileHandlePath", FileHandlePath);

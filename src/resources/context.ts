@@ -491,10 +491,8 @@ export class RestoreContext {
     this.made.set(key, value);
   }
 
-  /** Bytes of a PageRef's runs, each written at its page in `fd` (by
-   * `write`: a plain write of ours unless the caller says whose it is,
-   * deleted.ts's as the file's owner). */
-  copyPages(fd: number, ref: { offset: bigint; runs: number[] } | undefined, write: (fd: number, buf: Buffer, n: number, pos: number) => void = (f, b, n, pos) => void writeSync(f, b, 0, n, pos)): void {
+  /** Bytes of a PageRef's runs, each written at its page in `fd`. */
+  copyPages(fd: number, ref: { offset: bigint; runs: number[] } | undefined): void {
     if (!ref) return;
     let at = Number(ref.offset);
     let total = 0;
@@ -507,11 +505,30 @@ export class RestoreContext {
       while (left > 0) {
         const n = readSync(this.pagesFd, buf, 0, Math.min(left, buf.length), at);
         if (n <= 0) throw new AppshotError('corrupt image: page data ends early');
-        write(fd, buf, n, pos);
+        writeSync(fd, buf, 0, n, pos);
         at += n;
         pos += n;
         left -= n;
       }
+    }
+  }
+
+  /** copyPages as the file's owner would write (the addon's
+   * copyPagesAsOwner: its quota and ext4's root reserve hold), the whole
+   * copy on one thread of the owner's identity, however many runs: true;
+   * false where the owner cannot be taken here and the restorer's ids
+   * without capabilities wrote it. */
+  copyPagesAsOwner(fd: number, ref: { offset: bigint; runs: number[] } | undefined): boolean {
+    if (!ref) return true;
+    const at = Number(ref.offset);
+    let total = 0;
+    for (let i = 1; i < ref.runs.length; i += 2) total += ref.runs[i] * 4096;
+    waitPagesChecked(this.pagesCheck, at, total);
+    try {
+      return addon().copyPagesAsOwner(fd, this.pagesFd, at, ref.runs);
+    } catch (e) {
+      if ((e as { endedEarly?: boolean }).endedEarly) throw new AppshotError('corrupt image: page data ends early');
+      throw e;
     }
   }
 

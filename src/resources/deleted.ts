@@ -547,25 +547,26 @@ function allocateAndMode(h: RestoreContext, f: number, id: FileIdentity, index: 
 }
 
 /** Deleted file `id`'s saved data written into `f`, which has its owner
- * already (giveOwner), as that owner would write it (the addon's
- * pwriteAsOwner: without CAP_SYS_RESOURCE, on a thread of the owner's
- * fsuid and fsgid where the restorer is privileged): its quota and
- * ext4's root reserve hold as they held the application, a root restore
- * too (review r393: a root restorer's own write passed both, for as many
- * bytes as the image carries, and a chown after it moves the blocks to
- * the owner passing its quota as well). A memfd is written as the
- * restorer: its file system (shmem's internal mount) keeps no quota nor
- * reserve. */
+ * already (giveOwner), as that owner would write it (the context's
+ * copyPagesAsOwner: without CAP_SYS_RESOURCE, on one thread of the
+ * owner's fsuid and fsgid for the whole file where the restorer is
+ * privileged): its quota and ext4's root reserve hold as they held the
+ * application, a root restore too (review r393: a root restorer's own
+ * write passed both, for as many bytes as the image carries, and a chown
+ * after it moves the blocks to the owner passing its quota as well).
+ * Where the owner cannot be taken here (a user namespace), as the
+ * restorer's ids without capabilities: the data must be there. A memfd
+ * is written as the restorer: its file system (shmem's internal mount)
+ * keeps no quota nor reserve. */
 function fillAsOwner(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
   if (id.path.startsWith(MEMFD_PREFIX)) return h.copyPages(f, id.contents);
-  const what = `deleted file ${index} (${id.path})`;
-  h.copyPages(f, id.contents, (fd, buf, n, pos) => {
-    try {
-      addon().pwriteAsOwner(fd, buf, n, pos);
-    } catch (e) {
-      throw new AppshotError(`${what}: writing its saved data again as its owner: ${(e as Error).message}`);
-    }
-  });
+  try {
+    h.copyPagesAsOwner(f, id.contents);
+  } catch (e) {
+    if (e instanceof AppshotError) throw e;
+    const as = (e as { ownerNotTaken?: boolean }).ownerNotTaken ? "as the restorer without capabilities (its owner's identity cannot be taken here)" : 'as its owner';
+    throw new AppshotError(`deleted file ${index} (${id.path}): writing its saved data again ${as}: ${(e as Error).message}`);
+  }
 }
 
 /** The mode `id` had, with its set-id bits where its owner was given
