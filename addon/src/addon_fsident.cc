@@ -447,7 +447,10 @@ constexpr uint64_t kCap(int cap) { return uint64_t{1} << cap; }
 // Whether `who` may change directory `d` (our descriptor `fd` of it):
 // make, remove or rename an entry there (write and search, may_create),
 // or give itself that right (its owner; CAP_FOWNER), or pass the check
-// (CAP_DAC_OVERRIDE).
+// (CAP_DAC_OVERRIDE). `who` is the holder process's identity as the
+// image recorded it, not all its user may take: groups of /etc/group the
+// process dropped (newgrp, the user's other sessions) and its real and
+// saved ids are not counted (r415 F2: said in the README).
 Placeable MayChangeDirectory(const fsident& who, const struct statx& d, int fd) {
   if (who.cap_eff & (kCap(CAP_DAC_OVERRIDE) | kCap(CAP_FOWNER))) return Placeable::kByRights;
   if (d.stx_uid == who.fsuid) return Placeable::kByRights;
@@ -710,7 +713,7 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
     bool refused = rc == -EACCES || rc == -EPERM;
     if (refused && c.unproven == Unproven::kNoMountId)
       why = "another identity reaches it, but this kernel tells no mount id (statx STATX_MNT_ID, Linux 5.8, nor /proc/self/fdinfo) by which to show the mark would be on the very mount";
-    if (refused && c.unproven == Unproven::kHardLink)
+    else if (refused && c.unproven == Unproven::kHardLink)
       why = "another identity reaches it, but it is a file of " + std::to_string(c.nlink) + " hard links, of uid " + std::to_string(c.owner) +
             ", which the holder neither owns nor may read: a link its user may have made";
     else if (refused && c.unproven == Unproven::kHardLinkAcl)
