@@ -14,7 +14,7 @@
  * key, not saying they are this node's snapshot.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -366,6 +366,23 @@ describe.runIf(isRoot)('a watch a retry identity makes on a file of more than on
     if (noAcl(ctx, dir, `u:${NOBODY}:rwx`)) return;
     const r = restore(inotifyOn('acl-worker', secret), undefined);
     refused(r, new RegExp(`EACCES \\(another identity reaches it, but it is a file of uid 0, which the holder is not shown to own or read, under ${dir}, a directory whose access ACL lets its user change it: a name its user may have given it \\(a file renamed there, or linked there and its first name removed\\)\\)$`), 5);
+  });
+
+  // A filesystem that keeps no ACL answers EOPNOTSUPP for one: sysfs,
+  // procfs, squashfs are judged by their modes, not refused on sight
+  // (r415 F3). /sys and /sys/kernel are root's 0555 and 0755.
+  it("restores it on a root-only sysfs file, whose directories on the way keep no ACL (r415 F3)", (ctx) => {
+    const slab = '/sys/kernel/slab';
+    const dir = (() => {
+      try {
+        return readdirSync(slab).find((n) => lstatSync(join(slab, n)).isDirectory() && (statSync(join(slab, n, 'align')).mode & 0o777) === 0o400);
+      } catch {
+        return undefined;
+      }
+    })();
+    if (!dir) return ctx.skip(`no ${slab}/*/align of mode 0400 here`);
+    const file = join(slab, dir, 'align');
+    restored(restore(inotifyOn('sysfs-file', file), 'sysfsfile'), 'sysfsfile', watchedIno(file));
   });
 
   // An instance made before the fork, held by the master and the worker:
