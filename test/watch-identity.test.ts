@@ -368,6 +368,28 @@ describe.runIf(isRoot)('a watch a retry identity makes on a file of more than on
     refused(r, new RegExp(`EACCES \\(another identity reaches it, but it is a file of uid 0, which the holder is not shown to own or read, under ${dir}, a directory whose access ACL lets its user change it: a name its user may have given it \\(a file renamed there, or linked there and its first name removed\\)\\)$`), 5);
   });
 
+  // The mode's group bits are the ACL's mask, and where they are empty
+  // the kernel reads no ACL at all (acl_permission_check's
+  // `mode & S_IRWXG`): a named user not in the owning group gets the
+  // others' bits. Here they grant the worker's user the directory, whose
+  // ACL entry for it is masked to nothing (r426 F1).
+  it("refuses it under a root 0707 directory whose ACL names the worker's user but whose mask (group bits) is empty (r426 F1)", (ctx) => {
+    const dir = join(tree, 'acl-masked');
+    mkdirSync(dir);
+    chmodSync(dir, 0o707);
+    if (noAcl(ctx, dir, `u:${NOBODY}:rwx`)) return;
+    chmodSync(dir, 0o707);
+    const getfacl = spawnSync('getfacl', ['-cnp', dir], { encoding: 'utf8' });
+    expect(getfacl.stdout).toMatch(new RegExp(`^user:${NOBODY}:rwx\\s+#effective:---$`, 'm'));
+    expect(getfacl.stdout).toMatch(/^mask::---$/m);
+    const orig = join(dir, 'orig');
+    writeFileSync(orig, 'root only\n', { mode: 0o600 });
+    const watched = join(dir, 'watched');
+    mvAsWorker(orig, watched);
+    expect(statSync(watched)).toMatchObject({ uid: 0, mode: 0o100600 });
+    refused(restore(inotifyOn('acl-masked', watched), undefined), placed(watched, dir), 5);
+  });
+
   // A filesystem that keeps no ACL answers EOPNOTSUPP for one: sysfs,
   // procfs, squashfs are judged by their modes, not refused on sight
   // (r415 F3). /sys and /sys/kernel are root's 0555 and 0755.

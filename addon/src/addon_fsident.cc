@@ -363,9 +363,10 @@ bool KeepsNoAcl(int fd) {
 // where it has one, evaluated as posix_acl_permission does (the owner's
 // entry; a named user's and the mask; the owning group's and named
 // groups', any that grants, and the mask; none matched, the others'),
-// else by its mode bits. `*acl`: it has one. kUnknown: the ACL could not
-// be read or parsed, or the filesystem answers EOPNOTSUPP and may keep
-// ACLs of another kind. Read through our own /proc/self/fd/N, a magic
+// else by its mode bits (also where its mode's group bits, the mask, are
+// empty: the kernel reads no ACL then). `*acl`: an ACL decided.
+// kUnknown: the ACL could not be read or parsed, or the filesystem
+// answers EOPNOTSUPP and may keep ACLs of another kind. Read through our own /proc/self/fd/N, a magic
 // link followed on purpose: fgetxattr takes no O_PATH descriptor
 // (EBADF). Reading a system.* attribute asks no permission of the
 // caller, so any identity's thread gets the answer; its ids are given in
@@ -381,11 +382,23 @@ Grant GrantsAll(const fsident& who, const struct statx& st, int fd, unsigned wan
     if (n >= 0 || errno != ERANGE || buf.size() >= (1u << 20)) break;
     buf.resize(buf.size() * 8);
   }
-  if (n < 0) {
-    if (errno != ENODATA && !(errno == EOPNOTSUPP && KeepsNoAcl(fd))) return Grant::kUnknown;
+  auto byMode = [&] {
     unsigned bits = st.stx_uid == who.fsuid ? (st.stx_mode >> 6) & 7 : InGroup(who, st.stx_gid) ? (st.stx_mode >> 3) & 7 : st.stx_mode & 7;
     return (bits & want) == want ? Grant::kYes : Grant::kNo;
+  };
+  if (n < 0) {
+    if (errno != ENODATA && !(errno == EOPNOTSUPP && KeepsNoAcl(fd))) return Grant::kUnknown;
+    return byMode();
   }
+  // The mode's group bits are the ACL's mask (or its owning group's
+  // entry), and where they are empty the kernel reads no ACL: its
+  // acl_permission_check asks `IS_POSIXACL(inode) && (mode & S_IRWXG)`
+  // first, else judges by the mode bits, so a named user outside the
+  // owning group gets the others' bits, not its masked entry (r426 F1).
+  // Then the ACL decides nothing, and `*acl` stays false: the words are
+  // the mode's. (The mode's owner bits are the ACL's owner entry, so the
+  // owner is judged alike either way.)
+  if ((st.stx_mode & S_IRWXG) == 0) return byMode();
   *acl = true;
   // struct posix_acl_xattr_header { le32 version (2) } then entries of
   // { le16 tag, le16 perm, le32 id }, in the order the kernel keeps
