@@ -322,22 +322,34 @@ bool HasEffective(int cap) {
 // group, without any capability (a write or fallocate on a descriptor
 // open for writing needs none); an unprivileged caller has nothing to
 // drop and runs it itself (its own quota, its own reserve).
-int AsOwnerIfPrivileged(int fd, int (*op)(void*), void* arg) {
+//
+// Where it fails before `op` ran, `*why` says what failed: the file's
+// fstat, the owner's identity refused (fsident's take: setgroups,
+// setfsuid, setfsgid or capset refused; a user namespace that maps no
+// such uid or gid, or denies setgroups: fsident_run_told's `not_taken`),
+// or no thread to take it on (pthread_create: EAGAIN, at a thread or
+// memory limit).
+enum class NotRun { kFstat, kOwnerNotTaken, kNoThread };
+int AsOwnerIfPrivileged(int fd, int (*op)(void*), void* arg, NotRun* why) {
   if (!HasEffective(CAP_SYS_RESOURCE) && !(HasEffective(CAP_SETUID) && HasEffective(CAP_SETGID))) return op(arg);
   struct stat st;
-  if (fstat(fd, &st)) return -errno;
+  if (fstat(fd, &st)) {
+    *why = NotRun::kFstat;
+    return -errno;
+  }
   struct fsident owner = {static_cast<uint32_t>(st.st_uid), static_cast<uint32_t>(st.st_gid), 0, nullptr, 0};
   struct fsident_list who = {&owner, 1};
-  return fsident_run(&who, nullptr, op, arg);
+  int not_taken = 0;
+  int rc = fsident_run_told(&who, nullptr, op, arg, &not_taken);
+  *why = not_taken ? NotRun::kOwnerNotTaken : NotRun::kNoThread;
+  return rc;
 }
 
-// Whether a failure of AsOwnerIfPrivileged before `op` ran is the owner's
-// identity refused (fsident's take: setgroups, setfsuid, setfsgid or
-// capset refused, all EPERM; a user namespace that maps no such uid or
-// gid, or denies setgroups) rather than no thread to take it on
-// (pthread_create: EAGAIN, at a thread or memory limit; EPERM only for a
-// scheduling attribute, and none is given). fsident_run tells no more.
-bool OwnerNotTaken(int rc, bool ran) { return !ran && rc == -EPERM; }
+// The words for a failure of AsOwnerIfPrivileged before `op` ran that is
+// not the owner's identity refused: `call`'s, then what failed.
+std::string NotRunWhat(const char* call, NotRun why) {
+  return std::string(call) + (why == NotRun::kFstat ? ": fstat of the file" : ": a thread to take the file's owner's identity on");
+}
 
 // fallocateKeepSize(fd, ranges): blocks allocated without moving the
 // file's size (FALLOC_FL_KEEP_SIZE), `ranges` [offset, length, ...] as
@@ -378,7 +390,8 @@ Napi::Value FallocateKeepSize(const Napi::CallbackInfo& info) {
     ranges.emplace_back(offset, length);
   }
   AllocateCall c{Int(info[0]), &ranges, 0, false};
-  int rc = AsOwnerIfPrivileged(c.fd, AllocateOp, &c);
+  NotRun why = NotRun::kNoThread;
+  int rc = AsOwnerIfPrivileged(c.fd, AllocateOp, &c, &why);
   // The owner's identity could not be taken (a user namespace that maps
   // no such uid or gid, or refuses setgroups): not the kernel's answer to
   // the allocation, told apart (`ownerNotTaken`) for the caller to leave
@@ -386,9 +399,10 @@ Napi::Value FallocateKeepSize(const Napi::CallbackInfo& info) {
   // a claim of the image's past the data, made only as the application
   // made it (the data, which must be there, is written as the restorer
   // without capabilities instead: copyPagesAsOwner). No thread to take it
-  // on (EAGAIN) is no such thing: an error of its own.
-  if (rc < 0 && !c.ran && !OwnerNotTaken(rc, c.ran)) {
-    ThrowErrno(env, "fallocate: a thread to take the file's owner's identity on", -rc);
+  // on (EAGAIN), or the file's fstat failed, is no such thing: an error
+  // of its own.
+  if (rc < 0 && !c.ran && why != NotRun::kOwnerNotTaken) {
+    ThrowErrno(env, NotRunWhat("fallocate", why), -rc);
     return env.Undefined();
   }
   if (rc < 0 && !c.ran) {
@@ -454,9 +468,10 @@ int CopyOp(void* arg) {
 // review r393, a deleted file's data). One thread for the whole file,
 // whatever its runs (one per extent of a sparse file; an image chooses
 // how many): ~0.1 ms a thread (r415 F4). Where the owner's identity
-// cannot be taken (a user namespace: OwnerNotTaken), as the caller's own
-// ids, still without any capability (outside the initial user namespace
-// CAP_SYS_RESOURCE is none of the kernel's quota checks anyway): false.
+// cannot be taken (a user namespace: NotRun::kOwnerNotTaken), as the
+// caller's own ids, still without any capability (outside the initial
+// user namespace CAP_SYS_RESOURCE is none of the kernel's quota checks
+// anyway): false.
 // The data must be there, as it was; the blocks past it are a claim that
 // fallocateKeepSize leaves unmade there instead. Throws errno's code
 // (EDQUOT, ENOSPC); `endedEarly` where `pagesFd` ends before the runs do;
@@ -488,13 +503,14 @@ Napi::Value CopyPagesAsOwner(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   CopyCall c{Int(info[0]), Int(info[1]), static_cast<int64_t>(offset), &runs, false, false, false};
-  int rc = AsOwnerIfPrivileged(c.fd, CopyOp, &c);
+  NotRun why = NotRun::kNoThread;
+  int rc = AsOwnerIfPrivileged(c.fd, CopyOp, &c, &why);
   bool asOwner = true;
-  if (rc < 0 && !c.ran && !OwnerNotTaken(rc, c.ran)) {
-    ThrowErrno(env, "copyPagesAsOwner: a thread to take the file's owner's identity on", -rc);
+  if (rc < 0 && !c.ran && why != NotRun::kOwnerNotTaken) {
+    ThrowErrno(env, NotRunWhat("copyPagesAsOwner", why), -rc);
     return env.Undefined();
   }
-  if (rc < 0 && OwnerNotTaken(rc, c.ran)) {
+  if (rc < 0 && !c.ran) {
     // As itself, without any capability: its own groups, taken as they are.
     asOwner = false;
     std::vector<uint32_t> groups(static_cast<size_t>(std::max<long>(0, syscall(SYS_getgroups, 0, nullptr))));
@@ -505,9 +521,10 @@ Napi::Value CopyPagesAsOwner(const Napi::CallbackInfo& info) {
     }
     struct fsident self = {static_cast<uint32_t>(syscall(SYS_setfsuid, -1)), static_cast<uint32_t>(syscall(SYS_setfsgid, -1)), static_cast<uint32_t>(n), groups.data(), 0};
     struct fsident_list who = {&self, 1};
-    rc = fsident_run(&who, nullptr, CopyOp, &c);
+    int not_taken = 0;
+    rc = fsident_run_told(&who, nullptr, CopyOp, &c, &not_taken);
     if (rc < 0 && !c.ran) {
-      ThrowErrno(env, "copyPagesAsOwner: a thread without capabilities", -rc);
+      ThrowErrno(env, not_taken ? "copyPagesAsOwner: the restorer's own ids without capabilities cannot be taken here" : "copyPagesAsOwner: a thread without capabilities", -rc);
       return env.Undefined();
     }
   }
