@@ -484,8 +484,18 @@ interface Addon {
   /** fallocate(FALLOC_FL_KEEP_SIZE) of each [offset, length] pair of
    * `ranges`, as the file's owner and never with CAP_SYS_RESOURCE (the
    * owner's quota and ext4's root reserve hold: addon_restore.cc): throws
-   * with errno's code (EOPNOTSUPP, ENOSPC, EDQUOT). */
+   * with errno's code (EOPNOTSUPP, ENOSPC, EDQUOT), or, where the owner's
+   * identity cannot be taken here (a user namespace), with
+   * `ownerNotTaken` (no thread to take it on is an error of its own). */
   fallocateKeepSize(fd: number, ranges: bigint[]): void;
+  /** A PageRef's data, from `offset` of `pagesFd` on, written into `fd`
+   * run after run (`runs`: [page, count, ...]), all of it, on one thread
+   * as fallocateKeepSize allocates (the owner's quota and ext4's root
+   * reserve hold): true; false where the owner cannot be taken here and
+   * the caller's ids without any capability wrote it. Throws with errno's
+   * code (EDQUOT, ENOSPC), `endedEarly` where the page data ends before
+   * the runs, `ownerNotTaken` where the caller's write failed. */
+  copyPagesAsOwner(fd: number, pagesFd: number, offset: number, runs: number[]): boolean;
   /** futimens(2) to the nanosecond: times in nanoseconds since the epoch. */
   futimensNs(fd: number, atimeNs: bigint, mtimeNs: bigint): void;
   mkfifo(path: string, mode: number): void;

@@ -2506,3 +2506,188 @@ describe.skipIf(process.getuid?.() !== 0)('an image whose unprivileged process n
     expect(readdirSync(into)).toEqual([]);
   });
 });
+
+// A deleted file's data and its blocks past it, made again by a root
+// restore: as the file's owner would make them, never with the
+// restorer's CAP_SYS_RESOURCE (review r393), on a small ext4 of the
+// test's own (loop-mounted), filled to the reserve only root may take.
+describe.skipIf(process.getuid?.() !== 0)("a deleted file's data and blocks, made again by a root restore as its owner (review r393)", () => {
+  it("its saved data is written as its owner, whom ext4's root reserve refuses: the restore is refused in one line, nothing left", (ctx) => {
+    // Made where nobody may walk: else the file is made in /tmp instead.
+    chmodSync(out, 0o755);
+    const base = mkdtempSync(join(out, 'reserve-'));
+    chmodSync(base, 0o755);
+    const img = join(base, 'fs.img');
+    const mnt = join(base, 'mnt');
+    mkdirSync(mnt);
+    writeFileSync(img, '');
+    truncateSync(img, 32 << 20);
+    const made = spawnSync('mkfs.ext4', ['-q', '-m', '10', img], { encoding: 'utf8' });
+    if (made.status !== 0) return ctx.skip(`no mkfs.ext4 here: ${made.stderr || made.error}`);
+    const mounted = spawnSync('mount', ['-o', 'loop', img, mnt], { encoding: 'utf8' });
+    if (mounted.status !== 0) {
+      rmSync(base, { recursive: true, force: true });
+      return ctx.skip(`no loop mount here: ${mounted.stderr.trim()}`);
+    }
+    let filler = -1;
+    try {
+      const dir = join(mnt, 'd');
+      mkdirSync(dir);
+      chownSync(dir, 65534, 65534);
+      // Filled as root to what anyone may use: what is left is the reserve.
+      // (Again while the extent tree's own blocks leave some.)
+      filler = openSync(join(mnt, 'filler'), 'w+');
+      let end = 0n;
+      for (let room = statfsSync(mnt, { bigint: true }); room.bavail > 0n; room = statfsSync(mnt, { bigint: true })) {
+        const more = ((room.bavail * room.bsize) / 4096n) * 4096n;
+        if (!more) break;
+        addon().fallocateKeepSize(filler, [end, more]);
+        end += more;
+      }
+      const left = statfsSync(mnt, { bigint: true });
+      expect(left.bavail * left.bsize).toBeLessThan(4096n);
+      expect((left.bfree - left.bavail) * left.bsize).toBeGreaterThan(1n << 20n);
+      const gone = join(dir, 'gone');
+      // Four pages of data of its own, past the good image's pages.
+      const at = Math.ceil(statSync(join(good, 'pages.img')).size / 4096) * 4096;
+      const i = structuredClone(goodImage);
+      asNobodyRan(i);
+      i.files.push({ path: gone, dev: 0n, ino: 0n, size: 4n * 4096n, mtimeNs: 0n, mode: 0o100600, deleted: true, crc32c: 0, uid: 65534, gid: 65534, contents: { offset: BigInt(at), runs: [0, 4], fromParent: [] } });
+      const fd = structuredClone(i.processes[0].fds.find((f) => f.kind === FdKind.FILE)!);
+      Object.assign(fd, { fd: 909, kind: FdKind.FILE, path: gone, file: i.files.length - 1, flags: 2, pos: 0n, description: 0 });
+      i.processes[0].fds.push(fd);
+      const image = writeImage('reserve-data', encodeImage(i), sb.home, 'copy');
+      truncateSync(join(image, 'pages.img'), at);
+      writeFileSync(join(image, 'pages.img'), Buffer.alloc(4 * 4096, 0x61), { flag: 'a' });
+      const digests = new Map([
+        ['image.pb', digestOf(join(image, 'image.pb'))],
+        ['pages.img', digestOf(join(image, 'pages.img'))],
+      ]);
+      writeFileSync(join(image, 'manifest.pb'), asNode(sb.home, () => encodeSignedManifest('feedfacefeedface', digests)));
+      // Before, root's write took the reserve, and the file was nobody's
+      // past what nobody could have written.
+      refuses(['restore', image, '--aid', 'reservedata'], { code: 1, stderr: new RegExp(`: deleted file \\d+ \\(${gone.replace(/\./g, '\\.')}\\): writing its saved data again as its owner: .*(ENOSPC|No space left on device)`) });
+      expect(readdirSync(dir)).toEqual([]);
+    } finally {
+      if (filler >= 0) closeSync(filler);
+      // Restored after all (what this test is there to catch): its
+      // processes hold the file, and the mount with it.
+      if (sb.aids().includes('reservedata')) for (const verb of ['kill', 'rm']) sb.run([verb, 'reservedata']);
+      spawnSync('umount', [mnt]);
+      rmSync(base, { recursive: true, force: true });
+    }
+  });
+
+  // Root in a user namespace that maps no such uid (or refuses
+  // setgroups) cannot take the owner's identity: told apart from the
+  // kernel's answer to the allocation, which the restore then leaves
+  // unallocated and says so (deleted.ts allocateAsRecorded), rather than
+  // fail the whole restore or allocate as itself.
+  it("an owner a user namespace cannot take is told apart (ownerNotTaken), the blocks left unallocated; the data is still written, without capabilities", (ctx) => {
+    const dir = mkdtempSync(join(out, 'userns-'));
+    chmodSync(dir, 0o755);
+    const file = join(dir, 'f');
+    writeFileSync(file, '', { mode: 0o666 });
+    chmodSync(file, 0o666);
+    chownSync(file, 65534, 65534);
+    const pages = join(dir, 'pages');
+    writeFileSync(pages, Buffer.alloc(4096, 1), { mode: 0o644 });
+    const script = `
+      const a = require(${JSON.stringify(join(repoRoot, 'build', 'Release', 'appshot.node'))});
+      const fs = require('node:fs');
+      const fd = fs.openSync(${JSON.stringify(file)}, 'r+');
+      const got = {};
+      try { a.fallocateKeepSize(fd, [0n, 4096n]); got.allocated = true; } catch (e) { got.code = e.code; got.ownerNotTaken = e.ownerNotTaken === true; }
+      got.asOwner = a.copyPagesAsOwner(fd, fs.openSync(${JSON.stringify(pages)}, 'r'), 0, [0, 1]);
+      got.size = fs.fstatSync(fd).size;
+      console.log(JSON.stringify(got));`;
+    const r = spawnSync('unshare', ['-Ur', process.execPath, '-e', script], { encoding: 'utf8' });
+    try {
+      if (r.error || (r.status !== 0 && /unshare:/.test(r.stderr))) return ctx.skip(`no user namespace here: ${r.stderr || r.error}`);
+      expect(r.status, r.stderr).toBe(0);
+      expect(JSON.parse(r.stdout)).toEqual({ code: 'EPERM', ownerNotTaken: true, asOwner: false, size: 4096 });
+      expect(readFileSync(file)).toEqual(Buffer.alloc(4096, 1));
+      expect(statSync(file).uid).toBe(65534);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  /** The [start, end) byte ranges of `file` that hold data, as
+   * lseek(SEEK_DATA/SEEK_HOLE) shows them (node has no binding for it). */
+  const dataRuns = (file: string): number[][] => {
+    const script = `import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+end, at, runs = os.fstat(fd).st_size, 0, []
+while at < end:
+    try:
+        d = os.lseek(fd, at, os.SEEK_DATA)
+    except OSError:
+        break
+    at = os.lseek(fd, d, os.SEEK_HOLE)
+    runs.append([d, at])
+print(runs)`;
+    const r = spawnSync('python3', ['-c', script, file], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    return JSON.parse(r.stdout);
+  };
+
+  // One owner thread copies a whole sparse file (r415 F4): each run at its
+  // page, the holes left, and a page file that ends early told apart.
+  it('copies every run of a fragmented file as its owner on one thread, holes left, and tells page data that ends early', () => {
+    const dir = mkdtempSync(join(out, 'runs-'));
+    try {
+      const file = join(dir, 'f');
+      // Set-user-ID and set-group-ID (without group execute): a write by
+      // a thread without CAP_FSETID clears the first, and the second
+      // only where the writer is not in the file's group (6.2 on,
+      // setattr_should_drop_sgid; before, never without group execute). Set after the chown, which clears them.
+      // A control written by this root process keeps both.
+      const control = join(dir, 'control');
+      for (const f of [file, control]) {
+        writeFileSync(f, '', { mode: 0o600 });
+        chownSync(f, 65534, 65534);
+        chmodSync(f, 0o6600);
+      }
+      writeFileSync(control, 'x', { flag: 'r+' });
+      expect(statSync(control).mode & 0o7777).toBe(0o6600);
+      const pages = join(dir, 'pages');
+      // Three pages of data: 'a' for the run at page 1, 'b' 'c' for pages 4-5.
+      writeFileSync(pages, Buffer.concat([Buffer.alloc(4096, 0x61), Buffer.alloc(4096, 0x62), Buffer.alloc(4096, 0x63)]));
+      const fd = openSync(file, 'r+');
+      const pfd = openSync(pages, 'r');
+      try {
+        expect(addon().copyPagesAsOwner(fd, pfd, 0, [1, 1, 4, 2])).toBe(true);
+        const want = Buffer.concat([Buffer.alloc(4096), Buffer.alloc(4096, 0x61), Buffer.alloc(8192), Buffer.alloc(4096, 0x62), Buffer.alloc(4096, 0x63)]);
+        expect(readFileSync(file).equals(want)).toBe(true);
+        // Only pages 1 and 4-5 hold data: the holes were skipped, not
+        // written with zeros.
+        expect(dataRuns(file)).toEqual([
+          [4096, 8192],
+          [16384, 24576],
+        ]);
+        // Written without capabilities (set-user-ID cleared) by a thread
+        // in the owner's group 65534 (set-group-ID kept), not by this
+        // root process (both kept, as the control shows). That the fsuid
+        // was the owner's, not root's, shows only in whose reserve and
+        // quota the blocks take: the ext4 reserve test above.
+        expect(statSync(file).mode & 0o7777).toBe(0o2600);
+        let thrown: { endedEarly?: boolean; message?: string } = {};
+        try {
+          addon().copyPagesAsOwner(fd, pfd, 4096, [8, 3]);
+        } catch (e) {
+          thrown = e as typeof thrown;
+        }
+        expect(thrown.endedEarly, thrown.message).toBe(true);
+        // What was there before it ended is written: the restore then fails
+        // and drops the file whole (deleted.ts).
+        expect(readFileSync(file).subarray(8 * 4096)).toEqual(Buffer.concat([Buffer.alloc(4096, 0x62), Buffer.alloc(4096, 0x63)]));
+      } finally {
+        closeSync(fd);
+        closeSync(pfd);
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

@@ -14,12 +14,13 @@
  * key, not saying they are this node's snapshot.
  */
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImage } from '../src/image/format.js';
-import { FdKind, FanotifyMarkKind, type Fd, type Image } from '../src/image/types.js';
+import { addon } from '../src/native.js';
+import { FdKind, FanotifyMarkKind, type Creds, type Fd, type Image } from '../src/image/types.js';
 import { writeSignedImage } from './crafted.js';
 import { cli, fixture, Sandbox, waitFor } from './helpers.js';
 
@@ -69,18 +70,31 @@ afterAll(async () => {
 
 /** The worker's image with `fd` (a copy of a FILE descriptor of the
  * image's, made `kind` by `make`) at number 911, under `name`. */
-function withWorkerFd(name: string, make: (fd: Fd) => void): string {
+function withWorkerFd(name: string, make: (fd: Fd) => void, creds?: (c: Creds) => void): string {
   const i = structuredClone(app.image);
   i.fromSnapshot = false;
   const fd = structuredClone(i.processes.flatMap((q) => q.fds).find((f) => f.kind === FdKind.FILE)!);
   make(fd);
-  i.processes.find((q) => q.vpid === worker)!.fds.push(fd);
+  const w = i.processes.find((q) => q.vpid === worker)!;
+  w.fds.push(fd);
+  // The process's and each thread's (an identity is its main thread's).
+  if (creds) for (const c of [w.creds, ...w.threads.map((t) => t.creds)]) if (c) creds(c);
   return writeSignedImage(join(out, name), i, app.dir);
 }
 
 /** An inotify instance watching `path` (IN_MODIFY | IN_ACCESS, 0x3). */
-const inotifyOn = (name: string, path: string) =>
-  withWorkerFd(name, (fd) => Object.assign(fd, { fd: 911, kind: FdKind.INOTIFY, flags: 0o4000, path: 'anon_inode:inotify', file: -1, description: 4911, pos: 0n, inotifyWatches: [{ wd: 1, path, mask: 0x3 }] }));
+const inotifyOn = (name: string, path: string, creds?: (c: Creds) => void) => withWorkerFd(name, (fd) => Object.assign(fd, inotifyFd(path)), creds);
+const inotifyFd = (path: string) => ({ fd: 911, kind: FdKind.INOTIFY, flags: 0o4000, path: 'anon_inode:inotify', file: -1, description: 4911, pos: 0n, inotifyWatches: [{ wd: 1, path, mask: 0x3 }] });
+
+/** The same instance held by the master too, at the same number, one
+ * open file description (as made before the fork). */
+function inotifyOfBoth(name: string, path: string): string {
+  const i = structuredClone(app.image);
+  i.fromSnapshot = false;
+  const file = i.processes.flatMap((q) => q.fds).find((f) => f.kind === FdKind.FILE)!;
+  for (const q of i.processes) q.fds.push(Object.assign(structuredClone(file), inotifyFd(path)));
+  return writeSignedImage(join(out, name), i, app.dir);
+}
 
 /** A fanotify group (privileged, FAN_CLOEXEC | FAN_NONBLOCK) with a mount
  * mark (FAN_MODIFY) on `path`. */
@@ -111,6 +125,10 @@ function restore(dir: string, aid: string | undefined, env: NodeJS.ProcessEnv = 
 /** A restore refused in one line matching `line`, exit `code`, with
  * nothing left. */
 function refused(r: { code: number | null; stderr: string }, line: RegExp, code: number): void {
+  // Restored after all (what the test is there to catch): removed, so
+  // that the next test's restore of the same application is not refused
+  // as already registered.
+  if (r.code === 0) for (const aid of sb.aids()) for (const verb of ['kill', 'rm']) sb.run([verb, aid]);
   const lines = r.stderr.split('\n').filter(Boolean);
   expect(lines, r.stderr).toHaveLength(1);
   expect(lines[0]).toMatch(/^appshot: /);
@@ -232,6 +250,186 @@ describe.runIf(isRoot)('a watch a retry identity makes on a file of more than on
     if (!linkAsWorker(target, link)) return ctx.skip(noKnob);
     const r = restore(inotifyOn('hardlink-acl', link), undefined);
     refused(r, new RegExp(`process ${worker} fd 911: its inotify watch 1 on ${link} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES \\(another identity reaches it, but it is a file of 2 hard links, of uid 0, which the holder does not own, and whose access ACL \\(or a filesystem that could not show it has none\\) may refuse the holder what its mode bits grant: a link its user may have made\\)$`), 5);
+  });
+
+  // The link count is not all: one link, and still a name the worker's
+  // user gave a file they may not read. The retry is refused where a
+  // directory on the way is theirs to change (addon MayHavePlaced).
+  const placed = (path: string, dir: string, kind: 'file' | 'directory' = 'file') =>
+    new RegExp(
+      `process ${worker} fd 911: its inotify watch 1 on ${path} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES \\(another identity reaches it, but it is a ${kind} of uid 0, which the holder is not shown to own or read, under ${dir}, a directory its user may change: a name its user may have given it \\(${kind === 'file' ? 'a file renamed there, or linked there and its first name removed' : 'a directory renamed there'}\\)\\)$`,
+    );
+
+  /** `from` renamed to `to` by the worker's user (no groups). */
+  function mvAsWorker(from: string, to: string): void {
+    const mv = spawnSync('chroot', [`--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'mv', from, to], { encoding: 'utf8' });
+    expect(mv.status, mv.stderr).toBe(0);
+  }
+
+  // A directory cannot be hard-linked but can be renamed, and a rename
+  // within one parent asks no right on the directory moved: a root
+  // watch on it would report the names made in it (r415 F1).
+  it("refuses the worker's watch on a root 0700 directory its user renamed within a directory it may write (r415 F1)", () => {
+    const shared = join(tree, 'dshared');
+    mkdirSync(shared);
+    chmodSync(shared, 0o777);
+    const own = join(shared, 'private');
+    mkdirSync(own);
+    chmodSync(own, 0o700);
+    const watched = join(shared, 'watched');
+    mvAsWorker(own, watched);
+    expect(statSync(watched)).toMatchObject({ uid: 0, mode: 0o40700 });
+    refused(restore(inotifyOn('dir-renamed', watched), undefined), placed(watched, shared, 'directory'), 5);
+  });
+
+  it("refuses the worker's watch on a root-only file its user renamed into its own directory, of one link (r392 F6)", () => {
+    const shared = join(tree, 'shared');
+    mkdirSync(shared);
+    chmodSync(shared, 0o777);
+    const target = join(shared, 'root-file');
+    writeFileSync(target, 'root only\n', { mode: 0o600 });
+    const moved = join(tree, 'w', 'renamed');
+    const mv = spawnSync('chroot', [`--userspec=${NOBODY}:${NOBODY}`, '--groups=', '/', 'mv', target, moved], { encoding: 'utf8' });
+    expect(mv.status, mv.stderr).toBe(0);
+    expect(statSync(moved)).toMatchObject({ nlink: 1, uid: 0 });
+    refused(restore(inotifyOn('renamed-planted', moved), undefined), placed(moved, join(tree, 'w')), 5);
+  });
+
+  it("refuses it on a root-only file its user hard-linked into its own directory, whose first name was removed since (r392 F6)", (ctx) => {
+    const target = join(tree, 'hidden', 'secret-gone');
+    writeFileSync(target, 'root only\n', { mode: 0o600 });
+    const link = join(tree, 'w', 'orphan');
+    if (!linkAsWorker(target, link)) return ctx.skip(noKnob);
+    rmSync(target);
+    expect(statSync(link).nlink).toBe(1);
+    refused(restore(inotifyOn('orphan-planted', link), undefined), placed(link, join(tree, 'w')), 5);
+  });
+
+  /** A root 0600 file `tree/<dir>/<...>/secret` under directories made
+   * by `make` (each [name, mode]), root's. */
+  function secretUnder(dirs: [string, number][]): string {
+    let at = tree;
+    for (const [name, mode] of dirs) {
+      at = join(at, name);
+      mkdirSync(at);
+      chmodSync(at, mode);
+    }
+    const secret = join(at, 'secret');
+    writeFileSync(secret, 'root only\n', { mode: 0o600 });
+    return secret;
+  }
+  const watchedIno = (path: string) => (pid: number) => expect(readFileSync(`/proc/${pid}/fdinfo/911`, 'utf8')).toMatch(new RegExp(`^inotify wd:1 ino:${statSync(path).ino.toString(16)} `, 'm'));
+  const noAcl = (ctx: { skip: (why: string) => void }, dir: string, entry: string): boolean => {
+    if (spawnSync('setfacl', ['--version']).error) return ctx.skip('setfacl is not installed (Debian package acl: bash test/prerequisites.sh)'), true;
+    const acl = spawnSync('setfacl', ['-m', entry, dir], { encoding: 'utf8' });
+    if (acl.status !== 0) return ctx.skip(`${tmpdir()} keeps no POSIX ACL here: ${acl.stderr.trim()}`), true;
+    return false;
+  };
+
+  // A sticky directory further up that is not the worker's: there its
+  // user renames only what is theirs (check_sticky), so it counts for
+  // nothing. Not left to /tmp's being sticky (TMPDIR may be elsewhere).
+  it("restores the worker's watch, made as the master, on a root-only file under a sticky 1777 directory further up (r392 F6)", () => {
+    const secret = secretUnder([['sticky', 0o1777], ['closed', 0o755]]);
+    restored(restore(inotifyOn('sticky-up', secret), 'stickyup'), 'stickyup', watchedIno(secret));
+  });
+
+  // With CAP_FOWNER the sticky bit binds nothing (8de0e1c7), nor is any
+  // directory kept from it (it may chmod one): refused at the first, "/".
+  it('refuses it, through the same sticky directory, for a worker with CAP_FOWNER (8de0e1c7)', () => {
+    const secret = secretUnder([['sticky-fowner', 0o1777], ['closed', 0o755]]);
+    const fowner = 1n << 3n;
+    const r = restore(inotifyOn('sticky-fowner', secret, (c) => Object.assign(c, { capEff: c.capEff | fowner, capPrm: c.capPrm | fowner })), undefined);
+    refused(r, placed(secret, '/'), 5);
+  });
+
+  // A directory the worker may change through a supplementary group of
+  // its own (the process's ids, as the image recorded them).
+  it("refuses it under a root:4242 0770 directory for a worker in group 4242", () => {
+    const secret = secretUnder([['grouped', 0o770]]);
+    chownSync(join(tree, 'grouped'), 0, 4242);
+    const r = restore(inotifyOn('grouped', secret, (c) => Object.assign(c, { groups: [4242] })), undefined);
+    refused(r, placed(secret, join(tree, 'grouped')), 5);
+  });
+
+  // An access ACL is evaluated, not refused on sight (r415 F3): one that
+  // grants another user alone leaves the directory closed to the worker.
+  it("restores it under a root 0755 directory whose access ACL grants another user only (r415 F3)", (ctx) => {
+    const secret = secretUnder([['acl-other', 0o755]]);
+    if (noAcl(ctx, join(tree, 'acl-other'), 'u:1234:rwx')) return;
+    restored(restore(inotifyOn('acl-other', secret), 'aclother'), 'aclother', watchedIno(secret));
+  });
+
+  it("refuses it under a root 0755 directory whose access ACL lets the worker's user change it, and says so (r415 F3)", (ctx) => {
+    const secret = secretUnder([['acl-worker', 0o755]]);
+    const dir = join(tree, 'acl-worker');
+    if (noAcl(ctx, dir, `u:${NOBODY}:rwx`)) return;
+    const r = restore(inotifyOn('acl-worker', secret), undefined);
+    refused(r, new RegExp(`EACCES \\(another identity reaches it, but it is a file of uid 0, which the holder is not shown to own or read, under ${dir}, a directory whose access ACL lets its user change it: a name its user may have given it \\(a file renamed there, or linked there and its first name removed\\)\\)$`), 5);
+  });
+
+  // The mode's group bits are the ACL's mask, and where they are empty
+  // the kernel reads no ACL at all (acl_permission_check's
+  // `mode & S_IRWXG`): a named user not in the owning group gets the
+  // others' bits. Here they grant the worker's user the directory, whose
+  // ACL entry for it is masked to nothing (r426 F1).
+  it("refuses it under a root 0707 directory whose ACL names the worker's user but whose mask (group bits) is empty (r426 F1)", (ctx) => {
+    const dir = join(tree, 'acl-masked');
+    mkdirSync(dir);
+    chmodSync(dir, 0o707);
+    if (noAcl(ctx, dir, `u:${NOBODY}:rwx`)) return;
+    chmodSync(dir, 0o707);
+    const getfacl = spawnSync('getfacl', ['-cnp', dir], { encoding: 'utf8' });
+    expect(getfacl.stdout).toMatch(new RegExp(`^user:${NOBODY}:rwx\\s+#effective:---$`, 'm'));
+    expect(getfacl.stdout).toMatch(/^mask::---$/m);
+    const orig = join(dir, 'orig');
+    writeFileSync(orig, 'root only\n', { mode: 0o600 });
+    const watched = join(dir, 'watched');
+    mvAsWorker(orig, watched);
+    expect(statSync(watched)).toMatchObject({ uid: 0, mode: 0o100600 });
+    refused(restore(inotifyOn('acl-masked', watched), undefined), placed(watched, dir), 5);
+  });
+
+  // A filesystem that keeps no ACL answers EOPNOTSUPP for one: sysfs,
+  // procfs, squashfs are judged by their modes, not refused on sight
+  // (r415 F3). /sys and /sys/kernel are root's 0555 and 0755.
+  it("restores it on a root-only sysfs file, whose directories on the way keep no ACL (r415 F3)", (ctx) => {
+    const slab = '/sys/kernel/slab';
+    const dir = (() => {
+      try {
+        return readdirSync(slab).find((n) => lstatSync(join(slab, n)).isDirectory() && (statSync(join(slab, n, 'align')).mode & 0o777) === 0o400);
+      } catch {
+        return undefined;
+      }
+    })();
+    if (!dir) return ctx.skip(`no ${slab}/*/align of mode 0400 here`);
+    const file = join(slab, dir, 'align');
+    restored(restore(inotifyOn('sysfs-file', file), 'sysfsfile'), 'sysfsfile', watchedIno(file));
+  });
+
+  // An instance made before the fork, held by the master and the worker:
+  // each process's descriptor comes back as an instance of its own, its
+  // watches made with its own identity first, so the worker's is held to
+  // a retry's rules however the master's was made (r392 F12: the
+  // master's walk, which follows a symlink the worker's user put on the
+  // way, makes a watch whose events reach the master alone).
+  it("restores an instance the master and the worker both held as two, each watching the master's root-only file (r392 F12)", () => {
+    // One of its own: `secret` has the worker's link (the first test).
+    const secret = join(tree, 'hidden', 'both-secret');
+    writeFileSync(secret, 'root only\n', { mode: 0o600 });
+    restored(restore(inotifyOfBoth('both-hold', secret), 'bothhold'), 'bothhold', (pid) => {
+      const ino = statSync(secret).ino.toString(16);
+      const master = sb.systemPid('bothhold', app.image.processes.find((q) => q.vpid !== worker)!.vpid);
+      for (const q of [master, pid]) expect(readFileSync(`/proc/${q}/fdinfo/911`, 'utf8')).toMatch(new RegExp(`^inotify wd:1 ino:${ino} `, 'm'));
+      expect(addon().descriptionGroups([master, pid], [911, 911])).toEqual([0, 1]);
+    });
+  });
+
+  it("refuses the worker's watch of such an instance through a symlink its user put on the way, which the master's own walk follows (r392 F12)", () => {
+    const dirlink = join(tree, 'w', 'dirlink');
+    symlinkSync(join(tree, 'hidden'), dirlink);
+    const path = join(dirlink, 'secret');
+    refused(restore(inotifyOfBoth('both-symlink', path), undefined), new RegExp(`process ${worker} fd 911: its inotify watch 1 on ${path} cannot be made with the credentials of the process or the application's others \\(fsuid 65534, fsgid 65534\\): EACCES$`), 5);
   });
 
   it("still restores the worker's watch, made as the master, on a file of two links the worker owns but may not read", () => {

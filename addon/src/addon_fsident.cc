@@ -6,16 +6,21 @@
 #include <sys/inotify.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/xattr.h>
+#include <linux/capability.h>
 #include <linux/fs.h>
 #include <unistd.h>
+
+#include <endian.h>
 
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "addon.h"
 #include "testknobs.h"
@@ -269,7 +274,17 @@ Napi::Value OpenExecAs(const Napi::CallbackInfo& info) {
 
 // Why a retry identity that reached the very inode was still refused
 // (SameAsHeldStrictly), for the line that tells it.
-enum class Unproven { kNone, kNoMountId, kHardLink, kHardLinkAcl, kNoStats };
+enum class Unproven { kNone, kNoMountId, kHardLink, kHardLinkAcl, kNoStats, kPlaceable };
+
+// Why a directory on the way counts as one the holder's user may have
+// used to put the watched at its name (MayHavePlaced), for the line.
+enum class Placeable {
+  kNo,
+  kByRights,    // its mode, owner or the holder's capabilities let them change it
+  kByAcl,       // its access ACL lets them change it
+  kAclUnread,   // its access ACL could not be read or parsed: not shown closed to them
+  kNameMoved,   // the walk did not lead to the very file again ("." or "..", a component gone, another file)
+};
 
 struct WatchCall {
   int fd;
@@ -284,6 +299,9 @@ struct WatchCall {
   Unproven unproven;        // set by a retry identity's refusal
   uint32_t nlink;           // and, for kHardLink, what it saw
   uint32_t owner;
+  std::string changeable;   // kPlaceable: the directory its user may change
+  Placeable placeable;      // and why
+  bool dir;                 // the watched is a directory
 };
 
 // The mount id of what our descriptor `fd` holds: statx's (5.8), else
@@ -305,27 +323,221 @@ bool MountIdOf(int fd, const struct statx& st, bool statx_too, uint64_t* id) {
 // Whether `who` may read a file of `st`'s owner, group and mode by its
 // mode bits alone, as the kernel's generic check picks the class: the
 // owner's bits for its owner, the group's for a member, the others'.
-// Only where the file has no access ACL (HasNoAccessAcl): with one, the
-// group bits are its mask, not the group's entry, and a named user's
-// entry (user:<holder>:---) is not in the mode at all.
-bool ReadableByMode(const fsident& who, const struct statx& st) {
-  if (st.stx_uid == who.fsuid) return st.stx_mode & S_IRUSR;
-  bool member = st.stx_gid == who.fsgid;
-  for (uint32_t i = 0; !member && i < who.ngroups; i++) member = who.groups[i] == st.stx_gid;
-  return st.stx_mode & (member ? S_IRGRP : S_IROTH);
+// Where the file has an access ACL, the group bits are its mask, not
+// the group's entry, and a named user's entry (user:<holder>:---) is
+// not in the mode at all: only GrantsAll tells.
+bool InGroup(const fsident& who, uint32_t gid) {
+  if (gid == who.fsgid) return true;
+  for (uint32_t i = 0; i < who.ngroups; i++)
+    if (who.groups[i] == gid) return true;
+  return false;
 }
 
-// Whether the file our descriptor `fd` holds has no POSIX access ACL:
-// system.posix_acl_access answers ENODATA. Any other answer is no proof:
-// an ACL, or a filesystem that keeps none by that name but may decide by
-// another kind (NFSv4's: EOPNOTSUPP), or an error. Asked through our own
-// /proc/self/fd/N, a magic link followed on purpose: fgetxattr takes no
-// O_PATH descriptor (EBADF). Reading a system.* attribute asks no
-// permission of the caller, so any identity's thread gets the answer.
-bool HasNoAccessAcl(int fd) {
+bool ReadableByMode(const fsident& who, const struct statx& st) {
+  if (st.stx_uid == who.fsuid) return st.stx_mode & S_IRUSR;
+  return st.stx_mode & (InGroup(who, st.stx_gid) ? S_IRGRP : S_IROTH);
+}
+
+// What the kernel's generic permission check, capabilities aside, gives.
+enum class Grant { kYes, kNo, kUnknown };
+
+// Filesystems that keep no POSIX ACL at all, whose EOPNOTSUPP for
+// system.posix_acl_access therefore means "none": procfs, sysfs,
+// squashfs, iso9660, vfat. NFS, CIFS, FUSE and the like answer it too
+// and may still decide by ACLs of their own (NFSv4's): no proof there.
+// fstatfs takes an O_PATH descriptor (3.12).
+bool KeepsNoAcl(int fd) {
+  struct statfs s;
+  if (fstatfs(fd, &s) != 0) return false;
+  switch (static_cast<uint64_t>(s.f_type)) {
+    case 0x9fa0: case 0x62656572: case 0x73717368: case 0x9660: case 0x4d44:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Whether `who` passes the kernel's generic check for all of `want`
+// (4 read, 2 write, 1 search) on the file our descriptor `fd` holds
+// (`st`'s owner, group, mode), capabilities aside: by its access ACL
+// where it has one, evaluated as posix_acl_permission does (the owner's
+// entry; a named user's and the mask; the owning group's and named
+// groups', any that grants, and the mask; none matched, the others'),
+// else by its mode bits (also where its mode's group bits, the mask, are
+// empty: the kernel reads no ACL then). `*acl`: an ACL decided.
+// kUnknown: the ACL could not be read or parsed, or the filesystem
+// answers EOPNOTSUPP and may keep ACLs of another kind. Read through our own /proc/self/fd/N, a magic
+// link followed on purpose: fgetxattr takes no O_PATH descriptor
+// (EBADF). Reading a system.* attribute asks no permission of the
+// caller, so any identity's thread gets the answer; its ids are given in
+// the caller's user namespace, the one `who`'s are in.
+Grant GrantsAll(const fsident& who, const struct statx& st, int fd, unsigned want, bool* acl) {
+  *acl = false;
   char path[64];
   snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
-  return getxattr(path, "system.posix_acl_access", nullptr, 0) < 0 && errno == ENODATA;
+  std::vector<unsigned char> buf(512);
+  ssize_t n;
+  for (;;) {
+    n = getxattr(path, "system.posix_acl_access", buf.data(), buf.size());
+    if (n >= 0 || errno != ERANGE || buf.size() >= (1u << 20)) break;
+    buf.resize(buf.size() * 8);
+  }
+  auto byMode = [&] {
+    unsigned bits = st.stx_uid == who.fsuid ? (st.stx_mode >> 6) & 7 : InGroup(who, st.stx_gid) ? (st.stx_mode >> 3) & 7 : st.stx_mode & 7;
+    return (bits & want) == want ? Grant::kYes : Grant::kNo;
+  };
+  if (n < 0) {
+    if (errno != ENODATA && !(errno == EOPNOTSUPP && KeepsNoAcl(fd))) return Grant::kUnknown;
+    return byMode();
+  }
+  // The mode's group bits are the ACL's mask (or its owning group's
+  // entry), and where they are empty the kernel reads no ACL: its
+  // acl_permission_check asks `IS_POSIXACL(inode) && (mode & S_IRWXG)`
+  // first, else judges by the mode bits, so a named user outside the
+  // owning group gets the others' bits, not its masked entry (r426 F1).
+  // Then the ACL decides nothing, and `*acl` stays false: the words are
+  // the mode's. (The mode's owner bits are the ACL's owner entry, so the
+  // owner is judged alike either way.)
+  if ((st.stx_mode & S_IRWXG) == 0) return byMode();
+  *acl = true;
+  // struct posix_acl_xattr_header { le32 version (2) } then entries of
+  // { le16 tag, le16 perm, le32 id }, in the order the kernel keeps
+  // (posix_acl_valid): owner, named users, group, named groups, mask,
+  // others; the tags' values rise in that order.
+  constexpr uint16_t kUserObj = 1, kUser = 2, kGroupObj = 4, kGroup = 8, kMask = 0x10, kOther = 0x20;
+  struct Entry {
+    uint16_t tag, perm;
+    uint32_t id;
+  };
+  std::vector<Entry> e;
+  uint32_t version;
+  if (n < 4 || (n - 4) % 8 != 0) return Grant::kUnknown;
+  memcpy(&version, buf.data(), 4);
+  if (le32toh(version) != 2) return Grant::kUnknown;
+  for (ssize_t at = 4; at < n; at += 8) {
+    Entry x;
+    memcpy(&x.tag, &buf[at], 2);
+    memcpy(&x.perm, &buf[at + 2], 2);
+    memcpy(&x.id, &buf[at + 4], 4);
+    x.tag = le16toh(x.tag), x.perm = le16toh(x.perm), x.id = le32toh(x.id);
+    bool known = x.tag == kUserObj || x.tag == kUser || x.tag == kGroupObj || x.tag == kGroup || x.tag == kMask || x.tag == kOther;
+    if (!known || (!e.empty() && x.tag < e.back().tag) || (!e.empty() && x.tag == e.back().tag && x.tag != kUser && x.tag != kGroup)) return Grant::kUnknown;
+    e.push_back(x);
+  }
+  auto granted = [&](unsigned perm) { return (perm & want) == want ? Grant::kYes : Grant::kNo; };
+  auto masked = [&](size_t i) {
+    for (size_t m = i + 1; m < e.size(); m++)
+      if (e[m].tag == kMask) return granted(e[i].perm & e[m].perm);
+    return granted(e[i].perm);
+  };
+  bool found = false;
+  for (size_t i = 0; i < e.size(); i++) {
+    switch (e[i].tag) {
+      case kUserObj:
+        if (st.stx_uid == who.fsuid) return granted(e[i].perm);
+        break;
+      case kUser:
+        if (e[i].id == who.fsuid) return masked(i);
+        break;
+      case kGroupObj:
+      case kGroup:
+        if (InGroup(who, e[i].tag == kGroupObj ? st.stx_gid : e[i].id)) {
+          found = true;
+          if ((e[i].perm & want) == want) return masked(i);
+        }
+        break;
+      case kMask:
+        break;
+      case kOther:
+        return found ? Grant::kNo : granted(e[i].perm);
+    }
+  }
+  return Grant::kUnknown;
+}
+
+constexpr uint64_t kCap(int cap) { return uint64_t{1} << cap; }
+
+// Whether `who` may change directory `d` (our descriptor `fd` of it):
+// make, remove or rename an entry there (write and search, may_create),
+// or give itself that right (its owner; CAP_FOWNER), or pass the check
+// (CAP_DAC_OVERRIDE). `who` is the holder process's identity as the
+// image recorded it, not all its user may take: groups of /etc/group the
+// process dropped (newgrp, the user's other sessions) and its real and
+// saved ids are not counted (r415 F2: said in the README).
+Placeable MayChangeDirectory(const fsident& who, const struct statx& d, int fd) {
+  if (who.cap_eff & (kCap(CAP_DAC_OVERRIDE) | kCap(CAP_FOWNER))) return Placeable::kByRights;
+  if (d.stx_uid == who.fsuid) return Placeable::kByRights;
+  bool acl = false;
+  switch (GrantsAll(who, d, fd, 2 | 1, &acl)) {
+    case Grant::kYes:
+      return acl ? Placeable::kByAcl : Placeable::kByRights;
+    case Grant::kUnknown:
+      return Placeable::kAclUnread;
+    default:
+      return Placeable::kNo;
+  }
+}
+
+// Whether `who`'s user may have put the file or directory `file`
+// (statx'd) at the image's name `name` (absolute, walked already without
+// symlinks): a link made or a file or directory renamed into a directory
+// on the way they may change (its original name removed since, a link
+// has one link: r392 F6; a directory is renamed with no right on itself
+// where it stays in its parent: r415 F1), or a directory of the way
+// renamed into place. The directories are walked again one component at
+// a time from "/", each opened beneath the one before without following
+// anything, and the last must be the very file; anything else (".",
+// "..", a component gone or another file since) is no proof
+// (kNameMoved), with `changeable` where the walk was. The name's own
+// directory counts whatever it is; one further up, sticky and not
+// theirs (nor CAP_FOWNER's), does not: there they may rename only what
+// is theirs, and an entry of theirs is a directory they may change, met
+// next.
+Placeable MayHavePlaced(const fsident& who, const char* name, const struct statx& file, std::string* changeable) {
+  std::string path = name, walked;
+  std::vector<std::string> parts;
+  for (size_t at = 0; at < path.size();) {
+    size_t end = path.find('/', at);
+    if (end == std::string::npos) end = path.size();
+    if (end > at) parts.push_back(path.substr(at, end - at));
+    at = end + 1;
+  }
+  *changeable = "/";
+  if (parts.empty()) return Placeable::kNameMoved;
+  int dir = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (dir < 0) return Placeable::kNameMoved;
+  Placeable placed = Placeable::kNo;
+  for (size_t i = 0; i < parts.size() && placed == Placeable::kNo; i++) {
+    *changeable = walked.empty() ? "/" : walked;
+    struct statx d;
+    const unsigned need = STATX_TYPE | STATX_MODE | STATX_UID | STATX_GID;
+    if (parts[i] == "." || parts[i] == ".." || statx(dir, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, need, &d) != 0 || (d.stx_mask & need) != need ||
+        !S_ISDIR(d.stx_mode)) {
+      placed = Placeable::kNameMoved;
+      break;
+    }
+    bool own_directory = i + 1 == parts.size();
+    // Sticky: only the owner of an entry or of the directory renames it,
+    // or CAP_FOWNER (check_sticky).
+    bool sticky = (d.stx_mode & S_ISVTX) && d.stx_uid != who.fsuid && !(who.cap_eff & kCap(CAP_FOWNER));
+    if (own_directory || !sticky) placed = MayChangeDirectory(who, d, dir);
+    if (placed != Placeable::kNo) break;
+    int next = openat(dir, parts[i].c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    close(dir);
+    dir = next;
+    walked += "/" + parts[i];
+    if (dir < 0) placed = Placeable::kNameMoved;
+  }
+  if (dir >= 0) {
+    struct statx f;
+    if (placed == Placeable::kNo && (statx(dir, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_INO, &f) != 0 || f.stx_ino != file.stx_ino ||
+                                     f.stx_dev_major != file.stx_dev_major || f.stx_dev_minor != file.stx_dev_minor)) {
+      *changeable = walked;
+      placed = Placeable::kNameMoved;
+    }
+    close(dir);
+  }
+  return placed;
 }
 
 // In a retry as another identity than the holder's (fsident_strict):
@@ -388,33 +600,48 @@ int SameAsHeldStrictly(WatchCall* c) {
   // very inode, reached with no symlink: a root master's retry would
   // then watch a file of which the holder's user chose nothing but the
   // name, and its access and modify events (when /etc/shadow is read or
-  // written) would reach them. A directory cannot be hard-linked; a
-  // file of one name only was not linked; one of more is watched as
-  // another only where the holder owns it (it may give itself the right
-  // to read it) or may read it by its mode bits and the file has no
-  // access ACL (then the kernel's refusal of the holder came from a
-  // security module, whose domain is the engine's for every identity).
-  // An ACL is exactly what refuses a holder its mode bits let read
-  // (user:<holder>:---, or a group entry hidden behind the mask): there
-  // the mode proves nothing (r392 F1). nlink is a heuristic: a name the
-  // holder's user moved another's file to (rename within a directory
-  // they may write), or a link whose original name was removed since,
-  // has one link and is not caught (r392 F6). statx must have told what
-  // the rule reads: a filesystem that did not fill a field (a network
-  // one's getattr may clear what it did not fetch) leaves it 0, and an
-  // nlink of 0 would pass (r392 F5).
-  const unsigned rule_needs = STATX_TYPE | STATX_MODE | STATX_NLINK | STATX_UID | STATX_GID;
+  // written) would reach them. A file of one name only was not linked;
+  // one of more is watched as another only where the holder owns it (it
+  // may give itself the right to read it) or the kernel's generic check
+  // lets it read it, by its access ACL where it has one (GrantsAll: an
+  // ACL is exactly what refuses a holder its mode bits let read,
+  // user:<holder>:---, r392 F1), else by its mode bits (then the
+  // kernel's refusal of the holder came from a security module, whose
+  // domain is the engine's for every identity). A link count is not
+  // all: a file its user renamed to the name (from a directory they may
+  // write), or a link whose original name was removed since, has one
+  // link; so a file the holder is not shown to read is watched as
+  // another only where its user could not have put it there, no
+  // directory on the way theirs to change (MayHavePlaced, r392 F6). A
+  // directory cannot be hard-linked but can be renamed, and a rename
+  // within one parent asks no right on the directory moved: root's 0700
+  // one, renamed to the name in a directory its user may write, would
+  // have a root watch report the names made in it (r415 F1). So the
+  // same rule for directories, the link count aside. statx must have
+  // told what the rule reads: a filesystem that did not fill a field (a
+  // network one's getattr may clear what it did not fetch) leaves it 0,
+  // and an nlink of 0 would pass (r392 F5).
   bool dir = (a.stx_mask & STATX_TYPE) && S_ISDIR(a.stx_mode);
-  if (same && !dir && (a.stx_mask & rule_needs) != rule_needs) {
+  const unsigned rule_needs = STATX_TYPE | STATX_MODE | STATX_UID | STATX_GID | (dir ? 0 : STATX_NLINK);
+  c->dir = dir;
+  if (same && (a.stx_mask & rule_needs) != rule_needs) {
     same = false;
     c->unproven = Unproven::kNoStats;
-  } else if (same && !dir && a.stx_nlink > 1 && !(c->holder && a.stx_uid == c->holder->fsuid)) {
+  } else if (same && !(c->holder && a.stx_uid == c->holder->fsuid)) {
     bool by_mode = c->holder && ReadableByMode(*c->holder, a);
-    if (!by_mode || !HasNoAccessAcl(c->held)) {
-      same = false;
-      c->unproven = by_mode ? Unproven::kHardLinkAcl : Unproven::kHardLink;
+    bool acl = false;
+    if (!c->holder || GrantsAll(*c->holder, a, c->held, 4, &acl) != Grant::kYes) {
+      // Not shown to be the holder's to read: only a file of one link,
+      // or a directory, that its user could not have put at the name.
       c->nlink = a.stx_nlink;
       c->owner = a.stx_uid;
+      if (!c->holder || (!dir && a.stx_nlink > 1)) {
+        same = false;
+        c->unproven = by_mode ? Unproven::kHardLinkAcl : Unproven::kHardLink;
+      } else if ((c->placeable = MayHavePlaced(*c->holder, c->name, a, &c->changeable)) != Placeable::kNo) {
+        same = false;
+        c->unproven = Unproven::kPlaceable;
+      }
     }
   }
   close(mine);
@@ -443,6 +670,21 @@ int WatchOp(void* arg) {
   return wd < 0 ? -errno : wd;
 }
 
+// Where and why MayHavePlaced found the name one the holder's user may
+// have given, for the line: each cause worded as what was seen.
+std::string PlaceableWhy(const WatchCall& c) {
+  switch (c.placeable) {
+    case Placeable::kByAcl:
+      return "under " + c.changeable + ", a directory whose access ACL lets its user change it";
+    case Placeable::kAclUnread:
+      return "under " + c.changeable + ", a directory with an access ACL (or on a filesystem that could not show it has none) not shown to refuse its user a change";
+    case Placeable::kNameMoved:
+      return "and its name, walked again at " + c.changeable + ", did not lead to it (\".\" or \"..\", a component gone or another file since)";
+    default:
+      return "under " + c.changeable + ", a directory its user may change";
+  }
+}
+
 // inotifyAddWatchAs(fd, at, mask, who?, shown?) -> wd;
 // fanotifyMarkAs(fd, flags, mask: bigint, at, who?, shown?): a watch or
 // mark added to our descriptor of the process's instance or group, on
@@ -466,7 +708,7 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
   std::string shown = named ? shownArg.As<Napi::String>().Utf8Value() : "descriptor " + std::to_string(held);
   const fsident_list* ids = who.get();
   WatchCall c{info[0].As<Napi::Number>().Int32Value(), held, "/proc/self/fd/" + std::to_string(held), named ? shown.c_str() : nullptr, fanotify, 0, 0,
-              ids ? &ids->ids[0] : nullptr, appshot_test_knob("APPSHOT_TEST_MNT_ID"), Unproven::kNone, 0, 0};
+              ids ? &ids->ids[0] : nullptr, appshot_test_knob("APPSHOT_TEST_MNT_ID"), Unproven::kNone, 0, 0, "", Placeable::kNo, false};
   if (fanotify) {
     bool lossless = false;
     c.flags = info[1].As<Napi::Number>().Uint32Value();
@@ -490,8 +732,13 @@ Napi::Value Watch(const Napi::CallbackInfo& info, bool fanotify) {
     else if (refused && c.unproven == Unproven::kHardLinkAcl)
       why = "another identity reaches it, but it is a file of " + std::to_string(c.nlink) + " hard links, of uid " + std::to_string(c.owner) +
             ", which the holder does not own, and whose access ACL (or a filesystem that could not show it has none) may refuse the holder what its mode bits grant: a link its user may have made";
+    else if (refused && c.unproven == Unproven::kPlaceable)
+      why = "another identity reaches it, but it is " + std::string(c.dir ? "a directory" : "a file") + " of uid " + std::to_string(c.owner) +
+            ", which the holder is not shown to own or read, " + PlaceableWhy(c) + ": a name its user may have given it (" +
+            (c.dir ? "a directory renamed there" : "a file renamed there, or linked there and its first name removed") + ")";
     else if (refused && c.unproven == Unproven::kNoStats)
-      why = "another identity reaches it, but the filesystem did not tell its link count, owner and mode (statx), by which to show the holder's user did not link it";
+      why = c.dir ? "another identity reaches it, but the filesystem did not tell its owner and mode (statx), by which to show the holder's user did not put it there"
+                  : "another identity reaches it, but the filesystem did not tell its link count, owner and mode (statx), by which to show the holder's user did not link it";
     if (why.empty()) {
       appshot::ThrowErrno(env, what, -rc);
       return env.Undefined();

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -293,10 +294,12 @@ struct AllocateCall {
   int fd;
   const std::vector<std::pair<int64_t, int64_t>>* ranges;
   size_t done;
+  bool ran;  // the op ran: the identity was taken
 };
 
 int AllocateOp(void* arg) {
   auto* c = static_cast<AllocateCall*>(arg);
+  c->ran = true;
   for (; c->done < c->ranges->size(); c->done++) {
     const auto& r = (*c->ranges)[c->done];
     if (fallocate(c->fd, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(r.first), static_cast<off_t>(r.second))) return -errno;
@@ -310,6 +313,42 @@ bool HasEffective(int cap) {
   struct __user_cap_data_struct d[2];
   if (syscall(SYS_capget, &h, d) != 0) return true;  // unknown: taken as held, so it is dropped
   return (d[cap / 32].effective >> (cap % 32)) & 1;
+}
+
+// `op(arg)` on `fd` as its owner would run it, where the caller holds
+// CAP_SYS_RESOURCE or may take another's identity (CAP_SETUID and
+// CAP_SETGID: a privileged restorer): on a thread of its own
+// (fsident_run) whose fsuid and fsgid are the file's owner's, in no other
+// group, without any capability (a write or fallocate on a descriptor
+// open for writing needs none); an unprivileged caller has nothing to
+// drop and runs it itself (its own quota, its own reserve).
+//
+// Where it fails before `op` ran, `*why` says what failed: the file's
+// fstat, the owner's identity refused (fsident's take: setgroups,
+// setfsuid, setfsgid or capset refused; a user namespace that maps no
+// such uid or gid, or denies setgroups: fsident_run_told's `not_taken`),
+// or no thread to take it on (pthread_create: EAGAIN, at a thread or
+// memory limit).
+enum class NotRun { kFstat, kOwnerNotTaken, kNoThread };
+int AsOwnerIfPrivileged(int fd, int (*op)(void*), void* arg, NotRun* why) {
+  if (!HasEffective(CAP_SYS_RESOURCE) && !(HasEffective(CAP_SETUID) && HasEffective(CAP_SETGID))) return op(arg);
+  struct stat st;
+  if (fstat(fd, &st)) {
+    *why = NotRun::kFstat;
+    return -errno;
+  }
+  struct fsident owner = {static_cast<uint32_t>(st.st_uid), static_cast<uint32_t>(st.st_gid), 0, nullptr, 0};
+  struct fsident_list who = {&owner, 1};
+  int not_taken = 0;
+  int rc = fsident_run_told(&who, nullptr, op, arg, &not_taken);
+  *why = not_taken ? NotRun::kOwnerNotTaken : NotRun::kNoThread;
+  return rc;
+}
+
+// The words for a failure of AsOwnerIfPrivileged before `op` ran that is
+// not the owner's identity refused: `call`'s, then what failed.
+std::string NotRunWhat(const char* call, NotRun why) {
+  return std::string(call) + (why == NotRun::kFstat ? ": fstat of the file" : ": a thread to take the file's owner's identity on");
 }
 
 // fallocateKeepSize(fd, ranges): blocks allocated without moving the
@@ -350,22 +389,156 @@ Napi::Value FallocateKeepSize(const Napi::CallbackInfo& info) {
     }
     ranges.emplace_back(offset, length);
   }
-  AllocateCall c{Int(info[0]), &ranges, 0};
-  int rc;
-  if (HasEffective(CAP_SYS_RESOURCE) || (HasEffective(CAP_SETUID) && HasEffective(CAP_SETGID))) {
-    struct stat st;
-    if (fstat(c.fd, &st)) {
-      ThrowErrno(env, "fstat", errno);
-      return env.Undefined();
-    }
-    struct fsident owner = {static_cast<uint32_t>(st.st_uid), static_cast<uint32_t>(st.st_gid), 0, nullptr, 0};
-    struct fsident_list who = {&owner, 1};
-    rc = fsident_run(&who, nullptr, AllocateOp, &c);
-  } else {
-    rc = AllocateOp(&c);
+  AllocateCall c{Int(info[0]), &ranges, 0, false};
+  NotRun why = NotRun::kNoThread;
+  int rc = AsOwnerIfPrivileged(c.fd, AllocateOp, &c, &why);
+  // The owner's identity could not be taken (a user namespace that maps
+  // no such uid or gid, or refuses setgroups): not the kernel's answer to
+  // the allocation, told apart (`ownerNotTaken`) for the caller to leave
+  // the blocks unallocated rather than allocate them as itself: they are
+  // a claim of the image's past the data, made only as the application
+  // made it (the data, which must be there, is written as the restorer
+  // without capabilities instead: copyPagesAsOwner). No thread to take it
+  // on (EAGAIN), or the file's fstat failed, is no such thing: an error
+  // of its own.
+  if (rc < 0 && !c.ran && why != NotRun::kOwnerNotTaken) {
+    ThrowErrno(env, NotRunWhat("fallocate", why), -rc);
+    return env.Undefined();
+  }
+  if (rc < 0 && !c.ran) {
+    Napi::Error e = Napi::Error::New(env, std::string("fallocate: the file's owner's identity cannot be taken here: ") + strerror(-rc));
+    e.Set("code", Napi::String::New(env, strerrorname_np(-rc)));
+    e.Set("ownerNotTaken", Napi::Boolean::New(env, true));
+    e.ThrowAsJavaScriptException();
+    return env.Undefined();
   }
   if (rc < 0) ThrowErrno(env, "fallocate", -rc);
   return env.Undefined();
+}
+
+// One copyPagesAsOwner: the whole copy on fsident_run's one thread.
+struct CopyCall {
+  int fd;
+  int pages;
+  int64_t offset;                                      // where the data starts in `pages`
+  const std::vector<std::pair<int64_t, int64_t>>* runs;  // (position in `fd`, bytes), in order
+  bool ran;
+  bool ended_early;  // `pages` ended before the runs' bytes
+  bool reading;      // the error was the read's
+};
+
+int CopyOp(void* arg) {
+  auto* c = static_cast<CopyCall*>(arg);
+  c->ran = true;
+  std::vector<char> buf(size_t{1} << 20);
+  int64_t at = c->offset;
+  for (const auto& r : *c->runs) {
+    int64_t pos = r.first;
+    for (int64_t left = r.second; left > 0;) {
+      ssize_t got = pread(c->pages, buf.data(), static_cast<size_t>(std::min<int64_t>(left, static_cast<int64_t>(buf.size()))), static_cast<off_t>(at));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        c->reading = true;
+        c->ended_early = got == 0;
+        return got == 0 ? -EIO : -errno;
+      }
+      for (ssize_t done = 0; done < got;) {
+        ssize_t n = pwrite(c->fd, buf.data() + done, static_cast<size_t>(got - done), static_cast<off_t>(pos + done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return -errno;
+        if (n == 0) return -EIO;
+        done += n;
+      }
+      at += got;
+      pos += got;
+      left -= got;
+    }
+  }
+  return 0;
+}
+
+// copyPagesAsOwner(fd, pagesFd, offset, runs) -> true, or false where
+// written as the caller: the image's page data from `offset` of
+// `pagesFd` written into `fd`, run after run (`runs`: [page, count, ...]
+// as a PageRef's, the data of one run after the other's), all of it, as
+// fallocateKeepSize allocates: where the caller is privileged, on one
+// thread whose fsuid and fsgid are the file's owner's, without any
+// capability, so that the owner's quota and ext4's root reserve hold as
+// they held the application (a root restorer's write passes both:
+// review r393, a deleted file's data). One thread for the whole file,
+// whatever its runs (one per extent of a sparse file; an image chooses
+// how many): ~0.1 ms a thread (r415 F4). Where the owner's identity
+// cannot be taken (a user namespace: NotRun::kOwnerNotTaken), as the
+// caller's own ids, still without any capability (outside the initial
+// user namespace CAP_SYS_RESOURCE is none of the kernel's quota checks
+// anyway): false.
+// The data must be there, as it was; the blocks past it are a claim that
+// fallocateKeepSize leaves unmade there instead. Throws errno's code
+// (EDQUOT, ENOSPC); `endedEarly` where `pagesFd` ends before the runs do;
+// `ownerNotTaken` where the fallback's write failed.
+Napi::Value CopyPagesAsOwner(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber() || !info[1].IsNumber() || !info[2].IsNumber() || !info[3].IsArray()) {
+    Napi::TypeError::New(env, "copyPagesAsOwner(fd, pagesFd, offset, runs)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  constexpr double kMax = 9007199254740992.0;  // 2^53: exact, and far below off_t's end
+  double offset = info[2].As<Napi::Number>().DoubleValue();
+  auto list = info[3].As<Napi::Array>();
+  bool ok = offset >= 0 && offset < kMax && offset == std::floor(offset) && list.Length() % 2 == 0;
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  double total = 0;
+  for (uint32_t i = 0; ok && i < list.Length(); i += 2) {
+    Napi::Value page = list[i], count = list[i + 1];
+    ok = page.IsNumber() && count.IsNumber();
+    if (!ok) break;
+    double p = page.As<Napi::Number>().DoubleValue(), n = count.As<Napi::Number>().DoubleValue();
+    ok = p >= 0 && n >= 0 && p == std::floor(p) && n == std::floor(n) && (p + n) * 4096 < kMax;
+    total += n * 4096;
+    ok = ok && offset + total < kMax;
+    if (ok) runs.emplace_back(static_cast<int64_t>(p) * 4096, static_cast<int64_t>(n) * 4096);
+  }
+  if (!ok) {
+    ThrowErrno(env, "copyPagesAsOwner", EINVAL);
+    return env.Undefined();
+  }
+  CopyCall c{Int(info[0]), Int(info[1]), static_cast<int64_t>(offset), &runs, false, false, false};
+  NotRun why = NotRun::kNoThread;
+  int rc = AsOwnerIfPrivileged(c.fd, CopyOp, &c, &why);
+  bool asOwner = true;
+  if (rc < 0 && !c.ran && why != NotRun::kOwnerNotTaken) {
+    ThrowErrno(env, NotRunWhat("copyPagesAsOwner", why), -rc);
+    return env.Undefined();
+  }
+  if (rc < 0 && !c.ran) {
+    // As itself, without any capability: its own groups, taken as they are.
+    asOwner = false;
+    std::vector<uint32_t> groups(static_cast<size_t>(std::max<long>(0, syscall(SYS_getgroups, 0, nullptr))));
+    long n = groups.empty() ? 0 : syscall(SYS_getgroups, groups.size(), groups.data());
+    if (n < 0) {
+      ThrowErrno(env, "getgroups", errno);
+      return env.Undefined();
+    }
+    struct fsident self = {static_cast<uint32_t>(syscall(SYS_setfsuid, -1)), static_cast<uint32_t>(syscall(SYS_setfsgid, -1)), static_cast<uint32_t>(n), groups.data(), 0};
+    struct fsident_list who = {&self, 1};
+    int not_taken = 0;
+    rc = fsident_run_told(&who, nullptr, CopyOp, &c, &not_taken);
+    if (rc < 0 && !c.ran) {
+      ThrowErrno(env, not_taken ? "copyPagesAsOwner: the restorer's own ids without capabilities cannot be taken here" : "copyPagesAsOwner: a thread without capabilities", -rc);
+      return env.Undefined();
+    }
+  }
+  if (rc < 0) {
+    std::string what = c.reading ? "read of the image's page data" : asOwner ? "pwrite" : "pwrite as the restorer's ids without capabilities (the file's owner's identity cannot be taken here)";
+    Napi::Error e = Napi::Error::New(env, what + ": " + (c.ended_early ? std::string("it ends early") : std::string(strerror(-rc))));
+    e.Set("code", Napi::String::New(env, strerrorname_np(-rc)));
+    e.Set("errno", Napi::Number::New(env, -rc));
+    if (c.ended_early) e.Set("endedEarly", Napi::Boolean::New(env, true));
+    if (!asOwner) e.Set("ownerNotTaken", Napi::Boolean::New(env, true));
+    e.ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, asOwner);
 }
 
 // futimensNs(fd, atimeNs, mtimeNs): a file's access and modification times
@@ -2099,6 +2272,7 @@ void RegisterRestore(Napi::Env env, Napi::Object exports) {
   fn("setStatusFlags", SetStatusFlags);
   fn("ioctl", Ioctl);
   fn("fallocateKeepSize", FallocateKeepSize);
+  fn("copyPagesAsOwner", CopyPagesAsOwner);
   fn("futimensNs", FutimensNs);
   fn("mkfifo", MkFifo);
   fn("fileHandlePath", FileHandlePath);

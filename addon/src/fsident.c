@@ -361,16 +361,21 @@ static int run_as(const struct fsident* who, const char* dir, int (*op)(void*), 
 }
 
 int fsident_run(const struct fsident_list* who, const char* dir, int (*op)(void*), void* arg) {
-  int not_taken = 0;
-  if (!who || who->n == 0) return run_as(NULL, dir, op, arg, 0, &not_taken);
+  int not_taken;
+  return fsident_run_told(who, dir, op, arg, &not_taken);
+}
+
+int fsident_run_told(const struct fsident_list* who, const char* dir, int (*op)(void*), void* arg, int* not_taken) {
+  *not_taken = 0;
+  if (!who || who->n == 0) return run_as(NULL, dir, op, arg, 0, not_taken);
   if (who->n > FSIDENT_MAX_IDENTITIES) return -EINVAL;
   int first = 0;
   for (uint32_t i = 0; i < who->n; i++) {
     /* Every identity after the holder's resolves names strictly. */
-    int rc = run_as(&who->ids[i], dir, op, arg, i > 0, &not_taken);
+    int rc = run_as(&who->ids[i], dir, op, arg, i > 0, not_taken);
     /* Credentials that cannot be taken exactly are no answer of the
      * kernel's to the operation: given up, not tried as another. */
-    if (not_taken) return rc;
+    if (*not_taken) return rc;
     if (rc != -EACCES && rc != -EPERM) return rc;
     if (!first) first = rc;
   }

@@ -42,6 +42,12 @@ struct fsident_list {
  * if credentials cannot be taken exactly. */
 int fsident_run(const struct fsident_list* who, const char* dir, int (*op)(void*), void* arg);
 
+/* fsident_run, and `*not_taken` 1 where it gave up because a thread's
+ * credentials (or its working directory of its own) could not be taken
+ * exactly, before `op` ran: told apart from a thread that could not be
+ * made and from what `op` returned, which leave it 0. */
+int fsident_run_told(const struct fsident_list* who, const char* dir, int (*op)(void*), void* arg, int* not_taken);
+
 /* For operations run by fsident_run. open(2), or -errno, never through a
  * /proc magic link (openat2 RESOLVE_NO_MAGICLINKS: /proc/PID/fd/N, cwd,
  * root, exe...; one met is -ELOOP); in a retry as another identity than

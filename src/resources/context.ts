@@ -513,6 +513,25 @@ export class RestoreContext {
     }
   }
 
+  /** copyPages as the file's owner would write (the addon's
+   * copyPagesAsOwner: its quota and ext4's root reserve hold), the whole
+   * copy on one thread of the owner's identity, however many runs: true;
+   * false where the owner cannot be taken here and the restorer's ids
+   * without capabilities wrote it. */
+  copyPagesAsOwner(fd: number, ref: { offset: bigint; runs: number[] } | undefined): boolean {
+    if (!ref) return true;
+    const at = Number(ref.offset);
+    let total = 0;
+    for (let i = 1; i < ref.runs.length; i += 2) total += ref.runs[i] * 4096;
+    waitPagesChecked(this.pagesCheck, at, total);
+    try {
+      return addon().copyPagesAsOwner(fd, this.pagesFd, at, ref.runs);
+    } catch (e) {
+      if ((e as { endedEarly?: boolean }).endedEarly) throw new AppshotError('corrupt image: page data ends early');
+      throw e;
+    }
+  }
+
   /** The application's log, for what wrote to a terminal or to a reader
    * that stayed behind. */
   log(): number {

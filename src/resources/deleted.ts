@@ -297,15 +297,17 @@ export function openDeletedFile(h: RestoreContext, fd: Fd): number {
 
 /** Our read-write descriptor for deleted file `index` of the image, made
  * once for the whole restore: a memfd again, or a file made beside where
- * it was (or in /tmp) and deleted again; filled, then cut to its exact
- * size, given its mode, then (a memfd) its seals. */
+ * it was (or in /tmp) and deleted again; given its owner, filled (as
+ * that owner: fillAsOwner), then cut to its exact size, given its mode,
+ * then (a memfd) its seals. */
 export function deletedFileAnchor(h: RestoreContext, index: number): number {
   return h.once(`deleted file ${index}`, () => {
     const id = h.image.files[index];
     const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
-    h.copyPages(f, id.contents);
+    const exactOwner = giveOwner(h, f, id, index);
+    fillAsOwner(h, f, id, index);
     ftruncateSync(f, Number(id.size));
-    giveOwnerAllocateAndMode(h, f, id, index);
+    allocateAndMode(h, f, id, index, exactOwner);
     sealMemfd(h, f, id.seals, mappedSharedWritable(h, id));
     giveTimesAtTheEnd(h, f, id, index);
     return f;
@@ -324,9 +326,10 @@ export function deletedExecutable(h: RestoreContext, index: number): number {
     const id = h.image.files[index];
     const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
     try {
-      h.copyPages(f, id.contents);
+      const exactOwner = giveOwner(h, f, id, index);
+      fillAsOwner(h, f, id, index);
       ftruncateSync(f, Number(id.size));
-      giveOwnerAllocateAndMode(h, f, id, index);
+      allocateAndMode(h, f, id, index, exactOwner);
       const exe = h.keep(openSync(`/proc/self/fd/${f}`, fs.O_RDONLY | O_CLOEXEC));
       giveTimesAtTheEnd(h, exe, id, index);
       return exe;
@@ -352,7 +355,7 @@ const MEMORY_FILE_SYSTEMS = new Set([0x01021994n, 0x858458f6n]);
  * never the room kept for root; Node's statfs gives f_bsize where the
  * count is in f_frsize units, the same on every disk file system that
  * has FIEMAP). They are allocated as the file's owner, given before
- * (giveOwnerAllocateAndMode), without CAP_SYS_RESOURCE (the addon's
+ * (giveOwner), without CAP_SYS_RESOURCE (the addon's
  * fallocateKeepSize): the owner's quota holds them back as it held the
  * application (EDQUOT: the restore fails, naming the file), a root
  * restore too (review r393: root passed quotas, and a few KB of image
@@ -374,6 +377,14 @@ function allocateAsRecorded(h: RestoreContext, f: number, id: FileIdentity, inde
   try {
     addon().fallocateKeepSize(f, ranges);
   } catch (e) {
+    // An owner whose identity cannot be taken here (root in a user
+    // namespace that maps no such uid or gid, or refuses setgroups): the
+    // blocks are a claim of the image's, left unallocated, as where the
+    // file system has no fallocate; never allocated as the restorer.
+    if ((e as { ownerNotTaken?: boolean }).ownerNotTaken) {
+      h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (its owner's identity cannot be taken here: ${(e as NodeJS.ErrnoException).code})`);
+      return;
+    }
     if ((e as NodeJS.ErrnoException).code !== 'EOPNOTSUPP') throw new AppshotError(`${what}: allocating its ${total} bytes past its data again: ${(e as Error).message}`);
     h.notKept.push(`${what}: ${total} bytes allocated past its data, not allocated again (its file system here has no fallocate)`);
   }
@@ -504,7 +515,7 @@ const O_PATH = 0o10000000;
  * may not give, left the restorer's and said so (giveOwner's `orKeep`);
  * its mode only once every process is as it will run (every holder has
  * entered or opened it): a mode without search permission (0) would
- * make the process's own fchdir fail. Set-id bits as giveOwnerAllocateAndMode
+ * make the process's own fchdir fail. Set-id bits as allocateAndMode
  * gives them. (It came back 0700 and the restorer's, and a worker of
  * another uid could no longer use ".": issue 12, review r294.) An older
  * image, without `index`, keeps it 0700 and the restorer's. */
@@ -519,26 +530,48 @@ function removedDirectoryStandIn(h: RestoreContext, index: number | undefined, s
   return f;
 }
 
-/** Gives `f`, deleted file `index` of the image made again, the owner
- * (giveOwner), its blocks past its data (allocateAsRecorded) and the mode
- * it had. Set-id bits only on the owner the
- * image recorded, given exactly: on a stand-in they would make the file
- * run as someone it never ran as (the fuzzing had a nobody image's file
- * come back root's and set-user-ID). (An image without the owner, an
- * older one's, has them only from this node's own snapshot.) */
-function giveOwnerAllocateAndMode(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
-  const exactOwner = giveOwner(h, f, id, index);
-  // Between: the blocks are the owner's from the start, allocated as the
-  // owner (allocateAsRecorded), never moved to them by a chown of the
-  // restorer's, which passes quotas as root; before the mode, which a
-  // write (fallocate's too) would strip of its set-id bits.
+/** Gives `f`, deleted file `index` of the image made again and given its
+ * owner (giveOwner: `exactOwner`) and data (fillAsOwner), its blocks past
+ * its data (allocateAsRecorded) and the mode it had. Set-id bits only on
+ * the owner the image recorded, given exactly: on a stand-in they would
+ * make the file run as someone it never ran as (the fuzzing had a nobody
+ * image's file come back root's and set-user-ID). (An image without the
+ * owner, an older one's, has them only from this node's own snapshot.)
+ * The blocks are the owner's from the start, allocated as the owner,
+ * never moved to them by a chown of the restorer's, which passes quotas
+ * as root; the mode last, as a write (fallocate's too) would strip it of
+ * its set-id bits. */
+function allocateAndMode(h: RestoreContext, f: number, id: FileIdentity, index: number, exactOwner: boolean): void {
   allocateAsRecorded(h, f, id, index);
   fchmodSync(f, modeToGive(h, id, exactOwner));
 }
 
+/** Deleted file `id`'s saved data written into `f`, which has its owner
+ * already (giveOwner), as that owner would write it (the context's
+ * copyPagesAsOwner: without CAP_SYS_RESOURCE, on one thread of the
+ * owner's fsuid and fsgid for the whole file where the restorer is
+ * privileged): its quota and ext4's root reserve hold as they held the
+ * application, a root restore too (review r393: a root restorer's own
+ * write passed both, for as many bytes as the image carries, and a chown
+ * after it moves the blocks to the owner passing its quota as well).
+ * Where the owner cannot be taken here (a user namespace), as the
+ * restorer's ids without capabilities: the data must be there. A memfd
+ * is written as the restorer: its file system (shmem's internal mount)
+ * keeps no quota nor reserve. */
+function fillAsOwner(h: RestoreContext, f: number, id: FileIdentity, index: number): void {
+  if (id.path.startsWith(MEMFD_PREFIX)) return h.copyPages(f, id.contents);
+  try {
+    h.copyPagesAsOwner(f, id.contents);
+  } catch (e) {
+    if (e instanceof AppshotError) throw e;
+    const as = (e as { ownerNotTaken?: boolean }).ownerNotTaken ? "as the restorer without capabilities (its owner's identity cannot be taken here)" : 'as its owner';
+    throw new AppshotError(`deleted file ${index} (${id.path}): writing its saved data again ${as}: ${(e as Error).message}`);
+  }
+}
+
 /** The mode `id` had, with its set-id bits where its owner was given
  * exactly (`exactOwner`: giveOwner) and the image recorded it or is
- * this node's own (giveOwnerAllocateAndMode). */
+ * this node's own (allocateAndMode). */
 function modeToGive(h: RestoreContext, id: FileIdentity, exactOwner: boolean): number {
   const setId = exactOwner && (id.uid !== undefined || isOwnSnapshot(h.image));
   return id.mode & (setId ? 0o7777 : 0o1777);
