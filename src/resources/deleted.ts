@@ -9,7 +9,7 @@
  * is the same object in the mapping (see sharedMemoryFd in memory.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { type BigIntStats, closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, statfsSync, unlinkSync } from 'node:fs';
+import { type BigIntStats, closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, readlinkSync, statfsSync, unlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type FileIdentity, type Process } from '../image/types.js';
@@ -312,28 +312,77 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
   });
 }
 
+/** A deleted executable made again (deletedExecutable): our read-only
+ * descriptor, the name /proc shows for it (its link's text, " (deleted)"
+ * and all), and, where that is not the name it had, why. */
+export interface RemadeExecutable {
+  fd: number;
+  shown: string;
+  otherName?: string;
+}
+
 /** Our read-only descriptor (the restore's, closed at its end: never the
  * caller's to close) of deleted file `index` made again as a process's
  * executable: a copy made once for every process that ran it, filled and
  * given its owner and mode, whose writable descriptor is closed before it
  * is handed over, as PR_SET_MM_MAP's exe_fd must be a file nobody may
- * write (ETXTBSY, as for execve). A descriptor or shared mapping of the
+ * write (ETXTBSY, as for execve). Made at its own name where that is
+ * free (madeAtItsName), so /proc/PID/exe reads what it read; elsewhere
+ * beside it, with the reason. A descriptor or shared mapping of the
  * same deleted file gets deletedFileAnchor's file, another inode. */
-export function deletedExecutable(h: RestoreContext, index: number): number {
+export function deletedExecutable(h: RestoreContext, index: number): RemadeExecutable {
   return h.once(`deleted executable ${index}`, () => {
     const id = h.image.files[index];
-    const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
+    const made = id.path.startsWith(MEMFD_PREFIX) ? { f: makeMemfd(h, id) } : madeAtItsName(h, id, index);
+    const f = made.f;
     try {
       h.copyPages(f, id.contents);
       ftruncateSync(f, Number(id.size));
       giveOwnerAllocateAndMode(h, f, id, index);
       const exe = h.keep(openSync(`/proc/self/fd/${f}`, fs.O_RDONLY | O_CLOEXEC));
       giveTimesAtTheEnd(h, exe, id, index);
-      return exe;
+      const shown = readlinkSync(`/proc/self/fd/${exe}`);
+      return { fd: exe, shown, ...(made.otherName ? { otherName: made.otherName } : {}) };
     } finally {
       h.release([f]);
     }
   });
+}
+
+/**
+ * Deleted file `index` (an executable) made again at its own name, then
+ * removed from it at once, as the program's was: the kernel keeps the
+ * name a file was removed from, so /proc/PID/exe (and fd/N) read
+ * "NAME (deleted)" as they did, which a restore made elsewhere cannot
+ * give (the name /proc shows is the one the file had in its directory
+ * when it was removed). Made as its first holder would make it
+ * (fsident.ts: nowhere it could not write, O_EXCL: never over a file
+ * there nor through a link). For that instant the name has a file, empty
+ * and mode 0600, the holder's. Where the name is another file's (a
+ * package upgrade renamed the new version over it) or cannot be made,
+ * the copy is made beside it (makeUnlinked) and `otherName` says why.
+ */
+function madeAtItsName(h: RestoreContext, id: FileIdentity, index: number): { f: number; otherName?: string } {
+  const holds = (p: Process) => p.exeFile === index || p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index);
+  let f: number;
+  try {
+    f = addon().openAs(id.path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600, firstHolderIdentities(h.image, holds));
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    return { f: makeUnlinked(h, id, index), otherName: code === 'EEXIST' ? 'another file is at its name now' : `its name could not be made again (${code ?? (e as Error).message})` };
+  }
+  try {
+    // Removed only if the name is still our file: a file put there
+    // meanwhile (by one who may write the directory) is not ours to remove.
+    const ours = fstatSync(f, { bigint: true });
+    const there = lstatSync(id.path, { bigint: true, throwIfNoEntry: false });
+    if (!there || there.dev !== ours.dev || there.ino !== ours.ino) throw new AppshotError(`the copy of deleted executable ${index} made at ${id.path} was moved or replaced as it was made`);
+    unlinkSync(id.path);
+  } catch (e) {
+    closeSync(f);
+    throw e;
+  }
+  return { f: h.keep(f) };
 }
 
 /** statfs f_type of the file systems whose blocks are memory (tmpfs,
