@@ -8,11 +8,12 @@
  * at its name, and its /proc/PID/exe names what it named where the name
  * is free; where another file holds it, the restore says so.
  */
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { cli, fixture, NOBODY, Sandbox, TEST_PORTS, waitFor } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 const sb = new Sandbox();
@@ -94,5 +95,49 @@ describe.each(['deleted', 'replaced'] as const)('an executable %s under a runnin
     await sb.exercised(original, 'to run its code');
     await stopped(copy);
     await stopped(original);
+  });
+});
+
+// PR_SET_MM_MAP's exe_fd needs CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN),
+// never CAP_SYS_RESOURCE: an ordinary user's restore cannot set it, and
+// says so, rather than restore the process silently with another.
+describe('an executable deleted under a process of an ordinary user, restored by that user', () => {
+  const asRoot = process.getuid!() === 0;
+  const home = mkdtempSync(join(tmpdir(), 'appshot-exedeleted-user-'));
+  dirs.push(home);
+  if (asRoot) chownSync(home, NOBODY, NOBODY);
+  chmodSync(home, 0o755);
+  const appshot = (...args: string[]) => {
+    const env = { ...process.env, CI: '', APPSHOT_HOME: join(home, 'state'), APPSHOT_PORTS: TEST_PORTS };
+    const argv = [process.execPath, cli, ...args];
+    const r = asRoot
+      ? spawnSync('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--inh-caps=-all', '--bounding-set=-all', ...argv], { env, encoding: 'utf8', cwd: home })
+      : spawnSync(argv[0], argv.slice(1), { env, encoding: 'utf8', cwd: home });
+    expect(r.status, r.stderr).toBe(0);
+    return r.stdout;
+  };
+  const log = () => {
+    try {
+      return readFileSync(join(home, 'state', 'apps', 'mine', 'log'), 'utf8');
+    } catch {
+      return '';
+    }
+  };
+  const checks = () => (log().match(/^CHECK \d+$/gm) ?? []).length;
+  afterAll(async () => {
+    spawnSync('setpriv', [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', process.execPath, cli, 'stop', 'mine', '-s', 'KILL'], { env: { ...process.env, APPSHOT_HOME: join(home, 'state') } });
+  });
+
+  it("keeps appshot's seed as its executable, and the restore says why", async () => {
+    appshot('run', '-d', '--aid', 'mine', '--', fixture('exedeleted'), home, 'deleted');
+    await waitFor(() => checks() >= 3 || /FAIL/.test(log()), 30_000, 'the app to check itself');
+    expect(log()).not.toMatch(/FAIL/);
+    appshot('snapshot', 'mine', '-o', join(home, 'img'));
+    const said = (JSON.parse(appshot('restore', join(home, 'img'), '--json')) as { notKept: string[] }).notKept.join('\n');
+    expect(said).toMatch(new RegExp(`^process \\d+ \\(server\\): its executable ${home}/server \\(deleted\\), made again from its bytes, could not be set \\(restoring the mm fields \\(PR_SET_MM_MAP\\): EPERM\\): /proc/PID/exe names appshot's seed$`, 'm'));
+    // As said: the fixture sees the seed's name where its own was.
+    await waitFor(() => /FAIL/.test(log()), 30_000, 'the restored app to check its executable');
+    expect(log()).toMatch(/^FAIL: exe is '.*', not '.*\/server \(deleted\)'/m);
+    expect(existsSync(join(home, 'server'))).toBe(false);
   });
 });
