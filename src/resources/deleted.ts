@@ -373,11 +373,13 @@ function madeAtItsName(h: RestoreContext, id: FileIdentity, index: number): { f:
   }
   try {
     // Removed only if the name is still our file: a file put there
-    // meanwhile (by one who may write the directory) is not ours to remove.
+    // meanwhile (by one who may write the directory) is not ours to
+    // remove. Ours removed already by another is as good (its name is
+    // kept); ours moved elsewhere is not.
     const ours = fstatSync(f, { bigint: true });
     const there = lstatSync(id.path, { bigint: true, throwIfNoEntry: false });
-    if (!there || there.dev !== ours.dev || there.ino !== ours.ino) throw new AppshotError(`the copy of deleted executable ${index} made at ${id.path} was moved or replaced as it was made`);
-    unlinkSync(id.path);
+    if (there && there.dev === ours.dev && there.ino === ours.ino) unlinkSync(id.path);
+    else if (fstatSync(f, { bigint: true }).nlink !== 0n) throw new AppshotError(`the copy of deleted executable ${index} made at ${id.path} was moved as it was made`);
   } catch (e) {
     closeSync(f);
     throw e;
