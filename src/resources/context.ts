@@ -568,6 +568,13 @@ export class RestoreContext {
    * socket file there removed by the next command. */
   recordSocketFileMade?: (dir: string, name: string, who: FsIdentities | undefined) => void;
 
+  /** Told, before it is made, the name a deleted executable's copy is
+   * made at for an instant (deleted.ts madeAtItsName: the program's own
+   * name), with the identities it is made as: written into the
+   * registration, so that a restore killed in that instant has the empty
+   * file it left there removed by the next command (review r413 F2). */
+  recordExecutableNameMade?: (dir: string, name: string, who: FsIdentities | undefined) => void;
+
   /** The restore failed: what it made in the system is removed. */
   undo(): void {
     for (const undo of this.undoing.splice(0).reverse())
