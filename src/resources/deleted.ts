@@ -10,11 +10,11 @@
  */
 import { uniqueTag } from '../holder.js';
 import { type BigIntStats, closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, readlinkSync, statfsSync, unlinkSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type FileIdentity, type Process } from '../image/types.js';
 import { isOwnSnapshot } from '../image/format.js';
-import { strangeOwner } from './creds.js';
+import { ownCreds, strangeOwner } from './creds.js';
 import { addon } from '../native.js';
 import type { DumpContext, RestoreContext } from './context.js';
 import { firstHolderIdentities, refusal } from './fsident.js';
@@ -333,7 +333,7 @@ export interface RemadeExecutable {
 export function deletedExecutable(h: RestoreContext, index: number): RemadeExecutable {
   return h.once(`deleted executable ${index}`, () => {
     const id = h.image.files[index];
-    const made = id.path.startsWith(MEMFD_PREFIX) ? { f: makeMemfd(h, id) } : madeAtItsName(h, id, index);
+    const made = id.path.startsWith(MEMFD_PREFIX) ? { f: makeMemfd(h, id) } : mayRestorerSetExecutable() ? madeAtItsName(h, id, index) : { f: makeUnlinked(h, id, index) };
     const f = made.f;
     try {
       h.copyPages(f, id.contents);
@@ -355,37 +355,67 @@ export function deletedExecutable(h: RestoreContext, index: number): RemadeExecu
  * name a file was removed from, so /proc/PID/exe (and fd/N) read
  * "NAME (deleted)" as they did, which a restore made elsewhere cannot
  * give (the name /proc shows is the one the file had in its directory
- * when it was removed). Made as its first holder would make it
- * (fsident.ts: nowhere it could not write, O_EXCL: never over a file
- * there nor through a link). For that instant the name has a file, empty
- * and mode 0600, the holder's. Where the name is another file's (a
- * package upgrade renamed the new version over it) or cannot be made,
- * the copy is made beside it (makeUnlinked) and `otherName` says why.
+ * when it was removed).
+ *
+ * The path is the image's, its directories the application's user's, and
+ * the restorer may be root (review r413 F1: root looking the path up again
+ * to check and remove its file could be sent, by a directory swapped for
+ * a symlink, to remove a file of that name anywhere). So it is all one
+ * native operation (exename.c), done as the file's first holder (fsident):
+ * the directory opened once, the file made in it (O_EXCL|O_NOFOLLOW: never
+ * over a file there nor through a link), checked by its inode and removed
+ * through that same directory descriptor, and found to have no name left
+ * (F4). What it makes or removes is what the application's own process
+ * could, whatever the restorer may. Inside that one directory, one who may
+ * write it can still rename a file over the name between the check and the
+ * removal (no conditional unlink exists), which is then removed instead.
+ *
+ * For that instant the name has a file, empty, mode 0600, the holder's:
+ * written into the registration before it is made, so that a restore
+ * killed then has it removed by the next command (F2). Where it cannot be
+ * done (another file at the name: a package upgrade's new version, or
+ * another restore's copy in its own instant; ours moved or linked as it
+ * was made; the directory refused or gone), the copy is made beside it
+ * (makeUnlinked) and `otherName` says why: the restore goes on (F3).
  */
 function madeAtItsName(h: RestoreContext, id: FileIdentity, index: number): { f: number; otherName?: string } {
   const holds = (p: Process) => p.exeFile === index || p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index);
-  let f: number;
+  const who = firstHolderIdentities(h.image, holds);
+  const dir = dirname(id.path);
+  const name = basename(id.path);
+  h.recordExecutableNameMade?.(dir, name, who);
   try {
-    f = addon().openAs(id.path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600, firstHolderIdentities(h.image, holds));
+    return { f: h.keep(addon().executableNameMake(dir, name, who)) };
   } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    return { f: makeUnlinked(h, id, index), otherName: code === 'EEXIST' ? 'another file is at its name now' : `its name could not be made again (${code ?? (e as Error).message})` };
+    return { f: makeUnlinked(h, id, index), otherName: whyNotAtItsName(e) };
   }
-  try {
-    // Removed only if the name is still our file: a file put there
-    // meanwhile (by one who may write the directory) is not ours to
-    // remove. Ours removed already by another is as good (its name is
-    // kept); ours moved elsewhere is not.
-    const ours = fstatSync(f, { bigint: true });
-    const there = lstatSync(id.path, { bigint: true, throwIfNoEntry: false });
-    if (there && there.dev === ours.dev && there.ino === ours.ino) unlinkSync(id.path);
-    else if (fstatSync(f, { bigint: true }).nlink !== 0n) throw new AppshotError(`the copy of deleted executable ${index} made at ${id.path} was moved as it was made`);
-  } catch (e) {
-    closeSync(f);
-    throw e;
-  }
-  return { f: h.keep(f) };
 }
+
+/** Why madeAtItsName made the copy beside its name, from the error of
+ * executableNameMake. */
+function whyNotAtItsName(e: unknown): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  // Not "another file is at its name now" (review r413 F5): it may have
+  // been another restore's copy, gone a moment later.
+  if (code === 'EEXIST') return 'another file was at its name when the copy was made (a new version of the program, or another restore of it making its copy there at that moment)';
+  if (code === 'ESTALE') return 'the copy made at its name was moved elsewhere as it was made';
+  if (code === 'EMLINK') return 'the copy made at its name was given another name as it was made';
+  return `its name could not be made again, or the copy made there removed from it (${code ?? (e as Error).message})`;
+}
+
+/** Whether this restore can set a process's executable at all
+ * (PR_SET_MM_MAP's exe_fd, asked by the seed, which has the restorer's
+ * capabilities): CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN, never
+ * CAP_SYS_RESOURCE. Without, the copy is never made at the program's
+ * name, which watchers of its directory would see made (review r413 F6),
+ * for nothing. */
+function mayRestorerSetExecutable(): boolean {
+  const capEff = ownCreds().capEff;
+  return (capEff & ((1n << CAP_CHECKPOINT_RESTORE) | (1n << CAP_SYS_ADMIN))) !== 0n;
+}
+
+const CAP_SYS_ADMIN = 21n;
+const CAP_CHECKPOINT_RESTORE = 40n;
 
 /** statfs f_type of the file systems whose blocks are memory (tmpfs,
  * ramfs): no FIEMAP, so an honest image has no ranges there. */
@@ -680,6 +710,9 @@ function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): numbe
   }
   try {
     unlinkSync(path);
+    // No name left (review r413 F4): a link() made meanwhile would keep a
+    // named file that is then filled and given the image's owner and mode.
+    if (fstatSync(f).nlink !== 0) throw new AppshotError(`the copy of deleted file ${index} made at ${path} was given another name as it was made`);
   } catch (e) {
     closeSync(f);
     throw e;
