@@ -327,8 +327,9 @@ export interface RemadeExecutable {
  * given its owner and mode, whose writable descriptor is closed before it
  * is handed over, as PR_SET_MM_MAP's exe_fd must be a file nobody may
  * write (ETXTBSY, as for execve). Made at its own name where that is
- * free (madeAtItsName), so /proc/PID/exe reads what it read; elsewhere
- * beside it, with the reason. A descriptor or shared mapping of the
+ * free and the restorer can set an executable (madeAtItsName), so
+ * /proc/PID/exe reads what it read; elsewhere beside it, with the reason
+ * (none where it cannot be set: the restore says that instead). A descriptor or shared mapping of the
  * same deleted file gets deletedFileAnchor's file, another inode. */
 export function deletedExecutable(h: RestoreContext, index: number): RemadeExecutable {
   return h.once(`deleted executable ${index}`, () => {
