@@ -254,3 +254,32 @@ describe("an executable's copy at its name, in the instant it is there", () => {
     await ended('exe-swapped1');
   });
 });
+
+// The case review r413 F1 is about: root restoring an ordinary user's
+// application, whose user writes the directories of the name.
+describe.skipIf(process.getuid!() !== 0)("a root restore of an ordinary user's application whose executable was deleted", () => {
+  it('makes the copy at its name as that user, removes it, and gives the name back', async () => {
+    const base = scratch();
+    chmodSync(base, 0o755);
+    const dir = join(base, 'app');
+    mkdirSync(dir);
+    chownSync(dir, NOBODY, NOBODY);
+    const aid = 'exe-nobody';
+    sb.ok(['run', '-d', '--aid', aid, '--', 'setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--', fixture('exedeleted'), dir, 'deleted']);
+    await sb.checksPass(aid);
+    const image = join(out, aid);
+    sb.ok(['snapshot', aid, '-o', image]);
+    await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+    const at = join(dir, 'server');
+    const run = await stoppedAt(sb, ['restore', image, '--json'], MADE_POINT, 'the restore to stop with the copy at its name');
+    // Made as the application's user, not as root.
+    const made = statSync(at);
+    expect([made.uid, made.gid, made.size, made.mode & 0o7777]).toEqual([NOBODY, NOBODY, 0, 0o600]);
+    const r = await run.go();
+    expect(r.code, r.stderr).toBe(0);
+    expect(((JSON.parse(r.stdout) as { notKept?: string[] }).notKept ?? []).filter((l) => /executable/.test(l))).toEqual([]);
+    expect(existsSync(at), `a file left at ${at}`).toBe(false);
+    await sb.checksPass(aid);
+    await stopped(aid);
+  });
+});
