@@ -176,13 +176,20 @@ Napi::Value SocketFileRemove(const Napi::CallbackInfo& info) {
 }
 
 // executableNameMake(dir, name, who?) -> fd: a new file at `name` in `dir`,
-// removed from it at once (exename.c); its error's code says why not.
+// removed from it at once (exename.c); its error's code says why not, and
+// its leftAtName is true when our empty file may still be at the name.
 Napi::Value ExecutableNameMake(const Napi::CallbackInfo& info) {
   FsIdentArg who(info.Env(), info[2]);
   if (who.failed()) return info.Env().Undefined();
-  int rc = exename_make_unlinked(Str(info[0]).c_str(), Str(info[1]).c_str(), who.get());
+  int left = 0;
+  int rc = exename_make_unlinked(Str(info[0]).c_str(), Str(info[1]).c_str(), who.get(), &left);
   if (rc < 0) {
     ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]), -rc);
+    if (left && info.Env().IsExceptionPending()) {
+      Napi::Error e = info.Env().GetAndClearPendingException();
+      e.Set("leftAtName", Napi::Boolean::New(info.Env(), true));
+      e.ThrowAsJavaScriptException();
+    }
     return info.Env().Undefined();
   }
   return Napi::Number::New(info.Env(), rc);

@@ -67,6 +67,10 @@ struct make_call {
    * to fsident_run, which would try the whole operation again as the next
    * identity (and find our own file at the name). */
   int after_made;
+  /* Set when our file may still be at the name (its removal refused, or
+   * the name could not be looked at): the caller keeps the name
+   * journaled, and says the file is left there (review r425 G1, G3). */
+  int left_at_name;
 };
 
 static int make_op(void* arg) {
@@ -82,26 +86,42 @@ static int make_op(void* arg) {
   }
   made_point();
   struct stat ours, there;
-  int rc = 0;
-  if (fstat(f, &ours) != 0) {
+  int rc = 0, removed = 0;
+  if (fstatat(d, c->name, &there, AT_SYMLINK_NOFOLLOW) != 0) {
+    /* ENOENT: not at the name (moved, or removed by another: the nlink
+     * check below tells which). Anything else (EACCES: the directory's
+     * search right taken meanwhile) says nothing of where it is: that
+     * error, and ours maybe still at the name (review r425 G3). */
+    if (errno != ENOENT) {
+      rc = -errno;
+      c->left_at_name = 1;
+    }
+  } else if (fstat(f, &ours) != 0) {
     rc = -errno;
-  } else if (fstatat(d, c->name, &there, AT_SYMLINK_NOFOLLOW) == 0 && same_file(&there, &ours)) {
-    /* Refused (a security module, an immutable directory: the identity
-     * made it, so no mode bit refuses it): ours stays at the name, and
-     * the caller, told the errno, makes its copy elsewhere and says so. */
-    if (unlinkat(d, c->name, 0) != 0) rc = -errno;
-  } else if (fstat(f, &ours) == 0 && ours.st_nlink != 0) {
-    /* Not at the name, yet named: moved elsewhere as it was made. Removed
-     * from the name by another is as good (the kernel kept that name). */
-    rc = -ESTALE;
+    c->left_at_name = 1;
+  } else if (same_file(&there, &ours)) {
+    /* Removed by another after the check (ENOENT: another restore's
+     * release, or the user) is as good: the kernel kept that name, and
+     * the nlink check below decides (review r425 G3). Refused otherwise
+     * (a security module, an immutable directory: the identity made it,
+     * so no mode bit refuses it): ours stays at the name, and the caller,
+     * told so, makes its copy elsewhere and says why. */
+    if (unlinkat(d, c->name, 0) == 0) {
+      removed = 1;
+    } else if (errno != ENOENT) {
+      rc = -errno;
+      c->left_at_name = 1;
+    }
   }
-  /* No name left at all (review r413 F4): a link() made meanwhile (by the
+  /* Still named: given another name as it was made, if we removed it
+   * from ours (EMLINK; review r413 F4: a link() made meanwhile, by the
    * identity, whose file it is, or by anyone where
-   * fs.protected_hardlinks=0) would keep a named file that the restore
-   * then fills and gives the image's owner and mode. */
+   * fs.protected_hardlinks=0, would keep a named file that the restore
+   * then fills and gives the image's owner and mode); else moved
+   * elsewhere as it was made (ESTALE). */
   if (!rc) {
     if (fstat(f, &ours) != 0) rc = -errno;
-    else if (ours.st_nlink != 0) rc = -EMLINK;
+    else if (ours.st_nlink != 0) rc = removed ? -EMLINK : -ESTALE;
   }
   close(d);
   if (rc) {
@@ -112,9 +132,10 @@ static int make_op(void* arg) {
   return f;
 }
 
-int exename_make_unlinked(const char* dir, const char* name, const struct fsident_list* who) {
-  struct make_call c = {dir, name, 0};
+int exename_make_unlinked(const char* dir, const char* name, const struct fsident_list* who, int* left_at_name) {
+  struct make_call c = {dir, name, 0, 0};
   int rc = fsident_run(who, NULL, make_op, &c);
+  if (left_at_name) *left_at_name = c.left_at_name;
   return c.after_made ? c.after_made : rc;
 }
 
@@ -135,6 +156,6 @@ static int clear_op(void* arg) {
 }
 
 int exename_clear(const char* dir, const char* name, const struct fsident_list* who) {
-  struct make_call c = {dir, name, 0};
+  struct make_call c = {dir, name, 0, 0};
   return fsident_run(who, NULL, clear_op, &c);
 }

@@ -13,13 +13,18 @@ extern "C" {
 
 /* A new file `name` in directory `dir` (O_EXCL, never through a symlink
  * at the name), removed from it at once if it is still that file there:
- * our read-write descriptor of it, which has no name left. -EEXIST: a file
- * is at the name; -ESTALE: ours was moved elsewhere in the directory as it
- * was made (left where it was moved); -EMLINK: it was given another name
- * as it was made (removed from ours, the other kept); any other -errno:
- * its directory could not be opened, or the file made or removed (then
- * it is removed as exename_clear would, if it can be). */
-int exename_make_unlinked(const char* dir, const char* name, const struct fsident_list* who);
+ * our read-write descriptor of it, which has no name left (removed from
+ * the name by another meanwhile is as good). -EEXIST: a file is at the
+ * name (nothing made); -ESTALE: ours was moved elsewhere in the directory
+ * as it was made (left where it was moved); -EMLINK: it was given another
+ * name as it was made (removed from ours, the other kept); any other
+ * -errno: its directory could not be opened, the file made, or, once
+ * made, looked at or removed from the name. `*left_at_name` (if not
+ * NULL) is set to 1 when our empty file may still be at the name (its
+ * removal refused, or the name could not be looked at: it is not
+ * retried), else to 0: what the caller's journal keeps (review r425 G1,
+ * G3). */
+int exename_make_unlinked(const char* dir, const char* name, const struct fsident_list* who, int* left_at_name);
 
 /* What exename_make_unlinked of a killed restore may have left at `name`
  * in `dir` removed: only a regular file, empty, mode 0600, with no other
