@@ -576,7 +576,8 @@ interface Addon {
    * our read-write descriptor of it, with no name left. Error codes:
    * EEXIST (a file at the name), ESTALE (ours moved elsewhere as it was
    * made), EMLINK (given another name as it was made), else the errno of
-   * the step that failed. */
+   * the step that failed; the error's leftAtName is true when our empty
+   * file may still be at the name (its removal refused). */
   executableNameMake(dir: string, name: string, who?: FsIdentities): number;
   /** What a killed restore's executableNameMake left at `name` in `dir`
    * (a regular file, empty, mode 0600, one name, the identity's) removed

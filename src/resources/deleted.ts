@@ -385,11 +385,23 @@ function madeAtItsName(h: RestoreContext, id: FileIdentity, index: number): { f:
   const dir = dirname(id.path);
   const name = basename(id.path);
   h.recordExecutableNameMade?.(dir, name, who);
+  let made: number | undefined;
+  let failure: unknown;
   try {
-    return { f: h.keep(addon().executableNameMake(dir, name, who)) };
+    made = addon().executableNameMake(dir, name, who);
   } catch (e) {
-    return { f: makeUnlinked(h, id, index), otherName: whyNotAtItsName(e) };
+    failure = e;
   }
+  const f = made === undefined ? undefined : h.keep(made);
+  // Taken back at once unless our file may still be at the name (review
+  // r425 G1): a release clears only what this restore left there, never a
+  // file of another that was at the name first (EEXIST) and that the
+  // clear would take for ours.
+  const leftAtName = (failure as { leftAtName?: boolean } | undefined)?.leftAtName === true;
+  if (!leftAtName) h.recordExecutableNameDone?.(dir, name);
+  if (f !== undefined) return { f };
+  const why = whyNotAtItsName(failure);
+  return { f: makeUnlinked(h, id, index), otherName: leftAtName ? `${why}; an empty file of this restore is left at its name` : why };
 }
 
 /** Why madeAtItsName made the copy beside its name, from the error of

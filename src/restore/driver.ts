@@ -778,6 +778,17 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       (registered.restore!.madeExecutableNames ??= []).push({ dir, name, ...(as ? { who: as } : {}) });
       reg.update(registered);
     };
+    // And taken back once nothing of ours is at it (the last such entry:
+    // made one at a time).
+    handed.recordExecutableNameDone = (dir, name) => {
+      const names = registered.restore!.madeExecutableNames ?? [];
+      for (let i = names.length - 1; i >= 0; i--)
+        if (names[i].dir === dir && names[i].name === name) {
+          names.splice(i, 1);
+          reg.update(registered);
+          return;
+        }
+    };
     // The connections an appshot-keeper held since the snapshot that
     // ended the application (keeper.ts); a clone has none of its own.
     if (!opts.instance && mayHaveKept(image)) {
