@@ -1735,8 +1735,13 @@ function removeStaleSocketFile(f: MadeSocketFile): void {
  * executable's name (restore.madeExecutableNames) removed: through its
  * directory, as the identities it was made as, only a regular file,
  * empty, mode 0600, with no other name, the identity's own (addon
- * executableNameClear, exename.c). A record it cannot read is left alone. */
+ * executableNameClear, exename.c). A record it cannot read, or without
+ * identities, is left alone. */
 function removeLeftExecutableName(f: MadeSocketFile): void {
+  // Never as the restorer itself (fsident_run with no identity), which
+  // may be root, at a path the image named (review r425 G5): the driver
+  // always records them, so a record without is not ours to act on.
+  if (!f.who?.length) return;
   try {
     const who = f.who?.map((i) => ({ fsuid: i.fsuid, fsgid: i.fsgid, groups: i.groups, capEff: BigInt(i.capEff) }));
     addon().executableNameClear(f.dir, f.name, who);
