@@ -219,6 +219,25 @@ describe("an executable's copy at its name, in the instant it is there", () => {
     await stopped(aid);
   });
 
+  it('a file like ours already at the name, the restore failed later: that file is still there (review r425 G1)', async () => {
+    const aid = 'exe-lockfile';
+    const { image, dir } = await imaged(aid);
+    // Another program's empty 0600 lock file of the same user at the name:
+    // what the clear of a killed restore's leftover would take for ours.
+    const at = join(dir, 'server');
+    writeFileSync(at, '');
+    chmodSync(at, 0o600);
+    const before = statSync(at);
+    expect([before.size, before.mode & 0o7777, before.nlink]).toEqual([0, 0o600, 1]);
+    const r = spawnSync(process.execPath, [cli, 'restore', image], { env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: 'restore: state and signals' }, encoding: 'utf8', timeout: 50_000 });
+    expect(r.status, r.stderr).not.toBe(0);
+    expect(r.stderr).toMatch(/failure injected at 'restore: state and signals'/);
+    await waitFor(() => (sb.run(['ps']), !sb.aids().includes(aid)), 10_000, `the registration of ${aid} to go`);
+    expect(existsSync(at), `the file that was at ${at} before the restore was removed`).toBe(true);
+    expect(statSync(at).ino).toBe(before.ino);
+    rmSync(at);
+  });
+
   it('ours moved, or given another name, as it was made: made beside its name, said; the other name keeps an empty file, never the image\'s bytes', async () => {
     const { image, dir } = await imaged('exe-moved');
     const at = join(dir, 'server');
