@@ -577,8 +577,9 @@ interface Addon {
    * EEXIST (a file at the name), ESTALE (ours moved elsewhere as it was
    * made), EMLINK (given another name as it was made), else the errno of
    * the step that failed; the error's leftAtName is true when our empty
-   * file may still be at the name (its removal refused). */
-  executableNameMake(dir: string, name: string, who?: FsIdentities): number;
+   * file may still be at the name (its removal refused). `aside`: `name`
+   * is a random one beside the program's (no test point reached). */
+  executableNameMake(dir: string, name: string, who?: FsIdentities, aside?: boolean): number;
   /** What a killed restore's executableNameMake left at `name` in `dir`
    * (a regular file, empty, mode 0600, one name, the identity's) removed
    * as `who`, through `dir`'s descriptor; whether it was. */

@@ -175,14 +175,16 @@ Napi::Value SocketFileRemove(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), rc > 0);
 }
 
-// executableNameMake(dir, name, who?) -> fd: a new file at `name` in `dir`,
-// removed from it at once (exename.c); its error's code says why not, and
-// its leftAtName is true when our empty file may still be at the name.
+// executableNameMake(dir, name, who?, aside?) -> fd: a new file at `name`
+// in `dir`, removed from it at once (exename.c); its error's code says why
+// not, and its leftAtName is true when our empty file may still be at the
+// name. aside: `name` is a random one (no test point).
 Napi::Value ExecutableNameMake(const Napi::CallbackInfo& info) {
   FsIdentArg who(info.Env(), info[2]);
   if (who.failed()) return info.Env().Undefined();
   int left = 0;
-  int rc = exename_make_unlinked(Str(info[0]).c_str(), Str(info[1]).c_str(), who.get(), &left);
+  int aside = info.Length() > 3 && info[3].ToBoolean().Value();
+  int rc = exename_make_unlinked(Str(info[0]).c_str(), Str(info[1]).c_str(), who.get(), aside, &left);
   if (rc < 0) {
     ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]), -rc);
     if (left && info.Env().IsExceptionPending()) {

@@ -23,8 +23,9 @@ extern "C" {
  * NULL) is set to 1 when our empty file may still be at the name (its
  * removal refused, or the name could not be looked at: it is not
  * retried), else to 0: what the caller's journal keeps (review r425 G1,
- * G3). */
-int exename_make_unlinked(const char* dir, const char* name, const struct fsident_list* who, int* left_at_name);
+ * G3). `aside`: `name` is a random one beside the program's, made for a
+ * copy that is only to have no name (no test point is reached). */
+int exename_make_unlinked(const char* dir, const char* name, const struct fsident_list* who, int aside, int* left_at_name);
 
 /* What exename_make_unlinked of a killed restore may have left at `name`
  * in `dir` removed: only a regular file, empty, mode 0600, with no other

@@ -710,17 +710,22 @@ function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): numbe
       /* a directory gone or not writable: an unlinked file, as below */
     }
   }
-  let path = join(dirname(id.path), `.appshot-restored-${uniqueTag()}-${index}`);
-  let f: number;
   try {
     // Made in the image's directory as the file's process would make it
-    // (fsident.ts): nowhere it could not write, and its owner.
+    // (fsident.ts): nowhere it could not write, and its owner; made and
+    // removed by madeAtItsName's native step (review r425 G2), so that
+    // root never removes by path in a directory the application's user
+    // controls, and nothing refused to a squashed root that the user may
+    // do fails the restore.
     const who = firstHolderIdentities(h.image, holds);
-    f = addon().openAs(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600, who);
+    return h.keep(addon().executableNameMake(dirname(id.path), `.appshot-restored-${uniqueTag()}-${index}`, who, true));
   } catch {
-    path = join('/tmp', `.appshot-restored-${uniqueTag()}-${index}`);
-    f = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600);
+    /* refused, gone, moved or linked as it was made: in /tmp, below */
   }
+  // The restorer's own file, in a directory no user can swap (root's,
+  // sticky), where a removal by path goes nowhere else.
+  const path = join('/tmp', `.appshot-restored-${uniqueTag()}-${index}`);
+  const f = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600);
   try {
     unlinkSync(path);
     // No name left (review r413 F4): a link() made meanwhile would keep a
