@@ -35,7 +35,7 @@
       ],
       "sources": ["addon/src/trace.c", "addon/src/sockdiag.c",
                   "addon/src/tcp_repair.c", "addon/src/keeper.c",
-                  "addon/src/dgram.c", "addon/src/sockfile.c", "addon/src/peercred.c",
+                  "addon/src/dgram.c", "addon/src/sockfile.c", "addon/src/exename.c", "addon/src/peercred.c",
                   "addon/src/fsident.c", "addon/src/probe.c", "addon/src/forward.c", "addon/src/iouring.c",
                   "addon/src/pages.c", "addon/src/syncs.c", "addon/src/filecopy.c", "addon/src/tablesguard.c", "addon/src/testknobs.c",
                   "addon/include/appshot_table.c"],

@@ -20,7 +20,12 @@ import { readFileSync } from 'node:fs';
  * CreateBound), once the kernel has made a keyed SysV object and before
  * its id is in the tables; 'batch: running' (trace.c, KILL_AT or STOP_AT),
  * a thread running one injected batch; 'batches: running at once' (the
- * same), every thread of a round let go into its batch (runAtOnce).
+ * same), every thread of a round let go into its batch (runAtOnce);
+ * 'restore: executable made at its name' (exename.c, KILL_AT or STOP_AT),
+ * a deleted executable's copy made at the program's own name and not yet
+ * removed from it, where a test kills the restore (the next command must
+ * remove the file: registry.ts madeExecutableNames) or, stopped, moves,
+ * links or swaps what is in its directory (test/exe-deleted.test.ts).
  *
  * 'restore: mappings checked' (memory.ts restoreMemory): each file a root
  * restore's process is to map opened as that process, before the process

@@ -581,6 +581,19 @@ interface Addon {
    * be the file unix socket `sock`'s bind made (ESTALE otherwise): sent to
    * as /proc/self/fd/N, never by a name looked up again. */
   socketFileTarget(sock: number, dir: string, name: string, who?: FsIdentities): number;
+  /** A new file at `name` in `dir` (O_EXCL, O_NOFOLLOW), removed from it
+   * at once through one descriptor of `dir`, all as `who` (exename.c):
+   * our read-write descriptor of it, with no name left. Error codes:
+   * EEXIST (a file at the name), ESTALE (ours moved elsewhere as it was
+   * made), EMLINK (given another name as it was made), else the errno of
+   * the step that failed; the error's leftAtName is true when our empty
+   * file may still be at the name (its removal refused). `aside`: `name`
+   * is a random one beside the program's (no test point reached). */
+  executableNameMake(dir: string, name: string, who?: FsIdentities, aside?: boolean): number;
+  /** What a killed restore's executableNameMake left at `name` in `dir`
+   * (a regular file, empty, mode 0600, one name, the identity's) removed
+   * as `who`, through `dir`'s descriptor; whether it was. */
+  executableNameClear(dir: string, name: string, who?: FsIdentities): boolean;
   /** `dir`: where a relative unix name is resolved. `peerCred`: a unix
    * listener listens with those credentials (peercred.c). */
   sockConnect(fd: number, addr: Buffer, dir?: string, who?: FsIdentities): void;

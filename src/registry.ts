@@ -142,6 +142,11 @@ export interface AppRecord {
      * file is there, with the identities it was made as: a restore killed
      * before its commit would leave a stale socket file there. */
     madeSocketFiles?: MadeSocketFile[];
+    /** Names a deleted executable's copy was made at for an instant
+     * (resources/deleted.ts madeAtItsName: the program's own name),
+     * written before it is made, with the identities it was made as: a
+     * restore killed in that instant would leave an empty file there. */
+    madeExecutableNames?: MadeSocketFile[];
     /** REDIR PATH copies it was about to make (RestoreContext
      * recordRedirCopyPlanned), each written before it is made: removed
      * if the restore never commits, unless another application uses
@@ -996,6 +1001,7 @@ export class LocalRegistry implements Registry {
           /* removed already (the failed restore undid it) */
         }
       for (const f of r.madeSocketFiles ?? []) removeStaleSocketFile(f);
+      for (const f of r.madeExecutableNames ?? []) removeLeftExecutableName(f);
       if (r.adoptedLog) this.carryLog(record);
       if (r.adoptedSnapshot) this.giveBackSnapshot(record);
       // And the commit file made ahead for it (a held clone of an engine
@@ -1726,6 +1732,25 @@ function removeStaleSocketFile(f: MadeSocketFile): void {
   try {
     const who = f.who?.map((i) => ({ fsuid: i.fsuid, fsgid: i.fsgid, groups: i.groups, capEff: BigInt(i.capEff) }));
     addon().socketFileClear(f.dir, f.name, who);
+  } catch {
+    /* gone meanwhile, or not ours to reach */
+  }
+}
+
+/** The empty file a killed restore may have left at a deleted
+ * executable's name (restore.madeExecutableNames) removed: through its
+ * directory, as the identities it was made as, only a regular file,
+ * empty, mode 0600, with no other name, the identity's own (addon
+ * executableNameClear, exename.c). A record it cannot read, or without
+ * identities, is left alone. */
+function removeLeftExecutableName(f: MadeSocketFile): void {
+  // Never as the restorer itself (fsident_run with no identity), which
+  // may be root, at a path the image named (review r425 G5): the driver
+  // always records them, so a record without is not ours to act on.
+  if (!f.who?.length) return;
+  try {
+    const who = f.who?.map((i) => ({ fsuid: i.fsuid, fsgid: i.fsgid, groups: i.groups, capEff: BigInt(i.capEff) }));
+    addon().executableNameClear(f.dir, f.name, who);
   } catch {
     /* gone meanwhile, or not ours to reach */
   }

@@ -26,6 +26,7 @@ extern "C" {
 #include "dgram.h"
 #include "sockdiag.h"
 #include "sockfile.h"
+#include "exename.h"
 }
 
 namespace appshot {
@@ -167,6 +168,41 @@ Napi::Value SocketFileRemove(const Napi::CallbackInfo& info) {
   FsIdentArg who(info.Env(), info[3]);
   if (who.failed()) return info.Env().Undefined();
   int rc = sockfile_remove(Str(info[0]).c_str(), Str(info[1]).c_str(), &id, who.get());
+  if (rc < 0) {
+    ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]), -rc);
+    return info.Env().Undefined();
+  }
+  return Napi::Boolean::New(info.Env(), rc > 0);
+}
+
+// executableNameMake(dir, name, who?, aside?) -> fd: a new file at `name`
+// in `dir`, removed from it at once (exename.c); its error's code says why
+// not, and its leftAtName is true when our empty file may still be at the
+// name. aside: `name` is a random one (no test point).
+Napi::Value ExecutableNameMake(const Napi::CallbackInfo& info) {
+  FsIdentArg who(info.Env(), info[2]);
+  if (who.failed()) return info.Env().Undefined();
+  int left = 0;
+  int aside = info.Length() > 3 && info[3].ToBoolean().Value();
+  int rc = exename_make_unlinked(Str(info[0]).c_str(), Str(info[1]).c_str(), who.get(), aside, &left);
+  if (rc < 0) {
+    ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]), -rc);
+    if (left && info.Env().IsExceptionPending()) {
+      Napi::Error e = info.Env().GetAndClearPendingException();
+      e.Set("leftAtName", Napi::Boolean::New(info.Env(), true));
+      e.ThrowAsJavaScriptException();
+    }
+    return info.Env().Undefined();
+  }
+  return Napi::Number::New(info.Env(), rc);
+}
+
+// executableNameClear(dir, name, who?) -> boolean: what a killed restore's
+// executableNameMake left there, removed (exename_clear).
+Napi::Value ExecutableNameClear(const Napi::CallbackInfo& info) {
+  FsIdentArg who(info.Env(), info[2]);
+  if (who.failed()) return info.Env().Undefined();
+  int rc = exename_clear(Str(info[0]).c_str(), Str(info[1]).c_str(), who.get());
   if (rc < 0) {
     ThrowErrno(info.Env(), Str(info[0]) + "/" + Str(info[1]), -rc);
     return info.Env().Undefined();
@@ -643,6 +679,8 @@ void RegisterDgram(Napi::Env env, Napi::Object exports) {
   fn("socketFileRemove", SocketFileRemove);
   fn("socketFileMove", SocketFileMove);
   fn("socketFileTarget", SocketFileTarget);
+  fn("executableNameMake", ExecutableNameMake);
+  fn("executableNameClear", ExecutableNameClear);
   RegisterFsIdent(env, exports);
   fn("sockSend", SockSend);
   fn("sockShutdown", SockShutdown);

@@ -587,6 +587,20 @@ export class RestoreContext {
    * socket file there removed by the next command. */
   recordSocketFileMade?: (dir: string, name: string, who: FsIdentities | undefined) => void;
 
+  /** Told, before it is made, the name a deleted executable's copy is
+   * made at for an instant (deleted.ts madeAtItsName: the program's own
+   * name), with the identities it is made as: written into the
+   * registration, so that a restore killed in that instant has the empty
+   * file it left there removed by the next command (review r413 F2). */
+  recordExecutableNameMade?: (dir: string, name: string, who: FsIdentities | undefined) => void;
+
+  /** Told, as soon as it is done, that the copy recordExecutableNameMade
+   * named left nothing of ours at that name (made and removed, or never
+   * made: EEXIST): the name taken out of the registration again, so that
+   * a release never removes a file there that the restore did not make
+   * (review r425 G1: another program's empty 0600 lock file). */
+  recordExecutableNameDone?: (dir: string, name: string) => void;
+
   /** The restore failed: what it made in the system is removed. */
   undo(): void {
     for (const undo of this.undoing.splice(0).reverse())

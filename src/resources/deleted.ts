@@ -9,12 +9,12 @@
  * is the same object in the mapping (see sharedMemoryFd in memory.ts).
  */
 import { uniqueTag } from '../holder.js';
-import { type BigIntStats, closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, statfsSync, unlinkSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { type BigIntStats, closeSync, constants as fs, fchmodSync, fchownSync, fstatSync, ftruncateSync, lstatSync, openSync, readlinkSync, statfsSync, unlinkSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
 import { AppshotError } from '../errors.js';
 import { type Fd, FdKind, type FileIdentity, type Process } from '../image/types.js';
 import { isOwnSnapshot } from '../image/format.js';
-import { strangeOwner } from './creds.js';
+import { ownCreds, strangeOwner } from './creds.js';
 import { addon } from '../native.js';
 import type { DumpContext, RestoreContext } from './context.js';
 import { firstHolderIdentities, refusal } from './fsident.js';
@@ -314,17 +314,30 @@ export function deletedFileAnchor(h: RestoreContext, index: number): number {
   });
 }
 
+/** A deleted executable made again (deletedExecutable): our read-only
+ * descriptor, the name /proc shows for it (its link's text, " (deleted)"
+ * and all), and, where that is not the name it had, why. */
+export interface RemadeExecutable {
+  fd: number;
+  shown: string;
+  otherName?: string;
+}
+
 /** Our read-only descriptor (the restore's, closed at its end: never the
  * caller's to close) of deleted file `index` made again as a process's
  * executable: a copy made once for every process that ran it, filled and
  * given its owner and mode, whose writable descriptor is closed before it
  * is handed over, as PR_SET_MM_MAP's exe_fd must be a file nobody may
- * write (ETXTBSY, as for execve). A descriptor or shared mapping of the
+ * write (ETXTBSY, as for execve). Made at its own name where that is
+ * free and the restorer can set an executable (madeAtItsName), so
+ * /proc/PID/exe reads what it read; elsewhere beside it, with the reason
+ * (none where it cannot be set: the restore says that instead). A descriptor or shared mapping of the
  * same deleted file gets deletedFileAnchor's file, another inode. */
-export function deletedExecutable(h: RestoreContext, index: number): number {
+export function deletedExecutable(h: RestoreContext, index: number): RemadeExecutable {
   return h.once(`deleted executable ${index}`, () => {
     const id = h.image.files[index];
-    const f = id.path.startsWith(MEMFD_PREFIX) ? makeMemfd(h, id) : makeUnlinked(h, id, index);
+    const made = id.path.startsWith(MEMFD_PREFIX) ? { f: makeMemfd(h, id) } : mayRestorerSetExecutable() ? madeAtItsName(h, id, index) : { f: makeUnlinked(h, id, index) };
+    const f = made.f;
     try {
       const exactOwner = giveOwner(h, f, id, index);
       fillAsOwner(h, f, id, index);
@@ -332,12 +345,93 @@ export function deletedExecutable(h: RestoreContext, index: number): number {
       allocateAndMode(h, f, id, index, exactOwner);
       const exe = h.keep(openSync(`/proc/self/fd/${f}`, fs.O_RDONLY | O_CLOEXEC));
       giveTimesAtTheEnd(h, exe, id, index);
-      return exe;
+      const shown = readlinkSync(`/proc/self/fd/${exe}`);
+      return { fd: exe, shown, ...(made.otherName ? { otherName: made.otherName } : {}) };
     } finally {
       h.release([f]);
     }
   });
 }
+
+/**
+ * Deleted file `index` (an executable) made again at its own name, then
+ * removed from it at once, as the program's was: the kernel keeps the
+ * name a file was removed from, so /proc/PID/exe (and fd/N) read
+ * "NAME (deleted)" as they did, which a restore made elsewhere cannot
+ * give (the name /proc shows is the one the file had in its directory
+ * when it was removed).
+ *
+ * The path is the image's, its directories the application's user's, and
+ * the restorer may be root (review r413 F1: root looking the path up again
+ * to check and remove its file could be sent, by a directory swapped for
+ * a symlink, to remove a file of that name anywhere). So it is all one
+ * native operation (exename.c), done as the file's first holder (fsident):
+ * the directory opened once, the file made in it (O_EXCL|O_NOFOLLOW: never
+ * over a file there nor through a link), checked by its inode and removed
+ * through that same directory descriptor, and found to have no name left
+ * (F4). What it makes or removes is what the application's own process
+ * could, whatever the restorer may. Inside that one directory, one who may
+ * write it can still rename a file over the name between the check and the
+ * removal (no conditional unlink exists), which is then removed instead.
+ *
+ * For that instant the name has a file, empty, mode 0600, the holder's:
+ * written into the registration before it is made, so that a restore
+ * killed then has it removed by the next command (F2). Where it cannot be
+ * done (another file at the name: a package upgrade's new version, or
+ * another restore's copy in its own instant; ours moved or linked as it
+ * was made; the directory refused or gone), the copy is made beside it
+ * (makeUnlinked) and `otherName` says why: the restore goes on (F3).
+ */
+function madeAtItsName(h: RestoreContext, id: FileIdentity, index: number): { f: number; otherName?: string } {
+  const holds = (p: Process) => p.exeFile === index || p.fds.some((d) => d.file === index) || p.vmas.some((v) => v.file === index);
+  const who = firstHolderIdentities(h.image, holds);
+  const dir = dirname(id.path);
+  const name = basename(id.path);
+  h.recordExecutableNameMade?.(dir, name, who);
+  let made: number | undefined;
+  let failure: unknown;
+  try {
+    made = addon().executableNameMake(dir, name, who);
+  } catch (e) {
+    failure = e;
+  }
+  const f = made === undefined ? undefined : h.keep(made);
+  // Taken back at once unless our file may still be at the name (review
+  // r425 G1): a release clears only what this restore left there, never a
+  // file of another that was at the name first (EEXIST) and that the
+  // clear would take for ours.
+  const leftAtName = (failure as { leftAtName?: boolean } | undefined)?.leftAtName === true;
+  if (!leftAtName) h.recordExecutableNameDone?.(dir, name);
+  if (f !== undefined) return { f };
+  const why = whyNotAtItsName(failure);
+  return { f: makeUnlinked(h, id, index), otherName: leftAtName ? `${why}; an empty file of this restore is left at its name` : why };
+}
+
+/** Why madeAtItsName made the copy beside its name, from the error of
+ * executableNameMake. */
+function whyNotAtItsName(e: unknown): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  // Not "another file is at its name now" (review r413 F5): it may have
+  // been another restore's copy, gone a moment later.
+  if (code === 'EEXIST') return 'another file was at its name when the copy was made (a new version of the program, or another restore of it making its copy there at that moment)';
+  if (code === 'ESTALE') return 'the copy made at its name was moved elsewhere as it was made';
+  if (code === 'EMLINK') return 'the copy made at its name was given another name as it was made';
+  return `its name could not be made again, or the copy made there removed from it (${code ?? (e as Error).message})`;
+}
+
+/** Whether this restore can set a process's executable at all
+ * (PR_SET_MM_MAP's exe_fd, asked by the seed, which has the restorer's
+ * capabilities): CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN, never
+ * CAP_SYS_RESOURCE. Without, the copy is never made at the program's
+ * name, which watchers of its directory would see made (review r413 F6),
+ * for nothing. */
+function mayRestorerSetExecutable(): boolean {
+  const capEff = ownCreds().capEff;
+  return (capEff & ((1n << CAP_CHECKPOINT_RESTORE) | (1n << CAP_SYS_ADMIN))) !== 0n;
+}
+
+const CAP_SYS_ADMIN = 21n;
+const CAP_CHECKPOINT_RESTORE = 40n;
 
 /** statfs f_type of the file systems whose blocks are memory (tmpfs,
  * ramfs): no FIEMAP, so an honest image has no ranges there. */
@@ -649,19 +743,27 @@ function makeUnlinked(h: RestoreContext, id: FileIdentity, index: number): numbe
       /* a directory gone or not writable: an unlinked file, as below */
     }
   }
-  let path = join(dirname(id.path), `.appshot-restored-${uniqueTag()}-${index}`);
-  let f: number;
   try {
     // Made in the image's directory as the file's process would make it
-    // (fsident.ts): nowhere it could not write, and its owner.
+    // (fsident.ts): nowhere it could not write, and its owner; made and
+    // removed by madeAtItsName's native step (review r425 G2), so that
+    // root never removes by path in a directory the application's user
+    // controls, and nothing refused to a squashed root that the user may
+    // do fails the restore.
     const who = firstHolderIdentities(h.image, holds);
-    f = addon().openAs(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600, who);
+    return h.keep(addon().executableNameMake(dirname(id.path), `.appshot-restored-${uniqueTag()}-${index}`, who, true));
   } catch {
-    path = join('/tmp', `.appshot-restored-${uniqueTag()}-${index}`);
-    f = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600);
+    /* refused, gone, moved or linked as it was made: in /tmp, below */
   }
+  // The restorer's own file, in a directory no user can swap (root's,
+  // sticky), where a removal by path goes nowhere else.
+  const path = join('/tmp', `.appshot-restored-${uniqueTag()}-${index}`);
+  const f = openSync(path, fs.O_RDWR | fs.O_CREAT | fs.O_EXCL, 0o600);
   try {
     unlinkSync(path);
+    // No name left (review r413 F4): a link() made meanwhile would keep a
+    // named file that is then filled and given the image's owner and mode.
+    if (fstatSync(f).nlink !== 0) throw new AppshotError(`the copy of deleted file ${index} made at ${path} was given another name as it was made`);
   } catch (e) {
     closeSync(f);
     throw e;

@@ -17,7 +17,7 @@ import { bindsByName } from './socketfile.js';
 import { dumpTimeOffsets } from './timens.js';
 import { type DumpContext, nameProcess, type RestoreContext, Unsupported } from './context.js';
 import { dumpProcVpid } from './procpaths.js';
-import { DELETED, deletedExecutable, removedDirectoryToEnter, saveDeletedFrom, shownLinkFile } from './deleted.js';
+import { DELETED, deletedExecutable, type RemadeExecutable, removedDirectoryToEnter, saveDeletedFrom, shownLinkFile } from './deleted.js';
 import { refuseDeletedFileOdds } from './files.js';
 import type { EnvRange } from './environ.js';
 import { NR } from '../ptrace/inject.js';
@@ -547,12 +547,19 @@ export function restoreProcessState(r: RemoteProcess, p: Process, h: RestoreCont
   let exe: OpenedExecutable = { fd: -1, shared: false };
   try {
     exe = openExecutable(h, p);
-    return stateByDescriptors(r, p, cwd, more, cwdFd, exe.fd, (why) => {
+    let set = exe.fd >= 0;
+    const results = stateByDescriptors(r, p, cwd, more, cwdFd, exe.fd, (why) => {
+      set = false;
       // The copy of an executable replaced since it ran, refused (made
       // where files may not be run: /tmp mounted noexec; no
       // CAP_CHECKPOINT_RESTORE): the seed's stays, which the restore says.
       if (exe.shared) h.notKept.push(`process ${p.vpid} (${p.comm}): its executable ${p.exe}, made again from its bytes, could not be set (${why}): /proc/PID/exe names appshot's seed`);
     });
+    // Set, but under another name than it had (its name another file's:
+    // the new version a package upgrade put there): the right bytes, and
+    // a name a program reading /proc/self/exe would not find.
+    if (set && exe.remade && exe.remade.shown !== p.exe) h.notKept.push(`process ${p.vpid} (${p.comm}): its executable ${p.exe}, made again from its bytes, is named ${exe.remade.shown}: ${exe.remade.otherName ?? 'its name was not given back'}`);
+    return results;
   } finally {
     for (const fd of [cwdFd, exe.shared ? -1 : exe.fd]) if (fd >= 0) closeSync(fd);
   }
@@ -638,6 +645,8 @@ const O_RDONLY = 0;
 interface OpenedExecutable {
   fd: number;
   shared: boolean;
+  /** A deleted one made again: its name, and why it is not the image's. */
+  remade?: RemadeExecutable;
 }
 
 /**
@@ -674,7 +683,8 @@ function openExecutable(h: RestoreContext, p: Process): OpenedExecutable {
       h.notKept.push(`process ${p.vpid} (${p.comm}): its executable ${p.exe}, deleted or replaced since it ran, has no bytes in this image (an older appshot's): /proc/PID/exe names appshot's seed`);
       return { fd: -1, shared: false };
     }
-    return { fd: deletedExecutable(h, p.exeFile), shared: true };
+    const remade = deletedExecutable(h, p.exeFile);
+    return { fd: remade.fd, shared: true, remade };
   }
   let path: number;
   try {

@@ -772,6 +772,23 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       (registered.restore!.madeSocketFiles ??= []).push({ dir, name, ...(as ? { who: as } : {}) });
       reg.update(registered);
     };
+    // A deleted executable's copy at its own name likewise.
+    handed.recordExecutableNameMade = (dir, name, who) => {
+      const as = who === undefined ? undefined : (Array.isArray(who) ? who : [who]).map((i) => ({ fsuid: i.fsuid, fsgid: i.fsgid, groups: i.groups, capEff: i.capEff.toString() }));
+      (registered.restore!.madeExecutableNames ??= []).push({ dir, name, ...(as ? { who: as } : {}) });
+      reg.update(registered);
+    };
+    // And taken back once nothing of ours is at it (the last such entry:
+    // made one at a time).
+    handed.recordExecutableNameDone = (dir, name) => {
+      const names = registered.restore!.madeExecutableNames ?? [];
+      for (let i = names.length - 1; i >= 0; i--)
+        if (names[i].dir === dir && names[i].name === name) {
+          names.splice(i, 1);
+          reg.update(registered);
+          return;
+        }
+    };
     // The connections an appshot-keeper held since the snapshot that
     // ended the application (keeper.ts); a clone has none of its own.
     if (!opts.instance && mayHaveKept(image)) {
