@@ -74,6 +74,22 @@ export function signalApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Sig
 }
 
 /**
+ * The running application `aid`, for a command that signals it (kill,
+ * stop, rm -f). `appshot run` records its supervisor's PID a moment after
+ * starting it (harness.ts), and the application may print first, and be
+ * acted on: without that PID a signal went straight to every process
+ * instead of to the first through init, and stop and rm did not wait for
+ * init's exit. While the registration is that young, its record is read
+ * again (requireSupervised). A restore or clone under way names its
+ * supervisor only once its processes are in place, and is signalled
+ * straight until then (signalApp): not waited for.
+ */
+export async function requireSignallable(reg: LocalRegistry, aid: string): Promise<AppRecord> {
+  const record = reg.require(aid);
+  return record.initPid !== undefined || record.restore ? record : reg.requireSupervised(aid);
+}
+
+/**
  * Waits until the application `aid` has ended, at most `timeoutMs`.
  * Resolves with its ended record; with 'released' if its registration went
  * instead (a snapshot ended it, `rm` removed it, or it never committed);
@@ -202,12 +218,19 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
           continue;
         }
       }
-      const record = reg.requireAny(aid);
+      let record = reg.requireAny(aid);
       if (isEnded(record)) {
         ended.push(record);
         continue;
       }
       if (!force) throw new AppshotError(`'${aid}' is running: stop it first (appshot stop ${aid}), or 'appshot rm -f ${aid}'`, ExitCode.failure);
+      // Its supervisor named, if `run` has just started it; ended
+      // meanwhile, it is removed as one that had.
+      record = await requireSignallable(reg, aid).catch(() => reg.requireAny(aid));
+      if (isEnded(record)) {
+        ended.push(record);
+        continue;
+      }
       // Its supervisor as it is now: waited for below, as stopApp does.
       const initPid = reg.trustedInitPid(record);
       const initStart = initPid ? readStat(initPid)?.startTime : undefined;

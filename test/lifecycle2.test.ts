@@ -510,6 +510,41 @@ describe('logs across a snapshot and its restore', () => {
   });
 });
 
+describe('kill of a foreground run', () => {
+  it('a signal sent as soon as a foreground application prints goes to its first process only', async () => {
+    // `run` records its supervisor's PID a moment after starting it, and
+    // the application may print first: kill acted on that output with a
+    // record naming no supervisor, and sent the signal straight to every
+    // process, as it does while a restore is under way (CI's race, as the
+    // foreground snapshot above had it). The first process ends its
+    // child itself on SIGHUP, once kill has returned (the file "go"), and
+    // says how the child ended: by SIGTERM (143) if only the first process
+    // had the HUP; by SIGHUP (129) if the child had one too (sent before
+    // kill returned, and the lower signal goes first).
+    // On an idle machine this passes with or without the fix; without it,
+    // it failed every time `run` was made to pause 500 ms before recording
+    // the PID (harness.ts), as CI's load can make it.
+    const go = join(dir, 'fghup.go');
+    const script =
+      'sleep 1236 </dev/null >/dev/null 2>&1 & c=$!; ' +
+      'trap \'while [ ! -e "$0" ]; do sleep 0.02; done; kill -TERM $c; wait $c; echo "CHILD-ENDED $?"; exit 0\' HUP; ' +
+      'echo READY; while :; do wait; done';
+    // The library's kill, in this process (loaded before): it reads the
+    // record a moment after the output, where a CLI started then spends
+    // its first ~300 ms on a loaded machine loading itself, and may come
+    // too late to find the record as it was.
+    const api = await import('../src/api.js');
+    const fg = sb.start(['run', '--aid', 'fghup', '--', 'sh', '-c', script, go]);
+    await fg.line(/^READY$/);
+    await api.kill('fghup', { home: sb.home, signal: 'HUP' });
+    writeFileSync(go, '');
+    expect((await fg.line(/^CHILD-ENDED \d+$/))[0]).toBe('CHILD-ENDED 143');
+    const r = await fg.exited;
+    expect(r.code, r.stderr).toBe(0);
+    expect(sb.run(['rm', 'fghup']).code).toBe(0);
+  });
+});
+
 describe('rm of a clone', () => {
   const ROOT = join(dir, 'srv');
   // Ports of their own (the map: helpers.ts, Sandbox).
