@@ -877,7 +877,12 @@ describe('a --leave-running snapshot killed while a thread runs an injected batc
     const aid = 'skill-batch';
     await runDetached(aid, [fixture('snapfix'), '-1', '1']);
     await sb.checksPass(aid, 2);
-    const before = signalState(aid);
+    // Read while appshot-init blocks nothing: it blocks its signals for a
+    // moment while it handles one (below), and a state read then would
+    // never be seen again.
+    const init = sb.json<{ processes: { vpid: number; pid: number }[] }[]>(['ps', aid])[0].processes.find((p) => p.vpid === 1)!.pid;
+    let before: Record<string, string> = {};
+    await waitFor(() => (before = signalState(aid))[`${init}/${init}`]?.startsWith('0000000000000000 ') === true, 10_000, `${aid}'s init between two signals`);
     const image = join(dir, `${aid}.appshot`);
     const r = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image, '--leave-running'], {
       env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'batch: running' },
