@@ -224,9 +224,21 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
         continue;
       }
       if (!force) throw new AppshotError(`'${aid}' is running: stop it first (appshot stop ${aid}), or 'appshot rm -f ${aid}'`, ExitCode.failure);
-      // Its supervisor named, if `run` has just started it; ended
-      // meanwhile, it is removed as one that had.
-      record = await requireSignallable(reg, aid).catch(() => reg.requireAny(aid));
+      // Its supervisor named, if `run` has just started it. Ended
+      // meanwhile, it is removed as one that had; released (its `run`
+      // died before naming one), nothing is left to remove, as below.
+      try {
+        record = await requireSignallable(reg, aid);
+      } catch (e) {
+        const found = reg.get(aid);
+        const now = found && reg.settle(found);
+        if (!now) {
+          removed.add(aid);
+          continue;
+        }
+        if (!isEnded(now)) throw e;
+        record = now;
+      }
       if (isEnded(record)) {
         ended.push(record);
         continue;
