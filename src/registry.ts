@@ -668,12 +668,18 @@ export class LocalRegistry implements Registry {
    * and the command it runs may print (and a person or a test act on
    * that) before then. While the registration is that young (its
    * supervisor not yet named, the command that made it alive), the record
-   * is read again, for at most `waitMs`. */
+   * is read again, for at most `waitMs`; at once if that command is gone. */
   async requireSupervised(aid: string, waitMs = 10_000): Promise<AppRecord> {
     const until = Date.now() + waitMs;
     let record = this.require(aid);
-    while (!record.initPid && Date.now() < until) {
-      await new Promise((r) => setTimeout(r, 5));
+    let pause = 5;
+    // `run` writes the PID with no await after starting init: once the
+    // command that registered it is gone, it never will (review r422 F1).
+    const registering = () => holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, this.home);
+    while (!record.initPid && Date.now() < until && registering()) {
+      // From 5 ms up to 50: the wait is for a process that wants the CPU.
+      await new Promise((r) => setTimeout(r, pause));
+      pause = Math.min(pause * 2, 50);
       record = this.require(aid);
     }
     return record;
