@@ -19,7 +19,7 @@ import { defaultHome, homeScope, refuseUnsafeHome } from './home.js';
 import { settleKilledCommands } from './image/partial.js';
 import { execIn, run as runHarness } from './harness.js';
 import { describeApplications, selectApplications, type ApplicationInfo } from './inspect.js';
-import { pruneEnded, removeApp, requireSignallable, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
+import { pruneEnded, removeApp, requireSignallable, signalApp, signalName, stillRunning, stopApp, waitEnded } from './lifecycle.js';
 import { checkAid, LocalRegistry } from './registry.js';
 import { restore as restoreImage, RestoredWithError as RestoreFailedAfterCommit, type RestoreResult } from './restore/driver.js';
 import { snapshot as snapshotApplication, SnapshottedWithError, type SnapshotResult } from './snapshot/driver.js';
@@ -254,7 +254,7 @@ export function kill(aid: string, opts: KillOptions = {}): Promise<void> {
   return call(opts, async () => {
     const reg = registry(opts);
     const sig = signalName(opts.signal ?? 'SIGKILL', 'signal');
-    signalApp(reg, await requireSignallable(reg, aid), sig);
+    signalApp(reg, stillRunning(reg, aid, await requireSignallable(reg, aid)), sig);
   });
 }
 
