@@ -108,15 +108,24 @@ class Client {
   }
 }
 
-/** The state of the connection local:remote in /proc/net/tcp (5 is
- * FIN_WAIT2), or undefined. */
-function tcpState(local: number, remote: number): number | undefined {
-  const hex = (p: number) => p.toString(16).toUpperCase().padStart(4, '0');
-  for (const line of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
+/** The row of the connection local:remote in /proc/net/tcp (tcp6 if
+ * `v6`), split into its fields, or undefined: the one place that finds
+ * it for the readers below. The ports are as the kernel prints them, hex
+ * in capitals; local:remote picks one end of a connection on this host. */
+function tcpRow(local: number, remote: number, v6 = false): string[] | undefined {
+  const hex = (p: number) => `:${p.toString(16).toUpperCase().padStart(4, '0')}`;
+  for (const line of readFileSync(v6 ? '/proc/net/tcp6' : '/proc/net/tcp', 'utf8').split('\n').slice(1)) {
     const f = line.trim().split(/\s+/);
-    if (f[1]?.endsWith(`:${hex(local)}`) && f[2]?.endsWith(`:${hex(remote)}`)) return parseInt(f[3], 16);
+    if (f[1]?.endsWith(hex(local)) && f[2]?.endsWith(hex(remote))) return f;
   }
   return undefined;
+}
+
+/** The state of the connection local:remote (5 is FIN_WAIT2), or
+ * undefined. */
+function tcpState(local: number, remote: number): number | undefined {
+  const f = tcpRow(local, remote);
+  return f && parseInt(f[3], 16);
 }
 
 /** Whether any socket, in any state, has local port `port`. */
@@ -128,27 +137,18 @@ function portInUse(port: number): boolean {
 }
 
 /** How many times the connection local:remote sent the same segment
- * again (/proc/net/tcp's retrnsmt column), or undefined. */
+ * again (the retrnsmt column), or undefined. */
 function retransmissions(local: number, remote: number): number | undefined {
-  const hex = (p: number) => p.toString(16).toUpperCase().padStart(4, '0');
-  for (const line of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
-    const f = line.trim().split(/\s+/);
-    if (f[1]?.endsWith(`:${hex(local)}`) && f[2]?.endsWith(`:${hex(remote)}`)) return parseInt(f[6], 16);
-  }
-  return undefined;
+  const f = tcpRow(local, remote);
+  return f && parseInt(f[6], 16);
 }
 
-/** The server's end of the connection from `peer` to `port` as
- * /proc/net/tcp (tcp6 for ::1) shows it: its state (hex, 08: CLOSE_WAIT)
- * and the bytes it has not read (a FIN received counts as one);
- * undefined if there is none. */
+/** The server's end of the connection from `peer` to `port` (tcp6 for
+ * ::1): its state (hex, 08: CLOSE_WAIT) and the bytes it has not read
+ * (rx_queue; a FIN received counts as one); undefined if there is none. */
 function serverEnd(port: number, peer: number, host = '127.0.0.1'): { state: string; unread: number } | undefined {
-  const hex = (p: number) => p.toString(16).toUpperCase().padStart(4, '0');
-  for (const line of readFileSync(host === '::1' ? '/proc/net/tcp6' : '/proc/net/tcp', 'utf8').split('\n').slice(1)) {
-    const f = line.trim().split(/\s+/);
-    if (f[1]?.endsWith(`:${hex(port)}`) && f[2]?.endsWith(`:${hex(peer)}`)) return { state: f[3], unread: parseInt(f[4].split(':')[1], 16) };
-  }
-  return undefined;
+  const f = tcpRow(port, peer, host === '::1');
+  return f && { state: f[3], unread: parseInt(f[4].split(':')[1], 16) };
 }
 
 /** Waits until the server's end of the connection from `peer` holds
