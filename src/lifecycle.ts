@@ -125,7 +125,7 @@ export function stillRunning(reg: LocalRegistry, aid: string, found: AppRecord |
   if (found !== 'released') throw new AppshotError(`'${aid}' is not running (${describeEnd(found)}; 'appshot rm ${aid}' removes it)`, ExitCode.failure);
   const snapshotted = reg.getSnapshotted(aid);
   if (snapshotted) throw new AppshotError(`'${aid}' is not running: it was ${describeSnapshot(snapshotted)} (restore the image, or 'appshot rm ${aid}' removes its record)`, ExitCode.failure);
-  throw new AppshotError(`'${aid}' is not running: it ended as it started, and its registration went with it`, ExitCode.failure);
+  throw new AppshotError(`'${aid}' is not running: it ended before its appshot run recorded its supervisor, and its registration went with it`, ExitCode.failure);
 }
 
 /**

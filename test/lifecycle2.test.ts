@@ -623,7 +623,7 @@ describe('kill, stop and rm -f of an application whose supervisor is not on reco
     expect(results.rstop.code, results.rstop.stderr).toBe(0);
     expect(results.rstop.stdout).toBe('rstop\n');
     expect(results.rkill.code).toBe(1);
-    expect(results.rkill.stderr).toBe("appshot: 'rkill' is not running: it ended as it started, and its registration went with it\n");
+    expect(results.rkill.stderr).toBe("appshot: 'rkill' is not running: it ended before its appshot run recorded its supervisor, and its registration went with it\n");
     expect(results.rrm.code, results.rrm.stderr).toBe(0);
     expect(results.rrm.stdout).toBe('rrm\n');
     for (const aid of ['rstop', 'rkill', 'rrm']) expect(sb.allAids()).not.toContain(aid);
