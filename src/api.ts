@@ -19,7 +19,7 @@ import { defaultHome, homeScope, refuseUnsafeHome } from './home.js';
 import { settleKilledCommands } from './image/partial.js';
 import { execIn, run as runHarness } from './harness.js';
 import { describeApplications, selectApplications, type ApplicationInfo } from './inspect.js';
-import { pruneEnded, removeApp, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
+import { pruneEnded, removeApp, requireSignallable, signalApp, signalName, stillRunning, stopApp, waitEnded } from './lifecycle.js';
 import { checkAid, LocalRegistry } from './registry.js';
 import { restore as restoreImage, RestoredWithError as RestoreFailedAfterCommit, type RestoreResult } from './restore/driver.js';
 import { snapshot as snapshotApplication, SnapshottedWithError, type SnapshotResult } from './snapshot/driver.js';
@@ -243,16 +243,18 @@ export function stop(aid: string, opts: StopOptions = {}): Promise<void> {
     const timeoutMs = opts.timeoutMs ?? (opts.timeout !== undefined ? opts.timeout * 1000 : 10_000);
     if (!(timeoutMs >= 0)) throw new AppshotError(`timeoutMs ${timeoutMs}: expected a number of milliseconds`, ExitCode.usage);
     const reg = registry(opts);
-    await stopApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGTERM', 'signal'), timeoutMs / 1000);
+    const sig = signalName(opts.signal ?? 'SIGTERM', 'signal');
+    await stopApp(reg, await requireSignallable(reg, aid), sig, timeoutMs / 1000);
   });
 }
 
 /** Sends one signal (default SIGKILL) and resolves at once (`appshot
  * kill`). */
 export function kill(aid: string, opts: KillOptions = {}): Promise<void> {
-  return call(opts, () => {
+  return call(opts, async () => {
     const reg = registry(opts);
-    signalApp(reg, reg.require(aid), signalName(opts.signal ?? 'SIGKILL', 'signal'));
+    const sig = signalName(opts.signal ?? 'SIGKILL', 'signal');
+    signalApp(reg, stillRunning(reg, aid, await requireSignallable(reg, aid)), sig);
   });
 }
 

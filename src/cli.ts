@@ -8,7 +8,7 @@ import { resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AppshotError, errorText, ExitCode, isSystemCallError, printable } from './errors.js';
 import { type ApplicationInfo, describeApplications, ENTRY_FLAG_NAMES, formatId, listedAids, listProcesses, portsOf, portText, printColumns, processCommand, selectApplications, shellCommand, tableRows } from './inspect.js';
-import { age, pruneEnded, removeApps, signalApp, signalName, stopApp, waitEnded } from './lifecycle.js';
+import { age, pruneEnded, removeApps, requireSignallable, signalApp, signalName, stillRunning, stopApp, waitEnded } from './lifecycle.js';
 import { type AppRecord, LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded } from './registry.js';
 import { appshotVersion, registerVersion } from './commands/version.js';
 import { registerCheck } from './commands/check.js';
@@ -356,12 +356,12 @@ export function buildProgram(): Command {
       const sig = signalName(opts.signal);
       const grace = Number(opts.time);
       if (!(grace >= 0)) throw new AppshotError(`--time '${opts.time}': expected a number of seconds`, ExitCode.usage);
-      const records = requireEach(reg, aids, 'stopped');
-      const ended = await Promise.all(records.map((r) => stopApp(reg, r, sig, grace)));
+      const found = await requireEach(reg, aids, 'stopped');
+      const ended = await Promise.all(found.map((r) => stopApp(reg, r, sig, grace)));
       // A snapshot that ended it meanwhile left no exit code.
-      const stopped = records.map((r, i) => {
+      const stopped = aids.map((aid, i) => {
         const end = ended[i];
-        return { aid: r.aid, ...(end !== 'released' ? { exitCode: end.exitCode } : {}) };
+        return { aid, ...(end !== 'released' ? { exitCode: end.exitCode } : {}) };
       });
       if (wantsJson(opts)) json('stop', stopped, opts);
       else printAids(stopped);
@@ -380,10 +380,10 @@ export function buildProgram(): Command {
         '(appshot stop does; appshot wait waits).\n\n' +
         'Examples:\n  appshot kill web\n  appshot kill -s HUP web        reload its configuration\n  appshot kill -s 15 web',
     )
-    .action((aids: string[], opts: { signal: string; json: boolean; jsonObject: boolean }) => {
+    .action(async (aids: string[], opts: { signal: string; json: boolean; jsonObject: boolean }) => {
       const reg = registry();
       const sig = signalName(opts.signal);
-      const records = requireEach(reg, aids, 'signalled');
+      const records = await requireEach(reg, aids, 'signalled', (aid, found) => stillRunning(reg, aid, found));
       for (const r of records) signalApp(reg, r, sig);
       const signalled = records.map((r) => ({ aid: r.aid, signal: sig }));
       if (wantsJson(opts)) json('kill', signalled, opts);
@@ -1049,17 +1049,22 @@ const LOOK_ONLY = new Set(['ps', 'table', 'logs', 'inspect', 'show', 'ls', 'port
 
 /** Each AID's running application, every one checked before any is acted
  * on: one that cannot be (unknown, ended) refuses the whole command, and
- * with several the line says the others were left as they were. */
-function requireEach(reg: LocalRegistry, aids: string[], done: string): AppRecord[] {
-  return aids.map((aid) => {
+ * with several the line says the others were left as they were. One that
+ * ended while its supervisor was waited for is given as it ended
+ * (requireSignallable), unless `running` refuses it. */
+async function requireEach<T = AppRecord | 'released'>(reg: LocalRegistry, aids: string[], done: string, running = (_aid: string, found: AppRecord | 'released') => found as T): Promise<T[]> {
+  const records: T[] = [];
+  for (const aid of aids) {
     try {
-      return reg.require(aid);
+      // Its supervisor named, if `run` has just started it (lifecycle.ts).
+      records.push(running(aid, await requireSignallable(reg, aid)));
     } catch (e) {
       const others = aids.filter((a) => a !== aid);
       if (e instanceof AppshotError && others.length) throw new AppshotError(`${e.message}; none was ${done} (${others.map((a) => `'${a}'`).join(', ')} left as before)`, e.exitCode);
       throw e;
     }
-  });
+  }
+  return records;
 }
 
 /** The CLI process: one command, then the process ends. */

@@ -13,6 +13,7 @@
  * process of the application does (daemons) and then cleans up.
  */
 import { currentHolder, harnessOf } from './holder.js';
+import { killPoint } from './killpoint.js';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, constants as fsConstants, openSync, readlinkSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
@@ -185,6 +186,9 @@ export async function run(registry: Registry, command: string[], opts: RunOption
       { stdio: [...stdio], detached: opts.detach, env: withSetEnv(process.env, config.env) },
     );
     if (init.pid === undefined) throw new AppshotError(`cannot start ${paths.init}`);
+    // Test-only: the application runs, and may print, with no supervisor
+    // on record yet (lifecycle.ts requireSignallable).
+    killPoint('run: init spawned');
     record.initPid = init.pid;
     record.initStartTime = readStat(init.pid)?.startTime;
     // init removes the registration itself when the command cannot be

@@ -1,8 +1,8 @@
 import { readFileSync } from 'node:fs';
 
 /**
- * Test-only points in the phases a restore or a clone batch goes through
- * (APPSHOT_DEBUG=1 prints them as it reaches them):
+ * Test-only points in the phases a restore or a clone batch goes through,
+ * and a few elsewhere (APPSHOT_DEBUG=1 prints them as it reaches them):
  *
  * - APPSHOT_TEST_KILL_AT=NAME makes appshot kill itself with SIGKILL when
  *   it reaches the point NAME, so that tests can prove a command killed at
@@ -26,6 +26,12 @@ import { readFileSync } from 'node:fs';
  * removed from it, where a test kills the restore (the next command must
  * remove the file: registry.ts madeExecutableNames) or, stopped, moves,
  * links or swaps what is in its directory (test/exe-deleted.test.ts).
+ *
+ * 'run: init spawned' (harness.ts): `appshot run`'s application started,
+ * its supervisor's PID not yet in its record; 'signal: waiting for the
+ * supervisor' (lifecycle.ts requireSignallable): kill, stop or rm -f has
+ * read such a record as running, and is about to wait for that PID
+ * (test/lifecycle2.test.ts).
  *
  * 'restore: mappings checked' (memory.ts restoreMemory): each file a root
  * restore's process is to map opened as that process, before the process

@@ -13,11 +13,13 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { constants as osConstants } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
+import { holderAlive } from './holder.js';
 import { signalProcesses } from './inspect.js';
+import { killPoint } from './killpoint.js';
 import { isSameProcess, readStat } from './procfs.js';
 import { dropKept } from './resources/keeper.js';
 import { lexists } from './resources/paths.js';
-import { type AppRecord, type LocalRegistry, checkAid, isEnded, keptForImage } from './registry.js';
+import { type AppRecord, type LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded, keptForImage } from './registry.js';
 import { duration } from './words.js';
 
 /** How often a waiter looks at the registration. */
@@ -74,6 +76,59 @@ export function signalApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Sig
 }
 
 /**
+ * The running application `aid`, for a command that signals it (kill,
+ * stop, rm -f). `appshot run` records its supervisor's PID a moment after
+ * starting it (harness.ts), and the application may print first, and be
+ * acted on: without that PID a signal went straight to every process
+ * instead of to the first through init, and stop and rm did not wait for
+ * init's exit. While the registration is that young, its record is read
+ * again (requireSupervised). A restore or clone is never waited for: its
+ * record says so (`restore`), and until its init is recorded it is
+ * signalled straight (signalApp).
+ *
+ * Read as running (`record`, if the caller has just read it), it may end
+ * during that wait: then what it became is returned, as stopApp's wait
+ * returns it: its ended record, or 'released' if its registration went (a
+ * snapshot ended it, or its `run` died before naming a supervisor and
+ * nothing of it is left). Each command says that as it says an end that
+ * came after its signal (review r422 F2).
+ */
+export async function requireSignallable(reg: LocalRegistry, aid: string, record = reg.require(aid)): Promise<AppRecord | 'released'> {
+  if (record.initPid !== undefined || record.restore) return record;
+  killPoint('signal: waiting for the supervisor');
+  let now: AppRecord;
+  try {
+    now = await reg.requireSupervised(aid);
+  } catch (e) {
+    const found = reg.get(aid);
+    const settled = found && reg.settle(found);
+    if (!settled) return 'released';
+    if (isEnded(settled)) return settled;
+    throw e;
+  }
+  if (now.initPid === undefined) {
+    // Signalled without its supervisor: a process forked outside the
+    // tables' view is not reached, and stop does not wait for init.
+    const why = holderAlive({ pid: now.harnessPid, startTime: now.harnessStartTime ?? 0, request: now.harnessRequest }, reg.home)
+      ? 'its appshot run has not recorded it within 10 s'
+      : 'the appshot run that started it ended before recording it';
+    process.stderr.write(`appshot: warning: '${aid}' has no supervisor on record (${why}): its processes are signalled directly\n`);
+  }
+  return now;
+}
+
+/** For a command that only sends a signal (kill): an application that
+ * ended while requireSignallable waited is refused as one that had ended
+ * before (`require`), exit 1 whichever way it went. */
+export function stillRunning(reg: LocalRegistry, aid: string, found: AppRecord | 'released'): AppRecord {
+  if (found !== 'released' && !isEnded(found)) return found;
+  if (found !== 'released') throw new AppshotError(`'${aid}' is not running (${describeEnd(found)}; 'appshot rm ${aid}' removes it)`, ExitCode.failure);
+  const snapshotted = reg.getSnapshotted(aid);
+  if (snapshotted) throw new AppshotError(`'${aid}' is not running: it was ${describeSnapshot(snapshotted)} (restore the image, or 'appshot rm ${aid}' removes its record)`, ExitCode.failure);
+  throw new AppshotError(`'${aid}' is not running: it ended before its appshot run recorded its supervisor, and its registration went with it`, ExitCode.failure);
+}
+
+/**
  * Waits until the application `aid` has ended, at most `timeoutMs`.
  * Resolves with its ended record; with 'released' if its registration went
  * instead (a snapshot ended it, `rm` removed it, or it never committed);
@@ -115,9 +170,14 @@ async function waitKilled(reg: LocalRegistry, record: AppRecord): Promise<AppRec
 /**
  * `appshot stop`: sends `sig`, waits up to `graceSeconds` for the
  * application to end, then kills every process with SIGKILL; returns once
- * it has ended (its record, or 'released').
+ * it has ended (its record, or 'released'). `found`: requireSignallable's
+ * answer, which may say it has ended already.
  */
-export async function stopApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Signals, graceSeconds: number): Promise<AppRecord | 'released'> {
+export async function stopApp(reg: LocalRegistry, found: AppRecord | 'released', sig: NodeJS.Signals, graceSeconds: number): Promise<AppRecord | 'released'> {
+  // Ended while its supervisor was waited for (requireSignallable): as if
+  // after the signal.
+  if (found === 'released') return found;
+  const record = found;
   // Its supervisor writes how the application ended a moment before it
   // exits itself: "returns once it has ended" means that one gone too.
   const initPid = reg.trustedInitPid(record);
@@ -127,6 +187,7 @@ export async function stopApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS
     for (let looks = 0; initPid && isSameProcess(initPid, initStart) && Date.now() < deadline; looks++) await sleep(pollPause(looks));
     return ended;
   };
+  if (isEnded(record)) return gone(record);
   signalApp(reg, record, sig, { settle: false });
   if (sig !== 'SIGKILL') {
     const ended = await waitEnded(reg, record.aid, graceSeconds * 1000);
@@ -186,6 +247,13 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
   const killed: { record: AppRecord; initPid: number; initStart?: number }[] = [];
   const asked = new Set<string>();
   const kept: string[] = [];
+  // The record of `aid`'s snapshot removed, if there is one; refused
+  // while a restore of its image registers it.
+  const snapshottedRemoved = (aid: string) => {
+    const snapshotted = removeSnapshotted(reg, aid, (line) => kept.push(line));
+    if (snapshotted === 'busy') throw new AppshotError(`'${aid}' is being registered right now (by a restore of its image?): try again once it is`, ExitCode.conflict);
+    return snapshotted === 'removed';
+  };
   for (const [at, aid] of aids.entries()) {
     if (asked.has(aid)) {
       repeats.push({ aid, at });
@@ -194,20 +262,31 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
     asked.add(aid);
     try {
       checkAid(aid);
-      if (!reg.get(aid)) {
-        const snapshotted = removeSnapshotted(reg, aid, (line) => kept.push(line));
-        if (snapshotted === 'busy') throw new AppshotError(`'${aid}' is being registered right now (by a restore of its image?): try again once it is`, ExitCode.conflict);
-        if (snapshotted === 'removed') {
-          removed.add(aid);
-          continue;
-        }
+      if (!reg.get(aid) && snapshottedRemoved(aid)) {
+        removed.add(aid);
+        continue;
       }
-      const record = reg.requireAny(aid);
+      const read = reg.requireAny(aid);
+      if (isEnded(read)) {
+        ended.push(read);
+        continue;
+      }
+      if (!force) throw new AppshotError(`'${aid}' is running: stop it first (appshot stop ${aid}), or 'appshot rm -f ${aid}'`, ExitCode.failure);
+      // Its supervisor named, if `run` has just started it. Ended
+      // meanwhile, it is removed as one that had. Released: a snapshot
+      // that ended it meanwhile left its record, which goes as above
+      // (review r422 F3); a `run` that died before naming a supervisor
+      // left nothing to remove.
+      const record = await requireSignallable(reg, aid, read);
+      if (record === 'released') {
+        snapshottedRemoved(aid);
+        removed.add(aid);
+        continue;
+      }
       if (isEnded(record)) {
         ended.push(record);
         continue;
       }
-      if (!force) throw new AppshotError(`'${aid}' is running: stop it first (appshot stop ${aid}), or 'appshot rm -f ${aid}'`, ExitCode.failure);
       // Its supervisor as it is now: waited for below, as stopApp does.
       const initPid = reg.trustedInitPid(record);
       const initStart = initPid ? readStat(initPid)?.startTime : undefined;

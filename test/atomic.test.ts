@@ -877,7 +877,13 @@ describe('a --leave-running snapshot killed while a thread runs an injected batc
     const aid = 'skill-batch';
     await runDetached(aid, [fixture('snapfix'), '-1', '1']);
     await sb.checksPass(aid, 2);
-    const before = signalState(aid);
+    // Read while appshot-init sleeps in sigtimedwait: it keeps the signals
+    // it waits for blocked at all other times, and its mask reads empty
+    // only while it sleeps there; read otherwise, it is the waited set,
+    // which the state after the killed batch (below) would not match.
+    const init = sb.json<{ processes: { vpid: number; pid: number }[] }[]>(['ps', aid])[0].processes.find((p) => p.vpid === 1)!.pid;
+    let before: Record<string, string> = {};
+    await waitFor(() => (before = signalState(aid))[`${init}/${init}`]?.startsWith('0000000000000000 ') === true, 10_000, `${aid}'s init asleep in sigtimedwait`);
     const image = join(dir, `${aid}.appshot`);
     const r = spawnSync(process.execPath, [cli, 'snapshot', aid, '-o', image, '--leave-running'], {
       env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_KILL_AT: 'batch: running' },
@@ -887,9 +893,9 @@ describe('a --leave-running snapshot killed while a thread runs an injected batc
     expect(r.signal, `the snapshot was to be killed at 'batch: running': ${r.stderr}`).toBe('SIGKILL');
     await runsUntraced(aid);
     expect(sb.log(aid)).not.toMatch(/FAIL/);
-    // Waited for, not read once: appshot-init blocks its signals for a
-    // moment while it handles one (ci-48d read its mask then), which a
-    // thread left with the batch's mask would never stop doing.
+    // Waited for, not read once: appshot-init's mask is the waited set
+    // whenever it is not asleep in sigtimedwait (ci-48d read it then),
+    // where a thread left with the batch's mask would keep that mask.
     await waitFor(() => JSON.stringify(signalState(aid)) === JSON.stringify(before), 10_000, `${aid}'s signal masks and dispositions as they were`).catch(() => undefined);
     expect(signalState(aid)).toEqual(before);
     // And the next snapshot of it is whole.

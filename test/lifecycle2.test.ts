@@ -11,7 +11,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
-import { alive, cli, command, fixture, Sandbox, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { alive, cli, command, fixture, processesWithArgument, processState, Sandbox, stoppedAt, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 // Tests of twenty commands and more in a row: on a loaded machine each
@@ -507,6 +507,162 @@ describe('logs across a snapshot and its restore', () => {
     expect(sb.allAids()).not.toContain('fgsnap');
     expect(sb.run(['restore', image]).code).toBe(0);
     expect(sb.run(['rm', '-f', 'fgsnap']).code).toBe(0);
+  });
+});
+
+describe('kill, stop and rm -f of an application whose supervisor is not on record yet', () => {
+  // `run` records its supervisor's PID a moment after starting it, and the
+  // application may print first (CI's race, as the foreground snapshot
+  // above had it). `run` stops itself at that moment here (its test point
+  // 'run: init spawned'), however long the moment is.
+  const RUN_POINT = 'run: init spawned';
+  // And the command, once it has read the record as running and is about
+  // to wait for that PID: the application then ends meanwhile.
+  const WAIT_POINT = 'signal: waiting for the supervisor';
+
+  it('a signal sent as soon as a foreground application prints goes to its first process only', async () => {
+    // kill acted on that output with a record naming no supervisor, and
+    // sent the signal straight to every process, as it does while a
+    // restore is under way. The first process ends its child itself on
+    // SIGHUP, once kill has returned (the file "go"), and says how the
+    // child ended: by SIGTERM (143) if only the first process had the HUP;
+    // by SIGHUP (129) if the child had one too.
+    const go = join(dir, 'fghup.go');
+    const script =
+      'sleep 1236 </dev/null >/dev/null 2>&1 & c=$!; ' +
+      'trap \'while [ ! -e "$0" ]; do sleep 0.02; done; kill -TERM $c; wait $c; echo "CHILD-ENDED $?"; exit 0\' HUP; ' +
+      'echo READY; while :; do wait; done';
+    // The library's kill, in this process: it reads the record while `run`
+    // is stopped, with no supervisor on it for certain.
+    const api = await import('../src/api.js');
+    const fg = sb.start(['run', '--aid', 'fghup', '--', 'sh', '-c', script, go], { APPSHOT_ENGINE: 'off', APPSHOT_TEST_STOP_AT: RUN_POINT });
+    await fg.line(/^READY$/);
+    await waitFor(() => processState(fg.child.pid!) === 'T', 30_000, `run to stop at '${RUN_POINT}'`);
+    let settled = false;
+    const killed = api.kill('fghup', { home: sb.home, signal: 'HUP' }).finally(() => (settled = true));
+    // A kill that does not wait for the supervisor signals every process
+    // now, while `run` is stopped: given up to a second to, before `run`
+    // goes on (a kill that waits, as it must, cannot end before that).
+    await waitFor(() => settled, 1_000).catch(() => undefined);
+    fg.child.kill('SIGCONT');
+    await killed;
+    writeFileSync(go, '');
+    expect((await fg.line(/^CHILD-ENDED \d+$/))[0]).toBe('CHILD-ENDED 143');
+    const r = await fg.exited;
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).not.toMatch(/warning/);
+    expect(sb.run(['rm', 'fghup']).code).toBe(0);
+  });
+
+  /** `appshot run -d` of a shell `script` ($0: `marker`, a path) stopped
+   * at RUN_POINT, its application running and having said READY; then
+   * `appshot ARGS` stopped at WAIT_POINT, having read it as running. */
+  async function unsupervised(aid: string, script: string, marker: string, args: string[]) {
+    const run = await stoppedAt(sb, ['run', '-d', '--aid', aid, '--', 'sh', '-c', `echo READY; ${script}`, marker], RUN_POINT, `run ${aid} to stop at '${RUN_POINT}'`);
+    const log = join(sb.home, 'apps', aid, 'log');
+    await waitFor(() => existsSync(log) && readFileSync(log, 'utf8').includes('READY'), 30_000, `${aid} to say READY`);
+    const command = await stoppedAt(sb, args, WAIT_POINT, `appshot ${args.join(' ')} to stop at '${WAIT_POINT}'`);
+    return { run, command };
+  }
+
+  // The application ends by itself once its file is there, with code 5.
+  const ENDS = 'while [ ! -e "$0" ]; do sleep 0.02; done; exit 5';
+  const exitFile = (aid: string) => join(sb.home, 'apps', aid, 'exit');
+
+  it('ended meanwhile: stop says it as ended, rm -f removes it, kill refuses it as an ended one', async () => {
+    const cases = [
+      { aid: 'mstop', args: ['stop', '--json', 'mstop'] },
+      { aid: 'mkill', args: ['kill', '-s', 'HUP', 'mkill'] },
+      { aid: 'mrm', args: ['rm', '-f', 'mrm'] },
+    ];
+    const results: Record<string, { code: number | null; stdout: string; stderr: string }> = {};
+    for (const { aid, args } of cases) {
+      const marker = join(dir, `${aid}.end`);
+      const { run, command } = await unsupervised(aid, ENDS, marker, args);
+      writeFileSync(marker, '');
+      await waitFor(() => existsSync(exitFile(aid)), 30_000, `${aid} to end`);
+      results[aid] = await command.go();
+      expect(results[aid].stderr, aid).not.toMatch(/warning/);
+      expect((await run.go()).code, `run -d ${aid}`).toBe(0);
+    }
+    // As stop says an end after its signal: its AID and exit code, exit 0.
+    expect(results.mstop.code, results.mstop.stderr).toBe(0);
+    expect(JSON.parse(results.mstop.stdout)).toMatchObject([{ aid: 'mstop', exitCode: 5 }]);
+    expect(app('mstop')).toMatchObject({ state: 'exited', exitCode: 5 });
+    // As kill refuses one that ended before it: exit 1, how it ended.
+    expect(results.mkill.code).toBe(1);
+    expect(results.mkill.stderr).toMatch(/^appshot: 'mkill' is not running \(exited with code 5 at /);
+    expect(app('mkill')).toMatchObject({ state: 'exited', exitCode: 5 });
+    expect(results.mrm.code, results.mrm.stderr).toBe(0);
+    expect(results.mrm.stdout).toBe('mrm\n');
+    expect(sb.allAids()).not.toContain('mrm');
+    for (const aid of ['mstop', 'mkill']) expect(sb.run(['rm', aid]).code).toBe(0);
+  });
+
+  it('released meanwhile (its run, init and processes killed): stop and rm -f say it, kill refuses it with exit 1', async () => {
+    const cases = [
+      { aid: 'rstop', args: ['stop', 'rstop'] },
+      { aid: 'rkill', args: ['kill', 'rkill'] },
+      { aid: 'rrm', args: ['rm', '-f', 'rrm'] },
+    ];
+    const results: Record<string, { code: number | null; stdout: string; stderr: string }> = {};
+    for (const { aid, args } of cases) {
+      // The shell waits in the open of a FIFO nobody writes: no process
+      // of its own (a `sleep` might outlive the others for a moment).
+      const marker = join(dir, `${aid}.fifo`);
+      expect(spawnSync('mkfifo', [marker]).status).toBe(0);
+      const { command } = await unsupervised(aid, 'read x < "$0"', marker, args);
+      // `run`, init and the shell all name the FIFO: killed together,
+      // nobody writes how it ended, and nothing of it is left.
+      const pids = processesWithArgument(marker);
+      expect(pids.length, aid).toBeGreaterThanOrEqual(3);
+      for (const pid of pids) process.kill(pid, 'SIGKILL');
+      await waitFor(() => !pids.some(alive), 30_000, `${aid}'s processes to be gone`);
+      results[aid] = await command.go();
+    }
+    expect(results.rstop.code, results.rstop.stderr).toBe(0);
+    expect(results.rstop.stdout).toBe('rstop\n');
+    expect(results.rkill.code).toBe(1);
+    expect(results.rkill.stderr).toBe("appshot: 'rkill' is not running: it ended before its appshot run recorded its supervisor, and its registration went with it\n");
+    expect(results.rrm.code, results.rrm.stderr).toBe(0);
+    expect(results.rrm.stdout).toBe('rrm\n');
+    for (const aid of ['rstop', 'rkill', 'rrm']) expect(sb.allAids()).not.toContain(aid);
+  });
+
+  it('its run gone before recording it: kill says, in one line, that it signals the processes directly', async () => {
+    const marker = join(dir, 'orphan.fifo');
+    expect(spawnSync('mkfifo', [marker]).status).toBe(0);
+    const run = await stoppedAt(sb, ['run', '-d', '--aid', 'orphan', '--', 'sh', '-c', 'echo READY; read x < "$0"', marker], RUN_POINT, `run to stop at '${RUN_POINT}'`);
+    const log = join(sb.home, 'apps', 'orphan', 'log');
+    await waitFor(() => existsSync(log) && readFileSync(log, 'utf8').includes('READY'), 30_000, 'orphan to say READY');
+    // Only `run` killed: init and the shell go on, and no supervisor will
+    // ever be on record.
+    const runPid = processesWithArgument(marker).find((pid) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes('run'));
+    expect(runPid).toBeDefined();
+    process.kill(runPid!, 'SIGKILL');
+    await run.go();
+    const k = await sb.runAsync(['kill', 'orphan']);
+    expect(k.code, k.stderr).toBe(0);
+    expect(k.stderr).toBe("appshot: warning: 'orphan' has no supervisor on record (the appshot run that started it ended before recording it): its processes are signalled directly\n");
+    await waitFor(() => processesWithArgument(marker).length === 0, 30_000, "orphan's processes to be gone");
+    expect(sb.run(['rm', '-f', 'orphan']).code).toBe(0);
+    expect(sb.allAids()).not.toContain('orphan');
+  });
+
+  it('snapshotted meanwhile: rm -f removes the record the snapshot left', async () => {
+    const marker = join(dir, 'msnap.never');
+    const { run, command } = await unsupervised('msnap', ENDS, marker, ['rm', '-f', 'msnap']);
+    // `run` records the supervisor and returns; the snapshot ends it while
+    // rm -f still holds the record it read.
+    expect((await run.go()).code).toBe(0);
+    const image = join(dir, 'msnap.appshot');
+    const s = sb.run(['snapshot', 'msnap', '-o', image]);
+    expect(s.code, s.stderr).toBe(0);
+    expect(app('msnap')).toMatchObject({ state: 'snapshotted', image });
+    const r = await command.go();
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toBe('msnap\n');
+    expect(app('msnap')).toBeUndefined();
   });
 });
 

@@ -108,15 +108,24 @@ class Client {
   }
 }
 
-/** The state of the connection local:remote in /proc/net/tcp (5 is
- * FIN_WAIT2), or undefined. */
-function tcpState(local: number, remote: number): number | undefined {
-  const hex = (p: number) => p.toString(16).toUpperCase().padStart(4, '0');
-  for (const line of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
+/** The row of the connection local:remote in /proc/net/tcp (tcp6 if
+ * `v6`), split into its fields, or undefined: the one place that finds
+ * it for the readers below. The ports are as the kernel prints them, hex
+ * in capitals; local:remote picks one end of a connection on this host. */
+function tcpRow(local: number, remote: number, v6 = false): string[] | undefined {
+  const hex = (p: number) => `:${p.toString(16).toUpperCase().padStart(4, '0')}`;
+  for (const line of readFileSync(v6 ? '/proc/net/tcp6' : '/proc/net/tcp', 'utf8').split('\n').slice(1)) {
     const f = line.trim().split(/\s+/);
-    if (f[1]?.endsWith(`:${hex(local)}`) && f[2]?.endsWith(`:${hex(remote)}`)) return parseInt(f[3], 16);
+    if (f[1]?.endsWith(hex(local)) && f[2]?.endsWith(hex(remote))) return f;
   }
   return undefined;
+}
+
+/** The state of the connection local:remote (5 is FIN_WAIT2), or
+ * undefined. */
+function tcpState(local: number, remote: number): number | undefined {
+  const f = tcpRow(local, remote);
+  return f && parseInt(f[3], 16);
 }
 
 /** Whether any socket, in any state, has local port `port`. */
@@ -128,14 +137,32 @@ function portInUse(port: number): boolean {
 }
 
 /** How many times the connection local:remote sent the same segment
- * again (/proc/net/tcp's retrnsmt column), or undefined. */
+ * again (the retrnsmt column), or undefined. */
 function retransmissions(local: number, remote: number): number | undefined {
-  const hex = (p: number) => p.toString(16).toUpperCase().padStart(4, '0');
-  for (const line of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
-    const f = line.trim().split(/\s+/);
-    if (f[1]?.endsWith(`:${hex(local)}`) && f[2]?.endsWith(`:${hex(remote)}`)) return parseInt(f[6], 16);
-  }
-  return undefined;
+  const f = tcpRow(local, remote);
+  return f && parseInt(f[6], 16);
+}
+
+/** The server's end of the connection from `peer` to `port` (tcp6 for
+ * ::1): its state (hex, 08: CLOSE_WAIT) and the bytes it has not read
+ * (rx_queue; a FIN received counts as one); undefined if there is none. */
+function serverEnd(port: number, peer: number, host = '127.0.0.1'): { state: string; unread: number } | undefined {
+  const f = tcpRow(port, peer, host === '::1');
+  return f && { state: f[3], unread: parseInt(f[4].split(':')[1], 16) };
+}
+
+/** Waits until the server's end of the connection from `peer` holds
+ * `unread` bytes it has not read (and, with `state`, is in that state):
+ * what the snapshot is to find there, waited for rather than given a
+ * fixed time to arrive. */
+async function serverHas(port: number, peer: number, unread: number, host = '127.0.0.1', state?: string): Promise<void> {
+  let end: ReturnType<typeof serverEnd>;
+  await waitFor(() => {
+    end = serverEnd(port, peer, host);
+    return end !== undefined && end.unread === unread && (state === undefined || end.state === state);
+  }, 10_000, `the server's end of the connection from port ${peer} to hold ${unread} unread bytes${state ? ` in state ${state}` : ''}`).catch((e: Error) => {
+    throw new Error(`${e.message} (last seen: ${JSON.stringify(end)})`);
+  });
 }
 
 /** The appshot-keeper processes holding connections for `home`. */
@@ -200,7 +227,7 @@ async function startFixture(aid: string, port: number, host = '127.0.0.1'): Prom
   client.socket.write('ECHO hello\n');
   // The request reaches the server's receive queue; the handler, blocked
   // writing BIG, does not read it.
-  await new Promise((r) => setTimeout(r, 200));
+  await serverHas(port, client.socket.localPort!, 'ECHO hello\n'.length, host);
   return { client, go };
 }
 
@@ -520,7 +547,8 @@ describe('established TCP connections', () => {
     const port = 26605;
     const { client } = await startFixture('tcp5', port);
     client.socket.end('ECHO bye\n'); // our FIN after it; we still read
-    await new Promise((r) => setTimeout(r, 200));
+    // Both requests and our FIN, which /proc counts as one byte more.
+    await serverHas(port, client.socket.localPort!, 'ECHO hello\nECHO bye\n'.length + 1, '127.0.0.1', '08');
     run(['snapshot', 'tcp5', '-o', join(out, 'tcp5')]);
     expect(run(['inspect', join(out, 'tcp5')])).toMatch(
       new RegExp(`tcp 127\\.0\\.0\\.1:${port} → 127\\.0\\.0\\.1:${client.socket.localPort} \\(CLOSE_WAIT: the peer closed its side\\), 20 bytes unread`),
@@ -566,7 +594,8 @@ describe('established TCP connections', () => {
     const port = 26606;
     const { client, go } = await startFixture('tcp6', port, '::1');
     client.socket.end('ECHO bye\n');
-    await new Promise((r) => setTimeout(r, 200));
+    // Both requests and our FIN, which /proc counts as one byte more.
+    await serverHas(port, client.socket.localPort!, 'ECHO hello\nECHO bye\n'.length + 1, '::1', '08');
     run(['snapshot', 'tcp6', '-o', join(out, 'tcp6')]);
     expect(run(['inspect', join(out, 'tcp6')])).toMatch(new RegExp(`tcp \\[::1\\]:${port} → \\[::1\\]:${client.socket.localPort} \\(CLOSE_WAIT`));
     run(['restore', join(out, 'tcp6')]);
