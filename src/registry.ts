@@ -30,7 +30,7 @@ import { type BigIntStats, constants as fsConstants, utimes } from 'node:fs';
 import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode, printable } from './errors.js';
-import { addon, type InstanceConfig, type TablesSnapshot } from './native.js';
+import { addon, type InstanceConfig, type ProcessFacts, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
 import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
 import { currentRequest } from './engine/request.js';
@@ -693,23 +693,25 @@ export class LocalRegistry implements Registry {
   }
 
   list(): AppRecord[] {
-    this.sweepPorts();
-    const out: AppRecord[] = [];
-    for (const aid of readdirSync(this.appsDir).sort()) {
-      if (aid.startsWith('.')) {
-        // A removal that was killed half-way (see removeDir).
-        rmSync(join(this.appsDir, aid), { recursive: true, force: true });
-        continue;
+    return this.withOneProcessLook(() => {
+      this.sweepPorts();
+      const out: AppRecord[] = [];
+      for (const aid of readdirSync(this.appsDir).sort()) {
+        if (aid.startsWith('.')) {
+          // A removal that was killed half-way (see removeDir).
+          rmSync(join(this.appsDir, aid), { recursive: true, force: true });
+          continue;
+        }
+        const record = this.get(aid);
+        if (!record) {
+          this.dropOrphanDir(aid);
+          continue;
+        }
+        const settled = this.settleOrKeep(record);
+        if (settled) out.push(settled);
       }
-      const record = this.get(aid);
-      if (!record) {
-        this.dropOrphanDir(aid);
-        continue;
-      }
-      const settled = this.settleOrKeep(record);
-      if (settled) out.push(settled);
-    }
-    return out;
+      return out;
+    });
   }
 
   /** Where a restore (or a batch of clones) will commit: a file created
@@ -863,19 +865,50 @@ export class LocalRegistry implements Registry {
     }
     if (initPid !== record.initPid && isSameProcess(initPid, undefined)) return false;
     // A live process of its table counts only if it really is one of the
-    // application's (its environment or descriptors name these tables):
-    // anyone holding the table file may have written any PID there.
+    // application's (it holds the file, or, of the registry's user, its
+    // environment names it: TablesNamers): anyone holding the table file
+    // may have written any PID there.
     // Tables there but unreadable (a process of the application truncating
     // its file, a full filesystem, no descriptor left...): only a file gone
     // says nothing of it runs; otherwise a live process naming the tables
     // does (review r395 F3: such a registration was released under its
     // live processes, their SysV objects and tables removed).
-    if (!t) return read.gone === true || !anyProcessNaming(record.tables);
+    if (!t) return read.gone === true || !this.namers().any(record.tables);
     // Read whole but none of its processes found: the tables are the
     // application's to write, and one that rewrites its file may have been
     // read half-written (no process in it yet). Looked for among all
-    // processes before it is released: once per dead registration.
-    return t.tables.pid.every((e) => e.system <= 1 || e.system === initPid || !isSameProcess(e.system, undefined) || !addon().pidBelongs(e.system, 0, record.tables)) && !anyProcessNaming(record.tables);
+    // processes before it is released: once per walk (withOneProcessLook).
+    // Those it names first: the one alive answers at once.
+    const namers = this.namers();
+    return t.tables.pid.every((e) => e.system <= 1 || e.system === initPid || !isSameProcess(e.system, undefined) || !namers.namedBy(e.system, record.tables)) && !namers.any(record.tables);
+  }
+
+  /** The look at processes (TablesNamers) of the walk under way, if one
+   * is: every registration and port claim a walk judges shares one. */
+  private walkNamers: TablesNamers | undefined;
+
+  private namers(): TablesNamers {
+    return this.walkNamers ?? new TablesNamers(this.tablesPrefix());
+  }
+
+  /** Runs `fn` (a walk over registrations or port claims, all of it
+   * synchronous) with one look at the processes for all it judges: before
+   * (review r404 F4 b), each dead registration looked at every process
+   * once more, N+1 times in a `ps` when one process named its tables. */
+  private withOneProcessLook<T>(fn: () => T): T {
+    if (this.walkNamers) return fn();
+    this.walkNamers = new TablesNamers(this.tablesPrefix());
+    try {
+      return fn();
+    } finally {
+      this.walkNamers = undefined;
+    }
+  }
+
+  /** Where this registry's table files are, as an open descriptor's
+   * target reads (newTablesPath). */
+  private tablesPrefix(): string {
+    return canonicalTablesPath(`/dev/shm/appshot-${this.tag}-`);
   }
 
   /** The application's supervisor, if the process the record names still
@@ -1428,14 +1461,16 @@ export class LocalRegistry implements Registry {
    * copies are `privateRoot`, if any. Reads every registration: for the
    * restores that need to know (a private /tmp's, restore/driver.ts). */
   runningWith(privateRoot: string, except: string): string | undefined {
-    for (const aid of readdirSync(this.appsDir)) {
-      if (aid === except || aid.startsWith('.')) continue;
-      const r = this.get(aid);
-      if (r?.privateRoot !== privateRoot) continue;
-      const settled = this.settleOrKeep(r);
-      if (settled && !isEnded(settled)) return aid;
-    }
-    return undefined;
+    return this.withOneProcessLook(() => {
+      for (const aid of readdirSync(this.appsDir)) {
+        if (aid === except || aid.startsWith('.')) continue;
+        const r = this.get(aid);
+        if (r?.privateRoot !== privateRoot) continue;
+        const settled = this.settleOrKeep(r);
+        if (settled && !isEnded(settled)) return aid;
+      }
+      return undefined;
+    });
   }
 
   /** Removes `stateDir` if it is a hold (withAidHeld) whose holder is
@@ -1573,13 +1608,18 @@ export class LocalRegistry implements Registry {
     const [lo, hi] = portRange();
     const span = hi - lo + 1;
     const start = Math.floor(Math.random() * span);
-    for (let i = 0; i < span; i++) {
-      const port = lo + ((start + i) % span);
-      if (!this.claimPort(aid, port, { fresh: true })) continue;
-      if (usable(port)) return port;
-      // Held by something outside appshot: let the claim go, try the next.
-      this.releasePort(port, aid);
-    }
+    // One look at the processes for every claim met on the way.
+    const port = this.withOneProcessLook(() => {
+      for (let i = 0; i < span; i++) {
+        const port = lo + ((start + i) % span);
+        if (!this.claimPort(aid, port, { fresh: true })) continue;
+        if (usable(port)) return port;
+        // Held by something outside appshot: let the claim go, try the next.
+        this.releasePort(port, aid);
+      }
+      return undefined;
+    });
+    if (port !== undefined) return port;
     throw new AppshotError(`no free port left in ${lo}-${hi} (set APPSHOT_PORTS)`, ExitCode.conflict);
   }
 
@@ -1606,13 +1646,24 @@ export class LocalRegistry implements Registry {
    * instance given a port it had claimed a moment before for another of
    * its ports bound both to one, and failed: fuzz33 L11). */
   claimPort(aid: string, port: number, { fresh = false } = {}): boolean {
-    return this.withPortsLocked(() => {
-      const file = join(this.portsDir, String(port));
-      if (existsSync(file) && (fresh || this.portOwner(port) !== aid) && !this.portClaimIsStale(port)) return false;
-      writeFileSync(`${file}.tmp`, `${aid} ${formatHolder(currentHolder())}`);
-      renameSync(`${file}.tmp`, file);
-      noteHeld('port', port);
-      return true;
+    const file = join(this.portsDir, String(port));
+    const takeable = (text: string | undefined) => text === undefined || (!fresh && text.split(' ')[0] === aid) || this.portClaimIsStale(port);
+    return this.withOneProcessLook(() => {
+      // Judged before the lock is taken: whether a claim is stale may take
+      // a look at every process (isStale), which no other claimer should
+      // wait for (review r404 F4 b). Under the lock, a claim still as it
+      // was judged is judged so still: a claim's staleness does not come
+      // back (its holder, its application dead stay dead).
+      const seen = this.portClaimText(port);
+      if (!takeable(seen)) return false;
+      return this.withPortsLocked(() => {
+        const now = this.portClaimText(port);
+        if (now !== seen && !takeable(now)) return false;
+        writeFileSync(`${file}.tmp`, `${aid} ${formatHolder(currentHolder())}`);
+        renameSync(`${file}.tmp`, file);
+        noteHeld('port', port);
+        return true;
+      });
     });
   }
 
@@ -1622,21 +1673,44 @@ export class LocalRegistry implements Registry {
   }
 
   private portClaim(port: number): { aid: string; holder: Holder } | undefined {
-    let text: string;
+    const text = this.portClaimText(port);
+    if (text === undefined) return undefined;
+    const [aid, ...holder] = text.trim().split(' ');
+    return { aid, holder: parseHolder(holder) };
+  }
+
+  /** A port claim's file as written ("AID PID START [REQUEST]"), if any. */
+  private portClaimText(port: number): string | undefined {
     try {
-      text = readFileSync(join(this.portsDir, String(port)), 'utf8');
+      return readFileSync(join(this.portsDir, String(port)), 'utf8');
     } catch {
       return undefined;
     }
-    const [aid, ...holder] = text.trim().split(' ');
-    return { aid, holder: parseHolder(holder) };
   }
 
   /** Takes back the ports of applications that are gone. */
   sweepPorts(): void {
     if (!existsSync(this.portsDir)) return;
+    this.withOneProcessLook(() => {
+      const ports = readdirSync(this.portsDir)
+        .filter((p) => /^\d+$/.test(p))
+        .map(Number);
+      this.dropStaleClaims(ports);
+    });
+  }
+
+  /** Removes the claims of `ports` that are stale (portClaimIsStale),
+   * judged outside the ports lock (claimPort says why), each removed under
+   * it only if still as judged. */
+  private dropStaleClaims(ports: number[], which: (port: number) => boolean = () => true): void {
+    const stale = new Map<number, string>();
+    for (const port of ports) {
+      const text = this.portClaimText(port);
+      if (text !== undefined && which(port) && this.portClaimIsStale(port)) stale.set(port, text);
+    }
+    if (!stale.size) return;
     this.withPortsLocked(() => {
-      for (const p of readdirSync(this.portsDir)) if (/^\d+$/.test(p) && this.portClaimIsStale(Number(p))) rmSync(join(this.portsDir, p), { force: true });
+      for (const [port, text] of stale) if (this.portClaimText(port) === text) rmSync(join(this.portsDir, String(port)), { force: true });
     });
   }
 
@@ -1676,10 +1750,7 @@ export class LocalRegistry implements Registry {
       if (record && record.harnessRequest === request && record.initPid === undefined) this.settle(record);
     }
     const ports = [...held.ports];
-    if (ports.length)
-      this.withPortsLocked(() => {
-        for (const port of ports) if (this.portClaim(port)?.holder.request === request && this.portClaimIsStale(port)) rmSync(join(this.portsDir, String(port)), { force: true });
-      });
+    if (ports.length) this.withOneProcessLook(() => this.dropStaleClaims(ports, (port) => this.portClaim(port)?.holder.request === request));
   }
 
   private dropOrphanDir(aid: string): void {
@@ -1769,21 +1840,92 @@ function tablesUnreadable(code: string | undefined, message: string): string {
 /** "APPAT", the first field of every table file's header (appshot_table.h). */
 const TABLE_MAGIC = 0x5441505041n;
 
-/** Whether any process (but this one) has these tables in its environment
- * or descriptors, as one of the application's has: looked for only when
- * its tables cannot be read. */
-function anyProcessNaming(tables: string): boolean {
-  let pids: string[];
+/**
+ * Who holds or names table files, for the look at a registration whose
+ * supervisor is gone (isStale): one of the application's processes may
+ * outlive it (a daemon its SIGKILL did not reach), and the registration
+ * is not released under that process. A process counts when
+ *  - it holds a descriptor of the table file: every process of the
+ *    application keeps one (preload_fd.c), whatever uid it runs as, and a
+ *    descriptor is a capability: the file is 0600, only a process given
+ *    one by the application (or one of its owner's) can have it;
+ *  - or its environment names the file (APPSHOT_TABLES), as a process of
+ *    the application that closed or never got the descriptor does (a
+ *    static program that closes every descriptor), but only when every uid
+ *    of it (real, effective, saved, filesystem) is the registry's user's.
+ *    Anyone may put any words in their environment, and the path is no
+ *    secret (ls /dev/shm): a local user's `env APPSHOT_TABLES=... sleep
+ *    inf` kept root's dead registrations running for ever, their SysV
+ *    objects, ports and AIDs never released (review r404 F4). A setuid
+ *    program is left out by its real uid; one that makes all its uids root
+ *    while keeping its caller's environment (sudo, once authenticated) is
+ *    run by a user root trusts already.
+ * The identity and the descriptors come first: /proc/PID/status, stat and
+ * fd take no lock of the process's memory. An environment is read only
+ * of a process they left undecided, and only once in a walk: reading one
+ * takes the process's mmap lock (access_remote_vm), which a process stuck
+ * in a page fault (a hung NFS or FUSE mapping) holds, as procps `ps`
+ * reading its command line would wait too.
+ * What cannot be seen counts as not naming: for a user other than root,
+ * a process of the application that became undumpable (it ran a setuid
+ * program) shows neither descriptors nor environment, and the
+ * registration of an application whose last process it is is released
+ * under it (review r404 F4 d).
+ */
+class TablesNamers {
+  private procs?: ProcessFacts[];
+  private held?: Set<string>;
+  private named?: Set<string>;
+  private readonly owner = process.geteuid?.() ?? 0;
+  /** `prefix`: where every table file of this registry's lies, as
+   * readlink says it (symbolic links resolved). */
+  constructor(private readonly prefix: string) {}
+
+  /** Whether any process (but this one, and PID 1) holds or names the
+   * table file at `tables`. Every process is looked at once, then each
+   * question is answered from what was seen. */
+  any(tables: string): boolean {
+    const canonical = canonicalTablesPath(tables);
+    // One not where this registry makes them (not made by it): on its own.
+    if (!canonical.startsWith(this.prefix)) return new TablesNamers(canonical).any(tables);
+    this.procs ??= addon().processesFacts(this.prefix);
+    this.held ??= new Set(this.procs.flatMap((p) => p.held));
+    if (this.held.has(canonical)) return true;
+    if (!this.named) {
+      this.named = new Set();
+      for (const p of this.procs) {
+        if (p.held.length || !this.trusted(p)) continue;
+        const v = addon().environValue(p.pid, p.start, 'APPSHOT_TABLES');
+        if (v) this.named.add(v);
+      }
+    }
+    return this.named.has(tables) || this.named.has(canonical);
+  }
+
+  /** Whether process `pid` holds or names `tables`, by the same rule. */
+  namedBy(pid: number, tables: string): boolean {
+    const canonical = canonicalTablesPath(tables);
+    const p = pid > 1 && pid !== process.pid ? addon().processFacts(pid, canonical) : null;
+    if (!p) return false;
+    if (p.held.includes(canonical)) return true;
+    if (!this.trusted(p)) return false;
+    const v = addon().environValue(p.pid, p.start, 'APPSHOT_TABLES');
+    return v === tables || v === canonical;
+  }
+
+  /** Whether a process's environment is one to believe: all its uids the
+   * registry's user's. */
+  private trusted(p: ProcessFacts): boolean {
+    return p.uids.every((u) => u === this.owner);
+  }
+}
+
+/** A table file's path with its directory's symbolic links resolved, as
+ * the kernel names an open file (/dev/shm may be a link to /run/shm). */
+function canonicalTablesPath(tables: string): string {
   try {
-    pids = readdirSync('/proc');
+    return join(realpathSync(dirname(tables)), basename(tables));
   } catch {
-    return true;
+    return tables;
   }
-  const a = addon();
-  for (const name of pids) {
-    const pid = Number(name);
-    if (!Number.isInteger(pid) || pid <= 1 || pid === process.pid) continue;
-    if (a.pidBelongs(pid, 0, tables)) return true;
-  }
-  return false;
 }

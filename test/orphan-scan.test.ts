@@ -1,0 +1,92 @@
+/**
+ * A registration whose supervisor is gone (its init killed with SIGKILL)
+ * lives on while a process of the application does: one that holds its
+ * table file, or, of the registry's user, names it in its environment
+ * (registry.ts TablesNamers). Not a process of another user that only
+ * names it: the path is no secret (ls /dev/shm), and such a process kept
+ * root's dead registrations running for ever, their SysV objects, ports
+ * and AIDs never released (review r404 F4).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { alive, asNobody, Sandbox, waitFor } from './helpers.js';
+
+const sb = new Sandbox();
+const started: ChildProcess[] = [];
+afterAll(async () => {
+  for (const c of started) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  await sb.dispose();
+});
+
+interface Listed {
+  aid: string;
+  state: string;
+}
+
+const record = (aid: string) => JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')) as { initPid: number; tables: string };
+
+/** `argv` started with only PATH and APPSHOT_TABLES=`tables` in its
+ * environment, no descriptor of the table file, not preloaded; waits
+ * until its environment is its own (exec done). */
+async function naming(argv: string[], tables: string): Promise<ChildProcess> {
+  const c = spawn(argv[0], argv.slice(1), { env: { PATH: process.env.PATH, APPSHOT_TABLES: tables }, stdio: 'ignore' });
+  started.push(c);
+  const pid = c.pid!;
+  await waitFor(() => {
+    try {
+      return readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('sleep\0') && readFileSync(`/proc/${pid}/environ`, 'utf8').includes(`APPSHOT_TABLES=${tables}\0`);
+    } catch {
+      return false;
+    }
+  }, 10_000, `${argv.join(' ')} to run`);
+  return c;
+}
+
+async function killed(c: ChildProcess): Promise<void> {
+  c.kill('SIGKILL');
+  await waitFor(() => c.exitCode !== null || c.signalCode !== null, 10_000, 'a process to die');
+}
+
+/** The application's init, then its process, killed: nothing wrote how it
+ * ended, and only a look at the processes tells it is gone. */
+async function orphaned(aid: string): Promise<void> {
+  const app = sb.systemPid(aid);
+  const { initPid } = record(aid);
+  expect(initPid).toBeGreaterThan(1);
+  process.kill(initPid, 'SIGKILL');
+  await waitFor(() => !alive(initPid), 10_000, 'its init to die');
+  process.kill(app, 'SIGKILL');
+  await waitFor(() => !alive(app), 10_000, 'its process to die');
+}
+
+async function listed(): Promise<{ apps: Listed[]; stderr: string }> {
+  const r = await sb.runAsync(['ps', '-a', '--json'], 60_000);
+  expect(r.code, r.stderr).toBe(0);
+  return { apps: JSON.parse(r.stdout) as Listed[], stderr: r.stderr };
+}
+
+describe('a registration whose supervisor and processes are gone', () => {
+  it("is kept while a process of the registry's user names its tables, not while only another user's does", async () => {
+    expect(process.getuid?.(), 'run as root: a process of another uid is made with setpriv').toBe(0);
+    const aid = 'orphan-env';
+    sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
+    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+    const { tables } = record(aid);
+    // Of the registry's user (root): one of the application's, as far as
+    // anyone can tell (a static program that closed its descriptors).
+    const own = await naming(['sleep', '1000'], tables);
+    // Of nobody: anyone's words.
+    const other = await naming([...asNobody, 'sleep', '1000'], tables);
+    await orphaned(aid);
+    const running = (apps: Listed[]) => apps.filter((a) => a.aid === aid && a.state === 'running');
+    expect(running((await listed()).apps)).toHaveLength(1);
+    await killed(own);
+    // Only nobody's process names its tables now.
+    expect(alive(other.pid!)).toBe(true);
+    expect(running((await listed()).apps)).toEqual([]);
+    expect(existsSync(tables)).toBe(false);
+    await killed(other);
+  });
+});
