@@ -833,14 +833,14 @@ export class LocalRegistry implements Registry {
    * running". `gone`: the file is not there (ENOENT), the one failure
    * that says the application has no tables any more; those that only
    * look (ps, staleness) take any other as "cannot tell" (isStale). */
-  readTablesWhy(record: AppRecord): { tables?: TablesSnapshot; why?: string; gone?: boolean } {
+  readTablesWhy(record: AppRecord): { tables?: TablesSnapshot; why?: string; gone?: boolean; lasting?: boolean } {
     try {
       return { tables: addon().readTables(record.tables) };
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
       if (code === 'ENOENT') return { gone: true };
-      const why = code === 'EPROTO' ? notATableFile(record.tables, (e as Error).message) : tablesUnreadable(code, (e as Error).message);
-      return why === undefined ? { gone: true } : { why: `the table file of '${record.aid}' ${why}: its tables cannot be read` };
+      const found = code === 'EPROTO' ? notATableFile(record.tables, (e as Error).message) : { why: tablesUnreadable(code, (e as Error).message), lasting: false };
+      return found === undefined ? { gone: true } : { why: `the table file of '${record.aid}' ${found.why}: its tables cannot be read`, lasting: found.lasting };
     }
   }
 
@@ -977,7 +977,23 @@ export class LocalRegistry implements Registry {
    * for `rm`). `portsReleased`: the caller let its port claims go
    * already (removeMany). */
   release(record: AppRecord, opts: { keepRecord?: boolean; portsReleased?: boolean } = {}): void {
-    const t = this.readTables(record);
+    const read = this.readTablesWhy(record);
+    const t = read.tables;
+    if (!t && read.why !== undefined) {
+      // Its tables are the only record of which SysV objects were the
+      // application's, and nothing can stand in for them: its system keys
+      // derive from its salt and each virtual key (appshot_system_key), a
+      // 32-bit mix that some virtual key maps any key to, so the salt alone
+      // tells none of its objects from another's; a private object has no
+      // key at all, and its creator's uid and time are those of any other
+      // process of that user since. Unreadable for good (truncated, grown,
+      // another version's: an application started before an upgrade), the
+      // release goes on without them, and says what it leaves; unreadable
+      // for now (a read error, no permission, a file whole again), it is
+      // kept for a later rm or prune (review r404 F1).
+      if (!read.lasting) throw new AppshotError(printable(`'${record.aid}': ${read.why}; its SysV objects, tables and registration are kept for a later rm or prune`));
+      process.stderr.write(`appshot: warning: ${printable(`${read.why}; SysV objects it made, if any, are left: nothing else says which were its (ipcs lists them)`)}\n`);
+    }
     if (t) {
       // Only objects the kernel confirms are the application's: the ids in
       // the tables may have been written by anyone of any of its uids.
@@ -1798,8 +1814,12 @@ function removeStaleSocketFile(f: MadeSocketFile): void {
 
 /** Why a file that readTables refused (EPROTO) is no table file of this
  * appshot's, told by looking at it again: its kind, its header's version,
- * its size (review r395 F4). undefined: it is gone now. */
-function notATableFile(path: string, message: string): string | undefined {
+ * its size (review r395 F4). `lasting`: as it stands now, it is no table
+ * file of this appshot's (its size, its layout, its kind), which no later
+ * look would change unless a process of the application rewrote it;
+ * otherwise (whole now, or not opened) a later look may read it.
+ * undefined: it is gone now. */
+function notATableFile(path: string, message: string): { why: string; lasting: boolean } | undefined {
   let fd: number;
   try {
     // Not blocking, nor following a link: whatever is there now.
@@ -1807,24 +1827,28 @@ function notATableFile(path: string, message: string): string | undefined {
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') return undefined;
-    return code === 'ELOOP' ? 'is not a regular file (a symbolic link)' : tablesUnreadable(code, (e as Error).message);
+    return code === 'ELOOP' ? { why: 'is not a regular file (a symbolic link)', lasting: true } : { why: tablesUnreadable(code, (e as Error).message), lasting: false };
   }
+  const lasting = (why: string) => ({ why, lasting: true });
   try {
     const st = fstatSync(fd);
-    if (!st.isFile()) return 'is not a regular file';
+    if (!st.isFile()) return lasting('is not a regular file');
     const header = Buffer.alloc(16);
     const got = readSync(fd, header, 0, 16, 0);
     const a = addon();
     if (got === 16 && header.readBigUInt64LE(0) === TABLE_MAGIC && header.readUInt32LE(8) !== a.tableVersion)
-      return `was made by another version of appshot (table layout ${header.readUInt32LE(8)}, this appshot's ${a.tableVersion}: restart the application with this one)`;
-    if (st.size < a.tableBytes) return 'was truncated (by a process of the application, which holds it open read-write)';
-    if (st.size > a.tableBytes) return 'grew (by a process of the application, which holds it open read-write)';
-    if (/changed size under us/.test(message)) return 'was truncated while appshot read it (by a process of the application, which holds it open read-write)';
+      return lasting(`was made by another version of appshot (table layout ${header.readUInt32LE(8)}, this appshot's ${a.tableVersion}: restart the application with this one)`);
+    if (st.size < a.tableBytes) return lasting('was truncated (by a process of the application, which holds it open read-write)');
+    if (st.size > a.tableBytes) return lasting('grew (by a process of the application, which holds it open read-write)');
+    // Its size right, its header not a table file's: overwritten.
+    const overwritten = got < 16 || header.readBigUInt64LE(0) !== TABLE_MAGIC;
+    if (/changed size under us/.test(message)) return { why: 'was truncated while appshot read it (by a process of the application, which holds it open read-write)', lasting: overwritten };
     // Whole now: what made it no table file then (short, or zeroed, as
-    // it was opened) has been undone since.
-    return 'was truncated or overwritten (by a process of the application, which holds it open read-write)';
+    // it was opened) has been undone since, unless its header is still
+    // no table file's.
+    return { why: 'was truncated or overwritten (by a process of the application, which holds it open read-write)', lasting: overwritten };
   } catch (e) {
-    return tablesUnreadable((e as NodeJS.ErrnoException).code, (e as Error).message);
+    return { why: tablesUnreadable((e as NodeJS.ErrnoException).code, (e as Error).message), lasting: false };
   } finally {
     closeSync(fd);
   }

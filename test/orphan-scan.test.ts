@@ -6,17 +6,24 @@
  * names it: the path is no secret (ls /dev/shm), and such a process kept
  * root's dead registrations running for ever, their SysV objects, ports
  * and AIDs never released (review r404 F4).
+ *
+ * And a registration released with a table file that is no table file any
+ * more (truncated for good, another version's) says, in one line, that
+ * the SysV objects it made are left: nothing else says which they were.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, readFileSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { addon } from '../src/native.js';
 import { alive, asNobody, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 const started: ChildProcess[] = [];
+const madeShm: number[] = [];
 afterAll(async () => {
   for (const c of started) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  for (const id of madeShm) spawnSync('ipcrm', ['-m', String(id)]);
   await sb.dispose();
 });
 
@@ -88,5 +95,27 @@ describe('a registration whose supervisor and processes are gone', () => {
     expect(running((await listed()).apps)).toEqual([]);
     expect(existsSync(tables)).toBe(false);
     await killed(other);
+  });
+});
+
+describe('a registration released with a table file truncated for good', () => {
+  it('says, in one line, that the SysV objects it made are left', async () => {
+    const aid = 'orphan-cut';
+    sb.ok(['run', '-d', '--aid', aid, '--', 'sh', '-c', 'ipcmk -M 4096 && exec sleep 1000']);
+    await waitFor(() => /Shared memory id: \d+/.test(sb.log(aid)), 20_000, `${aid} to make its segment`);
+    const { tables } = record(aid);
+    const shm = addon().readTables(tables).tables.shmid.map((e) => e.system);
+    expect(shm).toHaveLength(1);
+    madeShm.push(shm[0]);
+    await orphaned(aid);
+    truncateSync(tables, 0);
+    const { apps, stderr } = await listed();
+    expect(apps.map((a) => a.aid)).not.toContain(aid);
+    expect(stderr).toBe(
+      `appshot: warning: the table file of '${aid}' was truncated (by a process of the application, which holds it open read-write): its tables cannot be read; SysV objects it made, if any, are left: nothing else says which were its (ipcs lists them)\n`,
+    );
+    // Left, as said.
+    expect(spawnSync('ipcs', ['-m', '-i', String(shm[0])]).status).toBe(0);
+    expect(existsSync(tables)).toBe(false);
   });
 });
