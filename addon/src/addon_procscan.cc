@@ -94,7 +94,9 @@ Napi::Value EnvironValue(const Napi::CallbackInfo& info) {
     struct procscan_facts f;
     return procscan_facts(pid, &f) == 0 && static_cast<double>(f.start) == start;
   };
-  if (pid <= 0 || !same()) return env.Null();
+  // Checked after the read only: a process given the PID before the read
+  // started after the one asked about, and so has another start time.
+  if (pid <= 0) return env.Null();
   std::vector<char> value(8192);
   long len = procscan_environ_value(pid, name.c_str(), value.data(), value.size());
   if (len < 0 || !same()) return env.Null();
