@@ -1884,6 +1884,9 @@ const TABLE_MAGIC = 0x5441505041n;
  *    program is left out by its real uid; one that makes all its uids root
  *    while keeping its caller's environment (sudo, once authenticated) is
  *    run by a user root trusts already.
+ * A process holding a table file of this registry is known by that one
+ * alone: its environment may name another's (a clone's static program,
+ * which environ.ts cannot rewrite, names its source's: review r404 F4 e).
  * The identity and the descriptors come first: /proc/PID/status, stat and
  * fd take no lock of the process's memory. An environment is read only
  * of a process they left undecided, and only once in a walk: reading one
