@@ -1840,8 +1840,9 @@ function notATableFile(path: string, message: string): { why: string; lasting: b
       return lasting(`was made by another version of appshot (table layout ${header.readUInt32LE(8)}, this appshot's ${a.tableVersion}: restart the application with this one)`);
     if (st.size < a.tableBytes) return lasting('was truncated (by a process of the application, which holds it open read-write)');
     if (st.size > a.tableBytes) return lasting('grew (by a process of the application, which holds it open read-write)');
-    // Its size right, its header not a table file's: overwritten.
-    const overwritten = got < 16 || header.readBigUInt64LE(0) !== TABLE_MAGIC;
+    // Its size right, its header not a table file's (the magic, or the
+    // size it says, which readTables checks too): overwritten.
+    const overwritten = got < 16 || header.readBigUInt64LE(0) !== TABLE_MAGIC || header.readUInt32LE(12) !== a.tableBytes;
     if (/changed size under us/.test(message)) return { why: 'was truncated while appshot read it (by a process of the application, which holds it open read-write)', lasting: overwritten };
     // Whole now: what made it no table file then (short, or zeroed, as
     // it was opened) has been undone since, unless its header is still

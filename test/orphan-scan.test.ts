@@ -8,11 +8,11 @@
  * and AIDs never released (review r404 F4).
  *
  * And a registration released with a table file that is no table file any
- * more (truncated for good, another version's) says, in one line, that
+ * more (truncated or overwritten for good, another version's) says, in one line, that
  * the SysV objects it made are left: nothing else says which they were.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync, truncateSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, truncateSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
@@ -98,9 +98,22 @@ describe('a registration whose supervisor and processes are gone', () => {
   });
 });
 
-describe('a registration released with a table file truncated for good', () => {
-  it('says, in one line, that the SysV objects it made are left', async () => {
-    const aid = 'orphan-cut';
+describe('a registration released with a table file that is none for good', () => {
+  const damages: [string, string, string, (tables: string) => void][] = [
+    ['truncated', 'orphan-cut', 'was truncated', (tables) => truncateSync(tables, 0)],
+    [
+      'whose header was overwritten',
+      'orphan-overwritten',
+      'was truncated or overwritten',
+      (tables) => {
+        // Its size field (header offset 12): the file's size still right.
+        const fd = openSync(tables, 'r+');
+        writeSync(fd, Buffer.from([1, 0, 0, 0]), 0, 4, 12);
+        closeSync(fd);
+      },
+    ],
+  ];
+  it.each(damages)('%s: says, in one line, that the SysV objects it made are left', async (_name, aid, how, damage) => {
     sb.ok(['run', '-d', '--aid', aid, '--', 'sh', '-c', 'ipcmk -M 4096 && exec sleep 1000']);
     await waitFor(() => /Shared memory id: \d+/.test(sb.log(aid)), 20_000, `${aid} to make its segment`);
     const { tables } = record(aid);
@@ -108,11 +121,11 @@ describe('a registration released with a table file truncated for good', () => {
     expect(shm).toHaveLength(1);
     madeShm.push(shm[0]);
     await orphaned(aid);
-    truncateSync(tables, 0);
+    damage(tables);
     const { apps, stderr } = await listed();
     expect(apps.map((a) => a.aid)).not.toContain(aid);
     expect(stderr).toBe(
-      `appshot: warning: the table file of '${aid}' was truncated (by a process of the application, which holds it open read-write): its tables cannot be read; SysV objects it made, if any, are left: nothing else says which were its (ipcs lists them)\n`,
+      `appshot: warning: the table file of '${aid}' ${how} (by a process of the application, which holds it open read-write): its tables cannot be read; SysV objects it made, if any, are left: nothing else says which were its (ipcs lists them)\n`,
     );
     // Left, as said.
     expect(spawnSync('ipcs', ['-m', '-i', String(shm[0])]).status).toBe(0);
