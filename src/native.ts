@@ -20,7 +20,9 @@ export interface ProcessFacts {
   start: number;
   /** Real, effective, saved, filesystem. */
   uids: [number, number, number, number];
-  held: string[];
+  /** Each descriptor's target, and the file it is ("MNT:INO", as
+   * fileIdentity): the target's text alone does not say which file. */
+  held: { path: string; identity: string }[];
 }
 
 export const paths = {
@@ -765,12 +767,17 @@ interface Addon {
   pidBelongs(pid: number, initPid: number, tables: string): boolean;
   /** A process's start time (clock ticks since boot), its real,
    * effective, saved and filesystem uids, and the targets of its
-   * descriptors that start with `prefix` (addon/src/procscan.c: none of
-   * it reads the process's memory); null for no such process or a kernel
-   * thread. */
+   * descriptors that start with `prefix`, with the identity of each file
+   * (addon/src/procscan.c: none of it reads the process's memory); null
+   * for no such process, one not ours to read, or a kernel thread. Throws
+   * when /proc cannot be read for another reason (no descriptor left). */
   processFacts(pid: number, prefix: string): ProcessFacts | null;
-  /** processFacts of every process but this one and PID 1, in one pass. */
+  /** processFacts of every process but this one and PID 1, in one pass;
+   * throws as processFacts does. */
   processesFacts(prefix: string): ProcessFacts[];
+  /** The mount id and inode number ("MNT:INO") of the file at `path`, its
+   * last component not followed; null if there is none. */
+  fileIdentity(path: string): string | null;
   /** `name`'s value in the environment of process `pid` started at
    * `start`; null if not there, unreadable, or the PID is another's now.
    * Takes the process's mmap lock (access_remote_vm): asked last. */

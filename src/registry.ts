@@ -1722,7 +1722,15 @@ export class LocalRegistry implements Registry {
     const stale = new Map<number, string>();
     for (const port of ports) {
       const text = this.portClaimText(port);
-      if (text !== undefined && which(port) && this.portClaimIsStale(port)) stale.set(port, text);
+      let isStale = false;
+      try {
+        isStale = text !== undefined && which(port) && this.portClaimIsStale(port);
+      } catch {
+        // The processes could not be looked at (no descriptor left): kept,
+        // and judged again at the next look, rather than fail the sweep
+        // of every claim (`ps` of every application; review r418 F5).
+      }
+      if (isStale) stale.set(port, text!);
     }
     if (!stale.size) return;
     this.withPortsLocked(() => {
@@ -1873,7 +1881,10 @@ const TABLE_MAGIC = 0x5441505041n;
  *  - it holds a descriptor of the table file: every process of the
  *    application keeps one (preload_fd.c), whatever uid it runs as, and a
  *    descriptor is a capability: the file is 0600, only a process given
- *    one by the application (or one of its owner's) can have it;
+ *    one by the application (or one of its owner's) can have it. The file
+ *    is known by its mount and inode (/proc/PID/fdinfo), not by the path
+ *    its descriptor's link reads, which a file of another mount namespace
+ *    can read too (isTheFile);
  *  - or its environment names the file (APPSHOT_TABLES), as a process of
  *    the application that closed or never got the descriptor does (a
  *    static program that closes every descriptor), but only when every uid
@@ -1904,6 +1915,8 @@ class TablesNamers {
   private procs?: ProcessFacts[];
   private held?: Set<string>;
   private named?: Set<string>;
+  /** Each table file's identity as first asked (fileIdentity). */
+  private readonly identities = new Map<string, string | null>();
   private readonly owner = process.geteuid?.() ?? 0;
   /** `prefix`: where every table file of this registry's lies, as
    * readlink says it (symbolic links resolved). */
@@ -1916,8 +1929,8 @@ class TablesNamers {
     const canonical = canonicalTablesPath(tables);
     // One not where this registry makes them (not made by it): on its own.
     if (!canonical.startsWith(this.prefix)) return new TablesNamers(canonical).any(tables);
-    this.procs ??= addon().processesFacts(this.prefix);
-    this.held ??= new Set(this.procs.flatMap((p) => p.held));
+    this.procs ??= addon().processesFacts(this.prefix).map((p) => ({ ...p, held: p.held.filter((h) => this.isTheFile(h)) }));
+    this.held ??= new Set(this.procs.flatMap((p) => p.held.map((h) => h.path)));
     if (this.held.has(canonical)) return true;
     if (!this.named) {
       this.named = new Set();
@@ -1935,10 +1948,22 @@ class TablesNamers {
     const canonical = canonicalTablesPath(tables);
     const p = pid > 1 && pid !== process.pid ? addon().processFacts(pid, canonical) : null;
     if (!p) return false;
-    if (p.held.includes(canonical)) return true;
+    if (p.held.some((h) => h.path === canonical && this.isTheFile(h))) return true;
     if (!this.trusted(p)) return false;
     const v = addon().environValue(p.pid, p.start, 'APPSHOT_TABLES');
     return v === tables || v === canonical;
+  }
+
+  /** Whether a descriptor whose target reads a table file's path is that
+   * file: its mount and inode the file's. The text alone is anyone's: in a
+   * user and mount namespace of its own, a local user mounts a tmpfs on
+   * /dev/shm and opens a file of the same name, and root's readlink of
+   * that descriptor reads the table file's path (review r418 F1: it kept
+   * root's dead registrations running). */
+  private isTheFile(h: { path: string; identity: string }): boolean {
+    let id = this.identities.get(h.path);
+    if (id === undefined) this.identities.set(h.path, (id = addon().fileIdentity(h.path)));
+    return id === h.identity;
   }
 
   /** Whether a process's environment is one to believe: all its uids the

@@ -12,8 +12,8 @@
  * the SysV objects it made are left: nothing else says which they were.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, openSync, readFileSync, truncateSync, writeSync } from 'node:fs';
-import { join } from 'node:path';
+import { closeSync, existsSync, openSync, readFileSync, readlinkSync, realpathSync, truncateSync, writeSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
 import { alive, asNobody, Sandbox, waitFor } from './helpers.js';
@@ -95,6 +95,84 @@ describe('a registration whose supervisor and processes are gone', () => {
     expect(running((await listed()).apps)).toEqual([]);
     expect(existsSync(tables)).toBe(false);
     await killed(other);
+  });
+});
+
+describe('a registration whose supervisor is gone', () => {
+  it('is kept while a process of the application of another uid holds its table file, and released after', async () => {
+    expect(process.getuid?.(), 'run as root: the process is made nobody with setpriv').toBe(0);
+    const aid = 'orphan-held';
+    sb.ok(['run', '-d', '--aid', aid, '--', ...asNobody, 'sleep', '1000']);
+    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+    const app = sb.systemPid(aid);
+    await waitFor(() => {
+      try {
+        return readFileSync(`/proc/${app}/cmdline`, 'utf8').startsWith('sleep\0');
+      } catch {
+        return false;
+      }
+    }, 10_000, 'its sleep to run');
+    const { initPid, tables } = record(aid);
+    process.kill(initPid, 'SIGKILL');
+    await waitFor(() => !alive(initPid), 10_000, 'its init to die');
+    const running = (apps: Listed[]) => apps.filter((a) => a.aid === aid && a.state === 'running');
+    expect(running((await listed()).apps)).toHaveLength(1);
+    expect(existsSync(tables)).toBe(true);
+    process.kill(app, 'SIGKILL');
+    await waitFor(() => !alive(app), 10_000, 'its process to die');
+    expect((await listed()).apps.filter((a) => a.aid === aid)).toEqual([]);
+    expect(existsSync(tables)).toBe(false);
+  });
+});
+
+describe('the look at every process', () => {
+  it('fails when a process cannot be read for want of a descriptor, rather than count it absent (review r418 F2)', () => {
+    // A look from a process with one descriptor left: /proc opens, no
+    // process's files do (EMFILE). It said "no process" before.
+    const script = `
+      import { closeSync, openSync } from 'node:fs';
+      import { addon } from ${JSON.stringify(join(process.cwd(), 'dist/native.js'))};
+      const a = addon();
+      const fds = [];
+      for (;;) try { fds.push(openSync('/dev/null', 'r')); } catch { break; }
+      closeSync(fds.pop());
+      try {
+        const seen = a.processesFacts('/dev/null');
+        process.stdout.write('seen ' + seen.length);
+      } catch (e) {
+        process.stdout.write('threw ' + e.code);
+      }`;
+    const r = spawnSync('prlimit', ['--nofile=64', '--', process.execPath, '-e', script], { encoding: 'utf8' });
+    expect(r.stdout, r.stderr).toBe('threw EMFILE');
+  });
+});
+
+describe('a registration whose supervisor and processes are gone, and a file of its tables\' name held elsewhere', () => {
+  it("is released: a descriptor counts by the file it is, not the path its link reads (review r418 F1)", async () => {
+    expect(process.getuid?.(), 'run as root: the forger is nobody').toBe(0);
+    const aid = 'orphan-spoof';
+    sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
+    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+    const { tables } = record(aid);
+    const canonical = join(realpathSync(dirname(tables)), basename(tables));
+    // Nobody, in a user and mount namespace of its own, holding a file
+    // of the same path on a tmpfs of its own: from here, its descriptor's
+    // link reads the table file's path.
+    const forger = spawn(asNobody[0], [...asNobody.slice(1), 'unshare', '-Urm', 'sh', '-c', `mount -t tmpfs x ${dirname(canonical)} && : > ${canonical} && exec 7<${canonical} && exec sleep 1000`], { stdio: 'ignore' });
+    started.push(forger);
+    const forgerPid = forger.pid!;
+    await waitFor(() => {
+      try {
+        return readFileSync(`/proc/${forgerPid}/cmdline`, 'utf8').startsWith('sleep\0') && readlinkSync(`/proc/${forgerPid}/fd/7`) === canonical;
+      } catch {
+        return false;
+      }
+    }, 10_000, 'the forger to hold its file');
+    await orphaned(aid);
+    expect(alive(forgerPid)).toBe(true);
+    expect((await listed()).apps.filter((a) => a.aid === aid)).toEqual([]);
+    expect(existsSync(tables)).toBe(false);
+    await killed(forger);
   });
 });
 
