@@ -256,6 +256,9 @@ export interface Registry {
   list(): AppRecord[];
   /** Removes everything an application left: IPC objects, tables, state. */
   release(record: AppRecord): void;
+  /** The record as it stands: released (undefined) only once nothing of
+   * the application runs; throws when that cannot be told. */
+  settle(record: AppRecord): AppRecord | undefined;
   /** `appshot rm`: removes an ended application's record and log, and what
    * was made for it alone (private copies, REDIR PATH directories). */
   remove(record: AppRecord): void;

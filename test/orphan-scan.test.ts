@@ -32,6 +32,14 @@ interface Listed {
   state: string;
 }
 
+/** Whether SysV shared memory segment `id` exists (ipcs -i answers 0
+ * for one that does not). */
+const shmExists = (id: number) =>
+  readFileSync('/proc/sysvipc/shm', 'utf8')
+    .split('\n')
+    .slice(1)
+    .some((l) => l.trim().split(/\s+/)[1] === String(id));
+
 const record = (aid: string) => JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')) as { initPid: number; tables: string };
 
 /** `argv` started with only PATH and APPSHOT_TABLES=`tables` in its
@@ -122,6 +130,41 @@ describe('a registration whose supervisor is gone', () => {
     await waitFor(() => !alive(app), 10_000, 'its process to die');
     expect((await listed()).apps.filter((a) => a.aid === aid)).toEqual([]);
     expect(existsSync(tables)).toBe(false);
+  });
+});
+
+describe('a foreground run whose supervisor is killed', () => {
+  it('leaves the registration, tables and SysV objects to the processes of the application still running (review r418 F6)', async () => {
+    const aid = 'orphan-fg';
+    // The sleep holds none of the CLI's pipes: its ending is seen.
+    const run = sb.start(['run', '--aid', aid, '--', 'sh', '-c', 'ipcmk -M 4096 && exec sleep 1000 >/dev/null 2>&1']);
+    await run.line(/Shared memory id: \d+/);
+    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+    const { initPid, tables } = record(aid);
+    // The system's id (ipcmk prints the application's).
+    const [shmid] = addon().readTables(tables).tables.shmid.map((e) => e.system);
+    madeShm.push(shmid);
+    expect(shmExists(shmid)).toBe(true);
+    const app = sb.systemPid(aid);
+    await waitFor(() => {
+      try {
+        return readFileSync(`/proc/${app}/cmdline`, 'utf8').startsWith('sleep\0');
+      } catch {
+        return false;
+      }
+    }, 10_000, 'its sleep to run');
+    process.kill(initPid, 'SIGKILL');
+    const r = await run.exited;
+    expect(r.stderr).toMatch(/the supervisor of 'orphan-fg' died/);
+    expect(alive(app)).toBe(true);
+    expect(existsSync(join(sb.home, 'apps', aid, 'app.json'))).toBe(true);
+    expect(existsSync(tables)).toBe(true);
+    expect(shmExists(shmid)).toBe(true);
+    process.kill(app, 'SIGKILL');
+    await waitFor(() => !alive(app), 10_000, 'its process to die');
+    expect((await listed()).apps.filter((a) => a.aid === aid)).toEqual([]);
+    expect(existsSync(tables)).toBe(false);
+    expect(shmExists(shmid)).toBe(false);
   });
 });
 
