@@ -196,9 +196,18 @@ export async function run(registry: Registry, command: string[], opts: RunOption
     }
   } catch (e) {
     stopForwarding();
-    registry.release(record);
+    // A release that fails (tables unreadable for now: kept for a later
+    // rm) must not hide why the start failed, nor skip the rest of the
+    // cleanup (review r418 F5).
+    let notReleased: Error | undefined;
+    try {
+      registry.release(record);
+    } catch (r) {
+      notReleased = r as Error;
+    }
     registry.releaseRedirTargets(madeDirs, [record.aid]);
     removePrivateRoot();
+    if (notReleased && e instanceof Error) e.message += `; and ${notReleased.message}`;
     throw e;
   } finally {
     if (logFd !== undefined) closeSync(logFd);

@@ -26,7 +26,7 @@ import {
   statSync,
   writeFileSync,
 } from 'node:fs';
-import { type BigIntStats, constants as fsConstants, utimes } from 'node:fs';
+import { type BigIntStats, constants as fsConstants, type Stats, utimes } from 'node:fs';
 import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode, printable } from './errors.js';
@@ -842,7 +842,11 @@ export class LocalRegistry implements Registry {
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
       if (code === 'ENOENT') return { gone: true };
-      const found = code === 'EPROTO' ? notATableFile(record.tables, (e as Error).message) : { why: tablesUnreadable(code, (e as Error).message), lasting: false };
+      // Not a table file (EPROTO), or not a regular file, which readTables
+      // opens without following (ELOOP), or finds a directory (EISDIR) or a
+      // socket (ENXIO): judged by what is there (review r418 F5).
+      const notTables = code === 'EPROTO' || code === 'ELOOP' || code === 'EISDIR' || code === 'ENXIO';
+      const found = notTables ? notATableFile(record.tables, (e as Error).message) : { why: tablesUnreadable(code, (e as Error).message), lasting: false };
       return found === undefined ? { gone: true } : { why: `the table file of '${record.aid}' ${found.why}: its tables cannot be read`, lasting: found.lasting };
     }
   }
@@ -1022,7 +1026,17 @@ export class LocalRegistry implements Registry {
           }
       if (left.length) throw new AppshotError(printable(`'${record.aid}': ${left.length} SysV object${left.length > 1 ? 's' : ''} not removed (${left.join('; ')}); its tables and registration are kept for a later rm or prune`));
     }
-    rmSync(record.tables, { force: true });
+    try {
+      rmSync(record.tables, { force: true });
+    } catch {
+      // A directory (notATableFile): removed if empty; what is in it is
+      // its maker's, and stays.
+      try {
+        rmdirSync(record.tables);
+      } catch {
+        /* left */
+      }
+    }
     // Unless the caller let them go already, with others', under one lock
     // (removeMany).
     if (!opts.portsReleased) for (const p of record.ports ?? []) if (p.mode === 'allocate') this.releasePort(p.system, record.aid);
@@ -1838,12 +1852,22 @@ function notATableFile(path: string, message: string): { why: string; lasting: b
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') return undefined;
-    return code === 'ELOOP' ? { why: 'is not a regular file (a symbolic link)', lasting: true } : { why: tablesUnreadable(code, (e as Error).message), lasting: false };
+    // A symbolic link (ELOOP), a socket (ENXIO)...: what it is, not what
+    // it points at. Only the application's owner can have put it there,
+    // and no later look would find it otherwise: kept, it was kept for
+    // ever, every rm failing the same way.
+    let st: Stats | undefined;
+    try {
+      st = lstatSync(path);
+    } catch {
+      /* gone meanwhile, or no telling: as the open said */
+    }
+    return st && !st.isFile() ? { why: `is not a regular file (${fileKind(st)})`, lasting: true } : { why: tablesUnreadable(code, (e as Error).message), lasting: false };
   }
   const lasting = (why: string) => ({ why, lasting: true });
   try {
     const st = fstatSync(fd);
-    if (!st.isFile()) return lasting('is not a regular file');
+    if (!st.isFile()) return lasting(`is not a regular file (${fileKind(st)})`);
     const header = Buffer.alloc(16);
     const got = readSync(fd, header, 0, 16, 0);
     const a = addon();
@@ -1866,10 +1890,19 @@ function notATableFile(path: string, message: string): { why: string; lasting: b
   }
 }
 
+/** What a file that is not a regular one is, in words. */
+function fileKind(st: Stats): string {
+  if (st.isSymbolicLink()) return 'a symbolic link';
+  if (st.isDirectory()) return 'a directory';
+  if (st.isSocket()) return 'a socket';
+  if (st.isFIFO()) return 'a FIFO';
+  return 'a device';
+}
+
 /** Why tables there could not be read, other than their not being a table
  * file: the guard replaced (ENOTRECOVERABLE) keeps the addon's words. */
 function tablesUnreadable(code: string | undefined, message: string): string {
-  if (code === 'EACCES' || code === 'EPERM') return 'may not be opened by this user (permission denied)';
+  if (code === 'EACCES' || code === 'EPERM') return 'may not be opened by this user (permission denied: restore its mode 0600, or remove the file)';
   return `could not be read (${message})`;
 }
 

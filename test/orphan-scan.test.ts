@@ -12,7 +12,7 @@
  * the SysV objects it made are left: nothing else says which they were.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, openSync, readFileSync, readlinkSync, realpathSync, truncateSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readlinkSync, realpathSync, rmSync, symlinkSync, truncateSync, writeSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
@@ -21,7 +21,10 @@ import { alive, asNobody, Sandbox, waitFor } from './helpers.js';
 const sb = new Sandbox();
 const started: ChildProcess[] = [];
 const madeShm: number[] = [];
+/** What a test put at a table file's path. */
+const putAtTables: string[] = [];
 afterAll(async () => {
+  for (const p of putAtTables) rmSync(p, { recursive: true, force: true });
   for (const c of started) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
   for (const id of madeShm) spawnSync('ipcrm', ['-m', String(id)]);
   await sb.dispose();
@@ -165,6 +168,28 @@ describe('a foreground run whose supervisor is killed', () => {
     expect((await listed()).apps.filter((a) => a.aid === aid)).toEqual([]);
     expect(existsSync(tables)).toBe(false);
     expect(shmExists(shmid)).toBe(false);
+  });
+});
+
+describe('a registration released with something other than a regular file at its tables', () => {
+  const kinds: [string, string, (tables: string) => void][] = [
+    ['a directory', 'orphan-dir', (tables) => mkdirSync(tables)],
+    ['a symbolic link', 'orphan-link', (tables) => symlinkSync('/dev/null', tables)],
+  ];
+  it.each(kinds)('%s: for good, said in one line, not kept for ever (review r418 F5)', async (kind, aid, put) => {
+    sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
+    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+    const { tables } = record(aid);
+    await orphaned(aid);
+    rmSync(tables);
+    putAtTables.push(tables);
+    put(tables);
+    const { apps, stderr } = await listed();
+    expect(apps.map((a) => a.aid)).not.toContain(aid);
+    expect(stderr).toBe(
+      `appshot: warning: the table file of '${aid}' is not a regular file (${kind}): its tables cannot be read; SysV objects it made, if any, are left: nothing else says which were its (ipcs lists them)\n`,
+    );
+    expect(existsSync(join(sb.home, 'apps', aid))).toBe(false);
   });
 });
 
