@@ -1680,24 +1680,68 @@ export class LocalRegistry implements Registry {
    * its ports bound both to one, and failed: fuzz33 L11). */
   claimPort(aid: string, port: number, { fresh = false } = {}): boolean {
     const file = join(this.portsDir, String(port));
-    const takeable = (text: string | undefined) => text === undefined || (!fresh && text.split(' ')[0] === aid) || this.portClaimIsStale(port);
+    const takeable = (text: string | undefined) => text === undefined || (!fresh && text.split(' ')[0] === aid) || this.portClaimIsStale(port, text);
     return this.withOneProcessLook(() => {
       // Judged before the lock is taken: whether a claim is stale may take
       // a look at every process (isStale), which no other claimer should
-      // wait for (review r404 F4 b). Under the lock, a claim still as it
-      // was judged is judged so still: a claim's staleness does not come
-      // back (its holder, its application dead stay dead).
-      const seen = this.portClaimText(port);
-      if (!takeable(seen)) return false;
-      return this.withPortsLocked(() => {
-        const now = this.portClaimText(port);
-        if (now !== seen && !takeable(now)) return false;
-        writeFileSync(`${file}.tmp`, `${aid} ${formatHolder(currentHolder())}`);
-        renameSync(`${file}.tmp`, file);
-        noteHeld('port', port);
-        return true;
-      });
+      // wait for (review r404 F4 b). Under the lock, the very claim that
+      // was judged (the same file, held open since, so its inode is no
+      // other's: every claim is written anew and renamed) is judged so
+      // still: a claim's staleness does not come back (its holder, its
+      // application dead stay dead). The same text is not enough: a claim
+      // let go and made again by the same holder reads the same, and is
+      // live (review r418 F4).
+      const seen = this.openPortClaim(port);
+      try {
+        if (!takeable(seen?.text)) return false;
+        return this.withPortsLocked(() => {
+          if (!this.isPortClaim(port, seen)) {
+            const now = this.openPortClaim(port);
+            try {
+              if (!takeable(now?.text)) return false;
+            } finally {
+              if (now) closeSync(now.fd);
+            }
+          }
+          writeFileSync(`${file}.tmp`, `${aid} ${formatHolder(currentHolder())}`);
+          renameSync(`${file}.tmp`, file);
+          noteHeld('port', port);
+          return true;
+        });
+      } finally {
+        if (seen) closeSync(seen.fd);
+      }
     });
+  }
+
+  /** A port's claim file, open, and its text; undefined if there is none. */
+  private openPortClaim(port: number): { fd: number; text: string } | undefined {
+    let fd: number;
+    try {
+      fd = openSync(join(this.portsDir, String(port)), fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
+    } catch {
+      return undefined;
+    }
+    try {
+      return { fd, text: readFileSync(fd, 'utf8') };
+    } catch {
+      closeSync(fd);
+      return undefined;
+    }
+  }
+
+  /** Whether `port`'s claim is still the file `seen` (openPortClaim), or
+   * there is still none if `seen` is undefined. */
+  private isPortClaim(port: number, seen: { fd: number } | undefined): boolean {
+    let ino: bigint | undefined;
+    try {
+      ino = statSync(join(this.portsDir, String(port)), { bigint: true }).ino;
+    } catch {
+      /* none */
+    }
+    if (!seen || ino === undefined) return !seen && ino === undefined;
+    const was = fstatSync(seen.fd, { bigint: true });
+    return was.ino === ino && was.nlink > 0n;
   }
 
   /** The AID holding an allocated port, if any. */
@@ -1707,9 +1751,7 @@ export class LocalRegistry implements Registry {
 
   private portClaim(port: number): { aid: string; holder: Holder } | undefined {
     const text = this.portClaimText(port);
-    if (text === undefined) return undefined;
-    const [aid, ...holder] = text.trim().split(' ');
-    return { aid, holder: parseHolder(holder) };
+    return text === undefined ? undefined : parsePortClaim(text);
   }
 
   /** A port claim's file as written ("AID PID START [REQUEST]"), if any. */
@@ -1736,23 +1778,30 @@ export class LocalRegistry implements Registry {
    * judged outside the ports lock (claimPort says why), each removed under
    * it only if still as judged. */
   private dropStaleClaims(ports: number[], which: (port: number) => boolean = () => true): void {
-    const stale = new Map<number, string>();
-    for (const port of ports) {
-      const text = this.portClaimText(port);
-      let isStale = false;
-      try {
-        isStale = text !== undefined && which(port) && this.portClaimIsStale(port);
-      } catch {
-        // The processes could not be looked at (no descriptor left): kept,
-        // and judged again at the next look, rather than fail the sweep
-        // of every claim (`ps` of every application; review r418 F5).
+    const stale = new Map<number, { fd: number; text: string }>();
+    try {
+      for (const port of ports) {
+        const claim = this.openPortClaim(port);
+        if (!claim) continue;
+        let isStale = false;
+        try {
+          isStale = which(port) && this.portClaimIsStale(port, claim.text);
+        } catch {
+          // The processes could not be looked at (no descriptor left): kept,
+          // and judged again at the next look, rather than fail the sweep
+          // of every claim (`ps` of every application; review r418 F5).
+        }
+        if (isStale) stale.set(port, claim);
+        else closeSync(claim.fd);
       }
-      if (isStale) stale.set(port, text!);
+      if (!stale.size) return;
+      // Only the claim judged (the same file: claimPort says why).
+      this.withPortsLocked(() => {
+        for (const [port, claim] of stale) if (this.isPortClaim(port, claim)) rmSync(join(this.portsDir, String(port)), { force: true });
+      });
+    } finally {
+      for (const { fd } of stale.values()) closeSync(fd);
     }
-    if (!stale.size) return;
-    this.withPortsLocked(() => {
-      for (const [port, text] of stale) if (this.portClaimText(port) === text) rmSync(join(this.portsDir, String(port)), { force: true });
-    });
   }
 
   /** Lets a port go, if `aid` holds it. */
@@ -1772,10 +1821,11 @@ export class LocalRegistry implements Registry {
    * port, is gone; until it is registered with it, and once its
    * registration is gone (a snapshot released it, init removed it), once
    * the command that claimed it has ended (holder.ts: in the resident
-   * engine, the request, not the engine's process, which outlives it). */
-  private portClaimIsStale(port: number): boolean {
-    const claim = this.portClaim(port);
-    if (!claim) return true;
+   * engine, the request, not the engine's process, which outlives it).
+   * Judges `text`, the claim of `port` as read (review r418 F4: judging a
+   * fresh read stored a verdict on another text). */
+  private portClaimIsStale(port: number, text: string): boolean {
+    const claim = parsePortClaim(text);
     const record = this.get(claim.aid);
     if (record && (record.ports ?? []).some((p) => p.system === port && p.mode === 'allocate')) return this.isStale(record);
     return !holderAlive(claim.holder, this.home);
@@ -1904,6 +1954,12 @@ function fileKind(st: Stats): string {
 function tablesUnreadable(code: string | undefined, message: string): string {
   if (code === 'EACCES' || code === 'EPERM') return 'may not be opened by this user (permission denied: restore its mode 0600, or remove the file)';
   return `could not be read (${message})`;
+}
+
+/** A port claim's text ("AID PID START [REQUEST]"), parsed. */
+function parsePortClaim(text: string): { aid: string; holder: Holder } {
+  const [aid, ...holder] = text.trim().split(' ');
+  return { aid, holder: parseHolder(holder) };
 }
 
 /** "APPAT", the first field of every table file's header (appshot_table.h). */

@@ -12,10 +12,12 @@
  * the SysV objects it made are left: nothing else says which they were.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readlinkSync, realpathSync, rmSync, symlinkSync, truncateSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readlinkSync, realpathSync, rmSync, symlinkSync, truncateSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
+import { LocalRegistry } from '../src/registry.js';
 import { alive, asNobody, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
@@ -278,3 +280,31 @@ describe('a registration released with a table file that is none for good', () =
     expect(existsSync(tables)).toBe(false);
   });
 });
+
+describe('a port claim judged outside the ports lock', () => {
+  it('is not taken when, while judged, its holder let it go and claimed it again (the same text, a live claim: review r418 F4)', () => {
+    const home = mkdtempSync(join(tmpdir(), 'appshot-h421-ports-'));
+    try {
+      const holder = new LocalRegistry(home);
+      const claimer = new LocalRegistry(home);
+      const port = 31999;
+      expect(holder.claimPort('held', port)).toBe(true);
+      // While the claimer judges the claim it read, the holder lets the
+      // port go and claims it again: the same AID and holder, so the same
+      // text, and a live claim.
+      const judged = claimer as unknown as { portClaimIsStale: (...args: unknown[]) => boolean };
+      const judge = judged.portClaimIsStale.bind(claimer);
+      judged.portClaimIsStale = (...args: unknown[]) => {
+        holder.releasePort(port, 'held');
+        const verdict = judge(...args);
+        expect(holder.claimPort('held', port)).toBe(true);
+        return verdict;
+      };
+      expect(claimer.claimPort('other', port)).toBe(false);
+      expect(holder.portOwner(port)).toBe('held');
+    } finally {
+      rmSync(home, { recursive: true, force: true });
+    }
+  });
+});
+
