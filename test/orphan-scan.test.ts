@@ -138,6 +138,37 @@ describe('a registration whose supervisor is gone', () => {
   });
 });
 
+describe('a registration whose supervisor is gone, and whose process has only its main thread gone', () => {
+  it('is kept while the process runs: its descriptors are a live thread\'s to show (review r418 F2)', async () => {
+    const aid = 'orphan-threads';
+    // The main thread ends (pthread_exit: its leader a zombie, /proc/PID/fd
+    // empty), another runs on.
+    const py = 'import ctypes, threading, time; threading.Thread(target=time.sleep, args=(1000,)).start(); ctypes.CDLL(None).pthread_exit(None)';
+    sb.ok(['run', '-d', '--aid', aid, '--', 'python3', '-c', py]);
+    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+    const app = sb.systemPid(aid);
+    const leaderGone = () => {
+      try {
+        const stat = readFileSync(`/proc/${app}/stat`, 'utf8');
+        const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+        return fields[0] === 'Z' && Number(fields[17]) > 1;
+      } catch {
+        return false;
+      }
+    };
+    await waitFor(leaderGone, 20_000, 'its main thread to end');
+    const { initPid, tables } = record(aid);
+    process.kill(initPid, 'SIGKILL');
+    await waitFor(() => !alive(initPid), 10_000, 'its init to die');
+    const running = (apps: Listed[]) => apps.filter((a) => a.aid === aid && a.state === 'running');
+    expect(running((await listed()).apps)).toHaveLength(1);
+    expect(existsSync(tables)).toBe(true);
+    process.kill(app, 'SIGKILL');
+    await waitFor(() => !existsSync(`/proc/${app}`), 10_000, 'its process to die');
+    expect((await listed()).apps.filter((a) => a.aid === aid)).toEqual([]);
+  });
+});
+
 describe('a foreground run whose supervisor is killed', () => {
   it('leaves the registration, tables and SysV objects to the processes of the application still running (review r418 F6)', async () => {
     const aid = 'orphan-fg';
