@@ -2008,7 +2008,7 @@ class TablesNamers {
   private held?: Set<string>;
   private named?: Set<string>;
   /** Each table file's identity as first asked (fileIdentity). */
-  private readonly identities = new Map<string, string | null>();
+  private readonly identities = new Map<string, { mnt: string; ino: string; dev: string } | null>();
   private readonly owner = process.geteuid?.() ?? 0;
   /** `prefix`: where every table file of this registry's lies, as
    * readlink says it (symbolic links resolved). */
@@ -2021,7 +2021,7 @@ class TablesNamers {
     const canonical = canonicalTablesPath(tables);
     // One not where this registry makes them (not made by it): on its own.
     if (!canonical.startsWith(this.prefix)) return new TablesNamers(canonical).any(tables);
-    this.procs ??= addon().processesFacts(this.prefix).map((p) => ({ ...p, held: p.held.filter((h) => this.isTheFile(h)) }));
+    this.procs ??= addon().processesFacts(this.prefix).map((p) => ({ ...p, held: p.held.filter((h) => this.isTheFile(p.pid, h)) }));
     this.held ??= new Set(this.procs.flatMap((p) => p.held.map((h) => h.path)));
     if (this.held.has(canonical)) return true;
     if (!this.named) {
@@ -2040,22 +2040,28 @@ class TablesNamers {
     const canonical = canonicalTablesPath(tables);
     const p = pid > 1 && pid !== process.pid ? addon().processFacts(pid, canonical) : null;
     if (!p) return false;
-    if (p.held.some((h) => h.path === canonical && this.isTheFile(h))) return true;
+    if (p.held.some((h) => h.path === canonical && this.isTheFile(p.pid, h))) return true;
     if (!this.trusted(p)) return false;
     const v = addon().environValue(p.pid, p.start, 'APPSHOT_TABLES');
     return v === tables || v === canonical;
   }
 
-  /** Whether a descriptor whose target reads a table file's path is that
-   * file: its mount and inode the file's. The text alone is anyone's: in a
-   * user and mount namespace of its own, a local user mounts a tmpfs on
-   * /dev/shm and opens a file of the same name, and root's readlink of
-   * that descriptor reads the table file's path (review r418 F1: it kept
-   * root's dead registrations running). */
-  private isTheFile(h: { path: string; identity: string }): boolean {
+  /** Whether a descriptor (of process `pid`) whose target reads a table
+   * file's path is that file: its inode the file's, and its mount the
+   * file's, or one of the same file system in the process's mount
+   * namespace (a copy of it: a process of the application that opened the
+   * file by path after entering a mount namespace of its own). The text
+   * alone is anyone's: in a user and mount namespace of its own, a local
+   * user mounts a tmpfs on /dev/shm and opens a file of the same name, and
+   * root's readlink of that descriptor reads the table file's path
+   * (review r418 F1: it kept root's dead registrations running). */
+  private isTheFile(pid: number, h: { path: string; identity: string }): boolean {
     let id = this.identities.get(h.path);
-    if (id === undefined) this.identities.set(h.path, (id = addon().fileIdentity(h.path)));
-    return id === h.identity;
+    if (id === undefined) this.identities.set(h.path, (id = tableFileIdentity(h.path)));
+    if (!id) return false;
+    const [mnt, ino] = h.identity.split(':');
+    if (ino !== id.ino) return false;
+    return mnt === id.mnt || mountDevice(pid, mnt) === id.dev;
   }
 
   /** Whether a process's environment is one to believe: all its uids the
@@ -2063,6 +2069,42 @@ class TablesNamers {
   private trusted(p: ProcessFacts): boolean {
     return p.uids.every((u) => u === this.owner);
   }
+}
+
+/** The table file at `path`: its mount id and inode (fileIdentity) and
+ * its device ("MAJOR:MINOR", as mountinfo writes it); null if there is
+ * none. */
+function tableFileIdentity(path: string): { mnt: string; ino: string; dev: string } | null {
+  const id = addon().fileIdentity(path);
+  if (!id) return null;
+  let dev: bigint;
+  try {
+    dev = lstatSync(path, { bigint: true }).dev;
+  } catch {
+    return null;
+  }
+  // glibc's gnu_dev_major/minor.
+  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
+  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
+  const [mnt, ino] = id.split(':');
+  return { mnt, ino, dev: `${major}:${minor}` };
+}
+
+/** The device ("MAJOR:MINOR") of mount `mnt` in process `pid`'s mount
+ * namespace, from its mountinfo (no file system is asked); undefined if
+ * it has none of that id, or cannot be read. */
+function mountDevice(pid: number, mnt: string): string | undefined {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/mountinfo`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  for (const line of text.split('\n')) {
+    const f = line.split(' ');
+    if (f[0] === mnt) return f[2];
+  }
+  return undefined;
 }
 
 /** A table file's path with its directory's symbolic links resolved, as

@@ -277,6 +277,35 @@ describe('a registration whose supervisor and processes are gone, and a file of 
   });
 });
 
+describe('a registration whose supervisor and processes are gone, and a process of its owner holding its table file', () => {
+  it('is kept while that process holds it, opened by path in a mount namespace of its own (another mount, the same file)', async () => {
+    expect(process.getuid?.(), 'run as root: unshare -m').toBe(0);
+    const aid = 'orphan-ns-held';
+    sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
+    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+    const { tables } = record(aid);
+    const canonical = join(realpathSync(dirname(tables)), basename(tables));
+    // Its mounts are copies of ours, with ids of their own; no
+    // APPSHOT_TABLES in its environment.
+    const holder = spawn('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `exec 7<${canonical} && exec sleep 1000`], { stdio: 'ignore', env: { PATH: process.env.PATH } });
+    started.push(holder);
+    const holderPid = holder.pid!;
+    await waitFor(() => {
+      try {
+        return readFileSync(`/proc/${holderPid}/cmdline`, 'utf8').startsWith('sleep\0') && readlinkSync(`/proc/${holderPid}/fd/7`) === canonical;
+      } catch {
+        return false;
+      }
+    }, 10_000, 'the holder to hold the table file');
+    await orphaned(aid);
+    const running = (apps: Listed[]) => apps.filter((a) => a.aid === aid && a.state === 'running');
+    expect(running((await listed()).apps)).toHaveLength(1);
+    await killed(holder);
+    expect((await listed()).apps.filter((a) => a.aid === aid)).toEqual([]);
+    expect(existsSync(tables)).toBe(false);
+  });
+});
+
 describe('a registration released with a table file that is none for good', () => {
   const damages: [string, string, string, (tables: string) => void][] = [
     ['truncated', 'orphan-cut', 'was truncated', (tables) => truncateSync(tables, 0)],
