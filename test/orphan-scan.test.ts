@@ -25,7 +25,19 @@ const started: ChildProcess[] = [];
 const madeShm: number[] = [];
 /** What a test put at a table file's path. */
 const putAtTables: string[] = [];
+/** Processes of applications a failing test may leave behind. */
+const appPids: number[] = [];
 afterAll(async () => {
+  for (const pid of appPids) {
+    let argv0 = '';
+    try {
+      argv0 = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0];
+    } catch {
+      /* gone */
+    }
+    // Still the test's (not a PID given to another since).
+    if (argv0 === 'sleep' || argv0 === 'python3') process.kill(pid, 'SIGKILL');
+  }
   for (const p of putAtTables) rmSync(p, { recursive: true, force: true });
   for (const c of started) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
   for (const id of madeShm) spawnSync('ipcrm', ['-m', String(id)]);
@@ -147,6 +159,7 @@ describe('a registration whose supervisor is gone, and whose process has only it
     sb.ok(['run', '-d', '--aid', aid, '--', 'python3', '-c', py]);
     await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
     const app = sb.systemPid(aid);
+    appPids.push(app);
     const leaderGone = () => {
       try {
         const stat = readFileSync(`/proc/${app}/stat`, 'utf8');
@@ -182,6 +195,7 @@ describe('a foreground run whose supervisor is killed', () => {
     madeShm.push(shmid);
     expect(shmExists(shmid)).toBe(true);
     const app = sb.systemPid(aid);
+    appPids.push(app);
     await waitFor(() => {
       try {
         return readFileSync(`/proc/${app}/cmdline`, 'utf8').startsWith('sleep\0');
