@@ -28,7 +28,7 @@
         ["appshot_cc_units=='separate'", {
           "sources": ["addon/src/addon.cc", "addon/src/addon_trace.cc", "addon/src/addon_restore.cc",
                       "addon/src/addon_tcp.cc", "addon/src/addon_dgram.cc", "addon/src/addon_fsident.cc",
-                      "addon/src/addon_probe.cc", "addon/src/addon_forward.cc", "addon/src/addon_iouring.cc"]
+                      "addon/src/addon_probe.cc", "addon/src/addon_forward.cc", "addon/src/addon_iouring.cc", "addon/src/addon_procscan.cc"]
         }, {
           "sources": ["addon/src/addon_all.cc"]
         }]
@@ -37,7 +37,7 @@
                   "addon/src/tcp_repair.c", "addon/src/keeper.c",
                   "addon/src/dgram.c", "addon/src/sockfile.c", "addon/src/exename.c", "addon/src/peercred.c",
                   "addon/src/fsident.c", "addon/src/probe.c", "addon/src/forward.c", "addon/src/iouring.c",
-                  "addon/src/pages.c", "addon/src/syncs.c", "addon/src/filecopy.c", "addon/src/tablesguard.c", "addon/src/testknobs.c",
+                  "addon/src/pages.c", "addon/src/syncs.c", "addon/src/filecopy.c", "addon/src/tablesguard.c", "addon/src/testknobs.c", "addon/src/procscan.c",
                   "addon/include/appshot_table.c"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       # NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS: a throw while an exception

@@ -200,9 +200,18 @@ export async function run(registry: Registry, command: string[], opts: RunOption
     }
   } catch (e) {
     stopForwarding();
-    registry.release(record);
+    // A release that fails (tables unreadable for now: kept for a later
+    // rm) must not hide why the start failed, nor skip the rest of the
+    // cleanup (review r418 F5).
+    let notReleased: Error | undefined;
+    try {
+      registry.release(record);
+    } catch (r) {
+      notReleased = r as Error;
+    }
     registry.releaseRedirTargets(madeDirs, [record.aid]);
     removePrivateRoot();
+    if (notReleased && e instanceof Error) e.message += `; and ${notReleased.message}`;
     throw e;
   } finally {
     if (logFd !== undefined) closeSync(logFd);
@@ -249,10 +258,20 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   }
   // The pipe closed without a verdict: init itself died (SIGKILL, say).
   const code = await exited;
+  // Released only once nothing of it runs (settle): a process it started
+  // may outlive its init (a daemon, or the first process itself, which
+  // SIGKILL of init does not reach), and releasing here removed its SysV
+  // objects and tables under it (review r418 F6). Until then it stays for
+  // the look that releases an orphaned registration (ps, rm).
   const current = registry.get(record.aid);
-  if (current && current.initPid === record.initPid) registry.release(current);
+  let notSettled = '';
+  try {
+    if (current && current.initPid === record.initPid) registry.settle(current);
+  } catch (e) {
+    notSettled = `; its registration is kept (${(e as Error).message})`;
+  }
   stopForwarding();
-  throw new AppshotError(`the supervisor of '${record.aid}' died (exit ${code})`, code || ExitCode.failure);
+  throw new AppshotError(`the supervisor of '${record.aid}' died (exit ${code})${notSettled}`, code || ExitCode.failure);
 }
 
 /** What `exec` runs the command under so that it reads the clocks A's

@@ -13,6 +13,18 @@ import type { ParsedSmaps } from './procfs.js';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const release = join(root, 'build', 'Release');
 
+/** addon processFacts: who a process is, and which files under a prefix it
+ * holds open. */
+export interface ProcessFacts {
+  pid: number;
+  start: number;
+  /** Real, effective, saved, filesystem. */
+  uids: [number, number, number, number];
+  /** Each descriptor's target, and the file it is ("MNT:INO", as
+   * fileIdentity): the target's text alone does not say which file. */
+  held: { path: string; identity: string }[];
+}
+
 export const paths = {
   addon: join(release, 'appshot.node'),
   preload: join(release, 'appshot_preload.so'),
@@ -776,6 +788,23 @@ interface Addon {
    * names these tables); false otherwise. */
   signalMember(pid: number, signal: number, initPid: number, tables: string): boolean;
   pidBelongs(pid: number, initPid: number, tables: string): boolean;
+  /** A process's start time (clock ticks since boot), its real,
+   * effective, saved and filesystem uids, and the targets of its
+   * descriptors that start with `prefix`, with the identity of each file
+   * (addon/src/procscan.c: none of it reads the process's memory); null
+   * for no such process, one not ours to read, or a kernel thread. Throws
+   * when /proc cannot be read for another reason (no descriptor left). */
+  processFacts(pid: number, prefix: string): ProcessFacts | null;
+  /** processFacts of every process but this one and PID 1, in one pass;
+   * throws as processFacts does. */
+  processesFacts(prefix: string): ProcessFacts[];
+  /** The mount id and inode number ("MNT:INO") of the file at `path`, its
+   * last component not followed; null if there is none. */
+  fileIdentity(path: string): string | null;
+  /** `name`'s value in the environment of process `pid` started at
+   * `start`; null if not there, unreadable, or the PID is another's now.
+   * Takes the process's mmap lock (access_remote_vm): asked last. */
+  environValue(pid: number, start: number, name: string): string | null;
   flags: { INIT: number; THREAD: number; THREADS: number };
   /** 0 if the named kernel feature works here, else the errno it answered
    * (addon/src/probe.c; appshot check). */

@@ -26,11 +26,11 @@ import {
   statSync,
   writeFileSync,
 } from 'node:fs';
-import { type BigIntStats, constants as fsConstants, utimes } from 'node:fs';
+import { type BigIntStats, constants as fsConstants, type Stats, utimes } from 'node:fs';
 import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { AppshotError, ExitCode, printable } from './errors.js';
-import { addon, type InstanceConfig, type TablesSnapshot } from './native.js';
+import { addon, type InstanceConfig, type ProcessFacts, type TablesSnapshot } from './native.js';
 import { isSameProcess } from './procfs.js';
 import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHolder, type Holder } from './holder.js';
 import { currentRequest } from './engine/request.js';
@@ -261,6 +261,9 @@ export interface Registry {
   list(): AppRecord[];
   /** Removes everything an application left: IPC objects, tables, state. */
   release(record: AppRecord): void;
+  /** The record as it stands: released (undefined) only once nothing of
+   * the application runs; throws when that cannot be told. */
+  settle(record: AppRecord): AppRecord | undefined;
   /** `appshot rm`: removes an ended application's record and log, and what
    * was made for it alone (private copies, REDIR PATH directories). */
   remove(record: AppRecord): void;
@@ -704,23 +707,25 @@ export class LocalRegistry implements Registry {
   }
 
   list(): AppRecord[] {
-    this.sweepPorts();
-    const out: AppRecord[] = [];
-    for (const aid of readdirSync(this.appsDir).sort()) {
-      if (aid.startsWith('.')) {
-        // A removal that was killed half-way (see removeDir).
-        rmSync(join(this.appsDir, aid), { recursive: true, force: true });
-        continue;
+    return this.withOneProcessLook(() => {
+      this.sweepPorts();
+      const out: AppRecord[] = [];
+      for (const aid of readdirSync(this.appsDir).sort()) {
+        if (aid.startsWith('.')) {
+          // A removal that was killed half-way (see removeDir).
+          rmSync(join(this.appsDir, aid), { recursive: true, force: true });
+          continue;
+        }
+        const record = this.get(aid);
+        if (!record) {
+          this.dropOrphanDir(aid);
+          continue;
+        }
+        const settled = this.settleOrKeep(record);
+        if (settled) out.push(settled);
       }
-      const record = this.get(aid);
-      if (!record) {
-        this.dropOrphanDir(aid);
-        continue;
-      }
-      const settled = this.settleOrKeep(record);
-      if (settled) out.push(settled);
-    }
-    return out;
+      return out;
+    });
   }
 
   /** Where a restore (or a batch of clones) will commit: a file created
@@ -842,14 +847,18 @@ export class LocalRegistry implements Registry {
    * running". `gone`: the file is not there (ENOENT), the one failure
    * that says the application has no tables any more; those that only
    * look (ps, staleness) take any other as "cannot tell" (isStale). */
-  readTablesWhy(record: AppRecord): { tables?: TablesSnapshot; why?: string; gone?: boolean } {
+  readTablesWhy(record: AppRecord): { tables?: TablesSnapshot; why?: string; gone?: boolean; lasting?: boolean } {
     try {
       return { tables: addon().readTables(record.tables) };
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
       if (code === 'ENOENT') return { gone: true };
-      const why = code === 'EPROTO' ? notATableFile(record.tables, (e as Error).message) : tablesUnreadable(code, (e as Error).message);
-      return why === undefined ? { gone: true } : { why: `the table file of '${record.aid}' ${why}: its tables cannot be read` };
+      // Not a table file (EPROTO), or not a regular file, which readTables
+      // opens without following (ELOOP), or finds a directory (EISDIR) or a
+      // socket (ENXIO): judged by what is there (review r418 F5).
+      const notTables = code === 'EPROTO' || code === 'ELOOP' || code === 'EISDIR' || code === 'ENXIO';
+      const found = notTables ? notATableFile(record.tables, (e as Error).message) : { why: tablesUnreadable(code, (e as Error).message), lasting: false };
+      return found === undefined ? { gone: true } : { why: `the table file of '${record.aid}' ${found.why}: its tables cannot be read`, lasting: found.lasting };
     }
   }
 
@@ -874,19 +883,50 @@ export class LocalRegistry implements Registry {
     }
     if (initPid !== record.initPid && isSameProcess(initPid, undefined)) return false;
     // A live process of its table counts only if it really is one of the
-    // application's (its environment or descriptors name these tables):
-    // anyone holding the table file may have written any PID there.
+    // application's (it holds the file, or, of the registry's user, its
+    // environment names it: TablesNamers): anyone holding the table file
+    // may have written any PID there.
     // Tables there but unreadable (a process of the application truncating
     // its file, a full filesystem, no descriptor left...): only a file gone
     // says nothing of it runs; otherwise a live process naming the tables
     // does (review r395 F3: such a registration was released under its
     // live processes, their SysV objects and tables removed).
-    if (!t) return read.gone === true || !anyProcessNaming(record.tables);
+    if (!t) return read.gone === true || !this.namers().any(record.tables);
     // Read whole but none of its processes found: the tables are the
     // application's to write, and one that rewrites its file may have been
     // read half-written (no process in it yet). Looked for among all
-    // processes before it is released: once per dead registration.
-    return t.tables.pid.every((e) => e.system <= 1 || e.system === initPid || !isSameProcess(e.system, undefined) || !addon().pidBelongs(e.system, 0, record.tables)) && !anyProcessNaming(record.tables);
+    // processes before it is released: once per walk (withOneProcessLook).
+    // Those it names first: the one alive answers at once.
+    const namers = this.namers();
+    return t.tables.pid.every((e) => e.system <= 1 || e.system === initPid || !isSameProcess(e.system, undefined) || !namers.namedBy(e.system, record.tables)) && !namers.any(record.tables);
+  }
+
+  /** The look at processes (TablesNamers) of the walk under way, if one
+   * is: every registration and port claim a walk judges shares one. */
+  private walkNamers: TablesNamers | undefined;
+
+  private namers(): TablesNamers {
+    return this.walkNamers ?? new TablesNamers(this.tablesPrefix());
+  }
+
+  /** Runs `fn` (a walk over registrations or port claims, all of it
+   * synchronous) with one look at the processes for all it judges: before
+   * (review r404 F4 b), each dead registration looked at every process
+   * once more, N+1 times in a `ps` when one process named its tables. */
+  private withOneProcessLook<T>(fn: () => T): T {
+    if (this.walkNamers) return fn();
+    this.walkNamers = new TablesNamers(this.tablesPrefix());
+    try {
+      return fn();
+    } finally {
+      this.walkNamers = undefined;
+    }
+  }
+
+  /** Where this registry's table files are, as an open descriptor's
+   * target reads (newTablesPath). */
+  private tablesPrefix(): string {
+    return canonicalTablesPath(`/dev/shm/appshot-${this.tag}-`);
   }
 
   /** The application's supervisor, if the process the record names still
@@ -955,7 +995,23 @@ export class LocalRegistry implements Registry {
    * for `rm`). `portsReleased`: the caller let its port claims go
    * already (removeMany). */
   release(record: AppRecord, opts: { keepRecord?: boolean; portsReleased?: boolean } = {}): void {
-    const t = this.readTables(record);
+    const read = this.readTablesWhy(record);
+    const t = read.tables;
+    if (!t && read.why !== undefined) {
+      // Its tables are the only record of which SysV objects were the
+      // application's, and nothing can stand in for them: its system keys
+      // derive from its salt and each virtual key (appshot_system_key), a
+      // 32-bit mix that some virtual key maps any key to, so the salt alone
+      // tells none of its objects from another's; a private object has no
+      // key at all, and its creator's uid and time are those of any other
+      // process of that user since. Unreadable for good (truncated, grown,
+      // another version's: an application started before an upgrade), the
+      // release goes on without them, and says what it leaves; unreadable
+      // for now (a read error, no permission, a file whole again), it is
+      // kept for a later rm or prune (review r404 F1).
+      if (!read.lasting) throw new AppshotError(printable(`'${record.aid}': ${read.why}; its SysV objects, tables and registration are kept for a later rm or prune`));
+      process.stderr.write(`appshot: warning: ${printable(`${read.why}; SysV objects it made, if any, are left: nothing else says which were its (ipcs lists them)`)}\n`);
+    }
     if (t) {
       // Only objects the kernel confirms are the application's: the ids in
       // the tables may have been written by anyone of any of its uids.
@@ -981,7 +1037,17 @@ export class LocalRegistry implements Registry {
           }
       if (left.length) throw new AppshotError(printable(`'${record.aid}': ${left.length} SysV object${left.length > 1 ? 's' : ''} not removed (${left.join('; ')}); its tables and registration are kept for a later rm or prune`));
     }
-    rmSync(record.tables, { force: true });
+    try {
+      rmSync(record.tables, { force: true });
+    } catch {
+      // A directory (notATableFile): removed if empty; what is in it is
+      // its maker's, and stays.
+      try {
+        rmdirSync(record.tables);
+      } catch {
+        /* left */
+      }
+    }
     // Unless the caller let them go already, with others', under one lock
     // (removeMany).
     if (!opts.portsReleased) for (const p of record.ports ?? []) if (p.mode === 'allocate') this.releasePort(p.system, record.aid);
@@ -1440,14 +1506,16 @@ export class LocalRegistry implements Registry {
    * copies are `privateRoot`, if any. Reads every registration: for the
    * restores that need to know (a private /tmp's, restore/driver.ts). */
   runningWith(privateRoot: string, except: string): string | undefined {
-    for (const aid of readdirSync(this.appsDir)) {
-      if (aid === except || aid.startsWith('.')) continue;
-      const r = this.get(aid);
-      if (r?.privateRoot !== privateRoot) continue;
-      const settled = this.settleOrKeep(r);
-      if (settled && !isEnded(settled)) return aid;
-    }
-    return undefined;
+    return this.withOneProcessLook(() => {
+      for (const aid of readdirSync(this.appsDir)) {
+        if (aid === except || aid.startsWith('.')) continue;
+        const r = this.get(aid);
+        if (r?.privateRoot !== privateRoot) continue;
+        const settled = this.settleOrKeep(r);
+        if (settled && !isEnded(settled)) return aid;
+      }
+      return undefined;
+    });
   }
 
   /** Removes `stateDir` if it is a hold (withAidHeld) whose holder is
@@ -1585,13 +1653,18 @@ export class LocalRegistry implements Registry {
     const [lo, hi] = portRange();
     const span = hi - lo + 1;
     const start = Math.floor(Math.random() * span);
-    for (let i = 0; i < span; i++) {
-      const port = lo + ((start + i) % span);
-      if (!this.claimPort(aid, port, { fresh: true })) continue;
-      if (usable(port)) return port;
-      // Held by something outside appshot: let the claim go, try the next.
-      this.releasePort(port, aid);
-    }
+    // One look at the processes for every claim met on the way.
+    const port = this.withOneProcessLook(() => {
+      for (let i = 0; i < span; i++) {
+        const port = lo + ((start + i) % span);
+        if (!this.claimPort(aid, port, { fresh: true })) continue;
+        if (usable(port)) return port;
+        // Held by something outside appshot: let the claim go, try the next.
+        this.releasePort(port, aid);
+      }
+      return undefined;
+    });
+    if (port !== undefined) return port;
     throw new AppshotError(`no free port left in ${lo}-${hi} (set APPSHOT_PORTS)`, ExitCode.conflict);
   }
 
@@ -1618,14 +1691,69 @@ export class LocalRegistry implements Registry {
    * instance given a port it had claimed a moment before for another of
    * its ports bound both to one, and failed: fuzz33 L11). */
   claimPort(aid: string, port: number, { fresh = false } = {}): boolean {
-    return this.withPortsLocked(() => {
-      const file = join(this.portsDir, String(port));
-      if (existsSync(file) && (fresh || this.portOwner(port) !== aid) && !this.portClaimIsStale(port)) return false;
-      writeFileSync(`${file}.tmp`, `${aid} ${formatHolder(currentHolder())}`);
-      renameSync(`${file}.tmp`, file);
-      noteHeld('port', port);
-      return true;
+    const file = join(this.portsDir, String(port));
+    const takeable = (text: string | undefined) => text === undefined || (!fresh && text.split(' ')[0] === aid) || this.portClaimIsStale(port, text);
+    return this.withOneProcessLook(() => {
+      // Judged before the lock is taken: whether a claim is stale may take
+      // a look at every process (isStale), which no other claimer should
+      // wait for (review r404 F4 b). Under the lock, the very claim that
+      // was judged (the same file, held open since, so its inode is no
+      // other's: every claim is written anew and renamed) is judged so
+      // still: a claim's staleness does not come back (its holder, its
+      // application dead stay dead). The same text is not enough: a claim
+      // let go and made again by the same holder reads the same, and is
+      // live (review r418 F4).
+      const seen = this.openPortClaim(port);
+      try {
+        if (!takeable(seen?.text)) return false;
+        return this.withPortsLocked(() => {
+          if (!this.isPortClaim(port, seen)) {
+            const now = this.openPortClaim(port);
+            try {
+              if (!takeable(now?.text)) return false;
+            } finally {
+              if (now) closeSync(now.fd);
+            }
+          }
+          writeFileSync(`${file}.tmp`, `${aid} ${formatHolder(currentHolder())}`);
+          renameSync(`${file}.tmp`, file);
+          noteHeld('port', port);
+          return true;
+        });
+      } finally {
+        if (seen) closeSync(seen.fd);
+      }
     });
+  }
+
+  /** A port's claim file, open, and its text; undefined if there is none. */
+  private openPortClaim(port: number): { fd: number; text: string } | undefined {
+    let fd: number;
+    try {
+      fd = openSync(join(this.portsDir, String(port)), fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
+    } catch {
+      return undefined;
+    }
+    try {
+      return { fd, text: readFileSync(fd, 'utf8') };
+    } catch {
+      closeSync(fd);
+      return undefined;
+    }
+  }
+
+  /** Whether `port`'s claim is still the file `seen` (openPortClaim), or
+   * there is still none if `seen` is undefined. */
+  private isPortClaim(port: number, seen: { fd: number } | undefined): boolean {
+    let ino: bigint | undefined;
+    try {
+      ino = statSync(join(this.portsDir, String(port)), { bigint: true }).ino;
+    } catch {
+      /* none */
+    }
+    if (!seen || ino === undefined) return !seen && ino === undefined;
+    const was = fstatSync(seen.fd, { bigint: true });
+    return was.ino === ino && was.nlink > 0n;
   }
 
   /** The AID holding an allocated port, if any. */
@@ -1634,22 +1762,58 @@ export class LocalRegistry implements Registry {
   }
 
   private portClaim(port: number): { aid: string; holder: Holder } | undefined {
-    let text: string;
+    const text = this.portClaimText(port);
+    return text === undefined ? undefined : parsePortClaim(text);
+  }
+
+  /** A port claim's file as written ("AID PID START [REQUEST]"), if any. */
+  private portClaimText(port: number): string | undefined {
     try {
-      text = readFileSync(join(this.portsDir, String(port)), 'utf8');
+      return readFileSync(join(this.portsDir, String(port)), 'utf8');
     } catch {
       return undefined;
     }
-    const [aid, ...holder] = text.trim().split(' ');
-    return { aid, holder: parseHolder(holder) };
   }
 
   /** Takes back the ports of applications that are gone. */
   sweepPorts(): void {
     if (!existsSync(this.portsDir)) return;
-    this.withPortsLocked(() => {
-      for (const p of readdirSync(this.portsDir)) if (/^\d+$/.test(p) && this.portClaimIsStale(Number(p))) rmSync(join(this.portsDir, p), { force: true });
+    this.withOneProcessLook(() => {
+      const ports = readdirSync(this.portsDir)
+        .filter((p) => /^\d+$/.test(p))
+        .map(Number);
+      this.dropStaleClaims(ports);
     });
+  }
+
+  /** Removes the claims of `ports` that are stale (portClaimIsStale),
+   * judged outside the ports lock (claimPort says why), each removed under
+   * it only if still as judged. */
+  private dropStaleClaims(ports: number[], which: (port: number) => boolean = () => true): void {
+    const stale = new Map<number, { fd: number; text: string }>();
+    try {
+      for (const port of ports) {
+        const claim = this.openPortClaim(port);
+        if (!claim) continue;
+        let isStale = false;
+        try {
+          isStale = which(port) && this.portClaimIsStale(port, claim.text);
+        } catch {
+          // The processes could not be looked at (no descriptor left): kept,
+          // and judged again at the next look, rather than fail the sweep
+          // of every claim (`ps` of every application; review r418 F5).
+        }
+        if (isStale) stale.set(port, claim);
+        else closeSync(claim.fd);
+      }
+      if (!stale.size) return;
+      // Only the claim judged (the same file: claimPort says why).
+      this.withPortsLocked(() => {
+        for (const [port, claim] of stale) if (this.isPortClaim(port, claim)) rmSync(join(this.portsDir, String(port)), { force: true });
+      });
+    } finally {
+      for (const { fd } of stale.values()) closeSync(fd);
+    }
   }
 
   /** Lets a port go, if `aid` holds it. */
@@ -1669,10 +1833,11 @@ export class LocalRegistry implements Registry {
    * port, is gone; until it is registered with it, and once its
    * registration is gone (a snapshot released it, init removed it), once
    * the command that claimed it has ended (holder.ts: in the resident
-   * engine, the request, not the engine's process, which outlives it). */
-  private portClaimIsStale(port: number): boolean {
-    const claim = this.portClaim(port);
-    if (!claim) return true;
+   * engine, the request, not the engine's process, which outlives it).
+   * Judges `text`, the claim of `port` as read (review r418 F4: judging a
+   * fresh read stored a verdict on another text). */
+  private portClaimIsStale(port: number, text: string): boolean {
+    const claim = parsePortClaim(text);
     const record = this.get(claim.aid);
     if (record && (record.ports ?? []).some((p) => p.system === port && p.mode === 'allocate')) return this.isStale(record);
     return !holderAlive(claim.holder, this.home);
@@ -1688,10 +1853,7 @@ export class LocalRegistry implements Registry {
       if (record && record.harnessRequest === request && record.initPid === undefined) this.settle(record);
     }
     const ports = [...held.ports];
-    if (ports.length)
-      this.withPortsLocked(() => {
-        for (const port of ports) if (this.portClaim(port)?.holder.request === request && this.portClaimIsStale(port)) rmSync(join(this.portsDir, String(port)), { force: true });
-      });
+    if (ports.length) this.withOneProcessLook(() => this.dropStaleClaims(ports, (port) => this.portClaim(port)?.holder.request === request));
   }
 
   private dropOrphanDir(aid: string): void {
@@ -1758,8 +1920,12 @@ function removeLeftExecutableName(f: MadeSocketFile): void {
 
 /** Why a file that readTables refused (EPROTO) is no table file of this
  * appshot's, told by looking at it again: its kind, its header's version,
- * its size (review r395 F4). undefined: it is gone now. */
-function notATableFile(path: string, message: string): string | undefined {
+ * its size (review r395 F4). `lasting`: as it stands now, it is no table
+ * file of this appshot's (its size, its layout, its kind), which no later
+ * look would change unless a process of the application rewrote it;
+ * otherwise (whole now, or not opened) a later look may read it.
+ * undefined: it is gone now. */
+function notATableFile(path: string, message: string): { why: string; lasting: boolean } | undefined {
   let fd: number;
   try {
     // Not blocking, nor following a link: whatever is there now.
@@ -1767,54 +1933,217 @@ function notATableFile(path: string, message: string): string | undefined {
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') return undefined;
-    return code === 'ELOOP' ? 'is not a regular file (a symbolic link)' : tablesUnreadable(code, (e as Error).message);
+    // A symbolic link (ELOOP), a socket (ENXIO)...: what it is, not what
+    // it points at. Only the application's owner can have put it there,
+    // and no later look would find it otherwise: kept, it was kept for
+    // ever, every rm failing the same way.
+    let st: Stats | undefined;
+    try {
+      st = lstatSync(path);
+    } catch {
+      /* gone meanwhile, or no telling: as the open said */
+    }
+    return st && !st.isFile() ? { why: `is not a regular file (${fileKind(st)})`, lasting: true } : { why: tablesUnreadable(code, (e as Error).message), lasting: false };
   }
+  const lasting = (why: string) => ({ why, lasting: true });
   try {
     const st = fstatSync(fd);
-    if (!st.isFile()) return 'is not a regular file';
+    if (!st.isFile()) return lasting(`is not a regular file (${fileKind(st)})`);
     const header = Buffer.alloc(16);
     const got = readSync(fd, header, 0, 16, 0);
     const a = addon();
     if (got === 16 && header.readBigUInt64LE(0) === TABLE_MAGIC && header.readUInt32LE(8) !== a.tableVersion)
-      return `was made by another version of appshot (table layout ${header.readUInt32LE(8)}, this appshot's ${a.tableVersion}: restart the application with this one)`;
-    if (st.size < a.tableBytes) return 'was truncated (by a process of the application, which holds it open read-write)';
-    if (st.size > a.tableBytes) return 'grew (by a process of the application, which holds it open read-write)';
-    if (/changed size under us/.test(message)) return 'was truncated while appshot read it (by a process of the application, which holds it open read-write)';
+      return lasting(`was made by another version of appshot (table layout ${header.readUInt32LE(8)}, this appshot's ${a.tableVersion}: restart the application with this one)`);
+    if (st.size < a.tableBytes) return lasting('was truncated (by a process of the application, which holds it open read-write)');
+    if (st.size > a.tableBytes) return lasting('grew (by a process of the application, which holds it open read-write)');
+    // Its size right, its header not a table file's (the magic, or the
+    // size it says, which readTables checks too): overwritten.
+    const overwritten = got < 16 || header.readBigUInt64LE(0) !== TABLE_MAGIC || header.readUInt32LE(12) !== a.tableBytes;
+    if (/changed size under us/.test(message)) return { why: 'was truncated while appshot read it (by a process of the application, which holds it open read-write)', lasting: overwritten };
     // Whole now: what made it no table file then (short, or zeroed, as
-    // it was opened) has been undone since.
-    return 'was truncated or overwritten (by a process of the application, which holds it open read-write)';
+    // it was opened) has been undone since, unless its header is still
+    // no table file's.
+    return { why: 'was truncated or overwritten (by a process of the application, which holds it open read-write)', lasting: overwritten };
   } catch (e) {
-    return tablesUnreadable((e as NodeJS.ErrnoException).code, (e as Error).message);
+    return { why: tablesUnreadable((e as NodeJS.ErrnoException).code, (e as Error).message), lasting: false };
   } finally {
     closeSync(fd);
   }
 }
 
+/** What a file that is not a regular one is, in words. */
+function fileKind(st: Stats): string {
+  if (st.isSymbolicLink()) return 'a symbolic link';
+  if (st.isDirectory()) return 'a directory';
+  if (st.isSocket()) return 'a socket';
+  if (st.isFIFO()) return 'a FIFO';
+  return 'a device';
+}
+
 /** Why tables there could not be read, other than their not being a table
  * file: the guard replaced (ENOTRECOVERABLE) keeps the addon's words. */
 function tablesUnreadable(code: string | undefined, message: string): string {
-  if (code === 'EACCES' || code === 'EPERM') return 'may not be opened by this user (permission denied)';
+  if (code === 'EACCES' || code === 'EPERM') return 'may not be opened by this user (permission denied: restore its mode 0600, or remove the file)';
   return `could not be read (${message})`;
+}
+
+/** A port claim's text ("AID PID START [REQUEST]"), parsed. */
+function parsePortClaim(text: string): { aid: string; holder: Holder } {
+  const [aid, ...holder] = text.trim().split(' ');
+  return { aid, holder: parseHolder(holder) };
 }
 
 /** "APPAT", the first field of every table file's header (appshot_table.h). */
 const TABLE_MAGIC = 0x5441505041n;
 
-/** Whether any process (but this one) has these tables in its environment
- * or descriptors, as one of the application's has: looked for only when
- * its tables cannot be read. */
-function anyProcessNaming(tables: string): boolean {
-  let pids: string[];
+/**
+ * Who holds or names table files, for the look at a registration whose
+ * supervisor is gone (isStale): one of the application's processes may
+ * outlive it (a daemon its SIGKILL did not reach), and the registration
+ * is not released under that process. A process counts when
+ *  - it holds a descriptor of the table file: every process of the
+ *    application keeps one (preload_fd.c), whatever uid it runs as, and a
+ *    descriptor is a capability: the file is 0600, only a process given
+ *    one by the application (or one of its owner's) can have it. The file
+ *    is known by its mount and inode (/proc/PID/fdinfo), not by the path
+ *    its descriptor's link reads, which a file of another mount namespace
+ *    can read too (isTheFile);
+ *  - or its environment names the file (APPSHOT_TABLES), as a process of
+ *    the application that closed or never got the descriptor does (a
+ *    static program that closes every descriptor), but only when every uid
+ *    of it (real, effective, saved, filesystem) is the registry's user's.
+ *    Anyone may put any words in their environment, and the path is no
+ *    secret (ls /dev/shm): a local user's `env APPSHOT_TABLES=... sleep
+ *    inf` kept root's dead registrations running for ever, their SysV
+ *    objects, ports and AIDs never released (review r404 F4). A setuid
+ *    program is left out by its real uid; one that makes all its uids root
+ *    while keeping its caller's environment (sudo, once authenticated) is
+ *    run by a user root trusts already.
+ * A process holding a table file of this registry is known by that one
+ * alone: its environment may name another's (a clone's static program,
+ * which environ.ts cannot rewrite, names its source's: review r404 F4 e).
+ * The identity and the descriptors come first: /proc/PID/status, stat and
+ * fd take no lock of the process's memory. An environment is read only
+ * of a process they left undecided, and only once in a walk: reading one
+ * takes the process's mmap lock (access_remote_vm), which a process stuck
+ * in a page fault (a hung NFS or FUSE mapping) holds, as procps `ps`
+ * reading its command line would wait too.
+ * What cannot be seen counts as not naming: for a user other than root,
+ * a process of the application that became undumpable (it ran a setuid
+ * program) shows neither descriptors nor environment, and the
+ * registration of an application whose last process it is is released
+ * under it (review r404 F4 d).
+ */
+class TablesNamers {
+  private procs?: ProcessFacts[];
+  private held?: Set<string>;
+  private named?: Set<string>;
+  /** Each table file's identity as first asked (fileIdentity). */
+  private readonly identities = new Map<string, { mnt: string; ino: string; dev: string } | null>();
+  private readonly owner = process.geteuid?.() ?? 0;
+  /** `prefix`: where every table file of this registry's lies, as
+   * readlink says it (symbolic links resolved). */
+  constructor(private readonly prefix: string) {}
+
+  /** Whether any process (but this one, and PID 1) holds or names the
+   * table file at `tables`. Every process is looked at once, then each
+   * question is answered from what was seen. */
+  any(tables: string): boolean {
+    const canonical = canonicalTablesPath(tables);
+    // One not where this registry makes them (not made by it): on its own.
+    if (!canonical.startsWith(this.prefix)) return new TablesNamers(canonical).any(tables);
+    this.procs ??= addon().processesFacts(this.prefix).map((p) => ({ ...p, held: p.held.filter((h) => this.isTheFile(p.pid, h)) }));
+    this.held ??= new Set(this.procs.flatMap((p) => p.held.map((h) => h.path)));
+    if (this.held.has(canonical)) return true;
+    if (!this.named) {
+      this.named = new Set();
+      for (const p of this.procs) {
+        if (p.held.length || !this.trusted(p)) continue;
+        const v = addon().environValue(p.pid, p.start, 'APPSHOT_TABLES');
+        if (v) this.named.add(v);
+      }
+    }
+    return this.named.has(tables) || this.named.has(canonical);
+  }
+
+  /** Whether process `pid` holds or names `tables`, by the same rule. */
+  namedBy(pid: number, tables: string): boolean {
+    const canonical = canonicalTablesPath(tables);
+    const p = pid > 1 && pid !== process.pid ? addon().processFacts(pid, canonical) : null;
+    if (!p) return false;
+    if (p.held.some((h) => h.path === canonical && this.isTheFile(p.pid, h))) return true;
+    if (!this.trusted(p)) return false;
+    const v = addon().environValue(p.pid, p.start, 'APPSHOT_TABLES');
+    return v === tables || v === canonical;
+  }
+
+  /** Whether a descriptor (of process `pid`) whose target reads a table
+   * file's path is that file: its inode the file's, and its mount the
+   * file's, or one of the same file system in the process's mount
+   * namespace (a copy of it: a process of the application that opened the
+   * file by path after entering a mount namespace of its own). The text
+   * alone is anyone's: in a user and mount namespace of its own, a local
+   * user mounts a tmpfs on /dev/shm and opens a file of the same name, and
+   * root's readlink of that descriptor reads the table file's path
+   * (review r418 F1: it kept root's dead registrations running). */
+  private isTheFile(pid: number, h: { path: string; identity: string }): boolean {
+    let id = this.identities.get(h.path);
+    if (id === undefined) this.identities.set(h.path, (id = tableFileIdentity(h.path)));
+    if (!id) return false;
+    const [mnt, ino] = h.identity.split(':');
+    if (ino !== id.ino) return false;
+    return mnt === id.mnt || mountDevice(pid, mnt) === id.dev;
+  }
+
+  /** Whether a process's environment is one to believe: all its uids the
+   * registry's user's. */
+  private trusted(p: ProcessFacts): boolean {
+    return p.uids.every((u) => u === this.owner);
+  }
+}
+
+/** The table file at `path`: its mount id and inode (fileIdentity) and
+ * its device ("MAJOR:MINOR", as mountinfo writes it); null if there is
+ * none. */
+function tableFileIdentity(path: string): { mnt: string; ino: string; dev: string } | null {
+  const id = addon().fileIdentity(path);
+  if (!id) return null;
+  let dev: bigint;
   try {
-    pids = readdirSync('/proc');
+    dev = lstatSync(path, { bigint: true }).dev;
   } catch {
-    return true;
+    return null;
   }
-  const a = addon();
-  for (const name of pids) {
-    const pid = Number(name);
-    if (!Number.isInteger(pid) || pid <= 1 || pid === process.pid) continue;
-    if (a.pidBelongs(pid, 0, tables)) return true;
+  // glibc's gnu_dev_major/minor.
+  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
+  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
+  const [mnt, ino] = id.split(':');
+  return { mnt, ino, dev: `${major}:${minor}` };
+}
+
+/** The device ("MAJOR:MINOR") of mount `mnt` in process `pid`'s mount
+ * namespace, from its mountinfo (no file system is asked); undefined if
+ * it has none of that id, or cannot be read. */
+function mountDevice(pid: number, mnt: string): string | undefined {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/mountinfo`, 'utf8');
+  } catch {
+    return undefined;
   }
-  return false;
+  for (const line of text.split('\n')) {
+    const f = line.split(' ');
+    if (f[0] === mnt) return f[2];
+  }
+  return undefined;
+}
+
+/** A table file's path with its directory's symbolic links resolved, as
+ * the kernel names an open file (/dev/shm may be a link to /run/shm). */
+function canonicalTablesPath(tables: string): string {
+  try {
+    return join(realpathSync(dirname(tables)), basename(tables));
+  } catch {
+    return tables;
+  }
 }

@@ -1237,6 +1237,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   appshot::RegisterProbe(env, exports);
   appshot::RegisterForward(env, exports);
   appshot::RegisterIoUring(env, exports);
+  appshot::RegisterProcScan(env, exports);
   return exports;
 }
 

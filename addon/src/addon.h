@@ -78,6 +78,8 @@ void RegisterDgram(Napi::Env env, Napi::Object exports);
 void RegisterProbe(Napi::Env env, Napi::Object exports);
 // The front door's forwarding thread (addon_forward.cc).
 void RegisterForward(Napi::Env env, Napi::Object exports);
+// Who holds or names a table file (addon_procscan.cc).
+void RegisterProcScan(Napi::Env env, Napi::Object exports);
 // io_uring counters brought to a snapshot's values (addon_iouring.cc).
 void RegisterIoUring(Napi::Env env, Napi::Object exports);
 }  // namespace appshot

@@ -22,3 +22,4 @@
 #include "addon_probe.cc"
 #include "addon_forward.cc"
 #include "addon_iouring.cc"
+#include "addon_procscan.cc"

@@ -1,0 +1,239 @@
+/* See procscan.h. */
+#define _GNU_SOURCE
+#include "procscan.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define PF_KTHREAD_FLAG 0x00200000u
+
+/* The whole of a small /proc file into buf (NUL ended): its length, or
+ * -errno. */
+static ssize_t read_small(int dirfd, const char *path, char *buf, size_t cap) {
+  int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -errno;
+  size_t got = 0;
+  ssize_t err = 0;
+  while (got + 1 < cap) {
+    ssize_t n = read(fd, buf + got, cap - 1 - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) err = -errno;
+    if (n <= 0) break;
+    got += (size_t)n;
+  }
+  close(fd);
+  buf[got] = 0;
+  return err ? err : (ssize_t)got;
+}
+
+int procscan_facts(pid_t pid, struct procscan_facts *f) {
+  char path[64], buf[4096];
+  memset(f, 0, sizeof *f);
+  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+  ssize_t got = read_small(AT_FDCWD, path, buf, sizeof buf);
+  /* Empty: the process went as it was read. */
+  if (got <= 0) return got < 0 ? (int)got : -ESRCH;
+  /* comm may hold spaces and parentheses: it ends at the last ')'. */
+  char *p = strrchr(buf, ')');
+  if (!p || p[1] != ' ') return -EPROTO;
+  p += 2;
+  f->state = *p;
+  /* Fields 3 (the state) to 22, each ended by a space. */
+  for (int i = 3; i <= 22; i++) {
+    char *end = strchr(p, ' ');
+    if (!end) return -EPROTO;
+    if (i == 9) f->kthread = (strtoull(p, NULL, 10) & PF_KTHREAD_FLAG) != 0;
+    if (i == 20) f->threads = strtol(p, NULL, 10);
+    if (i == 22) f->start = strtoull(p, NULL, 10);
+    p = end + 1;
+  }
+  snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+  got = read_small(AT_FDCWD, path, buf, sizeof buf);
+  if (got <= 0) return got < 0 ? (int)got : -ESRCH;
+  char *u = strstr(buf, "\nUid:");
+  if (!u) return -EPROTO;
+  u += 5;
+  for (int i = 0; i < 4; i++) {
+    char *end;
+    unsigned long v = strtoul(u, &end, 10);
+    if (end == u) return -EPROTO;
+    f->uid[i] = (uint32_t)v;
+    u = end;
+  }
+  return 0;
+}
+
+/* Where the process's descriptors and environment are seen: /proc/PID,
+ * or, once its main thread has exited while others run (a zombie leader
+ * whose fd directory is empty and environ gives ESRCH), /proc/PID/task/TID
+ * of a live thread (review r418 F2). 0, or -errno. */
+static int process_dir(pid_t pid, const struct procscan_facts *f, char *out, size_t cap) {
+  snprintf(out, cap, "/proc/%d", (int)pid);
+  if (f->state != 'Z' || f->threads <= 1) return 0;
+  char dir[64];
+  snprintf(dir, sizeof dir, "/proc/%d/task", (int)pid);
+  DIR *d = opendir(dir);
+  if (!d) return -errno;
+  int found = 0;
+  errno = 0;
+  for (struct dirent *de; !found && (de = readdir(d));) {
+    long tid = strtol(de->d_name, NULL, 10);
+    if (tid <= 0 || tid == pid) continue;
+    char stat[96], buf[1024];
+    snprintf(stat, sizeof stat, "%s/%ld/stat", dir, tid);
+    if (read_small(AT_FDCWD, stat, buf, sizeof buf) <= 0) continue;
+    char *p = strrchr(buf, ')');
+    if (!p || p[1] != ' ' || p[2] == 'Z' || p[2] == 'X') continue;
+    snprintf(out, cap, "/proc/%d/task/%ld", (int)pid, tid);
+    found = 1;
+  }
+  int err = found || !errno ? 0 : -errno;
+  closedir(d);
+  return err;
+}
+
+/* The mount id and inode number of descriptor `name` of the fdinfo
+ * directory `dirfd`, from the struct file the descriptor is (no file
+ * system is asked, unlike a stat through /proc/PID/fd/N, which a FUSE
+ * server could hold for ever). 0; 1 if it says no mount id; or -errno. */
+static int fd_identity(int dirfd, const char *name, uint64_t *mnt, uint64_t *ino) {
+  char buf[4096];
+  ssize_t got = read_small(dirfd, name, buf, sizeof buf);
+  if (got < 0) return (int)got;
+  *mnt = 0;
+  *ino = 0;
+  int have_mnt = 0;
+  for (char *line = buf; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+    if (!strncmp(line, "mnt_id:", 7)) {
+      *mnt = strtoull(line + 7, NULL, 10);
+      have_mnt = 1;
+    } else if (!strncmp(line, "ino:", 4)) {
+      *ino = strtoull(line + 4, NULL, 10);
+    }
+  }
+  return have_mnt ? 0 : 1;
+}
+
+int procscan_file_identity(const char *path, uint64_t *mnt, uint64_t *ino) {
+  int fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return -errno;
+  char name[16];
+  snprintf(name, sizeof name, "%d", fd);
+  int dfd = open("/proc/self/fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int r = dfd < 0 ? -errno : fd_identity(dfd, name, mnt, ino);
+  if (dfd >= 0) close(dfd);
+  close(fd);
+  return r == 1 ? -ENOTSUP : r;
+}
+
+int procscan_targets(pid_t pid, const struct procscan_facts *f, const char *prefix,
+                     void (*found)(const char *target, size_t len, uint64_t mnt, uint64_t ino, void *arg),
+                     void *arg) {
+  char base[96], dir[128], target[4096];
+  size_t plen = strlen(prefix);
+  int r = process_dir(pid, f, base, sizeof base);
+  if (r < 0) return r;
+  snprintf(dir, sizeof dir, "%s/fd", base);
+  int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return -errno;
+  int infofd = -1;
+  char buf[4096] __attribute__((aligned(8)));
+  long n = 0;
+  while (r == 0 && (n = syscall(SYS_getdents64, dfd, buf, sizeof buf)) > 0)
+    for (long off = 0; r == 0 && off < n;) {
+      struct {
+        uint64_t ino;
+        int64_t off;
+        unsigned short reclen;
+        unsigned char type;
+        char name[];
+      } *de = (void *)(buf + off);
+      off += de->reclen;
+      if (de->name[0] == '.') continue;
+      /* Relative to the directory: one lookup less per descriptor. */
+      ssize_t l = readlinkat(dfd, de->name, target, sizeof target - 1);
+      if (l < 0) {
+        /* Closed since it was listed; or the process became one we may
+         * not look into (it ran a setuid program). */
+        if (errno != ENOENT && errno != EACCES) r = -errno;
+        continue;
+      }
+      if (l < (ssize_t)plen || memcmp(target, prefix, plen) != 0) continue;
+      target[l] = 0;
+      /* The link's text proves nothing of which file it is: a process in
+       * a mount namespace of its own may hold a file of the same path on
+       * a file system of its own (review r418 F1). Its mount and inode do. */
+      if (infofd < 0) {
+        snprintf(dir, sizeof dir, "%s/fdinfo", base);
+        infofd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (infofd < 0) {
+          r = errno == ENOENT || errno == EACCES ? 0 : -errno;
+          break;
+        }
+      }
+      uint64_t mnt, ino;
+      int k = fd_identity(infofd, de->name, &mnt, &ino);
+      if (k == 0) found(target, (size_t)l, mnt, ino, arg);
+      else if (k < 0 && k != -ENOENT && k != -EACCES) r = k;
+    }
+  if (r == 0 && n < 0) r = -errno;
+  if (infofd >= 0) close(infofd);
+  close(dfd);
+  /* Gone while we looked, or not ours to look into (not an error). */
+  return r == -ESRCH || r == -ENOENT ? -ESRCH : r == -EACCES ? 0 : r;
+}
+
+long procscan_environ_value(pid_t pid, const char *name, char *out, size_t cap) {
+  char base[96], path[128], buf[4096];
+  size_t nlen = strlen(name);
+  struct procscan_facts f;
+  if (procscan_facts(pid, &f) != 0 || process_dir(pid, &f, base, sizeof base) != 0) return -1;
+  snprintf(path, sizeof path, "%s/environ", base);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  /* Entry by entry across reads: `pos`, the place in the current entry;
+   * `state`, 0 while the entry so far is "name=" or a prefix of it, 1 in
+   * its value (copied to out), 2 once it is another's. */
+  size_t pos = 0, got = 0;
+  int state = 0;
+  long result = -1;
+  ssize_t n;
+  while (result == -1 && (n = read(fd, buf, sizeof buf)) > 0)
+    for (ssize_t i = 0; i < n; i++) {
+      char c = buf[i];
+      if (c == 0) {
+        if (state == 1) {
+          out[got] = 0;
+          result = (long)got;
+          break;
+        }
+        pos = 0;
+        state = 0;
+        continue;
+      }
+      if (state == 0) {
+        if (pos < nlen ? c != name[pos] : c != '=') state = 2;
+        else if (pos == nlen) state = 1;
+        pos++;
+      } else if (state == 1) {
+        if (got + 1 >= cap) {
+          result = -2;
+          break;
+        }
+        out[got++] = c;
+      }
+    }
+  /* The last entry may lack its NUL (a process that overwrote its area). */
+  if (result == -1 && state == 1) {
+    out[got] = 0;
+    result = (long)got;
+  }
+  close(fd);
+  return result;
+}

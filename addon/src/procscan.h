@@ -1,0 +1,51 @@
+/* What the registry asks of a process that may be one of an application's
+ * once the application's supervisor is gone (src/registry.ts
+ * TablesNamers): who it is, and whether it holds or names a table file.
+ * Each answer comes from /proc and takes none of the process's memory
+ * locks, but environ_value, which the caller asks last, and only of
+ * processes whose identity makes their environment worth believing. */
+#ifndef APPSHOT_PROCSCAN_H
+#define APPSHOT_PROCSCAN_H
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+struct procscan_facts {
+  uint64_t start;  /* clock ticks since boot (stat field 22) */
+  uint32_t uid[4]; /* real, effective, saved, filesystem (status "Uid:") */
+  int kthread;     /* a kernel thread: no descriptors, no environment */
+  char state;      /* stat field 3: 'Z' for a leader that exited */
+  long threads;    /* stat field 20 */
+};
+
+/* The facts of `pid`, from /proc/PID/stat and /proc/PID/status: neither
+ * reads the process's memory (its mmap lock is not taken). 0, or -errno:
+ * -ENOENT or -ESRCH if there is no such process. */
+int procscan_facts(pid_t pid, struct procscan_facts *f);
+
+/* Calls `found` with each descriptor's target (readlink of
+ * /proc/PID/fd/N: the descriptor table under RCU, no file system asked,
+ * unlike a stat of the file, which a hung NFS server would hold) that
+ * starts with `prefix`, and the mount id and inode number of the file it
+ * is (/proc/PID/fdinfo/N): the text alone does not say which file it is.
+ * `f`: the process's facts (a leader that exited is looked at through a
+ * live thread). Descriptors of a process we may not look into are not
+ * seen (EACCES). 0; -ESRCH if the process is gone; or -errno if its
+ * descriptors cannot be read. */
+int procscan_targets(pid_t pid, const struct procscan_facts *f, const char *prefix,
+                     void (*found)(const char *target, size_t len, uint64_t mnt, uint64_t ino, void *arg),
+                     void *arg);
+
+/* The mount id and inode number of the file at `path` (its last
+ * component not followed), as procscan_targets reports a descriptor's.
+ * 0, or -errno. */
+int procscan_file_identity(const char *path, uint64_t *mnt, uint64_t *ino);
+
+/* The value of `name` in /proc/PID/environ into out (cap bytes, NUL
+ * ended): its length, -1 if it is not there (or the environment cannot be
+ * read), -2 if the value does not fit. Reading another process's
+ * environment takes its mmap lock (access_remote_vm): one held by a
+ * process stuck in a page fault (a hung NFS mapping) makes this wait. */
+long procscan_environ_value(pid_t pid, const char *name, char *out, size_t cap);
+
+#endif
