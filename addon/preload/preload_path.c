@@ -1208,8 +1208,16 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
     }
     if (rest) p = path = rest;
     /* Under rules, their reading (by letters) for them to match; the
-     * kernel's is original()'s, when none applies (r416 F3). */
-    else if (!(p = g_h->instance.redirs ? proc_path_letters(path, buf) : proc_path(path, buf))) return NULL;
+     * kernel's is original()'s, when none applies (r416 F3). A letters
+     * reading that fails (a number the application does not hold, by
+     * letters only: "<dir>/lnk/../../../proc/<n>" through a link is the
+     * tree's own directory) does not fail the call: the rules match the
+     * kernel's reading then, and its errno is the one given (r432 N3). */
+    else if (g_h->instance.redirs) {
+      int saved = errno;
+      if (!(p = proc_path_letters(path, buf)) && !(p = proc_path(path, buf))) return NULL;
+      errno = saved;
+    } else if (!(p = proc_path(path, buf))) return NULL;
   }
   if (!g_h->instance.redirs) return p;
   return path_rules_once(path, p, op, buf);
