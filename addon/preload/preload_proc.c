@@ -407,20 +407,17 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
       return NULL;
     }
     /* "/dev/fd/.." however it was spelled ("//dev/fd", "/dev/./fd",
-     * "/dev/fd/./..": r416 F1): "/proc/self/fd/.." when /dev/fd is the
-     * system's link to it (one readlink, for such paths only; any other
-     * /dev/fd is the kernel's to read). Longer by 6: a path that no
-     * longer fits fails, as above. */
+     * "/dev/fd/./..": r416 F1): "/proc/self" (the parent of
+     * /proc/self/fd, by its name) when /dev/fd is the system's link to
+     * /proc/self/fd (one readlink, for such paths only; any other /dev/fd
+     * is the kernel's to read). The same length as "/dev/fd/..": a path
+     * the kernel takes still fits (r432 N4: "/dev/fd/../../../<file>" of
+     * 4094 bytes is an ordinary file), and the next round is shorter. */
     if (UNLIKELY(dev_fd_up(plain))) {
       char link[16];
       if (SYS4(readlinkat, AT_FDCWD, "/dev/fd", link, sizeof link) == 13 && !memcmp(link, "/proc/self/fd", 13)) {
-        size_t rest = strlen(plain + 7); /* "/..": what follows "/dev/fd" */
-        if (13 + rest >= PATH_MAX) {
-          errno = ENAMETOOLONG;
-          return NULL;
-        }
-        memcpy(buf, link, 13);
-        memcpy(buf + 13, plain + 7, rest + 1);
+        memcpy(buf, "/proc/self", 10);
+        strcpy(buf + 10, plain + 10); /* "" or "/...": what follows "/dev/fd/.." */
         src = buf;
         continue;
       }
