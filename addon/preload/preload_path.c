@@ -1242,7 +1242,10 @@ const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf
   if (op & PATH_INROOT) return kind != PROC_DIR_NONE && !rel_dotted(path) ? proc_at_path(kind, path, buf) : path;
   /* A directory outside /proc (kind NONE): nothing to join, and no
    * window was opened for it (SLOW_PATH: an open of a FIFO may block). */
-  if (kind != PROC_DIR_NONE && UNLIKELY(rel_dotted(path))) {
+  /* A link of /proc followed by a number: "self/root/proc/<vpid>" under
+   * /proc, "3/<vpid>" under /proc/self/fd (r432 N1). */
+  if (kind != PROC_DIR_NONE && (UNLIKELY(rel_dotted(path)) || UNLIKELY(link_before_number(path)) ||
+                                (kind == PROC_DIR_INSIDE && UNLIKELY(fd_link_before_number(path))))) {
     const char *r = proc_at_join(dirfd, path, buf);
     if (r != path) return r;
   }

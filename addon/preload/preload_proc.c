@@ -348,7 +348,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
 /* proc_path of a path that starts "/proc/", `depth` deep (the kernel's
  * reading). */
 static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int depth) {
-  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, depth, 0);
+  if (UNLIKELY(path_unplain(path)) || UNLIKELY(proc_link_ahead(path))) return proc_path_unplain(path, buf, depth, 0);
   return proc_path_plain(path, buf);
 }
 
@@ -422,6 +422,30 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
         continue;
       }
     }
+    /* A link of a process's directory followed by a number
+     * ("/proc/self/root/proc/<vpid>", "/proc/self/fd/3/<vpid>",
+     * "/dev/fd/3/<vpid>": r432 N1): the directory it leads to, as the
+     * kernel names it (resolved_dir, as for a ".." whose parent no name
+     * tells), and what follows, round again. One that cannot be said (a
+     * root in another mount namespace, a process outside the
+     * application) is the kernel's, as before. */
+    size_t link = proc_link_ahead(plain);
+    if (UNLIKELY(link)) {
+      memcpy(buf, plain, link + 1); /* through its '/' */
+      long r = resolved_dir(buf, link + 1);
+      if (r < 0) return NULL;
+      if (r > 0) {
+        const char *rest = plain + link + 1;
+        size_t len = strlen(rest);
+        if ((size_t)r + len >= PATH_MAX) {
+          errno = ENAMETOOLONG;
+          return NULL;
+        }
+        memcpy(buf + r, rest, len + 1);
+        src = buf;
+        continue;
+      }
+    }
     const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
     if (!r || r == buf) return r;
     /* A ".." kept outside /proc with "proc" and a number after it
@@ -467,7 +491,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
 
 static const char *proc_path_read(const char *path, char buf[PATH_MAX], int letters) {
   if (!path || path[0] != '/' || !g_h) return path;
-  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, 0, letters);
+  if (UNLIKELY(path_unplain(path)) || UNLIKELY(proc_link_ahead(path))) return proc_path_unplain(path, buf, 0, letters);
   return proc_path_plain(path, buf);
 }
 
@@ -590,8 +614,9 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
   memcpy(buf, dir, (size_t)n);
   buf[n] = '/';
   memcpy(buf + n + 1, path, len + 1);
-  /* No "." or ".." after all (a hidden name): the relative logic. */
-  if (!path_unplain(buf)) return path;
+  /* No "." or ".." after all (a hidden name), and no link followed by a
+   * number ("self/root/proc/<vpid>": r432 N1): the relative logic. */
+  if (!path_unplain(buf) && !proc_link_ahead(buf)) return path;
   return proc_path_unplain(buf, buf, 0, 0);
 }
 
