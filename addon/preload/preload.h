@@ -1012,8 +1012,10 @@ static inline int path_unplain(const char *path) {
  * resolved by the kernel (opened, its link read: a few system calls, only
  * then) and the path goes on from its name. 1; 0 if it does not fit; -1
  * with errno when that directory cannot be opened (the whole path could
- * not be either). No system call otherwise. */
-HIDDEN int plain_path(const char *path, char out[PATH_MAX]);
+ * not be either). No system call otherwise. `letters`: the path rules'
+ * reading, which keeps a ".." after a process's root for them to read by
+ * its letters. */
+HIDDEN int plain_path(const char *path, char out[PATH_MAX], int letters);
 
 /* The same for `path` relative to `dirfd` (AT_FDCWD for the calls without
  * one): path_hooked, or a virtual id under a directory of /proc. */

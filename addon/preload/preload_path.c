@@ -1179,7 +1179,7 @@ static NOINLINE const char *proc_root_unplain(const char *path, int op, char buf
   char plain[PATH_MAX];
   const char *rest;
   *taken = 0;
-  if (plain_path(path, plain) <= 0) return NULL;
+  if (plain_path(path, plain, 1) <= 0) return NULL;
   /* A ".." kept outside /proc ("/tmp/../proc/self/root/x"): the rules
    * read it by its letters, as proc_path_letters does (r416 F4: it
    * reached the original, past the rule). */
@@ -1587,7 +1587,7 @@ static NOINLINE long link_answer_unplain(int dirfd, const char *path, char *out,
     while (path[0] == '.' && path[1] == '/') /* "./": the directory itself */
       for (path += 2; *path == '/'; path++) {}
   int saved = errno; /* the readlink succeeded: a failure to make the name plain is no error of its (r388 L3) */
-  if (plain_path(path, plain) <= 0) {
+  if (plain_path(path, plain, 0) <= 0) {
     errno = saved;
     return n; /* too long (not a link of /proc's), or a directory in it gone */
   }

@@ -171,16 +171,17 @@ static int number_follows(const char *s) {
  * name) is resolved by the kernel first (resolved_dir) because a number
  * follows: a directory of /proc ("/proc/sys/../<vpid>",
  * "/proc/self/cwd/../<n>"), which the kernel would read by a system id.
- * Not a process's root under path rules: the rules take the rest as the
- * root's, by its letters. A ".." outside /proc is kept for the kernel:
+ * Not a process's root in the rules' reading (`letters`): they take the
+ * rest as the root's, by its letters; the kernel's reading resolves it
+ * as without rules (r432 N2). A ".." outside /proc is kept for the kernel:
  * gcc's ".../12/../../../../include/c++/12/..." pays nothing and gets the
  * kernel's errors (review r388 M2); "/tmp/../proc/<vpid>" is asked
  * without a descriptor or a name (proc_path_unplain, proc_rel_join), and
  * never before path rules (r388 H1: a directory opened before them is
  * the real one, not what the rules make of it). */
-static int dotdot_resolved(const char *out, size_t n, const char *rest) {
+static int dotdot_resolved(const char *out, size_t n, const char *rest, int letters) {
   if (n <= 6 || memcmp(out, "/proc/", 6) != 0) return 0;
-  if (g_h && g_h->instance.redirs) {
+  if (letters) {
     const char *c = memchr(out + 6, '/', n - 6); /* "/proc/<who>/root/" */
     if (c && (size_t)(out + n - c) >= 6 && !memcmp(c, "/root/", 6)) return 0;
   }
@@ -243,7 +244,7 @@ static NOINLINE long resolved_dir(char *out, size_t n) {
   return m;
 }
 
-int plain_path(const char *path, char out[PATH_MAX]) {
+int plain_path(const char *path, char out[PATH_MAX], int letters) {
   size_t n = 0;
   /* Set once a ".." was kept: what follows it is the kernel's to resolve,
    * and a later ".." is no longer the parent of what out shows. */
@@ -273,7 +274,7 @@ int plain_path(const char *path, char out[PATH_MAX]) {
       /* A ".." whose parent no name tells, followed by a number
        * ("/proc/sys/../<vpid>/stat", "/tmp/../proc/<vpid>"): the kernel
        * would read that number as a system id. */
-      if (!up && out[0] == '/' && UNLIKELY(dotdot_resolved(out, n, s + 2))) {
+      if (!up && out[0] == '/' && UNLIKELY(dotdot_resolved(out, n, s + 2, letters))) {
         long r = resolved_dir(out, n);
         if (r < 0) return -1;
         if (r > 0) up = parent_of(out, (size_t)r), named = 1;
@@ -397,7 +398,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
       errno = ELOOP;
       return NULL;
     }
-    int made = plain_path(src, plain);
+    int made = plain_path(src, plain, letters);
     if (made < 0) return NULL;
     /* Too long once plain (a directory's name the kernel gave is longer
      * than its spelling): the path as written would fit, and its number
