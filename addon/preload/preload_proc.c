@@ -334,8 +334,10 @@ const char *lexical_proc(const char *plain) {
 /* A reading that goes on from another path (/dev/fd/.. as
  * /proc/self/fd/.., "/tmp/../proc/<n>" as /proc/<n>, by the rules'
  * letters or where our /proc's parent is "/") is a round of a loop in
- * proc_path_unplain, with no frame of its own: PROC_ROUNDS of them, as
- * the kernel bounds the links it follows, then ELOOP. Only a path through
+ * proc_path_unplain, with no frame of its own. The links those rounds
+ * follow (/dev/fd, a process's root, cwd or fd/<n>) are counted:
+ * PROC_ROUNDS of them, as the kernel bounds the links it follows, then
+ * ELOOP; a round that follows none is shorter. Only a path through
  * our /proc bound elsewhere (its parent not "/") goes into itself again
  * (proc_rel_join), each time with a PATH_MAX frame or two (about 9 KB, on
  * top of the 8 KB or so of the wrapper's buffer and the first reading):
@@ -393,8 +395,13 @@ static NOINLINE int proc_anchor_kind(const char *plain, size_t dlen, char buf[PA
 static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters) {
   char plain[PATH_MAX];
   const char *src = path;
-  for (int round = 0;; round++) {
-    if (round > PROC_ROUNDS) {
+  /* The links the rounds followed (as the kernel would): PROC_ROUNDS,
+   * then ELOOP. A round that follows none is shorter than the one
+   * before (a kept ".." and a name at least dropped before "proc/"), so
+   * they end by themselves (r432 N5: 41 returns by "/tmp/../proc/1/.."
+   * to an ordinary directory failed ELOOP). */
+  for (int links = 0;;) {
+    if (links > PROC_ROUNDS) {
       errno = ELOOP;
       return NULL;
     }
@@ -420,6 +427,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
         memcpy(buf, "/proc/self", 10);
         strcpy(buf + 10, plain + 10); /* "" or "/...": what follows "/dev/fd/.." */
         src = buf;
+        links += 2; /* /dev/fd and /proc/self */
         continue;
       }
     }
@@ -444,6 +452,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
         }
         memcpy(buf + r, rest, len + 1);
         src = buf;
+        links++;
         continue;
       }
     }
