@@ -579,9 +579,52 @@ static inline int rel_reaches_number(const char *path) {
   }
   return 0;
 }
+/* The end (an offset into `path`, at the '/' after it) of the first link
+ * component of a process's or thread's directory ("root", "cwd",
+ * "fd/<n>") that a number component follows somewhere after it
+ * ("self/root/proc/<vpid>", "/proc/self/cwd/<vpid>" with the working
+ * directory in /proc, "/dev/fd/3/<vpid>" with 3 a descriptor of /proc):
+ * the kernel follows the link and reads that number as a system id
+ * (review r432 N1). 0 when there is none. One pass, names only. */
+static inline size_t link_before_number(const char *path) {
+  const char *link = NULL;
+  for (const char *c = path; *c;) {
+    const char *e = c;
+    while (*e && *e != '/') e++;
+    if (link && starts_with_number(c)) return (size_t)(link - path);
+    if (!link && *e) {
+      if ((e - c == 4 && !memcmp(c, "root", 4)) || (e - c == 3 && !memcmp(c, "cwd", 3))) {
+        link = e;
+      } else if (e - c == 2 && !memcmp(c, "fd", 2) && e[1] >= '0' && e[1] <= '9') {
+        const char *d = e + 1;
+        while (*d >= '0' && *d <= '9') d++;
+        if (*d == '/') link = e = d;
+      }
+    }
+    c = *e ? e + 1 : e;
+  }
+  return 0;
+}
+/* Under a directory of descriptors (/proc/<pid>/fd, a kind INSIDE), a
+ * relative path "<n>/.../<number>": the link is its first name. */
+static inline int fd_link_before_number(const char *path) {
+  const char *s = path;
+  while (*s >= '0' && *s <= '9') s++;
+  if (s == path || *s != '/') return 0;
+  for (; *s; s++)
+    if (s[0] == '/' && starts_with_number(s + 1)) return 1;
+  return 0;
+}
+/* link_before_number of an absolute path under /proc or /dev/fd (no
+ * other directory of that name is a link of /proc's). */
+static inline size_t proc_link_ahead(const char *path) {
+  if (strncmp(path, "/proc/", 6) != 0 && strncmp(path, "/dev/fd/", 8) != 0) return 0;
+  return link_before_number(path);
+}
 static inline int proc_at_hooked(int dirfd, const char *path) {
   if (!g_h || !path || path[0] == '/' || (dirfd < 0 && dirfd != AT_FDCWD)) return 0;
-  if ((starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5)) || UNLIKELY(rel_dotted(path))) &&
+  if ((starts_with_number(path) || (path[0] == 't' && !strncmp(path, "task/", 5)) || UNLIKELY(rel_dotted(path)) ||
+       UNLIKELY(link_before_number(path))) &&
       (dirfd >= 0 || cwd_in_proc()))
     return 1;
   return UNLIKELY(rel_reaches_number(path));
@@ -933,7 +976,8 @@ static inline int dev_fd_up(const char *path) {
 }
 static inline int proc_path_may_name(const char *path) {
   return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.') ||
-         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || (strstr(path, "/dev/") != NULL && strstr(path, "/fd/") != NULL)));
+         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || (strstr(path, "/dev/") != NULL && strstr(path, "/fd/") != NULL))) ||
+         UNLIKELY(path[1] == 'd' && proc_link_ahead(path)); /* "/dev/fd/<n>/.../<number>" (r432 N1) */
 }
 static inline int path_hooked(const char *path) {
   struct appshot_header *h = g_h;
@@ -968,8 +1012,10 @@ static inline int path_unplain(const char *path) {
  * resolved by the kernel (opened, its link read: a few system calls, only
  * then) and the path goes on from its name. 1; 0 if it does not fit; -1
  * with errno when that directory cannot be opened (the whole path could
- * not be either). No system call otherwise. */
-HIDDEN int plain_path(const char *path, char out[PATH_MAX]);
+ * not be either). No system call otherwise. `letters`: the path rules'
+ * reading, which keeps a ".." after a process's root for them to read by
+ * its letters. */
+HIDDEN int plain_path(const char *path, char out[PATH_MAX], int letters);
 
 /* The same for `path` relative to `dirfd` (AT_FDCWD for the calls without
  * one): path_hooked, or a virtual id under a directory of /proc. */
@@ -1095,7 +1141,7 @@ static inline int unix_answer_hooked(const struct sockaddr *addr, socklen_t cap,
 #define SLOW_PATH(p, dirfd, path, op, err)                                   \
   int p##_kind = (path)[0] == '/' ? PROC_DIR_NONE : proc_dir_kind(dirfd);   \
   ID_WINDOW_IF((path)[0] == '/' ? proc_path_may_name(path)                  \
-                                 : (p##_kind != PROC_DIR_NONE && (p##_kind != PROC_DIR_INSIDE || rel_dotted(path))) || \
+                                 : (p##_kind != PROC_DIR_NONE && (p##_kind != PROC_DIR_INSIDE || rel_dotted(path) || link_before_number(path) || fd_link_before_number(path))) || \
                                        (p##_kind == PROC_DIR_NONE && rel_reaches_number(path))); \
   char p##_buf[PATH_MAX];                                                    \
   const char *p = at_path_slow((dirfd), p##_kind, (path), (op), p##_buf);    \

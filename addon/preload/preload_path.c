@@ -1179,7 +1179,7 @@ static NOINLINE const char *proc_root_unplain(const char *path, int op, char buf
   char plain[PATH_MAX];
   const char *rest;
   *taken = 0;
-  if (plain_path(path, plain) <= 0) return NULL;
+  if (plain_path(path, plain, 1) <= 0) return NULL;
   /* A ".." kept outside /proc ("/tmp/../proc/self/root/x"): the rules
    * read it by its letters, as proc_path_letters does (r416 F4: it
    * reached the original, past the rule). */
@@ -1208,8 +1208,16 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
     }
     if (rest) p = path = rest;
     /* Under rules, their reading (by letters) for them to match; the
-     * kernel's is original()'s, when none applies (r416 F3). */
-    else if (!(p = g_h->instance.redirs ? proc_path_letters(path, buf) : proc_path(path, buf))) return NULL;
+     * kernel's is original()'s, when none applies (r416 F3). A letters
+     * reading that fails (a number the application does not hold, by
+     * letters only: "<dir>/lnk/../../../proc/<n>" through a link is the
+     * tree's own directory) does not fail the call: the rules match the
+     * kernel's reading then, and its errno is the one given (r432 N3). */
+    else if (g_h->instance.redirs) {
+      int saved = errno;
+      if (!(p = proc_path_letters(path, buf)) && !(p = proc_path(path, buf))) return NULL;
+      errno = saved;
+    } else if (!(p = proc_path(path, buf))) return NULL;
   }
   if (!g_h->instance.redirs) return p;
   return path_rules_once(path, p, op, buf);
@@ -1234,7 +1242,10 @@ const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf
   if (op & PATH_INROOT) return kind != PROC_DIR_NONE && !rel_dotted(path) ? proc_at_path(kind, path, buf) : path;
   /* A directory outside /proc (kind NONE): nothing to join, and no
    * window was opened for it (SLOW_PATH: an open of a FIFO may block). */
-  if (kind != PROC_DIR_NONE && UNLIKELY(rel_dotted(path))) {
+  /* A link of /proc followed by a number: "self/root/proc/<vpid>" under
+   * /proc, "3/<vpid>" under /proc/self/fd (r432 N1). */
+  if (kind != PROC_DIR_NONE && (UNLIKELY(rel_dotted(path)) || UNLIKELY(link_before_number(path)) ||
+                                (kind == PROC_DIR_INSIDE && UNLIKELY(fd_link_before_number(path))))) {
     const char *r = proc_at_join(dirfd, path, buf);
     if (r != path) return r;
   }
@@ -1576,7 +1587,7 @@ static NOINLINE long link_answer_unplain(int dirfd, const char *path, char *out,
     while (path[0] == '.' && path[1] == '/') /* "./": the directory itself */
       for (path += 2; *path == '/'; path++) {}
   int saved = errno; /* the readlink succeeded: a failure to make the name plain is no error of its (r388 L3) */
-  if (plain_path(path, plain) <= 0) {
+  if (plain_path(path, plain, 0) <= 0) {
     errno = saved;
     return n; /* too long (not a link of /proc's), or a directory in it gone */
   }

@@ -171,16 +171,17 @@ static int number_follows(const char *s) {
  * name) is resolved by the kernel first (resolved_dir) because a number
  * follows: a directory of /proc ("/proc/sys/../<vpid>",
  * "/proc/self/cwd/../<n>"), which the kernel would read by a system id.
- * Not a process's root under path rules: the rules take the rest as the
- * root's, by its letters. A ".." outside /proc is kept for the kernel:
+ * Not a process's root in the rules' reading (`letters`): they take the
+ * rest as the root's, by its letters; the kernel's reading resolves it
+ * as without rules (r432 N2). A ".." outside /proc is kept for the kernel:
  * gcc's ".../12/../../../../include/c++/12/..." pays nothing and gets the
  * kernel's errors (review r388 M2); "/tmp/../proc/<vpid>" is asked
  * without a descriptor or a name (proc_path_unplain, proc_rel_join), and
  * never before path rules (r388 H1: a directory opened before them is
  * the real one, not what the rules make of it). */
-static int dotdot_resolved(const char *out, size_t n, const char *rest) {
+static int dotdot_resolved(const char *out, size_t n, const char *rest, int letters) {
   if (n <= 6 || memcmp(out, "/proc/", 6) != 0) return 0;
-  if (g_h && g_h->instance.redirs) {
+  if (letters) {
     const char *c = memchr(out + 6, '/', n - 6); /* "/proc/<who>/root/" */
     if (c && (size_t)(out + n - c) >= 6 && !memcmp(c, "/root/", 6)) return 0;
   }
@@ -243,7 +244,7 @@ static NOINLINE long resolved_dir(char *out, size_t n) {
   return m;
 }
 
-int plain_path(const char *path, char out[PATH_MAX]) {
+int plain_path(const char *path, char out[PATH_MAX], int letters) {
   size_t n = 0;
   /* Set once a ".." was kept: what follows it is the kernel's to resolve,
    * and a later ".." is no longer the parent of what out shows. */
@@ -273,7 +274,7 @@ int plain_path(const char *path, char out[PATH_MAX]) {
       /* A ".." whose parent no name tells, followed by a number
        * ("/proc/sys/../<vpid>/stat", "/tmp/../proc/<vpid>"): the kernel
        * would read that number as a system id. */
-      if (!up && out[0] == '/' && UNLIKELY(dotdot_resolved(out, n, s + 2))) {
+      if (!up && out[0] == '/' && UNLIKELY(dotdot_resolved(out, n, s + 2, letters))) {
         long r = resolved_dir(out, n);
         if (r < 0) return -1;
         if (r > 0) up = parent_of(out, (size_t)r), named = 1;
@@ -333,8 +334,10 @@ const char *lexical_proc(const char *plain) {
 /* A reading that goes on from another path (/dev/fd/.. as
  * /proc/self/fd/.., "/tmp/../proc/<n>" as /proc/<n>, by the rules'
  * letters or where our /proc's parent is "/") is a round of a loop in
- * proc_path_unplain, with no frame of its own: PROC_ROUNDS of them, as
- * the kernel bounds the links it follows, then ELOOP. Only a path through
+ * proc_path_unplain, with no frame of its own. The links those rounds
+ * follow (/dev/fd, a process's root, cwd or fd/<n>) are counted:
+ * PROC_ROUNDS of them, as the kernel bounds the links it follows, then
+ * ELOOP; a round that follows none is shorter. Only a path through
  * our /proc bound elsewhere (its parent not "/") goes into itself again
  * (proc_rel_join), each time with a PATH_MAX frame or two (about 9 KB, on
  * top of the 8 KB or so of the wrapper's buffer and the first reading):
@@ -348,7 +351,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
 /* proc_path of a path that starts "/proc/", `depth` deep (the kernel's
  * reading). */
 static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int depth) {
-  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, depth, 0);
+  if (UNLIKELY(path_unplain(path)) || UNLIKELY(proc_link_ahead(path))) return proc_path_unplain(path, buf, depth, 0);
   return proc_path_plain(path, buf);
 }
 
@@ -392,12 +395,17 @@ static NOINLINE int proc_anchor_kind(const char *plain, size_t dlen, char buf[PA
 static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters) {
   char plain[PATH_MAX];
   const char *src = path;
-  for (int round = 0;; round++) {
-    if (round > PROC_ROUNDS) {
+  /* The links the rounds followed (as the kernel would): PROC_ROUNDS,
+   * then ELOOP. A round that follows none is shorter than the one
+   * before (a kept ".." and a name at least dropped before "proc/"), so
+   * they end by themselves (r432 N5: 41 returns by "/tmp/../proc/1/.."
+   * to an ordinary directory failed ELOOP). */
+  for (int links = 0;;) {
+    if (links > PROC_ROUNDS) {
       errno = ELOOP;
       return NULL;
     }
-    int made = plain_path(src, plain);
+    int made = plain_path(src, plain, letters);
     if (made < 0) return NULL;
     /* Too long once plain (a directory's name the kernel gave is longer
      * than its spelling): the path as written would fit, and its number
@@ -407,21 +415,44 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
       return NULL;
     }
     /* "/dev/fd/.." however it was spelled ("//dev/fd", "/dev/./fd",
-     * "/dev/fd/./..": r416 F1): "/proc/self/fd/.." when /dev/fd is the
-     * system's link to it (one readlink, for such paths only; any other
-     * /dev/fd is the kernel's to read). Longer by 6: a path that no
-     * longer fits fails, as above. */
+     * "/dev/fd/./..": r416 F1): "/proc/self" (the parent of
+     * /proc/self/fd, by its name) when /dev/fd is the system's link to
+     * /proc/self/fd (one readlink, for such paths only; any other /dev/fd
+     * is the kernel's to read). The same length as "/dev/fd/..": a path
+     * the kernel takes still fits (r432 N4: "/dev/fd/../../../<file>" of
+     * 4094 bytes is an ordinary file), and the next round is shorter. */
     if (UNLIKELY(dev_fd_up(plain))) {
       char link[16];
       if (SYS4(readlinkat, AT_FDCWD, "/dev/fd", link, sizeof link) == 13 && !memcmp(link, "/proc/self/fd", 13)) {
-        size_t rest = strlen(plain + 7); /* "/..": what follows "/dev/fd" */
-        if (13 + rest >= PATH_MAX) {
+        memcpy(buf, "/proc/self", 10);
+        strcpy(buf + 10, plain + 10); /* "" or "/...": what follows "/dev/fd/.." */
+        src = buf;
+        links += 2; /* /dev/fd and /proc/self */
+        continue;
+      }
+    }
+    /* A link of a process's directory followed by a number
+     * ("/proc/self/root/proc/<vpid>", "/proc/self/fd/3/<vpid>",
+     * "/dev/fd/3/<vpid>": r432 N1): the directory it leads to, as the
+     * kernel names it (resolved_dir, as for a ".." whose parent no name
+     * tells), and what follows, round again. One that cannot be said (a
+     * root in another mount namespace, a process outside the
+     * application) is the kernel's, as before. */
+    size_t link = proc_link_ahead(plain);
+    if (UNLIKELY(link)) {
+      memcpy(buf, plain, link + 1); /* through its '/' */
+      long r = resolved_dir(buf, link + 1);
+      if (r < 0) return NULL;
+      if (r > 0) {
+        const char *rest = plain + link + 1;
+        size_t len = strlen(rest);
+        if ((size_t)r + len >= PATH_MAX) {
           errno = ENAMETOOLONG;
           return NULL;
         }
-        memcpy(buf, link, 13);
-        memcpy(buf + 13, plain + 7, rest + 1);
+        memcpy(buf + r, rest, len + 1);
         src = buf;
+        links++;
         continue;
       }
     }
@@ -470,7 +501,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
 
 static const char *proc_path_read(const char *path, char buf[PATH_MAX], int letters) {
   if (!path || path[0] != '/' || !g_h) return path;
-  if (UNLIKELY(path_unplain(path))) return proc_path_unplain(path, buf, 0, letters);
+  if (UNLIKELY(path_unplain(path)) || UNLIKELY(proc_link_ahead(path))) return proc_path_unplain(path, buf, 0, letters);
   return proc_path_plain(path, buf);
 }
 
@@ -593,8 +624,9 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
   memcpy(buf, dir, (size_t)n);
   buf[n] = '/';
   memcpy(buf + n + 1, path, len + 1);
-  /* No "." or ".." after all (a hidden name): the relative logic. */
-  if (!path_unplain(buf)) return path;
+  /* No "." or ".." after all (a hidden name), and no link followed by a
+   * number ("self/root/proc/<vpid>": r432 N1): the relative logic. */
+  if (!path_unplain(buf) && !proc_link_ahead(buf)) return path;
   return proc_path_unplain(buf, buf, 0, 0);
 }
 
