@@ -26,6 +26,7 @@ import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
+import { type ServeSettings, serveSettings } from './settings.js';
 import { type HotCode, type HotPages, hotCode, populateCode, prefaultCap, prefaultPages, prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon, ENTRY_FLAGS } from '../native.js';
@@ -413,9 +414,10 @@ class Service {
   }
 
   /** Whether the public listener is shared with the instance (shared.ts):
-   * restore mode with one public port, unless APPSHOT_SHARE_LISTENER=0. */
+   * restore mode with one public port, unless APPSHOT_SHARE_LISTENER=0
+   * (read as serve started: settings.ts). */
   private mayShare(): boolean {
-    return this.spec.mode === 'restore' && this.spec.ports.length === 1 && process.env.APPSHOT_SHARE_LISTENER !== '0';
+    return this.spec.mode === 'restore' && this.spec.ports.length === 1 && this.host.settings.shareListener;
   }
 
   /** What the forwarding thread tells of a listener it took over. */
@@ -1198,8 +1200,8 @@ class Service {
     let heldNow!: (held: boolean) => void;
     const held = new Promise<boolean>((r) => (heldNow = r));
     const t0 = process.hrtime.bigint();
-    const lazy = process.env.APPSHOT_PREPARED_EAGER !== '1';
-    const prefault = lazy ? prefaultPages(chain, prefaultCap(), this.prefaulted) : undefined;
+    const lazy = !this.host.settings.preparedEager;
+    const prefault = lazy ? prefaultPages(chain, this.host.prefaultCap, this.prefaulted) : undefined;
     // What a full image (no parent to compare with) goes by next.
     if (prefault) this.prefaulted = prefault.addresses;
     // Held with the public listener installed: connections wait in its
@@ -1669,7 +1671,7 @@ class Service {
     }
     // The code it has run, for the next prepare (hotCode): read while it
     // still runs, before the snapshot ends it.
-    if (this.spec.mode === 'restore' && this.host.preparedLimit > 0 && process.env.APPSHOT_PREPARED_CODE === '1') {
+    if (this.spec.mode === 'restore' && this.host.preparedLimit > 0 && this.host.settings.preparedCode) {
       try {
         this.hotCode = hotCode(this.instanceProcesses());
       } catch {
@@ -2048,6 +2050,11 @@ export class ServeHost {
   /** Whether resumes and clones take standby supervisors (standby.ts);
    * APPSHOT_STANDBYS=0: none, for comparison. */
   private readonly standbys = process.env.APPSHOT_STANDBYS !== '0';
+  /** Its own settings (settings.ts), read once as it starts: a hosted
+   * serve runs on while other clients' commands, with theirs, run. */
+  readonly settings: ServeSettings = serveSettings();
+  /** Pages a prepared resume copies in ahead (restore/prepared.ts). */
+  readonly prefaultCap = prefaultCap();
   /** Whether the standbys are this serve's to start and end. */
   private readonly ownStandbys: boolean;
 
@@ -2060,10 +2067,8 @@ export class ServeHost {
     this.log = opts.log ?? stderrLog;
     this.metrics = opts.metrics;
     this.store = new ServiceStore(opts.home);
-    const fromEnv = process.env.APPSHOT_PREPARED;
-    this.preparedLimit = fromEnv !== undefined && /^\d+$/.test(fromEnv) ? Number(fromEnv) : (opts.prepared ?? DEFAULT_PREPARED);
-    const preloadedEnv = process.env.APPSHOT_PRELOADED;
-    this.preloadLimit = preloadedEnv !== undefined && /^\d+$/.test(preloadedEnv) ? Number(preloadedEnv) : PRELOAD_LIMIT;
+    this.preparedLimit = this.settings.prepared ?? opts.prepared ?? DEFAULT_PREPARED;
+    this.preloadLimit = this.settings.preloaded ?? PRELOAD_LIMIT;
     // Restores check the files an image maps (libraries, the program)
     // against the image's checksums: a serve restores the same ones again
     // and again, and reads each once while it is unchanged.
