@@ -45,6 +45,8 @@ import { enableSpareStateDirs, LocalRegistry, refillSpareStateDirs, removeSpareS
 import { hostedServe, hostedStatus, onHostedChange, SERVE_STOP_WHY, stopHosted } from './hosted.js';
 import { isServeStop } from './client.js';
 import { startedWithTestKnobs } from '../killpoint.js';
+import { scopedOf, scopeEnvironment, withSettings } from './settings.js';
+import { SERVE_OWN_SETTINGS } from '../serve/settings.js';
 
 /** How long the clone pool's refill waits for the requests being served
  * to end before it makes its next instance anyway (requestsQuiet). */
@@ -78,6 +80,11 @@ const isTestKnob = (name: string): boolean => name.startsWith('APPSHOT_TEST_');
 // The clone pool's size and idle time (APPSHOT_CLONE_POOL*) are a
 // client's by design: the pool is refilled in the context of the last
 // command that asked (template/pool.ts demand), whose instances those are.
+// The settings that shape what the engine keeps for everyone (ports,
+// standbys, a suspend's reservation, debug output) are read by each
+// reader as its own (settings.ts SCOPED_SETTINGS): a command's client's,
+// a hosted serve's and the engine's upkeep the engine's own; a serve's
+// own settings it reads once as it starts (serve/settings.ts).
 const testKnobsIn = (env: Record<string, string | undefined>): string[] => Object.keys(env).filter((k) => isTestKnob(k) && env[k] !== '' && env[k] !== undefined);
 /** The names of appshot's variables: all a client sends (client.ts). */
 const VARIABLE_NAME = /^APPSHOT_[A-Z0-9_]+$/;
@@ -196,6 +203,8 @@ export class Engine {
    * started it, whose knobs were that command's (start drops them from
    * process.env too). */
   private readonly ownSettings = new Map([...settings(process.env)].filter(([k]) => this.testKnobs || !isTestKnob(k)));
+  /** Of those, the ones work outside any command reads (settings.ts). */
+  private readonly ownScoped = scopedOf(Object.fromEntries(this.ownSettings));
   /** The build this engine runs (protocol.ts), as it was when it started. */
   private readonly build = buildId();
   /** A lease made ahead of the request that takes it (prepareLease). */
@@ -235,6 +244,7 @@ export class Engine {
     writeSync(this.lockFd, `${process.pid}\n`, 0);
     const inherited = this.testKnobs ? [] : testKnobsIn(process.env);
     for (const k of Object.keys(process.env)) if (!this.testKnobs && isTestKnob(k)) delete process.env[k];
+    scopeEnvironment(this.ownScoped);
     // The lock is ours: any socket there is a dead engine's, and so are
     // any requests' leases (holder.ts): their requests ended with it.
     rmSync(this.paths.socket, { force: true });
@@ -266,7 +276,7 @@ export class Engine {
       async (setting, make) => {
         await this.gate.enter(setting.key, setting.apply);
         try {
-          return await make();
+          return await withSettings(setting.settings ?? this.ownScoped, make);
         } finally {
           this.gate.leave();
           this.ownEnvWhenIdle();
@@ -483,13 +493,15 @@ export class Engine {
       socket.end(frame(Frame.REFUSED, Buffer.from(`the client's ${knobs.join(' and ')} would act on the engine, which honours them only if started with APPSHOT_TEST_KNOBS=1: it runs the command itself`)));
       return;
     }
-    // A hosted serve reads its APPSHOT_* settings (test knobs, debug
-    // output, ports...) from process.env for as long as it runs, and that
-    // is each command's in turn, and the engine's own between commands:
-    // only a serve that wants the engine's own is hosted.
+    // A hosted serve reads its APPSHOT_* settings (test knobs, measuring
+    // knobs...) from process.env for as long as it runs, and that is each
+    // command's in turn, and the engine's own between commands; the
+    // scoped ones (settings.ts) are the engine's own for it: only a serve
+    // that wants the engine's own is hosted. But for its own settings,
+    // which it reads once as it starts (serve/settings.ts).
     if (msg.argv.find((a) => !a.startsWith('-')) === 'serve' && !isServeStop(msg.argv)) {
       const wanted = new Map([...settings(requested)].filter(([k]) => this.testKnobs || !isTestKnob(k)));
-      const differs = [...new Set([...wanted.keys(), ...this.ownSettings.keys()])].filter((k) => wanted.get(k) !== this.ownSettings.get(k));
+      const differs = [...new Set([...wanted.keys(), ...this.ownSettings.keys()])].filter((k) => !SERVE_OWN_SETTINGS.includes(k) && wanted.get(k) !== this.ownSettings.get(k));
       if (differs.length) {
         socket.end(frame(Frame.REFUSED, Buffer.from(`serve's ${differs.join(', ')} differ from the engine's own: it runs in its own process`)));
         return;
@@ -551,6 +563,9 @@ export class Engine {
     const umask = Number.isInteger(msg.umask) ? msg.umask & 0o777 : 0o022;
     ctx.umask = umask;
     const key = JSON.stringify([msg.cwd, Object.entries(env).sort(), umask]);
+    // What it reads of the scoped settings (settings.ts), wherever it is
+    // read: its own.
+    const scoped = scopedOf(env);
     let entered = false;
     const apply = () => {
       for (const k of Object.keys(process.env)) if (k.startsWith('APPSHOT_') && k !== 'APPSHOT_ENGINE') delete process.env[k];
@@ -558,7 +573,7 @@ export class Engine {
       process.umask(umask);
       process.chdir(msg.cwd);
     };
-    ctx.context = { key, apply };
+    ctx.context = { key, apply, settings: scoped };
     try {
       await this.gate.enter(key, apply);
       entered = true;
@@ -570,7 +585,7 @@ export class Engine {
       };
       if (process.cwd() !== resolve(msg.cwd)) throw new AppshotError(`cannot change into ${msg.cwd} (the current directory of the command)`, ExitCode.failure);
       const { runCommand } = await import('../cli.js');
-      await requestStorage.run(ctx, () => runCommand([process.execPath, 'appshot', ...msg.argv]));
+      await withSettings(scoped, () => requestStorage.run(ctx, () => runCommand([process.execPath, 'appshot', ...msg.argv])));
     } catch (e) {
       const { reportError } = await import('../cli.js');
       requestStorage.run(ctx, () => reportError(e));
