@@ -456,6 +456,7 @@ async function hostInEngine(
   let started!: (h: InstanceType<typeof ServeHost> | undefined) => void;
   const startEnded = new Promise<InstanceType<typeof ServeHost> | undefined>((r) => (started = r));
   let stopping: Promise<void> | undefined;
+  let hurried = false;
   let stoppedBy = '';
   let ended!: () => void;
   const done = new Promise<void>((r) => (ended = r));
@@ -466,6 +467,11 @@ async function hostInEngine(
     ...(o.metricsOn ? { metrics: `http://${o.metricsOn.host}:${o.metricsOn.port}/metrics` } : {}),
     attached: () => !!attached && !attached.disconnected,
     starting: () => !host,
+    // One asked while the front door starts is passed on once it has.
+    hurry: () => {
+      hurried = true;
+      host?.hurry();
+    },
     stop: (why) =>
       (stopping ??= (async () => {
         stoppedBy = why;
@@ -517,6 +523,7 @@ async function hostInEngine(
     throw e;
   }
   const served = host;
+  if (hurried) served.hurry();
   started(served);
   if (stopping) {
     // Asked to stop while it started: never ready.

@@ -784,9 +784,22 @@ export async function serveEngine(opts: EngineOptions): Promise<number> {
   let signals = 0;
   const onSignal = (sig: NodeJS.Signals) => {
     engine.log(`${sig}: leaving once the running commands end`);
-    // A second one: now.
-    if (++signals > 1) engine.log('second signal: leaving now');
-    if (signals > 1) process.exit(128 + (sig === 'SIGINT' ? 2 : 15));
+    const code = 128 + (sig === 'SIGINT' ? 2 : 15);
+    signals++;
+    // A second one: now. But a serve it hosts (stopping since the first)
+    // ends its forwarded connections at once, skipping the rest of its
+    // drain, and finishes its stop first: leaving mid-drain would leave
+    // its clones running and registered, and its state naming it (a
+    // serve of its own ignores a second signal). A third: now.
+    const serving = hostedServe();
+    if (signals === 2 && serving) {
+      engine.log('second signal: leaving once the serve it hosts has stopped (its connections ended now)');
+      serving.hurry();
+      void serving.stop('the engine is leaving').finally(() => process.exit(code));
+      return;
+    }
+    if (signals > 1) engine.log('second signal: leaving now');
+    if (signals > 1) process.exit(code);
     void engine.stop();
   };
   process.on('SIGTERM', onSignal).on('SIGINT', onSignal);
