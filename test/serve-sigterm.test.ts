@@ -229,10 +229,9 @@ describe.each([
       // Forwarded and ended, or (had the thread not accepted it before its
       // listener closed) reset in the listen backlog: closed either way.
       await within(racing.closed, 20_000, () => `round ${round}: the client to be closed; on the port: ${JSON.stringify(onPort(PUBLIC))}`);
-      // And it closes its end, as a client does: one serve had not yet
-      // handed to the thread (held, closed in order as serve stopped)
-      // would otherwise leave serve's end in FIN-WAIT-2 for a minute.
-      clients.at(-1)!.destroy();
+      // Its end left open: one serve had not yet handed to the thread
+      // (held) is ended in order, then closed fully on serve's side (not
+      // left in FIN-WAIT-2), as the test of a held connection below checks.
       const drains = serve.logged<{ event: string; ended?: number; left?: number }>().filter((e) => e.event === 'drain');
       expect(drains.every((d) => d.left === 0), JSON.stringify(drains)).toBe(true);
       endedByDrain += drains.reduce((n, d) => n + (d.ended ?? 0), 0);
@@ -242,6 +241,32 @@ describe.each([
     // The window was hit: in some round the thread had forwarded it.
     expect(endedByDrain).toBeGreaterThan(0);
   }, 300_000);
+
+  // A connection held at the front door (its instance at --concurrency,
+  // none more allowed), never forwarded, whose client keeps its end open:
+  // serve ends it in order as it stops, then closes its own end fully,
+  // not left in FIN-WAIT-2 for tcp_fin_timeout (a minute) as a plain
+  // close left it.
+  it.runIf(mode === 'clone')('SIGTERM with a connection held, its client keeping its end open: nothing of it is left on serve\'s side', async () => {
+    expect(sb.run(['service', 'rm', name]).code).toBe(0);
+    for (const aid of sb.aids()) if (aid.startsWith(`${name}`) && aid !== `${name}src`) sb.run(['rm', '--force', aid]);
+    const add = sb.run(['service', 'add', name, '--from', join(out, `${name}.img`), '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--mode', mode, '--idle', '1h', '--max', '1', '--concurrency', '1']);
+    expect(add.code, add.stderr).toBe(0);
+    const serve = sb.start(['serve', '--foreground'], { APPSHOT_SHARE_LISTENER: share });
+    serves.push(serve);
+    await serve.line(/^ready$/);
+    const first = await halfRequest(PUBLIC);
+    await waitFor(() => forwarded() >= 1, 60_000, 'the first connection forwarded');
+    const heldClient = await silentClient(PUBLIC);
+    await waitFor(() => sb.json<{ held: number }>(['service', 'show', name]).held >= 1, 20_000, 'the second connection held');
+    serve.child.kill('SIGTERM');
+    const ended = await Promise.race([serve.exited, new Promise<'hung'>((r) => setTimeout(() => r('hung'), 30_000))]);
+    expect(ended, `serve did not exit within 30 s of SIGTERM:\n${serve.stderr.slice(-2000)}`).not.toBe('hung');
+    await within(Promise.all([first.closed, heldClient.closed]), 20_000, () => `the clients to be closed; on the port: ${JSON.stringify(onPort(PUBLIC))}`);
+    // Neither client closes its end; serve's ends are gone all the same.
+    await waitFor(() => onPort(PUBLIC).connected === '' && onPort(PUBLIC).listening === '', 10_000, `nothing on port ${PUBLIC}: ${JSON.stringify(onPort(PUBLIC))}`);
+    expect(serveLockTaken(sb.home)).toBeUndefined();
+  }, 120_000);
 
   it('serve stop: the serve the engine hosts closes the stuck connection and stops', async () => {
     const { serve } = await startHosted();

@@ -1911,7 +1911,19 @@ class Service {
     this.grants.clear();
     for (const b of this.backlogs.values()) closeSync(b.fd);
     this.backlogs.clear();
-    for (const h of this.held.splice(0)) h.socket.destroy();
+    // Held, never forwarded: closed in order (the client hears the end of
+    // what it reads), what it sent read and dropped, so that its close
+    // is not a reset for unread data. Closed fully in close(): a client
+    // that keeps its end open would otherwise hold serve's end in
+    // FIN-WAIT-2 (tcp_fin_timeout, a minute) once it was destroyed.
+    for (const h of this.held.splice(0)) {
+      const socket = h.socket;
+      this.endingHeld.push(socket);
+      socket.on('error', () => undefined);
+      socket.once('end', () => socket.destroy());
+      socket.resume();
+      socket.end();
+    }
     // A prepared instance holds a copy of the shared public listener: the
     // kernel would go on completing handshakes on it through the drain,
     // for clients reset when it is let go. It goes now (close awaits it).
@@ -1920,10 +1932,23 @@ class Service {
 
   /** stopAccepting's dropPrepared. */
   private droppingPrepared: Promise<void> | undefined;
+  /** Held connections ended in order as serve stops (stopAccepting). */
+  private readonly endingHeld: Socket[] = [];
+
+  /** The held connections ended as serve stopped, given HELD_CLOSE_MS to
+   * close their end (each is destroyed once it has), then reset: gone
+   * at once on serve's side, not left in FIN-WAIT-2 by a client that
+   * keeps its end open. Without the wait if serve is hurried. */
+  private async closeHeld(): Promise<void> {
+    const until = performance.now() + HELD_CLOSE_MS;
+    while (!this.host.hurried && this.endingHeld.some((s) => !s.destroyed) && performance.now() < until) await new Promise((r) => setTimeout(r, 10));
+    for (const s of this.endingHeld.splice(0)) if (!s.destroyed) s.resetAndDestroy();
+  }
 
   async close(): Promise<void> {
     this.stopAccepting();
     await this.droppingPrepared;
+    await this.closeHeld();
     this.forgetPreload();
     // Clones are interchangeable and go; restore mode's instance keeps
     // running (the next serve adopts it).
@@ -1994,6 +2019,11 @@ const DRAIN_MS = 2000;
 /** Then how long their closes are waited for (the thread reports them
  * within milliseconds; this bounds a thread that does not). */
 const DRAIN_CLOSE_MS = 2000;
+
+/** How long a held connection, ended as serve stops, is given to close
+ * its end before it is reset (Service.closeHeld). Counted from the end of
+ * the drain: the forwarded connections' time, which it has had too. */
+const HELD_CLOSE_MS = 1000;
 
 /** How long a stopping serve waits for a restore under way to finish
  * (Service.close). */
@@ -2231,8 +2261,11 @@ export class ServeHost {
   /** A stop under way (or to come) ends the connections it forwards at
    * once, without what is left of their drain. */
   hurry(): void {
+    this.hurried = true;
     this.forwarder.hurry();
   }
+  /** Told to hurry (hurry). */
+  hurried = false;
 
   /** Lets go of every standby, and waits (a second at most) until each
    * has ended with its seeds and been waited for: none outlives serve. */
