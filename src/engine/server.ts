@@ -45,7 +45,7 @@ import { enableSpareStateDirs, LocalRegistry, refillSpareStateDirs, removeSpareS
 import { hostedServe, hostedStatus, onHostedChange, SERVE_STOP_WHY, stopHosted } from './hosted.js';
 import { isServeStop } from './client.js';
 import { startedWithTestKnobs } from '../killpoint.js';
-import { scopedOf, scopeEnvironment, withSettings } from './settings.js';
+import { realEnvironment, scopedOf, scopeEnvironment, withSettings } from './settings.js';
 import { SERVE_OWN_SETTINGS } from '../serve/settings.js';
 
 /** How long the clone pool's refill waits for the requests being served
@@ -568,8 +568,9 @@ export class Engine {
     const scoped = scopedOf(env);
     let entered = false;
     const apply = () => {
-      for (const k of Object.keys(process.env)) if (k.startsWith('APPSHOT_') && k !== 'APPSHOT_ENGINE') delete process.env[k];
-      Object.assign(process.env, env);
+      const real = realEnvironment();
+      for (const k of Object.keys(real)) if (k.startsWith('APPSHOT_') && k !== 'APPSHOT_ENGINE') delete real[k];
+      Object.assign(real, env);
       process.umask(umask);
       process.chdir(msg.cwd);
     };
@@ -678,8 +679,9 @@ export class Engine {
    * the last command's: a hosted serve works between commands too. */
   private ownEnvWhenIdle(): void {
     if (!this.gate.idle()) return;
-    for (const k of Object.keys(process.env)) if (k.startsWith('APPSHOT_') && !ENGINE_OWN.has(k)) delete process.env[k];
-    for (const [k, v] of this.ownSettings) process.env[k] = v;
+    const real = realEnvironment();
+    for (const k of Object.keys(real)) if (k.startsWith('APPSHOT_') && !ENGINE_OWN.has(k)) delete real[k];
+    for (const [k, v] of this.ownSettings) real[k] = v;
   }
 
   /** Makes the next request's lease now, off this thread, so that a

@@ -45,13 +45,18 @@ export function withSettings<T>(settings: ReadonlyMap<string, string>, f: () => 
   return scope.run(settings, f);
 }
 
-let installed = false;
+let real: NodeJS.ProcessEnv | undefined;
+
+/** The environment itself, under the view: what the context gate clears
+ * and sets (the view would hide a scoped name set there but not in the
+ * reader's settings, and it would stay). */
+export const realEnvironment = (): NodeJS.ProcessEnv => real ?? process.env;
 
 /** Makes process.env answer SCOPED names from the reader's settings, or
  * `own` outside any (the engine, once, as it starts). */
 export function scopeEnvironment(own: ReadonlyMap<string, string>): void {
-  if (installed) return;
-  installed = true;
+  if (real) return;
+  real = process.env;
   const view = () => scope.getStore() ?? own;
   const scoped = (k: string | symbol): k is string => typeof k === 'string' && SCOPED_SETTINGS.has(k);
   process.env = new Proxy(process.env, {
