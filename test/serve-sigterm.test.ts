@@ -301,6 +301,11 @@ describe.each([
       /* left already: the checks below hold all the same */
     }
     await waitFor(() => !alive(engine), 30_000, `engine ${engine} to leave`);
+    // Its attached client had its answer before the engine left: the
+    // serve stopped cleanly, and it says so (not "outcome unknown", 70).
+    const ended = await within(serve.exited, 20_000, () => 'the attached serve client to exit');
+    expect(ended.code, ended.stderr.slice(-1500)).toBe(0);
+    expect(ended.stderr).not.toMatch(/went away/);
     const engineLog = readFileSync(join(sb.home, 'engine', 'log'), 'utf8');
     // Unless the second came only once the serve had stopped (a loaded
     // machine), it was acted on as such.

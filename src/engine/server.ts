@@ -42,7 +42,7 @@ import { keepChecksums } from '../restore/verify.js';
 import { enableStandbys, standbyStats } from '../restore/standby.js';
 import { clonePoolStats, enableClonePool, refillClonePools, releaseClonePools } from '../template/pool.js';
 import { enableSpareStateDirs, LocalRegistry, refillSpareStateDirs, removeSpareStateDirs } from '../registry.js';
-import { hostedServe, hostedStatus, onHostedChange, SERVE_STOP_WHY, stopHosted } from './hosted.js';
+import { type HostedServe, hostedServe, hostedStatus, onHostedChange, SERVE_STOP_WHY, stopHosted } from './hosted.js';
 import { isServeStop } from './client.js';
 import { startedWithTestKnobs } from '../killpoint.js';
 import { realEnvironment, scopedOf, scopeEnvironment, withSettings } from './settings.js';
@@ -51,6 +51,10 @@ import { SERVE_OWN_SETTINGS } from '../serve/settings.js';
 /** How long the clone pool's refill waits for the requests being served
  * to end before it makes its next instance anyway (requestsQuiet). */
 const QUIET_WAIT_MOST_MS = 250;
+/** How long a leave hurried by a second signal waits, once the serve it
+ * hosts has stopped, for its attached client's answer to go out and the
+ * clone pool to be given up: a bound (a third signal leaves at once). */
+const HURRIED_EXIT_MS = 1000;
 
 /** APPSHOT_* variables that say which engine, not how a command works.
  * APPSHOT_TEST_KNOBS counts only in a process's start environment
@@ -186,6 +190,13 @@ export class Engine {
   /** Its held clones given up (stop): it may leave. */
   private poolReleased = false;
   private leaving = false;
+  /** The exit code of a leave hurried by a second signal while a serve
+   * it hosts drains (leaveHurried). */
+  private hurriedCode?: number;
+  /** Requests whose EXIT frame is written but not yet flushed (or their
+   * client gone): a hurried leave waits for them, else an attached
+   * `serve` client would find the engine gone and its outcome unknown. */
+  private answering = 0;
   private served = 0;
   private readonly started = Date.now();
   /** The same, on the monotonic clock: uptimeMs is not moved by a change
@@ -602,13 +613,20 @@ export class Engine {
       // not while it waits behind them: the answer of a batch that
       // emptied a large pool came ~40 s late, after the refill.
       let refilled = false;
+      let answering = false;
       const refillPools = () => {
         if (refilled) return;
         refilled = true;
+        if (answering) {
+          this.answering--;
+          this.checkDone();
+        }
         if (!this.leaving) refillClonePools();
         this.noteQuiet();
       };
       if (!ctx.disconnected) {
+        answering = true;
+        this.answering++;
         socket.end(frame(Frame.EXIT, code), refillPools);
         socket.once('close', refillPools);
       } else setImmediate(refillPools);
@@ -727,21 +745,43 @@ export class Engine {
     // A hosted serve stops as a serve of its own stops at SIGTERM (its
     // attached client, if any, then gets its exit code): then the engine
     // leaves.
-    if (hostedServe()) {
-      this.log('stopping the serve it hosts');
-      void stopHosted('the engine is leaving').then(
-        () => this.checkDone(),
-        (e) => {
-          this.log(`stopping the serve it hosts: ${(e as Error).message}`);
-          this.checkDone();
-        },
-      );
-    }
+    if (hostedServe()) this.stopHostedServe();
     this.checkDone();
+  }
+
+  private stopHostedServe(): void {
+    this.log('stopping the serve it hosts');
+    void stopHosted('the engine is leaving').then(
+      () => this.checkDone(),
+      (e) => {
+        this.log(`stopping the serve it hosts: ${(e as Error).message}`);
+        this.checkDone();
+      },
+    );
+  }
+
+  /** The second signal while a serve it hosts stops: that serve ends the
+   * connections it forwards now, skipping the rest of its drain, and
+   * finishes its stop; the engine leaves once it has and its attached
+   * client has its answer (and the pool is given up), or at most
+   * HURRIED_EXIT_MS after the serve stopped, whatever else still runs. */
+  leaveHurried(serving: HostedServe, code: number): void {
+    this.hurriedCode = code;
+    serving.hurry();
+    void serving.stop('the engine is leaving').finally(() => {
+      setTimeout(() => {
+        this.log(`left without waiting longer for ${this.requests.size + this.answering} request(s)${this.poolReleased ? '' : ' and the clone pool'}`);
+        process.exit(code);
+      }, HURRIED_EXIT_MS);
+      this.checkDone();
+    });
   }
 
   private checkDone(): void {
     if (!this.leaving || this.requests.size > 0 || hostedServe() || !this.poolReleased) return;
+    // Hurried, the process exits as done resolves: the answers written
+    // go out first.
+    if (this.hurriedCode !== undefined && this.answering > 0) return;
     // Connections that never sent a request (or only read their answer).
     for (const s of this.connections) s.destroy();
     if (this.spareLease) rmSync(join(leasesDir(this.opts.home), this.spareLease.name), { force: true });
@@ -754,7 +794,7 @@ export class Engine {
     if (this.lockFd >= 0) closeSync(this.lockFd);
     this.lockFd = -1;
     this.log('left');
-    this.resolveDone(0);
+    this.resolveDone(this.hurriedCode ?? 0);
   }
 }
 
@@ -796,8 +836,7 @@ export async function serveEngine(opts: EngineOptions): Promise<number> {
     const serving = hostedServe();
     if (signals === 2 && serving) {
       engine.log('second signal: leaving once the serve it hosts has stopped (its connections ended now)');
-      serving.hurry();
-      void serving.stop('the engine is leaving').finally(() => process.exit(code));
+      engine.leaveHurried(serving, code);
       return;
     }
     if (signals > 1) engine.log('second signal: leaving now');
