@@ -297,6 +297,11 @@ export class Engine {
     );
     enableSpareStateDirs(this.opts.home);
     onHostedChange(() => {
+      // A serve request that waited at the gate, or loaded its code,
+      // while the engine began to leave hosts one after stop() looked:
+      // stopped as that one would have been (it stops once started),
+      // else the engine, its socket gone, would stay for it.
+      if (this.leaving && hostedServe()) this.stopHostedServe();
       this.armIdle();
       this.checkDone();
     });
