@@ -605,7 +605,9 @@ export class Engine {
       await withSettings(scoped, () => requestStorage.run(ctx, () => runCommand([process.execPath, 'appshot', ...msg.argv])));
     } catch (e) {
       const { reportError } = await import('../cli.js');
-      requestStorage.run(ctx, () => reportError(e));
+      // Reported as the command's own failure would be: with its
+      // client's settings (APPSHOT_DEBUG: whether the stack is shown).
+      withSettings(scoped, () => requestStorage.run(ctx, () => reportError(e)));
     } finally {
       if (entered) this.gate.leave();
       entered = false;
