@@ -2251,7 +2251,8 @@ export class ServeHost {
       // Always: whether any is open is the forwarding thread's to say (one
       // it forwarded just now may not have been reported yet).
       const d = await this.forwarder.drain(DRAIN_MS, DRAIN_CLOSE_MS);
-      if (d.drained + d.ended + d.left > 0) this.log({ event: 'drain', ...d, drainMs: DRAIN_MS });
+      // hurried: its end was cut short (the engine's second signal).
+      if (d.drained + d.ended + d.left > 0) this.log({ event: 'drain', ...d, drainMs: DRAIN_MS, ...(this.hurried ? { hurried: true } : {}) });
       for (const s of this.services) await s.close();
       if (this.ownStandbys) await this.endStandbys();
     })());
