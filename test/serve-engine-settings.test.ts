@@ -18,7 +18,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { command, fixture, Sandbox, tcpExchange, waitFor } from './helpers.js';
+import { alive, command, fixture, Sandbox, tcpExchange, waitFor } from './helpers.js';
+import { serveLockTaken } from '../src/serve/lock.js';
 
 const sb = new Sandbox();
 const out = mkdtempSync(join(tmpdir(), 'appshot-serve-engine-settings-'));
@@ -93,5 +94,42 @@ describe('a client\'s settings do not act on the serve the engine hosts', () => 
     }
     // And the client's own command ran with its own settings, to its end.
     expect(await clientDone, clientErr).toBe(0);
+  }, 180_000);
+
+  it('a serve request waiting at the engine\'s gate when the engine is told to leave is stopped once it starts, and the engine leaves', async () => {
+    sb.run(['serve', 'stop']);
+    const r = sb.run(['run', '-d', '--aid', 'gateholder', '--', '/bin/sleep', '1000']);
+    expect(r.code, r.stderr).toBe(0);
+    const holderPid = sb.systemPid('gateholder');
+    const engine = engineStatus().pid;
+    // Another context (its own current directory) holds the gate while
+    // its stop waits for an application that ignores SIGWINCH.
+    const holder = spawn(command, ['stop', '-s', 'WINCH', '-t', '120', 'gateholder'], { env: sb.env, cwd: out });
+    const holderDone = new Promise<number | null>((resolve) => holder.on('exit', (code) => resolve(code)));
+    await waitFor(() => engineStatus().commandsRunning === 1, 20_000, 'the holder\'s stop to run in the engine');
+    const serve = spawn(command, ['serve', '-d'], { env: sb.env });
+    let serveErr = '';
+    serve.stderr.on('data', (b: Buffer) => (serveErr += b.toString()));
+    const serveDone = new Promise<number | null>((resolve) => serve.on('exit', (code) => resolve(code)));
+    try {
+      // Accepted, waiting at the gate: not hosted yet.
+      await waitFor(() => engineStatus().commandsRunning === 2, 20_000, 'serve -d to wait at the engine\'s gate');
+      expect(engineStatus().serving).toBeNull();
+      process.kill(engine, 'SIGTERM');
+      await waitFor(() => /SIGTERM: leaving/.test(readFileSync(join(sb.home, 'engine', 'log'), 'utf8')), 20_000, 'the engine to begin leaving');
+      // The gate opens: the serve request runs, after the engine looked
+      // for a serve to stop.
+      process.kill(holderPid, 'SIGKILL');
+      expect(await holderDone).toBe(0);
+      await serveDone;
+      expect(serveErr).toMatch(/serve stopped before it was ready: the engine is leaving/);
+      await waitFor(() => !alive(engine), 30_000, `engine ${engine} to leave (a serve it hosted after its signal kept it)`);
+      expect(serveLockTaken(sb.home)).toBeUndefined();
+      expect(sb.aids().filter((a) => a.startsWith('web-'))).toEqual([]);
+    } finally {
+      if (alive(holderPid)) process.kill(holderPid, 'SIGKILL');
+      // Left, failing: its second signal ends it.
+      if (alive(engine)) process.kill(engine, 'SIGTERM');
+    }
   }, 180_000);
 });
