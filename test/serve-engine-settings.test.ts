@@ -13,7 +13,7 @@
  * application that ignores SIGWINCH: it waits in the engine, with the
  * client's variables set, until the test kills the application.
  */
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -31,6 +31,7 @@ const PUBLIC = base + 1;
 interface EngineStatus {
   pid: number;
   commandsRunning: number;
+  commandsServed: number;
   serving: { services: string[] } | null;
 }
 const engineStatus = () => sb.json<EngineStatus>(['engine', 'status']);
@@ -81,6 +82,11 @@ describe('a client\'s settings do not act on the serve the engine hosts', () => 
       // Three clients at once, one connection per clone: three clones, each
       // allocating its port while the client's APPSHOT_PORTS is set.
       const serveLog = () => readFileSync(join(sb.home, 'services', 'serve.log'), 'utf8');
+      const clonesIn = (log: string) => log.split('\n').filter((l) => l.includes('"event":"clone"')).length;
+      // Those made before the client's command ran are not counted; the
+      // serve starts a clone only for a connection held waiting (policy.ts
+      // 'held'), so those counted after were all begun while it ran.
+      const clonesBefore = clonesIn(serveLog());
       const answers = await Promise.all([0, 1, 2].map(() => tcpExchange(PUBLIC, 'ping\n', 30_000))).catch((e: Error) => {
         throw new Error(`${e.message}; serve's log:\n${serveLog().slice(-3000)}`);
       });
@@ -88,7 +94,15 @@ describe('a client\'s settings do not act on the serve the engine hosts', () => 
       expect(engineStatus().commandsRunning, 'the client\'s stop ended early').toBe(1);
       const log = serveLog();
       expect(log).not.toMatch(/APPSHOT_PORTS/);
-      expect(log.split('\n').filter((l) => l.includes('"event":"clone"')).length).toBeGreaterThanOrEqual(1);
+      expect(clonesIn(log) - clonesBefore, 'clones made while the client\'s command ran').toBeGreaterThanOrEqual(1);
+      // The other half of the view: a command of that client, run in the
+      // engine alongside (the same context: it does not wait at the gate),
+      // reads the client's APPSHOT_PORTS, not the engine's own.
+      const served = engineStatus().commandsServed;
+      const clone = spawnSync(command, ['clone', join(out, 'web.template')], { env: { ...sb.env, APPSHOT_PORTS: 'not-a-range' }, encoding: 'utf8' });
+      expect(clone.stderr).toMatch(/APPSHOT_PORTS='not-a-range': expected FIRST-LAST/);
+      expect(clone.status).toBe(2);
+      expect(engineStatus().commandsServed, 'the clone ran in the engine').toBe(served + 1);
     } finally {
       process.kill(holderPid, 'SIGKILL');
     }
