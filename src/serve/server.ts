@@ -1938,8 +1938,9 @@ class Service {
   /** The held connections ended as serve stopped, given HELD_CLOSE_MS to
    * close their end (each is destroyed once it has), then reset: gone
    * at once on serve's side, not left in FIN-WAIT-2 by a client that
-   * keeps its end open. Without the wait if serve is hurried. */
-  private async closeHeld(): Promise<void> {
+   * keeps its end open. Without the wait if serve is hurried. Every
+   * service's at once, from the end of the drain (ServeHost.stop). */
+  async closeHeld(): Promise<void> {
     const until = performance.now() + HELD_CLOSE_MS;
     while (!this.host.hurried && this.endingHeld.some((s) => !s.destroyed) && performance.now() < until) await new Promise((r) => setTimeout(r, 10));
     for (const s of this.endingHeld.splice(0)) if (!s.destroyed) s.resetAndDestroy();
@@ -2253,6 +2254,9 @@ export class ServeHost {
       const d = await this.forwarder.drain(DRAIN_MS, DRAIN_CLOSE_MS);
       // hurried: its end was cut short (the engine's second signal).
       if (d.drained + d.ended + d.left > 0) this.log({ event: 'drain', ...d, drainMs: DRAIN_MS, ...(this.hurried ? { hurried: true } : {}) });
+      // Held connections' one wait for all services, not one after each
+      // earlier service's clones stopped (close() then finds none).
+      await Promise.all(this.services.map((s) => s.closeHeld()));
       for (const s of this.services) await s.close();
       if (this.ownStandbys) await this.endStandbys();
     })());
