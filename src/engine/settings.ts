@@ -45,6 +45,15 @@ export function withSettings<T>(settings: ReadonlyMap<string, string>, f: () => 
   return scope.run(settings, f);
 }
 
+/** Runs `f`, and everything it starts (its timers, the promises it
+ * chains), with the engine's own SCOPED settings, whichever command's
+ * settings it was started under: work that outlives the command that
+ * began it (a hosted serve) must not keep that command's settings, nor
+ * have the engine's own only because they happen to be equal (r428 F5). */
+export function withOwnSettings<T>(f: () => T): T {
+  return scope.exit(f);
+}
+
 let real: NodeJS.ProcessEnv | undefined;
 
 /** The environment itself, under the view: what the context gate clears
@@ -63,7 +72,9 @@ export function scopeEnvironment(own: ReadonlyMap<string, string>): void {
     get: (t, k) => (scoped(k) ? view().get(k) : Reflect.get(t, k)),
     // Straight to the real environment: Reflect.set through the view
     // would define the property with a partial descriptor, which
-    // process.env refuses.
+    // process.env refuses. A scoped name written (or deleted) so is in
+    // the real environment only: reads still answer from the reader's
+    // settings. Nothing writes one once the view is in place.
     set: (t, k, v) => {
       (t as Record<string | symbol, unknown>)[k] = v;
       return true;
