@@ -8,6 +8,7 @@ import { appendFileSync, closeSync, existsSync, mkdirSync, openSync, readFileSyn
 import { join, resolve } from 'node:path';
 import { constants } from 'node:os';
 import { currentRequest, requestStorage, type RequestContext } from '../engine/request.js';
+import { withOwnSettings } from '../engine/settings.js';
 import { AppshotError, ExitCode } from '../errors.js';
 import type { ServiceSpec, ServiceState } from '../serve/spec.js';
 import type { HostedServe } from '../engine/hosted.js';
@@ -456,6 +457,7 @@ async function hostInEngine(
   let started!: (h: InstanceType<typeof ServeHost> | undefined) => void;
   const startEnded = new Promise<InstanceType<typeof ServeHost> | undefined>((r) => (started = r));
   let stopping: Promise<void> | undefined;
+  let hurried = false;
   let stoppedBy = '';
   let ended!: () => void;
   const done = new Promise<void>((r) => (ended = r));
@@ -466,6 +468,11 @@ async function hostInEngine(
     ...(o.metricsOn ? { metrics: `http://${o.metricsOn.host}:${o.metricsOn.port}/metrics` } : {}),
     attached: () => !!attached && !attached.disconnected,
     starting: () => !host,
+    // One asked while the front door starts is passed on once it has.
+    hurry: () => {
+      hurried = true;
+      host?.hurry();
+    },
     stop: (why) =>
       (stopping ??= (async () => {
         stoppedBy = why;
@@ -474,7 +481,7 @@ async function hostInEngine(
         if (!served) return;
         served.log({ event: 'stopping', why });
         try {
-          await requestStorage.run(own, () => served.stop());
+          await requestStorage.run(own, () => withOwnSettings(() => served.stop()));
         } finally {
           letGo();
           setHosted(undefined);
@@ -497,7 +504,10 @@ async function hostInEngine(
   try {
     await hostedHoldPoint();
     writeFileSync(leaseFile, '', { mode: 0o600, flag: 'wx' });
-    host = await requestStorage.run(own, async () => {
+    // The engine's own scoped settings (engine/settings.ts), explicitly:
+    // its ticks and forwarding outlive this request, and hosting does not
+    // rely on the client's being equal to them.
+    host = await requestStorage.run(own, () => withOwnSettings(async () => {
       const h = new ServeHost(o.specs, {
         home: o.home,
         metrics: new ServeMetrics(),
@@ -507,7 +517,7 @@ async function hostInEngine(
       });
       await h.start(o.metricsOn);
       return h;
-    });
+    }));
   } catch (e) {
     request.onDisconnect.delete(onGone);
     letGo();
@@ -517,6 +527,7 @@ async function hostInEngine(
     throw e;
   }
   const served = host;
+  if (hurried) served.hurry();
   started(served);
   if (stopping) {
     // Asked to stop while it started: never ready.

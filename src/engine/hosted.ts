@@ -25,6 +25,9 @@ export interface HostedServe {
   /** Stops serving, as SIGTERM stops a serve of its own; resolves once
    * it has (the same promise for every caller). */
   stop(why: string): Promise<void>;
+  /** A stop under way ends the connections it forwards now, without
+   * what is left of its drain (the engine's second signal). */
+  hurry(): void;
 }
 
 /** Why a serve stopped by `appshot serve stop` stopped (its log's

@@ -62,6 +62,8 @@ export interface RequestContext {
 export interface RequestSetting {
   key: string;
   apply: () => void;
+  /** Its scoped settings (settings.ts): what what is made for it reads. */
+  settings?: ReadonlyMap<string, string>;
 }
 
 export const requestStorage = new AsyncLocalStorage<RequestContext>();

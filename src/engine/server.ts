@@ -42,13 +42,19 @@ import { keepChecksums } from '../restore/verify.js';
 import { enableStandbys, standbyStats } from '../restore/standby.js';
 import { clonePoolStats, enableClonePool, refillClonePools, releaseClonePools } from '../template/pool.js';
 import { enableSpareStateDirs, LocalRegistry, refillSpareStateDirs, removeSpareStateDirs } from '../registry.js';
-import { hostedServe, hostedStatus, onHostedChange, SERVE_STOP_WHY, stopHosted } from './hosted.js';
+import { type HostedServe, hostedServe, hostedStatus, onHostedChange, SERVE_STOP_WHY, stopHosted } from './hosted.js';
 import { isServeStop } from './client.js';
 import { startedWithTestKnobs } from '../killpoint.js';
+import { realEnvironment, scopedOf, scopeEnvironment, withSettings } from './settings.js';
+import { SERVE_OWN_SETTINGS } from '../serve/settings.js';
 
 /** How long the clone pool's refill waits for the requests being served
  * to end before it makes its next instance anyway (requestsQuiet). */
 const QUIET_WAIT_MOST_MS = 250;
+/** How long a leave hurried by a second signal waits, once the serve it
+ * hosts has stopped, for its attached client's answer to go out and the
+ * clone pool to be given up: a bound (a third signal leaves at once). */
+const HURRIED_EXIT_MS = 1000;
 
 /** APPSHOT_* variables that say which engine, not how a command works.
  * APPSHOT_TEST_KNOBS counts only in a process's start environment
@@ -78,6 +84,11 @@ const isTestKnob = (name: string): boolean => name.startsWith('APPSHOT_TEST_');
 // The clone pool's size and idle time (APPSHOT_CLONE_POOL*) are a
 // client's by design: the pool is refilled in the context of the last
 // command that asked (template/pool.ts demand), whose instances those are.
+// The settings that shape what the engine keeps for everyone (ports,
+// standbys, a suspend's reservation, debug output) are read by each
+// reader as its own (settings.ts SCOPED_SETTINGS): a command's client's,
+// a hosted serve's and the engine's upkeep the engine's own; a serve's
+// own settings it reads once as it starts (serve/settings.ts).
 const testKnobsIn = (env: Record<string, string | undefined>): string[] => Object.keys(env).filter((k) => isTestKnob(k) && env[k] !== '' && env[k] !== undefined);
 /** The names of appshot's variables: all a client sends (client.ts). */
 const VARIABLE_NAME = /^APPSHOT_[A-Z0-9_]+$/;
@@ -179,6 +190,13 @@ export class Engine {
   /** Its held clones given up (stop): it may leave. */
   private poolReleased = false;
   private leaving = false;
+  /** The exit code of a leave hurried by a second signal while a serve
+   * it hosts drains (leaveHurried). */
+  private hurriedCode?: number;
+  /** Requests whose EXIT frame is written but not yet flushed (or their
+   * client gone): a hurried leave waits for them, else an attached
+   * `serve` client would find the engine gone and its outcome unknown. */
+  private answering = 0;
   private served = 0;
   private readonly started = Date.now();
   /** The same, on the monotonic clock: uptimeMs is not moved by a change
@@ -196,6 +214,8 @@ export class Engine {
    * started it, whose knobs were that command's (start drops them from
    * process.env too). */
   private readonly ownSettings = new Map([...settings(process.env)].filter(([k]) => this.testKnobs || !isTestKnob(k)));
+  /** Of those, the ones work outside any command reads (settings.ts). */
+  private readonly ownScoped = scopedOf(Object.fromEntries(this.ownSettings));
   /** The build this engine runs (protocol.ts), as it was when it started. */
   private readonly build = buildId();
   /** A lease made ahead of the request that takes it (prepareLease). */
@@ -235,6 +255,7 @@ export class Engine {
     writeSync(this.lockFd, `${process.pid}\n`, 0);
     const inherited = this.testKnobs ? [] : testKnobsIn(process.env);
     for (const k of Object.keys(process.env)) if (!this.testKnobs && isTestKnob(k)) delete process.env[k];
+    scopeEnvironment(this.ownScoped);
     // The lock is ours: any socket there is a dead engine's, and so are
     // any requests' leases (holder.ts): their requests ended with it.
     rmSync(this.paths.socket, { force: true });
@@ -266,7 +287,7 @@ export class Engine {
       async (setting, make) => {
         await this.gate.enter(setting.key, setting.apply);
         try {
-          return await make();
+          return await withSettings(setting.settings ?? this.ownScoped, make);
         } finally {
           this.gate.leave();
           this.ownEnvWhenIdle();
@@ -276,6 +297,11 @@ export class Engine {
     );
     enableSpareStateDirs(this.opts.home);
     onHostedChange(() => {
+      // A serve request that waited at the gate, or loaded its code,
+      // while the engine began to leave hosts one after stop() looked:
+      // stopped as that one would have been (it stops once started),
+      // else the engine, its socket gone, would stay for it.
+      if (this.leaving && hostedServe()) this.stopHostedServe();
       this.armIdle();
       this.checkDone();
     });
@@ -483,13 +509,15 @@ export class Engine {
       socket.end(frame(Frame.REFUSED, Buffer.from(`the client's ${knobs.join(' and ')} would act on the engine, which honours them only if started with APPSHOT_TEST_KNOBS=1: it runs the command itself`)));
       return;
     }
-    // A hosted serve reads its APPSHOT_* settings (test knobs, debug
-    // output, ports...) from process.env for as long as it runs, and that
-    // is each command's in turn, and the engine's own between commands:
-    // only a serve that wants the engine's own is hosted.
+    // A hosted serve reads its APPSHOT_* settings (test knobs, measuring
+    // knobs...) from process.env for as long as it runs, and that is each
+    // command's in turn, and the engine's own between commands; the
+    // scoped ones (settings.ts) are the engine's own for it: only a serve
+    // that wants the engine's own is hosted. But for its own settings,
+    // which it reads once as it starts (serve/settings.ts).
     if (msg.argv.find((a) => !a.startsWith('-')) === 'serve' && !isServeStop(msg.argv)) {
       const wanted = new Map([...settings(requested)].filter(([k]) => this.testKnobs || !isTestKnob(k)));
-      const differs = [...new Set([...wanted.keys(), ...this.ownSettings.keys()])].filter((k) => wanted.get(k) !== this.ownSettings.get(k));
+      const differs = [...new Set([...wanted.keys(), ...this.ownSettings.keys()])].filter((k) => !SERVE_OWN_SETTINGS.includes(k) && wanted.get(k) !== this.ownSettings.get(k));
       if (differs.length) {
         socket.end(frame(Frame.REFUSED, Buffer.from(`serve's ${differs.join(', ')} differ from the engine's own: it runs in its own process`)));
         return;
@@ -551,14 +579,18 @@ export class Engine {
     const umask = Number.isInteger(msg.umask) ? msg.umask & 0o777 : 0o022;
     ctx.umask = umask;
     const key = JSON.stringify([msg.cwd, Object.entries(env).sort(), umask]);
+    // What it reads of the scoped settings (settings.ts), wherever it is
+    // read: its own.
+    const scoped = scopedOf(env);
     let entered = false;
     const apply = () => {
-      for (const k of Object.keys(process.env)) if (k.startsWith('APPSHOT_') && k !== 'APPSHOT_ENGINE') delete process.env[k];
-      Object.assign(process.env, env);
+      const real = realEnvironment();
+      for (const k of Object.keys(real)) if (k.startsWith('APPSHOT_') && k !== 'APPSHOT_ENGINE') delete real[k];
+      Object.assign(real, env);
       process.umask(umask);
       process.chdir(msg.cwd);
     };
-    ctx.context = { key, apply };
+    ctx.context = { key, apply, settings: scoped };
     try {
       await this.gate.enter(key, apply);
       entered = true;
@@ -570,10 +602,12 @@ export class Engine {
       };
       if (process.cwd() !== resolve(msg.cwd)) throw new AppshotError(`cannot change into ${msg.cwd} (the current directory of the command)`, ExitCode.failure);
       const { runCommand } = await import('../cli.js');
-      await requestStorage.run(ctx, () => runCommand([process.execPath, 'appshot', ...msg.argv]));
+      await withSettings(scoped, () => requestStorage.run(ctx, () => runCommand([process.execPath, 'appshot', ...msg.argv])));
     } catch (e) {
       const { reportError } = await import('../cli.js');
-      requestStorage.run(ctx, () => reportError(e));
+      // Reported as the command's own failure would be: with its
+      // client's settings (APPSHOT_DEBUG: whether the stack is shown).
+      withSettings(scoped, () => requestStorage.run(ctx, () => reportError(e)));
     } finally {
       if (entered) this.gate.leave();
       entered = false;
@@ -586,13 +620,20 @@ export class Engine {
       // not while it waits behind them: the answer of a batch that
       // emptied a large pool came ~40 s late, after the refill.
       let refilled = false;
+      let answering = false;
       const refillPools = () => {
         if (refilled) return;
         refilled = true;
+        if (answering) {
+          this.answering--;
+          this.checkDone();
+        }
         if (!this.leaving) refillClonePools();
         this.noteQuiet();
       };
       if (!ctx.disconnected) {
+        answering = true;
+        this.answering++;
         socket.end(frame(Frame.EXIT, code), refillPools);
         socket.once('close', refillPools);
       } else setImmediate(refillPools);
@@ -663,8 +704,9 @@ export class Engine {
    * the last command's: a hosted serve works between commands too. */
   private ownEnvWhenIdle(): void {
     if (!this.gate.idle()) return;
-    for (const k of Object.keys(process.env)) if (k.startsWith('APPSHOT_') && !ENGINE_OWN.has(k)) delete process.env[k];
-    for (const [k, v] of this.ownSettings) process.env[k] = v;
+    const real = realEnvironment();
+    for (const k of Object.keys(real)) if (k.startsWith('APPSHOT_') && !ENGINE_OWN.has(k)) delete real[k];
+    for (const [k, v] of this.ownSettings) real[k] = v;
   }
 
   /** Makes the next request's lease now, off this thread, so that a
@@ -710,21 +752,43 @@ export class Engine {
     // A hosted serve stops as a serve of its own stops at SIGTERM (its
     // attached client, if any, then gets its exit code): then the engine
     // leaves.
-    if (hostedServe()) {
-      this.log('stopping the serve it hosts');
-      void stopHosted('the engine is leaving').then(
-        () => this.checkDone(),
-        (e) => {
-          this.log(`stopping the serve it hosts: ${(e as Error).message}`);
-          this.checkDone();
-        },
-      );
-    }
+    if (hostedServe()) this.stopHostedServe();
     this.checkDone();
+  }
+
+  private stopHostedServe(): void {
+    this.log('stopping the serve it hosts');
+    void stopHosted('the engine is leaving').then(
+      () => this.checkDone(),
+      (e) => {
+        this.log(`stopping the serve it hosts: ${(e as Error).message}`);
+        this.checkDone();
+      },
+    );
+  }
+
+  /** The second signal while a serve it hosts stops: that serve ends the
+   * connections it forwards now, skipping the rest of its drain, and
+   * finishes its stop; the engine leaves once it has and its attached
+   * client has its answer (and the pool is given up), or at most
+   * HURRIED_EXIT_MS after the serve stopped, whatever else still runs. */
+  leaveHurried(serving: HostedServe, code: number): void {
+    this.hurriedCode = code;
+    serving.hurry();
+    void serving.stop('the engine is leaving').finally(() => {
+      setTimeout(() => {
+        this.log(`left without waiting longer for ${this.requests.size + this.answering} request(s)${this.poolReleased ? '' : ' and the clone pool'}`);
+        process.exit(code);
+      }, HURRIED_EXIT_MS);
+      this.checkDone();
+    });
   }
 
   private checkDone(): void {
     if (!this.leaving || this.requests.size > 0 || hostedServe() || !this.poolReleased) return;
+    // Hurried, the process exits as done resolves: the answers written
+    // go out first.
+    if (this.hurriedCode !== undefined && this.answering > 0) return;
     // Connections that never sent a request (or only read their answer).
     for (const s of this.connections) s.destroy();
     if (this.spareLease) rmSync(join(leasesDir(this.opts.home), this.spareLease.name), { force: true });
@@ -737,7 +801,7 @@ export class Engine {
     if (this.lockFd >= 0) closeSync(this.lockFd);
     this.lockFd = -1;
     this.log('left');
-    this.resolveDone(0);
+    this.resolveDone(this.hurriedCode ?? 0);
   }
 }
 
@@ -769,9 +833,21 @@ export async function serveEngine(opts: EngineOptions): Promise<number> {
   let signals = 0;
   const onSignal = (sig: NodeJS.Signals) => {
     engine.log(`${sig}: leaving once the running commands end`);
-    // A second one: now.
-    if (++signals > 1) engine.log('second signal: leaving now');
-    if (signals > 1) process.exit(128 + (sig === 'SIGINT' ? 2 : 15));
+    const code = 128 + (sig === 'SIGINT' ? 2 : 15);
+    signals++;
+    // A second one: now. But a serve it hosts (stopping since the first)
+    // ends its forwarded connections at once, skipping the rest of its
+    // drain, and finishes its stop first: leaving mid-drain would leave
+    // its clones running and registered, and its state naming it (a
+    // serve of its own ignores a second signal). A third: now.
+    const serving = hostedServe();
+    if (signals === 2 && serving) {
+      engine.log('second signal: leaving once the serve it hosts has stopped (its connections ended now)');
+      engine.leaveHurried(serving, code);
+      return;
+    }
+    if (signals > 1) engine.log('second signal: leaving now');
+    if (signals > 1) process.exit(code);
     void engine.stop();
   };
   process.on('SIGTERM', onSignal).on('SIGINT', onSignal);

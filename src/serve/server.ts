@@ -26,6 +26,7 @@ import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
+import { type ServeSettings, serveSettings } from './settings.js';
 import { type HotCode, type HotPages, hotCode, populateCode, prefaultCap, prefaultPages, prepareChain } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon, ENTRY_FLAGS } from '../native.js';
@@ -413,9 +414,10 @@ class Service {
   }
 
   /** Whether the public listener is shared with the instance (shared.ts):
-   * restore mode with one public port, unless APPSHOT_SHARE_LISTENER=0. */
+   * restore mode with one public port, unless APPSHOT_SHARE_LISTENER=0
+   * (read as serve started: settings.ts). */
   private mayShare(): boolean {
-    return this.spec.mode === 'restore' && this.spec.ports.length === 1 && process.env.APPSHOT_SHARE_LISTENER !== '0';
+    return this.spec.mode === 'restore' && this.spec.ports.length === 1 && this.host.settings.shareListener;
   }
 
   /** What the forwarding thread tells of a listener it took over. */
@@ -1198,8 +1200,8 @@ class Service {
     let heldNow!: (held: boolean) => void;
     const held = new Promise<boolean>((r) => (heldNow = r));
     const t0 = process.hrtime.bigint();
-    const lazy = process.env.APPSHOT_PREPARED_EAGER !== '1';
-    const prefault = lazy ? prefaultPages(chain, prefaultCap(), this.prefaulted) : undefined;
+    const lazy = !this.host.settings.preparedEager;
+    const prefault = lazy ? prefaultPages(chain, this.host.prefaultCap, this.prefaulted) : undefined;
     // What a full image (no parent to compare with) goes by next.
     if (prefault) this.prefaulted = prefault.addresses;
     // Held with the public listener installed: connections wait in its
@@ -1669,7 +1671,7 @@ class Service {
     }
     // The code it has run, for the next prepare (hotCode): read while it
     // still runs, before the snapshot ends it.
-    if (this.spec.mode === 'restore' && this.host.preparedLimit > 0 && process.env.APPSHOT_PREPARED_CODE === '1') {
+    if (this.spec.mode === 'restore' && this.host.preparedLimit > 0 && this.host.settings.preparedCode) {
       try {
         this.hotCode = hotCode(this.instanceProcesses());
       } catch {
@@ -1909,7 +1911,19 @@ class Service {
     this.grants.clear();
     for (const b of this.backlogs.values()) closeSync(b.fd);
     this.backlogs.clear();
-    for (const h of this.held.splice(0)) h.socket.destroy();
+    // Held, never forwarded: closed in order (the client hears the end of
+    // what it reads), what it sent read and dropped, so that its close
+    // is not a reset for unread data. Closed fully in close(): a client
+    // that keeps its end open would otherwise hold serve's end in
+    // FIN-WAIT-2 (tcp_fin_timeout, a minute) once it was destroyed.
+    for (const h of this.held.splice(0)) {
+      const socket = h.socket;
+      this.endingHeld.push(socket);
+      socket.on('error', () => undefined);
+      socket.once('end', () => socket.destroy());
+      socket.resume();
+      socket.end();
+    }
     // A prepared instance holds a copy of the shared public listener: the
     // kernel would go on completing handshakes on it through the drain,
     // for clients reset when it is let go. It goes now (close awaits it).
@@ -1918,10 +1932,24 @@ class Service {
 
   /** stopAccepting's dropPrepared. */
   private droppingPrepared: Promise<void> | undefined;
+  /** Held connections ended in order as serve stops (stopAccepting). */
+  private readonly endingHeld: Socket[] = [];
+
+  /** The held connections ended as serve stopped, given HELD_CLOSE_MS to
+   * close their end (each is destroyed once it has), then reset: gone
+   * at once on serve's side, not left in FIN-WAIT-2 by a client that
+   * keeps its end open. Without the wait if serve is hurried. Every
+   * service's at once, from the end of the drain (ServeHost.stop). */
+  async closeHeld(): Promise<void> {
+    const until = performance.now() + HELD_CLOSE_MS;
+    while (!this.host.hurried && this.endingHeld.some((s) => !s.destroyed) && performance.now() < until) await new Promise((r) => setTimeout(r, 10));
+    for (const s of this.endingHeld.splice(0)) if (!s.destroyed) s.resetAndDestroy();
+  }
 
   async close(): Promise<void> {
     this.stopAccepting();
     await this.droppingPrepared;
+    await this.closeHeld();
     this.forgetPreload();
     // Clones are interchangeable and go; restore mode's instance keeps
     // running (the next serve adopts it).
@@ -1993,6 +2021,11 @@ const DRAIN_MS = 2000;
  * within milliseconds; this bounds a thread that does not). */
 const DRAIN_CLOSE_MS = 2000;
 
+/** How long a held connection, ended as serve stops, is given to close
+ * its end before it is reset (Service.closeHeld). Counted from the end of
+ * the drain: the forwarded connections' time, which it has had too. */
+const HELD_CLOSE_MS = 1000;
+
 /** How long a stopping serve waits for a restore under way to finish
  * (Service.close). */
 const RESTORE_WAIT_MS = 30_000;
@@ -2048,6 +2081,11 @@ export class ServeHost {
   /** Whether resumes and clones take standby supervisors (standby.ts);
    * APPSHOT_STANDBYS=0: none, for comparison. */
   private readonly standbys = process.env.APPSHOT_STANDBYS !== '0';
+  /** Its own settings (settings.ts), read once as it starts: a hosted
+   * serve runs on while other clients' commands, with theirs, run. */
+  readonly settings: ServeSettings = serveSettings();
+  /** Pages a prepared resume copies in ahead (restore/prepared.ts). */
+  readonly prefaultCap = prefaultCap();
   /** Whether the standbys are this serve's to start and end. */
   private readonly ownStandbys: boolean;
 
@@ -2060,10 +2098,8 @@ export class ServeHost {
     this.log = opts.log ?? stderrLog;
     this.metrics = opts.metrics;
     this.store = new ServiceStore(opts.home);
-    const fromEnv = process.env.APPSHOT_PREPARED;
-    this.preparedLimit = fromEnv !== undefined && /^\d+$/.test(fromEnv) ? Number(fromEnv) : (opts.prepared ?? DEFAULT_PREPARED);
-    const preloadedEnv = process.env.APPSHOT_PRELOADED;
-    this.preloadLimit = preloadedEnv !== undefined && /^\d+$/.test(preloadedEnv) ? Number(preloadedEnv) : PRELOAD_LIMIT;
+    this.preparedLimit = this.settings.prepared ?? opts.prepared ?? DEFAULT_PREPARED;
+    this.preloadLimit = this.settings.preloaded ?? PRELOAD_LIMIT;
     // Restores check the files an image maps (libraries, the program)
     // against the image's checksums: a serve restores the same ones again
     // and again, and reads each once while it is unchanged.
@@ -2216,12 +2252,25 @@ export class ServeHost {
       // Always: whether any is open is the forwarding thread's to say (one
       // it forwarded just now may not have been reported yet).
       const d = await this.forwarder.drain(DRAIN_MS, DRAIN_CLOSE_MS);
-      if (d.drained + d.ended + d.left > 0) this.log({ event: 'drain', ...d, drainMs: DRAIN_MS });
+      // hurried: its end was cut short (the engine's second signal).
+      if (d.drained + d.ended + d.left > 0) this.log({ event: 'drain', ...d, drainMs: DRAIN_MS, ...(this.hurried ? { hurried: true } : {}) });
+      // Held connections' one wait for all services, not one after each
+      // earlier service's clones stopped (close() then finds none).
+      await Promise.all(this.services.map((s) => s.closeHeld()));
       for (const s of this.services) await s.close();
       if (this.ownStandbys) await this.endStandbys();
     })());
   }
   private stopped?: Promise<void>;
+
+  /** A stop under way (or to come) ends the connections it forwards at
+   * once, without what is left of their drain. */
+  hurry(): void {
+    this.hurried = true;
+    this.forwarder.hurry();
+  }
+  /** Told to hurry (hurry). */
+  hurried = false;
 
   /** Lets go of every standby, and waits (a second at most) until each
    * has ended with its seeds and been waited for: none outlives serve. */
