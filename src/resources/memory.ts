@@ -710,6 +710,9 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
   const scanned: Scanned[] = [];
   try {
     pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
+    // Before any page is read: reading the page file's mappings (stored
+    // whole) faults every page of them in.
+    recordTouchedPages(vpid, maps, pagemapFd);
     for (const l of maps) {
       const shared = l.perms[3] === 's';
       const vma: Vma = {
@@ -844,6 +847,97 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
     if (forkParent) closeSync(forkParent.pagemapFd);
   }
   return vmas;
+}
+
+/**
+ * The file pages a lazily restored process had in its page tables when it
+ * was last dumped, by its layout (touchedLayoutKey): what its run since
+ * its restore touched of its page file's mappings (the application's
+ * memory, mapped from the image) and of its code and read-only data. The
+ * next prepared restore of the same process maps those in before its
+ * release (restore/prepared.ts populateHeldMappings), each a fault after
+ * the release otherwise. A hint kept in this process only (serve takes
+ * the suspend's snapshot and makes the next prepare): never in an image,
+ * never trusted for anything but which pages to read ahead.
+ *
+ * Only for a process that maps a page file (restored lazily: serve's
+ * instances): a process run from its start has touched all its memory,
+ * and its code pages say nothing of what a resume needs. Pages mapped in
+ * by the prepare are present at the next dump too, so the set is the
+ * union of what the runs touched, bounded by MAX_TOUCHED_PAGES.
+ */
+const touchedPages = new Map<string, [bigint, number][]>();
+/** Layouts remembered at most (the oldest forgotten first). */
+const MAX_TOUCHED_LAYOUTS = 64;
+/** Pages recorded at most for one process: 32 MiB. */
+const MAX_TOUCHED_PAGES = 8192;
+/** Pages of pagemap scanned at most for one process (its larger file
+ * mappings are left out past it): 256 MiB of mappings, 512 KiB read. */
+const MAX_TOUCHED_SCAN = 65536;
+
+/** Which recorded touched pages are a process's: its virtual PID and where
+ * its first executable file mapping is (the same after a restore, which
+ * puts every mapping back at its address; different for another
+ * application, its binary placed elsewhere by ASLR). */
+export function touchedLayoutKey(vpid: number, maps: readonly MapsLine[]): string | undefined {
+  const exe = maps.find((l) => l.perms === 'r-xp' && l.ino !== 0n);
+  return exe ? `${vpid} ${exe.start.toString(16)} ${exe.ino}` : undefined;
+}
+
+/** A mapping whose touched pages are recorded and read ahead: private,
+ * readable, of a file; its page file's, or not writable (code, read-only
+ * data), whose pages are the file's until written. */
+export function touchedCandidate(l: MapsLine): boolean {
+  return l.perms[0] === 'r' && l.perms[3] === 'p' && l.ino !== 0n && l.path.startsWith('/') && (PAGE_FILE.test(l.path) || l.perms[1] !== 'w');
+}
+
+function recordTouchedPages(vpid: number, maps: readonly MapsLine[], pagemapFd: number): void {
+  if (!maps.some((l) => PAGE_FILE.test(l.path))) return;
+  const key = touchedLayoutKey(vpid, maps);
+  if (!key) return;
+  const runs: [bigint, number][] = [];
+  let count = 0;
+  let scanned = 0;
+  for (const l of maps) {
+    if (!touchedCandidate(l) || count >= MAX_TOUCHED_PAGES) continue;
+    const pages = Number((l.end - l.start) / PAGE);
+    if (scanned + pages > MAX_TOUCHED_SCAN) continue;
+    scanned += pages;
+    const entries = Buffer.alloc(pages * 8);
+    let got: number;
+    try {
+      got = readSync(pagemapFd, entries, 0, entries.length, Number((l.start / PAGE) * 8n));
+    } catch {
+      continue; // a hint only
+    }
+    // Bit 63 of each entry (the top bit of its last byte): present.
+    const present = (k: number) => k * 8 + 8 <= got && (entries[k * 8 + 7] & 0x80) !== 0;
+    for (let k = 0; k < pages && count < MAX_TOUCHED_PAGES; ) {
+      if (!present(k)) {
+        k++;
+        continue;
+      }
+      let end = k + 1;
+      while (end < pages && present(end)) end++;
+      const n = Math.min(end - k, MAX_TOUCHED_PAGES - count);
+      runs.push([l.start + BigInt(k) * PAGE, n]);
+      count += n;
+      k = end;
+    }
+  }
+  touchedPages.delete(key);
+  touchedPages.set(key, runs);
+  for (const oldest of touchedPages.keys()) {
+    if (touchedPages.size <= MAX_TOUCHED_LAYOUTS) break;
+    touchedPages.delete(oldest);
+  }
+}
+
+/** The pages recordTouchedPages recorded for the process of this layout
+ * at its last dump, as [address, pages] runs; undefined if none. */
+export function recordedTouchedPages(vpid: number, maps: readonly MapsLine[]): readonly [bigint, number][] | undefined {
+  const key = touchedLayoutKey(vpid, maps);
+  return key ? touchedPages.get(key) : undefined;
 }
 
 /** The image numbers a mapping's pages on 32 bits (PageRef runs): 16 TiB. */
