@@ -311,7 +311,13 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
         expect(offsets).toBeDefined();
         const untouched = cold.filter((a) => a + 4096n <= offsets.start || a >= offsets.end);
         expect(untouched.length).toBeGreaterThan(cold.length - 3);
-        expect(pagemapOf(held3[0], untouched).filter((e) => e & PM_PRESENT && !(e & PM_FILE))).toEqual([]);
+        // Copied in besides: at most the pages the run before wrote
+        // (present and copied at its suspend, with the same bytes or not:
+        // restore/prepared.ts populateHeldMappings, at most 256), not the
+        // rest of its memory.
+        const copied = pagemapOf(held3[0], untouched).filter((e) => e & PM_PRESENT && !(e & PM_FILE)).length;
+        expect(copied).toBeLessThanOrEqual(256);
+        expect(copied).toBeLessThan(untouched.length / 2);
         // What the runs before touched of it (the first read every key)
         // is mapped in while it is held, as the file's pages, read-only
         // (restore/prepared.ts populateHeldMappings): no fault for those

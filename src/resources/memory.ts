@@ -866,7 +866,10 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
  * by the prepare are present at the next dump too, so the set is the
  * union of what the runs touched, bounded by MAX_TOUCHED_PAGES.
  */
-const touchedPages = new Map<string, [bigint, number][]>();
+const touchedPages = new Map<string, { touched: [bigint, number][]; written: [bigint, number][] }>();
+/** Pages recorded as written at most for one process (recordTouchedPages):
+ * 1 MiB, copied in by the next prepare (anonymous memory it holds). */
+const MAX_WRITTEN_PAGES = 256;
 /** Layouts remembered at most (the oldest forgotten first). */
 const MAX_TOUCHED_LAYOUTS = 64;
 /** Pages recorded at most for one process: 32 MiB. */
@@ -896,7 +899,9 @@ function recordTouchedPages(vpid: number, maps: readonly MapsLine[], pagemapFd: 
   const key = touchedLayoutKey(vpid, maps);
   if (!key) return;
   const runs: [bigint, number][] = [];
+  const written: [bigint, number][] = [];
   let count = 0;
+  let writtenCount = 0;
   let scanned = 0;
   for (const l of maps) {
     if (!touchedCandidate(l) || count >= MAX_TOUCHED_PAGES) continue;
@@ -912,6 +917,17 @@ function recordTouchedPages(vpid: number, maps: readonly MapsLine[], pagemapFd: 
     }
     // Bit 63 of each entry (the top bit of its last byte): present.
     const present = (k: number) => k * 8 + 8 <= got && (entries[k * 8 + 7] & 0x80) !== 0;
+    // Of a writable mapping of the page file, the pages present and not
+    // the file's (bit 61 clear): copied on a write since the restore.
+    if (PAGE_FILE.test(l.path) && l.perms[1] === 'w')
+      for (let k = 0; k < pages && writtenCount < MAX_WRITTEN_PAGES; k++)
+        if (present(k) && (entries[k * 8 + 7] & 0x20) === 0) {
+          const at = l.start + BigInt(k) * PAGE;
+          const last = written.at(-1);
+          if (last && last[0] + BigInt(last[1]) * PAGE === at) last[1]++;
+          else written.push([at, 1]);
+          writtenCount++;
+        }
     for (let k = 0; k < pages && count < MAX_TOUCHED_PAGES; ) {
       if (!present(k)) {
         k++;
@@ -926,7 +942,7 @@ function recordTouchedPages(vpid: number, maps: readonly MapsLine[], pagemapFd: 
     }
   }
   touchedPages.delete(key);
-  touchedPages.set(key, runs);
+  touchedPages.set(key, { touched: runs, written });
   for (const oldest of touchedPages.keys()) {
     if (touchedPages.size <= MAX_TOUCHED_LAYOUTS) break;
     touchedPages.delete(oldest);
@@ -934,8 +950,10 @@ function recordTouchedPages(vpid: number, maps: readonly MapsLine[], pagemapFd: 
 }
 
 /** The pages recordTouchedPages recorded for the process of this layout
- * at its last dump, as [address, pages] runs; undefined if none. */
-export function recordedTouchedPages(vpid: number, maps: readonly MapsLine[]): readonly [bigint, number][] | undefined {
+ * at its last dump, as [address, pages] runs: those present, and those of
+ * its page file's writable mappings written since its restore; undefined
+ * if none. */
+export function recordedTouchedPages(vpid: number, maps: readonly MapsLine[]): { touched: readonly [bigint, number][]; written: readonly [bigint, number][] } | undefined {
   const key = touchedLayoutKey(vpid, maps);
   return key ? touchedPages.get(key) : undefined;
 }

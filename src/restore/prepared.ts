@@ -282,6 +282,9 @@ export function hotCode(pids: number[]): HotCode {
  * server, which could be the held application itself (stopped). */
 const FUSE_SUPER_MAGIC = 0x65735546;
 
+/** An image's page file, as a lazy restore maps it. */
+const PAGE_FILE = /\/pages\.img$/;
+
 /** Pages populateCode faults in between two turns of the event loop, so
  * that a connection coming meanwhile does not wait out hundreds of them
  * (redis's ~650: 2 ms in the median on this loaded VM, 78 ms at worst). */
@@ -390,7 +393,7 @@ export function populateMappingsOn(env: NodeJS.ProcessEnv = process.env): boolea
  * left to fault as before. Resolves to the pages mapped.
  */
 export async function populateHeldMappings(made: { pid: number; vpid: number }[], keepOn: () => boolean = () => true): Promise<number> {
-  const runs: { pid: number; addr: bigint; pages: number }[] = [];
+  const runs: { pid: number; addr: bigint; pages: number; write: boolean }[] = [];
   const regular = new Map<string, boolean>();
   for (const { pid, vpid } of made) {
     let maps: ReturnType<typeof readMaps>;
@@ -399,8 +402,8 @@ export async function populateHeldMappings(made: { pid: number; vpid: number }[]
     } catch {
       continue;
     }
-    const touched = recordedTouchedPages(vpid, maps);
-    if (!touched?.length) continue;
+    const recorded = recordedTouchedPages(vpid, maps);
+    if (!recorded) continue;
     // Each recorded run, within a mapping of a regular file it has now.
     const usable = maps.filter((m) => {
       if (!touchedCandidate(m) || m.path.endsWith(' (deleted)')) return false;
@@ -417,14 +420,17 @@ export async function populateHeldMappings(made: { pid: number; vpid: number }[]
       }
       return ok;
     });
-    for (const [addr, pages] of touched) {
-      const end = addr + BigInt(pages * PAGE);
-      for (const m of usable) {
-        const lo = addr > m.start ? addr : m.start;
-        const hi = end < m.end ? end : m.end;
-        if (lo < hi) runs.push({ pid, addr: lo, pages: Number((hi - lo) / BigInt(PAGE)) });
+    // Written first: a write is the dearer fault (a page copied).
+    for (const [list, write] of [[recorded.written, true], [recorded.touched, false]] as const)
+      for (const [addr, pages] of list) {
+        const end = addr + BigInt(pages * PAGE);
+        for (const m of usable) {
+          if (write && !(m.perms[1] === 'w' && PAGE_FILE.test(m.path))) continue;
+          const lo = addr > m.start ? addr : m.start;
+          const hi = end < m.end ? end : m.end;
+          if (lo < hi) runs.push({ pid, addr: lo, pages: Number((hi - lo) / BigInt(PAGE)), write });
+        }
       }
-    }
   }
   let mapped = 0;
   let slice = POPULATE_READ_SLICE;
@@ -438,7 +444,10 @@ export async function populateHeldMappings(made: { pid: number; vpid: number }[]
       const n = Math.min(POPULATE_READ_SLICE, r.pages - k);
       slice += n;
       try {
-        addon().readMemory(r.pid, r.addr + BigInt(k * PAGE), n * PAGE);
+        const bytes = addon().readMemory(r.pid, r.addr + BigInt(k * PAGE), n * PAGE);
+        // The same bytes written back: copied now (the process is held,
+        // every thread stopped, so nothing changes between the two).
+        if (r.write) addon().writeMemory(r.pid, r.addr + BigInt(k * PAGE), bytes);
         mapped += n;
       } catch {
         /* beyond the file's end, gone: those fault in as before */
