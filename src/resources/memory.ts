@@ -894,8 +894,17 @@ export function touchedCandidate(l: MapsLine): boolean {
   return l.perms[0] === 'r' && l.perms[3] === 'p' && l.ino !== 0n && l.path.startsWith('/') && (PAGE_FILE.test(l.path) || l.perms[1] !== 'w');
 }
 
+/** Whether this process has a use for recordTouchedPages' records (a
+ * prepared restore was made here: serve's, or the engine hosting it): a
+ * snapshot taken by the command line, which ends with it, spends no time
+ * of its frozen window on them. */
+let touchedWanted = false;
+export function wantTouchedPages(): void {
+  touchedWanted = true;
+}
+
 function recordTouchedPages(vpid: number, maps: readonly MapsLine[], pagemapFd: number): void {
-  if (!maps.some((l) => PAGE_FILE.test(l.path))) return;
+  if (!touchedWanted || !maps.some((l) => PAGE_FILE.test(l.path))) return;
   const key = touchedLayoutKey(vpid, maps);
   if (!key) return;
   const runs: [bigint, number][] = [];

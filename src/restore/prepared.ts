@@ -19,7 +19,7 @@ import { closeSync, openSync, readSync, statSync, statfsSync } from 'node:fs';
 import { addon } from '../native.js';
 import type { LoadedImage } from '../image/format.js';
 import type { Vma } from '../image/types.js';
-import { type CopyRun, inheritedCopyRuns, lazyMappable, mapsDeleted, readMaps, recordedTouchedPages, touchedCandidate } from '../resources/memory.js';
+import { type CopyRun, inheritedCopyRuns, lazyMappable, mapsDeleted, readMaps, recordedTouchedPages, touchedCandidate, wantTouchedPages } from '../resources/memory.js';
 import { resolveProcess } from '../snapshot/parent.js';
 
 const prepared = new WeakMap<LoadedImage, { chain: LoadedImage[]; runs: Map<Vma, CopyRun[]> }>();
@@ -393,6 +393,8 @@ export function populateMappingsOn(env: NodeJS.ProcessEnv = process.env): boolea
  * left to fault as before. Resolves to the pages mapped.
  */
 export async function populateHeldMappings(made: { pid: number; vpid: number }[], keepOn: () => boolean = () => true): Promise<number> {
+  // From now on, the suspends of such processes record what they touched.
+  wantTouchedPages();
   const runs: { pid: number; addr: bigint; pages: number; write: boolean }[] = [];
   const regular = new Map<string, boolean>();
   for (const { pid, vpid } of made) {
