@@ -63,7 +63,7 @@ import { restoreTidMoves } from '../resources/mutexes.js';
 import { restoreCpuTimes } from '../resources/cputime.js';
 import { createThreads, firstHandledSignal, forgetTimedWaits, ImageMemory, restoreLoaderLockOwners, restorePiWaitWords, restoreRobustMutexOwners, RobustWordsRewritten, restoreThreadState, restoreThreadStates, resumeRegisters, unregisterRseq } from '../resources/threads.js';
 import { resolveProcess } from '../snapshot/parent.js';
-import { populateHeldMappings, populateMappingsOn, preparedRuns } from './prepared.js';
+import { preparedRuns } from './prepared.js';
 import { injected, type NamedCall, RemoteProcess, SYS } from '../ptrace/remote.js';
 import { verifyImage } from './verify.js';
 import { configure, letGo, refillAfterRestore, reserveStandby, type StartedInit } from './standby.js';
@@ -111,8 +111,10 @@ export interface RestoreOptions {
    * resume: restored ahead of the connection that wants it). true: the
    * restore goes on; false: it is given up as an interrupted one is, what
    * it made removed. Meanwhile nothing of the application runs; should
-   * this process die, init sees its lifeline end and removes it all. */
-  hold?: () => Promise<boolean>;
+   * this process die, init sees its lifeline end and removes it all.
+   * Told the processes made, by system PID and virtual PID (what the
+   * image and a snapshot's records name each by). */
+  hold?: (made: { pid: number; vpid: number }[]) => Promise<boolean>;
   /** With lazy: stored pages copied in all the same, by mapping (page
    * indexes, ascending; MemorySources.prefault): serve's prepared resume
    * copies in those the application is likely to write first. */
@@ -1227,14 +1229,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // nothing of it live, nothing committed; what is left is ~0.5 ms.
       phase('held');
       const heldAt = now();
-      // While it is held, the file pages its previous run touched mapped
-      // in (prepared.ts populateHeldMappings), a slice at a time: each a
-      // fault after the release otherwise. Held already: a connection that
-      // comes meanwhile waits for one slice at most, not for all of it.
-      let holding = true;
-      const decision = opts.hold().finally(() => (holding = false));
-      if (populateMappingsOn()) void populateHeldMappings(made.map((m) => ({ pid: m.pid, vpid: m.proc.vpid })), () => holding && !opts.signal?.aborted).catch(() => undefined);
-      const go = await decision;
+      const go = await opts.hold(made.map((m) => ({ pid: m.pid, vpid: m.proc.vpid })));
       heldMs = now() - heldAt;
       if (!go) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
     }
