@@ -7,7 +7,7 @@
  * SysV segments are global state (sysv.ts); the VMA only names the segment.
  */
 import { type BigIntStats, closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
-import { deviceName, mapFilesPath, mapsDeviceName, procSmaps } from '../procfs.js';
+import { deviceName, mapFilesPath, mapsDeviceName, procSmaps, readStat } from '../procfs.js';
 import { addon, PAGES_MODE, type PagesCheck, type ScannedPages } from '../native.js';
 import { pagesCheckFailure } from '../image/format.js';
 import { type Image, type Mempolicy, type Rlimit, type Vma, VmaKind } from '../image/types.js';
@@ -712,7 +712,7 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
     pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
     // Before any page is read: reading the page file's mappings (stored
     // whole) faults every page of them in.
-    recordTouchedPages(vpid, maps, pagemapFd);
+    recordTouchedPages(pid, vpid, maps, pagemapFd);
     for (const l of maps) {
       const shared = l.perms[3] === 's';
       const vma: Vma = {
@@ -857,8 +857,9 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
  * next prepared restore of the same process maps those in before its
  * release (restore/prepared.ts populateHeldMappings), each a fault after
  * the release otherwise. A hint kept in this process only (serve takes
- * the suspend's snapshot and makes the next prepare): never in an image,
- * never trusted for anything but which pages to read ahead.
+ * the suspend's snapshot and makes the next prepare), recorded only for
+ * the processes serve asked it for (recordTouchedAtDump): never in an
+ * image, never trusted for anything but which pages to read ahead.
  *
  * Only for a process that maps a page file (restored lazily: serve's
  * instances): a process run from its start has touched all its memory,
@@ -894,17 +895,33 @@ export function touchedCandidate(l: MapsLine): boolean {
   return l.perms[0] === 'r' && l.perms[3] === 'p' && l.ino !== 0n && l.path.startsWith('/') && (PAGE_FILE.test(l.path) || l.perms[1] !== 'w');
 }
 
-/** Whether this process has a use for recordTouchedPages' records (a
- * prepared restore was made here: serve's, or the engine hosting it): a
- * snapshot taken by the command line, which ends with it, spends no time
- * of its frozen window on them. */
-let touchedWanted = false;
-export function wantTouchedPages(): void {
-  touchedWanted = true;
+/** The processes whose next dump records their touched pages
+ * (recordTouchedPages), by system PID, with their start time (a PID
+ * reused by another process is not one of them): only the prepared
+ * instances of `appshot serve` with APPSHOT_PREPARED_POPULATE=1, named by
+ * serve's hold (restore/prepared.ts populateHeldMappings), whose next
+ * suspend is serve's. No other snapshot the process (or the engine
+ * hosting serve) takes, of a clone or of an application restored lazily
+ * by the command line, spends time of its frozen window on a record that
+ * nothing would read. */
+const recordAtDump = new Map<number, number>();
+/** Processes named at most (the oldest forgotten first): an instance
+ * ended without a suspend is never dumped. */
+const MAX_RECORDED_PROCESSES = 256;
+export function recordTouchedAtDump(pid: number, startTime: number): void {
+  recordAtDump.delete(pid);
+  recordAtDump.set(pid, startTime);
+  for (const oldest of recordAtDump.keys()) {
+    if (recordAtDump.size <= MAX_RECORDED_PROCESSES) break;
+    recordAtDump.delete(oldest);
+  }
 }
 
-function recordTouchedPages(vpid: number, maps: readonly MapsLine[], pagemapFd: number): void {
-  if (!touchedWanted || !maps.some((l) => PAGE_FILE.test(l.path))) return;
+function recordTouchedPages(pid: number, vpid: number, maps: readonly MapsLine[], pagemapFd: number): void {
+  const startTime = recordAtDump.get(pid);
+  if (startTime === undefined) return;
+  recordAtDump.delete(pid);
+  if (readStat(pid)?.startTime !== startTime || !maps.some((l) => PAGE_FILE.test(l.path))) return;
   const key = touchedLayoutKey(vpid, maps);
   if (!key) return;
   const runs: [bigint, number][] = [];

@@ -19,7 +19,8 @@ import { closeSync, openSync, readSync, statSync, statfsSync } from 'node:fs';
 import { addon } from '../native.js';
 import type { LoadedImage } from '../image/format.js';
 import type { Vma } from '../image/types.js';
-import { type CopyRun, inheritedCopyRuns, lazyMappable, mapsDeleted, readMaps, recordedTouchedPages, touchedCandidate, wantTouchedPages } from '../resources/memory.js';
+import { type CopyRun, inheritedCopyRuns, lazyMappable, mapsDeleted, readMaps, recordedTouchedPages, recordTouchedAtDump, touchedCandidate } from '../resources/memory.js';
+import { readStat } from '../procfs.js';
 import { resolveProcess } from '../snapshot/parent.js';
 
 const prepared = new WeakMap<LoadedImage, { chain: LoadedImage[]; runs: Map<Vma, CopyRun[]> }>();
@@ -360,50 +361,81 @@ export async function populateCode(pids: number[], hot: HotCode, keepOn: () => b
  * event loop (serve forwards every other service's connections meanwhile). */
 const POPULATE_READ_SLICE = 16;
 
-/** Whether a prepared (held) instance's touched file pages are mapped in
- * ahead (populateHeldMappings): APPSHOT_PREPARED_POPULATE=0 turns it off. */
+/** Whether serve maps a prepared (held) instance's touched file pages in
+ * ahead (populateHeldMappings): only with APPSHOT_PREPARED_POPULATE=1, read
+ * by the process that runs serve (the engine, if serve is hosted there).
+ * Off by default, as APPSHOT_PREPARED_CODE, which it covers: redis's
+ * faults after its release 120 -> 17 and its CPU to its first byte ~0.9
+ * -> 0.5 ms, but (c) was not shown faster on the loaded machine (README). */
 export function populateMappingsOn(env: NodeJS.ProcessEnv = process.env): boolean {
-  return env.APPSHOT_PREPARED_POPULATE !== '0';
+  return env.APPSHOT_PREPARED_POPULATE === '1';
+}
+
+/** What populateHeldMappings did: pages mapped in (read), of which
+ * `written` copied in; slices that failed (a page beyond its file's end,
+ * a process gone) and the first error; how long it took. */
+export interface PopulatedMappings {
+  pages: number;
+  written: number;
+  failed: number;
+  error?: string;
+  ms: number;
 }
 
 /**
- * Maps into the page tables of the held processes `made` the file pages
- * their previous run touched (memory.ts recordedTouchedPages, recorded at
- * their last suspend): of the image's page file, which a lazy restore maps
- * the application's memory from, and of their code and read-only data.
- * Read from outside (process_vm_readv faults each page in for the target,
- * read-only, from the page cache): nothing is written, a private page
- * stays the file's until the application writes it.
+ * Maps into the page tables of the held processes `made` (serve's
+ * prepared instance, as its restore's hold names them) the file pages their previous run touched
+ * (memory.ts recordedTouchedPages, recorded at their last suspend): of the
+ * image's page file, which a lazy restore maps the application's memory
+ * from, and of their code and read-only data. Read from outside
+ * (process_vm_readv faults each page in for the target, read-only, from
+ * the page cache): a private page stays the file's until the application
+ * writes it; but those of the page file its previous run wrote, copied in
+ * (the same bytes written back). And has their next dump (serve's suspend)
+ * record what they touch, for the prepare after.
  *
  * Why: a resumed prepared instance otherwise takes a fault at its first
  * touch of each such page after its release, with its client waiting:
  * redis answering its first PING after a resume took ~115 faults
  * (2026-12-07, perf record -e page-faults: ~51 on its page file, ~40
- * instruction fetches, ~8 on libraries' data), ~4-10 µs each on this VM,
- * most of the ~1 ms from the commit to its first byte. A page present in
- * its page tables costs nothing at its first touch (measured the same day:
- * 0.01-0.03 µs a page after MADV_POPULATE_WRITE).
+ * instruction fetches, ~8 on libraries' data), ~4-10 µs each on this VM.
+ * With it, 17 faults, and its CPU to its first byte ~0.9 -> 0.5 ms; but
+ * (c) was not shown faster (README, APPSHOT_PREPARED_POPULATE). A page it
+ * maps in is not free at its first touch either: the README measured
+ * 16-25 µs a page at the first touch after MADV_POPULATE_WRITE on this
+ * paravirtualized VM, 0.03 µs at the next.
  *
  * Only the touched pages: mapping whole files (every library's code, the
  * whole page file) made the held redis 17.4 MiB of PSS instead of 4.4
  * (libcrypto alone 4.6). Never on FUSE (a page may have to come from its
  * server, which could be the held application itself, stopped), never a
  * device's mapping or a file not where its name says. `keepOn` false
- * stops it (the instance no longer held); a page that cannot be read is
- * left to fault as before. Resolves to the pages mapped.
+ * stops it (the instance no longer held). A page that cannot be read is
+ * left to fault as before.
  */
-export async function populateHeldMappings(made: { pid: number; vpid: number }[], keepOn: () => boolean = () => true): Promise<number> {
-  // From now on, the suspends of such processes record what they touched.
-  wantTouchedPages();
+export async function populateHeldMappings(made: readonly { pid: number; vpid: number }[], keepOn: () => boolean = () => true): Promise<PopulatedMappings> {
+  const t0 = performance.now();
+  const done: PopulatedMappings = { pages: 0, written: 0, failed: 0, ms: 0 };
+  const failed = (e: unknown) => {
+    done.failed++;
+    done.error ??= (e as Error).message;
+  };
+  const held = new Map<number, number>();
   const runs: { pid: number; addr: bigint; pages: number; write: boolean }[] = [];
   const regular = new Map<string, boolean>();
   for (const { pid, vpid } of made) {
     let maps: ReturnType<typeof readMaps>;
+    const startTime = readStat(pid)?.startTime;
     try {
+      if (startTime === undefined) throw new Error(`process ${pid} is gone`);
       maps = readMaps(pid);
-    } catch {
+    } catch (e) {
+      failed(e);
       continue;
     }
+    held.set(pid, startTime);
+    // Its suspend records what its run touches, for the next prepare.
+    recordTouchedAtDump(pid, startTime);
     const recorded = recordedTouchedPages(vpid, maps);
     if (!recorded) continue;
     // Each recorded run, within a mapping of a regular file it has now.
@@ -434,15 +466,14 @@ export async function populateHeldMappings(made: { pid: number; vpid: number }[]
         }
       }
   }
-  let mapped = 0;
   let slice = POPULATE_READ_SLICE;
-  for (const r of runs)
-    for (let k = 0; k < r.pages; k += POPULATE_READ_SLICE) {
+  slices: for (const r of runs)
+    for (let k = 0; k < r.pages && held.has(r.pid); k += POPULATE_READ_SLICE) {
       if (slice >= POPULATE_READ_SLICE) {
         await new Promise((resolve) => setImmediate(resolve));
         slice = 0;
       }
-      if (!keepOn()) return mapped;
+      if (!keepOn()) break slices;
       const n = Math.min(POPULATE_READ_SLICE, r.pages - k);
       slice += n;
       try {
@@ -450,10 +481,13 @@ export async function populateHeldMappings(made: { pid: number; vpid: number }[]
         // The same bytes written back: copied now (the process is held,
         // every thread stopped, so nothing changes between the two).
         if (r.write) addon().writeMemory(r.pid, r.addr + BigInt(k * PAGE), bytes);
-        mapped += n;
-      } catch {
-        /* beyond the file's end, gone: those fault in as before */
+        done.pages += n;
+        if (r.write) done.written += n;
+      } catch (e) {
+        // beyond the file's end, a mapping gone: those fault in as before
+        failed(e);
       }
     }
-  return mapped;
+  done.ms = Math.round((performance.now() - t0) * 100) / 100;
+  return done;
 }
