@@ -410,8 +410,10 @@ export interface PopulatedMappings {
  * (libcrypto alone 4.6). Never on FUSE (a page may have to come from its
  * server, which could be the held application itself, stopped), never a
  * device's mapping or a file not where its name says. `keepOn` false
- * stops it (the instance no longer held). A page that cannot be read is
- * left to fault as before.
+ * stops it (the instance no longer held). A process found gone, or no
+ * longer the one it was (its PID reused) or no longer held, is left at
+ * once: its pages are never read or written again. A page that cannot be
+ * read is left to fault as before.
  */
 export async function populateHeldMappings(made: readonly { pid: number; vpid: number }[], keepOn: () => boolean = () => true): Promise<PopulatedMappings> {
   const t0 = performance.now();
@@ -474,6 +476,14 @@ export async function populateHeldMappings(made: readonly { pid: number; vpid: n
         slice = 0;
       }
       if (!keepOn()) break slices;
+      // Still the process it was, still held (in its tracing stop): killed
+      // meanwhile, its PID could name another process, running.
+      const st = readStat(r.pid);
+      if (st?.startTime !== held.get(r.pid) || st?.state !== 't') {
+        held.delete(r.pid);
+        failed(new Error(`process ${r.pid} is no longer held`));
+        break;
+      }
       const n = Math.min(POPULATE_READ_SLICE, r.pages - k);
       slice += n;
       try {
@@ -484,7 +494,9 @@ export async function populateHeldMappings(made: readonly { pid: number; vpid: n
         done.pages += n;
         if (r.write) done.written += n;
       } catch (e) {
-        // beyond the file's end, a mapping gone: those fault in as before
+        // Gone: none of its pages again. Otherwise (beyond the file's
+        // end, a mapping gone) those fault in as before.
+        if ((e as NodeJS.ErrnoException).code === 'ESRCH') held.delete(r.pid);
         failed(e);
       }
     }
