@@ -382,6 +382,23 @@ export interface PopulatedMappings {
   ms: number;
 }
 
+/** Has the next dump of each held process of `made` (serve's suspend of
+ * its prepared instance) record the pages its run touched
+ * (memory.ts recordTouchedAtDump), for the prepare after to map in: also
+ * for an instance a resume lets go before its populate (a connection that
+ * came while it was prepared). Its processes' start times, by PID (none
+ * for a process gone). */
+export function recordAtSuspend(made: readonly { pid: number }[]): Map<number, number> {
+  const held = new Map<number, number>();
+  for (const { pid } of made) {
+    const startTime = readStat(pid)?.startTime;
+    if (startTime === undefined) continue;
+    held.set(pid, startTime);
+    recordTouchedAtDump(pid, startTime);
+  }
+  return held;
+}
+
 /**
  * Maps into the page tables of the held processes `made` (serve's
  * prepared instance, as its restore's hold names them) the file pages their previous run touched
@@ -422,22 +439,25 @@ export async function populateHeldMappings(made: readonly { pid: number; vpid: n
     done.failed++;
     done.error ??= (e as Error).message;
   };
-  const held = new Map<number, number>();
+  const finished = () => ({ ...done, ms: Math.round((performance.now() - t0) * 100) / 100 });
+  const held = recordAtSuspend(made);
+  for (const { pid } of made) if (!held.has(pid)) failed(new Error(`process ${pid} is gone`));
+  // The rest (every process's maps read, a stat of each file mapped) not
+  // in the hold's own turn: a connection that came during the prepare is
+  // let in first.
+  await new Promise((resolve) => setImmediate(resolve));
+  if (!keepOn()) return finished();
   const runs: { pid: number; addr: bigint; pages: number; write: boolean }[] = [];
   const regular = new Map<string, boolean>();
   for (const { pid, vpid } of made) {
+    if (!held.has(pid)) continue;
     let maps: ReturnType<typeof readMaps>;
-    const startTime = readStat(pid)?.startTime;
     try {
-      if (startTime === undefined) throw new Error(`process ${pid} is gone`);
       maps = readMaps(pid);
     } catch (e) {
       failed(e);
       continue;
     }
-    held.set(pid, startTime);
-    // Its suspend records what its run touches, for the next prepare.
-    recordTouchedAtDump(pid, startTime);
     const recorded = recordedTouchedPages(vpid, maps);
     if (!recorded) continue;
     // Each recorded run, within a mapping of a regular file it has now.
@@ -500,6 +520,5 @@ export async function populateHeldMappings(made: readonly { pid: number; vpid: n
         failed(e);
       }
     }
-  done.ms = Math.round((performance.now() - t0) * 100) / 100;
-  return done;
+  return finished();
 }

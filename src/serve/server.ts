@@ -26,7 +26,7 @@ import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
-import { type HotCode, type HotPages, hotCode, populateCode, populateHeldMappings, populateMappingsOn, type PopulatedMappings, prefaultCap, prefaultPages, prepareChain } from '../restore/prepared.js';
+import { type HotCode, type HotPages, hotCode, populateCode, populateHeldMappings, populateMappingsOn, type PopulatedMappings, prefaultCap, prefaultPages, prepareChain, recordAtSuspend } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon, ENTRY_FLAGS } from '../native.js';
 import { killPoint } from '../killpoint.js';
@@ -1229,7 +1229,11 @@ class Service {
         // populateCode), a slice at a time, while it stays held: each
         // page a fault after the release otherwise. Logged once done.
         // (Logged even if a resume let it go meanwhile: it was held.)
-        if (this.prepared !== p) return decision;
+        if (this.prepared !== p) {
+          // (but its suspend records what it touches, for the next one)
+          if (populateMappingsOn()) recordAtSuspend(made);
+          return decision;
+        }
         const held = process.hrtime.bigint();
         const logged = (code: number, populated?: PopulatedMappings) => this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(held - t0) / 1e4) / 100, prefaulted: prefault?.count ?? 0, code, codeMs: Math.round(Number(process.hrtime.bigint() - held) / 1e4) / 100, ...(populated ? { populated } : {}) });
         // And the pages of its page file, code and data its previous run
