@@ -382,6 +382,20 @@ export interface PopulatedMappings {
   ms: number;
 }
 
+/** `runs` ([address, pages]) without the pages `skip` says. */
+function pagesExcept(runs: readonly (readonly [bigint, number])[], skip: (addr: bigint) => boolean): [bigint, number][] {
+  const out: [bigint, number][] = [];
+  for (const [addr, pages] of runs)
+    for (let k = 0; k < pages; k++) {
+      const at = addr + BigInt(k * PAGE);
+      if (skip(at)) continue;
+      const last = out.at(-1);
+      if (last && last[0] + BigInt(last[1] * PAGE) === at) last[1]++;
+      else out.push([at, 1]);
+    }
+  return out;
+}
+
 /** Has the next dump of each held process of `made` (serve's suspend of
  * its prepared instance) record the pages its run touched
  * (memory.ts recordTouchedAtDump), for the prepare after to map in: also
@@ -432,7 +446,7 @@ export function recordAtSuspend(made: readonly { pid: number }[]): Map<number, n
  * once: its pages are never read or written again. A page that cannot be
  * read is left to fault as before.
  */
-export async function populateHeldMappings(made: readonly { pid: number; vpid: number }[], keepOn: () => boolean = () => true): Promise<PopulatedMappings> {
+export async function populateHeldMappings(made: readonly { pid: number; vpid: number }[], keepOn: () => boolean = () => true, prefaulted?: HotPages): Promise<PopulatedMappings> {
   const t0 = performance.now();
   const done: PopulatedMappings = { pages: 0, written: 0, failed: 0, ms: 0 };
   const failed = (e: unknown) => {
@@ -476,8 +490,14 @@ export async function populateHeldMappings(made: readonly { pid: number; vpid: n
       }
       return ok;
     });
-    // Written first: a write is the dearer fault (a page copied).
-    for (const [list, write] of [[recorded.written, true], [recorded.touched, false]] as const)
+    // Written first: a write is the dearer fault (a page copied). Not
+    // again what the restore copied in already (prefaultPages: much of
+    // what the run wrote, chosen the same way), nor a written page twice.
+    const copied = prefaulted?.get(vpid);
+    const written = pagesExcept(recorded.written, (a) => copied?.has(a) ?? false);
+    const writtenAt = new Set(written.flatMap(([a, n]) => Array.from({ length: n }, (_, k) => a + BigInt(k * PAGE))));
+    const touched = pagesExcept(recorded.touched, (a) => writtenAt.has(a) || (copied?.has(a) ?? false));
+    for (const [list, write] of [[written, true], [touched, false]] as const)
       for (const [addr, pages] of list) {
         const end = addr + BigInt(pages * PAGE);
         for (const m of usable) {

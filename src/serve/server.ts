@@ -1239,7 +1239,7 @@ class Service {
         // And the pages of its page file, code and data its previous run
         // touched (prepared.ts populateHeldMappings), with
         // APPSHOT_PREPARED_POPULATE=1; its suspend records them.
-        const populating = populateMappingsOn() ? populateHeldMappings(made, () => this.prepared === p).catch((e: Error): PopulatedMappings => ({ pages: 0, written: 0, failed: 1, error: e.message, ms: 0 })) : undefined;
+        const populating = populateMappingsOn() ? populateHeldMappings(made, () => this.prepared === p, prefault?.addresses).catch((e: Error): PopulatedMappings => ({ pages: 0, written: 0, failed: 1, error: e.message, ms: 0 })) : undefined;
         const code = this.hotCode ? this.populateHeld(this.hotCode, () => this.prepared === p) : 0;
         void Promise.all([code, populating]).then(([c, populated]) => logged(c, populated));
         return decision;
