@@ -880,12 +880,13 @@ const MAX_TOUCHED_PAGES = 8192;
 const MAX_TOUCHED_SCAN = 65536;
 
 /** Which recorded touched pages are a process's: its virtual PID and where
- * its first executable file mapping is (the same after a restore, which
- * puts every mapping back at its address; different for another
- * application, its binary placed elsewhere by ASLR). */
+ * its first executable file mapping is, and of which file (device and
+ * inode: two non-PIE binaries at 0x400000 on two filesystems are two):
+ * the same after a restore, which puts every mapping back at its address;
+ * different for another application, its binary placed elsewhere by ASLR. */
 export function touchedLayoutKey(vpid: number, maps: readonly MapsLine[]): string | undefined {
   const exe = maps.find((l) => l.perms === 'r-xp' && l.ino !== 0n);
-  return exe ? `${vpid} ${exe.start.toString(16)} ${exe.ino}` : undefined;
+  return exe ? `${vpid} ${exe.start.toString(16)} ${exe.major}:${exe.minor} ${exe.ino}` : undefined;
 }
 
 /** A mapping whose touched pages are recorded and read ahead: private,
