@@ -875,8 +875,9 @@ const MAX_WRITTEN_PAGES = 256;
 const MAX_TOUCHED_LAYOUTS = 64;
 /** Pages recorded at most for one process: 32 MiB. */
 const MAX_TOUCHED_PAGES = 8192;
-/** Pages of pagemap scanned at most for one process (its larger file
- * mappings are left out past it): 256 MiB of mappings, 512 KiB read. */
+/** Pages of pagemap scanned at most for one process (each mapping from
+ * its first page present; the rest of its mappings left out past it):
+ * 256 MiB of mappings, 512 KiB read. */
 const MAX_TOUCHED_SCAN = 65536;
 
 /** Which recorded touched pages are a process's: its virtual PID and where
@@ -931,17 +932,25 @@ function recordTouchedPages(pid: number, vpid: number, maps: readonly MapsLine[]
   let writtenCount = 0;
   let scanned = 0;
   for (const l of maps) {
-    if (!touchedCandidate(l) || count >= MAX_TOUCHED_PAGES) continue;
-    const pages = Number((l.end - l.start) / PAGE);
-    if (scanned + pages > MAX_TOUCHED_SCAN) continue;
-    scanned += pages;
-    const entries = Buffer.alloc(pages * 8);
+    if (!touchedCandidate(l) || count >= MAX_TOUCHED_PAGES || scanned >= MAX_TOUCHED_SCAN) continue;
+    // From its first page present (one PAGEMAP_SCAN, where the kernel has
+    // it): a mapping with none costs nothing of the scan's cap, and one
+    // larger than what is left of it (a big heap) is scanned from there,
+    // as far as the cap goes, not left out whole.
+    let from = l.start;
     let got: number;
+    let entries: Buffer;
     try {
-      got = readSync(pagemapFd, entries, 0, entries.length, Number((l.start / PAGE) * 8n));
+      const first = addon().scanFirst(pagemapFd, l.start, l.end);
+      if (first === false) continue;
+      if (first !== null) from = first;
+      entries = Buffer.alloc(Math.min(Number((l.end - from) / PAGE), MAX_TOUCHED_SCAN - scanned) * 8);
+      got = readSync(pagemapFd, entries, 0, entries.length, Number((from / PAGE) * 8n));
     } catch {
       continue; // a hint only
     }
+    const pages = entries.length / 8;
+    scanned += pages;
     // Bit 63 of each entry (the top bit of its last byte): present.
     const present = (k: number) => k * 8 + 8 <= got && (entries[k * 8 + 7] & 0x80) !== 0;
     // Of a writable mapping of the page file, the pages present and not
@@ -949,7 +958,7 @@ function recordTouchedPages(pid: number, vpid: number, maps: readonly MapsLine[]
     if (PAGE_FILE.test(l.path) && l.perms[1] === 'w')
       for (let k = 0; k < pages && writtenCount < MAX_WRITTEN_PAGES; k++)
         if (present(k) && (entries[k * 8 + 7] & 0x20) === 0) {
-          const at = l.start + BigInt(k) * PAGE;
+          const at = from + BigInt(k) * PAGE;
           const last = written.at(-1);
           if (last && last[0] + BigInt(last[1]) * PAGE === at) last[1]++;
           else written.push([at, 1]);
@@ -963,7 +972,7 @@ function recordTouchedPages(pid: number, vpid: number, maps: readonly MapsLine[]
       let end = k + 1;
       while (end < pages && present(end)) end++;
       const n = Math.min(end - k, MAX_TOUCHED_PAGES - count);
-      runs.push([l.start + BigInt(k) * PAGE, n]);
+      runs.push([from + BigInt(k) * PAGE, n]);
       count += n;
       k = end;
     }
