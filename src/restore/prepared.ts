@@ -415,9 +415,9 @@ export function recordAtSuspend(made: readonly { pid: number }[]): Map<number, n
 
 /**
  * Maps into the page tables of the held processes `made` (serve's
- * prepared instance, as its restore's hold names them) the file pages their previous run touched
- * (memory.ts recordedTouchedPages, recorded at their last suspend): of the
- * image's page file, which a lazy restore maps the application's memory
+ * prepared instance, as its restore's hold names them) the file pages
+ * their previous run touched (memory.ts recordedTouchedPages, recorded at
+ * their last suspend): of the image's page file, which a lazy restore maps the application's memory
  * from, and of their code and read-only data. Read from outside
  * (process_vm_readv faults each page in for the target, read-only, from
  * the page cache): a private page stays the file's until the application
