@@ -906,13 +906,17 @@ export function touchedCandidate(l: MapsLine): boolean {
  * hosting serve) takes, of a clone or of an application restored lazily
  * by the command line, spends time of its frozen window on a record that
  * nothing would read. */
-const recordAtDump = new Map<number, number>();
+const recordAtDump = new Map<number, { startTime: number; putThere?: ReadonlySet<number> }>();
 /** Processes named at most (the oldest forgotten first): an instance
  * ended without a suspend is never dumped. */
 const MAX_RECORDED_PROCESSES = 256;
-export function recordTouchedAtDump(pid: number, startTime: number): void {
+/** `putThere`: the pages its prepare mapped or copied in (by page
+ * number, address / 4096), present at its dump whether its run touched
+ * them or not; recorded only in what the caps leave once the others are
+ * (recordTouchedPages). */
+export function recordTouchedAtDump(pid: number, startTime: number, putThere?: ReadonlySet<number>): void {
   recordAtDump.delete(pid);
-  recordAtDump.set(pid, startTime);
+  recordAtDump.set(pid, putThere ? { startTime, putThere } : { startTime });
   for (const oldest of recordAtDump.keys()) {
     if (recordAtDump.size <= MAX_RECORDED_PROCESSES) break;
     recordAtDump.delete(oldest);
@@ -920,19 +924,27 @@ export function recordTouchedAtDump(pid: number, startTime: number): void {
 }
 
 function recordTouchedPages(pid: number, vpid: number, maps: readonly MapsLine[], pagemapFd: number): void {
-  const startTime = recordAtDump.get(pid);
-  if (startTime === undefined) return;
+  const asked = recordAtDump.get(pid);
+  if (asked === undefined) return;
   recordAtDump.delete(pid);
-  if (readStat(pid)?.startTime !== startTime || !maps.some((l) => PAGE_FILE.test(l.path))) return;
+  if (readStat(pid)?.startTime !== asked.startTime || !maps.some((l) => PAGE_FILE.test(l.path))) return;
   const key = touchedLayoutKey(vpid, maps);
   if (!key) return;
-  const runs: [bigint, number][] = [];
-  const written: [bigint, number][] = [];
-  let count = 0;
-  let writtenCount = 0;
+  // The pages present, and of them those written, each split into those
+  // its run brought in and those its prepare put there (asked.putThere:
+  // present at this dump whether the run touched them or not, and a page
+  // copied in no longer the file's, as if written). The first go first
+  // into the caps: else the records, once full, would only ever repeat
+  // the pages the last prepare put there, in address order, and never
+  // learn what a run touches further on.
+  // (By page number: a user address fits a double; no bigint per page.)
+  const fresh: number[] = [];
+  const carried: number[] = [];
+  const freshWritten: number[] = [];
+  const carriedWritten: number[] = [];
   let scanned = 0;
   for (const l of maps) {
-    if (!touchedCandidate(l) || count >= MAX_TOUCHED_PAGES || scanned >= MAX_TOUCHED_SCAN) continue;
+    if (!touchedCandidate(l) || scanned >= MAX_TOUCHED_SCAN) continue;
     // From its first page present (one PAGEMAP_SCAN, where the kernel has
     // it): a mapping with none costs nothing of the scan's cap, and one
     // larger than what is left of it (a big heap) is scanned from there,
@@ -951,32 +963,30 @@ function recordTouchedPages(pid: number, vpid: number, maps: readonly MapsLine[]
     }
     const pages = entries.length / 8;
     scanned += pages;
-    // Bit 63 of each entry (the top bit of its last byte): present.
-    const present = (k: number) => k * 8 + 8 <= got && (entries[k * 8 + 7] & 0x80) !== 0;
     // Of a writable mapping of the page file, the pages present and not
     // the file's (bit 61 clear): copied on a write since the restore.
-    if (PAGE_FILE.test(l.path) && l.perms[1] === 'w')
-      for (let k = 0; k < pages && writtenCount < MAX_WRITTEN_PAGES; k++)
-        if (present(k) && (entries[k * 8 + 7] & 0x20) === 0) {
-          const at = from + BigInt(k) * PAGE;
-          const last = written.at(-1);
-          if (last && last[0] + BigInt(last[1]) * PAGE === at) last[1]++;
-          else written.push([at, 1]);
-          writtenCount++;
-        }
-    for (let k = 0; k < pages && count < MAX_TOUCHED_PAGES; ) {
-      if (!present(k)) {
-        k++;
-        continue;
-      }
-      let end = k + 1;
-      while (end < pages && present(end)) end++;
-      const n = Math.min(end - k, MAX_TOUCHED_PAGES - count);
-      runs.push([from + BigInt(k) * PAGE, n]);
-      count += n;
-      k = end;
+    const writable = PAGE_FILE.test(l.path) && l.perms[1] === 'w';
+    for (let k = 0; k * 8 + 8 <= got; k++) {
+      // Bit 63 of each entry (the top bit of its last byte): present.
+      const last = entries[k * 8 + 7];
+      if ((last & 0x80) === 0) continue;
+      const at = Number(from / PAGE) + k;
+      const put = asked.putThere?.has(at) ?? false;
+      (put ? carried : fresh).push(at);
+      if (writable && (last & 0x20) === 0) (put ? carriedWritten : freshWritten).push(at);
     }
   }
+  const asRuns = (chosen: number[]) => {
+    const runs: [number, number][] = [];
+    for (const at of chosen.sort((a, b) => a - b)) {
+      const last = runs.at(-1);
+      if (last && last[0] + last[1] === at) last[1]++;
+      else runs.push([at, 1]);
+    }
+    return runs.map(([at, n]): [bigint, number] => [BigInt(at) * PAGE, n]);
+  };
+  const written = asRuns([...freshWritten, ...carriedWritten].slice(0, MAX_WRITTEN_PAGES));
+  const runs = asRuns([...fresh, ...carried].slice(0, MAX_TOUCHED_PAGES));
   touchedPages.delete(key);
   touchedPages.set(key, { touched: runs, written });
   for (const oldest of touchedPages.keys()) {

@@ -453,8 +453,17 @@ export async function populateHeldMappings(made: readonly { pid: number; vpid: n
     done.failed++;
     done.error ??= (e as Error).message;
   };
-  const finished = () => ({ ...done, ms: Math.round((performance.now() - t0) * 100) / 100 });
   const held = recordAtSuspend(made);
+  // What it put in each process's page tables (page numbers), the
+  // prefault's pages with them: its suspend records those last.
+  const putThere = new Map<number, Set<number>>();
+  const finished = () => {
+    for (const [pid, pages] of putThere) {
+      const startTime = held.get(pid);
+      if (startTime !== undefined) recordTouchedAtDump(pid, startTime, pages);
+    }
+    return { ...done, ms: Math.round((performance.now() - t0) * 100) / 100 };
+  };
   for (const { pid } of made) if (!held.has(pid)) failed(new Error(`process ${pid} is gone`));
   // The rest (every process's maps read, a stat of each file mapped) not
   // in the hold's own turn: a connection that came during the prepare is
@@ -494,6 +503,8 @@ export async function populateHeldMappings(made: readonly { pid: number; vpid: n
     // again what the restore copied in already (prefaultPages: much of
     // what the run wrote, chosen the same way), nor a written page twice.
     const copied = prefaulted?.get(vpid);
+    const put = new Set<number>(Array.from(copied ?? [], (a) => Number(a / BigInt(PAGE))));
+    putThere.set(pid, put);
     const written = pagesExcept(recorded.written, (a) => copied?.has(a) ?? false);
     const writtenAt = new Set(written.flatMap(([a, n]) => Array.from({ length: n }, (_, k) => a + BigInt(k * PAGE))));
     const touched = pagesExcept(recorded.touched, (a) => writtenAt.has(a) || (copied?.has(a) ?? false));
@@ -533,6 +544,8 @@ export async function populateHeldMappings(made: readonly { pid: number; vpid: n
         if (r.write) addon().writeMemory(r.pid, r.addr + BigInt(k * PAGE), bytes);
         done.pages += n;
         if (r.write) done.written += n;
+        const first = Number(r.addr / BigInt(PAGE)) + k;
+        for (let j = 0; j < n; j++) putThere.get(r.pid)?.add(first + j);
       } catch (e) {
         // Gone: none of its pages again. Otherwise (beyond the file's
         // end, a mapping gone) those fault in as before.
