@@ -69,6 +69,11 @@ const cli = join(root, 'bin', 'appshot.js');
 const HOT = Number(process.env.BENCH_HOT ?? 1000);
 const RUNS = Number(process.env.BENCH_RUNS ?? 20);
 const IDLE = process.env.BENCH_IDLE ?? '300ms';
+/** BENCH_SETTLE (ms, 50): how long each resume of (c) and (f) waits
+ * after the service was written idle: serve may still be preparing its
+ * next instance then (and mapping in its pages while it is held); a
+ * longer wait measures the resume of one prepared well before. */
+const SETTLE_MS = Number(process.env.BENCH_SETTLE ?? 50);
 const KEYS = 10_000;
 const home = mkdtempSync(join(tmpdir(), 'appshot-bench-serve-'));
 const env = { ...process.env, APPSHOT_HOME: home, ...(process.env.BENCH_MARKS === '1' ? { APPSHOT_SERVE_MARKS: '1' } : {}) };
@@ -177,7 +182,7 @@ async function whenIdle(service, port, runs, atFirst = () => {}) {
       if (Date.now() > deadline) throw new Error(`${service} did not become idle`);
       await sleep(20);
     }
-    await sleep(50);
+    await sleep(SETTLE_MS);
     if (i === 0) atFirst();
     const held = FAULTS ? heldFaults(service) : undefined;
     out.push(await firstByte(port));

@@ -130,7 +130,7 @@ const stateOf = (pid: number) => {
   return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
 };
 
-const events = () => serve!.logged<{ event: string; service?: string; prepared?: boolean; why?: string; prefaulted?: number; code?: number }>();
+const events = () => serve!.logged<{ event: string; service?: string; image?: string; prepared?: boolean; why?: string; prefaulted?: number; code?: number; populated?: { pages: number; written: number; failed: number; error?: string } }>();
 
 const PAGE = 4096;
 /** What a prepared resume copies in ahead at most by default (prepared.ts). */
@@ -236,7 +236,9 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     expect(sb.run(['service', 'add', 'db', '--from', image, '--port', `127.0.0.1:${PUBLIC}:${APP}`, '--idle', '1s']).code).toBe(0);
 
     // (With the code of its previous run mapped in ahead: APPSHOT_PREPARED_CODE.)
-    serve = sb.start(['serve'], { APPSHOT_PREPARED_CODE: '1' });
+    // (And the pages its previous run touched of its page file, code and
+    // data: APPSHOT_PREPARED_POPULATE, off by default.)
+    serve = sb.start(['serve'], { APPSHOT_PREPARED_CODE: '1', APPSHOT_PREPARED_POPULATE: '1' });
     await serve.line(/^ready$/, READY_MS);
     // Prepared at start: its processes exist, every one held in a tracing
     // stop, so nothing of redis runs.
@@ -274,7 +276,20 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await waitFor(() => prepared(), 15_000, 'the next instance to be prepared again');
     const held2 = appPids('db');
     expect(held2.some((p) => held.includes(p))).toBe(false);
-    expect(redis(PUBLIC, ['GET before', 'DBSIZE'])).toEqual(['kept!', String(KEYS + 1)]);
+    // Its previous run's touched pages mapped in (it read every key),
+    // some of them copied in (it wrote), before it was let go: logged
+    // once done, whatever failed said.
+    const second = show().lastImage;
+    const preparedFrom2 = () => events().find((e) => e.event === 'prepared' && e.image === second);
+    await waitFor(() => preparedFrom2(), 15_000, 'the second prepare to be logged');
+    const populated = preparedFrom2()!.populated!;
+    expect(populated, JSON.stringify(populated)).toMatchObject({ failed: 0 });
+    expect(populated.pages).toBeGreaterThan(0);
+    expect(populated.written).toBeGreaterThan(0);
+    // Resumed, the very pages written back hold what they held: every key.
+    const got2 = redis(PUBLIC, ['GET before', 'DBSIZE', ...Array.from({ length: KEYS }, (_, i) => `GET key:${i}`)]);
+    expect(got2.slice(0, 2)).toEqual(['kept!', String(KEYS + 1)]);
+    expect(got2.slice(2).every((v, i) => v === value(i))).toBe(true);
     expect(appPids('db')).toEqual(held2);
     await waitFor(() => events().filter((e) => e.event === 'restore').length === 2, 5000, 'the second restore to be logged');
     expect(events().filter((e) => e.event === 'restore').at(-1)).toMatchObject({ prepared: true });
@@ -311,7 +326,19 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
         expect(offsets).toBeDefined();
         const untouched = cold.filter((a) => a + 4096n <= offsets.start || a >= offsets.end);
         expect(untouched.length).toBeGreaterThan(cold.length - 3);
-        expect(pagemapOf(held3[0], untouched).filter((e) => e & PM_PRESENT && !(e & PM_FILE))).toEqual([]);
+        // Copied in besides: at most the pages the run before wrote
+        // (present and copied at its suspend, with the same bytes or not:
+        // restore/prepared.ts populateHeldMappings, at most 256), not the
+        // rest of its memory.
+        const copied = pagemapOf(held3[0], untouched).filter((e) => e & PM_PRESENT && !(e & PM_FILE)).length;
+        expect(copied).toBeLessThanOrEqual(256);
+        expect(copied).toBeLessThan(untouched.length / 2);
+        // What the runs before touched of it (the first read every key)
+        // is mapped in while it is held, as the file's pages, read-only
+        // (restore/prepared.ts populateHeldMappings): no fault for those
+        // once let go.
+        await waitFor(() => pagemapOf(held3[0], untouched).filter((e) => e & PM_PRESENT && e & PM_FILE).length > untouched.length / 2, 10_000, 'the touched pages of the page file to be mapped in');
+        expect(stateOf(held3[0])).toBe('t');
         // (its log says how many)
         expect(events().filter((e) => e.event === 'prepared').at(-1)!.prefaulted).toBe(hot.length);
         // The code its previous run executed is in its page tables before
@@ -403,6 +430,30 @@ describe('appshot serve: a suspended service\'s next instance prepared, held sto
     await waitFor(() => prepared(), 15_000, 'the next instance to be prepared');
     const suspendImage = show().lastImage;
     expect(suspendImage.startsWith(join(sb.home, 'services', 'db') + '/')).toBe(true);
+    // Without APPSHOT_PREPARED_POPULATE (the default), the held instance
+    // has nothing copied in but the pages its previous run wrote
+    // (prepared.ts prefaultPages): the rest of its memory is the page
+    // file's, untouched.
+    const preparedFrom = () => events().find((e) => e.event === 'prepared' && e.image === suspendImage);
+    await waitFor(() => preparedFrom(), 15_000, 'the prepare from the suspend image to be logged');
+    expect(preparedFrom()!.populated).toBeUndefined();
+    {
+      const [app] = appPids('db');
+      const chain = await chainOf(suspendImage);
+      try {
+        expect(chain.length).toBeGreaterThan(1);
+        const stored = storedLazily(chain, chain[0].image.processes[0].vpid);
+        const hot = stored.filter((p) => p.written).slice(0, PREFAULT_CAP).map((p) => p.addr);
+        const offsets = cpuTimesRange(app, readMaps(app))!;
+        expect(offsets).toBeDefined();
+        const untouched = stored.map((p) => p.addr).filter((a) => !hot.includes(a) && (a + 4096n <= offsets.start || a >= offsets.end));
+        expect(untouched.length).toBeGreaterThan(hot.length);
+        expect(pagemapOf(app, untouched).filter((e) => e & PM_PRESENT && !(e & PM_FILE))).toEqual([]);
+        expect(stateOf(app)).toBe('t');
+      } finally {
+        for (const l of chain) l.dispose();
+      }
+    }
     const held = pids('db');
     serve.child.kill('SIGKILL');
     await serve.exited;

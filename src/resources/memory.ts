@@ -7,7 +7,7 @@
  * SysV segments are global state (sysv.ts); the VMA only names the segment.
  */
 import { type BigIntStats, closeSync, openSync, readFileSync, readSync, statSync } from 'node:fs';
-import { deviceName, mapFilesPath, mapsDeviceName, procSmaps } from '../procfs.js';
+import { deviceName, mapFilesPath, mapsDeviceName, procSmaps, readStat } from '../procfs.js';
 import { addon, PAGES_MODE, type PagesCheck, type ScannedPages } from '../native.js';
 import { pagesCheckFailure } from '../image/format.js';
 import { type Image, type Mempolicy, type Rlimit, type Vma, VmaKind } from '../image/types.js';
@@ -710,6 +710,9 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
   const scanned: Scanned[] = [];
   try {
     pagemapFd = openSync(`/proc/${pid}/pagemap`, 'r');
+    // Before any page is read: reading the page file's mappings (stored
+    // whole) faults every page of them in.
+    recordTouchedPages(pid, vpid, maps, pagemapFd);
     for (const l of maps) {
       const shared = l.perms[3] === 's';
       const vma: Vma = {
@@ -844,6 +847,161 @@ export function dumpMemory(ctx: DumpContext, pid: number, vpid: number, what: st
     if (forkParent) closeSync(forkParent.pagemapFd);
   }
   return vmas;
+}
+
+/**
+ * The file pages a lazily restored process had in its page tables when it
+ * was last dumped, by its layout (touchedLayoutKey): what its run since
+ * its restore touched of its page file's mappings (the application's
+ * memory, mapped from the image) and of its code and read-only data. The
+ * next prepared restore of the same process maps those in before its
+ * release (restore/prepared.ts populateHeldMappings), each a fault after
+ * the release otherwise. A hint kept in this process only (serve takes
+ * the suspend's snapshot and makes the next prepare), recorded only for
+ * the processes serve asked it for (recordTouchedAtDump): never in an
+ * image, never trusted for anything but which pages to read ahead.
+ *
+ * Only for a process that maps a page file (restored lazily: serve's
+ * instances): a process run from its start has touched all its memory,
+ * and its code pages say nothing of what a resume needs. Pages mapped in
+ * by the prepare are present at the next dump too, so the set is the
+ * union of what the runs touched, bounded by MAX_TOUCHED_PAGES.
+ */
+const touchedPages = new Map<string, { touched: [bigint, number][]; written: [bigint, number][] }>();
+/** Pages recorded as written at most for one process (recordTouchedPages):
+ * 1 MiB, copied in by the next prepare (anonymous memory it holds). */
+const MAX_WRITTEN_PAGES = 256;
+/** Layouts remembered at most (the oldest forgotten first). */
+const MAX_TOUCHED_LAYOUTS = 64;
+/** Pages recorded at most for one process: 32 MiB. */
+const MAX_TOUCHED_PAGES = 8192;
+/** Pages of pagemap scanned at most for one process (each mapping from
+ * its first page present; the rest of its mappings left out past it):
+ * 256 MiB of mappings, 512 KiB read. */
+const MAX_TOUCHED_SCAN = 65536;
+
+/** Which recorded touched pages are a process's: its virtual PID and where
+ * its first executable file mapping is, and of which file (device and
+ * inode: two non-PIE binaries at 0x400000 on two filesystems are two):
+ * the same after a restore, which puts every mapping back at its address;
+ * different for another application, its binary placed elsewhere by ASLR. */
+export function touchedLayoutKey(vpid: number, maps: readonly MapsLine[]): string | undefined {
+  const exe = maps.find((l) => l.perms === 'r-xp' && l.ino !== 0n);
+  return exe ? `${vpid} ${exe.start.toString(16)} ${exe.major}:${exe.minor} ${exe.ino}` : undefined;
+}
+
+/** A mapping whose touched pages are recorded and read ahead: private,
+ * readable, of a file; its page file's, or not writable (code, read-only
+ * data), whose pages are the file's until written. */
+export function touchedCandidate(l: MapsLine): boolean {
+  return l.perms[0] === 'r' && l.perms[3] === 'p' && l.ino !== 0n && l.path.startsWith('/') && (PAGE_FILE.test(l.path) || l.perms[1] !== 'w');
+}
+
+/** The processes whose next dump records their touched pages
+ * (recordTouchedPages), by system PID, with their start time (a PID
+ * reused by another process is not one of them): only the prepared
+ * instances of `appshot serve` with APPSHOT_PREPARED_POPULATE=1, named by
+ * serve's hold (restore/prepared.ts populateHeldMappings), whose next
+ * suspend is serve's. No other snapshot the process (or the engine
+ * hosting serve) takes, of a clone or of an application restored lazily
+ * by the command line, spends time of its frozen window on a record that
+ * nothing would read. */
+const recordAtDump = new Map<number, { startTime: number; putThere?: ReadonlySet<number> }>();
+/** Processes named at most (the oldest forgotten first): an instance
+ * ended without a suspend is never dumped. */
+const MAX_RECORDED_PROCESSES = 256;
+/** `putThere`: the pages its prepare mapped or copied in (by page
+ * number, address / 4096), present at its dump whether its run touched
+ * them or not; recorded only in what the caps leave once the others are
+ * (recordTouchedPages). */
+export function recordTouchedAtDump(pid: number, startTime: number, putThere?: ReadonlySet<number>): void {
+  recordAtDump.delete(pid);
+  recordAtDump.set(pid, putThere ? { startTime, putThere } : { startTime });
+  for (const oldest of recordAtDump.keys()) {
+    if (recordAtDump.size <= MAX_RECORDED_PROCESSES) break;
+    recordAtDump.delete(oldest);
+  }
+}
+
+function recordTouchedPages(pid: number, vpid: number, maps: readonly MapsLine[], pagemapFd: number): void {
+  const asked = recordAtDump.get(pid);
+  if (asked === undefined) return;
+  recordAtDump.delete(pid);
+  if (readStat(pid)?.startTime !== asked.startTime || !maps.some((l) => PAGE_FILE.test(l.path))) return;
+  const key = touchedLayoutKey(vpid, maps);
+  if (!key) return;
+  // The pages present, and of them those written, each split into those
+  // its run brought in and those its prepare put there (asked.putThere:
+  // present at this dump whether the run touched them or not, and a page
+  // copied in no longer the file's, as if written). The first go first
+  // into the caps: else the records, once full, would only ever repeat
+  // the pages the last prepare put there, in address order, and never
+  // learn what a run touches further on.
+  // (By page number: a user address fits a double; no bigint per page.)
+  const fresh: number[] = [];
+  const carried: number[] = [];
+  const freshWritten: number[] = [];
+  const carriedWritten: number[] = [];
+  let scanned = 0;
+  for (const l of maps) {
+    if (!touchedCandidate(l) || scanned >= MAX_TOUCHED_SCAN) continue;
+    // From its first page present (one PAGEMAP_SCAN, where the kernel has
+    // it): a mapping with none costs nothing of the scan's cap, and one
+    // larger than what is left of it (a big heap) is scanned from there,
+    // as far as the cap goes, not left out whole.
+    let from = l.start;
+    let got: number;
+    let entries: Buffer;
+    try {
+      const first = addon().scanFirst(pagemapFd, l.start, l.end);
+      if (first === false) continue;
+      if (first !== null) from = first;
+      entries = Buffer.alloc(Math.min(Number((l.end - from) / PAGE), MAX_TOUCHED_SCAN - scanned) * 8);
+      got = readSync(pagemapFd, entries, 0, entries.length, Number((from / PAGE) * 8n));
+    } catch {
+      continue; // a hint only
+    }
+    const pages = entries.length / 8;
+    scanned += pages;
+    // Of a writable mapping of the page file, the pages present and not
+    // the file's (bit 61 clear): copied on a write since the restore.
+    const writable = PAGE_FILE.test(l.path) && l.perms[1] === 'w';
+    for (let k = 0; k * 8 + 8 <= got; k++) {
+      // Bit 63 of each entry (the top bit of its last byte): present.
+      const last = entries[k * 8 + 7];
+      if ((last & 0x80) === 0) continue;
+      const at = Number(from / PAGE) + k;
+      const put = asked.putThere?.has(at) ?? false;
+      (put ? carried : fresh).push(at);
+      if (writable && (last & 0x20) === 0) (put ? carriedWritten : freshWritten).push(at);
+    }
+  }
+  const asRuns = (chosen: number[]) => {
+    const runs: [number, number][] = [];
+    for (const at of chosen.sort((a, b) => a - b)) {
+      const last = runs.at(-1);
+      if (last && last[0] + last[1] === at) last[1]++;
+      else runs.push([at, 1]);
+    }
+    return runs.map(([at, n]): [bigint, number] => [BigInt(at) * PAGE, n]);
+  };
+  const written = asRuns([...freshWritten, ...carriedWritten].slice(0, MAX_WRITTEN_PAGES));
+  const runs = asRuns([...fresh, ...carried].slice(0, MAX_TOUCHED_PAGES));
+  touchedPages.delete(key);
+  touchedPages.set(key, { touched: runs, written });
+  for (const oldest of touchedPages.keys()) {
+    if (touchedPages.size <= MAX_TOUCHED_LAYOUTS) break;
+    touchedPages.delete(oldest);
+  }
+}
+
+/** The pages recordTouchedPages recorded for the process of this layout
+ * at its last dump, as [address, pages] runs: those present, and those of
+ * its page file's writable mappings written since its restore; undefined
+ * if none. */
+export function recordedTouchedPages(vpid: number, maps: readonly MapsLine[]): { touched: readonly [bigint, number][]; written: readonly [bigint, number][] } | undefined {
+  const key = touchedLayoutKey(vpid, maps);
+  return key ? touchedPages.get(key) : undefined;
 }
 
 /** The image numbers a mapping's pages on 32 bits (PageRef runs): 16 TiB. */

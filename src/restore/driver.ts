@@ -111,8 +111,10 @@ export interface RestoreOptions {
    * resume: restored ahead of the connection that wants it). true: the
    * restore goes on; false: it is given up as an interrupted one is, what
    * it made removed. Meanwhile nothing of the application runs; should
-   * this process die, init sees its lifeline end and removes it all. */
-  hold?: () => Promise<boolean>;
+   * this process die, init sees its lifeline end and removes it all.
+   * Told the processes made, by system PID and virtual PID (what the
+   * image and a snapshot's records name each by). */
+  hold?: (made: { pid: number; vpid: number }[]) => Promise<boolean>;
   /** With lazy: stored pages copied in all the same, by mapping (page
    * indexes, ascending; MemorySources.prefault): serve's prepared resume
    * copies in those the application is likely to write first. */
@@ -1244,7 +1246,7 @@ export async function restore(reg: LocalRegistry, imagePath: string, opts: Resto
       // nothing of it live, nothing committed; what is left is ~0.5 ms.
       phase('held');
       const heldAt = now();
-      const go = await opts.hold();
+      const go = await opts.hold(made.map((m) => ({ pid: m.pid, vpid: m.proc.vpid })));
       heldMs = now() - heldAt;
       if (!go) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
     }

@@ -15,11 +15,12 @@
  * is resolved at its restore as ever. The images are not changed by a
  * restore, so what was worked out stays true.
  */
-import { closeSync, openSync, readSync, statfsSync } from 'node:fs';
+import { closeSync, openSync, readSync, statSync, statfsSync } from 'node:fs';
 import { addon } from '../native.js';
 import type { LoadedImage } from '../image/format.js';
 import type { Vma } from '../image/types.js';
-import { type CopyRun, inheritedCopyRuns, lazyMappable, mapsDeleted, readMaps } from '../resources/memory.js';
+import { type CopyRun, inheritedCopyRuns, lazyMappable, mapsDeleted, readMaps, recordedTouchedPages, recordTouchedAtDump, touchedCandidate } from '../resources/memory.js';
+import { readStat } from '../procfs.js';
 import { resolveProcess } from '../snapshot/parent.js';
 
 const prepared = new WeakMap<LoadedImage, { chain: LoadedImage[]; runs: Map<Vma, CopyRun[]> }>();
@@ -282,6 +283,9 @@ export function hotCode(pids: number[]): HotCode {
  * server, which could be the held application itself (stopped). */
 const FUSE_SUPER_MAGIC = 0x65735546;
 
+/** An image's page file, as a lazy restore maps it. */
+const PAGE_FILE = /\/pages\.img$/;
+
 /** Pages populateCode faults in between two turns of the event loop, so
  * that a connection coming meanwhile does not wait out hundreds of them
  * (redis's ~650: 2 ms in the median on this loaded VM, 78 ms at worst). */
@@ -351,4 +355,193 @@ export async function populateCode(pids: number[], hot: HotCode, keepOn: () => b
     slice += r.pages;
   }
   return mapped;
+}
+
+/** Pages populateHeldMappings reads at once, between two turns of the
+ * event loop (serve forwards every other service's connections meanwhile). */
+const POPULATE_READ_SLICE = 16;
+
+/** What populateHeldMappings did: pages mapped in (read), of which
+ * `written` copied in; slices that failed (a page beyond its file's end,
+ * a process gone) and the first error; how long it took. */
+export interface PopulatedMappings {
+  pages: number;
+  written: number;
+  failed: number;
+  error?: string;
+  ms: number;
+}
+
+/** `runs` ([address, pages]) without the pages `skip` says. */
+function pagesExcept(runs: readonly (readonly [bigint, number])[], skip: (addr: bigint) => boolean): [bigint, number][] {
+  const out: [bigint, number][] = [];
+  for (const [addr, pages] of runs)
+    for (let k = 0; k < pages; k++) {
+      const at = addr + BigInt(k * PAGE);
+      if (skip(at)) continue;
+      const last = out.at(-1);
+      if (last && last[0] + BigInt(last[1] * PAGE) === at) last[1]++;
+      else out.push([at, 1]);
+    }
+  return out;
+}
+
+/** Has the next dump of each held process of `made` (serve's suspend of
+ * its prepared instance) record the pages its run touched
+ * (memory.ts recordTouchedAtDump), for the prepare after to map in: also
+ * for an instance a resume lets go before its populate (a connection that
+ * came while it was prepared). Its processes' start times, by PID (none
+ * for a process gone). */
+export function recordAtSuspend(made: readonly { pid: number }[]): Map<number, number> {
+  const held = new Map<number, number>();
+  for (const { pid } of made) {
+    const startTime = readStat(pid)?.startTime;
+    if (startTime === undefined) continue;
+    held.set(pid, startTime);
+    recordTouchedAtDump(pid, startTime);
+  }
+  return held;
+}
+
+/**
+ * Maps into the page tables of the held processes `made` (serve's
+ * prepared instance, as its restore's hold names them) the file pages
+ * their previous run touched (memory.ts recordedTouchedPages, recorded at
+ * their last suspend): of the image's page file, which a lazy restore maps the application's memory
+ * from, and of their code and read-only data. Read from outside
+ * (process_vm_readv faults each page in for the target, read-only, from
+ * the page cache): a private page stays the file's until the application
+ * writes it; but those of the page file its previous run wrote, copied in
+ * (the same bytes written back). And has their next dump (serve's suspend)
+ * record what they touch, for the prepare after.
+ *
+ * Why: a resumed prepared instance otherwise takes a fault at its first
+ * touch of each such page after its release, with its client waiting:
+ * redis answering its first PING after a resume took ~115 faults
+ * (2026-12-07, perf record -e page-faults: ~51 on its page file, ~40
+ * instruction fetches, ~8 on libraries' data), ~4-10 µs each on this VM.
+ * With it, 17 faults, and its CPU to its first byte ~0.9 -> 0.5 ms; but
+ * (c) was not shown faster (README, APPSHOT_PREPARED_POPULATE). A page it
+ * maps in is not free at its first touch either: the README measured
+ * 16-25 µs a page at the first touch after MADV_POPULATE_WRITE on this
+ * paravirtualized VM, 0.03 µs at the next.
+ *
+ * Only the touched pages: mapping whole files (every library's code, the
+ * whole page file) made the held redis 17.4 MiB of PSS instead of 4.4
+ * (libcrypto alone 4.6). Never on FUSE (a page may have to come from its
+ * server, which could be the held application itself, stopped), never a
+ * device's mapping or a file not where its name says. `keepOn` false
+ * stops it (the instance no longer held). A process found gone, or no
+ * longer the one it was (its PID reused) or no longer held, is left at
+ * once: its pages are never read or written again. A page that cannot be
+ * read is left to fault as before.
+ */
+export async function populateHeldMappings(made: readonly { pid: number; vpid: number }[], keepOn: () => boolean = () => true, prefaulted?: HotPages): Promise<PopulatedMappings> {
+  const t0 = performance.now();
+  const done: PopulatedMappings = { pages: 0, written: 0, failed: 0, ms: 0 };
+  const failed = (e: unknown) => {
+    done.failed++;
+    done.error ??= (e as Error).message;
+  };
+  const held = recordAtSuspend(made);
+  // What it put in each process's page tables (page numbers), the
+  // prefault's pages with them: its suspend records those last.
+  const putThere = new Map<number, Set<number>>();
+  const finished = () => {
+    for (const [pid, pages] of putThere) {
+      const startTime = held.get(pid);
+      if (startTime !== undefined) recordTouchedAtDump(pid, startTime, pages);
+    }
+    return { ...done, ms: Math.round((performance.now() - t0) * 100) / 100 };
+  };
+  for (const { pid } of made) if (!held.has(pid)) failed(new Error(`process ${pid} is gone`));
+  // The rest (every process's maps read, a stat of each file mapped) not
+  // in the hold's own turn: a connection that came during the prepare is
+  // let in first.
+  await new Promise((resolve) => setImmediate(resolve));
+  if (!keepOn()) return finished();
+  const runs: { pid: number; addr: bigint; pages: number; write: boolean }[] = [];
+  const regular = new Map<string, boolean>();
+  for (const { pid, vpid } of made) {
+    if (!held.has(pid)) continue;
+    let maps: ReturnType<typeof readMaps>;
+    try {
+      maps = readMaps(pid);
+    } catch (e) {
+      failed(e);
+      continue;
+    }
+    const recorded = recordedTouchedPages(vpid, maps);
+    if (!recorded) continue;
+    // Each recorded run, within a mapping of a regular file it has now.
+    const usable = maps.filter((m) => {
+      if (!touchedCandidate(m) || m.path.endsWith(' (deleted)')) return false;
+      const key = `${m.major}:${m.minor} ${m.ino}`;
+      let ok = regular.get(key);
+      if (ok === undefined) {
+        try {
+          const st = statSync(m.path, { bigint: true });
+          ok = st.isFile() && st.ino === m.ino && statfsSync(m.path).type !== FUSE_SUPER_MAGIC;
+        } catch {
+          ok = false; // not looked at: left alone
+        }
+        regular.set(key, ok);
+      }
+      return ok;
+    });
+    // Written first: a write is the dearer fault (a page copied). Not
+    // again what the restore copied in already (prefaultPages: much of
+    // what the run wrote, chosen the same way), nor a written page twice.
+    const copied = prefaulted?.get(vpid);
+    const put = new Set<number>(Array.from(copied ?? [], (a) => Number(a / BigInt(PAGE))));
+    putThere.set(pid, put);
+    const written = pagesExcept(recorded.written, (a) => copied?.has(a) ?? false);
+    const writtenAt = new Set(written.flatMap(([a, n]) => Array.from({ length: n }, (_, k) => a + BigInt(k * PAGE))));
+    const touched = pagesExcept(recorded.touched, (a) => writtenAt.has(a) || (copied?.has(a) ?? false));
+    for (const [list, write] of [[written, true], [touched, false]] as const)
+      for (const [addr, pages] of list) {
+        const end = addr + BigInt(pages * PAGE);
+        for (const m of usable) {
+          if (write && !(m.perms[1] === 'w' && PAGE_FILE.test(m.path))) continue;
+          const lo = addr > m.start ? addr : m.start;
+          const hi = end < m.end ? end : m.end;
+          if (lo < hi) runs.push({ pid, addr: lo, pages: Number((hi - lo) / BigInt(PAGE)), write });
+        }
+      }
+  }
+  let slice = POPULATE_READ_SLICE;
+  slices: for (const r of runs)
+    for (let k = 0; k < r.pages && held.has(r.pid); k += POPULATE_READ_SLICE) {
+      if (slice >= POPULATE_READ_SLICE) {
+        await new Promise((resolve) => setImmediate(resolve));
+        slice = 0;
+      }
+      if (!keepOn()) break slices;
+      // Still the process it was, still held (in its tracing stop): killed
+      // meanwhile, its PID could name another process, running.
+      const st = readStat(r.pid);
+      if (st?.startTime !== held.get(r.pid) || st?.state !== 't') {
+        held.delete(r.pid);
+        failed(new Error(`process ${r.pid} is no longer held`));
+        break;
+      }
+      const n = Math.min(POPULATE_READ_SLICE, r.pages - k);
+      slice += n;
+      try {
+        const bytes = addon().readMemory(r.pid, r.addr + BigInt(k * PAGE), n * PAGE);
+        // The same bytes written back: copied now (the process is held,
+        // every thread stopped, so nothing changes between the two).
+        if (r.write) addon().writeMemory(r.pid, r.addr + BigInt(k * PAGE), bytes);
+        done.pages += n;
+        if (r.write) done.written += n;
+        const first = Number(r.addr / BigInt(PAGE)) + k;
+        for (let j = 0; j < n; j++) putThere.get(r.pid)?.add(first + j);
+      } catch (e) {
+        // Gone: none of its pages again. Otherwise (beyond the file's
+        // end, a mapping gone) those fault in as before.
+        if ((e as NodeJS.ErrnoException).code === 'ESRCH') held.delete(r.pid);
+        failed(e);
+      }
+    }
+  return finished();
 }

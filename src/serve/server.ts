@@ -27,7 +27,7 @@ import * as api from '../api.js';
 import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
 import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
 import { type ServeSettings, serveSettings } from './settings.js';
-import { type HotCode, type HotPages, hotCode, populateCode, prefaultCap, prefaultPages, prepareChain } from '../restore/prepared.js';
+import { type HotCode, type HotPages, hotCode, populateCode, populateHeldMappings, type PopulatedMappings, prefaultCap, prefaultPages, prepareChain, recordAtSuspend } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
 import { addon, ENTRY_FLAGS } from '../native.js';
 import { killPoint } from '../killpoint.js';
@@ -1224,18 +1224,26 @@ class Service {
       // Committed after a release (the processes not let go yet): running
       // from here, and the held connections forwarded at once.
       committed: (record) => this.committedEarly(record),
-      hold: () => {
+      hold: (made) => {
         heldNow(true);
         this.host.worked();
         // The code its previous run executed mapped in (prepared.ts
         // populateCode), a slice at a time, while it stays held: each
         // page a fault after the release otherwise. Logged once done.
         // (Logged even if a resume let it go meanwhile: it was held.)
-        if (this.prepared !== p) return decision;
+        if (this.prepared !== p) {
+          // (but its suspend records what it touches, for the next one)
+          if (this.host.settings.preparedPopulate) recordAtSuspend(made);
+          return decision;
+        }
         const held = process.hrtime.bigint();
-        const logged = (code: number) => this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(held - t0) / 1e4) / 100, prefaulted: prefault?.count ?? 0, code, codeMs: Math.round(Number(process.hrtime.bigint() - held) / 1e4) / 100 });
-        if (!this.hotCode) logged(0);
-        else void this.populateHeld(this.hotCode, () => this.prepared === p).then(logged);
+        const logged = (code: number, populated?: PopulatedMappings) => this.log('prepared', { instance: this.name, image: p.image, ms: Math.round(Number(held - t0) / 1e4) / 100, prefaulted: prefault?.count ?? 0, code, codeMs: Math.round(Number(process.hrtime.bigint() - held) / 1e4) / 100, ...(populated ? { populated } : {}) });
+        // And the pages of its page file, code and data its previous run
+        // touched (prepared.ts populateHeldMappings), with
+        // APPSHOT_PREPARED_POPULATE=1; its suspend records them.
+        const populating = this.host.settings.preparedPopulate ? populateHeldMappings(made, () => this.prepared === p, prefault?.addresses).catch((e: Error): PopulatedMappings => ({ pages: 0, written: 0, failed: 1, error: e.message, ms: 0 })) : undefined;
+        const code = this.hotCode ? this.populateHeld(this.hotCode, () => this.prepared === p) : 0;
+        void Promise.all([code, populating]).then(([c, populated]) => logged(c, populated));
         return decision;
       },
     });
