@@ -878,13 +878,22 @@ static int batch_resume(batch_run* b) {
  * (a distribution may have the change backported): once per appshot
  * process, on a child of its own blocking all but SIGURG, sent a SIGURG to
  * the process and given it back so; then where it waits (/proc status).
- * 1 if in the process's queue; 0 if not, or if the trial failed (the old
- * way is then assumed: put_back_taken only for a thread's own signal).
+ * 1 if in the process's queue; 0 if not; -1 if the trial failed (the
+ * caller then assumes the old way: put_back_taken only for a thread's own
+ * signal).
  */
 static int probe_requeue_keeps_queue(void) {
   pid_t parent = getpid();
-  pid_t child = fork();
-  if (child < 0) return 0;
+  /* A raw clone, every signal blocked across it: not fork(), whose atfork
+   * handlers (libc's, libuv's, a preload library's wrapper when appshot
+   * runs inside an application) and the parent's signal handlers must not
+   * run in a child of a multi-threaded process (review r436 B2). */
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  pid_t child = (pid_t)syscall(SYS_clone, (long)SIGCHLD, 0L, 0L, 0L, 0L);
+  if (child != 0) pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (child < 0) return -1;
   if (child == 0) {
     /* Async-signal-safe calls only: the parent has other threads. */
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -895,7 +904,7 @@ static int probe_requeue_keeps_queue(void) {
     sigprocmask(SIG_SETMASK, &all_but_urg, NULL);
     for (;;) pause();
   }
-  int kept = 0;
+  int kept = -1;
   trace_report rep;
   if (ptrace(PTRACE_SEIZE, child, 0, (void*)(long)PTRACE_O_EXITKILL) == 0 && kill(child, SIGURG) == 0 &&
       trace_wait(child, 5000, &rep) == 0 && rep.kind == TRACE_SIGNAL && rep.sig == SIGURG &&
@@ -928,7 +937,15 @@ static int probe_requeue_keeps_queue(void) {
 static int requeue_keeps_queue(void) {
   static int known = -1; /* a race of two first calls only tries twice */
   int k = __atomic_load_n(&known, __ATOMIC_RELAXED);
-  if (k < 0) __atomic_store_n(&known, k = probe_requeue_keeps_queue(), __ATOMIC_RELAXED);
+  if (k < 0) {
+    /* Only a definite answer is kept: a trial that failed (no process
+     * left to fork, a timeout under load) assumes the old way this time
+     * and is tried again next time, not pinned for the engine's life
+     * (review r436 B1). */
+    k = probe_requeue_keeps_queue();
+    if (k < 0) return 0;
+    __atomic_store_n(&known, k, __ATOMIC_RELAXED);
+  }
   return k;
 }
 
