@@ -1680,7 +1680,19 @@ export class LocalRegistry implements Registry {
    * its ports bound both to one, and failed: fuzz33 L11). */
   claimPort(aid: string, port: number, { fresh = false } = {}): boolean {
     const file = join(this.portsDir, String(port));
-    const takeable = (text: string | undefined) => text === undefined || (!fresh && text.split(' ')[0] === aid) || this.portClaimIsStale(port, text);
+    // For a fresh port, a claim whose staleness cannot be told (the look
+    // at the processes failed: no descriptor left, a refusal root should
+    // not get) is another's, and the next port is tried: kept, never
+    // taken, and the look's failure is not every allocation's (review r435 N5).
+    const judged = (text: string) => {
+      if (!fresh) return this.portClaimIsStale(port, text);
+      try {
+        return this.portClaimIsStale(port, text);
+      } catch {
+        return false;
+      }
+    };
+    const takeable = (text: string | undefined) => text === undefined || (!fresh && text.split(' ')[0] === aid) || judged(text);
     return this.withOneProcessLook(() => {
       // Judged before the lock is taken: whether a claim is stale may take
       // a look at every process (isStale), which no other claimer should

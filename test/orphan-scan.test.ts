@@ -448,3 +448,25 @@ describe('a registration whose supervisor and processes are gone, and another us
     await killed(holder);
   });
 });
+
+describe('a fresh port whose claim cannot be judged', () => {
+  it('is skipped, not the allocation failed: the look at the processes may fail on another\'s doing (review r435 N5)', () => {
+    const home = mkdtempSync(join(tmpdir(), 'appshot-h437-ports-'));
+    try {
+      const holder = new LocalRegistry(home);
+      const claimer = new LocalRegistry(home);
+      const port = 31998;
+      expect(holder.claimPort('held', port)).toBe(true);
+      const judged = claimer as unknown as { portClaimIsStale: (...args: unknown[]) => boolean };
+      judged.portClaimIsStale = () => {
+        throw new Error('EMFILE reading the descriptors of /proc/1234');
+      };
+      expect(claimer.claimPort('other', port, { fresh: true })).toBe(false);
+      expect(holder.portOwner(port)).toBe('held');
+      // A port asked for by number says why it cannot be told.
+      expect(() => claimer.claimPort('other', port)).toThrow(/EMFILE/);
+    } finally {
+      rmSync(home, { recursive: true, force: true });
+    }
+  });
+});
