@@ -470,3 +470,24 @@ describe('a fresh port whose claim cannot be judged', () => {
     }
   });
 });
+
+describe('pidBelongs by a held table file', () => {
+  it('counts a descriptor opened read-write, not an O_PATH one of the same file (review r435 N1, holds_tables)', async () => {
+    expect(process.getuid?.(), 'run as root: the O_PATH holder is nobody').toBe(0);
+    const file = `/dev/shm/appshot-h437-belongs-${process.pid}`;
+    putAtTables.push(file);
+    closeSync(openSync(file, 'w', 0o600));
+    const hold = (flags: string) => `import os, sys, time; fd = os.open(sys.argv[1], ${flags}); print("ready", flush=True); time.sleep(1000)`;
+    const byPath = await holdingAsNobody(hold('os.O_PATH'), file);
+    expect(addon().pidBelongs(byPath.pid!, 0, file)).toBe(false);
+    await killed(byPath);
+    // Root's own, as the preload opens it.
+    const c = spawn('/usr/bin/python3', ['-c', hold('os.O_RDWR'), file], { stdio: ['ignore', 'pipe', 'inherit'], env: { PATH: process.env.PATH } });
+    started.push(c);
+    let out = '';
+    c.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    await waitFor(() => out.includes('ready') || c.exitCode !== null, 10_000, 'the holder to hold the file');
+    expect(addon().pidBelongs(c.pid!, 0, file)).toBe(true);
+    await killed(c);
+  });
+});
