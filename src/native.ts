@@ -20,8 +20,10 @@ export interface ProcessFacts {
   start: number;
   /** Real, effective, saved, filesystem. */
   uids: [number, number, number, number];
-  /** Each descriptor's target, and the file it is ("MNT:INO", as
-   * fileIdentity): the target's text alone does not say which file. */
+  /** Each descriptor opened for reading and writing (not O_PATH: review
+   * r435 N1), its target, and the file it is ("MNT:INO", as fileIdentity;
+   * "MNT:" on a kernel whose fdinfo has no inode, before 5.14): the
+   * target's text alone does not say which file. */
   held: { path: string; identity: string }[];
 }
 
@@ -798,8 +800,9 @@ interface Addon {
   /** processFacts of every process but this one and PID 1, in one pass;
    * throws as processFacts does. */
   processesFacts(prefix: string): ProcessFacts[];
-  /** The mount id and inode number ("MNT:INO") of the file at `path`, its
-   * last component not followed; null if there is none. */
+  /** The mount id and inode number ("MNT:INO", or "MNT:" as in
+   * ProcessFacts) of the file at `path`, its last component not followed;
+   * null if there is none. */
   fileIdentity(path: string): string | null;
   /** `name`'s value in the environment of process `pid` started at
    * `start`; null if not there, unreadable, or the PID is another's now.

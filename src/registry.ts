@@ -1692,7 +1692,19 @@ export class LocalRegistry implements Registry {
    * its ports bound both to one, and failed: fuzz33 L11). */
   claimPort(aid: string, port: number, { fresh = false } = {}): boolean {
     const file = join(this.portsDir, String(port));
-    const takeable = (text: string | undefined) => text === undefined || (!fresh && text.split(' ')[0] === aid) || this.portClaimIsStale(port, text);
+    // For a fresh port, a claim whose staleness cannot be told (the look
+    // at the processes failed: no descriptor left, a refusal root should
+    // not get) is another's, and the next port is tried: kept, never
+    // taken, and the look's failure is not every allocation's (review r435 N5).
+    const judged = (text: string) => {
+      if (!fresh) return this.portClaimIsStale(port, text);
+      try {
+        return this.portClaimIsStale(port, text);
+      } catch {
+        return false;
+      }
+    };
+    const takeable = (text: string | undefined) => text === undefined || (!fresh && text.split(' ')[0] === aid) || judged(text);
     return this.withOneProcessLook(() => {
       // Judged before the lock is taken: whether a claim is stale may take
       // a look at every process (isStale), which no other claimer should
@@ -2001,10 +2013,12 @@ const TABLE_MAGIC = 0x5441505041n;
  * supervisor is gone (isStale): one of the application's processes may
  * outlive it (a daemon its SIGKILL did not reach), and the registration
  * is not released under that process. A process counts when
- *  - it holds a descriptor of the table file: every process of the
- *    application keeps one (preload_fd.c), whatever uid it runs as, and a
- *    descriptor is a capability: the file is 0600, only a process given
- *    one by the application (or one of its owner's) can have it. The file
+ *  - it holds a descriptor of the table file opened for reading and
+ *    writing: every process of the application keeps one (preload_fd.c),
+ *    whatever uid it runs as, and such a descriptor is a capability: the
+ *    file is 0600, only a process given one by the application (or one of
+ *    its owner's) can have it. Not an O_PATH one, which anyone who may
+ *    search /dev/shm opens (procscan.c, review r435 N1). The file
  *    is known by its mount and inode (/proc/PID/fdinfo), not by the path
  *    its descriptor's link reads, which a file of another mount namespace
  *    can read too (isTheFile);
@@ -2036,7 +2050,8 @@ const TABLE_MAGIC = 0x5441505041n;
  */
 class TablesNamers {
   private procs?: ProcessFacts[];
-  private held?: Set<string>;
+  /** Who holds a descriptor whose target reads each path, and the file it is. */
+  private held?: Map<string, { pid: number; identity: string }[]>;
   private named?: Set<string>;
   /** Each table file's identity as first asked (fileIdentity). */
   private readonly identities = new Map<string, { mnt: string; ino: string; dev: string } | null>();
@@ -2052,13 +2067,21 @@ class TablesNamers {
     const canonical = canonicalTablesPath(tables);
     // One not where this registry makes them (not made by it): on its own.
     if (!canonical.startsWith(this.prefix)) return new TablesNamers(canonical).any(tables);
-    this.procs ??= addon().processesFacts(this.prefix).map((p) => ({ ...p, held: p.held.filter((h) => this.isTheFile(p.pid, h)) }));
-    this.held ??= new Set(this.procs.flatMap((p) => p.held.map((h) => h.path)));
-    if (this.held.has(canonical)) return true;
+    this.procs ??= addon().processesFacts(this.prefix);
+    if (!this.held) {
+      this.held = new Map();
+      for (const p of this.procs)
+        for (const h of p.held) {
+          const holders = this.held.get(h.path) ?? [];
+          holders.push({ pid: p.pid, identity: h.identity });
+          this.held.set(h.path, holders);
+        }
+    }
+    if ((this.held.get(canonical) ?? []).some((h) => this.isTheFile(canonical, h.pid, h.identity))) return true;
     if (!this.named) {
       this.named = new Set();
       for (const p of this.procs) {
-        if (p.held.length || !this.trusted(p)) continue;
+        if (p.held.some((h) => this.isTheFile(h.path, p.pid, h.identity)) || !this.trusted(p)) continue;
         const v = addon().environValue(p.pid, p.start, 'APPSHOT_TABLES');
         if (v) this.named.add(v);
       }
@@ -2071,27 +2094,41 @@ class TablesNamers {
     const canonical = canonicalTablesPath(tables);
     const p = pid > 1 && pid !== process.pid ? addon().processFacts(pid, canonical) : null;
     if (!p) return false;
-    if (p.held.some((h) => h.path === canonical && this.isTheFile(p.pid, h))) return true;
+    if (p.held.some((h) => h.path === canonical && this.isTheFile(canonical, p.pid, h.identity))) return true;
     if (!this.trusted(p)) return false;
     const v = addon().environValue(p.pid, p.start, 'APPSHOT_TABLES');
     return v === tables || v === canonical;
   }
 
-  /** Whether a descriptor (of process `pid`) whose target reads a table
-   * file's path is that file: its inode the file's, and its mount the
-   * file's, or one of the same file system in the process's mount
-   * namespace (a copy of it: a process of the application that opened the
-   * file by path after entering a mount namespace of its own). The text
-   * alone is anyone's: in a user and mount namespace of its own, a local
-   * user mounts a tmpfs on /dev/shm and opens a file of the same name, and
-   * root's readlink of that descriptor reads the table file's path
-   * (review r418 F1: it kept root's dead registrations running). */
-  private isTheFile(pid: number, h: { path: string; identity: string }): boolean {
-    let id = this.identities.get(h.path);
-    if (id === undefined) this.identities.set(h.path, (id = tableFileIdentity(h.path)));
+  /** Whether a descriptor (of process `pid`) whose target reads `path`,
+   * the path of a table file of this registry, is that file: its inode the
+   * file's, and its mount the file's, or one of the same file system in
+   * the process's mount namespace (a copy of it: a process of the
+   * application that opened the file by path after entering a mount
+   * namespace of its own). The text alone is anyone's: in a user and mount
+   * namespace of its own, a local user mounts a tmpfs on /dev/shm and
+   * opens a file of the same name, and root's readlink of that descriptor
+   * reads the table file's path (review r418 F1: it kept root's dead
+   * registrations running).
+   * Only a path the registry asked about, or one under its prefix that a
+   * process of its user's holds, is looked up (`path` itself, never a
+   * descriptor's text resolved): a descriptor's text is its holder's
+   * words, and a user's "/dev/shm/appshot-TAG-x/f (deleted)", its
+   * directory replaced by a file, made the lookup fail (ENOTDIR) and
+   * every dead registration's look throw (review r435 N2). A lookup that
+   * fails for want of such a file says it is none of ours. */
+  private isTheFile(path: string, pid: number, identity: string): boolean {
+    if (!isTablesName(path, this.prefix)) return false;
+    let id = this.identities.get(path);
+    if (id === undefined) this.identities.set(path, (id = tableFileIdentity(path)));
     if (!id) return false;
-    const [mnt, ino] = h.identity.split(':');
+    const [mnt, ino] = identity.split(':');
     if (ino !== id.ino) return false;
+    // A kernel whose fdinfo says no inode (before 5.14): the same mount
+    // only. The same device with inode "" = "" is any file of the same
+    // name on a copy of /dev/shm's file system: a user's bind of a
+    // directory of it over /dev/shm in a namespace of its own (review r435 N3).
+    if (ino === '') return mnt === id.mnt;
     return mnt === id.mnt || mountDevice(pid, mnt) === id.dev;
   }
 
@@ -2100,6 +2137,16 @@ class TablesNamers {
   private trusted(p: ProcessFacts): boolean {
     return p.uids.every((u) => u === this.owner);
   }
+}
+
+/** Whether `path` (a descriptor's target) may be looked up as a table file
+ * of the registry whose files start with `prefix`: the prefix itself, or
+ * one name more in its directory (/dev/shm), never a path of more
+ * components, whose directories are its holder's to choose (review r435
+ * N2: a lookup through them as root failed, or could wait on a FUSE
+ * server). */
+function isTablesName(path: string, prefix: string): boolean {
+  return path === prefix || (path.startsWith(prefix) && !path.slice(prefix.length).includes('/'));
 }
 
 /** The table file at `path`: its mount id and inode (fileIdentity) and

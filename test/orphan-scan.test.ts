@@ -273,7 +273,7 @@ describe('a registration whose supervisor and processes are gone, and a file of 
     // Nobody, in a user and mount namespace of its own, holding a file
     // of the same path on a tmpfs of its own: from here, its descriptor's
     // link reads the table file's path.
-    const forger = spawn(asNobody[0], [...asNobody.slice(1), 'unshare', '-Urm', 'sh', '-c', `mount -t tmpfs x ${dirname(canonical)} && : > ${canonical} && exec 7<${canonical} && exec sleep 1000`], { stdio: 'ignore' });
+    const forger = spawn(asNobody[0], [...asNobody.slice(1), 'unshare', '-Urm', 'sh', '-c', `mount -t tmpfs x ${dirname(canonical)} && : > ${canonical} && exec 7<>${canonical} && exec sleep 1000`], { stdio: 'ignore' });
     started.push(forger);
     const forgerPid = forger.pid!;
     await waitFor(() => {
@@ -301,7 +301,7 @@ describe('a registration whose supervisor and processes are gone, and a process 
     const canonical = join(realpathSync(dirname(tables)), basename(tables));
     // Its mounts are copies of ours, with ids of their own; no
     // APPSHOT_TABLES in its environment.
-    const holder = spawn('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `exec 7<${canonical} && exec sleep 1000`], { stdio: 'ignore', env: { PATH: process.env.PATH } });
+    const holder = spawn('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `exec 7<>${canonical} && exec sleep 1000`], { stdio: 'ignore', env: { PATH: process.env.PATH } });
     started.push(holder);
     const holderPid = holder.pid!;
     await waitFor(() => {
@@ -382,3 +382,112 @@ describe('a port claim judged outside the ports lock', () => {
   });
 });
 
+
+/** `script`, a python3 program that prints "ready" once it holds what it
+ * holds, then sleeps, run as nobody (/usr/bin's: nobody may not run
+ * root's pyenv shims); waits for "ready". */
+async function holdingAsNobody(script: string, ...args: string[]): Promise<ChildProcess> {
+  const c = spawn(asNobody[0], [...asNobody.slice(1), '/usr/bin/python3', '-c', script, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+  started.push(c);
+  let out = '';
+  c.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+  await waitFor(() => out.includes('ready') || c.exitCode !== null, 10_000, 'the holder to hold its descriptor');
+  expect(out).toContain('ready');
+  return c;
+}
+
+describe('a registration whose supervisor and processes are gone, and its table file held by another user with O_PATH', () => {
+  it('is released: such a descriptor takes no permission of the file, only a search of /dev/shm (review r435 N1)', async () => {
+    expect(process.getuid?.(), 'run as root: the holder is nobody').toBe(0);
+    const aid = 'orphan-opath';
+    sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
+    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+    const { tables } = record(aid);
+    const canonical = join(realpathSync(dirname(tables)), basename(tables));
+    // Root's 0600 file, the same mount and inode, opened by nobody.
+    const holder = await holdingAsNobody('import os, sys, time; fd = os.open(sys.argv[1], os.O_PATH); print("ready", flush=True); time.sleep(1000)', canonical);
+    await orphaned(aid);
+    expect(alive(holder.pid!)).toBe(true);
+    const { apps, stderr } = await listed();
+    expect(apps.filter((a) => a.aid === aid)).toEqual([]);
+    expect(stderr).toBe('');
+    expect(existsSync(tables)).toBe(false);
+    await killed(holder);
+  });
+});
+
+describe('a registration whose supervisor and processes are gone, and another user holding a descriptor whose text is a path under a table file\'s name', () => {
+  it('is released, and the look says nothing: the text is never looked up (review r435 N2)', async () => {
+    expect(process.getuid?.(), 'run as root: the holder is nobody').toBe(0);
+    const aid = 'orphan-deleted-dir';
+    sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
+    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+    const { tables } = record(aid);
+    const canonical = join(realpathSync(dirname(tables)), basename(tables));
+    // "/dev/shm/appshot-TAG-": the table file's name without "AID-HEX".
+    const prefix = canonical.slice(0, canonical.length - aid.length - 1 - 16);
+    const dir = `${prefix}h437x${process.pid}`;
+    putAtTables.push(dir);
+    // A descriptor of dir/f, then f and dir removed, and a file named dir
+    // made: its link reads "DIR/f (deleted)", and DIR is no directory.
+    const script = [
+      'import os, sys, time',
+      'd = sys.argv[1]; os.mkdir(d); fd = os.open(d + "/f", os.O_RDWR | os.O_CREAT, 0o600)',
+      'os.unlink(d + "/f"); os.rmdir(d); os.close(os.open(d, os.O_WRONLY | os.O_CREAT, 0o600))',
+      'print("ready", flush=True); time.sleep(1000)',
+    ].join('\n');
+    const holder = await holdingAsNobody(script, dir);
+    const fds = spawnSync('ls', ['-l', `/proc/${holder.pid}/fd`], { encoding: 'utf8' }).stdout;
+    expect(fds).toContain(`${dir}/f (deleted)`);
+    await orphaned(aid);
+    expect(alive(holder.pid!)).toBe(true);
+    const { apps, stderr } = await listed();
+    expect(apps.filter((a) => a.aid === aid)).toEqual([]);
+    expect(stderr).toBe('');
+    expect(existsSync(tables)).toBe(false);
+    await killed(holder);
+  });
+});
+
+describe('a fresh port whose claim cannot be judged', () => {
+  it('is skipped, not the allocation failed: the look at the processes may fail on another\'s doing (review r435 N5)', () => {
+    const home = mkdtempSync(join(tmpdir(), 'appshot-h437-ports-'));
+    try {
+      const holder = new LocalRegistry(home);
+      const claimer = new LocalRegistry(home);
+      const port = 31998;
+      expect(holder.claimPort('held', port)).toBe(true);
+      const judged = claimer as unknown as { portClaimIsStale: (...args: unknown[]) => boolean };
+      judged.portClaimIsStale = () => {
+        throw new Error('EMFILE reading the descriptors of /proc/1234');
+      };
+      expect(claimer.claimPort('other', port, { fresh: true })).toBe(false);
+      expect(holder.portOwner(port)).toBe('held');
+      // A port asked for by number says why it cannot be told.
+      expect(() => claimer.claimPort('other', port)).toThrow(/EMFILE/);
+    } finally {
+      rmSync(home, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('pidBelongs by a held table file', () => {
+  it('counts a descriptor opened read-write, not an O_PATH one of the same file (review r435 N1, holds_tables)', async () => {
+    expect(process.getuid?.(), 'run as root: the O_PATH holder is nobody').toBe(0);
+    const file = `/dev/shm/appshot-h437-belongs-${process.pid}`;
+    putAtTables.push(file);
+    closeSync(openSync(file, 'w', 0o600));
+    const hold = (flags: string) => `import os, sys, time; fd = os.open(sys.argv[1], ${flags}); print("ready", flush=True); time.sleep(1000)`;
+    const byPath = await holdingAsNobody(hold('os.O_PATH'), file);
+    expect(addon().pidBelongs(byPath.pid!, 0, file)).toBe(false);
+    await killed(byPath);
+    // Root's own, as the preload opens it.
+    const c = spawn('/usr/bin/python3', ['-c', hold('os.O_RDWR'), file], { stdio: ['ignore', 'pipe', 'inherit'], env: { PATH: process.env.PATH } });
+    started.push(c);
+    let out = '';
+    c.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    await waitFor(() => out.includes('ready') || c.exitCode !== null, 10_000, 'the holder to hold the file');
+    expect(addon().pidBelongs(c.pid!, 0, file)).toBe(true);
+    await killed(c);
+  });
+});

@@ -1406,9 +1406,41 @@ static int environ_names(pid_t pid, const char *tables_path) {
   return found;
 }
 
-/* Whether process `pid` holds a descriptor of the file at `tables_path`:
- * every process of the application does (see preload_fd.c), restored ones
- * included, whose environment still names the tables they started with. */
+/* Whether descriptor `name` of the process whose fdinfo directory is
+ * `infodir` was opened for reading and writing, as the preload opens the
+ * table file (preload_fd.c), from the flags fdinfo says: that takes the
+ * file's permission (0600, its owner's), where an O_PATH descriptor of the
+ * same file takes only a search of /dev/shm, anyone's (review r435 N1). */
+static int opened_read_write(const char *infodir, const char *name) {
+  char path[128], buf[512];
+  size_t dl = strlen(infodir), nl = strlen(name);
+  if (dl + 1 + nl >= sizeof path) return 0;
+  memcpy(path, infodir, dl);
+  path[dl] = '/';
+  memcpy(path + dl + 1, name, nl + 1);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  ssize_t got = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (got <= 0) return 0;
+  buf[got] = 0;
+  /* "flags:\t0100002": octal, on the second line. */
+  for (char *line = buf; line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+    if (strncmp(line, "flags:", 6) != 0) continue;
+    unsigned long flags = 0;
+    for (char *q = line + 6; *q == ' ' || *q == '\t' || (*q >= '0' && *q <= '7'); q++)
+      if (*q >= '0') flags = flags * 8 + (unsigned long)(*q - '0');
+    return !(flags & O_PATH) && (flags & O_ACCMODE) == O_RDWR;
+  }
+  return 0;
+}
+
+/* Whether process `pid` holds a descriptor of the file at `tables_path`,
+ * opened read-write: every process of the application does (see
+ * preload_fd.c), restored ones included, whose environment still names
+ * the tables they started with. The path its link reads is the only
+ * identity looked at here (src/registry.ts TablesNamers also compares
+ * the file's mount and inode). */
 static int holds_tables(pid_t pid, const char *tables_path) {
   char dir[64], link[96], target[APPSHOT_PATH_MAX + 16];
   size_t plen = strlen(tables_path);
@@ -1437,6 +1469,9 @@ static int holds_tables(pid_t pid, const char *tables_path) {
       memcpy(link + dl + 1, de->name, nl + 1);
       ssize_t l = readlink(link, target, sizeof target);
       if (l == (ssize_t)plen && memcmp(target, tables_path, plen) == 0) {
+        char infodir[64];
+        proc_path(infodir, pid, "fdinfo");
+        if (!opened_read_write(infodir, de->name)) continue;
         found = 1;
         break;
       }

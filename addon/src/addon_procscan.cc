@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -29,9 +30,9 @@ void CollectTarget(const char* target, size_t len, uint64_t mnt, uint64_t ino, v
 }
 
 // "MNT:INO": a file's identity as JavaScript compares it (an inode number
-// may not fit a double).
+// may not fit a double); "MNT:" where the kernel does not say the inode.
 std::string Identity(uint64_t mnt, uint64_t ino) {
-  return std::to_string(mnt) + ":" + std::to_string(ino);
+  return std::to_string(mnt) + ":" + (ino == UINT64_MAX ? std::string() : std::to_string(ino));
 }
 
 Napi::Object FactsObject(Napi::Env env, pid_t pid, const struct procscan_facts& f, const std::vector<Held>& held) {
@@ -56,8 +57,10 @@ Napi::Object FactsObject(Napi::Env env, pid_t pid, const struct procscan_facts& 
 // read: not looked at. Any other failure (no descriptor left, no memory)
 // says nothing of it, and fails the look rather than count it as absent
 // (review r418 F2: an engine out of descriptors released live apps).
+// A refusal (EACCES) is "not ours" only for a caller that may not look
+// into every process (procscan_refusal_is_absence: review r435 N4).
 bool Absent(int err) {
-  return err == -ENOENT || err == -ESRCH || err == -EACCES;
+  return err == -ENOENT || err == -ESRCH || (err == -EACCES && procscan_refusal_is_absence());
 }
 
 // The facts of `pid` into `out`: 1, 0 if it is not looked at (gone, not

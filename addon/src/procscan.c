@@ -98,26 +98,32 @@ static int process_dir(pid_t pid, const struct procscan_facts *f, char *out, siz
   return err;
 }
 
-/* The mount id and inode number of descriptor `name` of the fdinfo
- * directory `dirfd`, from the struct file the descriptor is (no file
- * system is asked, unlike a stat through /proc/PID/fd/N, which a FUSE
- * server could hold for ever). 0; 1 if it says no mount id; or -errno. */
-static int fd_identity(int dirfd, const char *name, uint64_t *mnt, uint64_t *ino) {
+/* What fdinfo says of descriptor `name` of the fdinfo directory `dirfd`:
+ * the mount id and inode number of the file it is, and its open flags,
+ * from the struct file the descriptor is (no file system is asked, unlike
+ * a stat through /proc/PID/fd/N, which a FUSE server could hold for ever).
+ * `*ino` is left UINT64_MAX on a kernel that does not write it (before
+ * 5.14). 0; 1 if it says no mount id or no flags; or -errno. */
+static int fd_identity(int dirfd, const char *name, uint64_t *mnt, uint64_t *ino, uint64_t *flags) {
   char buf[4096];
   ssize_t got = read_small(dirfd, name, buf, sizeof buf);
   if (got < 0) return (int)got;
   *mnt = 0;
-  *ino = 0;
-  int have_mnt = 0;
+  *ino = UINT64_MAX;
+  *flags = 0;
+  int have_mnt = 0, have_flags = 0;
   for (char *line = buf; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
     if (!strncmp(line, "mnt_id:", 7)) {
       *mnt = strtoull(line + 7, NULL, 10);
       have_mnt = 1;
     } else if (!strncmp(line, "ino:", 4)) {
       *ino = strtoull(line + 4, NULL, 10);
+    } else if (!strncmp(line, "flags:", 6)) {
+      *flags = strtoull(line + 6, NULL, 8);
+      have_flags = 1;
     }
   }
-  return have_mnt ? 0 : 1;
+  return have_mnt && have_flags ? 0 : 1;
 }
 
 int procscan_file_identity(const char *path, uint64_t *mnt, uint64_t *ino) {
@@ -126,10 +132,30 @@ int procscan_file_identity(const char *path, uint64_t *mnt, uint64_t *ino) {
   char name[16];
   snprintf(name, sizeof name, "%d", fd);
   int dfd = open("/proc/self/fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  int r = dfd < 0 ? -errno : fd_identity(dfd, name, mnt, ino);
+  uint64_t flags;
+  int r = dfd < 0 ? -errno : fd_identity(dfd, name, mnt, ino, &flags);
   if (dfd >= 0) close(dfd);
   close(fd);
   return r == 1 ? -ENOTSUP : r;
+}
+
+/* Whether a refusal (EACCES) to read a process's /proc entries means it is
+ * not ours to look into, and so not looked at: for a caller that may look
+ * into any process (CAP_SYS_PTRACE in effect, as root has outside a
+ * container that drops it), a refusal comes from a security module's
+ * policy, says nothing of the process, and fails the look instead (review
+ * r435 N4: a process of the application in such a domain counted as
+ * absent, and the registration was released under it). */
+int procscan_refusal_is_absence(void) {
+  static int answer = -1;
+  if (answer >= 0) return answer;
+  char buf[4096];
+  int may_look_into_any = 0;
+  if (read_small(AT_FDCWD, "/proc/self/status", buf, sizeof buf) > 0) {
+    char *c = strstr(buf, "\nCapEff:");
+    if (c) may_look_into_any = (strtoull(c + 8, NULL, 16) >> 19) & 1; /* CAP_SYS_PTRACE */
+  }
+  return answer = !may_look_into_any;
 }
 
 int procscan_targets(pid_t pid, const struct procscan_facts *f, const char *prefix,
@@ -137,11 +163,12 @@ int procscan_targets(pid_t pid, const struct procscan_facts *f, const char *pref
                      void *arg) {
   char base[96], dir[128], target[4096];
   size_t plen = strlen(prefix);
+  const int absent_if_refused = procscan_refusal_is_absence();
   int r = process_dir(pid, f, base, sizeof base);
   if (r < 0) return r;
   snprintf(dir, sizeof dir, "%s/fd", base);
   int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) return -errno;
+  if (dfd < 0) return errno == EACCES && absent_if_refused ? 0 : -errno;
   int infofd = -1;
   char buf[4096] __attribute__((aligned(8)));
   long n = 0;
@@ -161,7 +188,7 @@ int procscan_targets(pid_t pid, const struct procscan_facts *f, const char *pref
       if (l < 0) {
         /* Closed since it was listed; or the process became one we may
          * not look into (it ran a setuid program). */
-        if (errno != ENOENT && errno != EACCES) r = -errno;
+        if (errno != ENOENT && !(errno == EACCES && absent_if_refused)) r = -errno;
         continue;
       }
       if (l < (ssize_t)plen || memcmp(target, prefix, plen) != 0) continue;
@@ -173,20 +200,25 @@ int procscan_targets(pid_t pid, const struct procscan_facts *f, const char *pref
         snprintf(dir, sizeof dir, "%s/fdinfo", base);
         infofd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (infofd < 0) {
-          r = errno == ENOENT || errno == EACCES ? 0 : -errno;
+          r = errno == ENOENT || (errno == EACCES && absent_if_refused) ? 0 : -errno;
           break;
         }
       }
-      uint64_t mnt, ino;
-      int k = fd_identity(infofd, de->name, &mnt, &ino);
-      if (k == 0) found(target, (size_t)l, mnt, ino, arg);
-      else if (k < 0 && k != -ENOENT && k != -EACCES) r = k;
+      uint64_t mnt, ino, flags;
+      int k = fd_identity(infofd, de->name, &mnt, &ino, &flags);
+      /* Only a descriptor opened for reading and writing, as the preload
+       * opens the table file (preload_fd.c): that takes the file's
+       * permission (0600, its owner's), where an O_PATH one, the same
+       * file by mount and inode, is anyone's who may search /dev/shm
+       * (review r435 N1: nobody's kept root's dead registrations). */
+      if (k == 0 && !(flags & O_PATH) && (flags & O_ACCMODE) == O_RDWR) found(target, (size_t)l, mnt, ino, arg);
+      else if (k < 0 && k != -ENOENT && !(k == -EACCES && absent_if_refused)) r = k;
     }
   if (r == 0 && n < 0) r = -errno;
   if (infofd >= 0) close(infofd);
   close(dfd);
   /* Gone while we looked, or not ours to look into (not an error). */
-  return r == -ESRCH || r == -ENOENT ? -ESRCH : r == -EACCES ? 0 : r;
+  return r == -ESRCH || r == -ENOENT ? -ESRCH : r == -EACCES && absent_if_refused ? 0 : r;
 }
 
 long procscan_environ_value(pid_t pid, const char *name, char *out, size_t cap) {

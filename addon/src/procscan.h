@@ -28,18 +28,26 @@ int procscan_facts(pid_t pid, struct procscan_facts *f);
  * unlike a stat of the file, which a hung NFS server would hold) that
  * starts with `prefix`, and the mount id and inode number of the file it
  * is (/proc/PID/fdinfo/N): the text alone does not say which file it is.
+ * `ino` is UINT64_MAX where the kernel does not say it (before 5.14).
+ * Only descriptors opened O_RDWR (not O_PATH) are reported.
  * `f`: the process's facts (a leader that exited is looked at through a
  * live thread). Descriptors of a process we may not look into are not
- * seen (EACCES). 0; -ESRCH if the process is gone; or -errno if its
- * descriptors cannot be read. */
+ * seen (EACCES), unless procscan_refusal_is_absence says otherwise.
+ * 0; -ESRCH if the process is gone; or -errno if its descriptors cannot
+ * be read. */
 int procscan_targets(pid_t pid, const struct procscan_facts *f, const char *prefix,
                      void (*found)(const char *target, size_t len, uint64_t mnt, uint64_t ino, void *arg),
                      void *arg);
 
 /* The mount id and inode number of the file at `path` (its last
  * component not followed), as procscan_targets reports a descriptor's.
- * 0, or -errno. */
+ * `ino` as there. 0, or -errno. */
 int procscan_file_identity(const char *path, uint64_t *mnt, uint64_t *ino);
+
+/* 1 if EACCES on a process's /proc entries means "not ours to look into"
+ * (not looked at); 0 for a caller with CAP_SYS_PTRACE, for whom it is a
+ * security module's refusal that fails the look. */
+int procscan_refusal_is_absence(void);
 
 /* The value of `name` in /proc/PID/environ into out (cap bytes, NUL
  * ended): its length, -1 if it is not there (or the environment cannot be
