@@ -328,7 +328,7 @@ export function buildProgram(): Command {
       if (!opts.follow) return pump(true);
       for (;;) {
         const current = reg.get(aid);
-        const running = current !== undefined && !isEnded(current) && !reg.isStale(current);
+        const running = current !== undefined && !isEnded(current) && !knownStale(reg, current);
         pump(!running);
         if (!running) return;
         await sleep(200);
@@ -925,6 +925,18 @@ export function buildProgram(): Command {
   registerCompletion(program);
   applyHouseStyle(program);
   return program;
+}
+
+/** Whether `r`'s application is known to have ended with its supervisor
+ * (isStale); false when the look at the processes failed (no descriptor
+ * left, a refusal root should not get): followed on, as `ps` keeps it,
+ * rather than `logs -f` failing on another's doing (review r435 N5). */
+function knownStale(reg: LocalRegistry, r: AppRecord): boolean {
+  try {
+    return reg.isStale(r);
+  } catch {
+    return false;
+  }
 }
 
 /** Anything but an AppshotError is a bug of appshot's (a crafted image that

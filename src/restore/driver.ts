@@ -1426,7 +1426,16 @@ async function waitGone(reg: LocalRegistry, record: AppRecord, tracees: number[]
     for (let r = addon().waitAny(ours, 0); r; r = addon().waitAny(ours, 0)) letGoIfUnsettled(r);
     const r = reg.get(record.aid);
     if (!r) return;
-    if (!r.initPid || reg.isStale(r)) {
+    let stale: boolean;
+    try {
+      stale = !r.initPid || reg.isStale(r);
+    } catch {
+      // The look at the processes failed: the registration is kept (a
+      // later look releases it), and the restore's own error, not this
+      // one, is what its caller says (review r435 N5).
+      return;
+    }
+    if (stale) {
       reg.release(r);
       return;
     }
