@@ -934,7 +934,10 @@ export function buildProgram(): Command {
 function knownStale(reg: LocalRegistry, r: AppRecord): boolean {
   try {
     return reg.isStale(r);
-  } catch {
+  } catch (e) {
+    // Only a failed system call (the addon's errors carry its code); a
+    // bug of appshot's is not followed on in silence (review r438 F7).
+    if (!(e as NodeJS.ErrnoException)?.code) throw e;
     return false;
   }
 }

@@ -683,12 +683,16 @@ export class LocalRegistry implements Registry {
     let pause = 5;
     // `run` writes the PID with no await after starting init: once the
     // command that registered it is gone, it never will (review r422 F1).
-    const registering = () => holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, this.home);
-    while (!record.initPid && Date.now() < until && registering()) {
+    while (!record.initPid && Date.now() < until) {
+      // Whether it lives, looked at before the record is read again: a run
+      // that wrote the PID and then left is seen by that read (review r438
+      // F8: read first, it could be found gone with the PID unseen).
+      const registering = holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, this.home);
+      record = this.require(aid);
+      if (record.initPid || !registering) break;
       // From 5 ms up to 50: the wait is for a process that wants the CPU.
       await new Promise((r) => setTimeout(r, pause));
       pause = Math.min(pause * 2, 50);
-      record = this.require(aid);
     }
     return record;
   }

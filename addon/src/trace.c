@@ -941,9 +941,15 @@ static int requeue_keeps_queue(void) {
     /* Only a definite answer is kept: a trial that failed (no process
      * left to fork, a timeout under load) assumes the old way this time
      * and is tried again next time, not pinned for the engine's life
-     * (review r436 B1). */
+     * (review r436 B1); but not more than three times in all, as each
+     * may cost seconds while an application is held (review r438 F4). */
+    static int failed;
+    if (__atomic_load_n(&failed, __ATOMIC_RELAXED) >= 3) return 0;
     k = probe_requeue_keeps_queue();
-    if (k < 0) return 0;
+    if (k < 0) {
+      __atomic_add_fetch(&failed, 1, __ATOMIC_RELAXED);
+      return 0;
+    }
     __atomic_store_n(&known, k, __ATOMIC_RELAXED);
   }
   return k;

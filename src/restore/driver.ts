@@ -1426,14 +1426,14 @@ async function waitGone(reg: LocalRegistry, record: AppRecord, tracees: number[]
     for (let r = addon().waitAny(ours, 0); r; r = addon().waitAny(ours, 0)) letGoIfUnsettled(r);
     const r = reg.get(record.aid);
     if (!r) return;
-    let stale: boolean;
+    let stale = false;
     try {
       stale = !r.initPid || reg.isStale(r);
     } catch {
-      // The look at the processes failed: the registration is kept (a
-      // later look releases it), and the restore's own error, not this
-      // one, is what its caller says (review r435 N5).
-      return;
+      // The look at the processes failed: not released on it, and the
+      // restore's own error, not this one, is what its caller says
+      // (review r435 N5); looked at again, as the tracees must still be
+      // reaped here (review r438 F5).
     }
     if (stale) {
       reg.release(r);

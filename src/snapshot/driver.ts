@@ -915,8 +915,9 @@ async function waitReleased(reg: LocalRegistry, aid: string): Promise<void> {
     try {
       if (reg.isStale(r)) return;
     } catch {
-      // The look at the processes failed: no better told by waiting.
-      return;
+      // The look at the processes failed: init's removal of the
+      // registration is still waited for, up to the deadline (review r438
+      // F6: a run or restore of the same AID right after would be refused).
     }
     await sleep(nap);
   }
