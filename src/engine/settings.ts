@@ -19,7 +19,11 @@
  * engine's own upkeep) the engine's own, as it was started. Writes go to
  * the real environment, which the context gate still sets for native
  * readers and child processes (a child spawned with process.env gets the
- * scoped values, as it enumerates them through the view).
+ * scoped values, as it enumerates them through the view). Native code
+ * reads that real environment, the command's whose context the gate set
+ * last, never the view: so no C/C++ of the addon, nor of what it starts
+ * (appshot-init...), reads a SCOPED name (test/engine-settings.test.ts
+ * fails if one does); such a setting is read here and passed to it.
  *
  * The measuring knobs, test knobs and the clone pool's size stay as they
  * are (server.ts says why); the serve's own settings are read once as it
