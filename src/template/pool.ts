@@ -59,6 +59,7 @@ import { readdirSync, readFileSync, rmSync } from 'node:fs';
 import { rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { currentRequest, requestStorage, type RequestSetting } from '../engine/request.js';
+import { withOwnSettings } from '../engine/settings.js';
 import { currentHolder, harnessOf } from '../holder.js';
 import type { LocalRegistry } from '../registry.js';
 import { stillCached } from './cache.js';
@@ -516,18 +517,26 @@ export const clonePoolStats = () => Object.fromEntries([...pools].map(([path, p]
  * low. */
 function watch(): void {
   if (timer) return;
-  timer = setInterval(() => {
-    if (memoryLow()) {
-      void giveUpAll('memory is low');
-      return;
-    }
-    for (const p of pools.values()) {
-      if (Date.now() - p.lastUsed > p.idleMs) void giveUp(p, `not used for ${p.idleMs / 1000} s`);
-      else if (!stillCached(p.t)) void giveUp(p, 'its template changed or was removed');
-      else p.resize();
-    }
-  }, 1000);
+  // Made by the first clone that wanted a pool, but the engine's upkeep,
+  // not that command's: a timer keeps the async context it was made in,
+  // so made there every tick, and whatever it starts (giving pools up),
+  // would read that client's scoped settings (its APPSHOT_DEBUG...) and
+  // write to its long-ended request for as long as the engine lives
+  // (review r428 F5). Made outside any request, with the engine's own.
+  timer = requestStorage.exit(() => withOwnSettings(() => setInterval(watchTick, 1000)));
   timer.unref();
+}
+
+function watchTick(): void {
+  if (memoryLow()) {
+    void giveUpAll('memory is low');
+    return;
+  }
+  for (const p of pools.values()) {
+    if (Date.now() - p.lastUsed > p.idleMs) void giveUp(p, `not used for ${p.idleMs / 1000} s`);
+    else if (!stillCached(p.t)) void giveUp(p, 'its template changed or was removed');
+    else p.resize();
+  }
 }
 
 function memoryLow(): boolean {
