@@ -26,7 +26,7 @@ import { addon, type InstanceConfig, paths } from './native.js';
 import { type MadeDir, redirLeaves, removeWalked } from './resources/paths.js';
 import { checkPrivateTmpRules, hasPrivateTmp, makePrivateTmp, newPrivateRoot, underTmp } from './template/privatetmp.js';
 import { instanceConfig, loadRules, type RulesFile } from './template/rules.js';
-import { readStat } from './procfs.js';
+import { descendantsOf, isSameProcess, readStat } from './procfs.js';
 import { CAP, hasCap, ownCreds } from './resources/creds.js';
 import { type AppRecord, type Registry } from './registry.js';
 
@@ -200,6 +200,23 @@ export async function run(registry: Registry, command: string[], opts: RunOption
     }
   } catch (e) {
     stopForwarding();
+    // Spawned: init and the application run, and a registration released
+    // under them would leave them running without tables, SysV objects or
+    // REDIR PATH targets (review r436 A3). Ended first; if some process
+    // will not end, init goes on and the registration is kept, its PID
+    // recorded, for `appshot rm -f`.
+    if (init?.pid !== undefined && !(await endSpawned(init, record.tables))) {
+      record.initPid = init.pid;
+      record.initStartTime = readStat(init.pid)?.startTime;
+      let kept = `its processes did not all end: its registration is kept, for 'appshot rm -f ${record.aid}'`;
+      try {
+        registry.update(record);
+      } catch (u) {
+        kept += ` (but its supervisor's PID could not be recorded: ${(u as Error).message})`;
+      }
+      if (e instanceof Error) e.message += `; ${kept}`;
+      throw e;
+    }
     // A release that fails (tables unreadable for now: kept for a later
     // rm) must not hide why the start failed, nor skip the rest of the
     // cleanup (review r418 F5).
@@ -272,6 +289,58 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   }
   stopForwarding();
   throw new AppshotError(`the supervisor of '${record.aid}' died (exit ${code})${notSettled}`, code || ExitCode.failure);
+}
+
+/** How long a start that failed tries to end what it started. */
+const END_SPAWNED_MS = 5_000;
+
+/**
+ * Ends a just-spawned init and every process below it, for a start that
+ * failed before init's PID was recorded: whether none is left. The
+ * application does not die with init, nor init with the harness: init
+ * launches the command without a parent-death signal, and without -d both
+ * are in the harness's process group, the terminal's, which a group
+ * signal would hit too. So
+ * init is stopped, then its tree killed, walked again until no process in
+ * it is alive: a stopped init cannot launch the command after a walk has
+ * found nothing, nor reap what was killed; and as their subreaper it
+ * receives the children of those that die, so none leaves the tree the
+ * walk reads. Signalled through signalMember (a pidfd, and only a process
+ * below init or of its tables): a PID reused meanwhile is not hit. init
+ * is killed last and waited for, so that nothing of it races the release
+ * that follows.
+ */
+async function endSpawned(init: ChildProcess, tables: string): Promise<boolean> {
+  const pid = init.pid!;
+  const gone = init.exitCode !== null || init.signalCode !== null;
+  const exited = gone ? Promise.resolve() : new Promise<void>((resolve) => init.once('exit', () => resolve()));
+  const SIGKILL = osConstants.signals.SIGKILL;
+  const live = () => descendantsOf(pid).filter((p) => isSameProcess(p, undefined));
+  try {
+    process.kill(pid, 'SIGSTOP');
+  } catch {
+    /* gone */
+  }
+  const until = Date.now() + END_SPAWNED_MS;
+  for (let left = live(); left.length; left = live()) {
+    if (Date.now() > until) {
+      try {
+        process.kill(pid, 'SIGCONT');
+      } catch {
+        /* gone */
+      }
+      return false;
+    }
+    for (const p of left) addon().signalMember(p, SIGKILL, pid, tables);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    /* gone */
+  }
+  await exited;
+  return true;
 }
 
 /** What `exec` runs the command under so that it reads the clocks A's

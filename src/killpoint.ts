@@ -28,10 +28,12 @@ import { readFileSync } from 'node:fs';
  * links or swaps what is in its directory (test/exe-deleted.test.ts).
  *
  * 'run: init spawned' (harness.ts): `appshot run`'s application started,
- * its supervisor's PID not yet in its record; 'signal: waiting for the
- * supervisor' (lifecycle.ts requireSignallable): kill, stop or rm -f has
- * read such a record as running, and is about to wait for that PID
- * (test/lifecycle2.test.ts).
+ * its supervisor's PID not yet in its record (FAIL_AT there: a start that
+ * fails with the application running, which `run` ends, init included,
+ * before it releases the registration: harness.ts endSpawned); 'signal:
+ * waiting for the supervisor' (lifecycle.ts requireSignallable): kill,
+ * stop or rm -f has read such a record as running, and is about to wait
+ * for that PID (test/lifecycle2.test.ts).
  *
  * 'restore: mappings checked' (memory.ts restoreMemory): each file a root
  * restore's process is to map opened as that process, before the process

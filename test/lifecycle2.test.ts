@@ -649,6 +649,58 @@ describe('kill, stop and rm -f of an application whose supervisor is not on reco
     expect(sb.allAids()).not.toContain('orphan');
   });
 
+  it('a run that fails once its application runs, before recording its supervisor, ends every process of it and leaves nothing registered', async () => {
+    // Stopped at the point first, and made to fail there once continued
+    // (killPoint: STOP_AT, then FAIL_AT): the application runs by then,
+    // with a child and a daemon that left its parent (init's, as their
+    // subreaper). Each waits in the open of a FIFO nobody writes, naming
+    // it: so do `run` and init.
+    const marker = join(dir, 'failspawn.fifo');
+    expect(spawnSync('mkfifo', [marker]).status).toBe(0);
+    const script = 'sh -c \'read x < "$0"\' "$0" & ( sh -c \'read x < "$0"\' "$0" & ); echo READY; read x < "$0"';
+    try {
+      const run = await stoppedAt(sb, ['run', '-d', '--aid', 'failspawn', '--', 'sh', '-c', script, marker], RUN_POINT, `run to stop at '${RUN_POINT}'`, {
+        APPSHOT_TEST_FAIL_AT: RUN_POINT,
+      });
+      const log = join(sb.home, 'apps', 'failspawn', 'log');
+      await waitFor(() => existsSync(log) && readFileSync(log, 'utf8').includes('READY'), 30_000, 'failspawn to say READY');
+      // run, init, the shell, its child and the daemon.
+      await waitFor(() => processesWithArgument(marker).length >= 5, 30_000, "failspawn's processes to start");
+      const pids = processesWithArgument(marker);
+      const r = await run.go();
+      expect(r.code).not.toBe(0);
+      expect(r.stderr).toContain("failure injected at 'run: init spawned' (APPSHOT_TEST_FAIL_AT)");
+      expect(r.stderr).not.toMatch(/kept/);
+      // Gone by the time `run` has exited, not some time later.
+      expect(pids.filter(alive)).toEqual([]);
+      expect(processesWithArgument(marker).filter(alive)).toEqual([]);
+      expect(sb.allAids()).not.toContain('failspawn');
+      expect(tableFilesOf('failspawn')).toEqual([]);
+      expect(existsSync(join(sb.home, 'apps', 'failspawn'))).toBe(false);
+      // Not stopped, in the foreground: the failure comes while init may
+      // still be launching the command, or just after. Either way nothing
+      // of it is left once `run` has exited.
+      const f = spawnSync(command, ['run', '--aid', 'failspawn', '--', 'sh', '-c', script, marker], {
+        env: { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_TEST_FAIL_AT: RUN_POINT },
+        encoding: 'utf8',
+        timeout: 50_000,
+      });
+      expect(f.status).not.toBe(0);
+      expect(f.stderr).toContain("failure injected at 'run: init spawned' (APPSHOT_TEST_FAIL_AT)");
+      expect(processesWithArgument(marker).filter(alive)).toEqual([]);
+      expect(sb.allAids()).not.toContain('failspawn');
+      expect(tableFilesOf('failspawn')).toEqual([]);
+    } finally {
+      for (const pid of processesWithArgument(marker)) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          /* gone */
+        }
+      }
+    }
+  });
+
   it('snapshotted meanwhile: rm -f removes the record the snapshot left', async () => {
     const marker = join(dir, 'msnap.never');
     const { run, command } = await unsupervised('msnap', ENDS, marker, ['rm', '-f', 'msnap']);

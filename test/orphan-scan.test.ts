@@ -93,6 +93,18 @@ async function orphaned(aid: string): Promise<void> {
   await waitFor(() => !alive(app), 10_000, 'its process to die');
 }
 
+/** Waits until `pid` runs sleep (its shell's last exec done) with a
+ * descriptor 7 whose link reads `path`. */
+async function waitHoldingFd7(pid: number, path: string, what: string): Promise<void> {
+  await waitFor(() => {
+    try {
+      return readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('sleep\0') && readlinkSync(`/proc/${pid}/fd/7`) === path;
+    } catch {
+      return false;
+    }
+  }, 10_000, what);
+}
+
 async function listed(): Promise<{ apps: Listed[]; stderr: string }> {
   const r = await sb.runAsync(['ps', '-a', '--json'], 60_000);
   expect(r.code, r.stderr).toBe(0);
@@ -276,13 +288,7 @@ describe('a registration whose supervisor and processes are gone, and a file of 
     const forger = spawn(asNobody[0], [...asNobody.slice(1), 'unshare', '-Urm', 'sh', '-c', `mount -t tmpfs x ${dirname(canonical)} && : > ${canonical} && exec 7<>${canonical} && exec sleep 1000`], { stdio: 'ignore' });
     started.push(forger);
     const forgerPid = forger.pid!;
-    await waitFor(() => {
-      try {
-        return readFileSync(`/proc/${forgerPid}/cmdline`, 'utf8').startsWith('sleep\0') && readlinkSync(`/proc/${forgerPid}/fd/7`) === canonical;
-      } catch {
-        return false;
-      }
-    }, 10_000, 'the forger to hold its file');
+    await waitHoldingFd7(forgerPid, canonical, 'the forger to hold its file');
     await orphaned(aid);
     expect(alive(forgerPid)).toBe(true);
     expect((await listed()).apps.filter((a) => a.aid === aid)).toEqual([]);
@@ -304,13 +310,7 @@ describe('a registration whose supervisor and processes are gone, and a process 
     const holder = spawn('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `exec 7<>${canonical} && exec sleep 1000`], { stdio: 'ignore', env: { PATH: process.env.PATH } });
     started.push(holder);
     const holderPid = holder.pid!;
-    await waitFor(() => {
-      try {
-        return readFileSync(`/proc/${holderPid}/cmdline`, 'utf8').startsWith('sleep\0') && readlinkSync(`/proc/${holderPid}/fd/7`) === canonical;
-      } catch {
-        return false;
-      }
-    }, 10_000, 'the holder to hold the table file');
+    await waitHoldingFd7(holderPid, canonical, 'the holder to hold the table file');
     await orphaned(aid);
     const running = (apps: Listed[]) => apps.filter((a) => a.aid === aid && a.state === 'running');
     expect(running((await listed()).apps)).toHaveLength(1);
