@@ -376,6 +376,29 @@ static NOINLINE int proc_anchor_kind(const char *plain, size_t dlen, char buf[PA
   return 1;
 }
 
+/* In plain `plain` (not "/dev/fd/..." itself), the "/dev/fd/.." after a
+ * kept ".." ("/tmp/../dev/fd/../../<vpid>", "/dev/../dev/fd/..": r432
+ * N7) whose directory through "fd" is this process's /proc/self/fd by
+ * device and inode (the kernel's walk of it ends there: the parent is
+ * /proc/self): a pointer to what follows that "..", "" or "/...". NULL
+ * when there is none. Two stats for each such "/dev/fd/.." (a few, in
+ * paths already hooked by their "/dev/", "/fd/" and ".."), in buf (free
+ * here) and a frame of their own. */
+static NOINLINE const char *dev_fd_kept(const char *plain, char buf[PATH_MAX]) {
+  struct stat d, want;
+  int asked = 0;
+  for (const char *c = strstr(plain + 1, "/dev/fd/.."); c; c = strstr(c + 1, "/dev/fd/..")) {
+    if (c[10] != '/' && c[10]) continue;
+    size_t dlen = (size_t)(c + 7 - plain); /* through "fd" */
+    memcpy(buf, plain, dlen);
+    buf[dlen] = '\0';
+    if (!asked && SYS4(newfstatat, AT_FDCWD, "/proc/self/fd", &want, AT_NO_AUTOMOUNT) < 0) return NULL;
+    asked = 1;
+    if (SYS4(newfstatat, AT_FDCWD, buf, &d, AT_NO_AUTOMOUNT) == 0 && d.st_dev == want.st_dev && d.st_ino == want.st_ino) return c + 10;
+  }
+  return NULL;
+}
+
 /* proc_path of a path with repeated slashes, "." or ".." components: of
  * the plain path, the answer the rewritten one, or else the plain path
  * itself (in buf). Never `path`: a ".." taken out lexically after a
@@ -426,6 +449,21 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
       if (SYS4(readlinkat, AT_FDCWD, "/dev/fd", link, sizeof link) == 13 && !memcmp(link, "/proc/self/fd", 13)) {
         memcpy(buf, "/proc/self", 10);
         strcpy(buf + 10, plain + 10); /* "" or "/...": what follows "/dev/fd/.." */
+        src = buf;
+        links += 2; /* /dev/fd and /proc/self */
+        continue;
+      }
+    }
+    /* "/dev/fd/.." after a kept "..": "/proc/self" the same, once the
+     * walk to it is this process's fd directory (r432 N7). No longer
+     * than plain: the prefix is longer than "/proc/self". The kernel's
+     * reading only: the rules read a ".." outside /proc by its letters,
+     * nothing looked up (r388 H1). */
+    if (!letters && UNLIKELY(strncmp(plain, "/proc/", 6) != 0 && strstr(plain + 1, "/dev/fd/..") != NULL)) {
+      const char *after = dev_fd_kept(plain, buf);
+      if (after) {
+        memcpy(buf, "/proc/self", 10);
+        strcpy(buf + 10, after);
         src = buf;
         links += 2; /* /dev/fd and /proc/self */
         continue;
