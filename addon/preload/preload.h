@@ -646,14 +646,14 @@ HIDDEN const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]);
  * directory's name (virtual ids) joined with it, made plain and rewritten
  * as an absolute path is (proc_path), in buf; `path` itself when the
  * directory is not in /proc, or is a process outside the application;
- * NULL with errno. */
-HIDDEN const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]);
+ * NULL with errno. `resolve`: openat2's flags, as for proc_path_resolve. */
+HIDDEN const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve);
 /* For a relative path that may reach /proc's numbers from a directory
  * outside /proc (rel_reaches_number): when the directory before the
  * number is our /proc (by device and inode), the same relative path with
  * the number (and what follows) rewritten as proc_path does, in buf;
  * `path` itself otherwise; NULL with errno (ENOENT: no such virtual id). */
-HIDDEN const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]);
+HIDDEN const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 
@@ -919,12 +919,29 @@ enum path_op {
    * /proc is not known to be ours; its numbers are left as they are
    * (review r388 M1). */
   PATH_INROOT = 1024,
+  /* openat2's RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS and
+   * RESOLVE_BENEATH (its bits 0x2, 0x4, 0x8, shifted): a rewrite of /proc
+   * that stands for a link the kernel would follow (/dev/fd, self,
+   * root, cwd, fd/<n>) must fail as the kernel's walk would (ELOOP,
+   * EXDEV), not open what the link led to (review r432 N6). */
+  PATH_RESOLVE_SHIFT = 11,
+  PATH_RESOLVE = 0xe << PATH_RESOLVE_SHIFT,
 };
+/* openat2's resolve flags (linux/openat2.h), kept in an op. */
+enum { RESOLVE_NO_MAGICLINKS_ = 0x02, RESOLVE_NO_SYMLINKS_ = 0x04, RESOLVE_BENEATH_ = 0x08 };
+static inline int path_resolve(int op) {
+  return (op & PATH_RESOLVE) >> PATH_RESOLVE_SHIFT;
+}
 
 /* preload_proc.c: "/proc/<vpid>..." with the system PID in buf, `path`
  * itself for every other path, NULL with errno (ENOENT) for a virtual PID
  * the application does not hold. */
 HIDDEN const char *proc_path(const char *path, char buf[PATH_MAX]);
+/* proc_path for openat2 with resolve flags (path_resolve: NO_SYMLINKS,
+ * NO_MAGICLINKS, BENEATH): where the view would stand in for a link the
+ * kernel follows, the kernel's walk to it is asked with those flags, and
+ * its refusal is the answer (NULL with errno). */
+HIDDEN const char *proc_path_resolve(const char *path, char buf[PATH_MAX], int resolve);
 /* proc_path as the path rules read it: a ".." outside /proc by its letters
  * ("/tmp/../proc/<vpid>" is /proc/<vpid> to them), nothing looked up on the
  * real side (r388 H1). For matching only: what the kernel is handed when
@@ -1014,8 +1031,11 @@ static inline int path_unplain(const char *path) {
  * with errno when that directory cannot be opened (the whole path could
  * not be either). No system call otherwise. `letters`: the path rules'
  * reading, which keeps a ".." after a process's root for them to read by
- * its letters. */
-HIDDEN int plain_path(const char *path, char out[PATH_MAX], int letters);
+ * its letters. `resolve`: openat2's flags (path_resolve), 0 for any other
+ * call: a ".." taken by the name after a symbolic link of /proc's (self,
+ * thread-self, net) is ELOOP under RESOLVE_NO_SYMLINKS, as the kernel's
+ * walk to it, and a directory resolved is opened with them. */
+HIDDEN int plain_path(const char *path, char out[PATH_MAX], int letters, int resolve);
 
 /* The same for `path` relative to `dirfd` (AT_FDCWD for the calls without
  * one): path_hooked, or a virtual id under a directory of /proc. */

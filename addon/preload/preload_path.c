@@ -1179,7 +1179,7 @@ static NOINLINE const char *proc_root_unplain(const char *path, int op, char buf
   char plain[PATH_MAX];
   const char *rest;
   *taken = 0;
-  if (plain_path(path, plain, 1) <= 0) return NULL;
+  if (plain_path(path, plain, 1, 0) <= 0) return NULL;
   /* A ".." kept outside /proc ("/tmp/../proc/self/root/x"): the rules
    * read it by its letters, as proc_path_letters does (r416 F4: it
    * reached the original, past the rule). */
@@ -1199,7 +1199,21 @@ const char *path_slow(const char *path, int op, char buf[PATH_MAX]) {
   const char *p = path;
   if (!(op & PATH_INROOT) && proc_path_may_name(path)) {
     const char *rest = NULL;
-    if (g_h->instance.redirs && UNLIKELY(path_unplain(path))) {
+    int resolve = path_resolve(op);
+    /* An absolute path under RESOLVE_BENEATH: the kernel refuses it
+     * (EXDEV) before it reads a name. */
+    if (UNLIKELY(resolve & RESOLVE_BENEATH_)) return path;
+    if (UNLIKELY(resolve)) {
+      /* openat2 with RESOLVE_NO_SYMLINKS, NO_MAGICLINKS or BENEATH: the
+       * kernel's reading with them, whose refusal of a link the view
+       * would stand in for is the answer (r432 N6). Under rules, their
+       * reading below once it passes; a process's root not taken
+       * through them (that stands in for its magic link: the kernel,
+       * handed the path, refuses it). */
+      const char *k = proc_path_resolve(path, buf, resolve);
+      if (!k) return NULL;
+      if (!g_h->instance.redirs) return k;
+    } else if (g_h->instance.redirs && UNLIKELY(path_unplain(path))) {
       int taken;
       const char *r = proc_root_unplain(path, op, buf, &taken);
       if (taken) return r;
@@ -1246,10 +1260,10 @@ const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf
    * /proc, "3/<vpid>" under /proc/self/fd (r432 N1). */
   if (kind != PROC_DIR_NONE && (UNLIKELY(rel_dotted(path)) || UNLIKELY(link_before_number(path)) ||
                                 (kind == PROC_DIR_INSIDE && UNLIKELY(fd_link_before_number(path))))) {
-    const char *r = proc_at_join(dirfd, path, buf);
+    const char *r = proc_at_join(dirfd, path, buf, path_resolve(op));
     if (r != path) return r;
   }
-  if (kind == PROC_DIR_NONE && UNLIKELY(rel_reaches_number(path))) return proc_rel_join(dirfd, path, buf);
+  if (kind == PROC_DIR_NONE && UNLIKELY(rel_reaches_number(path))) return proc_rel_join(dirfd, path, buf, path_resolve(op));
   return kind != PROC_DIR_NONE ? proc_at_path(kind, path, buf) : path;
 }
 
@@ -1587,7 +1601,7 @@ static NOINLINE long link_answer_unplain(int dirfd, const char *path, char *out,
     while (path[0] == '.' && path[1] == '/') /* "./": the directory itself */
       for (path += 2; *path == '/'; path++) {}
   int saved = errno; /* the readlink succeeded: a failure to make the name plain is no error of its (r388 L3) */
-  if (plain_path(path, plain, 0) <= 0) {
+  if (plain_path(path, plain, 0, 0) <= 0) {
     errno = saved;
     return n; /* too long (not a link of /proc's), or a directory in it gone */
   }
@@ -1759,6 +1773,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
   int dirfd = AT_FDCWD, flags = -1; /* flags: an open's, else -1 */
   int op = PATH_READ, at = 0;       /* at: the path's argument, 0 or 1 */
   int inroot = 0;                   /* openat2's RESOLVE_IN_ROOT */
+  int resolve = 0;                  /* its other resolve flags, as op bits */
   switch (nr) {
     /* Calls that change metadata or make a name (the wrappers above): the
      * path first, or after a directory. */
@@ -1809,6 +1824,8 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
       const struct { uint64_t flags, mode, resolve; } *how = (const void *)c;
       flags = how && (size_t)d >= sizeof how->flags ? (int)how->flags : O_RDONLY;
       inroot = how && (size_t)d >= sizeof *how && (how->resolve & 0x10 /* RESOLVE_IN_ROOT */);
+      /* NO_MAGICLINKS, NO_SYMLINKS, BENEATH: kept by the /proc view (r432 N6) */
+      if (how && (size_t)d >= sizeof *how) resolve = (int)(how->resolve & 0xe) << PATH_RESOLVE_SHIFT;
       dirfd = (int)a;
       at = 1;
       break;
@@ -1823,7 +1840,7 @@ long do_path_syscall(long nr, long a, long b, long c, long d, long e) {
       at = 1;
   }
   const char *path = (const char *)(at ? b : a);
-  if (flags != -1) op = open_op(flags) | (inroot ? PATH_INROOT : 0);
+  if (flags != -1) op = open_op(flags) | (inroot ? PATH_INROOT : 0) | resolve;
   int link = nr == SYS_readlink || nr == SYS_readlinkat;
   ID_WINDOW_IF(link && answer_may_hold_ids(path));
   long r = path && at_path_hooked(dirfd, path) ? path_syscall_slow(nr, a, b, c, d, e, dirfd, at, op)

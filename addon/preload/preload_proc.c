@@ -188,6 +188,42 @@ static int dotdot_resolved(const char *out, size_t n, const char *rest, int lett
   return number_follows(rest);
 }
 
+/* Opens absolute `path` (O_PATH, `flags`) as openat2 with the caller's
+ * resolve flags walks it: a descriptor, or -errno, the kernel's refusal
+ * of a link on the way (ELOOP; EXDEV for a magic link under
+ * RESOLVE_BENEATH: an absolute path is never beneath, so it is asked as
+ * NO_MAGICLINKS, which is what BENEATH refuses of a link of /proc's).
+ * Without resolve flags an openat. */
+static long open_walk(const char *path, int flags, int resolve) {
+  flags |= O_PATH | O_CLOEXEC;
+  if (!resolve) return SYS4(openat, AT_FDCWD, path, flags, 0);
+  struct { uint64_t flags, mode, resolve; } how = {(uint64_t)flags, 0, 0};
+  how.resolve = (uint64_t)(resolve & (RESOLVE_NO_SYMLINKS_ | RESOLVE_NO_MAGICLINKS_));
+  if (resolve & RESOLVE_BENEATH_) how.resolve |= RESOLVE_NO_MAGICLINKS_;
+  long fd = SYS4(openat2, AT_FDCWD, path, &how, sizeof how);
+  if (fd == -ELOOP && !(resolve & (RESOLVE_NO_SYMLINKS_ | RESOLVE_NO_MAGICLINKS_))) fd = -EXDEV;
+  return fd;
+}
+
+/* 0 when the kernel's walk of absolute `path` (system ids) keeps the
+ * resolve flags, else its errno. One openat2 and close, asked only for
+ * openat2 with such flags, at a link the view would stand in for. */
+static NOINLINE int walk_refused(const char *path, int resolve) {
+  long fd = open_walk(path, 0, resolve);
+  if (fd < 0) return (int)-fd;
+  SYS1(close, fd);
+  return 0;
+}
+
+/* walk_refused of a walk through /dev/fd: also EXDEV under
+ * RESOLVE_BENEATH (its target, /proc/self/fd, is absolute; reached from
+ * a relative path joined beneath a directory: an absolute one path_slow
+ * leaves to the kernel). */
+static int dev_fd_refused(const char *path, int resolve) {
+  int refused = walk_refused(path, resolve);
+  return refused ? refused : (resolve & RESOLVE_BENEATH_) ? EXDEV : 0;
+}
+
 /* The directory out[0..n) (absolute, ending with '/') as the kernel
  * resolves it, for a ".." after it whose parent no name tells
  * (/proc/sys/.., /tmp/.., a link such as /proc/self/cwd): opened (O_PATH,
@@ -201,13 +237,16 @@ static int dotdot_resolved(const char *out, size_t n, const char *rest, int lett
  * or could not be checked (EMFILE), which is not let through either: a
  * virtual id after the ".." would be read as a system one. Asked only for
  * such a ".." followed by a number (number_follows): a few system calls,
- * in a frame of its own, never on a common path. */
-static NOINLINE long resolved_dir(char *out, size_t n) {
+ * in a frame of its own, never on a common path. With `resolve` (openat2's
+ * RESOLVE_NO_SYMLINKS, NO_MAGICLINKS, BENEATH) opened as the caller's walk
+ * goes: a link it refuses (self, cwd, root, fd/<n>) is its errno, not the
+ * directory the link leads to (r432 N6). */
+static NOINLINE long resolved_dir(char *out, size_t n, int resolve) {
   char sys[PATH_MAX];
   out[n] = '\0';
   const char *p = proc_path_plain(out, sys);
   if (!p) return -1;
-  long fd = SYS4(openat, AT_FDCWD, p, O_PATH | O_DIRECTORY | O_CLOEXEC, 0);
+  long fd = open_walk(p, O_DIRECTORY, resolve);
   if (fd < 0) {
     errno = (int)-fd;
     return -1;
@@ -244,7 +283,17 @@ static NOINLINE long resolved_dir(char *out, size_t n) {
   return m;
 }
 
-int plain_path(const char *path, char out[PATH_MAX], int letters) {
+/* Whether absolute out[0..n) (a directory of /proc, taken by its name) is
+ * under a symbolic link of /proc's: "self", "thread-self" or "net" right
+ * after "/proc/". */
+static int under_proc_symlink(const char *out, size_t n) {
+  if (n < 7 || memcmp(out, "/proc/", 6)) return 0;
+  const char *c = out + 6, *e = memchr(c, '/', n - 6);
+  size_t len = e ? (size_t)(e - c) : n - 6;
+  return (len == 4 && !memcmp(c, "self", 4)) || (len == 11 && !memcmp(c, "thread-self", 11)) || (len == 3 && !memcmp(c, "net", 3));
+}
+
+int plain_path(const char *path, char out[PATH_MAX], int letters, int resolve) {
   size_t n = 0;
   /* Set once a ".." was kept: what follows it is the kernel's to resolve,
    * and a later ".." is no longer the parent of what out shows. */
@@ -271,11 +320,18 @@ int plain_path(const char *path, char out[PATH_MAX], int letters) {
     if (!kept && s[0] == '.' && s[1] == '.' && n && out[n - 1] == '/' && (s[2] == '/' || s[2] == '\0')) {
       int named = n == canon; /* the parent of a name the kernel gave */
       size_t up = named ? parent_of(out, n) : dotdot(out, n);
+      /* By the name after a link the kernel would follow (a name it gave
+       * has none): under RESOLVE_NO_SYMLINKS its walk stops at the link
+       * (r432 N6: "/proc/self/../<vpid>" opened the process). */
+      if (up && !named && UNLIKELY(resolve & RESOLVE_NO_SYMLINKS_) && under_proc_symlink(out, n)) {
+        errno = ELOOP;
+        return -1;
+      }
       /* A ".." whose parent no name tells, followed by a number
        * ("/proc/sys/../<vpid>/stat", "/tmp/../proc/<vpid>"): the kernel
        * would read that number as a system id. */
       if (!up && out[0] == '/' && UNLIKELY(dotdot_resolved(out, n, s + 2, letters))) {
-        long r = resolved_dir(out, n);
+        long r = resolved_dir(out, n, resolve);
         if (r < 0) return -1;
         if (r > 0) up = parent_of(out, (size_t)r), named = 1;
       }
@@ -345,13 +401,13 @@ const char *lexical_proc(const char *plain) {
  * hand the kernel a virtual id. */
 enum { PROC_NESTING = 2, PROC_ROUNDS = 40 };
 
-static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth);
-static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters);
+static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth, int resolve);
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters, int resolve);
 
 /* proc_path of a path that starts "/proc/", `depth` deep (the kernel's
  * reading). */
-static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int depth) {
-  if (UNLIKELY(path_unplain(path)) || UNLIKELY(proc_link_ahead(path))) return proc_path_unplain(path, buf, depth, 0);
+static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int depth, int resolve) {
+  if (UNLIKELY(path_unplain(path)) || UNLIKELY(proc_link_ahead(path))) return proc_path_unplain(path, buf, depth, 0, resolve);
   return proc_path_plain(path, buf);
 }
 
@@ -376,6 +432,29 @@ static NOINLINE int proc_anchor_kind(const char *plain, size_t dlen, char buf[PA
   return 1;
 }
 
+/* In plain `plain` (not "/dev/fd/..." itself), the "/dev/fd/.." after a
+ * kept ".." ("/tmp/../dev/fd/../../<vpid>", "/dev/../dev/fd/..": r432
+ * N7) whose directory through "fd" is this process's /proc/self/fd by
+ * device and inode (the kernel's walk of it ends there: the parent is
+ * /proc/self): a pointer to what follows that "..", "" or "/...". NULL
+ * when there is none. Two stats for each such "/dev/fd/.." (a few, in
+ * paths already hooked by their "/dev/", "/fd/" and ".."), in buf (free
+ * here) and a frame of their own. */
+static NOINLINE const char *dev_fd_kept(const char *plain, char buf[PATH_MAX]) {
+  struct stat d, want;
+  int asked = 0;
+  for (const char *c = strstr(plain + 1, "/dev/fd/.."); c; c = strstr(c + 1, "/dev/fd/..")) {
+    if (c[10] != '/' && c[10]) continue;
+    size_t dlen = (size_t)(c + 7 - plain); /* through "fd" */
+    memcpy(buf, plain, dlen);
+    buf[dlen] = '\0';
+    if (!asked && SYS4(newfstatat, AT_FDCWD, "/proc/self/fd", &want, AT_NO_AUTOMOUNT) < 0) return NULL;
+    asked = 1;
+    if (SYS4(newfstatat, AT_FDCWD, buf, &d, AT_NO_AUTOMOUNT) == 0 && d.st_dev == want.st_dev && d.st_ino == want.st_ino) return c + 10;
+  }
+  return NULL;
+}
+
 /* proc_path of a path with repeated slashes, "." or ".." components: of
  * the plain path, the answer the rewritten one, or else the plain path
  * itself (in buf). Never `path`: a ".." taken out lexically after a
@@ -392,7 +471,7 @@ static NOINLINE int proc_anchor_kind(const char *plain, size_t dlen, char buf[PA
  * the kernel). A reading that goes on from another path ("/dev/fd/..",
  * the letters' "/proc/...") goes round again with it in buf: one plain
  * copy, whatever the depth. */
-static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters) {
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters, int resolve) {
   char plain[PATH_MAX];
   const char *src = path;
   /* The links the rounds followed (as the kernel would): PROC_ROUNDS,
@@ -405,7 +484,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
       errno = ELOOP;
       return NULL;
     }
-    int made = plain_path(src, plain, letters);
+    int made = plain_path(src, plain, letters, resolve);
     if (made < 0) return NULL;
     /* Too long once plain (a directory's name the kernel gave is longer
      * than its spelling): the path as written would fit, and its number
@@ -424,8 +503,40 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
     if (UNLIKELY(dev_fd_up(plain))) {
       char link[16];
       if (SYS4(readlinkat, AT_FDCWD, "/dev/fd", link, sizeof link) == 13 && !memcmp(link, "/proc/self/fd", 13)) {
+        /* openat2 RESOLVE_NO_SYMLINKS: the kernel stops at /dev/fd (r432
+         * N6); its walk asked, for its own errno. */
+        int refused = UNLIKELY(resolve) ? dev_fd_refused("/dev/fd/..", resolve) : 0;
+        if (refused) {
+          errno = refused;
+          return NULL;
+        }
         memcpy(buf, "/proc/self", 10);
         strcpy(buf + 10, plain + 10); /* "" or "/...": what follows "/dev/fd/.." */
+        src = buf;
+        links += 2; /* /dev/fd and /proc/self */
+        continue;
+      }
+    }
+    /* "/dev/fd/.." after a kept "..": "/proc/self" the same, once the
+     * walk to it is this process's fd directory (r432 N7). No longer
+     * than plain: the prefix is longer than "/proc/self". The kernel's
+     * reading only: the rules read a ".." outside /proc by its letters,
+     * nothing looked up (r388 H1). */
+    if (!letters && UNLIKELY(strncmp(plain, "/proc/", 6) != 0 && strstr(plain + 1, "/dev/fd/..") != NULL)) {
+      const char *after = dev_fd_kept(plain, buf);
+      if (after) {
+        if (UNLIKELY(resolve)) {
+          size_t dlen = (size_t)(after - plain);
+          memcpy(buf, plain, dlen);
+          buf[dlen] = '\0';
+          int refused = dev_fd_refused(buf, resolve);
+          if (refused) {
+            errno = refused;
+            return NULL;
+          }
+        }
+        memcpy(buf, "/proc/self", 10);
+        strcpy(buf + 10, after);
         src = buf;
         links += 2; /* /dev/fd and /proc/self */
         continue;
@@ -441,7 +552,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
     size_t link = proc_link_ahead(plain);
     if (UNLIKELY(link)) {
       memcpy(buf, plain, link + 1); /* through its '/' */
-      long r = resolved_dir(buf, link + 1);
+      long r = resolved_dir(buf, link + 1, resolve);
       if (r < 0) return NULL;
       if (r > 0) {
         const char *rest = plain + link + 1;
@@ -480,6 +591,18 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
        * F8: no ELOOP for a tree's own "proc/2"). */
       const char *anchor = proc_before_number(plain);
       int kind = anchor ? proc_anchor_kind(plain, (size_t)(anchor + 5 - plain), buf) : 0;
+      if (kind == 1 && UNLIKELY(resolve)) {
+        /* The walk to that "proc" may follow a link of the user's (to
+         * /proc/self/root/..., say): the kernel's, with the flags. */
+        size_t dlen = (size_t)(anchor + 5 - plain);
+        memcpy(buf, plain, dlen);
+        buf[dlen] = '\0';
+        int refused = walk_refused(buf, resolve);
+        if (refused) {
+          errno = refused;
+          return NULL;
+        }
+      }
       if (kind == 1) {
         strcpy((char *)memcpy(buf, "/proc/", 6) + 6, anchor + 5); /* no longer than plain */
         src = buf;
@@ -490,7 +613,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
           errno = ELOOP;
           return NULL;
         }
-        r = proc_rel_join_at(AT_FDCWD, plain, buf, depth + 1);
+        r = proc_rel_join_at(AT_FDCWD, plain, buf, depth + 1, resolve);
         if (!r || r != plain) return r;
       }
     }
@@ -499,9 +622,9 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
   return strcpy(buf, plain);
 }
 
-static const char *proc_path_read(const char *path, char buf[PATH_MAX], int letters) {
+static const char *proc_path_read(const char *path, char buf[PATH_MAX], int letters, int resolve) {
   if (!path || path[0] != '/' || !g_h) return path;
-  if (UNLIKELY(path_unplain(path)) || UNLIKELY(proc_link_ahead(path))) return proc_path_unplain(path, buf, 0, letters);
+  if (UNLIKELY(path_unplain(path)) || UNLIKELY(proc_link_ahead(path))) return proc_path_unplain(path, buf, 0, letters, resolve);
   return proc_path_plain(path, buf);
 }
 
@@ -509,11 +632,15 @@ static const char *proc_path_read(const char *path, char buf[PATH_MAX], int lett
  * the rewritten one; NULL with errno set when the path must fail. The
  * wrappers that use it are in preload_path.c (path_slow). */
 const char *proc_path(const char *path, char buf[PATH_MAX]) {
-  return proc_path_read(path, buf, 0);
+  return proc_path_read(path, buf, 0, 0);
+}
+
+const char *proc_path_resolve(const char *path, char buf[PATH_MAX], int resolve) {
+  return proc_path_read(path, buf, 0, resolve);
 }
 
 const char *proc_path_letters(const char *path, char buf[PATH_MAX]) {
-  return proc_path_read(path, buf, 1);
+  return proc_path_read(path, buf, 1, 0);
 }
 
 /* --- Relative to a descriptor of /proc -------------------------------------
@@ -607,7 +734,7 @@ const char *proc_at_path(int kind, const char *path, char buf[PATH_MAX]) {
   return buf;
 }
 
-const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
+const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve) {
   char dir[64];
   long n = proc_dir_link(dirfd, dir, sizeof dir);
   if (n < 0) return path;
@@ -627,7 +754,7 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX]) {
   /* No "." or ".." after all (a hidden name), and no link followed by a
    * number ("self/root/proc/<vpid>": r432 N1): the relative logic. */
   if (!path_unplain(buf) && !proc_link_ahead(buf)) return path;
-  return proc_path_unplain(buf, buf, 0, 0);
+  return proc_path_unplain(buf, buf, 0, 0, resolve);
 }
 
 /* The path from the last "proc" component before `path`'s first number
@@ -658,11 +785,11 @@ static const char *proc_before_number(const char *path) {
  * RESOLVE_BENEATH and NO_XDEV still hold), no link's text is taken for a
  * path (a directory outside our root, another mount namespace: r388
  * M3), and no absolute name of a deep directory makes it too long. */
-const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX]) {
-  return proc_rel_join_at(dirfd, path, buf, 0);
+const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve) {
+  return proc_rel_join_at(dirfd, path, buf, 0, resolve);
 }
 
-static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth) {
+static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth, int resolve) {
   const char *anchor = proc_before_number(path);
   if (!anchor || (dirfd < 0 && dirfd != AT_FDCWD)) return path;
   const char *num = anchor + 5; /* what follows "proc/" */
@@ -684,7 +811,7 @@ static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_M
   }
   memcpy(abs, "/proc/", 6);
   memcpy(abs + 6, num, rest + 1);
-  const char *r = proc_path_nested(abs, buf, depth);
+  const char *r = proc_path_nested(abs, buf, depth, resolve);
   if (!r || r == abs) return r ? path : NULL;
   if (strncmp(r, "/proc/", 6) != 0) {
     /* A ".." out of /proc again ("proc/1/../../etc", and back in:
