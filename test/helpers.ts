@@ -373,8 +373,12 @@ export function alive(pid: number): boolean {
 
 /** System ids of the SysV objects that exist now, by kind. */
 /** Mode of the SysV objects a test makes outside every application on
- * purpose (trust.test.ts's foreign objects): no other test counts them as
- * stray. */
+ * purpose (trust.test.ts's and ipc.test.ts's foreign objects, the segment
+ * hostile-sysv.test.ts keeps beside an application, keyedrmid's objects
+ * under an application's keys): no other test counts them as stray. Test
+ * files run at once, and a restore's check for strays (restore.test.ts)
+ * counted hostile-sysv's segment, made by root under no application,
+ * once in CI. */
 export const FOREIGN_IPC_MODE = 0o604;
 
 /** The SysV ids that exist, but those made foreign on purpose unless

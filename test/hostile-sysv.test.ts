@@ -26,7 +26,7 @@ import { addon } from '../src/native.js';
 import { LocalRegistry } from '../src/registry.js';
 import { expectRestoreRefused, writeSignedImage, writeSignedImageWithPages } from './crafted.js';
 import { MSGMNB_WAS } from './global-msgmnb.js';
-import { command as appshot, root, Sandbox, waitFor } from './helpers.js';
+import { command as appshot, FOREIGN_IPC_MODE, root, Sandbox, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 /** Another node, whose key signs the crafted images. */
@@ -391,13 +391,13 @@ print(ctypes.string_at(at + int(sys.argv[2]), int(sys.argv[3])).hex())
 libc.shmdt(ctypes.c_void_p(at))
 `;
 
-// Another process's private segment (IPC_CREAT | 0600) of 64 MiB, never
+// Another process's private segment (IPC_CREAT, FOREIGN_IPC_MODE) of 64 MiB, never
 // attached, made before the application and held while standard input
 // is open; removed after.
 const FOREIGN_SEGMENT = `
 import ctypes, sys
 libc = ctypes.CDLL(None, use_errno=True)
-i = libc.shmget(0, 64 << 20, 0o1600)
+i = libc.shmget(0, 64 << 20, 0o1000 | ${FOREIGN_IPC_MODE})
 print(i, flush=True)
 sys.stdin.read()
 libc.shmctl(i, 0, None)`;

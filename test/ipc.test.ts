@@ -144,12 +144,12 @@ describe('the ownership rule against the kernel\'s clock', () => {
   });
 });
 
-// Another process's private segment (IPC_CREAT | 0600), made before the
+// Another process's private segment (IPC_CREAT, FOREIGN_IPC_MODE), made before the
 // application and held while standard input is open; removed after.
 const FOREIGN_SEGMENT = `
 import ctypes, sys
 libc = ctypes.CDLL(None, use_errno=True)
-i = libc.shmget(0, 4096, 0o1600)
+i = libc.shmget(0, 4096, 0o1000 | ${FOREIGN_IPC_MODE})
 print(i, flush=True)
 sys.stdin.read()
 libc.shmctl(i, 0, None)

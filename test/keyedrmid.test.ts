@@ -126,8 +126,13 @@ describe("a dead creator's own object, and another's under its key", () => {
     for (const pid of processes) process.kill(pid, 'SIGKILL');
     await waitFor(() => processes.every((pid) => !alive(pid)), 10_000, `the processes of ${aid} to go`);
     // Its `appshot run` finds it lost (nobody wrote how it ended) and
-    // releases it: its SysV objects by the tables' entries, its tables.
+    // releases it, its SysV objects by the tables' entries, its tables,
+    // if nothing of it ran when it looked; the processes are killed one
+    // after the other, and a run that looks between two (or while one is
+    // still exiting) keeps the registration for the next look (`ps`),
+    // which releases it the same way (ci-49f: the run had kept it).
     await app.exited;
+    sb.ok(['ps']);
     expect(sb.allAids()).not.toContain(aid);
     expect(objectsOf(salt, [vkey]).map((o) => o.id)).toEqual([outside]);
   });
