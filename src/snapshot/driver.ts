@@ -1200,6 +1200,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     const ctx = timed('context (tables)', () => new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids));
     ctx.freezeBegan = freezeBegan;
     ctx.ipcOwnership = reg.ipcOwnership(record);
+    ctx.initPid = initPid;
     ctx.launchKeyring = record.launchKeyring;
     if (cow) ctx.cow = cow;
     if (opts.inherited) ctx.inherited = opts.inherited;
