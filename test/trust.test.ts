@@ -18,7 +18,7 @@
  * objects stay, the application's own processes and objects go.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { copyFileSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -239,5 +239,68 @@ describe('tables rewritten by a process of another uid', () => {
     }
     expect(sb.run(['stop', 'copy', '-s', 'KILL']).code).toBe(0);
     await waitFor(() => !sb.aids().includes('copy'), 10_000, 'copy to end');
+  });
+});
+
+/** The user namespace /proc/PID/ns/user names, '' once gone. */
+function userNs(pid: number): string {
+  try {
+    return readlinkSync(`/proc/${pid}/ns/user`);
+  } catch {
+    return '';
+  }
+}
+
+// Whether uid 65534 may make a user namespace here (kernels and
+// distributions may forbid it: unprivileged_userns_clone, AppArmor).
+const nobodyUserNs = spawnSync(asNobody[0], [...asNobody.slice(1), 'unshare', '-Ur', 'true']).status === 0;
+
+describe("init_pid written by a process of the application (the header is the application's to write)", () => {
+  it.skipIf(!nobodyUserNs)("naming a process in another user namespace: the snapshot still takes the application, judged against its real init's namespaces", async () => {
+    // Not the application's: uid 65534 in a user namespace of its own.
+    const other = spawn(asNobody[0], [...asNobody.slice(1), 'unshare', '-Ur', 'sleep', '1000'], { stdio: 'ignore' });
+    started.push(other);
+    const pid = other.pid!;
+    await waitFor(() => {
+      const ns = userNs(pid);
+      return ns !== '' && ns !== userNs(process.pid) && readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'sleep';
+    }, 10_000, 'sleep in a user namespace of its own');
+    const r = sb.run(['run', '-d', '--aid', 'pointed', '--', fixture('tablethief'), 'point', String(pid)]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => sb.log('pointed').includes(`POINTED ${pid}`) || /FAIL/.test(sb.log('pointed')), 10_000, 'init_pid rewritten');
+    expect(sb.log('pointed')).toContain(`POINTED ${pid}`);
+    const image = join(tmpdir(), `appshot-trust-pointed-${process.pid}.snap`);
+    try {
+      const s = sb.run(['snapshot', 'pointed', '-o', image]);
+      expect(s.code, s.stderr).toBe(0);
+      expect(s.stderr).toMatch(/1 process\b/);
+      await waitFor(() => !sb.aids().includes('pointed'), 10_000, 'pointed to end');
+      expect(alive(pid)).toBe(true);
+    } finally {
+      rmSync(image, { recursive: true, force: true });
+      other.kill('SIGKILL');
+    }
+  });
+
+  it("naming the very process in a user namespace of its own: that process is still refused", async () => {
+    // Root's unshare --user: the process's capabilities inside it would be
+    // a root restore's outside. Were init_pid believed, the namespaces it
+    // is compared with would be its own.
+    const r = sb.run(['run', '-d', '--aid', 'selfns', '--', 'unshare', '--user', '--', fixture('tablethief'), 'point', 'self']);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(() => /POINTED \d+/.test(sb.log('selfns')) || /FAIL/.test(sb.log('selfns')), 10_000, 'init_pid rewritten');
+    const pid = Number(/POINTED (\d+)/.exec(sb.log('selfns'))?.[1]);
+    expect(userNs(pid)).not.toBe(userNs(process.pid));
+    const image = join(tmpdir(), `appshot-trust-selfns-${process.pid}.snap`);
+    try {
+      const s = sb.run(['snapshot', 'selfns', '-o', image]);
+      expect(s.code, s.stderr).toBe(1);
+      expect(s.stderr).toMatch(/process 2 \(tablethief\) is in a user namespace of its own \(user:\[\d+\]\), which cannot be captured yet; the application was left running/);
+      expect(existsSync(image)).toBe(false);
+    } finally {
+      rmSync(image, { recursive: true, force: true });
+      sb.run(['stop', 'selfns', '-s', 'KILL']);
+    }
+    await waitFor(() => !sb.aids().includes('selfns'), 10_000, 'selfns to end');
   });
 });

@@ -90,6 +90,11 @@ export class DumpContext {
    * ipcOwnership): an object its tables name is dumped only if the kernel
    * says it is the application's. */
   ipcOwnership?: { salt: bigint; created: number; initPid: number };
+  /** The application's supervisor as the registry knows it
+   * (trustedInitPid: its record's PID, checked against its start time),
+   * 0 if gone. Never the tables' init_pid: any process of the
+   * application may write that (refuseOwnNamespaces in process.ts). */
+  initPid = 0;
   /** The session keyring the application inherited from whoever ran it
    * (AppRecord.launchKeyring): the session's, not the application's. */
   launchKeyring?: number;

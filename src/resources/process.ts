@@ -306,15 +306,22 @@ const OWN_NAMESPACES: [string, string][] = [
 const initNamespaces = new WeakMap<DumpContext, Map<string, string | undefined>>();
 
 /** Refuses, by name, a process in a PID, network or IPC namespace other
- * than the application's init's. */
+ * than the application's init's. The init is the registry's (ctx.initPid),
+ * never the tables' init_pid: any process of the application may write
+ * that, and pointed at a process elsewhere it would have every process
+ * of the application refused, or, at a process of the application in a
+ * namespace of its own, that process let through. */
 function refuseOwnNamespaces(ctx: DumpContext, pid: number, what: string): void {
   let init = initNamespaces.get(ctx);
   if (!init) {
-    const initPid = ctx.tables.initPid;
+    const initPid = ctx.initPid;
+    // Nothing to judge by: the snapshot would take a process whose
+    // namespaces nobody compared (its init ended under it).
+    if (initPid <= 0) throw new Unsupported(`${what}: the application's init is gone, so whether it is in namespaces of its own cannot be told`);
     // The init's links in one native call (read now, in the window, as
     // they were one by one): nsLink below answers from it.
-    if (initPid > 0) gatherProc(OWN_NAMESPACES.map(([ns]): [ProcKind, string] => ['link', `/proc/${initPid}/ns/${ns}`]));
-    init = new Map(OWN_NAMESPACES.map(([ns]) => [ns, initPid > 0 ? nsLink(initPid, ns) : undefined]));
+    gatherProc(OWN_NAMESPACES.map(([ns]): [ProcKind, string] => ['link', `/proc/${initPid}/ns/${ns}`]));
+    init = new Map(OWN_NAMESPACES.map(([ns]) => [ns, nsLink(initPid, ns)]));
     initNamespaces.set(ctx, init);
   }
   for (const [ns, label] of OWN_NAMESPACES) {

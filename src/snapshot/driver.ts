@@ -1200,6 +1200,7 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     const ctx = timed('context (tables)', () => new DumpContext(image, reg.readTables(record) ?? tables, record.tables, reporting.writer(), parent, trackingFds, trackedPids));
     ctx.freezeBegan = freezeBegan;
     ctx.ipcOwnership = reg.ipcOwnership(record);
+    ctx.initPid = initPid;
     ctx.launchKeyring = record.launchKeyring;
     if (cow) ctx.cow = cow;
     if (opts.inherited) ctx.inherited = opts.inherited;
@@ -1299,6 +1300,13 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     image.stats.pagesFromParent = BigInt(inherited);
     // FIG. 8: each resource classified, by the rules the application runs
     // under or by the standard criteria; the verdicts travel in the image.
+    // The header's instance section is the application's to write (every
+    // process holds the file read-write): what it says of redirections,
+    // environment and identity only goes into the image, as an image
+    // written by hand could say it, and a restore takes the image as
+    // untrusted input (validate.ts; REDIR PATH targets made as the image's
+    // users; a clone keeps only a private /tmp under its own copies,
+    // rebasedRedirs). privateRoot, which `rm` removes, is the registry's.
     image.instance = { redirs: tables.instance.redirs, env: tables.instance.env, privateRoot: record.privateRoot ?? '', identity: tables.instance.identity };
     image.verdicts = classify(image, record.rules ? parseRules(record.rules.text, record.rules.source) : undefined);
     checksumFiles(image);
