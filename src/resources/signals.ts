@@ -53,8 +53,68 @@ export function dumpSigactions(asked: Map<number, Answer>): SigAction[] {
   return out;
 }
 
-export function dumpSharedPending(tid: number): Buffer {
-  return addon().peekSiginfo(tid, true);
+/** The process's pending signals (`pid`: its leader, stopped): its queue
+ * with those pending there without a siginfo (withBareSignals). */
+export function dumpSharedPending(pid: number): Buffer {
+  // The mask first: a signal sent between the two reads is then in the
+  // queue read after (the peek) whatever the mask says, never taken for
+  // one without siginfo.
+  // The status as read once the snapshot's questions were answered
+  // (gathered then: procfs.ts), after any batch that could move a signal.
+  const mask = pendingMask(procText(`/proc/${pid}/status`), 'ShdPnd');
+  return withBareSignals(addon().peekSiginfo(pid, true), mask);
+}
+
+/** A pending mask of a thread's status text (/proc/PID/task/TID/status):
+ * SigPnd, the thread's own signals, or ShdPnd, its process's; bit n-1 for
+ * signal n. */
+export function pendingMask(status: string, field: 'SigPnd' | 'ShdPnd'): bigint {
+  const found = new RegExp(`^${field}:\\s*([0-9a-f]+)$`, 'm').exec(status);
+  if (!found) throw new Error(`a status without ${field}`);
+  return BigInt('0x' + found[1]);
+}
+
+const SI_USER = 0;
+const SIGINFO_BYTES = 128;
+
+/**
+ * A queue of pending siginfos as PTRACE_PEEKSIGINFO reads it (`queued`),
+ * with, after them, one siginfo for each signal set in the queue's
+ * pending mask (`mask`, read before the queue) that none of them names.
+ *
+ * The kernel keeps a signal whose siginfo it could not allocate as its
+ * pending bit alone: a standard signal sent with a negative si_code
+ * (tgkill's SI_TKILL, sigqueue's SI_QUEUE, a timer's) once the user's
+ * queued signals are at RLIMIT_SIGPENDING, a real-time one sent by kill
+ * past it, any where the allocation fails. The peek, which walks the
+ * queue, does not list it, and an image of the queue alone lost it: the
+ * restored program waited for a signal that never came. Whoever takes it
+ * reads what the kernel makes up for it (collect_signal): SI_USER, no
+ * sender (si_pid and si_uid 0), which is what is recorded; queued again
+ * at a restore it comes so, once (a standard signal's bit is one
+ * instance however many were sent; a real-time one's bit without any
+ * siginfo, one taken). A signal with a siginfo queued is not added: the
+ * bit is that siginfo's (a standard one is never queued twice; a
+ * real-time one's bit stays set while any is queued, and one sent bare
+ * beside them is lost in the kernel too). SIGKILL is never queued with a
+ * siginfo, but a process with it pending is dying, not to be restored.
+ */
+export function withBareSignals(queued: Buffer, mask: bigint): Buffer {
+  let bare = mask & ~(1n << BigInt(SIGKILL - 1));
+  for (let at = 0; at + SIGINFO_BYTES <= queued.length; at += SIGINFO_BYTES) {
+    const sig = queued.readInt32LE(at);
+    if (sig >= 1 && sig <= NSIG) bare &= ~(1n << BigInt(sig - 1));
+  }
+  if (!bare) return queued;
+  const made: Buffer[] = [queued];
+  for (let sig = 1; sig <= NSIG; sig++) {
+    if (!(bare & (1n << BigInt(sig - 1)))) continue;
+    const info = Buffer.alloc(SIGINFO_BYTES); // si_errno, si_pid, si_uid: 0
+    info.writeInt32LE(sig, 0);
+    info.writeInt32LE(SI_USER, 8);
+    made.push(info);
+  }
+  return Buffer.concat(made);
 }
 
 /* ---- restore ---------------------------------------------------------- */
