@@ -5,11 +5,13 @@
  * a negative si_code) as its pending bit alone, which PTRACE_PEEKSIGINFO
  * does not list: an image made from the peek alone lost it, and the
  * restored program waited for a signal that never came. The fixture
- * (sigpendbare) holds three such, one in its main thread's own set, one
- * in its second thread's, one in the process's, beside a SIGUSR1 queued
- * with its siginfo to the process, and after SIGHUP takes them, checking
- * that each comes exactly once as the kernel gives a bare one (SI_USER
- * from PID 0), and the queued one with its siginfo.
+ * (sigpendbare) holds such, one in its main thread's own set, one in its
+ * second thread's, two in the process's (a standard one, a real-time one
+ * sent by kill), beside a SIGUSR1 queued with its siginfo to the process
+ * and a real-time one queued with a second instance lost bare (the kernel
+ * gives the queued one alone), and after SIGHUP takes them, checking that
+ * each comes exactly once as the kernel gives a bare one (SI_USER from
+ * PID 0), and the queued ones with their siginfo.
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -39,8 +41,9 @@ function masks(pid: number): string[] {
 }
 
 // SIGUSR1 (bit 9) in the main thread's set, SIGUSR2 (bit 11) in the
-// second thread's, SIGUSR1 and SIGWINCH (bit 27) in the process's.
-const HELD = ['0000000000000200 0000000008000200', '0000000000000800 0000000008000200'];
+// second thread's, SIGUSR1, SIGWINCH (bit 27), SIGRTMIN+2 and +3 (bits
+// 35, 36) in the process's.
+const HELD = ['0000000000000200 0000001808000200', '0000000000000800 0000001808000200'];
 
 /** SIGHUP to the fixture: its verdict, once it has taken its signals. */
 async function verdict(aid: string): Promise<string> {
@@ -51,7 +54,7 @@ async function verdict(aid: string): Promise<string> {
   return after().trim();
 }
 
-const PASSED = 'MAIN USR1 0 0 0, USR1 -1 self 7, WINCH 0 0 0\nSECOND USR2 0 0 0\nPASS';
+const PASSED = 'MAIN USR1 0 0 0, USR1 -1 self 7, WINCH 0 0 0, RT2 -1 self 3, RT3 0 0 0\nSECOND USR2 0 0 0\nPASS';
 
 describe('signals pending without their siginfo (RLIMIT_SIGPENDING reached)', () => {
   for (const lazy of [false, true]) {
