@@ -58,9 +58,9 @@ export function dumpSigactions(asked: Map<number, Answer>): SigAction[] {
 export function dumpSharedPending(pid: number): Buffer {
   // The mask first: a signal sent between the two reads is then in the
   // queue read after (the peek) whatever the mask says, never taken for
-  // one without siginfo.
-  // The status as read once the snapshot's questions were answered
-  // (gathered then: procfs.ts), after any batch that could move a signal.
+  // one without siginfo. It is the status gathered once the snapshot's
+  // questions were answered (procfs.ts), after the batches that could
+  // take a signal and put it back elsewhere.
   const mask = pendingMask(procText(`/proc/${pid}/status`), 'ShdPnd');
   return withBareSignals(addon().peekSiginfo(pid, true), mask);
 }
