@@ -27,17 +27,17 @@ async function started(aid: string): Promise<void> {
   expect(/^FAIL.*$/m.exec(sb.log(aid))?.[0]).toBeUndefined();
 }
 
-/** Each thread's pending masks (SigPnd, ShdPnd), in TID order: the main
- * thread's first (its TID is the process's PID, the lowest). */
+/** Each thread's pending masks (SigPnd, ShdPnd): the main thread's (its
+ * TID is the process's PID) first, then the others' in TID order (PIDs
+ * wrap: the main thread's TID need not be the lowest). */
 function masks(pid: number): string[] {
-  return readdirSync(`/proc/${pid}/task`)
-    .map(Number)
-    .sort((a, b) => a - b)
-    .map((tid) => {
-      const status = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
-      const field = (name: string) => new RegExp(`^${name}:\\s*([0-9a-f]+)$`, 'm').exec(status)![1];
-      return `${field('SigPnd')} ${field('ShdPnd')}`;
-    });
+  const tids = readdirSync(`/proc/${pid}/task`).map(Number);
+  expect(tids).toContain(pid);
+  return [pid, ...tids.filter((tid) => tid !== pid).sort((a, b) => a - b)].map((tid) => {
+    const status = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+    const field = (name: string) => new RegExp(`^${name}:\\s*([0-9a-f]+)$`, 'm').exec(status)![1];
+    return `${field('SigPnd')} ${field('ShdPnd')}`;
+  });
 }
 
 // SIGUSR1 (bit 9) in the main thread's set, SIGUSR2 (bit 11) in the
