@@ -16,7 +16,7 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, Sandbox, waitFor } from './helpers.js';
+import { fixture, Sandbox, stoppedAt, waitFor } from './helpers.js';
 
 const sb = new Sandbox();
 afterAll(() => sb.dispose());
@@ -94,4 +94,60 @@ describe('signals pending without their siginfo (RLIMIT_SIGPENDING reached)', ()
       sb.run(['rm', '-f', 'bare-copy']);
     }
   });
+});
+
+/**
+ * Job control (review r450 F1): SIGCONT sent to a process discards every
+ * stop signal pending in it, and a stop signal every SIGCONT; the kernel
+ * never holds both. Sent while a snapshot reads a queue, between its read
+ * of the pending mask and its peek of the queue, the discarded stop
+ * signal's bit was in the mask and its siginfo no longer in the queue: it
+ * was taken for one pending without siginfo and recorded beside the
+ * SIGCONT, and the restore, queueing it again after, discarded the
+ * SIGCONT (the copy stayed with a SIGTSTP nobody sent it last). The
+ * fixture (sigpendjc) holds a SIGTSTP in its thread's queue or in its
+ * process's; the test sends SIGCONT while the snapshot is stopped at that
+ * point (APPSHOT_TEST_STOP_AT), then restores the image: the copy must
+ * hold the SIGCONT alone, with its siginfo (SI_USER from the test, which
+ * is outside the application: PID 0).
+ */
+describe('a stop signal that job control discards while the snapshot reads the queue', () => {
+  for (const [queue, point] of [
+    ['thread', 'snapshot: main thread pending mask read'],
+    ['process', 'snapshot: shared pending mask read'],
+  ] as const) {
+    it(`is not recorded beside the SIGCONT that discarded it (${queue}'s queue)`, async () => {
+      const aid = `jc-${queue}`;
+      const image = join(sb.home, `${aid}.img`);
+      try {
+        sb.ok(['run', '-d', '--aid', aid, '--', fixture('sigpendjc'), queue]);
+        await waitFor(() => /^(READY|FAIL.*)$/m.test(sb.log(aid)), 10_000, `${aid} to hold its SIGTSTP`);
+        expect(/^FAIL.*$/m.exec(sb.log(aid))?.[0]).toBeUndefined();
+        const pid = sb.systemPid(aid);
+        const snapshot = await stoppedAt(sb, ['snapshot', aid, '-o', image], point, `the snapshot of ${aid} to reach '${point}'`);
+        process.kill(pid, 'SIGCONT');
+        // SIGCONT pending (bit 18) in the process's queue, SIGTSTP (bit 20)
+        // nowhere: the kernel's own state when the snapshot goes on.
+        expect(masks(pid)).toEqual(['0000000000000000 0000000000020000']);
+        const done = await snapshot.go();
+        expect(done.code, done.stderr).toBe(0);
+        // The image: nothing in the thread's queue, the SIGCONT alone in
+        // the process's (inspect shows each queue's size and its start).
+        type Queue = { bytes: number; hex: string };
+        const [recorded] = sb.json<{ processes: { threads: { pending: Queue }[]; sharedPending: Queue }[] }>(['inspect', image]).processes;
+        expect(recorded.threads.map((t) => t.pending.bytes)).toEqual([0]);
+        expect(recorded.sharedPending.bytes).toBe(128);
+        expect(Buffer.from(recorded.sharedPending.hex, 'hex').readInt32LE(0)).toBe(18);
+        sb.ok(['restore', image]);
+        expect(masks(sb.systemPid(aid))).toEqual(['0000000000000000 0000000000020000']);
+        const before = sb.log(aid).length;
+        process.kill(sb.systemPid(aid), 'SIGHUP');
+        const after = () => sb.log(aid).slice(before);
+        await waitFor(() => /^(DONE|FAIL.*)$/m.test(after()), 10_000, `what ${aid} took`);
+        expect(after().trim()).toBe('TOOK CONT 0 0\nDONE');
+      } finally {
+        sb.run(['rm', '-f', aid]);
+      }
+    });
+  }
 });

@@ -17,7 +17,7 @@ import { restoreGenerationAddrOf, timedWaitTpoffOf } from '../ptrace/windows.js'
 import { type MapsLine, readMaps } from './memory.js';
 import { tidMoves } from './mutexes.js';
 import { ownPersonality, ownTimerSlack, seedPersonality, seedSlack } from './attributes.js';
-import { pendingMask, withBareSignals } from './signals.js';
+import { readPending } from './signals.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
 export const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
@@ -130,14 +130,12 @@ export function settleCaughtSignal(t: FrozenThread, asked: ThreadAsked): void {
 
 export function dumpThread(ctx: DumpContext, t: FrozenThread, regs: Buffer, asked: ThreadAsked): Thread {
   const a = addon();
-  // The mask before the queue, as dumpSharedPending reads them, and after
-  // the questions' batches, which may take a signal and put it back
-  // elsewhere (trace.c): the main thread's status is the process's,
-  // gathered then (procfs.ts); another thread's was gathered before them,
-  // so it is read again.
-  const statusPath = `/proc/${t.pid}/task/${t.tid}/status`;
-  const mask = pendingMask(t.tid === t.pid ? procText(statusPath) : readFileSync(statusPath, 'utf8'), 'SigPnd');
-  let pending = withBareSignals(a.peekSiginfo(t.tid, false), mask);
+  // Read fresh around the peek, as the process's queue is (readPending):
+  // the status gathered after the questions (procfs.ts) is older by the
+  // dump of every thread before, in which job control may discard a
+  // pending stop signal or SIGCONT.
+  const point = t.tid === t.pid ? 'snapshot: main thread pending mask read' : 'snapshot: thread pending mask read';
+  let pending = readPending(`/proc/${t.pid}/task/${t.tid}/status`, 'SigPnd', () => a.peekSiginfo(t.tid, false), point);
   // A signal that was being delivered when the thread stopped is still
   // pending from the application's point of view (one queued again,
   // askThread, is in the queue already).
