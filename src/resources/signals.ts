@@ -87,9 +87,10 @@ const PENDING_READS = 8;
  * is still left out beside what discarded it (withBareSignals). Most
  * queues have no bit to make up: they cost the frozen window one status
  * read (tens of µs on a loaded machine), not two. `point`: a test stop
- * point between the first read and the peek (killpoint.ts).
+ * point between the first read and the peek (killpoint.ts); `known`: as
+ * withBareSignals takes it.
  */
-export function readPending(statusPath: string, field: 'SigPnd' | 'ShdPnd', peek: () => Buffer, point: string): Buffer {
+export function readPending(statusPath: string, field: 'SigPnd' | 'ShdPnd', peek: () => Buffer, point: string, known?: Map<number, Buffer>): Buffer {
   for (let read = 1; ; read++) {
     const before = pendingMask(readFileSync(statusPath, 'latin1'), field);
     if (read === 1) killPoint(point);
@@ -99,7 +100,7 @@ export function readPending(statusPath: string, field: 'SigPnd' | 'ShdPnd', peek
     // then, and a second read would tell nothing more.
     if (!(before & ~named & ~bit(SIGKILL))) return queued;
     const after = pendingMask(readFileSync(statusPath, 'latin1'), field);
-    if ((before === after && !(named & ~after)) || read === PENDING_READS) return withBareSignals(queued, before & after);
+    if ((before === after && !(named & ~after)) || read === PENDING_READS) return withBareSignals(queued, before & after, known);
   }
 }
 
@@ -151,8 +152,10 @@ const STOP_SIGNALS = bit(SIGSTOP) | bit(20) | bit(21) | bit(22);
  * real-time one's bit stays set while any is queued, and one sent bare
  * beside them is lost in the kernel too). SIGKILL is never queued with a
  * siginfo, but a process with it pending is dying, not to be restored.
+ * A bit whose siginfo is `known` (a caught signal the snapshot queued
+ * again, threads.ts caughtRequeued) is recorded with that one instead.
  */
-export function withBareSignals(queued: Buffer, mask: bigint): Buffer {
+export function withBareSignals(queued: Buffer, mask: bigint, known?: Map<number, Buffer>): Buffer {
   const named = signalsOf(queued);
   let bare = mask & ~named & ~bit(SIGKILL);
   // The kernel never holds a stop signal and SIGCONT at once (each
@@ -164,6 +167,11 @@ export function withBareSignals(queued: Buffer, mask: bigint): Buffer {
   const made: Buffer[] = [queued];
   for (let sig = 1; sig <= NSIG; sig++) {
     if (!(bare & bit(sig))) continue;
+    const real = known?.get(sig);
+    if (real) {
+      made.push(real);
+      continue;
+    }
     const info = Buffer.alloc(SIGINFO_BYTES); // si_errno, si_pid, si_uid: 0
     info.writeInt32LE(sig, 0);
     info.writeInt32LE(SI_USER, 8);
