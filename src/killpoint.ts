@@ -40,6 +40,13 @@ import { readFileSync } from 'node:fs';
  * maps any, where a test swaps a directory of a mapped file's path for a
  * symlink (test/mapcreds.test.ts).
  *
+ * 'snapshot: main thread pending mask read', 'snapshot: thread pending
+ * mask read' (another thread's) and 'snapshot: shared pending mask read'
+ * (signals.ts readPending): a queue's pending mask read, its siginfos not
+ * yet peeked (the first read of each queue only), where a test sends a
+ * signal that job control makes discard a pending one
+ * (test/sigpendbare.test.ts).
+ *
  * KILL_AT and STOP_AT act on the whole process that reaches the point,
  * FAIL_AT on whatever reaches it while it is set. The resident engine
  * serves many commands (and a hosted serve) in one process, with each

@@ -17,6 +17,7 @@ import { restoreGenerationAddrOf, timedWaitTpoffOf } from '../ptrace/windows.js'
 import { type MapsLine, readMaps } from './memory.js';
 import { tidMoves } from './mutexes.js';
 import { ownPersonality, ownTimerSlack, seedPersonality, seedSlack } from './attributes.js';
+import { readPending } from './signals.js';
 
 /** Byte offsets in struct user_regs_struct (x86-64). */
 export const REG = { rax: 10 * 8, origRax: 15 * 8, rip: 16 * 8, rsp: 19 * 8, fsBase: 21 * 8 } as const;
@@ -31,6 +32,9 @@ export interface ThreadAsked {
   tidAddress: Answer;
   altstack: Answer;
   requeued?: Answer;
+  /** The siginfo queued again with `requeued`: the kernel may have kept
+   * only its bit (RLIMIT_SIGPENDING reached) and still answered 0. */
+  requeuedInfo?: Buffer;
   /** How many more of the requeued real-time signal waited in the
    * thread's queue before it, taken out and queued again behind it (see
    * sameSignalQueued). */
@@ -71,6 +75,7 @@ export function askThread(calls: CallQueue, t: FrozenThread): ThreadAsked {
   behind.forEach((info, i) => calls.ask(SYS.rt_tgsigqueueinfo, [t.pid, tid, taken[i], 'buf'], { tid, input: info }));
   return {
     requeued,
+    requeuedInfo: requeue ? t.siginfo : undefined,
     behind: behind.length,
     tidAddress: calls.ask(NR.prctl, [PR_GET_TID_ADDRESS, 'buf'], { tid, outLength: 8 }),
     altstack: calls.ask(NR.sigaltstack, [0, 'buf'], { tid, outLength: 24 }),
@@ -127,9 +132,32 @@ export function settleCaughtSignal(t: FrozenThread, asked: ThreadAsked): void {
   t.siginfo = undefined;
 }
 
+/** The caught signal queued again for the thread (askThread), by its
+ * number, with the siginfo it was queued with: a standard one sent with
+ * a negative si_code (a timer's, sigqueue's, tgkill's) is kept as its bit
+ * alone once the user is at RLIMIT_SIGPENDING, though the call answers 0,
+ * and that siginfo is what it had, not the SI_USER a bare bit is taken
+ * for (review r450 F2). None if the call failed or never ran: the
+ * siginfo then stays the thread's (settleCaughtSignal). */
+function caughtRequeued(asked: ThreadAsked): Map<number, Buffer> | undefined {
+  const info = asked.requeuedInfo;
+  if (!info) return undefined;
+  try {
+    if (asked.requeued?.ret !== 0n) return undefined;
+  } catch {
+    return undefined;
+  }
+  return new Map([[info.readInt32LE(0), info]]);
+}
+
 export function dumpThread(ctx: DumpContext, t: FrozenThread, regs: Buffer, asked: ThreadAsked): Thread {
   const a = addon();
-  let pending = a.peekSiginfo(t.tid, false);
+  // Read fresh around the peek, as the process's queue is (readPending):
+  // the status gathered after the questions (procfs.ts) is older by the
+  // dump of every thread before, in which job control may discard a
+  // pending stop signal or SIGCONT.
+  const point = t.tid === t.pid ? 'snapshot: main thread pending mask read' : 'snapshot: thread pending mask read';
+  let pending = readPending(`/proc/${t.pid}/task/${t.tid}/status`, 'SigPnd', () => a.peekSiginfo(t.tid, false), point, caughtRequeued(asked));
   // A signal that was being delivered when the thread stopped is still
   // pending from the application's point of view (one queued again,
   // askThread, is in the queue already).
