@@ -763,14 +763,18 @@ const char *appshot_kind_name(enum appshot_kind kind);
  * preload library. */
 
 /* 1 if `pid` is a process of the application whose init is `init_pid` (0:
- * unknown or gone) and whose table file is `tables_path`: a descendant of
- * init (init is a child subreaper, so daemons stay below it), or a process
- * whose environment names these tables in APPSHOT_TABLES (`appshot exec`
- * and its children, whose parent is the CLI), or that holds a descriptor
- * of the table file (every process of the application does, across exec
- * and changes of user; a process outside it can come by one only from one
- * of them, so it is one of theirs, or of their uid). Never PID 1 or below,
- * never init itself. */
+ * unknown or gone) and whose table file is `tables_path` (the
+ * registration's own path, the only one looked up): a descendant of init
+ * (init is a child subreaper, so daemons stay below it), or a process that
+ * holds a descriptor of the table file opened read-write, the file told
+ * by its mount and inode, not by the text its link reads (every process of
+ * the application does, across exec and changes of user; a process
+ * outside it can come by one only from one of them, so it is one of
+ * theirs, or of their uid), or a process all of whose uids are the table
+ * file owner's and whose environment names these tables in APPSHOT_TABLES
+ * (`appshot exec` and its children, whose parent is the CLI). Never PID 1
+ * or below, never init itself. Reads /proc only, with no allocation
+ * (getdents, not opendir); async-signal-safe. */
 int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path);
 /* Sends `sig` to `pid` only if it belongs (see above), through a pidfd
  * opened before the check, so a PID reused meanwhile is not signalled.
