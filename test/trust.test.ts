@@ -215,6 +215,60 @@ describe('tables rewritten by a process of another uid', () => {
     }
   });
 
+  // The writer puts in a process of its own uid that would pass for one of
+  // the application's (reviews r404 F4, r418 F1): frozen and dumped into
+  // root's image with it (and, restored, given a read-write descriptor of
+  // root's tables), or signalled with it by `stop -s KILL`.
+  const passingFor: [string, string, 'snapshot' | 'stop', (tables: string) => string[], (pid: number, tables: string) => boolean][] = [
+    [
+      'names the tables in its environment',
+      'drop6',
+      'snapshot',
+      (tables) => [...asNobody, 'env', `APPSHOT_TABLES=${tables}`, 'sleep', '1000'],
+      (pid, tables) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('sleep\0') && readFileSync(`/proc/${pid}/environ`, 'utf8').includes(`APPSHOT_TABLES=${tables}\0`),
+    ],
+    // Not snapshot: the writer's init_pid, set to this process, makes the
+    // snapshot take its user namespace for the application's and refuse
+    // the application (the namespace check reads the header's init_pid).
+    [
+      'holds a file of the same path on a tmpfs of its own mount namespace',
+      'drop7',
+      'stop',
+      (tables) => [...asNobody, 'unshare', '-Urm', 'sh', '-c', `mount -t tmpfs x /dev/shm && : > ${tables} && exec 7<>${tables} && exec sleep 1000`],
+      (pid, tables) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('sleep\0') && readlinkSync(`/proc/${pid}/fd/7`) === tables,
+    ],
+  ];
+  for (const [how, aid, ending, argv, ready] of passingFor)
+    it(`${ending === 'snapshot' ? 'snapshot freezes and dumps' : 'stop -s KILL signals'} the application only, not a process of the writer's uid whose PID it wrote there and that ${how}`, async () => {
+      const app = await startApp(aid);
+      const { tables } = record(aid);
+      const c = spawn(argv(tables)[0], argv(tables).slice(1), { stdio: 'ignore' });
+      started.push(c);
+      await waitFor(() => {
+        try {
+          return ready(c.pid!, tables);
+        } catch {
+          return c.exitCode !== null;
+        }
+      }, 10_000, `the process that ${how} to be ready`);
+      expect(c.exitCode).toBeNull();
+      const steal = spawnSync(asNobody[0], [...asNobody.slice(1), fixture('tablethief'), 'steal', String(app), String(tablesFd(app, tables)), String(c.pid)], { encoding: 'utf8' });
+      expect(steal.stdout + steal.stderr).toMatch(/STOLEN/);
+      expect(table(aid).pid.map((e) => e.system)).toContain(c.pid);
+      const image = join(tmpdir(), `appshot-trust-${process.pid}-${aid}.snap`);
+      try {
+        const r = sb.run(ending === 'snapshot' ? ['snapshot', aid, '-o', image] : ['stop', aid, '-s', 'KILL']);
+        expect(r.code, r.stderr).toBe(0);
+        if (ending === 'snapshot') expect(r.stderr).toMatch(/1 process\b/);
+        await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+        await waitFor(() => !alive(app), 10_000, `${aid}'s process to go`);
+        expect(alive(c.pid!)).toBe(true);
+      } finally {
+        rmSync(image, { recursive: true, force: true });
+        c.kill('SIGKILL');
+      }
+    });
+
   it('a descriptor in APPSHOT_TABLES_FD that is not the file APPSHOT_TABLES names (a copy) is not used', async () => {
     await startApp('copy');
     const { tables } = record('copy');
