@@ -218,12 +218,21 @@ describe('tables rewritten by a process of another uid', () => {
   // The writer puts in a process of its own uid that would pass for one of
   // the application's (reviews r404 F4, r418 F1): frozen and dumped into
   // root's image with it (and, restored, given a read-write descriptor of
-  // root's tables), or signalled with it by `stop -s KILL`.
-  const passingFor: [string, string, 'snapshot' | 'stop', (tables: string) => string[], (pid: number, tables: string) => boolean][] = [
+  // root's tables), signalled with it by `stop -s KILL`, or taken by init
+  // for a process of the application outside its tree (`appshot exec`'s),
+  // which it waits for before it ends the application.
+  const passingFor: [string, string, 'snapshot' | 'stop' | 'exit', (tables: string) => string[], (pid: number, tables: string) => boolean][] = [
     [
       'names the tables in its environment',
       'drop6',
       'snapshot',
+      (tables) => [...asNobody, 'env', `APPSHOT_TABLES=${tables}`, 'sleep', '1000'],
+      (pid, tables) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('sleep\0') && readFileSync(`/proc/${pid}/environ`, 'utf8').includes(`APPSHOT_TABLES=${tables}\0`),
+    ],
+    [
+      'names the tables in its environment',
+      'drop8',
+      'exit',
       (tables) => [...asNobody, 'env', `APPSHOT_TABLES=${tables}`, 'sleep', '1000'],
       (pid, tables) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('sleep\0') && readFileSync(`/proc/${pid}/environ`, 'utf8').includes(`APPSHOT_TABLES=${tables}\0`),
     ],
@@ -239,7 +248,7 @@ describe('tables rewritten by a process of another uid', () => {
     ],
   ];
   for (const [how, aid, ending, argv, ready] of passingFor)
-    it(`${ending === 'snapshot' ? 'snapshot freezes and dumps' : 'stop -s KILL signals'} the application only, not a process of the writer's uid whose PID it wrote there and that ${how}`, async () => {
+    it(`${{ snapshot: 'snapshot freezes and dumps', stop: 'stop -s KILL signals', exit: 'init, once its last process exits, ends' }[ending]} the application only, not a process of the writer's uid whose PID it wrote there and that ${how}`, async () => {
       const app = await startApp(aid);
       const { tables } = record(aid);
       const c = spawn(argv(tables)[0], argv(tables).slice(1), { stdio: 'ignore' });
@@ -257,9 +266,12 @@ describe('tables rewritten by a process of another uid', () => {
       expect(table(aid).pid.map((e) => e.system)).toContain(c.pid);
       const image = join(tmpdir(), `appshot-trust-${process.pid}-${aid}.snap`);
       try {
-        const r = sb.run(ending === 'snapshot' ? ['snapshot', aid, '-o', image] : ['stop', aid, '-s', 'KILL']);
-        expect(r.code, r.stderr).toBe(0);
-        if (ending === 'snapshot') expect(r.stderr).toMatch(/1 process\b/);
+        if (ending === 'exit') process.kill(app, 'SIGKILL');
+        else {
+          const r = sb.run(ending === 'snapshot' ? ['snapshot', aid, '-o', image] : ['stop', aid, '-s', 'KILL']);
+          expect(r.code, r.stderr).toBe(0);
+          if (ending === 'snapshot') expect(r.stderr).toMatch(/1 process\b/);
+        }
         await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
         await waitFor(() => !alive(app), 10_000, `${aid}'s process to go`);
         expect(alive(c.pid!)).toBe(true);
