@@ -786,9 +786,13 @@ interface Addon {
    * tens of ms under load). `created` above is read from it. */
   ipcClock(): number;
   /** Sends a signal (its number) through a pidfd, only if pid is a process
-   * of the application (a descendant of initPid, or one whose environment
-   * names these tables); false otherwise. */
+   * of the application (pidBelongs); false otherwise. */
   signalMember(pid: number, signal: number, initPid: number, tables: string): boolean;
+  /** Whether pid is a process of the application: a descendant of
+   * initPid; or one holding the table file `tables` opened read-write (the
+   * file by its mount and inode, not the text its link reads); or one whose
+   * uids are all the file owner's and whose environment names it
+   * (appshot_pid_belongs). */
   pidBelongs(pid: number, initPid: number, tables: string): boolean;
   /** A process's start time (clock ticks since boot), its real,
    * effective, saved and filesystem uids, and the targets of its
