@@ -1511,13 +1511,25 @@ static int fdinfo_of(const char *path, uint64_t *flags, uint64_t *mnt, uint64_t 
   int have_flags = 0, have_mnt = 0;
   *has_ino = 0;
   for (char *line = buf; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
-    uint64_t *into = NULL;
-    unsigned base = 10;
-    char *q = NULL;
-    if (!strncmp(line, "flags:", 6)) into = flags, base = 8, q = line + 6, have_flags = 1;
-    else if (!strncmp(line, "mnt_id:", 7)) into = mnt, q = line + 7, have_mnt = 1;
-    else if (!strncmp(line, "ino:", 4)) into = ino, q = line + 4, *has_ino = 1;
-    if (!into) continue;
+    uint64_t *into;
+    unsigned base = 10; /* flags are written in octal */
+    const char *q;
+    if (!strncmp(line, "flags:", 6)) {
+      into = flags;
+      base = 8;
+      q = line + 6;
+      have_flags = 1;
+    } else if (!strncmp(line, "mnt_id:", 7)) {
+      into = mnt;
+      q = line + 7;
+      have_mnt = 1;
+    } else if (!strncmp(line, "ino:", 4)) {
+      into = ino;
+      q = line + 4;
+      *has_ino = 1;
+    } else {
+      continue;
+    }
     while (*q == ' ' || *q == '\t') q++;
     uint64_t v = 0;
     for (; *q >= '0' && *q < (char)('0' + base); q++) v = v * base + (uint64_t)(*q - '0');
