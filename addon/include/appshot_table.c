@@ -1488,42 +1488,42 @@ static int process_dir(pid_t pid, const struct proc_stat *st, char *out, size_t 
   return found;
 }
 
-/* The table file, as the kernel tells it from another file of the same
- * path: its mount id and inode number, as /proc/PID/fdinfo writes them
- * for a descriptor of it, its device, and its owner. */
+/* The table file: its device and inode number (statx), and its owner. */
 struct table_file {
-  uint64_t mnt, ino;
-  int fdinfo_ino; /* whether fdinfo writes an inode (Linux 5.14 on) */
-  unsigned int major, minor;
+  uint32_t dev_major, dev_minor;
+  uint64_t ino;
   uid_t owner;
   const char *path;
   const char *name; /* its last component, with the '/' before it */
 };
 
 /* What fdinfo file `path` says of a descriptor: its flags, mount id and
- * inode (*has_ino: whether it says one). From the struct file the
- * descriptor is: no file system is asked, unlike a stat through
- * /proc/PID/fd/N, which a FUSE server could hold for ever. 0, or -1 if it
- * cannot be read or lacks flags or a mount id. */
+ * inode (*has_ino: whether it says one, Linux 5.14 on). From the struct
+ * file the descriptor is: no file system is asked. The kernel writes
+ * these lines first and a driver's own text (show_fdinfo) after them,
+ * which may be a user's (a dma-buf's name may hold newlines): the first
+ * of each is kept (review r452 F4). 0, or -1 if it cannot be read or
+ * lacks flags or a mount id. */
 static int fdinfo_of(const char *path, uint64_t *flags, uint64_t *mnt, uint64_t *ino, int *has_ino) {
   char buf[1024];
   if (read_small(path, buf, sizeof buf) <= 0) return -1;
   int have_flags = 0, have_mnt = 0;
   *has_ino = 0;
-  for (char *line = buf; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+  for (char *line = buf; line && *line && !(have_flags && have_mnt && *has_ino);
+       line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
     uint64_t *into;
     unsigned base = 10; /* flags are written in octal */
     const char *q;
-    if (!strncmp(line, "flags:", 6)) {
+    if (!have_flags && !strncmp(line, "flags:", 6)) {
       into = flags;
       base = 8;
       q = line + 6;
       have_flags = 1;
-    } else if (!strncmp(line, "mnt_id:", 7)) {
+    } else if (!have_mnt && !strncmp(line, "mnt_id:", 7)) {
       into = mnt;
       q = line + 7;
       have_mnt = 1;
-    } else if (!strncmp(line, "ino:", 4)) {
+    } else if (!*has_ino && !strncmp(line, "ino:", 4)) {
       into = ino;
       q = line + 4;
       *has_ino = 1;
@@ -1538,105 +1538,90 @@ static int fdinfo_of(const char *path, uint64_t *flags, uint64_t *mnt, uint64_t 
   return have_flags && have_mnt ? 0 : -1;
 }
 
-/* The table file at `path` (the registration's own path, which its
- * registry made: never a path a descriptor's link reads) into *t: 0, or
- * -1 if there is no regular file there. */
-static int table_file_of(const char *path, struct table_file *t) {
+/* statx of what descriptor `fd` holds, from the inode's cached
+ * attributes (AT_STATX_DONT_SYNC): a FUSE or network file system answers
+ * from its cache, where a plain fstat may ask its server, and a user's
+ * FUSE server could hold root's look for ever. A raw system call: glibc's
+ * wrapper may emulate it, and is not listed async-signal-safe. */
+static int statx_cached(int fd, struct statx *sx) {
+  return (int)syscall(SYS_statx, fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_TYPE | STATX_INO | STATX_UID,
+                      sx);
+}
+
+/* The table file held by descriptor `fd` (of path `path`, its
+ * registration's) into *t: 0, or -1 if it is no regular file. */
+static int table_file_at(int fd, const char *path, struct table_file *t) {
   const char *slash = strrchr(path, '/');
-  if (!slash || !slash[1] || strlen(path) >= APPSHOT_PATH_MAX) return -1;
-  int fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-  if (fd < 0) return -1;
-  struct stat st;
-  char info[64] = "/proc/self/fdinfo/";
-  put_decimal(info + strlen(info), (uint64_t)fd);
-  uint64_t flags;
-  int ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
-           fdinfo_of(info, &flags, &t->mnt, &t->ino, &t->fdinfo_ino) == 0;
-  close(fd);
-  if (!ok) return -1;
-  t->ino = (uint64_t)st.st_ino;
-  /* glibc's gnu_dev_major/minor. */
-  t->major = (unsigned int)(((st.st_dev >> 8) & 0xfff) | ((st.st_dev >> 32) & ~0xfffull));
-  t->minor = (unsigned int)((st.st_dev & 0xff) | ((st.st_dev >> 12) & ~0xffull));
-  t->owner = st.st_uid;
+  struct statx sx;
+  if (!slash || !slash[1] || strlen(path) >= APPSHOT_PATH_MAX || statx_cached(fd, &sx) != 0 ||
+      !S_ISREG(sx.stx_mode))
+    return -1;
+  t->dev_major = sx.stx_dev_major;
+  t->dev_minor = sx.stx_dev_minor;
+  t->ino = sx.stx_ino;
+  t->owner = sx.stx_uid;
   t->path = path;
   t->name = slash;
   return 0;
 }
 
-/* Whether mount `mnt` is, in the mountinfo file at `path`, of the device
- * MAJOR:MINOR. Read line by line (no allocation): a line's first three
- * fields (mount id, parent id, device) come before any text its mounter
- * chose. */
-static int mount_of_device(const char *path, uint64_t mnt, unsigned int major, unsigned int minor) {
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return 0;
-  char buf[4096], head[64];
-  size_t hl = 0;
-  int in_head = 1, found = 0;
-  ssize_t n;
-  while (!found && ((n = read(fd, buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR)))
-    for (ssize_t i = 0; i < n && !found; i++) {
-      if (buf[i] != '\n') {
-        if (in_head && hl + 1 < sizeof head) head[hl++] = buf[i];
-        else in_head = 0;
-        continue;
-      }
-      head[hl] = 0;
-      /* "ID PARENT MAJOR:MINOR ..." */
-      uint64_t f[4] = {0};
-      const char *p = head;
-      int k = 0;
-      for (; k < 4; k++) {
-        if (*p < '0' || *p > '9') break;
-        for (; *p >= '0' && *p <= '9'; p++) f[k] = f[k] * 10 + (uint64_t)(*p - '0');
-        if (*p != (k == 2 ? ':' : ' ')) break;
-        p++;
-      }
-      if (k == 4) found = f[0] == mnt && f[2] == major && f[3] == minor;
-      hl = 0;
-      in_head = 1;
-    }
+/* The table file at `path` (the registration's own path, which its
+ * registry made: never a path a descriptor's link reads) into *t: 0, or
+ * -1 if there is no regular file there. */
+static int table_file_of(const char *path, struct table_file *t) {
+  int fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return -1;
+  int r = table_file_at(fd, path, t);
   close(fd);
-  return found;
+  return r;
 }
+
+static int all_uids_are(const char *dir, uid_t owner);
 
 /* Whether descriptor `name` of the process seen at `dir` (process_dir)
  * is the table file, opened for reading and writing as the preload opens
- * it (preload_fd.c). Its link's text (`target`, `len` bytes) is only a
- * first filter: a process in a mount namespace of its own may hold a file
- * of the same path on a file system of its own (review r418 F1). The file
- * it is, by mount id and inode from fdinfo:
- *  - the table file's mount and inode;
- *  - or, another mount of the same file system (a process of the
- *    application that opened it by path in a mount namespace of its own):
- *    the mount's device, from the process's mountinfo or ours, the table
- *    file's, and the same inode (one file system numbers its inodes
- *    once);
- *  - on a kernel whose fdinfo writes no inode (before 5.14), the same
- *    mount and the same text only: the same device would be any file of
- *    the same name on a bind of a directory of /dev/shm (review r435 N3).
- * Opened read-write, never O_PATH: that takes the file's permission (its
- * owner's, 0600), where an O_PATH descriptor of the same file takes only a
- * search of /dev/shm, anyone's (review r435 N1); a read-only one reads
- * what is no secret. */
-static int is_table_descriptor(const char *dir, const char *name, const char *target, size_t len,
-                               const struct table_file *t) {
+ * it (preload_fd.c). Read-write, never O_PATH: that takes the file's
+ * permission (its owner's, 0600), where an O_PATH descriptor of the same
+ * file takes only a search of /dev/shm, anyone's (review r435 N1).
+ * The file it is, pinned: /proc/PID/fd/N opened O_PATH (the magic link
+ * followed: no lookup, no file system's ->open) holds that file and its
+ * mount while we look. Its device and inode (statx, cached) must be the
+ * table file's: one file system numbers its inodes once, so this is the
+ * file on any mount of it (a process of the application that reopened it
+ * by path in a mount namespace of its own), and no file of the same name
+ * on a user's own tmpfs (review r418 F1) or a same-named one of its own
+ * on a bind of /dev/shm (same device, another inode). Then the process's
+ * fdinfo for N gives the flags, and a mount id and inode that must be our
+ * pinned descriptor's (our own fdinfo of it): a mount id of a mount we
+ * hold cannot have been freed and given again, so that descriptor is, by
+ * then, of the very file we examined. An id looked up later (in
+ * mountinfo) could have been: a user namespace frees its tmpfs and binds
+ * /dev/shm, which takes the same id at once (review r452 F1).
+ * A kernel whose fdinfo writes no inode (before 5.14) ties the flags to
+ * no file: the descriptor could have been swapped (dup2) between our pin
+ * and the fdinfo read, from an O_PATH one of the table file to a
+ * read-write one of the user's own on /dev/shm (review r452 F2). There
+ * it counts only for a process all of whose uids are the owner's. */
+static int is_table_descriptor(const char *dir, const char *name, const struct table_file *t) {
   char path[128];
   char info[96];
-  uint64_t flags, mnt, ino = 0;
-  int has_ino;
-  if (join_path(info, sizeof info, dir, "fdinfo") != 0 || join_path(path, sizeof path, info, name) != 0 ||
-      fdinfo_of(path, &flags, &mnt, &ino, &has_ino) != 0)
-    return 0;
-  if ((flags & O_PATH) || (flags & O_ACCMODE) != O_RDWR) return 0;
-  if (!has_ino || !t->fdinfo_ino)
-    return mnt == t->mnt && len == strlen(t->path) && memcmp(target, t->path, len) == 0;
-  if (ino != t->ino) return 0;
-  if (mnt == t->mnt) return 1;
-  return (join_path(path, sizeof path, dir, "mountinfo") == 0 &&
-          mount_of_device(path, mnt, t->major, t->minor)) ||
-         mount_of_device("/proc/self/mountinfo", mnt, t->major, t->minor);
+  struct statx sx;
+  uint64_t flags = 0, mnt = 0, ino = 0, pin_flags = 0, pin_mnt = 0, pin_ino = 0;
+  int has_ino, pin_has_ino;
+  if (join_path(info, sizeof info, dir, "fd") != 0 || join_path(path, sizeof path, info, name) != 0) return 0;
+  int pin = open(path, O_PATH | O_CLOEXEC);
+  if (pin < 0) return 0;
+  char self[64] = "/proc/self/fdinfo/";
+  put_decimal(self + strlen(self), (uint64_t)pin);
+  int same = statx_cached(pin, &sx) == 0 && sx.stx_dev_major == t->dev_major && sx.stx_dev_minor == t->dev_minor &&
+             sx.stx_ino == t->ino && fdinfo_of(self, &pin_flags, &pin_mnt, &pin_ino, &pin_has_ino) == 0 &&
+             join_path(info, sizeof info, dir, "fdinfo") == 0 && join_path(path, sizeof path, info, name) == 0 &&
+             fdinfo_of(path, &flags, &mnt, &ino, &has_ino) == 0 && !(flags & O_PATH) &&
+             (flags & O_ACCMODE) == O_RDWR && mnt == pin_mnt;
+  close(pin); /* the mount id compared while it was held */
+  if (!same) return 0;
+  if (has_ino && pin_has_ino) return ino == pin_ino;
+  return all_uids_are(dir, t->owner);
 }
 
 /* Whether the process seen at `dir` holds a descriptor of the table file
@@ -1656,7 +1641,7 @@ static int holds_tables(const char *dir, const struct table_file *t) {
     if (join_path(link, sizeof link, fds, name) != 0) continue;
     ssize_t l = readlink(link, target, sizeof target);
     if (l < (ssize_t)nl || l >= (ssize_t)sizeof target || memcmp(target + l - nl, t->name, nl) != 0) continue;
-    found = is_table_descriptor(dir, name, target, (size_t)l, t);
+    found = is_table_descriptor(dir, name, t);
   }
   close(w.dfd);
   return found;
