@@ -21,10 +21,10 @@
  * the table file decides.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chmodSync, closeSync, openSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { chmodSync, closeSync, mkdtempSync, openSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { addon } from '../src/native.js';
-import { asNobody, waitFor } from './helpers.js';
+import { asNobody, fixture, waitFor } from './helpers.js';
 
 const started: ChildProcess[] = [];
 const madeShm: number[] = [];
@@ -38,7 +38,7 @@ beforeAll(() => {
 afterAll(async () => {
   for (const c of started) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
   for (const id of madeShm) spawnSync('ipcrm', ['-m', String(id)]);
-  for (const f of files) rmSync(f, { force: true });
+  for (const f of files) rmSync(f, { recursive: true, force: true });
 });
 
 /** A table file as the registry makes one: root's, 0600, in /dev/shm. */
@@ -164,6 +164,61 @@ describe('a descriptor of the table file', () => {
     expect(addon().signalMember(forger.pid!, 0, 0, file)).toBe(false);
     await killed(forger);
   });
+});
+
+/** Whether nobody may make a user and mount namespace here; says so
+ * (not passed silently) when it may not. */
+function nobodyMayUnshare(): boolean {
+  const probe = spawnSync(asNobody[0], [...asNobody.slice(1), 'unshare', '-Urm', 'true']);
+  if (probe.status !== 0) console.warn(`skipped: unshare -Urm as nobody fails here (${probe.stderr?.toString().trim()})`);
+  return probe.status === 0;
+}
+
+describe('a file of the table file\'s name on /dev/shm\'s own file system', () => {
+  it('does not count: a bind of a directory of /dev/shm over /dev/shm in a user\'s namespace, the same device, another inode (review r452 F8)', async () => {
+    const file = tableFile();
+    if (!nobodyMayUnshare()) return;
+    const own = `/dev/shm/h460-samedev-${process.pid}-${serial++}`;
+    files.push(own);
+    rmSync(own, { recursive: true, force: true });
+    const forger = await holding([...asNobody, 'unshare', '-Urm', 'sh', '-c', `mkdir ${own} && mount --bind ${own} /dev/shm && : > ${file} && exec 7<>${file} && exec ${SLEEP}`], fd7Is(file));
+    // The very device of the table file: only its inode tells them apart.
+    const held = readFileSync(`/proc/${forger.pid}/fdinfo/7`, 'utf8');
+    expect(statSync(`/proc/${forger.pid}/fd/7`).dev).toBe(statSync(file).dev);
+    expect(held).toMatch(/\nflags:\s*\d*2\n/); // O_RDWR
+    expect(addon().pidBelongs(forger.pid!, 0, file)).toBe(false);
+    expect(addon().signalMember(forger.pid!, 0, 0, file)).toBe(false);
+    await killed(forger);
+  });
+
+  // A mount id is given again as soon as its mount is gone. The attacker
+  // (fixture mountswap.c), in a user namespace of its own, binds a tmpfs
+  // of its own over /dev/shm and holds a file there with the table file's
+  // inode number, read-write; then binds the real /dev/shm over it, which
+  // takes the same mount id, on the table file's device; and again. A
+  // look that read the mount id from fdinfo in the first state and its
+  // device from mountinfo in the second counted the attacker (review r452
+  // F1: 58 of 4153 calls). A look that pins the file it examines cannot.
+  it('does not count while a user swaps its own tmpfs and a bind of /dev/shm under one mount id (review r452 F1)', async () => {
+    const file = tableFile();
+    if (!nobodyMayUnshare()) return;
+    const dir = mkdtempSync('/tmp/h460-mountswap-');
+    files.push(dir);
+    chmodSync(dir, 0o755);
+    const c = spawn(asNobody[0], [...asNobody.slice(1), 'unshare', '-Urm', fixture('mountswap'), file, dir, '2000'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    started.push(c);
+    let out = '';
+    c.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    await waitFor(() => out.includes('ready') || c.exitCode !== null, 120_000, 'the attacker to make its file and mounts');
+    expect(out).toContain('ready');
+    const looks = 3000;
+    let counted = 0;
+    for (let i = 0; i < looks; i++) if (addon().pidBelongs(c.pid!, 0, file)) counted++;
+    // Still swapping at the end: the looks raced a live attacker.
+    expect(c.exitCode, out).toBeNull();
+    expect(counted, `counted in ${counted} of ${looks} looks`).toBe(0);
+    await killed(c);
+  }, 180_000);
 });
 
 describe('an environment naming the table file', () => {
