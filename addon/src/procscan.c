@@ -176,7 +176,11 @@ static int pinned_file(int fddir, int infofd, const char *name, struct procscan_
   struct statx sx;
   uint64_t mnt, ino, flags, pin_mnt, pin_ino, pin_flags;
   int selfdir = open("/proc/self/fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  int r = selfdir < 0 ? -errno : statx_cached(pin, &sx);
+  int r = selfdir < 0 ? -errno : 0;
+  /* A file statx refuses even from its cache (a user's FUSE mount without
+   * allow_other refuses root: EACCES) is no table file, and says nothing
+   * of the look: it must not fail it. */
+  if (r == 0 && statx_cached(pin, &sx) != 0) r = 1;
   if (r == 0) r = fd_identity(selfdir, self, &pin_mnt, &pin_ino, &pin_flags);
   if (r == 0) r = fd_identity(infofd, name, &mnt, &ino, &flags);
   if (r == -ENOENT) r = 1; /* closed since */
