@@ -1715,12 +1715,13 @@ static int environ_names(const char *dir, const struct table_file *t) {
  * Looked at through a live thread if its main one has exited, and judged
  * only if its start time is the same after the look: what was read is of
  * one process, not of one that ended and another given its PID. */
-static int tables_member(pid_t pid, const char *tables_path) {
+static int tables_member(pid_t pid, const char *tables_path, int tables_fd) {
   struct table_file t;
   struct proc_stat before, after;
   char stat[64], dir[96];
   proc_path(stat, pid, "stat");
-  if (table_file_of(tables_path, &t) != 0 || proc_stat_at(stat, &before) != 0 ||
+  if ((tables_fd >= 0 ? table_file_at(tables_fd, tables_path, &t) : table_file_of(tables_path, &t)) != 0 ||
+      proc_stat_at(stat, &before) != 0 ||
       process_dir(pid, &before, dir, sizeof dir) != 0)
     return 0;
   int member = holds_tables(dir, &t) || (all_uids_are(dir, t.owner) && environ_names(dir, &t));
@@ -1728,6 +1729,10 @@ static int tables_member(pid_t pid, const char *tables_path) {
 }
 
 int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path) {
+  return appshot_pid_belongs_fd(pid, init_pid, tables_path, -1);
+}
+
+int appshot_pid_belongs_fd(pid_t pid, pid_t init_pid, const char *tables_path, int tables_fd) {
   if (pid <= 1 || pid == init_pid || pid == getpid()) return 0;
   if (init_pid > 1) {
     /* Up the parent chain: orphans are reparented to init (a subreaper),
@@ -1738,11 +1743,15 @@ int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path) {
       if (p == init_pid) return 1;
     }
   }
-  return tables_path && *tables_path && tables_member(pid, tables_path);
+  return tables_path && *tables_path && tables_member(pid, tables_path, tables_fd);
 }
 
 int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
                           const char *tables_path) {
+  return appshot_signal_member_fd(pid, sig, init_pid, tables_path, -1);
+}
+
+int appshot_signal_member_fd(pid_t pid, int sig, pid_t init_pid, const char *tables_path, int tables_fd) {
   if (pid <= 1) {
     errno = EPERM;
     return -1;
@@ -1751,7 +1760,7 @@ int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
    * the signal goes to the pidfd's (dead) process, not the new one. */
   int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
   if (pfd < 0 && errno != ENOSYS) return -1;
-  if (!appshot_pid_belongs(pid, init_pid, tables_path)) {
+  if (!appshot_pid_belongs_fd(pid, init_pid, tables_path, tables_fd)) {
     if (pfd >= 0) close(pfd);
     errno = EPERM;
     return -1;

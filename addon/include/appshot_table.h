@@ -781,6 +781,15 @@ int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path);
  * Returns 0, or -1 with errno (EPERM when it does not belong). */
 int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
                           const char *tables_path);
+/* The same two with the table file's identity and owner taken from
+ * `tables_fd`, a descriptor of it the caller holds (init's), not from
+ * whatever is at `tables_path` now: a file unlinked under a live init and
+ * made again by another user would make that user's processes count by
+ * their environment, and the application's own, which hold the old file,
+ * not (review r452 F5). `tables_path` is still what an environment must
+ * name. -1: by the path, as above. */
+int appshot_pid_belongs_fd(pid_t pid, pid_t init_pid, const char *tables_path, int tables_fd);
+int appshot_signal_member_fd(pid_t pid, int sig, pid_t init_pid, const char *tables_path, int tables_fd);
 /* Now, in seconds since the epoch, on the clock the kernel stamps a SysV
  * object's ctime with (the time of its last tick, CLOCK_REALTIME_COARSE):
  * `created` below must be read from it, never from CLOCK_REALTIME, which
