@@ -2023,9 +2023,9 @@ const TABLE_MAGIC = 0x5441505041n;
  *    file is 0600, only a process given one by the application (or one of
  *    its owner's) can have it. Not an O_PATH one, which anyone who may
  *    search /dev/shm opens (procscan.c, review r435 N1). The file
- *    is known by its mount and inode (/proc/PID/fdinfo), not by the path
- *    its descriptor's link reads, which a file of another mount namespace
- *    can read too (isTheFile);
+ *    is known by its device and inode, pinned while /proc/PID/fdinfo
+ *    gives its flags, not by the path its descriptor's link reads, which
+ *    a file of another mount namespace can read too (isTheFile);
  *  - or its environment names the file (APPSHOT_TABLES), as a process of
  *    the application that closed or never got the descriptor does (a
  *    static program that closes every descriptor), but only when every uid

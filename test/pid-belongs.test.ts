@@ -10,7 +10,7 @@
  * keep an init alive with nothing of its own left.
  *
  * Counted: a process holding the table file opened read-write (by the
- * file it is: mount and inode), or whose uids are all the file owner's
+ * file it is, pinned: device and inode), or whose uids are all the file owner's
  * and whose environment names the file. Not: another user's O_PATH or
  * read-only descriptor, a file of the same path in a user's own mount
  * namespace, another uid's environment naming it (reviews r418 F1, r435

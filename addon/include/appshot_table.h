@@ -767,7 +767,9 @@ const char *appshot_kind_name(enum appshot_kind kind);
  * registration's own path, the only one looked up): a descendant of init
  * (init is a child subreaper, so daemons stay below it), or a process that
  * holds a descriptor of the table file opened read-write, the file told
- * by its mount and inode, not by the text its link reads (every process of
+ * by its device and inode, pinned while its flags are read (before Linux
+ * 5.14, whose fdinfo ties the flags to no file, only for a process whose
+ * uids are all the owner's), not by the text its link reads (every process of
  * the application does, across exec and changes of user; a process
  * outside it can come by one only from one of them, so it is one of
  * theirs, or of their uid), or a process all of whose uids are the table
