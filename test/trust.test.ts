@@ -18,7 +18,7 @@
  * objects stay, the application's own processes and objects go.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { copyFileSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -296,6 +296,85 @@ describe('tables rewritten by a process of another uid', () => {
         c.kill('SIGKILL');
       }
     });
+
+  // Init judges the processes of its tables by the table file it holds,
+  // not by whatever is at the path now. If the file is unlinked under it
+  // and another user makes one of the same name (/dev/shm is anyone's),
+  // the application's process outside init's tree (`appshot exec`'s),
+  // which holds the old file, still counts: init neither ends the
+  // application under it once its first process is gone, nor stops
+  // passing signals on to it (review r452 F5).
+  it("init, its table file's name taken by another user's file, still counts the application's `appshot exec` process", async () => {
+    const aid = 'drop9';
+    const r = sb.run(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
+    expect(r.code, r.stderr).toBe(0);
+    const { tables, initPid } = record(aid);
+    const parentOf = (pid: number) => Number(/\nPPid:\s*(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
+    let first = 0;
+    await waitFor(() => {
+      for (const n of readdirSync('/proc')) {
+        if (!/^\d+$/.test(n)) continue;
+        try {
+          if (parentOf(Number(n)) === initPid && readFileSync(`/proc/${n}/cmdline`, 'utf8').startsWith('sleep\0')) first = Number(n);
+        } catch {
+          // gone
+        }
+      }
+      return first > 0;
+    }, 10_000, `${aid}'s first process`);
+    const mark = join(tmpdir(), `appshot-trust-${process.pid}-${aid}`);
+    rmSync(`${mark}.ready`, { force: true });
+    rmSync(`${mark}.got`, { force: true });
+    // One process, no children: a child started after the swap would be
+    // given the other user's file by path.
+    const script = 'import os, signal, sys, time\nsignal.signal(signal.SIGUSR1, lambda *a: open(sys.argv[1] + ".got", "w").write("got"))\nopen(sys.argv[1] + ".ready", "w").write("ready")\nwhile True: time.sleep(1)';
+    const ex = sb.start(['exec', aid, '--', '/usr/bin/python3', '-c', script, mark]);
+    try {
+      // Its system PID (getpid() in it says its virtual one).
+      let execPid = 0;
+      await waitFor(() => {
+        if (!existsSync(`${mark}.ready`)) return false;
+        for (const n of readdirSync('/proc')) {
+          try {
+            if (/^\d+$/.test(n) && readFileSync(`/proc/${n}/cmdline`, 'utf8').endsWith(`\0${mark}\0`) && readFileSync(`/proc/${n}/cmdline`, 'utf8').startsWith('/usr/bin/python3\0')) execPid = Number(n);
+          } catch {
+            // gone
+          }
+        }
+        return execPid > 0;
+      }, 10_000, 'the exec process to start');
+      expect(parentOf(execPid)).not.toBe(initPid);
+      expect(readdirSync(`/proc/${execPid}/fd`).some((n) => readlinkSync(`/proc/${execPid}/fd/${n}`) === tables)).toBe(true);
+      rmSync(tables);
+      const made = spawnSync(asNobody[0], [...asNobody.slice(1), 'sh', '-c', `: > ${tables}`], { encoding: 'utf8' });
+      expect(made.status, made.stderr).toBe(0);
+      process.kill(first, 'SIGKILL');
+      // Reaped by init: its look at the rest is made right then.
+      await waitFor(() => !existsSync(`/proc/${first}`), 10_000, `${aid}'s first process to be reaped`);
+      // A signal to init, with its first process gone, goes on to the
+      // application's processes: the exec process only if init still
+      // lives and counts it.
+      try {
+        process.kill(initPid, 'SIGUSR1');
+      } catch {
+        // init ended: the wait below fails
+      }
+      await waitFor(() => existsSync(`${mark}.got`), 10_000, 'init to pass SIGUSR1 on to the exec process');
+      expect(alive(initPid)).toBe(true);
+    } finally {
+      ex.child.kill('SIGKILL');
+      for (const n of readdirSync('/proc'))
+        try {
+          if (/^\d+$/.test(n) && readFileSync(`/proc/${n}/cmdline`, 'utf8').endsWith(`\0${mark}\0`)) process.kill(Number(n), 'SIGKILL');
+        } catch {
+          // gone
+        }
+      rmSync(`${mark}.ready`, { force: true });
+      rmSync(`${mark}.got`, { force: true });
+    }
+    await waitFor(() => !sb.aids().includes(aid) && !alive(initPid), 10_000, `${aid} to end`);
+    rmSync(tables, { force: true });
+  });
 
   it('a descriptor in APPSHOT_TABLES_FD that is not the file APPSHOT_TABLES names (a copy) is not used', async () => {
     await startApp('copy');
