@@ -72,9 +72,10 @@ export function processesOf(record: AppRecord, tables: TablesSnapshot): ProcessR
  *   reaped it yet;
  * - while that init lives, a process below it (a zombie whose parent is in
  *   the application, with a table entry or not, as ps(1) shows it), or one
- *   whose environment names the application's tables (`appshot exec`);
+ *   holding the table file or, of its owner's uids, naming it in its
+ *   environment (`appshot exec`; appshot_pid_belongs);
  * - once it is dead (kill -9 of a foreground run's process group, say), a
- *   live process whose environment names the tables, never a zombie:
+ *   live process holding or naming the tables so, never a zombie:
  *   whatever adopted it has not reaped it, and no init of the application
  *   will drop its entry.
  * A PID reused by another program since the entry was written is none of

@@ -21,10 +21,13 @@ export interface ProcessFacts {
   /** Real, effective, saved, filesystem. */
   uids: [number, number, number, number];
   /** Each descriptor opened for reading and writing (not O_PATH: review
-   * r435 N1), its target, and the file it is ("MNT:INO", as fileIdentity;
-   * "MNT:" on a kernel whose fdinfo has no inode, before 5.14): the
-   * target's text alone does not say which file. */
-  held: { path: string; identity: string }[];
+   * r435 N1), its target, and the file it is ("MAJOR:MINOR:INO", as
+   * fileIdentity, of the file pinned while its flags were read): the
+   * target's text alone does not say which file. `tied`: whether the
+   * kernel's fdinfo tied the flags to that file by its inode (5.14 on);
+   * before, a dup2 swap could pair one file with another's flags (review
+   * r452 F2). */
+  held: { path: string; identity: string; tied: boolean }[];
 }
 
 export const paths = {
@@ -786,9 +789,15 @@ interface Addon {
    * tens of ms under load). `created` above is read from it. */
   ipcClock(): number;
   /** Sends a signal (its number) through a pidfd, only if pid is a process
-   * of the application (a descendant of initPid, or one whose environment
-   * names these tables); false otherwise. */
+   * of the application (pidBelongs); false otherwise. */
   signalMember(pid: number, signal: number, initPid: number, tables: string): boolean;
+  /** Whether pid is a process of the application: a descendant of
+   * initPid; or one holding the table file `tables` opened read-write (the
+   * file by its device and inode, pinned while its flags are read, not the
+   * text its link reads; before Linux 5.14 only for a process whose uids
+   * are all the file owner's); or one whose
+   * uids are all the file owner's and whose environment names it
+   * (appshot_pid_belongs). */
   pidBelongs(pid: number, initPid: number, tables: string): boolean;
   /** A process's start time (clock ticks since boot), its real,
    * effective, saved and filesystem uids, and the targets of its
@@ -800,7 +809,7 @@ interface Addon {
   /** processFacts of every process but this one and PID 1, in one pass;
    * throws as processFacts does. */
   processesFacts(prefix: string): ProcessFacts[];
-  /** The mount id and inode number ("MNT:INO", or "MNT:" as in
+  /** The device and inode number ("MAJOR:MINOR:INO", as in
    * ProcessFacts) of the file at `path`, its last component not followed;
    * null if there is none. */
   fileIdentity(path: string): string | null;

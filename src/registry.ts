@@ -2023,9 +2023,9 @@ const TABLE_MAGIC = 0x5441505041n;
  *    file is 0600, only a process given one by the application (or one of
  *    its owner's) can have it. Not an O_PATH one, which anyone who may
  *    search /dev/shm opens (procscan.c, review r435 N1). The file
- *    is known by its mount and inode (/proc/PID/fdinfo), not by the path
- *    its descriptor's link reads, which a file of another mount namespace
- *    can read too (isTheFile);
+ *    is known by its device and inode, pinned while /proc/PID/fdinfo
+ *    gives its flags, not by the path its descriptor's link reads, which
+ *    a file of another mount namespace can read too (isTheFile);
  *  - or its environment names the file (APPSHOT_TABLES), as a process of
  *    the application that closed or never got the descriptor does (a
  *    static program that closes every descriptor), but only when every uid
@@ -2055,10 +2055,10 @@ const TABLE_MAGIC = 0x5441505041n;
 class TablesNamers {
   private procs?: ProcessFacts[];
   /** Who holds a descriptor whose target reads each path, and the file it is. */
-  private held?: Map<string, { pid: number; identity: string }[]>;
+  private held?: Map<string, { p: ProcessFacts; held: ProcessFacts['held'][number] }[]>;
   private named?: Set<string>;
   /** Each table file's identity as first asked (fileIdentity). */
-  private readonly identities = new Map<string, { mnt: string; ino: string; dev: string } | null>();
+  private readonly identities = new Map<string, string | null>();
   private readonly owner = process.geteuid?.() ?? 0;
   /** `prefix`: where every table file of this registry's lies, as
    * readlink says it (symbolic links resolved). */
@@ -2077,15 +2077,15 @@ class TablesNamers {
       for (const p of this.procs)
         for (const h of p.held) {
           const holders = this.held.get(h.path) ?? [];
-          holders.push({ pid: p.pid, identity: h.identity });
+          holders.push({ p, held: h });
           this.held.set(h.path, holders);
         }
     }
-    if ((this.held.get(canonical) ?? []).some((h) => this.isTheFile(canonical, h.pid, h.identity))) return true;
+    if ((this.held.get(canonical) ?? []).some((h) => this.isTheFile(canonical, h.p, h.held))) return true;
     if (!this.named) {
       this.named = new Set();
       for (const p of this.procs) {
-        if (p.held.some((h) => this.isTheFile(h.path, p.pid, h.identity)) || !this.trusted(p)) continue;
+        if (p.held.some((h) => this.isTheFile(h.path, p, h)) || !this.trusted(p)) continue;
         const v = addon().environValue(p.pid, p.start, 'APPSHOT_TABLES');
         if (v) this.named.add(v);
       }
@@ -2098,22 +2098,30 @@ class TablesNamers {
     const canonical = canonicalTablesPath(tables);
     const p = pid > 1 && pid !== process.pid ? addon().processFacts(pid, canonical) : null;
     if (!p) return false;
-    if (p.held.some((h) => h.path === canonical && this.isTheFile(canonical, p.pid, h.identity))) return true;
+    if (p.held.some((h) => h.path === canonical && this.isTheFile(canonical, p, h))) return true;
     if (!this.trusted(p)) return false;
     const v = addon().environValue(p.pid, p.start, 'APPSHOT_TABLES');
     return v === tables || v === canonical;
   }
 
-  /** Whether a descriptor (of process `pid`) whose target reads `path`,
-   * the path of a table file of this registry, is that file: its inode the
-   * file's, and its mount the file's, or one of the same file system in
-   * the process's mount namespace (a copy of it: a process of the
-   * application that opened the file by path after entering a mount
-   * namespace of its own). The text alone is anyone's: in a user and mount
-   * namespace of its own, a local user mounts a tmpfs on /dev/shm and
-   * opens a file of the same name, and root's readlink of that descriptor
-   * reads the table file's path (review r418 F1: it kept root's dead
-   * registrations running).
+  /** Whether a descriptor `h` (of process `p`) whose target reads `path`,
+   * the path of a table file of this registry, is that file: the device
+   * and inode of the file it held while its flags were read (procscan.c
+   * pinned_file) the table file's. One file system numbers its inodes
+   * once, so that is the file on any mount of it (a process of the
+   * application that opened it by path in a mount namespace of its own).
+   * The text alone is anyone's: in a user and mount namespace of its own,
+   * a local user mounts a tmpfs on /dev/shm and opens a file of the same
+   * name, and root's readlink of that descriptor reads the table file's
+   * path (review r418 F1: it kept root's dead registrations running). A
+   * mount id looked up in the process's mountinfo after the scan was no
+   * better: ids are given again at once, and a bind of /dev/shm took the
+   * id of the user's tmpfs (review r452 F1).
+   * On a kernel whose fdinfo says no inode (before 5.14) nothing ties the
+   * descriptor's flags to the file pinned: a user's dup2 swap of an O_PATH
+   * descriptor of the table file with a read-write one of its own file
+   * passed (review r452 F2). There only a process whose uids are all the
+   * registry's user's counts by it.
    * Only a path the registry asked about, or one under its prefix that a
    * process of its user's holds, is looked up (`path` itself, never a
    * descriptor's text resolved): a descriptor's text is its holder's
@@ -2121,19 +2129,11 @@ class TablesNamers {
    * directory replaced by a file, made the lookup fail (ENOTDIR) and
    * every dead registration's look throw (review r435 N2). A lookup that
    * fails for want of such a file says it is none of ours. */
-  private isTheFile(path: string, pid: number, identity: string): boolean {
+  private isTheFile(path: string, p: ProcessFacts, h: ProcessFacts['held'][number]): boolean {
     if (!isTablesName(path, this.prefix)) return false;
     let id = this.identities.get(path);
-    if (id === undefined) this.identities.set(path, (id = tableFileIdentity(path)));
-    if (!id) return false;
-    const [mnt, ino] = identity.split(':');
-    if (ino !== id.ino) return false;
-    // A kernel whose fdinfo says no inode (before 5.14): the same mount
-    // only. The same device with inode "" = "" is any file of the same
-    // name on a copy of /dev/shm's file system: a user's bind of a
-    // directory of it over /dev/shm in a namespace of its own (review r435 N3).
-    if (ino === '') return mnt === id.mnt;
-    return mnt === id.mnt || mountDevice(pid, mnt) === id.dev;
+    if (id === undefined) this.identities.set(path, (id = addon().fileIdentity(path)));
+    return id !== null && h.identity === id && (h.tied || this.trusted(p));
   }
 
   /** Whether a process's environment is one to believe: all its uids the
@@ -2151,42 +2151,6 @@ class TablesNamers {
  * server). */
 function isTablesName(path: string, prefix: string): boolean {
   return path === prefix || (path.startsWith(prefix) && !path.slice(prefix.length).includes('/'));
-}
-
-/** The table file at `path`: its mount id and inode (fileIdentity) and
- * its device ("MAJOR:MINOR", as mountinfo writes it); null if there is
- * none. */
-function tableFileIdentity(path: string): { mnt: string; ino: string; dev: string } | null {
-  const id = addon().fileIdentity(path);
-  if (!id) return null;
-  let dev: bigint;
-  try {
-    dev = lstatSync(path, { bigint: true }).dev;
-  } catch {
-    return null;
-  }
-  // glibc's gnu_dev_major/minor.
-  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
-  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
-  const [mnt, ino] = id.split(':');
-  return { mnt, ino, dev: `${major}:${minor}` };
-}
-
-/** The device ("MAJOR:MINOR") of mount `mnt` in process `pid`'s mount
- * namespace, from its mountinfo (no file system is asked); undefined if
- * it has none of that id, or cannot be read. */
-function mountDevice(pid: number, mnt: string): string | undefined {
-  let text: string;
-  try {
-    text = readFileSync(`/proc/${pid}/mountinfo`, 'utf8');
-  } catch {
-    return undefined;
-  }
-  for (const line of text.split('\n')) {
-    const f = line.split(' ');
-    if (f[0] === mnt) return f[2];
-  }
-  return undefined;
 }
 
 /** A table file's path with its directory's symbolic links resolved, as

@@ -160,13 +160,29 @@ async function attack(aid: string): Promise<Attack> {
   };
 }
 
+/** Whether `pid` lives and was sent neither SIGKILL nor SIGTERM: a
+ * signal sent but not yet taken leaves a process that kill(0) still finds
+ * (review r452 F8); it waits in its thread's or its group's pending set
+ * (/proc/PID/status SigPnd, ShdPnd: signal N is bit N-1) until then. */
+function untouched(pid: number): boolean {
+  if (!alive(pid)) return false;
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  for (const set of ['SigPnd', 'ShdPnd']) {
+    const m = new RegExp(`\\n${set}:\\s*([0-9a-f]+)\\n`).exec(status);
+    expect(m, `${set} of ${pid}`).not.toBeNull();
+    const pending = BigInt(`0x${m![1]}`);
+    if ((pending >> 8n) & 1n || (pending >> 14n) & 1n) return false;
+  }
+  return true;
+}
+
 /** The application is gone with its own objects; the victim and the
  * foreign objects are not. */
 async function expectOnlyOwnGone(aid: string, a: Attack): Promise<void> {
   await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
   // Init writes the exit file (which ends the AID) before it exits.
   await waitFor(() => !alive(a.app) && !alive(a.init), 10_000, `${aid}'s processes to go`);
-  expect(alive(a.victim.pid!)).toBe(true);
+  expect(untouched(a.victim.pid!)).toBe(true);
   const now = systemIpcIds(true);
   for (const k of ['sem', 'shm', 'msg'] as const) {
     for (const id of a.foreign[k]) expect(now[k], `foreign ${k} ${id}`).toContain(id);
@@ -213,6 +229,151 @@ describe('tables rewritten by a process of another uid', () => {
     } finally {
       rmSync(image, { recursive: true, force: true });
     }
+  });
+
+  // The writer puts in a process of its own uid that would pass for one of
+  // the application's (reviews r404 F4, r418 F1): frozen and dumped into
+  // root's image with it (and, restored, given a read-write descriptor of
+  // root's tables), signalled with it by `stop -s KILL`, or taken by init
+  // for a process of the application outside its tree (`appshot exec`'s),
+  // which it waits for before it ends the application.
+  const passingFor: [string, string, 'snapshot' | 'stop' | 'exit', (tables: string) => string[], (pid: number, tables: string) => boolean][] = [
+    [
+      'names the tables in its environment',
+      'drop6',
+      'snapshot',
+      (tables) => [...asNobody, 'env', `APPSHOT_TABLES=${tables}`, 'sleep', '1000'],
+      (pid, tables) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('sleep\0') && readFileSync(`/proc/${pid}/environ`, 'utf8').includes(`APPSHOT_TABLES=${tables}\0`),
+    ],
+    [
+      'names the tables in its environment',
+      'drop8',
+      'exit',
+      (tables) => [...asNobody, 'env', `APPSHOT_TABLES=${tables}`, 'sleep', '1000'],
+      (pid, tables) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('sleep\0') && readFileSync(`/proc/${pid}/environ`, 'utf8').includes(`APPSHOT_TABLES=${tables}\0`),
+    ],
+    // Not snapshot: the writer's init_pid, set to this process, makes the
+    // snapshot take its user namespace for the application's and refuse
+    // the application (the namespace check reads the header's init_pid).
+    [
+      'holds a file of the same path on a tmpfs of its own mount namespace',
+      'drop7',
+      'stop',
+      (tables) => [...asNobody, 'unshare', '-Urm', 'sh', '-c', `mount -t tmpfs x /dev/shm && : > ${tables} && exec 7<>${tables} && exec sleep 1000`],
+      (pid, tables) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('sleep\0') && readlinkSync(`/proc/${pid}/fd/7`) === tables,
+    ],
+  ];
+  for (const [how, aid, ending, argv, ready] of passingFor)
+    it(`${{ snapshot: 'snapshot freezes and dumps', stop: 'stop -s KILL signals', exit: 'init, once its last process exits, ends' }[ending]} the application only, not a process of the writer's uid whose PID it wrote there and that ${how}`, async () => {
+      const app = await startApp(aid);
+      const { tables } = record(aid);
+      const c = spawn(argv(tables)[0], argv(tables).slice(1), { stdio: 'ignore' });
+      started.push(c);
+      await waitFor(() => {
+        try {
+          return ready(c.pid!, tables);
+        } catch {
+          return c.exitCode !== null;
+        }
+      }, 10_000, `the process that ${how} to be ready`);
+      expect(c.exitCode).toBeNull();
+      const steal = spawnSync(asNobody[0], [...asNobody.slice(1), fixture('tablethief'), 'steal', String(app), String(tablesFd(app, tables)), String(c.pid)], { encoding: 'utf8' });
+      expect(steal.stdout + steal.stderr).toMatch(/STOLEN/);
+      expect(table(aid).pid.map((e) => e.system)).toContain(c.pid);
+      const image = join(tmpdir(), `appshot-trust-${process.pid}-${aid}.snap`);
+      try {
+        if (ending === 'exit') process.kill(app, 'SIGKILL');
+        else {
+          const r = sb.run(ending === 'snapshot' ? ['snapshot', aid, '-o', image] : ['stop', aid, '-s', 'KILL']);
+          expect(r.code, r.stderr).toBe(0);
+          if (ending === 'snapshot') expect(r.stderr).toMatch(/1 process\b/);
+        }
+        await waitFor(() => !sb.aids().includes(aid), 10_000, `${aid} to end`);
+        await waitFor(() => !alive(app), 10_000, `${aid}'s process to go`);
+        expect(untouched(c.pid!)).toBe(true);
+      } finally {
+        rmSync(image, { recursive: true, force: true });
+        c.kill('SIGKILL');
+      }
+    });
+
+  // Init judges the processes of its tables by the table file it holds,
+  // not by whatever is at the path now. If the file is unlinked under it
+  // and another user makes one of the same name (/dev/shm is anyone's),
+  // the application's process outside init's tree (`appshot exec`'s),
+  // which holds the old file, still counts: init neither ends the
+  // application under it once its first process is gone, nor stops
+  // passing signals on to it (review r452 F5).
+  it("init, its table file's name taken by another user's file, still counts the application's `appshot exec` process", async () => {
+    const aid = 'drop9';
+    const r = sb.run(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
+    expect(r.code, r.stderr).toBe(0);
+    const { tables, initPid } = record(aid);
+    const parentOf = (pid: number) => Number(/\nPPid:\s*(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
+    let first = 0;
+    await waitFor(() => {
+      for (const n of readdirSync('/proc')) {
+        if (!/^\d+$/.test(n)) continue;
+        try {
+          if (parentOf(Number(n)) === initPid && readFileSync(`/proc/${n}/cmdline`, 'utf8').startsWith('sleep\0')) first = Number(n);
+        } catch {
+          // gone
+        }
+      }
+      return first > 0;
+    }, 10_000, `${aid}'s first process`);
+    const mark = join(tmpdir(), `appshot-trust-${process.pid}-${aid}`);
+    rmSync(`${mark}.ready`, { force: true });
+    rmSync(`${mark}.got`, { force: true });
+    // One process, no children: a child started after the swap would be
+    // given the other user's file by path.
+    const script = 'import os, signal, sys, time\nsignal.signal(signal.SIGUSR1, lambda *a: open(sys.argv[1] + ".got", "w").write("got"))\nopen(sys.argv[1] + ".ready", "w").write("ready")\nwhile True: time.sleep(1)';
+    const ex = sb.start(['exec', aid, '--', '/usr/bin/python3', '-c', script, mark]);
+    try {
+      // Its system PID (getpid() in it says its virtual one).
+      let execPid = 0;
+      await waitFor(() => {
+        if (!existsSync(`${mark}.ready`)) return false;
+        for (const n of readdirSync('/proc')) {
+          try {
+            if (/^\d+$/.test(n) && readFileSync(`/proc/${n}/cmdline`, 'utf8').endsWith(`\0${mark}\0`) && readFileSync(`/proc/${n}/cmdline`, 'utf8').startsWith('/usr/bin/python3\0')) execPid = Number(n);
+          } catch {
+            // gone
+          }
+        }
+        return execPid > 0;
+      }, 10_000, 'the exec process to start');
+      expect(parentOf(execPid)).not.toBe(initPid);
+      expect(readdirSync(`/proc/${execPid}/fd`).some((n) => readlinkSync(`/proc/${execPid}/fd/${n}`) === tables)).toBe(true);
+      rmSync(tables);
+      const made = spawnSync(asNobody[0], [...asNobody.slice(1), 'sh', '-c', `: > ${tables}`], { encoding: 'utf8' });
+      expect(made.status, made.stderr).toBe(0);
+      process.kill(first, 'SIGKILL');
+      // Reaped by init: its look at the rest is made right then.
+      await waitFor(() => !existsSync(`/proc/${first}`), 10_000, `${aid}'s first process to be reaped`);
+      // A signal to init, with its first process gone, goes on to the
+      // application's processes: the exec process only if init still
+      // lives and counts it.
+      try {
+        process.kill(initPid, 'SIGUSR1');
+      } catch {
+        // init ended: the wait below fails
+      }
+      await waitFor(() => existsSync(`${mark}.got`), 10_000, 'init to pass SIGUSR1 on to the exec process');
+      expect(alive(initPid)).toBe(true);
+    } finally {
+      ex.child.kill('SIGKILL');
+      for (const n of readdirSync('/proc'))
+        try {
+          if (/^\d+$/.test(n) && readFileSync(`/proc/${n}/cmdline`, 'utf8').endsWith(`\0${mark}\0`)) process.kill(Number(n), 'SIGKILL');
+        } catch {
+          // gone
+        }
+      rmSync(`${mark}.ready`, { force: true });
+      rmSync(`${mark}.got`, { force: true });
+    }
+    await waitFor(() => !sb.aids().includes(aid) && !alive(initPid), 10_000, `${aid} to end`);
+    rmSync(tables, { force: true });
   });
 
   it('a descriptor in APPSHOT_TABLES_FD that is not the file APPSHOT_TABLES names (a copy) is not used', async () => {

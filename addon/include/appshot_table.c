@@ -1315,24 +1315,66 @@ int32_t appshot_system_key(const struct appshot_header *h, int32_t vkey,
 #define SYS_pidfd_send_signal 424
 #endif
 
-/* From /proc/PID/stat: the parent of `pid` (field 4) into *ppid and its
- * start time (field 22, clock ticks since boot) into *start, either may be
- * NULL. 0, or -1 if there is no such process (a zombie still has both). */
-static int proc_stat_of(pid_t pid, pid_t *ppid, uint64_t *start) {
-  char path[64], buf[1024];
-  proc_path(path, pid, "stat");
+/* The whole of a small /proc file at `path` into buf (NUL ended, cap
+ * bytes with the NUL): its length, or -1. */
+static ssize_t read_small(const char *path, char *buf, size_t cap) {
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return -1;
-  ssize_t n = read(fd, buf, sizeof buf - 1);
+  size_t got = 0;
+  int failed = 0;
+  while (got + 1 < cap) {
+    ssize_t n = read(fd, buf + got, cap - 1 - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) failed = 1;
+    if (n <= 0) break;
+    got += (size_t)n;
+  }
   close(fd);
-  if (n <= 0) return -1;
-  buf[n] = 0;
+  buf[got] = 0;
+  return failed ? -1 : (ssize_t)got;
+}
+
+/* `a` + "/" + `b` into out (cap bytes): 0, or -1 if it does not fit. */
+static int join_path(char *out, size_t cap, const char *a, const char *b) {
+  size_t al = strlen(a), bl = strlen(b);
+  if (al + 1 + bl >= cap) return -1;
+  memcpy(out, a, al);
+  out[al] = '/';
+  memcpy(out + al + 1, b, bl + 1);
+  return 0;
+}
+
+/* `v` in decimal into out (at least 21 bytes), NUL ended. */
+static void put_decimal(char *out, uint64_t v) {
+  char digits[24];
+  int n = 0;
+  do digits[n++] = (char)('0' + v % 10);
+  while ((v /= 10) && n < (int)sizeof digits);
+  while (n) *out++ = digits[--n];
+  *out = 0;
+}
+
+/* What /proc/PID/stat says of a process (or of a thread, from
+ * /proc/PID/task/TID/stat). */
+struct proc_stat {
+  char state;      /* field 3: 'Z' for a leader that exited */
+  pid_t ppid;      /* field 4 */
+  long threads;    /* field 20 */
+  uint64_t start;  /* field 22: clock ticks since boot */
+};
+
+/* The stat file at `path` into *st: 0, or -1 if there is none (a zombie
+ * still has one). */
+static int proc_stat_at(const char *path, struct proc_stat *st) {
+  char buf[1024];
+  if (read_small(path, buf, sizeof buf) <= 0) return -1;
   /* comm may hold spaces and parentheses: it ends at the last ')'. */
   char *close_paren = strrchr(buf, ')');
   if (!close_paren || close_paren[1] != ' ' || !close_paren[2]) return -1;
   /* Fields 3 (the state) to 22, each ended by a space. */
   char *p = close_paren + 2;
   uint64_t field[23] = {0};
+  st->state = *p;
   for (int i = 3; i <= 22; i++) {
     if (i > 3) {
       uint64_t v = 0;
@@ -1343,8 +1385,22 @@ static int proc_stat_of(pid_t pid, pid_t *ppid, uint64_t *start) {
     if (*p != ' ') return -1;
     p++;
   }
-  if (ppid) *ppid = (pid_t)field[4];
-  if (start) *start = field[22];
+  st->ppid = (pid_t)field[4];
+  st->threads = (long)field[20];
+  st->start = field[22];
+  return 0;
+}
+
+/* From /proc/PID/stat: the parent of `pid` (field 4) into *ppid and its
+ * start time (field 22, clock ticks since boot) into *start, either may be
+ * NULL. 0, or -1 if there is no such process (a zombie still has both). */
+static int proc_stat_of(pid_t pid, pid_t *ppid, uint64_t *start) {
+  char path[64];
+  struct proc_stat st;
+  proc_path(path, pid, "stat");
+  if (proc_stat_at(path, &st) != 0) return -1;
+  if (ppid) *ppid = st.ppid;
+  if (start) *start = st.start;
   return 0;
 }
 
@@ -1371,13 +1427,252 @@ static int is_process(const struct appshot_process_id *id, pid_t pid) {
          proc_stat_of(pid, NULL, &start) == 0 && start == id->start;
 }
 
-/* Whether /proc/PID/environ holds exactly APPSHOT_TABLES=<tables_path>. */
-static int environ_names(pid_t pid, const char *tables_path) {
+/* The entries of directory `dfd`, one getdents64 buffer at a time (no
+ * opendir: no allocation). */
+struct dirent_walk {
+  int dfd;
+  long n, off;
+  char buf[4096] __attribute__((aligned(8)));
+};
+
+/* The next entry's name (not "." or ".."), or NULL at the end or on an
+ * error. */
+static const char *next_entry(struct dirent_walk *w) {
+  for (;;) {
+    if (w->off >= w->n) {
+      w->n = syscall(SYS_getdents64, w->dfd, w->buf, sizeof w->buf);
+      w->off = 0;
+      if (w->n <= 0) return NULL;
+    }
+    struct {
+      uint64_t ino;
+      int64_t off;
+      unsigned short reclen;
+      unsigned char type;
+      char name[];
+    } *de = (void *)(w->buf + w->off);
+    w->off += de->reclen;
+    if (de->name[0] != '.') return de->name;
+  }
+}
+
+/* Where process `pid` (its stat `st`) has its descriptors, environment
+ * and mounts seen, into out (cap bytes): /proc/PID, or, once its main
+ * thread has exited while others run (a zombie leader, whose fd directory
+ * is empty and environ unreadable), /proc/PID/task/TID of a live thread,
+ * as the registry looks (procscan.c, review r418 F2). 0, or -1 if it has
+ * no live thread. */
+static int process_dir(pid_t pid, const struct proc_stat *st, char *out, size_t cap) {
+  char dir[64];
+  proc_path(dir, pid, "");
+  dir[strlen(dir) - 1] = 0; /* no trailing '/' */
+  if (strlen(dir) >= cap) return -1;
+  memcpy(out, dir, strlen(dir) + 1);
+  if (st->state != 'Z' || st->threads <= 1) return 0;
+  proc_path(dir, pid, "task");
+  struct dirent_walk w;
+  w.dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (w.dfd < 0) return -1;
+  w.n = w.off = 0;
+  int found = -1;
+  for (const char *tid; found < 0 && (tid = next_entry(&w));) {
+    char task[96], stat[112];
+    struct proc_stat ts;
+    if (join_path(task, sizeof task, dir, tid) != 0 || join_path(stat, sizeof stat, task, "stat") != 0 ||
+        proc_stat_at(stat, &ts) != 0 || ts.state == 'Z' || ts.state == 'X' || strlen(task) >= cap)
+      continue;
+    memcpy(out, task, strlen(task) + 1);
+    found = 0;
+  }
+  close(w.dfd);
+  return found;
+}
+
+/* The table file: its device and inode number (statx), and its owner. */
+struct table_file {
+  uint32_t dev_major, dev_minor;
+  uint64_t ino;
+  uid_t owner;
+  const char *path;
+  const char *name; /* its last component, with the '/' before it */
+};
+
+/* What fdinfo file `path` says of a descriptor: its flags, mount id and
+ * inode (*has_ino: whether it says one, Linux 5.14 on). From the struct
+ * file the descriptor is: no file system is asked. The kernel writes
+ * these lines first and a driver's own text (show_fdinfo) after them,
+ * which may be a user's (a dma-buf's name may hold newlines): the first
+ * of each is kept (review r452 F4). 0, or -1 if it cannot be read or
+ * lacks flags or a mount id. */
+static int fdinfo_of(const char *path, uint64_t *flags, uint64_t *mnt, uint64_t *ino, int *has_ino) {
+  char buf[1024];
+  if (read_small(path, buf, sizeof buf) <= 0) return -1;
+  int have_flags = 0, have_mnt = 0;
+  *has_ino = 0;
+  for (char *line = buf; line && *line && !(have_flags && have_mnt && *has_ino);
+       line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+    uint64_t *into;
+    unsigned base = 10; /* flags are written in octal */
+    const char *q;
+    if (!have_flags && !strncmp(line, "flags:", 6)) {
+      into = flags;
+      base = 8;
+      q = line + 6;
+      have_flags = 1;
+    } else if (!have_mnt && !strncmp(line, "mnt_id:", 7)) {
+      into = mnt;
+      q = line + 7;
+      have_mnt = 1;
+    } else if (!*has_ino && !strncmp(line, "ino:", 4)) {
+      into = ino;
+      q = line + 4;
+      *has_ino = 1;
+    } else {
+      continue;
+    }
+    while (*q == ' ' || *q == '\t') q++;
+    uint64_t v = 0;
+    for (; *q >= '0' && *q < (char)('0' + base); q++) v = v * base + (uint64_t)(*q - '0');
+    *into = v;
+  }
+  return have_flags && have_mnt ? 0 : -1;
+}
+
+/* statx of what descriptor `fd` holds, from the inode's cached
+ * attributes (AT_STATX_DONT_SYNC): a FUSE or network file system answers
+ * from its cache, where a plain fstat may ask its server, and a user's
+ * FUSE server could hold root's look for ever. A raw system call: glibc's
+ * wrapper may emulate it, and is not listed async-signal-safe. */
+static int statx_cached(int fd, struct statx *sx) {
+  return (int)syscall(SYS_statx, fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_TYPE | STATX_INO | STATX_UID,
+                      sx);
+}
+
+/* The table file held by descriptor `fd` (of path `path`, its
+ * registration's) into *t: 0, or -1 if it is no regular file. */
+static int table_file_at(int fd, const char *path, struct table_file *t) {
+  const char *slash = strrchr(path, '/');
+  struct statx sx;
+  if (!slash || !slash[1] || strlen(path) >= APPSHOT_PATH_MAX || statx_cached(fd, &sx) != 0 ||
+      !S_ISREG(sx.stx_mode))
+    return -1;
+  t->dev_major = sx.stx_dev_major;
+  t->dev_minor = sx.stx_dev_minor;
+  t->ino = sx.stx_ino;
+  t->owner = sx.stx_uid;
+  t->path = path;
+  t->name = slash;
+  return 0;
+}
+
+/* The table file at `path` (the registration's own path, which its
+ * registry made: never a path a descriptor's link reads) into *t: 0, or
+ * -1 if there is no regular file there. */
+static int table_file_of(const char *path, struct table_file *t) {
+  int fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return -1;
+  int r = table_file_at(fd, path, t);
+  close(fd);
+  return r;
+}
+
+static int all_uids_are(const char *dir, uid_t owner);
+
+/* Whether descriptor `name` of the process seen at `dir` (process_dir)
+ * is the table file, opened for reading and writing as the preload opens
+ * it (preload_fd.c). Read-write, never O_PATH: that takes the file's
+ * permission (its owner's, 0600), where an O_PATH descriptor of the same
+ * file takes only a search of /dev/shm, anyone's (review r435 N1).
+ * The file it is, pinned: /proc/PID/fd/N opened O_PATH (the magic link
+ * followed: no lookup, no file system's ->open) holds that file and its
+ * mount while we look. Its device and inode (statx, cached) must be the
+ * table file's: one file system numbers its inodes once, so this is the
+ * file on any mount of it (a process of the application that reopened it
+ * by path in a mount namespace of its own), and no file of the same name
+ * on a user's own tmpfs (review r418 F1) or a same-named one of its own
+ * on a bind of /dev/shm (same device, another inode). Then the process's
+ * fdinfo for N gives the flags, and a mount id and inode that must be our
+ * pinned descriptor's (our own fdinfo of it): a mount id of a mount we
+ * hold cannot have been freed and given again, so that descriptor is, by
+ * then, of the very file we examined. An id looked up later (in
+ * mountinfo) could have been: a user namespace frees its tmpfs and binds
+ * /dev/shm, which takes the same id at once (review r452 F1).
+ * A kernel whose fdinfo writes no inode (before 5.14) ties the flags to
+ * no file: the descriptor could have been swapped (dup2) between our pin
+ * and the fdinfo read, from an O_PATH one of the table file to a
+ * read-write one of the user's own on /dev/shm (review r452 F2). There
+ * it counts only for a process all of whose uids are the owner's. */
+static int is_table_descriptor(const char *dir, const char *name, const struct table_file *t) {
+  char path[128];
+  char info[96];
+  struct statx sx;
+  uint64_t flags = 0, mnt = 0, ino = 0, pin_flags = 0, pin_mnt = 0, pin_ino = 0;
+  int has_ino, pin_has_ino;
+  if (join_path(info, sizeof info, dir, "fd") != 0 || join_path(path, sizeof path, info, name) != 0) return 0;
+  int pin = open(path, O_PATH | O_CLOEXEC);
+  if (pin < 0) return 0;
+  char self[64] = "/proc/self/fdinfo/";
+  put_decimal(self + strlen(self), (uint64_t)pin);
+  int same = statx_cached(pin, &sx) == 0 && sx.stx_dev_major == t->dev_major && sx.stx_dev_minor == t->dev_minor &&
+             sx.stx_ino == t->ino && fdinfo_of(self, &pin_flags, &pin_mnt, &pin_ino, &pin_has_ino) == 0 &&
+             join_path(info, sizeof info, dir, "fdinfo") == 0 && join_path(path, sizeof path, info, name) == 0 &&
+             fdinfo_of(path, &flags, &mnt, &ino, &has_ino) == 0 && !(flags & O_PATH) &&
+             (flags & O_ACCMODE) == O_RDWR && mnt == pin_mnt;
+  close(pin); /* the mount id compared while it was held */
+  if (!same) return 0;
+  if (has_ino && pin_has_ino) return ino == pin_ino;
+  return all_uids_are(dir, t->owner);
+}
+
+/* Whether the process seen at `dir` holds a descriptor of the table file
+ * (is_table_descriptor). Its descriptors walked with getdents (no
+ * allocation); each one's link read, and only one that ends in the table
+ * file's name looked at further. */
+static int holds_tables(const char *dir, const struct table_file *t) {
+  char fds[80], link[96], target[APPSHOT_PATH_MAX + 16];
+  size_t nl = strlen(t->name);
+  if (join_path(fds, sizeof fds, dir, "fd") != 0) return 0;
+  struct dirent_walk w;
+  w.dfd = open(fds, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (w.dfd < 0) return 0;
+  w.n = w.off = 0;
+  int found = 0;
+  for (const char *name; !found && (name = next_entry(&w));) {
+    if (join_path(link, sizeof link, fds, name) != 0) continue;
+    ssize_t l = readlink(link, target, sizeof target);
+    if (l < (ssize_t)nl || l >= (ssize_t)sizeof target || memcmp(target + l - nl, t->name, nl) != 0) continue;
+    found = is_table_descriptor(dir, name, t);
+  }
+  close(w.dfd);
+  return found;
+}
+
+/* Whether every uid of the process seen at `dir` (real, effective, saved,
+ * file system: /proc/.../status "Uid:") is `owner`. The Name line before
+ * it has its newlines escaped: no process writes a "\nUid:" of its own. */
+static int all_uids_are(const char *dir, uid_t owner) {
+  char path[96], buf[4096];
+  if (join_path(path, sizeof path, dir, "status") != 0 || read_small(path, buf, sizeof buf) <= 0) return 0;
+  const char *u = strstr(buf, "\nUid:");
+  if (!u) return 0;
+  u += 5;
+  for (int i = 0; i < 4; i++) {
+    while (*u == ' ' || *u == '\t') u++;
+    if (*u < '0' || *u > '9') return 0;
+    uint64_t v = 0;
+    for (; *u >= '0' && *u <= '9'; u++) v = v * 10 + (uint64_t)(*u - '0');
+    if (v != (uint64_t)owner) return 0;
+  }
+  return 1;
+}
+
+/* Whether the environment of the process seen at `dir` holds exactly
+ * APPSHOT_TABLES=<the table file's path>. */
+static int environ_names(const char *dir, const struct table_file *t) {
   static const char var[] = "APPSHOT_TABLES=";
-  size_t vlen = sizeof var - 1, plen = strlen(tables_path);
-  if (plen == 0) return 0;
-  char path[64], buf[4096];
-  proc_path(path, pid, "environ");
+  size_t vlen = sizeof var - 1, plen = strlen(t->path);
+  char path[96], buf[4096];
+  if (join_path(path, sizeof path, dir, "environ") != 0) return 0;
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return 0;
   size_t pos = 0; /* position in the current entry */
@@ -1397,7 +1692,7 @@ static int environ_names(pid_t pid, const char *tables_path) {
         continue;
       }
       if (match) {
-        char want = pos < vlen ? var[pos] : pos < vlen + plen ? tables_path[pos - vlen] : 0;
+        char want = pos < vlen ? var[pos] : pos < vlen + plen ? t->path[pos - vlen] : 0;
         if (c != want) match = 0;
       }
       pos++;
@@ -1406,81 +1701,38 @@ static int environ_names(pid_t pid, const char *tables_path) {
   return found;
 }
 
-/* Whether descriptor `name` of the process whose fdinfo directory is
- * `infodir` was opened for reading and writing, as the preload opens the
- * table file (preload_fd.c), from the flags fdinfo says: that takes the
- * file's permission (0600, its owner's), where an O_PATH descriptor of the
- * same file takes only a search of /dev/shm, anyone's (review r435 N1). */
-static int opened_read_write(const char *infodir, const char *name) {
-  char path[128], buf[512];
-  size_t dl = strlen(infodir), nl = strlen(name);
-  if (dl + 1 + nl >= sizeof path) return 0;
-  memcpy(path, infodir, dl);
-  path[dl] = '/';
-  memcpy(path + dl + 1, name, nl + 1);
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return 0;
-  ssize_t got = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (got <= 0) return 0;
-  buf[got] = 0;
-  /* "flags:\t0100002": octal, on the second line. */
-  for (char *line = buf; line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
-    if (strncmp(line, "flags:", 6) != 0) continue;
-    unsigned long flags = 0;
-    for (char *q = line + 6; *q == ' ' || *q == '\t' || (*q >= '0' && *q <= '7'); q++)
-      if (*q >= '0') flags = flags * 8 + (unsigned long)(*q - '0');
-    return !(flags & O_PATH) && (flags & O_ACCMODE) == O_RDWR;
-  }
-  return 0;
-}
-
-/* Whether process `pid` holds a descriptor of the file at `tables_path`,
- * opened read-write: every process of the application does (see
- * preload_fd.c), restored ones included, whose environment still names
- * the tables they started with. The path its link reads is the only
- * identity looked at here (src/registry.ts TablesNamers also compares
- * the file's mount and inode). */
-static int holds_tables(pid_t pid, const char *tables_path) {
-  char dir[64], link[96], target[APPSHOT_PATH_MAX + 16];
-  size_t plen = strlen(tables_path);
-  if (plen == 0 || plen >= APPSHOT_PATH_MAX) return 0;
-  proc_path(dir, pid, "fd");
-  int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) return 0;
-  char buf[4096] __attribute__((aligned(8)));
-  int found = 0;
-  long n;
-  while (!found && (n = syscall(SYS_getdents64, dfd, buf, sizeof buf)) > 0)
-    for (long off = 0; off < n;) {
-      struct {
-        uint64_t ino;
-        int64_t off;
-        unsigned short reclen;
-        unsigned char type;
-        char name[];
-      } *de = (void *)(buf + off);
-      off += de->reclen;
-      if (de->name[0] == '.') continue;
-      size_t dl = strlen(dir), nl = strlen(de->name);
-      if (dl + 1 + nl >= sizeof link) continue;
-      memcpy(link, dir, dl);
-      link[dl] = '/';
-      memcpy(link + dl + 1, de->name, nl + 1);
-      ssize_t l = readlink(link, target, sizeof target);
-      if (l == (ssize_t)plen && memcmp(target, tables_path, plen) == 0) {
-        char infodir[64];
-        proc_path(infodir, pid, "fdinfo");
-        if (!opened_read_write(infodir, de->name)) continue;
-        found = 1;
-        break;
-      }
-    }
-  close(dfd);
-  return found;
+/* Whether process `pid` is one of the application's by its table file
+ * at `tables_path`: it holds the file (holds_tables: every process of the
+ * application does, across exec and changes of user, restored ones
+ * included; a process outside it can come by such a descriptor only from
+ * one of them), or its environment names the file (`appshot exec` and its
+ * children) and every uid it has is the file's owner's. The path is no
+ * secret (ls /dev/shm): any user's `env APPSHOT_TABLES=... sleep inf`
+ * named it (review r404 F4), and would have been signalled, frozen and
+ * dumped into the application's image (and, restored, given a read-write
+ * descriptor of its tables), its private SysV segments removed with the
+ * application's, and kept an init with no process of its own alive.
+ * Looked at through a live thread if its main one has exited, and judged
+ * only if its start time is the same after the look: what was read is of
+ * one process, not of one that ended and another given its PID. */
+static int tables_member(pid_t pid, const char *tables_path, int tables_fd) {
+  struct table_file t;
+  struct proc_stat before, after;
+  char stat[64], dir[96];
+  proc_path(stat, pid, "stat");
+  if ((tables_fd >= 0 ? table_file_at(tables_fd, tables_path, &t) : table_file_of(tables_path, &t)) != 0 ||
+      proc_stat_at(stat, &before) != 0 ||
+      process_dir(pid, &before, dir, sizeof dir) != 0)
+    return 0;
+  int member = holds_tables(dir, &t) || (all_uids_are(dir, t.owner) && environ_names(dir, &t));
+  return member && proc_stat_at(stat, &after) == 0 && after.start == before.start;
 }
 
 int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path) {
+  return appshot_pid_belongs_fd(pid, init_pid, tables_path, -1);
+}
+
+int appshot_pid_belongs_fd(pid_t pid, pid_t init_pid, const char *tables_path, int tables_fd) {
   if (pid <= 1 || pid == init_pid || pid == getpid()) return 0;
   if (init_pid > 1) {
     /* Up the parent chain: orphans are reparented to init (a subreaper),
@@ -1491,12 +1743,15 @@ int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path) {
       if (p == init_pid) return 1;
     }
   }
-  return tables_path &&
-         (environ_names(pid, tables_path) || holds_tables(pid, tables_path));
+  return tables_path && *tables_path && tables_member(pid, tables_path, tables_fd);
 }
 
 int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
                           const char *tables_path) {
+  return appshot_signal_member_fd(pid, sig, init_pid, tables_path, -1);
+}
+
+int appshot_signal_member_fd(pid_t pid, int sig, pid_t init_pid, const char *tables_path, int tables_fd) {
   if (pid <= 1) {
     errno = EPERM;
     return -1;
@@ -1505,7 +1760,7 @@ int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
    * the signal goes to the pidfd's (dead) process, not the new one. */
   int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
   if (pfd < 0 && errno != ENOSYS) return -1;
-  if (!appshot_pid_belongs(pid, init_pid, tables_path)) {
+  if (!appshot_pid_belongs_fd(pid, init_pid, tables_path, tables_fd)) {
     if (pfd >= 0) close(pfd);
     errno = EPERM;
     return -1;

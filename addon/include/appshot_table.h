@@ -763,20 +763,35 @@ const char *appshot_kind_name(enum appshot_kind kind);
  * preload library. */
 
 /* 1 if `pid` is a process of the application whose init is `init_pid` (0:
- * unknown or gone) and whose table file is `tables_path`: a descendant of
- * init (init is a child subreaper, so daemons stay below it), or a process
- * whose environment names these tables in APPSHOT_TABLES (`appshot exec`
- * and its children, whose parent is the CLI), or that holds a descriptor
- * of the table file (every process of the application does, across exec
- * and changes of user; a process outside it can come by one only from one
- * of them, so it is one of theirs, or of their uid). Never PID 1 or below,
- * never init itself. */
+ * unknown or gone) and whose table file is `tables_path` (the
+ * registration's own path, the only one looked up): a descendant of init
+ * (init is a child subreaper, so daemons stay below it), or a process that
+ * holds a descriptor of the table file opened read-write, the file told
+ * by its device and inode, pinned while its flags are read (before Linux
+ * 5.14, whose fdinfo ties the flags to no file, only for a process whose
+ * uids are all the owner's), not by the text its link reads (every process of
+ * the application does, across exec and changes of user; a process
+ * outside it can come by one only from one of them, so it is one of
+ * theirs, or of their uid), or a process all of whose uids are the table
+ * file owner's and whose environment names these tables in APPSHOT_TABLES
+ * (`appshot exec` and its children, whose parent is the CLI). Never PID 1
+ * or below, never init itself. Reads /proc only, with no allocation
+ * (getdents, not opendir); async-signal-safe. */
 int appshot_pid_belongs(pid_t pid, pid_t init_pid, const char *tables_path);
 /* Sends `sig` to `pid` only if it belongs (see above), through a pidfd
  * opened before the check, so a PID reused meanwhile is not signalled.
  * Returns 0, or -1 with errno (EPERM when it does not belong). */
 int appshot_signal_member(pid_t pid, int sig, pid_t init_pid,
                           const char *tables_path);
+/* The same two with the table file's identity and owner taken from
+ * `tables_fd`, a descriptor of it the caller holds (init's), not from
+ * whatever is at `tables_path` now: a file unlinked under a live init and
+ * made again by another user would make that user's processes count by
+ * their environment, and the application's own, which hold the old file,
+ * not (review r452 F5). `tables_path` is still what an environment must
+ * name. -1: by the path, as above. */
+int appshot_pid_belongs_fd(pid_t pid, pid_t init_pid, const char *tables_path, int tables_fd);
+int appshot_signal_member_fd(pid_t pid, int sig, pid_t init_pid, const char *tables_path, int tables_fd);
 /* Now, in seconds since the epoch, on the clock the kernel stamps a SysV
  * object's ctime with (the time of its last tick, CLOCK_REALTIME_COARSE):
  * `created` below must be read from it, never from CLOCK_REALTIME, which

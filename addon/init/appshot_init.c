@@ -453,7 +453,7 @@ static void signal_application(int sig) {
   for (int64_t s; (s = appshot_used_next(&u)) >= 0;)
     if (appshot_entry_at(tables, APPSHOT_PID, (uint32_t)s, &vid, &sid, &flags, NULL) &&
         !(flags & (APPSHOT_F_INIT | APPSHOT_F_THREAD)))
-      appshot_signal_member(sid, sig, getpid(), tables_path);
+      appshot_signal_member_fd(sid, sig, getpid(), tables_path, tables_fd);
 }
 
 /* A restored application's first process: the command it was started
@@ -603,7 +603,7 @@ static int others_alive(void) {
   for (int64_t s; (s = appshot_used_next(&u)) >= 0;)
     if (appshot_entry_at(tables, APPSHOT_PID, (uint32_t)s, &vid, &sid, &flags, NULL) &&
         !(flags & (APPSHOT_F_INIT | APPSHOT_F_THREAD)) && kill(sid, 0) == 0 &&
-        appshot_pid_belongs(sid, getpid(), tables_path))
+        appshot_pid_belongs_fd(sid, getpid(), tables_path, tables_fd))
       return 1;
   return 0;
 }

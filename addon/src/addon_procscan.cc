@@ -22,17 +22,17 @@ namespace {
 
 struct Held {
   std::string path;
-  uint64_t mnt, ino;
+  struct procscan_file file;
 };
 
-void CollectTarget(const char* target, size_t len, uint64_t mnt, uint64_t ino, void* arg) {
-  static_cast<std::vector<Held>*>(arg)->push_back(Held{std::string(target, len), mnt, ino});
+void CollectTarget(const char* target, size_t len, const struct procscan_file* file, void* arg) {
+  static_cast<std::vector<Held>*>(arg)->push_back(Held{std::string(target, len), *file});
 }
 
-// "MNT:INO": a file's identity as JavaScript compares it (an inode number
-// may not fit a double); "MNT:" where the kernel does not say the inode.
-std::string Identity(uint64_t mnt, uint64_t ino) {
-  return std::to_string(mnt) + ":" + (ino == UINT64_MAX ? std::string() : std::to_string(ino));
+// "MAJOR:MINOR:INO": a file's identity as JavaScript compares it (an
+// inode number may not fit a double), from statx of the file pinned.
+std::string Identity(const struct procscan_file& f) {
+  return std::to_string(f.dev_major) + ":" + std::to_string(f.dev_minor) + ":" + std::to_string(f.ino);
 }
 
 Napi::Object FactsObject(Napi::Env env, pid_t pid, const struct procscan_facts& f, const std::vector<Held>& held) {
@@ -46,7 +46,8 @@ Napi::Object FactsObject(Napi::Env env, pid_t pid, const struct procscan_facts& 
   for (size_t i = 0; i < held.size(); i++) {
     Napi::Object e = Napi::Object::New(env);
     e.Set("path", Napi::String::New(env, held[i].path));
-    e.Set("identity", Napi::String::New(env, Identity(held[i].mnt, held[i].ino)));
+    e.Set("identity", Napi::String::New(env, Identity(held[i].file)));
+    e.Set("tied", Napi::Boolean::New(env, held[i].file.tied != 0));
     h.Set(static_cast<uint32_t>(i), e);
   }
   o.Set("held", h);
@@ -134,21 +135,21 @@ Napi::Value ProcessesFacts(const Napi::CallbackInfo& info) {
   return out;
 }
 
-// fileIdentity(path) -> "MNT:INO" | null: the identity of the file at
+// fileIdentity(path) -> "MAJOR:MINOR:INO" | null: the identity of the file at
 // `path` (its last component not followed) as processFacts reports a
 // held one's; null if there is none.
 Napi::Value FileIdentity(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = info[0].As<Napi::String>().Utf8Value();
   if (env.IsExceptionPending()) return env.Null();
-  uint64_t mnt, ino;
-  int r = procscan_file_identity(path.c_str(), &mnt, &ino);
+  struct procscan_file file;
+  int r = procscan_file_identity(path.c_str(), &file);
   if (r == -ENOENT) return env.Null();
   if (r != 0) {
     ThrowErrno(env, "identifying " + path, -r);
     return env.Null();
   }
-  return Napi::String::New(env, Identity(mnt, ino));
+  return Napi::String::New(env, Identity(file));
 }
 
 // environValue(pid, start, name) -> string | null: `name`'s value in the

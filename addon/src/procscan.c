@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -100,10 +101,12 @@ static int process_dir(pid_t pid, const struct procscan_facts *f, char *out, siz
 
 /* What fdinfo says of descriptor `name` of the fdinfo directory `dirfd`:
  * the mount id and inode number of the file it is, and its open flags,
- * from the struct file the descriptor is (no file system is asked, unlike
- * a stat through /proc/PID/fd/N, which a FUSE server could hold for ever).
+ * from the struct file the descriptor is (no file system is asked).
  * `*ino` is left UINT64_MAX on a kernel that does not write it (before
- * 5.14). 0; 1 if it says no mount id or no flags; or -errno. */
+ * 5.14). The kernel writes these lines first, and a driver's own text
+ * after them, which may be a user's (a dma-buf's name may hold newlines):
+ * the first of each is kept (review r452 F4). 0; 1 if it says no mount
+ * id or no flags; or -errno. */
 static int fd_identity(int dirfd, const char *name, uint64_t *mnt, uint64_t *ino, uint64_t *flags) {
   char buf[4096];
   ssize_t got = read_small(dirfd, name, buf, sizeof buf);
@@ -111,14 +114,16 @@ static int fd_identity(int dirfd, const char *name, uint64_t *mnt, uint64_t *ino
   *mnt = 0;
   *ino = UINT64_MAX;
   *flags = 0;
-  int have_mnt = 0, have_flags = 0;
-  for (char *line = buf; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
-    if (!strncmp(line, "mnt_id:", 7)) {
+  int have_mnt = 0, have_flags = 0, have_ino = 0;
+  for (char *line = buf; line && *line && !(have_mnt && have_flags && have_ino);
+       line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+    if (!have_mnt && !strncmp(line, "mnt_id:", 7)) {
       *mnt = strtoull(line + 7, NULL, 10);
       have_mnt = 1;
-    } else if (!strncmp(line, "ino:", 4)) {
+    } else if (!have_ino && !strncmp(line, "ino:", 4)) {
       *ino = strtoull(line + 4, NULL, 10);
-    } else if (!strncmp(line, "flags:", 6)) {
+      have_ino = 1;
+    } else if (!have_flags && !strncmp(line, "flags:", 6)) {
       *flags = strtoull(line + 6, NULL, 8);
       have_flags = 1;
     }
@@ -126,17 +131,69 @@ static int fd_identity(int dirfd, const char *name, uint64_t *mnt, uint64_t *ino
   return have_mnt && have_flags ? 0 : 1;
 }
 
-int procscan_file_identity(const char *path, uint64_t *mnt, uint64_t *ino) {
+/* statx of what our descriptor `fd` holds, from the inode's cached
+ * attributes (AT_STATX_DONT_SYNC): a FUSE or network file system answers
+ * from its cache, where a plain fstat may ask its server, and a user's
+ * FUSE server could hold root's look for ever. 0, or -errno. */
+static int statx_cached(int fd, struct statx *sx) {
+  return syscall(SYS_statx, fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_TYPE | STATX_INO, sx) == 0 ? 0 : -errno;
+}
+
+int procscan_file_identity(const char *path, struct procscan_file *file) {
   int fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return -errno;
-  char name[16];
-  snprintf(name, sizeof name, "%d", fd);
-  int dfd = open("/proc/self/fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  uint64_t flags;
-  int r = dfd < 0 ? -errno : fd_identity(dfd, name, mnt, ino, &flags);
-  if (dfd >= 0) close(dfd);
+  struct statx sx;
+  int r = statx_cached(fd, &sx);
   close(fd);
-  return r == 1 ? -ENOTSUP : r;
+  if (r != 0) return r;
+  file->dev_major = sx.stx_dev_major;
+  file->dev_minor = sx.stx_dev_minor;
+  file->ino = sx.stx_ino;
+  file->tied = 1;
+  return 0;
+}
+
+/* Descriptor `name` of the fd directory `fddir` (the fdinfo directory
+ * `infofd`), if it is open for reading and writing (not O_PATH), into
+ * *file: the file it is, pinned. /proc/PID/fd/N opened O_PATH (the magic
+ * link followed: no lookup, no file system's ->open) holds that file and
+ * its mount while we look; its device and inode are from statx of our
+ * own descriptor. The process's fdinfo for N then gives the flags, and a
+ * mount id and inode that must be our pinned descriptor's (our own
+ * fdinfo of it): a mount id of a mount we hold cannot have been freed and
+ * given again, so the descriptor is, by then, of the file we examined.
+ * An id looked up later (in mountinfo) could have been: a user namespace
+ * frees a tmpfs of its own and binds /dev/shm, which takes the same id at
+ * once (review r452 F1). Where fdinfo writes no inode (before 5.14),
+ * nothing ties the flags to the file (a dup2 swap between the pin and the
+ * read passes: review r452 F2): file->tied is 0. 0 if it is such a
+ * descriptor; 1 if it is not (or no longer open); or -errno. */
+static int pinned_file(int fddir, int infofd, const char *name, struct procscan_file *file) {
+  int pin = openat(fddir, name, O_PATH | O_CLOEXEC);
+  if (pin < 0) return errno == ENOENT ? 1 : -errno;
+  char self[16];
+  snprintf(self, sizeof self, "%d", pin);
+  struct statx sx;
+  uint64_t mnt, ino, flags, pin_mnt, pin_ino, pin_flags;
+  int selfdir = open("/proc/self/fdinfo", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int r = selfdir < 0 ? -errno : 0;
+  /* A file statx refuses even from its cache (a user's FUSE mount without
+   * allow_other refuses root: EACCES) is no table file, and says nothing
+   * of the look: it must not fail it. */
+  if (r == 0 && statx_cached(pin, &sx) != 0) r = 1;
+  if (r == 0) r = fd_identity(selfdir, self, &pin_mnt, &pin_ino, &pin_flags);
+  if (r == 0) r = fd_identity(infofd, name, &mnt, &ino, &flags);
+  if (r == -ENOENT) r = 1; /* closed since */
+  if (r == 0 && ((flags & O_PATH) || (flags & O_ACCMODE) != O_RDWR || mnt != pin_mnt)) r = 1;
+  if (r == 0 && ino != UINT64_MAX && pin_ino != UINT64_MAX && ino != pin_ino) r = 1;
+  if (selfdir >= 0) close(selfdir);
+  close(pin); /* the mount ids compared while it was held */
+  if (r != 0) return r;
+  file->dev_major = sx.stx_dev_major;
+  file->dev_minor = sx.stx_dev_minor;
+  file->ino = sx.stx_ino;
+  file->tied = ino != UINT64_MAX && pin_ino != UINT64_MAX;
+  return 0;
 }
 
 /* Whether a refusal (EACCES) to read a process's /proc entries means it is
@@ -159,7 +216,7 @@ int procscan_refusal_is_absence(void) {
 }
 
 int procscan_targets(pid_t pid, const struct procscan_facts *f, const char *prefix,
-                     void (*found)(const char *target, size_t len, uint64_t mnt, uint64_t ino, void *arg),
+                     void (*found)(const char *target, size_t len, const struct procscan_file *file, void *arg),
                      void *arg) {
   char base[96], dir[128], target[4096];
   size_t plen = strlen(prefix);
@@ -195,7 +252,12 @@ int procscan_targets(pid_t pid, const struct procscan_facts *f, const char *pref
       target[l] = 0;
       /* The link's text proves nothing of which file it is: a process in
        * a mount namespace of its own may hold a file of the same path on
-       * a file system of its own (review r418 F1). Its mount and inode do. */
+       * a file system of its own (review r418 F1). The file pinned does.
+       * Only a descriptor opened for reading and writing, as the preload
+       * opens the table file (preload_fd.c): that takes the file's
+       * permission (0600, its owner's), where an O_PATH one of the same
+       * file is anyone's who may search /dev/shm (review r435 N1:
+       * nobody's kept root's dead registrations). */
       if (infofd < 0) {
         snprintf(dir, sizeof dir, "%s/fdinfo", base);
         infofd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -204,14 +266,9 @@ int procscan_targets(pid_t pid, const struct procscan_facts *f, const char *pref
           break;
         }
       }
-      uint64_t mnt, ino, flags;
-      int k = fd_identity(infofd, de->name, &mnt, &ino, &flags);
-      /* Only a descriptor opened for reading and writing, as the preload
-       * opens the table file (preload_fd.c): that takes the file's
-       * permission (0600, its owner's), where an O_PATH one, the same
-       * file by mount and inode, is anyone's who may search /dev/shm
-       * (review r435 N1: nobody's kept root's dead registrations). */
-      if (k == 0 && !(flags & O_PATH) && (flags & O_ACCMODE) == O_RDWR) found(target, (size_t)l, mnt, ino, arg);
+      struct procscan_file file;
+      int k = pinned_file(dfd, infofd, de->name, &file);
+      if (k == 0) found(target, (size_t)l, &file, arg);
       else if (k < 0 && k != -ENOENT && !(k == -EACCES && absent_if_refused)) r = k;
     }
   if (r == 0 && n < 0) r = -errno;

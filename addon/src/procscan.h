@@ -23,26 +23,34 @@ struct procscan_facts {
  * -ENOENT or -ESRCH if there is no such process. */
 int procscan_facts(pid_t pid, struct procscan_facts *f);
 
+/* A file a descriptor holds, as procscan_targets saw it: its device
+ * and inode number (statx of the file pinned). `tied`: whether fdinfo's
+ * inode tied the descriptor's flags to this file (Linux 5.14 on); where
+ * it did not, a dup2 swap between the looks could have shown one file's
+ * identity with another's flags (review r452 F2). */
+struct procscan_file {
+  uint32_t dev_major, dev_minor;
+  uint64_t ino;
+  int tied;
+};
+
 /* Calls `found` with each descriptor's target (readlink of
- * /proc/PID/fd/N: the descriptor table under RCU, no file system asked,
- * unlike a stat of the file, which a hung NFS server would hold) that
- * starts with `prefix`, and the mount id and inode number of the file it
- * is (/proc/PID/fdinfo/N): the text alone does not say which file it is.
- * `ino` is UINT64_MAX where the kernel does not say it (before 5.14).
- * Only descriptors opened O_RDWR (not O_PATH) are reported.
+ * /proc/PID/fd/N: the descriptor table under RCU, no file system asked)
+ * that starts with `prefix`, and the file it is (pinned_file in
+ * procscan.c: the text alone does not say which file it is). Only
+ * descriptors opened O_RDWR (not O_PATH) are reported.
  * `f`: the process's facts (a leader that exited is looked at through a
  * live thread). Descriptors of a process we may not look into are not
  * seen (EACCES), unless procscan_refusal_is_absence says otherwise.
  * 0; -ESRCH if the process is gone; or -errno if its descriptors cannot
  * be read. */
 int procscan_targets(pid_t pid, const struct procscan_facts *f, const char *prefix,
-                     void (*found)(const char *target, size_t len, uint64_t mnt, uint64_t ino, void *arg),
+                     void (*found)(const char *target, size_t len, const struct procscan_file *file, void *arg),
                      void *arg);
 
-/* The mount id and inode number of the file at `path` (its last
- * component not followed), as procscan_targets reports a descriptor's.
- * `ino` as there. 0, or -errno. */
-int procscan_file_identity(const char *path, uint64_t *mnt, uint64_t *ino);
+/* The file at `path` (its last component not followed), as
+ * procscan_targets reports a descriptor's (`tied` 1). 0, or -errno. */
+int procscan_file_identity(const char *path, struct procscan_file *file);
 
 /* 1 if EACCES on a process's /proc entries means "not ours to look into"
  * (not looked at); 0 for a caller with CAP_SYS_PTRACE, for whom it is a
