@@ -13,13 +13,12 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { constants as osConstants } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
-import { holderAlive } from './holder.js';
 import { signalProcesses } from './inspect.js';
 import { killPoint } from './killpoint.js';
 import { isSameProcess, readStat } from './procfs.js';
 import { dropKept } from './resources/keeper.js';
 import { lexists } from './resources/paths.js';
-import { type AppRecord, type LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded, keptForImage } from './registry.js';
+import { type AppRecord, type LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded, keptForImage, registeringAlive } from './registry.js';
 import { duration } from './words.js';
 
 /** How often a waiter looks at the registration. */
@@ -109,7 +108,7 @@ export async function requireSignallable(reg: LocalRegistry, aid: string, record
   if (now.initPid === undefined) {
     // Signalled without its supervisor: a process forked outside the
     // tables' view is not reached, and stop does not wait for init.
-    const why = holderAlive({ pid: now.harnessPid, startTime: now.harnessStartTime ?? 0, request: now.harnessRequest }, reg.home)
+    const why = registeringAlive(now, reg.home)
       ? 'its appshot run has not recorded it within 10 s'
       : 'the appshot run that started it ended before recording it';
     process.stderr.write(`appshot: warning: '${aid}' has no supervisor on record (${why}): its processes are signalled directly\n`);

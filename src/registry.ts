@@ -352,6 +352,13 @@ export function isRestoring(record: AppRecord): boolean {
 }
 
 /** "exited with code 0 at 2026-11-30T12:00:00.000Z" */
+/** Whether the command that registered `record` (its `appshot run`, or
+ * the engine request that ran it) still lives: until it has written the
+ * supervisor's PID, the registration is that command's to finish. */
+export function registeringAlive(record: AppRecord, home: string): boolean {
+  return holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, home);
+}
+
 export function describeEnd(record: AppRecord): string {
   if (record.lost) return `lost: its init was killed, no exit code; found ended at ${record.endedAt}`;
   return `exited with code ${record.exitCode} at ${record.endedAt}`;
@@ -687,7 +694,7 @@ export class LocalRegistry implements Registry {
       // Whether it lives, looked at before the record is read again: a run
       // that wrote the PID and then left is seen by that read (review r438
       // F8: read first, it could be found gone with the PID unseen).
-      const registering = holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, this.home);
+      const registering = registeringAlive(record, this.home);
       record = this.require(aid);
       if (record.initPid || !registering) break;
       // From 5 ms up to 50: the wait is for a process that wants the CPU.
@@ -883,7 +890,7 @@ export class LocalRegistry implements Registry {
     const initPid = record.initPid ?? (t && t.initPid > 0 ? t.initPid : undefined);
     if (initPid === undefined) {
       // No supervisor yet: alive while the command that registered it is.
-      return !holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, this.home);
+      return !registeringAlive(record, this.home);
     }
     if (initPid !== record.initPid && isSameProcess(initPid, undefined)) return false;
     // A live process of its table counts only if it really is one of the
