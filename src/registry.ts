@@ -351,7 +351,6 @@ export function isRestoring(record: AppRecord): boolean {
   return !isEnded(record) && !!r && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath);
 }
 
-/** "exited with code 0 at 2026-11-30T12:00:00.000Z" */
 /** Whether the command that registered `record` (its `appshot run`, or
  * the engine request that ran it) still lives: until it has written the
  * supervisor's PID, the registration is that command's to finish. */
@@ -359,6 +358,7 @@ export function registeringAlive(record: AppRecord, home: string): boolean {
   return holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, home);
 }
 
+/** "exited with code 0 at 2026-11-30T12:00:00.000Z" */
 export function describeEnd(record: AppRecord): string {
   if (record.lost) return `lost: its init was killed, no exit code; found ended at ${record.endedAt}`;
   return `exited with code ${record.exitCode} at ${record.endedAt}`;
