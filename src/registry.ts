@@ -688,18 +688,28 @@ export class LocalRegistry implements Registry {
     const until = Date.now() + waitMs;
     let record = this.require(aid);
     let pause = 5;
+    // How many times the record was read again, and whether the wait ended
+    // because the run was gone: APPSHOT_DEBUG says both (a test counts the
+    // reads: one, when that run was gone before the wait began).
+    let reads = 0;
+    let registering = true;
     // `run` writes the PID with no await after starting init: once the
     // command that registered it is gone, it never will (review r422 F1).
     while (!record.initPid && Date.now() < until) {
       // Whether it lives, looked at before the record is read again: a run
       // that wrote the PID and then left is seen by that read (review r438
       // F8: read first, it could be found gone with the PID unseen).
-      const registering = registeringAlive(record, this.home);
+      registering = registeringAlive(record, this.home);
       record = this.require(aid);
+      reads++;
       if (record.initPid || !registering) break;
       // From 5 ms up to 50: the wait is for a process that wants the CPU.
       await new Promise((r) => setTimeout(r, pause));
       pause = Math.min(pause * 2, 50);
+    }
+    if (!record.initPid && process.env.APPSHOT_DEBUG) {
+      const why = registering ? `none recorded within ${waitMs} ms` : 'the appshot run that registered it is gone';
+      process.stderr.write(`appshot: the supervisor of '${aid}': its record read again ${reads} ${reads === 1 ? 'time' : 'times'}; ${why}\n`);
     }
     return record;
   }

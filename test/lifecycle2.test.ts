@@ -11,7 +11,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
-import { alive, cli, command, fixture, processesWithArgument, processState, Sandbox, stoppedAt, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { alive, cli, command, fixture, processesWithArgument, processState, Sandbox, spawnAsync, stoppedAt, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 // Tests of twenty commands and more in a row: on a loaded machine each
@@ -647,6 +647,42 @@ describe('kill, stop and rm -f of an application whose supervisor is not on reco
     await waitFor(() => processesWithArgument(marker).length === 0, 30_000, "orphan's processes to be gone");
     expect(sb.run(['rm', '-f', 'orphan']).code).toBe(0);
     expect(sb.allAids()).not.toContain('orphan');
+  });
+
+  it('its run gone before recording it: snapshot and kill read its record once more and stop waiting (APPSHOT_DEBUG counts the reads)', async () => {
+    // The wait for the supervisor ends at once when the `run` that
+    // registered the application is gone (review r422 F1; r436 A4: the
+    // test above passes after a 10-s wait too). Shown by what the wait
+    // did, not how long it took: the record read again once and the wait
+    // stopped because that run is gone. A wait to its deadline reads it
+    // again every 50 ms at most and says "none recorded within".
+    const marker = join(dir, 'gone.fifo');
+    expect(spawnSync('mkfifo', [marker]).status).toBe(0);
+    const run = await stoppedAt(sb, ['run', '-d', '--aid', 'gone', '--', 'sh', '-c', 'echo READY; read x < "$0"', marker], RUN_POINT, `run to stop at '${RUN_POINT}'`);
+    const log = join(sb.home, 'apps', 'gone', 'log');
+    await waitFor(() => existsSync(log) && readFileSync(log, 'utf8').includes('READY'), 30_000, 'gone to say READY');
+    const runPid = processesWithArgument(marker).find((pid) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes('run'));
+    expect(runPid).toBeDefined();
+    process.kill(runPid!, 'SIGKILL');
+    // Reaped once go() returns: no process of that PID and start time.
+    await run.go();
+    const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_DEBUG: '1' };
+    const waited = (stderr: string) => stderr.split('\n').filter((l) => l.includes('the supervisor of'));
+    const once = "appshot: the supervisor of 'gone': its record read again 1 time; the appshot run that registered it is gone";
+    // snapshot refuses it (README: "'A' is not running", exit 3) and
+    // leaves it running.
+    const s = await spawnAsync(command, ['snapshot', 'gone', '-o', join(dir, 'gone.appshot')], { env });
+    expect(s.status, s.stderr).toBe(3);
+    expect(s.stderr.split('\n')).toContain("appshot: 'gone' is not running");
+    expect(waited(s.stderr)).toEqual([once]);
+    expect(processesWithArgument(marker).length, 'init and the shell').toBeGreaterThanOrEqual(2);
+    // kill signals its processes directly, with the warning.
+    const k = await spawnAsync(command, ['kill', 'gone'], { env });
+    expect(k.status, k.stderr).toBe(0);
+    expect(k.stderr).toBe(`${once}\nappshot: warning: 'gone' has no supervisor on record (the appshot run that started it ended before recording it): its processes are signalled directly\n`);
+    await waitFor(() => processesWithArgument(marker).length === 0, 30_000, "gone's processes to be gone");
+    expect(sb.run(['rm', '-f', 'gone']).code).toBe(0);
+    expect(sb.allAids()).not.toContain('gone');
   });
 
   it('a run that fails once its application runs, before recording its supervisor, ends every process of it and leaves nothing registered', async () => {
