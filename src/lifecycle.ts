@@ -18,7 +18,7 @@ import { killPoint } from './killpoint.js';
 import { isSameProcess, readStat } from './procfs.js';
 import { dropKept } from './resources/keeper.js';
 import { lexists } from './resources/paths.js';
-import { type AppRecord, type LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded, keptForImage, registeringAlive } from './registry.js';
+import { type AppRecord, type LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded, keptForImage, registeringAlive, replacedWhileWaiting, sameRegistration } from './registry.js';
 import { duration } from './words.js';
 
 /** How often a waiter looks at the registration. */
@@ -90,16 +90,20 @@ export function signalApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Sig
  * returns it: its ended record, or 'released' if its registration went (a
  * snapshot ended it, or its `run` died before naming a supervisor and
  * nothing of it is left). Each command says that as it says an end that
- * came after its signal (review r422 F2).
+ * came after its signal (review r422 F2). Another application registered
+ * under the AID meanwhile is refused, never acted on (requireSupervised).
  */
 export async function requireSignallable(reg: LocalRegistry, aid: string, record = reg.require(aid)): Promise<AppRecord | 'released'> {
   if (record.initPid !== undefined || record.restore) return record;
   killPoint('signal: waiting for the supervisor');
   let now: AppRecord;
   try {
-    now = await reg.requireSupervised(aid);
+    now = await reg.requireSupervised(aid, record);
   } catch (e) {
     const found = reg.get(aid);
+    // Another registration under the AID is not what this one became
+    // (review r436 A5): refused as requireSupervised refuses it.
+    if (found && !sameRegistration(found, record)) throw replacedWhileWaiting(aid);
     const settled = found && reg.settle(found);
     if (!settled) return 'released';
     if (isEnded(settled)) return settled;

@@ -358,6 +358,25 @@ export function registeringAlive(record: AppRecord, home: string): boolean {
   return holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, home);
 }
 
+/** Whether `a` and `b` are records of one registration, not of two made
+ * under one AID one after the other: each registration has a table file
+ * of its own, its name random and the file made exclusively
+ * (finishRegistration), and keeps it. Not the harness's PID and start
+ * time (an API user's one process may register an AID again), nor
+ * createdAt (milliseconds). */
+export function sameRegistration(a: AppRecord, b: AppRecord): boolean {
+  return a.tables === b.tables;
+}
+
+/** The refusal of a command that read `aid` as one application, waited
+ * for its supervisor, and found another registered under that AID. */
+export function replacedWhileWaiting(aid: string): AppshotError {
+  return new AppshotError(
+    `'${aid}' went while this command waited for its supervisor, and another application has been registered as '${aid}' since: that one was left as it is (run the command again to act on it)`,
+    ExitCode.failure,
+  );
+}
+
 /** "exited with code 0 at 2026-11-30T12:00:00.000Z" */
 export function describeEnd(record: AppRecord): string {
   if (record.lost) return `lost: its init was killed, no exit code; found ended at ${record.endedAt}`;
@@ -683,10 +702,23 @@ export class LocalRegistry implements Registry {
    * and the command it runs may print (and a person or a test act on
    * that) before then. While the registration is that young (its
    * supervisor not yet named, the command that made it alive), the record
-   * is read again, for at most `waitMs`; at once if that command is gone. */
-  async requireSupervised(aid: string, waitMs = 10_000): Promise<AppRecord> {
+   * is read again, for at most `waitMs`; at once if that command is gone.
+   * `first`: the record as the caller read it, if it has (the wait is for
+   * that registration).
+   *
+   * Another registration found under the AID meanwhile (the first
+   * released, and a new `run --aid` of the same name) is refused in one
+   * line, exit 1, nothing done (review r436 A5). Not taken as the one
+   * meant: the command would kill, stop, remove or snapshot (and so end)
+   * an application started after it read the AID, which it never saw and
+   * would not have reached without this wait; whoever restarts the
+   * application under its name may be doing so that instant. Nor taken as
+   * the first one's end ('released': stop and rm -f would print the AID,
+   * exit 0, while `ps` lists it running). The user names it again if
+   * that one is meant. */
+  async requireSupervised(aid: string, first = this.require(aid), waitMs = 10_000): Promise<AppRecord> {
     const until = Date.now() + waitMs;
-    let record = this.require(aid);
+    let record = first;
     let pause = 5;
     // How many times the record was read again, and whether the wait ended
     // because the run was gone: APPSHOT_DEBUG says both (a test counts the
@@ -700,7 +732,7 @@ export class LocalRegistry implements Registry {
       // that wrote the PID and then left is seen by that read (review r438
       // F8: read first, it could be found gone with the PID unseen).
       registering = registeringAlive(record, this.home);
-      record = this.require(aid);
+      record = this.requireSame(first);
       reads++;
       if (record.initPid || !registering) break;
       // From 5 ms up to 50: the wait is for a process that wants the CPU.
@@ -711,6 +743,22 @@ export class LocalRegistry implements Registry {
       const why = registering ? `none recorded within ${waitMs} ms` : 'the appshot run that registered it is gone';
       process.stderr.write(`appshot: the supervisor of '${aid}': its record read again ${reads} ${reads === 1 ? 'time' : 'times'}; ${why}\n`);
     }
+    return record;
+  }
+
+  /** require, of the registration `first` is a record of: another made
+   * under its AID since is refused (requireSupervised), and so is its end
+   * (not the first one's). */
+  private requireSame(first: AppRecord): AppRecord {
+    let record: AppRecord;
+    try {
+      record = this.require(first.aid);
+    } catch (e) {
+      const now = this.get(first.aid);
+      if (now && !sameRegistration(now, first)) throw replacedWhileWaiting(first.aid);
+      throw e;
+    }
+    if (!sameRegistration(record, first)) throw replacedWhileWaiting(first.aid);
     return record;
   }
 

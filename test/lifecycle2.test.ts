@@ -737,6 +737,40 @@ describe('kill, stop and rm -f of an application whose supervisor is not on reco
     }
   });
 
+  it('its AID registered again meanwhile: kill, stop and rm -f refuse in one line and leave the new application as it is', async () => {
+    // The command read one application, waited for its supervisor, and
+    // found another under the AID: its registration released (run, init
+    // and shell killed) and a new `run -d --aid` of the same name made
+    // while the command was stopped at its point, having read the first
+    // (review r436 A5: the new one was signalled, stopped or removed).
+    for (const [i, args] of [['kill', '-s', 'TERM'], ['stop'], ['rm', '-f']].entries()) {
+      const aid = `again${i}`;
+      const first = join(dir, `${aid}.first.fifo`);
+      const second = join(dir, `${aid}.second.fifo`);
+      for (const f of [first, second]) expect(spawnSync('mkfifo', [f]).status).toBe(0);
+      const { command } = await unsupervised(aid, 'read x < "$0"', first, [...args, aid]);
+      const pids = processesWithArgument(first);
+      expect(pids.length, aid).toBeGreaterThanOrEqual(3);
+      for (const pid of pids) process.kill(pid, 'SIGKILL');
+      await waitFor(() => !pids.some(alive), 30_000, `${aid}'s first processes to be gone`);
+      const again = sb.run(['run', '-d', '--aid', aid, '--', 'sh', '-c', 'read x < "$0"', second]);
+      expect(again.code, again.stderr).toBe(0);
+      const running = processesWithArgument(second);
+      expect(running.length, `${aid}'s second init and shell`).toBeGreaterThanOrEqual(2);
+      const r = await command.go();
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stdout).toBe('');
+      expect(r.stderr).toBe(
+        `appshot: '${aid}' went while this command waited for its supervisor, and another application has been registered as '${aid}' since: that one was left as it is (run the command again to act on it)\n`,
+      );
+      // Not signalled (its shell has no TERM handler), not removed.
+      expect(running.filter(alive)).toEqual(running);
+      expect(app(aid)).toMatchObject({ state: 'running' });
+      expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+      await waitFor(() => !running.some(alive), 30_000, `${aid}'s second processes to be gone`);
+    }
+  });
+
   it('snapshotted meanwhile: rm -f removes the record the snapshot left', async () => {
     const marker = join(dir, 'msnap.never');
     const { run, command } = await unsupervised('msnap', ENDS, marker, ['rm', '-f', 'msnap']);
