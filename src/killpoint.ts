@@ -33,7 +33,10 @@ import { readFileSync } from 'node:fs';
  * before it releases the registration: harness.ts endSpawned); 'signal:
  * waiting for the supervisor' (lifecycle.ts requireSignallable): kill,
  * stop or rm -f has read such a record as running, and is about to wait
- * for that PID (test/lifecycle2.test.ts).
+ * for that PID (test/lifecycle2.test.ts); 'supervisor: reading the record
+ * again' (registry.ts requireSupervised): such a command, or a snapshot,
+ * at each pass of that wait before it reads the record again, where a
+ * test replaces the registration under the same AID.
  *
  * 'restore: mappings checked' (memory.ts restoreMemory): each file a root
  * restore's process is to map opened as that process, before the process

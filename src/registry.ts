@@ -36,6 +36,7 @@ import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHol
 import { currentRequest } from './engine/request.js';
 import { lexists, type MadeDir, overlaps, plainAbsolute, prepareRedirTargets, type RedirTargetsAs, removeRedirTargets, removeWalked } from './resources/paths.js';
 import { logTimesPath } from './logtimes.js';
+import { killPoint } from './killpoint.js';
 
 export interface AppRecord {
   aid: string;
@@ -728,6 +729,8 @@ export class LocalRegistry implements Registry {
     // `run` writes the PID with no await after starting init: once the
     // command that registered it is gone, it never will (review r422 F1).
     while (!record.initPid && Date.now() < until) {
+      // Test-only: where a test replaces the registration (review r436 A5).
+      killPoint('supervisor: reading the record again');
       // Whether it lives, looked at before the record is read again: a run
       // that wrote the PID and then left is seen by that read (review r438
       // F8: read first, it could be found gone with the PID unseen).

@@ -771,6 +771,40 @@ describe('kill, stop and rm -f of an application whose supervisor is not on reco
     }
   });
 
+  it('its AID registered again while a snapshot waits: the snapshot refuses in one line and leaves the new application running', async () => {
+    // As above, for snapshot, which reads the record itself and would end
+    // the application it snapshots: stopped in its wait (at
+    // LOOP_POINT, before a read), the registration replaced meanwhile.
+    const LOOP_POINT = 'supervisor: reading the record again';
+    const aid = 'againsnap';
+    const first = join(dir, `${aid}.first.fifo`);
+    const second = join(dir, `${aid}.second.fifo`);
+    for (const f of [first, second]) expect(spawnSync('mkfifo', [f]).status).toBe(0);
+    await stoppedAt(sb, ['run', '-d', '--aid', aid, '--', 'sh', '-c', 'echo READY; read x < "$0"', first], RUN_POINT, `run ${aid} to stop at '${RUN_POINT}'`);
+    const log = join(sb.home, 'apps', aid, 'log');
+    await waitFor(() => existsSync(log) && readFileSync(log, 'utf8').includes('READY'), 30_000, `${aid} to say READY`);
+    const image = join(dir, `${aid}.appshot`);
+    const snapshot = await stoppedAt(sb, ['snapshot', aid, '-o', image], LOOP_POINT, `snapshot to stop at '${LOOP_POINT}'`);
+    const pids = processesWithArgument(first);
+    expect(pids.length).toBeGreaterThanOrEqual(3);
+    for (const pid of pids) process.kill(pid, 'SIGKILL');
+    await waitFor(() => !pids.some(alive), 30_000, `${aid}'s first processes to be gone`);
+    const again = sb.run(['run', '-d', '--aid', aid, '--', 'sh', '-c', 'read x < "$0"', second]);
+    expect(again.code, again.stderr).toBe(0);
+    const running = processesWithArgument(second);
+    expect(running.length, 'the second init and shell').toBeGreaterThanOrEqual(2);
+    const r = await snapshot.go();
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toBe(
+      `appshot: '${aid}' went while this command waited for its supervisor, and another application has been registered as '${aid}' since: that one was left as it is (run the command again to act on it)\n`,
+    );
+    expect(existsSync(image)).toBe(false);
+    expect(running.filter(alive)).toEqual(running);
+    expect(app(aid)).toMatchObject({ state: 'running' });
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+    await waitFor(() => !running.some(alive), 30_000, `${aid}'s second processes to be gone`);
+  });
+
   it('snapshotted meanwhile: rm -f removes the record the snapshot left', async () => {
     const marker = join(dir, 'msnap.never');
     const { run, command } = await unsupervised('msnap', ENDS, marker, ['rm', '-f', 'msnap']);
