@@ -36,7 +36,12 @@ import { readFileSync } from 'node:fs';
  * for that PID (test/lifecycle2.test.ts); 'supervisor: reading the record
  * again' (registry.ts requireSupervised): such a command, or a snapshot,
  * at each pass of that wait before it reads the record again, where a
- * test replaces the registration under the same AID.
+ * test replaces the registration under the same AID. 'settle: found
+ * stale' (registry.ts settle): a registration looked at and found stale,
+ * its record not read again yet; 'release: state directory checked'
+ * (registry.ts removeStateDirOf): its record checked to be the one
+ * released, the directory not yet moved aside. At both a test releases
+ * the registration and registers the AID again (test/reregistered.test.ts).
  *
  * 'restore: mappings checked' (memory.ts restoreMemory): each file a root
  * restore's process is to map opened as that process, before the process

@@ -339,6 +339,81 @@ function removeDir(dir: string): void {
   rmSync(doomed, { recursive: true, force: true });
 }
 
+/** A record written whole over DIR/app.json (written aside, renamed). */
+function writeRecordFile(dir: string, record: AppRecord): void {
+  const file = join(dir, 'app.json');
+  writeFileSync(`${file}.tmp`, JSON.stringify(record, null, 2));
+  renameSync(`${file}.tmp`, file);
+}
+
+/** The refusal of a write or removal for a registration that has gone
+ * (another, or none, under its AID now): ENOENT, as for a state directory
+ * removed meanwhile. */
+function registrationGone(record: AppRecord): NodeJS.ErrnoException {
+  const e: NodeJS.ErrnoException = new Error(`'${record.aid}': its registration has gone (removed, or another made under its AID since)`);
+  e.code = 'ENOENT';
+  return e;
+}
+
+/** The registration whose record is DIR/app.json, read; undefined if
+ * there is none to read (a directory claimed and not yet written). */
+function recordIn(dir: string): AppRecord | undefined {
+  try {
+    return JSON.parse(readFileSync(join(dir, 'app.json'), 'utf8')) as AppRecord;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * removeDir of `record`'s state directory, only if it still is that
+ * registration's (review r451 F1: a release of a record read before its
+ * registration went removed the next registration's directory, whose
+ * application then ran unregistered). Node has no unlinkat, so the
+ * directory cannot be removed through a descriptor; it is renamed aside
+ * first (atomic: from then on no one can register the AID into it or
+ * make it anyone else's), and only then is the record in it checked. Not
+ * the registration's: put back where it was (RENAME_NOREPLACE: never
+ * over a directory claimed meanwhile). The record is checked before the
+ * rename too, so that the usual case (another registration there
+ * already) never moves it at all: only one made between that check and
+ * the rename is moved and put back, unseen for that instant. Should the
+ * AID have been claimed in that instant too, it cannot be put back: it
+ * is left under a hidden name the listing does not sweep, and said.
+ */
+function removeStateDirOf(record: AppRecord): void {
+  const dir = record.stateDir;
+  const before = recordIn(dir);
+  if (before && !sameRegistration(before, record)) return;
+  // Test-only: where a test registers the AID again, to be moved aside
+  // and put back (test/reregistered.test.ts).
+  killPoint('release: state directory checked');
+  const doomed = join(dirname(dir), `.${basename(dir)}.removed-${uniqueTag()}`);
+  try {
+    renameSync(dir, doomed);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw e;
+  }
+  const inside = recordIn(doomed);
+  if (!inside || sameRegistration(inside, record)) {
+    rmSync(doomed, { recursive: true, force: true });
+    return;
+  }
+  try {
+    addon().renameNoReplace(doomed, dir);
+  } catch (e) {
+    const kept = join(dirname(dir), `.${basename(dir)}${DISPLACED}${uniqueTag()}`);
+    renameSync(doomed, kept);
+    process.stderr.write(
+      `appshot: warning: ${printable(`'${record.aid}': another registration's state directory was moved aside and cannot be put back (${(e as Error).message}): it is left at ${kept}`)}\n`,
+    );
+  }
+}
+
+/** The mark of a state directory removeStateDirOf could not put back. */
+const DISPLACED = '.displaced-';
+
 /** Whether an application has ended (its record kept until `appshot rm`). */
 export function isEnded(record: AppRecord): boolean {
   return record.state === 'exited';
@@ -639,7 +714,7 @@ export class LocalRegistry implements Registry {
       // Created exclusively (O_EXCL): a name that exists is never used.
       addon().createTables(tables, aid, salt);
       if (this.claimedSpares.delete(stateDir)) writeFileSync(join(stateDir, 'app.json'), JSON.stringify(record, null, 2), { flag: 'r+' });
-      else this.update(record);
+      else writeRecordFile(stateDir, record);
       noteHeld('aid', aid);
       return record;
     } catch (e) {
@@ -650,10 +725,44 @@ export class LocalRegistry implements Registry {
     }
   }
 
+  /**
+   * Writes `record` over its registration's app.json, and only over its
+   * own: never over another registration made under the AID since this
+   * one went (review r451 F1, F2: a `run` whose init had removed the
+   * registration wrote its record over the next one's, whose application
+   * then ran unregistered). The state directory is opened once, the
+   * record in it checked to be this registration's (sameRegistration),
+   * and the new one written and renamed into place through that
+   * descriptor (/proc/self/fd/N/, which resolves to the directory itself
+   * wherever it is now): what the check saw is what is written to, with
+   * no window between them. If the directory was moved aside for removal
+   * meanwhile, the write lands there and goes with it; once removed, the
+   * kernel refuses new files in it (ENOENT). Another registration there,
+   * or none, is refused with ENOENT, as a removed one is: callers that
+   * tolerate "removed meanwhile" tolerate it. The first record of a
+   * registration is written by finishRegistration, not here.
+   */
   update(record: AppRecord): void {
-    const file = join(record.stateDir, 'app.json');
-    writeFileSync(`${file}.tmp`, JSON.stringify(record, null, 2));
-    renameSync(`${file}.tmp`, file);
+    let fd: number;
+    try {
+      fd = openSync(record.stateDir, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOTDIR' || (e as NodeJS.ErrnoException).code === 'ELOOP') throw registrationGone(record);
+      throw e;
+    }
+    try {
+      const dir = `/proc/self/fd/${fd}`;
+      let current: AppRecord | undefined;
+      try {
+        current = JSON.parse(readFileSync(join(dir, 'app.json'), 'utf8')) as AppRecord;
+      } catch {
+        current = undefined;
+      }
+      if (!current || !sameRegistration(current, record)) throw registrationGone(record);
+      writeRecordFile(dir, record);
+    } finally {
+      closeSync(fd);
+    }
   }
 
   /** `aid`'s app.json as written, nothing settled; undefined if it cannot
@@ -784,6 +893,8 @@ export class LocalRegistry implements Registry {
       const out: AppRecord[] = [];
       for (const aid of readdirSync(this.appsDir).sort()) {
         if (aid.startsWith('.')) {
+          // Another registration's, kept as said (removeStateDirOf).
+          if (aid.includes(DISPLACED)) continue;
           // A removal that was killed half-way (see removeDir).
           rmSync(join(this.appsDir, aid), { recursive: true, force: true });
           continue;
@@ -1014,10 +1125,16 @@ export class LocalRegistry implements Registry {
    * wrote how it ended (its init was killed, or its restore abandoned). */
   settle(record: AppRecord): AppRecord | undefined {
     if (isEnded(record) || !this.isStale(record)) return record;
+    // Test-only: a registration looked at and found stale, its record
+    // not read again yet (test/reregistered.test.ts).
+    killPoint('settle: found stale');
     // It may have ended between reading its record and looking at its
     // processes: init writes the file "exit" before it exits.
     const now = this.get(record.aid);
-    if (now && isEnded(now)) return now;
+    // Released by someone else meanwhile, perhaps with the AID registered
+    // again since: that one is not this one's to release (review r451 F1).
+    if (!now || !sameRegistration(now, record)) return undefined;
+    if (isEnded(now)) return now;
     if (!holdsMadeData(record)) {
       this.release(record);
       return undefined;
@@ -1148,7 +1265,7 @@ export class LocalRegistry implements Registry {
       // commit.
       if (dirname(r.commitPath) === join(this.home, 'commits')) rmSync(r.commitPath + PENDING, { force: true });
     }
-    if (!opts.keepRecord) removeDir(record.stateDir);
+    if (!opts.keepRecord) removeStateDirOf(record);
   }
 
   remove(record: AppRecord): void {
