@@ -18,7 +18,7 @@ import { killPoint } from './killpoint.js';
 import { isSameProcess, readStat } from './procfs.js';
 import { dropKept } from './resources/keeper.js';
 import { lexists } from './resources/paths.js';
-import { type AppRecord, type LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded, keptForImage, registeringAlive, replacedWhileWaiting, sameRegistration } from './registry.js';
+import { type AppRecord, type LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded, keptForImage, registeringAlive, sameRegistration } from './registry.js';
 import { duration } from './words.js';
 
 /** How often a waiter looks at the registration. */
@@ -100,10 +100,9 @@ export async function requireSignallable(reg: LocalRegistry, aid: string, record
   try {
     now = await reg.requireSupervised(aid, record);
   } catch (e) {
-    const found = reg.get(aid);
     // Another registration under the AID is not what this one became
     // (review r436 A5): refused as requireSupervised refuses it.
-    if (found && !sameRegistration(found, record)) throw replacedWhileWaiting(aid);
+    const found = reg.refuseIfReplaced(record);
     const settled = found && reg.settle(found);
     if (!settled) return 'released';
     if (isEnded(settled)) return settled;
@@ -135,12 +134,16 @@ export function stillRunning(reg: LocalRegistry, aid: string, found: AppRecord |
  * Waits until the application `aid` has ended, at most `timeoutMs`.
  * Resolves with its ended record; with 'released' if its registration went
  * instead (a snapshot ended it, `rm` removed it, or it never committed);
- * with undefined if it still runs at the deadline.
+ * with undefined if it still runs at the deadline. Given the record of the
+ * registration waited for (`of`: one signalled), another registered under
+ * the AID since is that one's registration gone, 'released', never waited
+ * for or returned as its end (review r451 F3).
  */
-export async function waitEnded(reg: LocalRegistry, aid: string, timeoutMs = Infinity): Promise<AppRecord | 'released' | undefined> {
+export async function waitEnded(reg: LocalRegistry, aid: string, timeoutMs = Infinity, of?: AppRecord): Promise<AppRecord | 'released' | undefined> {
   const deadline = Date.now() + timeoutMs;
   for (let looks = 0; ; looks++) {
     const found = reg.get(aid);
+    if (found && of && !sameRegistration(found, of)) return 'released';
     // Released too when its supervisor was killed: nobody wrote how it ended.
     const record = found && reg.settle(found);
     if (!record) return 'released';
@@ -164,7 +167,7 @@ const KILL_AGAIN_MS = 1_000;
 async function waitKilled(reg: LocalRegistry, record: AppRecord): Promise<AppRecord | 'released' | undefined> {
   const deadline = Date.now() + KILL_WAIT_MS;
   for (;;) {
-    const ended = await waitEnded(reg, record.aid, Math.min(KILL_AGAIN_MS, deadline - Date.now()));
+    const ended = await waitEnded(reg, record.aid, Math.min(KILL_AGAIN_MS, deadline - Date.now()), record);
     if (ended || Date.now() >= deadline) return ended;
     signalProcesses(reg, record, 'SIGKILL');
   }
@@ -193,7 +196,7 @@ export async function stopApp(reg: LocalRegistry, found: AppRecord | 'released',
   if (isEnded(record)) return gone(record);
   signalApp(reg, record, sig, { settle: false });
   if (sig !== 'SIGKILL') {
-    const ended = await waitEnded(reg, record.aid, graceSeconds * 1000);
+    const ended = await waitEnded(reg, record.aid, graceSeconds * 1000, record);
     if (ended) return gone(ended);
     signalProcesses(reg, record, 'SIGKILL');
   }
@@ -308,7 +311,9 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
     for (const k of waiting) {
       try {
         const found = reg.get(k.record.aid);
-        const record = found && reg.settle(found);
+        // Another registered under the AID since: the one killed went, and
+        // this one, never read nor killed, is not removed (review r451 F3).
+        const record = found && sameRegistration(found, k.record) ? reg.settle(found) : undefined;
         // Released as it ended (a restore that never committed, or a
         // snapshot that ended it meanwhile): nothing left to remove.
         if (!record) removed.add(k.record.aid);

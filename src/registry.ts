@@ -866,12 +866,22 @@ export class LocalRegistry implements Registry {
     try {
       record = this.require(first.aid);
     } catch (e) {
-      const now = this.get(first.aid);
-      if (now && !sameRegistration(now, first)) throw replacedWhileWaiting(first.aid);
+      this.refuseIfReplaced(first);
       throw e;
     }
     if (!sameRegistration(record, first)) throw replacedWhileWaiting(first.aid);
     return record;
+  }
+
+  /** The record under `first`'s AID now (undefined if none), unless it is
+   * another registration's: then the refusal a command that waited on
+   * `first` gives (replacedWhileWaiting). One rule for the wait
+   * (requireSame) and for whoever reads the record again after it threw
+   * (lifecycle.ts requireSignallable). */
+  refuseIfReplaced(first: AppRecord): AppRecord | undefined {
+    const now = this.get(first.aid);
+    if (now && !sameRegistration(now, first)) throw replacedWhileWaiting(first.aid);
+    return now;
   }
 
   requireAny(aid: string): AppRecord {
