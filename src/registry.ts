@@ -37,6 +37,7 @@ import { currentRequest } from './engine/request.js';
 import { lexists, type MadeDir, overlaps, plainAbsolute, prepareRedirTargets, type RedirTargetsAs, removeRedirTargets, removeWalked } from './resources/paths.js';
 import { logTimesPath } from './logtimes.js';
 import { killPoint } from './killpoint.js';
+import { plural } from './words.js';
 
 export interface AppRecord {
   aid: string;
@@ -831,8 +832,9 @@ export class LocalRegistry implements Registry {
     let record = first;
     let pause = 5;
     // How many times the record was read again, and whether the wait ended
-    // because the run was gone: APPSHOT_DEBUG says both (a test counts the
-    // reads: one, when that run was gone before the wait began).
+    // because the run was gone: APPSHOT_DEBUG says both when the wait ends
+    // with no supervisor on record, and nothing when one was found (a test
+    // counts the reads: one, when that run was gone before the wait began).
     let reads = 0;
     let registering = true;
     // `run` writes the PID with no await after starting init: once the
@@ -852,8 +854,8 @@ export class LocalRegistry implements Registry {
       pause = Math.min(pause * 2, 50);
     }
     if (!record.initPid && process.env.APPSHOT_DEBUG) {
-      const why = registering ? `none recorded within ${waitMs} ms` : 'the appshot run that registered it is gone';
-      process.stderr.write(`appshot: the supervisor of '${aid}': its record read again ${reads} ${reads === 1 ? 'time' : 'times'}; ${why}\n`);
+      const why = registering ? `none was recorded within ${waitMs / 1000} s` : 'the appshot run that registered it is gone';
+      process.stderr.write(`appshot: '${aid}': no supervisor in the registration's record after reading it again ${plural(reads, 'time')}: ${why}\n`);
     }
     return record;
   }

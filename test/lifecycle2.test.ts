@@ -655,7 +655,7 @@ describe('kill, stop and rm -f of an application whose supervisor is not on reco
     // test above passes after a 10-s wait too). Shown by what the wait
     // did, not how long it took: the record read again once and the wait
     // stopped because that run is gone. A wait to its deadline reads it
-    // again every 50 ms at most and says "none recorded within".
+    // again every 50 ms at most and says "none was recorded within".
     const marker = join(dir, 'gone.fifo');
     expect(spawnSync('mkfifo', [marker]).status).toBe(0);
     const run = await stoppedAt(sb, ['run', '-d', '--aid', 'gone', '--', 'sh', '-c', 'echo READY; read x < "$0"', marker], RUN_POINT, `run to stop at '${RUN_POINT}'`);
@@ -667,8 +667,8 @@ describe('kill, stop and rm -f of an application whose supervisor is not on reco
     // Reaped once go() returns: no process of that PID and start time.
     await run.go();
     const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_DEBUG: '1' };
-    const waited = (stderr: string) => stderr.split('\n').filter((l) => l.includes('the supervisor of'));
-    const once = "appshot: the supervisor of 'gone': its record read again 1 time; the appshot run that registered it is gone";
+    const waited = (stderr: string) => stderr.split('\n').filter((l) => l.includes("no supervisor in the registration's record"));
+    const once = "appshot: 'gone': no supervisor in the registration's record after reading it again 1 time: the appshot run that registered it is gone";
     // snapshot refuses it (README: "'A' is not running", exit 3) and
     // leaves it running.
     const s = await spawnAsync(command, ['snapshot', 'gone', '-o', join(dir, 'gone.appshot')], { env });
