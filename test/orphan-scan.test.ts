@@ -59,9 +59,6 @@ const shmExists = (id: number) =>
 
 const record = (aid: string) => JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')) as { initPid: number; tables: string };
 
-/** `argv` started with only PATH and APPSHOT_TABLES=`tables` in its
- * environment, no descriptor of the table file, not preloaded; waits
- * until its environment is its own (exec done). */
 /** Waits for `run -d`'s record to name its supervisor; the record then. */
 async function supervised(aid: string): Promise<ReturnType<typeof record>> {
   await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
@@ -72,6 +69,9 @@ async function supervised(aid: string): Promise<ReturnType<typeof record>> {
  * directory's links resolved). */
 const canonicalOf = (tables: string) => join(realpathSync(dirname(tables)), basename(tables));
 
+/** `argv` started with only PATH and APPSHOT_TABLES=`tables` in its
+ * environment, no descriptor of the table file, not preloaded; waits
+ * until its environment is its own (exec done). */
 async function naming(argv: string[], tables: string): Promise<ChildProcess> {
   const c = spawn(argv[0], argv.slice(1), { env: { PATH: process.env.PATH, APPSHOT_TABLES: tables }, stdio: 'ignore' });
   started.push(c);
