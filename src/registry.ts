@@ -374,8 +374,8 @@ function recordIn(dir: string): AppRecord | undefined {
  * directory cannot be removed through a descriptor; it is renamed aside
  * first (atomic: from then on no one can register the AID into it or
  * make it anyone else's), and only then is the record in it checked. Not
- * the registration's: put back where it was (RENAME_NOREPLACE: never
- * over a directory claimed meanwhile). The record is checked before the
+ * the registration's, or no record in it: put back where it was
+ * (RENAME_NOREPLACE: never over a directory claimed meanwhile). The record is checked before the
  * rename too, so that the usual case (another registration there
  * already) never moves it at all: only one made between that check and
  * the rename is moved and put back, unseen for that instant. Should the
@@ -396,13 +396,23 @@ function removeStateDirOf(record: AppRecord): void {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
     throw e;
   }
+  // No record to read is no proof either: a registration that has
+  // claimed the directory and not yet written its first record (the one
+  // released had one: it was read).
   const inside = recordIn(doomed);
-  if (!inside || sameRegistration(inside, record)) {
+  if (inside && sameRegistration(inside, record)) {
     rmSync(doomed, { recursive: true, force: true });
     return;
   }
   try {
-    addon().renameNoReplace(doomed, dir);
+    try {
+      addon().renameNoReplace(doomed, dir);
+    } catch (e) {
+      // A file system without RENAME_NOREPLACE (as claim falls back):
+      // put back unless something is there, with only that check.
+      if ((e as NodeJS.ErrnoException).code !== 'EINVAL' || lexists(dir)) throw e;
+      renameSync(doomed, dir);
+    }
   } catch (e) {
     const kept = join(dirname(dir), `.${basename(dir)}${DISPLACED}${uniqueTag()}`);
     renameSync(doomed, kept);
