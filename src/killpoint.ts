@@ -42,6 +42,9 @@ import { readFileSync } from 'node:fs';
  * (registry.ts removeStateDirOf): its record checked to be the one
  * released, the directory not yet moved aside. At both a test releases
  * the registration and registers the AID again (test/reregistered.test.ts).
+ * 'stop: signalled' (lifecycle.ts stopApp) and 'rm -f: killed'
+ * (lifecycle.ts removeApps): the signal sent, its end not yet waited for,
+ * where a test removes the ended application and registers its AID again.
  *
  * 'restore: mappings checked' (memory.ts restoreMemory): each file a root
  * restore's process is to map opened as that process, before the process

@@ -195,6 +195,8 @@ export async function stopApp(reg: LocalRegistry, found: AppRecord | 'released',
   };
   if (isEnded(record)) return gone(record);
   signalApp(reg, record, sig, { settle: false });
+  // Test-only: signalled, its end not yet waited for (test/reregistered.test.ts).
+  killPoint('stop: signalled');
   if (sig !== 'SIGKILL') {
     const ended = await waitEnded(reg, record.aid, graceSeconds * 1000, record);
     if (ended) return gone(ended);
@@ -302,6 +304,8 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
       fail(aid, e);
     }
   }
+  // Test-only: each killed, none waited for yet (test/reregistered.test.ts).
+  if (killed.length) killPoint('rm -f: killed');
   // Every one killed is waited for in the same passes.
   const deadline = Date.now() + KILL_WAIT_MS;
   let killedAgain = Date.now();

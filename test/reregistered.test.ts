@@ -150,3 +150,34 @@ describe('appshot run whose command cannot be executed', () => {
     await expectIntactThenRemove(aid, second);
   });
 });
+
+describe('stop and rm -f, their application ended after the signal and the AID registered again before they look', () => {
+  it('take the one signalled as gone, print its AID and exit 0, and leave the new one as it is', async () => {
+    // Stopped once the signal is sent (lifecycle.ts stopApp, removeApps);
+    // meanwhile the application ends, its record is removed and the AID
+    // registered again (review r451 F3: stop waited on the new one and
+    // failed after 30 s; rm -f would remove it once ended).
+    for (const [point, args] of [
+      ['stop: signalled', ['stop', '-t', '1']],
+      ['rm -f: killed', ['rm', '-f']],
+    ] as const) {
+      const aid = `late-${args[0]}`;
+      const marker = fifo(`${aid}.first`);
+      const r = sb.run(['run', '-d', '--aid', aid, '--', 'sh', '-c', 'read x < "$0"', marker]);
+      expect(r.code, r.stderr).toBe(0);
+      const pids = processesWithArgument(marker);
+      expect(pids.length, `${aid}'s init and shell`).toBeGreaterThanOrEqual(2);
+      const late = await stoppedAt(sb, [...args, aid], point, `${args.join(' ')} to stop at '${point}'`);
+      await waitFor(() => !pids.some(alive), 30_000, `${aid}'s first processes to be gone`);
+      // Ended (its record kept) or released (init killed with it): gone
+      // either way once rm has looked.
+      sb.run(['rm', aid]);
+      expect(recordOf(aid)).toBeUndefined();
+      const second = registerAgain(aid);
+      const done = await late.go();
+      expect(done.code, done.stderr).toBe(0);
+      expect(done.stdout).toBe(`${aid}\n`);
+      await expectIntactThenRemove(aid, second);
+    }
+  });
+});
