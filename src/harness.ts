@@ -28,7 +28,7 @@ import { checkPrivateTmpRules, hasPrivateTmp, makePrivateTmp, newPrivateRoot, un
 import { instanceConfig, loadRules, type RulesFile } from './template/rules.js';
 import { descendantsOf, isSameProcess, readStat } from './procfs.js';
 import { CAP, hasCap, ownCreds } from './resources/creds.js';
-import { type AppRecord, type Registry } from './registry.js';
+import { type AppRecord, type Registry, sameRegistration } from './registry.js';
 
 export interface RunOptions {
   aid?: string;
@@ -192,7 +192,11 @@ export async function run(registry: Registry, command: string[], opts: RunOption
     record.initPid = init.pid;
     record.initStartTime = readStat(init.pid)?.startTime;
     // init removes the registration itself when the command cannot be
-    // exec'd, and it may have done so already: its report says why.
+    // exec'd, and it may have done so already: its report says why. The
+    // write is refused (ENOENT) unless the state directory is still this
+    // registration's: another `run` may have registered the AID since, and
+    // its record is not this one's to replace (registry.ts update; review
+    // r451 F2).
     try {
       registry.update(record);
     } catch (e) {
@@ -283,7 +287,7 @@ export async function run(registry: Registry, command: string[], opts: RunOption
   const current = registry.get(record.aid);
   let notSettled = '';
   try {
-    if (current && current.initPid === record.initPid) registry.settle(current);
+    if (current && sameRegistration(current, record)) registry.settle(current);
   } catch (e) {
     notSettled = `; its registration is kept (${(e as Error).message})`;
   }

@@ -33,7 +33,18 @@ import { readFileSync } from 'node:fs';
  * before it releases the registration: harness.ts endSpawned); 'signal:
  * waiting for the supervisor' (lifecycle.ts requireSignallable): kill,
  * stop or rm -f has read such a record as running, and is about to wait
- * for that PID (test/lifecycle2.test.ts).
+ * for that PID (test/lifecycle2.test.ts); 'supervisor: reading the record
+ * again' (registry.ts requireSupervised): such a command, or a snapshot,
+ * at each pass of that wait before it reads the record again, where a
+ * test replaces the registration under the same AID. 'settle: found
+ * stale' (registry.ts settle): a registration looked at and found stale,
+ * its record not read again yet; 'release: state directory checked'
+ * (registry.ts removeStateDirOf): its record checked to be the one
+ * released, the directory not yet moved aside. At both a test releases
+ * the registration and registers the AID again (test/reregistered.test.ts).
+ * 'stop: signalled' (lifecycle.ts stopApp) and 'rm -f: killed'
+ * (lifecycle.ts removeApps): the signal sent, its end not yet waited for,
+ * where a test removes the ended application and registers its AID again.
  *
  * 'restore: mappings checked' (memory.ts restoreMemory): each file a root
  * restore's process is to map opened as that process, before the process

@@ -13,13 +13,12 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { constants as osConstants } from 'node:os';
 import { AppshotError, ExitCode } from './errors.js';
-import { holderAlive } from './holder.js';
 import { signalProcesses } from './inspect.js';
 import { killPoint } from './killpoint.js';
 import { isSameProcess, readStat } from './procfs.js';
 import { dropKept } from './resources/keeper.js';
 import { lexists } from './resources/paths.js';
-import { type AppRecord, type LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded, keptForImage } from './registry.js';
+import { type AppRecord, type LocalRegistry, checkAid, describeEnd, describeSnapshot, isEnded, keptForImage, registeringAlive, sameRegistration } from './registry.js';
 import { duration } from './words.js';
 
 /** How often a waiter looks at the registration. */
@@ -91,16 +90,19 @@ export function signalApp(reg: LocalRegistry, record: AppRecord, sig: NodeJS.Sig
  * returns it: its ended record, or 'released' if its registration went (a
  * snapshot ended it, or its `run` died before naming a supervisor and
  * nothing of it is left). Each command says that as it says an end that
- * came after its signal (review r422 F2).
+ * came after its signal (review r422 F2). Another application registered
+ * under the AID meanwhile is refused, never acted on (requireSupervised).
  */
 export async function requireSignallable(reg: LocalRegistry, aid: string, record = reg.require(aid)): Promise<AppRecord | 'released'> {
   if (record.initPid !== undefined || record.restore) return record;
   killPoint('signal: waiting for the supervisor');
   let now: AppRecord;
   try {
-    now = await reg.requireSupervised(aid);
+    now = await reg.requireSupervised(aid, record);
   } catch (e) {
-    const found = reg.get(aid);
+    // Another registration under the AID is not what this one became
+    // (review r436 A5): refused as requireSupervised refuses it.
+    const found = reg.refuseIfReplaced(record);
     const settled = found && reg.settle(found);
     if (!settled) return 'released';
     if (isEnded(settled)) return settled;
@@ -109,7 +111,7 @@ export async function requireSignallable(reg: LocalRegistry, aid: string, record
   if (now.initPid === undefined) {
     // Signalled without its supervisor: a process forked outside the
     // tables' view is not reached, and stop does not wait for init.
-    const why = holderAlive({ pid: now.harnessPid, startTime: now.harnessStartTime ?? 0, request: now.harnessRequest }, reg.home)
+    const why = registeringAlive(now, reg.home)
       ? 'its appshot run has not recorded it within 10 s'
       : 'the appshot run that started it ended before recording it';
     process.stderr.write(`appshot: warning: '${aid}' has no supervisor on record (${why}): its processes are signalled directly\n`);
@@ -132,12 +134,16 @@ export function stillRunning(reg: LocalRegistry, aid: string, found: AppRecord |
  * Waits until the application `aid` has ended, at most `timeoutMs`.
  * Resolves with its ended record; with 'released' if its registration went
  * instead (a snapshot ended it, `rm` removed it, or it never committed);
- * with undefined if it still runs at the deadline.
+ * with undefined if it still runs at the deadline. Given the record of the
+ * registration waited for (`of`: one signalled), another registered under
+ * the AID since is that one's registration gone, 'released', never waited
+ * for or returned as its end (review r451 F3).
  */
-export async function waitEnded(reg: LocalRegistry, aid: string, timeoutMs = Infinity): Promise<AppRecord | 'released' | undefined> {
+export async function waitEnded(reg: LocalRegistry, aid: string, timeoutMs = Infinity, of?: AppRecord): Promise<AppRecord | 'released' | undefined> {
   const deadline = Date.now() + timeoutMs;
   for (let looks = 0; ; looks++) {
     const found = reg.get(aid);
+    if (found && of && !sameRegistration(found, of)) return 'released';
     // Released too when its supervisor was killed: nobody wrote how it ended.
     const record = found && reg.settle(found);
     if (!record) return 'released';
@@ -161,7 +167,7 @@ const KILL_AGAIN_MS = 1_000;
 async function waitKilled(reg: LocalRegistry, record: AppRecord): Promise<AppRecord | 'released' | undefined> {
   const deadline = Date.now() + KILL_WAIT_MS;
   for (;;) {
-    const ended = await waitEnded(reg, record.aid, Math.min(KILL_AGAIN_MS, deadline - Date.now()));
+    const ended = await waitEnded(reg, record.aid, Math.min(KILL_AGAIN_MS, deadline - Date.now()), record);
     if (ended || Date.now() >= deadline) return ended;
     signalProcesses(reg, record, 'SIGKILL');
   }
@@ -189,8 +195,10 @@ export async function stopApp(reg: LocalRegistry, found: AppRecord | 'released',
   };
   if (isEnded(record)) return gone(record);
   signalApp(reg, record, sig, { settle: false });
+  // Test-only: signalled, its end not yet waited for (test/reregistered.test.ts).
+  killPoint('stop: signalled');
   if (sig !== 'SIGKILL') {
-    const ended = await waitEnded(reg, record.aid, graceSeconds * 1000);
+    const ended = await waitEnded(reg, record.aid, graceSeconds * 1000, record);
     if (ended) return gone(ended);
     signalProcesses(reg, record, 'SIGKILL');
   }
@@ -296,6 +304,8 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
       fail(aid, e);
     }
   }
+  // Test-only: each killed, none waited for yet (test/reregistered.test.ts).
+  if (killed.length) killPoint('rm -f: killed');
   // Every one killed is waited for in the same passes.
   const deadline = Date.now() + KILL_WAIT_MS;
   let killedAgain = Date.now();
@@ -305,7 +315,9 @@ export async function removeApps(reg: LocalRegistry, aids: string[], force: bool
     for (const k of waiting) {
       try {
         const found = reg.get(k.record.aid);
-        const record = found && reg.settle(found);
+        // Another registered under the AID since: the one killed went, and
+        // this one, never read nor killed, is not removed (review r451 F3).
+        const record = found && sameRegistration(found, k.record) ? reg.settle(found) : undefined;
         // Released as it ended (a restore that never committed, or a
         // snapshot that ended it meanwhile): nothing left to remove.
         if (!record) removed.add(k.record.aid);

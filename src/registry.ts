@@ -36,6 +36,8 @@ import { noteHeld, uniqueTag, currentHolder, formatHolder, holderAlive, parseHol
 import { currentRequest } from './engine/request.js';
 import { lexists, type MadeDir, overlaps, plainAbsolute, prepareRedirTargets, type RedirTargetsAs, removeRedirTargets, removeWalked } from './resources/paths.js';
 import { logTimesPath } from './logtimes.js';
+import { killPoint } from './killpoint.js';
+import { plural } from './words.js';
 
 export interface AppRecord {
   aid: string;
@@ -338,6 +340,91 @@ function removeDir(dir: string): void {
   rmSync(doomed, { recursive: true, force: true });
 }
 
+/** A record written whole over DIR/app.json (written aside, renamed). */
+function writeRecordFile(dir: string, record: AppRecord): void {
+  const file = join(dir, 'app.json');
+  writeFileSync(`${file}.tmp`, JSON.stringify(record, null, 2));
+  renameSync(`${file}.tmp`, file);
+}
+
+/** The refusal of a write or removal for a registration that has gone
+ * (another, or none, under its AID now): ENOENT, as for a state directory
+ * removed meanwhile. */
+function registrationGone(record: AppRecord): NodeJS.ErrnoException {
+  const e: NodeJS.ErrnoException = new Error(`'${record.aid}': its registration has gone (removed, or another made under its AID since)`);
+  e.code = 'ENOENT';
+  return e;
+}
+
+/** The registration whose record is DIR/app.json, read; undefined if
+ * there is none to read (a directory claimed and not yet written). */
+function recordIn(dir: string): AppRecord | undefined {
+  try {
+    return JSON.parse(readFileSync(join(dir, 'app.json'), 'utf8')) as AppRecord;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * removeDir of `record`'s state directory, only if it still is that
+ * registration's (review r451 F1: a release of a record read before its
+ * registration went removed the next registration's directory, whose
+ * application then ran unregistered). Node has no unlinkat, so the
+ * directory cannot be removed through a descriptor; it is renamed aside
+ * first (atomic: from then on no one can register the AID into it or
+ * make it anyone else's), and only then is the record in it checked. Not
+ * the registration's, or no record in it: put back where it was
+ * (RENAME_NOREPLACE: never over a directory claimed meanwhile). The record is checked before the
+ * rename too, so that the usual case (another registration there
+ * already) never moves it at all: only one made between that check and
+ * the rename is moved and put back, unseen for that instant. Should the
+ * AID have been claimed in that instant too, it cannot be put back: it
+ * is left under a hidden name the listing does not sweep, and said.
+ */
+function removeStateDirOf(record: AppRecord): void {
+  const dir = record.stateDir;
+  const before = recordIn(dir);
+  if (before && !sameRegistration(before, record)) return;
+  // Test-only: where a test registers the AID again, to be moved aside
+  // and put back (test/reregistered.test.ts).
+  killPoint('release: state directory checked');
+  const doomed = join(dirname(dir), `.${basename(dir)}.removed-${uniqueTag()}`);
+  try {
+    renameSync(dir, doomed);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw e;
+  }
+  // No record to read is no proof either: a registration that has
+  // claimed the directory and not yet written its first record (the one
+  // released had one: it was read).
+  const inside = recordIn(doomed);
+  if (inside && sameRegistration(inside, record)) {
+    rmSync(doomed, { recursive: true, force: true });
+    return;
+  }
+  try {
+    try {
+      addon().renameNoReplace(doomed, dir);
+    } catch (e) {
+      // A file system without RENAME_NOREPLACE (as claim falls back):
+      // put back unless something is there, with only that check.
+      if ((e as NodeJS.ErrnoException).code !== 'EINVAL' || lexists(dir)) throw e;
+      renameSync(doomed, dir);
+    }
+  } catch (e) {
+    const kept = join(dirname(dir), `.${basename(dir)}${DISPLACED}${uniqueTag()}`);
+    renameSync(doomed, kept);
+    process.stderr.write(
+      `appshot: warning: ${printable(`'${record.aid}': another registration's state directory was moved aside and cannot be put back (${(e as Error).message}): it is left at ${kept}`)}\n`,
+    );
+  }
+}
+
+/** The mark of a state directory removeStateDirOf could not put back. */
+const DISPLACED = '.displaced-';
+
 /** Whether an application has ended (its record kept until `appshot rm`). */
 export function isEnded(record: AppRecord): boolean {
   return record.state === 'exited';
@@ -349,6 +436,32 @@ export function isEnded(record: AppRecord): boolean {
 export function isRestoring(record: AppRecord): boolean {
   const r = record.restore;
   return !isEnded(record) && !!r && !existsSync(join(record.stateDir, 'committed')) && !existsSync(r.commitPath);
+}
+
+/** Whether the command that registered `record` (its `appshot run`, or
+ * the engine request that ran it) still lives: until it has written the
+ * supervisor's PID, the registration is that command's to finish. */
+export function registeringAlive(record: AppRecord, home: string): boolean {
+  return holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, home);
+}
+
+/** Whether `a` and `b` are records of one registration, not of two made
+ * under one AID one after the other: each registration has a table file
+ * of its own, its name random and the file made exclusively
+ * (finishRegistration), and keeps it. Not the harness's PID and start
+ * time (an API user's one process may register an AID again), nor
+ * createdAt (milliseconds). */
+export function sameRegistration(a: AppRecord, b: AppRecord): boolean {
+  return a.tables === b.tables;
+}
+
+/** The refusal of a command that read `aid` as one application, waited
+ * for its supervisor, and found another registered under that AID. */
+export function replacedWhileWaiting(aid: string): AppshotError {
+  return new AppshotError(
+    `'${aid}' went while this command waited for its supervisor, and another application has been registered as '${aid}' since: that one was left as it is (run the command again to act on it)`,
+    ExitCode.failure,
+  );
 }
 
 /** "exited with code 0 at 2026-11-30T12:00:00.000Z" */
@@ -612,7 +725,7 @@ export class LocalRegistry implements Registry {
       // Created exclusively (O_EXCL): a name that exists is never used.
       addon().createTables(tables, aid, salt);
       if (this.claimedSpares.delete(stateDir)) writeFileSync(join(stateDir, 'app.json'), JSON.stringify(record, null, 2), { flag: 'r+' });
-      else this.update(record);
+      else writeRecordFile(stateDir, record);
       noteHeld('aid', aid);
       return record;
     } catch (e) {
@@ -623,10 +736,44 @@ export class LocalRegistry implements Registry {
     }
   }
 
+  /**
+   * Writes `record` over its registration's app.json, and only over its
+   * own: never over another registration made under the AID since this
+   * one went (review r451 F1, F2: a `run` whose init had removed the
+   * registration wrote its record over the next one's, whose application
+   * then ran unregistered). The state directory is opened once, the
+   * record in it checked to be this registration's (sameRegistration),
+   * and the new one written and renamed into place through that
+   * descriptor (/proc/self/fd/N/, which resolves to the directory itself
+   * wherever it is now): what the check saw is what is written to, with
+   * no window between them. If the directory was moved aside for removal
+   * meanwhile, the write lands there and goes with it; once removed, the
+   * kernel refuses new files in it (ENOENT). Another registration there,
+   * or none, is refused with ENOENT, as a removed one is: callers that
+   * tolerate "removed meanwhile" tolerate it. The first record of a
+   * registration is written by finishRegistration, not here.
+   */
   update(record: AppRecord): void {
-    const file = join(record.stateDir, 'app.json');
-    writeFileSync(`${file}.tmp`, JSON.stringify(record, null, 2));
-    renameSync(`${file}.tmp`, file);
+    let fd: number;
+    try {
+      fd = openSync(record.stateDir, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY | fsConstants.O_NOFOLLOW);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOTDIR' || (e as NodeJS.ErrnoException).code === 'ELOOP') throw registrationGone(record);
+      throw e;
+    }
+    try {
+      const dir = `/proc/self/fd/${fd}`;
+      let current: AppRecord | undefined;
+      try {
+        current = JSON.parse(readFileSync(join(dir, 'app.json'), 'utf8')) as AppRecord;
+      } catch {
+        current = undefined;
+      }
+      if (!current || !sameRegistration(current, record)) throw registrationGone(record);
+      writeRecordFile(dir, record);
+    } finally {
+      closeSync(fd);
+    }
   }
 
   /** `aid`'s app.json as written, nothing settled; undefined if it cannot
@@ -676,25 +823,77 @@ export class LocalRegistry implements Registry {
    * and the command it runs may print (and a person or a test act on
    * that) before then. While the registration is that young (its
    * supervisor not yet named, the command that made it alive), the record
-   * is read again, for at most `waitMs`; at once if that command is gone. */
-  async requireSupervised(aid: string, waitMs = 10_000): Promise<AppRecord> {
+   * is read again, for at most `waitMs`; at once if that command is gone.
+   * `first`: the record as the caller read it, if it has (the wait is for
+   * that registration).
+   *
+   * Another registration found under the AID meanwhile (the first
+   * released, and a new `run --aid` of the same name) is refused in one
+   * line, exit 1, nothing done (review r436 A5). Not taken as the one
+   * meant: the command would kill, stop, remove or snapshot (and so end)
+   * an application started after it read the AID, which it never saw and
+   * would not have reached without this wait; whoever restarts the
+   * application under its name may be doing so that instant. Nor taken as
+   * the first one's end ('released': stop and rm -f would print the AID,
+   * exit 0, while `ps` lists it running). The user names it again if
+   * that one is meant. */
+  async requireSupervised(aid: string, first = this.require(aid), waitMs = 10_000): Promise<AppRecord> {
     const until = Date.now() + waitMs;
-    let record = this.require(aid);
+    let record = first;
     let pause = 5;
+    // How many times the record was read again, and whether the wait ended
+    // because the run was gone: APPSHOT_DEBUG says both when the wait ends
+    // with no supervisor on record, and nothing when one was found (a test
+    // counts the reads: one, when that run was gone before the wait began).
+    let reads = 0;
+    let registering = true;
     // `run` writes the PID with no await after starting init: once the
     // command that registered it is gone, it never will (review r422 F1).
     while (!record.initPid && Date.now() < until) {
+      // Test-only: where a test replaces the registration (review r436 A5).
+      killPoint('supervisor: reading the record again');
       // Whether it lives, looked at before the record is read again: a run
       // that wrote the PID and then left is seen by that read (review r438
       // F8: read first, it could be found gone with the PID unseen).
-      const registering = holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, this.home);
-      record = this.require(aid);
+      registering = registeringAlive(record, this.home);
+      record = this.requireSame(first);
+      reads++;
       if (record.initPid || !registering) break;
       // From 5 ms up to 50: the wait is for a process that wants the CPU.
       await new Promise((r) => setTimeout(r, pause));
       pause = Math.min(pause * 2, 50);
     }
+    if (!record.initPid && process.env.APPSHOT_DEBUG) {
+      const why = registering ? `none was recorded within ${waitMs / 1000} s` : 'the appshot run that registered it is gone';
+      process.stderr.write(`appshot: '${aid}': no supervisor in the registration's record after reading it again ${plural(reads, 'time')}: ${why}\n`);
+    }
     return record;
+  }
+
+  /** require, of the registration `first` is a record of: another made
+   * under its AID since is refused (requireSupervised), and so is its end
+   * (not the first one's). */
+  private requireSame(first: AppRecord): AppRecord {
+    let record: AppRecord;
+    try {
+      record = this.require(first.aid);
+    } catch (e) {
+      this.refuseIfReplaced(first);
+      throw e;
+    }
+    if (!sameRegistration(record, first)) throw replacedWhileWaiting(first.aid);
+    return record;
+  }
+
+  /** The record under `first`'s AID now (undefined if none), unless it is
+   * another registration's: then the refusal a command that waited on
+   * `first` gives (replacedWhileWaiting). One rule for the wait
+   * (requireSame) and for whoever reads the record again after it threw
+   * (lifecycle.ts requireSignallable). */
+  refuseIfReplaced(first: AppRecord): AppRecord | undefined {
+    const now = this.get(first.aid);
+    if (now && !sameRegistration(now, first)) throw replacedWhileWaiting(first.aid);
+    return now;
   }
 
   requireAny(aid: string): AppRecord {
@@ -716,6 +915,8 @@ export class LocalRegistry implements Registry {
       const out: AppRecord[] = [];
       for (const aid of readdirSync(this.appsDir).sort()) {
         if (aid.startsWith('.')) {
+          // Another registration's, kept as said (removeStateDirOf).
+          if (aid.includes(DISPLACED)) continue;
           // A removal that was killed half-way (see removeDir).
           rmSync(join(this.appsDir, aid), { recursive: true, force: true });
           continue;
@@ -883,7 +1084,7 @@ export class LocalRegistry implements Registry {
     const initPid = record.initPid ?? (t && t.initPid > 0 ? t.initPid : undefined);
     if (initPid === undefined) {
       // No supervisor yet: alive while the command that registered it is.
-      return !holderAlive({ pid: record.harnessPid, startTime: record.harnessStartTime ?? 0, request: record.harnessRequest }, this.home);
+      return !registeringAlive(record, this.home);
     }
     if (initPid !== record.initPid && isSameProcess(initPid, undefined)) return false;
     // A live process of its table counts only if it really is one of the
@@ -946,10 +1147,16 @@ export class LocalRegistry implements Registry {
    * wrote how it ended (its init was killed, or its restore abandoned). */
   settle(record: AppRecord): AppRecord | undefined {
     if (isEnded(record) || !this.isStale(record)) return record;
+    // Test-only: a registration looked at and found stale, its record
+    // not read again yet (test/reregistered.test.ts).
+    killPoint('settle: found stale');
     // It may have ended between reading its record and looking at its
     // processes: init writes the file "exit" before it exits.
     const now = this.get(record.aid);
-    if (now && isEnded(now)) return now;
+    // Released by someone else meanwhile, perhaps with the AID registered
+    // again since: that one is not this one's to release (review r451 F1).
+    if (!now || !sameRegistration(now, record)) return undefined;
+    if (isEnded(now)) return now;
     if (!holdsMadeData(record)) {
       this.release(record);
       return undefined;
@@ -1080,7 +1287,7 @@ export class LocalRegistry implements Registry {
       // commit.
       if (dirname(r.commitPath) === join(this.home, 'commits')) rmSync(r.commitPath + PENDING, { force: true });
     }
-    if (!opts.keepRecord) removeDir(record.stateDir);
+    if (!opts.keepRecord) removeStateDirOf(record);
   }
 
   remove(record: AppRecord): void {

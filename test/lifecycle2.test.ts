@@ -11,7 +11,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { appendFileSync, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
-import { alive, cli, command, fixture, processesWithArgument, processState, Sandbox, stoppedAt, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
+import { alive, cli, command, fixture, processesWithArgument, processState, Sandbox, spawnAsync, stoppedAt, tcpExchange, templfixTemplate, waitFor } from './helpers.js';
 import { scratchDir } from './scratch.js';
 
 // Tests of twenty commands and more in a row: on a loaded machine each
@@ -649,6 +649,42 @@ describe('kill, stop and rm -f of an application whose supervisor is not on reco
     expect(sb.allAids()).not.toContain('orphan');
   });
 
+  it('its run gone before recording it: snapshot and kill read its record once more and stop waiting (APPSHOT_DEBUG counts the reads)', async () => {
+    // The wait for the supervisor ends at once when the `run` that
+    // registered the application is gone (review r422 F1; r436 A4: the
+    // test above passes after a 10-s wait too). Shown by what the wait
+    // did, not how long it took: the record read again once and the wait
+    // stopped because that run is gone. A wait to its deadline reads it
+    // again every 50 ms at most and says "none was recorded within".
+    const marker = join(dir, 'gone.fifo');
+    expect(spawnSync('mkfifo', [marker]).status).toBe(0);
+    const run = await stoppedAt(sb, ['run', '-d', '--aid', 'gone', '--', 'sh', '-c', 'echo READY; read x < "$0"', marker], RUN_POINT, `run to stop at '${RUN_POINT}'`);
+    const log = join(sb.home, 'apps', 'gone', 'log');
+    await waitFor(() => existsSync(log) && readFileSync(log, 'utf8').includes('READY'), 30_000, 'gone to say READY');
+    const runPid = processesWithArgument(marker).find((pid) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes('run'));
+    expect(runPid).toBeDefined();
+    process.kill(runPid!, 'SIGKILL');
+    // Reaped once go() returns: no process of that PID and start time.
+    await run.go();
+    const env = { ...sb.env, APPSHOT_ENGINE: 'off', APPSHOT_DEBUG: '1' };
+    const waited = (stderr: string) => stderr.split('\n').filter((l) => l.includes("no supervisor in the registration's record"));
+    const once = "appshot: 'gone': no supervisor in the registration's record after reading it again 1 time: the appshot run that registered it is gone";
+    // snapshot refuses it (README: "'A' is not running", exit 3) and
+    // leaves it running.
+    const s = await spawnAsync(command, ['snapshot', 'gone', '-o', join(dir, 'gone.appshot')], { env });
+    expect(s.status, s.stderr).toBe(3);
+    expect(s.stderr.split('\n')).toContain("appshot: 'gone' is not running");
+    expect(waited(s.stderr)).toEqual([once]);
+    expect(processesWithArgument(marker).length, 'init and the shell').toBeGreaterThanOrEqual(2);
+    // kill signals its processes directly, with the warning.
+    const k = await spawnAsync(command, ['kill', 'gone'], { env });
+    expect(k.status, k.stderr).toBe(0);
+    expect(k.stderr).toBe(`${once}\nappshot: warning: 'gone' has no supervisor on record (the appshot run that started it ended before recording it): its processes are signalled directly\n`);
+    await waitFor(() => processesWithArgument(marker).length === 0, 30_000, "gone's processes to be gone");
+    expect(sb.run(['rm', '-f', 'gone']).code).toBe(0);
+    expect(sb.allAids()).not.toContain('gone');
+  });
+
   it('a run that fails once its application runs, before recording its supervisor, ends every process of it and leaves nothing registered', async () => {
     // Stopped at the point first, and made to fail there once continued
     // (killPoint: STOP_AT, then FAIL_AT): the application runs by then,
@@ -699,6 +735,74 @@ describe('kill, stop and rm -f of an application whose supervisor is not on reco
         }
       }
     }
+  });
+
+  it('its AID registered again meanwhile: kill, stop and rm -f refuse in one line and leave the new application as it is', async () => {
+    // The command read one application, waited for its supervisor, and
+    // found another under the AID: its registration released (run, init
+    // and shell killed) and a new `run -d --aid` of the same name made
+    // while the command was stopped at its point, having read the first
+    // (review r436 A5: the new one was signalled, stopped or removed).
+    for (const [i, args] of [['kill', '-s', 'TERM'], ['stop'], ['rm', '-f']].entries()) {
+      const aid = `again${i}`;
+      const first = join(dir, `${aid}.first.fifo`);
+      const second = join(dir, `${aid}.second.fifo`);
+      for (const f of [first, second]) expect(spawnSync('mkfifo', [f]).status).toBe(0);
+      const { command } = await unsupervised(aid, 'read x < "$0"', first, [...args, aid]);
+      const pids = processesWithArgument(first);
+      expect(pids.length, aid).toBeGreaterThanOrEqual(3);
+      for (const pid of pids) process.kill(pid, 'SIGKILL');
+      await waitFor(() => !pids.some(alive), 30_000, `${aid}'s first processes to be gone`);
+      const again = sb.run(['run', '-d', '--aid', aid, '--', 'sh', '-c', 'read x < "$0"', second]);
+      expect(again.code, again.stderr).toBe(0);
+      const running = processesWithArgument(second);
+      expect(running.length, `${aid}'s second init and shell`).toBeGreaterThanOrEqual(2);
+      const r = await command.go();
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stdout).toBe('');
+      expect(r.stderr).toBe(
+        `appshot: '${aid}' went while this command waited for its supervisor, and another application has been registered as '${aid}' since: that one was left as it is (run the command again to act on it)\n`,
+      );
+      // Not signalled (its shell has no TERM handler), not removed.
+      expect(running.filter(alive)).toEqual(running);
+      expect(app(aid)).toMatchObject({ state: 'running' });
+      expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+      await waitFor(() => !running.some(alive), 30_000, `${aid}'s second processes to be gone`);
+    }
+  });
+
+  it('its AID registered again while a snapshot waits: the snapshot refuses in one line and leaves the new application running', async () => {
+    // As above, for snapshot, which reads the record itself and would end
+    // the application it snapshots: stopped in its wait (at
+    // LOOP_POINT, before a read), the registration replaced meanwhile.
+    const LOOP_POINT = 'supervisor: reading the record again';
+    const aid = 'againsnap';
+    const first = join(dir, `${aid}.first.fifo`);
+    const second = join(dir, `${aid}.second.fifo`);
+    for (const f of [first, second]) expect(spawnSync('mkfifo', [f]).status).toBe(0);
+    await stoppedAt(sb, ['run', '-d', '--aid', aid, '--', 'sh', '-c', 'echo READY; read x < "$0"', first], RUN_POINT, `run ${aid} to stop at '${RUN_POINT}'`);
+    const log = join(sb.home, 'apps', aid, 'log');
+    await waitFor(() => existsSync(log) && readFileSync(log, 'utf8').includes('READY'), 30_000, `${aid} to say READY`);
+    const image = join(dir, `${aid}.appshot`);
+    const snapshot = await stoppedAt(sb, ['snapshot', aid, '-o', image], LOOP_POINT, `snapshot to stop at '${LOOP_POINT}'`);
+    const pids = processesWithArgument(first);
+    expect(pids.length).toBeGreaterThanOrEqual(3);
+    for (const pid of pids) process.kill(pid, 'SIGKILL');
+    await waitFor(() => !pids.some(alive), 30_000, `${aid}'s first processes to be gone`);
+    const again = sb.run(['run', '-d', '--aid', aid, '--', 'sh', '-c', 'read x < "$0"', second]);
+    expect(again.code, again.stderr).toBe(0);
+    const running = processesWithArgument(second);
+    expect(running.length, 'the second init and shell').toBeGreaterThanOrEqual(2);
+    const r = await snapshot.go();
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toBe(
+      `appshot: '${aid}' went while this command waited for its supervisor, and another application has been registered as '${aid}' since: that one was left as it is (run the command again to act on it)\n`,
+    );
+    expect(existsSync(image)).toBe(false);
+    expect(running.filter(alive)).toEqual(running);
+    expect(app(aid)).toMatchObject({ state: 'running' });
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+    await waitFor(() => !running.some(alive), 30_000, `${aid}'s second processes to be gone`);
   });
 
   it('snapshotted meanwhile: rm -f removes the record the snapshot left', async () => {

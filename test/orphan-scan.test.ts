@@ -59,6 +59,16 @@ const shmExists = (id: number) =>
 
 const record = (aid: string) => JSON.parse(readFileSync(join(sb.home, 'apps', aid, 'app.json'), 'utf8')) as { initPid: number; tables: string };
 
+/** Waits for `run -d`'s record to name its supervisor; the record then. */
+async function supervised(aid: string): Promise<ReturnType<typeof record>> {
+  await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+  return record(aid);
+}
+
+/** The path a descriptor of the table file at `tables` reads (its
+ * directory's links resolved). */
+const canonicalOf = (tables: string) => join(realpathSync(dirname(tables)), basename(tables));
+
 /** `argv` started with only PATH and APPSHOT_TABLES=`tables` in its
  * environment, no descriptor of the table file, not preloaded; waits
  * until its environment is its own (exec done). */
@@ -116,8 +126,7 @@ describe('a registration whose supervisor and processes are gone', () => {
     expect(process.getuid?.(), 'run as root: a process of another uid is made with setpriv').toBe(0);
     const aid = 'orphan-env';
     sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
-    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
-    const { tables } = record(aid);
+    const { tables } = await supervised(aid);
     // Of the registry's user (root): one of the application's, as far as
     // anyone can tell (a static program that closed its descriptors).
     const own = await naming(['sleep', '1000'], tables);
@@ -140,7 +149,7 @@ describe('a registration whose supervisor is gone', () => {
     expect(process.getuid?.(), 'run as root: the process is made nobody with setpriv').toBe(0);
     const aid = 'orphan-held';
     sb.ok(['run', '-d', '--aid', aid, '--', ...asNobody, 'sleep', '1000']);
-    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+    await supervised(aid);
     const app = sb.systemPid(aid);
     await waitFor(() => {
       try {
@@ -169,7 +178,7 @@ describe('a registration whose supervisor is gone, and whose process has only it
     // empty), another runs on.
     const py = 'import ctypes, threading, time; threading.Thread(target=time.sleep, args=(1000,)).start(); ctypes.CDLL(None).pthread_exit(None)';
     sb.ok(['run', '-d', '--aid', aid, '--', 'python3', '-c', py]);
-    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
+    await supervised(aid);
     const app = sb.systemPid(aid);
     appPids.push(app);
     const leaderGone = () => {
@@ -200,8 +209,7 @@ describe('a foreground run whose supervisor is killed', () => {
     // The sleep holds none of the CLI's pipes: its ending is seen.
     const run = sb.start(['run', '--aid', aid, '--', 'sh', '-c', 'ipcmk -M 4096 && exec sleep 1000 >/dev/null 2>&1']);
     await run.line(/Shared memory id: \d+/);
-    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
-    const { initPid, tables } = record(aid);
+    const { initPid, tables } = await supervised(aid);
     // The system's id (ipcmk prints the application's).
     const [shmid] = addon().readTables(tables).tables.shmid.map((e) => e.system);
     madeShm.push(shmid);
@@ -237,8 +245,7 @@ describe('a registration released with something other than a regular file at it
   ];
   it.each(kinds)('%s: for good, said in one line, not kept for ever (review r418 F5)', async (kind, aid, put) => {
     sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
-    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
-    const { tables } = record(aid);
+    const { tables } = await supervised(aid);
     await orphaned(aid);
     rmSync(tables);
     putAtTables.push(tables);
@@ -279,9 +286,8 @@ describe('a registration whose supervisor and processes are gone, and a file of 
     expect(process.getuid?.(), 'run as root: the forger is nobody').toBe(0);
     const aid = 'orphan-spoof';
     sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
-    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
-    const { tables } = record(aid);
-    const canonical = join(realpathSync(dirname(tables)), basename(tables));
+    const { tables } = await supervised(aid);
+    const canonical = canonicalOf(tables);
     // Nobody, in a user and mount namespace of its own, holding a file
     // of the same path on a tmpfs of its own: from here, its descriptor's
     // link reads the table file's path.
@@ -302,9 +308,8 @@ describe('a registration whose supervisor and processes are gone, and a process 
     expect(process.getuid?.(), 'run as root: unshare -m').toBe(0);
     const aid = 'orphan-ns-held';
     sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
-    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
-    const { tables } = record(aid);
-    const canonical = join(realpathSync(dirname(tables)), basename(tables));
+    const { tables } = await supervised(aid);
+    const canonical = canonicalOf(tables);
     // Its mounts are copies of ours, with ids of their own; no
     // APPSHOT_TABLES in its environment.
     const holder = spawn('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `exec 7<>${canonical} && exec sleep 1000`], { stdio: 'ignore', env: { PATH: process.env.PATH } });
@@ -401,9 +406,8 @@ describe('a registration whose supervisor and processes are gone, and its table 
     expect(process.getuid?.(), 'run as root: the holder is nobody').toBe(0);
     const aid = 'orphan-opath';
     sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
-    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
-    const { tables } = record(aid);
-    const canonical = join(realpathSync(dirname(tables)), basename(tables));
+    const { tables } = await supervised(aid);
+    const canonical = canonicalOf(tables);
     // Root's 0600 file, the same mount and inode, opened by nobody.
     const holder = await holdingAsNobody('import os, sys, time; fd = os.open(sys.argv[1], os.O_PATH); print("ready", flush=True); time.sleep(1000)', canonical);
     await orphaned(aid);
@@ -421,9 +425,8 @@ describe('a registration whose supervisor and processes are gone, and another us
     expect(process.getuid?.(), 'run as root: the holder is nobody').toBe(0);
     const aid = 'orphan-deleted-dir';
     sb.ok(['run', '-d', '--aid', aid, '--', 'sleep', '1000']);
-    await waitFor(() => existsSync(join(sb.home, 'apps', aid, 'app.json')) && record(aid).initPid > 1, 10_000, `${aid} to be supervised`);
-    const { tables } = record(aid);
-    const canonical = join(realpathSync(dirname(tables)), basename(tables));
+    const { tables } = await supervised(aid);
+    const canonical = canonicalOf(tables);
     // "/dev/shm/appshot-TAG-": the table file's name without "AID-HEX".
     const prefix = canonical.slice(0, canonical.length - aid.length - 1 - 16);
     const dir = `${prefix}h437x${process.pid}`;
