@@ -1086,7 +1086,11 @@ export class LocalRegistry implements Registry {
       // No supervisor yet: alive while the command that registered it is.
       return !registeringAlive(record, this.home);
     }
-    if (initPid !== record.initPid && isSameProcess(initPid, undefined)) return false;
+    // The tables' init_pid (no supervisor in the record yet) counts only
+    // if that process really is the application's: any process of it may
+    // write the header, and one pointed at PID 1 kept the registration,
+    // its tables and SysV objects from ever being released (h453's audit).
+    if (initPid !== record.initPid && isSameProcess(initPid, undefined) && this.namers().namedBy(initPid, record.tables)) return false;
     // A live process of its table counts only if it really is one of the
     // application's (it holds the file, or, of the registry's user, its
     // environment names it: TablesNamers): anyone holding the table file
