@@ -146,6 +146,10 @@ describe('the resident engine', () => {
     expect(restored.code, restored.stderr).toBe(0);
     expect(JSON.parse(restored.stdout)).toMatchObject({ aid: 'auto', processes: 2 });
     expect(await served()).toBe(1);
+    // The CPU it reports of itself (what bench/criu.js charges a command)
+    // counts the restore it ran.
+    const cpuMs = (x: Json) => x.cpu.userMs + x.cpu.systemMs;
+    expect(cpuMs(await status())).toBeGreaterThan(cpuMs(s));
     await checksPass('auto');
     // The appshot-init it started is its child: once that application
     // ends, the engine waits for it rather than keep a zombie.
