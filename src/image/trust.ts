@@ -173,74 +173,9 @@ function parsePublicKey(text: string, source: string): KeyObject {
   return key;
 }
 
-/** What trustedKeys read last, per home: the keys, and the identity of
- * everything they came from (identityOfKeys). */
-const keysRead = new Map<string, { identity: string; keys: TrustedKey[] }>();
-
-/** How long after its last change a file or directory the keys come from
- * must be left unchanged before what was read of it is kept: a change
- * within the same tick of the file system's clock could leave its times
- * as they were (a key file replaced by one of the same size at a reused
- * inode). Any change made after the keys were read gets a later time. */
-const SETTLED_NS = 2_000_000_000n;
-
-/** The identity (device, inode, times, size, mode, owner) of the keys
- * directory, this node's key, the trusted keys directory and each of the
- * `files` read from it, with the user reading them: the same identity,
- * the same keys, the same verdicts of who may write them. Also whether
- * each changed less than SETTLED_NS before `now`. Undefined if one cannot
- * be looked at (then the keys are read as before, which says why). */
-function identityOfKeys(home: string, files: string[], now: bigint): { identity: string; settled: boolean } | undefined {
-  let settled = true;
-  const one = (path: string, follow: boolean): string => {
-    let st;
-    try {
-      st = follow ? statSync(path, { bigint: true }) : lstatSync(path, { bigint: true });
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return '-';
-      throw e;
-    }
-    if (st.mtimeNs > now - SETTLED_NS || st.ctimeNs > now - SETTLED_NS) settled = false;
-    return `${st.dev}:${st.ino}:${st.mtimeNs}:${st.ctimeNs}:${st.size}:${st.mode}:${st.uid}`;
-  };
-  try {
-    const parts = [String(process.geteuid?.() ?? 0), one(keysDir(home), true), one(selfKeyPath(home), false), one(trustedDir(home), true), ...files.map((f) => one(f, false))];
-    return { identity: parts.join('|'), settled };
-  } catch {
-    return undefined;
-  }
-}
-
 /** Every key this node trusts: its own and the imported ones. Reading
- * them makes nothing: a node that never signed has no key of its own yet.
- * Kept while nothing they came from changed (identityOfKeys): a resident
- * engine checks a signature for every image it reads, and the directory
- * listed and every key file read each time were 3% of reading and
- * checking an image (h449 R3). A key added, removed or replaced changes
- * the identity of its directory or its file, and they are read again. */
+ * them makes nothing: a node that never signed has no key of its own yet. */
 export function trustedKeys(home = defaultHome()): TrustedKey[] {
-  const now = BigInt(Date.now()) * 1_000_000n;
-  const kept = keysRead.get(home);
-  if (kept) {
-    const seen = identityOfKeys(home, importedFiles(kept.keys), now);
-    if (seen?.identity === kept.identity) return kept.keys.slice();
-    keysRead.delete(home);
-  }
-  // The identity looked at before the keys are read and again after: kept
-  // only if nothing changed meanwhile, nor shortly before.
-  const before = identityOfKeys(home, [], now);
-  const keys = readTrustedKeys(home);
-  const after = identityOfKeys(home, importedFiles(keys), now);
-  // (Its first four parts are the user and the three paths of `before`.)
-  if (before?.settled && after?.settled && after.identity.split('|').slice(0, 4).join('|') === before.identity) keysRead.set(home, { identity: after.identity, keys: keys.slice() });
-  return keys;
-}
-
-/** The files of the imported keys among `keys` (this node's own is in
- * every identity). */
-const importedFiles = (keys: TrustedKey[]) => keys.filter((k) => k.name !== 'self').map((k) => k.file);
-
-function readTrustedKeys(home: string): TrustedKey[] {
   const keys: TrustedKey[] = [];
   const self = readSelfKey(home);
   if (self) keys.push({ id: self.id, name: self.name, key: self.publicKey, file: self.file });
