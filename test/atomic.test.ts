@@ -701,6 +701,26 @@ describe('a snapshot that fails or is killed at a step', () => {
     expect(sb.run(['rm', '-f', aid]).code).toBe(0);
   });
 
+  // The entry that names the witness cannot be written (a full, read-only
+  // or failing $APPSHOT_HOME/tmp; here the write is made to fail): the
+  // snapshot fails before the freeze and ends the witness it started, as
+  // nothing journaled names it for the next command (r465 F6).
+  it('its first journal write failing, its witness started: exit 1, one line, no entry and no witness left, and the application runs untraced', async () => {
+    const aid = 'sjournal-witness';
+    await started(aid);
+    // Witnesses another test of this file may have left are not this one's.
+    const before = new Set(witnessesRunning());
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_FAIL_AT: 'ending: writing step holding' });
+    expect(r.status, r.stderr).toBe(1);
+    expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^appshot: cannot snapshot '${aid}': .*failure injected at 'ending: writing step holding' \\(APPSHOT_TEST_FAIL_AT\\).*; the application was left running$`))]);
+    expect(existsSync(image)).toBe(false);
+    expect(endingEntries()).toEqual([]);
+    await waitFor(() => witnessesRunning().every((pid) => before.has(pid)), 10_000, 'its witness to be ended');
+    await runsUntraced(aid);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+
   it('killed while it dumps, its witness started: the entry names the witness, and the next command ends it; the application runs on', async () => {
     const aid = 'skill-witness';
     await started(aid);

@@ -231,6 +231,9 @@ export class EndingJournal {
 
   private write(entry: EndingEntry, durable = false): void {
     this.stopAppending();
+    // Where a test has the write fail (APPSHOT_TEST_FAIL_AT), as a full,
+    // read-only or failing $APPSHOT_HOME/tmp would.
+    killPoint(`ending: writing step ${entry.step}`);
     writeEntry(this.path, entry, durable);
     this.entry = entry;
     this.written = true;
@@ -267,17 +270,26 @@ export class EndingJournal {
     // Started just before the entry that names it: a command killed in
     // between leaves it sleeping out its day, nothing more.
     const witness = startWitness();
-    if (witness) this.write({ ...this.entry, witness });
+    if (!witness) return;
+    // Owned by the entry before it is written: a write that fails (ENOSPC,
+    // EROFS, EIO on $APPSHOT_HOME/tmp) fails the snapshot, whose done()
+    // then ends it, as it would a journaled one (r465 F6).
+    this.entry = { ...this.entry, witness };
+    this.write(this.entry);
   }
 
   /** Journals step "placing" for `staged`, the directory or file about
    * to be renamed (or linked) to `output`. */
   placing(output: string, staged: string, heldInRepair: HeldSocket[] = []): void {
     const st = lstatSync(staged);
-    // Started before the freeze (witnessed), else now.
-    const witness = this.entry.witness ?? startWitness();
+    // Started before the freeze (witnessed), else now; owned by the entry
+    // before it is written, as there (done() ends it if the write fails).
+    if (!this.entry.witness) {
+      const witness = startWitness();
+      if (witness) this.entry = { ...this.entry, witness };
+    }
     const { heldInRepair: _before, ...rest } = this.entry;
-    this.write({ ...rest, step: 'placing', output, dev: st.dev, ino: st.ino, ...(witness ? { witness } : {}), ...(heldInRepair.length ? { heldInRepair } : {}) });
+    this.write({ ...rest, step: 'placing', output, dev: st.dev, ino: st.ino, ...(heldInRepair.length ? { heldInRepair } : {}) });
   }
 
   /** The image, of `processes`, is in place and is the application from
