@@ -71,15 +71,31 @@
 // 5-10 ms more per restore for its first ~10 commands). A command's CPU
 // is the client's plus what the engine used meanwhile, as the engine
 // reports it (`engine status`: cpu, to the microsecond; /proc/PID/stat
-// counts 10 ms ticks), so that no work goes uncounted. `in-process`:
+// counts 10 ms ticks), so that no work goes uncounted, less what the
+// bench's own two status reads cost the engine (each reads its CPU in the
+// middle of its own handling): the median of 51 back-to-back pairs, taken
+// after the warm-up and subtracted from every sample (0.2-0.5 ms, r465
+// F10; in the results as engine_status_overhead_ms). `in-process`:
 // `node bin/appshot.js` with APPSHOT_ENGINE=off, each command a Node
 // process of its own (the figures of runs before 2026-12-07).
 // In native mode each round also takes, on an application of its own, a
-// default snapshot and an eager restore in-process (APPSHOT_ENGINE=off):
-// what the first command pays before an engine runs, or every command
-// with the engine off (rows "first command / APPSHOT_ENGINE=off";
-// BENCH_COLD=0 leaves them out). And `--version`, against
-// `criu --version`, both ways.
+// default snapshot and an eager restore with APPSHOT_ENGINE=off, each
+// command `node bin/appshot.js`, a cold Node process (rows "APPSHOT_ENGINE
+// =off"; BENCH_COLD=0 leaves them out). That is every command with the
+// engine off. It is not exactly a user's first command: by default
+// (APPSHOT_ENGINE=auto) the native client finds no engine and runs
+// bin/appshot.js, which starts an engine in the background and runs the
+// command itself, so the first command also pays the client's exec and
+// the engine's start beside it on the same cores, not measured here.
+// And `--version`, against `criu --version`, both ways.
+//
+// CPU rows are not like for like (r465 F9): CRIU's is criu's own
+// processes (wait4 of the command), and CRIU does much of its work inside
+// the application's tasks (the dump's parasite in the dumped task, which
+// is then killed; the restore's restorer, which maps and reads the pages,
+// in the restored task, which `restore -d` never reaps), none of which is
+// counted; appshot's reading and writing of pages is in its own process
+// (the engine's), and is. The row labels say so.
 //
 // Results: bench/results/criu-DATE.json (-2, -3... for later runs the same
 // day) and a table on stdout.
@@ -113,6 +129,9 @@ const envOff = { ...env, APPSHOT_ENGINE: 'off' };
 /** The command line that runs `appshot ...` in this mode. */
 const appshotCommand = MODE === 'native' ? [join(root, 'bin', 'appshot')] : [process.execPath, cli];
 let enginePid = 0;
+/** The engine CPU of the bench's own two status reads around a command
+ * (see the header), subtracted from each measured command's. */
+let statusOverheadMs = 0;
 let controlEngine; // dist/engine/client.js's, in native mode
 /** CPU time the engine used so far, in ms (0 in-process), as it reports
  * it itself (to the microsecond). */
@@ -121,6 +140,16 @@ async function engineCpuMs() {
   const s = await controlEngine('status', home);
   if (s?.pid !== enginePid || !s.cpu) throw new Error(`the engine (pid ${enginePid}) did not report its CPU: ${JSON.stringify(s)}`);
   return s.cpu.userMs + s.cpu.systemMs;
+}
+/** The median engine CPU between two status reads back to back. */
+async function statusReadsCpuMs() {
+  for (let i = 0; i < 10; i++) await engineCpuMs();
+  const d = [];
+  for (let i = 0; i < 51; i++) {
+    const before = await engineCpuMs();
+    d.push((await engineCpuMs()) - before);
+  }
+  return d.sort((x, y) => x - y)[25];
 }
 const log = (s) => process.stderr.write(`bench/criu: ${s}\n`);
 const children = new Set(); // processes started without appshot
@@ -138,7 +167,7 @@ const timed = (cmd, args, opts = {}) => timedRun(cmd, args, { env, ...opts });
 const appshot = async (...args) => {
   const before = await engineCpuMs();
   const r = timed(appshotCommand[0], [...appshotCommand.slice(1), ...args, '--json']);
-  return { ...r, cpuMs: r.cpuMs + (await engineCpuMs()) - before, json: JSON.parse(r.out) };
+  return { ...r, cpuMs: r.cpuMs + (await engineCpuMs()) - before - statusOverheadMs, json: JSON.parse(r.out) };
 };
 /** `appshot ...` in a cold Node process of its own, no engine. */
 const appshotCold = (...args) => {
@@ -383,12 +412,12 @@ const ROWS = [
   ['held_end', '  appshot: ending it: the kill (in heldMs too), its registration gone (ms)'],
   ['snapshot_wall', 'whole snapshot command, wall (ms)'],
   ['snapshot_wall_durable', '  the same, the image on the disk (CRIU: then sync of its files) (ms)'],
-  ['snapshot_cpu', 'whole snapshot command, CPU (ms)'],
+  ['snapshot_cpu', "whole snapshot command, CPU (CRIU: criu's processes only, its parasite's work in the dumped task not counted) (ms)"],
   ['snapshot_cpu_durable', '  the same, the image on the disk (CRIU: then the CPU of its sync too) (ms)'],
   ['restore_eager', 'eager restore, internal: until the application runs (ms)'],
   ['restore_eager_reported', '  as each tool reports it (appshot: restoreMs; CRIU: Restore time) (ms)'],
   ['restore_eager_wall', 'eager restore, whole command wall (ms)'],
-  ['restore_eager_cpu', 'eager restore, whole command CPU (ms)'],
+  ['restore_eager_cpu', "eager restore, whole command CPU (CRIU: criu's process only, its restorer's work in the restored task, the pages read, not counted; appshot's page writing is) (ms)"],
   ['restore_lazy', 'lazy restore, internal: until the application runs (ms)'],
   ['restore_lazy_reported', '  as each tool reports it (appshot: restoreMs; CRIU: Restore time) (ms)'],
   ['restore_lazy_wall', 'lazy restore, whole command wall (ms)'],
@@ -396,14 +425,14 @@ const ROWS = [
   ['fork', 'baseline: fork() of the running app (ms)'],
   ['cold', 'baseline: cold start (ms)'],
   ['cp_sync', 'baseline: cp + sync of the page file (ms)'],
-  ['cold_frozen_default', 'appshot, first command / APPSHOT_ENGINE=off: frozen, default snapshot (heldMs) (ms)'],
+  ['cold_frozen_default', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): frozen, default snapshot (heldMs) (ms)'],
   ['cold_frozen_default_state', '  of which its state read (frozenMs) (ms)'],
-  ['cold_snapshot_wall', 'appshot, first command / APPSHOT_ENGINE=off: whole snapshot command, wall (ms)'],
-  ['cold_snapshot_cpu', 'appshot, first command / APPSHOT_ENGINE=off: whole snapshot command, CPU (ms)'],
-  ['cold_restore_eager', 'appshot, first command / APPSHOT_ENGINE=off: eager restore, until the application runs (ms)'],
-  ['cold_restore_eager_wall', 'appshot, first command / APPSHOT_ENGINE=off: eager restore, whole command wall (ms)'],
-  ['cold_restore_eager_cpu', 'appshot, first command / APPSHOT_ENGINE=off: eager restore, whole command CPU (ms)'],
-  ['cold_version_wall', 'appshot, first command / APPSHOT_ENGINE=off: --version, wall (ms)'],
+  ['cold_snapshot_wall', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): whole snapshot command, wall (ms)'],
+  ['cold_snapshot_cpu', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): whole snapshot command, CPU (ms)'],
+  ['cold_restore_eager', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): eager restore, until the application runs (ms)'],
+  ['cold_restore_eager_wall', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): eager restore, whole command wall (ms)'],
+  ['cold_restore_eager_cpu', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): eager restore, whole command CPU (ms)'],
+  ['cold_version_wall', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): --version, wall (ms)'],
 ];
 const series = () => Object.fromEntries(ROWS.map(([k]) => [k, []]));
 
@@ -427,6 +456,10 @@ async function main() {
     log(`warm-up ${w + 1}/${warmups} (not counted), tiny app`);
     await appshotRound(0, -1 - w, series());
     if (!criu.why) await criuRound(criu.bin, 0, -1 - w, series());
+  }
+  if (enginePid) {
+    statusOverheadMs = await statusReadsCpuMs();
+    log(`the bench's own status reads: ${statusOverheadMs.toFixed(3)} ms of engine CPU per command, subtracted`);
   }
   for (let round = 0; round < runs; round++) {
     for (const mib of sizes) {
@@ -452,6 +485,7 @@ async function main() {
     date: new Date().toISOString(),
     appshot: MODE,
     warmups,
+    engine_status_overhead_ms: enginePid ? statusOverheadMs : undefined,
     machine: { cpus: cpus().length, model: cpus()[0]?.model, kernel: release(), loadavg_during: summary(loads) },
     criu: criu.why ? { unavailable: criu.why } : { version: criu.version, bin: criu.bin },
     runs,
