@@ -62,12 +62,40 @@
 // Each command runs under bench/rusage (fork, exec, wait4) for its wall and
 // CPU time.
 //
-// BENCH_APPSHOT: how appshot's commands run. `in-process` (the default):
+// BENCH_APPSHOT: how appshot's commands run. `native` (the default, as
+// users meet appshot): `bin/appshot` (the installed command: the native
+// client) with an engine started beforehand (APPSHOT_ENGINE=manual: none
+// is started on demand in the middle of the series, so the one measured
+// is the one whose CPU is read) and warmed by BENCH_WARMUP rounds of the
+// tiny app (default 2, both tools, not counted: a JIT-cold engine costs
+// 5-10 ms more per restore for its first ~10 commands). A command's CPU
+// is the client's plus what the engine used meanwhile, as the engine
+// reports it (`engine status`: cpu, to the microsecond; /proc/PID/stat
+// counts 10 ms ticks), so that no work goes uncounted, less what the
+// bench's own two status reads cost the engine (each reads its CPU in the
+// middle of its own handling): the median of 51 back-to-back pairs, taken
+// after the warm-up and subtracted from every sample (0.2-0.5 ms, r465
+// F10; in the results as engine_status_overhead_ms). `in-process`:
 // `node bin/appshot.js` with APPSHOT_ENGINE=off, each command a Node
-// process of its own. `native`: `bin/appshot` (the installed command: the
-// native client) with an engine started beforehand and kept warm; a
-// command's CPU is then the client's plus what the engine used meanwhile
-// (its /proc/PID/stat), so that no work goes uncounted.
+// process of its own (the figures of runs before 2026-12-07).
+// In native mode each round also takes, on an application of its own, a
+// default snapshot and an eager restore with APPSHOT_ENGINE=off, each
+// command `node bin/appshot.js`, a cold Node process (rows "APPSHOT_ENGINE
+// =off"; BENCH_COLD=0 leaves them out). That is every command with the
+// engine off. It is not exactly a user's first command: by default
+// (APPSHOT_ENGINE=auto) the native client finds no engine and runs
+// bin/appshot.js, which starts an engine in the background and runs the
+// command itself, so the first command also pays the client's exec and
+// the engine's start beside it on the same cores, not measured here.
+// And `--version`, against `criu --version`, both ways.
+//
+// CPU rows are not like for like (r465 F9): CRIU's is criu's own
+// processes (wait4 of the command), and CRIU does much of its work inside
+// the application's tasks (the dump's parasite in the dumped task, which
+// is then killed; the restore's restorer, which maps and reads the pages,
+// in the restored task, which `restore -d` never reaps), none of which is
+// counted; appshot's reading and writing of pages is in its own process
+// (the engine's), and is. The row labels say so.
 //
 // Results: bench/results/criu-DATE.json (-2, -3... for later runs the same
 // day) and a table on stdout.
@@ -88,21 +116,40 @@ const sizes = (process.env.BENCH_SIZES ?? '0,16,256').split(',').map(Number);
 const home = mkdtempSync(join(tmpdir(), 'appshot-bench-criu-'));
 // On a disk like the other benchmarks (the prefix .gitignore ignores).
 const work = mkdtempSync(join(process.env.BENCH_DIR ?? root, '.bench-images-criu-'));
-const MODE = process.env.BENCH_APPSHOT ?? 'in-process';
+const MODE = process.env.BENCH_APPSHOT ?? 'native';
+const warmups = MODE === 'native' ? Number(process.env.BENCH_WARMUP ?? 2) : 0;
+const coldRows = MODE === 'native' && process.env.BENCH_COLD !== '0';
 if (MODE !== 'in-process' && MODE !== 'native') {
   process.stderr.write(`bench/criu: BENCH_APPSHOT is in-process or native, not ${MODE}\n`);
   process.exit(2);
 }
 const env = { ...process.env, APPSHOT_HOME: home, APPSHOT_ENGINE: MODE === 'native' ? 'manual' : 'off', APPSHOT_ENGINE_IDLE: '3600' };
+/** No engine: each command a cold Node process (the cold rows). */
+const envOff = { ...env, APPSHOT_ENGINE: 'off' };
 /** The command line that runs `appshot ...` in this mode. */
 const appshotCommand = MODE === 'native' ? [join(root, 'bin', 'appshot')] : [process.execPath, cli];
 let enginePid = 0;
-/** CPU time the engine used so far, in ms (0 in-process). */
-function engineCpuMs() {
+/** The engine CPU of the bench's own two status reads around a command
+ * (see the header), subtracted from each measured command's. */
+let statusOverheadMs = 0;
+let controlEngine; // dist/engine/client.js's, in native mode
+/** CPU time the engine used so far, in ms (0 in-process), as it reports
+ * it itself (to the microsecond). */
+async function engineCpuMs() {
   if (!enginePid) return 0;
-  const stat = read(`/proc/${enginePid}/stat`);
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(f[11]) + Number(f[12])) * 10;
+  const s = await controlEngine('status', home);
+  if (s?.pid !== enginePid || !s.cpu) throw new Error(`the engine (pid ${enginePid}) did not report its CPU: ${JSON.stringify(s)}`);
+  return s.cpu.userMs + s.cpu.systemMs;
+}
+/** The median engine CPU between two status reads back to back. */
+async function statusReadsCpuMs() {
+  for (let i = 0; i < 10; i++) await engineCpuMs();
+  const d = [];
+  for (let i = 0; i < 51; i++) {
+    const before = await engineCpuMs();
+    d.push((await engineCpuMs()) - before);
+  }
+  return d.sort((x, y) => x - y)[25];
 }
 const log = (s) => process.stderr.write(`bench/criu: ${s}\n`);
 const children = new Set(); // processes started without appshot
@@ -117,10 +164,15 @@ if (!existsSync(memapp) || !existsSync(rusage)) {
 
 const timed = (cmd, args, opts = {}) => timedRun(cmd, args, { env, ...opts });
 
-const appshot = (...args) => {
-  const before = engineCpuMs();
+const appshot = async (...args) => {
+  const before = await engineCpuMs();
   const r = timed(appshotCommand[0], [...appshotCommand.slice(1), ...args, '--json']);
-  return { ...r, cpuMs: r.cpuMs + engineCpuMs() - before, json: JSON.parse(r.out) };
+  return { ...r, cpuMs: r.cpuMs + (await engineCpuMs()) - before - statusOverheadMs, json: JSON.parse(r.out) };
+};
+/** `appshot ...` in a cold Node process of its own, no engine. */
+const appshotCold = (...args) => {
+  const r = timed(process.execPath, [cli, ...args, '--json'], { env: envOff });
+  return { ...r, json: JSON.parse(r.out) };
 };
 
 function waitGone(pid, ms = 10_000) {
@@ -216,29 +268,33 @@ function criuTailMs(logPath) {
   return at('Tasks resumed') - at('Unlock network');
 }
 
+/** A round's name: its number, or w1, w2... for the uncounted warm-ups
+ * (rounds -1, -2...). */
+const tag = (round) => (round < 0 ? `w${-round}` : String(round));
+
 async function appshotRound(mib, round, r) {
-  const dir = join(work, `a${mib}-${round}`);
+  const dir = join(work, `a${mib}-${tag(round)}`);
   mkdirSync(dir);
-  const aid = await appshotApp(`a${mib}r${round}`, mib);
+  const aid = await appshotApp(`a${mib}r${tag(round)}`, mib);
   // Copy-on-write capture (the default) and the frozen copy it replaced
   // (--no-cow-capture), on the same application, which goes first
   // alternating by round.
-  const lrFrozen = () => {
-    const lr = appshot('snapshot', aid, '-o', join(dir, 'lr-frozen'), '--leave-running', '--full', '--no-cow-capture');
+  const lrFrozen = async () => {
+    const lr = await appshot('snapshot', aid, '-o', join(dir, 'lr-frozen'), '--leave-running', '--full', '--no-cow-capture');
     r.frozen_lr_nocow.push(lr.json.frozenMs);
   };
-  if (round % 2) lrFrozen();
-  const lr = appshot('snapshot', aid, '-o', join(dir, 'lr'), '--leave-running', '--full');
+  if (round % 2) await lrFrozen();
+  const lr = await appshot('snapshot', aid, '-o', join(dir, 'lr'), '--leave-running', '--full');
   r.frozen_lr.push(lr.json.frozenMs);
   r.lr_track.push(lr.json.phases.trackMs);
   r.lr_copy.push(lr.json.phases.copyMs ?? 0);
-  if (!(round % 2)) lrFrozen();
+  if (!(round % 2)) await lrFrozen();
   // The same memory for both tools' default snapshot: the page cache of
   // their --leave-running images given back just before (warm memory;
   // a page file written into memory the VM's host had taken back costs
   // twice the CPU: README, "Latest run" of 2026-12-05 23:15).
   for (const d of ['lr', 'lr-frozen']) rmSync(join(dir, d), { recursive: true, force: true });
-  const def = appshot('snapshot', aid, '-o', join(dir, 'img'), '--full');
+  const def = await appshot('snapshot', aid, '-o', join(dir, 'img'), '--full');
   r.frozen_default.push(def.json.phases.heldMs);
   r.frozen_default_state.push(def.json.frozenMs);
   for (const phase of ['drain', 'fsync', 'checksum', 'commit', 'end']) r[`held_${phase}`].push(def.json.phases[`${phase}Ms`]);
@@ -248,22 +304,45 @@ async function appshotRound(mib, round, r) {
   r.snapshot_cpu_durable.push(def.cpuMs);
   r.cp_sync.push(cpSyncMs(join(dir, 'img', 'pages.img')));
   aids.add(`${aid}e`).add(`${aid}l`);
-  const eager = appshot('restore', join(dir, 'img'), '--aid', `${aid}e`);
+  const eager = await appshot('restore', join(dir, 'img'), '--aid', `${aid}e`);
   r.restore_eager.push(eager.json.verifyMs + eager.json.restoreMs);
   r.restore_eager_reported.push(eager.json.restoreMs);
   r.restore_eager_wall.push(eager.wallMs);
+  r.restore_eager_cpu.push(eager.cpuMs);
   rmApp(`${aid}e`);
-  const lazy = appshot('restore', join(dir, 'img'), '--aid', `${aid}l`, '--lazy');
+  const lazy = await appshot('restore', join(dir, 'img'), '--aid', `${aid}l`, '--lazy');
   r.restore_lazy.push(lazy.json.verifyMs + lazy.json.restoreMs);
   r.restore_lazy_reported.push(lazy.json.restoreMs);
   r.restore_lazy_wall.push(lazy.wallMs);
   rmApp(`${aid}l`);
   rmApp(aid);
+  r.version_wall.push(timed(appshotCommand[0], [...appshotCommand.slice(1), '--version']).wallMs);
+  if (coldRows && round >= 0) await appshotColdRound(mib, round, dir, r);
   rmSync(dir, { recursive: true, force: true });
 }
 
+/** The same default snapshot and eager restore with no engine, each
+ * command a cold Node process: on an application of its own (a default
+ * snapshot ends it). */
+async function appshotColdRound(mib, round, dir, r) {
+  const aid = await appshotApp(`a${mib}r${tag(round)}c`, mib);
+  const def = appshotCold('snapshot', aid, '-o', join(dir, 'cold'), '--full');
+  r.cold_frozen_default.push(def.json.phases.heldMs);
+  r.cold_frozen_default_state.push(def.json.frozenMs);
+  r.cold_snapshot_wall.push(def.wallMs);
+  r.cold_snapshot_cpu.push(def.cpuMs);
+  aids.add(`${aid}e`);
+  const eager = appshotCold('restore', join(dir, 'cold'), '--aid', `${aid}e`);
+  r.cold_restore_eager.push(eager.json.verifyMs + eager.json.restoreMs);
+  r.cold_restore_eager_wall.push(eager.wallMs);
+  r.cold_restore_eager_cpu.push(eager.cpuMs);
+  rmApp(`${aid}e`);
+  aids.delete(aid); // ended by its snapshot
+  r.cold_version_wall.push(timed(process.execPath, [cli, '--version'], { env: envOff }).wallMs);
+}
+
 async function criuRound(criu, mib, round, r) {
-  const dir = join(work, `c${mib}-${round}`);
+  const dir = join(work, `c${mib}-${tag(round)}`);
   for (const d of ['lr', 'img']) mkdirSync(join(dir, d), { recursive: true });
   const app = await plainApp(mib, join(dir, 'app.log'));
   r.fork.push(await forkMs(app.pid, app.log));
@@ -299,6 +378,7 @@ async function criuRound(criu, mib, round, r) {
   r.restore_eager.push(stat(eager.out, 'Restore time') + criuTailMs(join(dir, 'img', 'restore.log')));
   r.restore_eager_reported.push(stat(eager.out, 'Restore time'));
   r.restore_eager_wall.push(eager.wallMs);
+  r.restore_eager_cpu.push(eager.cpuMs);
   await restored();
   // The lazy-pages daemon serves the pages from the images, and leaves when
   // the restored process is gone.
@@ -312,6 +392,7 @@ async function criuRound(criu, mib, round, r) {
   r.restore_lazy_wall.push(lazy.wallMs);
   await restored(daemonGone);
   r.cold.push(await coldStartMs(mib));
+  r.version_wall.push(timed(criu, ['--version']).wallMs);
   rmSync(dir, { recursive: true, force: true });
 }
 
@@ -331,17 +412,27 @@ const ROWS = [
   ['held_end', '  appshot: ending it: the kill (in heldMs too), its registration gone (ms)'],
   ['snapshot_wall', 'whole snapshot command, wall (ms)'],
   ['snapshot_wall_durable', '  the same, the image on the disk (CRIU: then sync of its files) (ms)'],
-  ['snapshot_cpu', 'whole snapshot command, CPU (ms)'],
+  ['snapshot_cpu', "whole snapshot command, CPU (CRIU: criu's processes only, its parasite's work in the dumped task not counted) (ms)"],
   ['snapshot_cpu_durable', '  the same, the image on the disk (CRIU: then the CPU of its sync too) (ms)'],
   ['restore_eager', 'eager restore, internal: until the application runs (ms)'],
   ['restore_eager_reported', '  as each tool reports it (appshot: restoreMs; CRIU: Restore time) (ms)'],
   ['restore_eager_wall', 'eager restore, whole command wall (ms)'],
+  ['restore_eager_cpu', "eager restore, whole command CPU (CRIU: criu's process only, its restorer's work in the restored task, the pages read, not counted; appshot's page writing is) (ms)"],
   ['restore_lazy', 'lazy restore, internal: until the application runs (ms)'],
   ['restore_lazy_reported', '  as each tool reports it (appshot: restoreMs; CRIU: Restore time) (ms)'],
   ['restore_lazy_wall', 'lazy restore, whole command wall (ms)'],
+  ['version_wall', '--version, wall (ms)'],
   ['fork', 'baseline: fork() of the running app (ms)'],
   ['cold', 'baseline: cold start (ms)'],
   ['cp_sync', 'baseline: cp + sync of the page file (ms)'],
+  ['cold_frozen_default', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): frozen, default snapshot (heldMs) (ms)'],
+  ['cold_frozen_default_state', '  of which its state read (frozenMs) (ms)'],
+  ['cold_snapshot_wall', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): whole snapshot command, wall (ms)'],
+  ['cold_snapshot_cpu', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): whole snapshot command, CPU (ms)'],
+  ['cold_restore_eager', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): eager restore, until the application runs (ms)'],
+  ['cold_restore_eager_wall', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): eager restore, whole command wall (ms)'],
+  ['cold_restore_eager_cpu', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): eager restore, whole command CPU (ms)'],
+  ['cold_version_wall', 'appshot, APPSHOT_ENGINE=off (each command a cold Node process): --version, wall (ms)'],
 ];
 const series = () => Object.fromEntries(ROWS.map(([k]) => [k, []]));
 
@@ -351,6 +442,7 @@ async function main() {
     spawnSync(process.execPath, [cli, 'engine', 'start'], { env, stdio: 'ignore' });
     enginePid = JSON.parse(spawnSync(process.execPath, [cli, 'engine', 'status', '--json'], { env, encoding: 'utf8' }).stdout).pid;
     if (!enginePid) throw new Error('the engine did not start');
+    ({ controlEngine } = await import(join(root, 'dist', 'engine', 'client.js')));
     log(`appshot through the native client and a warm engine (pid ${enginePid})`);
   }
   const criu = findCriu(log);
@@ -358,6 +450,17 @@ async function main() {
   else log(`CRIU ${criu.version} (${criu.bin})`);
   const data = Object.fromEntries(sizes.map((mib) => [mib, { appshot: series(), criu: series() }]));
   const loads = [];
+  // Uncounted: the engine's JIT warmed on the paths the series takes (and
+  // both tools' files in the page cache).
+  for (let w = 0; w < warmups; w++) {
+    log(`warm-up ${w + 1}/${warmups} (not counted), tiny app`);
+    await appshotRound(0, -1 - w, series());
+    if (!criu.why) await criuRound(criu.bin, 0, -1 - w, series());
+  }
+  if (enginePid) {
+    statusOverheadMs = await statusReadsCpuMs();
+    log(`the bench's own status reads: ${statusOverheadMs.toFixed(3)} ms of engine CPU per command, subtracted`);
+  }
   for (let round = 0; round < runs; round++) {
     for (const mib of sizes) {
       loads.push(loadavg()[0]);
@@ -381,6 +484,8 @@ async function main() {
   const results = {
     date: new Date().toISOString(),
     appshot: MODE,
+    warmups,
+    engine_status_overhead_ms: enginePid ? statusOverheadMs : undefined,
     machine: { cpus: cpus().length, model: cpus()[0]?.model, kernel: release(), loadavg_during: summary(loads) },
     criu: criu.why ? { unavailable: criu.why } : { version: criu.version, bin: criu.bin },
     runs,

@@ -669,6 +669,78 @@ describe('a snapshot that fails or is killed at a step', () => {
     sb.run(['stop', aid, '-s', 'KILL']);
   });
 
+  /** Witnesses of this sandbox's snapshots that still run (witness.ts:
+   * `sleep 86400`, started with this home in their environment). One
+   * ended is not (a zombie's command line and environment read empty). */
+  const witnessesRunning = () =>
+    processesNaming(`APPSHOT_HOME=${sb.home}`).filter((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/cmdline`, 'utf8') === 'sleep\u000086400\u0000';
+      } catch {
+        return false;
+      }
+    });
+
+  // The witness of a default snapshot's ending is started before the
+  // freeze (out of the window the application is held in) and journaled
+  // at once: a snapshot that fails before its image is in place ends it,
+  // and one killed there leaves it to the next command, which ends it.
+  // None sleeps out its day.
+  it('failing while it dumps, its witness started: exit 1, one line, no witness left, and the application runs untraced', async () => {
+    const aid = 'sfail-witness';
+    await started(aid);
+    await waitFor(() => witnessesRunning().length === 0, 10_000, 'no witness of an earlier snapshot');
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_FAIL_AT: 'snapshot: dumping memory' });
+    expect(r.status, r.stderr).toBe(1);
+    expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^appshot: cannot snapshot '${aid}': .*failure injected at 'snapshot: dumping memory' \\(APPSHOT_TEST_FAIL_AT\\).*; the application was left running$`))]);
+    expect(existsSync(image)).toBe(false);
+    expect(endingEntries()).toEqual([]);
+    await waitFor(() => witnessesRunning().length === 0, 10_000, 'its witness to be ended');
+    await runsUntraced(aid);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+
+  // The entry that names the witness cannot be written (a full, read-only
+  // or failing $APPSHOT_HOME/tmp; here the write is made to fail): the
+  // snapshot fails before the freeze and ends the witness it started, as
+  // nothing journaled names it for the next command (r465 F6).
+  it('its first journal write failing, its witness started: exit 1, one line, no entry and no witness left, and the application runs untraced', async () => {
+    const aid = 'sjournal-witness';
+    await started(aid);
+    // Witnesses another test of this file may have left are not this one's.
+    const before = new Set(witnessesRunning());
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_FAIL_AT: 'ending: writing step holding' });
+    expect(r.status, r.stderr).toBe(1);
+    expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(new RegExp(`^appshot: cannot snapshot '${aid}': .*failure injected at 'ending: writing step holding' \\(APPSHOT_TEST_FAIL_AT\\).*; the application was left running$`))]);
+    expect(existsSync(image)).toBe(false);
+    expect(endingEntries()).toEqual([]);
+    await waitFor(() => witnessesRunning().every((pid) => before.has(pid)), 10_000, 'its witness to be ended');
+    await runsUntraced(aid);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+
+  it('killed while it dumps, its witness started: the entry names the witness, and the next command ends it; the application runs on', async () => {
+    const aid = 'skill-witness';
+    await started(aid);
+    const image = join(dir, `${aid}.appshot`);
+    const r = snapshotWith(aid, image, { APPSHOT_TEST_KILL_AT: 'snapshot: dumping memory' });
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    const [entry] = endingEntries();
+    expect(entry, 'the ending journaled before the freeze').toBeDefined();
+    const e = JSON.parse(readFileSync(join(sb.home, 'tmp', entry), 'utf8')) as { step: string; witness?: { pid: number } };
+    expect(e.step).toBe('holding');
+    expect(e.witness, 'the entry names its witness').toBeDefined();
+    expect(witnessesRunning()).toContain(e.witness!.pid);
+    expect(sb.run(['ps']).code).toBe(0);
+    expect(endingEntries()).toEqual([]);
+    await waitFor(() => !witnessesRunning().includes(e.witness!.pid), 10_000, 'the witness to be ended');
+    expect(existsSync(image)).toBe(false);
+    await runsUntraced(aid);
+    expect(sb.run(['rm', '-f', aid]).code).toBe(0);
+  });
+
   // From the first thread set to die with appshot on, its death killed
   // (some of) the application: the image is the application, what is
   // left of it is ended. With a process killed and one not (the first of

@@ -12,9 +12,11 @@
  * it says nothing (it may have died first, alone), and the application
  * itself has to be looked at.
  *
- * The witness is `sleep`, started by the snapshot just before it journals
- * its ending, which names it; it sleeps a day at most, so that one whose
- * entry was never written (appshot killed in between) does not stay.
+ * The witness is `sleep`, started by the snapshot before it freezes the
+ * application and journaled at once (ending.ts, EndingJournal.witnessed),
+ * so that the next command ends it if the snapshot is killed; it sleeps a
+ * day at most, so that one whose entry was never written (appshot killed
+ * in between) does not stay.
  */
 import { isSameProcess, readStat } from '../procfs.js';
 import { addon } from '../native.js';
@@ -31,17 +33,29 @@ export interface WitnessId {
   startTime: number;
 }
 
+/** `sleep` as this process found it, once: the engine starts a witness per
+ * snapshot, and each search of PATH cost ~9 access() calls. Looked up
+ * again if starting it fails (moved, removed). */
+let sleepProgram: string | undefined;
+
 /** Starts a witness; undefined if it cannot be (no `sleep`): the next
  * command then looks at the application only. Through posix_spawn
  * (spawnQuiet), not child_process.spawn, whose fork of the whole process
- * cost 5-11 ms of the window the application is held in. */
+ * cost 5-11 ms; still, posix_spawn holds this thread until the exec, so
+ * it is started before the freeze (EndingJournal.witnessed). */
 export function startWitness(): WitnessId | undefined {
   try {
     // This process's PATH, not a client's (the engine's command may come
     // with a minimal one): the witness is appshot's, not the command's.
-    const sleep = programOnPath('sleep', `${process.env.PATH ?? ''}:/usr/bin:/bin`);
+    const sleep = (sleepProgram ??= programOnPath('sleep', `${process.env.PATH ?? ''}:/usr/bin:/bin`));
     if (!sleep) return undefined;
-    const pid = addon().spawnQuiet(sleep, ['sleep', String(WITNESS_SECONDS)]);
+    let pid: number;
+    try {
+      pid = addon().spawnQuiet(sleep, ['sleep', String(WITNESS_SECONDS)]);
+    } catch (e) {
+      sleepProgram = undefined;
+      throw e;
+    }
     const startTime = readStat(pid)?.startTime;
     if (startTime === undefined) return undefined;
     return { pid, startTime };

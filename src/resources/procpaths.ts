@@ -102,17 +102,17 @@ const THROUGH_RESOLVER = /^\/(proc\/(self|thread-self|net|mounts)|dev\/fd|dev\/s
  * any other /proc/N names whatever process has that number here (the
  * engine, appshot-init, another user's), which the application never held
  * and the restore does not follow. */
-function resolverPathFault(path: string | undefined, where: string, vpids: Set<number>, vpid?: number): string | undefined {
+function resolverPathFault(path: string | undefined, where: () => string, vpids: Set<number>, vpid?: number): string | undefined {
   if (!path) return undefined;
   // Repeated slashes resolve as one: "//proc//self" is /proc/self.
   const plain = path.replace(/\/+/g, '/');
-  if (THROUGH_RESOLVER.test(plain)) return `${where} names ${JSON.stringify(path)}, which would be resolved as the restoring engine's own`;
+  if (THROUGH_RESOLVER.test(plain)) return `${where()} names ${JSON.stringify(path)}, which would be resolved as the restoring engine's own`;
   const proc = PROC_PID.exec(plain);
   if (vpid !== undefined && vpid !== 0) {
-    if (!vpids.has(vpid)) return `${where} names /proc of process ${vpid}, which the image does not have`;
+    if (!vpids.has(vpid)) return `${where()} names /proc of process ${vpid}, which the image does not have`;
     return procFileFault(path);
   }
-  if (proc) return `${where} names ${JSON.stringify(path)}, /proc of process ${proc[1]}, which is not one of the application's`;
+  if (proc) return `${where()} names ${JSON.stringify(path)}, /proc of process ${proc[1]}, which is not one of the application's`;
   return undefined;
 }
 
@@ -122,31 +122,34 @@ function resolverPathFault(path: string | undefined, where: string, vpids: Set<n
 export function resolverPathsFault(image: Image): string | undefined {
   const vpids = new Set(image.processes.map((p) => p.vpid));
   let fault: string | undefined;
-  const check = (path: string | undefined, where: string, vpid?: number) => {
+  // Where a name is, as a function: the text is made only for a fault.
+  // Made for every mapping and descriptor, it was 11% of reading and
+  // checking an image (a bigint's toString(16) per mapping; h449 R3).
+  const check = (path: string | undefined, where: () => string, vpid?: number) => {
     fault ??= resolverPathFault(path, where, vpids, vpid);
   };
   for (const p of image.processes) {
     const who = `process ${p.vpid}`;
-    check(p.cwd, `${who}'s working directory`, p.cwdProcVpid);
-    check(p.root, `${who}'s root directory`);
-    check(p.exe, `${who}'s executable`);
-    for (const v of p.vmas) check(v.path, `${who}'s mapping at 0x${v.start.toString(16)}`);
+    check(p.cwd, () => `${who}'s working directory`, p.cwdProcVpid);
+    check(p.root, () => `${who}'s root directory`);
+    check(p.exe, () => `${who}'s executable`);
+    for (const v of p.vmas) check(v.path, () => `${who}'s mapping at 0x${v.start.toString(16)}`);
     for (const fd of p.fds) {
-      const where = `${who} fd ${fd.fd}`;
+      const where = () => `${who} fd ${fd.fd}`;
       // A pidfd's procVpid is its process, not a /proc name.
       check(fd.path, where, fd.kind === FdKind.FILE ? fd.procVpid : undefined);
-      check(fd.socket?.file?.base, `${where}'s socket directory`);
-      for (const w of fd.inotifyWatches ?? []) check(w.path, `${where}'s inotify watch`);
-      for (const m of fd.fanotify?.marks ?? []) check(m.path, `${where}'s fanotify mark`);
+      check(fd.socket?.file?.base, () => `${where()}'s socket directory`);
+      for (const w of fd.inotifyWatches ?? []) check(w.path, () => `${where()}'s inotify watch`);
+      for (const m of fd.fanotify?.marks ?? []) check(m.path, () => `${where()}'s fanotify mark`);
     }
   }
   // A file's /proc/VPID name is its descriptors' (checked above with
   // their process); the resolver's own, never.
   for (const [i, f] of image.files.entries()) if (THROUGH_RESOLVER.test(f.path.replace(/\/+/g, '/'))) fault ??= `file ${i} names ${JSON.stringify(f.path)}, which would be resolved as the restoring engine's own`;
-  for (const [i, pipe] of image.pipes.entries()) check(pipe.fifoPath, `pipe ${i}`);
+  for (const [i, pipe] of image.pipes.entries()) check(pipe.fifoPath, () => `pipe ${i}`);
   for (const r of image.instance?.redirs ?? []) {
-    check(r.from, `a clone's REDIR from`);
-    check(r.to, `a clone's REDIR to`);
+    check(r.from, () => `a clone's REDIR from`);
+    check(r.to, () => `a clone's REDIR to`);
   }
   return fault;
 }

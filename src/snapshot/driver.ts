@@ -1164,6 +1164,9 @@ async function snapshotOnce(reg: LocalRegistry, aid: string, opts: SnapshotOptio
     const becomesParent = opts.leaveRunning && !toStream && !toFile;
     const keys = new Map<number, string>();
     const planned = becomesParent ? timed('tracking prepared', () => prepareTracking(reg, aid, roots, keys)) : {};
+    // The witness of an ending (ending.ts) started while the application
+    // runs, not in the window it is held stopped in.
+    if (!opts.leaveRunning && !toStream) timed('witness started', () => (endingJournal ??= new EndingJournal(reg.home, record)).witnessed());
     clock.outside(collectBeforeFreeze);
     // freezeMs is the stopping of the threads alone: what came before (the
     // estimate, the page file prepared while the application runs,

@@ -22,6 +22,9 @@
  *    the kernel, runs on, and its connections still in repair mode are
  *    taken out of it (tcp.ts, releaseLeftInRepair). Most often its
  *    guardian (tcp.ts) did so already, at the instant appshot died.
+ *    Also written before the freeze by a snapshot that ends its
+ *    application, to name the witness it starts then (below): ended by
+ *    the next command.
  *  - "placing" (written before the image is renamed into place, with the
  *    inode that will be there): the decision is not taken. An image found
  *    in place is removed (and a keeper handed its connections lets them
@@ -228,6 +231,9 @@ export class EndingJournal {
 
   private write(entry: EndingEntry, durable = false): void {
     this.stopAppending();
+    // Where a test has the write fail (APPSHOT_TEST_FAIL_AT), as a full,
+    // read-only or failing $APPSHOT_HOME/tmp would.
+    killPoint(`ending: writing step ${entry.step}`);
     writeEntry(this.path, entry, durable);
     this.entry = entry;
     this.written = true;
@@ -252,15 +258,38 @@ export class EndingJournal {
     writeSync(this.appending, `\n${JSON.stringify(socket)}`);
   }
 
+  /** Starts the witness of the ending (witness.ts), while the application
+   * still runs: its spawn (posix_spawn holds the thread until the exec)
+   * took 6-100 ms of the held window on a loaded machine when it was
+   * started at "placing" (h449 F2). Journaled at once, at step "holding",
+   * so that a command killed from here on leaves none sleeping out its
+   * day: the next command ends it (recoverEndings). Ended by done(). To
+   * be called before any connection is held (the entry is rewritten). */
+  witnessed(): void {
+    if (this.written) throw new Error('the witness of a snapshot is journaled before anything else of its ending');
+    // Started just before the entry that names it: a command killed in
+    // between leaves it sleeping out its day, nothing more.
+    const witness = startWitness();
+    if (!witness) return;
+    // Owned by the entry before it is written: a write that fails (ENOSPC,
+    // EROFS, EIO on $APPSHOT_HOME/tmp) fails the snapshot, whose done()
+    // then ends it, as it would a journaled one (r465 F6).
+    this.entry = { ...this.entry, witness };
+    this.write(this.entry);
+  }
+
   /** Journals step "placing" for `staged`, the directory or file about
    * to be renamed (or linked) to `output`. */
   placing(output: string, staged: string, heldInRepair: HeldSocket[] = []): void {
     const st = lstatSync(staged);
-    // Started just before the entry that names it: a command killed in
-    // between leaves it sleeping out its day, nothing more.
-    const witness = startWitness();
+    // Started before the freeze (witnessed), else now; owned by the entry
+    // before it is written, as there (done() ends it if the write fails).
+    if (!this.entry.witness) {
+      const witness = startWitness();
+      if (witness) this.entry = { ...this.entry, witness };
+    }
     const { heldInRepair: _before, ...rest } = this.entry;
-    this.write({ ...rest, step: 'placing', output, dev: st.dev, ino: st.ino, ...(witness ? { witness } : {}), ...(heldInRepair.length ? { heldInRepair } : {}) });
+    this.write({ ...rest, step: 'placing', output, dev: st.dev, ino: st.ino, ...(heldInRepair.length ? { heldInRepair } : {}) });
   }
 
   /** The image, of `processes`, is in place and is the application from
@@ -438,7 +467,12 @@ export async function recoverEndings(home = defaultHome(), opts: RecoverOptions 
     }
     try {
       if (e.boot && thisBoot() && e.boot !== thisBoot()) keptAfterRestart(home, e);
-      else if (e.step === 'holding') releaseLeftInRepair(e.heldInRepair ?? []);
+      else if (e.step === 'holding') {
+        // A witness started before the freeze (EndingJournal.witnessed):
+        // no thread was set to die yet, it says nothing.
+        endWitness(e.witness);
+        releaseLeftInRepair(e.heldInRepair ?? []);
+      }
       else if (e.step === 'placing' || e.step === 'rolling-back') rollBack(home, e);
       else if (e.step === 'ending') await finishEnding(home, e, claimed);
     } catch {
