@@ -563,18 +563,25 @@ static inline int rel_dotted(const char *path) {
       return 1;
   return 0;
 }
-/* Whether relative `path` may reach a process's directory of /proc from a
+/* Whether `path` may reach a process's directory of /proc from a
  * directory outside /proc: a number after a "proc" component
- * ("proc/<vpid>" from "/", "../proc/<vpid>" from /tmp), which the kernel
- * would read as a system id. Not a ".." alone: gcc's "../12/..." paths
- * are many, and the kernel's to read (r388 M2). One pass over the path. */
+ * ("proc/<vpid>" from "/", "../proc/<vpid>" from /tmp), or right after a
+ * ".." (past "." and empty components): that ".." may reach /proc by no
+ * name of it ("fd/../../<vpid>" from /dev, "lnk/../../<vpid>" with lnk a
+ * link to /dev/fd: review r442 F1). The kernel would read that number as
+ * a system id. Not a ".." with a number further on: gcc's
+ * ".../12/../../include/c++/12/..." paths are many, and the kernel's to
+ * read (r388 M2). One pass over the path. */
 static inline int rel_reaches_number(const char *path) {
-  int seen = 0;
+  int seen = 0, up = 0;
   for (const char *c = path; *c;) {
     const char *e = c;
     while (*e && *e != '/') e++;
-    if (e - c == 4 && !memcmp(c, "proc", 4)) seen = 1;
-    else if (seen && starts_with_number(c)) return 1;
+    size_t len = (size_t)(e - c);
+    if (len == 4 && !memcmp(c, "proc", 4)) seen = 1;
+    else if ((seen || up) && starts_with_number(c)) return 1;
+    if (len == 2 && c[0] == '.' && c[1] == '.') up = 1;
+    else if (len > 1 || (len == 1 && c[0] != '.')) up = 0;
     c = *e ? e + 1 : e;
   }
   return 0;
@@ -978,7 +985,9 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
  * "/../proc/<vpid>" (any path starting "//" or "/."), "/tmp/../proc/<vpid>"
  * (a path with a ".." component, or a name starting "..", that has
  * "/proc/" too: two searches of a few nanoseconds; gcc's
- * ".../12/../../include/c++/12" is not one: r388 M2, L6). The one test for
+ * ".../12/../../include/c++/12" is not one: r388 M2, L6), or a number
+ * right after a ".." ("/tmp/x/lnk/../../<vpid>", lnk a link to /dev/fd:
+ * r442 F1; one more pass, for paths with a ".." only). The one test for
  * both the rewrite (path_slow) and the translation window it needs
  * (SLOW_PATH): a path rewritten outside the window would carry a system
  * PID across a snapshot. */
@@ -993,7 +1002,8 @@ static inline int dev_fd_up(const char *path) {
 }
 static inline int proc_path_may_name(const char *path) {
   return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.') ||
-         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || (strstr(path, "/dev/") != NULL && strstr(path, "/fd/") != NULL))) ||
+         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || (strstr(path, "/dev/") != NULL && strstr(path, "/fd/") != NULL) ||
+                                                  rel_reaches_number(path))) ||
          UNLIKELY(path[1] == 'd' && proc_link_ahead(path)); /* "/dev/fd/<n>/.../<number>" (r432 N1) */
 }
 static inline int path_hooked(const char *path) {

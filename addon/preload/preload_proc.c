@@ -25,7 +25,57 @@
 
 static size_t decimal_at(const char *s, size_t len, pid_t *out);
 static const char *proc_path_plain(const char *path, char buf[PATH_MAX]);
-static const char *proc_before_number(const char *path);
+
+/* The places in a path where a number may be read in /proc's own
+ * directory, in order: what follows the last "proc" component before the
+ * first number after one ("proc/<n>", "../proc/./<n>",
+ * "proc/self/task/<n>", "proc/thread-self/../<n>"), and a number right
+ * after a ".." ("fd/../../<n>" from /dev, "lnk/../../<n>" with lnk a link
+ * to /dev/fd: review r442 F1), "." and empty components passed over.
+ * Anchored at the "proc" component, not at the number: the directory
+ * before a number may be /proc/<pid>/task (r403 L1), which proc_path
+ * knows from its name under /proc. A ".." has no name to know the
+ * directory by: the number right after it is where the kernel reads it.
+ * Which of those is this process's /proc is for the caller to ask
+ * (stat); the first that is, is where the kernel's walk enters it. */
+struct proc_anchors {
+  const char *c;       /* the next component */
+  const char *proc;    /* a "proc" component no number followed yet */
+  const char *pending; /* a number after a ".." and such a "proc" both */
+  int up;              /* the last component (past "." and empty ones) was ".." */
+};
+
+/* The next of them (a pointer to the number, or to what follows
+ * "proc/"), or NULL. Names only. */
+static const char *next_proc_anchor(struct proc_anchors *a) {
+  const char *r = a->pending;
+  if (r) {
+    a->pending = NULL;
+    return r;
+  }
+  while (*a->c) {
+    const char *c = a->c, *e = c;
+    while (*e && *e != '/') e++;
+    a->c = *e ? e + 1 : e;
+    size_t len = (size_t)(e - c);
+    if (len == 4 && !memcmp(c, "proc", 4) && *e == '/') {
+      a->proc = c, a->up = 0;
+    } else if (starts_with_number(c)) {
+      const char *proc = a->proc, *up = a->up ? c : NULL;
+      a->proc = NULL, a->up = 0;
+      if (proc) {
+        a->pending = up;
+        return proc + 5;
+      }
+      if (up) return up;
+    } else if (len == 2 && c[0] == '.' && c[1] == '.') {
+      a->up = 1;
+    } else if (len > 1 || (len == 1 && c[0] != '.')) {
+      a->up = 0;
+    }
+  }
+  return NULL;
+}
 
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
@@ -411,9 +461,10 @@ static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int de
   return proc_path_plain(path, buf);
 }
 
-/* What the directory through "proc" in absolute `plain` (plain[0..dlen),
- * ending "proc/") is: 0 not this process's /proc (by device and inode:
- * another procfs mount, a tree's own "proc", gone); 1 our /proc, whose
+/* What the directory through an anchor in absolute `plain`
+ * (plain[0..dlen), ending "proc/" or "../": next_proc_anchor) is: 0 not
+ * this process's /proc (by device and inode: another procfs mount, a
+ * tree's own "proc", an ordinary directory, gone); 1 our /proc, whose
  * parent there is "/" (so the path reads from "/proc/" as from "/": the
  * same walk); 2 our /proc, bound elsewhere. Asked in buf (free here): a
  * few stats, no descriptor. */
@@ -570,12 +621,14 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
     const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
     if (!r || r == buf) return r;
     /* A ".." kept outside /proc with "proc" and a number after it
-     * ("/tmp/../proc/<vpid>"). The rules read it by its letters:
+     * ("/tmp/../proc/<vpid>"), or a number right after a kept ".."
+     * ("/tmp/x/lnk/../../<vpid>", lnk a link to /dev/fd: r442 F1; no name
+     * tells that ".." is /proc's). The rules read it by its letters:
      * "/tmp/../proc/<vpid>" is /proc/<vpid> to them (r403 I1), and one
      * that is not /proc by its letters is theirs to match as it is (the
      * kernel's reading comes after them, when none applies). The kernel:
-     * the directory through that "proc" is asked whether it is /proc
-     * (proc_rel_join). */
+     * the directory through that "proc" or ".." is asked whether it is
+     * /proc (next_proc_anchor; proc_rel_join). */
     if (strncmp(plain, "/proc/", 6) != 0 && UNLIKELY(rel_reaches_number(plain))) {
       if (letters) {
         const char *abs = lexical_proc(plain);
@@ -585,16 +638,19 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
         continue;
       }
       /* Our /proc whose parent is "/" (as it is): "/proc/" and what
-       * follows the "proc", round again (r416 F7: no frame per return).
+       * follows the "proc" or "..", round again (r416 F7: no frame per return).
        * Bound elsewhere: proc_rel_join, which says it relative to that
        * directory, nested and bounded. Not our /proc: the kernel's (r416
        * F8: no ELOOP for a tree's own "proc/2"). */
-      const char *anchor = proc_before_number(plain);
-      int kind = anchor ? proc_anchor_kind(plain, (size_t)(anchor + 5 - plain), buf) : 0;
+      struct proc_anchors it = {plain, NULL, NULL, 0};
+      const char *num; /* what follows the anchor's "proc/" or "../" */
+      int kind = 0;
+      while ((num = next_proc_anchor(&it)) && !(kind = proc_anchor_kind(plain, (size_t)(num - plain), buf))) {}
       if (kind == 1 && UNLIKELY(resolve)) {
-        /* The walk to that "proc" may follow a link of the user's (to
-         * /proc/self/root/..., say): the kernel's, with the flags. */
-        size_t dlen = (size_t)(anchor + 5 - plain);
+        /* The walk to that "proc" (or "..") may follow a link of the
+         * user's (to /proc/self/root/..., to /dev/fd): the kernel's, with
+         * the flags. */
+        size_t dlen = (size_t)(num - plain);
         memcpy(buf, plain, dlen);
         buf[dlen] = '\0';
         int refused = walk_refused(buf, resolve);
@@ -604,7 +660,9 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
         }
       }
       if (kind == 1) {
-        strcpy((char *)memcpy(buf, "/proc/", 6) + 6, anchor + 5); /* no longer than plain */
+        /* No longer than plain: the anchor, "/<x>/../" or ".../proc/", is
+         * 6 bytes or more. */
+        strcpy((char *)memcpy(buf, "/proc/", 6) + 6, num);
         src = buf;
         continue;
       }
@@ -757,24 +815,8 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX], int re
   return proc_path_unplain(buf, buf, 0, 0, resolve);
 }
 
-/* The path from the last "proc" component before `path`'s first number
- * after one ("proc/<n>", "../proc/./<n>", "proc/self/task/<n>",
- * "proc/thread-self/../<n>"), or NULL. Anchored at the "proc" component,
- * not at the number: the directory before a number may be /proc/<pid>/task
- * (r403 L1), which proc_path knows from its name under /proc. */
-static const char *proc_before_number(const char *path) {
-  const char *proc = NULL;
-  for (const char *c = path; *c;) {
-    const char *e = c;
-    while (*e && *e != '/') e++;
-    if (e - c == 4 && !memcmp(c, "proc", 4) && *e == '/') proc = c;
-    else if (proc && starts_with_number(c)) return proc;
-    c = *e ? e + 1 : e;
-  }
-  return NULL;
-}
-
-/* The directory through the "proc" component is stat'ed relative to dirfd (no
+/* The directory through an anchor (next_proc_anchor: a "proc" component,
+ * or a ".." before a number) is stat'ed relative to dirfd (no
  * descriptor needed: no EMFILE) and must be this process's /proc itself
  * (its device and inode): another procfs mount (another PID
  * namespace's under a container's root, or, since Linux 5.8 each mount
@@ -790,18 +832,24 @@ const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int r
 }
 
 static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth, int resolve) {
-  const char *anchor = proc_before_number(path);
-  if (!anchor || (dirfd < 0 && dirfd != AT_FDCWD)) return path;
-  const char *num = anchor + 5; /* what follows "proc/" */
-  size_t dlen = (size_t)(num - path), rest = strlen(num);
-  if (dlen + rest >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
-  memcpy(buf, path, dlen);
-  buf[dlen] = '\0';
+  if ((dirfd < 0 && dirfd != AT_FDCWD) || strlen(path) >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
+  struct proc_anchors it = {path, NULL, NULL, 0};
   struct stat d, proc;
-  if (SYS4(newfstatat, dirfd, buf, &d, AT_NO_AUTOMOUNT) < 0 ||
-      SYS4(newfstatat, AT_FDCWD, "/proc", &proc, AT_NO_AUTOMOUNT) < 0 || d.st_dev != proc.st_dev ||
-      d.st_ino != proc.st_ino)
-    return path; /* gone, not a directory, no search right: the kernel says so too */
+  int asked = 0;
+  const char *num; /* what follows the anchor's "proc/" or "../" */
+  size_t dlen;
+  for (;;) {
+    if (!(num = next_proc_anchor(&it))) return path;
+    dlen = (size_t)(num - path);
+    memcpy(buf, path, dlen);
+    buf[dlen] = '\0';
+    /* gone, not a directory, no search right: the kernel says so too */
+    if (SYS4(newfstatat, dirfd, buf, &d, AT_NO_AUTOMOUNT) < 0) continue;
+    if (!asked && SYS4(newfstatat, AT_FDCWD, "/proc", &proc, AT_NO_AUTOMOUNT) < 0) return path;
+    asked = 1;
+    if (d.st_dev == proc.st_dev && d.st_ino == proc.st_ino) break;
+  }
+  size_t rest = strlen(num);
   char abs[PATH_MAX];
   /* "proc/" made "/proc/" no longer fits: the path as written would, and
    * its number be read as a system id (r416 F2). */
