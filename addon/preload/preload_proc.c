@@ -26,57 +26,6 @@
 static size_t decimal_at(const char *s, size_t len, pid_t *out);
 static const char *proc_path_plain(const char *path, char buf[PATH_MAX]);
 
-/* The places in a path where a number may be read in /proc's own
- * directory, in order: what follows the last "proc" component before the
- * first number after one ("proc/<n>", "../proc/./<n>",
- * "proc/self/task/<n>", "proc/thread-self/../<n>"), and a number right
- * after a ".." ("fd/../../<n>" from /dev, "lnk/../../<n>" with lnk a link
- * to /dev/fd: review r442 F1), "." and empty components passed over.
- * Anchored at the "proc" component, not at the number: the directory
- * before a number may be /proc/<pid>/task (r403 L1), which proc_path
- * knows from its name under /proc. A ".." has no name to know the
- * directory by: the number right after it is where the kernel reads it.
- * Which of those is this process's /proc is for the caller to ask
- * (stat); the first that is, is where the kernel's walk enters it. */
-struct proc_anchors {
-  const char *c;       /* the next component */
-  const char *proc;    /* a "proc" component no number followed yet */
-  const char *pending; /* a number after a ".." and such a "proc" both */
-  int up;              /* the last component (past "." and empty ones) was ".." */
-};
-
-/* The next of them (a pointer to the number, or to what follows
- * "proc/"), or NULL. Names only. */
-static const char *next_proc_anchor(struct proc_anchors *a) {
-  const char *r = a->pending;
-  if (r) {
-    a->pending = NULL;
-    return r;
-  }
-  while (*a->c) {
-    const char *c = a->c, *e = c;
-    while (*e && *e != '/') e++;
-    a->c = *e ? e + 1 : e;
-    size_t len = (size_t)(e - c);
-    if (len == 4 && !memcmp(c, "proc", 4) && *e == '/') {
-      a->proc = c, a->up = 0;
-    } else if (starts_with_number(c)) {
-      const char *proc = a->proc, *up = a->up ? c : NULL;
-      a->proc = NULL, a->up = 0;
-      if (proc) {
-        a->pending = up;
-        return proc + 5;
-      }
-      if (up) return up;
-    } else if (len == 2 && c[0] == '.' && c[1] == '.') {
-      a->up = 1;
-    } else if (len > 1 || (len == 1 && c[0] != '.')) {
-      a->up = 0;
-    }
-  }
-  return NULL;
-}
-
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
 static int parse_pid(const char **p, pid_t *out) {
@@ -642,7 +591,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
        * Bound elsewhere: proc_rel_join, which says it relative to that
        * directory, nested and bounded. Not our /proc: the kernel's (r416
        * F8: no ELOOP for a tree's own "proc/2"). */
-      struct proc_anchors it = {plain, NULL, NULL, 0};
+      struct proc_anchors it = {plain, NULL, NULL, 0, 0};
       const char *num; /* what follows the anchor's "proc/" or "../" */
       int kind = 0;
       while ((num = next_proc_anchor(&it)) && !(kind = proc_anchor_kind(plain, (size_t)(num - plain), buf))) {}
@@ -833,7 +782,7 @@ const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int r
 
 static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth, int resolve) {
   if ((dirfd < 0 && dirfd != AT_FDCWD) || strlen(path) >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
-  struct proc_anchors it = {path, NULL, NULL, 0};
+  struct proc_anchors it = {path, NULL, NULL, 0, 0};
   struct stat d, proc;
   int asked = 0;
   const char *num; /* what follows the anchor's "proc/" or "../" */
