@@ -563,73 +563,16 @@ static inline int rel_dotted(const char *path) {
       return 1;
   return 0;
 }
-/* The places in a path where a number may be read in /proc's own
- * directory when the path is walked from outside it, in order:
- *  - what follows the last "proc" component before the first number
- *    after one ("proc/<n>", "../proc/./<n>", "proc/self/task/<n>",
- *    "proc/thread-self/../<n>"). Anchored at the "proc" component, not at
- *    the number: the directory before a number may be /proc/<pid>/task
- *    (r403 L1), which proc_path knows from its name under /proc;
- *  - a number right after a "..", a "cwd" or a descriptor "fd/<n>" ("."
- *    and empty components passed over): no name tells where those lead,
- *    which may be /proc ("fd/../../<n>" and "fd/3/<n>" under /dev,
- *    "lnk/../../<n>" with lnk a link to /dev/fd: review r442 F1).
- * Which of those is this process's /proc is for the caller to ask (a
- * stat: preload_proc.c); the first that is, is where the kernel's walk
- * enters it. Not a ".." with a number further on: gcc's
- * ".../12/../../include/c++/12/..." paths are many, and the kernel's to
- * read (r388 M2). Names only, one pass over the path. */
-struct proc_anchors {
-  const char *c;       /* the next component */
-  const char *proc;    /* a "proc" component no number followed yet */
-  const char *pending; /* a number after both such a "proc" and a link */
-  int link;            /* the last component ("." and empty ones passed over) was "..", "cwd" or "fd/<n>" */
-  int fd;              /* ... was "fd" */
-};
-
-/* The next of them (a pointer to the number, or to what follows
- * "proc/"), or NULL. */
-static inline const char *next_proc_anchor(struct proc_anchors *a) {
-  const char *r = a->pending;
-  if (r) {
-    a->pending = NULL;
-    return r;
-  }
-  while (*a->c) {
-    const char *c = a->c, *e = c;
-    while (*e && *e != '/') e++;
-    a->c = *e ? e + 1 : e;
-    size_t len = (size_t)(e - c);
-    if (len == 0 || (len == 1 && c[0] == '.')) continue;
-    int fd = a->fd;
-    a->fd = len == 2 && c[0] == 'f' && c[1] == 'd';
-    if (len == 4 && !memcmp(c, "proc", 4) && *e == '/') {
-      a->proc = c, a->link = 0;
-      continue;
-    }
-    const char *proc = a->proc, *link = a->link ? c : NULL;
-    int number = starts_with_number(c), digits = fd;
-    for (const char *d = c; digits && d < e; d++) digits = *d >= '0' && *d <= '9';
-    a->link = digits || (len == 2 && c[0] == '.' && c[1] == '.') || (len == 3 && !memcmp(c, "cwd", 3));
-    if (!number) continue;
-    a->proc = NULL;
-    if (proc) {
-      a->pending = link;
-      return proc + 5;
-    }
-    if (link) return link;
-  }
-  return NULL;
-}
-
-/* Whether `path` has such a place: relative, from a directory outside
- * /proc ("proc/<vpid>" from "/", "../proc/<vpid>" from /tmp,
- * "fd/../../<vpid>" from /dev), or absolute with a ".." outside /proc.
- * The kernel would read that number as a system id. */
-static inline int rel_reaches_number(const char *path) {
-  struct proc_anchors a = {path, NULL, NULL, 0, 0};
-  return next_proc_anchor(&a) != NULL;
-}
+/* Whether `path` has a place where a number may be read in /proc's own
+ * directory when it is walked from outside it (preload_proc.c,
+ * next_proc_anchor): a number after a "proc" component ("proc/<vpid>"
+ * from "/", "../proc/<vpid>" from /tmp), or right after a "..", "cwd" or
+ * "fd/<n>" ("fd/../../<vpid>" and "fd/3/<vpid>" from /dev: review r442
+ * F1). Relative from a directory outside /proc, or absolute with a ".."
+ * outside /proc. The kernel would read that number as a system id. Names
+ * only, one pass; out of line (every wrapper's hook test asks it of a
+ * relative path). */
+HIDDEN int rel_reaches_number(const char *path);
 /* The end (an offset into `path`, at the '/' after it) of the first link
  * component of a process's or thread's directory ("root", "cwd",
  * "fd/<n>") that a number component follows somewhere after it

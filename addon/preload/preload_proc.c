@@ -26,6 +26,70 @@
 static size_t decimal_at(const char *s, size_t len, pid_t *out);
 static const char *proc_path_plain(const char *path, char buf[PATH_MAX]);
 
+/* The places in a path where a number may be read in /proc's own
+ * directory when the path is walked from outside it, in order:
+ *  - what follows the last "proc" component before the first number
+ *    after one ("proc/<n>", "../proc/./<n>", "proc/self/task/<n>",
+ *    "proc/thread-self/../<n>"). Anchored at the "proc" component, not at
+ *    the number: the directory before a number may be /proc/<pid>/task
+ *    (r403 L1), which proc_path knows from its name under /proc;
+ *  - a number right after a "..", a "cwd" or a descriptor "fd/<n>" ("."
+ *    and empty components passed over): no name tells where those lead,
+ *    which may be /proc ("fd/../../<n>" and "fd/3/<n>" under /dev,
+ *    "lnk/../../<n>" with lnk a link to /dev/fd: review r442 F1).
+ * Which of those is this process's /proc is for the caller to ask (a
+ * stat: proc_anchor_kind, proc_rel_join_at); the first that is, is where
+ * the kernel's walk enters it. Not a ".." with a number further on: gcc's
+ * ".../12/../../include/c++/12/..." paths are many, and the kernel's to
+ * read (r388 M2). Names only, one pass over the path. */
+struct proc_anchors {
+  const char *c;       /* the next component */
+  const char *proc;    /* a "proc" component no number followed yet */
+  const char *pending; /* a number after both such a "proc" and a link */
+  int link;            /* the last component ("." and empty ones passed over) was "..", "cwd" or "fd/<n>" */
+  int fd;              /* ... was "fd" */
+};
+
+/* The next of them (a pointer to the number, or to what follows
+ * "proc/"), or NULL. */
+static const char *next_proc_anchor(struct proc_anchors *a) {
+  const char *r = a->pending;
+  if (r) {
+    a->pending = NULL;
+    return r;
+  }
+  while (*a->c) {
+    const char *c = a->c, *e = c;
+    while (*e && *e != '/') e++;
+    a->c = *e ? e + 1 : e;
+    size_t len = (size_t)(e - c);
+    if (len == 0 || (len == 1 && c[0] == '.')) continue;
+    int fd = a->fd;
+    a->fd = len == 2 && c[0] == 'f' && c[1] == 'd';
+    if (len == 4 && !memcmp(c, "proc", 4) && *e == '/') {
+      a->proc = c, a->link = 0;
+      continue;
+    }
+    const char *proc = a->proc, *link = a->link ? c : NULL;
+    int number = starts_with_number(c), digits = fd;
+    for (const char *d = c; digits && d < e; d++) digits = *d >= '0' && *d <= '9';
+    a->link = digits || (len == 2 && c[0] == '.' && c[1] == '.') || (len == 3 && !memcmp(c, "cwd", 3));
+    if (!number) continue;
+    a->proc = NULL;
+    if (proc) {
+      a->pending = link;
+      return proc + 5;
+    }
+    if (link) return link;
+  }
+  return NULL;
+}
+
+NOINLINE int rel_reaches_number(const char *path) {
+  struct proc_anchors a = {path, NULL, NULL, 0, 0};
+  return next_proc_anchor(&a) != NULL;
+}
+
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
 static int parse_pid(const char **p, pid_t *out) {
