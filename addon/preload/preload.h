@@ -646,8 +646,11 @@ HIDDEN const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX],
  * outside /proc (rel_reaches_number): when the directory before the
  * number is our /proc (by device and inode), the same relative path with
  * the number (and what follows) rewritten as proc_path does, in buf;
- * `path` itself otherwise; NULL with errno (ENOENT: no such virtual id). */
-HIDDEN const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve);
+ * `path` itself otherwise; NULL with errno (ENOENT: no such virtual id).
+ * `in_proc`: dirfd is a directory of /proc (openat2 RESOLVE_BENEATH,
+ * which refuses proc_at_join's absolute path): `path` itself when a
+ * number comes before that directory (a virtual id there). */
+HIDDEN const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve, int in_proc);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 

@@ -464,7 +464,7 @@ const char *lexical_proc(const char *plain) {
  * hand the kernel a virtual id. */
 enum { PROC_NESTING = 2, PROC_ROUNDS = 40 };
 
-static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth, int resolve);
+static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth, int resolve, int in_proc);
 static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters, int resolve);
 
 /* proc_path of a path that starts "/proc/", `depth` deep (the kernel's
@@ -684,7 +684,7 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
           errno = ELOOP;
           return NULL;
         }
-        r = proc_rel_join_at(AT_FDCWD, plain, buf, depth + 1, resolve);
+        r = proc_rel_join_at(AT_FDCWD, plain, buf, depth + 1, resolve, 0);
         if (!r || r != plain) return r;
       }
     }
@@ -840,11 +840,11 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX], int re
  * RESOLVE_BENEATH and NO_XDEV still hold), no link's text is taken for a
  * path (a directory outside our root, another mount namespace: r388
  * M3), and no absolute name of a deep directory makes it too long. */
-const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve) {
-  return proc_rel_join_at(dirfd, path, buf, 0, resolve);
+const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve, int in_proc) {
+  return proc_rel_join_at(dirfd, path, buf, 0, resolve, in_proc);
 }
 
-static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth, int resolve) {
+static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth, int resolve, int in_proc) {
   if ((dirfd < 0 && dirfd != AT_FDCWD) || strlen(path) >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
   struct proc_anchors it = {path, NULL, NULL, 0, 0};
   struct stat d, proc;
@@ -862,6 +862,12 @@ static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_M
     asked = 1;
     if (d.st_dev == proc.st_dev && d.st_ino == proc.st_ino) break;
   }
+  /* Under a directory of /proc a number before the anchor is a virtual
+   * id, which the stat (and the kernel, handed the prefix) read as a
+   * system one: that path is proc_at_join's. */
+  if (in_proc)
+    for (const char *c = buf; c < buf + dlen; c++)
+      if ((c == buf || c[-1] == '/') && *c >= '0' && *c <= '9') return path;
   size_t rest = strlen(num);
   char abs[PATH_MAX];
   /* "proc/" made "/proc/" no longer fits: the path as written would, and
