@@ -976,8 +976,10 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
  * (a path with a ".." component, or a name starting "..", that has
  * "/proc/" too: two searches of a few nanoseconds; gcc's
  * ".../12/../../include/c++/12" is not one: r388 M2, L6), or a number
- * right after a ".." ("/tmp/x/lnk/../../<vpid>", lnk a link to /dev/fd:
- * r442 F1; one more pass, for paths with a ".." only). The one test for
+ * right after a "..", "cwd" or "fd/<n>", or after a "proc" component
+ * anywhere ("/tmp/x/lnk/../../<vpid>", lnk a link to /dev/fd: r442 F1;
+ * "/tmp/x/selflnk/cwd/<vpid>" with no "..": r456 F1; one more pass, for
+ * paths abs_anchor_named only). The one test for
  * both the rewrite (path_slow) and the translation window it needs
  * (SLOW_PATH): a path rewritten outside the window would carry a system
  * PID across a snapshot. */
@@ -990,10 +992,19 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
 static inline int dev_fd_up(const char *path) {
   return !strncmp(path, "/dev/fd/..", 10) && (path[10] == '/' || !path[10]);
 }
+/* Whether absolute `path` (not "/proc/...") has a name after which
+ * next_proc_anchor may find a number: "/..", "/proc/", "/cwd/" or "/fd/"
+ * ("/tmp/x/lnk/cwd/<vpid>", lnk a link to /proc/self; "/tmp/x/devlnk/fd/3/
+ * <vpid>", devlnk a link to /dev; "/tmp/x/rootlnk/proc/<vpid>", rootlnk a
+ * link to "/": review r456 F1). A few short searches, no system call:
+ * "/usr/lib/...", "/etc/passwd" are none of them. */
+static inline int abs_anchor_named(const char *path) {
+  return strstr(path, "/..") != NULL || strstr(path, "/proc/") != NULL || strstr(path, "/cwd/") != NULL || strstr(path, "/fd/") != NULL;
+}
 static inline int proc_path_may_name(const char *path) {
   return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.') ||
-         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || (strstr(path, "/dev/") != NULL && strstr(path, "/fd/") != NULL) ||
-                                                  rel_reaches_number(path))) ||
+         UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || (strstr(path, "/dev/") != NULL && strstr(path, "/fd/") != NULL))) ||
+         UNLIKELY(abs_anchor_named(path) && rel_reaches_number(path)) ||
          UNLIKELY(path[1] == 'd' && proc_link_ahead(path)); /* "/dev/fd/<n>/.../<number>" (r432 N1) */
 }
 static inline int path_hooked(const char *path) {
