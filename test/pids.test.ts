@@ -861,7 +861,10 @@ describe('a process\'s and a thread\'s own stat and status (/proc/<pid>, task/<t
   // rewritten form would not fit (ENAMETOOLONG, never the system's process),
   // a ".." through a link (the kernel's file), more returns into /proc than
   // are followed (ELOOP or the process), and a thread's stack of 16 KB
-  // (review r416 F1, F2, F3, F7, F8).
+  // (review r416 F1, F2, F3, F7, F8). A number right after a ".." that
+  // reaches /proc by no name of it: through a link of the application's own
+  // to /dev/fd ("<dir>/fdlnk/../../<vpid>"), "fd/../../<vpid>" under /dev,
+  // "../dev/fd/../../<vpid>" under /tmp (review r442 F1: kthreadd for 2).
   it('a virtual PID in any spelling of its /proc directory (".." after /proc/sys or /tmp, relative under /, /tmp or /proc) opens that process, and a number the application does not hold is ENOENT; /dev/stdin and /dev/stderr of an O_PATH descriptor and sched read-write show the view', async () => {
     const r = await attempt(['run', '--', fixture('procspell')]);
     expect(r.stdout + r.stderr).toMatch(/VERDICT ok/);

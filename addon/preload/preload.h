@@ -563,22 +563,16 @@ static inline int rel_dotted(const char *path) {
       return 1;
   return 0;
 }
-/* Whether relative `path` may reach a process's directory of /proc from a
- * directory outside /proc: a number after a "proc" component
- * ("proc/<vpid>" from "/", "../proc/<vpid>" from /tmp), which the kernel
- * would read as a system id. Not a ".." alone: gcc's "../12/..." paths
- * are many, and the kernel's to read (r388 M2). One pass over the path. */
-static inline int rel_reaches_number(const char *path) {
-  int seen = 0;
-  for (const char *c = path; *c;) {
-    const char *e = c;
-    while (*e && *e != '/') e++;
-    if (e - c == 4 && !memcmp(c, "proc", 4)) seen = 1;
-    else if (seen && starts_with_number(c)) return 1;
-    c = *e ? e + 1 : e;
-  }
-  return 0;
-}
+/* Whether `path` has a place where a number may be read in /proc's own
+ * directory when it is walked from outside it (preload_proc.c,
+ * next_proc_anchor): a number after a "proc" component ("proc/<vpid>"
+ * from "/", "../proc/<vpid>" from /tmp), or right after a "..", "cwd" or
+ * "fd/<n>" ("fd/../../<vpid>" and "fd/3/<vpid>" from /dev: review r442
+ * F1). Relative from a directory outside /proc, or absolute with a ".."
+ * outside /proc. The kernel would read that number as a system id. Names
+ * only, one pass; out of line (every wrapper's hook test asks it of a
+ * relative path). */
+HIDDEN int rel_reaches_number(const char *path);
 /* The end (an offset into `path`, at the '/' after it) of the first link
  * component of a process's or thread's directory ("root", "cwd",
  * "fd/<n>") that a number component follows somewhere after it
@@ -652,8 +646,11 @@ HIDDEN const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX],
  * outside /proc (rel_reaches_number): when the directory before the
  * number is our /proc (by device and inode), the same relative path with
  * the number (and what follows) rewritten as proc_path does, in buf;
- * `path` itself otherwise; NULL with errno (ENOENT: no such virtual id). */
-HIDDEN const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve);
+ * `path` itself otherwise; NULL with errno (ENOENT: no such virtual id).
+ * `in_proc`: dirfd is a directory of /proc (openat2 RESOLVE_BENEATH,
+ * which refuses proc_at_join's absolute path): `path` itself when a
+ * number comes before that directory (a virtual id there). */
+HIDDEN const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve, int in_proc);
 
 /* --- Id helpers (preload_core.c) ----------------------------------------- */
 
@@ -978,7 +975,11 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
  * "/../proc/<vpid>" (any path starting "//" or "/."), "/tmp/../proc/<vpid>"
  * (a path with a ".." component, or a name starting "..", that has
  * "/proc/" too: two searches of a few nanoseconds; gcc's
- * ".../12/../../include/c++/12" is not one: r388 M2, L6). The one test for
+ * ".../12/../../include/c++/12" is not one: r388 M2, L6), or a number
+ * right after a "..", "cwd" or "fd/<n>", or after a "proc" component
+ * anywhere ("/tmp/x/lnk/../../<vpid>", lnk a link to /dev/fd: r442 F1;
+ * "/tmp/x/selflnk/cwd/<vpid>" with no "..": r456 F1; one more pass, for
+ * paths abs_anchor_named only). The one test for
  * both the rewrite (path_slow) and the translation window it needs
  * (SLOW_PATH): a path rewritten outside the window would carry a system
  * PID across a snapshot. */
@@ -991,9 +992,19 @@ HIDDEN long proc_link_answer(int dirfd, const char *path, char *out, long n, siz
 static inline int dev_fd_up(const char *path) {
   return !strncmp(path, "/dev/fd/..", 10) && (path[10] == '/' || !path[10]);
 }
+/* Whether absolute `path` (not "/proc/...") has a name after which
+ * next_proc_anchor may find a number: "/..", "/proc/", "/cwd/" or "/fd/"
+ * ("/tmp/x/lnk/cwd/<vpid>", lnk a link to /proc/self; "/tmp/x/devlnk/fd/3/
+ * <vpid>", devlnk a link to /dev; "/tmp/x/rootlnk/proc/<vpid>", rootlnk a
+ * link to "/": review r456 F1). A few short searches, no system call:
+ * "/usr/lib/...", "/etc/passwd" are none of them. */
+static inline int abs_anchor_named(const char *path) {
+  return strstr(path, "/..") != NULL || strstr(path, "/proc/") != NULL || strstr(path, "/cwd/") != NULL || strstr(path, "/fd/") != NULL;
+}
 static inline int proc_path_may_name(const char *path) {
   return strncmp(path, "/proc/", 6) == 0 || UNLIKELY(path[1] == '/' || path[1] == '.') ||
          UNLIKELY(strstr(path, "/..") != NULL && (strstr(path, "/proc/") != NULL || (strstr(path, "/dev/") != NULL && strstr(path, "/fd/") != NULL))) ||
+         UNLIKELY(abs_anchor_named(path) && rel_reaches_number(path)) ||
          UNLIKELY(path[1] == 'd' && proc_link_ahead(path)); /* "/dev/fd/<n>/.../<number>" (r432 N1) */
 }
 static inline int path_hooked(const char *path) {

@@ -1260,10 +1260,18 @@ const char *at_path_slow(int dirfd, int kind, const char *path, int op, char buf
    * /proc, "3/<vpid>" under /proc/self/fd (r432 N1). */
   if (kind != PROC_DIR_NONE && (UNLIKELY(rel_dotted(path)) || UNLIKELY(link_before_number(path)) ||
                                 (kind == PROC_DIR_INSIDE && UNLIKELY(fd_link_before_number(path))))) {
+    /* openat2 RESOLVE_BENEATH refuses the joined path, absolute (EXDEV):
+     * a number read in /proc's own directory ("sys/../<vpid>",
+     * "self/fd/../../<vpid>" under /proc) is rewritten in place, the path
+     * kept relative, as from a directory outside /proc (r442 F2). */
+    if (UNLIKELY(path_resolve(op) & RESOLVE_BENEATH_) && rel_reaches_number(path)) {
+      const char *r = proc_rel_join(dirfd, path, buf, path_resolve(op), 1);
+      if (r != path) return r;
+    }
     const char *r = proc_at_join(dirfd, path, buf, path_resolve(op));
     if (r != path) return r;
   }
-  if (kind == PROC_DIR_NONE && UNLIKELY(rel_reaches_number(path))) return proc_rel_join(dirfd, path, buf, path_resolve(op));
+  if (kind == PROC_DIR_NONE && UNLIKELY(rel_reaches_number(path))) return proc_rel_join(dirfd, path, buf, path_resolve(op), 0);
   return kind != PROC_DIR_NONE ? proc_at_path(kind, path, buf) : path;
 }
 

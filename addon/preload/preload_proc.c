@@ -25,7 +25,70 @@
 
 static size_t decimal_at(const char *s, size_t len, pid_t *out);
 static const char *proc_path_plain(const char *path, char buf[PATH_MAX]);
-static const char *proc_before_number(const char *path);
+
+/* The places in a path where a number may be read in /proc's own
+ * directory when the path is walked from outside it, in order:
+ *  - what follows the last "proc" component before the first number
+ *    after one ("proc/<n>", "../proc/./<n>", "proc/self/task/<n>",
+ *    "proc/thread-self/../<n>"). Anchored at the "proc" component, not at
+ *    the number: the directory before a number may be /proc/<pid>/task
+ *    (r403 L1), which proc_path knows from its name under /proc;
+ *  - a number right after a "..", a "cwd" or a descriptor "fd/<n>" ("."
+ *    and empty components passed over): no name tells where those lead,
+ *    which may be /proc ("fd/../../<n>" and "fd/3/<n>" under /dev,
+ *    "lnk/../../<n>" with lnk a link to /dev/fd: review r442 F1).
+ * Which of those is this process's /proc is for the caller to ask (a
+ * stat: proc_anchor_kind, proc_rel_join); the first that is, is where
+ * the kernel's walk enters it. Not a ".." with a number further on: gcc's
+ * ".../12/../../include/c++/12/..." paths are many, and the kernel's to
+ * read (r388 M2). Names only, one pass over the path. */
+struct proc_anchors {
+  const char *c;       /* the next component */
+  const char *proc;    /* a "proc" component no number followed yet */
+  const char *pending; /* a number after both such a "proc" and a link */
+  int link;            /* the last component ("." and empty ones passed over) was "..", "cwd" or "fd/<n>" */
+  int fd;              /* ... was "fd" */
+};
+
+/* The next of them (a pointer to the number, or to what follows
+ * "proc/"), or NULL. */
+static const char *next_proc_anchor(struct proc_anchors *a) {
+  const char *r = a->pending;
+  if (r) {
+    a->pending = NULL;
+    return r;
+  }
+  while (*a->c) {
+    const char *c = a->c, *e = c;
+    while (*e && *e != '/') e++;
+    a->c = *e ? e + 1 : e;
+    size_t len = (size_t)(e - c);
+    if (len == 0 || (len == 1 && c[0] == '.')) continue;
+    int fd = a->fd;
+    a->fd = len == 2 && c[0] == 'f' && c[1] == 'd';
+    if (len == 4 && !memcmp(c, "proc", 4) && *e == '/') {
+      a->proc = c, a->link = 0;
+      continue;
+    }
+    const char *proc = a->proc, *link = a->link ? c : NULL;
+    int number = starts_with_number(c), digits = fd;
+    for (const char *d = c; digits && d < e; d++) digits = *d >= '0' && *d <= '9';
+    a->link = digits || (len == 2 && c[0] == '.' && c[1] == '.') || (len == 3 && !memcmp(c, "cwd", 3));
+    if (!number) continue;
+    a->proc = NULL;
+    if (proc) {
+      a->pending = link;
+      return proc + 5;
+    }
+    if (link) return link;
+  }
+  return NULL;
+}
+
+NOINLINE int rel_reaches_number(const char *path) {
+  struct proc_anchors a = {path, NULL, NULL, 0, 0};
+  return next_proc_anchor(&a) != NULL;
+}
 
 /* Parses a decimal PID at *p; advances *p. Returns 0 if there is none or it
  * does not end at '/' or the end of the string. */
@@ -389,31 +452,23 @@ const char *lexical_proc(const char *plain) {
 
 /* A reading that goes on from another path (/dev/fd/.. as
  * /proc/self/fd/.., "/tmp/../proc/<n>" as /proc/<n>, by the rules'
- * letters or where our /proc's parent is "/") is a round of a loop in
+ * letters or where the directory is our /proc) is a round of a loop in
  * proc_path_unplain, with no frame of its own. The links those rounds
  * follow (/dev/fd, a process's root, cwd or fd/<n>) are counted:
  * PROC_ROUNDS of them, as the kernel bounds the links it follows, then
- * ELOOP; a round that follows none is shorter. Only a path through
- * our /proc bound elsewhere (its parent not "/") goes into itself again
- * (proc_rel_join), each time with a PATH_MAX frame or two (about 9 KB, on
- * top of the 8 KB or so of the wrapper's buffer and the first reading):
- * PROC_NESTING times, then ELOOP rather than take a thread's stack, or
- * hand the kernel a virtual id. */
-enum { PROC_NESTING = 2, PROC_ROUNDS = 40 };
+ * ELOOP; a round that follows none is shorter. Nothing reads itself
+ * again in a frame of its own: the deepest reading is the wrapper's
+ * buffer, one plain copy and resolved_dir's (about 13 KB; a thread's
+ * stack of 16 KB, review r456 F4). */
+enum { PROC_ROUNDS = 40 };
 
-static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth, int resolve);
-static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters, int resolve);
+static int climbs_out(const char *rest);
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int letters, int resolve);
 
-/* proc_path of a path that starts "/proc/", `depth` deep (the kernel's
- * reading). */
-static const char *proc_path_nested(const char *path, char buf[PATH_MAX], int depth, int resolve) {
-  if (UNLIKELY(path_unplain(path)) || UNLIKELY(proc_link_ahead(path))) return proc_path_unplain(path, buf, depth, 0, resolve);
-  return proc_path_plain(path, buf);
-}
-
-/* What the directory through "proc" in absolute `plain` (plain[0..dlen),
- * ending "proc/") is: 0 not this process's /proc (by device and inode:
- * another procfs mount, a tree's own "proc", gone); 1 our /proc, whose
+/* What the directory through an anchor in absolute `plain`
+ * (plain[0..dlen), ending "proc/" or "../": next_proc_anchor) is: 0 not
+ * this process's /proc (by device and inode: another procfs mount, a
+ * tree's own "proc", an ordinary directory, gone); 1 our /proc, whose
  * parent there is "/" (so the path reads from "/proc/" as from "/": the
  * same walk); 2 our /proc, bound elsewhere. Asked in buf (free here): a
  * few stats, no descriptor. */
@@ -457,7 +512,8 @@ static NOINLINE const char *dev_fd_kept(const char *plain, char buf[PATH_MAX]) {
 
 /* proc_path of a path with repeated slashes, "." or ".." components: of
  * the plain path, the answer the rewritten one, or else the plain path
- * itself (in buf). Never `path`: a ".." taken out lexically after a
+ * itself (in buf). Never `path` (but one of PATH_MAX bytes or more, the
+ * kernel's to refuse): a ".." taken out lexically after a
  * virtual id ("/proc/<vpid>/../self/stat", "/proc/self/task/<vtid>/..")
  * leaves a plain path with no id to rewrite, while the original still
  * names the virtual id, which the kernel would look up as a system one
@@ -471,7 +527,10 @@ static NOINLINE const char *dev_fd_kept(const char *plain, char buf[PATH_MAX]) {
  * the kernel). A reading that goes on from another path ("/dev/fd/..",
  * the letters' "/proc/...") goes round again with it in buf: one plain
  * copy, whatever the depth. */
-static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int depth, int letters, int resolve) {
+static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MAX], int letters, int resolve) {
+  /* Of PATH_MAX bytes or more: as it is, for the kernel's ENAMETOOLONG,
+   * not a shorter plain path opened (review r456 F8). */
+  if (UNLIKELY(strnlen(path, PATH_MAX) == PATH_MAX)) return path;
   char plain[PATH_MAX];
   const char *src = path;
   /* The links the rounds followed (as the kernel would): PROC_ROUNDS,
@@ -570,12 +629,14 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
     const char *r = proc_path_plain(plain, buf); /* plain, buf or NULL */
     if (!r || r == buf) return r;
     /* A ".." kept outside /proc with "proc" and a number after it
-     * ("/tmp/../proc/<vpid>"). The rules read it by its letters:
+     * ("/tmp/../proc/<vpid>"), or a number right after a kept ".."
+     * ("/tmp/x/lnk/../../<vpid>", lnk a link to /dev/fd: r442 F1; no name
+     * tells that ".." is /proc's). The rules read it by its letters:
      * "/tmp/../proc/<vpid>" is /proc/<vpid> to them (r403 I1), and one
      * that is not /proc by its letters is theirs to match as it is (the
      * kernel's reading comes after them, when none applies). The kernel:
-     * the directory through that "proc" is asked whether it is /proc
-     * (proc_rel_join). */
+     * the directory through that "proc" or ".." is asked whether it is
+     * /proc (next_proc_anchor; proc_rel_join). */
     if (strncmp(plain, "/proc/", 6) != 0 && UNLIKELY(rel_reaches_number(plain))) {
       if (letters) {
         const char *abs = lexical_proc(plain);
@@ -584,17 +645,28 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
         src = buf;
         continue;
       }
-      /* Our /proc whose parent is "/" (as it is): "/proc/" and what
-       * follows the "proc", round again (r416 F7: no frame per return).
-       * Bound elsewhere: proc_rel_join, which says it relative to that
-       * directory, nested and bounded. Not our /proc: the kernel's (r416
-       * F8: no ELOOP for a tree's own "proc/2"). */
-      const char *anchor = proc_before_number(plain);
-      int kind = anchor ? proc_anchor_kind(plain, (size_t)(anchor + 5 - plain), buf) : 0;
-      if (kind == 1 && UNLIKELY(resolve)) {
-        /* The walk to that "proc" may follow a link of the user's (to
-         * /proc/self/root/..., say): the kernel's, with the flags. */
-        size_t dlen = (size_t)(anchor + 5 - plain);
+      /* Our /proc: "/proc/" and what follows the "proc", "..", "cwd" or
+       * "fd/<n>", round again (r416 F7: no frame per return). Bound
+       * elsewhere (its parent not "/"), the same while the rest stays in
+       * it (the same files: no second reading with a frame of its own,
+       * review r456 F4); a ".." out of it is ELOOP (what the reading
+       * would take for "/" is that directory's parent: the wrong file,
+       * r456 F2; the path as written hands the kernel a virtual id, F3).
+       * Not our /proc: the kernel's (r416 F8: no ELOOP for a tree's own
+       * "proc/2"). */
+      struct proc_anchors it = {plain, NULL, NULL, 0, 0};
+      const char *num; /* what follows the anchor's "proc/" or "../" */
+      int kind = 0;
+      while ((num = next_proc_anchor(&it)) && !(kind = proc_anchor_kind(plain, (size_t)(num - plain), buf))) {}
+      if (kind == 2 && climbs_out(num)) {
+        errno = ELOOP;
+        return NULL;
+      }
+      if (kind && UNLIKELY(resolve)) {
+        /* The walk to that "proc" (or "..") may follow a link of the
+         * user's (to /proc/self/root/..., to /dev/fd): the kernel's, with
+         * the flags. */
+        size_t dlen = (size_t)(num - plain);
         memcpy(buf, plain, dlen);
         buf[dlen] = '\0';
         int refused = walk_refused(buf, resolve);
@@ -603,18 +675,16 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
           return NULL;
         }
       }
-      if (kind == 1) {
-        strcpy((char *)memcpy(buf, "/proc/", 6) + 6, anchor + 5); /* no longer than plain */
-        src = buf;
-        continue;
-      }
-      if (kind == 2) {
-        if (depth >= PROC_NESTING) {
-          errno = ELOOP;
+      if (kind) {
+        /* No longer than plain but for "/cwd/<n>" (an anchor of 5
+         * bytes): then once, and never past PATH_MAX. */
+        if (6 + strlen(num) >= PATH_MAX) {
+          errno = ENAMETOOLONG;
           return NULL;
         }
-        r = proc_rel_join_at(AT_FDCWD, plain, buf, depth + 1, resolve);
-        if (!r || r != plain) return r;
+        strcpy((char *)memcpy(buf, "/proc/", 6) + 6, num);
+        src = buf;
+        continue;
       }
     }
     break;
@@ -624,7 +694,12 @@ static NOINLINE const char *proc_path_unplain(const char *path, char buf[PATH_MA
 
 static const char *proc_path_read(const char *path, char buf[PATH_MAX], int letters, int resolve) {
   if (!path || path[0] != '/' || !g_h) return path;
-  if (UNLIKELY(path_unplain(path)) || UNLIKELY(proc_link_ahead(path))) return proc_path_unplain(path, buf, 0, letters, resolve);
+  /* A plain path outside /proc with a number after a "proc", "cwd" or
+   * "fd/<n>" ("/tmp/x/selflnk/cwd/<vpid>": review r456 F1): the anchors
+   * asked as for one with a "..". */
+  if (UNLIKELY(path_unplain(path)) || UNLIKELY(proc_link_ahead(path)) ||
+      UNLIKELY(strncmp(path, "/proc/", 6) != 0 && abs_anchor_named(path) && rel_reaches_number(path)))
+    return proc_path_unplain(path, buf, letters, resolve);
   return proc_path_plain(path, buf);
 }
 
@@ -754,27 +829,41 @@ const char *proc_at_join(int dirfd, const char *path, char buf[PATH_MAX], int re
   /* No "." or ".." after all (a hidden name), and no link followed by a
    * number ("self/root/proc/<vpid>": r432 N1): the relative logic. */
   if (!path_unplain(buf) && !proc_link_ahead(buf)) return path;
-  return proc_path_unplain(buf, buf, 0, 0, resolve);
+  return proc_path_unplain(buf, buf, 0, resolve);
 }
 
-/* The path from the last "proc" component before `path`'s first number
- * after one ("proc/<n>", "../proc/./<n>", "proc/self/task/<n>",
- * "proc/thread-self/../<n>"), or NULL. Anchored at the "proc" component,
- * not at the number: the directory before a number may be /proc/<pid>/task
- * (r403 L1), which proc_path knows from its name under /proc. */
-static const char *proc_before_number(const char *path) {
-  const char *proc = NULL;
-  for (const char *c = path; *c;) {
+/* Whether `rest`, read by its letters from a directory, goes above it (a
+ * ".." there). Names only. */
+static int climbs_out(const char *rest) {
+  int depth = 0;
+  for (const char *c = rest; *c;) {
     const char *e = c;
     while (*e && *e != '/') e++;
-    if (e - c == 4 && !memcmp(c, "proc", 4) && *e == '/') proc = c;
-    else if (proc && starts_with_number(c)) return proc;
+    size_t len = (size_t)(e - c);
+    if (len == 2 && c[0] == '.' && c[1] == '.') {
+      if (!depth) return 1;
+      depth--;
+    } else if (len && !(len == 1 && c[0] == '.')) {
+      depth++;
+    }
     c = *e ? e + 1 : e;
   }
-  return NULL;
+  return 0;
 }
 
-/* The directory through the "proc" component is stat'ed relative to dirfd (no
+/* Whether the parent of the directory buf[0..dlen) (relative to dirfd,
+ * ending '/') is "/" (device and inode). buf[dlen..dlen+3) is written:
+ * "..". */
+static int parent_is_root(int dirfd, char buf[PATH_MAX], size_t dlen) {
+  struct stat d, root;
+  if (dlen + 3 > PATH_MAX) return 0;
+  memcpy(buf + dlen, "..", 3);
+  return SYS4(newfstatat, dirfd, buf, &d, AT_NO_AUTOMOUNT) == 0 && SYS4(newfstatat, AT_FDCWD, "/", &root, AT_NO_AUTOMOUNT) == 0 &&
+         d.st_dev == root.st_dev && d.st_ino == root.st_ino;
+}
+
+/* The directory through an anchor (next_proc_anchor: a "proc" component,
+ * or a ".." before a number) is stat'ed relative to dirfd (no
  * descriptor needed: no EMFILE) and must be this process's /proc itself
  * (its device and inode): another procfs mount (another PID
  * namespace's under a container's root, or, since Linux 5.8 each mount
@@ -785,55 +874,75 @@ static const char *proc_before_number(const char *path) {
  * RESOLVE_BENEATH and NO_XDEV still hold), no link's text is taken for a
  * path (a directory outside our root, another mount namespace: r388
  * M3), and no absolute name of a deep directory makes it too long. */
-const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve) {
-  return proc_rel_join_at(dirfd, path, buf, 0, resolve);
-}
-
-static const char *proc_rel_join_at(int dirfd, const char *path, char buf[PATH_MAX], int depth, int resolve) {
-  const char *anchor = proc_before_number(path);
-  if (!anchor || (dirfd < 0 && dirfd != AT_FDCWD)) return path;
-  const char *num = anchor + 5; /* what follows "proc/" */
-  size_t dlen = (size_t)(num - path), rest = strlen(num);
-  if (dlen + rest >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
-  memcpy(buf, path, dlen);
-  buf[dlen] = '\0';
+const char *proc_rel_join(int dirfd, const char *path, char buf[PATH_MAX], int resolve, int in_proc) {
+  if ((dirfd < 0 && dirfd != AT_FDCWD) || strlen(path) >= PATH_MAX) return path; /* the kernel says ENAMETOOLONG */
+  struct proc_anchors it = {path, NULL, NULL, 0, 0};
   struct stat d, proc;
-  if (SYS4(newfstatat, dirfd, buf, &d, AT_NO_AUTOMOUNT) < 0 ||
-      SYS4(newfstatat, AT_FDCWD, "/proc", &proc, AT_NO_AUTOMOUNT) < 0 || d.st_dev != proc.st_dev ||
-      d.st_ino != proc.st_ino)
-    return path; /* gone, not a directory, no search right: the kernel says so too */
-  char abs[PATH_MAX];
+  int asked = 0;
+  const char *num; /* what follows the anchor's "proc/" or "../" */
+  size_t dlen;
+  for (;;) {
+    if (!(num = next_proc_anchor(&it))) return path;
+    dlen = (size_t)(num - path);
+    memcpy(buf, path, dlen);
+    buf[dlen] = '\0';
+    /* gone, not a directory, no search right: the kernel says so too */
+    if (SYS4(newfstatat, dirfd, buf, &d, AT_NO_AUTOMOUNT) < 0) continue;
+    if (!asked && SYS4(newfstatat, AT_FDCWD, "/proc", &proc, AT_NO_AUTOMOUNT) < 0) return path;
+    asked = 1;
+    if (d.st_dev == proc.st_dev && d.st_ino == proc.st_ino) break;
+  }
+  /* Under a directory of /proc a number before the anchor is a virtual
+   * id, which the stat (and the kernel, handed the prefix) read as a
+   * system one: that path is proc_at_join's. */
+  if (in_proc)
+    for (const char *c = buf; c < buf + dlen; c++)
+      if ((c == buf || c[-1] == '/') && *c >= '0' && *c <= '9') return path;
+  size_t rest = strlen(num);
   /* "proc/" made "/proc/" no longer fits: the path as written would, and
    * its number be read as a system id (r416 F2). */
   if (6 + rest >= PATH_MAX) {
     errno = ENAMETOOLONG;
     return NULL;
   }
-  memcpy(abs, "/proc/", 6);
-  memcpy(abs + 6, num, rest + 1);
-  const char *r = proc_path_nested(abs, buf, depth, resolve);
-  if (!r || r == abs) return r ? path : NULL;
+  /* A ".." out of that /proc ("proc/1/../../etc", and back in:
+   * "proc/1/../../tmp/../proc/<vpid>"): the reading below takes /proc's
+   * parent for "/", true only where it is (two stats, for such paths
+   * only). Our /proc bound elsewhere ("bp/self/../2/../../proc/2", bp a
+   * bind of /proc: review r456 F2, F3): neither the reading (the wrong
+   * file) nor the path as written (a virtual id the kernel reads as a
+   * system one) is right: ELOOP, as the absolute reading gives. */
+  if (UNLIKELY(climbs_out(num)) && !parent_is_root(dirfd, buf, dlen)) {
+    errno = ELOOP;
+    return NULL;
+  }
+  /* "/proc/<num>" read in buf itself (proc_path_unplain allows it; its
+   * plain copy is the one PATH_MAX frame: a thread's stack of 16 KB,
+   * review r456 F4). */
+  memcpy(buf, "/proc/", 6);
+  memcpy(buf + 6, num, rest + 1);
+  const char *r = proc_path_unplain(buf, buf, 0, resolve);
+  if (!r) return NULL;
   if (strncmp(r, "/proc/", 6) != 0) {
-    /* A ".." out of /proc again ("proc/1/../../etc", and back in:
-     * "proc/1/../../tmp/../proc/<vpid>"): r is read from "/", the parent
-     * of /proc, and said relative to the directory's parent when that is
-     * "/" (two stats, for such paths only). Else (our /proc bound
-     * elsewhere) the path as it is, the kernel's to read. */
+    /* Out of /proc by a link of a process's directory ("self/root/etc"):
+     * r is read from "/", said relative to the directory's parent when
+     * that is "/" (as above). */
     size_t tail = strlen(r + 1);
     if (dlen + 3 + tail >= PATH_MAX) { /* system ids may be longer: as above */
       errno = ENAMETOOLONG;
       return NULL;
     }
-    memcpy(abs, path, dlen);
-    memcpy(abs + dlen, "..", 3);
-    if (SYS4(newfstatat, dirfd, abs, &d, AT_NO_AUTOMOUNT) < 0 || SYS4(newfstatat, AT_FDCWD, "/", &proc, AT_NO_AUTOMOUNT) < 0 ||
-        d.st_dev != proc.st_dev || d.st_ino != proc.st_ino)
-      return path;
     memmove(buf + dlen + 3, r + 1, tail + 1);
     memcpy(buf, path, dlen);
-    memcpy(buf + dlen, "../", 3);
+    memcpy(buf + dlen, "..", 3);
+    if (!parent_is_root(dirfd, buf, dlen)) {
+      errno = ELOOP;
+      return NULL;
+    }
+    buf[dlen + 2] = '/';
     return buf;
   }
+  if (!strcmp(r + 6, num)) return path; /* nothing rewritten */
   size_t tail = strlen(r + 6);
   if (dlen + tail >= PATH_MAX) {
     errno = ENAMETOOLONG;
