@@ -1331,6 +1331,22 @@ describe.skipIf(process.getuid?.() !== 0)('what a template or its rules name is 
     refuses(['restore', dir], corrupt(`a clone's environment sets "LD_PRELOAD", which is appshot's own`));
   });
 
+  it('SET ENV of what makes the dynamic loader or a shell run code is refused, in rules and in an image', () => {
+    const rules = join(out, 'runscode.rules');
+    for (const name of ['BASH_ENV', 'ENV', 'LD_BIND_NOW', 'GCONV_PATH', 'SHELLOPTS']) {
+      writeFileSync(rules, `SET ENV "${name}" = "/tmp/evil.sh"\n`);
+      refuses(['template', 'create', good, '-o', join(out, 'runscode.template'), '--rules', rules], {
+        code: 2,
+        stderr: new RegExp(`runscode\\.rules:1:9: ${name} makes the dynamic loader or a shell run code in every process of the application`),
+      });
+    }
+    expect(existsSync(join(out, 'runscode.template'))).toBe(false);
+    const dir = crafted('instance-bash-env', (i) => {
+      i.instance = { redirs: [], privateRoot: '', ...i.instance, env: ['BASH_ENV=/tmp/evil.sh'] };
+    });
+    refuses(['restore', dir], corrupt(`a clone's environment sets "BASH_ENV", which makes the dynamic loader or a shell run code`));
+  });
+
   it("an IDENTITY HOOK EXEC runs as the application's first process, not as root", () => {
     chmodSync(out, 0o755);
     const said = join(out, 'hook-said');

@@ -99,15 +99,27 @@ static int is_var(const char *e, const char *prefix, size_t pl,
          e[pl + vl] == '\0';
 }
 
+/* Whether a forced "NAME=value" names a variable the dynamic loader or a
+ * shell runs code from (src/template/rules.ts runsCode, which refuses them
+ * in rules and images; this is the same list, for an instance written by
+ * an older appshot): every LD_ variable, GCONV_PATH, BASH_ENV, ENV,
+ * SHELLOPTS, BASHOPTS, PROMPT_COMMAND and bash's exported functions. */
+static int env_runs_code(const char *e) {
+  return starts(e, "LD_") || starts(e, "GCONV_PATH=") ||
+         starts(e, "BASH_ENV=") || starts(e, "ENV=") ||
+         starts(e, "SHELLOPTS=") || starts(e, "BASHOPTS=") ||
+         starts(e, "PROMPT_COMMAND=") || starts(e, "BASH_FUNC_");
+}
+
 /* SET ENV entry i of the instance, if it is a well-formed "NAME=value"
- * that is not one of ours (those the application cannot override); sets
- * *name_len to the length of "NAME=". */
+ * that is not one of ours (those the application cannot override) nor one
+ * that runs code; sets *name_len to the length of "NAME=". */
 static const char *instance_env(const struct appshot_instance *in, uint32_t i,
                                 size_t *name_len) {
   const char *e = in->env[i];
   size_t len = strnlen(e, APPSHOT_ENV_LEN);
   const char *eq = memchr(e, '=', len);
-  if (len == APPSHOT_ENV_LEN || !eq || eq == e || starts(e, "LD_PRELOAD=") ||
+  if (len == APPSHOT_ENV_LEN || !eq || eq == e || env_runs_code(e) ||
       starts(e, "APPSHOT_TABLES=") || starts(e, "APPSHOT_TABLES_FD=") ||
       starts(e, "APPSHOT_AID="))
     return NULL;

@@ -39,7 +39,7 @@ import { socketFileRecordFault } from '../resources/socketfile.js';
 import { keyringFault, keyringTreeFault } from '../resources/keyrings.js';
 import type { MessageSchema } from './schema.js';
 import { type Creds, type Fd, FdKind, type Image, LockKind, type PageRef, type Process, type SocketOption, VmaKind } from './types.js';
-import { unsettable } from '../template/rules.js';
+import { runsCode, unsettable } from '../template/rules.js';
 import { plainAbsolute } from '../resources/paths.js';
 import { resolverPathsFault } from '../resources/procpaths.js';
 import { ptysRecordFault } from '../resources/ptys.js';
@@ -678,7 +678,11 @@ function checkPaths(image: Image): void {
       if (!plainAbsolute(path))
         corrupt(`a clone's REDIR ${r.kind === 'cow' ? 'COW' : 'PATH'} ${side} ${JSON.stringify(path)} is not a plain absolute path`);
   }
-  for (const e of image.instance?.env ?? []) if (unsettable(e.slice(0, e.indexOf('=')))) corrupt(`a clone's environment sets ${JSON.stringify(e.slice(0, e.indexOf('=')))}, which is appshot's own`);
+  for (const e of image.instance?.env ?? []) {
+    const name = e.slice(0, e.indexOf('='));
+    if (unsettable(name)) corrupt(`a clone's environment sets ${JSON.stringify(name)}, which is appshot's own`);
+    if (runsCode(name)) corrupt(`a clone's environment sets ${JSON.stringify(name)}, which makes the dynamic loader or a shell run code`);
+  }
 }
 
 

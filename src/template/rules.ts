@@ -376,6 +376,22 @@ export function unsettable(name: string): boolean {
   return /^(LD_PRELOAD|LD_LIBRARY_PATH|LD_AUDIT|APPSHOT_.*)$/.test(name) && !IDENTITY_VARIABLES.includes(name);
 }
 
+/** Environment variables SET ENV may not set because the dynamic loader
+ * or a shell runs code they name, in every process the application
+ * starts, root's included: every LD_ variable (LD_AUDIT, LD_LIBRARY_PATH,
+ * LD_PRELOAD load libraries; the others are the loader's to read, never
+ * an application's setting), GCONV_PATH (glibc loads conversion modules
+ * from it), BASH_ENV and ENV (the file a non-interactive bash, an
+ * interactive sh, runs first), SHELLOPTS and BASHOPTS (xtrace, with PS4,
+ * runs code), PROMPT_COMMAND, and bash's exported functions (BASH_FUNC_).
+ * A rules file has no need of them: it sets the application's own
+ * variables. The preload library refuses the same in the instance
+ * (preload_exec.c instance_env), and an image's instance section with
+ * them is refused (image/validate.ts). */
+export function runsCode(name: string): boolean {
+  return /^(LD_\w*|GCONV_PATH|BASH_ENV|ENV|SHELLOPTS|BASHOPTS|PROMPT_COMMAND|BASH_FUNC_.*)$/.test(name);
+}
+
 /** SET ENV "NAME" = "value" */
 function parseSetEnv(line: Line, rules: RulesFile, column: number): void {
   line.keyword('ENV');
@@ -384,6 +400,8 @@ function parseSetEnv(line: Line, rules: RulesFile, column: number): void {
     line.fail(name.column, `invalid environment variable name ${name.raw}`, 'letters, digits and _, not starting with a digit');
   if (unsettable(name.text))
     line.fail(name.column, `${name.text} is appshot's own (it loads the preload library or names the application's tables)`, 'a variable of the application');
+  if (runsCode(name.text))
+    line.fail(name.column, `${name.text} makes the dynamic loader or a shell run code in every process of the application`, 'a variable of the application');
   if (IDENTITY_VARIABLES.includes(name.text))
     line.fail(name.column, `${name.text} is a clone's identity, which appshot sets`, 'a variable of your own (IDENTITY statements change what makes a clone unique)');
   const twice = rules.envs.find((e) => e.name === name.text);
