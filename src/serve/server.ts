@@ -370,8 +370,10 @@ class Service {
     const loading = loadImageChain(path, known)
       .then((chain) => {
         // A newer image may have been taken meanwhile (each link holds
-        // its page file open: what is not kept is let go of).
-        if (this.lastImage !== path) {
+        // its page file open: what is not kept is let go of); or serve
+        // stopped (close let go of what was read: a preload it did not
+        // wait for would hold its page files in a hosting engine after).
+        if (this.lastImage !== path || this.closing) {
           for (const l of chain) if (!known.includes(l)) l.dispose();
           return;
         }
