@@ -25,7 +25,7 @@ import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
-import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
+import { loadImageChain, restore as restoreImage, RESTORE_INTERRUPTED, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
 import { type ServeSettings, serveSettings } from './settings.js';
 import { type HotCode, type HotPages, hotCode, populateCode, populateHeldMappings, type PopulatedMappings, prefaultCap, prefaultPages, prepareChain, recordAtSuspend } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
@@ -1223,6 +1223,9 @@ class Service {
       // after the release otherwise (prepared.ts prefaultPages).
       ...(prefault ? { prefault: prefault.pages } : {}),
       preloaded: chain,
+      // Given up, hurried to stop, before it is held (dropPrepared gives
+      // it up once it is).
+      signal: this.host.hurrying.signal,
       // Committed after a release (the processes not let go yet): running
       // from here, and the held connections forwarded at once.
       committed: (record) => this.committedEarly(record),
@@ -1481,8 +1484,10 @@ class Service {
       // A crashed instance's registration (ended, or half-released).
       const old = prepared ? undefined : this.reg.get(this.name);
       if (old) await api.rm(this.name, { home, force: true }).catch(() => undefined);
-      // A preload under way is the reading the restore would do itself.
-      if (!prepared && this.preloading) await this.preloading;
+      // A preload under way is the reading the restore would do itself
+      // (not waited out once hurried: it has no point to be given up at).
+      if (!prepared && this.preloading) await untilAborted(this.preloading, this.host.hurrying.signal);
+      if (this.host.hurrying.signal.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
       // Not the files it checked any more: read afresh by the restore, and
       // let go of (their page files are held open). A prepared one's were
       // checked by its release.
@@ -1497,7 +1502,7 @@ class Service {
       // Whether the listener can be shared is decided on the image the
       // restore reads (shareWith).
       const holder: ImageHolder = prepared?.holder ?? {};
-      const restoreNow = () => restoreImage(this.reg, this.lastImage, { inheritFor: (image) => this.shareWith(image, holder), aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: performance.now() - this.readyCheckedAt < 1000 });
+      const restoreNow = () => restoreImage(this.reg, this.lastImage, { inheritFor: (image) => this.shareWith(image, holder), aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: performance.now() - this.readyCheckedAt < 1000, signal: this.host.hurrying.signal });
       const restored =
         prepared?.restored ??
         (await restoreNow().catch(async (e: Error) => {
@@ -1552,13 +1557,18 @@ class Service {
       inst.state = from === 'crashed' ? 'crashed' : 'suspended';
       this.changed();
       this.forgetPreload(); // the next try reads the image afresh
-      this.log('restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
+      // Given up as serve was hurried to stop (ServeHost.hurrying): what
+      // it made is removed, its image as it was; no next try.
+      const interrupted = this.host.hurrying.signal.aborted;
+      this.log(interrupted ? 'restore-interrupted' : 'restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
       // Shared: those waiting in the accept queue wait on; the next try
       // in a second, not at once. After SHARED_FAILURES in a row, the
       // forwarding front door takes the listener (fallBack): it accepts
       // what waits and holds it for the next restore, whose failure closes
       // them, as below; clients are told, not left waiting for ever.
-      if (this.shared && ++this.sharedFailures >= SHARED_FAILURES) {
+      if (interrupted || this.closing) {
+        // Stopping: no next try (the next serve restores it on demand).
+      } else if (this.shared && ++this.sharedFailures >= SHARED_FAILURES) {
         this.fallBack(`${this.sharedFailures} restores in a row failed: ${(e as Error).message}`);
       } else if (this.shared) {
         this.watchAfter = performance.now() + 1000;
@@ -1785,7 +1795,8 @@ class Service {
     this.changed();
     const t0 = process.hrtime.bigint();
     try {
-      const [made] = await api.clone(this.spec.from, { home: this.host.home, aid }).catch((e: unknown) => {
+      // Hurried to stop: given up before it is made (api.clone's signal).
+      const [made] = await api.clone(this.spec.from, { home: this.host.home, aid, signal: this.host.hurrying.signal }).catch((e: unknown) => {
         // Committed, then a step failed: the instance runs, and is this one.
         if (!(e instanceof api.ClonedWithError)) throw e;
         this.log('clone-incomplete', { instance: aid, error: e.message });
@@ -1945,42 +1956,87 @@ class Service {
   /** Held connections ended in order as serve stops (stopAccepting). */
   private readonly endingHeld: Socket[] = [];
 
-  /** The held connections ended as serve stopped, given HELD_CLOSE_MS to
-   * close their end (each is destroyed once it has), then reset: gone
-   * at once on serve's side, not left in FIN-WAIT-2 by a client that
-   * keeps its end open. Without the wait if serve is hurried. Every
-   * service's at once, from the end of the drain (ServeHost.stop). */
-  async closeHeld(): Promise<void> {
-    const until = performance.now() + HELD_CLOSE_MS;
+  /** The held connections ended as serve stopped, given until `until`
+   * (performance.now(): HELD_CLOSE_MS from the end of the drain, every
+   * service's the same, ServeHost.stop) to close their end (each is
+   * destroyed once it has), then reset: gone at once on serve's side,
+   * not left in FIN-WAIT-2 by a client that keeps its end open. Without
+   * the wait if serve is hurried. Logged ('held-closed') if there were
+   * any: what each client did. */
+  async closeHeld(until: number): Promise<void> {
+    const ending = this.endingHeld.length;
     while (!this.host.hurried && this.endingHeld.some((s) => !s.destroyed) && performance.now() < until) await new Promise((r) => setTimeout(r, 10));
-    for (const s of this.endingHeld.splice(0)) if (!s.destroyed) s.resetAndDestroy();
+    let reset = 0;
+    for (const s of this.endingHeld.splice(0))
+      if (!s.destroyed) {
+        s.resetAndDestroy();
+        reset++;
+      }
+    if (ending) this.log('held-closed', { closed: ending - reset, reset });
   }
 
-  async close(): Promise<void> {
+  /** The stop of each clone in progress (stopClones), by AID. */
+  private readonly endingClones = new Map<string, Promise<void>>();
+
+  /** Hurried while stopping (ServeHost.hurry): the clones being stopped
+   * with their grace are killed now (their stops then end at once). The
+   * restore or clone under way is given up by ServeHost.hurrying. */
+  hurry(): void {
+    if (!this.closing) return;
+    for (const aid of this.endingClones.keys()) void api.kill(aid, { home: this.host.home, signal: 'SIGKILL' }).catch(() => undefined);
+  }
+
+  /** Stops and removes instance `i` (a clone, as serve stops): SIGTERM
+   * and a grace of 2 s, SIGKILL at once if hurried. One stop per clone,
+   * however often asked. */
+  private endClone(i: Instance): Promise<void> {
+    let ending = this.endingClones.get(i.aid);
+    if (!ending) {
+      const hurried = this.host.hurried;
+      this.log('stop', { instance: i.aid, why: 'serve stops', ...(hurried ? { hurried } : {}) });
+      ending = (async () => {
+        await api.stop(i.aid, { home: this.host.home, ...(hurried ? { signal: 'SIGKILL' } : { timeout: 2 }) }).catch(() => undefined);
+        await api.rm(i.aid, { home: this.host.home }).catch(() => undefined);
+        this.instances.delete(i.aid);
+        this.endingClones.delete(i.aid);
+      })();
+      this.endingClones.set(i.aid, ending);
+    }
+    return ending;
+  }
+
+  /** Every clone stopped and removed: one after another (each given its
+   * grace), all at once once hurried. Until none is left: a clone
+   * already being made when this began joins the list when it is done
+   * (or is given up, hurried). */
+  private async stopClones(): Promise<void> {
+    for (let round = 0; this.instances.size && round < 50; round++) {
+      let starting = false;
+      for (const i of [...this.instances.values()]) {
+        if (i.state === 'starting') starting = true;
+        else if (this.host.hurried) void this.endClone(i);
+        else await Promise.race([this.endClone(i), this.host.hurriedNow]);
+      }
+      await Promise.all(this.endingClones.values());
+      if (starting) await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+
+  async close(heldUntil: number = performance.now() + HELD_CLOSE_MS): Promise<void> {
     this.stopAccepting();
     await this.droppingPrepared;
-    await this.closeHeld();
+    await this.closeHeld(heldUntil);
     this.forgetPreload();
     // Clones are interchangeable and go; restore mode's instance keeps
     // running (the next serve adopts it).
-    // Until none is left: a clone already being made when close() began
-    // joins the list when it is done.
-    if (this.spec.mode === 'clone')
-      for (let round = 0; this.instances.size && round < 50; round++)
-        for (const i of [...this.instances.values()]) {
-          if (i.state === 'starting') {
-            await new Promise((r) => setTimeout(r, 100));
-            continue;
-          }
-          await api.stop(i.aid, { home: this.host.home, timeout: 2 }).catch(() => undefined);
-          await api.rm(i.aid, { home: this.host.home }).catch(() => undefined);
-          this.instances.delete(i.aid);
-        }
+    if (this.spec.mode === 'clone') await this.stopClones();
     // Restore mode: a restore under way finishes first, so that the state
     // written last says what it made (a running instance, the next serve's
     // to adopt), not 'starting' for ever; and a serve of its own lets go of
     // its lock only then, so that the next one does not adopt it half made.
-    // Bounded: serve stop waits 60 s in all.
+    // Bounded: serve stop waits 60 s in all. Hurried, it is given up at
+    // its next safe point (ServeHost.hurrying), what it made removed, and
+    // only that is waited for.
     const restoring = this.restoring;
     if (restoring) {
       const late = await Promise.race([restoring.then(() => false, () => false), new Promise<boolean>((r) => setTimeout(() => r(true), RESTORE_WAIT_MS).unref())]);
@@ -2030,6 +2086,20 @@ const DRAIN_MS = 2000;
 /** Then how long their closes are waited for (the thread reports them
  * within milliseconds; this bounds a thread that does not). */
 const DRAIN_CLOSE_MS = 2000;
+
+/** `p` settled, or `signal` aborted, whichever comes first (then `p`
+ * goes on unawaited: its failure is its own to report). */
+function untilAborted(p: Promise<unknown>, signal: AbortSignal): Promise<void> {
+  if (signal.aborted) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const done = () => {
+      signal.removeEventListener('abort', done);
+      resolve();
+    };
+    signal.addEventListener('abort', done);
+    p.then(done, done);
+  });
+}
 
 /** How long a held connection, ended as serve stops, is given to close
  * its end before it is reset (Service.closeHeld). Counted from the end of
@@ -2264,23 +2334,46 @@ export class ServeHost {
       const d = await this.forwarder.drain(DRAIN_MS, DRAIN_CLOSE_MS);
       // hurried: its end was cut short (the engine's second signal).
       if (d.drained + d.ended + d.left > 0) this.log({ event: 'drain', ...d, drainMs: DRAIN_MS, ...(this.hurried ? { hurried: true } : {}) });
-      // Held connections' one wait for all services, not one after each
-      // earlier service's clones stopped (close() then finds none).
-      await Promise.all(this.services.map((s) => s.closeHeld()));
-      for (const s of this.services) await s.close();
+      // Held connections' one wait for all services, one deadline from
+      // the end of the drain: not one after each earlier service's clones
+      // stopped (close() then finds none).
+      const heldUntil = performance.now() + HELD_CLOSE_MS;
+      await Promise.all(this.services.map((s) => s.closeHeld(heldUntil)));
+      // One service after another (each clone given its SIGTERM grace);
+      // once hurried, the services not yet closed all at once.
+      const closing: Promise<void>[] = [];
+      for (const s of this.services) {
+        const c = s.close(heldUntil);
+        closing.push(c);
+        if (!this.hurried) await Promise.race([c, this.hurriedNow]);
+      }
+      await Promise.all(closing);
       if (this.ownStandbys) await this.endStandbys();
     })());
   }
   private stopped?: Promise<void>;
 
   /** A stop under way (or to come) ends the connections it forwards at
-   * once, without what is left of their drain. */
+   * once, without what is left of their drain; gives up the restores and
+   * clones under way (hurrying); kills its clones rather than giving them
+   * their grace, every service's at once; and waits for no held client. */
   hurry(): void {
+    if (this.hurried) return;
     this.hurried = true;
     this.forwarder.hurry();
+    this.hurrying.abort();
+    this.hurriedNowResolve();
+    for (const s of this.services) s.hurry();
   }
   /** Told to hurry (hurry). */
   hurried = false;
+  /** Aborted by hurry: a restore or clone under way is given up at its
+   * next point where that is safe, what it made removed as after a
+   * failure (restore/driver.ts opts.signal), not waited out. */
+  readonly hurrying = new AbortController();
+  private hurriedNowResolve!: () => void;
+  /** Resolves when hurried. */
+  readonly hurriedNow = new Promise<void>((r) => (this.hurriedNowResolve = r));
 
   /** Lets go of every standby, and waits (a second at most) until each
    * has ended with its seeds and been waited for: none outlives serve. */
