@@ -1361,7 +1361,9 @@ class Service {
     // Who may change them and whether their signer is still trusted are
     // checked each second while it is held (tick), not here with the
     // client waiting (~1 ms for a chain of 4: a signature each).
-    const current = (await p.held) && p.image === this.lastImage && p.chain.every(sameFilesOnDisk);
+    // Hurried to stop meanwhile (the signal may have come after the
+    // restore's last point where it looks): given up, not committed.
+    const current = (await p.held) && !this.host.hurrying.signal.aborted && p.image === this.lastImage && p.chain.every(sameFilesOnDisk);
     this.mark('d');
     p.decide(current);
     try {
@@ -1487,7 +1489,8 @@ class Service {
       // A preload under way is the reading the restore would do itself
       // (not waited out once hurried: it has no point to be given up at).
       if (!prepared && this.preloading) await untilAborted(this.preloading, this.host.hurrying.signal);
-      if (this.host.hurrying.signal.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
+      // (A prepared one let go on has committed: it stands, hurried or not.)
+      if (!prepared && this.host.hurrying.signal.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
       // Not the files it checked any more: read afresh by the restore, and
       // let go of (their page files are held open). A prepared one's were
       // checked by its release.
@@ -1558,15 +1561,17 @@ class Service {
       this.changed();
       this.forgetPreload(); // the next try reads the image afresh
       // Given up as serve was hurried to stop (ServeHost.hurrying): what
-      // it made is removed, its image as it was; no next try.
-      const interrupted = this.host.hurrying.signal.aborted;
+      // it made is removed, its image as it was. Only that failure: any
+      // other (one after its commit, a bad image) keeps its own name,
+      // hurried or not.
+      const interrupted = e instanceof AppshotError && e.message === RESTORE_INTERRUPTED;
       this.log(interrupted ? 'restore-interrupted' : 'restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
       // Shared: those waiting in the accept queue wait on; the next try
       // in a second, not at once. After SHARED_FAILURES in a row, the
       // forwarding front door takes the listener (fallBack): it accepts
       // what waits and holds it for the next restore, whose failure closes
       // them, as below; clients are told, not left waiting for ever.
-      if (interrupted || this.closing) {
+      if (this.closing) {
         // Stopping: no next try (the next serve restores it on demand).
       } else if (this.shared && ++this.sharedFailures >= SHARED_FAILURES) {
         this.fallBack(`${this.sharedFailures} restores in a row failed: ${(e as Error).message}`);
