@@ -1999,6 +1999,9 @@ class Service {
     if (!ending) {
       const hurried = this.host.hurried;
       this.log('stop', { instance: i.aid, why: 'serve stops', ...(hurried ? { hurried } : {}) });
+      // Shown as being stopped (state file, _instances), as drop() does.
+      i.state = 'stopping';
+      this.changed();
       ending = (async () => {
         await api.stop(i.aid, { home: this.host.home, ...(hurried ? { signal: 'SIGKILL' } : { timeout: 2 }) }).catch(() => undefined);
         await api.rm(i.aid, { home: this.host.home }).catch(() => undefined);
@@ -2350,9 +2353,13 @@ export class ServeHost {
       for (const s of this.services) {
         const c = s.close(heldUntil);
         closing.push(c);
-        if (!this.hurried) await Promise.race([c, this.hurriedNow]);
+        // (A failure is rethrown below, once the others are closed too.)
+        if (!this.hurried) await Promise.race([c.catch(() => undefined), this.hurriedNow]);
       }
-      await Promise.all(closing);
+      // Every close ended before stop resolves (and the serve lock is let
+      // go): not the first failure while the others still kill clones.
+      const failed = (await Promise.allSettled(closing)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
       if (this.ownStandbys) await this.endStandbys();
     })());
   }
