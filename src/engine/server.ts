@@ -56,6 +56,13 @@ const QUIET_WAIT_MOST_MS = 250;
  * other requests to end: a bound (a third signal leaves at once). The
  * clone pool's release is waited for all the same (leaveHurried). */
 const HURRIED_EXIT_MS = 1000;
+/** How much longer, after HURRIED_EXIT_MS, a hurried leave waits for the
+ * clone pool's release (an instance being made is given up only at its
+ * hold, and a template's restore may be slow or stuck at a page check):
+ * a bound all the same. Past it, what is left of an uncommitted instance
+ * dies with its lifeline (init kills it), and its registration and port
+ * claims are swept by the next command. */
+const HURRIED_POOL_MOST_MS = 5000;
 
 /** APPSHOT_* variables that say which engine, not how a command works.
  * APPSHOT_TEST_KNOBS counts only in a process's start environment
@@ -781,16 +788,19 @@ export class Engine {
    * leaving in the middle of that would leave an instance being made or
    * given up half removed (its registration, port claims, tables). That
    * release, begun at the first signal, gives up held instances at once
-   * and one being made at its hold (a restore of a template's: short);
-   * a third signal leaves at once all the same. */
+   * and one being made at its hold (a restore of a template's: short),
+   * and is waited for HURRIED_POOL_MOST_MS at most; a third signal leaves
+   * at once all the same. */
   leaveHurried(serving: HostedServe, code: number): void {
     this.hurriedCode = code;
     serving.hurry();
     void serving.stop('the engine is leaving').finally(() => {
       setTimeout(() => {
-        if (!this.poolReleased) this.log('waiting for the clone pool to be given up before leaving');
-        void this.poolReleasing.finally(() => {
-          this.leave(`left without waiting longer for ${this.requests.size + this.answering} request(s)`);
+        if (!this.poolReleased) this.log(`waiting for the clone pool to be given up before leaving (${HURRIED_POOL_MOST_MS / 1000} s at most)`);
+        const poolLate = new Promise<void>((r) => setTimeout(r, HURRIED_POOL_MOST_MS));
+        void Promise.race([this.poolReleasing, poolLate]).finally(() => {
+          const pool = this.poolReleased ? '' : ' nor for the clone pool to be given up (what is left of it is swept by the next command)';
+          this.leave(`left without waiting longer for ${this.requests.size + this.answering} request(s)${pool}`);
           // Now, whatever still runs (a foreground engine's caller would
           // wait for it).
           process.exit(code);
@@ -871,7 +881,7 @@ export async function serveEngine(opts: EngineOptions): Promise<number> {
       engine.leaveHurried(serving, code);
       return;
     }
-    if (signals > 1) engine.log('second signal: leaving now');
+    if (signals > 1) engine.log(`${signals === 2 ? 'second' : 'third'} signal: leaving now`);
     if (signals > 1) process.exit(code);
     void engine.stop();
   };
