@@ -35,6 +35,7 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { openTemplate } from '../template/template.js';
+import { CLONE_INTERRUPTED } from '../template/clone.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
 import { descendantsOf, descriptorLinks, isSameProcess, readStat } from '../procfs.js';
@@ -1151,7 +1152,7 @@ class Service {
     for (const a of actions) {
       if (a.kind === 'start') {
         if (a.reason === 'wait') this.host.metrics?.waits.inc({ service: this.name, decision: 'start' });
-        void (this.spec.mode === 'restore' ? this.restoreInstance() : this.cloneInstance(a.reason));
+        void (this.spec.mode === 'restore' ? this.restoreInstance() : this.cloneInstanceTracked(a.reason));
       } else if (a.kind === 'report') {
         // Nothing more can be started for them (restore mode, or at --max):
         // said, for whoever watches the log or the metrics.
@@ -1792,15 +1793,28 @@ class Service {
     }
   }
 
-  private async cloneInstance(reason: string): Promise<void> {
+  /** The clones being made (cloneInstance), by AID, for stopClones to
+   * await. */
+  private readonly cloning = new Map<string, Promise<void>>();
+
+  private cloneInstanceTracked(reason: string): Promise<void> {
     let aid: string;
     do aid = `${this.name}-${++this.seq}`;
     while (this.instances.has(aid) || this.reg.get(aid));
+    const p = this.cloneInstance(aid, reason);
+    this.cloning.set(aid, p);
+    void p.finally(() => this.cloning.delete(aid));
+    return p;
+  }
+
+  private async cloneInstance(aid: string, reason: string): Promise<void> {
     const inst = this.newInstance(aid, 'starting');
     this.changed();
     const t0 = process.hrtime.bigint();
     try {
-      // Hurried to stop: given up before it is made (api.clone's signal).
+      // Hurried to stop: given up at its next safe point, what it made
+      // removed (api.clone's signal: between instances, in an instance's
+      // restore, before the batch's commit).
       const [made] = await api.clone(this.spec.from, { home: this.host.home, aid, signal: this.host.hurrying.signal }).catch((e: unknown) => {
         // Committed, then a step failed: the instance runs, and is this one.
         if (!(e instanceof api.ClonedWithError)) throw e;
@@ -1825,7 +1839,11 @@ class Service {
     } catch (e) {
       this.instances.delete(aid);
       this.changed();
-      this.log('clone-failed', { instance: aid, error: (e as Error).message });
+      // Given up as serve was hurried to stop (ServeHost.hurrying): what
+      // it made is removed. Only that failure; any other keeps its name.
+      // (Its line may say how many instances made before it were removed.)
+      const interrupted = e instanceof AppshotError && e.message.startsWith(CLONE_INTERRUPTED);
+      this.log(interrupted ? 'clone-interrupted' : 'clone-failed', { instance: aid, error: (e as Error).message });
       if (![...this.instances.values()].some((i) => i.state === 'running' || i.state === 'starting'))
         for (const h of this.held.splice(0)) h.socket.destroy();
     }
@@ -2015,18 +2033,33 @@ class Service {
 
   /** Every clone stopped and removed: one after another (each given its
    * grace), all at once once hurried. Until none is left: a clone
-   * already being made when this began joins the list when it is done
-   * (or is given up, hurried). */
+   * already being made when this began is waited for (its own promise),
+   * then joins the list if it was made. Hurried, it is given up at its
+   * next safe point (ServeHost.hurrying: its restore's, or the batch's
+   * before its commit), what it made removed by the clone itself, and
+   * waited for without a bound: leaving before would leave it half made
+   * (its registration, port claims, private copies); the engine's third
+   * signal leaves all the same. Not hurried, for CLONE_WAIT_MS at most
+   * (then serve stop goes on without it). */
   private async stopClones(): Promise<void> {
-    for (let round = 0; this.instances.size && round < 50; round++) {
-      let starting = false;
+    const until = performance.now() + CLONE_WAIT_MS;
+    while (this.instances.size) {
       for (const i of [...this.instances.values()]) {
-        if (i.state === 'starting') starting = true;
-        else if (this.host.hurried) void this.endClone(i);
+        if (i.state === 'starting') continue;
+        if (this.host.hurried) void this.endClone(i);
         else await Promise.race([this.endClone(i), this.host.hurriedNow]);
       }
       await Promise.all(this.endingClones.values());
-      if (starting) await new Promise((r) => setTimeout(r, 100));
+      const making = [...this.cloning.values()];
+      if (!making.length) break;
+      if (this.host.hurried) await Promise.all(making);
+      else {
+        const left = until - performance.now();
+        if (left <= 0) break;
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([Promise.all(making), this.host.hurriedNow, new Promise((r) => (timer = setTimeout(r, left)))]);
+        clearTimeout(timer);
+      }
     }
   }
 
@@ -2094,6 +2127,10 @@ const DRAIN_MS = 2000;
 /** Then how long their closes are waited for (the thread reports them
  * within milliseconds; this bounds a thread that does not). */
 const DRAIN_CLOSE_MS = 2000;
+
+/** How long serve stop, not hurried, waits for the clones being made to
+ * be made (and then stopped): the bound the earlier polling had. */
+const CLONE_WAIT_MS = 5000;
 
 /** `p` settled, or `signal` aborted, whichever comes first (then `p`
  * goes on unawaited: its failure is its own to report). */
