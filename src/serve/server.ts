@@ -1224,9 +1224,11 @@ class Service {
       // after the release otherwise (prepared.ts prefaultPages).
       ...(prefault ? { prefault: prefault.pages } : {}),
       preloaded: chain,
-      // Given up, hurried to stop, before it is held (dropPrepared gives
-      // it up once it is).
-      signal: this.host.hurrying.signal,
+      // No signal (ServeHost.hurrying): with one, the restore turns the
+      // event loop before it registers the instance (its first point
+      // where it looks), and `prepared` would be shown (state, service
+      // show) of an instance not registered yet. A hurried stop gives it
+      // up at its hold instead (dropPrepared, releasePrepared).
       // Committed after a release (the processes not let go yet): running
       // from here, and the held connections forwarded at once.
       committed: (record) => this.committedEarly(record),
