@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 
 /**
  * Test-only points in the phases a restore or a clone batch goes through,
@@ -74,7 +74,31 @@ import { readFileSync } from 'node:fs';
 export function killPoint(name: string): void {
   if (process.env.APPSHOT_TEST_KILL_AT === name) process.kill(process.pid, 'SIGKILL');
   if (process.env.APPSHOT_TEST_STOP_AT === name) process.kill(process.pid, 'SIGSTOP');
+  if (process.env.APPSHOT_TEST_HOLD_AT === name) holdHere(process.env.APPSHOT_TEST_HOLD_FILE);
   if (process.env.APPSHOT_TEST_FAIL_AT === name) throw new Error(`failure injected at '${name}' (APPSHOT_TEST_FAIL_AT)`);
+}
+
+/**
+ * APPSHOT_TEST_HOLD_AT=NAME with APPSHOT_TEST_HOLD_FILE=FILE: a stop point
+ * (APPSHOT_TEST_STOP_AT) for a serve the engine hosts, which a client
+ * carrying a stop point never reaches (engine/client.ts SERVE_HERE runs
+ * that serve itself; this knob, set for both the engine and the client,
+ * does not). The thread reaching NAME makes FILE (a test waits for it:
+ * the point is reached) and is blocked until FILE is removed, as a
+ * stopped process is: its event loop turns no more, so signals sent
+ * meanwhile are heard once it goes on, at the step's next turn of the
+ * loop (each one: pending signals of one kind do not merge here, as they
+ * do in a process stopped by SIGSTOP).
+ */
+function holdHere(file: string | undefined): void {
+  if (!file) return;
+  try {
+    writeFileSync(file, String(process.pid), { flag: 'wx' });
+  } catch {
+    /* made already: held all the same until it goes */
+  }
+  const sleeper = new Int32Array(new SharedArrayBuffer(4));
+  while (existsSync(file)) Atomics.wait(sleeper, 0, 0, 10);
 }
 
 /**
@@ -89,7 +113,6 @@ export function killPoint(name: string): void {
 export async function hostedHoldPoint(): Promise<void> {
   const file = process.env.APPSHOT_TEST_HOSTED_HOLD;
   if (!file) return;
-  const { existsSync } = await import('node:fs');
   while (existsSync(file)) await new Promise((r) => setTimeout(r, 20));
 }
 

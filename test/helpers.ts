@@ -80,6 +80,7 @@ export class Sandbox {
    *   27000-27099 engine-pool      27900-27999 serve-listenreset
    *   28000-29998 template         32100-32599 servers (more)
    *   32600-32699 serve-clonecrash 32700-32799 serve-sigterm
+   *   62000-62099 serve-stop (above the ephemeral range)
    */
   // CI empty: the commands print what a person off a terminal sees (no
   // progress lines), whether or not the suite itself runs under CI;

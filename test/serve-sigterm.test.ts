@@ -317,7 +317,15 @@ describe.each([
       const signalAt = engineLog.match(/^(\S+) \[\d+\] second signal: leaving once/m)![1];
       const drain = logged(serve, true).find((e) => e.event === 'drain') as { ts: string; hurried?: boolean } | undefined;
       expect(drain, 'a drain event').toBeDefined();
-      if (signalAt < drain!.ts) expect(drain).toMatchObject({ hurried: true });
+      if (signalAt < drain!.ts) {
+        expect(drain).toMatchObject({ hurried: true });
+        // Its clones, stopped after the drain, were killed at once, not
+        // given their SIGTERM grace one after another.
+        const stops = logged(serve, true).filter((e) => e.event === 'stop');
+        if (mode === 'clone') expect(stops.length).toBeGreaterThan(0);
+        else expect(stops).toEqual([]);
+        for (const stop of stops) expect(stop).toMatchObject({ hurried: true });
+      }
     }
     await within(Promise.all([first.closed, second.closed]), 20_000, () => `the clients to be closed; on the port: ${JSON.stringify(onPort(PUBLIC2))}`);
     await checkNothingLeft(serve, PUBLIC2, true);

@@ -53,8 +53,16 @@ import { SERVE_OWN_SETTINGS } from '../serve/settings.js';
 const QUIET_WAIT_MOST_MS = 250;
 /** How long a leave hurried by a second signal waits, once the serve it
  * hosts has stopped, for its attached client's answer to go out and the
- * clone pool to be given up: a bound (a third signal leaves at once). */
+ * other requests to end: a bound (a third signal leaves at once). The
+ * clone pool's release is waited for all the same (leaveHurried). */
 const HURRIED_EXIT_MS = 1000;
+/** How much longer, after HURRIED_EXIT_MS, a hurried leave waits for the
+ * clone pool's release (an instance being made is given up only at its
+ * hold, and a template's restore may be slow or stuck at a page check):
+ * a bound all the same. Past it, what is left of an uncommitted instance
+ * dies with its lifeline (init kills it), and its registration and port
+ * claims are swept by the next command. */
+const HURRIED_POOL_MOST_MS = 5000;
 
 /** APPSHOT_* variables that say which engine, not how a command works.
  * APPSHOT_TEST_KNOBS counts only in a process's start environment
@@ -189,7 +197,11 @@ export class Engine {
   private idleTimer?: NodeJS.Timeout;
   /** Its held clones given up (stop): it may leave. */
   private poolReleased = false;
+  /** That release, under way since stop. */
+  private poolReleasing: Promise<void> = Promise.resolve();
   private leaving = false;
+  /** Gone (leave): done resolved. */
+  private left = false;
   /** The exit code of a leave hurried by a second signal while a serve
    * it hosts drains (leaveHurried). */
   private hurriedCode?: number;
@@ -739,7 +751,7 @@ export class Engine {
     rmSync(this.paths.socket, { force: true });
     this.server?.close();
     // The clones it holds go before it does (template/pool.ts).
-    void releaseClonePools().then(
+    this.poolReleasing = releaseClonePools().then(
       () => {
         this.poolReleased = true;
         this.checkDone();
@@ -769,17 +781,31 @@ export class Engine {
   }
 
   /** The second signal while a serve it hosts stops: that serve ends the
-   * connections it forwards now, skipping the rest of its drain, and
-   * finishes its stop; the engine leaves once it has and its attached
-   * client has its answer (and the pool is given up), or at most
-   * HURRIED_EXIT_MS after the serve stopped, whatever else still runs. */
+   * connections it forwards now, skipping the rest of its drain, kills
+   * its clones and gives up a restore under way, and finishes its stop;
+   * the engine leaves once it has and its attached client has its answer
+   * and the pool is given up, or HURRIED_EXIT_MS after the serve stopped,
+   * whatever requests still run, but not before the pool is given up:
+   * leaving in the middle of that would leave an instance being made or
+   * given up half removed (its registration, port claims, tables). That
+   * release, begun at the first signal, gives up held instances at once
+   * and one being made at its hold (a restore of a template's: short),
+   * and is waited for HURRIED_POOL_MOST_MS at most; a third signal leaves
+   * at once all the same. */
   leaveHurried(serving: HostedServe, code: number): void {
     this.hurriedCode = code;
     serving.hurry();
     void serving.stop('the engine is leaving').finally(() => {
       setTimeout(() => {
-        this.log(`left without waiting longer for ${this.requests.size + this.answering} request(s)${this.poolReleased ? '' : ' and the clone pool'}`);
-        process.exit(code);
+        if (!this.poolReleased) this.log(`waiting for the clone pool to be given up before leaving (${HURRIED_POOL_MOST_MS / 1000} s at most)`);
+        const poolLate = new Promise<void>((r) => setTimeout(r, HURRIED_POOL_MOST_MS));
+        void Promise.race([this.poolReleasing, poolLate]).finally(() => {
+          const pool = this.poolReleased ? '' : ' nor for the clone pool to be given up (what is left of it is swept by the next command)';
+          this.leave(`left without waiting longer for ${this.requests.size + this.answering} request(s)${pool}`);
+          // Now, whatever still runs (a foreground engine's caller would
+          // wait for it).
+          process.exit(code);
+        });
       }, HURRIED_EXIT_MS);
       this.checkDone();
     });
@@ -790,7 +816,16 @@ export class Engine {
     // Hurried, the process exits as done resolves: the answers written
     // go out first.
     if (this.hurriedCode !== undefined && this.answering > 0) return;
-    // Connections that never sent a request (or only read their answer).
+    this.leave('left');
+  }
+
+  /** What the engine made for itself goes (its spare lease and state
+   * dirs, its lock); `done` resolves, and the process exits with it. */
+  private leave(why: string): void {
+    if (this.left) return;
+    this.left = true;
+    // Connections that never sent a request (or only read their answer);
+    // hurried, those still running a command (HURRIED_EXIT_MS).
     for (const s of this.connections) s.destroy();
     if (this.spareLease) rmSync(join(leasesDir(this.opts.home), this.spareLease.name), { force: true });
     this.spareLease = undefined;
@@ -801,7 +836,7 @@ export class Engine {
     }
     if (this.lockFd >= 0) closeSync(this.lockFd);
     this.lockFd = -1;
-    this.log('left');
+    this.log(why);
     this.resolveDone(this.hurriedCode ?? 0);
   }
 }
@@ -847,7 +882,7 @@ export async function serveEngine(opts: EngineOptions): Promise<number> {
       engine.leaveHurried(serving, code);
       return;
     }
-    if (signals > 1) engine.log('second signal: leaving now');
+    if (signals > 1) engine.log(`${signals === 2 ? 'second' : 'third'} signal: leaving now`);
     if (signals > 1) process.exit(code);
     void engine.stop();
   };

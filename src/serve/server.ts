@@ -25,7 +25,7 @@ import { join } from 'node:path';
 import type { Server as HttpServer } from 'node:http';
 import * as api from '../api.js';
 import { imageIdentityOnDisk, type LoadedImage, sameFilesOnDisk, unchangedOnDisk } from '../image/format.js';
-import { loadImageChain, restore as restoreImage, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
+import { loadImageChain, restore as restoreImage, RESTORE_INTERRUPTED, RestoredWithError, type RestoreResult, seedCount } from '../restore/driver.js';
 import { type ServeSettings, serveSettings } from './settings.js';
 import { type HotCode, type HotPages, hotCode, populateCode, populateHeldMappings, type PopulatedMappings, prefaultCap, prefaultPages, prepareChain, recordAtSuspend } from '../restore/prepared.js';
 import { enableStandbys, releaseStandbys, standbyPids, warmStandbys } from '../restore/standby.js';
@@ -35,6 +35,7 @@ import { AppshotError, ExitCode } from '../errors.js';
 import { keepChecksums } from '../restore/verify.js';
 import { enableTemplateCache } from '../template/cache.js';
 import { openTemplate } from '../template/template.js';
+import { CLONE_INTERRUPTED } from '../template/clone.js';
 import { type AppRecord, LocalRegistry, isEnded } from '../registry.js';
 import { listProcesses } from '../inspect.js';
 import { descendantsOf, descriptorLinks, isSameProcess, readStat } from '../procfs.js';
@@ -370,8 +371,10 @@ class Service {
     const loading = loadImageChain(path, known)
       .then((chain) => {
         // A newer image may have been taken meanwhile (each link holds
-        // its page file open: what is not kept is let go of).
-        if (this.lastImage !== path) {
+        // its page file open: what is not kept is let go of); or serve
+        // stopped (close let go of what was read: a preload it did not
+        // wait for would hold its page files in a hosting engine after).
+        if (this.lastImage !== path || this.closing) {
           for (const l of chain) if (!known.includes(l)) l.dispose();
           return;
         }
@@ -1149,7 +1152,7 @@ class Service {
     for (const a of actions) {
       if (a.kind === 'start') {
         if (a.reason === 'wait') this.host.metrics?.waits.inc({ service: this.name, decision: 'start' });
-        void (this.spec.mode === 'restore' ? this.restoreInstance() : this.cloneInstance(a.reason));
+        void (this.spec.mode === 'restore' ? this.restoreInstance() : this.cloneInstanceTracked(a.reason));
       } else if (a.kind === 'report') {
         // Nothing more can be started for them (restore mode, or at --max):
         // said, for whoever watches the log or the metrics.
@@ -1221,6 +1224,11 @@ class Service {
       // after the release otherwise (prepared.ts prefaultPages).
       ...(prefault ? { prefault: prefault.pages } : {}),
       preloaded: chain,
+      // No signal (ServeHost.hurrying): with one, the restore turns the
+      // event loop before it registers the instance (its first point
+      // where it looks), and `prepared` would be shown (state, service
+      // show) of an instance not registered yet. A hurried stop gives it
+      // up at its hold instead (dropPrepared, releasePrepared).
       // Committed after a release (the processes not let go yet): running
       // from here, and the held connections forwarded at once.
       committed: (record) => this.committedEarly(record),
@@ -1356,7 +1364,9 @@ class Service {
     // Who may change them and whether their signer is still trusted are
     // checked each second while it is held (tick), not here with the
     // client waiting (~1 ms for a chain of 4: a signature each).
-    const current = (await p.held) && p.image === this.lastImage && p.chain.every(sameFilesOnDisk);
+    // Hurried to stop meanwhile (the signal may have come after the
+    // restore's last point where it looks): given up, not committed.
+    const current = (await p.held) && !this.host.hurrying.signal.aborted && p.image === this.lastImage && p.chain.every(sameFilesOnDisk);
     this.mark('d');
     p.decide(current);
     try {
@@ -1479,8 +1489,11 @@ class Service {
       // A crashed instance's registration (ended, or half-released).
       const old = prepared ? undefined : this.reg.get(this.name);
       if (old) await api.rm(this.name, { home, force: true }).catch(() => undefined);
-      // A preload under way is the reading the restore would do itself.
-      if (!prepared && this.preloading) await this.preloading;
+      // A preload under way is the reading the restore would do itself
+      // (not waited out once hurried: it has no point to be given up at).
+      if (!prepared && this.preloading) await untilAborted(this.preloading, this.host.hurrying.signal);
+      // (A prepared one let go on has committed: it stands, hurried or not.)
+      if (!prepared && this.host.hurrying.signal.aborted) throw new AppshotError(RESTORE_INTERRUPTED, ExitCode.interrupted);
       // Not the files it checked any more: read afresh by the restore, and
       // let go of (their page files are held open). A prepared one's were
       // checked by its release.
@@ -1495,7 +1508,7 @@ class Service {
       // Whether the listener can be shared is decided on the image the
       // restore reads (shareWith).
       const holder: ImageHolder = prepared?.holder ?? {};
-      const restoreNow = () => restoreImage(this.reg, this.lastImage, { inheritFor: (image) => this.shareWith(image, holder), aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: performance.now() - this.readyCheckedAt < 1000 });
+      const restoreNow = () => restoreImage(this.reg, this.lastImage, { inheritFor: (image) => this.shareWith(image, holder), aid: this.name, lazy: false, preloaded: ready, preloadedTrusted: performance.now() - this.readyCheckedAt < 1000, signal: this.host.hurrying.signal });
       const restored =
         prepared?.restored ??
         (await restoreNow().catch(async (e: Error) => {
@@ -1550,13 +1563,20 @@ class Service {
       inst.state = from === 'crashed' ? 'crashed' : 'suspended';
       this.changed();
       this.forgetPreload(); // the next try reads the image afresh
-      this.log('restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
+      // Given up as serve was hurried to stop (ServeHost.hurrying): what
+      // it made is removed, its image as it was. Only that failure: any
+      // other (one after its commit, a bad image) keeps its own name,
+      // hurried or not.
+      const interrupted = e instanceof AppshotError && e.message === RESTORE_INTERRUPTED;
+      this.log(interrupted ? 'restore-interrupted' : 'restore-failed', { instance: this.name, image: this.lastImage, error: (e as Error).message });
       // Shared: those waiting in the accept queue wait on; the next try
       // in a second, not at once. After SHARED_FAILURES in a row, the
       // forwarding front door takes the listener (fallBack): it accepts
       // what waits and holds it for the next restore, whose failure closes
       // them, as below; clients are told, not left waiting for ever.
-      if (this.shared && ++this.sharedFailures >= SHARED_FAILURES) {
+      if (this.closing) {
+        // Stopping: no next try (the next serve restores it on demand).
+      } else if (this.shared && ++this.sharedFailures >= SHARED_FAILURES) {
         this.fallBack(`${this.sharedFailures} restores in a row failed: ${(e as Error).message}`);
       } else if (this.shared) {
         this.watchAfter = performance.now() + 1000;
@@ -1775,15 +1795,29 @@ class Service {
     }
   }
 
-  private async cloneInstance(reason: string): Promise<void> {
+  /** The clones being made (cloneInstance), by AID, for stopClones to
+   * await. */
+  private readonly cloning = new Map<string, Promise<void>>();
+
+  private cloneInstanceTracked(reason: string): Promise<void> {
     let aid: string;
     do aid = `${this.name}-${++this.seq}`;
     while (this.instances.has(aid) || this.reg.get(aid));
+    const p = this.cloneInstance(aid, reason);
+    this.cloning.set(aid, p);
+    void p.finally(() => this.cloning.delete(aid));
+    return p;
+  }
+
+  private async cloneInstance(aid: string, reason: string): Promise<void> {
     const inst = this.newInstance(aid, 'starting');
     this.changed();
     const t0 = process.hrtime.bigint();
     try {
-      const [made] = await api.clone(this.spec.from, { home: this.host.home, aid }).catch((e: unknown) => {
+      // Hurried to stop: given up at its next safe point, what it made
+      // removed (api.clone's signal: between instances, in an instance's
+      // restore, before the batch's commit).
+      const [made] = await api.clone(this.spec.from, { home: this.host.home, aid, signal: this.host.hurrying.signal }).catch((e: unknown) => {
         // Committed, then a step failed: the instance runs, and is this one.
         if (!(e instanceof api.ClonedWithError)) throw e;
         this.log('clone-incomplete', { instance: aid, error: e.message });
@@ -1807,7 +1841,11 @@ class Service {
     } catch (e) {
       this.instances.delete(aid);
       this.changed();
-      this.log('clone-failed', { instance: aid, error: (e as Error).message });
+      // Given up as serve was hurried to stop (ServeHost.hurrying): what
+      // it made is removed. Only that failure; any other keeps its name.
+      // (Its line may say how many instances made before it were removed.)
+      const interrupted = e instanceof AppshotError && e.message.startsWith(CLONE_INTERRUPTED);
+      this.log(interrupted ? 'clone-interrupted' : 'clone-failed', { instance: aid, error: (e as Error).message });
       if (![...this.instances.values()].some((i) => i.state === 'running' || i.state === 'starting'))
         for (const h of this.held.splice(0)) h.socket.destroy();
     }
@@ -1943,42 +1981,105 @@ class Service {
   /** Held connections ended in order as serve stops (stopAccepting). */
   private readonly endingHeld: Socket[] = [];
 
-  /** The held connections ended as serve stopped, given HELD_CLOSE_MS to
-   * close their end (each is destroyed once it has), then reset: gone
-   * at once on serve's side, not left in FIN-WAIT-2 by a client that
-   * keeps its end open. Without the wait if serve is hurried. Every
-   * service's at once, from the end of the drain (ServeHost.stop). */
-  async closeHeld(): Promise<void> {
-    const until = performance.now() + HELD_CLOSE_MS;
+  /** The held connections ended as serve stopped, given until `until`
+   * (performance.now(): HELD_CLOSE_MS from the end of the drain, every
+   * service's the same, ServeHost.stop) to close their end (each is
+   * destroyed once it has), then reset: gone at once on serve's side,
+   * not left in FIN-WAIT-2 by a client that keeps its end open. Without
+   * the wait if serve is hurried. Logged ('held-closed') if there were
+   * any: what each client did. */
+  async closeHeld(until: number): Promise<void> {
+    const ending = this.endingHeld.length;
     while (!this.host.hurried && this.endingHeld.some((s) => !s.destroyed) && performance.now() < until) await new Promise((r) => setTimeout(r, 10));
-    for (const s of this.endingHeld.splice(0)) if (!s.destroyed) s.resetAndDestroy();
+    let reset = 0;
+    for (const s of this.endingHeld.splice(0))
+      if (!s.destroyed) {
+        s.resetAndDestroy();
+        reset++;
+      }
+    if (ending) this.log('held-closed', { closed: ending - reset, reset });
   }
 
-  async close(): Promise<void> {
+  /** The stop of each clone in progress (stopClones), by AID. */
+  private readonly endingClones = new Map<string, Promise<void>>();
+
+  /** Hurried while stopping (ServeHost.hurry): the clones being stopped
+   * with their grace are killed now (their stops then end at once). The
+   * restore or clone under way is given up by ServeHost.hurrying. */
+  hurry(): void {
+    if (!this.closing) return;
+    for (const aid of this.endingClones.keys()) void api.kill(aid, { home: this.host.home, signal: 'SIGKILL' }).catch(() => undefined);
+  }
+
+  /** Stops and removes instance `i` (a clone, as serve stops): SIGTERM
+   * and a grace of 2 s, SIGKILL at once if hurried. One stop per clone,
+   * however often asked. */
+  private endClone(i: Instance): Promise<void> {
+    let ending = this.endingClones.get(i.aid);
+    if (!ending) {
+      const hurried = this.host.hurried;
+      this.log('stop', { instance: i.aid, why: 'serve stops', ...(hurried ? { hurried } : {}) });
+      // Shown as being stopped (state file, _instances), as drop() does.
+      i.state = 'stopping';
+      this.changed();
+      ending = (async () => {
+        await api.stop(i.aid, { home: this.host.home, ...(hurried ? { signal: 'SIGKILL' } : { timeout: 2 }) }).catch(() => undefined);
+        await api.rm(i.aid, { home: this.host.home }).catch(() => undefined);
+        this.instances.delete(i.aid);
+        this.endingClones.delete(i.aid);
+      })();
+      this.endingClones.set(i.aid, ending);
+    }
+    return ending;
+  }
+
+  /** Every clone stopped and removed: one after another (each given its
+   * grace), all at once once hurried. Until none is left: a clone
+   * already being made when this began is waited for (its own promise),
+   * then joins the list if it was made. Hurried, it is given up at its
+   * next safe point (ServeHost.hurrying: its restore's, or the batch's
+   * before its commit), what it made removed by the clone itself, and
+   * waited for without a bound: leaving before would leave it half made
+   * (its registration, port claims, private copies); the engine's third
+   * signal leaves all the same. Not hurried, for CLONE_WAIT_MS at most
+   * (then serve stop goes on without it). */
+  private async stopClones(): Promise<void> {
+    const until = performance.now() + CLONE_WAIT_MS;
+    while (this.instances.size) {
+      for (const i of [...this.instances.values()]) {
+        if (i.state === 'starting') continue;
+        if (this.host.hurried) void this.endClone(i);
+        else await Promise.race([this.endClone(i), this.host.hurriedNow]);
+      }
+      await Promise.all(this.endingClones.values());
+      const making = [...this.cloning.values()];
+      if (!making.length) break;
+      if (this.host.hurried) await Promise.all(making);
+      else {
+        const left = until - performance.now();
+        if (left <= 0) break;
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([Promise.all(making), this.host.hurriedNow, new Promise((r) => (timer = setTimeout(r, left)))]);
+        clearTimeout(timer);
+      }
+    }
+  }
+
+  async close(heldUntil: number = performance.now() + HELD_CLOSE_MS): Promise<void> {
     this.stopAccepting();
     await this.droppingPrepared;
-    await this.closeHeld();
+    await this.closeHeld(heldUntil);
     this.forgetPreload();
     // Clones are interchangeable and go; restore mode's instance keeps
     // running (the next serve adopts it).
-    // Until none is left: a clone already being made when close() began
-    // joins the list when it is done.
-    if (this.spec.mode === 'clone')
-      for (let round = 0; this.instances.size && round < 50; round++)
-        for (const i of [...this.instances.values()]) {
-          if (i.state === 'starting') {
-            await new Promise((r) => setTimeout(r, 100));
-            continue;
-          }
-          await api.stop(i.aid, { home: this.host.home, timeout: 2 }).catch(() => undefined);
-          await api.rm(i.aid, { home: this.host.home }).catch(() => undefined);
-          this.instances.delete(i.aid);
-        }
+    if (this.spec.mode === 'clone') await this.stopClones();
     // Restore mode: a restore under way finishes first, so that the state
     // written last says what it made (a running instance, the next serve's
     // to adopt), not 'starting' for ever; and a serve of its own lets go of
     // its lock only then, so that the next one does not adopt it half made.
-    // Bounded: serve stop waits 60 s in all.
+    // Bounded: serve stop waits 60 s in all. Hurried, it is given up at
+    // its next safe point (ServeHost.hurrying), what it made removed, and
+    // only that is waited for.
     const restoring = this.restoring;
     if (restoring) {
       const late = await Promise.race([restoring.then(() => false, () => false), new Promise<boolean>((r) => setTimeout(() => r(true), RESTORE_WAIT_MS).unref())]);
@@ -2028,6 +2129,24 @@ const DRAIN_MS = 2000;
 /** Then how long their closes are waited for (the thread reports them
  * within milliseconds; this bounds a thread that does not). */
 const DRAIN_CLOSE_MS = 2000;
+
+/** How long serve stop, not hurried, waits for the clones being made to
+ * be made (and then stopped): the bound the earlier polling had. */
+const CLONE_WAIT_MS = 5000;
+
+/** `p` settled, or `signal` aborted, whichever comes first (then `p`
+ * goes on unawaited: its failure is its own to report). */
+function untilAborted(p: Promise<unknown>, signal: AbortSignal): Promise<void> {
+  if (signal.aborted) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const done = () => {
+      signal.removeEventListener('abort', done);
+      resolve();
+    };
+    signal.addEventListener('abort', done);
+    p.then(done, done);
+  });
+}
 
 /** How long a held connection, ended as serve stops, is given to close
  * its end before it is reset (Service.closeHeld). Counted from the end of
@@ -2262,23 +2381,50 @@ export class ServeHost {
       const d = await this.forwarder.drain(DRAIN_MS, DRAIN_CLOSE_MS);
       // hurried: its end was cut short (the engine's second signal).
       if (d.drained + d.ended + d.left > 0) this.log({ event: 'drain', ...d, drainMs: DRAIN_MS, ...(this.hurried ? { hurried: true } : {}) });
-      // Held connections' one wait for all services, not one after each
-      // earlier service's clones stopped (close() then finds none).
-      await Promise.all(this.services.map((s) => s.closeHeld()));
-      for (const s of this.services) await s.close();
+      // Held connections' one wait for all services, one deadline from
+      // the end of the drain: not one after each earlier service's clones
+      // stopped (close() then finds none).
+      const heldUntil = performance.now() + HELD_CLOSE_MS;
+      await Promise.all(this.services.map((s) => s.closeHeld(heldUntil)));
+      // One service after another (each clone given its SIGTERM grace);
+      // once hurried, the services not yet closed all at once.
+      const closing: Promise<void>[] = [];
+      for (const s of this.services) {
+        const c = s.close(heldUntil);
+        closing.push(c);
+        // (A failure is rethrown below, once the others are closed too.)
+        if (!this.hurried) await Promise.race([c.catch(() => undefined), this.hurriedNow]);
+      }
+      // Every close ended before stop resolves (and the serve lock is let
+      // go): not the first failure while the others still kill clones.
+      const failed = (await Promise.allSettled(closing)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
       if (this.ownStandbys) await this.endStandbys();
     })());
   }
   private stopped?: Promise<void>;
 
   /** A stop under way (or to come) ends the connections it forwards at
-   * once, without what is left of their drain. */
+   * once, without what is left of their drain; gives up the restores and
+   * clones under way (hurrying); kills its clones rather than giving them
+   * their grace, every service's at once; and waits for no held client. */
   hurry(): void {
+    if (this.hurried) return;
     this.hurried = true;
     this.forwarder.hurry();
+    this.hurrying.abort();
+    this.hurriedNowResolve();
+    for (const s of this.services) s.hurry();
   }
   /** Told to hurry (hurry). */
   hurried = false;
+  /** Aborted by hurry: a restore or clone under way is given up at its
+   * next point where that is safe, what it made removed as after a
+   * failure (restore/driver.ts opts.signal), not waited out. */
+  readonly hurrying = new AbortController();
+  private hurriedNowResolve!: () => void;
+  /** Resolves when hurried. */
+  readonly hurriedNow = new Promise<void>((r) => (this.hurriedNowResolve = r));
 
   /** Lets go of every standby, and waits (a second at most) until each
    * has ended with its seeds and been waited for: none outlives serve. */

@@ -31,7 +31,7 @@ import { signalProcesses } from '../inspect.js';
 import { checkAid, isPrivateRootName, type LocalRegistry, type PortBinding } from '../registry.js';
 import { applicationEnv } from '../harness.js';
 import { cloneIdentity, runIdentityHooks, withIdentityEnv } from '../resources/identity.js';
-import { checkPrivileges, type InstancePlan, restore } from '../restore/driver.js';
+import { checkPrivileges, type InstancePlan, restore, RESTORE_INTERRUPTED } from '../restore/driver.js';
 import { verifyImage } from '../restore/verify.js';
 import { rebasedRedirs } from './privatetmp.js';
 import { lexists, type MadeDir, redirected, removeWalked, unredirected } from '../resources/paths.js';
@@ -337,6 +337,9 @@ export interface InstanceStart {
   /** Awaited once its processes are made and stopped, before any runs
    * (RestoreOptions.hold): the pool keeps it so until a clone takes it. */
   hold?: () => Promise<boolean>;
+  /** Aborted (CloneOptions.signal): its restore is given up at its next
+   * safe point, what it made removed (restore/driver.ts opts.signal). */
+  signal?: AbortSignal;
 }
 
 /** An instance made and resumed, not yet committed: its lifeline is the
@@ -413,6 +416,7 @@ export async function makeInstance(reg: LocalRegistry, t: OpenedTemplate, s: Ins
       loaded: t.loaded,
       privilegesChecked: true,
       batchCommit: s.commitPath,
+      ...(s.signal ? { signal: s.signal } : {}),
       ...(hold
         ? {
             hold: async () => {
@@ -525,7 +529,7 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         // ports and private copies went with it (makeInstance), and the
         // commit file, the batch's, was never its own to remove.
         await makeRoomFor(t, pool, opts.count);
-        const start = { aid, instance: i + 1, commitPath: commitPath() };
+        const start = { aid, instance: i + 1, commitPath: commitPath(), signal: opts.signal };
         try {
           m = await makeInstance(reg, t, start);
         } catch (e) {
@@ -560,6 +564,9 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
       symlinkSync(basename(target), p);
     }
     await reg.commitReady(target);
+    // The last point where an interrupted batch is given up (as each
+    // instance's restore is, at its own safe points): after it, kept.
+    if (opts.signal?.aborted) throw new AppshotError(CLONE_INTERRUPTED, ExitCode.interrupted);
     killPoint('clone: committing');
     reg.commit(target);
     committed = true;
@@ -585,6 +592,8 @@ export async function clone(reg: LocalRegistry, templatePath: string, opts: Clon
         results,
       );
     }
+    // An instance's restore given up (opts.signal): the batch's line.
+    if (e instanceof AppshotError && e.message === RESTORE_INTERRUPTED) e = new AppshotError(CLONE_INTERRUPTED, ExitCode.interrupted);
     // All or nothing: the instances this batch made go too. Their lifelines
     // end first: the batch will never commit, and each init, seeing that,
     // kills its instance and leaves its registration to be released.
