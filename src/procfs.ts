@@ -199,7 +199,8 @@ export interface ProcStat {
   pgrp: number;
   session: number;
   threads: number;
-  /** Clock ticks after boot: with the PID, names one process for good. */
+  /** Clock ticks after boot, as the node's own boot clock counts them
+   * (bootClockTicksAhead): with the PID, names one process for good. */
   startTime: number;
   /** CPU time used, user and system, in clock ticks (USER_HZ, 100 a second). */
   cpuTicks: number;
@@ -217,6 +218,32 @@ export const mapsDeviceName = (major: bigint | number, minor: bigint | number) =
 
 /** The same of a stat's dev_t (glibc's major() and minor()). */
 export const deviceName = (dev: bigint) => mapsDeviceName(((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn), (dev & 0xffn) | ((dev >> 12n) & ~0xffn));
+
+/**
+ * How many clock ticks this process's boot clock is ahead of the node's:
+ * the boottime offset of its time namespace (/proc/self/timens_offsets),
+ * 0 outside one. The kernel writes a process's start time in
+ * /proc/PID/stat on the reader's boot clock, so an `appshot run` started
+ * in a time namespace (`unshare --time --boottime N`) recorded its
+ * init's start N s later than the engine, outside it, reads it: the init
+ * was taken for another process and the application for one whose init
+ * is gone. Every start time appshot keeps or compares is on the node's
+ * clock (readStat subtracts this). Read once: a process's time namespace
+ * does not change after it runs (setns into one applies to its children).
+ */
+let ticksAhead: number | undefined;
+export function bootClockTicksAhead(): number {
+  if (ticksAhead !== undefined) return ticksAhead;
+  ticksAhead = 0;
+  try {
+    const m = /^boottime\s+(-?\d+)\s+(\d+)$/m.exec(readFileSync('/proc/self/timens_offsets', 'utf8'));
+    // USER_HZ, 100 a second, as /proc/PID/stat counts.
+    if (m) ticksAhead = Number(m[1]) * 100 + Math.floor(Number(m[2]) / 10_000_000);
+  } catch {
+    /* a kernel without time namespaces (before 5.6): none */
+  }
+  return ticksAhead;
+}
 
 export function readStat(pid: number): ProcStat | undefined {
   let text: string;
@@ -238,7 +265,7 @@ export function readStat(pid: number): ProcStat | undefined {
     pgrp: Number(f[2]),
     session: Number(f[3]),
     threads: Number(f[17]),
-    startTime: Number(f[19]),
+    startTime: Number(f[19]) - bootClockTicksAhead(),
     cpuTicks: Number(f[11]) + Number(f[12]),
     exitSignal: Number(f[35]),
   };
